@@ -1,0 +1,1 @@
+"""trtllm: a kernel-first LLM inference compiler and runtime."""

@@ -1,0 +1,51 @@
+"""The one place that knows how a kernel becomes a torch op.
+
+Each op file defines a Triton launcher and a plain-torch reference with the same
+signature (type-annotated: `torch.library` infers the schema from it), and calls
+`register_op`. The registered op `torch.ops.trtllm.<name>`:
+
+- on a CUDA tensor runs the Triton launcher;
+- on a CPU tensor runs the reference, unless the Triton interpreter is on
+  (`TRITON_INTERPRET=1`, set by the test suite) in which case the launcher runs,
+  so every kernel is exercised on CPU;
+- carries a fake (meta) implementation so torch.compile graphs can hold it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Iterable
+
+import torch
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernel (not the reference) should run for tensor `t`."""
+    return t.is_cuda or (t.device.type == "cpu" and triton_interpreter_on())
+
+
+def register_op(
+    name: str,
+    *,
+    launcher: Callable,
+    reference: Callable,
+    fake: Callable,
+    mutates_args: Iterable[str] = (),
+):
+    """Register `torch.ops.trtllm.<name>`, dispatching between `launcher` and `reference`.
+
+    The first tensor argument decides the device. Returns the op (a callable).
+    """
+
+    @functools.wraps(launcher)
+    def impl(*args, **kwargs):
+        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        return (launcher if use_triton(first) else reference)(*args, **kwargs)
+
+    op = torch.library.custom_op(f"trtllm::{name}", impl, mutates_args=tuple(mutates_args))
+    op.register_fake(fake)
+    return op

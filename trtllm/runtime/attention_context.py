@@ -1,0 +1,174 @@
+"""How the paged KV cache and attention metadata reach a compiled graph.
+
+`trtllm.compile` replaces every SDPA call in a model with `torch.ops.trtllm.attention
+(q, k, v, layer, scale, window)`. That graph op takes no cache and no metadata: it reads
+them from the *active attention context*, which the runtime sets around each forward:
+
+    cache = PagedKVCache.allocate(num_layers, num_blocks, block_size, num_kv_heads, head_dim, ...)
+    meta = AttentionMetadata(max_num_tokens, max_num_seqs, max_blocks_per_seq, device)
+    meta.fill(query_lens, seq_lens, block_tables, block_size)   # refills the same buffers
+    with attention_context(cache, meta):
+        logits = compiled(input_ids, positions)                  # [1, T] flat ragged batch
+
+The device tensors in `AttentionMetadata` are allocated once and refilled in place
+(`fill` copies into them), so their addresses never change: a CUDA graph captured with
+one context replays correctly after the runtime refills the buffers. The host-side
+ints (`num_seqs`, `max_query_len`, `max_seq_len`) only steer kernel choice and grid
+size at launch; under graph capture they must be upper bounds for every replay.
+
+Layout (see kernels/paged_attention.py for the op's semantics):
+- k/v cache: [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+- slot_mapping [max_num_tokens] int32: cache slot (block * block_size + offset) for
+  each new token, -1 for padding tokens (not written)
+- block_tables [max_num_seqs, max_blocks_per_seq] int32
+- seq_lens [max_num_seqs] int32: context length of each sequence *including* this
+  step's new tokens; 0 for unused rows
+- query_start_loc [max_num_seqs + 1] int32: offsets of each sequence's new tokens in
+  the flat batch (cumulative sum of query lengths; unused rows repeat the total)
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PagedKVCache:
+    k: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]
+    v: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]
+
+    @staticmethod
+    def allocate(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device) -> "PagedKVCache":
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        return PagedKVCache(torch.zeros(shape, dtype=dtype, device=device),
+                            torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+
+class AttentionMetadata:
+    """Fixed-address device buffers describing one step's ragged batch."""
+
+    def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int, device):
+        i32 = dict(dtype=torch.int32, device=device)
+        self.slot_mapping = torch.full((max_num_tokens,), -1, **i32)
+        self.block_tables = torch.zeros((max_num_seqs, max_blocks_per_seq), **i32)
+        self.seq_lens = torch.zeros((max_num_seqs,), **i32)
+        self.query_start_loc = torch.zeros((max_num_seqs + 1,), **i32)
+        self.num_seqs = 0
+        self.max_query_len = 0
+        self.max_seq_len = 0
+
+    @property
+    def max_num_tokens(self) -> int:
+        return self.slot_mapping.shape[0]
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    def fill(self, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+             block_size: int) -> None:
+        """Describe a step: sequence i has `query_lens[i]` new tokens and `seq_lens[i]`
+        tokens of context including them, stored in the blocks `block_tables[i]`."""
+        n, total = len(query_lens), sum(query_lens)
+        if n > self.max_num_seqs or total > self.max_num_tokens:
+            raise ValueError(f"batch of {n} sequences / {total} tokens exceeds the metadata "
+                             f"capacity of {self.max_num_seqs} / {self.max_num_tokens}")
+        slots, starts = [], [0]
+        for q, s, blocks in zip(query_lens, seq_lens, block_tables):
+            if not 0 < q <= s or len(blocks) * block_size < s:
+                raise ValueError(f"bad sequence: {q} new tokens, {s} context, {len(blocks)} blocks")
+            slots += [blocks[p // block_size] * block_size + p % block_size for p in range(s - q, s)]
+            starts.append(starts[-1] + q)
+        max_blocks = self.block_tables.shape[1]
+        if any(len(b) > max_blocks for b in block_tables):
+            raise ValueError(f"a block table is longer than max_blocks_per_seq={max_blocks}")
+        table = torch.zeros(self.block_tables.shape, dtype=torch.int32)
+        for i, blocks in enumerate(block_tables):
+            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        lens = torch.zeros(self.max_num_seqs, dtype=torch.int32)
+        lens[:n] = torch.tensor(seq_lens, dtype=torch.int32)
+        qsl = torch.full((self.max_num_seqs + 1,), total, dtype=torch.int32)
+        qsl[: n + 1] = torch.tensor(starts, dtype=torch.int32)
+        slot = torch.full((self.max_num_tokens,), -1, dtype=torch.int32)
+        slot[:total] = torch.tensor(slots, dtype=torch.int32)
+        self.slot_mapping.copy_(slot, non_blocking=True)
+        self.block_tables.copy_(table, non_blocking=True)
+        self.seq_lens.copy_(lens, non_blocking=True)
+        self.query_start_loc.copy_(qsl, non_blocking=True)
+        self.num_seqs, self.max_query_len, self.max_seq_len = n, max(query_lens), max(seq_lens)
+
+
+@dataclass
+class AttentionContext:
+    cache: PagedKVCache
+    metadata: AttentionMetadata
+
+
+_active: AttentionContext | None = None
+
+
+@contextlib.contextmanager
+def attention_context(cache: PagedKVCache, metadata: AttentionMetadata):
+    """Make `cache` and `metadata` the ones every `trtllm.attention` op reads."""
+    global _active
+    previous, _active = _active, AttentionContext(cache, metadata)
+    try:
+        yield _active
+    finally:
+        _active = previous
+
+
+def active_context() -> AttentionContext:
+    if _active is None:
+        raise RuntimeError(
+            "torch.ops.trtllm.attention ran outside an attention context: call the "
+            "CompiledModel (which sets one up for whole sequences) or wrap the call in "
+            "trtllm.runtime.attention_context.attention_context(cache, metadata)")
+    return _active
+
+
+# --- the graph op -------------------------------------------------------------------
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float,
+               window: int) -> torch.Tensor:
+    """Causal attention of SDPA's shapes on the active paged cache.
+
+    q [B, Hq, S, D], k/v [B, Hkv, S, D] (the new tokens; B sequences of S tokens, or the
+    runtime's flat batch with B = 1) -> [B, Hq, S, D]. Writes k/v into layer `layer` of the
+    cache, then each token attends to its sequence's cached context up to itself.
+    """
+    from trtllm.kernels.paged_attention import paged_attention
+
+    ctx = active_context()
+    meta = ctx.metadata
+    b, hq, s, d = q.shape
+    flat = lambda t: t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[3])  # [T, H, D]
+    out = paged_attention(
+        flat(q), flat(k), flat(v), ctx.cache.k, ctx.cache.v, layer,
+        meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        scale, window, meta.num_seqs, meta.max_query_len, meta.max_seq_len)
+    return out.view(b, s, hq, v.shape[-1]).transpose(1, 2)
+
+
+def _attention_fake(q, k, v, layer, scale, window):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+attention = torch.library.custom_op("trtllm::attention", _attention, mutates_args=())
+attention.register_fake(_attention_fake)
