@@ -1,0 +1,137 @@
+"""RMS norm, alone or fused with the residual add before it, with HF Llama's rounding.
+
+    rms_norm(x, w, eps)              = w * (xf * rsqrt(mean(xf**2, -1) + eps)).to(x.dtype)
+                                        with xf = x.float()
+    fused_add_rms_norm(x, r, w, eps) = (rms_norm(s, w, eps), s)   with s = (x + r).to(x.dtype)
+
+Shapes: x, r [..., N] of one dtype (fp32/fp16/bf16), leading dims with any strides, last
+dim contiguous; w [N] contiguous. Outputs [..., N], contiguous, in x.dtype.
+
+Rounding, as in `LlamaRMSNorm.forward` and the decoder layer's `residual + hidden`:
+the residual sum is rounded to x.dtype; the normalized value is rounded to x.dtype before
+the weight multiply; the product is rounded once more. With w.dtype == x.dtype (the model
+case) the product of two 16-bit floats is exact in fp32, so rounding it once to x.dtype is
+bit-for-bit HF's 16-bit multiply. The kernel keeps each rounding point.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from trtllm.kernels.registry import register_op
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (weight.float() * normed.float()).to(x.dtype).contiguous()
+
+
+def fused_add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    summed = (x.float() + residual.float()).to(x.dtype).contiguous()
+    return rms_norm_ref(summed, weight, eps), summed
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr,
+    n_rows, n_cols,
+    x_row_stride, residual_row_stride, out_row_stride, sum_row_stride,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per program (> 1 only for small N)
+    BLOCK_N: tl.constexpr,  # next power of 2 >= n_cols: a whole row in one block
+):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_mask[None, :]
+
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + rows[:, None] * residual_row_stride + cols[None, :],
+                    mask=mask, other=0.0)
+        # The residual stream lives in the model dtype: round the sum before normalizing it.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(sum_ptr + rows[:, None] * sum_row_stride + cols[None, :], x, mask=mask)
+
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)
+    # HF rounds the normalized value to x.dtype before the weight multiply.
+    normed = (xf * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    out = (normed * w[None, :]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :], out, mask=mask)
+
+
+def _as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    """[..., N] -> [M, N] with a row stride; a view unless the leading dims can't be merged."""
+    assert t.stride(-1) == 1 or t.shape[-1] == 1, f"{name}: last dim must be contiguous"
+    return t.reshape(-1, t.shape[-1])
+
+
+def _launch(x, residual, weight, eps):
+    n_cols = x.shape[-1]
+    assert x.dtype in _FLOAT_DTYPES, f"x: unsupported dtype {x.dtype}"
+    assert weight.shape == (n_cols,), f"weight {tuple(weight.shape)} != ({n_cols},)"
+    assert weight.is_contiguous() and weight.device == x.device
+    assert n_cols <= 65536, "one row must fit one block"
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype
+        assert residual.device == x.device
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    summed = torch.empty_like(out) if residual is not None else None
+    if x.numel() == 0:
+        return out, summed
+
+    x_rows = _as_rows(x, "x")
+    r_rows = _as_rows(residual, "residual") if residual is not None else x_rows
+    out_rows = out.view(-1, n_cols)
+    sum_rows = summed.view(-1, n_cols) if summed is not None else out_rows
+    n_rows = x_rows.shape[0]
+    BLOCK_N = triton.next_power_of_2(n_cols)
+    BLOCK_M = min(max(1, 2048 // BLOCK_N), 16, triton.next_power_of_2(n_rows))
+    num_warps = min(16, max(4, BLOCK_M * BLOCK_N // 512))
+    _rms_norm_kernel[(triton.cdiv(n_rows, BLOCK_M),)](
+        x_rows, r_rows, weight, out_rows, sum_rows,
+        n_rows, n_cols,
+        x_rows.stride(0), r_rows.stride(0), out_rows.stride(0), sum_rows.stride(0),
+        eps,
+        HAS_RESIDUAL=residual is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        num_warps=num_warps,
+    )
+    return out, summed
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _launch(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm_triton(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(x, residual, weight, eps)
+
+
+def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+def _fused_add_rms_norm_fake(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+rms_norm = register_op(
+    "rms_norm", launcher=rms_norm_triton, reference=rms_norm_ref, fake=_rms_norm_fake
+)
+fused_add_rms_norm = register_op(
+    "fused_add_rms_norm",
+    launcher=fused_add_rms_norm_triton,
+    reference=fused_add_rms_norm_ref,
+    fake=_fused_add_rms_norm_fake,
+)
