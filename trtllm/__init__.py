@@ -1,1 +1,3 @@
 """trtllm: a kernel-first LLM inference compiler and runtime."""
+
+from trtllm.models.loader import load_model

@@ -1,0 +1,197 @@
+"""Load a local HF checkpoint directory into one of our model modules.
+
+    load_model(path, dtype=None, device=None) -> nn.Module
+
+The model is built on the meta device (no memory), then every tensor is streamed in,
+shard by shard, with `safetensors.safe_open`: read, cast, moved to the device and
+assigned as the module's Parameter in place of the meta one, so the weights are never
+held twice. Checkpoint names map to parameter names by identity (our model files mirror
+HF's module names). Pickle checkpoints (`pytorch_model*.bin`, `*.pt`) are never
+unpickled: loading one could run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from trtllm.models.llama import LlamaForCausalLM
+
+# config.json "architectures"[0] -> model class. Add a line per supported architecture.
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+# Tensors some checkpoints carry that no model needs (old HF rope caches).
+_HARMLESS = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq|cos_cached|sin_cached)$")
+_PICKLE_PATTERNS = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
+_PROGRESS_BYTES = 1 << 30  # show a progress bar above 1 GB of weights
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None, progress: bool | None = None) -> nn.Module:
+    """Build the model of `path`/config.json and stream its safetensors weights in.
+
+    dtype: None = the config's `dtype` / `torch_dtype` (float32 if absent), else
+    bf16/fp16/fp32 as torch.dtype or string. device: None = cuda if available else cpu.
+    progress: None = a tqdm bar only for checkpoints over 1 GB.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+    hf_config = _read_config(path)
+    model_cls = _model_class(hf_config, path)
+    dtype = _resolve_dtype(dtype, hf_config)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    files = _weight_files(path)
+
+    with torch.device("meta"):
+        model = model_cls(model_cls.config_class.from_hf(hf_config))
+    expected, aliases = _expected_tensors(model)
+    tensor_file = _check_checkpoint(files, expected, aliases)
+
+    total = sum(f.stat().st_size for f in files)
+    bar = _progress_bar(total, progress)
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if tensor_file.get(name) != file:
+                    continue  # an alias (tied lm_head) or a harmless extra
+                t = f.get_tensor(name)
+                nbytes = t.numel() * t.element_size()
+                t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                _assign(model, name, t)
+                del t
+                if bar is not None:
+                    bar.update(nbytes)
+    if bar is not None:
+        bar.close()
+
+    for alias, target in aliases.items():  # re-tie: point aliases at the loaded Parameter
+        _assign(model, alias, model.get_parameter(target))
+    if hasattr(model, "init_buffers"):
+        model.init_buffers(device)
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise RuntimeError(f"{path}: tensors left on the meta device after loading: {meta}")
+    return model.eval().requires_grad_(False)
+
+
+def _read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: not a HF checkpoint directory")
+    with open(config_file) as f:
+        return json.load(f)
+
+
+def _model_class(hf_config: dict, path: Path) -> type[nn.Module]:
+    arch = (hf_config.get("architectures") or [None])[0]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path / 'config.json'}: architecture {arch!r} is not supported "
+                         f"(supported: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[arch]
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, hf_config: dict) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    if isinstance(dtype, str):
+        key = dtype.removeprefix("torch.")
+        if key not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported (use one of {sorted(_DTYPES)})")
+        dtype = _DTYPES[key]
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype {dtype} is not supported (bf16, fp16 or fp32)")
+    return dtype
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of the checkpoint, in order; errors name what is missing."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"shard {file} is listed in {index.name} but missing on disk")
+        return files
+    pickles = sorted({p.name for pattern in _PICKLE_PATTERNS for p in path.glob(pattern)})
+    if pickles:
+        raise ValueError(
+            f"{path} holds only pickle checkpoint files ({', '.join(pickles)}): pickle checkpoints are "
+            "never unpickled (that can run arbitrary code). Convert to safetensors, e.g. "
+            "`AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, safe_serialization=True)`.")
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def _expected_tensors(model: nn.Module) -> tuple[dict[str, torch.Size], dict[str, str]]:
+    """(name -> shape of every tensor the checkpoint must supply, alias name -> tied target name)."""
+    targets = {id(p): n for n, p in model.named_parameters()}  # deduplicated: first name wins
+    expected, aliases = {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in targets and targets[id(t)] != name:
+            aliases[name] = targets[id(t)]
+        else:
+            expected[name] = t.shape
+    return expected, aliases
+
+
+def _check_checkpoint(files: list[Path], expected: dict, aliases: dict) -> dict[str, Path]:
+    """Match checkpoint tensors (names and shapes, read from headers only) to the model's."""
+    tensor_file, unexpected = {}, []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                shape = torch.Size(f.get_slice(name).get_shape())
+                if name in expected:
+                    if shape != expected[name]:
+                        raise ValueError(f"{file.name}: tensor {name!r} has shape {tuple(shape)}, "
+                                         f"the model expects {tuple(expected[name])}")
+                    tensor_file[name] = file
+                elif name in aliases or _HARMLESS.search(name):
+                    continue  # e.g. a tied lm_head.weight saved anyway; the tie wins
+                else:
+                    unexpected.append(f"{name} (in {file.name})")
+    missing = [n for n in expected if n not in tensor_file]
+    if missing:
+        raise ValueError(f"tensors expected by the model are absent from the checkpoint "
+                         f"({', '.join(f.name for f in files)}): {missing}")
+    if unexpected:
+        raise ValueError(f"checkpoint has tensors the model does not use: {unexpected}")
+    return tensor_file
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace the (meta) Parameter or buffer `name` of `model` by `value`."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        module._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
+
+
+def _progress_bar(total_bytes: int, progress: bool | None):
+    if not (progress or (progress is None and total_bytes > _PROGRESS_BYTES)):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights")
