@@ -1,0 +1,201 @@
+"""trtllm.models.loader.load_model: sharding, dtypes, tying, and every error it names."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import trtllm
+from tests.models.checkpoints import random_batch, write_checkpoint
+from trtllm.models.llama import LlamaForCausalLM
+from trtllm.models.loader import load_model
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return write_checkpoint("llama31", tmp_path_factory.mktemp("llama31"))
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):  # tied embeddings
+    return write_checkpoint("qwen2", tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    def copy(src):
+        return shutil.copytree(src, tmp_path / "ckpt")
+    return copy
+
+
+def rewrite_weights(path, edit):
+    """Load model.safetensors, apply edit(dict) in place, save it back."""
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_exported_and_loads_ready_for_inference(llama_dir):
+    model = trtllm.load_model(llama_dir, dtype=torch.float32)
+    assert isinstance(model, LlamaForCausalLM) and not model.training
+    params = dict(model.named_parameters())
+    assert all(p.device.type == "cpu" and not p.requires_grad for p in params.values())
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    hf_state = load_file(llama_dir / "model.safetensors")
+    assert set(params) == set(hf_state)
+    for name, t in hf_state.items():
+        assert torch.equal(params[name], t), name
+
+
+def test_sharded_checkpoint_loads_identically(llama_dir, tmp_path):
+    sharded = write_checkpoint("llama31", tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    assert (sharded / "model.safetensors.index.json").is_file()
+    a, b = load_model(llama_dir, dtype=torch.float32), load_model(sharded, dtype=torch.float32)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "bf16", "bfloat16", "torch.bfloat16"])
+def test_bf16_load(llama_dir, dtype):
+    model = load_model(llama_dir, dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_bf16_logits_close_to_fp32(llama_dir):
+    ids, pos = random_batch(), torch.arange(12).expand(2, 12)
+    ref = load_model(llama_dir, dtype="fp32")(ids, pos)
+    got = load_model(llama_dir, dtype="fp16")(ids, pos)
+    assert got.dtype == torch.float16
+    assert ((got.float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_dtype_defaults_to_config(tmp_path):
+    path = write_checkpoint("mqa", tmp_path / "bf16", dtype=torch.bfloat16)
+    config = json.loads((path / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    assert next(load_model(path).parameters()).dtype == torch.bfloat16  # device None -> cpu here
+    config.pop("dtype", None)
+    config["torch_dtype"] = "float16"  # the transformers 4 key
+    (path / "config.json").write_text(json.dumps(config))
+    assert next(load_model(path).parameters()).dtype == torch.float16
+    with pytest.raises(ValueError, match="int8"):
+        load_model(path, dtype="int8")
+
+
+def test_tied_weights_share_storage(qwen2_dir):
+    model = load_model(qwen2_dir, dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert not model.lm_head.weight.is_meta
+
+
+def test_tied_checkpoint_with_lm_head_anyway(qwen2_dir, copy_of):
+    path = copy_of(qwen2_dir)
+    rewrite_weights(path, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].clone()))
+    model = load_model(path, dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_harmless_extra_tensors_ignored(llama_dir, copy_of):
+    path = copy_of(llama_dir)
+    rewrite_weights(path, lambda t: t.update({
+        "model.rotary_emb.inv_freq": torch.ones(8),
+        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    load_model(path, dtype=torch.float32)
+
+
+def test_progress_bar_on_request(llama_dir, capsys):
+    load_model(llama_dir, dtype=torch.float32, progress=True)
+    assert "loading weights" in capsys.readouterr().err
+
+
+# ---- errors, each naming the file or tensor ----
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_unknown_architecture(llama_dir, copy_of):
+    path = copy_of(llama_dir)
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        load_model(path)
+
+
+def test_unsupported_config_setting(llama_dir, copy_of):
+    path = copy_of(llama_dir)
+    config = json.loads((path / "config.json").read_text())
+    config["hidden_act"] = "gelu"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="hidden_act"):
+        load_model(path)
+
+
+def test_missing_shard(tmp_path):
+    path = write_checkpoint("llama2", tmp_path / "sharded", max_shard_size="40KB")
+    shard = sorted(path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        load_model(path)
+
+
+def test_missing_tensor(llama_dir, copy_of):
+    path = copy_of(llama_dir)
+    rewrite_weights(path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(path)
+
+
+def test_untied_checkpoint_without_lm_head(llama_dir, copy_of):
+    path = copy_of(llama_dir)
+    rewrite_weights(path, lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        load_model(path)
+
+
+def test_shape_mismatch(llama_dir, copy_of):
+    path = copy_of(llama_dir)
+    rewrite_weights(path, lambda t: t.__setitem__("model.norm.weight", torch.ones(65)))
+    with pytest.raises(ValueError, match=r"model\.norm\.weight.*\(65,\).*\(64,\)"):
+        load_model(path)
+
+
+def test_unexpected_tensor(llama_dir, copy_of):
+    path = copy_of(llama_dir)
+    rewrite_weights(path, lambda t: t.__setitem__("model.layers.0.mlp.extra.weight", torch.ones(3)))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.extra\.weight"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("filename", ["pytorch_model.bin", "consolidated.pt"])
+def test_pickle_checkpoint_is_refused_never_unpickled(llama_dir, copy_of, monkeypatch, filename):
+    path = copy_of(llama_dir)
+    torch.save(load_file(path / "model.safetensors"), path / filename)
+    (path / "model.safetensors").unlink()
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("the loader must never unpickle")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(ValueError, match=f"{filename}.*never unpickled.*safe_serialization=True"):
+        load_model(path)
+
+
+def test_no_weights_at_all(llama_dir, copy_of):
+    path = copy_of(llama_dir)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_model(path)
