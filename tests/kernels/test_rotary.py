@@ -56,14 +56,16 @@ def test_rotary_matches_reference(batch, heads, seq, head_dim, dtype, interleave
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_strided_inputs(dtype, interleaved):
     # x: the transpose of a [B, S, H, D] projection output; cos/sin: fp32 tables sliced out
-    # of a wider buffer and broadcast over the batch (batch stride 0).
+    # of a wider buffer, for a batch of 1: as is, and expanded (batch stride 0).
     batch, heads, seq, head_dim = 2, 3, 7, 64
     x = torch.randn(batch, seq, heads, head_dim, dtype=dtype).transpose(1, 2)
     cos, sin = _tables(1, seq, head_dim, torch.float32, interleaved)
-    cos = torch.cat((cos, cos), dim=-1)[..., :head_dim].expand(batch, -1, -1)
-    sin = torch.cat((sin, sin), dim=-1)[..., head_dim:].expand(batch, -1, -1)
-    out = rotary(x, cos, sin, interleaved)
-    torch.testing.assert_close(out, rotary_ref(x, cos, sin, interleaved), **TOLERANCES[dtype])
+    cos = torch.cat((cos, cos), dim=-1)[..., :head_dim]
+    sin = torch.cat((sin, sin), dim=-1)[..., head_dim:]
+    expected = rotary_ref(x, cos, sin, interleaved)
+    torch.testing.assert_close(rotary(x, cos, sin, interleaved), expected, **TOLERANCES[dtype])
+    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+    torch.testing.assert_close(rotary(x, cos, sin, interleaved), expected, **TOLERANCES[dtype])
     with pytest.raises(AssertionError):
         rotary(x.transpose(-1, -2).contiguous().transpose(-1, -2), cos, sin, interleaved)
 

@@ -7,8 +7,8 @@
         x * cos + rotate_half(x) * sin,   rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])
     GPT-J layout (interleaved=True): pairs (2i, 2i + 1).
 
-Shapes: x [B, H, S, D] (any strides, last dim contiguous, D even), cos/sin [B, S, D] (same
-rules), broadcast over heads. Output [B, H, S, D], contiguous, x.dtype. Computed in fp32
+Shapes: x [B, H, S, D] (any strides, last dim contiguous, D even), cos/sin [B, S, D] or
+[1, S, D] (same rules), broadcast over heads (and over the batch if 1). Output [B, H, S, D], contiguous, x.dtype. Computed in fp32
 and rounded once (HF rounds after each multiply and the add in the model dtype).
 
 Tables: `rope_inv_freq` is HF's default and Llama-3 ("llama3") inverse frequencies;
@@ -128,11 +128,13 @@ def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interle
     B, H, S, D = x.shape
     assert D % 2 == 0, f"head_dim {D} must be even"
     for name, t in (("cos", cos), ("sin", sin)):
-        assert t.shape == (B, S, D), f"{name} {tuple(t.shape)} != {(B, S, D)}"
+        assert t.dim() == 3 and t.shape[0] in (1, B) and t.shape[1:] == (S, D), \
+            f"{name} {tuple(t.shape)} is not {(B, S, D)} or {(1, S, D)}"
         assert t.is_floating_point() and t.device == x.device, name
         assert t.stride(-1) == 1, f"{name}: last dim must be contiguous"
     assert x.stride(-1) == 1, "x: last dim must be contiguous"
     assert x.dtype in (torch.float32, torch.float16, torch.bfloat16), x.dtype
+    cos, sin = cos.expand(B, S, D), sin.expand(B, S, D)  # a batch of 1 gets batch stride 0
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
