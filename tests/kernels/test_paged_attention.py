@@ -1,0 +1,221 @@
+"""paged_attention: Triton kernel (through the interpreter on CPU) vs paged_attention_ref,
+and paged_attention_ref vs dense SDPA per sequence."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import trtllm.kernels.paged_attention as pa
+from trtllm.kernels.paged_attention import paged_attention, paged_attention_ref
+
+# (atol, rtol) of kernel vs reference. fp16: P is rounded to fp16 before P @ V, as in
+# every flash kernel, and the output once more.
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3)}
+# reference vs dense SDPA, both fp32 inside
+REF_TOL = (1e-5, 1e-5)
+
+
+def make_batch(specs, hq, hkv, d, bs, dtype, *, layers=2, layer=1, pad_tokens=0,
+               extra_seqs=0, strided=False, window=0):
+    """specs: [(cached, new)] per sequence. Random (never zero) caches, non-contiguous
+    random block tables, garbage in unused table entries and in the slots about to be
+    written. Returns (args tuple of the op, per-sequence dense (q, K, V) for SDPA)."""
+    lens = [c + n for c, n in specs]
+    nblk = [math.ceil(L / bs) for L in lens]
+    num_blocks = sum(nblk) + 3
+    perm = torch.randperm(num_blocks).tolist()
+    tables, at = [], 0
+    for nb in nblk:
+        tables.append(perm[at: at + nb])
+        at += nb
+    shape = (layers, num_blocks, bs, hkv, d)
+    k_cache, v_cache = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+
+    n_seq = len(specs)
+    T = sum(n for _, n in specs) + pad_tokens
+    q_all = torch.randn(T, hq, d, dtype=dtype)
+    k_all, v_all = torch.randn(T, hkv, d, dtype=dtype), torch.randn(T, hkv, d, dtype=dtype)
+    if strided:  # what the graph op passes: transposes of [1, H, T, D]
+        q_all = q_all.transpose(0, 1).contiguous().transpose(0, 1)
+        k_all = k_all.transpose(0, 1).contiguous().transpose(0, 1)
+        v_all = v_all.transpose(0, 1).contiguous().transpose(0, 1)
+    slot = torch.full((T + 5,), -1, dtype=torch.int32)
+    mb = max(nblk) + 2
+    s_max = n_seq + extra_seqs
+    bt = torch.randint(0, num_blocks, (s_max, mb), dtype=torch.int32)  # garbage beyond use
+    seq_lens = torch.zeros(s_max, dtype=torch.int32)
+    total = sum(n for _, n in specs)
+    qsl = torch.full((s_max + 1,), total, dtype=torch.int32)
+    dense, t0 = [], 0
+    for s, ((c, n), blocks) in enumerate(zip(specs, tables)):
+        L = c + n
+        bt[s, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        seq_lens[s], qsl[s] = L, t0
+        pos = torch.arange(L)
+        pages, offs = torch.tensor(blocks)[pos // bs], pos % bs
+        kc, vc = k_cache[layer, pages, offs].clone(), v_cache[layer, pages, offs].clone()
+        kc[c:], vc[c:] = k_all[t0: t0 + n], v_all[t0: t0 + n]  # the truth after the write
+        slot[t0: t0 + n] = (pages * bs + offs)[c:].to(torch.int32)
+        dense.append((q_all[t0: t0 + n], kc, vc))
+        t0 += n
+    qsl[n_seq] = total
+    scale = d ** -0.5
+    args = (q_all, k_all, v_all, k_cache, v_cache, layer, slot, bt, seq_lens, qsl, scale,
+            window, n_seq + extra_seqs, max(n for _, n in specs), max(lens))
+    return args, dense
+
+
+def clone_caches(args):
+    a = list(args)
+    a[3], a[4] = a[3].clone(), a[4].clone()
+    return a
+
+
+def run_both(args, **force):
+    a_ref, a_tri = clone_caches(args), clone_caches(args)
+    ref = paged_attention_ref(*a_ref)
+    out = pa._paged_attention_impl(*a_tri, **force)
+    torch.testing.assert_close(a_tri[3], a_ref[3], atol=0, rtol=0)  # cache write
+    torch.testing.assert_close(a_tri[4], a_ref[4], atol=0, rtol=0)
+    return out, ref
+
+
+def check(args, **force):
+    out, ref = run_both(args, **force)
+    atol, rtol = TOL[args[0].dtype]
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    return out, ref
+
+
+def dense_sdpa(dense, hq, scale, window):
+    outs = []
+    for q, k, v in dense:
+        n, L = q.shape[0], k.shape[0]
+        g = hq // k.shape[1]
+        i = torch.arange(n)[:, None] + (L - n)
+        j = torch.arange(L)[None, :]
+        mask = (j <= i) & ((window <= 0) | (j > i - window))
+        o = F.scaled_dot_product_attention(
+            q.float().transpose(0, 1), k.float().repeat_interleave(g, 1).transpose(0, 1),
+            v.float().repeat_interleave(g, 1).transpose(0, 1), attn_mask=mask, scale=scale)
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs)
+
+
+MIXED = [(0, 7), (21, 5), (40, 1), (0, 1), (9, 1), (0, 20)]  # prefill, prefix hit, decodes
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_reference_matches_dense_sdpa(window):
+    args, dense = make_batch(MIXED, 4, 2, 16, 16, torch.float32, window=window)
+    ref = paged_attention_ref(*clone_caches(args))
+    torch.testing.assert_close(ref, dense_sdpa(dense, 4, args[10], window), atol=REF_TOL[0],
+                               rtol=REF_TOL[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d,bs", [
+    (8, 2, 64, 16),   # GQA 4
+    (4, 1, 32, 32),   # MQA
+    (2, 2, 128, 128), # MHA, one big page
+    (6, 2, 24, 16),   # G = 3, head dim not a power of 2 (masked)
+])
+def test_mixed_batch(dtype, hq, hkv, d, bs):
+    """Prefill, chunked prefill / prefix hit and decodes in one ragged batch (general path)."""
+    args, dense = make_batch([(0, 7), (35, 9), (83, 1), (0, 2), (17, 1)], hq, hkv, d, bs, dtype)
+    out, _ = check(args)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, dense_sdpa(dense, hq, args[10], 0), atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_tiles_small():
+    """Small forced tiles: many q blocks per sequence, unmasked + diagonal + context tiles."""
+    args, dense = make_batch([(0, 83), (50, 33), (0, 1)], 8, 2, 16, 16, torch.float32, strided=True)
+    out, _ = check(args, prefill_config=(16, 16, 4, 1))
+    torch.testing.assert_close(out, dense_sdpa(dense, 8, args[10], 0), atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_gpu_config():
+    """The H100 prefill config (BLOCK_M=128, BLOCK_N=64) on a 130-token prompt + a chunk."""
+    args, _ = make_batch([(0, 130), (70, 40)], 8, 2, 64, 16, torch.float16)
+    check(args, prefill_config=(128, 64, 8, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d,bs", [(8, 2, 64, 16), (4, 1, 16, 32), (4, 4, 128, 128)])
+def test_decode(dtype, hq, hkv, d, bs):
+    args, dense = make_batch([(150, 1), (6, 1), (0, 1), (64, 1)], hq, hkv, d, bs, dtype)
+    out, _ = check(args)  # 1 split: max_seq_len 151 < _SPLIT_MIN_LEN
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, dense_sdpa(dense, hq, args[10], 0), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("splits", [3, 8])
+@pytest.mark.parametrize("window", [0, 40])
+def test_decode_split(splits, window):
+    """Flash-decoding path forced: uneven and empty splits (short sequences)."""
+    args, _ = make_batch([(300, 1), (5, 1), (77, 1)], 8, 2, 32, 16, torch.float32, window=window)
+    check(args, num_splits=splits, decode_config=(16, 4, 1))
+
+
+def test_split_heuristic():
+    dev = torch.device("cpu")
+    assert pa._num_splits(8, 8, 2048, dev) == 4
+    assert pa._num_splits(1, 8, 8192, dev) == 32
+    assert pa._num_splits(64, 8, 8192, dev) == 1
+    assert pa._num_splits(1, 8, 100, dev) == 1
+
+
+@pytest.mark.parametrize("window", [5, 16])
+def test_sliding_window(window):
+    specs = [(0, 40), (30, 12), (60, 1)]
+    args, dense = make_batch(specs, 4, 2, 16, 16, torch.float32, window=window)
+    out, _ = check(args, prefill_config=(16, 16, 4, 1))
+    torch.testing.assert_close(out, dense_sdpa(dense, 4, args[10], window), atol=1e-4, rtol=1e-4)
+    args, _ = make_batch([(60, 1), (3, 1)], 4, 2, 16, 16, torch.float32, window=window)
+    check(args)  # decode path
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_padding_and_unused_rows_are_zero(decode):
+    """Padding tokens (slot -1, beyond query_start_loc[num_seqs]), unused sequence rows
+    (upper-bound num_seqs / max_seq_len as under CUDA-graph capture), seq_len 0."""
+    specs = [(20, 1), (3, 1)] if decode else [(0, 9), (20, 3)]
+    args, _ = make_batch(specs, 4, 2, 16, 16, torch.float16, pad_tokens=3, extra_seqs=2)
+    a = list(args)
+    a[14] = 4096  # max_seq_len: an upper bound
+    out, ref = check(tuple(a))
+    assert out[-3:].abs().sum() == 0 and ref[-3:].abs().sum() == 0
+    before = a[3][a[5]].clone()
+    # seq_len 0 for sequence 1: its rows are zeros
+    a[8] = a[8].clone()
+    a[8][1] = 0
+    out, _ = check(tuple(a))
+    n0 = int(a[9][1])
+    assert out[n0: int(a[9][2])].abs().sum() == 0 and out[:n0].abs().sum() > 0
+    # nothing but the new tokens' slots changed in the cache
+    after = a[3].clone()
+    pa._paged_attention_impl(*[after if i == 3 else x for i, x in enumerate(a)])
+    written = torch.zeros(after.shape[1] * after.shape[2], dtype=torch.bool)
+    written[a[6][a[6] >= 0].long()] = True
+    diff = (after[a[5]] != before).flatten(0, 1).any(-1).any(-1)
+    assert torch.equal(diff, written & diff) and diff.any()
+
+
+def test_decode_batch_through_general_path():
+    """max_query_len as an upper bound (> 1) on a decode-only batch."""
+    args, _ = make_batch([(40, 1), (7, 1), (0, 1)], 8, 2, 16, 16, torch.float16)
+    a = list(args)
+    a[13] = 16
+    check(tuple(a))
+
+
+def test_registered_op_and_opcheck():
+    args, _ = make_batch([(5, 3), (9, 1)], 4, 2, 16, 16, torch.float32)
+    a = clone_caches(args)
+    out = paged_attention(*a)
+    ref = paged_attention_ref(*clone_caches(args))
+    torch.testing.assert_close(out, ref, atol=TOL[torch.float32][0], rtol=TOL[torch.float32][1])
+    assert torch.ops.trtllm.paged_attention.default is not None
+    torch.library.opcheck(torch.ops.trtllm.paged_attention.default, tuple(clone_caches(args)))
