@@ -13,6 +13,7 @@ signature (type-annotated: `torch.library` infers the schema from it), and calls
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from typing import Callable, Iterable
 
@@ -45,6 +46,10 @@ def register_op(
     def impl(*args, **kwargs):
         first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
         return (launcher if use_triton(first) else reference)(*args, **kwargs)
+
+    # torch.library reads the schema off the signature; resolve string annotations (from
+    # `from __future__ import annotations`) in the op file's namespace, not this one's.
+    impl.__signature__ = inspect.signature(launcher, eval_str=True)
 
     op = torch.library.custom_op(f"trtllm::{name}", impl, mutates_args=tuple(mutates_args))
     op.register_fake(fake)

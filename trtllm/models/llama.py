@@ -242,7 +242,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|KVH, S, D]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if self.window and S > self.window:  # sliding window that bites: explicit banded causal mask
+        # A sliding window that bites: explicit banded causal mask in eager. Under
+        # trtllm.compile the paged attention op applies the window itself (the pass reads
+        # config.layer_windows), so the traced graph keeps plain causal SDPA.
+        if self.window and S > self.window and not torch.compiler.is_compiling():
             mask = sliding_window_mask(S, self.window, x.device)  # [S, S]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         else:

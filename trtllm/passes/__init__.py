@@ -1,0 +1,16 @@
+"""The pass list: each a function `(graph, ctx) -> matches`, run in list order."""
+from trtllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
+from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears
+from trtllm.passes.fuse_rms_norm import fuse_rms_norm
+from trtllm.passes.fuse_rotary import fuse_rotary
+from trtllm.passes.fuse_silu_mul import fuse_silu_mul
+from trtllm.passes.replace_sdpa_with_paged_attention import replace_sdpa_with_paged_attention
+
+PASSES = [
+    replace_sdpa_with_paged_attention,  # first: refuse unsupported attention before any work
+    fuse_parallel_linears,
+    fuse_rms_norm,
+    fuse_add_rms_norm,                  # needs fuse_rms_norm's output
+    fuse_rotary,
+    fuse_silu_mul,
+]

@@ -163,11 +163,14 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, sc
         flat(q), flat(k), flat(v), ctx.cache.k, ctx.cache.v, layer,
         meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         scale, window, meta.num_seqs, meta.max_query_len, meta.max_seq_len)
-    return out.view(b, s, hq, v.shape[-1]).transpose(1, 2)
+    # paged_attention returns a contiguous [T, Hq, D]; .contiguous() is a no-op that pins
+    # the strides _attention_fake promises even if that ever changes
+    return out.contiguous().view(b, s, hq, v.shape[-1]).transpose(1, 2)
 
 
 def _attention_fake(q, k, v, layer, scale, window):
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    b, hq, s, _ = q.shape
+    return q.new_empty((b, s, hq, v.shape[-1])).transpose(1, 2)  # the strides _attention returns
 
 
 attention = torch.library.custom_op("trtllm::attention", _attention, mutates_args=())

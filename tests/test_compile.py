@@ -1,0 +1,131 @@
+"""trtllm.compile on HF models and plain modules: same logits as eager, the expected
+rewrites, and clear refusals."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+
+import trtllm
+from trtllm.compile import CompileError
+
+SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2)
+HF_MODELS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 32}),
+}
+
+
+def hf_model(family: str):
+    config_cls, model_cls, extra = HF_MODELS[family]
+    return model_cls(config_cls(**SMALL, **extra)).eval()
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("family", sorted(HF_MODELS))
+def test_hf_model_compiles_to_same_logits(family):
+    model = hf_model(family)
+    ids = torch.randint(0, 96, (2, 9))
+    positions = torch.arange(9)[None].expand(2, 9)
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+    compiled = trtllm.compile(model)
+    assert rel_err(compiled(ids, positions), expected) < 1e-4
+    summary = compiled.summary()
+    assert "trtllm.attention: 2" in summary
+    assert "replace_sdpa_with_paged_attention: 2" in summary
+    assert "trtllm.silu_mul: 2" in summary and "trtllm.rotary: 4" in summary
+    assert "trtllm.fused_add_rms_norm" in summary
+    if family == "qwen3":  # q/k norms over the head dim
+        assert "trtllm.rms_norm: 5" in summary
+
+
+def test_inductor_path_matches_eager():
+    model = hf_model("llama")
+    compiled = trtllm.compile(model, inductor=True)
+    for length in (5, 8):  # the second length recompiles with a dynamic token count
+        ids = torch.randint(0, 96, (1, length))
+        with torch.no_grad():
+            expected = model(input_ids=ids, use_cache=False).logits
+        assert rel_err(compiled(ids, torch.arange(length)[None]), expected) < 1e-4
+    attn = model.model.layers[0].self_attn  # q/k/v now views of the one fused weight
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.numel() * 4
+
+
+class TinyLM(nn.Module):
+    """A user's own model written to the contract."""
+
+    def __init__(self, mask=False, causal=True):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.qkv = nn.Linear(32, 96)
+        self.out = nn.Linear(32, 50)
+        self.mask, self.causal = mask, causal
+
+    def forward(self, input_ids, positions):
+        x = self.embed(input_ids) + positions[..., None].float() * 0.01  # [B, S, 32]
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 2, 16).permute(2, 0, 3, 1, 4)  # each [B, H, S, D]
+        mask = torch.ones(s, s, dtype=torch.bool).tril() if self.mask else None
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
+        return self.out(o.transpose(1, 2).reshape(b, s, 32))
+
+
+def test_plain_module_following_the_contract():
+    model = TinyLM().eval()
+    ids, pos = torch.randint(0, 50, (3, 6)), torch.arange(6)[None].expand(3, 6)
+    with torch.no_grad():
+        expected = model(ids, pos)
+    compiled = trtllm.compile(model)
+    assert rel_err(compiled(ids, pos), expected) < 1e-5
+    assert compiled.attention.num_layers == 1 and compiled.attention.num_kv_heads == 2
+
+
+@pytest.mark.parametrize("mask,causal,message", [
+    (True, False, "attn_mask"),
+    (False, False, "non-causal"),
+])
+def test_unsupported_attention_is_refused_by_name(mask, causal, message):
+    with pytest.raises(CompileError, match=message):
+        trtllm.compile(TinyLM(mask=mask, causal=causal).eval())
+
+
+def test_pass_refusal_surfaces_as_compile_error():
+    model = TinyLM().eval()
+    compiled = trtllm.compile(model)
+    model.mask, model.causal = True, False  # changed after compile: the pass refuses it
+    with pytest.raises(CompileError, match="attn_mask"):
+        compiled(torch.randint(0, 50, (1, 4)), torch.arange(4)[None])
+
+
+def test_model_without_attention_is_refused():
+    class NoAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, input_ids, positions):
+            return self.lin(input_ids.float()[..., None].expand(-1, -1, 4))
+
+    with pytest.raises(CompileError, match="scaled_dot_product_attention"):
+        trtllm.compile(NoAttention())
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama31", "mistral_swa", "qwen2", "qwen2_swa", "qwen3", "mqa"])
+def test_our_models_compile_to_eager_logits(tmp_path, family):
+    from tests.models.checkpoints import write_checkpoint
+
+    model = trtllm.load_model(write_checkpoint(family, tmp_path), dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, 128, (2, 9))  # longer than the sliding windows (4, 5): they bite
+    positions = torch.arange(9)[None].expand(2, 9)
+    with torch.no_grad():
+        expected = model(ids, positions)
+    compiled = trtllm.compile(model)
+    assert rel_err(compiled(ids, positions), expected) < 1e-4
+    assert "fuse_rotary: 4" in compiled.summary()

@@ -1,0 +1,190 @@
+"""`trtllm.compile(model) -> CompiledModel`: a causal LM as a paged, batched model.
+
+    compiled = trtllm.compile(model)            # our models, HF *ForCausalLM, or any
+    logits = compiled(input_ids, positions)     # nn.Module following the contract
+
+torch.compile captures the model with dynamo; our backend runs the pass list
+(trtllm/passes) over the graph, then hands it to Inductor (default on CUDA) or runs it
+as is (default on CPU, where Inductor's C++ build costs more than it saves in tests).
+
+Called outside an attention context, `compiled(input_ids [B, S], positions)` treats
+the batch as B whole sequences on a scratch cache and returns the eager model's
+logits. The runtime instead calls it with its flat batch `[1, T]` inside
+`attention_context(cache, metadata)` (runtime/attention_context.py).
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from trtllm.passes import PASSES
+from trtllm.passes.context import AttentionLayers, CompileError, GraphInputs, PassContext
+from trtllm.passes.fuse_parallel_linears import share_fused_storage
+from trtllm.runtime.attention_context import AttentionMetadata, PagedKVCache, attention_context
+import trtllm.runtime.attention_context as attention_context_module
+
+__all__ = ["compile", "CompiledModel", "CompileError", "AttentionSpec"]
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What the KV cache must hold, per model: found by running the model once."""
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+class _RecordSDPA(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.keys: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.keys.append(args[1] if len(args) > 1 else kwargs["key"])
+            self._check(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _check(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **_):
+        # the same refusals as replace_sdpa_with_paged_attention, made at compile() time
+        where = f"attention layer {len(self.keys) - 1}"
+        if attn_mask is not None:
+            raise CompileError(f"{where}: SDPA with an attn_mask cannot become paged causal "
+                               "attention; call it with is_causal=True and no mask")
+        if dropout_p:
+            raise CompileError(f"{where}: SDPA with dropout_p={dropout_p} (inference only)")
+        if not is_causal and query.shape[-2] > 1:
+            raise CompileError(f"{where}: non-causal SDPA over several queries; trtllm "
+                               "compiles causal decoders only")
+
+
+def probe_attention(forward: nn.Module, device: torch.device) -> AttentionSpec:
+    """Run `forward` eagerly on two tokens and record every SDPA's key shape."""
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    with torch.no_grad(), _RecordSDPA() as rec:
+        forward(ids, torch.arange(2, device=device)[None])
+    if not rec.keys:
+        raise CompileError("the model calls no F.scaled_dot_product_attention: nothing to page")
+    shapes = {(k.shape[1], k.shape[3], k.dtype) for k in rec.keys}
+    if len(shapes) != 1:
+        raise CompileError(f"attention layers differ in kv heads/head dim/dtype: {sorted(map(str, shapes))}")
+    (heads, dim, dtype), = shapes
+    return AttentionSpec(len(rec.keys), heads, dim, dtype)
+
+
+def _contract_module(model: nn.Module) -> nn.Module:
+    from transformers import PreTrainedModel
+    if isinstance(model, PreTrainedModel):
+        from trtllm.models.hf import HFCausalLM
+        return HFCausalLM(model)
+    return model
+
+
+def _windows(model: nn.Module, num_layers: int) -> list[int]:
+    config = getattr(model, "config", None)
+    if config is None:
+        return [0] * num_layers
+    if hasattr(config, "layer_windows"):
+        return list(config.layer_windows)
+    from trtllm.models.hf import layer_windows
+    return layer_windows(config) if hasattr(config, "num_hidden_layers") else [0] * num_layers
+
+
+class CompiledModel:
+    """A model compiled for the paged runtime. `summary()` tells what the passes did."""
+
+    def __init__(self, model: nn.Module, *, inductor: bool | None = None, passes=None,
+                 block_size: int = 16):
+        self.module = _contract_module(model)
+        self.device = next(self.module.parameters()).device
+        self.inductor = self.device.type == "cuda" if inductor is None else inductor
+        self.passes = list(PASSES if passes is None else passes)
+        self.block_size = block_size
+        self.attention = probe_attention(self.module, self.device)
+        self._layers = AttentionLayers(windows=_windows(self.module, self.attention.num_layers))
+        self.matches: collections.Counter[str] = collections.Counter()
+        self.graphs: list[fx.GraphModule] = []
+        self._to_share: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        self._compiled = torch.compile(self.module, backend=self._backend, dynamic=None)
+
+    # -- the dynamo backend ----------------------------------------------------------
+    def _backend(self, dynamo_gm: fx.GraphModule, example_inputs: list):
+        # A fresh GraphModule: dynamo inspects its own graph after we return, and a
+        # graph without dynamo's metadata lets our added constant inputs through aot.
+        gm = fx.GraphModule(dynamo_gm, copy.deepcopy(dynamo_gm.graph))
+        inputs = GraphInputs(gm.graph, example_inputs)
+        ctx = PassContext(inputs=inputs, attention=self._layers)
+        for p in self.passes:
+            self.matches[p.__name__] += p(gm.graph, ctx)
+        gm.graph.lint()
+        gm.recompile()
+        self.graphs.append(gm)
+        constants = list(inputs.constants)
+        self._to_share += inputs.fused_params
+        if self.inductor:
+            from torch._inductor.compile_fx import compile_fx
+            run = compile_fx(gm, list(example_inputs) + constants)
+        else:
+            run = gm.forward
+        return lambda *args: run(*args, *constants)
+
+    # -- calling -----------------------------------------------------------------------
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if attention_context_module._active is not None:
+            return self._run(input_ids, positions)
+        return self._whole_sequences(input_ids, positions)
+
+    def _run(self, input_ids, positions):
+        # Float attributes (eps, scale) stay constants the passes can read, not graph inputs.
+        with torch.no_grad(), torch._dynamo.config.patch(specialize_float=True):
+            try:
+                out = self._compiled(input_ids, positions)
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                if isinstance(e.inner_exception, CompileError):
+                    raise e.inner_exception from None  # the pass's own message, not dynamo's
+                raise
+        while self._to_share:  # after the first compile: drop the duplicate weight copies
+            share_fused_storage(*self._to_share.pop())
+        return out
+
+    def _whole_sequences(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """B independent sequences of S tokens each, on a scratch cache."""
+        b, s = input_ids.shape
+        per_seq = math.ceil(s / self.block_size)
+        spec = self.attention
+        cache = PagedKVCache.allocate(spec.num_layers, b * per_seq, self.block_size,
+                                      spec.num_kv_heads, spec.head_dim, spec.dtype, self.device)
+        meta = AttentionMetadata(b * s, b, per_seq, self.device)
+        tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(b)]
+        meta.fill([s] * b, [s] * b, tables, self.block_size)
+        with attention_context(cache, meta):
+            return self._run(input_ids, positions)
+
+    def summary(self) -> str:
+        ops = collections.Counter()
+        for gm in self.graphs:
+            for n in gm.graph.nodes:
+                if n.op == "call_function" and str(n.target).startswith("trtllm."):
+                    ops[str(n.target).removesuffix(".default")] += 1
+        lines = [f"trtllm.compile: {len(self.graphs)} graph(s), {self.attention.num_layers} "
+                 f"attention layers ({self.attention.num_kv_heads} kv heads x {self.attention.head_dim})",
+                 "rewrites:"]
+        lines += [f"  {name}: {self.matches[name]}" for name in (p.__name__ for p in self.passes)]
+        lines.append("trtllm ops in the final graph(s):")
+        lines += [f"  {name}: {count}" for name, count in sorted(ops.items())] or ["  (none)"]
+        return "\n".join(lines)
+
+
+def compile(model: nn.Module, **options) -> CompiledModel:
+    """Compile a causal LM (see module docstring). Options: inductor, passes, block_size."""
+    return CompiledModel(model, **options)

@@ -1,0 +1,106 @@
+"""The small vocabulary passes match on.
+
+Dynamo graphs spell one operation several ways (`torch.add`, `operator.add`,
+`Tensor.add`; `F.linear` as `torch._C._nn.linear`; methods as `call_method` nodes).
+`kind(node)` names the operation once, so a pass reads `kind(n) == "rsqrt"`.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+_FUNCTION_KINDS: dict[Any, str] = {
+    torch._C._nn.linear: "linear",
+    F.linear: "linear",
+    torch._C._nn.scaled_dot_product_attention: "sdpa",
+    F.scaled_dot_product_attention: "sdpa",
+    operator.add: "add", torch.add: "add",
+    operator.mul: "mul", torch.mul: "mul",
+    operator.neg: "neg", torch.neg: "neg",
+    operator.getitem: "getitem",
+    operator.pow: "pow", torch.pow: "pow",
+    torch.rsqrt: "rsqrt",
+    torch.mean: "mean",
+    torch.cat: "cat", torch.concat: "cat",
+    torch.unsqueeze: "unsqueeze",
+    F.silu: "silu",
+    torch.repeat_interleave: "repeat_interleave",
+}
+
+_METHOD_KINDS = {"add", "mul", "neg", "pow", "rsqrt", "mean", "unsqueeze", "to", "float",
+                 "type_as", "repeat_interleave", "view", "reshape", "transpose", "contiguous"}
+
+
+def kind(node: Any) -> str | None:
+    """The operation a node performs, in the passes' vocabulary, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function":
+        try:
+            return _FUNCTION_KINDS.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    if node.op == "call_method" and node.target in _METHOD_KINDS:
+        return node.target
+    return None
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument `index` (positional) or `name` (keyword) of a call node."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def value(node: Any) -> Any:
+    """The example value dynamo recorded for a node (a FakeTensor, an int, ...)."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module that produced `node` ('' if unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # dynamo spells `model.layers[0]` as "L['self'].model.layers[0]" or "G['m'].model..."
+    for prefix in ("L['self'].", "L['self']", "L['fn'].", "self."):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+    return path.replace("[", ".").replace("]", "").replace("'", "")
+
+
+def describe(node: fx.Node) -> str:
+    """How a node is named in warnings and errors: its name and the module it sits in."""
+    where = module_path(node)
+    return f"{node.name} ({kind(node) or node.target}" + (f" in {where})" if where else ")")
+
+
+def is_float32_cast(node: Any) -> bool:
+    """`x.float()` or `x.to(torch.float32)`."""
+    k = kind(node)
+    if k == "float":
+        return True
+    return k == "to" and (torch.float32 in node.args[1:] or node.kwargs.get("dtype") == torch.float32)
+
+
+def traced_value(target, args: tuple) -> Any:
+    """The example value a new node `target(*args)` would have had: run `target` on the
+    args' fake values (real tensors among the args are faked too)."""
+    fakes = [value(a) for a in args if isinstance(a, fx.Node)]
+    mode = next((f.fake_mode for f in fakes if isinstance(f, torch._subclasses.FakeTensor)), None)
+    if mode is None:
+        return None
+
+    def fake(a):
+        v = value(a) if isinstance(a, fx.Node) else a
+        if isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor):
+            v = mode.from_tensor(v)
+        return v
+
+    with mode:
+        return target(*[fake(a) for a in args])

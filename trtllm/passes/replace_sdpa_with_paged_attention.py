@@ -1,0 +1,58 @@
+"""Replace causal SDPA with paged attention over the runtime's KV cache.
+
+Before (any model written to the contract, or HF's attention through our interface):
+
+    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s, enable_gqa=True)
+        # q [B, Hq, S, D], k/v [B, Hkv, S, D]
+After:
+
+    attn = torch.ops.trtllm.attention(q, k, v, layer=i, scale=s, window=w)
+
+The new op writes k/v into layer i of the paged cache and attends over each
+sequence's cached context (runtime/attention_context.py). Attention it cannot express
+(an explicit mask, dropout, non-causal attention over several queries) is refused:
+left as SDPA it would attend across the sequences of a flat ragged batch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+import trtllm.runtime.attention_context  # noqa: F401  (registers torch.ops.trtllm.attention)
+from trtllm.passes.context import CompileError, PassContext
+from trtllm.passes.match import arg, describe, kind, value
+
+
+def replace_sdpa_with_paged_attention(graph: fx.Graph, ctx: PassContext) -> int:
+    matches = 0
+    for position, node in enumerate([n for n in graph.nodes if kind(n) == "sdpa"]):
+        q, k, v = node.args[:3]
+        mask = arg(node, 3, "attn_mask")
+        dropout = arg(node, 4, "dropout_p", 0.0)
+        is_causal = arg(node, 5, "is_causal", False)
+        scale = node.kwargs.get("scale", arg(node, 6, "scale"))
+        if mask is not None:
+            raise CompileError(f"{describe(node)}: SDPA with an attn_mask cannot become paged "
+                               "causal attention; call it with is_causal=True and no mask")
+        if dropout not in (0, 0.0):
+            raise CompileError(f"{describe(node)}: SDPA with dropout_p={dropout} (inference only)")
+        q_len = value(q).shape[-2]
+        if not is_causal and not (isinstance(q_len, int) and q_len == 1):
+            raise CompileError(f"{describe(node)}: non-causal SDPA over several queries; "
+                               "trtllm compiles causal decoders only")
+        if isinstance(scale, fx.Node):
+            raise CompileError(f"{describe(node)}: SDPA scale must be a constant, got a traced value")
+        if scale is None:
+            scale = 1.0 / math.sqrt(value(q).shape[-1])
+        layer = ctx.attention.index(node, position)
+        with graph.inserting_before(node):
+            new = graph.call_function(
+                torch.ops.trtllm.attention.default,
+                (q, k, v, layer, float(scale), ctx.attention.window(layer)))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        matches += 1
+    return matches
