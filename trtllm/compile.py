@@ -100,6 +100,17 @@ def _windows(model: nn.Module, num_layers: int) -> list[int]:
     return layer_windows(config) if hasattr(config, "num_hidden_layers") else [0] * num_layers
 
 
+_DYNAMO_CONFIG = dict(
+    # float attributes (eps, scale) stay constants the passes can read, not graph inputs
+    specialize_float=True,
+    # every model instance of one class shares its forward's dynamo cache; past the
+    # limit dynamo would fall back to eager (silently wrong on a flat batch): raise
+    recompile_limit=256,
+    accumulated_recompile_limit=4096,
+    fail_on_recompile_limit_hit=True,
+)
+
+
 class CompiledModel:
     """A model compiled for the paged runtime. `summary()` tells what the passes did."""
 
@@ -115,7 +126,9 @@ class CompiledModel:
         self.matches: collections.Counter[str] = collections.Counter()
         self.graphs: list[fx.GraphModule] = []
         self._to_share: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-        self._compiled = torch.compile(self.module, backend=self._backend, dynamic=None)
+        # fullgraph: an SDPA left outside our graphs would run eagerly across the
+        # sequences of a flat batch, silently wrong; a graph break must be an error.
+        self._compiled = torch.compile(self.module, backend=self._backend, dynamic=None, fullgraph=True)
 
     # -- the dynamo backend ----------------------------------------------------------
     def _backend(self, dynamo_gm: fx.GraphModule, example_inputs: list):
@@ -145,8 +158,7 @@ class CompiledModel:
         return self._whole_sequences(input_ids, positions)
 
     def _run(self, input_ids, positions):
-        # Float attributes (eps, scale) stay constants the passes can read, not graph inputs.
-        with torch.no_grad(), torch._dynamo.config.patch(specialize_float=True):
+        with torch.no_grad(), torch._dynamo.config.patch(**_DYNAMO_CONFIG):
             try:
                 out = self._compiled(input_ids, positions)
             except torch._dynamo.exc.BackendCompilerFailed as e:

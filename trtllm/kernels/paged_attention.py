@@ -28,7 +28,7 @@ Kernels (all accumulate in fp32, softmax in base 2 with scale * log2(e) folded i
   Cached context [0, L - n) is read through the block table (a BLOCK_N tile gathers rows
   from several pages); the new tokens' keys come straight from the contiguous k/v tensors,
   unmasked below the diagonal and masked only on the diagonal tiles.
-- `_decode_kernel` (max_query_len == 1), grid (num_seqs, Hkv, splits): the G query heads
+- `_decode_kernel` (max_query_len == 1), grid (Hkv, num_seqs, splits): the G query heads
   are the (padded to 16) rows of one tile; K/V pages stream through; with splits > 1
   (flash-decoding) each split writes (max, sum, acc) partials and `_reduce_kernel`
   merges them.
@@ -45,8 +45,8 @@ from trtllm.kernels.registry import register_op, triton_interpreter_on
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 # Flash-decoding: split a sequence's context only while the grid is smaller than
-# _SPLIT_TARGET_PER_SM programs per SM (2 decode programs of 3 x 32 KB stages fit one SM's
-# 228 KB shared memory), and never into pieces shorter than _SPLIT_MIN_LEN positions (the
+# _SPLIT_TARGET_PER_SM programs per SM (one wave: 3 decode programs of 72 KB smem fit an
+# SM's 228 KB), and never into pieces shorter than _SPLIT_MIN_LEN positions (the
 # partials' write + reduce launch must stay small against the K/V stream).
 _SPLIT_TARGET_PER_SM = 2
 _SPLIT_MIN_LEN = 256
@@ -289,8 +289,8 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    s = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(0)  # fastest: the Hkv programs of a sequence read adjacent rows
+    s = tl.program_id(1)
     split = tl.program_id(2)
     t = tl.load(qsl_ptr + s)
     if tl.load(qsl_ptr + s + 1) <= t:  # unused row of a captured batch
@@ -334,7 +334,7 @@ def _decode_kernel(
                  out.to(o_ptr.dtype.element_ty), mask=g_ok)
     else:
         # partials [S, Hq, NUM_SPLITS] (+ [.., HEAD_D] for acc), unnormalized
-        row = (s * G * tl.num_programs(1) + head) * NUM_SPLITS + split
+        row = (s * G * tl.num_programs(0) + head) * NUM_SPLITS + split
         tl.store(pm_ptr + row, m_i, mask=offs_g < G)
         tl.store(pl_ptr + row, l_i, mask=offs_g < G)
         tl.store(pacc_ptr + row.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], acc, mask=g_ok)
@@ -388,24 +388,29 @@ def _num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torc
 def _prefill_config(head_dim: int, group: int, max_query_len: int, elem_size: int):
     """(BLOCK_M rows = BLOCK_Q tokens x G heads, BLOCK_N, num_warps, num_stages)."""
     rows = max_query_len * group
-    if elem_size == 4:  # fp32: half the tiles to fit shared memory
-        block_m, block_n, warps, stages = 64, 32, 4, 2
+    if elem_size == 4:  # fp32 (exact "ieee" dots on FMA units): a correctness path
+        block_m, block_n, warps, stages = 64, 16, 8, 2  # 64x32x4 warps spills 45 KB at D=128
     elif rows <= 32:  # short chunks / spec-decode-like: don't pad 4 rows to 128
         block_m, block_n, warps, stages = 32 if rows > 16 else 16, 64, 4, 3
-    elif head_dim <= 64:
-        block_m, block_n, warps, stages = 128, 64, 4, 3
     elif head_dim <= 128:
+        # sm_90 ptxas: D=128 -> 192 regs, 128 KB smem, no spills (128x128 tiles spill);
+        # D=64 with 4 warps needs 255 regs, with 8 warps 124.
         block_m, block_n, warps, stages = 128, 64, 8, 3
     else:
-        block_m, block_n, warps, stages = 64, 32, 4, 2
+        block_m, block_n, warps, stages = 64, 32, 8, 2  # D=256: 196 regs, 96 KB smem
     return max(block_m, triton.next_power_of_2(group)), block_n, warps, stages
 
 
 def _decode_config(head_dim: int, elem_size: int):
-    """(BLOCK_N, num_warps, num_stages): 64 x 128 bf16 K + V = 32 KB per stage."""
+    """(BLOCK_N, num_warps, num_stages): 64 x 128 bf16 K + V = 32 KB per buffer.
+
+    The K/V addresses come from a block-table load inside the loop, and Triton's
+    pipeliner gives that load a stage of its own: in the sm_90 TTGIR, num_stages 2-4
+    leave K/V single-buffered (load waits right before use), 5 double-buffers them
+    (72 KB smem, 128 regs: 3 programs per SM)."""
     if elem_size == 4 or head_dim > 128:
-        return 32, 4, 2
-    return 64, 4, 3
+        return 32, 4, 3
+    return 64, 4, 5
 
 
 def _paged_attention_impl(
@@ -462,7 +467,7 @@ def _paged_attention_impl(
             part_m = torch.empty((num_seqs, Hq, splits), dtype=torch.float32, device=q.device)
             part_l = torch.empty_like(part_m)
             part_acc = torch.empty((num_seqs, Hq, splits, D), dtype=torch.float32, device=q.device)
-        _decode_kernel[(num_seqs, Hkv, splits)](
+        _decode_kernel[(Hkv, num_seqs, splits)](
             q, kc, vc, out, part_m, part_l, part_acc, block_tables, seq_lens, query_start_loc,
             qk_scale, window,
             q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
