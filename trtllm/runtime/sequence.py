@@ -1,0 +1,55 @@
+"""`Sequence`: the state of one completion being generated (a request with n > 1
+becomes n sequences sharing the prompt)."""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from trtllm.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    index: int = 0                                   # which of the request's n completions
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0                     # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0                       # prompt tokens found in the prefix cache
+    finish_reason: str | None = None                 # "stop" | "length" | "error" | "abort"
+    error: str | None = None
+    seed: int = 0                                    # the sampler's seed (drawn when not given)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        self.status, self.finish_reason, self.error = SequenceStatus.FINISHED, reason, error

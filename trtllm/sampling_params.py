@@ -1,0 +1,73 @@
+"""`SamplingParams`: how one request's tokens are chosen and when it stops.
+
+Validated when made: a bad value raises `ValueError` (pydantic's ValidationError is
+one) naming the field. Unknown fields are refused, so a typo never silently means
+"default".
+"""
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_N = 16            # completions per request
+MAX_LOGPROBS = 20     # top-k logprobs per token
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 256
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    max_tokens: int = Field(32, gt=0, description="new tokens at most")
+    min_tokens: int = Field(0, ge=0, description="EOS and stop tokens are masked until this many")
+    temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
+    top_k: int = Field(0, ge=0, description="0 = no limit")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    n: int = Field(1, ge=1, le=MAX_N)
+    beam_width: int = Field(1, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, v):
+        return [v] if isinstance(v, str) else ([] if v is None else v)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, v):
+        if any(not s or len(s) > MAX_STOP_STRING_LEN for s in v):
+            raise ValueError(f"stop strings must be 1..{MAX_STOP_STRING_LEN} characters")
+        return v
+
+    @field_validator("temperature", "top_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty")
+    @classmethod
+    def _finite(cls, v, info):
+        if not math.isfinite(v):
+            raise ValueError(f"{info.field_name} must be finite, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.beam_width > 1:
+            raise ValueError("beam_width > 1 (beam search) is not supported yet; use n for "
+                             "several sampled completions")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
