@@ -129,3 +129,18 @@ def test_our_models_compile_to_eager_logits(tmp_path, family):
     compiled = trtllm.compile(model)
     assert rel_err(compiled(ids, positions), expected) < 1e-4
     assert "fuse_rotary: 4" in compiled.summary()
+
+
+def test_lm_head_is_applied_only_to_requested_rows():
+    model = hf_model("llama")
+    ids = torch.randint(0, 96, (2, 7))
+    positions = torch.arange(7)[None].expand(2, 7)
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits  # [2, 7, V]
+    compiled = trtllm.compile(model)
+    rows = torch.tensor([6, 13, 2])  # flat indices into the 14 tokens
+    got = compiled(ids, positions, logits_indices=rows)
+    assert got.shape == (3, 96)
+    assert rel_err(got, expected.flatten(0, 1)[rows]) < 1e-4
+    assert "split_lm_head: 1" in compiled.summary()
+    assert rel_err(compiled(ids, positions), expected) < 1e-4  # all rows when none asked

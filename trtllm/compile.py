@@ -126,6 +126,7 @@ class CompiledModel:
         self.matches: collections.Counter[str] = collections.Counter()
         self.graphs: list[fx.GraphModule] = []
         self._to_share: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        self._logits_indices: torch.Tensor | None = None
         # fullgraph: an SDPA left outside our graphs would run eagerly across the
         # sequences of a flat batch, silently wrong; a graph break must be an error.
         self._compiled = torch.compile(self.module, backend=self._backend, dynamic=None, fullgraph=True)
@@ -149,10 +150,25 @@ class CompiledModel:
             run = compile_fx(gm, list(example_inputs) + constants)
         else:
             run = gm.forward
-        return lambda *args: run(*args, *constants)
+        head = ctx.lm_head
+
+        def forward(*args):
+            (out,) = run(*args, *constants)  # hidden [B, S, H] if the head was split, else logits
+            rows = self._logits_indices
+            if rows is not None:
+                out = out.flatten(0, 1).index_select(0, rows)  # [N, H or V]
+            if head is not None:
+                out = F.linear(out, *head)
+            return (out,)
+
+        return forward
 
     # -- calling -----------------------------------------------------------------------
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, V]; or [N, V] for the flat token indices `logits_indices`
+        (into the B*S tokens), the only rows the LM head is then computed for."""
+        self._logits_indices = logits_indices
         if attention_context_module._active is not None:
             return self._run(input_ids, positions)
         return self._whole_sequences(input_ids, positions)

@@ -5,6 +5,7 @@ from trtllm.passes.fuse_rms_norm import fuse_rms_norm
 from trtllm.passes.fuse_rotary import fuse_rotary
 from trtllm.passes.fuse_silu_mul import fuse_silu_mul
 from trtllm.passes.replace_sdpa_with_paged_attention import replace_sdpa_with_paged_attention
+from trtllm.passes.split_lm_head import split_lm_head
 
 PASSES = [
     replace_sdpa_with_paged_attention,  # first: refuse unsupported attention before any work
@@ -13,4 +14,5 @@ PASSES = [
     fuse_add_rms_norm,                  # needs fuse_rms_norm's output
     fuse_rotary,
     fuse_silu_mul,
+    split_lm_head,                      # last: the runtime applies the head on chosen rows
 ]

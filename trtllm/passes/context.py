@@ -66,3 +66,5 @@ class AttentionLayers:
 class PassContext:
     inputs: GraphInputs
     attention: AttentionLayers
+    # (weight, bias) of the LM head when split_lm_head took it out of the graph
+    lm_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
