@@ -1,0 +1,274 @@
+"""`Sampler`: picks every row's next token from the model's logits, batched on the device.
+
+One row per sequence; rows never interact, and all the math is tensor ops over [N, V].
+Order of operations (each a module function, so tests can check it alone):
+
+  0. fp32. A row with a NaN, a +inf, or no finite logit at all is flagged
+     `finite=False` and zeroed so it disturbs nothing; its token is meaningless and the
+     engine finishes it with "error". (-inf alone is fine: models mask tokens with it.)
+  1. `apply_penalties`: repetition (HF/CTRL, over prompt+output tokens: logit > 0 → /p,
+     else *p), then presence and frequency (OpenAI, over output tokens only:
+     logit -= presence * (count > 0) + frequency * count).
+  2. `apply_min_tokens`: EOS ids and the row's stop_token_ids → -inf while
+     len(output) < min_tokens.
+  3. `apply_temperature` (greedy rows divide by 1).
+  4. `apply_top_k_top_p`: top-k (exactly k survive), then top-p on the renormalised
+     top-k distribution (the smallest set with cumulative prob ≥ top_p, never empty).
+  5. `apply_min_p`: drop p < min_p * p_max.
+  6. choose: greedy rows (temperature < 1e-5 or top_k == 1; their top-k/p/min-p are off)
+     take the argmax; the others take argmax(logits + Gumbel noise), an exact sample of
+     softmax(logits), with noise from a counter-based hash of (seed, completion index,
+     step = len(output), token id). So a request's tokens depend on its seed and its own
+     logits only: not on the batch it shares, its position in it, or preemption.
+
+Logprobs are those of the processed distribution actually sampled from (vLLM's
+"processed_logprobs"): log_softmax of the logits after step 5. For greedy rows that is
+the penalised distribution at temperature 1.
+"""
+from __future__ import annotations
+
+import random
+import weakref
+from dataclasses import dataclass
+from itertools import chain
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from trtllm.runtime.sequence import Sequence
+from trtllm.sampling_params import SamplingParams
+
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+_NEG_INF = float("-inf")
+_MIN_TEMPERATURE = 1e-5  # below this, logits / T may overflow fp32: treat as greedy (as vLLM)
+
+
+def draw_seed(rng: random.Random | None = None) -> int:
+    """A seed for a request that gave none (the engine calls this at admission)."""
+    return (rng or random).getrandbits(63)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: Tensor                            # [N] int64
+    logprobs: Tensor                             # [N] fp32, of the chosen token
+    top_logprobs: tuple[Tensor, Tensor] | None   # ids [N, K] int64, values [N, K] fp32
+    finite: Tensor                               # [N] bool; False: the row failed
+
+
+@dataclass
+class SamplingBatch:
+    """Per-step parameter tensors ([N] unless noted) for the sequences being sampled.
+    The Python flags let the sampler skip whole [N, V] passes no row needs, without a
+    device sync; a neutral value (k = V, p = 1, penalty 1/0) is an exact no-op, so a
+    row's result does not depend on which flags its batch mates switch on."""
+    vocab_size: int
+    temperature: Tensor          # fp32, 1 for greedy rows
+    top_k: Tensor                # int64, V when off
+    top_p: Tensor                # fp32, 1 when off
+    min_p: Tensor                # fp32, 0 when off
+    repetition_penalty: Tensor   # fp32
+    presence_penalty: Tensor     # fp32
+    frequency_penalty: Tensor    # fp32
+    greedy: Tensor               # bool
+    seed: Tensor                 # int64 in [0, 2**63)
+    index: Tensor                # int64, completion index within the request
+    step: Tensor                 # int64, len(output_token_ids)
+    prompt_index: Tensor | None  # flat row * V + id of prompt tokens (repetition rows)
+    output_index: Tensor | None  # flat row * V + id of output tokens (penalty rows)
+    min_tokens_index: Tensor | None  # flat row * V + id to mask (EOS/stop, min_tokens)
+    all_greedy: bool
+    do_temperature: bool
+    do_top_k_p: bool
+    do_min_p: bool
+    max_logprobs: int | None     # K for top_logprobs; None when no row asked
+
+    @staticmethod
+    def build(seqs: list[Sequence], vocab_size: int, device, eos_token_ids: list[int]
+              ) -> SamplingBatch:
+        V, n, key = vocab_size, len(seqs), (vocab_size, tuple(eos_token_ids))
+        rows = [_row(s, key) for s in seqs]  # cached: no per-token work, ~1 µs a row
+        steps = [len(s.output_token_ids) for s in seqs]
+        f = torch.tensor([r.floats for r in rows], dtype=torch.float32).reshape(n, 6)
+        i = torch.tensor([(r.top_k, s.seed, s.index, st, r.greedy)
+                          for s, r, st in zip(seqs, rows, steps)], dtype=torch.int64).reshape(n, 5)
+        f, i = f.to(device), i.to(device)
+        return SamplingBatch(
+            V, temperature=f[:, 0], top_k=i[:, 0], top_p=f[:, 1], min_p=f[:, 2],
+            repetition_penalty=f[:, 3], presence_penalty=f[:, 4], frequency_penalty=f[:, 5],
+            greedy=i[:, 4].bool(), seed=i[:, 1], index=i[:, 2], step=i[:, 3],
+            prompt_index=_flat_index([s.prompt_token_ids if r.rep else ()
+                                      for s, r in zip(seqs, rows)], V, device),
+            output_index=_flat_index([s.output_token_ids if r.penalised else ()
+                                      for s, r in zip(seqs, rows)], V, device),
+            min_tokens_index=_flat_index([r.stop if st < r.min_tokens else ()
+                                          for r, st in zip(rows, steps)], V, device),
+            all_greedy=all(r.greedy for r in rows),
+            do_temperature=any(r.floats[0] != 1.0 for r in rows),
+            do_top_k_p=any(r.top_k < V or r.floats[1] < 1.0 for r in rows),
+            do_min_p=any(r.floats[2] > 0.0 for r in rows),
+            max_logprobs=max((r.logprobs for r in rows if r.logprobs is not None),
+                             default=None))
+
+
+class _Row(NamedTuple):
+    """What of a sequence's sampling does not change from step to step."""
+    key: tuple                 # (vocab_size, eos ids) it was made for
+    params: SamplingParams     # ... and from
+    floats: tuple              # temperature, top_p, min_p, repetition, presence, frequency
+    top_k: int
+    greedy: bool
+    rep: bool                  # repetition penalty on: prompt tokens needed
+    penalised: bool            # any penalty on: output tokens needed
+    stop: tuple                # ids masked while len(output) < min_tokens
+    min_tokens: int
+    logprobs: int | None
+
+
+_rows: weakref.WeakKeyDictionary[Sequence, _Row] = weakref.WeakKeyDictionary()
+
+
+def _row(seq: Sequence, key: tuple) -> _Row:
+    """Cached per sequence (the entry dies with it). Replacing seq.sampling_params is
+    seen; mutating its fields after the first step is not (the engine must not)."""
+    row, sp = _rows.get(seq), seq.sampling_params
+    if row is not None and row.key == key and row.params is sp:
+        return row
+    V, eos = key
+    g = sp.greedy or sp.temperature < _MIN_TEMPERATURE
+    rep = sp.repetition_penalty != 1.0
+    row = _Row(key, sp, (1.0 if g else sp.temperature, 1.0 if g else sp.top_p,
+                     0.0 if g else sp.min_p, sp.repetition_penalty, sp.presence_penalty,
+                     sp.frequency_penalty),
+               V if g or sp.top_k == 0 else min(sp.top_k, V), g, rep,
+               rep or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0,
+               tuple(sorted({t for t in (*eos, *sp.stop_token_ids) if 0 <= t < V})),
+               sp.min_tokens, sp.logprobs)
+    _rows[seq] = row
+    return row
+
+
+def _flat_index(id_lists: list, V: int, device) -> Tensor | None:
+    """Row r's ids as flat indices r * V + id into an [N, V] tensor, built without a
+    Python loop over tokens (chain and repeat_interleave do the work)."""
+    lengths = [len(ids) for ids in id_lists]
+    total = sum(lengths)
+    if total == 0:
+        return None
+    ids = torch.tensor(list(chain.from_iterable(id_lists)), dtype=torch.int64, device=device)
+    rows = torch.repeat_interleave(torch.arange(len(id_lists), device=device),
+                                   torch.tensor(lengths, device=device), output_size=total)
+    return rows * V + ids
+
+
+def apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    if batch.prompt_index is None and batch.output_index is None:
+        return logits
+    n, V = logits.shape
+    counts = torch.zeros(n * V, dtype=torch.float32, device=logits.device)
+    if batch.output_index is not None:
+        idx = batch.output_index
+        counts.scatter_add_(0, idx, torch.ones(idx.shape, dtype=counts.dtype, device=idx.device))
+    seen = counts > 0
+    if batch.prompt_index is not None:
+        seen.index_fill_(0, batch.prompt_index, True)
+    counts, seen = counts.view(n, V), seen.view(n, V)
+    rp = batch.repetition_penalty[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+    return (logits - batch.presence_penalty[:, None] * (counts > 0)
+            - batch.frequency_penalty[:, None] * counts)
+
+
+def apply_min_tokens(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    if batch.min_tokens_index is None:
+        return logits
+    return logits.flatten().index_fill(0, batch.min_tokens_index, _NEG_INF).view_as(logits)
+
+
+def apply_temperature(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    return logits / batch.temperature[:, None] if batch.do_temperature else logits
+
+
+def apply_top_k_top_p(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Both in sorted order (one sort): top-k keeps exactly k; top-p keeps a token when
+    the mass of the tokens ranked above it is still < top_p, so the first always stays."""
+    if not batch.do_top_k_p:
+        return logits
+    srt, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    srt = srt.masked_fill(rank >= batch.top_k[:, None], _NEG_INF)
+    probs = srt.softmax(-1)
+    before = probs.cumsum(-1) - probs
+    top_p = batch.top_p[:, None]
+    srt = srt.masked_fill((before >= top_p) & (top_p < 1.0), _NEG_INF)
+    return torch.empty_like(logits).scatter_(-1, order, srt)
+
+
+def apply_min_p(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """p < min_p * p_max ⇔ logit < max_logit + log(min_p): no softmax needed."""
+    if not batch.do_min_p:
+        return logits
+    floor = logits.amax(-1, keepdim=True) + torch.log(batch.min_p)[:, None]
+    return logits.masked_fill(logits < floor, _NEG_INF)
+
+
+def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Steps 1-5 on fp32 logits; returns a new tensor (the input is left alone)."""
+    for step in (apply_penalties, apply_min_tokens, apply_temperature, apply_top_k_top_p,
+                 apply_min_p):
+        logits = step(logits, batch)
+    return logits
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """lowbias32 (C. Wellons) on int64 tensors holding 32-bit values. Both multipliers
+    are < 2**31, so products stay < 2**63: no overflow, no uint64 needed."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def _combine(h: Tensor, v) -> Tensor:
+    return _mix32(((h ^ v) + _GOLDEN) & _M32)
+
+
+def gumbel_noise(batch: SamplingBatch) -> Tensor:
+    """[N, V] Gumbel(0, 1) noise, a pure function of (seed, index, step, token id)."""
+    k = _combine(batch.seed & _M32, batch.seed >> 32)      # seed < 2**63: shift is exact
+    k1 = _combine(_combine(k, batch.index & _M32), batch.step & _M32)
+    k2 = _combine(k1, 0x2545F491)
+    tok = torch.arange(batch.vocab_size, device=k.device)
+    # two keyed rounds, so one step's noise is no simple permutation of another's
+    x = _combine(_combine(k1[:, None], tok[None, :]), k2[:, None])
+    u = ((x >> 8).to(torch.float32) + 0.5) * 2.0 ** -24    # 24 bits: exactly in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+def _finite_rows(logits: Tensor) -> Tensor:
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)
+    return ~bad & torch.isfinite(logits).any(-1)
+
+
+class Sampler:
+    @torch.no_grad()
+    def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if logits.shape != (batch.greedy.shape[0], batch.vocab_size):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match the batch "
+                             f"({batch.greedy.shape[0]} rows, vocab {batch.vocab_size})")
+        finite = _finite_rows(logits)
+        x = process_logits(torch.where(finite[:, None], logits.float(), 0.0), batch)
+        token_ids = x.argmax(-1)  # first maximum on ties: deterministic
+        if not batch.all_greedy:
+            token_ids = torch.where(batch.greedy, token_ids,
+                                    (x + gumbel_noise(batch)).argmax(-1))
+        if batch.max_logprobs:
+            logp = x.log_softmax(-1)
+            chosen = logp.gather(-1, token_ids[:, None])[:, 0]
+            values, ids = logp.topk(min(batch.max_logprobs, batch.vocab_size), dim=-1)
+            return SamplerOutput(token_ids, chosen, (ids, values), finite)
+        chosen = x.gather(-1, token_ids[:, None])[:, 0] - x.logsumexp(-1)
+        return SamplerOutput(token_ids, chosen, None, finite)
