@@ -1,0 +1,190 @@
+"""Tokenizer side of the runtime: loading, incremental detokenization, stop strings, chat.
+
+    load_tokenizer(path_or_tokenizer) -> transformers tokenizer
+    IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens=True)
+        .append(token_id) -> str    newly stable text
+        .flush() -> str             whatever is still held back (call when the sequence ends)
+        .text                       all text emitted so far
+    find_stop(text, stop, start) -> int | None        where the earliest stop string begins
+    find_stop_span(text, stop, start) -> (begin, end) | None
+    safe_prefix_len(text, stop) -> int                how much of text may be streamed
+    apply_chat_template(tokenizer, messages, add_generation_prompt=True) -> str
+
+Streaming a request, per new token (`det` its detokenizer, `stop` its stop strings):
+
+    start = len(det.text)
+    det.append(token_id)
+    pos = find_stop(det.text, stop, start)
+    if pos is not None: finish; the output text is det.text[:pos]
+    else: stream det.text[emitted:safe_prefix_len(det.text, stop)]
+
+so a client never sees text that a later token turns into (the start of) a stop string.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+# Files any one of which makes a directory loadable by AutoTokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+# Tokens of left context the detokenizer decodes with (vLLM uses the same number):
+# enough for a SentencePiece "▁" to become a space, and for a character whose bytes
+# span tokens to be whole in the window.
+_CONTEXT_TOKENS = 5
+
+_REPLACEMENT = "\ufffd"  # what decoding gives for an incomplete UTF-8 sequence
+
+
+def load_tokenizer(path_or_tokenizer):
+    """A transformers tokenizer from a local checkpoint directory, or the one given.
+
+    Only local files are read (no hub downloads) and no remote code runs.
+    """
+    if not isinstance(path_or_tokenizer, (str, os.PathLike)):
+        return path_or_tokenizer  # already built
+    path = Path(path_or_tokenizer)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer in {str(path)!r}: expected one of "
+                                f"{', '.join(_TOKENIZER_FILES)}")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                             trust_remote_code=False)
+    except Exception as e:  # name the directory; transformers' messages often do not
+        raise ValueError(f"could not load the tokenizer in {str(path)!r}: {e}") from e
+
+
+class IncrementalDetokenizer:
+    """Turns one sequence's output tokens into text, one token at a time.
+
+    Each `append` decodes a short window of ids and returns what it adds to the text
+    of the window's context (vLLM's prefix/read offsets, the older ids dropped):
+
+        window:  | context: text emitted already | unread: not emitted yet |
+                 0                          _read_offset                  end
+
+    The left context makes SentencePiece's leading "▁" come out as a space (decoded
+    alone, a first token loses it), and the window starts where earlier text was
+    complete, so no character is cut. While the window's text ends in U+FFFD, a
+    multi-byte character is still incomplete (byte-level BPE splits "🙂" across
+    tokens): it is held back until it completes, or until `flush`.
+
+    The first output tokens are decoded with the prompt's last tokens as context. For
+    byte-level BPE (GPT-2, Llama 3, Qwen) the concatenated output then equals
+    `tokenizer.decode(output_ids)`; for SentencePiece (Llama 2, Mistral) it keeps the
+    space a first "▁word" token stands for, as `decode(prompt + output)` minus
+    `decode(prompt)` does, so that prompt + text reads right. Decoding never applies
+    `clean_up_tokenization_spaces` (a whole-text heuristic that drops spaces before
+    punctuation; transformers itself skips it for BPE).
+    """
+
+    def __init__(self, tokenizer, prompt_token_ids, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.output_token_ids: list[int] = []
+        self.text = ""
+        # The window: _ids[:_read_offset] is context whose text (_prefix_text) has been
+        # emitted (or is the prompt's); _ids[_read_offset:] is not emitted yet. Older
+        # ids are dropped, so a long generation keeps a short list.
+        self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._read_offset = len(self._ids)
+        self._prefix_text = self._decode(self._ids)
+        if self._prefix_text.endswith(_REPLACEMENT):
+            # The prompt ends inside a character: the output's first bytes cannot
+            # complete text that is not ours to emit, so decode the output on its own.
+            self._ids, self._read_offset, self._prefix_text = [], 0, ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
+
+    def append(self, token_id: int) -> str:
+        """Add one output token; return the text that became stable (maybe "")."""
+        self.output_token_ids.append(token_id)
+        self._ids.append(token_id)
+        return self._advance(self._decode(self._ids), final=False)
+
+    def flush(self) -> str:
+        """The text still held back (an unfinished character, as U+FFFD); call at the end."""
+        return self._advance(self._decode(self._ids), final=True)
+
+    def _advance(self, new_text: str, final: bool) -> str:
+        # An unfinished character decodes as trailing U+FFFD: hold it back. What comes
+        # before it is settled, whatever bytes follow.
+        stable = new_text if final else new_text.rstrip(_REPLACEMENT)
+        if len(stable) <= len(self._prefix_text):
+            return ""  # nothing new (a skipped special token), or only an unfinished character
+        delta = stable[len(self._prefix_text):]
+        self.text += delta
+        if len(stable) < len(new_text):
+            # Keep the window (its tail may still complete); remember what was sent.
+            self._prefix_text = stable
+        else:
+            # Slide the window: the ids just read become the context. Their text is
+            # decoded again rather than sliced from new_text, since decoded first in a
+            # window a SentencePiece token loses its leading space.
+            self._ids = self._ids[self._read_offset:]
+            self._read_offset = len(self._ids)
+            self._prefix_text = self._decode(self._ids)
+        return delta
+
+
+def find_stop_span(text: str, stop: list[str], start: int) -> tuple[int, int] | None:
+    """(begin, end) of the stop string in `text` that begins earliest, or None.
+
+    Only matches that end after `start` (the length of the text already checked) are
+    looked for, so each call costs the new text plus the longest stop string, not the
+    whole text. Of stop strings beginning at the same place the shortest wins: it was
+    complete first.
+    """
+    best = None
+    for s in stop:
+        i = text.find(s, max(0, start - len(s) + 1))
+        if i >= 0 and (best is None or (i, i + len(s)) < best):
+            best = (i, i + len(s))
+    return best
+
+
+def find_stop(text: str, stop: list[str], start: int) -> int | None:
+    """Index where the earliest stop string in `text` begins (see `find_stop_span`)."""
+    span = find_stop_span(text, stop, start)
+    return None if span is None else span[0]
+
+
+def safe_prefix_len(text: str, stop: list[str]) -> int:
+    """Length of the prefix of `text` that may be streamed.
+
+    The rest is the longest tail of `text` that is a proper prefix of a stop string:
+    the next tokens may complete it, and then it must never have been sent.
+    """
+    hold = 0
+    for s in stop:
+        # The earliest place, among the last len(s)-1 characters, where a prefix of s
+        # starts gives the longest tail to hold for s.
+        i = text.find(s[0], max(0, len(text) - len(s) + 1)) if s else -1
+        while i >= 0:
+            if s.startswith(text[i:]):
+                hold = max(hold, len(text) - i)
+                break
+            i = text.find(s[0], i + 1)
+    return len(text) - hold
+
+
+def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Render `messages` with the checkpoint's own chat template, as a prompt string.
+
+    There is deliberately no way to pass a template: a template is code (Jinja), so
+    the server must never accept one from a request; it uses the checkpoint's only.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
+        raise ValueError(f"the checkpoint has no chat template ({name}: no chat_template in "
+                         "tokenizer_config.json and no chat_template.jinja); send a plain "
+                         "prompt (completions) instead of chat messages")
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
