@@ -1,0 +1,236 @@
+"""`BlockManager`: the pool of paged KV-cache blocks, with prefix reuse.
+
+A block holds `block_size` consecutive tokens of one sequence; token `p` of a sequence
+lives in slot `block_table[p // block_size] * block_size + p % block_size` of the cache
+(see attention_context.py). The manager deals in block ids only, never bytes, so the
+cache's dtype (bf16 today, FP8 later) is no concern of it.
+
+Every block is in exactly one of three states:
+- free:   ref count 0, holds nothing reusable (in `_free`);
+- cached: ref count 0, but holds a published hash, so a later request with the same
+          prefix can take it back (in `_cached`, least recently used first);
+- used:   ref count > 0 (in one or more sequences' block tables).
+A new block comes from the free list, and only when that is empty by evicting the least
+recently used cached block.
+
+Prefix reuse (`enable_block_reuse`): once a block is full of *computed* tokens,
+`publish` registers it under hash(parent block's hash, its tokens). The chain makes the
+hash name the whole prefix, not just the block's own tokens. The hash is 128-bit
+blake2b rather than builtin `hash`: a collision would silently serve one prompt's K/V to
+another (wrong output, and a leak across requests), and a 64-bit tuple hash is neither
+collision-resistant nor stable across processes. A block whose tokens are not all
+computed is never published, and a failed sequence is freed with `publish=False`, so
+garbage (NaN) K/V never enters the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterable
+
+from trtllm.runtime.sequence import Sequence
+
+
+def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
+    """The hash naming a full block of `tokens` that follows the block hashed `parent`."""
+    data = (parent or b"") + array("q", tokens).tobytes()
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_block_reuse: bool = True):
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be > 0")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_block_reuse = enable_block_reuse
+        self._ref = [0] * num_blocks
+        self._hash: list[bytes | None] = [None] * num_blocks   # published hash a block holds
+        self._free: deque[int] = deque(range(num_blocks))
+        self._cached: OrderedDict[int, None] = OrderedDict()   # LRU first
+        self._block_of_hash: dict[bytes, int] = {}
+        self._num_used = 0
+        # per sequence (by seq_id): hashes of its full token blocks, computed lazily
+        # (tokens only ever grow, so a computed hash stays valid), and how many of its
+        # leading blocks `publish` has already dealt with
+        self._chain: dict[int, list[bytes]] = {}
+        self._num_published: dict[int, int] = {}
+        # prefix-cache metrics: tokens looked up at allocation vs tokens found cached
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    # --- books ----------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self._num_used
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # --- sequences ------------------------------------------------------------------
+
+    def num_prefix_hit_tokens(self, seq: Sequence) -> int:
+        """Tokens of `seq` that `allocate` would find in the prefix cache right now."""
+        return len(self._lookup(seq)) * self.block_size
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._lookup(seq)
+        new = self.blocks_needed(seq.num_tokens) - len(hits)
+        hits_now_cached = sum(1 for b in hits if self._ref[b] == 0)  # taking them shrinks the pool
+        return new <= len(self._free) + len(self._cached) - hits_now_cached
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give a waiting `seq` blocks for all its tokens (prompt, plus outputs when it
+        comes back after preemption), reusing cached prefix blocks. Sets
+        `num_cached_tokens` and `num_computed_tokens` to the tokens found cached."""
+        if seq.block_table:
+            raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
+        if not self.can_allocate(seq):
+            raise RuntimeError(f"not enough KV blocks for sequence {seq.seq_id}; ask can_allocate first")
+        hits = self._lookup(seq)
+        for b in hits:  # before taking new blocks, so that eviction cannot take a hit
+            self._incref(b)
+        new = [self._take() for _ in range(self.blocks_needed(seq.num_tokens) - len(hits))]
+        seq.block_table = hits + new
+        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        self._num_published[seq.seq_id] = len(hits)
+        self.prefix_queried_tokens += seq.num_tokens
+        self.prefix_hit_tokens += seq.num_cached_tokens
+
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self._blocks_short(seq, num_new_tokens) <= len(self._free) + len(self._cached)
+
+    def append(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Make room for `num_new_tokens` tokens after the computed ones (a decode token,
+        or a prefill chunk)."""
+        short = self._blocks_short(seq, num_new_tokens)
+        if short > len(self._free) + len(self._cached):
+            raise RuntimeError(f"not enough KV blocks to append to sequence {seq.seq_id}; "
+                               "ask can_append first")
+        seq.block_table += [self._take() for _ in range(short)]
+
+    def publish(self, seq: Sequence) -> None:
+        """Register the blocks of `seq` that have become full of computed tokens."""
+        if not self.enable_block_reuse:
+            return
+        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        done = self._num_published.get(seq.seq_id, 0)
+        if full <= done:
+            return
+        chain = self._hashes(seq, full)
+        for i in range(done, full):
+            b, h = seq.block_table[i], chain[i]
+            # another sequence may have computed the same prefix at the same time and
+            # published first; this block then stays private and is freed, not cached
+            if h not in self._block_of_hash and self._hash[b] is None:
+                self._hash[b], self._block_of_hash[h] = h, b
+        self._num_published[seq.seq_id] = full
+
+    def free(self, seq: Sequence, publish: bool = True) -> None:
+        """Drop `seq`'s references. With `publish` (the default) its computed full blocks
+        are published first and stay cached once unreferenced. `publish=False` is for a
+        failed sequence: nothing more is published, and every block whose last reference
+        this was is uncached too (a conservative purge: its K/V may be garbage)."""
+        if publish:
+            self.publish(seq)
+        # last block first: it joins the LRU earliest and is evicted first, keeping a
+        # prefix's head (which more requests share) cached longest
+        for b in reversed(seq.block_table):
+            self._ref[b] -= 1
+            if self._ref[b] > 0:
+                continue
+            self._num_used -= 1
+            if self._hash[b] is not None and publish:
+                self._cached[b] = None
+            else:
+                self._unpublish(b)
+                self._free.append(b)
+        seq.block_table = []
+        self._chain.pop(seq.seq_id, None)
+        self._num_published.pop(seq.seq_id, None)
+
+    # --- internals ------------------------------------------------------------------
+
+    def _hashes(self, seq: Sequence, n: int) -> list[bytes]:
+        """The hashes of the first `n` full token blocks of `seq` (at least)."""
+        chain = self._chain.setdefault(seq.seq_id, [])
+        tokens, bs = seq.token_ids, self.block_size
+        while len(chain) < n:
+            i = len(chain)
+            chain.append(block_hash(chain[-1] if chain else None, tokens[i * bs:(i + 1) * bs]))
+        return chain
+
+    def _lookup(self, seq: Sequence) -> list[int]:
+        """The cached blocks holding `seq`'s longest cached prefix of full blocks. Capped
+        below the last token: that one must be computed for the model to give logits."""
+        if not self.enable_block_reuse:
+            return []
+        n = (seq.num_tokens - 1) // self.block_size
+        hits = []
+        for h in self._hashes(seq, n)[:n]:
+            b = self._block_of_hash.get(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def _blocks_short(self, seq: Sequence, num_new_tokens: int) -> int:
+        return max(0, self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table))
+
+    def _take(self) -> int:
+        if self._free:
+            b = self._free.popleft()
+        else:
+            b, _ = self._cached.popitem(last=False)  # evict the least recently used
+            self._unpublish(b)
+        self._incref(b)
+        return b
+
+    def _incref(self, b: int) -> None:
+        if self._ref[b] == 0:
+            self._num_used += 1
+            self._cached.pop(b, None)
+        self._ref[b] += 1
+
+    def _unpublish(self, b: int) -> None:
+        if self._hash[b] is not None:
+            del self._block_of_hash[self._hash[b]]
+            self._hash[b] = None
+
+    def check_invariants(self, seqs: Iterable[Sequence] | None = None) -> None:
+        """Raise AssertionError unless the books balance. Given every sequence that holds
+        blocks, also check that ref counts equal block-table occurrences."""
+        n, ref = self.num_blocks, self._ref
+        assert all(r >= 0 for r in ref), f"negative ref counts: {[b for b in range(n) if ref[b] < 0]}"
+        free, cached = set(self._free), set(self._cached)
+        assert len(free) == len(self._free), "a block is on the free list twice"
+        assert not free & cached, f"blocks both free and cached: {sorted(free & cached)}"
+        assert all(ref[b] == 0 for b in free), f"free blocks referenced: {[b for b in free if ref[b]]}"
+        assert all(ref[b] == 0 for b in cached), f"cached blocks referenced: {[b for b in cached if ref[b]]}"
+        assert all(self._hash[b] is None for b in free), "a free block holds a published hash"
+        assert all(self._hash[b] is not None for b in cached), "a cached block holds no hash"
+        used = sum(1 for r in ref if r > 0)
+        assert used == self._num_used, f"{used} blocks referenced but books say {self._num_used}"
+        assert len(free) + len(cached) + used == n, (
+            f"free {len(free)} + cached {len(cached)} + used {used} != total {n}: a block leaked")
+        for h, b in self._block_of_hash.items():
+            assert self._hash[b] == h, f"hash table points at block {b}, which does not hold that hash"
+        assert sum(h is not None for h in self._hash) == len(self._block_of_hash), (
+            "a block holds a hash the hash table does not know")
+        if seqs is not None:
+            held = Counter(b for s in seqs for b in s.block_table)
+            bad = [b for b in range(n) if held[b] != ref[b]]
+            assert not bad, f"ref counts differ from block tables at blocks {bad}"
