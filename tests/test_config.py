@@ -1,0 +1,105 @@
+"""trtllm.config: defaults, bad values and unknown fields refused, naming the field."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from trtllm.config import BuildConfig, KvCacheConfig, QuantAlgo, QuantConfig
+
+
+def test_kv_cache_defaults():
+    c = KvCacheConfig()
+    assert (c.free_gpu_memory_fraction, c.max_tokens, c.enable_block_reuse, c.tokens_per_block,
+            c.dtype) == (0.9, None, True, 32, "auto")
+
+
+def test_build_defaults():
+    c = BuildConfig()
+    assert (c.max_batch_size, c.max_input_len, c.max_seq_len, c.max_num_tokens,
+            c.max_beam_width) == (256, 4096, None, 8192, 1)
+
+
+def test_quant_defaults():
+    c = QuantConfig()
+    assert c.quant_algo is None and c.kv_cache_quant_algo is None
+    c.check_supported()
+    QuantConfig(quant_algo="NO_QUANT").check_supported()
+
+
+def test_good_values():
+    assert KvCacheConfig(free_gpu_memory_fraction=1.0, max_tokens=4096, tokens_per_block=128,
+                         enable_block_reuse=False).tokens_per_block == 128
+    assert BuildConfig(max_input_len=100, max_seq_len=100, max_num_tokens=1).max_seq_len == 100
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    (KvCacheConfig, "free_gpu_memory_fraction", 0.0),
+    (KvCacheConfig, "free_gpu_memory_fraction", 1.5),
+    (KvCacheConfig, "free_gpu_memory_fraction", -0.1),
+    (KvCacheConfig, "max_tokens", 0),
+    (KvCacheConfig, "tokens_per_block", 8),
+    (KvCacheConfig, "tokens_per_block", 48),
+    (KvCacheConfig, "tokens_per_block", 256),
+    (KvCacheConfig, "dtype", "float16"),
+    (KvCacheConfig, "enable_block_reuse", "maybe"),
+    (BuildConfig, "max_batch_size", 0),
+    (BuildConfig, "max_input_len", -1),
+    (BuildConfig, "max_seq_len", 0),
+    (BuildConfig, "max_num_tokens", 0),
+    (BuildConfig, "max_beam_width", 0),
+    (QuantConfig, "quant_algo", "FP9"),
+    (QuantConfig, "kv_cache_quant_algo", "int3"),
+])
+def test_bad_value_names_the_field(cls, field, value):
+    with pytest.raises(ValueError, match=field):
+        cls(**{field: value})
+
+
+@pytest.mark.parametrize("cls", [KvCacheConfig, BuildConfig, QuantConfig])
+def test_unknown_field_refused_by_name(cls):
+    with pytest.raises(ValidationError, match="free_gpu_mem_fraction") as e:
+        cls(free_gpu_mem_fraction=0.5)
+    assert "Extra inputs are not permitted" in str(e.value)
+
+
+def test_assignment_is_validated():
+    c = KvCacheConfig()
+    with pytest.raises(ValueError, match="tokens_per_block"):
+        c.tokens_per_block = 100
+
+
+def test_fp8_kv_cache_not_implemented_yet():
+    with pytest.raises(ValueError, match="dtype") as e:
+        KvCacheConfig(dtype="fp8")
+    assert "FP8 KV cache is not implemented yet" in str(e.value)
+
+
+def test_beam_search_not_supported_yet():
+    with pytest.raises(ValueError, match="max_beam_width") as e:
+        BuildConfig(max_beam_width=4)
+    assert "beam search is not supported yet" in str(e.value)
+
+
+def test_max_input_len_within_max_seq_len():
+    with pytest.raises(ValueError, match=r"max_input_len \(4096\) exceeds max_seq_len \(2048\)"):
+        BuildConfig(max_seq_len=2048)
+    c = BuildConfig(max_input_len=1024)  # max_seq_len None: the model decides
+    assert c.max_seq_len_for(2048) == 2048
+    assert BuildConfig(max_input_len=10, max_seq_len=20).max_seq_len_for(2048) == 20
+    with pytest.raises(ValueError, match="max_input_len .* exceeds max_seq_len .*max_position"):
+        c.max_seq_len_for(512)
+
+
+def test_quant_algo_names_and_strings():
+    for name in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A16", "W4A16_AWQ", "NVFP4"):
+        assert QuantAlgo(name).value == name
+    assert QuantConfig(quant_algo="W4A16_AWQ").quant_algo is QuantAlgo.W4A16_AWQ
+
+
+@pytest.mark.parametrize("field", ["quant_algo", "kv_cache_quant_algo"])
+@pytest.mark.parametrize("algo", [QuantAlgo.FP8, QuantAlgo.W4A16_AWQ, QuantAlgo.NVFP4])
+def test_quantization_not_implemented_yet(field, algo):
+    c = QuantConfig(**{field: algo})  # describable (a checkpoint may say so) ...
+    with pytest.raises(ValueError, match=f"{field}={algo.value}: quantization is not implemented yet"):
+        c.check_supported()  # ... but refused when an LLM is built

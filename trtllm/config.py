@@ -1,0 +1,135 @@
+"""User-facing configs, named as in TensorRT-LLM: `KvCacheConfig`, `BuildConfig`, `QuantConfig`.
+
+Validated when made (and on assignment): a bad value raises `ValueError` (pydantic's
+ValidationError is one) naming the field, and unknown fields are refused by name, so
+a typo or a TensorRT-LLM option we lack never silently means "default".
+
+    KvCacheConfig(free_gpu_memory_fraction=0.9, max_tokens=None, enable_block_reuse=True,
+                  tokens_per_block=32, dtype="auto")
+    BuildConfig(max_batch_size=256, max_input_len=4096, max_seq_len=None,
+                max_num_tokens=8192, max_beam_width=1)
+        .max_seq_len_for(max_position_embeddings) -> int
+    QuantConfig(quant_algo=None, kv_cache_quant_algo=None).check_supported()
+    QuantAlgo: TensorRT-LLM's algorithm names (FP8, W4A16_AWQ, NVFP4, ...)
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_CONFIG = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KvCacheConfig(BaseModel):
+    """How much memory the paged KV cache takes, and how it is laid out and shared."""
+
+    model_config = _CONFIG
+
+    free_gpu_memory_fraction: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="fraction of the GPU memory free after loading the model given to the cache")
+    max_tokens: int | None = Field(
+        None, gt=0, description="cache capacity in tokens at most (None: by memory fraction only)")
+    enable_block_reuse: bool = Field(True, description="share cached prompt prefixes between requests")
+    tokens_per_block: int = Field(32, description="tokens per cache page: 16, 32, 64 or 128")
+    dtype: str = Field("auto", description='"auto": the model\'s activation dtype')
+
+    @field_validator("tokens_per_block")
+    @classmethod
+    def _tokens_per_block(cls, v):
+        # Powers of two keep the kernels' page indexing to shifts and masks; the range
+        # is what the paged attention kernel is tuned for.
+        if v not in (16, 32, 64, 128):
+            raise ValueError(f"tokens_per_block must be a power of 2 from 16 to 128, got {v}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v == "fp8":
+            raise ValueError('dtype "fp8": FP8 KV cache is not implemented yet; use "auto"')
+        if v != "auto":
+            raise ValueError(f'dtype must be "auto" (the model\'s dtype), got {v!r}')
+        return v
+
+
+class BuildConfig(BaseModel):
+    """Static limits the engine is sized for: batch, sequence lengths, tokens per step."""
+
+    model_config = _CONFIG
+
+    max_batch_size: int = Field(256, gt=0, description="sequences in one step at most")
+    max_input_len: int = Field(4096, gt=0, description="prompt tokens at most")
+    max_seq_len: int | None = Field(
+        None, gt=0, description="prompt + generated tokens at most (None: the model's "
+                                "max_position_embeddings)")
+    max_num_tokens: int = Field(8192, ge=1, description="tokens in one step at most (all sequences)")
+    max_beam_width: int = Field(1, gt=0, description="1: beam search is not supported yet")
+
+    @field_validator("max_beam_width")
+    @classmethod
+    def _no_beams(cls, v):
+        if v > 1:
+            raise ValueError(f"max_beam_width {v}: beam search is not supported yet; use 1")
+        return v
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.max_seq_len is not None and self.max_input_len > self.max_seq_len:
+            raise ValueError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len "
+                             f"({self.max_seq_len})")
+        return self
+
+    def max_seq_len_for(self, max_position_embeddings: int) -> int:
+        """max_seq_len, or the model's max_position_embeddings where it is None."""
+        seq_len = self.max_seq_len if self.max_seq_len is not None else max_position_embeddings
+        if self.max_input_len > seq_len:
+            raise ValueError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len "
+                             f"({seq_len}, the model's max_position_embeddings); lower "
+                             "max_input_len")
+        return seq_len
+
+
+class QuantAlgo(str, Enum):
+    """TensorRT-LLM's quantization algorithm names (values are the names)."""
+
+    W8A16 = "W8A16"
+    W4A16 = "W4A16"
+    W4A16_AWQ = "W4A16_AWQ"
+    W4A8_AWQ = "W4A8_AWQ"
+    W8A16_GPTQ = "W8A16_GPTQ"
+    W4A16_GPTQ = "W4A16_GPTQ"
+    W8A8_SQ_PER_CHANNEL = "W8A8_SQ_PER_CHANNEL"
+    W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN = "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    FP8 = "FP8"
+    FP8_PER_CHANNEL_PER_TOKEN = "FP8_PER_CHANNEL_PER_TOKEN"
+    FP8_BLOCK_SCALES = "FP8_BLOCK_SCALES"
+    INT8 = "INT8"
+    NVFP4 = "NVFP4"
+    W4A8_NVFP4_FP8 = "W4A8_NVFP4_FP8"
+    W4A16_MXFP4 = "W4A16_MXFP4"
+    MIXED_PRECISION = "MIXED_PRECISION"
+    NO_QUANT = "NO_QUANT"
+
+
+class QuantConfig(BaseModel):
+    """Which quantization the weights (quant_algo) and the KV cache (kv_cache_quant_algo) use.
+
+    Any algorithm may be described (a checkpoint's quantization config is read into
+    one); `check_supported`, called when an LLM is built, refuses those not implemented.
+    """
+
+    model_config = _CONFIG
+
+    quant_algo: QuantAlgo | None = None
+    kv_cache_quant_algo: QuantAlgo | None = None
+
+    def check_supported(self) -> None:
+        """Raise ValueError naming the field if it asks for quantization (none is implemented yet)."""
+        for field in ("quant_algo", "kv_cache_quant_algo"):
+            algo = getattr(self, field)
+            if algo not in (None, QuantAlgo.NO_QUANT):
+                raise ValueError(f"{field}={algo.value}: quantization is not implemented yet; "
+                                 "use an unquantized (bf16/fp16/fp32) checkpoint")
