@@ -77,10 +77,21 @@ class BuildConfig(BaseModel):
 
     @model_validator(mode="after")
     def _lengths(self):
-        if self.max_seq_len is not None and self.max_input_len > self.max_seq_len:
+        # only a max_input_len the user set can contradict max_seq_len; the default
+        # just follows it down (LLM clamps it with input_len_for)
+        if "max_input_len" in self.model_fields_set and self.max_seq_len is not None \
+                and self.max_input_len > self.max_seq_len:
             raise ValueError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len "
                              f"({self.max_seq_len})")
         return self
+
+    def input_len_for(self, max_seq_len: int) -> int:
+        """max_input_len, lowered to max_seq_len when it was left at its default."""
+        if "max_input_len" in self.model_fields_set:
+            if self.max_input_len > max_seq_len:
+                raise ValueError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len ({max_seq_len})")
+            return self.max_input_len
+        return min(self.max_input_len, max_seq_len)
 
     def max_seq_len_for(self, max_position_embeddings: int) -> int:
         """max_seq_len, or the model's max_position_embeddings where it is None."""

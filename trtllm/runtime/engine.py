@@ -1,0 +1,224 @@
+"""`Engine`: requests in, `RequestOutput`s out, one step at a time.
+
+    engine.add_request(request_id, prompt_token_ids, sampling_params)   # may raise ValueError
+    while engine.has_unfinished():
+        for output in engine.step(): ...        # requests that changed this step
+    engine.abort(request_id)
+
+A step: the scheduler picks tokens, the model runner computes the logits to sample,
+the sampler picks tokens, and each sequence is checked for its stop conditions (EOS,
+stop token ids, stop strings, max_tokens, the model's length). One request's failure
+(bad input at admission, NaN logits) never touches another's.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from trtllm.runtime.block_manager import BlockManager
+from trtllm.runtime.model_runner import ModelRunner
+from trtllm.runtime.outputs import CompletionOutput, RequestOutput
+from trtllm.runtime.sampler import Sampler, SamplingBatch, draw_seed
+from trtllm.runtime.scheduler import Scheduler
+from trtllm.runtime.sequence import Sequence
+from trtllm.runtime.tokenizer import IncrementalDetokenizer, find_stop_span, safe_prefix_len
+from trtllm.sampling_params import SamplingParams
+
+log = logging.getLogger("trtllm")
+
+
+@dataclass
+class EngineLimits:
+    max_num_seqs: int
+    max_num_tokens: int
+    max_input_len: int
+    max_seq_len: int
+
+
+@dataclass
+class _Request:
+    output: RequestOutput
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer | None]
+    checked: list[int] = field(default_factory=list)   # text length already searched for stops
+    streamed: list[int] = field(default_factory=list)  # text length already streamed
+    streamed_tokens: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, block_manager: BlockManager, scheduler: Scheduler,
+                 tokenizer, limits: EngineLimits, vocab_size: int, eos_token_ids: list[int]):
+        self.runner, self.block_manager, self.scheduler = runner, block_manager, scheduler
+        self.tokenizer, self.limits = tokenizer, limits
+        self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
+        self.sampler = Sampler()
+        self.requests: dict[str, _Request] = {}
+
+    # -- requests ----------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError saying what is wrong with a request, before any work."""
+        n, lim = len(prompt_token_ids), self.limits
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if n > lim.max_input_len:
+            raise ValueError(f"the prompt has {n} tokens, more than max_input_len={lim.max_input_len}")
+        if n + params.max_tokens > lim.max_seq_len:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_seq_len={lim.max_seq_len}")
+        if params.detokenize and self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need a tokenizer; this LLM was built without one")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        self.validate(prompt_token_ids, params)
+        seqs = [Sequence(request_id, list(prompt_token_ids), params, index=i) for i in range(params.n)]
+        for seq in seqs:
+            seq.seed = params.seed if params.seed is not None else draw_seed()
+        added = []
+        try:
+            for seq in seqs:
+                self.scheduler.add(seq)  # raises ValueError if it can never fit the pool
+                added.append(seq)
+        except ValueError:
+            self.scheduler.abort(request_id)
+            raise
+        detok = self.tokenizer is not None and params.detokenize
+        self.requests[request_id] = _Request(
+            output=RequestOutput(request_id, prompt, list(prompt_token_ids),
+                                 [CompletionOutput(i, logprobs=[] if params.logprobs is not None else None,
+                                                   cumulative_logprob=0.0 if params.logprobs is not None else None)
+                                  for i in range(params.n)]),
+            params=params, seqs=seqs,
+            detokenizers=[IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+                          if detok else None for _ in seqs],
+            checked=[0] * params.n, streamed=[0] * params.n, streamed_tokens=[0] * params.n)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        self.scheduler.abort(request_id)
+        if req is None:
+            return None
+        for c in req.output.outputs:
+            c.finish_reason = c.finish_reason or "abort"
+        req.output.finished = True
+        return self._emit(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- a step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        changed: dict[str, _Request] = {}
+        scheduled = self.scheduler.schedule()
+        for seq in self.scheduler.pop_finished():  # "length": the pool cannot hold it
+            self._finished(seq, seq.finish_reason or "length", changed)
+        if scheduled:
+            to_sample, logits = self.runner.execute(scheduled)
+            sampled, extra = self._sample(to_sample, logits, changed)
+            for seq in self.scheduler.update(scheduled, sampled):
+                self._on_token(seq, sampled[seq], extra.get(seq), changed)
+        outputs = [self._emit(r) for r in changed.values()]
+        for r in changed.values():
+            if r.output.finished:
+                self.requests.pop(r.output.request_id, None)
+        if not self.requests:
+            self._check_books()
+        return outputs
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, changed) -> tuple[dict, dict]:
+        if not seqs:
+            return {}, {}
+        batch = SamplingBatch.build(seqs, logits.shape[-1], logits.device, self.eos_token_ids)
+        out = self.sampler(logits, batch)
+        tokens, finite = out.token_ids.tolist(), out.finite.tolist()
+        chosen = out.logprobs.tolist()
+        top = [list(zip(*pair)) for pair in zip(out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())] \
+            if out.top_logprobs is not None else None
+        sampled, extra = {}, {}
+        for i, seq in enumerate(seqs):
+            if not finite[i]:  # fails alone; finished before update, so its blocks stay unpublished
+                self.scheduler.finish(seq, "error", "the model produced NaN or Inf logits")
+                self._finished(seq, "error", changed)
+                continue
+            sampled[seq] = tokens[i]
+            k = seq.sampling_params.logprobs
+            if k is not None:
+                extra[seq] = (chosen[i], top[i][:k] if top is not None else [])
+        return sampled, extra
+
+    def _on_token(self, seq: Sequence, token: int, logprob, changed) -> None:
+        req = self.requests.get(seq.request_id)
+        if req is None:
+            return
+        changed[seq.request_id] = req
+        i, params = seq.index, req.params
+        completion = req.output.outputs[i]
+        completion.token_ids.append(token)
+        if logprob is not None:
+            chosen, top = logprob
+            entry = {token: chosen}
+            entry.update({t: v for t, v in top if t != token})
+            completion.logprobs.append(entry)
+            completion.cumulative_logprob += chosen
+        detok = req.detokenizers[i]
+        if detok is not None:
+            completion.text += detok.append(token)
+        reason, stop_reason = None, None
+        if token in self.eos_token_ids and not params.ignore_eos:
+            reason, stop_reason = "stop", token
+        elif token in params.stop_token_ids:
+            reason, stop_reason = "stop", token
+        elif params.stop and detok is not None:
+            span = find_stop_span(completion.text, params.stop, req.checked[i])
+            req.checked[i] = len(completion.text)
+            if span is not None:
+                reason, stop_reason = "stop", completion.text[span[0]:span[1]]
+                completion.text = completion.text[: span[1] if params.include_stop_str_in_output else span[0]]
+        if reason is None and (len(seq.output_token_ids) >= params.max_tokens
+                               or seq.num_tokens >= self.limits.max_seq_len):
+            reason = "length"
+        if reason is not None:
+            completion.stop_reason = stop_reason
+            self.scheduler.finish(seq, reason)
+            self._finished(seq, reason, changed)
+
+    def _finished(self, seq: Sequence, reason: str, changed) -> None:
+        req = self.requests.get(seq.request_id)
+        if req is None:
+            return
+        changed[seq.request_id] = req
+        completion = req.output.outputs[seq.index]
+        completion.finish_reason = reason
+        detok = req.detokenizers[seq.index]
+        if detok is not None and not isinstance(completion.stop_reason, str):
+            completion.text += detok.flush()  # a held-back unfinished character, if any
+        req.output.finished = all(c.finish_reason is not None for c in req.output.outputs)
+        req.output.num_cached_tokens = max(s.num_cached_tokens for s in req.seqs)
+
+    def _emit(self, req: _Request) -> RequestOutput:
+        """A snapshot for the caller; unfinished text holds back a possible stop-string start."""
+        for i, c in enumerate(req.output.outputs):
+            visible = len(c.text) if c.finish_reason or not req.params.stop else safe_prefix_len(c.text, req.params.stop)
+            c.text_diff = c.text[req.streamed[i]:visible]
+            req.streamed[i] = max(req.streamed[i], visible)
+            c.token_ids_diff = c.token_ids[req.streamed_tokens[i]:]
+            req.streamed_tokens[i] = len(c.token_ids)
+        snap = req.output.snapshot()
+        for i, c in enumerate(snap.outputs):
+            c.text = c.text[: req.streamed[i]]
+        return snap
+
+    def _check_books(self) -> None:
+        try:
+            self.block_manager.check_invariants()
+        except AssertionError as e:  # says so loudly, but keeps serving
+            log.error("KV block pool books do not add up with no request in flight: %s", e)
+

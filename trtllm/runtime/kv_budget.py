@@ -1,0 +1,69 @@
+"""How many KV-cache blocks fit: `KvCacheConfig.max_tokens`, or on a GPU the given
+fraction of the memory left after the weights and a profiling forward pass."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trtllm.compile import CompiledModel
+from trtllm.config import KvCacheConfig
+from trtllm.runtime.attention_context import AttentionMetadata, PagedKVCache, attention_context
+
+# Without a GPU to measure, a pool of this many tokens (CPU runs are tests and demos).
+CPU_DEFAULT_TOKENS = 65536
+
+
+def bytes_per_block(compiled: CompiledModel, block_size: int) -> int:
+    spec = compiled.attention
+    element = torch.empty((), dtype=spec.dtype).element_size()
+    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * element
+
+
+def num_kv_blocks(compiled: CompiledModel, config: KvCacheConfig, max_num_tokens: int,
+                  max_num_seqs: int, max_seq_len: int) -> int:
+    block = config.tokens_per_block
+    if config.max_tokens is not None:
+        blocks = math.ceil(config.max_tokens / block)
+    elif compiled.device.type != "cuda":
+        blocks = math.ceil(min(CPU_DEFAULT_TOKENS, max_num_seqs * max_seq_len) / block)
+    else:
+        activations = _profile_peak(compiled, max_num_tokens, max_num_seqs, block)
+        free, _ = torch.cuda.mem_get_info(compiled.device)
+        budget = (free - activations) * config.free_gpu_memory_fraction
+        blocks = int(budget // bytes_per_block(compiled, block))
+    needed = math.ceil(max_seq_len / block)
+    if blocks < needed:
+        raise ValueError(f"the KV cache holds {blocks} blocks of {block} tokens, fewer than one "
+                         f"sequence of max_seq_len={max_seq_len} needs ({needed}); raise "
+                         "KvCacheConfig.max_tokens / free_gpu_memory_fraction or lower max_seq_len")
+    return blocks
+
+
+@torch.no_grad()
+def _profile_peak(compiled: CompiledModel, max_num_tokens: int, max_num_seqs: int, block: int) -> int:
+    """Activation memory of the largest step: one forward of max_num_tokens tokens."""
+    device, spec = compiled.device, compiled.attention
+    seqs = min(max_num_seqs, max_num_tokens)
+    per_seq = max_num_tokens // seqs
+    lens = [per_seq] * seqs
+    lens[0] += max_num_tokens - per_seq * seqs
+    blocks_each = math.ceil(max(lens) / block)
+    cache = PagedKVCache.allocate(spec.num_layers, seqs * blocks_each, block, spec.num_kv_heads,
+                                  spec.head_dim, spec.dtype, device)
+    meta = AttentionMetadata(max_num_tokens, seqs, blocks_each, device)
+    meta.fill(lens, lens, [list(range(i * blocks_each, (i + 1) * blocks_each)) for i in range(seqs)], block)
+    ids = torch.zeros((1, max_num_tokens), dtype=torch.long, device=device)
+    pos = torch.cat([torch.arange(n, device=device) for n in lens])[None]
+    rows = torch.cumsum(torch.tensor(lens, device=device), 0) - 1
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with attention_context(cache, meta):
+        compiled(ids, pos, rows)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del cache, meta
+    torch.cuda.empty_cache()
+    return peak

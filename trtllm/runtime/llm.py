@@ -1,0 +1,169 @@
+"""`LLM`: the user API, as TensorRT-LLM's LLM API spells it.
+
+    with LLM(model="path/to/hf_checkpoint") as llm:
+        for out in llm.generate(["Hello", "The sky is"], SamplingParams(max_tokens=32)):
+            print(out.outputs[0].text)
+        for partial in llm.generate("Once", SamplingParams(), streaming=True): ...
+        out = await llm.generate_async("Hi", SamplingParams(), streaming=False).aresult()
+
+A request that is bad on its own (empty, too long, token ids outside the vocabulary)
+comes back with `.error` set and finish_reason "error"; the rest of the call goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from pathlib import Path
+from typing import Iterator, Sequence as Seq
+
+import torch
+import torch.nn as nn
+
+from trtllm.compile import compile as trtllm_compile
+from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig
+from trtllm.models.loader import load_model
+from trtllm.runtime.block_manager import BlockManager
+from trtllm.runtime.engine import Engine, EngineLimits
+from trtllm.runtime.engine_loop import EngineLoop, RequestStream
+from trtllm.runtime.kv_budget import num_kv_blocks
+from trtllm.runtime.model_runner import ModelRunner
+from trtllm.runtime.outputs import RequestOutput
+from trtllm.runtime.scheduler import Scheduler
+from trtllm.runtime.tokenizer import load_tokenizer
+from trtllm.sampling_params import SamplingParams
+
+_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_MAX_SEQ_LEN = 2048  # for a model whose config names no max_position_embeddings
+
+
+class LLM:
+    def __init__(self, model: str | Path | nn.Module | None = None, tokenizer=None, dtype: str = "auto",
+                 kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
+                 quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
+                 device: str | torch.device | None = None, compile_options: dict | None = None):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        (quant_config or QuantConfig()).check_supported()
+        kv_cache_config = kv_cache_config or KvCacheConfig()
+        build_config = build_config or BuildConfig()
+        if model is None:
+            from trtllm.demo import demo_model_path
+            model = demo_model_path()
+        if isinstance(model, nn.Module):
+            module = model
+        else:
+            module = load_model(model, dtype=_DTYPES[dtype], device=device)
+            tokenizer = tokenizer if tokenizer is not None else model
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
+        self.compiled = trtllm_compile(module, **(compile_options or {}),
+                                       block_size=kv_cache_config.tokens_per_block)
+        config = getattr(module, "config", None)
+        max_pos = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
+        max_seq_len = build_config.max_seq_len or max_pos
+        max_input_len = build_config.input_len_for(max_seq_len)
+        max_num_seqs = build_config.max_batch_size
+        max_num_tokens = max(build_config.max_num_tokens, max_num_seqs)
+        blocks = num_kv_blocks(self.compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len)
+        self.block_manager = BlockManager(blocks, kv_cache_config.tokens_per_block,
+                                          kv_cache_config.enable_block_reuse)
+        runner = ModelRunner(self.compiled, num_blocks=blocks, block_size=kv_cache_config.tokens_per_block,
+                             max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs,
+                             max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph)
+        scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_tokens, max_seq_len)
+        vocab = _vocab_size(module, self.tokenizer)
+        self.engine = Engine(runner, self.block_manager, scheduler, self.tokenizer,
+                             EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len),
+                             vocab, _eos_ids(module, self.tokenizer))
+        self.limits = self.engine.limits
+        self._loop = EngineLoop(self.engine)
+        self._ids = itertools.count()
+
+    # -- generation --------------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True, streaming: bool = False):
+        """RequestOutputs for a prompt or a list; with streaming=True (one prompt), an
+        iterator of growing RequestOutputs."""
+        if streaming:
+            if _is_batch(prompts):
+                raise ValueError("streaming=True takes one prompt; use generate_async for several")
+            return iter(self._submit(prompts, sampling_params))
+        batch = _is_batch(prompts)
+        prompts = list(prompts) if batch else [prompts]
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
+        streams = [self._submit(p, sp) for p, sp in zip(prompts, params)]
+        results = []
+        progress = _progress(len(streams)) if use_tqdm and len(streams) > 1 else None
+        for stream in streams:
+            results.append(stream.result())
+            if progress is not None:
+                progress.update(1)
+        if progress is not None:
+            progress.close()
+        return results if batch else results[0]
+
+    def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
+                       streaming: bool = False) -> RequestStream:
+        """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`."""
+        return self._submit(prompt, sampling_params, loop=asyncio.get_running_loop())
+
+    def abort(self, request_id: str) -> None:
+        self._loop.abort(request_id)
+
+    def _submit(self, prompt, params: SamplingParams | None, loop=None, request_id: str | None = None) -> RequestStream:
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        text, ids = self._tokenize(prompt)
+        request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        return self._loop.submit(request_id, ids, params, text, loop=loop)
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or LLM(tokenizer=...)")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+
+    # -- lifetime ----------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self._loop.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _is_batch(prompts) -> bool:
+    return isinstance(prompts, (list, tuple)) and not all(isinstance(t, int) for t in prompts) or (
+        isinstance(prompts, (list, tuple)) and len(prompts) == 0)
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="generate", unit="req")
+
+
+def _vocab_size(module: nn.Module, tokenizer) -> int:
+    config = getattr(module, "config", None)
+    size = getattr(config, "vocab_size", None)
+    if size is None:
+        size = getattr(getattr(module, "lm_head", None), "out_features", None)
+    if size is None and tokenizer is not None:
+        size = len(tokenizer)
+    if size is None:
+        raise ValueError("cannot tell the model's vocabulary size: give it a config.vocab_size")
+    return size
+
+
+def _eos_ids(module: nn.Module, tokenizer) -> list[int]:
+    ids = getattr(getattr(module, "config", None), "eos_token_id", None)
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    return [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))

@@ -1,0 +1,110 @@
+"""`ModelRunner`: one engine step's tokens in, the logits to sample out.
+
+It owns the paged KV cache and the fixed-address input buffers (token ids, positions,
+attention metadata: see attention_context.py). A step's scheduled sequences become
+one flat ragged batch `[1, T]`; the compiled model computes logits only for the last
+token of each sequence whose chunk reaches its end (the ones the sampler needs).
+
+On a GPU, pure-decode steps replay CUDA graphs captured for batch sizes 1, 2, 4, 8,
+16, ... up to max_num_seqs (a step pads to the next captured size: padded tokens
+write no cache slot and belong to no sequence). Other steps run the compiled model
+directly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trtllm.compile import CompiledModel
+from trtllm.runtime.attention_context import AttentionMetadata, PagedKVCache, attention_context
+from trtllm.runtime.sequence import Sequence
+
+
+def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes, b = [], 1
+    while b < max_num_seqs:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_num_seqs]
+
+
+class ModelRunner:
+    def __init__(self, compiled: CompiledModel, *, num_blocks: int, block_size: int,
+                 max_num_tokens: int, max_num_seqs: int, max_model_len: int,
+                 enable_cuda_graph: bool = True):
+        spec = compiled.attention
+        self.compiled, self.device = compiled, compiled.device
+        self.block_size, self.max_model_len = block_size, max_model_len
+        self.cache = PagedKVCache.allocate(spec.num_layers, num_blocks, block_size, spec.num_kv_heads,
+                                           spec.head_dim, spec.dtype, self.device)
+        self.meta = AttentionMetadata(max_num_tokens, max_num_seqs, math.ceil(max_model_len / block_size),
+                                      self.device)
+        self.input_ids = torch.zeros(max_num_tokens, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(max_num_tokens, dtype=torch.long, device=self.device)
+        self.logits_indices = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if enable_cuda_graph and self.device.type == "cuda":
+            self.capture_cuda_graphs(cuda_graph_batch_sizes(max_num_seqs))
+
+    # -- a step ------------------------------------------------------------------------
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Run one step. Returns the sequences to sample and their logits [N, V]."""
+        ids, positions, query_lens, seq_lens, tables, sample_rows, to_sample = [], [], [], [], [], [], []
+        for seq, n in scheduled:
+            start = seq.num_computed_tokens
+            ids += seq.token_ids[start: start + n]
+            positions += range(start, start + n)
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(seq.block_table)
+            if start + n == seq.num_tokens:  # the chunk reaches the last known token
+                sample_rows.append(len(ids) - 1)
+                to_sample.append(seq)
+        num_tokens = len(ids)
+        self.meta.fill(query_lens, seq_lens, tables, self.block_size)
+        decode = all(n == 1 for n in query_lens)
+        graph_size = next((b for b in sorted(self.graphs) if b >= num_tokens), None) if decode else None
+        if graph_size is not None:
+            self._copy_inputs(ids + [0] * (graph_size - num_tokens), positions + [0] * (graph_size - num_tokens))
+            graph, logits = self.graphs[graph_size]
+            graph.replay()
+            return to_sample, logits[torch.tensor(sample_rows, device=self.device)] if to_sample else logits[:0]
+        self._copy_inputs(ids, positions)
+        rows = self.logits_indices[: len(sample_rows)]
+        rows.copy_(torch.tensor(sample_rows, dtype=torch.long), non_blocking=True)
+        with attention_context(self.cache, self.meta):
+            logits = self.compiled(self.input_ids[None, :num_tokens], self.positions[None, :num_tokens], rows)
+        return to_sample, logits
+
+    def _copy_inputs(self, ids: list[int], positions: list[int]) -> None:
+        n = len(ids)
+        staged = torch.tensor([ids, positions], dtype=torch.long)
+        if self.device.type == "cuda":
+            staged = staged.pin_memory()
+        self.input_ids[:n].copy_(staged[0], non_blocking=True)
+        self.positions[:n].copy_(staged[1], non_blocking=True)
+
+    # -- CUDA graphs -------------------------------------------------------------------
+    @torch.no_grad()
+    def capture_cuda_graphs(self, batch_sizes: list[int]) -> None:
+        """Capture decode steps of each batch size, largest first (they share one pool)."""
+        pool = None
+        for b in sorted(batch_sizes, reverse=True):
+            # b sequences with one token each and no slot to write: capture-time values
+            # only; every replay refills the same buffers. max_seq_len = the model's
+            # length, so the captured kernels' split choice covers any later context.
+            self.meta.fill([1] * b, [1] * b, [[0]] * b, self.block_size)
+            self.meta.slot_mapping.fill_(-1)
+            self.meta.max_seq_len = self.max_model_len
+            ids, pos = self.input_ids[None, :b], self.positions[None, :b]
+            with attention_context(self.cache, self.meta):
+                for _ in range(2):  # compile for this shape and warm up outside the graph
+                    self.compiled(ids, pos)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.compiled(ids, pos)[0]  # [b, V]
+            pool = graph.pool()
+            self.graphs[b] = (graph, logits)
+        torch.cuda.synchronize()

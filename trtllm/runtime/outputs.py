@@ -1,0 +1,33 @@
+"""What generation returns: `RequestOutput` with one `CompletionOutput` per sequence
+(TensorRT-LLM's LLM-API names)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None          # "stop" | "length" | "error" | "abort"
+    stop_reason: int | str | None = None      # the stop token id or stop string that ended it
+    logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob}, chosen first
+    cumulative_logprob: float | None = None
+    text_diff: str = ""                       # text added since the previous streamed output
+    token_ids_diff: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    error: str | None = None                  # why the request failed, if it did
+    num_cached_tokens: int = 0                # prompt tokens served from the prefix cache
+
+    def snapshot(self) -> "RequestOutput":
+        return copy.deepcopy(self)
