@@ -1,0 +1,204 @@
+"""`Scheduler`: in-flight batching over a `BlockManager`.
+
+Sequences wait in a FCFS queue, then run. Each `schedule()` builds one step: a list of
+(sequence, number of new tokens it computes), in this order and under two budgets,
+`max_num_tokens` tokens and `max_num_seqs` sequences:
+1. decode: every running sequence with one token left to compute (its last sampled
+   token) gets 1 token. If no block is left for it, the most recently admitted running
+   sequence not yet scheduled this step is preempted by recompute (blocks freed, back
+   to the *front* of the queue with num_computed_tokens = 0; its outputs are kept and
+   recomputed with the prompt on re-admission, so they do not change);
+2. prefill: running sequences partway through their prompt get their next chunk;
+3. admission: waiting sequences, front first, get blocks for all their tokens (less
+   any prefix-cache hit) and a first chunk. A waiting sequence is admitted only if all
+   ahead of it were; none is admitted in a step that preempted.
+With chunked prefill off, a sequence's tokens are computed in one step or not at all.
+
+A sequence's uncomputed tokens are `token_ids[num_computed_tokens:]`; a step computes
+the next n of them, at positions num_computed_tokens .. num_computed_tokens + n - 1, and
+its context is num_computed_tokens + n tokens in `block_table`. A step samples for a
+sequence when its chunk reaches its last token (`samples(seq, n)`).
+
+The engine's loop, and who does what:
+
+    scheduled = scheduler.schedule()
+    for seq in scheduler.pop_finished(): ...      # finished here ("length": pool too small)
+    logits = run the model on `scheduled`
+    sampled = {seq: token for seq, n in scheduled if samples(seq, n)}
+    # a sequence whose logits are bad: scheduler.finish(seq, "error") *before* update,
+    # so its blocks are never published
+    for seq in scheduler.update(scheduled, sampled):   # the ones that got a token
+        if stop condition: scheduler.finish(seq, "stop" | "length")
+
+`update` advances num_computed_tokens, appends sampled tokens, and publishes newly full
+blocks to the prefix cache; it skips sequences finished or aborted since `schedule`.
+Stop conditions (EOS, stop strings, max_tokens) are the engine's.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from trtllm.runtime.block_manager import BlockManager
+from trtllm.runtime.sequence import Sequence, SequenceStatus
+
+
+def samples(seq: Sequence, num_new_tokens: int) -> bool:
+    """Whether a step computing `num_new_tokens` of `seq` samples its next token."""
+    return seq.num_computed_tokens + num_new_tokens == seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_tokens: int,
+                 max_model_len: int, enable_chunked_prefill: bool = True):
+        if min(max_num_seqs, max_num_tokens, max_model_len) <= 0:
+            raise ValueError("max_num_seqs, max_num_tokens and max_model_len must be > 0")
+        if max_num_tokens < max_num_seqs:  # else some decodes could be left out of a step
+            raise ValueError(f"max_num_tokens ({max_num_tokens}) must be >= max_num_seqs ({max_num_seqs})")
+        self.block_manager = block_manager
+        self.max_num_seqs, self.max_num_tokens = max_num_seqs, max_num_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []   # in admission order
+        self._finished: list[Sequence] = []  # finished by the scheduler, for pop_finished
+        self.num_preemptions = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; ValueError if it could never run."""
+        if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
+            raise ValueError(f"sequence {seq.seq_id} is not a fresh waiting sequence")
+        if seq.num_tokens == 0:
+            raise ValueError("the prompt is empty")
+        max_tokens = seq.sampling_params.max_tokens
+        if seq.num_tokens + max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({seq.num_tokens} tokens) + max_tokens ({max_tokens}) "
+                             f"exceeds max_model_len ({self.max_model_len})")
+        need, pool = self.block_manager.blocks_needed(seq.num_tokens), self.block_manager.num_blocks
+        if need > pool:
+            raise ValueError(f"the prompt needs {need} KV blocks but the pool has only {pool}")
+        # without chunking, a preempted sequence recomputes prompt and outputs in one step
+        if not self.enable_chunked_prefill and seq.num_tokens + max_tokens - 1 > self.max_num_tokens:
+            raise ValueError(f"prompt ({seq.num_tokens} tokens) + max_tokens ({max_tokens}) - 1 "
+                             f"exceeds max_num_tokens ({self.max_num_tokens}) and chunked "
+                             "prefill is off")
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finish every sequence of `request_id`, waiting or running, with "abort"."""
+        aborted = [s for s in (*self.waiting, *self.running) if s.request_id == request_id]
+        for seq in aborted:
+            self.finish(seq, "abort")
+        return aborted
+
+    def finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """Finish `seq` and free its blocks; those of an "error" are not published."""
+        if seq.is_finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq, publish=reason != "error")
+        seq.finish(reason, error)
+
+    def pop_finished(self) -> list[Sequence]:
+        """Sequences the scheduler finished itself since the last call: "length" for one
+        that outgrew the whole KV pool."""
+        finished, self._finished = self._finished, []
+        return finished
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        scheduled: list[tuple[Sequence, int]] = []
+        in_step: set[Sequence] = set()
+        budget = self.max_num_tokens
+        preempted = False
+
+        for seq in list(self.running):  # 1. decode, oldest first
+            if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
+                continue
+            while not self.block_manager.can_append(seq, 1):
+                preempted = True
+                victims = [s for s in self.running if s is not seq and s not in in_step]
+                if victims:
+                    self._preempt(victims[-1])
+                    continue
+                if len(self.running) == 1:  # it alone fills the pool: it can never grow
+                    self.finish(seq, "length")
+                    self._finished.append(seq)
+                else:  # only sequences already scheduled this step are left to hold blocks
+                    self._preempt(seq)
+                break
+            else:
+                self.block_manager.append(seq, 1)
+                scheduled.append((seq, 1))
+                in_step.add(seq)
+                budget -= 1
+
+        for seq in self.running:  # 2. the next chunk of partly prefilled sequences
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if seq in in_step or budget == 0:
+                continue
+            if not self.enable_chunked_prefill and remaining > budget:
+                continue
+            chunk = min(remaining, budget)
+            scheduled.append((seq, chunk))
+            in_step.add(seq)
+            budget -= chunk
+
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]  # 3. admission, FCFS
+            if self.block_manager.blocks_needed(seq.num_tokens) > self.block_manager.num_blocks:
+                self.finish(seq, "length")  # re-admitting its outputs would overflow the pool
+                self._finished.append(seq)
+                continue
+            if not self.block_manager.can_allocate(seq):
+                break
+            remaining = seq.num_tokens - self.block_manager.num_prefix_hit_tokens(seq)
+            if not self.enable_chunked_prefill and remaining > budget:
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunk = min(remaining, budget)
+            scheduled.append((seq, chunk))
+            budget -= chunk
+        return scheduled
+
+    def update(self, scheduled: list[tuple[Sequence, int]], sampled: dict[Sequence, int]) -> list[Sequence]:
+        """Record a step the model ran. `sampled` holds the next token of every scheduled
+        sequence for which `samples(seq, n)` was true at schedule time. Returns the
+        sequences that got a token, for the engine's stop checks."""
+        got_token = []
+        for seq, n in scheduled:
+            if seq.status is not SequenceStatus.RUNNING:  # finished or aborted meanwhile
+                continue
+            if samples(seq, n):
+                if seq not in sampled:
+                    raise KeyError(f"no sampled token for sequence {seq.seq_id} "
+                                   f"(request {seq.request_id}), whose chunk reached its last token")
+                seq.output_token_ids.append(int(sampled[seq]))
+                got_token.append(seq)
+            seq.num_computed_tokens += n
+            self.block_manager.publish(seq)
+        return got_token
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Preempt by recompute. Freeing publishes its computed full blocks, so unless
+        they are evicted meanwhile, re-admission finds them in the prefix cache."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
