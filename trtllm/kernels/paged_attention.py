@@ -19,8 +19,8 @@ num_seqs / max_query_len / max_seq_len are host-side upper bounds that only choo
 path, grid and splits (CUDA-graph capture fixes them); true lengths come from the tensors.
 
 Kernels (all accumulate in fp32, softmax in base 2 with scale * log2(e) folded in):
-- `_cache_write_kernel`, grid (T,): scatters k/v to their slots and zeroes the output rows
-  of tokens no sequence covers (so the attention kernels never need a memset).
+- `_cache_write_kernel` (before the prefill kernel), grid (T,): scatters k/v to their
+  slots and zeroes the output rows of tokens no sequence covers (no memset needed).
 - `_prefill_kernel` (any max_query_len > 1: prefill, chunked prefill, prefix hits, mixed
   with decodes), grid (Hkv, T // BLOCK_Q + num_seqs) q tiles found by binary search on
   query_start_loc (vLLM's unified-attention trick). A tile's BLOCK_M rows are BLOCK_Q
@@ -28,10 +28,11 @@ Kernels (all accumulate in fp32, softmax in base 2 with scale * log2(e) folded i
   Cached context [0, L - n) is read through the block table (a BLOCK_N tile gathers rows
   from several pages); the new tokens' keys come straight from the contiguous k/v tensors,
   unmasked below the diagonal and masked only on the diagonal tiles.
-- `_decode_kernel` (max_query_len == 1), grid (Hkv, num_seqs, splits): the G query heads
-  are the (padded to 16) rows of one tile; K/V pages stream through; with splits > 1
-  (flash-decoding) each split writes (max, sum, acc) partials and `_reduce_kernel`
-  merges them.
+- `_decode_kernel` (max_query_len == 1), grid (Hkv, num_seqs, splits), the whole step in
+  one launch: the G query heads are the (padded to 16) rows of one tile; K/V pages stream
+  through; the new key is taken from k/v (and written to the cache) by the split owning
+  it; with splits > 1 (flash-decoding) each split writes (max, sum, acc) partials and the
+  last one to finish (an atomic ticket per sequence and kv head) merges them.
 """
 import functools
 import math
@@ -122,15 +123,16 @@ def paged_attention_ref(
 # ------------------------------------------------------------------ kernels
 
 
-@triton.jit(do_not_specialize=["num_seqs"])  # ints == 1 would become constexprs
-def _cache_write_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, qsl_ptr, o_ptr, num_seqs,
+@triton.jit
+def _write_token(
+    t, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, o_ptr, zero_row,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
     stride_ot, stride_oh,
     HKV: tl.constexpr, HQ: tl.constexpr, HEAD_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    """Token t: k/v rows of all heads to slot_mapping[t] (if >= 0); output row zeroed
+    if no sequence covers it (the attention programs write the others)."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     offs_h = tl.arange(0, BLOCK_HKV)
@@ -143,12 +145,26 @@ def _cache_write_kernel(
         vv = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=kv_ok)
         tl.store(kc_ptr + dst, kk.to(kc_ptr.dtype.element_ty), mask=kv_ok)
         tl.store(vc_ptr + dst, vv.to(vc_ptr.dtype.element_ty), mask=kv_ok)
-    # Rows no sequence covers are zeros; the attention kernels write every other row.
-    if (t < tl.load(qsl_ptr)) | (t >= tl.load(qsl_ptr + num_seqs)):
+    if zero_row:
         offs_q = tl.arange(0, BLOCK_HQ)
         zero = tl.zeros([BLOCK_HQ, BLOCK_D], dtype=o_ptr.dtype.element_ty)
         tl.store(o_ptr + t * stride_ot + offs_q[:, None] * stride_oh + offs_d[None, :], zero,
                  mask=(offs_q < HQ)[:, None] & d_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["num_seqs"])  # ints == 1 would become constexprs
+def _cache_write_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, qsl_ptr, o_ptr, num_seqs,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
+    stride_ot, stride_oh,
+    HKV: tl.constexpr, HQ: tl.constexpr, HEAD_D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    uncovered = (t < tl.load(qsl_ptr)) | (t >= tl.load(qsl_ptr + num_seqs))
+    _write_token(t, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, o_ptr, uncovered,
+                 stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
+                 stride_ot, stride_oh, HKV, HQ, HEAD_D, PAGE, BLOCK_HKV, BLOCK_HQ, BLOCK_D)
 
 
 @triton.jit
@@ -280,18 +296,34 @@ def _prefill_kernel(
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["window"])
+@triton.jit(do_not_specialize=["window", "num_tokens"])
 def _decode_kernel(
-    q_ptr, kc_ptr, vc_ptr, o_ptr, pm_ptr, pl_ptr, pacc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
-    qk_scale, window,
-    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, slot_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+    pm_ptr, pl_ptr, pacc_ptr, count_ptr,
+    qk_scale, window, num_tokens,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr, HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
+    """One launch for the whole decode step (launches are a large share of a 20-30 us
+    step): the cache write, the zero rows, attention and the split merge."""
     kvh = tl.program_id(0)  # fastest: the Hkv programs of a sequence read adjacent rows
     s = tl.program_id(1)
     split = tl.program_id(2)
+    num_seqs = tl.num_programs(1)
+    if (kvh == 0) & (split == 0):
+        # Tokens no sequence covers (padding of a captured batch), shared out over s.
+        q_first = tl.load(qsl_ptr)
+        total = tl.load(qsl_ptr + num_seqs)
+        for u in range(s, q_first + num_tokens - total, num_seqs):
+            tok = tl.where(u < q_first, u, total + u - q_first)
+            _write_token(tok, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, o_ptr, True,
+                         stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs,
+                         stride_ch, stride_ot, stride_oh, HKV, G * HKV, HEAD_D, PAGE,
+                         BLOCK_HKV, BLOCK_HQ, BLOCK_D)
     t = tl.load(qsl_ptr + s)
     if tl.load(qsl_ptr + s + 1) <= t:  # unused row of a captured batch
         return
@@ -317,53 +349,68 @@ def _decode_kernel(
     per = tl.cdiv(tl.cdiv(L, BLOCK_N) - first, NUM_SPLITS)
     j_start = (first + split * per) * BLOCK_N
     j_end = tl.minimum(j_start + per * BLOCK_N, L)
+    # Keys [lo, L - 1) come from the cache; the new key L - 1 from k/v, by the one split
+    # that owns it, which also writes it to the cache (no other program reads that slot).
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
-        j_ok = (j >= lo) & (j < j_end)
+        j_ok = (j >= lo) & (j < j_end) & (j < L - 1)
         page = tl.load(bt_row + j // PAGE, mask=j_ok, other=0).to(tl.int64)
         off = page[:, None] * stride_cb + (j % PAGE)[:, None] * stride_cs \
             + kvh * stride_ch + offs_d[None, :]
         k = _load_tile(kc_ptr + off, j_ok, d_ok, True, EVEN_D)
         v = _load_tile(vc_ptr + off, j_ok, d_ok, True, EVEN_D)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, DOT_PREC)
+    if ((j_start < L) & (L <= j_end)) | ((L <= 0) & (split == 0)):
+        k_new = tl.load(k_ptr + t.to(tl.int64) * stride_kt + kvh * stride_kh + offs_d, mask=d_ok)
+        v_new = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kvh * stride_vh + offs_d, mask=d_ok)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + kvh * stride_ch + offs_d
+            tl.store(kc_ptr + dst, k_new.to(kc_ptr.dtype.element_ty), mask=d_ok)
+            tl.store(vc_ptr + dst, v_new.to(vc_ptr.dtype.element_ty), mask=d_ok)
+        if L > 0:
+            qk = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
+            m_new = tl.maximum(m_i, qk)
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(qk - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
 
+    o_ptrs = o_ptr + t.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(o_ptr + t.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=g_ok)
+        tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=g_ok)
     else:
-        # partials [S, Hq, NUM_SPLITS] (+ [.., HEAD_D] for acc), unnormalized
-        row = (s * G * tl.num_programs(0) + head) * NUM_SPLITS + split
+        # Partials [S, Hq, NUM_SPLITS] (+ [HEAD_D] for acc), unnormalized; the program that
+        # finishes last for this (sequence, kv head) merges them: no second launch.
+        row = (s * G * HKV + head) * NUM_SPLITS + split
         tl.store(pm_ptr + row, m_i, mask=offs_g < G)
         tl.store(pl_ptr + row, l_i, mask=offs_g < G)
         tl.store(pacc_ptr + row.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], acc, mask=g_ok)
-
-
-@triton.jit
-def _reduce_kernel(
-    o_ptr, pm_ptr, pl_ptr, pacc_ptr, qsl_ptr, stride_ot, stride_oh,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    t = tl.load(qsl_ptr + s)
-    if tl.load(qsl_ptr + s + 1) <= t:
-        return
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < NUM_SPLITS
-    row = (s * tl.num_programs(1) + h) * NUM_SPLITS + offs_s
-    m = tl.load(pm_ptr + row, mask=s_ok, other=float("-inf"))
-    l = tl.load(pl_ptr + row, mask=s_ok, other=0.0)
-    acc = tl.load(pacc_ptr + row.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
-                  mask=s_ok[:, None] & (offs_d < HEAD_D)[None, :], other=0.0)
-    m_max = tl.max(m, 0)
-    w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty splits: 0
-    den = tl.sum(w * l, 0)
-    out = tl.sum(w[:, None] * acc, 0) / tl.where(den == 0.0, 1.0, den)
-    tl.store(o_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_D)
+        tl.debug_barrier()  # every thread's partials are issued before the release below
+        ticket = tl.atomic_add(count_ptr + s * HKV + kvh, 1, sem="acq_rel")
+        if ticket == NUM_SPLITS - 1:
+            tl.debug_barrier()
+            offs_s = tl.arange(0, BLOCK_S)
+            rows = (s * G * HKV + head)[None, :] * NUM_SPLITS + offs_s[:, None]
+            sg_ok = (offs_s < NUM_SPLITS)[:, None] & (offs_g < G)[None, :]
+            m_all = tl.load(pm_ptr + rows, mask=sg_ok, other=float("-inf"), cache_modifier=".cg")
+            l_all = tl.load(pl_ptr + rows, mask=sg_ok, other=0.0, cache_modifier=".cg")
+            m_max = tl.max(m_all, 0)
+            m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # all splits empty
+            den = tl.sum(tl.math.exp2(m_all - m_max[None, :]) * l_all, 0)
+            total = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+            for sp in range(NUM_SPLITS):
+                r = (s * G * HKV + head) * NUM_SPLITS + sp
+                m_sp = tl.load(pm_ptr + r, mask=offs_g < G, other=float("-inf"), cache_modifier=".cg")
+                a_sp = tl.load(pacc_ptr + r.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
+                               mask=g_ok, other=0.0, cache_modifier=".cg")
+                total += tl.math.exp2(m_sp - m_max)[:, None] * a_sp
+            tl.store(o_ptrs, (total / tl.where(den == 0.0, 1.0, den)[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=g_ok)
+            tl.atomic_xchg(count_ptr + s * HKV + kvh, 0)  # ready for the next launch / replay
 
 
 # ------------------------------------------------------------------ launcher
@@ -383,6 +430,21 @@ def _num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torc
     by_grid = target // max(num_seqs * num_kv_heads, 1)
     by_len = max_seq_len // _SPLIT_MIN_LEN
     return max(1, min(by_grid, by_len, _MAX_SPLITS))
+
+
+_counters: dict = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 tickets, one per (sequence, kv head), kept across calls: the merging
+    program resets its ticket, so the buffer is all zeros again after every launch (and
+    every CUDA-graph replay). Allocated once per device, outside any graph capture
+    normally (the first decode step runs eagerly); 64K entries cover 1K seqs x 64 heads."""
+    buf = _counters.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _counters[device] = buf
+    return buf
 
 
 def _prefill_config(head_dim: int, group: int, max_query_len: int, elem_size: int):
@@ -445,7 +507,32 @@ def _paged_attention_impl(
     if T == 0:
         return out
     kc, vc = k_cache[layer], v_cache[layer]  # a view: no layer * stride overflow in-kernel
+    G = Hq // Hkv
     BLOCK_D = max(16, triton.next_power_of_2(D))
+    qk_scale = scale * _LOG2E
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32
+    if max_query_len == 1 and num_seqs > 0 and not force_prefill:
+        block_n, warps, stages = decode_config or _decode_config(D, q.element_size())
+        splits = num_splits or _num_splits(num_seqs, Hkv, max_seq_len, q.device)
+        part_m = part_l = part_acc = counts = out  # unused unless splits > 1
+        if splits > 1:
+            part_m = torch.empty((num_seqs, Hq, splits), dtype=torch.float32, device=q.device)
+            part_l = torch.empty_like(part_m)
+            part_acc = torch.empty((num_seqs, Hq, splits, D), dtype=torch.float32, device=q.device)
+            counts = _split_counters(q.device, num_seqs * Hkv)
+        _decode_kernel[(Hkv, num_seqs, splits)](
+            q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
+            part_m, part_l, part_acc, counts, qk_scale, window, T,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1),
+            block_tables.stride(0),
+            G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_G=max(16, triton.next_power_of_2(G)),
+            BLOCK_N=block_n, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+            HKV=Hkv, BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_HQ=triton.next_power_of_2(Hq),
+            DOT_PREC=dot_prec, num_warps=warps, num_stages=stages,
+        )
+        return out
+
     _cache_write_kernel[(T,)](
         k, v, kc, vc, slot_mapping, query_start_loc, out, num_seqs,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
@@ -455,35 +542,6 @@ def _paged_attention_impl(
     )
     if num_seqs == 0 or max_query_len == 0:
         return out
-
-    G = Hq // Hkv
-    qk_scale = scale * _LOG2E
-    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32
-    if max_query_len == 1 and not force_prefill:
-        block_n, warps, stages = decode_config or _decode_config(D, q.element_size())
-        splits = num_splits or _num_splits(num_seqs, Hkv, max_seq_len, q.device)
-        part_m = part_l = part_acc = out  # unused unless splits > 1
-        if splits > 1:
-            part_m = torch.empty((num_seqs, Hq, splits), dtype=torch.float32, device=q.device)
-            part_l = torch.empty_like(part_m)
-            part_acc = torch.empty((num_seqs, Hq, splits, D), dtype=torch.float32, device=q.device)
-        _decode_kernel[(Hkv, num_seqs, splits)](
-            q, kc, vc, out, part_m, part_l, part_acc, block_tables, seq_lens, query_start_loc,
-            qk_scale, window,
-            q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-            out.stride(0), out.stride(1), block_tables.stride(0),
-            G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_G=max(16, triton.next_power_of_2(G)),
-            BLOCK_N=block_n, NUM_SPLITS=splits, DOT_PREC=dot_prec,
-            num_warps=warps, num_stages=stages,
-        )
-        if splits > 1:
-            _reduce_kernel[(num_seqs, Hq)](
-                out, part_m, part_l, part_acc, query_start_loc, out.stride(0), out.stride(1),
-                HEAD_D=D, BLOCK_D=BLOCK_D, NUM_SPLITS=splits,
-                BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
-            )
-        return out
-
     block_m, block_n, warps, stages = prefill_config or _prefill_config(
         D, G, max_query_len, q.element_size())
     block_q = block_m // G
