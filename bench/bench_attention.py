@@ -15,7 +15,8 @@ triton.testing.do_bench (median; do_bench flushes L2 before every call):
   the runtime gets); the ceiling % uses the graph time.
 - prefill (one sequence, 1k-8k tokens, causal, no cached context): TFLOP/s counting
   4 * S * S * Hq * D / 2, beside SDPA with the flash and the cuDNN backends.
-- a small config sweep (decode tiles/stages/splits, prefill tiles), to retune defaults.
+- a small config sweep (decode tiles/stages/splits, prefill tiles, page sizes), to retune
+  the defaults (about half the run's time; BENCH_SWEEP=0 skips it).
 
 Prints markdown tables last; with $OUT set, also writes $OUT/bench_attention.{md,json}.
 """
@@ -37,11 +38,12 @@ REL_TOL = 1e-2
 DEV = torch.device("cuda")
 
 
-def make_inputs(specs, seed=0):
+def make_inputs(specs, seed=0, page=None):
     """specs: [(cached, new)] per sequence -> the op's positional arguments."""
+    bs = page or BS
     g = torch.Generator(device=DEV).manual_seed(seed)
     lens = [c + n for c, n in specs]
-    nblk = [math.ceil(L / BS) for L in lens]
+    nblk = [math.ceil(L / bs) for L in lens]
     num_blocks = sum(nblk) + 1
     perm = torch.randperm(num_blocks, device=DEV, generator=g).to(torch.int32)
     mb = max(nblk)
@@ -50,7 +52,7 @@ def make_inputs(specs, seed=0):
     for s, nb in enumerate(nblk):
         bt[s, :nb] = perm[at: at + nb]
         at += nb
-    shape = (1, num_blocks, BS, HKV, D)
+    shape = (1, num_blocks, bs, HKV, D)
     k_cache = torch.randn(shape, dtype=DTYPE, device=DEV, generator=g)
     v_cache = torch.randn(shape, dtype=DTYPE, device=DEV, generator=g)
     T = sum(n for _, n in specs)
@@ -60,7 +62,7 @@ def make_inputs(specs, seed=0):
     slots, starts = [], [0]
     for s, (c, n) in enumerate(specs):
         pos = torch.arange(c, c + n, device=DEV)
-        slots.append(bt[s, pos // BS].long() * BS + pos % BS)
+        slots.append(bt[s, pos // bs].long() * bs + pos % bs)
         starts.append(starts[-1] + n)
     slot_mapping = torch.cat(slots).to(torch.int32)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
@@ -99,9 +101,9 @@ def ms(fn):
 def dense_kv(args):
     """The cached K/V of every sequence as dense [B, Hkv, ctx, D] (equal lengths)."""
     k_cache, v_cache, bt, seq_lens = args[3], args[4], args[7], args[8]
-    ctx = int(seq_lens.max())
+    ctx, bs = int(seq_lens.max()), k_cache.shape[2]
     pos = torch.arange(ctx, device=DEV)
-    pages, offs = bt[:, pos // BS].long(), pos % BS
+    pages, offs = bt[:, pos // bs].long(), pos % bs
     return (k_cache[0, pages, offs].transpose(1, 2).contiguous(),
             v_cache[0, pages, offs].transpose(1, 2).contiguous())
 
@@ -198,7 +200,7 @@ def sweep():
         args = make_inputs([(ctx - 1, 1)] * batch, seed=7)
         nbytes = batch * ctx * HKV * D * 4
         base = pa._num_splits(batch, HKV, ctx, DEV)
-        for cfg in ((64, 4, 5), (64, 4, 3), (32, 4, 4), (32, 4, 6), (128, 4, 3), (128, 8, 4)):
+        for cfg in ((64, 4, 5), (64, 4, 3), (32, 4, 4), (128, 4, 3)):
             for splits in sorted({max(1, base // 2), base, base * 2}):
                 try:
                     fn = lambda: pa._paged_attention_impl(*args, decode_config=cfg, num_splits=splits)
@@ -218,6 +220,18 @@ def sweep():
             print(f"  sweep prefill {cfg}: {type(e).__name__}", file=sys.stderr)
             continue
         rows.append(dict(kind="prefill", tokens=4096, config=list(cfg), tflops=flops / t / 1e9))
+    # Page size, default configs: decode reads and a chunked prefill (512 new tokens on
+    # 3584 cached: the block-table path of the prefill kernel).
+    for page in (16, 32, 64, 128):
+        args = make_inputs([(2047, 1)] * 8, seed=13, page=page)
+        t = ms(graphed(lambda: pa.paged_attention(*args)))
+        rows.append(dict(kind="page", shape="decode b8 ctx2048", page=page,
+                         figure=f"{8 * 2048 * HKV * D * 4 / t / 1e6:.0f} GB/s"))
+        args = make_inputs([(3584, 512)], seed=17, page=page)
+        t = ms(lambda: pa.paged_attention(*args))
+        flops = 4 * HQ * D * (512 * 3584 + 512 * 513 / 2)
+        rows.append(dict(kind="page", shape="chunk 512 on 3584", page=page,
+                         figure=f"{flops / t / 1e9:.0f} TFLOP/s"))
     return rows
 
 
@@ -234,7 +248,7 @@ def main():
             decode.append(bench_decode(batch, ctx, failures))
             torch.cuda.empty_cache()
     prefill = [bench_prefill(n, failures) for n in (1024, 2048, 4096, 8192)]
-    tuning = sweep()
+    tuning = sweep() if os.environ.get("BENCH_SWEEP", "1") != "0" else []
 
     name = torch.cuda.get_device_name()
     lines = [f"## paged_attention on {name}, bf16, Hq={HQ} Hkv={HKV} D={D}, page {BS}", "",
@@ -258,6 +272,8 @@ def main():
     for r in tuning:
         if r["kind"] == "decode":
             lines.append(f"| decode | b{r['batch']} ctx{r['ctx']} | {r['config']} | {r['splits']} | {r['gbs']:.0f} GB/s |")
+        elif r["kind"] == "page":
+            lines.append(f"| page {r['page']} | {r['shape']} | defaults | | {r['figure']} |")
         else:
             lines.append(f"| prefill | {r['tokens']} | {r['config']} | | {r['tflops']:.0f} TFLOP/s |")
     if failures:

@@ -33,9 +33,13 @@ Kernels (all accumulate in fp32, softmax in base 2 with scale * log2(e) folded i
   through; the new key is taken from k/v (and written to the cache) by the split owning
   it; with splits > 1 (flash-decoding) each split writes (max, sum, acc) partials and the
   last one to finish (an atomic ticket per sequence and kv head) merges them.
+
+Both attention kernels take the new tokens' own keys/values from k/v rather than from the
+cache they were just written to: identical values as long as slot_mapping agrees with
+block_tables (the runtime's invariant; the reference reads the cache). Page size: any
+16..128 works; 16 (vLLM's default) is what the bench and the H100 defaults assume.
 """
 import functools
-import math
 
 import torch
 import triton
@@ -48,12 +52,10 @@ _LOG2E = 1.4426950408889634
 # Flash-decoding: split a sequence's context only while the grid is smaller than
 # _SPLIT_TARGET_PER_SM programs per SM (one wave: 3 decode programs of 72 KB smem fit an
 # SM's 228 KB), and never into pieces shorter than _SPLIT_MIN_LEN positions (the
-# partials' write + reduce launch must stay small against the K/V stream).
+# partials' write + merge must stay small against the K/V stream).
 _SPLIT_TARGET_PER_SM = 2
 _SPLIT_MIN_LEN = 256
 _MAX_SPLITS = 64
-
-
 
 
 def _fix_interpreter_index() -> None:
