@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from trtllm.passes.context import PassContext
-from trtllm.passes.match import arg, kind, traced_value
+from trtllm.passes.match import arg, kind, value
 
 
 def _adjacent_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -76,7 +76,9 @@ def fuse_parallel_linears(graph: fx.Graph, ctx: PassContext) -> int:
         with graph.inserting_before(linears[0]):
             fused = graph.call_function(torch._C._nn.linear, (x, w_node, b_node))
             fused.meta.update(linears[0].meta)
-            fused.meta["example_value"] = traced_value(torch._C._nn.linear, (x, w_node, b_node))
+            xv, total = value(x), sum(w.shape[0] for w in weights)
+            with xv.fake_mode:  # shape-only: a fake linear trips on symbolic sizes (torch 2.11)
+                fused.meta["example_value"] = xv.new_empty(tuple(xv.shape[:-1]) + (total,))
             start = 0
             for node, w in zip(linears, weights):
                 part = graph.call_function(torch.narrow, (fused, -1, start, w.shape[0]))

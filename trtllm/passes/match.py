@@ -87,20 +87,3 @@ def is_float32_cast(node: Any) -> bool:
         return True
     return k == "to" and (torch.float32 in node.args[1:] or node.kwargs.get("dtype") == torch.float32)
 
-
-def traced_value(target, args: tuple) -> Any:
-    """The example value a new node `target(*args)` would have had: run `target` on the
-    args' fake values (real tensors among the args are faked too)."""
-    fakes = [value(a) for a in args if isinstance(a, fx.Node)]
-    mode = next((f.fake_mode for f in fakes if isinstance(f, torch._subclasses.FakeTensor)), None)
-    if mode is None:
-        return None
-
-    def fake(a):
-        v = value(a) if isinstance(a, fx.Node) else a
-        if isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor):
-            v = mode.from_tensor(v)
-        return v
-
-    with mode:
-        return target(*[fake(a) for a in args])
