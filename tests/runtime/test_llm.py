@@ -52,3 +52,77 @@ def test_greedy_matches_hf_with_reuse_chunking_and_preemption(checkpoint):
         assert greedy(llm) == expected
         llm.block_manager.check_invariants()
         assert llm.block_manager.num_used_blocks == 0
+
+
+@pytest.fixture(scope="module")
+def llama_llm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llm")
+    write_checkpoint("llama31", path, vocab_size=512)
+    make_tokenizer(path)
+    with small_llm(path) as llm:
+        yield llm
+
+
+def test_bad_requests_fail_alone_and_the_engine_goes_on(llama_llm):
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    prompts = [[1, 2, 3], [], [3, 9999], list(range(100)), [4, 5]]
+    outs = llama_llm.generate(prompts, params, use_tqdm=False)
+    assert [o.error is None for o in outs] == [True, False, False, False, True]
+    assert "empty" in outs[1].error
+    assert "9999" in outs[2].error and "vocabulary" in outs[2].error
+    assert "max_input_len" in outs[3].error or "max_seq_len" in outs[3].error
+    assert all(o.outputs[0].finish_reason == "error" for o in outs[1:4])
+    assert len(outs[0].outputs[0].token_ids) == 5 and len(outs[4].outputs[0].token_ids) == 5
+    long = llama_llm.generate([1] * 30, SamplingParams(max_tokens=40), use_tqdm=False)
+    assert "max_seq_len" in long.error  # 30 + 40 > 64
+    llama_llm.block_manager.check_invariants()
+
+
+def test_streaming_ends_in_the_same_text_and_stop_strings_cut_exactly(llama_llm):
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    whole = llama_llm.generate("the quick brown fox", params, use_tqdm=False).outputs[0]
+    parts = list(llama_llm.generate("the quick brown fox", params, streaming=True))
+    assert parts[-1].finished and "".join(p.outputs[0].text_diff for p in parts) == whole.text
+    assert parts[-1].outputs[0].token_ids == whole.token_ids
+    text = whole.text
+    assert len(text) >= 6, text
+    stop = text[3:6]
+    cut = llama_llm.generate("the quick brown fox", params.model_copy(update={"stop": [stop]}),
+                             use_tqdm=False).outputs[0]
+    assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop" and cut.stop_reason == stop
+
+
+def test_seed_reproducible_and_n_completions(llama_llm):
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_k=50, seed=7, n=3, logprobs=2)
+    a = llama_llm.generate([1, 2, 3], params, use_tqdm=False)
+    b = llama_llm.generate([[9, 9], [1, 2, 3]], params, use_tqdm=False)[1]  # another batch mate
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) > 1
+    for o in a.outputs:
+        assert len(o.logprobs) == 8 and all(next(iter(d)) == t for d, t in zip(o.logprobs, o.token_ids))
+
+
+def test_nan_logits_fail_that_request_alone(tmp_path):
+    import torch.nn as nn
+    from trtllm.models.loader import load_model
+
+    model = load_model(write_checkpoint("llama31", tmp_path, vocab_size=512), dtype=torch.float32, device="cpu")
+
+    class Poisoned(nn.Module):  # NaN logits wherever token 13 is in the input
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, input_ids, positions):
+            logits = self.inner(input_ids, positions)
+            return torch.where((input_ids == 13)[..., None], float("nan"), logits)
+
+    llm = LLM(Poisoned(), kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=1024),
+              build_config=BuildConfig(max_batch_size=4, max_num_tokens=64, max_seq_len=64))
+    with llm:
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        ok, bad = llm.generate([[1, 2, 3], [5, 13]], params, use_tqdm=False)
+        assert ok.outputs[0].finish_reason == "length" and len(ok.outputs[0].token_ids) == 4
+        assert bad.outputs[0].finish_reason == "error"
+        llm.block_manager.check_invariants()
+        assert llm.block_manager.num_used_blocks == 0

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -60,14 +61,27 @@ class PagedKVCache:
 
 
 class AttentionMetadata:
-    """Fixed-address device buffers describing one step's ragged batch."""
+    """Fixed-address device buffers describing one step's ragged batch.
+
+    The four int32 tensors are views into one device buffer, refilled from one pinned
+    host buffer of the same layout: a step costs one host-to-device copy.
+    """
 
     def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int, device):
-        i32 = dict(dtype=torch.int32, device=device)
-        self.slot_mapping = torch.full((max_num_tokens,), -1, **i32)
-        self.block_tables = torch.zeros((max_num_seqs, max_blocks_per_seq), **i32)
-        self.seq_lens = torch.zeros((max_num_seqs,), **i32)
-        self.query_start_loc = torch.zeros((max_num_seqs + 1,), **i32)
+        device = torch.device(device)
+        sizes = [max_num_tokens, max_num_seqs * max_blocks_per_seq, max_num_seqs, max_num_seqs + 1]
+        self._device_buffer = torch.zeros(sum(sizes), dtype=torch.int32, device=device)
+        self._host_buffer = torch.zeros(sum(sizes), dtype=torch.int32,
+                                        pin_memory=device.type == "cuda")
+        self._host = self._host_buffer.numpy()
+        views = torch.split(self._device_buffer, sizes)
+        host_views = [self._host[a:a + n] for a, n in zip(np.cumsum([0] + sizes[:-1]), sizes)]
+        self.slot_mapping = views[0]
+        self.block_tables = views[1].view(max_num_seqs, max_blocks_per_seq)
+        self.seq_lens, self.query_start_loc = views[2], views[3]
+        self._slots, self._tables, self._lens, self._starts = host_views
+        self._tables = self._tables.reshape(max_num_seqs, max_blocks_per_seq)
+        self.slot_mapping.fill_(-1)
         self.num_seqs = 0
         self.max_query_len = 0
         self.max_seq_len = 0
@@ -88,28 +102,24 @@ class AttentionMetadata:
         if n > self.max_num_seqs or total > self.max_num_tokens:
             raise ValueError(f"batch of {n} sequences / {total} tokens exceeds the metadata "
                              f"capacity of {self.max_num_seqs} / {self.max_num_tokens}")
-        slots, starts = [], [0]
-        for q, s, blocks in zip(query_lens, seq_lens, block_tables):
-            if not 0 < q <= s or len(blocks) * block_size < s:
-                raise ValueError(f"bad sequence: {q} new tokens, {s} context, {len(blocks)} blocks")
-            slots += [blocks[p // block_size] * block_size + p % block_size for p in range(s - q, s)]
-            starts.append(starts[-1] + q)
-        max_blocks = self.block_tables.shape[1]
-        if any(len(b) > max_blocks for b in block_tables):
-            raise ValueError(f"a block table is longer than max_blocks_per_seq={max_blocks}")
-        table = torch.zeros(self.block_tables.shape, dtype=torch.int32)
-        for i, blocks in enumerate(block_tables):
-            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        lens = torch.zeros(self.max_num_seqs, dtype=torch.int32)
-        lens[:n] = torch.tensor(seq_lens, dtype=torch.int32)
-        qsl = torch.full((self.max_num_seqs + 1,), total, dtype=torch.int32)
-        qsl[: n + 1] = torch.tensor(starts, dtype=torch.int32)
-        slot = torch.full((self.max_num_tokens,), -1, dtype=torch.int32)
-        slot[:total] = torch.tensor(slots, dtype=torch.int32)
-        self.slot_mapping.copy_(slot, non_blocking=True)
-        self.block_tables.copy_(table, non_blocking=True)
-        self.seq_lens.copy_(lens, non_blocking=True)
-        self.query_start_loc.copy_(qsl, non_blocking=True)
+        max_blocks = self._tables.shape[1]
+        self._slots.fill(-1)
+        self._lens.fill(0)
+        self._starts.fill(total)
+        self._starts[0] = 0
+        at = 0
+        for i, (q, s, blocks) in enumerate(zip(query_lens, seq_lens, block_tables)):
+            if not 0 < q <= s or len(blocks) * block_size < s or len(blocks) > max_blocks:
+                raise ValueError(f"bad sequence: {q} new tokens, {s} context, {len(blocks)} blocks "
+                                 f"(at most {max_blocks})")
+            table = np.asarray(blocks, dtype=np.int32)
+            self._tables[i, : len(blocks)] = table
+            pos = np.arange(s - q, s, dtype=np.int32)
+            self._slots[at: at + q] = table[pos // block_size] * block_size + pos % block_size
+            at += q
+            self._lens[i] = s
+            self._starts[i + 1] = at
+        self._device_buffer.copy_(self._host_buffer, non_blocking=True)
         self.num_seqs, self.max_query_len, self.max_seq_len = n, max(query_lens), max(seq_lens)
 
 

@@ -46,6 +46,7 @@ class _Request:
     checked: list[int] = field(default_factory=list)   # text length already searched for stops
     streamed: list[int] = field(default_factory=list)  # text length already streamed
     streamed_tokens: list[int] = field(default_factory=list)
+    stream: bool = False  # emit every step's progress, not only the final output
 
 
 class Engine:
@@ -75,7 +76,7 @@ class Engine:
             raise ValueError("stop strings need a tokenizer; this LLM was built without one")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
+                    prompt: str | None = None, stream: bool = False) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
         self.validate(prompt_token_ids, params)
@@ -99,7 +100,7 @@ class Engine:
             params=params, seqs=seqs,
             detokenizers=[IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
                           if detok else None for _ in seqs],
-            checked=[0] * params.n, streamed=[0] * params.n, streamed_tokens=[0] * params.n)
+            checked=[0] * params.n, streamed=[0] * params.n, streamed_tokens=[0] * params.n, stream=stream)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
@@ -125,7 +126,7 @@ class Engine:
             sampled, extra = self._sample(to_sample, logits, changed)
             for seq in self.scheduler.update(scheduled, sampled):
                 self._on_token(seq, sampled[seq], extra.get(seq), changed)
-        outputs = [self._emit(r) for r in changed.values()]
+        outputs = [self._emit(r) for r in changed.values() if r.stream or r.output.finished]
         for r in changed.values():
             if r.output.finished:
                 self.requests.pop(r.output.request_id, None)
@@ -211,10 +212,7 @@ class Engine:
             req.streamed[i] = max(req.streamed[i], visible)
             c.token_ids_diff = c.token_ids[req.streamed_tokens[i]:]
             req.streamed_tokens[i] = len(c.token_ids)
-        snap = req.output.snapshot()
-        for i, c in enumerate(snap.outputs):
-            c.text = c.text[: req.streamed[i]]
-        return snap
+        return req.output.snapshot(text_lengths=req.streamed)
 
     def _check_books(self) -> None:
         try:

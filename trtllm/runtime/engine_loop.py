@@ -68,9 +68,11 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               prompt: str | None = None, loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+               prompt: str | None = None, loop: asyncio.AbstractEventLoop | None = None,
+               streaming: bool = False) -> RequestStream:
+        """With streaming, the stream gets every step's progress; else only the end."""
         stream = RequestStream(request_id, loop)
-        self._inbox.put(("add", stream, (request_id, prompt_token_ids, params, prompt)))
+        self._inbox.put(("add", stream, (request_id, prompt_token_ids, params, prompt, streaming)))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -107,13 +109,13 @@ class EngineLoop:
                 self._deliver(self.engine.abort(a))
             item = self._inbox.get_nowait()
 
-    def _add(self, stream: RequestStream, request_id, prompt_token_ids, params, prompt) -> None:
+    def _add(self, stream: RequestStream, request_id, prompt_token_ids, params, prompt, streaming) -> None:
         if request_id in self._streams:
             stream.put(_failed(request_id, f"request id {request_id!r} is already in flight", prompt,
                                prompt_token_ids, params))
             return
         try:
-            self.engine.add_request(request_id, prompt_token_ids, params, prompt)
+            self.engine.add_request(request_id, prompt_token_ids, params, prompt, stream=streaming)
         except ValueError as e:
             stream.put(_failed(request_id, str(e), prompt, prompt_token_ids, params))
             return

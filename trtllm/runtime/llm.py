@@ -87,7 +87,7 @@ class LLM:
         if streaming:
             if _is_batch(prompts):
                 raise ValueError("streaming=True takes one prompt; use generate_async for several")
-            return iter(self._submit(prompts, sampling_params))
+            return iter(self._submit(prompts, sampling_params, streaming=True))
         batch = _is_batch(prompts)
         prompts = list(prompts) if batch else [prompts]
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
@@ -107,18 +107,19 @@ class LLM:
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
                        streaming: bool = False) -> RequestStream:
         """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`."""
-        return self._submit(prompt, sampling_params, loop=asyncio.get_running_loop())
+        return self._submit(prompt, sampling_params, loop=asyncio.get_running_loop(), streaming=streaming)
 
     def abort(self, request_id: str) -> None:
         self._loop.abort(request_id)
 
-    def _submit(self, prompt, params: SamplingParams | None, loop=None, request_id: str | None = None) -> RequestStream:
+    def _submit(self, prompt, params: SamplingParams | None, loop=None, request_id: str | None = None,
+                streaming: bool = False) -> RequestStream:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         text, ids = self._tokenize(prompt)
         request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        return self._loop.submit(request_id, ids, params, text, loop=loop)
+        return self._loop.submit(request_id, ids, params, text, loop=loop, streaming=streaming)
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

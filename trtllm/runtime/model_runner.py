@@ -40,9 +40,12 @@ class ModelRunner:
                                            spec.head_dim, spec.dtype, self.device)
         self.meta = AttentionMetadata(max_num_tokens, max_num_seqs, math.ceil(max_model_len / block_size),
                                       self.device)
-        self.input_ids = torch.zeros(max_num_tokens, dtype=torch.long, device=self.device)
-        self.positions = torch.zeros(max_num_tokens, dtype=torch.long, device=self.device)
-        self.logits_indices = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)
+        # token ids, positions and logits rows: one device buffer, filled from one pinned
+        # host buffer by one copy per step
+        self._inputs = torch.zeros((3, max_num_tokens), dtype=torch.long, device=self.device)
+        self._staging = torch.zeros((3, max_num_tokens), dtype=torch.long,
+                                    pin_memory=self.device.type == "cuda")
+        self.input_ids, self.positions, self.logits_indices = self._inputs
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if enable_cuda_graph and self.device.type == "cuda":
             self.capture_cuda_graphs(cuda_graph_batch_sizes(max_num_seqs))
@@ -66,24 +69,25 @@ class ModelRunner:
         decode = all(n == 1 for n in query_lens)
         graph_size = next((b for b in sorted(self.graphs) if b >= num_tokens), None) if decode else None
         if graph_size is not None:
-            self._copy_inputs(ids + [0] * (graph_size - num_tokens), positions + [0] * (graph_size - num_tokens))
+            self._copy_inputs(ids, positions, sample_rows, pad_to=graph_size)
             graph, logits = self.graphs[graph_size]
             graph.replay()
-            return to_sample, logits[torch.tensor(sample_rows, device=self.device)] if to_sample else logits[:0]
-        self._copy_inputs(ids, positions)
+            return to_sample, logits[: len(sample_rows)]  # decode: every token is sampled, in order
+        self._copy_inputs(ids, positions, sample_rows)
         rows = self.logits_indices[: len(sample_rows)]
-        rows.copy_(torch.tensor(sample_rows, dtype=torch.long), non_blocking=True)
         with attention_context(self.cache, self.meta):
             logits = self.compiled(self.input_ids[None, :num_tokens], self.positions[None, :num_tokens], rows)
         return to_sample, logits
 
-    def _copy_inputs(self, ids: list[int], positions: list[int]) -> None:
-        n = len(ids)
-        staged = torch.tensor([ids, positions], dtype=torch.long)
-        if self.device.type == "cuda":
-            staged = staged.pin_memory()
-        self.input_ids[:n].copy_(staged[0], non_blocking=True)
-        self.positions[:n].copy_(staged[1], non_blocking=True)
+    def _copy_inputs(self, ids: list[int], positions: list[int], rows: list[int], pad_to: int = 0) -> None:
+        n = max(len(ids), pad_to)
+        host = self._staging.numpy()
+        host[:, :n] = 0
+        host[0, : len(ids)] = ids
+        host[1, : len(ids)] = positions
+        host[2, : len(rows)] = rows
+        # the previous step's copy has finished: the engine read its samples back since
+        self._inputs[:, :n].copy_(self._staging[:, :n], non_blocking=True)
 
     # -- CUDA graphs -------------------------------------------------------------------
     @torch.no_grad()

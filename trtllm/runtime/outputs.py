@@ -29,5 +29,15 @@ class RequestOutput:
     error: str | None = None                  # why the request failed, if it did
     num_cached_tokens: int = 0                # prompt tokens served from the prefix cache
 
-    def snapshot(self) -> "RequestOutput":
-        return copy.deepcopy(self)
+    def snapshot(self, text_lengths: list[int] | None = None) -> "RequestOutput":
+        """A copy the engine will not change further (texts cut to `text_lengths`)."""
+        outputs = []
+        for i, c in enumerate(self.outputs):
+            c = copy.copy(c)
+            c.token_ids, c.token_ids_diff = list(c.token_ids), list(c.token_ids_diff)
+            c.logprobs = list(c.logprobs) if c.logprobs is not None else None
+            if text_lengths is not None:
+                c.text = c.text[: text_lengths[i]]
+            outputs.append(c)
+        return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outputs,
+                             self.finished, self.error, self.num_cached_tokens)
