@@ -1,0 +1,109 @@
+"""`trtllm-serve`: an OpenAI-compatible HTTP server on a checkpoint (see docs/serve.md).
+
+    trtllm-serve MODEL_DIR --host 127.0.0.1 --port 8000 [--max_batch_size N] [--max_num_tokens N]
+                 [--kv_cache_free_gpu_memory_fraction F] [--api-key KEY] [--served-model-name NAME]
+
+With no MODEL_DIR it serves the built-in demo model. SIGTERM or Ctrl-C: the server stops
+accepting connections, lets in-flight requests finish for up to --shutdown-timeout
+seconds, aborts the rest, shuts the engine down and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+API_KEY_ENV = "TRTLLM_API_KEY"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="trtllm-serve", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", default=None,
+                    help="HF checkpoint directory (default: the built-in demo model)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--max_batch_size", "--max-batch-size", type=int, default=None,
+                    help="sequences in one engine step at most")
+    ap.add_argument("--max_num_tokens", "--max-num-tokens", type=int, default=None,
+                    help="tokens in one engine step at most")
+    ap.add_argument("--max_seq_len", "--max-seq-len", type=int, default=None,
+                    help="prompt + generated tokens at most (default: the model's)")
+    ap.add_argument("--kv_cache_free_gpu_memory_fraction", "--kv-cache-free-gpu-memory-fraction", type=float,
+                    default=None, help="fraction of free GPU memory for the KV cache")
+    ap.add_argument("--kv_cache_max_tokens", "--kv-cache-max-tokens", type=int, default=None,
+                    help="KV-cache capacity in tokens at most")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    ap.add_argument("--api-key", "--api_key", default=None,
+                    help=f"require 'Authorization: Bearer KEY' on every route but /health "
+                         f"(or set ${API_KEY_ENV})")
+    ap.add_argument("--served-model-name", "--served_model_name", default=None,
+                    help="the model name clients send (default: MODEL_DIR as given)")
+    ap.add_argument("--max-concurrent-requests", "--max_concurrent_requests", type=int, default=None,
+                    help="generation requests in flight at most; beyond it, 429 (default 1024)")
+    ap.add_argument("--shutdown-timeout", "--shutdown_timeout", type=float, default=10.0,
+                    help="seconds in-flight requests get to finish on SIGTERM before they are aborted")
+    ap.add_argument("--log-level", "--log_level", default="info",
+                    choices=["critical", "error", "warning", "info", "debug"])
+    ap.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    return ap.parse_args(argv)
+
+
+def build_llm(args: argparse.Namespace):
+    from trtllm.config import BuildConfig, KvCacheConfig
+    from trtllm.runtime.llm import LLM
+
+    build = {k: v for k, v in (("max_batch_size", args.max_batch_size), ("max_num_tokens", args.max_num_tokens),
+                               ("max_seq_len", args.max_seq_len)) if v is not None}
+    kv = {k: v for k, v in (("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction),
+                            ("max_tokens", args.kv_cache_max_tokens)) if v is not None}
+    return LLM(args.model, dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv))
+
+
+def _exit_quietly(signum, frame):
+    raise SystemExit(0)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("trtllm.serve")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    # a signal while the model loads: leave at once, cleanly
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    signal.signal(signal.SIGINT, _exit_quietly)
+
+    import uvicorn
+
+    from trtllm.serve.app import DEFAULT_MAX_CONCURRENT_REQUESTS, build_app
+
+    try:
+        llm = build_llm(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"trtllm-serve: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or (args.model if args.model is not None else "trtllm-demo")
+    app = build_app(llm, name, api_key=api_key,
+                    max_concurrent_requests=args.max_concurrent_requests or DEFAULT_MAX_CONCURRENT_REQUESTS)
+    log.info("serving %s as %r on http://%s:%d (API key %s; limits %s)", args.model or "the demo model", name,
+             args.host, args.port, "required" if api_key else "not required", llm.limits)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=not args.no_access_log, timeout_graceful_shutdown=args.shutdown_timeout,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    # uvicorn handles SIGTERM/SIGINT while it runs (graceful stop), then restores these
+    # handlers and re-raises the signal: let that re-raise be a no-op so we exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        llm.shutdown()
+    log.info("trtllm-serve stopped")
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The OpenAI-compatible HTTP app on an `LLM`.
+
+    app = build_app(llm, served_model_name="my-model", api_key=None, max_concurrent_requests=1024)
+    uvicorn.run(app, host="127.0.0.1", port=8000)     # what `trtllm-serve` does
+
+Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE with stream=true),
+GET /v1/models, GET /v1/models/{model}, GET /health (never behind the API key),
+GET /version, GET /metrics (Prometheus text). Every error, including FastAPI's own (bad
+JSON, unknown route, wrong method), is OpenAI's shape:
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status. The app does not
+own the `LLM`: whoever built it shuts it down (after the server has stopped); on
+shutdown the app aborts whatever requests are still in flight.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from trtllm.serve.gate import GENERATION_PATHS, Gate
+from trtllm.serve.handler import Handler
+from trtllm.serve.metrics import ServerMetrics
+from trtllm.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestError
+
+DEFAULT_MAX_CONCURRENT_REQUESTS = 1024
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+def server_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("trtllm")
+    except Exception:
+        return "0.1.0"
+
+
+def build_app(llm, served_model_name: str, api_key: str | None = None,
+              max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    metrics = ServerMetrics(llm)
+    handler = Handler(llm, served_model_name, metrics)
+    created = int(time.time())
+    state = {"stopping": False}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        state["stopping"] = True
+        handler.abort_all()  # what the graceful period did not finish
+
+    app = FastAPI(title="trtllm-serve", version=server_version(), lifespan=lifespan,
+                  description="OpenAI-compatible completions and chat completions on the trtllm engine.")
+    app.state.handler, app.state.metrics = handler, metrics
+
+    def error(err: RequestError, request: Request) -> JSONResponse:
+        endpoint = GENERATION_PATHS.get(request.url.path)
+        if endpoint is not None:
+            metrics.outcome(endpoint, "invalid" if err.status < 500 else "failed")
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError):
+        return error(exc, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return error(_from_validation(exc), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            detail = f"no route {request.url.path}"
+        return error(RequestError(exc.status_code, detail), request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await handler.run(await handler.completion_job(body), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await handler.run(await handler.chat_job(body), request)
+
+    def model_card() -> dict:
+        return {"id": served_model_name, "object": "model", "created": created, "owned_by": "trtllm",
+                "max_model_len": llm.limits.max_seq_len}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        handler.check_model(model)
+        return model_card()
+
+    @app.get("/health")
+    async def health():
+        thread = getattr(getattr(llm, "_loop", None), "_thread", None)
+        if state["stopping"] or (thread is not None and not thread.is_alive()):
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def version():
+        return {"version": server_version()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    app.add_middleware(Gate, metrics=metrics, api_key=api_key, max_concurrent_requests=max_concurrent_requests,
+                       max_body_bytes=max_body_bytes)
+    return app
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "tuple"}
+
+
+def _from_validation(exc: RequestValidationError) -> RequestError:
+    errors = exc.errors()
+    if not errors:
+        return RequestError(400, "invalid request body")
+    e = errors[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if e.get("type") == "json_invalid":
+        why = (e.get("ctx") or {}).get("error", e.get("msg", ""))
+        return RequestError(400, f"the request body is not valid JSON: {why}")
+    if not loc or e.get("type") == "model_attributes_type":
+        return RequestError(400, "the request body must be a JSON object")
+    # a union reports one error per member type; name the field, not the member
+    loc = [p for p in loc if p not in _TYPE_TAGS and "[" not in p]
+    return RequestError(400, f"{'.'.join(loc)}: {e.get('msg', 'invalid value')}", param=loc[0] if loc else None)

@@ -1,0 +1,398 @@
+"""From a validated OpenAI request to engine requests, and from `RequestOutput`s to
+OpenAI's JSON (whole) or server-sent events (stream).
+
+    job = handler.completion_job(body)   # or chat_job: every check; RequestError if bad
+    response = await handler.run(job, request)
+
+A job is fully checked (model, sampling values, every prompt tokenized and passed
+through `Engine.validate`) before its first request is submitted. Outputs are read from
+each request's `RequestStream`; when a client reads slower than tokens come, queued
+outputs are merged (each carries the whole text so far), so the event loop does not fall
+behind and the engine thread never waits on a socket. A client that goes away (a
+disconnect seen on the ASGI channel, or the response task cancelled) aborts its
+requests, which frees their KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from trtllm.runtime.engine_loop import RequestStream
+from trtllm.runtime.outputs import RequestOutput
+from trtllm.runtime.tokenizer import apply_chat_template
+from trtllm.sampling_params import SamplingParams
+from trtllm.serve.metrics import ServerMetrics
+from trtllm.serve.protocol import (DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest,
+                                   RequestError)
+
+_BIG_TEXT = 16384  # characters: longer prompts are tokenized on a worker thread, off the event loop
+
+
+@dataclass
+class Job:
+    endpoint: str                       # "completions" | "chat"
+    id: str
+    prompts: list[tuple[str | None, list[int]]]
+    params: list[SamplingParams]        # one per prompt
+    logprobs: int | None
+    stream: bool
+    include_usage: bool
+    echo: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Choice:
+    text_sent: int = 0
+    tokens_sent: int = 0
+    finished: bool = False
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _event(obj) -> bytes:
+    return b"data: " + _dumps(obj) + b"\n\n"
+
+
+class Handler:
+    def __init__(self, llm, served_model_name: str, metrics: ServerMetrics):
+        self.llm, self.name, self.metrics = llm, served_model_name, metrics
+        self.tokenizer = llm.tokenizer
+        self.active: dict[str, RequestStream] = {}
+        self._token_text: dict[int, str] = {}
+
+    # -- checks (nothing is submitted until all pass) ------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise RequestError(404, f"the model {model!r} does not exist; this server serves {self.name!r}",
+                               param="model", code="model_not_found")
+
+    async def completion_job(self, body: CompletionRequest) -> Job:
+        self.check_model(body.model)
+        body.refuse_unsupported()
+        prompts = body.prompts()
+        params = body.sampling_params(body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, body.logprobs)
+        tokenized = [await self._tokenize(p, add_special_tokens=True) for p in prompts]
+        for text, ids in tokenized:
+            self._validate(ids, params, "prompt")
+        return Job("completions", f"cmpl-{uuid.uuid4().hex}", tokenized, [params] * len(tokenized),
+                   body.logprobs, body.stream, bool(body.stream_options and body.stream_options.include_usage),
+                   echo=body.echo)
+
+    async def chat_job(self, body: ChatCompletionRequest) -> Job:
+        self.check_model(body.model)
+        body.refuse_unsupported()
+        messages = body.checked_messages()
+        if self.tokenizer is None:
+            raise RequestError(400, "this model has no tokenizer, so no chat template; use /v1/completions "
+                                    "with token ids", param="messages")
+        try:
+            text = apply_chat_template(self.tokenizer, messages, body.add_generation_prompt)
+        except ValueError as e:
+            raise RequestError(400, str(e), param="messages") from None
+        except Exception as e:  # the template's own checks (e.g. roles must alternate)
+            raise RequestError(400, f"messages: the chat template refused them: {e}", param="messages") from None
+        _, ids = await self._tokenize(text, add_special_tokens=False)
+        max_tokens = body.requested_max_tokens
+        if max_tokens is None:  # OpenAI's default: up to the end of the context
+            max_tokens = max(1, self.llm.limits.max_seq_len - len(ids))
+        params = body.sampling_params(max_tokens, body.num_logprobs)
+        self._validate(ids, params, "messages")
+        return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", [(text, ids)], [params], body.num_logprobs,
+                   body.stream, bool(body.stream_options and body.stream_options.include_usage))
+
+    async def _tokenize(self, prompt, add_special_tokens: bool) -> tuple[str | None, list[int]]:
+        if not isinstance(prompt, str):
+            return None, list(prompt)
+        if self.tokenizer is None:
+            raise RequestError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+        encode = lambda: self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)  # noqa: E731
+        ids = await asyncio.to_thread(encode) if len(prompt) > _BIG_TEXT else encode()
+        return prompt, ids
+
+    def _validate(self, ids: list[int], params: SamplingParams, what: str) -> None:
+        try:
+            self.llm.engine.validate(ids, params)
+        except ValueError as e:
+            msg = str(e)
+            raise RequestError(400, msg, param="max_tokens" if "max_tokens" in msg else what) from None
+
+    # -- running -------------------------------------------------------------------------
+    async def run(self, job: Job, request: Request) -> Response:
+        streams = [self.llm.generate_async(ids, params) for (_, ids), params in zip(job.prompts, job.params)]
+        for s in streams:
+            self.active[s.request_id] = s
+        headers = {}
+        client_id = request.headers.get("x-request-id")
+        if client_id and len(client_id) <= 128 and client_id.isprintable():
+            headers["x-request-id"] = client_id
+        if job.stream:
+            headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
+            return StreamingResponse(self._sse(job, streams, request), media_type="text/event-stream",
+                                     headers=headers)
+        return await self._whole(job, streams, request, headers)
+
+    def _abort_unfinished(self, streams: list[RequestStream], last: dict[int, RequestOutput]) -> None:
+        for i, s in enumerate(streams):
+            self.active.pop(s.request_id, None)
+            if i not in last or not last[i].finished:
+                self.llm.abort(s.request_id)
+
+    def abort_all(self) -> None:
+        for request_id in list(self.active):
+            self.llm.abort(request_id)
+        self.active.clear()
+
+    async def _watch(self, request: Request, streams, gone: asyncio.Event) -> None:
+        """Abort the job's requests when the client disconnects."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+                for s in streams:
+                    self.llm.abort(s.request_id)
+                return
+
+    async def _whole(self, job: Job, streams, request: Request, headers: dict) -> Response:
+        gone = asyncio.Event()
+        watcher = asyncio.ensure_future(self._watch(request, streams, gone))
+        last: dict[int, RequestOutput] = {}
+        stats = _Stats(job.arrival, len(streams))
+        outcome = "aborted"
+        try:
+            async for i, out in _merged(streams):
+                last[i] = out
+                stats.update(i, out)
+            if gone.is_set():
+                return Response(status_code=499)
+            error = next((o for o in last.values() if o.error), None)
+            if error is not None:
+                outcome = "failed" if _internal(error) else "invalid"
+                err = RequestError(500 if _internal(error) else 400, error.error)
+                return Response(_dumps(err.body()), status_code=err.status, media_type="application/json")
+            outcome = "aborted" if _any_aborted(last.values()) else "success"
+            body = self._whole_body(job, [last[i] for i in range(len(streams))])
+            return Response(_dumps(body), media_type="application/json", headers=headers)
+        finally:
+            watcher.cancel()
+            self._abort_unfinished(streams, last)
+            stats.record(self.metrics, job.endpoint, outcome, last)
+
+    async def _sse(self, job: Job, streams, request: Request):
+        gone = asyncio.Event()
+        watcher = asyncio.ensure_future(self._watch(request, streams, gone))
+        last: dict[int, RequestOutput] = {}
+        stats = _Stats(job.arrival, len(streams))
+        n = job.params[0].n
+        choices = [_Choice() for _ in range(len(streams) * n)]
+        outcome = "aborted"
+        try:
+            for idx in range(len(choices)):  # the first chunk of each choice
+                prompt_text = job.prompts[idx // n][0]
+                if job.endpoint == "chat":
+                    yield _event(self._chunk(job, {"index": idx, "delta": {"role": "assistant", "content": ""},
+                                                   "logprobs": None, "finish_reason": None}))
+                elif job.echo:
+                    text = prompt_text if prompt_text is not None else self._decode(job.prompts[idx // n][1])
+                    yield _event(self._chunk(job, {"index": idx, "text": text, "logprobs": None,
+                                                   "finish_reason": None}))
+            failed = None
+            async for i, out in _merged(streams):
+                last[i] = out
+                stats.update(i, out)
+                if out.error:
+                    failed = out
+                    break
+                for c in out.outputs:
+                    idx = i * n + c.index
+                    piece = self._piece(job, choices[idx], c, idx)
+                    if piece is not None:
+                        yield _event(self._chunk(job, piece))
+            if failed is not None:
+                outcome = "failed" if _internal(failed) else "invalid"
+                yield _event(RequestError(500 if _internal(failed) else 400, failed.error).body())
+            else:
+                outcome = "aborted" if gone.is_set() or _any_aborted(last.values()) else "success"
+                if job.include_usage:
+                    yield _event(self._chunk(job, None, usage=_usage(job, last)))
+            yield b"data: [DONE]\n\n"
+        finally:
+            watcher.cancel()
+            self._abort_unfinished(streams, last)
+            stats.record(self.metrics, job.endpoint, outcome, last)
+
+    # -- OpenAI shapes -------------------------------------------------------------------
+    def _piece(self, job: Job, state: _Choice, c, idx: int) -> dict | None:
+        """The chunk choice for what completion `c` added since `state`, or None."""
+        new_text = c.text[state.text_sent:]
+        new_ids = c.token_ids[state.tokens_sent:]
+        done = c.finish_reason is not None and not state.finished
+        if not new_text and not done and not (new_ids and job.logprobs is not None):
+            return None
+        logprobs = None
+        if job.logprobs is not None and new_ids:
+            entries = (c.logprobs or [])[state.tokens_sent:state.tokens_sent + len(new_ids)]
+            logprobs = self._logprobs(job, new_ids, entries, state.text_sent)
+        state.text_sent, state.tokens_sent = len(c.text), len(c.token_ids)
+        state.finished = state.finished or done
+        reason = c.finish_reason if done else None
+        if job.endpoint == "chat":
+            return {"index": idx, "delta": {"content": new_text} if new_text else {}, "logprobs": logprobs,
+                    "finish_reason": reason}
+        return {"index": idx, "text": new_text, "logprobs": logprobs, "finish_reason": reason}
+
+    def _chunk(self, job: Job, choice: dict | None, usage: dict | None = None) -> dict:
+        chunk = {"id": job.id, "object": "chat.completion.chunk" if job.endpoint == "chat" else "text_completion",
+                 "created": job.created, "model": self.name, "choices": [choice] if choice is not None else []}
+        if job.include_usage:
+            chunk["usage"] = usage
+        return chunk
+
+    def _whole_body(self, job: Job, outs: list[RequestOutput]) -> dict:
+        n = job.params[0].n
+        choices = []
+        for i, out in enumerate(outs):
+            for c in out.outputs:
+                lp = self._logprobs(job, c.token_ids, c.logprobs or [], 0) if job.logprobs is not None else None
+                if job.endpoint == "chat":
+                    choices.append({"index": i * n + c.index, "message": {"role": "assistant", "content": c.text},
+                                    "logprobs": lp, "finish_reason": c.finish_reason})
+                else:
+                    prefix = ""
+                    if job.echo:
+                        prefix = out.prompt if out.prompt is not None else (
+                            job.prompts[i][0] if job.prompts[i][0] is not None else self._decode(job.prompts[i][1]))
+                    choices.append({"index": i * n + c.index, "text": prefix + c.text, "logprobs": lp,
+                                    "finish_reason": c.finish_reason})
+        return {"id": job.id, "object": "chat.completion" if job.endpoint == "chat" else "text_completion",
+                "created": job.created, "model": self.name, "system_fingerprint": None, "choices": choices,
+                "usage": _usage(job, dict(enumerate(outs)))}
+
+    def _logprobs(self, job: Job, ids: list[int], entries: list[dict], offset: int) -> dict:
+        k = job.logprobs or 0
+        if job.endpoint == "chat":
+            content = []
+            for tid, entry in zip(ids, entries):
+                top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+                text = self._text_of(tid)
+                content.append({"token": text, "logprob": entry.get(tid, 0.0), "bytes": list(text.encode()),
+                                "top_logprobs": [{"token": self._text_of(t), "logprob": v,
+                                                  "bytes": list(self._text_of(t).encode())} for t, v in top]})
+            return {"content": content}
+        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+        for tid, entry in zip(ids, entries):
+            text = self._text_of(tid)
+            tokens.append(text)
+            token_logprobs.append(entry.get(tid, 0.0))
+            top_logprobs.append({self._text_of(t): v for t, v in sorted(entry.items(), key=lambda kv: -kv[1])[:k]})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": offsets}
+
+    def _text_of(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+            if len(self._token_text) < 1_000_000:
+                self._token_text[token_id] = text
+        return text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else ""
+
+
+class _Stats:
+    """Per-request timings for the latency histograms."""
+
+    def __init__(self, arrival: float, num_streams: int):
+        self.arrival = arrival
+        self.first = [None] * num_streams
+        self.latest = [arrival] * num_streams
+
+    def update(self, i: int, out: RequestOutput) -> None:
+        now = time.perf_counter()
+        if self.first[i] is None and any(c.token_ids for c in out.outputs):
+            self.first[i] = now
+        self.latest[i] = now
+
+    def record(self, metrics: ServerMetrics, endpoint: str, outcome: str, last: dict[int, RequestOutput]) -> None:
+        metrics.outcome(endpoint, outcome)
+        for i, out in last.items():
+            generated = sum(len(c.token_ids) for c in out.outputs)
+            metrics.prompt_tokens.inc(len(out.prompt_token_ids))
+            metrics.cached_tokens.inc(out.num_cached_tokens)
+            metrics.generation_tokens.inc(generated)
+            if self.first[i] is None or not out.finished:
+                continue
+            metrics.ttft.observe(self.first[i] - self.arrival)
+            metrics.e2e.observe(self.latest[i] - self.arrival)
+            longest = max(len(c.token_ids) for c in out.outputs)
+            if longest > 1:
+                metrics.tpot.observe((self.latest[i] - self.first[i]) / (longest - 1))
+
+
+def _usage(job: Job, last: dict[int, RequestOutput]) -> dict:
+    prompt = sum(len(ids) for _, ids in job.prompts)
+    completion = sum(len(c.token_ids) for out in last.values() for c in out.outputs)
+    cached = sum(out.num_cached_tokens for out in last.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _internal(out: RequestOutput) -> bool:
+    """An engine failure (not the request's fault): tokens already came, or the engine says so."""
+    return any(c.token_ids for c in out.outputs) or "internal" in (out.error or "") or "NaN" in (out.error or "")
+
+
+def _any_aborted(outs) -> bool:
+    return any(c.finish_reason == "abort" for o in outs for c in o.outputs)
+
+
+async def _outputs(stream: RequestStream):
+    """A stream's outputs; those queued behind the first are merged into the latest."""
+    q = getattr(stream, "_async", None)
+    if q is None:
+        async for out in stream:
+            yield out
+        return
+    while True:
+        out = await q.get()
+        while not out.finished and not q.empty():
+            out = q.get_nowait()
+        yield out
+        if out.finished:
+            return
+
+
+async def _merged(streams: list[RequestStream]):
+    """(stream index, output) from several streams as they come, until all finished."""
+    if len(streams) == 1:
+        async for out in _outputs(streams[0]):
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        async for out in _outputs(s):
+            queue.put_nowait((i, out))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, out = await queue.get()
+            remaining -= out.finished
+            yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -1,0 +1,94 @@
+"""Prometheus metrics of one server (one registry per app, so several apps in one
+process, as in tests, never share counters).
+
+    trtllm_requests_total{endpoint, outcome}     counter; outcome: success, invalid (4xx),
+                                                 unauthorized, rejected (429), aborted
+                                                 (client gone / shutdown), failed (engine error)
+    trtllm_requests_in_flight                    gauge: HTTP generation requests being served
+    trtllm_time_to_first_token_seconds           histogram: arrival -> first generated token
+    trtllm_time_per_output_token_seconds         histogram: (last - first token time) / (tokens - 1)
+    trtllm_e2e_request_latency_seconds           histogram: arrival -> last token
+    trtllm_prompt_tokens_total                   counter: prompt tokens admitted
+    trtllm_prompt_tokens_cached_total            counter: of those, served from the prefix cache
+    trtllm_generation_tokens_total               counter: tokens generated
+    trtllm_num_requests_running / _waiting       gauges: sequences in the scheduler
+    trtllm_num_preemptions_total                 counter: sequences preempted (recompute)
+    trtllm_kv_cache_blocks_used / _free / _cached / _total
+                                                 gauges: the KV block pool
+    trtllm_kv_cache_usage_ratio                  gauge: used / total
+    trtllm_prefix_cache_hit_rate                 gauge: prompt tokens found cached / looked up
+
+Gauges of engine state are read at scrape time from the scheduler and block manager
+(plain integer reads; the engine thread is never locked or waited on).
+"""
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0, 20.0, 40.0, 80.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+                 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+
+class _EngineCollector:
+    """Engine state, read when scraped."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def collect(self):
+        bm = self.llm.block_manager
+        sched = getattr(self.llm.engine, "scheduler", None)
+        running = GaugeMetricFamily("trtllm_num_requests_running", "Sequences being generated (in the batch)")
+        waiting = GaugeMetricFamily("trtllm_num_requests_waiting", "Sequences waiting for admission")
+        running.add_metric([], sched.num_running if sched is not None else 0)
+        waiting.add_metric([], sched.num_waiting if sched is not None else 0)
+        yield running
+        yield waiting
+        preempt = CounterMetricFamily("trtllm_num_preemptions", "Sequences preempted (recomputed later)")
+        preempt.add_metric([], getattr(sched, "num_preemptions", 0))
+        yield preempt
+        total = bm.num_blocks
+        for name, value, doc in (("used", bm.num_used_blocks, "KV-cache blocks held by sequences"),
+                                 ("free", bm.num_free_blocks, "KV-cache blocks on the free list"),
+                                 ("cached", bm.num_cached_blocks, "KV-cache blocks holding reusable "
+                                                                  "prefixes, evictable"),
+                                 ("total", total, "KV-cache blocks in the pool")):
+            g = GaugeMetricFamily(f"trtllm_kv_cache_blocks_{name}", doc)
+            g.add_metric([], value)
+            yield g
+        usage = GaugeMetricFamily("trtllm_kv_cache_usage_ratio", "Used KV-cache blocks / all blocks")
+        usage.add_metric([], bm.num_used_blocks / total if total else 0.0)
+        yield usage
+        hit = GaugeMetricFamily("trtllm_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / "
+                                                                "prompt tokens looked up")
+        hit.add_metric([], bm.prefix_hit_rate)
+        yield hit
+
+
+class ServerMetrics:
+    def __init__(self, llm):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("trtllm_requests", "HTTP requests by endpoint and outcome",
+                                ["endpoint", "outcome"], registry=r)
+        self.in_flight = Gauge("trtllm_requests_in_flight", "HTTP generation requests being served",
+                               registry=r)
+        self.ttft = Histogram("trtllm_time_to_first_token_seconds", "Request arrival to first generated token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("trtllm_time_per_output_token_seconds", "Mean time per output token after the "
+                              "first, per completion", buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("trtllm_e2e_request_latency_seconds", "Request arrival to its last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("trtllm_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.cached_tokens = Counter("trtllm_prompt_tokens_cached", "Prompt tokens served from the prefix cache",
+                                     registry=r)
+        self.generation_tokens = Counter("trtllm_generation_tokens", "Tokens generated", registry=r)
+        r.register(_EngineCollector(llm))
+
+    def outcome(self, endpoint: str, outcome: str) -> None:
+        self.requests.labels(endpoint, outcome).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

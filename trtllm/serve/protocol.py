@@ -1,0 +1,209 @@
+"""OpenAI-compatible request bodies, their caps, and their translation to `SamplingParams`.
+
+Fields OpenAI defines are accepted with OpenAI's meaning; vLLM-style extensions that the
+engine implements (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
+stop_token_ids, ...) ride along (the `openai` client sends them with `extra_body`).
+Unknown fields are ignored, as OpenAI-compatible servers do, except those whose meaning
+the engine does not implement (logit_bias, tools, a JSON response_format, suffix,
+best_of != n, ...) and a request-supplied chat template: those are refused by name, so a
+client never gets an answer that silently ignored what it asked for.
+
+Every check here runs before any work reaches the engine; a failure is a `RequestError`
+that the app turns into OpenAI's error JSON (`{"error": {message, type, param, code}}`).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trtllm.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, SamplingParams
+
+MAX_PROMPTS = 32              # prompts in one /v1/completions request (a list of prompts)
+MAX_SEQUENCES = 64            # prompts x n in one request
+MAX_MESSAGES = 1024           # chat messages in one request
+MAX_STOP_TOKEN_IDS = 64
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+# A request may carry these, but only with a value that asks for nothing unimplemented.
+_REFUSED = {
+    "chat_template": "a request-supplied chat template is refused: the server uses the checkpoint's own",
+    "chat_template_kwargs": "chat_template_kwargs are refused: the server renders the checkpoint's "
+                            "chat template as it is",
+    "logit_bias": "logit_bias is not supported",
+    "tools": "tools (function calling) are not supported",
+    "functions": "functions (function calling) are not supported",
+    "tool_choice": "tool_choice is not supported",
+    "suffix": "suffix (insertion) is not supported",
+    "prompt_logprobs": "prompt_logprobs is not supported",
+    "guided_json": "guided decoding is not supported",
+    "guided_regex": "guided decoding is not supported",
+    "guided_choice": "guided decoding is not supported",
+    "guided_grammar": "guided decoding is not supported",
+    "use_beam_search": "beam search is not supported; use n for several sampled completions",
+}
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status + OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                             413: "invalid_request_error", 415: "invalid_request_error",
+                             429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """What /v1/completions and /v1/chat/completions share."""
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description=f"at most {MAX_STOP_STRINGS} strings")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    user: str | None = None
+    # engine extensions (vLLM's names)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+
+    def refuse_unsupported(self) -> None:
+        extra = self.model_extra or {}
+        for name, why in _REFUSED.items():
+            value = extra.get(name)
+            if value is not None and value is not False and value != {} and value != []:
+                if name == "tool_choice" and value == "none":
+                    continue
+                raise RequestError(400, why, param=name, code="unsupported_parameter")
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError(400, f"best_of ({self.best_of}) must equal n ({self.n}): choosing the best "
+                               "of several completions is not supported", param="best_of")
+        if self.stream_options is not None and not self.stream:
+            raise RequestError(400, "stream_options is only allowed with stream=true", param="stream_options")
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        fields: dict[str, Any] = dict(max_tokens=max_tokens, n=self.n, logprobs=logprobs)
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "min_p",
+                     "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+                     "skip_special_tokens", "include_stop_str_in_output"):
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = value
+        if self.top_k is not None:
+            fields["top_k"] = max(self.top_k, 0)  # -1 (vLLM's "no limit") = 0 here
+        if self.stop is not None:
+            fields["stop"] = self.stop
+        try:
+            return SamplingParams(**fields)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = str(err["loc"][0]) if err.get("loc") else None
+            msg = err["msg"].removeprefix("Value error, ")
+            raise RequestError(400, f"{param}: {msg}" if param else msg, param=param) from None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description=f"a string, a list of token ids, or a list of up to {MAX_PROMPTS} of either")
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            prompts = [p]
+        elif not p:
+            raise RequestError(400, "prompt is empty", param="prompt")
+        elif isinstance(p[0], int):
+            prompts = [p]
+        else:
+            prompts = list(p)
+        if len(prompts) > MAX_PROMPTS:
+            raise RequestError(400, f"prompt: {len(prompts)} prompts in one request, more than {MAX_PROMPTS}",
+                               param="prompt")
+        if len(prompts) * self.n > MAX_SEQUENCES:
+            raise RequestError(400, f"{len(prompts)} prompts x n={self.n} is more than {MAX_SEQUENCES} "
+                               "completions in one request", param="n")
+        if any(len(q) == 0 for q in prompts):
+            raise RequestError(400, "prompt is empty", param="prompt")
+        if self.echo and self.logprobs is not None:
+            raise RequestError(400, "echo together with logprobs (prompt logprobs) is not supported",
+                               param="echo")
+        return prompts
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_input(self) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            if any(part.type != "text" or part.text is None for part in content):
+                raise RequestError(400, "messages: only text content parts are supported", param="messages")
+            content = "".join(part.text for part in content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(..., max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = True
+    response_format: dict | None = None
+
+    def checked_messages(self) -> list[dict]:
+        if not self.messages:
+            raise RequestError(400, "messages is empty", param="messages")
+        fmt = (self.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise RequestError(400, f"response_format {fmt!r} is not supported (only 'text')",
+                               param="response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise RequestError(400, "max_tokens and max_completion_tokens disagree", param="max_tokens")
+        return [m.as_template_input() for m in self.messages]
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
