@@ -1,0 +1,36 @@
+"""trtllm-run on the built-in demo model and on a tiny checkpoint."""
+import io
+import sys
+
+import pytest
+
+from tests.models.checkpoints import write_checkpoint
+from tests.runtime.tokenizers import CHATML_TEMPLATE, make_tokenizer
+from trtllm.cli.run import main
+
+
+@pytest.fixture(autouse=True)
+def reference_ops(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # many steps: the ops' torch references
+
+
+def test_demo_model_streams_text(capsys):
+    assert main(["Once upon a time", "--max-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Once upon a time") and len(out.strip()) > len("Once upon a time")
+
+
+def test_chat_prompts_from_stdin(tmp_path, monkeypatch, capsys):
+    write_checkpoint("qwen3", tmp_path, vocab_size=512)
+    make_tokenizer(tmp_path, chat_template=CHATML_TEMPLATE)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n\nthe fox\n"))
+    assert main(["--model", str(tmp_path), "--chat", "--max-tokens", "5", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "hello there" in out and "the fox" in out
+
+
+def test_bad_options_and_missing_model_fail_clearly(tmp_path, capsys):
+    assert main(["hi", "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
+    assert main(["hi", "--model", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere" in capsys.readouterr().err
