@@ -32,7 +32,10 @@ class RequestStream:
 
     def put(self, output: RequestOutput) -> None:  # called on the loop thread
         if self._async is not None:
-            self._loop.call_soon_threadsafe(self._async.put_nowait, output)
+            try:
+                self._loop.call_soon_threadsafe(self._async.put_nowait, output)
+            except RuntimeError:  # the reader's event loop is closed: no one is left to read
+                pass
         else:
             self._sync.put(output)
 
