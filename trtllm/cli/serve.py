@@ -75,9 +75,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGINT, _exit_quietly)
 
-    import uvicorn
-
-    from trtllm.serve.app import DEFAULT_MAX_CONCURRENT_REQUESTS, build_app
+    from trtllm.serve.app import DEFAULT_MAX_CONCURRENT_REQUESTS, build_app, run_server
 
     try:
         llm = build_llm(args)
@@ -89,20 +87,17 @@ def main(argv=None) -> int:
                     max_concurrent_requests=args.max_concurrent_requests or DEFAULT_MAX_CONCURRENT_REQUESTS)
     log.info("serving %s as %r on http://%s:%d (API key %s; limits %s)", args.model or "the demo model", name,
              args.host, args.port, "required" if api_key else "not required", llm.limits)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=not args.no_access_log, timeout_graceful_shutdown=args.shutdown_timeout,
-                            lifespan="on")
-    server = uvicorn.Server(config)
     # uvicorn handles SIGTERM/SIGINT while it runs (graceful stop), then restores these
     # handlers and re-raises the signal: let that re-raise be a no-op so we exit 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
     try:
-        server.run()
+        started = run_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
+                             log_level=args.log_level, access_log=not args.no_access_log)
     finally:
         llm.shutdown()
     log.info("trtllm-serve stopped")
-    return 0 if server.started else 1
+    return 0 if started else 1
 
 
 if __name__ == "__main__":

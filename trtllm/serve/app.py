@@ -13,6 +13,8 @@ shutdown the app aborts whatever requests are still in flight.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from contextlib import asynccontextmanager
 
@@ -25,6 +27,8 @@ from trtllm.serve.gate import GENERATION_PATHS, Gate
 from trtllm.serve.handler import Handler
 from trtllm.serve.metrics import ServerMetrics
 from trtllm.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestError
+
+log = logging.getLogger("trtllm.serve")
 
 DEFAULT_MAX_CONCURRENT_REQUESTS = 1024
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -44,17 +48,20 @@ def build_app(llm, served_model_name: str, api_key: str | None = None,
     metrics = ServerMetrics(llm)
     handler = Handler(llm, served_model_name, metrics)
     created = int(time.time())
-    state = {"stopping": False}
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        state["stopping"] = True
+        app.state.stopping = True
         handler.abort_all()  # what the graceful period did not finish
+        for _ in range(50):  # let the engine take the aborts while the event loop still runs
+            if not llm.engine.has_unfinished():
+                break
+            await asyncio.sleep(0.1)
 
     app = FastAPI(title="trtllm-serve", version=server_version(), lifespan=lifespan,
                   description="OpenAI-compatible completions and chat completions on the trtllm engine.")
-    app.state.handler, app.state.metrics = handler, metrics
+    app.state.handler, app.state.metrics, app.state.stopping = handler, metrics, False
 
     def error(err: RequestError, request: Request) -> JSONResponse:
         endpoint = GENERATION_PATHS.get(request.url.path)
@@ -75,6 +82,10 @@ def build_app(llm, served_model_name: str, api_key: str | None = None,
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             detail = f"no route {request.url.path}"
+        elif exc.status_code == 405:
+            detail = f"method {request.method} is not allowed on {request.url.path}"
+        elif exc.status_code == 400 and "parsing the body" in detail:  # FastAPI: undecodable, too deep, ...
+            detail = "the request body could not be parsed as JSON (bad encoding or nesting)"
         return error(RequestError(exc.status_code, detail), request)
 
     @app.post("/v1/completions")
@@ -101,7 +112,7 @@ def build_app(llm, served_model_name: str, api_key: str | None = None,
     @app.get("/health")
     async def health():
         thread = getattr(getattr(llm, "_loop", None), "_thread", None)
-        if state["stopping"] or (thread is not None and not thread.is_alive()):
+        if app.state.stopping or (thread is not None and not thread.is_alive()):
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok"}
 
@@ -114,9 +125,35 @@ def build_app(llm, served_model_name: str, api_key: str | None = None,
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    app.add_middleware(Gate, metrics=metrics, api_key=api_key, max_concurrent_requests=max_concurrent_requests,
+    app.add_middleware(Gate, app_state=app.state, metrics=metrics, api_key=api_key, max_concurrent_requests=max_concurrent_requests,
                        max_body_bytes=max_body_bytes)
     return app
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 10.0,
+               log_level: str = "info", access_log: bool = True) -> bool:
+    """Serve `app` with uvicorn until SIGTERM/SIGINT (or `should_exit`); False if it never started.
+
+    On the signal: stop accepting connections; in-flight requests get `shutdown_timeout`
+    seconds to finish; then their engine requests are aborted (streams end with
+    finish_reason "abort"), and a response still stuck writing to a client that stopped
+    reading is cancelled a few seconds later."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.state.stopping = True
+            timer = asyncio.get_running_loop().call_later(shutdown_timeout, app.state.handler.abort_all)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            timeout_graceful_shutdown=shutdown_timeout + 3, lifespan="on")
+    server = GracefulServer(config)
+    server.run()
+    return server.started
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "tuple"}

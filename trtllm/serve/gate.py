@@ -9,11 +9,15 @@ responses and client disconnects pass through untouched.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 
 from trtllm.serve.metrics import ServerMetrics
 from trtllm.serve.protocol import RequestError
+
+log = logging.getLogger("trtllm.serve")
 
 GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 OPEN_PATHS = {"/health"}
@@ -28,9 +32,9 @@ async def send_error(send, err: RequestError, headers: list[tuple[bytes, bytes]]
 
 
 class Gate:
-    def __init__(self, app, metrics: ServerMetrics, api_key: str | None, max_concurrent_requests: int,
+    def __init__(self, app, app_state, metrics: ServerMetrics, api_key: str | None, max_concurrent_requests: int,
                  max_body_bytes: int):
-        self.app, self.metrics = app, metrics
+        self.app, self.state, self.metrics = app, app_state, metrics
         self._key = f"Bearer {api_key}".encode() if api_key else None
         self.max_concurrent, self.max_body = max_concurrent_requests, max_body_bytes
         self.in_flight = 0
@@ -62,6 +66,9 @@ class Gate:
             receive = _replay(body, receive)
         if endpoint is None:
             return await self.app(scope, receive, send)
+        if self.state.stopping:
+            self.metrics.outcome(endpoint, "rejected")
+            return await send_error(send, RequestError(503, "the server is shutting down", code="shutting_down"))
         if self.in_flight >= self.max_concurrent:
             self.metrics.outcome(endpoint, "rejected")
             return await send_error(send, RequestError(
@@ -71,6 +78,11 @@ class Gate:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self.state.stopping:
+                raise
+            # past the shutdown grace period, stuck writing to a client that stopped reading
+            log.warning("a %s response was cut off at shutdown", endpoint)
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()

@@ -128,7 +128,7 @@ class Handler:
 
     # -- running -------------------------------------------------------------------------
     async def run(self, job: Job, request: Request) -> Response:
-        streams = [self.llm.generate_async(ids, params) for (_, ids), params in zip(job.prompts, job.params)]
+        streams = [self.llm.generate_async(ids, params, streaming=job.stream) for (_, ids), params in zip(job.prompts, job.params)]
         for s in streams:
             self.active[s.request_id] = s
         headers = {}
@@ -166,7 +166,7 @@ class Handler:
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(self._watch(request, streams, gone))
         last: dict[int, RequestOutput] = {}
-        stats = _Stats(job.arrival, len(streams))
+        stats = _Stats(job.arrival, len(streams), job.stream)
         outcome = "aborted"
         try:
             async for i, out in _merged(streams):
@@ -191,7 +191,7 @@ class Handler:
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(self._watch(request, streams, gone))
         last: dict[int, RequestOutput] = {}
-        stats = _Stats(job.arrival, len(streams))
+        stats = _Stats(job.arrival, len(streams), job.stream)
         n = job.params[0].n
         choices = [_Choice() for _ in range(len(streams) * n)]
         outcome = "aborted"
@@ -314,8 +314,8 @@ class Handler:
 class _Stats:
     """Per-request timings for the latency histograms."""
 
-    def __init__(self, arrival: float, num_streams: int):
-        self.arrival = arrival
+    def __init__(self, arrival: float, num_streams: int, streaming: bool):
+        self.arrival, self.streaming = arrival, streaming
         self.first = [None] * num_streams
         self.latest = [arrival] * num_streams
 
@@ -334,8 +334,10 @@ class _Stats:
             metrics.generation_tokens.inc(generated)
             if self.first[i] is None or not out.finished:
                 continue
-            metrics.ttft.observe(self.first[i] - self.arrival)
             metrics.e2e.observe(self.latest[i] - self.arrival)
+            if not self.streaming:  # only the final output came: no per-token timings
+                continue
+            metrics.ttft.observe(self.first[i] - self.arrival)
             longest = max(len(c.token_ids) for c in out.outputs)
             if longest > 1:
                 metrics.tpot.observe((self.latest[i] - self.first[i]) / (longest - 1))

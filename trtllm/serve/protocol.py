@@ -121,9 +121,10 @@ class _Request(BaseModel):
             return SamplingParams(**fields)
         except ValidationError as e:
             err = e.errors()[0]
-            param = str(err["loc"][0]) if err.get("loc") else None
             msg = err["msg"].removeprefix("Value error, ")
-            raise RequestError(400, f"{param}: {msg}" if param else msg, param=param) from None
+            param = str(err["loc"][0]) if err.get("loc") else next(
+                (f for f in msg.replace("(", " ").split() if f in SamplingParams.model_fields), None)
+            raise RequestError(400, f"{param}: {msg}" if err.get("loc") else msg, param=param) from None
 
 
 class CompletionRequest(_Request):

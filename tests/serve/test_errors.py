@@ -1,0 +1,143 @@
+"""Bad input, sent raw with httpx: each gets its 4xx in OpenAI's error shape, with a
+message naming the problem, before any work is done; the server still serves after."""
+import httpx
+import pytest
+
+from trtllm.serve.protocol import MAX_PROMPTS
+
+OK = {"model": "tiny", "prompt": "Hello", "max_tokens": 4}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+JSON = {"content-type": "application/json"}
+
+
+def completion(**changes):
+    return ("/v1/completions", {**OK, **changes})
+
+
+def chat(**changes):
+    return ("/v1/chat/completions", {**CHAT, **changes})
+
+
+# (case, path, JSON body or raw bytes, headers, status, words the message must contain)
+CASES = [
+    ("malformed JSON", "/v1/completions", b'{"prompt": "x",', JSON, 400, ["JSON"]),
+    ("body is a list", "/v1/completions", b"[1, 2]", JSON, 400, ["JSON object"]),
+    ("body is a string", "/v1/completions", b'"hello"', JSON, 400, ["JSON object"]),
+    ("body is null", "/v1/chat/completions", b"null", JSON, 400, ["JSON object"]),
+    ("empty body", "/v1/completions", b"", JSON, 400, ["JSON object"]),
+    ("not UTF-8", "/v1/completions", b'{"prompt": "\xff\xfe"}', JSON, 400, []),
+    ("deep nesting", "/v1/completions", b"[" * 100000 + b"]" * 100000, JSON, 400, []),
+    ("text/plain", "/v1/completions", b'{"prompt": "x"}', {"content-type": "text/plain"}, 415, ["application/json"]),
+    ("no content type", "/v1/completions", b'{"prompt": "x"}', {}, 415, ["application/json"]),
+    ("form", "/v1/chat/completions", b"a=b", {"content-type": "application/x-www-form-urlencoded"}, 415,
+     ["application/json"]),
+    ("unknown model", *completion(model="gpt-4"), None, 404, ["gpt-4"]),
+    ("unknown model, chat", *chat(model="nope"), None, 404, ["nope"]),
+    ("empty prompt", *completion(prompt=""), None, 400, ["empty"]),
+    ("empty token list", *completion(prompt=[]), None, 400, ["empty"]),
+    ("empty prompt in a list", *completion(prompt=["a", ""]), None, 400, ["empty"]),
+    ("too many prompts", *completion(prompt=["a"] * (MAX_PROMPTS + 1)), None, 400, ["prompts"]),
+    ("token id past the vocabulary", *completion(prompt=[1, 2, 512]), None, 400, ["512", "vocabulary"]),
+    ("negative token id", *completion(prompt=[-1, 5]), None, 400, ["-1", "vocabulary"]),
+    ("huge token id", *completion(prompt=[10**30]), None, 400, []),
+    ("prompt too long", *completion(prompt=list(range(1, 70))), None, 400, ["max_input_len"]),
+    ("prompt + max_tokens over the context", *completion(prompt=list(range(1, 20)), max_tokens=50), None, 400,
+     ["max_tokens", "max_seq_len"]),
+    ("chat over the context", *chat(max_tokens=64), None, 400, ["max_seq_len"]),
+    ("max_tokens 0", *completion(max_tokens=0), None, 400, ["max_tokens"]),
+    ("max_tokens negative", *completion(max_tokens=-3), None, 400, ["max_tokens"]),
+    ("max_tokens a string", *completion(max_tokens="lots"), None, 400, ["max_tokens"]),
+    ("temperature negative", *completion(temperature=-0.5), None, 400, ["temperature"]),
+    ("top_p 0", *completion(top_p=0), None, 400, ["top_p"]),
+    ("top_p above 1", *completion(top_p=1.5), None, 400, ["top_p"]),
+    ("top_k below -1", *completion(top_k=-2), None, 400, ["top_k"]),
+    ("min_p above 1", *completion(min_p=2), None, 400, ["min_p"]),
+    ("presence_penalty 3", *completion(presence_penalty=3), None, 400, ["presence_penalty"]),
+    ("frequency_penalty -3", *completion(frequency_penalty=-3), None, 400, ["frequency_penalty"]),
+    ("repetition_penalty 0", *completion(repetition_penalty=0), None, 400, ["repetition_penalty"]),
+    ("seed negative", *completion(seed=-1), None, 400, ["seed"]),
+    ("seed 2**64", *completion(seed=2**64), None, 400, ["seed"]),
+    ("min_tokens over max_tokens", *completion(min_tokens=9, max_tokens=4), None, 400, ["min_tokens"]),
+    ("temperature NaN", "/v1/completions", b'{"prompt": "x", "temperature": NaN}', JSON, 400, ["temperature"]),
+    ("top_p Infinity", "/v1/completions", b'{"prompt": "x", "top_p": Infinity}', JSON, 400, ["top_p"]),
+    ("penalty -Infinity", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "x"}], "presence_penalty": -Infinity}', JSON, 400,
+     ["presence_penalty"]),
+    ("temperature 1e999", "/v1/completions", b'{"prompt": "x", "temperature": 1e999}', JSON, 400, ["temperature"]),
+    ("n 0", *completion(n=0), None, 400, ["n"]),
+    ("n 17", *completion(n=17), None, 400, ["n"]),
+    ("prompts x n", *completion(prompt=["a"] * 8, n=16), None, 400, ["n"]),
+    ("logprobs 21", *completion(logprobs=21), None, 400, ["logprobs"]),
+    ("top_logprobs 21", *chat(logprobs=True, top_logprobs=21), None, 400, ["top_logprobs"]),
+    ("top_logprobs without logprobs", *chat(top_logprobs=2), None, 400, ["logprobs"]),
+    ("17 stop strings", *completion(stop=[f"s{i}" for i in range(17)]), None, 400, ["stop"]),
+    ("empty stop string", *completion(stop=[""]), None, 400, ["stop"]),
+    ("stop string too long", *completion(stop=["x" * 300]), None, 400, ["stop"]),
+    ("too many stop_token_ids", *completion(stop_token_ids=list(range(100))), None, 400, ["stop_token_ids"]),
+    ("echo with logprobs", *completion(echo=True, logprobs=1), None, 400, ["echo"]),
+    ("best_of", *completion(best_of=3), None, 400, ["best_of"]),
+    ("logit_bias", *completion(logit_bias={"5": 10}), None, 400, ["logit_bias"]),
+    ("suffix", *completion(suffix="end"), None, 400, ["suffix"]),
+    ("stream_options without stream", *completion(stream_options={"include_usage": True}), None, 400,
+     ["stream_options"]),
+    ("prompt a number", *completion(prompt=123), None, 400, ["prompt"]),
+    ("bad prompt, streaming", *completion(prompt="", stream=True), None, 400, ["empty"]),
+    ("bad sampling value, streaming", *chat(temperature=-1, stream=True), None, 400, ["temperature"]),
+    ("no messages", *chat(messages=[]), None, 400, ["messages"]),
+    ("messages not a list", *chat(messages="hi"), None, 400, ["messages"]),
+    ("unknown role", *chat(messages=[{"role": "wizard", "content": "x"}]), None, 400, ["role"]),
+    ("image content", *chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+     None, 400, ["text"]),
+    ("chat template from the request", *chat(chat_template="{{ 'pwned' }}"), None, 400, ["chat template"]),
+    ("chat_template_kwargs", *chat(chat_template_kwargs={"x": 1}), None, 400, ["chat_template_kwargs"]),
+    ("tools", *chat(tools=[{"type": "function", "function": {"name": "f"}}]), None, 400, ["tools"]),
+    ("json response_format", *chat(response_format={"type": "json_object"}), None, 400, ["response_format"]),
+    ("max_tokens and max_completion_tokens disagree", *chat(max_tokens=3, max_completion_tokens=4), None, 400,
+     ["max_tokens"]),
+    ("unknown route", "/v1/embeddings", OK, None, 404, ["/v1/embeddings"]),
+    ("wrong method", "/v1/completions", None, None, 405, []),
+    ("body over the limit", "/v1/completions", b'{"prompt": "' + b"a" * (5 << 20) + b'"}', JSON, 413, ["bytes"]),
+]
+
+
+def send(server, path, body, headers):
+    if body is None and path == "/v1/completions":
+        return httpx.get(server.url + path, timeout=60)
+    if isinstance(body, bytes):
+        return httpx.post(server.url + path, content=body, headers=headers, timeout=60)
+    return httpx.post(server.url + path, json=body, timeout=60)
+
+
+def test_every_bad_input_gets_its_4xx(server):
+    before = server.metrics()
+    failures = []
+    for case, path, body, headers, status, words in CASES:
+        r = send(server, path, body, headers)
+        try:
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}, error
+            assert r.status_code == status, (r.status_code, error)
+            missing = [w for w in words if w.lower() not in error["message"].lower()
+                       and w != error.get("param")]
+            assert not missing, (missing, error)
+        except Exception as e:  # collect all, report together
+            failures.append(f"{case}: {e!r} ({r.status_code} {r.text[:300]})")
+    assert not failures, "\n".join(failures)
+    after = server.metrics()
+    # nothing reached the engine: no prompt tokens admitted, no sequence scheduled
+    assert after["trtllm_prompt_tokens_total"] == before["trtllm_prompt_tokens_total"]
+    assert after["trtllm_kv_cache_blocks_used"] == 0
+    r = server.post("/v1/completions", json=OK)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_unknown_fields_are_ignored(server):
+    r = server.post("/v1/completions", json={**OK, "metadata": {"a": 1}, "store": False, "some_new_field": 3})
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_model_may_be_omitted(server, path):
+    body = dict(OK if path == "/v1/completions" else CHAT)
+    del body["model"]
+    assert server.post(path, json=body).status_code == 200

@@ -1,0 +1,121 @@
+"""Servers of their own: the API key guards every route but /health (and never shows in
+the logs), --max-concurrent-requests answers 429 at once, SIGTERM stops the server within
+its grace period, in-flight requests finished or aborted, exit code 0."""
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.serve.server import Server, wait_until
+
+KEY = "sk-test-0123456789-secret"
+ROUTES = [("GET", "/v1/models"), ("GET", "/v1/models/tiny"), ("POST", "/v1/completions"),
+          ("POST", "/v1/chat/completions"), ("GET", "/metrics"), ("GET", "/version"), ("GET", "/docs"),
+          ("GET", "/openapi.json"), ("GET", "/no/such/route"), ("DELETE", "/v1/models")]
+BODIES = {"/v1/completions": {"prompt": "hi", "max_tokens": 2},
+          "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
+
+
+@pytest.fixture(scope="module")
+def guarded(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("guarded") / "server.log"
+    with Server(model_dir, "--api-key", KEY, "--max-concurrent-requests", "2", log_path=log) as s:
+        yield s
+    assert s.proc.returncode == 0, s.log()
+    assert KEY not in s.log()
+
+
+def call(server, method, path, key=None):
+    headers = {"authorization": f"Bearer {key}"} if key is not None else {}
+    return httpx.request(method, server.url + path, json=BODIES.get(path, {}), headers=headers, timeout=60)
+
+
+def test_api_key_guards_every_route_but_health(guarded):
+    for method, path in ROUTES:
+        for key in (None, "wrong", KEY[:-1], KEY + "x", KEY.upper()):
+            r = call(guarded, method, path, key)
+            assert r.status_code == 401, (method, path, key, r.status_code)
+            assert r.json()["error"]["code"] == "invalid_api_key"
+            assert KEY not in r.text
+        assert call(guarded, method, path, KEY).status_code != 401, (method, path)
+    assert httpx.get(guarded.url + "/health", timeout=10).status_code == 200
+    # a key in another header or scheme is not the key
+    r = httpx.get(guarded.url + "/v1/models", headers={"authorization": KEY, "x-api-key": KEY}, timeout=10)
+    assert r.status_code == 401
+    with openai.OpenAI(base_url=guarded.url + "/v1", api_key=KEY, max_retries=0) as client:
+        assert client.completions.create(model="tiny", prompt="hi", max_tokens=3).usage.completion_tokens >= 1
+    with openai.OpenAI(base_url=guarded.url + "/v1", api_key="nope", max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+
+
+def _stalled_stream(server, key=KEY) -> socket.socket:
+    """A streaming request whose client never reads: far more output than socket buffers hold."""
+    body = json.dumps(dict(prompt=[3, 4, 5], max_tokens=50, n=16, logprobs=20, temperature=1.0, ignore_eos=True,
+                           stream=True)).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
+
+
+def _in_flight(server) -> float:
+    return server.metrics(headers={"authorization": f"Bearer {KEY}"})["trtllm_requests_in_flight"]
+
+
+def test_beyond_max_concurrent_requests_429_fast(guarded):
+    socks = [_stalled_stream(guarded) for _ in range(2)]
+    try:
+        wait_until(lambda: _in_flight(guarded) == 2, 30, what="two requests in flight")
+        for _ in range(5):
+            t = time.monotonic()
+            r = call(guarded, "POST", "/v1/completions", KEY)
+            assert r.status_code == 429 and time.monotonic() - t < 2
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        assert call(guarded, "GET", "/v1/models", KEY).status_code == 200  # only generation is limited
+    finally:
+        for s in socks:
+            s.close()
+    wait_until(lambda: _in_flight(guarded) == 0, 30, what="the stalled requests gone")
+    assert call(guarded, "POST", "/v1/completions", KEY).status_code == 200
+    m = guarded.metrics(headers={"authorization": f"Bearer {KEY}"})
+    assert m['trtllm_requests_total{endpoint="completions",outcome="rejected"}'] == 5
+    assert m["trtllm_kv_cache_blocks_used"] == 0
+
+
+def test_sigterm_finishes_or_aborts_in_flight_and_exits_0(model_dir, tmp_path):
+    server = Server(model_dir, "--shutdown-timeout", "3", log_path=tmp_path / "server.log").start()
+    try:
+        stalled = _stalled_stream(server, key="")
+        done = {}
+
+        def reader():  # a well-behaved streaming client, mid-stream at SIGTERM
+            try:
+                with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                                  json=dict(prompt="Hello", max_tokens=40, ignore_eos=True, stream=True)) as r:
+                    done["events"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+            except httpx.HTTPError as e:
+                done["error"] = e
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        wait_until(lambda: server.metrics()["trtllm_requests_in_flight"] == 2, 30, what="both requests in flight")
+        t = time.monotonic()
+        code = server.stop(timeout=60)
+        elapsed = time.monotonic() - t
+        stalled.close()
+        thread.join(30)
+        assert code == 0, server.log()
+        assert elapsed < 3 + 15, elapsed  # the grace period, then aborts, engine shutdown
+        assert not thread.is_alive()
+        assert "error" in done or done["events"][-1] == "data: [DONE]"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(server.url + "/health", timeout=5)
+        log = server.log()
+        assert "Traceback" not in log, log
+    finally:
+        server.kill()
