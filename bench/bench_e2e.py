@@ -155,6 +155,33 @@ def main():
             print(f"batch 1: first {same} of {NEW} greedy tokens equal HF eager's (bf16)", flush=True)
         results[f"trtllm_b{b}"] = b * NEW / dt
         rows.append((f"decode batch {b}", "trtllm", b * NEW / dt))
+    if args.smoke:  # CUDA-graph replay (and its in-graph greedy pick) == the eager path
+        few = prompts(8, vocab, seed=8).tolist()
+        graphed = [o.outputs[0].token_ids for o in llm.generate(few, greedy, use_tqdm=False)]
+        eager_llm = LLM(ours, build_config=BuildConfig(max_batch_size=8, max_seq_len=2048),
+                        kv_cache_config=KvCacheConfig(max_tokens=8 * 2048), enable_cuda_graph=False)
+        eager = [o.outputs[0].token_ids for o in eager_llm.generate(few, greedy, use_tqdm=False)]
+        eager_llm.shutdown()
+        same = sum(a == b for a, b in zip(graphed, eager))
+        agree = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), NEW) for a, b in zip(graphed, eager)]
+        results["cuda_graph_vs_eager_equal_sequences"] = same
+        print(f"CUDA graphs vs eager: {same}/8 greedy sequences identical; common prefixes {agree}", flush=True)
+        # and one step's logits, same context, both paths: a bug shows as a large error
+        eager_llm = LLM(ours, build_config=BuildConfig(max_batch_size=8, max_seq_len=2048),
+                        kv_cache_config=KvCacheConfig(max_tokens=8 * 2048), enable_cuda_graph=False)
+        for name, engine_llm in (("graph", llm), ("eager", eager_llm)):
+            runner, seen = engine_llm.engine.runner, []
+            real = runner.execute
+            runner.execute = lambda sched, real=real, seen=seen: (lambda r: (seen.append(r[1].float().clone()), r)[1])(real(sched))
+            engine_llm.generate(few, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), use_tqdm=False)
+            runner.execute = real
+            results[f"step_logits_{name}"] = seen[-1]
+        eager_llm.shutdown()
+        a, b = results.pop("step_logits_graph"), results.pop("step_logits_eager")
+        step_err = ((a - b).norm() / b.norm()).item()
+        results["decode_step_logits_graph_vs_eager_rel_err"] = step_err
+        print(f"decode step logits, graph vs eager: rel err {step_err:.2e}", flush=True)
+        assert step_err < 2e-2
     batch = prompts(512, vocab, seed=512).tolist()
     outs, dt = timed(lambda: llm.generate(batch, greedy, use_tqdm=False))
     results["trtllm_512_offline"] = 512 * NEW / dt

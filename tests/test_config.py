@@ -83,7 +83,11 @@ def test_beam_search_not_supported_yet():
 
 def test_max_input_len_within_max_seq_len():
     with pytest.raises(ValueError, match=r"max_input_len \(4096\) exceeds max_seq_len \(2048\)"):
-        BuildConfig(max_seq_len=2048)
+        BuildConfig(max_input_len=4096, max_seq_len=2048)
+    # left at its default, max_input_len follows a smaller max_seq_len down
+    assert BuildConfig(max_seq_len=2048).input_len_for(2048) == 2048
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        BuildConfig(max_input_len=300).input_len_for(256)
     c = BuildConfig(max_input_len=1024)  # max_seq_len None: the model decides
     assert c.max_seq_len_for(2048) == 2048
     assert BuildConfig(max_input_len=10, max_seq_len=20).max_seq_len_for(2048) == 20

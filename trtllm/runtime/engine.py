@@ -137,12 +137,16 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, changed) -> tuple[dict, dict]:
         if not seqs:
             return {}, {}
-        batch = SamplingBatch.build(seqs, logits.shape[-1], logits.device, self.eos_token_ids)
-        out = self.sampler(logits, batch)
-        tokens, finite = out.token_ids.tolist(), out.finite.tolist()
-        chosen = out.logprobs.tolist()
-        top = [list(zip(*pair)) for pair in zip(out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())] \
-            if out.top_logprobs is not None else None
+        if self.runner.last_greedy is not None and all(map(_plain_greedy, seqs)):
+            tokens, finite = self.runner.last_greedy.tolist()  # picked inside the decode graph
+            chosen, top = None, None
+        else:
+            batch = SamplingBatch.build(seqs, logits.shape[-1], logits.device, self.eos_token_ids)
+            out = self.sampler(logits, batch)
+            tokens, finite = out.token_ids.tolist(), out.finite.tolist()
+            chosen = out.logprobs.tolist()
+            top = [list(zip(*pair)) for pair in zip(out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())] \
+                if out.top_logprobs is not None else None
         sampled, extra = {}, {}
         for i, seq in enumerate(seqs):
             if not finite[i]:  # fails alone; finished before update, so its blocks stay unpublished
@@ -214,9 +218,17 @@ class Engine:
             req.streamed_tokens[i] = len(c.token_ids)
         return req.output.snapshot(text_lengths=req.streamed)
 
-    def _check_books(self) -> None:
+    def _check_books(self) -> None:  # noqa: D401
         try:
             self.block_manager.check_invariants()
         except AssertionError as e:  # says so loudly, but keeps serving
             log.error("KV block pool books do not add up with no request in flight: %s", e)
 
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    """Argmax of the raw logits is this sequence's next token (no logprobs wanted)."""
+    p = seq.sampling_params
+    return (p.temperature < 1e-5 or p.top_k == 1) and p.logprobs is None and p.repetition_penalty == 1.0 \
+        and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 \
+        and len(seq.output_token_ids) >= p.min_tokens

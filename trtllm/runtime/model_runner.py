@@ -46,7 +46,9 @@ class ModelRunner:
         self._staging = torch.zeros((3, max_num_tokens), dtype=torch.long,
                                     pin_memory=self.device.type == "cuda")
         self.input_ids, self.positions, self.logits_indices = self._inputs
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # batch size -> (graph, logits [b, V], greedy [2, b]: argmax ids and 1/0 for finite rows)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.last_greedy: torch.Tensor | None = None  # the graph's greedy picks for the last step
         if enable_cuda_graph and self.device.type == "cuda":
             self.capture_cuda_graphs(cuda_graph_batch_sizes(max_num_seqs))
 
@@ -68,10 +70,12 @@ class ModelRunner:
         self.meta.fill(query_lens, seq_lens, tables, self.block_size)
         decode = all(n == 1 for n in query_lens)
         graph_size = next((b for b in sorted(self.graphs) if b >= num_tokens), None) if decode else None
+        self.last_greedy = None
         if graph_size is not None:
             self._copy_inputs(ids, positions, sample_rows, pad_to=graph_size)
-            graph, logits = self.graphs[graph_size]
+            graph, logits, greedy = self.graphs[graph_size]
             graph.replay()
+            self.last_greedy = greedy[:, : len(sample_rows)]
             return to_sample, logits[: len(sample_rows)]  # decode: every token is sampled, in order
         self._copy_inputs(ids, positions, sample_rows)
         rows = self.logits_indices[: len(sample_rows)]
@@ -109,6 +113,9 @@ class ModelRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self.compiled(ids, pos)[0]  # [b, V]
+                    # greedy decoding needs no sampler launches: argmax and the NaN/Inf
+                    # check ride in the graph, and one read brings both back
+                    greedy = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()])
             pool = graph.pool()
-            self.graphs[b] = (graph, logits)
+            self.graphs[b] = (graph, logits, greedy)
         torch.cuda.synchronize()
