@@ -206,17 +206,17 @@ class Handler:
                     yield _event(self._chunk(job, {"index": idx, "text": text, "logprobs": None,
                                                    "finish_reason": None}))
             failed = None
+            encode = self._encoder(job)
             async for i, out in _merged(streams):
                 last[i] = out
                 stats.update(i, out)
                 if out.error:
                     failed = out
                     break
-                for c in out.outputs:
-                    idx = i * n + c.index
-                    piece = self._piece(job, choices[idx], c, idx)
-                    if piece is not None:
-                        yield _event(self._chunk(job, piece))
+                events = [encode(piece) for c in out.outputs
+                          if (piece := self._piece(job, choices[i * n + c.index], c, i * n + c.index)) is not None]
+                if events:  # one write for all of this output's choices
+                    yield b"".join(events)
             if failed is not None:
                 outcome = "failed" if _internal(failed) else "invalid"
                 yield _event(RequestError(500 if _internal(failed) else 400, failed.error).body())
@@ -236,7 +236,7 @@ class Handler:
         new_text = c.text[state.text_sent:]
         new_ids = c.token_ids[state.tokens_sent:]
         done = c.finish_reason is not None and not state.finished
-        if not new_text and not done and not (new_ids and job.logprobs is not None):
+        if not new_text and not new_ids and not done:  # a token whose text is held back still shows progress
             return None
         logprobs = None
         if job.logprobs is not None and new_ids:
@@ -249,6 +249,13 @@ class Handler:
             return {"index": idx, "delta": {"content": new_text} if new_text else {}, "logprobs": logprobs,
                     "finish_reason": reason}
         return {"index": idx, "text": new_text, "logprobs": logprobs, "finish_reason": reason}
+
+    def _encoder(self, job: Job):
+        """choice -> the SSE event of a chunk holding it; the chunk's fixed fields encoded once."""
+        head = _dumps({k: v for k, v in self._chunk(job, None).items() if k not in ("choices", "usage")})
+        head = b"data: " + head[:-1] + b',"choices":['
+        tail = b'],"usage":null}\n\n' if job.include_usage else b"]}\n\n"
+        return lambda choice: head + _dumps(choice) + tail
 
     def _chunk(self, job: Job, choice: dict | None, usage: dict | None = None) -> dict:
         chunk = {"id": job.id, "object": "chat.completion.chunk" if job.endpoint == "chat" else "text_completion",

@@ -1,0 +1,270 @@
+"""Server overhead: the same requests through trtllm-serve (HTTP + SSE) and through LLM.generate.
+
+    tools/fetch_serve_wheels.sh                      # once, where there is network: wheels into .whl/
+    pip install --no-index --find-links .whl fastapi uvicorn prometheus-client httpx uvloop httptools
+    PYTHONPATH=$PWD python bench/bench_serve.py [--smoke] [--requests 256] [--prompt-len 128] [--new 128]
+
+Llama-3-8B shapes, random bf16 weights (bench/bench_e2e.py's model), no tokenizer (so
+neither side detokenizes), token-id prompts, greedy with ignore_eos: every request makes
+exactly --new tokens. In one run, each side in a fresh subprocess (so both get the whole
+GPU and the HTTP client never shares the server's GIL):
+1. offline: `LLM.generate(prompts)`, all at once, after a warm-up;
+2. server: the same `LLM` built the same way behind `build_app` + uvicorn (the
+   `trtllm-serve` stack), after the same warm-up; from this process an asyncio httpx
+   client sends all requests at once (full concurrency) to /v1/completions, streaming
+   (TTFT per request = first content event), then again non-streaming; then SIGTERM.
+Output tok/s = generated tokens / wall (first request sent -> last response complete).
+Target: server >= 0.90 x offline. Table last; JSON under $OUT when set.
+`--smoke` (tiny shapes, 64 requests of 32/32; with `--device cpu` it runs without a GPU)
+checks the pipeline in about a minute.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+NAME = "llama3-8b-random"
+
+
+# -- the model and the engine (the same in both subprocesses) -----------------------------
+def build_llm(args):
+    import torch
+
+    from bench.bench_e2e import LLAMA3_8B, SMOKE
+    from trtllm.config import BuildConfig, KvCacheConfig
+    from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
+    from trtllm.runtime.llm import LLM
+    import transformers
+
+    shape = SMOKE if args.smoke else LLAMA3_8B
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with device:
+        model = LlamaForCausalLM(LlamaConfig.from_hf(transformers.LlamaConfig(**shape)))
+    torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():  # norms around 1, matrices ~ N(0, 1/fan_in), as bench_e2e
+            p.normal_(1.0, 0.05) if p.dim() == 1 else p.normal_(0.0, p.shape[-1] ** -0.5)
+    model.init_buffers(device)
+    model.eval().requires_grad_(False)
+    if device.type == "cuda":
+        build = BuildConfig(max_batch_size=max(256, args.requests), max_num_tokens=8192, max_seq_len=2048)
+        kv = KvCacheConfig(free_gpu_memory_fraction=0.85)
+    else:
+        build = BuildConfig(max_batch_size=64, max_num_tokens=512, max_seq_len=2 * (args.prompt_len + args.new))
+        kv = KvCacheConfig(max_tokens=64 * 2 * (args.prompt_len + args.new))
+    return LLM(model, build_config=build, kv_cache_config=kv), shape["vocab_size"]
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    import torch
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def warm_up(llm, args, vocab):
+    """The same warm-up on both sides: a full batch, then a staggered one (mixed steps)."""
+    from trtllm.sampling_params import SamplingParams
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    llm.generate(make_prompts(args.requests, args.prompt_len, vocab, seed=1), params, use_tqdm=False)
+
+    async def staggered():
+        streams = []
+        for p in make_prompts(32, args.prompt_len, vocab, seed=2):
+            streams.append(llm.generate_async(p, params, streaming=True))
+            await asyncio.sleep(0.002)
+        for s in streams:
+            await s.aresult()
+
+    asyncio.run(staggered())
+
+
+def sync(args):
+    if args.device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+
+
+def role_offline(args) -> None:
+    from trtllm.sampling_params import SamplingParams
+    llm, vocab = build_llm(args)
+    warm_up(llm, args, vocab)
+    prompts = make_prompts(args.requests, args.prompt_len, vocab, seed=1234)
+    params = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
+    sync(args)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    sync(args)
+    wall = time.perf_counter() - t
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    llm.shutdown()
+    print("RESULT " + json.dumps({"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall}), flush=True)
+
+
+def role_server(args) -> None:
+    from trtllm.serve.app import build_app, run_server
+    llm, vocab = build_llm(args)
+    warm_up(llm, args, vocab)
+    app = build_app(llm, NAME, max_concurrent_requests=max(1024, 2 * args.requests))
+    signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn re-raises it after its graceful stop
+    try:
+        run_server(app, "127.0.0.1", args.port, shutdown_timeout=5, log_level="warning", access_log=False)
+    finally:
+        llm.shutdown()
+
+
+# -- the client (this process) ------------------------------------------------------------
+_USAGE = re.compile(rb'"completion_tokens":(\d+)')
+
+
+async def one(client, prompt, args, stream: bool):
+    body = {"model": NAME, "prompt": prompt, "max_tokens": args.new, "temperature": 0.0, "ignore_eos": True,
+            "stream": stream}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+        tail = b""
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for data in r.aiter_bytes():  # cheap scanning: the client must not be the bottleneck
+                if ttft is None and b'"choices":[{' in tail[-64:] + data:
+                    ttft = time.perf_counter() - t0
+                tail = (tail + data)[-4096:]
+        m = _USAGE.findall(tail)
+        tokens = int(m[-1]) if m else 0
+    else:
+        r = await client.post("/v1/completions", json=body)
+        r.raise_for_status()
+        tokens = r.json()["usage"]["completion_tokens"]
+    return ttft, time.perf_counter() - t0, tokens
+
+
+async def measure(url: str, prompts, args, stream: bool) -> dict:
+    import httpx
+    limits = httpx.Limits(max_connections=len(prompts) + 16, max_keepalive_connections=len(prompts) + 16)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(900.0)) as client:
+        await asyncio.gather(*(one(client, p, args, stream) for p in prompts[:8]))  # warm the HTTP path
+        cpu, t = time.process_time(), time.perf_counter()
+        results = await asyncio.gather(*(one(client, p, args, stream) for p in prompts))
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    tokens = sum(r[2] for r in results)
+    out = {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "client_cpu_s": cpu,
+           "e2e_p50_s": statistics.median(r[1] for r in results)}
+    if stream:
+        ttfts = sorted(r[0] for r in results if r[0] is not None)
+        out.update(ttft_p50_s=ttfts[len(ttfts) // 2], ttft_p99_s=ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+                   ttft_count=len(ttfts))
+    return out
+
+
+def child(args, role: str, port: int | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, os.path.abspath(__file__), "--role", role, "--requests", str(args.requests),
+           "--prompt-len", str(args.prompt_len), "--new", str(args.new), "--device", args.device]
+    cmd += ["--smoke"] if args.smoke else []
+    cmd += ["--port", str(port)] if port else []
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE if role == "offline" else None, text=True)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 64 requests of 32/32")
+    ap.add_argument("--requests", type=int, default=None)
+    ap.add_argument("--prompt-len", type=int, default=None)
+    ap.add_argument("--new", type=int, default=None)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--startup-timeout", type=float, default=1200.0)
+    ap.add_argument("--role", choices=["main", "offline", "server"], default="main", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.requests = args.requests or (64 if args.smoke else 256)
+    args.prompt_len = args.prompt_len or (32 if args.smoke else 128)
+    args.new = args.new or (32 if args.smoke else 128)
+    if args.role == "offline":
+        return role_offline(args)
+    if args.role == "server":
+        return role_server(args)
+
+    import httpx
+    results = {"requests": args.requests, "prompt_len": args.prompt_len, "new": args.new, "smoke": args.smoke}
+    # 1. offline
+    proc = child(args, "offline")
+    out, _ = proc.communicate(timeout=args.startup_timeout + 600)
+    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and line, f"offline run failed ({proc.returncode}):\n{out[-3000:]}"
+    results["offline"] = json.loads(line[7:])
+    print(f"offline: {results['offline']}", flush=True)
+    # 2. server
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = child(args, "server", port)
+    try:
+        deadline = time.monotonic() + args.startup_timeout
+        while True:
+            assert server.poll() is None, f"the server exited with {server.returncode}"
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start in time"
+            time.sleep(1)
+        from bench.bench_e2e import LLAMA3_8B, SMOKE
+        vocab = (SMOKE if args.smoke else LLAMA3_8B)["vocab_size"]
+        prompts = make_prompts(args.requests, args.prompt_len, vocab, seed=1234)
+        results["server_stream"] = asyncio.run(measure(url, prompts, args, stream=True))
+        print(f"server, streaming: {results['server_stream']}", flush=True)
+        results["server_whole"] = asyncio.run(measure(url, prompts, args, stream=False))
+        print(f"server, non-streaming: {results['server_whole']}", flush=True)
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+        results["server_metrics_excerpt"] = [x for x in metrics.splitlines() if x.startswith(
+            ("trtllm_requests_total", "trtllm_generation_tokens_total", "trtllm_kv_cache_blocks_used",
+             "trtllm_prefix_cache_hit_rate"))]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            results["server_exit_code"] = server.wait(120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            results["server_exit_code"] = "killed"
+
+    off = results["offline"]["tok_s"]
+    rows = [("LLM.generate (offline)", off, None, None),
+            ("trtllm-serve, streaming (SSE)", results["server_stream"]["tok_s"],
+             results["server_stream"]["ttft_p50_s"], results["server_stream"]["ttft_p99_s"]),
+            ("trtllm-serve, non-streaming", results["server_whole"]["tok_s"], None, None)]
+    results["ratio_stream"] = results["server_stream"]["tok_s"] / off
+    results["ratio_whole"] = results["server_whole"]["tok_s"] / off
+    table = [f"{args.requests} requests {args.prompt_len}/{args.new}, all at once"
+             f"{' (smoke shapes)' if args.smoke else ' (Llama-3-8B shapes, random bf16)'}", "",
+             "| path | output tok/s | vs LLM.generate | TTFT p50 | TTFT p99 |", "|---|---:|---:|---:|---:|"]
+    for name, tok_s, p50, p99 in rows:
+        ttft = f"{p50 * 1e3:,.0f} ms | {p99 * 1e3:,.0f} ms" if p50 is not None else "- | -"
+        table.append(f"| {name} | {tok_s:,.0f} | {tok_s / off:.3f} | {ttft} |")
+    text = "\n".join(table)
+    print(text)
+    print(f"server exit code after SIGTERM: {results['server_exit_code']}")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_serve.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(os.environ["OUT"], "bench_serve.md"), "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
