@@ -38,6 +38,7 @@ CASES = [
     ("empty prompt in a list", *completion(prompt=["a", ""]), None, 400, ["empty"]),
     ("too many prompts", *completion(prompt=["a"] * (MAX_PROMPTS + 1)), None, 400, ["prompts"]),
     ("token id past the vocabulary", *completion(prompt=[1, 2, 512]), None, 400, ["512", "vocabulary"]),
+    ("one bad prompt in a batch", *completion(prompt=[[1, 2], [3, 600]]), None, 400, ["600"]),
     ("negative token id", *completion(prompt=[-1, 5]), None, 400, ["-1", "vocabulary"]),
     ("huge token id", *completion(prompt=[10**30]), None, 400, []),
     ("prompt too long", *completion(prompt=list(range(1, 70))), None, 400, ["max_input_len"]),

@@ -57,7 +57,10 @@ def _stalled_stream(server, key=KEY) -> socket.socket:
     """A streaming request whose client never reads: far more output than socket buffers hold."""
     body = json.dumps(dict(prompt=[3, 4, 5], max_tokens=50, n=16, logprobs=20, temperature=1.0, ignore_eos=True,
                            stream=True)).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's writes block
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", server.port))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     return sock
@@ -88,31 +91,41 @@ def test_beyond_max_concurrent_requests_429_fast(guarded):
 
 
 def test_sigterm_finishes_or_aborts_in_flight_and_exits_0(model_dir, tmp_path):
-    server = Server(model_dir, "--shutdown-timeout", "3", log_path=tmp_path / "server.log").start()
+    # a grace period far shorter than the work in flight: 4 x 16 sequences of 55 tokens, 8 at a time
+    server = Server(model_dir, "--shutdown-timeout", "0.5", log_path=tmp_path / "server.log").start()
     try:
-        stalled = _stalled_stream(server, key="")
+        stalled = [_stalled_stream(server, key="x") for _ in range(2)]
         done = {}
 
-        def reader():  # a well-behaved streaming client, mid-stream at SIGTERM
+        def reader(i):  # well-behaved streaming clients, mid-stream at SIGTERM
             try:
                 with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
-                                  json=dict(prompt="Hello", max_tokens=40, ignore_eos=True, stream=True)) as r:
-                    done["events"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+                                  json=dict(prompt=[9, i], max_tokens=55, n=16, ignore_eos=True, stream=True)) as r:
+                    done[i] = [line for line in r.iter_lines() if line.startswith("data: ")]
             except httpx.HTTPError as e:
-                done["error"] = e
+                done[i] = e
 
-        thread = threading.Thread(target=reader, daemon=True)
-        thread.start()
-        wait_until(lambda: server.metrics()["trtllm_requests_in_flight"] == 2, 30, what="both requests in flight")
+        threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(2)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: server.metrics()["trtllm_requests_in_flight"] == 4, 30, what="4 requests in flight")
         t = time.monotonic()
         code = server.stop(timeout=60)
         elapsed = time.monotonic() - t
-        stalled.close()
-        thread.join(30)
+        for sock in stalled:
+            sock.close()
+        for thread in threads:
+            thread.join(30)
+            assert not thread.is_alive()
         assert code == 0, server.log()
-        assert elapsed < 3 + 15, elapsed  # the grace period, then aborts, engine shutdown
-        assert not thread.is_alive()
-        assert "error" in done or done["events"][-1] == "data: [DONE]"
+        assert elapsed < 0.5 + 15, elapsed  # the grace period, aborts, engine shutdown
+        reasons = []
+        for events in done.values():
+            assert not isinstance(events, Exception), events
+            assert events[-1] == "data: [DONE]"
+            reasons += [c["finish_reason"] for e in events[:-1] for c in json.loads(e[6:])["choices"]
+                        if c["finish_reason"]]
+        assert len(reasons) == 32 and "abort" in reasons, reasons  # every choice ended, some aborted
         with pytest.raises(httpx.ConnectError):
             httpx.get(server.url + "/health", timeout=5)
         log = server.log()

@@ -174,27 +174,35 @@ def _raw_stream_request(server, body: dict) -> socket.socket:
     return sock
 
 
+def _first_event(sock: socket.socket) -> bytes:
+    got = b""
+    for _ in range(200):
+        chunk = sock.recv(4096)
+        got += chunk
+        if b"data: " in got or not chunk:
+            break
+    return got
+
+
 def test_dropped_clients_free_their_blocks(server):
     before = wait_until(lambda: _settled(server), 60, what="an idle server")
-    aborted0 = before.get('trtllm_requests_total{endpoint="completions",outcome="aborted"}', 0)
+    key = 'trtllm_requests_total{endpoint="completions",outcome="aborted"}'
     body = dict(model="tiny", max_tokens=50, temperature=0, ignore_eos=True, stream=True)
-    # mid-prefill: long prompts (chunked: 64 tokens per step), closed before any token comes back
-    for i in range(6):
-        _raw_stream_request(server, dict(body, prompt=list(range(10 + i, 10 + i + 12)))).close()
-    # mid-stream: read the first event, then go away
-    dropped = 0
-    for i in range(6):
-        sock = _raw_stream_request(server, dict(body, prompt=[7 + i, 8, 9, 10]))
-        got = b""
-        for _ in range(200):
-            got += sock.recv(4096)
-            if b"data: " in got:
-                break
-        assert b"data: " in got
+    # 3 x n=16 sequences keep the 8-sequence batch busy for a few hundred steps...
+    busy = [_raw_stream_request(server, dict(body, prompt=[7 + i, 8, 9, 10], n=16, temperature=1.0))
+            for i in range(3)]
+    # ...so these wait for their prefill: dropped before it
+    queued = [_raw_stream_request(server, dict(body, prompt=list(range(10 + i, 22 + i)))) for i in range(6)]
+    wait_until(lambda: server.metrics()["trtllm_requests_in_flight"] == 9, 30, what="all 9 requests in")
+    assert server.metrics()["trtllm_num_requests_waiting"] > 0
+    for sock in queued:
         sock.close()
-        dropped += 1
+    # mid-stream: read the first event, then go away
+    for sock in busy:
+        assert b"data: " in _first_event(sock)
+        sock.close()
     after = wait_until(lambda: _settled(server), 60, what="blocks back after dropped clients")
-    assert after['trtllm_requests_total{endpoint="completions",outcome="aborted"}'] - aborted0 >= dropped
+    assert after[key] - before.get(key, 0) == 9
     assert after["trtllm_kv_cache_blocks_free"] + after["trtllm_kv_cache_blocks_cached"] \
         == after["trtllm_kv_cache_blocks_total"]
     t = time.monotonic()
