@@ -137,6 +137,7 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, changed) -> tuple[dict, dict]:
         if not seqs:
             return {}, {}
+        self.runner.wait()
         if self.runner.last_greedy is not None and all(map(_plain_greedy, seqs)):
             tokens, finite = self.runner.last_greedy.tolist()  # picked inside the decode graph
             chosen, top = None, None

@@ -49,12 +49,16 @@ class ModelRunner:
         # batch size -> (graph, logits [b, V], greedy [2, b]: argmax ids and 1/0 for finite rows)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.last_greedy: torch.Tensor | None = None  # the graph's greedy picks for the last step
+        self._step_done = torch.cuda.Event() if self.device.type == "cuda" else None
         if enable_cuda_graph and self.device.type == "cuda":
             self.capture_cuda_graphs(cuda_graph_batch_sizes(max_num_seqs))
 
     # -- a step ------------------------------------------------------------------------
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Run one step. Returns the sequences to sample and their logits [N, V]."""
+        # The pinned staging buffers are about to be rewritten: the previous step's
+        # host-to-device copies must have run (a step that sampled nothing never synced).
+        self.wait()
         ids, positions, query_lens, seq_lens, tables, sample_rows, to_sample = [], [], [], [], [], [], []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
@@ -76,12 +80,25 @@ class ModelRunner:
             graph, logits, greedy = self.graphs[graph_size]
             graph.replay()
             self.last_greedy = greedy[:, : len(sample_rows)]
+            self._mark_done()
             return to_sample, logits[: len(sample_rows)]  # decode: every token is sampled, in order
         self._copy_inputs(ids, positions, sample_rows)
         rows = self.logits_indices[: len(sample_rows)]
         with attention_context(self.cache, self.meta):
             logits = self.compiled(self.input_ids[None, :num_tokens], self.positions[None, :num_tokens], rows)
+        self._mark_done()
         return to_sample, logits
+
+    def _mark_done(self) -> None:
+        if self._step_done is not None:
+            self._step_done.record()
+
+    def wait(self) -> None:
+        """Block until the step's GPU work is done, *without* the GIL (an event wait
+        releases it; `.tolist()` on a device tensor would hold it for the whole step),
+        so other Python threads (the HTTP server) run while the GPU works."""
+        if self._step_done is not None:
+            self._step_done.synchronize()
 
     def _copy_inputs(self, ids: list[int], positions: list[int], rows: list[int], pad_to: int = 0) -> None:
         n = max(len(ids), pad_to)
@@ -90,7 +107,6 @@ class ModelRunner:
         host[0, : len(ids)] = ids
         host[1, : len(ids)] = positions
         host[2, : len(rows)] = rows
-        # the previous step's copy has finished: the engine read its samples back since
         self._inputs[:, :n].copy_(self._staging[:, :n], non_blocking=True)
 
     # -- CUDA graphs -------------------------------------------------------------------
