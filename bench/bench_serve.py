@@ -116,7 +116,8 @@ def role_server(args) -> None:
     app = build_app(llm, NAME, max_concurrent_requests=max(1024, 2 * args.requests))
     signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn re-raises it after its graceful stop
     try:
-        run_server(app, "127.0.0.1", args.port, shutdown_timeout=5, log_level="warning", access_log=False)
+        run_server(app, "127.0.0.1", args.port, shutdown_timeout=5, log_level="warning", access_log=False,
+                   switch_interval=args.switch_interval if args.switch_interval > 0 else None)
     finally:
         llm.shutdown()
 
@@ -170,7 +171,7 @@ def child(args, role: str, port: int | None = None) -> subprocess.Popen:
     cmd = [sys.executable, os.path.abspath(__file__), "--role", role, "--requests", str(args.requests),
            "--prompt-len", str(args.prompt_len), "--new", str(args.new), "--device", args.device]
     cmd += ["--smoke"] if args.smoke else []
-    cmd += ["--port", str(port)] if port else []
+    cmd += ["--port", str(port), "--switch-interval", str(args.switch_interval)] if port else []
     return subprocess.Popen(cmd, stdout=subprocess.PIPE if role == "offline" else None, text=True)
 
 
@@ -189,6 +190,8 @@ def main():
     ap.add_argument("--new", type=int, default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--startup-timeout", type=float, default=1200.0)
+    ap.add_argument("--switch-interval", type=float, default=0.001,
+                    help="the server process's sys.setswitchinterval (0: Python's default 5 ms)")
     ap.add_argument("--role", choices=["main", "offline", "server"], default="main", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -201,7 +204,15 @@ def main():
         return role_server(args)
 
     import httpx
-    results = {"requests": args.requests, "prompt_len": args.prompt_len, "new": args.new, "smoke": args.smoke}
+    results = {"requests": args.requests, "prompt_len": args.prompt_len, "new": args.new, "smoke": args.smoke,
+               "switch_interval": args.switch_interval}
+    try:
+        import uvloop  # noqa: F401
+        import httptools  # noqa: F401
+        results["uvicorn_stack"] = "uvloop + httptools"
+    except ImportError:
+        results["uvicorn_stack"] = "asyncio + h11 (install uvloop and httptools for the fast path)"
+    print(f"server stack: {results['uvicorn_stack']}", flush=True)
     # 1. offline
     proc = child(args, "offline")
     out, _ = proc.communicate(timeout=args.startup_timeout + 600)
@@ -251,7 +262,8 @@ def main():
     results["ratio_stream"] = results["server_stream"]["tok_s"] / off
     results["ratio_whole"] = results["server_whole"]["tok_s"] / off
     table = [f"{args.requests} requests {args.prompt_len}/{args.new}, all at once"
-             f"{' (smoke shapes)' if args.smoke else ' (Llama-3-8B shapes, random bf16)'}", "",
+             f"{' (smoke shapes)' if args.smoke else ' (Llama-3-8B shapes, random bf16)'}; server: uvicorn "
+             f"{results['uvicorn_stack']}, switch interval {args.switch_interval * 1e3:g} ms", "",
              "| path | output tok/s | vs LLM.generate | TTFT p50 | TTFT p99 |", "|---|---:|---:|---:|---:|"]
     for name, tok_s, p50, p99 in rows:
         ttft = f"{p50 * 1e3:,.0f} ms | {p99 * 1e3:,.0f} ms" if p50 is not None else "- | -"

@@ -131,14 +131,23 @@ def build_app(llm, served_model_name: str, api_key: str | None = None,
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 10.0,
-               log_level: str = "info", access_log: bool = True) -> bool:
+               log_level: str = "info", access_log: bool = True, switch_interval: float | None = 0.001) -> bool:
     """Serve `app` with uvicorn until SIGTERM/SIGINT (or `should_exit`); False if it never started.
 
     On the signal: stop accepting connections; in-flight requests get `shutdown_timeout`
     seconds to finish; then their engine requests are aborted (streams end with
     finish_reason "abort"), and a response still stuck writing to a client that stopped
-    reading is cancelled a few seconds later."""
+    reading is cancelled a few seconds later.
+
+    `switch_interval` (seconds; None: Python's 5 ms): how long the engine thread can wait
+    for the GIL while the event loop holds it. The engine's host work sits between GPU
+    steps, so a long wait there idles the GPU; this sets it for the whole process."""
+    import sys
+
     import uvicorn
+
+    if switch_interval is not None:
+        sys.setswitchinterval(switch_interval)
 
     class GracefulServer(uvicorn.Server):
         async def shutdown(self, sockets=None):
