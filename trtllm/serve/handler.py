@@ -128,24 +128,21 @@ class Handler:
 
     # -- running -------------------------------------------------------------------------
     async def run(self, job: Job, request: Request) -> Response:
-        streams = [self.llm.generate_async(ids, params, streaming=job.stream) for (_, ids), params in zip(job.prompts, job.params)]
+        streams = [self.llm.generate_async(ids, params, streaming=job.stream)
+                   for (_, ids), params in zip(job.prompts, job.params)]
         for s in streams:
             self.active[s.request_id] = s
         headers = {}
         client_id = request.headers.get("x-request-id")
         if client_id and len(client_id) <= 128 and client_id.isprintable():
             headers["x-request-id"] = client_id
+        run = _Run(self, job, streams)
         if job.stream:
             headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-            return StreamingResponse(self._sse(job, streams, request), media_type="text/event-stream",
-                                     headers=headers)
-        return await self._whole(job, streams, request, headers)
-
-    def _abort_unfinished(self, streams: list[RequestStream], last: dict[int, RequestOutput]) -> None:
-        for i, s in enumerate(streams):
-            self.active.pop(s.request_id, None)
-            if i not in last or not last[i].finished:
-                self.llm.abort(s.request_id)
+            # the response's own finally, too: its body iterator may be cancelled before it starts
+            return _EventStream(self._sse(job, run, request), run.finish, media_type="text/event-stream",
+                                headers=headers)
+        return await self._whole(job, run, request, headers)
 
     def abort_all(self) -> None:
         for request_id in list(self.active):
@@ -162,39 +159,34 @@ class Handler:
                     self.llm.abort(s.request_id)
                 return
 
-    async def _whole(self, job: Job, streams, request: Request, headers: dict) -> Response:
+    async def _whole(self, job: Job, run: "_Run", request: Request, headers: dict) -> Response:
         gone = asyncio.Event()
-        watcher = asyncio.ensure_future(self._watch(request, streams, gone))
-        last: dict[int, RequestOutput] = {}
-        stats = _Stats(job.arrival, len(streams), job.stream)
-        outcome = "aborted"
+        watcher = asyncio.ensure_future(self._watch(request, run.streams, gone))
+        last = run.last
         try:
-            async for i, out in _merged(streams):
+            async for i, out in _merged(run.streams):
                 last[i] = out
-                stats.update(i, out)
+                run.stats.update(i, out)
             if gone.is_set():
                 return Response(status_code=499)
             error = next((o for o in last.values() if o.error), None)
             if error is not None:
-                outcome = "failed" if _internal(error) else "invalid"
+                run.outcome = "failed" if _internal(error) else "invalid"
                 err = RequestError(500 if _internal(error) else 400, error.error)
                 return Response(_dumps(err.body()), status_code=err.status, media_type="application/json")
-            outcome = "aborted" if _any_aborted(last.values()) else "success"
-            body = self._whole_body(job, [last[i] for i in range(len(streams))])
+            run.outcome = "aborted" if _any_aborted(last.values()) else "success"
+            body = self._whole_body(job, [last[i] for i in range(len(run.streams))])
             return Response(_dumps(body), media_type="application/json", headers=headers)
         finally:
             watcher.cancel()
-            self._abort_unfinished(streams, last)
-            stats.record(self.metrics, job.endpoint, outcome, last)
+            run.finish()
 
-    async def _sse(self, job: Job, streams, request: Request):
+    async def _sse(self, job: Job, run: "_Run", request: Request):
+        streams, last, stats = run.streams, run.last, run.stats
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(self._watch(request, streams, gone))
-        last: dict[int, RequestOutput] = {}
-        stats = _Stats(job.arrival, len(streams), job.stream)
         n = job.params[0].n
         choices = [_Choice() for _ in range(len(streams) * n)]
-        outcome = "aborted"
         try:
             for idx in range(len(choices)):  # the first chunk of each choice
                 prompt_text = job.prompts[idx // n][0]
@@ -218,17 +210,16 @@ class Handler:
                 if events:  # one write for all of this output's choices
                     yield b"".join(events)
             if failed is not None:
-                outcome = "failed" if _internal(failed) else "invalid"
+                run.outcome = "failed" if _internal(failed) else "invalid"
                 yield _event(RequestError(500 if _internal(failed) else 400, failed.error).body())
             else:
-                outcome = "aborted" if gone.is_set() or _any_aborted(last.values()) else "success"
+                run.outcome = "aborted" if gone.is_set() or _any_aborted(last.values()) else "success"
                 if job.include_usage:
                     yield _event(self._chunk(job, None, usage=_usage(job, last)))
             yield b"data: [DONE]\n\n"
         finally:
             watcher.cancel()
-            self._abort_unfinished(streams, last)
-            stats.record(self.metrics, job.endpoint, outcome, last)
+            run.finish()
 
     # -- OpenAI shapes -------------------------------------------------------------------
     def _piece(self, job: Job, state: _Choice, c, idx: int) -> dict | None:
@@ -316,6 +307,42 @@ class Handler:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else ""
+
+
+class _Run:
+    """One job in flight: its streams, their latest outputs, and the end of it (once)."""
+
+    def __init__(self, handler: Handler, job: Job, streams: list[RequestStream]):
+        self.handler, self.job, self.streams = handler, job, streams
+        self.last: dict[int, RequestOutput] = {}
+        self.stats = _Stats(job.arrival, len(streams), job.stream)
+        self.outcome = "aborted"  # unless the response says otherwise
+        self.done = False
+
+    def finish(self) -> None:
+        """Abort what has not finished, forget the streams, count the outcome. Idempotent."""
+        if self.done:
+            return
+        self.done = True
+        for i, s in enumerate(self.streams):
+            self.handler.active.pop(s.request_id, None)
+            if i not in self.last or not self.last[i].finished:
+                self.handler.llm.abort(s.request_id)
+        self.stats.record(self.handler.metrics, self.job.endpoint, self.outcome, self.last)
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that runs `on_close` however it ends (done, client gone, cancelled)."""
+
+    def __init__(self, content, on_close, **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 class _Stats:
