@@ -10,8 +10,9 @@ exactly --new tokens. In one run, each side in a fresh subprocess (so both get t
 GPU and the HTTP client never shares the server's GIL):
 1. offline: `LLM.generate(prompts)`, all at once, after a warm-up;
 2. server: the same `LLM` built the same way behind `build_app` + uvicorn (the
-   `trtllm-serve` stack), after the same warm-up; from this process an asyncio httpx
-   client sends all requests at once (full concurrency) to /v1/completions, streaming
+   `trtllm-serve` stack), after the same warm-up; from this process an asyncio client
+   (a minimal HTTP/1.1 one, so that the client is never the bottleneck; its CPU time is
+   reported) sends all requests at once (full concurrency) to /v1/completions, streaming
    (TTFT per request = first content event), then again non-streaming; then SIGTERM.
 Output tok/s = generated tokens / wall (first request sent -> last response complete).
 Target: server >= 0.90 x offline. Table last; JSON under $OUT when set.
@@ -123,41 +124,57 @@ def role_server(args) -> None:
 
 
 # -- the client (this process) ------------------------------------------------------------
+# A minimal HTTP/1.1 client on asyncio streams: one connection per request, the body read
+# chunk by chunk and only scanned. A general client (httpx: pure-Python h11 per chunk, a
+# connection pool scanned per event) costs tens of microseconds per SSE event, which at
+# 256 x 128 events is seconds of client CPU: the client would be what is measured.
 _USAGE = re.compile(rb'"completion_tokens":(\d+)')
 
 
-async def one(client, prompt, args, stream: bool):
+async def one(host: str, port: int, prompt, args, stream: bool):
     body = {"model": NAME, "prompt": prompt, "max_tokens": args.new, "temperature": 0.0, "ignore_eos": True,
             "stream": stream}
-    t0 = time.perf_counter()
-    ttft, tokens = None, 0
     if stream:
         body["stream_options"] = {"include_usage": True}
-        tail = b""
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            r.raise_for_status()
-            async for data in r.aiter_bytes():  # cheap scanning: the client must not be the bottleneck
-                if ttft is None and b'"choices":[{' in tail[-64:] + data:
+    data = json.dumps(body).encode()
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+        head = (await reader.readuntil(b"\r\n\r\n")).lower()
+        status = int(head.split(b" ", 2)[1])
+        ttft, tail = None, b""
+        if b"transfer-encoding: chunked" in head:
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                chunk = await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                if ttft is None and b'"choices":[{' in chunk:
                     ttft = time.perf_counter() - t0
-                tail = (tail + data)[-4096:]
-        m = _USAGE.findall(tail)
-        tokens = int(m[-1]) if m else 0
-    else:
-        r = await client.post("/v1/completions", json=body)
-        r.raise_for_status()
-        tokens = r.json()["usage"]["completion_tokens"]
-    return ttft, time.perf_counter() - t0, tokens
+                tail = (tail + chunk)[-4096:]
+        else:
+            length = int(re.search(rb"content-length: *(\d+)", head).group(1))
+            tail = await reader.readexactly(length)
+    finally:
+        writer.close()
+    end = time.perf_counter() - t0
+    if status != 200:
+        raise RuntimeError(f"HTTP {status}: {tail[-500:]!r}")
+    m = _USAGE.findall(tail)
+    return ttft, end, int(m[-1]) if m else 0
 
 
 async def measure(url: str, prompts, args, stream: bool) -> dict:
-    import httpx
-    limits = httpx.Limits(max_connections=len(prompts) + 16, max_keepalive_connections=len(prompts) + 16)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(900.0)) as client:
-        await asyncio.gather(*(one(client, p, args, stream) for p in prompts[:8]))  # warm the HTTP path
-        cpu, t = time.process_time(), time.perf_counter()
-        results = await asyncio.gather(*(one(client, p, args, stream) for p in prompts))
-        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    host, port = url.removeprefix("http://").split(":")
+    port = int(port)
+    await asyncio.gather(*(one(host, port, p, args, stream) for p in prompts[:8]))  # warm the HTTP path
+    cpu, t = time.process_time(), time.perf_counter()
+    results = await asyncio.wait_for(asyncio.gather(*(one(host, port, p, args, stream) for p in prompts)), 900)
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     tokens = sum(r[2] for r in results)
+    assert tokens == len(prompts) * args.new, (tokens, len(prompts) * args.new)
     out = {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "client_cpu_s": cpu,
            "e2e_p50_s": statistics.median(r[1] for r in results)}
     if stream:
@@ -165,6 +182,15 @@ async def measure(url: str, prompts, args, stream: bool) -> dict:
         out.update(ttft_p50_s=ttfts[len(ttfts) // 2], ttft_p99_s=ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
                    ttft_count=len(ttfts))
     return out
+
+
+def run_async(coro):
+    """With uvloop when it is installed (the server uses it too, through uvicorn)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def child(args, role: str, port: int | None = None) -> subprocess.Popen:
@@ -238,9 +264,9 @@ def main():
         from bench.bench_e2e import LLAMA3_8B, SMOKE
         vocab = (SMOKE if args.smoke else LLAMA3_8B)["vocab_size"]
         prompts = make_prompts(args.requests, args.prompt_len, vocab, seed=1234)
-        results["server_stream"] = asyncio.run(measure(url, prompts, args, stream=True))
+        results["server_stream"] = run_async(measure(url, prompts, args, stream=True))
         print(f"server, streaming: {results['server_stream']}", flush=True)
-        results["server_whole"] = asyncio.run(measure(url, prompts, args, stream=False))
+        results["server_whole"] = run_async(measure(url, prompts, args, stream=False))
         print(f"server, non-streaming: {results['server_whole']}", flush=True)
         metrics = httpx.get(url + "/metrics", timeout=30).text
         results["server_metrics_excerpt"] = [x for x in metrics.splitlines() if x.startswith(
