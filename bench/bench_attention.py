@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from trtllm.kernels import paged_attention as pa
+from trtllm.kernels import paged_attention_decode as pa_decode
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -147,7 +148,7 @@ def bench_decode(batch, ctx, failures):
     except Exception as e:  # noqa: BLE001 - a missing peer must not hide our numbers
         print(f"  sdpa decode b{batch} ctx{ctx}: {type(e).__name__}: {e}", file=sys.stderr)
         t_sdpa = float("nan")
-    row = dict(batch=batch, ctx=ctx, rel_err=err, splits=pa._num_splits(batch, HKV, ctx, DEV),
+    row = dict(batch=batch, ctx=ctx, rel_err=err, splits=pa_decode._num_splits(batch, HKV, ctx, DEV),
                us_eager=t_eager * 1e3, us_graph=t_graph * 1e3, us_sdpa=t_sdpa * 1e3,
                gbs_eager=nbytes / t_eager / 1e6, gbs_graph=nbytes / t_graph / 1e6,
                gbs_sdpa=nbytes / t_sdpa / 1e6)
@@ -199,7 +200,7 @@ def sweep():
     for batch, ctx in ((8, 2048), (1, 8192), (64, 2048)):
         args = make_inputs([(ctx - 1, 1)] * batch, seed=7)
         nbytes = batch * ctx * HKV * D * 4
-        base = pa._num_splits(batch, HKV, ctx, DEV)
+        base = pa_decode._num_splits(batch, HKV, ctx, DEV)
         for cfg in ((64, 4, 5), (64, 4, 3), (32, 4, 4), (128, 4, 3)):
             for splits in sorted({max(1, base // 2), base, base * 2}):
                 try:

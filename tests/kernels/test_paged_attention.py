@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import trtllm.kernels.paged_attention as pa
+import trtllm.kernels.paged_attention_decode as pa_decode
 from trtllm.kernels.paged_attention import paged_attention, paged_attention_ref
 
 # (atol, rtol) of kernel vs reference. fp16: P is rounded to fp16 before P @ V, as in
@@ -159,7 +160,7 @@ def test_decode_split(splits, window):
                          window=window)
     out, _ = check(args, num_splits=splits, decode_config=(16, 4, 1))
     # the merge tickets are back to zero: a second launch merges again
-    assert not pa._counters[torch.device("cpu")].any()
+    assert not pa_decode._counters[torch.device("cpu")].any()
     if splits == 3 and window == 0:
         again, _ = check(args, num_splits=splits, decode_config=(16, 4, 1))
         torch.testing.assert_close(again, out, atol=0, rtol=0)
@@ -167,10 +168,10 @@ def test_decode_split(splits, window):
 
 def test_split_heuristic():
     dev = torch.device("cpu")
-    assert pa._num_splits(8, 8, 2048, dev) == 4
-    assert pa._num_splits(1, 8, 8192, dev) == 32
-    assert pa._num_splits(64, 8, 8192, dev) == 1
-    assert pa._num_splits(1, 8, 100, dev) == 1
+    assert pa_decode._num_splits(8, 8, 2048, dev) == 4
+    assert pa_decode._num_splits(1, 8, 8192, dev) == 32
+    assert pa_decode._num_splits(64, 8, 8192, dev) == 1
+    assert pa_decode._num_splits(1, 8, 100, dev) == 1
 
 
 @pytest.mark.parametrize("window", [5, 16])

@@ -54,3 +54,28 @@ def register_op(
     op = torch.library.custom_op(f"trtllm::{name}", impl, mutates_args=tuple(mutates_args))
     op.register_fake(fake)
     return op
+
+
+def _fix_interpreter_index() -> None:
+    """Let the Triton interpreter run `range(start, stop)` with runtime bounds.
+
+    The interpreter holds scalars as 1-element numpy arrays and its `tensor.__index__` is
+    `int(array)`, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted
+    to Python scalars"). Wrap the interpreter's tensor patching to index element 0.
+    """
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+    if getattr(patch, "_index_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._index_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if triton_interpreter_on():  # every kernel with a data-dependent loop needs it
+    _fix_interpreter_index()

@@ -1,0 +1,212 @@
+"""The decode path of paged attention (max_query_len == 1): one launch per layer.
+
+`_decode_kernel`, grid (Hkv, num_seqs, splits): the G query heads of one kv head are the
+(padded to 16) rows of one tile; K/V pages stream through; the new key is taken from k/v
+(and written to the cache) by the split owning it; with splits > 1 (flash-decoding) each
+split writes (max, sum, acc) partials and the last one to finish (an atomic ticket per
+sequence and kv head) merges them. Semantics and shapes: kernels/paged_attention.py.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from trtllm.kernels.attention_tiles import attend as _attend, load_tile as _load_tile, \
+    write_token as _write_token
+
+# Flash-decoding: split a sequence's context only while the grid is smaller than
+# _SPLIT_TARGET_PER_SM programs per SM (one wave: 3 decode programs of 72 KB smem fit an
+# SM's 228 KB), and never into pieces shorter than _SPLIT_MIN_LEN positions (the
+# partials' write + merge must stay small against the K/V stream).
+_SPLIT_TARGET_PER_SM = 2
+_SPLIT_MIN_LEN = 256
+_MAX_SPLITS = 64
+
+
+@triton.jit(do_not_specialize=["window", "num_tokens"])
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, slot_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+    pm_ptr, pl_ptr, pacc_ptr, count_ptr,
+    qk_scale, window, num_tokens,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
+    G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr, HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One launch for the whole decode step (launches are a large share of a 20-30 us
+    step): the cache write, the zero rows, attention and the split merge."""
+    kvh = tl.program_id(0)  # fastest: the Hkv programs of a sequence read adjacent rows
+    s = tl.program_id(1)
+    split = tl.program_id(2)
+    num_seqs = tl.num_programs(1)
+    if (kvh == 0) & (split == 0):
+        # Tokens no sequence covers (padding of a captured batch), shared out over s.
+        q_first = tl.load(qsl_ptr)
+        total = tl.load(qsl_ptr + num_seqs)
+        for u in range(s, q_first + num_tokens - total, num_seqs):
+            tok = tl.where(u < q_first, u, total + u - q_first)
+            _write_token(tok, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, o_ptr, True,
+                         stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs,
+                         stride_ch, stride_ot, stride_oh, HKV, G * HKV, HEAD_D, PAGE,
+                         BLOCK_HKV, BLOCK_HQ, BLOCK_D)
+    t = tl.load(qsl_ptr + s)
+    if tl.load(qsl_ptr + s + 1) <= t:  # unused row of a captured batch
+        return
+    L = tl.load(seq_lens_ptr + s)
+
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_D
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    head = kvh * G + offs_g
+    g_ok = (offs_g < G)[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok, other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+
+    # The one query sits at p = L - 1: keys [lo, L). Splits take equal runs of tiles of
+    # the true length (the host only knew an upper bound); trailing splits may be empty.
+    lo = tl.where(window > 0, tl.maximum(L - window, 0), 0)
+    first = lo // BLOCK_N
+    per = tl.cdiv(tl.cdiv(L, BLOCK_N) - first, NUM_SPLITS)
+    j_start = (first + split * per) * BLOCK_N
+    j_end = tl.minimum(j_start + per * BLOCK_N, L)
+    # Keys [lo, L - 1) come from the cache; the new key L - 1 from k/v, by the one split
+    # that owns it, which also writes it to the cache (no other program reads that slot).
+    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
+    for j0 in range(j_start, j_end, BLOCK_N):
+        j = j0 + offs_n
+        j_ok = (j >= lo) & (j < j_end) & (j < L - 1)
+        page = tl.load(bt_row + j // PAGE, mask=j_ok, other=0).to(tl.int64)
+        off = page[:, None] * stride_cb + (j % PAGE)[:, None] * stride_cs \
+            + kvh * stride_ch + offs_d[None, :]
+        k = _load_tile(kc_ptr + off, j_ok, d_ok, True, EVEN_D)
+        v = _load_tile(vc_ptr + off, j_ok, d_ok, True, EVEN_D)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, DOT_PREC)
+    if ((j_start < L) & (L <= j_end)) | ((L <= 0) & (split == 0)):
+        k_new = tl.load(k_ptr + t.to(tl.int64) * stride_kt + kvh * stride_kh + offs_d, mask=d_ok)
+        v_new = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kvh * stride_vh + offs_d, mask=d_ok)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + kvh * stride_ch + offs_d
+            tl.store(kc_ptr + dst, k_new.to(kc_ptr.dtype.element_ty), mask=d_ok)
+            tl.store(vc_ptr + dst, v_new.to(vc_ptr.dtype.element_ty), mask=d_ok)
+        if L > 0:
+            qk = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
+            m_new = tl.maximum(m_i, qk)
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(qk - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
+
+    o_ptrs = o_ptr + t.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=g_ok)
+    else:
+        # Partials [S, Hq, NUM_SPLITS] (+ [HEAD_D] for acc), unnormalized; the program that
+        # finishes last for this (sequence, kv head) merges them: no second launch.
+        row = (s * G * HKV + head) * NUM_SPLITS + split
+        tl.store(pm_ptr + row, m_i, mask=offs_g < G)
+        tl.store(pl_ptr + row, l_i, mask=offs_g < G)
+        tl.store(pacc_ptr + row.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], acc, mask=g_ok)
+        tl.debug_barrier()  # every thread's partials are issued before the release below
+        ticket = tl.atomic_add(count_ptr + s * HKV + kvh, 1, sem="acq_rel")
+        if ticket == NUM_SPLITS - 1:
+            tl.debug_barrier()
+            offs_s = tl.arange(0, BLOCK_S)
+            rows = (s * G * HKV + head)[None, :] * NUM_SPLITS + offs_s[:, None]
+            sg_ok = (offs_s < NUM_SPLITS)[:, None] & (offs_g < G)[None, :]
+            m_all = tl.load(pm_ptr + rows, mask=sg_ok, other=float("-inf"), cache_modifier=".cg")
+            l_all = tl.load(pl_ptr + rows, mask=sg_ok, other=0.0, cache_modifier=".cg")
+            m_max = tl.max(m_all, 0)
+            m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # all splits empty
+            den = tl.sum(tl.math.exp2(m_all - m_max[None, :]) * l_all, 0)
+            total = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+            for sp in range(NUM_SPLITS):
+                r = (s * G * HKV + head) * NUM_SPLITS + sp
+                m_sp = tl.load(pm_ptr + r, mask=offs_g < G, other=float("-inf"), cache_modifier=".cg")
+                a_sp = tl.load(pacc_ptr + r.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
+                               mask=g_ok, other=0.0, cache_modifier=".cg")
+                total += tl.math.exp2(m_sp - m_max)[:, None] * a_sp
+            tl.store(o_ptrs, (total / tl.where(den == 0.0, 1.0, den)[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=g_ok)
+            tl.atomic_xchg(count_ptr + s * HKV + kvh, 0)  # ready for the next launch / replay
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the H100 the heuristics are tuned for; the interpreter tests use it too
+
+
+def _num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Flash-decoding splits: fill ~_SPLIT_TARGET_PER_SM programs per SM, e.g. on H100
+    batch 8 x 8 kv heads -> 4 splits; batch 1 x 8192 ctx -> 32; batch >= 17 -> 1."""
+    target = _SPLIT_TARGET_PER_SM * _num_sms(device)
+    by_grid = target // max(num_seqs * num_kv_heads, 1)
+    by_len = max_seq_len // _SPLIT_MIN_LEN
+    return max(1, min(by_grid, by_len, _MAX_SPLITS))
+
+
+_counters: dict = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 tickets, one per (sequence, kv head), kept across calls: the merging
+    program resets its ticket, so the buffer is all zeros again after every launch (and
+    every CUDA-graph replay). Allocated once per device, outside any graph capture
+    normally (the first decode step runs eagerly); 64K entries cover 1K seqs x 64 heads."""
+    buf = _counters.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _counters[device] = buf
+    return buf
+
+
+def _decode_config(head_dim: int, elem_size: int):
+    """(BLOCK_N, num_warps, num_stages): 64 x 128 bf16 K + V = 32 KB per buffer.
+
+    The K/V addresses come from a block-table load inside the loop, and Triton's
+    pipeliner gives that load a stage of its own: in the sm_90 TTGIR, num_stages 2-4
+    leave K/V single-buffered (load waits right before use), 5 double-buffers them
+    (72 KB smem, 128 regs: 3 programs per SM)."""
+    if elem_size == 4 or head_dim > 128:
+        return 32, 4, 3
+    return 64, 4, 5
+
+
+def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
+                  qk_scale, window, num_seqs, max_seq_len, dot_prec, *, num_splits=None, config=None):
+    """One decode step of one layer (one new token per sequence) into `out`."""
+    T, Hq, D = q.shape
+    Hkv, BS = kc.shape[2], kc.shape[1]
+    G = Hq // Hkv
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    block_n, warps, stages = config or _decode_config(D, q.element_size())
+    splits = num_splits or _num_splits(num_seqs, Hkv, max_seq_len, q.device)
+    part_m = part_l = part_acc = counts = out  # unused unless splits > 1
+    if splits > 1:
+        part_m = torch.empty((num_seqs, Hq, splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((num_seqs, Hq, splits, D), dtype=torch.float32, device=q.device)
+        counts = _split_counters(q.device, num_seqs * Hkv)
+    _decode_kernel[(Hkv, num_seqs, splits)](
+        q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
+        part_m, part_l, part_acc, counts, qk_scale, window, T,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        BLOCK_N=block_n, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+        HKV=Hkv, BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_HQ=triton.next_power_of_2(Hq),
+        DOT_PREC=dot_prec, num_warps=warps, num_stages=stages,
+    )
