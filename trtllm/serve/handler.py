@@ -1,5 +1,5 @@
-"""From a validated OpenAI request to engine requests, and from `RequestOutput`s to
-OpenAI's JSON (whole) or server-sent events (stream).
+"""From a validated OpenAI request to engine requests, and their outputs back to the
+client as whole JSON or server-sent events (the bodies themselves: serve/render.py).
 
     job = handler.completion_job(body)   # or chat_job: every check; RequestError if bad
     response = await handler.run(job, request)
@@ -15,10 +15,8 @@ requests, which frees their KV blocks.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -28,39 +26,12 @@ from trtllm.runtime.outputs import RequestOutput
 from trtllm.runtime.tokenizer import apply_chat_template
 from trtllm.sampling_params import SamplingParams
 from trtllm.serve.metrics import ServerMetrics
+from trtllm.serve.render import ChoiceProgress, Job, Renderer, dumps, event, usage
 from trtllm.serve.protocol import (DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest,
                                    RequestError)
 
 _BIG_TEXT = 16384  # characters: longer prompts are tokenized on a worker thread, off the event loop
 
-
-@dataclass
-class Job:
-    endpoint: str                       # "completions" | "chat"
-    id: str
-    prompts: list[tuple[str | None, list[int]]]
-    params: list[SamplingParams]        # one per prompt
-    logprobs: int | None
-    stream: bool
-    include_usage: bool
-    echo: bool = False
-    created: int = field(default_factory=lambda: int(time.time()))
-    arrival: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class _Choice:
-    text_sent: int = 0
-    tokens_sent: int = 0
-    finished: bool = False
-
-
-def _dumps(obj) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _event(obj) -> bytes:
-    return b"data: " + _dumps(obj) + b"\n\n"
 
 
 class Handler:
@@ -68,7 +39,7 @@ class Handler:
         self.llm, self.name, self.metrics = llm, served_model_name, metrics
         self.tokenizer = llm.tokenizer
         self.active: dict[str, RequestStream] = {}
-        self._token_text: dict[int, str] = {}
+        self.render = Renderer(self.tokenizer, served_model_name)
 
     # -- checks (nothing is submitted until all pass) ------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -173,10 +144,10 @@ class Handler:
             if error is not None:
                 run.outcome = "failed" if _internal(error) else "invalid"
                 err = RequestError(500 if _internal(error) else 400, error.error)
-                return Response(_dumps(err.body()), status_code=err.status, media_type="application/json")
+                return Response(dumps(err.body()), status_code=err.status, media_type="application/json")
             run.outcome = "aborted" if _any_aborted(last.values()) else "success"
-            body = self._whole_body(job, [last[i] for i in range(len(run.streams))])
-            return Response(_dumps(body), media_type="application/json", headers=headers)
+            body = self.render.whole_body(job, [last[i] for i in range(len(run.streams))])
+            return Response(dumps(body), media_type="application/json", headers=headers)
         finally:
             watcher.cancel()
             run.finish()
@@ -186,19 +157,19 @@ class Handler:
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(self._watch(request, streams, gone))
         n = job.params[0].n
-        choices = [_Choice() for _ in range(len(streams) * n)]
+        choices = [ChoiceProgress() for _ in range(len(streams) * n)]
         try:
             for idx in range(len(choices)):  # the first chunk of each choice
                 prompt_text = job.prompts[idx // n][0]
                 if job.endpoint == "chat":
-                    yield _event(self._chunk(job, {"index": idx, "delta": {"role": "assistant", "content": ""},
+                    yield event(self.render.chunk(job, {"index": idx, "delta": {"role": "assistant", "content": ""},
                                                    "logprobs": None, "finish_reason": None}))
                 elif job.echo:
-                    text = prompt_text if prompt_text is not None else self._decode(job.prompts[idx // n][1])
-                    yield _event(self._chunk(job, {"index": idx, "text": text, "logprobs": None,
+                    text = prompt_text if prompt_text is not None else self.render.decode(job.prompts[idx // n][1])
+                    yield event(self.render.chunk(job, {"index": idx, "text": text, "logprobs": None,
                                                    "finish_reason": None}))
             failed = None
-            encode = self._encoder(job)
+            encode = self.render.encoder(job)
             async for i, out in _merged(streams):
                 last[i] = out
                 stats.update(i, out)
@@ -206,108 +177,22 @@ class Handler:
                     failed = out
                     break
                 events = [encode(piece) for c in out.outputs
-                          if (piece := self._piece(job, choices[i * n + c.index], c, i * n + c.index)) is not None]
+                          if (piece := self.render.piece(job, choices[i * n + c.index], c, i * n + c.index)) is not None]
                 if events:  # one write for all of this output's choices
                     yield b"".join(events)
             if failed is not None:
                 run.outcome = "failed" if _internal(failed) else "invalid"
-                yield _event(RequestError(500 if _internal(failed) else 400, failed.error).body())
+                yield event(RequestError(500 if _internal(failed) else 400, failed.error).body())
             else:
                 run.outcome = "aborted" if gone.is_set() or _any_aborted(last.values()) else "success"
                 if job.include_usage:
-                    yield _event(self._chunk(job, None, usage=_usage(job, last)))
+                    yield event(self.render.chunk(job, None, usage=usage(job, last)))
             yield b"data: [DONE]\n\n"
         finally:
             watcher.cancel()
             run.finish()
 
     # -- OpenAI shapes -------------------------------------------------------------------
-    def _piece(self, job: Job, state: _Choice, c, idx: int) -> dict | None:
-        """The chunk choice for what completion `c` added since `state`, or None."""
-        new_text = c.text[state.text_sent:]
-        new_ids = c.token_ids[state.tokens_sent:]
-        done = c.finish_reason is not None and not state.finished
-        if not new_text and not new_ids and not done:  # a token whose text is held back still shows progress
-            return None
-        logprobs = None
-        if job.logprobs is not None and new_ids:
-            entries = (c.logprobs or [])[state.tokens_sent:state.tokens_sent + len(new_ids)]
-            logprobs = self._logprobs(job, new_ids, entries, state.text_sent)
-        state.text_sent, state.tokens_sent = len(c.text), len(c.token_ids)
-        state.finished = state.finished or done
-        reason = c.finish_reason if done else None
-        if job.endpoint == "chat":
-            return {"index": idx, "delta": {"content": new_text} if new_text else {}, "logprobs": logprobs,
-                    "finish_reason": reason}
-        return {"index": idx, "text": new_text, "logprobs": logprobs, "finish_reason": reason}
-
-    def _encoder(self, job: Job):
-        """choice -> the SSE event of a chunk holding it; the chunk's fixed fields encoded once."""
-        head = _dumps({k: v for k, v in self._chunk(job, None).items() if k not in ("choices", "usage")})
-        head = b"data: " + head[:-1] + b',"choices":['
-        tail = b'],"usage":null}\n\n' if job.include_usage else b"]}\n\n"
-        return lambda choice: head + _dumps(choice) + tail
-
-    def _chunk(self, job: Job, choice: dict | None, usage: dict | None = None) -> dict:
-        chunk = {"id": job.id, "object": "chat.completion.chunk" if job.endpoint == "chat" else "text_completion",
-                 "created": job.created, "model": self.name, "choices": [choice] if choice is not None else []}
-        if job.include_usage:
-            chunk["usage"] = usage
-        return chunk
-
-    def _whole_body(self, job: Job, outs: list[RequestOutput]) -> dict:
-        n = job.params[0].n
-        choices = []
-        for i, out in enumerate(outs):
-            for c in out.outputs:
-                lp = self._logprobs(job, c.token_ids, c.logprobs or [], 0) if job.logprobs is not None else None
-                if job.endpoint == "chat":
-                    choices.append({"index": i * n + c.index, "message": {"role": "assistant", "content": c.text},
-                                    "logprobs": lp, "finish_reason": c.finish_reason})
-                else:
-                    prefix = ""
-                    if job.echo:
-                        prefix = out.prompt if out.prompt is not None else (
-                            job.prompts[i][0] if job.prompts[i][0] is not None else self._decode(job.prompts[i][1]))
-                    choices.append({"index": i * n + c.index, "text": prefix + c.text, "logprobs": lp,
-                                    "finish_reason": c.finish_reason})
-        return {"id": job.id, "object": "chat.completion" if job.endpoint == "chat" else "text_completion",
-                "created": job.created, "model": self.name, "system_fingerprint": None, "choices": choices,
-                "usage": _usage(job, dict(enumerate(outs)))}
-
-    def _logprobs(self, job: Job, ids: list[int], entries: list[dict], offset: int) -> dict:
-        k = job.logprobs or 0
-        if job.endpoint == "chat":
-            content = []
-            for tid, entry in zip(ids, entries):
-                top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
-                text = self._text_of(tid)
-                content.append({"token": text, "logprob": entry.get(tid, 0.0), "bytes": list(text.encode()),
-                                "top_logprobs": [{"token": self._text_of(t), "logprob": v,
-                                                  "bytes": list(self._text_of(t).encode())} for t, v in top]})
-            return {"content": content}
-        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-        for tid, entry in zip(ids, entries):
-            text = self._text_of(tid)
-            tokens.append(text)
-            token_logprobs.append(entry.get(tid, 0.0))
-            top_logprobs.append({self._text_of(t): v for t, v in sorted(entry.items(), key=lambda kv: -kv[1])[:k]})
-            offsets.append(offset)
-            offset += len(text)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-                "text_offset": offsets}
-
-    def _text_of(self, token_id: int) -> str:
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self._decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
-            if len(self._token_text) < 1_000_000:
-                self._token_text[token_id] = text
-        return text
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else ""
-
 
 class _Run:
     """One job in flight: its streams, their latest outputs, and the end of it (once)."""
@@ -376,13 +261,6 @@ class _Stats:
             if longest > 1:
                 metrics.tpot.observe((self.latest[i] - self.first[i]) / (longest - 1))
 
-
-def _usage(job: Job, last: dict[int, RequestOutput]) -> dict:
-    prompt = sum(len(ids) for _, ids in job.prompts)
-    completion = sum(len(c.token_ids) for out in last.values() for c in out.outputs)
-    cached = sum(out.num_cached_tokens for out in last.values())
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _internal(out: RequestOutput) -> bool:

@@ -1,0 +1,147 @@
+"""OpenAI's response bodies from `RequestOutput`s: whole JSON, stream chunks, logprobs, usage.
+
+    render = Renderer(tokenizer, served_model_name)
+    body = render.whole_body(job, outputs)           # /v1/completions or chat, not streamed
+    encode = render.encoder(job); encode(render.piece(job, progress, completion, index))  # SSE
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from trtllm.runtime.outputs import RequestOutput
+from trtllm.sampling_params import SamplingParams
+
+
+@dataclass
+class Job:
+    endpoint: str                       # "completions" | "chat"
+    id: str
+    prompts: list[tuple[str | None, list[int]]]
+    params: list[SamplingParams]        # one per prompt
+    logprobs: int | None
+    stream: bool
+    include_usage: bool
+    echo: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class ChoiceProgress:
+    """How much of one completion a stream has sent."""
+    text_sent: int = 0
+    tokens_sent: int = 0
+    finished: bool = False
+
+
+def dumps(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def event(obj) -> bytes:
+    return b"data: " + dumps(obj) + b"\n\n"
+
+
+
+class Renderer:
+    def __init__(self, tokenizer, served_model_name: str):
+        self.tokenizer, self.name = tokenizer, served_model_name
+        self._token_text: dict[int, str] = {}
+
+    def piece(self, job: Job, state: ChoiceProgress, c, idx: int) -> dict | None:
+        """The chunk choice for what completion `c` added since `state`, or None."""
+        new_text = c.text[state.text_sent:]
+        new_ids = c.token_ids[state.tokens_sent:]
+        done = c.finish_reason is not None and not state.finished
+        if not new_text and not new_ids and not done:  # a token whose text is held back still shows progress
+            return None
+        logprobs = None
+        if job.logprobs is not None and new_ids:
+            entries = (c.logprobs or [])[state.tokens_sent:state.tokens_sent + len(new_ids)]
+            logprobs = self.logprobs(job, new_ids, entries, state.text_sent)
+        state.text_sent, state.tokens_sent = len(c.text), len(c.token_ids)
+        state.finished = state.finished or done
+        reason = c.finish_reason if done else None
+        if job.endpoint == "chat":
+            return {"index": idx, "delta": {"content": new_text} if new_text else {}, "logprobs": logprobs,
+                    "finish_reason": reason}
+        return {"index": idx, "text": new_text, "logprobs": logprobs, "finish_reason": reason}
+
+    def encoder(self, job: Job):
+        """choice -> the SSE event of a chunk holding it; the chunk's fixed fields encoded once."""
+        head = dumps({k: v for k, v in self.chunk(job, None).items() if k not in ("choices", "usage")})
+        head = b"data: " + head[:-1] + b',"choices":['
+        tail = b'],"usage":null}\n\n' if job.include_usage else b"]}\n\n"
+        return lambda choice: head + dumps(choice) + tail
+
+    def chunk(self, job: Job, choice: dict | None, usage: dict | None = None) -> dict:
+        chunk = {"id": job.id, "object": "chat.completion.chunk" if job.endpoint == "chat" else "text_completion",
+                 "created": job.created, "model": self.name, "choices": [choice] if choice is not None else []}
+        if job.include_usage:
+            chunk["usage"] = usage
+        return chunk
+
+    def whole_body(self, job: Job, outs: list[RequestOutput]) -> dict:
+        n = job.params[0].n
+        choices = []
+        for i, out in enumerate(outs):
+            for c in out.outputs:
+                lp = self.logprobs(job, c.token_ids, c.logprobs or [], 0) if job.logprobs is not None else None
+                if job.endpoint == "chat":
+                    choices.append({"index": i * n + c.index, "message": {"role": "assistant", "content": c.text},
+                                    "logprobs": lp, "finish_reason": c.finish_reason})
+                else:
+                    prefix = ""
+                    if job.echo:
+                        prefix = out.prompt if out.prompt is not None else (
+                            job.prompts[i][0] if job.prompts[i][0] is not None else self.decode(job.prompts[i][1]))
+                    choices.append({"index": i * n + c.index, "text": prefix + c.text, "logprobs": lp,
+                                    "finish_reason": c.finish_reason})
+        return {"id": job.id, "object": "chat.completion" if job.endpoint == "chat" else "text_completion",
+                "created": job.created, "model": self.name, "system_fingerprint": None, "choices": choices,
+                "usage": usage(job, dict(enumerate(outs)))}
+
+    def logprobs(self, job: Job, ids: list[int], entries: list[dict], offset: int) -> dict:
+        k = job.logprobs or 0
+        if job.endpoint == "chat":
+            content = []
+            for tid, entry in zip(ids, entries):
+                top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+                text = self.text_of(tid)
+                content.append({"token": text, "logprob": entry.get(tid, 0.0), "bytes": list(text.encode()),
+                                "top_logprobs": [{"token": self.text_of(t), "logprob": v,
+                                                  "bytes": list(self.text_of(t).encode())} for t, v in top]})
+            return {"content": content}
+        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+        for tid, entry in zip(ids, entries):
+            text = self.text_of(tid)
+            tokens.append(text)
+            token_logprobs.append(entry.get(tid, 0.0))
+            top_logprobs.append({self.text_of(t): v for t, v in sorted(entry.items(), key=lambda kv: -kv[1])[:k]})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": offsets}
+
+    def text_of(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+            if len(self._token_text) < 1_000_000:
+                self._token_text[token_id] = text
+        return text
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else ""
+
+
+
+def usage(job: Job, last: dict[int, RequestOutput]) -> dict:
+    prompt = sum(len(ids) for _, ids in job.prompts)
+    completion = sum(len(c.token_ids) for out in last.values() for c in out.outputs)
+    cached = sum(out.num_cached_tokens for out in last.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
