@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from trtllm.passes import PASSES
 from trtllm.passes.context import AttentionLayers, CompileError, GraphInputs, PassContext
 from trtllm.passes.fuse_parallel_linears import share_fused_storage
+from trtllm.passes.replace_sdpa_with_paged_attention import unpageable
 from trtllm.runtime.attention_context import AttentionMetadata, PagedKVCache, attention_context
 import trtllm.runtime.attention_context as attention_context_module
 
@@ -56,16 +57,9 @@ class _RecordSDPA(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _check(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **_):
-        # the same refusals as replace_sdpa_with_paged_attention, made at compile() time
-        where = f"attention layer {len(self.keys) - 1}"
-        if attn_mask is not None:
-            raise CompileError(f"{where}: SDPA with an attn_mask cannot become paged causal "
-                               "attention; call it with is_causal=True and no mask")
-        if dropout_p:
-            raise CompileError(f"{where}: SDPA with dropout_p={dropout_p} (inference only)")
-        if not is_causal and query.shape[-2] > 1:
-            raise CompileError(f"{where}: non-causal SDPA over several queries; trtllm "
-                               "compiles causal decoders only")
+        reason = unpageable(attn_mask is not None, dropout_p, is_causal, query.shape[-2])
+        if reason is not None:  # refused at compile() time, before any tracing
+            raise CompileError(f"attention layer {len(self.keys) - 1}: {reason}")
 
 
 def probe_attention(forward: nn.Module, device: torch.device) -> AttentionSpec:
@@ -96,8 +90,10 @@ def _windows(model: nn.Module, num_layers: int) -> list[int]:
         return [0] * num_layers
     if hasattr(config, "layer_windows"):
         return list(config.layer_windows)
-    from trtllm.models.hf import layer_windows
-    return layer_windows(config) if hasattr(config, "num_hidden_layers") else [0] * num_layers
+    if not hasattr(config, "to_dict"):
+        return [0] * num_layers
+    from trtllm.models.llama import layer_windows_from_hf
+    return layer_windows_from_hf(config.to_dict(), config.model_type, config.num_hidden_layers)
 
 
 _DYNAMO_CONFIG = dict(

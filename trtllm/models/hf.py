@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 
+from trtllm.models.llama import sliding_window_mask
+
 
 def trtllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      sliding_window=None, **kwargs):
@@ -22,8 +24,7 @@ def trtllm_attention(module, query, key, value, attention_mask, scaling=None, dr
     # Eagerly a sliding window that bites is a banded mask; under trtllm.compile the
     # paged attention op applies it (the pass reads the config's windows).
     if sliding_window and s > sliding_window and not torch.compiler.is_compiling():
-        i = torch.arange(s, device=query.device)
-        band = (i[:, None] - i[None, :] >= 0) & (i[:, None] - i[None, :] < sliding_window)
+        band = sliding_window_mask(s, sliding_window, query.device)  # [S, S]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=band, scale=scaling, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
@@ -31,18 +32,6 @@ def trtllm_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 AttentionInterface.register("trtllm", trtllm_attention)
-
-
-def layer_windows(config) -> list[int]:
-    """Sliding window of each layer (0 = full attention) from an HF config."""
-    n = config.num_hidden_layers
-    window = getattr(config, "sliding_window", None) or 0
-    types = getattr(config, "layer_types", None)
-    if types is not None:
-        return [window if t == "sliding_attention" else 0 for t in types]
-    if getattr(config, "use_sliding_window", True) is False:
-        return [0] * n
-    return [window] * n
 
 
 class HFCausalLM(nn.Module):

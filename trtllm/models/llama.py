@@ -103,7 +103,7 @@ class LlamaConfig:
             o_bias=model_type in ("llama", "qwen3") and bias,
             mlp_bias=model_type == "llama" and bool(d.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
-            layer_windows=_layer_windows_from_hf(d, model_type, n_layers),
+            layer_windows=layer_windows_from_hf(d, model_type, n_layers),
             model_type=model_type,
         )
 
@@ -140,8 +140,9 @@ def _rope_from_hf(d: dict) -> tuple[float, dict | None]:
     return theta, {"rope_type": rope_type, **params}
 
 
-def _layer_windows_from_hf(d: dict, model_type: str, n_layers: int) -> list[int]:
-    """Sliding window per layer (0 = full), as HF's Mistral / Qwen2 / Qwen3 decide it."""
+def layer_windows_from_hf(d: dict, model_type: str, n_layers: int) -> list[int]:
+    """Sliding window per layer (0 = full), as HF's Mistral / Qwen2 / Qwen3 decide it, from a
+    config dict (config.json, or an HF config's `to_dict()`)."""
     window = d.get("sliding_window")
     if model_type == "llama" or not window:
         return [0] * n_layers

@@ -25,6 +25,18 @@ from trtllm.passes.context import CompileError, PassContext
 from trtllm.passes.match import arg, describe, kind, value
 
 
+def unpageable(has_mask: bool, dropout_p, is_causal: bool, q_len) -> str | None:
+    """Why an SDPA call cannot become paged causal attention, or None if it can (shared
+    with compile()'s eager probe, which refuses the same calls before any tracing)."""
+    if has_mask:
+        return "SDPA with an attn_mask cannot become paged causal attention; call it with is_causal=True and no mask"
+    if dropout_p not in (0, 0.0):
+        return f"SDPA with dropout_p={dropout_p} (inference only)"
+    if not is_causal and not (isinstance(q_len, int) and q_len == 1):
+        return "non-causal SDPA over several queries; trtllm compiles causal decoders only"
+    return None
+
+
 def replace_sdpa_with_paged_attention(graph: fx.Graph, ctx: PassContext) -> int:
     matches = 0
     for position, node in enumerate([n for n in graph.nodes if kind(n) == "sdpa"]):
@@ -33,15 +45,9 @@ def replace_sdpa_with_paged_attention(graph: fx.Graph, ctx: PassContext) -> int:
         dropout = arg(node, 4, "dropout_p", 0.0)
         is_causal = arg(node, 5, "is_causal", False)
         scale = node.kwargs.get("scale", arg(node, 6, "scale"))
-        if mask is not None:
-            raise CompileError(f"{describe(node)}: SDPA with an attn_mask cannot become paged "
-                               "causal attention; call it with is_causal=True and no mask")
-        if dropout not in (0, 0.0):
-            raise CompileError(f"{describe(node)}: SDPA with dropout_p={dropout} (inference only)")
-        q_len = value(q).shape[-2]
-        if not is_causal and not (isinstance(q_len, int) and q_len == 1):
-            raise CompileError(f"{describe(node)}: non-causal SDPA over several queries; "
-                               "trtllm compiles causal decoders only")
+        reason = unpageable(mask is not None, dropout, is_causal, value(q).shape[-2])
+        if reason is not None:
+            raise CompileError(f"{describe(node)}: {reason}")
         if isinstance(scale, fx.Node):
             raise CompileError(f"{describe(node)}: SDPA scale must be a constant, got a traced value")
         if scale is None:
