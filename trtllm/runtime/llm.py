@@ -142,8 +142,8 @@ class LLM:
 
 
 def _is_batch(prompts) -> bool:
-    return isinstance(prompts, (list, tuple)) and not all(isinstance(t, int) for t in prompts) or (
-        isinstance(prompts, (list, tuple)) and len(prompts) == 0)
+    """A list of prompts (strings or token-id lists), not one prompt of token ids."""
+    return isinstance(prompts, (list, tuple)) and (not prompts or not isinstance(prompts[0], int))
 
 
 def _progress(total: int):

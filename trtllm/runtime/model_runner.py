@@ -62,7 +62,7 @@ class ModelRunner:
         ids, positions, query_lens, seq_lens, tables, sample_rows, to_sample = [], [], [], [], [], [], []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
-            ids += seq.token_ids[start: start + n]
+            ids += seq.token_slice(start, start + n)  # decode: one token, no list rebuilt
             positions += range(start, start + n)
             query_lens.append(n)
             seq_lens.append(start + n)
