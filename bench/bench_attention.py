@@ -20,7 +20,6 @@ triton.testing.do_bench (median; do_bench flushes L2 before every call):
 
 Prints markdown tables last; with $OUT set, also writes $OUT/bench_attention.{md,json}.
 """
-import json
 import math
 import os
 import sys
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from bench.report import report
 from trtllm.kernels import paged_attention as pa
 from trtllm.kernels import paged_attention_decode as pa_decode
 
@@ -279,16 +279,8 @@ def main():
             lines.append(f"| prefill | {r['tokens']} | {r['config']} | | {r['tflops']:.0f} TFLOP/s |")
     if failures:
         lines += ["", "**correctness failures:** " + "; ".join(failures)]
-    table = "\n".join(lines)
-    print("\n" + table)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "bench_attention.md"), "w") as f:
-            f.write(table + "\n")
-        with open(os.path.join(out_dir, "bench_attention.json"), "w") as f:
-            json.dump(dict(device=name, copy_tbs=copy_tbs, decode=decode, prefill=prefill,
-                           sweep=tuning, failures=failures), f, indent=1)
+    report("bench_attention", "\n".join(lines), dict(device=name, copy_tbs=copy_tbs, decode=decode,
+                                                      prefill=prefill, sweep=tuning, failures=failures))
     if failures:
         sys.exit(1)
 

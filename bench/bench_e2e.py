@@ -13,12 +13,11 @@ first greedy tokens of trtllm vs HF eager. Table last; JSON under $OUT when set.
 """
 import argparse
 import copy
-import json
-import os
 import time
 
 import torch
 
+from bench.report import report
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
 from trtllm.runtime.llm import LLM
@@ -200,13 +199,7 @@ def main():
 def _report(rows, results):
     table = ["| case | engine | output tok/s |", "|---|---|---|"]
     table += [f"| {c} | {e} | {v:,.0f} |" for c, e, v in rows]
-    text = "\n".join(table)
-    print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_e2e.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(os.environ["OUT"], "bench_e2e.md"), "w") as f:
-            f.write(text + "\n")
+    report("bench_e2e", "\n".join(table), results)
 
 
 if __name__ == "__main__":

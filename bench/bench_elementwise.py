@@ -15,13 +15,13 @@ function in bf16, and torch.compile of that function. GB/s = (bytes of every inp
 the ceiling. The markdown table is printed last; if $OUT is set, the table and a JSON
 record are also written there.
 """
-import json
 import os
 import sys
 
 import torch
 import triton
 
+from bench.report import report
 from trtllm.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from trtllm.kernels.rotary import rope_cos_sin, rope_inv_freq, rotary, rotary_ref
 from trtllm.kernels.silu_mul import silu_mul, silu_mul_ref
@@ -160,19 +160,9 @@ def main():
             f"| {100 * r['ours_gbps'] / ceiling:.0f}% | {r['eager_gbps']:.0f} | {r['compile_gbps']:.0f} "
             f"| {r['compile_us'] / r['ours_us']:.2f}x | {r['rel_err']:.1e} | {r['mismatch']:.1%} |"
         )
-    table = "\n".join(table)
-    print("\n" + table)
-
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "bench_elementwise.md"), "w") as f:
-            f.write(table + "\n")
-        record = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                      triton=triton.__version__, copy_ceiling_gbps=ceiling, rows=rows,
-                      failures=failures)
-        with open(os.path.join(out_dir, "bench_elementwise.json"), "w") as f:
-            json.dump(record, f, indent=2)
+    report("bench_elementwise", "\n".join(table), dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                                             triton=triton.__version__, copy_ceiling_gbps=ceiling, rows=rows,
+                                                             failures=failures))
     if failures:
         sys.exit("ACCURACY FAILURES:\n" + "\n".join(failures))
 

@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from bench.report import report
+
 NAME = "llama3-8b-random"
 
 
@@ -294,14 +296,8 @@ def main():
     for name, tok_s, p50, p99 in rows:
         ttft = f"{p50 * 1e3:,.0f} ms | {p99 * 1e3:,.0f} ms" if p50 is not None else "- | -"
         table.append(f"| {name} | {tok_s:,.0f} | {tok_s / off:.3f} | {ttft} |")
-    text = "\n".join(table)
-    print(text)
+    report("bench_serve", "\n".join(table), results)
     print(f"server exit code after SIGTERM: {results['server_exit_code']}")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_serve.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(os.environ["OUT"], "bench_serve.md"), "w") as f:
-            f.write(text + "\n")
 
 
 if __name__ == "__main__":
