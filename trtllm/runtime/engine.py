@@ -178,9 +178,7 @@ class Engine:
         if detok is not None:
             completion.text += detok.append(token)
         reason, stop_reason = None, None
-        if token in self.eos_token_ids and not params.ignore_eos:
-            reason, stop_reason = "stop", token
-        elif token in params.stop_token_ids:
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason, stop_reason = "stop", token
         elif params.stop and detok is not None:
             span = find_stop_span(completion.text, params.stop, req.checked[i])
@@ -219,7 +217,7 @@ class Engine:
             req.streamed_tokens[i] = len(c.token_ids)
         return req.output.snapshot(text_lengths=req.streamed)
 
-    def _check_books(self) -> None:  # noqa: D401
+    def _check_books(self) -> None:
         try:
             self.block_manager.check_invariants()
         except AssertionError as e:  # says so loudly, but keeps serving

@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import uuid
 from pathlib import Path
-from typing import Iterator, Sequence as Seq
+from typing import Sequence as Seq
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,6 @@ from trtllm.runtime.engine import Engine, EngineLimits
 from trtllm.runtime.engine_loop import EngineLoop, RequestStream
 from trtllm.runtime.kv_budget import num_kv_blocks
 from trtllm.runtime.model_runner import ModelRunner
-from trtllm.runtime.outputs import RequestOutput
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.tokenizer import load_tokenizer
 from trtllm.sampling_params import SamplingParams
