@@ -61,19 +61,7 @@ class Engine:
     # -- requests ----------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError saying what is wrong with a request, before any work."""
-        n, lim = len(prompt_token_ids), self.limits
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if n > lim.max_input_len:
-            raise ValueError(f"the prompt has {n} tokens, more than max_input_len={lim.max_input_len}")
-        if n + params.max_tokens > lim.max_seq_len:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                             f"max_seq_len={lim.max_seq_len}")
-        if params.detokenize and self.tokenizer is None and params.stop:
-            raise ValueError("stop strings need a tokenizer; this LLM was built without one")
+        validate_request(prompt_token_ids, params, self.limits, self.vocab_size, self.tokenizer is not None)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False) -> None:
@@ -231,3 +219,22 @@ def _plain_greedy(seq: Sequence) -> bool:
     return (p.temperature < 1e-5 or p.top_k == 1) and p.logprobs is None and p.repetition_penalty == 1.0 \
         and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 \
         and len(seq.output_token_ids) >= p.min_tokens
+
+
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: EngineLimits, vocab_size: int,
+                     has_tokenizer: bool) -> None:
+    """Raise ValueError saying what is wrong with a request (also used where the engine
+    runs in another process: the front end checks before it sends)."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("the prompt is empty")
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if n > lim.max_input_len:
+        raise ValueError(f"the prompt has {n} tokens, more than max_input_len={lim.max_input_len}")
+    if n + params.max_tokens > lim.max_seq_len:
+        raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                         f"max_seq_len={lim.max_seq_len}")
+    if params.detokenize and not has_tokenizer and params.stop:
+        raise ValueError("stop strings need a tokenizer; this LLM was built without one")
