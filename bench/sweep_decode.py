@@ -60,7 +60,7 @@ def run_case(batch, ctx, configs, splits_list, tables=("random",)):
                     continue
                 row = dict(batch=batch, ctx=ctx, table=table, config=list(cfg), splits=splits,
                            us=t * 1e3, gbs=nbytes / t / 1e6, rel_err=e, ok=e < REL_TOL,
-                           is_default=(cfg == pa_decode._decode_config(D, 2) and splits == default))
+                           is_default=(cfg == pa_decode._decode_config(D, 2, splits) and splits == default))
                 rows.append(row)
                 print(f"b{batch} ctx{ctx} {table:6s} {cfg} x{splits:2d}: {row['us']:6.1f} us "
                       f"{row['gbs']:6.0f} GB/s err {e:.1e}", flush=True)
@@ -73,7 +73,8 @@ def main():
     best = sorted((r for r in rows if r["table"] == "random" and r["ok"]), key=lambda r: r["us"])[:6]
     finalists = [tuple(r["config"]) for r in best]
     for batch, ctx in ((1, 512), (1, 2048), (1, 8192), (8, 512), (8, 8192), (64, 2048)):
-        rows += run_case(batch, ctx, sorted(set(finalists + [pa_decode._decode_config(D, 2)])), FOLLOW_SPLITS)
+        defaults = [pa_decode._decode_config(D, 2, 1), pa_decode._decode_config(D, 2, 2)]
+        rows += run_case(batch, ctx, sorted(set(finalists + defaults)), FOLLOW_SPLITS)
     lines = ["| batch | ctx | table | config (BLOCK_N, warps, stages) | splits | us | GB/s | % of 3.0 TB/s | err | default |",
              "|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
     by_shape = {}

@@ -16,11 +16,12 @@ from trtllm.kernels.attention_tiles import attend as _attend, load_tile as _load
     write_token as _write_token
 
 # Flash-decoding: split a sequence's context only while the grid is smaller than
-# _SPLIT_TARGET_PER_SM programs per SM (one wave: 3 decode programs of 72 KB smem fit an
-# SM's 228 KB), and never into pieces shorter than _SPLIT_MIN_LEN positions (the
-# partials' write + merge must stay small against the K/V stream).
-_SPLIT_TARGET_PER_SM = 2
-_SPLIT_MIN_LEN = 256
+# _SPLIT_TARGET_PER_SM programs per SM, and never into pieces shorter than _SPLIT_MIN_LEN
+# positions. Measured on H100 (bench/sweep_decode.py, 2026-11-25): one program per SM
+# and 64-position pieces beat 2 per SM and 256: b1 x 8192 28.4 -> 26.6 us (16 splits,
+# not 32), b1 x 512 15.3 -> 13.0 us (8 splits, not 2); b8 x 2048 equal at 2 or 4.
+_SPLIT_TARGET_PER_SM = 1
+_SPLIT_MIN_LEN = 64
 _MAX_SPLITS = 64
 
 
@@ -150,7 +151,7 @@ def _num_sms(device: torch.device) -> int:
 
 def _num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Flash-decoding splits: fill ~_SPLIT_TARGET_PER_SM programs per SM, e.g. on H100
-    batch 8 x 8 kv heads -> 4 splits; batch 1 x 8192 ctx -> 32; batch >= 17 -> 1."""
+    batch 8 x 8 kv heads -> 2 splits; batch 1 x 8192 ctx -> 16; batch >= 17 -> 1."""
     target = _SPLIT_TARGET_PER_SM * _num_sms(device)
     by_grid = target // max(num_seqs * num_kv_heads, 1)
     by_len = max_seq_len // _SPLIT_MIN_LEN
@@ -172,16 +173,18 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def _decode_config(head_dim: int, elem_size: int):
+def _decode_config(head_dim: int, elem_size: int, splits: int):
     """(BLOCK_N, num_warps, num_stages): 64 x 128 bf16 K + V = 32 KB per buffer.
 
     The K/V addresses come from a block-table load inside the loop, and Triton's
-    pipeliner gives that load a stage of its own: in the sm_90 TTGIR, num_stages 2-4
-    leave K/V single-buffered (load waits right before use), 5 double-buffers them
-    (72 KB smem, 128 regs: 3 programs per SM)."""
+    pipeliner gives that load a stage of its own: num_stages 5 double-buffers K/V (72 KB
+    smem: 3 programs per SM), 3 single-buffers them (more programs per SM). Measured on
+    H100 (bench/sweep_decode.py): a full grid (1 split, b64 x 2048) runs 195 us at 3
+    stages against 222 at 5; a split grid (small batch) wants 5 stages, and 8 warps gain
+    6-7% at b1 x 2048-8192 and cost nothing at b8."""
     if elem_size == 4 or head_dim > 128:
         return 32, 4, 3
-    return 64, 4, 5
+    return (64, 4, 3) if splits == 1 else (64, 8, 5)
 
 
 def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
@@ -191,8 +194,8 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
     Hkv, BS = kc.shape[2], kc.shape[1]
     G = Hq // Hkv
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    block_n, warps, stages = config or _decode_config(D, q.element_size())
     splits = num_splits or _num_splits(num_seqs, Hkv, max_seq_len, q.device)
+    block_n, warps, stages = config or _decode_config(D, q.element_size(), splits)
     part_m = part_l = part_acc = counts = out  # unused unless splits > 1
     if splits > 1:
         part_m = torch.empty((num_seqs, Hq, splits), dtype=torch.float32, device=q.device)
