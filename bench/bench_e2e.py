@@ -6,13 +6,17 @@ Llama-3-8B shapes (hidden 4096, 32 layers, 32/8 heads, MLP 14336, vocab 128256),
 bf16 weights, greedy with ignore_eos, token-id prompts of 128 tokens, 128 new tokens:
 - batch 1 and batch 64 (all requests submitted at once), output tok/s = B * 128 / wall;
 - 512 requests offline (trtllm only; HF would pad and run 8 batches of 64);
-peers: HF `generate` eager (dynamic cache), and HF with a static cache and
-torch.compile(mode="reduce-overhead") (the usual compile recipe), timed after warm-up.
-Correctness first: compiled logits vs the eager model on fresh random prompts, and the
-first greedy tokens of trtllm vs HF eager. Table last; JSON under $OUT when set.
+peers, both HF `generate` the way users run it (sdpa attention, bf16 weights, fp32 rope
+frequencies, EOS off = ignore_eos): eager with its dynamic cache, and a static cache that
+`generate` itself compiles (`cache_implementation="static"` + `CompileConfig(fullgraph=True,
+mode="reduce-overhead")`; falls back to mode="default", named in the row), each timed after
+warm-up calls of the very same shapes. Correctness first: compiled logits vs the eager model
+on fresh random prompts, and the first greedy tokens of trtllm (and HF compiled) vs HF eager.
+Table last; JSON under $OUT when set.
 """
 import argparse
 import copy
+import sys
 import time
 
 import torch
@@ -31,47 +35,144 @@ SMOKE = dict(LLAMA3_8B, hidden_size=512, intermediate_size=1024, num_hidden_laye
 PROMPT, NEW = 128, 128
 
 
-def build_models(shape: dict, seed: int = 0):
+def build_models(shape: dict, seed: int = 0, device: str = "cuda"):
     torch.manual_seed(seed)
     hf_config = __import__("transformers").LlamaConfig(**shape)
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(device):
         ours = LlamaForCausalLM(LlamaConfig.from_hf(hf_config))
     torch.set_default_dtype(torch.float32)
     for name, p in ours.named_parameters():  # norms around 1, matrices ~ N(0, 1/fan_in)
         with torch.no_grad():
             p.normal_(1.0, 0.05) if p.dim() == 1 else p.normal_(0.0, p.shape[-1] ** -0.5)
-    ours.init_buffers(torch.device("cuda"))
+    ours.init_buffers(torch.device(device))
     ours.eval().requires_grad_(False)
     return hf_config, ours
 
 
 def hf_twin(hf_config, ours):
-    """An HF LlamaForCausalLM sharing `ours`' weights (no copy)."""
+    """An HF LlamaForCausalLM sharing `ours`' weights (no copy), set up as a user's
+    `from_pretrained(dtype=torch.bfloat16, attn_implementation="sdpa")` model is: bf16
+    weights, SDPA attention, rope inv_freq in fp32. EOS is off, so `generate` neither stops
+    at nor masks the EOS id: the same greedy sequence as trtllm's ignore_eos (the old
+    `min_new_tokens` set the EOS logit to -inf and added a logits processor)."""
     import transformers
-    with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(hf_config)
-    hf.load_state_dict({k: v for k, v in ours.state_dict().items()}, assign=True, strict=False)
-    hf.model.rotary_emb = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_config, device="cuda")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    device = next(ours.parameters()).device
+    with torch.device("meta"):  # _from_config writes dtype/attn_implementation into the config: a copy
+        hf = transformers.LlamaForCausalLM._from_config(copy.deepcopy(hf_config), attn_implementation="sdpa",
+                                                        dtype=torch.bfloat16)
+    hf.load_state_dict(ours.state_dict(), assign=True, strict=True)
     hf.tie_weights() if hf_config.tie_word_embeddings else None
-    return hf.to(torch.bfloat16).eval()
+    # the rope buffers are non-persistent (still on meta): build them in fp32 on the device.
+    # (The old twin made them on the device, then `hf.to(torch.bfloat16)` cast inv_freq to
+    # bf16: rope angles off by up to 0.46 rad at position 255, unlike from_pretrained's model.)
+    hf.model.rotary_emb = LlamaRotaryEmbedding(hf.config).to(device)
+    hf.eval().requires_grad_(False)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
+    for n, t in (*hf.named_parameters(), *hf.named_buffers()):
+        assert t.device == device and t.is_contiguous(), n
+        assert t.dtype == (torch.float32 if "rotary_emb" in n else torch.bfloat16), (n, t.dtype)
+    return hf
 
 
 def prompts(n: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (n, PROMPT), generator=torch.Generator().manual_seed(seed))
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn):
-    torch.cuda.synchronize()
+    _sync()
     t = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    _sync()
     return out, time.perf_counter() - t
 
 
-def hf_generate(hf, ids: torch.Tensor, **kw):
-    return hf.generate(ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), max_new_tokens=NEW,
-                       min_new_tokens=NEW, do_sample=False, pad_token_id=0, **kw)
+def hf_generate(hf, ids: torch.Tensor, new: int | None = None, **kw):
+    """Greedy `generate`, exactly `new` (default NEW) tokens per row (EOS is off in hf_twin)."""
+    new = NEW if new is None else new
+    ids = ids.to(hf.device)
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, **kw)
+    assert out.shape == (ids.shape[0], ids.shape[1] + new), out.shape
+    return out
+
+
+def hf_eager_peer(hf, vocab: int, batches=(1, 64)) -> dict:
+    """{b: (seconds, tokens [b, NEW])}: HF eager (dynamic cache), timed after a warm-up call
+    of the same shapes."""
+    got = {}
+    with torch.no_grad():
+        for b in batches:
+            ids = prompts(b, vocab, seed=b)
+            hf_generate(hf, ids)  # warm-up, same batch and prompt length
+            out, dt = timed(lambda: hf_generate(hf, ids))
+            got[b] = (dt, out[:, PROMPT:].cpu())
+    return got
+
+
+def hf_compile_kwargs(hf, mode: str) -> dict:
+    """`generate` kwargs for the static-cache + torch.compile peer, the transformers >= 4.46 way:
+    with a static cache `generate` compiles the decode forward itself (get_compiled_call,
+    per `compile_config`) and runs the prefill uncompiled. Compiling `hf.forward` by hand on
+    top of that (the old docs' recipe, this bench's first version) also compiles the prefill,
+    where the StaticCache allocates its keys/values lazily (transformers 5.x): they come out
+    of the CUDA graph's pool, unmarked as static, and the next replay overwrites them ->
+    "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"."""
+    from transformers import CompileConfig
+    cc = CompileConfig(fullgraph=True, dynamic=False, mode=mode)  # one graph per batch size, like gpt-fast
+    if hf.device.type != "cuda":  # generate only auto-compiles on accelerators unless told (CPU checks)
+        cc._compile_all_devices = True
+    return dict(cache_implementation="static", compile_config=cc)
+
+
+def hf_compile_peer(hf, vocab: int, mode: str, batches=(1, 64)) -> dict:
+    """{b: (seconds, tokens [b, NEW], graphs compiled during the timed call)}. Two warm-up
+    calls of the same shapes first: the first compiles (and records the CUDA graph), the
+    second pays what any later call with a fresh cache would. Raises if generate did not compile."""
+    from torch._dynamo.utils import counters
+    kw = hf_compile_kwargs(hf, mode)
+    got = {}
+    with torch.no_grad():
+        for b in batches:
+            ids = prompts(b, vocab, seed=b)
+            graphs0 = counters["stats"]["unique_graphs"]
+            hf_generate(hf, ids, **kw)
+            hf_generate(hf, ids, **kw)
+            graphs1 = counters["stats"]["unique_graphs"]
+            if graphs1 == graphs0 and b == batches[0]:
+                raise RuntimeError("generate compiled nothing: the static-cache peer would be eager")
+            out, dt = timed(lambda: hf_generate(hf, ids, **kw))
+            got[b] = (dt, out[:, PROMPT:].cpu(), counters["stats"]["unique_graphs"] - graphs1)
+    return got
+
+
+def hf_step_profile(hf, ids: torch.Tensor, steps: int = 16) -> dict:
+    """Per decode step of HF eager at this batch: GPU busy time and kernels launched (from
+    the profiler: two generates of 1 and 1 + steps tokens, differenced). Against the
+    unprofiled wall time per step it says whether HF is host-bound (launch/Python overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+    totals = []
+    with torch.no_grad():
+        for new in (1, 1 + steps):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                hf_generate(hf, ids, new=new)
+                _sync()
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            totals.append((sum(e.time_range.elapsed_us() for e in kernels), len(kernels)))
+    (t1, n1), (t2, n2) = totals
+    return {"gpu_busy_ms_per_step": (t2 - t1) / steps / 1e3, "kernels_per_step": (n2 - n1) / steps}
+
+
+def first_differ(a, b) -> int:
+    """Length of the common prefix of two token lists."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main():
@@ -90,25 +191,46 @@ def main():
     hf_first_tokens = None
     if not args.no_hf:
         hf = hf_twin(hf_config, ours)
-        with torch.no_grad():
-            for b in (1, 64):
-                ids = prompts(b, vocab, seed=b)
-                hf_generate(hf, ids[:, :16])  # warm-up
-                out, dt = timed(lambda: hf_generate(hf, ids))
-                if b == 1:
-                    hf_first_tokens = out[0, PROMPT:].tolist()
-                results[f"hf_eager_b{b}"] = b * NEW / dt
-                print(f"HF eager batch {b}: {b * NEW / dt:,.1f} tok/s", flush=True)
-                rows.append((f"decode batch {b}", "HF transformers eager", b * NEW / dt))
-            if not args.no_hf_compile:
-                hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
-                for b in (1, 64):
-                    ids = prompts(b, vocab, seed=b)
-                    hf_generate(hf, ids, cache_implementation="static")  # compile + warm-up
-                    _, dt = timed(lambda: hf_generate(hf, ids, cache_implementation="static"))
+        for b, (dt, tokens) in hf_eager_peer(hf, vocab).items():
+            if b == 1:
+                hf_first_tokens = tokens[0].tolist()
+            results[f"hf_eager_b{b}"] = b * NEW / dt
+            print(f"HF eager batch {b}: {b * NEW / dt:,.1f} tok/s ({dt / NEW * 1e3:.1f} ms/token step)", flush=True)
+            rows.append((f"decode batch {b}", "HF transformers eager", b * NEW / dt))
+            try:  # where the time goes: GPU work vs host (launch + Python) overhead
+                prof = hf_step_profile(hf, prompts(b, vocab, seed=b))
+                results[f"hf_eager_b{b}_step"] = dict(prof, wall_ms_per_step=dt / NEW * 1e3)
+                print(f"  per step: wall {dt / NEW * 1e3:.1f} ms (prefill included), GPU busy "
+                      f"{prof['gpu_busy_ms_per_step']:.1f} ms, {prof['kernels_per_step']:.0f} kernels", flush=True)
+            except Exception as e:  # a diagnostic only
+                print(f"HF eager step profile failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if not args.no_hf_compile:
+            for mode in ("reduce-overhead", "default"):
+                try:
+                    got = hf_compile_peer(hf, vocab, mode)
+                    break
+                except Exception as e:
+                    print(f"HF static cache + torch.compile(mode={mode!r}) failed: {type(e).__name__}: {e}",
+                          file=sys.stderr, flush=True)
+                    got = None
+                    results[f"hf_compile_error_{mode}"] = f"{type(e).__name__}: {e}"
+                    torch._dynamo.reset()
+            if got is not None:
+                results["hf_compile_mode"] = mode
+                engine = f"HF static cache + torch.compile ({mode})"
+                for b, (dt, tokens, recompiled) in got.items():
+                    if b == 1 and hf_first_tokens is not None:
+                        same = first_differ(tokens[0].tolist(), hf_first_tokens)
+                        results["hf_compile_tokens_equal_to_hf_eager_prefix"] = same
+                        print(f"HF compiled batch 1: first {same} of {NEW} greedy tokens equal HF eager's", flush=True)
+                    if recompiled:  # the warm-up should have compiled every graph this call needs
+                        print(f"HF compiled batch {b}: {recompiled} graph(s) compiled inside the timed call",
+                              file=sys.stderr, flush=True)
                     results[f"hf_compile_b{b}"] = b * NEW / dt
-                    print(f"HF static + compile batch {b}: {b * NEW / dt:,.1f} tok/s", flush=True)
-                    rows.append((f"decode batch {b}", "HF static cache + torch.compile", b * NEW / dt))
+                    results[f"hf_compile_b{b}_graphs_compiled_while_timed"] = recompiled
+                    print(f"{engine} batch {b}: {b * NEW / dt:,.1f} tok/s", flush=True)
+                    rows.append((f"decode batch {b}", engine + (" (recompiled while timed)" if recompiled else ""),
+                                 b * NEW / dt))
         del hf
         torch._dynamo.reset()
         torch.cuda.empty_cache()
@@ -156,7 +278,7 @@ def main():
         assert not short, [(o.error, o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in short[:3]]
         if b == 1 and hf_first_tokens is not None:
             ours_tokens = outs[0].outputs[0].token_ids
-            same = next((i for i, (a, c) in enumerate(zip(ours_tokens, hf_first_tokens)) if a != c), NEW)
+            same = first_differ(ours_tokens, hf_first_tokens)
             results["greedy_tokens_equal_to_hf_prefix"] = same
             print(f"batch 1: first {same} of {NEW} greedy tokens equal HF eager's (bf16)", flush=True)
         results[f"trtllm_b{b}"] = b * NEW / dt
