@@ -3,7 +3,9 @@
     trtllm-serve MODEL_DIR --host 127.0.0.1 --port 8000 [--max_batch_size N] [--max_num_tokens N]
                  [--kv_cache_free_gpu_memory_fraction F] [--api-key KEY] [--served-model-name NAME]
 
-With no MODEL_DIR it serves the built-in demo model. SIGTERM or Ctrl-C: the server stops
+With no MODEL_DIR it serves the built-in demo model. The engine runs in a process of its
+own (trtllm/runtime/engine_core.py), so HTTP and SSE work never delays a GPU step.
+SIGTERM or Ctrl-C: the server stops
 accepting connections, lets in-flight requests finish for up to --shutdown-timeout
 seconds, aborts the rest, shuts the engine down and exits 0.
 """
@@ -48,18 +50,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--log-level", "--log_level", default="info",
                     choices=["critical", "error", "warning", "info", "debug"])
     ap.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    ap.add_argument("--engine-in-thread", action="store_true",
+                    help="run the engine on a thread of the server process instead of a process of its own "
+                         "(less memory and startup; streaming throughput suffers: both share one GIL)")
     return ap.parse_args(argv)
 
 
 def build_llm(args: argparse.Namespace):
+    """The engine the app serves: in a process of its own (default), or on a thread of
+    this one (--engine-in-thread). Either way it answers the same calls."""
+    import functools
+
     from trtllm.config import BuildConfig, KvCacheConfig
-    from trtllm.runtime.llm import LLM
+    from trtllm.runtime.llm import LLM, build_engine
 
     build = {k: v for k, v in (("max_batch_size", args.max_batch_size), ("max_num_tokens", args.max_num_tokens),
                                ("max_seq_len", args.max_seq_len)) if v is not None}
     kv = {k: v for k, v in (("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction),
                             ("max_tokens", args.kv_cache_max_tokens)) if v is not None}
-    return LLM(args.model, dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv))
+    options = dict(dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv))
+    if args.engine_in_thread:
+        return LLM(args.model, **options)
+    from trtllm.demo import demo_model_path
+    from trtllm.runtime.engine_core import EngineCoreClient
+
+    model = args.model if args.model is not None else str(demo_model_path())
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"model directory {model!r} does not exist")
+    return EngineCoreClient(functools.partial(build_engine, model, **options), tokenizer=model)
 
 
 def _exit_quietly(signum, frame):
@@ -79,7 +97,7 @@ def main(argv=None) -> int:
 
     try:
         llm = build_llm(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         print(f"trtllm-serve: cannot load the model: {e}", file=sys.stderr)
         return 2
     name = args.served_model_name or (args.model if args.model is not None else "trtllm-demo")

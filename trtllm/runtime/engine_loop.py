@@ -8,16 +8,24 @@ reader never blocks a step, and a request that fails at admission fails alone.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
 import traceback
+import uuid
 
 from trtllm.runtime.engine import Engine
 from trtllm.runtime.outputs import CompletionOutput, RequestOutput
 from trtllm.sampling_params import SamplingParams
 
 log = logging.getLogger("trtllm")
+_request_numbers = itertools.count()
+
+
+def new_request_id() -> str:
+    """Unique in this process and unlikely to collide with a client's own ids."""
+    return f"req-{next(_request_numbers)}-{uuid.uuid4().hex[:8]}"
 
 
 class RequestStream:
@@ -80,6 +88,9 @@ class EngineLoop:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def shutdown(self, timeout: float = 30.0) -> None:
         self._stopping.set()

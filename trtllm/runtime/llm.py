@@ -12,8 +12,6 @@ comes back with `.error` set and finish_reason "error"; the rest of the call goe
 from __future__ import annotations
 
 import asyncio
-import itertools
-import uuid
 from pathlib import Path
 from typing import Sequence as Seq
 
@@ -25,15 +23,55 @@ from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig
 from trtllm.models.loader import load_model
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine import Engine, EngineLimits
-from trtllm.runtime.engine_loop import EngineLoop, RequestStream
+from trtllm.runtime.engine_loop import EngineLoop, RequestStream, new_request_id
+from trtllm.runtime.engine_stats import EngineStats
 from trtllm.runtime.kv_budget import num_kv_blocks
 from trtllm.runtime.model_runner import ModelRunner
 from trtllm.runtime.scheduler import Scheduler
-from trtllm.runtime.tokenizer import load_tokenizer
+from trtllm.runtime.tokenizer import load_tokenizer, tokenize_prompt
 from trtllm.sampling_params import SamplingParams
 
 _DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_MAX_SEQ_LEN = 2048  # for a model whose config names no max_position_embeddings
+
+
+def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dtype: str = "auto",
+                 kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
+                 quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
+                 device: str | torch.device | None = None, compile_options: dict | None = None) -> Engine:
+    """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
+    the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
+    in a process of its own. Arguments as `LLM`'s."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    (quant_config or QuantConfig()).check_supported()
+    kv_cache_config = kv_cache_config or KvCacheConfig()
+    build_config = build_config or BuildConfig()
+    if model is None:
+        from trtllm.demo import demo_model_path
+        model = demo_model_path()
+    if isinstance(model, nn.Module):
+        module = model
+    else:
+        module = load_model(model, dtype=_DTYPES[dtype], device=device)
+        tokenizer = tokenizer if tokenizer is not None else model
+    tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
+    compiled = trtllm_compile(module, **(compile_options or {}), block_size=kv_cache_config.tokens_per_block)
+    config = getattr(module, "config", None)
+    max_pos = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
+    max_seq_len = build_config.max_seq_len or max_pos
+    max_input_len = build_config.input_len_for(max_seq_len)
+    max_num_seqs = build_config.max_batch_size
+    max_num_tokens = max(build_config.max_num_tokens, max_num_seqs)
+    blocks = num_kv_blocks(compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len)
+    block_manager = BlockManager(blocks, kv_cache_config.tokens_per_block, kv_cache_config.enable_block_reuse)
+    runner = ModelRunner(compiled, num_blocks=blocks, block_size=kv_cache_config.tokens_per_block,
+                         max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs,
+                         max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph)
+    scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len)
+    return Engine(runner, block_manager, scheduler, tokenizer,
+                  EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len),
+                  _vocab_size(module, tokenizer), _eos_ids(module, tokenizer))
 
 
 class LLM:
@@ -41,42 +79,11 @@ class LLM:
                  kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
                  device: str | torch.device | None = None, compile_options: dict | None = None):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        (quant_config or QuantConfig()).check_supported()
-        kv_cache_config = kv_cache_config or KvCacheConfig()
-        build_config = build_config or BuildConfig()
-        if model is None:
-            from trtllm.demo import demo_model_path
-            model = demo_model_path()
-        if isinstance(model, nn.Module):
-            module = model
-        else:
-            module = load_model(model, dtype=_DTYPES[dtype], device=device)
-            tokenizer = tokenizer if tokenizer is not None else model
-        self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
-        self.compiled = trtllm_compile(module, **(compile_options or {}),
-                                       block_size=kv_cache_config.tokens_per_block)
-        config = getattr(module, "config", None)
-        max_pos = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
-        max_seq_len = build_config.max_seq_len or max_pos
-        max_input_len = build_config.input_len_for(max_seq_len)
-        max_num_seqs = build_config.max_batch_size
-        max_num_tokens = max(build_config.max_num_tokens, max_num_seqs)
-        blocks = num_kv_blocks(self.compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len)
-        self.block_manager = BlockManager(blocks, kv_cache_config.tokens_per_block,
-                                          kv_cache_config.enable_block_reuse)
-        runner = ModelRunner(self.compiled, num_blocks=blocks, block_size=kv_cache_config.tokens_per_block,
-                             max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs,
-                             max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph)
-        scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_tokens, max_seq_len)
-        vocab = _vocab_size(module, self.tokenizer)
-        self.engine = Engine(runner, self.block_manager, scheduler, self.tokenizer,
-                             EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len),
-                             vocab, _eos_ids(module, self.tokenizer))
-        self.limits = self.engine.limits
+        self.engine = build_engine(model, tokenizer, dtype, kv_cache_config, build_config, quant_config,
+                                   enable_cuda_graph, device, compile_options)
+        self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
+        self.block_manager, self.compiled = self.engine.block_manager, self.engine.runner.compiled
         self._loop = EngineLoop(self.engine)
-        self._ids = itertools.count()
 
     # -- generation --------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -116,18 +123,24 @@ class LLM:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        text, ids = self._tokenize(prompt)
-        request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        return self._loop.submit(request_id, ids, params, text, loop=loop, streaming=streaming)
+        text, ids = tokenize_prompt(self.tokenizer, prompt)
+        return self._loop.submit(request_id or new_request_id(), ids, params, text, loop=loop,
+                                 streaming=streaming)
 
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids or LLM(tokenizer=...)")
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+    # -- what a server asks of an engine (EngineCoreClient answers the same) ----------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming what is wrong with this request, before submitting it."""
+        self.engine.validate(prompt_token_ids, params)
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def is_alive(self) -> bool:
+        return self._loop.is_alive()
+
+    def engine_stats(self) -> EngineStats:
+        """Scheduler and KV-pool counters (plain integer reads; the engine is not locked)."""
+        return EngineStats.of(self.engine)
 
     # -- lifetime ----------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -59,6 +59,17 @@ def load_tokenizer(path_or_tokenizer):
         raise ValueError(f"could not load the tokenizer in {str(path)!r}: {e}") from e
 
 
+def tokenize_prompt(tokenizer, prompt) -> tuple[str | None, list[int]]:
+    """(text or None, token ids) of a prompt given as a string or as token ids."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; pass token ids or LLM(tokenizer=...)")
+        return prompt, tokenizer.encode(prompt)
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return None, list(prompt)
+    raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+
+
 class IncrementalDetokenizer:
     """Turns one sequence's output tokens into text, one token at a time.
 

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP app on an `LLM`.
+"""The OpenAI-compatible HTTP app on an engine: an `EngineCoreClient` (the engine in a
+process of its own: what `trtllm-serve` uses) or an `LLM` (the engine on a thread).
 
     app = build_app(llm, served_model_name="my-model", api_key=None, max_concurrent_requests=1024)
     uvicorn.run(app, host="127.0.0.1", port=8000)     # what `trtllm-serve` does
@@ -8,7 +9,7 @@ GET /v1/models, GET /v1/models/{model}, GET /health (never behind the API key),
 GET /version, GET /metrics (Prometheus text). Every error, including FastAPI's own (bad
 JSON, unknown route, wrong method), is OpenAI's shape:
 `{"error": {"message", "type", "param", "code"}}` with a 4xx status. The app does not
-own the `LLM`: whoever built it shuts it down (after the server has stopped); on
+own the engine: whoever built it shuts it down (after the server has stopped); on
 shutdown the app aborts whatever requests are still in flight.
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ def build_app(llm, served_model_name: str, api_key: str | None = None,
         app.state.stopping = True
         handler.abort_all()  # what the graceful period did not finish
         for _ in range(50):  # let the engine take the aborts while the event loop still runs
-            if not llm.engine.has_unfinished():
+            if not llm.has_unfinished():
                 break
             await asyncio.sleep(0.1)
 
@@ -111,8 +112,7 @@ def build_app(llm, served_model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
-        thread = getattr(getattr(llm, "_loop", None), "_thread", None)
-        if app.state.stopping or (thread is not None and not thread.is_alive()):
+        if app.state.stopping or not llm.is_alive():
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok"}
 

@@ -92,7 +92,7 @@ class Handler:
 
     def _validate(self, ids: list[int], params: SamplingParams, what: str) -> None:
         try:
-            self.llm.engine.validate(ids, params)
+            self.llm.validate(ids, params)
         except ValueError as e:
             msg = str(e)
             raise RequestError(400, msg, param="max_tokens" if "max_tokens" in msg else what) from None

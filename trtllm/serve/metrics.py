@@ -18,8 +18,9 @@ process, as in tests, never share counters).
     trtllm_kv_cache_usage_ratio                  gauge: used / total
     trtllm_prefix_cache_hit_rate                 gauge: prompt tokens found cached / looked up
 
-Gauges of engine state are read at scrape time from the scheduler and block manager
-(plain integer reads; the engine thread is never locked or waited on).
+Gauges of engine state are `llm.engine_stats()` at scrape time: read from the scheduler
+and block manager (engine on a thread; never locked or waited on), or the counters the
+engine process sent with its latest step (engine in its own process).
 """
 from __future__ import annotations
 
@@ -39,32 +40,30 @@ class _EngineCollector:
         self.llm = llm
 
     def collect(self):
-        bm = self.llm.block_manager
-        sched = getattr(self.llm.engine, "scheduler", None)
+        st = self.llm.engine_stats()
         running = GaugeMetricFamily("trtllm_num_requests_running", "Sequences being generated (in the batch)")
         waiting = GaugeMetricFamily("trtllm_num_requests_waiting", "Sequences waiting for admission")
-        running.add_metric([], sched.num_running if sched is not None else 0)
-        waiting.add_metric([], sched.num_waiting if sched is not None else 0)
+        running.add_metric([], st.num_running)
+        waiting.add_metric([], st.num_waiting)
         yield running
         yield waiting
         preempt = CounterMetricFamily("trtllm_num_preemptions", "Sequences preempted (recomputed later)")
-        preempt.add_metric([], getattr(sched, "num_preemptions", 0))
+        preempt.add_metric([], st.num_preemptions)
         yield preempt
-        total = bm.num_blocks
-        for name, value, doc in (("used", bm.num_used_blocks, "KV-cache blocks held by sequences"),
-                                 ("free", bm.num_free_blocks, "KV-cache blocks on the free list"),
-                                 ("cached", bm.num_cached_blocks, "KV-cache blocks holding reusable "
-                                                                  "prefixes, evictable"),
-                                 ("total", total, "KV-cache blocks in the pool")):
+        for name, value, doc in (("used", st.blocks_used, "KV-cache blocks held by sequences"),
+                                 ("free", st.blocks_free, "KV-cache blocks on the free list"),
+                                 ("cached", st.blocks_cached, "KV-cache blocks holding reusable "
+                                                              "prefixes, evictable"),
+                                 ("total", st.blocks_total, "KV-cache blocks in the pool")):
             g = GaugeMetricFamily(f"trtllm_kv_cache_blocks_{name}", doc)
             g.add_metric([], value)
             yield g
         usage = GaugeMetricFamily("trtllm_kv_cache_usage_ratio", "Used KV-cache blocks / all blocks")
-        usage.add_metric([], bm.num_used_blocks / total if total else 0.0)
+        usage.add_metric([], st.blocks_used / st.blocks_total if st.blocks_total else 0.0)
         yield usage
         hit = GaugeMetricFamily("trtllm_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / "
                                                                 "prompt tokens looked up")
-        hit.add_metric([], bm.prefix_hit_rate)
+        hit.add_metric([], st.prefix_hit_rate)
         yield hit
 
 

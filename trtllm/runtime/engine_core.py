@@ -1,0 +1,334 @@
+"""The engine in a process of its own, and the client a server talks to it through.
+
+    build = functools.partial(build_engine, "path/to/checkpoint", build_config=...)
+    client = EngineCoreClient(build, tokenizer="path/to/checkpoint")  # returns once the core is ready
+    stream = client.generate_async(prompt_ids, SamplingParams(...), streaming=True)
+    async for out in stream: ...                   # RequestOutputs, as from LLM.generate_async
+    client.abort(stream.request_id); client.shutdown()
+
+Why a process: with the engine on a thread, the engine loop and the HTTP server's event
+loop share one GIL, and every SSE event the server writes delays the next GPU step
+(streaming through the server ran at 0.50x `LLM.generate`, bench/RESULTS.md 2026-11-24).
+Here the core process only schedules, runs the model, samples, detokenizes and checks
+stop conditions; the server process only parses HTTP, renders JSON and writes events.
+
+The wire: two one-way pipes of pickled messages.
+- to the core, batches of: ("add", request_id, prompt_token_ids, params, prompt, streaming),
+  ("abort", request_id), ("stop",);
+- from the core: ("ready", limits, vocab_size, has_tokenizer, stats) once, or ("error",
+  message) if the engine could not be built; then one (deltas, stats) per step, where a
+  delta carries only what a request gained in that step (`_delta`), and the client keeps
+  the growing `RequestOutput` (`_apply`).
+The core steps without waiting on the client: a step's deltas go out in one write. It
+exits when told to stop or when its pipe closes (the server is gone).
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import multiprocessing as mp
+import queue
+import signal
+import threading
+import traceback
+
+from trtllm.runtime.engine import validate_request
+from trtllm.runtime.engine_loop import RequestStream, new_request_id
+from trtllm.runtime.engine_stats import EngineStats
+from trtllm.runtime.outputs import CompletionOutput, RequestOutput
+from trtllm.runtime.tokenizer import load_tokenizer, tokenize_prompt
+from trtllm.sampling_params import SamplingParams
+
+log = logging.getLogger("trtllm")
+
+
+# -- the wire format of an output ----------------------------------------------------------
+def _delta(out: RequestOutput) -> tuple:
+    """What `out` (an Engine output: text_diff / token_ids_diff set) adds to the request."""
+    completions = []
+    for c in out.outputs:
+        new = len(c.token_ids_diff)
+        logprobs = c.logprobs[len(c.logprobs) - new:] if c.logprobs is not None and new else None
+        completions.append((c.index, c.text_diff, c.token_ids_diff, logprobs, c.cumulative_logprob,
+                            c.finish_reason, c.stop_reason))
+    return out.request_id, out.finished, out.error, out.num_cached_tokens, completions
+
+
+def _apply(out: RequestOutput, delta: tuple) -> RequestOutput:
+    """Grow the client's copy of a request by a delta; a snapshot for the reader."""
+    _, out.finished, out.error, out.num_cached_tokens, completions = delta
+    for index, text, ids, logprobs, cumulative, finish_reason, stop_reason in completions:
+        c = out.outputs[index]
+        c.text += text
+        c.token_ids += ids
+        c.text_diff, c.token_ids_diff = text, ids
+        if logprobs:
+            c.logprobs += logprobs
+        c.cumulative_logprob, c.finish_reason, c.stop_reason = cumulative, finish_reason, stop_reason
+    return out.snapshot()
+
+
+def _failed_delta(request_id: str, n: int, error: str) -> tuple:
+    return request_id, True, error, 0, [(i, "", [], None, None, "error", None) for i in range(n)]
+
+
+# -- the core process ------------------------------------------------------------------------
+def _core_main(build, inbox, outbox) -> None:
+    """The core process: build the engine, then step it for as long as the client wants."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when the core stops
+    try:
+        engine = build()
+    except BaseException as e:  # noqa: BLE001 - the client reports it as the load error
+        outbox.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    outbox.send(("ready", engine.limits, engine.vocab_size, engine.tokenizer is not None,
+                 EngineStats.of(engine)))
+    _Core(engine, outbox).run(inbox)
+
+
+class _Core:
+    def __init__(self, engine, outbox):
+        self.engine, self.outbox = engine, outbox
+        self.n: dict[str, int] = {}  # request id -> its number of sequences, while in flight
+
+    def run(self, inbox) -> None:
+        try:
+            while True:
+                busy = self.engine.has_unfinished()
+                deltas = []
+                # busy: take what has arrived and step; idle: sleep until something arrives
+                while inbox.poll(0 if busy else None):
+                    if not self._take(inbox.recv(), deltas):
+                        self._abort_all(deltas)
+                        self.outbox.send((deltas, EngineStats.of(self.engine)))
+                        return
+                    busy = True
+                if self.engine.has_unfinished():
+                    deltas += self._step()
+                if deltas or busy:
+                    self.outbox.send((deltas, EngineStats.of(self.engine)))
+        except (EOFError, OSError, BrokenPipeError):  # the client is gone
+            return
+
+    def _take(self, messages: list, deltas: list) -> bool:
+        """Apply a batch of messages; False when told to stop."""
+        for msg in messages:
+            if msg[0] == "add":
+                _, request_id, ids, params, prompt, streaming = msg
+                try:
+                    self.engine.add_request(request_id, ids, params, prompt, stream=streaming)
+                    self.n[request_id] = params.n
+                except ValueError as e:  # bad on its own (or a duplicate id): fails alone
+                    deltas.append(_failed_delta(request_id, params.n, str(e)))
+            elif msg[0] == "abort":
+                out = self.engine.abort(msg[1])
+                if out is not None:
+                    self.n.pop(msg[1], None)
+                    deltas.append(_delta(out))
+            elif msg[0] == "stop":
+                return False
+        return True
+
+    def _step(self) -> list:
+        try:
+            outputs = self.engine.step()
+        except Exception:  # a bug, not a bad request: fail what is in flight, keep serving
+            log.error("engine step failed:\n%s", traceback.format_exc())
+            failed = []
+            for request_id, n in list(self.n.items()):
+                self.engine.abort(request_id)
+                failed.append(_failed_delta(request_id, n, "internal error in the engine step"))
+            self.n.clear()
+            return failed
+        for out in outputs:
+            if out.finished:
+                self.n.pop(out.request_id, None)
+        return [_delta(out) for out in outputs]
+
+    def _abort_all(self, deltas: list) -> None:
+        for request_id in list(self.n):
+            out = self.engine.abort(request_id)
+            deltas.append(_delta(out) if out is not None else _failed_delta(request_id, self.n[request_id],
+                                                                             "the engine shut down"))
+        self.n.clear()
+
+
+# -- the client, in the server's process -----------------------------------------------------
+class EngineCoreClient:
+    """What a server asks of an engine (as `LLM` answers it), with the engine in a child
+    process: `tokenizer`, `limits`, `validate`, `generate_async`, `abort`,
+    `has_unfinished`, `is_alive`, `engine_stats`, `shutdown`.
+
+    `build` is a picklable zero-argument callable returning an `Engine` (it runs in the
+    child, so a module-level function or a functools.partial of one); `tokenizer` (a
+    checkpoint directory, a tokenizer, or None) is loaded here for chat templates and
+    prompt text. Raises RuntimeError naming the cause if the engine cannot be built."""
+
+    def __init__(self, build, tokenizer=None, start_timeout: float | None = None):
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
+        ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        core_inbox, self._to_core = ctx.Pipe(duplex=False)
+        self._from_core, core_outbox = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_core_main, args=(build, core_inbox, core_outbox),
+                                 name="trtllm-engine-core")
+        self._proc.start()
+        core_inbox.close()
+        core_outbox.close()
+        # at interpreter exit, before multiprocessing joins its children: a core still
+        # running (an exception skipped shutdown) would make that join wait forever
+        atexit.register(self._kill)
+        try:
+            ready = self._wait_ready(start_timeout)
+        except BaseException:  # a load error, or SIGTERM/Ctrl-C while loading
+            self._kill()
+            raise
+        _, self.limits, self.vocab_size, self._has_tokenizer, self._stats = ready
+        self._streams: dict[str, tuple[RequestStream, RequestOutput]] = {}
+        self._lock = threading.Lock()  # _streams: the event loop adds, the reader removes
+        self._outgoing: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="trtllm-core-sender", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="trtllm-core-reader", daemon=True)
+        self._sender.start()
+        self._reader.start()
+
+    def _kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+
+    def _wait_ready(self, timeout: float | None) -> tuple:
+        waited = 0.0
+        while not self._from_core.poll(1.0):
+            waited += 1.0
+            if not self._proc.is_alive():
+                raise RuntimeError(f"the engine process exited with code {self._proc.exitcode} while starting")
+            if timeout is not None and waited >= timeout:
+                raise RuntimeError(f"the engine process was not ready after {timeout:.0f} s")
+        try:
+            msg = self._from_core.recv()
+        except EOFError:
+            raise RuntimeError(f"the engine process exited with code {self._proc.join(5) or self._proc.exitcode} "
+                               f"while starting") from None
+        if msg[0] == "error":
+            raise RuntimeError(f"the engine could not be built: {msg[1]}")
+        return msg
+
+    # -- requests ----------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        validate_request(prompt_token_ids, params, self.limits, self.vocab_size, self._has_tokenizer)
+
+    def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
+                       streaming: bool = False, request_id: str | None = None) -> RequestStream:
+        """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`."""
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        text, ids = tokenize_prompt(self.tokenizer, prompt)
+        request_id = request_id or new_request_id()
+        stream = RequestStream(request_id, asyncio.get_running_loop())
+        mirror = RequestOutput(request_id, text, ids, [
+            CompletionOutput(i, logprobs=[] if params.logprobs is not None else None,
+                             cumulative_logprob=0.0 if params.logprobs is not None else None)
+            for i in range(params.n)])
+        with self._lock:
+            duplicate = request_id in self._streams
+            if not duplicate:
+                self._streams[request_id] = (stream, mirror)
+        if duplicate:
+            stream.put(_apply(mirror, _failed_delta(request_id, params.n,
+                                                    f"request id {request_id!r} is already in flight")))
+        elif not self._reader.is_alive():
+            self._fail_all("the engine process is not running")
+        else:
+            self._outgoing.put(("add", request_id, ids, params, text, streaming))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._outgoing.put(("abort", request_id))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._streams)
+
+    def is_alive(self) -> bool:
+        return self._proc.is_alive() and self._reader.is_alive()
+
+    def engine_stats(self) -> EngineStats:
+        """The counters the core sent with its latest step."""
+        return self._stats
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the core (open requests end with finish_reason "abort") and wait for it."""
+        if self._proc.is_alive():
+            self._outgoing.put(("stop",))
+            self._proc.join(timeout)
+        if self._proc.is_alive():
+            log.error("the engine process did not stop in %.0f s; killing it", timeout)
+            self._kill()
+        atexit.unregister(self._kill)
+        self._outgoing.put(None)
+        self._reader.join(5)
+        self._fail_all("the engine shut down")
+
+    def __enter__(self) -> "EngineCoreClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # -- the two threads -----------------------------------------------------------------
+    def _send_loop(self) -> None:
+        """Requests to the core, one write for whatever queued meanwhile (never on the event
+        loop: a full pipe would block it)."""
+        while True:
+            msg = self._outgoing.get()
+            batch = [msg]
+            while not self._outgoing.empty():
+                batch.append(self._outgoing.get())
+            stop = None in batch
+            batch = [m for m in batch if m is not None]
+            try:
+                if batch:
+                    self._to_core.send(batch)
+            except (OSError, BrokenPipeError):
+                return
+            if stop:
+                self._to_core.close()
+                return
+
+    def _read_loop(self) -> None:
+        """Outputs from the core: each step's deltas grow the requests' outputs, and each
+        event loop is woken once per step for all of its streams."""
+        while True:
+            try:
+                deltas, self._stats = self._from_core.recv()
+            except (EOFError, OSError):
+                break
+            batches: dict[asyncio.AbstractEventLoop, list] = {}
+            for delta in deltas:
+                with self._lock:
+                    entry = self._streams.get(delta[0])
+                    if entry is not None and delta[1]:  # finished: forget it
+                        del self._streams[delta[0]]
+                if entry is None:
+                    continue
+                stream, mirror = entry
+                batches.setdefault(stream._loop, []).append((stream._async, _apply(mirror, delta)))
+            for loop, items in batches.items():
+                try:
+                    loop.call_soon_threadsafe(_put_all, items)
+                except RuntimeError:  # that event loop is closed: no one is left to read
+                    pass
+        self._fail_all("the engine process exited")
+
+    def _fail_all(self, error: str) -> None:
+        with self._lock:
+            entries = list(self._streams.values())
+            self._streams.clear()
+        for stream, mirror in entries:
+            stream.put(_apply(mirror, _failed_delta(mirror.request_id, len(mirror.outputs), error)))
+
+
+def _put_all(items) -> None:  # on the reader's event loop
+    for queue_, output in items:
+        queue_.put_nowait(output)
