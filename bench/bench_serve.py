@@ -9,8 +9,9 @@ neither side detokenizes), token-id prompts, greedy with ignore_eos: every reque
 exactly --new tokens. In one run, each side in a fresh subprocess (so both get the whole
 GPU and the HTTP client never shares the server's GIL):
 1. offline: `LLM.generate(prompts)`, all at once, after a warm-up;
-2. server: the same `LLM` built the same way behind `build_app` + uvicorn (the
-   `trtllm-serve` stack), after the same warm-up; from this process an asyncio client
+2. server: the same engine built the same way, in a process of its own behind
+   `EngineCoreClient` + `build_app` + uvicorn (the `trtllm-serve` stack; with
+   --engine-in-thread, an `LLM` on a thread of the server process), after the same warm-up; from this process an asyncio client
    (a minimal HTTP/1.1 one, so that the client is never the bottleneck; its CPU time is
    reported) sends all requests at once (full concurrency) to /v1/completions, streaming
    (TTFT per request = first content event), then again non-streaming; then SIGTERM.
@@ -38,13 +39,13 @@ NAME = "llama3-8b-random"
 
 
 # -- the model and the engine (the same in both subprocesses) -----------------------------
-def build_llm(args):
+def build_model(args):
+    """The random-weight model and the engine configs; (module, options, vocab size)."""
     import torch
 
     from bench.bench_e2e import LLAMA3_8B, SMOKE
     from trtllm.config import BuildConfig, KvCacheConfig
     from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
-    from trtllm.runtime.llm import LLM
     import transformers
 
     shape = SMOKE if args.smoke else LLAMA3_8B
@@ -65,7 +66,14 @@ def build_llm(args):
     else:
         build = BuildConfig(max_batch_size=64, max_num_tokens=512, max_seq_len=2 * (args.prompt_len + args.new))
         kv = KvCacheConfig(max_tokens=64 * 2 * (args.prompt_len + args.new))
-    return LLM(model, build_config=build, kv_cache_config=kv), shape["vocab_size"]
+    return model, dict(build_config=build, kv_cache_config=kv), shape["vocab_size"]
+
+
+def build_engine(args):
+    """In the engine process (EngineCoreClient runs it there)."""
+    from trtllm.runtime.llm import build_engine as build
+    model, options, _ = build_model(args)
+    return build(model, **options)
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -73,21 +81,18 @@ def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def warm_up(llm, args, vocab):
+async def warm_up(llm, args, vocab):
     """The same warm-up on both sides: a full batch, then a staggered one (mixed steps)."""
     from trtllm.sampling_params import SamplingParams
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    llm.generate(make_prompts(args.requests, args.prompt_len, vocab, seed=1), params, use_tqdm=False)
-
-    async def staggered():
-        streams = []
-        for p in make_prompts(32, args.prompt_len, vocab, seed=2):
-            streams.append(llm.generate_async(p, params, streaming=True))
-            await asyncio.sleep(0.002)
-        for s in streams:
-            await s.aresult()
-
-    asyncio.run(staggered())
+    await asyncio.gather(*(llm.generate_async(p, params).aresult()
+                           for p in make_prompts(args.requests, args.prompt_len, vocab, seed=1)))
+    streams = []
+    for p in make_prompts(32, args.prompt_len, vocab, seed=2):
+        streams.append(llm.generate_async(p, params, streaming=True))
+        await asyncio.sleep(0.002)
+    for s in streams:
+        await s.aresult()
 
 
 def sync(args):
@@ -97,9 +102,11 @@ def sync(args):
 
 
 def role_offline(args) -> None:
+    from trtllm.runtime.llm import LLM
     from trtllm.sampling_params import SamplingParams
-    llm, vocab = build_llm(args)
-    warm_up(llm, args, vocab)
+    model, options, vocab = build_model(args)
+    llm = LLM(model, **options)
+    asyncio.run(warm_up(llm, args, vocab))
     prompts = make_prompts(args.requests, args.prompt_len, vocab, seed=1234)
     params = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
     sync(args)
@@ -113,9 +120,21 @@ def role_offline(args) -> None:
 
 
 def role_server(args) -> None:
+    """The trtllm-serve stack: the engine in its own process (EngineCoreClient), or with
+    --engine-in-thread on a thread of the server process (the way before 2026-11-25)."""
+    import functools
+
     from trtllm.serve.app import build_app, run_server
-    llm, vocab = build_llm(args)
-    warm_up(llm, args, vocab)
+    from bench.bench_e2e import LLAMA3_8B, SMOKE
+    vocab = (SMOKE if args.smoke else LLAMA3_8B)["vocab_size"]
+    if args.engine_in_thread:
+        from trtllm.runtime.llm import LLM
+        model, options, vocab = build_model(args)
+        llm = LLM(model, **options)
+    else:
+        from trtllm.runtime.engine_core import EngineCoreClient
+        llm = EngineCoreClient(functools.partial(build_engine, args))
+    asyncio.run(warm_up(llm, args, vocab))
     app = build_app(llm, NAME, max_concurrent_requests=max(1024, 2 * args.requests))
     signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn re-raises it after its graceful stop
     try:
@@ -200,6 +219,7 @@ def child(args, role: str, port: int | None = None) -> subprocess.Popen:
            "--prompt-len", str(args.prompt_len), "--new", str(args.new), "--device", args.device]
     cmd += ["--smoke"] if args.smoke else []
     cmd += ["--port", str(port), "--switch-interval", str(args.switch_interval)] if port else []
+    cmd += ["--engine-in-thread"] if args.engine_in_thread and role == "server" else []
     return subprocess.Popen(cmd, stdout=subprocess.PIPE if role == "offline" else None, text=True)
 
 
@@ -220,6 +240,8 @@ def main():
     ap.add_argument("--startup-timeout", type=float, default=1200.0)
     ap.add_argument("--switch-interval", type=float, default=0.001,
                     help="the server process's sys.setswitchinterval (0: Python's default 5 ms)")
+    ap.add_argument("--engine-in-thread", action="store_true",
+                    help="the server's engine on a thread of its process (trtllm-serve --engine-in-thread)")
     ap.add_argument("--role", choices=["main", "offline", "server"], default="main", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -233,7 +255,8 @@ def main():
 
     import httpx
     results = {"requests": args.requests, "prompt_len": args.prompt_len, "new": args.new, "smoke": args.smoke,
-               "switch_interval": args.switch_interval}
+               "switch_interval": args.switch_interval,
+               "engine": "thread of the server process" if args.engine_in_thread else "own process"}
     try:
         import uvloop  # noqa: F401
         import httptools  # noqa: F401
@@ -291,7 +314,8 @@ def main():
     results["ratio_whole"] = results["server_whole"]["tok_s"] / off
     table = [f"{args.requests} requests {args.prompt_len}/{args.new}, all at once"
              f"{' (smoke shapes)' if args.smoke else ' (Llama-3-8B shapes, random bf16)'}; server: uvicorn "
-             f"{results['uvicorn_stack']}, switch interval {args.switch_interval * 1e3:g} ms", "",
+             f"{results['uvicorn_stack']}, switch interval {args.switch_interval * 1e3:g} ms; engine: "
+             f"{results['engine']}", "",
              "| path | output tok/s | vs LLM.generate | TTFT p50 | TTFT p99 |", "|---|---:|---:|---:|---:|"]
     for name, tok_s, p50, p99 in rows:
         ttft = f"{p50 * 1e3:,.0f} ms | {p99 * 1e3:,.0f} ms" if p50 is not None else "- | -"
