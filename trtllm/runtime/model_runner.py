@@ -12,6 +12,7 @@ directly.
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -45,9 +46,11 @@ class ModelRunner:
         self._inputs = torch.zeros((3, max_num_tokens), dtype=torch.long, device=self.device)
         self._staging = torch.zeros((3, max_num_tokens), dtype=torch.long,
                                     pin_memory=self.device.type == "cuda")
+        self._staging_np = self._staging.numpy()
         self.input_ids, self.positions, self.logits_indices = self._inputs
         # batch size -> (graph, logits [b, V], greedy [2, b]: argmax ids and 1/0 for finite rows)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graph_sizes: list[int] = []  # sorted(self.graphs), not re-sorted every step
         self.last_greedy: torch.Tensor | None = None  # the graph's greedy picks for the last step
         self._step_done = torch.cuda.Event() if self.device.type == "cuda" else None
         if enable_cuda_graph and self.device.type == "cuda":
@@ -62,18 +65,22 @@ class ModelRunner:
         ids, positions, query_lens, seq_lens, tables, sample_rows, to_sample = [], [], [], [], [], [], []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
-            ids += seq.token_slice(start, start + n)  # decode: one token, no list rebuilt
-            positions += range(start, start + n)
+            end = start + n
+            if n == 1:  # decode: one token, no list built for it
+                ids.append(seq.token_at(start))
+                positions.append(start)
+            else:
+                ids += seq.token_slice(start, end)
+                positions += range(start, end)
             query_lens.append(n)
-            seq_lens.append(start + n)
+            seq_lens.append(end)
             tables.append(seq.block_table)
-            if start + n == seq.num_tokens:  # the chunk reaches the last known token
+            if end == seq.num_tokens:  # the chunk reaches the last known token
                 sample_rows.append(len(ids) - 1)
                 to_sample.append(seq)
         num_tokens = len(ids)
         self.meta.fill(query_lens, seq_lens, tables, self.block_size)
-        decode = all(n == 1 for n in query_lens)
-        graph_size = next((b for b in sorted(self.graphs) if b >= num_tokens), None) if decode else None
+        graph_size = self._graph_size(num_tokens, len(scheduled), sample_rows)
         self.last_greedy = None
         if graph_size is not None:
             self._copy_inputs(ids, positions, sample_rows, pad_to=graph_size)
@@ -81,13 +88,25 @@ class ModelRunner:
             graph.replay()
             self.last_greedy = greedy[:, : len(sample_rows)]
             self._mark_done()
-            return to_sample, logits[: len(sample_rows)]  # decode: every token is sampled, in order
+            return to_sample, logits[: len(sample_rows)]  # the sampled rows lead, in order
         self._copy_inputs(ids, positions, sample_rows)
         rows = self.logits_indices[: len(sample_rows)]
         with attention_context(self.cache, self.meta):
             logits = self.compiled(self.input_ids[None, :num_tokens], self.positions[None, :num_tokens], rows)
         self._mark_done()
         return to_sample, logits
+
+    def _graph_size(self, num_tokens: int, num_seqs: int, sample_rows: list[int]) -> int | None:
+        """The captured batch size that runs this step, if one can: every sequence has one
+        new token (n >= 1 each, so tokens == sequences says it), and the rows to sample are
+        the first ones (a graph's logits and greedy picks are read as their leading rows;
+        the scheduler puts decodes first, so only a 1-token prefill chunk, last, is not)."""
+        if num_tokens != num_seqs or (sample_rows and sample_rows[-1] != len(sample_rows) - 1):
+            return None
+        if len(self._graph_sizes) != len(self.graphs):  # graphs added since: sort once more
+            self._graph_sizes = sorted(self.graphs)
+        i = bisect.bisect_left(self._graph_sizes, num_tokens)
+        return self._graph_sizes[i] if i < len(self._graph_sizes) else None
 
     def _mark_done(self) -> None:
         if self._step_done is not None:
@@ -102,7 +121,7 @@ class ModelRunner:
 
     def _copy_inputs(self, ids: list[int], positions: list[int], rows: list[int], pad_to: int = 0) -> None:
         n = max(len(ids), pad_to)
-        host = self._staging.numpy()
+        host = self._staging_np
         host[:, :n] = 0
         host[0, : len(ids)] = ids
         host[1, : len(ids)] = positions

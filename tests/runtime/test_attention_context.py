@@ -1,0 +1,65 @@
+"""AttentionMetadata.fill: the buffers describe exactly this step, however the rows'
+block tables came and went (fill rewrites only the rows and entries that changed)."""
+import random
+
+import numpy as np
+import torch
+
+from trtllm.runtime.attention_context import AttentionMetadata
+
+BS = 4
+
+
+def expected(query_lens, seq_lens, tables, max_tokens, max_seqs):
+    slots = [t[p // BS] * BS + p % BS for q, s, t in zip(query_lens, seq_lens, tables) for p in range(s - q, s)]
+    starts = np.cumsum([0] + list(query_lens))
+    return (slots + [-1] * (max_tokens - len(slots)), list(seq_lens) + [0] * (max_seqs - len(seq_lens)),
+            list(starts) + [starts[-1]] * (max_seqs - len(query_lens)))
+
+
+def check(meta, query_lens, seq_lens, tables):
+    slots, lens, starts = expected(query_lens, seq_lens, tables, meta.max_num_tokens, meta.max_num_seqs)
+    assert meta.slot_mapping.tolist() == slots
+    assert meta.seq_lens.tolist() == lens
+    assert meta.query_start_loc.tolist() == starts
+    for i, t in enumerate(tables):  # entries past a table's length are never read
+        assert meta.block_tables[i, : len(t)].tolist() == t
+    assert (meta.num_seqs, meta.max_query_len, meta.max_seq_len) == (len(tables), max(query_lens), max(seq_lens))
+
+
+def test_fill_follows_tables_that_grow_move_and_are_replaced():
+    rng = random.Random(0)
+    meta = AttentionMetadata(64, 6, 16, "cpu")
+    block = lambda: rng.randrange(1000)
+    seqs = []  # [block table, tokens in it]; the table grows in place, as the BlockManager's
+    for _ in range(500):
+        if len(seqs) < 6 and rng.random() < 0.3:  # admitted: a new list
+            seqs.append([[], 0])
+        if seqs and rng.random() < 0.1:  # finished: its list is dropped
+            seqs.pop(rng.randrange(len(seqs)))
+        if seqs and rng.random() < 0.1:  # preempted and re-admitted: a new list, other blocks
+            seq = rng.choice(seqs)
+            seq[0] = [block() for _ in seq[0]]
+        if not seqs:
+            continue
+        rng.shuffle(seqs)  # rows move between steps
+        for seq in seqs:
+            if seq[1] + 9 > 16 * BS:  # full: start over in a new list
+                seq[:] = [[], 0]
+        query_lens = [rng.choice([1, 1, 1, rng.randint(2, 9)]) for _ in seqs]
+        for seq, q in zip(seqs, query_lens):
+            seq[1] += q
+            while len(seq[0]) * BS < seq[1]:
+                seq[0].append(block())
+        seq_lens, tables = [seq[1] for seq in seqs], [seq[0] for seq in seqs]
+        meta.fill(query_lens, seq_lens, tables, BS)
+        check(meta, query_lens, seq_lens, [list(t) for t in tables])
+
+
+def test_fill_after_a_bigger_step_clears_the_extra_slots():
+    meta = AttentionMetadata(32, 4, 8, "cpu")
+    meta.fill([9, 3], [9, 3], [[5, 6, 7], [2]], BS)
+    check(meta, [9, 3], [9, 3], [[5, 6, 7], [2]])
+    meta.fill([1], [10], [[5, 6, 7]], BS)
+    check(meta, [1], [10], [[5, 6, 7]])
+    assert torch.equal(meta.slot_mapping[1:], torch.full((31,), -1, dtype=torch.int32))
