@@ -116,18 +116,28 @@ class BlockManager:
     def append(self, seq: Sequence, num_new_tokens: int) -> None:
         """Make room for `num_new_tokens` tokens after the computed ones (a decode token,
         or a prefill chunk)."""
-        short = self._blocks_short(seq, num_new_tokens)
-        if short > len(self._free) + len(self._cached):
+        if not self.try_append(seq, num_new_tokens):
             raise RuntimeError(f"not enough KV blocks to append to sequence {seq.seq_id}; "
                                "ask can_append first")
-        seq.block_table += [self._take() for _ in range(short)]
+
+    def try_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """`append` if the pool can make the room (True), else change nothing (False)."""
+        if seq.num_computed_tokens + num_new_tokens <= len(seq.block_table) * self.block_size:
+            return True  # its last block has room: block_size - 1 decode steps in block_size
+        short = self._blocks_short(seq, num_new_tokens)
+        if short > len(self._free) + len(self._cached):
+            return False
+        seq.block_table += [self._take() for _ in range(short)]  # in place: see AttentionMetadata
+        return True
 
     def publish(self, seq: Sequence) -> None:
         """Register the blocks of `seq` that have become full of computed tokens."""
         if not self.enable_block_reuse:
             return
-        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         done = self._num_published.get(seq.seq_id, 0)
+        if seq.num_computed_tokens < (done + 1) * self.block_size:
+            return  # no block newly full: block_size - 1 decode steps in block_size
+        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         if full <= done:
             return
         chain = self._hashes(seq, full)

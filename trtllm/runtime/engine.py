@@ -128,6 +128,8 @@ class Engine:
         self.runner.wait()
         if self.runner.last_greedy is not None and all(map(_plain_greedy, seqs)):
             tokens, finite = self.runner.last_greedy.tolist()  # picked inside the decode graph
+            if all(finite):  # the usual step: no row failed, none wants logprobs
+                return dict(zip(seqs, tokens)), {}
             chosen, top = None, None
         else:
             batch = SamplingBatch.build(seqs, logits.shape[-1], logits.device, self.eos_token_ids)

@@ -127,7 +127,7 @@ class Scheduler:
         for seq in list(self.running):  # 1. decode, oldest first
             if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
                 continue
-            while not self.block_manager.can_append(seq, 1):
+            while not self.block_manager.try_append(seq, 1):
                 preempted = True
                 victims = [s for s in self.running if s is not seq and s not in in_step]
                 if victims:
@@ -139,16 +139,16 @@ class Scheduler:
                 else:  # only sequences already scheduled this step are left to hold blocks
                     self._preempt(seq)
                 break
-            else:
-                self.block_manager.append(seq, 1)
+            else:  # try_append made room
                 scheduled.append((seq, 1))
                 in_step.add(seq)
                 budget -= 1
 
-        for seq in self.running:  # 2. the next chunk of partly prefilled sequences
-            remaining = seq.num_tokens - seq.num_computed_tokens
+        # 2. the next chunk of partly prefilled sequences (none when all running decode)
+        for seq in self.running if len(in_step) < len(self.running) else ():
             if seq in in_step or budget == 0:
                 continue
+            remaining = seq.num_tokens - seq.num_computed_tokens
             if not self.enable_chunked_prefill and remaining > budget:
                 continue
             chunk = min(remaining, budget)
@@ -181,17 +181,18 @@ class Scheduler:
         sequence for which `samples(seq, n)` was true at schedule time. Returns the
         sequences that got a token, for the engine's stop checks."""
         got_token = []
+        publish = self.block_manager.publish
         for seq, n in scheduled:
             if seq.status is not SequenceStatus.RUNNING:  # finished or aborted meanwhile
                 continue
-            if samples(seq, n):
+            if seq.num_computed_tokens + n == seq.num_tokens:  # samples(seq, n), inlined
                 if seq not in sampled:
                     raise KeyError(f"no sampled token for sequence {seq.seq_id} "
                                    f"(request {seq.request_id}), whose chunk reached its last token")
                 seq.output_token_ids.append(int(sampled[seq]))
                 got_token.append(seq)
             seq.num_computed_tokens += n
-            self.block_manager.publish(seq)
+            publish(seq)
         return got_token
 
     def _preempt(self, seq: Sequence) -> None:
