@@ -137,10 +137,20 @@ def role_server(args) -> None:
     asyncio.run(warm_up(llm, args, vocab))
     app = build_app(llm, NAME, max_concurrent_requests=max(1024, 2 * args.requests))
     signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn re-raises it after its graceful stop
+    profile = None
+    if args.profile_server:  # where the server process's time goes (all threads: yappi-free, main only)
+        import cProfile
+        profile = cProfile.Profile()
+        profile.enable()
     try:
         run_server(app, "127.0.0.1", args.port, shutdown_timeout=5, log_level="warning", access_log=False,
                    switch_interval=args.switch_interval if args.switch_interval > 0 else None)
     finally:
+        if profile is not None:
+            profile.disable()
+            import pstats
+            profile.dump_stats(args.profile_server)
+            pstats.Stats(profile).sort_stats("tottime").print_stats(30)
         llm.shutdown()
 
 
@@ -220,6 +230,7 @@ def child(args, role: str, port: int | None = None) -> subprocess.Popen:
     cmd += ["--smoke"] if args.smoke else []
     cmd += ["--port", str(port), "--switch-interval", str(args.switch_interval)] if port else []
     cmd += ["--engine-in-thread"] if args.engine_in_thread and role == "server" else []
+    cmd += ["--profile-server", args.profile_server] if args.profile_server and role == "server" else []
     return subprocess.Popen(cmd, stdout=subprocess.PIPE if role == "offline" else None, text=True)
 
 
@@ -242,6 +253,8 @@ def main():
                     help="the server process's sys.setswitchinterval (0: Python's default 5 ms)")
     ap.add_argument("--engine-in-thread", action="store_true",
                     help="the server's engine on a thread of its process (trtllm-serve --engine-in-thread)")
+    ap.add_argument("--profile-server", default=None, metavar="PATH",
+                    help="cProfile the server process's event loop thread; stats to PATH, top 30 printed")
     ap.add_argument("--role", choices=["main", "offline", "server"], default="main", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
