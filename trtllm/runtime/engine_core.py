@@ -28,6 +28,7 @@ import asyncio
 import atexit
 import logging
 import multiprocessing as mp
+import pickle
 import queue
 import signal
 import threading
@@ -186,6 +187,7 @@ class EngineCoreClient:
         _, self.limits, self.vocab_size, self._has_tokenizer, self._stats = ready
         self._streams: dict[str, tuple[RequestStream, RequestOutput]] = {}
         self._lock = threading.Lock()  # _streams: the event loop adds, the reader removes
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._outgoing: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="trtllm-core-sender", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="trtllm-core-reader", daemon=True)
@@ -226,7 +228,8 @@ class EngineCoreClient:
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         text, ids = tokenize_prompt(self.tokenizer, prompt)
         request_id = request_id or new_request_id()
-        stream = RequestStream(request_id, asyncio.get_running_loop())
+        self._loop = asyncio.get_running_loop()  # outputs are dispatched on it (one server, one loop)
+        stream = RequestStream(request_id, self._loop)
         mirror = RequestOutput(request_id, text, ids, [
             CompletionOutput(i, logprobs=[] if params.logprobs is not None else None,
                              cumulative_logprob=0.0 if params.logprobs is not None else None)
@@ -297,29 +300,37 @@ class EngineCoreClient:
                 return
 
     def _read_loop(self) -> None:
-        """Outputs from the core: each step's deltas grow the requests' outputs, and each
-        event loop is woken once per step for all of its streams."""
+        """Outputs from the core: this thread only waits for a step's message (no GIL held)
+        and hands its bytes to the event loop, where one callback unpickles it and grows
+        every stream it names; the GIL changes hands once per step, not once per output."""
         while True:
             try:
-                deltas, self._stats = self._from_core.recv()
+                data = self._from_core.recv_bytes()
             except (EOFError, OSError):
                 break
-            batches: dict[asyncio.AbstractEventLoop, list] = {}
-            for delta in deltas:
-                with self._lock:
-                    entry = self._streams.get(delta[0])
-                    if entry is not None and delta[1]:  # finished: forget it
-                        del self._streams[delta[0]]
-                if entry is None:
-                    continue
-                stream, mirror = entry
-                batches.setdefault(stream._loop, []).append((stream._async, _apply(mirror, delta)))
-            for loop, items in batches.items():
-                try:
-                    loop.call_soon_threadsafe(_put_all, items)
-                except RuntimeError:  # that event loop is closed: no one is left to read
-                    pass
+            loop = self._loop
+            try:
+                if loop is None:  # no request has come through an event loop yet
+                    raise RuntimeError
+                loop.call_soon_threadsafe(self._dispatch, data, loop)
+            except RuntimeError:  # none, or closed: take it here
+                self._dispatch(data, None)
         self._fail_all("the engine process exited")
+
+    def _dispatch(self, data: bytes, loop: asyncio.AbstractEventLoop | None) -> None:
+        """On `loop`'s thread (or the reader's, with None): grow and feed the streams."""
+        deltas, self._stats = pickle.loads(data)
+        for delta in deltas:
+            with self._lock:
+                entry = self._streams.get(delta[0])
+                if entry is not None and delta[1]:  # finished: forget it
+                    del self._streams[delta[0]]
+            if entry is not None:
+                stream, mirror = entry
+                if stream._loop is loop:
+                    stream._async.put_nowait(_apply(mirror, delta))
+                else:
+                    stream.put(_apply(mirror, delta))
 
     def _fail_all(self, error: str) -> None:
         with self._lock:
@@ -328,7 +339,3 @@ class EngineCoreClient:
         for stream, mirror in entries:
             stream.put(_apply(mirror, _failed_delta(mirror.request_id, len(mirror.outputs), error)))
 
-
-def _put_all(items) -> None:  # on the reader's event loop
-    for queue_, output in items:
-        queue_.put_nowait(output)

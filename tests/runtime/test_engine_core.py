@@ -1,0 +1,118 @@
+"""EngineCoreClient: the engine in its own process gives what LLM gives, and a bad
+request, an abort, a duplicate id, a failed build or a dead core each end cleanly."""
+import asyncio
+import functools
+import os
+
+import pytest
+
+from tests.serve.server import write_model
+from trtllm.config import BuildConfig, KvCacheConfig
+from trtllm.runtime.engine_core import EngineCoreClient
+from trtllm.runtime.llm import LLM, build_engine
+from trtllm.sampling_params import SamplingParams
+
+OPTIONS = dict(dtype="float32", build_config=BuildConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=64),
+               kv_cache_config=KvCacheConfig(max_tokens=4096))
+PROMPTS = ["hello world", "the quick brown fox", "a"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("core_model"))
+
+
+@pytest.fixture(scope="module")
+def client(model_dir):
+    os.environ["TRITON_INTERPRET"] = "0"  # the core process inherits it: the ops' torch references
+    with EngineCoreClient(functools.partial(build_engine, str(model_dir), **OPTIONS),
+                          tokenizer=str(model_dir), start_timeout=300) as c:
+        yield c
+
+
+async def _collect(stream):
+    outs = [out async for out in stream]
+    return outs
+
+
+def test_same_outputs_as_llm_streaming_or_not(client, model_dir):
+    greedy = SamplingParams(max_tokens=20, temperature=0.0)
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=7, n=2, logprobs=2)
+    with LLM(str(model_dir), **OPTIONS) as llm:
+        ref = llm.generate(PROMPTS, greedy, use_tqdm=False)
+        ref_sampled = llm.generate("hello", sampled, use_tqdm=False)
+
+    async def go():
+        streams = [client.generate_async(p, greedy, streaming=True) for p in PROMPTS]
+        whole = [client.generate_async(p, greedy) for p in PROMPTS]
+        got_sampled = await client.generate_async("hello", sampled).aresult()
+        return [await _collect(s) for s in streams], [await s.aresult() for s in whole], got_sampled
+
+    streamed, whole, got_sampled = asyncio.run(go())
+    for r, outs, w in zip(ref, streamed, whole):
+        assert len(outs) > 1 and outs[-1].finished and not any(o.finished for o in outs[:-1])
+        for got in (outs[-1], w):
+            assert got.outputs[0].text == r.outputs[0].text
+            assert got.outputs[0].token_ids == r.outputs[0].token_ids
+            assert got.outputs[0].finish_reason == r.outputs[0].finish_reason
+            assert got.prompt_token_ids == r.prompt_token_ids
+        # growing snapshots: each output's text extends the previous one's
+        texts = [o.outputs[0].text for o in outs]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    for c, rc in zip(got_sampled.outputs, ref_sampled.outputs):
+        assert c.token_ids == rc.token_ids  # a seed reproduces across processes
+        assert len(c.logprobs) == len(c.token_ids)
+        assert c.cumulative_logprob == pytest.approx(rc.cumulative_logprob, rel=1e-5)
+
+
+def test_bad_request_abort_and_duplicate_end_alone(client):
+    long = SamplingParams(max_tokens=40, ignore_eos=True)
+
+    async def go():
+        bad = client.generate_async([10**6], long)
+        dup_a = client.generate_async("hello", long, streaming=True, request_id="same")
+        dup_b = client.generate_async("hello", long, request_id="same")
+        aborted = client.generate_async("hello", long, streaming=True)
+        async for out in aborted:
+            client.abort(aborted.request_id)
+        good = client.generate_async("hello", SamplingParams(max_tokens=5))
+        return await bad.aresult(), await dup_a.aresult(), await dup_b.aresult(), aborted.last, await good.aresult()
+
+    bad, dup_a, dup_b, aborted, good = asyncio.run(go())
+    assert "outside the vocabulary" in bad.error and bad.outputs[0].finish_reason == "error"
+    assert dup_a.error is None and len(dup_a.outputs[0].token_ids) == 40
+    assert "already in flight" in dup_b.error
+    assert aborted.outputs[0].finish_reason == "abort" and len(aborted.outputs[0].token_ids) < 40
+    assert good.error is None and len(good.outputs[0].token_ids) == 5
+    stats = client.engine_stats()
+    assert stats.blocks_used == 0 and stats.num_running == 0 and not client.has_unfinished()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        client.validate([1, 2, 3], SamplingParams(max_tokens=100))
+
+
+def _unbuildable():
+    raise ValueError("no such architecture: Frobnicator")
+
+
+def test_a_failed_build_names_its_cause():
+    with pytest.raises(RuntimeError, match="Frobnicator"):
+        EngineCoreClient(_unbuildable, start_timeout=120)
+
+
+def test_a_dead_core_fails_its_requests(model_dir):
+    c = EngineCoreClient(functools.partial(build_engine, str(model_dir), **OPTIONS), tokenizer=str(model_dir),
+                         start_timeout=300)
+
+    async def go():
+        stream = c.generate_async("hello", SamplingParams(max_tokens=50, ignore_eos=True), streaming=True)
+        async for _ in stream:
+            c._proc.kill()  # the core dies mid-request
+        later = c.generate_async("hello", SamplingParams(max_tokens=5))
+        return stream.last, await later.aresult()
+
+    try:
+        last, later = asyncio.run(asyncio.wait_for(go(), 60))
+        assert last.finished and last.outputs[0].finish_reason == "error" and "exited" in last.error
+        assert later.error and not c.is_alive()
+    finally:
+        c.shutdown(timeout=5)
