@@ -16,7 +16,9 @@ triton.testing.do_bench (median; do_bench flushes L2 before every call):
   do_bench's L2 flush (writes zeros: the kernel then also pays the write-back of up to
   50 MB of dirty L2 lines) and with a read-only flush (`ms_read_flush`, as inside a
   decode step, where attention follows weight-reading GEMMs); a torch.sum over 64 MB
-  calibrates the difference.
+  calibrates the difference. Third, per layer in one graph of up to 32 layers' calls
+  (`graphed_layers`: each layer its own cache, kernel after kernel, as in a decode step
+  of the runtime), which takes the graph launch and the timing events out of each call.
 - prefill (one sequence, 1k-8k tokens, causal, no cached context): TFLOP/s counting
   4 * S * S * Hq * D / 2, beside SDPA with the flash and the cuDNN backends.
 - a small config sweep (decode tiles/stages/splits, prefill tiles, page sizes), to retune
@@ -43,8 +45,9 @@ REL_TOL = 1e-2
 DEV = torch.device("cuda")
 
 
-def make_inputs(specs, seed=0, page=None):
-    """specs: [(cached, new)] per sequence -> the op's positional arguments."""
+def make_inputs(specs, seed=0, page=None, layers=1):
+    """specs: [(cached, new)] per sequence -> the op's positional arguments (layer 0 of a
+    cache of `layers` layers)."""
     bs = page or BS
     g = torch.Generator(device=DEV).manual_seed(seed)
     lens = [c + n for c, n in specs]
@@ -57,7 +60,7 @@ def make_inputs(specs, seed=0, page=None):
     for s, nb in enumerate(nblk):
         bt[s, :nb] = perm[at: at + nb]
         at += nb
-    shape = (1, num_blocks, bs, HKV, D)
+    shape = (layers, num_blocks, bs, HKV, D)
     k_cache = torch.randn(shape, dtype=DTYPE, device=DEV, generator=g)
     v_cache = torch.randn(shape, dtype=DTYPE, device=DEV, generator=g)
     T = sum(n for _, n in specs)
@@ -82,6 +85,18 @@ def rel_error(args, **force):
     ref = pa.paged_attention_ref(*a_ref).float()
     out = pa._paged_attention_impl(*args, **force).float()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def graphed_layers(args, layers):
+    """One graph calling the op once per layer, as a decode step's graph does (each layer
+    reads its own cache): replay, divided by `layers`, is one layer's share with launch
+    costs as the runtime pays them (kernel after kernel, no graph launch per call)."""
+    def step():
+        for layer in range(layers):
+            a = list(args)
+            a[5] = layer
+            pa.paged_attention(*a)
+    return graphed(step)
 
 
 def graphed(fn):
@@ -180,6 +195,11 @@ def bench_decode(batch, ctx, failures):
     replay = graphed(op)
     t_graph = ms(replay)
     t_graph_rf = ms_read_flush(replay)
+    # a 32-layer step (fewer layers where 32 caches would pass 16 GB)
+    layers = max(2, min(32, (16 << 30) // (2 * nbytes)))
+    largs = make_inputs([(ctx - 1, 1)] * batch, seed=batch * 100003 + ctx, layers=layers)
+    t_layer = ms_read_flush(graphed_layers(largs, layers), reps=50) / layers
+    del largs
     kd, vd = dense_kv(args)
     qd = args[0].view(batch, HQ, 1, D)
     try:
@@ -196,11 +216,14 @@ def bench_decode(batch, ctx, failures):
                us_eager=t_eager * 1e3, us_graph=t_graph * 1e3, us_sdpa=t_sdpa * 1e3,
                gbs_eager=nbytes / t_eager / 1e6, gbs_graph=nbytes / t_graph / 1e6,
                gbs_sdpa=nbytes / t_sdpa / 1e6, us_graph_rf=t_graph_rf * 1e3,
-               gbs_graph_rf=nbytes / t_graph_rf / 1e6, gbs_sdpa_rf=nbytes / t_sdpa_rf / 1e6)
+               gbs_graph_rf=nbytes / t_graph_rf / 1e6, gbs_sdpa_rf=nbytes / t_sdpa_rf / 1e6,
+               layers=layers, us_layer=t_layer * 1e3, gbs_layer=nbytes / t_layer / 1e6)
+    row["pct_ceiling_layer"] = 100 * row["gbs_layer"] / (CEILING_TBS * 1e3)
     row["pct_ceiling"] = 100 * row["gbs_graph"] / (CEILING_TBS * 1e3)
     row["pct_ceiling_rf"] = 100 * row["gbs_graph_rf"] / (CEILING_TBS * 1e3)
     print(f"decode b={batch:3d} ctx={ctx:5d}: err {err:.1e}, {row['gbs_graph']:7.0f} GB/s graph "
           f"({row['pct_ceiling']:.0f}%), read-flush {row['gbs_graph_rf']:7.0f} ({row['pct_ceiling_rf']:.0f}%), "
+          f"{layers}-layer graph {row['gbs_layer']:7.0f} ({row['pct_ceiling_layer']:.0f}%), "
           f"{row['gbs_eager']:7.0f} eager, sdpa {row['gbs_sdpa']:7.0f} / {row['gbs_sdpa_rf']:7.0f}",
           flush=True)
     return row
@@ -306,12 +329,13 @@ def main():
              f"flush calibration (torch.sum over 64 MB): {calib['gbs_zero_flush']:.0f} GB/s after do_bench's "
              f"zero-fill flush, {calib['gbs_read_flush']:.0f} GB/s after a read flush", "",
              "### decode (K+V cache GB/s, CUDA-graph replay; zero-fill flush = do_bench, read flush = ms_read_flush)", "",
-             "| batch | ctx | splits | rel err | us (zero flush) | GB/s | % of 3.0 TB/s | us (read flush) | GB/s | % of 3.0 TB/s | GB/s eager | SDPA dense GB/s (zero / read flush) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| batch | ctx | splits | rel err | us (zero flush) | GB/s | % of 3.0 TB/s | us (read flush) | GB/s | % of 3.0 TB/s | layers | us/layer (L-layer graph) | GB/s | % of 3.0 TB/s | GB/s eager | SDPA dense GB/s (zero / read flush) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in decode:
         lines.append(f"| {r['batch']} | {r['ctx']} | {r['splits']} | {r['rel_err']:.1e} | "
                      f"{r['us_graph']:.1f} | {r['gbs_graph']:.0f} | {r['pct_ceiling']:.0f}% | "
                      f"{r['us_graph_rf']:.1f} | {r['gbs_graph_rf']:.0f} | {r['pct_ceiling_rf']:.0f}% | "
+                     f"{r['layers']} | {r['us_layer']:.1f} | {r['gbs_layer']:.0f} | {r['pct_ceiling_layer']:.0f}% | "
                      f"{r['gbs_eager']:.0f} | {r['gbs_sdpa']:.0f} / {r['gbs_sdpa_rf']:.0f} |")
     lines += ["", "### prefill (causal, no context; TFLOP/s = 4*S*S*Hq*D/2 / t)", "",
               "| tokens | rel err | ms | TFLOP/s | SDPA flash | SDPA cuDNN |",
