@@ -114,10 +114,13 @@ class Engine:
             sampled, extra = self._sample(to_sample, logits, changed)
             for seq in self.scheduler.update(scheduled, sampled):
                 self._on_token(seq, sampled[seq], extra.get(seq), changed)
-        outputs = [self._emit(r) for r in changed.values() if r.stream or r.output.finished]
-        for r in changed.values():
+        outputs = []
+        for r in changed.values():  # only these are copied: a non-streaming request, at its end
             if r.output.finished:
+                outputs.append(self._emit(r))
                 self.requests.pop(r.output.request_id, None)
+            elif r.stream:
+                outputs.append(self._emit(r))
         if not self.requests:
             self._check_books()
         return outputs
@@ -126,7 +129,7 @@ class Engine:
         if not seqs:
             return {}, {}
         self.runner.wait()
-        if self.runner.last_greedy is not None and all(map(_plain_greedy, seqs)):
+        if self.runner.last_greedy is not None and _all_plain_greedy(seqs):
             tokens, finite = self.runner.last_greedy.tolist()  # picked inside the decode graph
             if all(finite):  # the usual step: no row failed, none wants logprobs
                 return dict(zip(seqs, tokens)), {}
@@ -215,12 +218,25 @@ class Engine:
 
 
 
-def _plain_greedy(seq: Sequence) -> bool:
-    """Argmax of the raw logits is this sequence's next token (no logprobs wanted)."""
-    p = seq.sampling_params
+def _plain_greedy_params(p: SamplingParams) -> bool:
     return (p.temperature < 1e-5 or p.top_k == 1) and p.logprobs is None and p.repetition_penalty == 1.0 \
-        and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 \
-        and len(seq.output_token_ids) >= p.min_tokens
+        and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+
+
+def _all_plain_greedy(seqs: list[Sequence]) -> bool:
+    """Argmax of the raw logits is every sequence's next token (no logprobs wanted, past
+    min_tokens). A run of sequences sharing one SamplingParams (an `LLM.generate` batch:
+    all of them) has its params looked at once: ~0.8 us a sequence less."""
+    last = None
+    for seq in seqs:
+        p = seq.sampling_params
+        if p is not last:
+            if not _plain_greedy_params(p):
+                return False
+            last = p
+        if len(seq.output_token_ids) < p.min_tokens:
+            return False
+    return True
 
 
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: EngineLimits, vocab_size: int,

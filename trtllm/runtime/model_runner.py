@@ -51,6 +51,7 @@ class ModelRunner:
         # batch size -> (graph, logits [b, V], greedy [2, b]: argmax ids and 1/0 for finite rows)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []  # sorted(self.graphs), not re-sorted every step
+        self._replay_views: dict[tuple[int, int], tuple] = {}  # see _replay
         self.last_greedy: torch.Tensor | None = None  # the graph's greedy picks for the last step
         self._step_done = torch.cuda.Event() if self.device.type == "cuda" else None
         if enable_cuda_graph and self.device.type == "cuda":
@@ -83,12 +84,7 @@ class ModelRunner:
         graph_size = self._graph_size(num_tokens, len(scheduled), sample_rows)
         self.last_greedy = None
         if graph_size is not None:
-            self._copy_inputs(ids, positions, sample_rows, pad_to=graph_size)
-            graph, logits, greedy = self.graphs[graph_size]
-            graph.replay()
-            self.last_greedy = greedy[:, : len(sample_rows)]
-            self._mark_done()
-            return to_sample, logits[: len(sample_rows)]  # the sampled rows lead, in order
+            return to_sample, self._replay(graph_size, ids, positions, len(sample_rows))
         self._copy_inputs(ids, positions, sample_rows)
         rows = self.logits_indices[: len(sample_rows)]
         with attention_context(self.cache, self.meta):
@@ -108,6 +104,24 @@ class ModelRunner:
         i = bisect.bisect_left(self._graph_sizes, num_tokens)
         return self._graph_sizes[i] if i < len(self._graph_sizes) else None
 
+    def _replay(self, size: int, ids: list[int], positions: list[int], num_rows: int) -> torch.Tensor:
+        """A decode step by the graph captured for `size`; its first `num_rows` rows are the
+        ones to sample. Returns their logits; their greedy picks go to `last_greedy`. The
+        tensor views it needs are made once per (size, rows), not every step: a slice
+        costs ~4 us of host time, and a step took four."""
+        views = self._replay_views.get((size, num_rows))
+        if views is None:
+            graph, logits, greedy = self.graphs[size]
+            views = (graph, self._inputs[:, :size], self._staging[:, :size], greedy[:, :num_rows], logits[:num_rows])
+            self._replay_views[(size, num_rows)] = views
+        graph, inputs, staging, greedy, logits = views
+        self._stage(ids, positions, range(num_rows), size)
+        inputs.copy_(staging, non_blocking=True)
+        graph.replay()
+        self.last_greedy = greedy
+        self._mark_done()
+        return logits
+
     def _mark_done(self) -> None:
         if self._step_done is not None:
             self._step_done.record()
@@ -119,20 +133,26 @@ class ModelRunner:
         if self._step_done is not None:
             self._step_done.synchronize()
 
-    def _copy_inputs(self, ids: list[int], positions: list[int], rows: list[int], pad_to: int = 0) -> None:
-        n = max(len(ids), pad_to)
+    def _copy_inputs(self, ids: list[int], positions: list[int], rows: list[int]) -> None:
+        n = len(ids)
+        self._stage(ids, positions, rows, n)
+        self._inputs[:, :n].copy_(self._staging[:, :n], non_blocking=True)
+
+    def _stage(self, ids: list[int], positions: list[int], rows, n: int) -> None:
+        """Token ids, positions and logits rows into the pinned staging buffer, zeros up
+        to `n` (a graph's padding tokens)."""
         host = self._staging_np
         host[:, :n] = 0
         host[0, : len(ids)] = ids
         host[1, : len(ids)] = positions
         host[2, : len(rows)] = rows
-        self._inputs[:, :n].copy_(self._staging[:, :n], non_blocking=True)
 
     # -- CUDA graphs -------------------------------------------------------------------
     @torch.no_grad()
     def capture_cuda_graphs(self, batch_sizes: list[int]) -> None:
         """Capture decode steps of each batch size, largest first (they share one pool)."""
         pool = None
+        self._replay_views.clear()
         for b in sorted(batch_sizes, reverse=True):
             # b sequences with one token each and no slot to write: capture-time values
             # only; every replay refills the same buffers. max_seq_len = the model's

@@ -186,10 +186,11 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:  # finished or aborted meanwhile
                 continue
             if seq.num_computed_tokens + n == seq.num_tokens:  # samples(seq, n), inlined
-                if seq not in sampled:
+                token = sampled.get(seq)
+                if token is None:
                     raise KeyError(f"no sampled token for sequence {seq.seq_id} "
                                    f"(request {seq.request_id}), whose chunk reached its last token")
-                seq.output_token_ids.append(int(sampled[seq]))
+                seq.output_token_ids.append(int(token))
                 got_token.append(seq)
             seq.num_computed_tokens += n
             publish(seq)
