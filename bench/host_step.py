@@ -11,7 +11,8 @@ scheduling, inputs, attention metadata, the sampled-token books, outputs.
 
 Measured per batch (B requests of a 128-token prompt, `--new` greedy tokens, ignore_eos):
 - step: µs per decode step of `Engine.step` called directly (the engine-loop thread's
-  share of the host path);
+  share of the host path); stream: the same with streaming requests (an output per
+  request per step, as the serving core asks for);
 - loop: µs per step of `LLM.generate` through the engine-loop thread, wall / steps.
 With --profile, cProfile of the direct steps (top functions by own time).
 """
@@ -67,12 +68,13 @@ def build_llm(max_batch: int) -> LLM:
     return llm
 
 
-def direct_steps(llm: LLM, batch: int, new: int, profile: bool) -> float:
-    """µs per decode step of Engine.step, prefill steps excluded."""
+def direct_steps(llm: LLM, batch: int, new: int, profile: bool, stream: bool = False) -> float:
+    """µs per decode step of Engine.step, prefill steps excluded; with `stream`, every
+    step emits every request's progress (the serving core's requests)."""
     engine = llm.engine
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"b{batch}-{i}", list(PROMPT), params)
+        engine.add_request(f"b{batch}-{i}", list(PROMPT), params, stream=stream)
     engine.step()  # prefill of all of them (one step: max_num_tokens covers it)
     assert all(s.output_token_ids for s in engine.scheduler.running)
     prof = cProfile.Profile() if profile else None
@@ -121,13 +123,14 @@ def main():
         loop = min(loop_steps(llm, batch, args.new) for _ in range(args.repeats))
         llm._loop.shutdown()  # from here the engine is stepped on this thread only
         direct = min(direct_steps(llm, batch, args.new, False) for _ in range(args.repeats))
+        stream = min(direct_steps(llm, batch, args.new, False, stream=True) for _ in range(args.repeats))
         if args.profile:
             print(f"\n=== cProfile, batch {batch} ===")
             direct_steps(llm, batch, args.new, True)
-        rows.append((batch, direct, loop))
-    print(f"\n| batch | Engine.step µs/step | LLM.generate µs/step |\n|---|---|---|")
-    for batch, direct, loop in rows:
-        print(f"| {batch} | {direct:.1f} | {loop:.1f} |")
+        rows.append((batch, direct, stream, loop))
+    print("\n| batch | Engine.step µs/step | streaming Engine.step µs/step | LLM.generate µs/step |\n|---|---|---|---|")
+    for batch, direct, stream, loop in rows:
+        print(f"| {batch} | {direct:.1f} | {stream:.1f} | {loop:.1f} |")
 
 
 if __name__ == "__main__":

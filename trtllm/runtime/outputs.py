@@ -2,7 +2,6 @@
 (TensorRT-LLM's LLM-API names)."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 
@@ -30,14 +29,27 @@ class RequestOutput:
     num_cached_tokens: int = 0                # prompt tokens served from the prefix cache
 
     def snapshot(self, text_lengths: list[int] | None = None) -> "RequestOutput":
-        """A copy the engine will not change further (texts cut to `text_lengths`)."""
+        """A copy the engine will not change further (texts cut to `text_lengths`).
+
+        Runs for every streaming request every step, so it copies only what the engine
+        goes on changing: the completions and their growing lists. `prompt_token_ids` is
+        shared, never changed after the request is added (copying a 2k-token prompt per
+        request per step was ~10 us each)."""
         outputs = []
         for i, c in enumerate(self.outputs):
-            c = copy.copy(c)
+            c = _shallow_copy(c)
             c.token_ids, c.token_ids_diff = list(c.token_ids), list(c.token_ids_diff)
             c.logprobs = list(c.logprobs) if c.logprobs is not None else None
             if text_lengths is not None:
                 c.text = c.text[: text_lengths[i]]
             outputs.append(c)
-        return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outputs,
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs,
                              self.finished, self.error, self.num_cached_tokens)
+
+
+def _shallow_copy(c: CompletionOutput) -> CompletionOutput:
+    """copy.copy(c) (every field, whatever fields there are) without copy's reduce
+    protocol: ~1 us instead of ~5 on the dev CPU."""
+    new = object.__new__(CompletionOutput)
+    new.__dict__.update(c.__dict__)
+    return new
