@@ -57,6 +57,9 @@ class Engine:
         self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
+        # outputs as RequestOutput.delta() tuples instead of snapshots: what the engine
+        # process sends (no per-step copy of each stream's whole output)
+        self.emit_deltas = False
 
     # -- requests ----------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -200,14 +203,17 @@ class Engine:
         req.output.finished = all(c.finish_reason is not None for c in req.output.outputs)
         req.output.num_cached_tokens = max(s.num_cached_tokens for s in req.seqs)
 
-    def _emit(self, req: _Request) -> RequestOutput:
-        """A snapshot for the caller; unfinished text holds back a possible stop-string start."""
+    def _emit(self, req: _Request) -> RequestOutput | tuple:
+        """A snapshot for the caller (or its delta, with emit_deltas); unfinished text holds
+        back a possible stop-string start."""
         for i, c in enumerate(req.output.outputs):
             visible = len(c.text) if c.finish_reason or not req.params.stop else safe_prefix_len(c.text, req.params.stop)
             c.text_diff = c.text[req.streamed[i]:visible]
             req.streamed[i] = max(req.streamed[i], visible)
             c.token_ids_diff = c.token_ids[req.streamed_tokens[i]:]
             req.streamed_tokens[i] = len(c.token_ids)
+        if self.emit_deltas:
+            return req.output.delta()
         return req.output.snapshot(text_lengths=req.streamed)
 
     def _check_books(self) -> None:

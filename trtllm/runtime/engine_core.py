@@ -17,8 +17,9 @@ The wire: two one-way pipes of pickled messages.
   ("abort", request_id), ("stop",);
 - from the core: ("ready", limits, vocab_size, has_tokenizer, stats) once, or ("error",
   message) if the engine could not be built; then one (deltas, stats) per step, where a
-  delta carries only what a request gained in that step (`_delta`), and the client keeps
-  the growing `RequestOutput` (`_apply`).
+  delta carries only what a request gained in that step (`RequestOutput.delta`, made by
+  the engine itself with `emit_deltas`), and the client keeps the growing `RequestOutput`
+  (`apply_delta`).
 The core steps without waiting on the client: a step's deltas go out in one write. It
 exits when told to stop or when its pipe closes (the server is gone).
 """
@@ -28,10 +29,13 @@ import asyncio
 import atexit
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import queue
 import signal
+import sys
 import threading
+import time
 import traceback
 
 from trtllm.runtime.engine import validate_request
@@ -44,29 +48,10 @@ from trtllm.sampling_params import SamplingParams
 log = logging.getLogger("trtllm")
 
 
-# -- the wire format of an output ----------------------------------------------------------
-def _delta(out: RequestOutput) -> tuple:
-    """What `out` (an Engine output: text_diff / token_ids_diff set) adds to the request."""
-    completions = []
-    for c in out.outputs:
-        new = len(c.token_ids_diff)
-        logprobs = c.logprobs[len(c.logprobs) - new:] if c.logprobs is not None and new else None
-        completions.append((c.index, c.text_diff, c.token_ids_diff, logprobs, c.cumulative_logprob,
-                            c.finish_reason, c.stop_reason))
-    return out.request_id, out.finished, out.error, out.num_cached_tokens, completions
-
-
+# -- the wire format of an output: RequestOutput.delta() / apply_delta() ------------------
 def _apply(out: RequestOutput, delta: tuple) -> RequestOutput:
     """Grow the client's copy of a request by a delta; a snapshot for the reader."""
-    _, out.finished, out.error, out.num_cached_tokens, completions = delta
-    for index, text, ids, logprobs, cumulative, finish_reason, stop_reason in completions:
-        c = out.outputs[index]
-        c.text += text
-        c.token_ids += ids
-        c.text_diff, c.token_ids_diff = text, ids
-        if logprobs:
-            c.logprobs += logprobs
-        c.cumulative_logprob, c.finish_reason, c.stop_reason = cumulative, finish_reason, stop_reason
+    out.apply_delta(delta)
     return out.snapshot()
 
 
@@ -83,17 +68,26 @@ def _core_main(build, inbox, outbox) -> None:
     except BaseException as e:  # noqa: BLE001 - the client reports it as the load error
         outbox.send(("error", f"{type(e).__name__}: {e}"))
         return
+    engine.emit_deltas = True
     outbox.send(("ready", engine.limits, engine.vocab_size, engine.tokenizer is not None,
                  EngineStats.of(engine)))
     _Core(engine, outbox).run(inbox)
 
 
 class _Core:
+    """Steps the engine; each step's deltas go out on a sender thread, so pickling and
+    writing overlap the next GPU step (the engine waits for the GPU without the GIL) and
+    a server slow to read never holds a step back."""
+
     def __init__(self, engine, outbox):
         self.engine, self.outbox = engine, outbox
         self.n: dict[str, int] = {}  # request id -> its number of sequences, while in flight
+        self._outgoing: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="trtllm-core-out", daemon=True)
+        self.steps, self.step_s = 0, 0.0
 
     def run(self, inbox) -> None:
+        self._sender.start()
         try:
             while True:
                 busy = self.engine.has_unfinished()
@@ -102,15 +96,31 @@ class _Core:
                 while inbox.poll(0 if busy else None):
                     if not self._take(inbox.recv(), deltas):
                         self._abort_all(deltas)
-                        self.outbox.send((deltas, EngineStats.of(self.engine)))
+                        self._send(deltas)
                         return
                     busy = True
                 if self.engine.has_unfinished():
                     deltas += self._step()
                 if deltas or busy:
-                    self.outbox.send((deltas, EngineStats.of(self.engine)))
-        except (EOFError, OSError, BrokenPipeError):  # the client is gone
+                    self._send(deltas)
+        except (EOFError, OSError):  # the client is gone
             return
+        finally:
+            self._outgoing.put(None)
+            self._sender.join(10)
+            if os.environ.get("TRTLLM_CORE_TIMING"):
+                print(f"trtllm engine core: {self.steps} steps, {self.step_s:.3f} s in Engine.step "
+                      f"({self.step_s / max(self.steps, 1) * 1e3:.3f} ms/step)", file=sys.stderr, flush=True)
+
+    def _send(self, deltas: list) -> None:
+        self._outgoing.put((deltas, EngineStats.of(self.engine)))
+
+    def _send_loop(self) -> None:
+        while (item := self._outgoing.get()) is not None:
+            try:
+                self.outbox.send(item)
+            except OSError:  # the client is gone; the main loop sees it on its pipe
+                return
 
     def _take(self, messages: list, deltas: list) -> bool:
         """Apply a batch of messages; False when told to stop."""
@@ -123,17 +133,20 @@ class _Core:
                 except ValueError as e:  # bad on its own (or a duplicate id): fails alone
                     deltas.append(_failed_delta(request_id, params.n, str(e)))
             elif msg[0] == "abort":
-                out = self.engine.abort(msg[1])
-                if out is not None:
+                delta = self.engine.abort(msg[1])
+                if delta is not None:
                     self.n.pop(msg[1], None)
-                    deltas.append(_delta(out))
+                    deltas.append(delta)
             elif msg[0] == "stop":
                 return False
         return True
 
     def _step(self) -> list:
+        t = time.perf_counter()
         try:
             outputs = self.engine.step()
+            self.steps += 1
+            self.step_s += time.perf_counter() - t
         except Exception:  # a bug, not a bad request: fail what is in flight, keep serving
             log.error("engine step failed:\n%s", traceback.format_exc())
             failed = []
@@ -142,16 +155,16 @@ class _Core:
                 failed.append(_failed_delta(request_id, n, "internal error in the engine step"))
             self.n.clear()
             return failed
-        for out in outputs:
-            if out.finished:
-                self.n.pop(out.request_id, None)
-        return [_delta(out) for out in outputs]
+        for delta in outputs:
+            if delta[1]:  # finished
+                self.n.pop(delta[0], None)
+        return outputs
 
     def _abort_all(self, deltas: list) -> None:
         for request_id in list(self.n):
-            out = self.engine.abort(request_id)
-            deltas.append(_delta(out) if out is not None else _failed_delta(request_id, self.n[request_id],
-                                                                             "the engine shut down"))
+            delta = self.engine.abort(request_id)
+            deltas.append(delta if delta is not None else _failed_delta(request_id, self.n[request_id],
+                                                                        "the engine shut down"))
         self.n.clear()
 
 
@@ -188,6 +201,7 @@ class EngineCoreClient:
         self._streams: dict[str, tuple[RequestStream, RequestOutput]] = {}
         self._lock = threading.Lock()  # _streams: the event loop adds, the reader removes
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._gone = False  # the core's pipe closed: new requests fail at once
         self._outgoing: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="trtllm-core-sender", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="trtllm-core-reader", daemon=True)
@@ -235,14 +249,12 @@ class EngineCoreClient:
                              cumulative_logprob=0.0 if params.logprobs is not None else None)
             for i in range(params.n)])
         with self._lock:
-            duplicate = request_id in self._streams
-            if not duplicate:
+            error = "the engine process is not running" if self._gone else \
+                f"request id {request_id!r} is already in flight" if request_id in self._streams else None
+            if error is None:
                 self._streams[request_id] = (stream, mirror)
-        if duplicate:
-            stream.put(_apply(mirror, _failed_delta(request_id, params.n,
-                                                    f"request id {request_id!r} is already in flight")))
-        elif not self._reader.is_alive():
-            self._fail_all("the engine process is not running")
+        if error is not None:
+            stream.put(_apply(mirror, _failed_delta(request_id, params.n, error)))
         else:
             self._outgoing.put(("add", request_id, ids, params, text, streaming))
         return stream
@@ -315,6 +327,8 @@ class EngineCoreClient:
                 loop.call_soon_threadsafe(self._dispatch, data, loop)
             except RuntimeError:  # none, or closed: take it here
                 self._dispatch(data, None)
+        with self._lock:
+            self._gone = True
         self._fail_all("the engine process exited")
 
     def _dispatch(self, data: bytes, loop: asyncio.AbstractEventLoop | None) -> None:

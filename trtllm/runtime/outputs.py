@@ -46,6 +46,30 @@ class RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs,
                              self.finished, self.error, self.num_cached_tokens)
 
+    # -- the wire form (engine process -> server process: trtllm/runtime/engine_core.py) --
+    def delta(self) -> tuple:
+        """What the latest step added (text_diff / token_ids_diff as the engine set them),
+        as plain tuples: cheap to pickle, O(new tokens) whatever the length so far."""
+        completions = []
+        for c in self.outputs:
+            new = len(c.token_ids_diff)
+            logprobs = c.logprobs[len(c.logprobs) - new:] if c.logprobs is not None and new else None
+            completions.append((c.index, c.text_diff, c.token_ids_diff, logprobs, c.cumulative_logprob,
+                                c.finish_reason, c.stop_reason))
+        return self.request_id, self.finished, self.error, self.num_cached_tokens, completions
+
+    def apply_delta(self, delta: tuple) -> None:
+        """Grow this output by a `delta()` of the engine's copy."""
+        _, self.finished, self.error, self.num_cached_tokens, completions = delta
+        for index, text, ids, logprobs, cumulative, finish_reason, stop_reason in completions:
+            c = self.outputs[index]
+            c.text += text
+            c.token_ids += ids
+            c.text_diff, c.token_ids_diff = text, ids
+            if logprobs:
+                c.logprobs += logprobs
+            c.cumulative_logprob, c.finish_reason, c.stop_reason = cumulative, finish_reason, stop_reason
+
 
 def _shallow_copy(c: CompletionOutput) -> CompletionOutput:
     """copy.copy(c) (every field, whatever fields there are) without copy's reduce
