@@ -50,7 +50,10 @@ def test_same_outputs_as_llm_streaming_or_not(client, model_dir):
 
     streamed, whole, got_sampled = asyncio.run(go())
     for r, outs, w in zip(ref, streamed, whole):
-        assert len(outs) > 1 and outs[-1].finished and not any(o.finished for o in outs[:-1])
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        # each output's diffs hold everything since the one before (merged deltas included)
+        assert "".join(o.outputs[0].text_diff for o in outs) == outs[-1].outputs[0].text
+        assert sum((o.outputs[0].token_ids_diff for o in outs), []) == outs[-1].outputs[0].token_ids
         for got in (outs[-1], w):
             assert got.outputs[0].text == r.outputs[0].text
             assert got.outputs[0].token_ids == r.outputs[0].token_ids

@@ -48,11 +48,41 @@ from trtllm.sampling_params import SamplingParams
 log = logging.getLogger("trtllm")
 
 
-# -- the wire format of an output: RequestOutput.delta() / apply_delta() ------------------
-def _apply(out: RequestOutput, delta: tuple) -> RequestOutput:
-    """Grow the client's copy of a request by a delta; a snapshot for the reader."""
-    out.apply_delta(delta)
-    return out.snapshot()
+# -- the client's side of a request: its output, grown by deltas ---------------------------
+class MirrorStream(RequestStream):
+    """A RequestStream over a growing RequestOutput: `grow` (on the reader's event loop)
+    applies a delta and wakes the reader only if it is not already due to wake, and
+    each read takes one snapshot of everything so far. Deltas that arrive while the
+    reader is busy merge for free: no snapshot or queue entry per delta (the server's
+    SSE writer reads ~1 of 3 deltas at 256 streams x 20 ms steps on the dev CPU)."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, output: RequestOutput):
+        super().__init__(request_id, loop)
+        self.output = output
+        self._due = False
+
+    def grow(self, delta: tuple) -> None:  # on self._loop
+        self.output.apply_delta(delta)
+        if not self._due:
+            self._due = True
+            self._async.put_nowait(None)
+
+    def grow_threadsafe(self, delta: tuple) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.grow, delta)
+        except RuntimeError:  # the reader's event loop is closed: no one is left to read
+            pass
+
+    async def next_merged(self) -> RequestOutput:
+        await self._async.get()
+        self._due = False
+        self.last = self.output.snapshot()
+        self.output.clear_diffs()
+        return self.last
+
+    async def __aiter__(self):
+        while self.last is None or not self.last.finished:
+            yield await self.next_merged()
 
 
 def _failed_delta(request_id: str, n: int, error: str) -> tuple:
@@ -91,14 +121,17 @@ class _Core:
         try:
             while True:
                 busy = self.engine.has_unfinished()
-                deltas = []
+                deltas, took = [], False
                 # busy: take what has arrived and step; idle: sleep until something arrives
                 while inbox.poll(0 if busy else None):
                     if not self._take(inbox.recv(), deltas):
                         self._abort_all(deltas)
                         self._send(deltas)
                         return
-                    busy = True
+                    busy = took = True
+                if took:  # arrivals show in the stats (waiting, blocks) before the step runs
+                    self._send(deltas)
+                    deltas = []
                 if self.engine.has_unfinished():
                     deltas += self._step()
                 if deltas or busy:
@@ -198,7 +231,7 @@ class EngineCoreClient:
             self._kill()
             raise
         _, self.limits, self.vocab_size, self._has_tokenizer, self._stats = ready
-        self._streams: dict[str, tuple[RequestStream, RequestOutput]] = {}
+        self._streams: dict[str, MirrorStream] = {}
         self._lock = threading.Lock()  # _streams: the event loop adds, the reader removes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gone = False  # the core's pipe closed: new requests fail at once
@@ -243,18 +276,17 @@ class EngineCoreClient:
         text, ids = tokenize_prompt(self.tokenizer, prompt)
         request_id = request_id or new_request_id()
         self._loop = asyncio.get_running_loop()  # outputs are dispatched on it (one server, one loop)
-        stream = RequestStream(request_id, self._loop)
-        mirror = RequestOutput(request_id, text, ids, [
+        stream = MirrorStream(request_id, self._loop, RequestOutput(request_id, text, ids, [
             CompletionOutput(i, logprobs=[] if params.logprobs is not None else None,
                              cumulative_logprob=0.0 if params.logprobs is not None else None)
-            for i in range(params.n)])
+            for i in range(params.n)]))
         with self._lock:
             error = "the engine process is not running" if self._gone else \
                 f"request id {request_id!r} is already in flight" if request_id in self._streams else None
             if error is None:
-                self._streams[request_id] = (stream, mirror)
+                self._streams[request_id] = stream
         if error is not None:
-            stream.put(_apply(mirror, _failed_delta(request_id, params.n, error)))
+            stream.grow(_failed_delta(request_id, params.n, error))
         else:
             self._outgoing.put(("add", request_id, ids, params, text, streaming))
         return stream
@@ -336,20 +368,20 @@ class EngineCoreClient:
         deltas, self._stats = pickle.loads(data)
         for delta in deltas:
             with self._lock:
-                entry = self._streams.get(delta[0])
-                if entry is not None and delta[1]:  # finished: forget it
+                stream = self._streams.get(delta[0])
+                if stream is not None and delta[1]:  # finished: forget it
                     del self._streams[delta[0]]
-            if entry is not None:
-                stream, mirror = entry
-                if stream._loop is loop:
-                    stream._async.put_nowait(_apply(mirror, delta))
-                else:
-                    stream.put(_apply(mirror, delta))
+            if stream is None:
+                continue
+            if stream._loop is loop:
+                stream.grow(delta)
+            else:
+                stream.grow_threadsafe(delta)
 
     def _fail_all(self, error: str) -> None:
         with self._lock:
-            entries = list(self._streams.values())
+            streams = list(self._streams.values())
             self._streams.clear()
-        for stream, mirror in entries:
-            stream.put(_apply(mirror, _failed_delta(mirror.request_id, len(mirror.outputs), error)))
+        for stream in streams:
+            stream.grow_threadsafe(_failed_delta(stream.request_id, len(stream.output.outputs), error))
 

@@ -57,6 +57,15 @@ class RequestStream:
             self.last = await self._async.get()
             yield self.last
 
+    async def next_merged(self) -> RequestOutput:
+        """The next output, or if several are queued, the latest of them (each carries the
+        whole text so far): a reader slower than the engine skips, never falls behind."""
+        out = await self._async.get()
+        while not out.finished and not self._async.empty():
+            out = self._async.get_nowait()
+        self.last = out
+        return out
+
     def result(self) -> RequestOutput:
         for _ in self:
             pass

@@ -59,16 +59,22 @@ class RequestOutput:
         return self.request_id, self.finished, self.error, self.num_cached_tokens, completions
 
     def apply_delta(self, delta: tuple) -> None:
-        """Grow this output by a `delta()` of the engine's copy."""
+        """Grow this output by a `delta()` of the engine's copy. The diffs accumulate until
+        the reader clears them (`clear_diffs`), so merged deltas keep every piece."""
         _, self.finished, self.error, self.num_cached_tokens, completions = delta
         for index, text, ids, logprobs, cumulative, finish_reason, stop_reason in completions:
             c = self.outputs[index]
             c.text += text
             c.token_ids += ids
-            c.text_diff, c.token_ids_diff = text, ids
+            c.text_diff += text
+            c.token_ids_diff = c.token_ids_diff + ids
             if logprobs:
                 c.logprobs += logprobs
             c.cumulative_logprob, c.finish_reason, c.stop_reason = cumulative, finish_reason, stop_reason
+
+    def clear_diffs(self) -> None:
+        for c in self.outputs:
+            c.text_diff, c.token_ids_diff = "", []
 
 
 def _shallow_copy(c: CompletionOutput) -> CompletionOutput:

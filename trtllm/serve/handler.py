@@ -274,15 +274,8 @@ def _any_aborted(outs) -> bool:
 
 async def _outputs(stream: RequestStream):
     """A stream's outputs; those queued behind the first are merged into the latest."""
-    q = getattr(stream, "_async", None)
-    if q is None:
-        async for out in stream:
-            yield out
-        return
     while True:
-        out = await q.get()
-        while not out.finished and not q.empty():
-            out = q.get_nowait()
+        out = await stream.next_merged()
         yield out
         if out.finished:
             return

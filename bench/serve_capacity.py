@@ -1,0 +1,166 @@
+"""How many SSE events per second the server process can write: the HTTP stack alone.
+
+    PYTHONPATH=$PWD python bench/serve_capacity.py [--requests 256] [--new 128] [--step-ms 20]
+
+The app (`build_app` + uvicorn, as trtllm-serve runs it) in a subprocess over a stand-in
+engine (`StandInEngine`: the serving calls of `EngineCoreClient`, fed from a thread the
+way the client's reader feeds it: every `--step-ms` each running request gains one
+token, a delta grown into its MirrorStream on the event loop). No model,
+no GPU: what is measured is the server process's work per event (dispatch, JSON, SSE,
+socket writes). The client is bench_serve.py's minimal one, all requests at once.
+
+Printed: output tok/s and the ratio to the rate the stand-in produces (requests x 1000 /
+step-ms while all run): below 1, the server process is the bottleneck at that rate.
+Table last; $OUT/serve_capacity.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from bench.report import report
+
+
+class StandInEngine:
+    """EngineCoreClient's serving calls over a token generator (no model)."""
+
+    def __init__(self, step_ms: float, vocab: int = 1000, max_seq_len: int = 4096):
+        from trtllm.runtime.engine import EngineLimits
+        from trtllm.runtime.engine_stats import EngineStats
+        self.tokenizer = None
+        self.limits = EngineLimits(1024, 8192, max_seq_len, max_seq_len)
+        self.vocab_size, self.step_s = vocab, step_ms / 1e3
+        self._stats = EngineStats()
+        self._running: dict = {}  # request id -> (stream, mirror, params, loop)
+        self._lock = threading.Lock()
+        threading.Thread(target=self._steps, daemon=True).start()
+
+    def validate(self, ids, params) -> None:
+        from trtllm.runtime.engine import validate_request
+        validate_request(ids, params, self.limits, self.vocab_size, False)
+
+    def generate_async(self, prompt, sampling_params=None, streaming=False, request_id=None):
+        from trtllm.runtime.engine_core import MirrorStream
+        from trtllm.runtime.engine_loop import new_request_id
+        from trtllm.runtime.outputs import CompletionOutput, RequestOutput
+        request_id = request_id or new_request_id()
+        loop = asyncio.get_running_loop()
+        stream = MirrorStream(request_id, loop, RequestOutput(request_id, None, list(prompt), [CompletionOutput(0)]))
+        with self._lock:
+            self._running[request_id] = [stream, None, sampling_params, loop, streaming, 0]
+        return stream
+
+    def abort(self, request_id) -> None:
+        with self._lock:
+            self._running.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._running)
+
+    def is_alive(self) -> bool:
+        return True
+
+    def engine_stats(self):
+        return self._stats
+
+    def shutdown(self) -> None:
+        pass
+
+    def _steps(self) -> None:
+        """One token per running request per step; each loop woken once per step, as
+        EngineCoreClient's reader does."""
+        next_t = time.perf_counter()
+        while True:
+            next_t += self.step_s
+            time.sleep(max(0.0, next_t - time.perf_counter()))
+            with self._lock:
+                running = list(self._running.items())
+            by_loop: dict = {}
+            for request_id, entry in running:
+                stream, mirror, params, loop, streaming, n = entry
+                n += 1
+                entry[5] = n
+                done = n >= params.max_tokens
+                # what the engine's delta carries: the tokens since the last one sent
+                tokens = [(i * 7919) % self.vocab_size for i in range(n if not streaming else n - 1, n)] \
+                    if streaming else [(i * 7919) % self.vocab_size for i in range(n)]
+                delta = (request_id, done, None, 0,
+                         [(0, "", tokens, None, None, "length" if done else None, None)])
+                if done:
+                    with self._lock:
+                        self._running.pop(request_id, None)
+                if streaming or done:
+                    by_loop.setdefault(loop, []).append((stream, delta))
+            for loop, items in by_loop.items():
+                loop.call_soon_threadsafe(_dispatch, items)
+
+
+def _dispatch(items) -> None:
+    for stream, delta in items:
+        stream.grow(delta)
+
+
+def role_server(args) -> None:
+    from trtllm.serve.app import build_app, run_server
+    engine = StandInEngine(args.step_ms)
+    from bench.bench_serve import NAME
+    app = build_app(engine, NAME, max_concurrent_requests=4096)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    run_server(app, "127.0.0.1", args.port, shutdown_timeout=2, log_level="warning", access_log=False)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--step-ms", type=float, default=20.0)
+    ap.add_argument("--role", default="main", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.role == "server":
+        return role_server(args)
+    import httpx
+
+    from bench.bench_serve import free_port, make_prompts, measure, run_async
+    port = free_port()
+    server = subprocess.Popen([sys.executable, __file__, "--role", "server", "--port", str(port),
+                               "--step-ms", str(args.step_ms)])
+    url = f"http://127.0.0.1:{port}"
+    results = vars(args).copy()
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        prompts = make_prompts(args.requests, args.prompt_len, 1000, seed=0)
+        ideal = args.requests * args.new / (args.new * args.step_ms / 1e3)
+        for stream in (True, False):
+            r = run_async(measure(url, prompts, args, stream=stream))
+            r["ratio_to_stand_in"] = r["tok_s"] / ideal
+            results["stream" if stream else "whole"] = r
+            print(f"{'streaming' if stream else 'whole'}: {r}", flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    table = [f"stand-in engine: {args.requests} requests x {args.new} tokens, one token per request every "
+             f"{args.step_ms:g} ms (= {ideal:,.0f} tok/s while all run)", "",
+             "| path | output tok/s | vs stand-in rate | TTFT p50 | client CPU s |", "|---|---:|---:|---:|---:|"]
+    for key in ("stream", "whole"):
+        r = results[key]
+        ttft = f"{r['ttft_p50_s'] * 1e3:,.0f} ms" if "ttft_p50_s" in r else "-"
+        table.append(f"| {'SSE' if key == 'stream' else 'whole JSON'} | {r['tok_s']:,.0f} | "
+                     f"{r['ratio_to_stand_in']:.3f} | {ttft} | {r['client_cpu_s']:.2f} |")
+    report("serve_capacity", "\n".join(table), results)
+
+
+if __name__ == "__main__":
+    main()
