@@ -181,6 +181,7 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-hf-compile", action="store_true")
     ap.add_argument("--only-hf", action="store_true", help="the HF peers alone (when one run cannot fit all)")
+    ap.add_argument("--batch1-only", action="store_true", help="trtllm's batch-1 case alone (median of 3 runs)")
     args = ap.parse_args()
     shape = SMOKE if args.smoke else LLAMA3_8B
     vocab = shape["vocab_size"]
@@ -270,10 +271,13 @@ def main():
         print(f"vs fp32: trtllm {err_ours:.2e}, eager bf16 {err_eager:.2e}", flush=True)
         assert err_ours < 1.5 * err_eager + 1e-3
     greedy = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
-    for b in (1, 64):
+    for b in (1,) if args.batch1_only else (1, 64):
         batch = prompts(b, vocab, seed=b).tolist()
         llm.generate(batch[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
-        outs, dt = timed(lambda: llm.generate(batch, greedy, use_tqdm=False))
+        # batch 1 is a few hundred ms: the median of 3 runs (all three kept in the JSON)
+        runs = [timed(lambda: llm.generate(batch, greedy, use_tqdm=False)) for _ in range(3 if b == 1 else 1)]
+        results[f"trtllm_b{b}_runs_tok_s"] = [b * NEW / t for _, t in runs]
+        outs, dt = sorted(runs, key=lambda r: r[1])[len(runs) // 2]
         short = [o for o in outs if len(o.outputs[0].token_ids) != NEW]
         assert not short, [(o.error, o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in short[:3]]
         if b == 1 and hf_first_tokens is not None:
@@ -310,10 +314,11 @@ def main():
         results["decode_step_logits_graph_vs_eager_rel_err"] = step_err
         print(f"decode step logits, graph vs eager: rel err {step_err:.2e}", flush=True)
         assert step_err < 2e-2
-    batch = prompts(512, vocab, seed=512).tolist()
-    outs, dt = timed(lambda: llm.generate(batch, greedy, use_tqdm=False))
-    results["trtllm_512_offline"] = 512 * NEW / dt
-    rows.append(("512 requests 128/128 offline", "trtllm", 512 * NEW / dt))
+    if not args.batch1_only:
+        batch = prompts(512, vocab, seed=512).tolist()
+        outs, dt = timed(lambda: llm.generate(batch, greedy, use_tqdm=False))
+        results["trtllm_512_offline"] = 512 * NEW / dt
+        rows.append(("512 requests 128/128 offline", "trtllm", 512 * NEW / dt))
     llm.shutdown()
     _report(rows, results)
 
