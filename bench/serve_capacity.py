@@ -37,7 +37,8 @@ class StandInEngine:
         self.limits = EngineLimits(1024, 8192, max_seq_len, max_seq_len)
         self.vocab_size, self.step_s = vocab, step_ms / 1e3
         self._stats = EngineStats()
-        self._running: dict = {}  # request id -> (stream, mirror, params, loop)
+        self._running: dict = {}  # request id -> [stream, -, params, loop, streaming, tokens so far]
+        self.admitted: list[float] = []  # when each request reached the engine
         self._lock = threading.Lock()
         threading.Thread(target=self._steps, daemon=True).start()
 
@@ -50,6 +51,7 @@ class StandInEngine:
         from trtllm.runtime.engine_loop import new_request_id
         from trtllm.runtime.outputs import CompletionOutput, RequestOutput
         request_id = request_id or new_request_id()
+        self.admitted.append(time.perf_counter())
         loop = asyncio.get_running_loop()
         stream = MirrorStream(request_id, loop, RequestOutput(request_id, None, list(prompt), [CompletionOutput(0)]))
         with self._lock:
@@ -62,6 +64,11 @@ class StandInEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self._running)
+
+    def admission_spread(self, burst: int) -> dict:
+        """First to last arrival at the engine of the last `burst` requests, in seconds."""
+        t = sorted(self.admitted)[-burst:]
+        return {"requests": len(t), "spread_s": (t[-1] - t[0]) if t else 0.0}
 
     def is_alive(self) -> bool:
         return True
@@ -111,6 +118,13 @@ def role_server(args) -> None:
     engine = StandInEngine(args.step_ms)
     from bench.bench_serve import NAME
     app = build_app(engine, NAME, max_concurrent_requests=4096)
+
+    @app.get("/admissions")
+    async def admissions(burst: int):  # how spread out the last burst's admissions were
+        out = engine.admission_spread(burst)
+        engine.admitted.clear()
+        return out
+
     signal.signal(signal.SIGTERM, lambda *_: None)
     run_server(app, "127.0.0.1", args.port, shutdown_timeout=2, log_level="warning", access_log=False)
 
@@ -145,6 +159,7 @@ def main():
         ideal = args.requests * args.new / (args.new * args.step_ms / 1e3)
         for stream in (True, False):
             r = run_async(measure(url, prompts, args, stream=stream))
+            r["admissions"] = httpx.get(url + "/admissions", params={"burst": args.requests}, timeout=10).json()
             r["ratio_to_stand_in"] = r["tok_s"] / ideal
             results["stream" if stream else "whole"] = r
             print(f"{'streaming' if stream else 'whole'}: {r}", flush=True)
@@ -153,12 +168,14 @@ def main():
         server.wait(30)
     table = [f"stand-in engine: {args.requests} requests x {args.new} tokens, one token per request every "
              f"{args.step_ms:g} ms (= {ideal:,.0f} tok/s while all run)", "",
-             "| path | output tok/s | vs stand-in rate | TTFT p50 | client CPU s |", "|---|---:|---:|---:|---:|"]
+             "| path | output tok/s | vs stand-in rate | admission spread | TTFT p50 | client CPU s |",
+             "|---|---:|---:|---:|---:|---:|"]
     for key in ("stream", "whole"):
         r = results[key]
         ttft = f"{r['ttft_p50_s'] * 1e3:,.0f} ms" if "ttft_p50_s" in r else "-"
         table.append(f"| {'SSE' if key == 'stream' else 'whole JSON'} | {r['tok_s']:,.0f} | "
-                     f"{r['ratio_to_stand_in']:.3f} | {ttft} | {r['client_cpu_s']:.2f} |")
+                     f"{r['ratio_to_stand_in']:.3f} | {r['admissions']['spread_s'] * 1e3:,.0f} ms | {ttft} | "
+                     f"{r['client_cpu_s']:.2f} |")
     report("serve_capacity", "\n".join(table), results)
 
 
