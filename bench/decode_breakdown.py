@@ -17,6 +17,7 @@ import time
 import torch
 
 from bench.bench_e2e import LLAMA3_8B, build_models
+from bench.profile_step import time_steps
 from bench.report import report
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.runtime.llm import LLM
@@ -46,15 +47,7 @@ def main():
     llm = LLM(model, build_config=BuildConfig(max_batch_size=1, max_num_tokens=2048, max_seq_len=2048),
               kv_cache_config=KvCacheConfig(max_tokens=8192))
     engine = llm.engine
-    inner, step = [], engine.step
-
-    def timed_step():
-        t = time.perf_counter()
-        out = step()
-        inner.append(time.perf_counter() - t)
-        return out
-
-    engine.step = timed_step
+    inner, step = time_steps(engine)
     prompt = list(range(1, 129))
     params = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
     llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)

@@ -18,15 +18,9 @@ from trtllm.runtime.llm import LLM
 from trtllm.sampling_params import SamplingParams
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=2)
-    args = ap.parse_args()
-    _, model = build_models(dict(SMOKE, num_hidden_layers=args.layers))
-    llm = LLM(model, build_config=BuildConfig(max_batch_size=64, max_num_tokens=2048, max_seq_len=1024),
-              kv_cache_config=KvCacheConfig(max_tokens=1 << 17))
-    engine = llm.engine
-    # through the loop thread: wall per step vs time inside Engine.step
+def time_steps(engine) -> tuple[list[float], object]:
+    """Wrap engine.step so each call's seconds go to the returned list; returns (the list,
+    the original step, to put back)."""
     inner, step = [], engine.step
 
     def timed_step():
@@ -36,6 +30,19 @@ def main():
         return out
 
     engine.step = timed_step
+    return inner, step
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=2)
+    args = ap.parse_args()
+    _, model = build_models(dict(SMOKE, num_hidden_layers=args.layers))
+    llm = LLM(model, build_config=BuildConfig(max_batch_size=64, max_num_tokens=2048, max_seq_len=1024),
+              kv_cache_config=KvCacheConfig(max_tokens=1 << 17))
+    engine = llm.engine
+    # through the loop thread: wall per step vs time inside Engine.step
+    inner, step = time_steps(engine)
     for batch in (1, 64):
         llm.generate([list(range(1, 129))] * batch, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
         inner.clear()
