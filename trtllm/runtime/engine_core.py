@@ -73,9 +73,15 @@ class MirrorStream(RequestStream):
         except RuntimeError:  # the reader's event loop is closed: no one is left to read
             pass
 
-    async def next_merged(self) -> RequestOutput:
+    async def next_merged(self, live: bool = False) -> RequestOutput:
+        """Everything so far, once something new came. A snapshot; with `live`, the growing
+        output itself (no copy: for a reader that is done with it before its next await,
+        as the SSE writer is; its diffs are then not cleared)."""
         await self._async.get()
         self._due = False
+        if live:
+            self.last = self.output
+            return self.output
         self.last = self.output.snapshot()
         self.output.clear_diffs()
         return self.last

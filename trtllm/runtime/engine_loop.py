@@ -57,9 +57,10 @@ class RequestStream:
             self.last = await self._async.get()
             yield self.last
 
-    async def next_merged(self) -> RequestOutput:
+    async def next_merged(self, live: bool = False) -> RequestOutput:
         """The next output, or if several are queued, the latest of them (each carries the
-        whole text so far): a reader slower than the engine skips, never falls behind."""
+        whole text so far): a reader slower than the engine skips, never falls behind.
+        (`live`: see MirrorStream; these outputs are snapshots either way.)"""
         out = await self._async.get()
         while not out.finished and not self._async.empty():
             out = self._async.get_nowait()

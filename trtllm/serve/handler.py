@@ -275,7 +275,7 @@ def _any_aborted(outs) -> bool:
 async def _outputs(stream: RequestStream):
     """A stream's outputs; those queued behind the first are merged into the latest."""
     while True:
-        out = await stream.next_merged()
+        out = await stream.next_merged(live=True)  # read at once, before the next await
         yield out
         if out.finished:
             return
@@ -295,10 +295,11 @@ async def _merged(streams: list[RequestStream]):
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
-        remaining = len(streams)
-        while remaining:
+        finished: set[int] = set()  # by index: a live output can be queued twice, finished both times
+        while len(finished) < len(streams):
             i, out = await queue.get()
-            remaining -= out.finished
+            if out.finished:
+                finished.add(i)
             yield i, out
     finally:
         for t in tasks:

@@ -1,0 +1,29 @@
+"""The SSE chunk encoder's hand-written fast path writes exactly what json would."""
+import json
+
+import pytest
+
+from trtllm.serve.render import Job, Renderer, dumps
+
+TEXTS = ["", "plain", 'quote " and \\ backslash', "new\nline\ttab\r", "é中🙂", "\x00\x01\x1f", "</script>"]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_fast_chunks_equal_json(endpoint, include_usage):
+    render = Renderer(None, "m")
+    job = Job(endpoint, "id-1", [("p", [1, 2])], [None], None, True, include_usage)
+    encode = render.encoder(job)
+    for index in (0, 7, 123):
+        for text in TEXTS:
+            if endpoint == "chat":
+                choice = {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+            else:
+                choice = {"index": index, "text": text, "logprobs": None, "finish_reason": None}
+            expected = b"data: " + dumps(render.chunk(job, choice, usage=None)) + b"\n\n"
+            assert encode(choice) == expected
+            assert json.loads(encode(choice)[6:])["choices"][0] == choice
+    # the other shapes take json's own path
+    done = {"index": 0, "text": "x", "logprobs": None, "finish_reason": "stop"} if endpoint == "completions" \
+        else {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert json.loads(encode(done)[6:])["choices"][0] == done
