@@ -132,3 +132,38 @@ def test_sigterm_finishes_or_aborts_in_flight_and_exits_0(model_dir, tmp_path):
         assert "Traceback" not in log, log
     finally:
         server.kill()
+
+
+def test_engine_in_thread_serves_the_same(server, model_dir, tmp_path):
+    """--engine-in-thread: the engine on a thread of the server process, same answers."""
+    body = {"model": "tiny", "prompt": "hello there", "max_tokens": 12, "temperature": 0}
+    expected = server.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    with Server(model_dir, "--engine-in-thread", log_path=tmp_path / "thread.log") as s:
+        assert s.post("/v1/completions", json=body).json()["choices"][0]["text"] == expected
+        with httpx.stream("POST", s.url + "/v1/completions", json=dict(body, stream=True), timeout=60) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+        assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events) == expected
+        assert s.stop() == 0, s.log()
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def test_a_dead_engine_process_fails_requests_not_the_server(model_dir, tmp_path):
+    import os
+    import signal
+    with Server(model_dir, log_path=tmp_path / "dead.log") as s:
+        # the engine core is the server's multiprocessing-spawned child (not its resource tracker)
+        cores = [c for c in _children(s.proc.pid) if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
+        assert cores, "no engine process under the server"
+        for c in cores:
+            os.kill(c, signal.SIGKILL)
+        wait_until(lambda: s.get("/health").status_code == 503, 30, what="/health to say 503")
+        t = time.monotonic()
+        r = s.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 4}, timeout=30)
+        assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+        assert time.monotonic() - t < 10
+        assert s.get("/v1/models").status_code == 200  # the rest of the server still answers
+        assert s.stop() == 0, s.log()

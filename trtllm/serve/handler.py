@@ -99,6 +99,9 @@ class Handler:
 
     # -- running -------------------------------------------------------------------------
     async def run(self, job: Job, request: Request) -> Response:
+        if not self.llm.is_alive():  # the engine process died: say so at once, as /health does
+            raise RequestError(503, "the engine is not running; the server must be restarted",
+                               code="engine_unavailable")
         streams = [self.llm.generate_async(ids, params, streaming=job.stream)
                    for (_, ids), params in zip(job.prompts, job.params)]
         for s in streams:
@@ -264,8 +267,10 @@ class _Stats:
 
 
 def _internal(out: RequestOutput) -> bool:
-    """An engine failure (not the request's fault): tokens already came, or the engine says so."""
-    return any(c.token_ids for c in out.outputs) or "internal" in (out.error or "") or "NaN" in (out.error or "")
+    """An engine failure (not the request's fault): tokens already came, or the engine says so
+    (an internal error, NaN logits, the engine process gone or shut down)."""
+    error = out.error or ""
+    return any(c.token_ids for c in out.outputs) or any(w in error for w in ("internal", "NaN", "engine"))
 
 
 def _any_aborted(outs) -> bool:
