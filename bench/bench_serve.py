@@ -16,6 +16,8 @@ GPU and the HTTP client never shares the server's GIL):
    reported) sends all requests at once (full concurrency) to /v1/completions, streaming
    (TTFT per request = first content event), then again non-streaming; then SIGTERM.
 Output tok/s = generated tokens / wall (first request sent -> last response complete).
+Also the server process's CPU seconds during each run (its threads, not the engine process)
+and the SSE events the client read: CPU per event, the server-side cost of streaming.
 Target: server >= 0.90 x offline. Table last; JSON under $OUT when set.
 `--smoke` (tiny shapes, 64 requests of 32/32; with `--device cpu` it runs without a GPU)
 checks the pipeline in about a minute.
@@ -175,13 +177,14 @@ async def one(host: str, port: int, prompt, args, stream: bool):
                      f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
         head = (await reader.readuntil(b"\r\n\r\n")).lower()
         status = int(head.split(b" ", 2)[1])
-        ttft, tail = None, b""
+        ttft, tail, events = None, b"", 0
         if b"transfer-encoding: chunked" in head:
             while True:
                 size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
                 chunk = await reader.readexactly(size + 2)
                 if size == 0:
                     break
+                events += chunk.count(b"data: ")
                 if ttft is None and b'"choices":[{' in chunk:
                     ttft = time.perf_counter() - t0
                 tail = (tail + chunk)[-4096:]
@@ -194,7 +197,7 @@ async def one(host: str, port: int, prompt, args, stream: bool):
     if status != 200:
         raise RuntimeError(f"HTTP {status}: {tail[-500:]!r}")
     m = _USAGE.findall(tail)
-    return ttft, end, int(m[-1]) if m else 0
+    return ttft, end, int(m[-1]) if m else 0, events
 
 
 async def measure(url: str, prompts, args, stream: bool) -> dict:
@@ -207,6 +210,7 @@ async def measure(url: str, prompts, args, stream: bool) -> dict:
     tokens = sum(r[2] for r in results)
     assert tokens == len(prompts) * args.new, (tokens, len(prompts) * args.new)
     out = {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "client_cpu_s": cpu,
+           "sse_events": sum(r[3] for r in results),
            "e2e_p50_s": statistics.median(r[1] for r in results)}
     if stream:
         ttfts = sorted(r[0] for r in results if r[0] is not None)
@@ -232,6 +236,16 @@ def child(args, role: str, port: int | None = None) -> subprocess.Popen:
     cmd += ["--engine-in-thread"] if args.engine_in_thread and role == "server" else []
     cmd += ["--profile-server", args.profile_server] if args.profile_server and role == "server" else []
     return subprocess.Popen(cmd, stdout=subprocess.PIPE if role == "offline" else None, text=True)
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (its threads, not its children), or nan."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def free_port() -> int:
@@ -302,9 +316,13 @@ def main():
         from bench.bench_e2e import LLAMA3_8B, SMOKE
         vocab = (SMOKE if args.smoke else LLAMA3_8B)["vocab_size"]
         prompts = make_prompts(args.requests, args.prompt_len, vocab, seed=1234)
+        cpu = process_cpu_s(server.pid)
         results["server_stream"] = run_async(measure(url, prompts, args, stream=True))
+        results["server_stream"]["server_process_cpu_s"] = process_cpu_s(server.pid) - cpu
         print(f"server, streaming: {results['server_stream']}", flush=True)
+        cpu = process_cpu_s(server.pid)
         results["server_whole"] = run_async(measure(url, prompts, args, stream=False))
+        results["server_whole"]["server_process_cpu_s"] = process_cpu_s(server.pid) - cpu
         print(f"server, non-streaming: {results['server_whole']}", flush=True)
         metrics = httpx.get(url + "/metrics", timeout=30).text
         results["server_metrics_excerpt"] = [x for x in metrics.splitlines() if x.startswith(
@@ -319,20 +337,24 @@ def main():
             results["server_exit_code"] = "killed"
 
     off = results["offline"]["tok_s"]
-    rows = [("LLM.generate (offline)", off, None, None),
-            ("trtllm-serve, streaming (SSE)", results["server_stream"]["tok_s"],
-             results["server_stream"]["ttft_p50_s"], results["server_stream"]["ttft_p99_s"]),
-            ("trtllm-serve, non-streaming", results["server_whole"]["tok_s"], None, None)]
+    st, wh = results["server_stream"], results["server_whole"]
+    rows = [("LLM.generate (offline)", off, None, None, None),
+            ("trtllm-serve, streaming (SSE)", st["tok_s"], st["ttft_p50_s"], st["ttft_p99_s"], st),
+            ("trtllm-serve, non-streaming", wh["tok_s"], None, None, wh)]
     results["ratio_stream"] = results["server_stream"]["tok_s"] / off
     results["ratio_whole"] = results["server_whole"]["tok_s"] / off
     table = [f"{args.requests} requests {args.prompt_len}/{args.new}, all at once"
              f"{' (smoke shapes)' if args.smoke else ' (Llama-3-8B shapes, random bf16)'}; server: uvicorn "
              f"{results['uvicorn_stack']}, switch interval {args.switch_interval * 1e3:g} ms; engine: "
              f"{results['engine']}", "",
-             "| path | output tok/s | vs LLM.generate | TTFT p50 | TTFT p99 |", "|---|---:|---:|---:|---:|"]
-    for name, tok_s, p50, p99 in rows:
+             "| path | output tok/s | vs LLM.generate | TTFT p50 | TTFT p99 | server-process CPU s | SSE events | CPU µs/event |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, tok_s, p50, p99, r in rows:
         ttft = f"{p50 * 1e3:,.0f} ms | {p99 * 1e3:,.0f} ms" if p50 is not None else "- | -"
-        table.append(f"| {name} | {tok_s:,.0f} | {tok_s / off:.3f} | {ttft} |")
+        cpu = "- | - | -" if r is None else (
+            f"{r['server_process_cpu_s']:.2f} | {r['sse_events']:,} | "
+            + (f"{r['server_process_cpu_s'] / r['sse_events'] * 1e6:.0f}" if r["sse_events"] else "-"))
+        table.append(f"| {name} | {tok_s:,.0f} | {tok_s / off:.3f} | {ttft} | {cpu} |")
     report("bench_serve", "\n".join(table), results)
     print(f"server exit code after SIGTERM: {results['server_exit_code']}")
 
