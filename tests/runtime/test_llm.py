@@ -92,6 +92,24 @@ def test_streaming_ends_in_the_same_text_and_stop_strings_cut_exactly(llama_llm)
     assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop" and cut.stop_reason == stop
 
 
+def test_stream_interval_sends_fewer_larger_outputs(llama_llm, tmp_path):
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, n=2, logprobs=1)
+    every = list(llama_llm.generate("the quick brown fox", params, streaming=True))
+    write_checkpoint("llama31", tmp_path, vocab_size=512)
+    make_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="stream_interval"):
+        LLM(str(tmp_path), stream_interval=0)
+    with LLM(str(tmp_path), dtype="float32", stream_interval=5, kv_cache_config=KvCacheConfig(max_tokens=4096),
+             build_config=BuildConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=64)) as llm:
+        parts = list(llm.generate("the quick brown fox", params, streaming=True))
+    # tokens 1 (at once), 6, 11, then the end: 4 outputs instead of 12
+    assert [len(p.outputs[0].token_ids) for p in parts] == [1, 6, 11, 12]
+    for i in range(2):
+        assert "".join(p.outputs[i].text_diff for p in parts) == every[-1].outputs[i].text
+        assert sum((p.outputs[i].token_ids_diff for p in parts), []) == every[-1].outputs[i].token_ids
+        assert len(parts[-1].outputs[i].logprobs) == 12
+
+
 def test_seed_reproducible_and_n_completions(llama_llm):
     params = SamplingParams(max_tokens=8, temperature=1.0, top_k=50, seed=7, n=3, logprobs=2)
     a = llama_llm.generate([1, 2, 3], params, use_tqdm=False)

@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--log-level", "--log_level", default="info",
                     choices=["critical", "error", "warning", "info", "debug"])
     ap.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    ap.add_argument("--stream_interval", "--stream-interval", type=int, default=1,
+                    help="streamed responses get an event every N tokens (the first at once): fewer, larger "
+                         "events when many streams run (default 1: every token)")
     ap.add_argument("--engine-in-thread", action="store_true",
                     help="run the engine on a thread of the server process instead of a process of its own "
                          "(less memory and startup; streaming throughput suffers: both share one GIL)")
@@ -68,7 +71,8 @@ def build_llm(args: argparse.Namespace):
                                ("max_seq_len", args.max_seq_len)) if v is not None}
     kv = {k: v for k, v in (("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction),
                             ("max_tokens", args.kv_cache_max_tokens)) if v is not None}
-    options = dict(dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv))
+    options = dict(dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv),
+                   stream_interval=args.stream_interval)
     if args.engine_in_thread:
         return LLM(args.model, **options)
     from trtllm.demo import demo_model_path

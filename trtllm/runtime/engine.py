@@ -51,8 +51,13 @@ class _Request:
 
 class Engine:
     def __init__(self, runner: ModelRunner, block_manager: BlockManager, scheduler: Scheduler,
-                 tokenizer, limits: EngineLimits, vocab_size: int, eos_token_ids: list[int]):
+                 tokenizer, limits: EngineLimits, vocab_size: int, eos_token_ids: list[int],
+                 stream_interval: int = 1):
+        check_stream_interval(stream_interval)
         self.runner, self.block_manager, self.scheduler = runner, block_manager, scheduler
+        # a streaming request gets an output every stream_interval new tokens (its first at
+        # once, its last when it ends): fewer, larger outputs at large batch
+        self.stream_interval = stream_interval
         self.tokenizer, self.limits = tokenizer, limits
         self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
         self.sampler = Sampler()
@@ -122,7 +127,7 @@ class Engine:
             if r.output.finished:
                 outputs.append(self._emit(r))
                 self.requests.pop(r.output.request_id, None)
-            elif r.stream:
+            elif r.stream and self._stream_due(r):
                 outputs.append(self._emit(r))
         if not self.requests:
             self._check_books()
@@ -203,6 +208,15 @@ class Engine:
         req.output.finished = all(c.finish_reason is not None for c in req.output.outputs)
         req.output.num_cached_tokens = max(s.num_cached_tokens for s in req.seqs)
 
+    def _stream_due(self, req: _Request) -> bool:
+        if self.stream_interval == 1:
+            return True
+        for i, c in enumerate(req.output.outputs):
+            sent = req.streamed_tokens[i]
+            if (sent == 0 and c.token_ids) or len(c.token_ids) - sent >= self.stream_interval:
+                return True
+        return False
+
     def _emit(self, req: _Request) -> RequestOutput | tuple:
         """A snapshot for the caller (or its delta, with emit_deltas); unfinished text holds
         back a possible stop-string start."""
@@ -243,6 +257,11 @@ def _all_plain_greedy(seqs: list[Sequence]) -> bool:
         if len(seq.output_token_ids) < p.min_tokens:
             return False
     return True
+
+
+def check_stream_interval(stream_interval) -> None:
+    if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
+        raise ValueError(f"stream_interval must be an integer >= 1, got {stream_interval!r}")
 
 
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: EngineLimits, vocab_size: int,

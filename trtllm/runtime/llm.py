@@ -6,6 +6,10 @@
         for partial in llm.generate("Once", SamplingParams(), streaming=True): ...
         out = await llm.generate_async("Hi", SamplingParams(), streaming=False).aresult()
 
+`stream_interval=N` (TensorRT-LLM's name): a streaming request gets an output every N
+new tokens (its first at once, its last when it ends) instead of every token: fewer,
+larger outputs when many streams run at once.
+
 A request that is bad on its own (empty, too long, token ids outside the vocabulary)
 comes back with `.error` set and finish_reason "error"; the rest of the call goes on.
 """
@@ -22,7 +26,7 @@ from trtllm.compile import compile as trtllm_compile
 from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig
 from trtllm.models.loader import load_model
 from trtllm.runtime.block_manager import BlockManager
-from trtllm.runtime.engine import Engine, EngineLimits
+from trtllm.runtime.engine import Engine, EngineLimits, check_stream_interval
 from trtllm.runtime.engine_loop import EngineLoop, RequestStream, new_request_id
 from trtllm.runtime.engine_stats import EngineStats
 from trtllm.runtime.kv_budget import num_kv_blocks
@@ -38,10 +42,12 @@ DEFAULT_MAX_SEQ_LEN = 2048  # for a model whose config names no max_position_emb
 def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dtype: str = "auto",
                  kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
-                 device: str | torch.device | None = None, compile_options: dict | None = None) -> Engine:
+                 device: str | torch.device | None = None, compile_options: dict | None = None,
+                 stream_interval: int = 1) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
     in a process of its own. Arguments as `LLM`'s."""
+    check_stream_interval(stream_interval)  # before minutes of loading and compiling
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     (quant_config or QuantConfig()).check_supported()
@@ -71,16 +77,17 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len)
     return Engine(runner, block_manager, scheduler, tokenizer,
                   EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len),
-                  _vocab_size(module, tokenizer), _eos_ids(module, tokenizer))
+                  _vocab_size(module, tokenizer), _eos_ids(module, tokenizer), stream_interval)
 
 
 class LLM:
     def __init__(self, model: str | Path | nn.Module | None = None, tokenizer=None, dtype: str = "auto",
                  kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
-                 device: str | torch.device | None = None, compile_options: dict | None = None):
+                 device: str | torch.device | None = None, compile_options: dict | None = None,
+                 stream_interval: int = 1):
         self.engine = build_engine(model, tokenizer, dtype, kv_cache_config, build_config, quant_config,
-                                   enable_cuda_graph, device, compile_options)
+                                   enable_cuda_graph, device, compile_options, stream_interval)
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
         self.block_manager, self.compiled = self.engine.block_manager, self.engine.runner.compiled
         self._loop = EngineLoop(self.engine)
