@@ -134,7 +134,7 @@ def role_server(args) -> None:
         model, options, vocab = build_model(args)
         llm = LLM(model, **options)
     else:
-        from trtllm.runtime.engine_core import EngineCoreClient
+        from trtllm.runtime.engine_client import EngineCoreClient
         llm = EngineCoreClient(functools.partial(build_engine, args))
     asyncio.run(warm_up(llm, args, vocab))
     app = build_app(llm, NAME, max_concurrent_requests=max(1024, 2 * args.requests))

@@ -47,7 +47,7 @@ class StandInEngine:
         validate_request(ids, params, self.limits, self.vocab_size, False)
 
     def generate_async(self, prompt, sampling_params=None, streaming=False, request_id=None):
-        from trtllm.runtime.engine_core import MirrorStream
+        from trtllm.runtime.engine_client import MirrorStream
         from trtllm.runtime.engine_loop import new_request_id
         from trtllm.runtime.outputs import CompletionOutput, RequestOutput
         request_id = request_id or new_request_id()

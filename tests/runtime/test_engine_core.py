@@ -8,7 +8,7 @@ import pytest
 
 from tests.serve.server import write_model
 from trtllm.config import BuildConfig, KvCacheConfig
-from trtllm.runtime.engine_core import EngineCoreClient
+from trtllm.runtime.engine_client import EngineCoreClient
 from trtllm.runtime.llm import LLM, build_engine
 from trtllm.sampling_params import SamplingParams
 

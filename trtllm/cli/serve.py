@@ -76,7 +76,7 @@ def build_llm(args: argparse.Namespace):
     if args.engine_in_thread:
         return LLM(args.model, **options)
     from trtllm.demo import demo_model_path
-    from trtllm.runtime.engine_core import EngineCoreClient
+    from trtllm.runtime.engine_client import EngineCoreClient
 
     model = args.model if args.model is not None else str(demo_model_path())
     if not os.path.isdir(model):

@@ -1,10 +1,5 @@
-"""The engine in a process of its own, and the client a server talks to it through.
-
-    build = functools.partial(build_engine, "path/to/checkpoint", build_config=...)
-    client = EngineCoreClient(build, tokenizer="path/to/checkpoint")  # returns once the core is ready
-    stream = client.generate_async(prompt_ids, SamplingParams(...), streaming=True)
-    async for out in stream: ...                   # RequestOutputs, as from LLM.generate_async
-    client.abort(stream.request_id); client.shutdown()
+"""The engine in a process of its own: `core_main` runs in the child that
+`EngineCoreClient` (trtllm/runtime/engine_client.py) starts, builds the engine and steps it.
 
 Why a process: with the engine on a thread, the engine loop and the HTTP server's event
 loop share one GIL, and every SSE event the server writes delays the next GPU step
@@ -25,12 +20,8 @@ exits when told to stop or when its pipe closes (the server is gone).
 """
 from __future__ import annotations
 
-import asyncio
-import atexit
 import logging
-import multiprocessing as mp
 import os
-import pickle
 import queue
 import signal
 import sys
@@ -38,65 +29,18 @@ import threading
 import time
 import traceback
 
-from trtllm.runtime.engine import validate_request
-from trtllm.runtime.engine_loop import RequestStream, new_request_id
 from trtllm.runtime.engine_stats import EngineStats
-from trtllm.runtime.outputs import CompletionOutput, RequestOutput
-from trtllm.runtime.tokenizer import load_tokenizer, tokenize_prompt
-from trtllm.sampling_params import SamplingParams
 
 log = logging.getLogger("trtllm")
 
 
-# -- the client's side of a request: its output, grown by deltas ---------------------------
-class MirrorStream(RequestStream):
-    """A RequestStream over a growing RequestOutput: `grow` (on the reader's event loop)
-    applies a delta and wakes the reader only if it is not already due to wake, and
-    each read takes one snapshot of everything so far. Deltas that arrive while the
-    reader is busy merge for free: no snapshot or queue entry per delta, and a writer
-    that falls behind writes fewer, larger events instead of a backlog."""
-
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, output: RequestOutput):
-        super().__init__(request_id, loop)
-        self.output = output
-        self._due = False
-
-    def grow(self, delta: tuple) -> None:  # on self._loop
-        self.output.apply_delta(delta)
-        if not self._due:
-            self._due = True
-            self._async.put_nowait(None)
-
-    def grow_threadsafe(self, delta: tuple) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.grow, delta)
-        except RuntimeError:  # the reader's event loop is closed: no one is left to read
-            pass
-
-    async def next_merged(self, live: bool = False) -> RequestOutput:
-        """Everything so far, once something new came. A snapshot; with `live`, the growing
-        output itself (no copy: for a reader that is done with it before its next await,
-        as the SSE writer is; its diffs are then not cleared)."""
-        await self._async.get()
-        self._due = False
-        if live:
-            self.last = self.output
-            return self.output
-        self.last = self.output.snapshot()
-        self.output.clear_diffs()
-        return self.last
-
-    async def __aiter__(self):
-        while self.last is None or not self.last.finished:
-            yield await self.next_merged()
-
-
-def _failed_delta(request_id: str, n: int, error: str) -> tuple:
+def failed_delta(request_id: str, n: int, error: str) -> tuple:
+    """The delta that ends a request with `error` (n sequences, finish reason "error")."""
     return request_id, True, error, 0, [(i, "", [], None, None, "error", None) for i in range(n)]
 
 
 # -- the core process ------------------------------------------------------------------------
-def _core_main(build, inbox, outbox) -> None:
+def core_main(build, inbox, outbox) -> None:
     """The core process: build the engine, then step it for as long as the client wants."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when the core stops
     try:
@@ -170,11 +114,11 @@ class _Core:
                     self.engine.add_request(request_id, ids, params, prompt, stream=streaming)
                     self.n[request_id] = params.n
                 except ValueError as e:  # bad on its own (or a duplicate id): fails alone
-                    deltas.append(_failed_delta(request_id, params.n, str(e)))
+                    deltas.append(failed_delta(request_id, params.n, str(e)))
                 except Exception:  # a bug: this request fails, the core keeps serving
                     log.error("adding request %s failed:\n%s", request_id, traceback.format_exc())
                     self.engine.abort(request_id)
-                    deltas.append(_failed_delta(request_id, params.n, "internal error adding the request"))
+                    deltas.append(failed_delta(request_id, params.n, "internal error adding the request"))
             elif msg[0] == "abort":
                 delta = self.engine.abort(msg[1])
                 if delta is not None:
@@ -195,7 +139,7 @@ class _Core:
             failed = []
             for request_id, n in list(self.n.items()):
                 self.engine.abort(request_id)
-                failed.append(_failed_delta(request_id, n, "internal error in the engine step"))
+                failed.append(failed_delta(request_id, n, "internal error in the engine step"))
             self.n.clear()
             return failed
         for delta in outputs:
@@ -206,192 +150,6 @@ class _Core:
     def _abort_all(self, deltas: list) -> None:
         for request_id in list(self.n):
             delta = self.engine.abort(request_id)
-            deltas.append(delta if delta is not None else _failed_delta(request_id, self.n[request_id],
+            deltas.append(delta if delta is not None else failed_delta(request_id, self.n[request_id],
                                                                         "the engine shut down"))
         self.n.clear()
-
-
-# -- the client, in the server's process -----------------------------------------------------
-class EngineCoreClient:
-    """What a server asks of an engine (as `LLM` answers it), with the engine in a child
-    process: `tokenizer`, `limits`, `validate`, `generate_async`, `abort`,
-    `has_unfinished`, `is_alive`, `engine_stats`, `shutdown`.
-
-    `build` is a picklable zero-argument callable returning an `Engine` (it runs in the
-    child, so a module-level function or a functools.partial of one); `tokenizer` (a
-    checkpoint directory, a tokenizer, or None) is loaded here for chat templates and
-    prompt text. Raises RuntimeError naming the cause if the engine cannot be built."""
-
-    def __init__(self, build, tokenizer=None, start_timeout: float | None = None):
-        self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
-        ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
-        core_inbox, self._to_core = ctx.Pipe(duplex=False)
-        self._from_core, core_outbox = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_core_main, args=(build, core_inbox, core_outbox),
-                                 name="trtllm-engine-core")
-        self._proc.start()
-        core_inbox.close()
-        core_outbox.close()
-        # at interpreter exit, before multiprocessing joins its children: a core still
-        # running (an exception skipped shutdown) would make that join wait forever
-        atexit.register(self._kill)
-        try:
-            ready = self._wait_ready(start_timeout)
-        except BaseException:  # a load error, or SIGTERM/Ctrl-C while loading
-            self._kill()
-            raise
-        _, self.limits, self.vocab_size, self._has_tokenizer, self._stats = ready
-        self._streams: dict[str, MirrorStream] = {}
-        self._lock = threading.Lock()  # _streams: the event loop adds, the reader removes
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._gone = False  # the core's pipe closed: new requests fail at once
-        self._outgoing: queue.SimpleQueue = queue.SimpleQueue()
-        self._sender = threading.Thread(target=self._send_loop, name="trtllm-core-sender", daemon=True)
-        self._reader = threading.Thread(target=self._read_loop, name="trtllm-core-reader", daemon=True)
-        self._sender.start()
-        self._reader.start()
-
-    def _kill(self) -> None:
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)
-
-    def _wait_ready(self, timeout: float | None) -> tuple:
-        waited = 0.0
-        while not self._from_core.poll(1.0):
-            waited += 1.0
-            if not self._proc.is_alive():
-                raise RuntimeError(f"the engine process exited with code {self._proc.exitcode} while starting")
-            if timeout is not None and waited >= timeout:
-                raise RuntimeError(f"the engine process was not ready after {timeout:.0f} s")
-        try:
-            msg = self._from_core.recv()
-        except EOFError:
-            raise RuntimeError(f"the engine process exited with code {self._proc.join(5) or self._proc.exitcode} "
-                               f"while starting") from None
-        if msg[0] == "error":
-            raise RuntimeError(f"the engine could not be built: {msg[1]}")
-        return msg
-
-    # -- requests ----------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        validate_request(prompt_token_ids, params, self.limits, self.vocab_size, self._has_tokenizer)
-
-    def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
-                       streaming: bool = False, request_id: str | None = None) -> RequestStream:
-        """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`."""
-        params = sampling_params if sampling_params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        text, ids = tokenize_prompt(self.tokenizer, prompt)
-        request_id = request_id or new_request_id()
-        self._loop = asyncio.get_running_loop()  # outputs are dispatched on it (one server, one loop)
-        stream = MirrorStream(request_id, self._loop, RequestOutput(request_id, text, ids, [
-            CompletionOutput(i, logprobs=[] if params.logprobs is not None else None,
-                             cumulative_logprob=0.0 if params.logprobs is not None else None)
-            for i in range(params.n)]))
-        with self._lock:
-            error = "the engine process is not running" if self._gone else \
-                f"request id {request_id!r} is already in flight" if request_id in self._streams else None
-            if error is None:
-                self._streams[request_id] = stream
-        if error is not None:
-            stream.grow(_failed_delta(request_id, params.n, error))
-        else:
-            self._outgoing.put(("add", request_id, ids, params, text, streaming))
-        return stream
-
-    def abort(self, request_id: str) -> None:
-        self._outgoing.put(("abort", request_id))
-
-    def has_unfinished(self) -> bool:
-        return bool(self._streams)
-
-    def is_alive(self) -> bool:
-        return self._proc.is_alive() and self._reader.is_alive()
-
-    def engine_stats(self) -> EngineStats:
-        """The counters the core sent with its latest step."""
-        return self._stats
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the core (open requests end with finish_reason "abort") and wait for it."""
-        if self._proc.is_alive():
-            self._outgoing.put(("stop",))
-            self._proc.join(timeout)
-        if self._proc.is_alive():
-            log.error("the engine process did not stop in %.0f s; killing it", timeout)
-            self._kill()
-        atexit.unregister(self._kill)
-        self._outgoing.put(None)
-        self._reader.join(5)
-        self._fail_all("the engine shut down")
-
-    def __enter__(self) -> "EngineCoreClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-
-    # -- the two threads -----------------------------------------------------------------
-    def _send_loop(self) -> None:
-        """Requests to the core, one write for whatever queued meanwhile (never on the event
-        loop: a full pipe would block it)."""
-        while True:
-            msg = self._outgoing.get()
-            batch = [msg]
-            while not self._outgoing.empty():
-                batch.append(self._outgoing.get())
-            stop = None in batch
-            batch = [m for m in batch if m is not None]
-            try:
-                if batch:
-                    self._to_core.send(batch)
-            except (OSError, BrokenPipeError):
-                return
-            if stop:
-                self._to_core.close()
-                return
-
-    def _read_loop(self) -> None:
-        """Outputs from the core: this thread only waits for a step's message (no GIL held)
-        and hands its bytes to the event loop, where one callback unpickles it and grows
-        every stream it names; the GIL changes hands once per step, not once per output."""
-        while True:
-            try:
-                data = self._from_core.recv_bytes()
-            except (EOFError, OSError):
-                break
-            loop = self._loop
-            try:
-                if loop is None:  # no request has come through an event loop yet
-                    raise RuntimeError
-                loop.call_soon_threadsafe(self._dispatch, data, loop)
-            except RuntimeError:  # none, or closed: take it here
-                self._dispatch(data, None)
-        with self._lock:
-            self._gone = True
-        self._fail_all("the engine process exited")
-
-    def _dispatch(self, data: bytes, loop: asyncio.AbstractEventLoop | None) -> None:
-        """On `loop`'s thread (or the reader's, with None): grow and feed the streams."""
-        deltas, self._stats = pickle.loads(data)
-        for delta in deltas:
-            with self._lock:
-                stream = self._streams.get(delta[0])
-                if stream is not None and delta[1]:  # finished: forget it
-                    del self._streams[delta[0]]
-            if stream is None:
-                continue
-            if stream._loop is loop:
-                stream.grow(delta)
-            else:
-                stream.grow_threadsafe(delta)
-
-    def _fail_all(self, error: str) -> None:
-        with self._lock:
-            streams = list(self._streams.values())
-            self._streams.clear()
-        for stream in streams:
-            stream.grow_threadsafe(_failed_delta(stream.request_id, len(stream.output.outputs), error))
-
