@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import subprocess
 import sys
@@ -37,7 +36,7 @@ class StandInEngine:
         self.limits = EngineLimits(1024, 8192, max_seq_len, max_seq_len)
         self.vocab_size, self.step_s = vocab, step_ms / 1e3
         self._stats = EngineStats()
-        self._running: dict = {}  # request id -> [stream, -, params, loop, streaming, tokens so far]
+        self._running: dict = {}  # request id -> [stream, params, loop, streaming, tokens so far]
         self.admitted: list[float] = []  # when each request reached the engine
         self._lock = threading.Lock()
         threading.Thread(target=self._steps, daemon=True).start()
@@ -55,7 +54,7 @@ class StandInEngine:
         loop = asyncio.get_running_loop()
         stream = MirrorStream(request_id, loop, RequestOutput(request_id, None, list(prompt), [CompletionOutput(0)]))
         with self._lock:
-            self._running[request_id] = [stream, None, sampling_params, loop, streaming, 0]
+            self._running[request_id] = [stream, sampling_params, loop, streaming, 0]
         return stream
 
     def abort(self, request_id) -> None:
@@ -90,13 +89,11 @@ class StandInEngine:
                 running = list(self._running.items())
             by_loop: dict = {}
             for request_id, entry in running:
-                stream, mirror, params, loop, streaming, n = entry
-                n += 1
-                entry[5] = n
+                stream, params, loop, streaming, n = entry
+                n = entry[4] = n + 1
                 done = n >= params.max_tokens
                 # what the engine's delta carries: the tokens since the last one sent
-                tokens = [(i * 7919) % self.vocab_size for i in range(n if not streaming else n - 1, n)] \
-                    if streaming else [(i * 7919) % self.vocab_size for i in range(n)]
+                tokens = [(i * 7919) % self.vocab_size for i in range(n - 1 if streaming else 0, n)]
                 delta = (request_id, done, None, 0,
                          [(0, "", tokens, None, None, "length" if done else None, None)])
                 if done:

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from bench.bench_attention import BS, D, HKV, REL_TOL, graphed, make_inputs, ms
+from bench.bench_attention import BS, D, HKV, REL_TOL, graphed, make_inputs, ms, rel_error
 from bench.report import report
 from trtllm.kernels import paged_attention as pa
 from trtllm.kernels import paged_attention_decode as pa_decode
@@ -31,14 +31,6 @@ def contiguous(args):
     return a
 
 
-def err_of(args, **force):
-    ref_args = list(args)
-    ref_args[3], ref_args[4] = args[3].clone(), args[4].clone()
-    ref = pa.paged_attention_ref(*ref_args).float()
-    out = pa._paged_attention_impl(*args, **force).float()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
 def run_case(batch, ctx, configs, splits_list, tables=("random",)):
     rows = []
     args0 = make_inputs([(ctx - 1, 1)] * batch, seed=batch * 7 + ctx)
@@ -52,7 +44,7 @@ def run_case(batch, ctx, configs, splits_list, tables=("random",)):
                     continue
                 force = dict(decode_config=cfg, num_splits=splits)
                 try:
-                    e = err_of(args, **force)
+                    e = rel_error(args, **force)
                     t = ms(graphed(lambda: pa._paged_attention_impl(*args, **force)))
                 except Exception as ex:  # noqa: BLE001 - e.g. out of shared memory
                     print(f"  b{batch} ctx{ctx} {cfg} x{splits}: {type(ex).__name__}: {str(ex)[:80]}",

@@ -128,8 +128,8 @@ class EngineCoreClient:
         try:
             msg = self._from_core.recv()
         except EOFError:
-            raise RuntimeError(f"the engine process exited with code {self._proc.join(5) or self._proc.exitcode} "
-                               f"while starting") from None
+            self._proc.join(5)
+            raise RuntimeError(f"the engine process exited with code {self._proc.exitcode} while starting") from None
         if msg[0] == "error":
             raise RuntimeError(f"the engine could not be built: {msg[1]}")
         return msg
@@ -208,7 +208,7 @@ class EngineCoreClient:
             try:
                 if batch:
                     self._to_core.send(batch)
-            except (OSError, BrokenPipeError):
+            except OSError:  # the core is gone
                 return
             if stop:
                 self._to_core.close()
@@ -223,25 +223,31 @@ class EngineCoreClient:
                 data = self._from_core.recv_bytes()
             except (EOFError, OSError):
                 break
-            loop = self._loop
-            try:
-                if loop is None:  # no request has come through an event loop yet
-                    raise RuntimeError
-                loop.call_soon_threadsafe(self._dispatch, data, loop)
-            except RuntimeError:  # none, or closed: take it here
+            if not self._hand_to_loop(data):  # no event loop yet, or it is closed: take it here
                 self._dispatch(data, None)
         with self._lock:
             self._gone = True
         self._fail_all("the engine process exited")
 
+    def _hand_to_loop(self, data: bytes) -> bool:
+        loop = self._loop
+        if loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(self._dispatch, data, loop)
+            return True
+        except RuntimeError:  # closed
+            return False
+
     def _dispatch(self, data: bytes, loop: asyncio.AbstractEventLoop | None) -> None:
         """On `loop`'s thread (or the reader's, with None): grow and feed the streams."""
         deltas, self._stats = pickle.loads(data)
-        for delta in deltas:
-            with self._lock:
-                stream = self._streams.get(delta[0])
-                if stream is not None and delta[1]:  # finished: forget it
-                    del self._streams[delta[0]]
+        with self._lock:  # once per step: who each delta is for; the finished are forgotten
+            streams = [self._streams.get(d[0]) for d in deltas]
+            for d in deltas:
+                if d[1]:
+                    self._streams.pop(d[0], None)
+        for stream, delta in zip(streams, deltas):
             if stream is None:
                 continue
             if stream._loop is loop:

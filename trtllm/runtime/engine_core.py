@@ -61,7 +61,6 @@ class _Core:
 
     def __init__(self, engine, outbox):
         self.engine, self.outbox = engine, outbox
-        self.n: dict[str, int] = {}  # request id -> its number of sequences, while in flight
         self._outgoing: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="trtllm-core-out", daemon=True)
         self.steps, self.step_s = 0, 0.0
@@ -112,7 +111,6 @@ class _Core:
                 _, request_id, ids, params, prompt, streaming = msg
                 try:
                     self.engine.add_request(request_id, ids, params, prompt, stream=streaming)
-                    self.n[request_id] = params.n
                 except ValueError as e:  # bad on its own (or a duplicate id): fails alone
                     deltas.append(failed_delta(request_id, params.n, str(e)))
                 except Exception:  # a bug: this request fails, the core keeps serving
@@ -122,7 +120,6 @@ class _Core:
             elif msg[0] == "abort":
                 delta = self.engine.abort(msg[1])
                 if delta is not None:
-                    self.n.pop(msg[1], None)
                     deltas.append(delta)
             elif msg[0] == "stop":
                 return False
@@ -136,20 +133,16 @@ class _Core:
             self.step_s += time.perf_counter() - t
         except Exception:  # a bug, not a bad request: fail what is in flight, keep serving
             log.error("engine step failed:\n%s", traceback.format_exc())
-            failed = []
-            for request_id, n in list(self.n.items()):
-                self.engine.abort(request_id)
-                failed.append(failed_delta(request_id, n, "internal error in the engine step"))
-            self.n.clear()
-            return failed
-        for delta in outputs:
-            if delta[1]:  # finished
-                self.n.pop(delta[0], None)
+            return self._end_all("internal error in the engine step")
         return outputs
 
     def _abort_all(self, deltas: list) -> None:
-        for request_id in list(self.n):
-            delta = self.engine.abort(request_id)
-            deltas.append(delta if delta is not None else failed_delta(request_id, self.n[request_id],
-                                                                        "the engine shut down"))
-        self.n.clear()
+        deltas += [self.engine.abort(request_id) for request_id in list(self.engine.requests)]
+
+    def _end_all(self, error: str) -> list:
+        """Every request in flight ends with `error` (its blocks freed by the abort)."""
+        failed = []
+        for request_id, req in list(self.engine.requests.items()):
+            self.engine.abort(request_id)
+            failed.append(failed_delta(request_id, req.params.n, error))
+        return failed
