@@ -18,8 +18,9 @@ from trtllm.kernels.attention_tiles import attend as _attend, load_tile as _load
 # Flash-decoding: split a sequence's context only while the grid is smaller than
 # _SPLIT_TARGET_PER_SM programs per SM, and never into pieces shorter than _SPLIT_MIN_LEN
 # positions. Measured on H100 (bench/sweep_decode.py, 2026-11-25): one program per SM
-# and 64-position pieces beat 2 per SM and 256: b1 x 8192 28.4 -> 26.6 us (16 splits,
-# not 32), b1 x 512 15.3 -> 13.0 us (8 splits, not 2); b8 x 2048 equal at 2 or 4.
+# and 64-position pieces beat 2 per SM and 256: b1 x 8192 33.9 -> 26.6 us (16 splits,
+# not 32, with the 8-warp config), b1 x 512 15.3 -> 13.7 us (8 splits, not 2); b8 x 2048
+# within 1 us at 2 or 4.
 _SPLIT_TARGET_PER_SM = 1
 _SPLIT_MIN_LEN = 64
 _MAX_SPLITS = 64
@@ -181,7 +182,7 @@ def _decode_config(head_dim: int, elem_size: int, splits: int):
     smem: 3 programs per SM), 3 single-buffers them (more programs per SM). Measured on
     H100 (bench/sweep_decode.py): a full grid (1 split, b64 x 2048) runs 195 us at 3
     stages against 222 at 5; a split grid (small batch) wants 5 stages, and 8 warps gain
-    6-7% at b1 x 2048-8192 and cost nothing at b8."""
+    6-10% at b1 x 2048-8192 (16 splits) and cost nothing at b8."""
     if elem_size == 4 or head_dim > 128:
         return 32, 4, 3
     return (64, 4, 3) if splits == 1 else (64, 8, 5)
