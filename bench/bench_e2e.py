@@ -287,6 +287,14 @@ def main():
             print(f"batch 1: first {same} of {NEW} greedy tokens equal HF eager's (bf16)", flush=True)
         results[f"trtllm_b{b}"] = b * NEW / dt
         rows.append((f"decode batch {b}", "trtllm", b * NEW / dt))
+        if b == 1:  # the same, each step waiting for the one before (the overlap scheduler off)
+            llm.engine.overlap = False
+            runs_off = [timed(lambda: llm.generate(batch, greedy, use_tqdm=False)) for _ in range(3)]
+            llm.engine.overlap = True
+            results["trtllm_b1_overlap_off_runs_tok_s"] = [NEW / t for _, t in runs_off]
+            outs_off, dt_off = sorted(runs_off, key=lambda r: r[1])[1]
+            assert outs_off[0].outputs[0].token_ids == outs[0].outputs[0].token_ids, "overlap changed the tokens"
+            rows.append(("decode batch 1", "trtllm, overlap scheduler off", NEW / dt_off))
     if args.smoke:  # CUDA-graph replay (and its in-graph greedy pick) == the eager path
         few = prompts(8, vocab, seed=8).tolist()
         graphed = [o.outputs[0].token_ids for o in llm.generate(few, greedy, use_tqdm=False)]
@@ -304,7 +312,7 @@ def main():
         for name, engine_llm in (("graph", llm), ("eager", eager_llm)):
             runner, seen = engine_llm.engine.runner, []
             real = runner.execute
-            runner.execute = lambda sched, real=real, seen=seen: (lambda r: (seen.append(r[1].float().clone()), r)[1])(real(sched))
+            runner.execute = lambda sched, real=real, seen=seen: (lambda r: (seen.append(r.logits.float().clone()), r)[1])(real(sched))
             engine_llm.generate(few, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), use_tqdm=False)
             runner.execute = real
             results[f"step_logits_{name}"] = seen[-1]

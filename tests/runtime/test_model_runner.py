@@ -41,10 +41,11 @@ def checkpoint(tmp_path_factory):
     return write_checkpoint("llama31", tmp_path_factory.mktemp("llama"), vocab_size=512)
 
 
-def make_llm(path, graphs: bool, **build) -> LLM:
+def make_llm(path, graphs: bool, kv_tokens: int = 1024, overlap: bool = True, **build) -> LLM:
     model = load_model(path, dtype=torch.float32, device="cpu")
-    llm = LLM(model, kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=1024),
-              build_config=BuildConfig(**{"max_batch_size": 8, "max_num_tokens": 64, "max_seq_len": 64, **build}))
+    llm = LLM(model, kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=kv_tokens),
+              build_config=BuildConfig(**{"max_batch_size": 8, "max_num_tokens": 64, "max_seq_len": 64, **build}),
+              disable_overlap_scheduler=not overlap)
     if graphs:
         runner = llm.engine.runner
         for b in cuda_graph_batch_sizes(runner.meta.max_num_seqs):

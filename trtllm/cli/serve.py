@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--stream_interval", "--stream-interval", type=int, default=1,
                     help="streamed responses get an event every N tokens (the first at once): fewer, larger "
                          "events when many streams run (default 1: every token)")
+    ap.add_argument("--disable_overlap_scheduler", "--disable-overlap-scheduler", action="store_true",
+                    help="wait for each decode step before launching the next (default: the next greedy "
+                         "decode step is launched while the host finishes the current one)")
     ap.add_argument("--engine-in-thread", action="store_true",
                     help="run the engine on a thread of the server process instead of a process of its own "
                          "(less memory and startup; streaming throughput suffers: both share one GIL)")
@@ -72,7 +75,8 @@ def build_llm(args: argparse.Namespace):
     kv = {k: v for k, v in (("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction),
                             ("max_tokens", args.kv_cache_max_tokens)) if v is not None}
     options = dict(dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv),
-                   stream_interval=args.stream_interval)
+                   stream_interval=args.stream_interval,
+                   disable_overlap_scheduler=args.disable_overlap_scheduler)
     if args.engine_in_thread:
         return LLM(args.model, **options)
     from trtllm.demo import demo_model_path

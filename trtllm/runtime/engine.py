@@ -9,6 +9,17 @@ A step: the scheduler picks tokens, the model runner computes the logits to samp
 the sampler picks tokens, and each sequence is checked for its stop conditions (EOS,
 stop token ids, stop strings, max_tokens, the model's length). One request's failure
 (bad input at admission, NaN logits) never touches another's.
+
+The overlap scheduler (TensorRT-LLM's; on unless `disable_overlap_scheduler`): when a
+step is a greedy decode-graph step, the engine launches the next decode step right
+after it, fed by its picks on the GPU, and only then waits for it and does its
+bookkeeping (stop checks, detokenizing, outputs), so the host's share of a step runs
+while the GPU computes the next. `step()` then returns the first step's outputs and
+leaves the second in flight (`_ahead`); a sequence that stopped at the first has its
+row of the second dropped (its blocks are freed: nothing it wrote there is ever read).
+Sequences that end by length at the first are left out of the second; anyone waiting
+for admission, a short block, or a row that needs the sampler (logprobs, penalties,
+temperature) makes the next step an ordinary one.
 """
 from __future__ import annotations
 
@@ -18,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trtllm.runtime.block_manager import BlockManager
-from trtllm.runtime.model_runner import ModelRunner
+from trtllm.runtime.model_runner import LaunchedStep, ModelRunner
 from trtllm.runtime.outputs import CompletionOutput, RequestOutput
 from trtllm.runtime.sampler import Sampler, SamplingBatch, draw_seed
 from trtllm.runtime.scheduler import Scheduler
@@ -52,7 +63,7 @@ class _Request:
 class Engine:
     def __init__(self, runner: ModelRunner, block_manager: BlockManager, scheduler: Scheduler,
                  tokenizer, limits: EngineLimits, vocab_size: int, eos_token_ids: list[int],
-                 stream_interval: int = 1):
+                 stream_interval: int = 1, disable_overlap_scheduler: bool = False):
         check_stream_interval(stream_interval)
         self.runner, self.block_manager, self.scheduler = runner, block_manager, scheduler
         # a streaming request gets an output every stream_interval new tokens (its first at
@@ -65,6 +76,8 @@ class Engine:
         # outputs as RequestOutput.delta() tuples instead of snapshots: what the engine
         # process sends (no per-step copy of each stream's whole output)
         self.emit_deltas = False
+        self.overlap = not disable_overlap_scheduler
+        self._ahead: LaunchedStep | None = None  # launched by the last step(), not yet read
 
     # -- requests ----------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -103,6 +116,8 @@ class Engine:
         self.scheduler.abort(request_id)
         if req is None:
             return None
+        if self._ahead is not None and all(s.is_finished for s in self._ahead.to_sample):
+            self._ahead = None  # it computes nothing anyone will read
         for c in req.output.outputs:
             c.finish_reason = c.finish_reason or "abort"
         req.output.finished = True
@@ -114,14 +129,20 @@ class Engine:
     # -- a step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         changed: dict[str, _Request] = {}
-        scheduled = self.scheduler.schedule()
-        for seq in self.scheduler.pop_finished():  # "length": the pool cannot hold it
-            self._finished(seq, seq.finish_reason or "length", changed)
-        if scheduled:
-            to_sample, logits = self.runner.execute(scheduled)
-            sampled, extra = self._sample(to_sample, logits, changed)
-            for seq in self.scheduler.update(scheduled, sampled):
+        launched, self._ahead = self._ahead, None
+        if launched is None:
+            scheduled = self.scheduler.schedule()
+            for seq in self.scheduler.pop_finished():  # "length": the pool cannot hold it
+                self._finished(seq, seq.finish_reason or "length", changed)
+            launched = self.runner.execute(scheduled) if scheduled else None
+        if launched is not None:
+            if self.overlap:
+                self._ahead = self._launch_ahead(launched)
+            sampled, extra = self._sample(launched, changed)
+            for seq in self.scheduler.update(launched.scheduled, sampled):
                 self._on_token(seq, sampled[seq], extra.get(seq), changed)
+            if self._ahead is not None and all(s.is_finished for s in self._ahead.to_sample):
+                self._ahead = None  # every row of it stopped here: nothing to read
         outputs = []
         for r in changed.values():  # only these are copied: a non-streaming request, at its end
             if r.output.finished:
@@ -133,16 +154,33 @@ class Engine:
             self._check_books()
         return outputs
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, changed) -> tuple[dict, dict]:
+    def _launch_ahead(self, launched: LaunchedStep) -> LaunchedStep | None:
+        """The next decode step, launched before `launched`'s tokens reach the host, when
+        its picks are all it needs (see the module docstring)."""
+        if launched.picks is None or len(launched.to_sample) != len(launched.scheduled) \
+                or not _all_plain_greedy(launched.to_sample):
+            return None
+        plan = self.scheduler.schedule_ahead(launched.scheduled, self._ends_by_length)
+        return self.runner.execute_ahead(launched, *plan) if plan is not None else None
+
+    def _ends_by_length(self, seq: Sequence) -> bool:
+        """Whether the token `seq` is about to get is its last by max_tokens or max_seq_len."""
+        return len(seq.output_token_ids) + 1 >= seq.sampling_params.max_tokens \
+            or seq.num_tokens + 1 >= self.limits.max_seq_len
+
+    def _sample(self, launched: LaunchedStep, changed) -> tuple[dict, dict]:
+        seqs = launched.to_sample
         if not seqs:
             return {}, {}
-        self.runner.wait()
-        if self.runner.last_greedy is not None and _all_plain_greedy(seqs):
-            tokens, finite = self.runner.last_greedy.tolist()  # picked inside the decode graph
+        launched.wait()
+        if launched.picks is not None and _all_plain_greedy(seqs):
+            tokens, finite = launched.picks.tolist()  # picked inside the decode graph
             if all(finite):  # the usual step: no row failed, none wants logprobs
                 return dict(zip(seqs, tokens)), {}
             chosen, top = None, None
         else:
+            # (never a step with one launched after it: that replay may reuse these logits)
+            logits = launched.logits
             batch = SamplingBatch.build(seqs, logits.shape[-1], logits.device, self.eos_token_ids)
             out = self.sampler(logits, batch)
             tokens, finite = out.token_ids.tolist(), out.finite.tolist()

@@ -43,7 +43,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                  kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
                  device: str | torch.device | None = None, compile_options: dict | None = None,
-                 stream_interval: int = 1) -> Engine:
+                 stream_interval: int = 1, disable_overlap_scheduler: bool = False) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
     in a process of its own. Arguments as `LLM`'s."""
@@ -77,7 +77,8 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len)
     return Engine(runner, block_manager, scheduler, tokenizer,
                   EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len),
-                  _vocab_size(module, tokenizer), _eos_ids(module, tokenizer), stream_interval)
+                  _vocab_size(module, tokenizer), _eos_ids(module, tokenizer), stream_interval,
+                  disable_overlap_scheduler)
 
 
 class LLM:
@@ -85,9 +86,10 @@ class LLM:
                  kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
                  device: str | torch.device | None = None, compile_options: dict | None = None,
-                 stream_interval: int = 1):
+                 stream_interval: int = 1, disable_overlap_scheduler: bool = False):
         self.engine = build_engine(model, tokenizer, dtype, kv_cache_config, build_config, quant_config,
-                                   enable_cuda_graph, device, compile_options, stream_interval)
+                                   enable_cuda_graph, device, compile_options, stream_interval,
+                                   disable_overlap_scheduler)
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
         self.block_manager, self.compiled = self.engine.block_manager, self.engine.runner.compiled
         self._loop = EngineLoop(self.engine)

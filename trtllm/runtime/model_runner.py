@@ -9,11 +9,22 @@ On a GPU, pure-decode steps replay CUDA graphs captured for batch sizes 1, 2, 4,
 16, ... up to max_num_seqs (a step pads to the next captured size: padded tokens
 write no cache slot and belong to no sequence). Other steps run the compiled model
 directly.
+
+A step is launched, not waited for: `execute` queues its GPU work and returns a
+`LaunchedStep`; its results are read after `LaunchedStep.wait()`. `execute_ahead`
+launches the decode step after a decode-graph step whose tokens are still on the GPU:
+its input ids are that step's greedy picks, gathered on the device, so the host can
+build and queue step n+1 while step n runs (the engine's overlap scheduler). Host
+buffers that feed the GPU (the pinned staging of ids/positions and the attention
+metadata) are rewritten only once the previous step's copies out of them have run
+(`_inputs_copied`); the greedy picks come back into one of two pinned buffers, by
+turns, so step n+1's copy never overwrites step n's before the host reads it.
 """
 from __future__ import annotations
 
 import bisect
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +39,25 @@ def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
         sizes.append(b)
         b *= 2
     return sizes + [max_num_seqs]
+
+
+@dataclass
+class LaunchedStep:
+    """One step's work, queued on the GPU. `logits` and `picks` hold its results once
+    `wait()` returns."""
+    scheduled: list[tuple[Sequence, int]]
+    to_sample: list[Sequence]         # the sequences whose next token this step computes
+    logits: torch.Tensor              # [len(to_sample), V]
+    picks: torch.Tensor | None        # decode graphs: [2, len(to_sample)] argmax ids, 1/0 finite; host
+    device_picks: torch.Tensor | None  # decode graphs: [2, graph size], on the device (feeds execute_ahead)
+    done: torch.cuda.Event | None
+
+    def wait(self) -> None:
+        """Block until the step's GPU work is done, *without* the GIL (an event wait
+        releases it; `.tolist()` on a device tensor would hold it for the whole step),
+        so other Python threads (the HTTP server) run while the GPU works."""
+        if self.done is not None:
+            self.done.synchronize()
 
 
 class ModelRunner:
@@ -52,22 +82,22 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []  # sorted(self.graphs), not re-sorted every step
         self._replay_views: dict[tuple[int, int], tuple] = {}  # see _replay
-        # the last step's greedy picks from its decode graph, [2, rows], in pinned host memory:
-        # copied there right after the replay, while the GPU runs, so reading them after
-        # `wait` is no synchronous device-to-host copy (`.tolist()` of the device tensor:
-        # ~20 us under cProfile on the H100; end to end, within run-to-run noise there)
-        self.last_greedy: torch.Tensor | None = None
-        self._greedy_host: dict[int, torch.Tensor] = {}  # batch size -> pinned [2, b]
-        self._step_done = torch.cuda.Event() if self.device.type == "cuda" else None
+        # a decode graph's greedy picks, [2, b], go to pinned host memory right after the
+        # replay, while the GPU runs, so reading them after `wait` is no synchronous
+        # device-to-host copy (`.tolist()` of the device tensor: ~20 us under cProfile on
+        # the H100). Two buffers per size, used by turns (`_turn`): see the docstring.
+        self._greedy_host: dict[tuple[int, int], torch.Tensor] = {}  # (batch size, turn) -> [2, b]
+        cuda = self.device.type == "cuda"
+        self._done_events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else [None, None]
+        self._inputs_copied = torch.cuda.Event() if cuda else None
+        self._turn = 0
         if enable_cuda_graph and self.device.type == "cuda":
             self.capture_cuda_graphs(cuda_graph_batch_sizes(max_num_seqs))
 
     # -- a step ------------------------------------------------------------------------
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
-        """Run one step. Returns the sequences to sample and their logits [N, V]."""
-        # The pinned staging buffers are about to be rewritten: the previous step's
-        # host-to-device copies must have run (a step that sampled nothing never synced).
-        self.wait()
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> LaunchedStep:
+        """Launch one step: the sequences to sample and (once done) their logits [N, V]."""
+        self._wait_inputs_copied()
         ids, positions, query_lens, seq_lens, tables, sample_rows, to_sample = [], [], [], [], [], [], []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
@@ -87,15 +117,31 @@ class ModelRunner:
         num_tokens = len(ids)
         self.meta.fill(query_lens, seq_lens, tables, self.block_size)
         graph_size = self._graph_size(num_tokens, len(scheduled), sample_rows)
-        self.last_greedy = None
         if graph_size is not None:
-            return to_sample, self._replay(graph_size, ids, positions, len(sample_rows))
+            return self._replay(graph_size, ids, positions, range(len(sample_rows)), scheduled, to_sample)
         self._copy_inputs(ids, positions, sample_rows)
         rows = self.logits_indices[: len(sample_rows)]
         with attention_context(self.cache, self.meta):
             logits = self.compiled(self.input_ids[None, :num_tokens], self.positions[None, :num_tokens], rows)
-        self._mark_done()
-        return to_sample, logits
+        return LaunchedStep(scheduled, to_sample, logits, None, None, self._step_launched())
+
+    def execute_ahead(self, previous: LaunchedStep, seqs: list[Sequence], rows: list[int]) -> LaunchedStep | None:
+        """Launch the decode step after `previous` (a decode-graph step, still running or
+        queued) before its tokens reach the host: `seqs[i]` computes the token `previous`
+        picks at row `rows[i]`, at position `seq.num_tokens` (where that token will go),
+        its context one longer. Each sequence's blocks must already cover that position.
+        None if no captured graph fits."""
+        if previous.device_picks is None:
+            raise ValueError("execute_ahead follows a decode-graph step (its picks are on the device)")
+        m = len(seqs)
+        size = self._graph_size(m, m, [])
+        if size is None:
+            return None
+        self._wait_inputs_copied()
+        positions = [seq.num_tokens for seq in seqs]
+        self.meta.fill([1] * m, [p + 1 for p in positions], [seq.block_table for seq in seqs], self.block_size)
+        scheduled = [(seq, 1) for seq in seqs]
+        return self._replay(size, [], positions, rows, scheduled, seqs, previous.device_picks[0])
 
     def _graph_size(self, num_tokens: int, num_seqs: int, sample_rows: list[int]) -> int | None:
         """The captured batch size that runs this step, if one can: every sequence has one
@@ -109,47 +155,58 @@ class ModelRunner:
         i = bisect.bisect_left(self._graph_sizes, num_tokens)
         return self._graph_sizes[i] if i < len(self._graph_sizes) else None
 
-    def _replay(self, size: int, ids: list[int], positions: list[int], num_rows: int) -> torch.Tensor:
-        """A decode step by the graph captured for `size`; its first `num_rows` rows are the
-        ones to sample. Returns their logits; their greedy picks go to `last_greedy`. The
-        tensor views it needs are made once per (size, rows), not every step: a slice
-        costs ~4 us of host time, and a step took four."""
-        views = self._replay_views.get((size, num_rows))
+    def _replay(self, size: int, ids: list[int], positions: list[int], rows, scheduled, to_sample,
+                gather_ids: torch.Tensor | None = None) -> LaunchedStep:
+        """A decode step by the graph captured for `size`; its first len(to_sample) rows
+        are the ones to sample. With `gather_ids`, the input ids are gather_ids[rows]
+        (on the device); else `ids`. The tensor views it needs are made once per (size,
+        rows, turn), not every step: a slice costs ~4 us of host time, and a step took four."""
+        num_rows, turn = len(to_sample), self._turn
+        views = self._replay_views.get((size, num_rows, turn))
         if views is None:
             graph, logits, greedy = self.graphs[size]
             # whole [2, size] tensors on both sides: contiguous, so the copy is one async
             # memcpy (a strided one would go through an unpinned buffer, synchronously)
-            host = self._greedy_host.get(size)
+            host = self._greedy_host.get((size, turn))
             if host is None:
-                host = self._greedy_host[size] = torch.empty(greedy.shape, dtype=greedy.dtype,
-                                                             pin_memory=self.device.type == "cuda")
+                host = self._greedy_host[size, turn] = torch.empty(greedy.shape, dtype=greedy.dtype,
+                                                                   pin_memory=self.device.type == "cuda")
             views = (graph, self._inputs[:, :size], self._staging[:, :size], greedy, host,
                      host[:, :num_rows], logits[:num_rows])
-            self._replay_views[(size, num_rows)] = views
+            self._replay_views[(size, num_rows, turn)] = views
         graph, inputs, staging, greedy, greedy_host, picks, logits = views
-        self._stage(ids, positions, range(num_rows), size)
+        self._stage(ids, positions, rows, size)
         inputs.copy_(staging, non_blocking=True)
+        if gather_ids is not None:  # the row of the previous step each sequence's token is at
+            n = len(rows)
+            torch.index_select(gather_ids, 0, self.logits_indices[:n], out=self.input_ids[:n])
+        if self._inputs_copied is not None:
+            self._inputs_copied.record()
         graph.replay()
-        greedy_host.copy_(greedy, non_blocking=True)  # in greedy_host once `wait` returns
-        self.last_greedy = picks
-        self._mark_done()
-        return logits
+        greedy_host.copy_(greedy, non_blocking=True)  # in greedy_host once the step is done
+        return LaunchedStep(scheduled, to_sample, logits, picks, greedy, self._step_launched())
 
-    def _mark_done(self) -> None:
-        if self._step_done is not None:
-            self._step_done.record()
+    def _step_launched(self) -> torch.cuda.Event | None:
+        """The event that marks this step done; the next step uses the other buffers."""
+        done = self._done_events[self._turn]
+        if done is not None:
+            done.record()
+        self._turn ^= 1
+        return done
 
-    def wait(self) -> None:
-        """Block until the step's GPU work is done, *without* the GIL (an event wait
-        releases it; `.tolist()` on a device tensor would hold it for the whole step),
-        so other Python threads (the HTTP server) run while the GPU works."""
-        if self._step_done is not None:
-            self._step_done.synchronize()
+    def _wait_inputs_copied(self) -> None:
+        """The pinned staging and metadata buffers are about to be rewritten: the last
+        step's host-to-device copies out of them must have run. (Right after a launch they
+        may still be queued behind the step before; usually they are done.)"""
+        if self._inputs_copied is not None:
+            self._inputs_copied.synchronize()
 
     def _copy_inputs(self, ids: list[int], positions: list[int], rows: list[int]) -> None:
         n = len(ids)
         self._stage(ids, positions, rows, n)
         self._inputs[:, :n].copy_(self._staging[:, :n], non_blocking=True)
+        if self._inputs_copied is not None:
+            self._inputs_copied.record()
 
     def _stage(self, ids: list[int], positions: list[int], rows, n: int) -> None:
         """Token ids, positions and logits rows into the pinned staging buffer, zeros up
@@ -157,7 +214,7 @@ class ModelRunner:
         host = self._staging_np
         host[:, :n] = 0
         host[0, : len(ids)] = ids
-        host[1, : len(ids)] = positions
+        host[1, : len(positions)] = positions
         host[2, : len(rows)] = rows
 
     # -- CUDA graphs -------------------------------------------------------------------

@@ -33,6 +33,12 @@ The engine's loop, and who does what:
 `update` advances num_computed_tokens, appends sampled tokens, and publishes newly full
 blocks to the prefix cache; it skips sequences finished or aborted since `schedule`.
 Stop conditions (EOS, stop strings, max_tokens) are the engine's.
+
+`schedule_ahead` plans the step after a decode step *before* that step's `update`
+(the engine's overlap scheduler launches it while the GPU still runs the first): the
+same sequences, one token each at the position their pending token will take. It only
+plans what `schedule` would plan itself: none while anyone waits to be admitted or a
+block is short (admission and preemption stay `schedule`'s).
 """
 from __future__ import annotations
 
@@ -175,6 +181,31 @@ class Scheduler:
             scheduled.append((seq, chunk))
             budget -= chunk
         return scheduled
+
+    def schedule_ahead(self, scheduled: list[tuple[Sequence, int]], ends) -> tuple[list[Sequence], list[int]] | None:
+        """The decode step after `scheduled` (single-token decodes of every running
+        sequence, not yet `update`d): its sequences and their rows in `scheduled`, less
+        those `ends(seq)` says finish at `scheduled`. Their blocks then cover the position
+        after the pending token. None when the next step is `schedule`'s to plan."""
+        if self.waiting:
+            return None
+        seqs, rows, running = [], [], 0
+        for row, (seq, n) in enumerate(scheduled):
+            if seq.status is not SequenceStatus.RUNNING:  # finished or aborted since
+                continue
+            running += 1
+            if n != 1:
+                return None
+            if ends(seq):
+                continue
+            # num_computed_tokens + 2: the pending token's slot and the next one's
+            if not self.block_manager.try_append(seq, 2):
+                return None  # a block is short: `schedule` decides whom to preempt
+            seqs.append(seq)
+            rows.append(row)
+        if running != len(self.running):  # someone running is not in the step
+            return None
+        return (seqs, rows) if seqs else None
 
     def update(self, scheduled: list[tuple[Sequence, int]], sampled: dict[Sequence, int]) -> list[Sequence]:
         """Record a step the model ran. `sampled` holds the next token of every scheduled
