@@ -1,0 +1,102 @@
+"""Where the GPU time of a batch-1 decode step goes, kernel by kernel.
+
+    PYTHONPATH=$PWD python bench/decode_kernels.py [--layers 32] [--replays 20]
+
+Llama-3-8B shapes, random bf16 weights (bench_e2e.build_models), one LLM with only the
+batch-1 decode CUDA graph. The graph is replayed under torch.profiler; per replay:
+- time per kernel family (matmul, attention, norms, rotary, silu_mul, the LM head's
+  argmax, copies) and launches per family;
+- the sum of kernel times against the replay's wall time: the difference is the GPU
+  idle between kernels (launch gaps, what programmatic dependent launch can hide);
+- the matmuls' achieved bandwidth: the weights they read (every linear layer's weight,
+  the LM head included; the embedding table is only gathered) over their summed time,
+  against a device-to-device copy of 2 GB.
+Table last; $OUT/decode_kernels.{md,json}.
+"""
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+
+from bench.bench_e2e import LLAMA3_8B, build_models
+from bench.decode_breakdown import copy_tbs
+from bench.report import report
+from trtllm.config import BuildConfig, KvCacheConfig
+from trtllm.runtime.llm import LLM
+
+FAMILIES = [  # (family, substrings of the kernel name), first match wins
+    ("attention", ("_decode_kernel", "attention")),
+    ("rms_norm", ("rms_norm",)),
+    ("rotary", ("rotary",)),
+    ("silu_mul", ("silu_mul",)),
+    ("matmul", ("gemm", "gemv", "nvjet", "cutlass", "sm90", "xmma", "splitk", "matmul")),
+    ("argmax / isfinite", ("argmax", "reduce", "isfinite", "arg_")),
+    ("copy / fill", ("copy", "fill", "memcpy", "memset", "cat", "stack")),
+]
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    return next((f for f, keys in FAMILIES if any(k in low for k in keys)), "other")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--replays", type=int, default=20)
+    args = ap.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    _, model = build_models(dict(LLAMA3_8B, num_hidden_layers=args.layers))
+    linear_bytes = sum(m.weight.numel() * m.weight.element_size()
+                       for m in model.modules() if isinstance(m, torch.nn.Linear))
+    llm = LLM(model, build_config=BuildConfig(max_batch_size=1, max_num_tokens=2048, max_seq_len=2048),
+              kv_cache_config=KvCacheConfig(max_tokens=8192))
+    graph = llm.engine.runner.graphs[1][0]
+    for _ in range(10):
+        graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(args.replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - t) / args.replays * 1e6
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_family_us, per_family_n, per_name_us = defaultdict(float), defaultdict(int), defaultdict(float)
+    for e in kernels:
+        us = e.time_range.elapsed_us()
+        f = family(e.name)
+        per_family_us[f] += us / args.replays
+        per_family_n[f] += 1
+        per_name_us[e.name] += us / args.replays
+    busy_us = sum(per_family_us.values())
+    ceiling = copy_tbs()
+    llm.shutdown()
+    matmul_tbs = linear_bytes / (per_family_us["matmul"] * 1e-6) / 1e12 if per_family_us["matmul"] else 0.0
+    rows = dict(layers=args.layers, wall_us_per_replay=wall_us, kernel_busy_us=busy_us,
+                idle_us=wall_us - busy_us, linear_weight_gb=linear_bytes / 1e9, matmul_tbs=matmul_tbs,
+                copy_tbs=ceiling, launches_per_replay=len(kernels) / args.replays,
+                families={f: dict(us=per_family_us[f], launches=per_family_n[f] / args.replays)
+                          for f in per_family_us},
+                top_kernels=sorted(((n, u) for n, u in per_name_us.items()), key=lambda x: -x[1])[:15])
+    print("top kernels (us per replay):")
+    for name, us in rows["top_kernels"]:
+        print(f"  {us:9.1f}  {name[:140]}")
+    table = ["| part of one batch-1 decode step | µs | launches | share |", "|---|---:|---:|---:|"]
+    for f, us in sorted(per_family_us.items(), key=lambda x: -x[1]):
+        table.append(f"| {f} | {us:,.1f} | {per_family_n[f] / args.replays:.0f} | {us / wall_us:.1%} |")
+    table += [f"| GPU idle between kernels | {wall_us - busy_us:,.1f} | - | {(wall_us - busy_us) / wall_us:.1%} |",
+              f"| whole replay (wall, unprofiled) | {wall_us:,.1f} | {len(kernels) / args.replays:.0f} | 100% |",
+              "",
+              f"matmuls read {linear_bytes / 1e9:.2f} GB of weights at {matmul_tbs:.2f} TB/s "
+              f"(device copy {ceiling:.2f} TB/s); the whole step at {linear_bytes / wall_us / 1e6:.2f} TB/s"]
+    report("decode_kernels", "\n".join(table), rows)
+
+
+if __name__ == "__main__":
+    main()
