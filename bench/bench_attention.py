@@ -24,10 +24,6 @@ triton.testing.do_bench (median; do_bench flushes L2 before every call):
 - a small config sweep (decode tiles/stages/splits, prefill tiles, page sizes), to retune
   the defaults (about half the run's time; BENCH_SWEEP=0 skips it).
 
-Decode runs as the runtime's would: with programmatic dependent launch where the device
-has it (kernels/pdl.py; TRTLLM_PDL=0 turns it off); bench/bench_decode_pdl.py compares
-off and on, behind the rotary kernel that precedes attention in a decode step.
-
 Prints markdown tables last; with $OUT set, also writes $OUT/bench_attention.{md,json}.
 """
 import math

@@ -33,9 +33,7 @@ Kernels (all accumulate in fp32, softmax in base 2 with scale * log2(e) folded i
   one launch: the G query heads are the (padded to 16) rows of one tile; K/V pages stream
   through; the new key is taken from k/v (and written to the cache) by the split owning
   it; with splits > 1 (flash-decoding) each split writes (max, sum, acc) partials and the
-  last one to finish (an atomic ticket per sequence and kv head) merges them. On sm_90+
-  it is launched with programmatic dependent launch (kernels/pdl.py): its prologue and
-  first K/V tile overlap the previous kernel, q and k/v are read after the wait.
+  last one to finish (an atomic ticket per sequence and kv head) merges them.
 
 Both attention kernels take the new tokens' own keys/values from k/v rather than from the
 cache they were just written to: identical values as long as slot_mapping agrees with
@@ -231,10 +229,8 @@ def _paged_attention_impl(
     q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc,
     scale, window, num_seqs, max_query_len, max_seq_len,
     *, num_splits=None, prefill_config=None, decode_config=None, force_prefill=False,
-    decode_pdl=None,
 ):
-    """The launcher; the keywords force a path/config (tests, benches). decode_pdl: the
-    decode kernel's programmatic dependent launch on/off (None: its module default)."""
+    """The launcher; the keywords force a path/config (tests)."""
     T, Hq, D = q.shape
     _, NB, BS, Hkv, Dc = k_cache.shape
     assert q.dtype in _FLOAT_DTYPES, f"unsupported dtype {q.dtype}"
@@ -268,7 +264,7 @@ def _paged_attention_impl(
     if max_query_len == 1 and num_seqs > 0 and not force_prefill:
         launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
                       qk_scale, window, num_seqs, max_seq_len, dot_prec, num_splits=num_splits,
-                      config=decode_config, pdl=decode_pdl)
+                      config=decode_config)
         return out
 
     _cache_write_kernel[(T,)](

@@ -5,20 +5,6 @@
 (and written to the cache) by the split owning it; with splits > 1 (flash-decoding) each
 split writes (max, sum, acc) partials and the last one to finish (an atomic ticket per
 sequence and kv head) merges them. Semantics and shapes: kernels/paged_attention.py.
-
-Programmatic dependent launch (kernels/pdl.py; on CUDA sm_90+ unless switched off): the
-kernel is launched while the previous one (the rotary kernel, in a decode step) still
-runs, and its programs are ordered in two parts:
-- before `gdc_wait()`: the metadata (query_start_loc, seq_lens, the block-table entries
-  of the first tile) and the first K/V tile of the cached context. The host wrote the
-  metadata before the step; layer l's cache is written only by layer l's attention
-  (this kernel: the new token's slot, which no program reads as context), so no kernel
-  that may still be running writes any of it. Nothing is written before the wait.
-- after it: q and the new k/v (the previous kernels' outputs), the padding tokens' cache
-  writes and zero rows, the rest of the context, every store (outputs, the new key's
-  slot, split partials, merge tickets). Once its context loop is done a program calls
-  `gdc_launch_dependents()`: a PDL-launched next kernel waits for this one's completion
-  before it reads what this one wrote, so the early start only hides its launch.
 """
 import functools
 
@@ -28,8 +14,6 @@ import triton.language as tl
 
 from trtllm.kernels.attention_tiles import attend as _attend, load_tile as _load_tile, \
     write_token as _write_token
-from trtllm.kernels.pdl import DEFAULT as _PDL_DEFAULT, \
-    gdc_launch_dependents as _gdc_launch_dependents, gdc_wait as _gdc_wait, use_pdl as pdl_ok
 
 # Flash-decoding: split a sequence's context only while the grid is smaller than
 # _SPLIT_TARGET_PER_SM programs per SM, and never into pieces shorter than _SPLIT_MIN_LEN
@@ -40,20 +24,6 @@ from trtllm.kernels.pdl import DEFAULT as _PDL_DEFAULT, \
 _SPLIT_TARGET_PER_SM = 1
 _SPLIT_MIN_LEN = 64
 _MAX_SPLITS = 64
-# Launch with PDL where it works (kernels/pdl.py); False: plain launches, as before.
-_USE_PDL = _PDL_DEFAULT
-
-
-@triton.jit
-def _context_range(L, window, split, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """(lo, j_start, j_end): the one query sits at p = L - 1 and sees keys [lo, L); this
-    split's share is [j_start, j_end). Splits take equal runs of tiles of the true length
-    (the host only knew an upper bound); trailing splits may be empty."""
-    lo = tl.where(window > 0, tl.maximum(L - window, 0), 0)
-    first = lo // BLOCK_N
-    per = tl.cdiv(tl.cdiv(L, BLOCK_N) - first, NUM_SPLITS)
-    j_start = (first + split * per) * BLOCK_N
-    return lo, j_start, tl.minimum(j_start + per * BLOCK_N, L)
 
 
 @triton.jit(do_not_specialize=["window", "num_tokens"])
@@ -66,37 +36,14 @@ def _decode_kernel(
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """One launch for the whole decode step (launches are a large share of a 20-30 us
-    step): the cache write, the zero rows, attention and the split merge. USE_PDL: the
-    first context tile is loaded before gdc_wait (module docstring)."""
+    step): the cache write, the zero rows, attention and the split merge."""
     kvh = tl.program_id(0)  # fastest: the Hkv programs of a sequence read adjacent rows
     s = tl.program_id(1)
     split = tl.program_id(2)
     num_seqs = tl.num_programs(1)
-    EVEN_D: tl.constexpr = BLOCK_D == HEAD_D
-    if USE_PDL:
-        # Metadata and the first context tile, in flight while the previous kernel ends.
-        # (The tile's names are its own: one reassigned in the loop would be loop-carried.)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_D
-        bt_row = bt_ptr + s.to(tl.int64) * stride_bt
-        t = tl.load(qsl_ptr + s)
-        t_end = tl.load(qsl_ptr + s + 1)
-        L = tl.load(seq_lens_ptr + s)
-        lo, j_start, j_end = _context_range(L, window, split, BLOCK_N, NUM_SPLITS)
-        jf = j_start + offs_n
-        jf_ok = (t_end > t) & (jf >= lo) & (jf < j_end) & (jf < L - 1)
-        page_f = tl.load(bt_row + jf // PAGE, mask=jf_ok, other=0).to(tl.int64)
-        off_f = page_f[:, None] * stride_cb + (jf % PAGE)[:, None] * stride_cs \
-            + kvh * stride_ch + offs_d[None, :]
-        k_f = _load_tile(kc_ptr + off_f, jf_ok, d_ok, True, EVEN_D)
-        v_f = _load_tile(vc_ptr + off_f, jf_ok, d_ok, True, EVEN_D)
-        j_loop = j_start + BLOCK_N
-        _gdc_wait()  # from here on, the previous kernels' outputs (q, k, v) are visible
-
     if (kvh == 0) & (split == 0):
         # Tokens no sequence covers (padding of a captured batch), shared out over s.
         q_first = tl.load(qsl_ptr)
@@ -107,21 +54,16 @@ def _decode_kernel(
                          stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs,
                          stride_ch, stride_ot, stride_oh, HKV, G * HKV, HEAD_D, PAGE,
                          BLOCK_HKV, BLOCK_HQ, BLOCK_D)
-    # Without PDL, the metadata loads and index vectors come here, after the padding
-    # loop: fewer values live across it (ptxas sm_90, 8 warps, 16 splits: 80 registers,
-    # not 100).
-    if not USE_PDL:
-        t = tl.load(qsl_ptr + s)
-        t_end = tl.load(qsl_ptr + s + 1)
-    if t_end <= t:  # unused row of a captured batch
+    t = tl.load(qsl_ptr + s)
+    if tl.load(qsl_ptr + s + 1) <= t:  # unused row of a captured batch
         return
-    if not USE_PDL:
-        L = tl.load(seq_lens_ptr + s)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_D
+    L = tl.load(seq_lens_ptr + s)
 
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_D
     offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
     head = kvh * G + offs_g
     g_ok = (offs_g < G)[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
@@ -129,15 +71,18 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    if USE_PDL:
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_f, v_f, qk_scale, jf_ok[None, :], True, DOT_PREC)
-    else:
-        lo, j_start, j_end = _context_range(L, window, split, BLOCK_N, NUM_SPLITS)
-        bt_row = bt_ptr + s.to(tl.int64) * stride_bt
-        j_loop = j_start
+
+    # The one query sits at p = L - 1: keys [lo, L). Splits take equal runs of tiles of
+    # the true length (the host only knew an upper bound); trailing splits may be empty.
+    lo = tl.where(window > 0, tl.maximum(L - window, 0), 0)
+    first = lo // BLOCK_N
+    per = tl.cdiv(tl.cdiv(L, BLOCK_N) - first, NUM_SPLITS)
+    j_start = (first + split * per) * BLOCK_N
+    j_end = tl.minimum(j_start + per * BLOCK_N, L)
     # Keys [lo, L - 1) come from the cache; the new key L - 1 from k/v, by the one split
     # that owns it, which also writes it to the cache (no other program reads that slot).
-    for j0 in range(j_loop, j_end, BLOCK_N):
+    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
+    for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         j_ok = (j >= lo) & (j < j_end) & (j < L - 1)
         page = tl.load(bt_row + j // PAGE, mask=j_ok, other=0).to(tl.int64)
@@ -146,8 +91,6 @@ def _decode_kernel(
         k = _load_tile(kc_ptr + off, j_ok, d_ok, True, EVEN_D)
         v = _load_tile(vc_ptr + off, j_ok, d_ok, True, EVEN_D)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, DOT_PREC)
-    if USE_PDL:
-        _gdc_launch_dependents()
     if ((j_start < L) & (L <= j_end)) | ((L <= 0) & (split == 0)):
         k_new = tl.load(k_ptr + t.to(tl.int64) * stride_kt + kvh * stride_kh + offs_d, mask=d_ok)
         v_new = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kvh * stride_vh + offs_d, mask=d_ok)
@@ -246,12 +189,8 @@ def _decode_config(head_dim: int, elem_size: int, splits: int):
 
 
 def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
-                  qk_scale, window, num_seqs, max_seq_len, dot_prec, *, num_splits=None, config=None,
-                  pdl=None):
-    """One decode step of one layer (one new token per sequence) into `out`. pdl: launch
-    with programmatic dependent launch (None: the module's _USE_PDL); forced off where it
-    cannot work (kernels/pdl.py)."""
-    use_pdl = pdl_ok(q.device, _USE_PDL if pdl is None else pdl)
+                  qk_scale, window, num_seqs, max_seq_len, dot_prec, *, num_splits=None, config=None):
+    """One decode step of one layer (one new token per sequence) into `out`."""
     T, Hq, D = q.shape
     Hkv, BS = kc.shape[2], kc.shape[1]
     G = Hq // Hkv
@@ -273,5 +212,5 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_N=block_n, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
         HKV=Hkv, BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_HQ=triton.next_power_of_2(Hq),
-        DOT_PREC=dot_prec, USE_PDL=use_pdl, num_warps=warps, num_stages=stages, launch_pdl=use_pdl,
+        DOT_PREC=dot_prec, num_warps=warps, num_stages=stages,
     )

@@ -13,12 +13,6 @@ and rounded once (HF rounds after each multiply and the add in the model dtype).
 
 Tables: `rope_inv_freq` is HF's default and Llama-3 ("llama3") inverse frequencies;
 `rope_cos_sin` turns positions into the [..., D] cos/sin tables the op reads.
-
-PDL (kernels/pdl.py): in a decode step the rotary kernel runs right before the decode
-attention kernel, which is launched with programmatic dependent launch and reads q/k
-only after its gdc_wait. So every rotary program triggers its dependents first thing:
-attention's launch, prologue and first K/V tile then overlap rotary instead of
-following it. The trigger does nothing to a next kernel launched without PDL.
 """
 import math
 
@@ -26,13 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trtllm.kernels.pdl import DEFAULT as _PDL_DEFAULT, gdc_launch_dependents as _gdc_launch_dependents, \
-    use_pdl as _pdl_ok
 from trtllm.kernels.registry import register_op
-
-# Trigger a PDL-launched next kernel at the start (where PDL works: kernels/pdl.py). A
-# module flag, not a launcher argument: the launcher's signature is the op's schema.
-_PDL_TRIGGER = _PDL_DEFAULT
 
 
 def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None) -> torch.Tensor:
@@ -102,10 +90,7 @@ def _rotary_kernel(
     INTERLEAVED: tl.constexpr,
     BLOCK_H: tl.constexpr,  # heads per program: they share one cos/sin row
     BLOCK_HALF: tl.constexpr,  # next power of 2 >= HEAD_DIM // 2
-    PDL_TRIGGER: tl.constexpr,
 ):
-    if PDL_TRIGGER:
-        _gdc_launch_dependents()
     # One program per (batch, position) and block of heads.
     pid_bs = tl.program_id(0)
     b = (pid_bs // seq_len).to(tl.int64)
@@ -162,7 +147,6 @@ def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interle
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         HEAD_DIM=D, INTERLEAVED=interleaved, BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF,
-        PDL_TRIGGER=_pdl_ok(x.device, _PDL_TRIGGER),
         num_warps=4,
     )
     return out
