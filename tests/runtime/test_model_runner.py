@@ -11,6 +11,7 @@ from trtllm.models.loader import load_model
 from trtllm.runtime.attention_context import attention_context
 from trtllm.runtime.llm import LLM
 from trtllm.runtime.model_runner import cuda_graph_batch_sizes
+from trtllm.runtime.sampler import greedy_picks
 from trtllm.sampling_params import SamplingParams
 
 
@@ -32,7 +33,7 @@ class EagerGraph:
         finally:
             meta.num_seqs, meta.max_query_len, meta.max_seq_len = host_ints
         self.logits.copy_(logits)
-        self.greedy.copy_(torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()]))
+        self.greedy.copy_(greedy_picks(logits))
         self.replays += 1
 
 

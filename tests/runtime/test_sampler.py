@@ -231,3 +231,21 @@ def test_shape_mismatch_and_params_replacement():
     assert sampler(logits, build([s], 10)).token_ids.item() == 9
     s.sampling_params = SamplingParams(temperature=0.0, min_tokens=1, stop_token_ids=[9])
     assert sampler(logits, build([s], 10)).token_ids.item() == 8  # the cached row is redone
+
+
+@pytest.mark.parametrize("vocab", [7, 300, 1000, 128256])
+def test_greedy_picks_are_argmax_and_the_samplers_finite_rule(vocab):
+    from trtllm.runtime.sampler import _finite_rows, greedy_picks
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(8, vocab, generator=g)
+    logits[1, vocab // 3] = logits[1, vocab - 1] = 50.0  # a tie: the first one wins
+    logits[2, vocab // 2] = float("nan")
+    logits[3, 0] = float("inf")
+    logits[4] = float("-inf")                              # no finite logit
+    logits[5, : vocab // 2] = float("-inf")                # masked tokens: fine
+    logits[6, vocab - 1] = float("-inf")
+    picks = greedy_picks(logits)
+    sound = _finite_rows(logits)
+    assert picks[1].tolist() == sound.long().tolist() == [1, 1, 0, 0, 0, 1, 1, 1]
+    assert picks[0, 1].item() == vocab // 3
+    assert picks[0][sound].tolist() == logits.argmax(-1)[sound].tolist()

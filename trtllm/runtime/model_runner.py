@@ -30,6 +30,7 @@ import torch
 
 from trtllm.compile import CompiledModel
 from trtllm.runtime.attention_context import AttentionMetadata, PagedKVCache, attention_context
+from trtllm.runtime.sampler import greedy_picks
 from trtllm.runtime.sequence import Sequence
 
 
@@ -241,7 +242,7 @@ class ModelRunner:
                     logits = self.compiled(ids, pos)[0]  # [b, V]
                     # greedy decoding needs no sampler launches: argmax and the NaN/Inf
                     # check ride in the graph, and one read brings both back
-                    greedy = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()])
+                    greedy = greedy_picks(logits)
             pool = graph.pool()
             self.graphs[b] = (graph, logits, greedy)
         torch.cuda.synchronize()
