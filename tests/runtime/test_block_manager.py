@@ -184,6 +184,26 @@ def test_check_invariants_catches_corruption():
         bm.check_invariants()
 
 
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda bm, a: bm._free.append(bm._free[0]), "twice"),
+    (lambda bm, a: bm._free.remove(bm._free[0]), "leaked"),
+    (lambda bm, a: bm._free.append(a.block_table[0]), "referenced"),
+    (lambda bm, a: setattr(bm, "_num_used", 0), "books say"),
+    (lambda bm, a: bm._hash.__setitem__(bm._free[0], b"x"), "free block holds a published hash"),
+    (lambda bm, a: bm._cached.__setitem__(bm._free[0], None), "both free and cached"),
+    (lambda bm, a: bm._block_of_hash.__setitem__(b"y", a.block_table[1]), "hash table points"),
+], ids=["free twice", "lost", "free but used", "used count", "free with hash", "free and cached", "hash table"])
+def test_check_invariants_names_each_broken_book(corrupt, message):
+    bm = BlockManager(8, 2)
+    a = seq([1, 2, 3, 4, 5])
+    bm.allocate(a)
+    compute(bm, a)
+    bm.check_invariants([a])
+    corrupt(bm, a)
+    with pytest.raises(AssertionError, match=message):
+        bm.check_invariants()
+
+
 # --- property test: random allocate / compute / append / free -------------------------
 
 kinds = ["alloc"] * 3 + ["compute"] * 3 + ["decode", "decode", "free", "fail"]
