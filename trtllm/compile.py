@@ -25,10 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from trtllm.kernels.linear import unsupported as unsupported_linear
 from trtllm.passes import PASSES
 from trtllm.passes.context import AttentionLayers, CompileError, GraphInputs, PassContext
 from trtllm.passes.fuse_parallel_linears import share_fused_storage
 from trtllm.passes.replace_sdpa_with_paged_attention import unpageable
+from trtllm.passes.use_gemv_linear import use_gemv_linear
 from trtllm.runtime.attention_context import AttentionMetadata, PagedKVCache, attention_context
 import trtllm.runtime.attention_context as attention_context_module
 
@@ -123,6 +125,7 @@ class CompiledModel:
         self.graphs: list[fx.GraphModule] = []
         self._to_share: list[tuple[list[torch.Tensor], torch.Tensor]] = []
         self._logits_indices: torch.Tensor | None = None
+        self.lm_head_op: str | None = None  # how the split-off LM head is applied, if split
         # fullgraph: an SDPA left outside our graphs would run eagerly across the
         # sequences of a flat batch, silently wrong; a graph break must be an error.
         self._compiled = torch.compile(self.module, backend=self._backend, dynamic=None, fullgraph=True)
@@ -147,6 +150,13 @@ class CompiledModel:
         else:
             run = gm.forward
         head = ctx.lm_head
+        head_linear = F.linear
+        if head is not None:
+            # The largest GEMV of a decode step: trtllm.linear too (a GEMV up to its row
+            # limit, cuBLAS above) when the linears of the graph get it and the weight suits.
+            if use_gemv_linear in self.passes and unsupported_linear(head[0].dtype, *head) is None:
+                head_linear = torch.ops.trtllm.linear
+            self.lm_head_op = "trtllm.linear" if head_linear is not F.linear else "F.linear"
 
         def forward(*args):
             (out,) = run(*args, *constants)  # hidden [B, S, H] if the head was split, else logits
@@ -154,7 +164,7 @@ class CompiledModel:
             if rows is not None:
                 out = out.flatten(0, 1).index_select(0, rows)  # [N, H or V]
             if head is not None:
-                out = F.linear(out, *head)
+                out = head_linear(out, *head) if out.dtype == head[0].dtype else F.linear(out, *head)
             return (out,)
 
         return forward
@@ -206,6 +216,8 @@ class CompiledModel:
         lines += [f"  {name}: {self.matches[name]}" for name in (p.__name__ for p in self.passes)]
         lines.append("trtllm ops in the final graph(s):")
         lines += [f"  {name}: {count}" for name, count in sorted(ops.items())] or ["  (none)"]
+        if self.lm_head_op is not None:
+            lines.append(f"lm head (outside the graph, on the chosen rows): {self.lm_head_op}")
         return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ from trtllm.passes.fuse_rotary import fuse_rotary
 from trtllm.passes.fuse_silu_mul import fuse_silu_mul
 from trtllm.passes.replace_sdpa_with_paged_attention import replace_sdpa_with_paged_attention
 from trtllm.passes.split_lm_head import split_lm_head
+from trtllm.passes.use_gemv_linear import use_gemv_linear
 
 PASSES = [
     replace_sdpa_with_paged_attention,  # first: refuse unsupported attention before any work
@@ -14,5 +15,6 @@ PASSES = [
     fuse_add_rms_norm,                  # needs fuse_rms_norm's output
     fuse_rotary,
     fuse_silu_mul,
-    split_lm_head,                      # last: the runtime applies the head on chosen rows
+    split_lm_head,                      # the runtime applies the head on chosen rows
+    use_gemv_linear,                    # last: after split_lm_head has found the head as a linear
 ]

@@ -1,0 +1,234 @@
+"""Linear layer for decode batches: a GEMV that reads the weight once for all rows.
+
+    y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N])
+
+Shapes: x [..., K] (leading dims flattened to M rows; any strides, copied to rows with a
+contiguous last dim if they cannot be viewed so); W [N, K] row-major contiguous (the
+`nn.Linear` layout); bias [N] contiguous or None. x, W and bias share one dtype
+(fp32/fp16/bf16). Output [..., N], contiguous, in x.dtype; products accumulate in fp32
+and the bias is added in fp32 before the one rounding.
+
+Why: at batch-1 decode every matmul is memory bound (Llama-3-8B: 15 GB of weights per
+step), and cuBLAS runs the N=4096 shapes (o_proj, down_proj) as a split-K GEMM plus a
+separate reduce kernel, below the copy bandwidth. This kernel streams W once, in
+contiguous [BLOCK_N, BLOCK_K] tiles (coalesced along K), and keeps all M rows' sums:
+
+- "fma" variant: the weight tile is multiplied by each x row on the CUDA cores; for
+  M = 1 the [BLOCK_N, BLOCK_K] products accumulate elementwise and are reduced once
+  at the end; for M > 1 each row's dot products are reduced per tile.
+- "dot" variant: acc[BLOCK_N, BLOCK_M] += W_tile @ x_tile^T with tl.dot (the rows
+  padded to BLOCK_M >= 16 with masked zero loads), whose operand loads Triton
+  software-pipelines (num_stages) into shared memory.
+
+One program per BLOCK_N output features, the whole K loop inside it (no split-K: with
+BLOCK_N of 8-16, N = 4096 gives 256-512 programs for the 132 SMs of an H100).
+
+`torch.ops.trtllm.linear(x, weight, bias)` runs this kernel for M <= _GEMV_MAX_M rows
+on CUDA (and on CPU under TRITON_INTERPRET=1), F.linear (cuBLAS) for more rows, and the
+fp32 reference on CPU otherwise. Configs come from `_TUNED` (by N, K and M rounded up
+to a power of 2), else `_default_config`; bench/bench_linear.py tunes both.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from trtllm.kernels.registry import register_op
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The largest row count (tokens) the GEMV handles; above it the op calls F.linear. Set
+# from bench/bench_linear.py: the largest M whose whole-step GEMM time beats cuBLAS.
+_GEMV_MAX_M = 8
+_MAX_BLOCK_M = 64  # the kernel's limit on rows (BLOCK_M); _GEMV_MAX_M must not exceed it
+
+
+class GemvConfig(NamedTuple):
+    dot: bool          # tl.dot variant (else the CUDA-core "fma" one)
+    block_n: int       # output features per program
+    block_k: int       # K elements per loop step
+    num_warps: int
+    num_stages: int
+
+
+# (N, K, M rounded up to a power of 2) -> config, or None for "cuBLAS is faster here".
+# Filled from bench/bench_linear.py's suggestion on the H100 (Llama-3-8B decode shapes).
+_TUNED: dict[tuple[int, int, int], Optional[GemvConfig]] = {}
+
+
+def _default_config(m: int, n: int, k: int) -> GemvConfig:
+    """Untuned fallback: small BLOCK_N for enough programs per SM, 16-bit loads of 8-16 KB
+    per program and step in flight."""
+    if triton.next_power_of_2(m) == 1:
+        return GemvConfig(dot=False, block_n=8, block_k=512, num_warps=4, num_stages=1)
+    return GemvConfig(dot=True, block_n=16, block_k=256, num_warps=4, num_stages=4)
+
+
+def gemv_config(m: int, n: int, k: int) -> Optional[GemvConfig]:
+    """The config the op uses for [m, k] x [n, k]^T; None means F.linear."""
+    key = (n, k, triton.next_power_of_2(m))
+    if key in _TUNED:
+        return _TUNED[key]
+    return _default_config(m, n, k)
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    b = bias.float() if bias is not None else None
+    return F.linear(x.float(), weight.float(), b).to(x.dtype).contiguous()
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    M, N, K,
+    x_row_stride, w_row_stride, y_row_stride,
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (no tf32), else the default
+    BLOCK_M: tl.constexpr,        # rows, padded to a power of 2 (>= 16 with USE_DOT)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,         # K % BLOCK_K == 0: no K mask
+):
+    # Grid: (cdiv(N, BLOCK_N),). Each program streams W[rows, :] once, for all M rows.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past N re-read row N-1 (in bounds, so W loads need no row mask); not stored.
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    w_ptrs = w_ptr + rows[:, None] * w_row_stride + offs_k[None, :]
+
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        x_ptrs = x_ptr + offs_m[:, None] * x_row_stride + offs_k[None, :]
+        m_mask = offs_m[:, None] < M
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                x = tl.load(x_ptrs, mask=m_mask, other=0.0)
+            else:
+                k_mask = (k0 + offs_k) < K
+                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
+                x = tl.load(x_ptrs, mask=m_mask & k_mask[None, :], other=0.0)
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+    elif BLOCK_M == 1:
+        # One row: accumulate the products elementwise, reduce over K once at the end.
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        x_ptrs = x_ptr + offs_k
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                x = tl.load(x_ptrs)
+            else:
+                k_mask = (k0 + offs_k) < K
+                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
+                x = tl.load(x_ptrs, mask=k_mask, other=0.0)
+            acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        acc = tl.sum(acc2, axis=1)[:, None]  # [BLOCK_N, 1]
+    else:
+        # A few rows: each weight tile (loaded once) meets every row; sums reduced per tile.
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                k_mask = offs_k < BLOCK_K
+                w = tl.load(w_ptrs, eviction_policy="evict_first").to(tl.float32)
+            else:
+                k_mask = (k0 + offs_k) < K
+                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)
+            for m in tl.static_range(BLOCK_M):
+                x = tl.load(x_ptr + m * x_row_stride + k0 + offs_k,
+                            mask=k_mask & (m < M), other=0.0).to(tl.float32)
+                part = tl.sum(w * x[None, :], axis=1)  # [BLOCK_N]
+                acc += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
+            w_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows).to(tl.float32)[:, None]
+    # y[m, n] = acc[n, m]
+    y_ptrs = y_ptr + offs_m[None, :] * y_row_stride + offs_n[:, None]
+    y_mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def _block_m(m: int, dot: bool) -> int:
+    return max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
+
+
+def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+         out: torch.Tensor, config: GemvConfig) -> torch.Tensor:
+    """Launch the GEMV on rows x2 [M, K] (last dim contiguous) into out [M, N] (contiguous)."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    block_m = _block_m(m, config.dot)
+    assert block_m <= _MAX_BLOCK_M, f"{m} rows: too many for the GEMV"
+    assert x2.stride(1) == 1 and out.is_contiguous() and out.shape == (m, n)
+    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        x2, weight, bias if bias is not None else weight, out,
+        m, n, k,
+        x2.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None,
+        USE_DOT=config.dot,
+        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        EVEN_K=k % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+def unsupported(x_dtype: torch.dtype, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[str]:
+    """Why `linear(x, weight, bias)` cannot take this op (it asserts the same), or None.
+    For callers that choose between it and F.linear: the graph pass, the LM head."""
+    if weight.dim() != 2 or not weight.is_contiguous():
+        return f"weight {tuple(weight.shape)} with strides {weight.stride()} is not a contiguous [N, K] matrix"
+    if weight.dtype not in _FLOAT_DTYPES or weight.dtype != x_dtype:
+        return f"weight dtype {weight.dtype} with input dtype {x_dtype}"
+    if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_contiguous()
+                             or bias.dtype != x_dtype or bias.device != weight.device):
+        return f"bias {tuple(bias.shape)} {bias.dtype} is not a contiguous [N] vector of the input dtype"
+    return None
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    assert x.dtype in _FLOAT_DTYPES, f"x: unsupported dtype {x.dtype}"
+    assert weight.dim() == 2 and weight.shape[1] == x.shape[-1], \
+        f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}"
+    assert weight.dtype == x.dtype and weight.device == x.device, \
+        f"weight {weight.dtype} on {weight.device}, x {x.dtype} on {x.device}"
+    assert weight.is_contiguous(), "weight must be row-major contiguous [N, K]"
+    if bias is not None:
+        assert bias.shape == (weight.shape[0],) and bias.is_contiguous(), f"bias {tuple(bias.shape)}"
+        assert bias.dtype == x.dtype and bias.device == x.device
+
+
+def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    _check(x, weight, bias)
+    n, k = weight.shape
+    m = x.numel() // k if k else 0
+    config = gemv_config(m, n, k) if 0 < m <= _GEMV_MAX_M and k > 0 else None
+    if config is None:
+        return F.linear(x, weight, bias)
+    if config.dot and x.dtype == torch.bfloat16 and not x.is_cuda:
+        config = config._replace(dot=False)  # the interpreter's bf16 tl.dot is wrong (DESIGN.md)
+    x2 = x.reshape(m, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    gemv(x2, weight, bias, out.view(m, n), config)
+    return out
+
+
+def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+linear = register_op("linear", launcher=linear_triton, reference=linear_ref, fake=_linear_fake)
