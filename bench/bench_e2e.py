@@ -22,6 +22,7 @@ import time
 import torch
 
 from bench.report import report
+from trtllm.kernels import linear as linear_kernels
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
 from trtllm.runtime.llm import LLM
@@ -182,6 +183,8 @@ def main():
     ap.add_argument("--no-hf-compile", action="store_true")
     ap.add_argument("--only-hf", action="store_true", help="the HF peers alone (when one run cannot fit all)")
     ap.add_argument("--batch1-only", action="store_true", help="trtllm's batch-1 case alone (median of 3 runs)")
+    ap.add_argument("--no-gemv", action="store_true",
+                    help="compile without the use_gemv_linear pass (cuBLAS for every linear): the A/B of the GEMV")
     args = ap.parse_args()
     shape = SMOKE if args.smoke else LLAMA3_8B
     vocab = shape["vocab_size"]
@@ -248,8 +251,13 @@ def main():
         with torch.no_grad():
             exact = copy.deepcopy(ours).float()(ids, pos)
     t0 = time.perf_counter()
+    compile_options = None
+    if args.no_gemv:
+        from trtllm.passes import PASSES
+        from trtllm.passes.use_gemv_linear import use_gemv_linear
+        compile_options = dict(passes=[p for p in PASSES if p is not use_gemv_linear])
     llm = LLM(ours, build_config=BuildConfig(max_batch_size=256, max_num_tokens=8192, max_seq_len=2048),
-              kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.85))
+              kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.85), compile_options=compile_options)
     results["trtllm_startup_s"] = time.perf_counter() - t0
     print(f"LLM ready in {results['trtllm_startup_s']:.1f}s; {llm.block_manager.num_free_blocks} KV blocks",
           flush=True)
@@ -296,6 +304,9 @@ def main():
             assert outs_off[0].outputs[0].token_ids == outs[0].outputs[0].token_ids, "overlap changed the tokens"
             rows.append(("decode batch 1", "trtllm, overlap scheduler off", NEW / dt_off))
     if args.smoke:  # CUDA-graph replay (and its in-graph greedy pick) == the eager path
+        # like kernels on both sides: the GEMV runs eagerly too (else cuBLAS there, which
+        # rounds bf16 differently and makes the greedy sequences part at near-ties)
+        linear_kernels.GEMV_EAGER = True
         few = prompts(8, vocab, seed=8).tolist()
         graphed = [o.outputs[0].token_ids for o in llm.generate(few, greedy, use_tqdm=False)]
         eager_llm = LLM(ours, build_config=BuildConfig(max_batch_size=8, max_seq_len=2048),

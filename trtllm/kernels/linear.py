@@ -46,6 +46,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # from bench/bench_linear.py: the largest M whose whole-step GEMM time beats cuBLAS.
 # Rows up to which the GEMV runs: a step's GEMMs at M = 16 were 5.78 (cuBLAS) vs 5.44 ms.
 _GEMV_MAX_M = 16
+# The GEMV outside CUDA-graph capture on CUDA too (see linear_triton): off, for host
+# time; a check of graph replay against eager steps turns it on to compare like kernels.
+GEMV_EAGER = False
 _MAX_BLOCK_M = 64  # the kernel's limit on rows (BLOCK_M); _GEMV_MAX_M must not exceed it
 
 
@@ -250,7 +253,7 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     # costs ~120 us of host time per call against cuBLAS's ~22 us (bench_linear.py, H100
     # host), and an eager step with few rows is host-bound, 4 GEMMs x 32 layers of it.
     # In a graph the launch is paid once, at capture.
-    on_gpu_eager = x.is_cuda and not torch.cuda.is_current_stream_capturing()
+    on_gpu_eager = x.is_cuda and not GEMV_EAGER and not torch.cuda.is_current_stream_capturing()
     config = gemv_config(m, n, k) if 0 < m <= _GEMV_MAX_M and k > 0 and not on_gpu_eager else None
     if config is None:
         return F.linear(x, weight, bias)
