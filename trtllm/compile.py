@@ -11,11 +11,21 @@ Called outside an attention context, `compiled(input_ids [B, S], positions)` tre
 the batch as B whole sequences on a scratch cache and returns the eager model's
 logits. The runtime instead calls it with its flat batch `[1, T]` inside
 `attention_context(cache, metadata)` (runtime/attention_context.py).
+
+`use_gemv_linear` (linears as a Triton GEMV) serves only small decode CUDA graphs: inside
+`with compiled.decode_graphs():` (the runner's capture) a call of at most
+kernels/linear.py:_GEMV_MAX_M tokens runs a second compilation with that pass; every
+other call runs the pass list without it. Measured on the H100 (bench/gemv_ab.py): the
+pass made the batch-1 decode graph 6.31 -> 5.70 ms, but the batch-64 and -256 graphs
+6.65 -> 7.12 and 8.02 -> 8.66 ms (the linears it does not turn into a GEMV go through
+the custom op to F.linear, slower than Inductor's own mm there).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -25,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from trtllm.kernels import linear as linear_kernels
 from trtllm.kernels.linear import unsupported as unsupported_linear
 from trtllm.passes import PASSES
 from trtllm.passes.context import AttentionLayers, CompileError, GraphInputs, PassContext
@@ -128,16 +139,34 @@ class CompiledModel:
         self.lm_head_op: str | None = None  # how the split-off LM head is applied, if split
         # fullgraph: an SDPA left outside our graphs would run eagerly across the
         # sequences of a flat batch, silently wrong; a graph break must be an error.
-        self._compiled = torch.compile(self.module, backend=self._backend, dynamic=None, fullgraph=True)
+        # Two compilations (dynamo keeps one cache per backend): see the module docstring.
+        general = [p for p in self.passes if p is not use_gemv_linear]
+        self._compiled = torch.compile(self.module, backend=functools.partial(self._backend, passes=general),
+                                       dynamic=None, fullgraph=True)
+        self._compiled_gemv = None
+        if use_gemv_linear in self.passes:
+            self._compiled_gemv = torch.compile(self.module, backend=functools.partial(self._backend,
+                                                passes=self.passes), dynamic=None, fullgraph=True)
+        self._in_decode_graphs = False
 
     # -- the dynamo backend ----------------------------------------------------------
-    def _backend(self, dynamo_gm: fx.GraphModule, example_inputs: list):
+    @contextlib.contextmanager
+    def decode_graphs(self):
+        """Calls inside are the runner's decode CUDA graphs (warm-up and capture): those of
+        at most _GEMV_MAX_M tokens run the compilation with use_gemv_linear."""
+        self._in_decode_graphs = True
+        try:
+            yield
+        finally:
+            self._in_decode_graphs = False
+
+    def _backend(self, dynamo_gm: fx.GraphModule, example_inputs: list, passes: list):
         # A fresh GraphModule: dynamo inspects its own graph after we return, and a
         # graph without dynamo's metadata lets our added constant inputs through aot.
         gm = fx.GraphModule(dynamo_gm, copy.deepcopy(dynamo_gm.graph))
         inputs = GraphInputs(gm.graph, example_inputs)
         ctx = PassContext(inputs=inputs, attention=self._layers)
-        for p in self.passes:
+        for p in passes:
             self.matches[p.__name__] += p(gm.graph, ctx)
         gm.graph.lint()
         gm.recompile()
@@ -154,9 +183,10 @@ class CompiledModel:
         if head is not None:
             # The largest GEMV of a decode step: trtllm.linear too (a GEMV up to its row
             # limit, cuBLAS above) when the linears of the graph get it and the weight suits.
-            if use_gemv_linear in self.passes and unsupported_linear(head[0].dtype, *head) is None:
+            if use_gemv_linear in passes and unsupported_linear(head[0].dtype, *head) is None:
                 head_linear = torch.ops.trtllm.linear
-            self.lm_head_op = "trtllm.linear" if head_linear is not F.linear else "F.linear"
+            if self.lm_head_op is None or head_linear is not F.linear:
+                self.lm_head_op = "trtllm.linear in decode graphs" if head_linear is not F.linear else "F.linear"
 
         def forward(*args):
             (out,) = run(*args, *constants)  # hidden [B, S, H] if the head was split, else logits
@@ -180,9 +210,13 @@ class CompiledModel:
         return self._whole_sequences(input_ids, positions)
 
     def _run(self, input_ids, positions):
+        compiled = self._compiled
+        if self._in_decode_graphs and self._compiled_gemv is not None \
+                and input_ids.shape[-1] <= linear_kernels._GEMV_MAX_M:
+            compiled = self._compiled_gemv
         with torch.no_grad(), torch._dynamo.config.patch(**_DYNAMO_CONFIG):
             try:
-                out = self._compiled(input_ids, positions)
+                out = compiled(input_ids, positions)
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 if isinstance(e.inner_exception, CompileError):
                     raise e.inner_exception from None  # the pass's own message, not dynamo's

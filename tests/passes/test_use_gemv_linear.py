@@ -74,7 +74,7 @@ def test_only_linears_over_contiguous_input_weights_match():
     torch.testing.assert_close(cap.run(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_lm_head_uses_trtllm_linear_only_with_the_pass():
+def test_the_pass_serves_only_small_decode_graphs():
     from tests.test_compile import hf_model
 
     model = hf_model("llama")
@@ -83,12 +83,25 @@ def test_lm_head_uses_trtllm_linear_only_with_the_pass():
         expected = model(input_ids=ids, use_cache=False).logits[0, [4]]
     rows = torch.tensor([4])
     compiled = trtllm.compile(model)
+    # an ordinary call (prefill, mixed steps, large decode graphs): the passes without it
     torch.testing.assert_close(compiled(ids, positions, logits_indices=rows), expected, rtol=1e-4, atol=1e-5)
     summary = compiled.summary()
+    assert "use_gemv_linear: 0" in summary and "trtllm.linear" not in summary
+    assert "lm head (outside the graph, on the chosen rows): F.linear" in summary
+    # the runner's decode-graph capture of <= _GEMV_MAX_M tokens: the compilation with it
+    with compiled.decode_graphs():
+        got = compiled(ids, positions, logits_indices=rows)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    summary = compiled.summary()
     assert "use_gemv_linear: 8" in summary and "trtllm.linear: 8" in summary  # 4 per layer
-    assert "lm head (outside the graph, on the chosen rows): trtllm.linear" in summary
+    assert "lm head (outside the graph, on the chosen rows): trtllm.linear in decode graphs" in summary
+    # more tokens than the GEMV takes: the general compilation, even in decode graphs
+    long_ids, long_pos = torch.randint(0, 96, (1, 20)), torch.arange(20)[None]
+    with compiled.decode_graphs():
+        compiled(long_ids, long_pos, logits_indices=torch.tensor([19]))
+    assert "use_gemv_linear: 8" in compiled.summary()
 
     without = trtllm.compile(model, passes=[p for p in PASSES if p is not use_gemv_linear])
-    torch.testing.assert_close(without(ids, positions, logits_indices=rows), expected, rtol=1e-4, atol=1e-5)
+    with without.decode_graphs():
+        torch.testing.assert_close(without(ids, positions, logits_indices=rows), expected, rtol=1e-4, atol=1e-5)
     assert "trtllm.linear" not in without.summary()
-    assert "lm head (outside the graph, on the chosen rows): F.linear" in without.summary()

@@ -233,7 +233,7 @@ class ModelRunner:
             self.meta.slot_mapping.fill_(-1)
             self.meta.max_seq_len = self.max_model_len
             ids, pos = self.input_ids[None, :b], self.positions[None, :b]
-            with attention_context(self.cache, self.meta):
+            with attention_context(self.cache, self.meta), self.compiled.decode_graphs():
                 for _ in range(2):  # compile for this shape and warm up outside the graph
                     self.compiled(ids, pos)
                 torch.cuda.synchronize()
