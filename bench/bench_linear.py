@@ -13,14 +13,14 @@ gate_up 28672x4096, down 14336 -> 4096, lm_head 128256x4096; M (tokens) in 1, 2,
 2. Timing: a CUDA graph calls the GEMM on `calls` DIFFERENT weight matrices in turn
    (up to 32, about 8 GB per shape), so every call streams its weight from HBM rather
    than the 50 MB L2; us per call = replay time / calls. cuBLAS (F.linear), the op as
-   configured now (torch.ops.trtllm.linear: `_TUNED`, `_default_config`, `_GEMV_MAX_M`),
+   configured now (torch.ops.trtllm.linear: `_TUNED`, `_default_config`, `GEMV_MAX_M`),
    and each candidate config. TB/s = weight bytes / time; a 1 GiB device-to-device
    copy's TB/s is the ceiling.
 3. A decode step's GEMMs per M: (qkv + o_proj + gate_up + down) x 32 layers + lm_head,
    in ms: cuBLAS, the op as configured, the best config everywhere, and the best of
    the two per shape (what the suggested table does).
 4. The suggestion: `_TUNED` entries (the best config per (N, K, M), or None where cuBLAS
-   is faster) and `_GEMV_MAX_M`, printed ready to paste into trtllm/kernels/linear.py.
+   is faster) and `GEMV_MAX_M`, printed ready to paste into trtllm/kernels/linear.py.
 5. Host cost per call outside graphs (prefill and mixed steps are not graphed): the op
    vs F.linear on a small GEMM, for the GEMV and the cuBLAS branch.
 Table last; $OUT/bench_linear.{md,json}.
@@ -192,7 +192,7 @@ def bench_shape(name, n, k, device, dtype, timer, failures):
         row["cublas_us"] = timer(F.linear, x, weights)
         row["op_rel_err"] = rel_err(torch.ops.trtllm.linear(x, weights[0]), ref)
         row["op_us"] = timer(torch.ops.trtllm.linear, x, weights)
-        row["op_config"] = cfg_str(linear_mod.gemv_config(m, n, k) if m <= linear_mod._GEMV_MAX_M else None)
+        row["op_config"] = cfg_str(linear_mod.gemv_config(m, n, k) if m <= linear_mod.GEMV_MAX_M else None)
         for c in CANDIDATES:
             if not fits(c, m):
                 continue
@@ -242,7 +242,7 @@ def step_totals(rows):
 
 
 def suggestion(rows, totals):
-    """`_TUNED` entries and `_GEMV_MAX_M`: GEMV where a config beats cuBLAS by MIN_WIN."""
+    """`_TUNED` entries and `GEMV_MAX_M`: GEMV where a config beats cuBLAS by MIN_WIN."""
     wins = {}
     for r in rows:
         b = r["best"]
@@ -250,7 +250,7 @@ def suggestion(rows, totals):
             r["best_config"] if b and b["us"] * (1 + MIN_WIN) < r["cublas_us"] else None, r)
     better = [t["m"] for t in totals if t["mixed"] * (1 + MIN_WIN / 2) < t["cublas"]]
     max_m = max(better) if better else 0
-    lines = [f"_GEMV_MAX_M = {max_m}", "", "_TUNED: dict[tuple[int, int, int], Optional[GemvConfig]] = {"]
+    lines = [f"GEMV_MAX_M = {max_m}", "", "_TUNED: dict[tuple[int, int, int], Optional[GemvConfig]] = {"]
     for (n, k, m), (c, r) in wins.items():
         if m > max_m:
             continue

@@ -14,7 +14,7 @@ logits. The runtime instead calls it with its flat batch `[1, T]` inside
 
 `use_gemv_linear` (linears as a Triton GEMV) serves only small decode CUDA graphs: inside
 `with compiled.decode_graphs():` (the runner's capture) a call of at most
-kernels/linear.py:_GEMV_MAX_M tokens runs a second compilation with that pass; every
+kernels/linear.py:GEMV_MAX_M tokens runs a second compilation with that pass; every
 other call runs the pass list without it. Measured on the H100 (bench/gemv_ab.py): the
 pass made the batch-1 decode graph 6.31 -> 5.70 ms, but the batch-64 and -256 graphs
 6.65 -> 7.12 and 8.02 -> 8.66 ms (the linears it does not turn into a GEMV go through
@@ -153,7 +153,7 @@ class CompiledModel:
     @contextlib.contextmanager
     def decode_graphs(self):
         """Calls inside are the runner's decode CUDA graphs (warm-up and capture): those of
-        at most _GEMV_MAX_M tokens run the compilation with use_gemv_linear."""
+        at most GEMV_MAX_M tokens run the compilation with use_gemv_linear."""
         self._in_decode_graphs = True
         try:
             yield
@@ -212,7 +212,7 @@ class CompiledModel:
     def _run(self, input_ids, positions):
         compiled = self._compiled
         if self._in_decode_graphs and self._compiled_gemv is not None \
-                and input_ids.shape[-1] <= linear_kernels._GEMV_MAX_M:
+                and input_ids.shape[-1] <= linear_kernels.GEMV_MAX_M:
             compiled = self._compiled_gemv
         with torch.no_grad(), torch._dynamo.config.patch(**_DYNAMO_CONFIG):
             try:

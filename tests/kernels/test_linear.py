@@ -60,7 +60,7 @@ def test_dispatch_by_rows(monkeypatch):
     calls = []
     real_gemv = linear_mod.gemv
     monkeypatch.setattr(linear_mod, "gemv", lambda *a: calls.append(a[0].shape[0]) or real_gemv(*a))
-    monkeypatch.setattr(linear_mod, "_GEMV_MAX_M", 4)
+    monkeypatch.setattr(linear_mod, "GEMV_MAX_M", 4)
     weight = torch.randn(83, 64)
     for m in (1, 4, 5, 40):
         x = torch.randn(m, 64)

@@ -88,7 +88,7 @@ def test_the_pass_serves_only_small_decode_graphs():
     summary = compiled.summary()
     assert "use_gemv_linear: 0" in summary and "trtllm.linear" not in summary
     assert "lm head (outside the graph, on the chosen rows): F.linear" in summary
-    # the runner's decode-graph capture of <= _GEMV_MAX_M tokens: the compilation with it
+    # the runner's decode-graph capture of <= GEMV_MAX_M tokens: the compilation with it
     with compiled.decode_graphs():
         got = compiled(ids, positions, logits_indices=rows)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -23,7 +23,7 @@ contiguous [BLOCK_N, BLOCK_K] tiles (coalesced along K), and keeps all M rows' s
 One program per BLOCK_N output features, the whole K loop inside it (no split-K: with
 BLOCK_N of 8-16, N = 4096 gives 256-512 programs for the 132 SMs of an H100).
 
-`torch.ops.trtllm.linear(x, weight, bias)` runs this kernel for M <= _GEMV_MAX_M rows
+`torch.ops.trtllm.linear(x, weight, bias)` runs this kernel for M <= GEMV_MAX_M rows
 in CUDA-graph capture (and on CPU under TRITON_INTERPRET=1), F.linear (cuBLAS) for more
 rows or eagerly on CUDA, and the fp32 reference on CPU otherwise. Configs come from
 `_TUNED` (by N, K and M rounded up to a power of 2), else `_default_config`;
@@ -45,11 +45,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The largest row count (tokens) the GEMV handles; above it the op calls F.linear. Set
 # from bench/bench_linear.py: the largest M whose whole-step GEMM time beats cuBLAS.
 # Rows up to which the GEMV runs: a step's GEMMs at M = 16 were 5.78 (cuBLAS) vs 5.44 ms.
-_GEMV_MAX_M = 16
-# The GEMV outside CUDA-graph capture on CUDA too (see linear_triton): off, for host
-# time; a check of graph replay against eager steps turns it on to compare like kernels.
-GEMV_EAGER = False
-_MAX_BLOCK_M = 64  # the kernel's limit on rows (BLOCK_M); _GEMV_MAX_M must not exceed it
+GEMV_MAX_M = 16
+_MAX_BLOCK_M = 64  # the kernel's limit on rows (BLOCK_M); GEMV_MAX_M must not exceed it
 
 
 class GemvConfig(NamedTuple):
@@ -253,8 +250,8 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     # costs ~120 us of host time per call against cuBLAS's ~22 us (bench_linear.py, H100
     # host), and an eager step with few rows is host-bound, 4 GEMMs x 32 layers of it.
     # In a graph the launch is paid once, at capture.
-    on_gpu_eager = x.is_cuda and not GEMV_EAGER and not torch.cuda.is_current_stream_capturing()
-    config = gemv_config(m, n, k) if 0 < m <= _GEMV_MAX_M and k > 0 and not on_gpu_eager else None
+    on_gpu_eager = x.is_cuda and not torch.cuda.is_current_stream_capturing()
+    config = gemv_config(m, n, k) if 0 < m <= GEMV_MAX_M and k > 0 and not on_gpu_eager else None
     if config is None:
         return F.linear(x, weight, bias)
     if config.dot and x.dtype == torch.bfloat16 and not x.is_cuda:

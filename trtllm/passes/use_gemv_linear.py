@@ -6,7 +6,7 @@ Before:                                       After:
                             # x [.., K], W [N, K]
 
 At run time the op picks by row count (M = tokens in the step): up to
-`kernels/linear.py:_GEMV_MAX_M` rows a Triton GEMV streams W once at close to the copy
+`kernels/linear.py:GEMV_MAX_M` rows a Triton GEMV streams W once at close to the copy
 bandwidth (cuBLAS runs decode shapes such as o_proj and down_proj as a split-K GEMM
 plus a reduce kernel); more rows go to F.linear (cuBLAS), as before. A captured CUDA
 graph has a fixed M, so the choice is made once, at capture.
