@@ -339,6 +339,12 @@ def main():
         outs, dt = timed(lambda: llm.generate(batch, greedy, use_tqdm=False))
         results["trtllm_512_offline"] = 512 * NEW / dt
         rows.append(("512 requests 128/128 offline", "trtllm", 512 * NEW / dt))
+        llm.engine.overlap = False  # the same, each step waiting for the one before
+        outs_off, dt_off = timed(lambda: llm.generate(batch, greedy, use_tqdm=False))
+        llm.engine.overlap = True
+        assert [o.outputs[0].token_ids for o in outs_off] == [o.outputs[0].token_ids for o in outs]
+        results["trtllm_512_offline_overlap_off"] = 512 * NEW / dt_off
+        rows.append(("512 requests 128/128 offline", "trtllm, overlap scheduler off", 512 * NEW / dt_off))
     llm.shutdown()
     _report(rows, results)
 

@@ -93,3 +93,14 @@ def test_rows_that_need_the_sampler_are_never_launched_ahead(checkpoint, params)
     plain, _ = run(checkpoint, params, overlap=False)
     over, ahead = run(checkpoint, params, overlap=True)
     assert ahead == 0 and over == plain
+
+
+def test_a_full_batch_goes_on_ahead_while_others_wait(checkpoint):
+    """More requests than max_batch_size: while the batch stays full, the waiting ones
+    cannot be admitted, so steps are still launched ahead; outputs stay the same."""
+    prompts = PROMPTS + [[11, 12, 13], list(range(30, 45)), [99] * 5]  # 8 requests, 4 slots
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    plain, _ = run(checkpoint, params, overlap=False, prompts=prompts, max_batch_size=4)
+    over, ahead = run(checkpoint, params, overlap=True, prompts=prompts, max_batch_size=4)
+    assert over == plain
+    assert ahead >= 10  # both waves: the first while four requests wait

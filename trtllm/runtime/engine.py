@@ -17,9 +17,9 @@ bookkeeping (stop checks, detokenizing, outputs), so the host's share of a step 
 while the GPU computes the next. `step()` then returns the first step's outputs and
 leaves the second in flight (`_ahead`); a sequence that stopped at the first has its
 row of the second dropped (its blocks are freed: nothing it wrote there is ever read).
-Sequences that end by length at the first are left out of the second; anyone waiting
-for admission, a short block, or a row that needs the sampler (logprobs, penalties,
-temperature) makes the next step an ordinary one.
+Sequences that end by length at the first are left out of the second; a request
+waiting for admission with a slot free for it, a short block, or a row that needs the
+sampler (logprobs, penalties, temperature) makes the next step an ordinary one.
 """
 from __future__ import annotations
 

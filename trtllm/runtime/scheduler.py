@@ -37,8 +37,10 @@ Stop conditions (EOS, stop strings, max_tokens) are the engine's.
 `schedule_ahead` plans the step after a decode step *before* that step's `update`
 (the engine's overlap scheduler launches it while the GPU still runs the first): the
 same sequences, one token each at the position their pending token will take. It only
-plans what `schedule` would plan itself: none while anyone waits to be admitted or a
-block is short (admission and preemption stay `schedule`'s).
+plans what `schedule` would plan itself: none while someone waiting could be admitted
+(a free slot under max_num_seqs) or a block is short (admission and preemption stay
+`schedule`'s). A sequence that stops at that step by EOS or a stop string frees its slot
+one step late.
 """
 from __future__ import annotations
 
@@ -187,8 +189,6 @@ class Scheduler:
         sequence, not yet `update`d): its sequences and their rows in `scheduled`, less
         those `ends(seq)` says finish at `scheduled`. Their blocks then cover the position
         after the pending token. None when the next step is `schedule`'s to plan."""
-        if self.waiting:
-            return None
         seqs, rows, running = [], [], 0
         for row, (seq, n) in enumerate(scheduled):
             if seq.status is not SequenceStatus.RUNNING:  # finished or aborted since
@@ -204,6 +204,10 @@ class Scheduler:
             seqs.append(seq)
             rows.append(row)
         if running != len(self.running):  # someone running is not in the step
+            return None
+        # Someone waits and may be admitted next step (a slot is free, or one frees by
+        # length now): `schedule` plans it. A batch that stays full admits no one anyway.
+        if self.waiting and len(seqs) < self.max_num_seqs:
             return None
         return (seqs, rows) if seqs else None
 
