@@ -336,19 +336,27 @@ def main():
         assert step_err < 2e-2
     if not args.batch1_only:
         batch = prompts(512, vocab, seed=512).tolist()
-        outs, dt = timed(lambda: llm.generate(batch, greedy, use_tqdm=False))
-        results["trtllm_512_offline"] = 512 * NEW / dt
-        rows.append(("512 requests 128/128 offline", "trtllm", 512 * NEW / dt))
-        llm.engine.overlap = False  # the same, each step waiting for the one before
-        outs_off, dt_off = timed(lambda: llm.generate(batch, greedy, use_tqdm=False))
+        # One untimed run first: the first run of 512 meets step shapes no earlier case
+        # made (2026-11-25: an on-then-off pair without it read 14,641 vs 16,913 tok/s).
+        # Then on and off by turns, twice each; the best of each is reported.
+        llm.generate(batch, greedy, use_tqdm=False)
+        runs = {True: [], False: []}
+        for overlap in (True, False, True, False):
+            llm.engine.overlap = overlap
+            runs[overlap].append(timed(lambda: llm.generate(batch, greedy, use_tqdm=False)))
         llm.engine.overlap = True
-        # batches form differently (a freed slot is refilled a step later with the overlap),
-        # so bf16 near-ties may part some sequences: reported, not asserted
-        same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(outs, outs_off))
+        for overlap, name in ((True, "trtllm"), (False, "trtllm, overlap scheduler off")):
+            tok_s = sorted(512 * NEW / t for _, t in runs[overlap])
+            results["trtllm_512_offline" + ("" if overlap else "_overlap_off")] = tok_s[-1]
+            results["trtllm_512_offline" + ("" if overlap else "_overlap_off") + "_runs"] = tok_s
+            rows.append(("512 requests 128/128 offline (best of 2)", name, tok_s[-1]))
+        # generate() submits one request at a time while the engine thread already steps,
+        # so the first batches may form differently run to run; then bf16 near-ties part
+        # sequences (2026-11-25: 9/512 identical between an on and an off run)
+        a, b = runs[True][0][0], runs[False][0][0]
+        same = sum(x.outputs[0].token_ids == y.outputs[0].token_ids for x, y in zip(a, b))
         results["trtllm_512_overlap_on_off_identical_sequences"] = same
         print(f"512 offline, overlap on vs off: {same}/512 greedy sequences identical", flush=True)
-        results["trtllm_512_offline_overlap_off"] = 512 * NEW / dt_off
-        rows.append(("512 requests 128/128 offline", "trtllm, overlap scheduler off", 512 * NEW / dt_off))
     llm.shutdown()
     _report(rows, results)
 
