@@ -144,3 +144,25 @@ def test_nan_logits_fail_that_request_alone(tmp_path):
         assert bad.outputs[0].finish_reason == "error"
         llm.block_manager.check_invariants()
         assert llm.block_manager.num_used_blocks == 0
+
+
+def test_a_generate_batch_reaches_the_engine_whole_and_bad_params_submit_nothing(llama_llm):
+    engine = llama_llm.engine
+    seen, real_step = [], engine.step
+
+    def step():
+        seen.append(len(engine.requests))
+        return real_step()
+    engine.step = step
+    try:
+        prompts = [[i + 1, i + 2, i + 3] for i in range(6)]
+        outs = llama_llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
+                                  use_tqdm=False)
+        assert seen[0] == 6  # the first step saw every request of the call
+        assert all(len(o.outputs[0].token_ids) == 3 for o in outs)
+        seen.clear()
+        with pytest.raises(TypeError, match="sampling_params"):
+            llama_llm.generate([[1, 2], [3, 4]], [SamplingParams(max_tokens=3), "greedy"], use_tqdm=False)
+        assert not engine.has_unfinished() and seen == []  # the good one was not submitted either
+    finally:
+        engine.step = real_step

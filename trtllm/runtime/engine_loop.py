@@ -96,6 +96,13 @@ class EngineLoop:
         self._inbox.put(("add", stream, (request_id, prompt_token_ids, params, prompt, streaming)))
         return stream
 
+    def submit_many(self, requests: list[tuple]) -> list[RequestStream]:
+        """Requests (request_id, prompt_token_ids, params, prompt), not streamed, added
+        together: no step runs between two of them."""
+        streams = [RequestStream(r[0]) for r in requests]
+        self._inbox.put(("add_many", streams, [(*r, False) for r in requests]))
+        return streams
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))
 
@@ -129,6 +136,9 @@ class EngineLoop:
             kind, a, b = item
             if kind == "add":
                 self._add(a, *b)
+            elif kind == "add_many":
+                for stream, request in zip(a, b):
+                    self._add(stream, *request)
             elif kind == "abort" and a in self._streams:
                 self._deliver(self.engine.abort(a))
             item = self._inbox.get_nowait()

@@ -108,7 +108,12 @@ class LLM:
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
-        streams = [self._submit(p, sp) for p, sp in zip(prompts, params)]
+        # every prompt checked and tokenized first, then all handed over in one message:
+        # a bad one raises before any runs, and the engine's first step sees the whole
+        # batch (one at a time, the engine thread started stepping on the first few while
+        # the rest came in: batches formed differently from run to run)
+        requests = [(new_request_id(), *self._prepare(p, sp)) for p, sp in zip(prompts, params)]
+        streams = self._loop.submit_many(requests)
         results = []
         progress = _progress(len(streams)) if use_tqdm and len(streams) > 1 else None
         for stream in streams:
@@ -129,12 +134,17 @@ class LLM:
 
     def _submit(self, prompt, params: SamplingParams | None, loop=None, request_id: str | None = None,
                 streaming: bool = False) -> RequestStream:
+        ids, params, text = self._prepare(prompt, params)
+        return self._loop.submit(request_id or new_request_id(), ids, params, text, loop=loop,
+                                 streaming=streaming)
+
+    def _prepare(self, prompt, params: SamplingParams | None) -> tuple[list[int], SamplingParams, str | None]:
+        """(prompt token ids, params, prompt text) of one request; TypeError/ValueError if bad."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         text, ids = tokenize_prompt(self.tokenizer, prompt)
-        return self._loop.submit(request_id or new_request_id(), ids, params, text, loop=loop,
-                                 streaming=streaming)
+        return ids, params, text
 
     # -- what a server asks of an engine (EngineCoreClient answers the same) ----------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
