@@ -183,7 +183,7 @@ def main():
     ap.add_argument("--only-hf", action="store_true", help="the HF peers alone (when one run cannot fit all)")
     ap.add_argument("--batch1-only", action="store_true", help="trtllm's batch-1 case alone (median of 3 runs)")
     ap.add_argument("--no-gemv", action="store_true",
-                    help="compile without the use_gemv_linear pass (cuBLAS for every linear): the A/B of the GEMV")
+                    help="compile with no DECODE_GRAPH_PASSES (no use_gemv_linear: cuBLAS for every linear): the A/B of the GEMV")
     args = ap.parse_args()
     shape = SMOKE if args.smoke else LLAMA3_8B
     vocab = shape["vocab_size"]
@@ -250,11 +250,7 @@ def main():
         with torch.no_grad():
             exact = copy.deepcopy(ours).float()(ids, pos)
     t0 = time.perf_counter()
-    compile_options = None
-    if args.no_gemv:
-        from trtllm.passes import PASSES
-        from trtllm.passes.use_gemv_linear import use_gemv_linear
-        compile_options = dict(passes=[p for p in PASSES if p is not use_gemv_linear])
+    compile_options = dict(decode_graph_passes=[]) if args.no_gemv else None
     llm = LLM(ours, build_config=BuildConfig(max_batch_size=256, max_num_tokens=8192, max_seq_len=2048),
               kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.85), compile_options=compile_options)
     results["trtllm_startup_s"] = time.perf_counter() - t0

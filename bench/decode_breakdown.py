@@ -39,6 +39,18 @@ def copy_tbs() -> float:
     return 2 * x.numel() * 10 / (time.perf_counter() - t) / 1e12
 
 
+def replay_seconds(graph, replays: int, warmup: int = 10) -> float:
+    """Seconds per replay of a CUDA graph, replayed back to back (one sync at the end)."""
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / replays
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -76,14 +88,7 @@ def main():
     engine.step = step
 
     graph, _, greedy = engine.runner.graphs[1]
-    for _ in range(10):
-        graph.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(args.new):
-        graph.replay()
-    torch.cuda.synchronize()
-    back_to_back = (time.perf_counter() - t) / args.new
+    back_to_back = replay_seconds(graph, args.new)
     t = time.perf_counter()
     for _ in range(args.new):
         graph.replay()

@@ -14,13 +14,12 @@ batch-1 decode CUDA graph. The graph is replayed under torch.profiler; per repla
 Table last; $OUT/decode_kernels.{md,json}.
 """
 import argparse
-import time
 from collections import defaultdict
 
 import torch
 
 from bench.bench_e2e import LLAMA3_8B, build_models
-from bench.decode_breakdown import copy_tbs
+from bench.decode_breakdown import copy_tbs, replay_seconds
 from bench.report import report
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.runtime.llm import LLM
@@ -54,14 +53,7 @@ def main():
     llm = LLM(model, build_config=BuildConfig(max_batch_size=1, max_num_tokens=2048, max_seq_len=2048),
               kv_cache_config=KvCacheConfig(max_tokens=8192))
     graph = llm.engine.runner.graphs[1][0]
-    for _ in range(10):
-        graph.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(args.replays):
-        graph.replay()
-    torch.cuda.synchronize()
-    wall_us = (time.perf_counter() - t) / args.replays * 1e6
+    wall_us = replay_seconds(graph, args.replays) * 1e6
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.replays):
             graph.replay()

@@ -17,10 +17,9 @@ from collections import defaultdict
 import torch
 
 from bench.bench_e2e import LLAMA3_8B, NEW, PROMPT, build_models, prompts
+from bench.decode_breakdown import replay_seconds
 from bench.report import report
 from trtllm.config import BuildConfig, KvCacheConfig
-from trtllm.passes import PASSES
-from trtllm.passes.use_gemv_linear import use_gemv_linear
 from trtllm.runtime.llm import LLM
 from trtllm.sampling_params import SamplingParams
 
@@ -47,9 +46,8 @@ def step_classes(engine) -> dict:
 
 
 def measure(model, vocab: int, gemv: bool) -> dict:
-    passes = PASSES if gemv else [p for p in PASSES if p is not use_gemv_linear]
     llm = LLM(model, build_config=BuildConfig(max_batch_size=256, max_num_tokens=8192, max_seq_len=2048),
-              kv_cache_config=KvCacheConfig(max_tokens=80_000), compile_options=dict(passes=passes))
+              kv_cache_config=KvCacheConfig(max_tokens=80_000), compile_options=None if gemv else dict(decode_graph_passes=[]))
     greedy = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
     batch = prompts(512, vocab, seed=512).tolist()
     llm.generate(batch[:64], greedy, use_tqdm=False)  # warm-up
@@ -61,15 +59,7 @@ def measure(model, vocab: int, gemv: bool) -> dict:
     got = dict(gemv=gemv, offline_tok_s=512 * NEW / wall, wall_s=wall,
                steps={k: dict(n=len(v), total_s=sum(v), mean_ms=sum(v) / len(v) * 1e3) for k, v in times.items()})
     for b in (1, 16, 64, 256):
-        graph = llm.engine.runner.graphs[b][0]
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(20):
-            graph.replay()
-        torch.cuda.synchronize()
-        got[f"graph_b{b}_ms"] = (time.perf_counter() - t) / 20 * 1e3
+        got[f"graph_b{b}_ms"] = replay_seconds(llm.engine.runner.graphs[b][0], 20, warmup=3) * 1e3
     ids = torch.randint(0, vocab, (1, 8192), device="cuda")
     pos = torch.arange(8192, device="cuda")[None]
     with torch.no_grad():

@@ -12,10 +12,10 @@ the batch as B whole sequences on a scratch cache and returns the eager model's
 logits. The runtime instead calls it with its flat batch `[1, T]` inside
 `attention_context(cache, metadata)` (runtime/attention_context.py).
 
-`use_gemv_linear` (linears as a Triton GEMV) serves only small decode CUDA graphs: inside
-`with compiled.decode_graphs():` (the runner's capture) a call of at most
-kernels/linear.py:GEMV_MAX_M tokens runs a second compilation with that pass; every
-other call runs the pass list without it. Measured on the H100 (bench/gemv_ab.py): the
+`DECODE_GRAPH_PASSES` (today `use_gemv_linear`: linears as a Triton GEMV) serve only small
+decode CUDA graphs: inside `with compiled.decode_graphs():` (the runner's capture) a call
+of at most kernels/linear.py:GEMV_MAX_M tokens runs a second compilation, with them after
+the pass list; every other call runs the pass list alone. Measured on the H100 (bench/gemv_ab.py): the
 pass made the batch-1 decode graph 6.31 -> 5.70 ms, but the batch-64 and -256 graphs
 6.65 -> 7.12 and 8.02 -> 8.66 ms (the linears it does not turn into a GEMV go through
 the custom op to F.linear, slower than Inductor's own mm there).
@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from trtllm.kernels import linear as linear_kernels
 from trtllm.kernels.linear import unsupported as unsupported_linear
-from trtllm.passes import PASSES
+from trtllm.passes import DECODE_GRAPH_PASSES, PASSES
 from trtllm.passes.context import AttentionLayers, CompileError, GraphInputs, PassContext
 from trtllm.passes.fuse_parallel_linears import share_fused_storage
 from trtllm.passes.replace_sdpa_with_paged_attention import unpageable
@@ -124,11 +124,12 @@ class CompiledModel:
     """A model compiled for the paged runtime. `summary()` tells what the passes did."""
 
     def __init__(self, model: nn.Module, *, inductor: bool | None = None, passes=None,
-                 block_size: int = 16):
+                 decode_graph_passes=None, block_size: int = 16):
         self.module = _contract_module(model)
         self.device = next(self.module.parameters()).device
         self.inductor = self.device.type == "cuda" if inductor is None else inductor
         self.passes = list(PASSES if passes is None else passes)
+        self.decode_graph_passes = list(DECODE_GRAPH_PASSES if decode_graph_passes is None else decode_graph_passes)
         self.block_size = block_size
         self.attention = probe_attention(self.module, self.device)
         self._layers = AttentionLayers(windows=_windows(self.module, self.attention.num_layers))
@@ -140,20 +141,21 @@ class CompiledModel:
         # fullgraph: an SDPA left outside our graphs would run eagerly across the
         # sequences of a flat batch, silently wrong; a graph break must be an error.
         # Two compilations (dynamo keeps one cache per backend): see the module docstring.
-        general = [p for p in self.passes if p is not use_gemv_linear]
-        self._compiled = torch.compile(self.module, backend=functools.partial(self._backend, passes=general),
-                                       dynamic=None, fullgraph=True)
+        self._compiled = self._torch_compile(self.passes)
         self._compiled_gemv = None
-        if use_gemv_linear in self.passes:
-            self._compiled_gemv = torch.compile(self.module, backend=functools.partial(self._backend,
-                                                passes=self.passes), dynamic=None, fullgraph=True)
+        if self.decode_graph_passes:
+            self._compiled_gemv = self._torch_compile(self.passes + self.decode_graph_passes)
         self._in_decode_graphs = False
+
+    def _torch_compile(self, passes: list):
+        return torch.compile(self.module, backend=functools.partial(self._backend, passes=passes),
+                             dynamic=None, fullgraph=True)
 
     # -- the dynamo backend ----------------------------------------------------------
     @contextlib.contextmanager
     def decode_graphs(self):
         """Calls inside are the runner's decode CUDA graphs (warm-up and capture): those of
-        at most GEMV_MAX_M tokens run the compilation with use_gemv_linear."""
+        at most GEMV_MAX_M tokens run the compilation with DECODE_GRAPH_PASSES."""
         self._in_decode_graphs = True
         try:
             yield
@@ -247,7 +249,7 @@ class CompiledModel:
         lines = [f"trtllm.compile: {len(self.graphs)} graph(s), {self.attention.num_layers} "
                  f"attention layers ({self.attention.num_kv_heads} kv heads x {self.attention.head_dim})",
                  "rewrites:"]
-        lines += [f"  {name}: {self.matches[name]}" for name in (p.__name__ for p in self.passes)]
+        lines += [f"  {p.__name__}: {self.matches[p.__name__]}" for p in self.passes + self.decode_graph_passes]
         lines.append("trtllm ops in the final graph(s):")
         lines += [f"  {name}: {count}" for name, count in sorted(ops.items())] or ["  (none)"]
         if self.lm_head_op is not None:
@@ -256,5 +258,6 @@ class CompiledModel:
 
 
 def compile(model: nn.Module, **options) -> CompiledModel:
-    """Compile a causal LM (see module docstring). Options: inductor, passes, block_size."""
+    """Compile a causal LM (see module docstring). Options: inductor, passes,
+    decode_graph_passes, block_size."""
     return CompiledModel(model, **options)

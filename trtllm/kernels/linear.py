@@ -234,12 +234,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
     assert x.dtype in _FLOAT_DTYPES, f"x: unsupported dtype {x.dtype}"
     assert weight.dim() == 2 and weight.shape[1] == x.shape[-1], \
         f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}"
-    assert weight.dtype == x.dtype and weight.device == x.device, \
-        f"weight {weight.dtype} on {weight.device}, x {x.dtype} on {x.device}"
-    assert weight.is_contiguous(), "weight must be row-major contiguous [N, K]"
-    if bias is not None:
-        assert bias.shape == (weight.shape[0],) and bias.is_contiguous(), f"bias {tuple(bias.shape)}"
-        assert bias.dtype == x.dtype and bias.device == x.device
+    assert weight.device == x.device, f"weight on {weight.device}, x on {x.device}"
+    reason = unsupported(x.dtype, weight, bias)
+    assert reason is None, reason
 
 
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""The pass list: each a function `(graph, ctx) -> matches`, run in list order."""
+"""The pass lists: each pass a function `(graph, ctx) -> matches`, run in list order.
+
+PASSES rewrite every compiled call. DECODE_GRAPH_PASSES run after them, only in the
+compilation `CompiledModel` uses for decode CUDA graphs of at most
+kernels/linear.py:GEMV_MAX_M tokens (see trtllm/compile.py)."""
 from trtllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears
 from trtllm.passes.fuse_rms_norm import fuse_rms_norm
@@ -15,6 +19,9 @@ PASSES = [
     fuse_add_rms_norm,                  # needs fuse_rms_norm's output
     fuse_rotary,
     fuse_silu_mul,
-    split_lm_head,                      # the runtime applies the head on chosen rows
-    use_gemv_linear,                    # last: after split_lm_head has found the head as a linear
+    split_lm_head,                      # last: the runtime applies the head on chosen rows
+]
+
+DECODE_GRAPH_PASSES = [
+    use_gemv_linear,                    # after split_lm_head has found the head as a linear
 ]

@@ -116,8 +116,7 @@ class Engine:
         self.scheduler.abort(request_id)
         if req is None:
             return None
-        if self._ahead is not None and all(s.is_finished for s in self._ahead.to_sample):
-            self._ahead = None  # it computes nothing anyone will read
+        self._drop_dead_ahead()
         for c in req.output.outputs:
             c.finish_reason = c.finish_reason or "abort"
         req.output.finished = True
@@ -136,13 +135,14 @@ class Engine:
                 self._finished(seq, seq.finish_reason or "length", changed)
             launched = self.runner.execute(scheduled) if scheduled else None
         if launched is not None:
-            if self.overlap:
+            # argmax is every row's token: the graph's picks serve, and can feed a step ahead
+            picks_serve = launched.picks is not None and _all_plain_greedy(launched.to_sample)
+            if self.overlap and picks_serve:
                 self._ahead = self._launch_ahead(launched)
-            sampled, extra = self._sample(launched, changed)
+            sampled, extra = self._sample(launched, picks_serve, changed)
             for seq in self.scheduler.update(launched.scheduled, sampled):
                 self._on_token(seq, sampled[seq], extra.get(seq), changed)
-            if self._ahead is not None and all(s.is_finished for s in self._ahead.to_sample):
-                self._ahead = None  # every row of it stopped here: nothing to read
+            self._drop_dead_ahead()
         outputs = []
         for r in changed.values():  # only these are copied: a non-streaming request, at its end
             if r.output.finished:
@@ -154,11 +154,16 @@ class Engine:
             self._check_books()
         return outputs
 
+    def _drop_dead_ahead(self) -> None:
+        """Forget the step in flight if every sequence in it has finished: it computes
+        nothing anyone will read (and an idle engine must not hold it)."""
+        if self._ahead is not None and all(s.is_finished for s in self._ahead.to_sample):
+            self._ahead = None
+
     def _launch_ahead(self, launched: LaunchedStep) -> LaunchedStep | None:
-        """The next decode step, launched before `launched`'s tokens reach the host, when
-        its picks are all it needs (see the module docstring)."""
-        if launched.picks is None or len(launched.to_sample) != len(launched.scheduled) \
-                or not _all_plain_greedy(launched.to_sample):
+        """The next decode step, launched before `launched`'s tokens reach the host (whose
+        graph picks are every row's token; see the module docstring)."""
+        if len(launched.to_sample) != len(launched.scheduled):  # a prefill chunk rides along
             return None
         plan = self.scheduler.schedule_ahead(launched.scheduled, self._ends_by_length)
         return self.runner.execute_ahead(launched, *plan) if plan is not None else None
@@ -168,12 +173,12 @@ class Engine:
         return len(seq.output_token_ids) + 1 >= seq.sampling_params.max_tokens \
             or seq.num_tokens + 1 >= self.limits.max_seq_len
 
-    def _sample(self, launched: LaunchedStep, changed) -> tuple[dict, dict]:
+    def _sample(self, launched: LaunchedStep, picks_serve: bool, changed) -> tuple[dict, dict]:
         seqs = launched.to_sample
         if not seqs:
             return {}, {}
         launched.wait()
-        if launched.picks is not None and _all_plain_greedy(seqs):
+        if picks_serve:
             tokens, finite = launched.picks.tolist()  # picked inside the decode graph
             if all(finite):  # the usual step: no row failed, none wants logprobs
                 return dict(zip(seqs, tokens)), {}

@@ -82,7 +82,7 @@ class ModelRunner:
         # batch size -> (graph, logits [b, V], greedy [2, b]: argmax ids and 1/0 for finite rows)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []  # sorted(self.graphs), not re-sorted every step
-        self._replay_views: dict[tuple[int, int], tuple] = {}  # see _replay
+        self._replay_views: dict[tuple[int, int, int], tuple] = {}  # (size, rows, turn): see _replay
         # a decode graph's greedy picks, [2, b], go to pinned host memory right after the
         # replay, while the GPU runs, so reading them after `wait` is no synchronous
         # device-to-host copy (`.tolist()` of the device tensor: ~20 us under cProfile on

@@ -189,6 +189,8 @@ class Scheduler:
         sequence, not yet `update`d): its sequences and their rows in `scheduled`, less
         those `ends(seq)` says finish at `scheduled`. Their blocks then cover the position
         after the pending token. None when the next step is `schedule`'s to plan."""
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None  # a slot is free for the next in line: see below
         seqs, rows, running = [], [], 0
         for row, (seq, n) in enumerate(scheduled):
             if seq.status is not SequenceStatus.RUNNING:  # finished or aborted since
