@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.model_runner import LaunchedStep, ModelRunner
 from trtllm.runtime.outputs import CompletionOutput, RequestOutput
