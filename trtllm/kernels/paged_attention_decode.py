@@ -26,24 +26,49 @@ _SPLIT_MIN_LEN = 64
 _MAX_SPLITS = 64
 
 
+TRACE_SLOTS = 16  # per program: (globaltimer ns, clock64) at stamps 0..4, then %smid
+_TRACE_SLOTS = tl.constexpr(TRACE_SLOTS)
+
+
+@triton.jit
+def _stamp(row_ptr, k: tl.constexpr, after):
+    """Stamp k of a traced program: globaltimer and clock64, taken once the scalar `after`
+    (>= 0) is known -- the branch on it makes the warp wait for the load behind it."""
+    if after >= 0:
+        now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                        is_pure=False, pack=1)
+        clk = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=tl.int64,
+                                        is_pure=False, pack=1)
+        tl.store(row_ptr + 2 * k, now)
+        tl.store(row_ptr + 2 * k + 1, clk)
+        if k == 0:
+            sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32,
+                                           is_pure=True, pack=1)
+            tl.store(row_ptr + _TRACE_SLOTS - 1, sm.to(tl.int64))
+
+
 @triton.jit(do_not_specialize=["window", "num_tokens"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, slot_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
-    pm_ptr, pl_ptr, pacc_ptr, count_ptr,
+    pm_ptr, pl_ptr, pacc_ptr, count_ptr, trace_ptr,
     qk_scale, window, num_tokens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, TRACE: tl.constexpr,
 ):
     """One launch for the whole decode step (launches are a large share of a 20-30 us
-    step): the cache write, the zero rows, attention and the split merge."""
+    step): the cache write, the zero rows, attention and the split merge. TRACE (GPU
+    only, bench/decode_timeline.py) stamps each program's phases into trace_ptr."""
     kvh = tl.program_id(0)  # fastest: the Hkv programs of a sequence read adjacent rows
     s = tl.program_id(1)
     split = tl.program_id(2)
     num_seqs = tl.num_programs(1)
+    trace_row = trace_ptr + ((split * num_seqs + s) * HKV + kvh) * _TRACE_SLOTS
+    if TRACE:
+        _stamp(trace_row, 0, 0)
     if (kvh == 0) & (split == 0):
         # Tokens no sequence covers (padding of a captured batch), shared out over s.
         q_first = tl.load(qsl_ptr)
@@ -58,6 +83,8 @@ def _decode_kernel(
     if tl.load(qsl_ptr + s + 1) <= t:  # unused row of a captured batch
         return
     L = tl.load(seq_lens_ptr + s)
+    if TRACE:
+        _stamp(trace_row, 1, L)
 
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_D
     offs_g = tl.arange(0, BLOCK_G)
@@ -91,6 +118,8 @@ def _decode_kernel(
         k = _load_tile(kc_ptr + off, j_ok, d_ok, True, EVEN_D)
         v = _load_tile(vc_ptr + off, j_ok, d_ok, True, EVEN_D)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, DOT_PREC)
+    if TRACE:
+        _stamp(trace_row, 2, (tl.sum(l_i, 0) >= 0).to(tl.int32))
     if ((j_start < L) & (L <= j_end)) | ((L <= 0) & (split == 0)):
         k_new = tl.load(k_ptr + t.to(tl.int64) * stride_kt + kvh * stride_kh + offs_d, mask=d_ok)
         v_new = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kvh * stride_vh + offs_d, mask=d_ok)
@@ -121,6 +150,8 @@ def _decode_kernel(
         tl.store(pacc_ptr + row.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], acc, mask=g_ok)
         tl.debug_barrier()  # every thread's partials are issued before the release below
         ticket = tl.atomic_add(count_ptr + s * HKV + kvh, 1, sem="acq_rel")
+        if TRACE:
+            _stamp(trace_row, 3, ticket)
         if ticket == NUM_SPLITS - 1:
             tl.debug_barrier()
             offs_s = tl.arange(0, BLOCK_S)
@@ -141,6 +172,8 @@ def _decode_kernel(
             tl.store(o_ptrs, (total / tl.where(den == 0.0, 1.0, den)[:, None]).to(o_ptr.dtype.element_ty),
                      mask=g_ok)
             tl.atomic_xchg(count_ptr + s * HKV + kvh, 0)  # ready for the next launch / replay
+    if TRACE:
+        _stamp(trace_row, 4, 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,8 +222,10 @@ def _decode_config(head_dim: int, elem_size: int, splits: int):
 
 
 def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
-                  qk_scale, window, num_seqs, max_seq_len, dot_prec, *, num_splits=None, config=None):
-    """One decode step of one layer (one new token per sequence) into `out`."""
+                  qk_scale, window, num_seqs, max_seq_len, dot_prec, *, num_splits=None, config=None,
+                  trace=None):
+    """One decode step of one layer (one new token per sequence) into `out`. trace: an
+    int64 CUDA tensor of programs x TRACE_SLOTS to stamp (bench/decode_timeline.py)."""
     T, Hq, D = q.shape
     Hkv, BS = kc.shape[2], kc.shape[1]
     G = Hq // Hkv
@@ -203,14 +238,17 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((num_seqs, Hq, splits, D), dtype=torch.float32, device=q.device)
         counts = _split_counters(q.device, num_seqs * Hkv)
+    if trace is not None:
+        assert trace.dtype == torch.int64 and trace.is_cuda
+        assert trace.numel() >= Hkv * num_seqs * splits * TRACE_SLOTS
     _decode_kernel[(Hkv, num_seqs, splits)](
         q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
-        part_m, part_l, part_acc, counts, qk_scale, window, T,
+        part_m, part_l, part_acc, counts, out if trace is None else trace, qk_scale, window, T,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0),
         G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_N=block_n, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
         HKV=Hkv, BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_HQ=triton.next_power_of_2(Hq),
-        DOT_PREC=dot_prec, num_warps=warps, num_stages=stages,
+        DOT_PREC=dot_prec, TRACE=trace is not None, num_warps=warps, num_stages=stages,
     )
