@@ -1,6 +1,6 @@
 """Decode attention, phase by phase: where each launch's fixed cost goes.
 
-    PYTHONPATH=$PWD python bench/decode_timeline.py        (from the repo root, CUDA only)
+    PYTHONPATH=$PWD python bench/decode_timeline.py [--b8-configs]   (repo root, CUDA only)
 
 Per layer inside one CUDA graph of up to 32 layers' calls (bench_attention's
 `graphed_layers` situation, read-only L2 flush before each replay), the decode kernel
@@ -13,10 +13,12 @@ time and per-program GB/s, ticket and merge time, the tail (last exit minus medi
 and the gap from one layer's last exit to the next layer's first entry. The same graph
 without TRACE gives the untraced per-layer time (how much the stamps perturb), and a
 graph of 32 near-empty kernels on the same grid gives the floor a launch costs in a graph.
+--b8-configs: b8 x 2048 only, over splits and (BLOCK_N, warps, stages) configs.
 Every traced case is first checked against `paged_attention_ref`.
 Table last; $OUT/decode_timeline.{md,json}.
 """
 import statistics
+import sys
 
 import torch
 import triton
@@ -28,6 +30,9 @@ from trtllm.kernels import paged_attention as pa
 from trtllm.kernels import paged_attention_decode as pa_decode
 
 SHAPES = [(8, 2048), (8, 512), (1, 512), (8, 8192), (64, 2048)]
+B8_CONFIGS = [(2, None), (1, (64, 8, 5)), (1, (64, 8, 6)), (1, (64, 4, 5)), (1, (64, 8, 4)),
+              (1, (128, 8, 3)), (1, (128, 8, 4)), (1, (32, 4, 8)), (1, (32, 8, 8)), (2, (64, 8, 6)),
+              (2, (128, 8, 3)), (4, None)]
 LAYERS = 32
 
 
@@ -72,12 +77,13 @@ def timeline(trace, layers, bytes_per_program):
     return out
 
 
-def run(batch, ctx, failures):
+def run(batch, ctx, failures, splits=None, config=None):
     args = make_inputs([(ctx - 1, 1)] * batch, seed=batch * 31 + ctx, layers=LAYERS)
-    splits = pa_decode._num_splits(batch, HKV, ctx, args[0].device)
+    splits = splits or pa_decode._num_splits(batch, HKV, ctx, args[0].device)
+    force = dict(num_splits=splits, decode_config=config)
     programs = HKV * batch * splits
     trace = torch.zeros(LAYERS, programs, pa_decode.TRACE_SLOTS, dtype=torch.int64, device="cuda")
-    err = rel_error(args, trace=trace[0])
+    err = rel_error(args, trace=trace[0], **force)
     if not err < REL_TOL:
         failures.append(f"b{batch} ctx{ctx} traced: rel err {err:.2e}")
 
@@ -86,7 +92,7 @@ def run(batch, ctx, failures):
             for layer in range(LAYERS):
                 a = list(args)
                 a[5] = layer
-                pa._paged_attention_impl(*a, trace=trace[layer] if traced else None)
+                pa._paged_attention_impl(*a, trace=trace[layer] if traced else None, **force)
         return step
 
     us_plain = per_layer_us(layer_calls(False), LAYERS)
@@ -101,7 +107,8 @@ def run(batch, ctx, failures):
     seq_lens = args[8]
     floor = per_layer_us(lambda: [_touch_kernel[(HKV, batch, splits)](seq_lens, touch_out)
                                   for _ in range(LAYERS)], LAYERS)
-    row = dict(batch=batch, ctx=ctx, splits=splits, programs=programs, rel_err=err,
+    config = config or pa_decode._decode_config(D, args[0].element_size(), splits)
+    row = dict(batch=batch, ctx=ctx, splits=splits, config=" ".join(map(str, config)), programs=programs, rel_err=err,
                us_plain=us_plain, us_traced=us_traced, us_floor=floor,
                gbs_plain=nbytes / us_plain / 1e3, **phases)
     print(row, flush=True)
@@ -111,9 +118,13 @@ def run(batch, ctx, failures):
 def main():
     torch.manual_seed(0)
     failures, rows = [], []
-    for batch, ctx in SHAPES:
-        rows.append(run(batch, ctx, failures))
-    cols = ["batch", "ctx", "splits", "us_plain", "gbs_plain", "us_traced", "us_floor", "skew", "meta",
+    if "--b8-configs" in sys.argv:  # b8 x 2048 over (splits, (BLOCK_N, warps, stages))
+        for splits, config in B8_CONFIGS:
+            rows.append(run(8, 2048, failures, splits, config))
+    else:
+        for batch, ctx in SHAPES:
+            rows.append(run(batch, ctx, failures))
+    cols = ["batch", "ctx", "splits", "config", "us_plain", "gbs_plain", "us_traced", "us_floor", "skew", "meta",
             "loop", "loop_max", "loop_gbs", "ticket", "merge", "tail", "span", "gap", "timer_step_ns"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     for r in rows:
