@@ -1,0 +1,128 @@
+"""What caps one program's read rate in the decode loop? The loop, taken apart.
+
+    PYTHONPATH=$PWD python bench/decode_probe.py        (from the repo root, CUDA only)
+
+decode_timeline.py found one program per (sequence, kv head) reading at most ~27 GB/s
+(b8 x 2048, 1 split, 64 programs), whatever its stages. This streams the same paged K/V
+(block table -> 64-row tiles of one kv head, page 16) through three loop bodies of
+growing weight, at 1 and 2 splits, per layer in a 32-layer CUDA graph (read-only L2
+flush before each replay), and prints per-program GB/s:
+  load: K and V tiles summed into an fp32 accumulator (the memory side alone);
+  dots: q K^T and P V with tl.dot, no softmax;
+  attention: the decode kernel itself (for reference).
+Checked: `load` against torch sums of the same tiles. Table last; $OUT/decode_probe.{md,json}.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from bench.bench_attention import D, HKV, graphed, make_inputs, ms_read_flush
+from bench.report import report
+from trtllm.kernels import paged_attention as pa
+
+LAYERS = 32
+BATCH, CTX = 8, 2048
+
+
+@triton.jit
+def _probe_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L,
+                  stride_cb, stride_cs, stride_ch, stride_bt,
+                  PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, DOTS: tl.constexpr):
+    kvh = tl.program_id(0)
+    s = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    per = tl.cdiv(tl.cdiv(L, BLOCK_N), NUM_SPLITS)
+    j_start = split * per * BLOCK_N
+    j_end = tl.minimum(j_start + per * BLOCK_N, L)
+    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
+    if DOTS:
+        q = tl.load(q_ptr + tl.arange(0, 16)[:, None] * HEAD_D + offs_d[None, :])
+        acc = tl.zeros([16, HEAD_D], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    for j0 in range(j_start, j_end, BLOCK_N):
+        j = j0 + offs_n
+        j_ok = j < j_end
+        page = tl.load(bt_row + j // PAGE, mask=j_ok, other=0).to(tl.int64)
+        off = page[:, None] * stride_cb + (j % PAGE)[:, None] * stride_cs + kvh * stride_ch + offs_d[None, :]
+        k = tl.load(kc_ptr + off, mask=j_ok[:, None], other=0.0)
+        v = tl.load(vc_ptr + off, mask=j_ok[:, None], other=0.0)
+        if DOTS:
+            p = tl.dot(q, tl.trans(k))
+            acc += tl.dot(p.to(v.dtype), v)
+        else:
+            acc += k.to(tl.float32) + v.to(tl.float32)
+    row = (s * tl.num_programs(0) + kvh) * NUM_SPLITS + split
+    tl.store(out_ptr + row, tl.sum(tl.sum(acc, 1), 0))
+
+
+def main():
+    torch.manual_seed(0)
+    args = make_inputs([(CTX - 1, 1)] * BATCH, seed=5, layers=LAYERS)
+    q, kc_all, vc_all, bt = args[0], args[3], args[4], args[7]
+    nbytes = BATCH * CTX * HKV * D * 2 * q.element_size()
+    rows, failures = [], []
+    for splits in (1, 2):
+        out = torch.zeros(LAYERS, BATCH * HKV * splits, dtype=torch.float32, device="cuda")
+        for dots in (False, True):
+            for warps, stages in ((4, 3), (4, 5), (8, 5), (8, 6), (8, 8)):
+                def launch(layer):
+                    kc, vc = kc_all[layer], vc_all[layer]
+                    _probe_kernel[(HKV, BATCH, splits)](
+                        q, kc, vc, bt, out[layer], CTX - 1, kc.stride(0), kc.stride(1), kc.stride(2),
+                        bt.stride(0), PAGE=kc.shape[1], BLOCK_N=64, HEAD_D=D, NUM_SPLITS=splits,
+                        DOTS=dots, num_warps=warps, num_stages=stages)
+                try:
+                    launch(0)
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                    print(f"splits {splits} dots {dots} {warps}w {stages}s: {type(e).__name__}: {str(e)[:80]}")
+                    continue
+                if not dots:  # each program's sum of its K and V elements
+                    torch.cuda.synchronize()
+                    err = (out[0] - program_sums(kc_all[0], vc_all[0], bt, CTX - 1, splits)).abs().max().item()
+                    if not err < 1.0:  # a program's sum of 262K N(0,1) values has std ~512
+                        failures.append(f"load probe splits {splits}: max error {err:.3g}")
+                t = ms_read_flush(graphed(lambda: [launch(layer) for layer in range(LAYERS)]), reps=30)
+                us = t / LAYERS * 1e3
+                programs = BATCH * HKV * splits
+                row = dict(splits=splits, body="dots" if dots else "load", warps=warps, stages=stages,
+                           us=us, gbs=nbytes / us / 1e3, gbs_per_program=nbytes / us / 1e3 / programs)
+                rows.append(row)
+                print(row, flush=True)
+    for splits in (1, 2):
+        us = ms_read_flush(graphed(lambda: [pa._paged_attention_impl(*(args[:5] + [layer] + args[6:]),
+                                                                     num_splits=splits)
+                                            for layer in range(LAYERS)]), reps=30) / LAYERS * 1e3
+        programs = BATCH * HKV * splits
+        rows.append(dict(splits=splits, body="attention", warps="default", stages="default", us=us,
+                         gbs=nbytes / us / 1e3, gbs_per_program=nbytes / us / 1e3 / programs))
+        print(rows[-1], flush=True)
+    lines = ["| splits | body | warps | stages | us/layer | GB/s | GB/s per program |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['splits']} | {r['body']} | {r['warps']} | {r['stages']} | {r['us']:.2f} | "
+                     f"{r['gbs']:.0f} | {r['gbs_per_program']:.1f} |")
+    if failures:
+        lines.append("\nFAILED: " + "; ".join(failures))
+    report("decode_probe", "\n".join(lines), dict(rows=rows, failures=failures))
+    if failures:
+        raise SystemExit(1)
+
+
+def program_sums(kc, vc, bt, n, splits, block_n=64):
+    """Per (sequence, kv head, split) program: the sum of its K and V elements over
+    positions [0, n), split as the probe kernel splits them."""
+    page = kc.shape[1]
+    pos = torch.arange(n, device=kc.device)
+    pages, offs = bt[:, pos // page].long(), pos % page
+    per_pos = (kc[pages, offs].float() + vc[pages, offs].float()).sum(-1)  # [B, n, Hkv]
+    per = -(-(-(-n // block_n)) // splits) * block_n
+    sums = [per_pos[:, k * per:(k + 1) * per].sum(1) for k in range(splits)]  # [B, Hkv] each
+    return torch.stack(sums, -1).flatten()
+
+
+if __name__ == "__main__":
+    main()
