@@ -56,7 +56,7 @@ def _decode_kernel(
     stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr, HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
+    HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
     DOT_PREC: tl.constexpr, TRACE: tl.constexpr,
 ):
     """One launch for the whole decode step (launches are a large share of a 20-30 us
@@ -80,9 +80,10 @@ def _decode_kernel(
                          stride_ch, stride_ot, stride_oh, HKV, G * HKV, HEAD_D, PAGE,
                          BLOCK_HKV, BLOCK_HQ, BLOCK_D)
     t = tl.load(qsl_ptr + s)
-    if tl.load(qsl_ptr + s + 1) <= t:  # unused row of a captured batch
+    t_next = tl.load(qsl_ptr + s + 1)
+    L = tl.load(seq_lens_ptr + s)  # issued with the row's bounds, not after the branch
+    if t_next <= t:  # unused row of a captured batch
         return
-    L = tl.load(seq_lens_ptr + s)
     if TRACE:
         _stamp(trace_row, 1, L)
 
@@ -108,6 +109,12 @@ def _decode_kernel(
     j_end = tl.minimum(j_start + per * BLOCK_N, L)
     # Keys [lo, L - 1) come from the cache; the new key L - 1 from k/v, by the one split
     # that owns it, which also writes it to the cache (no other program reads that slot).
+    owns_new = ((j_start < L) & (L <= j_end)) | ((L <= 0) & (split == 0))
+    # The new key's loads go out before the loop; they are used after it.
+    new_ok = d_ok & owns_new
+    k_new = tl.load(k_ptr + t.to(tl.int64) * stride_kt + kvh * stride_kh + offs_d, mask=new_ok)
+    v_new = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kvh * stride_vh + offs_d, mask=new_ok)
+    slot = tl.load(slot_ptr + t, mask=owns_new, other=-1).to(tl.int64)
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
@@ -120,10 +127,7 @@ def _decode_kernel(
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, DOT_PREC)
     if TRACE:
         _stamp(trace_row, 2, (tl.sum(l_i, 0) >= 0).to(tl.int32))
-    if ((j_start < L) & (L <= j_end)) | ((L <= 0) & (split == 0)):
-        k_new = tl.load(k_ptr + t.to(tl.int64) * stride_kt + kvh * stride_kh + offs_d, mask=d_ok)
-        v_new = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kvh * stride_vh + offs_d, mask=d_ok)
-        slot = tl.load(slot_ptr + t).to(tl.int64)
+    if owns_new:
         if slot >= 0:
             dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + kvh * stride_ch + offs_d
             tl.store(kc_ptr + dst, k_new.to(kc_ptr.dtype.element_ty), mask=d_ok)
@@ -142,36 +146,48 @@ def _decode_kernel(
         tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty),
                  mask=g_ok)
     else:
-        # Partials [S, Hq, NUM_SPLITS] (+ [HEAD_D] for acc), unnormalized; the program that
-        # finishes last for this (sequence, kv head) merges them: no second launch.
-        row = (s * G * HKV + head) * NUM_SPLITS + split
-        tl.store(pm_ptr + row, m_i, mask=offs_g < G)
-        tl.store(pl_ptr + row, l_i, mask=offs_g < G)
-        tl.store(pacc_ptr + row.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], acc, mask=g_ok)
-        tl.debug_barrier()  # every thread's partials are issued before the release below
-        ticket = tl.atomic_add(count_ptr + s * HKV + kvh, 1, sem="acq_rel")
+        # The last of a (sequence, kv head)'s splits to take a ticket merges the others'
+        # partials [S, Hq, NUM_SPLITS] (+ [HEAD_D] for acc; unnormalized) into its own,
+        # held in registers: no second launch. The others publish (store, then a release
+        # count on done); the merger waits on done, but only for programs that already
+        # hold a ticket, so are running: no deadlock, however programs are scheduled.
+        # Its own partials are never stored: its critical path after the loop is the
+        # ticket, done and the others' partials, three round trips (was store + fence,
+        # ticket, m/l, acc: bench/decode_timeline.py).
+        pair = s * HKV + kvh
+        ticket = tl.atomic_add(count_ptr + pair, 1, sem="relaxed")
+        done_ptr = count_ptr + num_seqs * HKV + pair
         if TRACE:
             _stamp(trace_row, 3, ticket)
-        if ticket == NUM_SPLITS - 1:
-            tl.debug_barrier()
-            offs_s = tl.arange(0, BLOCK_S)
-            rows = (s * G * HKV + head)[None, :] * NUM_SPLITS + offs_s[:, None]
-            sg_ok = (offs_s < NUM_SPLITS)[:, None] & (offs_g < G)[None, :]
-            m_all = tl.load(pm_ptr + rows, mask=sg_ok, other=float("-inf"), cache_modifier=".cg")
-            l_all = tl.load(pl_ptr + rows, mask=sg_ok, other=0.0, cache_modifier=".cg")
-            m_max = tl.max(m_all, 0)
-            m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # all splits empty
-            den = tl.sum(tl.math.exp2(m_all - m_max[None, :]) * l_all, 0)
-            total = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        if ticket < NUM_SPLITS - 1:
+            row = (s * G * HKV + head) * NUM_SPLITS + split
+            tl.store(pm_ptr + row, m_i, mask=offs_g < G)
+            tl.store(pl_ptr + row, l_i, mask=offs_g < G)
+            tl.store(pacc_ptr + row.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], acc, mask=g_ok)
+            tl.debug_barrier()  # every thread's partials are issued before the release below
+            tl.atomic_add(done_ptr, 1, sem="release")
+        else:
+            done = tl.atomic_add(done_ptr, 0, sem="acquire")
+            while done < NUM_SPLITS - 1:
+                done = tl.atomic_add(done_ptr, 0, sem="acquire")
+            tl.debug_barrier()  # every thread reads the partials after the acquire
             for sp in range(NUM_SPLITS):
                 r = (s * G * HKV + head) * NUM_SPLITS + sp
-                m_sp = tl.load(pm_ptr + r, mask=offs_g < G, other=float("-inf"), cache_modifier=".cg")
+                r_ok = (offs_g < G) & (sp != split)
+                m_sp = tl.load(pm_ptr + r, mask=r_ok, other=float("-inf"), cache_modifier=".cg")
+                l_sp = tl.load(pl_ptr + r, mask=r_ok, other=0.0, cache_modifier=".cg")
                 a_sp = tl.load(pacc_ptr + r.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
-                               mask=g_ok, other=0.0, cache_modifier=".cg")
-                total += tl.math.exp2(m_sp - m_max)[:, None] * a_sp
-            tl.store(o_ptrs, (total / tl.where(den == 0.0, 1.0, den)[:, None]).to(o_ptr.dtype.element_ty),
+                               mask=r_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_i, m_sp)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # both still empty
+                alpha, beta = tl.math.exp2(m_i - m_use), tl.math.exp2(m_sp - m_use)
+                l_i = l_i * alpha + l_sp * beta
+                acc = acc * alpha[:, None] + a_sp * beta[:, None]
+                m_i = m_new
+            tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty),
                      mask=g_ok)
-            tl.atomic_xchg(count_ptr + s * HKV + kvh, 0)  # ready for the next launch / replay
+            tl.atomic_xchg(count_ptr + pair, 0)  # ready for the next launch / replay
+            tl.atomic_xchg(done_ptr, 0)
     if TRACE:
         _stamp(trace_row, 4, 0)
 
@@ -196,10 +212,10 @@ _counters: dict = {}
 
 
 def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 tickets, one per (sequence, kv head), kept across calls: the merging
-    program resets its ticket, so the buffer is all zeros again after every launch (and
-    every CUDA-graph replay). Allocated once per device, outside any graph capture
-    normally (the first decode step runs eagerly); 64K entries cover 1K seqs x 64 heads."""
+    """Zeroed int32 counters, kept across calls: per (sequence, kv head) a ticket and
+    (after all tickets) a done count; the merging program resets both, so the buffer is
+    all zeros again after every launch (and every CUDA-graph replay). Allocated once per device, outside any graph capture
+    normally (the first decode step runs eagerly); 64K entries cover 512 seqs x 64 heads."""
     buf = _counters.get(device)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
@@ -237,7 +253,7 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         part_m = torch.empty((num_seqs, Hq, splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((num_seqs, Hq, splits, D), dtype=torch.float32, device=q.device)
-        counts = _split_counters(q.device, num_seqs * Hkv)
+        counts = _split_counters(q.device, 2 * num_seqs * Hkv)  # tickets, then done counts
     if trace is not None:
         assert trace.dtype == torch.int64 and trace.is_cuda
         assert trace.numel() >= Hkv * num_seqs * splits * TRACE_SLOTS
@@ -248,7 +264,7 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0),
         G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_G=max(16, triton.next_power_of_2(G)),
-        BLOCK_N=block_n, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+        BLOCK_N=block_n, NUM_SPLITS=splits,
         HKV=Hkv, BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_HQ=triton.next_power_of_2(Hq),
         DOT_PREC=dot_prec, TRACE=trace is not None, num_warps=warps, num_stages=stages,
     )
