@@ -1,6 +1,6 @@
 """What caps one program's read rate in the decode loop? The loop, taken apart.
 
-    PYTHONPATH=$PWD python bench/decode_probe.py        (from the repo root, CUDA only)
+    PYTHONPATH=$PWD python bench/decode_probe.py [--softmax]   (from the repo root, CUDA only)
 
 decode_timeline.py found one program per (sequence, kv head) reading at most ~27 GB/s
 (b8 x 2048, 1 split, 64 programs), whatever its stages. This streams the same paged K/V
@@ -9,9 +9,14 @@ growing weight, at 1 and 2 splits, per layer in a 32-layer CUDA graph (read-only
 flush before each replay), and prints per-program GB/s:
   load: K and V tiles summed into an fp32 accumulator (the memory side alone);
   dots: q K^T and P V with tl.dot, no softmax;
-  attention: the decode kernel itself (for reference).
+  attention: the decode kernel itself (for reference);
+  --softmax: the decode loop's online softmax without the merge, as [16, BLOCK_N] tiles
+  (2d: the kernel's) or as W warp slices of NSUB positions (3d: batched dots, the row
+  reductions inside a warp), each 3d output checked against the 2d one.
 Checked: `load` against torch sums of the same tiles. Table last; $OUT/decode_probe.{md,json}.
 """
+import sys
+
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +24,7 @@ import triton.language as tl
 from bench.bench_attention import D, HKV, graphed, make_inputs, ms_read_flush
 from bench.report import report
 from trtllm.kernels import paged_attention as pa
+from trtllm.kernels.attention_tiles import attend
 
 LAYERS = 32
 BATCH, CTX = 8, 2048
@@ -59,12 +65,146 @@ def _probe_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L,
     tl.store(out_ptr + row, tl.sum(tl.sum(acc, 1), 0))
 
 
+@triton.jit
+def _softmax2d_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L, qk_scale,
+                      stride_cb, stride_cs, stride_ch, stride_bt,
+                      PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+                      NUM_SPLITS: tl.constexpr):
+    """The decode kernel's loop as it is ([16, BLOCK_N] scores: the row max and sum
+    reduce across warps every tile), normalized output per program, no merge."""
+    kvh = tl.program_id(0)
+    s = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    offs_g = tl.arange(0, 16)
+    per = tl.cdiv(tl.cdiv(L, BLOCK_N), NUM_SPLITS)
+    j_start = split * per * BLOCK_N
+    j_end = tl.minimum(j_start + per * BLOCK_N, L)
+    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
+    q = tl.load(q_ptr + offs_g[:, None] * HEAD_D + offs_d[None, :])
+    m_i = tl.full([16], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([16], dtype=tl.float32)
+    acc = tl.zeros([16, HEAD_D], dtype=tl.float32)
+    for j0 in range(j_start, j_end, BLOCK_N):
+        j = j0 + offs_n
+        j_ok = j < j_end
+        page = tl.load(bt_row + j // PAGE, mask=j_ok, other=0).to(tl.int64)
+        off = page[:, None] * stride_cb + (j % PAGE)[:, None] * stride_cs + kvh * stride_ch + offs_d[None, :]
+        k = tl.load(kc_ptr + off, mask=j_ok[:, None], other=0.0)
+        v = tl.load(vc_ptr + off, mask=j_ok[:, None], other=0.0)
+        acc, m_i, l_i = attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, "tf32")
+    row = (s * tl.num_programs(0) + kvh) * NUM_SPLITS + split
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + row * 16 * HEAD_D + offs_g[:, None] * HEAD_D + offs_d[None, :], out)
+
+
+@triton.jit
+def _softmax3d_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L, qk_scale,
+                      stride_cb, stride_cs, stride_ch, stride_bt,
+                      PAGE: tl.constexpr, W: tl.constexpr, NSUB: tl.constexpr, HEAD_D: tl.constexpr,
+                      NUM_SPLITS: tl.constexpr):
+    """Each tile as W slices of NSUB positions, a batched dot per slice ([W, 16, NSUB]
+    scores, one warp per slice): the row max and sum stay inside a warp; each slice
+    keeps its own (m, l, acc), merged once after the loop."""
+    BLOCK_N: tl.constexpr = W * NSUB
+    kvh = tl.program_id(0)
+    s = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_w = tl.arange(0, W)
+    offs_n = tl.arange(0, NSUB)
+    offs_d = tl.arange(0, HEAD_D)
+    offs_g = tl.arange(0, 16)
+    per = tl.cdiv(tl.cdiv(L, BLOCK_N), NUM_SPLITS)
+    j_start = split * per * BLOCK_N
+    j_end = tl.minimum(j_start + per * BLOCK_N, L)
+    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
+    q2 = tl.load(q_ptr + offs_g[:, None] * HEAD_D + offs_d[None, :])
+    q = tl.broadcast_to(q2[None, :, :], [W, 16, HEAD_D])
+    m_i = tl.full([W, 16], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([W, 16], dtype=tl.float32)
+    acc = tl.zeros([W, 16, HEAD_D], dtype=tl.float32)
+    for j0 in range(j_start, j_end, BLOCK_N):
+        j = j0 + offs_w[:, None] * NSUB + offs_n[None, :]  # [W, NSUB]
+        j_ok = j < j_end
+        page = tl.load(bt_row + j // PAGE, mask=j_ok, other=0).to(tl.int64)
+        off = page[:, :, None] * stride_cb + (j % PAGE)[:, :, None] * stride_cs + kvh * stride_ch \
+            + offs_d[None, None, :]
+        k = tl.load(kc_ptr + off, mask=j_ok[:, :, None], other=0.0)  # [W, NSUB, D]
+        v = tl.load(vc_ptr + off, mask=j_ok[:, :, None], other=0.0)
+        qk = tl.dot(q, tl.permute(k, (0, 2, 1))) * qk_scale  # [W, 16, NSUB]
+        qk = tl.where(j_ok[:, None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 2))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, :, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 2)
+        acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    m_max = tl.max(m_i, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    scale = tl.math.exp2(m_i - m_max[None, :])  # [W, 16]
+    l_tot = tl.sum(l_i * scale, 0)
+    acc_tot = tl.sum(acc * scale[:, :, None], 0)
+    row = (s * tl.num_programs(0) + kvh) * NUM_SPLITS + split
+    out = acc_tot / tl.where(l_tot == 0.0, 1.0, l_tot)[:, None]
+    tl.store(out_ptr + row * 16 * HEAD_D + offs_g[:, None] * HEAD_D + offs_d[None, :], out)
+
+
+SOFTMAX_CONFIGS = [("2d", 64, 8, 5), ("2d", 64, 4, 5), ("3d", (4, 16), 4, 5), ("3d", (4, 16), 4, 8),
+                   ("3d", (8, 16), 8, 4), ("3d", (8, 16), 8, 5), ("3d", (4, 32), 4, 4), ("3d", (8, 8), 8, 5)]
+
+
+def softmax_rows(q, kc_all, vc_all, bt, nbytes, failures):
+    """The 2-D and 3-D softmax loops at 1 and 2 splits; every 3-D output against the 2-D."""
+    rows = []
+    scale = D ** -0.5 * 1.4426950408889634
+    for splits in (1, 2):
+        ref = None
+        for kind, tile, warps, stages in SOFTMAX_CONFIGS:
+            out = torch.zeros(LAYERS, BATCH * HKV * splits * 16, D, dtype=torch.float32, device="cuda")
+
+            def launch(layer):
+                kc, vc = kc_all[layer], vc_all[layer]
+                common = (q, kc, vc, bt, out[layer], CTX - 1, scale, kc.stride(0), kc.stride(1),
+                          kc.stride(2), bt.stride(0))
+                if kind == "2d":
+                    _softmax2d_kernel[(HKV, BATCH, splits)](*common, PAGE=kc.shape[1], BLOCK_N=tile,
+                                                            HEAD_D=D, NUM_SPLITS=splits,
+                                                            num_warps=warps, num_stages=stages)
+                else:
+                    _softmax3d_kernel[(HKV, BATCH, splits)](*common, PAGE=kc.shape[1], W=tile[0],
+                                                            NSUB=tile[1], HEAD_D=D, NUM_SPLITS=splits,
+                                                            num_warps=warps, num_stages=stages)
+            try:
+                launch(0)
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory, unsupported layout
+                print(f"softmax {kind} {tile} {warps}w {stages}s: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            if kind == "2d" and ref is None:
+                ref = out[0].clone()
+            if ref is not None and kind == "3d":
+                err = ((out[0] - ref).norm() / ref.norm()).item()
+                if not err < 1e-2:
+                    failures.append(f"softmax3d {tile} splits {splits}: rel err {err:.2e}")
+            us = ms_read_flush(graphed(lambda: [launch(layer) for layer in range(LAYERS)]), reps=30) / LAYERS * 1e3
+            programs = BATCH * HKV * splits
+            row = dict(splits=splits, body=f"softmax{kind} {tile}", warps=warps, stages=stages, us=us,
+                       gbs=nbytes / us / 1e3, gbs_per_program=nbytes / us / 1e3 / programs)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def main():
     torch.manual_seed(0)
     args = make_inputs([(CTX - 1, 1)] * BATCH, seed=5, layers=LAYERS)
     q, kc_all, vc_all, bt = args[0], args[3], args[4], args[7]
     nbytes = BATCH * CTX * HKV * D * 2 * q.element_size()
     rows, failures = [], []
+    if "--softmax" in sys.argv:
+        rows += softmax_rows(q, kc_all, vc_all, bt, nbytes, failures)
     for splits in (1, 2):
         out = torch.zeros(LAYERS, BATCH * HKV * splits, dtype=torch.float32, device="cuda")
         for dots in (False, True):
