@@ -93,7 +93,7 @@ def _softmax2d_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L, qk_scale,
         off = page[:, None] * stride_cb + (j % PAGE)[:, None] * stride_cs + kvh * stride_ch + offs_d[None, :]
         k = tl.load(kc_ptr + off, mask=j_ok[:, None], other=0.0)
         v = tl.load(vc_ptr + off, mask=j_ok[:, None], other=0.0)
-        acc, m_i, l_i = attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, "tf32")
+        acc, m_i, l_i = attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, "tf32", False)
     row = (s * tl.num_programs(0) + kvh) * NUM_SPLITS + split
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + row * 16 * HEAD_D + offs_g[:, None] * HEAD_D + offs_d[None, :], out)

@@ -52,8 +52,11 @@ def load_tile(ptrs, row_ok, d_ok, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def attend(acc, m_i, l_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One online-softmax step over a [BLOCK_N, D] K/V tile (m_i in log2 units)."""
+def attend(acc, m_i, l_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+           SUM_LATE: tl.constexpr):
+    """One online-softmax step over a [BLOCK_N, D] K/V tile (m_i in log2 units). SUM_LATE:
+    l_i is [M, BLOCK_N], column-wise sums the caller reduces once after its loop (a row
+    sum across warps per tile less)."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if MASKED:
         qk = tl.where(mask, qk, float("-inf"))
@@ -64,7 +67,10 @@ def attend(acc, m_i, l_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr, DOT_PRE
         m_use = m_new
     p = tl.math.exp2(qk - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if SUM_LATE:
+        l_i = l_i * alpha[:, None] + p
+    else:
+        l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, m_new, l_i
 

@@ -177,7 +177,7 @@ def _prefill_kernel(
         k = _load_tile(kc_ptr + off, j_ok, d_ok, True, EVEN_D)
         v = _load_tile(vc_ptr + off, j_ok, d_ok, True, EVEN_D)
         mask = j_ok[None, :] & ((window <= 0) | (j[None, :] > pos[:, None] - window))
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, mask, True, DOT_PREC)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, mask, True, DOT_PREC, False)
 
     # 2) the new tokens' own keys, from the k/v tensors (same values just written to the
     # cache, contiguous rows, no indirection). Key index kk < n is position ctx + kk.
@@ -191,7 +191,7 @@ def _prefill_kernel(
         kk = k0 + offs_n
         k = _load_tile(k_base + kk[:, None] * stride_kt, kk, d_ok, False, EVEN_D)
         v = _load_tile(v_base + kk[:, None] * stride_vt, kk, d_ok, False, EVEN_D)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, kk, False, DOT_PREC)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, kk, False, DOT_PREC, False)
     for k0 in range(tl.maximum(full_end, (kk_lo // BLOCK_N) * BLOCK_N), i_hi + 1, BLOCK_N):
         kk = k0 + offs_n
         kk_ok = (kk >= kk_lo) & (kk <= i_hi)
@@ -199,7 +199,7 @@ def _prefill_kernel(
         v = _load_tile(v_base + kk[:, None] * stride_vt, kk_ok, d_ok, True, EVEN_D)
         mask = kk_ok[None, :] & (kk[None, :] <= i[:, None]) \
             & ((window <= 0) | (kk[None, :] > i[:, None] - window))
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, mask, True, DOT_PREC)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, mask, True, DOT_PREC, False)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l == 0: no key at all -> 0
     tl.store(o_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],

@@ -97,7 +97,7 @@ def _decode_kernel(
     q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok, other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)  # column sums, reduced after the loop
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
 
     # The one query sits at p = L - 1: keys [lo, L). Splits take equal runs of tiles of
@@ -124,7 +124,8 @@ def _decode_kernel(
             + kvh * stride_ch + offs_d[None, :]
         k = _load_tile(kc_ptr + off, j_ok, d_ok, True, EVEN_D)
         v = _load_tile(vc_ptr + off, j_ok, d_ok, True, EVEN_D)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, DOT_PREC)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, DOT_PREC, True)
+    l_i = tl.sum(l_i, 1)
     if TRACE:
         _stamp(trace_row, 2, (tl.sum(l_i, 0) >= 0).to(tl.int32))
     if owns_new:
@@ -146,30 +147,22 @@ def _decode_kernel(
         tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty),
                  mask=g_ok)
     else:
-        # The last of a (sequence, kv head)'s splits to take a ticket merges the others'
-        # partials [S, Hq, NUM_SPLITS] (+ [HEAD_D] for acc; unnormalized) into its own,
-        # held in registers: no second launch. The others publish (store, then a release
-        # count on done); the merger waits on done, but only for programs that already
-        # hold a ticket, so are running: no deadlock, however programs are scheduled.
-        # Its own partials are never stored: its critical path after the loop is the
-        # ticket, done and the others' partials, three round trips (was store + fence,
-        # ticket, m/l, acc: bench/decode_timeline.py).
-        pair = s * HKV + kvh
-        ticket = tl.atomic_add(count_ptr + pair, 1, sem="relaxed")
-        done_ptr = count_ptr + num_seqs * HKV + pair
+        # Every split stores its partials [S, Hq, NUM_SPLITS] (+ [HEAD_D] for acc;
+        # unnormalized) and takes a ticket (acq_rel); the last for its (sequence, kv head)
+        # merges the others' into its own, still in registers: no second launch, and one
+        # round of loads. (Merging without the release fence -- a relaxed ticket, the
+        # others publishing after it, the merger polling a done count -- was slower on the
+        # H100: the poll waits out the others' fences, 2.8 -> 3.6 us after the loop,
+        # bench/decode_timeline.py.)
+        row = (s * G * HKV + head) * NUM_SPLITS + split
+        tl.store(pm_ptr + row, m_i, mask=offs_g < G)
+        tl.store(pl_ptr + row, l_i, mask=offs_g < G)
+        tl.store(pacc_ptr + row.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], acc, mask=g_ok)
+        tl.debug_barrier()  # every thread's partials are issued before the release below
+        ticket = tl.atomic_add(count_ptr + s * HKV + kvh, 1, sem="acq_rel")
         if TRACE:
             _stamp(trace_row, 3, ticket)
-        if ticket < NUM_SPLITS - 1:
-            row = (s * G * HKV + head) * NUM_SPLITS + split
-            tl.store(pm_ptr + row, m_i, mask=offs_g < G)
-            tl.store(pl_ptr + row, l_i, mask=offs_g < G)
-            tl.store(pacc_ptr + row.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], acc, mask=g_ok)
-            tl.debug_barrier()  # every thread's partials are issued before the release below
-            tl.atomic_add(done_ptr, 1, sem="release")
-        else:
-            done = tl.atomic_add(done_ptr, 0, sem="acquire")
-            while done < NUM_SPLITS - 1:
-                done = tl.atomic_add(done_ptr, 0, sem="acquire")
+        if ticket == NUM_SPLITS - 1:
             tl.debug_barrier()  # every thread reads the partials after the acquire
             for sp in range(NUM_SPLITS):
                 r = (s * G * HKV + head) * NUM_SPLITS + sp
@@ -186,8 +179,7 @@ def _decode_kernel(
                 m_i = m_new
             tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty),
                      mask=g_ok)
-            tl.atomic_xchg(count_ptr + pair, 0)  # ready for the next launch / replay
-            tl.atomic_xchg(done_ptr, 0)
+            tl.atomic_xchg(count_ptr + s * HKV + kvh, 0)  # ready for the next launch / replay
     if TRACE:
         _stamp(trace_row, 4, 0)
 
@@ -212,10 +204,10 @@ _counters: dict = {}
 
 
 def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, kept across calls: per (sequence, kv head) a ticket and
-    (after all tickets) a done count; the merging program resets both, so the buffer is
-    all zeros again after every launch (and every CUDA-graph replay). Allocated once per device, outside any graph capture
-    normally (the first decode step runs eagerly); 64K entries cover 512 seqs x 64 heads."""
+    """Zeroed int32 tickets, one per (sequence, kv head), kept across calls: the merging
+    program resets its ticket, so the buffer is all zeros again after every launch (and
+    every CUDA-graph replay). Allocated once per device, outside any graph capture
+    normally (the first decode step runs eagerly); 64K entries cover 1K seqs x 64 heads."""
     buf = _counters.get(device)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
@@ -253,7 +245,7 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         part_m = torch.empty((num_seqs, Hq, splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((num_seqs, Hq, splits, D), dtype=torch.float32, device=q.device)
-        counts = _split_counters(q.device, 2 * num_seqs * Hkv)  # tickets, then done counts
+        counts = _split_counters(q.device, num_seqs * Hkv)
     if trace is not None:
         assert trace.dtype == torch.int64 and trace.is_cuda
         assert trace.numel() >= Hkv * num_seqs * splits * TRACE_SLOTS
