@@ -47,6 +47,19 @@ def _stamp(row_ptr, k: tl.constexpr, after):
             tl.store(row_ptr + _TRACE_SLOTS - 1, sm.to(tl.int64))
 
 
+@triton.jit
+def _fold_partial(m_i, l_i, acc, pm_ptr, pl_ptr, pacc_ptr, r, r_ok, d_ok, offs_d, HEAD_D: tl.constexpr):
+    """(m_i, l_i, acc) merged with the stored partial at rows r (where r_ok)."""
+    m_sp = tl.load(pm_ptr + r, mask=r_ok, other=float("-inf"), cache_modifier=".cg")
+    l_sp = tl.load(pl_ptr + r, mask=r_ok, other=0.0, cache_modifier=".cg")
+    a_sp = tl.load(pacc_ptr + r.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
+                   mask=r_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+    m_new = tl.maximum(m_i, m_sp)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # both still empty
+    alpha, beta = tl.math.exp2(m_i - m_use), tl.math.exp2(m_sp - m_use)
+    return m_new, l_i * alpha + l_sp * beta, acc * alpha[:, None] + a_sp * beta[:, None]
+
+
 @triton.jit(do_not_specialize=["window", "num_tokens"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, slot_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
@@ -97,7 +110,14 @@ def _decode_kernel(
     q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok, other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)  # column sums, reduced after the loop
+    # Split grids keep column sums through the loop, reduced once after it (b8 x 2048
+    # 30.46 -> 30.17 us per layer); a full grid does not: the [G, BLOCK_N] registers
+    # cost it programs per SM (b64 x 2048 182.9 -> 200.6 us). bench/decode_timeline.py.
+    SUM_LATE: tl.constexpr = NUM_SPLITS > 1
+    if SUM_LATE:
+        l_i = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
 
     # The one query sits at p = L - 1: keys [lo, L). Splits take equal runs of tiles of
@@ -124,8 +144,10 @@ def _decode_kernel(
             + kvh * stride_ch + offs_d[None, :]
         k = _load_tile(kc_ptr + off, j_ok, d_ok, True, EVEN_D)
         v = _load_tile(vc_ptr + off, j_ok, d_ok, True, EVEN_D)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, DOT_PREC, True)
-    l_i = tl.sum(l_i, 1)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, DOT_PREC,
+                                SUM_LATE)
+    if SUM_LATE:
+        l_i = tl.sum(l_i, 1)
     if TRACE:
         _stamp(trace_row, 2, (tl.sum(l_i, 0) >= 0).to(tl.int32))
     if owns_new:
@@ -164,19 +186,15 @@ def _decode_kernel(
             _stamp(trace_row, 3, ticket)
         if ticket == NUM_SPLITS - 1:
             tl.debug_barrier()  # every thread reads the partials after the acquire
-            for sp in range(NUM_SPLITS):
-                r = (s * G * HKV + head) * NUM_SPLITS + sp
-                r_ok = (offs_g < G) & (sp != split)
-                m_sp = tl.load(pm_ptr + r, mask=r_ok, other=float("-inf"), cache_modifier=".cg")
-                l_sp = tl.load(pl_ptr + r, mask=r_ok, other=0.0, cache_modifier=".cg")
-                a_sp = tl.load(pacc_ptr + r.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
-                               mask=r_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m_i, m_sp)
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # both still empty
-                alpha, beta = tl.math.exp2(m_i - m_use), tl.math.exp2(m_sp - m_use)
-                l_i = l_i * alpha + l_sp * beta
-                acc = acc * alpha[:, None] + a_sp * beta[:, None]
-                m_i = m_new
+            base = (s * G * HKV + head) * NUM_SPLITS
+            if NUM_SPLITS <= 8:  # unrolled: every split's loads go out at once
+                for sp in tl.static_range(NUM_SPLITS):
+                    m_i, l_i, acc = _fold_partial(m_i, l_i, acc, pm_ptr, pl_ptr, pacc_ptr, base + sp,
+                                                  (offs_g < G) & (sp != split), d_ok, offs_d, HEAD_D)
+            else:
+                for sp in range(NUM_SPLITS):
+                    m_i, l_i, acc = _fold_partial(m_i, l_i, acc, pm_ptr, pl_ptr, pacc_ptr, base + sp,
+                                                  (offs_g < G) & (sp != split), d_ok, offs_d, HEAD_D)
             tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty),
                      mask=g_ok)
             tl.atomic_xchg(count_ptr + s * HKV + kvh, 0)  # ready for the next launch / replay
