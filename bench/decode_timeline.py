@@ -29,7 +29,7 @@ from bench.report import report
 from trtllm.kernels import paged_attention as pa
 from trtllm.kernels import paged_attention_decode as pa_decode
 
-SHAPES = [(8, 2048), (8, 512), (1, 512), (8, 8192), (64, 2048)]
+SHAPES = [(8, 2048), (8, 512), (1, 512), (1, 2048), (1, 8192), (8, 8192), (64, 2048)]
 B8_CONFIGS = [(2, None), (1, (64, 8, 5)), (1, (64, 8, 6)), (1, (64, 4, 5)), (1, (64, 8, 4)),
               (1, (128, 8, 3)), (1, (128, 8, 4)), (1, (32, 4, 8)), (1, (32, 8, 8)), (2, (64, 8, 6)),
               (2, (128, 8, 3)), (4, None)]

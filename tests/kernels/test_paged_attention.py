@@ -152,7 +152,7 @@ def test_decode(dtype, hq, hkv, d, bs):
         torch.testing.assert_close(out, dense_sdpa(dense, hq, args[10], 0), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("splits", [3, 8])
+@pytest.mark.parametrize("splits", [3, 8, 12])  # 12: the merge loop past 8 splits
 @pytest.mark.parametrize("window", [0, 40])
 def test_decode_split(splits, window):
     """Flash-decoding path forced: uneven and empty splits (short sequences)."""
