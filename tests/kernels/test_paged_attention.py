@@ -77,8 +77,8 @@ def run_both(args, **force):
     a_ref, a_tri = clone_caches(args), clone_caches(args)
     ref = paged_attention_ref(*a_ref)
     out = pa._paged_attention_impl(*a_tri, **force)
-    torch.testing.assert_close(a_tri[3], a_ref[3], atol=0, rtol=0)  # cache write
-    torch.testing.assert_close(a_tri[4], a_ref[4], atol=0, rtol=0)
+    torch.testing.assert_close(a_tri[3], a_ref[3], atol=0, rtol=0, equal_nan=True)  # cache write
+    torch.testing.assert_close(a_tri[4], a_ref[4], atol=0, rtol=0, equal_nan=True)
     return out, ref
 
 
@@ -164,6 +164,27 @@ def test_decode_split(splits, window):
     if splits == 3 and window == 0:
         again, _ = check(args, num_splits=splits, decode_config=(16, 4, 1))
         torch.testing.assert_close(again, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("splits", [None, 3])
+def test_decode_never_reads_unwritten_slots(splits):
+    """Every cache slot no key was written to holds NaN (a cache is torch.empty): the
+    decode loop's tail rows re-read written rows and masked ones never reach the output."""
+    specs = [(300, 1), (5, 1), (64, 1), (0, 1), (47, 1)]
+    args, _ = make_batch(specs, 8, 2, 32, 16, torch.float32)
+    k_cache, v_cache, layer, bt = args[3], args[4], args[5], args[7]
+    used = torch.zeros(k_cache.shape[1], dtype=torch.bool)
+    for s, (c, n) in enumerate(specs):
+        blocks = bt[s, : math.ceil((c + n) / 16)].long()
+        used[blocks] = True
+        for p in range(c, len(blocks) * 16):
+            k_cache[layer, blocks[p // 16], p % 16] = float("nan")
+            v_cache[layer, blocks[p // 16], p % 16] = float("nan")
+    k_cache[layer, ~used] = float("nan")
+    v_cache[layer, ~used] = float("nan")
+    force = {} if splits is None else dict(num_splits=splits, decode_config=(16, 4, 1))
+    out, _ = check(args, **force)
+    assert torch.isfinite(out).all()
 
 
 def test_split_heuristic():

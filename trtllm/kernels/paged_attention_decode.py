@@ -66,7 +66,8 @@ def _decode_kernel(
     pm_ptr, pl_ptr, pacc_ptr, count_ptr, trace_ptr,
     qk_scale, window, num_tokens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
+    stride_ot, stride_oh, stride_bt,
+    STRIDE_CB: tl.constexpr, STRIDE_CS: tl.constexpr, STRIDE_CH: tl.constexpr,
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
@@ -89,8 +90,8 @@ def _decode_kernel(
         for u in range(s, q_first + num_tokens - total, num_seqs):
             tok = tl.where(u < q_first, u, total + u - q_first)
             _write_token(tok, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, o_ptr, True,
-                         stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs,
-                         stride_ch, stride_ot, stride_oh, HKV, G * HKV, HEAD_D, PAGE,
+                         stride_kt, stride_kh, stride_vt, stride_vh, STRIDE_CB, STRIDE_CS,
+                         STRIDE_CH, stride_ot, stride_oh, HKV, G * HKV, HEAD_D, PAGE,
                          BLOCK_HKV, BLOCK_HQ, BLOCK_D)
     t = tl.load(qsl_ptr + s)
     t_next = tl.load(qsl_ptr + s + 1)
@@ -136,14 +137,19 @@ def _decode_kernel(
     v_new = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kvh * stride_vh + offs_d, mask=new_ok)
     slot = tl.load(slot_ptr + t, mask=owns_new, other=-1).to(tl.int64)
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
-    for j0 in range(j_start, j_end, BLOCK_N):
+    kv_hi = tl.minimum(j_end, L - 1)  # this split's cached keys: [j_start, kv_hi)
+    for j0 in range(j_start, kv_hi, BLOCK_N):
         j = j0 + offs_n
-        j_ok = (j >= lo) & (j < j_end) & (j < L - 1)
-        page = tl.load(bt_row + j // PAGE, mask=j_ok, other=0).to(tl.int64)
-        off = page[:, None] * stride_cb + (j % PAGE)[:, None] * stride_cs \
-            + kvh * stride_ch + offs_d[None, :]
-        k = _load_tile(kc_ptr + off, j_ok, d_ok, True, EVEN_D)
-        v = _load_tile(vc_ptr + off, j_ok, d_ok, True, EVEN_D)
+        j_ok = (j >= lo) & (j < kv_hi)
+        # Rows past kv_hi re-read its last row (written, so finite) and are masked in the
+        # scores: the loads need no predicates. With the cache strides as constexprs this
+        # took the loop from 323 to ... SASS instructions per tile (b8 x 2048 on the H100).
+        jc = tl.minimum(j, kv_hi - 1)
+        page = tl.load(bt_row + jc // PAGE).to(tl.int64)
+        off = page[:, None] * STRIDE_CB + (jc % PAGE)[:, None] * STRIDE_CS \
+            + kvh * STRIDE_CH + offs_d[None, :]
+        k = _load_tile(kc_ptr + off, j_ok, d_ok, False, EVEN_D)
+        v = _load_tile(vc_ptr + off, j_ok, d_ok, False, EVEN_D)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, DOT_PREC,
                                 SUM_LATE)
     if SUM_LATE:
@@ -152,7 +158,7 @@ def _decode_kernel(
         _stamp(trace_row, 2, (tl.sum(l_i, 0) >= 0).to(tl.int32))
     if owns_new:
         if slot >= 0:
-            dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + kvh * stride_ch + offs_d
+            dst = (slot // PAGE) * STRIDE_CB + (slot % PAGE) * STRIDE_CS + kvh * STRIDE_CH + offs_d
             tl.store(kc_ptr + dst, k_new.to(kc_ptr.dtype.element_ty), mask=d_ok)
             tl.store(vc_ptr + dst, v_new.to(vc_ptr.dtype.element_ty), mask=d_ok)
         if L > 0:
@@ -288,8 +294,8 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
         part_m, part_l, part_acc, counts, out if trace is None else trace, qk_scale, window, T,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1),
-        block_tables.stride(0),
+        out.stride(0), out.stride(1), block_tables.stride(0),
+        STRIDE_CB=kc.stride(0), STRIDE_CS=kc.stride(1), STRIDE_CH=kc.stride(2),
         G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_N=block_n, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
         HKV=Hkv, BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_HQ=triton.next_power_of_2(Hq),
