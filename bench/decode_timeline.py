@@ -32,6 +32,7 @@ from trtllm.kernels import paged_attention_decode as pa_decode
 SHAPES = [(8, 2048), (8, 512), (1, 512), (1, 2048), (1, 8192), (8, 8192), (64, 2048)]
 B8_CONFIGS = [(2, None), (3, None), (4, None), (2, (64, 4, 5)), (4, (64, 4, 5)), (2, (64, 8, 4)),
               (4, (64, 4, 4)), (8, (64, 4, 3)), (1, (64, 8, 5))]
+LAYERS = 32
 
 
 @triton.jit
