@@ -31,6 +31,32 @@ BATCH, CTX = 8, 2048
 
 
 @triton.jit
+def _split_keys(L, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """This program's keys [j_start, j_end): equal runs of tiles, as the decode kernel
+    splits a sequence."""
+    per = tl.cdiv(tl.cdiv(L, BLOCK_N), NUM_SPLITS)
+    j_start = tl.program_id(2) * per * BLOCK_N
+    return j_start, tl.minimum(j_start + per * BLOCK_N, L)
+
+
+@triton.jit
+def _store_out(out_ptr, out, HEAD_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """One program's normalized [16, HEAD_D] output, at its (sequence, kv head, split) row."""
+    row = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * NUM_SPLITS + tl.program_id(2)
+    offs_g = tl.arange(0, 16)
+    offs_d = tl.arange(0, HEAD_D)
+    tl.store(out_ptr + row * 16 * HEAD_D + offs_g[:, None] * HEAD_D + offs_d[None, :], out)
+
+
+@triton.jit
+def _load_kv(kc_ptr, vc_ptr, bt_row, j, j_ok, head_off, stride_cb, stride_cs, offs_d, PAGE: tl.constexpr):
+    """The K and V rows of positions j (one kv head) through the block table."""
+    page = tl.load(bt_row + j // PAGE, mask=j_ok, other=0).to(tl.int64)
+    off = page[:, None] * stride_cb + (j % PAGE)[:, None] * stride_cs + head_off + offs_d[None, :]
+    return tl.load(kc_ptr + off, mask=j_ok[:, None], other=0.0), tl.load(vc_ptr + off, mask=j_ok[:, None], other=0.0)
+
+
+@triton.jit
 def _probe_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L,
                   stride_cb, stride_cs, stride_ch, stride_bt,
                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
@@ -40,9 +66,7 @@ def _probe_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L,
     split = tl.program_id(2)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
-    per = tl.cdiv(tl.cdiv(L, BLOCK_N), NUM_SPLITS)
-    j_start = split * per * BLOCK_N
-    j_end = tl.minimum(j_start + per * BLOCK_N, L)
+    j_start, j_end = _split_keys(L, BLOCK_N, NUM_SPLITS)
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     if DOTS:
         q = tl.load(q_ptr + tl.arange(0, 16)[:, None] * HEAD_D + offs_d[None, :])
@@ -52,10 +76,8 @@ def _probe_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L,
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         j_ok = j < j_end
-        page = tl.load(bt_row + j // PAGE, mask=j_ok, other=0).to(tl.int64)
-        off = page[:, None] * stride_cb + (j % PAGE)[:, None] * stride_cs + kvh * stride_ch + offs_d[None, :]
-        k = tl.load(kc_ptr + off, mask=j_ok[:, None], other=0.0)
-        v = tl.load(vc_ptr + off, mask=j_ok[:, None], other=0.0)
+        k, v = _load_kv(kc_ptr, vc_ptr, bt_row, j, j_ok, kvh * stride_ch, stride_cb, stride_cs, offs_d,
+                        PAGE)
         if DOTS:
             p = tl.dot(q, tl.trans(k))
             acc += tl.dot(p.to(v.dtype), v)
@@ -74,13 +96,10 @@ def _softmax2d_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L, qk_scale,
     reduce across warps every tile), normalized output per program, no merge."""
     kvh = tl.program_id(0)
     s = tl.program_id(1)
-    split = tl.program_id(2)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     offs_g = tl.arange(0, 16)
-    per = tl.cdiv(tl.cdiv(L, BLOCK_N), NUM_SPLITS)
-    j_start = split * per * BLOCK_N
-    j_end = tl.minimum(j_start + per * BLOCK_N, L)
+    j_start, j_end = _split_keys(L, BLOCK_N, NUM_SPLITS)
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     q = tl.load(q_ptr + offs_g[:, None] * HEAD_D + offs_d[None, :])
     m_i = tl.full([16], float("-inf"), dtype=tl.float32)
@@ -89,14 +108,10 @@ def _softmax2d_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L, qk_scale,
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         j_ok = j < j_end
-        page = tl.load(bt_row + j // PAGE, mask=j_ok, other=0).to(tl.int64)
-        off = page[:, None] * stride_cb + (j % PAGE)[:, None] * stride_cs + kvh * stride_ch + offs_d[None, :]
-        k = tl.load(kc_ptr + off, mask=j_ok[:, None], other=0.0)
-        v = tl.load(vc_ptr + off, mask=j_ok[:, None], other=0.0)
+        k, v = _load_kv(kc_ptr, vc_ptr, bt_row, j, j_ok, kvh * stride_ch, stride_cb, stride_cs, offs_d,
+                        PAGE)
         acc, m_i, l_i = attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, "tf32", False)
-    row = (s * tl.num_programs(0) + kvh) * NUM_SPLITS + split
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(out_ptr + row * 16 * HEAD_D + offs_g[:, None] * HEAD_D + offs_d[None, :], out)
+    _store_out(out_ptr, acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None], HEAD_D, NUM_SPLITS)
 
 
 @triton.jit
@@ -110,14 +125,11 @@ def _softmax3d_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L, qk_scale,
     BLOCK_N: tl.constexpr = W * NSUB
     kvh = tl.program_id(0)
     s = tl.program_id(1)
-    split = tl.program_id(2)
     offs_w = tl.arange(0, W)
     offs_n = tl.arange(0, NSUB)
     offs_d = tl.arange(0, HEAD_D)
     offs_g = tl.arange(0, 16)
-    per = tl.cdiv(tl.cdiv(L, BLOCK_N), NUM_SPLITS)
-    j_start = split * per * BLOCK_N
-    j_end = tl.minimum(j_start + per * BLOCK_N, L)
+    j_start, j_end = _split_keys(L, BLOCK_N, NUM_SPLITS)
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     q2 = tl.load(q_ptr + offs_g[:, None] * HEAD_D + offs_d[None, :])
     q = tl.broadcast_to(q2[None, :, :], [W, 16, HEAD_D])
@@ -146,9 +158,7 @@ def _softmax3d_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L, qk_scale,
     scale = tl.math.exp2(m_i - m_max[None, :])  # [W, 16]
     l_tot = tl.sum(l_i * scale, 0)
     acc_tot = tl.sum(acc * scale[:, :, None], 0)
-    row = (s * tl.num_programs(0) + kvh) * NUM_SPLITS + split
-    out = acc_tot / tl.where(l_tot == 0.0, 1.0, l_tot)[:, None]
-    tl.store(out_ptr + row * 16 * HEAD_D + offs_g[:, None] * HEAD_D + offs_d[None, :], out)
+    _store_out(out_ptr, acc_tot / tl.where(l_tot == 0.0, 1.0, l_tot)[:, None], HEAD_D, NUM_SPLITS)
 
 
 SOFTMAX_CONFIGS = [("2d", 64, 8, 5), ("2d", 64, 4, 5), ("3d", (4, 16), 4, 5), ("3d", (4, 16), 4, 8),
