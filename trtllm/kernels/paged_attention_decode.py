@@ -24,8 +24,6 @@ from trtllm.kernels.attention_tiles import attend as _attend, load_tile as _load
 _SPLIT_TARGET_PER_SM = 1
 _SPLIT_MIN_LEN = 64
 _MAX_SPLITS = 64
-# Each program loads its first K/V tile before its length is known (CUDA only).
-_WARM_FIRST_TILE = True
 
 
 TRACE_SLOTS = 16  # per program: (globaltimer ns, clock64) at stamps 0..4, then %smid
@@ -50,31 +48,6 @@ def _stamp(row_ptr, k: tl.constexpr, after):
 
 
 @triton.jit
-def _warm_tile(kc_ptr, vc_ptr, bt_row, split, kvh, num_blocks, bt_cols, window, STRIDE_CB: tl.constexpr,
-               STRIDE_CS: tl.constexpr, STRIDE_CH: tl.constexpr, PAGE: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr):
-    """This split's first K/V tile (no window), loaded into registers while the sequence's
-    length is still on its way, so the loop's own first loads find it in L2. Table entries
-    past the sequence's use may hold anything: pages are clamped into the cache."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    j = split * BLOCK_N + offs_n
-    ok = (j < bt_cols * PAGE) & (window == 0)
-    page = tl.load(bt_row + j // PAGE, mask=ok, other=0)
-    page = tl.minimum(tl.maximum(page, 0), num_blocks - 1).to(tl.int64)
-    off = page[:, None] * STRIDE_CB + (j % PAGE)[:, None] * STRIDE_CS + kvh * STRIDE_CH + offs_d[None, :]
-    row_ok = ok[:, None] & (offs_d < HEAD_D)[None, :]
-    return tl.load(kc_ptr + off, mask=row_ok, other=0.0), tl.load(vc_ptr + off, mask=row_ok, other=0.0)
-
-
-@triton.jit
-def _consume(x):
-    """Keeps the loads behind x (their values are never needed)."""
-    tl.inline_asm_elementwise("mov.b16 $0, $1;", "=h,h", [x.to(tl.int16, bitcast=True)], dtype=tl.int16,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _fold_partial(m_i, l_i, acc, pm_ptr, pl_ptr, pacc_ptr, r, r_ok, d_ok, offs_d, HEAD_D: tl.constexpr):
     """(m_i, l_i, acc) merged with the stored partial at rows r (where r_ok)."""
     m_sp = tl.load(pm_ptr + r, mask=r_ok, other=float("-inf"), cache_modifier=".cg")
@@ -91,14 +64,14 @@ def _fold_partial(m_i, l_i, acc, pm_ptr, pl_ptr, pacc_ptr, r, r_ok, d_ok, offs_d
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, slot_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
     pm_ptr, pl_ptr, pacc_ptr, count_ptr, trace_ptr,
-    qk_scale, window, num_tokens, num_blocks, bt_cols,
+    qk_scale, window, num_tokens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_bt,
     STRIDE_CB: tl.constexpr, STRIDE_CS: tl.constexpr, STRIDE_CH: tl.constexpr,
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    DOT_PREC: tl.constexpr, TRACE: tl.constexpr, WARM: tl.constexpr,
+    DOT_PREC: tl.constexpr, TRACE: tl.constexpr,
 ):
     """One launch for the whole decode step (launches are a large share of a 20-30 us
     step): the cache write, the zero rows, attention and the split merge. TRACE (GPU
@@ -123,10 +96,6 @@ def _decode_kernel(
     t = tl.load(qsl_ptr + s)
     t_next = tl.load(qsl_ptr + s + 1)
     L = tl.load(seq_lens_ptr + s)  # issued with the row's bounds, not after the branch
-    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
-    if WARM:
-        k_warm, v_warm = _warm_tile(kc_ptr, vc_ptr, bt_row, split, kvh, num_blocks, bt_cols, window,
-                                    STRIDE_CB, STRIDE_CS, STRIDE_CH, PAGE, BLOCK_N, BLOCK_D, HEAD_D)
     if t_next <= t:  # unused row of a captured batch
         return
     if TRACE:
@@ -152,22 +121,24 @@ def _decode_kernel(
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
 
-    # The one query sits at p = L - 1: keys [lo, L). Split k takes tiles first + k,
-    # first + k + NUM_SPLITS, ...: its first tiles do not depend on the length (the L2
-    # warm-up load above), and the tiles share out to within one per split.
+    # The one query sits at p = L - 1: keys [lo, L). Splits take equal runs of tiles of
+    # the true length (the host only knew an upper bound); trailing splits may be empty.
     lo = tl.where(window > 0, tl.maximum(L - window, 0), 0)
     first = lo // BLOCK_N
-    j_start = (first + split) * BLOCK_N
+    per = tl.cdiv(tl.cdiv(L, BLOCK_N) - first, NUM_SPLITS)
+    j_start = (first + split * per) * BLOCK_N
+    j_end = tl.minimum(j_start + per * BLOCK_N, L)
     # Keys [lo, L - 1) come from the cache; the new key L - 1 from k/v, by the one split
-    # that owns its tile, which also writes it to the cache (no other program reads that slot).
-    owns_new = ((L > 0) & (((L - 1) // BLOCK_N - first) % NUM_SPLITS == split)) | ((L <= 0) & (split == 0))
+    # that owns it, which also writes it to the cache (no other program reads that slot).
+    owns_new = ((j_start < L) & (L <= j_end)) | ((L <= 0) & (split == 0))
     # The new key's loads go out before the loop; they are used after it.
     new_ok = d_ok & owns_new
     k_new = tl.load(k_ptr + t.to(tl.int64) * stride_kt + kvh * stride_kh + offs_d, mask=new_ok)
     v_new = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kvh * stride_vh + offs_d, mask=new_ok)
     slot = tl.load(slot_ptr + t, mask=owns_new, other=-1).to(tl.int64)
-    kv_hi = L - 1  # cached keys: [lo, kv_hi)
-    for j0 in range(j_start, kv_hi, NUM_SPLITS * BLOCK_N):
+    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
+    kv_hi = tl.minimum(j_end, L - 1)  # this split's cached keys: [j_start, kv_hi)
+    for j0 in range(j_start, kv_hi, BLOCK_N):
         j = j0 + offs_n
         j_ok = (j >= lo) & (j < kv_hi)
         # Rows past kv_hi re-read its last row (written, so finite) and are masked in the
@@ -207,10 +178,10 @@ def _decode_kernel(
         # Every split stores its partials [S, Hq, NUM_SPLITS] (+ [HEAD_D] for acc;
         # unnormalized) and takes a ticket (acq_rel); the last for its (sequence, kv head)
         # merges them: no second launch. Up to 8 splits it folds the others' into its own,
-        # still in registers, all loads at once (b8 x 2048: 31.0 -> 30.5 us per layer).
-        # Merging without the release fence (a relaxed ticket, the others publishing
-        # after it, the merger polling a done count) was slower on the H100: the poll
-        # waits out the others' fences, 2.8 -> 3.6 us after the loop (decode_timeline).
+        # still in registers, all loads at once (b8 x 2048: 31.0 -> 30.5 us per layer). (Merging without the release fence -- a relaxed ticket, the
+        # others publishing after it, the merger polling a done count -- was slower on the
+        # H100: the poll waits out the others' fences, 2.8 -> 3.6 us after the loop,
+        # bench/decode_timeline.py.)
         row = (s * G * HKV + head) * NUM_SPLITS + split
         tl.store(pm_ptr + row, m_i, mask=offs_g < G)
         tl.store(pl_ptr + row, l_i, mask=offs_g < G)
@@ -250,9 +221,6 @@ def _decode_kernel(
                 tl.store(o_ptrs, (total / tl.where(den == 0.0, 1.0, den)[:, None]).to(o_ptr.dtype.element_ty),
                          mask=g_ok)
             tl.atomic_xchg(count_ptr + s * HKV + kvh, 0)  # ready for the next launch / replay
-    if WARM:
-        _consume(k_warm)
-        _consume(v_warm)
     if TRACE:
         _stamp(trace_row, 4, 0)
 
@@ -325,13 +293,11 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
     _decode_kernel[(Hkv, num_seqs, splits)](
         q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
         part_m, part_l, part_acc, counts, out if trace is None else trace, qk_scale, window, T,
-        kc.shape[0], block_tables.shape[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0),
         STRIDE_CB=kc.stride(0), STRIDE_CS=kc.stride(1), STRIDE_CH=kc.stride(2),
         G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_N=block_n, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
         HKV=Hkv, BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_HQ=triton.next_power_of_2(Hq),
-        DOT_PREC=dot_prec, TRACE=trace is not None, WARM=_WARM_FIRST_TILE and q.is_cuda,
-        num_warps=warps, num_stages=stages,
+        DOT_PREC=dot_prec, TRACE=trace is not None, num_warps=warps, num_stages=stages,
     )
