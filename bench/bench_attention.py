@@ -87,15 +87,18 @@ def rel_error(args, **force):
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def graphed_layers(args, layers):
+def graphed_layers(args, layers, call=None):
     """One graph calling the op once per layer, as a decode step's graph does (each layer
     reads its own cache): replay, divided by `layers`, is one layer's share with launch
-    costs as the runtime pays them (kernel after kernel, no graph launch per call)."""
+    costs as the runtime pays them (kernel after kernel, no graph launch per call).
+    call(args, layer): how a layer calls it (default the registered op)."""
+    call = call or (lambda a, layer: pa.paged_attention(*a))
+
     def step():
         for layer in range(layers):
             a = list(args)
             a[5] = layer
-            pa.paged_attention(*a)
+            call(a, layer)
     return graphed(step)
 
 

@@ -15,6 +15,7 @@ flush before each replay), and prints per-program GB/s:
   reductions inside a warp), each 3d output checked against the 2d one.
 Checked: `load` against torch sums of the same tiles. Table last; $OUT/decode_probe.{md,json}.
 """
+import math
 import sys
 
 import torch
@@ -25,18 +26,10 @@ from bench.bench_attention import D, HKV, graphed, make_inputs, ms_read_flush
 from bench.report import report
 from trtllm.kernels import paged_attention as pa
 from trtllm.kernels.attention_tiles import attend
+from trtllm.kernels.paged_attention_decode import context_range
 
 LAYERS = 32
 BATCH, CTX = 8, 2048
-
-
-@triton.jit
-def _split_keys(L, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """This program's keys [j_start, j_end): equal runs of tiles, as the decode kernel
-    splits a sequence."""
-    per = tl.cdiv(tl.cdiv(L, BLOCK_N), NUM_SPLITS)
-    j_start = tl.program_id(2) * per * BLOCK_N
-    return j_start, tl.minimum(j_start + per * BLOCK_N, L)
 
 
 @triton.jit
@@ -53,7 +46,8 @@ def _load_kv(kc_ptr, vc_ptr, bt_row, j, j_ok, head_off, stride_cb, stride_cs, of
     """The K and V rows of positions j (one kv head) through the block table."""
     page = tl.load(bt_row + j // PAGE, mask=j_ok, other=0).to(tl.int64)
     off = page[:, None] * stride_cb + (j % PAGE)[:, None] * stride_cs + head_off + offs_d[None, :]
-    return tl.load(kc_ptr + off, mask=j_ok[:, None], other=0.0), tl.load(vc_ptr + off, mask=j_ok[:, None], other=0.0)
+    k = tl.load(kc_ptr + off, mask=j_ok[:, None], other=0.0)
+    return k, tl.load(vc_ptr + off, mask=j_ok[:, None], other=0.0)
 
 
 @triton.jit
@@ -66,7 +60,7 @@ def _probe_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L,
     split = tl.program_id(2)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
-    j_start, j_end = _split_keys(L, BLOCK_N, NUM_SPLITS)
+    _, j_start, j_end = context_range(L, 0, tl.program_id(2), BLOCK_N, NUM_SPLITS)  # the kernel's split
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     if DOTS:
         q = tl.load(q_ptr + tl.arange(0, 16)[:, None] * HEAD_D + offs_d[None, :])
@@ -99,7 +93,7 @@ def _softmax2d_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L, qk_scale,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     offs_g = tl.arange(0, 16)
-    j_start, j_end = _split_keys(L, BLOCK_N, NUM_SPLITS)
+    _, j_start, j_end = context_range(L, 0, tl.program_id(2), BLOCK_N, NUM_SPLITS)  # the kernel's split
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     q = tl.load(q_ptr + offs_g[:, None] * HEAD_D + offs_d[None, :])
     m_i = tl.full([16], float("-inf"), dtype=tl.float32)
@@ -129,7 +123,7 @@ def _softmax3d_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L, qk_scale,
     offs_n = tl.arange(0, NSUB)
     offs_d = tl.arange(0, HEAD_D)
     offs_g = tl.arange(0, 16)
-    j_start, j_end = _split_keys(L, BLOCK_N, NUM_SPLITS)
+    _, j_start, j_end = context_range(L, 0, tl.program_id(2), BLOCK_N, NUM_SPLITS)  # the kernel's split
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     q2 = tl.load(q_ptr + offs_g[:, None] * HEAD_D + offs_d[None, :])
     q = tl.broadcast_to(q2[None, :, :], [W, 16, HEAD_D])
@@ -198,12 +192,7 @@ def softmax_rows(q, kc_all, vc_all, bt, nbytes, failures):
                 err = ((out[0] - ref).norm() / ref.norm()).item()
                 if not err < 1e-2:
                     failures.append(f"softmax3d {tile} splits {splits}: rel err {err:.2e}")
-            us = ms_read_flush(graphed(lambda: [launch(layer) for layer in range(LAYERS)]), reps=30) / LAYERS * 1e3
-            programs = BATCH * HKV * splits
-            row = dict(splits=splits, body=f"softmax{kind} {tile}", warps=warps, stages=stages, us=us,
-                       gbs=nbytes / us / 1e3, gbs_per_program=nbytes / us / 1e3 / programs)
-            rows.append(row)
-            print(row, flush=True)
+            rows.append(timed_row(launch, splits, f"softmax{kind} {tile}", warps, stages, nbytes))
     return rows
 
 
@@ -235,21 +224,11 @@ def main():
                     err = (out[0] - program_sums(kc_all[0], vc_all[0], bt, CTX - 1, splits)).abs().max().item()
                     if not err < 1.0:  # a program's sum of 262K N(0,1) values has std ~512
                         failures.append(f"load probe splits {splits}: max error {err:.3g}")
-                t = ms_read_flush(graphed(lambda: [launch(layer) for layer in range(LAYERS)]), reps=30)
-                us = t / LAYERS * 1e3
-                programs = BATCH * HKV * splits
-                row = dict(splits=splits, body="dots" if dots else "load", warps=warps, stages=stages,
-                           us=us, gbs=nbytes / us / 1e3, gbs_per_program=nbytes / us / 1e3 / programs)
-                rows.append(row)
-                print(row, flush=True)
+                rows.append(timed_row(launch, splits, "dots" if dots else "load", warps, stages, nbytes))
     for splits in (1, 2):
-        us = ms_read_flush(graphed(lambda: [pa._paged_attention_impl(*(args[:5] + [layer] + args[6:]),
-                                                                     num_splits=splits)
-                                            for layer in range(LAYERS)]), reps=30) / LAYERS * 1e3
-        programs = BATCH * HKV * splits
-        rows.append(dict(splits=splits, body="attention", warps="default", stages="default", us=us,
-                         gbs=nbytes / us / 1e3, gbs_per_program=nbytes / us / 1e3 / programs))
-        print(rows[-1], flush=True)
+        def attention(layer, splits=splits):
+            pa._paged_attention_impl(*args[:5], layer, *args[6:], num_splits=splits)
+        rows.append(timed_row(attention, splits, "attention", "default", "default", nbytes))
     lines = ["| splits | body | warps | stages | us/layer | GB/s | GB/s per program |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -262,6 +241,15 @@ def main():
         raise SystemExit(1)
 
 
+def timed_row(launch, splits, body, warps, stages, nbytes):
+    """launch(layer) for every layer in one CUDA graph, read-flushed: one layer's time."""
+    us = ms_read_flush(graphed(lambda: [launch(layer) for layer in range(LAYERS)]), reps=30) / LAYERS * 1e3
+    row = dict(splits=splits, body=body, warps=warps, stages=stages, us=us, gbs=nbytes / us / 1e3,
+               gbs_per_program=nbytes / us / 1e3 / (BATCH * HKV * splits))
+    print(row, flush=True)
+    return row
+
+
 def program_sums(kc, vc, bt, n, splits, block_n=64):
     """Per (sequence, kv head, split) program: the sum of its K and V elements over
     positions [0, n), split as the probe kernel splits them."""
@@ -269,7 +257,7 @@ def program_sums(kc, vc, bt, n, splits, block_n=64):
     pos = torch.arange(n, device=kc.device)
     pages, offs = bt[:, pos // page].long(), pos % page
     per_pos = (kc[pages, offs].float() + vc[pages, offs].float()).sum(-1)  # [B, n, Hkv]
-    per = -(-(-(-n // block_n)) // splits) * block_n
+    per = math.ceil(math.ceil(n / block_n) / splits) * block_n  # context_range's split
     sums = [per_pos[:, k * per:(k + 1) * per].sum(1) for k in range(splits)]  # [B, Hkv] each
     return torch.stack(sums, -1).flatten()
 

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.bench_attention import D, HKV, REL_TOL, graphed, make_inputs, ms_read_flush, rel_error
+from bench.bench_attention import D, HKV, REL_TOL, graphed, graphed_layers, make_inputs, ms_read_flush, \
+    rel_error
 from bench.report import report
 from trtllm.kernels import paged_attention as pa
 from trtllm.kernels import paged_attention_decode as pa_decode
@@ -42,8 +43,8 @@ def _touch_kernel(seq_lens_ptr, out_ptr):
     tl.store(out_ptr + s * tl.num_programs(0) + tl.program_id(0), tl.load(seq_lens_ptr + s))
 
 
-def per_layer_us(step, layers):
-    return ms_read_flush(graphed(step), reps=50) / layers * 1e3
+def per_layer_us(replay, layers):
+    return ms_read_flush(replay, reps=50) / layers * 1e3
 
 
 def timeline(trace, layers, bytes_per_program):
@@ -86,17 +87,11 @@ def run(batch, ctx, failures, splits=None, config=None):
     if not err < REL_TOL:
         failures.append(f"b{batch} ctx{ctx} traced: rel err {err:.2e}")
 
-    def layer_calls(traced):
-        def step():
-            for layer in range(LAYERS):
-                a = list(args)
-                a[5] = layer
-                pa._paged_attention_impl(*a, trace=trace[layer] if traced else None, **force)
-        return step
-
-    us_plain = per_layer_us(layer_calls(False), LAYERS)
-    replay = graphed(layer_calls(True))
-    us_traced = ms_read_flush(replay, reps=50) / LAYERS * 1e3
+    us_plain = per_layer_us(graphed_layers(args, LAYERS, lambda a, layer: pa._paged_attention_impl(*a, **force)),
+                            LAYERS)
+    replay = graphed_layers(args, LAYERS,
+                            lambda a, layer: pa._paged_attention_impl(*a, trace=trace[layer], **force))
+    us_traced = per_layer_us(replay, LAYERS)
     trace.zero_()
     ms_read_flush(replay, reps=1)  # one flushed replay, its stamps kept
     torch.cuda.synchronize()
@@ -104,11 +99,11 @@ def run(batch, ctx, failures, splits=None, config=None):
     phases = timeline(trace.cpu(), LAYERS, nbytes / programs)
     touch_out = torch.empty(programs, dtype=torch.int32, device="cuda")
     seq_lens = args[8]
-    floor = per_layer_us(lambda: [_touch_kernel[(HKV, batch, splits)](seq_lens, touch_out)
-                                  for _ in range(LAYERS)], LAYERS)
+    floor = per_layer_us(graphed(lambda: [_touch_kernel[(HKV, batch, splits)](seq_lens, touch_out)
+                                          for _ in range(LAYERS)]), LAYERS)
     config = config or pa_decode._decode_config(D, args[0].element_size(), splits)
-    row = dict(batch=batch, ctx=ctx, splits=splits, config=" ".join(map(str, config)), programs=programs, rel_err=err,
-               us_plain=us_plain, us_traced=us_traced, us_floor=floor,
+    row = dict(batch=batch, ctx=ctx, splits=splits, config=" ".join(map(str, config)), programs=programs,
+               rel_err=err, us_plain=us_plain, us_traced=us_traced, us_floor=floor,
                gbs_plain=nbytes / us_plain / 1e3, **phases)
     print(row, flush=True)
     return row

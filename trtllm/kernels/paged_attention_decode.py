@@ -48,6 +48,18 @@ def _stamp(row_ptr, k: tl.constexpr, after):
 
 
 @triton.jit
+def context_range(L, window, split, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """(lo, j_start, j_end): the one query sits at p = L - 1 and sees keys [lo, L); this
+    split's share is [j_start, j_end). Splits take equal runs of tiles of the true length
+    (the host only knew an upper bound); trailing splits may be empty."""
+    lo = tl.where(window > 0, tl.maximum(L - window, 0), 0)
+    first = lo // BLOCK_N
+    per = tl.cdiv(tl.cdiv(L, BLOCK_N) - first, NUM_SPLITS)
+    j_start = (first + split * per) * BLOCK_N
+    return lo, j_start, tl.minimum(j_start + per * BLOCK_N, L)
+
+
+@triton.jit
 def _fold_partial(m_i, l_i, acc, pm_ptr, pl_ptr, pacc_ptr, r, r_ok, d_ok, offs_d, HEAD_D: tl.constexpr):
     """(m_i, l_i, acc) merged with the stored partial at rows r (where r_ok)."""
     m_sp = tl.load(pm_ptr + r, mask=r_ok, other=float("-inf"), cache_modifier=".cg")
@@ -121,13 +133,7 @@ def _decode_kernel(
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
 
-    # The one query sits at p = L - 1: keys [lo, L). Splits take equal runs of tiles of
-    # the true length (the host only knew an upper bound); trailing splits may be empty.
-    lo = tl.where(window > 0, tl.maximum(L - window, 0), 0)
-    first = lo // BLOCK_N
-    per = tl.cdiv(tl.cdiv(L, BLOCK_N) - first, NUM_SPLITS)
-    j_start = (first + split * per) * BLOCK_N
-    j_end = tl.minimum(j_start + per * BLOCK_N, L)
+    lo, j_start, j_end = context_range(L, window, split, BLOCK_N, NUM_SPLITS)
     # Keys [lo, L - 1) come from the cache; the new key L - 1 from k/v, by the one split
     # that owns it, which also writes it to the cache (no other program reads that slot).
     owns_new = ((j_start < L) & (L <= j_end)) | ((L <= 0) & (split == 0))
@@ -178,10 +184,10 @@ def _decode_kernel(
         # Every split stores its partials [S, Hq, NUM_SPLITS] (+ [HEAD_D] for acc;
         # unnormalized) and takes a ticket (acq_rel); the last for its (sequence, kv head)
         # merges them: no second launch. Up to 8 splits it folds the others' into its own,
-        # still in registers, all loads at once (b8 x 2048: 31.0 -> 30.5 us per layer). (Merging without the release fence -- a relaxed ticket, the
-        # others publishing after it, the merger polling a done count -- was slower on the
-        # H100: the poll waits out the others' fences, 2.8 -> 3.6 us after the loop,
-        # bench/decode_timeline.py.)
+        # still in registers, all loads at once (b8 x 2048: 31.0 -> 30.5 us per layer).
+        # Merging without the release fence (a relaxed ticket, the others publishing
+        # after it, the merger polling a done count) was slower on the H100: the poll
+        # waits out the others' fences, 2.8 -> 3.6 us after the loop (decode_timeline).
         row = (s * G * HKV + head) * NUM_SPLITS + split
         tl.store(pm_ptr + row, m_i, mask=offs_g < G)
         tl.store(pl_ptr + row, l_i, mask=offs_g < G)
@@ -197,8 +203,6 @@ def _decode_kernel(
                 for sp in tl.static_range(NUM_SPLITS):
                     m_i, l_i, acc = _fold_partial(m_i, l_i, acc, pm_ptr, pl_ptr, pacc_ptr, base + sp,
                                                   (offs_g < G) & (sp != split), d_ok, offs_d, HEAD_D)
-                tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty),
-                         mask=g_ok)
             else:
                 # Many splits: a folding loop waits on each split's loads in turn (b1 x 2048,
                 # 16 splits: 10.5 -> 14.3 us). Every split's max and sum first, then a loop
@@ -210,16 +214,16 @@ def _decode_kernel(
                 l_all = tl.load(pl_ptr + rows, mask=sg_ok, other=0.0, cache_modifier=".cg")
                 m_max = tl.max(m_all, 0)
                 m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # all splits empty
-                den = tl.sum(tl.math.exp2(m_all - m_max[None, :]) * l_all, 0)
-                total = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+                l_i = tl.sum(tl.math.exp2(m_all - m_max[None, :]) * l_all, 0)
+                acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
                 for sp in range(NUM_SPLITS):
                     m_sp = tl.load(pm_ptr + base + sp, mask=offs_g < G, other=float("-inf"),
                                    cache_modifier=".cg")
                     a_sp = tl.load(pacc_ptr + (base + sp).to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
                                    mask=g_ok, other=0.0, cache_modifier=".cg")
-                    total += tl.math.exp2(m_sp - m_max)[:, None] * a_sp
-                tl.store(o_ptrs, (total / tl.where(den == 0.0, 1.0, den)[:, None]).to(o_ptr.dtype.element_ty),
-                         mask=g_ok)
+                    acc += tl.math.exp2(m_sp - m_max)[:, None] * a_sp
+            tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=g_ok)
             tl.atomic_xchg(count_ptr + s * HKV + kvh, 0)  # ready for the next launch / replay
     if TRACE:
         _stamp(trace_row, 4, 0)
