@@ -169,7 +169,9 @@ class EngineCoreClient:
         return bool(self._streams)
 
     def is_alive(self) -> bool:
-        return self._proc.is_alive() and self._reader.is_alive()
+        # _gone first: the reader sets it when the core's pipe closes, while the thread
+        # itself still runs for a moment failing the open requests (a test saw it alive).
+        return not self._gone and self._proc.is_alive() and self._reader.is_alive()
 
     def engine_stats(self) -> EngineStats:
         """The counters the core sent with its latest step."""
