@@ -43,16 +43,6 @@ def _touch_kernel(seq_lens_ptr, out_ptr):
     tl.store(out_ptr + s * tl.num_programs(0) + tl.program_id(0), tl.load(seq_lens_ptr + s))
 
 
-@triton.jit
-def _produce_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
-    """dst = src, as a rope kernel writes q before attention; TRIGGER: let a programmatic
-    dependent launch at once (griddepcontrol.launch_dependents), as our kernels can."""
-    if TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
-
-
 def per_layer_us(replay, layers):
     return ms_read_flush(replay, reps=50) / layers * 1e3
 
@@ -87,35 +77,6 @@ def timeline(trace, layers, bytes_per_program):
     return out
 
 
-def chain(args, force, pdl, trigger=False):
-    """Per layer as in a model: a Triton kernel writes q (as rope does; `trigger`: it lets
-    a programmatic dependent launch at its start), attention reads it, a torch copy reads
-    the output (as o_proj does). -> (us per layer of the three,
-    worst rel error over a few layers' outputs after one replay). With PDL the wait in
-    attention is all that orders it after the q write: a race shows as an error."""
-    g = torch.Generator(device="cuda").manual_seed(7)
-    qs = torch.randn((LAYERS,) + args[0].shape, dtype=args[0].dtype, device="cuda", generator=g)
-    qbuf, outs = torch.empty_like(args[0]), torch.zeros_like(qs)
-
-    def call(a, layer):
-        _produce_kernel[(triton.cdiv(qbuf.numel(), 1024),)](qs[layer], qbuf, qbuf.numel(), BLOCK=1024,
-                                                            TRIGGER=trigger)
-        a[0] = qbuf
-        outs[layer].copy_(pa._paged_attention_impl(*a, pdl=pdl, **force))
-    replay = graphed_layers(args, LAYERS, call)
-    us = per_layer_us(replay, LAYERS)
-    outs.zero_()
-    replay()
-    torch.cuda.synchronize()
-    err = 0.0
-    for layer in (1, 2, LAYERS // 2, LAYERS - 1):
-        a = list(args)
-        a[0], a[3], a[4], a[5] = qs[layer], args[3].clone(), args[4].clone(), layer
-        ref = pa.paged_attention_ref(*a).float()
-        err = max(err, ((outs[layer].float() - ref).norm() / ref.norm()).item())
-    return us, err
-
-
 def run(batch, ctx, failures, splits=None, config=None):
     args = make_inputs([(ctx - 1, 1)] * batch, seed=batch * 31 + ctx, layers=LAYERS)
     splits = splits or pa_decode._num_splits(batch, HKV, ctx, args[0].device)
@@ -126,13 +87,8 @@ def run(batch, ctx, failures, splits=None, config=None):
     if not err < REL_TOL:
         failures.append(f"b{batch} ctx{ctx} traced: rel err {err:.2e}")
 
-    us_plain, us_nopdl = (per_layer_us(graphed_layers(args, LAYERS, lambda a, layer: pa._paged_attention_impl(
-        *a, pdl=pdl, **force)), LAYERS) for pdl in (None, False))
-    (chain_pdl, err_pdl), (chain_nopdl, err_nopdl), (chain_trig, err_trig) = \
-        chain(args, force, None), chain(args, force, False), chain(args, force, None, trigger=True)
-    for name, e in (("pdl", err_pdl), ("no pdl", err_nopdl), ("pdl, early trigger", err_trig)):
-        if not e < REL_TOL:
-            failures.append(f"b{batch} ctx{ctx} chain {name}: rel err {e:.2e}")
+    us_plain = per_layer_us(graphed_layers(args, LAYERS, lambda a, layer: pa._paged_attention_impl(*a, **force)),
+                            LAYERS)
     replay = graphed_layers(args, LAYERS,
                             lambda a, layer: pa._paged_attention_impl(*a, trace=trace[layer], **force))
     us_traced = per_layer_us(replay, LAYERS)
@@ -147,8 +103,7 @@ def run(batch, ctx, failures, splits=None, config=None):
                                           for _ in range(LAYERS)]), LAYERS)
     config = config or pa_decode._decode_config(D, args[0].element_size(), splits)
     row = dict(batch=batch, ctx=ctx, splits=splits, config=" ".join(map(str, config)), programs=programs,
-               rel_err=err, us_plain=us_plain, us_nopdl=us_nopdl, chain_pdl=chain_pdl,
-               chain_nopdl=chain_nopdl, chain_trig=chain_trig, chain_err=max(err_pdl, err_nopdl, err_trig), us_traced=us_traced, us_floor=floor,
+               rel_err=err, us_plain=us_plain, us_traced=us_traced, us_floor=floor,
                gbs_plain=nbytes / us_plain / 1e3, **phases)
     print(row, flush=True)
     return row
@@ -163,8 +118,7 @@ def main():
     else:
         for batch, ctx in SHAPES:
             rows.append(run(batch, ctx, failures))
-    cols = ["batch", "ctx", "splits", "config", "us_plain", "gbs_plain", "us_nopdl", "chain_pdl", "chain_nopdl", "chain_trig",
-            "us_traced", "us_floor", "skew", "meta",
+    cols = ["batch", "ctx", "splits", "config", "us_plain", "gbs_plain", "us_traced", "us_floor", "skew", "meta",
             "loop", "loop_max", "loop_gbs", "ticket", "merge", "tail", "span", "gap", "timer_step_ns"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     for r in rows:

@@ -11,7 +11,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from trtllm.kernels.attention_tiles import attend as _attend, load_tile as _load_tile, \
     write_token as _write_token
@@ -84,7 +83,7 @@ def _decode_kernel(
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    DOT_PREC: tl.constexpr, TRACE: tl.constexpr, PDL: tl.constexpr,
+    DOT_PREC: tl.constexpr, TRACE: tl.constexpr,
 ):
     """One launch for the whole decode step (launches are a large share of a 20-30 us
     step): the cache write, the zero rows, attention and the split merge. TRACE (GPU
@@ -96,18 +95,6 @@ def _decode_kernel(
     trace_row = trace_ptr + ((split * num_seqs + s) * HKV + kvh) * _TRACE_SLOTS
     if TRACE:
         _stamp(trace_row, 0, 0)
-    if PDL:
-        # Programmatic dependent launch: the next kernel's programs may take free SM slots
-        # now and wait there (griddepcontrol.wait) for this grid to finish, instead of
-        # launching after it. Ours wait here, after the step's metadata loads: the
-        # metadata is written before the step (one host copy), never by the kernel
-        # just before this one; q/k/v, the cache and the split tickets only after it.
-        gdc_launch_dependents()
-    t = tl.load(qsl_ptr + s)
-    t_next = tl.load(qsl_ptr + s + 1)
-    L = tl.load(seq_lens_ptr + s)  # issued with the row's bounds, not after the branch
-    if PDL:
-        gdc_wait()
     if (kvh == 0) & (split == 0):
         # Tokens no sequence covers (padding of a captured batch), shared out over s.
         q_first = tl.load(qsl_ptr)
@@ -118,6 +105,9 @@ def _decode_kernel(
                          stride_kt, stride_kh, stride_vt, stride_vh, STRIDE_CB, STRIDE_CS,
                          STRIDE_CH, stride_ot, stride_oh, HKV, G * HKV, HEAD_D, PAGE,
                          BLOCK_HKV, BLOCK_HQ, BLOCK_D)
+    t = tl.load(qsl_ptr + s)
+    t_next = tl.load(qsl_ptr + s + 1)
+    L = tl.load(seq_lens_ptr + s)  # issued with the row's bounds, not after the branch
     if t_next <= t:  # unused row of a captured batch
         return
     if TRACE:
@@ -246,12 +236,6 @@ def _num_sms(device: torch.device) -> int:
     return 132  # the H100 the heuristics are tuned for; the interpreter tests use it too
 
 
-@functools.lru_cache(maxsize=None)
-def _pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: sm_90 (Hopper) and later."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def _num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Flash-decoding splits: fill ~_SPLIT_TARGET_PER_SM programs per SM, e.g. on H100
     batch 8 x 8 kv heads -> 2 splits; batch 1 x 8192 ctx -> 16; batch >= 17 -> 1."""
@@ -292,11 +276,9 @@ def _decode_config(head_dim: int, elem_size: int, splits: int):
 
 def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
                   qk_scale, window, num_seqs, max_seq_len, dot_prec, *, num_splits=None, config=None,
-                  trace=None, pdl=None):
+                  trace=None):
     """One decode step of one layer (one new token per sequence) into `out`. trace: an
-    int64 CUDA tensor of programs x TRACE_SLOTS to stamp (bench/decode_timeline.py).
-    pdl: launch as a programmatic dependent of the kernel before it (default: where the
-    GPU has it; see _decode_kernel for what is read before the wait)."""
+    int64 CUDA tensor of programs x TRACE_SLOTS to stamp (bench/decode_timeline.py)."""
     T, Hq, D = q.shape
     Hkv, BS = kc.shape[2], kc.shape[1]
     G = Hq // Hkv
@@ -309,9 +291,6 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((num_seqs, Hq, splits, D), dtype=torch.float32, device=q.device)
         counts = _split_counters(q.device, num_seqs * Hkv)
-    pdl = _pdl_supported(q.device) if pdl is None else pdl
-    assert not pdl or _pdl_supported(q.device), "programmatic dependent launch needs sm_90+"
-    launch_options = dict(launch_pdl=True) if pdl else {}  # the CPU interpreter takes no such option
     if trace is not None:
         assert trace.dtype == torch.int64 and trace.is_cuda
         assert trace.numel() >= Hkv * num_seqs * splits * TRACE_SLOTS
@@ -324,6 +303,5 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_N=block_n, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
         HKV=Hkv, BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_HQ=triton.next_power_of_2(Hq),
-        DOT_PREC=dot_prec, TRACE=trace is not None, PDL=pdl, num_warps=warps, num_stages=stages,
-        **launch_options,
+        DOT_PREC=dot_prec, TRACE=trace is not None, num_warps=warps, num_stages=stages,
     )
