@@ -105,9 +105,12 @@ def _decode_kernel(
                          stride_kt, stride_kh, stride_vt, stride_vh, STRIDE_CB, STRIDE_CS,
                          STRIDE_CH, stride_ot, stride_oh, HKV, G * HKV, HEAD_D, PAGE,
                          BLOCK_HKV, BLOCK_HQ, BLOCK_D)
-    t = tl.load(qsl_ptr + s)
-    t_next = tl.load(qsl_ptr + s + 1)
-    L = tl.load(seq_lens_ptr + s)  # issued with the row's bounds, not after the branch
+    # The step's metadata (bounds, length, block table) is read by every layer's launch:
+    # kept in L2 (evict_last) past the K/V streaming that would evict it between layers.
+    # b8 x 2048 on the H100, by turns: 29.95-30.03 -> 29.58-29.64 us per layer.
+    t = tl.load(qsl_ptr + s, eviction_policy="evict_last")
+    t_next = tl.load(qsl_ptr + s + 1, eviction_policy="evict_last")
+    L = tl.load(seq_lens_ptr + s, eviction_policy="evict_last")  # issued with the row's bounds
     if t_next <= t:  # unused row of a captured batch
         return
     if TRACE:
@@ -151,7 +154,7 @@ def _decode_kernel(
         # scores: the loads need no predicates. With the cache strides as constexprs this
         # took the loop from 323 to ~290 SASS instructions per tile (b8 x 2048 on the H100).
         jc = tl.minimum(j, kv_hi - 1)
-        page = tl.load(bt_row + jc // PAGE).to(tl.int64)
+        page = tl.load(bt_row + jc // PAGE, eviction_policy="evict_last").to(tl.int64)
         off = page[:, None] * STRIDE_CB + (jc % PAGE)[:, None] * STRIDE_CS \
             + kvh * STRIDE_CH + offs_d[None, :]
         k = _load_tile(kc_ptr + off, j_ok, d_ok, False, EVEN_D)
