@@ -33,9 +33,23 @@ BATCH, CTX = 8, 2048
 
 
 @triton.jit
+def _program_span(L, bt_ptr, stride_bt, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """This program's kv head, its sequence's block-table row and its share of the
+    context, split as the decode kernel splits it: (kvh, bt_row, j_start, j_end)."""
+    _, j_start, j_end = context_range(L, 0, tl.program_id(2), BLOCK_N, NUM_SPLITS)
+    return tl.program_id(0), bt_ptr + tl.program_id(1).to(tl.int64) * stride_bt, j_start, j_end
+
+
+@triton.jit
+def _out_row(NUM_SPLITS: tl.constexpr):
+    """This program's (sequence, kv head, split) row of the output."""
+    return (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * NUM_SPLITS + tl.program_id(2)
+
+
+@triton.jit
 def _store_out(out_ptr, out, HEAD_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
     """One program's normalized [16, HEAD_D] output, at its (sequence, kv head, split) row."""
-    row = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * NUM_SPLITS + tl.program_id(2)
+    row = _out_row(NUM_SPLITS)
     offs_g = tl.arange(0, 16)
     offs_d = tl.arange(0, HEAD_D)
     tl.store(out_ptr + row * 16 * HEAD_D + offs_g[:, None] * HEAD_D + offs_d[None, :], out)
@@ -55,13 +69,9 @@ def _probe_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L,
                   stride_cb, stride_cs, stride_ch, stride_bt,
                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, DOTS: tl.constexpr):
-    kvh = tl.program_id(0)
-    s = tl.program_id(1)
-    split = tl.program_id(2)
+    kvh, bt_row, j_start, j_end = _program_span(L, bt_ptr, stride_bt, BLOCK_N, NUM_SPLITS)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
-    _, j_start, j_end = context_range(L, 0, tl.program_id(2), BLOCK_N, NUM_SPLITS)  # the kernel's split
-    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     if DOTS:
         q = tl.load(q_ptr + tl.arange(0, 16)[:, None] * HEAD_D + offs_d[None, :])
         acc = tl.zeros([16, HEAD_D], dtype=tl.float32)
@@ -77,8 +87,7 @@ def _probe_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L,
             acc += tl.dot(p.to(v.dtype), v)
         else:
             acc += k.to(tl.float32) + v.to(tl.float32)
-    row = (s * tl.num_programs(0) + kvh) * NUM_SPLITS + split
-    tl.store(out_ptr + row, tl.sum(tl.sum(acc, 1), 0))
+    tl.store(out_ptr + _out_row(NUM_SPLITS), tl.sum(tl.sum(acc, 1), 0))
 
 
 @triton.jit
@@ -88,13 +97,10 @@ def _softmax2d_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L, qk_scale,
                       NUM_SPLITS: tl.constexpr):
     """The decode kernel's loop as it is ([16, BLOCK_N] scores: the row max and sum
     reduce across warps every tile), normalized output per program, no merge."""
-    kvh = tl.program_id(0)
-    s = tl.program_id(1)
+    kvh, bt_row, j_start, j_end = _program_span(L, bt_ptr, stride_bt, BLOCK_N, NUM_SPLITS)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     offs_g = tl.arange(0, 16)
-    _, j_start, j_end = context_range(L, 0, tl.program_id(2), BLOCK_N, NUM_SPLITS)  # the kernel's split
-    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     q = tl.load(q_ptr + offs_g[:, None] * HEAD_D + offs_d[None, :])
     m_i = tl.full([16], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([16], dtype=tl.float32)
@@ -117,14 +123,11 @@ def _softmax3d_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, L, qk_scale,
     scores, one warp per slice): the row max and sum stay inside a warp; each slice
     keeps its own (m, l, acc), merged once after the loop."""
     BLOCK_N: tl.constexpr = W * NSUB
-    kvh = tl.program_id(0)
-    s = tl.program_id(1)
+    kvh, bt_row, j_start, j_end = _program_span(L, bt_ptr, stride_bt, BLOCK_N, NUM_SPLITS)
     offs_w = tl.arange(0, W)
     offs_n = tl.arange(0, NSUB)
     offs_d = tl.arange(0, HEAD_D)
     offs_g = tl.arange(0, 16)
-    _, j_start, j_end = context_range(L, 0, tl.program_id(2), BLOCK_N, NUM_SPLITS)  # the kernel's split
-    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     q2 = tl.load(q_ptr + offs_g[:, None] * HEAD_D + offs_d[None, :])
     q = tl.broadcast_to(q2[None, :, :], [W, 16, HEAD_D])
     m_i = tl.full([W, 16], float("-inf"), dtype=tl.float32)
