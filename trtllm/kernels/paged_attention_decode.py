@@ -14,6 +14,7 @@ import triton.language as tl
 
 from trtllm.kernels.attention_tiles import attend as _attend, load_tile as _load_tile, \
     write_token as _write_token
+from trtllm.kernels.cluster_launch import cluster_launchable, launch_cluster
 
 # Flash-decoding: split a sequence's context only while the grid is smaller than
 # _SPLIT_TARGET_PER_SM programs per SM, and never into pieces shorter than _SPLIT_MIN_LEN
@@ -72,6 +73,71 @@ def _fold_partial(m_i, l_i, acc, pm_ptr, pl_ptr, pacc_ptr, r, r_ok, d_ok, offs_d
     return m_new, l_i * alpha + l_sp * beta, acc * alpha[:, None] + a_sp * beta[:, None]
 
 
+@triton.jit
+def _scratch_addr(offset, SCRATCH: tl.constexpr):
+    """Shared-window address of byte `offset` of this program's cluster scratch: the last
+    SCRATCH bytes of its dynamic shared memory, past Triton's own buffers (the launch asks
+    for that much more than the kernel's metadata says)."""
+    end = tl.inline_asm_elementwise(
+        "{ .reg .b32 n; mov.u32 $0, global_smem; mov.u32 n, %dynamic_smem_size; add.u32 $0, $0, n; }",
+        "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+    return end - SCRATCH + offset
+
+
+@triton.jit
+def _scratch_store_rank0(addr, x, ok):
+    """x (fp32) into cluster program 0's shared memory at addr, where ok."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b32 r; setp.ne.b32 p, $3, 0; mapa.shared::cluster.u32 r, $1, 0;\n\t"
+        "@p st.shared::cluster.b32 [r], $2; mov.u32 $0, 0; }",
+        "=r,r,r,r", [addr, x.to(tl.int32, bitcast=True), ok.to(tl.int32)], dtype=tl.int32,
+        is_pure=False, pack=1)
+
+
+@triton.jit
+def _scratch_load(addr):
+    """fp32 at addr of this program's shared memory (after the barrier that published it)."""
+    x = tl.inline_asm_elementwise("ld.shared.b32 $0, [$1];", "=r,r", [addr], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    return x.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _cluster_arrive(RELEASE: tl.constexpr):
+    """This thread arrives at the cluster barrier. RELEASE: its earlier memory operations
+    are made visible to the cluster first, which waits for all of its pending stores to be
+    acknowledged (pending global stores: ~1 us under the K/V stream)."""
+    if RELEASE:
+        tl.inline_asm_elementwise("barrier.cluster.arrive.release;\n\tmov.u32 $0, 0;", "=r", [],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.inline_asm_elementwise("barrier.cluster.arrive.relaxed;\n\tmov.u32 $0, 0;", "=r", [],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _cluster_wait():
+    """Wait (acquire) until every thread of the cluster has arrived at the barrier's phase."""
+    tl.inline_asm_elementwise("barrier.cluster.wait.acquire;\n\tmov.u32 $0, 0;", "=r", [],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _fold_scratch(m_i, l_i, acc, slot, offs_g, offs_d, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                  SCRATCH: tl.constexpr):
+    """(m_i, l_i, acc) merged with the partials in scratch slot `slot`: max at byte 0, sum
+    at 4 * BLOCK_G, acc at 8 * BLOCK_G (all fp32), the slot (2 + BLOCK_D) * BLOCK_G * 4 bytes."""
+    base = slot * (2 + BLOCK_D) * BLOCK_G * 4
+    m_sp = _scratch_load(_scratch_addr(base + offs_g * 4, SCRATCH))
+    l_sp = _scratch_load(_scratch_addr(base + BLOCK_G * 4 + offs_g * 4, SCRATCH))
+    a_sp = _scratch_load(_scratch_addr(base + 8 * BLOCK_G + (offs_g[:, None] * BLOCK_D + offs_d[None, :]) * 4,
+                                       SCRATCH))
+    m_new = tl.maximum(m_i, m_sp)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # both still empty
+    alpha, beta = tl.math.exp2(m_i - m_use), tl.math.exp2(m_sp - m_use)
+    return m_new, l_i * alpha + l_sp * beta, acc * alpha[:, None] + a_sp * beta[:, None]
+
+
 @triton.jit(do_not_specialize=["window", "num_tokens"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, slot_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
@@ -83,15 +149,25 @@ def _decode_kernel(
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    DOT_PREC: tl.constexpr, TRACE: tl.constexpr,
+    DOT_PREC: tl.constexpr, TRACE: tl.constexpr, CLUSTER: tl.constexpr,
 ):
     """One launch for the whole decode step (launches are a large share of a 20-30 us
     step): the cache write, the zero rows, attention and the split merge. TRACE (GPU
     only, bench/decode_timeline.py) stamps each program's phases into trace_ptr."""
-    kvh = tl.program_id(0)  # fastest: the Hkv programs of a sequence read adjacent rows
-    s = tl.program_id(1)
-    split = tl.program_id(2)
-    num_seqs = tl.num_programs(1)
+    if CLUSTER:  # grid (splits, Hkv, seqs): a cluster is the splits of one (seq, kv head)
+        rank = tl.program_id(0)
+        split = NUM_SPLITS - 1 - rank
+        # Shared memory of another program of the cluster may be written only once it runs:
+        # this phase of the cluster barrier, waited on after the K/V loop, says so.
+        _cluster_arrive(False)
+        kvh = tl.program_id(1)
+        s = tl.program_id(2)
+        num_seqs = tl.num_programs(2)
+    else:
+        kvh = tl.program_id(0)  # fastest: the Hkv programs of a sequence read adjacent rows
+        s = tl.program_id(1)
+        split = tl.program_id(2)
+        num_seqs = tl.num_programs(1)
     trace_row = trace_ptr + ((split * num_seqs + s) * HKV + kvh) * _TRACE_SLOTS
     if TRACE:
         _stamp(trace_row, 0, 0)
@@ -183,6 +259,33 @@ def _decode_kernel(
     if NUM_SPLITS == 1:
         tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty),
                  mask=g_ok)
+    elif CLUSTER:
+        # The splits of one (sequence, kv head) are one thread-block cluster. Cluster rank 0
+        # (the last split: the one with the new key, whose cache write needs no ordering)
+        # merges. The others store their partials into its shared memory (slot rank - 1),
+        # arrive with release and exit; rank 0 arrives relaxed, waits, and folds them in
+        # from its own shared memory. No global round trip, no ticket.
+        SCRATCH: tl.constexpr = (NUM_SPLITS - 1) * (2 + BLOCK_D) * BLOCK_G * 4
+        _cluster_wait()  # the start's phase: every program of the cluster is running
+        if rank == 0:
+            _cluster_arrive(False)
+            _cluster_wait()
+            if TRACE:
+                _stamp(trace_row, 3, 0)
+            for sp in tl.static_range(NUM_SPLITS - 1):
+                m_i, l_i, acc = _fold_scratch(m_i, l_i, acc, sp, offs_g, offs_d, BLOCK_G, BLOCK_D, SCRATCH)
+            tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=g_ok)
+        else:  # the layout _fold_scratch reads
+            base = (rank - 1) * (2 + BLOCK_D) * BLOCK_G * 4
+            g_real = offs_g < G
+            _scratch_store_rank0(_scratch_addr(base + offs_g * 4, SCRATCH), m_i, g_real)
+            _scratch_store_rank0(_scratch_addr(base + BLOCK_G * 4 + offs_g * 4, SCRATCH), l_i, g_real)
+            _scratch_store_rank0(_scratch_addr(base + 8 * BLOCK_G + (offs_g[:, None] * BLOCK_D + offs_d[None, :]) * 4,
+                                               SCRATCH), acc, g_ok)
+            _cluster_arrive(True)
+            if TRACE:
+                _stamp(trace_row, 3, 0)
     else:
         # Every split stores its partials [S, Hq, NUM_SPLITS] (+ [HEAD_D] for acc;
         # unnormalized) and takes a ticket (acq_rel); the last for its (sequence, kv head)
@@ -279,7 +382,7 @@ def _decode_config(head_dim: int, elem_size: int, splits: int):
 
 def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
                   qk_scale, window, num_seqs, max_seq_len, dot_prec, *, num_splits=None, config=None,
-                  trace=None):
+                  trace=None, cluster=None):
     """One decode step of one layer (one new token per sequence) into `out`. trace: an
     int64 CUDA tensor of programs x TRACE_SLOTS to stamp (bench/decode_timeline.py)."""
     T, Hq, D = q.shape
@@ -297,14 +400,25 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
     if trace is not None:
         assert trace.dtype == torch.int64 and trace.is_cuda
         assert trace.numel() >= Hkv * num_seqs * splits * TRACE_SLOTS
-    _decode_kernel[(Hkv, num_seqs, splits)](
-        q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
-        part_m, part_l, part_acc, counts, out if trace is None else trace, qk_scale, window, T,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), block_tables.stride(0),
+    BLOCK_G = max(16, triton.next_power_of_2(G))
+    args = dict(
+        q_ptr=q, k_ptr=k, v_ptr=v, kc_ptr=kc, vc_ptr=vc, o_ptr=out, slot_ptr=slot_mapping,
+        bt_ptr=block_tables, seq_lens_ptr=seq_lens, qsl_ptr=query_start_loc, pm_ptr=part_m,
+        pl_ptr=part_l, pacc_ptr=part_acc, count_ptr=counts,
+        trace_ptr=out if trace is None else trace, qk_scale=qk_scale, window=window, num_tokens=T,
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+        stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0),
+        stride_oh=out.stride(1), stride_bt=block_tables.stride(0),
         STRIDE_CB=kc.stride(0), STRIDE_CS=kc.stride(1), STRIDE_CH=kc.stride(2),
-        G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_G=BLOCK_G,
         BLOCK_N=block_n, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
         HKV=Hkv, BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_HQ=triton.next_power_of_2(Hq),
-        DOT_PREC=dot_prec, TRACE=trace is not None, num_warps=warps, num_stages=stages,
+        DOT_PREC=dot_prec, TRACE=trace is not None,
     )
+    if cluster is None:
+        cluster = splits == 2 and cluster_launchable(q.device)
+    if cluster and launch_cluster(_decode_kernel, (splits, Hkv, num_seqs), splits,
+                                  (splits - 1) * (2 + BLOCK_D) * BLOCK_G * 4, dict(args, CLUSTER=True),
+                                  num_warps=warps, num_stages=stages):
+        return
+    _decode_kernel[(Hkv, num_seqs, splits)](**args, CLUSTER=False, num_warps=warps, num_stages=stages)
