@@ -5,17 +5,22 @@ other's shared memory (`mapa` / `ld.shared::cluster`). Triton 3.6's `tl` has no 
 for that: `num_ctas > 1` also splits every tensor of the program across the cluster. So
 the kernel is compiled as usual (num_ctas = 1: each program's layouts are its own) and
 its launcher is called with the cluster size in the launch metadata, which the launcher
-turns into gridDim.x = grid[0] and a (cluster, 1, 1) cluster shape. Programs of one
-cluster are the ones whose program_id(0) differ only in the lowest log2(cluster) bits.
+turns into gridDim.x = grid[0] and a (cluster, 1, 1) cluster shape: program_id(0) //
+cluster names a program's cluster, program_id(0) % cluster its rank in it.
 
 `extra_smem` bytes are added past the kernel's own shared memory, for the kernel to
-address from the end of its dynamic allocation (`%dynamic_smem_size`).
+address from the end of its dynamic allocation (`%dynamic_smem_size`). The kernel's
+arguments are bound once by `warmup` (compiling on first use, as a launch would) and
+passed on in the order of its parameters, constexprs included, as Triton's own launch
+does.
 """
+import ctypes
+import functools
+
 import torch
 
-# The kernel's own shared memory must be past 48 KB: Triton then opts the function into
-# the device's full dynamic shared memory at load time, which the extra bytes need.
-_OPTED_IN_SMEM = 48 * 1024
+_SMEM_WITHOUT_OPT_IN = 48 * 1024  # bytes a launch gets without the function attribute below
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 
 def cluster_launchable(device: torch.device) -> bool:
@@ -23,21 +28,29 @@ def cluster_launchable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+@functools.lru_cache(maxsize=None)
+def _allow_dynamic_smem(function: int, nbytes: int) -> None:
+    """Let `function` launch with nbytes of dynamic shared memory (Triton opts a kernel in
+    at load time only when its own shared memory passes 48 KB)."""
+    rc = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(
+        ctypes.c_void_p(function), _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, ctypes.c_int(nbytes))
+    if rc != 0:
+        raise RuntimeError(f"cuFuncSetAttribute(max dynamic shared memory = {nbytes} B) failed: CUresult {rc}")
+
+
 def launch_cluster(kernel, grid, cluster: int, extra_smem: int, args: dict, *, num_warps: int,
-                   num_stages: int) -> bool:
-    """Launch kernel[grid](**args) in clusters of `cluster` programs along grid[0] with
-    `extra_smem` more bytes of shared memory. False (nothing launched) if the compiled
-    kernel's own shared memory is under the opt-in line (see above); the caller then
-    launches another way."""
+                   num_stages: int) -> None:
+    """Launch kernel[grid](**args) in clusters of `cluster` programs along grid[0], with
+    `extra_smem` more bytes of shared memory than the compiled kernel uses."""
     assert grid[0] % cluster == 0 and 1 < cluster <= 8, (grid, cluster)
     compiled = kernel.warmup(**args, grid=grid, num_warps=num_warps, num_stages=num_stages)
     if hasattr(compiled, "result"):  # an async compile's future
         compiled = compiled.result()
-    if compiled.metadata.shared <= _OPTED_IN_SMEM:
-        return False
     run = compiled.run  # loads the module on first use
+    smem = compiled.metadata.shared + extra_smem
+    if smem > _SMEM_WITHOUT_OPT_IN:
+        _allow_dynamic_smem(compiled.function, smem)
     stream = torch.cuda.current_stream().cuda_stream
-    meta = (compiled.metadata.num_warps, cluster, compiled.metadata.shared + extra_smem)
-    run(grid[0] // cluster, grid[1], grid[2], stream, compiled.function, meta, None, None, None,
+    run(grid[0] // cluster, grid[1], grid[2], stream, compiled.function,
+        (compiled.metadata.num_warps, cluster, smem), None, None, None,
         *(args[name] for name in kernel.arg_names))
-    return True

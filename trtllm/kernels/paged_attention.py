@@ -229,6 +229,7 @@ def _paged_attention_impl(
     q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc,
     scale, window, num_seqs, max_query_len, max_seq_len,
     *, num_splits=None, prefill_config=None, decode_config=None, force_prefill=False, trace=None,
+    decode_cluster=None,
 ):
     """The launcher; the keywords force a path/config (tests) or trace the decode kernel's
     phases (bench/decode_timeline.py)."""
@@ -265,7 +266,7 @@ def _paged_attention_impl(
     if max_query_len == 1 and num_seqs > 0 and not force_prefill:
         launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
                       qk_scale, window, num_seqs, max_seq_len, dot_prec, num_splits=num_splits,
-                      config=decode_config, trace=trace)
+                      config=decode_config, trace=trace, cluster=decode_cluster)
         return out
 
     _cache_write_kernel[(T,)](

@@ -1,0 +1,59 @@
+"""GPU-only paths of paged attention: the decode merge inside a thread-block cluster
+(kernels/paged_attention_decode.py, 2 splits on sm_90+), against paged_attention_ref and
+the global-ticket merge. Skipped in CI (CPU, interpreter); run on a Hopper GPU with
+
+    TRITON_INTERPRET=0 python -m pytest -q tests/kernels/test_paged_attention_gpu.py
+"""
+import os
+
+import pytest
+import torch
+
+import trtllm.kernels.paged_attention as pa
+from tests.kernels.test_paged_attention import TOL, check, clone_caches, make_batch
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
+    or torch.cuda.get_device_capability()[0] < 9,
+    reason="needs an sm_90+ GPU without the Triton interpreter")
+
+# Short sequences leave split 1 (cluster rank 0, the merger) or split 0 empty; 0 cached
+# keys; lengths off the 64-key tile; a long one.
+SPECS = [(300, 1), (5, 1), (64, 1), (0, 1), (2047, 1), (63, 1), (1000, 1)]
+
+
+def on_gpu(args):
+    return tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [0, 40])
+@pytest.mark.parametrize("hq,hkv,d,bs", [(32, 8, 128, 16), (8, 2, 64, 64), (16, 1, 128, 32)])
+def test_cluster_merge_matches_reference_and_ticket(dtype, window, hq, hkv, d, bs):
+    args, _ = make_batch(SPECS, hq, hkv, d, bs, dtype, window=window)
+    args = on_gpu(args)
+    out, _ = check(args, num_splits=2, decode_cluster=True)
+    ticket, _ = check(args, num_splits=2, decode_cluster=False)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, ticket, atol=atol, rtol=rtol)
+    again = pa._paged_attention_impl(*clone_caches(args), num_splits=2, decode_cluster=True)
+    torch.testing.assert_close(again, out, atol=0, rtol=0)  # no state carried between launches
+
+
+def test_cluster_merge_padding_unused_rows_and_graph_replay():
+    """Padding tokens and unused sequence rows (as under CUDA-graph capture) stay zero, and
+    a captured launch replays to the eager result."""
+    args, _ = make_batch([(20, 1), (300, 1)], 32, 8, 128, 16, torch.bfloat16, pad_tokens=5,
+                         extra_seqs=2)
+    a = list(on_gpu(args))
+    a[14] = 4096  # max_seq_len: an upper bound
+    out, ref = check(tuple(a), num_splits=2, decode_cluster=True)
+    assert out[-5:].abs().sum() == 0 and out[:2].abs().sum() > 0
+    graph, caches = torch.cuda.CUDAGraph(), clone_caches(a)
+    pa._paged_attention_impl(*caches, num_splits=2, decode_cluster=True)  # compiled before capture
+    with torch.cuda.graph(graph):
+        replayed = pa._paged_attention_impl(*caches, num_splits=2, decode_cluster=True)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(replayed, out, atol=0, rtol=0)
