@@ -7,7 +7,9 @@ Per layer inside one CUDA graph of up to 32 layers' calls (bench_attention's
 runs with TRACE on: every program stamps %globaltimer (ns, comparable across SMs) and
 %clock64 at
   0 entry, 1 its sequence length known (metadata loaded), 2 its K/V loop done,
-  3 its split ticket back (split grids), 4 exit (after the merge, for the merging program),
+  3 its split ticket back (split grids; with the cluster merge: past the cluster barrier,
+  or arrived at it for the program that does not merge), 4 exit (after the merge, for
+  the merging program),
 so one replay shows: dispatch skew (first to last program start), metadata latency, loop
 time and per-program GB/s, ticket and merge time, the tail (last exit minus median exit),
 and the gap from one layer's last exit to the next layer's first entry. The same graph
