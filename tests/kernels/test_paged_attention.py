@@ -197,6 +197,15 @@ def test_split_heuristic():
     assert pa_decode._num_splits(1, 8, 100, dev) == 1
 
 
+def test_cluster_merge_is_gpu_only():
+    """The cluster merge (2 splits on sm_90+; tests/kernels/test_paged_attention_gpu.py)
+    is never chosen here, and forcing it names what it needs."""
+    args, _ = make_batch([(150, 1), (6, 1)], 8, 2, 32, 16, torch.float16)
+    check(args, num_splits=2)  # the ticket merge
+    with pytest.raises(ValueError, match="sm_90"):
+        pa._paged_attention_impl(*clone_caches(args), num_splits=2, decode_cluster=True)
+
+
 @pytest.mark.parametrize("window", [5, 16])
 def test_sliding_window(window):
     specs = [(0, 40), (30, 12), (60, 1)]

@@ -424,6 +424,9 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         # the hardware put two of their programs on one SM (120 SMs busy, not 128).
         cluster = splits == 2 and cluster_launchable(q.device)
     if cluster:
+        if not (cluster_launchable(q.device) and 2 <= splits <= 8):
+            raise ValueError(f"the cluster merge needs 2 to 8 splits (got {splits}) on an sm_90+ GPU "
+                             f"(got {q.device})")
         launch_cluster(_decode_kernel, (splits, Hkv, num_seqs), splits,
                        (splits - 1) * (2 + BLOCK_D) * BLOCK_G * 4, dict(args, CLUSTER=True),
                        num_warps=warps, num_stages=stages)
