@@ -420,7 +420,7 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         DOT_PREC=dot_prec, TRACE=trace is not None,
     )
     if cluster is None:
-        # Clusters of 4 or 8 (b4 / b2 x 2048) lost on the H100 (18.6 -> 21.9, 13.9 -> 18.2 us):
+        # Clusters of 4 or 8 (b4 / b2 x 2048) lost on the H100 (18.6 -> 21-22, 13.9 -> 18-20 us):
         # the hardware put two of their programs on one SM (120 SMs busy, not 128).
         cluster = splits == 2 and cluster_launchable(q.device)
     if cluster:
