@@ -6,7 +6,7 @@
 splits' (max, sum, acc) partials are merged in the same launch:
 - 2 splits on sm_90+ (batch ~8 on an H100): the two programs are one thread-block cluster,
   grid (splits, Hkv, num_seqs); the other split writes its partials into the merging
-  program's shared memory and arrives at the cluster barrier (kernels/cluster_launch.py);
+  program's shared memory and arrives at the cluster barrier (kernels/cluster.py);
 - otherwise each split writes its partials to global memory and takes an atomic ticket
   per (sequence, kv head); the last to finish merges.
 Semantics and shapes: kernels/paged_attention.py.
@@ -19,7 +19,8 @@ import triton.language as tl
 
 from trtllm.kernels.attention_tiles import attend as _attend, load_tile as _load_tile, \
     write_token as _write_token
-from trtllm.kernels.cluster_launch import cluster_launchable, launch_cluster
+from trtllm.kernels.cluster import cluster_arrive, cluster_launchable, cluster_wait, launch_cluster, \
+    scratch_addr, shared_load, store_to_rank0
 
 # Flash-decoding: split a sequence's context only while the grid is smaller than
 # _SPLIT_TARGET_PER_SM programs per SM, and never into pieces shorter than _SPLIT_MIN_LEN
@@ -66,82 +67,36 @@ def context_range(L, window, split, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.conste
 
 
 @triton.jit
+def _merge(m_i, l_i, acc, m_sp, l_sp, a_sp):
+    """Two splits' (max, sum, acc) softmax states of the same rows as one."""
+    m_new = tl.maximum(m_i, m_sp)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # both still empty
+    alpha, beta = tl.math.exp2(m_i - m_use), tl.math.exp2(m_sp - m_use)
+    return m_new, l_i * alpha + l_sp * beta, acc * alpha[:, None] + a_sp * beta[:, None]
+
+
+@triton.jit
 def _fold_partial(m_i, l_i, acc, pm_ptr, pl_ptr, pacc_ptr, r, r_ok, d_ok, offs_d, HEAD_D: tl.constexpr):
     """(m_i, l_i, acc) merged with the stored partial at rows r (where r_ok)."""
     m_sp = tl.load(pm_ptr + r, mask=r_ok, other=float("-inf"), cache_modifier=".cg")
     l_sp = tl.load(pl_ptr + r, mask=r_ok, other=0.0, cache_modifier=".cg")
     a_sp = tl.load(pacc_ptr + r.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
                    mask=r_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-    m_new = tl.maximum(m_i, m_sp)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # both still empty
-    alpha, beta = tl.math.exp2(m_i - m_use), tl.math.exp2(m_sp - m_use)
-    return m_new, l_i * alpha + l_sp * beta, acc * alpha[:, None] + a_sp * beta[:, None]
+    return _merge(m_i, l_i, acc, m_sp, l_sp, a_sp)
 
 
 @triton.jit
-def _scratch_addr(offset, SCRATCH: tl.constexpr):
-    """Shared-window address of byte `offset` of this program's cluster scratch: the last
-    SCRATCH bytes of its dynamic shared memory, past Triton's own buffers (the launch asks
-    for that much more than the kernel's metadata says)."""
-    end = tl.inline_asm_elementwise(
-        "{ .reg .b32 n; mov.u32 $0, global_smem; mov.u32 n, %dynamic_smem_size; add.u32 $0, $0, n; }",
-        "=r", [], dtype=tl.int32, is_pure=True, pack=1)
-    return end - SCRATCH + offset
-
-
-@triton.jit
-def _scratch_store_rank0(addr, x, ok):
-    """x (fp32) into cluster program 0's shared memory at addr, where ok."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b32 r; setp.ne.b32 p, $3, 0; mapa.shared::cluster.u32 r, $1, 0;\n\t"
-        "@p st.shared::cluster.b32 [r], $2; mov.u32 $0, 0; }",
-        "=r,r,r,r", [addr, x.to(tl.int32, bitcast=True), ok.to(tl.int32)], dtype=tl.int32,
-        is_pure=False, pack=1)
-
-
-@triton.jit
-def _scratch_load(addr):
-    """fp32 at addr of this program's shared memory (after the barrier that published it)."""
-    x = tl.inline_asm_elementwise("ld.shared.b32 $0, [$1];", "=r,r", [addr], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-    return x.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _cluster_arrive(RELEASE: tl.constexpr):
-    """This thread arrives at the cluster barrier. RELEASE: its earlier memory operations
-    are made visible to the cluster first, which waits for all of its pending stores to be
-    acknowledged (pending global stores: ~1 us under the K/V stream)."""
-    if RELEASE:
-        tl.inline_asm_elementwise("barrier.cluster.arrive.release;\n\tmov.u32 $0, 0;", "=r", [],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.inline_asm_elementwise("barrier.cluster.arrive.relaxed;\n\tmov.u32 $0, 0;", "=r", [],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _cluster_wait():
-    """Wait (acquire) until every thread of the cluster has arrived at the barrier's phase."""
-    tl.inline_asm_elementwise("barrier.cluster.wait.acquire;\n\tmov.u32 $0, 0;", "=r", [],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _fold_scratch(m_i, l_i, acc, slot, offs_g, offs_d, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                  SCRATCH: tl.constexpr):
-    """(m_i, l_i, acc) merged with the partials in scratch slot `slot`: max at byte 0, sum
-    at 4 * BLOCK_G, acc at 8 * BLOCK_G (all fp32), the slot (2 + BLOCK_D) * BLOCK_G * 4 bytes.
-    Padding rows (>= G) are never written there: they merge garbage, and are never stored."""
+def _scratch_slot(slot, offs_g, offs_d, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, SCRATCH: tl.constexpr):
+    """Shared-memory addresses (max [BLOCK_G], sum [BLOCK_G], acc [BLOCK_G, BLOCK_D]; fp32)
+    of one split's partials in the merging program's cluster scratch."""
     base = slot * (2 + BLOCK_D) * BLOCK_G * 4
-    m_sp = _scratch_load(_scratch_addr(base + offs_g * 4, SCRATCH))
-    l_sp = _scratch_load(_scratch_addr(base + BLOCK_G * 4 + offs_g * 4, SCRATCH))
-    a_sp = _scratch_load(_scratch_addr(base + 8 * BLOCK_G + (offs_g[:, None] * BLOCK_D + offs_d[None, :]) * 4,
-                                       SCRATCH))
-    m_new = tl.maximum(m_i, m_sp)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # both still empty
-    alpha, beta = tl.math.exp2(m_i - m_use), tl.math.exp2(m_sp - m_use)
-    return m_new, l_i * alpha + l_sp * beta, acc * alpha[:, None] + a_sp * beta[:, None]
+    return (scratch_addr(base + offs_g * 4, SCRATCH), scratch_addr(base + (BLOCK_G + offs_g) * 4, SCRATCH),
+            scratch_addr(base + (2 * BLOCK_G + offs_g[:, None] * BLOCK_D + offs_d[None, :]) * 4, SCRATCH))
+
+
+@triton.jit
+def _store_out(o_ptrs, acc, l_i, g_ok):
+    tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptrs.dtype.element_ty), mask=g_ok)
 
 
 @triton.jit(do_not_specialize=["window", "num_tokens"])
@@ -165,7 +120,7 @@ def _decode_kernel(
         split = NUM_SPLITS - 1 - rank
         # Shared memory of another program of the cluster may be written only once it runs:
         # this phase of the cluster barrier, waited on after the K/V loop, says so.
-        _cluster_arrive(False)
+        cluster_arrive(False)
         kvh = tl.program_id(1)
         s = tl.program_id(2)
         num_seqs = tl.num_programs(2)
@@ -263,8 +218,7 @@ def _decode_kernel(
 
     o_ptrs = o_ptr + t.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:
-        tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty),
-                 mask=g_ok)
+        _store_out(o_ptrs, acc, l_i, g_ok)
     elif CLUSTER:
         # The splits of one (sequence, kv head) are one thread-block cluster. Cluster rank 0
         # (the last split: the one with the new key past (splits - 1) * BLOCK_N keys, so its
@@ -275,24 +229,23 @@ def _decode_kernel(
         # over the cluster instead (a second barrier keeping it alive): 28.7; with release
         # arrivals on both programs as well (waiting out their global stores): 29.5.
         SCRATCH: tl.constexpr = (NUM_SPLITS - 1) * (2 + BLOCK_D) * BLOCK_G * 4
-        _cluster_wait()  # the start's phase: every program of the cluster is running
+        cluster_wait()  # the start's phase: every program of the cluster is running
         if rank == 0:
-            _cluster_arrive(False)
-            _cluster_wait()
+            cluster_arrive(False)
+            cluster_wait()
             if TRACE:
                 _stamp(trace_row, 3, 0)
             for sp in tl.static_range(NUM_SPLITS - 1):
-                m_i, l_i, acc = _fold_scratch(m_i, l_i, acc, sp, offs_g, offs_d, BLOCK_G, BLOCK_D, SCRATCH)
-            tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty),
-                     mask=g_ok)
-        else:  # the layout _fold_scratch reads
-            base = (rank - 1) * (2 + BLOCK_D) * BLOCK_G * 4
-            g_real = offs_g < G
-            _scratch_store_rank0(_scratch_addr(base + offs_g * 4, SCRATCH), m_i, g_real)
-            _scratch_store_rank0(_scratch_addr(base + BLOCK_G * 4 + offs_g * 4, SCRATCH), l_i, g_real)
-            _scratch_store_rank0(_scratch_addr(base + 8 * BLOCK_G + (offs_g[:, None] * BLOCK_D + offs_d[None, :]) * 4,
-                                               SCRATCH), acc, g_ok)
-            _cluster_arrive(True)
+                # Padding rows (>= G) were never written: they merge garbage, never stored.
+                m_at, l_at, acc_at = _scratch_slot(sp, offs_g, offs_d, BLOCK_G, BLOCK_D, SCRATCH)
+                m_i, l_i, acc = _merge(m_i, l_i, acc, shared_load(m_at), shared_load(l_at), shared_load(acc_at))
+            _store_out(o_ptrs, acc, l_i, g_ok)
+        else:
+            m_at, l_at, acc_at = _scratch_slot(rank - 1, offs_g, offs_d, BLOCK_G, BLOCK_D, SCRATCH)
+            store_to_rank0(m_at, m_i, offs_g < G)
+            store_to_rank0(l_at, l_i, offs_g < G)
+            store_to_rank0(acc_at, acc, g_ok)
+            cluster_arrive(True)
             if TRACE:
                 _stamp(trace_row, 3, 0)
     else:
@@ -337,8 +290,7 @@ def _decode_kernel(
                     a_sp = tl.load(pacc_ptr + (base + sp).to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
                                    mask=g_ok, other=0.0, cache_modifier=".cg")
                     acc += tl.math.exp2(m_sp - m_max)[:, None] * a_sp
-            tl.store(o_ptrs, (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty),
-                     mask=g_ok)
+            _store_out(o_ptrs, acc, l_i, g_ok)
             tl.atomic_xchg(count_ptr + s * HKV + kvh, 0)  # ready for the next launch / replay
     if TRACE:
         _stamp(trace_row, 4, 0)
