@@ -31,6 +31,7 @@ from bench.bench_attention import D, HKV, REL_TOL, graphed, graphed_layers, make
 from bench.report import report
 from trtllm.kernels import paged_attention as pa
 from trtllm.kernels import paged_attention_decode as pa_decode
+from trtllm.kernels.cluster import cluster_launchable
 
 SHAPES = [(8, 2048), (8, 512), (1, 512), (1, 2048), (1, 8192), (8, 8192), (64, 2048)]
 B8_CONFIGS = [(2, None), (3, None), (4, None), (2, (64, 4, 5)), (4, (64, 4, 5)), (2, (64, 8, 4)),
@@ -103,7 +104,8 @@ def run(batch, ctx, failures, splits=None, config=None):
     seq_lens = args[8]
     floor = per_layer_us(graphed(lambda: [_touch_kernel[(HKV, batch, splits)](seq_lens, touch_out)
                                           for _ in range(LAYERS)]), LAYERS)
-    config = config or pa_decode._decode_config(D, args[0].element_size(), splits)
+    config = config or pa_decode._decode_config(D, args[0].element_size(), splits,
+                                                 splits == 2 and cluster_launchable(args[0].device))
     row = dict(batch=batch, ctx=ctx, splits=splits, config=" ".join(map(str, config)), programs=programs,
                rel_err=err, us_plain=us_plain, us_traced=us_traced, us_floor=floor,
                gbs_plain=nbytes / us_plain / 1e3, **phases)

@@ -206,6 +206,25 @@ def test_cluster_merge_is_gpu_only():
         pa._paged_attention_impl(*clone_caches(args), num_splits=2, decode_cluster=True)
 
 
+def test_decode_int64_cache_offsets(monkeypatch):
+    """Caches past 2**31 elements per layer take 64-bit offsets in the decode loop: the
+    same path, forced here on a small cache."""
+    monkeypatch.setattr(pa_decode, "_MAX_INT32_OFFSET", 0)
+    args, _ = make_batch([(150, 1), (37, 1), (0, 1)], 8, 2, 32, 16, torch.float16)
+    check(args, num_splits=2)
+    check(args, num_splits=1)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.125])
+def test_nonpositive_scale_is_refused(scale):
+    """The kernels take row maxima of unscaled scores and scale them after."""
+    args, _ = make_batch([(20, 1)], 4, 2, 16, 16, torch.float32)
+    args = list(args)
+    args[10] = scale
+    with pytest.raises(AssertionError, match="softmax scale must be > 0"):
+        pa._paged_attention_impl(*args)
+
+
 @pytest.mark.parametrize("window", [5, 16])
 def test_sliding_window(window):
     specs = [(0, 40), (30, 12), (60, 1)]

@@ -54,18 +54,21 @@ def load_tile(ptrs, row_ok, d_ok, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
 @triton.jit
 def attend(acc, m_i, l_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
            SUM_LATE: tl.constexpr):
-    """One online-softmax step over a [BLOCK_N, D] K/V tile (m_i in log2 units). SUM_LATE:
+    """One online-softmax step over a [BLOCK_N, D] K/V tile (m_i in log2 units; qk_scale > 0
+    with log2(e) folded in). SUM_LATE:
     l_i is [M, BLOCK_N], column-wise sums the caller reduces once after its loop (a row
     sum across warps per tile less)."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    # The scale (> 0) goes into the exp2's argument as one FMA, not a multiply per score
+    # first: the row max of unscaled scores, scaled, is the max of the scaled ones.
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if MASKED:
         qk = tl.where(mask, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
     else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = m_new
-    p = tl.math.exp2(qk - m_use[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     if SUM_LATE:
         l_i = l_i * alpha[:, None] + p

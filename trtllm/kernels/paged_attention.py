@@ -245,6 +245,7 @@ def _paged_attention_impl(
     assert v_cache.shape == k_cache.shape and Dc == D, "k/v caches must be [L, NB, BS, Hkv, D]"
     assert k_cache.stride() == v_cache.stride(), "k/v caches must share strides"
     assert Hq % Hkv == 0, f"{Hq} query heads not a multiple of {Hkv} kv heads"
+    assert scale > 0, f"softmax scale must be > 0 (the kernels take row maxima before scaling), got {scale}"
     assert 0 <= layer < k_cache.shape[0], f"layer {layer} out of range"
     for name, t in (("slot_mapping", slot_mapping), ("block_tables", block_tables),
                     ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):

@@ -33,6 +33,10 @@ _SPLIT_MIN_LEN = 64
 _MAX_SPLITS = 64
 
 
+# Cache offsets (elements of one layer's cache) are int32 up to here, int64 past it: the
+# 64-bit math cost the K/V loop 45 of its 296 SASS instructions per tile at b8 x 2048.
+_MAX_INT32_OFFSET = 2**31 - 1
+
 TRACE_SLOTS = 16  # per program: (globaltimer ns, clock64) at stamps 0..4, then %smid
 _TRACE_SLOTS = tl.constexpr(TRACE_SLOTS)
 
@@ -110,7 +114,7 @@ def _decode_kernel(
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    DOT_PREC: tl.constexpr, TRACE: tl.constexpr, CLUSTER: tl.constexpr,
+    DOT_PREC: tl.constexpr, TRACE: tl.constexpr, CLUSTER: tl.constexpr, OFF64: tl.constexpr,
 ):
     """One launch for the whole decode step (launches are a large share of a 20-30 us
     step): the cache write, the zero rows, attention and the split merge. TRACE (GPU
@@ -189,10 +193,13 @@ def _decode_kernel(
         j_ok = (j >= lo) & (j < kv_hi)
         # Rows past kv_hi re-read its last row (written, so finite) and are masked in the
         # scores: the loads need no predicates. With the cache strides as constexprs this
-        # took the loop from 323 to ~290 SASS instructions per tile (b8 x 2048 on the H100).
-        jc = tl.minimum(j, kv_hi - 1)
-        page = tl.load(bt_row + jc // PAGE, eviction_policy="evict_last").to(tl.int64)
-        off = page[:, None] * STRIDE_CB + (jc % PAGE)[:, None] * STRIDE_CS \
+        # took the loop from 323 to ~290 SASS instructions per tile (b8 x 2048 on the H100);
+        # unsigned // and % (a shift and a mask) and int32 offsets, 296 -> 249: 28.3 -> 28.2 us.
+        jc = tl.minimum(j, kv_hi - 1).to(tl.uint32)
+        page = tl.load(bt_row + jc // PAGE, eviction_policy="evict_last")
+        if OFF64:
+            page = page.to(tl.int64)
+        off = page[:, None] * STRIDE_CB + (jc % PAGE).to(tl.int32)[:, None] * STRIDE_CS \
             + kvh * STRIDE_CH + offs_d[None, :]
         k = _load_tile(kc_ptr + off, j_ok, d_ok, False, EVEN_D)
         v = _load_tile(vc_ptr + off, j_ok, d_ok, False, EVEN_D)
@@ -327,7 +334,7 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def _decode_config(head_dim: int, elem_size: int, splits: int):
+def _decode_config(head_dim: int, elem_size: int, splits: int, cluster: bool = False):
     """(BLOCK_N, num_warps, num_stages): 64 x 128 bf16 K + V = 32 KB per buffer.
 
     The K/V addresses come from a block-table load inside the loop, and Triton's
@@ -335,10 +342,15 @@ def _decode_config(head_dim: int, elem_size: int, splits: int):
     smem: 3 programs per SM), 3 single-buffers them (more programs per SM). Measured on
     H100 (bench/sweep_decode.py): a full grid (1 split, b64 x 2048) runs 195 us at 3
     stages against 222 at 5; a split grid (small batch) wants 5 stages, and 8 warps gain
-    6-10% at b1 x 2048-8192 (16 splits) and cost nothing at b8."""
+    6-10% at b1 x 2048-8192 (16 splits, ticket merge: 9.6 against 11.2-11.8 us with 4).
+    The cluster merge (2 splits) runs better with 4 warps since the loop lost its 64-bit
+    address math (296 -> 249 SASS per tile): b8 x 2048 28.16 -> 28.00, b8 x 512 11.24 ->
+    10.80, b8 x 8192 95.1 -> 94.6 us per layer (H100, by turns)."""
     if elem_size == 4 or head_dim > 128:
         return 32, 4, 3
-    return (64, 4, 3) if splits == 1 else (64, 8, 5)
+    if splits == 1:
+        return 64, 4, 3
+    return (64, 4, 5) if cluster else (64, 8, 5)
 
 
 def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
@@ -352,10 +364,14 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
     G = Hq // Hkv
     BLOCK_D = max(16, triton.next_power_of_2(D))
     splits = num_splits or _num_splits(num_seqs, Hkv, max_seq_len, q.device)
-    block_n, warps, stages = config or _decode_config(D, q.element_size(), splits)
     if trace is not None:
         assert trace.dtype == torch.int64 and trace.is_cuda
         assert trace.numel() >= Hkv * num_seqs * splits * TRACE_SLOTS
+    if cluster is None:
+        # Clusters of 4 or 8 (b4 / b2 x 2048) lost on the H100 (18.6 -> 21-22, 13.9 -> 18-20 us):
+        # the hardware put two of their programs on one SM (120 SMs busy, not 128).
+        cluster = splits == 2 and cluster_launchable(q.device)
+    block_n, warps, stages = config or _decode_config(D, q.element_size(), splits, cluster)
     BLOCK_G = max(16, triton.next_power_of_2(G))
     args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, kc_ptr=kc, vc_ptr=vc, o_ptr=out, slot_ptr=slot_mapping,
@@ -370,11 +386,8 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         BLOCK_N=block_n, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
         HKV=Hkv, BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_HQ=triton.next_power_of_2(Hq),
         DOT_PREC=dot_prec, TRACE=trace is not None,
+        OFF64=max(kc.numel(), vc.numel()) > _MAX_INT32_OFFSET,
     )
-    if cluster is None:
-        # Clusters of 4 or 8 (b4 / b2 x 2048) lost on the H100 (18.6 -> 21-22, 13.9 -> 18-20 us):
-        # the hardware put two of their programs on one SM (120 SMs busy, not 128).
-        cluster = splits == 2 and cluster_launchable(q.device)
     if cluster:
         if not (cluster_launchable(q.device) and 2 <= splits <= 8):
             raise ValueError(f"the cluster merge needs 2 to 8 splits (got {splits}) on an sm_90+ GPU "
