@@ -40,6 +40,17 @@ def test_cluster_merge_matches_reference_and_ticket(dtype, window, hq, hkv, d, b
     torch.testing.assert_close(again, out, atol=0, rtol=0)  # no state carried between launches
 
 
+@pytest.mark.parametrize("splits", [3, 4, 8])
+def test_forced_larger_clusters(splits):
+    """Clusters of 3-8 splits (never chosen by default): several programs write their
+    partials into the merger's shared memory, each into its own slot."""
+    args, _ = make_batch(SPECS, 32, 8, 128, 16, torch.bfloat16)
+    args = on_gpu(args)
+    out, _ = check(args, num_splits=splits, decode_cluster=True)
+    ticket, _ = check(args, num_splits=splits, decode_cluster=False)
+    torch.testing.assert_close(out, ticket, atol=TOL[torch.bfloat16][0], rtol=TOL[torch.bfloat16][1])
+
+
 def test_cluster_merge_padding_unused_rows_and_graph_replay():
     """Padding tokens and unused sequence rows (as under CUDA-graph capture) stay zero, and
     a captured launch replays to the eager result."""
