@@ -343,14 +343,16 @@ def _decode_config(head_dim: int, elem_size: int, splits: int, cluster: bool = F
     H100 (bench/sweep_decode.py): a full grid (1 split, b64 x 2048) runs 195 us at 3
     stages against 222 at 5; a split grid (small batch) wants 5 stages, and 8 warps gain
     6-10% at b1 x 2048-8192 (16 splits, ticket merge: 9.6 against 11.2-11.8 us with 4).
-    The cluster merge (2 splits) runs better with 4 warps since the loop lost its 64-bit
-    address math (296 -> 249 SASS per tile): b8 x 2048 28.16 -> 28.00, b8 x 512 11.24 ->
-    10.80, b8 x 8192 95.1 -> 94.6 us per layer (H100, by turns)."""
+    The cluster merge (2 splits) runs better with fewer warps since the loop lost its
+    64-bit address math (296 -> 249 SASS per tile at 8 warps): b8 x 2048 28.16 (8 warps)
+    -> 28.00 (4) -> 27.85 (2; 1 warp: 29.8), b8 x 512 11.24 -> 10.80 -> 10.80, b8 x 8192
+    95.1 -> 94.6 -> 94.5 us per layer (H100, by turns). Per tile, warps x SASS: 8 x 249,
+    4 x 371, 2 x 483: fewer instructions, and fewer warps to meet at each barrier."""
     if elem_size == 4 or head_dim > 128:
         return 32, 4, 3
     if splits == 1:
         return 64, 4, 3
-    return (64, 4, 5) if cluster else (64, 8, 5)
+    return (64, 2, 5) if cluster else (64, 8, 5)
 
 
 def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
