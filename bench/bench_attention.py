@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from bench.report import report
+from trtllm.kernels import decode_shape
 from trtllm.kernels import paged_attention as pa
-from trtllm.kernels import paged_attention_decode as pa_decode
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -215,7 +215,7 @@ def bench_decode(batch, ctx, failures):
     except Exception as e:  # noqa: BLE001 - a missing peer must not hide our numbers
         print(f"  sdpa decode b{batch} ctx{ctx}: {type(e).__name__}: {e}", file=sys.stderr)
         t_sdpa = t_sdpa_rf = float("nan")
-    row = dict(batch=batch, ctx=ctx, rel_err=err, splits=pa_decode._num_splits(batch, HKV, ctx, DEV),
+    row = dict(batch=batch, ctx=ctx, rel_err=err, splits=decode_shape.num_splits(batch, HKV, ctx, DEV),
                us_eager=t_eager * 1e3, us_graph=t_graph * 1e3, us_sdpa=t_sdpa * 1e3,
                gbs_eager=nbytes / t_eager / 1e6, gbs_graph=nbytes / t_graph / 1e6,
                gbs_sdpa=nbytes / t_sdpa / 1e6, us_graph_rf=t_graph_rf * 1e3,
@@ -267,13 +267,13 @@ def bench_prefill(tokens, failures):
 
 
 def sweep():
-    """Configs around the defaults, graph-timed: to retune _decode_config / _num_splits /
+    """Configs around the defaults, graph-timed: to retune decode_shape.decode_config / num_splits /
     _prefill_config from one run."""
     rows = []
     for batch, ctx in ((8, 2048), (1, 8192), (64, 2048)):
         args = make_inputs([(ctx - 1, 1)] * batch, seed=7)
         nbytes = batch * ctx * HKV * D * 4
-        base = pa_decode._num_splits(batch, HKV, ctx, DEV)
+        base = decode_shape.num_splits(batch, HKV, ctx, DEV)
         for cfg in ((64, 8, 5), (64, 4, 5), (64, 4, 3), (32, 4, 5)):
             for splits in sorted({max(1, base // 2), base, base * 2}):
                 try:

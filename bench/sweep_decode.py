@@ -14,9 +14,8 @@ import torch
 
 from bench.bench_attention import BS, D, HKV, REL_TOL, graphed, make_inputs, ms, rel_error
 from bench.report import report
+from trtllm.kernels import decode_shape
 from trtllm.kernels import paged_attention as pa
-from trtllm.kernels import paged_attention_decode as pa_decode
-from trtllm.kernels.cluster import cluster_launchable
 
 CONFIGS = [(16, 4, 2), (16, 4, 3), (16, 4, 5), (32, 4, 2), (32, 4, 3), (32, 4, 5), (64, 4, 3), (64, 4, 5),
            (64, 8, 3), (64, 8, 5), (128, 8, 2), (128, 8, 3), (128, 4, 2)]
@@ -36,7 +35,8 @@ def run_case(batch, ctx, configs, splits_list, tables=("random",)):
     rows = []
     args0 = make_inputs([(ctx - 1, 1)] * batch, seed=batch * 7 + ctx)
     nbytes = batch * ctx * HKV * D * 4
-    default = pa_decode._num_splits(batch, HKV, ctx, args0[0].device)
+    default = decode_shape.num_splits(batch, HKV, ctx, args0[0].device)
+    default_cfg = decode_shape.decode_config(D, 2, default, decode_shape.merges_in_cluster(default, args0[0].device))
     for table in tables:
         args = args0 if table == "random" else contiguous(args0)
         for cfg in configs:
@@ -53,8 +53,7 @@ def run_case(batch, ctx, configs, splits_list, tables=("random",)):
                     continue
                 row = dict(batch=batch, ctx=ctx, table=table, config=list(cfg), splits=splits,
                            us=t * 1e3, gbs=nbytes / t / 1e6, rel_err=e, ok=e < REL_TOL,
-                           is_default=(cfg == pa_decode._decode_config(D, 2, splits, splits == 2 and cluster_launchable(torch.device("cuda")))
-                                       and splits == default))
+                           is_default=(cfg == default_cfg and splits == default))
                 rows.append(row)
                 print(f"b{batch} ctx{ctx} {table:6s} {cfg} x{splits:2d}: {row['us']:6.1f} us "
                       f"{row['gbs']:6.0f} GB/s err {e:.1e}", flush=True)
@@ -67,8 +66,8 @@ def main():
     best = sorted((r for r in rows if r["table"] == "random" and r["ok"]), key=lambda r: r["us"])[:6]
     finalists = [tuple(r["config"]) for r in best]
     for batch, ctx in ((1, 512), (1, 2048), (1, 8192), (8, 512), (8, 8192), (64, 2048)):
-        defaults = [pa_decode._decode_config(D, 2, 1), pa_decode._decode_config(D, 2, 2),
-                    pa_decode._decode_config(D, 2, 2, True)]
+        defaults = [decode_shape.decode_config(D, 2, 1), decode_shape.decode_config(D, 2, 2),
+                    decode_shape.decode_config(D, 2, 2, True)]
         rows += run_case(batch, ctx, sorted(set(finalists + defaults)), FOLLOW_SPLITS)
     lines = ["| batch | ctx | table | config (BLOCK_N, warps, stages) | splits | us | GB/s | % of 3.0 TB/s | err | default |",
              "|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]

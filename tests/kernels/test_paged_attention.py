@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import trtllm.kernels.decode_shape as decode_shape
 import trtllm.kernels.paged_attention as pa
 import trtllm.kernels.paged_attention_decode as pa_decode
 from trtllm.kernels.paged_attention import paged_attention, paged_attention_ref
@@ -148,7 +149,7 @@ def test_prefill_gpu_config():
 @pytest.mark.parametrize("hq,hkv,d,bs", [(8, 2, 64, 16), (4, 1, 16, 32), (4, 4, 128, 128)])
 def test_decode(dtype, hq, hkv, d, bs):
     args, dense = make_batch([(150, 1), (6, 1), (0, 1), (64, 1)], hq, hkv, d, bs, dtype)
-    out, _ = check(args)  # the heuristic's split count (2: max_seq_len 151 // _SPLIT_MIN_LEN)
+    out, _ = check(args)  # the heuristic's split count (2: max_seq_len 151 // SPLIT_MIN_LEN)
     if dtype == torch.float32:
         torch.testing.assert_close(out, dense_sdpa(dense, hq, args[10], 0), atol=1e-4, rtol=1e-4)
 
@@ -190,11 +191,11 @@ def test_decode_never_reads_unwritten_slots(splits):
 
 def test_split_heuristic():
     dev = torch.device("cpu")
-    assert pa_decode._num_splits(8, 8, 2048, dev) == 2
-    assert pa_decode._num_splits(1, 8, 8192, dev) == 16
-    assert pa_decode._num_splits(1, 8, 512, dev) == 8
-    assert pa_decode._num_splits(64, 8, 8192, dev) == 1
-    assert pa_decode._num_splits(1, 8, 100, dev) == 1
+    assert decode_shape.num_splits(8, 8, 2048, dev) == 2
+    assert decode_shape.num_splits(1, 8, 8192, dev) == 16
+    assert decode_shape.num_splits(1, 8, 512, dev) == 8
+    assert decode_shape.num_splits(64, 8, 8192, dev) == 1
+    assert decode_shape.num_splits(1, 8, 100, dev) == 1
 
 
 def test_cluster_merge_is_gpu_only():

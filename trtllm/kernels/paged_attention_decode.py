@@ -11,7 +11,6 @@ splits' (max, sum, acc) partials are merged in the same launch:
   per (sequence, kv head); the last to finish merges.
 Semantics and shapes: kernels/paged_attention.py.
 """
-import functools
 
 import torch
 import triton
@@ -21,17 +20,7 @@ from trtllm.kernels.attention_tiles import attend as _attend, load_tile as _load
     write_token as _write_token
 from trtllm.kernels.cluster import cluster_arrive, cluster_launchable, cluster_wait, launch_cluster, \
     scratch_addr, shared_load, store_to_rank0
-
-# Flash-decoding: split a sequence's context only while the grid is smaller than
-# _SPLIT_TARGET_PER_SM programs per SM, and never into pieces shorter than _SPLIT_MIN_LEN
-# positions. Measured on H100 (bench/sweep_decode.py, 2026-11-25): one program per SM
-# and 64-position pieces beat 2 per SM and 256: b1 x 8192 33.9 -> 26.6 us (16 splits,
-# not 32, with the 8-warp config), b1 x 512 15.3 -> 13.7 us (8 splits, not 2); b8 x 2048
-# within 1 us at 2 or 4.
-_SPLIT_TARGET_PER_SM = 1
-_SPLIT_MIN_LEN = 64
-_MAX_SPLITS = 64
-
+from trtllm.kernels.decode_shape import decode_config, merges_in_cluster, num_splits as default_splits
 
 # Cache offsets (elements of one layer's cache) are int32 up to here, int64 past it: the
 # 64-bit math cost the K/V loop 45 of its 296 SASS instructions per tile at b8 x 2048.
@@ -303,22 +292,6 @@ def _decode_kernel(
         _stamp(trace_row, 4, 0)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # the H100 the heuristics are tuned for; the interpreter tests use it too
-
-
-def _num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """Flash-decoding splits: fill ~_SPLIT_TARGET_PER_SM programs per SM, e.g. on H100
-    batch 8 x 8 kv heads -> 2 splits; batch 1 x 8192 ctx -> 16; batch >= 17 -> 1."""
-    target = _SPLIT_TARGET_PER_SM * _num_sms(device)
-    by_grid = target // max(num_seqs * num_kv_heads, 1)
-    by_len = max_seq_len // _SPLIT_MIN_LEN
-    return max(1, min(by_grid, by_len, _MAX_SPLITS))
-
-
 _counters: dict = {}
 
 
@@ -334,27 +307,6 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def _decode_config(head_dim: int, elem_size: int, splits: int, cluster: bool = False):
-    """(BLOCK_N, num_warps, num_stages): 64 x 128 bf16 K + V = 32 KB per buffer.
-
-    The K/V addresses come from a block-table load inside the loop, and Triton's
-    pipeliner gives that load a stage of its own: num_stages 5 double-buffers K/V (72 KB
-    smem: 3 programs per SM), 3 single-buffers them (more programs per SM). Measured on
-    H100 (bench/sweep_decode.py): a full grid (1 split, b64 x 2048) runs 195 us at 3
-    stages against 222 at 5; a split grid (small batch) wants 5 stages, and 8 warps gain
-    6-10% at b1 x 2048-8192 (16 splits, ticket merge: 9.6 against 11.2-11.8 us with 4).
-    The cluster merge (2 splits) runs better with fewer warps since the loop lost its
-    64-bit address math (296 -> 249 SASS per tile at 8 warps): b8 x 2048 28.16 (8 warps)
-    -> 28.00 (4) -> 27.85 (2; 1 warp: 29.8), b8 x 512 11.24 -> 10.80 -> 10.80, b8 x 8192
-    95.1 -> 94.6 -> 94.5 us per layer (H100, by turns). Per tile, warps x SASS: 8 x 249,
-    4 x 371, 2 x 483: fewer instructions, and fewer warps to meet at each barrier."""
-    if elem_size == 4 or head_dim > 128:
-        return 32, 4, 3
-    if splits == 1:
-        return 64, 4, 3
-    return (64, 2, 5) if cluster else (64, 8, 5)
-
-
 def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
                   qk_scale, window, num_seqs, max_seq_len, dot_prec, *, num_splits=None, config=None,
                   trace=None, cluster=None):
@@ -365,15 +317,13 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
     Hkv, BS = kc.shape[2], kc.shape[1]
     G = Hq // Hkv
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    splits = num_splits or _num_splits(num_seqs, Hkv, max_seq_len, q.device)
+    splits = num_splits or default_splits(num_seqs, Hkv, max_seq_len, q.device)
     if trace is not None:
         assert trace.dtype == torch.int64 and trace.is_cuda
         assert trace.numel() >= Hkv * num_seqs * splits * TRACE_SLOTS
     if cluster is None:
-        # Clusters of 4 or 8 (b4 / b2 x 2048) lost on the H100 (18.6 -> 21-22, 13.9 -> 18-20 us):
-        # the hardware put two of their programs on one SM (120 SMs busy, not 128).
-        cluster = splits == 2 and cluster_launchable(q.device)
-    block_n, warps, stages = config or _decode_config(D, q.element_size(), splits, cluster)
+        cluster = merges_in_cluster(splits, q.device)
+    block_n, warps, stages = config or decode_config(D, q.element_size(), splits, cluster)
     BLOCK_G = max(16, triton.next_power_of_2(G))
     args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, kc_ptr=kc, vc_ptr=vc, o_ptr=out, slot_ptr=slot_mapping,
@@ -388,7 +338,7 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         BLOCK_N=block_n, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
         HKV=Hkv, BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_HQ=triton.next_power_of_2(Hq),
         DOT_PREC=dot_prec, TRACE=trace is not None,
-        OFF64=max(kc.numel(), vc.numel()) > _MAX_INT32_OFFSET,
+        OFF64=kc.numel() > _MAX_INT32_OFFSET,  # v_cache has k_cache's shape
     )
     if cluster:
         if not (cluster_launchable(q.device) and 2 <= splits <= 8):

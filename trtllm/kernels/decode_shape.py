@@ -1,0 +1,62 @@
+"""The shape of the decode attention launch (kernels/paged_attention_decode.py) on a GPU:
+how many flash-decoding splits, whether the splits merge inside a thread-block cluster,
+and the (BLOCK_N, num_warps, num_stages) config. Tuned on the H100 (bench/RESULTS.md)."""
+import functools
+
+import torch
+
+from trtllm.kernels.cluster import cluster_launchable
+
+# Flash-decoding: split a sequence's context only while the grid is smaller than
+# SPLIT_TARGET_PER_SM programs per SM, and never into pieces shorter than SPLIT_MIN_LEN
+# positions. Measured on H100 (bench/sweep_decode.py, 2026-11-25): one program per SM
+# and 64-position pieces beat 2 per SM and 256: b1 x 8192 33.9 -> 26.6 us (16 splits,
+# not 32, with the 8-warp config), b1 x 512 15.3 -> 13.7 us (8 splits, not 2); b8 x 2048
+# within 1 us at 2 or 4.
+SPLIT_TARGET_PER_SM = 1
+SPLIT_MIN_LEN = 64
+MAX_SPLITS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the H100 the heuristics are tuned for; the interpreter tests use it too
+
+
+def num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Flash-decoding splits: fill ~SPLIT_TARGET_PER_SM programs per SM, e.g. on H100
+    batch 8 x 8 kv heads -> 2 splits; batch 1 x 8192 ctx -> 16; batch >= 17 -> 1."""
+    target = SPLIT_TARGET_PER_SM * _num_sms(device)
+    by_grid = target // max(num_seqs * num_kv_heads, 1)
+    by_len = max_seq_len // SPLIT_MIN_LEN
+    return max(1, min(by_grid, by_len, MAX_SPLITS))
+
+
+def merges_in_cluster(splits: int, device: torch.device) -> bool:
+    """The default merge: 2 splits on sm_90+ merge inside a thread-block cluster. Clusters
+    of 4 or 8 (b4 / b2 x 2048) lost on the H100 (18.6 -> 21-22, 13.9 -> 18-20 us): the
+    hardware put two of their programs on one SM (120 SMs busy, not 128)."""
+    return splits == 2 and cluster_launchable(device)
+
+
+def decode_config(head_dim: int, elem_size: int, splits: int, cluster: bool = False):
+    """(BLOCK_N, num_warps, num_stages): 64 x 128 bf16 K + V = 32 KB per buffer.
+
+    The K/V addresses come from a block-table load inside the loop, and Triton's
+    pipeliner gives that load a stage of its own: num_stages 5 double-buffers K/V (72 KB
+    smem: 3 programs per SM), 3 single-buffers them (more programs per SM). Measured on
+    H100 (bench/sweep_decode.py): a full grid (1 split, b64 x 2048) runs 195 us at 3
+    stages against 222 at 5; a split grid (small batch) wants 5 stages, and 8 warps gain
+    6-10% at b1 x 2048-8192 (16 splits, ticket merge: 9.5-9.9 against 11.2-12.0 us with 4).
+    The cluster merge (2 splits) runs better with fewer warps since the loop lost its
+    64-bit address math (296 -> 249 SASS per tile at 8 warps): b8 x 2048 28.16 (8 warps)
+    -> 28.00 (4) -> 27.85 (2; 1 warp: 29.8), b8 x 512 11.24 -> 10.80 -> 10.80, b8 x 8192
+    95.1 -> 94.6 -> 94.5 us per layer (H100, by turns). Per tile, warps x SASS: 8 x 249,
+    4 x 371, 2 x 483: fewer instructions, and fewer warps to meet at each barrier."""
+    if elem_size == 4 or head_dim > 128:
+        return 32, 4, 3
+    if splits == 1:
+        return 64, 4, 3
+    return (64, 2, 5) if cluster else (64, 8, 5)
