@@ -78,7 +78,9 @@ def test_bad_request_abort_and_duplicate_end_alone(client):
         aborted = client.generate_async("hello", long, streaming=True)
         async for out in aborted:
             client.abort(aborted.request_id)
-        good = client.generate_async("hello", SamplingParams(max_tokens=5))
+        # ignore_eos: the tiny random model's greedy "hello" can end in EOS at step 3 when
+        # it shares steps with dup_a (batch-dependent rounding; seen once in CI)
+        good = client.generate_async("hello", SamplingParams(max_tokens=5, ignore_eos=True))
         return await bad.aresult(), await dup_a.aresult(), await dup_b.aresult(), aborted.last, await good.aresult()
 
     bad, dup_a, dup_b, aborted, good = asyncio.run(go())
