@@ -34,3 +34,7 @@ def test_bad_options_and_missing_model_fail_clearly(tmp_path, capsys):
     assert "temperature" in capsys.readouterr().err
     assert main(["hi", "--model", str(tmp_path / "nowhere")]) == 1
     assert "nowhere" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{not json")
+    assert main(["hi", "--model", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "config.json: not valid JSON" in err and "Traceback" not in err

@@ -199,3 +199,34 @@ def test_no_weights_at_all(llama_dir, copy_of):
     (path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_model(path)
+
+
+def test_corrupt_config_names_the_file_and_place(llama_dir, copy_of):
+    path = copy_of(llama_dir)
+    (path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],\n  "hidden_size": 64,,}')
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON \(.* line 2, column 21\)"):
+        load_model(path)
+
+
+def test_config_that_is_not_an_object(llama_dir, copy_of):
+    path = copy_of(llama_dir)
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object, got list"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("keep", [20, 0.5], ids=["header-cut", "data-cut"])
+def test_truncated_safetensors_names_the_file(llama_dir, copy_of, keep):
+    path = copy_of(llama_dir)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file .*truncated"):
+        load_model(path)
+
+
+def test_index_without_weight_map(tmp_path):
+    sharded = write_checkpoint("llama31", tmp_path / "sharded", max_shard_size="40KB")
+    (sharded / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match=r"index\.json: no \"weight_map\""):
+        load_model(sharded)

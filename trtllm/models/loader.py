@@ -12,13 +12,14 @@ unpickled: loading one could run arbitrary code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from trtllm.models.llama import LlamaForCausalLM
@@ -67,7 +68,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     total = sum(f.stat().st_size for f in files)
     bar = _progress_bar(total, progress)
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():
                 if tensor_file.get(name) != file:
                     continue  # an alias (tied lm_head) or a harmless extra
@@ -95,8 +96,33 @@ def _read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: not a HF checkpoint directory")
-    with open(config_file) as f:
-        return json.load(f)
+    config = read_json(config_file)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_json(file: Path):
+    """json.load, with errors that name the file and where in it the JSON breaks."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: Path):
+    """safe_open, with errors that name the file (a truncated or corrupt shard says only
+    'incomplete metadata' otherwise)."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e}); the file may be "
+                         "truncated or corrupt") from None
 
 
 def _model_class(hf_config: dict, path: Path) -> type[nn.Module]:
@@ -126,8 +152,10 @@ def _weight_files(path: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json(index)
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise ValueError(f"{index}: no \"weight_map\" object (tensor name -> shard file)")
+        weight_map = weight_map["weight_map"]
         files = [path / name for name in dict.fromkeys(weight_map.values())]
         for file in files:
             if not file.is_file():
@@ -158,7 +186,7 @@ def _check_checkpoint(files: list[Path], expected: dict, aliases: dict) -> dict[
     """Match checkpoint tensors (names and shapes, read from headers only) to the model's."""
     tensor_file, unexpected = {}, []
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():
                 shape = torch.Size(f.get_slice(name).get_shape())
                 if name in expected:
