@@ -1,8 +1,9 @@
 """User-facing configs, named as in TensorRT-LLM: `KvCacheConfig`, `BuildConfig`, `QuantConfig`.
 
-Validated when made (and on assignment): a bad value raises `ValueError` (pydantic's
-ValidationError is one) naming the field, and unknown fields are refused by name, so
-a typo or a TensorRT-LLM option we lack never silently means "default".
+Validated when made (and on assignment): a bad value raises `ConfigError` (a
+`ValueError`) with one line per bad field naming the field, the value and the rule;
+unknown fields are refused by name, so a typo or a TensorRT-LLM option we lack never
+silently means "default". NaN and infinities are refused as not finite.
 
     KvCacheConfig(free_gpu_memory_fraction=0.9, max_tokens=None, enable_block_reuse=True,
                   tokens_per_block=32, dtype="auto")
@@ -17,15 +18,54 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-_CONFIG = ConfigDict(extra="forbid", validate_assignment=True)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
-class KvCacheConfig(BaseModel):
+class ConfigError(ValueError):
+    """Bad options for a config: `problems` holds (field, value, rule) per bad field,
+    field None for a rule across fields; str() is one line per problem."""
+
+    def __init__(self, config: str, problems: list[tuple[str | None, object, str]]):
+        self.config, self.problems = config, problems
+        lines = [f"{config}: {rule}" if field is None else f"{config}.{field}={value!r}: {rule}"
+                 for field, value, rule in problems]
+        super().__init__("\n".join(lines))
+
+    @classmethod
+    def from_validation(cls, config: str, error: ValidationError) -> "ConfigError":
+        problems = []
+        for e in error.errors(include_url=False):
+            field = ".".join(str(p) for p in e.get("loc", ())) or None
+            rule = e["msg"].removeprefix("Value error, ").replace("Input should be", "must be", 1)
+            if e["type"] == "extra_forbidden":
+                rule = "unknown option"
+            elif e["type"] == "finite_number":
+                rule = "must be a finite number"
+            problems.append((field, e.get("input") if field else None, rule))
+        return cls(config, problems)
+
+
+class ValidatedConfig(BaseModel):
+    """A pydantic model whose validation errors (when made or assigned) are ConfigErrors:
+    a user reads one line per bad field, not pydantic's dump with documentation links."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    def __init__(self, **data):
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError.from_validation(type(self).__name__, e) from None
+
+    def __setattr__(self, name, value):
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as e:
+            raise ConfigError.from_validation(type(self).__name__, e) from None
+
+
+class KvCacheConfig(ValidatedConfig):
     """How much memory the paged KV cache takes, and how it is laid out and shared."""
-
-    model_config = _CONFIG
 
     free_gpu_memory_fraction: float = Field(
         0.9, gt=0.0, le=1.0,
@@ -55,10 +95,8 @@ class KvCacheConfig(BaseModel):
         return v
 
 
-class BuildConfig(BaseModel):
+class BuildConfig(ValidatedConfig):
     """Static limits the engine is sized for: batch, sequence lengths, tokens per step."""
-
-    model_config = _CONFIG
 
     max_batch_size: int = Field(256, gt=0, description="sequences in one step at most")
     max_input_len: int = Field(4096, gt=0, description="prompt tokens at most")
@@ -125,14 +163,12 @@ class QuantAlgo(str, Enum):
     NO_QUANT = "NO_QUANT"
 
 
-class QuantConfig(BaseModel):
+class QuantConfig(ValidatedConfig):
     """Which quantization the weights (quant_algo) and the KV cache (kv_cache_quant_algo) use.
 
     Any algorithm may be described (a checkpoint's quantization config is read into
     one); `check_supported`, called when an LLM is built, refuses those not implemented.
     """
-
-    model_config = _CONFIG
 
     quant_algo: QuantAlgo | None = None
     kv_cache_quant_algo: QuantAlgo | None = None

@@ -103,8 +103,13 @@ def main(argv=None) -> int:
 
     from trtllm.serve.app import DEFAULT_MAX_CONCURRENT_REQUESTS, build_app, run_server
 
+    from trtllm.config import ConfigError
+
     try:
         llm = build_llm(args)
+    except ConfigError as e:
+        print(f"trtllm-serve: bad option:\n{e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         print(f"trtllm-serve: cannot load the model: {e}", file=sys.stderr)
         return 2
