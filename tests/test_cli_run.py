@@ -38,3 +38,13 @@ def test_bad_options_and_missing_model_fail_clearly(tmp_path, capsys):
     assert main(["hi", "--model", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "config.json: not valid JSON" in err and "Traceback" not in err
+
+
+def test_ctrl_c_exits_quietly(monkeypatch, capsys):
+    import trtllm.runtime.llm as llm_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(llm_module.LLM, "generate", interrupted)
+    assert main(["Once upon a time", "--max-tokens", "4"]) == 130
+    assert "Traceback" not in capsys.readouterr().err

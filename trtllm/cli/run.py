@@ -34,7 +34,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return _run(parse_args(argv))
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly (the LLM's `with` block has shut it down)
+        print(file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from trtllm.runtime.llm import LLM
     from trtllm.runtime.tokenizer import apply_chat_template
     from trtllm.sampling_params import SamplingParams
