@@ -73,7 +73,7 @@ def test_cluster_merge_padding_unused_rows_and_graph_replay():
 
 
 def test_default_launch_at_b8_is_the_cluster_merge():
-    """The default for b8 x 2048 (8 kv heads) on an sm_90+ GPU of 128-255 SMs (H100, H200):
+    """The default for b8 x 2048 (8 kv heads) on an sm_90+ GPU of 128-191 SMs (H100, H200):
     2 splits merged in a cluster, 2 warps."""
     args, _ = make_batch([(2047, 1)] * 8, 32, 8, 128, 16, torch.bfloat16)
     args = on_gpu(args)
