@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from bench.report import report
-from trtllm.kernels import decode_shape
 from trtllm.kernels import paged_attention as pa
+from trtllm.kernels.paged_attention import launch_shape
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -79,11 +79,11 @@ def make_inputs(specs, seed=0, page=None, layers=1):
             len(specs), max(n for _, n in specs), max(lens)]
 
 
-def rel_error(args, **force):
+def rel_error(args, launch=None, trace=None):
     a_ref = list(args)
     a_ref[3], a_ref[4] = args[3].clone(), args[4].clone()
     ref = pa.paged_attention_ref(*a_ref).float()
-    out = pa._paged_attention_impl(*args, **force).float()
+    out = pa.launch_paged_attention(*args, launch, trace=trace).float()
     return ((out - ref).norm() / ref.norm()).item()
 
 
@@ -215,7 +215,7 @@ def bench_decode(batch, ctx, failures):
     except Exception as e:  # noqa: BLE001 - a missing peer must not hide our numbers
         print(f"  sdpa decode b{batch} ctx{ctx}: {type(e).__name__}: {e}", file=sys.stderr)
         t_sdpa = t_sdpa_rf = float("nan")
-    row = dict(batch=batch, ctx=ctx, rel_err=err, splits=decode_shape.num_splits(batch, HKV, ctx, DEV),
+    row = dict(batch=batch, ctx=ctx, rel_err=err, splits=launch_shape.num_splits(batch, HKV, ctx, DEV),
                us_eager=t_eager * 1e3, us_graph=t_graph * 1e3, us_sdpa=t_sdpa * 1e3,
                gbs_eager=nbytes / t_eager / 1e6, gbs_graph=nbytes / t_graph / 1e6,
                gbs_sdpa=nbytes / t_sdpa / 1e6, us_graph_rf=t_graph_rf * 1e3,
@@ -267,17 +267,18 @@ def bench_prefill(tokens, failures):
 
 
 def sweep():
-    """Configs around the defaults, graph-timed: to retune decode_shape.decode_config / num_splits /
-    _prefill_config from one run."""
+    """Configs around the defaults, graph-timed: to retune launch_shape.decode_config / num_splits /
+    prefill_config from one run."""
     rows = []
     for batch, ctx in ((8, 2048), (1, 8192), (64, 2048)):
         args = make_inputs([(ctx - 1, 1)] * batch, seed=7)
         nbytes = batch * ctx * HKV * D * 4
-        base = decode_shape.num_splits(batch, HKV, ctx, DEV)
+        base = launch_shape.num_splits(batch, HKV, ctx, DEV)
         for cfg in ((64, 8, 5), (64, 4, 5), (64, 4, 3), (32, 4, 5)):
             for splits in sorted({max(1, base // 2), base, base * 2}):
                 try:
-                    fn = lambda: pa._paged_attention_impl(*args, decode_config=cfg, num_splits=splits)
+                    launch = pa.DecodeLaunch(splits, launch_shape.merges_in_cluster(splits, DEV), *cfg)
+                    fn = lambda: pa.launch_paged_attention(*args, launch)
                     t = ms(graphed(fn))
                 except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
                     print(f"  sweep decode {cfg} x{splits}: {type(e).__name__}", file=sys.stderr)
@@ -289,7 +290,7 @@ def sweep():
     for cfg in ((128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (128, 128, 8, 2),
                 (64, 64, 4, 3), (256, 64, 8, 2)):
         try:
-            t = ms(lambda: pa._paged_attention_impl(*args, prefill_config=cfg))
+            t = ms(lambda: pa.launch_paged_attention(*args, pa.PrefillLaunch(*cfg)))
         except Exception as e:  # noqa: BLE001
             print(f"  sweep prefill {cfg}: {type(e).__name__}", file=sys.stderr)
             continue

@@ -25,8 +25,9 @@ import triton.language as tl
 from bench.bench_attention import D, HKV, graphed, make_inputs, ms_read_flush
 from bench.report import report
 from trtllm.kernels import paged_attention as pa
-from trtllm.kernels.attention_tiles import attend
-from trtllm.kernels.paged_attention_decode import context_range
+from trtllm.kernels.paged_attention.decode import context_range
+from trtllm.kernels.paged_attention.launch_shape import merges_in_cluster
+from trtllm.kernels.paged_attention.tiles import attend
 
 LAYERS = 32
 BATCH, CTX = 8, 2048
@@ -230,7 +231,8 @@ def main():
                 rows.append(timed_row(launch, splits, "dots" if dots else "load", warps, stages, nbytes))
     for splits in (1, 2):
         def attention(layer, splits=splits):
-            pa._paged_attention_impl(*args[:5], layer, *args[6:], num_splits=splits)
+            default = pa.decode_launch(splits, merges_in_cluster(splits, args[0].device), D, args[0].element_size())
+            pa.launch_paged_attention(*args[:5], layer, *args[6:], default)
         rows.append(timed_row(attention, splits, "attention", "default", "default", nbytes))
     lines = ["| splits | body | warps | stages | us/layer | GB/s | GB/s per program |",
              "|---:|---|---:|---:|---:|---:|---:|"]

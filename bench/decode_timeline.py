@@ -29,9 +29,9 @@ import triton.language as tl
 from bench.bench_attention import D, HKV, REL_TOL, graphed, graphed_layers, make_inputs, ms_read_flush, \
     rel_error
 from bench.report import report
-from trtllm.kernels import decode_shape
 from trtllm.kernels import paged_attention as pa
-from trtllm.kernels import paged_attention_decode as pa_decode
+from trtllm.kernels.paged_attention import launch_shape
+from trtllm.kernels.paged_attention import trace as pa_trace
 
 SHAPES = [(8, 2048), (8, 512), (1, 512), (1, 2048), (1, 8192), (8, 8192), (64, 2048)]
 B8_CONFIGS = [(2, None), (3, None), (4, None), (2, (64, 4, 5)), (4, (64, 4, 5)), (2, (64, 8, 4)),
@@ -82,18 +82,20 @@ def timeline(trace, layers, bytes_per_program):
 
 def run(batch, ctx, failures, splits=None, config=None):
     args = make_inputs([(ctx - 1, 1)] * batch, seed=batch * 31 + ctx, layers=LAYERS)
-    splits = splits or decode_shape.num_splits(batch, HKV, ctx, args[0].device)
-    force = dict(num_splits=splits, decode_config=config)
+    splits = splits or launch_shape.num_splits(batch, HKV, ctx, args[0].device)
+    cluster = launch_shape.merges_in_cluster(splits, args[0].device)
+    config = config or launch_shape.decode_config(D, args[0].element_size(), splits, cluster)
+    launch = pa.DecodeLaunch(splits, cluster, *config)
     programs = HKV * batch * splits
-    trace = torch.zeros(LAYERS, programs, pa_decode.TRACE_SLOTS, dtype=torch.int64, device="cuda")
-    err = rel_error(args, trace=trace[0], **force)
+    trace = torch.zeros(LAYERS, programs, pa_trace.TRACE_SLOTS, dtype=torch.int64, device="cuda")
+    err = rel_error(args, launch, trace=trace[0])
     if not err < REL_TOL:
         failures.append(f"b{batch} ctx{ctx} traced: rel err {err:.2e}")
 
-    us_plain = per_layer_us(graphed_layers(args, LAYERS, lambda a, layer: pa._paged_attention_impl(*a, **force)),
+    us_plain = per_layer_us(graphed_layers(args, LAYERS, lambda a, layer: pa.launch_paged_attention(*a, launch)),
                             LAYERS)
     replay = graphed_layers(args, LAYERS,
-                            lambda a, layer: pa._paged_attention_impl(*a, trace=trace[layer], **force))
+                            lambda a, layer: pa.launch_paged_attention(*a, launch, trace=trace[layer]))
     us_traced = per_layer_us(replay, LAYERS)
     trace.zero_()
     ms_read_flush(replay, reps=1)  # one flushed replay, its stamps kept
@@ -104,8 +106,6 @@ def run(batch, ctx, failures, splits=None, config=None):
     seq_lens = args[8]
     floor = per_layer_us(graphed(lambda: [_touch_kernel[(HKV, batch, splits)](seq_lens, touch_out)
                                           for _ in range(LAYERS)]), LAYERS)
-    config = config or decode_shape.decode_config(D, args[0].element_size(), splits,
-                                                 decode_shape.merges_in_cluster(splits, args[0].device))
     row = dict(batch=batch, ctx=ctx, splits=splits, config=" ".join(map(str, config)), programs=programs,
                rel_err=err, us_plain=us_plain, us_traced=us_traced, us_floor=floor,
                gbs_plain=nbytes / us_plain / 1e3, **phases)

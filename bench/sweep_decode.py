@@ -14,8 +14,8 @@ import torch
 
 from bench.bench_attention import BS, D, HKV, REL_TOL, graphed, make_inputs, ms, rel_error
 from bench.report import report
-from trtllm.kernels import decode_shape
 from trtllm.kernels import paged_attention as pa
+from trtllm.kernels.paged_attention import launch_shape
 
 CONFIGS = [(16, 4, 2), (16, 4, 3), (16, 4, 5), (32, 4, 2), (32, 4, 3), (32, 4, 5), (64, 4, 3), (64, 4, 5),
            (64, 8, 3), (64, 8, 5), (128, 8, 2), (128, 8, 3), (128, 4, 2)]
@@ -35,18 +35,18 @@ def run_case(batch, ctx, configs, splits_list, tables=("random",)):
     rows = []
     args0 = make_inputs([(ctx - 1, 1)] * batch, seed=batch * 7 + ctx)
     nbytes = batch * ctx * HKV * D * 4
-    default = decode_shape.num_splits(batch, HKV, ctx, args0[0].device)
-    default_cfg = decode_shape.decode_config(D, 2, default, decode_shape.merges_in_cluster(default, args0[0].device))
+    default = launch_shape.num_splits(batch, HKV, ctx, args0[0].device)
+    default_cfg = launch_shape.decode_config(D, 2, default, launch_shape.merges_in_cluster(default, args0[0].device))
     for table in tables:
         args = args0 if table == "random" else contiguous(args0)
         for cfg in configs:
             for splits in splits_list:
                 if splits > max(1, ctx // cfg[0]):
                     continue
-                force = dict(decode_config=cfg, num_splits=splits)
+                launch = pa.DecodeLaunch(splits, launch_shape.merges_in_cluster(splits, args[0].device), *cfg)
                 try:
-                    e = rel_error(args, **force)
-                    t = ms(graphed(lambda: pa._paged_attention_impl(*args, **force)))
+                    e = rel_error(args, launch)
+                    t = ms(graphed(lambda: pa.launch_paged_attention(*args, launch)))
                 except Exception as ex:  # noqa: BLE001 - e.g. out of shared memory
                     print(f"  b{batch} ctx{ctx} {cfg} x{splits}: {type(ex).__name__}: {str(ex)[:80]}",
                           file=sys.stderr)
@@ -66,8 +66,8 @@ def main():
     best = sorted((r for r in rows if r["table"] == "random" and r["ok"]), key=lambda r: r["us"])[:6]
     finalists = [tuple(r["config"]) for r in best]
     for batch, ctx in ((1, 512), (1, 2048), (1, 8192), (8, 512), (8, 8192), (64, 2048)):
-        defaults = [decode_shape.decode_config(D, 2, 1), decode_shape.decode_config(D, 2, 2),
-                    decode_shape.decode_config(D, 2, 2, True)]
+        defaults = [launch_shape.decode_config(D, 2, 1), launch_shape.decode_config(D, 2, 2),
+                    launch_shape.decode_config(D, 2, 2, True)]
         rows += run_case(batch, ctx, sorted(set(finalists + defaults)), FOLLOW_SPLITS)
     lines = ["| batch | ctx | table | config (BLOCK_N, warps, stages) | splits | us | GB/s | % of 3.0 TB/s | err | default |",
              "|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]

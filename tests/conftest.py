@@ -13,7 +13,6 @@ import torch  # noqa: E402
 # interpreter test in that process ("0 active drivers").
 import trtllm.kernels.linear  # noqa: E402, F401
 import trtllm.kernels.paged_attention  # noqa: E402, F401
-import trtllm.kernels.paged_attention_decode  # noqa: E402, F401
 import trtllm.kernels.rms_norm  # noqa: E402, F401
 import trtllm.kernels.rotary  # noqa: E402, F401
 import trtllm.kernels.silu_mul  # noqa: E402, F401

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import trtllm.kernels.decode_shape as decode_shape
-import trtllm.kernels.paged_attention as pa
-import trtllm.kernels.paged_attention_decode as pa_decode
-from trtllm.kernels.paged_attention import paged_attention, paged_attention_ref
+import trtllm.kernels.paged_attention.decode as pa_decode
+import trtllm.kernels.paged_attention.launch_shape as launch_shape
+from trtllm.kernels.paged_attention import DecodeLaunch, PrefillLaunch, choose_launch, decode_launch, \
+    launch_paged_attention, paged_attention, paged_attention_ref
 
 # (atol, rtol) of kernel vs reference. fp16: P is rounded to fp16 before P @ V, as in
 # every flash kernel, and the output once more.
@@ -75,17 +75,17 @@ def clone_caches(args):
     return a
 
 
-def run_both(args, **force):
+def run_both(args, launch=None):
     a_ref, a_tri = clone_caches(args), clone_caches(args)
     ref = paged_attention_ref(*a_ref)
-    out = pa._paged_attention_impl(*a_tri, **force)
+    out = launch_paged_attention(*a_tri, launch)
     torch.testing.assert_close(a_tri[3], a_ref[3], atol=0, rtol=0, equal_nan=True)  # cache write
     torch.testing.assert_close(a_tri[4], a_ref[4], atol=0, rtol=0, equal_nan=True)
     return out, ref
 
 
-def check(args, **force):
-    out, ref = run_both(args, **force)
+def check(args, launch=None):
+    out, ref = run_both(args, launch)
     atol, rtol = TOL[args[0].dtype]
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
     return out, ref
@@ -135,21 +135,22 @@ def test_mixed_batch(dtype, hq, hkv, d, bs):
 def test_prefill_tiles_small():
     """Small forced tiles: many q blocks per sequence, unmasked + diagonal + context tiles."""
     args, dense = make_batch([(0, 83), (50, 33), (0, 1)], 8, 2, 16, 16, torch.float32, strided=True)
-    out, _ = check(args, prefill_config=(32, 16, 4, 1))
+    out, _ = check(args, PrefillLaunch(32, 16, 4, 1))
     torch.testing.assert_close(out, dense_sdpa(dense, 8, args[10], 0), atol=1e-4, rtol=1e-4)
 
 
 def test_prefill_gpu_config():
     """The H100 prefill config (BLOCK_M=128, BLOCK_N=64) on a 130-token prompt + a chunk."""
     args, _ = make_batch([(0, 130), (70, 40)], 8, 2, 64, 16, torch.float16)
-    check(args, prefill_config=(128, 64, 8, 3))
+    check(args, PrefillLaunch(128, 64, 8, 3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d,bs", [(8, 2, 64, 16), (4, 1, 16, 32), (4, 4, 128, 128)])
 def test_decode(dtype, hq, hkv, d, bs):
     args, dense = make_batch([(150, 1), (6, 1), (0, 1), (64, 1)], hq, hkv, d, bs, dtype)
-    out, _ = check(args)  # the heuristic's split count (2: max_seq_len 151 // SPLIT_MIN_LEN)
+    assert choose_launch(args[0], args[3], *args[12:]).splits == 2  # max_seq_len 151 // SPLIT_MIN_LEN
+    out, _ = check(args)
     if dtype == torch.float32:
         torch.testing.assert_close(out, dense_sdpa(dense, hq, args[10], 0), atol=1e-4, rtol=1e-4)
 
@@ -160,11 +161,11 @@ def test_decode_split(splits, window):
     """Flash-decoding path forced: uneven and empty splits (short sequences)."""
     args, _ = make_batch([(300, 1), (5, 1), (64, 1), (0, 1)], 8, 2, 32, 16, torch.float32,
                          window=window)
-    out, _ = check(args, num_splits=splits, decode_config=(16, 4, 1))
+    out, _ = check(args, DecodeLaunch(splits, False, 16, 4, 1))
     # the merge tickets are back to zero: a second launch merges again
     assert not pa_decode._counters[torch.device("cpu")].any()
     if splits == 3 and window == 0:
-        again, _ = check(args, num_splits=splits, decode_config=(16, 4, 1))
+        again, _ = check(args, DecodeLaunch(splits, False, 16, 4, 1))
         torch.testing.assert_close(again, out, atol=0, rtol=0)
 
 
@@ -184,27 +185,41 @@ def test_decode_never_reads_unwritten_slots(splits):
             v_cache[layer, blocks[p // 16], p % 16] = float("nan")
     k_cache[layer, ~used] = float("nan")
     v_cache[layer, ~used] = float("nan")
-    force = {} if splits is None else dict(num_splits=splits, decode_config=(16, 4, 1))
-    out, _ = check(args, **force)
+    out, _ = check(args, None if splits is None else DecodeLaunch(splits, False, 16, 4, 1))
     assert torch.isfinite(out).all()
 
 
 def test_split_heuristic():
     dev = torch.device("cpu")
-    assert decode_shape.num_splits(8, 8, 2048, dev) == 2
-    assert decode_shape.num_splits(1, 8, 8192, dev) == 16
-    assert decode_shape.num_splits(1, 8, 512, dev) == 8
-    assert decode_shape.num_splits(64, 8, 8192, dev) == 1
-    assert decode_shape.num_splits(1, 8, 100, dev) == 1
+    assert launch_shape.num_splits(8, 8, 2048, dev) == 2
+    assert launch_shape.num_splits(1, 8, 8192, dev) == 16
+    assert launch_shape.num_splits(1, 8, 512, dev) == 8
+    assert launch_shape.num_splits(64, 8, 8192, dev) == 1
+    assert launch_shape.num_splits(1, 8, 100, dev) == 1
 
 
 def test_cluster_merge_is_gpu_only():
     """The cluster merge (2 splits on sm_90+; tests/kernels/test_paged_attention_gpu.py)
     is never chosen here, and forcing it names what it needs."""
     args, _ = make_batch([(150, 1), (6, 1)], 8, 2, 32, 16, torch.float16)
-    check(args, num_splits=2)  # the ticket merge
+    assert choose_launch(args[0], args[3], *args[12:]) == decode_launch(2, False, 32, 2)  # the ticket merge
+    check(args, decode_launch(2, False, 32, 2))
     with pytest.raises(ValueError, match="sm_90"):
-        pa._paged_attention_impl(*clone_caches(args), num_splits=2, decode_cluster=True)
+        launch_paged_attention(*clone_caches(args), decode_launch(2, True, 32, 2))
+
+
+def test_impossible_launches_are_refused():
+    """A launch choice the batch cannot run names what it needs."""
+    args, _ = make_batch([(20, 3), (6, 1)], 4, 2, 16, 16, torch.float32)
+    assert isinstance(choose_launch(args[0], args[3], *args[12:]), PrefillLaunch)
+    with pytest.raises(ValueError, match="max_query_len == 1"):
+        launch_paged_attention(*clone_caches(args), DecodeLaunch(1, False, 16, 4, 1))
+    with pytest.raises(ValueError, match="decode kernel only"):
+        launch_paged_attention(*clone_caches(args), trace=torch.zeros(64, dtype=torch.int64))
+    args, _ = make_batch([(20, 1), (6, 1)], 4, 2, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="splits >= 1"):
+        launch_paged_attention(*clone_caches(args), DecodeLaunch(0, False, 16, 4, 1))
+    check(args, PrefillLaunch(16, 16, 4, 1))  # a decode batch through the prefill kernel
 
 
 def test_decode_int64_cache_offsets(monkeypatch):
@@ -212,8 +227,8 @@ def test_decode_int64_cache_offsets(monkeypatch):
     same path, forced here on a small cache."""
     monkeypatch.setattr(pa_decode, "_MAX_INT32_OFFSET", 0)
     args, _ = make_batch([(150, 1), (37, 1), (0, 1)], 8, 2, 32, 16, torch.float16)
-    check(args, num_splits=2)
-    check(args, num_splits=1)
+    check(args, decode_launch(2, False, 32, 2))
+    check(args, decode_launch(1, False, 32, 2))
 
 
 @pytest.mark.parametrize("scale", [0.0, -0.125])
@@ -223,14 +238,14 @@ def test_nonpositive_scale_is_refused(scale):
     args = list(args)
     args[10] = scale
     with pytest.raises(AssertionError, match="softmax scale must be > 0"):
-        pa._paged_attention_impl(*args)
+        launch_paged_attention(*args)
 
 
 @pytest.mark.parametrize("window", [5, 16])
 def test_sliding_window(window):
     specs = [(0, 40), (30, 12), (60, 1)]
     args, dense = make_batch(specs, 4, 2, 16, 16, torch.float32, window=window)
-    out, _ = check(args, prefill_config=(16, 16, 4, 1))
+    out, _ = check(args, PrefillLaunch(16, 16, 4, 1))
     torch.testing.assert_close(out, dense_sdpa(dense, 4, args[10], window), atol=1e-4, rtol=1e-4)
     args, _ = make_batch([(60, 1), (3, 1)], 4, 2, 16, 16, torch.float32, window=window)
     check(args)  # decode path
@@ -263,7 +278,7 @@ def test_padding_and_unused_rows_are_zero(decode):
     assert out[n0: int(a[9][2])].abs().sum() == 0 and out[:n0].abs().sum() > 0
     # nothing but the new tokens' slots changed in the cache
     after = a[3].clone()
-    pa._paged_attention_impl(*[after if i == 3 else x for i, x in enumerate(a)])
+    launch_paged_attention(*[after if i == 3 else x for i, x in enumerate(a)])
     written = torch.zeros(after.shape[1] * after.shape[2], dtype=torch.bool)
     written[a[6][a[6] >= 0].long()] = True
     diff = (after[a[5]] != before).flatten(0, 1).any(-1).any(-1)

@@ -1,6 +1,6 @@
 """GPU-only paths of paged attention: the decode merge inside a thread-block cluster
-(kernels/paged_attention_decode.py, 2 splits on sm_90+), against paged_attention_ref and
-the global-ticket merge. Skipped in CI (CPU, interpreter); run on a Hopper GPU with
+(kernels/paged_attention/decode_merge.py, 2 splits on sm_90+), against paged_attention_ref
+and the global-ticket merge. Skipped in CI (CPU, interpreter); run on a Hopper GPU with
 
     TRITON_INTERPRET=0 python -m pytest -q tests/kernels/test_paged_attention_gpu.py
 """
@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-import trtllm.kernels.paged_attention as pa
 from tests.kernels.test_paged_attention import TOL, check, clone_caches, make_batch
+from trtllm.kernels.paged_attention import choose_launch, decode_launch, launch_paged_attention
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
@@ -32,11 +32,12 @@ def on_gpu(args):
 def test_cluster_merge_matches_reference_and_ticket(dtype, window, hq, hkv, d, bs):
     args, _ = make_batch(SPECS, hq, hkv, d, bs, dtype, window=window)
     args = on_gpu(args)
-    out, _ = check(args, num_splits=2, decode_cluster=True)
-    ticket, _ = check(args, num_splits=2, decode_cluster=False)
+    cluster = decode_launch(2, True, d, args[0].element_size())
+    out, _ = check(args, cluster)
+    ticket, _ = check(args, decode_launch(2, False, d, args[0].element_size()))
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(out, ticket, atol=atol, rtol=rtol)
-    again = pa._paged_attention_impl(*clone_caches(args), num_splits=2, decode_cluster=True)
+    again = launch_paged_attention(*clone_caches(args), cluster)
     torch.testing.assert_close(again, out, atol=0, rtol=0)  # no state carried between launches
 
 
@@ -46,8 +47,8 @@ def test_forced_larger_clusters(splits):
     partials into the merger's shared memory, each into its own slot."""
     args, _ = make_batch(SPECS, 32, 8, 128, 16, torch.bfloat16)
     args = on_gpu(args)
-    out, _ = check(args, num_splits=splits, decode_cluster=True)
-    ticket, _ = check(args, num_splits=splits, decode_cluster=False)
+    out, _ = check(args, decode_launch(splits, True, 128, 2))
+    ticket, _ = check(args, decode_launch(splits, False, 128, 2))
     torch.testing.assert_close(out, ticket, atol=TOL[torch.bfloat16][0], rtol=TOL[torch.bfloat16][1])
 
 
@@ -58,13 +59,24 @@ def test_cluster_merge_padding_unused_rows_and_graph_replay():
                          extra_seqs=2)
     a = list(on_gpu(args))
     a[14] = 4096  # max_seq_len: an upper bound
-    out, ref = check(tuple(a), num_splits=2, decode_cluster=True)
+    cluster = decode_launch(2, True, 128, 2)
+    out, ref = check(tuple(a), cluster)
     assert out[-5:].abs().sum() == 0 and out[:2].abs().sum() > 0
     graph, caches = torch.cuda.CUDAGraph(), clone_caches(a)
-    pa._paged_attention_impl(*caches, num_splits=2, decode_cluster=True)  # compiled before capture
+    launch_paged_attention(*caches, cluster)  # compiled before capture
     with torch.cuda.graph(graph):
-        replayed = pa._paged_attention_impl(*caches, num_splits=2, decode_cluster=True)
+        replayed = launch_paged_attention(*caches, cluster)
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(replayed, out, atol=0, rtol=0)
+
+
+def test_default_launch_at_b8_is_the_cluster_merge():
+    """The default for b8 x 2048 (8 kv heads) on an sm_90+ GPU of 128-191 SMs (H100, H200):
+    2 splits merged in a cluster, 2 warps."""
+    args, _ = make_batch([(2047, 1)] * 8, 32, 8, 128, 16, torch.bfloat16)
+    args = on_gpu(args)
+    assert choose_launch(args[0], args[3], *args[12:]) == decode_launch(2, True, 128, 2)
+    assert decode_launch(2, True, 128, 2).num_warps == 2
+    check(args)

@@ -1,5 +1,5 @@
-"""Tile-level Triton building blocks shared by the paged attention kernels
-(kernels/paged_attention.py and kernels/paged_attention_decode.py)."""
+"""Tile-level Triton building blocks shared by the paged attention kernels (prefill.py,
+decode.py)."""
 import triton
 import triton.language as tl
 

@@ -1,0 +1,169 @@
+"""Paged attention over a ragged batch: cache write + causal attention, one op.
+
+For each sequence s < num_seqs with new tokens q[a:b] (a, b = query_start_loc[s], [s+1],
+n = b - a) and context length L = seq_lens[s] (including the new tokens), new token i has
+position p = L - n + i and
+
+    out[a + i, h] = sum_j softmax_j(scale * q[a+i, h] . K_s[j, h // G]) V_s[j, h // G]
+    over j in [0, p], or [p - window + 1, p] when window > 0 (sliding window),
+
+where G = Hq // Hkv (GQA/MQA) and K_s[j] = k_cache[layer, block_tables[s, j // BS], j % BS]
+(same for V). Before attending, the new k/v rows are written into the cache:
+k_cache[layer, slot // BS, slot % BS] = k[t] for slot = slot_mapping[t] >= 0 (-1: padding).
+Rows of tokens outside the first num_seqs sequences, and of sequences with L = 0, are 0.
+
+Shapes: q [T, Hq, D], k/v [T, Hkv, D] (any strides, last dim contiguous);
+k_cache/v_cache [L, NB, BS, Hkv, D]; slot_mapping [>=T], block_tables [S_max, MB],
+seq_lens [S_max], query_start_loc [S_max + 1], all int32 -> out [T, Hq, D] in q.dtype.
+num_seqs / max_query_len / max_seq_len are host-side upper bounds that only choose the
+path, grid and splits (CUDA-graph capture fixes them); true lengths come from the tensors.
+
+Kernels (all accumulate in fp32, softmax in base 2 with scale * log2(e) folded in), chosen
+per call by a launch value (launch_shape.py: `choose_launch` by default):
+- prefill.py (`PrefillLaunch`; any batch, the only path for max_query_len > 1): a cache
+  write kernel, then `_prefill_kernel` over tiles of BLOCK_Q tokens x the G query heads
+  of one kv head, found by binary search on query_start_loc.
+- decode.py (`DecodeLaunch`; max_query_len == 1), grid (Hkv, num_seqs, splits), the whole
+  step in one launch: the G query heads are the (padded to 16) rows of one tile; K/V
+  pages stream through; the new key is taken from k/v (and written to the cache) by the
+  split owning it; with splits > 1 (flash-decoding) the splits' (max, sum, acc) partials
+  merge in the same launch (decode_merge.py: in a thread-block cluster, or by the last
+  split to take an atomic ticket).
+
+Both attention kernels take the new tokens' own keys/values from k/v rather than from the
+cache they were just written to: identical values as long as slot_mapping agrees with
+block_tables (the runtime's invariant; the reference reads the cache). Page size: any
+16..128 works; 16 (vLLM's default) is what the bench and the H100 defaults assume.
+"""
+import torch
+
+from trtllm.kernels.paged_attention.decode import launch_decode
+from trtllm.kernels.paged_attention.launch_shape import DecodeLaunch, PrefillLaunch, choose_launch
+from trtllm.kernels.paged_attention.prefill import launch_prefill
+from trtllm.kernels.paged_attention.tiles import LOG2E
+from trtllm.kernels.registry import register_op
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------ reference
+
+
+def paged_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int,
+    slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor, scale: float, window: int,
+    num_seqs: int, max_query_len: int, max_seq_len: int,
+) -> torch.Tensor:
+    """The semantics of record: plain torch, fp32 inside, one sequence at a time."""
+    T, Hq, _ = q.shape
+    Hkv, BS = k.shape[1], k_cache.shape[2]
+    slots = slot_mapping[:T].long()
+    keep = slots >= 0
+    blk, off = slots[keep] // BS, slots[keep] % BS
+    k_cache[layer, blk, off] = k[keep].to(k_cache.dtype)
+    v_cache[layer, blk, off] = v[keep].to(v_cache.dtype)
+
+    out = torch.zeros(T, Hq, v.shape[-1], dtype=torch.float32, device=q.device)
+    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for s in range(num_seqs):
+        a, b, L = qsl[s], qsl[s + 1], lens[s]
+        if b <= a or L <= 0:
+            continue
+        j = torch.arange(L, device=q.device)
+        pages = block_tables[s, j // BS].long()
+        keys = k_cache[layer, pages, j % BS].float().repeat_interleave(Hq // Hkv, dim=1)
+        vals = v_cache[layer, pages, j % BS].float().repeat_interleave(Hq // Hkv, dim=1)
+        for c in range(a, b, 1024):  # query chunks bound the [Hq, rows, L] score memory
+            e = min(c + 1024, b)
+            p = (L - (b - a) + torch.arange(c - a, e - a, device=q.device))[:, None]
+            allowed = (j[None, :] <= p) & ((window <= 0) | (j[None, :] > p - window))
+            scores = torch.einsum("nhd,lhd->hnl", q[c:e].float(), keys) * scale
+            probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+            out[c:e] = torch.einsum("hnl,lhd->nhd", probs.nan_to_num(0.0), vals)
+    return out.to(q.dtype)
+
+
+# ------------------------------------------------------------------ launcher
+
+
+def launch_paged_attention(
+    q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc,
+    scale, window, num_seqs, max_query_len, max_seq_len,
+    launch: PrefillLaunch | DecodeLaunch | None = None, *, trace: torch.Tensor | None = None,
+):
+    """The launcher: the op's arguments checked, then the kernels of `launch` (default:
+    `choose_launch` for these shapes). trace: an int64 CUDA tensor of programs x
+    TRACE_SLOTS the decode kernel stamps its phases into (bench/decode_timeline.py)."""
+    T, Hq, D = q.shape
+    _, NB, BS, Hkv, Dc = k_cache.shape
+    assert q.dtype in _FLOAT_DTYPES, f"unsupported dtype {q.dtype}"
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        assert t.dtype == q.dtype, f"{name}: dtype {t.dtype} != q dtype {q.dtype}"
+        assert t.device == q.device, f"{name} on {t.device}, q on {q.device}"
+        assert t.stride(-1) == 1, f"{name}: last dim must be contiguous"
+    assert q.stride(-1) == 1, "q: last dim must be contiguous"
+    assert k.shape == v.shape == (T, Hkv, D), f"k/v {tuple(k.shape)}/{tuple(v.shape)} != ({T}, {Hkv}, {D})"
+    assert v_cache.shape == k_cache.shape and Dc == D, "k/v caches must be [L, NB, BS, Hkv, D]"
+    assert k_cache.stride() == v_cache.stride(), "k/v caches must share strides"
+    assert Hq % Hkv == 0, f"{Hq} query heads not a multiple of {Hkv} kv heads"
+    assert scale > 0, f"softmax scale must be > 0 (the kernels take row maxima before scaling), got {scale}"
+    assert 0 <= layer < k_cache.shape[0], f"layer {layer} out of range"
+    for name, t in (("slot_mapping", slot_mapping), ("block_tables", block_tables),
+                    ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+        assert t.dtype == torch.int32 and t.device == q.device, f"{name}: int32 on q's device"
+    assert slot_mapping.dim() == 1 and slot_mapping.shape[0] >= T and slot_mapping.stride(0) == 1
+    assert block_tables.dim() == 2 and block_tables.stride(1) == 1
+    assert seq_lens.shape[0] >= num_seqs and seq_lens.stride(0) == 1
+    assert query_start_loc.shape[0] >= num_seqs + 1 and query_start_loc.stride(0) == 1
+    assert block_tables.shape[0] >= num_seqs
+    if launch is None:
+        launch = choose_launch(q, k_cache, num_seqs, max_query_len, max_seq_len)
+    decode = isinstance(launch, DecodeLaunch)
+    if decode and not (max_query_len == 1 and num_seqs > 0):
+        raise ValueError(f"the decode kernel needs max_query_len == 1 and num_seqs > 0 (got "
+                         f"{max_query_len} and {num_seqs}): {launch}")
+    if trace is not None and not decode:
+        raise ValueError(f"trace stamps the decode kernel only, not {launch}")
+
+    out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
+    if T == 0:
+        return out
+    kc, vc = k_cache[layer], v_cache[layer]  # a view: no layer * stride overflow in-kernel
+    qk_scale = scale * LOG2E
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32
+    if decode:
+        launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
+                      qk_scale, window, num_seqs, dot_prec, launch, trace=trace)
+    else:
+        launch_prefill(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
+                       qk_scale, window, num_seqs, max_query_len, dot_prec, launch)
+    return out
+
+
+def paged_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int,
+    slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor, scale: float, window: int,
+    num_seqs: int, max_query_len: int, max_seq_len: int,
+) -> torch.Tensor:
+    return launch_paged_attention(
+        q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, seq_lens,
+        query_start_loc, scale, window, num_seqs, max_query_len, max_seq_len)
+
+
+def _paged_attention_fake(q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables,
+                          seq_lens, query_start_loc, scale, window, num_seqs, max_query_len,
+                          max_seq_len):
+    return q.new_empty(q.shape[:2] + (v.shape[-1],))
+
+
+paged_attention = register_op(
+    "paged_attention",
+    launcher=paged_attention_triton,
+    reference=paged_attention_ref,
+    fake=_paged_attention_fake,
+    mutates_args=("k_cache", "v_cache"),
+)
