@@ -1,6 +1,6 @@
 """The shape of the decode attention launch (kernels/paged_attention_decode.py) on a GPU:
 how many flash-decoding splits, whether the splits merge inside a thread-block cluster,
-and the (BLOCK_N, num_warps, num_stages) config. Tuned on the H100 (bench/RESULTS.md)."""
+and the (BLOCK_N, num_warps, num_stages) config. Tuned on the H100 (docs/decisions/decode_attention.md)."""
 import functools
 
 import torch
@@ -9,7 +9,7 @@ from trtllm.kernels.cluster import cluster_launchable
 
 # Flash-decoding: split a sequence's context only while the grid is smaller than
 # SPLIT_TARGET_PER_SM programs per SM, and never into pieces shorter than SPLIT_MIN_LEN
-# positions. Measured on H100 (bench/sweep_decode.py, 2026-11-25): one program per SM
+# positions. Measured on H100 (bench/probes/sweep_decode.py, 2026-11-25): one program per SM
 # and 64-position pieces beat 2 per SM and 256: b1 x 8192 33.9 -> 26.6 us (16 splits,
 # not 32, with the 8-warp config), b1 x 512 15.3 -> 13.7 us (8 splits, not 2); b8 x 2048
 # within 1 us at 2 or 4.
@@ -47,7 +47,7 @@ def decode_config(head_dim: int, elem_size: int, splits: int, cluster: bool = Fa
     The K/V addresses come from a block-table load inside the loop, and Triton's
     pipeliner gives that load a stage of its own: num_stages 5 double-buffers K/V (72 KB
     smem: 3 programs per SM), 3 single-buffers them (more programs per SM). Measured on
-    H100 (bench/sweep_decode.py): a full grid (1 split, b64 x 2048) runs 195 us at 3
+    H100 (bench/probes/sweep_decode.py): a full grid (1 split, b64 x 2048) runs 195 us at 3
     stages against 222 at 5; a split grid (small batch) wants 5 stages, and 8 warps gain
     6-10% at b1 x 2048-8192 (16 splits, ticket merge: 9.5-9.9 against 11.2-12.0 us with 4).
     The cluster merge (2 splits) runs better with fewer warps since the loop lost its

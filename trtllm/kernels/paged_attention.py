@@ -232,7 +232,7 @@ def _paged_attention_impl(
     decode_cluster=None,
 ):
     """The launcher; the keywords force a path/config (tests) or trace the decode kernel's
-    phases (bench/decode_timeline.py)."""
+    phases (bench/probes/decode_timeline.py)."""
     T, Hq, D = q.shape
     _, NB, BS, Hkv, Dc = k_cache.shape
     assert q.dtype in _FLOAT_DTYPES, f"unsupported dtype {q.dtype}"
