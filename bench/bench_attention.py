@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from bench.report import report
+from bench.report import copy_ceiling_tbs, report
 from trtllm.kernels import paged_attention as pa
 from trtllm.kernels.paged_attention import launch_shape
 
@@ -180,13 +180,6 @@ def sdpa_fn(q, k, v, causal):
         return (lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=causal)), "repeat"
 
 
-def bench_copy():
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
-    y = torch.empty_like(x)
-    t = ms(lambda: y.copy_(x))
-    return 2 * x.numel() / t / 1e9  # read + write, TB/s
-
-
 def bench_decode(batch, ctx, failures):
     args = make_inputs([(ctx - 1, 1)] * batch, seed=batch * 100003 + ctx)
     err = rel_error(args)
@@ -315,7 +308,7 @@ def main():
         sys.exit("bench_attention.py needs a CUDA device")
     torch.manual_seed(0)
     failures = []
-    copy_tbs = bench_copy()
+    copy_tbs = copy_ceiling_tbs()
     print(f"device-to-device copy: {copy_tbs:.2f} TB/s", flush=True)
     calib = flush_calibration()
     print(f"flush calibration, sum of 64 MB: {calib}", flush=True)

@@ -21,7 +21,7 @@ import sys
 import torch
 import triton
 
-from bench.report import report
+from bench.report import copy_ceiling_tbs, report
 from trtllm.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from trtllm.kernels.rotary import rope_cos_sin, rope_inv_freq, rotary, rotary_ref
 from trtllm.kernels.silu_mul import silu_mul, silu_mul_ref
@@ -101,13 +101,6 @@ def _time_ms(fn, args):
     return triton.testing.do_bench(lambda: fn(*args), return_mode="median")
 
 
-def _copy_ceiling_gbps():
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)  # 1 GiB
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3) / 1e9
-
-
 def main():
     if not torch.cuda.is_available():
         sys.exit("bench_elementwise.py needs a CUDA device")
@@ -117,7 +110,7 @@ def main():
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
     torch.manual_seed(0)
-    ceiling = _copy_ceiling_gbps()
+    ceiling = copy_ceiling_tbs(DEVICE) * 1e3  # GB/s
     print(f"device-to-device copy ceiling: {ceiling:.0f} GB/s", flush=True)
 
     compiled = {}

@@ -15,7 +15,7 @@ logits. The runtime instead calls it with its flat batch `[1, T]` inside
 `DECODE_GRAPH_PASSES` (today `use_gemv_linear`: linears as a Triton GEMV) serve only small
 decode CUDA graphs: inside `with compiled.decode_graphs():` (the runner's capture) a call
 of at most kernels/linear.py:GEMV_MAX_M tokens runs a second compilation, with them after
-the pass list; every other call runs the pass list alone. Measured on the H100 (bench/gemv_ab.py): the
+the pass list; every other call runs the pass list alone. Measured on the H100 (bench/probes/gemv_ab.py): the
 pass made the batch-1 decode graph 6.31 -> 5.70 ms, but the batch-64 and -256 graphs
 6.65 -> 7.12 and 8.02 -> 8.66 ms (the linears it does not turn into a GEMV go through
 the custom op to F.linear, slower than Inductor's own mm there).

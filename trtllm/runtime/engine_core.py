@@ -3,7 +3,7 @@
 
 Why a process: with the engine on a thread, the engine loop and the HTTP server's event
 loop share one GIL, and every SSE event the server writes delays the next GPU step
-(streaming through the server ran at 0.50x `LLM.generate`, bench/RESULTS.md 2026-11-24).
+(streaming through the server ran at 0.50x `LLM.generate`, docs/decisions/serving.md).
 Here the core process only schedules, runs the model, samples, detokenizes and checks
 stop conditions; the server process only parses HTTP, renders JSON and writes events.
 

@@ -255,7 +255,7 @@ def greedy_picks(logits: Tensor) -> Tensor:
 
     A row is one long reduction, and a batch-1 row of Llama-3's 128,256 logits is one
     thread block's work: `argmax` plus `isfinite().all()` took 50 us of a 6.1 ms step on
-    the H100 (bench/decode_kernels.py). So: the maximum of each chunk of ~500 (many
+    the H100 (bench/probes/decode_kernels.py). So: the maximum of each chunk of ~500 (many
     blocks), then the maximum of the chunk maxima. `max` carries a NaN through, so the
     row maximum is finite exactly when the row is sound."""
     b, v = logits.shape

@@ -10,7 +10,7 @@
     decode_merge.py  its tails: the store, or the merge of split partials (cluster, ticket)
     tiles.py         tile-level pieces both kernels share (online softmax step, loads)
     cluster.py       thread-block clusters from Triton (the decode merge's)
-    trace.py         the decode kernel's phase stamps (bench/decode_timeline.py)
+    trace.py         the decode kernel's phase stamps (bench/probes/decode_timeline.py)
 """
 from trtllm.kernels.paged_attention.launch_shape import DecodeLaunch, PrefillLaunch, choose_launch, \
     decode_launch

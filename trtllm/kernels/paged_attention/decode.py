@@ -94,7 +94,7 @@ def _decode_kernel(
     """One launch for the whole decode step (launches are a large share of a 20-30 us
     step), in parts: the tokens no sequence covers (`_write_uncovered_tokens`), the K/V
     loop over this split's cached keys, the new key (`_attend_new_key`), then the store or
-    the split merge (decode_merge.py). TRACE (GPU only, bench/decode_timeline.py) stamps
+    the split merge (decode_merge.py). TRACE (GPU only, bench/probes/decode_timeline.py) stamps
     each program's phases into trace_ptr."""
     if CLUSTER:  # grid (splits, Hkv, seqs): a cluster is the splits of one (seq, kv head)
         rank = tl.program_id(0)
@@ -140,7 +140,7 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     # Split grids keep column sums through the loop, reduced once after it (b8 x 2048
     # 30.46 -> 30.17 us per layer); a full grid does not: the [G, BLOCK_N] registers
-    # cost it programs per SM (b64 x 2048 182.9 -> 200.6 us). bench/decode_timeline.py.
+    # cost it programs per SM (b64 x 2048 182.9 -> 200.6 us). bench/probes/decode_timeline.py.
     SUM_LATE: tl.constexpr = NUM_SPLITS > 1
     if SUM_LATE:
         l_i = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
@@ -216,7 +216,7 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
                   qk_scale, window, num_seqs, dot_prec, launch: DecodeLaunch, *, trace=None):
     """One decode step of one layer (one new token per sequence) into `out`; kc/vc are one
     layer's caches [NB, BS, Hkv, D]. trace: an int64 CUDA tensor of programs x TRACE_SLOTS
-    to stamp (bench/decode_timeline.py)."""
+    to stamp (bench/probes/decode_timeline.py)."""
     T, Hq, D = q.shape
     Hkv, BS = kc.shape[2], kc.shape[1]
     G = Hq // Hkv

@@ -122,7 +122,7 @@ def ticket_merge(m_i, l_i, acc, s, kvh, split, head, o_ptrs, g_ok, d_ok, offs_g,
     still in registers, all loads at once (b8 x 2048: 31.0 -> 30.5 us per layer).
     Merging without the release fence (a relaxed ticket, the others publishing after
     it, the merger polling a done count) was slower on the H100: the poll waits out the
-    others' fences, 2.8 -> 3.6 us after the loop (bench/decode_timeline.py)."""
+    others' fences, 2.8 -> 3.6 us after the loop (bench/probes/decode_timeline.py)."""
     row = (s * G * HKV + head) * NUM_SPLITS + split
     tl.store(pm_ptr + row, m_i, mask=offs_g < G)
     tl.store(pl_ptr + row, l_i, mask=offs_g < G)

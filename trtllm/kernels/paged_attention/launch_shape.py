@@ -1,6 +1,6 @@
 """How one paged attention call runs on a GPU, as a value: which kernel, how many
 flash-decoding splits and how they merge, which tiles. `choose_launch` is the default
-(tuned on the H100, bench/RESULTS.md); tests and benches build their own choice and pass
+(tuned on the H100, docs/decisions/decode_attention.md); tests and benches build their own choice and pass
 it to `launch_paged_attention` (op.py)."""
 import functools
 from dataclasses import dataclass
@@ -53,7 +53,7 @@ def decode_launch(splits: int, cluster: bool, head_dim: int, elem_size: int) -> 
 
 # Flash-decoding: split a sequence's context only while the grid is smaller than
 # SPLIT_TARGET_PER_SM programs per SM, and never into pieces shorter than SPLIT_MIN_LEN
-# positions. Measured on H100 (bench/sweep_decode.py, 2026-11-25): one program per SM
+# positions. Measured on H100 (bench/probes/sweep_decode.py, 2026-11-25): one program per SM
 # and 64-position pieces beat 2 per SM and 256: b1 x 8192 33.9 -> 26.6 us (16 splits,
 # not 32, with the 8-warp config), b1 x 512 15.3 -> 13.7 us (8 splits, not 2); b8 x 2048
 # within 1 us at 2 or 4.
@@ -91,7 +91,7 @@ def decode_config(head_dim: int, elem_size: int, splits: int, cluster: bool = Fa
     The K/V addresses come from a block-table load inside the loop, and Triton's
     pipeliner gives that load a stage of its own: num_stages 5 double-buffers K/V (72 KB
     smem: 3 programs per SM), 3 single-buffers them (more programs per SM). Measured on
-    H100 (bench/sweep_decode.py): a full grid (1 split, b64 x 2048) runs 195 us at 3
+    H100 (bench/probes/sweep_decode.py): a full grid (1 split, b64 x 2048) runs 195 us at 3
     stages against 222 at 5; a split grid (small batch) wants 5 stages, and 8 warps gain
     6-10% at b1 x 2048-8192 (16 splits, ticket merge: 9.5-9.9 against 11.2-12.0 us with 4).
     The cluster merge (2 splits) runs better with fewer warps since the loop lost its

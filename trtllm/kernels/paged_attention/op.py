@@ -95,7 +95,7 @@ def launch_paged_attention(
 ):
     """The launcher: the op's arguments checked, then the kernels of `launch` (default:
     `choose_launch` for these shapes). trace: an int64 CUDA tensor of programs x
-    TRACE_SLOTS the decode kernel stamps its phases into (bench/decode_timeline.py)."""
+    TRACE_SLOTS the decode kernel stamps its phases into (bench/probes/decode_timeline.py)."""
     T, Hq, D = q.shape
     _, NB, BS, Hkv, Dc = k_cache.shape
     assert q.dtype in _FLOAT_DTYPES, f"unsupported dtype {q.dtype}"

@@ -1,4 +1,4 @@
-"""Phase stamps of the decode kernel (its TRACE constexpr; bench/decode_timeline.py reads
+"""Phase stamps of the decode kernel (its TRACE constexpr; bench/probes/decode_timeline.py reads
 them): per program, (globaltimer ns, clock64) at stamps 0..4, then its SM id."""
 import triton
 import triton.language as tl

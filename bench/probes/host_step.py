@@ -1,6 +1,6 @@
 """Host (Python) cost of one decode step, on CPU, with the model's forward made free.
 
-    PYTHONPATH=$PWD python bench/host_step.py [--profile] [--new 200] [--batches 1 64]
+    PYTHONPATH=$PWD python bench/probes/host_step.py [--profile] [--new 200] [--batches 1 64]
 
 A tiny random Llama behind a real `LLM` (device="cpu"), whose runner is given what a GPU
 run has: "decode graphs" for every batch bucket, here stand-ins whose replay() does

@@ -1,6 +1,6 @@
 """The GEMV pass (use_gemv_linear) on and off, step by step, on one machine.
 
-    PYTHONPATH=$PWD python bench/gemv_ab.py
+    PYTHONPATH=$PWD python bench/probes/gemv_ab.py
 
 bench_e2e.py --no-gemv showed the pass +13% at batch 1 and -18% on 512 requests
 offline. This says where: for each variant (compiled with and without the pass; Llama-3-8B
@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 
 from bench.bench_e2e import LLAMA3_8B, NEW, PROMPT, build_models, prompts
-from bench.decode_breakdown import replay_seconds
+from bench.probes.decode_breakdown import replay_seconds
 from bench.report import report
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.runtime.llm import LLM

@@ -1,6 +1,6 @@
 """How many SSE events per second the server process can write: the HTTP stack alone.
 
-    PYTHONPATH=$PWD python bench/serve_capacity.py [--requests 256] [--new 128] [--step-ms 20]
+    PYTHONPATH=$PWD python bench/probes/serve_capacity.py [--requests 256] [--new 128] [--step-ms 20]
 
 The app (`build_app` + uvicorn, as trtllm-serve runs it) in a subprocess over a stand-in
 engine (`StandInEngine`: the serving calls of `EngineCoreClient`, fed from a thread the

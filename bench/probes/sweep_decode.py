@@ -1,6 +1,6 @@
 """Decode attention at small batch: where does the time go? A config sweep, graph-timed.
 
-    PYTHONPATH=$PWD python bench/sweep_decode.py
+    PYTHONPATH=$PWD python bench/probes/sweep_decode.py
 
 For b8 x ctx2048 (the shape issue 2 misses) and its neighbours: every (BLOCK_N,
 num_warps, num_stages) x splits, with random page tables and with contiguous ones

@@ -1,6 +1,6 @@
 """Decode attention, phase by phase: where each launch's fixed cost goes.
 
-    PYTHONPATH=$PWD python bench/decode_timeline.py [--b8-configs]   (repo root, CUDA only)
+    PYTHONPATH=$PWD python bench/probes/decode_timeline.py [--b8-configs]   (repo root, CUDA only)
 
 Per layer inside one CUDA graph of up to 32 layers' calls (bench_attention's
 `graphed_layers` situation, read-only L2 flush before each replay), the decode kernel

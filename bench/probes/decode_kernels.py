@@ -1,6 +1,6 @@
 """Where the GPU time of a batch-1 decode step goes, kernel by kernel.
 
-    PYTHONPATH=$PWD python bench/decode_kernels.py [--layers 32] [--replays 20]
+    PYTHONPATH=$PWD python bench/probes/decode_kernels.py [--layers 32] [--replays 20]
 
 Llama-3-8B shapes, random bf16 weights (bench_e2e.build_models), one LLM with only the
 batch-1 decode CUDA graph. The graph is replayed under torch.profiler; per replay:
@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 
 from bench.bench_e2e import LLAMA3_8B, build_models
-from bench.decode_breakdown import copy_tbs, replay_seconds
+from bench.probes.decode_breakdown import copy_tbs, replay_seconds
 from bench.report import report
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.runtime.llm import LLM

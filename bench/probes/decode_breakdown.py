@@ -1,6 +1,6 @@
 """Batch-1 decode on Llama-3-8B shapes: GPU time of one step vs what the engine takes.
 
-    PYTHONPATH=$PWD python bench/decode_breakdown.py [--layers 32]
+    PYTHONPATH=$PWD python bench/probes/decode_breakdown.py [--layers 32]
 
 One LLM (max_batch_size 1: one decode CUDA graph; `--e2e-config`: bench_e2e.py's
 max_batch_size 256 and 0.85 of free memory for the KV pool), random bf16 weights as bench_e2e.py:
@@ -19,7 +19,6 @@ import time
 import torch
 
 from bench.bench_e2e import LLAMA3_8B, build_models
-from bench.profile_step import time_steps
 from bench.report import report
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.runtime.llm import LLM
@@ -37,6 +36,21 @@ def copy_tbs() -> float:
         y.copy_(x)
     torch.cuda.synchronize()
     return 2 * x.numel() * 10 / (time.perf_counter() - t) / 1e12
+
+
+def time_steps(engine) -> tuple[list[float], object]:
+    """Wrap engine.step so each call's seconds go to the returned list; returns (the list,
+    the original step, to put back)."""
+    inner, step = [], engine.step
+
+    def timed_step():
+        t = time.perf_counter()
+        out = step()
+        inner.append(time.perf_counter() - t)
+        return out
+
+    engine.step = timed_step
+    return inner, step
 
 
 def replay_seconds(graph, replays: int, warmup: int = 10) -> float:
