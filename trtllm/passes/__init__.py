@@ -2,7 +2,8 @@
 
 PASSES rewrite every compiled call. DECODE_GRAPH_PASSES run after them, only in the
 compilation `CompiledModel` uses for decode CUDA graphs of at most
-kernels/linear.py:GEMV_MAX_M tokens (see trtllm/compile.py)."""
+DECODE_GRAPH_MAX_TOKENS tokens (see trtllm/compile.py)."""
+from trtllm.kernels.linear import GEMV_MAX_M
 from trtllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears
 from trtllm.passes.fuse_rms_norm import fuse_rms_norm
@@ -25,3 +26,6 @@ PASSES = [
 DECODE_GRAPH_PASSES = [
     use_gemv_linear,                    # after split_lm_head has found the head as a linear
 ]
+
+# the decode graphs DECODE_GRAPH_PASSES pay off in: those a GEMV serves (bench/gemv_ab.py)
+DECODE_GRAPH_MAX_TOKENS = GEMV_MAX_M

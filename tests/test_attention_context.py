@@ -5,7 +5,7 @@ import random
 import numpy as np
 import torch
 
-from trtllm.runtime.attention_context import AttentionMetadata
+from trtllm.attention_context import AttentionMetadata
 
 BS = 4
 
