@@ -25,6 +25,7 @@ import warnings
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 import trtllm.kernels.linear  # noqa: F401  (registers torch.ops.trtllm.linear)
 from trtllm.kernels.linear import unsupported
@@ -54,7 +55,7 @@ def use_gemv_linear(graph: fx.Graph, ctx: PassContext) -> int:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         matches += 1
-    head = ctx.lm_head
-    if head is not None and unsupported(head.weight.dtype, head.weight, head.bias) is None:
+    head = ctx.lm_head  # unless an earlier pass gave the head an op of its own
+    if head is not None and head.linear is F.linear and unsupported(head.weight.dtype, head.weight, head.bias) is None:
         head.linear = torch.ops.trtllm.linear
     return matches
