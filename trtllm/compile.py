@@ -1,10 +1,9 @@
 """`trtllm.compile(model) -> CompiledModel`: a causal LM (trtllm/contract.py) as a paged,
-batched model. The pipeline: the contract's probe -> dynamo captures the whole model ->
-our backend runs a pass list (trtllm/passes) -> Inductor (default on CUDA) or the rewritten
+batched model. The pipeline: the contract's probe -> dynamo captures the whole model -> our
+backend runs a pass list (trtllm/passes) -> Inductor (default on CUDA) or the rewritten
 graph as is (default on CPU, where Inductor's C++ build costs more than it saves in tests).
-What passes hand back besides the graph (passes/context.py: constant inputs, the LM head
-and its op, work for after the first call) is acted on here whichever pass handed it: a
-new kind of pass needs no edit of this file.
+What passes hand back besides the graph (passes/context.py) is acted on here, whichever
+pass handed it back: a new kind of pass needs no edit of this file.
 
 Outside an attention context, `compiled(input_ids [B, S], positions)` runs B whole
 sequences on a scratch cache and returns the eager model's logits; the runtime calls it
