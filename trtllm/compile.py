@@ -128,11 +128,11 @@ class CompiledModel:
         (into the B*S tokens), the only rows the LM head is then computed for."""
         variant = next(v for v in self.variants if (self._in_decode_graphs or not v.decode_graphs_only)
                        and (v.max_tokens is None or input_ids.shape[-1] <= v.max_tokens))
-        with contextlib.ExitStack() as scope, torch.no_grad():
-            if not in_attention_context():  # B whole sequences of S tokens
-                spec = self.attention
-                scope.enter_context(whole_sequences_context(*input_ids.shape, self.block_size, spec.num_layers,
-                                                            spec.num_kv_heads, spec.head_dim, spec.dtype, self.device))
+        spec = self.attention
+        scope = contextlib.nullcontext() if in_attention_context() else whole_sequences_context(
+            *input_ids.shape, self.block_size, spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype,
+            self.device)  # B whole sequences of S tokens, on a scratch cache
+        with scope, torch.no_grad():
             with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
                 try:
                     out = variant.compiled(input_ids, positions)

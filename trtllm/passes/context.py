@@ -13,7 +13,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from trtllm.contract import CompileError  # noqa: F401  (what a pass raises)
 from trtllm.passes.match import module_path
 
 
