@@ -8,8 +8,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Every kernel module now, while TRITON_INTERPRET=1: runtime tests switch it off per test
-# (tests/runtime/conftest.py), and a kernel module first imported then (the attention op
-# imports lazily) would be decorated as compiled Triton, failing every later
+# (tests/runtime/conftest.py), and a kernel module first imported then
+# would be decorated as compiled Triton, failing every later
 # interpreter test in that process ("0 active drivers").
 import trtllm.kernels.linear  # noqa: E402, F401
 import trtllm.kernels.paged_attention  # noqa: E402, F401

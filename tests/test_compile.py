@@ -144,3 +144,64 @@ def test_lm_head_is_applied_only_to_requested_rows():
     assert rel_err(got, expected.flatten(0, 1)[rows]) < 1e-4
     assert "split_lm_head: 1" in compiled.summary()
     assert rel_err(compiled(ids, positions), expected) < 1e-4  # all rows when none asked
+
+
+def test_a_new_kind_of_pass_plugs_in_through_the_passes_option():
+    """docs/adding_a_pass.md's example, with a torch function for its op: a pass outside
+    the package adds constant inputs, gives the LM head its op and leaves work for after
+    the first call, all through `ctx`; CompiledModel uses each without knowing the pass."""
+    from trtllm.passes import PASSES
+    from trtllm.passes.match import arg, kind
+
+    def int8_linear(x, wq, scale, bias):
+        return F.linear(x, (wq.float() * scale).to(x.dtype), bias)
+
+    def quantize_int8(weight):
+        scale = weight.float().abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
+        return (weight.float() / scale).round().to(torch.int8), scale.to(weight.dtype)
+
+    head_rows, after = [], []
+
+    def quantize_linears(graph, ctx):
+        matches = 0
+        for node in [n for n in graph.nodes if kind(n) == "linear"]:
+            weight = ctx.inputs.tensor(arg(node, 1, "weight"))
+            if weight is None:
+                continue
+            wq, scale = quantize_int8(weight)
+            args = (node.args[0], ctx.inputs.add_constant(f"{node.name}_wq", wq),
+                    ctx.inputs.add_constant(f"{node.name}_scale", scale), arg(node, 2, "bias"))
+            with graph.inserting_before(node):
+                new = graph.call_function(int8_linear, args)
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            matches += 1
+        if ctx.lm_head is not None:
+            wq, scale = quantize_int8(ctx.lm_head.weight)
+
+            def head_int8_linear(x, weight, bias):
+                head_rows.append(x.shape[0])
+                return int8_linear(x, wq, scale, bias)
+
+            ctx.lm_head.linear = head_int8_linear
+        ctx.after_first_call.append(lambda: after.append(len(head_rows)))
+        return matches
+
+    model = hf_model("llama")
+    ids = torch.randint(0, 96, (2, 7))
+    positions = torch.arange(7)[None].expand(2, 7)
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits.flatten(0, 1)
+    compiled = trtllm.compile(model, passes=PASSES + [quantize_linears])
+    rows = torch.tensor([6, 13])
+    got = compiled(ids, positions, logits_indices=rows)
+    assert rel_err(got, expected[rows]) < 2e-2  # int8 weights: ~0.5% per linear
+    assert head_rows == [2]  # the head through the pass's op, on the two rows asked for
+    assert after == [1]  # once, after the call that compiled the graph (and applied the head)
+    compiled(ids, positions, logits_indices=rows)
+    assert after == [1] and head_rows == [2, 2]
+    summary = compiled.summary()
+    # linears left after fuse_parallel_linears: 2 layers x (qkv, o, gate_up, down)
+    assert "quantize_linears: 8" in summary
+    assert summary.endswith("head_int8_linear in ordinary calls")  # the lm head's line

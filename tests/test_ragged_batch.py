@@ -9,7 +9,7 @@ import torch
 
 import trtllm
 from tests.models.checkpoints import write_checkpoint
-from trtllm.runtime.attention_context import AttentionMetadata, PagedKVCache, attention_context
+from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
 
 BLOCK = 4
 

@@ -8,7 +8,7 @@ import torch
 from tests.models.checkpoints import write_checkpoint
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.models.loader import load_model
-from trtllm.runtime.attention_context import attention_context
+from trtllm.attention_context import attention_context
 from trtllm.runtime.llm import LLM
 from trtllm.runtime.model_runner import cuda_graph_batch_sizes
 from trtllm.runtime.sampler import greedy_picks

@@ -32,28 +32,36 @@ def use_triton(t: torch.Tensor) -> bool:
 def register_op(
     name: str,
     *,
-    launcher: Callable,
-    reference: Callable,
+    launcher: Callable | None = None,
+    reference: Callable | None = None,
     fake: Callable,
     mutates_args: Iterable[str] = (),
+    impl: Callable | None = None,
 ):
     """Register `torch.ops.trtllm.<name>`, dispatching between `launcher` and `reference`.
 
-    The first tensor argument decides the device. Returns the op (a callable).
+    The first tensor argument decides the device. An op made of other ops, which
+    dispatch themselves (the graph's `trtllm.attention`), passes `impl` alone instead.
+    Returns the op (a callable).
     """
+    if impl is None:
+        impl = _dispatch(launcher, reference)
+    # torch.library reads the schema off the signature; resolve string annotations (from
+    # `from __future__ import annotations`) in the op file's namespace, not this one's.
+    impl.__signature__ = inspect.signature(launcher or impl, eval_str=True)
 
+    op = torch.library.custom_op(f"trtllm::{name}", impl, mutates_args=tuple(mutates_args))
+    op.register_fake(fake)
+    return op
+
+
+def _dispatch(launcher: Callable, reference: Callable) -> Callable:
     @functools.wraps(launcher)
     def impl(*args, **kwargs):
         first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
         return (launcher if use_triton(first) else reference)(*args, **kwargs)
 
-    # torch.library reads the schema off the signature; resolve string annotations (from
-    # `from __future__ import annotations`) in the op file's namespace, not this one's.
-    impl.__signature__ = inspect.signature(launcher, eval_str=True)
-
-    op = torch.library.custom_op(f"trtllm::{name}", impl, mutates_args=tuple(mutates_args))
-    op.register_fake(fake)
-    return op
+    return impl
 
 
 def _fix_interpreter_index() -> None:

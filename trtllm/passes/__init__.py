@@ -1,8 +1,13 @@
 """The pass lists: each pass a function `(graph, ctx) -> matches`, run in list order.
 
 PASSES rewrite every compiled call. DECODE_GRAPH_PASSES run after them, only in the
-compilation `CompiledModel` uses for decode CUDA graphs of at most
-kernels/linear.py:GEMV_MAX_M tokens (see trtllm/compile.py)."""
+compilation `CompiledModel` keeps for decode CUDA graphs of at most
+DECODE_GRAPH_MAX_TOKENS tokens (its "decode graphs" variant, trtllm/compile.py).
+Measured on the H100 (bench/probes/gemv_ab.py): use_gemv_linear made the batch-1 decode graph
+6.31 -> 5.70 ms, but the batch-64 and -256 graphs 6.65 -> 7.12 and 8.02 -> 8.66 ms as a
+pass over every call (the linears it does not turn into a GEMV go through the custom op
+to F.linear, slower than Inductor's own mm there)."""
+from trtllm.kernels.linear import GEMV_MAX_M
 from trtllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears
 from trtllm.passes.fuse_rms_norm import fuse_rms_norm
@@ -25,3 +30,6 @@ PASSES = [
 DECODE_GRAPH_PASSES = [
     use_gemv_linear,                    # after split_lm_head has found the head as a linear
 ]
+
+# the decode graphs DECODE_GRAPH_PASSES serve: those whose linears a GEMV computes
+DECODE_GRAPH_MAX_TOKENS = GEMV_MAX_M

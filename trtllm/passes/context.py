@@ -1,17 +1,19 @@
-"""What a pass may need besides the graph: the graph's input values and the model's
-attention layers. Passes are functions `(graph, ctx) -> int` (matches made)."""
+"""What a pass may read besides the graph (the graph's input values, the model's attention
+layers) and what it hands back besides the rewritten graph (constant inputs, the LM head
+and the op that applies it, work to do after the first call). Passes are functions
+`(graph, ctx) -> int` (matches made); CompiledModel acts on what they hand back without
+knowing which pass handed it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from trtllm.passes.match import module_path
-
-
-class CompileError(RuntimeError):
-    """A construct trtllm.compile refuses: the message names the node and module."""
 
 
 class GraphInputs:
@@ -23,8 +25,6 @@ class GraphInputs:
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         self._values = dict(zip(placeholders, example_inputs))
         self.constants: list[torch.Tensor] = []
-        # (params, fused tensor) pairs whose params should become views of the fused one
-        self.fused_params: list[tuple[list[torch.Tensor], torch.Tensor]] = []
 
     def tensor(self, node) -> torch.Tensor | None:
         """The real tensor a placeholder was traced with (None for other nodes)."""
@@ -63,8 +63,31 @@ class AttentionLayers:
 
 
 @dataclass
+class LMHead:
+    """The LM head a pass took out of the graph (split_lm_head): CompiledModel applies it
+    after the graph, to the rows it is asked for, with `linear`, which a later pass may
+    replace by its own op of F.linear's signature (use_gemv_linear: trtllm.linear)."""
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None
+    linear: Callable = F.linear
+
+    @property
+    def op_name(self) -> str:
+        if self.linear is F.linear:
+            return "F.linear"
+        return str(self.linear) if isinstance(self.linear, torch._ops.OpOverloadPacket) else self.linear.__qualname__
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> logits [..., V]; `linear` for hidden of the weight's dtype."""
+        op = self.linear if hidden.dtype == self.weight.dtype else F.linear
+        return op(hidden, self.weight, self.bias)
+
+
+@dataclass
 class PassContext:
     inputs: GraphInputs
     attention: AttentionLayers
-    # (weight, bias) of the LM head when split_lm_head took it out of the graph
-    lm_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    lm_head: LMHead | None = None
+    # run once the call that compiled the graph has returned (e.g. fuse_parallel_linears
+    # makes the model's weights views of the fused copy, so it holds one copy, not two)
+    after_first_call: list[Callable[[], None]] = field(default_factory=list)

@@ -17,6 +17,7 @@ view of them and costs no memory.
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import torch
@@ -47,7 +48,7 @@ def _fused(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _constant_input(ctx: PassContext, name: str, parts: list[torch.Tensor]) -> fx.Node:
     fused = _fused(parts)
     if fused.data_ptr() != parts[0].data_ptr() and all(isinstance(p, torch.nn.Parameter) for p in parts):
-        ctx.inputs.fused_params.append((parts, fused))  # made views of `fused` after compile
+        ctx.after_first_call.append(functools.partial(share_fused_storage, parts, fused))
     return ctx.inputs.add_constant(name, fused)
 
 

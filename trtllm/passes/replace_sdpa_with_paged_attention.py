@@ -9,9 +9,10 @@ After:
     attn = torch.ops.trtllm.attention(q, k, v, layer=i, scale=s, window=w)
 
 The new op writes k/v into layer i of the paged cache and attends over each
-sequence's cached context (runtime/attention_context.py). Attention it cannot express
-(an explicit mask, dropout, non-causal attention over several queries) is refused:
-left as SDPA it would attend across the sequences of a flat ragged batch.
+sequence's cached context (trtllm/attention_context.py). Attention it cannot express
+(an explicit mask, dropout, non-causal attention over several queries: contract.py's
+`unpageable`, which compile()'s eager probe applies too) is refused: left as SDPA it
+would attend across the sequences of a flat ragged batch.
 """
 from __future__ import annotations
 
@@ -20,21 +21,10 @@ import math
 import torch
 import torch.fx as fx
 
-import trtllm.runtime.attention_context  # noqa: F401  (registers torch.ops.trtllm.attention)
-from trtllm.passes.context import CompileError, PassContext
+import trtllm.attention_context  # noqa: F401  (registers torch.ops.trtllm.attention)
+from trtllm.contract import CompileError, unpageable
+from trtllm.passes.context import PassContext
 from trtllm.passes.match import arg, describe, kind, value
-
-
-def unpageable(has_mask: bool, dropout_p, is_causal: bool, q_len) -> str | None:
-    """Why an SDPA call cannot become paged causal attention, or None if it can (shared
-    with compile()'s eager probe, which refuses the same calls before any tracing)."""
-    if has_mask:
-        return "SDPA with an attn_mask cannot become paged causal attention; call it with is_causal=True and no mask"
-    if dropout_p not in (0, 0.0):
-        return f"SDPA with dropout_p={dropout_p} (inference only)"
-    if not is_causal and not (isinstance(q_len, int) and q_len == 1):
-        return "non-causal SDPA over several queries; trtllm compiles causal decoders only"
-    return None
 
 
 def replace_sdpa_with_paged_attention(graph: fx.Graph, ctx: PassContext) -> int:

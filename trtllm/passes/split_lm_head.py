@@ -6,7 +6,7 @@ Before:                                       After:
     logits = linear(h, W_head)   # [B, S, V]      return h
     return logits
 
-`CompiledModel` then applies the head itself on the rows it is asked for: at a
+The head goes to `ctx.lm_head`; `CompiledModel` applies it on the rows it is asked for: at a
 prefill step of T tokens the runtime needs logits for one token per sequence, and
 the [T, V] product it skips is as large as a decoder layer's GEMMs at Llama-3's
 128k vocabulary. Only a head that feeds the output directly (optionally through
@@ -19,7 +19,7 @@ import operator
 
 import torch.fx as fx
 
-from trtllm.passes.context import PassContext
+from trtllm.passes.context import LMHead, PassContext
 from trtllm.passes.match import arg, kind, value
 
 
@@ -48,5 +48,5 @@ def split_lm_head(graph: fx.Graph, ctx: PassContext) -> int:
         return 0
     output.args = ((hidden,),)
     graph.eliminate_dead_code()
-    ctx.lm_head = (weight, bias)
+    ctx.lm_head = LMHead(weight, bias)
     return 1

@@ -15,8 +15,9 @@ Matched: every linear whose weight (and bias) are graph inputs (parameters, or t
 fused weights of fuse_parallel_linears) that are contiguous, of the input's dtype.
 A linear over a weight computed in the graph (e.g. `W.t()` of a [K, N]-stored weight)
 stays F.linear with a warning; matmuls that are not F.linear (`x @ W`, `addmm`) are not
-linears and stay as they are. Runs last: split_lm_head must still find the head as
-a plain linear (CompiledModel applies the head with trtllm.linear itself).
+linears and stay as they are. Runs after split_lm_head, which must still find the
+head as a plain linear: the head, applied outside the graph, gets trtllm.linear too
+(`ctx.lm_head.linear`), as the largest GEMV of a decode step.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import warnings
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 import trtllm.kernels.linear  # noqa: F401  (registers torch.ops.trtllm.linear)
 from trtllm.kernels.linear import unsupported
@@ -53,4 +55,7 @@ def use_gemv_linear(graph: fx.Graph, ctx: PassContext) -> int:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         matches += 1
+    head = ctx.lm_head  # unless an earlier pass gave the head an op of its own
+    if head is not None and head.linear is F.linear and unsupported(head.weight.dtype, head.weight, head.bias) is None:
+        head.linear = torch.ops.trtllm.linear
     return matches

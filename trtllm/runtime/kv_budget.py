@@ -8,7 +8,7 @@ import torch
 
 from trtllm.compile import CompiledModel
 from trtllm.config import KvCacheConfig
-from trtllm.runtime.attention_context import AttentionMetadata, PagedKVCache, attention_context
+from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
 
 # Without a GPU to measure, a pool of this many tokens (CPU runs are tests and demos).
 CPU_DEFAULT_TOKENS = 65536

@@ -16,7 +16,7 @@ one context replays correctly after the runtime refills the buffers. The host-si
 ints (`num_seqs`, `max_query_len`, `max_seq_len`) only steer kernel choice and grid
 size at launch; under graph capture they must be upper bounds for every replay.
 
-Layout (see kernels/paged_attention.py for the op's semantics):
+Layout (see trtllm/kernels/paged_attention for the op's semantics):
 - k/v cache: [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
 - slot_mapping [max_num_tokens] int32: cache slot (block * block_size + offset) for
   each new token, -1 for padding tokens (not written)
@@ -29,11 +29,15 @@ Layout (see kernels/paged_attention.py for the op's semantics):
 from __future__ import annotations
 
 import contextlib
+import math
 from itertools import accumulate
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from trtllm.kernels.paged_attention import paged_attention
+from trtllm.kernels.registry import register_op
 
 
 @dataclass
@@ -177,12 +181,32 @@ def attention_context(cache: PagedKVCache, metadata: AttentionMetadata):
         _active = previous
 
 
+def in_attention_context() -> bool:
+    """Whether a call now runs inside `attention_context(...)` (the runtime's flat batch)."""
+    return _active is not None
+
+
+@contextlib.contextmanager
+def whole_sequences_context(num_seqs: int, seq_len: int, block_size: int, num_layers: int,
+                            num_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+    """A scratch cache and metadata for `num_seqs` independent sequences of `seq_len` new
+    tokens each: a model called as in training, [B, S], outside the runtime."""
+    per_seq = math.ceil(seq_len / block_size)
+    cache = PagedKVCache.allocate(num_layers, num_seqs * per_seq, block_size, num_kv_heads, head_dim,
+                                  dtype, device)
+    meta = AttentionMetadata(num_seqs * seq_len, num_seqs, per_seq, device)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(num_seqs)]
+    meta.fill([seq_len] * num_seqs, [seq_len] * num_seqs, tables, block_size)
+    with attention_context(cache, meta) as ctx:
+        yield ctx
+
+
 def active_context() -> AttentionContext:
     if _active is None:
         raise RuntimeError(
             "torch.ops.trtllm.attention ran outside an attention context: call the "
             "CompiledModel (which sets one up for whole sequences) or wrap the call in "
-            "trtllm.runtime.attention_context.attention_context(cache, metadata)")
+            "trtllm.attention_context.attention_context(cache, metadata)")
     return _active
 
 
@@ -197,8 +221,6 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, sc
     runtime's flat batch with B = 1) -> [B, Hq, S, D]. Writes k/v into layer `layer` of the
     cache, then each token attends to its sequence's cached context up to itself.
     """
-    from trtllm.kernels.paged_attention import paged_attention
-
     ctx = active_context()
     meta = ctx.metadata
     b, hq, s, d = q.shape
@@ -217,5 +239,5 @@ def _attention_fake(q, k, v, layer, scale, window):
     return q.new_empty((b, s, hq, v.shape[-1])).transpose(1, 2)  # the strides _attention returns
 
 
-attention = torch.library.custom_op("trtllm::attention", _attention, mutates_args=())
-attention.register_fake(_attention_fake)
+# paged_attention dispatches itself (Triton kernel or reference): this op is plain torch around it
+attention = register_op("attention", impl=_attention, fake=_attention_fake)

@@ -1,11 +1,13 @@
 """AttentionMetadata.fill: the buffers describe exactly this step, however the rows'
-block tables came and went (fill rewrites only the rows and entries that changed)."""
+block tables came and went (fill rewrites only the rows and entries that changed); the
+active context, and the scratch one for whole sequences."""
 import random
 
 import numpy as np
 import torch
 
-from trtllm.runtime.attention_context import AttentionMetadata
+from trtllm.attention_context import (AttentionMetadata, PagedKVCache, active_context, attention_context,
+                                      in_attention_context, whole_sequences_context)
 
 BS = 4
 
@@ -63,3 +65,21 @@ def test_fill_after_a_bigger_step_clears_the_extra_slots():
     meta.fill([1], [10], [[5, 6, 7]], BS)
     check(meta, [1], [10], [[5, 6, 7]])
     assert torch.equal(meta.slot_mapping[1:], torch.full((31,), -1, dtype=torch.int32))
+
+
+def test_the_active_context_is_the_innermost_one_and_none_outside():
+    cache = PagedKVCache.allocate(1, 2, BS, 1, 8, torch.float32, "cpu")
+    outer, inner = AttentionMetadata(4, 1, 2, "cpu"), AttentionMetadata(4, 1, 2, "cpu")
+    assert not in_attention_context()
+    with attention_context(cache, outer):
+        with attention_context(cache, inner):
+            assert in_attention_context() and active_context().metadata is inner
+        assert active_context().metadata is outer
+    assert not in_attention_context()
+
+
+def test_whole_sequences_get_blocks_of_their_own():
+    with whole_sequences_context(2, 6, BS, 3, 2, 8, torch.float32, "cpu") as ctx:
+        assert ctx.cache.k.shape == (3, 4, BS, 2, 8)  # 2 sequences x 2 blocks of 4
+        check(ctx.metadata, [6, 6], [6, 6], [[0, 1], [2, 3]])
+    assert not in_attention_context()
