@@ -14,6 +14,7 @@ MAX_N = 16            # completions per request
 MAX_LOGPROBS = 20     # top-k logprobs per token
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+MIN_TEMPERATURE = 1e-5  # below this, logits / T may overflow fp32: treat as greedy (as vLLM)
 
 
 class SamplingParams(BaseModel):
@@ -70,4 +71,11 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """The token is the argmax of the (penalised) logits: the one definition the sampler
+        and the engine's overlap scheduler read."""
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+    @property
+    def penalised(self) -> bool:
+        """A repetition, presence or frequency penalty changes the logits before the pick."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

@@ -30,7 +30,7 @@ class StandInEngine:
     """EngineCoreClient's serving calls over a token generator (no model)."""
 
     def __init__(self, step_ms: float, vocab: int = 1000, max_seq_len: int = 4096):
-        from trtllm.runtime.engine import EngineLimits
+        from trtllm.runtime.engine_limits import EngineLimits
         from trtllm.runtime.engine_stats import EngineStats
         self.tokenizer = None
         self.limits = EngineLimits(1024, 8192, max_seq_len, max_seq_len)
@@ -42,13 +42,12 @@ class StandInEngine:
         threading.Thread(target=self._steps, daemon=True).start()
 
     def validate(self, ids, params) -> None:
-        from trtllm.runtime.engine import validate_request
+        from trtllm.runtime.engine_limits import validate_request
         validate_request(ids, params, self.limits, self.vocab_size, False)
 
     def generate_async(self, prompt, sampling_params=None, streaming=False, request_id=None):
-        from trtllm.runtime.engine_client import MirrorStream
-        from trtllm.runtime.engine_loop import new_request_id
         from trtllm.runtime.outputs import CompletionOutput, RequestOutput
+        from trtllm.runtime.request_stream import MirrorStream, new_request_id
         request_id = request_id or new_request_id()
         self.admitted.append(time.perf_counter())
         loop = asyncio.get_running_loop()
@@ -81,33 +80,40 @@ class StandInEngine:
     def _steps(self) -> None:
         """One token per running request per step; each loop woken once per step, as
         EngineCoreClient's reader does."""
+        from trtllm.runtime.wire import StepDeltas
         next_t = time.perf_counter()
         while True:
             next_t += self.step_s
             time.sleep(max(0.0, next_t - time.perf_counter()))
             with self._lock:
                 running = list(self._running.items())
-            by_loop: dict = {}
+            by_loop: dict = {}  # loop -> (streams, their deltas)
             for request_id, entry in running:
                 stream, params, loop, streaming, n = entry
                 n = entry[4] = n + 1
                 done = n >= params.max_tokens
                 # what the engine's delta carries: the tokens since the last one sent
                 tokens = [(i * 7919) % self.vocab_size for i in range(n - 1 if streaming else 0, n)]
-                delta = (request_id, done, None, 0,
-                         [(0, "", tokens, None, None, "length" if done else None, None)])
                 if done:
                     with self._lock:
                         self._running.pop(request_id, None)
                 if streaming or done:
-                    by_loop.setdefault(loop, []).append((stream, delta))
-            for loop, items in by_loop.items():
-                loop.call_soon_threadsafe(_dispatch, items)
+                    if loop not in by_loop:
+                        by_loop[loop] = ([], StepDeltas())
+                    streams, d = by_loop[loop]
+                    streams.append(stream)
+                    for column, value in ((d.request_ids, request_id), (d.finished, done), (d.errors, None),
+                                          (d.num_cached_tokens, 0), (d.starts, len(d.texts)), (d.texts, ""),
+                                          (d.token_ids, tokens), (d.logprobs, None), (d.cumulative_logprobs, None),
+                                          (d.finish_reasons, "length" if done else None), (d.stop_reasons, None)):
+                        column.append(value)
+            for loop, (streams, d) in by_loop.items():
+                loop.call_soon_threadsafe(_dispatch, streams, d)
 
 
-def _dispatch(items) -> None:
-    for stream, delta in items:
-        stream.grow(delta)
+def _dispatch(streams, deltas) -> None:
+    for row, stream in enumerate(streams):
+        stream.grow(deltas, row)
 
 
 def role_server(args) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from tests.serve.server import write_model
 from trtllm.config import BuildConfig, KvCacheConfig
+from trtllm.runtime.client_protocol import EngineClient
 from trtllm.runtime.engine_client import EngineCoreClient
 from trtllm.runtime.llm import LLM, build_engine
 from trtllm.sampling_params import SamplingParams
@@ -69,6 +70,7 @@ def test_same_outputs_as_llm_streaming_or_not(client, model_dir):
 
 
 def test_bad_request_abort_and_duplicate_end_alone(client):
+    assert isinstance(client, EngineClient)  # what the server calls
     long = SamplingParams(max_tokens=40, ignore_eos=True)
 
     async def go():

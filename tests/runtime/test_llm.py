@@ -1,12 +1,15 @@
 """The LLM API end to end on tiny random checkpoints: greedy output identical to HF
 transformers' generate, under block reuse, chunked prefill and preemption; bad input
 fails alone; streaming, stop strings, seeds."""
+import asyncio
+
 import pytest
 import torch
 
 from tests.models.checkpoints import hf_model, write_checkpoint
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm.config import BuildConfig, KvCacheConfig
+from trtllm.runtime.client_protocol import EngineClient
 from trtllm.runtime.llm import LLM
 from trtllm.sampling_params import SamplingParams
 
@@ -76,6 +79,21 @@ def test_bad_requests_fail_alone_and_the_engine_goes_on(llama_llm):
     long = llama_llm.generate([1] * 30, SamplingParams(max_tokens=40), use_tqdm=False)
     assert "max_seq_len" in long.error  # 30 + 40 > 64
     llama_llm.block_manager.check_invariants()
+
+
+def test_a_duplicate_request_id_fails_alone(llama_llm):
+    assert isinstance(llama_llm, EngineClient)  # what the server calls
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+    async def go():
+        first = llama_llm.generate_async([1, 2, 3], params, request_id="same")
+        again = llama_llm.generate_async([4, 5], params, request_id="same")
+        return await first.aresult(), await again.aresult()
+
+    first, again = asyncio.run(go())
+    assert first.error is None and len(first.outputs[0].token_ids) == 20
+    assert "already in flight" in again.error and again.outputs[0].finish_reason == "error"
+    assert again.prompt_token_ids == [4, 5]
 
 
 def test_streaming_ends_in_the_same_text_and_stop_strings_cut_exactly(llama_llm):

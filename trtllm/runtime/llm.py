@@ -26,13 +26,16 @@ from trtllm.compile import compile as trtllm_compile
 from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig
 from trtllm.models.loader import load_model
 from trtllm.runtime.block_manager import BlockManager
-from trtllm.runtime.engine import Engine, EngineLimits, check_stream_interval
-from trtllm.runtime.engine_loop import EngineLoop, RequestStream, new_request_id
+from trtllm.runtime.engine import Engine
+from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
+from trtllm.runtime.engine_loop import EngineLoop
 from trtllm.runtime.engine_stats import EngineStats
 from trtllm.runtime.kv_budget import num_kv_blocks
 from trtllm.runtime.model_runner import ModelRunner
+from trtllm.runtime.request_stream import RequestStream, new_request_id
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.tokenizer import load_tokenizer, tokenize_prompt
+from trtllm.runtime.wire import AddRequest
 from trtllm.sampling_params import SamplingParams
 
 _DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -82,6 +85,9 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
 
 
 class LLM:
+    """The engine on a thread of this process (`EngineLoop`); answers `EngineClient`, as the
+    process client does."""
+
     def __init__(self, model: str | Path | nn.Module | None = None, tokenizer=None, dtype: str = "auto",
                  kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
@@ -112,7 +118,7 @@ class LLM:
         # a bad one raises before any runs, and the engine's first step sees the whole
         # batch (one at a time, the engine thread started stepping on the first few while
         # the rest came in: batches formed differently from run to run)
-        requests = [(new_request_id(), *self._prepare(p, sp)) for p, sp in zip(prompts, params)]
+        requests = [self._prepare(new_request_id(), p, sp) for p, sp in zip(prompts, params)]
         streams = self._loop.submit_many(requests)
         results = []
         progress = _progress(len(streams)) if use_tqdm and len(streams) > 1 else None
@@ -125,28 +131,28 @@ class LLM:
         return results if batch else results[0]
 
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
-                       streaming: bool = False) -> RequestStream:
+                       streaming: bool = False, request_id: str | None = None) -> RequestStream:
         """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`."""
-        return self._submit(prompt, sampling_params, loop=asyncio.get_running_loop(), streaming=streaming)
+        return self._submit(prompt, sampling_params, loop=asyncio.get_running_loop(), request_id=request_id,
+                            streaming=streaming)
 
     def abort(self, request_id: str) -> None:
         self._loop.abort(request_id)
 
     def _submit(self, prompt, params: SamplingParams | None, loop=None, request_id: str | None = None,
                 streaming: bool = False) -> RequestStream:
-        ids, params, text = self._prepare(prompt, params)
-        return self._loop.submit(request_id or new_request_id(), ids, params, text, loop=loop,
-                                 streaming=streaming)
+        return self._loop.submit(self._prepare(request_id or new_request_id(), prompt, params, streaming), loop)
 
-    def _prepare(self, prompt, params: SamplingParams | None) -> tuple[list[int], SamplingParams, str | None]:
-        """(prompt token ids, params, prompt text) of one request; TypeError/ValueError if bad."""
+    def _prepare(self, request_id: str, prompt, params: SamplingParams | None, streaming: bool = False
+                 ) -> AddRequest:
+        """One request, tokenized; TypeError/ValueError if bad."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         text, ids = tokenize_prompt(self.tokenizer, prompt)
-        return ids, params, text
+        return AddRequest(request_id, ids, params, text, streaming)
 
-    # -- what a server asks of an engine (EngineCoreClient answers the same) ----------------
+    # -- the rest of what a server asks of an engine (EngineClient) ---------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming what is wrong with this request, before submitting it."""
         self.engine.validate(prompt_token_ids, params)

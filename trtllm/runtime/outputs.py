@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trtllm.sampling_params import SamplingParams
 
 
 @dataclass
@@ -46,35 +50,27 @@ class RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs,
                              self.finished, self.error, self.num_cached_tokens)
 
-    # -- the wire form (engine process -> server process: trtllm/runtime/engine_core.py) --
-    def delta(self) -> tuple:
-        """What the latest step added (text_diff / token_ids_diff as the engine set them),
-        as plain tuples: cheap to pickle, O(new tokens) whatever the length so far."""
-        completions = []
-        for c in self.outputs:
-            new = len(c.token_ids_diff)
-            logprobs = c.logprobs[len(c.logprobs) - new:] if c.logprobs is not None and new else None
-            completions.append((c.index, c.text_diff, c.token_ids_diff, logprobs, c.cumulative_logprob,
-                                c.finish_reason, c.stop_reason))
-        return self.request_id, self.finished, self.error, self.num_cached_tokens, completions
-
-    def apply_delta(self, delta: tuple) -> None:
-        """Grow this output by a `delta()` of the engine's copy. The diffs accumulate until
-        the reader clears them (`clear_diffs`), so merged deltas keep every piece."""
-        _, self.finished, self.error, self.num_cached_tokens, completions = delta
-        for index, text, ids, logprobs, cumulative, finish_reason, stop_reason in completions:
-            c = self.outputs[index]
-            c.text += text
-            c.token_ids += ids
-            c.text_diff += text
-            c.token_ids_diff = c.token_ids_diff + ids
-            if logprobs:
-                c.logprobs += logprobs
-            c.cumulative_logprob, c.finish_reason, c.stop_reason = cumulative, finish_reason, stop_reason
-
     def clear_diffs(self) -> None:
         for c in self.outputs:
             c.text_diff, c.token_ids_diff = "", []
+
+
+def new_output(request_id: str, prompt: str | None, prompt_token_ids: list[int],
+               params: SamplingParams) -> RequestOutput:
+    """A request's output before its first token (the engine's, and the process client's copy)."""
+    wants_logprobs = params.logprobs is not None
+    return RequestOutput(request_id, prompt, prompt_token_ids, [
+        CompletionOutput(i, logprobs=[] if wants_logprobs else None, cumulative_logprob=0.0 if wants_logprobs else None)
+        for i in range(params.n)])
+
+
+def failed_output(request_id: str, n: int, error: str, prompt: str | None = None,
+                  prompt_token_ids: list[int] | None = None) -> RequestOutput:
+    """A request that ends with `error`: its n completions with finish_reason "error". The
+    one shape of a failure, whoever fails it (the engine driver for a bad request or a
+    crashed step, a front end for a duplicate id or an engine that is gone)."""
+    return RequestOutput(request_id, prompt, list(prompt_token_ids or []),
+                         [CompletionOutput(i, finish_reason="error") for i in range(n)], finished=True, error=error)
 
 
 def _shallow_copy(c: CompletionOutput) -> CompletionOutput:

@@ -15,8 +15,8 @@ Order of operations (each a module function, so tests can check it alone):
   4. `apply_top_k_top_p`: top-k (exactly k survive), then top-p on the renormalised
      top-k distribution (the smallest set with cumulative prob ≥ top_p, never empty).
   5. `apply_min_p`: drop p < min_p * p_max.
-  6. choose: greedy rows (temperature < 1e-5 or top_k == 1; their top-k/p/min-p are off)
-     take the argmax; the others take argmax(logits + Gumbel noise), an exact sample of
+  6. choose: greedy rows (`SamplingParams.greedy`; their top-k/p/min-p are off) take
+     the argmax; the others take argmax(logits + Gumbel noise), an exact sample of
      softmax(logits), with noise from a counter-based hash of (seed, completion index,
      step = len(output), token id). So a request's tokens depend on its seed and its own
      logits only: not on the batch it shares, its position in it, or preemption.
@@ -42,7 +42,6 @@ from trtllm.sampling_params import SamplingParams
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 _NEG_INF = float("-inf")
-_MIN_TEMPERATURE = 1e-5  # below this, logits / T may overflow fp32: treat as greedy (as vLLM)
 
 
 def draw_seed(rng: random.Random | None = None) -> int:
@@ -137,13 +136,11 @@ def _row(seq: Sequence, key: tuple) -> _Row:
     if row is not None and row.key == key and row.params is sp:
         return row
     V, eos = key
-    g = sp.greedy or sp.temperature < _MIN_TEMPERATURE
-    rep = sp.repetition_penalty != 1.0
+    g = sp.greedy
     row = _Row(key, sp, (1.0 if g else sp.temperature, 1.0 if g else sp.top_p,
                      0.0 if g else sp.min_p, sp.repetition_penalty, sp.presence_penalty,
                      sp.frequency_penalty),
-               V if g or sp.top_k == 0 else min(sp.top_k, V), g, rep,
-               rep or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0,
+               V if g or sp.top_k == 0 else min(sp.top_k, V), g, sp.repetition_penalty != 1.0, sp.penalised,
                tuple(sorted({t for t in (*eos, *sp.stop_token_ids) if 0 <= t < V})),
                sp.min_tokens, sp.logprobs)
     _rows[seq] = row
@@ -246,6 +243,24 @@ def gumbel_noise(batch: SamplingBatch) -> Tensor:
     x = _combine(_combine(k1[:, None], tok[None, :]), k2[:, None])
     u = ((x >> 8).to(torch.float32) + 0.5) * 2.0 ** -24    # 24 bits: exactly in (0, 1)
     return -torch.log(-torch.log(u))
+
+
+def argmax_serves(seqs: list[Sequence]) -> bool:
+    """Whether the argmax of the raw logits is every sequence's next token (greedy, no
+    penalty, no logprobs wanted, past min_tokens): then a decode graph's own picks
+    (`greedy_picks`) serve and no sampler runs. A run of sequences sharing one
+    SamplingParams (an `LLM.generate` batch: all of them) has its params looked at once:
+    ~0.8 us a sequence less."""
+    last = None
+    for seq in seqs:
+        p = seq.sampling_params
+        if p is not last:
+            if not p.greedy or p.penalised or p.logprobs is not None:
+                return False
+            last = p
+        if len(seq.output_token_ids) < p.min_tokens:
+            return False
+    return True
 
 
 def greedy_picks(logits: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP app on an engine: an `EngineCoreClient` (the engine in a
-process of its own: what `trtllm-serve` uses) or an `LLM` (the engine on a thread).
+"""The OpenAI-compatible HTTP app on an engine (`EngineClient`): an `EngineCoreClient` (the
+engine in a process of its own: what `trtllm-serve` uses) or an `LLM` (the engine on a thread).
 
     app = build_app(llm, served_model_name="my-model", api_key=None, max_concurrent_requests=1024)
     uvicorn.run(app, host="127.0.0.1", port=8000)     # what `trtllm-serve` does
@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from trtllm.runtime.client_protocol import EngineClient
 from trtllm.serve.gate import GENERATION_PATHS, Gate
 from trtllm.serve.handler import Handler
 from trtllm.serve.metrics import ServerMetrics
@@ -43,7 +44,7 @@ def server_version() -> str:
         return "0.1.0"
 
 
-def build_app(llm, served_model_name: str, api_key: str | None = None,
+def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = None,
               max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     metrics = ServerMetrics(llm)

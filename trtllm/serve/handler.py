@@ -5,7 +5,7 @@ client as whole JSON or server-sent events (the bodies themselves: serve/render.
     response = await handler.run(job, request)
 
 A job is fully checked (model, sampling values, every prompt tokenized and passed
-through `Engine.validate`) before its first request is submitted. Outputs are read from
+through `EngineClient.validate`) before its first request is submitted. Outputs are read from
 each request's `RequestStream`; when a client reads slower than tokens come, queued
 outputs are merged (each carries the whole text so far), so the event loop does not fall
 behind and the engine thread never waits on a socket. A client that goes away (a
@@ -21,8 +21,9 @@ import uuid
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from trtllm.runtime.engine_loop import RequestStream
+from trtllm.runtime.client_protocol import EngineClient
 from trtllm.runtime.outputs import RequestOutput
+from trtllm.runtime.request_stream import RequestStream
 from trtllm.runtime.tokenizer import apply_chat_template
 from trtllm.sampling_params import SamplingParams
 from trtllm.serve.metrics import ServerMetrics
@@ -35,7 +36,7 @@ _BIG_TEXT = 16384  # characters: longer prompts are tokenized on a worker thread
 
 
 class Handler:
-    def __init__(self, llm, served_model_name: str, metrics: ServerMetrics):
+    def __init__(self, llm: EngineClient, served_model_name: str, metrics: ServerMetrics):
         self.llm, self.name, self.metrics = llm, served_model_name, metrics
         self.tokenizer = llm.tokenizer
         self.active: dict[str, RequestStream] = {}

@@ -27,6 +27,8 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from trtllm.runtime.client_protocol import EngineClient
+
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
@@ -36,7 +38,7 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0
 class _EngineCollector:
     """Engine state, read when scraped."""
 
-    def __init__(self, llm):
+    def __init__(self, llm: EngineClient):
         self.llm = llm
 
     def collect(self):
@@ -68,7 +70,7 @@ class _EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, llm):
+    def __init__(self, llm: EngineClient):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("trtllm_requests", "HTTP requests by endpoint and outcome",
                                 ["endpoint", "outcome"], registry=r)

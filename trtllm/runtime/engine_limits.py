@@ -1,0 +1,38 @@
+"""What an engine accepts: its size limits and the checks a request passes before any work
+(the engine's own `validate`, and the process client's before it sends)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trtllm.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineLimits:
+    max_num_seqs: int
+    max_num_tokens: int
+    max_input_len: int
+    max_seq_len: int
+
+
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: EngineLimits, vocab_size: int,
+                     has_tokenizer: bool) -> None:
+    """Raise ValueError saying what is wrong with a request."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("the prompt is empty")
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if n > lim.max_input_len:
+        raise ValueError(f"the prompt has {n} tokens, more than max_input_len={lim.max_input_len}")
+    if n + params.max_tokens > lim.max_seq_len:
+        raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                         f"max_seq_len={lim.max_seq_len}")
+    if params.detokenize and not has_tokenizer and params.stop:
+        raise ValueError("stop strings need a tokenizer; this LLM was built without one")
+
+
+def check_stream_interval(stream_interval) -> None:
+    if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
+        raise ValueError(f"stream_interval must be an integer >= 1, got {stream_interval!r}")

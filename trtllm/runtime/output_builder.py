@@ -1,0 +1,102 @@
+"""`OutputBuilder`: one request's `RequestOutput` as the engine grows it, a token at a time.
+
+    req = OutputBuilder(request_id, prompt, prompt_token_ids, params, seqs, tokenizer, eos_token_ids,
+                        max_seq_len, stream)
+    reason = req.append(seq, token, logprob)   # "stop" | "length" | None
+    if reason: scheduler.finish(seq, reason); req.finish(seq, reason)
+    if req.output.finished or req.stream and req.due(stream_interval): emit(req.emit(copy=True))
+
+Each new token goes into its completion with its logprobs and its detokenized text; the
+stop conditions (EOS, stop token ids, stop strings, max_tokens, the model's length) are
+checked; an output is emitted when the request ends or, streaming, every stream_interval
+tokens. Text that could be the start of a stop string is held back until it is not.
+"""
+from __future__ import annotations
+
+from trtllm.runtime.outputs import RequestOutput, new_output
+from trtllm.runtime.sequence import Sequence
+from trtllm.runtime.tokenizer import IncrementalDetokenizer, find_stop_span, safe_prefix_len
+from trtllm.sampling_params import SamplingParams
+
+
+class OutputBuilder:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 seqs: list[Sequence], tokenizer, eos_token_ids: list[int], max_seq_len: int, stream: bool):
+        self.output = new_output(request_id, prompt, list(prompt_token_ids), params)
+        self.params, self.seqs = params, seqs
+        self.eos_token_ids, self.max_seq_len = eos_token_ids, max_seq_len
+        self.stream = stream  # emit every step's progress, not only the final output
+        detok = tokenizer is not None and params.detokenize
+        self.detokenizers = [IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
+                             if detok else None for _ in seqs]
+        self.checked = [0] * params.n          # text length already searched for stop strings
+        self.streamed = [0] * params.n         # text length already emitted
+        self.streamed_tokens = [0] * params.n  # tokens already emitted
+
+    def append(self, seq: Sequence, token: int, logprob: tuple | None) -> str | None:
+        """Add `seq`'s new token (with `logprob`: (chosen, [(id, value), ...])); the reason
+        it must finish ("stop", "length"), if it must."""
+        i, params = seq.index, self.params
+        completion = self.output.outputs[i]
+        completion.token_ids.append(token)
+        if logprob is not None:
+            chosen, top = logprob
+            entry = {token: chosen}
+            entry.update({t: v for t, v in top if t != token})
+            completion.logprobs.append(entry)
+            completion.cumulative_logprob += chosen
+        detok = self.detokenizers[i]
+        if detok is not None:
+            completion.text += detok.append(token)
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            completion.stop_reason = token
+            return "stop"
+        if params.stop and detok is not None:
+            span = find_stop_span(completion.text, params.stop, self.checked[i])
+            self.checked[i] = len(completion.text)
+            if span is not None:
+                completion.stop_reason = completion.text[span[0]:span[1]]
+                completion.text = completion.text[: span[1] if params.include_stop_str_in_output else span[0]]
+                return "stop"
+        if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
+            completion.stop_reason = None
+            return "length"
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """`seq` is done (stopped, out of length, failed): the request is, once all its sequences are."""
+        completion = self.output.outputs[seq.index]
+        completion.finish_reason = reason
+        detok = self.detokenizers[seq.index]
+        if detok is not None and not isinstance(completion.stop_reason, str):
+            completion.text += detok.flush()  # a held-back unfinished character, if any
+        self.output.finished = all(c.finish_reason is not None for c in self.output.outputs)
+        self.output.num_cached_tokens = max(s.num_cached_tokens for s in self.seqs)
+
+    def abort(self) -> None:
+        for c in self.output.outputs:
+            c.finish_reason = c.finish_reason or "abort"
+        self.output.finished = True
+
+    def due(self, stream_interval: int) -> bool:
+        """A streaming request's next output is due: its first token, or stream_interval new
+        ones in a completion."""
+        if stream_interval == 1:
+            return True
+        for i, c in enumerate(self.output.outputs):
+            sent = self.streamed_tokens[i]
+            if (sent == 0 and c.token_ids) or len(c.token_ids) - sent >= stream_interval:
+                return True
+        return False
+
+    def emit(self, copy: bool) -> RequestOutput:
+        """The output with its diffs since the last emit set; a snapshot the engine will not
+        change with `copy`, else the growing output itself (for StepDeltas.of at once)."""
+        for i, c in enumerate(self.output.outputs):
+            visible = len(c.text) if c.finish_reason or not self.params.stop \
+                else safe_prefix_len(c.text, self.params.stop)
+            c.text_diff = c.text[self.streamed[i]:visible]
+            self.streamed[i] = max(self.streamed[i], visible)
+            c.token_ids_diff = c.token_ids[self.streamed_tokens[i]:]
+            self.streamed_tokens[i] = len(c.token_ids)
+        return self.output.snapshot(text_lengths=self.streamed) if copy else self.output
