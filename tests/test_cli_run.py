@@ -48,3 +48,11 @@ def test_ctrl_c_exits_quietly(monkeypatch, capsys):
     monkeypatch.setattr(llm_module.LLM, "generate", interrupted)
     assert main(["Once upon a time", "--max-tokens", "4"]) == 130
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_top_k_minus_one_is_no_limit_and_bad_sampling_options_are_one_line(capsys):
+    assert main(["Once", "--max-tokens", "2", "--top-k", "-1"]) == 0
+    capsys.readouterr()
+    assert main(["hi", "--top-p", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "trtllm-run: bad sampling option: SamplingParams.top_p=nan: must be a finite number"

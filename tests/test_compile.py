@@ -205,3 +205,12 @@ def test_a_new_kind_of_pass_plugs_in_through_the_passes_option():
     # linears left after fuse_parallel_linears: 2 layers x (qkv, o, gate_up, down)
     assert "quantize_linears: 8" in summary
     assert summary.endswith("head_int8_linear in ordinary calls")  # the lm head's line
+
+
+def test_summary_before_the_first_call_says_compilation_is_lazy():
+    from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
+    compiled = trtllm.compile(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                           num_hidden_layers=2, num_attention_heads=4,
+                                                           num_key_value_heads=2, head_dim=8)))
+    text = compiled.summary()
+    assert "nothing compiled yet" in text and "lazy" in text and "2 attention layers" in text

@@ -109,8 +109,11 @@ def test_max_input_len_within_max_seq_len():
     c = BuildConfig(max_input_len=1024)  # max_seq_len None: the model decides
     assert c.max_seq_len_for(2048) == 2048
     assert BuildConfig(max_input_len=10, max_seq_len=20).max_seq_len_for(2048) == 20
-    with pytest.raises(ValueError, match="max_input_len .* exceeds max_seq_len .*max_position"):
-        c.max_seq_len_for(512)
+    with pytest.raises(ValueError, match="max_seq_len=4096 exceeds the model's max_position_embeddings=2048"):
+        BuildConfig(max_seq_len=4096).max_seq_len_for(2048)
+    with pytest.raises(ValueError, match=r"names no max_position_embeddings.*BuildConfig\(max_seq_len=\.\.\.\)"):
+        BuildConfig().max_seq_len_for(None)
+    assert BuildConfig(max_seq_len=100).max_seq_len_for(None) == 100
 
 
 def test_quant_algo_names_and_strings():

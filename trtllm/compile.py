@@ -152,8 +152,11 @@ class CompiledModel:
         spec = self.attention
         ops = collections.Counter(str(n.target).removesuffix(".default") for gm in self.graphs for n in gm.graph.nodes
                                   if n.op == "call_function" and str(n.target).startswith("trtllm."))
-        lines = [f"trtllm.compile: {len(self.graphs)} graph(s), {spec.num_layers} attention layers "
-                 f"({spec.num_kv_heads} kv heads x {spec.head_dim})", "rewrites:"]
+        layers = f"{spec.num_layers} attention layers ({spec.num_kv_heads} kv heads x {spec.head_dim})"
+        if not self.graphs:
+            return (f"trtllm.compile: {layers}; nothing compiled yet: compilation is lazy, the first call "
+                    "(or building an LLM on it) captures and rewrites the graphs")
+        lines = [f"trtllm.compile: {len(self.graphs)} graph(s), {layers}", "rewrites:"]
         lines += [f"  {p.__name__}: {self.matches[p.__name__]}" for p in self.passes + self.decode_graph_passes]
         lines.append("trtllm ops in the final graph(s):")
         lines += [f"  {name}: {count}" for name, count in sorted(ops.items())] or ["  (none)"]

@@ -9,7 +9,7 @@ silently means "default". NaN and infinities are refused as not finite.
                   tokens_per_block=32, dtype="auto")
     BuildConfig(max_batch_size=256, max_input_len=4096, max_seq_len=None,
                 max_num_tokens=8192, max_beam_width=1)
-        .max_seq_len_for(max_position_embeddings) -> int
+        .max_seq_len_for(max_position_embeddings or None) -> int
     QuantConfig(quant_algo=None, kv_cache_quant_algo=None).check_supported()
     QuantAlgo: TensorRT-LLM's algorithm names (FP8, W4A16_AWQ, NVFP4, ...)
 """
@@ -131,14 +131,24 @@ class BuildConfig(ValidatedConfig):
             return self.max_input_len
         return min(self.max_input_len, max_seq_len)
 
-    def max_seq_len_for(self, max_position_embeddings: int) -> int:
-        """max_seq_len, or the model's max_position_embeddings where it is None."""
-        seq_len = self.max_seq_len if self.max_seq_len is not None else max_position_embeddings
-        if self.max_input_len > seq_len:
-            raise ValueError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len "
-                             f"({seq_len}, the model's max_position_embeddings); lower "
-                             "max_input_len")
-        return seq_len
+    def max_seq_len_for(self, max_position_embeddings: int | None) -> int:
+        """max_seq_len, or the model's max_position_embeddings where it is None. A model
+        that names no length needs max_seq_len; a max_seq_len past the model's length is
+        refused: positions it was never trained on give garbage, not an error."""
+        if max_position_embeddings is None:
+            if self.max_seq_len is None:
+                raise ValueError("the model names no max_position_embeddings (no config.max_position_embeddings): "
+                                 "set BuildConfig(max_seq_len=...) to the longest sequence it handles")
+            return self.max_seq_len
+        if self.max_seq_len is None:
+            return max_position_embeddings
+        if self.max_seq_len > max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len={self.max_seq_len} exceeds the model's max_position_embeddings="
+                f"{max_position_embeddings}: its output past that position is not trustworthy. For a model "
+                "whose rope scaling supports more, raise max_position_embeddings in its config.json "
+                "(or model.config) to the scaled length")
+        return self.max_seq_len
 
 
 class QuantAlgo(str, Enum):

@@ -1,14 +1,14 @@
 """`SamplingParams`: how one request's tokens are chosen and when it stops.
 
-Validated when made: a bad value raises `ValueError` (pydantic's ValidationError is
-one) naming the field. Unknown fields are refused, so a typo never silently means
-"default".
+Validated when made (and on assignment): a bad value raises `ConfigError` (a
+`ValueError`), one line per bad field naming field, value and rule; NaN and infinities
+are refused. Unknown fields are refused, so a typo never silently means "default".
 """
 from __future__ import annotations
 
-import math
+from pydantic import Field, field_validator, model_validator
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from trtllm.config import ValidatedConfig
 
 MAX_N = 16            # completions per request
 MAX_LOGPROBS = 20     # top-k logprobs per token
@@ -17,13 +17,11 @@ MAX_STOP_STRING_LEN = 256
 MIN_TEMPERATURE = 1e-5  # below this, logits / T may overflow fp32: treat as greedy (as vLLM)
 
 
-class SamplingParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class SamplingParams(ValidatedConfig):
     max_tokens: int = Field(32, gt=0, description="new tokens at most")
     min_tokens: int = Field(0, ge=0, description="EOS and stop tokens are masked until this many")
     temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
-    top_k: int = Field(0, ge=0, description="0 = no limit")
+    top_k: int = Field(0, ge=0, description="0 (or -1, vLLM's and the OpenAI server's spelling) = no limit")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
@@ -52,13 +50,10 @@ class SamplingParams(BaseModel):
             raise ValueError(f"stop strings must be 1..{MAX_STOP_STRING_LEN} characters")
         return v
 
-    @field_validator("temperature", "top_p", "min_p", "repetition_penalty",
-                     "presence_penalty", "frequency_penalty")
+    @field_validator("top_k", mode="before")
     @classmethod
-    def _finite(cls, v, info):
-        if not math.isfinite(v):
-            raise ValueError(f"{info.field_name} must be finite, got {v}")
-        return v
+    def _no_limit(cls, v):
+        return 0 if v == -1 and not isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _consistent(self):

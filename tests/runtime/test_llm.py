@@ -2,7 +2,9 @@
 transformers' generate, under block reuse, chunked prefill and preemption; bad input
 fails alone; streaming, stop strings, seeds."""
 import asyncio
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,18 +68,55 @@ def llama_llm(tmp_path_factory):
         yield llm
 
 
-def test_bad_requests_fail_alone_and_the_engine_goes_on(llama_llm):
+@pytest.mark.parametrize("bad, why", [([], "the prompt is empty"),
+                                      ([3, 9999], "prompt token id 9999 is outside the vocabulary"),
+                                      (list(range(100)), "more than max_input_len"),
+                                      ("hi \udcff", "lone UTF-16 surrogate")])
+def test_a_bad_prompt_raises_at_submission_naming_its_index_and_none_runs(llama_llm, bad, why):
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
-    prompts = [[1, 2, 3], [], [3, 9999], list(range(100)), [4, 5]]
-    outs = llama_llm.generate(prompts, params, use_tqdm=False)
-    assert [o.error is None for o in outs] == [True, False, False, False, True]
-    assert "empty" in outs[1].error
-    assert "9999" in outs[2].error and "vocabulary" in outs[2].error
-    assert "max_input_len" in outs[3].error or "max_seq_len" in outs[3].error
-    assert all(o.outputs[0].finish_reason == "error" for o in outs[1:4])
-    assert len(outs[0].outputs[0].token_ids) == 5 and len(outs[4].outputs[0].token_ids) == 5
-    long = llama_llm.generate([1] * 30, SamplingParams(max_tokens=40), use_tqdm=False)
-    assert "max_seq_len" in long.error  # 30 + 40 > 64
+    with pytest.raises(ValueError, match=rf"^prompt 1: .*{why}"):
+        llama_llm.generate([[1, 2, 3], bad, [4, 5]], params, use_tqdm=False)
+    if bad:  # one prompt, no index ([] alone is an empty batch)
+        with pytest.raises(ValueError, match=rf"^(?!prompt \d).*{why}"):
+            llama_llm.generate(bad, params, use_tqdm=False)
+    assert not llama_llm.has_unfinished()  # none of the batch was submitted
+    outs = llama_llm.generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)  # the engine goes on
+    assert [len(o.outputs[0].token_ids) for o in outs] == [5, 5] and all(o.error is None for o in outs)
+    llama_llm.block_manager.check_invariants()
+
+
+def test_prompt_plus_max_tokens_over_max_seq_len_raises(llama_llm):
+    with pytest.raises(ValueError, match=r"prompt \(30 tokens\) \+ max_tokens \(40\) exceeds max_seq_len=64"):
+        llama_llm.generate([1] * 30, SamplingParams(max_tokens=40), use_tqdm=False)
+
+
+def test_token_ids_as_numpy_arrays_and_tensors(llama_llm):
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    want = llama_llm.generate([[1, 2, 3], [4, 5, 6]], params, use_tqdm=False)
+    for prompts in (np.array([[1, 2, 3], [4, 5, 6]]), torch.tensor([[1, 2, 3], [4, 5, 6]]),
+                    [np.array([1, 2, 3]), torch.tensor([4, 5, 6])]):
+        got = llama_llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    one = llama_llm.generate(np.array([1, 2, 3], dtype=np.int32), params, use_tqdm=False)
+    assert one.outputs[0].token_ids == want[0].outputs[0].token_ids
+    with pytest.raises(TypeError, match="a prompt is a string or a list of token ids"):
+        llama_llm.generate(np.array([1.0, 2.0]), params, use_tqdm=False)
+
+
+def test_abandoned_stream_is_aborted_and_frees_its_blocks(llama_llm):
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    for close in (lambda it: it.close(), lambda it: None):  # closed, or dropped (garbage)
+        it = llama_llm.generate([1, 2, 3], params, streaming=True)
+        first = next(it)
+        assert not first.finished
+        close(it)
+        del it
+        deadline = time.monotonic() + 10
+        while llama_llm.has_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not llama_llm.has_unfinished(), "the abandoned stream kept running"
+    stats = llama_llm.get_stats()
+    assert stats["num_running"] == 0 and stats["blocks_used"] == 0
     llama_llm.block_manager.check_invariants()
 
 
@@ -184,3 +223,35 @@ def test_a_generate_batch_reaches_the_engine_whole_and_bad_params_submit_nothing
         assert not engine.has_unfinished() and seen == []  # the good one was not submitted either
     finally:
         engine.step = real_step
+
+
+@pytest.mark.timeout(120)
+def test_calls_after_shutdown_raise_at_once(tmp_path):
+    write_checkpoint("llama31", tmp_path, vocab_size=512)
+    make_tokenizer(tmp_path)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    with small_llm(tmp_path) as llm:
+        assert len(llm.generate([1, 2], params, use_tqdm=False).outputs[0].token_ids) == 3
+    for call in (lambda: llm.generate([1, 2], params, use_tqdm=False),
+                 lambda: llm.generate([1, 2], params, streaming=True),
+                 lambda: asyncio.run(llm.generate_async([1, 2], params).aresult())):
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="shut down"):
+            call()
+        assert time.monotonic() - start < 1.0
+
+
+def test_chat_applies_the_checkpoints_template_and_get_stats(tmp_path):
+    write_checkpoint("llama31", tmp_path, vocab_size=512)
+    make_tokenizer(tmp_path, chat_template="{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                                           "{% if add_generation_prompt %}<assistant>{% endif %}")
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    with small_llm(tmp_path) as llm:
+        messages = [{"role": "user", "content": "hi"}]
+        want = llm.generate("<user>hi<assistant>", params, use_tqdm=False)
+        got = llm.chat(messages, params, use_tqdm=False)
+        assert got.prompt == "<user>hi<assistant>" and got.outputs[0].token_ids == want.outputs[0].token_ids
+        two = llm.chat([messages, messages], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in two] == [want.outputs[0].token_ids] * 2
+        stats = llm.get_stats()
+        assert stats["blocks_total"] == llm.block_manager.num_blocks and stats["num_running"] == 0

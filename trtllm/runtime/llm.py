@@ -10,12 +10,16 @@
 new tokens (its first at once, its last when it ends) instead of every token: fewer,
 larger outputs when many streams run at once.
 
-A request that is bad on its own (empty, too long, token ids outside the vocabulary)
-comes back with `.error` set and finish_reason "error"; the rest of the call goes on.
+A request that is bad on its own (empty, over max_input_len, prompt + max_tokens over
+max_seq_len, token ids outside the vocabulary, a string that is not valid Unicode) raises
+`ValueError` when submitted, naming the prompt (its index in a batch) and the limit; none
+of the batch runs. A fault while a request runs ends that request alone with `.error`
+set and finish_reason "error"; the rest go on. Calls after `shutdown()` raise at once.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Sequence as Seq
 
@@ -34,12 +38,11 @@ from trtllm.runtime.kv_budget import num_kv_blocks
 from trtllm.runtime.model_runner import ModelRunner
 from trtllm.runtime.request_stream import RequestStream, new_request_id
 from trtllm.runtime.scheduler import Scheduler
-from trtllm.runtime.tokenizer import load_tokenizer, tokenize_prompt
+from trtllm.runtime.tokenizer import apply_chat_template, load_tokenizer, tokenize_prompt
 from trtllm.runtime.wire import AddRequest
 from trtllm.sampling_params import SamplingParams
 
 _DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DEFAULT_MAX_SEQ_LEN = 2048  # for a model whose config names no max_position_embeddings
 
 
 def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dtype: str = "auto",
@@ -67,8 +70,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     compiled = trtllm_compile(module, **(compile_options or {}), block_size=kv_cache_config.tokens_per_block)
     config = getattr(module, "config", None)
-    max_pos = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
-    max_seq_len = build_config.max_seq_len or max_pos
+    max_seq_len = build_config.max_seq_len_for(getattr(config, "max_position_embeddings", None))
     max_input_len = build_config.input_len_for(max_seq_len)
     max_num_seqs = build_config.max_batch_size
     max_num_tokens = max(build_config.max_num_tokens, max_num_seqs)
@@ -99,16 +101,20 @@ class LLM:
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
         self.block_manager, self.compiled = self.engine.block_manager, self.engine.runner.compiled
         self._loop = EngineLoop(self.engine)
+        self._shut_down = False
 
     # -- generation --------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True, streaming: bool = False):
         """RequestOutputs for a prompt or a list; with streaming=True (one prompt), an
-        iterator of growing RequestOutputs."""
+        iterator of growing RequestOutputs (closing it, or dropping it, aborts the request)."""
+        self._check_running()
+        if getattr(prompts, "ndim", None) == 2:  # a 2-D array or tensor of token ids: one prompt a row
+            prompts = list(prompts)
         if streaming:
             if _is_batch(prompts):
                 raise ValueError("streaming=True takes one prompt; use generate_async for several")
-            return iter(self._submit(prompts, sampling_params, streaming=True))
+            return StreamingOutputs(self._submit(prompts, sampling_params, streaming=True), self._loop)
         batch = _is_batch(prompts)
         prompts = list(prompts) if batch else [prompts]
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
@@ -118,7 +124,14 @@ class LLM:
         # a bad one raises before any runs, and the engine's first step sees the whole
         # batch (one at a time, the engine thread started stepping on the first few while
         # the rest came in: batches formed differently from run to run)
-        requests = [self._prepare(new_request_id(), p, sp) for p, sp in zip(prompts, params)]
+        requests = []
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            try:
+                requests.append(self._prepare(new_request_id(), p, sp))
+            except (ValueError, TypeError) as e:
+                if not batch:
+                    raise
+                raise (TypeError if isinstance(e, TypeError) else ValueError)(f"prompt {i}: {e}") from None
         streams = self._loop.submit_many(requests)
         results = []
         progress = _progress(len(streams)) if use_tqdm and len(streams) > 1 else None
@@ -130,9 +143,22 @@ class LLM:
             progress.close()
         return results if batch else results[0]
 
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True):
+        """`generate` on chat messages (`[{"role": "user", "content": "Hi"}]`, or a list of such
+        conversations), rendered with the checkpoint's own chat template."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer (and its chat template); this LLM was built without one")
+        batch = bool(messages) and isinstance(messages[0], (list, tuple))
+        prompts = [apply_chat_template(self.tokenizer, conversation, add_generation_prompt)
+                   for conversation in (messages if batch else [messages])]
+        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return outputs if batch else outputs[0]
+
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
                        streaming: bool = False, request_id: str | None = None) -> RequestStream:
         """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`."""
+        self._check_running()
         return self._submit(prompt, sampling_params, loop=asyncio.get_running_loop(), request_id=request_id,
                             streaming=streaming)
 
@@ -150,7 +176,16 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         text, ids = tokenize_prompt(self.tokenizer, prompt)
+        self.engine.validate(ids, params)
         return AddRequest(request_id, ids, params, text, streaming)
+
+    def _check_running(self) -> None:
+        if self._shut_down:
+            raise RuntimeError("this LLM was shut down (shutdown() or the end of its `with` block): "
+                               "build a new LLM to generate")
+        if not self._loop.is_alive():
+            raise RuntimeError("this LLM's engine thread has stopped (a fatal error in a step; see the "
+                               "error of the requests it was running): build a new LLM")
 
     # -- the rest of what a server asks of an engine (EngineClient) ---------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -167,8 +202,13 @@ class LLM:
         """Scheduler and KV-pool counters (plain integer reads; the engine is not locked)."""
         return EngineStats.of(self.engine)
 
+    def get_stats(self) -> dict:
+        """TensorRT-LLM's name: `engine_stats()` as a dict."""
+        return dataclasses.asdict(self.engine_stats())
+
     # -- lifetime ----------------------------------------------------------------------
     def shutdown(self) -> None:
+        self._shut_down = True
         self._loop.shutdown()
 
     def __enter__(self) -> "LLM":
@@ -176,6 +216,36 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+class StreamingOutputs:
+    """`generate(..., streaming=True)`: iterates one request's growing RequestOutputs. Closing
+    it (`close()`, `with`, leaving a `for` loop over a generator that holds it) or dropping it
+    before the request ends aborts the request, so it stops holding its KV blocks."""
+
+    def __init__(self, stream: RequestStream, loop: EngineLoop):
+        self._stream, self._loop = stream, loop
+        self._outputs = iter(stream)
+
+    def __iter__(self) -> "StreamingOutputs":
+        return self
+
+    def __next__(self):
+        return next(self._outputs)
+
+    def close(self) -> None:
+        last = self._stream.last
+        if last is None or not last.finished:
+            self._loop.abort(self._stream.request_id)
+
+    def __enter__(self) -> "StreamingOutputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _is_batch(prompts) -> bool:

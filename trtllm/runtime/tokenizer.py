@@ -60,14 +60,40 @@ def load_tokenizer(path_or_tokenizer):
 
 
 def tokenize_prompt(tokenizer, prompt) -> tuple[str | None, list[int]]:
-    """(text or None, token ids) of a prompt given as a string or as token ids."""
+    """(text or None, token ids) of a prompt given as a string, or as token ids: a list or
+    tuple of ints, or a 1-D integer numpy array or torch tensor."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; pass token ids or LLM(tokenizer=...)")
+        check_encodable(prompt, "the prompt")
         return prompt, tokenizer.encode(prompt)
-    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-        return None, list(prompt)
+    ids = token_ids(prompt)
+    if ids is not None:
+        return None, ids
     raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+
+
+def token_ids(prompt) -> list[int] | None:
+    """The prompt as a list of Python ints if it is token ids, else None."""
+    if isinstance(prompt, (list, tuple)):
+        return list(prompt) if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt) else None
+    shape, dtype = getattr(prompt, "shape", None), getattr(prompt, "dtype", None)
+    if shape is None or dtype is None or len(shape) != 1:
+        return None
+    if str(dtype).removeprefix("torch.") not in ("int8", "int16", "int32", "int64", "uint8", "uint16",
+                                                 "uint32", "uint64"):
+        return None
+    return [int(t) for t in prompt.tolist()]
+
+
+def check_encodable(text: str, what: str) -> None:
+    """ValueError if `text` holds a lone surrogate (valid in a Python str or JSON's \\uDCFF,
+    but no UTF-8 text: tokenizers would fail with a TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds {text[e.start]!r} at character {e.start}, a lone UTF-16 surrogate: "
+                         "not valid Unicode text") from None
 
 
 class IncrementalDetokenizer:

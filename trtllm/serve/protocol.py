@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from trtllm.config import ConfigError
 from trtllm.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, SamplingParams
 
 MAX_PROMPTS = 32              # prompts in one /v1/completions request (a list of prompts)
@@ -114,17 +115,16 @@ class _Request(BaseModel):
             if value is not None:
                 fields[name] = value
         if self.top_k is not None:
-            fields["top_k"] = max(self.top_k, 0)  # -1 (vLLM's "no limit") = 0 here
+            fields["top_k"] = self.top_k  # -1 (vLLM's "no limit") = 0 in SamplingParams
         if self.stop is not None:
             fields["stop"] = self.stop
         try:
             return SamplingParams(**fields)
-        except ValidationError as e:
-            err = e.errors()[0]
-            msg = err["msg"].removeprefix("Value error, ")
-            param = str(err["loc"][0]) if err.get("loc") else next(
-                (f for f in msg.replace("(", " ").split() if f in SamplingParams.model_fields), None)
-            raise RequestError(400, f"{param}: {msg}" if err.get("loc") else msg, param=param) from None
+        except ConfigError as e:
+            field, _, rule = e.problems[0]
+            param = field or next((f for f in rule.replace("(", " ").split() if f in SamplingParams.model_fields),
+                                  None)
+            raise RequestError(400, f"{field}: {rule}" if field else rule, param=param) from None
 
 
 class CompletionRequest(_Request):
