@@ -128,7 +128,7 @@ def test_bf16_through_the_interpreter_writes_the_reference_text(monkeypatch):
     from trtllm.runtime.llm import LLM
     from trtllm.sampling_params import SamplingParams
 
-    assert triton_interpreter_on()  # tests/conftest.py
+    assert triton_interpreter_on(), "tests/conftest.py's TRITON_INTERPRET=1 was left off by an earlier test"
     params = SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
     prompts = [PROMPT, "The best way to predict the future is to"]  # 5 and 12 tokens
     with LLM(build_config=BuildConfig(max_batch_size=2, max_num_tokens=64, max_seq_len=64),
