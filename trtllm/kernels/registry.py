@@ -20,7 +20,6 @@ import functools
 import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
 
 import torch
 
@@ -64,7 +63,7 @@ def register_op(
 Tensors = Sequence[torch.Tensor | None]
 
 
-def interpreter_upcast(reads: Tensors, writes: Tensors = ()) -> AbstractContextManager[tuple[tuple, tuple]]:
+def interpreter_upcast(reads: Tensors, writes: Tensors = ()) -> contextlib.AbstractContextManager[tuple[tuple, tuple]]:
     """Yields (reads, writes) as a kernel launch should get them: unchanged, except while
     the Triton interpreter runs, when every bf16 tensor is replaced by an fp32 copy and,
     on leaving the block, each fp32 copy in `writes` is rounded back into its original.
