@@ -116,3 +116,26 @@ def test_training_script_smoke(tmp_path):
     assert record["training"]["steps"] == 6 and record["heldout_perplexity"] > 1
     m = trtllm.load_model(out, dtype=torch.float32, device="cpu")
     assert isinstance(m, LlamaForCausalLM)
+
+
+def test_bf16_through_the_interpreter_writes_the_reference_text(monkeypatch):
+    """The shipped bf16 checkpoint with every kernel in the Triton interpreter (whose bf16
+    tl.dot multiplies raw bits: the launchers hand it fp32, kernels/registry.py) writes the
+    text the ops' torch references write: a batch of two prompts prefilled, then decoded
+    past the end of the first 16-token cache page."""
+    from trtllm.config import BuildConfig, KvCacheConfig
+    from trtllm.kernels.registry import triton_interpreter_on
+    from trtllm.runtime.llm import LLM
+    from trtllm.sampling_params import SamplingParams
+
+    assert triton_interpreter_on(), "tests/conftest.py's TRITON_INTERPRET=1 was left off by an earlier test"
+    params = SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
+    prompts = [PROMPT, "The best way to predict the future is to"]  # 5 and 12 tokens
+    with LLM(build_config=BuildConfig(max_batch_size=2, max_num_tokens=64, max_seq_len=64),
+             kv_cache_config=KvCacheConfig(max_tokens=256, tokens_per_block=16, enable_block_reuse=False)) as llm:
+        assert llm.compiled.attention.dtype == torch.bfloat16
+        interpreted = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # the same graphs, the ops' references
+        reference = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert interpreted == reference
+    assert all(text.strip() and "\ufffd" not in text for text in reference), reference

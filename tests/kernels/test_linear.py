@@ -6,9 +6,8 @@ import trtllm.kernels.linear as linear_mod
 from trtllm.kernels.linear import GemvConfig, gemv, linear, linear_ref
 
 # Kernel vs reference (fp32 inside, rounded once): they differ only by the order of the
-# fp32 sums, and for 16-bit outputs by a rounding flip of 1 ulp. bf16 only through the
-# CUDA-core variant: the interpreter's tl.dot multiplies bf16 operands' raw bits, and it
-# converts fp32 -> bf16 by truncation (the GPU rounds to nearest).
+# fp32 sums, and for 16-bit outputs by a rounding flip of 1 ulp. bf16 runs here in fp32
+# (registry.interpreter_upcast: the interpreter's tl.dot multiplies bf16 operands' raw bits).
 TOLERANCES = {
     torch.float32: dict(atol=2e-5, rtol=2e-5),
     torch.float16: dict(atol=2e-3, rtol=2e-3),
@@ -29,7 +28,7 @@ def _inputs(m, n, k, dtype, bias=True):
     return x, weight, b
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("config", [FMA, DOT], ids=["fma", "dot"])
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_gemv_matches_reference(m, n, k, config, dtype):
@@ -39,12 +38,12 @@ def test_gemv_matches_reference(m, n, k, config, dtype):
 
 
 @pytest.mark.parametrize("m", [1, 3])
-def test_bf16(m):
+def test_bf16_op(m):
+    # the op's own choice: the fma variant for one row, the dot one for several
     x, weight, bias = _inputs(m, 83, 769, torch.bfloat16)
-    out = gemv(x, weight, bias, torch.empty(m, 83, dtype=torch.bfloat16), FMA)
+    out = linear(x, weight, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, 83)
     torch.testing.assert_close(out, linear_ref(x, weight, bias), **TOLERANCES[torch.bfloat16])
-    # the op's default for several rows is the dot variant: on CPU it takes the fma one
-    torch.testing.assert_close(linear(x, weight, bias), linear_ref(x, weight, bias), **TOLERANCES[torch.bfloat16])
 
 
 @pytest.mark.parametrize("m", [1, 2, 5, 8])

@@ -12,9 +12,10 @@ from trtllm.kernels.paged_attention import DecodeLaunch, PrefillLaunch, choose_l
     launch_paged_attention, paged_attention, paged_attention_ref
 
 # (atol, rtol) of kernel vs reference. fp16: P is rounded to fp16 before P @ V, as in
-# every flash kernel, and the output once more.
+# every flash kernel, and the output once more. bf16: the same on the GPU; here the
+# kernels run in fp32 (registry.interpreter_upcast) and only the output is rounded.
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3),
-       torch.bfloat16: (1.6e-2, 1.6e-2)}  # bf16: GPU tests only (test_paged_attention_gpu.py)
+       torch.bfloat16: (1.6e-2, 1.6e-2)}
 # reference vs dense SDPA, both fp32 inside
 REF_TOL = (1e-5, 1e-5)
 
@@ -117,7 +118,7 @@ def test_reference_matches_dense_sdpa(window):
                                rtol=REF_TOL[1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hq,hkv,d,bs", [
     (8, 2, 64, 16),   # GQA 4
     (4, 1, 32, 32),   # MQA
@@ -145,7 +146,7 @@ def test_prefill_gpu_config():
     check(args, PrefillLaunch(128, 64, 8, 3))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hq,hkv,d,bs", [(8, 2, 64, 16), (4, 1, 16, 32), (4, 4, 128, 128)])
 def test_decode(dtype, hq, hkv, d, bs):
     args, dense = make_batch([(150, 1), (6, 1), (0, 1), (64, 1)], hq, hkv, d, bs, dtype)
@@ -249,6 +250,34 @@ def test_sliding_window(window):
     torch.testing.assert_close(out, dense_sdpa(dense, 4, args[10], window), atol=1e-4, rtol=1e-4)
     args, _ = make_batch([(60, 1), (3, 1)], 4, 2, 16, 16, torch.float32, window=window)
     check(args)  # decode path
+
+
+def i32(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cache_written_by_one_call_is_read_by_the_next(dtype):
+    """A prompt's k/v rows, written to the cache by the prefill call, are what the next
+    decode call reads: in bf16 here both calls get fp32 copies of the caches
+    (registry.interpreter_upcast), whose writes must reach the bf16 caches."""
+    hq, hkv, d, bs, n = 4, 2, 32, 16, 21
+    k_cache = torch.full((2, 4, bs, hkv, d), float("nan"), dtype=dtype)  # never-written slots: NaN
+    v_cache = torch.full_like(k_cache, float("nan"))
+    table = torch.tensor([[2, 0]], dtype=torch.int32)
+    slots = torch.tensor([table[0, p // bs] * bs + p % bs for p in range(n + 1)], dtype=torch.int32)
+    q = torch.randn(n + 1, hq, d, dtype=dtype)
+    k, v = torch.randn(n + 1, hkv, d, dtype=dtype), torch.randn(n + 1, hkv, d, dtype=dtype)
+    launch_paged_attention(q[:n], k[:n], v[:n], k_cache, v_cache, 1, slots[:n], table, i32(n),
+                           i32(0, n), d ** -0.5, 0, 1, n, n)
+    out = launch_paged_attention(q[n:], k[n:], v[n:], k_cache, v_cache, 1, slots[n:], table,
+                                 i32(n + 1), i32(0, 1), d ** -0.5, 0, 1, 1, n + 1)
+    pos = torch.arange(n + 1)
+    assert torch.equal(k_cache[1, table[0, pos // bs].long(), pos % bs], k)
+    assert torch.equal(v_cache[1, table[0, pos // bs].long(), pos % bs], v)
+    assert k_cache[0].isnan().all() and v_cache[0].isnan().all()  # the other layer untouched
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, dense_sdpa([(q[n:], k, v)], hq, d ** -0.5, 0).to(dtype), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("decode", [False, True])

@@ -6,8 +6,9 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from trtllm.kernels.rotary import rope_cos_sin, rope_inv_freq, rotary, rotary_ref
 
-# Kernel vs reference: both fp32 inside and rounded once; they differ by FMA contraction,
-# and in bf16 because the Triton interpreter converts fp32 -> bf16 by truncation (1 ulp).
+# Kernel vs reference: both fp32 inside and rounded once; they differ by FMA contraction
+# (bf16: the kernel runs here in fp32 and its output is rounded by torch, as the
+# reference's: registry.interpreter_upcast).
 TOLERANCES = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
     torch.float16: dict(atol=1e-3, rtol=1e-3),

@@ -2,7 +2,6 @@
 request, an abort, a duplicate id, a failed build or a dead core each end cleanly."""
 import asyncio
 import functools
-import os
 
 import pytest
 
@@ -25,10 +24,13 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(model_dir):
-    os.environ["TRITON_INTERPRET"] = "0"  # the core process inherits it: the ops' torch references
-    with EngineCoreClient(functools.partial(build_engine, str(model_dir), **OPTIONS),
-                          tokenizer=str(model_dir), start_timeout=300) as c:
-        yield c
+    # The core process inherits it: the ops' torch references. Restored after the module,
+    # for the interpreter tests that run after it in this process.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRITON_INTERPRET", "0")
+        with EngineCoreClient(functools.partial(build_engine, str(model_dir), **OPTIONS),
+                              tokenizer=str(model_dir), start_timeout=300) as c:
+            yield c
 
 
 async def _collect(stream):

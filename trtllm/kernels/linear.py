@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from trtllm.kernels.registry import register_op
+from trtllm.kernels.registry import interpreter_upcast, register_op
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -203,17 +203,19 @@ def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     block_m = _block_m(m, config.dot)
     assert block_m <= _MAX_BLOCK_M, f"{m} rows: too many for the GEMV"
     assert x2.stride(1) == 1 and out.is_contiguous() and out.shape == (m, n)
-    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x2, weight, bias if bias is not None else weight, out,
-        m, n, k,
-        x2.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None,
-        USE_DOT=config.dot,
-        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        EVEN_K=k % config.block_k == 0,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    dot_precision = "ieee" if x2.dtype == torch.float32 else "tf32"
+    with interpreter_upcast((x2, weight, bias), (out,)) as ((x2, weight, bias), (y,)):
+        _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+            x2, weight, bias if bias is not None else weight, y,
+            m, n, k,
+            x2.stride(0), weight.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None,
+            USE_DOT=config.dot,
+            DOT_PRECISION=dot_precision,
+            BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            EVEN_K=k % config.block_k == 0,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
     return out
 
 
@@ -251,8 +253,6 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     config = gemv_config(m, n, k) if 0 < m <= GEMV_MAX_M and k > 0 and not on_gpu_eager else None
     if config is None:
         return F.linear(x, weight, bias)
-    if config.dot and x.dtype == torch.bfloat16 and not x.is_cuda:
-        config = config._replace(dot=False)  # the interpreter's bf16 tl.dot is wrong (DESIGN.md)
     x2 = x.reshape(m, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trtllm.kernels.registry import register_op
+from trtllm.kernels.registry import interpreter_upcast, register_op
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -95,14 +95,18 @@ def _launch(x, residual, weight, eps):
     BLOCK_N = triton.next_power_of_2(n_cols)
     BLOCK_M = min(max(1, 2048 // BLOCK_N), 16, triton.next_power_of_2(n_rows))
     num_warps = min(16, max(4, BLOCK_M * BLOCK_N // 512))
-    _rms_norm_kernel[(triton.cdiv(n_rows, BLOCK_M),)](
-        x_rows, r_rows, weight, out_rows, sum_rows,
-        n_rows, n_cols,
-        x_rows.stride(0), r_rows.stride(0), out_rows.stride(0), sum_rows.stride(0),
-        eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        num_warps=num_warps,
-    )
+    # Interpreted in bf16, the kernel runs in fp32 and skips its two inner roundings to
+    # x.dtype (the interpreter's casts would truncate them: registry.interpreter_upcast).
+    with interpreter_upcast((x_rows, r_rows, weight), (out_rows, sum_rows)) as \
+            ((x_rows, r_rows, weight), (out_rows, sum_rows)):
+        _rms_norm_kernel[(triton.cdiv(n_rows, BLOCK_M),)](
+            x_rows, r_rows, weight, out_rows, sum_rows,
+            n_rows, n_cols,
+            x_rows.stride(0), r_rows.stride(0), out_rows.stride(0), sum_rows.stride(0),
+            eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            num_warps=num_warps,
+        )
     return out, summed
 
 

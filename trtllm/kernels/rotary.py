@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trtllm.kernels.registry import register_op
+from trtllm.kernels.registry import interpreter_upcast, register_op
 
 
 def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None) -> torch.Tensor:
@@ -140,15 +140,16 @@ def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interle
         return out
     BLOCK_HALF = triton.next_power_of_2(D // 2)
     BLOCK_H = min(triton.next_power_of_2(H), max(1, 1024 // BLOCK_HALF))
-    _rotary_kernel[(B * S, triton.cdiv(H, BLOCK_H))](
-        x, cos, sin, out,
-        H, S,
-        x.stride(0), x.stride(1), x.stride(2),
-        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=D, INTERLEAVED=interleaved, BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF,
-        num_warps=4,
-    )
+    with interpreter_upcast((x, cos, sin), (out,)) as ((x, cos, sin), (y,)):
+        _rotary_kernel[(B * S, triton.cdiv(H, BLOCK_H))](
+            x, cos, sin, y,
+            H, S,
+            x.stride(0), x.stride(1), x.stride(2),
+            cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+            y.stride(0), y.stride(1), y.stride(2),
+            HEAD_DIM=D, INTERLEAVED=interleaved, BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF,
+            num_warps=4,
+        )
     return out
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from trtllm.kernels.registry import register_op
+from trtllm.kernels.registry import interpreter_upcast, register_op
 
 
 def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -52,13 +52,14 @@ def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n_cols = gate.shape[-1]
     gate_rows, up_rows, out_rows = _as_rows(gate, "gate"), _as_rows(up, "up"), out.view(-1, n_cols)
     BLOCK_N = min(triton.next_power_of_2(n_cols), 2048)
-    _silu_mul_kernel[(gate_rows.shape[0], triton.cdiv(n_cols, BLOCK_N))](
-        gate_rows, up_rows, out_rows,
-        n_cols,
-        gate_rows.stride(0), up_rows.stride(0), out_rows.stride(0),
-        BLOCK_N=BLOCK_N,
-        num_warps=4 if BLOCK_N <= 1024 else 8,
-    )
+    with interpreter_upcast((gate_rows, up_rows), (out_rows,)) as ((gate_rows, up_rows), (out_rows,)):
+        _silu_mul_kernel[(gate_rows.shape[0], triton.cdiv(n_cols, BLOCK_N))](
+            gate_rows, up_rows, out_rows,
+            n_cols,
+            gate_rows.stride(0), up_rows.stride(0), out_rows.stride(0),
+            BLOCK_N=BLOCK_N,
+            num_warps=4 if BLOCK_N <= 1024 else 8,
+        )
     return out
 
 

@@ -41,7 +41,7 @@ from trtllm.kernels.paged_attention.decode import launch_decode
 from trtllm.kernels.paged_attention.launch_shape import DecodeLaunch, PrefillLaunch, choose_launch
 from trtllm.kernels.paged_attention.prefill import launch_prefill
 from trtllm.kernels.paged_attention.tiles import LOG2E
-from trtllm.kernels.registry import register_op
+from trtllm.kernels.registry import interpreter_upcast, register_op
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -133,12 +133,14 @@ def launch_paged_attention(
     kc, vc = k_cache[layer], v_cache[layer]  # a view: no layer * stride overflow in-kernel
     qk_scale = scale * LOG2E
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32
-    if decode:
-        launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
-                      qk_scale, window, num_seqs, dot_prec, launch, trace=trace)
-    else:
-        launch_prefill(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
-                       qk_scale, window, num_seqs, max_query_len, dot_prec, launch)
+    # The kernels write the new k/v rows into the layer's caches: written back too.
+    with interpreter_upcast((q, k, v), (kc, vc, out)) as ((q, k, v), (kc, vc, o)):
+        if decode:
+            launch_decode(q, k, v, kc, vc, o, slot_mapping, block_tables, seq_lens, query_start_loc,
+                          qk_scale, window, num_seqs, dot_prec, launch, trace=trace)
+        else:
+            launch_prefill(q, k, v, kc, vc, o, slot_mapping, block_tables, seq_lens, query_start_loc,
+                           qk_scale, window, num_seqs, max_query_len, dot_prec, launch)
     return out
 
 
