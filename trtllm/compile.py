@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from trtllm.attention_context import in_attention_context, whole_sequences_context
-from trtllm.contract import AttentionSpec, CompileError, contract_module, probe_attention
+from trtllm.contract import AttentionSpec, CompileError, contract_module, model_path, probe_attention
 from trtllm.passes import DECODE_GRAPH_MAX_TOKENS, DECODE_GRAPH_PASSES, PASSES
 from trtllm.passes.context import AttentionLayers, GraphInputs, LMHead, PassContext
 
@@ -153,10 +153,13 @@ class CompiledModel:
         ops = collections.Counter(str(n.target).removesuffix(".default") for gm in self.graphs for n in gm.graph.nodes
                                   if n.op == "call_function" and str(n.target).startswith("trtllm."))
         layers = f"{spec.num_layers} attention layers ({spec.num_kv_heads} kv heads x {spec.head_dim})"
+        if any(spec.windows):
+            layers += f", sliding windows per layer {list(spec.windows)}"
+        path = f"model: {model_path(self.module)}\n"
         if not self.graphs:
-            return (f"trtllm.compile: {layers}; nothing compiled yet: compilation is lazy, the first call "
+            return (f"{path}trtllm.compile: {layers}; nothing compiled yet: compilation is lazy, the first call "
                     "(or building an LLM on it) captures and rewrites the graphs")
-        lines = [f"trtllm.compile: {len(self.graphs)} graph(s), {layers}", "rewrites:"]
+        lines = [path.rstrip(), f"trtllm.compile: {len(self.graphs)} graph(s), {layers}", "rewrites:"]
         lines += [f"  {p.__name__}: {self.matches[p.__name__]}" for p in self.passes + self.decode_graph_passes]
         lines.append("trtllm ops in the final graph(s):")
         lines += [f"  {name}: {count}" for name, count in sorted(ops.items())] or ["  (none)"]

@@ -9,9 +9,14 @@ HF `*ForCausalLM` models are put under the contract by models/hf.py (`contract_m
 `probe_attention` runs the model once, eagerly, on two tokens: it refuses attention it
 cannot page (`unpageable`, the same rule replace_sdpa_with_paged_attention applies to the
 traced graph) before any tracing, and returns the `AttentionSpec` the KV cache is sized by.
+An HF model also reports what each layer asked of the attention interface
+(models/hf.py): its sliding window is taken from there (what HF itself applies), and a
+feature the paged kernels do not honour (soft-capping, sinks, a mask) is a CompileError
+naming the layer and the feature.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -52,9 +57,23 @@ def contract_module(model: nn.Module) -> nn.Module:
     other module as it is."""
     from transformers import PreTrainedModel  # imported when a model is compiled: it is slow to load
     if isinstance(model, PreTrainedModel):
-        from trtllm.models.hf import HFCausalLM
-        return HFCausalLM(model)
+        from trtllm.models.hf import HFCausalLM, UnsupportedAttention
+        try:
+            return HFCausalLM(model)
+        except UnsupportedAttention as e:
+            raise CompileError(str(e)) from None
     return model
+
+
+def model_path(module: nn.Module) -> str:
+    """Which path a model (under the contract) takes, as summary() names it."""
+    inner = getattr(module, "model", None)
+    if type(module).__name__ == "HFCausalLM":
+        return (f"HF module {type(inner).__name__} (transformers' own forward, attention through "
+                "trtllm's interface, models/hf.py)")
+    if type(module).__module__.startswith("trtllm.models."):
+        return f"model file of ours: {type(module).__module__}.{type(module).__name__}"
+    return f"plain module {type(module).__module__}.{type(module).__name__}"
 
 
 class _RecordSDPA(TorchFunctionMode):
@@ -77,17 +96,35 @@ class _RecordSDPA(TorchFunctionMode):
 
 def probe_attention(model: nn.Module, device: torch.device) -> AttentionSpec:
     """Run `model` (under the contract) eagerly on two tokens and record every SDPA's key
-    shape; the windows come from its config."""
+    shape; the windows come from what an HF model's layers asked for, else its config."""
     ids = torch.zeros((1, 2), dtype=torch.long, device=device)
-    with torch.no_grad(), _RecordSDPA() as rec:
-        model(ids, torch.arange(2, device=device)[None])
+    record = getattr(model, "record_attention_calls", None)  # HF models (models/hf.py)
+    with torch.no_grad(), _RecordSDPA() as rec, (record() if record else contextlib.nullcontext([])) as calls:
+        try:
+            model(ids, torch.arange(2, device=device)[None])
+        except CompileError:
+            if record is None or calls:
+                raise
+        if record is not None and not calls:  # e.g. GPT-J, Falcon: their own attention code
+            raise CompileError(f"{type(model.model).__name__} is refused: its attention does not go through HF's "
+                               "AttentionInterface, so trtllm cannot page it (and has no model file of its own "
+                               "for this family)")
+    for i, call in enumerate(calls):
+        if call.unhonoured:
+            raise CompileError(f"attention layer {call.layer if call.layer is not None else i} ({call.module}): "
+                               f"{'; '.join(call.unhonoured)}: the paged attention kernels do not honour it, "
+                               "and dropping it would give wrong output")
     if not rec.keys:
         raise CompileError("the model calls no F.scaled_dot_product_attention: nothing to page")
     shapes = {(k.shape[1], k.shape[3], k.dtype) for k in rec.keys}
     if len(shapes) != 1:
         raise CompileError(f"attention layers differ in kv heads/head dim/dtype: {sorted(map(str, shapes))}")
     (heads, dim, dtype), = shapes
-    return AttentionSpec(len(rec.keys), heads, dim, dtype, tuple(layer_windows(model, len(rec.keys))))
+    if calls and len(calls) != len(rec.keys):
+        raise CompileError(f"{len(rec.keys)} SDPA calls but {len(calls)} through HF's attention interface: "
+                           "some attention bypasses the interface")
+    windows = [c.window for c in calls] if calls else layer_windows(model, len(rec.keys))
+    return AttentionSpec(len(rec.keys), heads, dim, dtype, tuple(windows))
 
 
 def layer_windows(model: nn.Module, num_layers: int) -> list[int]:

@@ -3,7 +3,7 @@
     write_checkpoint(family, directory, **config_overrides) -> Path
     hf_model(directory) -> the HF *ForCausalLM, fp32, eager attention, eval
 
-FAMILIES lists the families; each is hidden 64, 2 layers, 4 heads, vocab 128. Every
+FAMILIES lists the families our model file runs, HF_MODULE_FAMILIES the others; each is hidden 64, 2 layers, 4 heads, vocab 128. Every
 parameter is random (norm weights around 1, biases nonzero) so a misplaced tensor shows.
 Other test files reuse these: `from tests.models.checkpoints import write_checkpoint`.
 """
@@ -46,15 +46,49 @@ FAMILIES: dict[str, tuple[type, type, dict]] = {
             dict(num_key_value_heads=1, tie_word_embeddings=False)),
 }
 
+# Families with no model file of ours: LLM(model=path) runs HF's module under our attention
+# interface (models/hf.py), or refuses them by name. Sliding windows of 4-5 bite on the
+# tests' 21-token prompt. Token ids 0-2 as special tokens, inside every test vocabulary.
+_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(num_key_value_heads=2, head_dim=16)),
+    # alternating local (window 4) / global layers, query_pre_attn_scalar != head_dim, no attention soft-capping
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               dict(num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                    attn_logit_softcapping=None)),
+    "gemma2_softcap": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,  # HF's default softcap 50
+                       dict(num_key_value_heads=2, head_dim=16, sliding_window=4)),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+               dict(num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                    layer_types=["sliding_attention", "full_attention"])),
+    "phi": (transformers.PhiConfig, transformers.PhiForCausalLM, dict(partial_rotary_factor=0.5)),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(num_key_value_heads=2, sliding_window=5)),
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, dict()),
+    "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM, dict()),
+    "gptj": (transformers.GPTJConfig, transformers.GPTJForCausalLM, dict(rotary_dim=8)),
+    "falcon": (transformers.FalconConfig, transformers.FalconForCausalLM,
+               dict(num_kv_heads=2, new_decoder_architecture=True)),
+    "stablelm": (transformers.StableLmConfig, transformers.StableLmForCausalLM, dict(num_key_value_heads=2)),
+    "starcoder2": (transformers.Starcoder2Config, transformers.Starcoder2ForCausalLM,
+                   dict(num_key_value_heads=2, sliding_window=5)),
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, dict(num_key_value_heads=2)),
+    "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM,
+                dict(num_key_value_heads=2, attention_multiplier=0.3, residual_multiplier=0.5,
+                     embedding_multiplier=2.0, logits_scaling=4.0)),
+    "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM, dict(num_key_value_heads=2)),
+}
+HF_MODULE_FAMILIES = {name: (config, model, {**_IDS, **kwargs})
+                      for name, (config, model, kwargs) in HF_MODULE_FAMILIES.items()}
+
 
 def hf_config(family: str, **overrides):
-    config_cls, _, kwargs = FAMILIES[family]
+    config_cls, _, kwargs = FAMILIES.get(family) or HF_MODULE_FAMILIES[family]
     return config_cls(**{**_BASE, **kwargs, **overrides})
 
 
 def make_hf_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A random HF model of `family` (fp32, eager attention, eval)."""
-    _, model_cls, _ = FAMILIES[family]
+    _, model_cls, _ = FAMILIES.get(family) or HF_MODULE_FAMILIES[family]
     config = hf_config(family, **overrides)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

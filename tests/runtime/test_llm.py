@@ -255,3 +255,26 @@ def test_chat_applies_the_checkpoints_template_and_get_stats(tmp_path):
         assert [o.outputs[0].token_ids for o in two] == [want.outputs[0].token_ids] * 2
         stats = llm.get_stats()
         assert stats["blocks_total"] == llm.block_manager.num_blocks and stats["num_running"] == 0
+
+
+def test_vocabulary_size_from_one_forward_when_nothing_names_it(tmp_path):
+    import types
+
+    import torch.nn as nn
+    from trtllm.models.loader import load_model
+
+    model = load_model(write_checkpoint("llama31", tmp_path, vocab_size=512), dtype=torch.float32, device="cpu")
+
+    class Renamed(nn.Module):  # no config.vocab_size, no lm_head attribute
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, types.SimpleNamespace(eos_token_id=None)
+
+        def forward(self, input_ids, positions):
+            return self.inner(input_ids, positions)
+
+    with LLM(Renamed(), kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=1024),
+             build_config=BuildConfig(max_batch_size=4, max_num_tokens=64, max_seq_len=64)) as llm:
+        assert llm.engine.vocab_size == 512
+        with pytest.raises(ValueError, match="prompt token id 600 is outside the vocabulary"):
+            llm.generate([1, 600], SamplingParams(max_tokens=2), use_tqdm=False)

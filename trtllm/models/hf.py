@@ -5,8 +5,20 @@ It switches the model to the "trtllm" attention implementation, registered throu
 HF's public `AttentionInterface`: plain causal SDPA on [B, H, S, D] with GQA, no mask
 (and no mask function registered, so HF builds none), which `trtllm.compile` turns
 into paged attention. Padding masks are not part of the contract.
+
+What an attention layer asks of the interface besides q, k, v is read, never dropped:
+`scaling` (Granite, Gemma's `query_pre_attn_scalar`) becomes SDPA's scale, and
+`sliding_window` the layer's window (the paged kernels apply it; eagerly it is a banded
+mask). Anything else the paged kernels do not honour today (`unhonoured`: logit
+soft-capping, a mask, dropout, attention sinks `s_aux`, any other extra argument) makes
+an eager call raise `UnsupportedAttention`, and `trtllm.compile`'s probe a CompileError
+naming the layer and the feature. Models whose attention does not go through the
+interface at all (GPT-J, Falcon in transformers 5) are refused by name by the probe.
 """
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -15,14 +27,61 @@ from transformers import AttentionInterface, PreTrainedModel
 
 from trtllm.models.llama import sliding_window_mask
 
+# Arguments HF passes through to every attention function that do not change the
+# attention itself (they serve HF's own kv cache and flash-attention varlen paths).
+_PASSED_THROUGH = {"position_ids", "use_cache", "cache_position", "output_attentions", "past_key_value",
+                   "past_key_values", "layer_idx"}
+
+
+class UnsupportedAttention(ValueError):
+    """An attention layer asks for a feature the paged kernels do not honour."""
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What one attention layer asked of the interface, as the probe records it."""
+    layer: int | None
+    module: str           # the HF attention module's class
+    window: int           # 0 = full causal attention
+    unhonoured: tuple[str, ...]
+
+
+_recording: list[AttentionCall] | None = None
+
+
+def unhonoured(attention_mask, dropout, sliding_window, softcap, kwargs: dict) -> list[str]:
+    """The features of one attention call the paged kernels do not honour today."""
+    found = []
+    if softcap is not None:
+        found.append(f"attention logit soft-capping (softcap={softcap})")
+    if attention_mask is not None:
+        found.append("an attention mask (the paged kernels apply plain causal attention only)")
+    if dropout not in (0, 0.0, None):
+        found.append(f"attention dropout={dropout} (inference only)")
+    if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window > 0):
+        found.append(f"sliding_window={sliding_window!r} (the kernels take one positive window per layer)")
+    if kwargs.get("is_causal", True) is not True:
+        found.append("non-causal attention (is_causal=False)")
+    for name, value in kwargs.items():
+        if name not in _PASSED_THROUGH and name != "is_causal" and value is not None:
+            found.append(f"the attention argument {name!r} (e.g. sinks `s_aux`), which the kernels would drop")
+    return found
+
 
 def trtllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                     sliding_window=None, **kwargs):
+                     sliding_window=None, softcap=None, **kwargs):
     """HF attention-interface function: query [B, Hq, S, D], key/value [B, Hkv, S, D]."""
+    if not torch.compiler.is_compiling():  # compile()'s probe ran this eagerly first
+        refused = unhonoured(attention_mask, dropout, sliding_window, softcap, kwargs)
+        layer = getattr(module, "layer_idx", None)
+        if _recording is not None:
+            _recording.append(AttentionCall(layer, type(module).__name__, sliding_window or 0, tuple(refused)))
+        elif refused:
+            raise UnsupportedAttention(f"attention layer {layer} ({type(module).__name__}): {refused[0]}")
     gqa = query.shape[1] != key.shape[1]
     s = query.shape[2]
     # Eagerly a sliding window that bites is a banded mask; under trtllm.compile the
-    # paged attention op applies it (the pass reads the config's windows).
+    # paged attention op applies it (the probe recorded each layer's window).
     if sliding_window and s > sliding_window and not torch.compiler.is_compiling():
         band = sliding_window_mask(s, sliding_window, query.device)  # [S, S]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=band, scale=scaling, enable_gqa=gqa)
@@ -41,5 +100,38 @@ class HFCausalLM(nn.Module):
         self.model = model
         self.config = model.config
 
+    @contextlib.contextmanager
+    def record_attention_calls(self):
+        """While inside, eager attention calls are recorded (not refused) into the list yielded."""
+        global _recording
+        previous, _recording = _recording, []
+        try:
+            yield _recording
+        finally:
+            _recording = previous
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
+
+
+def load_hf_module(path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    """The HF `*ForCausalLM` of checkpoint directory `path` (a family with no model file of
+    ours), its safetensors weights loaded by transformers (never pickles, never
+    `trust_remote_code`); any tensor missing, unexpected or of the wrong shape raises."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{path}/config.json: transformers cannot build this model without "
+                         f"trust_remote_code ({str(e).splitlines()[0]})") from None
+    model_cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if model_cls is None:
+        raise ValueError(f"{path}/config.json: model_type {config.model_type!r} is not a causal LM "
+                         "transformers can build (trtllm runs decoder-only causal LMs)")
+    model, info = model_cls.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False,
+                                            attn_implementation="eager", output_loading_info=True)
+    wrong = {k: v for k, v in info.items() if v}
+    if wrong:
+        raise ValueError(f"{path}: the checkpoint does not match {model_cls.__name__}: {wrong}")
+    return model.to(device).eval().requires_grad_(False)

@@ -1,4 +1,5 @@
-"""Load a local HF checkpoint directory into one of our model modules.
+"""Load a local HF checkpoint directory: into one of our model modules where
+ARCHITECTURES names one, else into the HF module transformers builds for it.
 
     load_model(path, dtype=None, device=None) -> nn.Module
 
@@ -6,7 +7,10 @@ The model is built on the meta device (no memory), then every tensor is streamed
 shard by shard, with `safetensors.safe_open`: read, cast, moved to the device and
 assigned as the module's Parameter in place of the meta one, so the weights are never
 held twice. Checkpoint names map to parameter names by identity (our model files mirror
-HF's module names). Pickle checkpoints (`pytorch_model*.bin`, `*.pt`) are never
+HF's module names). Any other decoder-only causal LM transformers can build (without
+`trust_remote_code`) is loaded as its HF module by models/hf.py's `load_hf_module`,
+which `trtllm.compile` runs under our attention interface; a family whose attention
+does not go through that interface is refused by name. Pickle checkpoints (`pytorch_model*.bin`, `*.pt`) are never
 unpickled: loading one could run arbitrary code.
 """
 
@@ -55,10 +59,13 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
     hf_config = _read_config(path)
-    model_cls = _model_class(hf_config, path)
     dtype = _resolve_dtype(dtype, hf_config)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     files = _weight_files(path)
+    model_cls = ARCHITECTURES.get((hf_config.get("architectures") or [None])[0])
+    if model_cls is None:  # no model file of ours: the HF module (imported here: transformers is slow to load)
+        from trtllm.models.hf import load_hf_module
+        return load_hf_module(path, dtype, device)
 
     with torch.device("meta"):
         model = model_cls(model_cls.config_class.from_hf(hf_config))
@@ -123,14 +130,6 @@ def _open_safetensors(file: Path):
     except SafetensorError as e:
         raise ValueError(f"{file}: not a readable safetensors file ({e}); the file may be "
                          "truncated or corrupt") from None
-
-
-def _model_class(hf_config: dict, path: Path) -> type[nn.Module]:
-    arch = (hf_config.get("architectures") or [None])[0]
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"{path / 'config.json'}: architecture {arch!r} is not supported "
-                         f"(supported: {', '.join(ARCHITECTURES)})")
-    return ARCHITECTURES[arch]
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, hf_config: dict) -> torch.dtype:

@@ -10,6 +10,8 @@ After:
     y, h = torch.ops.trtllm.fused_add_rms_norm(x, residual, weight, eps)
 
 The sum is written once and re-read by the norm in registers instead of from memory.
+The fused op goes where the sum was, or after the norm's weight where that is computed
+later (Gemma's `1 + w`); a use of the sum in between leaves the pair unfused.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from trtllm.passes.match import kind, value
 def fuse_add_rms_norm(graph: fx.Graph, ctx: PassContext) -> int:
     matches = 0
     rms_norm = torch.ops.trtllm.rms_norm.default
+    order = {n: i for i, n in enumerate(graph.nodes)}
     for norm in [n for n in graph.nodes if n.target is rms_norm]:
         add, weight, eps = norm.args
         if kind(add) != "add" or len(add.args) != 2 or add.kwargs:
@@ -35,7 +38,12 @@ def fuse_add_rms_norm(graph: fx.Graph, ctx: PassContext) -> int:
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or av is None or bv is None \
                 or not (av.shape == bv.shape == sv.shape and av.dtype == bv.dtype == sv.dtype):
             continue
-        with graph.inserting_after(add):
+        where = add
+        if isinstance(weight, fx.Node) and order[weight] > order[add]:
+            where = weight
+            if any(order.get(u, 0) <= order[weight] for u in add.users if u is not norm):
+                continue
+        with graph.inserting_after(where):
             fused = graph.call_function(torch.ops.trtllm.fused_add_rms_norm.default, (a, b, weight, eps))
         with graph.inserting_after(fused):
             total = graph.call_function(operator.getitem, (fused, 1))

@@ -82,7 +82,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len)
     return Engine(runner, block_manager, scheduler, tokenizer,
                   EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len),
-                  _vocab_size(module, tokenizer), _eos_ids(module, tokenizer), stream_interval,
+                  _vocab_size(module, compiled), _eos_ids(module, tokenizer), stream_interval,
                   disable_overlap_scheduler)
 
 
@@ -258,16 +258,17 @@ def _progress(total: int):
     return tqdm(total=total, desc="generate", unit="req")
 
 
-def _vocab_size(module: nn.Module, tokenizer) -> int:
-    config = getattr(module, "config", None)
-    size = getattr(config, "vocab_size", None)
+def _vocab_size(module: nn.Module, compiled) -> int:
+    """config.vocab_size, else the head's out_features, else the logits' width of one eager
+    forward of one token (what the model itself says; a tokenizer may count otherwise)."""
+    size = getattr(getattr(module, "config", None), "vocab_size", None)
     if size is None:
         size = getattr(getattr(module, "lm_head", None), "out_features", None)
-    if size is None and tokenizer is not None:
-        size = len(tokenizer)
     if size is None:
-        raise ValueError("cannot tell the model's vocabulary size: give it a config.vocab_size")
-    return size
+        zeros = torch.zeros((1, 1), dtype=torch.long, device=compiled.device)
+        with torch.no_grad():
+            size = compiled.module(zeros, zeros).shape[-1]
+    return int(size)
 
 
 def _eos_ids(module: nn.Module, tokenizer) -> list[int]:
