@@ -44,8 +44,13 @@ def test_api_key_guards_every_route_but_health(guarded):
         assert call(guarded, method, path, KEY).status_code != 401, (method, path)
     assert httpx.get(guarded.url + "/health", timeout=10).status_code == 200
     # a key in another header or scheme is not the key
-    r = httpx.get(guarded.url + "/v1/models", headers={"authorization": KEY, "x-api-key": KEY}, timeout=10)
-    assert r.status_code == 401
+    for header in (KEY, f"Basic {KEY}", f"Bearer{KEY}", f"bearer {KEY.upper()}"):
+        r = httpx.get(guarded.url + "/v1/models", headers={"authorization": header, "x-api-key": KEY}, timeout=10)
+        assert r.status_code == 401, header
+    # the scheme is case-insensitive (RFC 9110), as TensorRT-LLM's and vLLM's clients may send it
+    for scheme in ("bearer", "BEARER", "BeArEr"):
+        r = httpx.get(guarded.url + "/v1/models", headers={"authorization": f"{scheme} {KEY}"}, timeout=10)
+        assert r.status_code == 200, scheme
     with openai.OpenAI(base_url=guarded.url + "/v1", api_key=KEY, max_retries=0) as client:
         assert client.completions.create(model="tiny", prompt="hi", max_tokens=3).usage.completion_tokens >= 1
     with openai.OpenAI(base_url=guarded.url + "/v1", api_key="nope", max_retries=0) as client:

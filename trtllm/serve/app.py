@@ -5,12 +5,14 @@ engine in a process of its own: what `trtllm-serve` uses) or an `LLM` (the engin
     uvicorn.run(app, host="127.0.0.1", port=8000)     # what `trtllm-serve` does
 
 Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE with stream=true),
-GET /v1/models, GET /v1/models/{model}, GET /health (never behind the API key),
+GET /v1/models, GET /v1/models/{model}, GET /health (never behind the API key; 503 with
+the reason while stopping or when the engine died),
 GET /version, GET /metrics (Prometheus text). Every error, including FastAPI's own (bad
 JSON, unknown route, wrong method), is OpenAI's shape:
-`{"error": {"message", "type", "param", "code"}}` with a 4xx status. The app does not
-own the engine: whoever built it shuts it down (after the server has stopped); on
-shutdown the app aborts whatever requests are still in flight.
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status (a bug: 500, logged
+with its traceback). The app does not own the engine: whoever built it shuts it down
+(after the server has stopped); on shutdown the app aborts whatever requests are still
+in flight.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = N
         endpoint = GENERATION_PATHS.get(request.url.path)
         if endpoint is not None:
             metrics.outcome(endpoint, "invalid" if err.status < 500 else "failed")
-        return JSONResponse(err.body(), status_code=err.status)
+        return Response(err.encode(), status_code=err.status, media_type="application/json")
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
@@ -89,6 +91,10 @@ def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = N
         elif exc.status_code == 400 and "parsing the body" in detail:  # FastAPI: undecodable, too deep, ...
             detail = "the request body could not be parsed as JSON (bad encoding or nesting)"
         return error(RequestError(exc.status_code, detail), request)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):  # Starlette logs the traceback after this
+        return error(RequestError(500, "internal server error (the server log has the details)"), request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
