@@ -1,6 +1,7 @@
 """Servers of their own: the API key guards every route but /health (and never shows in
 the logs), --max-concurrent-requests answers 429 at once, SIGTERM stops the server within
-its grace period, in-flight requests finished or aborted, exit code 0."""
+its grace period, in-flight requests finished or aborted, exit code 0; a dead engine
+process is logged, shown on /health, and makes the exit code 1."""
 import json
 import socket
 import threading
@@ -160,15 +161,21 @@ def test_a_dead_engine_process_fails_requests_not_the_server(model_dir, tmp_path
     import os
     import signal
     with Server(model_dir, log_path=tmp_path / "dead.log") as s:
+        assert "ERROR" not in s.log()
         # the engine core is the server's multiprocessing-spawned child (not its resource tracker)
         cores = [c for c in _children(s.proc.pid) if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
         assert cores, "no engine process under the server"
         for c in cores:
             os.kill(c, signal.SIGKILL)
         wait_until(lambda: s.get("/health").status_code == 503, 30, what="/health to say 503")
+        assert s.get("/health").json() == {"status": "unavailable",
+                                           "reason": "the engine process was killed by SIGKILL"}
         t = time.monotonic()
         r = s.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 4}, timeout=30)
-        assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+        assert r.status_code == 503 and "killed by SIGKILL" in r.json()["error"]["message"]
         assert time.monotonic() - t < 10
         assert s.get("/v1/models").status_code == 200  # the rest of the server still answers
-        assert s.stop() == 0, s.log()
+        # logged when it happened, at ERROR, with the signal
+        assert "ERROR trtllm: the engine process was killed by SIGKILL" in s.log(), s.log()
+        assert s.stop() == 1, s.log()  # a later SIGTERM: the exit code says the server had failed
+        assert "ERROR trtllm.serve: trtllm-serve stopped; the engine had failed" in s.log()

@@ -102,8 +102,9 @@ class Handler:
 
     # -- running -------------------------------------------------------------------------
     async def run(self, job: Job, request: Request) -> Response:
-        if not self.llm.is_alive():  # the engine process died: say so at once, as /health does
-            raise RequestError(503, "the engine is not running; the server must be restarted",
+        reason = self.llm.dead_reason()
+        if reason is not None:  # the engine process died: say so at once, as /health does
+            raise RequestError(503, f"the engine is not running ({reason}); the server must be restarted",
                                code="engine_unavailable")
         streams = [self.llm.generate_async(ids, params, streaming=job.stream)
                    for (_, ids), params in zip(job.prompts, job.params)]
