@@ -71,6 +71,9 @@ class StandInEngine:
     def is_alive(self) -> bool:
         return True
 
+    def dead_reason(self) -> None:
+        return None
+
     def engine_stats(self):
         return self._stats
 

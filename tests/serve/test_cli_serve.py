@@ -1,13 +1,53 @@
-"""trtllm-serve's command line: bad options fail before any model loads, one line per problem."""
+"""trtllm-serve's command line: bad options fail before any model loads, one line per
+problem; a port in use fails at once, before the model loads, and never says "serving"."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import trtllm.cli.serve as cli
+from tests.serve.server import REPO_ROOT
 from trtllm.cli.serve import main
 
 
 def test_bad_engine_options_are_named_one_line_each(capsys):
-    assert main(["--max_batch_size", "-1", "--kv_cache_free_gpu_memory_fraction", "nan"]) == 2
+    assert main(["--port", "0", "--max_batch_size", "-1", "--kv_cache_free_gpu_memory_fraction", "nan"]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == ["trtllm-serve: bad option:",
                                 "BuildConfig.max_batch_size=-1: must be greater than 0"], err
-    assert main(["--kv_cache_free_gpu_memory_fraction", "nan"]) == 2
+    assert main(["--port", "0", "--kv_cache_free_gpu_memory_fraction", "nan"]) == 2
     err = capsys.readouterr().err
     assert "KvCacheConfig.free_gpu_memory_fraction=nan: must be a finite number" in err
     assert "pydantic" not in err and "Traceback" not in err
+
+
+@pytest.fixture
+def taken_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_port_in_use_fails_before_the_model_loads(taken_port, model_dir, monkeypatch, capsys):
+    def load(*_):
+        raise AssertionError("the model loaded before the port was checked")
+
+    monkeypatch.setattr(cli, "build_llm", load)
+    assert main([str(model_dir), "--port", str(taken_port)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"trtllm-serve: cannot listen on 127.0.0.1:{taken_port}: Address already in use "
+                                "(another server on this port? choose one with --port)"], err
+
+
+@pytest.mark.timeout(300)
+def test_port_in_use_exits_nonzero_without_loading(taken_port, model_dir):
+    done = subprocess.run([sys.executable, "-m", "trtllm.cli.serve", str(model_dir), "--port", str(taken_port)],
+                          cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 2, done.stderr
+    assert f"cannot listen on 127.0.0.1:{taken_port}: Address already in use" in done.stderr
+    output = done.stdout + done.stderr
+    assert "loaded" not in output and "serving" not in output and "Traceback" not in output, output

@@ -1,5 +1,8 @@
 """Bad input, sent raw with httpx: each gets its 4xx in OpenAI's error shape, with a
 message naming the problem, before any work is done; the server still serves after."""
+import http.client
+import json
+
 import httpx
 import pytest
 
@@ -95,6 +98,25 @@ CASES = [
     ("json response_format", *chat(response_format={"type": "json_object"}), None, 400, ["response_format"]),
     ("max_tokens and max_completion_tokens disagree", *chat(max_tokens=3, max_completion_tokens=4), None, 400,
      ["max_tokens"]),
+    # a lone surrogate is valid JSON ("\udcff") but no text: 400 naming the field (was a plain-text 500)
+    ("lone surrogate in the prompt", "/v1/completions", b'{"prompt": "hi \\udcff"}', JSON, 400,
+     ["prompt", "surrogate"]),
+    ("lone surrogate in a batched prompt", "/v1/completions", b'{"prompt": ["ok", "hi \\ud800"]}', JSON, 400,
+     ["prompt[1]", "surrogate"]),
+    ("lone surrogate, streaming", "/v1/completions", b'{"prompt": "\\udcff", "stream": true}', JSON, 400,
+     ["prompt", "surrogate"]),
+    ("reversed surrogate pair", "/v1/completions", b'{"prompt": "\\ude00\\ud83d"}', JSON, 400, ["surrogate"]),
+    ("lone surrogate in a stop string", "/v1/completions", b'{"prompt": "x", "stop": ["a", "\\udcff"]}', JSON, 400,
+     ["stop[1]", "surrogate"]),
+    ("lone surrogate in the model name", "/v1/completions", b'{"prompt": "x", "model": "\\udcff"}', JSON, 400,
+     ["model", "surrogate"]),
+    ("lone surrogate in chat content", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi \\udcff"}]}', JSON, 400, ["messages[0].content", "surrogate"]),
+    ("lone surrogate in a chat content part", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udcff"}]}], "stream": true}', JSON,
+     400, ["messages[0].content[0].text", "surrogate"]),
+    ("lone surrogate in a message name", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "x", "name": "\\udcff"}]}', JSON, 400, ["messages[0].name"]),
     ("unknown route", "/v1/embeddings", OK, None, 404, ["/v1/embeddings"]),
     ("wrong method", "/v1/completions", None, None, 405, []),
     ("body over the limit", "/v1/completions", b'{"prompt": "' + b"a" * (5 << 20) + b'"}', JSON, 413, ["bytes"]),
@@ -142,3 +164,43 @@ def test_model_may_be_omitted(server, path):
     body = dict(OK if path == "/v1/completions" else CHAT)
     del body["model"]
     assert server.post(path, json=body).status_code == 200
+
+
+def test_lone_surrogate_keeps_the_connection_and_logs_nothing(server):
+    """A 400 like any other: the keep-alive connection stays open (a 500 closed it, and the
+    openai client retried), and no traceback reaches the log."""
+    log_before = len(server.log())
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    sockets = []
+    try:
+        for path, body in [("/v1/completions", b'{"prompt": "hi \\udcff", "max_tokens": 2}'),
+                           ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udcff"}]}'),
+                           ("/v1/completions", b'{"prompt": "fine", "max_tokens": 2}')]:
+            conn.request("POST", path, body=body, headers=JSON)
+            r = conn.getresponse()
+            answer = json.loads(r.read())
+            assert r.status == (200 if b"fine" in body else 400), answer
+            assert r.status == 200 or "surrogate" in answer["error"]["message"]
+            assert not r.will_close, r.getheaders()
+            sockets.append(conn.sock)
+        assert sockets[0] is not None and all(s is sockets[0] for s in sockets)  # one connection served all
+    finally:
+        conn.close()
+    new_log = server.log()[log_before:]
+    assert "Traceback" not in new_log and "Exception" not in new_log, new_log
+
+
+def test_odd_but_valid_text_comes_back_whole(server):
+    """NULs, RTL marks, astral code points and escaped surrogate pairs are text: served, and
+    echoed back as sent (plain and streamed)."""
+    text = "a\u0000b \u202eevil\u202c \u200f\U0010ffff \U0001f600 e\u0301 \ufeff"
+    raw = json.dumps({"prompt": text, "max_tokens": 2, "echo": True, "temperature": 0}).encode()  # \ud83d\ude00
+    assert b"\\ud83d\\ude00" in raw
+    r = httpx.post(server.url + "/v1/completions", content=raw, headers=JSON, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"].startswith(text)
+    streamed = json.dumps({"prompt": text, "max_tokens": 2, "echo": True, "stream": True}).encode()
+    r = httpx.post(server.url + "/v1/completions", content=streamed, headers=JSON, timeout=60)
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[0])["choices"][0]["text"] == text

@@ -1,6 +1,7 @@
 """Servers of their own: the API key guards every route but /health (and never shows in
 the logs), --max-concurrent-requests answers 429 at once, SIGTERM stops the server within
-its grace period, in-flight requests finished or aborted, exit code 0."""
+its grace period, in-flight requests finished or aborted, exit code 0; a dead engine
+process is logged, shown on /health, and makes the exit code 1."""
 import json
 import socket
 import threading
@@ -44,8 +45,13 @@ def test_api_key_guards_every_route_but_health(guarded):
         assert call(guarded, method, path, KEY).status_code != 401, (method, path)
     assert httpx.get(guarded.url + "/health", timeout=10).status_code == 200
     # a key in another header or scheme is not the key
-    r = httpx.get(guarded.url + "/v1/models", headers={"authorization": KEY, "x-api-key": KEY}, timeout=10)
-    assert r.status_code == 401
+    for header in (KEY, f"Basic {KEY}", f"Bearer{KEY}", f"bearer {KEY.upper()}"):
+        r = httpx.get(guarded.url + "/v1/models", headers={"authorization": header, "x-api-key": KEY}, timeout=10)
+        assert r.status_code == 401, header
+    # the scheme is case-insensitive (RFC 9110), as TensorRT-LLM's and vLLM's clients may send it
+    for scheme in ("bearer", "BEARER", "BeArEr"):
+        r = httpx.get(guarded.url + "/v1/models", headers={"authorization": f"{scheme} {KEY}"}, timeout=10)
+        assert r.status_code == 200, scheme
     with openai.OpenAI(base_url=guarded.url + "/v1", api_key=KEY, max_retries=0) as client:
         assert client.completions.create(model="tiny", prompt="hi", max_tokens=3).usage.completion_tokens >= 1
     with openai.OpenAI(base_url=guarded.url + "/v1", api_key="nope", max_retries=0) as client:
@@ -155,15 +161,21 @@ def test_a_dead_engine_process_fails_requests_not_the_server(model_dir, tmp_path
     import os
     import signal
     with Server(model_dir, log_path=tmp_path / "dead.log") as s:
+        assert "ERROR" not in s.log()
         # the engine core is the server's multiprocessing-spawned child (not its resource tracker)
         cores = [c for c in _children(s.proc.pid) if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
         assert cores, "no engine process under the server"
         for c in cores:
             os.kill(c, signal.SIGKILL)
         wait_until(lambda: s.get("/health").status_code == 503, 30, what="/health to say 503")
+        assert s.get("/health").json() == {"status": "unavailable",
+                                           "reason": "the engine process was killed by SIGKILL"}
         t = time.monotonic()
         r = s.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 4}, timeout=30)
-        assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+        assert r.status_code == 503 and "killed by SIGKILL" in r.json()["error"]["message"]
         assert time.monotonic() - t < 10
         assert s.get("/v1/models").status_code == 200  # the rest of the server still answers
-        assert s.stop() == 0, s.log()
+        # logged when it happened, at ERROR, with the signal
+        assert "ERROR trtllm: the engine process was killed by SIGKILL" in s.log(), s.log()
+        assert s.stop() == 1, s.log()  # a later SIGTERM: the exit code says the server had failed
+        assert "ERROR trtllm.serve: trtllm-serve stopped; the engine had failed" in s.log()

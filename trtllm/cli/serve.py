@@ -4,10 +4,12 @@
                  [--kv_cache_free_gpu_memory_fraction F] [--api-key KEY] [--served-model-name NAME]
 
 With no MODEL_DIR it serves the built-in demo model. The engine runs in a process of its
-own (trtllm/runtime/engine_core.py), so HTTP and SSE work never delays a GPU step.
-SIGTERM or Ctrl-C: the server stops
-accepting connections, lets in-flight requests finish for up to --shutdown-timeout
-seconds, aborts the rest, shuts the engine down and exits 0.
+own (trtllm/runtime/engine_core.py), so HTTP and SSE work never delays a GPU step. The
+port is bound before the model loads: a port in use fails at once. SIGTERM or Ctrl-C: the
+server stops accepting connections, lets in-flight requests finish for up to
+--shutdown-timeout seconds, aborts the rest, shuts the engine down and exits 0 (1 if the
+engine process had died meanwhile: that is logged at ERROR when it happens, and /health
+answers 503 with the reason).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 
 API_KEY_ENV = "TRTLLM_API_KEY"
@@ -62,21 +65,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def build_llm(args: argparse.Namespace):
-    """The engine the app serves: in a process of its own (default), or on a thread of
-    this one (--engine-in-thread). Either way it answers the same calls."""
-    import functools
-
+def engine_options(args: argparse.Namespace) -> dict:
+    """The engine's options from the command line; ConfigError naming each bad one."""
     from trtllm.config import BuildConfig, KvCacheConfig
-    from trtllm.runtime.llm import LLM, build_engine
 
     build = {k: v for k, v in (("max_batch_size", args.max_batch_size), ("max_num_tokens", args.max_num_tokens),
                                ("max_seq_len", args.max_seq_len)) if v is not None}
     kv = {k: v for k, v in (("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction),
                             ("max_tokens", args.kv_cache_max_tokens)) if v is not None}
-    options = dict(dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv),
-                   stream_interval=args.stream_interval,
-                   disable_overlap_scheduler=args.disable_overlap_scheduler)
+    return dict(dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv),
+                stream_interval=args.stream_interval, disable_overlap_scheduler=args.disable_overlap_scheduler)
+
+
+def build_llm(args: argparse.Namespace, options: dict):
+    """The engine the app serves: in a process of its own (default), or on a thread of
+    this one (--engine-in-thread). Either way it answers the same calls."""
+    import functools
+
+    from trtllm.runtime.llm import LLM, build_engine
+
     if args.engine_in_thread:
         return LLM(args.model, **options)
     from trtllm.demo import demo_model_path
@@ -86,6 +93,19 @@ def build_llm(args: argparse.Namespace):
     if not os.path.isdir(model):
         raise FileNotFoundError(f"model directory {model!r} does not exist")
     return EngineCoreClient(functools.partial(build_engine, model, **options), tokenizer=model)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound but not listening (connections are refused until the
+    server starts). OSError if the port is in use or the address is not this machine's."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _exit_quietly(signum, frame):
@@ -101,32 +121,44 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGINT, _exit_quietly)
 
-    from trtllm.serve.app import DEFAULT_MAX_CONCURRENT_REQUESTS, build_app, run_server
-
-    from trtllm.config import ConfigError
-
-    try:
-        llm = build_llm(args)
-    except ConfigError as e:
-        print(f"trtllm-serve: bad option:\n{e}", file=sys.stderr)
+    try:  # before any import of the engine, and the model load (minutes, for a big one)
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        print(f"trtllm-serve: cannot listen on {args.host}:{args.port}: {e.strerror or e} "
+              "(another server on this port? choose one with --port)", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
-        print(f"trtllm-serve: cannot load the model: {e}", file=sys.stderr)
-        return 2
-    name = args.served_model_name or (args.model if args.model is not None else "trtllm-demo")
-    app = build_app(llm, name, api_key=api_key,
-                    max_concurrent_requests=args.max_concurrent_requests or DEFAULT_MAX_CONCURRENT_REQUESTS)
-    log.info("serving %s as %r on http://%s:%d (API key %s; limits %s)", args.model or "the demo model", name,
-             args.host, args.port, "required" if api_key else "not required", llm.limits)
-    # uvicorn handles SIGTERM/SIGINT while it runs (graceful stop), then restores these
-    # handlers and re-raises the signal: let that re-raise be a no-op so we exit 0.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    signal.signal(signal.SIGINT, lambda *_: None)
-    try:
-        started = run_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
-                             log_level=args.log_level, access_log=not args.no_access_log)
-    finally:
-        llm.shutdown()
+    with sock:
+        from trtllm.config import ConfigError
+        from trtllm.serve.app import DEFAULT_MAX_CONCURRENT_REQUESTS, build_app, run_server
+
+        try:
+            options = engine_options(args)
+        except ConfigError as e:
+            print(f"trtllm-serve: bad option:\n{e}", file=sys.stderr)
+            return 2
+        try:
+            llm = build_llm(args, options)
+        except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+            print(f"trtllm-serve: cannot load the model: {e}", file=sys.stderr)
+            return 2
+        name = args.served_model_name or (args.model if args.model is not None else "trtllm-demo")
+        app = build_app(llm, name, api_key=api_key,
+                        max_concurrent_requests=args.max_concurrent_requests or DEFAULT_MAX_CONCURRENT_REQUESTS)
+        log.info("loaded %s as %r (API key %s; limits %s)", args.model or "the demo model", name,
+                 "required" if api_key else "not required", llm.limits)
+        # uvicorn handles SIGTERM/SIGINT while it runs (graceful stop), then restores these
+        # handlers and re-raises the signal: let that re-raise be a no-op so we exit 0.
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        signal.signal(signal.SIGINT, lambda *_: None)
+        try:
+            started = run_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
+                                 log_level=args.log_level, access_log=not args.no_access_log, sock=sock)
+            engine_failure = llm.dead_reason()  # before our own shutdown stops it
+        finally:
+            llm.shutdown()
+    if engine_failure is not None:
+        log.error("trtllm-serve stopped; the engine had failed: %s", engine_failure)
+        return 1
     log.info("trtllm-serve stopped")
     return 0 if started else 1
 

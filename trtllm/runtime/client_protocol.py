@@ -39,6 +39,10 @@ class EngineClient(Protocol):
     def is_alive(self) -> bool:
         """The engine is running and takes requests."""
 
+    def dead_reason(self) -> str | None:
+        """None while the engine runs; else why it does not (shut down; the engine process
+        exited, with its exit code or signal), for /health and the server's log."""
+
     def engine_stats(self) -> EngineStats:
         """The scheduler's and KV pool's counters (/metrics)."""
 

@@ -16,6 +16,7 @@ import logging
 import multiprocessing as mp
 import pickle
 import queue
+import signal
 import threading
 
 from trtllm.runtime.engine_core import core_main
@@ -61,7 +62,8 @@ class EngineCoreClient:
             ready.limits, ready.vocab_size, ready.has_tokenizer, ready.stats
         self._streams = OpenStreams()  # the event loop opens, the reader routes and closes
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._gone = False  # the core's pipe closed (new requests fail at once: OpenStreams.close)
+        self._stopping = False  # shutdown() was called: the core's exit is expected
+        self._dead_reason: str | None = None  # set when the core's pipe closes (new requests fail at once)
         self._outgoing: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="trtllm-core-sender", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="trtllm-core-reader", daemon=True)
@@ -78,14 +80,14 @@ class EngineCoreClient:
         while not self._from_core.poll(1.0):
             waited += 1.0
             if not self._proc.is_alive():
-                raise RuntimeError(f"the engine process exited with code {self._proc.exitcode} while starting")
+                raise RuntimeError(f"{_exit_reason(self._proc.exitcode)} while starting")
             if timeout is not None and waited >= timeout:
                 raise RuntimeError(f"the engine process was not ready after {timeout:.0f} s")
         try:
             msg = self._from_core.recv()
         except EOFError:
             self._proc.join(5)
-            raise RuntimeError(f"the engine process exited with code {self._proc.exitcode} while starting") from None
+            raise RuntimeError(f"{_exit_reason(self._proc.exitcode)} while starting") from None
         if isinstance(msg, BuildFailed):
             raise RuntimeError(f"the engine could not be built: {msg.error}")
         return msg
@@ -118,9 +120,16 @@ class EngineCoreClient:
         return bool(self._streams)
 
     def is_alive(self) -> bool:
-        # _gone first: the reader sets it when the core's pipe closes, while the thread
-        # itself still runs for a moment failing the open requests (a test saw it alive).
-        return not self._gone and self._proc.is_alive() and self._reader.is_alive()
+        return self.dead_reason() is None
+
+    def dead_reason(self) -> str | None:
+        # the reader's reason first: it is set when the core's pipe closes, while the thread
+        # itself still runs for a moment failing the open requests (a test saw it alive)
+        if self._dead_reason is not None:
+            return self._dead_reason
+        if not self._proc.is_alive():
+            return "the engine shut down" if self._stopping else _exit_reason(self._proc.exitcode)
+        return None if self._reader.is_alive() else "the engine client's reader thread stopped"
 
     def engine_stats(self) -> EngineStats:
         """The counters the core sent with its latest step."""
@@ -128,6 +137,7 @@ class EngineCoreClient:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the core (open requests end with finish_reason "abort") and wait for it."""
+        self._stopping = True
         if self._proc.is_alive():
             self._outgoing.put(Stop())
             self._proc.join(timeout)
@@ -176,8 +186,13 @@ class EngineCoreClient:
                 break
             if not self._hand_to_loop(data):  # no event loop yet, or it is closed: take it here
                 self._dispatch(data, None)
-        self._gone = True
-        self._close("the engine process exited")
+        if self._stopping:
+            self._dead_reason = "the engine shut down"
+        else:  # the core died under us (killed, out of memory, a crash): the server's log must say so
+            self._proc.join(5)
+            self._dead_reason = _exit_reason(self._proc.exitcode)
+            log.error("%s: its requests failed and new requests fail at once", self._dead_reason)
+        self._close(self._dead_reason)
 
     def _hand_to_loop(self, data: bytes) -> bool:
         loop = self._loop
@@ -206,3 +221,14 @@ class EngineCoreClient:
         """New requests fail at once from now on; those in flight end with `error`."""
         for stream in self._streams.close("the engine process is not running"):
             stream.fail(error)
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "the engine process closed its pipe"
+    if exitcode < 0:
+        try:
+            return f"the engine process was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"the engine process was killed by signal {-exitcode}"
+    return f"the engine process exited with code {exitcode}"

@@ -198,6 +198,9 @@ class LLM:
     def is_alive(self) -> bool:
         return self._loop.is_alive()
 
+    def dead_reason(self) -> str | None:
+        return None if self._loop.is_alive() else "the engine shut down"
+
     def engine_stats(self) -> EngineStats:
         """Scheduler and KV-pool counters (plain integer reads; the engine is not locked)."""
         return EngineStats.of(self.engine)

@@ -5,17 +5,20 @@ engine in a process of its own: what `trtllm-serve` uses) or an `LLM` (the engin
     uvicorn.run(app, host="127.0.0.1", port=8000)     # what `trtllm-serve` does
 
 Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE with stream=true),
-GET /v1/models, GET /v1/models/{model}, GET /health (never behind the API key),
+GET /v1/models, GET /v1/models/{model}, GET /health (never behind the API key; 503 with
+the reason while stopping or when the engine died),
 GET /version, GET /metrics (Prometheus text). Every error, including FastAPI's own (bad
 JSON, unknown route, wrong method), is OpenAI's shape:
-`{"error": {"message", "type", "param", "code"}}` with a 4xx status. The app does not
-own the engine: whoever built it shuts it down (after the server has stopped); on
-shutdown the app aborts whatever requests are still in flight.
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status (a bug: 500, logged
+with its traceback). The app does not own the engine: whoever built it shuts it down
+(after the server has stopped); on shutdown the app aborts whatever requests are still
+in flight.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from contextlib import asynccontextmanager
 
@@ -69,7 +72,7 @@ def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = N
         endpoint = GENERATION_PATHS.get(request.url.path)
         if endpoint is not None:
             metrics.outcome(endpoint, "invalid" if err.status < 500 else "failed")
-        return JSONResponse(err.body(), status_code=err.status)
+        return Response(err.encode(), status_code=err.status, media_type="application/json")
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
@@ -89,6 +92,10 @@ def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = N
         elif exc.status_code == 400 and "parsing the body" in detail:  # FastAPI: undecodable, too deep, ...
             detail = "the request body could not be parsed as JSON (bad encoding or nesting)"
         return error(RequestError(exc.status_code, detail), request)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):  # Starlette logs the traceback after this
+        return error(RequestError(500, "internal server error (the server log has the details)"), request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -113,8 +120,9 @@ def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = N
 
     @app.get("/health")
     async def health():
-        if app.state.stopping or not llm.is_alive():
-            return JSONResponse({"status": "unavailable"}, status_code=503)
+        reason = "the server is shutting down" if app.state.stopping else llm.dead_reason()
+        if reason is not None:
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/version")
@@ -132,8 +140,12 @@ def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = N
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 10.0,
-               log_level: str = "info", access_log: bool = True, switch_interval: float | None = 0.001) -> bool:
+               log_level: str = "info", access_log: bool = True, switch_interval: float | None = 0.001,
+               sock: socket.socket | None = None) -> bool:
     """Serve `app` with uvicorn until SIGTERM/SIGINT (or `should_exit`); False if it never started.
+
+    `sock`: a socket already bound to host:port (trtllm-serve binds before it loads the
+    model, so a port in use fails at once); without it, uvicorn binds.
 
     On the signal: stop accepting connections; in-flight requests get `shutdown_timeout`
     seconds to finish; then their engine requests are aborted (streams end with
@@ -151,6 +163,11 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, shutdown
         sys.setswitchinterval(switch_interval)
 
     class GracefulServer(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)  # listening from here on (uvicorn exits if it cannot)
+            bound = self.servers[0].sockets[0].getsockname()[1] if self.servers else port  # port 0: the one given
+            log.info("serving on http://%s:%d", f"[{host}]" if ":" in host else host, bound)
+
         async def shutdown(self, sockets=None):
             app.state.stopping = True
             timer = asyncio.get_running_loop().call_later(shutdown_timeout, app.state.handler.abort_all)
@@ -162,7 +179,7 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, shutdown
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             timeout_graceful_shutdown=shutdown_timeout + 3, lifespan="on")
     server = GracefulServer(config)
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
     return server.started
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 
 from trtllm.serve.metrics import ServerMetrics
@@ -24,7 +23,7 @@ OPEN_PATHS = {"/health"}
 
 
 async def send_error(send, err: RequestError, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    body = json.dumps(err.body()).encode()
+    body = err.encode()
     await send({"type": "http.response.start", "status": err.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
@@ -35,7 +34,7 @@ class Gate:
     def __init__(self, app, app_state, metrics: ServerMetrics, api_key: str | None, max_concurrent_requests: int,
                  max_body_bytes: int):
         self.app, self.state, self.metrics = app, app_state, metrics
-        self._key = f"Bearer {api_key}".encode() if api_key else None
+        self._key = api_key.encode() if api_key else None
         self.max_concurrent, self.max_body = max_concurrent_requests, max_body_bytes
         self.in_flight = 0
 
@@ -45,8 +44,7 @@ class Gate:
         path = scope["path"]
         endpoint = GENERATION_PATHS.get(path)
         headers = dict(scope["headers"])  # lower-cased names; a repeated header: the last one
-        if self._key is not None and path not in OPEN_PATHS \
-                and not hmac.compare_digest(headers.get(b"authorization", b""), self._key):
+        if self._key is not None and path not in OPEN_PATHS and not self._authorized(headers):
             if endpoint:
                 self.metrics.outcome(endpoint, "unauthorized")
             return await send_error(send, RequestError(
@@ -86,6 +84,12 @@ class Gate:
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
+
+    def _authorized(self, headers: dict) -> bool:
+        """`Authorization: Bearer KEY`: the scheme in any case (RFC 9110: schemes are
+        case-insensitive; some clients send "bearer"), the key exactly."""
+        scheme, _, key = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(key.lstrip(b" "), self._key)
 
     def _check_headers(self, headers: dict) -> RequestError | None:
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()

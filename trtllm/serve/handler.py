@@ -49,6 +49,7 @@ class Handler:
                                param="model", code="model_not_found")
 
     async def completion_job(self, body: CompletionRequest) -> Job:
+        body.refuse_invalid_text()
         self.check_model(body.model)
         body.refuse_unsupported()
         prompts = body.prompts()
@@ -61,6 +62,7 @@ class Handler:
                    echo=body.echo)
 
     async def chat_job(self, body: ChatCompletionRequest) -> Job:
+        body.refuse_invalid_text()
         self.check_model(body.model)
         body.refuse_unsupported()
         messages = body.checked_messages()
@@ -100,8 +102,9 @@ class Handler:
 
     # -- running -------------------------------------------------------------------------
     async def run(self, job: Job, request: Request) -> Response:
-        if not self.llm.is_alive():  # the engine process died: say so at once, as /health does
-            raise RequestError(503, "the engine is not running; the server must be restarted",
+        reason = self.llm.dead_reason()
+        if reason is not None:  # the engine process died: say so at once, as /health does
+            raise RequestError(503, f"the engine is not running ({reason}); the server must be restarted",
                                code="engine_unavailable")
         streams = [self.llm.generate_async(ids, params, streaming=job.stream)
                    for (_, ids), params in zip(job.prompts, job.params)]
@@ -148,7 +151,7 @@ class Handler:
             if error is not None:
                 run.outcome = "failed" if _internal(error) else "invalid"
                 err = RequestError(500 if _internal(error) else 400, error.error)
-                return Response(dumps(err.body()), status_code=err.status, media_type="application/json")
+                return Response(err.encode(), status_code=err.status, media_type="application/json")
             run.outcome = "aborted" if _any_aborted(last.values()) else "success"
             body = self.render.whole_body(job, [last[i] for i in range(len(run.streams))])
             return Response(dumps(body), media_type="application/json", headers=headers)
@@ -186,7 +189,7 @@ class Handler:
                     yield b"".join(events)
             if failed is not None:
                 run.outcome = "failed" if _internal(failed) else "invalid"
-                yield event(RequestError(500 if _internal(failed) else 400, failed.error).body())
+                yield b"data: " + RequestError(500 if _internal(failed) else 400, failed.error).encode() + b"\n\n"
             else:
                 run.outcome = "aborted" if gone.is_set() or _any_aborted(last.values()) else "success"
                 if job.include_usage:

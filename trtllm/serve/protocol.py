@@ -13,6 +13,8 @@ that the app turns into OpenAI's error JSON (`{"error": {message, type, param, c
 """
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,6 +61,46 @@ class RequestError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def encode(self) -> bytes:
+        """The body as JSON bytes; ASCII, so no string in a message can fail to encode."""
+        return json.dumps(self.body()).encode()
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Where `text` holds a lone surrogate, or None. JSON may carry one ("\\udcff" is valid
+    JSON), but it is no Unicode text: the tokenizer raises on it and UTF-8 cannot encode it."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def _invalid_text(value, path: str) -> tuple[str, int, str] | None:
+    """(path, index, character) of the first lone surrogate in the strings of `value` (a
+    request model, or the JSON of an unknown field), or None."""
+    if isinstance(value, str):
+        at = lone_surrogate(value)
+        return None if at is None else (path, at, value[at])
+    if isinstance(value, BaseModel):
+        items = [(f"{path}.{k}" if path else k, v) for k, v in (*value.__dict__.items(),
+                                                               *(value.model_extra or {}).items())]
+    elif isinstance(value, dict):
+        items = [(f"{path}.{k}", v) for k, v in value.items()] + [(f"{path} (a key)", k) for k in value]
+    elif isinstance(value, list):
+        if not value or isinstance(value[0], (int, float)):  # token ids, numbers: no text
+            return None
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return None
+    for where, v in items:
+        found = _invalid_text(v, where)
+        if found is not None:
+            return found
+    return None
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -91,6 +133,15 @@ class _Request(BaseModel):
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+
+    def refuse_invalid_text(self) -> None:
+        """Every string the request carries (prompts, messages, stop strings, the model
+        name, unknown fields) must be Unicode text: a lone surrogate is refused by name."""
+        found = _invalid_text(self, "")
+        if found is not None:
+            where, at, char = found
+            raise RequestError(400, f"{where}: a lone surrogate (U+{ord(char):04X}) at character {at} is not "
+                               "valid Unicode text; send text as UTF-8", param=re.split(r"[.\[ ]", where)[0])
 
     def refuse_unsupported(self) -> None:
         extra = self.model_extra or {}
