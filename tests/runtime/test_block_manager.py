@@ -129,7 +129,10 @@ def test_lru_eviction_order():
     bm.allocate(touch)
     assert touch.block_table[0] == owners["a"]
     bm.free(touch)
-    hit = lambda first: bm.num_prefix_hit_tokens(seq([first, first + 1, 0]))
+
+    def hit(first):
+        return bm.num_prefix_hit_tokens(seq([first, first + 1, 0]))
+
     big = seq([1] * 8)  # four blocks: the three free ones, then evict the oldest (b)
     bm.allocate(big)
     assert owners["b"] in big.block_table

@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -301,7 +303,7 @@ def test_random_workloads(requests, pool_tokens, block_size, max_num_seqs, extra
         fire(t, mid_step=False)
         e.check()
         before = list(sched.waiting)
-        e.step(between=lambda: fire(t, mid_step=True))
+        e.step(between=functools.partial(fire, t, mid_step=True))
         # FCFS: the sequences admitted from the queue are a prefix of it
         admitted = [s.status is SequenceStatus.RUNNING for s in before if not s.is_finished]
         assert admitted == sorted(admitted, reverse=True)

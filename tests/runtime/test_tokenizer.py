@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.runtime.tokenizers import CHATML_TEMPLATE, byte_token_ids, make_tokenizer
 from trtllm.runtime.tokenizer import (

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trtllm.compile import CompiledModel
 from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
+from trtllm.compile import CompiledModel
 from trtllm.runtime.sampler import greedy_picks
 from trtllm.runtime.sequence import Sequence
 

@@ -32,7 +32,7 @@ class RequestOutput:
     error: str | None = None                  # why the request failed, if it did
     num_cached_tokens: int = 0                # prompt tokens served from the prefix cache
 
-    def snapshot(self, text_lengths: list[int] | None = None) -> "RequestOutput":
+    def snapshot(self, text_lengths: list[int] | None = None) -> RequestOutput:
         """A copy the engine will not change further (texts cut to `text_lengths`).
 
         Runs for every streaming request every step, so it copies only what the engine

@@ -19,8 +19,7 @@ import triton.language as tl
 from trtllm.kernels.paged_attention.cluster import cluster_arrive, cluster_launchable, launch_cluster
 from trtllm.kernels.paged_attention.decode_merge import cluster_merge, store_out, ticket_merge
 from trtllm.kernels.paged_attention.launch_shape import DecodeLaunch
-from trtllm.kernels.paged_attention.tiles import attend as _attend, load_tile as _load_tile, \
-    write_token as _write_token
+from trtllm.kernels.paged_attention.tiles import attend as _attend, load_tile as _load_tile, write_token as _write_token
 from trtllm.kernels.paged_attention.trace import TRACE_SLOTS, stamp, trace_row
 
 # Cache offsets (elements of one layer's cache) are int32 up to here, int64 past it: the

@@ -12,8 +12,13 @@ kv head) merge in the same launch, one of two ways:
 import triton
 import triton.language as tl
 
-from trtllm.kernels.paged_attention.cluster import cluster_arrive, cluster_wait, scratch_addr, shared_load, \
-    store_to_rank0
+from trtllm.kernels.paged_attention.cluster import (
+    cluster_arrive,
+    cluster_wait,
+    scratch_addr,
+    shared_load,
+    store_to_rank0,
+)
 from trtllm.kernels.paged_attention.trace import stamp
 
 

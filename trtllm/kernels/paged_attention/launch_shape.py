@@ -62,7 +62,7 @@ SPLIT_MIN_LEN = 64
 MAX_SPLITS = 64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
