@@ -74,7 +74,8 @@ class AttentionMetadata:
     `fill` runs every step, so it does per-step work only: a block-table row is written
     in full when its row gets a new list, and otherwise only the entries its list grew
     by since the last fill (a decode step adds at most one block per sequence; at batch
-    64 rewriting every row took ~1.7 ms of host time a step on the dev CPU). That makes
+    64 rewriting every row would cost ~1.7 ms of host time a step on the dev CPU:
+    bench/probes/host_step.py). That makes
     one promise of its callers: a block-table list passed again is the same blocks,
     perhaps more of them at the end; a table that changes otherwise is a new list.
     (The BlockManager only ever grows a table in place, or replaces it.)

@@ -225,7 +225,9 @@ class BlockManager:
         blocks, also check that ref counts equal block-table occurrences."""
         # The engine runs this each time it goes idle, over every block of the pool (~12K
         # for an 8B model on an H100): the checks go through C loops (min, count, map,
-        # set operations), not per-block Python: 3.7 -> 1.9 ms at 11,810 blocks (dev CPU).
+        # set operations), not per-block Python: 1.9 ms at 11,810 blocks on the dev CPU
+        # (python -m timeit -s "from trtllm.runtime.block_manager import BlockManager;
+        # bm = BlockManager(11810, 16)" "bm.check_invariants()").
         n, ref, hashes = self.num_blocks, self._ref, self._hash
         assert min(ref) >= 0, f"negative ref counts: {[b for b in range(n) if ref[b] < 0]}"
         free, cached = set(self._free), set(self._cached)
