@@ -306,7 +306,6 @@ class LlamaForCausalLM(nn.Module):
     """
 
     config_class = LlamaConfig
-    hf_architectures = HF_ARCHITECTURES
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
