@@ -26,6 +26,7 @@ triton.testing.do_bench (median; do_bench flushes L2 before every call):
 
 Prints markdown tables last; with $OUT set, also writes $OUT/bench_attention.{md,json}.
 """
+import functools
 import math
 import os
 import sys
@@ -170,7 +171,9 @@ def dense_kv(args):
 def sdpa_fn(q, k, v, causal):
     """SDPA with GQA: enable_gqa where the backend takes it, else kv heads repeated once
     here (outside the timed call; that peer then reads Hq/Hkv times the bytes)."""
-    gqa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    def gqa():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
     try:
         gqa()
         return gqa, "enable_gqa"
@@ -186,7 +189,9 @@ def bench_decode(batch, ctx, failures):
     if not err < REL_TOL:
         failures.append(f"decode b{batch} ctx{ctx}: rel err {err:.2e}")
     nbytes = batch * ctx * HKV * D * 2 * args[0].element_size()
-    op = lambda: pa.paged_attention(*args)
+    def op():
+        return pa.paged_attention(*args)
+
     t_eager = ms(op)
     replay = graphed(op)
     t_graph = ms(replay)
@@ -271,8 +276,7 @@ def sweep():
             for splits in sorted({max(1, base // 2), base, base * 2}):
                 try:
                     launch = pa.DecodeLaunch(splits, launch_shape.merges_in_cluster(splits, DEV), *cfg)
-                    fn = lambda: pa.launch_paged_attention(*args, launch)
-                    t = ms(graphed(fn))
+                    t = ms(graphed(functools.partial(pa.launch_paged_attention, *args, launch)))
                 except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
                     print(f"  sweep decode {cfg} x{splits}: {type(e).__name__}", file=sys.stderr)
                     continue
@@ -283,7 +287,7 @@ def sweep():
     for cfg in ((128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (128, 128, 8, 2),
                 (64, 64, 4, 3), (256, 64, 8, 2)):
         try:
-            t = ms(lambda: pa.launch_paged_attention(*args, pa.PrefillLaunch(*cfg)))
+            t = ms(functools.partial(pa.launch_paged_attention, *args, pa.PrefillLaunch(*cfg)))
         except Exception as e:  # noqa: BLE001
             print(f"  sweep prefill {cfg}: {type(e).__name__}", file=sys.stderr)
             continue
@@ -292,11 +296,11 @@ def sweep():
     # 3584 cached: the block-table path of the prefill kernel).
     for page in (16, 32, 64, 128):
         args = make_inputs([(2047, 1)] * 8, seed=13, page=page)
-        t = ms(graphed(lambda: pa.paged_attention(*args)))
+        t = ms(graphed(functools.partial(pa.paged_attention, *args)))
         rows.append(dict(kind="page", shape="decode b8 ctx2048", page=page,
                          figure=f"{8 * 2048 * HKV * D * 4 / t / 1e6:.0f} GB/s"))
         args = make_inputs([(3584, 512)], seed=17, page=page)
-        t = ms(lambda: pa.paged_attention(*args))
+        t = ms(functools.partial(pa.paged_attention, *args))
         flops = 4 * HQ * D * (512 * 3584 + 512 * 513 / 2)
         rows.append(dict(kind="page", shape="chunk 512 on 3584", page=page,
                          figure=f"{flops / t / 1e9:.0f} TFLOP/s"))

@@ -44,11 +44,11 @@ NAME = "llama3-8b-random"
 def build_model(args):
     """The random-weight model and the engine configs; (module, options, vocab size)."""
     import torch
+    import transformers
 
     from bench.bench_e2e import LLAMA3_8B, SMOKE
     from trtllm.config import BuildConfig, KvCacheConfig
     from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
-    import transformers
 
     shape = SMOKE if args.smoke else LLAMA3_8B
     device = torch.device(args.device)
@@ -126,8 +126,8 @@ def role_server(args) -> None:
     --engine-in-thread on a thread of the server process (the way before 2026-11-25)."""
     import functools
 
-    from trtllm.serve.app import build_app, run_server
     from bench.bench_e2e import LLAMA3_8B, SMOKE
+    from trtllm.serve.app import build_app, run_server
     vocab = (SMOKE if args.smoke else LLAMA3_8B)["vocab_size"]
     if args.engine_in_thread:
         from trtllm.runtime.llm import LLM
@@ -285,8 +285,8 @@ def main():
                "switch_interval": args.switch_interval,
                "engine": "thread of the server process" if args.engine_in_thread else "own process"}
     try:
-        import uvloop  # noqa: F401
         import httptools  # noqa: F401
+        import uvloop  # noqa: F401
         results["uvicorn_stack"] = "uvloop + httptools"
     except ImportError:
         results["uvicorn_stack"] = "asyncio + h11 (install uvloop and httptools for the fast path)"

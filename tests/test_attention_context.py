@@ -6,8 +6,14 @@ import random
 import numpy as np
 import torch
 
-from trtllm.attention_context import (AttentionMetadata, PagedKVCache, active_context, attention_context,
-                                      in_attention_context, whole_sequences_context)
+from trtllm.attention_context import (
+    AttentionMetadata,
+    PagedKVCache,
+    active_context,
+    attention_context,
+    in_attention_context,
+    whole_sequences_context,
+)
 
 BS = 4
 
@@ -32,7 +38,10 @@ def check(meta, query_lens, seq_lens, tables):
 def test_fill_follows_tables_that_grow_move_and_are_replaced():
     rng = random.Random(0)
     meta = AttentionMetadata(64, 6, 16, "cpu")
-    block = lambda: rng.randrange(1000)
+
+    def block():
+        return rng.randrange(1000)
+
     seqs = []  # [block table, tokens in it]; the table grows in place, as the BlockManager's
     for _ in range(500):
         if len(seqs) < 6 and rng.random() < 0.3:  # admitted: a new list

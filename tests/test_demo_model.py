@@ -17,8 +17,7 @@ from safetensors import safe_open
 
 import trtllm
 import trtllm.demo
-from trtllm.demo import (DEMO_MODEL_DIR, HELDOUT_SAMPLE, demo_model_path, greedy_generate, pack, perplexity,
-                         read_entries)
+from trtllm.demo import DEMO_MODEL_DIR, HELDOUT_SAMPLE, demo_model_path, greedy_generate, pack, perplexity, read_entries
 from trtllm.models.llama import LlamaForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -4,8 +4,6 @@ import sys
 
 import pytest
 
-import trtllm
-
 
 @pytest.mark.parametrize("code", ["import trtllm", "import trtllm.cli.serve as s; s.parse_args(['--help'])",
                                   "import trtllm.cli.run as r; r.parse_args(['--help'])"])
@@ -16,7 +14,7 @@ def test_no_torch_import_for_the_package_or_help(code):
 
 
 def test_public_names_and_compile_is_the_function():
-    import trtllm.runtime.llm  # noqa: F401  (imports the submodule trtllm.compile)
+    import trtllm.runtime.llm  # binds trtllm; imports the submodule trtllm.compile too
 
     assert callable(trtllm.compile) and trtllm.compile.__name__ == "compile"
     for name in trtllm.__all__:

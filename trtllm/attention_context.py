@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ class PagedKVCache:
 
     @staticmethod
     def allocate(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device) -> "PagedKVCache":
+                 head_dim: int, dtype: torch.dtype, device) -> PagedKVCache:
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         return PagedKVCache(torch.zeros(shape, dtype=dtype, device=device),
                             torch.zeros(shape, dtype=dtype, device=device))
@@ -74,7 +74,8 @@ class AttentionMetadata:
     `fill` runs every step, so it does per-step work only: a block-table row is written
     in full when its row gets a new list, and otherwise only the entries its list grew
     by since the last fill (a decode step adds at most one block per sequence; at batch
-    64 rewriting every row took ~1.7 ms of host time a step on the dev CPU). That makes
+    64 rewriting every row would cost ~1.7 ms of host time a step on the dev CPU:
+    bench/probes/host_step.py). That makes
     one promise of its callers: a block-table list passed again is the same blocks,
     perhaps more of them at the end; a table that changes otherwise is a new list.
     (The BlockManager only ever grows a table in place, or replaces it.)
@@ -224,7 +225,10 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, sc
     ctx = active_context()
     meta = ctx.metadata
     b, hq, s, d = q.shape
-    flat = lambda t: t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[3])  # [T, H, D]
+
+    def flat(t: torch.Tensor) -> torch.Tensor:  # [B, H, S, D] -> [T, H, D]
+        return t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[3])
+
     out = paged_attention(
         flat(q), flat(k), flat(v), ctx.cache.k, ctx.cache.v, layer,
         meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc,

@@ -15,8 +15,8 @@ import collections
 import contextlib
 import copy
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.fx as fx

@@ -32,7 +32,7 @@ class ConfigError(ValueError):
         super().__init__("\n".join(lines))
 
     @classmethod
-    def from_validation(cls, config: str, error: ValidationError) -> "ConfigError":
+    def from_validation(cls, config: str, error: ValidationError) -> ConfigError:
         problems = []
         for e in error.errors(include_url=False):
             field = ".".join(str(p) for p in e.get("loc", ())) or None

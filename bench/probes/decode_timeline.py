@@ -26,12 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.bench_attention import D, HKV, REL_TOL, graphed, graphed_layers, make_inputs, ms_read_flush, \
-    rel_error
+from bench.bench_attention import HKV, REL_TOL, D, graphed, graphed_layers, make_inputs, ms_read_flush, rel_error
 from bench.report import report
 from trtllm.kernels import paged_attention as pa
-from trtllm.kernels.paged_attention import launch_shape
-from trtllm.kernels.paged_attention import trace as pa_trace
+from trtllm.kernels.paged_attention import launch_shape, trace as pa_trace
 
 SHAPES = [(8, 2048), (8, 512), (1, 512), (1, 2048), (1, 8192), (8, 8192), (64, 2048)]
 B8_CONFIGS = [(2, None), (3, None), (4, None), (2, (64, 4, 5)), (4, (64, 4, 5)), (2, (64, 8, 4)),

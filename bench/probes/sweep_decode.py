@@ -8,11 +8,12 @@ num_warps, num_stages) x splits, with random page tables and with contiguous one
 `paged_attention_ref` first. GB/s counts the K+V cache bytes read, as bench_attention.py.
 Table last; $OUT/sweep_decode.{md,json}.
 """
+import functools
 import sys
 
 import torch
 
-from bench.bench_attention import BS, D, HKV, REL_TOL, graphed, make_inputs, ms, rel_error
+from bench.bench_attention import BS, HKV, REL_TOL, D, graphed, make_inputs, ms, rel_error
 from bench.report import report
 from trtllm.kernels import paged_attention as pa
 from trtllm.kernels.paged_attention import launch_shape
@@ -46,7 +47,7 @@ def run_case(batch, ctx, configs, splits_list, tables=("random",)):
                 launch = pa.DecodeLaunch(splits, launch_shape.merges_in_cluster(splits, args[0].device), *cfg)
                 try:
                     e = rel_error(args, launch)
-                    t = ms(graphed(lambda: pa.launch_paged_attention(*args, launch)))
+                    t = ms(graphed(functools.partial(pa.launch_paged_attention, *args, launch)))
                 except Exception as ex:  # noqa: BLE001 - e.g. out of shared memory
                     print(f"  b{batch} ctx{ctx} {cfg} x{splits}: {type(ex).__name__}: {str(ex)[:80]}",
                           file=sys.stderr)
@@ -74,7 +75,7 @@ def main():
     by_shape = {}
     for r in rows:
         by_shape.setdefault((r["batch"], r["ctx"], r["table"]), []).append(r)
-    for key, rs in by_shape.items():
+    for rs in by_shape.values():
         rs = sorted(rs, key=lambda r: r["us"])
         shown = rs[:5] + [r for r in rs[5:] if r["is_default"]]
         for r in shown:

@@ -8,8 +8,15 @@ import torch.nn.functional as F
 
 import trtllm.kernels.paged_attention.decode as pa_decode
 import trtllm.kernels.paged_attention.launch_shape as launch_shape
-from trtllm.kernels.paged_attention import DecodeLaunch, PrefillLaunch, choose_launch, decode_launch, \
-    launch_paged_attention, paged_attention, paged_attention_ref
+from trtllm.kernels.paged_attention import (
+    DecodeLaunch,
+    PrefillLaunch,
+    choose_launch,
+    decode_launch,
+    launch_paged_attention,
+    paged_attention,
+    paged_attention_ref,
+)
 
 # (atol, rtol) of kernel vs reference. fp16: P is rounded to fp16 before P @ V, as in
 # every flash kernel, and the output once more. bf16: the same on the GPU; here the

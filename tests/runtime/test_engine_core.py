@@ -80,7 +80,7 @@ def test_bad_request_abort_and_duplicate_end_alone(client):
         dup_a = client.generate_async("hello", long, streaming=True, request_id="same")
         dup_b = client.generate_async("hello", long, request_id="same")
         aborted = client.generate_async("hello", long, streaming=True)
-        async for out in aborted:
+        async for _ in aborted:
             client.abort(aborted.request_id)
         # ignore_eos: the tiny random model's greedy "hello" can end in EOS at step 3 when
         # it shares steps with dup_a (batch-dependent rounding; seen once in CI)

@@ -179,6 +179,7 @@ def test_seed_reproducible_and_n_completions(llama_llm):
 
 def test_nan_logits_fail_that_request_alone(tmp_path):
     import torch.nn as nn
+
     from trtllm.models.loader import load_model
 
     model = load_model(write_checkpoint("llama31", tmp_path, vocab_size=512), dtype=torch.float32, device="cpu")
@@ -261,6 +262,7 @@ def test_vocabulary_size_from_one_forward_when_nothing_names_it(tmp_path):
     import types
 
     import torch.nn as nn
+
     from trtllm.models.loader import load_model
 
     model = load_model(write_checkpoint("llama31", tmp_path, vocab_size=512), dtype=torch.float32, device="cpu")

@@ -5,10 +5,9 @@ picks read back, and logits handed to the sampler are checked without a GPU."""
 import pytest
 import torch
 
-from tests.models.checkpoints import write_checkpoint
+from trtllm.attention_context import attention_context
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.models.loader import load_model
-from trtllm.attention_context import attention_context
 from trtllm.runtime.llm import LLM
 from trtllm.runtime.model_runner import cuda_graph_batch_sizes
 from trtllm.runtime.sampler import greedy_picks
@@ -35,11 +34,6 @@ class EagerGraph:
         self.logits.copy_(logits)
         self.greedy.copy_(greedy_picks(logits))
         self.replays += 1
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_checkpoint("llama31", tmp_path_factory.mktemp("llama"), vocab_size=512)
 
 
 def make_llm(path, graphs: bool, kv_tokens: int = 1024, overlap: bool = True, **build) -> LLM:

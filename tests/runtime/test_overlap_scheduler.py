@@ -5,7 +5,7 @@ plain engine whatever ends a sequence (max_tokens, a stop token mid-run, max_seq
 abort, preemption), and no block may leak."""
 import pytest
 
-from tests.runtime.test_model_runner import PROMPTS, checkpoint, make_llm  # noqa: F401 (fixture)
+from tests.runtime.test_model_runner import PROMPTS, make_llm
 from trtllm.sampling_params import SamplingParams
 
 
@@ -72,7 +72,7 @@ def test_abort_with_a_step_in_flight_frees_everything(checkpoint):
         launched = count_ahead(llm)
         params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
         stream = llm._submit(PROMPTS[0], params, streaming=True)
-        for i, partial in enumerate(stream):
+        for i, partial in enumerate(stream):  # noqa: B007 (the last one is checked below)
             if i == 5:
                 llm.abort(stream.request_id)  # a step launched ahead is in flight by now
         assert partial.outputs[0].finish_reason == "abort" and len(partial.outputs[0].token_ids) < 40

@@ -3,9 +3,17 @@ import math
 import pytest
 import torch
 
-from trtllm.runtime.sampler import (Sampler, SamplingBatch, apply_min_p, apply_min_tokens,
-                                    apply_penalties, apply_top_k_top_p, draw_seed,
-                                    gumbel_noise, process_logits)
+from trtllm.runtime.sampler import (
+    Sampler,
+    SamplingBatch,
+    apply_min_p,
+    apply_min_tokens,
+    apply_penalties,
+    apply_top_k_top_p,
+    draw_seed,
+    gumbel_noise,
+    process_logits,
+)
 from trtllm.runtime.sequence import Sequence
 from trtllm.sampling_params import SamplingParams
 

@@ -1,8 +1,10 @@
+import functools
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from trtllm.runtime.block_manager import BlockManager
-from trtllm.runtime.scheduler import Scheduler, samples
+from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.sequence import Sequence, SequenceStatus
 from trtllm.sampling_params import SamplingParams
 
@@ -65,7 +67,7 @@ class FakeEngine:
                 self.kv[self.slot(s, p)] = (p, s.token_ids[p])
             context = [self.kv.get(self.slot(s, p)) for p in range(c + n)]
             assert context == [(p, t) for p, t in enumerate(s.token_ids[:c + n])]
-            if samples(s, n):
+            if c + n == s.num_tokens:  # the chunk reaches its last token: the step samples
                 sampled[s] = next_token([t for _, t in context])
         between()  # where the engine may abort or fail sequences mid-step
         for s in sched.update(scheduled, sampled):
@@ -301,7 +303,7 @@ def test_random_workloads(requests, pool_tokens, block_size, max_num_seqs, extra
         fire(t, mid_step=False)
         e.check()
         before = list(sched.waiting)
-        e.step(between=lambda: fire(t, mid_step=True))
+        e.step(between=functools.partial(fire, t, mid_step=True))
         # FCFS: the sequences admitted from the queue are a prefix of it
         admitted = [s.status is SequenceStatus.RUNNING for s in before if not s.is_finished]
         assert admitted == sorted(admitted, reverse=True)

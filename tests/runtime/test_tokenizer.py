@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.runtime.tokenizers import CHATML_TEMPLATE, byte_token_ids, make_tokenizer
 from trtllm.runtime.tokenizer import (
     IncrementalDetokenizer,
     apply_chat_template,
-    find_stop,
     find_stop_span,
     load_tokenizer,
     safe_prefix_len,
@@ -178,6 +176,12 @@ def test_property_metaspace_deltas_extend_the_prompt(ms, data):
 
 
 # ---------------------------------------------------------------- stop strings
+
+def find_stop(text: str, stop: list[str], start: int) -> int | None:
+    """Where the earliest stop string begins, as the engine reads find_stop_span."""
+    span = find_stop_span(text, stop, start)
+    return None if span is None else span[0]
+
 
 def test_find_stop_earliest_and_only_new_region():
     text = "abc STOP def END"

@@ -48,7 +48,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1",
                    TOKENIZERS_PARALLELISM="false")
         args = [sys.executable, "-m", "trtllm.cli.serve", str(self.model_dir), "--port", str(self.port),
@@ -107,7 +107,7 @@ class Server:
             self.proc.kill()
             self.proc.wait(10)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -31,7 +31,7 @@ bench/bench_linear.py tunes both.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The largest row count (tokens) the GEMV handles; above it the op calls F.linear. Set
 # from bench/bench_linear.py: the largest M whose whole-step GEMM time beats cuBLAS.
-# Rows up to which the GEMV runs: a step's GEMMs at M = 16 were 5.78 (cuBLAS) vs 5.44 ms.
+# Rows up to which the GEMV runs: a step's GEMMs at M = 16 take 5.44 ms against cuBLAS's 5.78.
 GEMV_MAX_M = 16
 _MAX_BLOCK_M = 64  # the kernel's limit on rows (BLOCK_M); GEMV_MAX_M must not exceed it
 
@@ -61,8 +61,8 @@ class GemvConfig(NamedTuple):
 # Measured on H100 (bench/bench_linear.py, 2026-11-25): per (N, K, M rounded up to a power
 # of 2) the fastest of ~10 configs, each streaming its own weight in a CUDA graph, against
 # cuBLAS's time on the same shape (every decode shape of Llama-3-8B is faster here: at
-# M = 1 a step's GEMMs 5.68 -> 5.10 ms). Shapes not listed use _default_config.
-_TUNED: dict[tuple[int, int, int], Optional[GemvConfig]] = {
+# M = 1 a step's GEMMs take 5.10 ms against cuBLAS's 5.68). Shapes not listed use _default_config.
+_TUNED: dict[tuple[int, int, int], GemvConfig | None] = {
     (6144, 4096, 1): GemvConfig(dot=False, block_n=4, block_k=1024, num_warps=4, num_stages=1),  # qkv: 18.2 us vs cuBLAS 20.3 us
     (6144, 4096, 2): GemvConfig(dot=True, block_n=64, block_k=128, num_warps=4, num_stages=4),  # qkv: 19.7 us vs cuBLAS 20.7 us
     (6144, 4096, 4): GemvConfig(dot=True, block_n=64, block_k=128, num_warps=4, num_stages=4),  # qkv: 19.7 us vs cuBLAS 20.7 us
@@ -100,7 +100,7 @@ def _default_config(m: int, n: int, k: int) -> GemvConfig:
     return GemvConfig(dot=True, block_n=16, block_k=256, num_warps=4, num_stages=4)
 
 
-def gemv_config(m: int, n: int, k: int) -> Optional[GemvConfig]:
+def gemv_config(m: int, n: int, k: int) -> GemvConfig | None:
     """The config the op uses for [m, k] x [n, k]^T; None means F.linear."""
     key = (n, k, triton.next_power_of_2(m))
     if key in _TUNED:
@@ -108,7 +108,7 @@ def gemv_config(m: int, n: int, k: int) -> Optional[GemvConfig]:
     return _default_config(m, n, k)
 
 
-def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     b = bias.float() if bias is not None else None
     return F.linear(x.float(), weight.float(), b).to(x.dtype).contiguous()
 
@@ -195,7 +195,7 @@ def _block_m(m: int, dot: bool) -> int:
     return max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
 
 
-def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
          out: torch.Tensor, config: GemvConfig) -> torch.Tensor:
     """Launch the GEMV on rows x2 [M, K] (last dim contiguous) into out [M, N] (contiguous)."""
     m, k = x2.shape
@@ -219,7 +219,7 @@ def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return out
 
 
-def unsupported(x_dtype: torch.dtype, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[str]:
+def unsupported(x_dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
     """Why `linear(x, weight, bias)` cannot take this op (it asserts the same), or None.
     For callers that choose between it and F.linear: the graph pass, the LM head."""
     if weight.dim() != 2 or not weight.is_contiguous():
@@ -232,7 +232,7 @@ def unsupported(x_dtype: torch.dtype, weight: torch.Tensor, bias: Optional[torch
     return None
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     assert x.dtype in _FLOAT_DTYPES, f"x: unsupported dtype {x.dtype}"
     assert weight.dim() == 2 and weight.shape[1] == x.shape[-1], \
         f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}"
@@ -241,7 +241,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
     assert reason is None, reason
 
 
-def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     _check(x, weight, bias)
     n, k = weight.shape
     m = x.numel() // k if k else 0
@@ -261,7 +261,7 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return out
 
 
-def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

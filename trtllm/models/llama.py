@@ -69,7 +69,7 @@ class LlamaConfig:
                              f"of num_key_value_heads={self.num_key_value_heads}")
 
     @classmethod
-    def from_hf(cls, hf_config: Any) -> "LlamaConfig":
+    def from_hf(cls, hf_config: Any) -> LlamaConfig:
         """From a transformers PretrainedConfig or a config.json dict (transformers 4 or 5 layout)."""
         d = dict(hf_config) if isinstance(hf_config, dict) else hf_config.to_dict()
         model_type = d.get("model_type") or _model_type_from_architectures(d.get("architectures"))
@@ -306,7 +306,6 @@ class LlamaForCausalLM(nn.Module):
     """
 
     config_class = LlamaConfig
-    hf_architectures = HF_ARCHITECTURES
 
     def __init__(self, config: LlamaConfig):
         super().__init__()

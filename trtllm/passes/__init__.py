@@ -3,10 +3,10 @@
 PASSES rewrite every compiled call. DECODE_GRAPH_PASSES run after them, only in the
 compilation `CompiledModel` keeps for decode CUDA graphs of at most
 DECODE_GRAPH_MAX_TOKENS tokens (its "decode graphs" variant, trtllm/compile.py).
-Measured on the H100 (bench/probes/gemv_ab.py): use_gemv_linear made the batch-1 decode graph
-6.31 -> 5.70 ms, but the batch-64 and -256 graphs 6.65 -> 7.12 and 8.02 -> 8.66 ms as a
-pass over every call (the linears it does not turn into a GEMV go through the custom op
-to F.linear, slower than Inductor's own mm there)."""
+use_gemv_linear is a decode-graph pass: over every call, the linears it does not turn
+into a GEMV go through the custom op to F.linear, slower than Inductor's own mm, and the
+batch-64 decode graph took 7.12 ms against 6.65 without the pass on the H100
+(bench/probes/gemv_ab.py; the table in docs/decisions/linear_gemv.md)."""
 from trtllm.kernels.linear import GEMV_MAX_M
 from trtllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears

@@ -6,8 +6,8 @@ knowing which pass handed it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.fx as fx

@@ -110,18 +110,9 @@ class BlockManager:
         self.prefix_queried_tokens += seq.num_tokens
         self.prefix_hit_tokens += seq.num_cached_tokens
 
-    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self._blocks_short(seq, num_new_tokens) <= len(self._free) + len(self._cached)
-
-    def append(self, seq: Sequence, num_new_tokens: int) -> None:
-        """Make room for `num_new_tokens` tokens after the computed ones (a decode token,
-        or a prefill chunk)."""
-        if not self.try_append(seq, num_new_tokens):
-            raise RuntimeError(f"not enough KV blocks to append to sequence {seq.seq_id}; "
-                               "ask can_append first")
-
     def try_append(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """`append` if the pool can make the room (True), else change nothing (False)."""
+        """Make room for `num_new_tokens` tokens after the computed ones (a decode token, or
+        a prefill chunk) if the pool can (True); else change nothing (False)."""
         if seq.num_computed_tokens + num_new_tokens <= len(seq.block_table) * self.block_size:
             return True  # its last block has room: block_size - 1 decode steps in block_size
         short = self._blocks_short(seq, num_new_tokens)
@@ -225,7 +216,9 @@ class BlockManager:
         blocks, also check that ref counts equal block-table occurrences."""
         # The engine runs this each time it goes idle, over every block of the pool (~12K
         # for an 8B model on an H100): the checks go through C loops (min, count, map,
-        # set operations), not per-block Python: 3.7 -> 1.9 ms at 11,810 blocks (dev CPU).
+        # set operations), not per-block Python: 1.9 ms at 11,810 blocks on the dev CPU
+        # (python -m timeit -s "from trtllm.runtime.block_manager import BlockManager;
+        # bm = BlockManager(11810, 16)" "bm.check_invariants()").
         n, ref, hashes = self.num_blocks, self._ref, self._hash
         assert min(ref) >= 0, f"negative ref counts: {[b for b in range(n) if ref[b] < 0]}"
         free, cached = set(self._free), set(self._cached)

@@ -149,7 +149,7 @@ class EngineCoreClient:
         self._reader.join(5)
         self._close("the engine shut down")
 
-    def __enter__(self) -> "EngineCoreClient":
+    def __enter__(self) -> EngineCoreClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from trtllm.runtime.engine import Engine
 from trtllm.runtime.outputs import RequestOutput, failed_output

@@ -17,7 +17,7 @@ class EngineStats:
     prefix_hit_rate: float = 0.0  # prompt tokens found cached / looked up
 
     @classmethod
-    def of(cls, engine) -> "EngineStats":
+    def of(cls, engine) -> EngineStats:
         sched, bm = engine.scheduler, engine.block_manager
         return cls(sched.num_running, sched.num_waiting, sched.num_preemptions, bm.num_used_blocks,
                    bm.num_free_blocks, bm.num_cached_blocks, bm.num_blocks, bm.prefix_hit_rate)

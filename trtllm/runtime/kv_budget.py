@@ -6,9 +6,9 @@ import math
 
 import torch
 
+from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
 from trtllm.compile import CompiledModel
 from trtllm.config import KvCacheConfig
-from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
 
 # Without a GPU to measure, a pool of this many tokens (CPU runs are tests and demos).
 CPU_DEFAULT_TOKENS = 65536

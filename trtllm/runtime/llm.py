@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import Sequence as Seq
 
 import torch
 import torch.nn as nn
@@ -214,7 +214,7 @@ class LLM:
         self._shut_down = True
         self._loop.shutdown()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -230,7 +230,7 @@ class StreamingOutputs:
         self._stream, self._loop = stream, loop
         self._outputs = iter(stream)
 
-    def __iter__(self) -> "StreamingOutputs":
+    def __iter__(self) -> StreamingOutputs:
         return self
 
     def __next__(self):
@@ -241,7 +241,7 @@ class StreamingOutputs:
         if last is None or not last.finished:
             self._loop.abort(self._stream.request_id)
 
-    def __enter__(self) -> "StreamingOutputs":
+    def __enter__(self) -> StreamingOutputs:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trtllm.compile import CompiledModel
 from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
+from trtllm.compile import CompiledModel
 from trtllm.runtime.sampler import greedy_picks
 from trtllm.runtime.sequence import Sequence
 
@@ -161,7 +161,8 @@ class ModelRunner:
         """A decode step by the graph captured for `size`; its first len(to_sample) rows
         are the ones to sample. With `gather_ids`, the input ids are gather_ids[rows]
         (on the device); else `ids`. The tensor views it needs are made once per (size,
-        rows, turn), not every step: a slice costs ~4 us of host time, and a step took four."""
+        rows, turn), not every step: a slice costs ~4 us of host time, and a step would take
+        four (bench/probes/host_step.py --profile)."""
         num_rows, turn = len(to_sample), self._turn
         views = self._replay_views.get((size, num_rows, turn))
         if views is None:

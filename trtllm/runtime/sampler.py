@@ -269,10 +269,10 @@ def greedy_picks(logits: Tensor) -> Tensor:
     logit). Its own kernels, so a decode CUDA graph can end with them.
 
     A row is one long reduction, and a batch-1 row of Llama-3's 128,256 logits is one
-    thread block's work: `argmax` plus `isfinite().all()` took 50 us of a 6.1 ms step on
-    the H100 (bench/probes/decode_kernels.py). So: the maximum of each chunk of ~500 (many
-    blocks), then the maximum of the chunk maxima. `max` carries a NaN through, so the
-    row maximum is finite exactly when the row is sound."""
+    thread block's work: `argmax` plus `isfinite().all()` take 50 us of a batch-1 step on
+    the H100, these picks 7.7 (bench/probes/decode_kernels.py). So: the maximum of each
+    chunk of ~500 (many blocks), then the maximum of the chunk maxima. `max` carries a NaN
+    through, so the row maximum is finite exactly when the row is sound."""
     b, v = logits.shape
     n = _chunk_len(v)
     values, index = logits.view(b, v // n, n).max(-1)      # [B, C]

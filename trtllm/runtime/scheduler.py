@@ -17,14 +17,14 @@ With chunked prefill off, a sequence's tokens are computed in one step or not at
 A sequence's uncomputed tokens are `token_ids[num_computed_tokens:]`; a step computes
 the next n of them, at positions num_computed_tokens .. num_computed_tokens + n - 1, and
 its context is num_computed_tokens + n tokens in `block_table`. A step samples for a
-sequence when its chunk reaches its last token (`samples(seq, n)`).
+sequence when its chunk reaches its last token (num_computed_tokens + n == num_tokens).
 
 The engine's loop, and who does what:
 
     scheduled = scheduler.schedule()
     for seq in scheduler.pop_finished(): ...      # finished here ("length": pool too small)
     logits = run the model on `scheduled`
-    sampled = {seq: token for seq, n in scheduled if samples(seq, n)}
+    sampled = {seq: token for seq, n in scheduled if the chunk reaches seq's last token}
     # a sequence whose logits are bad: scheduler.finish(seq, "error") *before* update,
     # so its blocks are never published
     for seq in scheduler.update(scheduled, sampled):   # the ones that got a token
@@ -48,11 +48,6 @@ from collections import deque
 
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.sequence import Sequence, SequenceStatus
-
-
-def samples(seq: Sequence, num_new_tokens: int) -> bool:
-    """Whether a step computing `num_new_tokens` of `seq` samples its next token."""
-    return seq.num_computed_tokens + num_new_tokens == seq.num_tokens
 
 
 class Scheduler:
@@ -215,14 +210,14 @@ class Scheduler:
 
     def update(self, scheduled: list[tuple[Sequence, int]], sampled: dict[Sequence, int]) -> list[Sequence]:
         """Record a step the model ran. `sampled` holds the next token of every scheduled
-        sequence for which `samples(seq, n)` was true at schedule time. Returns the
+        sequence whose chunk reached its last token at schedule time. Returns the
         sequences that got a token, for the engine's stop checks."""
         got_token = []
         publish = self.block_manager.publish
         for seq, n in scheduled:
             if seq.status is not SequenceStatus.RUNNING:  # finished or aborted meanwhile
                 continue
-            if seq.num_computed_tokens + n == seq.num_tokens:  # samples(seq, n), inlined
+            if seq.num_computed_tokens + n == seq.num_tokens:  # the chunk reached its last token
                 token = sampled.get(seq)
                 if token is None:
                     raise KeyError(f"no sampled token for sequence {seq.seq_id} "

@@ -5,8 +5,7 @@
         .append(token_id) -> str    newly stable text
         .flush() -> str             whatever is still held back (call when the sequence ends)
         .text                       all text emitted so far
-    find_stop(text, stop, start) -> int | None        where the earliest stop string begins
-    find_stop_span(text, stop, start) -> (begin, end) | None
+    find_stop_span(text, stop, start) -> (begin, end) | None   the earliest stop string
     safe_prefix_len(text, stop) -> int                how much of text may be streamed
     apply_chat_template(tokenizer, messages, add_generation_prompt=True) -> str
 
@@ -14,8 +13,8 @@ Streaming a request, per new token (`det` its detokenizer, `stop` its stop strin
 
     start = len(det.text)
     det.append(token_id)
-    pos = find_stop(det.text, stop, start)
-    if pos is not None: finish; the output text is det.text[:pos]
+    span = find_stop_span(det.text, stop, start)
+    if span is not None: finish; the output text is det.text[:span[0]]
     else: stream det.text[emitted:safe_prefix_len(det.text, stop)]
 
 so a client never sees text that a later token turns into (the start of) a stop string.
@@ -185,12 +184,6 @@ def find_stop_span(text: str, stop: list[str], start: int) -> tuple[int, int] | 
         if i >= 0 and (best is None or (i, i + len(s)) < best):
             best = (i, i + len(s))
     return best
-
-
-def find_stop(text: str, stop: list[str], start: int) -> int | None:
-    """Index where the earliest stop string in `text` begins (see `find_stop_span`)."""
-    span = find_stop_span(text, stop, start)
-    return None if span is None else span[0]
 
 
 def safe_prefix_len(text: str, stop: list[str]) -> int:

@@ -27,9 +27,8 @@ from trtllm.runtime.request_stream import RequestStream
 from trtllm.runtime.tokenizer import apply_chat_template
 from trtllm.sampling_params import SamplingParams
 from trtllm.serve.metrics import ServerMetrics
+from trtllm.serve.protocol import DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, RequestError
 from trtllm.serve.render import ChoiceProgress, Job, Renderer, dumps, event, usage
-from trtllm.serve.protocol import (DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest,
-                                   RequestError)
 
 _BIG_TEXT = 16384  # characters: longer prompts are tokenized on a worker thread, off the event loop
 
@@ -55,7 +54,7 @@ class Handler:
         prompts = body.prompts()
         params = body.sampling_params(body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, body.logprobs)
         tokenized = [await self._tokenize(p, add_special_tokens=True) for p in prompts]
-        for text, ids in tokenized:
+        for _text, ids in tokenized:
             self._validate(ids, params, "prompt")
         return Job("completions", f"cmpl-{uuid.uuid4().hex}", tokenized, [params] * len(tokenized),
                    body.logprobs, body.stream, bool(body.stream_options and body.stream_options.include_usage),
@@ -137,7 +136,7 @@ class Handler:
                     self.llm.abort(s.request_id)
                 return
 
-    async def _whole(self, job: Job, run: "_Run", request: Request, headers: dict) -> Response:
+    async def _whole(self, job: Job, run: _Run, request: Request, headers: dict) -> Response:
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(self._watch(request, run.streams, gone))
         last = run.last
@@ -159,7 +158,7 @@ class Handler:
             watcher.cancel()
             run.finish()
 
-    async def _sse(self, job: Job, run: "_Run", request: Request):
+    async def _sse(self, job: Job, run: _Run, request: Request):
         streams, last, stats = run.streams, run.last, run.stats
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(self._watch(request, streams, gone))

@@ -75,8 +75,8 @@ class Renderer:
 
     def encoder(self, job: Job):
         """choice -> the SSE event of a chunk holding it; the chunk's fixed fields encoded once,
-        and a choice with only new text (the usual streamed token) written by hand: json.dumps took
-        ~19 us of each event under cProfile (bench/probes/serve_capacity.py's stand-in engine)."""
+        and a choice with only new text (the usual streamed token) written by hand: json.dumps would
+        take ~19 us of each event under cProfile (bench/probes/serve_capacity.py's stand-in engine)."""
         head = dumps({k: v for k, v in self.chunk(job, None).items() if k not in ("choices", "usage")})
         head = b"data: " + head[:-1] + b',"choices":['
         tail = b'],"usage":null}\n\n' if job.include_usage else b"]}\n\n"

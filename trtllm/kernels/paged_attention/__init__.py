@@ -12,8 +12,7 @@
     cluster.py       thread-block clusters from Triton (the decode merge's)
     trace.py         the decode kernel's phase stamps (bench/probes/decode_timeline.py)
 """
-from trtllm.kernels.paged_attention.launch_shape import DecodeLaunch, PrefillLaunch, choose_launch, \
-    decode_launch
+from trtllm.kernels.paged_attention.launch_shape import DecodeLaunch, PrefillLaunch, choose_launch, decode_launch
 from trtllm.kernels.paged_attention.op import launch_paged_attention, paged_attention, paged_attention_ref
 
 __all__ = ["DecodeLaunch", "PrefillLaunch", "choose_launch", "decode_launch", "launch_paged_attention",

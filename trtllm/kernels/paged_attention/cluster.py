@@ -27,13 +27,13 @@ _SMEM_WITHOUT_OPT_IN = 48 * 1024  # bytes a launch gets without the function att
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cluster_launchable(device: torch.device) -> bool:
     """Thread-block clusters need compute capability 9.0 (Hopper) or newer."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _allow_dynamic_smem(function: int, nbytes: int) -> None:
     """Let `function` launch with nbytes of dynamic shared memory (Triton opts a kernel in
     at load time only when its own shared memory passes 48 KB)."""

@@ -19,12 +19,12 @@ import triton.language as tl
 from trtllm.kernels.paged_attention.cluster import cluster_arrive, cluster_launchable, launch_cluster
 from trtllm.kernels.paged_attention.decode_merge import cluster_merge, store_out, ticket_merge
 from trtllm.kernels.paged_attention.launch_shape import DecodeLaunch
-from trtllm.kernels.paged_attention.tiles import attend as _attend, load_tile as _load_tile, \
-    write_token as _write_token
+from trtllm.kernels.paged_attention.tiles import attend as _attend, load_tile as _load_tile, write_token as _write_token
 from trtllm.kernels.paged_attention.trace import TRACE_SLOTS, stamp, trace_row
 
-# Cache offsets (elements of one layer's cache) are int32 up to here, int64 past it: the
-# 64-bit math cost the K/V loop 45 of its 296 SASS instructions per tile at b8 x 2048.
+# Cache offsets (elements of one layer's cache) are int32 up to here, int64 past it: 64-bit
+# offsets would add 78 SASS instructions to the K/V loop's 483 per tile at b8 x 2048
+# (tools/dump_sass.py, its decode_args with OFF64=True).
 _MAX_INT32_OFFSET = 2**31 - 1
 
 
@@ -118,8 +118,9 @@ def _decode_kernel(
                                 stride_kt, stride_kh, stride_vt, stride_vh, STRIDE_CB, STRIDE_CS, STRIDE_CH,
                                 stride_ot, stride_oh, G, HKV, HEAD_D, PAGE, BLOCK_HKV, BLOCK_HQ, BLOCK_D)
     # The step's metadata (bounds, length, block table) is read by every layer's launch:
-    # kept in L2 (evict_last) past the K/V streaming that would evict it between layers.
-    # b8 x 2048 on the H100, by turns: 29.95-30.03 -> 29.58-29.64 us per layer.
+    # kept in L2 (evict_last) past the K/V streaming that would evict it between layers:
+    # its loads take 0.26 us at b8 x 2048 on the H100 (bench/probes/decode_timeline.py's
+    # metadata phase; the A/B against plain loads in docs/decisions/decode_attention.md).
     t = tl.load(qsl_ptr + s, eviction_policy="evict_last")
     t_next = tl.load(qsl_ptr + s + 1, eviction_policy="evict_last")
     L = tl.load(seq_lens_ptr + s, eviction_policy="evict_last")  # issued with the row's bounds
@@ -138,9 +139,10 @@ def _decode_kernel(
     q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok, other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    # Split grids keep column sums through the loop, reduced once after it (b8 x 2048
-    # 30.46 -> 30.17 us per layer); a full grid does not: the [G, BLOCK_N] registers
-    # cost it programs per SM (b64 x 2048 182.9 -> 200.6 us). bench/probes/decode_timeline.py.
+    # Split grids keep column sums through the loop, reduced once after it (0.29 us per
+    # layer less at b8 x 2048 on the H100); a full grid does not: the [G, BLOCK_N] registers
+    # would cost it programs per SM (17.7 us per layer more at b64 x 2048). Measured by turns
+    # with bench/probes/decode_timeline.py; docs/decisions/decode_attention.md.
     SUM_LATE: tl.constexpr = NUM_SPLITS > 1
     if SUM_LATE:
         l_i = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
@@ -163,9 +165,10 @@ def _decode_kernel(
         j = j0 + offs_n
         j_ok = (j >= lo) & (j < kv_hi)
         # Rows past kv_hi re-read its last row (written, so finite) and are masked in the
-        # scores: the loads need no predicates. With the cache strides as constexprs this
-        # took the loop from 323 to ~290 SASS instructions per tile (b8 x 2048 on the H100);
-        # unsigned // and % (a shift and a mask) and int32 offsets, 296 -> 249: 28.3 -> 28.2 us.
+        # scores: the loads need no predicates. That, the cache strides as constexprs, and
+        # unsigned // and % (a shift and a mask) on int32 offsets keep the loop at 483 SASS
+        # instructions per tile at b8 x 2048, 2 warps (tools/dump_sass.py; what each saved:
+        # docs/decisions/decode_attention.md).
         jc = tl.minimum(j, kv_hi - 1).to(tl.uint32)
         page = tl.load(bt_row + jc // PAGE, eviction_policy="evict_last")
         if OFF64:

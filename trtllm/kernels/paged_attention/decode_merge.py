@@ -12,8 +12,13 @@ kv head) merge in the same launch, one of two ways:
 import triton
 import triton.language as tl
 
-from trtllm.kernels.paged_attention.cluster import cluster_arrive, cluster_wait, scratch_addr, shared_load, \
-    store_to_rank0
+from trtllm.kernels.paged_attention.cluster import (
+    cluster_arrive,
+    cluster_wait,
+    scratch_addr,
+    shared_load,
+    store_to_rank0,
+)
 from trtllm.kernels.paged_attention.trace import stamp
 
 
@@ -50,9 +55,10 @@ def cluster_merge(m_i, l_i, acc, rank, o_ptrs, g_ok, offs_g, offs_d, stamps,
     cache write needs no ordering) merges. The others store their partials into its
     shared memory (slot rank - 1), arrive with release and exit; rank 0 arrives relaxed,
     waits, and folds them in from its own shared memory. No global round trip, no ticket:
-    b8 x 2048 on the H100, by turns, 29.6 -> 28.3 us per layer. Rank 0 reading the others'
-    shared memory over the cluster instead (a second barrier keeping it alive): 28.7; with
-    release arrivals on both programs as well (waiting out their global stores): 29.5."""
+    1.3 us per layer less than the ticket merge at b8 x 2048 on the H100 (time
+    `DecodeLaunch(2, False, ...)` against the default in bench/bench_attention.py's
+    graphed_layers). The variants tried (rank 0 reading the others' shared memory over the
+    cluster, release arrivals on both programs): docs/decisions/decode_attention.md."""
     SCRATCH: tl.constexpr = (NUM_SPLITS - 1) * (2 + BLOCK_D) * BLOCK_G * 4
     cluster_wait()  # the start's phase: every program of the cluster is running
     if rank == 0:
@@ -89,9 +95,10 @@ def _fold_partial(m_i, l_i, acc, pm_ptr, pl_ptr, pacc_ptr, r, r_ok, d_ok, offs_d
 def _sum_all_partials(pm_ptr, pl_ptr, pacc_ptr, base, offs_g, offs_d, g_ok, G: tl.constexpr,
                       HEAD_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """(sum, acc) of all NUM_SPLITS stored partials at rows base + split. A folding loop
-    waits on each split's loads in turn (b1 x 2048, 16 splits: 10.5 -> 14.3 us): every
-    split's max and sum first, then a loop whose loads do not wait on the one before."""
+    """(sum, acc) of all NUM_SPLITS stored partials at rows base + split: every split's max
+    and sum first, then a loop whose loads do not wait on the one before. A folding loop
+    would wait on each split's loads in turn: 3.8 us more at b1 x 2048 (16 splits) on the
+    H100 (bench/bench_attention.py; docs/decisions/decode_attention.md)."""
     offs_s = tl.arange(0, BLOCK_S)
     rows = base[None, :] + offs_s[:, None]
     sg_ok = (offs_s < NUM_SPLITS)[:, None] & (offs_g < G)[None, :]
@@ -119,10 +126,10 @@ def ticket_merge(m_i, l_i, acc, s, kvh, split, head, o_ptrs, g_ok, d_ok, offs_g,
     """Every split stores its partials [S, Hq, NUM_SPLITS] (+ [HEAD_D] for acc;
     unnormalized) and takes a ticket (acq_rel); the last for its (sequence, kv head)
     merges them: no second launch. Up to 8 splits it folds the others' into its own,
-    still in registers, all loads at once (b8 x 2048: 31.0 -> 30.5 us per layer).
-    Merging without the release fence (a relaxed ticket, the others publishing after
-    it, the merger polling a done count) was slower on the H100: the poll waits out the
-    others' fences, 2.8 -> 3.6 us after the loop (bench/probes/decode_timeline.py)."""
+    still in registers, all loads at once (0.5 us per layer less at b8 x 2048 on the H100).
+    The release fence stays: without it (a relaxed ticket, the others publishing after it,
+    the merger polling a done count) the poll waits out the others' fences, 0.8 us more
+    after the loop (bench/probes/decode_timeline.py; docs/decisions/decode_attention.md)."""
     row = (s * G * HKV + head) * NUM_SPLITS + split
     tl.store(pm_ptr + row, m_i, mask=offs_g < G)
     tl.store(pl_ptr + row, l_i, mask=offs_g < G)

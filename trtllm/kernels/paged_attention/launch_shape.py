@@ -53,16 +53,15 @@ def decode_launch(splits: int, cluster: bool, head_dim: int, elem_size: int) -> 
 
 # Flash-decoding: split a sequence's context only while the grid is smaller than
 # SPLIT_TARGET_PER_SM programs per SM, and never into pieces shorter than SPLIT_MIN_LEN
-# positions. Measured on H100 (bench/probes/sweep_decode.py, 2026-11-25): one program per SM
-# and 64-position pieces beat 2 per SM and 256: b1 x 8192 33.9 -> 26.6 us (16 splits,
-# not 32, with the 8-warp config), b1 x 512 15.3 -> 13.7 us (8 splits, not 2); b8 x 2048
-# within 1 us at 2 or 4.
+# positions: on the H100 one program per SM and 64-position pieces beat 2 per SM and 256,
+# b1 x 8192 26.6 us at 16 splits against 33.9 at 32 (bench/probes/sweep_decode.py; the
+# other shapes in docs/decisions/decode_attention.md).
 SPLIT_TARGET_PER_SM = 1
 SPLIT_MIN_LEN = 64
 MAX_SPLITS = 64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -79,9 +78,11 @@ def num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch
 
 
 def merges_in_cluster(splits: int, device: torch.device) -> bool:
-    """The default merge: 2 splits on sm_90+ merge inside a thread-block cluster. Clusters
-    of 4 or 8 (b4 / b2 x 2048) lost on the H100 (18.6 -> 21-22, 13.9 -> 18-20 us): the
-    hardware put two of their programs on one SM (120 SMs busy, not 128)."""
+    """The default merge: 2 splits on sm_90+ merge inside a thread-block cluster. Not 4 or
+    8: the hardware puts two programs of such clusters on one SM (120 SMs busy, not 128),
+    and b4 x 2048 takes 21-22 us in clusters of 4 against 18.6 by ticket on the H100 (time
+    `DecodeLaunch(4, True, ...)` in bench/bench_attention.py's graphed_layers;
+    docs/decisions/decode_attention.md)."""
     return splits == 2 and cluster_launchable(device)
 
 
@@ -94,12 +95,11 @@ def decode_config(head_dim: int, elem_size: int, splits: int, cluster: bool = Fa
     H100 (bench/probes/sweep_decode.py): a full grid (1 split, b64 x 2048) runs 195 us at 3
     stages against 222 at 5; a split grid (small batch) wants 5 stages, and 8 warps gain
     6-10% at b1 x 2048-8192 (16 splits, ticket merge: 9.5-9.9 against 11.2-12.0 us with 4).
-    The cluster merge (2 splits) runs better with fewer warps since the loop lost its
-    64-bit address math (296 -> 249 SASS per tile at 8 warps): b8 x 2048 28.16 (8 warps)
-    -> 28.00 (4) -> 27.85 (2; 1 warp: 29.8), b8 x 512 11.24 -> 10.80 -> 10.80, b8 x 8192
-    95.1 -> 94.6 -> 94.5 us per layer (H100, by turns). Per tile, warps x SASS: 8 x 249,
-    4 x 371, 2 x 483 (tools/dump_sass.py): fewer instructions, and fewer warps to meet at
-    each barrier."""
+    The cluster merge (2 splits) runs 2 warps: b8 x 2048 27.85 us per layer against 28.00
+    with 4 and 28.16 with 8 (H100, by turns; bench/probes/decode_timeline.py --b8-configs;
+    b8 x 512 and x 8192 in docs/decisions/decode_attention.md). Per tile, warps x SASS:
+    8 x 251, 4 x 371, 2 x 483 (tools/dump_sass.py): fewer instructions, and fewer warps to
+    meet at each barrier."""
     if elem_size == 4 or head_dim > 128:
         return 32, 4, 3
     if splits == 1:

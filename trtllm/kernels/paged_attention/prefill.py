@@ -14,8 +14,7 @@ import triton
 import triton.language as tl
 
 from trtllm.kernels.paged_attention.launch_shape import PrefillLaunch
-from trtllm.kernels.paged_attention.tiles import attend as _attend, load_tile as _load_tile, \
-    write_token as _write_token
+from trtllm.kernels.paged_attention.tiles import attend as _attend, load_tile as _load_tile, write_token as _write_token
 
 
 @triton.jit(do_not_specialize=["num_seqs"])  # ints == 1 would become constexprs
