@@ -50,9 +50,11 @@ def register_op(
     """
     if impl is None:
         impl = _dispatch(launcher, reference)
-    # torch.library reads the schema off the signature; resolve string annotations (from
-    # `from __future__ import annotations`) in the op file's namespace, not this one's.
-    impl.__signature__ = inspect.signature(launcher or impl, eval_str=True)
+    # torch.library reads the schema off the signature: the reference's, the semantics of
+    # record (a launcher may take extra keyword-only options, e.g. paged attention's launch
+    # choice, that the op does not carry). String annotations (from `from __future__ import
+    # annotations`) resolve in the op file's namespace, not this one's.
+    impl.__signature__ = inspect.signature(reference or impl, eval_str=True)
 
     op = torch.library.custom_op(f"trtllm::{name}", impl, mutates_args=tuple(mutates_args))
     op.register_fake(fake)

@@ -144,18 +144,6 @@ def launch_paged_attention(
     return out
 
 
-def paged_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int,
-    slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor, scale: float, window: int,
-    num_seqs: int, max_query_len: int, max_seq_len: int,
-) -> torch.Tensor:
-    return launch_paged_attention(
-        q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, seq_lens,
-        query_start_loc, scale, window, num_seqs, max_query_len, max_seq_len)
-
-
 def _paged_attention_fake(q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables,
                           seq_lens, query_start_loc, scale, window, num_seqs, max_query_len,
                           max_seq_len):
@@ -164,7 +152,7 @@ def _paged_attention_fake(q, k, v, k_cache, v_cache, layer, slot_mapping, block_
 
 paged_attention = register_op(
     "paged_attention",
-    launcher=paged_attention_triton,
+    launcher=launch_paged_attention,
     reference=paged_attention_ref,
     fake=_paged_attention_fake,
     mutates_args=("k_cache", "v_cache"),
