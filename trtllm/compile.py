@@ -112,7 +112,7 @@ class CompiledModel:
         constants = list(inputs.constants)
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
-            run = compile_fx(gm, list(example_inputs) + constants)
+            run = compile_fx(gm, list(example_inputs) + static_fakes(constants, example_inputs))
         else:
             run = gm.forward
 
@@ -168,6 +168,20 @@ class CompiledModel:
             named = [f"{v.lm_head.op_name} in {v.name}" for v in heads if v.lm_head.op_name != "F.linear"]
             lines.append(f"lm head (outside the graph, on the chosen rows): {', '.join(named) or 'F.linear'}")
         return "\n".join(lines)
+
+
+def static_fakes(constants: list[torch.Tensor], example_inputs: list) -> list[torch.Tensor]:
+    """The passes' constant inputs as fake tensors of static shape in dynamo's fake mode.
+
+    Handed over real, aot_autograd (torch 2.11) fakes them with a fresh symbol per dim
+    that no dynamo source names; when Inductor then guards on one (on CUDA, e.g.
+    `4*s7 <= 2**31-1` from can_use_32bit_indexing for a fused weight), dynamo's guard
+    building fails with `IndexError: list index out of range` in produce_guards
+    (issue 17: Gemma-2 on the H200). A constant's shape never changes: it is static."""
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return constants
+    return [fake_mode.from_tensor(c, static_shapes=True) for c in constants]
 
 
 def compile(model: nn.Module, **options) -> CompiledModel:
