@@ -22,6 +22,7 @@ _EXPORTS = {
     "QuantConfig": "trtllm.config", "ConfigError": "trtllm.config",
     "load_model": "trtllm.models.loader", "LLM": "trtllm.runtime.llm",
     "RequestOutput": "trtllm.runtime.outputs", "CompletionOutput": "trtllm.runtime.outputs",
+    "RequestError": "trtllm.runtime.outputs",
     "SamplingParams": "trtllm.sampling_params",
 }
 __all__ = list(_EXPORTS)

@@ -84,6 +84,6 @@ def test_a_step_that_raises_fails_every_request_and_the_loop_goes_on():
 
     EngineDriver(engine, delivered.extend).run(receive)
     by_id = {o.request_id: o for o in delivered}
-    assert by_id["a"].error == by_id["b"].error == "internal error in the engine step"
+    assert by_id["a"].error == by_id["b"].error == "internal error in the engine step: RuntimeError: a bug"
     assert [c.finish_reason for c in by_id["b"].outputs] == ["error"] * 3
     assert by_id["c"].error is None and by_id["c"].finished

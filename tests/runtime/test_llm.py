@@ -13,6 +13,7 @@ from tests.runtime.tokenizers import make_tokenizer
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.runtime.client_protocol import EngineClient
 from trtllm.runtime.llm import LLM
+from trtllm.runtime.outputs import RequestError
 from trtllm.sampling_params import SamplingParams
 
 PROMPTS = [[5, 17, 99, 3, 250, 31, 8], [400, 2], list(range(60, 81)), [9]]
@@ -197,9 +198,18 @@ def test_nan_logits_fail_that_request_alone(tmp_path):
               build_config=BuildConfig(max_batch_size=4, max_num_tokens=64, max_seq_len=64))
     with llm:
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-        ok, bad = llm.generate([[1, 2, 3], [5, 13]], params, use_tqdm=False)
+        with pytest.raises(RequestError, match=r"^prompt 1: the model produced NaN or Inf logits") as failure:
+            llm.generate([[1, 2, 3], [5, 13]], params, use_tqdm=False)
+        ok, bad = failure.value.outputs
+        assert failure.value.failed == [1]
         assert ok.outputs[0].finish_reason == "length" and len(ok.outputs[0].token_ids) == 4
         assert bad.outputs[0].finish_reason == "error"
+        with pytest.raises(RequestError, match="NaN or Inf"):  # one prompt: raised, not an empty output
+            llm.generate([5, 13], params)
+        with pytest.raises(RequestError, match="NaN or Inf"):  # streaming: raised after the last output
+            for _ in llm.generate([5, 13], params, streaming=True):
+                pass
+        assert llm.generate([1, 2, 3], params).outputs[0].token_ids == ok.outputs[0].token_ids  # it goes on
         llm.block_manager.check_invariants()
         assert llm.block_manager.num_used_blocks == 0
 

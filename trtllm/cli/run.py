@@ -43,6 +43,7 @@ def main(argv=None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from trtllm.runtime.llm import LLM
+    from trtllm.runtime.outputs import RequestError
     from trtllm.runtime.tokenizer import apply_chat_template
     from trtllm.sampling_params import SamplingParams
 
@@ -72,12 +73,12 @@ def _run(args: argparse.Namespace) -> int:
             print(prompt, end="" if args.chat else "", flush=True)
             if args.chat:
                 print()
-            last = None
-            for last in llm.generate(text, params, streaming=True):
-                print(last.outputs[0].text_diff, end="", flush=True)
-            print()
-            if last is not None and last.error:
-                print(f"trtllm-run: {last.error}", file=sys.stderr)
+            try:
+                for last in llm.generate(text, params, streaming=True):
+                    print(last.outputs[0].text_diff, end="", flush=True)
+                print()
+            except RequestError as e:  # this prompt failed while it ran; the next ones still run
+                print(f"\ntrtllm-run: {e}", file=sys.stderr)
                 status = 1
     return status
 

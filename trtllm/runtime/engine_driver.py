@@ -11,7 +11,8 @@ waits for messages. `deliver` gets the outputs of the messages taken (failed add
 aborts) before the step runs, and then the step's; busy, it is called every step, even
 with nothing, so the engine process sends its counters each step. A request that is bad
 on its own fails alone; a step that raises is a bug, not a bad request: every request in
-flight fails with "internal error in the engine step", and the loop goes on serving.
+flight fails with "internal error in the engine step: <exception type>: <message>", and
+the loop goes on serving.
 """
 from __future__ import annotations
 
@@ -83,13 +84,21 @@ class EngineDriver:
         t = time.perf_counter()
         try:
             outputs = self.engine.step()
-        except Exception:  # a bug, not a bad request: fail what is in flight, keep serving
+        except Exception as e:  # a bug, not a bad request: fail what is in flight, keep serving
             log.error("engine step failed:\n%s", traceback.format_exc())
+            why = f"internal error in the engine step: {step_failure(e)}"
             failed = []
             for request_id, req in list(self.engine.requests.items()):
                 self.engine.abort(request_id)  # frees its blocks
-                failed.append(failed_output(request_id, req.params.n, "internal error in the engine step"))
+                failed.append(failed_output(request_id, req.params.n, why))
             return failed
         self.steps += 1
         self.step_s += time.perf_counter() - t
         return outputs
+
+
+def step_failure(e: BaseException) -> str:
+    """The cause a failed request names: the exception's type and the first line of its
+    message (at most 300 characters; the whole traceback goes to the log)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__

@@ -13,8 +13,12 @@ larger outputs when many streams run at once.
 A request that is bad on its own (empty, over max_input_len, prompt + max_tokens over
 max_seq_len, token ids outside the vocabulary, a string that is not valid Unicode) raises
 `ValueError` when submitted, naming the prompt (its index in a batch) and the limit; none
-of the batch runs. A fault while a request runs ends that request alone with `.error`
-set and finish_reason "error"; the rest go on. Calls after `shutdown()` raise at once.
+of the batch runs. A fault while a request runs ends that request alone; the rest go on:
+`generate` then raises `RequestError` naming each failed prompt and its cause (its
+`.outputs` hold the whole batch's outputs), a streaming iterator raises it after the
+request's last output, and `generate_async` streams end with `.error` set and
+finish_reason "error" (what the server turns into an HTTP error). Calls after
+`shutdown()` raise at once.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from trtllm.runtime.engine_loop import EngineLoop
 from trtllm.runtime.engine_stats import EngineStats
 from trtllm.runtime.kv_budget import num_kv_blocks
 from trtllm.runtime.model_runner import ModelRunner
+from trtllm.runtime.outputs import RequestError
 from trtllm.runtime.request_stream import RequestStream, new_request_id
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.tokenizer import apply_chat_template, load_tokenizer, tokenize_prompt
@@ -141,6 +146,9 @@ class LLM:
                 progress.update(1)
         if progress is not None:
             progress.close()
+        failed = [i for i, out in enumerate(results) if out.error is not None]
+        if failed:  # never an empty success
+            raise RequestError(results, failed, batch)
         return results if batch else results[0]
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, use_tqdm: bool = True,
@@ -234,7 +242,10 @@ class StreamingOutputs:
         return self
 
     def __next__(self):
-        return next(self._outputs)
+        out = next(self._outputs)
+        if out.error is not None:  # the request failed while it ran: say why, not "finished"
+            raise RequestError([out], [0], batch=False)
+        return out
 
     def close(self) -> None:
         last = self._stream.last

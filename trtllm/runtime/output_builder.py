@@ -67,6 +67,8 @@ class OutputBuilder:
         """`seq` is done (stopped, out of length, failed): the request is, once all its sequences are."""
         completion = self.output.outputs[seq.index]
         completion.finish_reason = reason
+        if reason == "error" and self.output.error is None:  # the request names why it failed
+            self.output.error = seq.error or "the sequence failed while it ran"
         detok = self.detokenizers[seq.index]
         if detok is not None and not isinstance(completion.stop_reason, str):
             completion.text += detok.flush()  # a held-back unfinished character, if any

@@ -55,6 +55,18 @@ class RequestOutput:
             c.text_diff, c.token_ids_diff = "", []
 
 
+class RequestError(RuntimeError):
+    """A request that failed while it ran (a fault in a step, non-finite logits, ...):
+    `LLM.generate` raises it instead of returning an output with no tokens. `outputs`
+    are all the batch's RequestOutputs (the others finished normally), `failed` the
+    indices of those that failed; the message names each with its cause."""
+
+    def __init__(self, outputs: list[RequestOutput], failed: list[int], batch: bool = True):
+        self.outputs, self.failed = outputs, failed
+        lines = [f"prompt {i}: {outputs[i].error}" if batch else str(outputs[i].error) for i in failed]
+        super().__init__("; ".join(lines))
+
+
 def new_output(request_id: str, prompt: str | None, prompt_token_ids: list[int],
                params: SamplingParams) -> RequestOutput:
     """A request's output before its first token (the engine's, and the process client's copy)."""
