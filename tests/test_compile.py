@@ -166,6 +166,13 @@ def test_bad_softcaps_in_a_config_are_refused(softcaps, message):
         trtllm.compile(model)
 
 
+def test_an_hf_softcap_in_a_config_without_layer_softcaps_is_refused():
+    model = CappedLM().eval()
+    model.config = SimpleNamespace(attn_logit_softcapping=2.0, layer_windows=[0, 3])
+    with pytest.raises(CompileError, match="config.attn_logit_softcapping=2.0 but no config.layer_softcaps"):
+        trtllm.compile(model)
+
+
 @pytest.mark.parametrize("family", ["llama2", "llama31", "mistral_swa", "qwen2", "qwen2_swa", "qwen3", "mqa"])
 def test_our_models_compile_to_eager_logits(tmp_path, family):
     from tests.models.checkpoints import write_checkpoint

@@ -102,7 +102,8 @@ class _RecordSDPA(TorchFunctionMode):
 
 def probe_attention(model: nn.Module, device: torch.device) -> AttentionSpec:
     """Run `model` (under the contract) eagerly on two tokens and record every SDPA's key
-    shape; the windows come from what an HF model's layers asked for, else its config."""
+    shape; the windows and softcaps come from what an HF model's layers asked for, else its
+    config."""
     ids = torch.zeros((1, 2), dtype=torch.long, device=device)
     record = getattr(model, "record_attention_calls", None)  # HF models (models/hf.py)
     with torch.no_grad(), probing_attention(), _RecordSDPA() as rec, \
@@ -144,10 +145,16 @@ def probe_attention(model: nn.Module, device: torch.device) -> AttentionSpec:
 
 def layer_softcaps(model: nn.Module, num_layers: int) -> list[float]:
     """Logit soft-capping per attention layer (0.0 = none): the config's `layer_softcaps`
-    (a model file of ours), else none."""
+    (a model file of ours), else none. A config that names HF's `attn_logit_softcapping`
+    without `layer_softcaps` is refused: the model may cap eagerly, and which layers it caps
+    is not ours to guess."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "layer_softcaps"):
         return list(config.layer_softcaps)
+    if getattr(config, "attn_logit_softcapping", None):
+        raise CompileError(f"config.attn_logit_softcapping={config.attn_logit_softcapping!r} but no "
+                           "config.layer_softcaps: give the cap of each attention layer (0 = none) so the paged "
+                           "attention kernels apply it")
     return [0.0] * num_layers
 
 
