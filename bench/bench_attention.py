@@ -76,7 +76,7 @@ def make_inputs(specs, seed=0, page=None, layers=1):
     slot_mapping = torch.cat(slots).to(torch.int32)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     qsl = torch.tensor(starts, dtype=torch.int32, device=DEV)
-    return [q, k, v, k_cache, v_cache, 0, slot_mapping, bt, seq_lens, qsl, D ** -0.5, 0,
+    return [q, k, v, k_cache, v_cache, 0, slot_mapping, bt, seq_lens, qsl, D ** -0.5, 0, 0.0,
             len(specs), max(n for _, n in specs), max(lens)]
 
 

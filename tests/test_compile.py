@@ -1,5 +1,7 @@
 """trtllm.compile on HF models and plain modules: same logits as eager, the expected
 rewrites, and clear refusals."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn as nn
@@ -8,6 +10,7 @@ import transformers
 
 import trtllm
 from trtllm.compile import CompileError
+from trtllm.models.attention import causal_attention
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)
@@ -115,6 +118,59 @@ def test_model_without_attention_is_refused():
 
     with pytest.raises(CompileError, match="scaled_dot_product_attention"):
         trtllm.compile(NoAttention())
+
+
+class CappedLM(nn.Module):
+    """A user's model whose layers have a sliding window and logit soft-capping, given in its
+    config (`layer_windows`, `layer_softcaps`) and applied eagerly by causal_attention."""
+
+    def __init__(self, softcaps=(2.0, 0.0), windows=(0, 3)):
+        super().__init__()
+        self.config = SimpleNamespace(layer_softcaps=list(softcaps), layer_windows=list(windows))
+        self.softcaps, self.windows = softcaps, windows
+        self.embed = nn.Embedding(50, 32)
+        self.qkv = nn.ModuleList(nn.Linear(32, 64) for _ in softcaps)  # 2 q heads, 1 kv head, D 16
+        self.out = nn.Linear(32, 50)
+
+    def forward(self, input_ids, positions):
+        x = self.embed(input_ids) + positions[..., None].float() * 0.01  # [B, S, 32]
+        b, s, _ = x.shape
+        for i, qkv in enumerate(self.qkv):
+            q, k, v = (qkv(x) * 3).view(b, s, 4, 16).transpose(1, 2).split([2, 1, 1], dim=1)  # [B, H, S, 16]
+            o = causal_attention(q, k, v, window=self.windows[i], softcap=self.softcaps[i])
+            x = x + o.transpose(1, 2).reshape(b, s, 32)
+        return self.out(x)
+
+
+def test_plain_module_with_softcaps_and_windows_in_its_config():
+    model = CappedLM().eval()
+    ids, pos = torch.randint(0, 50, (2, 9)), torch.arange(9)[None].expand(2, 9)
+    with torch.no_grad():
+        expected = model(ids, pos)
+        uncapped = CappedLM(softcaps=(0.0, 0.0))
+        uncapped.load_state_dict(model.state_dict())
+        assert rel_err(uncapped(ids, pos), expected) > 1e-2  # the cap bites
+    compiled = trtllm.compile(model)
+    assert compiled.attention.softcaps == (2.0, 0.0) and compiled.attention.windows == (0, 3)
+    assert rel_err(compiled(ids, pos), expected) < 1e-5
+
+
+@pytest.mark.parametrize("softcaps, message", [
+    ((2.0,), "config.layer_softcaps has 1 entries, the model 2 attention layers"),
+    ((2.0, -1.0), "attention layer 1: softcap -1.0"),
+])
+def test_bad_softcaps_in_a_config_are_refused(softcaps, message):
+    model = CappedLM().eval()
+    model.config.layer_softcaps = list(softcaps)
+    with pytest.raises(CompileError, match=message):
+        trtllm.compile(model)
+
+
+def test_an_hf_softcap_in_a_config_without_layer_softcaps_is_refused():
+    model = CappedLM().eval()
+    model.config = SimpleNamespace(attn_logit_softcapping=2.0, layer_windows=[0, 3])
+    with pytest.raises(CompileError, match="config.attn_logit_softcapping=2.0 but no config.layer_softcaps"):
+        trtllm.compile(model)
 
 
 @pytest.mark.parametrize("family", ["llama2", "llama31", "mistral_swa", "qwen2", "qwen2_swa", "qwen3", "mqa"])

@@ -42,9 +42,10 @@ I32, F32, I64 = MockTensor(torch.int32), MockTensor(torch.float32), MockTensor(t
 CACHE_STRIDES = (PAGE * HKV * D, HKV * D, D)  # one layer's [NB, PAGE, Hkv, D]
 
 
-def decode_args(batch, ctx, splits, cluster, trace=False):
+def decode_args(batch, ctx, splits, cluster, trace=False, softcap=0.0):
     """_decode_kernel's arguments as launch_decode passes them for batch x ctx (contiguous
-    q/k/v/out rows as the bench makes them; num_tokens and window are not specialized)."""
+    q/k/v/out rows as the bench makes them; num_tokens and window are not specialized;
+    softcap is a constexpr, 0.0 = none)."""
     return dict(
         q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, kc_ptr=BF16, vc_ptr=BF16, o_ptr=BF16, slot_ptr=I32,
         bt_ptr=I32, seq_lens_ptr=I32, qsl_ptr=I32,
@@ -58,11 +59,11 @@ def decode_args(batch, ctx, splits, cluster, trace=False):
         STRIDE_CB=CACHE_STRIDES[0], STRIDE_CS=CACHE_STRIDES[1], STRIDE_CH=CACHE_STRIDES[2],
         G=G, HEAD_D=D, BLOCK_D=D, PAGE=PAGE, BLOCK_G=16, BLOCK_N=64, NUM_SPLITS=splits,
         BLOCK_S=triton.next_power_of_2(splits), HKV=HKV, BLOCK_HKV=HKV, BLOCK_HQ=HQ,
-        DOT_PREC="tf32", TRACE=trace, CLUSTER=cluster, OFF64=False,
+        DOT_PREC="tf32", TRACE=trace, CLUSTER=cluster, OFF64=False, SOFTCAP=softcap,
     )
 
 
-def prefill_args(tokens, block_m):
+def prefill_args(tokens, block_m, softcap=0.0):
     return dict(
         q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, kc_ptr=BF16, vc_ptr=BF16, o_ptr=BF16, bt_ptr=I32,
         seq_lens_ptr=I32, qsl_ptr=I32, qk_scale=D ** -0.5 * LOG2E, window=0, num_seqs=1,
@@ -70,7 +71,7 @@ def prefill_args(tokens, block_m):
         stride_qt=HQ * D, stride_qh=D, stride_kt=HKV * D, stride_kh=D, stride_vt=HKV * D, stride_vh=D,
         stride_cb=CACHE_STRIDES[0], stride_cs=CACHE_STRIDES[1], stride_ch=CACHE_STRIDES[2],
         stride_ot=HQ * D, stride_oh=D, stride_bt=triton.cdiv(tokens, PAGE),
-        G=G, HEAD_D=D, BLOCK_D=D, PAGE=PAGE, BLOCK_Q=block_m // G, BLOCK_M=block_m,
+        G=G, HEAD_D=D, BLOCK_D=D, PAGE=PAGE, BLOCK_Q=block_m // G, BLOCK_M=block_m, SOFTCAP=softcap,
     )
 
 
@@ -92,6 +93,11 @@ CONFIGS = {
     "decode_ticket16_b1x8192": (_decode_kernel, decode_args(1, 8192, 16, False), (8, 5)),
     "decode_1split_b64x2048": (_decode_kernel, decode_args(64, 2048, 1, False), (4, 3)),
     "prefill_4096": (_prefill_kernel, dict(prefill_args(4096, 128), BLOCK_N=64, DOT_PREC="tf32"), (8, 3)),
+    # Gemma-2's attention soft-capping (50.0): the same shapes, what the cap costs per tile
+    "decode_cluster_b8x2048_softcap": (_decode_kernel, decode_args(8, 2048, 2, True, softcap=50.0), (2, 5)),
+    "decode_1split_b64x2048_softcap": (_decode_kernel, decode_args(64, 2048, 1, False, softcap=50.0), (4, 3)),
+    "prefill_4096_softcap": (_prefill_kernel, dict(prefill_args(4096, 128, softcap=50.0), BLOCK_N=64,
+                                                   DOT_PREC="tf32"), (8, 3)),
     "cache_write": (_cache_write_kernel, cache_write_args(), (4, 3)),
 }
 

@@ -64,7 +64,7 @@ class CompiledModel:
         self.decode_graph_passes = list(DECODE_GRAPH_PASSES if decode_graph_passes is None else decode_graph_passes)
         self.block_size = block_size
         self.attention = probe_attention(self.module, self.device)
-        self._layers = AttentionLayers(windows=list(self.attention.windows))
+        self._layers = AttentionLayers(windows=list(self.attention.windows), softcaps=list(self.attention.softcaps))
         self.matches: collections.Counter[str] = collections.Counter()
         self.graphs: list[fx.GraphModule] = []
         self._after_first_call: list[Callable[[], None]] = []
@@ -155,6 +155,8 @@ class CompiledModel:
         layers = f"{spec.num_layers} attention layers ({spec.num_kv_heads} kv heads x {spec.head_dim})"
         if any(spec.windows):
             layers += f", sliding windows per layer {list(spec.windows)}"
+        if any(spec.softcaps):
+            layers += f", logit soft-capping per layer {list(spec.softcaps)}"
         path = f"model: {model_path(self.module)}\n"
         if not self.graphs:
             return (f"{path}trtllm.compile: {layers}; nothing compiled yet: compilation is lazy, the first call "

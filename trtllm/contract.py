@@ -8,11 +8,15 @@ HF `*ForCausalLM` models are put under the contract by models/hf.py (`contract_m
 
 `probe_attention` runs the model once, eagerly, on two tokens: it refuses attention it
 cannot page (`unpageable`, the same rule replace_sdpa_with_paged_attention applies to the
-traced graph) before any tracing, and returns the `AttentionSpec` the KV cache is sized by.
+traced graph) before any tracing, and returns the `AttentionSpec` the KV cache is sized by,
+with each layer's options the paged kernels apply: sliding window and logit soft-capping.
+It runs the model inside `probing_attention()` (models/attention.py), so a layer that
+calls `causal_attention` calls plain causal SDPA, as it will in the traced graph.
 An HF model also reports what each layer asked of the attention interface
-(models/hf.py): its sliding window is taken from there (what HF itself applies), and a
-feature the paged kernels do not honour (soft-capping, sinks, a mask) is a CompileError
-naming the layer and the feature.
+(models/hf.py): its window and softcap are taken from there (what HF itself applies), and
+a feature the paged kernels do not honour (sinks, a mask) is a CompileError naming the
+layer and the feature. Other models give them in their config: `layer_windows`,
+`layer_softcaps` (one entry per attention layer).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from trtllm.models.attention import probing_attention
 from trtllm.models.llama import layer_windows_from_hf
 
 
@@ -39,6 +44,7 @@ class AttentionSpec:
     head_dim: int
     dtype: torch.dtype
     windows: tuple[int, ...]  # sliding window per layer, 0 = full causal attention
+    softcaps: tuple[float, ...]  # logit soft-capping per layer (softcap * tanh(x / softcap)), 0.0 = none
 
 
 def unpageable(has_mask: bool, dropout_p, is_causal: bool, q_len) -> str | None:
@@ -96,10 +102,12 @@ class _RecordSDPA(TorchFunctionMode):
 
 def probe_attention(model: nn.Module, device: torch.device) -> AttentionSpec:
     """Run `model` (under the contract) eagerly on two tokens and record every SDPA's key
-    shape; the windows come from what an HF model's layers asked for, else its config."""
+    shape; the windows and softcaps come from what an HF model's layers asked for, else its
+    config."""
     ids = torch.zeros((1, 2), dtype=torch.long, device=device)
     record = getattr(model, "record_attention_calls", None)  # HF models (models/hf.py)
-    with torch.no_grad(), _RecordSDPA() as rec, (record() if record else contextlib.nullcontext([])) as calls:
+    with torch.no_grad(), probing_attention(), _RecordSDPA() as rec, \
+            (record() if record else contextlib.nullcontext([])) as calls:
         try:
             model(ids, torch.arange(2, device=device)[None])
         except CompileError:
@@ -123,8 +131,31 @@ def probe_attention(model: nn.Module, device: torch.device) -> AttentionSpec:
     if calls and len(calls) != len(rec.keys):
         raise CompileError(f"{len(rec.keys)} SDPA calls but {len(calls)} through HF's attention interface: "
                            "some attention bypasses the interface")
-    windows = [c.window for c in calls] if calls else layer_windows(model, len(rec.keys))
-    return AttentionSpec(len(rec.keys), heads, dim, dtype, tuple(windows))
+    n = len(rec.keys)
+    windows = [c.window for c in calls] if calls else layer_windows(model, n)
+    softcaps = [c.softcap for c in calls] if calls else layer_softcaps(model, n)
+    for name, values in (("layer_windows", windows), ("layer_softcaps", softcaps)):
+        if len(values) != n:
+            raise CompileError(f"config.{name} has {len(values)} entries, the model {n} attention layers")
+    bad = [(i, c) for i, c in enumerate(softcaps) if not (isinstance(c, (int, float)) and 0 <= c < float("inf"))]
+    if bad:
+        raise CompileError(f"attention layer {bad[0][0]}: softcap {bad[0][1]!r} (0 = none, else a finite cap > 0)")
+    return AttentionSpec(n, heads, dim, dtype, tuple(windows), tuple(float(c) for c in softcaps))
+
+
+def layer_softcaps(model: nn.Module, num_layers: int) -> list[float]:
+    """Logit soft-capping per attention layer (0.0 = none): the config's `layer_softcaps`
+    (a model file of ours), else none. A config that names HF's `attn_logit_softcapping`
+    without `layer_softcaps` is refused: the model may cap eagerly, and which layers it caps
+    is not ours to guess."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "layer_softcaps"):
+        return list(config.layer_softcaps)
+    if getattr(config, "attn_logit_softcapping", None):
+        raise CompileError(f"config.attn_logit_softcapping={config.attn_logit_softcapping!r} but no "
+                           "config.layer_softcaps: give the cap of each attention layer (0 = none) so the paged "
+                           "attention kernels apply it")
+    return [0.0] * num_layers
 
 
 def layer_windows(model: nn.Module, num_layers: int) -> list[int]:

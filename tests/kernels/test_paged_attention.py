@@ -28,7 +28,7 @@ REF_TOL = (1e-5, 1e-5)
 
 
 def make_batch(specs, hq, hkv, d, bs, dtype, *, layers=2, layer=1, pad_tokens=0,
-               extra_seqs=0, strided=False, window=0):
+               extra_seqs=0, strided=False, window=0, softcap=0.0):
     """specs: [(cached, new)] per sequence. Random (never zero) caches, non-contiguous
     random block tables, garbage in unused table entries and in the slots about to be
     written. Returns (args tuple of the op, per-sequence dense (q, K, V) for SDPA)."""
@@ -73,7 +73,7 @@ def make_batch(specs, hq, hkv, d, bs, dtype, *, layers=2, layer=1, pad_tokens=0,
     qsl[n_seq] = total
     scale = d ** -0.5
     args = (q_all, k_all, v_all, k_cache, v_cache, layer, slot, bt, seq_lens, qsl, scale,
-            window, n_seq + extra_seqs, max(n for _, n in specs), max(lens))
+            window, softcap, n_seq + extra_seqs, max(n for _, n in specs), max(lens))
     return args, dense
 
 
@@ -99,7 +99,9 @@ def check(args, launch=None):
     return out, ref
 
 
-def dense_sdpa(dense, hq, scale, window):
+def dense_sdpa(dense, hq, scale, window, softcap=0.0):
+    """Per sequence, dense attention: SDPA, or with softcap > 0 the soft-capped scores as
+    HF's eager_attention_forward computes them (scale, / softcap, tanh, * softcap, mask)."""
     outs = []
     for q, k, v in dense:
         n, L = q.shape[0], k.shape[0]
@@ -107,9 +109,13 @@ def dense_sdpa(dense, hq, scale, window):
         i = torch.arange(n)[:, None] + (L - n)
         j = torch.arange(L)[None, :]
         mask = (j <= i) & ((window <= 0) | (j > i - window))
-        o = F.scaled_dot_product_attention(
-            q.float().transpose(0, 1), k.float().repeat_interleave(g, 1).transpose(0, 1),
-            v.float().repeat_interleave(g, 1).transpose(0, 1), attn_mask=mask, scale=scale)
+        qh, kh = q.float().transpose(0, 1), k.float().repeat_interleave(g, 1).transpose(0, 1)
+        vh = v.float().repeat_interleave(g, 1).transpose(0, 1)
+        if softcap > 0:
+            scores = torch.tanh(qh @ kh.transpose(1, 2) * scale / softcap) * softcap
+            o = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ vh
+        else:
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
         outs.append(o.transpose(0, 1))
     return torch.cat(outs)
 
@@ -118,10 +124,11 @@ MIXED = [(0, 7), (21, 5), (40, 1), (0, 1), (9, 1), (0, 20)]  # prefill, prefix h
 
 
 @pytest.mark.parametrize("window", [0, 6])
-def test_reference_matches_dense_sdpa(window):
-    args, dense = make_batch(MIXED, 4, 2, 16, 16, torch.float32, window=window)
+@pytest.mark.parametrize("softcap", [0.0, 1.5])
+def test_reference_matches_dense_sdpa(window, softcap):
+    args, dense = make_batch(MIXED, 4, 2, 16, 16, torch.float32, window=window, softcap=softcap)
     ref = paged_attention_ref(*clone_caches(args))
-    torch.testing.assert_close(ref, dense_sdpa(dense, 4, args[10], window), atol=REF_TOL[0],
+    torch.testing.assert_close(ref, dense_sdpa(dense, 4, args[10], window, softcap), atol=REF_TOL[0],
                                rtol=REF_TOL[1])
 
 
@@ -157,7 +164,7 @@ def test_prefill_gpu_config():
 @pytest.mark.parametrize("hq,hkv,d,bs", [(8, 2, 64, 16), (4, 1, 16, 32), (4, 4, 128, 128)])
 def test_decode(dtype, hq, hkv, d, bs):
     args, dense = make_batch([(150, 1), (6, 1), (0, 1), (64, 1)], hq, hkv, d, bs, dtype)
-    assert choose_launch(args[0], args[3], *args[12:]).splits == 2  # max_seq_len 151 // SPLIT_MIN_LEN
+    assert choose_launch(args[0], args[3], *args[13:]).splits == 2  # max_seq_len 151 // SPLIT_MIN_LEN
     out, _ = check(args)
     if dtype == torch.float32:
         torch.testing.assert_close(out, dense_sdpa(dense, hq, args[10], 0), atol=1e-4, rtol=1e-4)
@@ -210,7 +217,7 @@ def test_cluster_merge_is_gpu_only():
     """The cluster merge (2 splits on sm_90+; tests/kernels/test_paged_attention_gpu.py)
     is never chosen here, and forcing it names what it needs."""
     args, _ = make_batch([(150, 1), (6, 1)], 8, 2, 32, 16, torch.float16)
-    assert choose_launch(args[0], args[3], *args[12:]) == decode_launch(2, False, 32, 2)  # the ticket merge
+    assert choose_launch(args[0], args[3], *args[13:]) == decode_launch(2, False, 32, 2)  # the ticket merge
     check(args, decode_launch(2, False, 32, 2))
     with pytest.raises(ValueError, match="sm_90"):
         launch_paged_attention(*clone_caches(args), decode_launch(2, True, 32, 2))
@@ -219,7 +226,7 @@ def test_cluster_merge_is_gpu_only():
 def test_impossible_launches_are_refused():
     """A launch choice the batch cannot run names what it needs."""
     args, _ = make_batch([(20, 3), (6, 1)], 4, 2, 16, 16, torch.float32)
-    assert isinstance(choose_launch(args[0], args[3], *args[12:]), PrefillLaunch)
+    assert isinstance(choose_launch(args[0], args[3], *args[13:]), PrefillLaunch)
     with pytest.raises(ValueError, match="max_query_len == 1"):
         launch_paged_attention(*clone_caches(args), DecodeLaunch(1, False, 16, 4, 1))
     with pytest.raises(ValueError, match="decode kernel only"):
@@ -276,9 +283,9 @@ def test_cache_written_by_one_call_is_read_by_the_next(dtype):
     q = torch.randn(n + 1, hq, d, dtype=dtype)
     k, v = torch.randn(n + 1, hkv, d, dtype=dtype), torch.randn(n + 1, hkv, d, dtype=dtype)
     launch_paged_attention(q[:n], k[:n], v[:n], k_cache, v_cache, 1, slots[:n], table, i32(n),
-                           i32(0, n), d ** -0.5, 0, 1, n, n)
+                           i32(0, n), d ** -0.5, 0, 0.0, 1, n, n)
     out = launch_paged_attention(q[n:], k[n:], v[n:], k_cache, v_cache, 1, slots[n:], table,
-                                 i32(n + 1), i32(0, 1), d ** -0.5, 0, 1, 1, n + 1)
+                                 i32(n + 1), i32(0, 1), d ** -0.5, 0, 0.0, 1, 1, n + 1)
     pos = torch.arange(n + 1)
     assert torch.equal(k_cache[1, table[0, pos // bs].long(), pos % bs], k)
     assert torch.equal(v_cache[1, table[0, pos // bs].long(), pos % bs], v)
@@ -294,7 +301,7 @@ def test_padding_and_unused_rows_are_zero(decode):
     specs = [(20, 1), (3, 1)] if decode else [(0, 9), (20, 3)]
     args, _ = make_batch(specs, 4, 2, 16, 16, torch.float16, pad_tokens=7, extra_seqs=2)
     a = list(args)
-    a[14] = 700  # max_seq_len: an upper bound (2 decode splits, one of them empty)
+    a[15] = 700  # max_seq_len: an upper bound (2 decode splits, one of them empty)
     out, ref = check(tuple(a))
     assert out[-7:].abs().sum() == 0 and ref[-7:].abs().sum() == 0
     # a token outside every sequence still has its (valid) slot written, as in the reference
@@ -325,7 +332,7 @@ def test_decode_batch_through_general_path():
     """max_query_len as an upper bound (> 1) on a decode-only batch."""
     args, _ = make_batch([(40, 1), (7, 1), (0, 1)], 8, 2, 16, 16, torch.float16)
     a = list(args)
-    a[13] = 16
+    a[14] = 16
     check(tuple(a))
 
 
@@ -337,3 +344,58 @@ def test_registered_op_and_opcheck():
     torch.testing.assert_close(out, ref, atol=TOL[torch.float32][0], rtol=TOL[torch.float32][1])
     assert torch.ops.trtllm.paged_attention.default is not None
     torch.library.opcheck(torch.ops.trtllm.paged_attention.default, tuple(clone_caches(args)))
+
+
+def with_softcap(args, softcap):
+    a = list(args)
+    a[12] = softcap
+    return tuple(a)
+
+
+# Soft-capping (Gemma-2's attn_logit_softcapping): q scaled up so that the scaled logits
+# (~4 std) sit where tanh bends, 1.5 caps them hard; odd shapes (G = 3, head dim 24).
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_softcap_prefill(window, dtype):
+    specs = [(0, 19), (23, 6), (40, 1)]  # prompt, chunk after cached context, a decode
+    args, dense = make_batch(specs, 6, 2, 24, 16, dtype, window=window, softcap=1.5)
+    args = (args[0] * 4, *args[1:])
+    dense = [(q * 4, k, v) for q, k, v in dense]
+    out, _ = check(args, PrefillLaunch(16, 16, 4, 1))  # several q blocks, diagonal + context tiles
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, dense_sdpa(dense, 6, args[10], window, 1.5), atol=1e-4, rtol=1e-4)
+    uncapped, _ = check(with_softcap(args, 0.0), PrefillLaunch(16, 16, 4, 1))
+    assert (out.float() - uncapped.float()).abs().max() > 0.1  # the cap bites: this test can fail
+
+
+@pytest.mark.parametrize("window", [0, 40])
+@pytest.mark.parametrize("launch", [None, DecodeLaunch(3, False, 16, 4, 1)])  # 2 splits by ticket, 3 forced
+def test_softcap_decode(window, launch):
+    args, dense = make_batch([(150, 1), (6, 1), (0, 1), (64, 1)], 6, 2, 24, 16, torch.float32,
+                             window=window, softcap=1.5)
+    args = (args[0] * 4, *args[1:])
+    dense = [(q * 4, k, v) for q, k, v in dense]
+    out, _ = check(args, launch)
+    torch.testing.assert_close(out, dense_sdpa(dense, 6, args[10], window, 1.5), atol=1e-4, rtol=1e-4)
+    uncapped, _ = check(with_softcap(args, 0.0), launch)
+    assert (out - uncapped).abs().max() > 0.1
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # the point: exp2 -> inf
+def test_softcap_saturates_without_nan():
+    """Logits far past the cap (e^(2x) overflows to inf, or underflows to 0): tanh is +-1,
+    no NaN, on both kernels."""
+    args, _ = make_batch([(20, 5), (33, 1)], 4, 2, 16, 16, torch.float32, softcap=0.5)
+    args = (args[0] * 1e4, *args[1:])
+    out, ref = check(args)
+    assert torch.isfinite(out).all() and torch.isfinite(ref).all()
+    args, _ = make_batch([(20, 1), (33, 1)], 4, 2, 16, 16, torch.float32, softcap=0.5)
+    out, _ = check((args[0] * 1e4, *args[1:]))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("softcap", [-1.0, float("inf"), float("nan")])
+def test_bad_softcap_is_refused(softcap):
+    args, _ = make_batch([(20, 1)], 4, 2, 16, 16, torch.float32)
+    with pytest.raises(AssertionError, match="softcap must be finite and >= 0"):
+        launch_paged_attention(*with_softcap(args, softcap))

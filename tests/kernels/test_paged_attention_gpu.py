@@ -1,6 +1,7 @@
 """GPU-only paths of paged attention: the decode merge inside a thread-block cluster
 (kernels/paged_attention/decode_merge.py, 2 splits on sm_90+), against paged_attention_ref
-and the global-ticket merge. Skipped in CI (CPU, interpreter); run on a Hopper GPU with
+and the global-ticket merge; soft-capping compiled for the GPU (prefill, decode by cluster
+and by ticket) at real head shapes. Skipped in CI (CPU, interpreter); run on a Hopper GPU with
 
     TRITON_INTERPRET=0 python -m pytest -q tests/kernels/test_paged_attention_gpu.py
 """
@@ -9,8 +10,8 @@ import os
 import pytest
 import torch
 
-from tests.kernels.test_paged_attention import TOL, check, clone_caches, make_batch
-from trtllm.kernels.paged_attention import choose_launch, decode_launch, launch_paged_attention
+from tests.kernels.test_paged_attention import TOL, check, clone_caches, make_batch, with_softcap
+from trtllm.kernels.paged_attention import PrefillLaunch, choose_launch, decode_launch, launch_paged_attention
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
@@ -58,7 +59,7 @@ def test_cluster_merge_padding_unused_rows_and_graph_replay():
     args, _ = make_batch([(20, 1), (300, 1)], 32, 8, 128, 16, torch.bfloat16, pad_tokens=5,
                          extra_seqs=2)
     a = list(on_gpu(args))
-    a[14] = 4096  # max_seq_len: an upper bound
+    a[15] = 4096  # max_seq_len: an upper bound
     cluster = decode_launch(2, True, 128, 2)
     out, ref = check(tuple(a), cluster)
     assert out[-5:].abs().sum() == 0 and out[:2].abs().sum() > 0
@@ -77,6 +78,38 @@ def test_default_launch_at_b8_is_the_cluster_merge():
     2 splits merged in a cluster, 2 warps."""
     args, _ = make_batch([(2047, 1)] * 8, 32, 8, 128, 16, torch.bfloat16)
     args = on_gpu(args)
-    assert choose_launch(args[0], args[3], *args[12:]) == decode_launch(2, True, 128, 2)
+    assert choose_launch(args[0], args[3], *args[13:]) == decode_launch(2, True, 128, 2)
     assert decode_launch(2, True, 128, 2).num_warps == 2
     check(args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [0, 40])
+def test_softcap_decode_cluster_and_ticket(dtype, window):
+    """Gemma-2-like soft-capping (q scaled so the logits, ~8 std, reach past the cap of 5)
+    through the cluster merge, the ticket merge and one split, against the reference."""
+    args, _ = make_batch(SPECS, 16, 8, 128, 16, dtype, window=window, softcap=5.0)
+    args = on_gpu((args[0] * 8, *args[1:]))
+    es = args[0].element_size()
+    outs = [check(args, launch)[0] for launch in (decode_launch(2, True, 128, es), decode_launch(2, False, 128, es),
+                                                  decode_launch(1, False, 128, es))]
+    atol, rtol = TOL[dtype]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=atol, rtol=rtol)
+    uncapped, _ = check(with_softcap(args, 0.0), decode_launch(2, True, 128, es))
+    assert (outs[0].float() - uncapped.float()).abs().max() > 0.1  # the cap bites
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [0, 100])
+def test_softcap_prefill(dtype, window):
+    """The default prefill tiles (128 x 64 rows in 16-bit, 64 x 16 in fp32) and a small one,
+    soft-capped, on a prompt and a chunk after cached context."""
+    args, _ = make_batch([(0, 300), (500, 77), (37, 1)], 32, 8, 128, 16, dtype, window=window, softcap=5.0)
+    args = on_gpu((args[0] * 8, *args[1:]))
+    out, _ = check(args)
+    small, _ = check(args, PrefillLaunch(16, 16, 4, 1))
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(small, out, atol=atol, rtol=rtol)
+    uncapped, _ = check(with_softcap(args, 0.0))
+    assert (out.float() - uncapped.float()).abs().max() > 0.1

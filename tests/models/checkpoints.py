@@ -52,12 +52,12 @@ FAMILIES: dict[str, tuple[type, type, dict]] = {
 _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(num_key_value_heads=2, head_dim=16)),
-    # alternating local (window 4) / global layers, query_pre_attn_scalar != head_dim, no attention soft-capping
+    # alternating local (window 4) / global layers, query_pre_attn_scalar != head_dim, attention logit
+    # soft-capping at 5 (HF's default 50 barely touches these random weights' logits; 5 moves the
+    # output logits by ~16% of their range and flips greedy tokens)
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
                dict(num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
-                    attn_logit_softcapping=None)),
-    "gemma2_softcap": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,  # HF's default softcap 50
-                       dict(num_key_value_heads=2, head_dim=16, sliding_window=4)),
+                    attn_logit_softcapping=5.0)),
     "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
                dict(num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
                     layer_types=["sliding_attention", "full_attention"])),
@@ -65,6 +65,10 @@ HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(num_key_value_heads=2, sliding_window=5)),
     "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, dict()),
     "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM, dict()),
+    # attention sinks (`s_aux`), which the kernels do not honour: refused by name
+    "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM,
+                dict(num_key_value_heads=2, head_dim=16, intermediate_size=64, num_local_experts=4,
+                     num_experts_per_tok=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "gptj": (transformers.GPTJConfig, transformers.GPTJForCausalLM, dict(rotary_dim=8)),
     "falcon": (transformers.FalconConfig, transformers.FalconForCausalLM,
                dict(num_kv_heads=2, new_decoder_architecture=True)),

@@ -1,6 +1,6 @@
 """HF modules under trtllm's attention interface (models/hf.py): what each layer asks of the
-interface is honoured (sliding windows per layer, softmax scale) or refused at compile()
-naming the layer and the feature; never dropped."""
+interface is honoured (sliding windows per layer, softmax scale, logit soft-capping) or
+refused at compile() naming the layer and the feature; never dropped."""
 import re
 
 import pytest
@@ -15,6 +15,7 @@ from trtllm.models.hf import UnsupportedAttention, trtllm_attention, unhonoured
 @pytest.mark.parametrize("family, windows", [("phi3", (5, 5)), ("gemma2", (4, 0)), ("gemma3", (4, 0)),
                                              ("starcoder2", (5, 5))])
 def test_per_layer_windows_and_scale_match_hf_eager_past_the_window(family, windows):
+    """(gemma2's layers soft-cap their logits too: checkpoints.py)"""
     model = make_hf_model(family)  # eager attention: HF's own masks and scale
     ids = random_batch(seq_len=12)  # longer than every window
     with torch.no_grad():
@@ -25,10 +26,27 @@ def test_per_layer_windows_and_scale_match_hf_eager_past_the_window(family, wind
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
 
 
-def test_soft_capping_is_refused_at_compile_naming_layer_and_feature():
-    with pytest.raises(CompileError, match=r"attention layer 0 \(Gemma2Attention\): attention logit "
-                                           r"soft-capping \(softcap=50.0\)"):
-        trtllm.compile(make_hf_model("gemma2_softcap"))
+@pytest.mark.parametrize("softcap", [5.0, 50.0])  # 50: HF's default
+def test_soft_capping_is_honoured_and_bites(softcap):
+    """Gemma-2's attn_logit_softcapping: compiled logits equal HF eager's, and differ from
+    the same model's without the cap (so dropping it would fail here)."""
+    model = make_hf_model("gemma2", attn_logit_softcapping=softcap)
+    ids = random_batch(seq_len=12)
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+        uncapped = make_hf_model("gemma2", attn_logit_softcapping=None)(input_ids=ids, use_cache=False).logits
+    compiled = trtllm.compile(make_hf_model("gemma2", attn_logit_softcapping=softcap))
+    assert compiled.attention.softcaps == (softcap, softcap)
+    assert f"logit soft-capping per layer [{softcap}, {softcap}]" in compiled.summary()
+    got = compiled(ids, torch.arange(12)[None].expand(2, -1))
+    scale = expected.abs().max()
+    assert ((got - expected).abs().max() / scale).item() < 1e-4
+    assert ((uncapped - expected).abs().max() / scale).item() > 1e-3  # 50: 3e-3; 5: 0.16
+
+
+def test_attention_sinks_are_refused_at_compile_naming_layer_and_feature():
+    with pytest.raises(CompileError, match=r"attention layer 0 \(GptOssAttention\): the attention argument 's_aux'"):
+        trtllm.compile(make_hf_model("gpt_oss"))
 
 
 def test_a_family_with_its_own_attention_code_is_refused_by_name():
@@ -37,7 +55,8 @@ def test_a_family_with_its_own_attention_code_is_refused_by_name():
 
 
 @pytest.mark.parametrize("call, feature", [
-    (dict(softcap=30.0), "soft-capping"),
+    (dict(softcap=-1.0), "softcap=-1.0"),
+    (dict(softcap=float("inf")), "softcap=inf"),
     (dict(s_aux=torch.zeros(4)), "'s_aux'"),
     (dict(attention_mask=torch.zeros(1, 1, 3, 3)), "an attention mask"),
     (dict(dropout=0.1), "dropout=0.1"),
@@ -51,6 +70,7 @@ def test_every_unhonoured_feature_raises_eagerly(call, feature):
     q = torch.randn(1, 4, 3, 8)
     kwargs = dict(attention_mask=None, scaling=None, dropout=0.0, sliding_window=None, position_ids=None)
     trtllm_attention(Attention(), q, q, q, **kwargs)  # plain causal: fine
+    trtllm_attention(Attention(), q, q, q, **{**kwargs, "softcap": 30.0, "sliding_window": 2})  # honoured
     with pytest.raises(UnsupportedAttention, match=r"attention layer 3 \(Attention\): .*" + re.escape(feature)):
         trtllm_attention(Attention(), q, q, q, **{**kwargs, **call})
     assert unhonoured(None, 0.0, 4, None, {"position_ids": None, "use_cache": False}) == []

@@ -1,7 +1,8 @@
 """LLM(model=path) for HF decoder families with no model file of ours: transformers' module
 under trtllm's attention interface (models/hf.py), compiled by the same passes. Greedy
 output equals HF generate token for token (fp32, chunked prefill and prefix reuse on,
-windows that bite); a family the kernels or the contract cannot run is refused by name."""
+windows and Gemma-2's logit soft-capping that bite); a family the kernels or the contract
+cannot run is refused by name."""
 import pytest
 import torch
 
@@ -41,6 +42,8 @@ def test_greedy_matches_hf_generate(family, tmp_path_factory):
     with llm(path) as engine:
         summary = engine.compiled.summary()
         assert f"HF module {type(model).__name__}" in summary, summary
+        if family == "gemma2":
+            assert "logit soft-capping per layer [5.0, 5.0]" in summary, summary
         for _ in range(2):  # the second run takes the prompts' full blocks from the prefix cache
             got = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params, use_tqdm=False)]
             assert got == expected
@@ -50,12 +53,29 @@ def test_greedy_matches_hf_generate(family, tmp_path_factory):
 @pytest.mark.parametrize("family, error, why", [
     ("gptj", CompileError, "GPTJForCausalLM is refused: its attention does not go through HF's AttentionInterface"),
     ("falcon", CompileError, "FalconForCausalLM is refused: its attention does not go through"),
-    ("gemma2_softcap", CompileError, r"attention layer 0 \(Gemma2Attention\): attention logit soft-capping"),
+    ("gpt_oss", CompileError, r"attention layer 0 \(GptOssAttention\): the attention argument 's_aux'"),
 ])
 def test_a_family_that_cannot_run_is_refused_by_name(family, error, why, tmp_path_factory):
     path = checkpoint(family, tmp_path_factory)
     with pytest.raises(error, match=why):
         llm(path)
+
+
+def test_gemma2_soft_capping_changes_hf_greedy_tokens(tmp_path_factory):
+    """The gemma2 checkpoint's cap (5) changes HF's own greedy tokens for these prompts, so
+    test_greedy_matches_hf_generate[gemma2] fails if the cap is dropped."""
+    path = checkpoint("gemma2", tmp_path_factory)
+    capped, uncapped = hf_model(path), hf_model(path)
+    uncapped.config.attn_logit_softcapping = None
+    assert capped.config.attn_logit_softcapping == 5.0
+    for layer in uncapped.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+
+    def greedy(model):
+        return [model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+                [0, len(p):].tolist() for p in PROMPTS]
+
+    assert greedy(capped) != greedy(uncapped)
 
 
 def test_our_model_file_is_taken_where_there_is_one(tmp_path_factory):

@@ -7,10 +7,11 @@ HF's public `AttentionInterface`: plain causal SDPA on [B, H, S, D] with GQA, no
 into paged attention. Padding masks are not part of the contract.
 
 What an attention layer asks of the interface besides q, k, v is read, never dropped:
-`scaling` (Granite, Gemma's `query_pre_attn_scalar`) becomes SDPA's scale, and
-`sliding_window` the layer's window (the paged kernels apply it; eagerly it is a banded
-mask). Anything else the paged kernels do not honour today (`unhonoured`: logit
-soft-capping, a mask, dropout, attention sinks `s_aux`, any other extra argument) makes
+`scaling` (Granite, Gemma's `query_pre_attn_scalar`) becomes SDPA's scale,
+`sliding_window` the layer's window and `softcap` its logit soft-capping (Gemma-2's
+attn_logit_softcapping): the paged kernels apply both; eagerly models/attention.py's
+`causal_attention` does. Anything else the paged kernels do not honour today
+(`unhonoured`: a mask, dropout, attention sinks `s_aux`, any other extra argument) makes
 an eager call raise `UnsupportedAttention`, and `trtllm.compile`'s probe a CompileError
 naming the layer and the feature. Models whose attention does not go through the
 interface at all (GPT-J, Falcon in transformers 5) are refused by name by the probe.
@@ -22,10 +23,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 
-from trtllm.models.llama import sliding_window_mask
+from trtllm.models.attention import causal_attention
 
 # Arguments HF passes through to every attention function that do not change the
 # attention itself (they serve HF's own kv cache and flash-attention varlen paths).
@@ -43,6 +43,7 @@ class AttentionCall:
     layer: int | None
     module: str           # the HF attention module's class
     window: int           # 0 = full causal attention
+    softcap: float        # logit soft-capping, 0.0 = none
     unhonoured: tuple[str, ...]
 
 
@@ -52,8 +53,8 @@ _recording: list[AttentionCall] | None = None
 def unhonoured(attention_mask, dropout, sliding_window, softcap, kwargs: dict) -> list[str]:
     """The features of one attention call the paged kernels do not honour today."""
     found = []
-    if softcap is not None:
-        found.append(f"attention logit soft-capping (softcap={softcap})")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < float("inf")):
+        found.append(f"softcap={softcap!r} (the kernels take one finite positive logit cap per layer)")
     if attention_mask is not None:
         found.append("an attention mask (the paged kernels apply plain causal attention only)")
     if dropout not in (0, 0.0, None):
@@ -75,18 +76,14 @@ def trtllm_attention(module, query, key, value, attention_mask, scaling=None, dr
         refused = unhonoured(attention_mask, dropout, sliding_window, softcap, kwargs)
         layer = getattr(module, "layer_idx", None)
         if _recording is not None:
-            _recording.append(AttentionCall(layer, type(module).__name__, sliding_window or 0, tuple(refused)))
+            cap = float(softcap) if isinstance(softcap, (int, float)) else 0.0  # a bad one is refused
+            _recording.append(AttentionCall(layer, type(module).__name__, sliding_window or 0, cap, tuple(refused)))
         elif refused:
             raise UnsupportedAttention(f"attention layer {layer} ({type(module).__name__}): {refused[0]}")
-    gqa = query.shape[1] != key.shape[1]
-    s = query.shape[2]
-    # Eagerly a sliding window that bites is a banded mask; under trtllm.compile the
-    # paged attention op applies it (the probe recorded each layer's window).
-    if sliding_window and s > sliding_window and not torch.compiler.is_compiling():
-        band = sliding_window_mask(s, sliding_window, query.device)  # [S, S]
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=band, scale=scaling, enable_gqa=gqa)
-    else:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+    # Eagerly the window (a banded mask where it bites) and the soft-capping are applied
+    # here; under trtllm.compile the paged attention op applies them (the probe recorded
+    # each layer's window and softcap).
+    out = causal_attention(query, key, value, scale=scaling, window=sliding_window or 0, softcap=softcap or 0.0)
     return out.transpose(1, 2).contiguous(), None  # [B, S, Hq, D]
 
 

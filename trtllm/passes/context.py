@@ -49,6 +49,7 @@ class AttentionLayers:
     module that calls SDPA, so a recompile (new shapes) gives each layer its index again."""
 
     windows: list[int] = field(default_factory=list)  # sliding window per layer, 0 = none
+    softcaps: list[float] = field(default_factory=list)  # logit soft-capping per layer, 0.0 = none
     _index: dict[str, int] = field(default_factory=dict)
 
     def index(self, node: fx.Node, position_in_graph: int) -> int:
@@ -57,6 +58,9 @@ class AttentionLayers:
 
     def window(self, layer: int) -> int:
         return self.windows[layer] if layer < len(self.windows) else 0
+
+    def softcap(self, layer: int) -> float:
+        return self.softcaps[layer] if layer < len(self.softcaps) else 0.0
 
     def __len__(self) -> int:
         return len(self._index)

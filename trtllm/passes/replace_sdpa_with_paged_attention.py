@@ -6,10 +6,12 @@ Before (any model written to the contract, or HF's attention through our interfa
         # q [B, Hq, S, D], k/v [B, Hkv, S, D]
 After:
 
-    attn = torch.ops.trtllm.attention(q, k, v, layer=i, scale=s, window=w)
+    attn = torch.ops.trtllm.attention(q, k, v, layer=i, scale=s, window=w, softcap=c)
 
 The new op writes k/v into layer i of the paged cache and attends over each
-sequence's cached context (trtllm/attention_context.py). Attention it cannot express
+sequence's cached context (trtllm/attention_context.py). The layer's sliding window w and
+logit soft-capping c (0 = none) are what compile()'s probe learnt (contract.AttentionSpec):
+the model's eager path applies them itself, the traced graph holds plain causal SDPA. Attention it cannot express
 (an explicit mask, dropout, non-causal attention over several queries: contract.py's
 `unpageable`, which compile()'s eager probe applies too) is refused: left as SDPA it
 would attend across the sequences of a flat ragged batch.
@@ -46,7 +48,7 @@ def replace_sdpa_with_paged_attention(graph: fx.Graph, ctx: PassContext) -> int:
         with graph.inserting_before(node):
             new = graph.call_function(
                 torch.ops.trtllm.attention.default,
-                (q, k, v, layer, float(scale), ctx.attention.window(layer)))
+                (q, k, v, layer, float(scale), ctx.attention.window(layer), ctx.attention.softcap(layer)))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)

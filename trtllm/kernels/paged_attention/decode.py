@@ -19,7 +19,12 @@ import triton.language as tl
 from trtllm.kernels.paged_attention.cluster import cluster_arrive, cluster_launchable, launch_cluster
 from trtllm.kernels.paged_attention.decode_merge import cluster_merge, store_out, ticket_merge
 from trtllm.kernels.paged_attention.launch_shape import DecodeLaunch
-from trtllm.kernels.paged_attention.tiles import attend as _attend, load_tile as _load_tile, write_token as _write_token
+from trtllm.kernels.paged_attention.tiles import (
+    attend as _attend,
+    load_tile as _load_tile,
+    softcap_log2 as _softcap_log2,
+    write_token as _write_token,
+)
 from trtllm.kernels.paged_attention.trace import TRACE_SLOTS, stamp, trace_row
 
 # Cache offsets (elements of one layer's cache) are int32 up to here, int64 past it: 64-bit
@@ -61,7 +66,7 @@ def _write_uncovered_tokens(s, num_seqs, num_tokens, qsl_ptr, k_ptr, v_ptr, kc_p
 @triton.jit
 def _attend_new_key(m_i, l_i, acc, q, k_new, v_new, slot, L, kvh, kc_ptr, vc_ptr, offs_d, d_ok, qk_scale,
                     STRIDE_CB: tl.constexpr, STRIDE_CS: tl.constexpr, STRIDE_CH: tl.constexpr,
-                    PAGE: tl.constexpr):
+                    PAGE: tl.constexpr, SOFTCAP: tl.constexpr):
     """The new key (position L - 1, loaded from k/v before the loop) written to its cache
     slot (if any) and attended: one more online-softmax step, of one key."""
     if slot >= 0:
@@ -69,7 +74,10 @@ def _attend_new_key(m_i, l_i, acc, q, k_new, v_new, slot, L, kvh, kc_ptr, vc_ptr
         tl.store(kc_ptr + dst, k_new.to(kc_ptr.dtype.element_ty), mask=d_ok)
         tl.store(vc_ptr + dst, v_new.to(vc_ptr.dtype.element_ty), mask=d_ok)
     if L > 0:
-        qk = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
+        if SOFTCAP > 0:
+            qk = _softcap_log2(tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1), qk_scale, SOFTCAP)
+        else:
+            qk = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
         m_new = tl.maximum(m_i, qk)
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new)
@@ -90,12 +98,14 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
     DOT_PREC: tl.constexpr, TRACE: tl.constexpr, CLUSTER: tl.constexpr, OFF64: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """One launch for the whole decode step (launches are a large share of a 20-30 us
     step), in parts: the tokens no sequence covers (`_write_uncovered_tokens`), the K/V
     loop over this split's cached keys, the new key (`_attend_new_key`), then the store or
     the split merge (decode_merge.py). TRACE (GPU only, bench/probes/decode_timeline.py) stamps
-    each program's phases into trace_ptr."""
+    each program's phases into trace_ptr. SOFTCAP (0.0 = none, which compiles to the plain
+    kernel): the scores soft-capped (tiles.softcap_log2)."""
     if CLUSTER:  # grid (splits, Hkv, seqs): a cluster is the splits of one (seq, kv head)
         rank = tl.program_id(0)
         split = NUM_SPLITS - 1 - rank
@@ -178,14 +188,14 @@ def _decode_kernel(
         k = _load_tile(kc_ptr + off, j_ok, d_ok, False, EVEN_D)
         v = _load_tile(vc_ptr + off, j_ok, d_ok, False, EVEN_D)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, DOT_PREC,
-                                SUM_LATE)
+                                SUM_LATE, SOFTCAP)
     if SUM_LATE:
         l_i = tl.sum(l_i, 1)
     if TRACE:
         stamp(stamps, 2, (tl.sum(l_i, 0) >= 0).to(tl.int32))
     if owns_new:
         m_i, l_i, acc = _attend_new_key(m_i, l_i, acc, q, k_new, v_new, slot, L, kvh, kc_ptr, vc_ptr, offs_d, d_ok,
-                                        qk_scale, STRIDE_CB, STRIDE_CS, STRIDE_CH, PAGE)
+                                        qk_scale, STRIDE_CB, STRIDE_CS, STRIDE_CH, PAGE, SOFTCAP)
 
     o_ptrs = o_ptr + t.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:
@@ -216,9 +226,10 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
-                  qk_scale, window, num_seqs, dot_prec, launch: DecodeLaunch, *, trace=None):
+                  qk_scale, window, softcap, num_seqs, dot_prec, launch: DecodeLaunch, *, trace=None):
     """One decode step of one layer (one new token per sequence) into `out`; kc/vc are one
-    layer's caches [NB, BS, Hkv, D]. trace: an int64 CUDA tensor of programs x TRACE_SLOTS
+    layer's caches [NB, BS, Hkv, D]. softcap (0.0 = none) is a constexpr: one compiled
+    kernel per value (one per model in practice). trace: an int64 CUDA tensor of programs x TRACE_SLOTS
     to stamp (bench/probes/decode_timeline.py)."""
     T, Hq, D = q.shape
     Hkv, BS = kc.shape[2], kc.shape[1]
@@ -249,6 +260,7 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         HKV=Hkv, BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_HQ=triton.next_power_of_2(Hq),
         DOT_PREC=dot_prec, TRACE=trace is not None,
         OFF64=kc.numel() > _MAX_INT32_OFFSET,  # v_cache has k_cache's shape
+        SOFTCAP=softcap,
     )
     if cluster:
         launch_cluster(_decode_kernel, (splits, Hkv, num_seqs), splits,

@@ -4,8 +4,10 @@ For each sequence s < num_seqs with new tokens q[a:b] (a, b = query_start_loc[s]
 n = b - a) and context length L = seq_lens[s] (including the new tokens), new token i has
 position p = L - n + i and
 
-    out[a + i, h] = sum_j softmax_j(scale * q[a+i, h] . K_s[j, h // G]) V_s[j, h // G]
+    out[a + i, h] = sum_j softmax_j(c(scale * q[a+i, h] . K_s[j, h // G])) V_s[j, h // G]
     over j in [0, p], or [p - window + 1, p] when window > 0 (sliding window),
+    c(x) = softcap * tanh(x / softcap) when softcap > 0 (logit soft-capping, Gemma-2's
+    attn_logit_softcapping: on the scaled logits, before the mask), else c(x) = x,
 
 where G = Hq // Hkv (GQA/MQA) and K_s[j] = k_cache[layer, block_tables[s, j // BS], j % BS]
 (same for V). Before attending, the new k/v rows are written into the cache:
@@ -18,7 +20,9 @@ seq_lens [S_max], query_start_loc [S_max + 1], all int32 -> out [T, Hq, D] in q.
 num_seqs / max_query_len / max_seq_len are host-side upper bounds that only choose the
 path, grid and splits (CUDA-graph capture fixes them); true lengths come from the tensors.
 
-Kernels (all accumulate in fp32, softmax in base 2 with scale * log2(e) folded in), chosen
+Kernels (all accumulate in fp32, softmax in base 2 with scale * log2(e) folded in; with
+soft-capping the scale goes inside the tanh and the capped logits are taken to base 2,
+tiles.softcap_log2; softcap is a constexpr, 0.0 compiling to the kernels without it), chosen
 per call by a launch value (launch_shape.py: `choose_launch` by default):
 - prefill.py (`PrefillLaunch`; any batch, the only path for max_query_len > 1): a cache
   write kernel, then `_prefill_kernel` over tiles of BLOCK_Q tokens x the G query heads
@@ -35,6 +39,8 @@ cache they were just written to: identical values as long as slot_mapping agrees
 block_tables (the runtime's invariant; the reference reads the cache). Page size: any
 16..128 works; 16 (vLLM's default) is what the bench and the H100 defaults assume.
 """
+import math
+
 import torch
 
 from trtllm.kernels.paged_attention.decode import launch_decode
@@ -53,7 +59,7 @@ def paged_attention_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int,
     slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor, scale: float, window: int,
+    query_start_loc: torch.Tensor, scale: float, window: int, softcap: float,
     num_seqs: int, max_query_len: int, max_seq_len: int,
 ) -> torch.Tensor:
     """The semantics of record: plain torch, fp32 inside, one sequence at a time."""
@@ -80,6 +86,8 @@ def paged_attention_ref(
             p = (L - (b - a) + torch.arange(c - a, e - a, device=q.device))[:, None]
             allowed = (j[None, :] <= p) & ((window <= 0) | (j[None, :] > p - window))
             scores = torch.einsum("nhd,lhd->hnl", q[c:e].float(), keys) * scale
+            if softcap > 0:
+                scores = softcap * torch.tanh(scores / softcap)
             probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
             out[c:e] = torch.einsum("hnl,lhd->nhd", probs.nan_to_num(0.0), vals)
     return out.to(q.dtype)
@@ -90,7 +98,7 @@ def paged_attention_ref(
 
 def launch_paged_attention(
     q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc,
-    scale, window, num_seqs, max_query_len, max_seq_len,
+    scale, window, softcap, num_seqs, max_query_len, max_seq_len,
     launch: PrefillLaunch | DecodeLaunch | None = None, *, trace: torch.Tensor | None = None,
 ):
     """The launcher: the op's arguments checked, then the kernels of `launch` (default:
@@ -109,6 +117,7 @@ def launch_paged_attention(
     assert k_cache.stride() == v_cache.stride(), "k/v caches must share strides"
     assert Hq % Hkv == 0, f"{Hq} query heads not a multiple of {Hkv} kv heads"
     assert scale > 0, f"softmax scale must be > 0 (the kernels take row maxima before scaling), got {scale}"
+    assert softcap >= 0 and math.isfinite(softcap), f"softcap must be finite and >= 0 (0 = none), got {softcap}"
     assert 0 <= layer < k_cache.shape[0], f"layer {layer} out of range"
     for name, t in (("slot_mapping", slot_mapping), ("block_tables", block_tables),
                     ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
@@ -137,15 +146,15 @@ def launch_paged_attention(
     with interpreter_upcast((q, k, v), (kc, vc, out)) as ((q, k, v), (kc, vc, o)):
         if decode:
             launch_decode(q, k, v, kc, vc, o, slot_mapping, block_tables, seq_lens, query_start_loc,
-                          qk_scale, window, num_seqs, dot_prec, launch, trace=trace)
+                          qk_scale, window, float(softcap), num_seqs, dot_prec, launch, trace=trace)
         else:
             launch_prefill(q, k, v, kc, vc, o, slot_mapping, block_tables, seq_lens, query_start_loc,
-                           qk_scale, window, num_seqs, max_query_len, dot_prec, launch)
+                           qk_scale, window, float(softcap), num_seqs, max_query_len, dot_prec, launch)
     return out
 
 
 def _paged_attention_fake(q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables,
-                          seq_lens, query_start_loc, scale, window, num_seqs, max_query_len,
+                          seq_lens, query_start_loc, scale, window, softcap, num_seqs, max_query_len,
                           max_seq_len):
     return q.new_empty(q.shape[:2] + (v.shape[-1],))
 

@@ -56,6 +56,7 @@ def _prefill_kernel(
     stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     # Highest q blocks (longest causal rows) first: better tail balance on the last wave.
@@ -99,7 +100,7 @@ def _prefill_kernel(
         k = _load_tile(kc_ptr + off, j_ok, d_ok, True, EVEN_D)
         v = _load_tile(vc_ptr + off, j_ok, d_ok, True, EVEN_D)
         mask = j_ok[None, :] & ((window <= 0) | (j[None, :] > pos[:, None] - window))
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, mask, True, DOT_PREC, False)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, mask, True, DOT_PREC, False, SOFTCAP)
 
     # 2) the new tokens' own keys, from the k/v tensors (same values just written to the
     # cache, contiguous rows, no indirection). Key index kk < n is position ctx + kk.
@@ -113,7 +114,7 @@ def _prefill_kernel(
         kk = k0 + offs_n
         k = _load_tile(k_base + kk[:, None] * stride_kt, kk, d_ok, False, EVEN_D)
         v = _load_tile(v_base + kk[:, None] * stride_vt, kk, d_ok, False, EVEN_D)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, kk, False, DOT_PREC, False)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, kk, False, DOT_PREC, False, SOFTCAP)
     for k0 in range(tl.maximum(full_end, (kk_lo // BLOCK_N) * BLOCK_N), i_hi + 1, BLOCK_N):
         kk = k0 + offs_n
         kk_ok = (kk >= kk_lo) & (kk <= i_hi)
@@ -121,7 +122,7 @@ def _prefill_kernel(
         v = _load_tile(v_base + kk[:, None] * stride_vt, kk_ok, d_ok, True, EVEN_D)
         mask = kk_ok[None, :] & (kk[None, :] <= i[:, None]) \
             & ((window <= 0) | (kk[None, :] > i[:, None] - window))
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, mask, True, DOT_PREC, False)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, mask, True, DOT_PREC, False, SOFTCAP)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l == 0: no key at all -> 0
     tl.store(o_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -130,9 +131,10 @@ def _prefill_kernel(
 
 
 def launch_prefill(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
-                   qk_scale, window, num_seqs, max_query_len, dot_prec, launch: PrefillLaunch):
+                   qk_scale, window, softcap, num_seqs, max_query_len, dot_prec, launch: PrefillLaunch):
     """The cache write, then (if any sequence has new tokens) attention, into `out`; kc/vc
-    are one layer's caches [NB, BS, Hkv, D]."""
+    are one layer's caches [NB, BS, Hkv, D]. softcap (0.0 = none) is a constexpr: one
+    compiled kernel per value (one per model in practice)."""
     T, Hq, D = q.shape
     Hkv, BS = kc.shape[2], kc.shape[1]
     BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -155,6 +157,6 @@ def launch_prefill(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, q
         kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0),
         G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_Q=block_q, BLOCK_M=launch.block_m,
-        BLOCK_N=launch.block_n, DOT_PREC=dot_prec, num_warps=launch.num_warps,
+        BLOCK_N=launch.block_n, DOT_PREC=dot_prec, SOFTCAP=softcap, num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )

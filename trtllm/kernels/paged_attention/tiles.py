@@ -4,6 +4,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # softmax runs in base 2, with scale * log2(e) folded in
+_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -52,15 +53,34 @@ def load_tile(ptrs, row_ok, d_ok, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def softcap_log2(qk, qk_scale, SOFTCAP: tl.constexpr):
+    """Soft-capped scores in the kernels' base-2 units: softcap * tanh(scale * qk / softcap)
+    * log2(e), from raw dot products qk and qk_scale = scale * log2(e) (Gemma-2's
+    attn_logit_softcapping, applied to the scaled logits in natural units, as HF does).
+
+    tanh(x) = 1 - 2 / (1 + e^(2x)), e^(2x) = 2^(qk * 2 * qk_scale / softcap): one exp2 and
+    one division a score; tl has no tanh in every Triton version, and this form is the
+    same under the interpreter. No NaN for any finite or infinite qk: e^(2x) overflowing
+    to inf gives 1, underflowing to 0 gives -1; near 0 its absolute error is an ulp of 1
+    (times softcap), which is what a softmax's logits are judged by."""
+    e2x = tl.math.exp2(qk * (2.0 * qk_scale / SOFTCAP))
+    return (SOFTCAP * _LOG2E) * (1.0 - 2.0 / (1.0 + e2x))
+
+
+@triton.jit
 def attend(acc, m_i, l_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
-           SUM_LATE: tl.constexpr):
+           SUM_LATE: tl.constexpr, SOFTCAP: tl.constexpr):
     """One online-softmax step over a [BLOCK_N, D] K/V tile (m_i in log2 units; qk_scale > 0
     with log2(e) folded in). SUM_LATE:
     l_i is [M, BLOCK_N], column-wise sums the caller reduces once after its loop (a row
-    sum across warps per tile less)."""
+    sum across warps per tile less). SOFTCAP > 0 (a constexpr; 0.0 compiles to the plain
+    step): scores soft-capped (`softcap_log2`) before the mask."""
     # The scale (> 0) goes into the exp2's argument as one FMA, not a multiply per score
     # first: the row max of unscaled scores, scaled, is the max of the scaled ones.
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if SOFTCAP > 0:  # the scale goes inside the tanh: qk is scaled (log2 units) from here
+        qk = softcap_log2(qk, qk_scale, SOFTCAP)
+        qk_scale = 1.0
     if MASKED:
         qk = tl.where(mask, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
