@@ -97,6 +97,7 @@ class _RecordSDPA(TorchFunctionMode):
 def probe_attention(model: nn.Module, device: torch.device) -> AttentionSpec:
     """Run `model` (under the contract) eagerly on two tokens and record every SDPA's key
     shape; the windows come from what an HF model's layers asked for, else its config."""
+    refuse_softcaps(model)
     ids = torch.zeros((1, 2), dtype=torch.long, device=device)
     record = getattr(model, "record_attention_calls", None)  # HF models (models/hf.py)
     with torch.no_grad(), _RecordSDPA() as rec, (record() if record else contextlib.nullcontext([])) as calls:
@@ -125,6 +126,17 @@ def probe_attention(model: nn.Module, device: torch.device) -> AttentionSpec:
                            "some attention bypasses the interface")
     windows = [c.window for c in calls] if calls else layer_windows(model, len(rec.keys))
     return AttentionSpec(len(rec.keys), heads, dim, dtype, tuple(windows))
+
+
+def refuse_softcaps(model: nn.Module) -> None:
+    """A model file of ours asks for attention logit soft-capping through `config.layer_softcaps`
+    (models/gemma.py, Gemma-2): the paged kernels do not apply it yet, so it is refused, not dropped."""
+    softcaps = list(getattr(getattr(model, "config", None), "layer_softcaps", None) or [])
+    capped = [i for i, cap in enumerate(softcaps) if cap]
+    if capped:
+        raise CompileError(f"attention layer {capped[0]}: attention logit soft-capping "
+                           f"(config.layer_softcaps[{capped[0]}]={softcaps[capped[0]]}): the paged attention "
+                           "kernels do not support it yet, and dropping it would give wrong output")
 
 
 def layer_windows(model: nn.Module, num_layers: int) -> list[int]:

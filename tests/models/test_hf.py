@@ -27,7 +27,7 @@ def test_per_layer_windows_and_scale_match_hf_eager_past_the_window(family, wind
 
 def test_soft_capping_is_refused_at_compile_naming_layer_and_feature():
     with pytest.raises(CompileError, match=r"attention layer 0 \(Gemma2Attention\): attention logit "
-                                           r"soft-capping \(softcap=50.0\)"):
+                                           r"soft-capping \(softcap=2.0\)"):
         trtllm.compile(make_hf_model("gemma2_softcap"))
 
 
