@@ -100,18 +100,14 @@ class GemmaConfig:
         if d.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention=True is not supported (trtllm runs causal decoders)")
 
-        types = ["full_attention"] * n_layers
-        local_theta, local_scaling = 0.0, None
-        if model_type == "gemma":
-            theta, scaling = rope_from_hf(d)
+        types = list(d.get("layer_types") or ["full_attention"] * n_layers)  # Gemma has none
+        if model_type == "gemma3_text":  # rope_parameters per layer type: sliding layers have their own
+            rope = d["rope_parameters"]
+            theta, scaling = rope_from_hf({**d, "rope_parameters": rope["full_attention"]})
+            local_theta, local_scaling = rope_from_hf({**d, "rope_parameters": rope["sliding_attention"]})
         else:
-            types = list(d["layer_types"])
-            if model_type == "gemma2":
-                theta, scaling = rope_from_hf(d)
-            else:  # gemma3_text: rope_parameters per layer type
-                rope = d["rope_parameters"]
-                theta, scaling = rope_from_hf({**d, "rope_parameters": rope["full_attention"]})
-                local_theta, local_scaling = rope_from_hf({**d, "rope_parameters": rope["sliding_attention"]})
+            theta, scaling = rope_from_hf(d)
+            local_theta, local_scaling = 0.0, None
         window = d.get("sliding_window") or 0
         # HF's Gemma3Attention does not pass attn_logit_softcapping to attention: Gemma-2 only.
         attn_cap = (d.get("attn_logit_softcapping") or 0.0) if model_type == "gemma2" else 0.0
@@ -269,7 +265,6 @@ class DecoderLayer(nn.Module):
 class GemmaModel(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
-        self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
