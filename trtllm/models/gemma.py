@@ -15,7 +15,7 @@ Written like models/llama.py (same rope, same causal SDPA); what Gemma does diff
   residual add, and the MLP's input norm is called ``pre_feedforward_layernorm``;
 - Gemma-2/3: sliding-window layers per ``layer_types`` (Gemma-2 alternates local/global,
   Gemma-3 five local to one global), final logit soft-capping ``cap * tanh(logits / cap)``;
-- Gemma-2: attention logit soft-capping (``layer_softcaps``; see `softcapped_attention`);
+- Gemma-2: attention logit soft-capping (``layer_softcaps``; models/attention.py's `causal_attention`);
 - Gemma-3: QK-norm, and sliding layers have a rope of their own (base ``rope_local_base_freq``,
   unscaled) while full-attention layers use ``rope_theta`` with the config's rope scaling.
 
@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trtllm.models.llama import RotaryEmbedding, apply_rotary_pos_emb, rope_from_hf, sliding_window_mask
+from trtllm.models.attention import causal_attention
+from trtllm.models.llama import RotaryEmbedding, apply_rotary_pos_emb, rope_from_hf
 
 # HF architecture names this file implements (config.json "architectures"[0]).
 HF_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -171,23 +172,6 @@ class RMSNorm(nn.Module):
         return (normed * (1.0 + self.weight.float())).type_as(x)
 
 
-def softcapped_attention(q, k, v, scale: float, softcap: float, window: int) -> torch.Tensor:
-    """Causal attention with logit soft-capping, as HF's eager Gemma-2 attention computes it.
-
-    q [B, H, S, D], k/v [B, KVH, S, D] -> [B, H, S, D]. scores = cap * tanh(q k^T * scale / cap),
-    then the causal (and, with window > 0, banded) mask, softmax in fp32, times v.
-    """
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, S, D]
-    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, H, S, S]
-    scores = torch.tanh(scores / softcap) * softcap
-    S = q.shape[2]
-    visible = sliding_window_mask(S, window or S, q.device)  # [S, S], causal (and banded)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v)
-
-
 class Attention(nn.Module):
     def __init__(self, config: GemmaConfig, layer_idx: int):
         super().__init__()
@@ -212,17 +196,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|KVH, S, D]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        # Eagerly, soft-capping and a sliding window that bites are computed here. Under
-        # trtllm.compile the paged attention op applies both (the passes read
-        # config.layer_windows and config.layer_softcaps), so the traced graph keeps plain causal SDPA.
-        compiling = torch.compiler.is_compiling()
-        if self.softcap and not compiling:
-            y = softcapped_attention(q, k, v, self.scale, self.softcap, self.window)
-        elif self.window and S > self.window and not compiling:
-            mask = sliding_window_mask(S, self.window, x.device)  # [S, S]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+        # Eagerly the window and soft-cap are applied here; under trtllm.compile this is plain
+        # causal SDPA and the paged attention op applies both (from config.layer_windows / layer_softcaps).
+        y = causal_attention(q, k, v, scale=self.scale, window=self.window, softcap=self.softcap)  # [B, H, S, D]
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, H*D]
         return self.o_proj(y)
 

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trtllm.models.llama import RMSNorm, RotaryEmbedding, rope_from_hf, rotate_half, sliding_window_mask
+from trtllm.models.attention import causal_attention
+from trtllm.models.llama import RMSNorm, RotaryEmbedding, rope_from_hf, rotate_half
 
 # HF architecture names this file implements (config.json "architectures"[0]).
 HF_ARCHITECTURES = ("Phi3ForCausalLM",)
@@ -129,14 +130,9 @@ class Attention(nn.Module):
         k = qkv[..., nq: nq + nkv].view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, S, D]
         v = qkv[..., nq + nkv:].view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, S, D]
         q, k = apply_partial_rotary(q, k, cos, sin)
-        # A sliding window that bites: explicit banded causal mask in eager. Under
-        # trtllm.compile the paged attention op applies the window itself (the pass reads
-        # config.layer_windows), so the traced graph keeps plain causal SDPA.
-        if self.window and S > self.window and not torch.compiler.is_compiling():
-            mask = sliding_window_mask(S, self.window, x.device)  # [S, S]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+        # Eagerly the window is applied here (a banded mask); under trtllm.compile this is plain
+        # causal SDPA and the paged attention op applies it (from config.layer_windows).
+        y = causal_attention(q, k, v, scale=self.scale, window=self.window)  # [B, H, S, D]
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, H*D]
         return self.o_proj(y)
 
