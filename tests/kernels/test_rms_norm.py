@@ -99,3 +99,41 @@ def test_opcheck():
     torch.library.opcheck(
         torch.ops.trtllm.fused_add_rms_norm.default, (x, residual, weight, EPS)
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(7, 83), (1, 5125)])
+def test_unit_offset_matches_reference(rows, n, dtype):
+    """Gemma's norm: weight stored as an offset from 1 (around 0 here, as trained ones are)."""
+    x, weight = _inputs(rows, n, dtype)
+    weight = weight - 1
+    residual = torch.randn(rows, n, dtype=dtype)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(rms_norm(x, weight, EPS, True), rms_norm_ref(x, weight, EPS, True), **tol)
+    out, summed = fused_add_rms_norm(x, residual, weight, EPS, True)
+    out_ref, summed_ref = fused_add_rms_norm_ref(x, residual, weight, EPS, True)
+    torch.testing.assert_close(summed, summed_ref, **tol)
+    torch.testing.assert_close(out, out_ref, **tol)
+    # not Llama's rounding: the offset is applied
+    assert not torch.allclose(rms_norm_ref(x, weight, EPS, True).float(), rms_norm_ref(x, weight, EPS).float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unit_offset_reference_is_hf_gemma(dtype):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    n = 769
+    hf = GemmaRMSNorm(n, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        hf.weight.copy_(0.1 * torch.randn(n))
+        x, residual = torch.randn(2, 7, n, dtype=dtype), torch.randn(2, 7, n, dtype=dtype)
+        assert torch.equal(rms_norm_ref(x, hf.weight, 1e-6, True), hf(x))
+        out, summed = fused_add_rms_norm_ref(x, residual, hf.weight, 1e-6, True)
+        assert torch.equal(out, hf(residual + x))
+
+
+def test_opcheck_unit_offset():
+    x, weight = _inputs(7, 83, torch.bfloat16)
+    residual = torch.randn(7, 83, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.trtllm.rms_norm.default, (x, weight, EPS, True))
+    torch.library.opcheck(torch.ops.trtllm.fused_add_rms_norm.default, (x, residual, weight, EPS, True))

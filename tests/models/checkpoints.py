@@ -3,7 +3,9 @@
     write_checkpoint(family, directory, **config_overrides) -> Path
     hf_model(directory) -> the HF *ForCausalLM, fp32, eager attention, eval
 
-FAMILIES lists the families our model file runs, HF_MODULE_FAMILIES the others; each is hidden 64, 2 layers, 4 heads, vocab 128. Every
+FAMILIES lists the families models/llama.py runs, GEMMA_FAMILIES and PHI3_FAMILIES those of
+models/gemma.py and models/phi3.py, HF_MODULE_FAMILIES the others (no model file of ours);
+each is hidden 64, 2 layers, 4 heads, vocab 128. Every
 parameter is random (norm weights around 1, biases nonzero) so a misplaced tensor shows.
 Other test files reuse these: `from tests.models.checkpoints import write_checkpoint`.
 """
@@ -46,23 +48,40 @@ FAMILIES: dict[str, tuple[type, type, dict]] = {
             dict(num_key_value_heads=1, tie_word_embeddings=False)),
 }
 
-# Families with no model file of ours: LLM(model=path) runs HF's module under our attention
-# interface (models/hf.py), or refuses them by name. Sliding windows of 4-5 bite on the
-# tests' 21-token prompt. Token ids 0-2 as special tokens, inside every test vocabulary.
+# Sliding windows of 4-5 bite on the tests' 21-token prompt. Token ids 0-2 as special
+# tokens, inside every test vocabulary.
 _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
+GEMMA_FAMILIES: dict[str, tuple[type, type, dict]] = {
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(num_key_value_heads=2, head_dim=16)),
-    # alternating local (window 4) / global layers, query_pre_attn_scalar != head_dim, attention logit
-    # soft-capping at 5 (HF's default 50 barely touches these random weights' logits; 5 moves the
-    # output logits by ~16% of their range and flips greedy tokens)
+    # alternating local (window 4) / global layers, query_pre_attn_scalar != head_dim, final logit
+    # soft-capping (HF's default 30), no attention soft-capping
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
                dict(num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
-                    attn_logit_softcapping=5.0)),
+                    attn_logit_softcapping=None)),
+    # a cap that bites on these random weights (HF's default, 50, moves the logits ~0.3%; 5 moves
+    # them ~16% and changes HF's own greedy tokens on the tests' prompts)
+    "gemma2_softcap": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+                       dict(num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                            attn_logit_softcapping=5.0)),
+    # local layer (window 4, rope base 10^4) then global layer (rope base 10^6, linear scaling x8,
+    # as Gemma-3 4B+); QK-norm; final logit soft-capping set (HF's default is none)
     "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
                dict(num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
-                    layer_types=["sliding_attention", "full_attention"])),
-    "phi": (transformers.PhiConfig, transformers.PhiForCausalLM, dict(partial_rotary_factor=0.5)),
+                    layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=20.0,
+                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                     "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                        "rope_theta": 1000000.0}})),
+}
+PHI3_FAMILIES: dict[str, tuple[type, type, dict]] = {
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(num_key_value_heads=2, sliding_window=5)),
+    # as Phi-4-mini: partial rotary (12 of 16 channels), tied embeddings, no window
+    "phi3_partial": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+                     dict(num_key_value_heads=2, partial_rotary_factor=0.75, tie_word_embeddings=True)),
+}
+# Families with no model file of ours: LLM(model=path) runs HF's module under our attention
+# interface (models/hf.py), or refuses them by name.
+HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
+    "phi": (transformers.PhiConfig, transformers.PhiForCausalLM, dict(partial_rotary_factor=0.5)),
     "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, dict()),
     "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM, dict()),
     # attention sinks (`s_aux`), which the kernels do not honour: refused by name
@@ -81,18 +100,26 @@ HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
                      embedding_multiplier=2.0, logits_scaling=4.0)),
     "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM, dict(num_key_value_heads=2)),
 }
-HF_MODULE_FAMILIES = {name: (config, model, {**_IDS, **kwargs})
-                      for name, (config, model, kwargs) in HF_MODULE_FAMILIES.items()}
+GEMMA_FAMILIES, PHI3_FAMILIES, HF_MODULE_FAMILIES = (
+    {name: (config, model, {**_IDS, **kwargs}) for name, (config, model, kwargs) in families.items()}
+    for families in (GEMMA_FAMILIES, PHI3_FAMILIES, HF_MODULE_FAMILIES))
+
+
+def _family(family: str) -> tuple[type, type, dict]:
+    for families in (FAMILIES, GEMMA_FAMILIES, PHI3_FAMILIES, HF_MODULE_FAMILIES):
+        if family in families:
+            return families[family]
+    raise KeyError(f"no test family {family!r}")
 
 
 def hf_config(family: str, **overrides):
-    config_cls, _, kwargs = FAMILIES.get(family) or HF_MODULE_FAMILIES[family]
+    config_cls, _, kwargs = _family(family)
     return config_cls(**{**_BASE, **kwargs, **overrides})
 
 
 def make_hf_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A random HF model of `family` (fp32, eager attention, eval)."""
-    _, model_cls, _ = FAMILIES.get(family) or HF_MODULE_FAMILIES[family]
+    _, model_cls, _ = _family(family)
     config = hf_config(family, **overrides)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

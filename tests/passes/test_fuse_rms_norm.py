@@ -71,3 +71,48 @@ def test_add_with_broadcast_is_not_fused():
     assert cap.apply(fuse_rms_norm) == 1
     assert cap.apply(fuse_add_rms_norm) == 0
     torch.testing.assert_close(cap.run(), f(x, bias).detach(), rtol=1e-5, atol=1e-5)
+
+
+class GemmaRMSNorm(nn.Module):  # transformers' GemmaRMSNorm, verbatim
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(0.1 * torch.randn(dim))
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float())
+        output = output * (1.0 + self.weight.float())
+        return output.type_as(x)
+
+
+class GemmaBlock(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.norm1, self.norm2 = GemmaRMSNorm(n), GemmaRMSNorm(n)
+
+    def forward(self, x, residual):
+        h = x + residual
+        return self.norm2(self.norm1(h) * 2) + h
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_unit_offset_norm_and_residual_add_fuse(dtype):
+    block = GemmaBlock(83).to(dtype)
+    x, r = torch.randn(3, 5, 83, dtype=dtype), torch.randn(3, 5, 83, dtype=dtype)
+    with torch.no_grad():
+        expected = block(x, r)
+    cap = Captured(block, x, r)
+    assert cap.apply(fuse_rms_norm) == 2
+    norms = [n for n in cap.gm.graph.nodes if n.target is torch.ops.trtllm.rms_norm.default]
+    assert [n.args[3] for n in norms] == [True, True]  # unit_offset
+    assert not any(n.target is torch.rsqrt for n in cap.gm.graph.nodes)
+    assert cap.apply(fuse_add_rms_norm) == 1
+    fused, = [n for n in cap.gm.graph.nodes if n.target is torch.ops.trtllm.fused_add_rms_norm.default]
+    assert fused.args[4] is True
+    if dtype == torch.float32:
+        torch.testing.assert_close(cap.run(), expected, rtol=1e-5, atol=1e-5)
+    else:  # the interpreter's bf16 (registry.interpreter_upcast) skips the sum's rounding: an ulp or two
+        torch.testing.assert_close(cap.run(), expected, rtol=2e-2, atol=3e-2)

@@ -1,8 +1,8 @@
-"""LLM(model=path) for HF decoder families with no model file of ours: transformers' module
-under trtllm's attention interface (models/hf.py), compiled by the same passes. Greedy
-output equals HF generate token for token (fp32, chunked prefill and prefix reuse on,
-windows and Gemma-2's logit soft-capping that bite); a family the kernels or the contract
-cannot run is refused by name."""
+"""LLM(model=path) for HF decoder families beyond Llama: our model file where there is one
+(Gemma, Gemma-2, Gemma-3 text, Phi-3), else transformers' module under trtllm's attention
+interface (models/hf.py), compiled by the same passes. Greedy output equals HF generate
+token for token (fp32, chunked prefill and prefix reuse on, windows that bite); a family the
+kernels or the contract cannot run is refused by name."""
 import pytest
 import torch
 
@@ -10,13 +10,15 @@ from tests.models.checkpoints import hf_model, write_checkpoint
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm.compile import CompileError
 from trtllm.config import BuildConfig, KvCacheConfig
+from trtllm.models.hf import load_hf_module
 from trtllm.runtime.llm import LLM
 from trtllm.sampling_params import SamplingParams
 
 PROMPTS = [[5, 17, 99, 3, 250, 31, 8], [400, 3], list(range(60, 81)), [9]]
 NEW = 8
-RUN = ["gemma", "gemma2", "gemma3", "phi", "phi3", "gpt2", "gpt_neox", "stablelm", "starcoder2", "olmo2",
-       "granite", "cohere"]
+RUN = ["phi", "gpt2", "gpt_neox", "stablelm", "starcoder2", "olmo2", "granite", "cohere"]
+OWN_FILE = {"gemma": "gemma.GemmaForCausalLM", "gemma2": "gemma.GemmaForCausalLM", "gemma3": "gemma.GemmaForCausalLM",
+            "gemma2_softcap": "gemma.GemmaForCausalLM", "phi3": "phi3.Phi3ForCausalLM", "phi3_partial": "phi3.Phi3ForCausalLM"}
 
 
 def checkpoint(family, tmp_path_factory):
@@ -26,28 +28,59 @@ def checkpoint(family, tmp_path_factory):
     return path
 
 
-def llm(path, **build):
+def llm(model, tokenizer=None, **build):
     # max_num_tokens 8: the 21-token prompt is prefilled in chunks; block reuse is on by default
-    return LLM(str(path), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=1024),
+    model = model if isinstance(model, torch.nn.Module) else str(model)
+    return LLM(model, tokenizer, dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=1024),
                build_config=BuildConfig(**{"max_batch_size": 4, "max_num_tokens": 8, "max_seq_len": 64, **build}))
+
+
+def hf_greedy(path) -> tuple[list[list[int]], str]:
+    """HF generate's greedy tokens for PROMPTS, and the HF model's class name."""
+    model = hf_model(path)
+    return [model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+            [0, len(p):].tolist() for p in PROMPTS], type(model).__name__
+
+
+def check_greedy(engine, expected):
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+    for _ in range(2):  # the second run takes the prompts' full blocks from the prefix cache
+        got = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params, use_tqdm=False)]
+        assert got == expected
+    assert engine.block_manager.prefix_hit_rate > 0
 
 
 @pytest.mark.parametrize("family", RUN)
 def test_greedy_matches_hf_generate(family, tmp_path_factory):
     path = checkpoint(family, tmp_path_factory)
-    model = hf_model(path)
-    expected = [model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
-                [0, len(p):].tolist() for p in PROMPTS]
-    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+    expected, hf_class = hf_greedy(path)
     with llm(path) as engine:
         summary = engine.compiled.summary()
-        assert f"HF module {type(model).__name__}" in summary, summary
-        if family == "gemma2":
-            assert "logit soft-capping per layer [5.0, 5.0]" in summary, summary
-        for _ in range(2):  # the second run takes the prompts' full blocks from the prefix cache
-            got = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params, use_tqdm=False)]
-            assert got == expected
-        assert engine.block_manager.prefix_hit_rate > 0
+        assert f"HF module {hf_class}" in summary, summary
+        check_greedy(engine, expected)
+
+
+@pytest.mark.parametrize("family", sorted(OWN_FILE))
+def test_greedy_of_our_model_file_matches_hf_generate(family, tmp_path_factory):
+    path = checkpoint(family, tmp_path_factory)
+    expected, _ = hf_greedy(path)
+    with llm(path) as engine:
+        summary = engine.compiled.summary()
+        assert f"model file of ours: trtllm.models.{OWN_FILE[family]}" in summary, summary
+        check_greedy(engine, expected)
+
+
+@pytest.mark.parametrize("family, hf_class", [("gemma", "GemmaForCausalLM"),
+                                              ("gemma2_softcap", "Gemma2ForCausalLM")])
+def test_the_hf_module_path_still_runs_a_family_we_have_a_file_for(family, hf_class, tmp_path_factory):
+    """Passing the HF module itself takes the HF-module path (what LLM(model=path) did before
+    models/gemma.py): it still gives HF's tokens, attention soft-capping included."""
+    path = checkpoint(family, tmp_path_factory)
+    expected, _ = hf_greedy(path)
+    module = load_hf_module(path, torch.float32, torch.device("cpu"))
+    with llm(module, tokenizer=str(path)) as engine:
+        assert f"HF module {hf_class}" in engine.compiled.summary()
+        check_greedy(engine, expected)
 
 
 @pytest.mark.parametrize("family, error, why", [
@@ -62,9 +95,9 @@ def test_a_family_that_cannot_run_is_refused_by_name(family, error, why, tmp_pat
 
 
 def test_gemma2_soft_capping_changes_hf_greedy_tokens(tmp_path_factory):
-    """The gemma2 checkpoint's cap (5) changes HF's own greedy tokens for these prompts, so
-    test_greedy_matches_hf_generate[gemma2] fails if the cap is dropped."""
-    path = checkpoint("gemma2", tmp_path_factory)
+    """The gemma2_softcap checkpoint's cap (5) changes HF's own greedy tokens for these
+    prompts, so the greedy tests of gemma2_softcap fail if the cap is dropped."""
+    path = checkpoint("gemma2_softcap", tmp_path_factory)
     capped, uncapped = hf_model(path), hf_model(path)
     uncapped.config.attn_logit_softcapping = None
     assert capped.config.attn_logit_softcapping == 5.0

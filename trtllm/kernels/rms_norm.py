@@ -1,8 +1,11 @@
-"""RMS norm, alone or fused with the residual add before it, with HF Llama's rounding.
+"""RMS norm, alone or fused with the residual add before it, with HF Llama's or Gemma's rounding.
 
     rms_norm(x, w, eps)              = w * (xf * rsqrt(mean(xf**2, -1) + eps)).to(x.dtype)
-                                        with xf = x.float()
-    fused_add_rms_norm(x, r, w, eps) = (rms_norm(s, w, eps), s)   with s = (x + r).to(x.dtype)
+                                        with xf = x.float()                       (Llama)
+    rms_norm(x, w, eps, True)        = ((xf * rsqrt(mean(xf**2, -1) + eps)) * (1 + w.float())).to(x.dtype)
+                                                                                   (Gemma: unit_offset)
+    fused_add_rms_norm(x, r, w, eps[, unit_offset]) = (rms_norm(s, w, eps[, unit_offset]), s)
+                                        with s = (x + r).to(x.dtype)
 
 Shapes: x, r [..., N] of one dtype (fp32/fp16/bf16), leading dims with any strides, last
 dim contiguous; w [N] contiguous. Outputs [..., N], contiguous, in x.dtype.
@@ -11,7 +14,9 @@ Rounding, as in `LlamaRMSNorm.forward` and the decoder layer's `residual + hidde
 the residual sum is rounded to x.dtype; the normalized value is rounded to x.dtype before
 the weight multiply; the product is rounded once more. With w.dtype == x.dtype (the model
 case) the product of two 16-bit floats is exact in fp32, so rounding it once to x.dtype is
-bit-for-bit HF's 16-bit multiply. The kernel keeps each rounding point.
+bit-for-bit HF's 16-bit multiply. Gemma's (`GemmaRMSNorm`, `unit_offset=True`) stores the
+weight as an offset from 1 and stays in fp32 until one rounding of the product. The kernel
+keeps each rounding point.
 """
 import torch
 import triton
@@ -22,17 +27,19 @@ from trtllm.kernels.registry import interpreter_upcast, register_op
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
     xf = x.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return (weight.float() * normed.float()).to(x.dtype).contiguous()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:  # Gemma: (1 + w) in fp32, one rounding
+        return (normed * (1.0 + weight.float())).to(x.dtype).contiguous()
+    return (weight.float() * normed.to(x.dtype).float()).to(x.dtype).contiguous()
 
 
 def fused_add_rms_norm_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     summed = (x.float() + residual.float()).to(x.dtype).contiguous()
-    return rms_norm_ref(summed, weight, eps), summed
+    return rms_norm_ref(summed, weight, eps, unit_offset), summed
 
 
 @triton.jit
@@ -42,6 +49,7 @@ def _rms_norm_kernel(
     x_row_stride, residual_row_stride, out_row_stride, sum_row_stride,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    UNIT_OFFSET: tl.constexpr,  # Gemma: weight = 1 + w, the product rounded once
     BLOCK_M: tl.constexpr,  # rows per program (> 1 only for small N)
     BLOCK_N: tl.constexpr,  # next power of 2 >= n_cols: a whole row in one block
 ):
@@ -60,9 +68,12 @@ def _rms_norm_kernel(
 
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)
-    # HF rounds the normalized value to x.dtype before the weight multiply.
-    normed = (xf * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:  # HF Gemma: fp32 throughout
+        normed = xf * rstd[:, None]
+        w = 1.0 + w
+    else:  # HF Llama rounds the normalized value to x.dtype before the weight multiply.
+        normed = (xf * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
     out = (normed * w[None, :]).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :], out, mask=mask)
 
@@ -73,7 +84,7 @@ def _as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _launch(x, residual, weight, eps):
+def _launch(x, residual, weight, eps, unit_offset):
     n_cols = x.shape[-1]
     assert x.dtype in _FLOAT_DTYPES, f"x: unsupported dtype {x.dtype}"
     assert weight.shape == (n_cols,), f"weight {tuple(weight.shape)} != ({n_cols},)"
@@ -104,28 +115,28 @@ def _launch(x, residual, weight, eps):
             n_rows, n_cols,
             x_rows.stride(0), r_rows.stride(0), out_rows.stride(0), sum_rows.stride(0),
             eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             num_warps=num_warps,
         )
     return out, summed
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _launch(x, None, weight, eps)[0]
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
+    return _launch(x, None, weight, eps, unit_offset)[0]
 
 
 def fused_add_rms_norm_triton(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(x, residual, weight, eps)
+    return _launch(x, residual, weight, eps, unit_offset)
 
 
-def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
 def _fused_add_rms_norm_fake(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(x.shape), x.new_empty(x.shape)
 

@@ -84,7 +84,7 @@ class LlamaConfig:
                              "by trtllm.models.llama (quantize with trtllm's QuantConfig instead)")
         heads = d["num_attention_heads"]
         n_layers = d["num_hidden_layers"]
-        theta, scaling = _rope_from_hf(d)
+        theta, scaling = rope_from_hf(d)
         bias = bool(d.get("attention_bias", False))
         return cls(
             vocab_size=d["vocab_size"],
@@ -116,7 +116,7 @@ def _model_type_from_architectures(architectures) -> str:
     raise ValueError(f"architecture {arch!r} is not in the Llama family (supported: {HF_ARCHITECTURES})")
 
 
-def _rope_from_hf(d: dict) -> tuple[float, dict | None]:
+def rope_from_hf(d: dict) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from transformers 5 `rope_parameters` or 4's `rope_theta`/`rope_scaling`."""
     params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
     if params and all(isinstance(v, dict) for v in params.values()):
@@ -159,7 +159,7 @@ def layer_windows_from_hf(d: dict, model_type: str, n_layers: int) -> list[int]:
     return [int(window) if t == "sliding_attention" else 0 for t in types]
 
 
-def _rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None) -> torch.Tensor:
+def rope_inv_freq_hf(head_dim: int, theta: float, rope_scaling: dict | None) -> torch.Tensor:
     """Rope inverse frequencies [head_dim // 2], fp32, exactly as transformers computes them.
 
     default and "llama3" (`modeling_rope_utils._compute_llama3_parameters`) come from
@@ -182,16 +182,16 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin [B, S, D] from positions [B, S]; `inv_freq` is a non-persistent fp32 buffer."""
+    """cos/sin [B, S, D] from positions [B, S]; `inv_freq` is a non-persistent fp32 buffer.
+    D is the rotated part of a head: head_dim, or less under partial rotary (Phi-3)."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, dim: int, theta: float, rope_scaling: dict | None):
         super().__init__()
-        self.head_dim, self.theta, self.rope_scaling = config.head_dim, config.rope_theta, config.rope_scaling
-        self.register_buffer("inv_freq", _rope_inv_freq(self.head_dim, self.theta, self.rope_scaling),
-                             persistent=False)
+        self.head_dim, self.theta, self.rope_scaling = dim, theta, rope_scaling
+        self.register_buffer("inv_freq", rope_inv_freq_hf(dim, theta, rope_scaling), persistent=False)
 
     def init_buffers(self, device: torch.device | str) -> None:
-        self.inv_freq = _rope_inv_freq(self.head_dim, self.theta, self.rope_scaling).to(device)
+        self.inv_freq = rope_inv_freq_hf(self.head_dim, self.theta, self.rope_scaling).to(device)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq.float()  # [B, S, D/2]
@@ -286,7 +286,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # [B, S] -> [B, S, hidden]
         x = self.embed_tokens(input_ids)  # [B, S, hidden]

@@ -26,7 +26,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from trtllm.models.gemma import GemmaForCausalLM
 from trtllm.models.llama import LlamaForCausalLM
+from trtllm.models.phi3 import Phi3ForCausalLM
 
 # config.json "architectures"[0] -> model class. Add a line per supported architecture.
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -34,6 +36,10 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "GemmaForCausalLM": GemmaForCausalLM,
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
 }
 
 _DTYPES = {

@@ -74,6 +74,7 @@ class LMHead:
     weight: torch.Tensor  # [V, H]
     bias: torch.Tensor | None
     linear: Callable = F.linear
+    softcap: float = 0.0  # final logit soft-capping (Gemma-2/3): logits = cap * tanh(logits / cap); 0 = none
 
     @property
     def op_name(self) -> str:
@@ -84,7 +85,10 @@ class LMHead:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V]; `linear` for hidden of the weight's dtype."""
         op = self.linear if hidden.dtype == self.weight.dtype else F.linear
-        return op(hidden, self.weight, self.bias)
+        logits = op(hidden, self.weight, self.bias)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 @dataclass

@@ -11,7 +11,8 @@ After:
 
 The sum is written once and re-read by the norm in registers instead of from memory.
 The fused op goes where the sum was, or after the norm's weight where that is computed
-later (Gemma's `1 + w`); a use of the sum in between leaves the pair unfused.
+later; a use of the sum in between leaves the pair unfused. Gemma's norm (`unit_offset`)
+fuses the same way.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def fuse_add_rms_norm(graph: fx.Graph, ctx: PassContext) -> int:
     rms_norm = torch.ops.trtllm.rms_norm.default
     order = {n: i for i, n in enumerate(graph.nodes)}
     for norm in [n for n in graph.nodes if n.target is rms_norm]:
-        add, weight, eps = norm.args
+        add, weight, eps, *unit_offset = norm.args  # unit_offset: Gemma's norm
         if kind(add) != "add" or len(add.args) != 2 or add.kwargs:
             continue
         a, b = add.args
@@ -44,7 +45,7 @@ def fuse_add_rms_norm(graph: fx.Graph, ctx: PassContext) -> int:
             if any(order.get(u, 0) <= order[weight] for u in add.users if u is not norm):
                 continue
         with graph.inserting_after(where):
-            fused = graph.call_function(torch.ops.trtllm.fused_add_rms_norm.default, (a, b, weight, eps))
+            fused = graph.call_function(torch.ops.trtllm.fused_add_rms_norm.default, (a, b, weight, eps, *unit_offset))
         with graph.inserting_after(fused):
             total = graph.call_function(operator.getitem, (fused, 1))
             out = graph.call_function(operator.getitem, (total.args[0], 0))

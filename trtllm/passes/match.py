@@ -20,6 +20,8 @@ _FUNCTION_KINDS: dict[Any, str] = {
     F.scaled_dot_product_attention: "sdpa",
     operator.add: "add", torch.add: "add",
     operator.mul: "mul", torch.mul: "mul",
+    operator.truediv: "div", torch.div: "div",
+    torch.tanh: "tanh",
     operator.neg: "neg", torch.neg: "neg",
     operator.getitem: "getitem",
     operator.pow: "pow", torch.pow: "pow",
@@ -31,7 +33,7 @@ _FUNCTION_KINDS: dict[Any, str] = {
     torch.repeat_interleave: "repeat_interleave",
 }
 
-_METHOD_KINDS = {"add", "mul", "neg", "pow", "rsqrt", "mean", "unsqueeze", "to", "float",
+_METHOD_KINDS = {"add", "mul", "div", "tanh", "neg", "pow", "rsqrt", "mean", "unsqueeze", "to", "float",
                  "type_as", "repeat_interleave", "view", "reshape", "transpose", "contiguous"}
 
 

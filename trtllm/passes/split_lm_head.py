@@ -9,9 +9,13 @@ Before:                                       After:
 The head goes to `ctx.lm_head`; `CompiledModel` applies it on the rows it is asked for: at a
 prefill step of T tokens the runtime needs logits for one token per sequence, and
 the [T, V] product it skips is as large as a decoder layer's GEMMs at Llama-3's
-128k vocabulary. Only a head that feeds the output directly (optionally through
-HF's `h[:, slice(-0, None), :]`) is taken out; anything else (a cast, soft-capping)
-leaves the graph as it is, still correct, with full logits.
+128k vocabulary (and larger at Gemma's 256k). A head that feeds the output directly
+(optionally through HF's `h[:, slice(-0, None), :]`) is taken out, and so is one followed by
+final logit soft-capping (Gemma-2/3), which goes with it (`LMHead.softcap`):
+
+    logits = torch.tanh(linear(h, W_head) / cap) * cap      # cap: a constant float
+
+Anything else (a cast, a scale) leaves the graph as it is, still correct, with full logits.
 """
 from __future__ import annotations
 
@@ -30,12 +34,34 @@ def _keeps_every_row(index) -> bool:
             and index[1].start in (0, None) and index[1].stop is None and index[1].step is None)
 
 
+def _softcap(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """(the capped logits, cap) for `tanh(logits / cap) * cap` ending at `node`, else None."""
+    if kind(node) != "mul" or len(node.args) != 2 or node.kwargs:
+        return None
+    tanh = next((a for a in node.args if kind(a) == "tanh"), None)
+    cap = node.args[1] if node.args[0] is tanh else node.args[0]
+    if tanh is None or len(tanh.users) != 1 or len(tanh.args) != 1 or tanh.kwargs:
+        return None
+    div = tanh.args[0]
+    if kind(div) != "div" or len(div.args) != 2 or div.kwargs or len(div.users) != 1:
+        return None
+    logits, divisor = div.args
+    if not isinstance(cap, float) or divisor != cap or cap <= 0 or len(logits.users) != 1:
+        return None
+    return logits, cap
+
+
 def split_lm_head(graph: fx.Graph, ctx: PassContext) -> int:
     output = next(n for n in graph.nodes if n.op == "output")
     results = output.args[0]
-    if not isinstance(results, (tuple, list)) or len(results) != 1 or kind(results[0]) != "linear":
+    if not isinstance(results, (tuple, list)) or len(results) != 1:
         return 0
-    head = results[0]
+    head, softcap = results[0], 0.0
+    capped = _softcap(head)
+    if capped is not None:
+        head, softcap = capped
+    if kind(head) != "linear":
+        return 0
     weight = ctx.inputs.tensor(arg(head, 1, "weight"))
     bias_node = arg(head, 2, "bias")
     bias = ctx.inputs.tensor(bias_node) if bias_node is not None else None
@@ -48,5 +74,5 @@ def split_lm_head(graph: fx.Graph, ctx: PassContext) -> int:
         return 0
     output.args = ((hidden,),)
     graph.eliminate_dead_code()
-    ctx.lm_head = LMHead(weight, bias)
+    ctx.lm_head = LMHead(weight, bias, softcap=softcap)
     return 1
