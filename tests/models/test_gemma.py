@@ -6,7 +6,6 @@ import torch
 
 import trtllm
 from tests.models.checkpoints import GEMMA_FAMILIES, hf_config, hf_model, random_batch, write_checkpoint
-from trtllm.compile import CompileError
 from trtllm.models.gemma import GemmaConfig, GemmaForCausalLM
 from trtllm.models.loader import load_model
 
