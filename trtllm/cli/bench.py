@@ -17,7 +17,6 @@ refused before anything runs: one line on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -84,9 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         if name == "throughput":
             _add(p, "--concurrency", type=int, default=None, help="requests in flight at most (default: all)")
             _add(p, "--streaming", action="store_true", help="stream each request's tokens: TTFT, TPOT and ITL")
+        _add(p, "--model", default=argparse.SUPPRESS, help="as before the command")
+        _add(p, "--dtype", default=argparse.SUPPRESS, choices=["auto", "float32", "float16", "bfloat16"])
         _run_options(p, suppress=True)
     p = sub.add_parser("prepare-dataset", help="synthetic token-id prompts of normal-distributed lengths",
                        allow_abbrev=False)
+    _add(p, "--model", default=argparse.SUPPRESS, help="as before the command: its vocabulary and context")
     _add(p, "--num_requests", type=int, required=True)
     _add(p, "--input_mean", type=float, required=True, help="mean prompt tokens")
     _add(p, "--input_stdev", type=float, default=0.0)
@@ -193,6 +195,7 @@ def _engine_configs(args, requests, spec, default_batch: int):
 
 
 def _bench(args) -> int:
+    from trtllm.cli.bench_run import StepRecorder
     from trtllm.cli.model_arg import resolve_model
 
     for name in ("warmup", "profile_steps"):
@@ -206,10 +209,13 @@ def _bench(args) -> int:
     command, requests, mode = _workload(args, spec)
     build, kv = _engine_configs(args, requests, spec, mode.pop("max_batch_size"))
     llm, load_s = _build_llm(args, spec, build, kv)
+    recorder = StepRecorder()
     with llm:
-        report, records, t0 = _measure(llm, args, command, spec, requests, mode, build, load_s)
+        llm.engine.on_step = recorder
+        report, t0 = _measure(llm, args, command, spec, requests, mode, build, load_s, recorder)
+        records = list(recorder.records)
         if args.profile:
-            report["results"]["profile"] = _profile(llm, args, requests[: build.max_batch_size])
+            report["results"]["profile"] = _profile(llm, args, requests[: build.max_batch_size], recorder)
     _write_outputs(args, report, records, t0)
     failed = report["results"]["num_failed"]
     if failed:
@@ -231,9 +237,10 @@ def _build_llm(args, spec, build, kv):
         raise BenchError(f"cannot build the engine: {e}") from None
 
 
-def _measure(llm, args, command, spec, requests, mode, build, load_s):
+def _measure(llm, args, command, spec, requests, mode, build, load_s, recorder):
+    """Warm up, then the timed run: (the report, the time of its first submission)."""
     from trtllm.cli import bench_report
-    from trtllm.cli.bench_run import StepRecorder, run_requests
+    from trtllm.cli.bench_run import run_requests
     from trtllm.cli.bench_stats import request_figures
     from trtllm.sampling_params import SamplingParams
 
@@ -242,8 +249,6 @@ def _measure(llm, args, command, spec, requests, mode, build, load_s):
             llm.validate(r.input_ids, SamplingParams(max_tokens=r.output_tokens, ignore_eos=True))
         except ValueError as e:
             raise BenchError(f"{r.where}: {e}") from None
-    recorder = StepRecorder()
-    llm.engine.on_step = recorder
     startup, compiled = llm.engine.startup, llm.compiled
     if args.warmup:
         warm = [requests[i % len(requests)] for i in range(args.warmup)]
@@ -255,41 +260,14 @@ def _measure(llm, args, command, spec, requests, mode, build, load_s):
     results = request_figures(timings, mode["streaming"])
     results["first_error"] = next((t.error for t in timings if t.error is not None), None)
     results.update(bench_report.engine_figures(llm, records, before))
-    load = load_s + startup.load_s
-    results["startup_s"] = {"load": load, "compile": startup.compile_s,
-                            "cuda_graph_capture": startup.cuda_graph_capture_s,
-                            "other": startup.total_s - startup.load_s - startup.compile_s
-                            - startup.cuda_graph_capture_s, "total": load_s + startup.total_s}
+    results["startup_s"] = bench_report.startup_figures(startup, load_s)
     results["compile_after_startup_s"] = compiled.compile_s - startup.compile_s
     results["compile_during_run_s"] = compiled.compile_s - compile_before
-    lengths = {"input_len": _spread([r.input_len for r in requests]),
-               "output_len": _spread([r.output_tokens for r in requests])}
-    config = {"options": dict(vars(args)), "model": spec.describe(), "concurrency": mode["concurrency"],
-              "streaming": mode["streaming"], "temperature": args.temperature,
-              "engine": {**build.model_dump(), **vars(llm.engine.limits),
-                         "dtype": str(compiled.attention.dtype).removeprefix("torch."),
-                         "kv_cache": kv_options(llm, args),
-                         "overlap_scheduler": llm.engine.overlap,
-                         "cuda_graph_batch_sizes": sorted(llm.engine.runner.graphs)},
-              "dataset": {"path": getattr(args, "dataset", None), "num_requests": len(requests), **lengths},
-              "environment": bench_report.environment(),
-              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    report = {"command": command, "config": config, "results": results}
-    t0 = min(t.submitted_s for t in timings)
-    return report, records, t0
+    config = bench_report.run_config(llm, args, spec.describe(), requests, mode, build)
+    return {"command": command, "config": config, "results": results}, min(t.submitted_s for t in timings)
 
 
-def kv_options(llm, args) -> dict:
-    return {"free_gpu_memory_fraction": args.kv_cache_free_gpu_memory_fraction,
-            "max_tokens": args.kv_cache_max_tokens, "tokens_per_block": llm.block_manager.block_size,
-            "enable_block_reuse": llm.block_manager.enable_block_reuse}
-
-
-def _spread(values: list[int]) -> dict:
-    return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
-
-
-def _profile(llm, args, requests) -> dict:
+def _profile(llm, args, requests, recorder) -> dict:
     """A torch profiler over `--profile_steps` decode steps of up to max_batch_size of the
     requests, all at once (not timed); the trace written, the top kernels printed."""
     from trtllm.cli.bench_report import top_ops
@@ -297,11 +275,11 @@ def _profile(llm, args, requests) -> dict:
 
     prepare_profiler()
     window = ProfileWindow(args.profile_steps)
-    llm.engine.on_step.profile = window
+    recorder.profile = window
     try:
         run_requests(llm, requests, temperature=args.temperature, progress="profile", stop=window.done)
     finally:
-        llm.engine.on_step.profile = None
+        recorder.profile = None
     if window.error is not None or window.profiler is None:
         why = window.error or "no decode step ran (requests of one output token?)"
         print(f"trtllm-bench: nothing profiled: {why}", file=sys.stderr)

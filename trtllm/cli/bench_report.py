@@ -2,6 +2,8 @@
 at the end, the --iteration_log lines and the --profile summary.
 
     environment() -> dict               GPU, versions, git commit: what makes two reports comparable
+    run_config(llm, args, model, requests, mode, build) -> dict   the configuration, in full
+    startup_figures(startup, load_s) -> dict       LLM(...) split: load / compile / capture / other
     engine_figures(llm, records, before) -> dict   KV pool, concurrency, prefix hits, preemptions, memory
     iteration_lines(records, t0) -> list[dict]     one per engine step (--iteration_log)
     top_ops(profiler, n) -> list[dict]  the profiled kernels (CPU: ops) by their own time
@@ -9,6 +11,7 @@ at the end, the --iteration_log lines and the --profile summary.
 """
 from __future__ import annotations
 
+import datetime
 import platform
 import subprocess
 from importlib import metadata
@@ -63,6 +66,40 @@ def _git_state() -> tuple[str | None, bool | None]:
     if commit.returncode != 0:
         return None, None
     return commit.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
+
+
+def run_config(llm, args, model: dict, requests, mode: dict, build) -> dict:
+    """Every option, the model, the engine as built, the workload and the environment."""
+    bm = llm.block_manager
+    return {
+        "options": dict(vars(args)), "model": model, "concurrency": mode["concurrency"],
+        "streaming": mode["streaming"], "temperature": args.temperature,
+        "engine": {**build.model_dump(), **vars(llm.engine.limits),
+                   "dtype": str(llm.compiled.attention.dtype).removeprefix("torch."),
+                   "kv_cache": {"free_gpu_memory_fraction": args.kv_cache_free_gpu_memory_fraction,
+                                "max_tokens": args.kv_cache_max_tokens, "tokens_per_block": bm.block_size,
+                                "enable_block_reuse": bm.enable_block_reuse},
+                   "overlap_scheduler": llm.engine.overlap,
+                   "cuda_graph_batch_sizes": sorted(llm.engine.runner.graphs)},
+        "dataset": {"path": getattr(args, "dataset", None), "num_requests": len(requests),
+                    "input_len": _spread([r.input_len for r in requests]),
+                    "output_len": _spread([r.output_tokens for r in requests])},
+        "environment": environment(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _spread(values: list[int]) -> dict:
+    return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
+
+
+def startup_figures(startup, load_s: float) -> dict:
+    """`engine.startup` (a StartupTimes), plus `load_s` spent before LLM(...) (a preset's
+    weights, a checkpoint loaded by the command itself)."""
+    return {"load": load_s + startup.load_s, "compile": startup.compile_s,
+            "cuda_graph_capture": startup.cuda_graph_capture_s,
+            "other": startup.total_s - startup.load_s - startup.compile_s - startup.cuda_graph_capture_s,
+            "total": load_s + startup.total_s}
 
 
 def engine_figures(llm, records: list[StepRecord], before: dict) -> dict:

@@ -14,7 +14,7 @@ Definitions (times in seconds on one clock, `time.perf_counter()`; latencies rep
 - end-to-end latency: submission to the output that finished the request.
 - with streaming only (without it a reader sees one output, at the end):
   TTFT: submission to the first output that carries a token;
-  TPOT: (finish - first token) / (output tokens - 1), per request of two tokens or more;
+  TPOT: (last token - first token) / (output tokens - 1), per request of two tokens or more;
   ITL: the gaps between consecutive tokens of a request, over all requests. An output
   carrying k > 1 tokens spreads them evenly over the gap since the previous output (the
   k tokens of a first output all arrive at its time).
@@ -92,8 +92,8 @@ def request_figures(timings: list[RequestTiming], streaming: bool) -> dict:
             if not times:
                 continue
             ttft.append(times[0] - r.submitted_s)
-            if r.output_tokens > 1:
-                tpot.append((r.finished_s - times[0]) / (r.output_tokens - 1))
+            if len(times) > 1:
+                tpot.append((times[-1] - times[0]) / (len(times) - 1))
             itl += [b - a for a, b in zip(times, times[1:])]
 
     def rate(count: float) -> float | None:
