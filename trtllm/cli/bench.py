@@ -198,9 +198,9 @@ def _bench(args) -> int:
     from trtllm.cli.bench_run import StepRecorder
     from trtllm.cli.model_arg import resolve_model
 
-    for name in ("warmup", "profile_steps"):
-        if getattr(args, name) < 0:
-            raise BenchError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name, least in (("warmup", 0), ("profile_steps", 1)):
+        if getattr(args, name) < least:
+            raise BenchError(f"--{name} must be >= {least}, got {getattr(args, name)}")
     outputs = [args.report_json, args.iteration_log] + ([args.profile_trace] if args.profile else [])
     for path in filter(None, outputs):  # before minutes of loading, compiling and running
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):

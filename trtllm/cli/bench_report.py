@@ -25,8 +25,6 @@ GIB = 1 << 30
 def environment() -> dict:
     import torch
 
-    import trtllm
-
     cuda = torch.cuda.is_available()
     commit, dirty = _git_state()
     return {
@@ -40,7 +38,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "triton": _version("triton"),
         "transformers": _version("transformers"),
-        "trtllm": trtllm.__version__,
+        "trtllm": _version("trtllm"),  # None when run from a checkout without an install (git_commit says)
         "git_commit": commit,
         "git_dirty": dirty,
     }
