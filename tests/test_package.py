@@ -6,7 +6,9 @@ import pytest
 
 
 @pytest.mark.parametrize("code", ["import trtllm", "import trtllm.cli.serve as s; s.parse_args(['--help'])",
-                                  "import trtllm.cli.run as r; r.parse_args(['--help'])"])
+                                  "import trtllm.cli.run as r; r.parse_args(['--help'])",
+                                  "import trtllm.cli.bench as b; b.parse_args(['--help'])",
+                                  "import trtllm.cli.bench as b; b.parse_args(['throughput', '--help'])"])
 def test_no_torch_import_for_the_package_or_help(code):
     check = f"import sys\ntry:\n    {code}\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)

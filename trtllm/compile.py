@@ -15,6 +15,7 @@ import collections
 import contextlib
 import copy
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,6 +70,7 @@ class CompiledModel:
         self.graphs: list[fx.GraphModule] = []
         self._after_first_call: list[Callable[[], None]] = []
         self._in_decode_graphs = False
+        self.compile_s = 0.0  # seconds in calls that compiled a graph (capture, passes, Inductor)
         # The graph variants; a call runs the first that serves it. Decode CUDA graphs of
         # few tokens get DECODE_GRAPH_PASSES too (passes/__init__.py says why only they).
         self.variants = [
@@ -135,7 +137,10 @@ class CompiledModel:
         with scope, torch.no_grad():
             with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
                 try:
+                    graphs, started = variant.num_graphs, time.perf_counter()
                     out = variant.compiled(input_ids, positions)
+                    if variant.num_graphs != graphs:  # this call compiled one
+                        self.compile_s += time.perf_counter() - started
                 except torch._dynamo.exc.BackendCompilerFailed as e:
                     if isinstance(e.inner_exception, CompileError):
                         raise e.inner_exception from None  # the pass's own message, not dynamo's

@@ -3,17 +3,13 @@ import sys
 
 
 def _reserved(name: str) -> int:
-    print(f"{name}: not implemented yet in trtllm; available today: trtllm-run, trtllm-serve "
-          "(and the Python API: trtllm.LLM, trtllm.compile)", file=sys.stderr)
+    print(f"{name}: not implemented yet in trtllm; available today: trtllm-run, trtllm-serve, "
+          "trtllm-bench (and the Python API: trtllm.LLM, trtllm.compile)", file=sys.stderr)
     return 2
 
 
 def build() -> int:
     return _reserved("trtllm-build")
-
-
-def bench() -> int:
-    return _reserved("trtllm-bench")
 
 
 def eval() -> int:  # noqa: A001  (the command's name)

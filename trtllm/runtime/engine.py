@@ -21,13 +21,20 @@ row of the second dropped (its blocks are freed: nothing it wrote there is ever 
 Sequences that end by length at the first are left out of the second; a request
 waiting for admission with a slot free for it, a short block, or a row that needs the
 sampler (logprobs, penalties, temperature) makes the next step an ordinary one.
+
+`engine.on_step`, when set (trtllm-bench's --iteration_log and --profile set it), is
+called on the engine's thread at the end of every step with a `StepRecord`; it observes,
+it changes nothing. `engine.startup` (set by build_engine) says where building took time.
 """
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval, validate_request
+from trtllm.runtime.engine_stats import EngineStats, StartupTimes, StepRecord
 from trtllm.runtime.model_runner import LaunchedStep, ModelRunner
 from trtllm.runtime.output_builder import OutputBuilder
 from trtllm.runtime.outputs import RequestOutput
@@ -58,6 +65,8 @@ class Engine:
         self.copy_outputs = True
         self.overlap = not disable_overlap_scheduler
         self._ahead: LaunchedStep | None = None  # launched by the last step(), not yet read
+        self.on_step: Callable[[StepRecord], None] | None = None  # see the module docstring
+        self.startup: StartupTimes | None = None
 
     # -- requests ----------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -95,8 +104,10 @@ class Engine:
 
     # -- a step: schedule -> run -> sample -> postprocess ---------------------------------
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter() if self.on_step is not None else 0.0
         changed: dict[str, OutputBuilder] = {}
         launched, self._ahead = self._ahead, None
+        launched_ahead = launched is not None
         if launched is None:
             scheduled = self.scheduler.schedule()
             for seq in self.scheduler.pop_finished():  # "length": the pool cannot hold it
@@ -110,7 +121,12 @@ class Engine:
             sampled, logprobs = self._sample(launched, picks_serve, changed)
             self._postprocess(launched, sampled, logprobs, changed)
             self._drop_dead_ahead()
-        return self._outputs(changed)
+        outputs = self._outputs(changed)
+        if self.on_step is not None:
+            scheduled = launched.scheduled if launched is not None else []
+            self.on_step(StepRecord(started, time.perf_counter() - started, len(scheduled),
+                                    sum(n for _, n in scheduled), launched_ahead, EngineStats.of(self)))
+        return outputs
 
     def _launch_ahead(self, launched: LaunchedStep) -> LaunchedStep | None:
         """The next decode step, launched before `launched`'s tokens reach the host (whose

@@ -1,5 +1,8 @@
 """`EngineStats`: the scheduler's and the KV pool's counters at one moment, as /metrics
-shows them. Plain values, so they cross a process boundary as they are."""
+shows them. Plain values, so they cross a process boundary as they are.
+
+`StepRecord`: one `Engine.step` as its observer (`Engine.on_step`) sees it, e.g. for
+trtllm-bench's --iteration_log. `StartupTimes`: where building an engine spent its time."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,3 +24,25 @@ class EngineStats:
         sched, bm = engine.scheduler, engine.block_manager
         return cls(sched.num_running, sched.num_waiting, sched.num_preemptions, bm.num_used_blocks,
                    bm.num_free_blocks, bm.num_cached_blocks, bm.num_blocks, bm.prefix_hit_rate)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    start_s: float       # time.perf_counter() when Engine.step began
+    duration_s: float    # until it returned (with the overlap scheduler: the next step is in flight)
+    num_sequences: int   # sequences whose tokens the step computed (0: nothing ran)
+    num_tokens: int      # tokens it computed: prompt chunks and one per decoding sequence
+    launched_ahead: bool  # launched by the step before (overlap scheduler), not scheduled by this one
+    stats: EngineStats   # the counters once the step was done
+
+
+@dataclass(frozen=True)
+class StartupTimes:
+    """Seconds building an engine took (runtime/llm.py build_engine). Compilation is
+    lazy: `compile_s` is what ran while building (on a GPU, the KV-sizing forward's graph
+    and the decode graphs' warm-up calls); a CPU engine compiles at its first steps
+    (`CompiledModel.compile_s` keeps counting)."""
+    load_s: float                # reading the checkpoint into the module (0 for a module given)
+    compile_s: float             # calls that compiled a graph: dynamo capture, passes, Inductor
+    cuda_graph_capture_s: float  # capturing the decode CUDA graphs, their compilation left out
+    total_s: float               # the whole build, tokenizer and KV sizing included

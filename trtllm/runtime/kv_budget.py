@@ -26,7 +26,8 @@ def num_kv_blocks(compiled: CompiledModel, config: KvCacheConfig, max_num_tokens
     if config.max_tokens is not None:
         blocks = math.ceil(config.max_tokens / block)
     elif compiled.device.type != "cuda":
-        blocks = math.ceil(min(CPU_DEFAULT_TOKENS, max_num_seqs * max_seq_len) / block)
+        # every sequence at max_seq_len at once, each in whole blocks (or CPU_DEFAULT_TOKENS)
+        blocks = min(math.ceil(CPU_DEFAULT_TOKENS / block), max_num_seqs * math.ceil(max_seq_len / block))
     else:
         activations = _profile_peak(compiled, max_num_tokens, max_num_seqs, block)
         free, _ = torch.cuda.mem_get_info(compiled.device)

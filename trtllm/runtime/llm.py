@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine import Engine
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
 from trtllm.runtime.engine_loop import EngineLoop
-from trtllm.runtime.engine_stats import EngineStats
+from trtllm.runtime.engine_stats import EngineStats, StartupTimes
 from trtllm.runtime.kv_budget import num_kv_blocks
 from trtllm.runtime.model_runner import ModelRunner
 from trtllm.runtime.outputs import RequestError
@@ -57,7 +58,8 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                  stream_interval: int = 1, disable_overlap_scheduler: bool = False) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
-    in a process of its own. Arguments as `LLM`'s."""
+    in a process of its own. Arguments as `LLM`'s. `engine.startup` says where the time went."""
+    started = time.perf_counter()
     check_stream_interval(stream_interval)  # before minutes of loading and compiling
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -72,6 +74,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     else:
         module = load_model(model, dtype=_DTYPES[dtype], device=device)
         tokenizer = tokenizer if tokenizer is not None else model
+    load_s = time.perf_counter() - started
     tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     compiled = trtllm_compile(module, **(compile_options or {}), block_size=kv_cache_config.tokens_per_block)
     config = getattr(module, "config", None)
@@ -81,14 +84,18 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     max_num_tokens = max(build_config.max_num_tokens, max_num_seqs)
     blocks = num_kv_blocks(compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len)
     block_manager = BlockManager(blocks, kv_cache_config.tokens_per_block, kv_cache_config.enable_block_reuse)
+    compile_before_capture = compiled.compile_s
     runner = ModelRunner(compiled, num_blocks=blocks, block_size=kv_cache_config.tokens_per_block,
                          max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs,
                          max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph)
     scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len)
-    return Engine(runner, block_manager, scheduler, tokenizer,
-                  EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len),
-                  _vocab_size(module, compiled), _eos_ids(module, tokenizer), stream_interval,
-                  disable_overlap_scheduler)
+    engine = Engine(runner, block_manager, scheduler, tokenizer,
+                    EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len),
+                    _vocab_size(module, compiled), _eos_ids(module, tokenizer), stream_interval,
+                    disable_overlap_scheduler)
+    capture_s = runner.capture_s - (compiled.compile_s - compile_before_capture)
+    engine.startup = StartupTimes(load_s, compiled.compile_s, capture_s, time.perf_counter() - started)
+    return engine
 
 
 class LLM:

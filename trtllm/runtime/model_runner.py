@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,7 @@ class ModelRunner:
         self._done_events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else [None, None]
         self._inputs_copied = torch.cuda.Event() if cuda else None
         self._turn = 0
+        self.capture_s = 0.0  # seconds in capture_cuda_graphs (their warm-up calls' compilation too)
         if enable_cuda_graph and self.device.type == "cuda":
             self.capture_cuda_graphs(cuda_graph_batch_sizes(max_num_seqs))
 
@@ -223,6 +225,7 @@ class ModelRunner:
     @torch.no_grad()
     def capture_cuda_graphs(self, batch_sizes: list[int]) -> None:
         """Capture decode steps of each batch size, largest first (they share one pool)."""
+        started = time.perf_counter()
         pool = None
         self._replay_views.clear()
         self._greedy_host.clear()
@@ -247,3 +250,4 @@ class ModelRunner:
             pool = graph.pool()
             self.graphs[b] = (graph, logits, greedy)
         torch.cuda.synchronize()
+        self.capture_s += time.perf_counter() - started

@@ -1,0 +1,32 @@
+"""What an engine tells an observer: one StepRecord per Engine.step (Engine.on_step), and
+where building it took time (Engine.startup, CompiledModel.compile_s)."""
+from tests.models.checkpoints import write_checkpoint
+from tests.runtime.tokenizers import make_tokenizer
+from trtllm.config import BuildConfig
+from trtllm.runtime.engine_stats import StepRecord
+from trtllm.runtime.llm import LLM
+from trtllm.sampling_params import SamplingParams
+
+
+def test_step_records_and_startup_times(tmp_path):
+    checkpoint = write_checkpoint("llama31", tmp_path, vocab_size=512)
+    make_tokenizer(checkpoint)
+    with LLM(checkpoint, build_config=BuildConfig(max_batch_size=2, max_seq_len=64)) as llm:
+        startup = llm.engine.startup
+        assert startup.load_s > 0 and startup.cuda_graph_capture_s == 0  # no CUDA graphs on CPU
+        assert startup.total_s >= startup.load_s + startup.compile_s
+        compiled_at_startup = llm.compiled.compile_s
+        records: list[StepRecord] = []
+        llm.engine.on_step = records.append
+        prompts = [[5, 17, 99, 3], [400, 2], [9, 8, 7]]
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        llm.engine.on_step = None
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
+    assert llm.compiled.compile_s > compiled_at_startup  # compiled lazily, at the first steps, on CPU
+    # every prompt token and every output token but the last is computed once
+    assert sum(r.num_tokens for r in records) == sum(len(p) for p in prompts) + 3 * (4 - 1)
+    assert max(r.stats.num_running for r in records) == 2  # max_batch_size
+    assert records[0].stats.num_waiting == 1 and records[-1].stats.num_running == 0
+    assert all(r.duration_s >= 0 for r in records)
+    assert [r.start_s for r in records] == sorted(r.start_s for r in records)

@@ -1,0 +1,313 @@
+"""`trtllm-bench`: how fast an engine serves a workload, through the public `LLM` API (docs/bench.md).
+
+    trtllm-bench --model NAME_OR_DIR prepare-dataset --num_requests N --input_mean 128 --output_mean 128 \\
+                 [--input_stdev S] [--output_stdev S] [--seed 0] [--output FILE.jsonl]
+    trtllm-bench --model NAME_OR_DIR throughput --dataset FILE.jsonl [--num_requests N] [--concurrency N]
+                 [--streaming] [--max_batch_size N] [--max_num_tokens N] [--kv_cache_free_gpu_memory_fraction F]
+                 [--warmup N] [--report_json FILE] [--iteration_log FILE] [--profile]
+    trtllm-bench --model NAME_OR_DIR latency --dataset FILE.jsonl [...]      one request at a time, streamed
+    trtllm-bench --model NAME_OR_DIR --batch_size 8 --input_len 128 --output_len 128 [--profile]
+
+NAME_OR_DIR: a checkpoint directory, "demo" (the default), or a preset with random
+weights at a real model's shapes (trtllm/cli/model_arg.py: llama-3.1-8b, llama-3.2-1b,
+qwen3-8b, tiny-llama, tiny-qwen3). Bad input (a dataset line that is not JSON or lacks a
+field, an unknown model, a missing file, a request longer than the model's context) is
+refused before anything runs: one line on stderr, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from trtllm.cli.bench_dataset import DatasetError
+from trtllm.cli.model_arg import UnknownModel
+
+COMMANDS = ("throughput", "latency", "prepare-dataset")
+DEFAULT_TRACE = "trtllm-bench-trace.json"
+
+
+class BenchError(ValueError):
+    """Input the benchmark refuses: reported as one line, exit code 2."""
+
+
+def _add(parser, name: str, **kw) -> None:
+    """--name_with_underscores, and its dashed spelling."""
+    dashed = name.replace("_", "-")
+    parser.add_argument(*([name] if dashed == name else [name, dashed]), **kw)
+
+
+def _run_options(parser, suppress: bool) -> None:
+    """Engine and report options: on the top level (the flat form) and on each run command.
+    `suppress`: a command's copy leaves what the top level parsed alone when not given."""
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    _add(parser, "--max_batch_size", type=int, default=d(None),
+         help="sequences in one engine step at most (default: 256; latency 1; flat form --batch_size)")
+    _add(parser, "--max_num_tokens", type=int, default=d(None), help="tokens in one engine step at most (default 8192)")
+    _add(parser, "--max_seq_len", type=int, default=d(None),
+         help="prompt + output tokens at most (default: the workload's longest request)")
+    _add(parser, "--kv_cache_free_gpu_memory_fraction", type=float, default=d(None),
+         help="fraction of free GPU memory for the KV cache (default 0.9)")
+    _add(parser, "--kv_cache_max_tokens", type=int, default=d(None), help="KV-cache capacity in tokens at most")
+    _add(parser, "--disable_overlap_scheduler", action="store_true", default=d(False),
+         help="wait for each decode step before launching the next")
+    _add(parser, "--temperature", type=float, default=d(0.0), help="0 = greedy (default)")
+    _add(parser, "--warmup", type=int, default=d(2), help="requests run before timing, untimed (default 2)")
+    _add(parser, "--report_json", default=d(None), help="write every figure and the configuration to FILE")
+    _add(parser, "--iteration_log", default=d(None), help="write one JSON line per engine step to FILE")
+    _add(parser, "--profile", action="store_true", default=d(False),
+         help="afterwards, profile a few decode steps: a torch profiler trace and the top kernels")
+    _add(parser, "--profile_trace", default=d(DEFAULT_TRACE), help=f"the trace file (default {DEFAULT_TRACE})")
+    _add(parser, "--profile_steps", type=int, default=d(8), help="engine steps to profile (default 8)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    # no abbreviations: the top level sees the commands' options too (--output is not --output_len)
+    ap = argparse.ArgumentParser(prog="trtllm-bench", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    _add(ap, "--model", default=None, help="checkpoint directory, 'demo' (default) or a preset")
+    _add(ap, "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    _add(ap, "--seed", type=int, default=0, help="preset weights and flat-form prompts (default 0)")
+    _add(ap, "--batch_size", type=int, default=None, help="flat form: requests, all at once")
+    _add(ap, "--input_len", type=int, default=None, help="flat form: prompt tokens of each request")
+    _add(ap, "--output_len", type=int, default=None, help="flat form: tokens each request generates")
+    _run_options(ap, suppress=False)
+    sub = ap.add_subparsers(dest="command", metavar="{throughput,latency,prepare-dataset}")
+    for name, help_ in (("throughput", "all requests offline, or at most --concurrency in flight"),
+                        ("latency", "one request at a time, streamed: TTFT and per-token latency")):
+        p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
+        _add(p, "--dataset", required=True, help="JSONL requests (TensorRT-LLM's layout; prepare-dataset writes one)")
+        _add(p, "--num_requests", type=int, default=None, help="the first N requests (default: all)")
+        if name == "throughput":
+            _add(p, "--concurrency", type=int, default=None, help="requests in flight at most (default: all)")
+            _add(p, "--streaming", action="store_true", help="stream each request's tokens: TTFT, TPOT and ITL")
+        _add(p, "--model", default=argparse.SUPPRESS, help="as before the command")
+        _add(p, "--dtype", default=argparse.SUPPRESS, choices=["auto", "float32", "float16", "bfloat16"])
+        _run_options(p, suppress=True)
+    p = sub.add_parser("prepare-dataset", help="synthetic token-id prompts of normal-distributed lengths",
+                       allow_abbrev=False)
+    _add(p, "--model", default=argparse.SUPPRESS, help="as before the command: its vocabulary and context")
+    _add(p, "--num_requests", type=int, required=True)
+    _add(p, "--input_mean", type=float, required=True, help="mean prompt tokens")
+    _add(p, "--input_stdev", type=float, default=0.0)
+    _add(p, "--output_mean", type=float, required=True, help="mean output tokens")
+    _add(p, "--output_stdev", type=float, default=0.0)
+    _add(p, "--seed", type=int, default=argparse.SUPPRESS, help="(default 0)")
+    _add(p, "--output", default=None, help="JSONL file (default: stdout)")
+    _add(p, "--stdout", action="store_true", help="write to stdout (the default; TensorRT-LLM's spelling)")
+    p.add_argument("distribution", nargs="?", choices=["token-norm-dist"], default="token-norm-dist",
+                   help="TensorRT-LLM's subcommand name, accepted: the lengths are normal-distributed")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "prepare-dataset":
+            return _prepare_dataset(args)
+        return _bench(args)
+    except (BenchError, DatasetError, UnknownModel, FileNotFoundError) as e:
+        print(f"trtllm-bench: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def _prepare_dataset(args) -> int:
+    from trtllm.cli.bench_dataset import check_requests, synthetic_requests, write_dataset
+    from trtllm.cli.model_arg import resolve_model
+
+    spec = resolve_model(args.model)
+    if spec.vocab_size is None:
+        raise BenchError(f"model {spec.name!r} names no vocab_size in its config.json: no token ids to draw")
+    requests = synthetic_requests(args.num_requests, args.input_mean, args.input_stdev, args.output_mean,
+                                  args.output_stdev, spec.vocab_size, args.seed)
+    check_requests(requests, None, spec.max_position_embeddings, "the model's context (max_position_embeddings)")
+    if args.output is not None and args.stdout:
+        raise BenchError("give --output FILE or --stdout, not both")
+    if args.output is None:
+        write_dataset(requests, sys.stdout)
+    else:
+        with open(args.output, "w", encoding="utf-8") as f:
+            write_dataset(requests, f)
+        print(f"trtllm-bench: wrote {len(requests)} requests to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _workload(args, spec) -> tuple[str, list, dict]:
+    """(command, requests with token ids, the run's mode: concurrency, streaming, max_batch_size)."""
+    from trtllm.cli.bench_dataset import read_dataset, synthetic_requests, tokenize_prompts
+
+    command = args.command or "flat"
+    if command == "flat":
+        missing = [f"--{n}" for n in ("batch_size", "input_len", "output_len") if getattr(args, n) is None]
+        if missing:
+            raise BenchError(f"give a command ({', '.join(COMMANDS)}) or the flat form's --batch_size, "
+                             f"--input_len and --output_len (missing: {', '.join(missing)})")
+        requests = synthetic_requests(args.batch_size, args.input_len, 0, args.output_len, 0, spec.vocab_size,
+                                      args.seed)
+        return command, requests, dict(concurrency=None, streaming=True, max_batch_size=args.batch_size)
+    flat = [f"--{n}" for n in ("batch_size", "input_len", "output_len") if getattr(args, n) is not None]
+    if flat:
+        raise BenchError(f"{', '.join(flat)}: the flat form's options, not {command}'s (its requests come "
+                         "from --dataset)")
+    requests = read_dataset(args.dataset)
+    if args.num_requests is not None:
+        if not 1 <= args.num_requests <= len(requests):
+            raise BenchError(f"--num_requests {args.num_requests}: the dataset has {len(requests)} requests")
+        requests = requests[: args.num_requests]
+    if any(r.input_ids is None for r in requests):
+        requests = tokenize_prompts(requests, spec.tokenizer(), spec.name)
+    if command == "latency":
+        return command, requests, dict(concurrency=1, streaming=True, max_batch_size=1)
+    if args.concurrency is not None and args.concurrency < 1:
+        raise BenchError(f"--concurrency must be >= 1, got {args.concurrency}")
+    return command, requests, dict(concurrency=args.concurrency, streaming=args.streaming, max_batch_size=256)
+
+
+def _engine_configs(args, requests, spec, default_batch: int):
+    """BuildConfig and KvCacheConfig for the workload; BenchError if a request cannot fit."""
+    from trtllm.cli.bench_dataset import check_requests
+    from trtllm.config import BuildConfig, ConfigError, KvCacheConfig
+
+    context = spec.max_position_embeddings
+    if args.max_seq_len is not None:
+        check_requests(requests, spec.vocab_size, args.max_seq_len, "--max_seq_len")
+        if context is not None and args.max_seq_len > context:
+            raise BenchError(f"--max_seq_len {args.max_seq_len} exceeds the model's context of {context} tokens "
+                             "(max_position_embeddings)")
+    else:
+        check_requests(requests, spec.vocab_size, context, "the model's context (max_position_embeddings)")
+    max_seq_len = args.max_seq_len or max(r.input_len + r.output_tokens for r in requests)
+    build = dict(max_batch_size=args.max_batch_size or default_batch, max_seq_len=max_seq_len,
+                 max_input_len=max(r.input_len for r in requests))
+    if args.max_num_tokens is not None:
+        build["max_num_tokens"] = args.max_num_tokens
+    kv = {k: v for k, v in (("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction),
+                            ("max_tokens", args.kv_cache_max_tokens)) if v is not None}
+    try:
+        return BuildConfig(**build), KvCacheConfig(**kv)
+    except ConfigError as e:
+        raise BenchError(f"bad option: {'; '.join(str(e).splitlines())}") from None
+
+
+def _bench(args) -> int:
+    from trtllm.cli.bench_run import StepRecorder
+    from trtllm.cli.model_arg import resolve_model
+
+    for name, least in (("warmup", 0), ("profile_steps", 1)):
+        if getattr(args, name) < least:
+            raise BenchError(f"--{name} must be >= {least}, got {getattr(args, name)}")
+    outputs = [args.report_json, args.iteration_log] + ([args.profile_trace] if args.profile else [])
+    for path in filter(None, outputs):  # before minutes of loading, compiling and running
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise BenchError(f"cannot write {path!r}: its directory does not exist")
+    spec = resolve_model(args.model)
+    command, requests, mode = _workload(args, spec)
+    build, kv = _engine_configs(args, requests, spec, mode.pop("max_batch_size"))
+    llm, load_s = _build_llm(args, spec, build, kv)
+    recorder = StepRecorder()
+    with llm:
+        llm.engine.on_step = recorder
+        report, t0 = _measure(llm, args, command, spec, requests, mode, build, load_s, recorder)
+        records = list(recorder.records)
+        if args.profile:
+            report["results"]["profile"] = _profile(llm, args, requests[: build.max_batch_size], recorder)
+    _write_outputs(args, report, records, t0)
+    failed = report["results"]["num_failed"]
+    if failed:
+        print(f"trtllm-bench: {failed} request(s) failed; the first: {report['results']['first_error']}",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _build_llm(args, spec, build, kv):
+    from trtllm.runtime.llm import LLM
+
+    started = time.perf_counter()
+    try:
+        kwargs = spec.llm_kwargs(args.dtype, seed=args.seed)
+        load_s = time.perf_counter() - started  # a preset's weights, a module loaded here (else: in LLM)
+        return LLM(**kwargs, build_config=build, kv_cache_config=kv,
+                   disable_overlap_scheduler=args.disable_overlap_scheduler), load_s
+    except (ValueError, OSError) as e:
+        raise BenchError(f"cannot build the engine: {e}") from None
+
+
+def _measure(llm, args, command, spec, requests, mode, build, load_s, recorder):
+    """Warm up, then the timed run: (the report, the time of its first submission)."""
+    from trtllm.cli import bench_report
+    from trtllm.cli.bench_run import run_requests
+    from trtllm.cli.bench_stats import request_figures
+    from trtllm.sampling_params import SamplingParams
+
+    for r in requests:  # the engine's own checks, before any request runs
+        try:
+            llm.validate(r.input_ids, SamplingParams(max_tokens=r.output_tokens, ignore_eos=True))
+        except ValueError as e:
+            raise BenchError(f"{r.where}: {e}") from None
+    startup, compiled = llm.engine.startup, llm.compiled
+    if args.warmup:
+        warm = [requests[i % len(requests)] for i in range(args.warmup)]
+        run_requests(llm, warm, temperature=args.temperature, progress="warm-up", **mode)
+    before, compile_before = bench_report.counters(llm), compiled.compile_s
+    recorder.clear()
+    timings = run_requests(llm, requests, temperature=args.temperature, progress=command, **mode)
+    records = list(recorder.records)
+    results = request_figures(timings, mode["streaming"])
+    results["first_error"] = next((t.error for t in timings if t.error is not None), None)
+    results.update(bench_report.engine_figures(llm, records, before))
+    results["startup_s"] = bench_report.startup_figures(startup, load_s)
+    results["compile_after_startup_s"] = compiled.compile_s - startup.compile_s
+    results["compile_during_run_s"] = compiled.compile_s - compile_before
+    config = bench_report.run_config(llm, args, spec.describe(), requests, mode, build)
+    return {"command": command, "config": config, "results": results}, min(t.submitted_s for t in timings)
+
+
+def _profile(llm, args, requests, recorder) -> dict:
+    """A torch profiler over `--profile_steps` decode steps of up to max_batch_size of the
+    requests, all at once (not timed); the trace written, the top kernels printed."""
+    from trtllm.cli.bench_report import top_ops
+    from trtllm.cli.bench_run import ProfileWindow, prepare_profiler, run_requests
+
+    prepare_profiler()
+    window = ProfileWindow(args.profile_steps)
+    recorder.profile = window
+    try:
+        run_requests(llm, requests, temperature=args.temperature, progress="profile", stop=window.done)
+    finally:
+        recorder.profile = None
+    if window.error is not None or window.profiler is None:
+        why = window.error or "no decode step ran (requests of one output token?)"
+        print(f"trtllm-bench: nothing profiled: {why}", file=sys.stderr)
+        return {"trace": None, "steps": 0, "error": why, "top": []}
+    window.profiler.export_chrome_trace(args.profile_trace)
+    kind, top = top_ops(window.profiler)
+    return {"trace": args.profile_trace, "steps": window.seen, "requests": len(requests), "kind": kind, "top": top}
+
+
+def _write_outputs(args, report: dict, records, t0: float) -> None:
+    from trtllm.cli.bench_report import format_table, iteration_lines
+
+    print(format_table(report))
+    profile = report["results"].get("profile")
+    if profile and profile["trace"]:
+        print(f"profile: {profile['steps']} engine steps of {profile['requests']} requests -> {profile['trace']}\n"
+              f"  top {profile['kind']} by self time:")
+        for row in profile["top"]:
+            print(f"  {row['share']:6.1%} {row['total_ms']:10.3f} ms {row['calls']:6d}x  {row['name'][:90]}")
+    if args.report_json:
+        with open(args.report_json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, default=str)
+            f.write("\n")
+    if args.iteration_log:
+        with open(args.iteration_log, "w", encoding="utf-8") as f:
+            for line in iteration_lines(records, t0):
+                f.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

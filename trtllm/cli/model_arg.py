@@ -1,0 +1,161 @@
+"""A command's `--model NAME_OR_DIR`: what it names, and what `LLM(...)` takes for it.
+
+    spec = resolve_model("llama-3.1-8b")     # or a checkpoint directory, or "demo" (None: demo)
+    spec.config                              # HF config.json values (read, or the preset's)
+    spec.vocab_size, spec.max_position_embeddings
+    spec.tokenizer()                         # the checkpoint's tokenizer, or None (presets)
+    llm = LLM(**spec.llm_kwargs(dtype="auto"), build_config=...)
+
+NAME_OR_DIR is, in this order: "demo" (the built-in demo model, trtllm/demo.py); an
+existing directory (an HF checkpoint, loaded as `LLM(model=dir)` loads it); or a preset
+of PRESETS: a real model's config.json values, built by our own model file
+(trtllm/models/llama.py) with random weights in the requested dtype on the device, so it
+runs at real shapes with nothing downloaded (its tokens are noise; there is no tokenizer).
+Anything else is an `UnknownModel` error: one that looks like a path says the directory
+does not exist; a name lists the presets. Nothing here imports torch until a model is built.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEMO = "demo"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+_LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
+_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, torch_dtype="float32")
+
+# name -> HF config.json values (as the published checkpoints' config.json has them)
+PRESETS: dict[str, dict] = {
+    "llama-3.1-8b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
+        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=dict(_LLAMA3_ROPE, factor=8.0), tie_word_embeddings=False, bos_token_id=128000,
+        eos_token_id=128001, torch_dtype="bfloat16"),
+    "llama-3.2-1b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=2048,
+        intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=dict(_LLAMA3_ROPE, factor=32.0), tie_word_embeddings=True, bos_token_id=128000,
+        eos_token_id=128001, torch_dtype="bfloat16"),
+    "qwen3-8b": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096,
+        intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+        use_sliding_window=False, sliding_window=None, bos_token_id=151643, eos_token_id=151645,
+        torch_dtype="bfloat16"),
+    # tiny shapes, fp32: for tests and trying the commands on a CPU in seconds
+    "tiny-llama": dict(_TINY, architectures=["LlamaForCausalLM"], model_type="llama", head_dim=16),
+    "tiny-qwen3": dict(_TINY, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32),
+}
+
+
+class UnknownModel(ValueError):
+    """--model names nothing this machine has: no such directory, no such preset."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str            # as given
+    kind: str            # "demo" | "directory" | "preset"
+    path: Path | None    # the checkpoint directory (demo, directory)
+    config: dict         # config.json values
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.config.get("vocab_size")
+
+    @property
+    def max_position_embeddings(self) -> int | None:
+        return self.config.get("max_position_embeddings")
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self.path is not None and any((self.path / f).is_file() for f in _TOKENIZER_FILES)
+
+    def tokenizer(self):
+        """The checkpoint's tokenizer (transformers), or None where there is none."""
+        if not self.has_tokenizer:
+            return None
+        from trtllm.runtime.tokenizer import load_tokenizer
+        return load_tokenizer(self.path)
+
+    def llm_kwargs(self, dtype: str = "auto", device=None, seed: int = 0) -> dict:
+        """`LLM(**kwargs)` for this model: model (a directory LLM loads with its tokenizer,
+        or the module built or loaded here: a preset, or a directory without a tokenizer)
+        and dtype. Presets draw their weights from `seed`."""
+        if self.kind == "preset":
+            return dict(model=build_preset(self.config, dtype, device, seed), dtype=dtype)
+        if not self.has_tokenizer:  # LLM(model=dir) would look for its tokenizer
+            from trtllm.models.loader import load_model
+            return dict(model=load_model(self.path, dtype=None if dtype == "auto" else dtype, device=device),
+                        dtype=dtype)
+        return dict(model=str(self.path), dtype=dtype)
+
+    def describe(self) -> dict:
+        """For reports: what was run."""
+        return {"name": self.name, "kind": self.kind, "path": str(self.path) if self.path else None,
+                "config": self.config}
+
+
+def resolve_model(name: str | None) -> ModelSpec:
+    if name is None or name == DEMO:
+        from trtllm.demo import demo_model_path
+        path = demo_model_path()
+        return ModelSpec(DEMO, "demo", path, _read_config(path))
+    if os.path.isdir(name):
+        return ModelSpec(name, "directory", Path(name), _read_config(Path(name)))
+    preset = PRESETS.get(name.lower())
+    if preset is not None:
+        return ModelSpec(name, "preset", None, dict(preset))
+    if os.sep in name or name.startswith((".", "~")) or os.path.exists(name):
+        what = "is not a directory" if os.path.exists(name) else "does not exist"
+        raise UnknownModel(f"checkpoint directory {name!r} {what}")
+    raise UnknownModel(f"unknown model {name!r}: no such checkpoint directory, and not a preset "
+                       f"(presets: {', '.join(PRESETS)}; or {DEMO!r}, the built-in demo model)")
+
+
+def _read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        raise UnknownModel(f"{file} not found: {str(path)!r} is not an HF checkpoint directory")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnknownModel(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UnknownModel(f"{file}: expected a JSON object")
+    return config
+
+
+def build_preset(config: dict, dtype: str = "auto", device=None, seed: int = 0):
+    """Our Llama-family module for `config` with random weights (norm weights ~1, matrices
+    ~N(0, 1/fan_in), as bench/bench_e2e.py), made directly in `dtype` on `device` (cuda
+    if there is one): no fp32 copy, no host round trip."""
+    import torch
+
+    from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    key = config.get("torch_dtype", "float32") if dtype == "auto" else dtype
+    if key not in dtypes:
+        raise ValueError(f"dtype must be one of auto, {', '.join(dtypes)}; got {dtype!r}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig.from_hf(config)).to(dtypes[key])
+    model.to_empty(device=device)
+    model.tie_weights()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.05, generator=generator)
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5, generator=generator)
+    model.init_buffers(device)
+    return model.eval().requires_grad_(False)
