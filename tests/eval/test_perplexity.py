@@ -52,8 +52,14 @@ def test_demo_model_perplexity_is_what_its_training_measured():
     """Through the engine (fp32, windows of 257 overlapping by one) the held-out sample's
     perplexity equals trtllm.demo.perplexity's eager forward, and training.json's figure."""
     from trtllm.config import BuildConfig
-    from trtllm.demo import DEMO_MODEL_DIR, HELDOUT_SAMPLE, demo_model_path, pack, read_entries
-    from trtllm.demo import perplexity as eager_perplexity
+    from trtllm.demo import (
+        DEMO_MODEL_DIR,
+        HELDOUT_SAMPLE,
+        demo_model_path,
+        pack,
+        perplexity as eager_perplexity,
+        read_entries,
+    )
     from trtllm.eval.scorer import Scorer
     from trtllm.models.loader import load_model
     from trtllm.runtime.llm import LLM

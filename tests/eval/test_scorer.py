@@ -25,7 +25,7 @@ def test_loglikelihoods_equal_hf_and_flag_greedy_continuations(scorer, hf):
     pairs = [(ctx, greedy), (ctx, other), scorer.encode_pair("", "fox jumps"),
              scorer.encode_pair("Café crème", " brûlée, déjà vu")]
     got = scorer.loglikelihoods(pairs)
-    for (c, x), (ll, is_greedy) in zip(pairs, got):
+    for (c, x), (ll, _) in zip(pairs, got):
         assert ll == pytest.approx(hf_loglikelihood(hf, c, x), abs=1e-3)
     assert [g for _, g in got[:2]] == [True, False]
 

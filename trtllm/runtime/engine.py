@@ -30,8 +30,8 @@ from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval, validate_request
 from trtllm.runtime.model_runner import LaunchedStep, ModelRunner
 from trtllm.runtime.output_builder import OutputBuilder
-from trtllm.runtime.prompt_logprobs import prompt_logprobs
 from trtllm.runtime.outputs import RequestOutput
+from trtllm.runtime.prompt_logprobs import prompt_logprobs
 from trtllm.runtime.sampler import Sampler, SamplingBatch, argmax_serves, draw_seed
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.sequence import Sequence
