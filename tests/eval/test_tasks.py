@@ -143,3 +143,23 @@ def test_other_malformed_inputs(tmp_path):
     with pytest.raises(EvalInputError, match=r"answerKey 'E' is not one of the labels \['A', 'B', 'C'\]"):
         ARC.read(read_rows(tmp_path / "arc.jsonl"))
     assert set(MC_TASKS) == {"mmlu", "hellaswag", "arc", "demo-mc"}
+
+
+def test_demo_mc_file_is_made_as_tools_make_demo_eval_says():
+    """Without the corpus (fetched by apt), the part that can be checked: the held-out split
+    begins with heldout_sample.txt's entries, so the first questions are those entries that
+    pass the script's filter, cut as it cuts them."""
+    import importlib.util
+
+    from trtllm.demo import DEMO_MODEL_DIR, read_entries
+
+    spec = importlib.util.spec_from_file_location("make_demo_eval", DEMO_MODEL_DIR.parents[1] / "tools" /
+                                                  "make_demo_eval.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    fit = [e for e in read_entries(DEMO_MODEL_DIR / "heldout_sample.txt")[:-1]  # the last may be cut short
+           if tool.MIN_CHARS <= len(e) <= tool.MAX_CHARS and len(e.split()) >= tool.MIN_WORDS]
+    docs = DEMO_MC.read(read_rows(DEMO_MODEL_DIR / "eval_mc.jsonl"))
+    assert len(fit) >= 5
+    for entry, doc in zip(fit, docs):
+        assert (doc.context, doc.choices[doc.gold]) == tool.cut(entry)

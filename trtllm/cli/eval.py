@@ -104,6 +104,9 @@ def main(argv=None) -> int:
     except (EvalInputError, ValueError, OSError) as e:
         print(f"trtllm-eval: {_one_line(e)}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # the engine failed a request (NaN logits, a dead engine thread)
+        print(f"trtllm-eval: {_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
@@ -144,7 +147,10 @@ def _inputs(args) -> dict:
             raise EvalInputError(f"--text {str(path)!r} is not UTF-8 text (byte {e.start})") from None
         return {"text": text, "path": path, "entries": args.entries or args.text is None}
     if args.task == "lm-eval":
-        return {"tasks": [t.strip() for t in args.tasks.split(",") if t.strip()]}
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not names:
+            raise EvalInputError("--tasks names no task")
+        return {"tasks": names}
     path = args.dataset_path
     if path is None:  # demo-mc
         from trtllm.demo import DEMO_MODEL_DIR
