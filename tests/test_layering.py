@@ -10,7 +10,7 @@ Layers, lowest first; a module imports trtllm modules of its own layer or lower 
     passes                         graph rewrites, each one function
     compile                        the pipeline: probe -> capture -> passes -> Inductor
     runtime                        the engine: scheduler, model runner, sampler, LLM
-    serve                          the OpenAI-compatible server
+    serve, eval                    the OpenAI-compatible server; evaluation on the engine
     cli                            the commands
     trtllm (the package __init__)  the public names
 
@@ -38,7 +38,7 @@ LAYERS = [
     ["trtllm.passes"],
     ["trtllm.compile"],
     ["trtllm.runtime"],
-    ["trtllm.serve"],
+    ["trtllm.serve", "trtllm.eval"],
     ["trtllm.cli"],
     ["trtllm"],
 ]

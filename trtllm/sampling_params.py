@@ -31,6 +31,9 @@ class SamplingParams(ValidatedConfig):
     n: int = Field(1, ge=1, le=MAX_N)
     beam_width: int = Field(1, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="log-probability of each prompt token given its prefix, plus "
+        "this many top alternatives (0: the token's own only); RequestOutput.prompt_logprobs")
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     stop_token_ids: list[int] = Field(default_factory=list)
     include_stop_str_in_output: bool = False
@@ -48,6 +51,15 @@ class SamplingParams(ValidatedConfig):
     def _stop_strings(cls, v):
         if any(not s or len(s) > MAX_STOP_STRING_LEN for s in v):
             raise ValueError(f"stop strings must be 1..{MAX_STOP_STRING_LEN} characters")
+        return v
+
+    @field_validator("prompt_logprobs", mode="before")
+    @classmethod
+    def _count_not_bool(cls, v):
+        # True would pass as 1 alternative: say what the number means instead
+        if isinstance(v, bool):
+            raise ValueError(f"must be a number of top alternatives (0: each prompt token's own logprob only), "
+                             f"not {v}")
         return v
 
     @field_validator("top_k", mode="before")

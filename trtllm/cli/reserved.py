@@ -4,13 +4,10 @@ import sys
 
 def _reserved(name: str) -> int:
     print(f"{name}: not implemented yet in trtllm; available today: trtllm-run, trtllm-serve, "
-          "trtllm-bench (and the Python API: trtllm.LLM, trtllm.compile)", file=sys.stderr)
+          "trtllm-bench, trtllm-eval (and the Python API: trtllm.LLM, trtllm.compile)", file=sys.stderr)
     return 2
 
 
 def build() -> int:
     return _reserved("trtllm-build")
 
-
-def eval() -> int:  # noqa: A001  (the command's name)
-    return _reserved("trtllm-eval")

@@ -176,8 +176,9 @@ class BlockManager:
 
     def _lookup(self, seq: Sequence) -> list[int]:
         """The cached blocks holding `seq`'s longest cached prefix of full blocks. Capped
-        below the last token: that one must be computed for the model to give logits."""
-        if not self.enable_block_reuse:
+        below the last token: that one must be computed for the model to give logits. None
+        for a sequence with prompt logprobs pending: a cached prefix has no logits."""
+        if not self.enable_block_reuse or seq.prompt_logprobs_pending:
             return []
         n = (seq.num_tokens - 1) // self.block_size
         hits = []

@@ -38,6 +38,7 @@ from trtllm.runtime.engine_stats import EngineStats, StartupTimes, StepRecord
 from trtllm.runtime.model_runner import LaunchedStep, ModelRunner
 from trtllm.runtime.output_builder import OutputBuilder
 from trtllm.runtime.outputs import RequestOutput
+from trtllm.runtime.prompt_logprobs import prompt_logprobs
 from trtllm.runtime.sampler import Sampler, SamplingBatch, argmax_serves, draw_seed
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.sequence import Sequence
@@ -80,6 +81,8 @@ class Engine:
         seqs = [Sequence(request_id, list(prompt_token_ids), params, index=i) for i in range(params.n)]
         for seq in seqs:
             seq.seed = params.seed if params.seed is not None else draw_seed()
+        if params.prompt_logprobs is not None:  # the first sequence scores the prompt for all n
+            seqs[0].prompt_logprob_end = len(prompt_token_ids) - 1
         try:
             for seq in seqs:
                 self.scheduler.add(seq)  # raises ValueError if it can never fit the pool
@@ -119,6 +122,8 @@ class Engine:
             if self.overlap and picks_serve:
                 self._ahead = self._launch_ahead(launched)
             sampled, logprobs = self._sample(launched, picks_serve, changed)
+            if launched.prompt_spans:
+                self._deliver_prompt_logprobs(launched)
             self._postprocess(launched, sampled, logprobs, changed)
             self._drop_dead_ahead()
         outputs = self._outputs(changed)
@@ -179,6 +184,17 @@ class Engine:
             if k is not None:
                 logprobs[seq] = (chosen[i], top[i][:k] if top is not None else [])
         return sampled, logprobs
+
+    def _deliver_prompt_logprobs(self, launched: LaunchedStep) -> None:
+        """The step's prompt-logit rows, as logprobs, into their requests' outputs (before
+        any output of this step is emitted: a prompt's last chunk samples its first token)."""
+        launched.wait()
+        for span, entries in zip(launched.prompt_spans, prompt_logprobs(launched.prompt_logits,
+                                                                        launched.prompt_spans)):
+            req = self.requests.get(span.seq.request_id)
+            if req is not None and not span.seq.is_finished:
+                req.set_prompt_logprobs(span.start, entries)
+                span.seq.num_prompt_logprobs = span.end
 
     def _postprocess(self, launched: LaunchedStep, sampled: dict, logprobs: dict, changed) -> None:
         """Each new token into its request's output; a stop condition finishes its sequence."""

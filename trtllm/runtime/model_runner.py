@@ -3,7 +3,9 @@
 It owns the paged KV cache and the fixed-address input buffers (token ids, positions,
 attention metadata: see attention_context.py). A step's scheduled sequences become
 one flat ragged batch `[1, T]`; the compiled model computes logits only for the last
-token of each sequence whose chunk reaches its end (the ones the sampler needs).
+token of each sequence whose chunk reaches its end (the ones the sampler needs), and,
+after those, for the prompt positions of sequences that ask for prompt logprobs
+(runtime/prompt_logprobs.py; such a step never replays a CUDA graph).
 
 On a GPU, pure-decode steps replay CUDA graphs captured for batch sizes 1, 2, 4, 8,
 16, ... up to max_num_seqs (a step pads to the next captured size: padded tokens
@@ -31,6 +33,7 @@ import torch
 
 from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
 from trtllm.compile import CompiledModel
+from trtllm.runtime.prompt_logprobs import PromptSpan, chunk_span
 from trtllm.runtime.sampler import greedy_picks
 from trtllm.runtime.sequence import Sequence
 
@@ -53,6 +56,8 @@ class LaunchedStep:
     picks: torch.Tensor | None        # decode graphs: [2, len(to_sample)] argmax ids, 1/0 finite; host
     device_picks: torch.Tensor | None  # decode graphs: [2, graph size], on the device (feeds execute_ahead)
     done: torch.cuda.Event | None
+    prompt_spans: list[PromptSpan] = ()     # prompt-logprob rows, one span a sequence
+    prompt_logits: torch.Tensor | None = None  # [sum of span lengths, V], after the sampled rows
 
     def wait(self) -> None:
         """Block until the step's GPU work is done, *without* the GIL (an event wait
@@ -102,6 +107,7 @@ class ModelRunner:
         """Launch one step: the sequences to sample and (once done) their logits [N, V]."""
         self._wait_inputs_copied()
         ids, positions, query_lens, seq_lens, tables, sample_rows, to_sample = [], [], [], [], [], [], []
+        prompt_rows, spans = [], []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             end = start + n
@@ -117,16 +123,26 @@ class ModelRunner:
             if end == seq.num_tokens:  # the chunk reaches the last known token
                 sample_rows.append(len(ids) - 1)
                 to_sample.append(seq)
+            if start < seq.prompt_logprob_end:  # prompt logprobs asked: this chunk's positions
+                span = chunk_span(seq, start, end)
+                if span is not None:
+                    row0 = len(ids) - n - start  # the flat row of position p is row0 + p
+                    prompt_rows += range(row0 + span.start, row0 + span.end)
+                    spans.append(span)
         num_tokens = len(ids)
         self.meta.fill(query_lens, seq_lens, tables, self.block_size)
-        graph_size = self._graph_size(num_tokens, len(scheduled), sample_rows)
+        graph_size = None if spans else self._graph_size(num_tokens, len(scheduled), sample_rows)
         if graph_size is not None:
             return self._replay(graph_size, ids, positions, range(len(sample_rows)), scheduled, to_sample)
-        self._copy_inputs(ids, positions, sample_rows)
-        rows = self.logits_indices[: len(sample_rows)]
+        num_sampled = len(sample_rows)
+        self._copy_inputs(ids, positions, sample_rows + prompt_rows)
+        rows = self.logits_indices[: num_sampled + len(prompt_rows)]
         with attention_context(self.cache, self.meta):
             logits = self.compiled(self.input_ids[None, :num_tokens], self.positions[None, :num_tokens], rows)
-        return LaunchedStep(scheduled, to_sample, logits, None, None, self._step_launched())
+        if not spans:
+            return LaunchedStep(scheduled, to_sample, logits, None, None, self._step_launched())
+        return LaunchedStep(scheduled, to_sample, logits[:num_sampled], None, None, self._step_launched(),
+                            spans, logits[num_sampled:])
 
     def execute_ahead(self, previous: LaunchedStep, seqs: list[Sequence], rows: list[int]) -> LaunchedStep | None:
         """Launch the decode step after `previous` (a decode-graph step, still running or

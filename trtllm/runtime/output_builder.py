@@ -2,6 +2,7 @@
 
     req = OutputBuilder(request_id, prompt, prompt_token_ids, params, seqs, tokenizer, eos_token_ids,
                         max_seq_len, stream)
+    req.set_prompt_logprobs(start, entries)    # prompt_logprobs asked: a chunk's worth
     reason = req.append(seq, token, logprob)   # "stop" | "length" | None
     if reason: scheduler.finish(seq, reason); req.finish(seq, reason)
     if req.output.finished or req.stream and req.due(stream_interval): emit(req.emit(copy=True))
@@ -62,6 +63,11 @@ class OutputBuilder:
             completion.stop_reason = None
             return "length"
         return None
+
+    def set_prompt_logprobs(self, start: int, entries: list[dict[int, float]]) -> None:
+        """Logprob entries of prompt tokens start + 1 .. start + len(entries) (position p's
+        logits score token p + 1; runtime/prompt_logprobs.py)."""
+        self.output.prompt_logprobs[start + 1:start + 1 + len(entries)] = entries
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """`seq` is done (stopped, out of length, failed): the request is, once all its sequences are."""

@@ -31,6 +31,9 @@ class RequestOutput:
     finished: bool = False
     error: str | None = None                  # why the request failed, if it did
     num_cached_tokens: int = 0                # prompt tokens served from the prefix cache
+    # SamplingParams.prompt_logprobs: per prompt token {token id: logprob given the tokens
+    # before it, then the top alternatives}; None for the first token (runtime/prompt_logprobs.py)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     def snapshot(self, text_lengths: list[int] | None = None) -> RequestOutput:
         """A copy the engine will not change further (texts cut to `text_lengths`).
@@ -38,7 +41,8 @@ class RequestOutput:
         Runs for every streaming request every step, so it copies only what the engine
         goes on changing: the completions and their growing lists. `prompt_token_ids` is
         shared, never changed after the request is added (copying a 2k-token prompt would
-        cost ~10 us per request per step; bench/probes/host_step.py times streaming steps)."""
+        cost ~10 us per request per step; bench/probes/host_step.py times streaming steps);
+        so is `prompt_logprobs`, complete before the first output token is."""
         outputs = []
         for i, c in enumerate(self.outputs):
             c = _shallow_copy(c)
@@ -48,7 +52,7 @@ class RequestOutput:
                 c.text = c.text[: text_lengths[i]]
             outputs.append(c)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs,
-                             self.finished, self.error, self.num_cached_tokens)
+                             self.finished, self.error, self.num_cached_tokens, self.prompt_logprobs)
 
     def clear_diffs(self) -> None:
         for c in self.outputs:
@@ -73,7 +77,8 @@ def new_output(request_id: str, prompt: str | None, prompt_token_ids: list[int],
     wants_logprobs = params.logprobs is not None
     return RequestOutput(request_id, prompt, prompt_token_ids, [
         CompletionOutput(i, logprobs=[] if wants_logprobs else None, cumulative_logprob=0.0 if wants_logprobs else None)
-        for i in range(params.n)])
+        for i in range(params.n)],
+        prompt_logprobs=[None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None)
 
 
 def failed_output(request_id: str, n: int, error: str, prompt: str | None = None,

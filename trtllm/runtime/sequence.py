@@ -32,6 +32,11 @@ class Sequence:
     finish_reason: str | None = None                 # "stop" | "length" | "error" | "abort"
     error: str | None = None
     seed: int = 0                                    # the sampler's seed (drawn when not given)
+    # prompt_logprobs: the logits at positions [0, prompt_logprob_end) score prompt tokens
+    # 1 .. P-1 (P-1 when asked, on the request's first sequence; else 0), and the first
+    # num_prompt_logprobs of them have been delivered (runtime/prompt_logprobs.py)
+    prompt_logprob_end: int = 0
+    num_prompt_logprobs: int = 0
 
     @property
     def token_ids(self) -> list[int]:
@@ -50,6 +55,12 @@ class Sequence:
         if start >= p:
             return self.output_token_ids[start - p:end - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Prompt logprobs are asked and not all delivered: the prompt must be computed, not
+        taken from the prefix cache (block_manager's lookup skips it)."""
+        return self.num_prompt_logprobs < self.prompt_logprob_end
 
     @property
     def num_tokens(self) -> int:

@@ -65,12 +65,14 @@ class StepDeltas:
     request_ids .. starts[r]; per completion (all n of each request, in index order,
     request r's from starts[r] on) the text and token ids it gained, its new logprob
     entries (None when it wants none or gained none), and its latest cumulative logprob,
-    finish and stop reasons. `stats`: the engine's counters after the step."""
+    finish and stop reasons; per request, its prompt logprobs when they are new (with its
+    first tokens) or it finished, else None. `stats`: the engine's counters after the step."""
     stats: EngineStats | None = None
     request_ids: list[str] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
     num_cached_tokens: list[int] = field(default_factory=list)
+    prompt_logprobs: list[list | None] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list)
@@ -89,6 +91,8 @@ class StepDeltas:
             d.finished.append(out.finished)
             d.errors.append(out.error)
             d.num_cached_tokens.append(out.num_cached_tokens)
+            d.prompt_logprobs.append(out.prompt_logprobs if out.prompt_logprobs is not None and (
+                out.finished or 0 < len(out.outputs[0].token_ids) == len(out.outputs[0].token_ids_diff)) else None)
             d.starts.append(len(d.texts))
             for c in out.outputs:
                 new = len(c.token_ids_diff)
@@ -106,6 +110,8 @@ class StepDeltas:
         every piece."""
         out.finished, out.error, out.num_cached_tokens = self.finished[row], self.errors[row], \
             self.num_cached_tokens[row]
+        if self.prompt_logprobs[row] is not None:
+            out.prompt_logprobs = self.prompt_logprobs[row]
         for j, c in enumerate(out.outputs, self.starts[row]):
             text, ids, logprobs = self.texts[j], self.token_ids[j], self.logprobs[j]
             c.text += text
