@@ -157,3 +157,23 @@ def random_batch(vocab_size: int = 128, batch: int = 2, seq_len: int = 12, seed:
     """input_ids [batch, seq_len]."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, seq_len), generator=g)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in fp32."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def loaded_pair(family: str, directory: Path):
+    """(our model, HF model), fp32 on CPU, loaded from one checkpoint of `family` written to `directory`."""
+    from trtllm.models.loader import load_model
+    path = write_checkpoint(family, directory)
+    return load_model(path, dtype=torch.float32, device="cpu"), hf_model(path)
+
+
+def logits_vs_hf(ours, hf, seq_len: int, offsets: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(our logits, HF's) [2, seq_len, V] on random_batch's ids, each row's positions from its offset."""
+    ids = random_batch(batch=2, seq_len=seq_len)
+    positions = torch.arange(seq_len).expand(2, seq_len) + torch.tensor(offsets)[:, None]  # [2, S]
+    with torch.no_grad():
+        return ours(ids, positions), hf(input_ids=ids, position_ids=positions).logits

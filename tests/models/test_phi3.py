@@ -5,33 +5,32 @@ import pytest
 import torch
 
 import trtllm
-from tests.models.checkpoints import PHI3_FAMILIES, hf_config, hf_model, random_batch, write_checkpoint
+from tests.models.checkpoints import (
+    PHI3_FAMILIES,
+    hf_config,
+    loaded_pair,
+    logits_vs_hf,
+    random_batch,
+    rel_err,
+    write_checkpoint,
+)
 from trtllm.models.loader import load_model
 from trtllm.models.phi3 import Phi3Config, Phi3ForCausalLM
 
 B, S = 2, 12  # longer than the window (5)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 @pytest.fixture(scope="module", params=sorted(PHI3_FAMILIES))
 def pair(request, tmp_path_factory):
     """(our model, HF model) loaded from the same checkpoint on disk."""
-    path = write_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
-    return load_model(path, dtype=torch.float32, device="cpu"), hf_model(path)
+    return loaded_pair(request.param, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.mark.parametrize("offsets", [(0, 0), (7, 100)], ids=["from0", "offset"])
 def test_logits_match_hf(pair, offsets):
     ours, hf = pair
     assert type(ours) is Phi3ForCausalLM
-    ids = random_batch(seq_len=S)
-    positions = torch.arange(S).expand(B, S) + torch.tensor(offsets)[:, None]  # [B, S]
-    with torch.no_grad():
-        got = ours(ids, positions)
-        want = hf(input_ids=ids, position_ids=positions).logits
+    got, want = logits_vs_hf(ours, hf, S, offsets)
     assert got.shape == (B, S, ours.config.vocab_size)
     assert rel_err(got, want) <= 1e-5
 
