@@ -14,6 +14,7 @@ import torch  # noqa: E402
 import trtllm.kernels.fp8_gemm  # noqa: E402, F401
 import trtllm.kernels.linear  # noqa: E402, F401
 import trtllm.kernels.paged_attention  # noqa: E402, F401
+import trtllm.kernels.quantize_fp8  # noqa: E402, F401
 import trtllm.kernels.rms_norm  # noqa: E402, F401
 import trtllm.kernels.rotary  # noqa: E402, F401
 import trtllm.kernels.silu_mul  # noqa: E402, F401
