@@ -20,7 +20,7 @@ group_size=128); other mixes are refused. Shapes: x [M, K] with a contiguous las
 (fp32/fp16/bf16) or None. Output [M, N], contiguous, in out_dtype (bf16/fp16/fp32).
 
 The kernel feeds the fp8 tiles to tl.dot as they are (fp8 tensor cores: sm_89+; an older
-GPU is refused by name), accumulating in fp32. Per-tensor / per-row scales multiply the
+GPU is refused by name), accumulating in fp32 (promoted every FP8_PROMOTE_K = 128 of K on sm_90). Per-tensor / per-row scales multiply the
 accumulator once at the end; block scales multiply each 128-wide K step's partial
 product (BLOCK_K divides 128) by its row's group scale and its column's block scale, then
 add. Two kernels:
@@ -51,6 +51,11 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0          # largest finite e4m3 value
 SCALE_BLOCK = 128        # block-scale tile: 128x128 weight blocks, 1x128 activation groups
 FP8_GEMV_MAX_M = 16      # rows up to which the weight-streaming decode kernel runs
+# Hopper's fp8 MMA adds its products in less than fp32 precision, and Triton (3.6) by
+# default never promotes on sm_90 (max_num_imprecise_acc 2**30: errors grow with K, as
+# DeepSeek-V3's report measured); the kernels promote into the fp32 accumulator every
+# FP8_PROMOTE_K of K, DeepSeek's interval and torch._scaled_mm's default (no fast accum).
+FP8_PROMOTE_K = 128
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -153,6 +158,7 @@ def _fp8_gemm_kernel(
     BLOCK_SCALES: tl.constexpr,
     SCALE_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,   # "ieee" for the interpreter's fp32 copies; ignored for fp8
+    MAX_IMPRECISE_ACC: tl.constexpr,  # K elements summed in the sm_90 fp8 MMA's own precision
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,          # K % BLOCK_K == 0: no K mask
@@ -192,10 +198,12 @@ def _fp8_gemm_kernel(
             kb = k0 // SCALE_BLOCK
             xs = tl.load(xs_ptrs + kb)
             ws = tl.load(ws_ptrs + kb)
-            part = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
+            part = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION,
+                          max_num_imprecise_acc=MAX_IMPRECISE_ACC)
             acc += part * xs[:, None] * ws[None, :]
         else:
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION,
+                          max_num_imprecise_acc=MAX_IMPRECISE_ACC)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
@@ -220,6 +228,7 @@ def _fp8_gemv_kernel(
     BLOCK_SCALES: tl.constexpr,
     SCALE_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    MAX_IMPRECISE_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,         # rows padded to 16 (the smallest tl.dot side)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -250,10 +259,12 @@ def _fp8_gemv_kernel(
             kb = k0 // SCALE_BLOCK
             xs = tl.load(xs_ptrs + kb)
             ws = tl.load(ws_ptrs + kb)
-            part = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
+            part = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION,
+                          max_num_imprecise_acc=MAX_IMPRECISE_ACC)
             acc += part * ws[:, None] * xs[None, :]
         else:
-            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION,
+                          max_num_imprecise_acc=MAX_IMPRECISE_ACC)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
 
@@ -299,7 +310,7 @@ def _launch(kernel, grid, x, weight, x_scale, weight_scale, bias, out, block, me
             x.stride(0), weight.stride(0), y.stride(0),
             xs_stride, ws_stride,
             HAS_BIAS=bias is not None, BLOCK_SCALES=block, SCALE_BLOCK=SCALE_BLOCK,
-            DOT_PRECISION=dot_precision, EVEN_K=k % meta["BLOCK_K"] == 0, **meta,
+            DOT_PRECISION=dot_precision, MAX_IMPRECISE_ACC=min(meta["BLOCK_K"], FP8_PROMOTE_K), EVEN_K=k % meta["BLOCK_K"] == 0, **meta,
         )
     return out
 

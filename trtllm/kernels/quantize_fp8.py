@@ -13,7 +13,8 @@ group_size G (a power of 2 >= 16; 128 for DeepSeek-V3 / Qwen3-FP8 block weights)
 The amax is taken of x as given (no rounding before it) in fp32; a group of zeros gets the
 scale MIN_AMAX / 448 and quantizes to zeros (no division by zero). The kernel divides with
 round-to-nearest (tl.math.div_rn, as torch does) and casts to e4m3 rounding to nearest-even,
-so it matches the reference up to a rare 1-ulp flip at a tie of the two.
+so it matches the reference up to a rare 1-ulp flip at a tie of the two (the sm_90 build
+checked to use div.rn.f32 and cvt.rn.satfinite.e4m3x2.f32, tools/dump_sass.py's compile).
 
 One program per row: the row as a [BLOCK_G, GROUP] tile (BLOCK_G groups padded to a power
 of 2), amax along the group axis. Rows up to 65536 elements.
@@ -68,7 +69,8 @@ def _quantize_fp8_kernel(
     mask = cols < K
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)                                  # [BLOCK_G]
-    scale = tl.maximum(amax, MIN_AMAX) / FP8_MAX
+    # div_rn: the IEEE quotient torch computes (a plain `/` compiles to div.full.f32, ~2 ulp)
+    scale = tl.math.div_rn(tl.maximum(amax, MIN_AMAX), tl.full([BLOCK_G], FP8_MAX, tl.float32))
     q = tl.math.div_rn(x, scale[:, None])
     q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
     tl.store(q_ptr + row * q_row_stride + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
