@@ -1,8 +1,8 @@
 """GPU-only checks of the FP8 GEMM (kernels/fp8_gemm.py) and quantization
 (kernels/quantize_fp8.py): compiled for sm_89+, at Llama-3.1-8B shapes, against
 fp8_gemm_ref and against torch._scaled_mm where it takes the same scales (per-tensor;
-per-token x per-channel, which it calls rowwise and runs with a bf16 output only); and
-that the compiled tl.dot takes the fp8 operands as they are (no upcast in the kernel).
+per-token x per-channel, which it calls rowwise and runs with a bf16 output only). That
+the compiled tl.dot takes e4m3 operands is checked without a GPU (tests/kernels/test_fp8_build.py).
 Skipped in CI (CPU, interpreter); run on an H100/H200 with
 
     TRITON_INTERPRET=0 python -m pytest -q tests/kernels/test_fp8_gemm_gpu.py
@@ -12,7 +12,6 @@ import os
 import pytest
 import torch
 
-from trtllm.kernels import fp8_gemm as fp8_gemm_mod
 from trtllm.kernels.fp8_gemm import FP8_DTYPE, FP8_MAX, fp8_gemm, fp8_gemm_ref
 from trtllm.kernels.quantize_fp8 import quantize_fp8, quantize_fp8_ref
 
@@ -21,9 +20,11 @@ pytestmark = pytest.mark.skipif(
     or torch.cuda.get_device_capability() < (8, 9),
     reason="needs an sm_89+ GPU without the Triton interpreter")
 
-# Against the fp32 reference: ||y - ref|| / ||ref|| (order of fp32 sums, one rounding of the
-# output); against _scaled_mm, two fp32-accumulating fp8 GEMMs rounded to bf16.
-MAX_REL_ERR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+# ||y - ref|| / ||ref||. Against the fp32 reference: the sm_90 fp8 MMA adds up to 128 products
+# in its own (less than fp32) precision before the promotion to fp32, plus one rounding of
+# the output; against _scaled_mm, two such GEMMs rounded to bf16. Not yet measured on a GPU:
+# bounds from the output roundings (bf16 2^-9, fp16 2^-12 rms) with room for the MMA's.
+MAX_REL_ERR = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 5e-3}
 # (N, K): Llama-3.1-8B's qkv, o_proj, gate_up, down; M: decode rows and prefill tokens
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (83, 769)]
 MS = [1, 3, 16, 17, 300, 2048]
@@ -77,15 +78,3 @@ def test_quantize_matches_reference(group_size):
     torch.testing.assert_close(s, s_ref, atol=0, rtol=0)
     torch.testing.assert_close(q.float(), q_ref.float(), atol=0, rtol=2.0 ** -3)
     assert (q.float() != q_ref.float()).float().mean() < 1e-3  # flips at ties only
-
-
-@pytest.mark.parametrize("kernel,m", [(fp8_gemm_mod._fp8_gemm_kernel, 300), (fp8_gemm_mod._fp8_gemv_kernel, 3)])
-def test_dot_takes_fp8_operands(kernel, m):
-    """The compiled kernel's tl.dot multiplies e4m3 operands (fp8 tensor cores), not an upcast."""
-    x, w, xs, ws = inputs(m, 4096, 4096, "token_channel")
-    fp8_gemm(x, w, xs, ws)
-    compiled = [c for cache in kernel.device_caches.values() for c in cache[0].values()]
-    assert compiled, "kernel not compiled"
-    ttgir = compiled[-1].asm["ttgir"]
-    dots = [line for line in ttgir.splitlines() if "tt.dot" in line or "warp_group_dot" in line]
-    assert dots and all("f8E4M3FN" in line for line in dots), dots
