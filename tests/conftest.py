@@ -16,6 +16,7 @@ import trtllm.kernels.linear  # noqa: E402, F401
 import trtllm.kernels.paged_attention  # noqa: E402, F401
 import trtllm.kernels.quantize_fp8  # noqa: E402, F401
 import trtllm.kernels.rms_norm  # noqa: E402, F401
+import trtllm.kernels.rms_norm_quant_fp8  # noqa: E402, F401
 import trtllm.kernels.rotary  # noqa: E402, F401
 import trtllm.kernels.silu_mul  # noqa: E402, F401
 

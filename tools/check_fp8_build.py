@@ -5,8 +5,9 @@ interpreter cannot show.
 
 For kernels/fp8_gemm.py's two kernels (tiles and GEMV; row and block scales; the default
 configs): every tl.dot became an sm_90 wgmma on e4m3 operands (no upcast in the kernel)
-whose partial sums are promoted to fp32 every FP8_PROMOTE_K; for kernels/quantize_fp8.py:
-the scale and quotient are IEEE divisions (div.rn.f32) and the cast to e4m3 rounds to
+whose partial sums are promoted to fp32 every FP8_PROMOTE_K; for kernels/quantize_fp8.py and kernels/rms_norm_quant_fp8.py:
+the scale and quotient are IEEE divisions (div.rn.f32; the norm's mean of squares
+divides as kernels/rms_norm.py does) and the cast to e4m3 rounds to
 nearest with saturation (cvt.rn.satfinite). Prints one line a kernel; exit status 1 if a
 check fails. tests/kernels/test_fp8_build.py runs it.
 """
@@ -30,6 +31,7 @@ from trtllm.kernels.fp8_gemm import (  # noqa: E402
     _fp8_gemv_kernel,
 )
 from trtllm.kernels.quantize_fp8 import FP8_MAX, MIN_AMAX, _quantize_fp8_kernel  # noqa: E402
+from trtllm.kernels.rms_norm_quant_fp8 import _rms_norm_quant_fp8_kernel  # noqa: E402
 
 F8, F32, BF16 = MockTensor(torch.float8_e4m3fn), MockTensor(torch.float32), MockTensor(torch.bfloat16)
 M, N, K = 300, 4096, 4096  # Llama-3.1-8B's o_proj
@@ -70,17 +72,27 @@ def check_gemm(name, compiled) -> list[str]:
     return problems
 
 
-def check_quantize() -> list[str]:
+def quantize_builds():
     kg = -(-K // 128)
-    args = dict(x_ptr=BF16, q_ptr=F8, s_ptr=F32, K=K, N_GROUPS=kg, x_row_stride=K, q_row_stride=K,
-                s_row_stride=kg, MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX, GROUP=128, BLOCK_G=kg)
-    ptx = compile_sm90(_quantize_fp8_kernel, args, 4, 1).asm["ptx"]
+    common = dict(MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX, GROUP=128, BLOCK_G=kg)
+    yield "_quantize_fp8_kernel", _quantize_fp8_kernel, {"div.rn.f32"}, dict(
+        x_ptr=BF16, q_ptr=F8, s_ptr=F32, K=K, N_GROUPS=kg, x_row_stride=K, q_row_stride=K,
+        s_row_stride=kg, **common)
+    # the mean of squares divides as kernels/rms_norm.py does (a plain `/`: div.full.f32)
+    yield "_rms_norm_quant_fp8_kernel", _rms_norm_quant_fp8_kernel, {"div.rn.f32", "div.full.f32"}, dict(
+        x_ptr=BF16, residual_ptr=BF16, weight_ptr=BF16, q_ptr=F8, s_ptr=F32, sum_ptr=BF16, N=K, N_GROUPS=kg,
+        x_row_stride=K, residual_row_stride=K, q_row_stride=K, s_row_stride=kg, sum_row_stride=K, eps=1e-5,
+        HAS_RESIDUAL=True, UNIT_OFFSET=False, **common)
+
+
+def check_quantize(name, kernel, expected_divs, args) -> list[str]:
+    ptx = compile_sm90(kernel, args, 8, 1).asm["ptx"]
     divs = set(re.findall(r"\bdiv\.[a-z0-9.]+", ptx))
     cvts = set(re.findall(r"\bcvt\.[a-z0-9.]*e4m3[a-z0-9.]*", ptx))
-    print(f"_quantize_fp8_kernel: {sorted(divs)} {sorted(cvts)}")
+    print(f"{name}: {sorted(divs)} {sorted(cvts)}")
     problems = []
-    if divs != {"div.rn.f32"}:
-        problems.append(f"divisions {sorted(divs)}: expected only div.rn.f32")
+    if divs != expected_divs:
+        problems.append(f"divisions {sorted(divs)}: expected {sorted(expected_divs)}")
     if not cvts or not all(c.startswith("cvt.rn.satfinite.e4m3") for c in cvts):
         problems.append(f"e4m3 casts {sorted(cvts)}: expected cvt.rn.satfinite")
     return problems
@@ -90,7 +102,8 @@ def main() -> int:
     problems = []
     for name, kernel, args, warps, stages in builds():
         problems += [f"{name}: {p}" for p in check_gemm(name, compile_sm90(kernel, args, warps, stages))]
-    problems += [f"_quantize_fp8_kernel: {p}" for p in check_quantize()]
+    for name, kernel, expected_divs, args in quantize_builds():
+        problems += [f"{name}: {p}" for p in check_quantize(name, kernel, expected_divs, args)]
     print(*problems, sep="\n")
     return 1 if problems else 0
 

@@ -1,5 +1,5 @@
 """GPU-only checks of the FP8 GEMM (kernels/fp8_gemm.py) and quantization
-(kernels/quantize_fp8.py): compiled for sm_89+, at Llama-3.1-8B shapes, against
+(kernels/quantize_fp8.py, kernels/rms_norm_quant_fp8.py): compiled for sm_89+, at Llama-3.1-8B shapes, against
 fp8_gemm_ref and against torch._scaled_mm where it takes the same scales (per-tensor;
 per-token x per-channel, which it calls rowwise and runs with a bf16 output only). That
 the compiled tl.dot takes e4m3 operands is checked without a GPU (tests/kernels/test_fp8_build.py).
@@ -14,6 +14,7 @@ import torch
 
 from trtllm.kernels.fp8_gemm import FP8_DTYPE, FP8_MAX, fp8_gemm, fp8_gemm_ref
 from trtllm.kernels.quantize_fp8 import quantize_fp8, quantize_fp8_ref
+from trtllm.kernels.rms_norm_quant_fp8 import fused_add_rms_norm_quant_fp8, fused_add_rms_norm_quant_fp8_ref
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
@@ -78,3 +79,17 @@ def test_quantize_matches_reference(group_size):
     torch.testing.assert_close(s, s_ref, atol=0, rtol=0)
     torch.testing.assert_close(q.float(), q_ref.float(), atol=0, rtol=2.0 ** -3)
     assert (q.float() != q_ref.float()).float().mean() < 1e-3  # flips at ties only
+
+
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_rms_norm_quant_matches_reference(group_size):
+    # the mean of squares divides approximately on the GPU (as kernels/rms_norm.py): the
+    # bf16 norm output, so the amax, may move by a bf16 ulp, an e4m3 value by a step
+    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    r = torch.randn_like(x)
+    w = (1 + 0.1 * torch.randn(4096, device="cuda")).to(torch.bfloat16)
+    q, s, summed = fused_add_rms_norm_quant_fp8(x, r, w, 1e-5, group_size)
+    q_ref, s_ref, summed_ref = fused_add_rms_norm_quant_fp8_ref(x, r, w, 1e-5, group_size)
+    torch.testing.assert_close(summed, summed_ref, atol=0, rtol=0)
+    torch.testing.assert_close(s, s_ref, atol=0, rtol=2.0 ** -7)
+    torch.testing.assert_close(q.float(), q_ref.float(), atol=0, rtol=2.0 ** -3)
