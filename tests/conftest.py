@@ -11,9 +11,12 @@ import torch  # noqa: E402
 # (tests/runtime/conftest.py), and a kernel module first imported then
 # would be decorated as compiled Triton, failing every later
 # interpreter test in that process ("0 active drivers").
+import trtllm.kernels.fp8_gemm  # noqa: E402, F401
 import trtllm.kernels.linear  # noqa: E402, F401
 import trtllm.kernels.paged_attention  # noqa: E402, F401
+import trtllm.kernels.quantize_fp8  # noqa: E402, F401
 import trtllm.kernels.rms_norm  # noqa: E402, F401
+import trtllm.kernels.rms_norm_quant_fp8  # noqa: E402, F401
 import trtllm.kernels.rotary  # noqa: E402, F401
 import trtllm.kernels.silu_mul  # noqa: E402, F401
 

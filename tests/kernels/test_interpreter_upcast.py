@@ -40,3 +40,12 @@ def test_a_tensor_passed_twice_gets_one_copy():
         assert a is b and o1 is o2
         o1.copy_(a * 2)
     assert torch.equal(out, x * 2)
+
+
+def test_fp8_gets_an_fp32_copy_and_writes_round_to_nearest():
+    x = torch.randn(8).to(torch.float8_e4m3fn)
+    out = torch.zeros(3, dtype=torch.float8_e4m3fn)
+    with interpreter_upcast((x,), (out,)) as ((x_in,), (out_in,)):
+        assert x_in.dtype == torch.float32 and torch.equal(x_in, x.float())
+        out_in[:] = torch.tensor([1.0 + 0.09, 27.3, -300.0])  # e4m3 steps: 0.125 at 1, 2 at 16-32
+    assert out.float().tolist() == [1.125, 28.0, -288.0]

@@ -75,7 +75,7 @@ Tensors = Sequence[torch.Tensor | None]
 
 def interpreter_upcast(reads: Tensors, writes: Tensors = ()) -> contextlib.AbstractContextManager[tuple[tuple, tuple]]:
     """Yields (reads, writes) as a kernel launch should get them: unchanged, except while
-    the Triton interpreter runs, when every bf16 tensor is replaced by an fp32 copy and,
+    the Triton interpreter runs, when every bf16 (or fp8 e4m3) tensor is replaced by an fp32 copy and,
     on leaving the block, each fp32 copy in `writes` is rounded back into its original.
 
     The interpreter (triton 3.6-3.9) holds bf16 values as their raw uint16 bits: its
@@ -100,12 +100,19 @@ def interpreter_upcast(reads: Tensors, writes: Tensors = ()) -> contextlib.Abstr
     return _fp32_copies(reads, writes)
 
 
+# bf16 (see interpreter_upcast) and fp8 e4m3: the interpreter's fp32 -> fp8 casts do not
+# round to nearest (randn * 10 stored as fp8 came back up to 4 away from torch's cast); loaded as fp32, the
+# GEMMs' fp8 x fp8 products are exact as on the GPU, and a written fp32 copy is rounded
+# to fp8 by torch (kernels/quantize_fp8.py clamps to +-448 first: torch gives NaN past it).
+_UPCAST_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
+
+
 @contextlib.contextmanager
 def _fp32_copies(reads: Tensors, writes: Tensors) -> Iterator[tuple[tuple, tuple]]:
     copies: dict[int, torch.Tensor] = {}
 
     def upcast(t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None or t.dtype != torch.bfloat16:
+        if t is None or t.dtype not in _UPCAST_DTYPES:
             return t
         if id(t) not in copies:
             copies[id(t)] = t.float()

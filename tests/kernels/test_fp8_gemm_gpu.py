@@ -1,0 +1,95 @@
+"""GPU-only checks of the FP8 GEMM (kernels/fp8_gemm.py) and quantization
+(kernels/quantize_fp8.py, kernels/rms_norm_quant_fp8.py): compiled for sm_89+, at Llama-3.1-8B shapes, against
+fp8_gemm_ref and against torch._scaled_mm where it takes the same scales (per-tensor;
+per-token x per-channel, which it calls rowwise and runs with a bf16 output only). That
+the compiled tl.dot takes e4m3 operands is checked without a GPU (tests/kernels/test_fp8_build.py).
+Skipped in CI (CPU, interpreter); run on an H100/H200 with
+
+    TRITON_INTERPRET=0 python -m pytest -q tests/kernels/test_fp8_gemm_gpu.py
+"""
+import os
+
+import pytest
+import torch
+
+from trtllm.kernels.fp8_gemm import FP8_DTYPE, FP8_MAX, fp8_gemm, fp8_gemm_ref
+from trtllm.kernels.quantize_fp8 import quantize_fp8, quantize_fp8_ref
+from trtllm.kernels.rms_norm_quant_fp8 import fused_add_rms_norm_quant_fp8, fused_add_rms_norm_quant_fp8_ref
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
+    or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs an sm_89+ GPU without the Triton interpreter")
+
+# ||y - ref|| / ||ref||. Against the fp32 reference: the sm_90 fp8 MMA adds up to 128 products
+# in its own (less than fp32) precision before the promotion to fp32, plus one rounding of
+# the output; against _scaled_mm, two such GEMMs rounded to bf16. Not yet measured on a GPU:
+# bounds from the output roundings (bf16 2^-9, fp16 2^-12 rms) with room for the MMA's.
+MAX_REL_ERR = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 5e-3}
+# (N, K): Llama-3.1-8B's qkv, o_proj, gate_up, down; M: decode rows and prefill tokens
+SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (83, 769)]
+MS = [1, 3, 16, 17, 300, 2048]
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def inputs(m, n, k, granularity):
+    x = (torch.randn(m, k, device="cuda") * 100).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    w = (torch.randn(n, k, device="cuda") * 100).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    shapes = {"tensor": ((1,), (1,)), "token_channel": ((m, 1), (n, 1)),
+              "block": ((m, cdiv(k, 128)), (cdiv(n, 128), cdiv(k, 128)))}[granularity]
+    xs, ws = (torch.rand(*s, device="cuda") * 0.002 + 0.0005 for s in shapes)
+    return x, w, xs, ws
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("granularity", ["tensor", "token_channel", "block"])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", MS)
+def test_matches_reference(m, n, k, granularity, out_dtype):
+    x, w, xs, ws = inputs(m, n, k, granularity)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if m % 2 else None
+    y = fp8_gemm(x, w, xs, ws, bias, out_dtype)
+    assert rel_err(y, fp8_gemm_ref(x, w, xs, ws, bias, out_dtype)) < MAX_REL_ERR[out_dtype]
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "token_channel"])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", MS)
+def test_matches_scaled_mm(m, n, k, granularity):
+    x, w, xs, ws = inputs(m, n, k, granularity)
+    if granularity == "tensor":
+        peer = torch._scaled_mm(x, w.t(), xs.reshape(()), ws.reshape(()), out_dtype=torch.bfloat16)
+    else:  # rowwise: scale_a [M, 1], scale_b [1, N]
+        peer = torch._scaled_mm(x, w.t(), xs, ws.t(), out_dtype=torch.bfloat16)
+    assert rel_err(fp8_gemm(x, w, xs, ws), peer) < MAX_REL_ERR[torch.bfloat16]
+
+
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_quantize_matches_reference(group_size):
+    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    q, s = quantize_fp8(x, group_size)
+    q_ref, s_ref = quantize_fp8_ref(x, group_size)
+    torch.testing.assert_close(s, s_ref, atol=0, rtol=0)
+    torch.testing.assert_close(q.float(), q_ref.float(), atol=0, rtol=2.0 ** -3)
+    assert (q.float() != q_ref.float()).float().mean() < 1e-3  # flips at ties only
+
+
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_rms_norm_quant_matches_reference(group_size):
+    # the mean of squares divides approximately on the GPU (as kernels/rms_norm.py): the
+    # bf16 norm output, so the amax, may move by a bf16 ulp, an e4m3 value by a step
+    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    r = torch.randn_like(x)
+    w = (1 + 0.1 * torch.randn(4096, device="cuda")).to(torch.bfloat16)
+    q, s, summed = fused_add_rms_norm_quant_fp8(x, r, w, 1e-5, group_size)
+    q_ref, s_ref, summed_ref = fused_add_rms_norm_quant_fp8_ref(x, r, w, 1e-5, group_size)
+    torch.testing.assert_close(summed, summed_ref, atol=0, rtol=0)
+    torch.testing.assert_close(s, s_ref, atol=0, rtol=2.0 ** -7)
+    torch.testing.assert_close(q.float(), q_ref.float(), atol=0, rtol=2.0 ** -3)

@@ -1,0 +1,112 @@
+"""The FP8 kernels compiled for sm_90 here, without a GPU, and checked for what the CPU
+interpreter cannot show.
+
+    TRITON_INTERPRET=0 PYTHONPATH=$PWD python tools/check_fp8_build.py
+
+For kernels/fp8_gemm.py's two kernels (tiles and GEMV; row and block scales; the default
+configs): every tl.dot became an sm_90 wgmma on e4m3 operands (no upcast in the kernel)
+whose partial sums are promoted to fp32 every FP8_PROMOTE_K; for kernels/quantize_fp8.py and kernels/rms_norm_quant_fp8.py:
+the scale and quotient are IEEE divisions (div.rn.f32; the norm's mean of squares
+divides as kernels/rms_norm.py does) and the cast to e4m3 rounds to
+nearest with saturation (cvt.rn.satfinite). Prints one line a kernel; exit status 1 if a
+check fails. tests/kernels/test_fp8_build.py runs it.
+"""
+import os
+import re
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"  # @triton.jit must build JITFunctions, not interpreted ones
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from triton.runtime.jit import MockTensor  # noqa: E402
+
+from tools.dump_sass import compile_sm90  # noqa: E402
+from trtllm.kernels.fp8_gemm import (  # noqa: E402
+    FP8_PROMOTE_K,
+    SCALE_BLOCK,
+    _default_gemm_config,
+    _default_gemv_config,
+    _fp8_gemm_kernel,
+    _fp8_gemv_kernel,
+)
+from trtllm.kernels.quantize_fp8 import FP8_MAX, MIN_AMAX, _quantize_fp8_kernel  # noqa: E402
+from trtllm.kernels.rms_norm_quant_fp8 import _rms_norm_quant_fp8_kernel  # noqa: E402
+
+F8, F32, BF16 = MockTensor(torch.float8_e4m3fn), MockTensor(torch.float32), MockTensor(torch.bfloat16)
+M, N, K = 300, 4096, 4096  # Llama-3.1-8B's o_proj
+
+
+def gemm_args(block: bool, m: int, block_k: int, **meta) -> dict:
+    kg = -(-K // SCALE_BLOCK)
+    return dict(x_ptr=F8, w_ptr=F8, xs_ptr=F32, ws_ptr=F32, b_ptr=BF16, y_ptr=BF16, M=m, N=N, K=K,
+                x_row_stride=K, w_row_stride=K, y_row_stride=N,
+                xs_row_stride=kg if block else 1, ws_row_stride=kg if block else 1,
+                HAS_BIAS=True, BLOCK_SCALES=block, SCALE_BLOCK=SCALE_BLOCK, DOT_PRECISION="tf32",
+                MAX_IMPRECISE_ACC=min(block_k, FP8_PROMOTE_K), BLOCK_K=block_k, EVEN_K=True, **meta)
+
+
+def builds():
+    for block in (False, True):
+        c = _default_gemm_config(M, N, K, block)
+        yield (f"_fp8_gemm_kernel block_scales={block}", _fp8_gemm_kernel,
+               gemm_args(block, M, c.block_k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m),
+               c.num_warps, c.num_stages)
+        g = _default_gemv_config(3, N, K, block)
+        yield (f"_fp8_gemv_kernel block_scales={block}", _fp8_gemv_kernel,
+               gemm_args(block, 3, g.block_k, BLOCK_M=16, BLOCK_N=g.block_n), g.num_warps, g.num_stages)
+
+
+def check_gemm(name, compiled) -> list[str]:
+    ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+    dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line or "tt.dot " in line]
+    wgmma = [line for line in ptx.splitlines() if "wgmma.mma_async" in line]
+    problems = []
+    if not dots or not all(" = ttng.warp_group_dot " in d for d in dots):
+        problems.append(f"tl.dot did not become a wgmma: {dots}")
+    if not all("f8E4M3FN" in d and f"maxNumImpreciseAcc = {FP8_PROMOTE_K} " in d for d in dots):
+        problems.append(f"a dot not on e4m3 operands promoted every {FP8_PROMOTE_K}: {dots}")
+    if not wgmma or not all(".e4m3.e4m3" in w for w in wgmma):
+        problems.append(f"PTX wgmma not on e4m3 operands: {sorted(set(wgmma))[:3]}")
+    print(f"{name}: {len(dots)} dot(s), {len(wgmma)} e4m3 wgmma in PTX, shared {compiled.metadata.shared} B")
+    return problems
+
+
+def quantize_builds():
+    kg = -(-K // 128)
+    common = dict(MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX, GROUP=128, BLOCK_G=kg)
+    yield "_quantize_fp8_kernel", _quantize_fp8_kernel, {"div.rn.f32"}, dict(
+        x_ptr=BF16, q_ptr=F8, s_ptr=F32, K=K, N_GROUPS=kg, x_row_stride=K, q_row_stride=K,
+        s_row_stride=kg, **common)
+    # the mean of squares divides as kernels/rms_norm.py does (a plain `/`: div.full.f32)
+    yield "_rms_norm_quant_fp8_kernel", _rms_norm_quant_fp8_kernel, {"div.rn.f32", "div.full.f32"}, dict(
+        x_ptr=BF16, residual_ptr=BF16, weight_ptr=BF16, q_ptr=F8, s_ptr=F32, sum_ptr=BF16, N=K, N_GROUPS=kg,
+        x_row_stride=K, residual_row_stride=K, q_row_stride=K, s_row_stride=kg, sum_row_stride=K, eps=1e-5,
+        HAS_RESIDUAL=True, UNIT_OFFSET=False, **common)
+
+
+def check_quantize(name, kernel, expected_divs, args) -> list[str]:
+    ptx = compile_sm90(kernel, args, 8, 1).asm["ptx"]
+    divs = set(re.findall(r"\bdiv\.[a-z0-9.]+", ptx))
+    cvts = set(re.findall(r"\bcvt\.[a-z0-9.]*e4m3[a-z0-9.]*", ptx))
+    print(f"{name}: {sorted(divs)} {sorted(cvts)}")
+    problems = []
+    if divs != expected_divs:
+        problems.append(f"divisions {sorted(divs)}: expected {sorted(expected_divs)}")
+    if not cvts or not all(c.startswith("cvt.rn.satfinite.e4m3") for c in cvts):
+        problems.append(f"e4m3 casts {sorted(cvts)}: expected cvt.rn.satfinite")
+    return problems
+
+
+def main() -> int:
+    problems = []
+    for name, kernel, args, warps, stages in builds():
+        problems += [f"{name}: {p}" for p in check_gemm(name, compile_sm90(kernel, args, warps, stages))]
+    for name, kernel, expected_divs, args in quantize_builds():
+        problems += [f"{name}: {p}" for p in check_quantize(name, kernel, expected_divs, args)]
+    print(*problems, sep="\n")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
