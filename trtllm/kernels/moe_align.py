@@ -70,11 +70,11 @@ def _count_kernel(ids_ptr, counts_ptr, num_slots, BLOCK: tl.constexpr):
     # Grid: (E,).
     e = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
-    count = 0
+    hits = tl.zeros((BLOCK,), dtype=tl.int32)  # per lane: an int32 tensor from the start, as a loop carry must be
     for s0 in range(0, num_slots, BLOCK):
         ids = tl.load(ids_ptr + s0 + offs, mask=s0 + offs < num_slots, other=-1)
-        count += tl.sum((ids == e).to(tl.int32), axis=0)
-    tl.store(counts_ptr + e, count)
+        hits += (ids == e).to(tl.int32)
+    tl.store(counts_ptr + e, tl.sum(hits, axis=0))
 
 
 @triton.jit
@@ -84,7 +84,7 @@ def _scatter_kernel(ids_ptr, starts_ptr, counts_ptr, sorted_ptr, expert_ids_ptr,
     e = tl.program_id(0)
     start = tl.load(starts_ptr + e)
     offs = tl.arange(0, BLOCK)
-    written = 0
+    written = tl.zeros((BLOCK,), dtype=tl.int32)  # the slots stored so far, in every lane
     for s0 in range(0, num_slots, BLOCK):
         ids = tl.load(ids_ptr + s0 + offs, mask=s0 + offs < num_slots, other=-1)
         mine = (ids == e).to(tl.int32)
