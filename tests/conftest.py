@@ -12,7 +12,10 @@ import torch  # noqa: E402
 # would be decorated as compiled Triton, failing every later
 # interpreter test in that process ("0 active drivers").
 import trtllm.kernels.fp8_gemm  # noqa: E402, F401
+import trtllm.kernels.fused_moe  # noqa: E402, F401
 import trtllm.kernels.linear  # noqa: E402, F401
+import trtllm.kernels.moe_align  # noqa: E402, F401
+import trtllm.kernels.moe_routing  # noqa: E402, F401
 import trtllm.kernels.paged_attention  # noqa: E402, F401
 import trtllm.kernels.quantize_fp8  # noqa: E402, F401
 import trtllm.kernels.rms_norm  # noqa: E402, F401
