@@ -1,0 +1,78 @@
+"""The MoE kernels compiled for sm_90 here, without a GPU (what the CPU interpreter cannot
+show: that each one builds for the H100/H200 as its launcher calls it).
+
+    TRITON_INTERPRET=0 PYTHONPATH=$PWD python tools/check_moe_build.py
+
+Builds kernels/moe_align.py's two kernels, kernels/moe_routing.py's kernel (Qwen3-MoE's
+softmax top-8 of 128; DeepSeek-V3's sigmoid grouped top-8 of 256 with bias) and
+kernels/fused_moe.py's two grouped GEMMs at Qwen3-30B-A3B's expert shapes with each
+`moe_config` tile (decode, small and large batches), and checks that the bf16 GEMMs' tl.dot
+became tensor-core MMAs (wgmma for 64-row tiles, mma for 16-row ones). Prints one line a
+build; exit status 1 if one fails. tests/kernels/test_moe_build.py runs it.
+"""
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"  # @triton.jit must build JITFunctions, not interpreted ones
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from triton.runtime.jit import MockTensor  # noqa: E402
+
+from tools.dump_sass import compile_sm90  # noqa: E402
+from trtllm.kernels.fused_moe import _down_kernel, _gate_up_kernel, moe_config  # noqa: E402
+from trtllm.kernels.moe_align import _count_kernel, _scatter_kernel  # noqa: E402
+from trtllm.kernels.moe_routing import _moe_routing_kernel  # noqa: E402
+
+I32, F32, BF16 = MockTensor(torch.int32), MockTensor(torch.float32), MockTensor(torch.bfloat16)
+E, K, H, INTER = 128, 8, 2048, 768  # Qwen3-30B-A3B: experts, top-k, hidden, expert intermediate
+
+
+def routing(experts: int, groups: int, topk_group: int, softmax: bool, bias: bool) -> dict:
+    per_group = experts // groups
+    return dict(logits_ptr=BF16, bias_ptr=F32, weights_ptr=F32, ids_ptr=I32, num_experts=experts,
+                logits_row_stride=experts, routed_scaling_factor=2.5, EXPERTS_PER_GROUP=per_group, N_GROUP=groups,
+                TOPK_GROUP=topk_group, TOP_K=K, SOFTMAX=softmax, HAS_BIAS=bias, RENORMALIZE=True,
+                BLOCK_G=groups, BLOCK_EG=per_group, BLOCK_K=K)
+
+
+def builds():
+    slots = 4096 * K
+    yield "moe_align count", _count_kernel, dict(ids_ptr=I32, counts_ptr=I32, num_slots=slots, BLOCK=1024), 4, None
+    yield "moe_align scatter", _scatter_kernel, dict(ids_ptr=I32, starts_ptr=I32, counts_ptr=I32, sorted_ptr=I32,
+                                                      expert_ids_ptr=I32, num_slots=slots, BLOCK_M=64, BLOCK=1024), 4, None
+    yield "routing softmax top-8 of 128", _moe_routing_kernel, routing(128, 1, 1, True, False), 4, None
+    yield "routing DeepSeek-V3 grouped", _moe_routing_kernel, routing(256, 8, 4, False, True), 4, None
+    for tokens in (1, 64, 4096):
+        cfg = moe_config(tokens * K, E, H, INTER)
+        mma = "wgmma" if cfg.block_m >= 64 else "mma"
+        tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION="tf32")
+        common = dict(sorted_ids_ptr=I32, expert_ids_ptr=I32, total_ptr=I32, num_slots=tokens * K, hidden=H, inter=INTER)
+        yield (f"fused_moe gate/up, {tokens} tokens", _gate_up_kernel,
+               dict(x_ptr=BF16, w13_ptr=BF16, h_ptr=BF16, x_row_stride=H, w13_expert_stride=2 * INTER * H,
+                    w13_row_stride=H, h_row_stride=INTER, TOP_K=K, **common, **tiles), cfg.num_warps, (cfg.num_stages, mma))
+        yield (f"fused_moe down, {tokens} tokens", _down_kernel,
+               dict(h_ptr=BF16, w2_ptr=BF16, o_ptr=F32, weights_ptr=F32, h_row_stride=INTER, w2_expert_stride=H * INTER,
+                    w2_row_stride=INTER, o_row_stride=H, **common, **tiles), cfg.num_warps, (cfg.num_stages, mma))
+
+
+def main() -> int:
+    failed = 0
+    for name, kernel, args, warps, gemm in builds():
+        stages, mma = gemm if gemm else (1, None)
+        try:
+            ptx = compile_sm90(kernel, args, warps, stages).asm["ptx"]
+        except Exception as e:  # noqa: BLE001  (any build error is the finding)
+            print(f"FAIL {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            failed += 1
+            continue
+        if mma is not None and f"{mma}." not in ptx:
+            print(f"FAIL {name}: no {mma} in the PTX (tl.dot did not become a tensor-core MMA)")
+            failed += 1
+            continue
+        print(f"ok   {name}" + (f": {mma}" if mma else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
