@@ -10,8 +10,8 @@ from trtllm.kernels.fp8_gemm import (
     fp8_gemm_ref,
     fp8_gemm_tiles,
     fp8_gemv,
-    require_fp8_gpu,
 )
+from trtllm.kernels.quantize_fp8 import require_fp8_gpu
 
 # Kernel vs reference on the same fp8 inputs: the fp8 x fp8 products are exact in fp32, so
 # they differ by the order of the fp32 sums (and where the scales multiply: once at the end

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trtllm.kernels.quantize_fp8 import require_fp8_gpu
 from trtllm.kernels.registry import interpreter_upcast, register_op, triton_interpreter_on
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -278,17 +279,6 @@ def _fp8_gemv_kernel(
     y_ptrs = y_ptr + offs_m[None, :] * y_row_stride + offs_n[:, None]
     y_mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-
-
-def require_fp8_gpu(device: torch.device, op: str) -> None:
-    """Refuse, by name, a CUDA device without fp8 tensor cores (tl.dot on fp8 needs sm_89+)."""
-    if device.type != "cuda":
-        return
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise RuntimeError(
-            f"{op}: FP8 (e4m3) GEMMs need a GPU with FP8 tensor cores (sm_89+: Ada, Hopper, "
-            f"Blackwell); {torch.cuda.get_device_name(device)} is sm_{major}{minor}")
 
 
 def _scale_strides(x_scale: torch.Tensor, weight_scale: torch.Tensor, block: bool) -> tuple[int, int]:

@@ -33,6 +33,18 @@ MIN_AMAX = 1e-12  # the amax of an all-zero group, so its scale is not 0
 _IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def require_fp8_gpu(device: torch.device, op: str) -> None:
+    """Refuse, by name, a CUDA device without FP8: Triton builds e4m3 casts and tl.dot on e4m3
+    only for sm_89+ (every FP8 op calls this before it launches)."""
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise RuntimeError(
+            f"{op}: FP8 (e4m3) ops need a GPU with FP8 tensor cores (sm_89+: Ada, Hopper, "
+            f"Blackwell); {torch.cuda.get_device_name(device)} is sm_{major}{minor}")
+
+
 def _check(x: torch.Tensor, group_size: int | None) -> None:
     assert x.dtype in _IN_DTYPES, f"x: dtype {x.dtype}, expected one of {_IN_DTYPES}"
     assert x.dim() == 2, f"x: {tuple(x.shape)} is not an [M, K] matrix"
@@ -84,6 +96,7 @@ def quantize_fp8_triton(x: torch.Tensor, group_size: int | None = None) -> tuple
     assert k <= 65536, f"x: rows of {k} elements; one row must fit one program (65536)"
     group = triton.next_power_of_2(k) if group_size is None else group_size
     n_groups = 1 if group_size is None else triton.cdiv(k, group)
+    require_fp8_gpu(x.device, "quantize_fp8")
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
     if m == 0:

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trtllm.kernels.quantize_fp8 import FP8_DTYPE, FP8_MAX, MIN_AMAX, quantize_fp8_ref
+from trtllm.kernels.quantize_fp8 import FP8_DTYPE, FP8_MAX, MIN_AMAX, quantize_fp8_ref, require_fp8_gpu
 from trtllm.kernels.registry import interpreter_upcast, register_op
 from trtllm.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 
@@ -109,6 +109,7 @@ def _launch(x, residual, weight, eps, group_size, unit_offset):
         assert t is None or t.stride(1) == 1 or n <= 1, f"{name}: last dim must be contiguous"
     group = triton.next_power_of_2(max(n, 1)) if group_size is None else group_size
     n_groups = 1 if group_size is None else triton.cdiv(n, group)
+    require_fp8_gpu(x.device, "rms_norm_quant_fp8")
     q = torch.empty((m, n), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
     summed = torch.empty((m, n), dtype=x.dtype, device=x.device) if residual is not None else None
