@@ -27,6 +27,7 @@ from trtllm.attention_context import in_attention_context, whole_sequences_conte
 from trtllm.contract import AttentionSpec, CompileError, contract_module, model_path, probe_attention
 from trtllm.passes import DECODE_GRAPH_MAX_TOKENS, DECODE_GRAPH_PASSES, PASSES
 from trtllm.passes.context import AttentionLayers, GraphInputs, LMHead, PassContext
+from trtllm.quantization.fp8_linears import Fp8Linears, fp8_linears_of
 
 __all__ = ["compile", "CompiledModel", "CompileError", "AttentionSpec"]
 
@@ -57,7 +58,9 @@ class CompiledModel:
     """A model compiled for the paged runtime. `summary()` tells what the passes did."""
 
     def __init__(self, model: nn.Module, *, inductor: bool | None = None, passes=None,
-                 decode_graph_passes=None, block_size: int = 16):
+                 decode_graph_passes=None, block_size: int = 16, quantization: Fp8Linears | None = None):
+        # what the passes quantize (quantize_linears): given, or what loading put on the model
+        self.quantization = quantization if quantization is not None else fp8_linears_of(model)
         self.module = contract_module(model)
         self.device = next(self.module.parameters()).device
         self.inductor = self.device.type == "cuda" if inductor is None else inductor
@@ -100,7 +103,7 @@ class CompiledModel:
         # graph without dynamo's metadata lets our added constant inputs through aot.
         gm = fx.GraphModule(dynamo_gm, copy.deepcopy(dynamo_gm.graph))
         inputs = GraphInputs(gm.graph, example_inputs)
-        ctx = PassContext(inputs=inputs, attention=self._layers)
+        ctx = PassContext(inputs=inputs, attention=self._layers, quantization=self.quantization)
         for p in variant.passes:
             self.matches[p.__name__] += p(gm.graph, ctx)
         gm.graph.lint()
@@ -163,6 +166,8 @@ class CompiledModel:
         if any(spec.softcaps):
             layers += f", logit soft-capping per layer {list(spec.softcaps)}"
         path = f"model: {model_path(self.module)}\n"
+        if self.quantization is not None:
+            path += f"quantization: {self.quantization.summary()}\n"
         if not self.graphs:
             return (f"{path}trtllm.compile: {layers}; nothing compiled yet: compilation is lazy, the first call "
                     "(or building an LLM on it) captures and rewrites the graphs")
@@ -193,5 +198,6 @@ def static_fakes(constants: list[torch.Tensor], example_inputs: list) -> list[to
 
 def compile(model: nn.Module, **options) -> CompiledModel:
     """Compile a causal LM (see module docstring). Options: inductor, passes,
-    decode_graph_passes, block_size."""
+    decode_graph_passes, block_size, quantization (an Fp8Linears; by default the one loading
+    or quantize_model put on the model, trtllm/quantization)."""
     return CompiledModel(model, **options)
