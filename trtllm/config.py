@@ -173,6 +173,10 @@ class QuantAlgo(str, Enum):
     NO_QUANT = "NO_QUANT"
 
 
+# the weight algorithms implemented (online at load time, or read from an FP8 checkpoint)
+FP8_WEIGHT_ALGOS = (QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, QuantAlgo.FP8_BLOCK_SCALES)
+
+
 class QuantConfig(ValidatedConfig):
     """Which quantization the weights (quant_algo) and the KV cache (kv_cache_quant_algo) use.
 
@@ -184,9 +188,18 @@ class QuantConfig(ValidatedConfig):
     kv_cache_quant_algo: QuantAlgo | None = None
 
     def check_supported(self) -> None:
-        """Raise ValueError naming the field if it asks for quantization (none is implemented yet)."""
-        for field in ("quant_algo", "kv_cache_quant_algo"):
+        """Raise ValueError naming the field if it asks for quantization not implemented:
+        quant_algo may be one of FP8_WEIGHT_ALGOS (FP8 linears, docs/quantization.md)."""
+        if self.quant_algo not in (None, QuantAlgo.NO_QUANT, *FP8_WEIGHT_ALGOS):
+            raise ValueError(f"quant_algo={self.quant_algo.value}: not implemented; supported: "
+                             f"{', '.join(a.value for a in FP8_WEIGHT_ALGOS)}")
+        for field in ("kv_cache_quant_algo",):
             algo = getattr(self, field)
             if algo not in (None, QuantAlgo.NO_QUANT):
                 raise ValueError(f"{field}={algo.value}: quantization is not implemented yet; "
                                  "use an unquantized (bf16/fp16/fp32) checkpoint")
+
+    @property
+    def weight_algo(self) -> QuantAlgo | None:
+        """The weights' algorithm to apply at load time, None for none."""
+        return None if self.quant_algo in (None, QuantAlgo.NO_QUANT) else self.quant_algo

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from trtllm.config import QuantAlgo
+from trtllm.config import FP8_WEIGHT_ALGOS, QuantAlgo
 from trtllm.kernels.fp8_gemm import FP8_DTYPE, FP8_MAX, SCALE_BLOCK, dequantize_fp8
 
 # the weight algorithms QuantConfig(quant_algo=...) quantizes at load time
-ONLINE_ALGOS = (QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, QuantAlgo.FP8_BLOCK_SCALES)
+ONLINE_ALGOS = FP8_WEIGHT_ALGOS
 MIN_AMAX = 1e-12  # the scale of an all-zero tensor / row / block is MIN_AMAX / 448, not 0
 _ATTRIBUTE = "trtllm_fp8_linears"  # where Fp8Linears.attach puts the description on a model
 
