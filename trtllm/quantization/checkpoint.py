@@ -179,8 +179,10 @@ class Fp8CheckpointTensors:
                                   f"{kind} ({self.layout.describe()})")
         s = self.scales.pop(name)
         shape = tuple(s.shape)
-        if shape == ():
+        if shape == ():  # ModelOpt's scalars
             s, shape = s.reshape(1), (1,)
+        if len(allowed) > 1 and shape == (allowed[1][0],) and allowed[1][1:] == (1,):  # a [N] per-channel vector
+            s, shape = s.reshape(-1, 1), allowed[1]
         if shape not in allowed:
             raise CheckpointError(f"{self.where}: {name!r} has shape {tuple(s.shape)}; for weight "
                                   f"{path}.weight the {self.layout.name} layout allows {allowed}")
