@@ -106,6 +106,14 @@ class CompiledModel:
         ctx = PassContext(inputs=inputs, attention=self._layers, quantization=self.quantization)
         for p in variant.passes:
             self.matches[p.__name__] += p(gm.graph, ctx)
+        if self.quantization is not None:  # a placeholder left in use computes with NaN
+            by_placeholder = self.quantization.by_placeholder()
+            left = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.users
+                    and id(inputs.tensor(n)) in by_placeholder]
+            if left:
+                raise CompileError(f"{variant.name}: the model is FP8-quantized but its graph still reads the "
+                                   f"placeholder weights {left[:3]}{' ...' if len(left) > 3 else ''} after the "
+                                   "passes: the pass list needs quantize_linears (trtllm.passes.PASSES has it)")
         gm.graph.lint()
         gm.recompile()
         if variant.num_graphs and (ctx.lm_head is None) != (variant.lm_head is None):

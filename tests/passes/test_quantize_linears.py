@@ -202,3 +202,14 @@ def test_decode_graphs_keep_fp8_and_the_head_stays_bf16(tmp_path, monkeypatch):
     assert compiled.matches["use_gemv_linear"] == 0
     assert [v.lm_head.op_name for v in compiled.variants] == ["trtllm.linear", "F.linear"]
     assert not torch.isfinite(model(ids, positions)).any()  # eager, the placeholders say NaN
+
+
+def test_a_pass_list_without_quantize_linears_is_refused_not_nan(tmp_path):
+    from tests.models.checkpoints import write_checkpoint
+    from trtllm.passes import PASSES
+
+    model = trtllm.load_model(write_checkpoint("llama31", tmp_path), dtype=torch.float32, device="cpu",
+                              quant_algo=QuantAlgo.FP8)
+    compiled = trtllm.compile(model, passes=[p for p in PASSES if p is not quantize_linears])
+    with pytest.raises(CompileError, match="still reads the placeholder weights.*needs quantize_linears"):
+        compiled(torch.tensor([[5, 17, 99]]), torch.arange(3)[None])

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import trtllm
-from tests.models.checkpoints import write_checkpoint
+from tests.models.checkpoints import hf_model, write_checkpoint
 from tests.quantization.fp8_checkpoints import fake_quantize_input
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm.config import BuildConfig, KvCacheConfig, QuantAlgo, QuantConfig
@@ -102,3 +102,24 @@ def test_llm_quant_config_quantizes_at_load_and_matches_the_fp8_reference(tmp_pa
                     ids = torch.cat([ids, reference(ids, torch.arange(ids.shape[1])[None])[:, -1:].argmax(-1)], 1)
             expected.append(ids[0, len(p):].tolist())
         assert got == expected
+
+
+def test_an_hf_module_family_quantizes_and_one_without_linears_is_refused(tmp_path):
+    """phi runs as transformers' module (models/hf.py): its nn.Linear layers quantize the same
+    way; gpt2's projections are Conv1D, not nn.Linear: refused, not left unquantized."""
+    phi = trtllm.load_model(write_checkpoint("phi", tmp_path / "phi"), dtype=torch.float32, device="cpu",
+                            quant_algo=QuantAlgo.FP8)
+    fp8 = fp8_linears_of(phi)
+    assert len(fp8.linears) == 2 * 6 and not any("lm_head" in p for p in fp8.linears)  # q k v dense fc1 fc2
+    reference = hf_model(tmp_path / "phi")  # the FP8 semantics in fp32
+    for name, q in fp8.linears.items():
+        m = reference.get_submodule(name)
+        m.weight = nn.Parameter(q.dequantized())
+        m.register_forward_pre_hook(lambda m, a, q=q: (fake_quantize_input(a[0], q),))
+    ids = torch.tensor([[5, 17, 99, 3]])
+    logits = trtllm.compile(phi)(ids, torch.arange(4)[None])
+    with torch.no_grad():
+        torch.testing.assert_close(logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no nn.Linear layer to quantize.*Conv1D"):
+        trtllm.load_model(write_checkpoint("gpt2", tmp_path / "gpt2"), dtype=torch.float32, device="cpu",
+                          quant_algo=QuantAlgo.FP8)

@@ -153,8 +153,13 @@ def quantize_model(model: nn.Module, algo: QuantAlgo) -> Fp8Linears:
     if fp8_linears_of(model) is not None:
         raise ValueError("the model is already FP8-quantized (a pre-quantized checkpoint, or quantized once "
                          "already): quantizing it again is refused")
+    paths = quantizable_linears(model)
+    if not paths:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize besides its LM head (e.g. "
+                         "GPT-2's Conv1D layers are not nn.Linear): FP8 quantization is refused rather than "
+                         "leaving the model unquantized")
     linears = Fp8Linears(source=f"QuantConfig(quant_algo={algo.value})")
-    for path in quantizable_linears(model):
+    for path in paths:
         module = model.get_submodule(path)
         with torch.no_grad():
             q = quantize_weight(module.weight, algo)
