@@ -147,3 +147,13 @@ def test_quant_config_on_a_prequantized_checkpoint_is_refused(sources, tmp_path)
     write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", False)
     with pytest.raises(ValueError, match="pre-quantized HF fp8 checkpoint.*leave quant_algo unset"):
         LLM(str(tmp_path), quant_config=QuantConfig(quant_algo="FP8_BLOCK_SCALES"))
+
+
+def test_fp8_tensors_without_a_quantization_config_are_refused(sources, tmp_path):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", False)
+    _rewrite(tmp_path, drop=[n for n in load_file(str(tmp_path / "model.safetensors")) if n.endswith("_scale_inv")])
+    c = json.loads((tmp_path / "config.json").read_text())
+    del c["quantization_config"]
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match="float8_e4m3fn but the checkpoint names no quantization"):
+        trtllm.load_model(tmp_path, device="cpu")
