@@ -132,6 +132,16 @@ def _round_to_e4m3(y):
     return (r.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
 
 
+@triton.constexpr_function
+def quant_dot_type(q_type):
+    """The type a quantized cache's tiles (and q, and P) take into tl.dot: fp16 for a 16-bit q,
+    else q's own. e4m3 -> fp16 is one cvt per two values on sm_90, where e4m3 -> bf16 goes
+    through fp16 and int8 -> bf16 through fp32 (tools/check_kv_quant_build.py prints the
+    loops); every e4m3 and int8 value is an fp16 value, and so is a bf16 q of magnitude
+    6e-5 to 65504 (past 65504 it would overflow: attention queries are far smaller)."""
+    return tl.float16 if q_type.primitive_bitwidth == 16 else q_type
+
+
 @triton.jit
 def quantize_kv(x, scale, KV_QUANT: tl.constexpr, CACHE_TY: tl.constexpr):
     """x (any float tile) / scale (broadcast), as the cache stores it: KV_QUANT "fp8" or

@@ -18,7 +18,7 @@ the softmax scale and multiplies the output by V's.
 import triton
 import triton.language as tl
 
-from trtllm.kernels.paged_attention.kv_quant import quantize_kv
+from trtllm.kernels.paged_attention.kv_quant import quant_dot_type, quantize_kv
 from trtllm.kernels.paged_attention.launch_shape import PrefillLaunch
 from trtllm.kernels.paged_attention.tiles import attend as _attend, load_tile as _load_tile, write_token as _write_token
 
@@ -87,6 +87,8 @@ def _prefill_kernel(
     q_rows = (q_start + i).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if KV_QUANT != "":
+        q = q.to(quant_dot_type(q.dtype))  # the dots' operands: see quant_dot_type
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
