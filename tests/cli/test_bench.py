@@ -34,7 +34,7 @@ def _report(path) -> dict:
     assert ENVIRONMENT_KEYS <= set(cfg["environment"])
     assert OPTION_KEYS <= set(cfg["options"])
     assert set(res["startup_s"]) == {"load", "compile", "cuda_graph_capture", "other", "total"}
-    assert set(res["kv_pool"]) == {"blocks", "tokens_per_block", "tokens", "bytes", "gib"}
+    assert set(res["kv_pool"]) == {"blocks", "tokens_per_block", "tokens", "dtype", "bytes", "gib"}
     assert set(res["e2e_latency_ms"]) == LATENCY_KEYS
     assert {"model", "engine", "dataset", "concurrency", "streaming", "time"} <= set(cfg)
     assert res["num_failed"] == 0 and res["first_error"] is None
