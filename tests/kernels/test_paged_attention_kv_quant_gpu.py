@@ -15,8 +15,13 @@ import torch
 
 from tests.kernels.test_paged_attention import TOL, make_batch
 from tests.kernels.test_paged_attention_kv_quant import check, clone_caches, crafted_values, quantized, run_both
-from trtllm.kernels.paged_attention import DecodeLaunch, PrefillLaunch, choose_launch, decode_launch
-from trtllm.kernels.paged_attention import launch_paged_attention as launch
+from trtllm.kernels.paged_attention import (
+    DecodeLaunch,
+    PrefillLaunch,
+    choose_launch,
+    decode_launch,
+    launch_paged_attention as launch,
+)
 from trtllm.kernels.paged_attention.kv_quant import KV_CACHE_DTYPES, quantize_kv_ref
 
 pytestmark = pytest.mark.skipif(
