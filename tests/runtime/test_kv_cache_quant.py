@@ -13,7 +13,7 @@ from tests.runtime.tokenizers import make_tokenizer
 from trtllm.config import BuildConfig, ConfigError, KvCacheConfig, QuantAlgo, QuantConfig
 from trtllm.models.loader import load_model
 from trtllm.runtime.kv_budget import blocks_in, bytes_per_block
-from trtllm.runtime.kv_cache_quant import CALIBRATION_TEXTS, calibrate_kv_scales
+from trtllm.runtime.kv_cache_quant import CALIBRATION_TEXTS, calibrate_kv_scales, kv_cache_quant
 from trtllm.runtime.llm import LLM
 from trtllm.sampling_params import SamplingParams
 
@@ -147,3 +147,19 @@ def test_pool_holds_twice_the_tokens_in_the_same_memory(checkpoint):
             assert quantized.block_manager.num_blocks == plain.block_manager.num_blocks
             assert 4 * quantized.engine.runner.cache.nbytes == plain.engine.runner.cache.nbytes
             assert quantized.get_stats()["blocks_total"] == plain.get_stats()["blocks_total"]
+
+
+def test_fp8_cache_on_a_gpu_without_fp8_is_refused_when_built(monkeypatch):
+    """Before sm_89 (an A100 here, faked) an FP8 cache is refused by name when the engine is
+    built; INT8 needs no FP8."""
+    from types import SimpleNamespace
+
+    from trtllm.contract import AttentionSpec
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    compiled = SimpleNamespace(device=torch.device("cuda", 0),
+                               attention=AttentionSpec(2, 2, 16, torch.bfloat16, (0, 0), (0.0, 0.0)))
+    with pytest.raises(RuntimeError, match=r"an FP8 KV cache \(KvCacheConfig\(dtype='fp8'\)\): .*sm_89.*A100.*sm_80"):
+        kv_cache_quant("fp8", compiled, [(1.0, 1.0)] * 2)
+    assert kv_cache_quant("int8", compiled, [(1.0, 1.0)] * 2).dtype == torch.int8

@@ -41,6 +41,7 @@ import torch
 from trtllm.attention_context import whole_sequences_context
 from trtllm.compile import CompiledModel
 from trtllm.kernels.paged_attention.kv_quant import KV_CACHE_DTYPES, KV_QMAX, ScaleValue, kv_scales_tensor
+from trtllm.kernels.quantize_fp8 import require_fp8_gpu
 
 MIN_AMAX = 1e-6  # a layer whose keys (or values) were all zero still gets a positive scale
 
@@ -93,6 +94,8 @@ def kv_cache_quant(fmt: str, compiled: CompiledModel, scales: Sequence[tuple[Sca
         return None
     if fmt not in KV_CACHE_DTYPES:
         raise ValueError(f"KV cache format {fmt!r}: expected 'auto', 'fp8' or 'int8'")
+    if fmt == "fp8":  # refused by name when the engine is built, not at its first decode step
+        require_fp8_gpu(compiled.device, "an FP8 KV cache (KvCacheConfig(dtype='fp8'))")
     spec = compiled.attention
     if scales is not None:
         return KvCacheQuant(fmt, kv_scales_tensor(scales, spec.num_layers, spec.num_kv_heads), "checkpoint")
