@@ -134,11 +134,20 @@ def test_quant_algo_names_and_strings():
     assert QuantConfig(quant_algo="W4A16_AWQ").quant_algo is QuantAlgo.W4A16_AWQ
 
 
-@pytest.mark.parametrize("algo", [QuantAlgo.FP8, QuantAlgo.W4A16_AWQ, QuantAlgo.NVFP4])
-def test_quantization_not_implemented_yet(algo):
+@pytest.mark.parametrize("algo", [QuantAlgo.W4A16_AWQ, QuantAlgo.NVFP4, QuantAlgo.INT8])
+def test_weight_quantization_not_implemented_is_refused_naming_what_is(algo):
     c = QuantConfig(quant_algo=algo)  # describable (a checkpoint may say so) ...
-    with pytest.raises(ValueError, match=f"quant_algo={algo.value}: quantization is not implemented yet"):
+    with pytest.raises(ValueError, match=f"quant_algo={algo.value}: not implemented; supported: FP8, "
+                                         "FP8_PER_CHANNEL_PER_TOKEN, FP8_BLOCK_SCALES"):
         c.check_supported()  # ... but refused when an LLM is built
+
+
+@pytest.mark.parametrize("algo", ["FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES"])
+def test_fp8_weights_are_supported(algo):
+    c = QuantConfig(quant_algo=algo)
+    c.check_supported()
+    assert c.weight_algo is QuantAlgo(algo)
+    assert QuantConfig(quant_algo="NO_QUANT").weight_algo is None
 
 
 @pytest.mark.parametrize("algo", [QuantAlgo.W4A16_AWQ, QuantAlgo.NVFP4, QuantAlgo.FP8_BLOCK_SCALES])

@@ -27,6 +27,7 @@ from trtllm.attention_context import in_attention_context, whole_sequences_conte
 from trtllm.contract import AttentionSpec, CompileError, contract_module, model_path, probe_attention
 from trtllm.passes import DECODE_GRAPH_MAX_TOKENS, DECODE_GRAPH_PASSES, PASSES
 from trtllm.passes.context import AttentionLayers, GraphInputs, LMHead, PassContext
+from trtllm.quantization.fp8_linears import Fp8Linears, fp8_linears_of
 
 __all__ = ["compile", "CompiledModel", "CompileError", "AttentionSpec"]
 
@@ -57,7 +58,9 @@ class CompiledModel:
     """A model compiled for the paged runtime. `summary()` tells what the passes did."""
 
     def __init__(self, model: nn.Module, *, inductor: bool | None = None, passes=None,
-                 decode_graph_passes=None, block_size: int = 16):
+                 decode_graph_passes=None, block_size: int = 16, quantization: Fp8Linears | None = None):
+        # what the passes quantize (quantize_linears): given, or what loading put on the model
+        self.quantization = quantization if quantization is not None else fp8_linears_of(model)
         self.module = contract_module(model)
         self.device = next(self.module.parameters()).device
         self.inductor = self.device.type == "cuda" if inductor is None else inductor
@@ -100,9 +103,17 @@ class CompiledModel:
         # graph without dynamo's metadata lets our added constant inputs through aot.
         gm = fx.GraphModule(dynamo_gm, copy.deepcopy(dynamo_gm.graph))
         inputs = GraphInputs(gm.graph, example_inputs)
-        ctx = PassContext(inputs=inputs, attention=self._layers)
+        ctx = PassContext(inputs=inputs, attention=self._layers, quantization=self.quantization)
         for p in variant.passes:
             self.matches[p.__name__] += p(gm.graph, ctx)
+        if self.quantization is not None:  # a placeholder left in use computes with NaN
+            by_placeholder = self.quantization.by_placeholder()
+            left = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.users
+                    and id(inputs.tensor(n)) in by_placeholder]
+            if left:
+                raise CompileError(f"{variant.name}: the model is FP8-quantized but its graph still reads the "
+                                   f"placeholder weights {left[:3]}{' ...' if len(left) > 3 else ''} after the "
+                                   "passes: the pass list needs quantize_linears (trtllm.passes.PASSES has it)")
         gm.graph.lint()
         gm.recompile()
         if variant.num_graphs and (ctx.lm_head is None) != (variant.lm_head is None):
@@ -164,6 +175,8 @@ class CompiledModel:
         if any(spec.softcaps):
             layers += f", logit soft-capping per layer {list(spec.softcaps)}"
         path = f"model: {model_path(self.module)}\n"
+        if self.quantization is not None:
+            path += f"quantization: {self.quantization.summary()}\n"
         if not self.graphs:
             return (f"{path}trtllm.compile: {layers}; nothing compiled yet: compilation is lazy, the first call "
                     "(or building an LLM on it) captures and rewrites the graphs")
@@ -208,5 +221,6 @@ def static_fakes(constants: list[torch.Tensor], example_inputs: list) -> list[to
 
 def compile(model: nn.Module, **options) -> CompiledModel:
     """Compile a causal LM (see module docstring). Options: inductor, passes,
-    decode_graph_passes, block_size."""
+    decode_graph_passes, block_size, quantization (an Fp8Linears; by default the one loading
+    or quantize_model put on the model, trtllm/quantization)."""
     return CompiledModel(model, **options)

@@ -180,6 +180,10 @@ class QuantAlgo(str, Enum):
     NO_QUANT = "NO_QUANT"
 
 
+# the weight algorithms implemented (online at load time, or read from an FP8 checkpoint)
+FP8_WEIGHT_ALGOS = (QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, QuantAlgo.FP8_BLOCK_SCALES)
+
+
 class QuantConfig(ValidatedConfig):
     """Which quantization the weights (quant_algo) and the KV cache (kv_cache_quant_algo) use.
 
@@ -191,14 +195,20 @@ class QuantConfig(ValidatedConfig):
     kv_cache_quant_algo: QuantAlgo | None = None
 
     def check_supported(self) -> None:
-        """Raise ValueError naming the field if it asks for quantization not implemented
-        (of the weights none yet; of the KV cache, FP8 and INT8 are)."""
-        if self.quant_algo not in (None, QuantAlgo.NO_QUANT):
-            raise ValueError(f"quant_algo={self.quant_algo.value}: quantization is not implemented yet; "
-                             "use an unquantized (bf16/fp16/fp32) checkpoint")
+        """Raise ValueError naming the field if it asks for quantization not implemented:
+        quant_algo may be one of FP8_WEIGHT_ALGOS (FP8 linears, docs/quantization.md), the
+        KV cache FP8 or INT8."""
+        if self.quant_algo not in (None, QuantAlgo.NO_QUANT, *FP8_WEIGHT_ALGOS):
+            raise ValueError(f"quant_algo={self.quant_algo.value}: not implemented; supported: "
+                             f"{', '.join(a.value for a in FP8_WEIGHT_ALGOS)}")
         if self.kv_cache_quant_algo not in (None, QuantAlgo.NO_QUANT, *_KV_CACHE_ALGOS.values()):
             raise ValueError(f"kv_cache_quant_algo={self.kv_cache_quant_algo.value}: a KV cache is quantized "
                              "to FP8 or INT8 (or not: None / NO_QUANT)")
+
+    @property
+    def weight_algo(self) -> QuantAlgo | None:
+        """The weights' algorithm to apply at load time, None for none."""
+        return None if self.quant_algo in (None, QuantAlgo.NO_QUANT) else self.quant_algo
 
 
 _KV_CACHE_ALGOS = {"fp8": QuantAlgo.FP8, "int8": QuantAlgo.INT8}

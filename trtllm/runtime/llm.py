@@ -40,6 +40,7 @@ import torch.nn as nn
 from trtllm.compile import compile as trtllm_compile
 from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig, kv_cache_dtype
 from trtllm.models.loader import load_model
+from trtllm.quantization.fp8_linears import quantize_model
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine import Engine
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
@@ -72,7 +73,8 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     check_stream_interval(stream_interval)  # before minutes of loading and compiling
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    (quant_config or QuantConfig()).check_supported()
+    quant_config = quant_config or QuantConfig()
+    quant_config.check_supported()
     kv_cache_config = kv_cache_config or KvCacheConfig()
     kv_format = kv_cache_dtype(kv_cache_config, quant_config)  # a conflict refused before loading
     build_config = build_config or BuildConfig()
@@ -81,8 +83,10 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
         model = demo_model_path()
     if isinstance(model, nn.Module):
         module = model
-    else:
-        module = load_model(model, dtype=_DTYPES[dtype], device=device)
+        if quant_config.weight_algo is not None:  # in place, one linear at a time
+            quantize_model(module, quant_config.weight_algo)
+    else:  # an FP8 checkpoint's layout is read from the directory; weight_algo quantizes as it loads
+        module = load_model(model, dtype=_DTYPES[dtype], device=device, quant_algo=quant_config.weight_algo)
         tokenizer = tokenizer if tokenizer is not None else model
     load_s = time.perf_counter() - started
     tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
