@@ -270,3 +270,17 @@ def test_summary_before_the_first_call_says_compilation_is_lazy():
                                                            num_key_value_heads=2, head_dim=8)))
     text = compiled.summary()
     assert "nothing compiled yet" in text and "lazy" in text and "2 attention layers" in text
+
+
+def test_the_token_dim_is_dynamic_from_the_first_call():
+    """One graph serves every token count from 2 up (issue 19: a graph compiled for the KV
+    profiling call's exact length was used once, and the next length compiled again)."""
+    model = hf_model("llama")
+    compiled = trtllm.compile(model)
+    for length in (9, 4, 13):
+        ids = torch.randint(0, 96, (1, length))
+        positions = torch.arange(length)[None]
+        with torch.no_grad():
+            expected = model(input_ids=ids, use_cache=False).logits
+        assert rel_err(compiled(ids, positions), expected) < 1e-4
+    assert [v.num_graphs for v in compiled.variants] == [0, 1]

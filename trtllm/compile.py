@@ -147,6 +147,7 @@ class CompiledModel:
             self.device)  # B whole sequences of S tokens, on a scratch cache
         with scope, torch.no_grad():
             with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
+                mark_token_dim_dynamic(input_ids, positions)
                 try:
                     graphs, started = variant.num_graphs, time.perf_counter()
                     out = variant.compiled(input_ids, positions)
@@ -188,6 +189,20 @@ class CompiledModel:
             named = [f"{v.lm_head.op_name} in {v.name}" for v in heads if v.lm_head.op_name != "F.linear"]
             lines.append(f"lm head (outside the graph, on the chosen rows): {', '.join(named) or 'F.linear'}")
         return "\n".join(lines)
+
+
+def mark_token_dim_dynamic(input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+    """Compile the token dim dynamic from a variant's first call, not on its second.
+
+    Left to dynamo, a variant's first call compiles for its exact token count and the
+    second, of another count, compiles again with the dim dynamic: the runtime's KV
+    profiling call (max_num_tokens) and first CUDA-graph capture each paid for a graph
+    used once, and the user's first prefill paid the recompile (issue 19: startup, and the
+    first run slower than the second). maybe_: a dim of 1 (a batch-1 decode graph) stays
+    specialized, as dynamo specializes 0 and 1 anyway."""
+    if input_ids.shape[-1] >= 2:
+        torch._dynamo.maybe_mark_dynamic(input_ids, input_ids.dim() - 1)
+        torch._dynamo.maybe_mark_dynamic(positions, positions.dim() - 1)
 
 
 def static_fakes(constants: list[torch.Tensor], example_inputs: list) -> list[torch.Tensor]:

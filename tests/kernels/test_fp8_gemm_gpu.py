@@ -63,6 +63,8 @@ def test_matches_reference(m, n, k, granularity, out_dtype):
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", MS)
 def test_matches_scaled_mm(m, n, k, granularity):
+    if k % 16 or n % 16:  # cuBLASLt's FP8 GEMM takes K and N in multiples of 16 only
+        pytest.skip("torch._scaled_mm needs K and N divisible by 16")
     x, w, xs, ws = inputs(m, n, k, granularity)
     if granularity == "tensor":
         peer = torch._scaled_mm(x, w.t(), xs.reshape(()), ws.reshape(()), out_dtype=torch.bfloat16)

@@ -49,5 +49,5 @@ def test_plain_model_greedy_equals_its_eager_loop(name):
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_plain_model_on_the_gpu_under_cuda_graphs(name):
     check(name, "cuda", PROMPTS[:1])  # batch 1
-    batch = [[(7 * i + j) % VOCAB for j in range(3 + i % 11)] for i in range(32)]
-    check(name, "cuda", batch, max_batch_size=32, max_num_tokens=64)  # a full decode batch
+    batch = [[(7 * i + j) % VOCAB for j in range(3 + i % 11)] for i in range(64)]
+    check(name, "cuda", batch, max_batch_size=64, max_num_tokens=128)  # a full decode batch

@@ -105,17 +105,16 @@ def engine_figures(llm, records: list[StepRecord], before: dict) -> dict:
     (`counters(llm)`)."""
     import torch
 
-    from trtllm.runtime.kv_budget import bytes_per_block
-
     now = counters(llm)
     queried = now["prefix_queried_tokens"] - before["prefix_queried_tokens"]
     hits = now["prefix_hit_tokens"] - before["prefix_hit_tokens"]
     bm = llm.block_manager
-    pool_bytes = bm.num_blocks * bytes_per_block(llm.compiled, bm.block_size)
+    cache = llm.engine.runner.cache
+    pool_bytes = cache.nbytes  # an FP8 / INT8 cache: half a 16-bit one's bytes a token
     cuda = torch.cuda.is_available()
     return {
         "kv_pool": {"blocks": bm.num_blocks, "tokens_per_block": bm.block_size, "tokens": bm.num_blocks * bm.block_size,
-                    "bytes": pool_bytes, "gib": pool_bytes / GIB},
+                    "dtype": str(cache.k.dtype).removeprefix("torch."), "bytes": pool_bytes, "gib": pool_bytes / GIB},
         "max_concurrent_requests": max((r.stats.num_running for r in records), default=0),
         "prefix_hit_rate": hits / queried if queried else 0.0,
         "num_preemptions": now["num_preemptions"] - before["num_preemptions"],
@@ -177,7 +176,7 @@ def format_table(report: dict) -> str:
              f"  engine                max_batch_size {engine['max_batch_size']}, max_num_tokens "
              f"{engine['max_num_tokens']}, max_seq_len {engine['max_seq_len']}, dtype {engine['dtype']}",
              f"  KV pool               {kv['blocks']:,} blocks x {kv['tokens_per_block']} tokens = "
-             f"{kv['tokens']:,} tokens, {kv['gib']:.2f} GiB",
+             f"{kv['tokens']:,} tokens ({kv['dtype']}), {kv['gib']:.2f} GiB",
              f"  startup               {start['total']:.1f} s: load {start['load']:.1f}, compile "
              f"{start['compile']:.1f}, CUDA-graph capture {start['cuda_graph_capture']:.1f}, other "
              f"{start['other']:.1f} (compiled after startup: {res['compile_after_startup_s']:.1f} s, "

@@ -31,8 +31,9 @@ add. Two kernels:
   features streams W[rows, :] once for all M rows, acc[BLOCK_N, 16] += W_tile @ x_tile^T
   (rows padded to 16 with masked zero loads), as kernels/linear.py's "dot" GEMV does.
 
-Configs are untuned defaults (`_default_gemm_config`, `_default_gemv_config`);
-bench/bench_fp8_gemm.py measures them against torch._scaled_mm. Under TRITON_INTERPRET=1
+Configs come from `_default_gemm_config` / `_default_gemv_config`, chosen by
+bench/probes/fp8_gemm_tune.py on the H200; bench/bench_fp8_gemm.py measures them against
+torch._scaled_mm. Under TRITON_INTERPRET=1
 the launcher hands the kernel fp32 copies of the fp8 (and bf16) tensors
 (registry.interpreter_upcast): the fp8 x fp8 products are exact in fp32, so an
 interpreted run computes what the GPU's fp8 tl.dot computes up to the order of the sums.
@@ -78,15 +79,28 @@ class Fp8GemvConfig(NamedTuple):
 
 
 def _default_gemm_config(m: int, n: int, k: int, block_scales: bool) -> Fp8GemmConfig:
-    """Untuned: 128-wide fp8 tiles (16 KB per operand and stage)."""
+    """128-wide fp8 tiles (16 KB per operand and stage); for M >= 1024 with per-tensor or
+    per-row scales, 256x128 tiles: 928-983 TFLOP/s against 800-853 for 128x128 on the
+    Llama-3.1-8B shapes at M = 4096 (H200, bench/probes/fp8_gemm_tune.py, 2026-12-02;
+    torch._scaled_mm 1,169-1,225). Block scales keep 128x128 (best of the candidates there)."""
     if m <= 64:
         return Fp8GemmConfig(64, 128, 128, 8, 4, 4)
+    if m >= 1024 and not block_scales:
+        return Fp8GemmConfig(256, 128, 128, 8, 8, 3)
     return Fp8GemmConfig(128, 128, 128, 8, 8, 4)
 
 
 def _default_gemv_config(m: int, n: int, k: int, block_scales: bool) -> Fp8GemvConfig:
-    """Untuned: 8-16 KB of weight per program and step in flight."""
-    return Fp8GemvConfig(64, 128 if block_scales else 256, 4, 4)
+    """32 output features a program for N <= 4096 (128 programs, not 64, for 132 SMs), 64
+    above; 256-wide K steps (128 with block scales, which a step must not straddle).
+    Measured on the H200 (bench/probes/fp8_gemm_tune.py, 2026-12-02, weight GB/s at M = 1,
+    per-tensor / block scales, copy 4,253): o_proj 4096x4096 1,931 / 1,547 (64 a program:
+    1,736 / 1,359), down 4096x14336 2,690 / 1,791 (2,252 / 1,515), qkv 6144x4096 2,506 /
+    2,102, gate_up 28672x4096 3,925 / 3,852. A 16-32 MB fp8 weight is read in 4-8 us, so
+    a launch's fixed cost keeps the small shapes well below the copy figure."""
+    block_n = 32 if n <= 4096 else 64
+    block_k = 128 if block_scales else 256
+    return Fp8GemvConfig(block_n, block_k, 4, 5 if (block_scales or n <= 4096) else 4)
 
 
 def _scale_kind(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor,

@@ -6,6 +6,12 @@
         for partial in llm.generate("Once", SamplingParams(), streaming=True): ...
         out = await llm.generate_async("Hi", SamplingParams(), streaming=False).aresult()
 
+A quantized KV cache (FP8 or INT8: half the bytes a token, twice the tokens in the same
+memory): `KvCacheConfig(dtype="fp8")` or `QuantConfig(kv_cache_quant_algo=QuantAlgo.INT8)`;
+its scales from `kv_cache_scales` (one (k_scale, v_scale) per layer, what a checkpoint
+loader reads), else as runtime/kv_cache_quant.py says (fp8: 1.0 with a warning; int8:
+calibrated on built-in text when the engine is built).
+
 `stream_interval=N` (TensorRT-LLM's name): a streaming request gets an output every N
 new tokens (its first at once, its last when it ends) instead of every token: fewer,
 larger outputs when many streams run at once.
@@ -32,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from trtllm.compile import compile as trtllm_compile
-from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig
+from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig, kv_cache_dtype
 from trtllm.models.loader import load_model
 from trtllm.quantization.fp8_linears import quantize_model
 from trtllm.runtime.block_manager import BlockManager
@@ -41,6 +47,7 @@ from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
 from trtllm.runtime.engine_loop import EngineLoop
 from trtllm.runtime.engine_stats import EngineStats, StartupTimes
 from trtllm.runtime.kv_budget import num_kv_blocks
+from trtllm.runtime.kv_cache_quant import kv_cache_quant
 from trtllm.runtime.model_runner import ModelRunner
 from trtllm.runtime.outputs import RequestError
 from trtllm.runtime.request_stream import RequestStream, new_request_id
@@ -56,10 +63,12 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                  kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
                  device: str | torch.device | None = None, compile_options: dict | None = None,
-                 stream_interval: int = 1, disable_overlap_scheduler: bool = False) -> Engine:
+                 stream_interval: int = 1, disable_overlap_scheduler: bool = False,
+                 kv_cache_scales=None) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
-    in a process of its own. Arguments as `LLM`'s. `engine.startup` says where the time went."""
+    in a process of its own. Arguments as `LLM`'s. `engine.startup` says where the time went.
+    kv_cache_scales: a quantized KV cache's (k_scale, v_scale) per layer (runtime/kv_cache_quant.py)."""
     started = time.perf_counter()
     check_stream_interval(stream_interval)  # before minutes of loading and compiling
     if dtype not in _DTYPES:
@@ -67,6 +76,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     quant_config = quant_config or QuantConfig()
     quant_config.check_supported()
     kv_cache_config = kv_cache_config or KvCacheConfig()
+    kv_format = kv_cache_dtype(kv_cache_config, quant_config)  # a conflict refused before loading
     build_config = build_config or BuildConfig()
     if model is None:
         from trtllm.demo import demo_model_path
@@ -86,12 +96,14 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     max_input_len = build_config.input_len_for(max_seq_len)
     max_num_seqs = build_config.max_batch_size
     max_num_tokens = max(build_config.max_num_tokens, max_num_seqs)
-    blocks = num_kv_blocks(compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len)
+    kv_quant = kv_cache_quant(kv_format, compiled, kv_cache_scales, tokenizer)
+    blocks = num_kv_blocks(compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len,
+                           kv_quant.dtype if kv_quant else None)
     block_manager = BlockManager(blocks, kv_cache_config.tokens_per_block, kv_cache_config.enable_block_reuse)
     compile_before_capture = compiled.compile_s
     runner = ModelRunner(compiled, num_blocks=blocks, block_size=kv_cache_config.tokens_per_block,
                          max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs,
-                         max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph)
+                         max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph, kv_quant=kv_quant)
     scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len)
     engine = Engine(runner, block_manager, scheduler, tokenizer,
                     EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len),
@@ -110,10 +122,10 @@ class LLM:
                  kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
                  device: str | torch.device | None = None, compile_options: dict | None = None,
-                 stream_interval: int = 1, disable_overlap_scheduler: bool = False):
+                 stream_interval: int = 1, disable_overlap_scheduler: bool = False, kv_cache_scales=None):
         self.engine = build_engine(model, tokenizer, dtype, kv_cache_config, build_config, quant_config,
                                    enable_cuda_graph, device, compile_options, stream_interval,
-                                   disable_overlap_scheduler)
+                                   disable_overlap_scheduler, kv_cache_scales)
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
         self.block_manager, self.compiled = self.engine.block_manager, self.engine.runner.compiled
         self._loop = EngineLoop(self.engine)
