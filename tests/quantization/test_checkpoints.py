@@ -157,3 +157,25 @@ def test_fp8_tensors_without_a_quantization_config_are_refused(sources, tmp_path
     (tmp_path / "config.json").write_text(json.dumps(c))
     with pytest.raises(ValueError, match="float8_e4m3fn but the checkpoint names no quantization"):
         trtllm.load_model(tmp_path, device="cpu")
+
+
+def test_modelopt_kv_scales_feed_an_fp8_kv_cache_and_only_that(sources, tmp_path):
+    """ModelOpt's k_scale / v_scale (kv_cache_quant_algo FP8) become the FP8 cache's scales;
+    an INT8 cache does not take FP8-calibrated scales (a warning), the bf16 cache none."""
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "modelopt", "tensor", True)
+    kv = dict(tokens_per_block=16, max_tokens=512)
+    build = BuildConfig(max_batch_size=2, max_num_tokens=16, max_seq_len=64)
+    with LLM(str(tmp_path), dtype="float32", kv_cache_config=KvCacheConfig(dtype="fp8", **kv),
+             build_config=build) as llm:
+        quant = llm.engine.runner.kv_quant
+        assert quant.fmt == "fp8" and quant.source == "checkpoint"
+        assert (quant.scales[:, 0] == 0.5).all() and (quant.scales[:, 1] == 0.25).all()
+        out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                           use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 4
+    with pytest.warns(UserWarning, match="KV-cache scales are for a fp8 cache, not the int8 cache"):
+        with LLM(str(tmp_path), dtype="float32", kv_cache_config=KvCacheConfig(dtype="int8", **kv),
+                 build_config=build) as llm:
+            assert llm.engine.runner.kv_quant.source == "calibration"
+    with LLM(str(tmp_path), dtype="float32", kv_cache_config=KvCacheConfig(**kv), build_config=build) as llm:
+        assert llm.engine.runner.kv_quant is None
