@@ -115,7 +115,7 @@ def test_lm_eval_task(tiny, tmp_path, capsys):
     (["perplexity", "--text", "/nope.txt"], "--text '/nope.txt' does not exist"),
     (["perplexity", "--window", "600"], r"--window 600 is longer than the engine scores \(511 tokens"),
     (["perplexity", "--stride", "0"], "--stride must be positive, got 0"),
-    (["--quant", "FP8", "perplexity"], "quant_algo=FP8: quantization is not implemented yet"),
+    (["--quant", "NVFP4", "perplexity"], "quant_algo=NVFP4: not implemented; supported: FP8, "),
     (["--quant", "FP9", "perplexity"], "QuantConfig.quant_algo='FP9'"),
     (["demo-mc", "--num_fewshot", "-1"], "--num_fewshot must be >= 0"),
 ])

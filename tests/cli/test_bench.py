@@ -58,6 +58,17 @@ def test_fp8_kv_cache(tmp_path, capsys):
     assert pools["fp8"]["tokens"] == pools["auto"]["tokens"] and 2 * pools["fp8"]["bytes"] == pools["auto"]["bytes"]
 
 
+def test_fp8_linears(tmp_path, capsys):
+    """--quantization FP8_PER_CHANNEL_PER_TOKEN: the engine runs FP8 linears, and says so."""
+    report_file = tmp_path / "fp8.json"
+    assert main(["--batch_size", "2", "--input_len", "8", "--output_len", "4", "--warmup", "0",
+                 "--quantization", "FP8_PER_CHANNEL_PER_TOKEN", "--report_json", str(report_file)]) == 0
+    assert "42 FP8 linears (per-channel)" in capsys.readouterr().out
+    report = _report(report_file)
+    assert report["config"]["options"]["quantization"] == "FP8_PER_CHANNEL_PER_TOKEN"
+    assert report["config"]["engine"]["quantization"].startswith("42 FP8 linears (per-channel)")
+
+
 def test_flat_form_on_the_demo_model(tmp_path, capsys):
     report_file = tmp_path / "report.json"
     assert main(["--batch_size", "2", "--input_len", "8", "--output_len", "4", "--warmup", "1",
