@@ -40,14 +40,14 @@ import torch.nn as nn
 from trtllm.compile import compile as trtllm_compile
 from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig, kv_cache_dtype
 from trtllm.models.loader import load_model
-from trtllm.quantization.fp8_linears import quantize_model
+from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine import Engine
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
 from trtllm.runtime.engine_loop import EngineLoop
 from trtllm.runtime.engine_stats import EngineStats, StartupTimes
 from trtllm.runtime.kv_budget import num_kv_blocks
-from trtllm.runtime.kv_cache_quant import kv_cache_quant
+from trtllm.runtime.kv_cache_quant import checkpoint_kv_scales, kv_cache_quant
 from trtllm.runtime.model_runner import ModelRunner
 from trtllm.runtime.outputs import RequestError
 from trtllm.runtime.request_stream import RequestStream, new_request_id
@@ -96,6 +96,8 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     max_input_len = build_config.input_len_for(max_seq_len)
     max_num_seqs = build_config.max_batch_size
     max_num_tokens = max(build_config.max_num_tokens, max_num_seqs)
+    if kv_cache_scales is None and kv_format != "auto" and fp8_linears_of(module) is not None:
+        kv_cache_scales = checkpoint_kv_scales(fp8_linears_of(module).kv_scales)  # None if it has none
     kv_quant = kv_cache_quant(kv_format, compiled, kv_cache_scales, tokenizer)
     blocks = num_kv_blocks(compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len,
                            kv_quant.dtype if kv_quant else None)
