@@ -30,7 +30,7 @@ from trtllm.models.attention import causal_attention
 # Arguments HF passes through to every attention function that do not change the
 # attention itself (they serve HF's own kv cache and flash-attention varlen paths).
 _PASSED_THROUGH = {"position_ids", "use_cache", "cache_position", "output_attentions", "past_key_value",
-                   "past_key_values", "layer_idx"}
+                   "past_key_values", "layer_idx", "output_router_logits"}
 
 
 class UnsupportedAttention(ValueError):
