@@ -17,6 +17,7 @@ from trtllm.sampling_params import SamplingParams
 PROMPTS = [[5, 17, 99, 3, 250, 31, 8], [400, 3], list(range(60, 81)), [9]]
 NEW = 8
 RUN = ["phi", "gpt2", "gpt_neox", "stablelm", "starcoder2", "olmo2", "granite", "cohere"]
+MOE = {"mixtral": 2, "qwen2_moe": 2, "qwen3_moe": 1, "olmoe": 2}  # family -> MoE layers (of 2)
 OWN_FILE = {"gemma": "gemma.GemmaForCausalLM", "gemma2": "gemma.GemmaForCausalLM", "gemma3": "gemma.GemmaForCausalLM",
             "gemma2_softcap": "gemma.GemmaForCausalLM", "phi3": "phi3.Phi3ForCausalLM", "phi3_partial": "phi3.Phi3ForCausalLM"}
 
@@ -58,6 +59,22 @@ def test_greedy_matches_hf_generate(family, tmp_path_factory):
         summary = engine.compiled.summary()
         assert f"HF module {hf_class}" in summary, summary
         check_greedy(engine, expected)
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_moe_greedy_matches_hf_generate_with_the_blocks_fused(family, tmp_path_factory):
+    """HF's MoE modules under fuse_moe: every block (in every compiled graph) becomes
+    moe_routing + fused_moe, and the tokens are HF's."""
+    path = checkpoint(family, tmp_path_factory)
+    expected, hf_class = hf_greedy(path)
+    with llm(path) as engine:
+        check_greedy(engine, expected)
+        summary = engine.compiled.summary()
+        graphs = len(engine.compiled.graphs)
+    assert f"HF module {hf_class}" in summary, summary
+    assert f"trtllm.fused_moe: {MOE[family] * graphs}" in summary, summary
+    assert f"trtllm.moe_routing: {MOE[family] * graphs}" in summary, summary
+    assert "left as captured" not in summary, summary
 
 
 @pytest.mark.parametrize("family", sorted(OWN_FILE))
