@@ -321,7 +321,7 @@ def _expert_weights(graph, ctx, region, params, xv, num_experts) -> Experts:
         act = next((a for a in h.args if kind(a) == "silu"), None)
         up = h.args[1] if h.args[0] is act else h.args[0]
         gate = act.args[0] if act is not None else None
-        if kind(gate) != "linear" or kind(up) != "linear" or gate.args[0] is not up.args[0]:
+        if kind(gate) != "linear" or kind(up) != "linear" or not _same_value(gate.args[0], up.args[0]):
             continue
         triples.append((gate, up, down))
     used = [lin for t in triples for lin in t]
@@ -344,6 +344,12 @@ def _expert_weights(graph, ctx, region, params, xv, num_experts) -> Experts:
     w2 = torch.stack([d.detach() for d in downs])  # [E, H, I]
     return Experts(ctx.inputs.add_constant(f"{name}_moe_w13", w13), ctx.inputs.add_constant(f"{name}_moe_w2", w2),
                    per_expert)
+
+
+def _same_value(a: fx.Node, b: fx.Node) -> bool:
+    """One node, or two nodes computing the same thing from the same inputs (`x[tok]` twice)."""
+    return a is b or (a.op == b.op == "call_function" and a.target == b.target and a.args == b.args
+                      and a.kwargs == b.kwargs)
 
 
 def _check_numerics(region, out, x, routing, params, sizes, experts, ctx, where) -> None:
