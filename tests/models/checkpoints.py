@@ -113,6 +113,15 @@ HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
                        num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0])),
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
               dict(num_key_value_heads=2, intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
+    # multi-head latent attention (K 24 wide, V 16): refused by name until MLA is built
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM,
+                    dict(num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                         num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=32,
+                         q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)),
+    "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM,
+                    dict(num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                         num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
+                         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)),
 }
 GEMMA_FAMILIES, PHI3_FAMILIES, HF_MODULE_FAMILIES = (
     {name: (config, model, {**_IDS, **kwargs}) for name, (config, model, kwargs) in families.items()}

@@ -74,6 +74,10 @@ def trtllm_attention(module, query, key, value, attention_mask, scaling=None, dr
     """HF attention-interface function: query [B, Hq, S, D], key/value [B, Hkv, S, D]."""
     if not torch.compiler.is_compiling():  # compile()'s probe ran this eagerly first
         refused = unhonoured(attention_mask, dropout, sliding_window, softcap, kwargs)
+        if key.shape[-1] != value.shape[-1]:  # DeepSeek-V2/V3's MLA expanded: K 192 wide, V 128
+            refused.append(f"values {value.shape[-1]} wide but keys {key.shape[-1]} (multi-head latent attention "
+                           "as DeepSeek-V2/V3 has it: the paged cache holds K and V of one head_dim; MLA is not "
+                           "supported yet)")
         layer = getattr(module, "layer_idx", None)
         if _recording is not None:
             cap = float(softcap) if isinstance(softcap, (int, float)) else 0.0  # a bad one is refused
