@@ -77,6 +77,19 @@ def test_moe_greedy_matches_hf_generate_with_the_blocks_fused(family, tmp_path_f
     assert "left as captured" not in summary, summary
 
 
+def test_an_hf_moe_module_with_eager_experts_is_served_fused(tmp_path_factory):
+    """HF's eager experts (a loop over nonzero hits, no single graph) are switched to batched_mm,
+    which fuse_moe replaces like the default grouped_mm."""
+    path = checkpoint("qwen3_moe", tmp_path_factory)
+    expected, _ = hf_greedy(path)
+    module = load_hf_module(path, torch.float32, torch.device("cpu"))
+    module.set_experts_implementation("eager")
+    with llm(module, tokenizer=str(path)) as engine:
+        check_greedy(engine, expected)
+        summary = engine.compiled.summary()
+    assert "trtllm.fused_moe" in summary and "left as captured" not in summary, summary
+
+
 @pytest.mark.parametrize("family", sorted(OWN_FILE))
 def test_greedy_of_our_model_file_matches_hf_generate(family, tmp_path_factory):
     path = checkpoint(family, tmp_path_factory)

@@ -98,6 +98,11 @@ class HFCausalLM(nn.Module):
     def __init__(self, model: PreTrainedModel):
         super().__init__()
         model.set_attn_implementation("trtllm")
+        if getattr(model.config, "_experts_implementation", None) == "eager" and model._can_set_experts_implementation():
+            # HF's eager experts loop over `nonzero(...)` hits: dynamo cannot capture that in one
+            # graph (fullgraph). batched_mm computes the same experts in one graph, which
+            # passes/fuse_moe.py then replaces (HF's default, grouped_mm, is captured as it is).
+            model.set_experts_implementation("batched_mm")
         self.model = model
         self.config = model.config
 
