@@ -136,6 +136,71 @@ def test_transformers_moe_blocks_are_fused(family, experts_implementation):
     torch.testing.assert_close(cap.run(), want, rtol=1e-5, atol=1e-5)
 
 
+def deepseek_v3_block(experts_implementation, n_group=4, topk_group=2, norm_topk_prob=True):
+    config = transformers.DeepseekV3Config(hidden_size=H, moe_intermediate_size=INTER, n_routed_experts=8,
+                                           num_experts_per_tok=3, n_group=n_group, topk_group=topk_group,
+                                           n_shared_experts=1, routed_scaling_factor=2.5,
+                                           norm_topk_prob=norm_topk_prob, num_attention_heads=4)
+    config._experts_implementation = experts_implementation
+    torch.manual_seed(0)
+    block = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.2)
+        block.gate.e_score_correction_bias.normal_(0.0, 0.3)
+    return block
+
+
+@pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("n_group, topk_group, norm_topk_prob", [(4, 2, True), (1, 1, False)])
+def test_deepseek_v3_moe_grouped_sigmoid_routing_is_fused(experts_implementation, n_group, topk_group,
+                                                          norm_topk_prob):
+    """Sigmoid scores, the score-correction bias, grouped top-k, routed scaling: moe_routing's
+    DeepSeek-V3 path; the shared experts stay ordinary graph ops."""
+    block = deepseek_v3_block(experts_implementation, n_group, topk_group, norm_topk_prob)
+    x = torch.randn(2, 5, H)
+    cap = capture(block, x)
+    assert cap.apply(fuse_moe) == 1, cap.ctx.notes
+    assert ops(cap) == {"routing": 1, "fused": 1} and not leftovers(cap)
+    assert not any(n.target in ("scatter_", "masked_fill") for n in cap.gm.graph.nodes)
+    routing = next(n for n in cap.gm.graph.nodes if n.target is torch.ops.trtllm.moe_routing.default)
+    assert routing.args[1:4] == (3, "sigmoid", norm_topk_prob) and routing.args[4:6] == (n_group, topk_group)
+    assert routing.args[7] == 2.5
+    with torch.no_grad():
+        want = block(x)
+    torch.testing.assert_close(cap.run(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_routing_scored_otherwise_is_left_as_captured():
+    """Groups scored by their best expert (DeepSeek-V2's group_limited_greedy), not the sum of
+    the best two: the same ops but one, caught by the routing's run on random logits."""
+    block = deepseek_v3_block("grouped_mm")
+    gate = block.gate
+
+    def group_max_router(hidden_states):
+        hidden_states = hidden_states.view(-1, gate.hidden_dim)
+        logits = F.linear(hidden_states.type(torch.float32), gate.weight.type(torch.float32))
+        scores = logits.sigmoid()
+        choice = scores + gate.e_score_correction_bias
+        group_scores = choice.view(-1, gate.num_group, gate.num_experts // gate.num_group).topk(1, dim=-1)[0].sum(-1)
+        group_idx = torch.topk(group_scores, k=gate.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, gate.num_group, gate.num_experts // gate.num_group)
+        choice = choice.masked_fill(~score_mask.reshape(-1, gate.num_experts).bool(), float("-inf"))
+        ids = torch.topk(choice, k=gate.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+        return logits, weights * gate.routed_scaling_factor, ids
+
+    gate.forward = group_max_router
+    x = torch.randn(2, 5, H)
+    cap = capture(block, x)
+    refused(cap, "the sigmoid routing differs from moe_routing's")
+    with torch.no_grad():
+        torch.testing.assert_close(cap.run(), block(x))
+
+
 def test_qwen2_moe_shared_expert_and_its_sigmoid_gate_stay_in_the_graph():
     cap = capture(hf_block("qwen2_moe", "grouped_mm"), torch.randn(1, 3, H))
     assert cap.apply(fuse_moe) == 1
@@ -186,8 +251,8 @@ def test_a_layout_that_differs_only_in_its_numbers_is_left_as_captured():
         torch.testing.assert_close(cap.run(), moe(x))
 
 
-def test_sigmoid_routing_is_left_as_captured():
-    class SigmoidRouted(PlainMoE):  # DeepSeek-V3-style scores: not this pass's routing
+def test_sigmoid_routing_weighted_by_its_top_k_values_is_left_as_captured():
+    class SigmoidRouted(PlainMoE):  # sigmoid scores, but not DeepSeek-V3's gather at the ids
         def forward(self, x):
             w, ids = torch.topk(torch.sigmoid(self.router(x)), 2, dim=-1)
             out = torch.zeros_like(x)
@@ -196,7 +261,7 @@ def test_sigmoid_routing_is_left_as_captured():
                 out.index_add_(0, tok, expert(x[tok]) * w[tok, j, None])
             return out
 
-    refused(capture(SigmoidRouted().eval(), torch.randn(5, H)), "only softmax scores are matched")
+    refused(capture(SigmoidRouted().eval(), torch.randn(5, H)), "sigmoid routing whose top-k values are read")
 
 
 def test_routing_read_outside_the_experts_is_left_as_captured():

@@ -33,12 +33,13 @@ _FUNCTION_KINDS: dict[Any, str] = {
     torch.repeat_interleave: "repeat_interleave",
     torch.softmax: "softmax", F.softmax: "softmax",
     torch.topk: "topk",
+    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
     torch.sum: "sum",
 }
 
 _METHOD_KINDS = {"add", "mul", "div", "tanh", "neg", "pow", "rsqrt", "mean", "unsqueeze", "to", "float",
                  "type_as", "repeat_interleave", "view", "reshape", "transpose", "contiguous",
-                 "softmax", "topk", "sum"}
+                 "softmax", "topk", "sum", "sigmoid"}
 
 
 def kind(node: Any) -> str | None:
