@@ -149,29 +149,33 @@ def test_quant_config_on_a_prequantized_checkpoint_is_refused(sources, tmp_path)
         LLM(str(tmp_path), quant_config=QuantConfig(quant_algo="FP8_BLOCK_SCALES"))
 
 
-def test_a_modelopt_checkpoints_kv_scales_reach_an_fp8_kv_cache(sources, tmp_path):
+def test_fp8_tensors_without_a_quantization_config_are_refused(sources, tmp_path):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", False)
+    _rewrite(tmp_path, drop=[n for n in load_file(str(tmp_path / "model.safetensors")) if n.endswith("_scale_inv")])
+    c = json.loads((tmp_path / "config.json").read_text())
+    del c["quantization_config"]
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match="float8_e4m3fn but the checkpoint names no quantization"):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
+def test_modelopt_kv_scales_feed_an_fp8_kv_cache_and_only_that(sources, tmp_path):
+    """ModelOpt's k_scale / v_scale (kv_cache_quant_algo FP8) become the FP8 cache's scales;
+    an INT8 cache does not take FP8-calibrated scales (a warning), the bf16 cache none."""
     write_fp8_checkpoint(sources["llama31"], tmp_path, "modelopt", "tensor", True)
-    with LLM(str(tmp_path), dtype="float32", build_config=BuildConfig(max_batch_size=2, max_num_tokens=16,
-                                                                      max_seq_len=64),
-             kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=256, dtype="fp8")) as llm:
+    kv = dict(tokens_per_block=16, max_tokens=512)
+    build = BuildConfig(max_batch_size=2, max_num_tokens=16, max_seq_len=64)
+    with LLM(str(tmp_path), dtype="float32", kv_cache_config=KvCacheConfig(dtype="fp8", **kv),
+             build_config=build) as llm:
         quant = llm.engine.runner.kv_quant
-        assert quant.source == "checkpoint"
-        assert torch.equal(quant.scales[:, 0], torch.full_like(quant.scales[:, 0], 0.5))  # k_scale of every layer
-        assert torch.equal(quant.scales[:, 1], torch.full_like(quant.scales[:, 1], 0.25))  # v_scale
-        out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
-                           use_tqdm=False)[0].outputs[0]
-        assert out.finish_reason == "length" and len(out.token_ids) == 3
-
-
-def test_checkpoint_kv_scales_name_a_layer_missing_one():
-    from trtllm.runtime.kv_cache_quant import checkpoint_kv_scales
-
-    one = torch.tensor(1.0)
-    assert checkpoint_kv_scales({}) is None
-    pairs = checkpoint_kv_scales({"model.layers.1.self_attn.k_scale": one * 2, "model.layers.1.self_attn.v_scale": one,
-                                  "model.layers.0.self_attn.k_proj.k_scale": one * 3,
-                                  "model.layers.0.self_attn.v_proj.v_scale": one})
-    assert [float(k) for k, _ in pairs] == [3.0, 2.0]
-    with pytest.raises(ValueError, match="layer 1: v_scale missing"):
-        checkpoint_kv_scales({"model.layers.0.self_attn.k_scale": one, "model.layers.0.self_attn.v_scale": one,
-                              "model.layers.1.self_attn.k_scale": one})
+        assert quant.fmt == "fp8" and quant.source == "checkpoint"
+        assert (quant.scales[:, 0] == 0.5).all() and (quant.scales[:, 1] == 0.25).all()
+        out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                           use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 4
+    with pytest.warns(UserWarning, match="KV-cache scales are for a fp8 cache, not the int8 cache"):
+        with LLM(str(tmp_path), dtype="float32", kv_cache_config=KvCacheConfig(dtype="int8", **kv),
+                 build_config=build) as llm:
+            assert llm.engine.runner.kv_quant.source == "calibration"
+    with LLM(str(tmp_path), dtype="float32", kv_cache_config=KvCacheConfig(**kv), build_config=build) as llm:
+        assert llm.engine.runner.kv_quant is None

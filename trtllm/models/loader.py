@@ -123,6 +123,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     continue  # an alias (tied lm_head) or a harmless extra
                 t = f.get_tensor(name)
                 nbytes = t.numel() * t.element_size()
+                if fp8 is None and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    raise ValueError(f"{file.name}: tensor {name!r} is {t.dtype} but the checkpoint names no "
+                                     "quantization (config.json quantization_config, hf_quant_config.json): "
+                                     "without its scales it cannot be read (docs/quantization.md)")
                 if fp8 is not None and fp8.take(name, t, device):
                     pass  # an FP8 weight or a scale: fp8.finish places it below
                 elif name in online_weights:  # quantized now; the weight in `dtype` is dropped at once

@@ -22,6 +22,8 @@ unquantized, as TensorRT-LLM keeps it).
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,7 @@ class CheckpointLayout:
     weight_scale: str         # the tensor suffix: "weight_scale_inv" or "weight_scale"
     static_inputs: bool       # input_scale tensors required (static activation scales)
     block: bool               # 128x128 block weight scales
+    kv_cache_format: str | None = None  # "fp8" / "int8": what the checkpoint's k_scale / v_scale calibrate
 
     def describe(self) -> str:
         parts = ["128x128 block" if self.block else "per-tensor/per-channel", "weights",
@@ -127,7 +130,8 @@ def _compressed_tensors(qc: dict) -> CheckpointLayout:
         block = w.get("strategy") == "block"
         if block and static:
             raise CheckpointError(f"{where}: block weights with static activation scales are not supported")
-        layouts.add(CheckpointLayout("compressed-tensors", "weight_scale", static, block))
+        layouts.add(CheckpointLayout("compressed-tensors", "weight_scale", static, block,
+                                     _ct_kv_format(qc.get("kv_cache_scheme"))))
     if len(layouts) != 1:
         raise CheckpointError("compressed-tensors config_groups differ in granularity or activation scheme; "
                               "one scheme for all linears is supported")
@@ -139,7 +143,42 @@ def _modelopt(q: dict, where: str) -> CheckpointLayout:
     if algo not in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN"):
         raise CheckpointError(f"{where}: ModelOpt quant_algo={algo!r} is not supported; of ModelOpt's "
                               "algorithms trtllm loads FP8 and FP8_PER_CHANNEL_PER_TOKEN")
-    return CheckpointLayout("ModelOpt", "weight_scale", algo == "FP8", False)
+    kv = {"FP8": "fp8", "INT8": "int8"}.get(q.get("kv_cache_quant_algo"))
+    return CheckpointLayout("ModelOpt", "weight_scale", algo == "FP8", False, kv)
+
+
+def _ct_kv_format(scheme: dict | None) -> str | None:
+    if not scheme or scheme.get("num_bits") != 8:
+        return None
+    return {"float": "fp8", "int": "int8"}.get(scheme.get("type"))
+
+
+def kv_cache_scales_by_layer(fp8: Fp8Linears, fmt: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The checkpoint's KV-cache scales as runtime/kv_cache_quant.py takes them, one
+    (k_scale, v_scale) per layer in layer order, for a cache of format `fmt` ("auto", "fp8",
+    "int8"); None where there are none, or where they calibrate another format (with a
+    warning: an FP8 scale is amax / 448, an INT8 one amax / 127)."""
+    if not fp8.kv_scales or fmt == "auto":
+        return None
+    if fp8.kv_cache_format != fmt:
+        warnings.warn(f"the checkpoint's KV-cache scales are for a {fp8.kv_cache_format or 'unnamed'} cache, not "
+                      f"the {fmt} cache asked for: they are not used")
+        return None
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in fp8.kv_scales.items():
+        found = re.search(r"layers\.(\d+)\.", name)
+        if found is None:
+            raise CheckpointError(f"KV-cache scale {name!r}: no layer index (model.layers.<i>.) in its name")
+        layers.setdefault(int(found.group(1)), {})[name.rsplit(".", 1)[1]] = t
+    out = []
+    for i in range(len(layers)):
+        pair = layers.get(i, {})
+        for kind in ("k_scale", "v_scale"):
+            if kind not in pair:
+                raise CheckpointError(f"KV-cache scales: layer {i} has no {kind} (the checkpoint has them for "
+                                      f"layers {sorted(layers)})")
+        out.append((pair["k_scale"], pair["v_scale"]))
+    return out
 
 
 def is_quantization_tensor(layout: CheckpointLayout, name: str) -> bool:
@@ -193,7 +232,8 @@ class Fp8CheckpointTensors:
     def finish(self, model: nn.Module, dtype: torch.dtype) -> Fp8Linears:
         """The Fp8Linears of what was taken, attached to `model`; an FP8 LM head is dequantized
         into the model instead. Raises naming any scale that is missing, mis-shaped or unused."""
-        out = Fp8Linears(kv_scales=self.kv_scales, source=self.layout.describe())
+        out = Fp8Linears(kv_scales=self.kv_scales, kv_cache_format=self.layout.kv_cache_format,
+                         source=self.layout.describe())
         for path, w in self.weights.items():
             n, k = w.shape
             nb, kb = -(-n // SCALE_BLOCK), -(-k // SCALE_BLOCK)

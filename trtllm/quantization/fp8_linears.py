@@ -67,6 +67,7 @@ class Fp8Linears:
     applied here)."""
     linears: dict[str, Fp8Linear] = field(default_factory=dict)
     kv_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. "model.layers.0.self_attn.k_scale"
+    kv_cache_format: str | None = None  # "fp8" / "int8": the cache kv_scales calibrate (the checkpoint says)
     source: str = ""  # what made it: "QuantConfig(quant_algo=FP8)", "HF fp8 checkpoint", ...
 
     def by_placeholder(self) -> dict[int, Fp8Linear]:

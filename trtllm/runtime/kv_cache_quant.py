@@ -14,7 +14,7 @@ kv head if given so). Where the scales come from, first that applies:
    compressed-tensors' kv_cache scheme's `k_scale` / `v_scale`), or Hkv numbers (per kv
    head). `LLM(..., kv_cache_scales=...)` and `build_engine(..., kv_cache_scales=...)`
    take them; `build_engine` fills that argument from an FP8 checkpoint's k/v scales
-   (`checkpoint_kv_scales`) when the caller gives none and the cache is quantized. They
+   (quantization/checkpoint.py `kv_cache_scales_by_layer`) when the caller gives none. They
    are checked against the model (count, shape, finite and > 0), naming the bad layer.
 2. **FP8 without scales: 1.0, with a warning.** e4m3 holds magnitudes up to 448 with 3
    mantissa bits, which covers the keys and values of the models we know (vLLM and
@@ -111,35 +111,6 @@ def kv_cache_quant(fmt: str, compiled: CompiledModel, scales: Sequence[tuple[Sca
                          "calibration text; pass either, or use KvCacheConfig(dtype='fp8')")
     prompts = [tokenizer.encode(text) for text in CALIBRATION_TEXTS]
     return KvCacheQuant(fmt, calibrate_kv_scales(compiled, prompts, fmt), "calibration")
-
-
-def checkpoint_kv_scales(named: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """A checkpoint's k/v scales by tensor name (quantization/checkpoint.py collects them:
-    `model.layers.{i}.self_attn.k_scale`, or ModelOpt's `...self_attn.k_proj.k_scale`) as
-    `kv_cache_quant`'s `scales`: one (k_scale, v_scale) a layer, in layer order. None when
-    the checkpoint has none; a layer with one of the two is refused, naming it."""
-    layers: dict[int, dict[str, torch.Tensor]] = {}
-    for name, tensor in named.items():
-        parts = name.split(".")
-        index = next((int(parts[i + 1]) for i, p in enumerate(parts[:-1])
-                      if p == "layers" and parts[i + 1].isdigit()), None)
-        if index is None:
-            raise ValueError(f"checkpoint KV scale {name!r}: no layer index in its name (expected "
-                             "'...layers.<i>....k_scale' or 'v_scale')")
-        layers.setdefault(index, {})[parts[-1]] = tensor
-    if not layers:
-        return None
-    pairs = []
-    for index in sorted(layers):
-        got = layers[index]
-        missing = [k for k in ("k_scale", "v_scale") if k not in got]
-        if missing:
-            raise ValueError(f"checkpoint KV scales of layer {index}: {', '.join(missing)} missing (it has "
-                             f"{', '.join(sorted(got))})")
-        pairs.append((got["k_scale"], got["v_scale"]))
-    if sorted(layers) != list(range(len(layers))):
-        raise ValueError(f"checkpoint KV scales for layers {sorted(layers)}: expected layers 0..{len(layers) - 1}")
-    return pairs
 
 
 @torch.no_grad()

@@ -8,8 +8,9 @@
 
 A quantized KV cache (FP8 or INT8: half the bytes a token, twice the tokens in the same
 memory): `KvCacheConfig(dtype="fp8")` or `QuantConfig(kv_cache_quant_algo=QuantAlgo.INT8)`;
-its scales from `kv_cache_scales` (one (k_scale, v_scale) per layer, what a checkpoint
-loader reads), else as runtime/kv_cache_quant.py says (fp8: 1.0 with a warning; int8:
+its scales from `kv_cache_scales` (one (k_scale, v_scale) per layer), or an FP8
+checkpoint's own k_scale / v_scale for a cache of the format they calibrate
+(quantization/checkpoint.py), else as runtime/kv_cache_quant.py says (fp8: 1.0 with a warning; int8:
 calibrated on built-in text when the engine is built).
 
 `stream_interval=N` (TensorRT-LLM's name): a streaming request gets an output every N
@@ -40,6 +41,7 @@ import torch.nn as nn
 from trtllm.compile import compile as trtllm_compile
 from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig, kv_cache_dtype
 from trtllm.models.loader import load_model
+from trtllm.quantization.checkpoint import kv_cache_scales_by_layer
 from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine import Engine
@@ -47,7 +49,7 @@ from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
 from trtllm.runtime.engine_loop import EngineLoop
 from trtllm.runtime.engine_stats import EngineStats, StartupTimes
 from trtllm.runtime.kv_budget import num_kv_blocks
-from trtllm.runtime.kv_cache_quant import checkpoint_kv_scales, kv_cache_quant
+from trtllm.runtime.kv_cache_quant import kv_cache_quant
 from trtllm.runtime.model_runner import ModelRunner
 from trtllm.runtime.outputs import RequestError
 from trtllm.runtime.request_stream import RequestStream, new_request_id
@@ -96,8 +98,9 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     max_input_len = build_config.input_len_for(max_seq_len)
     max_num_seqs = build_config.max_batch_size
     max_num_tokens = max(build_config.max_num_tokens, max_num_seqs)
-    if kv_cache_scales is None and kv_format != "auto" and fp8_linears_of(module) is not None:
-        kv_cache_scales = checkpoint_kv_scales(fp8_linears_of(module).kv_scales)  # None if it has none
+    fp8 = fp8_linears_of(module)
+    if kv_cache_scales is None and fp8 is not None:  # an FP8 checkpoint's k_scale / v_scale, if it has them
+        kv_cache_scales = kv_cache_scales_by_layer(fp8, kv_format)
     kv_quant = kv_cache_quant(kv_format, compiled, kv_cache_scales, tokenizer)
     blocks = num_kv_blocks(compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len,
                            kv_quant.dtype if kv_quant else None)
