@@ -1,5 +1,6 @@
-"""`trtllm-build`: quantize an unquantized HF checkpoint to FP8 and save it, with calibrated
-KV-cache scales and the engine limits `LLM(model=OUT)` then defaults to.
+"""`trtllm-build`: quantize an HF checkpoint to FP8 and save it, for `LLM(model=OUTPUT_DIR)`.
+
+With calibrated KV-cache scales, and the engine limits `LLM(model=OUT)` then defaults to:
 
     trtllm-build --model_dir ./Llama-3.1-8B --output_dir ./Llama-3.1-8B-FP8 --quant_algo FP8_PER_CHANNEL_PER_TOKEN \\
         --kv_cache_quant_algo FP8 --calib_dataset calib.jsonl --calib_size 256 --calib_max_seq_length 512 \\
