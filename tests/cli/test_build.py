@@ -120,6 +120,41 @@ def test_calibration_dataset_jsonl_sets_the_scales(sources, tmp_path):
     assert (scales[0] > 0).all()
 
 
+def test_static_activation_scales_are_calibrated_and_loaded(sources, tmp_path):
+    from tests.models.checkpoints import hf_model
+    from tests.quantization.fp8_checkpoints import fp8_reference
+    from trtllm.kernels.fp8_gemm import FP8_MAX
+    from trtllm.runtime.kv_cache_quant import CALIBRATION_TEXTS
+    from trtllm.runtime.tokenizer import load_tokenizer
+
+    src, out = sources["llama31"], tmp_path / "out"
+    assert _build(src, out, "--quant_algo", "FP8", "--activation_scheme", "static") == 0
+    acts = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
+        "input_activations"]
+    assert (acts["dynamic"], acts["strategy"]) == (False, "tensor")
+    # the scales: amax / 448 of each linear's input in the HF model over the same (built-in) text
+    hf, amax = hf_model(src), {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, path=path: amax.__setitem__(
+        path, max(amax.get(path, 0.0), a[0].abs().max().item())))
+        for path, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and path != "lm_head"]
+    tokenizer = load_tokenizer(src)
+    with torch.no_grad():
+        for text in CALIBRATION_TEXTS:
+            hf(torch.tensor([tokenizer.encode(text)]))
+    for h in hooks:
+        h.remove()
+    with LLM(str(out), dtype="float32", kv_cache_config=KV, build_config=BUILD) as llm:
+        linears = fp8_linears_of(llm.compiled.module).linears
+        assert sorted(linears) == sorted(amax)
+        for path, q in linears.items():
+            torch.testing.assert_close(q.input_scale, torch.tensor([amax[path] / FP8_MAX]), rtol=1e-5, atol=0)
+        got = _greedy(llm)
+    reference = fp8_reference(src, linears)
+    expected = [reference.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+                [0, len(p):].tolist() for p in PROMPTS]
+    assert got == expected
+
+
 def test_build_limits_become_llm_defaults(sources, tmp_path):
     out = tmp_path / "out"
     assert _build(sources["llama31"], out, "--quant_algo", "FP8", "--max_batch_size", "3", "--max_input_len", "40",
@@ -138,7 +173,8 @@ def test_build_limits_become_llm_defaults(sources, tmp_path):
     ("algo", "--quant_algo W4A16_AWQ: not supported; trtllm-build quantizes to FP8, FP8_PER_CHANNEL_PER_TOKEN"),
     ("kv_algo", "--kv_cache_quant_algo NVFP4: not supported"),
     ("not_empty", "--output_dir .*: exists and is not an empty directory"),
-    ("calib_without_kv", "--calib_dataset calibrates KV-cache scales only.*static activation scales are not"),
+    ("calib_without_kv", "--calib_dataset calibrates KV-cache scales.*or static activation scales.*would be unused"),
+    ("static_block", "--activation_scheme static with FP8_BLOCK_SCALES"),
     ("seq_len", "max_seq_len=1000 exceeds the model's max_position_embeddings=256"),
     ("quantized", "already quantized"),
 ])
@@ -159,6 +195,8 @@ def test_bad_input_exits_2_naming_it(sources, tmp_path, capsys, case, words):
         (out / "x").write_text("")
     elif case == "calib_without_kv":
         extra = ["--calib_dataset", str(src / "config.json")]
+    elif case == "static_block":
+        algo, extra = "FP8_BLOCK_SCALES", ["--activation_scheme", "static"]
     elif case == "seq_len":
         extra = ["--max_seq_len", "1000"]
     elif case == "quantized":

@@ -15,8 +15,12 @@ its k_scale / v_scale; then the checkpoint is written (quantization/export.py: t
 algorithm), the tokenizer files copied, and --max_batch_size / --max_input_len /
 --max_seq_len written to trtllm_build.json (runtime/build_defaults.py).
 
-Activations stay dynamic (per token; per 1x128 group with block scales): calibration data
-sets KV scales only, and --calib_dataset without --kv_cache_quant_algo is refused by name.
+Activations are dynamic by default (per token; per 1x128 group with block scales). With
+--activation_scheme static (FP8 and FP8_PER_CHANNEL_PER_TOKEN) the unquantized model is loaded
+once, run eagerly over the calibration text with a hook on each linear's input, and each
+linear's input_scale = its largest |input| / 448 (quantization/calibrate.py); then it is
+quantized one linear at a time. --calib_dataset with neither static activations nor a KV
+format is refused by name (it would be unused).
 Bad input (a missing or non-checkpoint directory, an algorithm not built, a non-empty
 output directory, bad limits) exits 2 with one line naming it; nothing is written then.
 """
@@ -47,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                           "(default: built-in paragraphs)")
     ap.add_argument("--calib_size", type=int, default=512, help="calibration samples at most (default 512)")
     ap.add_argument("--calib_max_seq_length", type=int, default=512, help="tokens a sample at most (default 512)")
+    ap.add_argument("--activation_scheme", default="dynamic", choices=["dynamic", "static"],
+                    help="dynamic: activations quantized per token at run time (default); static: one scale per "
+                         "linear calibrated on the calibration text (FP8, FP8_PER_CHANNEL_PER_TOKEN)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                     help="the unquantized tensors' dtype (default: the checkpoint's)")
     ap.add_argument("--device", default=None, help="where to quantize and calibrate (default: cuda if present)")
@@ -79,10 +86,14 @@ def _check_input(args: argparse.Namespace):
     if args.kv_cache_quant_algo not in (None, *KV_CACHE_QUANT_ALGOS):
         raise BuildError(f"--kv_cache_quant_algo {args.kv_cache_quant_algo}: not supported; "
                          f"{', '.join(KV_CACHE_QUANT_ALGOS)}")
-    if args.calib_dataset is not None and args.kv_cache_quant_algo is None:
-        raise BuildError("--calib_dataset calibrates KV-cache scales only (activations are quantized "
-                         "dynamically, per token: static activation scales are not supported); give "
-                         "--kv_cache_quant_algo FP8|INT8 with it, or leave it out")
+    static = args.activation_scheme == "static"
+    if args.calib_dataset is not None and args.kv_cache_quant_algo is None and not static:
+        raise BuildError("--calib_dataset calibrates KV-cache scales (--kv_cache_quant_algo FP8|INT8) or static "
+                         "activation scales (--activation_scheme static); with neither it would be unused (the "
+                         "activations are quantized dynamically, per token)")
+    if static and args.quant_algo == "FP8_BLOCK_SCALES":
+        raise BuildError("--activation_scheme static with FP8_BLOCK_SCALES: block weights take per-token-group "
+                         "activations; static scales are supported with FP8 and FP8_PER_CHANNEL_PER_TOKEN")
     for name in ("calib_size", "calib_max_seq_length"):
         if getattr(args, name) < 1:
             raise BuildError(f"--{name} {getattr(args, name)}: must be at least 1")
@@ -155,27 +166,34 @@ def build(args: argparse.Namespace) -> Path:
 
     import trtllm
     from trtllm.models.loader import load_model
+    from trtllm.quantization.calibrate import input_amax, set_input_scales
     from trtllm.quantization.export import export_fp8_checkpoint
+    from trtllm.quantization.fp8_linears import quantize_model
     from trtllm.runtime.build_defaults import write_build_defaults
     from trtllm.runtime.kv_cache_quant import calibrate_kv_scales
     from trtllm.runtime.tokenizer import load_tokenizer
 
     src, out = Path(args.model_dir), Path(args.output_dir)
     progress = not args.no_progress
-    texts = calibration_texts(args.calib_dataset, args.calib_size) if kv_fmt else None  # bad data: before loading
+    static = args.activation_scheme == "static"
+    calibrating = kv_fmt is not None or static
+    texts = calibration_texts(args.calib_dataset, args.calib_size) if calibrating else None  # before loading
     try:
-        tokenizer = load_tokenizer(src) if kv_fmt else None
+        tokenizer = load_tokenizer(src) if calibrating else None
     except (OSError, ValueError) as e:
-        raise BuildError(f"KV calibration needs the checkpoint's tokenizer: {e}") from None
+        raise BuildError(f"calibration needs the checkpoint's tokenizer: {e}") from None
+    prompts = [ids[: args.calib_max_seq_length] for ids in (tokenizer.encode(t) for t in texts)] if texts else None
     dtype = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    try:
-        model = load_model(src, dtype=dtype, device=args.device, progress=progress, quant_algo=algo)
+    try:  # static: loaded unquantized (once), calibrated eagerly, then quantized one linear at a time
+        model = load_model(src, dtype=dtype, device=args.device, progress=progress, quant_algo=None if static else algo)
     except (OSError, ValueError) as e:
         raise BuildError(f"--model_dir {src}: {e}") from None
+    if static:
+        amax = input_amax(model, prompts, progress)
+        set_input_scales(quantize_model(model, algo), amax)
     kv = None
     if kv_fmt:
         compiled = trtllm.compile(model)
-        prompts = [ids[: args.calib_max_seq_length] for ids in (tokenizer.encode(t) for t in texts)]
         for ids in tqdm(prompts, desc=f"calibrating {kv_fmt} KV scales", unit="sample", disable=not progress):
             if ids:  # per sample, so the bar moves; the scale of the largest amax is the max of the scales
                 scales = calibrate_kv_scales(compiled, [ids], kv_fmt)

@@ -12,6 +12,10 @@ The layout follows the algorithm (docs/quantization.md, "trtllm-build"):
 | FP8_PER_CHANNEL_PER_TOKEN | compressed-tensors, weights strategy "channel" | `weight_scale` [N, 1] | dynamic, per token |
 | FP8_BLOCK_SCALES | HF `quant_method: "fp8"`, `weight_block_size: [128, 128]` | `weight_scale_inv` [ceil(N/128), ceil(K/128)] | dynamic, 1x128 groups |
 
+With static input scales (trtllm-build --activation_scheme static: one calibrated scale per
+linear, `input_scale` [1]) the compressed-tensors layouts say `input_activations` static,
+strategy "tensor"; block weights take no static scales (refused).
+
 compressed-tensors is the one standard layout that says "per-tensor or per-channel FP8
 weights with dynamic per-token activations" (HF's fp8 layout has no per-channel weights;
 ModelOpt's FP8 means static activation scales) and the one with a KV-cache scheme
@@ -57,13 +61,15 @@ def export_layout(algo: QuantAlgo) -> str:
                      "FP8_PER_CHANNEL_PER_TOKEN or FP8_BLOCK_SCALES checkpoints")
 
 
-def quantization_config(algo: QuantAlgo, kv_fmt: str | None) -> dict:
-    """config.json's `quantization_config` for `algo` (and a KV cache in `kv_fmt`, or None)."""
+def quantization_config(algo: QuantAlgo, kv_fmt: str | None, static: bool = False) -> dict:
+    """config.json's `quantization_config` for `algo` (and a KV cache in `kv_fmt`, or None;
+    static: per-tensor static input scales instead of dynamic per-token activations)."""
     if export_layout(algo) == "HF fp8":
         return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [SCALE_BLOCK, SCALE_BLOCK]}
     strategy = "tensor" if algo == QuantAlgo.FP8 else "channel"
     weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": strategy}
-    acts = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True, "strategy": "token"}
+    acts = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": not static,
+            "strategy": "tensor" if static else "token"}
     kv = None if kv_fmt is None else {"num_bits": 8, "type": _KV_SCHEME_TYPE[kv_fmt], "symmetric": True,
                                       "dynamic": False, "strategy": "tensor"}
     return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
@@ -88,11 +94,16 @@ def checkpoint_tensors(model: nn.Module, algo: QuantAlgo, kv: torch.Tensor | Non
             out[name] = t.detach()
             continue
         q = fp8.linears[path]
-        if q.input_scale is not None:
-            raise ValueError(f"{path}: static activation scales are not exported (trtllm-build writes dynamic "
-                             "activations)")
         out[f"{path}.weight"] = q.weight
         out[f"{path}.{scale_name}"] = q.weight_scale
+        if q.input_scale is not None:
+            out[f"{path}.input_scale"] = q.input_scale
+    static = {q.input_scale is not None for q in fp8.linears.values()}
+    if len(static) != 1:
+        raise ValueError("some FP8 linears have static input scales and some not: one scheme for all is written")
+    if static == {True} and export_layout(algo) == "HF fp8":
+        raise ValueError("static input scales with 128x128 block weights: no layout holds them (block weights "
+                         "take per-token-group activations)")
     missing = [p for p, q in fp8.linears.items() if f"{p}.weight" not in out]
     if missing:
         raise ValueError(f"FP8 linears whose placeholder is not in the model's state_dict: {missing}")
@@ -147,7 +158,8 @@ def export_fp8_checkpoint(model: nn.Module, src: Path, out: Path, algo: QuantAlg
                  "weight_map": {n: file for file, shard in zip(names, shards) for n in shard}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    config["quantization_config"] = quantization_config(algo, kv_fmt)
+    static = any(q.input_scale is not None for q in fp8_linears_of(model).linears.values())
+    config["quantization_config"] = quantization_config(algo, kv_fmt, static)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for name in COPIED_FILES:
         if (src / name).is_file():
