@@ -153,6 +153,14 @@ def test_static_activation_scales_are_calibrated_and_loaded(sources, tmp_path):
     expected = [reference.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
                 [0, len(p):].tolist() for p in PROMPTS]
     assert got == expected
+    # with an FP8 KV cache too (TensorRT-LLM's FP8 recipe): KV calibrated on the static-scale model
+    both = tmp_path / "both"
+    assert _build(src, both, "--quant_algo", "FP8_PER_CHANNEL_PER_TOKEN", "--activation_scheme", "static",
+                  "--kv_cache_quant_algo", "FP8") == 0
+    with LLM(str(both), dtype="float32", kv_cache_config=KV, build_config=BUILD) as llm:
+        assert llm.engine.runner.kv_quant.source == "checkpoint" and llm.engine.runner.kv_quant.fmt == "fp8"
+        assert all(q.input_scale is not None for q in fp8_linears_of(llm.compiled.module).linears.values())
+        assert len(_greedy(llm)[2]) == NEW
 
 
 def test_build_limits_become_llm_defaults(sources, tmp_path):
