@@ -26,7 +26,7 @@ kv head if given so). Where the scales come from, first that applies:
    tokenizer to calibrate with, INT8 is refused by name (1.0 would be useless for int8:
    most keys would round to a handful of levels).
 
-`calibrate_kv_scales` is also what trtllm-build's KV calibration can run over its own
+`calibrate_kv_scales` is also what trtllm-build's KV calibration runs over its own
 calibration data. It runs the compiled model over whole sequences on an unquantized
 scratch cache and takes the amax over what was written: the keys after rotary, the
 values, exactly what the cache stores.
