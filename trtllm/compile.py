@@ -39,6 +39,9 @@ _DYNAMO_CONFIG = dict(
     recompile_limit=256,
     accumulated_recompile_limit=4096,
     fail_on_recompile_limit_hit=True,
+    # a plain-PyTorch MoE's `tok, j = torch.where(ids == e)` per expert is one graph (fuse_moe
+    # replaces the loop); without this, a graph break, which fullgraph makes an error
+    capture_dynamic_output_shape_ops=True,
 )
 
 
@@ -72,6 +75,7 @@ class CompiledModel:
         self.matches: collections.Counter[str] = collections.Counter()
         self.graphs: list[fx.GraphModule] = []
         self._after_first_call: list[Callable[[], None]] = []
+        self.notes: dict[str, None] = {}  # passes' notes on what they left as captured (ordered set)
         self._in_decode_graphs = False
         self.compile_s = 0.0  # seconds in calls that compiled a graph (capture, passes, Inductor)
         # The graph variants; a call runs the first that serves it. Decode CUDA graphs of
@@ -122,6 +126,7 @@ class CompiledModel:
         variant.num_graphs += 1
         variant.lm_head = ctx.lm_head
         self._after_first_call += ctx.after_first_call
+        self.notes.update(dict.fromkeys(ctx.notes))
         constants = list(inputs.constants)
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
@@ -184,6 +189,9 @@ class CompiledModel:
         lines += [f"  {p.__name__}: {self.matches[p.__name__]}" for p in self.passes + self.decode_graph_passes]
         lines.append("trtllm ops in the final graph(s):")
         lines += [f"  {name}: {count}" for name, count in sorted(ops.items())] or ["  (none)"]
+        if self.notes:
+            lines.append("left as captured:")
+            lines += [f"  {note}" for note in self.notes]
         heads = [v for v in self.variants if v.lm_head is not None]
         if heads:
             named = [f"{v.lm_head.op_name} in {v.name}" for v in heads if v.lm_head.op_name != "F.linear"]

@@ -54,9 +54,9 @@ def _run_options(parser, suppress: bool) -> None:
     _add(parser, "--kv_cache_max_tokens", type=int, default=d(None), help="KV-cache capacity in tokens at most")
     _add(parser, "--kv_cache_dtype", choices=["auto", "fp8", "int8"], default=d(None),
          help="KV-cache element: auto (the model's dtype, default), fp8 (e4m3) or int8 (KvCacheConfig.dtype)")
-    _add(parser, "--quantization", choices=["FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES"], default=d(None),
-         help="FP8 linears, the weights quantized as the model loads (QuantConfig.quant_algo; docs/quantization.md); "
-              "a pre-quantized checkpoint needs none")
+    _add(parser, "--quantization", default=d(None),
+         help="quantize the weights as they load (QuantConfig.quant_algo: FP8, FP8_PER_CHANNEL_PER_TOKEN, "
+              "FP8_BLOCK_SCALES; TensorRT-LLM's QuantAlgo names); an FP8 checkpoint needs none")
     _add(parser, "--disable_overlap_scheduler", action="store_true", default=d(False),
          help="wait for each decode step before launching the next")
     _add(parser, "--temperature", type=float, default=d(0.0), help="0 = greedy (default)")
@@ -231,7 +231,7 @@ def _bench(args) -> int:
 
 
 def _build_llm(args, spec, build, kv):
-    from trtllm.config import QuantConfig
+    from trtllm.config import ConfigError, QuantConfig
     from trtllm.runtime.llm import LLM
 
     started = time.perf_counter()
@@ -241,6 +241,8 @@ def _build_llm(args, spec, build, kv):
         quant = QuantConfig(quant_algo=args.quantization) if args.quantization else None
         return LLM(**kwargs, build_config=build, kv_cache_config=kv, quant_config=quant,
                    disable_overlap_scheduler=args.disable_overlap_scheduler), load_s
+    except ConfigError as e:
+        raise BenchError(f"bad option: {'; '.join(str(e).splitlines())}") from None
     except (ValueError, OSError) as e:
         raise BenchError(f"cannot build the engine: {e}") from None
 

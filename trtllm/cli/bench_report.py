@@ -74,11 +74,11 @@ def run_config(llm, args, model: dict, requests, mode: dict, build) -> dict:
         "streaming": mode["streaming"], "temperature": args.temperature,
         "engine": {**build.model_dump(), **vars(llm.engine.limits),
                    "dtype": str(llm.compiled.attention.dtype).removeprefix("torch."),
+                   "quantization": args.quantization,
                    "kv_cache": {"free_gpu_memory_fraction": args.kv_cache_free_gpu_memory_fraction,
                                 "max_tokens": args.kv_cache_max_tokens, "tokens_per_block": bm.block_size,
                                 "enable_block_reuse": bm.enable_block_reuse},
                    "overlap_scheduler": llm.engine.overlap,
-                   "quantization": llm.compiled.quantization.summary() if llm.compiled.quantization else None,
                    "cuda_graph_batch_sizes": sorted(llm.engine.runner.graphs)},
         "dataset": {"path": getattr(args, "dataset", None), "num_requests": len(requests),
                     "input_len": _spread([r.input_len for r in requests]),
@@ -176,7 +176,7 @@ def format_table(report: dict) -> str:
              f"{(env['git_commit'] or 'unknown')[:12]}{'+changes' if env['git_dirty'] else ''})",
              f"  engine                max_batch_size {engine['max_batch_size']}, max_num_tokens "
              f"{engine['max_num_tokens']}, max_seq_len {engine['max_seq_len']}, dtype {engine['dtype']}"
-             + (f", {engine['quantization']}" if engine.get("quantization") else ""),
+             + (f", weights {engine['quantization']}" if engine.get("quantization") else ""),
              f"  KV pool               {kv['blocks']:,} blocks x {kv['tokens_per_block']} tokens = "
              f"{kv['tokens']:,} tokens ({kv['dtype']}), {kv['gib']:.2f} GiB",
              f"  startup               {start['total']:.1f} s: load {start['load']:.1f}, compile "

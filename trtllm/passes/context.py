@@ -102,3 +102,6 @@ class PassContext:
     # run once the call that compiled the graph has returned (e.g. fuse_parallel_linears
     # makes the model's weights views of the fused copy, so it holds one copy, not two)
     after_first_call: list[Callable[[], None]] = field(default_factory=list)
+    # what a pass found but left as captured, and why (e.g. an MoE block fuse_moe could not
+    # prove equal to its ops): CompiledModel.summary() lists them
+    notes: list[str] = field(default_factory=list)

@@ -13,8 +13,9 @@ kv head if given so). Where the scales come from, first that applies:
    0-d / 1-element tensor (ModelOpt's `model.layers.{i}.self_attn.k_scale` / `v_scale`,
    compressed-tensors' kv_cache scheme's `k_scale` / `v_scale`), or Hkv numbers (per kv
    head). `LLM(..., kv_cache_scales=...)` and `build_engine(..., kv_cache_scales=...)`
-   take them; a checkpoint loader fills that argument. They are checked against the
-   model (count, shape, finite and > 0), naming the bad layer.
+   take them; `build_engine` fills that argument from an FP8 checkpoint's k/v scales
+   (quantization/checkpoint.py `kv_cache_scales_by_layer`) when the caller gives none. They
+   are checked against the model (count, shape, finite and > 0), naming the bad layer.
 2. **FP8 without scales: 1.0, with a warning.** e4m3 holds magnitudes up to 448 with 3
    mantissa bits, which covers the keys and values of the models we know (vLLM and
    TensorRT-LLM default to 1.0 as well); larger ones clamp to 448.
@@ -25,7 +26,7 @@ kv head if given so). Where the scales come from, first that applies:
    tokenizer to calibrate with, INT8 is refused by name (1.0 would be useless for int8:
    most keys would round to a handful of levels).
 
-`calibrate_kv_scales` is also what trtllm-build's KV calibration can run over its own
+`calibrate_kv_scales` is also what trtllm-build's KV calibration runs over its own
 calibration data. It runs the compiled model over whole sequences on an unquantized
 scratch cache and takes the amax over what was written: the keys after rotary, the
 values, exactly what the cache stores.

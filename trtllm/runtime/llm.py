@@ -44,6 +44,7 @@ from trtllm.models.loader import load_model
 from trtllm.quantization.checkpoint import kv_cache_scales_by_layer
 from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
 from trtllm.runtime.block_manager import BlockManager
+from trtllm.runtime.build_defaults import read_build_defaults
 from trtllm.runtime.engine import Engine
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
 from trtllm.runtime.engine_loop import EngineLoop
@@ -70,14 +71,21 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
     in a process of its own. Arguments as `LLM`'s. `engine.startup` says where the time went.
+    A checkpoint written by trtllm-build brings its defaults (runtime/build_defaults.py): its
+    BuildConfig when none is given, its KV cache format when none is named.
     kv_cache_scales: a quantized KV cache's (k_scale, v_scale) per layer (runtime/kv_cache_quant.py)."""
     started = time.perf_counter()
     check_stream_interval(stream_interval)  # before minutes of loading and compiling
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     quant_config = quant_config or QuantConfig()
-    quant_config.check_supported()
     kv_cache_config = kv_cache_config or KvCacheConfig()
+    defaults = read_build_defaults(model) if isinstance(model, (str, Path)) else None  # trtllm-build's
+    if defaults is not None:
+        build_config = build_config or defaults.build_config
+        if kv_cache_config.dtype == "auto" and quant_config.kv_cache_quant_algo is None:
+            quant_config = quant_config.model_copy(update={"kv_cache_quant_algo": defaults.kv_cache_quant_algo})
+    quant_config.check_supported()
     kv_format = kv_cache_dtype(kv_cache_config, quant_config)  # a conflict refused before loading
     build_config = build_config or BuildConfig()
     if model is None:
