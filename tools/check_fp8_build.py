@@ -4,8 +4,10 @@ interpreter cannot show.
     TRITON_INTERPRET=0 PYTHONPATH=$PWD python tools/check_fp8_build.py
 
 For kernels/fp8_gemm.py's two kernels (tiles and GEMV; row and block scales; the default
-configs): every tl.dot became an sm_90 wgmma on e4m3 operands (no upcast in the kernel)
-whose partial sums are promoted to fp32 every FP8_PROMOTE_K; for kernels/quantize_fp8.py and kernels/rms_norm_quant_fp8.py:
+configs): every tl.dot of the tiled kernel became an sm_90 wgmma on e4m3 operands (no
+upcast in the kernel) whose partial sums are promoted to fp32 every FP8_PROMOTE_K; the
+GEMV's, at 32 features a program (below a wgmma's 64 rows), an mma.sync on fp16 operands
+converted exactly from e4m3, with fp32 accumulators (check_gemv_mma); for kernels/quantize_fp8.py and kernels/rms_norm_quant_fp8.py:
 the scale and quotient are IEEE divisions (div.rn.f32; the norm's mean of squares
 divides as kernels/rms_norm.py does) and the cast to e4m3 rounds to
 nearest with saturation (cvt.rn.satfinite). Prints one line a kernel; exit status 1 if a
@@ -61,6 +63,8 @@ def check_gemm(name, compiled) -> list[str]:
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line or "tt.dot " in line]
     wgmma = [line for line in ptx.splitlines() if "wgmma.mma_async" in line]
+    if name.startswith("_fp8_gemv_kernel") and not wgmma:
+        return check_gemv_mma(name, compiled, dots, ptx)
     problems = []
     if not dots or not all(" = ttng.warp_group_dot " in d for d in dots):
         problems.append(f"tl.dot did not become a wgmma: {dots}")
@@ -69,6 +73,23 @@ def check_gemm(name, compiled) -> list[str]:
     if not wgmma or not all(".e4m3.e4m3" in w for w in wgmma):
         problems.append(f"PTX wgmma not on e4m3 operands: {sorted(set(wgmma))[:3]}")
     print(f"{name}: {len(dots)} dot(s), {len(wgmma)} e4m3 wgmma in PTX, shared {compiled.metadata.shared} B")
+    return problems
+
+
+def check_gemv_mma(name, compiled, dots, ptx) -> list[str]:
+    """The decode kernel at fewer than 64 features a program (N <= 4096: 32, measured faster
+    on the H200, kernels/fp8_gemm.py) is below a wgmma's 64 rows: Triton converts the e4m3
+    tiles to fp16 (exact: every e4m3 value is an fp16 one) for mma.sync with fp32
+    accumulators, whose every product is added in fp32 (no imprecise accumulation to
+    promote). Checked: that dot and those instructions, nothing else."""
+    mma = [line for line in ptx.splitlines() if "mma.sync.aligned" in line]
+    problems = []
+    if not dots or not all(" = tt.dot " in d and "xf16, " in d and "xf32, #mma>" in d for d in dots):
+        problems.append(f"the decode dot is not an fp16 mma with fp32 accumulators: {dots}")
+    if not mma or not all(".f32.f16.f16.f32" in m for m in mma):
+        problems.append(f"PTX mma not fp16 x fp16 -> fp32: {sorted(set(mma))[:3]}")
+    print(f"{name}: {len(dots)} dot(s), {len(mma)} exact fp16 mma (e4m3 upcast) in PTX, "
+          f"shared {compiled.metadata.shared} B")
     return problems
 
 

@@ -164,7 +164,7 @@ def build(args: argparse.Namespace) -> Path:
     import torch
     from tqdm.auto import tqdm
 
-    import trtllm
+    from trtllm.compile import compile as trtllm_compile
     from trtllm.models.loader import load_model
     from trtllm.quantization.calibrate import input_amax, set_input_scales
     from trtllm.quantization.export import export_fp8_checkpoint
@@ -193,7 +193,7 @@ def build(args: argparse.Namespace) -> Path:
         set_input_scales(quantize_model(model, algo), amax)
     kv = None
     if kv_fmt:
-        compiled = trtllm.compile(model)
+        compiled = trtllm_compile(model)
         for ids in tqdm(prompts, desc=f"calibrating {kv_fmt} KV scales", unit="sample", disable=not progress):
             if ids:  # per sample, so the bar moves; the scale of the largest amax is the max of the scales
                 scales = calibrate_kv_scales(compiled, [ids], kv_fmt)
