@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import torch.nn as nn
 
 from trtllm.attention_context import in_attention_context, whole_sequences_context
 from trtllm.contract import AttentionSpec, CompileError, contract_module, model_path, probe_attention
+from trtllm.parallel.tensor_parallel import TensorParallel, local_kv_heads
 from trtllm.passes import DECODE_GRAPH_MAX_TOKENS, DECODE_GRAPH_PASSES, PASSES
 from trtllm.passes.context import AttentionLayers, GraphInputs, LMHead, PassContext
 
@@ -57,14 +59,21 @@ class CompiledModel:
     """A model compiled for the paged runtime. `summary()` tells what the passes did."""
 
     def __init__(self, model: nn.Module, *, inductor: bool | None = None, passes=None,
-                 decode_graph_passes=None, block_size: int = 16):
+                 decode_graph_passes=None, block_size: int = 16, tensor_parallel: TensorParallel | None = None):
         self.module = contract_module(model)
         self.device = next(self.module.parameters()).device
         self.inductor = self.device.type == "cuda" if inductor is None else inductor
         self.passes = list(PASSES if passes is None else passes)
         self.decode_graph_passes = list(DECODE_GRAPH_PASSES if decode_graph_passes is None else decode_graph_passes)
         self.block_size = block_size
+        self.tensor_parallel = tensor_parallel
         self.attention = probe_attention(self.module, self.device)
+        if tensor_parallel is not None:  # this rank's KV cache holds its own KV heads only
+            try:
+                heads = local_kv_heads(self.attention.num_kv_heads, tensor_parallel.size)
+            except ValueError as e:
+                raise CompileError(str(e)) from None
+            self.attention = dataclasses.replace(self.attention, num_kv_heads=heads)
         self._layers = AttentionLayers(windows=list(self.attention.windows), softcaps=list(self.attention.softcaps))
         self.matches: collections.Counter[str] = collections.Counter()
         self.graphs: list[fx.GraphModule] = []
@@ -100,7 +109,7 @@ class CompiledModel:
         # graph without dynamo's metadata lets our added constant inputs through aot.
         gm = fx.GraphModule(dynamo_gm, copy.deepcopy(dynamo_gm.graph))
         inputs = GraphInputs(gm.graph, example_inputs)
-        ctx = PassContext(inputs=inputs, attention=self._layers)
+        ctx = PassContext(inputs=inputs, attention=self._layers, tensor_parallel=self.tensor_parallel)
         for p in variant.passes:
             self.matches[p.__name__] += p(gm.graph, ctx)
         gm.graph.lint()
@@ -208,5 +217,6 @@ def static_fakes(constants: list[torch.Tensor], example_inputs: list) -> list[to
 
 def compile(model: nn.Module, **options) -> CompiledModel:
     """Compile a causal LM (see module docstring). Options: inductor, passes,
-    decode_graph_passes, block_size."""
+    decode_graph_passes, block_size, tensor_parallel (this rank's `TensorParallel`:
+    passes/shard_tensor_parallel.py keeps its slice of each layer)."""
     return CompiledModel(model, **options)

@@ -14,11 +14,13 @@ from trtllm.passes.fuse_rms_norm import fuse_rms_norm
 from trtllm.passes.fuse_rotary import fuse_rotary
 from trtllm.passes.fuse_silu_mul import fuse_silu_mul
 from trtllm.passes.replace_sdpa_with_paged_attention import replace_sdpa_with_paged_attention
+from trtllm.passes.shard_tensor_parallel import shard_tensor_parallel
 from trtllm.passes.split_lm_head import split_lm_head
 from trtllm.passes.use_gemv_linear import use_gemv_linear
 
 PASSES = [
     replace_sdpa_with_paged_attention,  # first: refuse unsupported attention before any work
+    shard_tensor_parallel,              # before fuse_parallel_linears, which fuses each rank's slices
     fuse_parallel_linears,
     fuse_rms_norm,
     fuse_add_rms_norm,                  # needs fuse_rms_norm's output

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from trtllm.parallel.tensor_parallel import TensorParallel
 from trtllm.passes.match import module_path
 
 
@@ -96,6 +97,7 @@ class PassContext:
     inputs: GraphInputs
     attention: AttentionLayers
     lm_head: LMHead | None = None
+    tensor_parallel: TensorParallel | None = None  # this rank, when compiled tensor-parallel
     # run once the call that compiled the graph has returned (e.g. fuse_parallel_linears
     # makes the model's weights views of the fused copy, so it holds one copy, not two)
     after_first_call: list[Callable[[], None]] = field(default_factory=list)
