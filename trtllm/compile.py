@@ -137,6 +137,18 @@ class CompiledModel:
                  logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S, V]; or [N, V] for the flat token indices `logits_indices`
         (into the B*S tokens), the only rows the LM head is then computed for."""
+        workers = self.tensor_parallel.workers if self.tensor_parallel is not None else None
+        if workers is None:
+            return self._call(input_ids, positions, logits_indices)
+        # rank 0 of a tensor-parallel group: every rank runs this call, on its own slices
+        workers.send_step(input_ids, positions, logits_indices, self._in_decode_graphs)
+        try:
+            return self._call(input_ids, positions, logits_indices)
+        except Exception as e:  # a collective failed: name the rank that failed it
+            raise workers.failure(e) from e
+
+    def _call(self, input_ids: torch.Tensor, positions: torch.Tensor,
+              logits_indices: torch.Tensor | None) -> torch.Tensor:
         variant = next(v for v in self.variants if (self._in_decode_graphs or not v.decode_graphs_only)
                        and (v.max_tokens is None or input_ids.shape[-1] <= v.max_tokens))
         spec = self.attention

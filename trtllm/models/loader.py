@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 from trtllm.models.gemma import GemmaForCausalLM
 from trtllm.models.llama import LlamaForCausalLM
 from trtllm.models.phi3 import Phi3ForCausalLM
+from trtllm.parallel.tensor_parallel import unloaded
 
 # config.json "architectures"[0] -> model class. Add a line per supported architecture.
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -54,12 +56,15 @@ _PROGRESS_BYTES = 1 << 30  # show a progress bar above 1 GB of weights
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-               device: torch.device | str | None = None, progress: bool | None = None) -> nn.Module:
+               device: torch.device | str | None = None, progress: bool | None = None,
+               leave_unloaded: Callable[[str], bool] | None = None) -> nn.Module:
     """Build the model of `path`/config.json and stream its safetensors weights in.
 
     dtype: None = the config's `dtype` / `torch_dtype` (float32 if absent), else
     bf16/fp16/fp32 as torch.dtype or string. device: None = cuda if available else cpu.
     progress: None = a tqdm bar only for checkpoints over 1 GB.
+    leave_unloaded: names of tensors not to read (a tensor-parallel rank reads only its slices
+    of those, later): each is a stand-in of its shape that holds no memory.
     """
     path = Path(path)
     if not path.is_dir():
@@ -85,6 +90,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
             for name in f.keys():
                 if tensor_file.get(name) != file:
                     continue  # an alias (tied lm_head) or a harmless extra
+                if leave_unloaded is not None and leave_unloaded(name):
+                    _assign(model, name, unloaded(expected[name], dtype, device))
+                    continue
                 t = f.get_tensor(name)
                 nbytes = t.numel() * t.element_size()
                 t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)

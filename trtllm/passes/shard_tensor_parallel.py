@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from trtllm.contract import CompileError
-from trtllm.parallel.tensor_parallel import head_range
+from trtllm.parallel.tensor_parallel import head_range, is_unloaded
 from trtllm.passes.context import PassContext
 from trtllm.passes.match import arg, describe, kind, module_path, value
 
@@ -63,7 +64,7 @@ def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
         return 0
     shapes = {n: tuple(value(n).shape) for n in graph.nodes if isinstance(value(n), torch.Tensor)}  # global
     split: dict[fx.Node, tuple[int, int]] = {}  # node -> (split dim counted from the end, local size)
-    columns: dict[fx.Node, list[tuple[fx.Node, torch.Tensor]]] = defaultdict(list)  # input -> (linear, local W)
+    columns: dict[fx.Node, list[tuple[fx.Node, Callable]]] = defaultdict(list)  # input -> (linear, its W's reader)
     matches = 0
     for node in list(graph.nodes):
         if kind(node) == "linear":
@@ -78,14 +79,18 @@ def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
                 _shard_row(graph, node, split[node.args[0]], tp, ctx)
                 matches += 1
             elif leaf in COLUMN_PARALLEL:
-                local = _shard_column(node, leaf, tp, ctx, shapes, split)
-                columns[node.args[0]].append((node, local))
+                columns[node.args[0]].append((node, _shard_column(node, leaf, tp, ctx, shapes, split)))
                 matches += 1
             continue
         if any(a in split for a in node.all_input_nodes):
             _propagate(node, split, shapes)
     for linears in columns.values():  # one buffer per input: fuse_parallel_linears' fused W is a view
         _add_adjacent_weights(linears, ctx)
+    for node in graph.nodes:  # a rank that loaded only its slices: nothing may read a whole weight
+        t = ctx.inputs.tensor(node)
+        if node.op == "placeholder" and node.users and t is not None and is_unloaded(t):
+            raise CompileError(f"{node.name}: this rank loaded only the slices tensor parallelism splits, but the "
+                               f"graph reads this weight whole (in {', '.join(map(describe, node.users))})")
     return matches
 
 
@@ -93,8 +98,9 @@ def _weight_name(linear: fx.Node, what: str) -> str:
     return f"{module_path(linear)}.{what}"
 
 
-def _shard_column(node: fx.Node, leaf: str, tp, ctx: PassContext, shapes, split) -> torch.Tensor:
-    """Slice the rows of a column-parallel linear; return the local weight (added later)."""
+def _shard_column(node: fx.Node, leaf: str, tp, ctx: PassContext, shapes, split) -> Callable[[], torch.Tensor]:
+    """Slice the rows of a column-parallel linear; return what reads its local weight (the
+    weights of one input are read into one buffer, later)."""
     weight = ctx.inputs.tensor(arg(node, 1, "weight"))
     if weight is None or weight.dim() != 2:
         raise CompileError(f"{describe(node)}: its weight is not a 2-D graph input; cannot split it")
@@ -108,7 +114,6 @@ def _shard_column(node: fx.Node, leaf: str, tp, ctx: PassContext, shapes, split)
                            + (" (nor divide it, as replicated KV heads must)" if leaf in KV_PROJECTIONS else "")
                            ) from None
     start, length = first * head_dim, count * head_dim
-    local = tp.weight_slice(_weight_name(node, "weight"), weight, 0, start, length)
     bias_node = arg(node, 2, "bias")
     if bias_node is not None:
         bias = ctx.inputs.tensor(bias_node)
@@ -123,7 +128,7 @@ def _shard_column(node: fx.Node, leaf: str, tp, ctx: PassContext, shapes, split)
     if length != rows:  # else a replicated (single) KV head: the output is whole
         split[node] = (-1, length)
         _set_local_value(node, shapes[node], -1, length)
-    return local
+    return lambda: tp.read(_weight_name(node, "weight"), weight, 0, start, length)
 
 
 def _heads(linear: fx.Node, rows: int, shapes) -> tuple[int, int]:
@@ -138,12 +143,14 @@ def _heads(linear: fx.Node, rows: int, shapes) -> tuple[int, int]:
     return rows, 1
 
 
-def _add_adjacent_weights(linears: list[tuple[fx.Node, torch.Tensor]], ctx: PassContext) -> None:
-    buffer = torch.cat([w for _, w in linears]) if len(linears) > 1 else linears[0][1]
+def _add_adjacent_weights(linears: list[tuple[fx.Node, Callable]], ctx: PassContext) -> None:
+    key = ("adjacent", *(_weight_name(node, "weight") for node, _ in linears))
+    buffer = ctx.tensor_parallel.made(key, lambda: torch.cat([read() for _, read in linears]))
     start = 0
-    for node, w in linears:
-        view = buffer[start: start + w.shape[0]]
-        start += w.shape[0]
+    for node, _ in linears:
+        rows = value(node).shape[-1]  # the local output features
+        view = buffer[start: start + rows]
+        start += rows
         placeholder = ctx.inputs.add_constant(f"{node.name}_tp_weight", view)
         if len(node.args) > 1:
             node.args = (node.args[0], placeholder, *node.args[2:])
