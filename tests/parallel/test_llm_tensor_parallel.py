@@ -94,3 +94,20 @@ def test_a_module_in_memory_is_refused(tmp_path):
     model = load_model(checkpoint("llama31", tmp_path), dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="takes a checkpoint directory"):
         LLM(model, tensor_parallel_size=2)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_step_after_the_collective_timeout_naming_it(tmp_path, monkeypatch):
+    from trtllm.parallel import process_group
+    monkeypatch.setattr(process_group, "COLLECTIVE_TIMEOUT_S", 20.0)  # above a first-call compilation here
+    llm = small_llm(checkpoint("qwen3", tmp_path), tensor_parallel_size=2)
+    try:
+        greedy(llm)  # every rank has compiled
+        (worker,) = llm.compiled.tensor_parallel.workers.processes.values()
+        os.kill(worker.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(RequestError, match="tensor-parallel rank 1 did not join a collective within 20 s"):
+            greedy(llm)
+        assert time.monotonic() - started < 60
+    finally:
+        llm.shutdown()

@@ -162,6 +162,11 @@ class Workers:
             if dead:
                 return RankFailed("; ".join(self._dead(rank) for rank in dead) + f" (rank 0: {error})")
             time.sleep(0.05)
+        if "timed out" in str(error).lower() or "timeout" in str(error).lower():
+            # every rank alive: a rank that reported no error of its own is the one that hangs
+            silent = [rank for rank, conn in self.conns.items() if not conn.poll(0)]
+            return RankFailed(f"tensor-parallel rank {', '.join(map(str, silent)) or '?'} did not join a collective "
+                              f"within {self.spec.timeout_s:.0f} s (hung; rank 0: {error})")
         return error
 
     def loaded_bytes(self, timeout_s: float = 60.0) -> list[int]:

@@ -39,6 +39,7 @@ import torch.nn as nn
 from trtllm.compile import compile as trtllm_compile
 from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig
 from trtllm.models.loader import load_model
+from trtllm.parallel import process_group
 from trtllm.parallel.rank_model import RankSpec
 from trtllm.parallel.workers import start_tensor_parallel
 from trtllm.runtime.block_manager import BlockManager
@@ -109,7 +110,7 @@ def _start_tensor_parallel(model, dtype: str, device, compile_options: dict | No
                          "slices of it), not a module in memory")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = RankSpec(str(model), _DTYPES[dtype], size, device.type, kv_cache_config.tokens_per_block,
-                    dict(compile_options or {}))
+                    dict(compile_options or {}), process_group.COLLECTIVE_TIMEOUT_S)
     compiled, _ = start_tensor_parallel(spec)
     return compiled
 
