@@ -89,6 +89,11 @@ def test_sizes_that_do_not_divide_are_refused_before_any_process_starts(tmp_path
         small_llm(path, **kwargs)
 
 
+def test_phi3_fused_projections_are_refused_before_any_process_starts(tmp_path):
+    with pytest.raises(ValueError, match="Phi3ForCausalLM is not supported under tensor parallelism yet"):
+        small_llm(checkpoint("phi3", tmp_path), tensor_parallel_size=2)
+
+
 def test_a_module_in_memory_is_refused(tmp_path):
     from trtllm.models.loader import load_model
     model = load_model(checkpoint("llama31", tmp_path), dtype=torch.float32, device="cpu")

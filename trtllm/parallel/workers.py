@@ -5,8 +5,8 @@ send them every model call, name the rank that failed a step, end them all.
     ... compiled(...)                                 # every rank runs the call (send_step)
     workers.shutdown()
 
-Sizes that do not divide (heads, KV heads, MLP width), more ranks than GPUs, and checkpoints
-without a model file of ours are refused before any process starts. A worker that dies
+Sizes that do not divide (heads, KV heads, MLP width), more ranks than GPUs, and architectures
+outside TENSOR_PARALLEL_ARCHITECTURES are refused before any process starts. A worker that dies
 while loading fails the start, naming its rank; one that dies later fails the step that
 needed it (its all-reduce errors or times out) with an error naming the rank, and every
 later step at once.
@@ -24,12 +24,16 @@ import torch
 
 from trtllm.attention_context import active_context, in_attention_context
 from trtllm.compile import CompiledModel
-from trtllm.models.llama import HF_ARCHITECTURES, LlamaConfig
-from trtllm.models.loader import read_json
+from trtllm.models import gemma, llama
+from trtllm.models.loader import ARCHITECTURES, read_json
 from trtllm.parallel import process_group
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
 from trtllm.parallel.tensor_parallel import check_sizes
 from trtllm.parallel.worker import REPORT, Step, worker_main
+
+# Model files whose projections the pass splits (tested on 2 and 4 ranks: tests/parallel). Phi-3's
+# fused qkv_proj / gate_up_proj are not split yet; HF-module families load whole (models/hf.py).
+TENSOR_PARALLEL_ARCHITECTURES = llama.HF_ARCHITECTURES + gemma.HF_ARCHITECTURES
 
 # How long a worker may take to load its slices (rank 0 meanwhile loads its own).
 LOAD_TIMEOUT_S = 600.0
@@ -44,10 +48,11 @@ def check_tensor_parallel(path: str | os.PathLike, world: int, device_type: str)
     """Refuse, naming the numbers, what cannot run on `world` ranks; before any process starts."""
     config = read_json(Path(path) / "config.json")
     arch = (config.get("architectures") or ["?"])[0]
-    if arch not in HF_ARCHITECTURES:
+    if arch not in TENSOR_PARALLEL_ARCHITECTURES:
         raise ValueError(f"tensor_parallel_size={world}: {arch} is not supported under tensor parallelism yet "
-                         f"(supported: {', '.join(HF_ARCHITECTURES)})")
-    c = LlamaConfig.from_hf(config)
+                         f"(supported: {', '.join(TENSOR_PARALLEL_ARCHITECTURES)})")
+    model_cls = ARCHITECTURES[arch]
+    c = model_cls.config_class.from_hf(config)
     check_sizes(world, num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
                 intermediate_size=c.intermediate_size)
     if device_type == "cuda" and world > torch.cuda.device_count():
