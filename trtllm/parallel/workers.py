@@ -93,6 +93,9 @@ class Workers:
             self.processes[rank], self.conns[rank] = proc, parent
         self._errors: dict[int, str] = {}
         self._down = False
+        # set by the first failed call: the ranks may be at different collectives now, so
+        # pairing later calls' collectives could sum the wrong tensors; every later call fails
+        self.broken: RankFailed | None = None
 
     # -- start -------------------------------------------------------------------------
     def wait_loaded(self, timeout_s: float = LOAD_TIMEOUT_S) -> None:
@@ -152,15 +155,22 @@ class Workers:
     def check_alive(self) -> None:
         if self._down:
             raise RankFailed("the tensor-parallel workers were shut down")
+        if self.broken is not None:
+            raise RankFailed(f"a tensor-parallel call failed earlier ({self.broken}); build a new LLM")
         dead = [rank for rank, proc in self.processes.items() if not proc.is_alive()]
         if dead:
             raise RankFailed("; ".join(self._dead(rank) for rank in dead))
 
     def failure(self, error: Exception, wait_s: float = 5.0) -> Exception:
         """What a call that raised on rank 0 says: the rank that died or failed, if one did
-        (it may take a moment to exit after breaking the collective)."""
+        (it may take a moment to exit after breaking the collective). Every later call fails."""
         if isinstance(error, RankFailed):
             return error
+        found = self._failure(error, wait_s)
+        self.broken = found if isinstance(found, RankFailed) else RankFailed(f"rank 0: {type(error).__name__}: {error}")
+        return found
+
+    def _failure(self, error: Exception, wait_s: float) -> Exception:
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             dead = [rank for rank, proc in self.processes.items() if not proc.is_alive()]
