@@ -84,7 +84,7 @@ def rel_error(args, launch=None, trace=None):
     a_ref = list(args)
     a_ref[3], a_ref[4] = args[3].clone(), args[4].clone()
     ref = pa.paged_attention_ref(*a_ref).float()
-    out = pa.launch_paged_attention(*args, launch, trace=trace).float()
+    out = pa.launch_paged_attention(*args, launch=launch, trace=trace).float()
     return ((out - ref).norm() / ref.norm()).item()
 
 

@@ -53,6 +53,19 @@ def test_demo_perplexity_is_its_training_figure(tmp_path, capsys):
     assert "perplexity" in out and "bits_per_byte" in out
 
 
+@pytest.mark.filterwarnings("ignore:FP8 KV cache without k/v scales")
+@pytest.mark.parametrize("kv_dtype, element", [("fp8", "float8_e4m3fn"), ("int8", "int8")])
+def test_demo_perplexity_with_a_quantized_kv_cache(kv_dtype, element, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    code, out, _ = run(["--model", "demo", "--kv_cache_dtype", kv_dtype, "--report_json", str(report),
+                        "perplexity"], capsys)
+    assert code == 0 and f"{element} KV cache" in out
+    r = json.loads(report.read_text())
+    assert r["config"]["engine"]["kv_cache_dtype"] == element and r["config"]["kv_cache_dtype"] == kv_dtype
+    training = json.loads((__import__("trtllm.demo").demo.DEMO_MODEL_DIR / "training.json").read_text())
+    assert r["results"]["perplexity"] == pytest.approx(training["heldout_sample"]["perplexity_cpu_fp32"], rel=0.02)
+
+
 def test_demo_mc(tmp_path, capsys):
     report = tmp_path / "r.json"
     code, out, _ = run(["demo-mc", "--limit", "12", "--dtype", "float32", "--report_json", str(report)], capsys)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trtllm.config import BuildConfig, ConfigError, KvCacheConfig, QuantAlgo, QuantConfig
+from trtllm.config import BuildConfig, ConfigError, KvCacheConfig, QuantAlgo, QuantConfig, kv_cache_dtype
 
 
 def test_kv_cache_defaults():
@@ -87,10 +87,22 @@ def test_assignment_is_validated():
         c.tokens_per_block = 100
 
 
-def test_fp8_kv_cache_not_implemented_yet():
-    with pytest.raises(ValueError, match="dtype") as e:
-        KvCacheConfig(dtype="fp8")
-    assert "FP8 KV cache is not implemented yet" in str(e.value)
+def test_kv_cache_dtype_from_either_config():
+    """KvCacheConfig(dtype=...) or QuantConfig(kv_cache_quant_algo=...) selects a quantized
+    cache; both may name one if they agree; a conflict names both fields."""
+    for dtype in ("auto", "fp8", "int8"):
+        assert kv_cache_dtype(KvCacheConfig(dtype=dtype), None) == dtype
+        assert kv_cache_dtype(KvCacheConfig(dtype=dtype), QuantConfig()) == dtype
+        assert kv_cache_dtype(KvCacheConfig(dtype=dtype), QuantConfig(kv_cache_quant_algo="NO_QUANT")) == dtype
+    for algo, dtype in (("FP8", "fp8"), ("INT8", "int8")):
+        QuantConfig(kv_cache_quant_algo=algo).check_supported()
+        assert kv_cache_dtype(KvCacheConfig(), QuantConfig(kv_cache_quant_algo=algo)) == dtype
+        assert kv_cache_dtype(KvCacheConfig(dtype=dtype), QuantConfig(kv_cache_quant_algo=algo)) == dtype
+    with pytest.raises(ConfigError, match=r"KvCacheConfig.dtype='fp8': conflicts with "
+                                          r"QuantConfig.kv_cache_quant_algo=INT8"):
+        kv_cache_dtype(KvCacheConfig(dtype="fp8"), QuantConfig(kv_cache_quant_algo="INT8"))
+    with pytest.raises(ValueError, match="dtype must be one of 'auto', 'fp8', 'int8'"):
+        KvCacheConfig(dtype="nvfp4")
 
 
 def test_beam_search_not_supported_yet():
@@ -122,9 +134,26 @@ def test_quant_algo_names_and_strings():
     assert QuantConfig(quant_algo="W4A16_AWQ").quant_algo is QuantAlgo.W4A16_AWQ
 
 
-@pytest.mark.parametrize("field", ["quant_algo", "kv_cache_quant_algo"])
-@pytest.mark.parametrize("algo", [QuantAlgo.FP8, QuantAlgo.W4A16_AWQ, QuantAlgo.NVFP4])
-def test_quantization_not_implemented_yet(field, algo):
-    c = QuantConfig(**{field: algo})  # describable (a checkpoint may say so) ...
-    with pytest.raises(ValueError, match=f"{field}={algo.value}: quantization is not implemented yet"):
+@pytest.mark.parametrize("algo", [QuantAlgo.W4A16_AWQ, QuantAlgo.NVFP4, QuantAlgo.INT8])
+def test_weight_quantization_not_implemented_is_refused_naming_what_is(algo):
+    c = QuantConfig(quant_algo=algo)  # describable (a checkpoint may say so) ...
+    with pytest.raises(ValueError, match=f"quant_algo={algo.value}: not implemented; supported: FP8, "
+                                         "FP8_PER_CHANNEL_PER_TOKEN, FP8_BLOCK_SCALES"):
         c.check_supported()  # ... but refused when an LLM is built
+
+
+@pytest.mark.parametrize("algo", ["FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES"])
+def test_fp8_weights_are_supported(algo):
+    c = QuantConfig(quant_algo=algo)
+    c.check_supported()
+    assert c.weight_algo is QuantAlgo(algo)
+    assert QuantConfig(quant_algo="NO_QUANT").weight_algo is None
+
+
+@pytest.mark.parametrize("algo", [QuantAlgo.W4A16_AWQ, QuantAlgo.NVFP4, QuantAlgo.FP8_BLOCK_SCALES])
+def test_kv_cache_quant_algo_other_than_fp8_int8_is_refused(algo):
+    c = QuantConfig(kv_cache_quant_algo=algo)
+    with pytest.raises(ValueError, match=f"kv_cache_quant_algo={algo.value}: a KV cache is quantized to FP8 or INT8"):
+        c.check_supported()
+    with pytest.raises(ValueError, match=f"kv_cache_quant_algo={algo.value}: a KV cache is quantized to FP8 or INT8"):
+        kv_cache_dtype(KvCacheConfig(), c)

@@ -138,3 +138,33 @@ def test_bf16_through_the_interpreter_writes_the_reference_text(monkeypatch):
         reference = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
     assert interpreted == reference
     assert all(text.strip() and "\ufffd" not in text for text in reference), reference
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8", "int8"])
+def test_quantized_kv_cache_through_the_interpreter_writes_the_reference_text(monkeypatch, kv_dtype):
+    """The shipped bf16 checkpoint with an FP8 (scales 1.0) or INT8 (scales calibrated at
+    build) KV cache: the paged attention kernels in the Triton interpreter write the text
+    the ops' references write (prefill, then decode past the first 16-token page), and the
+    text stays text."""
+    import warnings
+
+    from trtllm.config import BuildConfig, KvCacheConfig
+    from trtllm.runtime.llm import LLM
+    from trtllm.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
+    prompts = [PROMPT, "The best way to predict the future is to"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # INT8's calibration at build on the references: faster
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FP8's scales-1.0 warning
+        llm = LLM(build_config=BuildConfig(max_batch_size=2, max_num_tokens=64, max_seq_len=64),
+                  kv_cache_config=KvCacheConfig(dtype=kv_dtype, max_tokens=256, tokens_per_block=16,
+                                                enable_block_reuse=False))
+    with llm:
+        assert llm.engine.runner.cache.k.dtype == {"fp8": torch.float8_e4m3fn, "int8": torch.int8}[kv_dtype]
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        interpreted = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        reference = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert interpreted == reference
+    assert all(text.strip() and "\ufffd" not in text for text in reference), reference

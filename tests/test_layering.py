@@ -6,6 +6,7 @@ Layers, lowest first; a module imports trtllm modules of its own layer or lower 
                                    tensor-parallel group (parallel.tensor_parallel)
     kernels                        ops: reference, Triton kernel, launcher, registration
     attention_context              how the cache and metadata reach the graph's attention op
+    quantization                   the FP8 description of a model, online quantization, checkpoint layouts
     models, demo                   model files and loading; the built-in demo model
     contract                       what a compilable model is: the probe, its spec, the refusals
     passes                         graph rewrites, each one function
@@ -35,6 +36,7 @@ LAYERS = [
     ["trtllm.config", "trtllm.sampling_params", "trtllm.parallel.tensor_parallel"],
     ["trtllm.kernels"],
     ["trtllm.attention_context"],
+    ["trtllm.quantization"],
     ["trtllm.models", "trtllm.demo"],
     ["trtllm.contract"],
     ["trtllm.passes"],

@@ -39,15 +39,18 @@ HQ, HKV, D, PAGE = 32, 8, 128, 16
 G = HQ // HKV
 BF16 = MockTensor(torch.bfloat16)  # a pointer argument 16-byte aligned, as torch allocates
 I32, F32, I64 = MockTensor(torch.int32), MockTensor(torch.float32), MockTensor(torch.int64)
+# a quantized KV cache's element (kernels/paged_attention/kv_quant.py): "" = the model's bf16
+CACHE = {"": BF16, "fp8": MockTensor(torch.float8_e4m3fn), "int8": MockTensor(torch.int8)}
 CACHE_STRIDES = (PAGE * HKV * D, HKV * D, D)  # one layer's [NB, PAGE, Hkv, D]
 
 
-def decode_args(batch, ctx, splits, cluster, trace=False, softcap=0.0):
+def decode_args(batch, ctx, splits, cluster, trace=False, softcap=0.0, kv_quant=""):
     """_decode_kernel's arguments as launch_decode passes them for batch x ctx (contiguous
     q/k/v/out rows as the bench makes them; num_tokens and window are not specialized;
-    softcap is a constexpr, 0.0 = none)."""
+    softcap is a constexpr, 0.0 = none; kv_quant "fp8" / "int8": a quantized cache)."""
     return dict(
-        q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, kc_ptr=BF16, vc_ptr=BF16, o_ptr=BF16, slot_ptr=I32,
+        q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, kc_ptr=CACHE[kv_quant], vc_ptr=CACHE[kv_quant],
+        ks_ptr=F32 if kv_quant else BF16, vs_ptr=F32 if kv_quant else BF16, o_ptr=BF16, slot_ptr=I32,
         bt_ptr=I32, seq_lens_ptr=I32, qsl_ptr=I32,
         pm_ptr=F32 if splits > 1 and not cluster else BF16,
         pl_ptr=F32 if splits > 1 and not cluster else BF16,
@@ -59,28 +62,31 @@ def decode_args(batch, ctx, splits, cluster, trace=False, softcap=0.0):
         STRIDE_CB=CACHE_STRIDES[0], STRIDE_CS=CACHE_STRIDES[1], STRIDE_CH=CACHE_STRIDES[2],
         G=G, HEAD_D=D, BLOCK_D=D, PAGE=PAGE, BLOCK_G=16, BLOCK_N=64, NUM_SPLITS=splits,
         BLOCK_S=triton.next_power_of_2(splits), HKV=HKV, BLOCK_HKV=HKV, BLOCK_HQ=HQ,
-        DOT_PREC="tf32", TRACE=trace, CLUSTER=cluster, OFF64=False, SOFTCAP=softcap,
+        DOT_PREC="tf32", TRACE=trace, CLUSTER=cluster, OFF64=False, SOFTCAP=softcap, KV_QUANT=kv_quant,
     )
 
 
-def prefill_args(tokens, block_m, softcap=0.0):
+def prefill_args(tokens, block_m, softcap=0.0, kv_quant=""):
     return dict(
-        q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, kc_ptr=BF16, vc_ptr=BF16, o_ptr=BF16, bt_ptr=I32,
+        q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, kc_ptr=CACHE[kv_quant], vc_ptr=CACHE[kv_quant],
+        ks_ptr=F32 if kv_quant else BF16, vs_ptr=F32 if kv_quant else BF16, o_ptr=BF16, bt_ptr=I32,
         seq_lens_ptr=I32, qsl_ptr=I32, qk_scale=D ** -0.5 * LOG2E, window=0, num_seqs=1,
         num_q_blocks=tokens // (block_m // G) + 1,
         stride_qt=HQ * D, stride_qh=D, stride_kt=HKV * D, stride_kh=D, stride_vt=HKV * D, stride_vh=D,
         stride_cb=CACHE_STRIDES[0], stride_cs=CACHE_STRIDES[1], stride_ch=CACHE_STRIDES[2],
         stride_ot=HQ * D, stride_oh=D, stride_bt=triton.cdiv(tokens, PAGE),
         G=G, HEAD_D=D, BLOCK_D=D, PAGE=PAGE, BLOCK_Q=block_m // G, BLOCK_M=block_m, SOFTCAP=softcap,
+        KV_QUANT=kv_quant,
     )
 
 
-def cache_write_args():
+def cache_write_args(kv_quant=""):
     return dict(
-        k_ptr=BF16, v_ptr=BF16, kc_ptr=BF16, vc_ptr=BF16, slot_ptr=I32, qsl_ptr=I32, o_ptr=BF16, num_seqs=1,
+        k_ptr=BF16, v_ptr=BF16, kc_ptr=CACHE[kv_quant], vc_ptr=CACHE[kv_quant],
+        ks_ptr=F32 if kv_quant else BF16, vs_ptr=F32 if kv_quant else BF16, slot_ptr=I32, qsl_ptr=I32, o_ptr=BF16, num_seqs=1,
         stride_kt=HKV * D, stride_kh=D, stride_vt=HKV * D, stride_vh=D, stride_cb=CACHE_STRIDES[0],
         stride_cs=CACHE_STRIDES[1], stride_ch=CACHE_STRIDES[2], stride_ot=HQ * D, stride_oh=D,
-        HKV=HKV, HQ=HQ, HEAD_D=D, PAGE=PAGE, BLOCK_HKV=HKV, BLOCK_HQ=HQ, BLOCK_D=D,
+        HKV=HKV, HQ=HQ, HEAD_D=D, PAGE=PAGE, BLOCK_HKV=HKV, BLOCK_HQ=HQ, BLOCK_D=D, KV_QUANT=kv_quant,
     )
 
 

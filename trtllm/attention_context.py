@@ -17,7 +17,10 @@ ints (`num_seqs`, `max_query_len`, `max_seq_len`) only steer kernel choice and g
 size at launch; under graph capture they must be upper bounds for every replay.
 
 Layout (see trtllm/kernels/paged_attention for the op's semantics):
-- k/v cache: [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+- k/v cache: [num_layers, num_blocks, block_size, num_kv_heads, head_dim], of the model's
+  dtype or quantized (float8_e4m3fn / int8) with `scales` [num_layers, 2, num_kv_heads] fp32
+  beside it (K's and V's per layer and kv head; kernels/paged_attention/kv_quant.py), a
+  fixed-address device tensor as the cache itself
 - slot_mapping [max_num_tokens] int32: cache slot (block * block_size + offset) for
   each new token, -1 for padding tokens (not written)
 - block_tables [max_num_seqs, max_blocks_per_seq] int32
@@ -44,13 +47,25 @@ from trtllm.kernels.registry import register_op
 class PagedKVCache:
     k: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]
     v: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]
+    scales: torch.Tensor | None = None  # [L, 2, Hkv] fp32: a quantized cache's K and V scales
 
     @staticmethod
     def allocate(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device) -> PagedKVCache:
+                 head_dim: int, dtype: torch.dtype, device, scales: torch.Tensor | None = None) -> PagedKVCache:
+        """dtype: the model's, or float8_e4m3fn / int8 with `scales` [L, 2, Hkv] (copied to
+        the device: kv_quant.kv_scales_tensor builds them)."""
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        if scales is not None:
+            if tuple(scales.shape) != (num_layers, 2, num_kv_heads):
+                raise ValueError(f"KV cache scales {tuple(scales.shape)}: expected ({num_layers}, 2, {num_kv_heads})")
+            scales = scales.to(device=device, dtype=torch.float32).contiguous()
         return PagedKVCache(torch.zeros(shape, dtype=dtype, device=device),
-                            torch.zeros(shape, dtype=dtype, device=device))
+                            torch.zeros(shape, dtype=dtype, device=device), scales)
+
+    @property
+    def nbytes(self) -> int:
+        """The pool's memory: K and V of every layer and block."""
+        return self.k.nbytes + self.v.nbytes
 
     @property
     def num_layers(self) -> int:
@@ -247,7 +262,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, sc
     out = paged_attention(
         flat(q), flat(k), flat(v), ctx.cache.k, ctx.cache.v, layer,
         meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        scale, window, softcap, meta.num_seqs, meta.max_query_len, meta.max_seq_len)
+        scale, window, softcap, meta.num_seqs, meta.max_query_len, meta.max_seq_len, ctx.cache.scales)
     # paged_attention returns a contiguous [T, Hq, D]; .contiguous() is a no-op that pins
     # the strides _attention_fake promises even if that ever changes
     return out.contiguous().view(b, s, hq, v.shape[-1]).transpose(1, 2)

@@ -29,6 +29,7 @@ from trtllm.contract import AttentionSpec, CompileError, contract_module, model_
 from trtllm.parallel.tensor_parallel import TensorParallel, local_kv_heads
 from trtllm.passes import DECODE_GRAPH_MAX_TOKENS, DECODE_GRAPH_PASSES, PASSES
 from trtllm.passes.context import AttentionLayers, GraphInputs, LMHead, PassContext
+from trtllm.quantization.fp8_linears import Fp8Linears, fp8_linears_of
 
 __all__ = ["compile", "CompiledModel", "CompileError", "AttentionSpec"]
 
@@ -40,6 +41,9 @@ _DYNAMO_CONFIG = dict(
     recompile_limit=256,
     accumulated_recompile_limit=4096,
     fail_on_recompile_limit_hit=True,
+    # a plain-PyTorch MoE's `tok, j = torch.where(ids == e)` per expert is one graph (fuse_moe
+    # replaces the loop); without this, a graph break, which fullgraph makes an error
+    capture_dynamic_output_shape_ops=True,
 )
 
 
@@ -59,7 +63,10 @@ class CompiledModel:
     """A model compiled for the paged runtime. `summary()` tells what the passes did."""
 
     def __init__(self, model: nn.Module, *, inductor: bool | None = None, passes=None,
-                 decode_graph_passes=None, block_size: int = 16, tensor_parallel: TensorParallel | None = None):
+                 decode_graph_passes=None, block_size: int = 16, quantization: Fp8Linears | None = None,
+                 tensor_parallel: TensorParallel | None = None):
+        # what the passes quantize (quantize_linears): given, or what loading put on the model
+        self.quantization = quantization if quantization is not None else fp8_linears_of(model)
         self.module = contract_module(model)
         self.device = next(self.module.parameters()).device
         self.inductor = self.device.type == "cuda" if inductor is None else inductor
@@ -78,6 +85,7 @@ class CompiledModel:
         self.matches: collections.Counter[str] = collections.Counter()
         self.graphs: list[fx.GraphModule] = []
         self._after_first_call: list[Callable[[], None]] = []
+        self.notes: dict[str, None] = {}  # passes' notes on what they left as captured (ordered set)
         self._in_decode_graphs = False
         self.compile_s = 0.0  # seconds in calls that compiled a graph (capture, passes, Inductor)
         # The graph variants; a call runs the first that serves it. Decode CUDA graphs of
@@ -109,9 +117,18 @@ class CompiledModel:
         # graph without dynamo's metadata lets our added constant inputs through aot.
         gm = fx.GraphModule(dynamo_gm, copy.deepcopy(dynamo_gm.graph))
         inputs = GraphInputs(gm.graph, example_inputs)
-        ctx = PassContext(inputs=inputs, attention=self._layers, tensor_parallel=self.tensor_parallel)
+        ctx = PassContext(inputs=inputs, attention=self._layers, quantization=self.quantization,
+                          tensor_parallel=self.tensor_parallel)
         for p in variant.passes:
             self.matches[p.__name__] += p(gm.graph, ctx)
+        if self.quantization is not None:  # a placeholder left in use computes with NaN
+            by_placeholder = self.quantization.by_placeholder()
+            left = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.users
+                    and id(inputs.tensor(n)) in by_placeholder]
+            if left:
+                raise CompileError(f"{variant.name}: the model is FP8-quantized but its graph still reads the "
+                                   f"placeholder weights {left[:3]}{' ...' if len(left) > 3 else ''} after the "
+                                   "passes: the pass list needs quantize_linears (trtllm.passes.PASSES has it)")
         gm.graph.lint()
         gm.recompile()
         if variant.num_graphs and (ctx.lm_head is None) != (variant.lm_head is None):
@@ -120,6 +137,7 @@ class CompiledModel:
         variant.num_graphs += 1
         variant.lm_head = ctx.lm_head
         self._after_first_call += ctx.after_first_call
+        self.notes.update(dict.fromkeys(ctx.notes))
         constants = list(inputs.constants)
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
@@ -185,6 +203,8 @@ class CompiledModel:
         if any(spec.softcaps):
             layers += f", logit soft-capping per layer {list(spec.softcaps)}"
         path = f"model: {model_path(self.module)}\n"
+        if self.quantization is not None:
+            path += f"quantization: {self.quantization.summary()}\n"
         if not self.graphs:
             return (f"{path}trtllm.compile: {layers}; nothing compiled yet: compilation is lazy, the first call "
                     "(or building an LLM on it) captures and rewrites the graphs")
@@ -192,6 +212,9 @@ class CompiledModel:
         lines += [f"  {p.__name__}: {self.matches[p.__name__]}" for p in self.passes + self.decode_graph_passes]
         lines.append("trtllm ops in the final graph(s):")
         lines += [f"  {name}: {count}" for name, count in sorted(ops.items())] or ["  (none)"]
+        if self.notes:
+            lines.append("left as captured:")
+            lines += [f"  {note}" for note in self.notes]
         heads = [v for v in self.variants if v.lm_head is not None]
         if heads:
             named = [f"{v.lm_head.op_name} in {v.name}" for v in heads if v.lm_head.op_name != "F.linear"]
@@ -229,6 +252,7 @@ def static_fakes(constants: list[torch.Tensor], example_inputs: list) -> list[to
 
 def compile(model: nn.Module, **options) -> CompiledModel:
     """Compile a causal LM (see module docstring). Options: inductor, passes,
-    decode_graph_passes, block_size, tensor_parallel (this rank's `TensorParallel`:
-    passes/shard_tensor_parallel.py keeps its slice of each layer)."""
+    decode_graph_passes, block_size, quantization (an Fp8Linears; by default the one loading
+    or quantize_model put on the model, trtllm/quantization), tensor_parallel (this rank's
+    `TensorParallel`: passes/shard_tensor_parallel.py keeps its slice of each layer)."""
     return CompiledModel(model, **options)

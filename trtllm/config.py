@@ -12,6 +12,7 @@ silently means "default". NaN and infinities are refused as not finite.
         .max_seq_len_for(max_position_embeddings or None) -> int
     QuantConfig(quant_algo=None, kv_cache_quant_algo=None).check_supported()
     QuantAlgo: TensorRT-LLM's algorithm names (FP8, W4A16_AWQ, NVFP4, ...)
+    kv_cache_dtype(kv_cache_config, quant_config) -> "auto" | "fp8" | "int8"
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ class ValidatedConfig(BaseModel):
             raise ConfigError.from_validation(type(self).__name__, e) from None
 
 
+# KvCacheConfig.dtype's values, as TensorRT-LLM spells them (kv_cache_dtype: how they meet
+# QuantConfig.kv_cache_quant_algo)
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")
+
+
 class KvCacheConfig(ValidatedConfig):
     """How much memory the paged KV cache takes, and how it is laid out and shared."""
 
@@ -74,7 +80,9 @@ class KvCacheConfig(ValidatedConfig):
         None, gt=0, description="cache capacity in tokens at most (None: by memory fraction only)")
     enable_block_reuse: bool = Field(True, description="share cached prompt prefixes between requests")
     tokens_per_block: int = Field(32, description="tokens per cache page: 16, 32, 64 or 128")
-    dtype: str = Field("auto", description='"auto": the model\'s activation dtype')
+    dtype: str = Field("auto", description='"auto": the model\'s activation dtype (or the quantized cache '
+                                           'QuantConfig.kv_cache_quant_algo names); "fp8" (e4m3) or "int8": '
+                                           'a quantized cache, twice the tokens in the same memory as 16-bit')
 
     @field_validator("tokens_per_block")
     @classmethod
@@ -88,10 +96,9 @@ class KvCacheConfig(ValidatedConfig):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v):
-        if v == "fp8":
-            raise ValueError('dtype "fp8": FP8 KV cache is not implemented yet; use "auto"')
-        if v != "auto":
-            raise ValueError(f'dtype must be "auto" (the model\'s dtype), got {v!r}')
+        if v not in KV_CACHE_DTYPES:
+            raise ValueError(f'dtype must be one of {", ".join(map(repr, KV_CACHE_DTYPES))} ("auto": the '
+                             f"model's dtype), got {v!r}")
         return v
 
 
@@ -173,6 +180,10 @@ class QuantAlgo(str, Enum):
     NO_QUANT = "NO_QUANT"
 
 
+# the weight algorithms implemented (online at load time, or read from an FP8 checkpoint)
+FP8_WEIGHT_ALGOS = (QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, QuantAlgo.FP8_BLOCK_SCALES)
+
+
 class QuantConfig(ValidatedConfig):
     """Which quantization the weights (quant_algo) and the KV cache (kv_cache_quant_algo) use.
 
@@ -184,9 +195,37 @@ class QuantConfig(ValidatedConfig):
     kv_cache_quant_algo: QuantAlgo | None = None
 
     def check_supported(self) -> None:
-        """Raise ValueError naming the field if it asks for quantization (none is implemented yet)."""
-        for field in ("quant_algo", "kv_cache_quant_algo"):
-            algo = getattr(self, field)
-            if algo not in (None, QuantAlgo.NO_QUANT):
-                raise ValueError(f"{field}={algo.value}: quantization is not implemented yet; "
-                                 "use an unquantized (bf16/fp16/fp32) checkpoint")
+        """Raise ValueError naming the field if it asks for quantization not implemented:
+        quant_algo may be one of FP8_WEIGHT_ALGOS (FP8 linears, docs/quantization.md), the
+        KV cache FP8 or INT8."""
+        if self.quant_algo not in (None, QuantAlgo.NO_QUANT, *FP8_WEIGHT_ALGOS):
+            raise ValueError(f"quant_algo={self.quant_algo.value}: not implemented; supported: "
+                             f"{', '.join(a.value for a in FP8_WEIGHT_ALGOS)}")
+        if self.kv_cache_quant_algo not in (None, QuantAlgo.NO_QUANT, *_KV_CACHE_ALGOS.values()):
+            raise ValueError(f"kv_cache_quant_algo={self.kv_cache_quant_algo.value}: a KV cache is quantized "
+                             "to FP8 or INT8 (or not: None / NO_QUANT)")
+
+    @property
+    def weight_algo(self) -> QuantAlgo | None:
+        """The weights' algorithm to apply at load time, None for none."""
+        return None if self.quant_algo in (None, QuantAlgo.NO_QUANT) else self.quant_algo
+
+
+_KV_CACHE_ALGOS = {"fp8": QuantAlgo.FP8, "int8": QuantAlgo.INT8}
+
+
+def kv_cache_dtype(kv_cache_config: KvCacheConfig, quant_config: QuantConfig | None) -> str:
+    """The KV cache's format, "auto" (the model's dtype), "fp8" or "int8", from both places
+    that may name it: KvCacheConfig.dtype and QuantConfig.kv_cache_quant_algo (e.g. read
+    from a checkpoint). Either alone selects it; if both name a quantization they must agree."""
+    dtype = kv_cache_config.dtype
+    algo = quant_config.kv_cache_quant_algo if quant_config is not None else None
+    if algo in (None, QuantAlgo.NO_QUANT):
+        return dtype
+    by_algo = next((name for name, a in _KV_CACHE_ALGOS.items() if a is algo), None)
+    if by_algo is None:
+        raise ValueError(f"QuantConfig.kv_cache_quant_algo={algo.value}: a KV cache is quantized to FP8 or INT8")
+    if dtype not in ("auto", by_algo):
+        raise ConfigError("KvCacheConfig", [("dtype", dtype, f"conflicts with QuantConfig.kv_cache_quant_algo="
+                                                             f"{algo.value}; set one, or the same in both")])
+    return by_algo

@@ -90,10 +90,10 @@ def run(batch, ctx, failures, splits=None, config=None):
     if not err < REL_TOL:
         failures.append(f"b{batch} ctx{ctx} traced: rel err {err:.2e}")
 
-    us_plain = per_layer_us(graphed_layers(args, LAYERS, lambda a, layer: pa.launch_paged_attention(*a, launch)),
+    us_plain = per_layer_us(graphed_layers(args, LAYERS, lambda a, layer: pa.launch_paged_attention(*a, launch=launch)),
                             LAYERS)
     replay = graphed_layers(args, LAYERS,
-                            lambda a, layer: pa.launch_paged_attention(*a, launch, trace=trace[layer]))
+                            lambda a, layer: pa.launch_paged_attention(*a, launch=launch, trace=trace[layer]))
     us_traced = per_layer_us(replay, LAYERS)
     trace.zero_()
     ms_read_flush(replay, reps=1)  # one flushed replay, its stamps kept

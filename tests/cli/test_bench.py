@@ -18,7 +18,7 @@ RESULT_KEYS = {"num_requests", "num_failed", "duration_s", "total_input_tokens",
 ENVIRONMENT_KEYS = {"device", "gpu", "gpu_memory_gib", "cuda", "cpu", "hostname", "python", "torch", "triton",
                     "transformers", "trtllm", "git_commit", "git_dirty"}
 OPTION_KEYS = {"model", "dtype", "seed", "max_batch_size", "max_num_tokens", "max_seq_len",
-               "kv_cache_free_gpu_memory_fraction", "kv_cache_max_tokens", "disable_overlap_scheduler",
+               "kv_cache_free_gpu_memory_fraction", "kv_cache_max_tokens", "kv_cache_dtype", "disable_overlap_scheduler",
                "temperature", "warmup", "report_json", "iteration_log", "profile", "profile_trace", "profile_steps"}
 
 
@@ -34,13 +34,28 @@ def _report(path) -> dict:
     assert ENVIRONMENT_KEYS <= set(cfg["environment"])
     assert OPTION_KEYS <= set(cfg["options"])
     assert set(res["startup_s"]) == {"load", "compile", "cuda_graph_capture", "other", "total"}
-    assert set(res["kv_pool"]) == {"blocks", "tokens_per_block", "tokens", "bytes", "gib"}
+    assert set(res["kv_pool"]) == {"blocks", "tokens_per_block", "tokens", "dtype", "bytes", "gib"}
     assert set(res["e2e_latency_ms"]) == LATENCY_KEYS
     assert {"model", "engine", "dataset", "concurrency", "streaming", "time"} <= set(cfg)
     assert res["num_failed"] == 0 and res["first_error"] is None
     assert res["kv_pool"]["blocks"] > 0 and res["startup_s"]["total"] > 0
     assert res["peak_gpu_memory_gib"] is None  # no GPU here
     return report
+
+
+@pytest.mark.filterwarnings("ignore:FP8 KV cache without k/v scales")
+def test_fp8_kv_cache(tmp_path, capsys):
+    """--kv_cache_dtype fp8: the report's KV pool is e4m3, half the bytes a token of the
+    demo model's bf16 cache."""
+    pools = {}
+    for dtype in ("auto", "fp8"):
+        report_file = tmp_path / f"{dtype}.json"
+        assert main(["--batch_size", "2", "--input_len", "8", "--output_len", "4", "--warmup", "0",
+                     "--kv_cache_max_tokens", "512", "--kv_cache_dtype", dtype, "--report_json", str(report_file)]) == 0
+        pools[dtype] = _report(report_file)["results"]["kv_pool"]
+    assert "(float8_e4m3fn)" in capsys.readouterr().out
+    assert (pools["auto"]["dtype"], pools["fp8"]["dtype"]) == ("bfloat16", "float8_e4m3fn")
+    assert pools["fp8"]["tokens"] == pools["auto"]["tokens"] and 2 * pools["fp8"]["bytes"] == pools["auto"]["bytes"]
 
 
 def test_flat_form_on_the_demo_model(tmp_path, capsys):

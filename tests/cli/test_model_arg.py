@@ -40,6 +40,40 @@ def test_presets_have_the_published_models_shapes(name, parameters):
     assert sum(p.numel() for p in model.parameters()) == parameters
 
 
+@pytest.mark.parametrize("name, parameters", [("qwen3-30b-a3b", 30_532_122_624), ("mixtral-8x7b", 46_702_792_704)])
+def test_moe_presets_have_the_published_models_shapes(name, parameters):
+    """30.5B and 46.7B, as Qwen and Mistral publish them (transformers' modules on meta)."""
+    import transformers
+    config = {k: v for k, v in PRESETS[name].items() if k not in ("model_type", "torch_dtype")}
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(PRESETS[name]["model_type"], **config))
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+@pytest.mark.parametrize("name, hf_class", [("tiny-qwen3-moe", "Qwen3MoeForCausalLM"),
+                                            ("tiny-mixtral", "MixtralForCausalLM")])
+def test_an_moe_preset_is_transformers_module_seeded_and_fused_by_llm(name, hf_class):
+    from trtllm.config import BuildConfig
+    from trtllm.runtime.llm import LLM
+    from trtllm.sampling_params import SamplingParams
+
+    a = build_preset(PRESETS[name], dtype="bfloat16", device="cpu", seed=1)
+    assert type(a).__name__ == hf_class and {p.dtype for p in a.parameters()} == {torch.bfloat16}
+    b = build_preset(PRESETS[name], dtype="bfloat16", device="cpu", seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    experts = a.model.layers[0].mlp.experts.gate_up_proj
+    assert abs(experts.float().std().item() - experts.shape[-1] ** -0.5) < 0.02  # fan-in scaled, not HF's init
+    spec = resolve_model(name)
+    with LLM(**spec.llm_kwargs(dtype="float32", device="cpu"),
+             build_config=BuildConfig(max_batch_size=2, max_num_tokens=16, max_seq_len=32)) as llm:
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
+                           use_tqdm=False)
+        summary = llm.compiled.summary()
+    assert len(out[0].outputs[0].token_ids) == 3
+    assert "trtllm.fused_moe" in summary and "left as captured" not in summary, summary
+
+
 def test_a_preset_is_built_in_its_dtype_tied_seeded_and_runs():
     config = dict(PRESETS["tiny-llama"], tie_word_embeddings=True)
     a = build_preset(config, dtype="bfloat16", device="cpu", seed=1)

@@ -86,7 +86,7 @@ def clone_caches(args):
 def run_both(args, launch=None):
     a_ref, a_tri = clone_caches(args), clone_caches(args)
     ref = paged_attention_ref(*a_ref)
-    out = launch_paged_attention(*a_tri, launch)
+    out = launch_paged_attention(*a_tri, launch=launch)
     torch.testing.assert_close(a_tri[3], a_ref[3], atol=0, rtol=0, equal_nan=True)  # cache write
     torch.testing.assert_close(a_tri[4], a_ref[4], atol=0, rtol=0, equal_nan=True)
     return out, ref
@@ -220,7 +220,7 @@ def test_cluster_merge_is_gpu_only():
     assert choose_launch(args[0], args[3], *args[13:]) == decode_launch(2, False, 32, 2)  # the ticket merge
     check(args, decode_launch(2, False, 32, 2))
     with pytest.raises(ValueError, match="sm_90"):
-        launch_paged_attention(*clone_caches(args), decode_launch(2, True, 32, 2))
+        launch_paged_attention(*clone_caches(args), launch=decode_launch(2, True, 32, 2))
 
 
 def test_impossible_launches_are_refused():
@@ -228,12 +228,12 @@ def test_impossible_launches_are_refused():
     args, _ = make_batch([(20, 3), (6, 1)], 4, 2, 16, 16, torch.float32)
     assert isinstance(choose_launch(args[0], args[3], *args[13:]), PrefillLaunch)
     with pytest.raises(ValueError, match="max_query_len == 1"):
-        launch_paged_attention(*clone_caches(args), DecodeLaunch(1, False, 16, 4, 1))
+        launch_paged_attention(*clone_caches(args), launch=DecodeLaunch(1, False, 16, 4, 1))
     with pytest.raises(ValueError, match="decode kernel only"):
         launch_paged_attention(*clone_caches(args), trace=torch.zeros(64, dtype=torch.int64))
     args, _ = make_batch([(20, 1), (6, 1)], 4, 2, 16, 16, torch.float32)
     with pytest.raises(ValueError, match="splits >= 1"):
-        launch_paged_attention(*clone_caches(args), DecodeLaunch(0, False, 16, 4, 1))
+        launch_paged_attention(*clone_caches(args), launch=DecodeLaunch(0, False, 16, 4, 1))
     check(args, PrefillLaunch(16, 16, 4, 1))  # a decode batch through the prefill kernel
 
 

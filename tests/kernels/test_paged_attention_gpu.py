@@ -38,7 +38,7 @@ def test_cluster_merge_matches_reference_and_ticket(dtype, window, hq, hkv, d, b
     ticket, _ = check(args, decode_launch(2, False, d, args[0].element_size()))
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(out, ticket, atol=atol, rtol=rtol)
-    again = launch_paged_attention(*clone_caches(args), cluster)
+    again = launch_paged_attention(*clone_caches(args), launch=cluster)
     torch.testing.assert_close(again, out, atol=0, rtol=0)  # no state carried between launches
 
 
@@ -64,9 +64,9 @@ def test_cluster_merge_padding_unused_rows_and_graph_replay():
     out, ref = check(tuple(a), cluster)
     assert out[-5:].abs().sum() == 0 and out[:2].abs().sum() > 0
     graph, caches = torch.cuda.CUDAGraph(), clone_caches(a)
-    launch_paged_attention(*caches, cluster)  # compiled before capture
+    launch_paged_attention(*caches, launch=cluster)  # compiled before capture
     with torch.cuda.graph(graph):
-        replayed = launch_paged_attention(*caches, cluster)
+        replayed = launch_paged_attention(*caches, launch=cluster)
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()

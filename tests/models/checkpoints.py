@@ -99,6 +99,29 @@ HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
                 dict(num_key_value_heads=2, attention_multiplier=0.3, residual_multiplier=0.5,
                      embedding_multiplier=2.0, logits_scaling=4.0)),
     "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM, dict(num_key_value_heads=2)),
+    # MoE: 4 experts, top-2; passes/fuse_moe.py replaces each block by moe_routing + fused_moe
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                     sliding_window=None)),
+    # a shared expert with its sigmoid gate; weights not renormalised (Qwen1.5-MoE's default)
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+                  dict(num_key_value_heads=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                       num_experts=4, num_experts_per_tok=2, norm_topk_prob=False)),
+    # renormalised top-k (Qwen3-30B-A3B's norm_topk_prob), QK-norm; layer 0 dense (mlp_only_layers)
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  dict(num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                       num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0])),
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
+              dict(num_key_value_heads=2, intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
+    # multi-head latent attention (K 24 wide, V 16): refused by name until MLA is built
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM,
+                    dict(num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                         num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=32,
+                         q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)),
+    "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM,
+                    dict(num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                         num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
+                         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)),
 }
 GEMMA_FAMILIES, PHI3_FAMILIES, HF_MODULE_FAMILIES = (
     {name: (config, model, {**_IDS, **kwargs}) for name, (config, model, kwargs) in families.items()}

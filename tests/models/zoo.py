@@ -133,10 +133,54 @@ class WindowedRMSNormLM(nn.Module):
         return 0.5 * self.head(self.rms(x, -1))  # [B, S, V]
 
 
+class MoELM(nn.Module):
+    """Pre-norm blocks whose MLP is a mixture of experts written the obvious way: a router
+    linear, softmax, top-2 of 4, renormalised, a loop over the experts (SwiGLU) with
+    index_add_. passes/fuse_moe.py turns each into moe_routing + fused_moe."""
+
+    def __init__(self, vocab_size: int, dim: int = 64, heads: int = 4, layers: int = 2, experts: int = 4,
+                 inter: int = 32, top_k: int = 2):
+        super().__init__()
+        self.heads, self.head_dim, self.top_k = heads, dim // heads, top_k
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.norms = nn.ModuleList(nn.RMSNorm(dim, eps=1e-6) for _ in range(2 * layers + 1))
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim, bias=False) for _ in range(layers))
+        self.o = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(layers))
+        self.router = nn.ModuleList(nn.Linear(dim, experts, bias=False) for _ in range(layers))
+        self.experts = nn.ModuleList(nn.ModuleList(nn.ModuleDict(dict(
+            gate=nn.Linear(dim, inter, bias=False), up=nn.Linear(dim, inter, bias=False),
+            down=nn.Linear(inter, dim, bias=False))) for _ in range(experts)) for _ in range(layers))
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+
+    def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, D]
+        w, ids = torch.topk(F.softmax(self.router[i](x), dim=-1), self.top_k, dim=-1)  # [T, k]
+        w = w / w.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts[i]):
+            tok, j = torch.where(ids == e)
+            h = expert["down"](F.silu(expert["gate"](x[tok])) * expert["up"](x[tok]))
+            out.index_add_(0, tok, h * w[tok, j, None])
+        return out.view(shape)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)  # [B, S, D]
+        B, S, D = x.shape
+        for i in range(len(self.qkv)):
+            q, k, v = self.qkv[i](self.norms[2 * i](x)).view(B, S, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = rope(q, positions, self.head_dim), rope(k, positions, self.head_dim)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, hd]
+            x = x + self.o[i](a.transpose(1, 2).reshape(B, S, D))
+            x = x + self.moe(i, self.norms[2 * i + 1](x))
+        return self.head(self.norms[-1](x))  # [B, S, V]
+
+
 ZOO = {
     "parallel_block": ParallelBlockLM,
     "post_norm_learned_positions": PostNormLearnedPositionsLM,
     "windowed_rms_norm": WindowedRMSNormLM,
+    "moe": MoELM,
 }
 
 

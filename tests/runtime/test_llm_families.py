@@ -17,6 +17,7 @@ from trtllm.sampling_params import SamplingParams
 PROMPTS = [[5, 17, 99, 3, 250, 31, 8], [400, 3], list(range(60, 81)), [9]]
 NEW = 8
 RUN = ["phi", "gpt2", "gpt_neox", "stablelm", "starcoder2", "olmo2", "granite", "cohere"]
+MOE = {"mixtral": 2, "qwen2_moe": 2, "qwen3_moe": 1, "olmoe": 2}  # family -> MoE layers (of 2)
 OWN_FILE = {"gemma": "gemma.GemmaForCausalLM", "gemma2": "gemma.GemmaForCausalLM", "gemma3": "gemma.GemmaForCausalLM",
             "gemma2_softcap": "gemma.GemmaForCausalLM", "phi3": "phi3.Phi3ForCausalLM", "phi3_partial": "phi3.Phi3ForCausalLM"}
 
@@ -60,6 +61,51 @@ def test_greedy_matches_hf_generate(family, tmp_path_factory):
         check_greedy(engine, expected)
 
 
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_moe_greedy_matches_hf_generate_with_the_blocks_fused(family, tmp_path_factory):
+    """HF's MoE modules under fuse_moe: every block (in every compiled graph) becomes
+    moe_routing + fused_moe, and the tokens are HF's."""
+    path = checkpoint(family, tmp_path_factory)
+    expected, hf_class = hf_greedy(path)
+    with llm(path) as engine:
+        check_greedy(engine, expected)
+        summary = engine.compiled.summary()
+        graphs = len(engine.compiled.graphs)
+    assert f"HF module {hf_class}" in summary, summary
+    assert f"trtllm.fused_moe: {MOE[family] * graphs}" in summary, summary
+    assert f"trtllm.moe_routing: {MOE[family] * graphs}" in summary, summary
+    assert "left as captured" not in summary, summary
+
+
+def test_an_fp8_moe_checkpoint_has_fp8_linears_and_its_blocks_fused(tmp_path_factory):
+    """QuantConfig FP8 with an MoE family: the attention and dense-MLP linears become FP8 GEMMs,
+    each MoE block still becomes moe_routing + fused_moe (experts in the model dtype: FP8
+    experts are not built yet)."""
+    from trtllm.config import QuantConfig
+    path = checkpoint("qwen3_moe", tmp_path_factory)
+    with LLM(str(path), dtype="bfloat16", quant_config=QuantConfig(quant_algo="FP8"),
+             build_config=BuildConfig(max_batch_size=2, max_num_tokens=16, max_seq_len=64)) as engine:
+        out = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                              use_tqdm=False)
+        summary, graphs = engine.compiled.summary(), len(engine.compiled.graphs)
+    assert out[0].outputs[0].finish_reason == "length"
+    assert f"trtllm.fused_moe: {MOE['qwen3_moe'] * graphs}" in summary and "trtllm.fp8_gemm" in summary, summary
+    assert "left as captured" not in summary, summary
+
+
+def test_an_hf_moe_module_with_eager_experts_is_served_fused(tmp_path_factory):
+    """HF's eager experts (a loop over nonzero hits, no single graph) are switched to batched_mm,
+    which fuse_moe replaces like the default grouped_mm."""
+    path = checkpoint("qwen3_moe", tmp_path_factory)
+    expected, _ = hf_greedy(path)
+    module = load_hf_module(path, torch.float32, torch.device("cpu"))
+    module.set_experts_implementation("eager")
+    with llm(module, tokenizer=str(path)) as engine:
+        check_greedy(engine, expected)
+        summary = engine.compiled.summary()
+    assert "trtllm.fused_moe" in summary and "left as captured" not in summary, summary
+
+
 @pytest.mark.parametrize("family", sorted(OWN_FILE))
 def test_greedy_of_our_model_file_matches_hf_generate(family, tmp_path_factory):
     path = checkpoint(family, tmp_path_factory)
@@ -87,6 +133,9 @@ def test_the_hf_module_path_still_runs_a_family_we_have_a_file_for(family, hf_cl
     ("gptj", CompileError, "GPTJForCausalLM is refused: its attention does not go through HF's AttentionInterface"),
     ("falcon", CompileError, "FalconForCausalLM is refused: its attention does not go through"),
     ("gpt_oss", CompileError, r"attention layer 0 \(GptOssAttention\): the attention argument 's_aux'"),
+    ("deepseek_v3", CompileError, r"attention layer 0 \(DeepseekV3Attention\): values 16 wide but keys 24 "
+                                  r"\(multi-head latent attention"),
+    ("deepseek_v2", CompileError, r"attention layer 0 \(DeepseekV2Attention\): values 16 wide but keys 24"),
 ])
 def test_a_family_that_cannot_run_is_refused_by_name(family, error, why, tmp_path_factory):
     path = checkpoint(family, tmp_path_factory)

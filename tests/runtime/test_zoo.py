@@ -15,6 +15,7 @@ from trtllm.sampling_params import SamplingParams
 VOCAB = 128
 PROMPTS = [[5, 17, 99, 3, 50, 31, 8], [100, 3], list(range(60, 81)), [9]]
 NEW = 8
+MOE_LAYERS = {"moe": 2}  # zoo model -> MoE blocks fuse_moe must fuse in every compiled graph
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="needs a CUDA GPU with compiled Triton (TRITON_INTERPRET=0)")
@@ -36,6 +37,10 @@ def check(name: str, device: str, prompts: list[list[int]], **build):
             outs = llm.generate(prompts, params, use_tqdm=False)
             assert all(o.outputs[0].finish_reason == "length" for o in outs), [o.outputs[0].error for o in outs]
             assert [o.outputs[0].token_ids for o in outs] == expected
+        if name in MOE_LAYERS:
+            summary, graphs = llm.compiled.summary(), len(llm.compiled.graphs)
+            assert f"trtllm.fused_moe: {MOE_LAYERS[name] * graphs}" in summary, summary
+            assert "left as captured" not in summary, summary
         if any(len(p) >= 16 for p in prompts):  # a full block to find in the cache
             assert llm.engine_stats().prefix_hit_rate > 0
 

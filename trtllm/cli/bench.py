@@ -4,6 +4,7 @@
                  [--input_stdev S] [--output_stdev S] [--seed 0] [--output FILE.jsonl]
     trtllm-bench --model NAME_OR_DIR throughput --dataset FILE.jsonl [--num_requests N] [--concurrency N]
                  [--streaming] [--max_batch_size N] [--max_num_tokens N] [--kv_cache_free_gpu_memory_fraction F]
+                 [--kv_cache_dtype auto|fp8|int8] [--quantization FP8|FP8_PER_CHANNEL_PER_TOKEN|FP8_BLOCK_SCALES]
                  [--warmup N] [--report_json FILE] [--iteration_log FILE] [--profile]
     trtllm-bench --model NAME_OR_DIR latency --dataset FILE.jsonl [...]      one request at a time, streamed
     trtllm-bench --model NAME_OR_DIR --batch_size 8 --input_len 128 --output_len 128 [--profile]
@@ -51,6 +52,11 @@ def _run_options(parser, suppress: bool) -> None:
     _add(parser, "--kv_cache_free_gpu_memory_fraction", type=float, default=d(None),
          help="fraction of free GPU memory for the KV cache (default 0.9)")
     _add(parser, "--kv_cache_max_tokens", type=int, default=d(None), help="KV-cache capacity in tokens at most")
+    _add(parser, "--kv_cache_dtype", choices=["auto", "fp8", "int8"], default=d(None),
+         help="KV-cache element: auto (the model's dtype, default), fp8 (e4m3) or int8 (KvCacheConfig.dtype)")
+    _add(parser, "--quantization", default=d(None),
+         help="quantize the weights as they load (QuantConfig.quant_algo: FP8, FP8_PER_CHANNEL_PER_TOKEN, "
+              "FP8_BLOCK_SCALES; TensorRT-LLM's QuantAlgo names); an FP8 checkpoint needs none")
     _add(parser, "--disable_overlap_scheduler", action="store_true", default=d(False),
          help="wait for each decode step before launching the next")
     _add(parser, "--temperature", type=float, default=d(0.0), help="0 = greedy (default)")
@@ -187,7 +193,7 @@ def _engine_configs(args, requests, spec, default_batch: int):
     if args.max_num_tokens is not None:
         build["max_num_tokens"] = args.max_num_tokens
     kv = {k: v for k, v in (("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction),
-                            ("max_tokens", args.kv_cache_max_tokens)) if v is not None}
+                            ("max_tokens", args.kv_cache_max_tokens), ("dtype", args.kv_cache_dtype)) if v is not None}
     try:
         return BuildConfig(**build), KvCacheConfig(**kv)
     except ConfigError as e:
@@ -225,14 +231,18 @@ def _bench(args) -> int:
 
 
 def _build_llm(args, spec, build, kv):
+    from trtllm.config import ConfigError, QuantConfig
     from trtllm.runtime.llm import LLM
 
     started = time.perf_counter()
     try:
         kwargs = spec.llm_kwargs(args.dtype, seed=args.seed)
         load_s = time.perf_counter() - started  # a preset's weights, a module loaded here (else: in LLM)
-        return LLM(**kwargs, build_config=build, kv_cache_config=kv,
+        quant = QuantConfig(quant_algo=args.quantization) if args.quantization else None
+        return LLM(**kwargs, build_config=build, kv_cache_config=kv, quant_config=quant,
                    disable_overlap_scheduler=args.disable_overlap_scheduler), load_s
+    except ConfigError as e:
+        raise BenchError(f"bad option: {'; '.join(str(e).splitlines())}") from None
     except (ValueError, OSError) as e:
         raise BenchError(f"cannot build the engine: {e}") from None
 

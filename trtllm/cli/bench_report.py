@@ -74,6 +74,7 @@ def run_config(llm, args, model: dict, requests, mode: dict, build) -> dict:
         "streaming": mode["streaming"], "temperature": args.temperature,
         "engine": {**build.model_dump(), **vars(llm.engine.limits),
                    "dtype": str(llm.compiled.attention.dtype).removeprefix("torch."),
+                   "quantization": args.quantization,
                    "kv_cache": {"free_gpu_memory_fraction": args.kv_cache_free_gpu_memory_fraction,
                                 "max_tokens": args.kv_cache_max_tokens, "tokens_per_block": bm.block_size,
                                 "enable_block_reuse": bm.enable_block_reuse},
@@ -105,17 +106,16 @@ def engine_figures(llm, records: list[StepRecord], before: dict) -> dict:
     (`counters(llm)`)."""
     import torch
 
-    from trtllm.runtime.kv_budget import bytes_per_block
-
     now = counters(llm)
     queried = now["prefix_queried_tokens"] - before["prefix_queried_tokens"]
     hits = now["prefix_hit_tokens"] - before["prefix_hit_tokens"]
     bm = llm.block_manager
-    pool_bytes = bm.num_blocks * bytes_per_block(llm.compiled, bm.block_size)
+    cache = llm.engine.runner.cache
+    pool_bytes = cache.nbytes  # an FP8 / INT8 cache: half a 16-bit one's bytes a token
     cuda = torch.cuda.is_available()
     return {
         "kv_pool": {"blocks": bm.num_blocks, "tokens_per_block": bm.block_size, "tokens": bm.num_blocks * bm.block_size,
-                    "bytes": pool_bytes, "gib": pool_bytes / GIB},
+                    "dtype": str(cache.k.dtype).removeprefix("torch."), "bytes": pool_bytes, "gib": pool_bytes / GIB},
         "max_concurrent_requests": max((r.stats.num_running for r in records), default=0),
         "prefix_hit_rate": hits / queried if queried else 0.0,
         "num_preemptions": now["num_preemptions"] - before["num_preemptions"],
@@ -175,9 +175,10 @@ def format_table(report: dict) -> str:
              f"  device                {env['gpu'] or 'CPU'} (torch {env['torch']}, commit "
              f"{(env['git_commit'] or 'unknown')[:12]}{'+changes' if env['git_dirty'] else ''})",
              f"  engine                max_batch_size {engine['max_batch_size']}, max_num_tokens "
-             f"{engine['max_num_tokens']}, max_seq_len {engine['max_seq_len']}, dtype {engine['dtype']}",
+             f"{engine['max_num_tokens']}, max_seq_len {engine['max_seq_len']}, dtype {engine['dtype']}"
+             + (f", weights {engine['quantization']}" if engine.get("quantization") else ""),
              f"  KV pool               {kv['blocks']:,} blocks x {kv['tokens_per_block']} tokens = "
-             f"{kv['tokens']:,} tokens, {kv['gib']:.2f} GiB",
+             f"{kv['tokens']:,} tokens ({kv['dtype']}), {kv['gib']:.2f} GiB",
              f"  startup               {start['total']:.1f} s: load {start['load']:.1f}, compile "
              f"{start['compile']:.1f}, CUDA-graph capture {start['cuda_graph_capture']:.1f}, other "
              f"{start['other']:.1f} (compiled after startup: {res['compile_after_startup_s']:.1f} s, "

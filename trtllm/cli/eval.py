@@ -43,6 +43,8 @@ def _engine_options(ap: argparse.ArgumentParser, default=None) -> None:
     ap.add_argument("--max_seq_len", type=int, default=d(None), help="default: the model's max_position_embeddings")
     ap.add_argument("--max_input_len", type=int, default=d(None), help="default: max_seq_len, at most 4096")
     ap.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=d(0.9))
+    ap.add_argument("--kv_cache_dtype", choices=["auto", "fp8", "int8"], default=d("auto"),
+                    help="KV-cache element: auto (the model's dtype), fp8 (e4m3) or int8")
     ap.add_argument("--report_json", default=d(None), help="write every figure and the configuration here")
     ap.add_argument("--no_progress", action="store_true", default=d(False), help="no progress bars")
 
@@ -215,7 +217,7 @@ def _run(args) -> int:
     build = BuildConfig(max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
                         max_seq_len=args.max_seq_len,
                         **({"max_input_len": args.max_input_len} if args.max_input_len else {}))
-    kv = KvCacheConfig(free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
+    kv = KvCacheConfig(free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction, dtype=args.kv_cache_dtype)
     quant = QuantConfig(quant_algo=args.quant) if args.quant else None
     from trtllm.eval.report import environment, table, write_json
     from trtllm.eval.scorer import Scorer
@@ -235,8 +237,10 @@ def _run(args) -> int:
                   entries=inputs.get("entries"),
                   engine={"max_seq_len": limits.max_seq_len, "max_input_len": limits.max_input_len,
                           "max_num_seqs": limits.max_num_seqs, "max_num_tokens": limits.max_num_tokens,
-                          "dtype": str(llm.compiled.attention.dtype).removeprefix("torch.")})
-    print(f"trtllm-eval {args.task} on {args.model} ({config['engine']['dtype']}): "
+                          "dtype": str(llm.compiled.attention.dtype).removeprefix("torch."),
+                          "kv_cache_dtype": str(llm.engine.runner.cache.k.dtype).removeprefix("torch.")})
+    kv_note = "" if args.kv_cache_dtype == "auto" else f", {config['engine']['kv_cache_dtype']} KV cache"
+    print(f"trtllm-eval {args.task} on {args.model} ({config['engine']['dtype']}{kv_note}): "
           f"{finished - built:.1f} s (engine built in {built - started:.1f} s)")
     print(table(results))
     if args.report_json:

@@ -9,8 +9,10 @@
 NAME_OR_DIR is, in this order: "demo" (the built-in demo model, trtllm/demo.py); an
 existing directory (an HF checkpoint, loaded as `LLM(model=dir)` loads it); or a preset
 of PRESETS: a real model's config.json values, built by our own model file
-(trtllm/models/llama.py) with random weights in the requested dtype on the device, so it
-runs at real shapes with nothing downloaded (its tokens are noise; there is no tokenizer).
+(trtllm/models/llama.py), or for a family we have no file for (the MoE presets: Qwen3-MoE,
+Mixtral) by transformers' module as `LLM(model=dir)` would load it, with random weights in
+the requested dtype on the device, so it runs at real shapes with nothing downloaded (its
+tokens are noise; there is no tokenizer).
 Anything else is an `UnknownModel` error: one that looks like a path says the directory
 does not exist; a name lists the presets. Nothing here imports torch until a model is built.
 """
@@ -49,9 +51,27 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
         use_sliding_window=False, sliding_window=None, bos_token_id=151643, eos_token_id=151645,
         torch_dtype="bfloat16"),
+    # MoE (transformers' modules; passes/fuse_moe.py fuses their blocks). 30.5B / 46.7B parameters.
+    "qwen3-30b-a3b": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+        intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=40960, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, tie_word_embeddings=False, use_sliding_window=False, sliding_window=None,
+        bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+    "mixtral-8x7b": dict(
+        architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096,
+        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        torch_dtype="bfloat16"),
     # tiny shapes, fp32: for tests and trying the commands on a CPU in seconds
     "tiny-llama": dict(_TINY, architectures=["LlamaForCausalLM"], model_type="llama", head_dim=16),
     "tiny-qwen3": dict(_TINY, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32),
+    "tiny-qwen3-moe": dict(_TINY, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", head_dim=16,
+                           moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+    "tiny-mixtral": dict(_TINY, architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=32,
+                         num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
 }
 
 
@@ -134,22 +154,28 @@ def _read_config(path: Path) -> dict:
 
 
 def build_preset(config: dict, dtype: str = "auto", device=None, seed: int = 0):
-    """Our Llama-family module for `config` with random weights (norm weights ~1, matrices
-    ~N(0, 1/fan_in), as bench/bench_e2e.py), made directly in `dtype` on `device` (cuda
-    if there is one): no fp32 copy, no host round trip."""
+    """The model for `config` with random weights (norm weights ~1, matrices ~N(0, 1/fan_in),
+    as bench/bench_e2e.py; fan_in = the last dim, also for 3-D expert weights), made directly
+    in `dtype` on `device` (cuda if there is one): no fp32 copy, no host round trip. Our
+    Llama-family module where loader.ARCHITECTURES names our file, else transformers' module."""
     import torch
 
     from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
+    from trtllm.models.loader import ARCHITECTURES
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     key = config.get("torch_dtype", "float32") if dtype == "auto" else dtype
     if key not in dtypes:
         raise ValueError(f"dtype must be one of auto, {', '.join(dtypes)}; got {dtype!r}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig.from_hf(config)).to(dtypes[key])
-    model.to_empty(device=device)
-    model.tie_weights()
+    ours = ARCHITECTURES.get((config.get("architectures") or [None])[0]) is LlamaForCausalLM
+    if ours:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig.from_hf(config)).to(dtypes[key])
+        model.to_empty(device=device)
+        model.tie_weights()
+    else:
+        model = _hf_module(config, dtypes[key], device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -157,5 +183,18 @@ def build_preset(config: dict, dtype: str = "auto", device=None, seed: int = 0):
                 p.normal_(1.0, 0.05, generator=generator)
             else:
                 p.normal_(0.0, p.shape[-1] ** -0.5, generator=generator)
-    model.init_buffers(device)
+    if ours:
+        model.init_buffers(device)
     return model.eval().requires_grad_(False)
+
+
+def _hf_module(config: dict, dtype, device):
+    """transformers' *ForCausalLM for `config`, built on `device` in `dtype` (its rotary
+    buffers computed there; the weights are overwritten by the caller)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype")}
+    hf_config = AutoConfig.for_model(config["model_type"], **values)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="eager")

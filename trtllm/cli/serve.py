@@ -1,7 +1,8 @@
 """`trtllm-serve`: an OpenAI-compatible HTTP server on a checkpoint (see docs/serve.md).
 
     trtllm-serve MODEL_DIR --host 127.0.0.1 --port 8000 [--max_batch_size N] [--max_num_tokens N]
-                 [--kv_cache_free_gpu_memory_fraction F] [--api-key KEY] [--served-model-name NAME]
+                 [--kv_cache_free_gpu_memory_fraction F] [--kv_cache_dtype auto|fp8|int8] [--api-key KEY]
+                 [--served-model-name NAME]
 
 With no MODEL_DIR it serves the built-in demo model. The engine runs in a process of its
 own (trtllm/runtime/engine_core.py), so HTTP and SSE work never delays a GPU step. The
@@ -40,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     default=None, help="fraction of free GPU memory for the KV cache")
     ap.add_argument("--kv_cache_max_tokens", "--kv-cache-max-tokens", type=int, default=None,
                     help="KV-cache capacity in tokens at most")
+    ap.add_argument("--kv_cache_dtype", "--kv-cache-dtype", choices=["auto", "fp8", "int8"], default=None,
+                    help="KV-cache element: auto (the model's dtype, default), fp8 (e4m3) or int8")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     ap.add_argument("--tp_size", "--tp-size", type=int, default=1,
                     help="tensor-parallel ranks on this node (one process, and GPU, each; default 1)")
@@ -74,7 +77,7 @@ def engine_options(args: argparse.Namespace) -> dict:
     build = {k: v for k, v in (("max_batch_size", args.max_batch_size), ("max_num_tokens", args.max_num_tokens),
                                ("max_seq_len", args.max_seq_len)) if v is not None}
     kv = {k: v for k, v in (("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction),
-                            ("max_tokens", args.kv_cache_max_tokens)) if v is not None}
+                            ("max_tokens", args.kv_cache_max_tokens), ("dtype", args.kv_cache_dtype)) if v is not None}
     return dict(dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv),
                 stream_interval=args.stream_interval, disable_overlap_scheduler=args.disable_overlap_scheduler,
                 tensor_parallel_size=args.tp_size)

@@ -96,8 +96,9 @@ class GemmaConfig:
         if act not in _GELUS:
             raise ValueError(f"activation {act!r} is not supported (supported: {sorted(_GELUS)})")
         if d.get("quantization_config"):
-            raise ValueError("quantization_config is set: pre-quantized checkpoints are not supported "
-                             "by trtllm.models.gemma (quantize with trtllm's QuantConfig instead)")
+            raise ValueError("quantization_config is set: trtllm.models.gemma builds unquantized layers; load a "
+                             "pre-quantized checkpoint with trtllm.load_model or LLM(model=path), which read its "
+                             "layout (trtllm/quantization, docs/quantization.md)")
         if d.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention=True is not supported (trtllm runs causal decoders)")
 

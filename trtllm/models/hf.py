@@ -30,7 +30,7 @@ from trtllm.models.attention import causal_attention
 # Arguments HF passes through to every attention function that do not change the
 # attention itself (they serve HF's own kv cache and flash-attention varlen paths).
 _PASSED_THROUGH = {"position_ids", "use_cache", "cache_position", "output_attentions", "past_key_value",
-                   "past_key_values", "layer_idx"}
+                   "past_key_values", "layer_idx", "output_router_logits"}
 
 
 class UnsupportedAttention(ValueError):
@@ -74,6 +74,10 @@ def trtllm_attention(module, query, key, value, attention_mask, scaling=None, dr
     """HF attention-interface function: query [B, Hq, S, D], key/value [B, Hkv, S, D]."""
     if not torch.compiler.is_compiling():  # compile()'s probe ran this eagerly first
         refused = unhonoured(attention_mask, dropout, sliding_window, softcap, kwargs)
+        if key.shape[-1] != value.shape[-1]:  # DeepSeek-V2/V3's MLA expanded: K 192 wide, V 128
+            refused.append(f"values {value.shape[-1]} wide but keys {key.shape[-1]} (multi-head latent attention "
+                           "as DeepSeek-V2/V3 has it: the paged cache holds K and V of one head_dim; MLA is not "
+                           "supported yet)")
         layer = getattr(module, "layer_idx", None)
         if _recording is not None:
             cap = float(softcap) if isinstance(softcap, (int, float)) else 0.0  # a bad one is refused
@@ -94,6 +98,11 @@ class HFCausalLM(nn.Module):
     def __init__(self, model: PreTrainedModel):
         super().__init__()
         model.set_attn_implementation("trtllm")
+        if getattr(model.config, "_experts_implementation", None) == "eager" and model._can_set_experts_implementation():
+            # HF's eager experts loop over `nonzero(...)` hits: dynamo cannot capture that in one
+            # graph (fullgraph). batched_mm computes the same experts in one graph, which
+            # passes/fuse_moe.py then replaces (HF's default, grouped_mm, is captured as it is).
+            model.set_experts_implementation("batched_mm")
         self.model = model
         self.config = model.config
 

@@ -80,8 +80,9 @@ class LlamaConfig:
         if act not in ("silu", "swish"):
             raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
         if d.get("quantization_config"):
-            raise ValueError("quantization_config is set: pre-quantized checkpoints are not supported "
-                             "by trtllm.models.llama (quantize with trtllm's QuantConfig instead)")
+            raise ValueError("quantization_config is set: trtllm.models.llama builds unquantized layers; load a "
+                             "pre-quantized checkpoint with trtllm.load_model or LLM(model=path), which read its "
+                             "layout (trtllm/quantization, docs/quantization.md)")
         heads = d["num_attention_heads"]
         n_layers = d["num_hidden_layers"]
         theta, scaling = rope_from_hf(d)

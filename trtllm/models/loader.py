@@ -1,7 +1,7 @@
 """Load a local HF checkpoint directory: into one of our model modules where
 ARCHITECTURES names one, else into the HF module transformers builds for it.
 
-    load_model(path, dtype=None, device=None) -> nn.Module
+    load_model(path, dtype=None, device=None, quant_algo=None) -> nn.Module
 
 The model is built on the meta device (no memory), then every tensor is streamed in,
 shard by shard, with `safetensors.safe_open`: read, cast, moved to the device and
@@ -10,7 +10,11 @@ held twice. Checkpoint names map to parameter names by identity (our model files
 HF's module names). Any other decoder-only causal LM transformers can build (without
 `trust_remote_code`) is loaded as its HF module by models/hf.py's `load_hf_module`,
 which `trtllm.compile` runs under our attention interface; a family whose attention
-does not go through that interface is refused by name. Pickle checkpoints (`pytorch_model*.bin`, `*.pt`) are never
+does not go through that interface is refused by name. FP8 checkpoints (the layouts of
+trtllm/quantization/checkpoint.py) and `quant_algo` (online FP8 quantization, one weight
+at a time as it streams in) leave the quantized linears' FP8 weights and scales in the
+description `trtllm.quantization.fp8_linears_of(model)` (the model's own weights for those
+layers are placeholders; passes/quantize_linears.py places the FP8 GEMMs). Pickle checkpoints (`pytorch_model*.bin`, `*.pt`) are never
 unpickled: loading one could run arbitrary code.
 """
 
@@ -31,6 +35,15 @@ from trtllm.models.gemma import GemmaForCausalLM
 from trtllm.models.llama import LlamaForCausalLM
 from trtllm.models.phi3 import Phi3ForCausalLM
 from trtllm.parallel.tensor_parallel import unloaded
+from trtllm.quantization.checkpoint import Fp8CheckpointTensors, checkpoint_layout, is_quantization_tensor
+from trtllm.quantization.fp8_linears import (
+    ONLINE_ALGOS,
+    Fp8Linears,
+    placeholder_weight,
+    quantizable_linears,
+    quantize_model,
+    quantize_weight,
+)
 
 # config.json "architectures"[0] -> model class. Add a line per supported architecture.
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -57,12 +70,15 @@ _PROGRESS_BYTES = 1 << 30  # show a progress bar above 1 GB of weights
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None, progress: bool | None = None,
-               leave_unloaded: Callable[[str], bool] | None = None) -> nn.Module:
+               quant_algo=None, leave_unloaded: Callable[[str], bool] | None = None) -> nn.Module:
     """Build the model of `path`/config.json and stream its safetensors weights in.
 
     dtype: None = the config's `dtype` / `torch_dtype` (float32 if absent), else
-    bf16/fp16/fp32 as torch.dtype or string. device: None = cuda if available else cpu.
-    progress: None = a tqdm bar only for checkpoints over 1 GB.
+    bf16/fp16/fp32 as torch.dtype or string (for an FP8 checkpoint: the unquantized
+    tensors' dtype). device: None = cuda if available else cpu. progress: None = a tqdm
+    bar only for checkpoints over 1 GB. quant_algo: a QuantAlgo of ONLINE_ALGOS (FP8,
+    FP8_PER_CHANNEL_PER_TOKEN, FP8_BLOCK_SCALES) quantizes every linear but the LM head
+    as it loads; refused for an already quantized checkpoint.
     leave_unloaded: names of tensors not to read (a tensor-parallel rank reads only its slices
     of those, later): each is a stand-in of its shape that holds no memory.
     """
@@ -70,18 +86,37 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
     hf_config = _read_config(path)
+    layout = checkpoint_layout(path, hf_config)  # None: not quantized; an unsupported one raises
+    if quant_algo is not None and quant_algo not in ONLINE_ALGOS:
+        quantize_weight(torch.zeros(1, 1), quant_algo)  # raises, naming what is supported
+    if layout is not None and quant_algo is not None:
+        raise ValueError(f"{path} is a pre-quantized {layout.describe()}; QuantConfig(quant_algo="
+                         f"{getattr(quant_algo, 'value', quant_algo)}) would quantize it again: leave quant_algo "
+                         "unset to load it as it is")
     dtype = _resolve_dtype(dtype, hf_config)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     files = _weight_files(path)
     model_cls = ARCHITECTURES.get((hf_config.get("architectures") or [None])[0])
     if model_cls is None:  # no model file of ours: the HF module (imported here: transformers is slow to load)
+        if layout is not None:
+            raise ValueError(f"{path}: pre-quantized checkpoints load into trtllm's own model files only "
+                             f"({', '.join(sorted(ARCHITECTURES))}); "
+                             f"{(hf_config.get('architectures') or ['?'])[0]} would load through transformers")
         from trtllm.models.hf import load_hf_module
-        return load_hf_module(path, dtype, device)
+        model = load_hf_module(path, dtype, device)
+        if quant_algo is not None:  # loaded whole by transformers, then quantized layer by layer
+            quantize_model(model, quant_algo)
+        return model
 
-    with torch.device("meta"):
-        model = model_cls(model_cls.config_class.from_hf(hf_config))
+    with torch.device("meta"):  # the model file builds unquantized layers; the layout is read here
+        model = model_cls(model_cls.config_class.from_hf(
+            {k: v for k, v in hf_config.items() if k != "quantization_config"}))
     expected, aliases = _expected_tensors(model)
-    tensor_file = _check_checkpoint(files, expected, aliases)
+    tensor_file = _check_checkpoint(files, expected, aliases,
+                                    (lambda name: is_quantization_tensor(layout, name)) if layout else None)
+    fp8 = Fp8CheckpointTensors(layout, str(path)) if layout is not None else None
+    online = Fp8Linears(source=f"QuantConfig(quant_algo={quant_algo.value})") if quant_algo is not None else None
+    online_weights = {f"{p}.weight": p for p in quantizable_linears(model)} if online is not None else {}
 
     total = sum(f.stat().st_size for f in files)
     bar = _progress_bar(total, progress)
@@ -95,14 +130,29 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     continue
                 t = f.get_tensor(name)
                 nbytes = t.numel() * t.element_size()
-                t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-                _assign(model, name, t)
+                if fp8 is None and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    raise ValueError(f"{file.name}: tensor {name!r} is {t.dtype} but the checkpoint names no "
+                                     "quantization (config.json quantization_config, hf_quant_config.json): "
+                                     "without its scales it cannot be read (docs/quantization.md)")
+                if fp8 is not None and fp8.take(name, t, device):
+                    pass  # an FP8 weight or a scale: fp8.finish places it below
+                elif name in online_weights:  # quantized now; the weight in `dtype` is dropped at once
+                    q = quantize_weight(t.to(device=device, dtype=dtype), quant_algo)
+                    q.placeholder = placeholder_weight(t.shape, dtype, device)
+                    online.linears[online_weights[name]] = q
+                else:
+                    t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    _assign(model, name, t)
                 del t
                 if bar is not None:
                     bar.update(nbytes)
     if bar is not None:
         bar.close()
 
+    if fp8 is not None:
+        fp8.finish(model, dtype)
+    if online is not None:
+        online.attach(model)
     for alias, target in aliases.items():  # re-tie: point aliases at the loaded Parameter
         _assign(model, alias, model.get_parameter(target))
     if hasattr(model, "init_buffers"):
@@ -195,8 +245,9 @@ def _expected_tensors(model: nn.Module) -> tuple[dict[str, torch.Size], dict[str
     return expected, aliases
 
 
-def _check_checkpoint(files: list[Path], expected: dict, aliases: dict) -> dict[str, Path]:
-    """Match checkpoint tensors (names and shapes, read from headers only) to the model's."""
+def _check_checkpoint(files: list[Path], expected: dict, aliases: dict, is_scale=None) -> dict[str, Path]:
+    """Match checkpoint tensors (names and shapes, read from headers only) to the model's;
+    `is_scale(name)` names the quantized layout's extra tensors (checked when read)."""
     tensor_file, unexpected = {}, []
     for file in files:
         with _open_safetensors(file) as f:
@@ -209,6 +260,8 @@ def _check_checkpoint(files: list[Path], expected: dict, aliases: dict) -> dict[
                     tensor_file[name] = file
                 elif name in aliases or _HARMLESS.search(name):
                     continue  # e.g. a tied lm_head.weight saved anyway; the tie wins
+                elif is_scale is not None and is_scale(name):
+                    tensor_file[name] = file
                 else:
                     unexpected.append(f"{name} (in {file.name})")
     missing = [n for n in expected if n not in tensor_file]

@@ -74,8 +74,9 @@ class Phi3Config:
         if act not in ("silu", "swish"):
             raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
         if d.get("quantization_config"):
-            raise ValueError("quantization_config is set: pre-quantized checkpoints are not supported "
-                             "by trtllm.models.phi3 (quantize with trtllm's QuantConfig instead)")
+            raise ValueError("quantization_config is set: trtllm.models.phi3 builds unquantized layers; load a "
+                             "pre-quantized checkpoint with trtllm.load_model or LLM(model=path), which read its "
+                             "layout (trtllm/quantization, docs/quantization.md)")
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         rope = dict(d.get("rope_parameters") or {})

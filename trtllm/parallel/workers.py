@@ -51,6 +51,9 @@ def check_tensor_parallel(path: str | os.PathLike, world: int, device_type: str)
     if arch not in TENSOR_PARALLEL_ARCHITECTURES:
         raise ValueError(f"tensor_parallel_size={world}: {arch} is not supported under tensor parallelism yet "
                          f"(supported: {', '.join(TENSOR_PARALLEL_ARCHITECTURES)})")
+    if config.get("quantization_config") or (Path(path) / "hf_quant_config.json").exists():
+        raise ValueError(f"tensor_parallel_size={world}: pre-quantized checkpoints are not supported under tensor "
+                         "parallelism yet")
     model_cls = ARCHITECTURES[arch]
     c = model_cls.config_class.from_hf(config)
     check_sizes(world, num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,

@@ -9,10 +9,13 @@ batch-64 decode graph took 7.12 ms against 6.65 without the pass on the H100
 (bench/probes/gemv_ab.py; the table in docs/decisions/linear_gemv.md)."""
 from trtllm.kernels.linear import GEMV_MAX_M
 from trtllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
+from trtllm.passes.fuse_moe import fuse_moe
 from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears
 from trtllm.passes.fuse_rms_norm import fuse_rms_norm
+from trtllm.passes.fuse_rms_norm_quant_fp8 import fuse_rms_norm_quant_fp8
 from trtllm.passes.fuse_rotary import fuse_rotary
 from trtllm.passes.fuse_silu_mul import fuse_silu_mul
+from trtllm.passes.quantize_linears import quantize_linears
 from trtllm.passes.replace_sdpa_with_paged_attention import replace_sdpa_with_paged_attention
 from trtllm.passes.shard_tensor_parallel import shard_tensor_parallel
 from trtllm.passes.split_lm_head import split_lm_head
@@ -21,9 +24,12 @@ from trtllm.passes.use_gemv_linear import use_gemv_linear
 PASSES = [
     replace_sdpa_with_paged_attention,  # first: refuse unsupported attention before any work
     shard_tensor_parallel,              # before fuse_parallel_linears, which fuses each rank's slices
+    quantize_linears,                   # before fuse_parallel_linears: FP8 weights stack as FP8
+    fuse_moe,                           # before the linear, silu-mul passes rewrite the experts' ops
     fuse_parallel_linears,
     fuse_rms_norm,
     fuse_add_rms_norm,                  # needs fuse_rms_norm's output
+    fuse_rms_norm_quant_fp8,            # needs both norms' ops and quantize_linears' quantizations
     fuse_rotary,
     fuse_silu_mul,
     split_lm_head,                      # last: the runtime applies the head on chosen rows

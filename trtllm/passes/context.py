@@ -1,5 +1,5 @@
 """What a pass may read besides the graph (the graph's input values, the model's attention
-layers) and what it hands back besides the rewritten graph (constant inputs, the LM head
+layers, its quantization description) and what it hands back besides the rewritten graph (constant inputs, the LM head
 and the op that applies it, work to do after the first call). Passes are functions
 `(graph, ctx) -> int` (matches made); CompiledModel acts on what they hand back without
 knowing which pass handed it.
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from trtllm.parallel.tensor_parallel import TensorParallel
 from trtllm.passes.match import module_path
+from trtllm.quantization.fp8_linears import Fp8Linears
 
 
 class GraphInputs:
@@ -98,6 +99,11 @@ class PassContext:
     attention: AttentionLayers
     lm_head: LMHead | None = None
     tensor_parallel: TensorParallel | None = None  # this rank, when compiled tensor-parallel
+    # the model's FP8 linears (quantize_linears places them), None for an unquantized model
+    quantization: Fp8Linears | None = None
     # run once the call that compiled the graph has returned (e.g. fuse_parallel_linears
     # makes the model's weights views of the fused copy, so it holds one copy, not two)
     after_first_call: list[Callable[[], None]] = field(default_factory=list)
+    # what a pass found but left as captured, and why (e.g. an MoE block fuse_moe could not
+    # prove equal to its ops): CompiledModel.summary() lists them
+    notes: list[str] = field(default_factory=list)

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 import trtllm.kernels.rms_norm  # noqa: F401  (registers torch.ops.trtllm.rms_norm)
 from trtllm.passes.context import PassContext
-from trtllm.passes.match import arg, describe, is_float32_cast, kind, value
+from trtllm.passes.match import arg, describe, eliminate_dead_code, is_float32_cast, kind, value
 
 
 def _other(node: fx.Node, one) -> object:
@@ -122,5 +122,5 @@ def fuse_rms_norm(graph: fx.Graph, ctx: PassContext) -> int:
         new.meta.update(out.meta)
         out.replace_all_uses_with(new)
         matches += 1
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     return matches

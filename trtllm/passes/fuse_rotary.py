@@ -21,7 +21,7 @@ import torch.fx as fx
 
 import trtllm.kernels.rotary  # noqa: F401  (registers torch.ops.trtllm.rotary)
 from trtllm.passes.context import PassContext
-from trtllm.passes.match import arg, describe, kind, value
+from trtllm.passes.match import arg, describe, eliminate_dead_code, kind, value
 
 
 def _half(node, x, first: bool) -> bool:
@@ -85,5 +85,5 @@ def fuse_rotary(graph: fx.Graph, ctx: PassContext) -> int:
         new.meta.update(add.meta)
         add.replace_all_uses_with(new)
         matches += 1
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     return matches

@@ -14,7 +14,7 @@ import torch.fx as fx
 
 import trtllm.kernels.silu_mul  # noqa: F401  (registers torch.ops.trtllm.silu_mul)
 from trtllm.passes.context import PassContext
-from trtllm.passes.match import kind, value
+from trtllm.passes.match import eliminate_dead_code, kind, value
 
 
 def fuse_silu_mul(graph: fx.Graph, ctx: PassContext) -> int:
@@ -36,5 +36,5 @@ def fuse_silu_mul(graph: fx.Graph, ctx: PassContext) -> int:
         new.meta.update(mul.meta)
         mul.replace_all_uses_with(new)
         matches += 1
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     return matches

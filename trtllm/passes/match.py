@@ -31,10 +31,15 @@ _FUNCTION_KINDS: dict[Any, str] = {
     torch.unsqueeze: "unsqueeze",
     F.silu: "silu",
     torch.repeat_interleave: "repeat_interleave",
+    torch.softmax: "softmax", F.softmax: "softmax",
+    torch.topk: "topk",
+    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    torch.sum: "sum",
 }
 
 _METHOD_KINDS = {"add", "mul", "div", "tanh", "neg", "pow", "rsqrt", "mean", "unsqueeze", "to", "float",
-                 "type_as", "repeat_interleave", "view", "reshape", "transpose", "contiguous"}
+                 "type_as", "repeat_interleave", "view", "reshape", "transpose", "contiguous",
+                 "softmax", "topk", "sum", "sigmoid"}
 
 
 def kind(node: Any) -> str | None:
@@ -89,3 +94,21 @@ def is_float32_cast(node: Any) -> bool:
         return True
     return k == "to" and (torch.float32 in node.args[1:] or node.kwargs.get("dtype") == torch.float32)
 
+
+
+def mutates(node: fx.Node) -> bool:
+    """An in-place op on its first argument: `x.index_add_(...)`, `x[i] = v`, `x /= y`."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op != "call_function":
+        return False
+    if node.target in (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv):
+        return True
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """graph.eliminate_dead_code, keeping in-place ops: fx counts a method call as pure, and
+    would drop `out.index_add_(0, idx, src)` (unused: later reads name `out`)."""
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or mutates(n))

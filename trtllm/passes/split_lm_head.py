@@ -24,7 +24,7 @@ import operator
 import torch.fx as fx
 
 from trtllm.passes.context import LMHead, PassContext
-from trtllm.passes.match import arg, kind, value
+from trtllm.passes.match import arg, eliminate_dead_code, kind, value
 
 
 def _keeps_every_row(index) -> bool:
@@ -73,6 +73,6 @@ def split_lm_head(graph: fx.Graph, ctx: PassContext) -> int:
     if value(hidden) is None or value(hidden).dim() != 3:
         return 0
     output.args = ((hidden,),)
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     ctx.lm_head = LMHead(weight, bias, softcap=softcap)
     return 1

@@ -1,5 +1,7 @@
 """How many KV-cache blocks fit: `KvCacheConfig.max_tokens`, or on a GPU the given
-fraction of the memory left after the weights and a profiling forward pass."""
+fraction of the memory left after the weights and a profiling forward pass. A block's
+bytes follow the cache's element: an FP8 or INT8 cache (KvCacheConfig.dtype) holds twice
+the tokens of a 16-bit one in the same memory."""
 from __future__ import annotations
 
 import math
@@ -14,14 +16,20 @@ from trtllm.config import KvCacheConfig
 CPU_DEFAULT_TOKENS = 65536
 
 
-def bytes_per_block(compiled: CompiledModel, block_size: int) -> int:
+def bytes_per_block(compiled: CompiledModel, block_size: int, cache_dtype: torch.dtype | None = None) -> int:
+    """K and V of one block in every layer; cache_dtype None: the model's (spec.dtype)."""
     spec = compiled.attention
-    element = torch.empty((), dtype=spec.dtype).element_size()
+    element = torch.empty((), dtype=cache_dtype or spec.dtype).element_size()
     return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * element
 
 
+def blocks_in(budget_bytes: float, compiled: CompiledModel, block_size: int,
+              cache_dtype: torch.dtype | None = None) -> int:
+    return int(budget_bytes // bytes_per_block(compiled, block_size, cache_dtype))
+
+
 def num_kv_blocks(compiled: CompiledModel, config: KvCacheConfig, max_num_tokens: int,
-                  max_num_seqs: int, max_seq_len: int) -> int:
+                  max_num_seqs: int, max_seq_len: int, cache_dtype: torch.dtype | None = None) -> int:
     block = config.tokens_per_block
     if config.max_tokens is not None:
         blocks = math.ceil(config.max_tokens / block)
@@ -32,7 +40,7 @@ def num_kv_blocks(compiled: CompiledModel, config: KvCacheConfig, max_num_tokens
         activations = _profile_peak(compiled, max_num_tokens, max_num_seqs, block)
         free, _ = torch.cuda.mem_get_info(compiled.device)
         budget = (free - activations) * config.free_gpu_memory_fraction
-        blocks = int(budget // bytes_per_block(compiled, block))
+        blocks = blocks_in(budget, compiled, block, cache_dtype)
     needed = math.ceil(max_seq_len / block)
     if blocks < needed:
         raise ValueError(f"the KV cache holds {blocks} blocks of {block} tokens, fewer than one "

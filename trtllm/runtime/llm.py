@@ -11,6 +11,13 @@ worker processes, trtllm/parallel): each loads only its slices of the checkpoint
 schedules and samples; `shutdown()` ends the workers. A rank that dies fails the requests in
 flight with an error naming it.
 
+A quantized KV cache (FP8 or INT8: half the bytes a token, twice the tokens in the same
+memory): `KvCacheConfig(dtype="fp8")` or `QuantConfig(kv_cache_quant_algo=QuantAlgo.INT8)`;
+its scales from `kv_cache_scales` (one (k_scale, v_scale) per layer), or an FP8
+checkpoint's own k_scale / v_scale for a cache of the format they calibrate
+(quantization/checkpoint.py), else as runtime/kv_cache_quant.py says (fp8: 1.0 with a warning; int8:
+calibrated on built-in text when the engine is built).
+
 `stream_interval=N` (TensorRT-LLM's name): a streaming request gets an output every N
 new tokens (its first at once, its last when it ends) instead of every token: fewer,
 larger outputs when many streams run at once.
@@ -37,17 +44,21 @@ import torch
 import torch.nn as nn
 
 from trtllm.compile import compile as trtllm_compile
-from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig
+from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig, kv_cache_dtype
 from trtllm.models.loader import load_model
 from trtllm.parallel import process_group
 from trtllm.parallel.rank_model import RankSpec
 from trtllm.parallel.workers import start_tensor_parallel
+from trtllm.quantization.checkpoint import kv_cache_scales_by_layer
+from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
 from trtllm.runtime.block_manager import BlockManager
+from trtllm.runtime.build_defaults import read_build_defaults
 from trtllm.runtime.engine import Engine
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
 from trtllm.runtime.engine_loop import EngineLoop
 from trtllm.runtime.engine_stats import EngineStats, StartupTimes
 from trtllm.runtime.kv_budget import num_kv_blocks
+from trtllm.runtime.kv_cache_quant import kv_cache_quant
 from trtllm.runtime.model_runner import ModelRunner
 from trtllm.runtime.outputs import RequestError
 from trtllm.runtime.request_stream import RequestStream, new_request_id
@@ -64,40 +75,55 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
                  device: str | torch.device | None = None, compile_options: dict | None = None,
                  stream_interval: int = 1, disable_overlap_scheduler: bool = False,
-                 tensor_parallel_size: int = 1) -> Engine:
+                 kv_cache_scales=None, tensor_parallel_size: int = 1) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
     in a process of its own. Arguments as `LLM`'s. `engine.startup` says where the time went.
+    A checkpoint written by trtllm-build brings its defaults (runtime/build_defaults.py): its
+    BuildConfig when none is given, its KV cache format when none is named.
+    kv_cache_scales: a quantized KV cache's (k_scale, v_scale) per layer (runtime/kv_cache_quant.py).
     With tensor_parallel_size > 1 the workers run until `shutdown_workers(engine)`."""
     started = time.perf_counter()
     check_stream_interval(stream_interval)  # before minutes of loading and compiling
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    (quant_config or QuantConfig()).check_supported()
+    quant_config = quant_config or QuantConfig()
     kv_cache_config = kv_cache_config or KvCacheConfig()
+    defaults = read_build_defaults(model) if isinstance(model, (str, Path)) else None  # trtllm-build's
+    if defaults is not None:
+        build_config = build_config or defaults.build_config
+        if kv_cache_config.dtype == "auto" and quant_config.kv_cache_quant_algo is None:
+            quant_config = quant_config.model_copy(update={"kv_cache_quant_algo": defaults.kv_cache_quant_algo})
+    quant_config.check_supported()
+    kv_format = kv_cache_dtype(kv_cache_config, quant_config)  # a conflict refused before loading
     build_config = build_config or BuildConfig()
     if model is None:
         from trtllm.demo import demo_model_path
         model = demo_model_path()
     if tensor_parallel_size != 1:
+        if quant_config.weight_algo is not None or kv_format != "auto" or kv_cache_scales is not None:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with quantized weights or KV cache is "
+                             "not supported yet")
         compiled = _start_tensor_parallel(model, dtype, device, compile_options, kv_cache_config,
                                           tensor_parallel_size)
         try:
             enable_cuda_graph = False  # a decode graph would replay on rank 0 alone (issue 22: left)
             return _build_engine(compiled.module, compiled, started, model if tokenizer is None else tokenizer,
                                  kv_cache_config, build_config, enable_cuda_graph, stream_interval,
-                                 disable_overlap_scheduler)
+                                 disable_overlap_scheduler, kv_format, kv_cache_scales)
         except BaseException:
             compiled.tensor_parallel.workers.shutdown()
             raise
     if isinstance(model, nn.Module):
         module = model
-    else:
-        module = load_model(model, dtype=_DTYPES[dtype], device=device)
+        if quant_config.weight_algo is not None:  # in place, one linear at a time
+            quantize_model(module, quant_config.weight_algo)
+    else:  # an FP8 checkpoint's layout is read from the directory; weight_algo quantizes as it loads
+        module = load_model(model, dtype=_DTYPES[dtype], device=device, quant_algo=quant_config.weight_algo)
         tokenizer = tokenizer if tokenizer is not None else model
     compiled = trtllm_compile(module, **(compile_options or {}), block_size=kv_cache_config.tokens_per_block)
     return _build_engine(module, compiled, started, tokenizer, kv_cache_config, build_config, enable_cuda_graph,
-                         stream_interval, disable_overlap_scheduler)
+                         stream_interval, disable_overlap_scheduler, kv_format, kv_cache_scales)
 
 
 def _start_tensor_parallel(model, dtype: str, device, compile_options: dict | None,
@@ -124,7 +150,7 @@ def shutdown_workers(engine: Engine) -> None:
 
 def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cache_config: KvCacheConfig,
                   build_config: BuildConfig, enable_cuda_graph: bool, stream_interval: int,
-                  disable_overlap_scheduler: bool) -> Engine:
+                  disable_overlap_scheduler: bool, kv_format: str, kv_cache_scales) -> Engine:
     load_s = time.perf_counter() - started  # the load (compilation itself is lazy: compiled.compile_s)
     tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     config = getattr(module, "config", None)
@@ -132,12 +158,17 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
     max_input_len = build_config.input_len_for(max_seq_len)
     max_num_seqs = build_config.max_batch_size
     max_num_tokens = max(build_config.max_num_tokens, max_num_seqs)
-    blocks = num_kv_blocks(compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len)
+    fp8 = fp8_linears_of(module)
+    if kv_cache_scales is None and fp8 is not None:  # an FP8 checkpoint's k_scale / v_scale, if it has them
+        kv_cache_scales = kv_cache_scales_by_layer(fp8, kv_format)
+    kv_quant = kv_cache_quant(kv_format, compiled, kv_cache_scales, tokenizer)
+    blocks = num_kv_blocks(compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len,
+                           kv_quant.dtype if kv_quant else None)
     block_manager = BlockManager(blocks, kv_cache_config.tokens_per_block, kv_cache_config.enable_block_reuse)
     compile_before_capture = compiled.compile_s
     runner = ModelRunner(compiled, num_blocks=blocks, block_size=kv_cache_config.tokens_per_block,
                          max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs,
-                         max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph)
+                         max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph, kv_quant=kv_quant)
     scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len)
     engine = Engine(runner, block_manager, scheduler, tokenizer,
                     EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len),
@@ -156,11 +187,11 @@ class LLM:
                  kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
                  device: str | torch.device | None = None, compile_options: dict | None = None,
-                 stream_interval: int = 1, disable_overlap_scheduler: bool = False,
+                 stream_interval: int = 1, disable_overlap_scheduler: bool = False, kv_cache_scales=None,
                  tensor_parallel_size: int = 1):
         self.engine = build_engine(model, tokenizer, dtype, kv_cache_config, build_config, quant_config,
                                    enable_cuda_graph, device, compile_options, stream_interval,
-                                   disable_overlap_scheduler, tensor_parallel_size)
+                                   disable_overlap_scheduler, kv_cache_scales, tensor_parallel_size)
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
         self.block_manager, self.compiled = self.engine.block_manager, self.engine.runner.compiled
         self._loop = EngineLoop(self.engine)

@@ -1,6 +1,7 @@
 """`ModelRunner`: one engine step's tokens in, the logits to sample out.
 
-It owns the paged KV cache and the fixed-address input buffers (token ids, positions,
+It owns the paged KV cache (of the model's dtype, or FP8 / INT8 with its scales:
+runtime/kv_cache_quant.py) and the fixed-address input buffers (token ids, positions,
 attention metadata: see attention_context.py). A step's scheduled sequences become
 one flat ragged batch `[1, T]`; the compiled model computes logits only for the last
 token of each sequence whose chunk reaches its end (the ones the sampler needs), and,
@@ -34,6 +35,7 @@ import torch
 
 from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
 from trtllm.compile import CompiledModel
+from trtllm.runtime.kv_cache_quant import KvCacheQuant
 from trtllm.runtime.prompt_logprobs import PromptSpan, chunk_span
 from trtllm.runtime.sampler import greedy_picks
 from trtllm.runtime.sequence import Sequence
@@ -71,12 +73,14 @@ class LaunchedStep:
 class ModelRunner:
     def __init__(self, compiled: CompiledModel, *, num_blocks: int, block_size: int,
                  max_num_tokens: int, max_num_seqs: int, max_model_len: int,
-                 enable_cuda_graph: bool = True):
+                 enable_cuda_graph: bool = True, kv_quant: KvCacheQuant | None = None):
         spec = compiled.attention
         self.compiled, self.device = compiled, compiled.device
         self.block_size, self.max_model_len = block_size, max_model_len
+        self.kv_quant = kv_quant  # None: the cache holds the model's dtype
         self.cache = PagedKVCache.allocate(spec.num_layers, num_blocks, block_size, spec.num_kv_heads,
-                                           spec.head_dim, spec.dtype, self.device)
+                                           spec.head_dim, kv_quant.dtype if kv_quant else spec.dtype, self.device,
+                                           kv_quant.scales if kv_quant else None)
         self.meta = AttentionMetadata(max_num_tokens, max_num_seqs, math.ceil(max_model_len / block_size),
                                       self.device)
         # token ids, positions and logits rows: one device buffer, filled from one pinned

@@ -9,6 +9,11 @@ splits' (max, sum, acc) partials are merged in the same launch (decode_merge.py)
   program's shared memory and arrives at the cluster barrier (cluster.py);
 - otherwise each split writes its partials to global memory and takes an atomic ticket
   per (sequence, kv head); the last to finish merges.
+A quantized cache (KV_QUANT "fp8" / "int8", kv_quant.py): cached tiles are read as stored
+and cast to q's dtype, the new key and value quantized in registers (what is written to
+the cache is what is attended), K's scale folded into the softmax scale, V's applied to
+the program's accumulator before the store or merge (every split of a (sequence, kv head)
+has the same one).
 Semantics and shapes: op.py; how many splits, which merge, which tiles: launch_shape.py.
 """
 
@@ -18,6 +23,7 @@ import triton.language as tl
 
 from trtllm.kernels.paged_attention.cluster import cluster_arrive, cluster_launchable, launch_cluster
 from trtllm.kernels.paged_attention.decode_merge import cluster_merge, store_out, ticket_merge
+from trtllm.kernels.paged_attention.kv_quant import quant_dot_type, quantize_kv
 from trtllm.kernels.paged_attention.launch_shape import DecodeLaunch
 from trtllm.kernels.paged_attention.tiles import (
     attend as _attend,
@@ -46,21 +52,23 @@ def context_range(L, window, split, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.conste
 
 
 @triton.jit
-def _write_uncovered_tokens(s, num_seqs, num_tokens, qsl_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, o_ptr,
+def _write_uncovered_tokens(s, num_seqs, num_tokens, qsl_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
+                            slot_ptr, o_ptr,
                             stride_kt, stride_kh, stride_vt, stride_vh, STRIDE_CB: tl.constexpr,
                             STRIDE_CS: tl.constexpr, STRIDE_CH: tl.constexpr, stride_ot, stride_oh,
                             G: tl.constexpr, HKV: tl.constexpr, HEAD_D: tl.constexpr, PAGE: tl.constexpr,
-                            BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_D: tl.constexpr):
+                            BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_D: tl.constexpr,
+                            KV_QUANT: tl.constexpr):
     """Tokens no sequence covers (padding of a captured batch), shared out over the
     sequences s: their k/v to their slots (if any), their output rows zeroed."""
     q_first = tl.load(qsl_ptr)
     total = tl.load(qsl_ptr + num_seqs)
     for u in range(s, q_first + num_tokens - total, num_seqs):
         tok = tl.where(u < q_first, u, total + u - q_first)
-        _write_token(tok, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, o_ptr, True,
+        _write_token(tok, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr, o_ptr, True,
                      stride_kt, stride_kh, stride_vt, stride_vh, STRIDE_CB, STRIDE_CS,
                      STRIDE_CH, stride_ot, stride_oh, HKV, G * HKV, HEAD_D, PAGE,
-                     BLOCK_HKV, BLOCK_HQ, BLOCK_D)
+                     BLOCK_HKV, BLOCK_HQ, BLOCK_D, KV_QUANT)
 
 
 @triton.jit
@@ -68,7 +76,8 @@ def _attend_new_key(m_i, l_i, acc, q, k_new, v_new, slot, L, kvh, kc_ptr, vc_ptr
                     STRIDE_CB: tl.constexpr, STRIDE_CS: tl.constexpr, STRIDE_CH: tl.constexpr,
                     PAGE: tl.constexpr, SOFTCAP: tl.constexpr):
     """The new key (position L - 1, loaded from k/v before the loop) written to its cache
-    slot (if any) and attended: one more online-softmax step, of one key."""
+    slot (if any) and attended: one more online-softmax step, of one key. With a quantized
+    cache k_new / v_new come quantized (cache values, in the caller's scale units)."""
     if slot >= 0:
         dst = (slot // PAGE) * STRIDE_CB + (slot % PAGE) * STRIDE_CS + kvh * STRIDE_CH + offs_d
         tl.store(kc_ptr + dst, k_new.to(kc_ptr.dtype.element_ty), mask=d_ok)
@@ -88,7 +97,7 @@ def _attend_new_key(m_i, l_i, acc, q, k_new, v_new, slot, L, kvh, kc_ptr, vc_ptr
 
 @triton.jit(do_not_specialize=["window", "num_tokens"])
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, slot_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, slot_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
     pm_ptr, pl_ptr, pacc_ptr, count_ptr, trace_ptr,
     qk_scale, window, num_tokens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -98,14 +107,15 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
     DOT_PREC: tl.constexpr, TRACE: tl.constexpr, CLUSTER: tl.constexpr, OFF64: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, KV_QUANT: tl.constexpr,
 ):
     """One launch for the whole decode step (launches are a large share of a 20-30 us
     step), in parts: the tokens no sequence covers (`_write_uncovered_tokens`), the K/V
     loop over this split's cached keys, the new key (`_attend_new_key`), then the store or
     the split merge (decode_merge.py). TRACE (GPU only, bench/probes/decode_timeline.py) stamps
     each program's phases into trace_ptr. SOFTCAP (0.0 = none, which compiles to the plain
-    kernel): the scores soft-capped (tiles.softcap_log2)."""
+    kernel): the scores soft-capped (tiles.softcap_log2). KV_QUANT ("" = none, "fp8",
+    "int8"): the caches hold quantized values, scales per kv head at ks_ptr / vs_ptr."""
     if CLUSTER:  # grid (splits, Hkv, seqs): a cluster is the splits of one (seq, kv head)
         rank = tl.program_id(0)
         split = NUM_SPLITS - 1 - rank
@@ -124,9 +134,10 @@ def _decode_kernel(
     if TRACE:
         stamp(stamps, 0, 0)
     if (kvh == 0) & (split == 0):
-        _write_uncovered_tokens(s, num_seqs, num_tokens, qsl_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, o_ptr,
-                                stride_kt, stride_kh, stride_vt, stride_vh, STRIDE_CB, STRIDE_CS, STRIDE_CH,
-                                stride_ot, stride_oh, G, HKV, HEAD_D, PAGE, BLOCK_HKV, BLOCK_HQ, BLOCK_D)
+        _write_uncovered_tokens(s, num_seqs, num_tokens, qsl_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
+                                slot_ptr, o_ptr, stride_kt, stride_kh, stride_vt, stride_vh, STRIDE_CB, STRIDE_CS,
+                                STRIDE_CH, stride_ot, stride_oh, G, HKV, HEAD_D, PAGE, BLOCK_HKV, BLOCK_HQ, BLOCK_D,
+                                KV_QUANT)
     # The step's metadata (bounds, length, block table) is read by every layer's launch:
     # kept in L2 (evict_last) past the K/V streaming that would evict it between layers:
     # its loads take 0.26 us at b8 x 2048 on the H100 (bench/probes/decode_timeline.py's
@@ -148,6 +159,8 @@ def _decode_kernel(
     g_ok = (offs_g < G)[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok, other=0.0)
+    if KV_QUANT != "":
+        q = q.to(quant_dot_type(q.dtype))  # the dots' operands: see quant_dot_type
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     # Split grids keep column sums through the loop, reduced once after it (0.29 us per
     # layer less at b8 x 2048 on the H100); a full grid does not: the [G, BLOCK_N] registers
@@ -169,6 +182,10 @@ def _decode_kernel(
     k_new = tl.load(k_ptr + t.to(tl.int64) * stride_kt + kvh * stride_kh + offs_d, mask=new_ok)
     v_new = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kvh * stride_vh + offs_d, mask=new_ok)
     slot = tl.load(slot_ptr + t, mask=owns_new, other=-1).to(tl.int64)
+    if KV_QUANT != "":  # K's scale folded into the softmax scale; V's applied after the loop
+        k_scale = tl.load(ks_ptr + kvh)
+        v_scale = tl.load(vs_ptr + kvh)
+        qk_scale = qk_scale * k_scale
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     kv_hi = tl.minimum(j_end, L - 1)  # this split's cached keys: [j_start, kv_hi)
     for j0 in range(j_start, kv_hi, BLOCK_N):
@@ -193,10 +210,15 @@ def _decode_kernel(
         l_i = tl.sum(l_i, 1)
     if TRACE:
         stamp(stamps, 2, (tl.sum(l_i, 0) >= 0).to(tl.int32))
+    if KV_QUANT != "":  # the new key and value as the cache stores them (a [BLOCK_D] row each)
+        k_new = quantize_kv(k_new, k_scale, KV_QUANT, kc_ptr.dtype.element_ty)
+        v_new = quantize_kv(v_new, v_scale, KV_QUANT, vc_ptr.dtype.element_ty)
     if owns_new:
         m_i, l_i, acc = _attend_new_key(m_i, l_i, acc, q, k_new, v_new, slot, L, kvh, kc_ptr, vc_ptr, offs_d, d_ok,
                                         qk_scale, STRIDE_CB, STRIDE_CS, STRIDE_CH, PAGE, SOFTCAP)
 
+    if KV_QUANT != "":
+        acc = acc * v_scale
     o_ptrs = o_ptr + t.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:
         store_out(o_ptrs, acc, l_i, g_ok)
@@ -226,11 +248,13 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
-                  qk_scale, window, softcap, num_seqs, dot_prec, launch: DecodeLaunch, *, trace=None):
+                  qk_scale, window, softcap, num_seqs, dot_prec, launch: DecodeLaunch, *, trace=None,
+                  kv_quant="", ks=None, vs=None):
     """One decode step of one layer (one new token per sequence) into `out`; kc/vc are one
     layer's caches [NB, BS, Hkv, D]. softcap (0.0 = none) is a constexpr: one compiled
     kernel per value (one per model in practice). trace: an int64 CUDA tensor of programs x TRACE_SLOTS
-    to stamp (bench/probes/decode_timeline.py)."""
+    to stamp (bench/probes/decode_timeline.py). kv_quant "fp8" / "int8": the caches are
+    quantized with the layer's scales ks / vs [Hkv] fp32 (kv_quant.py)."""
     T, Hq, D = q.shape
     Hkv, BS = kc.shape[2], kc.shape[1]
     G = Hq // Hkv
@@ -248,6 +272,7 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
     BLOCK_G = max(16, triton.next_power_of_2(G))
     args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, kc_ptr=kc, vc_ptr=vc, o_ptr=out, slot_ptr=slot_mapping,
+        ks_ptr=out if ks is None else ks, vs_ptr=out if vs is None else vs,  # read only with kv_quant
         bt_ptr=block_tables, seq_lens_ptr=seq_lens, qsl_ptr=query_start_loc,
         pm_ptr=out, pl_ptr=out, pacc_ptr=out, count_ptr=out,  # the ticket merge's, set below
         trace_ptr=out if trace is None else trace, qk_scale=qk_scale, window=window, num_tokens=T,
@@ -260,7 +285,7 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         HKV=Hkv, BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_HQ=triton.next_power_of_2(Hq),
         DOT_PREC=dot_prec, TRACE=trace is not None,
         OFF64=kc.numel() > _MAX_INT32_OFFSET,  # v_cache has k_cache's shape
-        SOFTCAP=softcap,
+        SOFTCAP=softcap, KV_QUANT=kv_quant,
     )
     if cluster:
         launch_cluster(_decode_kernel, (splits, Hkv, num_seqs), splits,

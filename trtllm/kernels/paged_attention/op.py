@@ -14,8 +14,14 @@ where G = Hq // Hkv (GQA/MQA) and K_s[j] = k_cache[layer, block_tables[s, j // B
 k_cache[layer, slot // BS, slot % BS] = k[t] for slot = slot_mapping[t] >= 0 (-1: padding).
 Rows of tokens outside the first num_seqs sequences, and of sequences with L = 0, are 0.
 
+A quantized cache (kv_quant.py): k_cache/v_cache of float8_e4m3fn or int8 with kv_scales
+[L, 2, Hkv] fp32 (the op's last argument; K's and V's scale per layer and kv head) store
+quantize(k[t] / scale) and are read as K_s[j] = k_cache[...] * scale; the new tokens attend
+to their quantized keys/values too, exactly as stored. An fp8 cache needs an sm_89+ GPU.
+
 Shapes: q [T, Hq, D], k/v [T, Hkv, D] (any strides, last dim contiguous);
-k_cache/v_cache [L, NB, BS, Hkv, D]; slot_mapping [>=T], block_tables [S_max, MB],
+k_cache/v_cache [L, NB, BS, Hkv, D] (q's dtype, or float8_e4m3fn / int8 with kv_scales);
+slot_mapping [>=T], block_tables [S_max, MB],
 seq_lens [S_max], query_start_loc [S_max + 1], all int32 -> out [T, Hq, D] in q.dtype.
 num_seqs / max_query_len / max_seq_len are host-side upper bounds that only choose the
 path, grid and splits (CUDA-graph capture fixes them); true lengths come from the tensors.
@@ -44,9 +50,11 @@ import math
 import torch
 
 from trtllm.kernels.paged_attention.decode import launch_decode
+from trtllm.kernels.paged_attention.kv_quant import check_kv_scales, dequantize_kv_ref, kv_cache_format, quantize_kv_ref
 from trtllm.kernels.paged_attention.launch_shape import DecodeLaunch, PrefillLaunch, choose_launch
 from trtllm.kernels.paged_attention.prefill import launch_prefill
 from trtllm.kernels.paged_attention.tiles import LOG2E
+from trtllm.kernels.quantize_fp8 import require_fp8_gpu
 from trtllm.kernels.registry import interpreter_upcast, register_op
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -60,16 +68,23 @@ def paged_attention_ref(
     k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int,
     slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor, scale: float, window: int, softcap: float,
-    num_seqs: int, max_query_len: int, max_seq_len: int,
+    num_seqs: int, max_query_len: int, max_seq_len: int, kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The semantics of record: plain torch, fp32 inside, one sequence at a time."""
     T, Hq, _ = q.shape
     Hkv, BS = k.shape[1], k_cache.shape[2]
+    fmt = kv_cache_format(k_cache.dtype, q.dtype)
+    check_kv_scales(kv_scales, fmt, k_cache)
     slots = slot_mapping[:T].long()
     keep = slots >= 0
     blk, off = slots[keep] // BS, slots[keep] % BS
-    k_cache[layer, blk, off] = k[keep].to(k_cache.dtype)
-    v_cache[layer, blk, off] = v[keep].to(v_cache.dtype)
+    if fmt:
+        ks, vs = kv_scales[layer, 0], kv_scales[layer, 1]
+        k_cache[layer, blk, off] = quantize_kv_ref(k[keep], ks, fmt)
+        v_cache[layer, blk, off] = quantize_kv_ref(v[keep], vs, fmt)
+    else:
+        k_cache[layer, blk, off] = k[keep].to(k_cache.dtype)
+        v_cache[layer, blk, off] = v[keep].to(v_cache.dtype)
 
     out = torch.zeros(T, Hq, v.shape[-1], dtype=torch.float32, device=q.device)
     qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
@@ -79,8 +94,10 @@ def paged_attention_ref(
             continue
         j = torch.arange(L, device=q.device)
         pages = block_tables[s, j // BS].long()
-        keys = k_cache[layer, pages, j % BS].float().repeat_interleave(Hq // Hkv, dim=1)
-        vals = v_cache[layer, pages, j % BS].float().repeat_interleave(Hq // Hkv, dim=1)
+        keys, vals = k_cache[layer, pages, j % BS].float(), v_cache[layer, pages, j % BS].float()
+        if fmt:
+            keys, vals = dequantize_kv_ref(keys, ks), dequantize_kv_ref(vals, vs)
+        keys, vals = keys.repeat_interleave(Hq // Hkv, dim=1), vals.repeat_interleave(Hq // Hkv, dim=1)
         for c in range(a, b, 1024):  # query chunks bound the [Hq, rows, L] score memory
             e = min(c + 1024, b)
             p = (L - (b - a) + torch.arange(c - a, e - a, device=q.device))[:, None]
@@ -98,17 +115,20 @@ def paged_attention_ref(
 
 def launch_paged_attention(
     q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc,
-    scale, window, softcap, num_seqs, max_query_len, max_seq_len,
-    launch: PrefillLaunch | DecodeLaunch | None = None, *, trace: torch.Tensor | None = None,
+    scale, window, softcap, num_seqs, max_query_len, max_seq_len, kv_scales: torch.Tensor | None = None,
+    *, launch: PrefillLaunch | DecodeLaunch | None = None, trace: torch.Tensor | None = None,
 ):
     """The launcher: the op's arguments checked, then the kernels of `launch` (default:
-    `choose_launch` for these shapes). trace: an int64 CUDA tensor of programs x
+    `choose_launch` for these shapes). kv_scales: a quantized cache's scales (see above).
+    trace: an int64 CUDA tensor of programs x
     TRACE_SLOTS the decode kernel stamps its phases into (bench/probes/decode_timeline.py)."""
     T, Hq, D = q.shape
     _, NB, BS, Hkv, Dc = k_cache.shape
     assert q.dtype in _FLOAT_DTYPES, f"unsupported dtype {q.dtype}"
+    fmt = kv_cache_format(k_cache.dtype, q.dtype)  # "": the caches hold q's dtype
+    assert v_cache.dtype == k_cache.dtype, f"v_cache: dtype {v_cache.dtype} != k_cache's {k_cache.dtype}"
     for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
-        assert t.dtype == q.dtype, f"{name}: dtype {t.dtype} != q dtype {q.dtype}"
+        assert t.dtype == q.dtype or name.endswith("cache"), f"{name}: dtype {t.dtype} != q dtype {q.dtype}"
         assert t.device == q.device, f"{name} on {t.device}, q on {q.device}"
         assert t.stride(-1) == 1, f"{name}: last dim must be contiguous"
     assert q.stride(-1) == 1, "q: last dim must be contiguous"
@@ -127,6 +147,9 @@ def launch_paged_attention(
     assert seq_lens.shape[0] >= num_seqs and seq_lens.stride(0) == 1
     assert query_start_loc.shape[0] >= num_seqs + 1 and query_start_loc.stride(0) == 1
     assert block_tables.shape[0] >= num_seqs
+    check_kv_scales(kv_scales, fmt, k_cache)
+    if fmt == "fp8":
+        require_fp8_gpu(q.device, "paged_attention with an fp8 KV cache")
     if launch is None:
         launch = choose_launch(q, k_cache, num_seqs, max_query_len, max_seq_len)
     decode = isinstance(launch, DecodeLaunch)
@@ -140,22 +163,25 @@ def launch_paged_attention(
     if T == 0:
         return out
     kc, vc = k_cache[layer], v_cache[layer]  # a view: no layer * stride overflow in-kernel
+    ks, vs = (kv_scales[layer, 0], kv_scales[layer, 1]) if fmt else (None, None)  # [Hkv] views
     qk_scale = scale * LOG2E
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32
     # The kernels write the new k/v rows into the layer's caches: written back too.
     with interpreter_upcast((q, k, v), (kc, vc, out)) as ((q, k, v), (kc, vc, o)):
         if decode:
             launch_decode(q, k, v, kc, vc, o, slot_mapping, block_tables, seq_lens, query_start_loc,
-                          qk_scale, window, float(softcap), num_seqs, dot_prec, launch, trace=trace)
+                          qk_scale, window, float(softcap), num_seqs, dot_prec, launch, trace=trace,
+                          kv_quant=fmt, ks=ks, vs=vs)
         else:
             launch_prefill(q, k, v, kc, vc, o, slot_mapping, block_tables, seq_lens, query_start_loc,
-                           qk_scale, window, float(softcap), num_seqs, max_query_len, dot_prec, launch)
+                           qk_scale, window, float(softcap), num_seqs, max_query_len, dot_prec, launch,
+                           kv_quant=fmt, ks=ks, vs=vs)
     return out
 
 
 def _paged_attention_fake(q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables,
                           seq_lens, query_start_loc, scale, window, softcap, num_seqs, max_query_len,
-                          max_seq_len):
+                          max_seq_len, kv_scales=None):
     return q.new_empty(q.shape[:2] + (v.shape[-1],))
 
 

@@ -9,27 +9,33 @@ prefill, chunked prefill, prefix hits, decodes mixed in). Semantics and shapes: 
   Cached context [0, L - n) is read through the block table (a BLOCK_N tile gathers rows
   from several pages); the new tokens' keys come straight from the contiguous k/v tensors,
   unmasked below the diagonal and masked only on the diagonal tiles.
+
+A quantized cache (KV_QUANT "fp8" / "int8", kv_quant.py): the cache write stores k/v
+quantized with the layer's per-head scales; the prefill kernel reads cached tiles as
+stored, quantizes the new tokens' k/v tiles in registers the same way, folds K's scale into
+the softmax scale and multiplies the output by V's.
 """
 import triton
 import triton.language as tl
 
+from trtllm.kernels.paged_attention.kv_quant import quant_dot_type, quantize_kv
 from trtllm.kernels.paged_attention.launch_shape import PrefillLaunch
 from trtllm.kernels.paged_attention.tiles import attend as _attend, load_tile as _load_tile, write_token as _write_token
 
 
 @triton.jit(do_not_specialize=["num_seqs"])  # ints == 1 would become constexprs
 def _cache_write_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, qsl_ptr, o_ptr, num_seqs,
+    k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr, qsl_ptr, o_ptr, num_seqs,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
     stride_ot, stride_oh,
     HKV: tl.constexpr, HQ: tl.constexpr, HEAD_D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_D: tl.constexpr, KV_QUANT: tl.constexpr,
 ):
     t = tl.program_id(0)
     uncovered = (t < tl.load(qsl_ptr)) | (t >= tl.load(qsl_ptr + num_seqs))
-    _write_token(t, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, o_ptr, uncovered,
+    _write_token(t, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr, o_ptr, uncovered,
                  stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
-                 stride_ot, stride_oh, HKV, HQ, HEAD_D, PAGE, BLOCK_HKV, BLOCK_HQ, BLOCK_D)
+                 stride_ot, stride_oh, HKV, HQ, HEAD_D, PAGE, BLOCK_HKV, BLOCK_HQ, BLOCK_D, KV_QUANT)
 
 
 
@@ -50,13 +56,13 @@ def _find_seq(qsl_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit(do_not_specialize=["window", "num_seqs", "num_q_blocks"])
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
     qk_scale, window, num_seqs, num_q_blocks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, KV_QUANT: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     # Highest q blocks (longest causal rows) first: better tail balance on the last wave.
@@ -81,10 +87,16 @@ def _prefill_kernel(
     q_rows = (q_start + i).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if KV_QUANT != "":
+        q = q.to(quant_dot_type(q.dtype))  # the dots' operands: see quant_dot_type
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     use_window = window > 0
+    if KV_QUANT != "":  # K's scale folded into the softmax scale; V's applied to the output
+        k_scale = tl.load(ks_ptr + kvh)
+        v_scale = tl.load(vs_ptr + kvh)
+        qk_scale = qk_scale * k_scale
 
     # 1) cached context [c_lo, ctx) through the block table: every row sees all of it
     # (ctx <= p), so only the bounds and the window mask apply.
@@ -114,16 +126,24 @@ def _prefill_kernel(
         kk = k0 + offs_n
         k = _load_tile(k_base + kk[:, None] * stride_kt, kk, d_ok, False, EVEN_D)
         v = _load_tile(v_base + kk[:, None] * stride_vt, kk, d_ok, False, EVEN_D)
+        if KV_QUANT != "":  # the values the cache write stored
+            k = quantize_kv(k, k_scale, KV_QUANT, kc_ptr.dtype.element_ty)
+            v = quantize_kv(v, v_scale, KV_QUANT, vc_ptr.dtype.element_ty)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, kk, False, DOT_PREC, False, SOFTCAP)
     for k0 in range(tl.maximum(full_end, (kk_lo // BLOCK_N) * BLOCK_N), i_hi + 1, BLOCK_N):
         kk = k0 + offs_n
         kk_ok = (kk >= kk_lo) & (kk <= i_hi)
         k = _load_tile(k_base + kk[:, None] * stride_kt, kk_ok, d_ok, True, EVEN_D)
         v = _load_tile(v_base + kk[:, None] * stride_vt, kk_ok, d_ok, True, EVEN_D)
+        if KV_QUANT != "":
+            k = quantize_kv(k, k_scale, KV_QUANT, kc_ptr.dtype.element_ty)
+            v = quantize_kv(v, v_scale, KV_QUANT, vc_ptr.dtype.element_ty)
         mask = kk_ok[None, :] & (kk[None, :] <= i[:, None]) \
             & ((window <= 0) | (kk[None, :] > i[:, None] - window))
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, mask, True, DOT_PREC, False, SOFTCAP)
 
+    if KV_QUANT != "":
+        acc = acc * v_scale
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l == 0: no key at all -> 0
     tl.store(o_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -131,19 +151,23 @@ def _prefill_kernel(
 
 
 def launch_prefill(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
-                   qk_scale, window, softcap, num_seqs, max_query_len, dot_prec, launch: PrefillLaunch):
+                   qk_scale, window, softcap, num_seqs, max_query_len, dot_prec, launch: PrefillLaunch,
+                   kv_quant="", ks=None, vs=None):
     """The cache write, then (if any sequence has new tokens) attention, into `out`; kc/vc
     are one layer's caches [NB, BS, Hkv, D]. softcap (0.0 = none) is a constexpr: one
-    compiled kernel per value (one per model in practice)."""
+    compiled kernel per value (one per model in practice). kv_quant "fp8" / "int8": the
+    caches are quantized with the layer's scales ks / vs [Hkv] fp32 (kv_quant.py)."""
     T, Hq, D = q.shape
     Hkv, BS = kc.shape[2], kc.shape[1]
     BLOCK_D = max(16, triton.next_power_of_2(D))
+    ks = out if ks is None else ks  # never read without kv_quant
+    vs = out if vs is None else vs
     _cache_write_kernel[(T,)](
-        k, v, kc, vc, slot_mapping, query_start_loc, out, num_seqs,
+        k, v, kc, vc, ks, vs, slot_mapping, query_start_loc, out, num_seqs,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         out.stride(0), out.stride(1),
         HKV=Hkv, HQ=Hq, HEAD_D=D, PAGE=BS, BLOCK_HKV=triton.next_power_of_2(Hkv),
-        BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_D=BLOCK_D, num_warps=4,
+        BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_D=BLOCK_D, KV_QUANT=kv_quant, num_warps=4,
     )
     if num_seqs == 0 or max_query_len == 0:
         return
@@ -151,12 +175,13 @@ def launch_prefill(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, q
     block_q = launch.block_m // G
     num_q_blocks = T // block_q + num_seqs  # >= sum over s of ceil(n_s / BLOCK_Q)
     _prefill_kernel[(Hkv, num_q_blocks)](
-        q, k, v, kc, vc, out, block_tables, seq_lens, query_start_loc,
+        q, k, v, kc, vc, ks, vs, out, block_tables, seq_lens, query_start_loc,
         qk_scale, window, num_seqs, num_q_blocks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0),
         G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_Q=block_q, BLOCK_M=launch.block_m,
-        BLOCK_N=launch.block_n, DOT_PREC=dot_prec, SOFTCAP=softcap, num_warps=launch.num_warps,
+        BLOCK_N=launch.block_n, DOT_PREC=dot_prec, SOFTCAP=softcap, KV_QUANT=kv_quant,
+        num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )

@@ -3,20 +3,24 @@ decode.py)."""
 import triton
 import triton.language as tl
 
+from trtllm.kernels.paged_attention.kv_quant import quantize_kv
+
 LOG2E = 1.4426950408889634  # softmax runs in base 2, with scale * log2(e) folded in
 _LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
 def write_token(
-    t, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, o_ptr, zero_row,
+    t, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr, o_ptr, zero_row,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
     stride_ot, stride_oh,
     HKV: tl.constexpr, HQ: tl.constexpr, HEAD_D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_D: tl.constexpr, KV_QUANT: tl.constexpr,
 ):
-    """Token t: k/v rows of all heads to slot_mapping[t] (if >= 0); output row zeroed
-    if no sequence covers it (the attention programs write the others)."""
+    """Token t: k/v rows of all heads to slot_mapping[t] (if >= 0), quantized with the
+    heads' scales ks_ptr / vs_ptr [Hkv] if KV_QUANT ("fp8", "int8"; "" = stored as they
+    are, kv_quant.py); output row zeroed if no sequence covers it (the attention programs
+    write the others)."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     offs_h = tl.arange(0, BLOCK_HKV)
@@ -27,6 +31,12 @@ def write_token(
             + offs_h[:, None] * stride_ch + offs_d[None, :]
         kk = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=kv_ok)
         vv = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=kv_ok)
+        if KV_QUANT != "":
+            h_ok = offs_h < HKV
+            kk = quantize_kv(kk, tl.load(ks_ptr + offs_h, mask=h_ok, other=1.0)[:, None], KV_QUANT,
+                             kc_ptr.dtype.element_ty)
+            vv = quantize_kv(vv, tl.load(vs_ptr + offs_h, mask=h_ok, other=1.0)[:, None], KV_QUANT,
+                             vc_ptr.dtype.element_ty)
         tl.store(kc_ptr + dst, kk.to(kc_ptr.dtype.element_ty), mask=kv_ok)
         tl.store(vc_ptr + dst, vv.to(vc_ptr.dtype.element_ty), mask=kv_ok)
     if zero_row:
@@ -71,13 +81,15 @@ def softcap_log2(qk, qk_scale, SOFTCAP: tl.constexpr):
 def attend(acc, m_i, l_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
            SUM_LATE: tl.constexpr, SOFTCAP: tl.constexpr):
     """One online-softmax step over a [BLOCK_N, D] K/V tile (m_i in log2 units; qk_scale > 0
-    with log2(e) folded in). SUM_LATE:
+    with log2(e) folded in). K/V tiles of a quantized cache (e4m3 or int8 values) are cast
+    to q's dtype for the dots, exactly (their scales are the callers': K's folded into
+    qk_scale, V's applied to the output); of q's own dtype the casts are no-ops. SUM_LATE:
     l_i is [M, BLOCK_N], column-wise sums the caller reduces once after its loop (a row
     sum across warps per tile less). SOFTCAP > 0 (a constexpr; 0.0 compiles to the plain
     step): scores soft-capped (`softcap_log2`) before the mask."""
     # The scale (> 0) goes into the exp2's argument as one FMA, not a multiply per score
     # first: the row max of unscaled scores, scaled, is the max of the scaled ones.
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
     if SOFTCAP > 0:  # the scale goes inside the tanh: qk is scaled (log2 units) from here
         qk = softcap_log2(qk, qk_scale, SOFTCAP)
         qk_scale = 1.0
@@ -94,7 +106,7 @@ def attend(acc, m_i, l_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr, DOT_PRE
         l_i = l_i * alpha[:, None] + p
     else:
         l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
     return acc, m_new, l_i
 
 

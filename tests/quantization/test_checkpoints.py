@@ -1,0 +1,181 @@
+"""Pre-quantized FP8 checkpoints (trtllm/quantization/checkpoint.py), each layout written by
+the test itself: LLM(model=path) loads it with no QuantConfig, places the FP8 GEMMs, and its
+greedy tokens and logits are those of the HF model computing the FP8 semantics in fp32
+(dequantized weights, quantized-and-dequantized inputs); bad checkpoints are refused naming
+the tensor or the field."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import trtllm
+from tests.models.checkpoints import write_checkpoint
+from tests.quantization.fp8_checkpoints import fp8_reference, write_fp8_checkpoint
+from tests.runtime.tokenizers import make_tokenizer
+from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig
+from trtllm.kernels.fp8_gemm import FP8_DTYPE
+from trtllm.quantization import fp8_linears_of
+from trtllm.runtime.llm import LLM
+from trtllm.sampling_params import SamplingParams
+
+PROMPTS = [[5, 17, 99, 3, 250, 31, 8], [400, 3], list(range(60, 81))]
+NEW = 6
+
+CASES = [  # (family, layout, weight granularity, static input scales)
+    ("qwen2", "hf_fp8", "block", False),          # Qwen3-FP8 / DeepSeek-V3 style; q/k/v biases, tied head
+    ("llama31", "hf_fp8", "tensor", False),
+    ("llama31", "compressed_tensors", "channel", False),
+    ("qwen2", "compressed_tensors", "tensor", True),
+    ("llama31", "modelopt", "tensor", True),      # TensorRT-LLM's FP8
+    ("llama31", "modelopt", "channel", False),    # FP8_PER_CHANNEL_PER_TOKEN
+]
+
+
+@pytest.fixture(autouse=True)
+def reference_ops(monkeypatch):
+    """Whole engines: the ops' torch references (tests/kernels checks the kernels against them)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    paths = {family: write_checkpoint(family, tmp_path_factory.mktemp(family), vocab_size=512)
+             for family in ("qwen2", "llama31")}
+    for path in paths.values():
+        make_tokenizer(path)  # copied beside the FP8 checkpoints
+    return paths
+
+
+def _llm(path):
+    return LLM(str(path), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=512),
+               build_config=BuildConfig(max_batch_size=4, max_num_tokens=8, max_seq_len=64))
+
+
+@pytest.mark.parametrize("family, layout, granularity, static", CASES)
+def test_llm_loads_the_layout_and_matches_the_fp8_reference(sources, tmp_path, family, layout, granularity, static):
+    linears = write_fp8_checkpoint(sources[family], tmp_path, layout, granularity, static)
+    reference = fp8_reference(sources[family], linears)
+    expected = [reference.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+                [0, len(p):].tolist() for p in PROMPTS]
+    with _llm(tmp_path) as llm:
+        params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        assert got == expected
+        summary = llm.compiled.summary()
+        assert f"{len(linears)} FP8 linears" in summary and "fp8_gemm" in summary, summary
+        assert "trtllm.linear" not in summary.split("trtllm ops")[1].split("lm head")[0]
+        fp8 = fp8_linears_of(llm.compiled.module)
+        for path, q in fp8.linears.items():  # the model holds no full-size weight of its own for them
+            assert q.weight.dtype == FP8_DTYPE
+            assert llm.compiled.module.get_submodule(path).weight.stride() == (0, 0)
+        if layout == "modelopt":  # KV scales read and handed on, not applied here
+            assert sorted(fp8.kv_scales)[:2] == ["model.layers.0.self_attn.k_proj.k_scale",
+                                                 "model.layers.0.self_attn.v_proj.v_scale"]
+    # logits of whole sequences, against the reference's
+    model = trtllm.load_model(tmp_path, dtype=torch.float32, device="cpu")
+    ids = torch.tensor([PROMPTS[2]])
+    logits = trtllm.compile(model)(ids, torch.arange(ids.shape[1])[None])
+    with torch.no_grad():
+        ref = reference(ids).logits
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def _rewrite(path, drop=(), replace=None, config=None):
+    tensors = load_file(str(path / "model.safetensors"))
+    for name in drop:
+        del tensors[name]
+    tensors.update(replace or {})
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if config is not None:
+        c = json.loads((path / "config.json").read_text())
+        c["quantization_config"] = config
+        (path / "config.json").write_text(json.dumps(c))
+
+
+def test_a_missing_scale_is_named(sources, tmp_path):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "block", False)
+    name = "model.layers.1.mlp.down_proj.weight_scale_inv"
+    _rewrite(tmp_path, drop=[name])
+    with pytest.raises(ValueError, match=f"'{name}' is missing"):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
+def test_a_misshaped_scale_is_named(sources, tmp_path):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "compressed_tensors", "channel", False)
+    name = "model.layers.0.self_attn.q_proj.weight_scale"
+    _rewrite(tmp_path, replace={name: torch.ones(2, 3)})
+    with pytest.raises(ValueError, match=rf"'{name}' has shape \(2, 3\)"):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
+def test_a_missing_static_input_scale_is_named(sources, tmp_path):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "modelopt", "tensor", True)
+    name = "model.layers.0.mlp.up_proj.input_scale"
+    _rewrite(tmp_path, drop=[name])
+    with pytest.raises(ValueError, match=f"'{name}' is missing.*static input scale"):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"quant_method": "awq", "bits": 4}, "quant_method='awq' is not supported.*compressed-tensors.*modelopt"),
+    ({"quant_method": "fp8", "weight_block_size": [64, 64]}, r"weight_block_size=\[64, 64\]"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}, "input_activations": None}}},
+     "weight-only FP8 is not supported"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "weights": {"num_bits": 4, "type": "int", "strategy": "group"}, "input_activations": None}}},
+     "only FP8 weights"),
+])
+def test_unsupported_quantization_configs_are_refused_by_name(sources, tmp_path, config, words):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", False)
+    _rewrite(tmp_path, config=config)
+    with pytest.raises(ValueError, match=words):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
+def test_other_low_precision_weights_are_refused_by_name(sources, tmp_path):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", False)
+    name = "model.layers.0.mlp.gate_proj.weight"
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    _rewrite(tmp_path, replace={name: tensors[name].float().to(torch.float8_e5m2)})
+    with pytest.raises(ValueError, match=f"{name}.*float8_e5m2"):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
+def test_quant_config_on_a_prequantized_checkpoint_is_refused(sources, tmp_path):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", False)
+    with pytest.raises(ValueError, match="pre-quantized HF fp8 checkpoint.*leave quant_algo unset"):
+        LLM(str(tmp_path), quant_config=QuantConfig(quant_algo="FP8_BLOCK_SCALES"))
+
+
+def test_fp8_tensors_without_a_quantization_config_are_refused(sources, tmp_path):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", False)
+    _rewrite(tmp_path, drop=[n for n in load_file(str(tmp_path / "model.safetensors")) if n.endswith("_scale_inv")])
+    c = json.loads((tmp_path / "config.json").read_text())
+    del c["quantization_config"]
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match="float8_e4m3fn but the checkpoint names no quantization"):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
+def test_modelopt_kv_scales_feed_an_fp8_kv_cache_and_only_that(sources, tmp_path):
+    """ModelOpt's k_scale / v_scale (kv_cache_quant_algo FP8) become the FP8 cache's scales;
+    an INT8 cache does not take FP8-calibrated scales (a warning), the bf16 cache none."""
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "modelopt", "tensor", True)
+    kv = dict(tokens_per_block=16, max_tokens=512)
+    build = BuildConfig(max_batch_size=2, max_num_tokens=16, max_seq_len=64)
+    with LLM(str(tmp_path), dtype="float32", kv_cache_config=KvCacheConfig(dtype="fp8", **kv),
+             build_config=build) as llm:
+        quant = llm.engine.runner.kv_quant
+        assert quant.fmt == "fp8" and quant.source == "checkpoint"
+        assert (quant.scales[:, 0] == 0.5).all() and (quant.scales[:, 1] == 0.25).all()
+        out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                           use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 4
+    with pytest.warns(UserWarning, match="KV-cache scales are for a fp8 cache, not the int8 cache"):
+        with LLM(str(tmp_path), dtype="float32", kv_cache_config=KvCacheConfig(dtype="int8", **kv),
+                 build_config=build) as llm:
+            assert llm.engine.runner.kv_quant.source == "calibration"
+    with LLM(str(tmp_path), dtype="float32", kv_cache_config=KvCacheConfig(**kv), build_config=build) as llm:
+        assert llm.engine.runner.kv_quant is None

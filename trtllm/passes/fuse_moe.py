@@ -1,0 +1,578 @@
+"""Mixture-of-experts blocks become `trtllm.moe_routing` + `trtllm.fused_moe`.
+
+Before (transformers 5.17's Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE as dynamo captures them,
+with HF's default `grouped_mm` experts; or a plain-PyTorch MoE with a loop over experts):
+
+    logits = linear(x, W_router)                 # [T, E]   (kept: any router computing logits)
+    probs = softmax(logits.float(), dim=-1)      # fp32 softmax
+    w, ids = topk(probs, k, dim=-1)              # [T, k]
+    w = w / w.sum(-1, keepdim=True)              # optional renormalisation
+    w = w.to(x.dtype)                            # optional cast
+    out = <expert computation of (x, ids, w) and the expert weights>    # [T, H]:
+          HF: sort -> gather -> grouped_mm(gate_up_proj) -> SiLU*mul -> grouped_mm(down_proj)
+              -> * w -> un-permute -> sum over k
+          plain: zeros_like(x); for e: tok, j = where(ids == e);
+                 out.index_add_(0, tok, w2_e(silu(w1_e(x[tok])) * w3_e(x[tok])) * w[tok, j, None])
+or DeepSeek-V3's router (transformers' DeepseekV3TopkRouter):
+
+    scores = sigmoid(logits); choice = scores + bias                       # bias [E]: a graph input
+    group_scores = choice.view(T, G, E // G).topk(2)[0].sum(-1)            # n_group G
+    mask = zeros_like(group_scores).scatter_(1, topk(group_scores, TG)[1], 1) -> [T, E]
+    ids = topk(choice.masked_fill(~mask, -inf), k)[1]
+    w = scores.gather(1, ids); w /= w.sum(-1, keepdim=True) + 1e-20; w = w * scale
+After:
+
+    logits = linear(x, W_router)
+    w, ids = torch.ops.trtllm.moe_routing(logits, k, "softmax" | "sigmoid", renormalize,
+                                          G, TG, bias, scale)              # fp32, int32
+    out = torch.ops.trtllm.fused_moe(x, W13, W2, w, ids)
+
+W13 [E, 2I, H] and W2 [E, H, I] are HF's 3-D `gate_up_proj` / `down_proj` as they are (no copy),
+or per-expert gate/up/down weights stacked once here as constant inputs; after the first call
+the model's per-expert parameters become views of the stacks, so the weights are held once.
+
+How a block is found, whatever its form: from each top-k of softmax or sigmoid scores (the
+routing: softmax -> topk matched exactly, fp32 softmax and top-k over the last dim, the
+renormalisation and the cast the only other ops; the sigmoid routing's parameters read off
+its graph, then the routing run once on random logits beside `moe_routing_ref`, its ids and
+weights compared in any order), the expert computation is the region of the graph that reads the
+routing's ids and weights and ends in one tensor `out` of x's shape through which every later
+use passes (in-place ops such as `index_add_` are followed as new versions of their tensor).
+The region may read only x, the routing's ids and weights, parameters and sizes. Its expert
+weights are taken as HF's two 3-D tensors, or as per-expert `down(silu(gate(a)) * up(a))`
+linears in graph order. Then, since a graph region cannot be proven equal to the op by its
+shape alone (a gate/up interleaving, a transposed layout, another activation look alike), the
+region is run once here, on random tokens with random distinct expert ids and the real weights,
+beside `fused_moe_ref`: only a region that agrees (relative error 1e-3 in fp32, 3e-2 in
+bf16/fp16) is replaced. A block that fails any step is left as captured, with a warning and a
+note in `summary()` naming it and why: never replaced on a guess.
+
+Differences within rounding: the op's routing weights stay fp32 (HF Qwen/OLMoE cast them to
+the model dtype), and the kernel rounds the expert activations once (see kernels/fused_moe.py).
+Not matched today: other routings (DeepSeek-V2's group_limited_greedy, top-k before the
+softmax), experts with biases or another activation than SiLU, and HF's `eager` experts (a
+Python loop over `nonzero` that dynamo cannot capture in one graph; models/hf.py switches
+them to `batched_mm`). Top-k nodes of other inputs (DeepSeek's per-group top-2) are not
+routings and pass silently.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+import trtllm.kernels.fused_moe  # noqa: F401  (registers torch.ops.trtllm.fused_moe, moe_routing)
+import trtllm.kernels.moe_routing  # noqa: F401
+from trtllm.kernels.fused_moe import fused_moe_ref
+from trtllm.kernels.moe_routing import moe_routing_ref
+from trtllm.passes.context import PassContext
+from trtllm.passes.match import arg, describe, is_float32_cast, kind, module_path, mutates, value
+
+_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+
+
+class NotMatched(Exception):
+    """Why a block is left as captured."""
+
+
+@dataclass
+class Routing:
+    topk: fx.Node
+    logits: fx.Node        # the router's logits [.., E], before any cast
+    top_k: int
+    renormalize: bool
+    ids: fx.Node           # topk's indices [.., k]
+    weights: fx.Node       # the routing weights as the experts read them [.., k]
+    chain: list[fx.Node]   # the nodes from the logits (excluded) to ids and weights, in graph order
+    scoring: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    bias: fx.Node | None = None    # e_score_correction_bias [E], a graph input
+    scale: float = 1.0             # routed_scaling_factor
+
+    def op_args(self, logits: fx.Node) -> tuple:
+        """torch.ops.trtllm.moe_routing's arguments."""
+        return (logits, self.top_k, self.scoring, self.renormalize, self.n_group, self.topk_group, self.bias,
+                self.scale)
+
+
+@dataclass
+class Experts:
+    w13: fx.Node           # [E, 2I, H] graph input
+    w2: fx.Node            # [E, H, I] graph input
+    per_expert: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None  # (gate, up, down) if stacked
+
+
+def fuse_moe(graph: fx.Graph, ctx: PassContext) -> int:
+    matches = 0
+    erased: set[fx.Node] = set()
+    for topk in [n for n in graph.nodes if kind(n) == "topk"]:
+        scores = _scores(topk)
+        if topk in erased or scores is None:  # not a routing's top-k (e.g. DeepSeek's top-2 per group)
+            continue
+        try:
+            routing = _routing(topk) if kind(scores) == "softmax" else _sigmoid_routing(topk, scores, ctx)
+            erased |= _fuse(graph, ctx, routing)
+            matches += 1
+        except NotMatched as e:
+            note = f"fuse_moe: the MoE routing {describe(topk)}: {e}"
+            warnings.warn(f"trtllm.compile: {note}; the block runs unfused")
+            ctx.notes.append(note)
+    return matches
+
+
+def _scores(topk: fx.Node) -> fx.Node | None:
+    """The softmax or sigmoid scores a top-k picks from (through DeepSeek's group mask and
+    score-correction bias), or None: then it is not a routing top-k."""
+    x = topk.args[0]
+    if x.op == "call_method" and x.target == "masked_fill":
+        x = x.args[0]
+    if kind(x) == "add":
+        x = next((a for a in x.args if kind(a) == "sigmoid"), x)
+    return x if kind(x) in ("softmax", "sigmoid") else None
+
+
+def _routing(topk: fx.Node) -> Routing:
+    """The routing ending at `topk`, matched op for op."""
+    probs, top_k = arg(topk, 0, "input"), arg(topk, 1, "k")
+    if topk.op == "call_method":
+        probs, top_k = topk.args[0], arg(topk, 1, "k")
+    dim, largest = topk.kwargs.get("dim", topk.args[2] if len(topk.args) > 2 else -1), topk.kwargs.get("largest", True)
+    pv = value(probs)
+    if not isinstance(top_k, int) or largest is not True or pv is None or dim not in (-1, pv.dim() - 1):
+        raise NotMatched("not a top-k of the largest over the last dim with a constant k")
+    if len(probs.users) != 1:
+        raise NotMatched("the softmax scores are read besides the top-k")
+    sdim = probs.kwargs.get("dim", probs.args[1] if len(probs.args) > 1 else None)
+    if sdim not in (-1, pv.dim() - 1) or pv.dtype != torch.float32:
+        raise NotMatched("softmax not over the last dim in fp32")
+    logits, chain = probs.args[0], [probs, topk]
+    if is_float32_cast(logits) and len(logits.users) == 1:
+        chain.insert(0, logits)
+        logits = logits.args[0]
+    lv = value(logits)
+    if not isinstance(lv, torch.Tensor) or lv.dtype not in _TOLERANCE:
+        raise NotMatched("router logits are not a float tensor")
+    getitems = {u.args[1]: u for u in topk.users if u.target is operator.getitem}
+    if set(getitems) != {0, 1} or len(topk.users) != 2:
+        raise NotMatched("top-k values and indices are not read as two outputs")
+    weights, ids = getitems[0], getitems[1]
+    chain += [weights, ids]
+    renormalize = False
+    while True:  # the weights' chain: renormalisation, then a cast, each read only by the next
+        users = list(weights.users)
+        if len(users) == 2 and not renormalize:
+            div = next((u for u in users if u.target in (operator.truediv, operator.itruediv, torch.div)), None)
+            total = next((u for u in users if kind(u) == "sum"), None)
+            if div is None or total is None or div.args[0] is not weights or div.args[1] is not total:
+                break
+            if len(total.users) != 1 or not _sums_last_dim_keepdim(total, value(weights).dim()):
+                break
+            weights, renormalize = div, True
+            chain += [total, div]
+        elif len(users) == 1 and kind(users[0]) in ("to", "float", "type_as") and users[0].args[0] is weights:
+            weights = users[0]
+            chain.append(weights)
+        else:
+            break
+    return Routing(topk, logits, top_k, renormalize, ids, weights, chain)
+
+
+def _sigmoid_routing(topk: fx.Node, scores: fx.Node, ctx: PassContext) -> Routing:
+    """DeepSeek-V3's router: sigmoid scores, + score-correction bias for the choice, grouped
+    top-k (groups scored by their 2 best, the topk_group best kept), weights gathered from the
+    scores, renormalised (+1e-20), times routed_scaling_factor. Its ops vary more than softmax
+    routing's, so the parameters are read off the graph and the routing is run once on random
+    logits beside moe_routing_ref before it is trusted."""
+    top_k = arg(topk, 1, "k")
+    if not isinstance(top_k, int) or topk.kwargs.get("largest", True) is not True:
+        raise NotMatched("not a top-k of the largest with a constant k")
+    if len(topk.users) != 1 or next(iter(topk.users)).target is not operator.getitem \
+            or next(iter(topk.users)).args[1] != 1:
+        raise NotMatched("sigmoid routing whose top-k values are read (DeepSeek-V3 gathers the scores at the ids)")
+    ids = next(iter(topk.users))
+    gather = next((u for u in ids.users if _is_gather(u) and u.args[0] is scores), None)
+    if gather is None:
+        raise NotMatched("sigmoid routing without the scores gathered at the chosen ids")
+    weights, renormalize, scale = gather, False, 1.0
+    while True:  # renormalisation (sum, + eps, divide), scaling by a constant, casts
+        users = list(weights.users)
+        total = next((u for u in users if kind(u) == "sum"), None)
+        div = next((u for u in users if u.target in (operator.truediv, operator.itruediv, torch.div)), None)
+        if len(users) == 2 and not renormalize and total is not None and div is not None and div.args[0] is weights:
+            denominator = div.args[1]
+            if denominator is not total and not (kind(denominator) == "add" and total in denominator.args
+                                                 and all(a is total or (isinstance(a, float) and a < 1e-6)
+                                                         for a in denominator.args)):
+                break
+            weights, renormalize = div, True
+        elif len(users) == 1 and kind(users[0]) == "mul" and any(isinstance(a, float) for a in users[0].args):
+            scale *= next(a for a in users[0].args if isinstance(a, float))
+            weights = users[0]
+        elif len(users) == 1 and kind(users[0]) in ("to", "float", "type_as") and users[0].args[0] is weights:
+            weights = users[0]
+        else:
+            break
+    logits = scores.args[0]
+    choice = topk.args[0].args[0] if topk.args[0].target == "masked_fill" else topk.args[0]
+    bias = next((a for a in choice.args if a is not scores), None) if kind(choice) == "add" else None
+    if bias is not None and (ctx.inputs.tensor(bias) is None or ctx.inputs.tensor(bias).dim() != 1):
+        raise NotMatched("the score-correction bias is not a 1-D graph input")
+    nodes = list(topk.graph.nodes)
+    reads = _read_versions(nodes)
+    chain = _between(nodes, reads, logits, {ids, weights})
+    groups = [value(n).shape[-2] for n in chain if n.op == "call_method" and n.target in ("view", "reshape")
+              and n.args[0] is choice and value(n).dim() == 3]
+    group_topks = [arg(n, 1, "k") for n in chain if kind(n) == "topk" and kind(n.args[0]) == "sum"]
+    n_group = groups[0] if groups else 1
+    topk_group = group_topks[0] if group_topks else 1
+    if not (isinstance(n_group, int) and isinstance(topk_group, int)) or len(groups) > 1 or len(group_topks) > 1:
+        raise NotMatched("the expert groups or the groups kept are not constants")
+    for n in chain:
+        if any(u not in chain and n not in (ids, weights) for u in n.users):
+            raise NotMatched(f"the routing's {n.name} is read outside it")
+    routing = Routing(topk, logits, top_k, renormalize, ids, weights, chain, "sigmoid", n_group, topk_group, bias, scale)
+    _check_routing(routing, ctx)
+    return routing
+
+
+def _between(nodes, reads, start: fx.Node, ends: set[fx.Node]) -> list[fx.Node]:
+    """The nodes on some path from `start` (excluded) to `ends` (included), versions followed."""
+    below = _descendants(nodes, reads, {start})
+    above = set(ends)
+    for n in reversed(nodes):
+        if n in above:
+            above.update(reads[n].values())
+    return [n for n in nodes if n in below and n in above]
+
+
+def _is_gather(n: fx.Node) -> bool:
+    return (n.op == "call_method" and n.target == "gather") or (n.op == "call_function" and n.target is torch.gather)
+
+
+def _check_routing(routing: Routing, ctx: PassContext) -> None:
+    """The routing's ids and weights on random logits equal moe_routing_ref's (in any order)."""
+    chain = set(routing.chain)
+    inputs = [routing.logits] + sorted({a for n in routing.chain for a in n.all_input_nodes
+                                        if a not in chain and a is not routing.logits}, key=lambda a: a.name)
+    module = _subgraph(routing.chain, inputs, (routing.ids, routing.weights))
+    lv = value(routing.logits)
+    shape = tuple(_hint(d) for d in lv.shape)
+    bias = ctx.inputs.tensor(routing.bias) if routing.bias is not None else None
+    dev = bias.device if bias is not None else torch.device("cpu")
+    for a in inputs[1:]:
+        if ctx.inputs.tensor(a) is None and not isinstance(value(a), torch.SymInt):
+            raise NotMatched(f"the routing reads {a.name} besides its logits and parameters")
+        if ctx.inputs.tensor(a) is not None:
+            dev = ctx.inputs.tensor(a).device
+    g = torch.Generator(device=dev).manual_seed(0)
+    logits = torch.randn(shape, generator=g, device=dev).to(lv.dtype)
+    args = [logits, *(ctx.inputs.tensor(a) if ctx.inputs.tensor(a) is not None else _hint(value(a))
+                      for a in inputs[1:])]
+    try:
+        with torch.no_grad():
+            ids, weights = module(*args)
+        want_w, want_ids = moe_routing_ref(logits.reshape(-1, shape[-1]), routing.top_k, routing.scoring,
+                                           routing.renormalize, routing.n_group, routing.topk_group, bias,
+                                           routing.scale)
+    except Exception as e:
+        raise NotMatched(f"the routing could not be checked on random logits ({type(e).__name__}: {e})") from None
+    ids, weights = ids.reshape(want_ids.shape).long(), weights.reshape(want_w.shape).float()
+    order, want_order = ids.argsort(dim=-1), want_ids.long().argsort(dim=-1)
+    same_ids = torch.equal(ids.gather(1, order), want_ids.long().gather(1, want_order))
+    if not same_ids or not torch.allclose(weights.gather(1, order), want_w.gather(1, want_order),
+                                          rtol=1e-4, atol=1e-6):
+        raise NotMatched(f"the sigmoid routing differs from moe_routing's with n_group={routing.n_group}, "
+                         f"topk_group={routing.topk_group}, renormalize={routing.renormalize}, "
+                         f"scale={routing.scale} on random logits")
+
+
+def _subgraph(region_in_order: list[fx.Node], inputs: list[fx.Node], outputs) -> fx.GraphModule:
+    """The nodes `region_in_order` as a module of `inputs` returning `outputs`."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in inputs:
+        env[n] = graph.placeholder(n.name)
+    for n in region_in_order:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(tuple(env[o] for o in outputs) if isinstance(outputs, tuple) else env[outputs])
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _sums_last_dim_keepdim(total: fx.Node, ndim: int) -> bool:
+    dim = total.kwargs.get("dim", total.args[1] if len(total.args) > 1 else None)
+    keepdim = total.kwargs.get("keepdim", total.args[2] if len(total.args) > 2 else False)
+    return dim in (-1, ndim - 1, (-1,), [-1]) and keepdim is True
+
+
+def _fuse(graph: fx.Graph, ctx: PassContext, routing: Routing) -> set[fx.Node]:
+    """Replace the block `routing` starts; returns the nodes erased."""
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    reads = _read_versions(nodes)
+    readers: dict[fx.Node, set[fx.Node]] = {n: set() for n in nodes}  # version -> nodes reading it
+    for n, versions in reads.items():
+        for v in versions.values():
+            readers[v].add(n)
+    seeds = {routing.ids, routing.weights}
+    after_routing = _descendants(nodes, reads, seeds) - set(routing.chain)  # DeepSeek gathers at the ids
+    ids_v = value(routing.ids)
+    for out in [n for n in nodes if n in after_routing]:
+        ov = value(out)
+        if not isinstance(ov, torch.Tensor) or ov.dim() != ids_v.dim() or _dims(ov)[:-1] != _dims(ids_v)[:-1]:
+            continue
+        region = _region(nodes, reads, readers, after_routing, seeds, out)
+        if region is not None:
+            break
+    else:
+        raise NotMatched("no expert computation found after it: no tensor of the tokens' shape through which "
+                         "every use of the routing passes, reading only the hidden states, the routing and weights")
+    for seed in seeds:
+        if any(u not in region and u not in routing.chain for u in seed.users):
+            raise NotMatched(f"the routing's {seed.name} is read outside the expert computation")
+    x, params, sizes = _region_inputs(region, seeds, _dims(ids_v)[:-1], ctx)
+    xv, outv = value(x), value(out)
+    if _dims(outv) != _dims(xv) or xv.dtype not in _TOLERANCE:
+        raise NotMatched(f"the expert computation's output {out.name} is not of its input {x.name}'s shape")
+    if max(order[x], order[routing.logits]) > order[out]:
+        raise NotMatched("the hidden states or the router logits come after the expert computation")
+    for n in region:
+        if mutates(n) and n.args[0] not in region:
+            raise NotMatched(f"{describe(n)} writes into a tensor made outside the expert computation")
+    experts = _expert_weights(graph, ctx, region, params, xv, value(routing.logits).shape[-1])
+    where = module_path(out) or out.name
+    _check_numerics(region, out, x, routing, params, sizes, experts, ctx, where)
+
+    fake_mode = xv.fake_mode
+    with graph.inserting_before(out), fake_mode:
+        logits = routing.logits
+        if value(logits).dim() != 2:
+            logits = _node(graph, "call_method", "reshape", (logits, -1, value(logits).shape[-1]), out)
+        routed = _node(graph, "call_function", torch.ops.trtllm.moe_routing.default, routing.op_args(logits), out)
+        topk_weights = _node(graph, "call_function", operator.getitem, (routed, 0), out)
+        topk_ids = _node(graph, "call_function", operator.getitem, (routed, 1), out)
+        x2d = x if xv.dim() == 2 else _node(graph, "call_method", "reshape", (x, -1, xv.shape[-1]), out)
+        fused = _node(graph, "call_function", torch.ops.trtllm.fused_moe.default,
+                      (x2d, experts.w13, experts.w2, topk_weights, topk_ids), out)
+        if xv.dim() != 2:
+            fused = _node(graph, "call_method", "view_as", (fused, x), out)
+        if outv.dtype != xv.dtype:  # e.g. Mixtral sums its fp32-weighted experts in fp32
+            fused = _node(graph, "call_method", "to", (fused, outv.dtype), out)
+    for user in [u for u in nodes if u not in region and u.op != "placeholder"]:
+        for a in list(user.all_input_nodes):
+            if a in region:  # _region checked: it reads `out`'s final version
+                user.replace_input_with(a, fused)
+    for n in reversed(nodes):
+        if n in region:
+            graph.erase_node(n)
+    for n in reversed(routing.chain):  # all read only inside the chain and the region now erased
+        graph.erase_node(n)
+    if experts.per_expert is not None:
+        ctx.after_first_call.append(functools.partial(
+            share_stacked_storage, experts.per_expert, ctx.inputs.tensor(experts.w13), ctx.inputs.tensor(experts.w2)))
+    return region | set(routing.chain)
+
+
+def _node(graph: fx.Graph, op: str, target, args: tuple, like: fx.Node) -> fx.Node:
+    """A new node with `like`'s meta and its example value computed on fake tensors."""
+    new = graph.create_node(op, target, args)
+    new.meta.update(like.meta)
+    fake_mode = value(like).fake_mode
+    fake_args = [value(a) if isinstance(a, fx.Node) else a for a in args]
+    fake_args = [fake_mode.from_tensor(a, static_shapes=True)  # a constant input added by this pass
+                 if isinstance(a, torch.Tensor) and not isinstance(a, FakeTensor) else a for a in fake_args]
+    if op == "call_method":
+        new.meta["example_value"] = getattr(fake_args[0], target)(*fake_args[1:])
+    else:
+        new.meta["example_value"] = target(*fake_args)
+    return new
+
+
+def _dims(t: torch.Tensor) -> tuple[str, ...]:
+    """A tensor's sizes as strings, so symbolic sizes compare without guarding on them."""
+    return tuple(str(d) for d in t.shape)
+
+
+def _read_versions(nodes: list[fx.Node]) -> dict[fx.Node, dict[fx.Node, fx.Node]]:
+    """For each node, the version of each input it reads: the input itself, or the last
+    in-place op on it before this node (`out.index_add_(...)` makes a new version of `out`)."""
+    latest: dict[fx.Node, fx.Node] = {}
+    reads = {}
+    for n in nodes:
+        reads[n] = {a: latest.get(a, a) for a in n.all_input_nodes}
+        if mutates(n) and isinstance(n.args[0], fx.Node):
+            latest[n.args[0]] = n
+    return reads
+
+
+def _descendants(nodes, reads, roots: set[fx.Node]) -> set[fx.Node]:
+    """Nodes that read (a version of) `roots`' outputs, transitively; the roots excluded."""
+    found = set(roots)
+    for n in nodes:
+        if n not in found and any(v in found for v in reads[n].values()):
+            found.add(n)
+    return found - roots
+
+
+def _region(nodes, reads, readers, after_routing, seeds, out) -> set[fx.Node] | None:
+    """The expert computation ending at `out`, or None if it does not close there."""
+    below = _descendants(nodes, reads, {out})
+    region = {n for n in after_routing if n not in below} | {out}
+    tokens = _dims(value(next(iter(seeds))))[:-1]
+    for n in reversed(nodes):  # what only the region reads (weight views, zeros_like(x), x repeated k times),
+        # except a tensor of the tokens' shape made from other values: the hidden states it reads
+        if (n not in region and n not in seeds and n.op not in ("placeholder", "output") and readers[n]
+                and readers[n] <= region and (_is_factory(n) or not _of_tokens(n, tokens))):
+            region.add(n)
+    for n in region:  # closed: what is read outside is `out` (its last version), nothing else
+        if any(user not in region and reads[user][n] is not out for user in n.users):
+            return None
+    return region
+
+
+# ops whose output's values do not depend on their tensor arguments' values (only shapes)
+_FACTORIES = {torch.zeros_like, torch.empty_like, torch.ones_like, torch.full_like, torch.zeros, torch.empty,
+              torch.ones, torch.full, torch.arange}
+
+
+def _is_factory(n: fx.Node) -> bool:
+    return ((n.op == "call_function" and n.target in _FACTORIES)
+            or (n.op == "call_method" and n.target in ("new_zeros", "new_empty", "new_ones", "new_full")))
+
+
+def _of_tokens(n: fx.Node, tokens: tuple[str, ...]) -> bool:
+    v = value(n)
+    return isinstance(v, torch.Tensor) and v.is_floating_point() and _dims(v)[:-1] == tokens
+
+
+def _region_inputs(region, seeds, tokens: tuple[str, ...], ctx) -> tuple[fx.Node, list[fx.Node], list[fx.Node]]:
+    """(the hidden states: the one input of the tokens' leading sizes, the parameters, the size
+    nodes) the region reads besides the routing."""
+    hidden, params, sizes, others = [], [], [], []
+    for n in region:
+        for a in n.all_input_nodes:
+            if a in region or a in seeds or a in hidden or a in params or a in sizes or a in others:
+                continue
+            v = value(a)
+            if isinstance(v, torch.SymInt):
+                sizes.append(a)
+            elif isinstance(v, torch.Tensor) and _dims(v)[:-1] == tokens:
+                hidden.append(a)
+            elif ctx.inputs.tensor(a) is not None:
+                params.append(a)
+            else:
+                others.append(a)
+    if len(hidden) != 1 or others:
+        raise NotMatched(f"the expert computation reads {[n.name for n in hidden + others]} besides the routing "
+                         "and parameters (one hidden-states tensor expected)")
+    return hidden[0], params, sizes
+
+
+def _expert_weights(graph, ctx, region, params, xv, num_experts) -> Experts:
+    """W13 [E, 2I, H] and W2 [E, H, I] from the region's parameters."""
+    tensors = {p: ctx.inputs.tensor(p) for p in params}
+    hidden = xv.shape[-1]
+    if len(params) == 2 and all(t.dim() == 3 for t in tensors.values()):  # HF's gate_up_proj, down_proj
+        for w13, w2 in (params, params[::-1]):
+            a, b = tensors[w13], tensors[w2]
+            if (a.shape[0] == b.shape[0] == num_experts and a.shape[2] == hidden and b.shape[1] == hidden
+                    and a.shape[1] == 2 * b.shape[2] and a.dtype == b.dtype == xv.dtype
+                    and a.stride(-1) == 1 and b.stride(-1) == 1):
+                return Experts(w13, w2, None)
+        raise NotMatched(f"3-D expert weights of shapes {[tuple(t.shape) for t in tensors.values()]} are not "
+                         f"[E={num_experts}, 2I, H={hidden}] and [E, H, I] of the model's dtype")
+    triples = []  # per expert: down(silu(gate(a)) * up(a)), in graph order
+    linears = [n for n in graph.nodes if n in region and kind(n) == "linear"]
+    for down in linears:
+        h = down.args[0]
+        if kind(h) != "mul" or len(h.args) != 2:
+            continue
+        act = next((a for a in h.args if kind(a) == "silu"), None)
+        up = h.args[1] if h.args[0] is act else h.args[0]
+        gate = act.args[0] if act is not None else None
+        if kind(gate) != "linear" or kind(up) != "linear" or not _same_value(gate.args[0], up.args[0]):
+            continue
+        triples.append((gate, up, down))
+    used = [lin for t in triples for lin in t]
+    if (not triples or len(triples) != num_experts or sorted(used, key=id) != sorted(linears, key=id)
+            or len(params) != 3 * num_experts):
+        raise NotMatched(f"expert weights of no recognised layout: {len(params)} parameters "
+                         f"{sorted({tuple(t.shape) for t in tensors.values()})}, {len(triples)} of {num_experts} "
+                         "experts found as down(silu(gate(a)) * up(a)) without biases")
+    per_expert = []
+    for lins in triples:
+        ws = [ctx.inputs.tensor(arg(lin, 1, "weight")) for lin in lins]
+        if any(w is None or w.dtype != xv.dtype for w in ws) or any(arg(lin, 2, "bias") is not None for lin in lins):
+            raise NotMatched("an expert linear has a bias or a weight computed in the graph")
+        per_expert.append(tuple(ws))
+    gates, ups, downs = zip(*per_expert)
+    if len({w.shape for w in gates + ups}) != 1 or len({w.shape for w in downs}) != 1:
+        raise NotMatched("the experts' linears differ in shape")
+    name = triples[0][2].name
+    w13 = torch.stack([torch.cat([g.detach(), u.detach()]) for g, u in zip(gates, ups)])  # [E, 2I, H]
+    w2 = torch.stack([d.detach() for d in downs])  # [E, H, I]
+    return Experts(ctx.inputs.add_constant(f"{name}_moe_w13", w13), ctx.inputs.add_constant(f"{name}_moe_w2", w2),
+                   per_expert)
+
+
+def _same_value(a: fx.Node, b: fx.Node) -> bool:
+    """One node, or two nodes computing the same thing from the same inputs (`x[tok]` twice)."""
+    return a is b or (a.op == b.op == "call_function" and a.target == b.target and a.args == b.args
+                      and a.kwargs == b.kwargs)
+
+
+def _check_numerics(region, out, x, routing, params, sizes, experts, ctx, where) -> None:
+    """Run the region on random tokens and ids with the real weights beside fused_moe_ref."""
+    inputs = [x, routing.ids, routing.weights, *params, *sizes]
+    module = _subgraph([n for n in out.graph.nodes if n in region], inputs, out)
+
+    xv, idv, wv = value(x), value(routing.ids), value(routing.weights)
+    w13, w2 = ctx.inputs.tensor(experts.w13), ctx.inputs.tensor(experts.w2)
+    dev, num_experts = w13.device, w13.shape[0]
+    shape = tuple(_hint(d) for d in xv.shape)
+    tokens, top_k = shape[:-1], idv.shape[-1]
+    g = torch.Generator(device=dev).manual_seed(0)
+    x_real = torch.randn(shape, generator=g, device=dev).to(xv.dtype)
+    ids = torch.rand((*tokens, num_experts), generator=g, device=dev).argsort(dim=-1)[..., :top_k]
+    weights = torch.rand((*tokens, top_k), generator=g, device=dev)
+    args = [x_real, ids.to(idv.dtype), weights.to(wv.dtype), *(ctx.inputs.tensor(p) for p in params),
+            *(_hint(value(s)) for s in sizes)]
+    try:
+        with torch.no_grad():
+            got = module(*args).float().reshape(-1, shape[-1])
+    except Exception as e:  # the region needs what random ids cannot give it: not provable here
+        raise NotMatched(f"the expert computation at {where} could not be run on random ids "
+                         f"({type(e).__name__}: {e})") from None
+    want = fused_moe_ref(x_real.reshape(-1, shape[-1]), w13, w2, weights.reshape(-1, top_k).to(wv.dtype),
+                         ids.reshape(-1, top_k).to(torch.int32)).float()
+    err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+    if not err <= _TOLERANCE[xv.dtype]:
+        raise NotMatched(f"the expert computation at {where} differs from fused_moe's (relative error {err:.3g} on "
+                         "random tokens: another activation, weight layout or combine)")
+
+
+def _hint(d) -> int:
+    """A size's value in the example inputs (a symbolic size's hint)."""
+    if isinstance(d, int):
+        return d
+    hint = d.node.hint
+    if hint is None:
+        raise NotMatched(f"a size of the expert computation ({d}) is data-dependent outside it")
+    return int(hint)
+
+
+def share_stacked_storage(per_expert, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """Point each expert's gate, up, down Parameters at views of the stacked W13 [E, 2I, H] and
+    W2 [E, H, I], so the model holds the expert weights once, not twice."""
+    with torch.no_grad():
+        for e, (gate, up, down) in enumerate(per_expert):
+            inter = gate.shape[0]
+            for p, view in ((gate, w13[e, :inter]), (up, w13[e, inter:]), (down, w2[e])):
+                if isinstance(p, torch.nn.Parameter):
+                    p.data = view
+

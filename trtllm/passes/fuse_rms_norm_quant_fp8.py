@@ -1,0 +1,119 @@
+"""An RMS norm that feeds only FP8 linears leaves as FP8: `trtllm.rms_norm_quant_fp8`.
+
+Before (after quantize_linears and fuse_rms_norm / fuse_add_rms_norm; q/k/v stacked, or
+gate/up, so usually one quantization per norm):
+
+    y = torch.ops.trtllm.rms_norm(x, w, eps)              # x [.., H]
+    xq, xs = torch.ops.trtllm.quantize_fp8(y.reshape(-1, H), group)
+After:
+
+    xq, xs = torch.ops.trtllm.rms_norm_quant_fp8(x.reshape(-1, H), w, eps, group)
+
+and with the residual add (the sum is the next residual, as before):
+
+    y, h = torch.ops.trtllm.fused_add_rms_norm(x, r, w, eps)
+    xq, xs = torch.ops.trtllm.quantize_fp8(y.reshape(-1, H), group)
+becomes
+    xq, xs, h2 = torch.ops.trtllm.fused_add_rms_norm_quant_fp8(x.reshape(-1, H), r.reshape(-1, H), w, eps, group)
+    h = h2.view_as(x)
+
+The normalized row is never written in bf16 and no quantize kernel runs between the norm
+and the GEMM. Matched only where every use of the norm's output is such a quantization,
+all with one group size (a norm that also feeds a bf16 linear, e.g. a tied LM head, stays
+as it is). Gemma's norm (`unit_offset`) fuses the same way. Static input scales
+(quantize_linears' in-graph division) are not fused.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+import trtllm.kernels.rms_norm  # noqa: F401  (registers the ops)
+import trtllm.kernels.rms_norm_quant_fp8  # noqa: F401
+from trtllm.passes.context import PassContext
+from trtllm.passes.match import value
+
+
+def _quantizations(normed: fx.Node, hidden: int) -> tuple[list[fx.Node], list[fx.Node], object] | None:
+    """(the reshapes, the quantize_fp8 nodes, their group size) if `normed` feeds only
+    `quantize_fp8(normed.reshape(-1, hidden), group)` with one group size (and `normed.size(d)`,
+    which quantize_linears reads to shape its output); else None."""
+    reshapes = [u for u in normed.users if not (u.op == "call_method" and u.target == "size")]
+    quantizes = []
+    for r in reshapes:
+        if not (r.op == "call_method" and r.target == "reshape" and r.args[1:] == (-1, hidden) and not r.kwargs):
+            return None
+        for q in r.users:
+            if q.target is not torch.ops.trtllm.quantize_fp8.default or q.args[0] is not r:
+                return None
+            quantizes.append(q)
+    groups = {q.args[1] if len(q.args) > 1 else q.kwargs.get("group_size") for q in quantizes}
+    if not quantizes or len(groups) != 1:
+        return None
+    return reshapes, quantizes, groups.pop()
+
+
+def _reshaped(graph: fx.Graph, x: fx.Node, hidden: int) -> fx.Node:
+    node = graph.call_method("reshape", (x, -1, hidden))
+    xv = value(x)
+    with xv.fake_mode:
+        node.meta["example_value"] = xv.new_empty((xv.numel() // hidden, hidden))
+    return node
+
+
+def fuse_rms_norm_quant_fp8(graph: fx.Graph, ctx: PassContext) -> int:
+    matches = 0
+    plain, with_add = torch.ops.trtllm.rms_norm.default, torch.ops.trtllm.fused_add_rms_norm.default
+    for norm in [n for n in graph.nodes if n.target in (plain, with_add)]:
+        xv = value(norm.args[0])
+        if xv is None:
+            continue
+        hidden = xv.shape[-1]
+        if norm.target is plain:
+            x, weight, eps, *unit_offset = norm.args
+            found = _quantizations(norm, hidden)
+            if found is None:
+                continue
+            reshapes, quantizes, group = found
+            with graph.inserting_before(norm):
+                new = graph.call_function(torch.ops.trtllm.rms_norm_quant_fp8.default,
+                                          (_reshaped(graph, x, hidden), weight, eps, group, *unit_offset))
+            new.meta["example_value"] = quantizes[0].meta.get("example_value")
+            dead = [*quantizes, *reshapes, norm]
+        else:
+            x, residual, weight, eps, *unit_offset = norm.args
+            getitems = {u.args[1]: u for u in norm.users if u.target is operator.getitem}
+            if len(getitems) != len(norm.users) or 0 not in getitems:
+                continue
+            found = _quantizations(getitems[0], hidden)
+            if found is None:
+                continue
+            reshapes, quantizes, group = found
+            with graph.inserting_before(norm):
+                new = graph.call_function(
+                    torch.ops.trtllm.fused_add_rms_norm_quant_fp8.default,
+                    (_reshaped(graph, x, hidden), _reshaped(graph, residual, hidden), weight, eps, group,
+                     *unit_offset))
+            q_fake, s_fake = quantizes[0].meta.get("example_value") or (None, None)
+            with xv.fake_mode:
+                flat = xv.new_empty((xv.numel() // hidden, hidden))
+            new.meta["example_value"] = (q_fake, s_fake, flat)
+            if 1 in getitems:  # the sum, the next residual: back to x's shape
+                with graph.inserting_before(norm):
+                    flat_sum = graph.call_function(operator.getitem, (new, 2))
+                    summed = graph.call_method("view_as", (flat_sum, x))
+                flat_sum.meta["example_value"] = flat
+                summed.meta.update(getitems[1].meta)
+                getitems[1].replace_all_uses_with(summed)
+            dead = [*quantizes, *reshapes, *getitems.values(), norm]
+        normed = norm if norm.target is plain else getitems[0]
+        for size in [u for u in normed.users if u.op == "call_method" and u.target == "size"]:
+            size.replace_input_with(normed, x)  # x has the normalized output's shape
+        for q in quantizes:
+            q.replace_all_uses_with(new)  # (xq, xs) at the same tuple indices
+        for node in dead:
+            graph.erase_node(node)
+        matches += 1
+    return matches

@@ -1,0 +1,260 @@
+"""Pre-quantized FP8 checkpoints: which layout a directory uses, and its tensors as Fp8Linears.
+
+    layout = checkpoint_layout(path, hf_config)     # None for an unquantized checkpoint
+    tensors = Fp8CheckpointTensors(layout)
+    tensors.take(name, tensor) -> bool               # True: a quantization tensor, kept here
+    fp8 = tensors.finish(model)                      # Fp8Linears, every scale checked
+
+The three layouts people download (all scales multipliers: real ~ fp8 * scale):
+
+| layout | where it is said | weight scale | activations | KV scales |
+|---|---|---|---|---|
+| HF `quant_method: "fp8"` (Qwen3-FP8, DeepSeek-V3) | config.json `quantization_config` | `weight_scale_inv`: [1] / scalar, or [ceil(N/128), ceil(K/128)] with `weight_block_size: [128, 128]` | `activation_scheme` "dynamic" (per token, 1x128 groups with blocks) or "static" (`input_scale`) | - |
+| compressed-tensors (llm-compressor) | config.json `quantization_config`, `quant_method: "compressed-tensors"`, `config_groups` with 8-bit float weights | `weight_scale`: [1] (strategy "tensor"), [N, 1] ("channel"), blocks ("block", [128, 128]) | `input_activations` dynamic (per token) or static "tensor" (`input_scale`) | `self_attn.k_scale`, `v_scale` |
+| NVIDIA ModelOpt | `hf_quant_config.json` (`quantization.quant_algo` FP8 / FP8_PER_CHANNEL_PER_TOKEN), or config.json `quant_method: "modelopt"` | `weight_scale`: scalar ([N, 1] per channel) | `input_scale` (static) or none (per token) | `k_proj.k_scale`, `v_proj.v_scale` |
+
+A linear is quantized where its checkpoint weight is float8_e4m3fn; its scales must then be
+there, of a shape the layout allows, or loading fails naming the tensor. KV scales are
+collected into `Fp8Linears.kv_scales` for the KV cache's quantization; this module does not
+apply them. An LM head stored in FP8 is dequantized to the model's dtype (the head stays
+unquantized, as TensorRT-LLM keeps it).
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from trtllm.kernels.fp8_gemm import FP8_DTYPE, SCALE_BLOCK
+from trtllm.quantization.fp8_linears import Fp8Linear, Fp8Linears
+
+SUPPORTED = ("fp8 (HF transformers' FP8: quant_method \"fp8\")",
+             "compressed-tensors (FP8 weights and activations)",
+             "modelopt (NVIDIA ModelOpt FP8, hf_quant_config.json)")
+_KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    name: str                 # as messages say it: "HF fp8", "compressed-tensors", "ModelOpt"
+    weight_scale: str         # the tensor suffix: "weight_scale_inv" or "weight_scale"
+    static_inputs: bool       # input_scale tensors required (static activation scales)
+    block: bool               # 128x128 block weight scales
+    kv_cache_format: str | None = None  # "fp8" / "int8": what the checkpoint's k_scale / v_scale calibrate
+
+    def describe(self) -> str:
+        parts = ["128x128 block" if self.block else "per-tensor/per-channel", "weights",
+                 "static input scales" if self.static_inputs else "dynamic activations"]
+        return f"{self.name} checkpoint ({' '.join(parts[:2])}, {parts[2]})"
+
+
+class CheckpointError(ValueError):
+    """A quantized checkpoint trtllm cannot read; the message names the tensor or field."""
+
+
+def _unsupported(method) -> CheckpointError:
+    return CheckpointError(f"quantization_config.quant_method={method!r} is not supported; trtllm loads "
+                           f"FP8 checkpoints of these layouts: {'; '.join(SUPPORTED)}")
+
+
+def checkpoint_layout(path: Path, hf_config: dict) -> CheckpointLayout | None:
+    """The FP8 layout of checkpoint directory `path` (config.json already read into
+    `hf_config`), None if it is not quantized; anything else quantized is refused by name."""
+    modelopt_file = Path(path) / "hf_quant_config.json"
+    qc = hf_config.get("quantization_config")
+    if modelopt_file.is_file():
+        return _modelopt(json.loads(modelopt_file.read_text()).get("quantization") or {}, modelopt_file.name)
+    if not qc:
+        return None
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"config.json: quantization_config is {type(qc).__name__}, expected an object")
+    method = qc.get("quant_method")
+    if method == "fp8":
+        return _hf_fp8(qc)
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc)
+    if method == "modelopt":
+        return _modelopt(qc, "config.json quantization_config")
+    raise _unsupported(method)
+
+
+def _hf_fp8(qc: dict) -> CheckpointLayout:
+    scheme = qc.get("activation_scheme", "dynamic")
+    if scheme not in ("dynamic", "static"):
+        raise CheckpointError(f"quantization_config.activation_scheme={scheme!r}: expected 'dynamic' or 'static'")
+    block = qc.get("weight_block_size")
+    if block not in (None, [SCALE_BLOCK, SCALE_BLOCK]):
+        raise CheckpointError(f"quantization_config.weight_block_size={block!r}: only "
+                              f"[{SCALE_BLOCK}, {SCALE_BLOCK}] blocks (or none) are supported")
+    if block and scheme == "static":
+        raise CheckpointError("quantization_config: block weight scales with static activation scales are not "
+                              "supported (block weights take per-token-group activations)")
+    return CheckpointLayout("HF fp8", "weight_scale_inv", scheme == "static", block is not None)
+
+
+def _is_fp8(args: dict | None) -> bool:
+    return bool(args) and args.get("num_bits") == 8 and args.get("type") == "float"
+
+
+def _compressed_tensors(qc: dict) -> CheckpointLayout:
+    groups = qc.get("config_groups") or {}
+    if not groups:
+        raise CheckpointError("compressed-tensors quantization_config has no config_groups")
+    layouts = set()
+    for name, group in groups.items():
+        w, a = group.get("weights"), group.get("input_activations")
+        where = f"quantization_config.config_groups.{name}"
+        if not _is_fp8(w):
+            raise CheckpointError(f"{where}.weights={w!r}: only FP8 weights (num_bits 8, type 'float') are "
+                                  f"supported; {'; '.join(SUPPORTED)}")
+        if w.get("strategy") not in ("tensor", "channel", "block"):
+            raise CheckpointError(f"{where}.weights.strategy={w.get('strategy')!r}: expected 'tensor', "
+                                  "'channel' or 'block'")
+        if w.get("strategy") == "block" and w.get("block_structure") != [SCALE_BLOCK, SCALE_BLOCK]:
+            raise CheckpointError(f"{where}.weights.block_structure={w.get('block_structure')!r}: only "
+                                  f"[{SCALE_BLOCK}, {SCALE_BLOCK}] is supported")
+        if not _is_fp8(a):
+            raise CheckpointError(f"{where}.input_activations={a!r}: weight-only FP8 is not supported (the FP8 "
+                                  "GEMM quantizes the activations too: FP8 num_bits 8, type 'float')")
+        static = not a.get("dynamic", False)
+        if static and a.get("strategy") != "tensor":
+            raise CheckpointError(f"{where}.input_activations: static strategy {a.get('strategy')!r}: only "
+                                  "per-tensor static activation scales are supported")
+        if not static and a.get("strategy") not in ("token", "group", "tensor", None):
+            raise CheckpointError(f"{where}.input_activations.strategy={a.get('strategy')!r} is not supported")
+        block = w.get("strategy") == "block"
+        if block and static:
+            raise CheckpointError(f"{where}: block weights with static activation scales are not supported")
+        layouts.add(CheckpointLayout("compressed-tensors", "weight_scale", static, block,
+                                     _ct_kv_format(qc.get("kv_cache_scheme"))))
+    if len(layouts) != 1:
+        raise CheckpointError("compressed-tensors config_groups differ in granularity or activation scheme; "
+                              "one scheme for all linears is supported")
+    return layouts.pop()
+
+
+def _modelopt(q: dict, where: str) -> CheckpointLayout:
+    algo = q.get("quant_algo")
+    if algo not in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN"):
+        raise CheckpointError(f"{where}: ModelOpt quant_algo={algo!r} is not supported; of ModelOpt's "
+                              "algorithms trtllm loads FP8 and FP8_PER_CHANNEL_PER_TOKEN")
+    kv = {"FP8": "fp8", "INT8": "int8"}.get(q.get("kv_cache_quant_algo"))
+    return CheckpointLayout("ModelOpt", "weight_scale", algo == "FP8", False, kv)
+
+
+def _ct_kv_format(scheme: dict | None) -> str | None:
+    if not scheme or scheme.get("num_bits") != 8:
+        return None
+    return {"float": "fp8", "int": "int8"}.get(scheme.get("type"))
+
+
+def kv_cache_scales_by_layer(fp8: Fp8Linears, fmt: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The checkpoint's KV-cache scales as runtime/kv_cache_quant.py takes them, one
+    (k_scale, v_scale) per layer in layer order, for a cache of format `fmt` ("auto", "fp8",
+    "int8"); None where there are none, or where they calibrate another format (with a
+    warning: an FP8 scale is amax / 448, an INT8 one amax / 127)."""
+    if not fp8.kv_scales or fmt == "auto":
+        return None
+    if fp8.kv_cache_format != fmt:
+        warnings.warn(f"the checkpoint's KV-cache scales are for a {fp8.kv_cache_format or 'unnamed'} cache, not "
+                      f"the {fmt} cache asked for: they are not used")
+        return None
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in fp8.kv_scales.items():
+        found = re.search(r"layers\.(\d+)\.", name)
+        if found is None:
+            raise CheckpointError(f"KV-cache scale {name!r}: no layer index (model.layers.<i>.) in its name")
+        layers.setdefault(int(found.group(1)), {})[name.rsplit(".", 1)[1]] = t
+    out = []
+    for i in range(len(layers)):
+        pair = layers.get(i, {})
+        for kind in ("k_scale", "v_scale"):
+            if kind not in pair:
+                raise CheckpointError(f"KV-cache scales: layer {i} has no {kind} (the checkpoint has them for "
+                                      f"layers {sorted(layers)})")
+        out.append((pair["k_scale"], pair["v_scale"]))
+    return out
+
+
+def is_quantization_tensor(layout: CheckpointLayout, name: str) -> bool:
+    """A tensor the layout adds beside the model's own (scales)."""
+    return name.endswith(("." + layout.weight_scale, ".input_scale", *_KV_SCALE_SUFFIXES))
+
+
+class Fp8CheckpointTensors:
+    """Collects a quantized checkpoint's FP8 weights and scales as the loader streams it."""
+
+    def __init__(self, layout: CheckpointLayout, where: str):
+        self.layout, self.where = layout, where
+        self.weights: dict[str, torch.Tensor] = {}   # module path -> fp8 weight
+        self.scales: dict[str, torch.Tensor] = {}    # tensor name -> scale
+        self.kv_scales: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, tensor: torch.Tensor, device) -> bool:
+        """Keep `tensor` if it is an FP8 weight or a scale (True); else the loader loads it."""
+        if name.endswith(_KV_SCALE_SUFFIXES):
+            self.kv_scales[name] = tensor.float().to(device)
+            return True
+        if is_quantization_tensor(self.layout, name):
+            self.scales[name] = tensor.to(device)
+            return True
+        if name.endswith(".weight") and tensor.dtype == FP8_DTYPE:
+            self.weights[name.removesuffix(".weight")] = tensor.to(device).contiguous()
+            return True
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16) and tensor.is_floating_point():
+            raise CheckpointError(f"{self.where}: tensor {name!r} is {tensor.dtype}; of the low-precision types "
+                                  f"only {FP8_DTYPE} (e4m3) weights are supported")
+        return False
+
+    def _scale(self, path: str, suffix: str, allowed: list[tuple[int, ...]], kind: str) -> torch.Tensor:
+        name = f"{path}.{suffix}"
+        if name not in self.scales:
+            raise CheckpointError(f"{self.where}: {name!r} is missing: the FP8 weight {path}.weight needs its "
+                                  f"{kind} ({self.layout.describe()})")
+        s = self.scales.pop(name)
+        shape = tuple(s.shape)
+        if shape == ():  # ModelOpt's scalars
+            s, shape = s.reshape(1), (1,)
+        if len(allowed) > 1 and shape == (allowed[1][0],) and allowed[1][1:] == (1,):  # a [N] per-channel vector
+            s, shape = s.reshape(-1, 1), allowed[1]
+        if shape not in allowed:
+            raise CheckpointError(f"{self.where}: {name!r} has shape {tuple(s.shape)}; for weight "
+                                  f"{path}.weight the {self.layout.name} layout allows {allowed}")
+        if not s.is_floating_point() or not torch.isfinite(s.float()).all() or (s.float() <= 0).any():
+            raise CheckpointError(f"{self.where}: {name!r} must hold finite positive scales")
+        return s.float().contiguous()
+
+    def finish(self, model: nn.Module, dtype: torch.dtype) -> Fp8Linears:
+        """The Fp8Linears of what was taken, attached to `model`; an FP8 LM head is dequantized
+        into the model instead. Raises naming any scale that is missing, mis-shaped or unused."""
+        out = Fp8Linears(kv_scales=self.kv_scales, kv_cache_format=self.layout.kv_cache_format,
+                         source=self.layout.describe())
+        for path, w in self.weights.items():
+            n, k = w.shape
+            nb, kb = -(-n // SCALE_BLOCK), -(-k // SCALE_BLOCK)
+            allowed = [(nb, kb)] if self.layout.block else [(1,), (n, 1)]
+            weight_scale = self._scale(path, self.layout.weight_scale, allowed, "weight scale")
+            input_scale = self._scale(path, "input_scale", [(1,)], "static input scale") \
+                if self.layout.static_inputs else None
+            q = Fp8Linear(w, weight_scale, input_scale)
+            module = model.get_submodule(path)
+            if not isinstance(module, nn.Linear):
+                raise CheckpointError(f"{self.where}: {path}.weight is FP8 but {path} is a "
+                                      f"{type(module).__name__}, not a linear layer")
+            if path.split(".")[-1] == "lm_head" or module is _output_embeddings(model):
+                module._parameters["weight"] = nn.Parameter(q.dequantized(dtype), requires_grad=False)
+                continue
+            out.linears[path] = q
+        if self.scales:
+            raise CheckpointError(f"{self.where}: scales with no FP8 weight beside them: {sorted(self.scales)}")
+        out.attach(model)
+        return out
+
+
+def _output_embeddings(model: nn.Module):
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
