@@ -2,7 +2,8 @@
 
 Layers, lowest first; a module imports trtllm modules of its own layer or lower ones only:
 
-    config, sampling_params        user-facing values (TensorRT-LLM's names)
+    config, sampling_params        user-facing values (TensorRT-LLM's names); a rank's place in a
+                                   tensor-parallel group (parallel.tensor_parallel)
     kernels                        ops: reference, Triton kernel, launcher, registration
     attention_context              how the cache and metadata reach the graph's attention op
     quantization                   the FP8 description of a model, online quantization, checkpoint layouts
@@ -10,7 +11,8 @@ Layers, lowest first; a module imports trtllm modules of its own layer or lower 
     contract                       what a compilable model is: the probe, its spec, the refusals
     passes                         graph rewrites, each one function
     compile                        the pipeline: probe -> capture -> passes -> Inductor
-    runtime                        the engine: scheduler, model runner, sampler, LLM
+    runtime, parallel              the engine: scheduler, model runner, sampler, LLM; its
+                                   tensor-parallel workers
     serve, eval                    the OpenAI-compatible server; evaluation on the engine
     cli                            the commands
     trtllm (the package __init__)  the public names
@@ -31,7 +33,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "trtllm"
 
 LAYERS = [
-    ["trtllm.config", "trtllm.sampling_params"],
+    ["trtllm.config", "trtllm.sampling_params", "trtllm.parallel.tensor_parallel"],
     ["trtllm.kernels"],
     ["trtllm.attention_context"],
     ["trtllm.quantization"],
@@ -39,7 +41,7 @@ LAYERS = [
     ["trtllm.contract"],
     ["trtllm.passes"],
     ["trtllm.compile"],
-    ["trtllm.runtime"],
+    ["trtllm.runtime", "trtllm.parallel"],
     ["trtllm.serve", "trtllm.eval"],
     ["trtllm.cli"],
     ["trtllm"],

@@ -155,6 +155,20 @@ class AttentionMetadata:
         self._device_buffer.copy_(self._host_buffer, non_blocking=True)
         self.num_seqs, self.max_query_len, self.max_seq_len = n, max(query_lens, default=0), max(seq_lens, default=0)
 
+    def state(self) -> tuple:
+        """What describes this step, to describe it again elsewhere (`from_state`): a
+        tensor-parallel rank runs rank 0's step on its own cache (trtllm/parallel)."""
+        sizes = (self.max_num_tokens, self.max_num_seqs, self.max_blocks_per_seq)
+        return sizes, self._device_buffer.cpu().numpy(), (self.num_seqs, self.max_query_len, self.max_seq_len)
+
+    def load_state(self, state: tuple) -> None:
+        """Describe the step `state()` described (the capacities must match)."""
+        sizes, buffer, (self.num_seqs, self.max_query_len, self.max_seq_len) = state
+        if sizes != (self.max_num_tokens, self.max_num_seqs, self.max_blocks_per_seq):
+            raise ValueError(f"metadata of capacities {sizes} loaded into one of "
+                             f"{(self.max_num_tokens, self.max_num_seqs, self.max_blocks_per_seq)}")
+        self._device_buffer.copy_(torch.from_numpy(buffer))
+
     def _write_row(self, i: int, blocks: list[int]) -> None:
         """Row i of the block tables := blocks, writing only what it does not hold yet."""
         done, now = self._row_len[i], len(blocks)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import torch.nn as nn
 
 from trtllm.attention_context import in_attention_context, whole_sequences_context
 from trtllm.contract import AttentionSpec, CompileError, contract_module, model_path, probe_attention
+from trtllm.parallel.tensor_parallel import TensorParallel, local_kv_heads
 from trtllm.passes import DECODE_GRAPH_MAX_TOKENS, DECODE_GRAPH_PASSES, PASSES
 from trtllm.passes.context import AttentionLayers, GraphInputs, LMHead, PassContext
 from trtllm.quantization.fp8_linears import Fp8Linears, fp8_linears_of
@@ -61,7 +63,8 @@ class CompiledModel:
     """A model compiled for the paged runtime. `summary()` tells what the passes did."""
 
     def __init__(self, model: nn.Module, *, inductor: bool | None = None, passes=None,
-                 decode_graph_passes=None, block_size: int = 16, quantization: Fp8Linears | None = None):
+                 decode_graph_passes=None, block_size: int = 16, quantization: Fp8Linears | None = None,
+                 tensor_parallel: TensorParallel | None = None):
         # what the passes quantize (quantize_linears): given, or what loading put on the model
         self.quantization = quantization if quantization is not None else fp8_linears_of(model)
         self.module = contract_module(model)
@@ -70,7 +73,14 @@ class CompiledModel:
         self.passes = list(PASSES if passes is None else passes)
         self.decode_graph_passes = list(DECODE_GRAPH_PASSES if decode_graph_passes is None else decode_graph_passes)
         self.block_size = block_size
+        self.tensor_parallel = tensor_parallel
         self.attention = probe_attention(self.module, self.device)
+        if tensor_parallel is not None:  # this rank's KV cache holds its own KV heads only
+            try:
+                heads = local_kv_heads(self.attention.num_kv_heads, tensor_parallel.size)
+            except ValueError as e:
+                raise CompileError(str(e)) from None
+            self.attention = dataclasses.replace(self.attention, num_kv_heads=heads)
         self._layers = AttentionLayers(windows=list(self.attention.windows), softcaps=list(self.attention.softcaps))
         self.matches: collections.Counter[str] = collections.Counter()
         self.graphs: list[fx.GraphModule] = []
@@ -107,7 +117,8 @@ class CompiledModel:
         # graph without dynamo's metadata lets our added constant inputs through aot.
         gm = fx.GraphModule(dynamo_gm, copy.deepcopy(dynamo_gm.graph))
         inputs = GraphInputs(gm.graph, example_inputs)
-        ctx = PassContext(inputs=inputs, attention=self._layers, quantization=self.quantization)
+        ctx = PassContext(inputs=inputs, attention=self._layers, quantization=self.quantization,
+                          tensor_parallel=self.tensor_parallel)
         for p in variant.passes:
             self.matches[p.__name__] += p(gm.graph, ctx)
         if self.quantization is not None:  # a placeholder left in use computes with NaN
@@ -144,6 +155,18 @@ class CompiledModel:
                  logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S, V]; or [N, V] for the flat token indices `logits_indices`
         (into the B*S tokens), the only rows the LM head is then computed for."""
+        workers = self.tensor_parallel.workers if self.tensor_parallel is not None else None
+        if workers is None:
+            return self._call(input_ids, positions, logits_indices)
+        # rank 0 of a tensor-parallel group: every rank runs this call, on its own slices
+        workers.send_step(input_ids, positions, logits_indices, self._in_decode_graphs)
+        try:
+            return self._call(input_ids, positions, logits_indices)
+        except Exception as e:  # a collective failed: name the rank that failed it
+            raise workers.failure(e) from e
+
+    def _call(self, input_ids: torch.Tensor, positions: torch.Tensor,
+              logits_indices: torch.Tensor | None) -> torch.Tensor:
         variant = next(v for v in self.variants if (self._in_decode_graphs or not v.decode_graphs_only)
                        and (v.max_tokens is None or input_ids.shape[-1] <= v.max_tokens))
         spec = self.attention
@@ -230,5 +253,6 @@ def static_fakes(constants: list[torch.Tensor], example_inputs: list) -> list[to
 def compile(model: nn.Module, **options) -> CompiledModel:
     """Compile a causal LM (see module docstring). Options: inductor, passes,
     decode_graph_passes, block_size, quantization (an Fp8Linears; by default the one loading
-    or quantize_model put on the model, trtllm/quantization)."""
+    or quantize_model put on the model, trtllm/quantization), tensor_parallel (this rank's
+    `TensorParallel`: passes/shard_tensor_parallel.py keeps its slice of each layer)."""
     return CompiledModel(model, **options)

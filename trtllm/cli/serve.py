@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--kv_cache_dtype", "--kv-cache-dtype", choices=["auto", "fp8", "int8"], default=None,
                     help="KV-cache element: auto (the model's dtype, default), fp8 (e4m3) or int8")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    ap.add_argument("--tp_size", "--tp-size", type=int, default=1,
+                    help="tensor-parallel ranks on this node (one process, and GPU, each; default 1)")
     ap.add_argument("--api-key", "--api_key", default=None,
                     help=f"require 'Authorization: Bearer KEY' on every route but /health "
                          f"(or set ${API_KEY_ENV})")
@@ -77,7 +79,8 @@ def engine_options(args: argparse.Namespace) -> dict:
     kv = {k: v for k, v in (("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction),
                             ("max_tokens", args.kv_cache_max_tokens), ("dtype", args.kv_cache_dtype)) if v is not None}
     return dict(dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv),
-                stream_interval=args.stream_interval, disable_overlap_scheduler=args.disable_overlap_scheduler)
+                stream_interval=args.stream_interval, disable_overlap_scheduler=args.disable_overlap_scheduler,
+                tensor_parallel_size=args.tp_size)
 
 
 def build_llm(args: argparse.Namespace, options: dict):

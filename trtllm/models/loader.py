@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from torch import nn
 from trtllm.models.gemma import GemmaForCausalLM
 from trtllm.models.llama import LlamaForCausalLM
 from trtllm.models.phi3 import Phi3ForCausalLM
+from trtllm.parallel.tensor_parallel import unloaded
 from trtllm.quantization.checkpoint import Fp8CheckpointTensors, checkpoint_layout, is_quantization_tensor
 from trtllm.quantization.fp8_linears import (
     ONLINE_ALGOS,
@@ -68,7 +70,7 @@ _PROGRESS_BYTES = 1 << 30  # show a progress bar above 1 GB of weights
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None, progress: bool | None = None,
-               quant_algo=None) -> nn.Module:
+               quant_algo=None, leave_unloaded: Callable[[str], bool] | None = None) -> nn.Module:
     """Build the model of `path`/config.json and stream its safetensors weights in.
 
     dtype: None = the config's `dtype` / `torch_dtype` (float32 if absent), else
@@ -77,6 +79,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     bar only for checkpoints over 1 GB. quant_algo: a QuantAlgo of ONLINE_ALGOS (FP8,
     FP8_PER_CHANNEL_PER_TOKEN, FP8_BLOCK_SCALES) quantizes every linear but the LM head
     as it loads; refused for an already quantized checkpoint.
+    leave_unloaded: names of tensors not to read (a tensor-parallel rank reads only its slices
+    of those, later): each is a stand-in of its shape that holds no memory.
     """
     path = Path(path)
     if not path.is_dir():
@@ -121,6 +125,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
             for name in f.keys():
                 if tensor_file.get(name) != file:
                     continue  # an alias (tied lm_head) or a harmless extra
+                if leave_unloaded is not None and leave_unloaded(name):
+                    _assign(model, name, unloaded(expected[name], dtype, device))
+                    continue
                 t = f.get_tensor(name)
                 nbytes = t.numel() * t.element_size()
                 if fp8 is None and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from trtllm.parallel.tensor_parallel import TensorParallel
 from trtllm.passes.match import module_path
 from trtllm.quantization.fp8_linears import Fp8Linears
 
@@ -97,6 +98,7 @@ class PassContext:
     inputs: GraphInputs
     attention: AttentionLayers
     lm_head: LMHead | None = None
+    tensor_parallel: TensorParallel | None = None  # this rank, when compiled tensor-parallel
     # the model's FP8 linears (quantize_linears places them), None for an unquantized model
     quantization: Fp8Linears | None = None
     # run once the call that compiled the graph has returned (e.g. fuse_parallel_linears

@@ -51,6 +51,9 @@ def core_main(build, inbox, outbox) -> None:
     finally:
         outgoing.put(None)
         sender.join(10)
+        tp = engine.runner.compiled.tensor_parallel
+        if tp is not None and tp.workers is not None:  # tensor-parallel workers end with the core
+            tp.workers.shutdown()
         if os.environ.get("TRTLLM_CORE_TIMING"):
             print(f"trtllm engine core: {driver.steps} steps, {driver.step_s:.3f} s in Engine.step "
                   f"({driver.step_s / max(driver.steps, 1) * 1e3:.3f} ms/step)", file=sys.stderr, flush=True)

@@ -6,6 +6,11 @@
         for partial in llm.generate("Once", SamplingParams(), streaming=True): ...
         out = await llm.generate_async("Hi", SamplingParams(), streaming=False).aresult()
 
+`tensor_parallel_size=N` (TensorRT-LLM's name) runs the model on N ranks of this node (N-1
+worker processes, trtllm/parallel): each loads only its slices of the checkpoint, rank 0
+schedules and samples; `shutdown()` ends the workers. A rank that dies fails the requests in
+flight with an error naming it.
+
 A quantized KV cache (FP8 or INT8: half the bytes a token, twice the tokens in the same
 memory): `KvCacheConfig(dtype="fp8")` or `QuantConfig(kv_cache_quant_algo=QuantAlgo.INT8)`;
 its scales from `kv_cache_scales` (one (k_scale, v_scale) per layer), or an FP8
@@ -41,6 +46,9 @@ import torch.nn as nn
 from trtllm.compile import compile as trtllm_compile
 from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig, kv_cache_dtype
 from trtllm.models.loader import load_model
+from trtllm.parallel import process_group
+from trtllm.parallel.rank_model import RankSpec
+from trtllm.parallel.workers import start_tensor_parallel
 from trtllm.quantization.checkpoint import kv_cache_scales_by_layer
 from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
 from trtllm.runtime.block_manager import BlockManager
@@ -67,13 +75,14 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
                  device: str | torch.device | None = None, compile_options: dict | None = None,
                  stream_interval: int = 1, disable_overlap_scheduler: bool = False,
-                 kv_cache_scales=None) -> Engine:
+                 kv_cache_scales=None, tensor_parallel_size: int = 1) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
     in a process of its own. Arguments as `LLM`'s. `engine.startup` says where the time went.
     A checkpoint written by trtllm-build brings its defaults (runtime/build_defaults.py): its
     BuildConfig when none is given, its KV cache format when none is named.
-    kv_cache_scales: a quantized KV cache's (k_scale, v_scale) per layer (runtime/kv_cache_quant.py)."""
+    kv_cache_scales: a quantized KV cache's (k_scale, v_scale) per layer (runtime/kv_cache_quant.py).
+    With tensor_parallel_size > 1 the workers run until `shutdown_workers(engine)`."""
     started = time.perf_counter()
     check_stream_interval(stream_interval)  # before minutes of loading and compiling
     if dtype not in _DTYPES:
@@ -91,6 +100,20 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     if model is None:
         from trtllm.demo import demo_model_path
         model = demo_model_path()
+    if tensor_parallel_size != 1:
+        if quant_config.weight_algo is not None or kv_format != "auto" or kv_cache_scales is not None:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with quantized weights or KV cache is "
+                             "not supported yet")
+        compiled = _start_tensor_parallel(model, dtype, device, compile_options, kv_cache_config,
+                                          tensor_parallel_size)
+        try:
+            enable_cuda_graph = False  # a decode graph would replay on rank 0 alone (issue 22: left)
+            return _build_engine(compiled.module, compiled, started, model if tokenizer is None else tokenizer,
+                                 kv_cache_config, build_config, enable_cuda_graph, stream_interval,
+                                 disable_overlap_scheduler, kv_format, kv_cache_scales)
+        except BaseException:
+            compiled.tensor_parallel.workers.shutdown()
+            raise
     if isinstance(model, nn.Module):
         module = model
         if quant_config.weight_algo is not None:  # in place, one linear at a time
@@ -98,9 +121,38 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     else:  # an FP8 checkpoint's layout is read from the directory; weight_algo quantizes as it loads
         module = load_model(model, dtype=_DTYPES[dtype], device=device, quant_algo=quant_config.weight_algo)
         tokenizer = tokenizer if tokenizer is not None else model
-    load_s = time.perf_counter() - started
-    tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     compiled = trtllm_compile(module, **(compile_options or {}), block_size=kv_cache_config.tokens_per_block)
+    return _build_engine(module, compiled, started, tokenizer, kv_cache_config, build_config, enable_cuda_graph,
+                         stream_interval, disable_overlap_scheduler, kv_format, kv_cache_scales)
+
+
+def _start_tensor_parallel(model, dtype: str, device, compile_options: dict | None,
+                           kv_cache_config: KvCacheConfig, size: int):
+    """Rank 0's compiled model, its workers started (each loads its own slices)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
+    if model is None or isinstance(model, nn.Module):
+        raise ValueError(f"tensor_parallel_size={size} takes a checkpoint directory (each rank loads its own "
+                         "slices of it), not a module in memory")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = RankSpec(str(model), _DTYPES[dtype], size, device.type, kv_cache_config.tokens_per_block,
+                    dict(compile_options or {}), process_group.COLLECTIVE_TIMEOUT_S)
+    compiled, _ = start_tensor_parallel(spec)
+    return compiled
+
+
+def shutdown_workers(engine: Engine) -> None:
+    """End a tensor-parallel engine's worker processes (none: nothing to do)."""
+    tp = engine.runner.compiled.tensor_parallel
+    if tp is not None and tp.workers is not None:
+        tp.workers.shutdown()
+
+
+def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cache_config: KvCacheConfig,
+                  build_config: BuildConfig, enable_cuda_graph: bool, stream_interval: int,
+                  disable_overlap_scheduler: bool, kv_format: str, kv_cache_scales) -> Engine:
+    load_s = time.perf_counter() - started  # the load (compilation itself is lazy: compiled.compile_s)
+    tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     config = getattr(module, "config", None)
     max_seq_len = build_config.max_seq_len_for(getattr(config, "max_position_embeddings", None))
     max_input_len = build_config.input_len_for(max_seq_len)
@@ -135,10 +187,11 @@ class LLM:
                  kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
                  device: str | torch.device | None = None, compile_options: dict | None = None,
-                 stream_interval: int = 1, disable_overlap_scheduler: bool = False, kv_cache_scales=None):
+                 stream_interval: int = 1, disable_overlap_scheduler: bool = False, kv_cache_scales=None,
+                 tensor_parallel_size: int = 1):
         self.engine = build_engine(model, tokenizer, dtype, kv_cache_config, build_config, quant_config,
                                    enable_cuda_graph, device, compile_options, stream_interval,
-                                   disable_overlap_scheduler, kv_cache_scales)
+                                   disable_overlap_scheduler, kv_cache_scales, tensor_parallel_size)
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
         self.block_manager, self.compiled = self.engine.block_manager, self.engine.runner.compiled
         self._loop = EngineLoop(self.engine)
@@ -257,6 +310,7 @@ class LLM:
     def shutdown(self) -> None:
         self._shut_down = True
         self._loop.shutdown()
+        shutdown_workers(self.engine)
 
     def __enter__(self) -> LLM:
         return self

@@ -1,0 +1,119 @@
+"""LLM(path, tensor_parallel_size=2) on CPU (gloo): a worker process holds rank 1, each rank
+loads only its slices, greedy tokens are those of one rank (fp32) with chunked prefill and
+preemption; bad sizes are refused before any process starts; a killed rank fails the requests
+naming it, and shutdown leaves no process behind."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from tests.models.checkpoints import write_checkpoint
+from tests.runtime.tokenizers import make_tokenizer
+from trtllm import LLM, SamplingParams
+from trtllm.config import BuildConfig, KvCacheConfig
+from trtllm.runtime.outputs import RequestError
+
+PROMPTS = [[5, 17, 33, 9, 100, 42, 7, 8, 9, 10, 11, 12, 13, 14], [3, 4, 5], list(range(200, 214))]
+PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+    yield
+    assert multiprocessing.active_children() == []
+
+
+def checkpoint(family: str, tmp_path):
+    path = write_checkpoint(family, tmp_path / family, vocab_size=512)
+    make_tokenizer(path)
+    return path
+
+
+def small_llm(path, *, max_num_tokens=64, max_tokens=1024, **kwargs) -> LLM:
+    # max_num_tokens below a prompt's length: chunked prefill; a small pool: preemption
+    return LLM(str(path), dtype="float32", device="cpu",
+               kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=max_tokens),
+               build_config=BuildConfig(max_batch_size=4, max_num_tokens=max_num_tokens, max_seq_len=32), **kwargs)
+
+
+def greedy(llm: LLM) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
+
+
+def test_two_ranks_give_one_ranks_tokens_each_loading_its_slices_and_a_killed_rank_is_named(tmp_path):
+    path = checkpoint("llama31", tmp_path)
+    with small_llm(path, max_num_tokens=8, max_tokens=64) as llm:
+        expected = greedy(llm)
+        whole = sum(p.numel() * p.element_size() for p in llm.compiled.module.parameters())
+    # prompts of 14, 3 and 14 tokens (chunked prefill: 8 tokens a step) fill 3 of 4 blocks of 16; two
+    # then cross into a second block while decoding: one is preempted
+    llm = small_llm(path, max_num_tokens=8, max_tokens=64, tensor_parallel_size=2)
+    try:
+        assert greedy(llm) == expected
+        assert llm.engine_stats().num_preemptions > 0
+        loaded = llm.compiled.tensor_parallel.workers.loaded_bytes()
+        # the split weights (every linear of the layers) are half; embedding, head and norms whole
+        layer_linears = 2 * 4 * (64 * 64 + 64 * 32 * 2 + 64 * 64 + 3 * 64 * 128)
+        assert loaded == [whole - layer_linears // 2] * 2
+        (worker,) = llm.compiled.tensor_parallel.workers.processes.values()
+        os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(RequestError, match="tensor-parallel rank 1 died"):
+            greedy(llm)
+    finally:
+        started = time.monotonic()
+        llm.shutdown()
+        assert time.monotonic() - started < 15
+
+
+@pytest.mark.slow
+def test_two_ranks_give_one_ranks_tokens_on_qwen3(tmp_path):
+    path = checkpoint("qwen3", tmp_path)
+    with small_llm(path, max_num_tokens=8) as llm:
+        expected = greedy(llm)
+    with small_llm(path, max_num_tokens=8, tensor_parallel_size=2) as llm:
+        assert greedy(llm) == expected
+
+
+@pytest.mark.parametrize("kwargs,why", [
+    (dict(tensor_parallel_size=3), "num_attention_heads=4 does not divide among tensor_parallel_size=3"),
+    (dict(tensor_parallel_size=8), "num_attention_heads=4 does not divide among tensor_parallel_size=8"),
+    (dict(tensor_parallel_size=0), "tensor_parallel_size must be a positive integer, got 0"),
+])
+def test_sizes_that_do_not_divide_are_refused_before_any_process_starts(tmp_path, kwargs, why):
+    path = checkpoint("llama31", tmp_path)
+    with pytest.raises(ValueError, match=why):
+        small_llm(path, **kwargs)
+
+
+def test_phi3_fused_projections_are_refused_before_any_process_starts(tmp_path):
+    with pytest.raises(ValueError, match="Phi3ForCausalLM is not supported under tensor parallelism yet"):
+        small_llm(checkpoint("phi3", tmp_path), tensor_parallel_size=2)
+
+
+def test_a_module_in_memory_is_refused(tmp_path):
+    from trtllm.models.loader import load_model
+    model = load_model(checkpoint("llama31", tmp_path), dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="takes a checkpoint directory"):
+        LLM(model, tensor_parallel_size=2)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_step_after_the_collective_timeout_naming_it(tmp_path, monkeypatch):
+    from trtllm.parallel import process_group
+    monkeypatch.setattr(process_group, "COLLECTIVE_TIMEOUT_S", 20.0)  # above a first-call compilation here
+    llm = small_llm(checkpoint("qwen3", tmp_path), tensor_parallel_size=2)
+    try:
+        greedy(llm)  # every rank has compiled
+        (worker,) = llm.compiled.tensor_parallel.workers.processes.values()
+        os.kill(worker.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(RequestError, match="tensor-parallel rank 1 did not join a collective within 20 s"):
+            greedy(llm)
+        assert time.monotonic() - started < 60
+    finally:
+        llm.shutdown()

@@ -1,0 +1,35 @@
+"""`trtllm-serve --tp_size 2`: the engine process starts a worker for rank 1; served greedy text is
+one rank's offline text; SIGTERM stops the server, its engine and the worker (exit code 0)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.serve.server import BUILD, KV_MAX_TOKENS, Server, write_model
+from trtllm import LLM, SamplingParams
+from trtllm.config import BuildConfig, KvCacheConfig
+
+
+@pytest.mark.slow
+def test_tp_size_2_serves_one_ranks_text_and_stops_cleanly(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model_dir = write_model(tmp_path / "model")
+    prompts = ["Hello there", "The quick brown fox jumps"]
+    with Server(model_dir, "--tp_size", "2", log_path=tmp_path / "server.log") as server:
+        served = [server.post("/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 8,
+                                                       "temperature": 0, "ignore_eos": True}).json()
+                  for p in prompts]
+        assert server.stop() == 0, server.log()
+    with LLM(str(model_dir), dtype="float32", build_config=BuildConfig(**BUILD),
+             kv_cache_config=KvCacheConfig(max_tokens=KV_MAX_TOKENS)) as llm:
+        offline = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert [r["choices"][0]["text"] for r in served] == [o.outputs[0].text for o in offline]
+
+
+def test_tp_size_that_does_not_divide_fails_the_start_naming_the_numbers(tmp_path):
+    from trtllm.cli.serve import engine_options, parse_args
+    from trtllm.runtime.llm import build_engine
+
+    model_dir = write_model(tmp_path / "model")
+    options = engine_options(parse_args([str(model_dir), "--tp_size", "3", "--dtype", "float32"]))
+    with pytest.raises(ValueError, match="num_attention_heads=4 does not divide among tensor_parallel_size=3"):
+        build_engine(str(model_dir), **options)

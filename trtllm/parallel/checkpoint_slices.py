@@ -1,0 +1,56 @@
+"""A tensor-parallel rank's weight slices, read from the safetensors files: the rank loads
+the model with the split weights left unloaded (models/loader.py `leave_unloaded`), and
+passes/shard_tensor_parallel.py reads each slice it keeps through `CheckpointSlices`.
+
+    slices = CheckpointSlices(path)
+    model = load_model(path, dtype, device, leave_unloaded=is_split)
+    w = slices("model.layers.0.self_attn.q_proj.weight", stand_in, dim=0, start=64, length=64)
+
+Only the slice is read from disk (safetensors `get_slice`), never the whole tensor; it gets
+the stand-in's dtype and device. `bytes_read` counts what was read.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from trtllm.models.loader import read_json
+from trtllm.passes.shard_tensor_parallel import COLUMN_PARALLEL, ROW_PARALLEL
+
+
+def is_split(name: str) -> bool:
+    """Whether the pass splits the tensor `name`: column-parallel weights and biases, and
+    row-parallel weights (their bias is added whole, after the all-reduce)."""
+    module, _, leaf = name.rpartition(".")
+    projection = module.rpartition(".")[2]
+    return (projection in COLUMN_PARALLEL and leaf in ("weight", "bias")) or \
+        (projection in ROW_PARALLEL and leaf == "weight")
+
+
+class CheckpointSlices:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {name: self.path / file for name, file in read_json(index)["weight_map"].items()}
+        else:
+            single = self.path / "model.safetensors"
+            with safe_open(str(single), framework="pt", device="cpu") as f:
+                self.files = {name: single for name in f.keys()}
+        self.bytes_read = 0
+
+    def __call__(self, name: str, stand_in: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+        if name not in self.files:
+            raise KeyError(f"{name} is not in the checkpoint {self.path}")
+        with safe_open(str(self.files[name]), framework="pt", device="cpu") as f:
+            tensor = f.get_slice(name)
+            shape = tensor.get_shape()
+            if list(shape) != list(stand_in.shape):
+                raise ValueError(f"{name}: the checkpoint holds shape {shape}, the model expects "
+                                 f"{list(stand_in.shape)}")
+            part = tensor[start:start + length] if dim == 0 else tensor[:, start:start + length]
+        self.bytes_read += part.numel() * part.element_size()
+        return part.to(device=stand_in.device, dtype=stand_in.dtype).contiguous()
