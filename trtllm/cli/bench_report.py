@@ -74,7 +74,7 @@ def run_config(llm, args, model: dict, requests, mode: dict, build) -> dict:
         "streaming": mode["streaming"], "temperature": args.temperature,
         "engine": {**build.model_dump(), **vars(llm.engine.limits),
                    "dtype": str(llm.compiled.attention.dtype).removeprefix("torch."),
-                   "quantization": args.quantization,
+                   "quantization": _weights_quantization(llm),
                    "kv_cache": {"free_gpu_memory_fraction": args.kv_cache_free_gpu_memory_fraction,
                                 "max_tokens": args.kv_cache_max_tokens, "tokens_per_block": bm.block_size,
                                 "enable_block_reuse": bm.enable_block_reuse},
@@ -86,6 +86,15 @@ def run_config(llm, args, model: dict, requests, mode: dict, build) -> dict:
         "environment": environment(),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _weights_quantization(llm) -> str | None:
+    """What the engine's linears run in, as the model's FP8 description says it ("42 FP8
+    linears (per-channel) from ..."): --quantization's or a pre-quantized checkpoint's."""
+    from trtllm.quantization.fp8_linears import fp8_linears_of
+
+    fp8 = fp8_linears_of(llm.compiled.module)
+    return fp8.summary() if fp8 is not None else None
 
 
 def _spread(values: list[int]) -> dict:
