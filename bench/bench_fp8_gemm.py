@@ -34,7 +34,7 @@ if SMOKE:  # before triton is imported: @triton.jit reads it when a kernel is de
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from bench.report import copy_ceiling_tbs, report  # noqa: E402
+from bench.report import copy_ceiling_tbs, markdown, report  # noqa: E402
 from trtllm.kernels.fp8_gemm import FP8_DTYPE, FP8_MAX, fp8_gemm, fp8_gemm_ref  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -153,15 +153,6 @@ def small(rows: list[dict]) -> None:
                                  of_copy=f"{ours / copy_gbs:.0%}"))
                 print(rows[-1], flush=True)
                 del ws_all, peers
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = []
-    for i, row in enumerate(rows):
-        if i == 0 or row.keys() != rows[i - 1].keys():
-            lines += ["", "| " + " | ".join(row) + " |", "|" + "---|" * len(row)]
-        lines.append("| " + " | ".join(str(v) for v in row.values()) + " |")
-    return "\n".join(lines)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ if SMOKE:  # before triton is imported: @triton.jit reads it when a kernel is de
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from bench.report import copy_ceiling_tbs, report  # noqa: E402
+from bench.report import copy_ceiling_tbs, markdown, report  # noqa: E402
 from trtllm.kernels.fused_moe import fused_moe, fused_moe_ref  # noqa: E402
 from trtllm.kernels.moe_routing import moe_routing  # noqa: E402
 
@@ -172,15 +172,6 @@ def prefill(rows: list[dict]) -> None:
                              hf_loop_tflops=f"{flop / peers['eager'] / 1e12:.0f}",
                              dense_tflops=f"{flop / dense / 1e12:.0f}", vs_dense=f"{dense / ours:.2f}"))
             print(rows[-1], flush=True)
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = []
-    for i, row in enumerate(rows):
-        if i == 0 or row.keys() != rows[i - 1].keys():
-            lines += ["", "| " + " | ".join(row) + " |", "|" + "---|" * len(row)]
-        lines.append("| " + " | ".join(str(v) for v in row.values()) + " |")
-    return "\n".join(lines)
 
 
 def main() -> None:

@@ -14,6 +14,16 @@ def copy_ceiling_tbs(device: str = "cuda") -> float:
     return 2 * src.numel() / ms / 1e9
 
 
+def markdown(rows: list[dict]) -> str:
+    """Rows of dicts as markdown tables: a new header wherever the keys change."""
+    lines = []
+    for i, row in enumerate(rows):
+        if i == 0 or row.keys() != rows[i - 1].keys():
+            lines += ["", "| " + " | ".join(row) + " |", "|" + "---|" * len(row)]
+        lines.append("| " + " | ".join(str(v) for v in row.values()) + " |")
+    return "\n".join(lines)
+
+
 def report(name: str, table: str, record: dict) -> None:
     """Print `table`; with $OUT set, write $OUT/<name>.md and $OUT/<name>.json."""
     print("\n" + table)

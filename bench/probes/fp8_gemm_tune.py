@@ -25,7 +25,7 @@ import time
 import torch
 import triton
 
-from bench.report import copy_ceiling_tbs, report
+from bench.report import copy_ceiling_tbs, markdown, report
 from trtllm.kernels.fp8_gemm import (
     FP8_DTYPE,
     FP8_MAX,
@@ -150,15 +150,6 @@ def tune_prefill(rows, deadline):
                          scaled_mm_tflops=f"{peer:.0f}" if peer else "n/a",
                          best_vs_scaled_mm=f"{best_tf / peer:.2f}" if peer else "n/a", best=tuple(best)))
         print(rows[-1], flush=True)
-
-
-def markdown(rows):
-    lines = []
-    for i, row in enumerate(rows):
-        if i == 0 or row.keys() != rows[i - 1].keys():
-            lines += ["", "| " + " | ".join(row) + " |", "|" + "---|" * len(row)]
-        lines.append("| " + " | ".join(str(v) for v in row.values()) + " |")
-    return "\n".join(lines)
 
 
 def main():
