@@ -73,7 +73,7 @@ def build_model(args):
 
 def build_engine(args):
     """In the engine process (EngineCoreClient runs it there)."""
-    from trtllm.runtime.llm import build_engine as build
+    from trtllm.runtime.build_engine import build_engine as build
     model, options, _ = build_model(args)
     return build(model, **options)
 

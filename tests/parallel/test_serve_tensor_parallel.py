@@ -27,7 +27,7 @@ def test_tp_size_2_serves_one_ranks_text_and_stops_cleanly(tmp_path, monkeypatch
 
 def test_tp_size_that_does_not_divide_fails_the_start_naming_the_numbers(tmp_path):
     from trtllm.cli.serve import engine_options, parse_args
-    from trtllm.runtime.llm import build_engine
+    from trtllm.runtime.build_engine import build_engine
 
     model_dir = write_model(tmp_path / "model")
     options = engine_options(parse_args([str(model_dir), "--tp_size", "3", "--dtype", "float32"]))

@@ -7,9 +7,10 @@ import pytest
 
 from tests.serve.server import write_model
 from trtllm.config import BuildConfig, KvCacheConfig
+from trtllm.runtime.build_engine import build_engine
 from trtllm.runtime.client_protocol import EngineClient
 from trtllm.runtime.engine_client import EngineCoreClient
-from trtllm.runtime.llm import LLM, build_engine
+from trtllm.runtime.llm import LLM
 from trtllm.sampling_params import SamplingParams
 
 OPTIONS = dict(dtype="float32", build_config=BuildConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=64),

@@ -88,7 +88,8 @@ def build_llm(args: argparse.Namespace, options: dict):
     this one (--engine-in-thread). Either way it answers the same calls."""
     import functools
 
-    from trtllm.runtime.llm import LLM, build_engine
+    from trtllm.runtime.build_engine import build_engine
+    from trtllm.runtime.llm import LLM
 
     if args.engine_in_thread:
         return LLM(args.model, **options)

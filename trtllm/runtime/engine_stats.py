@@ -38,7 +38,7 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class StartupTimes:
-    """Seconds building an engine took (runtime/llm.py build_engine). Compilation is
+    """Seconds building an engine took (runtime/build_engine.py). Compilation is
     lazy: `compile_s` is what ran while building (on a GPU, the KV-sizing forward's graph
     and the decode graphs' warm-up calls); a CPU engine compiles at its first steps
     (`CompiledModel.compile_s` keeps counting)."""

@@ -1,0 +1,164 @@
+"""`build_engine`: a model (a checkpoint path or a module) to a running `Engine`: load or take
+it, quantize, compile, size the KV pool, capture the CUDA graphs. `LLM` (runtime/llm.py) drives
+the engine on a thread, `EngineCoreClient` (runtime/engine_client.py) in a process of its own.
+
+With `tensor_parallel_size > 1` rank 0's engine is built here and the workers (trtllm/parallel)
+run until `shutdown_workers(engine)`.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from trtllm.compile import compile as trtllm_compile
+from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig, kv_cache_dtype
+from trtllm.models.loader import load_model
+from trtllm.parallel import process_group
+from trtllm.parallel.rank_model import RankSpec
+from trtllm.parallel.workers import start_tensor_parallel
+from trtllm.quantization.checkpoint import kv_cache_scales_by_layer
+from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
+from trtllm.runtime.block_manager import BlockManager
+from trtllm.runtime.build_defaults import read_build_defaults
+from trtllm.runtime.engine import Engine
+from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
+from trtllm.runtime.engine_stats import StartupTimes
+from trtllm.runtime.kv_budget import num_kv_blocks
+from trtllm.runtime.kv_cache_quant import kv_cache_quant
+from trtllm.runtime.model_runner import ModelRunner
+from trtllm.runtime.scheduler import Scheduler
+from trtllm.runtime.tokenizer import load_tokenizer
+
+_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dtype: str = "auto",
+                 kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
+                 quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
+                 device: str | torch.device | None = None, compile_options: dict | None = None,
+                 stream_interval: int = 1, disable_overlap_scheduler: bool = False,
+                 kv_cache_scales=None, tensor_parallel_size: int = 1) -> Engine:
+    """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
+    the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
+    in a process of its own. Arguments as `LLM`'s. `engine.startup` says where the time went.
+    A checkpoint written by trtllm-build brings its defaults (runtime/build_defaults.py): its
+    BuildConfig when none is given, its KV cache format when none is named.
+    kv_cache_scales: a quantized KV cache's (k_scale, v_scale) per layer (runtime/kv_cache_quant.py).
+    With tensor_parallel_size > 1 the workers run until `shutdown_workers(engine)`."""
+    started = time.perf_counter()
+    check_stream_interval(stream_interval)  # before minutes of loading and compiling
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    quant_config = quant_config or QuantConfig()
+    kv_cache_config = kv_cache_config or KvCacheConfig()
+    defaults = read_build_defaults(model) if isinstance(model, (str, Path)) else None  # trtllm-build's
+    if defaults is not None:
+        build_config = build_config or defaults.build_config
+        if kv_cache_config.dtype == "auto" and quant_config.kv_cache_quant_algo is None:
+            quant_config = quant_config.model_copy(update={"kv_cache_quant_algo": defaults.kv_cache_quant_algo})
+    quant_config.check_supported()
+    kv_format = kv_cache_dtype(kv_cache_config, quant_config)  # a conflict refused before loading
+    build_config = build_config or BuildConfig()
+    if model is None:
+        from trtllm.demo import demo_model_path
+        model = demo_model_path()
+    if tensor_parallel_size != 1:
+        if quant_config.weight_algo is not None or kv_format != "auto" or kv_cache_scales is not None:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with quantized weights or KV cache is "
+                             "not supported yet")
+        compiled = _start_tensor_parallel(model, dtype, device, compile_options, kv_cache_config,
+                                          tensor_parallel_size)
+        try:
+            enable_cuda_graph = False  # a decode graph would replay on rank 0 alone (issue 22: left)
+            return _build_engine(compiled.module, compiled, started, model if tokenizer is None else tokenizer,
+                                 kv_cache_config, build_config, enable_cuda_graph, stream_interval,
+                                 disable_overlap_scheduler, kv_format, kv_cache_scales)
+        except BaseException:
+            compiled.tensor_parallel.workers.shutdown()
+            raise
+    if isinstance(model, nn.Module):
+        module = model
+        if quant_config.weight_algo is not None:  # in place, one linear at a time
+            quantize_model(module, quant_config.weight_algo)
+    else:  # an FP8 checkpoint's layout is read from the directory; weight_algo quantizes as it loads
+        module = load_model(model, dtype=_DTYPES[dtype], device=device, quant_algo=quant_config.weight_algo)
+        tokenizer = tokenizer if tokenizer is not None else model
+    compiled = trtllm_compile(module, **(compile_options or {}), block_size=kv_cache_config.tokens_per_block)
+    return _build_engine(module, compiled, started, tokenizer, kv_cache_config, build_config, enable_cuda_graph,
+                         stream_interval, disable_overlap_scheduler, kv_format, kv_cache_scales)
+
+
+def _start_tensor_parallel(model, dtype: str, device, compile_options: dict | None,
+                           kv_cache_config: KvCacheConfig, size: int):
+    """Rank 0's compiled model, its workers started (each loads its own slices)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
+    if model is None or isinstance(model, nn.Module):
+        raise ValueError(f"tensor_parallel_size={size} takes a checkpoint directory (each rank loads its own "
+                         "slices of it), not a module in memory")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = RankSpec(str(model), _DTYPES[dtype], size, device.type, kv_cache_config.tokens_per_block,
+                    dict(compile_options or {}), process_group.COLLECTIVE_TIMEOUT_S)
+    compiled, _ = start_tensor_parallel(spec)
+    return compiled
+
+
+def shutdown_workers(engine: Engine) -> None:
+    """End a tensor-parallel engine's worker processes (none: nothing to do)."""
+    tp = engine.runner.compiled.tensor_parallel
+    if tp is not None and tp.workers is not None:
+        tp.workers.shutdown()
+
+
+def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cache_config: KvCacheConfig,
+                  build_config: BuildConfig, enable_cuda_graph: bool, stream_interval: int,
+                  disable_overlap_scheduler: bool, kv_format: str, kv_cache_scales) -> Engine:
+    load_s = time.perf_counter() - started  # the load (compilation itself is lazy: compiled.compile_s)
+    tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
+    config = getattr(module, "config", None)
+    max_seq_len = build_config.max_seq_len_for(getattr(config, "max_position_embeddings", None))
+    max_input_len = build_config.input_len_for(max_seq_len)
+    max_num_seqs = build_config.max_batch_size
+    max_num_tokens = max(build_config.max_num_tokens, max_num_seqs)
+    fp8 = fp8_linears_of(module)
+    if kv_cache_scales is None and fp8 is not None:  # an FP8 checkpoint's k_scale / v_scale, if it has them
+        kv_cache_scales = kv_cache_scales_by_layer(fp8, kv_format)
+    kv_quant = kv_cache_quant(kv_format, compiled, kv_cache_scales, tokenizer)
+    blocks = num_kv_blocks(compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len,
+                           kv_quant.dtype if kv_quant else None)
+    block_manager = BlockManager(blocks, kv_cache_config.tokens_per_block, kv_cache_config.enable_block_reuse)
+    compile_before_capture = compiled.compile_s
+    runner = ModelRunner(compiled, num_blocks=blocks, block_size=kv_cache_config.tokens_per_block,
+                         max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs,
+                         max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph, kv_quant=kv_quant)
+    scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len)
+    engine = Engine(runner, block_manager, scheduler, tokenizer,
+                    EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len),
+                    _vocab_size(module, compiled), _eos_ids(module, tokenizer), stream_interval,
+                    disable_overlap_scheduler)
+    capture_s = runner.capture_s - (compiled.compile_s - compile_before_capture)
+    engine.startup = StartupTimes(load_s, compiled.compile_s, capture_s, time.perf_counter() - started)
+    return engine
+
+
+def _vocab_size(module: nn.Module, compiled) -> int:
+    """config.vocab_size, else the head's out_features, else the logits' width of one eager
+    forward of one token (what the model itself says; a tokenizer may count otherwise)."""
+    size = getattr(getattr(module, "config", None), "vocab_size", None)
+    if size is None:
+        size = getattr(getattr(module, "lm_head", None), "out_features", None)
+    if size is None:
+        zeros = torch.zeros((1, 1), dtype=torch.long, device=compiled.device)
+        with torch.no_grad():
+            size = compiled.module(zeros, zeros).shape[-1]
+    return int(size)
+
+
+def _eos_ids(module: nn.Module, tokenizer) -> list[int]:
+    ids = getattr(getattr(module, "config", None), "eos_token_id", None)
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    return [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
