@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from trtllm.attention_context import in_attention_context, whole_sequences_context
 from trtllm.contract import AttentionSpec, CompileError, contract_module, model_path, probe_attention
+from trtllm.inductor_fallbacks import declare_inductor_fallbacks
 from trtllm.parallel.tensor_parallel import TensorParallel, local_kv_heads
 from trtllm.passes import DECODE_GRAPH_MAX_TOKENS, DECODE_GRAPH_PASSES, PASSES
 from trtllm.passes.context import AttentionLayers, GraphInputs, LMHead, PassContext
@@ -141,6 +142,7 @@ class CompiledModel:
         constants = list(inputs.constants)
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
+            declare_inductor_fallbacks(gm.graph)
             run = compile_fx(gm, list(example_inputs) + static_fakes(constants, example_inputs))
         else:
             run = gm.forward
