@@ -284,3 +284,26 @@ def test_the_token_dim_is_dynamic_from_the_first_call():
             expected = model(input_ids=ids, use_cache=False).logits
         assert rel_err(compiled(ids, positions), expected) < 1e-4
     assert [v.num_graphs for v in compiled.variants] == [0, 1]
+
+
+def test_our_ops_get_their_inductor_fallbacks_declared_before_lowering():
+    """torch 2.11 stringified an op's argument IR while making an implicit fallback, which never
+    ended on the FP8 8B decode graph (trtllm/inductor_fallbacks.py): ours are declared first."""
+    from torch._inductor.lowering import lowerings
+
+    from trtllm.inductor_fallbacks import declare_inductor_fallbacks
+    from trtllm.kernels.registry import register_op
+
+    def scaled_ref(x: torch.Tensor, s: float) -> torch.Tensor:
+        return x * s
+
+    op = register_op("test_declared_fallback_scaled", reference=scaled_ref, launcher=scaled_ref,
+                     fake=lambda x, s: torch.empty_like(x))
+    gm = torch.fx.symbolic_trace(lambda x: torch.ops.trtllm.test_declared_fallback_scaled(x, 2.0) + 1)
+    overload = torch.ops.trtllm.test_declared_fallback_scaled.default
+    assert overload not in lowerings
+    assert declare_inductor_fallbacks(gm.graph) == [overload] and overload in lowerings
+    assert declare_inductor_fallbacks(gm.graph) == []  # made once
+    from torch._inductor.compile_fx import compile_fx
+    x = torch.randn(7, 5)
+    assert torch.equal(compile_fx(gm, [x])(x), op(x, 2.0) + 1)

@@ -23,9 +23,22 @@ def declare_inductor_fallbacks(graph: fx.Graph) -> list[torch._ops.OpOverload]:
 
     made = []
     for node in graph.nodes:
-        op = node.target
-        if node.op == "call_function" and isinstance(op, torch._ops.OpOverload) and op.namespace == "trtllm" \
-                and op not in lowerings:
-            make_fallback(op, layout_constraint=tag_to_layout_constraint(get_layout_constraint_tag(op)), warn=False)
-            made.append(op)
+        if node.op != "call_function":
+            continue
+        for op in _overloads(node.target):
+            if op.namespace == "trtllm" and op not in lowerings:
+                make_fallback(op, layout_constraint=tag_to_layout_constraint(get_layout_constraint_tag(op)),
+                              warn=False)
+                made.append(op)
     return made
+
+
+def _overloads(target) -> list[torch._ops.OpOverload]:
+    """The op overloads a graph node's target may lower to: itself, a packet's overloads, or
+    the overload behind a `torch.library.custom_op` (as model code calls it)."""
+    target = getattr(target, "_opoverload", target)
+    if isinstance(target, torch._ops.OpOverload):
+        return [target]
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return [getattr(target, name) for name in target.overloads()]
+    return []

@@ -136,8 +136,8 @@ def test_graph_replay_and_padding(fmt):
 
 def test_default_launch_is_unchanged_by_the_cache_format():
     """choose_launch picks by q's dtype and the shapes, whatever the cache holds."""
-    plain, _ = make_batch([(2047, 1)] * 8, 32, 8, 128, 16, torch.bfloat16)
-    plain = on_gpu(plain)
+    host, _ = make_batch([(2047, 1)] * 8, 32, 8, 128, 16, torch.bfloat16)
+    plain = on_gpu(host)
     for fmt in FORMATS:
-        q = on_gpu(quantized(plain, fmt))
+        q = on_gpu(quantized(host, fmt))  # quantized on the host, where its scales are made
         assert choose_launch(q[0], q[3], *q[13:16]) == choose_launch(plain[0], plain[3], *plain[13:16])
