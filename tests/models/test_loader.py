@@ -230,3 +230,16 @@ def test_index_without_weight_map(tmp_path):
     (sharded / "model.safetensors.index.json").write_text('{"metadata": {}}')
     with pytest.raises(ValueError, match=r"index\.json: no \"weight_map\""):
         load_model(sharded)
+
+
+@pytest.mark.parametrize("family, module", [("llama31", "llama"), ("gemma2", "gemma"), ("phi3", "phi3")])
+def test_our_model_files_refuse_a_quantization_config_by_name(family, module):
+    from tests.models.checkpoints import hf_config
+    from trtllm.models.gemma import GemmaConfig
+    from trtllm.models.llama import LlamaConfig
+    from trtllm.models.phi3 import Phi3Config
+    config_cls = {"llama": LlamaConfig, "gemma": GemmaConfig, "phi3": Phi3Config}[module]
+    d = hf_config(family).to_dict()
+    config_cls.from_hf(d)  # the same config without it is taken
+    with pytest.raises(ValueError, match=f"quantization_config is set: trtllm.models.{module} builds unquantized"):
+        config_cls.from_hf({**d, "quantization_config": {"quant_method": "fp8"}})

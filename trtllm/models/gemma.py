@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trtllm.models.attention import causal_attention
-from trtllm.models.llama import RotaryEmbedding, apply_rotary_pos_emb, rope_from_hf
+from trtllm.models.llama import RotaryEmbedding, apply_rotary_pos_emb, refuse_quantization_config, rope_from_hf
 
 # HF architecture names this file implements (config.json "architectures"[0]).
 HF_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -95,10 +95,7 @@ class GemmaConfig:
         act = d.get("hidden_act") if model_type == "gemma" else d.get("hidden_activation")  # as HF's MLPs read it
         if act not in _GELUS:
             raise ValueError(f"activation {act!r} is not supported (supported: {sorted(_GELUS)})")
-        if d.get("quantization_config"):
-            raise ValueError("quantization_config is set: trtllm.models.gemma builds unquantized layers; load a "
-                             "pre-quantized checkpoint with trtllm.load_model or LLM(model=path), which read its "
-                             "layout (trtllm/quantization, docs/quantization.md)")
+        refuse_quantization_config(d, "trtllm.models.gemma")
         if d.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention=True is not supported (trtllm runs causal decoders)")
 

@@ -79,10 +79,7 @@ class LlamaConfig:
         act = d.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
-        if d.get("quantization_config"):
-            raise ValueError("quantization_config is set: trtllm.models.llama builds unquantized layers; load a "
-                             "pre-quantized checkpoint with trtllm.load_model or LLM(model=path), which read its "
-                             "layout (trtllm/quantization, docs/quantization.md)")
+        refuse_quantization_config(d, "trtllm.models.llama")
         heads = d["num_attention_heads"]
         n_layers = d["num_hidden_layers"]
         theta, scaling = rope_from_hf(d)
@@ -115,6 +112,14 @@ def _model_type_from_architectures(architectures) -> str:
         if name == arch:
             return model_type
     raise ValueError(f"architecture {arch!r} is not in the Llama family (supported: {HF_ARCHITECTURES})")
+
+
+def refuse_quantization_config(d: dict, module: str) -> None:
+    """Our model files build unquantized layers: a config with quantization_config is refused."""
+    if d.get("quantization_config"):
+        raise ValueError(f"quantization_config is set: {module} builds unquantized layers; load a "
+                         "pre-quantized checkpoint with trtllm.load_model or LLM(model=path), which read its "
+                         "layout (trtllm/quantization, docs/quantization.md)")
 
 
 def rope_from_hf(d: dict) -> tuple[float, dict | None]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trtllm.models.attention import causal_attention
-from trtllm.models.llama import RMSNorm, RotaryEmbedding, rope_from_hf, rotate_half
+from trtllm.models.llama import RMSNorm, RotaryEmbedding, refuse_quantization_config, rope_from_hf, rotate_half
 
 # HF architecture names this file implements (config.json "architectures"[0]).
 HF_ARCHITECTURES = ("Phi3ForCausalLM",)
@@ -73,10 +73,7 @@ class Phi3Config:
         act = d.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
-        if d.get("quantization_config"):
-            raise ValueError("quantization_config is set: trtllm.models.phi3 builds unquantized layers; load a "
-                             "pre-quantized checkpoint with trtllm.load_model or LLM(model=path), which read its "
-                             "layout (trtllm/quantization, docs/quantization.md)")
+        refuse_quantization_config(d, "trtllm.models.phi3")
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         rope = dict(d.get("rope_parameters") or {})
