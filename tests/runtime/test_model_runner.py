@@ -28,7 +28,7 @@ class EagerGraph:
         meta.num_seqs, meta.max_query_len, meta.max_seq_len = b, 1, r.max_model_len  # as captured
         try:
             with attention_context(r.cache, meta):
-                logits = r.compiled(r.input_ids[None, :b], r.positions[None, :b])[0]
+                logits = r.compiled(*r._flat_batch(b))[0]
         finally:
             meta.num_seqs, meta.max_query_len, meta.max_seq_len = host_ints
         self.logits.copy_(logits)
@@ -74,3 +74,27 @@ def test_decode_graphs_give_the_tokens_eager_steps_give(checkpoint, build):
         if a is not None:
             assert [list(d) for d in a] == [list(d) for d in b]
             assert all(d1[t] == pytest.approx(d2[t], abs=1e-4) for d1, d2 in zip(a, b) for t in d1)
+
+
+def test_step_inputs_are_contiguous_so_the_profiling_graph_serves_later_prefills(checkpoint):
+    """The KV-profiling call (contiguous [1, max_num_tokens]) compiles the first graph; dynamo
+    guards its stride against its size, so a step's [1, n] inputs must be contiguous for that
+    graph to serve them (model_runner._flat_batch: 28.9 s of recompilation on the H200)."""
+    llm = make_llm(checkpoint, graphs=False)
+    runner, seen = llm.engine.runner, []
+    compiled = runner.compiled
+
+    def recording(ids, positions, *rest):
+        # is_contiguous() ignores a size-1 dim's stride; dynamo's guard does not
+        seen.append((ids.stride() == (ids.shape[1], 1), positions.stride() == (positions.shape[1], 1),
+                     tuple(ids.shape)))
+        return compiled(ids, positions, *rest)
+
+    runner.compiled = recording
+    try:
+        llm.generate([[5, 17, 99], [400, 2, 8, 9, 10]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    finally:
+        runner.compiled = compiled
+        llm.shutdown()
+    assert seen and all(ids and pos for ids, pos, _ in seen), seen
+    assert {shape[1] for *_, shape in seen} >= {8, 2}  # a prefill of both prompts, then decodes of two
