@@ -1,0 +1,294 @@
+"""Structured output and logits processors: what changes a sequence's logits row before the
+sampler picks its token (`SamplingParams.guided_decoding`, `.logits_processor`,
+`.apply_batched_logits_processor`).
+
+    check_guide(guide)                      # at submission: the schema / regex / grammar parses
+    hooks = LogitsHooks(tokenizer, vocab_size, eos_token_ids)   # one per engine
+    hooks.attach(seqs, params)              # add_request: compile (cached), one matcher per sequence
+    step = hooks.prepare(seqs)              # a step that samples, before waiting for its logits:
+                                            #   the guided rows' token bitmasks filled on the host
+    failed = step.apply(logits, batch)      # after the wait: user processors edit their rows in
+                                            #   place; batch.token_bitmask set for the sampler
+    reason, error = hooks.accept(seq, token)  # after the pick: the matcher takes the token;
+                                            #   "stop" once its grammar has ended
+
+Guides are compiled by xgrammar, an optional dependency (`pip install 'trtllm[guided]'`):
+without it the engine runs as before and refuses a guided request by name. A guide is parsed
+without the tokenizer at submission (`check_guide`: a bad schema, regex or grammar is a
+ValueError naming it, before the request reaches the engine); the engine compiles it against
+its vocabulary once per distinct guide (`LogitsHooks.compiled`, keyed by the guide's canonical
+text; the tokenizer's `TokenizerInfo` is built once per engine, on the first guided request)
+and gives each sequence a `GrammarMatcher` of its own (`Sequence.guide`), which survives
+preemption (it tracks output tokens, which are kept).
+
+Per step, the host work is xgrammar's: one multi-threaded `batch_fill_next_token_bitmask`
+over the guided rows, started before the engine waits for the step's logits, so it overlaps
+the GPU's forward pass; the sampler then applies the whole [N, ceil(V / 32)] int32 bitmask
+in one masked fill (sampler.apply_token_bitmask; unguided rows are all ones). A guided step
+never uses the decode graph's own argmax picks (`argmax_serves` says no), so it is sampled
+as an ordinary step and the overlap scheduler does not launch the next step ahead of it.
+
+JSON is compact: `any_whitespace=False` (separators ", " and ": ", no free whitespace), so a
+model cannot spend its tokens on whitespace, and `strict_mode=True` (no properties or items
+the schema does not name; the output still validates against the schema). `json_object` is
+any JSON object. The grammar's end is the engine's EOS: once the guide is complete only EOS
+is allowed, and a sequence whose matcher took it finishes with "stop" (also under
+ignore_eos). min_tokens with a guide is refused (SamplingParams), since it would mask the
+only allowed token.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from trtllm.runtime.sequence import Sequence
+from trtllm.sampling_params import GuidedDecodingParams, SamplingParams
+
+_PARSED_CACHE = 256      # tokenizer-free grammars kept (check_guide), process-wide
+_COMPILED_CACHE = 256    # compiled grammars kept per engine
+_XGRAMMAR_MISSING = ("guided_decoding needs the xgrammar package, which is not installed "
+                     "(pip install 'trtllm[guided]')")
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError:
+        raise ValueError(_XGRAMMAR_MISSING) from None
+    return xgrammar
+
+
+def xgrammar_available() -> bool:
+    try:
+        _xgrammar()
+    except ValueError:
+        return False
+    return True
+
+
+def guide_key(guide: GuidedDecodingParams) -> tuple[str, str]:
+    """(kind, canonical text): equal guides share one compiled grammar. JSON keeps its key
+    order (a schema's property order is the output's)."""
+    kind = guide.kind
+    if kind == "json":
+        return kind, json.dumps(guide.json, ensure_ascii=False, separators=(",", ":"))
+    if kind == "json_object":
+        return kind, ""
+    if kind == "choice":
+        return kind, json.dumps(list(guide.choice), ensure_ascii=False)
+    return kind, getattr(guide, kind)
+
+
+_parsed: OrderedDict[tuple[str, str], object] = OrderedDict()
+
+
+def check_guide(guide: GuidedDecodingParams):
+    """The guide as an xgrammar `Grammar` (no tokenizer needed), cached by its key; a ValueError
+    naming the guide and what is wrong with it if it does not parse."""
+    xgr = _xgrammar()
+    key = guide_key(guide)
+    grammar = _parsed.get(key)
+    if grammar is not None:
+        _parsed.move_to_end(key)
+        return grammar
+    kind, text = key
+    if kind == "json":
+        _check_json_schema(guide.json)
+    try:
+        if kind == "json":
+            grammar = xgr.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=True)
+        elif kind == "json_object":
+            grammar = xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        elif kind == "regex":
+            grammar = xgr.Grammar.from_regex(text)
+        elif kind == "grammar":
+            grammar = xgr.Grammar.from_ebnf(text)
+        elif kind == "choice":
+            # GBNF string literals take JSON's escapes
+            grammar = xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in guide.choice))
+        else:
+            grammar = xgr.Grammar.from_structural_tag(text)
+    except Exception as e:  # xgrammar raises RuntimeError (and its own types) with a C++ location
+        raise ValueError(f"guided_decoding.{kind}: {_xgrammar_message(e)}") from None
+    _parsed[key] = grammar
+    if len(_parsed) > _PARSED_CACHE:
+        _parsed.popitem(last=False)
+    return grammar
+
+
+def validate_guided(params: SamplingParams, has_tokenizer: bool) -> None:
+    """A guided request's checks before any work (engine_limits.validate_request's, so the
+    process client refuses it before sending): a ValueError naming what is wrong."""
+    if params.guided_decoding is None:
+        return
+    if not has_tokenizer:
+        raise ValueError("guided_decoding needs a tokenizer (the grammar is over token texts); this engine was "
+                         "built without one")
+    check_guide(params.guided_decoding)
+
+
+def _check_json_schema(schema) -> None:
+    """The schema against the JSON Schema meta-schema, when jsonschema is installed (xgrammar
+    checks only what it converts: a misspelt keyword's value would pass it)."""
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path)
+        raise ValueError(f"guided_decoding.json: not a valid JSON Schema: {e.message}"
+                         + (f" (at {where})" if where else "")) from None
+
+
+def _xgrammar_message(e: Exception) -> str:
+    """xgrammar's message without its timestamp, C++ file:line and check text."""
+    text = str(e).strip()
+    text = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", text)
+    text = re.sub(r"^Check failed: \(.*?\) is false:\s*", "", text)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class LogitsHooks:
+    """An engine's structured output and logits processors (see the module docstring)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: list[int]):
+        self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, list(eos_token_ids)
+        self.batched_logits_processor = None  # LLM(batched_logits_processor=...)
+        self.compiled: OrderedDict[tuple[str, str], object] = OrderedDict()
+        self.compile_s = 0.0   # seconds spent compiling guides (tokenizer info included)
+        self._compiler = None
+        self._batch_matcher = None
+        self._host_bitmask: torch.Tensor | None = None     # [rows, ceil(V / 32)] int32, pinned on CUDA
+        self._device_bitmask: torch.Tensor | None = None
+
+    # -- submission ----------------------------------------------------------------------
+    def validate(self, params: SamplingParams) -> None:
+        """What only the engine can check of a request's hooks (validate_request checks its guide)."""
+        if params.apply_batched_logits_processor and self.batched_logits_processor is None:
+            raise ValueError("apply_batched_logits_processor=True, but this LLM has no batched_logits_processor "
+                             "(LLM(batched_logits_processor=...))")
+
+    def attach(self, seqs: list[Sequence], params: SamplingParams) -> None:
+        """A matcher of the request's compiled guide for each of its sequences."""
+        if params.guided_decoding is None:
+            return
+        compiled = self.compile(params.guided_decoding)
+        xgr = _xgrammar()
+        for seq in seqs:
+            seq.guide = xgr.GrammarMatcher(compiled)
+
+    def compile(self, guide: GuidedDecodingParams):
+        """The guide compiled against this engine's vocabulary, once per distinct guide."""
+        key = guide_key(guide)
+        compiled = self.compiled.get(key)
+        if compiled is not None:
+            self.compiled.move_to_end(key)
+            return compiled
+        import time
+        started = time.perf_counter()
+        grammar = check_guide(guide)
+        try:
+            compiled = self._grammar_compiler().compile_grammar(grammar)
+        except Exception as e:
+            raise ValueError(f"guided_decoding.{key[0]}: {_xgrammar_message(e)}") from None
+        self.compile_s += time.perf_counter() - started
+        self.compiled[key] = compiled
+        if len(self.compiled) > _COMPILED_CACHE:
+            self.compiled.popitem(last=False)
+        return compiled
+
+    def _grammar_compiler(self):
+        if self._compiler is None:
+            xgr = _xgrammar()
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                      stop_token_ids=self.eos_token_ids)
+            self._compiler = xgr.GrammarCompiler(info)
+        return self._compiler
+
+    # -- a step ------------------------------------------------------------------------
+    def prepare(self, seqs: list[Sequence]) -> StepHooks | None:
+        """None when no sequence of the step has a guide or a processor; else the step's
+        hooks, with the guided rows' bitmasks already filled on the host."""
+        guided = [i for i, s in enumerate(seqs) if s.guide is not None]
+        processed = [i for i, s in enumerate(seqs) if s.guide is None and s.sampling_params.processes_logits]
+        if not guided and not processed:
+            return None
+        bitmask = None
+        if guided:
+            n, words = len(seqs), (self.vocab_size + 31) // 32
+            host = self._host_bitmask
+            if host is None or host.shape[0] < n:
+                host = self._host_bitmask = torch.empty((max(n, 64), words), dtype=torch.int32,
+                                                        pin_memory=torch.cuda.is_available())
+            bitmask = host[:n]
+            if len(guided) < n:
+                bitmask.fill_(-1)  # all tokens allowed in the unguided rows
+            matchers = [seqs[i].guide for i in guided]
+            if len(matchers) == 1:
+                matchers[0].fill_next_token_bitmask(host, guided[0])
+            else:
+                if self._batch_matcher is None:
+                    self._batch_matcher = _xgrammar().BatchGrammarMatcher()
+                self._batch_matcher.batch_fill_next_token_bitmask(matchers, host, guided)
+        return StepHooks(self, seqs, bitmask)
+
+    def accept(self, seq: Sequence, token: int) -> tuple[str | None, str | None]:
+        """Advance `seq`'s matcher by its new token: ("stop", None) once its grammar has
+        ended, ("error", why) if the grammar refuses the token (only a bug could pick it)."""
+        if not seq.guide.accept_token(token):
+            return "error", f"guided decoding: the grammar refused token {token}"
+        return ("stop", None) if seq.guide.is_terminated() else (None, None)
+
+    def _device_rows(self, bitmask: torch.Tensor, device) -> torch.Tensor:
+        dev = self._device_bitmask
+        if dev is None or dev.device != torch.device(device) or dev.shape[0] < bitmask.shape[0]:
+            dev = self._device_bitmask = torch.empty(self._host_bitmask.shape, dtype=torch.int32, device=device)
+        out = dev[: bitmask.shape[0]]
+        out.copy_(bitmask, non_blocking=True)
+        return out
+
+
+@dataclass
+class StepHooks:
+    hooks: LogitsHooks
+    seqs: list[Sequence]
+    bitmask: torch.Tensor | None  # [N, ceil(V / 32)] int32 on the host, or None
+
+    def apply(self, logits: torch.Tensor, batch) -> dict[Sequence, str]:
+        """Run the rows' logits processors in place on `logits` [N, V] (the request's own
+        processors, then the LLM's batched one), and hand the sampler the bitmask
+        (`batch.token_bitmask`). Returns the sequences whose processor raised, with why: they
+        fail alone."""
+        failed: dict[Sequence, str] = {}
+        stream = torch.cuda.current_stream(logits.device).cuda_stream if logits.is_cuda else None
+        V = logits.shape[-1]
+        batched = []
+        for i, seq in enumerate(self.seqs):
+            params = seq.sampling_params
+            if params.logits_processor is not None:
+                row = logits[i].view(1, 1, V)
+                try:
+                    for proc in params.logits_processors:
+                        proc(seq.request_id, row, [seq.token_ids], stream, None)
+                except Exception as e:
+                    failed[seq] = f"the logits processor raised {type(e).__name__}: {e}"
+            if params.apply_batched_logits_processor:
+                batched.append(i)
+        if batched:
+            seqs = [self.seqs[i] for i in batched]
+            try:
+                self.hooks.batched_logits_processor([s.request_id for s in seqs],
+                                                    [logits[i].view(1, 1, V) for i in batched],
+                                                    [[s.token_ids] for s in seqs], stream, [None] * len(seqs))
+            except Exception as e:
+                for s in seqs:
+                    failed[s] = f"the batched logits processor raised {type(e).__name__}: {e}"
+        if self.bitmask is not None:
+            batch.token_bitmask = self.hooks._device_rows(self.bitmask, logits.device)
+        return failed
