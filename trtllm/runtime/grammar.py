@@ -99,10 +99,10 @@ def check_guide(guide: GuidedDecodingParams):
     if kind == "json":
         _check_json_schema(guide.json)
     try:
-        if kind == "json":
-            grammar = xgr.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=True)
-        elif kind == "json_object":
-            grammar = xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        if kind in _JSON_KINDS:
+            schema, strict = (text, True) if kind == "json" else ('{"type": "object"}', False)
+            grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
+            grammar = xgr.Grammar.from_ebnf(_plain_json_chars(str(grammar)))
         elif kind == "regex":
             grammar = xgr.Grammar.from_regex(text)
         elif kind == "grammar":
@@ -146,6 +146,32 @@ def _check_json_schema(schema) -> None:
                          + (f" (at {where})" if where else "")) from None
 
 
+_JSON_KINDS = ("json", "json_object")
+_NEGATED_CLASS = re.compile(r"\[\^((?:\\.|[^\]\\])*)\]")
+
+
+def _plain_json_chars(ebnf: str) -> str:
+    """A JSON grammar's negated character classes (its string characters) without control
+    characters and UTF-16 surrogates: xgrammar 0.2.9 lets a length-bounded string
+    (`maxLength`) take raw control characters, and any string the code points U+D800-U+DFFF
+    (bytes ED A0..BF xx, which no UTF-8 decoder accepts: a random model picked them)."""
+    return _NEGATED_CLASS.sub(lambda m: "[^" + m.group(1) + "\\0-\\x1f\\uD800-\\uDFFF]", ebnf)
+
+
+def _json_safe_words(decoded_vocab: list[bytes], vocab_size: int, stop_ids: list[int]) -> torch.Tensor:
+    """The bitmask of tokens that may appear in compact JSON: none holding a byte < 0x20 (JSON
+    strings take control characters only escaped, and compact JSON has no newline or tab),
+    and the stop tokens. JSON rows are ANDed with it: a string `pattern` (xgrammar's Regex
+    node, which `_plain_json_chars` does not reach) may match raw control characters."""
+    allowed = torch.tensor([not any(b < 0x20 for b in tok) for tok in decoded_vocab]
+                           + [False] * (vocab_size - len(decoded_vocab)), dtype=torch.bool)[:vocab_size]
+    allowed[[t for t in stop_ids if 0 <= t < vocab_size]] = True
+    padded = torch.zeros((vocab_size + 31) // 32 * 32, dtype=torch.int64)
+    padded[:vocab_size] = allowed.long()
+    words = (padded.view(-1, 32) << torch.arange(32)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 def _xgrammar_message(e: Exception) -> str:
     """xgrammar's message without its timestamp, C++ file:line and check text."""
     text = str(e).strip()
@@ -163,6 +189,7 @@ class LogitsHooks:
         self.compiled: OrderedDict[tuple[str, str], object] = OrderedDict()
         self.compile_s = 0.0   # seconds spent compiling guides (tokenizer info included)
         self._compiler = None
+        self._json_safe: torch.Tensor | None = None  # [ceil(V / 32)] int32: tokens with no byte < 0x20
         self._batch_matcher = None
         self._host_bitmask: torch.Tensor | None = None     # [rows, ceil(V / 32)] int32, pinned on CUDA
         self._device_bitmask: torch.Tensor | None = None
@@ -209,6 +236,7 @@ class LogitsHooks:
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                       stop_token_ids=self.eos_token_ids)
             self._compiler = xgr.GrammarCompiler(info)
+            self._json_safe = _json_safe_words(info.decoded_vocab, self.vocab_size, self.eos_token_ids)
         return self._compiler
 
     # -- a step ------------------------------------------------------------------------
@@ -236,6 +264,9 @@ class LogitsHooks:
                 if self._batch_matcher is None:
                     self._batch_matcher = _xgrammar().BatchGrammarMatcher()
                 self._batch_matcher.batch_fill_next_token_bitmask(matchers, host, guided)
+            json_rows = [i for i in guided if seqs[i].sampling_params.guided_decoding.kind in _JSON_KINDS]
+            if json_rows:
+                bitmask[json_rows] &= self._json_safe
         return StepHooks(self, seqs, bitmask)
 
     def accept(self, seq: Sequence, token: int) -> tuple[str | None, str | None]:
