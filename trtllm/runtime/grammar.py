@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -188,6 +189,7 @@ class LogitsHooks:
         self.batched_logits_processor = None  # LLM(batched_logits_processor=...)
         self.compiled: OrderedDict[tuple[str, str], object] = OrderedDict()
         self.compile_s = 0.0   # seconds spent compiling guides (tokenizer info included)
+        self.fill_s = 0.0      # seconds spent filling bitmasks (bench/bench_guided.py reads both)
         self._compiler = None
         self._json_safe: torch.Tensor | None = None  # [ceil(V / 32)] int32: tokens with no byte < 0x20
         self._batch_matcher = None
@@ -217,7 +219,6 @@ class LogitsHooks:
         if compiled is not None:
             self.compiled.move_to_end(key)
             return compiled
-        import time
         started = time.perf_counter()
         grammar = check_guide(guide)
         try:
@@ -249,6 +250,7 @@ class LogitsHooks:
             return None
         bitmask = None
         if guided:
+            started = time.perf_counter()
             n, words = len(seqs), (self.vocab_size + 31) // 32
             host = self._host_bitmask
             if host is None or host.shape[0] < n:
@@ -267,6 +269,7 @@ class LogitsHooks:
             json_rows = [i for i in guided if seqs[i].sampling_params.guided_decoding.kind in _JSON_KINDS]
             if json_rows:
                 bitmask[json_rows] &= self._json_safe
+            self.fill_s += time.perf_counter() - started
         return StepHooks(self, seqs, bitmask)
 
     def accept(self, seq: Sequence, token: int) -> tuple[str | None, str | None]:
