@@ -41,7 +41,7 @@ def llm(model_path):
 
 
 def guided(guide: GuidedDecodingParams, max_tokens=240, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=1.0, guided_decoding=guide, **kw)
+    return SamplingParams(**{"max_tokens": max_tokens, "temperature": 1.0, "guided_decoding": guide, **kw})
 
 
 # -- random JSON schemas whose every instance is short: bounded strings, ranges, item counts --------
@@ -282,3 +282,48 @@ def test_apply_token_bitmask_matches_a_boolean_mask():
     batch.token_bitmask = bitmask
     out = apply_token_bitmask(logits, batch)
     assert torch.equal(out, logits.masked_fill(~allowed, float("-inf")))
+
+
+# -- the overlap scheduler and the decode graphs' own picks (their CPU stand-ins) -------------------------
+def graph_llm(path, overlap: bool) -> LLM:
+    from tests.runtime.test_model_runner import EagerGraph
+    from trtllm.models.loader import load_model
+    from trtllm.runtime.model_runner import cuda_graph_batch_sizes
+    from trtllm.runtime.tokenizer import load_tokenizer
+    llm = LLM(load_model(path, dtype=torch.float32, device="cpu"), tokenizer=load_tokenizer(path),
+              kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=2048),
+              build_config=BuildConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=128),
+              disable_overlap_scheduler=not overlap)
+    runner = llm.engine.runner
+    for b in cuda_graph_batch_sizes(runner.meta.max_num_seqs):
+        g = EagerGraph(runner, b, 512)
+        runner.graphs[b] = (g, g.logits, g.greedy)
+    return llm
+
+
+def test_guided_rows_never_take_the_graphs_picks_or_a_step_ahead(model_path):
+    """Greedy rows run ahead on the graphs' picks; a guided row or one with a processor joining
+    them (at once, or while steps run ahead) is sampled with its mask: the same outputs as the
+    plain engine's."""
+    plain = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    regex = guided(GuidedDecodingParams(regex="[xyz]{12}"), max_tokens=40, temperature=0.0)
+    forced = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logits_processor=OnlyToken(33))
+    prompts, params = ["Hello", "Once", "Data:", "x"], [plain, regex, plain, forced]
+    results = []
+    for overlap in (False, True):
+        with graph_llm(model_path, overlap) as llm:
+            ahead = []
+            real = llm.engine.runner.execute_ahead
+            llm.engine.runner.execute_ahead = lambda *a, real=real, ahead=ahead: ahead.append(1) or real(*a)
+            outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            # a guided request joining greedy streams that run ahead
+            stream = llm.generate("Hello", plain, streaming=True)
+            first = next(stream)
+            late = llm.generate("Data:", regex, use_tqdm=False)
+            rest = list(stream)
+            results.append((outs, late.outputs[0].text, rest[-1].outputs[0].token_ids))
+            assert bool(ahead) == overlap and len(first.outputs[0].token_ids) >= 1
+            llm.block_manager.check_invariants()
+    assert results[0] == results[1]
+    outs, late_text, _ = results[1]
+    assert re.fullmatch("[xyz]{12}", late_text) and outs[3] == [33] * 6
