@@ -230,3 +230,15 @@ def test_streamed_content_is_held_back_where_a_call_may_start():
     assert calls[0]["index"] == 0
     plain = ToolCallStream(plan(), "hermes")
     assert plain.feed("a <", False) == ("a ", []) and plain.feed("a < b!", True) == ("< b!", [])
+
+
+def test_a_named_call_streams_its_arguments_as_written(client):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], tool_choice=named,
+                                                 max_tokens=200, stream=True, **SAMPLED))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
+    assert len(deltas) > 3 and all(d.index == 0 and d.id is None for d in deltas[1:])  # fragments follow
+    jsonschema.validate(json.loads("".join(d.function.arguments or "" for d in deltas)),
+                        WEATHER["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"

@@ -78,7 +78,8 @@ class Renderer:
             delta = {"content": content} if content else {}
             if calls:
                 delta["tool_calls"] = calls
-                reason = "tool_calls" if reason == "stop" else reason
+            if reason == "stop" and state.tool_stream.called:
+                reason = "tool_calls"
             return {"index": idx, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         if job.endpoint == "chat":
             return {"index": idx, "delta": {"content": new_text} if new_text else {}, "logprobs": logprobs,

@@ -22,9 +22,10 @@ OpenAI `tool_calls`.
 A reply that parsed into calls ends with finish_reason "tool_calls" (when it stopped, not
 when it ran out of tokens). Streaming: content streams as it comes, held back from the
 point where a tool call may start (hermes: a prefix of "<tool_call>"; llama3: a reply whose
-first non-space character is "{"; forced calls: all of it); the calls follow as
+first non-space character is "{"; "required": all of it); the calls follow as
 `delta.tool_calls` entries (index, id, type, function name and arguments) once the
-completion ends.
+completion ends. A named function's call streams as OpenAI's do: its id and name first,
+then its arguments as they are written.
 """
 from __future__ import annotations
 
@@ -124,9 +125,8 @@ class ToolPlan:
         """(content, calls), content unstripped: what was not a call (all of it if nothing parsed)."""
         if self.mode == "none":
             return text, []
-        if self.mode == "named":
-            args = _json_value(text)
-            return ("", [_call(self.name, args)]) if isinstance(args, dict) else (text, [])
+        if self.mode == "named":  # the output is the arguments (cut short by max_tokens: as far as it got)
+            return "", [_call(self.name, text)]
         if self.mode == "required":
             items = _json_value(text)
             if isinstance(items, list) and items and all(isinstance(i, dict) and "name" in i for i in items):
@@ -200,12 +200,26 @@ class ToolCallStream:
 
     def __init__(self, plan: ToolPlan, parser: str):
         self.plan, self.parser = plan, parser
-        self.sent = 0  # characters of content sent
+        self.sent = 0  # characters of content (a named call: of arguments) sent
+        self._ended_with_calls = False
+        self.opened = False  # a named call's first delta (id, name) went out
+
+    @property
+    def called(self) -> bool:
+        """Tool calls went out (the choice ends with finish_reason "tool_calls")."""
+        return self.opened or self._ended_with_calls
 
     def feed(self, text: str, done: bool) -> tuple[str, list[dict]]:
         """(content delta, tool-call deltas) given the choice's whole text so far."""
+        if self.plan.mode == "named":
+            new, self.sent = text[self.sent:], len(text)
+            if not self.opened:
+                self.opened = True
+                return "", [{"index": 0, **_call(self.plan.name, new)}]
+            return "", [{"index": 0, "function": {"arguments": new}}] if new else []
         if done:
             content, calls = self.plan._parse(text, self.parser)
+            self._ended_with_calls = bool(calls)
             delta = content[self.sent:] if content.startswith(text[:self.sent]) else ""
             self.sent = len(content)
             return delta, [{"index": i, **call} for i, call in enumerate(calls)]
