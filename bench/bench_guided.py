@@ -20,9 +20,11 @@ the same kind, not Llama-3's exact figure). `--batch` requests of 128 prompt tok
   a second distinct schema's, and the cached lookup.
 
 Throughput = generated tokens / wall time of `LLM.generate` (after a warm-up run of each
-kind). The guided row also gives the host's bitmask-filling time per step (xgrammar's
-multi-threaded fill, which runs while the GPU computes the step). Table last; JSON under
-$OUT when set.
+kind). Greedy guided requests keep the unguided fast path (runtime/grammar.py `mask_picks`:
+the decode graph's picks re-made under the grammar's mask on the device, steps still
+launched ahead), so what the guided row pays is the host's bitmask filling (xgrammar's
+multi-threaded fill, during the GPU's step; given per step), the mask's copy and masked
+argmax, and the matchers' bookkeeping. Table last; JSON under $OUT when set.
 """
 import argparse
 import json

@@ -301,29 +301,35 @@ def graph_llm(path, overlap: bool) -> LLM:
     return llm
 
 
-def test_guided_rows_never_take_the_graphs_picks_or_a_step_ahead(model_path):
-    """Greedy rows run ahead on the graphs' picks; a guided row or one with a processor joining
-    them (at once, or while steps run ahead) is sampled with its mask: the same outputs as the
-    plain engine's."""
+def test_guided_greedy_rows_keep_the_graphs_and_the_overlap_scheduler(model_path, llm):
+    """Greedy guided rows take the decode graphs' picks re-made under their masks, and the
+    overlap scheduler launches steps ahead from them; a row with a processor goes through the
+    sampler. Joining at once or while steps run ahead: the same outputs as the plain engine's."""
     plain = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     regex = guided(GuidedDecodingParams(regex="[xyz]{12}"), max_tokens=40, temperature=0.0)
     forced = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logits_processor=OnlyToken(33))
     prompts, params = ["Hello", "Once", "Data:", "x"], [plain, regex, plain, forced]
     results = []
     for overlap in (False, True):
-        with graph_llm(model_path, overlap) as llm:
+        with graph_llm(model_path, overlap) as g:
             ahead = []
-            real = llm.engine.runner.execute_ahead
-            llm.engine.runner.execute_ahead = lambda *a, real=real, ahead=ahead: ahead.append(1) or real(*a)
-            outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            real = g.engine.runner.execute_ahead
+            g.engine.runner.execute_ahead = lambda *a, real=real, ahead=ahead: ahead.append(1) or real(*a)
+            outs = [o.outputs[0].token_ids for o in g.generate(prompts, params, use_tqdm=False)]
             # a guided request joining greedy streams that run ahead
-            stream = llm.generate("Hello", plain, streaming=True)
+            stream = g.generate("Hello", plain, streaming=True)
             first = next(stream)
-            late = llm.generate("Data:", regex, use_tqdm=False)
+            late = g.generate("Data:", regex, use_tqdm=False)
             rest = list(stream)
-            results.append((outs, late.outputs[0].text, rest[-1].outputs[0].token_ids))
-            assert bool(ahead) == overlap and len(first.outputs[0].token_ids) >= 1
-            llm.block_manager.check_invariants()
+            del ahead[:]
+            only = g.generate(["Data:", "Hello", "x"], regex, use_tqdm=False)  # all guided, all greedy
+            results.append((outs, late.outputs[0].text, rest[-1].outputs[0].token_ids,
+                            [o.outputs[0].text for o in only]))
+            assert len(ahead) >= (8 if overlap else 0) and len(first.outputs[0].token_ids) >= 1
+            g.block_manager.check_invariants()
     assert results[0] == results[1]
-    outs, late_text, _ = results[1]
+    outs, late_text, _, only = results[1]
     assert re.fullmatch("[xyz]{12}", late_text) and outs[3] == [33] * 6
+    assert all(re.fullmatch("[xyz]{12}", t) for t in only)
+    # the sampler's path (no graphs) picks the same tokens
+    assert [o.outputs[0].text for o in llm.generate(["Data:", "Hello", "x"], regex, use_tqdm=False)] == only

@@ -7,7 +7,8 @@
 
 A step: the scheduler picks tokens, the model runner computes the logits to sample, the
 sampler picks tokens, and each request's output grows by its new tokens and is checked
-for its stop conditions (output_builder.py). One request's failure (bad input at
+for its stop conditions (output_builder.py). Guided requests' grammars and logits
+processors act on the logits in between (runtime/grammar.py). One request's failure (bad input at
 admission, NaN logits) never touches another's. Request ids must be unique among those
 in flight: the front ends refuse a duplicate (request_stream.OpenStreams).
 
@@ -125,6 +126,8 @@ class Engine:
         if launched is not None:
             # argmax is every row's token: the graph's picks serve, and can feed a step ahead
             picks_serve = launched.picks is not None and argmax_serves(launched.to_sample)
+            if picks_serve:  # guided rows: their picks re-made under their grammar, on the device
+                self.logits_hooks.mask_picks(launched)
             if self.overlap and picks_serve:
                 self._ahead = self._launch_ahead(launched)
             sampled, logprobs = self._sample(launched, picks_serve, changed)

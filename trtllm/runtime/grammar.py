@@ -5,6 +5,8 @@ sampler picks its token (`SamplingParams.guided_decoding`, `.logits_processor`,
     check_guide(guide)                      # at submission: the schema / regex / grammar parses
     hooks = LogitsHooks(tokenizer, vocab_size, eos_token_ids)   # one per engine
     hooks.attach(seqs, params)              # add_request: compile (cached), one matcher per sequence
+    hooks.mask_picks(launched)              # a greedy decode-graph step: its guided rows re-picked
+                                            #   under their masks on the device (the overlap scheduler's path)
     step = hooks.prepare(seqs)              # a step that samples, before waiting for its logits:
                                             #   the guided rows' token bitmasks filled on the host
     failed = step.apply(logits, batch)      # after the wait: user processors edit their rows in
@@ -22,11 +24,18 @@ and gives each sequence a `GrammarMatcher` of its own (`Sequence.guide`), which 
 preemption (it tracks output tokens, which are kept).
 
 Per step, the host work is xgrammar's: one multi-threaded `batch_fill_next_token_bitmask`
-over the guided rows, started before the engine waits for the step's logits, so it overlaps
-the GPU's forward pass; the sampler then applies the whole [N, ceil(V / 32)] int32 bitmask
-in one masked fill (sampler.apply_token_bitmask; unguided rows are all ones). A guided step
-never uses the decode graph's own argmax picks (`argmax_serves` says no), so it is sampled
-as an ordinary step and the overlap scheduler does not launch the next step ahead of it.
+over the guided rows, done while the GPU computes the step. Two paths:
+
+- greedy decode-graph steps (`argmax_serves`: a guide alone does not stop the graph's picks
+  from serving): `mask_picks` fills the bitmask of step n (each matcher holds the tokens up
+  to n - 1, accepted by the previous `step()` call), and queues after the graph the masked
+  argmax of its logits, written over the graph's own picks, on the device and into a pinned
+  host buffer. The overlap scheduler then launches step n + 1 from those picks, as for any
+  greedy batch: guided requests keep the engine's fast path.
+- any other step (sampling, penalties, logprobs, a logits processor, prefill): `prepare`
+  fills the bitmask before the engine waits for the logits, and the sampler applies the whole
+  [N, ceil(V / 32)] int32 bitmask in one masked fill (sampler.apply_token_bitmask; unguided
+  rows are all ones).
 
 JSON is compact: `any_whitespace=False` (separators ", " and ": ", no free whitespace), so a
 model cannot spend its tokens on whitespace, and `strict_mode=True` (no properties or items
@@ -46,6 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trtllm.runtime.sampler import greedy_picks, token_bitmask_allows
 from trtllm.runtime.sequence import Sequence
 from trtllm.sampling_params import GuidedDecodingParams, SamplingParams
 
@@ -195,6 +205,7 @@ class LogitsHooks:
         self._batch_matcher = None
         self._host_bitmask: torch.Tensor | None = None     # [rows, ceil(V / 32)] int32, pinned on CUDA
         self._device_bitmask: torch.Tensor | None = None
+        self._host_picks: torch.Tensor | None = None       # flat [2 * rows] int64, pinned on CUDA
 
     # -- submission ----------------------------------------------------------------------
     def validate(self, params: SamplingParams) -> None:
@@ -241,6 +252,32 @@ class LogitsHooks:
         return self._compiler
 
     # -- a step ------------------------------------------------------------------------
+    def mask_picks(self, launched) -> None:
+        """A greedy decode-graph step (`LaunchedStep` with picks) whose picks serve: its guided
+        rows' tokens become the argmax under their grammar's bitmask, replacing the graph's
+        picks on the device (what a step launched ahead gathers) and on the host (what the
+        engine reads after `wait`). Queued after the graph; the step's done event is recorded
+        again after it. Nothing happens without a guided row."""
+        seqs = launched.to_sample
+        guided = [i for i, s in enumerate(seqs) if s.guide is not None and not s.is_finished]
+        if not guided:
+            return
+        rows = len(seqs)
+        bitmask = self._fill(seqs, guided)
+        logits = launched.logits  # [rows, V], the graph's
+        allowed = token_bitmask_allows(self._device_rows(bitmask, logits.device), logits.shape[-1])
+        picks = greedy_picks(logits.masked_fill(~allowed, float("-inf")))  # [2, rows]
+        launched.device_picks[:, :rows].copy_(picks)
+        host = self._host_picks
+        if host is None or host.numel() < 2 * rows:
+            host = self._host_picks = torch.empty(2 * max(rows, 64), dtype=torch.int64,
+                                                  pin_memory=logits.is_cuda)
+        out = host[: 2 * rows].view(2, rows)  # contiguous: one async copy
+        out.copy_(picks, non_blocking=True)
+        launched.picks = out
+        if launched.done is not None:
+            launched.done.record()
+
     def prepare(self, seqs: list[Sequence]) -> StepHooks | None:
         """None when no sequence of the step has a guide or a processor; else the step's
         hooks, with the guided rows' bitmasks already filled on the host."""
@@ -248,29 +285,32 @@ class LogitsHooks:
         processed = [i for i, s in enumerate(seqs) if s.guide is None and s.sampling_params.processes_logits]
         if not guided and not processed:
             return None
-        bitmask = None
-        if guided:
-            started = time.perf_counter()
-            n, words = len(seqs), (self.vocab_size + 31) // 32
-            host = self._host_bitmask
-            if host is None or host.shape[0] < n:
-                host = self._host_bitmask = torch.empty((max(n, 64), words), dtype=torch.int32,
-                                                        pin_memory=torch.cuda.is_available())
-            bitmask = host[:n]
-            if len(guided) < n:
-                bitmask.fill_(-1)  # all tokens allowed in the unguided rows
-            matchers = [seqs[i].guide for i in guided]
-            if len(matchers) == 1:
-                matchers[0].fill_next_token_bitmask(host, guided[0])
-            else:
-                if self._batch_matcher is None:
-                    self._batch_matcher = _xgrammar().BatchGrammarMatcher()
-                self._batch_matcher.batch_fill_next_token_bitmask(matchers, host, guided)
-            json_rows = [i for i in guided if seqs[i].sampling_params.guided_decoding.kind in _JSON_KINDS]
-            if json_rows:
-                bitmask[json_rows] &= self._json_safe
-            self.fill_s += time.perf_counter() - started
-        return StepHooks(self, seqs, bitmask)
+        return StepHooks(self, seqs, self._fill(seqs, guided) if guided else None)
+
+    def _fill(self, seqs: list[Sequence], guided: list[int]) -> torch.Tensor:
+        """[len(seqs), ceil(V / 32)] int32 on the host: the rows `guided` from their matchers,
+        the others all ones."""
+        started = time.perf_counter()
+        n, words = len(seqs), (self.vocab_size + 31) // 32
+        host = self._host_bitmask
+        if host is None or host.shape[0] < n:
+            host = self._host_bitmask = torch.empty((max(n, 64), words), dtype=torch.int32,
+                                                    pin_memory=torch.cuda.is_available())
+        bitmask = host[:n]
+        if len(guided) < n:
+            bitmask.fill_(-1)  # all tokens allowed in the unguided rows
+        matchers = [seqs[i].guide for i in guided]
+        if len(matchers) == 1:
+            matchers[0].fill_next_token_bitmask(host, guided[0])
+        else:
+            if self._batch_matcher is None:
+                self._batch_matcher = _xgrammar().BatchGrammarMatcher()
+            self._batch_matcher.batch_fill_next_token_bitmask(matchers, host, guided)
+        json_rows = [i for i in guided if seqs[i].sampling_params.guided_decoding.kind in _JSON_KINDS]
+        if json_rows:
+            bitmask[json_rows] &= self._json_safe
+        self.fill_s += time.perf_counter() - started
+        return bitmask
 
     def accept(self, seq: Sequence, token: int) -> tuple[str | None, str | None]:
         """Advance `seq`'s matcher by its new token: ("stop", None) once its grammar has

@@ -163,15 +163,18 @@ def _flat_index(id_lists: list, V: int, device) -> Tensor | None:
     return rows * V + ids
 
 
+def token_bitmask_allows(bitmask: Tensor, vocab_size: int) -> Tensor:
+    """[N, ceil(V / 32)] int32 -> [N, V] bool: token t is allowed when bit t % 32 of word t // 32
+    is set (xgrammar's layout; an arithmetic shift of a negative word still reads its bits)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return ((bitmask[:, :, None] >> shifts) & 1).view(bitmask.shape[0], -1)[:, :vocab_size] != 0
+
+
 def apply_token_bitmask(logits: Tensor, batch: SamplingBatch) -> Tensor:
-    """Tokens whose bit is 0 → -inf: bit t % 32 of word t // 32 (xgrammar's layout; an
-    arithmetic shift of a negative word still reads its bits)."""
+    """Tokens a row's grammar does not allow → -inf."""
     if batch.token_bitmask is None:
         return logits
-    n, V = logits.shape
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((batch.token_bitmask[:, :, None] >> shifts) & 1).view(n, -1)[:, :V]
-    return logits.masked_fill(allowed == 0, _NEG_INF)
+    return logits.masked_fill(~token_bitmask_allows(batch.token_bitmask, logits.shape[-1]), _NEG_INF)
 
 
 def apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
@@ -261,15 +264,17 @@ def gumbel_noise(batch: SamplingBatch) -> Tensor:
 
 def argmax_serves(seqs: list[Sequence]) -> bool:
     """Whether the argmax of the raw logits is every sequence's next token (greedy, no
-    penalty, no logprobs wanted, no grammar or logits processor, past min_tokens): then a decode graph's own picks
-    (`greedy_picks`) serve and no sampler runs. A run of sequences sharing one
+    penalty, no logprobs wanted, no logits processor, past min_tokens): then a decode graph's
+    own picks (`greedy_picks`) serve and no sampler runs (a guided row's are re-picked under
+    its grammar's mask on the device: grammar.LogitsHooks.mask_picks). A run of sequences sharing one
     SamplingParams (an `LLM.generate` batch: all of them) has its params looked at once:
     ~0.8 us a sequence less."""
     last = None
     for seq in seqs:
         p = seq.sampling_params
         if p is not last:
-            if not p.greedy or p.penalised or p.logprobs is not None or p.processes_logits:
+            if not p.greedy or p.penalised or p.logprobs is not None or p.logits_processor is not None \
+                    or p.apply_batched_logits_processor:
                 return False
             last = p
         if len(seq.output_token_ids) < p.min_tokens:
