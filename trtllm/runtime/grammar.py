@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -206,6 +207,9 @@ class LogitsHooks:
         self._host_bitmask: torch.Tensor | None = None     # [rows, ceil(V / 32)] int32, pinned on CUDA
         self._device_bitmask: torch.Tensor | None = None
         self._host_picks: torch.Tensor | None = None       # flat [2 * rows] int64, pinned on CUDA
+        # the sequences with a matcher, while they live: a batch with none costs the hot path
+        # one truth test, not a look at every row
+        self._guided: weakref.WeakSet[Sequence] = weakref.WeakSet()
 
     # -- submission ----------------------------------------------------------------------
     def validate(self, params: SamplingParams) -> None:
@@ -222,6 +226,7 @@ class LogitsHooks:
         xgr = _xgrammar()
         for seq in seqs:
             seq.guide = xgr.GrammarMatcher(compiled)
+            self._guided.add(seq)
 
     def compile(self, guide: GuidedDecodingParams):
         """The guide compiled against this engine's vocabulary, once per distinct guide."""
@@ -258,6 +263,8 @@ class LogitsHooks:
         picks on the device (what a step launched ahead gathers) and on the host (what the
         engine reads after `wait`). Queued after the graph; the step's done event is recorded
         again after it. Nothing happens without a guided row."""
+        if not self._guided:
+            return
         seqs = launched.to_sample
         guided = [i for i, s in enumerate(seqs) if s.guide is not None and not s.is_finished]
         if not guided:
