@@ -117,6 +117,15 @@ def test_choice_is_always_one_of_them_and_grammar_holds(llm):
         assert re.fullmatch(r"\(([a-z]|[0-9]+)(,([a-z]|[0-9]+))*\)", o.outputs[0].text), o.outputs[0].text
 
 
+def test_characters_below_256_followed_by_hex_digits(llm):
+    # xgrammar 0.2.9 prints "é" as \xe9 and reads "\xe9a" back as U+0E9A: an enum ["éa"] gave "ບ"
+    for guide, allowed in ((GuidedDecodingParams(json={"enum": ["éa", "ÿf", "\u0001b"]}), {"éa", "ÿf", "\u0001b"}),
+                           (GuidedDecodingParams(choice=["éa", "ÿf", "x\u0001a"]), {"éa", "ÿf", "x\u0001a"})):
+        outs = llm.generate(["x"] * 8, [guided(guide, max_tokens=20, seed=s) for s in range(8)], use_tqdm=False)
+        texts = {json.loads(o.outputs[0].text) if guide.kind == "json" else o.outputs[0].text for o in outs}
+        assert texts <= allowed and len(texts) > 1
+
+
 def test_json_object_and_n_and_greedy(llm):
     out = llm.generate("x", guided(GuidedDecodingParams(json_object=True), n=3, seed=4), use_tqdm=False)
     for c in out.outputs:

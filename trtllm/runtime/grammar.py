@@ -95,18 +95,23 @@ def guide_key(guide: GuidedDecodingParams) -> tuple[str, str]:
     return kind, getattr(guide, kind)
 
 
-_parsed: OrderedDict[tuple[str, str], object] = OrderedDict()
+_parsed: OrderedDict[tuple[str, str], str] = OrderedDict()
 
 
-def check_guide(guide: GuidedDecodingParams):
-    """The guide as an xgrammar `Grammar` (no tokenizer needed), cached by its key; a ValueError
-    naming the guide and what is wrong with it if it does not parse."""
+def check_guide(guide: GuidedDecodingParams) -> str:
+    """The guide as the EBNF text of an xgrammar grammar (no tokenizer needed), cached by its
+    key; a ValueError naming the guide and what is wrong with it if it does not parse.
+
+    Text, not xgrammar's `Grammar`: xgrammar 0.2.9 prints a code point below 256 as `\\xHH`
+    and reads `\\x` greedily, so a `Grammar` (which it prints to compile) holding "éa" came
+    back as U+0E9A, and a JSON enum ["éa"] gave "ບ" (a random JSON schema found it). The
+    text written here has `\\u00HH` instead, and is compiled as text."""
     xgr = _xgrammar()
     key = guide_key(guide)
-    grammar = _parsed.get(key)
-    if grammar is not None:
+    ebnf = _parsed.get(key)
+    if ebnf is not None:
         _parsed.move_to_end(key)
-        return grammar
+        return ebnf
     kind, text = key
     if kind == "json":
         _check_json_schema(guide.json)
@@ -114,7 +119,7 @@ def check_guide(guide: GuidedDecodingParams):
         if kind in _JSON_KINDS:
             schema, strict = (text, True) if kind == "json" else ('{"type": "object"}', False)
             grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
-            grammar = xgr.Grammar.from_ebnf(_plain_json_chars(str(grammar)))
+            grammar = _plain_json_chars(str(grammar))
         elif kind == "regex":
             grammar = xgr.Grammar.from_regex(text)
         elif kind == "grammar":
@@ -124,12 +129,18 @@ def check_guide(guide: GuidedDecodingParams):
             grammar = xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in guide.choice))
         else:
             grammar = xgr.Grammar.from_structural_tag(text)
+        ebnf = _UNSAFE_HEX_ESCAPE.sub(r"\1\\u00\2", str(grammar))
+        xgr.Grammar.from_ebnf(ebnf)  # what will be compiled parses
     except Exception as e:  # xgrammar raises RuntimeError (and its own types) with a C++ location
         raise ValueError(f"guided_decoding.{kind}: {_xgrammar_message(e)}") from None
-    _parsed[key] = grammar
+    _parsed[key] = ebnf
     if len(_parsed) > _PARSED_CACHE:
         _parsed.popitem(last=False)
-    return grammar
+    return ebnf
+
+
+# `\\xHH` not itself escaped (an even run of backslashes before it)
+_UNSAFE_HEX_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\x([0-9a-fA-F]{2})")
 
 
 def validate_guided(params: SamplingParams, has_tokenizer: bool) -> None:
