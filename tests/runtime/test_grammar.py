@@ -126,6 +126,17 @@ def test_characters_below_256_followed_by_hex_digits(llm):
         assert texts <= allowed and len(texts) > 1
 
 
+def test_structural_tag(llm):
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"]}
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<fn>", "end": "</fn>",
+                                                "content": {"type": "json_schema", "json_schema": schema}}}
+    out = llm.generate("x", guided(GuidedDecodingParams(structural_tag=json.dumps(tag)), max_tokens=60, seed=3),
+                       use_tqdm=False).outputs[0]
+    m = re.fullmatch(r"<fn>(.*)</fn>", out.text, re.DOTALL)
+    assert m is not None and out.finish_reason == "stop", out.text
+    jsonschema.validate(json.loads(m.group(1)), schema)
+
+
 def test_json_object_and_n_and_greedy(llm):
     out = llm.generate("x", guided(GuidedDecodingParams(json_object=True), n=3, seed=4), use_tqdm=False)
     for c in out.outputs:
