@@ -6,6 +6,8 @@
 #
 # Then, on the machine without network (PYTHONPATH=$PWD as usual):
 #   pip install --no-index --find-links .whl fastapi uvicorn prometheus-client httpx uvloop httptools
+#   pip install --no-index --find-links .whl --no-deps xgrammar apache-tvm-ffi jsonschema \
+#       jsonschema-specifications referencing rpds-py attrs      (structured output: the guided extra)
 # pip keeps what is already installed when it satisfies the requirements (e.g. pydantic)
 # and takes the rest from .whl/. uvloop and httptools are optional speed-ups that uvicorn
 # picks up by itself. Versions are the ones the serve tests passed with.
@@ -37,6 +39,14 @@ WHEELS=(
     httpx==0.28.1
     httpcore==1.0.9
     certifi==2026.5.20
+    # the guided extra (xgrammar's other requirements, torch / transformers / triton, are there)
+    xgrammar==0.2.9
+    apache-tvm-ffi==0.1.15.post2
+    jsonschema==4.26.0
+    jsonschema-specifications==2025.9.1
+    referencing==0.37.0
+    rpds-py==0.30.0
+    attrs==26.1.0
 )
 
 for wheel in "${WHEELS[@]}"; do

@@ -23,7 +23,8 @@ _EXPORTS = {
     "load_model": "trtllm.models.loader", "LLM": "trtllm.runtime.llm",
     "RequestOutput": "trtllm.runtime.outputs", "CompletionOutput": "trtllm.runtime.outputs",
     "RequestError": "trtllm.runtime.outputs",
-    "SamplingParams": "trtllm.sampling_params",
+    "SamplingParams": "trtllm.sampling_params", "GuidedDecodingParams": "trtllm.sampling_params",
+    "LogitsProcessor": "trtllm.sampling_params", "BatchedLogitsProcessor": "trtllm.sampling_params",
 }
 __all__ = list(_EXPORTS)
 

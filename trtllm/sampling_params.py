@@ -6,15 +6,103 @@ are refused. Unknown fields are refused, so a typo never silently means "default
 """
 from __future__ import annotations
 
+import json as _json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
 from pydantic import Field, field_validator, model_validator
 
-from trtllm.config import ValidatedConfig
+from trtllm.config import ConfigError, ValidatedConfig
 
 MAX_N = 16            # completions per request
 MAX_LOGPROBS = 20     # top-k logprobs per token
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MIN_TEMPERATURE = 1e-5  # below this, logits / T may overflow fp32: treat as greedy (as vLLM)
+
+
+@dataclass(kw_only=True)
+class GuidedDecodingParams:
+    """The one constraint a request's output must satisfy (TensorRT-LLM's `GuidedDecodingParams`,
+    plus vLLM's `choice`): exactly one of
+
+        json=schema          a JSON Schema (a dict, its JSON text, or a pydantic model class)
+        json_object=True     any JSON object
+        regex="..."          the whole output matches the regular expression
+        grammar="..."        an EBNF grammar (GBNF, as llama.cpp writes it; root rule `root`)
+        choice=["a", "b"]    the output is one of these strings
+        structural_tag="..."  xgrammar's structural tag (JSON text)
+
+    A dataclass, as TensorRT-LLM's is: it is checked here for its shape (one guide; JSON text
+    that parses); whether the schema, regex or grammar compiles is checked when the request is
+    submitted (runtime/grammar.py), a ValueError naming it."""
+    json: Any = None
+    regex: str | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    choice: list[str] | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self):
+        problems = []
+        if self.json is not None:
+            if isinstance(self.json, type) and hasattr(self.json, "model_json_schema"):  # a pydantic model
+                self.json = self.json.model_json_schema()
+            elif isinstance(self.json, str):
+                try:
+                    self.json = _json.loads(self.json)
+                except ValueError as e:
+                    problems.append(("json", self.json, f"not valid JSON text: {e}"))
+            if not problems and not isinstance(self.json, (dict, bool)):
+                problems.append(("json", self.json, "must be a JSON Schema: a dict, its JSON text, or a pydantic "
+                                 "model class"))
+        for name in ("regex", "grammar", "structural_tag"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                problems.append((name, value, "must be a non-empty string"))
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
+            problems.append(("choice", self.choice, "must be a non-empty list of non-empty strings"))
+        given = [name for name in ("json", "regex", "grammar", "json_object", "choice", "structural_tag")
+                 if getattr(self, name) not in (None, False)]
+        if not problems and len(given) != 1:
+            problems.append((None, None, f"exactly one guide must be given, got {len(given)}"
+                             + (f" ({', '.join(given)})" if given else "")))
+        if problems:
+            raise ConfigError(type(self).__name__, problems)
+
+    @property
+    def kind(self) -> str:
+        """Which guide: "json", "json_object", "regex", "grammar", "choice" or "structural_tag"."""
+        return next(name for name in ("json", "regex", "grammar", "json_object", "choice", "structural_tag")
+                    if getattr(self, name) not in (None, False))
+
+
+class LogitsProcessor(ABC):
+    """TensorRT-LLM's per-request logits hook: subclass it (or pass any callable of this
+    signature) as `SamplingParams(logits_processor=...)`. Called once per generated token, before
+    the grammar mask and the sampler, with the request's logits row to edit in place.
+
+        req_id     the request's id (a str here; an int in TensorRT-LLM)
+        logits     [1, 1, V] (beam width 1), the model's dtype, on the model's device
+        token_ids  [[prompt + output so far]] (one list per beam)
+        stream_ptr the CUDA stream the logits are on (None on CPU)
+        client_id  None"""
+
+    @abstractmethod
+    def __call__(self, req_id, logits, token_ids: list[list[int]], stream_ptr: int | None,
+                 client_id: int | None) -> None: ...
+
+
+class BatchedLogitsProcessor(ABC):
+    """TensorRT-LLM's batched hook, given to `LLM(batched_logits_processor=...)` and applied to
+    the requests with `SamplingParams(apply_batched_logits_processor=True)`: one call per step with
+    lists (req_ids, logits rows [1, 1, V] each, token_ids [[...]] each, stream_ptr, client_ids)."""
+
+    @abstractmethod
+    def __call__(self, req_ids: list, logits: list, token_ids: list[list[list[int]]], stream_ptr: int | None,
+                 client_ids: list) -> None: ...
 
 
 class SamplingParams(ValidatedConfig):
@@ -40,6 +128,13 @@ class SamplingParams(ValidatedConfig):
     ignore_eos: bool = False
     detokenize: bool = True
     skip_special_tokens: bool = True
+    # structured output and user code on the logits (runtime/grammar.py)
+    guided_decoding: GuidedDecodingParams | None = None
+    logits_processor: Any = Field(
+        None, description="TensorRT-LLM's LogitsProcessor: a callable (req_id, logits [1, 1, V], token_ids "
+        "[[prompt + output]], stream_ptr, client_id) -> None that edits logits in place, or a list of them")
+    apply_batched_logits_processor: bool = Field(
+        False, description="run the LLM's batched_logits_processor on this request's logits")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -62,6 +157,16 @@ class SamplingParams(ValidatedConfig):
                              f"not {v}")
         return v
 
+    @field_validator("logits_processor")
+    @classmethod
+    def _callables(cls, v):
+        if v is None:
+            return v
+        procs = list(v) if isinstance(v, (list, tuple)) else [v]
+        if not procs or not all(callable(p) for p in procs):
+            raise ValueError("must be a callable (a LogitsProcessor) or a non-empty list of them")
+        return v
+
     @field_validator("top_k", mode="before")
     @classmethod
     def _no_limit(cls, v):
@@ -72,6 +177,9 @@ class SamplingParams(ValidatedConfig):
         if self.beam_width > 1:
             raise ValueError("beam_width > 1 (beam search) is not supported yet; use n for "
                              "several sampled completions")
+        if self.guided_decoding is not None and self.min_tokens > 0:
+            raise ValueError("min_tokens with guided_decoding is not supported: the grammar decides where the "
+                             "output may end")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
         return self
@@ -81,6 +189,17 @@ class SamplingParams(ValidatedConfig):
         """The token is the argmax of the (penalised) logits: the one definition the sampler
         and the engine's overlap scheduler read."""
         return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+    @property
+    def processes_logits(self) -> bool:
+        """A grammar or user code changes the logits before the pick (runtime/grammar.py)."""
+        return self.guided_decoding is not None or self.logits_processor is not None \
+            or self.apply_batched_logits_processor
+
+    @property
+    def logits_processors(self) -> list:
+        lp = self.logits_processor
+        return [] if lp is None else list(lp) if isinstance(lp, (list, tuple)) else [lp]
 
     @property
     def penalised(self) -> bool:

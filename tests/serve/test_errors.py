@@ -95,7 +95,9 @@ CASES = [
     ("chat template from the request", *chat(chat_template="{{ 'pwned' }}"), None, 400, ["chat template"]),
     ("chat_template_kwargs", *chat(chat_template_kwargs={"x": 1}), None, 400, ["chat_template_kwargs"]),
     ("tools", *chat(tools=[{"type": "function", "function": {"name": "f"}}]), None, 400, ["tools"]),
-    ("json response_format", *chat(response_format={"type": "json_object"}), None, 400, ["response_format"]),
+    ("unknown response_format", *chat(response_format={"type": "xml"}), None, 400, ["response_format"]),
+    ("bad guided_regex", *completion(guided_regex="a(b"), None, 400, ["guided_regex", "parenthesis"]),
+    ("logits processors", *completion(logits_processors=["f"]), None, 400, ["logits processors"]),
     ("max_tokens and max_completion_tokens disagree", *chat(max_tokens=3, max_completion_tokens=4), None, 400,
      ["max_tokens"]),
     # a lone surrogate is valid JSON ("\udcff") but no text: 400 naming the field (was a plain-text 500)

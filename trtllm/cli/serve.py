@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--disable_overlap_scheduler", "--disable-overlap-scheduler", action="store_true",
                     help="wait for each decode step before launching the next (default: the next greedy "
                          "decode step is launched while the host finishes the current one)")
+    ap.add_argument("--tool_parser", "--tool-parser", choices=["hermes", "llama3"], default="hermes",
+                    help="how a chat reply's tool calls are written (tools with tool_choice auto): hermes "
+                         "(Hermes / Qwen: <tool_call>{json}</tool_call>) or llama3 (Llama-3.x JSON); default hermes")
     ap.add_argument("--engine-in-thread", action="store_true",
                     help="run the engine on a thread of the server process instead of a process of its own "
                          "(less memory and startup; streaming throughput suffers: both share one GIL)")
@@ -150,7 +153,8 @@ def main(argv=None) -> int:
             return 2
         name = args.served_model_name or (args.model if args.model is not None else "trtllm-demo")
         app = build_app(llm, name, api_key=api_key,
-                        max_concurrent_requests=args.max_concurrent_requests or DEFAULT_MAX_CONCURRENT_REQUESTS)
+                        max_concurrent_requests=args.max_concurrent_requests or DEFAULT_MAX_CONCURRENT_REQUESTS,
+                        tool_parser=args.tool_parser)
         log.info("loaded %s as %r (API key %s; limits %s)", args.model or "the demo model", name,
                  "required" if api_key else "not required", llm.limits)
         # uvicorn handles SIGTERM/SIGINT while it runs (graceful stop), then restores these

@@ -7,7 +7,8 @@
 
 A step: the scheduler picks tokens, the model runner computes the logits to sample, the
 sampler picks tokens, and each request's output grows by its new tokens and is checked
-for its stop conditions (output_builder.py). One request's failure (bad input at
+for its stop conditions (output_builder.py). Guided requests' grammars and logits
+processors act on the logits in between (runtime/grammar.py). One request's failure (bad input at
 admission, NaN logits) never touches another's. Request ids must be unique among those
 in flight: the front ends refuse a duplicate (request_stream.OpenStreams).
 
@@ -35,6 +36,7 @@ from collections.abc import Callable
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval, validate_request
 from trtllm.runtime.engine_stats import EngineStats, StartupTimes, StepRecord
+from trtllm.runtime.grammar import LogitsHooks
 from trtllm.runtime.model_runner import LaunchedStep, ModelRunner
 from trtllm.runtime.output_builder import OutputBuilder
 from trtllm.runtime.outputs import RequestOutput
@@ -59,6 +61,9 @@ class Engine:
         self.tokenizer, self.limits = tokenizer, limits
         self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
         self.sampler = Sampler()
+        # guided decoding and logits processors (runtime/grammar.py); `logits_hooks.batched_logits_processor`
+        # is LLM(batched_logits_processor=...)
+        self.logits_hooks = LogitsHooks(tokenizer, vocab_size, eos_token_ids)
         self.requests: dict[str, OutputBuilder] = {}
         # outputs as snapshots; off, the engine's own growing outputs, valid until the next
         # call: what the engine process turns into StepDeltas at once (no per-step copy of
@@ -73,6 +78,7 @@ class Engine:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError saying what is wrong with a request, before any work."""
         validate_request(prompt_token_ids, params, self.limits, self.vocab_size, self.tokenizer is not None)
+        self.logits_hooks.validate(params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False) -> None:
@@ -81,6 +87,7 @@ class Engine:
         seqs = [Sequence(request_id, list(prompt_token_ids), params, index=i) for i in range(params.n)]
         for seq in seqs:
             seq.seed = params.seed if params.seed is not None else draw_seed()
+        self.logits_hooks.attach(seqs, params)  # compiles its guide (cached); ValueError if it cannot
         if params.prompt_logprobs is not None:  # the first sequence scores the prompt for all n
             seqs[0].prompt_logprob_end = len(prompt_token_ids) - 1
         try:
@@ -119,6 +126,8 @@ class Engine:
         if launched is not None:
             # argmax is every row's token: the graph's picks serve, and can feed a step ahead
             picks_serve = launched.picks is not None and argmax_serves(launched.to_sample)
+            if picks_serve:  # guided rows: their picks re-made under their grammar, on the device
+                self.logits_hooks.mask_picks(launched)
             if self.overlap and picks_serve:
                 self._ahead = self._launch_ahead(launched)
             sampled, logprobs = self._sample(launched, picks_serve, changed)
@@ -158,7 +167,10 @@ class Engine:
         seqs = launched.to_sample
         if not seqs:
             return {}, {}
+        # the grammar bitmasks are filled on the host while the GPU computes the logits
+        hooks = None if picks_serve else self.logits_hooks.prepare(seqs)
         launched.wait()
+        errors = {}
         if picks_serve:
             tokens, finite = launched.picks.tolist()  # picked inside the decode graph
             if all(finite):  # the usual step: no row failed, none wants logprobs
@@ -168,6 +180,8 @@ class Engine:
             # (never a step with one launched after it: that replay may reuse these logits)
             logits = launched.logits
             batch = SamplingBatch.build(seqs, logits.shape[-1], logits.device, self.eos_token_ids)
+            if hooks is not None:
+                errors = hooks.apply(logits, batch)  # logits processors in place; the bitmask into batch
             out = self.sampler(logits, batch)
             tokens, finite = out.token_ids.tolist(), out.finite.tolist()
             chosen = out.logprobs.tolist()
@@ -175,8 +189,8 @@ class Engine:
                 if out.top_logprobs is not None else None
         sampled, logprobs = {}, {}
         for i, seq in enumerate(seqs):
-            if not finite[i]:  # fails alone; finished before update, so its blocks stay unpublished
-                self.scheduler.finish(seq, "error", "the model produced NaN or Inf logits")
+            if not finite[i] or seq in errors:  # fails alone; finished before update: its blocks stay unpublished
+                self.scheduler.finish(seq, "error", errors.get(seq, "the model produced NaN or Inf logits"))
                 self._finish(seq, "error", changed)
                 continue
             sampled[seq] = tokens[i]
@@ -203,9 +217,11 @@ class Engine:
             if req is None:
                 continue
             changed[seq.request_id] = req
-            reason = req.append(seq, sampled[seq], logprobs.get(seq))
+            reason, error = req.append(seq, sampled[seq], logprobs.get(seq)), None
+            if reason is None and seq.guide is not None:  # its grammar takes the token; "stop" at its end
+                reason, error = self.logits_hooks.accept(seq, sampled[seq])
             if reason is not None:
-                self.scheduler.finish(seq, reason)
+                self.scheduler.finish(seq, reason, error)
                 req.finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str, changed) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trtllm.runtime.grammar import validate_guided
 from trtllm.sampling_params import SamplingParams
 
 
@@ -31,6 +32,7 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: E
                          f"max_seq_len={lim.max_seq_len}")
     if params.detokenize and not has_tokenizer and params.stop:
         raise ValueError("stop strings need a tokenizer; this LLM was built without one")
+    validate_guided(params, has_tokenizer)
 
 
 def check_stream_interval(stream_interval) -> None:

@@ -64,10 +64,13 @@ class LLM:
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
                  device: str | torch.device | None = None, compile_options: dict | None = None,
                  stream_interval: int = 1, disable_overlap_scheduler: bool = False, kv_cache_scales=None,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, batched_logits_processor=None):
+        if batched_logits_processor is not None and not callable(batched_logits_processor):
+            raise TypeError("batched_logits_processor must be callable (a BatchedLogitsProcessor)")
         self.engine = build_engine(model, tokenizer, dtype, kv_cache_config, build_config, quant_config,
                                    enable_cuda_graph, device, compile_options, stream_interval,
                                    disable_overlap_scheduler, kv_cache_scales, tensor_parallel_size)
+        self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
         self.block_manager, self.compiled = self.engine.block_manager, self.engine.runner.compiled
         self._loop = EngineLoop(self.engine)

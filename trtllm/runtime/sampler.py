@@ -6,7 +6,9 @@ Order of operations (each a module function, so tests can check it alone):
   0. fp32. A row with a NaN, a +inf, or no finite logit at all is flagged
      `finite=False` and zeroed so it disturbs nothing; its token is meaningless and the
      engine finishes it with "error". (-inf alone is fine: models mask tokens with it.)
-  1. `apply_penalties`: repetition (HF/CTRL, over prompt+output tokens: logit > 0 → /p,
+  1. `apply_token_bitmask`: a guided row's tokens its grammar does not allow → -inf
+     (runtime/grammar.py fills the bitmask; one masked fill over all rows).
+  1b. `apply_penalties`: repetition (HF/CTRL, over prompt+output tokens: logit > 0 → /p,
      else *p), then presence and frequency (OpenAI, over output tokens only:
      logit -= presence * (count > 0) + frequency * count).
   2. `apply_min_tokens`: EOS ids and the row's stop_token_ids → -inf while
@@ -83,6 +85,7 @@ class SamplingBatch:
     do_top_k_p: bool
     do_min_p: bool
     max_logprobs: int | None     # K for top_logprobs; None when no row asked
+    token_bitmask: Tensor | None = None  # [N, ceil(V / 32)] int32, bit t of row r: token t allowed (grammar.py)
 
     @staticmethod
     def build(seqs: list[Sequence], vocab_size: int, device, eos_token_ids: list[int]
@@ -160,6 +163,20 @@ def _flat_index(id_lists: list, V: int, device) -> Tensor | None:
     return rows * V + ids
 
 
+def token_bitmask_allows(bitmask: Tensor, vocab_size: int) -> Tensor:
+    """[N, ceil(V / 32)] int32 -> [N, V] bool: token t is allowed when bit t % 32 of word t // 32
+    is set (xgrammar's layout; an arithmetic shift of a negative word still reads its bits)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return ((bitmask[:, :, None] >> shifts) & 1).view(bitmask.shape[0], -1)[:, :vocab_size] != 0
+
+
+def apply_token_bitmask(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Tokens a row's grammar does not allow → -inf."""
+    if batch.token_bitmask is None:
+        return logits
+    return logits.masked_fill(~token_bitmask_allows(batch.token_bitmask, logits.shape[-1]), _NEG_INF)
+
+
 def apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
     if batch.prompt_index is None and batch.output_index is None:
         return logits
@@ -213,7 +230,7 @@ def apply_min_p(logits: Tensor, batch: SamplingBatch) -> Tensor:
 
 def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     """Steps 1-5 on fp32 logits; returns a new tensor (the input is left alone)."""
-    for step in (apply_penalties, apply_min_tokens, apply_temperature, apply_top_k_top_p,
+    for step in (apply_token_bitmask, apply_penalties, apply_min_tokens, apply_temperature, apply_top_k_top_p,
                  apply_min_p):
         logits = step(logits, batch)
     return logits
@@ -247,15 +264,17 @@ def gumbel_noise(batch: SamplingBatch) -> Tensor:
 
 def argmax_serves(seqs: list[Sequence]) -> bool:
     """Whether the argmax of the raw logits is every sequence's next token (greedy, no
-    penalty, no logprobs wanted, past min_tokens): then a decode graph's own picks
-    (`greedy_picks`) serve and no sampler runs. A run of sequences sharing one
+    penalty, no logprobs wanted, no logits processor, past min_tokens): then a decode graph's
+    own picks (`greedy_picks`) serve and no sampler runs (a guided row's are re-picked under
+    its grammar's mask on the device: grammar.LogitsHooks.mask_picks). A run of sequences sharing one
     SamplingParams (an `LLM.generate` batch: all of them) has its params looked at once:
     ~0.8 us a sequence less."""
     last = None
     for seq in seqs:
         p = seq.sampling_params
         if p is not last:
-            if not p.greedy or p.penalised or p.logprobs is not None:
+            if not p.greedy or p.penalised or p.logprobs is not None or p.logits_processor is not None \
+                    or p.apply_batched_logits_processor:
                 return False
             last = p
         if len(seq.output_token_ids) < p.min_tokens:

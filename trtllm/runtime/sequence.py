@@ -37,6 +37,7 @@ class Sequence:
     # num_prompt_logprobs of them have been delivered (runtime/prompt_logprobs.py)
     prompt_logprob_end: int = 0
     num_prompt_logprobs: int = 0
+    guide: object | None = None  # guided decoding: this sequence's xgrammar GrammarMatcher (runtime/grammar.py)
 
     @property
     def token_ids(self) -> list[int]:

@@ -205,16 +205,18 @@ def safe_prefix_len(text: str, stop: list[str]) -> int:
     return len(text) - hold
 
 
-def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None) -> str:
     """Render `messages` with the checkpoint's own chat template, as a prompt string.
 
     There is deliberately no way to pass a template: a template is code (Jinja), so
     the server must never accept one from a request; it uses the checkpoint's only.
+    `tools`: OpenAI's tool objects, for the template's own `tools` variable.
     """
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
         raise ValueError(f"the checkpoint has no chat template ({name}: no chat_template in "
                          "tokenizer_config.json and no chat_template.jinja); send a plain "
                          "prompt (completions) instead of chat messages")
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **({"tools": tools} if tools else {}))

@@ -49,9 +49,9 @@ def server_version() -> str:
 
 def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = None,
               max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, tool_parser: str = "hermes") -> FastAPI:
     metrics = ServerMetrics(llm)
-    handler = Handler(llm, served_model_name, metrics)
+    handler = Handler(llm, served_model_name, metrics, tool_parser)
     created = int(time.time())
 
     @asynccontextmanager

@@ -29,17 +29,18 @@ from trtllm.sampling_params import SamplingParams
 from trtllm.serve.metrics import ServerMetrics
 from trtllm.serve.protocol import DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, RequestError
 from trtllm.serve.render import ChoiceProgress, Job, Renderer, dumps, event, usage
+from trtllm.serve.tools import ToolError, ToolPlan
 
 _BIG_TEXT = 16384  # characters: longer prompts are tokenized on a worker thread, off the event loop
 
 
 
 class Handler:
-    def __init__(self, llm: EngineClient, served_model_name: str, metrics: ServerMetrics):
+    def __init__(self, llm: EngineClient, served_model_name: str, metrics: ServerMetrics, tool_parser: str = "hermes"):
         self.llm, self.name, self.metrics = llm, served_model_name, metrics
         self.tokenizer = llm.tokenizer
         self.active: dict[str, RequestStream] = {}
-        self.render = Renderer(self.tokenizer, served_model_name)
+        self.render = Renderer(self.tokenizer, served_model_name, tool_parser)
 
     # -- checks (nothing is submitted until all pass) ------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -52,10 +53,11 @@ class Handler:
         self.check_model(body.model)
         body.refuse_unsupported()
         prompts = body.prompts()
-        params = body.sampling_params(body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, body.logprobs)
+        guide, guide_param = body.guide()
+        params = body.sampling_params(body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, body.logprobs, guide)
         tokenized = [await self._tokenize(p, add_special_tokens=True) for p in prompts]
         for _text, ids in tokenized:
-            self._validate(ids, params, "prompt")
+            self._validate(ids, params, "prompt", guide_param)
         return Job("completions", f"cmpl-{uuid.uuid4().hex}", tokenized, [params] * len(tokenized),
                    body.logprobs, body.stream, bool(body.stream_options and body.stream_options.include_usage),
                    echo=body.echo)
@@ -68,8 +70,23 @@ class Handler:
         if self.tokenizer is None:
             raise RequestError(400, "this model has no tokenizer, so no chat template; use /v1/completions "
                                     "with token ids", param="messages")
+        guide, guide_param = body.guide()
         try:
-            text = apply_chat_template(self.tokenizer, messages, body.add_generation_prompt)
+            plan = ToolPlan.of(body.tools, body.tool_choice, body.parallel_tool_calls)
+        except ToolError as e:
+            raise RequestError(400, str(e), param=e.param) from None
+        if plan is not None and plan.template_tools is not None:
+            if "tools" not in str(getattr(self.tokenizer, "chat_template", "") or ""):
+                raise RequestError(400, "tools: the checkpoint's chat template does not render tools, so the model "
+                                        "would never see them", param="tools")
+            if plan.guide is not None:
+                if guide is not None:
+                    raise RequestError(400, f"tool_choice {plan.mode!r} constrains the output itself: it cannot be "
+                                            f"combined with {guide_param}", param=guide_param)
+                guide, guide_param = plan.guide, "tools"
+        try:
+            text = apply_chat_template(self.tokenizer, messages, body.add_generation_prompt,
+                                       tools=plan.template_tools if plan is not None else None)
         except ValueError as e:
             raise RequestError(400, str(e), param="messages") from None
         except Exception as e:  # the template's own checks (e.g. roles must alternate)
@@ -78,10 +95,11 @@ class Handler:
         max_tokens = body.requested_max_tokens
         if max_tokens is None:  # OpenAI's default: up to the end of the context
             max_tokens = max(1, self.llm.limits.max_seq_len - len(ids))
-        params = body.sampling_params(max_tokens, body.num_logprobs)
-        self._validate(ids, params, "messages")
+        params = body.sampling_params(max_tokens, body.num_logprobs, guide)
+        self._validate(ids, params, "messages", guide_param)
         return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", [(text, ids)], [params], body.num_logprobs,
-                   body.stream, bool(body.stream_options and body.stream_options.include_usage))
+                   body.stream, bool(body.stream_options and body.stream_options.include_usage),
+                   tools=plan if plan is not None and plan.mode != "none" else None)
 
     async def _tokenize(self, prompt, add_special_tokens: bool) -> tuple[str | None, list[int]]:
         if not isinstance(prompt, str):
@@ -92,11 +110,13 @@ class Handler:
         ids = await asyncio.to_thread(encode) if len(prompt) > _BIG_TEXT else encode()
         return prompt, ids
 
-    def _validate(self, ids: list[int], params: SamplingParams, what: str) -> None:
+    def _validate(self, ids: list[int], params: SamplingParams, what: str, guide_param: str | None = None) -> None:
         try:
             self.llm.validate(ids, params)
         except ValueError as e:
             msg = str(e)
+            if guide_param is not None and msg.startswith("guided_decoding"):  # named as the request named it
+                raise RequestError(400, guide_param + msg[msg.find(":"):], param=guide_param) from None
             raise RequestError(400, msg, param="max_tokens" if "max_tokens" in msg else what) from None
 
     # -- running -------------------------------------------------------------------------

@@ -3,10 +3,13 @@
 Fields OpenAI defines are accepted with OpenAI's meaning; vLLM-style extensions that the
 engine implements (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
 stop_token_ids, ...) ride along (the `openai` client sends them with `extra_body`).
+Structured output: OpenAI's `response_format` (`text`, `json_object`, `json_schema`) and vLLM's
+`guided_json / guided_regex / guided_choice / guided_grammar`, at most one of them, become
+`SamplingParams.guided_decoding`; chat's `tools` / `tool_choice` are serve/tools.py's.
 Unknown fields are ignored, as OpenAI-compatible servers do, except those whose meaning
-the engine does not implement (logit_bias, tools, a JSON response_format, suffix,
-best_of != n, ...) and a request-supplied chat template: those are refused by name, so a
-client never gets an answer that silently ignored what it asked for.
+the engine does not implement (logit_bias, functions, suffix, best_of != n, ...), logits
+processors (user code: never over HTTP) and a request-supplied chat template: those are
+refused by name, so a client never gets an answer that silently ignored what it asked for.
 
 Every check here runs before any work reaches the engine; a failure is a `RequestError`
 that the app turns into OpenAI's error JSON (`{"error": {message, type, param, code}}`).
@@ -20,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from trtllm.config import ConfigError
-from trtllm.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, SamplingParams
+from trtllm.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, GuidedDecodingParams, SamplingParams
 
 MAX_PROMPTS = 32              # prompts in one /v1/completions request (a list of prompts)
 MAX_SEQUENCES = 64            # prompts x n in one request
@@ -34,15 +37,14 @@ _REFUSED = {
     "chat_template_kwargs": "chat_template_kwargs are refused: the server renders the checkpoint's "
                             "chat template as it is",
     "logit_bias": "logit_bias is not supported",
-    "tools": "tools (function calling) are not supported",
-    "functions": "functions (function calling) are not supported",
-    "tool_choice": "tool_choice is not supported",
+    "functions": "functions (the legacy function calling) are not supported; use tools",
+    "function_call": "function_call (the legacy function calling) is not supported; use tool_choice",
+    "logits_processor": "logits processors are user code, which the server never runs: use the LLM API's "
+                        "SamplingParams(logits_processor=...)",
+    "logits_processors": "logits processors are user code, which the server never runs: use the LLM API's "
+                         "SamplingParams(logits_processor=...)",
     "suffix": "suffix (insertion) is not supported",
     "prompt_logprobs": "prompt_logprobs is not supported",
-    "guided_json": "guided decoding is not supported",
-    "guided_regex": "guided decoding is not supported",
-    "guided_choice": "guided decoding is not supported",
-    "guided_grammar": "guided decoding is not supported",
     "use_beam_search": "beam search is not supported; use n for several sampled completions",
 }
 
@@ -133,6 +135,12 @@ class _Request(BaseModel):
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # structured output: OpenAI's response_format, or one of vLLM's guided_* fields
+    response_format: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def refuse_invalid_text(self) -> None:
         """Every string the request carries (prompts, messages, stop strings, the model
@@ -148,8 +156,6 @@ class _Request(BaseModel):
         for name, why in _REFUSED.items():
             value = extra.get(name)
             if value is not None and value is not False and value != {} and value != []:
-                if name == "tool_choice" and value == "none":
-                    continue
                 raise RequestError(400, why, param=name, code="unsupported_parameter")
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError(400, f"best_of ({self.best_of}) must equal n ({self.n}): choosing the best "
@@ -157,8 +163,42 @@ class _Request(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise RequestError(400, "stream_options is only allowed with stream=true", param="stream_options")
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        fields: dict[str, Any] = dict(max_tokens=max_tokens, n=self.n, logprobs=logprobs)
+    def guide(self) -> tuple[GuidedDecodingParams | None, str | None]:
+        """The request's structured-output constraint and the field that asked for it."""
+        asked = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, name) is not None]
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type")
+            if kind not in ("text", "json_object", "json_schema"):
+                raise RequestError(400, f"response_format type {kind!r} must be 'text', 'json_object' or "
+                                   "'json_schema'", param="response_format")
+            if kind != "text":
+                asked.insert(0, "response_format")
+        if len(asked) > 1:
+            raise RequestError(400, f"{' and '.join(asked)}: at most one structured-output constraint per request",
+                               param=asked[1])
+        if not asked:
+            return None, None
+        param = asked[0]
+        try:
+            if param == "response_format":
+                if fmt["type"] == "json_object":
+                    return GuidedDecodingParams(json_object=True), param
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                    raise RequestError(400, "response_format json_schema needs json_schema.schema (a JSON Schema "
+                                       "object)", param=param)
+                # strict or not, the output is constrained to the schema (as strict asks)
+                return GuidedDecodingParams(json=spec["schema"]), param
+            kind = param.removeprefix("guided_")
+            return GuidedDecodingParams(**{"json" if kind == "json" else kind: getattr(self, param)}), param
+        except ConfigError as e:
+            raise RequestError(400, f"{param}: {e.problems[0][2]}", param=param) from None
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        guide: GuidedDecodingParams | None = None) -> SamplingParams:
+        fields: dict[str, Any] = dict(max_tokens=max_tokens, n=self.n, logprobs=logprobs, guided_decoding=guide)
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "min_p",
                      "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
                      "skip_special_tokens", "include_stop_str_in_output"):
@@ -219,6 +259,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None   # an assistant's earlier calls, rendered by the chat template
+    tool_call_id: str | None = None        # a tool message: the call it answers
 
     def as_template_input(self) -> dict:
         content = self.content
@@ -227,7 +269,29 @@ class ChatMessage(BaseModel):
                 raise RequestError(400, "messages: only text content parts are supported", param="messages")
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        message = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            # templates (Qwen's, Llama-3's) write arguments with `| tojson`: give them the object
+            message["tool_calls"] = [_template_call(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None and role == "tool":
+            message["name"] = self.name
+        return message
+
+
+def _template_call(call: dict) -> dict:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise RequestError(400, "messages: a tool_calls entry must be {\"type\": \"function\", \"function\": "
+                                "{\"name\": ..., \"arguments\": ...}}", param="messages")
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            raise RequestError(400, "messages: a tool call's arguments must be JSON text", param="messages") from None
+    return {**call, "function": {**fn, "arguments": args}}
 
 
 class ChatCompletionRequest(_Request):
@@ -236,15 +300,13 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    response_format: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
     def checked_messages(self) -> list[dict]:
         if not self.messages:
             raise RequestError(400, "messages is empty", param="messages")
-        fmt = (self.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise RequestError(400, f"response_format {fmt!r} is not supported (only 'text')",
-                               param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         if self.max_tokens is not None and self.max_completion_tokens is not None \

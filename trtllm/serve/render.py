@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from trtllm.runtime.outputs import RequestOutput
 from trtllm.sampling_params import SamplingParams
+from trtllm.serve.tools import ToolCallStream, ToolPlan
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Job:
     stream: bool
     include_usage: bool
     echo: bool = False
+    tools: ToolPlan | None = None      # chat with tools (tool_choice other than "none")
     created: int = field(default_factory=lambda: int(time.time()))
     arrival: float = field(default_factory=time.perf_counter)
 
@@ -34,6 +36,7 @@ class ChoiceProgress:
     text_sent: int = 0
     tokens_sent: int = 0
     finished: bool = False
+    tool_stream: ToolCallStream | None = None  # a chat choice with tools: content held back, calls at the end
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # one, not one per call
@@ -50,8 +53,8 @@ def event(obj) -> bytes:
 
 
 class Renderer:
-    def __init__(self, tokenizer, served_model_name: str):
-        self.tokenizer, self.name = tokenizer, served_model_name
+    def __init__(self, tokenizer, served_model_name: str, tool_parser: str = "hermes"):
+        self.tokenizer, self.name, self.tool_parser = tokenizer, served_model_name, tool_parser
         self._token_text: dict[int, str] = {}
 
     def piece(self, job: Job, state: ChoiceProgress, c, idx: int) -> dict | None:
@@ -68,6 +71,16 @@ class Renderer:
         state.text_sent, state.tokens_sent = len(c.text), len(c.token_ids)
         state.finished = state.finished or done
         reason = c.finish_reason if done else None
+        if job.endpoint == "chat" and job.tools is not None:
+            if state.tool_stream is None:
+                state.tool_stream = ToolCallStream(job.tools, self.tool_parser)
+            content, calls = state.tool_stream.feed(c.text, done)
+            delta = {"content": content} if content else {}
+            if calls:
+                delta["tool_calls"] = calls
+            if reason == "stop" and state.tool_stream.called:
+                reason = "tool_calls"
+            return {"index": idx, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         if job.endpoint == "chat":
             return {"index": idx, "delta": {"content": new_text} if new_text else {}, "logprobs": logprobs,
                     "finish_reason": reason}
@@ -84,7 +97,7 @@ class Renderer:
 
         def encode(choice: dict) -> bytes:
             if choice["logprobs"] is None and choice["finish_reason"] is None:
-                if chat and choice["delta"]:
+                if chat and "content" in choice["delta"] and len(choice["delta"]) == 1:
                     body = '{"index":%d,"delta":{"content":%s},"logprobs":null,"finish_reason":null}' % (
                         choice["index"], _STRING(choice["delta"]["content"]))
                     return head + body.encode() + tail
@@ -108,7 +121,15 @@ class Renderer:
         for i, out in enumerate(outs):
             for c in out.outputs:
                 lp = self.logprobs(job, c.token_ids, c.logprobs or [], 0) if job.logprobs is not None else None
-                if job.endpoint == "chat":
+                if job.endpoint == "chat" and job.tools is not None:
+                    content, calls = job.tools.parse(c.text, self.tool_parser)
+                    message = {"role": "assistant", "content": content}
+                    if calls:
+                        message["tool_calls"] = calls
+                    reason = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+                    choices.append({"index": i * n + c.index, "message": message, "logprobs": lp,
+                                    "finish_reason": reason})
+                elif job.endpoint == "chat":
                     choices.append({"index": i * n + c.index, "message": {"role": "assistant", "content": c.text},
                                     "logprobs": lp, "finish_reason": c.finish_reason})
                 else:
