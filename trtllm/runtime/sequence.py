@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from trtllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from trtllm.runtime.beams import BeamGroup
 
 _ids = itertools.count()
 
@@ -37,6 +41,7 @@ class Sequence:
     # num_prompt_logprobs of them have been delivered (runtime/prompt_logprobs.py)
     prompt_logprob_end: int = 0
     num_prompt_logprobs: int = 0
+    beam: BeamGroup | None = None                    # beam search: the group it is a beam of (runtime/beams.py)
 
     @property
     def token_ids(self) -> list[int]:

@@ -1,0 +1,243 @@
+"""Beam search: a request's k beams are k sequences that share KV blocks and fork copy-on-write.
+
+    SamplingParams(beam_width=k, n<=k)  or TensorRT-LLM's  SamplingParams(use_beam_search=True, best_of=k, n<=k)
+    with length_penalty, early_stopping (True | False | "never"), stop, stop_token_ids, min_tokens, max_tokens
+
+The search is HF transformers' `generate(num_beams=k, do_sample=False, length_penalty,
+early_stopping, num_return_sequences=n)`, step for step (transformers 5.x `_beam_search`):
+each step every running beam's log_softmax(logits) is added to its score (the sum of its
+tokens' log-probabilities), the best `keep = max(2, 1 + #stop ids) * k` continuations of all
+k * V are taken; those that end (a stop token, a stop string, the length limit) and rank
+among the first k become finished hypotheses, scored score / len(tokens) ** length_penalty,
+of which the best k are kept; the best k that do not end are the next running beams. The
+search ends when early_stopping=True and k hypotheses are finished; or when no running beam
+can beat the worst of k finished ones (early_stopping=False: judged at the current length;
+"never": at the longest possible one when length_penalty > 0); or at the length limit. The
+outputs are the n best hypotheses, best first, each with its `cumulative_logprob`.
+
+How it runs in the engine (kept out of the scheduler and sampler but for a few lines):
+- `BeamGroup` holds the request's k `Sequence`s (`seq.beam` points back at it). Only the
+  first beam, the leader, is queued; admitted (with slots for all k), it prefills the prompt
+  while the others are parked: running, no blocks, nothing to compute
+  (num_computed_tokens == num_tokens, which the scheduler skips).
+- A step computes logits for every running beam like any decode (in the same batch, in the
+  decode CUDA graphs: the graph sees k more sequences). The engine takes the beams' rows
+  out of the sampler's hands (`take_beam_rows`), the scheduler's `update` advances them
+  without a token, and `BeamGroup.step` picks the continuations, then `fork`s: each new beam
+  takes its parent's tokens and a reference to each of its parent's blocks
+  (block_manager.fork), plus its new token. When a beam next writes into a block another
+  beam holds (the partial last one), the block manager gives it a copy first
+  (copy-on-write); full blocks stay shared for the rest of the search.
+- Preemption takes a group whole: its blocks are freed and it starts again from its prompt
+  (the search is deterministic, so it finds the same beams; the finished ones are found
+  again too). A group that alone fills the pool ends as if at its length limit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from trtllm.runtime.outputs import CompletionOutput
+from trtllm.runtime.sequence import Sequence, SequenceStatus
+from trtllm.runtime.tokenizer import IncrementalDetokenizer, find_stop_span
+from trtllm.sampling_params import SamplingParams
+
+NEG = -1.0e9  # HF's score of an impossible beam
+
+
+class Hypothesis:
+    """A finished beam: its tokens, the sum of their log-probabilities, why it ended."""
+
+    __slots__ = ("tokens", "cumulative_logprob", "stop_reason", "stopped")
+
+    def __init__(self, tokens: list[int], cumulative_logprob: float, stop_reason, stopped: bool):
+        self.tokens, self.cumulative_logprob = tokens, cumulative_logprob
+        self.stop_reason, self.stopped = stop_reason, stopped
+
+
+class BeamGroup:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 eos_token_ids: list[int], max_seq_len: int, tokenizer=None):
+        self.params, self.width = params, params.num_beams
+        self.prompt_len = len(prompt_token_ids)
+        self.max_new = min(params.max_tokens, max_seq_len - self.prompt_len)  # the length limit
+        self.stop_ids = sorted({*([] if params.ignore_eos else eos_token_ids), *params.stop_token_ids})
+        self.keep = max(2, 1 + len(self.stop_ids)) * self.width  # HF's beams_to_keep
+        self.tokenizer = tokenizer if params.detokenize else None
+        self.beams = [Sequence(request_id, list(prompt_token_ids), params, index=i) for i in range(self.width)]
+        for b in self.beams:
+            b.beam = self
+        self.rows: dict[Sequence, Tensor] = {}  # beam -> its log_softmax row, until the group steps
+        self.done = False
+        self._reset()
+
+    def _reset(self) -> None:
+        k = self.width
+        self.scores = torch.full((k,), NEG, dtype=torch.float32)  # running beams' summed logprobs
+        self.scores[0] = 0.0  # only the first beam's continuations count at the first step
+        self.started = False  # the first step has run (the followers have tokens)
+        self.rows.clear()
+        self.finished_scores = torch.full((k,), NEG, dtype=torch.float32)  # length-penalised
+        self.finished_real = torch.zeros(k, dtype=torch.bool)
+        self.finished: list[Hypothesis | None] = [None] * k
+        self.improvable = True  # HF's is_early_stop_heuristic_unsatisfied
+
+    # -- the scheduler's side ----------------------------------------------------------
+    def park_followers(self) -> list[Sequence]:
+        """The beams after the leader, running with nothing to compute until the leader's
+        first step forks them (the scheduler admits them with it)."""
+        followers = self.beams[1:]
+        for b in followers:
+            b.status, b.num_computed_tokens = SequenceStatus.RUNNING, b.num_tokens
+        return followers
+
+    def restart(self) -> Sequence:
+        """After preemption (every beam's blocks freed): back to the prompt; the leader, to queue."""
+        for b in self.beams:
+            b.output_token_ids.clear()
+            b.status, b.num_computed_tokens = SequenceStatus.WAITING, 0
+        self._reset()
+        return self.beams[0]
+
+    # -- the engine's side -------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Every beam the next step needs has its logits row."""
+        need = self.beams if self.started else self.beams[:1]
+        return not self.done and all(b in self.rows for b in need)
+
+    def step(self, block_manager) -> bool:
+        """One step of the search from the rows; True when the search is over (`results`)."""
+        k, params = self.width, self.params
+        leader = self.beams[0]
+        logp = torch.stack([self.rows[b] for b in self.beams]) if self.started \
+            else self.rows[leader][None].expand(k, -1)  # HF: k copies of the prompt, scores 0, -1e9, ...
+        self.rows.clear()
+        vocab = logp.shape[-1]
+        cur = len(leader.output_token_ids)  # tokens every running beam has
+        if cur < params.min_tokens and self.stop_ids:
+            logp = logp.clone()
+            logp[:, self.stop_ids] = float("-inf")
+        acc = (logp.cpu() + self.scores[:, None]).reshape(-1)
+        values, index = torch.topk(acc, min(self.keep, acc.numel()))
+        parents, tokens = (index // vocab).tolist(), (index % vocab).tolist()
+        ends = [self._ends(self.beams[p].output_token_ids, t, cur) for p, t in zip(parents, tokens)]
+        hit = torch.tensor([e is not None for e in ends])
+
+        # the best k continuations that do not end run on
+        running = values + hit.to(torch.float32) * NEG
+        nxt = torch.topk(running, k).indices.tolist()
+
+        # those ending among the first k join the finished ones if they rank among the best k
+        just = hit & (torch.arange(len(ends)) < k)
+        cand = values / ((cur + 1) ** params.length_penalty)
+        cand = cand + float(bool(self.finished_real.all()) and params.early_stopping is True) * NEG
+        cand = cand + float(not self.improvable) * NEG
+        cand = cand + (~just).to(torch.float32) * NEG
+        merged = torch.cat((self.finished_scores, cand))
+        top = torch.topk(merged, k).indices.tolist()
+        finished, real = [], []
+        for i in top:
+            if i < k:
+                finished.append(self.finished[i])
+                real.append(bool(self.finished_real[i]))
+            else:
+                j = i - k
+                p, (reason, stopped) = self.beams[parents[j]], ends[j] or (None, False)
+                finished.append(Hypothesis(p.output_token_ids + [tokens[j]], float(values[j]), reason, stopped))
+                real.append(bool(just[j]))
+        self.finished, self.finished_scores = finished, merged[top]
+        self.finished_real = torch.tensor(real)
+
+        self.scores = running[nxt]
+        self.started = True
+        # HF's stopping rule, at the new length cur + 1
+        never = params.early_stopping == "never" and params.length_penalty > 0.0
+        best = self.scores[0] / ((self.max_new if never else cur + 1) ** params.length_penalty)
+        worst = torch.where(self.finished_real, self.finished_scores.min(), NEG)
+        self.improvable = self.improvable and bool((best > worst).any())
+        all_done = bool(self.finished_real.all()) and params.early_stopping is True
+        if not self.improvable or all_done or bool(hit.all()):
+            self.done = True
+            return True
+        self._fork(block_manager, [self.beams[parents[j]] for j in nxt], [tokens[j] for j in nxt])
+        return False
+
+    def _ends(self, outputs: list[int], token: int, cur: int) -> tuple | None:
+        """(stop reason, stopped) if `outputs + [token]` ends: a stop token or string ((reason,
+        True)), or the length limit ((None, False)); else None."""
+        if token in self.stop_ids:
+            return token, True
+        if self.params.stop and self.tokenizer is not None:
+            text = _text(self.tokenizer, outputs + [token], self.params.skip_special_tokens)
+            span = find_stop_span(text, self.params.stop, 0)
+            if span is not None:
+                return text[span[0]:span[1]], True
+        return (None, False) if cur + 1 >= self.max_new else None
+
+    def _fork(self, block_manager, parents: list[Sequence], tokens: list[int]) -> None:
+        """The next running beams: beam j becomes parents[j] + tokens[j], sharing its blocks."""
+        outputs = [list(p.output_token_ids) for p in parents]
+        computed = [p.num_computed_tokens for p in parents]
+        block_manager.fork(self.beams, parents)
+        for b, out, t, c in zip(self.beams, outputs, tokens, computed):
+            b.output_token_ids = out + [t]
+            b.num_computed_tokens = c
+
+    def end_early(self) -> None:
+        """The group can go no further (its beams alone fill the KV pool): the running beams
+        count as hypotheses, as at the length limit."""
+        if self.done:
+            return
+        self.done = True
+        lp = self.params.length_penalty
+        for b, score in zip(self.beams, self.scores.tolist()):
+            if not b.output_token_ids or score <= NEG / 2:
+                continue
+            s = torch.tensor(score, dtype=torch.float32) / (len(b.output_token_ids) ** lp)
+            worst = int(torch.argmin(self.finished_scores))
+            if s > self.finished_scores[worst]:
+                self.finished[worst] = Hypothesis(list(b.output_token_ids), score, None, False)
+                self.finished_scores[worst], self.finished_real[worst] = s, True
+        order = torch.argsort(self.finished_scores, descending=True, stable=True).tolist()
+        self.finished = [self.finished[i] for i in order]
+        self.finished_scores, self.finished_real = self.finished_scores[order], self.finished_real[order]
+
+    def results(self) -> list[CompletionOutput]:
+        """The n best hypotheses, best first, as completions."""
+        out = []
+        for i, hyp in enumerate(h for h, real in zip(self.finished, self.finished_real.tolist()) if real):
+            if i == self.params.n:
+                break
+            text = ""
+            if self.tokenizer is not None:
+                text = _text(self.tokenizer, hyp.tokens, self.params.skip_special_tokens)
+                if isinstance(hyp.stop_reason, str):
+                    span = find_stop_span(text, self.params.stop, 0)
+                    text = text[:span[1] if self.params.include_stop_str_in_output else span[0]]
+            out.append(CompletionOutput(i, text, list(hyp.tokens), "stop" if hyp.stopped else "length",
+                                        hyp.stop_reason, cumulative_logprob=hyp.cumulative_logprob))
+        return out
+
+
+def _text(tokenizer, ids: list[int], skip_special_tokens: bool) -> str:
+    """The text of output tokens, as the engine's incremental detokenizer makes it."""
+    detok = IncrementalDetokenizer(tokenizer, [], skip_special_tokens)
+    return "".join(detok.append(t) for t in ids) + detok.flush()
+
+
+def take_beam_rows(to_sample: list[Sequence], logits: Tensor, sampled: dict) -> list[BeamGroup]:
+    """Move the beams' rows of a step's logits [len(to_sample), V] into their groups, as
+    fp32 log-softmax (one batched op), and out of `sampled` (the sampler's token for a beam
+    means nothing). The groups that got rows."""
+    rows = [i for i, s in enumerate(to_sample) if s.beam is not None and s in sampled]
+    if not rows:
+        return []
+    logp = logits[torch.tensor(rows, device=logits.device)].float().log_softmax(-1)
+    groups = {}
+    for i, r in enumerate(rows):
+        seq = to_sample[r]
+        seq.beam.rows[seq] = logp[i]
+        del sampled[seq]
+        groups[id(seq.beam)] = seq.beam
+    return list(groups.values())
