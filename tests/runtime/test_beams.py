@@ -49,9 +49,10 @@ def run(engine, requests: dict[str, tuple[list[int], SamplingParams]]):
     return done
 
 
-def hf_beams(hf, prompt, k, n, new, length_penalty=1.0, early_stopping=False):
+def hf_beams(hf, prompt, k, n, new, length_penalty=1.0, early_stopping=False, min_tokens=0):
     eos = [2, STOP]
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, num_beams=k, num_return_sequences=n,
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=min_tokens, num_beams=k,
+                      num_return_sequences=n,
                       do_sample=False, length_penalty=length_penalty, early_stopping=early_stopping,
                       eos_token_id=eos, pad_token_id=2, return_dict_in_generate=True, output_scores=True)
     rows = []
@@ -61,19 +62,20 @@ def hf_beams(hf, prompt, k, n, new, length_penalty=1.0, early_stopping=False):
     return rows, out.sequences_scores.tolist()
 
 
-CASES = [dict(k=4, n=2, new=8, length_penalty=1.0, early_stopping=False),
-         dict(k=3, n=3, new=7, length_penalty=0.5, early_stopping=True),
-         dict(k=2, n=1, new=6, length_penalty=2.0, early_stopping="never")]
+CASES = [dict(k=4, n=2, new=8, length_penalty=1.0, early_stopping=False, min_tokens=0),
+         dict(k=3, n=3, new=7, length_penalty=0.5, early_stopping=True, min_tokens=0),
+         dict(k=2, n=1, new=6, length_penalty=2.0, early_stopping="never", min_tokens=2)]
 
 
 def beam_params(case, **extra):
     return SamplingParams(beam_width=case["k"], n=case["n"], max_tokens=case["new"], stop_token_ids=[STOP],
-                          length_penalty=case["length_penalty"], early_stopping=case["early_stopping"], **extra)
+                          length_penalty=case["length_penalty"], early_stopping=case["early_stopping"],
+                          min_tokens=case["min_tokens"], **extra)
 
 
 def check_against_hf(hf, out, prompt, case):
     want, scores = hf_beams(hf, prompt, case["k"], case["n"], case["new"], case["length_penalty"],
-                            case["early_stopping"])
+                            case["early_stopping"], case["min_tokens"])
     got = [c.token_ids for c in out.outputs]
     assert got == want
     for c, score in zip(out.outputs, scores):  # HF's score: cumulative logprob / length ** length_penalty

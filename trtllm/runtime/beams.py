@@ -34,6 +34,9 @@ How it runs in the engine (kept out of the scheduler and sampler but for a few l
 """
 from __future__ import annotations
 
+from collections import defaultdict
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,6 +46,7 @@ from trtllm.runtime.tokenizer import IncrementalDetokenizer, find_stop_span
 from trtllm.sampling_params import SamplingParams
 
 NEG = -1.0e9  # HF's score of an impossible beam
+_NEG32 = np.float32(NEG)
 
 
 class Hypothesis:
@@ -73,12 +77,12 @@ class BeamGroup:
 
     def _reset(self) -> None:
         k = self.width
-        self.scores = torch.full((k,), NEG, dtype=torch.float32)  # running beams' summed logprobs
+        self.scores = np.full(k, NEG, dtype=np.float32)  # running beams' summed logprobs
         self.scores[0] = 0.0  # only the first beam's continuations count at the first step
         self.started = False  # the first step has run (the followers have tokens)
         self.rows.clear()
-        self.finished_scores = torch.full((k,), NEG, dtype=torch.float32)  # length-penalised
-        self.finished_real = torch.zeros(k, dtype=torch.bool)
+        self.finished_scores = np.full(k, NEG, dtype=np.float32)  # length-penalised
+        self.finished_real = np.zeros(k, dtype=bool)
         self.finished: list[Hypothesis | None] = [None] * k
         self.improvable = True  # HF's is_early_stop_heuristic_unsatisfied
 
@@ -106,55 +110,51 @@ class BeamGroup:
         need = self.beams if self.started else self.beams[:1]
         return not self.done and all(b in self.rows for b in need)
 
-    def step(self, block_manager) -> bool:
-        """One step of the search from the rows; True when the search is over (`results`)."""
+    def candidates(self) -> list[Tensor]:
+        """The rows of this step's [k, V] log-probabilities (the leader's k times at the first
+        step: HF's k copies of the prompt), with `min_tokens` applied by `step_groups`."""
+        return [self.rows[b] for b in self.beams] if self.started else [self.rows[self.beams[0]]] * self.width
+
+    def advance(self, values: np.ndarray, index: np.ndarray, vocab: int, block_manager) -> bool:
+        """One step of the search from the top `keep` of scores + log-probabilities over all
+        k * V continuations (values, flat indices; best first). True when the search is over."""
         k, params = self.width, self.params
-        leader = self.beams[0]
-        logp = torch.stack([self.rows[b] for b in self.beams]) if self.started \
-            else self.rows[leader][None].expand(k, -1)  # HF: k copies of the prompt, scores 0, -1e9, ...
         self.rows.clear()
-        vocab = logp.shape[-1]
-        cur = len(leader.output_token_ids)  # tokens every running beam has
-        if cur < params.min_tokens and self.stop_ids:
-            logp = logp.clone()
-            logp[:, self.stop_ids] = float("-inf")
-        acc = (logp.cpu() + self.scores[:, None]).reshape(-1)
-        values, index = torch.topk(acc, min(self.keep, acc.numel()))
+        cur = len(self.beams[0].output_token_ids)  # tokens every running beam has
         parents, tokens = (index // vocab).tolist(), (index % vocab).tolist()
         ends = [self._ends(self.beams[p].output_token_ids, t, cur) for p, t in zip(parents, tokens)]
-        hit = torch.tensor([e is not None for e in ends])
+        hit = np.array([e is not None for e in ends])
 
         # the best k continuations that do not end run on
-        running = values + hit.to(torch.float32) * NEG
-        nxt = torch.topk(running, k).indices.tolist()
+        running = values + hit.astype(np.float32) * _NEG32
+        nxt = _top(running, k)
 
         # those ending among the first k join the finished ones if they rank among the best k
-        just = hit & (torch.arange(len(ends)) < k)
-        cand = values / ((cur + 1) ** params.length_penalty)
-        cand = cand + float(bool(self.finished_real.all()) and params.early_stopping is True) * NEG
-        cand = cand + float(not self.improvable) * NEG
-        cand = cand + (~just).to(torch.float32) * NEG
-        merged = torch.cat((self.finished_scores, cand))
-        top = torch.topk(merged, k).indices.tolist()
-        finished, real = [], []
+        # (float32 throughout, as HF computes it: the same scores, the same order)
+        just = hit & (np.arange(len(ends)) < k)
+        cand = values / np.float32((cur + 1) ** params.length_penalty)
+        cand = cand + np.float32(bool(self.finished_real.all()) and params.early_stopping is True) * _NEG32
+        cand = cand + np.float32(not self.improvable) * _NEG32
+        cand = cand + (~just).astype(np.float32) * _NEG32
+        merged = np.concatenate((self.finished_scores, cand))
+        top = _top(merged, k)
+        finished = []
         for i in top:
             if i < k:
                 finished.append(self.finished[i])
-                real.append(bool(self.finished_real[i]))
             else:
                 j = i - k
                 p, (reason, stopped) = self.beams[parents[j]], ends[j] or (None, False)
                 finished.append(Hypothesis(p.output_token_ids + [tokens[j]], float(values[j]), reason, stopped))
-                real.append(bool(just[j]))
+        self.finished_real = np.concatenate((self.finished_real, just))[top]
         self.finished, self.finished_scores = finished, merged[top]
-        self.finished_real = torch.tensor(real)
 
         self.scores = running[nxt]
         self.started = True
         # HF's stopping rule, at the new length cur + 1
         never = params.early_stopping == "never" and params.length_penalty > 0.0
-        best = self.scores[0] / ((self.max_new if never else cur + 1) ** params.length_penalty)
-        worst = torch.where(self.finished_real, self.finished_scores.min(), NEG)
+        best = self.scores[0] / np.float32((self.max_new if never else cur + 1) ** params.length_penalty)
+        worst = np.where(self.finished_real, self.finished_scores.min(), _NEG32)
         self.improvable = self.improvable and bool((best > worst).any())
         all_done = bool(self.finished_real.all()) and params.early_stopping is True
         if not self.improvable or all_done or bool(hit.all()):
@@ -194,12 +194,12 @@ class BeamGroup:
         for b, score in zip(self.beams, self.scores.tolist()):
             if not b.output_token_ids or score <= NEG / 2:
                 continue
-            s = torch.tensor(score, dtype=torch.float32) / (len(b.output_token_ids) ** lp)
-            worst = int(torch.argmin(self.finished_scores))
+            s = np.float32(score) / np.float32(len(b.output_token_ids) ** lp)
+            worst = int(np.argmin(self.finished_scores))
             if s > self.finished_scores[worst]:
                 self.finished[worst] = Hypothesis(list(b.output_token_ids), score, None, False)
                 self.finished_scores[worst], self.finished_real[worst] = s, True
-        order = torch.argsort(self.finished_scores, descending=True, stable=True).tolist()
+        order = _top(self.finished_scores, self.width)
         self.finished = [self.finished[i] for i in order]
         self.finished_scores, self.finished_real = self.finished_scores[order], self.finished_real[order]
 
@@ -224,6 +224,38 @@ def _text(tokenizer, ids: list[int], skip_special_tokens: bool) -> str:
     """The text of output tokens, as the engine's incremental detokenizer makes it."""
     detok = IncrementalDetokenizer(tokenizer, [], skip_special_tokens)
     return "".join(detok.append(t) for t in ids) + detok.flush()
+
+
+def _top(x: np.ndarray, k: int) -> list[int]:
+    """Indices of the k largest, largest first (the first on ties)."""
+    return np.argsort(-x, kind="stable")[:k].tolist()
+
+
+def step_groups(groups: list[BeamGroup], block_manager) -> list[BeamGroup]:
+    """One search step of each group whose rows have all come: the device work batched
+    (one top-k for all groups of one width: [G, k * V] -> [G, keep], one copy to the host),
+    the bookkeeping per group on the host. The groups whose search ended."""
+    shapes = defaultdict(list)
+    for g in groups:
+        if g.ready:
+            shapes[g.width, g.keep].append(g)
+    ended = []
+    for (k, keep), gs in shapes.items():
+        logp = torch.stack([row for g in gs for row in g.candidates()]).view(len(gs), k, -1)
+        vocab = logp.shape[-1]
+        masked = [i for i, g in enumerate(gs) if len(g.beams[0].output_token_ids) < g.params.min_tokens]
+        if masked:
+            logp = logp.clone()
+            for i in masked:  # HF's min_new_tokens: the stop ids cannot end a beam yet
+                logp[i, :, gs[i].stop_ids] = float("-inf")
+        scores = torch.from_numpy(np.stack([g.scores for g in gs])).to(logp.device)
+        acc = (logp + scores[:, :, None]).view(len(gs), k * vocab)
+        values, index = torch.topk(acc, min(keep, k * vocab))
+        values, index = values.cpu().numpy(), index.cpu().numpy()
+        for i, g in enumerate(gs):
+            if g.advance(values[i], index[i], vocab, block_manager):
+                ended.append(g)
+    return ended
 
 
 def take_beam_rows(to_sample: list[Sequence], logits: Tensor, sampled: dict) -> list[BeamGroup]:

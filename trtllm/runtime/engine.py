@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from trtllm.runtime.beams import BeamGroup, take_beam_rows
+from trtllm.runtime.beams import BeamGroup, step_groups, take_beam_rows
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval, validate_request
 from trtllm.runtime.engine_stats import EngineStats, StartupTimes, StepRecord
@@ -137,9 +137,8 @@ class Engine:
             if launched.prompt_spans:
                 self._deliver_prompt_logprobs(launched)
             self._postprocess(launched, sampled, logprobs, changed)
-            for group in beams:  # after update: a beam's step forks from its computed state
-                if group.ready and group.step(self.block_manager):
-                    self._end_beam_search(group, changed)
+            for group in step_groups(beams, self.block_manager) if beams else ():  # after update:
+                self._end_beam_search(group, changed)                         # a fork needs it
             self._drop_dead_ahead()
         outputs = self._outputs(changed)
         if self.on_step is not None:
