@@ -134,6 +134,18 @@ def test_beams_share_prompt_blocks_and_an_abort_frees_them(checkpoint):
     assert engine.block_manager.num_used_blocks == 0 and not engine.beam_groups
 
 
+def test_a_group_that_alone_fills_the_pool_ends_by_length(checkpoint):
+    engine = engine_of(checkpoint, max_tokens=80)  # 5 blocks of 16: four beams outgrow it at token 16
+    assert engine.block_manager.num_blocks == 5
+    out = run(engine, {"x": (PROMPTS[0], SamplingParams(beam_width=4, n=2, max_tokens=30, ignore_eos=True))})["x"]
+    assert [c.finish_reason for c in out.outputs] == ["length", "length"]
+    assert all(0 < len(c.token_ids) < 30 for c in out.outputs)
+    assert out.outputs[0].cumulative_logprob / len(out.outputs[0].token_ids) >= \
+        out.outputs[1].cumulative_logprob / len(out.outputs[1].token_ids)
+    engine.block_manager.check_invariants()
+    assert engine.block_manager.num_used_blocks == 0 and not engine.beam_groups
+
+
 def test_fork_and_copy_on_write_keep_the_books():
     bm = BlockManager(8, 4, enable_block_reuse=False)
     params = SamplingParams()

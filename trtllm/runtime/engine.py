@@ -22,6 +22,14 @@ Sequences that end by length at the first are left out of the second; a request
 waiting for admission with a slot free for it, a short block, or a row that needs the
 sampler (logprobs, penalties, temperature) makes the next step an ordinary one.
 
+Beam search (runtime/beams.py): a beam's logits row goes to its group, not the sampler
+(`take_beam_rows`); once the scheduler has updated the step, `step_groups` searches and forks
+the beams; a search that ends frees its beams and its best hypotheses become the outputs.
+Copy-on-write block copies the scheduler queued are run before the step. Greedy and sampled
+requests in the same batch are untouched, though a batch with beams runs the sampler.
+`return_generation_logits` / `return_context_logits` copy each sampled row (and the prompt
+rows, through the prompt-logprobs path) to the request's output on the host.
+
 `engine.on_step`, when set (trtllm-bench's --iteration_log and --profile set it), is
 called on the engine's thread at the end of every step with a `StepRecord`; it observes,
 it changes nothing. `engine.startup` (set by build_engine) says where building took time.

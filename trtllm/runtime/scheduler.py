@@ -14,6 +14,12 @@ Sequences wait in a FCFS queue, then run. Each `schedule()` builds one step: a l
    ahead of it were; none is admitted in a step that preempted.
 With chunked prefill off, a sequence's tokens are computed in one step or not at all.
 
+Beam search (runtime/beams.py): only a group's leader waits; it is admitted with slots for
+all its beams, which run parked (nothing to compute, skipped) until its first token. A
+group is preempted whole (its victims never come from its own beams; a group that alone
+fills the pool finishes "length"), and starts again from its prompt. `update` gives a beam
+no token: its group's step does, after it.
+
 A sequence's uncomputed tokens are `token_ids[num_computed_tokens:]`; a step computes
 the next n of them, at positions num_computed_tokens .. num_computed_tokens + n - 1, and
 its context is num_computed_tokens + n tokens in `block_table`. A step samples for a
