@@ -5,12 +5,9 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 from trtllm.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from trtllm.runtime.beams import BeamGroup
 
 _ids = itertools.count()
 
@@ -41,7 +38,8 @@ class Sequence:
     # num_prompt_logprobs of them have been delivered (runtime/prompt_logprobs.py)
     prompt_logprob_end: int = 0
     num_prompt_logprobs: int = 0
-    beam: BeamGroup | None = None                    # beam search: the group it is a beam of (runtime/beams.py)
+    # beam search: the runtime.beams.BeamGroup it is a beam of (Any: beams.py imports this file)
+    beam: Any = None
 
     @property
     def token_ids(self) -> list[int]:
