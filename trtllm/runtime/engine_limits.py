@@ -32,9 +32,8 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: E
                          f"max_seq_len={lim.max_seq_len}")
     if params.is_beam_search and params.num_beams > lim.max_beam_width:
         raise ValueError(f"beam width {params.num_beams} exceeds max_beam_width={lim.max_beam_width} (BuildConfig)")
-    if params.num_sequences > lim.max_num_seqs:
-        raise ValueError(f"the request runs {params.num_sequences} sequences (beams or best_of), more than "
-                         f"max_batch_size={lim.max_num_seqs}")
+    if params.is_beam_search and params.num_beams > lim.max_num_seqs:  # a group's beams run together
+        raise ValueError(f"beam width {params.num_beams} exceeds max_batch_size={lim.max_num_seqs}")
     if params.detokenize and not has_tokenizer and params.stop:
         raise ValueError("stop strings need a tokenizer; this LLM was built without one")
 
