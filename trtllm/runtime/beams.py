@@ -71,7 +71,7 @@ class BeamGroup:
         self.beams = [Sequence(request_id, list(prompt_token_ids), params, index=i) for i in range(self.width)]
         for b in self.beams:
             b.beam = self
-        self.rows: dict[Sequence, Tensor] = {}  # beam -> its log_softmax row, until the group steps
+        self.rows: dict[Sequence, tuple[Tensor, int]] = {}  # beam -> (a step's log-softmax rows, its row)
         self.done = False
         self._reset()
 
@@ -110,9 +110,9 @@ class BeamGroup:
         need = self.beams if self.started else self.beams[:1]
         return not self.done and all(b in self.rows for b in need)
 
-    def candidates(self) -> list[Tensor]:
-        """The rows of this step's [k, V] log-probabilities (the leader's k times at the first
-        step: HF's k copies of the prompt), with `min_tokens` applied by `step_groups`."""
+    def candidates(self) -> list[tuple[Tensor, int]]:
+        """This step's k log-probability rows, as (rows, index) (the leader's k times at the
+        first step: HF's k copies of the prompt); `step_groups` applies `min_tokens`."""
         return [self.rows[b] for b in self.beams] if self.started else [self.rows[self.beams[0]]] * self.width
 
     def advance(self, values: np.ndarray, index: np.ndarray, vocab: int, block_manager) -> bool:
@@ -241,7 +241,13 @@ def step_groups(groups: list[BeamGroup], block_manager) -> list[BeamGroup]:
             shapes[g.width, g.keep].append(g)
     ended = []
     for (k, keep), gs in shapes.items():
-        logp = torch.stack([row for g in gs for row in g.candidates()]).view(len(gs), k, -1)
+        rows = [row for g in gs for row in g.candidates()]
+        source = rows[0][0]
+        if all(t is source for t, _ in rows):  # one step's rows (always, beams run in lockstep): one gather
+            index = torch.tensor([i for _, i in rows], device=source.device)
+            logp = source.index_select(0, index).view(len(gs), k, -1)
+        else:
+            logp = torch.stack([t[i] for t, i in rows]).view(len(gs), k, -1)
         vocab = logp.shape[-1]
         masked = [i for i, g in enumerate(gs) if len(g.beams[0].output_token_ids) < g.params.min_tokens]
         if masked:
@@ -269,7 +275,7 @@ def take_beam_rows(to_sample: list[Sequence], logits: Tensor, sampled: dict) -> 
     groups = {}
     for i, r in enumerate(rows):
         seq = to_sample[r]
-        seq.beam.rows[seq] = logp[i]
+        seq.beam.rows[seq] = (logp, i)
         del sampled[seq]
         groups[id(seq.beam)] = seq.beam
     return list(groups.values())
