@@ -111,6 +111,20 @@ def test_beam_search_under_preemption_equals_hf_and_the_books_balance(checkpoint
     assert engine.block_manager.num_used_blocks == 0
 
 
+def test_beam_search_with_chunked_prefill_and_the_prefix_cache_equals_hf(checkpoint, hf):
+    engine = engine_of(checkpoint, max_batch_size=8, max_num_tokens=8)  # prompts in chunks of 8 tokens
+    case = CASES[0]
+    requests = {str(i): (p, beam_params(case)) for i, p in enumerate(PROMPTS)}
+    first = run(engine, requests)
+    again = run(engine, requests)  # the prompts' full blocks now come from the prefix cache
+    assert engine.block_manager.prefix_hit_tokens > 0
+    for rid, (prompt, _) in requests.items():
+        check_against_hf(hf, first[rid], prompt, case)
+        assert [c.token_ids for c in again[rid].outputs] == [c.token_ids for c in first[rid].outputs]
+    engine.block_manager.check_invariants()
+    assert engine.block_manager.num_used_blocks == 0
+
+
 def test_beams_share_prompt_blocks_and_an_abort_frees_them(checkpoint):
     engine = engine_of(checkpoint)
     prompt = list(range(100, 140))  # 40 tokens: 2 full blocks and a partial one
@@ -236,3 +250,30 @@ def test_context_and_generation_logits_equal_hf(checkpoint, hf):
     assert gen.argmax(-1).tolist() == tokens
     plain = run(engine, {"y": (prompt, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))})["y"]
     assert plain.context_logits is None and plain.outputs[0].generation_logits is None
+
+
+def test_stop_strings_end_beams_and_are_cut_from_the_text(checkpoint):
+    engine = engine_of(checkpoint)
+    free = run(engine, {"a": (PROMPTS[0], SamplingParams(beam_width=3, n=3, max_tokens=8, ignore_eos=True))})["a"]
+    text = free.outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]  # two characters from the middle of the best beam
+    assert stop.strip()
+    out = run(engine, {"b": (PROMPTS[0], SamplingParams(beam_width=3, n=3, max_tokens=8, ignore_eos=True,
+                                                        stop=[stop]))})["b"]
+    assert any(c.finish_reason == "stop" for c in out.outputs)
+    for c in out.outputs:
+        assert stop not in c.text
+        if c.finish_reason == "stop":
+            assert c.stop_reason == stop and len(c.token_ids) < 8
+    engine.block_manager.check_invariants()
+
+
+def test_a_streamed_beam_search_arrives_once_whole(checkpoint):
+    from trtllm.runtime.llm import LLM
+    params = SamplingParams(beam_width=2, n=2, max_tokens=6, ignore_eos=True)
+    with LLM(str(checkpoint), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=1024),
+             build_config=BuildConfig(max_batch_size=4, max_num_tokens=64, max_seq_len=64, max_beam_width=2)) as llm:
+        whole = llm.generate(PROMPTS[0], params, use_tqdm=False)
+        parts = list(llm.generate(PROMPTS[0], params, streaming=True))
+    assert len(parts) == 1 and parts[0].finished
+    assert [c.token_ids for c in parts[0].outputs] == [c.token_ids for c in whole.outputs]
