@@ -112,8 +112,7 @@ class SamplingParams(ValidatedConfig):
         refused = [name for name, on in (("top_k", self.top_k not in (0, 1)), ("top_p", self.top_p < 1.0),
                                          ("min_p", self.min_p > 0.0), ("repetition_penalty", self.penalised),
                                          ("logprobs", self.logprobs is not None),
-                                         ("prompt_logprobs", self.prompt_logprobs is not None),
-                                         ("return_generation_logits", self.return_generation_logits)) if on]
+                                         ("prompt_logprobs", self.prompt_logprobs is not None)) if on]
         if refused:
             raise ValueError(f"{', '.join(refused)} with beam search is not supported (beam search is "
                              "deterministic and returns cumulative_logprob per beam)")

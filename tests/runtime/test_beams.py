@@ -277,3 +277,15 @@ def test_a_streamed_beam_search_arrives_once_whole(checkpoint):
         parts = list(llm.generate(PROMPTS[0], params, streaming=True))
     assert len(parts) == 1 and parts[0].finished
     assert [c.token_ids for c in parts[0].outputs] == [c.token_ids for c in whole.outputs]
+
+
+def test_each_beam_carries_the_generation_logits_of_its_own_tokens(checkpoint, hf):
+    engine = engine_of(checkpoint)
+    prompt = PROMPTS[1]
+    params = beam_params(CASES[0], return_generation_logits=True)
+    out = run(engine, {"x": (prompt, params)})["x"]
+    for c in out.outputs:
+        with torch.no_grad():
+            want = hf(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1:-1]
+        assert c.generation_logits.shape == (len(c.token_ids), 512)
+        torch.testing.assert_close(c.generation_logits, want, atol=1e-4, rtol=1e-4)

@@ -52,11 +52,13 @@ _NEG32 = np.float32(NEG)
 class Hypothesis:
     """A finished beam: its tokens, the sum of their log-probabilities, why it ended."""
 
-    __slots__ = ("tokens", "cumulative_logprob", "stop_reason", "stopped")
+    __slots__ = ("tokens", "cumulative_logprob", "stop_reason", "stopped", "logits")
 
-    def __init__(self, tokens: list[int], cumulative_logprob: float, stop_reason, stopped: bool):
+    def __init__(self, tokens: list[int], cumulative_logprob: float, stop_reason, stopped: bool,
+                 logits: list[Tensor] | None = None):
         self.tokens, self.cumulative_logprob = tokens, cumulative_logprob
         self.stop_reason, self.stopped = stop_reason, stopped
+        self.logits = logits  # return_generation_logits: the row each token was picked from
 
 
 class BeamGroup:
@@ -72,6 +74,9 @@ class BeamGroup:
         for b in self.beams:
             b.beam = self
         self.rows: dict[Sequence, tuple[Tensor, int]] = {}  # beam -> (a step's log-softmax rows, its row)
+        # return_generation_logits: each running beam's rows so far, and this step's raw row (CPU)
+        self.logit_rows: list[list[Tensor]] = [[] for _ in self.beams]
+        self.step_logits: dict[Sequence, Tensor] = {}
         self.done = False
         self._reset()
 
@@ -81,6 +86,8 @@ class BeamGroup:
         self.scores[0] = 0.0  # only the first beam's continuations count at the first step
         self.started = False  # the first step has run (the followers have tokens)
         self.rows.clear()
+        self.logit_rows = [[] for _ in range(k)]
+        self.step_logits.clear()
         self.finished_scores = np.full(k, NEG, dtype=np.float32)  # length-penalised
         self.finished_real = np.zeros(k, dtype=bool)
         self.finished: list[Hypothesis | None] = [None] * k
@@ -124,6 +131,7 @@ class BeamGroup:
         parents, tokens = (index // vocab).tolist(), (index % vocab).tolist()
         ends = [self._ends(self.beams[p].output_token_ids, t, cur) for p, t in zip(parents, tokens)]
         hit = np.array([e is not None for e in ends])
+        history = self._histories(parents) if self.params.return_generation_logits else [None] * len(parents)
 
         # the best k continuations that do not end run on
         running = values + hit.astype(np.float32) * _NEG32
@@ -145,7 +153,8 @@ class BeamGroup:
             else:
                 j = i - k
                 p, (reason, stopped) = self.beams[parents[j]], ends[j] or (None, False)
-                finished.append(Hypothesis(p.output_token_ids + [tokens[j]], float(values[j]), reason, stopped))
+                finished.append(Hypothesis(p.output_token_ids + [tokens[j]], float(values[j]), reason, stopped,
+                                           history[j]))
         self.finished_real = np.concatenate((self.finished_real, just))[top]
         self.finished, self.finished_scores = finished, merged[top]
 
@@ -161,7 +170,18 @@ class BeamGroup:
             self.done = True
             return True
         self._fork(block_manager, [self.beams[parents[j]] for j in nxt], [tokens[j] for j in nxt])
+        if self.params.return_generation_logits:
+            self.logit_rows = [history[j] for j in nxt]
         return False
+
+    def _histories(self, parents: list[int]) -> list[list[Tensor]]:
+        """Each candidate's generation logits: its parent's, then the row its token came from
+        (at the first step, the leader's: every beam's row is a copy of it)."""
+        rows = self.step_logits
+        leader = rows.get(self.beams[0])
+        out = [self.logit_rows[p] + [rows.get(self.beams[p], leader)] for p in parents]
+        rows.clear()
+        return out
 
     def _ends(self, outputs: list[int], token: int, cur: int) -> tuple | None:
         """(stop reason, stopped) if `outputs + [token]` ends: a stop token or string ((reason,
@@ -197,7 +217,8 @@ class BeamGroup:
             s = np.float32(score) / np.float32(len(b.output_token_ids) ** lp)
             worst = int(np.argmin(self.finished_scores))
             if s > self.finished_scores[worst]:
-                self.finished[worst] = Hypothesis(list(b.output_token_ids), score, None, False)
+                self.finished[worst] = Hypothesis(list(b.output_token_ids), score, None, False,
+                                                  self.logit_rows[b.index] or None)
                 self.finished_scores[worst], self.finished_real[worst] = s, True
         order = _top(self.finished_scores, self.width)
         self.finished = [self.finished[i] for i in order]
@@ -216,7 +237,8 @@ class BeamGroup:
                     span = find_stop_span(text, self.params.stop, 0)
                     text = text[:span[1] if self.params.include_stop_str_in_output else span[0]]
             out.append(CompletionOutput(i, text, list(hyp.tokens), "stop" if hyp.stopped else "length",
-                                        hyp.stop_reason, cumulative_logprob=hyp.cumulative_logprob))
+                                        hyp.stop_reason, cumulative_logprob=hyp.cumulative_logprob,
+                                        generation_logits=torch.stack(hyp.logits) if hyp.logits else None))
         return out
 
 

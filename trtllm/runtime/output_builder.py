@@ -97,7 +97,10 @@ class OutputBuilder:
         if self.params.return_context_logits and not seq.output_token_ids and seq.index == 0:
             self.set_context_logits(len(self.output.prompt_token_ids) - 1, row[None])
         if self.params.return_generation_logits:
-            self.generation_rows[seq.index].append(row)
+            if seq.beam is not None:  # a beam's rows follow it through its forks (runtime/beams.py)
+                seq.beam.step_logits[seq] = row
+            else:
+                self.generation_rows[seq.index].append(row)
 
     def set_results(self, completions: list[CompletionOutput]) -> None:
         """The request's final completions, chosen among its sequences (beam search)."""
