@@ -90,7 +90,7 @@ class SamplingParams(ValidatedConfig):
     def _consistent(self):
         if self.best_of is not None and self.best_of < self.n:
             raise ValueError(f"best_of ({self.best_of}) must be >= n ({self.n})")
-        if self.beam_width > 1 and self.use_beam_search and self.best_of not in (None, self.beam_width):
+        if self.beam_width > 1 and self.best_of not in (None, self.beam_width):
             raise ValueError(f"beam_width ({self.beam_width}) and best_of ({self.best_of}) name two beam widths")
         if self.is_beam_search:
             self._check_beam_search()
@@ -112,7 +112,12 @@ class SamplingParams(ValidatedConfig):
         refused = [name for name, on in (("top_k", self.top_k not in (0, 1)), ("top_p", self.top_p < 1.0),
                                          ("min_p", self.min_p > 0.0), ("repetition_penalty", self.penalised),
                                          ("logprobs", self.logprobs is not None),
-                                         ("prompt_logprobs", self.prompt_logprobs is not None)) if on]
+                                         ("prompt_logprobs", self.prompt_logprobs is not None),
+                                         # structured output's fields (issue 23a, merged from another
+                                         # branch): beams would need a grammar state per beam
+                                         ("guided_decoding", getattr(self, "guided_decoding", None) is not None),
+                                         ("logits_processor", getattr(self, "logits_processor", None) is not None))
+                   if on]
         if refused:
             raise ValueError(f"{', '.join(refused)} with beam search is not supported (beam search is "
                              "deterministic and returns cumulative_logprob per beam)")
