@@ -105,10 +105,10 @@ def test_kv_cache_dtype_from_either_config():
         KvCacheConfig(dtype="nvfp4")
 
 
-def test_beam_search_not_supported_yet():
-    with pytest.raises(ValueError, match="max_beam_width") as e:
-        BuildConfig(max_beam_width=4)
-    assert "beam search is not supported yet" in str(e.value)
+def test_max_beam_width_bounds():
+    assert BuildConfig(max_beam_width=4).max_beam_width == 4
+    with pytest.raises(ValueError, match="max_beam_width=17"):
+        BuildConfig(max_beam_width=17)
 
 
 def test_max_input_len_within_max_seq_len():

@@ -31,3 +31,23 @@ def test_one_line_per_problem_and_rules_across_fields():
     params = SamplingParams()
     with pytest.raises(ConfigError, match=r"^SamplingParams.top_p=0: must be greater than 0$"):
         params.top_p = 0
+
+
+def test_beam_search_and_best_of_spellings():
+    assert SamplingParams(beam_width=4).num_beams == 4 and SamplingParams(beam_width=4).is_beam_search
+    trt = SamplingParams(use_beam_search=True, best_of=4, n=2)
+    assert (trt.num_beams, trt.num_sequences, trt.n) == (4, 4, 2)
+    assert SamplingParams(use_beam_search=True, n=3).num_beams == 3  # best_of defaults to n
+    sampled = SamplingParams(n=2, best_of=5)
+    assert (sampled.is_beam_search, sampled.num_sequences, sampled.reads_logits) == (False, 5, True)
+    assert not SamplingParams(n=2).reads_logits
+    assert SamplingParams(early_stopping=1).early_stopping is True  # TensorRT-LLM's int spelling
+    assert SamplingParams(early_stopping=0).early_stopping is False
+    assert SamplingParams(early_stopping="never").early_stopping == "never"
+    for bad, why in [(dict(beam_width=2, best_of=3), r"beam_width \(2\) and best_of \(3\) name two beam widths"),
+                     (dict(n=3, best_of=2), r"best_of \(2\) must be >= n \(3\)"),
+                     (dict(use_beam_search=True, best_of=2, n=2, repetition_penalty=1.2),
+                      "repetition_penalty with beam search is not supported"),
+                     (dict(beam_width=2, early_stopping="sometimes"), "early_stopping")]:
+        with pytest.raises(ValueError, match=why):
+            SamplingParams(**bad)

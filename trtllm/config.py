@@ -111,14 +111,8 @@ class BuildConfig(ValidatedConfig):
         None, gt=0, description="prompt + generated tokens at most (None: the model's "
                                 "max_position_embeddings)")
     max_num_tokens: int = Field(8192, ge=1, description="tokens in one step at most (all sequences)")
-    max_beam_width: int = Field(1, gt=0, description="1: beam search is not supported yet")
-
-    @field_validator("max_beam_width")
-    @classmethod
-    def _no_beams(cls, v):
-        if v > 1:
-            raise ValueError(f"max_beam_width {v}: beam search is not supported yet; use 1")
-        return v
+    max_beam_width: int = Field(1, gt=0, le=16, description="beams a beam search request may use at most "
+                                                             "(SamplingParams beam_width / best_of)")
 
     @model_validator(mode="after")
     def _lengths(self):

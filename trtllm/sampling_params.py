@@ -9,7 +9,7 @@ from __future__ import annotations
 import json as _json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -117,7 +117,18 @@ class SamplingParams(ValidatedConfig):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1, le=MAX_N)
-    beam_width: int = Field(1, ge=1)
+    # best_of: sampling, n of best_of completions by cumulative logprob; beam search (TensorRT-LLM's
+    # use_beam_search=True), the beam width. beam_width=k is the manual's spelling of the same search.
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="completions generated, n of them returned")
+    use_beam_search: bool = False
+    beam_width: int = Field(1, ge=1, le=MAX_N, description="> 1: beam search with this many beams")
+    length_penalty: float = Field(1.0, description="beam search: a finished beam scores "
+                                                   "cumulative_logprob / len(tokens) ** length_penalty")
+    early_stopping: bool | Literal["never"] = Field(
+        False, description='beam search: True stops at beam-width finished beams; False when no running beam '
+                           'can beat them, estimated at the current length; "never" at the best possible length')
+    return_context_logits: bool = Field(False, description="RequestOutput.context_logits [prompt_len, vocab]")
+    return_generation_logits: bool = Field(False, description="CompletionOutput.generation_logits [tokens, vocab]")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     prompt_logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="log-probability of each prompt token given its prefix, plus "
@@ -166,6 +177,11 @@ class SamplingParams(ValidatedConfig):
         if not procs or not all(callable(p) for p in procs):
             raise ValueError("must be a callable (a LogitsProcessor) or a non-empty list of them")
         return v
+    @field_validator("early_stopping", mode="before")
+    @classmethod
+    def _early_stopping(cls, v):
+        # TensorRT-LLM's int spelling: 1 stops at beam-width finished beams, 0 by the heuristic
+        return {0: False, 1: True}.get(v, v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("top_k", mode="before")
     @classmethod
@@ -174,15 +190,66 @@ class SamplingParams(ValidatedConfig):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.beam_width > 1:
-            raise ValueError("beam_width > 1 (beam search) is not supported yet; use n for "
-                             "several sampled completions")
         if self.guided_decoding is not None and self.min_tokens > 0:
             raise ValueError("min_tokens with guided_decoding is not supported: the grammar decides where the "
                              "output may end")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be >= n ({self.n})")
+        if self.beam_width > 1 and self.best_of not in (None, self.beam_width):
+            raise ValueError(f"beam_width ({self.beam_width}) and best_of ({self.best_of}) name two beam widths")
+        if self.is_beam_search:
+            self._check_beam_search()
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
         return self
+
+    def _check_beam_search(self) -> None:
+        """What beam search (runtime/beams.py) takes, by name. It scores the model's own
+        log-probabilities: a temperature other than 1 (the default) or 0, top-k/p, min-p and
+        penalties would change them, and per-token logprobs are not kept along the beams."""
+        k = self.num_beams
+        if self.n > k:
+            raise ValueError(f"n ({self.n}) exceeds the beam width ({k}): beam search returns at most "
+                             "beam-width completions")
+        if self.temperature not in (0.0, 1.0):
+            raise ValueError(f"temperature {self.temperature} with beam search is not supported: beam search "
+                             "scores the model's own log-probabilities (temperature 1, the default, or 0)")
+        refused = [name for name, on in (("top_k", self.top_k not in (0, 1)), ("top_p", self.top_p < 1.0),
+                                         ("min_p", self.min_p > 0.0), ("repetition_penalty", self.penalised),
+                                         ("logprobs", self.logprobs is not None),
+                                         ("prompt_logprobs", self.prompt_logprobs is not None),
+                                         # structured output's fields (issue 23a, merged from another
+                                         # branch): beams would need a grammar state per beam
+                                         ("guided_decoding", self.guided_decoding is not None),
+                                         ("logits_processor", self.logits_processor is not None))
+                   if on]
+        if refused:
+            raise ValueError(f"{', '.join(refused)} with beam search is not supported (beam search is "
+                             "deterministic and returns cumulative_logprob per beam)")
+
+    @property
+    def is_beam_search(self) -> bool:
+        """Beam search: beam_width > 1, or TensorRT-LLM's use_beam_search (width best_of or n)."""
+        return self.beam_width > 1 or self.use_beam_search
+
+    @property
+    def num_beams(self) -> int:
+        """The beam width of a beam search request (1 otherwise)."""
+        if self.beam_width > 1:
+            return self.beam_width
+        return (self.best_of or self.n) if self.use_beam_search else 1
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the engine runs for the request: the beams, or best_of samples."""
+        return self.num_beams if self.is_beam_search else (self.best_of or self.n)
+
+    @property
+    def reads_logits(self) -> bool:
+        """The engine reads this request's logits on the host each step (beam search, logits
+        returned, best_of ranking by cumulative logprob): a decode graph's argmax never serves."""
+        return self.is_beam_search or self.return_generation_logits or self.return_context_logits \
+            or self.num_sequences > self.n
 
     @property
     def greedy(self) -> bool:

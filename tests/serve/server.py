@@ -24,7 +24,7 @@ from tests.runtime.tokenizers import CHATML_TEMPLATE, make_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # One engine configuration for the server and the offline LLM it is compared with.
-BUILD = dict(max_batch_size=8, max_num_tokens=64, max_seq_len=64)
+BUILD = dict(max_batch_size=8, max_num_tokens=64, max_seq_len=64, max_beam_width=4)
 KV_MAX_TOKENS = 4096
 STARTUP_S = 120
 
@@ -54,7 +54,8 @@ class Server:
         args = [sys.executable, "-m", "trtllm.cli.serve", str(self.model_dir), "--port", str(self.port),
                 "--dtype", "float32", "--served-model-name", self.name, "--kv_cache_max_tokens", str(KV_MAX_TOKENS),
                 "--max_batch_size", str(BUILD["max_batch_size"]), "--max_num_tokens", str(BUILD["max_num_tokens"]),
-                "--max_seq_len", str(BUILD["max_seq_len"]), *self.extra]
+                "--max_seq_len", str(BUILD["max_seq_len"]), "--max_beam_width", str(BUILD["max_beam_width"]),
+                *self.extra]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
         deadline = time.monotonic() + STARTUP_S

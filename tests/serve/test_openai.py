@@ -103,6 +103,28 @@ def test_n_with_logprobs(client):
         assert pieces[-1].finish_reason == "length"
 
 
+def test_beam_search_and_best_of(client, model_dir):
+    beams = dict(model="tiny", prompt="Once upon", max_tokens=6, n=2, temperature=0.0,
+                 extra_body={"use_beam_search": True, "best_of": 4, "ignore_eos": True, "length_penalty": 1.0})
+    out = client.completions.create(**beams)
+    assert [c.index for c in out.choices] == [0, 1] and out.choices[0].text != out.choices[1].text
+    with LLM(str(model_dir), dtype="float32", build_config=BuildConfig(**BUILD),
+             kv_cache_config=KvCacheConfig(max_tokens=KV_MAX_TOKENS)) as llm:
+        want = llm.generate("Once upon", SamplingParams(use_beam_search=True, best_of=4, n=2, max_tokens=6,
+                                                        temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert [c.text for c in out.choices] == [c.text for c in want.outputs]
+    stream = list(client.completions.create(**beams, stream=True))  # whole, once the search ends
+    for i in range(2):
+        assert "".join(c.choices[0].text for c in stream if c.choices and c.choices[0].index == i) \
+            == out.choices[i].text
+    best = client.completions.create(model="tiny", prompt="Once upon", max_tokens=5, n=1, best_of=3, seed=4,
+                                     temperature=1.0)
+    assert len(best.choices) == 1 and best.choices[0].index == 0
+    with pytest.raises(openai.BadRequestError, match="beam width 5 exceeds max_beam_width=4"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=3, n=1, temperature=0.0,
+                                  extra_body={"use_beam_search": True, "best_of": 5})
+
+
 def test_stop_string(client):
     text = client.completions.create(model="tiny", prompt="Hello world", max_tokens=12, **GREEDY).choices[0].text
     stop = text[len(text) // 2:len(text) // 2 + 2]

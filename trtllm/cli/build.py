@@ -13,7 +13,7 @@ one text a line, or JSONL with a "text" field; else the built-in paragraphs of
 runtime/kv_cache_quant.py) and each layer's K and V amax / 448 (FP8) or / 127 (INT8) become
 its k_scale / v_scale; then the checkpoint is written (quantization/export.py: the layout per
 algorithm), the tokenizer files copied, and --max_batch_size / --max_input_len /
---max_seq_len written to trtllm_build.json (runtime/build_defaults.py).
+--max_seq_len / --max_beam_width written to trtllm_build.json (runtime/build_defaults.py).
 
 Activations are dynamic by default (per token; per 1x128 group with block scales). With
 --activation_scheme static (FP8 and FP8_PER_CHANNEL_PER_TOKEN) the unquantized model is loaded
@@ -33,7 +33,7 @@ from pathlib import Path
 
 QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES")
 KV_CACHE_QUANT_ALGOS = ("FP8", "INT8")
-_LIMITS = ("max_batch_size", "max_input_len", "max_seq_len")
+_LIMITS = ("max_batch_size", "max_input_len", "max_seq_len", "max_beam_width")
 
 
 class BuildError(ValueError):

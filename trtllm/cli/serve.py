@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="tokens in one engine step at most")
     ap.add_argument("--max_seq_len", "--max-seq-len", type=int, default=None,
                     help="prompt + generated tokens at most (default: the model's)")
+    ap.add_argument("--max_beam_width", "--max-beam-width", type=int, default=None,
+                    help="beams a beam search request (use_beam_search, best_of) may use at most (default 1)")
     ap.add_argument("--kv_cache_free_gpu_memory_fraction", "--kv-cache-free-gpu-memory-fraction", type=float,
                     default=None, help="fraction of free GPU memory for the KV cache")
     ap.add_argument("--kv_cache_max_tokens", "--kv-cache-max-tokens", type=int, default=None,
@@ -78,7 +80,8 @@ def engine_options(args: argparse.Namespace) -> dict:
     from trtllm.config import BuildConfig, KvCacheConfig
 
     build = {k: v for k, v in (("max_batch_size", args.max_batch_size), ("max_num_tokens", args.max_num_tokens),
-                               ("max_seq_len", args.max_seq_len)) if v is not None}
+                               ("max_seq_len", args.max_seq_len), ("max_beam_width", args.max_beam_width))
+             if v is not None}
     kv = {k: v for k, v in (("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction),
                             ("max_tokens", args.kv_cache_max_tokens), ("dtype", args.kv_cache_dtype)) if v is not None}
     return dict(dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv),

@@ -21,6 +21,13 @@ another (wrong output, and a leak across requests), and a 64-bit tuple hash is n
 collision-resistant nor stable across processes. A block whose tokens are not all
 computed is never published, and a failed sequence is freed with `publish=False`, so
 garbage (NaN) K/V never enters the cache.
+
+Copy-on-write (beam search, runtime/beams.py): `fork` gives sequences their parents' block
+tables, every block shared by reference count. A step writes a sequence's next token into
+its last block; when that block is shared (a partial block several beams hold), `try_append`
+first gives the sequence a copy of its own and queues (source, copy) in `pending_copies`,
+which the engine has the model runner copy before the step runs. Only beams share a block
+they write into (a prefix-cache hit is always full and never written), so nothing else pays.
 """
 from __future__ import annotations
 
@@ -58,6 +65,7 @@ class BlockManager:
         # prefix-cache metrics: tokens looked up at allocation vs tokens found cached
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
+        self.pending_copies: list[tuple[int, int]] = []  # (shared block, its private copy): see above
 
     # --- books ----------------------------------------------------------------------
 
@@ -113,13 +121,36 @@ class BlockManager:
     def try_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Make room for `num_new_tokens` tokens after the computed ones (a decode token, or
         a prefill chunk) if the pool can (True); else change nothing (False)."""
-        if seq.num_computed_tokens + num_new_tokens <= len(seq.block_table) * self.block_size:
+        table, first = seq.block_table, seq.num_computed_tokens // self.block_size
+        shared = first < len(table) and self._ref[table[first]] > 1  # copy-on-write: see the docstring
+        if not shared and seq.num_computed_tokens + num_new_tokens <= len(table) * self.block_size:
             return True  # its last block has room: block_size - 1 decode steps in block_size
         short = self._blocks_short(seq, num_new_tokens)
-        if short > len(self._free) + len(self._cached):
+        if short + shared > len(self._free) + len(self._cached):
             return False
-        seq.block_table += [self._take() for _ in range(short)]  # in place: see AttentionMetadata
+        if shared:
+            copy = self._take()
+            self.pending_copies.append((table[first], copy))
+            self._ref[table[first]] -= 1  # still held by another: stays used
+            table[first] = copy
+        table += [self._take() for _ in range(short)]  # in place: see AttentionMetadata
         return True
+
+    def fork(self, seqs: list[Sequence], parents: list[Sequence]) -> None:
+        """Beam search's reshuffle: each `seqs[i]` drops its blocks and takes a reference to
+        every block of `parents[i]` (which may be in `seqs`, the state before any change
+        counts). Their tokens are the caller's to set (the parent's, plus what comes next)."""
+        states = {p.seq_id: (list(p.block_table), list(self._chain.get(p.seq_id, ())),
+                             self._num_published.get(p.seq_id, 0)) for p in parents}
+        for p in parents:  # every new reference first: a block both old and new never hits 0
+            for b in p.block_table:
+                self._incref(b)
+        for seq in seqs:
+            self.free(seq)
+        for seq, p in zip(seqs, parents):
+            table, chain, published = states[p.seq_id]
+            seq.block_table = list(table)
+            self._chain[seq.seq_id], self._num_published[seq.seq_id] = list(chain), published
 
     def publish(self, seq: Sequence) -> None:
         """Register the blocks of `seq` that have become full of computed tokens."""

@@ -136,7 +136,8 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
                          max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph, kv_quant=kv_quant)
     scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len)
     engine = Engine(runner, block_manager, scheduler, tokenizer,
-                    EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len),
+                    EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len,
+                                 build_config.max_beam_width),
                     _vocab_size(module, compiled), _eos_ids(module, tokenizer), stream_interval,
                     disable_overlap_scheduler)
     capture_s = runner.capture_s - (compiled.compile_s - compile_before_capture)

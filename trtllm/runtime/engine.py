@@ -23,6 +23,14 @@ Sequences that end by length at the first are left out of the second; a request
 waiting for admission with a slot free for it, a short block, or a row that needs the
 sampler (logprobs, penalties, temperature) makes the next step an ordinary one.
 
+Beam search (runtime/beams.py): a beam's logits row goes to its group, not the sampler
+(`take_beam_rows`); once the scheduler has updated the step, `step_groups` searches and forks
+the beams; a search that ends frees its beams and its best hypotheses become the outputs.
+Copy-on-write block copies the scheduler queued are run before the step. Greedy and sampled
+requests in the same batch are untouched, though a batch with beams runs the sampler.
+`return_generation_logits` / `return_context_logits` copy each sampled row (and the prompt
+rows, through the prompt-logprobs path) to the request's output on the host.
+
 `engine.on_step`, when set (trtllm-bench's --iteration_log and --profile set it), is
 called on the engine's thread at the end of every step with a `StepRecord`; it observes,
 it changes nothing. `engine.startup` (set by build_engine) says where building took time.
@@ -33,6 +41,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from trtllm.runtime.beams import BeamGroup, step_groups, take_beam_rows
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval, validate_request
 from trtllm.runtime.engine_stats import EngineStats, StartupTimes, StepRecord
@@ -73,6 +82,7 @@ class Engine:
         self._ahead: LaunchedStep | None = None  # launched by the last step(), not yet read
         self.on_step: Callable[[StepRecord], None] | None = None  # see the module docstring
         self.startup: StartupTimes | None = None
+        self.beam_groups: dict[str, BeamGroup] = {}  # beam search requests in flight (runtime/beams.py)
 
     # -- requests ----------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -84,14 +94,17 @@ class Engine:
                     prompt: str | None = None, stream: bool = False) -> None:
         assert request_id not in self.requests, f"request id {request_id!r} is already in flight"
         self.validate(prompt_token_ids, params)
-        seqs = [Sequence(request_id, list(prompt_token_ids), params, index=i) for i in range(params.n)]
+        group = BeamGroup(request_id, prompt_token_ids, params, self.eos_token_ids, self.limits.max_seq_len,
+                          self.tokenizer) if params.is_beam_search else None
+        seqs = group.beams if group is not None else \
+            [Sequence(request_id, list(prompt_token_ids), params, index=i) for i in range(params.num_sequences)]
         for seq in seqs:
             seq.seed = params.seed if params.seed is not None else draw_seed()
         self.logits_hooks.attach(seqs, params)  # compiles its guide (cached); ValueError if it cannot
-        if params.prompt_logprobs is not None:  # the first sequence scores the prompt for all n
-            seqs[0].prompt_logprob_end = len(prompt_token_ids) - 1
+        if params.prompt_logprobs is not None or params.return_context_logits:  # the first sequence scores
+            seqs[0].prompt_logprob_end = len(prompt_token_ids) - 1             # the prompt for all n
         try:
-            for seq in seqs:
+            for seq in seqs[:1] if group is not None else seqs:  # a beam group's leader queues for it
                 self.scheduler.add(seq)  # raises ValueError if it can never fit the pool
         except ValueError:
             self.scheduler.abort(request_id)
@@ -99,10 +112,13 @@ class Engine:
         self.requests[request_id] = OutputBuilder(request_id, prompt, prompt_token_ids, params, seqs,
                                                   self.tokenizer, self.eos_token_ids, self.limits.max_seq_len,
                                                   stream)
+        if group is not None:
+            self.beam_groups[request_id] = group
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
         self.scheduler.abort(request_id)
+        self.beam_groups.pop(request_id, None)
         if req is None:
             return None
         self._drop_dead_ahead()
@@ -122,6 +138,9 @@ class Engine:
             scheduled = self.scheduler.schedule()
             for seq in self.scheduler.pop_finished():  # "length": the pool cannot hold it
                 self._finish(seq, seq.finish_reason or "length", changed)
+            if self.block_manager.pending_copies:  # beams' copy-on-write blocks, before the step writes
+                self.runner.copy_blocks(self.block_manager.pending_copies)
+                self.block_manager.pending_copies = []
             launched = self.runner.execute(scheduled) if scheduled else None
         if launched is not None:
             # argmax is every row's token: the graph's picks serve, and can feed a step ahead
@@ -131,9 +150,12 @@ class Engine:
             if self.overlap and picks_serve:
                 self._ahead = self._launch_ahead(launched)
             sampled, logprobs = self._sample(launched, picks_serve, changed)
+            beams = take_beam_rows(launched.to_sample, launched.logits, sampled) if self.beam_groups else ()
             if launched.prompt_spans:
                 self._deliver_prompt_logprobs(launched)
             self._postprocess(launched, sampled, logprobs, changed)
+            for group in step_groups(beams, self.block_manager) if beams else ():  # after update:
+                self._end_beam_search(group, changed)                         # a fork needs it
             self._drop_dead_ahead()
         outputs = self._outputs(changed)
         if self.on_step is not None:
@@ -194,21 +216,37 @@ class Engine:
                 self._finish(seq, "error", changed)
                 continue
             sampled[seq] = tokens[i]
-            k = seq.sampling_params.logprobs
-            if k is not None:
-                logprobs[seq] = (chosen[i], top[i][:k] if top is not None else [])
+            p = seq.sampling_params
+            k = p.logprobs
+            if k is not None or p.num_sequences > p.n and not p.is_beam_search:  # best_of ranks by them
+                logprobs[seq] = (chosen[i], top[i][:k] if top is not None and k else [])
+            if p.return_generation_logits or p.return_context_logits and not seq.output_token_ids:
+                req = self.requests.get(seq.request_id)
+                if req is not None:
+                    req.add_logits_row(seq, launched.logits[i])
         return sampled, logprobs
 
     def _deliver_prompt_logprobs(self, launched: LaunchedStep) -> None:
         """The step's prompt-logit rows, as logprobs, into their requests' outputs (before
         any output of this step is emitted: a prompt's last chunk samples its first token)."""
         launched.wait()
-        for span, entries in zip(launched.prompt_spans, prompt_logprobs(launched.prompt_logits,
-                                                                        launched.prompt_spans)):
+        spans, rows, start = [], [], 0
+        for span in launched.prompt_spans:
+            end = start + span.end - span.start
             req = self.requests.get(span.seq.request_id)
             if req is not None and not span.seq.is_finished:
-                req.set_prompt_logprobs(span.start, entries)
+                if span.seq.sampling_params.return_context_logits:
+                    req.set_context_logits(span.start, launched.prompt_logits[start:end])
+                if span.seq.sampling_params.prompt_logprobs is not None:
+                    spans.append(span)
+                    rows += range(start, end)
                 span.seq.num_prompt_logprobs = span.end
+            start = end
+        if not spans:
+            return
+        logits = launched.prompt_logits if len(rows) == start else launched.prompt_logits[rows]
+        for span, entries in zip(spans, prompt_logprobs(logits, spans)):
+            self.requests[span.seq.request_id].set_prompt_logprobs(span.start, entries)
 
     def _postprocess(self, launched: LaunchedStep, sampled: dict, logprobs: dict, changed) -> None:
         """Each new token into its request's output; a stop condition finishes its sequence."""
@@ -228,7 +266,26 @@ class Engine:
         req = self.requests.get(seq.request_id)
         if req is not None:
             changed[seq.request_id] = req
-            req.finish(seq, reason)
+            if seq.beam is None:
+                req.finish(seq, reason)
+            elif reason == "error":  # one beam failed: the request fails whole
+                self.scheduler.abort(seq.request_id)
+                self.beam_groups.pop(seq.request_id, None)
+                req.fail(seq.error or "the sequence failed while it ran")
+            elif seq.request_id in self.beam_groups:  # "length": its beams alone fill the KV pool
+                seq.beam.end_early()
+                self._end_beam_search(seq.beam, changed)
+
+    def _end_beam_search(self, group: BeamGroup, changed) -> None:
+        """A beam search is over: its beams' blocks freed, its best hypotheses the outputs."""
+        request_id = group.beams[0].request_id
+        for beam in group.beams:
+            self.scheduler.finish(beam, "stop")
+        self.beam_groups.pop(request_id, None)
+        req = self.requests.get(request_id)
+        if req is not None:
+            changed[request_id] = req
+            req.set_results(group.results())
 
     def _outputs(self, changed: dict[str, OutputBuilder]) -> list[RequestOutput]:
         """The finished requests' outputs (which leave the engine), and the streaming ones'

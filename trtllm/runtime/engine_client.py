@@ -95,6 +95,9 @@ class EngineCoreClient:
     # -- requests ----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         validate_request(prompt_token_ids, params, self.limits, self.vocab_size, self._has_tokenizer)
+        if params.return_context_logits or params.return_generation_logits:
+            raise ValueError("return_context_logits / return_generation_logits: logits are returned by the LLM "
+                             "API only; the engine process sends tokens, not logits, over its pipes")
 
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
                        streaming: bool = False, request_id: str | None = None) -> RequestStream:

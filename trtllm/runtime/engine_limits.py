@@ -14,6 +14,7 @@ class EngineLimits:
     max_num_tokens: int
     max_input_len: int
     max_seq_len: int
+    max_beam_width: int = 1
 
 
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: EngineLimits, vocab_size: int,
@@ -30,6 +31,10 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: E
     if n + params.max_tokens > lim.max_seq_len:
         raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
                          f"max_seq_len={lim.max_seq_len}")
+    if params.is_beam_search and params.num_beams > lim.max_beam_width:
+        raise ValueError(f"beam width {params.num_beams} exceeds max_beam_width={lim.max_beam_width} (BuildConfig)")
+    if params.is_beam_search and params.num_beams > lim.max_num_seqs:  # a group's beams run together
+        raise ValueError(f"beam width {params.num_beams} exceeds max_batch_size={lim.max_num_seqs}")
     if params.detokenize and not has_tokenizer and params.stop:
         raise ValueError("stop strings need a tokenizer; this LLM was built without one")
     validate_guided(params, has_tokenizer)

@@ -174,6 +174,16 @@ class ModelRunner:
         scheduled = [(seq, 1) for seq in seqs]
         return self._replay(size, [], positions, rows, scheduled, seqs, previous.device_picks[0])
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write (block_manager.py): each (source, copy) block's K/V, every layer,
+        into the copy, queued before the step that writes it. Bytes, whatever the cache's
+        dtype (FP8 has no index kernels; the per-layer scales are not per block)."""
+        src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.device)
+        dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
+        for pool in (self.cache.k, self.cache.v):
+            raw = pool.view(torch.uint8)
+            raw.index_copy_(1, dst, raw.index_select(1, src))
+
     def _graph_size(self, num_tokens: int, num_seqs: int, sample_rows: list[int]) -> int | None:
         """The captured batch size that runs this step, if one can: every sequence has one
         new token (n >= 1 each, so tokens == sequences says it), and the rows to sample are

@@ -14,7 +14,9 @@ tokens. Text that could be the start of a stop string is held back until it is n
 """
 from __future__ import annotations
 
-from trtllm.runtime.outputs import RequestOutput, new_output
+import torch
+
+from trtllm.runtime.outputs import CompletionOutput, RequestOutput, new_output
 from trtllm.runtime.sequence import Sequence
 from trtllm.runtime.tokenizer import IncrementalDetokenizer, find_stop_span, safe_prefix_len
 from trtllm.sampling_params import SamplingParams
@@ -25,14 +27,24 @@ class OutputBuilder:
                  seqs: list[Sequence], tokenizer, eos_token_ids: list[int], max_seq_len: int, stream: bool):
         self.output = new_output(request_id, prompt, list(prompt_token_ids), params)
         self.params, self.seqs = params, seqs
+        # best_of > n: all best_of completions grow here; the n of the highest cumulative
+        # logprob are the output (emitted once, when all are done)
+        self.ranked = params.num_sequences > params.n and not params.is_beam_search
+        if self.ranked:
+            self.output.outputs += [CompletionOutput(i, logprobs=[] if params.logprobs is not None else None)
+                                    for i in range(params.n, params.num_sequences)]
+            for c in self.output.outputs:
+                c.cumulative_logprob = 0.0
+        self.generation_rows: list[list[torch.Tensor]] = [[] for _ in self.output.outputs]
         self.eos_token_ids, self.max_seq_len = eos_token_ids, max_seq_len
         self.stream = stream  # emit every step's progress, not only the final output
         detok = tokenizer is not None and params.detokenize
         self.detokenizers = [IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
                              if detok else None for _ in seqs]
-        self.checked = [0] * params.n          # text length already searched for stop strings
-        self.streamed = [0] * params.n         # text length already emitted
-        self.streamed_tokens = [0] * params.n  # tokens already emitted
+        m = len(self.output.outputs)
+        self.checked = [0] * m          # text length already searched for stop strings
+        self.streamed = [0] * m         # text length already emitted
+        self.streamed_tokens = [0] * m  # tokens already emitted
 
     def append(self, seq: Sequence, token: int, logprob: tuple | None) -> str | None:
         """Add `seq`'s new token (with `logprob`: (chosen, [(id, value), ...])); the reason
@@ -42,9 +54,10 @@ class OutputBuilder:
         completion.token_ids.append(token)
         if logprob is not None:
             chosen, top = logprob
-            entry = {token: chosen}
-            entry.update({t: v for t, v in top if t != token})
-            completion.logprobs.append(entry)
+            if completion.logprobs is not None:
+                entry = {token: chosen}
+                entry.update({t: v for t, v in top if t != token})
+                completion.logprobs.append(entry)
             completion.cumulative_logprob += chosen
         detok = self.detokenizers[i]
         if detok is not None:
@@ -69,10 +82,45 @@ class OutputBuilder:
         logits score token p + 1; runtime/prompt_logprobs.py)."""
         self.output.prompt_logprobs[start + 1:start + 1 + len(entries)] = entries
 
+    def set_context_logits(self, start: int, rows: torch.Tensor) -> None:
+        """Prompt positions start .. start + len(rows) - 1's logits (return_context_logits)."""
+        ctx = self.output.context_logits
+        if ctx is None:
+            ctx = self.output.context_logits = torch.zeros((len(self.output.prompt_token_ids), rows.shape[-1]),
+                                                           dtype=rows.dtype)
+        ctx[start:start + len(rows)] = rows.to("cpu")
+
+    def add_logits_row(self, seq: Sequence, row: torch.Tensor) -> None:
+        """The logits `seq`'s next token is sampled from: a generation_logits row; the prompt's
+        last position's when it is the first token (context_logits, the first sequence's)."""
+        row = row.detach().to("cpu", copy=True)
+        if self.params.return_context_logits and not seq.output_token_ids and seq.index == 0:
+            self.set_context_logits(len(self.output.prompt_token_ids) - 1, row[None])
+        if self.params.return_generation_logits:
+            if seq.beam is not None:  # a beam's rows follow it through its forks (runtime/beams.py)
+                seq.beam.step_logits[seq] = row
+            else:
+                self.generation_rows[seq.index].append(row)
+
+    def set_results(self, completions: list[CompletionOutput]) -> None:
+        """The request's final completions, chosen among its sequences (beam search)."""
+        self.output.outputs = completions
+        self.output.finished = True
+        self.output.num_cached_tokens = max(s.num_cached_tokens for s in self.seqs)
+
+    def fail(self, error: str) -> None:
+        """The request failed whole (a beam of its search did): every completion "error"."""
+        for c in self.output.outputs:
+            c.finish_reason = c.finish_reason or "error"
+        self.output.error = self.output.error or error
+        self.output.finished = True
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """`seq` is done (stopped, out of length, failed): the request is, once all its sequences are."""
         completion = self.output.outputs[seq.index]
         completion.finish_reason = reason
+        if self.generation_rows[seq.index]:
+            completion.generation_logits = torch.stack(self.generation_rows[seq.index])
         if reason == "error" and self.output.error is None:  # the request names why it failed
             self.output.error = seq.error or "the sequence failed while it ran"
         detok = self.detokenizers[seq.index]
@@ -80,15 +128,24 @@ class OutputBuilder:
             completion.text += detok.flush()  # a held-back unfinished character, if any
         self.output.finished = all(c.finish_reason is not None for c in self.output.outputs)
         self.output.num_cached_tokens = max(s.num_cached_tokens for s in self.seqs)
+        if self.output.finished and self.ranked:  # the n best of best_of, by cumulative logprob
+            best = sorted(self.output.outputs, key=lambda c: -c.cumulative_logprob)[:self.params.n]
+            for i, c in enumerate(best):
+                c.index = i
+            self.output.outputs = best
 
     def abort(self) -> None:
         for c in self.output.outputs:
             c.finish_reason = c.finish_reason or "abort"
         self.output.finished = True
+        if len(self.output.outputs) > self.params.n:  # best_of > n: the first n, unranked
+            self.output.outputs = self.output.outputs[:self.params.n]
 
     def due(self, stream_interval: int) -> bool:
         """A streaming request's next output is due: its first token, or stream_interval new
         ones in a completion."""
+        if self.ranked or self.params.is_beam_search:
+            return False  # the outputs are chosen when all are done: emitted then
         if stream_interval == 1:
             return True
         for i, c in enumerate(self.output.outputs):

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
+
     from trtllm.sampling_params import SamplingParams
 
 
@@ -20,6 +22,9 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
     text_diff: str = ""                       # text added since the previous streamed output
     token_ids_diff: list[int] = field(default_factory=list)
+    # SamplingParams.return_generation_logits: the logits each token was sampled from,
+    # [len(token_ids), vocab] on the CPU (set when the completion finishes)
+    generation_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -34,6 +39,9 @@ class RequestOutput:
     # SamplingParams.prompt_logprobs: per prompt token {token id: logprob given the tokens
     # before it, then the top alternatives}; None for the first token (runtime/prompt_logprobs.py)
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # SamplingParams.return_context_logits: the logits at every prompt position, [prompt_len,
+    # vocab] on the CPU (row p predicts prompt token p + 1; the last, the first output token)
+    context_logits: torch.Tensor | None = None
 
     def snapshot(self, text_lengths: list[int] | None = None) -> RequestOutput:
         """A copy the engine will not change further (texts cut to `text_lengths`).
@@ -52,7 +60,8 @@ class RequestOutput:
                 c.text = c.text[: text_lengths[i]]
             outputs.append(c)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs,
-                             self.finished, self.error, self.num_cached_tokens, self.prompt_logprobs)
+                             self.finished, self.error, self.num_cached_tokens, self.prompt_logprobs,
+                             self.context_logits)
 
     def clear_diffs(self) -> None:
         for c in self.outputs:

@@ -139,7 +139,7 @@ def _row(seq: Sequence, key: tuple) -> _Row:
     if row is not None and row.key == key and row.params is sp:
         return row
     V, eos = key
-    g = sp.greedy
+    g = sp.greedy or sp.is_beam_search  # a beam's token is beams.py's pick: no noise drawn for it
     row = _Row(key, sp, (1.0 if g else sp.temperature, 1.0 if g else sp.top_p,
                      0.0 if g else sp.min_p, sp.repetition_penalty, sp.presence_penalty,
                      sp.frequency_penalty),
@@ -273,8 +273,8 @@ def argmax_serves(seqs: list[Sequence]) -> bool:
     for seq in seqs:
         p = seq.sampling_params
         if p is not last:
-            if not p.greedy or p.penalised or p.logprobs is not None or p.logits_processor is not None \
-                    or p.apply_batched_logits_processor:
+            if not p.greedy or p.penalised or p.logprobs is not None or p.reads_logits \
+                    or p.logits_processor is not None or p.apply_batched_logits_processor:
                 return False
             last = p
         if len(seq.output_token_ids) < p.min_tokens:

@@ -14,6 +14,12 @@ Sequences wait in a FCFS queue, then run. Each `schedule()` builds one step: a l
    ahead of it were; none is admitted in a step that preempted.
 With chunked prefill off, a sequence's tokens are computed in one step or not at all.
 
+Beam search (runtime/beams.py): only a group's leader waits; it is admitted with slots for
+all its beams, which run parked (nothing to compute, skipped) until its first token. A
+group is preempted whole (its victims never come from its own beams; a group that alone
+fills the pool finishes "length"), and starts again from its prompt. `update` gives a beam
+no token: its group's step does, after it.
+
 A sequence's uncomputed tokens are `token_ids[num_computed_tokens:]`; a step computes
 the next n of them, at positions num_computed_tokens .. num_computed_tokens + n - 1, and
 its context is num_computed_tokens + n tokens in `block_table`. A step samples for a
@@ -132,13 +138,17 @@ class Scheduler:
                 continue
             while not self.block_manager.try_append(seq, 1):
                 preempted = True
-                victims = [s for s in self.running if s is not seq and s not in in_step]
+                victims = [s for s in self.running if s is not seq and s not in in_step
+                           and (s.beam is None or s.beam is not seq.beam)]
                 if victims:
                     self._preempt(victims[-1])
                     continue
-                if len(self.running) == 1:  # it alone fills the pool: it can never grow
-                    self.finish(seq, "length")
-                    self._finished.append(seq)
+                group = seq.beam.beams if seq.beam is not None else [seq]  # a beam group goes whole
+                budget += self._unschedule(group, scheduled, in_step)
+                if len(self.running) == len(group):  # it alone fills the pool: it can never grow
+                    for s in group:
+                        self.finish(s, "length")
+                        self._finished.append(s)
                 else:  # only sequences already scheduled this step are left to hold blocks
                     self._preempt(seq)
                 break
@@ -152,6 +162,8 @@ class Scheduler:
             if seq in in_step or budget == 0:
                 continue
             remaining = seq.num_tokens - seq.num_computed_tokens
+            if remaining == 0:  # a beam waiting for its group's next step (runtime/beams.py)
+                continue
             if not self.enable_chunked_prefill and remaining > budget:
                 continue
             chunk = min(remaining, budget)
@@ -161,6 +173,8 @@ class Scheduler:
 
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]  # 3. admission, FCFS
+            if seq.beam is not None and len(self.running) + seq.beam.width > self.max_num_seqs:
+                break  # a beam group's beams are admitted together (runtime/beams.py)
             if self.block_manager.blocks_needed(seq.num_tokens) > self.block_manager.num_blocks:
                 self.finish(seq, "length")  # re-admitting its outputs would overflow the pool
                 self._finished.append(seq)
@@ -174,6 +188,8 @@ class Scheduler:
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if seq.beam is not None:  # its other beams wait, holding slots, for its first token
+                self.running += seq.beam.park_followers()
             chunk = min(remaining, budget)
             scheduled.append((seq, chunk))
             budget -= chunk
@@ -217,7 +233,8 @@ class Scheduler:
         for seq, n in scheduled:
             if seq.status is not SequenceStatus.RUNNING:  # finished or aborted meanwhile
                 continue
-            if seq.num_computed_tokens + n == seq.num_tokens:  # the chunk reached its last token
+            # the chunk reached its last token (a beam's comes with its group's: runtime/beams.py)
+            if seq.num_computed_tokens + n == seq.num_tokens and seq.beam is None:
                 token = sampled.get(seq)
                 if token is None:
                     raise KeyError(f"no sampled token for sequence {seq.seq_id} "
@@ -228,11 +245,24 @@ class Scheduler:
             publish(seq)
         return got_token
 
+    def _unschedule(self, seqs: list[Sequence], scheduled: list, in_step: set) -> int:
+        """Take `seqs` out of the step being built; the tokens they gave back to the budget."""
+        back = [(s, n) for s, n in scheduled if s in seqs]
+        for item in back:
+            scheduled.remove(item)
+            in_step.discard(item[0])
+        return sum(n for _, n in back)
+
     def _preempt(self, seq: Sequence) -> None:
         """Preempt by recompute. Freeing publishes its computed full blocks, so unless
-        they are evicted meanwhile, re-admission finds them in the prefix cache."""
-        self.running.remove(seq)
-        self.block_manager.free(seq)
+        they are evicted meanwhile, re-admission finds them in the prefix cache. A beam
+        group is preempted whole and starts again from its prompt (runtime/beams.py)."""
+        for s in seq.beam.beams if seq.beam is not None else [seq]:
+            if s in self.running:
+                self.running.remove(s)
+                self.block_manager.free(s)
+        if seq.beam is not None:
+            seq = seq.beam.restart()
         seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

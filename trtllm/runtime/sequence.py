@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 from trtllm.sampling_params import SamplingParams
 
@@ -38,6 +39,8 @@ class Sequence:
     prompt_logprob_end: int = 0
     num_prompt_logprobs: int = 0
     guide: object | None = None  # guided decoding: this sequence's xgrammar GrammarMatcher (runtime/grammar.py)
+    # beam search: the runtime.beams.BeamGroup it is a beam of (Any: beams.py imports this file)
+    beam: Any = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -7,9 +7,9 @@ Structured output: OpenAI's `response_format` (`text`, `json_object`, `json_sche
 `guided_json / guided_regex / guided_choice / guided_grammar`, at most one of them, become
 `SamplingParams.guided_decoding`; chat's `tools` / `tool_choice` are serve/tools.py's.
 Unknown fields are ignored, as OpenAI-compatible servers do, except those whose meaning
-the engine does not implement (logit_bias, functions, suffix, best_of != n, ...), logits
-processors (user code: never over HTTP) and a request-supplied chat template: those are
-refused by name, so a client never gets an answer that silently ignored what it asked for.
+the engine does not implement (logit_bias, functions, suffix, ...), logits processors (user
+code: never over HTTP) and a request-supplied chat template: those are refused by name, so a
+client never gets an answer that silently ignored what it asked for.
 
 Every check here runs before any work reaches the engine; a failure is a `RequestError`
 that the app turns into OpenAI's error JSON (`{"error": {message, type, param, code}}`).
@@ -45,7 +45,6 @@ _REFUSED = {
                          "SamplingParams(logits_processor=...)",
     "suffix": "suffix (insertion) is not supported",
     "prompt_logprobs": "prompt_logprobs is not supported",
-    "use_beam_search": "beam search is not supported; use n for several sampled completions",
 }
 
 
@@ -141,6 +140,10 @@ class _Request(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # beam search (vLLM's names; SamplingParams, runtime/beams.py): width best_of (or n), n best returned
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | Literal["never"] | None = None
 
     def refuse_invalid_text(self) -> None:
         """Every string the request carries (prompts, messages, stop strings, the model
@@ -157,9 +160,6 @@ class _Request(BaseModel):
             value = extra.get(name)
             if value is not None and value is not False and value != {} and value != []:
                 raise RequestError(400, why, param=name, code="unsupported_parameter")
-        if self.best_of is not None and self.best_of != self.n:
-            raise RequestError(400, f"best_of ({self.best_of}) must equal n ({self.n}): choosing the best "
-                               "of several completions is not supported", param="best_of")
         if self.stream_options is not None and not self.stream:
             raise RequestError(400, "stream_options is only allowed with stream=true", param="stream_options")
 
@@ -201,7 +201,8 @@ class _Request(BaseModel):
         fields: dict[str, Any] = dict(max_tokens=max_tokens, n=self.n, logprobs=logprobs, guided_decoding=guide)
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "min_p",
                      "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-                     "skip_special_tokens", "include_stop_str_in_output"):
+                     "skip_special_tokens", "include_stop_str_in_output", "best_of", "use_beam_search",
+                     "length_penalty", "early_stopping"):
             value = getattr(self, name)
             if value is not None:
                 fields[name] = value
@@ -237,9 +238,9 @@ class CompletionRequest(_Request):
         if len(prompts) > MAX_PROMPTS:
             raise RequestError(400, f"prompt: {len(prompts)} prompts in one request, more than {MAX_PROMPTS}",
                                param="prompt")
-        if len(prompts) * self.n > MAX_SEQUENCES:
-            raise RequestError(400, f"{len(prompts)} prompts x n={self.n} is more than {MAX_SEQUENCES} "
-                               "completions in one request", param="n")
+        if len(prompts) * max(self.n, self.best_of or 1) > MAX_SEQUENCES:
+            raise RequestError(400, f"{len(prompts)} prompts x n={self.n} (best_of={self.best_of}) is more than "
+                               f"{MAX_SEQUENCES} completions in one request", param="n")
         if any(len(q) == 0 for q in prompts):
             raise RequestError(400, "prompt is empty", param="prompt")
         if self.echo and self.logprobs is not None:
