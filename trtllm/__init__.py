@@ -24,6 +24,11 @@ _EXPORTS = {
     "RequestOutput": "trtllm.runtime.outputs", "CompletionOutput": "trtllm.runtime.outputs",
     "RequestError": "trtllm.runtime.outputs",
     "SamplingParams": "trtllm.sampling_params",
+    "NGramDecodingConfig": "trtllm.runtime.speculative.config",
+    "DraftTargetDecodingConfig": "trtllm.runtime.speculative.config",
+    "SpeculativeDecodingConfig": "trtllm.runtime.speculative.config",
+    "EagleDecodingConfig": "trtllm.runtime.speculative.config",
+    "MTPDecodingConfig": "trtllm.runtime.speculative.config",
 }
 __all__ = list(_EXPORTS)
 

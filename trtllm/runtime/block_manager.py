@@ -121,6 +121,19 @@ class BlockManager:
         seq.block_table += [self._take() for _ in range(short)]  # in place: see AttentionMetadata
         return True
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back `seq`'s blocks past those `num_tokens` tokens need (the slots of draft
+        tokens the target rejected: runtime/speculative). Such blocks hold no computed token
+        (were never published) and were taken by try_append for this sequence alone."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            b = seq.block_table.pop()  # in place: see AttentionMetadata
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._num_used -= 1
+                self._unpublish(b)
+                self._free.append(b)
+
     def publish(self, seq: Sequence) -> None:
         """Register the blocks of `seq` that have become full of computed tokens."""
         if not self.enable_block_reuse:

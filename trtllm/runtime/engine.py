@@ -22,6 +22,11 @@ Sequences that end by length at the first are left out of the second; a request
 waiting for admission with a slot free for it, a short block, or a row that needs the
 sampler (logprobs, penalties, temperature) makes the next step an ordinary one.
 
+Speculative decoding (`engine.speculative`, runtime/speculative): before each schedule
+the decoder proposes draft tokens for the decoding sequences; the step verifies them in
+the target and a sequence may gain several tokens (each through the stop checks, a stop
+inside the run cutting it there). It turns the overlap scheduler off.
+
 `engine.on_step`, when set (trtllm-bench's --iteration_log and --profile set it), is
 called on the engine's thread at the end of every step with a `StepRecord`; it observes,
 it changes nothing. `engine.startup` (set by build_engine) says where building took time.
@@ -42,6 +47,7 @@ from trtllm.runtime.prompt_logprobs import prompt_logprobs
 from trtllm.runtime.sampler import Sampler, SamplingBatch, argmax_serves, draw_seed
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.sequence import Sequence
+from trtllm.runtime.speculative.decoder import SpeculativeDecoder, append_tokens
 from trtllm.sampling_params import SamplingParams
 
 log = logging.getLogger("trtllm")
@@ -68,6 +74,13 @@ class Engine:
         self._ahead: LaunchedStep | None = None  # launched by the last step(), not yet read
         self.on_step: Callable[[StepRecord], None] | None = None  # see the module docstring
         self.startup: StartupTimes | None = None
+        self.speculative: SpeculativeDecoder | None = None  # set by build_engine: see set_speculative
+
+    def set_speculative(self, decoder: SpeculativeDecoder) -> None:
+        """Speculative decoding (runtime/speculative): each step proposes draft tokens and
+        verifies them. It turns the overlap scheduler off (the next step's drafts depend on
+        this step's accepted tokens, which an ahead-launched step cannot wait for)."""
+        self.speculative, self.overlap = decoder, False
 
     # -- requests ----------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -112,6 +125,8 @@ class Engine:
         launched, self._ahead = self._ahead, None
         launched_ahead = launched is not None
         if launched is None:
+            if self.speculative is not None:
+                self.speculative.propose(self.scheduler.running)
             scheduled = self.scheduler.schedule()
             for seq in self.scheduler.pop_finished():  # "length": the pool cannot hold it
                 self._finish(seq, seq.finish_reason or "length", changed)
@@ -159,6 +174,12 @@ class Engine:
         if not seqs:
             return {}, {}
         launched.wait()
+        if launched.num_rows is not None:  # a verify step: runtime/speculative
+            sampled, logprobs, failed = self.speculative.sample(launched, self.sampler)
+            for seq, why in failed.items():
+                self.scheduler.finish(seq, "error", why)
+                self._finish(seq, "error", changed)
+            return sampled, logprobs
         if picks_serve:
             tokens, finite = launched.picks.tolist()  # picked inside the decode graph
             if all(finite):  # the usual step: no row failed, none wants logprobs
@@ -203,7 +224,9 @@ class Engine:
             if req is None:
                 continue
             changed[seq.request_id] = req
-            reason = req.append(seq, sampled[seq], logprobs.get(seq))
+            token = sampled[seq]
+            reason = append_tokens(req, seq, token) if isinstance(token, list) \
+                else req.append(seq, token, logprobs.get(seq))
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 req.finish(seq, reason)

@@ -8,6 +8,11 @@ token of each sequence whose chunk reaches its end (the ones the sampler needs),
 after those, for the prompt positions of sequences that ask for prompt logprobs
 (runtime/prompt_logprobs.py; such a step never replays a CUDA graph).
 
+A speculating sequence's chunk is its last known token followed by its draft tokens
+(`seq.draft_token_ids`, runtime/speculative): logits come for all k + 1 positions
+(`LaunchedStep.num_rows`). Such verify steps run the compiled model directly (no CUDA
+graph is captured for their shape yet).
+
 On a GPU, pure-decode steps replay CUDA graphs captured for batch sizes 1, 2, 4, 8,
 16, ... up to max_num_seqs (a step pads to the next captured size: padded tokens
 write no cache slot and belong to no sequence). Other steps run the compiled model
@@ -61,6 +66,9 @@ class LaunchedStep:
     done: torch.cuda.Event | None
     prompt_spans: list[PromptSpan] = ()     # prompt-logprob rows, one span a sequence
     prompt_logits: torch.Tensor | None = None  # [sum of span lengths, V], after the sampled rows
+    # speculative decoding: logits rows per to_sample sequence (k + 1 for one verifying k
+    # draft tokens), `logits` then [sum(num_rows), V]; None: one row each
+    num_rows: list[int] | None = None
 
     def wait(self) -> None:
         """Block until the step's GPU work is done, *without* the GIL (an event wait
@@ -112,22 +120,32 @@ class ModelRunner:
         """Launch one step: the sequences to sample and (once done) their logits [N, V]."""
         self._wait_inputs_copied()
         ids, positions, query_lens, seq_lens, tables, sample_rows, to_sample = [], [], [], [], [], [], []
-        prompt_rows, spans = [], []
+        prompt_rows, spans, num_rows = [], [], []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             end = start + n
+            known = seq.num_tokens
             if n == 1:  # decode: one token, no list built for it
                 ids.append(seq.token_at(start))
                 positions.append(start)
+            elif end > known:  # verify (runtime/speculative): the last known token, then drafts
+                ids += seq.token_slice(start, known)
+                ids += seq.draft_token_ids[:end - known]
+                positions += range(start, end)
             else:
                 ids += seq.token_slice(start, end)
                 positions += range(start, end)
             query_lens.append(n)
             seq_lens.append(end)
             tables.append(seq.block_table)
-            if end == seq.num_tokens:  # the chunk reaches the last known token
+            if end == known:  # the chunk reaches the last known token
                 sample_rows.append(len(ids) - 1)
                 to_sample.append(seq)
+                num_rows.append(1)
+            elif end > known:  # and k drafts: the logits after each of the k + 1 tokens
+                sample_rows += range(len(ids) - (end - known) - 1, len(ids))
+                to_sample.append(seq)
+                num_rows.append(end - known + 1)
             if start < seq.prompt_logprob_end:  # prompt logprobs asked: this chunk's positions
                 span = chunk_span(seq, start, end)
                 if span is not None:
@@ -144,10 +162,11 @@ class ModelRunner:
         rows = self.logits_indices[: num_sampled + len(prompt_rows)]
         with attention_context(self.cache, self.meta):
             logits = self.compiled(self.input_ids[None, :num_tokens], self.positions[None, :num_tokens], rows)
+        verify = num_rows if num_sampled != len(to_sample) else None
         if not spans:
-            return LaunchedStep(scheduled, to_sample, logits, None, None, self._step_launched())
+            return LaunchedStep(scheduled, to_sample, logits, None, None, self._step_launched(), num_rows=verify)
         return LaunchedStep(scheduled, to_sample, logits[:num_sampled], None, None, self._step_launched(),
-                            spans, logits[num_sampled:])
+                            spans, logits[num_sampled:], num_rows=verify)
 
     def execute_ahead(self, previous: LaunchedStep, seqs: list[Sequence], rows: list[int]) -> LaunchedStep | None:
         """Launch the decode step after `previous` (a decode-graph step, still running or

@@ -20,6 +20,16 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
     text_diff: str = ""                       # text added since the previous streamed output
     token_ids_diff: list[int] = field(default_factory=list)
+    # speculative decoding, set when the completion finishes: draft tokens verified, accepted,
+    # and the steps that verified them (acceptance_length: tokens gained per such step)
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
+    num_verify_steps: int = 0
+
+    @property
+    def acceptance_length(self) -> float:
+        """Tokens a verify step gained on average (accepted drafts + the target's own); 0: none ran."""
+        return 1 + self.num_accepted_draft_tokens / self.num_verify_steps if self.num_verify_steps else 0.0
 
 
 @dataclass

@@ -127,9 +127,15 @@ class Scheduler:
         budget = self.max_num_tokens
         preempted = False
 
-        for seq in list(self.running):  # 1. decode, oldest first
+        running = list(self.running)
+        for i, seq in enumerate(running):  # 1. decode, oldest first
             if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
                 continue
+            n = 1 + len(seq.draft_token_ids)  # speculative decoding: verify k drafts too
+            # drafts only while the budget leaves one token for every later sequence, and
+            # only if the pool has their slots without preempting anyone
+            if n > 1 and (budget - n < len(running) - i - 1 or not self.block_manager.try_append(seq, n)):
+                seq.draft_token_ids, n = [], 1
             while not self.block_manager.try_append(seq, 1):
                 preempted = True
                 victims = [s for s in self.running if s is not seq and s not in in_step]
@@ -143,9 +149,9 @@ class Scheduler:
                     self._preempt(seq)
                 break
             else:  # try_append made room
-                scheduled.append((seq, 1))
+                scheduled.append((seq, n))
                 in_step.add(seq)
-                budget -= 1
+                budget -= n
 
         # 2. the next chunk of partly prefilled sequences (none when all running decode)
         for seq in self.running if len(in_step) < len(self.running) else ():
@@ -217,11 +223,19 @@ class Scheduler:
         for seq, n in scheduled:
             if seq.status is not SequenceStatus.RUNNING:  # finished or aborted meanwhile
                 continue
-            if seq.num_computed_tokens + n == seq.num_tokens:  # the chunk reached its last token
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if n >= remaining:  # the chunk reached its last token (n > remaining: and drafts)
                 token = sampled.get(seq)
                 if token is None:
                     raise KeyError(f"no sampled token for sequence {seq.seq_id} "
                                    f"(request {seq.request_id}), whose chunk reached its last token")
+                if isinstance(token, list):  # a verify step: accepted drafts, then the target's token
+                    seq.output_token_ids += token
+                    seq.num_computed_tokens += remaining + len(token) - 1
+                    self.block_manager.trim(seq, seq.num_tokens)  # the rejected drafts' slots
+                    got_token.append(seq)
+                    publish(seq)
+                    continue
                 seq.output_token_ids.append(int(token))
                 got_token.append(seq)
             seq.num_computed_tokens += n

@@ -37,6 +37,12 @@ class Sequence:
     # num_prompt_logprobs of them have been delivered (runtime/prompt_logprobs.py)
     prompt_logprob_end: int = 0
     num_prompt_logprobs: int = 0
+    # speculative decoding (runtime/speculative): this step's draft tokens, which the step
+    # verifies after the last known token (never part of token_ids); counts since admission
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0            # draft tokens the target verified
+    num_accepted_draft_tokens: int = 0   # ... and accepted
+    num_verify_steps: int = 0            # steps that verified drafts
 
     @property
     def token_ids(self) -> list[int]:
