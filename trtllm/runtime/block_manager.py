@@ -126,8 +126,13 @@ class BlockManager:
         tokens the target rejected: runtime/speculative). Such blocks hold no computed token
         (were never published) and were taken by try_append for this sequence alone."""
         keep = self.blocks_needed(num_tokens)
-        while len(seq.block_table) > keep:
-            b = seq.block_table.pop()  # in place: see AttentionMetadata
+        if len(seq.block_table) <= keep:
+            return
+        # a new list, not in place: AttentionMetadata rewrites a row only when its list is
+        # another object or shorter than it wrote, and the table may regrow before the next
+        # step to the same length with other blocks
+        table, seq.block_table = seq.block_table, seq.block_table[:keep]
+        for b in table[keep:]:
             self._ref[b] -= 1
             if self._ref[b] == 0:
                 self._num_used -= 1

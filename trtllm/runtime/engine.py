@@ -248,6 +248,8 @@ class Engine:
             elif req.stream and req.due(self.stream_interval):
                 outputs.append(req.emit(self.copy_outputs))
         if not self.requests:
+            if self.speculative is not None:
+                self.speculative.release()  # a draft model's KV of the sequences that left
             try:
                 self.block_manager.check_invariants()
             except AssertionError as e:  # says so loudly, but keeps serving

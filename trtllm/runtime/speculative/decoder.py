@@ -72,6 +72,11 @@ class SpeculativeDecoder:
             for seq, k in zip(seqs, ks):
                 seq.draft_token_ids = propose_ngram(seq.token_ids, k, self.max_matching_ngram_size)
 
+    def release(self) -> None:
+        """No sequence runs any more (the engine is idle): free all a draft model holds."""
+        if self.draft is not None:
+            self.draft.propose([], [], set())
+
     # -- after the target ran ---------------------------------------------------------
     @torch.no_grad()
     def sample(self, launched: LaunchedStep, sampler: Sampler
