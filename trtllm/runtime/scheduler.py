@@ -13,6 +13,11 @@ Sequences wait in a FCFS queue, then run. Each `schedule()` builds one step: a l
    any prefix-cache hit) and a first chunk. A waiting sequence is admitted only if all
    ahead of it were; none is admitted in a step that preempted.
 With chunked prefill off, a sequence's tokens are computed in one step or not at all.
+Speculative decoding (runtime/speculative): a decoding sequence with k draft tokens
+(`seq.draft_token_ids`) gets 1 + k tokens when the budget leaves one for each later
+sequence and the pool has their slots without preempting; else its drafts are dropped.
+`update` then takes its accepted drafts and new token as a list, advances
+num_computed_tokens past the accepted drafts only, and trims the rejected drafts' blocks.
 
 A sequence's uncomputed tokens are `token_ids[num_computed_tokens:]`; a step computes
 the next n of them, at positions num_computed_tokens .. num_computed_tokens + n - 1, and
