@@ -189,6 +189,13 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:,.2f}"
 
 
+def _speculative_lines(spec: dict | None) -> list[str]:
+    if spec is None:
+        return []
+    return [f"  speculative decoding  {spec['accepted_tokens']:,} of {spec['draft_tokens']:,} draft tokens accepted "
+            f"({spec['acceptance_rate']:.1%}), acceptance length {spec['acceptance_length']:.2f}"]
+
+
 def format_table(report: dict) -> str:
     cfg, res = report["config"], report["results"]
     env, engine, start = cfg["environment"], cfg["engine"], res["startup_s"]
@@ -228,5 +235,6 @@ def format_table(report: dict) -> str:
               f"  prefix-hit rate       {res['prefix_hit_rate']:.1%}",
               f"  preemptions           {res['num_preemptions']}",
               f"  engine steps          {res['engine_steps']}",
+              *_speculative_lines(res.get("speculative")),
               f"  peak GPU memory       {memory}"]
     return "\n".join(lines)
