@@ -119,13 +119,14 @@ def mixed_params(base_tokens, base_text):
                        stop=[base_text[len(base_text) // 2:len(base_text) // 2 + 2]], include_stop_str_in_output=True),
         SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
         SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, repetition_penalty=1.3),
-        SamplingParams(max_tokens=13, temperature=0.9, top_k=20, seed=7, ignore_eos=True),  # sampled
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.2, min_tokens=4),
+        SamplingParams(max_tokens=13, temperature=0.9, top_k=20, seed=7, ignore_eos=True, n=2),  # sampled
     ]
 
 
 def run(llm, prompts, params):
     outs = llm.generate(prompts, params, use_tqdm=False)
-    return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs], outs
+    return [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in outs], outs
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def plain(target):
         # prompt 2's greedy text turns periodic: n-gram lookup gets drafts accepted
         base = llm.generate(PROMPTS[2], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
         params = mixed_params(base.outputs[0].token_ids, base.outputs[0].text)
-        prompts = [PROMPTS[2], PROMPTS[1], PROMPTS[2], PROMPTS[2], PROMPTS[3], PROMPTS[4], PROMPTS[0]]
+        prompts = [PROMPTS[2], PROMPTS[1], PROMPTS[2], PROMPTS[2], PROMPTS[3], PROMPTS[4], PROMPTS[2], PROMPTS[0]]
         expected, _ = run(llm, prompts, params)
     return prompts, params, expected
 
@@ -170,8 +171,8 @@ def test_mixed_batch_is_token_identical_with_speculation(target, plain, kind):
         assert got == expected
     else:  # a sampled draft goes through rejection sampling: its own tokens, within the limits
         assert got[:sampled] == expected[:sampled]
-        assert len(got[sampled][0]) == params[sampled].max_tokens
-    assert got[2][2] == "stop" and got[3][2] == "stop"
+        assert [len(c[0]) for c in got[sampled]] == [params[sampled].max_tokens] * 2
+    assert got[2][0][2] == "stop" and got[3][0][2] == "stop"
     assert stats["spec_verify_steps"] > 0
     if kind != "draft_random":
         assert stats["spec_accepted_tokens"] > 0
@@ -191,7 +192,7 @@ def test_streaming_delivers_several_tokens_a_step(target, plain):
     cfg = DraftTargetDecodingConfig(max_draft_len=3, speculative_model_dir=str(target))
     with small_llm(target, speculative_config=cfg) as llm:
         diffs = [list(o.outputs[0].token_ids_diff) for o in llm.generate(prompts[0], params[0], streaming=True)]
-    assert [t for d in diffs for t in d] == expected[0][0]
+    assert [t for d in diffs for t in d] == expected[0][0][0]
     assert max(len(d) for d in diffs) == 4  # three accepted drafts and the bonus in one output
 
 

@@ -23,7 +23,7 @@ import torch
 
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.model_runner import ModelRunner
-from trtllm.runtime.sampler import SamplingBatch, gumbel_noise, process_logits
+from trtllm.runtime.sampler import SamplingBatch, argmax_serves, gumbel_noise, process_logits
 from trtllm.runtime.sequence import Sequence, SequenceStatus
 
 _DRAFT_SEED_SALT = 0x5DEC0DE  # the draft's noise differs from the target's
@@ -56,7 +56,7 @@ class DraftModelProposer:
             while active:
                 launched = self.runner.execute([(m, 1) for m in active])
                 launched.wait()
-                self._sample(launched.to_sample, launched.logits, drafts)
+                self._sample(launched.to_sample, launched.logits, drafts, launched.picks)
                 for m in active:
                     m.num_computed_tokens += 1
                 step += 1
@@ -119,8 +119,17 @@ class DraftModelProposer:
                        or (m.num_tokens - m.num_computed_tokens == 1 and not drafts[m.seq_id][0])]
 
     @torch.no_grad()
-    def _sample(self, mirrors: list[Sequence], logits: torch.Tensor, drafts: dict) -> None:
-        """One draft token per mirror, appended to its outputs (and q, for sampled ones)."""
+    def _sample(self, mirrors: list[Sequence], logits: torch.Tensor, drafts: dict,
+                picks: torch.Tensor | None = None) -> None:
+        """One draft token per mirror, appended to its outputs (and q, for sampled ones).
+        `picks`: a decode graph's own argmax (on the host), which serves greedy mirrors."""
+        if picks is not None and argmax_serves(mirrors):
+            for m, t in zip(mirrors, picks[0].tolist()):
+                toks, qs = drafts[m.seq_id]
+                toks.append(t)
+                qs.append(None)
+                m.output_token_ids.append(t)
+            return
         batch = SamplingBatch.build(mirrors, self.vocab_size, logits.device, self.eos_token_ids)
         x = process_logits(logits.float(), batch)
         tokens = x.argmax(-1)
