@@ -19,9 +19,10 @@ Per row: output tok/s with and without speculation, the speed-up, the draft toke
 acceptance rate, the acceptance length (tokens a verify step gains: accepted + 1), and
 the fraction of sequences token-identical to the plain run (greedy: 1.0 up to bf16
 rounding differences between a verify chunk and a decode step at near-ties).
-Verify steps run without CUDA graphs (not captured for their shape yet): that is part of
-what the table measures. --smoke: tiny fp32 shapes, runs on the CPU. Table last; JSON
-under $OUT when set.
+Verify steps run without CUDA graphs unless --verify-graphs (the configs' opt-in
+verify_cuda_graphs: graphs for b sequences of k + 1 tokens, not yet run on a GPU when this
+was written). --only draft|ngram|random runs a subset (one engine build per workload).
+--smoke: tiny fp32 shapes, runs on the CPU. Table last; JSON under $OUT when set.
 """
 import argparse
 import time
@@ -108,6 +109,10 @@ def main():
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (128; smoke 32)")
     ap.add_argument("--draft-len", type=int, default=4)
     ap.add_argument("--large-batch", type=int, default=None, help="the draft-model batch row (32; smoke 4)")
+    ap.add_argument("--verify-graphs", action="store_true",
+                    help="capture CUDA graphs for verify steps (the configs' verify_cuda_graphs; opt-in)")
+    ap.add_argument("--only", choices=["draft", "ngram", "random"], action="append",
+                    help="run these workloads only (repeatable; default all)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device, dtype, shape = ("cuda", torch.bfloat16, LLAMA31_8B) if cuda else ("cpu", torch.float32, SMOKE)
@@ -119,17 +124,21 @@ def main():
     target, draft = zeroed_target_and_draft(shape, device, dtype)
     random_draft = random_llama(shape, DRAFT_LAYERS, seed=1, device=device, dtype=dtype)
     vocab = shape["vocab_size"]
-    draft100 = DraftTargetDecodingConfig(max_draft_len=k, speculative_model_dir=draft)
-    workloads = [  # name, speculative config, [(batch size, prompts)]: one engine per config
-        ("draft model, ~100% acceptance", draft100,
+    graphs = args.verify_graphs
+    workloads = [  # key, name, speculative config, [(batch size, prompts)]: one engine per config
+        ("draft", "draft model, ~100% acceptance",
+         DraftTargetDecodingConfig(max_draft_len=k, speculative_model_dir=draft, verify_cuda_graphs=graphs),
          [(1, prompts(1, args.prompt, vocab, 0)), (large, prompts(large, args.prompt, vocab, 1))]),
-        ("n-gram, repeated-phrase prompt", NGramDecodingConfig(max_draft_len=k, max_matching_ngram_size=3),
+        ("ngram", "n-gram, repeated-phrase prompt",
+         NGramDecodingConfig(max_draft_len=k, max_matching_ngram_size=3, verify_cuda_graphs=graphs),
          [(1, prompts(1, args.prompt, vocab, 2, periodic=True))]),
-        ("random draft, ~0% acceptance", DraftTargetDecodingConfig(max_draft_len=k, speculative_model_dir=random_draft),
+        ("random", "random draft, ~0% acceptance",
+         DraftTargetDecodingConfig(max_draft_len=k, speculative_model_dir=random_draft, verify_cuda_graphs=graphs),
          [(1, prompts(1, args.prompt, vocab, 3))]),
     ]
+    workloads = [w[1:] for w in workloads if not args.only or w[0] in args.only]
     rows, record = [], {"device": torch.cuda.get_device_name() if cuda else "cpu", "shape": shape,
-                        "new": args.new, "prompt": args.prompt, "draft_len": k, "rows": []}
+                        "new": args.new, "prompt": args.prompt, "draft_len": k, "verify_graphs": graphs, "rows": []}
     plain = make_llm(target, args, device, large)
     for name, config, batches in workloads:
         with make_llm(target, args, device, large, speculative_config=config) as llm:
@@ -137,7 +146,7 @@ def main():
                 expected, plain_s, _ = run(plain, batch, args.new)
                 got, spec_s, st = run(llm, batch, args.new)
                 drafts, accepted, steps = st["spec_draft_tokens"], st["spec_accepted_tokens"], st["spec_verify_steps"]
-                row = {"workload": name, "batch": b, "draft len": k,
+                row = {"workload": name, "batch": b, "draft len": k, "verify graphs": "yes" if graphs else "no",
                        "plain tok/s": f"{b * args.new / plain_s:,.1f}", "spec tok/s": f"{b * args.new / spec_s:,.1f}",
                        "speed-up": f"{plain_s / spec_s:.2f}x",
                        "acceptance": f"{accepted / drafts:.1%}" if drafts else "-",

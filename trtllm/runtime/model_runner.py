@@ -10,8 +10,10 @@ after those, for the prompt positions of sequences that ask for prompt logprobs
 
 A speculating sequence's chunk is its last known token followed by its draft tokens
 (`seq.draft_token_ids`, runtime/speculative): logits come for all k + 1 positions
-(`LaunchedStep.num_rows`). Such verify steps run the compiled model directly (no CUDA
-graph is captured for their shape yet).
+(`LaunchedStep.num_rows`). Such verify steps run the compiled model directly, unless
+`capture_verify_graphs(k + 1, sizes)` captured graphs for b sequences of k + 1 tokens each
+(opt-in: the speculative configs' `verify_cuda_graphs`; not yet run on a GPU at the time of
+writing) and every sequence of the step verifies exactly k drafts.
 
 On a GPU, pure-decode steps replay CUDA graphs captured for batch sizes 1, 2, 4, 8,
 16, ... up to max_num_seqs (a step pads to the next captured size: padded tokens
@@ -101,6 +103,9 @@ class ModelRunner:
         # batch size -> (graph, logits [b, V], greedy [2, b]: argmax ids and 1/0 for finite rows)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []  # sorted(self.graphs), not re-sorted every step
+        # verify steps (runtime/speculative): batch size -> (graph, logits [b * L, V]), L tokens a sequence
+        self.verify_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.verify_len = 0
         self._replay_views: dict[tuple[int, int, int], tuple] = {}  # (size, rows, turn): see _replay
         # a decode graph's greedy picks, [2, b], go to pinned host memory right after the
         # replay, while the GPU runs, so reading them after `wait` is no synchronous
@@ -158,11 +163,15 @@ class ModelRunner:
         if graph_size is not None:
             return self._replay(graph_size, ids, positions, range(len(sample_rows)), scheduled, to_sample)
         num_sampled = len(sample_rows)
+        verify = num_rows if num_sampled != len(to_sample) else None
+        if verify is not None and self.verify_graphs and not spans:
+            size = self._verify_graph_size(query_lens, verify)
+            if size is not None:
+                return self._replay_verify(size, ids, positions, scheduled, to_sample, verify)
         self._copy_inputs(ids, positions, sample_rows + prompt_rows)
         rows = self.logits_indices[: num_sampled + len(prompt_rows)]
         with attention_context(self.cache, self.meta):
             logits = self.compiled(self.input_ids[None, :num_tokens], self.positions[None, :num_tokens], rows)
-        verify = num_rows if num_sampled != len(to_sample) else None
         if not spans:
             return LaunchedStep(scheduled, to_sample, logits, None, None, self._step_launched(), num_rows=verify)
         return LaunchedStep(scheduled, to_sample, logits[:num_sampled], None, None, self._step_launched(),
@@ -197,6 +206,30 @@ class ModelRunner:
             self._graph_sizes = sorted(self.graphs)
         i = bisect.bisect_left(self._graph_sizes, num_tokens)
         return self._graph_sizes[i] if i < len(self._graph_sizes) else None
+
+    def _verify_graph_size(self, query_lens: list[int], num_rows: list[int]) -> int | None:
+        """The captured verify batch size that runs this step: every sequence verifies
+        verify_len - 1 drafts (so each of its tokens is a logits row, in order)."""
+        L = self.verify_len
+        if len(num_rows) != len(query_lens) or any(n != L for n in query_lens) or any(r != L for r in num_rows):
+            return None
+        sizes = sorted(self.verify_graphs)
+        i = bisect.bisect_left(sizes, len(query_lens))
+        return sizes[i] if i < len(sizes) else None
+
+    def _replay_verify(self, size: int, ids: list[int], positions: list[int], scheduled, to_sample,
+                       num_rows: list[int]) -> LaunchedStep:
+        """A verify step by the graph captured for `size` sequences: its first len(ids)
+        logits rows are the step's (padding tokens write no slot and belong to no sequence)."""
+        graph, logits = self.verify_graphs[size]
+        total = size * self.verify_len
+        self._stage(ids, positions, [], total)
+        self._inputs[:, :total].copy_(self._staging[:, :total], non_blocking=True)
+        if self._inputs_copied is not None:
+            self._inputs_copied.record()
+        graph.replay()
+        return LaunchedStep(scheduled, to_sample, logits[:len(ids)], None, None, self._step_launched(),
+                            num_rows=num_rows)
 
     def _replay(self, size: int, ids: list[int], positions: list[int], rows, scheduled, to_sample,
                 gather_ids: torch.Tensor | None = None) -> LaunchedStep:
@@ -274,6 +307,40 @@ class ModelRunner:
         gc.freeze()
         try:
             self._capture(batch_sizes)
+        finally:
+            gc.unfreeze()
+        self.capture_s += time.perf_counter() - started
+
+    @torch.no_grad()
+    def capture_verify_graphs(self, tokens_per_seq: int, batch_sizes: list[int]) -> None:
+        """Capture verify steps (runtime/speculative) of b sequences with tokens_per_seq
+        tokens each (the last known token and its drafts), every token a logits row: the
+        ordinary compiled model (the prefill attention path, whose host-side bounds
+        num_seqs / max_query_len / max_seq_len the capture fixes), largest first, one pool."""
+        started = time.perf_counter()
+        L, pool = tokens_per_seq, None
+        gc.collect()
+        gc.freeze()
+        try:
+            for b in sorted(batch_sizes, reverse=True):
+                total = b * L
+                if total > self.meta.max_num_tokens or b > self.meta.max_num_seqs:
+                    continue
+                self.meta.fill([L] * b, [L] * b, [[0] * math.ceil(L / self.block_size)] * b, self.block_size)
+                self.meta.slot_mapping.fill_(-1)  # capture-time values only: no slot written
+                self.meta.max_seq_len = self.max_model_len
+                ids, pos = self.input_ids[None, :total], self.positions[None, :total]
+                with attention_context(self.cache, self.meta):
+                    for _ in range(2):  # compile for this shape and warm up outside the graph
+                        self.compiled(ids, pos)
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = self.compiled(ids, pos)[0]  # [b * L, V]
+                pool = graph.pool()
+                self.verify_graphs[b] = (graph, logits)
+            self.verify_len = L
+            torch.cuda.synchronize()
         finally:
             gc.unfreeze()
         self.capture_s += time.perf_counter() - started

@@ -53,7 +53,8 @@ def build_speculative(config, *, vocab_size: int, eos_token_ids: list[int], max_
     check_speculative_config(config)
     if isinstance(config, NGramDecodingConfig):
         return SpeculativeDecoder(config.max_draft_len, max_seq_len, vocab_size, eos_token_ids,
-                                  max_matching_ngram_size=config.max_matching_ngram_size)
+                                  max_matching_ngram_size=config.max_matching_ngram_size,
+                                  verify_cuda_graphs=config.verify_cuda_graphs)
     if isinstance(config, SpeculativeDecodingConfig):
         config = config.as_draft_target()
     source = config.speculative_model_dir
@@ -80,4 +81,5 @@ def build_speculative(config, *, vocab_size: int, eos_token_ids: list[int], max_
                          max_num_seqs=max_num_seqs, max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph)
     draft = DraftModelProposer(runner, BlockManager(blocks, block_size, enable_block_reuse=False),
                                max_num_tokens, vocab_size, eos_token_ids)
-    return SpeculativeDecoder(k, max_seq_len, vocab_size, eos_token_ids, draft=draft)
+    return SpeculativeDecoder(k, max_seq_len, vocab_size, eos_token_ids, draft=draft,
+                              verify_cuda_graphs=config.verify_cuda_graphs)

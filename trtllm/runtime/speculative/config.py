@@ -9,6 +9,10 @@
 the engine can run. `EagleDecodingConfig` (EAGLE-3) and `MTPDecodingConfig` are accepted
 as types so that code written for TensorRT-LLM reads, but building an engine with them
 raises "not supported yet" (runtime/speculative/build.py).
+
+`verify_cuda_graphs=True` (ours, not TensorRT-LLM's) captures CUDA graphs for verify steps
+in which every sequence verifies max_draft_len drafts (ModelRunner.capture_verify_graphs);
+off by default until it has run on a GPU: verify steps then run eagerly.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ class NGramDecodingConfig(ValidatedConfig):
     and output. No model."""
     max_draft_len: int = Field(4, ge=1, le=32, description="draft tokens proposed per step at most")
     max_matching_ngram_size: int = Field(3, ge=1, le=64, description="longest suffix looked up")
+    verify_cuda_graphs: bool = Field(False, description="capture CUDA graphs for verify steps of max_draft_len "
+                                                        "drafts (opt-in: not yet run on a GPU when written)")
 
 
 class DraftTargetDecodingConfig(ValidatedConfig):
@@ -37,6 +43,8 @@ class DraftTargetDecodingConfig(ValidatedConfig):
     model_config = _ARBITRARY
     max_draft_len: int = Field(4, ge=1, le=32, description="draft tokens proposed per step at most")
     speculative_model_dir: Any = Field(..., description="the draft model: a checkpoint directory or an nn.Module")
+    verify_cuda_graphs: bool = Field(False, description="capture CUDA graphs for verify steps of max_draft_len "
+                                                        "drafts (opt-in: not yet run on a GPU when written)")
 
 
 class SpeculativeDecodingConfig(ValidatedConfig):
@@ -44,9 +52,12 @@ class SpeculativeDecodingConfig(ValidatedConfig):
     model_config = _ARBITRARY
     draft_model: Any = Field(..., description="the draft model: a checkpoint directory or an nn.Module")
     draft_tokens: int = Field(4, ge=1, le=32, description="draft tokens proposed per step at most")
+    verify_cuda_graphs: bool = Field(False, description="capture CUDA graphs for verify steps of max_draft_len "
+                                                        "drafts (opt-in: not yet run on a GPU when written)")
 
     def as_draft_target(self) -> DraftTargetDecodingConfig:
-        return DraftTargetDecodingConfig(max_draft_len=self.draft_tokens, speculative_model_dir=self.draft_model)
+        return DraftTargetDecodingConfig(max_draft_len=self.draft_tokens, speculative_model_dir=self.draft_model,
+                                         verify_cuda_graphs=self.verify_cuda_graphs)
 
 
 class EagleDecodingConfig(ValidatedConfig):
