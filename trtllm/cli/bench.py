@@ -257,15 +257,9 @@ def _build_llm(args, spec, build, kv):
 
 def _speculative_config(args):
     """--speculative and its options as the LLM's speculative_config (None: off)."""
-    from trtllm.runtime.speculative.config import DraftTargetDecodingConfig, NGramDecodingConfig
-    if args.speculative is None:
-        return None
-    if args.speculative == "ngram":
-        return NGramDecodingConfig(max_draft_len=args.max_draft_len,
-                                   max_matching_ngram_size=args.max_matching_ngram_size)
-    if args.speculative_model_dir is None:
-        raise ValueError("--speculative draft_target needs --speculative_model_dir (the draft's checkpoint)")
-    return DraftTargetDecodingConfig(max_draft_len=args.max_draft_len, speculative_model_dir=args.speculative_model_dir)
+    from trtllm.runtime.speculative.config import speculative_config_from_options
+    return speculative_config_from_options(args.speculative, args.max_draft_len, args.max_matching_ngram_size,
+                                           args.speculative_model_dir)
 
 
 def _measure(llm, args, command, spec, requests, mode, build, load_s, recorder):

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
-from trtllm.config import ValidatedConfig
+from trtllm.config import ConfigError, ValidatedConfig
 
 _ARBITRARY = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
                         arbitrary_types_allowed=True)
@@ -74,3 +74,18 @@ class MTPDecodingConfig(ValidatedConfig):
 
 SPECULATIVE_CONFIGS = (NGramDecodingConfig, DraftTargetDecodingConfig, SpeculativeDecodingConfig,
                        EagleDecodingConfig, MTPDecodingConfig)
+
+
+def speculative_config_from_options(kind: str | None, max_draft_len: int, max_matching_ngram_size: int,
+                                    speculative_model_dir: str | None):
+    """The commands' --speculative ngram|draft_target and its options as a config (None: off)."""
+    if kind is None:
+        return None
+    if kind == "ngram":
+        return NGramDecodingConfig(max_draft_len=max_draft_len, max_matching_ngram_size=max_matching_ngram_size)
+    if kind != "draft_target":
+        raise ConfigError("--speculative", [(None, None, f"must be ngram or draft_target, got {kind!r}")])
+    if speculative_model_dir is None:
+        raise ConfigError("--speculative", [(None, None, "draft_target needs --speculative_model_dir (the draft's "
+                                                         "checkpoint)")])
+    return DraftTargetDecodingConfig(max_draft_len=max_draft_len, speculative_model_dir=speculative_model_dir)
