@@ -309,3 +309,33 @@ def test_verify_graph_replay_path_keeps_output_identical(target):
     assert got == expected
     assert graphs[4].replays > 0  # 3 sequences padded to the graph of 4
     assert graphs[1].replays > 0  # the long request alone
+
+
+@pytest.mark.slow  # ~30 s: spawns an engine process (the wire's counts are unit-tested in test_wire.py)
+def test_an_engine_process_speculates_and_reports_its_counts(target):
+    """trtllm-serve's path: the engine in its own process, the config pickled to it; the
+    per-completion counts come back with the last delta, the engine-wide ones with stats."""
+    import asyncio
+    import functools
+
+    from trtllm.runtime.build_engine import build_engine
+    from trtllm.runtime.engine_client import EngineCoreClient
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    with small_llm(target) as llm:
+        expected = llm.generate(PROMPTS[2], params).outputs[0].token_ids
+    options = dict(dtype="float32", build_config=BuildConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=64),
+                   kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=4096),
+                   speculative_config=NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRITON_INTERPRET", "0")
+        with EngineCoreClient(functools.partial(build_engine, str(target), **options), tokenizer=str(target),
+                              start_timeout=300) as client:
+            async def go():
+                return await client.generate_async(PROMPTS[2], params).aresult()
+
+            out = asyncio.run(go())
+            stats = client.engine_stats()
+    c = out.outputs[0]
+    assert c.token_ids == expected
+    assert c.num_verify_steps > 0 and c.num_accepted_draft_tokens > 0
+    assert stats.spec_accepted_tokens == c.num_accepted_draft_tokens
