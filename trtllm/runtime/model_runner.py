@@ -314,9 +314,9 @@ class ModelRunner:
     @torch.no_grad()
     def capture_verify_graphs(self, tokens_per_seq: int, batch_sizes: list[int]) -> None:
         """Capture verify steps (runtime/speculative) of b sequences with tokens_per_seq
-        tokens each (the last known token and its drafts), every token a logits row: the
-        ordinary compiled model (the prefill attention path, whose host-side bounds
-        num_seqs / max_query_len / max_seq_len the capture fixes), largest first, one pool."""
+        tokens each (the last known token and its drafts), every token a logits row, on the
+        prefill attention path (whose host-side bounds num_seqs / max_query_len /
+        max_seq_len the capture fixes), largest first, one pool."""
         started = time.perf_counter()
         L, pool = tokens_per_seq, None
         gc.collect()
@@ -330,7 +330,9 @@ class ModelRunner:
                 self.meta.slot_mapping.fill_(-1)  # capture-time values only: no slot written
                 self.meta.max_seq_len = self.max_model_len
                 ids, pos = self.input_ids[None, :total], self.positions[None, :total]
-                with attention_context(self.cache, self.meta):
+                # the decode-graph variant: its GEMV linears serve any call of few tokens
+                # (the attention op takes its prefill path from max_query_len > 1 itself)
+                with attention_context(self.cache, self.meta), self.compiled.decode_graphs():
                     for _ in range(2):  # compile for this shape and warm up outside the graph
                         self.compiled(ids, pos)
                     torch.cuda.synchronize()
