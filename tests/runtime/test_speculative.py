@@ -339,3 +339,27 @@ def test_an_engine_process_speculates_and_reports_its_counts(target):
     assert c.token_ids == expected
     assert c.num_verify_steps > 0 and c.num_accepted_draft_tokens > 0
     assert stats.spec_accepted_tokens == c.num_accepted_draft_tokens
+
+
+@pytest.mark.parametrize("num_blocks, granted", [(3, False), (4, True)])
+def test_drafts_never_take_a_block_a_later_sequence_may_need(num_blocks, granted):
+    """a's drafts need a second block: granted only if one stays free for b after it. Then
+    every draft is rejected and the block goes back (the new token fits in the first)."""
+    from trtllm.runtime.block_manager import BlockManager
+    from trtllm.runtime.scheduler import Scheduler
+    from trtllm.runtime.sequence import Sequence
+    bm = BlockManager(num_blocks, 16, enable_block_reuse=False)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_tokens=64, max_model_len=64)
+    a, b = (Sequence(r, list(range(14)), SamplingParams(max_tokens=20)) for r in "ab")
+    sched.add(a)
+    sched.add(b)
+    sched.update(sched.schedule(), {a: 1, b: 2})  # both prefilled: 15 tokens, 14 computed, a block each
+    a.draft_token_ids = [5, 6, 7]  # positions 14..17: a second block
+    scheduled = sched.schedule()
+    assert scheduled == ([(a, 4), (b, 1)] if granted else [(a, 1), (b, 1)])
+    assert sched.num_preemptions == 0 and a.draft_token_ids == ([5, 6, 7] if granted else [])
+    assert len(a.block_table) == (2 if granted else 1)
+    sched.update(scheduled, {a: [9] if granted else 9, b: 3})  # every draft rejected: the target's 9
+    assert a.output_token_ids == [1, 9] and a.num_computed_tokens == 15 and len(a.block_table) == 1
+    bm.check_invariants([a, b])
+    assert bm.num_used_blocks == 2

@@ -14,8 +14,9 @@ Sequences wait in a FCFS queue, then run. Each `schedule()` builds one step: a l
    ahead of it were; none is admitted in a step that preempted.
 With chunked prefill off, a sequence's tokens are computed in one step or not at all.
 Speculative decoding (runtime/speculative): a decoding sequence with k draft tokens
-(`seq.draft_token_ids`) gets 1 + k tokens when the budget leaves one for each later
-sequence and the pool has their slots without preempting; else its drafts are dropped.
+(`seq.draft_token_ids`) gets 1 + k tokens when the token budget and the pool still leave a
+token and a block for each later sequence (drafts never cause a preemption); else its
+drafts are dropped.
 `update` then takes its accepted drafts and new token as a list, advances
 num_computed_tokens past the accepted drafts only, and trims the rejected drafts' blocks.
 
@@ -137,9 +138,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
                 continue
             n = 1 + len(seq.draft_token_ids)  # speculative decoding: verify k drafts too
-            # drafts only while the budget leaves one token for every later sequence, and
-            # only if the pool has their slots without preempting anyone
-            if n > 1 and (budget - n < len(running) - i - 1 or not self.block_manager.try_append(seq, n)):
+            if n > 1 and not self._room_for_drafts(seq, n, budget, len(running) - i - 1):
                 seq.draft_token_ids, n = [], 1
             while not self.block_manager.try_append(seq, 1):
                 preempted = True
@@ -246,6 +245,16 @@ class Scheduler:
             seq.num_computed_tokens += n
             publish(seq)
         return got_token
+
+    def _room_for_drafts(self, seq: Sequence, n: int, budget: int, later: int) -> bool:
+        """Take the slots of `seq`'s n tokens (its last and its drafts) if the step's budget
+        and the pool still leave a token and a block for each of the `later` sequences after
+        it: drafts never cause a preemption."""
+        bm = self.block_manager
+        short = max(0, bm.blocks_needed(seq.num_computed_tokens + n) - len(seq.block_table))
+        if budget - n < later or bm.num_free_blocks + bm.num_cached_blocks - short < later:
+            return False
+        return bm.try_append(seq, n)
 
     def _preempt(self, seq: Sequence) -> None:
         """Preempt by recompute. Freeing publishes its computed full blocks, so unless
