@@ -35,7 +35,6 @@ class SpeculativeDecoder:
         self.max_draft_len, self.max_seq_len = max_draft_len, max_seq_len
         self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
         self.max_matching_ngram_size, self.draft = max_matching_ngram_size, draft
-        self.kind = "draft_target" if draft is not None else "ngram"
         self.verify_cuda_graphs = verify_cuda_graphs  # build_engine captures them when asked (on a GPU)
         self._draft_probs: dict[Sequence, torch.Tensor] = {}
         # totals since start (EngineStats): draft tokens proposed and verified, accepted, verify rows
