@@ -46,8 +46,13 @@ DRAFT_LAYERS = 2
 
 def random_llama(shape: dict, num_layers: int, seed: int, device, dtype) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(**dict(shape, num_hidden_layers=num_layers))).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # made in dtype: an 8B model never exists in fp32 first
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**dict(shape, num_hidden_layers=num_layers)))
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():
         for p in model.parameters():  # norms around 1, matrices ~ N(0, 1/fan_in)
             p.normal_(1.0, 0.05) if p.dim() == 1 else p.normal_(0.0, p.shape[-1] ** -0.5)
