@@ -25,6 +25,11 @@ _EXPORTS = {
     "RequestError": "trtllm.runtime.outputs",
     "SamplingParams": "trtllm.sampling_params", "GuidedDecodingParams": "trtllm.sampling_params",
     "LogitsProcessor": "trtllm.sampling_params", "BatchedLogitsProcessor": "trtllm.sampling_params",
+    "NGramDecodingConfig": "trtllm.runtime.speculative.config",
+    "DraftTargetDecodingConfig": "trtllm.runtime.speculative.config",
+    "SpeculativeDecodingConfig": "trtllm.runtime.speculative.config",
+    "EagleDecodingConfig": "trtllm.runtime.speculative.config",
+    "MTPDecodingConfig": "trtllm.runtime.speculative.config",
 }
 __all__ = list(_EXPORTS)
 

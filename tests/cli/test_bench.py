@@ -85,6 +85,18 @@ def test_flat_form_on_the_demo_model(tmp_path, capsys):
     assert res["output_throughput_tok_s"] == pytest.approx(8 / res["duration_s"])
 
 
+def test_speculative_ngram_reports_its_acceptance(tmp_path, capsys):
+    report_file = tmp_path / "report.json"
+    assert main(["--batch_size", "2", "--input_len", "8", "--output_len", "24", "--warmup", "0",
+                 "--speculative", "ngram", "--max_draft_len", "3", "--report_json", str(report_file)]) == 0
+    assert "speculative decoding " in capsys.readouterr().out
+    report = _report(report_file)
+    spec = report["results"]["speculative"]
+    assert spec["verify_steps"] > 0 and 0 <= spec["accepted_tokens"] <= spec["draft_tokens"]
+    assert spec["acceptance_length"] == pytest.approx(1 + spec["accepted_tokens"] / spec["verify_steps"])
+    assert report["config"]["options"]["speculative"] == "ngram"
+
+
 def test_prepare_dataset_then_throughput_on_a_tiny_checkpoint(tmp_path, capsys):
     checkpoint = write_checkpoint("llama31", tmp_path / "ckpt", vocab_size=512)
     dataset, log, report_file = tmp_path / "data.jsonl", tmp_path / "steps.jsonl", tmp_path / "report.json"

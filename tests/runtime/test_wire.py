@@ -62,3 +62,17 @@ def test_a_failure_ends_the_copy_and_keeps_its_tokens():
 def test_messages_pickle_as_themselves():
     for msg in (AddRequest("r", [1, 2], SamplingParams(max_tokens=3), "hi", True), AbortRequest("r"), Stop()):
         assert pickle.loads(pickle.dumps(msg)) == msg
+
+
+def test_speculative_counts_reach_the_client_when_a_completion_finishes():
+    params = SamplingParams(n=2)
+    engine, client = new_output("s", None, [1], params), new_output("s", None, [1], params)
+    grow(engine, 5)
+    engine.outputs[0].finish_reason = "length"
+    engine.outputs[0].num_draft_tokens, engine.outputs[0].num_accepted_draft_tokens = 8, 6
+    engine.outputs[0].num_verify_steps = 3
+    sent([engine]).apply(0, client)
+    first, second = client.outputs
+    assert (first.num_draft_tokens, first.num_accepted_draft_tokens, first.num_verify_steps) == (8, 6, 3)
+    assert first.acceptance_length == 3.0
+    assert (second.num_verify_steps, second.acceptance_length) == (0, 0.0)

@@ -23,6 +23,21 @@ def test_bad_engine_options_are_named_one_line_each(capsys):
     assert "pydantic" not in err and "Traceback" not in err
 
 
+def test_speculative_options_become_the_engines_config():
+    from trtllm.runtime.speculative.config import DraftTargetDecodingConfig, NGramDecodingConfig
+    options = cli.engine_options(cli.parse_args(["m", "--speculative", "ngram", "--max_draft_len", "3"]))
+    assert options["speculative_config"] == NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=3)
+    options = cli.engine_options(cli.parse_args(["m", "--speculative", "draft_target", "--speculative_model_dir", "d"]))
+    assert options["speculative_config"] == DraftTargetDecodingConfig(max_draft_len=4, speculative_model_dir="d")
+    assert cli.engine_options(cli.parse_args(["m"]))["speculative_config"] is None
+
+
+def test_a_draft_target_without_its_model_is_a_bad_option(capsys):
+    assert main(["--port", "0", "--speculative", "draft_target"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "trtllm-serve: bad option:", "--speculative: draft_target needs --speculative_model_dir (the draft's checkpoint)"]
+
+
 @pytest.fixture
 def taken_port():
     with socket.socket() as s:

@@ -59,6 +59,13 @@ def _run_options(parser, suppress: bool) -> None:
               "FP8_BLOCK_SCALES; TensorRT-LLM's QuantAlgo names); an FP8 checkpoint needs none")
     _add(parser, "--disable_overlap_scheduler", action="store_true", default=d(False),
          help="wait for each decode step before launching the next")
+    _add(parser, "--speculative", choices=["ngram", "draft_target"], default=d(None),
+         help="speculative decoding: n-gram lookup (NGramDecodingConfig) or a draft model "
+              "(DraftTargetDecodingConfig, --speculative_model_dir); docs/speculative_decoding.md")
+    _add(parser, "--max_draft_len", type=int, default=d(4), help="draft tokens a step at most (default 4)")
+    _add(parser, "--max_matching_ngram_size", type=int, default=d(3),
+         help="n-gram: the longest suffix looked up (default 3)")
+    _add(parser, "--speculative_model_dir", default=d(None), help="draft_target: the draft model's checkpoint")
     _add(parser, "--temperature", type=float, default=d(0.0), help="0 = greedy (default)")
     _add(parser, "--warmup", type=int, default=d(2), help="requests run before timing, untimed (default 2)")
     _add(parser, "--report_json", default=d(None), help="write every figure and the configuration to FILE")
@@ -240,11 +247,19 @@ def _build_llm(args, spec, build, kv):
         load_s = time.perf_counter() - started  # a preset's weights, a module loaded here (else: in LLM)
         quant = QuantConfig(quant_algo=args.quantization) if args.quantization else None
         return LLM(**kwargs, build_config=build, kv_cache_config=kv, quant_config=quant,
-                   disable_overlap_scheduler=args.disable_overlap_scheduler), load_s
+                   disable_overlap_scheduler=args.disable_overlap_scheduler,
+                   speculative_config=_speculative_config(args)), load_s
     except ConfigError as e:
         raise BenchError(f"bad option: {'; '.join(str(e).splitlines())}") from None
     except (ValueError, OSError) as e:
         raise BenchError(f"cannot build the engine: {e}") from None
+
+
+def _speculative_config(args):
+    """--speculative and its options as the LLM's speculative_config (None: off)."""
+    from trtllm.runtime.speculative.config import speculative_config_from_options
+    return speculative_config_from_options(args.speculative, args.max_draft_len, args.max_matching_ngram_size,
+                                           args.speculative_model_dir)
 
 
 def _measure(llm, args, command, spec, requests, mode, build, load_s, recorder):

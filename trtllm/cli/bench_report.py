@@ -128,6 +128,7 @@ def engine_figures(llm, records: list[StepRecord], before: dict) -> dict:
         "max_concurrent_requests": max((r.stats.num_running for r in records), default=0),
         "prefix_hit_rate": hits / queried if queried else 0.0,
         "num_preemptions": now["num_preemptions"] - before["num_preemptions"],
+        "speculative": _speculative_figures(now, before),
         "engine_steps": len(records),
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
         "peak_gpu_memory_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
@@ -135,9 +136,23 @@ def engine_figures(llm, records: list[StepRecord], before: dict) -> dict:
 
 
 def counters(llm) -> dict:
-    bm, scheduler = llm.block_manager, llm.engine.scheduler
+    bm, scheduler, spec = llm.block_manager, llm.engine.scheduler, llm.engine.speculative
     return {"prefix_queried_tokens": bm.prefix_queried_tokens, "prefix_hit_tokens": bm.prefix_hit_tokens,
-            "num_preemptions": scheduler.num_preemptions}
+            "num_preemptions": scheduler.num_preemptions,
+            "spec_draft_tokens": spec.num_draft_tokens if spec else 0,
+            "spec_accepted_tokens": spec.num_accepted_tokens if spec else 0,
+            "spec_verify_steps": spec.num_verify_steps if spec else 0}
+
+
+def _speculative_figures(now: dict, before: dict) -> dict | None:
+    """Draft tokens verified and accepted in the run, and the acceptance length (tokens a
+    verify step gained); None without speculative decoding."""
+    drafts, accepted, steps = (now[k] - before[k] for k in ("spec_draft_tokens", "spec_accepted_tokens",
+                                                             "spec_verify_steps"))
+    if not steps:
+        return None
+    return {"draft_tokens": drafts, "accepted_tokens": accepted, "verify_steps": steps,
+            "acceptance_rate": accepted / drafts if drafts else 0.0, "acceptance_length": 1 + accepted / steps}
 
 
 def iteration_lines(records: list[StepRecord], t0: float) -> list[dict]:
@@ -172,6 +187,13 @@ def _device_us(event) -> float:
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:,.2f}"
+
+
+def _speculative_lines(spec: dict | None) -> list[str]:
+    if spec is None:
+        return []
+    return [f"  speculative decoding  {spec['accepted_tokens']:,} of {spec['draft_tokens']:,} draft tokens accepted "
+            f"({spec['acceptance_rate']:.1%}), acceptance length {spec['acceptance_length']:.2f}"]
 
 
 def format_table(report: dict) -> str:
@@ -213,5 +235,6 @@ def format_table(report: dict) -> str:
               f"  prefix-hit rate       {res['prefix_hit_rate']:.1%}",
               f"  preemptions           {res['num_preemptions']}",
               f"  engine steps          {res['engine_steps']}",
+              *_speculative_lines(res.get("speculative")),
               f"  peak GPU memory       {memory}"]
     return "\n".join(lines)

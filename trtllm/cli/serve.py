@@ -69,6 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tool_parser", "--tool-parser", choices=["hermes", "llama3"], default="hermes",
                     help="how a chat reply's tool calls are written (tools with tool_choice auto): hermes "
                          "(Hermes / Qwen: <tool_call>{json}</tool_call>) or llama3 (Llama-3.x JSON); default hermes")
+    ap.add_argument("--speculative", choices=["ngram", "draft_target"], default=None,
+                    help="speculative decoding: n-gram lookup or a draft model (--speculative_model_dir); "
+                         "docs/speculative_decoding.md (the overlap scheduler is then off)")
+    ap.add_argument("--max_draft_len", "--max-draft-len", type=int, default=4, help="draft tokens a step at most")
+    ap.add_argument("--max_matching_ngram_size", "--max-matching-ngram-size", type=int, default=3,
+                    help="n-gram: the longest suffix looked up")
+    ap.add_argument("--speculative_model_dir", "--speculative-model-dir", default=None,
+                    help="draft_target: the draft model's checkpoint")
     ap.add_argument("--engine-in-thread", action="store_true",
                     help="run the engine on a thread of the server process instead of a process of its own "
                          "(less memory and startup; streaming throughput suffers: both share one GIL)")
@@ -78,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def engine_options(args: argparse.Namespace) -> dict:
     """The engine's options from the command line; ConfigError naming each bad one."""
     from trtllm.config import BuildConfig, KvCacheConfig
+    from trtllm.runtime.speculative.config import speculative_config_from_options
 
     build = {k: v for k, v in (("max_batch_size", args.max_batch_size), ("max_num_tokens", args.max_num_tokens),
                                ("max_seq_len", args.max_seq_len), ("max_beam_width", args.max_beam_width))
@@ -86,7 +95,10 @@ def engine_options(args: argparse.Namespace) -> dict:
                             ("max_tokens", args.kv_cache_max_tokens), ("dtype", args.kv_cache_dtype)) if v is not None}
     return dict(dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv),
                 stream_interval=args.stream_interval, disable_overlap_scheduler=args.disable_overlap_scheduler,
-                tensor_parallel_size=args.tp_size)
+                tensor_parallel_size=args.tp_size,
+                speculative_config=speculative_config_from_options(args.speculative, args.max_draft_len,
+                                                                   args.max_matching_ngram_size,
+                                                                   args.speculative_model_dir))
 
 
 def build_llm(args: argparse.Namespace, options: dict):

@@ -152,6 +152,24 @@ class BlockManager:
             seq.block_table = list(table)
             self._chain[seq.seq_id], self._num_published[seq.seq_id] = list(chain), published
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back `seq`'s blocks past those `num_tokens` tokens need (the slots of draft
+        tokens the target rejected: runtime/speculative). Such blocks hold no computed token
+        (were never published) and were taken by try_append for this sequence alone."""
+        keep = self.blocks_needed(num_tokens)
+        if len(seq.block_table) <= keep:
+            return
+        # a new list, not in place: AttentionMetadata rewrites a row only when its list is
+        # another object or shorter than it wrote, and the table may regrow before the next
+        # step to the same length with other blocks
+        table, seq.block_table = seq.block_table, seq.block_table[:keep]
+        for b in table[keep:]:
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._num_used -= 1
+                self._unpublish(b)
+                self._free.append(b)
+
     def publish(self, seq: Sequence) -> None:
         """Register the blocks of `seq` that have become full of computed tokens."""
         if not self.enable_block_reuse:

@@ -28,8 +28,9 @@ from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
 from trtllm.runtime.engine_stats import StartupTimes
 from trtllm.runtime.kv_budget import num_kv_blocks
 from trtllm.runtime.kv_cache_quant import kv_cache_quant
-from trtllm.runtime.model_runner import ModelRunner
+from trtllm.runtime.model_runner import ModelRunner, cuda_graph_batch_sizes
 from trtllm.runtime.scheduler import Scheduler
+from trtllm.runtime.speculative.build import build_speculative, check_speculative_config
 from trtllm.runtime.tokenizer import load_tokenizer
 
 _DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -40,16 +41,19 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
                  device: str | torch.device | None = None, compile_options: dict | None = None,
                  stream_interval: int = 1, disable_overlap_scheduler: bool = False,
-                 kv_cache_scales=None, tensor_parallel_size: int = 1) -> Engine:
+                 kv_cache_scales=None, tensor_parallel_size: int = 1, speculative_config=None) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
     in a process of its own. Arguments as `LLM`'s. `engine.startup` says where the time went.
     A checkpoint written by trtllm-build brings its defaults (runtime/build_defaults.py): its
     BuildConfig when none is given, its KV cache format when none is named.
     kv_cache_scales: a quantized KV cache's (k_scale, v_scale) per layer (runtime/kv_cache_quant.py).
-    With tensor_parallel_size > 1 the workers run until `shutdown_workers(engine)`."""
+    With tensor_parallel_size > 1 the workers run until `shutdown_workers(engine)`.
+    speculative_config: NGramDecodingConfig, DraftTargetDecodingConfig or SpeculativeDecodingConfig
+    (runtime/speculative; the draft model is built before the target's KV pool is sized)."""
     started = time.perf_counter()
     check_stream_interval(stream_interval)  # before minutes of loading and compiling
+    check_speculative_config(speculative_config)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     quant_config = quant_config or QuantConfig()
@@ -66,6 +70,9 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
         from trtllm.demo import demo_model_path
         model = demo_model_path()
     if tensor_parallel_size != 1:
+        if speculative_config is not None:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with speculative decoding is not "
+                             "supported yet")
         if quant_config.weight_algo is not None or kv_format != "auto" or kv_cache_scales is not None:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with quantized weights or KV cache is "
                              "not supported yet")
@@ -87,8 +94,10 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
         module = load_model(model, dtype=_DTYPES[dtype], device=device, quant_algo=quant_config.weight_algo)
         tokenizer = tokenizer if tokenizer is not None else model
     compiled = trtllm_compile(module, **(compile_options or {}), block_size=kv_cache_config.tokens_per_block)
+    speculative = None if speculative_config is None else dict(
+        config=speculative_config, dtype=_DTYPES[dtype], compile_options=compile_options)
     return _build_engine(module, compiled, started, tokenizer, kv_cache_config, build_config, enable_cuda_graph,
-                         stream_interval, disable_overlap_scheduler, kv_format, kv_cache_scales)
+                         stream_interval, disable_overlap_scheduler, kv_format, kv_cache_scales, speculative)
 
 
 def _start_tensor_parallel(model, dtype: str, device, compile_options: dict | None,
@@ -115,7 +124,8 @@ def shutdown_workers(engine: Engine) -> None:
 
 def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cache_config: KvCacheConfig,
                   build_config: BuildConfig, enable_cuda_graph: bool, stream_interval: int,
-                  disable_overlap_scheduler: bool, kv_format: str, kv_cache_scales) -> Engine:
+                  disable_overlap_scheduler: bool, kv_format: str, kv_cache_scales,
+                  speculative: dict | None = None) -> Engine:
     load_s = time.perf_counter() - started  # the load (compilation itself is lazy: compiled.compile_s)
     tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     config = getattr(module, "config", None)
@@ -127,6 +137,13 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
     if kv_cache_scales is None and fp8 is not None:  # an FP8 checkpoint's k_scale / v_scale, if it has them
         kv_cache_scales = kv_cache_scales_by_layer(fp8, kv_format)
     kv_quant = kv_cache_quant(kv_format, compiled, kv_cache_scales, tokenizer)
+    vocab_size, eos_token_ids = _vocab_size(module, compiled), _eos_ids(module, tokenizer)
+    if speculative is not None:  # the draft's weights and pool first: the target's pool takes what is left
+        speculative = build_speculative(
+            speculative["config"], vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_num_seqs=max_num_seqs,
+            max_num_tokens=max_num_tokens, max_seq_len=max_seq_len, block_size=kv_cache_config.tokens_per_block,
+            kv_max_tokens=kv_cache_config.max_tokens, device=compiled.device, dtype=speculative["dtype"],
+            enable_cuda_graph=enable_cuda_graph, compile_options=speculative["compile_options"])
     blocks = num_kv_blocks(compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len,
                            kv_quant.dtype if kv_quant else None)
     block_manager = BlockManager(blocks, kv_cache_config.tokens_per_block, kv_cache_config.enable_block_reuse)
@@ -138,8 +155,11 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
     engine = Engine(runner, block_manager, scheduler, tokenizer,
                     EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len,
                                  build_config.max_beam_width),
-                    _vocab_size(module, compiled), _eos_ids(module, tokenizer), stream_interval,
-                    disable_overlap_scheduler)
+                    vocab_size, eos_token_ids, stream_interval, disable_overlap_scheduler)
+    if speculative is not None:
+        engine.set_speculative(speculative)
+        if speculative.verify_cuda_graphs and enable_cuda_graph and runner.device.type == "cuda":
+            runner.capture_verify_graphs(speculative.max_draft_len + 1, cuda_graph_batch_sizes(max_num_seqs))
     capture_s = runner.capture_s - (compiled.compile_s - compile_before_capture)
     engine.startup = StartupTimes(load_s, compiled.compile_s, capture_s, time.perf_counter() - started)
     return engine

@@ -31,6 +31,11 @@ requests in the same batch are untouched, though a batch with beams runs the sam
 `return_generation_logits` / `return_context_logits` copy each sampled row (and the prompt
 rows, through the prompt-logprobs path) to the request's output on the host.
 
+Speculative decoding (`engine.speculative`, runtime/speculative): before each schedule
+the decoder proposes draft tokens for the decoding sequences; the step verifies them in
+the target and a sequence may gain several tokens (each through the stop checks, a stop
+inside the run cutting it there). It turns the overlap scheduler off.
+
 `engine.on_step`, when set (trtllm-bench's --iteration_log and --profile set it), is
 called on the engine's thread at the end of every step with a `StepRecord`; it observes,
 it changes nothing. `engine.startup` (set by build_engine) says where building took time.
@@ -53,6 +58,7 @@ from trtllm.runtime.prompt_logprobs import prompt_logprobs
 from trtllm.runtime.sampler import Sampler, SamplingBatch, argmax_serves, draw_seed
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.sequence import Sequence
+from trtllm.runtime.speculative.decoder import SpeculativeDecoder, append_tokens
 from trtllm.sampling_params import SamplingParams
 
 log = logging.getLogger("trtllm")
@@ -83,6 +89,13 @@ class Engine:
         self.on_step: Callable[[StepRecord], None] | None = None  # see the module docstring
         self.startup: StartupTimes | None = None
         self.beam_groups: dict[str, BeamGroup] = {}  # beam search requests in flight (runtime/beams.py)
+        self.speculative: SpeculativeDecoder | None = None  # set by build_engine: see set_speculative
+
+    def set_speculative(self, decoder: SpeculativeDecoder) -> None:
+        """Speculative decoding (runtime/speculative): each step proposes draft tokens and
+        verifies them. It turns the overlap scheduler off (the next step's drafts depend on
+        this step's accepted tokens, which an ahead-launched step cannot wait for)."""
+        self.speculative, self.overlap = decoder, False
 
     # -- requests ----------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -135,6 +148,8 @@ class Engine:
         launched, self._ahead = self._ahead, None
         launched_ahead = launched is not None
         if launched is None:
+            if self.speculative is not None:
+                self.speculative.propose(self.scheduler.running)
             scheduled = self.scheduler.schedule()
             for seq in self.scheduler.pop_finished():  # "length": the pool cannot hold it
                 self._finish(seq, seq.finish_reason or "length", changed)
@@ -192,6 +207,12 @@ class Engine:
         # the grammar bitmasks are filled on the host while the GPU computes the logits
         hooks = None if picks_serve else self.logits_hooks.prepare(seqs)
         launched.wait()
+        if launched.num_rows is not None:  # a verify step: runtime/speculative
+            sampled, logprobs, failed = self.speculative.sample(launched, self.sampler)
+            for seq, why in failed.items():
+                self.scheduler.finish(seq, "error", why)
+                self._finish(seq, "error", changed)
+            return sampled, logprobs
         errors = {}
         if picks_serve:
             tokens, finite = launched.picks.tolist()  # picked inside the decode graph
@@ -255,9 +276,12 @@ class Engine:
             if req is None:
                 continue
             changed[seq.request_id] = req
-            reason, error = req.append(seq, sampled[seq], logprobs.get(seq)), None
+            token = sampled[seq]
+            reason = append_tokens(req, seq, token) if isinstance(token, list) \
+                else req.append(seq, token, logprobs.get(seq))
+            error = None
             if reason is None and seq.guide is not None:  # its grammar takes the token; "stop" at its end
-                reason, error = self.logits_hooks.accept(seq, sampled[seq])
+                reason, error = self.logits_hooks.accept(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason, error)
                 req.finish(seq, reason)
@@ -298,6 +322,8 @@ class Engine:
             elif req.stream and req.due(self.stream_interval):
                 outputs.append(req.emit(self.copy_outputs))
         if not self.requests:
+            if self.speculative is not None:
+                self.speculative.release()  # a draft model's KV of the sequences that left
             try:
                 self.block_manager.check_invariants()
             except AssertionError as e:  # says so loudly, but keeps serving

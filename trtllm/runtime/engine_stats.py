@@ -18,12 +18,19 @@ class EngineStats:
     blocks_cached: int = 0        # holding reusable prefixes, evictable
     blocks_total: int = 0
     prefix_hit_rate: float = 0.0  # prompt tokens found cached / looked up
+    # speculative decoding (runtime/speculative), since start: draft tokens verified, accepted,
+    # and sequence-steps that verified drafts (acceptance length = 1 + accepted / steps)
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verify_steps: int = 0
 
     @classmethod
     def of(cls, engine) -> EngineStats:
         sched, bm = engine.scheduler, engine.block_manager
+        spec = getattr(engine, "speculative", None)
+        counts = (spec.num_draft_tokens, spec.num_accepted_tokens, spec.num_verify_steps) if spec else (0, 0, 0)
         return cls(sched.num_running, sched.num_waiting, sched.num_preemptions, bm.num_used_blocks,
-                   bm.num_free_blocks, bm.num_cached_blocks, bm.num_blocks, bm.prefix_hit_rate)
+                   bm.num_free_blocks, bm.num_cached_blocks, bm.num_blocks, bm.prefix_hit_rate, *counts)
 
 
 @dataclass(frozen=True)

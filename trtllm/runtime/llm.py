@@ -18,6 +18,11 @@ checkpoint's own k_scale / v_scale for a cache of the format they calibrate
 (quantization/checkpoint.py), else as runtime/kv_cache_quant.py says (fp8: 1.0 with a warning; int8:
 calibrated on built-in text when the engine is built).
 
+Speculative decoding: `speculative_config=NGramDecodingConfig(...)` or
+`DraftTargetDecodingConfig(...)` (TensorRT-LLM's names), or the manual's
+`speculative_decoding_config=SpeculativeDecodingConfig(draft_model=..., draft_tokens=4)`
+(runtime/speculative; it turns the overlap scheduler off).
+
 `stream_interval=N` (TensorRT-LLM's name): a streaming request gets an output every N
 new tokens (its first at once, its last when it ends) instead of every token: fewer,
 larger outputs when many streams run at once.
@@ -64,12 +69,16 @@ class LLM:
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
                  device: str | torch.device | None = None, compile_options: dict | None = None,
                  stream_interval: int = 1, disable_overlap_scheduler: bool = False, kv_cache_scales=None,
-                 tensor_parallel_size: int = 1, batched_logits_processor=None):
+                 tensor_parallel_size: int = 1, batched_logits_processor=None, speculative_config=None,
+                 speculative_decoding_config=None):
         if batched_logits_processor is not None and not callable(batched_logits_processor):
             raise TypeError("batched_logits_processor must be callable (a BatchedLogitsProcessor)")
+        if speculative_config is not None and speculative_decoding_config is not None:
+            raise ValueError("give speculative_config or speculative_decoding_config (the same thing), not both")
         self.engine = build_engine(model, tokenizer, dtype, kv_cache_config, build_config, quant_config,
                                    enable_cuda_graph, device, compile_options, stream_interval,
-                                   disable_overlap_scheduler, kv_cache_scales, tensor_parallel_size)
+                                   disable_overlap_scheduler, kv_cache_scales, tensor_parallel_size,
+                                   speculative_config or speculative_decoding_config)
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
         self.block_manager, self.compiled = self.engine.block_manager, self.engine.runner.compiled

@@ -8,6 +8,13 @@ token of each sequence whose chunk reaches its end (the ones the sampler needs),
 after those, for the prompt positions of sequences that ask for prompt logprobs
 (runtime/prompt_logprobs.py; such a step never replays a CUDA graph).
 
+A speculating sequence's chunk is its last known token followed by its draft tokens
+(`seq.draft_token_ids`, runtime/speculative): logits come for all k + 1 positions
+(`LaunchedStep.num_rows`). Such verify steps run the compiled model directly, unless
+`capture_verify_graphs(k + 1, sizes)` captured graphs for b sequences of k + 1 tokens each
+(opt-in: the speculative configs' `verify_cuda_graphs`; not yet run on a GPU at the time of
+writing) and every sequence of the step verifies exactly k drafts.
+
 On a GPU, pure-decode steps replay CUDA graphs captured for batch sizes 1, 2, 4, 8,
 16, ... up to max_num_seqs (a step pads to the next captured size: padded tokens
 write no cache slot and belong to no sequence). Other steps run the compiled model
@@ -61,6 +68,9 @@ class LaunchedStep:
     done: torch.cuda.Event | None
     prompt_spans: list[PromptSpan] = ()     # prompt-logprob rows, one span a sequence
     prompt_logits: torch.Tensor | None = None  # [sum of span lengths, V], after the sampled rows
+    # speculative decoding: logits rows per to_sample sequence (k + 1 for one verifying k
+    # draft tokens), `logits` then [sum(num_rows), V]; None: one row each
+    num_rows: list[int] | None = None
 
     def wait(self) -> None:
         """Block until the step's GPU work is done, *without* the GIL (an event wait
@@ -93,6 +103,9 @@ class ModelRunner:
         # batch size -> (graph, logits [b, V], greedy [2, b]: argmax ids and 1/0 for finite rows)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []  # sorted(self.graphs), not re-sorted every step
+        # verify steps (runtime/speculative): batch size -> (graph, logits [b * L, V]), L tokens a sequence
+        self.verify_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.verify_len = 0
         self._replay_views: dict[tuple[int, int, int], tuple] = {}  # (size, rows, turn): see _replay
         # a decode graph's greedy picks, [2, b], go to pinned host memory right after the
         # replay, while the GPU runs, so reading them after `wait` is no synchronous
@@ -119,22 +132,32 @@ class ModelRunner:
         """Launch one step: the sequences to sample and (once done) their logits [N, V]."""
         self._wait_inputs_copied()
         ids, positions, query_lens, seq_lens, tables, sample_rows, to_sample = [], [], [], [], [], [], []
-        prompt_rows, spans = [], []
+        prompt_rows, spans, num_rows = [], [], []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             end = start + n
+            known = seq.num_tokens
             if n == 1:  # decode: one token, no list built for it
                 ids.append(seq.token_at(start))
                 positions.append(start)
+            elif end > known:  # verify (runtime/speculative): the last known token, then drafts
+                ids += seq.token_slice(start, known)
+                ids += seq.draft_token_ids[:end - known]
+                positions += range(start, end)
             else:
                 ids += seq.token_slice(start, end)
                 positions += range(start, end)
             query_lens.append(n)
             seq_lens.append(end)
             tables.append(seq.block_table)
-            if end == seq.num_tokens:  # the chunk reaches the last known token
+            if end == known:  # the chunk reaches the last known token
                 sample_rows.append(len(ids) - 1)
                 to_sample.append(seq)
+                num_rows.append(1)
+            elif end > known:  # and k drafts: the logits after each of the k + 1 tokens
+                sample_rows += range(len(ids) - (end - known) - 1, len(ids))
+                to_sample.append(seq)
+                num_rows.append(end - known + 1)
             if start < seq.prompt_logprob_end:  # prompt logprobs asked: this chunk's positions
                 span = chunk_span(seq, start, end)
                 if span is not None:
@@ -147,14 +170,19 @@ class ModelRunner:
         if graph_size is not None:
             return self._replay(graph_size, ids, positions, range(len(sample_rows)), scheduled, to_sample)
         num_sampled = len(sample_rows)
+        verify = num_rows if num_sampled != len(to_sample) else None
+        if verify is not None and self.verify_graphs and not spans:
+            size = self._verify_graph_size(query_lens, verify)
+            if size is not None:
+                return self._replay_verify(size, ids, positions, scheduled, to_sample, verify)
         self._copy_inputs(ids, positions, sample_rows + prompt_rows)
         rows = self.logits_indices[: num_sampled + len(prompt_rows)]
         with attention_context(self.cache, self.meta):
             logits = self.compiled(*self._flat_batch(num_tokens), rows)
         if not spans:
-            return LaunchedStep(scheduled, to_sample, logits, None, None, self._step_launched())
+            return LaunchedStep(scheduled, to_sample, logits, None, None, self._step_launched(), num_rows=verify)
         return LaunchedStep(scheduled, to_sample, logits[:num_sampled], None, None, self._step_launched(),
-                            spans, logits[num_sampled:])
+                            spans, logits[num_sampled:], num_rows=verify)
 
     def execute_ahead(self, previous: LaunchedStep, seqs: list[Sequence], rows: list[int]) -> LaunchedStep | None:
         """Launch the decode step after `previous` (a decode-graph step, still running or
@@ -195,6 +223,30 @@ class ModelRunner:
             self._graph_sizes = sorted(self.graphs)
         i = bisect.bisect_left(self._graph_sizes, num_tokens)
         return self._graph_sizes[i] if i < len(self._graph_sizes) else None
+
+    def _verify_graph_size(self, query_lens: list[int], num_rows: list[int]) -> int | None:
+        """The captured verify batch size that runs this step: every sequence verifies
+        verify_len - 1 drafts (so each of its tokens is a logits row, in order)."""
+        L = self.verify_len
+        if len(num_rows) != len(query_lens) or any(n != L for n in query_lens) or any(r != L for r in num_rows):
+            return None
+        sizes = sorted(self.verify_graphs)
+        i = bisect.bisect_left(sizes, len(query_lens))
+        return sizes[i] if i < len(sizes) else None
+
+    def _replay_verify(self, size: int, ids: list[int], positions: list[int], scheduled, to_sample,
+                       num_rows: list[int]) -> LaunchedStep:
+        """A verify step by the graph captured for `size` sequences: its first len(ids)
+        logits rows are the step's (padding tokens write no slot and belong to no sequence)."""
+        graph, logits = self.verify_graphs[size]
+        total = size * self.verify_len
+        self._stage(ids, positions, [], total)
+        self._inputs[:, :total].copy_(self._staging[:, :total], non_blocking=True)
+        if self._inputs_copied is not None:
+            self._inputs_copied.record()
+        graph.replay()
+        return LaunchedStep(scheduled, to_sample, logits[:len(ids)], None, None, self._step_launched(),
+                            num_rows=num_rows)
 
     def _replay(self, size: int, ids: list[int], positions: list[int], rows, scheduled, to_sample,
                 gather_ids: torch.Tensor | None = None) -> LaunchedStep:
@@ -272,6 +324,42 @@ class ModelRunner:
         gc.freeze()
         try:
             self._capture(batch_sizes)
+        finally:
+            gc.unfreeze()
+        self.capture_s += time.perf_counter() - started
+
+    @torch.no_grad()
+    def capture_verify_graphs(self, tokens_per_seq: int, batch_sizes: list[int]) -> None:
+        """Capture verify steps (runtime/speculative) of b sequences with tokens_per_seq
+        tokens each (the last known token and its drafts), every token a logits row, on the
+        prefill attention path (whose host-side bounds num_seqs / max_query_len /
+        max_seq_len the capture fixes), largest first, one pool."""
+        started = time.perf_counter()
+        L, pool = tokens_per_seq, None
+        gc.collect()
+        gc.freeze()
+        try:
+            for b in sorted(batch_sizes, reverse=True):
+                total = b * L
+                if total > self.meta.max_num_tokens or b > self.meta.max_num_seqs:
+                    continue
+                self.meta.fill([L] * b, [L] * b, [[0] * math.ceil(L / self.block_size)] * b, self.block_size)
+                self.meta.slot_mapping.fill_(-1)  # capture-time values only: no slot written
+                self.meta.max_seq_len = self.max_model_len
+                ids, pos = self.input_ids[None, :total], self.positions[None, :total]
+                # the decode-graph variant: its GEMV linears serve any call of few tokens
+                # (the attention op takes its prefill path from max_query_len > 1 itself)
+                with attention_context(self.cache, self.meta), self.compiled.decode_graphs():
+                    for _ in range(2):  # compile for this shape and warm up outside the graph
+                        self.compiled(ids, pos)
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = self.compiled(ids, pos)[0]  # [b * L, V]
+                pool = graph.pool()
+                self.verify_graphs[b] = (graph, logits)
+            self.verify_len = L
+            torch.cuda.synchronize()
         finally:
             gc.unfreeze()
         self.capture_s += time.perf_counter() - started

@@ -72,7 +72,10 @@ class OutputBuilder:
                 completion.stop_reason = completion.text[span[0]:span[1]]
                 completion.text = completion.text[: span[1] if params.include_stop_str_in_output else span[0]]
                 return "stop"
-        if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
+        # the completion's length, not the sequence's: a verify step's tokens are all in
+        # seq.output_token_ids before they come here one by one (runtime/speculative)
+        if len(completion.token_ids) >= params.max_tokens \
+                or len(self.output.prompt_token_ids) + len(completion.token_ids) >= self.max_seq_len:
             completion.stop_reason = None
             return "length"
         return None
@@ -121,6 +124,10 @@ class OutputBuilder:
         completion.finish_reason = reason
         if self.generation_rows[seq.index]:
             completion.generation_logits = torch.stack(self.generation_rows[seq.index])
+        if seq.num_verify_steps:  # speculative decoding's counts (runtime/speculative)
+            completion.num_draft_tokens = seq.num_draft_tokens
+            completion.num_accepted_draft_tokens = seq.num_accepted_draft_tokens
+            completion.num_verify_steps = seq.num_verify_steps
         if reason == "error" and self.output.error is None:  # the request names why it failed
             self.output.error = seq.error or "the sequence failed while it ran"
         detok = self.detokenizers[seq.index]

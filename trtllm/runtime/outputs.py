@@ -25,6 +25,16 @@ class CompletionOutput:
     # SamplingParams.return_generation_logits: the logits each token was sampled from,
     # [len(token_ids), vocab] on the CPU (set when the completion finishes)
     generation_logits: torch.Tensor | None = None
+    # speculative decoding, set when the completion finishes: draft tokens verified, accepted,
+    # and the steps that verified them (acceptance_length: tokens gained per such step)
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
+    num_verify_steps: int = 0
+
+    @property
+    def acceptance_length(self) -> float:
+        """Tokens a verify step gained on average (accepted drafts + the target's own); 0: none ran."""
+        return 1 + self.num_accepted_draft_tokens / self.num_verify_steps if self.num_verify_steps else 0.0
 
 
 @dataclass

@@ -13,6 +13,12 @@ Sequences wait in a FCFS queue, then run. Each `schedule()` builds one step: a l
    any prefix-cache hit) and a first chunk. A waiting sequence is admitted only if all
    ahead of it were; none is admitted in a step that preempted.
 With chunked prefill off, a sequence's tokens are computed in one step or not at all.
+Speculative decoding (runtime/speculative): a decoding sequence with k draft tokens
+(`seq.draft_token_ids`) gets 1 + k tokens when the token budget and the pool still leave a
+token and a block for each later sequence (drafts never cause a preemption); else its
+drafts are dropped.
+`update` then takes its accepted drafts and new token as a list, advances
+num_computed_tokens past the accepted drafts only, and trims the rejected drafts' blocks.
 
 Beam search (runtime/beams.py): only a group's leader waits; it is admitted with slots for
 all its beams, which run parked (nothing to compute, skipped) until its first token. A
@@ -133,9 +139,13 @@ class Scheduler:
         budget = self.max_num_tokens
         preempted = False
 
-        for seq in list(self.running):  # 1. decode, oldest first
+        running = list(self.running)
+        for i, seq in enumerate(running):  # 1. decode, oldest first
             if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
                 continue
+            n = 1 + len(seq.draft_token_ids)  # speculative decoding: verify k drafts too
+            if n > 1 and not self._room_for_drafts(seq, n, budget, len(running) - i - 1):
+                seq.draft_token_ids, n = [], 1
             while not self.block_manager.try_append(seq, 1):
                 preempted = True
                 victims = [s for s in self.running if s is not seq and s not in in_step
@@ -153,9 +163,9 @@ class Scheduler:
                     self._preempt(seq)
                 break
             else:  # try_append made room
-                scheduled.append((seq, 1))
+                scheduled.append((seq, n))
                 in_step.add(seq)
-                budget -= 1
+                budget -= n
 
         # 2. the next chunk of partly prefilled sequences (none when all running decode)
         for seq in self.running if len(in_step) < len(self.running) else ():
@@ -233,12 +243,21 @@ class Scheduler:
         for seq, n in scheduled:
             if seq.status is not SequenceStatus.RUNNING:  # finished or aborted meanwhile
                 continue
-            # the chunk reached its last token (a beam's comes with its group's: runtime/beams.py)
-            if seq.num_computed_tokens + n == seq.num_tokens and seq.beam is None:
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            # the chunk reached its last token (n > remaining: and drafts; a beam's comes with its
+            # group's: runtime/beams.py)
+            if n >= remaining and seq.beam is None:
                 token = sampled.get(seq)
                 if token is None:
                     raise KeyError(f"no sampled token for sequence {seq.seq_id} "
                                    f"(request {seq.request_id}), whose chunk reached its last token")
+                if isinstance(token, list):  # a verify step: accepted drafts, then the target's token
+                    seq.output_token_ids += token
+                    seq.num_computed_tokens += remaining + len(token) - 1
+                    self.block_manager.trim(seq, seq.num_tokens)  # the rejected drafts' slots
+                    got_token.append(seq)
+                    publish(seq)
+                    continue
                 seq.output_token_ids.append(int(token))
                 got_token.append(seq)
             seq.num_computed_tokens += n
@@ -252,6 +271,16 @@ class Scheduler:
             scheduled.remove(item)
             in_step.discard(item[0])
         return sum(n for _, n in back)
+
+    def _room_for_drafts(self, seq: Sequence, n: int, budget: int, later: int) -> bool:
+        """Take the slots of `seq`'s n tokens (its last and its drafts) if the step's budget
+        and the pool still leave a token and a block for each of the `later` sequences after
+        it: drafts never cause a preemption."""
+        bm = self.block_manager
+        short = max(0, bm.blocks_needed(seq.num_computed_tokens + n) - len(seq.block_table))
+        if budget - n < later or bm.num_free_blocks + bm.num_cached_blocks - short < later:
+            return False
+        return bm.try_append(seq, n)
 
     def _preempt(self, seq: Sequence) -> None:
         """Preempt by recompute. Freeing publishes its computed full blocks, so unless

@@ -41,6 +41,12 @@ class Sequence:
     guide: object | None = None  # guided decoding: this sequence's xgrammar GrammarMatcher (runtime/grammar.py)
     # beam search: the runtime.beams.BeamGroup it is a beam of (Any: beams.py imports this file)
     beam: Any = None
+    # speculative decoding (runtime/speculative): this step's draft tokens, which the step
+    # verifies after the last known token (never part of token_ids); counts since admission
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0            # draft tokens the target verified
+    num_accepted_draft_tokens: int = 0   # ... and accepted
+    num_verify_steps: int = 0            # steps that verified drafts
 
     @property
     def token_ids(self) -> list[int]:

@@ -80,6 +80,9 @@ class StepDeltas:
     cumulative_logprobs: list[float | None] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
     stop_reasons: list[int | str | None] = field(default_factory=list)
+    # speculative decoding's per-completion counts (draft, accepted, verify steps), set once
+    # the completion finished and speculated; else None
+    spec_counts: list[tuple[int, int, int] | None] = field(default_factory=list)
 
     @classmethod
     def of(cls, outputs: list[RequestOutput], stats: EngineStats | None = None) -> StepDeltas:
@@ -102,6 +105,8 @@ class StepDeltas:
                 d.cumulative_logprobs.append(c.cumulative_logprob)
                 d.finish_reasons.append(c.finish_reason)
                 d.stop_reasons.append(c.stop_reason)
+                d.spec_counts.append((c.num_draft_tokens, c.num_accepted_draft_tokens, c.num_verify_steps)
+                                     if c.num_verify_steps else None)
         return d
 
     def apply(self, row: int, out: RequestOutput) -> None:
@@ -122,3 +127,5 @@ class StepDeltas:
                 c.logprobs += logprobs
             c.cumulative_logprob, c.finish_reason, c.stop_reason = \
                 self.cumulative_logprobs[j], self.finish_reasons[j], self.stop_reasons[j]
+            if self.spec_counts[j] is not None:
+                c.num_draft_tokens, c.num_accepted_draft_tokens, c.num_verify_steps = self.spec_counts[j]

@@ -17,6 +17,9 @@ process, as in tests, never share counters).
                                                  gauges: the KV block pool
     trtllm_kv_cache_usage_ratio                  gauge: used / total
     trtllm_prefix_cache_hit_rate                 gauge: prompt tokens found cached / looked up
+    trtllm_spec_decode_num_draft_tokens_total    counter: draft tokens verified (speculative decoding)
+    trtllm_spec_decode_num_accepted_tokens_total counter: of those, accepted
+    trtllm_spec_decode_num_verify_steps_total    counter: sequence-steps that verified drafts
 
 Gauges of engine state are `llm.engine_stats()` at scrape time: read from the scheduler
 and block manager (engine on a thread; never locked or waited on), or the counters the
@@ -67,6 +70,12 @@ class _EngineCollector:
                                                                 "prompt tokens looked up")
         hit.add_metric([], st.prefix_hit_rate)
         yield hit
+        for name, value, doc in (("draft_tokens", st.spec_draft_tokens, "Draft tokens the target verified"),
+                                 ("accepted_tokens", st.spec_accepted_tokens, "Draft tokens the target accepted"),
+                                 ("verify_steps", st.spec_verify_steps, "Sequence-steps that verified drafts")):
+            c = CounterMetricFamily(f"trtllm_spec_decode_num_{name}", doc)
+            c.add_metric([], value)
+            yield c
 
 
 class ServerMetrics:

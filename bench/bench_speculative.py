@@ -1,0 +1,169 @@
+"""Speculative decoding: acceptance, tokens per step and speed-up against the same target
+without speculation, in one run (issue 24's construction; real acceptance needs trained
+draft/target pairs we cannot download).
+
+    PYTHONPATH=$PWD python bench/bench_speculative.py [--smoke] [--new 128] [--draft-len 4]
+
+The target: Llama-3.1-8B shapes, random bf16 weights, whose layers after the second have
+their output projections (o_proj, down_proj) zeroed: they add nothing to the residual, so
+the target predicts exactly what its first two layers predict while it costs a full 8B
+forward pass. Workloads, each against the plain target (overlap scheduler and decode CUDA
+graphs on, as users run it) on the same prompts:
+- draft model at ~100% acceptance: a 2-layer draft sharing the target's embedding, first
+  two layers, norm and head (`DraftTargetDecodingConfig`), batch 1 and batch 32;
+- n-gram lookup (`NGramDecodingConfig`, max_matching_ngram_size 3) at batch 1, on prompts
+  that repeat a 16-token phrase (the target's greedy text then tends to repeat too;
+  acceptance is what it measures);
+- the overhead at ~0% acceptance: a 2-layer draft of other random weights, batch 1.
+Per row: output tok/s with and without speculation, the speed-up, the draft tokens'
+acceptance rate, the acceptance length (tokens a verify step gains: accepted + 1), and
+the fraction of sequences token-identical to the plain run (greedy: 1.0 up to bf16
+rounding differences between a verify chunk and a decode step at near-ties).
+Verify steps run without CUDA graphs unless --verify-graphs (the configs' opt-in
+verify_cuda_graphs: graphs for b sequences of k + 1 tokens, not yet run on a GPU when this
+was written). --only draft|ngram|random runs a subset (one engine build per workload).
+--smoke: tiny fp32 shapes, runs on the CPU. Table last; JSON under $OUT when set.
+"""
+import argparse
+import time
+
+import torch
+
+from bench.report import markdown, report
+from trtllm.config import BuildConfig, KvCacheConfig
+from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
+from trtllm.runtime.llm import LLM
+from trtllm.runtime.speculative.config import DraftTargetDecodingConfig, NGramDecodingConfig
+from trtllm.sampling_params import SamplingParams
+
+LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+                  rms_norm_eps=1e-5, rope_theta=500000.0)
+SMOKE = dict(LLAMA31_8B, vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+DRAFT_LAYERS = 2
+
+
+def random_llama(shape: dict, num_layers: int, seed: int, device, dtype) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # made in dtype: an 8B model never exists in fp32 first
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**dict(shape, num_hidden_layers=num_layers)))
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        for p in model.parameters():  # norms around 1, matrices ~ N(0, 1/fan_in)
+            p.normal_(1.0, 0.05) if p.dim() == 1 else p.normal_(0.0, p.shape[-1] ** -0.5)
+    model.init_buffers(torch.device(device))
+    return model.eval().requires_grad_(False)
+
+
+def zeroed_target_and_draft(shape: dict, device, dtype, seed: int = 0):
+    """(target, draft): the target's layers from DRAFT_LAYERS on add nothing (o_proj and
+    down_proj zeroed); the draft is its first DRAFT_LAYERS layers, embedding, norm and head
+    (the same Parameters, no copy)."""
+    target = random_llama(shape, shape["num_hidden_layers"], seed, device, dtype)
+    with torch.no_grad():
+        for layer in target.model.layers[DRAFT_LAYERS:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    with torch.device("meta"):
+        draft = LlamaForCausalLM(LlamaConfig(**dict(shape, num_hidden_layers=DRAFT_LAYERS)))
+    draft.model.embed_tokens, draft.model.norm, draft.lm_head = (target.model.embed_tokens, target.model.norm,
+                                                                 target.lm_head)
+    draft.model.layers = torch.nn.ModuleList(target.model.layers[:DRAFT_LAYERS])
+    draft.init_buffers(torch.device(device))
+    return target, draft.eval()
+
+
+def prompts(n: int, length: int, vocab: int, seed: int, periodic: bool = False) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    if not periodic:
+        return torch.randint(0, vocab, (n, length), generator=g).tolist()
+    phrase = torch.randint(0, vocab, (n, 16), generator=g)
+    return phrase.repeat(1, -(-length // 16))[:, :length].tolist()
+
+
+def run(llm: LLM, batch: list[list[int]], new: int) -> tuple[list[list[int]], float, dict]:
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    llm.generate(batch, params, use_tqdm=False)  # warm-up: compilation, graphs
+    before = llm.get_stats()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(batch, params, use_tqdm=False)
+    wall = time.perf_counter() - t
+    after = llm.get_stats()
+    spec = {k: after[k] - before[k] for k in ("spec_draft_tokens", "spec_accepted_tokens", "spec_verify_steps")}
+    return [o.outputs[0].token_ids for o in outs], wall, spec
+
+
+def make_llm(model, args, device, max_batch: int, **spec) -> LLM:
+    tokens = max_batch * (args.prompt + args.new + 2 * args.draft_len + 64)
+    return LLM(model, tokenizer=None, device=device, kv_cache_config=KvCacheConfig(max_tokens=tokens),
+               build_config=BuildConfig(max_batch_size=max_batch, max_num_tokens=max(2048, max_batch * 16),
+                                        max_seq_len=args.prompt + args.new + 64), **spec)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shapes (the default without a GPU)")
+    ap.add_argument("--new", type=int, default=None, help="new tokens a request (128; smoke 24)")
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (128; smoke 32)")
+    ap.add_argument("--draft-len", type=int, default=4)
+    ap.add_argument("--large-batch", type=int, default=None, help="the draft-model batch row (32; smoke 4)")
+    ap.add_argument("--verify-graphs", action="store_true",
+                    help="capture CUDA graphs for verify steps (the configs' verify_cuda_graphs; opt-in)")
+    ap.add_argument("--only", choices=["draft", "ngram", "random"], action="append",
+                    help="run these workloads only (repeatable; default all)")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available() and not args.smoke
+    device, dtype, shape = ("cuda", torch.bfloat16, LLAMA31_8B) if cuda else ("cpu", torch.float32, SMOKE)
+    args.new = args.new or (128 if cuda else 24)
+    args.prompt = args.prompt or (128 if cuda else 32)
+    large = args.large_batch or (32 if cuda else 4)
+    k = args.draft_len
+
+    target, draft = zeroed_target_and_draft(shape, device, dtype)
+    random_draft = random_llama(shape, DRAFT_LAYERS, seed=1, device=device, dtype=dtype)
+    vocab = shape["vocab_size"]
+    graphs = args.verify_graphs
+    workloads = [  # key, name, speculative config, [(batch size, prompts)]: one engine per config
+        ("draft", "draft model, ~100% acceptance",
+         DraftTargetDecodingConfig(max_draft_len=k, speculative_model_dir=draft, verify_cuda_graphs=graphs),
+         [(1, prompts(1, args.prompt, vocab, 0)), (large, prompts(large, args.prompt, vocab, 1))]),
+        ("ngram", "n-gram, repeated-phrase prompt",
+         NGramDecodingConfig(max_draft_len=k, max_matching_ngram_size=3, verify_cuda_graphs=graphs),
+         [(1, prompts(1, args.prompt, vocab, 2, periodic=True))]),
+        ("random", "random draft, ~0% acceptance",
+         DraftTargetDecodingConfig(max_draft_len=k, speculative_model_dir=random_draft, verify_cuda_graphs=graphs),
+         [(1, prompts(1, args.prompt, vocab, 3))]),
+    ]
+    workloads = [w[1:] for w in workloads if not args.only or w[0] in args.only]
+    rows, record = [], {"device": torch.cuda.get_device_name() if cuda else "cpu", "shape": shape,
+                        "new": args.new, "prompt": args.prompt, "draft_len": k, "verify_graphs": graphs, "rows": []}
+    plain = make_llm(target, args, device, large)
+    for name, config, batches in workloads:
+        with make_llm(target, args, device, large, speculative_config=config) as llm:
+            for b, batch in batches:
+                expected, plain_s, _ = run(plain, batch, args.new)
+                got, spec_s, st = run(llm, batch, args.new)
+                drafts, accepted, steps = st["spec_draft_tokens"], st["spec_accepted_tokens"], st["spec_verify_steps"]
+                row = {"workload": name, "batch": b, "draft len": k, "verify graphs": "yes" if graphs else "no",
+                       "plain tok/s": f"{b * args.new / plain_s:,.1f}", "spec tok/s": f"{b * args.new / spec_s:,.1f}",
+                       "speed-up": f"{plain_s / spec_s:.2f}x",
+                       "acceptance": f"{accepted / drafts:.1%}" if drafts else "-",
+                       "acceptance length": f"{1 + accepted / steps:.2f}" if steps else "-",
+                       "identical": f"{sum(a == e for a, e in zip(got, expected)) / len(expected):.2f}"}
+                rows.append(row)
+                record["rows"].append(dict(row, plain_s=plain_s, spec_s=spec_s, draft_tokens=drafts,
+                                           accepted_tokens=accepted, verify_steps=steps))
+                print(row, flush=True)
+    plain.shutdown()
+    report("bench_speculative", markdown(rows), record)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""Speculative decoding (runtime/speculative): proposers, accept/reject, and whole engines
+whose greedy (and seeded n-gram) output is token-identical with speculation on and off,
+under mixed batches, stop tokens and strings, streaming, max_tokens and preemption, with
+the KV pools' books balanced after the rollbacks."""
+import pytest
+import torch
+
+from tests.models.checkpoints import write_checkpoint
+from tests.runtime.tokenizers import make_tokenizer
+from trtllm import (
+    DraftTargetDecodingConfig,
+    EagleDecodingConfig,
+    MTPDecodingConfig,
+    NGramDecodingConfig,
+    SpeculativeDecodingConfig,
+)
+from trtllm.config import BuildConfig, KvCacheConfig
+from trtllm.runtime.llm import LLM
+from trtllm.runtime.speculative.ngram import propose_ngram
+from trtllm.runtime.speculative.verify import greedy_accept, rejection_sample
+from trtllm.sampling_params import SamplingParams
+
+PROMPTS = [[5, 17, 99, 3, 250, 31, 8], [400, 2], list(range(60, 81)), [9], [7, 8, 9, 7, 8, 9, 7, 8]]
+
+
+# -- proposers and accept / reject, alone ---------------------------------------------------
+def test_ngram_proposes_what_followed_the_latest_longest_match():
+    assert propose_ngram([1, 2, 3, 9, 1, 2], 3, 2) == [3, 9, 1]
+    assert propose_ngram([1, 2, 5, 6, 2], 2, 3) == [5, 6]              # only the 1-gram [2] occurred
+    assert propose_ngram([4, 1, 2, 7, 1, 2, 8, 1, 2], 4, 2) == [8, 1, 2]  # the latest of two matches
+    assert propose_ngram([1, 2, 3, 4], 3, 3) == []                      # nothing repeats
+    assert propose_ngram([3, 3], 5, 2) == [3]
+    assert propose_ngram([5], 3, 2) == []
+
+
+def test_greedy_accept_takes_the_matching_prefix_then_the_target_token():
+    assert greedy_accept([1, 2, 3], [1, 2, 3, 4]) == [1, 2, 3, 4]  # all accepted + the bonus
+    assert greedy_accept([1, 2, 3], [1, 5, 3, 4]) == [1, 5]        # rejected at 1: the target's token
+    assert greedy_accept([1, 2, 3], [6, 2, 3, 4]) == [6]
+    assert greedy_accept([], [7]) == [7]
+    with pytest.raises(ValueError, match="need one more"):
+        greedy_accept([1, 2], [1, 2])
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_rejection_sampling_output_follows_the_target_distribution():
+    """Draft tokens drawn from q, accepted/rejected against p: the first output token is
+    distributed as p_0 and, after an accepted first draft, the second as p_1 (chi-square,
+    4 degrees of freedom, 0.1% critical value 18.47). The draft's own distribution fails the
+    same test, so the test can fail."""
+    V, k, trials = 5, 2, 6000
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.1, 0.2, 0.25, 0.4], [0.2] * 5])
+    q = torch.tensor([[0.1, 0.1, 0.2, 0.3, 0.3], [0.3, 0.3, 0.2, 0.1, 0.1]])
+    first, second = torch.zeros(V), torch.zeros(V)
+    drafts = torch.stack([torch.multinomial(q[j], trials, replacement=True, generator=g) for j in range(k)], 1)
+    for d in drafts.tolist():
+        out = rejection_sample(p, q, d, g)
+        assert 1 <= len(out) <= k + 1 and out[:len(out) - 1] == d[:len(out) - 1]
+        first[out[0]] += 1
+        if len(out) > 1:
+            second[out[1]] += 1
+    critical = 18.47
+    assert _chi_square(first, p[0]) < critical
+    assert _chi_square(second, p[1]) < critical
+    assert _chi_square(first, q[0]) > critical  # the test has the power to see a wrong distribution
+    assert second.sum() > 1000  # enough accepted first drafts to test the second position
+
+
+def test_rejection_sampling_with_equal_distributions_accepts_everything():
+    p = torch.tensor([[0.25, 0.75], [0.6, 0.4], [0.5, 0.5]])
+    g = torch.Generator().manual_seed(1)
+    for d in ([0, 1], [1, 0], [1, 1]):
+        assert rejection_sample(p, p[:2], d, g, bonus=1) == d + [1]
+
+
+# -- whole engines ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    path = tmp_path_factory.mktemp("target")
+    write_checkpoint("llama31", path, vocab_size=512)
+    make_tokenizer(path)
+    return path
+
+
+def noisy_draft(target, scale=0.03):
+    """The target's weights plus noise: a draft that agrees with the target often, not
+    always (some steps accept part of their drafts and roll the rest back)."""
+    from trtllm.models.loader import load_model
+    draft = load_model(str(target), dtype="float32")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in draft.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return draft
+
+
+def small_llm(path, kv_tokens=4096, max_seq_len=64, **kw):
+    return LLM(str(path), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=kv_tokens),
+               build_config=BuildConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=max_seq_len), **kw)
+
+
+def mixed_params(base_tokens, base_text):
+    """A batch of differently-asked requests; a stop token and a stop string that the plain
+    run reaches mid-way (inside a verify step's run, when the drafts are accepted)."""
+    assert len(base_text) >= 8
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    stop_at = base_tokens[13]
+    return [
+        greedy,
+        SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True, logprobs=2),     # does not speculate
+        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_at]),
+        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
+                       stop=[base_text[len(base_text) // 2:len(base_text) // 2 + 2]], include_stop_str_in_output=True),
+        SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, repetition_penalty=1.3),
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.2, min_tokens=4),
+        SamplingParams(max_tokens=13, temperature=0.9, top_k=20, seed=7, ignore_eos=True, n=2),  # sampled
+    ]
+
+
+def run(llm, prompts, params):
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in outs], outs
+
+
+@pytest.fixture(scope="module")
+def plain(target):
+    # module-scoped: set up before the function-scoped reference_ops fixture, so it sets the
+    # same kernels (the torch references) itself: the interpreter's rounding differs
+    with pytest.MonkeyPatch.context() as mp, small_llm(target) as llm:
+        mp.setenv("TRITON_INTERPRET", "0")
+        # prompt 2's greedy text turns periodic: n-gram lookup gets drafts accepted
+        base = llm.generate(PROMPTS[2], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+        params = mixed_params(base.outputs[0].token_ids, base.outputs[0].text)
+        prompts = [PROMPTS[2], PROMPTS[1], PROMPTS[2], PROMPTS[2], PROMPTS[3], PROMPTS[4], PROMPTS[2], PROMPTS[0]]
+        expected, _ = run(llm, prompts, params)
+    return prompts, params, expected
+
+
+def _configs(target):
+    return {
+        "ngram": NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2),
+        "draft_self": DraftTargetDecodingConfig(max_draft_len=3, speculative_model_dir=str(target)),
+        "draft_noisy": DraftTargetDecodingConfig(max_draft_len=4, speculative_model_dir=noisy_draft(target)),
+        # another random model (other seed, one layer): next to no draft token accepted
+        "draft_random": DraftTargetDecodingConfig(max_draft_len=4, speculative_model_dir=write_checkpoint(
+            "llama31", target.parent / "random_draft", seed=1, vocab_size=512, num_hidden_layers=1)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["ngram", "draft_self", "draft_noisy", "draft_random"])
+def test_mixed_batch_is_token_identical_with_speculation(target, plain, kind):
+    prompts, params, expected = plain
+    with small_llm(target, speculative_config=_configs(target)[kind]) as llm:
+        got, outs = run(llm, prompts, params)
+        stats = llm.get_stats()
+        llm.block_manager.check_invariants()
+        assert llm.block_manager.num_used_blocks == 0
+        draft = llm.engine.speculative.draft
+        if draft is not None:  # the draft model's own pool, every mirror freed
+            draft.block_manager.check_invariants()
+            assert draft.block_manager.num_used_blocks == 0 and not draft.mirrors
+    sampled = len(params) - 1
+    if kind == "ngram":  # exact match on the seeded sampler's own picks: identical sampled output too
+        assert got == expected
+    else:  # a sampled draft goes through rejection sampling: its own tokens, within the limits
+        assert got[:sampled] == expected[:sampled]
+        assert [len(c[0]) for c in got[sampled]] == [params[sampled].max_tokens] * 2
+    assert got[2][0][2] == "stop" and got[3][0][2] == "stop"
+    assert stats["spec_verify_steps"] > 0
+    if kind != "draft_random":
+        assert stats["spec_accepted_tokens"] > 0
+    if kind == "draft_noisy":  # some steps accepted part of their drafts
+        assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+    assert outs[1].outputs[0].num_verify_steps == 0  # logprobs asked: no speculation
+    first = outs[0].outputs[0]
+    assert first.num_verify_steps > 0 and 1.0 <= first.acceptance_length <= 4.0
+    if kind == "draft_self":  # the target as its own draft: every draft token accepted
+        assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"]
+        assert first.acceptance_length == 1 + first.num_accepted_draft_tokens / first.num_verify_steps
+        assert first.num_accepted_draft_tokens == first.num_draft_tokens > 0
+
+
+def test_streaming_delivers_several_tokens_a_step(target, plain):
+    prompts, params, expected = plain
+    cfg = DraftTargetDecodingConfig(max_draft_len=3, speculative_model_dir=str(target))
+    with small_llm(target, speculative_config=cfg) as llm:
+        diffs = [list(o.outputs[0].token_ids_diff) for o in llm.generate(prompts[0], params[0], streaming=True)]
+    assert [t for d in diffs for t in d] == expected[0][0][0]
+    assert max(len(d) for d in diffs) == 4  # three accepted drafts and the bonus in one output
+
+
+@pytest.mark.parametrize("kind", ["ngram", "draft_self"])
+def test_preemption_keeps_output_identical_and_books_balanced(target, kind):
+    """3 blocks of 16 tokens for 4 sequences growing to 2 blocks each: sequences are
+    preempted, and some steps have no room for drafts."""
+    prompts = [PROMPTS[0] + [1, 2, 3], PROMPTS[4] + [5, 6], list(range(60, 72)), [9] * 3 + [4] * 8]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    with small_llm(target, kv_tokens=48, max_seq_len=32) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert llm.engine.scheduler.num_preemptions > 0
+    with small_llm(target, kv_tokens=48, max_seq_len=32, speculative_config=_configs(target)[kind]) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.get_stats()["spec_verify_steps"] > 0
+        llm.block_manager.check_invariants()
+        assert llm.block_manager.num_used_blocks == 0
+    assert got == expected
+
+
+def test_manual_spelling_with_a_module_draft(target):
+    from trtllm.models.loader import load_model
+    draft = load_model(str(target), dtype="float32")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    with small_llm(target) as llm:
+        expected = llm.generate(PROMPTS[2], params).outputs[0].token_ids
+    cfg = SpeculativeDecodingConfig(draft_model=draft, draft_tokens=4)
+    with small_llm(target, speculative_decoding_config=cfg) as llm:
+        out = llm.generate(PROMPTS[2], params).outputs[0]
+    assert out.token_ids == expected and out.num_accepted_draft_tokens == out.num_draft_tokens > 0
+
+
+@pytest.mark.parametrize("cfg, name", [(EagleDecodingConfig(max_draft_len=3), "EAGLE-3"),
+                                       (MTPDecodingConfig(num_nextn_predict_layers=1), "MTP")])
+def test_eagle_and_mtp_are_refused_by_name(target, cfg, name):
+    with pytest.raises(ValueError, match=f"{name} speculative decoding .* is not supported yet"):
+        small_llm(target, speculative_config=cfg)
+
+
+def test_bad_speculative_configs_are_refused(target, tmp_path):
+    cfg = NGramDecodingConfig()
+    with pytest.raises(ValueError, match="not both"):
+        small_llm(target, speculative_config=cfg, speculative_decoding_config=cfg)
+    with pytest.raises(TypeError, match="speculative_config must be"):
+        small_llm(target, speculative_config="ngram")
+    with pytest.raises(ValueError, match="max_draft_len"):
+        NGramDecodingConfig(max_draft_len=0)
+    other_vocab = write_checkpoint("llama31", tmp_path / "v", vocab_size=256)
+    with pytest.raises(ValueError, match=r"draft model's vocabulary \(256 tokens\) differs from the target's \(512\)"):
+        small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(other_vocab)))
+
+
+def test_trim_gives_rejected_draft_blocks_back_and_the_metadata_sees_the_new_table():
+    """A verify step took blocks for its drafts; the rejected ones go back to the free list,
+    and when the table regrows with another block the attention metadata's row follows."""
+    from trtllm.attention_context import AttentionMetadata
+    from trtllm.runtime.block_manager import BlockManager
+    from trtllm.runtime.sequence import Sequence
+    bm = BlockManager(8, 16)
+    seq = Sequence("r", list(range(20)), SamplingParams())
+    bm.allocate(seq)
+    seq.num_computed_tokens = 19
+    assert bm.try_append(seq, 1 + 14) and len(seq.block_table) == 3  # the last token + 14 drafts: 34 slots
+    meta = AttentionMetadata(64, 4, 4, torch.device("cpu"))
+    meta.fill([15], [34], [seq.block_table], 16)
+    bm.trim(seq, 21)  # one draft accepted: 20 computed + the new token
+    assert len(seq.block_table) == 2 and bm.num_used_blocks == 2 and bm.num_free_blocks == 6
+    bm.check_invariants([seq])
+    other = Sequence("o", [1] * 16, SamplingParams())
+    bm.allocate(other)  # takes the freed block's place in line
+    seq.num_computed_tokens = 20
+    assert bm.try_append(seq, 14)
+    meta.fill([14], [34], [seq.block_table], 16)
+    assert meta.block_tables[0, :3].tolist() == seq.block_table
+    bm.free(seq)
+    bm.free(other)
+    bm.check_invariants()
+    assert bm.num_used_blocks == 0
+
+
+class _EagerGraph:
+    """Stands in for a captured verify CUDA graph on the CPU: replay() runs the compiled
+    model on the runner's whole padded input buffers and fills the graph's logits buffer,
+    as the graph would. What it checks is the replay plumbing (staging, padding sequences,
+    logits rows); the capture itself needs a GPU."""
+
+    def __init__(self, runner, total: int, logits: torch.Tensor):
+        self.runner, self.total, self.logits, self.replays = runner, total, logits, 0
+
+    def replay(self):
+        from trtllm.attention_context import attention_context
+        r = self.runner
+        with attention_context(r.cache, r.meta):
+            self.logits.copy_(r.compiled(r.input_ids[None, :self.total], r.positions[None, :self.total])[0])
+        self.replays += 1
+
+
+def test_verify_graph_replay_path_keeps_output_identical(target):
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (40, 12, 12)]
+    prompts = [PROMPTS[2], PROMPTS[0], PROMPTS[4]]
+    with small_llm(target) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    k = 3
+    cfg = DraftTargetDecodingConfig(max_draft_len=k, speculative_model_dir=str(target), verify_cuda_graphs=True)
+    with small_llm(target, speculative_config=cfg) as llm:
+        runner = llm.engine.runner
+        assert not runner.verify_graphs  # CPU: nothing captured
+        graphs = {b: _EagerGraph(runner, b * (k + 1), torch.zeros(b * (k + 1), 512)) for b in (1, 2, 4)}
+        runner.verify_graphs = {b: (g, g.logits) for b, g in graphs.items()}
+        runner.verify_len = k + 1
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.block_manager.check_invariants()
+    assert got == expected
+    assert graphs[4].replays > 0  # 3 sequences padded to the graph of 4
+    assert graphs[1].replays > 0  # the long request alone
+
+
+@pytest.mark.slow  # ~30 s: spawns an engine process (the wire's counts are unit-tested in test_wire.py)
+def test_an_engine_process_speculates_and_reports_its_counts(target):
+    """trtllm-serve's path: the engine in its own process, the config pickled to it; the
+    per-completion counts come back with the last delta, the engine-wide ones with stats."""
+    import asyncio
+    import functools
+
+    from trtllm.runtime.build_engine import build_engine
+    from trtllm.runtime.engine_client import EngineCoreClient
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    with small_llm(target) as llm:
+        expected = llm.generate(PROMPTS[2], params).outputs[0].token_ids
+    options = dict(dtype="float32", build_config=BuildConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=64),
+                   kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=4096),
+                   speculative_config=NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRITON_INTERPRET", "0")
+        with EngineCoreClient(functools.partial(build_engine, str(target), **options), tokenizer=str(target),
+                              start_timeout=300) as client:
+            async def go():
+                return await client.generate_async(PROMPTS[2], params).aresult()
+
+            out = asyncio.run(go())
+            stats = client.engine_stats()
+    c = out.outputs[0]
+    assert c.token_ids == expected
+    assert c.num_verify_steps > 0 and c.num_accepted_draft_tokens > 0
+    assert stats.spec_accepted_tokens == c.num_accepted_draft_tokens
+
+
+@pytest.mark.parametrize("num_blocks, granted", [(3, False), (4, True)])
+def test_drafts_never_take_a_block_a_later_sequence_may_need(num_blocks, granted):
+    """a's drafts need a second block: granted only if one stays free for b after it. Then
+    every draft is rejected and the block goes back (the new token fits in the first)."""
+    from trtllm.runtime.block_manager import BlockManager
+    from trtllm.runtime.scheduler import Scheduler
+    from trtllm.runtime.sequence import Sequence
+    bm = BlockManager(num_blocks, 16, enable_block_reuse=False)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_tokens=64, max_model_len=64)
+    a, b = (Sequence(r, list(range(14)), SamplingParams(max_tokens=20)) for r in "ab")
+    sched.add(a)
+    sched.add(b)
+    sched.update(sched.schedule(), {a: 1, b: 2})  # both prefilled: 15 tokens, 14 computed, a block each
+    a.draft_token_ids = [5, 6, 7]  # positions 14..17: a second block
+    scheduled = sched.schedule()
+    assert scheduled == ([(a, 4), (b, 1)] if granted else [(a, 1), (b, 1)])
+    assert sched.num_preemptions == 0 and a.draft_token_ids == ([5, 6, 7] if granted else [])
+    assert len(a.block_table) == (2 if granted else 1)
+    sched.update(scheduled, {a: [9] if granted else 9, b: 3})  # every draft rejected: the target's 9
+    assert a.output_token_ids == [1, 9] and a.num_computed_tokens == 15 and len(a.block_table) == 1
+    bm.check_invariants([a, b])
+    assert bm.num_used_blocks == 2

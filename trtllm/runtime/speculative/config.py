@@ -1,0 +1,91 @@
+"""Speculative decoding configs, as TensorRT-LLM spells them (and the manual's spelling).
+
+    LLM(model, speculative_config=NGramDecodingConfig(max_draft_len=4, max_matching_ngram_size=3))
+    LLM(model, speculative_config=DraftTargetDecodingConfig(max_draft_len=4, speculative_model_dir="draft/"))
+    LLM(model, speculative_decoding_config=SpeculativeDecodingConfig(draft_model="draft/", draft_tokens=4))
+
+`SpeculativeDecodingConfig` is the same thing as `DraftTargetDecodingConfig`
+(`as_draft_target()`); `speculative_model_dir` / `draft_model` may also be an `nn.Module`
+the engine can run. `EagleDecodingConfig` (EAGLE-3) and `MTPDecodingConfig` are accepted
+as types so that code written for TensorRT-LLM reads, but building an engine with them
+raises "not supported yet" (runtime/speculative/build.py).
+
+`verify_cuda_graphs=True` (ours, not TensorRT-LLM's) captures CUDA graphs for verify steps
+in which every sequence verifies max_draft_len drafts (ModelRunner.capture_verify_graphs);
+off by default until it has run on a GPU: verify steps then run eagerly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import ConfigDict, Field
+
+from trtllm.config import ConfigError, ValidatedConfig
+
+_ARBITRARY = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                        arbitrary_types_allowed=True)
+
+
+class NGramDecodingConfig(ValidatedConfig):
+    """Prompt lookup: the draft is what followed the latest earlier occurrence of the
+    sequence's last n tokens (n from max_matching_ngram_size down to 1) in its own prompt
+    and output. No model."""
+    max_draft_len: int = Field(4, ge=1, le=32, description="draft tokens proposed per step at most")
+    max_matching_ngram_size: int = Field(3, ge=1, le=64, description="longest suffix looked up")
+    verify_cuda_graphs: bool = Field(False, description="capture CUDA graphs for verify steps of max_draft_len "
+                                                        "drafts (opt-in: not yet run on a GPU when written)")
+
+
+class DraftTargetDecodingConfig(ValidatedConfig):
+    """A separate draft model (same tokenizer / vocabulary), with its own KV pool, proposes
+    max_draft_len tokens a step; the target verifies them in one forward pass."""
+    model_config = _ARBITRARY
+    max_draft_len: int = Field(4, ge=1, le=32, description="draft tokens proposed per step at most")
+    speculative_model_dir: Any = Field(..., description="the draft model: a checkpoint directory or an nn.Module")
+    verify_cuda_graphs: bool = Field(False, description="capture CUDA graphs for verify steps of max_draft_len "
+                                                        "drafts (opt-in: not yet run on a GPU when written)")
+
+
+class SpeculativeDecodingConfig(ValidatedConfig):
+    """The manual's spelling of `DraftTargetDecodingConfig`."""
+    model_config = _ARBITRARY
+    draft_model: Any = Field(..., description="the draft model: a checkpoint directory or an nn.Module")
+    draft_tokens: int = Field(4, ge=1, le=32, description="draft tokens proposed per step at most")
+    verify_cuda_graphs: bool = Field(False, description="capture CUDA graphs for verify steps of max_draft_len "
+                                                        "drafts (opt-in: not yet run on a GPU when written)")
+
+    def as_draft_target(self) -> DraftTargetDecodingConfig:
+        return DraftTargetDecodingConfig(max_draft_len=self.draft_tokens, speculative_model_dir=self.draft_model,
+                                         verify_cuda_graphs=self.verify_cuda_graphs)
+
+
+class EagleDecodingConfig(ValidatedConfig):
+    """EAGLE-3 heads: accepted as a type, refused at build (not supported yet)."""
+    max_draft_len: int = Field(4, ge=1)
+    speculative_model_dir: str | Path | None = None
+    eagle3_one_model: bool = True
+
+
+class MTPDecodingConfig(ValidatedConfig):
+    """DeepSeek-V3 multi-token prediction layers: accepted as a type, refused at build."""
+    num_nextn_predict_layers: int = Field(1, ge=1)
+
+
+SPECULATIVE_CONFIGS = (NGramDecodingConfig, DraftTargetDecodingConfig, SpeculativeDecodingConfig,
+                       EagleDecodingConfig, MTPDecodingConfig)
+
+
+def speculative_config_from_options(kind: str | None, max_draft_len: int, max_matching_ngram_size: int,
+                                    speculative_model_dir: str | None):
+    """The commands' --speculative ngram|draft_target and its options as a config (None: off)."""
+    if kind is None:
+        return None
+    if kind == "ngram":
+        return NGramDecodingConfig(max_draft_len=max_draft_len, max_matching_ngram_size=max_matching_ngram_size)
+    if kind != "draft_target":
+        raise ConfigError("--speculative", [(None, None, f"must be ngram or draft_target, got {kind!r}")])
+    if speculative_model_dir is None:
+        raise ConfigError("--speculative", [(None, None, "draft_target needs --speculative_model_dir (the draft's "
+                                                         "checkpoint)")])
+    return DraftTargetDecodingConfig(max_draft_len=max_draft_len, speculative_model_dir=speculative_model_dir)

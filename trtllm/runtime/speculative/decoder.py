@@ -1,0 +1,183 @@
+"""`SpeculativeDecoder`: what the engine asks of speculative decoding, each step.
+
+    decoder.propose(scheduler.running)         # before schedule: seq.draft_token_ids set
+    scheduled = scheduler.schedule()           # a decode with drafts computes 1 + k tokens
+    launched = runner.execute(scheduled)       # its k + 1 logits rows (launched.num_rows)
+    sampled, logprobs, failed = decoder.sample(launched, sampler)   # seq -> [tokens]
+    scheduler.update(scheduled, sampled)       # accepted tokens in, rejected KV slots rolled back
+    reason = append_tokens(req, seq, tokens)   # stop checks token by token; a stop cuts the run
+
+Who speculates: a running sequence with one token left to compute (decoding), no
+logprobs asked (its tokens' logprobs are not computed on the verify path: such a request
+decodes one token a step), and room left: k = min(max_draft_len, max_tokens - outputs - 1,
+max_seq_len - tokens - 1), so the step's 1..k+1 new tokens never pass max_tokens or
+max_seq_len. Other sequences in the same step decode or prefill as always; their rows
+are sampled by the ordinary sampler.
+"""
+from __future__ import annotations
+
+import torch
+
+from trtllm.runtime.model_runner import LaunchedStep
+from trtllm.runtime.sampler import Sampler, SamplingBatch, _finite_rows, argmax_serves, gumbel_noise, process_logits
+from trtllm.runtime.sequence import Sequence, SequenceStatus
+from trtllm.runtime.speculative.draft_model import DraftModelProposer
+from trtllm.runtime.speculative.ngram import propose_ngram
+from trtllm.runtime.speculative.verify import greedy_accept, rejection_sample, verify_generator
+
+
+class SpeculativeDecoder:
+    def __init__(self, max_draft_len: int, max_seq_len: int, vocab_size: int, eos_token_ids: list[int], *,
+                 max_matching_ngram_size: int | None = None, draft: DraftModelProposer | None = None,
+                 verify_cuda_graphs: bool = False):
+        if (max_matching_ngram_size is None) == (draft is None):
+            raise ValueError("a SpeculativeDecoder takes one proposer: an n-gram size or a draft model")
+        self.max_draft_len, self.max_seq_len = max_draft_len, max_seq_len
+        self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
+        self.max_matching_ngram_size, self.draft = max_matching_ngram_size, draft
+        self.verify_cuda_graphs = verify_cuda_graphs  # build_engine captures them when asked (on a GPU)
+        self._draft_probs: dict[Sequence, torch.Tensor] = {}
+        # totals since start (EngineStats): draft tokens proposed and verified, accepted, verify rows
+        self.num_draft_tokens = self.num_accepted_tokens = self.num_verify_steps = 0
+
+    # -- before the step ------------------------------------------------------------
+    def draft_len(self, seq: Sequence) -> int:
+        if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
+            return 0
+        p = seq.sampling_params
+        # one token a step for these: logprobs, a grammar's matcher, a beam search, logits
+        # processors and returned logits each see every position's own logits (left: issue 24)
+        if p.logprobs is not None or seq.guide is not None or seq.beam is not None or p.reads_logits \
+                or p.logits_processor is not None or p.apply_batched_logits_processor:
+            return 0
+        return max(0, min(self.max_draft_len, p.max_tokens - len(seq.output_token_ids) - 1,
+                          self.max_seq_len - seq.num_tokens - 1))
+
+    def propose(self, running: list[Sequence]) -> None:
+        """Set each running sequence's draft_token_ids ([] where it does not speculate)."""
+        self._draft_probs.clear()
+        seqs, ks = [], []
+        for seq in running:
+            seq.draft_token_ids = []
+            k = self.draft_len(seq)
+            if k > 0:
+                seqs.append(seq)
+                ks.append(k)
+        if self.draft is not None:
+            live = {s.seq_id for s in running}
+            if not seqs:  # still free the mirrors of sequences that left
+                self.draft.propose([], [], live)
+                return
+            for seq, (tokens, q) in zip(seqs, self.draft.propose(seqs, ks, live)):
+                seq.draft_token_ids = tokens
+                if q is not None:
+                    self._draft_probs[seq] = q
+        else:
+            for seq, k in zip(seqs, ks):
+                seq.draft_token_ids = propose_ngram(seq.token_ids, k, self.max_matching_ngram_size)
+
+    def release(self) -> None:
+        """No sequence runs any more (the engine is idle): free all a draft model holds."""
+        if self.draft is not None:
+            self.draft.propose([], [], set())
+
+    # -- after the target ran ---------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, launched: LaunchedStep, sampler: Sampler
+               ) -> tuple[dict[Sequence, int | list[int]], dict, dict[Sequence, str]]:
+        """Every sampled sequence's new token (an int) or tokens (a list: accepted drafts,
+        then the target's own), logprobs of the plain rows that asked, and the sequences
+        whose logits were NaN / Inf (to finish with "error")."""
+        seqs, counts, logits = launched.to_sample, launched.num_rows, launched.logits
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        sampled, logprobs, failed = {}, {}, {}
+        plain = [i for i, c in enumerate(counts) if c == 1]
+        if plain:
+            rows = logits[torch.tensor([starts[i] for i in plain], device=logits.device)]
+            pseqs = [seqs[i] for i in plain]
+            out = sampler(rows, SamplingBatch.build(pseqs, rows.shape[-1], rows.device, self.eos_token_ids))
+            tokens, finite, chosen = out.token_ids.tolist(), out.finite.tolist(), out.logprobs.tolist()
+            top = [list(zip(*pair)) for pair in zip(out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())] \
+                if out.top_logprobs is not None else None
+            for j, seq in enumerate(pseqs):
+                if not finite[j]:
+                    failed[seq] = "the model produced NaN or Inf logits"
+                    continue
+                sampled[seq] = tokens[j]
+                k = seq.sampling_params.logprobs
+                if k is not None:
+                    logprobs[seq] = (chosen[j], top[j][:k] if top is not None else [])
+        spec = [i for i, c in enumerate(counts) if c > 1]
+        if spec:
+            self._verify([seqs[i] for i in spec], logits, [(starts[i], counts[i]) for i in spec], sampled, failed)
+        for seq in seqs:
+            seq.draft_token_ids = []
+        self._draft_probs.clear()
+        return sampled, logprobs, failed
+
+    def _verify(self, seqs: list[Sequence], logits: torch.Tensor, spans: list[tuple[int, int]],
+                sampled: dict, failed: dict) -> None:
+        """Accepted drafts + one token per speculating sequence (verify.py)."""
+        index = torch.tensor([r for start, n in spans for r in range(start, start + n)], device=logits.device)
+        x = logits[index]  # [sum(k_i + 1), V]
+        finite = _finite_rows(x)
+        x = torch.where(finite[:, None], x.float(), 0.0)
+        if argmax_serves(seqs):  # greedy, no penalty: the raw argmax is the sampler's pick
+            picks = x.argmax(-1)
+        else:  # each row as the sampler sees it: outputs so far plus the drafts before it
+            rows = [_after_drafts(seq, j) for seq, (_, n) in zip(seqs, spans) for j in range(n)]
+            batch = SamplingBatch.build(rows, self.vocab_size, x.device, self.eos_token_ids)
+            x = process_logits(x, batch)
+            picks = x.argmax(-1)
+            if not batch.all_greedy:
+                picks = torch.where(batch.greedy, picks, (x + gumbel_noise(batch)).argmax(-1))
+        picks, finite = picks.tolist(), finite.tolist()
+        row = 0
+        for seq, (_, n) in zip(seqs, spans):
+            draft = seq.draft_token_ids[:n - 1]
+            target, ok = picks[row:row + n], all(finite[row:row + n])
+            q = self._draft_probs.get(seq)
+            if not ok:
+                failed[seq] = "the model produced NaN or Inf logits"
+            elif q is None or seq.sampling_params.greedy:
+                sampled[seq] = greedy_accept(draft, target)
+            else:
+                g = verify_generator(x.device, seq.seed, seq.index, len(seq.output_token_ids))
+                sampled[seq] = rejection_sample(x[row:row + n].softmax(-1), q[:n - 1].to(x.device), draft, g,
+                                                bonus=target[-1])
+            row += n
+            if seq in sampled:
+                accepted = len(sampled[seq]) - 1
+                seq.num_draft_tokens += len(draft)
+                seq.num_accepted_draft_tokens += accepted
+                seq.num_verify_steps += 1
+                self.num_draft_tokens += len(draft)
+                self.num_accepted_tokens += accepted
+                self.num_verify_steps += 1
+
+
+def _after_drafts(seq: Sequence, j: int) -> Sequence:
+    """A stand-in for `seq` with its first j draft tokens as outputs: what the sampler's
+    penalties, min_tokens and noise (keyed on the output length) see at verify row j."""
+    if j == 0:
+        return seq
+    return Sequence(seq.request_id, seq.prompt_token_ids, seq.sampling_params, index=seq.index,
+                    output_token_ids=seq.output_token_ids + seq.draft_token_ids[:j], seed=seq.seed)
+
+
+def append_tokens(req, seq: Sequence, tokens: list[int]) -> str | None:
+    """A verify step's tokens (already in seq.output_token_ids, by Scheduler.update) into
+    the request's output one by one, with the stop checks after each; a stop inside the run
+    cuts it there: the tokens after it leave the sequence (and their K/V, computed, is never
+    read: the sequence finishes now)."""
+    for j, token in enumerate(tokens):
+        reason = req.append(seq, token, None)
+        if reason is not None:
+            cut = len(tokens) - j - 1
+            if cut:
+                del seq.output_token_ids[-cut:]
+                seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+            return reason
+    return None
