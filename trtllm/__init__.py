@@ -24,6 +24,7 @@ _EXPORTS = {
     "RequestOutput": "trtllm.runtime.outputs", "CompletionOutput": "trtllm.runtime.outputs",
     "RequestError": "trtllm.runtime.outputs",
     "SamplingParams": "trtllm.sampling_params",
+    "LoraConfig": "trtllm.config", "LoRARequest": "trtllm.lora_request",
 }
 __all__ = list(_EXPORTS)
 

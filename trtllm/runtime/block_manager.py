@@ -20,7 +20,9 @@ blake2b rather than builtin `hash`: a collision would silently serve one prompt'
 another (wrong output, and a leak across requests), and a 64-bit tuple hash is neither
 collision-resistant nor stable across processes. A block whose tokens are not all
 computed is never published, and a failed sequence is freed with `publish=False`, so
-garbage (NaN) K/V never enters the cache.
+garbage (NaN) K/V never enters the cache. A sequence with a LoRA adapter starts its chain
+from the adapter's id (`chain_root`), so a prefix computed under one adapter is never reused
+under another, nor under the base model.
 """
 from __future__ import annotations
 
@@ -36,6 +38,13 @@ def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
     """The hash naming a full block of `tokens` that follows the block hashed `parent`."""
     data = (parent or b"") + array("q", tokens).tobytes()
     return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def chain_root(seq: Sequence) -> bytes | None:
+    """What the first block's hash follows: nothing for the base model, the adapter's id for a
+    sequence with a LoRA adapter (its K/V differ from the base's for the same tokens)."""
+    lora = seq.lora_request
+    return None if lora is None else b"lora" + lora.lora_int_id.to_bytes(8, "little")
 
 
 class BlockManager:
@@ -171,7 +180,7 @@ class BlockManager:
         tokens, bs = seq.token_ids, self.block_size
         while len(chain) < n:
             i = len(chain)
-            chain.append(block_hash(chain[-1] if chain else None, tokens[i * bs:(i + 1) * bs]))
+            chain.append(block_hash(chain[-1] if chain else chain_root(seq), tokens[i * bs:(i + 1) * bs]))
         return chain
 
     def _lookup(self, seq: Sequence) -> list[int]:

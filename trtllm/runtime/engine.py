@@ -50,7 +50,7 @@ log = logging.getLogger("trtllm")
 class Engine:
     def __init__(self, runner: ModelRunner, block_manager: BlockManager, scheduler: Scheduler,
                  tokenizer, limits: EngineLimits, vocab_size: int, eos_token_ids: list[int],
-                 stream_interval: int = 1, disable_overlap_scheduler: bool = False):
+                 stream_interval: int = 1, disable_overlap_scheduler: bool = False, adapters=None):
         check_stream_interval(stream_interval)
         self.runner, self.block_manager, self.scheduler = runner, block_manager, scheduler
         # a streaming request gets an output every stream_interval new tokens (its first at
@@ -68,17 +68,29 @@ class Engine:
         self._ahead: LaunchedStep | None = None  # launched by the last step(), not yet read
         self.on_step: Callable[[StepRecord], None] | None = None  # see the module docstring
         self.startup: StartupTimes | None = None
+        self.adapters = adapters  # runtime/adapters.Adapters with LoRA (the scheduler's too), else None
 
     # -- requests ----------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError saying what is wrong with a request, before any work."""
         validate_request(prompt_token_ids, params, self.limits, self.vocab_size, self.tokenizer is not None)
 
+    def check_lora(self, lora_request) -> None:
+        """Raise ValueError (TypeError) naming what is wrong with a request's LoRA adapter."""
+        if lora_request is None:
+            return
+        if self.adapters is None:
+            raise ValueError(f"LoRA adapter {getattr(lora_request, 'lora_name', lora_request)!r} asked, but this "
+                             "engine was built without lora_config")
+        self.adapters.check(lora_request)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, stream: bool = False) -> None:
+                    prompt: str | None = None, stream: bool = False, lora_request=None) -> None:
         assert request_id not in self.requests, f"request id {request_id!r} is already in flight"
         self.validate(prompt_token_ids, params)
-        seqs = [Sequence(request_id, list(prompt_token_ids), params, index=i) for i in range(params.n)]
+        self.check_lora(lora_request)
+        seqs = [Sequence(request_id, list(prompt_token_ids), params, index=i, lora_request=lora_request)
+                for i in range(params.n)]
         for seq in seqs:
             seq.seed = params.seed if params.seed is not None else draw_seed()
         if params.prompt_logprobs is not None:  # the first sequence scores the prompt for all n

@@ -61,7 +61,7 @@ class EngineDriver:
             if isinstance(msg, AddRequest):
                 try:
                     self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.prompt,
-                                            stream=msg.streaming)
+                                            stream=msg.streaming, lora_request=msg.lora_request)
                 except ValueError as e:  # bad on its own: fails alone
                     outputs.append(failed_output(msg.request_id, msg.params.n, str(e), msg.prompt,
                                                  msg.prompt_token_ids))

@@ -13,6 +13,10 @@ Sequences wait in a FCFS queue, then run. Each `schedule()` builds one step: a l
    any prefix-cache hit) and a first chunk. A waiting sequence is admitted only if all
    ahead of it were; none is admitted in a step that preempted.
 With chunked prefill off, a sequence's tokens are computed in one step or not at all.
+With LoRA (`adapters`, runtime/adapters.py), a sequence is admitted only when its adapter has a
+GPU slot or one can be freed for it (it waits otherwise); admission pins the slot, finishing
+or preemption unpins it. An adapter whose files cannot be read at admission fails its
+sequence alone ("error", from pop_finished).
 
 A sequence's uncomputed tokens are `token_ids[num_computed_tokens:]`; a step computes
 the next n of them, at positions num_computed_tokens .. num_computed_tokens + n - 1, and
@@ -52,7 +56,7 @@ from trtllm.runtime.sequence import Sequence, SequenceStatus
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_tokens: int,
-                 max_model_len: int, enable_chunked_prefill: bool = True):
+                 max_model_len: int, enable_chunked_prefill: bool = True, adapters=None):
         if min(max_num_seqs, max_num_tokens, max_model_len) <= 0:
             raise ValueError("max_num_seqs, max_num_tokens and max_model_len must be > 0")
         if max_num_tokens < max_num_seqs:  # else some decodes could be left out of a step
@@ -65,6 +69,7 @@ class Scheduler:
         self.running: list[Sequence] = []   # in admission order
         self._finished: list[Sequence] = []  # finished by the scheduler, for pop_finished
         self.num_preemptions = 0
+        self.adapters = adapters  # runtime/adapters.Adapters with LoRA, else None
 
     @property
     def num_waiting(self) -> int:
@@ -113,6 +118,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq, publish=reason != "error")
+        if self.adapters is not None:
+            self.adapters.release(seq)
         seq.finish(reason, error)
 
     def pop_finished(self) -> list[Sequence]:
@@ -170,6 +177,15 @@ class Scheduler:
             remaining = seq.num_tokens - self.block_manager.num_prefix_hit_tokens(seq)
             if not self.enable_chunked_prefill and remaining > budget:
                 break
+            if self.adapters is not None:
+                if not self.adapters.can_admit(seq):
+                    break  # every slot is pinned by a running sequence's adapter
+                try:
+                    self.adapters.acquire(seq)
+                except ValueError as e:
+                    self.finish(seq, "error", str(e))
+                    self._finished.append(seq)
+                    continue
             self.waiting.popleft()
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
@@ -233,6 +249,8 @@ class Scheduler:
         they are evicted meanwhile, re-admission finds them in the prefix cache."""
         self.running.remove(seq)
         self.block_manager.free(seq)
+        if self.adapters is not None:
+            self.adapters.release(seq)
         seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -6,6 +6,7 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from trtllm.lora_request import LoRARequest
 from trtllm.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -37,6 +38,7 @@ class Sequence:
     # num_prompt_logprobs of them have been delivered (runtime/prompt_logprobs.py)
     prompt_logprob_end: int = 0
     num_prompt_logprobs: int = 0
+    lora_request: LoRARequest | None = None          # its LoRA adapter (runtime/adapters.py), None: the base
 
     @property
     def token_ids(self) -> list[int]:
