@@ -106,9 +106,9 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     for key in shapes:
         match = _KEY.match(key)
+        if "lora_embedding" in key or any(f".{m}." in key for m in ("lm_head", "embed_tokens")):
+            raise ValueError(f"{name}: LM-head and embedding adapters are not supported ({key})")
         if match is None:
-            if "lora_embedding" in key:
-                raise ValueError(f"{name}: embedding adapters are not supported ({key})")
             if "lora_magnitude_vector" in key:
                 raise ValueError(f"{name}: DoRA is not supported ({key})")
             raise ValueError(f"{name}: tensor {key} is no LoRA A or B weight (bias, or a fully trained module: "
@@ -120,12 +120,9 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
     for path, ab in sorted(keys.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{name}: {path} has lora_{'A' if 'A' in ab else 'B'} but not the other")
-        if path.rsplit(".", 1)[-1] in ("lm_head", "embed_tokens") or path not in slots.modules:
-            what = ("LM-head and embedding adapters are not supported"
-                    if path.rsplit(".", 1)[-1] in ("lm_head", "embed_tokens")
-                    else f"this engine wraps no such linear (the model lacks it, or lora_target_modules "
-                         f"{sorted(slots.target_modules)} leaves it out)")
-            raise ValueError(f"{name}: targets {path}: {what}")
+        if path not in slots.modules:
+            raise ValueError(f"{name}: targets {path}: this engine wraps no such linear (the model lacks it, or "
+                             f"lora_target_modules {sorted(slots.target_modules)} leaves it out)")
         a_shape, b_shape = shapes[ab["A"]], shapes[ab["B"]]
         k, n = slots.in_features(path), slots.out_features(path)
         if a_shape != (rank, k) or b_shape != (n, rank):
