@@ -161,7 +161,6 @@ def test_bad_adapters_are_refused_at_submission_by_name(llm, base, adapters, tmp
     refused(LoRARequest("other", 55, str(tmp_path / "other")),
             r"down_proj has lora_A \[4, 64\] and lora_B \[32, 4\], but the base model.s linear there is 128 -> 64")
     request = adapters["attn4"][0]
-    refused(LoRARequest("clash", request.lora_int_id, str(tmp_path / "other")), "needs an id of its own")
     with pytest.raises(ValueError, match="lora_int_id must be an integer >= 1"):
         LoRARequest("zero", 0, str(tmp_path))
     # the engine goes on, and a good adapter in the same batch as a bad one: none of the batch runs
@@ -170,6 +169,7 @@ def test_bad_adapters_are_refused_at_submission_by_name(llm, base, adapters, tmp
                      lora_request=[request, LoRARequest("gone", 50, str(tmp_path / "missing"))])
     assert not llm.has_unfinished()
     assert greedy(llm, PROMPTS[:1], request) == [peft_greedy(adapters["attn4"][1], PROMPTS[0], NEW)]
+    refused(LoRARequest("clash", request.lora_int_id, str(tmp_path / "r32")), "needs an id of its own")
 
 
 def test_target_modules_the_engine_does_not_wrap_are_refused(base, adapters, tmp_path):
