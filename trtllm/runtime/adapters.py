@@ -137,6 +137,8 @@ def read_target_modules(directory: str | Path) -> list[str]:
     """The module names an adapter's config targets (for LoraConfig's default); every LoRA
     target for "all-linear" or a regular expression."""
     config_path = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise ValueError(f"LoRA adapter {directory}: no such directory")
     try:
         targets = json.loads(config_path.read_text()).get("target_modules")
     except (OSError, ValueError) as e:

@@ -75,6 +75,8 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
             raise TypeError(f"lora_config must be a LoraConfig, got {type(lora_config).__name__}")
         if tensor_parallel_size != 1:
             raise ValueError(f"LoRA with tensor_parallel_size={tensor_parallel_size} is not supported yet")
+        for directory in lora_config.lora_dir:  # a missing one named before minutes of loading
+            read_target_modules(directory)
         if quant_config.weight_algo is not None:
             raise ValueError(f"LoRA over quantized linears (quant_algo={quant_config.weight_algo.value}) is not "
                              "supported yet")
