@@ -26,7 +26,6 @@ import json
 import math
 import re
 import threading
-import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,7 +173,6 @@ class Adapters:
         # counters (what /metrics and the bench read)
         self.slot_loads = 0
         self.disk_loads = 0
-        self.last_slot_load_s = 0.0
 
     # -- at submission -------------------------------------------------------------------
     def check(self, request: LoRARequest) -> PeftAdapter:
@@ -212,11 +210,9 @@ class Adapters:
         else:
             weights = self._host_weights(seq.lora_request)
             slot = self._take_slot()
-            started = time.perf_counter()
+            # queued on the step stream, after any step still reading the slot's old adapter
+            # (whose sequences have all finished: it was unpinned); not waited for
             self.slots.load(slot, weights)
-            if self.slots.device.type == "cuda":
-                torch.cuda.current_stream(self.slots.device).synchronize()
-            self.last_slot_load_s = time.perf_counter() - started
             self.slot_loads += 1
             self._slot_of[adapter_id] = slot
         self._pins[adapter_id] += 1
