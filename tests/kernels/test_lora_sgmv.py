@@ -4,7 +4,7 @@ one flat batch, adapters of different ranks padded to the slots' rank."""
 import pytest
 import torch
 
-from trtllm.kernels.lora_sgmv import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
+from trtllm.kernels.lora_sgmv import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref, shrink_splits
 
 TOLERANCES = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),
@@ -23,7 +23,8 @@ def _slots(t: int, num_slots: int, extra: int = 3) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
-@pytest.mark.parametrize("t,k,n,rank", [(1, 7, 83, 8), (7, 83, 769, 16), (83, 769, 7, 32), (769, 83, 83, 48)])
+@pytest.mark.parametrize("t,k,n,rank", [(1, 7, 83, 8), (7, 83, 769, 16), (83, 769, 7, 32), (769, 83, 83, 48),
+                                         (5, 769, 83, 16), (64, 600, 16, 48)])  # the last two split K
 def test_shrink_and_expand_match_their_references(t, k, n, rank, dtype):
     num_slots = 3
     x = torch.randn(t, k, dtype=dtype)
@@ -40,6 +41,12 @@ def test_shrink_and_expand_match_their_references(t, k, n, rank, dtype):
     torch.testing.assert_close(out, lora_expand_ref(base, h, b, slots), **TOLERANCES[dtype])
     no_adapter = slots[:t] < 0
     assert torch.equal(out[no_adapter], base[no_adapter])  # the base rows pass through untouched
+
+
+def test_decode_shapes_split_k():
+    assert shrink_splits(5, 769, 128) == (4, 256)  # the last split holds one element
+    assert shrink_splits(1, 4096, 128) == (16, 256) and shrink_splits(1, 14336, 128) == (56, 256)
+    assert shrink_splits(65, 4096, 128) == (1, 4096) and shrink_splits(1, 200, 128) == (1, 200)
 
 
 def test_references_are_the_per_adapter_formula_with_mixed_ranks():

@@ -25,8 +25,10 @@ flat batch keeps each sequence's tokens together, so a block of tokens mostly us
 adapter; a program loops over the distinct slots among its tokens (usually one, at decode
 up to BLOCK_T), each a tl.dot over the rows of that slot (the others masked to zero).
 Rows with no adapter cost nothing past the slot read in shrink, and a copy of base in
-expand. At decode (T <= 16) that is one block of rows: the "decode path" is the same
-kernel with BLOCK_T = 16.
+expand. The decode path (T <= SPLIT_K_MAX_TOKENS): shrink also splits K over programs
+(SPLIT_K_CHUNK elements each; fp32 partial sums added in order by a second small kernel, so
+results do not depend on timing), where one block of 16 tokens would otherwise stream all
+of A in one program.
 """
 from __future__ import annotations
 
@@ -70,14 +72,17 @@ def _next_slot(slots, current):
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, slot_ptr, h_ptr,
-    T, K, R,
-    x_row_stride, a_slot_stride, a_row_stride, h_row_stride,
+    T, K, R, K_PER_SPLIT,
+    x_row_stride, a_slot_stride, a_row_stride, h_split_stride, h_row_stride,
     DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Grid: (cdiv(T, BLOCK_T), cdiv(R, BLOCK_R)).
+    # Grid: (cdiv(T, BLOCK_T), cdiv(R, BLOCK_R), splits of K). Split s sums K range
+    # [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT) into h[s] (one split: h is the output).
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     offs_k = tl.arange(0, BLOCK_K)
     t_mask, r_mask = offs_t < T, offs_r < R
     slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1).to(tl.int32)
@@ -85,19 +90,31 @@ def _lora_shrink_kernel(
     slot = _next_slot(slots, -1)
     while slot < 2147483647:  # each distinct adapter among these tokens
         rows = t_mask & (slots == slot)
-        x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * x_row_stride + offs_k[None, :]
+        x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * x_row_stride + k_start + offs_k[None, :]
         a_ptrs = (a_ptr + slot.to(tl.int64) * a_slot_stride + offs_r.to(tl.int64)[:, None] * a_row_stride
-                  + offs_k[None, :])
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + offs_k) < K
+                  + k_start + offs_k[None, :])
+        for k0 in range(k_start, k_end, BLOCK_K):
+            k_mask = (k0 + offs_k) < k_end
             x = tl.load(x_ptrs, mask=rows[:, None] & k_mask[None, :], other=0.0)
             a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(a), acc, input_precision=DOT_PRECISION)
             x_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
         slot = _next_slot(slots, slot)
-    h_ptrs = h_ptr + offs_t.to(tl.int64)[:, None] * h_row_stride + offs_r[None, :]
+    h_ptrs = (h_ptr + tl.program_id(2).to(tl.int64) * h_split_stride + offs_t.to(tl.int64)[:, None] * h_row_stride
+              + offs_r[None, :])
     tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=t_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, SPLITS, NUMEL, BLOCK: tl.constexpr):
+    # Grid: (cdiv(NUMEL, BLOCK),). out = sum over the splits of part [SPLITS, NUMEL] (fp32), in order.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NUMEL
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(part_ptr + s * NUMEL + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -167,16 +184,37 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Te
     if t and r:
         block_r = max(16, min(64, triton.next_power_of_2(r)))
         block_k = max(16, min(128, triton.next_power_of_2(k)))
+        splits, k_per_split = shrink_splits(t, k, block_k)
+        # several splits: fp32 partial sums [splits, T, R], summed in order by a second kernel
+        part = torch.empty((splits, t, r), dtype=torch.float32, device=x.device) if splits > 1 else None
         with interpreter_upcast((x2, lora_a), (h,)) as ((x2_, a_), (h_,)):
-            _lora_shrink_kernel[(triton.cdiv(t, 16), triton.cdiv(r, block_r))](
-                x2_, a_, slot_ids, h_,
-                t, k, r,
-                x2_.stride(0), a_.stride(0), a_.stride(1), h_.stride(0),
+            out = part if part is not None else h_[None]
+            _lora_shrink_kernel[(triton.cdiv(t, 16), triton.cdiv(r, block_r), splits)](
+                x2_, a_, slot_ids, out,
+                t, k, r, k_per_split,
+                x2_.stride(0), a_.stride(0), a_.stride(1), out.stride(0), out.stride(1),
                 DOT_PRECISION=_dot_precision(x.dtype),
                 BLOCK_T=16, BLOCK_R=block_r, BLOCK_K=block_k,
                 num_warps=4,
             )
+            if part is not None:
+                _sum_splits_kernel[(triton.cdiv(t * r, 1024),)](part, h_, splits, t * r, BLOCK=1024, num_warps=4)
     return h.reshape(*x.shape[:-1], r)
+
+
+# Tokens up to which shrink splits K over programs: at decode one block of 16 tokens would
+# otherwise be one program per 16-64 ranks streaming all of A (K x 48 for a fused QKV) alone.
+SPLIT_K_MAX_TOKENS = 64
+SPLIT_K_CHUNK = 256  # K elements a split covers (at least)
+
+
+def shrink_splits(t: int, k: int, block_k: int) -> tuple[int, int]:
+    """(splits of K, K elements per split) for a shrink over t tokens: one split past
+    SPLIT_K_MAX_TOKENS tokens (enough programs already), else chunks of SPLIT_K_CHUNK."""
+    if t > SPLIT_K_MAX_TOKENS or k <= SPLIT_K_CHUNK:
+        return 1, k
+    per_split = triton.cdiv(max(SPLIT_K_CHUNK, block_k), block_k) * block_k
+    return triton.cdiv(k, per_split), per_split
 
 
 def lora_expand_triton(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor
