@@ -224,3 +224,45 @@ def test_kernels_are_the_peft_formula_on_the_compiled_model(llm, adapters):
             want_base = peft_model(ids[1:]).logits
     torch.testing.assert_close(logits[:1], want_lora, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[1:], want_base, atol=1e-4, rtol=1e-4)
+
+
+def test_pinned_slots_are_never_evicted_and_lru_goes_first(llm, adapters):
+    from trtllm.lora_slots import LoraSlots
+    from trtllm.runtime.adapters import Adapters
+    from trtllm.runtime.sequence import Sequence
+
+    engine_slots = llm.engine.adapters.slots  # the same groups, in slots of their own (the engine's stay as they are)
+    slots = LoraSlots(2, 16, ALL, 16, "cpu")
+    for group in engine_slots.groups.values():
+        slots.group(list(group.parts), group.in_features, group.out_features, group.lora_a.dtype)
+    cache = Adapters(LoraConfig(max_lora_rank=16, max_loras=2, max_cpu_loras=2), slots, torch.float32)
+    a, b, c = (adapters[name][0] for name in ADAPTERS)
+    seq = {name: Sequence(name, [1, 2], SamplingParams(), lora_request=r)
+           for name, r in (("a", a), ("a2", a), ("b", b), ("c", c), ("base", None))}
+    for name in ("a", "b"):
+        assert cache.can_admit(seq[name])
+        cache.acquire(seq[name])
+    assert cache.slot(seq["a"]) != cache.slot(seq["b"]) and cache.slot(seq["base"]) == -1
+    assert not cache.can_admit(seq["c"])  # both slots pinned by running sequences
+    assert cache.can_admit(seq["a2"]) and cache.can_admit(seq["base"])  # resident, or no adapter
+    with pytest.raises(RuntimeError, match="pinned"):
+        cache.acquire(seq["c"])
+    cache.acquire(seq["a2"])
+    cache.release(seq["a"])
+    assert not cache.can_admit(seq["c"])  # a is still pinned by a2
+    b_slot = cache.slot(seq["b"])
+    cache.release(seq["b"])
+    cache.release(seq["b"])  # twice: no effect
+    assert cache.can_admit(seq["c"])
+    cache.acquire(seq["c"])  # takes b's slot, the only unpinned one
+    assert cache.slot(seq["c"]) == b_slot and cache.slot(seq["a2"]) != b_slot
+    assert cache.resident == [a.lora_int_id, c.lora_int_id] and cache.cached == [b.lora_int_id, c.lora_int_id]
+    # the slot holds c's weights now: its gate_proj A in gate_proj's rows of the fused gate-up A
+    group, i = slots.modules["model.layers.0.mlp.gate_proj"]
+    want = read_weights(cache, c)["model.layers.0.mlp.gate_proj"][0]
+    torch.testing.assert_close(group.lora_a[b_slot, i * 16: i * 16 + want.shape[0]], want)
+
+
+def read_weights(cache, request):
+    from trtllm.runtime.adapters import read_peft_weights
+    return read_peft_weights(cache.check(request), torch.float32, pin=False)
