@@ -54,11 +54,11 @@ def event(obj) -> bytes:
 class Renderer:
     def __init__(self, tokenizer, served_model_name: str):
         self.tokenizer, self.name = tokenizer, served_model_name
+        self._token_text: dict[int, str] = {}
 
     def _model(self, job: Job) -> str:
         """The `model` a response names: the adapter's name for a request routed through one."""
         return job.lora_request.lora_name if job.lora_request is not None else self.name
-        self._token_text: dict[int, str] = {}
 
     def piece(self, job: Job, state: ChoiceProgress, c, idx: int) -> dict | None:
         """The chunk choice for what completion `c` added since `state`, or None."""
