@@ -5,7 +5,8 @@ Layers, lowest first; a module imports trtllm modules of its own layer or lower 
     config, sampling_params        user-facing values (TensorRT-LLM's names); a rank's place in a
                                    tensor-parallel group (parallel.tensor_parallel)
     kernels                        ops: reference, Triton kernel, launcher, registration
-    attention_context              how the cache and metadata reach the graph's attention op
+    attention_context              how the cache and metadata reach the graph's attention op;
+      lora_slots                   how LoRA adapters' weights and per-token slots reach the graph
     quantization                   the FP8 description of a model, online quantization, checkpoint layouts
     models, demo                   model files and loading; the built-in demo model
     contract                       what a compilable model is: the probe, its spec, the refusals
@@ -33,9 +34,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "trtllm"
 
 LAYERS = [
-    ["trtllm.config", "trtllm.sampling_params", "trtllm.parallel.tensor_parallel"],
+    ["trtllm.config", "trtllm.sampling_params", "trtllm.lora_request", "trtllm.parallel.tensor_parallel"],
     ["trtllm.kernels"],
-    ["trtllm.attention_context"],
+    ["trtllm.attention_context", "trtllm.lora_slots"],
     ["trtllm.quantization"],
     ["trtllm.models", "trtllm.demo"],
     ["trtllm.contract"],

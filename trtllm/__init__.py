@@ -30,6 +30,7 @@ _EXPORTS = {
     "SpeculativeDecodingConfig": "trtllm.runtime.speculative.config",
     "EagleDecodingConfig": "trtllm.runtime.speculative.config",
     "MTPDecodingConfig": "trtllm.runtime.speculative.config",
+    "LoraConfig": "trtllm.config", "LoRARequest": "trtllm.lora_request",
 }
 __all__ = list(_EXPORTS)
 

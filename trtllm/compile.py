@@ -27,6 +27,7 @@ import torch.nn as nn
 from trtllm.attention_context import in_attention_context, whole_sequences_context
 from trtllm.contract import AttentionSpec, CompileError, contract_module, model_path, probe_attention
 from trtllm.inductor_fallbacks import declare_inductor_fallbacks
+from trtllm.lora_slots import LoraSlots
 from trtllm.parallel.tensor_parallel import TensorParallel, local_kv_heads
 from trtllm.passes import DECODE_GRAPH_MAX_TOKENS, DECODE_GRAPH_PASSES, PASSES
 from trtllm.passes.context import AttentionLayers, GraphInputs, LMHead, PassContext
@@ -65,7 +66,7 @@ class CompiledModel:
 
     def __init__(self, model: nn.Module, *, inductor: bool | None = None, passes=None,
                  decode_graph_passes=None, block_size: int = 16, quantization: Fp8Linears | None = None,
-                 tensor_parallel: TensorParallel | None = None):
+                 tensor_parallel: TensorParallel | None = None, lora: LoraSlots | None = None):
         # what the passes quantize (quantize_linears): given, or what loading put on the model
         self.quantization = quantization if quantization is not None else fp8_linears_of(model)
         self.module = contract_module(model)
@@ -75,6 +76,7 @@ class CompiledModel:
         self.decode_graph_passes = list(DECODE_GRAPH_PASSES if decode_graph_passes is None else decode_graph_passes)
         self.block_size = block_size
         self.tensor_parallel = tensor_parallel
+        self.lora = lora  # LoRA adapters' slots (passes/apply_lora.py), None without
         self.attention = probe_attention(self.module, self.device)
         if tensor_parallel is not None:  # this rank's KV cache holds its own KV heads only
             try:
@@ -119,7 +121,7 @@ class CompiledModel:
         gm = fx.GraphModule(dynamo_gm, copy.deepcopy(dynamo_gm.graph))
         inputs = GraphInputs(gm.graph, example_inputs)
         ctx = PassContext(inputs=inputs, attention=self._layers, quantization=self.quantization,
-                          tensor_parallel=self.tensor_parallel)
+                          tensor_parallel=self.tensor_parallel, lora=self.lora)
         for p in variant.passes:
             self.matches[p.__name__] += p(gm.graph, ctx)
         if self.quantization is not None:  # a placeholder left in use computes with NaN
@@ -256,5 +258,6 @@ def compile(model: nn.Module, **options) -> CompiledModel:
     """Compile a causal LM (see module docstring). Options: inductor, passes,
     decode_graph_passes, block_size, quantization (an Fp8Linears; by default the one loading
     or quantize_model put on the model, trtllm/quantization), tensor_parallel (this rank's
-    `TensorParallel`: passes/shard_tensor_parallel.py keeps its slice of each layer)."""
+    `TensorParallel`: passes/shard_tensor_parallel.py keeps its slice of each layer), lora (a
+    `LoraSlots`: passes/apply_lora.py adds each token's adapter to the targeted linears)."""
     return CompiledModel(model, **options)

@@ -223,3 +223,31 @@ def kv_cache_dtype(kv_cache_config: KvCacheConfig, quant_config: QuantConfig | N
         raise ConfigError("KvCacheConfig", [("dtype", dtype, f"conflicts with QuantConfig.kv_cache_quant_algo="
                                                              f"{algo.value}; set one, or the same in both")])
     return by_algo
+
+
+# LoRA target modules by name: HF's (peft's target_modules) and TensorRT-LLM's for the same linears
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                       "attn_q", "attn_k", "attn_v", "attn_dense", "mlp_gate", "mlp_h_to_4h", "mlp_4h_to_h")
+
+
+class LoraConfig(ValidatedConfig):
+    """LoRA adapters (PEFT checkpoints) served beside the base model, many in one batch
+    (runtime/adapters.py). An adapter is named per request (`LoRARequest`)."""
+
+    lora_dir: list[str] = Field(
+        default_factory=list, description="adapter directories checked when the engine is built; with "
+                                          "lora_target_modules empty, their target modules are the ones wrapped")
+    max_lora_rank: int = Field(64, gt=0, description="the largest adapter rank accepted (the GPU slots' rank)")
+    max_loras: int = Field(4, gt=0, description="adapters resident on the GPU at once (slots)")
+    max_cpu_loras: int = Field(4, gt=0, description="adapters kept in host memory (loaded from disk on first use)")
+    lora_target_modules: list[str] = Field(
+        default_factory=list, description="the linears LoRA may target, by HF or TensorRT-LLM name (empty: those "
+                                          "of the adapters in lora_dir, or all attention and MLP linears)")
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _known_modules(cls, v):
+        unknown = [m for m in v if m not in LORA_TARGET_MODULES]
+        if unknown:
+            raise ValueError(f"unknown target module(s) {unknown}; known: {', '.join(LORA_TARGET_MODULES)}")
+        return v

@@ -2,7 +2,8 @@
 
     trtllm-serve MODEL_DIR --host 127.0.0.1 --port 8000 [--max_batch_size N] [--max_num_tokens N]
                  [--kv_cache_free_gpu_memory_fraction F] [--kv_cache_dtype auto|fp8|int8] [--api-key KEY]
-                 [--served-model-name NAME]
+                 [--served-model-name NAME] [--lora_modules NAME=PATH ...] [--max_lora_rank R]
+                 [--max_loras N] [--max_cpu_loras N]
 
 With no MODEL_DIR it serves the built-in demo model. The engine runs in a process of its
 own (trtllm/runtime/engine_core.py), so HTTP and SSE work never delays a GPU step. The
@@ -11,6 +12,10 @@ server stops accepting connections, lets in-flight requests finish for up to
 --shutdown-timeout seconds, aborts the rest, shuts the engine down and exits 0 (1 if the
 engine process had died meanwhile: that is logged at ERROR when it happens, and /health
 answers 503 with the reason).
+
+LoRA (vLLM's convention): each --lora_modules NAME=PATH (a PEFT adapter directory) is listed
+in /v1/models, and a request whose `model` is NAME runs through that adapter; the adapters are
+checked against the model when the engine is built. /metrics counts requests per adapter.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 API_KEY_ENV = "TRTLLM_API_KEY"
 
@@ -77,6 +83,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="n-gram: the longest suffix looked up")
     ap.add_argument("--speculative_model_dir", "--speculative-model-dir", default=None,
                     help="draft_target: the draft model's checkpoint")
+    ap.add_argument("--lora_modules", "--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                    help="LoRA adapters (PEFT directories) served by name: a request's `model` picks one")
+    ap.add_argument("--max_lora_rank", "--max-lora-rank", type=int, default=None,
+                    help="the largest adapter rank accepted (default: the largest of --lora_modules)")
+    ap.add_argument("--max_loras", "--max-loras", type=int, default=None,
+                    help="LoRA adapters resident on the GPU at once (default 4)")
+    ap.add_argument("--max_cpu_loras", "--max-cpu-loras", type=int, default=None,
+                    help="LoRA adapters kept in host memory (default: max(4, the number of --lora_modules))")
     ap.add_argument("--engine-in-thread", action="store_true",
                     help="run the engine on a thread of the server process instead of a process of its own "
                          "(less memory and startup; streaming throughput suffers: both share one GIL)")
@@ -93,12 +107,51 @@ def engine_options(args: argparse.Namespace) -> dict:
              if v is not None}
     kv = {k: v for k, v in (("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction),
                             ("max_tokens", args.kv_cache_max_tokens), ("dtype", args.kv_cache_dtype)) if v is not None}
-    return dict(dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv),
-                stream_interval=args.stream_interval, disable_overlap_scheduler=args.disable_overlap_scheduler,
-                tensor_parallel_size=args.tp_size,
-                speculative_config=speculative_config_from_options(args.speculative, args.max_draft_len,
-                                                                   args.max_matching_ngram_size,
-                                                                   args.speculative_model_dir))
+    options = dict(dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv),
+                   stream_interval=args.stream_interval, disable_overlap_scheduler=args.disable_overlap_scheduler,
+                   tensor_parallel_size=args.tp_size,
+                   speculative_config=speculative_config_from_options(args.speculative, args.max_draft_len,
+                                                                      args.max_matching_ngram_size,
+                                                                      args.speculative_model_dir))
+    lora_modules = parse_lora_modules(args.lora_modules)
+    if lora_modules:
+        options["lora_config"] = lora_config(args, lora_modules)
+    return options
+
+
+def parse_lora_modules(specs: list[str] | None) -> dict:
+    """--lora_modules NAME=PATH ... -> {NAME: LoRARequest(NAME, i, PATH)}; ValueError naming a bad one."""
+    from trtllm.lora_request import LoRARequest
+
+    modules = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora_modules {spec!r}: expected NAME=PATH")
+        if name in modules:
+            raise ValueError(f"--lora_modules: {name!r} given twice")
+        modules[name] = LoRARequest(name, len(modules) + 1, path)
+    return modules
+
+
+def lora_config(args: argparse.Namespace, modules: dict):
+    """The engine's LoraConfig for the adapters: checked when it is built (lora_dir)."""
+    import json
+
+    from trtllm.config import LoraConfig
+
+    rank = args.max_lora_rank
+    if rank is None:  # the largest adapter's (a missing or bad one is named when the engine checks it)
+        ranks = []
+        for lora in modules.values():
+            try:
+                ranks.append(int(json.loads((Path(lora.lora_path) / "adapter_config.json").read_text())["r"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        rank = max(ranks, default=64)
+    return LoraConfig(lora_dir=[lora.lora_path for lora in modules.values()], max_lora_rank=rank,
+                      **{k: v for k, v in (("max_loras", args.max_loras),) if v is not None},
+                      max_cpu_loras=args.max_cpu_loras or max(4, len(modules)))
 
 
 def build_llm(args: argparse.Namespace, options: dict):
@@ -158,8 +211,12 @@ def main(argv=None) -> int:
 
         try:
             options = engine_options(args)
+            lora_modules = parse_lora_modules(args.lora_modules)
         except ConfigError as e:
             print(f"trtllm-serve: bad option:\n{e}", file=sys.stderr)
+            return 2
+        except ValueError as e:
+            print(f"trtllm-serve: bad option: {e}", file=sys.stderr)
             return 2
         try:
             llm = build_llm(args, options)
@@ -169,7 +226,7 @@ def main(argv=None) -> int:
         name = args.served_model_name or (args.model if args.model is not None else "trtllm-demo")
         app = build_app(llm, name, api_key=api_key,
                         max_concurrent_requests=args.max_concurrent_requests or DEFAULT_MAX_CONCURRENT_REQUESTS,
-                        tool_parser=args.tool_parser)
+                        tool_parser=args.tool_parser, lora_modules=lora_modules)
         log.info("loaded %s as %r (API key %s; limits %s)", args.model or "the demo model", name,
                  "required" if api_key else "not required", llm.limits)
         # uvicorn handles SIGTERM/SIGINT while it runs (graceful stop), then restores these

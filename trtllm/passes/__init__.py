@@ -8,6 +8,7 @@ into a GEMV go through the custom op to F.linear, slower than Inductor's own mm,
 batch-64 decode graph took 7.12 ms against 6.65 without the pass on the H100
 (bench/probes/gemv_ab.py; the table in docs/decisions/linear_gemv.md)."""
 from trtllm.kernels.linear import GEMV_MAX_M
+from trtllm.passes.apply_lora import apply_lora
 from trtllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from trtllm.passes.fuse_moe import fuse_moe
 from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears
@@ -27,6 +28,7 @@ PASSES = [
     quantize_linears,                   # before fuse_parallel_linears: FP8 weights stack as FP8
     fuse_moe,                           # before the linear, silu-mul passes rewrite the experts' ops
     fuse_parallel_linears,
+    apply_lora,                         # after fuse_parallel_linears: one shrink for fused q/k/v, gate/up
     fuse_rms_norm,
     fuse_add_rms_norm,                  # needs fuse_rms_norm's output
     fuse_rms_norm_quant_fp8,            # needs both norms' ops and quantize_linears' quantizations

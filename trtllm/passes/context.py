@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from trtllm.lora_slots import LoraSlots
 from trtllm.parallel.tensor_parallel import TensorParallel
 from trtllm.passes.match import module_path
 from trtllm.quantization.fp8_linears import Fp8Linears
@@ -101,6 +102,8 @@ class PassContext:
     tensor_parallel: TensorParallel | None = None  # this rank, when compiled tensor-parallel
     # the model's FP8 linears (quantize_linears places them), None for an unquantized model
     quantization: Fp8Linears | None = None
+    # the LoRA adapters' slots (apply_lora wraps the targeted linears), None without LoRA
+    lora: LoraSlots | None = None
     # run once the call that compiled the graph has returned (e.g. fuse_parallel_linears
     # makes the model's weights views of the fused copy, so it holds one copy, not two)
     after_first_call: list[Callable[[], None]] = field(default_factory=list)

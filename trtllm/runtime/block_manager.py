@@ -28,6 +28,8 @@ its last block; when that block is shared (a partial block several beams hold), 
 first gives the sequence a copy of its own and queues (source, copy) in `pending_copies`,
 which the engine has the model runner copy before the step runs. Only beams share a block
 they write into (a prefix-cache hit is always full and never written), so nothing else pays.
+A sequence with a LoRA adapter starts its chain from the adapter's id (`chain_root`), so a
+prefix computed under one adapter is never reused under another, nor under the base model.
 """
 from __future__ import annotations
 
@@ -43,6 +45,13 @@ def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
     """The hash naming a full block of `tokens` that follows the block hashed `parent`."""
     data = (parent or b"") + array("q", tokens).tobytes()
     return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def chain_root(seq: Sequence) -> bytes | None:
+    """What the first block's hash follows: nothing for the base model, the adapter's id for a
+    sequence with a LoRA adapter (its K/V differ from the base's for the same tokens)."""
+    lora = seq.lora_request
+    return None if lora is None else b"lora" + lora.lora_int_id.to_bytes(8, "little")
 
 
 class BlockManager:
@@ -220,7 +229,7 @@ class BlockManager:
         tokens, bs = seq.token_ids, self.block_size
         while len(chain) < n:
             i = len(chain)
-            chain.append(block_hash(chain[-1] if chain else None, tokens[i * bs:(i + 1) * bs]))
+            chain.append(block_hash(chain[-1] if chain else chain_root(seq), tokens[i * bs:(i + 1) * bs]))
         return chain
 
     def _lookup(self, seq: Sequence) -> list[int]:

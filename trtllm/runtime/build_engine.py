@@ -3,7 +3,8 @@ it, quantize, compile, size the KV pool, capture the CUDA graphs. `LLM` (runtime
 the engine on a thread, `EngineCoreClient` (runtime/engine_client.py) in a process of its own.
 
 With `tensor_parallel_size > 1` rank 0's engine is built here and the workers (trtllm/parallel)
-run until `shutdown_workers(engine)`.
+run until `shutdown_workers(engine)`. With a `LoraConfig`, the compiled model gets LoRA slots
+(trtllm/lora_slots.py, passes/apply_lora.py) and the engine an adapter cache (runtime/adapters.py).
 """
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ import torch
 import torch.nn as nn
 
 from trtllm.compile import compile as trtllm_compile
-from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig, kv_cache_dtype
+from trtllm.config import BuildConfig, KvCacheConfig, LoraConfig, QuantConfig, kv_cache_dtype
+from trtllm.lora_request import LoRARequest
+from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
 from trtllm.models.loader import load_model
 from trtllm.parallel import process_group
 from trtllm.parallel.rank_model import RankSpec
 from trtllm.parallel.workers import start_tensor_parallel
 from trtllm.quantization.checkpoint import kv_cache_scales_by_layer
 from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
+from trtllm.runtime.adapters import Adapters, read_peft_adapter, read_target_modules
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.build_defaults import read_build_defaults
 from trtllm.runtime.engine import Engine
@@ -41,7 +45,8 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                  quant_config: QuantConfig | None = None, enable_cuda_graph: bool = True,
                  device: str | torch.device | None = None, compile_options: dict | None = None,
                  stream_interval: int = 1, disable_overlap_scheduler: bool = False,
-                 kv_cache_scales=None, tensor_parallel_size: int = 1, speculative_config=None) -> Engine:
+                 kv_cache_scales=None, tensor_parallel_size: int = 1, speculative_config=None,
+                 lora_config: LoraConfig | None = None) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
     in a process of its own. Arguments as `LLM`'s. `engine.startup` says where the time went.
@@ -69,10 +74,23 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     if model is None:
         from trtllm.demo import demo_model_path
         model = demo_model_path()
+    if lora_config is not None:
+        if not isinstance(lora_config, LoraConfig):
+            raise TypeError(f"lora_config must be a LoraConfig, got {type(lora_config).__name__}")
+        if tensor_parallel_size != 1:
+            raise ValueError(f"LoRA with tensor_parallel_size={tensor_parallel_size} is not supported yet")
+        for directory in lora_config.lora_dir:  # a missing one named before minutes of loading
+            read_target_modules(directory)
+        if quant_config.weight_algo is not None:
+            raise ValueError(f"LoRA over quantized linears (quant_algo={quant_config.weight_algo.value}) is not "
+                             "supported yet")
     if tensor_parallel_size != 1:
         if speculative_config is not None:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with speculative decoding is not "
                              "supported yet")
+        if build_config is not None and build_config.max_beam_width > 1:  # beams' block copies: rank 0's cache only
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with beam search (max_beam_width="
+                             f"{build_config.max_beam_width}) is not supported yet")
         if quant_config.weight_algo is not None or kv_format != "auto" or kv_cache_scales is not None:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with quantized weights or KV cache is "
                              "not supported yet")
@@ -93,11 +111,29 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     else:  # an FP8 checkpoint's layout is read from the directory; weight_algo quantizes as it loads
         module = load_model(model, dtype=_DTYPES[dtype], device=device, quant_algo=quant_config.weight_algo)
         tokenizer = tokenizer if tokenizer is not None else model
-    compiled = trtllm_compile(module, **(compile_options or {}), block_size=kv_cache_config.tokens_per_block)
+    lora = _lora_slots(lora_config, module, build_config) if lora_config is not None else None
+    compiled = trtllm_compile(module, **(compile_options or {}), block_size=kv_cache_config.tokens_per_block,
+                              **({"lora": lora} if lora is not None else {}))
     speculative = None if speculative_config is None else dict(
         config=speculative_config, dtype=_DTYPES[dtype], compile_options=compile_options)
     return _build_engine(module, compiled, started, tokenizer, kv_cache_config, build_config, enable_cuda_graph,
-                         stream_interval, disable_overlap_scheduler, kv_format, kv_cache_scales, speculative)
+                         stream_interval, disable_overlap_scheduler, kv_format, kv_cache_scales, speculative,
+                         lora_config)
+
+
+def _lora_slots(config: LoraConfig, module: nn.Module, build_config: BuildConfig) -> LoraSlots:
+    """The LoRA slots the compiled model reads: the target modules named, else those of the
+    adapters in lora_dir, else every attention and MLP linear."""
+    if fp8_linears_of(module) is not None:
+        raise ValueError("LoRA over an FP8 checkpoint's linears is not supported yet")
+    targets = list(config.lora_target_modules)
+    if not targets:
+        for directory in config.lora_dir:
+            targets += read_target_modules(directory)
+    device = next(module.parameters()).device
+    max_num_tokens = max(build_config.max_num_tokens, build_config.max_batch_size)
+    return LoraSlots(config.max_loras, config.max_lora_rank, targets or DEFAULT_TARGET_MODULES, max_num_tokens,
+                     device)
 
 
 def _start_tensor_parallel(model, dtype: str, device, compile_options: dict | None,
@@ -125,7 +161,7 @@ def shutdown_workers(engine: Engine) -> None:
 def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cache_config: KvCacheConfig,
                   build_config: BuildConfig, enable_cuda_graph: bool, stream_interval: int,
                   disable_overlap_scheduler: bool, kv_format: str, kv_cache_scales,
-                  speculative: dict | None = None) -> Engine:
+                  speculative: dict | None = None, lora_config: LoraConfig | None = None) -> Engine:
     load_s = time.perf_counter() - started  # the load (compilation itself is lazy: compiled.compile_s)
     tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     config = getattr(module, "config", None)
@@ -147,15 +183,17 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
     blocks = num_kv_blocks(compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len,
                            kv_quant.dtype if kv_quant else None)
     block_manager = BlockManager(blocks, kv_cache_config.tokens_per_block, kv_cache_config.enable_block_reuse)
+    adapters = _adapters(lora_config, compiled, module) if lora_config is not None else None
     compile_before_capture = compiled.compile_s
     runner = ModelRunner(compiled, num_blocks=blocks, block_size=kv_cache_config.tokens_per_block,
                          max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs,
-                         max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph, kv_quant=kv_quant)
-    scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len)
+                         max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph, kv_quant=kv_quant,
+                         adapters=adapters)
+    scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len, adapters=adapters)
     engine = Engine(runner, block_manager, scheduler, tokenizer,
                     EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len,
                                  build_config.max_beam_width),
-                    vocab_size, eos_token_ids, stream_interval, disable_overlap_scheduler)
+                    vocab_size, eos_token_ids, stream_interval, disable_overlap_scheduler, adapters)
     if speculative is not None:
         engine.set_speculative(speculative)
         if speculative.verify_cuda_graphs and enable_cuda_graph and runner.device.type == "cuda":
@@ -163,6 +201,21 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
     capture_s = runner.capture_s - (compiled.compile_s - compile_before_capture)
     engine.startup = StartupTimes(load_s, compiled.compile_s, capture_s, time.perf_counter() - started)
     return engine
+
+
+def _adapters(config: LoraConfig, compiled, module: nn.Module) -> Adapters:
+    """The engine's adapter cache, once the model is compiled (the pass makes the slots: the
+    KV profiling call compiles on a GPU, one short call here elsewhere); lora_dir's adapters
+    checked against it."""
+    slots = compiled.lora
+    if not slots.groups:
+        zeros = torch.zeros((1, 2), dtype=torch.long, device=compiled.device)
+        compiled(zeros, torch.arange(2, device=compiled.device)[None])
+    if not slots.groups:
+        raise ValueError(f"LoRA: the model has no linear named in target modules {sorted(slots.target_modules)}")
+    for directory in config.lora_dir:
+        read_peft_adapter(LoRARequest(Path(directory).name or str(directory), 1, str(directory)), slots)
+    return Adapters(config, slots, next(module.parameters()).dtype)
 
 
 def _vocab_size(module: nn.Module, compiled) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from trtllm.lora_request import LoRARequest
 from trtllm.runtime.engine_limits import EngineLimits
 from trtllm.runtime.engine_stats import EngineStats
 from trtllm.runtime.request_stream import RequestStream
@@ -25,8 +26,10 @@ class EngineClient(Protocol):
         """Raise ValueError naming what is wrong with this request, before submitting it."""
 
     def generate_async(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
-                       streaming: bool = False, request_id: str | None = None) -> RequestStream:
-        """Submit a request (called on the event loop its stream is read on). With
+                       streaming: bool = False, request_id: str | None = None,
+                       lora_request: LoRARequest | None = None) -> RequestStream:
+        """Submit a request (called on the event loop its stream is read on), with a LoRA
+        adapter if `lora_request` names one (the engine checks it: a bad one fails the request). With
         `streaming`, an output per step (per stream_interval tokens), else only the last. A
         request that fails (bad, a duplicate id, the engine gone) ends with `.error` set."""
 

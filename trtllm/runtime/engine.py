@@ -67,7 +67,7 @@ log = logging.getLogger("trtllm")
 class Engine:
     def __init__(self, runner: ModelRunner, block_manager: BlockManager, scheduler: Scheduler,
                  tokenizer, limits: EngineLimits, vocab_size: int, eos_token_ids: list[int],
-                 stream_interval: int = 1, disable_overlap_scheduler: bool = False):
+                 stream_interval: int = 1, disable_overlap_scheduler: bool = False, adapters=None):
         check_stream_interval(stream_interval)
         self.runner, self.block_manager, self.scheduler = runner, block_manager, scheduler
         # a streaming request gets an output every stream_interval new tokens (its first at
@@ -90,6 +90,7 @@ class Engine:
         self.startup: StartupTimes | None = None
         self.beam_groups: dict[str, BeamGroup] = {}  # beam search requests in flight (runtime/beams.py)
         self.speculative: SpeculativeDecoder | None = None  # set by build_engine: see set_speculative
+        self.adapters = adapters  # runtime/adapters.Adapters with LoRA (the scheduler's too), else None
 
     def set_speculative(self, decoder: SpeculativeDecoder) -> None:
         """Speculative decoding (runtime/speculative): each step proposes draft tokens and
@@ -103,14 +104,27 @@ class Engine:
         validate_request(prompt_token_ids, params, self.limits, self.vocab_size, self.tokenizer is not None)
         self.logits_hooks.validate(params)
 
+    def check_lora(self, lora_request) -> None:
+        """Raise ValueError (TypeError) naming what is wrong with a request's LoRA adapter."""
+        if lora_request is None:
+            return
+        if self.adapters is None:
+            raise ValueError(f"LoRA adapter {getattr(lora_request, 'lora_name', lora_request)!r} asked, but this "
+                             "engine was built without lora_config")
+        self.adapters.check(lora_request)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, stream: bool = False) -> None:
+                    prompt: str | None = None, stream: bool = False, lora_request=None) -> None:
         assert request_id not in self.requests, f"request id {request_id!r} is already in flight"
         self.validate(prompt_token_ids, params)
+        self.check_lora(lora_request)
+        if lora_request is not None and params.is_beam_search:
+            raise ValueError("beam search with a LoRA adapter is not supported yet")
         group = BeamGroup(request_id, prompt_token_ids, params, self.eos_token_ids, self.limits.max_seq_len,
                           self.tokenizer) if params.is_beam_search else None
         seqs = group.beams if group is not None else \
-            [Sequence(request_id, list(prompt_token_ids), params, index=i) for i in range(params.num_sequences)]
+            [Sequence(request_id, list(prompt_token_ids), params, index=i, lora_request=lora_request)
+             for i in range(params.num_sequences)]
         for seq in seqs:
             seq.seed = params.seed if params.seed is not None else draw_seed()
         self.logits_hooks.attach(seqs, params)  # compiles its guide (cached); ValueError if it cannot

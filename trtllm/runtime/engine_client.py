@@ -19,6 +19,7 @@ import queue
 import signal
 import threading
 
+from trtllm.lora_request import LoRARequest
 from trtllm.runtime.engine_core import core_main
 from trtllm.runtime.engine_limits import validate_request
 from trtllm.runtime.engine_stats import EngineStats
@@ -100,8 +101,10 @@ class EngineCoreClient:
                              "API only; the engine process sends tokens, not logits, over its pipes")
 
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
-                       streaming: bool = False, request_id: str | None = None) -> RequestStream:
-        """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`."""
+                       streaming: bool = False, request_id: str | None = None,
+                       lora_request: LoRARequest | None = None) -> RequestStream:
+        """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`.
+        A LoRA adapter is checked by the engine process: a bad one fails the request there."""
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
@@ -113,7 +116,7 @@ class EngineCoreClient:
         if error is not None:
             stream.fail(error)
         else:
-            self._outgoing.put(AddRequest(request_id, ids, params, text, streaming))
+            self._outgoing.put(AddRequest(request_id, ids, params, text, streaming, lora_request))
         return stream
 
     def abort(self, request_id: str) -> None:

@@ -60,8 +60,9 @@ class EngineDriver:
         for msg in messages:
             if isinstance(msg, AddRequest):
                 try:
+                    lora = {} if msg.lora_request is None else {"lora_request": msg.lora_request}  # stand-ins take none
                     self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.prompt,
-                                            stream=msg.streaming)
+                                            stream=msg.streaming, **lora)
                 except ValueError as e:  # bad on its own: fails alone
                     outputs.append(failed_output(msg.request_id, msg.params.n, str(e), msg.prompt,
                                                  msg.prompt_token_ids))

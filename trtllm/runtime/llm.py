@@ -22,6 +22,10 @@ Speculative decoding: `speculative_config=NGramDecodingConfig(...)` or
 `DraftTargetDecodingConfig(...)` (TensorRT-LLM's names), or the manual's
 `speculative_decoding_config=SpeculativeDecodingConfig(draft_model=..., draft_tokens=4)`
 (runtime/speculative; it turns the overlap scheduler off).
+LoRA adapters (PEFT checkpoints, many in one batch; runtime/adapters.py):
+`LLM(..., lora_config=LoraConfig(max_lora_rank=16, max_loras=4))`, then
+`generate(prompts, params, lora_request=LoRARequest("math", 1, "path/to/adapter"))` (one for
+all prompts, or a list with one per prompt, None for the base model); `generate_async` too.
 
 `stream_interval=N` (TensorRT-LLM's name): a streaming request gets an output every N
 new tokens (its first at once, its last when it ends) instead of every token: fewer,
@@ -47,7 +51,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig
+from trtllm.config import BuildConfig, KvCacheConfig, LoraConfig, QuantConfig
+from trtllm.lora_request import LoRARequest
 from trtllm.runtime.build_engine import build_engine, shutdown_workers
 from trtllm.runtime.engine_loop import EngineLoop
 from trtllm.runtime.engine_stats import EngineStats
@@ -70,7 +75,7 @@ class LLM:
                  device: str | torch.device | None = None, compile_options: dict | None = None,
                  stream_interval: int = 1, disable_overlap_scheduler: bool = False, kv_cache_scales=None,
                  tensor_parallel_size: int = 1, batched_logits_processor=None, speculative_config=None,
-                 speculative_decoding_config=None):
+                 speculative_decoding_config=None, lora_config: LoraConfig | None = None):
         if batched_logits_processor is not None and not callable(batched_logits_processor):
             raise TypeError("batched_logits_processor must be callable (a BatchedLogitsProcessor)")
         if speculative_config is not None and speculative_decoding_config is not None:
@@ -78,7 +83,7 @@ class LLM:
         self.engine = build_engine(model, tokenizer, dtype, kv_cache_config, build_config, quant_config,
                                    enable_cuda_graph, device, compile_options, stream_interval,
                                    disable_overlap_scheduler, kv_cache_scales, tensor_parallel_size,
-                                   speculative_config or speculative_decoding_config)
+                                   speculative_config or speculative_decoding_config, lora_config)
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
         self.block_manager, self.compiled = self.engine.block_manager, self.engine.runner.compiled
@@ -87,29 +92,37 @@ class LLM:
 
     # -- generation --------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True, streaming: bool = False):
+                 use_tqdm: bool = True, streaming: bool = False,
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None):
         """RequestOutputs for a prompt or a list; with streaming=True (one prompt), an
-        iterator of growing RequestOutputs (closing it, or dropping it, aborts the request)."""
+        iterator of growing RequestOutputs (closing it, or dropping it, aborts the request).
+        lora_request: one adapter for every prompt, or a list of one per prompt (None: the base)."""
         self._check_running()
         if getattr(prompts, "ndim", None) == 2:  # a 2-D array or tensor of token ids: one prompt a row
             prompts = list(prompts)
         if streaming:
             if _is_batch(prompts):
                 raise ValueError("streaming=True takes one prompt; use generate_async for several")
-            return StreamingOutputs(self._submit(prompts, sampling_params, streaming=True), self._loop)
+            if isinstance(lora_request, (list, tuple)):
+                raise ValueError("streaming=True takes one prompt and one lora_request, not a list")
+            return StreamingOutputs(self._submit(prompts, sampling_params, streaming=True, lora_request=lora_request),
+                                    self._loop)
         batch = _is_batch(prompts)
         prompts = list(prompts) if batch else [prompts]
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"{len(loras)} lora_requests for {len(prompts)} prompts")
         # every prompt checked and tokenized first, then all handed over in one message:
         # a bad one raises before any runs, and the engine's first step sees the whole
         # batch (one at a time, the engine thread started stepping on the first few while
         # the rest came in: batches formed differently from run to run)
         requests = []
-        for i, (p, sp) in enumerate(zip(prompts, params)):
+        for i, (p, sp, lora) in enumerate(zip(prompts, params, loras)):
             try:
-                requests.append(self._prepare(new_request_id(), p, sp))
+                requests.append(self._prepare(new_request_id(), p, sp, lora_request=lora))
             except (ValueError, TypeError) as e:
                 if not batch:
                     raise
@@ -141,28 +154,31 @@ class LLM:
         return outputs if batch else outputs[0]
 
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
-                       streaming: bool = False, request_id: str | None = None) -> RequestStream:
+                       streaming: bool = False, request_id: str | None = None,
+                       lora_request: LoRARequest | None = None) -> RequestStream:
         """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`."""
         self._check_running()
         return self._submit(prompt, sampling_params, loop=asyncio.get_running_loop(), request_id=request_id,
-                            streaming=streaming)
+                            streaming=streaming, lora_request=lora_request)
 
     def abort(self, request_id: str) -> None:
         self._loop.abort(request_id)
 
     def _submit(self, prompt, params: SamplingParams | None, loop=None, request_id: str | None = None,
-                streaming: bool = False) -> RequestStream:
-        return self._loop.submit(self._prepare(request_id or new_request_id(), prompt, params, streaming), loop)
+                streaming: bool = False, lora_request: LoRARequest | None = None) -> RequestStream:
+        return self._loop.submit(self._prepare(request_id or new_request_id(), prompt, params, streaming,
+                                               lora_request), loop)
 
-    def _prepare(self, request_id: str, prompt, params: SamplingParams | None, streaming: bool = False
-                 ) -> AddRequest:
+    def _prepare(self, request_id: str, prompt, params: SamplingParams | None, streaming: bool = False,
+                 lora_request: LoRARequest | None = None) -> AddRequest:
         """One request, tokenized; TypeError/ValueError if bad."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         text, ids = tokenize_prompt(self.tokenizer, prompt)
         self.engine.validate(ids, params)
-        return AddRequest(request_id, ids, params, text, streaming)
+        self.engine.check_lora(lora_request)
+        return AddRequest(request_id, ids, params, text, streaming, lora_request)
 
     def _check_running(self) -> None:
         if self._shut_down:

@@ -14,6 +14,9 @@ A speculating sequence's chunk is its last known token followed by its draft tok
 `capture_verify_graphs(k + 1, sizes)` captured graphs for b sequences of k + 1 tokens each
 (opt-in: the speculative configs' `verify_cuda_graphs`; not yet run on a GPU at the time of
 writing) and every sequence of the step verifies exactly k drafts.
+With LoRA (`adapters`, runtime/adapters.py), each step also writes each token's adapter slot
+(-1: none) into the fixed-address `LoraSlots.slot_ids` the graphs read (trtllm/lora_slots.py),
+padding tokens -1, by one more copy out of the same pinned staging.
 
 On a GPU, pure-decode steps replay CUDA graphs captured for batch sizes 1, 2, 4, 8,
 16, ... up to max_num_seqs (a step pads to the next captured size: padded tokens
@@ -83,7 +86,7 @@ class LaunchedStep:
 class ModelRunner:
     def __init__(self, compiled: CompiledModel, *, num_blocks: int, block_size: int,
                  max_num_tokens: int, max_num_seqs: int, max_model_len: int,
-                 enable_cuda_graph: bool = True, kv_quant: KvCacheQuant | None = None):
+                 enable_cuda_graph: bool = True, kv_quant: KvCacheQuant | None = None, adapters=None):
         spec = compiled.attention
         self.compiled, self.device = compiled, compiled.device
         self.block_size, self.max_model_len = block_size, max_model_len
@@ -94,9 +97,10 @@ class ModelRunner:
         self.meta = AttentionMetadata(max_num_tokens, max_num_seqs, math.ceil(max_model_len / block_size),
                                       self.device)
         # token ids, positions and logits rows: one device buffer, filled from one pinned
-        # host buffer by one copy per step
+        # host buffer by one copy per step; row 3: LoRA slots per token (copied to slot_ids)
+        self.adapters = adapters
         self._inputs = torch.zeros((3, max_num_tokens), dtype=torch.long, device=self.device)
-        self._staging = torch.zeros((3, max_num_tokens), dtype=torch.long,
+        self._staging = torch.zeros((4 if adapters is not None else 3, max_num_tokens), dtype=torch.long,
                                     pin_memory=self.device.type == "cuda")
         self._staging_np = self._staging.numpy()
         self.input_ids, self.positions, self.logits_indices = self._inputs
@@ -167,6 +171,8 @@ class ModelRunner:
         num_tokens = len(ids)
         self.meta.fill(query_lens, seq_lens, tables, self.block_size)
         graph_size = None if spans else self._graph_size(num_tokens, len(scheduled), sample_rows)
+        if self.adapters is not None:
+            self._stage_lora_slots(scheduled, graph_size or num_tokens)
         if graph_size is not None:
             return self._replay(graph_size, ids, positions, range(len(sample_rows)), scheduled, to_sample)
         num_sampled = len(sample_rows)
@@ -198,6 +204,8 @@ class ModelRunner:
             return None
         self._wait_inputs_copied()
         positions = [seq.num_tokens for seq in seqs]
+        if self.adapters is not None:
+            self._stage_lora_slots([(seq, 1) for seq in seqs], size)
         self.meta.fill([1] * m, [p + 1 for p in positions], [seq.block_table for seq in seqs], self.block_size)
         scheduled = [(seq, 1) for seq in seqs]
         return self._replay(size, [], positions, rows, scheduled, seqs, previous.device_picks[0])
@@ -265,12 +273,15 @@ class ModelRunner:
             if host is None:
                 host = self._greedy_host[size, turn] = torch.empty(greedy.shape, dtype=greedy.dtype,
                                                                    pin_memory=self.device.type == "cuda")
-            views = (graph, self._inputs[:, :size], self._staging[:, :size], greedy, host,
-                     host[:, :num_rows], logits[:num_rows])
+            lora = None if self.adapters is None else (self.adapters.slots.slot_ids[:size], self._staging[3, :size])
+            views = (graph, self._inputs[:, :size], self._staging[:3, :size], greedy, host,
+                     host[:, :num_rows], logits[:num_rows], lora)
             self._replay_views[(size, num_rows, turn)] = views
-        graph, inputs, staging, greedy, greedy_host, picks, logits = views
+        graph, inputs, staging, greedy, greedy_host, picks, logits, lora = views
         self._stage(ids, positions, rows, size)
         inputs.copy_(staging, non_blocking=True)
+        if lora is not None:  # each token's adapter slot
+            lora[0].copy_(lora[1], non_blocking=True)
         if gather_ids is not None:  # the row of the previous step each sequence's token is at
             n = len(rows)
             torch.index_select(gather_ids, 0, self.logits_indices[:n], out=self.input_ids[:n])
@@ -298,15 +309,27 @@ class ModelRunner:
     def _copy_inputs(self, ids: list[int], positions: list[int], rows: list[int]) -> None:
         n = len(ids)
         self._stage(ids, positions, rows, n)
-        self._inputs[:, :n].copy_(self._staging[:, :n], non_blocking=True)
+        self._inputs[:, :n].copy_(self._staging[:3, :n], non_blocking=True)
+        if self.adapters is not None:
+            self.adapters.slots.slot_ids[:n].copy_(self._staging[3, :n], non_blocking=True)
         if self._inputs_copied is not None:
             self._inputs_copied.record()
+
+    def _stage_lora_slots(self, scheduled: list[tuple[Sequence, int]], n: int) -> None:
+        """Each token's LoRA slot into staging row 3 (-1 up to `n`: padding, the base); the
+        copy to the device goes with the step's other inputs. Staged before `_stage`, which
+        leaves row 3 alone."""
+        host, t = self._staging_np[3], 0
+        host[:n] = -1
+        for seq, count in scheduled:
+            host[t: t + count] = self.adapters.slot(seq)
+            t += count
 
     def _stage(self, ids: list[int], positions: list[int], rows, n: int) -> None:
         """Token ids, positions and logits rows into the pinned staging buffer, zeros up
         to `n` (a graph's padding tokens)."""
         host = self._staging_np
-        host[:, :n] = 0
+        host[:3, :n] = 0
         host[0, : len(ids)] = ids
         host[1, : len(positions)] = positions
         host[2, : len(rows)] = rows

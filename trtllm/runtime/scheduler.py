@@ -25,6 +25,10 @@ all its beams, which run parked (nothing to compute, skipped) until its first to
 group is preempted whole (its victims never come from its own beams; a group that alone
 fills the pool finishes "length"), and starts again from its prompt. `update` gives a beam
 no token: its group's step does, after it.
+With LoRA (`adapters`, runtime/adapters.py), a sequence is admitted only when its adapter has a
+GPU slot or one can be freed for it (it waits otherwise); admission pins the slot, finishing
+or preemption unpins it. An adapter whose files cannot be read at admission fails its
+sequence alone ("error", from pop_finished).
 
 A sequence's uncomputed tokens are `token_ids[num_computed_tokens:]`; a step computes
 the next n of them, at positions num_computed_tokens .. num_computed_tokens + n - 1, and
@@ -64,7 +68,7 @@ from trtllm.runtime.sequence import Sequence, SequenceStatus
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_tokens: int,
-                 max_model_len: int, enable_chunked_prefill: bool = True):
+                 max_model_len: int, enable_chunked_prefill: bool = True, adapters=None):
         if min(max_num_seqs, max_num_tokens, max_model_len) <= 0:
             raise ValueError("max_num_seqs, max_num_tokens and max_model_len must be > 0")
         if max_num_tokens < max_num_seqs:  # else some decodes could be left out of a step
@@ -77,6 +81,7 @@ class Scheduler:
         self.running: list[Sequence] = []   # in admission order
         self._finished: list[Sequence] = []  # finished by the scheduler, for pop_finished
         self.num_preemptions = 0
+        self.adapters = adapters  # runtime/adapters.Adapters with LoRA, else None
 
     @property
     def num_waiting(self) -> int:
@@ -125,6 +130,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq, publish=reason != "error")
+        if self.adapters is not None:
+            self.adapters.release(seq)
         seq.finish(reason, error)
 
     def pop_finished(self) -> list[Sequence]:
@@ -194,6 +201,15 @@ class Scheduler:
             remaining = seq.num_tokens - self.block_manager.num_prefix_hit_tokens(seq)
             if not self.enable_chunked_prefill and remaining > budget:
                 break
+            if self.adapters is not None:
+                if not self.adapters.can_admit(seq):
+                    break  # every slot is pinned by a running sequence's adapter
+                try:
+                    self.adapters.acquire(seq)
+                except ValueError as e:
+                    self.finish(seq, "error", str(e))
+                    self._finished.append(seq)
+                    continue
             self.waiting.popleft()
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
@@ -290,6 +306,8 @@ class Scheduler:
             if s in self.running:
                 self.running.remove(s)
                 self.block_manager.free(s)
+                if self.adapters is not None:
+                    self.adapters.release(s)
         if seq.beam is not None:
             seq = seq.beam.restart()
         seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0

@@ -7,6 +7,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from trtllm.lora_request import LoRARequest
 from trtllm.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -47,6 +48,7 @@ class Sequence:
     num_draft_tokens: int = 0            # draft tokens the target verified
     num_accepted_draft_tokens: int = 0   # ... and accepted
     num_verify_steps: int = 0            # steps that verified drafts
+    lora_request: LoRARequest | None = None          # its LoRA adapter (runtime/adapters.py), None: the base
 
     @property
     def token_ids(self) -> list[int]:

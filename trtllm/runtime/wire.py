@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from trtllm.lora_request import LoRARequest
     from trtllm.runtime.engine import EngineLimits
     from trtllm.runtime.engine_stats import EngineStats
     from trtllm.runtime.outputs import RequestOutput
@@ -33,6 +34,7 @@ class AddRequest:
     params: SamplingParams
     prompt: str | None = None
     streaming: bool = False  # an output every step (every stream_interval tokens), not only the last
+    lora_request: LoRARequest | None = None  # its LoRA adapter (runtime/adapters.py), None: the base model
 
 
 @dataclass(slots=True)

@@ -49,9 +49,12 @@ def server_version() -> str:
 
 def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = None,
               max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, tool_parser: str = "hermes") -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, tool_parser: str = "hermes",
+              lora_modules: dict | None = None) -> FastAPI:
+    """lora_modules: LoRA adapter name -> its LoRARequest (trtllm-serve --lora_modules): listed in
+    /v1/models, and a request whose `model` is an adapter's name runs through it."""
     metrics = ServerMetrics(llm)
-    handler = Handler(llm, served_model_name, metrics, tool_parser)
+    handler = Handler(llm, served_model_name, metrics, tool_parser, lora_modules)
     created = int(time.time())
 
     @asynccontextmanager
@@ -105,18 +108,20 @@ def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = N
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await handler.run(await handler.chat_job(body), request)
 
-    def model_card() -> dict:
-        return {"id": served_model_name, "object": "model", "created": created, "owned_by": "trtllm",
+    def model_card(lora=None) -> dict:
+        card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "trtllm",
                 "max_model_len": llm.limits.max_seq_len}
+        if lora is not None:  # vLLM's card of an adapter: its base model as parent
+            card.update(id=lora.lora_name, root=lora.lora_path, parent=served_model_name)
+        return card
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card()] + [model_card(lora) for lora in handler.lora_modules.values()]}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
-        handler.check_model(model)
-        return model_card()
+        return model_card(handler.check_model(model))
 
     @app.get("/health")
     async def health():

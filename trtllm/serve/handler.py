@@ -21,6 +21,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from trtllm.lora_request import LoRARequest
 from trtllm.runtime.client_protocol import EngineClient
 from trtllm.runtime.outputs import RequestOutput
 from trtllm.runtime.request_stream import RequestStream
@@ -36,21 +37,28 @@ _BIG_TEXT = 16384  # characters: longer prompts are tokenized on a worker thread
 
 
 class Handler:
-    def __init__(self, llm: EngineClient, served_model_name: str, metrics: ServerMetrics, tool_parser: str = "hermes"):
+    def __init__(self, llm: EngineClient, served_model_name: str, metrics: ServerMetrics, tool_parser: str = "hermes",
+                 lora_modules: dict[str, LoRARequest] | None = None):
         self.llm, self.name, self.metrics = llm, served_model_name, metrics
+        self.lora_modules = dict(lora_modules or {})  # adapter name -> its request (trtllm-serve --lora_modules)
         self.tokenizer = llm.tokenizer
         self.active: dict[str, RequestStream] = {}
         self.render = Renderer(self.tokenizer, served_model_name, tool_parser)
 
     # -- checks (nothing is submitted until all pass) ------------------------------------
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.name:
-            raise RequestError(404, f"the model {model!r} does not exist; this server serves {self.name!r}",
-                               param="model", code="model_not_found")
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter `model` names (vLLM's convention), None for the base model; 404 if neither."""
+        if model is None or model == self.name:
+            return None
+        if model in self.lora_modules:
+            return self.lora_modules[model]
+        served = ", ".join(map(repr, [self.name, *self.lora_modules]))
+        raise RequestError(404, f"the model {model!r} does not exist; this server serves {served}",
+                           param="model", code="model_not_found")
 
     async def completion_job(self, body: CompletionRequest) -> Job:
         body.refuse_invalid_text()
-        self.check_model(body.model)
+        lora_request = self.check_model(body.model)
         body.refuse_unsupported()
         prompts = body.prompts()
         guide, guide_param = body.guide()
@@ -60,11 +68,11 @@ class Handler:
             self._validate(ids, params, "prompt", guide_param)
         return Job("completions", f"cmpl-{uuid.uuid4().hex}", tokenized, [params] * len(tokenized),
                    body.logprobs, body.stream, bool(body.stream_options and body.stream_options.include_usage),
-                   echo=body.echo)
+                   echo=body.echo, lora_request=lora_request)
 
     async def chat_job(self, body: ChatCompletionRequest) -> Job:
         body.refuse_invalid_text()
-        self.check_model(body.model)
+        lora_request = self.check_model(body.model)
         body.refuse_unsupported()
         messages = body.checked_messages()
         if self.tokenizer is None:
@@ -99,7 +107,7 @@ class Handler:
         self._validate(ids, params, "messages", guide_param)
         return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", [(text, ids)], [params], body.num_logprobs,
                    body.stream, bool(body.stream_options and body.stream_options.include_usage),
-                   tools=plan if plan is not None and plan.mode != "none" else None)
+                   tools=plan if plan is not None and plan.mode != "none" else None, lora_request=lora_request)
 
     async def _tokenize(self, prompt, add_special_tokens: bool) -> tuple[str | None, list[int]]:
         if not isinstance(prompt, str):
@@ -125,8 +133,13 @@ class Handler:
         if reason is not None:  # the engine process died: say so at once, as /health does
             raise RequestError(503, f"the engine is not running ({reason}); the server must be restarted",
                                code="engine_unavailable")
-        streams = [self.llm.generate_async(ids, params, streaming=job.stream)
-                   for (_, ids), params in zip(job.prompts, job.params)]
+        if job.lora_request is not None:
+            self.metrics.lora_requests.labels(job.lora_request.lora_name).inc()
+            streams = [self.llm.generate_async(ids, params, streaming=job.stream, lora_request=job.lora_request)
+                       for (_, ids), params in zip(job.prompts, job.params)]
+        else:  # the engine clients of before LoRA take no lora_request
+            streams = [self.llm.generate_async(ids, params, streaming=job.stream)
+                       for (_, ids), params in zip(job.prompts, job.params)]
         for s in streams:
             self.active[s.request_id] = s
         headers = {}

@@ -20,6 +20,8 @@ process, as in tests, never share counters).
     trtllm_spec_decode_num_draft_tokens_total    counter: draft tokens verified (speculative decoding)
     trtllm_spec_decode_num_accepted_tokens_total counter: of those, accepted
     trtllm_spec_decode_num_verify_steps_total    counter: sequence-steps that verified drafts
+    trtllm_lora_requests_total{lora_name}        counter: generation requests routed through each LoRA
+                                                 adapter (`model` = the adapter's name)
 
 Gauges of engine state are `llm.engine_stats()` at scrape time: read from the scheduler
 and block manager (engine on a thread; never locked or waited on), or the counters the
@@ -95,6 +97,8 @@ class ServerMetrics:
         self.cached_tokens = Counter("trtllm_prompt_tokens_cached", "Prompt tokens served from the prefix cache",
                                      registry=r)
         self.generation_tokens = Counter("trtllm_generation_tokens", "Tokens generated", registry=r)
+        self.lora_requests = Counter("trtllm_lora_requests", "Generation requests by LoRA adapter", ["lora_name"],
+                                     registry=r)
         r.register(_EngineCollector(llm))
 
     def outcome(self, endpoint: str, outcome: str) -> None:

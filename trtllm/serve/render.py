@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from trtllm.lora_request import LoRARequest
 from trtllm.runtime.outputs import RequestOutput
 from trtllm.sampling_params import SamplingParams
 from trtllm.serve.tools import ToolCallStream, ToolPlan
@@ -26,6 +27,7 @@ class Job:
     include_usage: bool
     echo: bool = False
     tools: ToolPlan | None = None      # chat with tools (tool_choice other than "none")
+    lora_request: LoRARequest | None = None  # the adapter the request's `model` named, None: the base model
     created: int = field(default_factory=lambda: int(time.time()))
     arrival: float = field(default_factory=time.perf_counter)
 
@@ -56,6 +58,10 @@ class Renderer:
     def __init__(self, tokenizer, served_model_name: str, tool_parser: str = "hermes"):
         self.tokenizer, self.name, self.tool_parser = tokenizer, served_model_name, tool_parser
         self._token_text: dict[int, str] = {}
+
+    def _model(self, job: Job) -> str:
+        """The `model` a response names: the adapter's name for a request routed through one."""
+        return job.lora_request.lora_name if job.lora_request is not None else self.name
 
     def piece(self, job: Job, state: ChoiceProgress, c, idx: int) -> dict | None:
         """The chunk choice for what completion `c` added since `state`, or None."""
@@ -110,7 +116,7 @@ class Renderer:
 
     def chunk(self, job: Job, choice: dict | None, usage: dict | None = None) -> dict:
         chunk = {"id": job.id, "object": "chat.completion.chunk" if job.endpoint == "chat" else "text_completion",
-                 "created": job.created, "model": self.name, "choices": [choice] if choice is not None else []}
+                 "created": job.created, "model": self._model(job), "choices": [choice] if choice is not None else []}
         if job.include_usage:
             chunk["usage"] = usage
         return chunk
@@ -140,7 +146,7 @@ class Renderer:
                     choices.append({"index": i * n + c.index, "text": prefix + c.text, "logprobs": lp,
                                     "finish_reason": c.finish_reason})
         return {"id": job.id, "object": "chat.completion" if job.endpoint == "chat" else "text_completion",
-                "created": job.created, "model": self.name, "system_fingerprint": None, "choices": choices,
+                "created": job.created, "model": self._model(job), "system_fingerprint": None, "choices": choices,
                 "usage": usage(job, dict(enumerate(outs)))}
 
     def logprobs(self, job: Job, ids: list[int], entries: list[dict], offset: int) -> dict:

@@ -1,0 +1,52 @@
+"""The LoRA kernels compiled for the GPU (kernels/lora_sgmv.py) against their references at
+Llama-3.1-8B shapes, eagerly and inside a CUDA graph replayed with new slots. Skipped in CI
+(CPU, interpreter); run on a GPU with
+
+    TRITON_INTERPRET=0 python -m pytest -q tests/kernels/test_lora_sgmv_gpu.py
+"""
+import os
+
+import pytest
+import torch
+
+from trtllm.kernels.lora_sgmv import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available(),
+                                reason="needs a GPU without the Triton interpreter")
+
+TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+       torch.float32: dict(atol=1e-3, rtol=1e-3)}
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("t", [1, 7, 64, 769])
+@pytest.mark.parametrize("k,n,rank", [(4096, 6144, 48), (4096, 4096, 16), (14336, 4096, 16), (4096, 28672, 32)])
+def test_kernels_match_references_on_the_gpu(t, k, n, rank, dtype):
+    slots_n = 8
+    x = torch.randn(t, k, dtype=dtype, device="cuda")
+    a = (torch.randn(slots_n, rank, k, device="cuda") / k**0.5).to(dtype)
+    b = (torch.randn(slots_n, n, rank, device="cuda") / rank**0.5).to(dtype)
+    base = torch.randn(t, n, dtype=dtype, device="cuda")
+    slots = torch.randint(-1, slots_n, (t + 4,), device="cuda")
+    h = lora_shrink(x, a, slots)
+    torch.testing.assert_close(h, lora_shrink_ref(x, a, slots), **TOL[dtype])
+    out = lora_expand(base, h, b, slots)
+    torch.testing.assert_close(out, lora_expand_ref(base, h, b, slots), **TOL[dtype])
+
+
+def test_a_cuda_graph_replays_with_the_slots_refilled():
+    t, k, n, rank = 16, 4096, 4096, 16
+    x = torch.randn(t, k, dtype=torch.bfloat16, device="cuda")
+    a = (torch.randn(4, rank, k, device="cuda") / 64).to(torch.bfloat16)
+    b = (torch.randn(4, n, rank, device="cuda") / 4).to(torch.bfloat16)
+    base = torch.randn(t, n, dtype=torch.bfloat16, device="cuda")
+    slots = torch.full((t,), -1, device="cuda")
+    lora_expand(base, lora_shrink(x, a, slots), b, slots)  # compile outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lora_expand(base, lora_shrink(x, a, slots), b, slots)
+    for fill in ([-1] * t, [0, 1, 2, 3] * 4, list(range(-1, 3)) * 4):
+        slots.copy_(torch.tensor(fill, device="cuda"))
+        graph.replay()
+        want = lora_expand_ref(base, lora_shrink_ref(x, a, slots), b, slots)
+        torch.testing.assert_close(out, want, **TOL[torch.bfloat16])

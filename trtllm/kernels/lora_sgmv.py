@@ -1,0 +1,260 @@
+"""Batched LoRA over a flat batch whose tokens use different adapters (Punica / S-LoRA's
+SGMV): each token's slot index picks its adapter's weights; -1 means no adapter.
+
+    shrink:  h[t, :]   = x[t, :] @ A[slot[t]]^T                 (0 where slot[t] = -1)
+    expand:  out[t, :] = base[t, :] + h[t, :] @ B[slot[t]]^T    (base[t, :] where slot[t] = -1)
+
+so that, with base = x @ W^T (the linear the adapter targets), out = x @ (W + B A)^T for
+each token's own adapter. The adapter's scaling (lora_alpha / r, or / sqrt(r) with rsLoRA)
+is folded into B when an adapter is loaded into its slot (runtime/adapters.py).
+
+Shapes: x [..., K] (leading dims flattened to T rows; last dim contiguous); A [S, R, K]
+(S slots of rank R = max_lora_rank: an adapter of rank r < R has zero rows r.. R-1);
+slot_ids [>= T] integer, only its first T entries read (a fixed-address buffer of
+max_num_tokens that the runtime refills each step, so CUDA graphs replay with the step's
+slots); h [..., R] in x's dtype (peft rounds lora_A's output to it too). base [..., N],
+B [S, N, R], out [..., N] contiguous in base's dtype; base + the product summed in fp32
+and rounded once. x, A share a dtype; base, h, B share a dtype (fp32/fp16/bf16).
+
+Several linears at once (the fused QKV or gate-up GEMM of passes/fuse_parallel_linears.py):
+A stacks their A's along R ([S, 3R, K] for q, k, v: one shrink reads x once) and B is
+block-diagonal ([S, Nq + Nk + Nv, 3R], zero off the blocks): the same formulas.
+
+The kernels: one program per BLOCK_T tokens (and BLOCK_R ranks / BLOCK_N features). The
+flat batch keeps each sequence's tokens together, so a block of tokens mostly uses one
+adapter; a program loops over the distinct slots among its tokens (usually one, at decode
+up to BLOCK_T), each a tl.dot over the rows of that slot (the others masked to zero).
+Rows with no adapter cost nothing past the slot read in shrink, and a copy of base in
+expand. The decode path (T <= SPLIT_K_MAX_TOKENS): shrink also splits K over programs
+(SPLIT_K_CHUNK elements each; fp32 partial sums added in order by a second small kernel, so
+results do not depend on timing), where one block of 16 tokens would otherwise stream all
+of A in one program.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from trtllm.kernels.registry import interpreter_upcast, register_op
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NO_SLOT = 2**31 - 1  # larger than any slot: "no slot left" in the kernels' slot loops
+
+
+# -- reference ---------------------------------------------------------------------------
+def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).float()
+    slots = slot_ids[: x2.shape[0]].long()
+    a = lora_a.float()[slots.clamp(min=0)]  # [T, R, K]: each token's adapter
+    h = torch.einsum("tk,trk->tr", x2, a) * (slots >= 0)[:, None]
+    return h.to(x.dtype).reshape(*x.shape[:-1], lora_a.shape[1])
+
+
+def lora_expand_ref(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor
+                    ) -> torch.Tensor:
+    n = base.shape[-1]
+    base2, h2 = base.reshape(-1, n).float(), h.reshape(-1, h.shape[-1]).float()
+    slots = slot_ids[: base2.shape[0]].long()
+    b = lora_b.float()[slots.clamp(min=0)]  # [T, N, R]
+    delta = torch.einsum("tr,tnr->tn", h2, b) * (slots >= 0)[:, None]
+    return (base2 + delta).to(base.dtype).reshape(base.shape)
+
+
+# -- kernels -------------------------------------------------------------------------------
+@triton.jit
+def _next_slot(slots, current):
+    """The smallest slot among `slots` above `current` (_NO_SLOT if none)."""
+    return tl.min(tl.where(slots > current, slots, 2147483647), axis=0)
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, slot_ptr, h_ptr,
+    T, K, R, K_PER_SPLIT,
+    x_row_stride, a_slot_stride, a_row_stride, h_split_stride, h_row_stride,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Grid: (cdiv(T, BLOCK_T), cdiv(R, BLOCK_R), splits of K). Split s sums K range
+    # [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT) into h[s] (one split: h is the output).
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    offs_k = tl.arange(0, BLOCK_K)
+    t_mask, r_mask = offs_t < T, offs_r < R
+    slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1).to(tl.int32)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    slot = _next_slot(slots, -1)
+    while slot < 2147483647:  # each distinct adapter among these tokens
+        rows = t_mask & (slots == slot)
+        x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * x_row_stride + k_start + offs_k[None, :]
+        a_ptrs = (a_ptr + slot.to(tl.int64) * a_slot_stride + offs_r.to(tl.int64)[:, None] * a_row_stride
+                  + k_start + offs_k[None, :])
+        for k0 in range(k_start, k_end, BLOCK_K):
+            k_mask = (k0 + offs_k) < k_end
+            x = tl.load(x_ptrs, mask=rows[:, None] & k_mask[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(a), acc, input_precision=DOT_PRECISION)
+            x_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+        slot = _next_slot(slots, slot)
+    h_ptrs = (h_ptr + tl.program_id(2).to(tl.int64) * h_split_stride + offs_t.to(tl.int64)[:, None] * h_row_stride
+              + offs_r[None, :])
+    tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=t_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, SPLITS, NUMEL, BLOCK: tl.constexpr):
+    # Grid: (cdiv(NUMEL, BLOCK),). out = sum over the splits of part [SPLITS, NUMEL] (fp32), in order.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NUMEL
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(part_ptr + s * NUMEL + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lora_expand_kernel(
+    base_ptr, h_ptr, b_ptr, slot_ptr, out_ptr,
+    T, N, R,
+    base_row_stride, h_row_stride, b_slot_stride, b_row_stride, out_row_stride,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    t_mask, n_mask = offs_t < T, offs_n < N
+    tn_mask = t_mask[:, None] & n_mask[None, :]
+    rows64 = offs_t.to(tl.int64)
+    acc = tl.load(base_ptr + rows64[:, None] * base_row_stride + offs_n[None, :], mask=tn_mask,
+                  other=0.0).to(tl.float32)
+    slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1).to(tl.int32)
+    slot = _next_slot(slots, -1)
+    while slot < 2147483647:
+        rows = t_mask & (slots == slot)
+        h_ptrs = h_ptr + rows64[:, None] * h_row_stride + offs_r[None, :]
+        b_ptrs = (b_ptr + slot.to(tl.int64) * b_slot_stride + offs_n.to(tl.int64)[:, None] * b_row_stride
+                  + offs_r[None, :])
+        for r0 in range(0, R, BLOCK_R):
+            r_mask = (r0 + offs_r) < R
+            h = tl.load(h_ptrs, mask=rows[:, None] & r_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            acc = tl.dot(h, tl.trans(b), acc, input_precision=DOT_PRECISION)
+            h_ptrs += BLOCK_R
+            b_ptrs += BLOCK_R
+        slot = _next_slot(slots, slot)
+    tl.store(out_ptr + rows64[:, None] * out_row_stride + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=tn_mask)
+
+
+# -- launchers -----------------------------------------------------------------------------
+def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    """[..., C] -> [M, C] with a contiguous last dim (a view when it can be)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
+
+
+def _check_slots(slot_ids: torch.Tensor, rows: int, device: torch.device) -> None:
+    assert slot_ids.dim() == 1 and slot_ids.shape[0] >= rows, \
+        f"slot_ids {tuple(slot_ids.shape)} must be a vector of at least the {rows} tokens"
+    assert not slot_ids.is_floating_point() and slot_ids.is_contiguous(), "slot_ids: a contiguous integer vector"
+    assert slot_ids.device == device, f"slot_ids on {slot_ids.device}, tokens on {device}"
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+    assert x.dtype in _FLOAT_DTYPES and lora_a.dtype == x.dtype, f"x {x.dtype}, lora_a {lora_a.dtype}"
+    assert lora_a.dim() == 3 and lora_a.shape[2] == x.shape[-1] and lora_a.stride(2) == 1, \
+        f"lora_a {tuple(lora_a.shape)} must be [slots, rank, K={x.shape[-1]}] with a contiguous last dim"
+    assert lora_a.device == x.device, f"lora_a on {lora_a.device}, x on {x.device}"
+    k, r = x.shape[-1], lora_a.shape[1]
+    x2 = _rows(x, "x")
+    t = x2.shape[0]
+    _check_slots(slot_ids, t, x.device)
+    h = torch.empty((t, r), dtype=x.dtype, device=x.device)
+    if t and r:
+        block_r = max(16, min(64, triton.next_power_of_2(r)))
+        block_k = max(16, min(128, triton.next_power_of_2(k)))
+        splits, k_per_split = shrink_splits(t, k, block_k)
+        # several splits: fp32 partial sums [splits, T, R], summed in order by a second kernel
+        part = torch.empty((splits, t, r), dtype=torch.float32, device=x.device) if splits > 1 else None
+        with interpreter_upcast((x2, lora_a), (h,)) as ((x2_, a_), (h_,)):
+            out = part if part is not None else h_[None]
+            _lora_shrink_kernel[(triton.cdiv(t, 16), triton.cdiv(r, block_r), splits)](
+                x2_, a_, slot_ids, out,
+                t, k, r, k_per_split,
+                x2_.stride(0), a_.stride(0), a_.stride(1), out.stride(0), out.stride(1),
+                DOT_PRECISION=_dot_precision(x.dtype),
+                BLOCK_T=16, BLOCK_R=block_r, BLOCK_K=block_k,
+                num_warps=4,
+            )
+            if part is not None:
+                _sum_splits_kernel[(triton.cdiv(t * r, 1024),)](part, h_, splits, t * r, BLOCK=1024, num_warps=4)
+    return h.reshape(*x.shape[:-1], r)
+
+
+# Tokens up to which shrink splits K over programs: at decode one block of 16 tokens would
+# otherwise be one program per 16-64 ranks streaming all of A (K x 48 for a fused QKV) alone.
+SPLIT_K_MAX_TOKENS = 64
+SPLIT_K_CHUNK = 256  # K elements a split covers (at least)
+
+
+def shrink_splits(t: int, k: int, block_k: int) -> tuple[int, int]:
+    """(splits of K, K elements per split) for a shrink over t tokens: one split past
+    SPLIT_K_MAX_TOKENS tokens (enough programs already), else chunks of SPLIT_K_CHUNK."""
+    if t > SPLIT_K_MAX_TOKENS or k <= SPLIT_K_CHUNK:
+        return 1, k
+    per_split = triton.cdiv(max(SPLIT_K_CHUNK, block_k), block_k) * block_k
+    return triton.cdiv(k, per_split), per_split
+
+
+def lora_expand_triton(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor
+                       ) -> torch.Tensor:
+    assert base.dtype in _FLOAT_DTYPES and h.dtype == base.dtype and lora_b.dtype == base.dtype, \
+        f"base {base.dtype}, h {h.dtype}, lora_b {lora_b.dtype}"
+    n, r = base.shape[-1], h.shape[-1]
+    assert lora_b.dim() == 3 and lora_b.shape[1:] == (n, r) and lora_b.stride(2) == 1, \
+        f"lora_b {tuple(lora_b.shape)} must be [slots, N={n}, rank={r}] with a contiguous last dim"
+    assert h.shape[:-1] == base.shape[:-1], f"h {tuple(h.shape)} and base {tuple(base.shape)}: tokens differ"
+    assert lora_b.device == base.device and h.device == base.device, "base, h, lora_b on different devices"
+    base2, h2 = _rows(base, "base"), _rows(h, "h")
+    t = base2.shape[0]
+    _check_slots(slot_ids, t, base.device)
+    out = torch.empty((t, n), dtype=base.dtype, device=base.device)
+    if t and n:
+        block_n = max(16, min(64, triton.next_power_of_2(n)))
+        block_r = max(16, min(64, triton.next_power_of_2(r)))
+        with interpreter_upcast((base2, h2, lora_b), (out,)) as ((base_, h_, b_), (out_,)):
+            _lora_expand_kernel[(triton.cdiv(t, 16), triton.cdiv(n, block_n))](
+                base_, h_, b_, slot_ids, out_,
+                t, n, r,
+                base_.stride(0), h_.stride(0), b_.stride(0), b_.stride(1), out_.stride(0),
+                DOT_PRECISION=_dot_precision(base.dtype),
+                BLOCK_T=16, BLOCK_N=block_n, BLOCK_R=block_r,
+                num_warps=4,
+            )
+    return out.reshape(base.shape)
+
+
+def _lora_shrink_fake(x: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], lora_a.shape[1]))
+
+
+def _lora_expand_fake(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor
+                      ) -> torch.Tensor:
+    return base.new_empty(base.shape)
+
+
+lora_shrink = register_op("lora_shrink", launcher=lora_shrink_triton, reference=lora_shrink_ref,
+                          fake=_lora_shrink_fake)
+lora_expand = register_op("lora_expand", launcher=lora_expand_triton, reference=lora_expand_ref,
+                          fake=_lora_expand_fake)

@@ -1,0 +1,101 @@
+"""How LoRA adapters reach compiled graphs: fixed GPU slots and a per-token slot index.
+
+`LoraSlots` (below compile and runtime, as attention_context.py is for the KV cache) holds
+
+- `slot_ids` [max_num_tokens] int64: token t of a step uses the adapter in slot
+  slot_ids[t], -1 for none. The runtime refills its first T entries in place every step
+  (model_runner.py), so a captured CUDA graph replays with the step's adapters;
+- per group of linears the pass wrapped (passes/apply_lora.py), the slot weights
+  `lora_a` [max_loras, n * R, K] and `lora_b` [max_loras, N, n * R] (R = max_lora_rank;
+  n linears share one GEMM after fuse_parallel_linears, as q/k/v and gate/up do: their
+  A's stacked, their B's block-diagonal, zero off the blocks).
+
+The pass makes a group when it first meets the linears (`group`), a later compilation of
+the same model gets the same tensors back; the adapter cache (runtime/adapters.py) writes an
+adapter's weights into a slot (`load`), zero past its rank and for the modules it leaves
+alone. The tensors never move: graphs hold their addresses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# The linears LoRA targets by default: the attention projections and the MLP's, as HF
+# names them (peft's target_modules). TensorRT-LLM's names map onto them.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TRTLLM_MODULE_NAMES = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_dense": "o_proj",
+                       "mlp_gate": "gate_proj", "mlp_h_to_4h": "up_proj", "mlp_4h_to_h": "down_proj"}
+
+
+@dataclass(frozen=True)
+class LoraPart:
+    """One wrapped linear: its module path and its columns of the group's output."""
+    path: str
+    start: int
+    size: int
+
+
+@dataclass
+class LoraGroup:
+    parts: tuple[LoraPart, ...]
+    in_features: int
+    out_features: int
+    lora_a: torch.Tensor  # [max_loras, len(parts) * R, in_features]
+    lora_b: torch.Tensor  # [max_loras, out_features, len(parts) * R]
+
+
+class LoraSlots:
+    def __init__(self, max_loras: int, max_lora_rank: int, target_modules, max_num_tokens: int,
+                 device: torch.device | str):
+        self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        self.target_modules = frozenset(TRTLLM_MODULE_NAMES.get(m, m) for m in target_modules)
+        self.device = torch.device(device)
+        self.slot_ids = torch.full((max_num_tokens,), -1, dtype=torch.long, device=self.device)
+        self.groups: dict[tuple[LoraPart, ...], LoraGroup] = {}
+        self.modules: dict[str, tuple[LoraGroup, int]] = {}  # path -> its group and index in it
+
+    def targets(self, path: str) -> bool:
+        """Whether the linear at module path `path` is one LoRA wraps."""
+        return bool(path) and path.rsplit(".", 1)[-1] in self.target_modules
+
+    def group(self, parts: list[LoraPart], in_features: int, out_features: int, dtype: torch.dtype) -> LoraGroup:
+        """The slot weights of these linears (made on first call, the same tensors after)."""
+        key = tuple(parts)
+        found = self.groups.get(key)
+        if found is not None:
+            return found
+        taken = [p.path for p in parts if p.path in self.modules]
+        if taken:
+            raise ValueError(f"LoRA: {taken[0]} is wrapped again in another group of linears than before")
+        r = len(parts) * self.max_lora_rank
+        group = LoraGroup(key, in_features, out_features,
+                          torch.zeros((self.max_loras, r, in_features), dtype=dtype, device=self.device),
+                          torch.zeros((self.max_loras, out_features, r), dtype=dtype, device=self.device))
+        self.groups[key] = group
+        for i, p in enumerate(parts):
+            self.modules[p.path] = (group, i)
+        return group
+
+    def in_features(self, path: str) -> int:
+        return self.modules[path][0].in_features
+
+    def out_features(self, path: str) -> int:
+        group, i = self.modules[path]
+        return group.parts[i].size
+
+    def load(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write an adapter into `slot`: weights[path] = (A [r, K], B [N, r] with the
+        scaling folded in), r <= max_lora_rank; modules it does not name get zeros."""
+        rank = self.max_lora_rank
+        for group in self.groups.values():
+            group.lora_a[slot].zero_()
+            group.lora_b[slot].zero_()
+        for path, (a, b) in weights.items():
+            group, i = self.modules[path]
+            part, r = group.parts[i], a.shape[0]
+            group.lora_a[slot, i * rank: i * rank + r].copy_(a, non_blocking=True)
+            group.lora_b[slot, part.start: part.start + part.size, i * rank: i * rank + r].copy_(b, non_blocking=True)
+
+    def nbytes(self) -> int:
+        return sum(g.lora_a.nbytes + g.lora_b.nbytes for g in self.groups.values()) + self.slot_ids.nbytes

@@ -1,0 +1,92 @@
+"""LoRA: the targeted linears get each token's adapter added, through fixed slots.
+
+Which linears: those whose module path ends in one of the LoRA config's target modules
+(`ctx.lora`, trtllm/lora_slots.py: q/k/v/o and gate/up/down by default), alone or as parts
+of the GEMM fuse_parallel_linears made of them (found by the narrows of its output, which
+carry the original linears' module paths). Before (after fuse_parallel_linears):
+
+    qkv = linear(x, W_qkv, b_qkv)                                   # [.., Nq + Nk + Nv]
+    q = narrow(qkv, -1, 0, Nq); k = narrow(qkv, -1, Nq, Nk); v = ...
+    o = linear(y, Wo)
+After:
+
+    qkv0 = linear(x, W_qkv, b_qkv)
+    h = torch.ops.trtllm.lora_shrink(x, A_qkv, slot_ids)            # [.., 3R]; A_qkv [S, 3R, K]
+    qkv = torch.ops.trtllm.lora_expand(qkv0, h, B_qkv, slot_ids)    # B_qkv [S, Nq+Nk+Nv, 3R], block-diagonal
+    q = narrow(qkv, -1, 0, Nq); ...
+    o0 = linear(y, Wo)
+    o = torch.ops.trtllm.lora_expand(o0, lora_shrink(y, A_o, slot_ids), B_o, slot_ids)
+
+A_*, B_* and slot_ids are constant inputs: fixed-address tensors the runtime writes
+adapters and each step's per-token slots into (so CUDA graphs hold). A token with slot -1
+gets the linear's own output (expand copies it through). The linear itself is left as it
+is, so later passes (use_gemv_linear, split_lm_head) still see it; the LM head and the
+embedding are never targeted. Runs after quantize_linears and fuse_parallel_linears.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+import trtllm.kernels.lora_sgmv  # noqa: F401  (registers torch.ops.trtllm.lora_shrink / lora_expand)
+from trtllm.contract import CompileError
+from trtllm.lora_slots import LoraPart
+from trtllm.passes.context import PassContext
+from trtllm.passes.match import describe, kind, module_path, value
+
+
+def _narrow_part(node: fx.Node, fused: fx.Node) -> LoraPart | None:
+    """The part a narrow of the fused GEMM's output takes (None for any other use)."""
+    if node.op != "call_function" or node.target is not torch.narrow or node.args[0] is not fused:
+        return None
+    dim, start, size = node.args[1:4]
+    if dim != -1 or not isinstance(start, int) or not isinstance(size, int):
+        return None
+    return LoraPart(module_path(node), start, size)
+
+
+def _parts(node: fx.Node, out_features: int) -> list[LoraPart]:
+    """The targeted linears this linear node computes: itself, or the parts of a fused GEMM."""
+    users = list(node.users)
+    narrows = [_narrow_part(u, node) for u in users]
+    if len(users) > 1 and all(narrows):
+        return sorted(set(narrows), key=lambda p: p.start)
+    return [LoraPart(module_path(node), 0, out_features)]
+
+
+def apply_lora(graph: fx.Graph, ctx: PassContext) -> int:
+    lora = ctx.lora
+    if lora is None:
+        return 0
+    slot_ids = None
+    matches = 0
+    for node in list(graph.nodes):
+        if kind(node) != "linear":
+            continue
+        x, out = node.args[0], value(node)
+        if out is None or value(x) is None:
+            raise CompileError(f"{describe(node)}: a linear with no example value (LoRA needs its shape)")
+        parts = [p for p in _parts(node, out.shape[-1]) if lora.targets(p.path)]
+        if not parts:
+            continue
+        try:
+            group = lora.group(parts, value(x).shape[-1], out.shape[-1], out.dtype)
+        except ValueError as e:
+            raise CompileError(f"{describe(node)}: {e}") from None
+        if slot_ids is None:
+            slot_ids = ctx.inputs.add_constant("lora_slot_ids", lora.slot_ids)
+        stem = node.name
+        a_node = ctx.inputs.add_constant(f"{stem}_lora_a", group.lora_a)
+        b_node = ctx.inputs.add_constant(f"{stem}_lora_b", group.lora_b)
+        xv = value(x)
+        with graph.inserting_after(node):
+            h = graph.call_function(torch.ops.trtllm.lora_shrink.default, (x, a_node, slot_ids))
+            with xv.fake_mode:  # shape-only (symbolic sizes), as fuse_parallel_linears does
+                h.meta["example_value"] = xv.new_empty((*xv.shape[:-1], group.lora_a.shape[1]))
+        with graph.inserting_after(h):
+            added = graph.call_function(torch.ops.trtllm.lora_expand.default, (node, h, b_node, slot_ids))
+            added.meta.update(node.meta)
+        node.replace_all_uses_with(added, delete_user_cb=lambda user, added=added: user is not added)
+        matches += 1
+    return matches
+

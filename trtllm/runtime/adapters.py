@@ -1,0 +1,273 @@
+"""LoRA adapters for an engine: PEFT checkpoints read, checked, cached on the host and in GPU slots.
+
+A PEFT LoRA adapter is a directory with `adapter_config.json` (`r`, `lora_alpha`,
+`target_modules`, `use_rslora`, ...) and `adapter_model.safetensors` (per targeted linear
+`base_model.model.<module path>.lora_A.weight` [r, K] and `.lora_B.weight` [N, r]). A linear
+then computes x @ (W + s * B A)^T with s = lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA);
+s is folded into B when it is read.
+
+`Adapters` (one per engine):
+- `check(request)`, at submission: the directory, its config and its tensors' names and shapes
+  (the safetensors header only) against the engine: rank <= max_lora_rank, every module one the
+  engine wraps (trtllm/lora_slots.py, passes/apply_lora.py), shapes those of the model's
+  linears. Refused by name: bias, DoRA, embedding / LM-head adapters, modules_to_save, rank or
+  alpha patterns, other PEFT types. A bad adapter raises ValueError and nothing else changes.
+- a host cache of `max_cpu_loras` adapters' weights (pinned on a GPU machine), LRU, read from
+  disk on first use;
+- `max_loras` GPU slots, LRU: `acquire(seq)` when the scheduler admits a sequence puts its
+  adapter in a slot (copied from the host cache) and pins it; `release(seq)` when it finishes or
+  is preempted unpins it. A pinned slot is never evicted: `can_admit(seq)` says whether a slot is
+  resident or can be freed for it (else the sequence waits).
+The model runner reads `slot(seq)` to fill the per-token slot index each step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from trtllm.config import LoraConfig
+from trtllm.lora_request import LoRARequest
+from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
+from trtllm.runtime.sequence import Sequence
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# config entries that change what a LoRA computes, refused unless at their no-op value
+_REFUSED_OPTIONS = {
+    "use_dora": (False, "DoRA (use_dora)"),
+    "lora_bias": (False, "LoRA bias (lora_bias)"),
+    "fan_in_fan_out": (False, "fan_in_fan_out (Conv1D layers)"),
+    "use_qalora": (False, "QA-LoRA (use_qalora)"),
+}
+
+
+@dataclass(frozen=True)
+class PeftAdapter:
+    """A checked adapter: where it is, its rank and scaling, and its tensors by module path."""
+    request: LoRARequest
+    directory: Path
+    rank: int
+    scaling: float
+    keys: dict[str, tuple[str, str]]  # module path -> (lora_A key, lora_B key)
+
+
+def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
+    """The adapter at request.lora_path, checked against the engine's slots (ValueError naming
+    what is wrong)."""
+    name = f"LoRA adapter {request.lora_name!r} ({request.lora_path})"
+    directory = Path(request.lora_path)
+    if not directory.is_dir():
+        raise ValueError(f"{name}: no such directory")
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{name}: no {CONFIG_FILE}")
+    if not weights_path.is_file():
+        other = "adapter_model.bin (a pickle; only safetensors is read)" if (directory / "adapter_model.bin").exists() \
+            else "no weights file"
+        raise ValueError(f"{name}: no {WEIGHTS_FILE}: {other}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name}: {CONFIG_FILE} is not readable JSON: {e}") from None
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise ValueError(f"{name}: peft_type {peft_type!r} is not supported (LoRA only)")
+    for option, (ok, what) in _REFUSED_OPTIONS.items():
+        if config.get(option, ok) not in (ok, None):
+            raise ValueError(f"{name}: {what} is not supported")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{name}: bias={config['bias']!r} (trained biases) is not supported; only bias='none'")
+    if config.get("modules_to_save"):
+        raise ValueError(f"{name}: modules_to_save {config['modules_to_save']} (fully trained modules) "
+                         "is not supported")
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if config.get(pattern):
+            raise ValueError(f"{name}: {pattern} (per-module ranks or alphas) is not supported")
+    if config.get("layer_replication"):
+        raise ValueError(f"{name}: layer_replication is not supported")
+    rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{name}: r={rank!r}, lora_alpha={alpha!r}: r must be a positive integer, "
+                         "lora_alpha a number")
+    if rank > slots.max_lora_rank:
+        raise ValueError(f"{name}: rank r={rank} exceeds max_lora_rank={slots.max_lora_rank}")
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    keys: dict[str, dict[str, str]] = {}
+    with safe_open(str(weights_path), framework="pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    for key in shapes:
+        match = _KEY.match(key)
+        if "lora_embedding" in key or any(f".{m}." in key for m in ("lm_head", "embed_tokens")):
+            raise ValueError(f"{name}: LM-head and embedding adapters are not supported ({key})")
+        if match is None:
+            if "lora_magnitude_vector" in key:
+                raise ValueError(f"{name}: DoRA is not supported ({key})")
+            raise ValueError(f"{name}: tensor {key} is no LoRA A or B weight (bias, or a fully trained module: "
+                             "not supported)")
+        keys.setdefault(match["path"], {})[match["ab"]] = key
+    if not keys:
+        raise ValueError(f"{name}: {WEIGHTS_FILE} holds no LoRA weights")
+    checked = {}
+    for path, ab in sorted(keys.items()):
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{name}: {path} has lora_{'A' if 'A' in ab else 'B'} but not the other")
+        if path not in slots.modules:
+            raise ValueError(f"{name}: targets {path}: this engine wraps no such linear (the model lacks it, or "
+                             f"lora_target_modules {sorted(slots.target_modules)} leaves it out)")
+        a_shape, b_shape = shapes[ab["A"]], shapes[ab["B"]]
+        k, n = slots.in_features(path), slots.out_features(path)
+        if a_shape != (rank, k) or b_shape != (n, rank):
+            raise ValueError(f"{name}: {path} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, but the "
+                             f"base model's linear there is {k} -> {n} at rank {rank}: lora_A must be [{rank}, {k}], "
+                             f"lora_B [{n}, {rank}] (an adapter of another base model?)")
+        checked[path] = (ab["A"], ab["B"])
+    return PeftAdapter(request, directory, rank, scaling, checked)
+
+
+def read_target_modules(directory: str | Path) -> list[str]:
+    """The module names an adapter's config targets (for LoraConfig's default); every LoRA
+    target for "all-linear" or a regular expression."""
+    config_path = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise ValueError(f"LoRA adapter {directory}: no such directory")
+    try:
+        targets = json.loads(config_path.read_text()).get("target_modules")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"LoRA adapter {directory}: {CONFIG_FILE} is not readable: {e}") from None
+    if isinstance(targets, list) and targets:
+        return [t.rsplit(".", 1)[-1] for t in targets]
+    return list(DEFAULT_TARGET_MODULES)
+
+
+def read_peft_weights(adapter: PeftAdapter, dtype: torch.dtype, pin: bool) -> dict[str, tuple[torch.Tensor,
+                                                                                                 torch.Tensor]]:
+    """The adapter's (A [r, K], s * B [N, r]) per module path, in `dtype` (pinned host memory
+    for a GPU's copies with `pin`)."""
+    weights = {}
+    with safe_open(str(adapter.directory / WEIGHTS_FILE), framework="pt") as f:
+        for path, (a_key, b_key) in adapter.keys.items():
+            a = f.get_tensor(a_key).to(dtype)
+            b = (f.get_tensor(b_key).double() * adapter.scaling).to(dtype)
+            weights[path] = (a.pin_memory(), b.pin_memory()) if pin else (a, b)
+    return weights
+
+
+class Adapters:
+    def __init__(self, config: LoraConfig, slots: LoraSlots, dtype: torch.dtype):
+        self.config, self.slots, self.dtype = config, slots, dtype
+        self._lock = threading.Lock()  # check() runs on the callers' threads, the rest on the engine's
+        self._checked: dict[int, PeftAdapter] = {}  # by lora_int_id: one id, one adapter
+        self._host: OrderedDict[int, dict] = OrderedDict()  # LRU first
+        self._slot_of: OrderedDict[int, int] = OrderedDict()  # adapter id -> GPU slot, LRU first
+        self._free_slots = list(range(slots.max_loras))
+        self._pins: Counter[int] = Counter()  # adapter id -> sequences admitted with it
+        self._held: dict[int, int] = {}  # seq_id -> adapter id it pins
+        # counters (what /metrics and the bench read)
+        self.slot_loads = 0
+        self.disk_loads = 0
+
+    # -- at submission -------------------------------------------------------------------
+    def check(self, request: LoRARequest) -> PeftAdapter:
+        """The adapter `request` names, checked (ValueError naming the problem)."""
+        if not isinstance(request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
+        with self._lock:
+            known = self._checked.get(request.lora_int_id)
+        if known is not None:
+            if Path(known.request.lora_path) != Path(request.lora_path):
+                raise ValueError(f"LoRA adapter id {request.lora_int_id} is {known.request.lora_name!r} "
+                                 f"({known.request.lora_path}) in this engine; {request.lora_name!r} "
+                                 f"({request.lora_path}) needs an id of its own")
+            return known
+        adapter = read_peft_adapter(request, self.slots)
+        with self._lock:
+            return self._checked.setdefault(request.lora_int_id, adapter)
+
+    # -- the scheduler's side ----------------------------------------------------------------
+    def can_admit(self, seq: Sequence) -> bool:
+        """Whether `seq`'s adapter is in a slot, or one can be had for it now."""
+        adapter_id = _adapter_id(seq)
+        if adapter_id is None or adapter_id in self._slot_of or self._free_slots:
+            return True
+        return any(self._pins[i] == 0 for i in self._slot_of)
+
+    def acquire(self, seq: Sequence) -> None:
+        """Pin `seq`'s adapter in a GPU slot (loading it there if need be). ValueError if its
+        files cannot be read any more; RuntimeError if no slot is free (ask can_admit)."""
+        adapter_id = _adapter_id(seq)
+        if adapter_id is None or seq.seq_id in self._held:
+            return
+        if adapter_id in self._slot_of:
+            self._slot_of.move_to_end(adapter_id)
+        else:
+            weights = self._host_weights(seq.lora_request)
+            slot = self._take_slot()
+            # queued on the step stream, after any step still reading the slot's old adapter
+            # (whose sequences have all finished: it was unpinned); not waited for
+            self.slots.load(slot, weights)
+            self.slot_loads += 1
+            self._slot_of[adapter_id] = slot
+        self._pins[adapter_id] += 1
+        self._held[seq.seq_id] = adapter_id
+
+    def release(self, seq: Sequence) -> None:
+        adapter_id = self._held.pop(seq.seq_id, None)
+        if adapter_id is not None:
+            self._pins[adapter_id] -= 1
+
+    def slot(self, seq: Sequence) -> int:
+        """The GPU slot of `seq`'s adapter (-1: none). The sequence must have been acquired."""
+        adapter_id = self._held.get(seq.seq_id)
+        return -1 if adapter_id is None else self._slot_of[adapter_id]
+
+    # -- caches -------------------------------------------------------------------------------
+    def _take_slot(self) -> int:
+        if self._free_slots:
+            return self._free_slots.pop(0)
+        victim = next((i for i in self._slot_of if self._pins[i] == 0), None)  # least recently used first
+        if victim is None:
+            raise RuntimeError("every LoRA slot is pinned by a running sequence (the scheduler asks can_admit)")
+        return self._slot_of.pop(victim)
+
+    def _host_weights(self, request: LoRARequest) -> dict:
+        adapter_id = request.lora_int_id
+        with self._lock:
+            weights = self._host.get(adapter_id)
+            if weights is not None:
+                self._host.move_to_end(adapter_id)
+                return weights
+        adapter = self.check(request)  # re-read on a miss: the files may have changed since
+        try:
+            weights = read_peft_weights(adapter, self.dtype, pin=self.slots.device.type == "cuda")
+        except Exception as e:  # the files changed or went away since check()
+            raise ValueError(f"LoRA adapter {request.lora_name!r} ({request.lora_path}) could not be read: "
+                             f"{type(e).__name__}: {e}") from None
+        with self._lock:
+            self.disk_loads += 1
+            self._host[adapter_id] = weights
+            while len(self._host) > self.config.max_cpu_loras:
+                self._host.popitem(last=False)
+        return weights
+
+    @property
+    def resident(self) -> list[int]:
+        """Adapter ids in GPU slots, least recently used first."""
+        return list(self._slot_of)
+
+    @property
+    def cached(self) -> list[int]:
+        """Adapter ids in the host cache, least recently used first."""
+        with self._lock:
+            return list(self._host)
+
+
+def _adapter_id(seq: Sequence) -> int | None:
+    return seq.lora_request.lora_int_id if seq.lora_request is not None else None
