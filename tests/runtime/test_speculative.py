@@ -363,3 +363,35 @@ def test_drafts_never_take_a_block_a_later_sequence_may_need(num_blocks, granted
     assert a.output_token_ids == [1, 9] and a.num_computed_tokens == 15 and len(a.block_table) == 1
     bm.check_invariants([a, b])
     assert bm.num_used_blocks == 2
+
+
+def test_guided_and_beam_requests_are_not_speculated_and_keep_their_output(target):
+    """A grammar's matcher and a beam search take the engine's own sampling, one token a step:
+    on a speculating engine they decode as on a plain one (no step speculates while they run;
+    the greedy request beside them speculates once they end)."""
+    pytest.importorskip("xgrammar")
+    from trtllm.sampling_params import GuidedDecodingParams
+    prompts = [PROMPTS[2], PROMPTS[1], PROMPTS[2]]
+    params = [SamplingParams(max_tokens=8, temperature=0.0, guided_decoding=GuidedDecodingParams(choice=["yes", "no"])),
+              SamplingParams(max_tokens=6, temperature=0.0, beam_width=2, n=2),
+              SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)]
+    build = BuildConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=64, max_beam_width=2)
+    kv = KvCacheConfig(tokens_per_block=16, max_tokens=4096)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        with LLM(str(target), dtype="float32", kv_cache_config=kv, build_config=build) as llm:
+            expected, _ = run(llm, prompts, params)
+        cfg = DraftTargetDecodingConfig(max_draft_len=3, speculative_model_dir=str(target))
+        with LLM(str(target), dtype="float32", kv_cache_config=kv, build_config=build, speculative_config=cfg) as llm:
+            got, outs = run(llm, prompts, params)
+            llm.block_manager.check_invariants()
+            assert llm.block_manager.num_used_blocks == 0
+    assert got == expected and got[0][0][1] in ("yes", "no")
+    assert outs[0].outputs[0].num_verify_steps == 0 and all(c.num_verify_steps == 0 for c in outs[1].outputs)
+    assert outs[2].outputs[0].num_verify_steps > 0
+
+
+def test_beam_search_with_tensor_parallelism_is_refused_by_name(target):
+    from trtllm.runtime.build_engine import build_engine
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 with beam search"):
+        build_engine(str(target), build_config=BuildConfig(max_beam_width=2), tensor_parallel_size=2)

@@ -45,10 +45,7 @@ class SpeculativeDecoder:
         if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
             return 0
         p = seq.sampling_params
-        # one token a step for these: logprobs, a grammar's matcher, a beam search, logits
-        # processors and returned logits each see every position's own logits (left: issue 24)
-        if p.logprobs is not None or seq.guide is not None or seq.beam is not None or p.reads_logits \
-                or p.logits_processor is not None or p.apply_batched_logits_processor:
+        if p.logprobs is not None:
             return 0
         return max(0, min(self.max_draft_len, p.max_tokens - len(seq.output_token_ids) - 1,
                           self.max_seq_len - seq.num_tokens - 1))
@@ -57,9 +54,13 @@ class SpeculativeDecoder:
         """Set each running sequence's draft_token_ids ([] where it does not speculate)."""
         self._draft_probs.clear()
         seqs, ks = [], []
+        # a verify step samples its plain rows itself, without the engine's grammar bitmasks,
+        # logits processors or beam search: while such a sequence runs, no step speculates
+        # (left: those paths inside verify steps)
+        engine_sampled = any(_needs_engine_sampling(s) for s in running)
         for seq in running:
             seq.draft_token_ids = []
-            k = self.draft_len(seq)
+            k = 0 if engine_sampled else self.draft_len(seq)
             if k > 0:
                 seqs.append(seq)
                 ks.append(k)
@@ -181,3 +182,11 @@ def append_tokens(req, seq: Sequence, tokens: list[int]) -> str | None:
                 seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
             return reason
     return None
+
+
+def _needs_engine_sampling(seq: Sequence) -> bool:
+    """A grammar's matcher, a beam search, logits processors or returned logits: rows the
+    engine's own sampling path must take, one token a step."""
+    p = seq.sampling_params
+    return seq.guide is not None or seq.beam is not None or p.reads_logits or p.logits_processor is not None \
+        or p.apply_batched_logits_processor
