@@ -41,7 +41,7 @@ LAYERS = [
     ["trtllm.models", "trtllm.demo"],
     ["trtllm.contract"],
     ["trtllm.passes"],
-    ["trtllm.compile"],
+    ["trtllm.compile", "trtllm.inductor_fallbacks"],
     ["trtllm.runtime", "trtllm.parallel"],
     ["trtllm.serve", "trtllm.eval"],
     ["trtllm.cli"],
