@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm import BatchedLogitsProcessor, GuidedDecodingParams, LogitsProcessor
 from trtllm.config import BuildConfig, ConfigError, KvCacheConfig
-from trtllm.runtime import grammar
+from trtllm.runtime import guides
 from trtllm.runtime.llm import LLM
 from trtllm.runtime.outputs import RequestError
 from trtllm.runtime.sampler import SamplingBatch, apply_token_bitmask
@@ -207,8 +207,8 @@ def test_guide_shape_errors_name_the_field():
 
 def test_without_xgrammar_guided_requests_are_refused_by_name(llm, monkeypatch):
     def missing():
-        raise ValueError(grammar._XGRAMMAR_MISSING)
-    monkeypatch.setattr(grammar, "_xgrammar", missing)
+        raise ValueError(guides.XGRAMMAR_MISSING)
+    monkeypatch.setattr(guides, "xgrammar_module", missing)
     with pytest.raises(ValueError, match=r"needs the xgrammar package.*trtllm\[guided\]"):
         llm.generate("x", guided(GuidedDecodingParams(regex="[ab]+z")), use_tqdm=False)
     assert llm.generate("x", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False).outputs[0].token_ids

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trtllm.runtime.grammar import validate_guided
+from trtllm.runtime.guides import validate_guided
 from trtllm.sampling_params import SamplingParams
 
 

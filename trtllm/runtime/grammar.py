@@ -2,7 +2,7 @@
 sampler picks its token (`SamplingParams.guided_decoding`, `.logits_processor`,
 `.apply_batched_logits_processor`).
 
-    check_guide(guide)                      # at submission: the schema / regex / grammar parses
+    guides.check_guide(guide)               # at submission (runtime/guides.py): the schema / regex / grammar parses
     hooks = LogitsHooks(tokenizer, vocab_size, eos_token_ids)   # one per engine
     hooks.attach(seqs, params)              # add_request: compile (cached), one matcher per sequence
     hooks.mask_picks(launched)              # a greedy decode-graph step: its guided rows re-picked
@@ -16,7 +16,7 @@ sampler picks its token (`SamplingParams.guided_decoding`, `.logits_processor`,
 
 Guides are compiled by xgrammar, an optional dependency (`pip install 'trtllm[guided]'`):
 without it the engine runs as before and refuses a guided request by name. A guide is parsed
-without the tokenizer at submission (`check_guide`: a bad schema, regex or grammar is a
+without the tokenizer at submission (`guides.check_guide`: a bad schema, regex or grammar is a
 ValueError naming it, before the request reaches the engine); the engine compiles it against
 its vocabulary once per distinct guide (`LogitsHooks.compiled`, keyed by the guide's canonical
 text; the tokenizer's `TokenizerInfo` is built once per engine, on the first guided request)
@@ -47,8 +47,6 @@ only allowed token.
 """
 from __future__ import annotations
 
-import json
-import re
 import time
 import weakref
 from collections import OrderedDict
@@ -56,151 +54,12 @@ from dataclasses import dataclass
 
 import torch
 
+from trtllm.runtime import guides
 from trtllm.runtime.sampler import greedy_picks, token_bitmask_allows
 from trtllm.runtime.sequence import Sequence
 from trtllm.sampling_params import GuidedDecodingParams, SamplingParams
 
-_PARSED_CACHE = 256      # tokenizer-free grammars kept (check_guide), process-wide
 _COMPILED_CACHE = 256    # compiled grammars kept per engine
-_XGRAMMAR_MISSING = ("guided_decoding needs the xgrammar package, which is not installed "
-                     "(pip install 'trtllm[guided]')")
-
-
-def _xgrammar():
-    try:
-        import xgrammar
-    except ImportError:
-        raise ValueError(_XGRAMMAR_MISSING) from None
-    return xgrammar
-
-
-def xgrammar_available() -> bool:
-    try:
-        _xgrammar()
-    except ValueError:
-        return False
-    return True
-
-
-def guide_key(guide: GuidedDecodingParams) -> tuple[str, str]:
-    """(kind, canonical text): equal guides share one compiled grammar. JSON keeps its key
-    order (a schema's property order is the output's)."""
-    kind = guide.kind
-    if kind == "json":
-        return kind, json.dumps(guide.json, ensure_ascii=False, separators=(",", ":"))
-    if kind == "json_object":
-        return kind, ""
-    if kind == "choice":
-        return kind, json.dumps(list(guide.choice), ensure_ascii=False)
-    return kind, getattr(guide, kind)
-
-
-_parsed: OrderedDict[tuple[str, str], str] = OrderedDict()
-
-
-def check_guide(guide: GuidedDecodingParams) -> str:
-    """The guide as the EBNF text of an xgrammar grammar (no tokenizer needed), cached by its
-    key; a ValueError naming the guide and what is wrong with it if it does not parse.
-
-    Text, not xgrammar's `Grammar`: xgrammar 0.2.9 prints a code point below 256 as `\\xHH`
-    and reads `\\x` greedily, so a `Grammar` (which it prints to compile) holding "éa" came
-    back as U+0E9A, and a JSON enum ["éa"] gave "ບ" (a random JSON schema found it). The
-    text written here has `\\u00HH` instead, and is compiled as text."""
-    xgr = _xgrammar()
-    key = guide_key(guide)
-    ebnf = _parsed.get(key)
-    if ebnf is not None:
-        _parsed.move_to_end(key)
-        return ebnf
-    kind, text = key
-    if kind == "json":
-        _check_json_schema(guide.json)
-    try:
-        if kind in _JSON_KINDS:
-            schema, strict = (text, True) if kind == "json" else ('{"type": "object"}', False)
-            grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
-            grammar = _plain_json_chars(str(grammar))
-        elif kind == "regex":
-            grammar = xgr.Grammar.from_regex(text)
-        elif kind == "grammar":
-            grammar = xgr.Grammar.from_ebnf(text)
-        elif kind == "choice":
-            # GBNF string literals take JSON's escapes
-            grammar = xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in guide.choice))
-        else:
-            grammar = xgr.Grammar.from_structural_tag(text)
-        ebnf = _UNSAFE_HEX_ESCAPE.sub(r"\1\\u00\2", str(grammar))
-        xgr.Grammar.from_ebnf(ebnf)  # what will be compiled parses
-    except Exception as e:  # xgrammar raises RuntimeError (and its own types) with a C++ location
-        raise ValueError(f"guided_decoding.{kind}: {_xgrammar_message(e)}") from None
-    _parsed[key] = ebnf
-    if len(_parsed) > _PARSED_CACHE:
-        _parsed.popitem(last=False)
-    return ebnf
-
-
-# `\\xHH` not itself escaped (an even run of backslashes before it)
-_UNSAFE_HEX_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\x([0-9a-fA-F]{2})")
-
-
-def validate_guided(params: SamplingParams, has_tokenizer: bool) -> None:
-    """A guided request's checks before any work (engine_limits.validate_request's, so the
-    process client refuses it before sending): a ValueError naming what is wrong."""
-    if params.guided_decoding is None:
-        return
-    if not has_tokenizer:
-        raise ValueError("guided_decoding needs a tokenizer (the grammar is over token texts); this engine was "
-                         "built without one")
-    check_guide(params.guided_decoding)
-
-
-def _check_json_schema(schema) -> None:
-    """The schema against the JSON Schema meta-schema, when jsonschema is installed (xgrammar
-    checks only what it converts: a misspelt keyword's value would pass it)."""
-    try:
-        import jsonschema
-    except ImportError:
-        return
-    try:
-        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        where = "/".join(str(p) for p in e.absolute_path)
-        raise ValueError(f"guided_decoding.json: not a valid JSON Schema: {e.message}"
-                         + (f" (at {where})" if where else "")) from None
-
-
-_JSON_KINDS = ("json", "json_object")
-_NEGATED_CLASS = re.compile(r"\[\^((?:\\.|[^\]\\])*)\]")
-
-
-def _plain_json_chars(ebnf: str) -> str:
-    """A JSON grammar's negated character classes (its string characters) without control
-    characters and UTF-16 surrogates: xgrammar 0.2.9 lets a length-bounded string
-    (`maxLength`) take raw control characters, and any string the code points U+D800-U+DFFF
-    (bytes ED A0..BF xx, which no UTF-8 decoder accepts: a random model picked them)."""
-    return _NEGATED_CLASS.sub(lambda m: "[^" + m.group(1) + "\\0-\\x1f\\uD800-\\uDFFF]", ebnf)
-
-
-def _json_safe_words(decoded_vocab: list[bytes], vocab_size: int, stop_ids: list[int]) -> torch.Tensor:
-    """The bitmask of tokens that may appear in compact JSON: none holding a byte < 0x20 (JSON
-    strings take control characters only escaped, and compact JSON has no newline or tab),
-    and the stop tokens. JSON rows are ANDed with it: a string `pattern` (xgrammar's Regex
-    node, which `_plain_json_chars` does not reach) may match raw control characters."""
-    allowed = torch.tensor([not any(b < 0x20 for b in tok) for tok in decoded_vocab]
-                           + [False] * (vocab_size - len(decoded_vocab)), dtype=torch.bool)[:vocab_size]
-    allowed[[t for t in stop_ids if 0 <= t < vocab_size]] = True
-    padded = torch.zeros((vocab_size + 31) // 32 * 32, dtype=torch.int64)
-    padded[:vocab_size] = allowed.long()
-    words = (padded.view(-1, 32) << torch.arange(32)).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def _xgrammar_message(e: Exception) -> str:
-    """xgrammar's message without its timestamp, C++ file:line and check text."""
-    text = str(e).strip()
-    text = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", text)
-    text = re.sub(r"^Check failed: \(.*?\) is false:\s*", "", text)
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class LogitsHooks:
@@ -234,24 +93,24 @@ class LogitsHooks:
         if params.guided_decoding is None:
             return
         compiled = self.compile(params.guided_decoding)
-        xgr = _xgrammar()
+        xgr = guides.xgrammar_module()
         for seq in seqs:
             seq.guide = xgr.GrammarMatcher(compiled)
             self._guided.add(seq)
 
     def compile(self, guide: GuidedDecodingParams):
         """The guide compiled against this engine's vocabulary, once per distinct guide."""
-        key = guide_key(guide)
+        key = guides.guide_key(guide)
         compiled = self.compiled.get(key)
         if compiled is not None:
             self.compiled.move_to_end(key)
             return compiled
         started = time.perf_counter()
-        grammar = check_guide(guide)
+        grammar = guides.check_guide(guide)
         try:
             compiled = self._grammar_compiler().compile_grammar(grammar)
         except Exception as e:
-            raise ValueError(f"guided_decoding.{key[0]}: {_xgrammar_message(e)}") from None
+            raise ValueError(f"guided_decoding.{key[0]}: {guides.xgrammar_message(e)}") from None
         self.compile_s += time.perf_counter() - started
         self.compiled[key] = compiled
         if len(self.compiled) > _COMPILED_CACHE:
@@ -260,11 +119,11 @@ class LogitsHooks:
 
     def _grammar_compiler(self):
         if self._compiler is None:
-            xgr = _xgrammar()
+            xgr = guides.xgrammar_module()
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                       stop_token_ids=self.eos_token_ids)
             self._compiler = xgr.GrammarCompiler(info)
-            self._json_safe = _json_safe_words(info.decoded_vocab, self.vocab_size, self.eos_token_ids)
+            self._json_safe = guides.json_safe_words(info.decoded_vocab, self.vocab_size, self.eos_token_ids)
         return self._compiler
 
     # -- a step ------------------------------------------------------------------------
@@ -322,9 +181,9 @@ class LogitsHooks:
             matchers[0].fill_next_token_bitmask(host, guided[0])
         else:
             if self._batch_matcher is None:
-                self._batch_matcher = _xgrammar().BatchGrammarMatcher()
+                self._batch_matcher = guides.xgrammar_module().BatchGrammarMatcher()
             self._batch_matcher.batch_fill_next_token_bitmask(matchers, host, guided)
-        json_rows = [i for i in guided if seqs[i].sampling_params.guided_decoding.kind in _JSON_KINDS]
+        json_rows = [i for i in guided if seqs[i].sampling_params.guided_decoding.kind in guides.JSON_KINDS]
         if json_rows:
             bitmask[json_rows] &= self._json_safe
         self.fill_s += time.perf_counter() - started
