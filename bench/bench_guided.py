@@ -13,9 +13,10 @@ the same kind, not Llama-3's exact figure). `--batch` requests of 128 prompt tok
   end ("stop") and validate against it;
 - unguided: `max_tokens=--new`, ignore_eos (the engine's fast path: the decode graph's own
   argmax and the overlap scheduler);
-- guided JSON: the same requests constrained by a JSON array of tool-call objects with no
-  upper bound (`LONG_SCHEMA`), so every request runs all --new tokens inside JSON (strings,
-  numbers, enums, keys) and the two runs generate the same token count;
+- guided JSON: the same requests constrained by a JSON array of tool-call objects of at
+  least --new items (`long_schema`: each item takes at least one token, so the array cannot
+  close early), so every request runs all --new tokens inside JSON (strings, numbers, enums,
+  keys) and the two runs generate the same token count;
 - compilation: the tokenizer info (once per engine), the tool schema's first compilation,
   a second distinct schema's, and the cached lookup.
 
@@ -53,7 +54,10 @@ TOOL_SCHEMA = {  # a typical function-calling schema: enums, bounded strings, nu
             "amenities": {"type": "array", "items": {"enum": ["wifi", "pool", "gym", "parking"]}, "maxItems": 4}},
             "required": ["city", "date", "guests", "flexible", "amenities"]}},
     "required": ["name", "arguments"]}
-LONG_SCHEMA = {"type": "array", "items": TOOL_SCHEMA, "minItems": 1}
+def long_schema(min_items: int) -> dict:
+    """An array of tool calls that no output of fewer than `min_items` tokens can close (with
+    minItems 1, a random model's greedy JSON closed it early and its request stopped)."""
+    return {"type": "array", "items": TOOL_SCHEMA, "minItems": min_items}
 
 
 def synthetic_tokenizer(vocab_size: int, seed: int = 0):
@@ -136,15 +140,15 @@ def main():
                "new_tokens": args.new, "vocab": vocab, "synthetic_tokenizer_s": tokenizer_s}
 
     # -- compilation: tokenizer info once, then per schema; cached after ---------------------------
-    from trtllm.runtime import grammar
+    from trtllm.runtime import guides
     t0 = time.perf_counter()
     hooks._grammar_compiler()
     results["tokenizer_info_ms"] = (time.perf_counter() - t0) * 1e3
-    for name, schema in (("tool_schema", TOOL_SCHEMA), ("long_schema", LONG_SCHEMA)):
+    for name, schema in (("tool_schema", TOOL_SCHEMA), ("long_schema", long_schema(args.new))):
         t0 = time.perf_counter()
         hooks.compile(GuidedDecodingParams(json=schema))
         results[f"compile_{name}_ms"] = (time.perf_counter() - t0) * 1e3
-    grammar._parsed.clear()  # the cached path: the engine's compiled dict alone
+    guides._parsed.clear()  # the cached path: the engine's compiled dict alone
     t0 = time.perf_counter()
     hooks.compile(GuidedDecodingParams(json=TOOL_SCHEMA))
     results["compile_cached_ms"] = (time.perf_counter() - t0) * 1e3
@@ -163,7 +167,7 @@ def main():
     # -- throughput: unguided vs guided JSON, same requests, same token count ----------------------
     plain = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
     guided = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True,
-                            guided_decoding=GuidedDecodingParams(json=LONG_SCHEMA))
+                            guided_decoding=GuidedDecodingParams(json=long_schema(args.new)))
     rows = []
     for label, params in (("unguided (greedy)", plain), ("guided JSON (greedy)", guided)):
         timed_generate(llm, prompts, params)  # warm-up: graphs, compilation, caches
