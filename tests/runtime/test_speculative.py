@@ -287,7 +287,7 @@ class _EagerGraph:
         from trtllm.attention_context import attention_context
         r = self.runner
         with attention_context(r.cache, r.meta):
-            self.logits.copy_(r.compiled(r.input_ids[None, :self.total], r.positions[None, :self.total])[0])
+            self.logits.copy_(r.compiled(*r._flat_batch(self.total))[0])
         self.replays += 1
 
 

@@ -36,6 +36,7 @@ turns, so step n+1's copy never overwrites step n's before the host reads it.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import gc
 import math
 import time
@@ -337,19 +338,16 @@ class ModelRunner:
     # -- CUDA graphs -------------------------------------------------------------------
     @torch.no_grad()
     def capture_cuda_graphs(self, batch_sizes: list[int]) -> None:
-        """Capture decode steps of each batch size, largest first (they share one pool).
-
-        The Python heap is frozen meanwhile: torch.cuda.graph runs gc.collect() at every
-        capture, which otherwise walks every object the load and the compilations left
-        (vLLM's measure: capture from 35 s to 2 s)."""
-        started = time.perf_counter()
-        gc.collect()
-        gc.freeze()
-        try:
-            self._capture(batch_sizes)
-        finally:
-            gc.unfreeze()
-        self.capture_s += time.perf_counter() - started
+        """Capture decode steps of each batch size, largest first (they share one pool)."""
+        self._replay_views.clear()
+        self._greedy_host.clear()
+        with self._frozen_heap():
+            pool = None
+            for b in sorted(batch_sizes, reverse=True):
+                graph, logits, greedy = self._capture_one(b, 1, pool, greedy=True)  # logits [b, V]
+                pool = graph.pool()
+                self.graphs[b] = (graph, logits, greedy)
+            torch.cuda.synchronize()
 
     @torch.no_grad()
     def capture_verify_graphs(self, tokens_per_seq: int, batch_sizes: list[int]) -> None:
@@ -357,58 +355,50 @@ class ModelRunner:
         tokens each (the last known token and its drafts), every token a logits row, on the
         prefill attention path (whose host-side bounds num_seqs / max_query_len /
         max_seq_len the capture fixes), largest first, one pool."""
+        with self._frozen_heap():
+            pool = None
+            for b in sorted(batch_sizes, reverse=True):
+                if b * tokens_per_seq > self.meta.max_num_tokens or b > self.meta.max_num_seqs:
+                    continue
+                graph, logits, _ = self._capture_one(b, tokens_per_seq, pool)  # logits [b * L, V]
+                pool = graph.pool()
+                self.verify_graphs[b] = (graph, logits)
+            self.verify_len = tokens_per_seq
+            torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def _frozen_heap(self):
+        """The Python heap frozen while capturing: torch.cuda.graph runs gc.collect() at every
+        capture, which otherwise walks every object the load and the compilations left (vLLM's
+        measure: capture from 35 s to 2 s). The time goes to capture_s."""
         started = time.perf_counter()
-        L, pool = tokens_per_seq, None
         gc.collect()
         gc.freeze()
         try:
-            for b in sorted(batch_sizes, reverse=True):
-                total = b * L
-                if total > self.meta.max_num_tokens or b > self.meta.max_num_seqs:
-                    continue
-                self.meta.fill([L] * b, [L] * b, [[0] * math.ceil(L / self.block_size)] * b, self.block_size)
-                self.meta.slot_mapping.fill_(-1)  # capture-time values only: no slot written
-                self.meta.max_seq_len = self.max_model_len
-                ids, pos = self.input_ids[None, :total], self.positions[None, :total]
-                # the decode-graph variant: its GEMV linears serve any call of few tokens
-                # (the attention op takes its prefill path from max_query_len > 1 itself)
-                with attention_context(self.cache, self.meta), self.compiled.decode_graphs():
-                    for _ in range(2):  # compile for this shape and warm up outside the graph
-                        self.compiled(ids, pos)
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        logits = self.compiled(ids, pos)[0]  # [b * L, V]
-                pool = graph.pool()
-                self.verify_graphs[b] = (graph, logits)
-            self.verify_len = L
-            torch.cuda.synchronize()
+            yield
         finally:
             gc.unfreeze()
-        self.capture_s += time.perf_counter() - started
+            self.capture_s += time.perf_counter() - started
 
-    def _capture(self, batch_sizes: list[int]) -> None:
-        pool = None
-        self._replay_views.clear()
-        self._greedy_host.clear()
-        for b in sorted(batch_sizes, reverse=True):
-            # b sequences with one token each and no slot to write: capture-time values
-            # only; every replay refills the same buffers. max_seq_len = the model's
-            # length, so the captured kernels' split choice covers any later context.
-            self.meta.fill([1] * b, [1] * b, [[0]] * b, self.block_size)
-            self.meta.slot_mapping.fill_(-1)
-            self.meta.max_seq_len = self.max_model_len
-            ids, pos = self._flat_batch(b)
-            with attention_context(self.cache, self.meta), self.compiled.decode_graphs():
-                for _ in range(2):  # compile for this shape and warm up outside the graph
-                    self.compiled(ids, pos)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self.compiled(ids, pos)[0]  # [b, V]
-                    # greedy decoding needs no sampler launches: argmax and the NaN/Inf
-                    # check ride in the graph, and one read brings both back
-                    greedy = greedy_picks(logits)
-            pool = graph.pool()
-            self.graphs[b] = (graph, logits, greedy)
-        torch.cuda.synchronize()
+    def _capture_one(self, b: int, tokens_each: int, pool, greedy: bool = False):
+        """(graph, logits, greedy picks or None) of one step of b sequences of `tokens_each`
+        tokens with no slot to write: capture-time values only; every replay refills the same
+        buffers. max_seq_len = the model's length, so the captured kernels' split choice covers
+        any later context. The decode-graph variant: its GEMV linears serve any call of few
+        tokens (attention takes its prefill path from max_query_len > 1 itself)."""
+        blocks = [0] * math.ceil(tokens_each / self.block_size)
+        self.meta.fill([tokens_each] * b, [tokens_each] * b, [blocks] * b, self.block_size)
+        self.meta.slot_mapping.fill_(-1)
+        self.meta.max_seq_len = self.max_model_len
+        ids, pos = self._flat_batch(b * tokens_each)
+        with attention_context(self.cache, self.meta), self.compiled.decode_graphs():
+            for _ in range(2):  # compile for this shape and warm up outside the graph
+                self.compiled(ids, pos)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.compiled(ids, pos)[0]
+                # greedy decoding needs no sampler launches: argmax and the NaN/Inf
+                # check ride in the graph, and one read brings both back
+                picks = greedy_picks(logits) if greedy else None
+        return graph, logits, picks
