@@ -114,3 +114,13 @@ def test_opcheck():
     op = torch.ops.trtllm.quantize_fp8.default
     torch.library.opcheck(op, (_x(3, 83, torch.bfloat16),), test_utils=OPCHECK_TESTS)
     torch.library.opcheck(op, (_x(5, 200, torch.float16), 128), test_utils=OPCHECK_TESTS)
+
+
+@pytest.mark.parametrize("width", [1, 7, 83, 769, 4096, 5120, 5125, 14336, 65536])
+def test_row_num_warps_is_a_power_of_two(width):
+    # Llama-3.1-8B's 14,336-wide MLP row gave 14 warps once: Triton refused the launch on the GPU only.
+    from trtllm.kernels.registry import row_num_warps
+
+    for per_warp, lo in ((1024, 1), (512, 4)):
+        warps = row_num_warps(width, per_warp, lo=lo)
+        assert lo <= warps <= 16 and warps & (warps - 1) == 0, (width, per_warp, warps)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trtllm.kernels.registry import interpreter_upcast, register_op
+from trtllm.kernels.registry import interpreter_upcast, register_op, row_num_warps
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -103,7 +103,7 @@ def quantize_fp8_triton(x: torch.Tensor, group_size: int | None = None) -> tuple
         return q, scale
     if k == 0:
         return q, scale.fill_(MIN_AMAX / FP8_MAX)
-    num_warps = min(16, max(1, k // 1024))
+    num_warps = row_num_warps(k, 1024, lo=1)
     # Interpreted, q is an fp32 copy rounded to e4m3 by torch (registry.interpreter_upcast).
     with interpreter_upcast((x,), (q,)) as ((x,), (q_k,)):
         _quantize_fp8_kernel[(m,)](

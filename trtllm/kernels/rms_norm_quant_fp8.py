@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from trtllm.kernels.quantize_fp8 import FP8_DTYPE, FP8_MAX, MIN_AMAX, quantize_fp8_ref, require_fp8_gpu
-from trtllm.kernels.registry import interpreter_upcast, register_op
+from trtllm.kernels.registry import interpreter_upcast, register_op, row_num_warps
 from trtllm.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -127,7 +127,7 @@ def _launch(x, residual, weight, eps, group_size, unit_offset):
             eps,
             HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset,
             MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX, GROUP=group, BLOCK_G=triton.next_power_of_2(n_groups),
-            num_warps=min(16, max(4, n // 512)),
+            num_warps=row_num_warps(n, 512, lo=4),
         )
     return q, scale, summed
 
