@@ -29,3 +29,69 @@ def test_greedy_matches_hf_generate_with_the_latent_paged(family, tmp_path_facto
     # the pool: one latent row of kv_lora_rank + qk_rope_head_dim fp32 values per token and layer
     tokens = cache.num_blocks * cache.block_size
     assert cache.nbytes == tokens * 2 * row * 4, (tuple(cache.k.shape), tuple(cache.v.shape))
+
+
+def test_beam_search_on_the_latent_cache_equals_hf(tmp_path_factory):
+    """Beams share and copy-on-write latent blocks as they do K/V blocks (the empty V pool
+    copies as nothing): HF's beam search, token for token."""
+    from tests.runtime.test_beams import CASES, beam_params, check_against_hf, engine_of, run
+    from tests.models.checkpoints import hf_model
+    path = checkpoint("deepseek_v3", tmp_path_factory)
+    engine, hf = engine_of(path), hf_model(path)
+    requests = {str(i): (p, beam_params(CASES[0])) for i, p in enumerate(PROMPTS[:2])}
+    done = run(engine, requests)
+    for rid, (prompt, _) in requests.items():
+        check_against_hf(hf, done[rid], prompt, CASES[0])
+    engine.block_manager.check_invariants()
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "int8"])
+def test_a_quantized_kv_cache_is_refused_by_name(dtype, tmp_path_factory):
+    path = checkpoint("deepseek_v2", tmp_path_factory)
+    from trtllm.config import BuildConfig
+    from trtllm.runtime.llm import LLM
+    with pytest.raises(ValueError, match=f"a {dtype.upper()} KV cache with multi-head latent attention"):
+        LLM(str(path), dtype="float32", kv_cache_config=KvCacheConfig(dtype=dtype, max_tokens=256),
+            build_config=BuildConfig(max_batch_size=2, max_num_tokens=16, max_seq_len=64))
+
+
+def test_tensor_parallelism_and_lora_are_refused_by_name(tmp_path_factory):
+    import trtllm
+    from tests.models.checkpoints import random_batch
+    from trtllm.compile import CompileError
+    from trtllm.lora_slots import LoraSlots
+    from trtllm.models.hf import load_hf_module
+    from trtllm.parallel.tensor_parallel import TensorParallel
+    path = checkpoint("deepseek_v3", tmp_path_factory)
+    model = load_hf_module(path, torch.float32, torch.device("cpu"))
+    ids = random_batch(batch=1, seq_len=3)
+    for options, why in [(dict(tensor_parallel=TensorParallel(0, 2, "never used")), "with tensor parallelism"),
+                         (dict(lora=LoraSlots(2, 8, ["o_proj"], 16, "cpu")), "LoRA with multi-head latent")]:
+        with pytest.raises(CompileError, match=f"multi-head latent attention|{why}") as e:
+            trtllm.compile(model, **options)(ids, torch.arange(3)[None])
+        assert why in str(e.value)
+
+
+def test_multi_token_prediction_layers_are_skipped(tmp_path_factory):
+    """A checkpoint with DeepSeek-V3's MTP layer (model.layers.{num_hidden_layers}.*, as the
+    real one ships layer 61) loads, the MTP tensors skipped, and gives HF's tokens; a tensor
+    that belongs to no layer is still refused."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from trtllm.models.hf import load_hf_module
+    path = checkpoint("deepseek_v3", tmp_path_factory)
+    expected, _ = hf_greedy(path)
+    config = json.loads((path / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1 and config["num_hidden_layers"] == 2
+    tensors = load_file(path / "model.safetensors")
+    mtp = {k.replace("model.layers.1.", "model.layers.2."): v.clone() for k, v in tensors.items() if "model.layers.1." in k}
+    mtp["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file({**tensors, **mtp}, path / "model.safetensors", metadata={"format": "pt"})
+    with llm(path) as engine:
+        check_greedy(engine, expected)
+    save_file({**tensors, **mtp, "model.layers.3.eh_proj.weight": torch.zeros(64, 128)}, path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.eh_proj\.weight"):
+        load_hf_module(path, torch.float32, torch.device("cpu"))

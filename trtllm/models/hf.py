@@ -135,10 +135,22 @@ class HFCausalLM(nn.Module):
         return self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
 
 
+def is_mtp_tensor(config, name: str) -> bool:
+    """A DeepSeek-V3 multi-token-prediction layer's tensor: `model.layers.{n}.*` for the
+    `num_nextn_predict_layers` layers after the last decoder layer. Skipped when loading (HF's
+    module does not build them; speculative decoding with MTP is not built, and is refused by
+    name in runtime/speculative)."""
+    first, count = getattr(config, "num_hidden_layers", 0), getattr(config, "num_nextn_predict_layers", 0) or 0
+    parts = name.split(".")
+    return (len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+            and first <= int(parts[2]) < first + count)
+
+
 def load_hf_module(path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     """The HF `*ForCausalLM` of checkpoint directory `path` (a family with no model file of
     ours), its safetensors weights loaded by transformers (never pickles, never
-    `trust_remote_code`); any tensor missing, unexpected or of the wrong shape raises."""
+    `trust_remote_code`); any tensor missing, unexpected or of the wrong shape raises, but
+    DeepSeek-V3's multi-token-prediction layers, which are skipped (`is_mtp_tensor`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -152,6 +164,7 @@ def load_hf_module(path, dtype: torch.dtype, device: torch.device) -> PreTrained
                          "transformers can build (trtllm runs decoder-only causal LMs)")
     model, info = model_cls.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False,
                                             attn_implementation="eager", output_loading_info=True)
+    info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not is_mtp_tensor(config, k)]
     wrong = {k: v for k, v in info.items() if v}
     if wrong:
         raise ValueError(f"{path}: the checkpoint does not match {model_cls.__name__}: {wrong}")
