@@ -6,7 +6,7 @@ token and layer; what the MLA kernels cannot do is refused by name."""
 import pytest
 import torch
 
-from tests.runtime.test_llm_families import NEW, PROMPTS, check_greedy, checkpoint, hf_greedy, llm
+from tests.runtime.test_llm_families import PROMPTS, check_greedy, checkpoint, hf_greedy, llm
 from trtllm.config import KvCacheConfig
 
 # family -> (kv_lora_rank + qk_rope_head_dim, MoE layers of 2): tests/models/checkpoints.py's configs
@@ -34,8 +34,8 @@ def test_greedy_matches_hf_generate_with_the_latent_paged(family, tmp_path_facto
 def test_beam_search_on_the_latent_cache_equals_hf(tmp_path_factory):
     """Beams share and copy-on-write latent blocks as they do K/V blocks (the empty V pool
     copies as nothing): HF's beam search, token for token."""
-    from tests.runtime.test_beams import CASES, beam_params, check_against_hf, engine_of, run
     from tests.models.checkpoints import hf_model
+    from tests.runtime.test_beams import CASES, beam_params, check_against_hf, engine_of, run
     path = checkpoint("deepseek_v3", tmp_path_factory)
     engine, hf = engine_of(path), hf_model(path)
     requests = {str(i): (p, beam_params(CASES[0])) for i, p in enumerate(PROMPTS[:2])}
