@@ -95,3 +95,32 @@ def test_multi_token_prediction_layers_are_skipped(tmp_path_factory):
               metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model\.layers\.3\.eh_proj\.weight"):
         load_hf_module(path, torch.float32, torch.device("cpu"))
+
+
+def test_speculative_decoding_verifies_on_the_latent_cache(tmp_path_factory):
+    """n-gram drafts verified by steps of several tokens a sequence (the expanded path over
+    the cached latent): HF's greedy tokens; verify CUDA graphs are refused by name."""
+    from tests.models.checkpoints import hf_model
+    from trtllm.config import BuildConfig
+    from trtllm.runtime.llm import LLM
+    from trtllm.runtime.speculative.config import NGramDecodingConfig
+    from trtllm.sampling_params import SamplingParams
+
+    def speculative_llm(**options):
+        return LLM(str(path), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=1024),
+                   build_config=BuildConfig(max_batch_size=4, max_num_tokens=64, max_seq_len=64),
+                   speculative_config=NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2, **options))
+
+    path = checkpoint("deepseek_v3", tmp_path_factory)
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], PROMPTS[2]]
+    hf = hf_model(path)
+    expected = [hf.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, len(p):]
+                .tolist() for p in prompts]
+    with speculative_llm() as engine:
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        got = [o.outputs[0].token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
+        stats = engine.get_stats()
+    assert got == expected
+    assert stats["spec_verify_steps"] > 0 and stats["spec_accepted_tokens"] > 0, stats
+    with pytest.raises(ValueError, match="verify_cuda_graphs with multi-head latent attention"):
+        speculative_llm(verify_cuda_graphs=True)
