@@ -146,10 +146,16 @@ def num_splits(num_seqs: int, num_heads: int, max_seq_len: int, block_n: int) ->
     return max(1, min(triton.cdiv(264, programs), triton.cdiv(max(max_seq_len, 1), 4 * block_n), 32))
 
 
+def default_block_n(dtype: torch.dtype, interpreted: bool) -> int:
+    """Latent rows a tile: 64 for 16-bit on the GPU; 16 in fp32 (an ieee fp32 tile of 32 rows
+    spills registers at R 512: tools/check_mla_build.py) and in the interpreter (time)."""
+    return 16 if interpreted or dtype == torch.float32 else 64
+
+
 def launch_mla_decode(q_latent, q_rope, latent, kv_cache, layer, slot_mapping, block_tables, seq_lens,
                       scale, num_seqs, max_seq_len, *, splits: int | None = None, block_n: int | None = None):
     """The launcher: the op's arguments checked, the new rows stored, the split kernel, the
-    merge. splits / block_n: forced (tests); default num_splits and 64 (16 interpreted)."""
+    merge. splits / block_n: forced (tests); default num_splits and default_block_n."""
     T, H, R = q_latent.shape
     NL, NB, BS, one, D = kv_cache.shape
     P = D - R
@@ -176,8 +182,7 @@ def launch_mla_decode(q_latent, q_rope, latent, kv_cache, layer, slot_mapping, b
     out = torch.zeros((T, H, R), dtype=q_latent.dtype, device=q_latent.device)
     if T == 0:
         return out
-    interpreted = not q_latent.is_cuda
-    block_n = block_n or (16 if interpreted else 64)
+    block_n = block_n or default_block_n(q_latent.dtype, interpreted=not q_latent.is_cuda)
     splits = splits or num_splits(num_seqs, H, max_seq_len, block_n)
     cache = kv_cache[layer]  # a view: no layer * stride overflow in-kernel
     m = torch.empty((max(num_seqs, 1), splits, H), dtype=torch.float32, device=q_latent.device)
