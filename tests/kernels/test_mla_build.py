@@ -13,4 +13,4 @@ def test_sm90_build():
     run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "check_mla_build.py")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok   ") == 4 and run.stdout.count(", mma") == 1, run.stdout
+    assert run.stdout.count("ok   ") == 6 and run.stdout.count(", mma") == 1, run.stdout

@@ -25,9 +25,11 @@ choose the grid and the splits only.
 Kernels: `_store_latent_kernel` writes the new rows (grid T); `_mla_decode_kernel`, grid
 (num_seqs, head blocks of 16, splits), streams a split's share of the sequence's latent rows
 in tiles of BLOCK_N, two dots per tile (latent and rope parts), online softmax in base 2,
-fp32 accumulators; it stores each split's (max, sum, acc) partials and torch merges them
-(flash-decoding). All heads of a block share each row read, so a sequence's latent is read
-once per head block (DeepSeek-V2-Lite: 16 heads, one block). Not tuned on a GPU yet.
+fp32 accumulators; it stores each split's (max, sum, acc) partials and `_merge_splits_kernel`
+(grid (num_seqs, H)) merges them (flash-decoding): three launches a layer in all. All heads
+of a block share each row read, so a sequence's latent is read once per head block
+(DeepSeek-V2-Lite: 16 heads, one block). Not tuned on a GPU yet; builds for sm_90 without
+spills (tools/check_mla_build.py).
 """
 from __future__ import annotations
 
@@ -136,6 +138,25 @@ def _mla_decode_kernel(
     tl.store(acc_ptr + part[:, None] * R + r[None, :], acc, mask=hmask[:, None] & rmask[None, :])
 
 
+@triton.jit
+def _merge_splits_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, H, R, stride_out_t, stride_out_h,
+                         SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
+    # Grid: (sequence, head). out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s; an empty
+    # split has m = -1e30 (weight 0); a sequence of L = 0 has l = 0 everywhere and gives 0.
+    s = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    sp = tl.arange(0, BLOCK_S)
+    smask = sp < SPLITS
+    part = (s * SPLITS + sp) * H + h  # [BLOCK_S]
+    m = tl.load(m_ptr + part, mask=smask, other=-1e30)
+    weight = tl.where(smask, tl.exp2(m - tl.max(m, 0)), 0.0)
+    total = tl.sum(tl.load(l_ptr + part, mask=smask, other=0.0) * weight, 0)
+    r = tl.arange(0, BLOCK_R)
+    acc = tl.load(acc_ptr + part[:, None] * R + r[None, :], mask=smask[:, None] & (r[None, :] < R), other=0.0)
+    merged = tl.sum(acc * weight[:, None], 0) / tl.maximum(total, 1.1754943508222875e-38)
+    tl.store(out_ptr + s * stride_out_t + h * stride_out_h + r, merged.to(out_ptr.dtype.element_ty), mask=r < R)
+
+
 # ------------------------------------------------------------------ launcher
 
 
@@ -155,7 +176,7 @@ def default_block_n(dtype: torch.dtype, interpreted: bool) -> int:
 def launch_mla_decode(q_latent, q_rope, latent, kv_cache, layer, slot_mapping, block_tables, seq_lens,
                       scale, num_seqs, max_seq_len, *, splits: int | None = None, block_n: int | None = None):
     """The launcher: the op's arguments checked, the new rows stored, the split kernel, the
-    merge. splits / block_n: forced (tests); default num_splits and default_block_n."""
+    merge kernel. splits / block_n: forced (tests); default num_splits and default_block_n."""
     T, H, R = q_latent.shape
     NL, NB, BS, one, D = kv_cache.shape
     P = D - R
@@ -189,7 +210,7 @@ def launch_mla_decode(q_latent, q_rope, latent, kv_cache, layer, slot_mapping, b
     lsum, acc = torch.empty_like(m), torch.empty((max(num_seqs, 1), splits, H, R), dtype=torch.float32,
                                                  device=q_latent.device)
     dot_prec = "ieee" if q_latent.dtype == torch.float32 else "tf32"
-    with interpreter_upcast((q_latent, q_rope, latent), (cache,)) as ((ql, qr, lat), (cache_w,)):
+    with interpreter_upcast((q_latent, q_rope, latent), (cache, out)) as ((ql, qr, lat), (cache_w, o)):
         _store_latent_kernel[(T,)](lat, cache_w, slot_mapping, D, BS, lat.stride(0), cache_w.stride(0),
                                    cache_w.stride(1), BLOCK_D=triton.next_power_of_2(D))
         if num_seqs > 0:
@@ -202,11 +223,9 @@ def launch_mla_decode(q_latent, q_rope, latent, kv_cache, layer, slot_mapping, b
                 BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_N=block_n, DOT_PREC=dot_prec,
                 num_warps=4 if R <= 128 else 8,
             )
-    if num_seqs > 0:  # merge the splits: weights 2^(m_split - m_max); a sequence of L = 0 stays 0
-        weight = torch.exp2(m - m.amax(dim=1, keepdim=True))  # [S, splits, H]
-        total = (lsum * weight).sum(dim=1)  # [S, H]
-        merged = (acc * weight[..., None]).sum(dim=1) / total.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
-        out[:num_seqs] = merged.to(out.dtype)
+            _merge_splits_kernel[(num_seqs, H)](m, lsum, acc, o, H, R, o.stride(0), o.stride(1), SPLITS=splits,
+                                                BLOCK_S=triton.next_power_of_2(splits),
+                                                BLOCK_R=triton.next_power_of_2(R), num_warps=4)
     return out
 
 
