@@ -124,3 +124,32 @@ def test_speculative_decoding_verifies_on_the_latent_cache(tmp_path_factory):
     assert stats["spec_verify_steps"] > 0 and stats["spec_accepted_tokens"] > 0, stats
     with pytest.raises(ValueError, match="verify_cuda_graphs with multi-head latent attention"):
         speculative_llm(verify_cuda_graphs=True)
+
+
+def test_fp8_linears_with_mla_keep_kv_b_proj_and_an_fp8_kv_b_proj_is_refused(tmp_path_factory):
+    """QuantConfig FP8 quantizes every linear but kv_b_proj, which the MLA op reads in the
+    model dtype; a description that quantizes it anyway is refused naming it, rather than run
+    with the NaN placeholder weight."""
+    import trtllm
+    from tests.models.checkpoints import random_batch
+    from trtllm.compile import CompileError
+    from trtllm.config import BuildConfig, QuantAlgo, QuantConfig
+    from trtllm.models.hf import load_hf_module
+    from trtllm.quantization.fp8_linears import Fp8Linears, quantize_weight
+    from trtllm.runtime.llm import LLM
+    from trtllm.sampling_params import SamplingParams
+    path = checkpoint("deepseek_v2", tmp_path_factory)
+    with LLM(str(path), dtype="bfloat16", quant_config=QuantConfig(quant_algo="FP8"),
+             build_config=BuildConfig(max_batch_size=2, max_num_tokens=16, max_seq_len=64)) as engine:
+        out = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                              use_tqdm=False)
+        summary = engine.compiled.summary()
+    assert out[0].outputs[0].finish_reason == "length"
+    assert "trtllm.fp8_gemm" in summary and "trtllm.mla_attention" in summary, summary
+    model = load_hf_module(path, torch.bfloat16, torch.device("cpu"))
+    fp8 = Fp8Linears(source="by hand")
+    kv_b = model.model.layers[0].self_attn.kv_b_proj
+    fp8.linears["model.layers.0.self_attn.kv_b_proj"] = quantize_weight(kv_b.weight, QuantAlgo.FP8)
+    fp8.attach(model)
+    with pytest.raises(CompileError, match="an FP8-quantized kv_b_proj with multi-head latent attention"):
+        trtllm.compile(model)(random_batch(batch=1, seq_len=3), torch.arange(3)[None])
