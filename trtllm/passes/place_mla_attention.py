@@ -19,7 +19,8 @@ removed: the op writes [latent, k_rope] into the latent cache and expands or abs
 itself (trtllm/mla_attention.py). Runs first, where replace_sdpa_with_paged_attention would
 otherwise page the expanded K/V. Acts only on a model whose probe found latent attention
 (AttentionSpec.latent); there, an SDPA not spelled as above is refused by name, and so are
-what the op cannot do: tensor parallelism, LoRA, an FP8-quantized kv_b_proj.
+what the op cannot do: tensor parallelism, LoRA, an FP8-quantized kv_b_proj (QuantConfig FP8 leaves it
+in the model dtype: quantization/fp8_linears.quantizable_linears).
 """
 from __future__ import annotations
 
