@@ -48,10 +48,11 @@ def _mla_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Ten
     qn, qr = _flat_heads(q_nope), _flat_heads(q_rope)  # [T, H, dn], [T, H, dr]
     rows = torch.cat([latent.reshape(-1, R), k_rope.reshape(-1, dr)], dim=-1).to(cache.dtype)  # [T, R + dr]
     if meta.max_query_len == 1:
-        q_latent = torch.einsum("thd,hdr->thr", qn, w[:, :dn])
-        out_latent = mla_decode(q_latent.contiguous(), qr.contiguous(), rows, cache, layer, meta.slot_mapping,
+        # batched over heads, W_UK / W_UV as strided views of kv_b_proj's weight (no copy)
+        q_latent = torch.bmm(qn.transpose(0, 1), w[:, :dn]).transpose(0, 1)  # [T, H, R], strided
+        out_latent = mla_decode(q_latent, qr.contiguous(), rows, cache, layer, meta.slot_mapping,
                                 meta.block_tables, meta.seq_lens, scale, meta.num_seqs, meta.max_seq_len)
-        out = torch.einsum("thr,hvr->thv", out_latent, w[:, dn:])
+        out = torch.bmm(out_latent.transpose(0, 1), w[:, dn:].transpose(1, 2)).transpose(0, 1)  # [T, H, dv]
     else:
         out = _expanded_prefill(qn, qr, rows, cache, layer, w, dn, scale)
     return out.contiguous().view(b, s, h, dv).transpose(1, 2)  # the strides _mla_attention_fake promises
