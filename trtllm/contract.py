@@ -49,12 +49,6 @@ class AttentionSpec:
     # latent row per token (num_kv_heads 1, head_dim kv_lora_rank + qk_rope_head_dim) and no V
     latent: bool = False
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes one token takes in the cache, every layer, in the model's dtype."""
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return (1 if self.latent else 2) * self.num_layers * self.num_kv_heads * self.head_dim * element
-
 
 def unpageable(has_mask: bool, dropout_p, is_causal: bool, q_len) -> str | None:
     """Why an SDPA call cannot become paged causal attention, or None if it can."""
