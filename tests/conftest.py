@@ -15,6 +15,7 @@ import trtllm.kernels.fp8_gemm  # noqa: E402, F401
 import trtllm.kernels.fused_moe  # noqa: E402, F401
 import trtllm.kernels.linear  # noqa: E402, F401
 import trtllm.kernels.lora_sgmv  # noqa: E402, F401
+import trtllm.kernels.mla_decode  # noqa: E402, F401
 import trtllm.kernels.moe_align  # noqa: E402, F401
 import trtllm.kernels.moe_routing  # noqa: E402, F401
 import trtllm.kernels.paged_attention  # noqa: E402, F401

@@ -6,6 +6,7 @@ Layers, lowest first; a module imports trtllm modules of its own layer or lower 
                                    tensor-parallel group (parallel.tensor_parallel)
     kernels                        ops: reference, Triton kernel, launcher, registration
     attention_context              how the cache and metadata reach the graph's attention op;
+      mla_attention                the graph op of multi-head latent attention over the latent cache;
       lora_slots                   how LoRA adapters' weights and per-token slots reach the graph
     quantization                   the FP8 description of a model, online quantization, checkpoint layouts
     models, demo                   model files and loading; the built-in demo model
@@ -36,7 +37,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "trtllm"
 LAYERS = [
     ["trtllm.config", "trtllm.sampling_params", "trtllm.lora_request", "trtllm.parallel.tensor_parallel"],
     ["trtllm.kernels"],
-    ["trtllm.attention_context", "trtllm.lora_slots"],
+    ["trtllm.attention_context", "trtllm.mla_attention", "trtllm.lora_slots"],
     ["trtllm.quantization"],
     ["trtllm.models", "trtllm.demo"],
     ["trtllm.contract"],

@@ -46,21 +46,25 @@ from trtllm.kernels.registry import register_op
 @dataclass
 class PagedKVCache:
     k: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]
-    v: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]
+    v: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]; an MLA latent cache's: [..., 0] (empty)
     scales: torch.Tensor | None = None  # [L, 2, Hkv] fp32: a quantized cache's K and V scales
 
     @staticmethod
     def allocate(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device, scales: torch.Tensor | None = None) -> PagedKVCache:
+                 head_dim: int, dtype: torch.dtype, device, scales: torch.Tensor | None = None,
+                 values: bool = True) -> PagedKVCache:
         """dtype: the model's, or float8_e4m3fn / int8 with `scales` [L, 2, Hkv] (copied to
-        the device: kv_quant.kv_scales_tensor builds them)."""
+        the device: kv_quant.kv_scales_tensor builds them). values=False: multi-head latent
+        attention's cache (trtllm/mla_attention.py), one latent row per token in `k` serving
+        as key and value, and `v` empty (0 wide), so code that walks both pools still works."""
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         if scales is not None:
             if tuple(scales.shape) != (num_layers, 2, num_kv_heads):
                 raise ValueError(f"KV cache scales {tuple(scales.shape)}: expected ({num_layers}, 2, {num_kv_heads})")
             scales = scales.to(device=device, dtype=torch.float32).contiguous()
+        v_shape = shape if values else shape[:-1] + (0,)
         return PagedKVCache(torch.zeros(shape, dtype=dtype, device=device),
-                            torch.zeros(shape, dtype=dtype, device=device), scales)
+                            torch.zeros(v_shape, dtype=dtype, device=device), scales)
 
     @property
     def nbytes(self) -> int:
@@ -218,12 +222,12 @@ def in_attention_context() -> bool:
 
 @contextlib.contextmanager
 def whole_sequences_context(num_seqs: int, seq_len: int, block_size: int, num_layers: int,
-                            num_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+                            num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, values: bool = True):
     """A scratch cache and metadata for `num_seqs` independent sequences of `seq_len` new
     tokens each: a model called as in training, [B, S], outside the runtime."""
     per_seq = math.ceil(seq_len / block_size)
     cache = PagedKVCache.allocate(num_layers, num_seqs * per_seq, block_size, num_kv_heads, head_dim,
-                                  dtype, device)
+                                  dtype, device, values=values)
     meta = AttentionMetadata(num_seqs * seq_len, num_seqs, per_seq, device)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(num_seqs)]
     meta.fill([seq_len] * num_seqs, [seq_len] * num_seqs, tables, block_size)

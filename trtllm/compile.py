@@ -84,7 +84,8 @@ class CompiledModel:
             except ValueError as e:
                 raise CompileError(str(e)) from None
             self.attention = dataclasses.replace(self.attention, num_kv_heads=heads)
-        self._layers = AttentionLayers(windows=list(self.attention.windows), softcaps=list(self.attention.softcaps))
+        self._layers = AttentionLayers(windows=list(self.attention.windows), softcaps=list(self.attention.softcaps),
+                                       latent=self.attention.latent)
         self.matches: collections.Counter[str] = collections.Counter()
         self.graphs: list[fx.GraphModule] = []
         self._after_first_call: list[Callable[[], None]] = []
@@ -176,7 +177,7 @@ class CompiledModel:
         spec = self.attention
         scope = contextlib.nullcontext() if in_attention_context() else whole_sequences_context(
             *input_ids.shape, self.block_size, spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype,
-            self.device)  # B whole sequences of S tokens, on a scratch cache
+            self.device, values=not spec.latent)  # B whole sequences of S tokens, on a scratch cache
         with scope, torch.no_grad():
             with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
                 mark_token_dim_dynamic(input_ids, positions)
@@ -202,6 +203,8 @@ class CompiledModel:
         ops = collections.Counter(str(n.target).removesuffix(".default") for gm in self.graphs for n in gm.graph.nodes
                                   if n.op == "call_function" and str(n.target).startswith("trtllm."))
         layers = f"{spec.num_layers} attention layers ({spec.num_kv_heads} kv heads x {spec.head_dim})"
+        if spec.latent:
+            layers = f"{spec.num_layers} multi-head latent attention layers (a latent cache row of {spec.head_dim})"
         if any(spec.windows):
             layers += f", sliding windows per layer {list(spec.windows)}"
         if any(spec.softcaps):

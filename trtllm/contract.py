@@ -45,6 +45,9 @@ class AttentionSpec:
     dtype: torch.dtype
     windows: tuple[int, ...]  # sliding window per layer, 0 = full causal attention
     softcaps: tuple[float, ...]  # logit soft-capping per layer (softcap * tanh(x / softcap)), 0.0 = none
+    # multi-head latent attention (DeepSeek-V2/V3, trtllm/mla_attention.py): the cache holds one
+    # latent row per token (num_kv_heads 1, head_dim kv_lora_rank + qk_rope_head_dim) and no V
+    latent: bool = False
 
 
 def unpageable(has_mask: bool, dropout_p, is_causal: bool, q_len) -> str | None:
@@ -132,6 +135,9 @@ def probe_attention(model: nn.Module, device: torch.device) -> AttentionSpec:
         raise CompileError(f"{len(rec.keys)} SDPA calls but {len(calls)} through HF's attention interface: "
                            "some attention bypasses the interface")
     n = len(rec.keys)
+    latent = latent_dim(model, calls)
+    if latent:  # MLA: the expanded heads are the eager reference; the cache holds the latent
+        return AttentionSpec(n, 1, latent, dtype, (0,) * n, (0.0,) * n, latent=True)
     windows = [c.window for c in calls] if calls else layer_windows(model, n)
     softcaps = [c.softcap for c in calls] if calls else layer_softcaps(model, n)
     for name, values in (("layer_windows", windows), ("layer_softcaps", softcaps)):
@@ -141,6 +147,21 @@ def probe_attention(model: nn.Module, device: torch.device) -> AttentionSpec:
     if bad:
         raise CompileError(f"attention layer {bad[0][0]}: softcap {bad[0][1]!r} (0 = none, else a finite cap > 0)")
     return AttentionSpec(n, heads, dim, dtype, tuple(windows), tuple(float(c) for c in softcaps))
+
+
+def latent_dim(model: nn.Module, calls: list) -> int:
+    """Multi-head latent attention's row per token, kv_lora_rank + qk_rope_head_dim (0: not
+    MLA): what HF's DeepSeek-V2/V3 layers told the interface (models/hf.py), else a config's
+    `kv_lora_rank` and `qk_rope_head_dim` (a plain-PyTorch MLA, passes/place_mla_attention.py)."""
+    if calls:
+        dims = {c.latent_dim for c in calls}
+        if len(dims) != 1:
+            raise CompileError(f"attention layers mix multi-head latent attention and ordinary attention "
+                               f"(latent rows {sorted(dims)}): one KV cache cannot hold both")
+        return dims.pop()
+    config = getattr(model, "config", None)
+    rank, rope = getattr(config, "kv_lora_rank", None), getattr(config, "qk_rope_head_dim", None)
+    return rank + rope if isinstance(rank, int) and isinstance(rope, int) else 0
 
 
 def layer_softcaps(model: nn.Module, num_layers: int) -> list[float]:

@@ -195,3 +195,15 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path, capsys):
                       str(tmp_path / "no" / "r.json")], "its directory does not exist")
     _refused(capsys, ["--batch_size", "1", "--input_len", "4", "--output_len", "4", "--max_num_tokens", "0"],
              "max_num_tokens=0")
+
+
+def test_throughput_on_the_tiny_deepseek_preset_pages_the_latent(tmp_path):
+    """The MLA preset through trtllm-bench: the report's KV pool is the latent cache, one row of
+    kv_lora_rank + qk_rope_head_dim (32 + 8) fp32 values per token and layer (2 layers)."""
+    dataset, report_file = tmp_path / "data.jsonl", tmp_path / "report.json"
+    assert main(["--model", "tiny-deepseek-v2", "prepare-dataset", "--num_requests", "4", "--input_mean", "10",
+                 "--output_mean", "5", "--output", str(dataset)]) == 0
+    assert main(["throughput", "--model", "tiny-deepseek-v2", "--dataset", str(dataset),
+                 "--report_json", str(report_file)]) == 0
+    pool = _report(report_file)["results"]["kv_pool"]
+    assert pool["bytes"] == pool["blocks"] * pool["tokens_per_block"] * 2 * (32 + 8) * 4, pool

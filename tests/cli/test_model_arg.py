@@ -40,9 +40,10 @@ def test_presets_have_the_published_models_shapes(name, parameters):
     assert sum(p.numel() for p in model.parameters()) == parameters
 
 
-@pytest.mark.parametrize("name, parameters", [("qwen3-30b-a3b", 30_532_122_624), ("mixtral-8x7b", 46_702_792_704)])
+@pytest.mark.parametrize("name, parameters", [("qwen3-30b-a3b", 30_532_122_624), ("mixtral-8x7b", 46_702_792_704),
+                                              ("deepseek-v2-lite", 15_706_484_224)])
 def test_moe_presets_have_the_published_models_shapes(name, parameters):
-    """30.5B and 46.7B, as Qwen and Mistral publish them (transformers' modules on meta)."""
+    """30.5B, 46.7B and 15.7B, as Qwen, Mistral and DeepSeek publish them (transformers' modules on meta)."""
     import transformers
     config = {k: v for k, v in PRESETS[name].items() if k not in ("model_type", "torch_dtype")}
     with torch.device("meta"):
@@ -52,7 +53,8 @@ def test_moe_presets_have_the_published_models_shapes(name, parameters):
 
 
 @pytest.mark.parametrize("name, hf_class", [("tiny-qwen3-moe", "Qwen3MoeForCausalLM"),
-                                            ("tiny-mixtral", "MixtralForCausalLM")])
+                                            ("tiny-mixtral", "MixtralForCausalLM"),
+                                            ("tiny-deepseek-v2", "DeepseekV2ForCausalLM")])
 def test_an_moe_preset_is_transformers_module_seeded_and_fused_by_llm(name, hf_class):
     from trtllm.config import BuildConfig
     from trtllm.runtime.llm import LLM
@@ -62,7 +64,7 @@ def test_an_moe_preset_is_transformers_module_seeded_and_fused_by_llm(name, hf_c
     assert type(a).__name__ == hf_class and {p.dtype for p in a.parameters()} == {torch.bfloat16}
     b = build_preset(PRESETS[name], dtype="bfloat16", device="cpu", seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
-    experts = a.model.layers[0].mlp.experts.gate_up_proj
+    experts = next(m for m in a.modules() if hasattr(m, "gate_up_proj")).gate_up_proj  # DeepSeek: layer 0 dense
     assert abs(experts.float().std().item() - experts.shape[-1] ** -0.5) < 0.02  # fan-in scaled, not HF's init
     spec = resolve_model(name)
     with LLM(**spec.llm_kwargs(dtype="float32", device="cpu"),

@@ -113,7 +113,8 @@ HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
                        num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0])),
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
               dict(num_key_value_heads=2, intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
-    # multi-head latent attention (K 24 wide, V 16): refused by name until MLA is built
+    # multi-head latent attention (latent 32 + rope 8; K 24 wide, V 16): tests/runtime/test_llm_mla.py;
+    # V3: grouped sigmoid routing (2 groups, 1 chosen); V2: no q_lora_rank, softmax greedy routing (V2-Lite's)
     "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM,
                     dict(num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
                          num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=32,

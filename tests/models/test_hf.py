@@ -74,3 +74,15 @@ def test_every_unhonoured_feature_raises_eagerly(call, feature):
     with pytest.raises(UnsupportedAttention, match=r"attention layer 3 \(Attention\): .*" + re.escape(feature)):
         trtllm_attention(Attention(), q, q, q, **{**kwargs, **call})
     assert unhonoured(None, 0.0, 4, None, {"position_ids": None, "use_cache": False}) == []
+
+
+def test_values_narrower_than_keys_are_refused_unless_the_layer_is_mla():
+    """K and V of different widths page only as DeepSeek's latent (a layer with kv_b_proj and
+    kv_lora_rank); any other such layer is refused eagerly, naming the widths."""
+    q, k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 8)
+    with pytest.raises(UnsupportedAttention, match="values 8 wide but keys 16"):
+        trtllm_attention(torch.nn.Module(), q, k, v, None)
+    mla = torch.nn.Module()
+    mla.kv_b_proj, mla.kv_lora_rank, mla.qk_rope_head_dim = torch.nn.Linear(4, 4), 32, 8
+    out, _ = trtllm_attention(mla, q, k, v, None)
+    assert out.shape == (1, 3, 2, 8)

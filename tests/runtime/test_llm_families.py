@@ -133,9 +133,6 @@ def test_the_hf_module_path_still_runs_a_family_we_have_a_file_for(family, hf_cl
     ("gptj", CompileError, "GPTJForCausalLM is refused: its attention does not go through HF's AttentionInterface"),
     ("falcon", CompileError, "FalconForCausalLM is refused: its attention does not go through"),
     ("gpt_oss", CompileError, r"attention layer 0 \(GptOssAttention\): the attention argument 's_aux'"),
-    ("deepseek_v3", CompileError, r"attention layer 0 \(DeepseekV3Attention\): values 16 wide but keys 24 "
-                                  r"\(multi-head latent attention"),
-    ("deepseek_v2", CompileError, r"attention layer 0 \(DeepseekV2Attention\): values 16 wide but keys 24"),
 ])
 def test_a_family_that_cannot_run_is_refused_by_name(family, error, why, tmp_path_factory):
     path = checkpoint(family, tmp_path_factory)

@@ -10,7 +10,7 @@ NAME_OR_DIR is, in this order: "demo" (the built-in demo model, trtllm/demo.py);
 existing directory (an HF checkpoint, loaded as `LLM(model=dir)` loads it); or a preset
 of PRESETS: a real model's config.json values, built by our own model file
 (trtllm/models/llama.py), or for a family we have no file for (the MoE presets: Qwen3-MoE,
-Mixtral) by transformers' module as `LLM(model=dir)` would load it, with random weights in
+Mixtral, DeepSeek-V2-Lite) by transformers' module as `LLM(model=dir)` would load it, with random weights in
 the requested dtype on the device, so it runs at real shapes with nothing downloaded (its
 tokens are noise; there is no tokenizer).
 Anything else is an `UnknownModel` error: one that looks like a path says the directory
@@ -65,11 +65,28 @@ PRESETS: dict[str, dict] = {
         num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768, rms_norm_eps=1e-5,
         rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
         torch_dtype="bfloat16"),
+    # DeepSeek-V2-Lite (15.7B, 2.4B active): multi-head latent attention (trtllm/mla_attention.py),
+    # layer 0 dense, then 64 routed experts (top-6, softmax, not renormalised) + 2 shared
+    "deepseek-v2-lite": dict(
+        architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", vocab_size=102400, hidden_size=2048,
+        intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+        num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+        routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1, first_k_dense_replace=1,
+        moe_layer_freq=1, norm_topk_prob=False, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000.0,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                          mscale=0.707, mscale_all_dim=0.707),
+        attention_bias=False, hidden_act="silu", tie_word_embeddings=False, bos_token_id=100000,
+        eos_token_id=100001, torch_dtype="bfloat16"),
     # tiny shapes, fp32: for tests and trying the commands on a CPU in seconds
     "tiny-llama": dict(_TINY, architectures=["LlamaForCausalLM"], model_type="llama", head_dim=16),
     "tiny-qwen3": dict(_TINY, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32),
     "tiny-qwen3-moe": dict(_TINY, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", head_dim=16,
                            moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+    "tiny-deepseek-v2": dict(_TINY, architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
+                             num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                             num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
+                             qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, topk_method="greedy"),
     "tiny-mixtral": dict(_TINY, architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=32,
                          num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
 }

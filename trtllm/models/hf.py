@@ -45,6 +45,7 @@ class AttentionCall:
     window: int           # 0 = full causal attention
     softcap: float        # logit soft-capping, 0.0 = none
     unhonoured: tuple[str, ...]
+    latent_dim: int = 0   # multi-head latent attention's cached row, kv_lora_rank + qk_rope_head_dim; 0 = not MLA
 
 
 _recording: list[AttentionCall] | None = None
@@ -74,14 +75,19 @@ def trtllm_attention(module, query, key, value, attention_mask, scaling=None, dr
     """HF attention-interface function: query [B, Hq, S, D], key/value [B, Hkv, S, D]."""
     if not torch.compiler.is_compiling():  # compile()'s probe ran this eagerly first
         refused = unhonoured(attention_mask, dropout, sliding_window, softcap, kwargs)
-        if key.shape[-1] != value.shape[-1]:  # DeepSeek-V2/V3's MLA expanded: K 192 wide, V 128
-            refused.append(f"values {value.shape[-1]} wide but keys {key.shape[-1]} (multi-head latent attention "
-                           "as DeepSeek-V2/V3 has it: the paged cache holds K and V of one head_dim; MLA is not "
-                           "supported yet)")
+        latent = mla_latent_dim(module)
+        if key.shape[-1] != value.shape[-1] and not latent:
+            refused.append(f"values {value.shape[-1]} wide but keys {key.shape[-1]} (the paged cache holds K and V "
+                           "of one head_dim; only DeepSeek-V2/V3's multi-head latent attention, with kv_b_proj, "
+                           "pages them differently)")
+        if latent and (sliding_window or softcap):
+            refused.append("a sliding window or soft-capping with multi-head latent attention (the MLA kernels "
+                           "take neither)")
         layer = getattr(module, "layer_idx", None)
         if _recording is not None:
             cap = float(softcap) if isinstance(softcap, (int, float)) else 0.0  # a bad one is refused
-            _recording.append(AttentionCall(layer, type(module).__name__, sliding_window or 0, cap, tuple(refused)))
+            _recording.append(AttentionCall(layer, type(module).__name__, sliding_window or 0, cap, tuple(refused),
+                                            latent))
         elif refused:
             raise UnsupportedAttention(f"attention layer {layer} ({type(module).__name__}): {refused[0]}")
     # Eagerly the window (a banded mask where it bites) and the soft-capping are applied
@@ -89,6 +95,15 @@ def trtllm_attention(module, query, key, value, attention_mask, scaling=None, dr
     # each layer's window and softcap).
     out = causal_attention(query, key, value, scale=scaling, window=sliding_window or 0, softcap=softcap or 0.0)
     return out.transpose(1, 2).contiguous(), None  # [B, S, Hq, D]
+
+
+def mla_latent_dim(module) -> int:
+    """kv_lora_rank + qk_rope_head_dim for DeepSeek-V2/V3's attention (keys and values made
+    from a cached latent by kv_b_proj: passes/place_mla_attention.py pages the latent), else 0."""
+    rank, rope = getattr(module, "kv_lora_rank", None), getattr(module, "qk_rope_head_dim", None)
+    if isinstance(getattr(module, "kv_b_proj", None), nn.Linear) and isinstance(rank, int) and isinstance(rope, int):
+        return rank + rope
+    return 0
 
 
 AttentionInterface.register("trtllm", trtllm_attention)
@@ -120,10 +135,22 @@ class HFCausalLM(nn.Module):
         return self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
 
 
+def is_mtp_tensor(config, name: str) -> bool:
+    """A DeepSeek-V3 multi-token-prediction layer's tensor: `model.layers.{n}.*` for the
+    `num_nextn_predict_layers` layers after the last decoder layer. Skipped when loading (HF's
+    module does not build them; speculative decoding with MTP is not built, and is refused by
+    name in runtime/speculative)."""
+    first, count = getattr(config, "num_hidden_layers", 0), getattr(config, "num_nextn_predict_layers", 0) or 0
+    parts = name.split(".")
+    return (len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+            and first <= int(parts[2]) < first + count)
+
+
 def load_hf_module(path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     """The HF `*ForCausalLM` of checkpoint directory `path` (a family with no model file of
     ours), its safetensors weights loaded by transformers (never pickles, never
-    `trust_remote_code`); any tensor missing, unexpected or of the wrong shape raises."""
+    `trust_remote_code`); any tensor missing, unexpected or of the wrong shape raises, but
+    DeepSeek-V3's multi-token-prediction layers, which are skipped (`is_mtp_tensor`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -137,6 +164,7 @@ def load_hf_module(path, dtype: torch.dtype, device: torch.device) -> PreTrained
                          "transformers can build (trtllm runs decoder-only causal LMs)")
     model, info = model_cls.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False,
                                             attn_implementation="eager", output_loading_info=True)
+    info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not is_mtp_tensor(config, k)]
     wrong = {k: v for k, v in info.items() if v}
     if wrong:
         raise ValueError(f"{path}: the checkpoint does not match {model_cls.__name__}: {wrong}")

@@ -16,6 +16,7 @@ from trtllm.passes.fuse_rms_norm import fuse_rms_norm
 from trtllm.passes.fuse_rms_norm_quant_fp8 import fuse_rms_norm_quant_fp8
 from trtllm.passes.fuse_rotary import fuse_rotary
 from trtllm.passes.fuse_silu_mul import fuse_silu_mul
+from trtllm.passes.place_mla_attention import place_mla_attention
 from trtllm.passes.quantize_linears import quantize_linears
 from trtllm.passes.replace_sdpa_with_paged_attention import replace_sdpa_with_paged_attention
 from trtllm.passes.shard_tensor_parallel import shard_tensor_parallel
@@ -23,7 +24,8 @@ from trtllm.passes.split_lm_head import split_lm_head
 from trtllm.passes.use_gemv_linear import use_gemv_linear
 
 PASSES = [
-    replace_sdpa_with_paged_attention,  # first: refuse unsupported attention before any work
+    place_mla_attention,                # first: DeepSeek's latent attention, before its SDPA is paged as K/V
+    replace_sdpa_with_paged_attention,  # refuse unsupported attention before any work
     shard_tensor_parallel,              # before fuse_parallel_linears, which fuses each rank's slices
     quantize_linears,                   # before fuse_parallel_linears: FP8 weights stack as FP8
     fuse_moe,                           # before the linear, silu-mul passes rewrite the experts' ops

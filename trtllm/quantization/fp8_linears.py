@@ -131,15 +131,20 @@ def quantize_weight(weight: torch.Tensor, algo: QuantAlgo) -> Fp8Linear:
 
 def quantizable_linears(model: nn.Module) -> list[str]:
     """Module paths of the nn.Linear layers online quantization takes: all but the LM head
-    (kept in the model's dtype, as TensorRT-LLM keeps it) and any linear whose weight is
-    shared with an embedding (tied)."""
+    (kept in the model's dtype, as TensorRT-LLM keeps it), any linear whose weight is
+    shared with an embedding (tied), and multi-head latent attention's kv_b_proj (DeepSeek-V2/V3:
+    trtllm.mla_attention reads it in the model dtype to expand and absorb the latent)."""
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    modules = dict(model.named_modules())
     paths = []
     for path, m in model.named_modules():
         if not isinstance(m, nn.Linear) or m is head or path.split(".")[-1] == "lm_head":
             continue
         if id(m.weight) in embedding_weights:
+            continue
+        parent = modules[path.rpartition(".")[0]]
+        if path.endswith("kv_b_proj") and isinstance(getattr(parent, "kv_lora_rank", None), int):
             continue
         paths.append(path)
     return paths

@@ -173,6 +173,10 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
     if kv_cache_scales is None and fp8 is not None:  # an FP8 checkpoint's k_scale / v_scale, if it has them
         kv_cache_scales = kv_cache_scales_by_layer(fp8, kv_format)
     kv_quant = kv_cache_quant(kv_format, compiled, kv_cache_scales, tokenizer)
+    if speculative is not None and compiled.attention.latent and speculative["config"].verify_cuda_graphs:
+        raise ValueError("verify_cuda_graphs with multi-head latent attention (DeepSeek-V2/V3) is not supported: "
+                         "its steps of several tokens a sequence expand the latent per sequence, on the host's "
+                         "lengths, which a CUDA graph cannot replay; leave verify_cuda_graphs off")
     vocab_size, eos_token_ids = _vocab_size(module, compiled), _eos_ids(module, tokenizer)
     if speculative is not None:  # the draft's weights and pool first: the target's pool takes what is left
         speculative = build_speculative(

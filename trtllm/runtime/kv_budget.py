@@ -17,10 +17,11 @@ CPU_DEFAULT_TOKENS = 65536
 
 
 def bytes_per_block(compiled: CompiledModel, block_size: int, cache_dtype: torch.dtype | None = None) -> int:
-    """K and V of one block in every layer; cache_dtype None: the model's (spec.dtype)."""
+    """K and V (an MLA cache: the latent rows) of one block in every layer; cache_dtype None: the model's (spec.dtype)."""
     spec = compiled.attention
     element = torch.empty((), dtype=cache_dtype or spec.dtype).element_size()
-    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * element
+    pools = 1 if spec.latent else 2  # MLA: one latent row per token, no V (AttentionSpec.latent)
+    return pools * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * element
 
 
 def blocks_in(budget_bytes: float, compiled: CompiledModel, block_size: int,
@@ -59,7 +60,7 @@ def _profile_peak(compiled: CompiledModel, max_num_tokens: int, max_num_seqs: in
     lens[0] += max_num_tokens - per_seq * seqs
     blocks_each = math.ceil(max(lens) / block)
     cache = PagedKVCache.allocate(spec.num_layers, seqs * blocks_each, block, spec.num_kv_heads,
-                                  spec.head_dim, spec.dtype, device)
+                                  spec.head_dim, spec.dtype, device, values=not spec.latent)
     meta = AttentionMetadata(max_num_tokens, seqs, blocks_each, device)
     meta.fill(lens, lens, [list(range(i * blocks_each, (i + 1) * blocks_each)) for i in range(seqs)], block)
     ids = torch.zeros((1, max_num_tokens), dtype=torch.long, device=device)

@@ -95,6 +95,9 @@ def kv_cache_quant(fmt: str, compiled: CompiledModel, scales: Sequence[tuple[Sca
         return None
     if fmt not in KV_CACHE_DTYPES:
         raise ValueError(f"KV cache format {fmt!r}: expected 'auto', 'fp8' or 'int8'")
+    if compiled.attention.latent:
+        raise ValueError(f"a {fmt.upper()} KV cache with multi-head latent attention (DeepSeek-V2/V3) is not "
+                         "supported: the MLA kernels read the latent cache in the model dtype")
     if fmt == "fp8":  # refused by name when the engine is built, not at its first decode step
         require_fp8_gpu(compiled.device, "an FP8 KV cache (KvCacheConfig(dtype='fp8'))")
     spec = compiled.attention

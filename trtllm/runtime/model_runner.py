@@ -94,7 +94,7 @@ class ModelRunner:
         self.kv_quant = kv_quant  # None: the cache holds the model's dtype
         self.cache = PagedKVCache.allocate(spec.num_layers, num_blocks, block_size, spec.num_kv_heads,
                                            spec.head_dim, kv_quant.dtype if kv_quant else spec.dtype, self.device,
-                                           kv_quant.scales if kv_quant else None)
+                                           kv_quant.scales if kv_quant else None, values=not spec.latent)
         self.meta = AttentionMetadata(max_num_tokens, max_num_seqs, math.ceil(max_model_len / block_size),
                                       self.device)
         # token ids, positions and logits rows: one device buffer, filled from one pinned
