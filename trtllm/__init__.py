@@ -31,6 +31,7 @@ _EXPORTS = {
     "EagleDecodingConfig": "trtllm.runtime.speculative.config",
     "MTPDecodingConfig": "trtllm.runtime.speculative.config",
     "LoraConfig": "trtllm.config", "LoRARequest": "trtllm.lora_request",
+    "MultimodalEncoder": "trtllm.runtime.multimodal_inputs",
 }
 __all__ = list(_EXPORTS)
 

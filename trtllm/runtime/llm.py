@@ -22,6 +22,10 @@ Speculative decoding: `speculative_config=NGramDecodingConfig(...)` or
 `DraftTargetDecodingConfig(...)` (TensorRT-LLM's names), or the manual's
 `speculative_decoding_config=SpeculativeDecodingConfig(draft_model=..., draft_tokens=4)`
 (runtime/speculative; it turns the overlap scheduler off).
+Images (LLaVA-1.5 / LLaVA-NeXT checkpoints; docs/multimodal.md):
+`generate({"prompt": "USER: <image>\\nWhat is this? ASSISTANT:", "multi_modal_data": {"image": [img]}})`
+or `generate(inputs={"text": ..., "image": img})`, images as PIL images, numpy arrays or tensors;
+the checkpoint's processor (or `processor=`) expands each placeholder.
 LoRA adapters (PEFT checkpoints, many in one batch; runtime/adapters.py):
 `LLM(..., lora_config=LoraConfig(max_lora_rank=16, max_loras=4))`, then
 `generate(prompts, params, lora_request=LoRARequest("math", 1, "path/to/adapter"))` (one for
@@ -56,6 +60,8 @@ from trtllm.lora_request import LoRARequest
 from trtllm.runtime.build_engine import build_engine, shutdown_workers
 from trtllm.runtime.engine_loop import EngineLoop
 from trtllm.runtime.engine_stats import EngineStats
+from trtllm.runtime.multimodal_inputs import Processor, check_multimodal_encoder, is_multimodal_prompt
+from trtllm.runtime.multimodal_stager import check_multimodal_request
 from trtllm.runtime.outputs import RequestError
 from trtllm.runtime.request_stream import RequestStream, new_request_id
 from trtllm.runtime.tokenizer import apply_chat_template, tokenize_prompt
@@ -75,9 +81,11 @@ class LLM:
                  device: str | torch.device | None = None, compile_options: dict | None = None,
                  stream_interval: int = 1, disable_overlap_scheduler: bool = False, kv_cache_scales=None,
                  tensor_parallel_size: int = 1, batched_logits_processor=None, speculative_config=None,
-                 speculative_decoding_config=None, lora_config: LoraConfig | None = None):
+                 speculative_decoding_config=None, lora_config: LoraConfig | None = None, processor=None,
+                 multimodal_encoder=None):
         if batched_logits_processor is not None and not callable(batched_logits_processor):
             raise TypeError("batched_logits_processor must be callable (a BatchedLogitsProcessor)")
+        check_multimodal_encoder(multimodal_encoder, model)
         if speculative_config is not None and speculative_decoding_config is not None:
             raise ValueError("give speculative_config or speculative_decoding_config (the same thing), not both")
         self.engine = build_engine(model, tokenizer, dtype, kv_cache_config, build_config, quant_config,
@@ -86,18 +94,27 @@ class LLM:
                                    speculative_config or speculative_decoding_config, lora_config)
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
+        # a multimodal model's image processor: given, else the checkpoint's, loaded at the first image
+        self._processor = Processor(processor, model, self.engine)
         self.block_manager, self.compiled = self.engine.block_manager, self.engine.runner.compiled
         self._loop = EngineLoop(self.engine)
         self._shut_down = False
 
     # -- generation --------------------------------------------------------------------
-    def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    def generate(self, prompts=None, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True, streaming: bool = False,
-                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None):
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None, inputs=None):
         """RequestOutputs for a prompt or a list; with streaming=True (one prompt), an
         iterator of growing RequestOutputs (closing it, or dropping it, aborts the request).
-        lora_request: one adapter for every prompt, or a list of one per prompt (None: the base)."""
+        lora_request: one adapter for every prompt, or a list of one per prompt (None: the base).
+        A prompt with images (a multimodal model): `{"prompt": text, "multi_modal_data": {"image":
+        [images]}}` or `{"text": text, "image": image}` (runtime/multimodal_inputs.py); `inputs=`
+        is TensorRT-LLM's name for `prompts`."""
         self._check_running()
+        if inputs is not None:
+            if prompts is not None:
+                raise ValueError("give prompts or inputs (the same thing), not both")
+            prompts = inputs
         if getattr(prompts, "ndim", None) == 2:  # a 2-D array or tensor of token ids: one prompt a row
             prompts = list(prompts)
         if streaming:
@@ -175,10 +192,17 @@ class LLM:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        text, ids = tokenize_prompt(self.tokenizer, prompt)
+        multimodal = None
+        if is_multimodal_prompt(prompt):
+            text, ids, multimodal = self._processor.process(prompt)
+            multimodal = multimodal if multimodal.images else None
+        else:
+            text, ids = tokenize_prompt(self.tokenizer, prompt)
         self.engine.validate(ids, params)
         self.engine.check_lora(lora_request)
-        return AddRequest(request_id, ids, params, text, streaming, lora_request)
+        if multimodal is not None:
+            check_multimodal_request(self.engine.runner.multimodal, multimodal, ids, params, lora_request)
+        return AddRequest(request_id, ids, params, text, streaming, lora_request, multimodal)
 
     def _check_running(self) -> None:
         if self._shut_down:
