@@ -118,4 +118,6 @@ def multimodal_stager(module, compiled, max_num_tokens: int, speculative: bool) 
     if speculative:
         raise ValueError(f"{name} (a multimodal model) with speculative decoding is not supported yet")
     embed = module.language_model.model.embed_tokens.weight
+    from trtllm.compile_encoder import compile_encoder
+    module.compiled_tower = compile_encoder(module.vision_tower)  # compiled at the first image
     return MultimodalStager(module.encode_images, max_num_tokens, embed.shape[1], embed.dtype, embed.device)
