@@ -114,6 +114,10 @@ def test_bad_input_refused_by_name_engine_unaffected(llm):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [np.zeros((4097, 4097), np.uint8)]}}, params)
     with pytest.raises(ValueError, match="video and audio are not supported"):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"video": [image]}}, params)
+    from trtllm import LoRARequest
+    with pytest.raises(ValueError, match="a LoRA adapter with images is not supported yet"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [image]}}, params,
+                     lora_request=LoRARequest("any", 1, "/no/such/adapter"))
     ok = llm.generate({"prompt": "<image> still fine", "multi_modal_data": {"image": [image]}}, params)
     assert len(ok.outputs[0].token_ids) == 3
 

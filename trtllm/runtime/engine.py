@@ -118,13 +118,13 @@ class Engine:
                     prompt: str | None = None, stream: bool = False, lora_request=None, multimodal=None) -> None:
         assert request_id not in self.requests, f"request id {request_id!r} is already in flight"
         self.validate(prompt_token_ids, params)
-        self.check_lora(lora_request)
-        if lora_request is not None and params.is_beam_search:
-            raise ValueError("beam search with a LoRA adapter is not supported yet")
         if multimodal is not None and multimodal.images:
             check_multimodal_request(self.runner.multimodal, multimodal, prompt_token_ids, params, lora_request)
         else:
             multimodal = None
+        self.check_lora(lora_request)
+        if lora_request is not None and params.is_beam_search:
+            raise ValueError("beam search with a LoRA adapter is not supported yet")
         group = BeamGroup(request_id, prompt_token_ids, params, self.eos_token_ids, self.limits.max_seq_len,
                           self.tokenizer) if params.is_beam_search else None
         seqs = group.beams if group is not None else \

@@ -95,7 +95,9 @@ class LLM:
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
         # a multimodal model's image processor: given, else the checkpoint's, loaded at the first image
-        self._processor = Processor(processor, model, self.engine)
+        image_token_id = getattr(self.engine.runner.compiled.module.config, "image_token_id", None) \
+            if self.engine.runner.multimodal is not None else None
+        self.processor = Processor(processor, model, self.tokenizer, image_token_id)
         self.block_manager, self.compiled = self.engine.block_manager, self.engine.runner.compiled
         self._loop = EngineLoop(self.engine)
         self._shut_down = False
@@ -172,11 +174,13 @@ class LLM:
 
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
                        streaming: bool = False, request_id: str | None = None,
-                       lora_request: LoRARequest | None = None) -> RequestStream:
-        """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`."""
+                       lora_request: LoRARequest | None = None, multimodal=None) -> RequestStream:
+        """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`.
+        multimodal: the images of a prompt already processed (token ids with the placeholders
+        expanded; `processor.process` gives both), as the server sends them."""
         self._check_running()
-        return self._submit(prompt, sampling_params, loop=asyncio.get_running_loop(), request_id=request_id,
-                            streaming=streaming, lora_request=lora_request)
+        return self._loop.submit(self._prepare(request_id or new_request_id(), prompt, sampling_params, streaming,
+                                               lora_request, multimodal), asyncio.get_running_loop())
 
     def abort(self, request_id: str) -> None:
         self._loop.abort(request_id)
@@ -187,21 +191,22 @@ class LLM:
                                                lora_request), loop)
 
     def _prepare(self, request_id: str, prompt, params: SamplingParams | None, streaming: bool = False,
-                 lora_request: LoRARequest | None = None) -> AddRequest:
+                 lora_request: LoRARequest | None = None, multimodal=None) -> AddRequest:
         """One request, tokenized; TypeError/ValueError if bad."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        multimodal = None
-        if is_multimodal_prompt(prompt):
-            text, ids, multimodal = self._processor.process(prompt)
-            multimodal = multimodal if multimodal.images else None
+        if multimodal is not None:  # processed already (the server)
+            text, ids = tokenize_prompt(self.tokenizer, prompt)
+        elif is_multimodal_prompt(prompt):
+            text, ids, multimodal = self.processor.process(prompt)
         else:
             text, ids = tokenize_prompt(self.tokenizer, prompt)
         self.engine.validate(ids, params)
-        self.engine.check_lora(lora_request)
-        if multimodal is not None:
+        multimodal = multimodal if multimodal is not None and multimodal.images else None
+        if multimodal is not None:  # before the adapter's own checks: images with any adapter are refused
             check_multimodal_request(self.engine.runner.multimodal, multimodal, ids, params, lora_request)
+        self.engine.check_lora(lora_request)
         return AddRequest(request_id, ids, params, text, streaming, lora_request, multimodal)
 
     def _check_running(self) -> None:

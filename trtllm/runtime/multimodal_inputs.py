@@ -175,18 +175,25 @@ def load_processor(path):
 
 class Processor:
     """A front end's image processing for one engine: the processor given, else the checkpoint
-    directory's, loaded at the first prompt with images."""
+    directory's, loaded at the first prompt with images. image_token_id None: a text-only model."""
 
-    def __init__(self, processor, model, engine):
-        self._processor, self._model, self._tokenizer = processor, model, engine.tokenizer
-        self._stager = engine.runner.multimodal
-        module = engine.runner.compiled.module
-        self.image_token_id = getattr(getattr(module, "config", None), "image_token_id", None)
+    def __init__(self, processor, model, tokenizer, image_token_id: int | None):
+        self._processor, self._model, self._tokenizer = processor, model, tokenizer
+        self.image_token_id = image_token_id
+
+    @property
+    def takes_images(self) -> bool:
+        return self.image_token_id is not None
+
+    @property
+    def image_token(self) -> str:
+        """The placeholder text of one image (the processor's)."""
+        return getattr(self.get(), "image_token", "<image>")
 
     def process(self, prompt: dict) -> tuple[str, list[int], MultimodalData]:
         """(text, token ids, images) of a multimodal prompt; ValueError naming what is wrong."""
         text, images = split_prompt(prompt)
-        if self._stager is None:
+        if not self.takes_images:
             if images:
                 raise ValueError("this model takes no images (a text-only model); send text only")
             if self._tokenizer is None:

@@ -55,6 +55,7 @@ class Ready:
     vocab_size: int
     has_tokenizer: bool
     stats: EngineStats
+    image_token_id: int | None = None  # a multimodal model's image placeholder token, None: text only
 
 
 @dataclass(slots=True)
