@@ -32,14 +32,20 @@ from trtllm.kernels.registry import register_op
 
 class MultimodalEmbeddings:
     def __init__(self, max_num_tokens: int, hidden_size: int, dtype: torch.dtype, device):
+        device = torch.device(device)
         self.rows = torch.full((max_num_tokens,), -1, dtype=torch.long, device=device)
         self.embeds = torch.zeros((max_num_tokens, hidden_size), dtype=dtype, device=device)
+        # the rows' pinned staging: copied without waiting for the GPU (a pageable copy would
+        # wait for every step queued before it)
+        self._host_rows = torch.empty((max_num_tokens,), dtype=torch.long, pin_memory=device.type == "cuda")
         self.max_num_tokens = max_num_tokens
         self._num_rows = 0  # rows the last fill set (the rest hold -1)
 
     def fill(self, token_rows: torch.Tensor | None, features: torch.Tensor | None) -> None:
         """token_rows [T] int64 (host): embeds row per token, -1 for text; features [K, hidden]:
-        the rows. None, None: a step without image tokens (a no-op when the last was one too)."""
+        the rows. None, None: a step without image tokens (a no-op when the last was one too).
+        The caller must not fill again before the GPU has run the copies of the last fill (the
+        model runner's fills follow its wait for the previous step's input copies)."""
         if token_rows is None:
             if self._num_rows:
                 self.rows[:self._num_rows].fill_(-1)
@@ -51,8 +57,9 @@ class MultimodalEmbeddings:
                              f"{self.max_num_tokens}")
         if self._num_rows > t:
             self.rows[t:self._num_rows].fill_(-1)
-        self.rows[:t].copy_(token_rows)
-        self.embeds[:k].copy_(features)
+        self._host_rows[:t].copy_(token_rows)
+        self.rows[:t].copy_(self._host_rows[:t], non_blocking=True)
+        self.embeds[:k].copy_(features, non_blocking=True)
         self._num_rows = t
 
 

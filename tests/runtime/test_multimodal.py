@@ -53,6 +53,20 @@ def test_greedy_equals_hf(llava, llm, num_images):
             assert out.outputs[0].token_ids == expected
 
 
+def test_chat_with_image_parts_and_n2(llava, llm):
+    """llm.chat's {"type": "image"} parts: the placeholder where the part stands; n=2 greedy
+    completions of one image prompt are both HF's."""
+    image = random_images(1, seed=4)[0]
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi?"}]}]
+    out = llm.chat(messages, SamplingParams(max_tokens=5, **GREEDY))
+    text = "USER: <image>Hi?\nASSISTANT:"
+    expected = hf_greedy(llava, text, [image], 5)
+    assert out.outputs[0].token_ids == expected
+    two = llm.generate({"prompt": text, "multi_modal_data": {"image": [image]}},
+                       SamplingParams(max_tokens=5, n=2, **GREEDY))
+    assert [c.token_ids for c in two.outputs] == [expected, expected]
+
+
 def test_text_only_prompt_on_llava_equals_hf(llava, llm):
     text = "USER: Hello there. ASSISTANT:"
     assert llm.generate(text, SamplingParams(max_tokens=6, **GREEDY)).outputs[0].token_ids == \

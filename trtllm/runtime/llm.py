@@ -60,7 +60,12 @@ from trtllm.lora_request import LoRARequest
 from trtllm.runtime.build_engine import build_engine, shutdown_workers
 from trtllm.runtime.engine_loop import EngineLoop
 from trtllm.runtime.engine_stats import EngineStats
-from trtllm.runtime.multimodal_inputs import Processor, check_multimodal_encoder, is_multimodal_prompt
+from trtllm.runtime.multimodal_inputs import (
+    Processor,
+    check_multimodal_encoder,
+    is_multimodal_prompt,
+    split_chat_images,
+)
 from trtllm.runtime.multimodal_stager import check_multimodal_request
 from trtllm.runtime.outputs import RequestError
 from trtllm.runtime.request_stream import RequestStream, new_request_id
@@ -163,12 +168,18 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True):
         """`generate` on chat messages (`[{"role": "user", "content": "Hi"}]`, or a list of such
-        conversations), rendered with the checkpoint's own chat template."""
+        conversations), rendered with the checkpoint's own chat template. A multimodal model's
+        content may be a list of parts, `{"type": "image", "image": img}` among the text ones:
+        each becomes the model's placeholder where it stands."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (and its chat template); this LLM was built without one")
         batch = bool(messages) and isinstance(messages[0], (list, tuple))
-        prompts = [apply_chat_template(self.tokenizer, conversation, add_generation_prompt)
-                   for conversation in (messages if batch else [messages])]
+        prompts = []
+        for conversation in (messages if batch else [messages]):
+            token = self.processor.image_token if self.processor.takes_images else None
+            conversation, images = split_chat_images(conversation, token)
+            text = apply_chat_template(self.tokenizer, conversation, add_generation_prompt)
+            prompts.append({"prompt": text, "multi_modal_data": {"image": images}} if images else text)
         outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
         return outputs if batch else outputs[0]
 

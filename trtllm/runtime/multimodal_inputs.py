@@ -226,3 +226,30 @@ class MultimodalEncoder:
     """TensorRT-LLM's spelling (`LLM(..., multimodal_encoder=MultimodalEncoder(vision_encoder_path=p))`),
     taken when p is the model's own checkpoint directory."""
     vision_encoder_path: str
+
+
+def split_chat_images(messages: list[dict], image_token: str | None) -> tuple[list[dict], list]:
+    """`llm.chat` messages whose content may be a list of parts ({"type": "text", "text": ...},
+    {"type": "image", "image": <image>}) -> the messages with each image part as `image_token`
+    in its place (plain string content, for any chat template) and the images in order."""
+    images, out = [], []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            out.append(m)
+            continue
+        pieces = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                pieces.append(part.get("text") or "")
+            elif kind == "image":
+                if image_token is None:
+                    raise ValueError("an image content part, but this model takes no images (a text-only model)")
+                images.append(part.get("image"))
+                pieces.append(image_token)
+            else:
+                raise ValueError(f"a chat content part is {{'type': 'text', 'text': ...}} or {{'type': 'image', "
+                                 f"'image': ...}}, got type {kind!r}")
+        out.append(dict(m, content="".join(pieces)))
+    return out, images

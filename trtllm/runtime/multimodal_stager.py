@@ -119,5 +119,8 @@ def multimodal_stager(module, compiled, max_num_tokens: int, speculative: bool) 
         raise ValueError(f"{name} (a multimodal model) with speculative decoding is not supported yet")
     embed = module.language_model.model.embed_tokens.weight
     from trtllm.compile_encoder import compile_encoder
-    module.compiled_tower = compile_encoder(module.vision_tower)  # compiled at the first image
+    module.compiled_tower = compile_encoder(module.vision_tower)
+    v = module.config.vision
+    for n in (2, 1):  # compiled now, not in the first request's TTFT: any batch of >= 2 images, and 1
+        module.tower_features(torch.zeros((n, v.num_channels, v.image_size, v.image_size), device=embed.device))
     return MultimodalStager(module.encode_images, max_num_tokens, embed.shape[1], embed.dtype, embed.device)
