@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from trtllm.attention_context import PagedKVCache  # noqa: F401  (the kernels' registrations, as compile.py)
-from trtllm.compile import static_fakes
+from trtllm.compile import _DYNAMO_CONFIG, static_fakes
 from trtllm.contract import CompileError
 from trtllm.inductor_fallbacks import declare_inductor_fallbacks
 from trtllm.passes import ENCODER_PASSES
@@ -60,7 +60,9 @@ class CompiledEncoder:
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if first is not None and first.shape[0] >= 2:
             torch._dynamo.maybe_mark_dynamic(first, 0)
-        with torch.no_grad():
+        # compile.py's dynamo settings: every tower of one class shares its forward's dynamo cache
+        # (a process that builds many LLMs recompiles per instance), and past the limit raise
+        with torch.no_grad(), torch._dynamo.config.patch(**_DYNAMO_CONFIG):
             try:
                 return self._compiled(*args, **kwargs)
             except torch._dynamo.exc.BackendCompilerFailed as e:
