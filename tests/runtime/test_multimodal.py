@@ -111,6 +111,44 @@ def test_different_images_same_text_share_no_blocks(llm):
     assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
 
 
+def test_text_before_the_image_is_shared_the_image_blocks_are_not(llm):
+    """The image's hash keys the blocks holding its tokens (and, by the chain, every block after):
+    the full blocks of a shared text prefix before it are reused, none from its first block on."""
+    prefix = "A long shared introduction of text that fills two blocks or more. " * 2
+    a, b = random_images(2, seed=31)
+    params = SamplingParams(max_tokens=2, **GREEDY)
+    first = llm.generate({"prompt": prefix + "<image> tail", "multi_modal_data": {"image": [a]}}, params)
+    second = llm.generate({"prompt": prefix + "<image> tail", "multi_modal_data": {"image": [b]}}, params)
+    start = first.prompt_token_ids.index(llm.processor.image_token_id)
+    block = llm.block_manager.block_size
+    assert start >= 2 * block
+    assert second.num_cached_tokens == start // block * block
+
+
+def test_checkpoint_layouts_load_alike(llava, tmp_path):
+    """The hub's layout (vision_tower.vision_model.*) and the other (model.language_model.*,
+    model.vision_tower.*, ...) load into the same module."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from trtllm.models.loader import load_model
+    tensors = load_file(str(llava / "model.safetensors"))
+    reference = load_model(llava, dtype=torch.float32, device="cpu").state_dict()
+    layouts = {
+        "hub": lambda n: n.replace("vision_tower.", "vision_tower.vision_model.", 1),
+        "model.": lambda n: ("model." + n.replace("language_model.model.", "language_model.", 1)
+                             if not n.startswith("language_model.lm_head") else n.replace("language_model.", "", 1)),
+    }
+    for name, rename in layouts.items():
+        d = tmp_path / name
+        shutil.copytree(llava, d)
+        save_file({rename(k): v for k, v in tensors.items()}, str(d / "model.safetensors"))
+        loaded = load_model(d, dtype=torch.float32, device="cpu").state_dict()
+        assert loaded.keys() == reference.keys()
+        assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
 def test_bad_input_refused_by_name_engine_unaffected(llm):
     image = random_images(1)[0]
     params = SamplingParams(max_tokens=3, **GREEDY)
