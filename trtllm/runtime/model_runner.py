@@ -17,6 +17,10 @@ writing) and every sequence of the step verifies exactly k drafts.
 With LoRA (`adapters`, runtime/adapters.py), each step also writes each token's adapter slot
 (-1: none) into the fixed-address `LoraSlots.slot_ids` the graphs read (trtllm/lora_slots.py),
 padding tokens -1, by one more copy out of the same pinned staging.
+With images (`multimodal`, runtime/multimodal_stager.py), each step first stages the image
+features its chunks reach (encoded once per image) into the fixed-address buffers the graphs'
+`trtllm.splice_embeddings` reads (trtllm/multimodal_context.py); a step without image tokens
+leaves them as they are, every row -1.
 
 On a GPU, pure-decode steps replay CUDA graphs captured for batch sizes 1, 2, 4, 8,
 16, ... up to max_num_seqs (a step pads to the next captured size: padded tokens
