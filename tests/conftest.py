@@ -11,6 +11,7 @@ import torch  # noqa: E402
 # (tests/runtime/conftest.py), and a kernel module first imported then
 # would be decorated as compiled Triton, failing every later
 # interpreter test in that process ("0 active drivers").
+import trtllm.kernels.bidirectional_attention  # noqa: E402, F401
 import trtllm.kernels.fp8_gemm  # noqa: E402, F401
 import trtllm.kernels.fused_moe  # noqa: E402, F401
 import trtllm.kernels.linear  # noqa: E402, F401

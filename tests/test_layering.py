@@ -8,6 +8,7 @@ Layers, lowest first; a module imports trtllm modules of its own layer or lower 
     attention_context              how the cache and metadata reach the graph's attention op;
       mla_attention                the graph op of multi-head latent attention over the latent cache;
       lora_slots                   how LoRA adapters' weights and per-token slots reach the graph
+      multimodal_context           how image features reach the graph's splice op
     quantization                   the FP8 description of a model, online quantization, checkpoint layouts
     models, demo                   model files and loading; the built-in demo model
     contract                       what a compilable model is: the probe, its spec, the refusals
@@ -37,12 +38,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "trtllm"
 LAYERS = [
     ["trtllm.config", "trtllm.sampling_params", "trtllm.lora_request", "trtllm.parallel.tensor_parallel"],
     ["trtllm.kernels"],
-    ["trtllm.attention_context", "trtllm.mla_attention", "trtllm.lora_slots"],
+    ["trtllm.attention_context", "trtllm.mla_attention", "trtllm.lora_slots", "trtllm.multimodal_context"],
     ["trtllm.quantization"],
     ["trtllm.models", "trtllm.demo"],
     ["trtllm.contract"],
     ["trtllm.passes"],
-    ["trtllm.compile", "trtllm.inductor_fallbacks"],
+    ["trtllm.compile", "trtllm.compile_encoder", "trtllm.inductor_fallbacks"],
     ["trtllm.runtime", "trtllm.parallel"],
     ["trtllm.serve", "trtllm.eval"],
     ["trtllm.cli"],

@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "compile": "trtllm.compile", "CompiledModel": "trtllm.compile", "CompileError": "trtllm.contract",
+    "compile_encoder": "trtllm.compile_encoder", "CompiledEncoder": "trtllm.compile_encoder",
     "BuildConfig": "trtllm.config", "KvCacheConfig": "trtllm.config", "QuantAlgo": "trtllm.config",
     "QuantConfig": "trtllm.config", "ConfigError": "trtllm.config",
     "load_model": "trtllm.models.loader", "LLM": "trtllm.runtime.llm",
@@ -31,6 +32,7 @@ _EXPORTS = {
     "EagleDecodingConfig": "trtllm.runtime.speculative.config",
     "MTPDecodingConfig": "trtllm.runtime.speculative.config",
     "LoraConfig": "trtllm.config", "LoRARequest": "trtllm.lora_request",
+    "MultimodalEncoder": "trtllm.runtime.multimodal_inputs",
 }
 __all__ = list(_EXPORTS)
 
@@ -48,12 +50,12 @@ def __dir__():
 
 
 class _Package(types.ModuleType):
-    """Importing the submodule `trtllm.compile` sets the package's attribute `compile` to that
-    module; the public `trtllm.compile` is the function it defines."""
+    """Importing the submodule `trtllm.compile` (`trtllm.compile_encoder`) sets the package's
+    attribute of that name to the module; the public name is the function it defines."""
 
     def __setattr__(self, name, value):
-        if name == "compile" and isinstance(value, types.ModuleType):
-            value = value.compile
+        if name in ("compile", "compile_encoder") and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
         super().__setattr__(name, value)
 
 

@@ -3,7 +3,8 @@
     trtllm-serve MODEL_DIR --host 127.0.0.1 --port 8000 [--max_batch_size N] [--max_num_tokens N]
                  [--kv_cache_free_gpu_memory_fraction F] [--kv_cache_dtype auto|fp8|int8] [--api-key KEY]
                  [--served-model-name NAME] [--lora_modules NAME=PATH ...] [--max_lora_rank R]
-                 [--max_loras N] [--max_cpu_loras N]
+                 [--max_loras N] [--max_cpu_loras N] [--allowed_local_media_path DIR]
+                 [--max_images_per_request N] [--max_image_pixels N]
 
 With no MODEL_DIR it serves the built-in demo model. The engine runs in a process of its
 own (trtllm/runtime/engine_core.py), so HTTP and SSE work never delays a GPU step. The
@@ -16,6 +17,12 @@ answers 503 with the reason).
 LoRA (vLLM's convention): each --lora_modules NAME=PATH (a PEFT adapter directory) is listed
 in /v1/models, and a request whose `model` is NAME runs through that adapter; the adapters are
 checked against the model when the engine is built. /metrics counts requests per adapter.
+
+Images (a LLaVA checkpoint; docs/multimodal.md): chat content parts {"type": "image_url",
+"image_url": {"url": "data:image/png;base64,..."}}. Remote http(s) URLs are refused (the server
+makes no outbound requests); local files only under --allowed_local_media_path; at most
+--max_images_per_request images, each of at most --max_image_pixels decoded pixels (413 past it,
+read from the image's header before decoding).
 """
 from __future__ import annotations
 
@@ -28,6 +35,9 @@ import sys
 from pathlib import Path
 
 API_KEY_ENV = "TRTLLM_API_KEY"
+# the API's caps (trtllm/runtime/multimodal_inputs.py), repeated: --help must not import torch
+MAX_IMAGES_PER_REQUEST = 16
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,6 +101,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="LoRA adapters resident on the GPU at once (default 4)")
     ap.add_argument("--max_cpu_loras", "--max-cpu-loras", type=int, default=None,
                     help="LoRA adapters kept in host memory (default: max(4, the number of --lora_modules))")
+    ap.add_argument("--allowed_local_media_path", "--allowed-local-media-path", default=None, metavar="DIR",
+                    help="image_url parts may name local files (file:// or a path) under DIR; default: none")
+    ap.add_argument("--max_images_per_request", "--max-images-per-request", type=int, default=MAX_IMAGES_PER_REQUEST,
+                    help=f"images in one chat request at most (default {MAX_IMAGES_PER_REQUEST})")
+    ap.add_argument("--max_image_pixels", "--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                    help=f"decoded pixels of one image at most (default {MAX_IMAGE_PIXELS}); larger: 413")
     ap.add_argument("--engine-in-thread", action="store_true",
                     help="run the engine on a thread of the server process instead of a process of its own "
                          "(less memory and startup; streaming throughput suffers: both share one GIL)")
@@ -212,6 +228,8 @@ def main(argv=None) -> int:
         try:
             options = engine_options(args)
             lora_modules = parse_lora_modules(args.lora_modules)
+            from trtllm.serve.media import MediaPolicy
+            media = MediaPolicy(args.allowed_local_media_path, args.max_images_per_request, args.max_image_pixels)
         except ConfigError as e:
             print(f"trtllm-serve: bad option:\n{e}", file=sys.stderr)
             return 2
@@ -226,7 +244,7 @@ def main(argv=None) -> int:
         name = args.served_model_name or (args.model if args.model is not None else "trtllm-demo")
         app = build_app(llm, name, api_key=api_key,
                         max_concurrent_requests=args.max_concurrent_requests or DEFAULT_MAX_CONCURRENT_REQUESTS,
-                        tool_parser=args.tool_parser, lora_modules=lora_modules)
+                        tool_parser=args.tool_parser, lora_modules=lora_modules, media=media)
         log.info("loaded %s as %r (API key %s; limits %s)", args.model or "the demo model", name,
                  "required" if api_key else "not required", llm.limits)
         # uvicorn handles SIGTERM/SIGINT while it runs (graceful stop), then restores these

@@ -33,6 +33,7 @@ from torch import nn
 
 from trtllm.models.gemma import GemmaForCausalLM
 from trtllm.models.llama import LlamaForCausalLM
+from trtllm.models.llava import LlavaForConditionalGeneration
 from trtllm.models.phi3 import Phi3ForCausalLM
 from trtllm.parallel.tensor_parallel import unloaded
 from trtllm.quantization.checkpoint import Fp8CheckpointTensors, checkpoint_layout, is_quantization_tensor
@@ -55,6 +56,14 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Gemma2ForCausalLM": GemmaForCausalLM,
     "Gemma3ForCausalLM": GemmaForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "LlavaNextForConditionalGeneration": LlavaForConditionalGeneration,
+}
+# multimodal families not supported yet, refused by name (transformers would build them, but
+# not as a causal LM under our contract)
+REFUSED_ARCHITECTURES = {
+    "Qwen2VLForConditionalGeneration": "Qwen2-VL", "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL",
+    "Gemma3ForConditionalGeneration": "Gemma-3 (multimodal)",
 }
 
 _DTYPES = {
@@ -96,7 +105,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     dtype = _resolve_dtype(dtype, hf_config)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     files = _weight_files(path)
-    model_cls = ARCHITECTURES.get((hf_config.get("architectures") or [None])[0])
+    architecture = (hf_config.get("architectures") or [None])[0]
+    if architecture in REFUSED_ARCHITECTURES:
+        raise ValueError(f"{path}: {REFUSED_ARCHITECTURES[architecture]} checkpoints ({architecture}) are not "
+                         "supported yet; multimodal models supported: LLaVA-1.5, LLaVA-NeXT (docs/multimodal.md)")
+    model_cls = ARCHITECTURES.get(architecture)
     if model_cls is None:  # no model file of ours: the HF module (imported here: transformers is slow to load)
         if layout is not None:
             raise ValueError(f"{path}: pre-quantized checkpoints load into trtllm's own model files only "
@@ -112,8 +125,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
         model = model_cls(model_cls.config_class.from_hf(
             {k: v for k, v in hf_config.items() if k != "quantization_config"}))
     expected, aliases = _expected_tensors(model)
+    rename = getattr(model_cls, "checkpoint_name", None) or (lambda name: name)  # checkpoint -> module names
     tensor_file = _check_checkpoint(files, expected, aliases,
-                                    (lambda name: is_quantization_tensor(layout, name)) if layout else None)
+                                    (lambda name: is_quantization_tensor(layout, name)) if layout else None, rename)
     fp8 = Fp8CheckpointTensors(layout, str(path)) if layout is not None else None
     online = Fp8Linears(source=f"QuantConfig(quant_algo={quant_algo.value})") if quant_algo is not None else None
     online_weights = {f"{p}.weight": p for p in quantizable_linears(model)} if online is not None else {}
@@ -122,13 +136,14 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     bar = _progress_bar(total, progress)
     for file in files:
         with _open_safetensors(file) as f:
-            for name in f.keys():
+            for stored in f.keys():
+                name = rename(stored)
                 if tensor_file.get(name) != file:
                     continue  # an alias (tied lm_head) or a harmless extra
                 if leave_unloaded is not None and leave_unloaded(name):
                     _assign(model, name, unloaded(expected[name], dtype, device))
                     continue
-                t = f.get_tensor(name)
+                t = f.get_tensor(stored)
                 nbytes = t.numel() * t.element_size()
                 if fp8 is None and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                     raise ValueError(f"{file.name}: tensor {name!r} is {t.dtype} but the checkpoint names no "
@@ -245,14 +260,17 @@ def _expected_tensors(model: nn.Module) -> tuple[dict[str, torch.Size], dict[str
     return expected, aliases
 
 
-def _check_checkpoint(files: list[Path], expected: dict, aliases: dict, is_scale=None) -> dict[str, Path]:
+def _check_checkpoint(files: list[Path], expected: dict, aliases: dict, is_scale=None,
+                      rename=lambda name: name) -> dict[str, Path]:
     """Match checkpoint tensors (names and shapes, read from headers only) to the model's;
-    `is_scale(name)` names the quantized layout's extra tensors (checked when read)."""
+    `is_scale(name)` names the quantized layout's extra tensors (checked when read);
+    `rename`: a checkpoint name -> the model's (a model file's `checkpoint_name`)."""
     tensor_file, unexpected = {}, []
     for file in files:
         with _open_safetensors(file) as f:
-            for name in f.keys():
-                shape = torch.Size(f.get_slice(name).get_shape())
+            for stored in f.keys():
+                name = rename(stored)
+                shape = torch.Size(f.get_slice(stored).get_shape())
                 if name in expected:
                     if shape != expected[name]:
                         raise ValueError(f"{file.name}: tensor {name!r} has shape {tuple(shape)}, "

@@ -18,6 +18,7 @@ from trtllm.passes.fuse_rotary import fuse_rotary
 from trtllm.passes.fuse_silu_mul import fuse_silu_mul
 from trtllm.passes.place_mla_attention import place_mla_attention
 from trtllm.passes.quantize_linears import quantize_linears
+from trtllm.passes.replace_sdpa_with_bidirectional_attention import replace_sdpa_with_bidirectional_attention
 from trtllm.passes.replace_sdpa_with_paged_attention import replace_sdpa_with_paged_attention
 from trtllm.passes.shard_tensor_parallel import shard_tensor_parallel
 from trtllm.passes.split_lm_head import split_lm_head
@@ -45,3 +46,9 @@ DECODE_GRAPH_PASSES = [
 
 # the decode graphs DECODE_GRAPH_PASSES serve: those whose linears a GEMV computes
 DECODE_GRAPH_MAX_TOKENS = GEMV_MAX_M
+
+# trtllm.compile_encoder's list: vision encoders (bidirectional attention over whole images,
+# no cache); the decoder's PASSES keep refusing non-causal attention
+ENCODER_PASSES = [
+    replace_sdpa_with_bidirectional_attention,
+]

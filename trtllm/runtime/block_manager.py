@@ -30,6 +30,8 @@ which the engine has the model runner copy before the step runs. Only beams shar
 they write into (a prefix-cache hit is always full and never written), so nothing else pays.
 A sequence with a LoRA adapter starts its chain from the adapter's id (`chain_root`), so a
 prefix computed under one adapter is never reused under another, nor under the base model.
+A block holding image placeholder tokens hashes the images' content hashes with its tokens
+(runtime/multimodal_inputs.py), so the same text with another image never shares its blocks.
 """
 from __future__ import annotations
 
@@ -41,9 +43,10 @@ from collections.abc import Iterable
 from trtllm.runtime.sequence import Sequence
 
 
-def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
-    """The hash naming a full block of `tokens` that follows the block hashed `parent`."""
-    data = (parent or b"") + array("q", tokens).tobytes()
+def block_hash(parent: bytes | None, tokens: list[int], extra: bytes = b"") -> bytes:
+    """The hash naming a full block of `tokens` that follows the block hashed `parent`; `extra`:
+    what else its K/V depend on (the hashes of the images whose tokens it holds)."""
+    data = (parent or b"") + array("q", tokens).tobytes() + extra
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
@@ -226,10 +229,11 @@ class BlockManager:
     def _hashes(self, seq: Sequence, n: int) -> list[bytes]:
         """The hashes of the first `n` full token blocks of `seq` (at least)."""
         chain = self._chain.setdefault(seq.seq_id, [])
-        tokens, bs = seq.token_ids, self.block_size
+        tokens, bs, mm = seq.token_ids, self.block_size, seq.multimodal
         while len(chain) < n:
             i = len(chain)
-            chain.append(block_hash(chain[-1] if chain else chain_root(seq), tokens[i * bs:(i + 1) * bs]))
+            extra = mm.block_key(i * bs, (i + 1) * bs) if mm is not None else b""  # its images' hashes
+            chain.append(block_hash(chain[-1] if chain else chain_root(seq), tokens[i * bs:(i + 1) * bs], extra))
         return chain
 
     def _lookup(self, seq: Sequence) -> list[int]:

@@ -33,6 +33,7 @@ from trtllm.runtime.engine_stats import StartupTimes
 from trtllm.runtime.kv_budget import num_kv_blocks
 from trtllm.runtime.kv_cache_quant import kv_cache_quant
 from trtllm.runtime.model_runner import ModelRunner, cuda_graph_batch_sizes
+from trtllm.runtime.multimodal_stager import multimodal_stager
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.speculative.build import build_speculative, check_speculative_config
 from trtllm.runtime.tokenizer import load_tokenizer
@@ -177,6 +178,7 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
         raise ValueError("verify_cuda_graphs with multi-head latent attention (DeepSeek-V2/V3) is not supported: "
                          "its steps of several tokens a sequence expand the latent per sequence, on the host's "
                          "lengths, which a CUDA graph cannot replay; leave verify_cuda_graphs off")
+    multimodal = multimodal_stager(module, compiled, max_num_tokens, speculative is not None)  # None: text only
     vocab_size, eos_token_ids = _vocab_size(module, compiled), _eos_ids(module, tokenizer)
     if speculative is not None:  # the draft's weights and pool first: the target's pool takes what is left
         speculative = build_speculative(
@@ -192,7 +194,7 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
     runner = ModelRunner(compiled, num_blocks=blocks, block_size=kv_cache_config.tokens_per_block,
                          max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs,
                          max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph, kv_quant=kv_quant,
-                         adapters=adapters)
+                         adapters=adapters, multimodal=multimodal)
     scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len, adapters=adapters)
     engine = Engine(runner, block_manager, scheduler, tokenizer,
                     EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len,

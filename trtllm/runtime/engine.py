@@ -52,6 +52,7 @@ from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval, va
 from trtllm.runtime.engine_stats import EngineStats, StartupTimes, StepRecord
 from trtllm.runtime.grammar import LogitsHooks
 from trtllm.runtime.model_runner import LaunchedStep, ModelRunner
+from trtllm.runtime.multimodal_stager import check_multimodal_request
 from trtllm.runtime.output_builder import OutputBuilder
 from trtllm.runtime.outputs import RequestOutput
 from trtllm.runtime.prompt_logprobs import prompt_logprobs
@@ -114,17 +115,21 @@ class Engine:
         self.adapters.check(lora_request)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, stream: bool = False, lora_request=None) -> None:
+                    prompt: str | None = None, stream: bool = False, lora_request=None, multimodal=None) -> None:
         assert request_id not in self.requests, f"request id {request_id!r} is already in flight"
         self.validate(prompt_token_ids, params)
+        if multimodal is not None and multimodal.images:
+            check_multimodal_request(self.runner.multimodal, multimodal, prompt_token_ids, params, lora_request)
+        else:
+            multimodal = None
         self.check_lora(lora_request)
         if lora_request is not None and params.is_beam_search:
             raise ValueError("beam search with a LoRA adapter is not supported yet")
         group = BeamGroup(request_id, prompt_token_ids, params, self.eos_token_ids, self.limits.max_seq_len,
                           self.tokenizer) if params.is_beam_search else None
         seqs = group.beams if group is not None else \
-            [Sequence(request_id, list(prompt_token_ids), params, index=i, lora_request=lora_request)
-             for i in range(params.num_sequences)]
+            [Sequence(request_id, list(prompt_token_ids), params, index=i, lora_request=lora_request,
+                      multimodal=multimodal) for i in range(params.num_sequences)]
         for seq in seqs:
             seq.seed = params.seed if params.seed is not None else draw_seed()
         self.logits_hooks.attach(seqs, params)  # compiles its guide (cached); ValueError if it cannot

@@ -14,6 +14,7 @@ import asyncio
 import atexit
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import queue
 import signal
@@ -23,6 +24,7 @@ from trtllm.lora_request import LoRARequest
 from trtllm.runtime.engine_core import core_main
 from trtllm.runtime.engine_limits import validate_request
 from trtllm.runtime.engine_stats import EngineStats
+from trtllm.runtime.multimodal_inputs import Processor
 from trtllm.runtime.outputs import new_output
 from trtllm.runtime.request_stream import MirrorStream, OpenStreams, RequestStream, new_request_id
 from trtllm.runtime.tokenizer import load_tokenizer, tokenize_prompt
@@ -61,6 +63,9 @@ class EngineCoreClient:
             raise
         self.limits, self.vocab_size, self._has_tokenizer, self._stats = \
             ready.limits, ready.vocab_size, ready.has_tokenizer, ready.stats
+        # a multimodal model's image processing, here in the server's process (the checkpoint's processor)
+        self.processor = Processor(None, tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None,
+                                  self.tokenizer, ready.image_token_id)
         self._streams = OpenStreams()  # the event loop opens, the reader routes and closes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False  # shutdown() was called: the core's exit is expected
@@ -102,9 +107,10 @@ class EngineCoreClient:
 
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
                        streaming: bool = False, request_id: str | None = None,
-                       lora_request: LoRARequest | None = None) -> RequestStream:
+                       lora_request: LoRARequest | None = None, multimodal=None) -> RequestStream:
         """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`.
-        A LoRA adapter is checked by the engine process: a bad one fails the request there."""
+        A LoRA adapter is checked by the engine process: a bad one fails the request there.
+        multimodal: a processed prompt's images (`processor.process`), checked by the engine process."""
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
@@ -116,7 +122,7 @@ class EngineCoreClient:
         if error is not None:
             stream.fail(error)
         else:
-            self._outgoing.put(AddRequest(request_id, ids, params, text, streaming, lora_request))
+            self._outgoing.put(AddRequest(request_id, ids, params, text, streaming, lora_request, multimodal))
         return stream
 
     def abort(self, request_id: str) -> None:

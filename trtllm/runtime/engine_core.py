@@ -36,7 +36,10 @@ def core_main(build, inbox, outbox) -> None:
         outbox.send(BuildFailed(f"{type(e).__name__}: {e}"))
         return
     engine.copy_outputs = False
-    outbox.send(Ready(engine.limits, engine.vocab_size, engine.tokenizer is not None, EngineStats.of(engine)))
+    image_token_id = getattr(engine.runner.compiled.module.config, "image_token_id", None) \
+        if engine.runner.multimodal is not None else None
+    outbox.send(Ready(engine.limits, engine.vocab_size, engine.tokenizer is not None, EngineStats.of(engine),
+                      image_token_id))
     # each step's deltas go out on a sender thread, so pickling and writing overlap the
     # next GPU step (the engine waits for the GPU without the GIL) and a server slow to
     # read never holds a step back

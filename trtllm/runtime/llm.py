@@ -22,6 +22,10 @@ Speculative decoding: `speculative_config=NGramDecodingConfig(...)` or
 `DraftTargetDecodingConfig(...)` (TensorRT-LLM's names), or the manual's
 `speculative_decoding_config=SpeculativeDecodingConfig(draft_model=..., draft_tokens=4)`
 (runtime/speculative; it turns the overlap scheduler off).
+Images (LLaVA-1.5 / LLaVA-NeXT checkpoints; docs/multimodal.md):
+`generate({"prompt": "USER: <image>\\nWhat is this? ASSISTANT:", "multi_modal_data": {"image": [img]}})`
+or `generate(inputs={"text": ..., "image": img})`, images as PIL images, numpy arrays or tensors;
+the checkpoint's processor (or `processor=`) expands each placeholder.
 LoRA adapters (PEFT checkpoints, many in one batch; runtime/adapters.py):
 `LLM(..., lora_config=LoraConfig(max_lora_rank=16, max_loras=4))`, then
 `generate(prompts, params, lora_request=LoRARequest("math", 1, "path/to/adapter"))` (one for
@@ -56,6 +60,13 @@ from trtllm.lora_request import LoRARequest
 from trtllm.runtime.build_engine import build_engine, shutdown_workers
 from trtllm.runtime.engine_loop import EngineLoop
 from trtllm.runtime.engine_stats import EngineStats
+from trtllm.runtime.multimodal_inputs import (
+    Processor,
+    check_multimodal_encoder,
+    is_multimodal_prompt,
+    split_chat_images,
+)
+from trtllm.runtime.multimodal_stager import check_multimodal_request
 from trtllm.runtime.outputs import RequestError
 from trtllm.runtime.request_stream import RequestStream, new_request_id
 from trtllm.runtime.tokenizer import apply_chat_template, tokenize_prompt
@@ -75,9 +86,11 @@ class LLM:
                  device: str | torch.device | None = None, compile_options: dict | None = None,
                  stream_interval: int = 1, disable_overlap_scheduler: bool = False, kv_cache_scales=None,
                  tensor_parallel_size: int = 1, batched_logits_processor=None, speculative_config=None,
-                 speculative_decoding_config=None, lora_config: LoraConfig | None = None):
+                 speculative_decoding_config=None, lora_config: LoraConfig | None = None, processor=None,
+                 multimodal_encoder=None):
         if batched_logits_processor is not None and not callable(batched_logits_processor):
             raise TypeError("batched_logits_processor must be callable (a BatchedLogitsProcessor)")
+        check_multimodal_encoder(multimodal_encoder, model)
         if speculative_config is not None and speculative_decoding_config is not None:
             raise ValueError("give speculative_config or speculative_decoding_config (the same thing), not both")
         self.engine = build_engine(model, tokenizer, dtype, kv_cache_config, build_config, quant_config,
@@ -86,18 +99,29 @@ class LLM:
                                    speculative_config or speculative_decoding_config, lora_config)
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
+        # a multimodal model's image processor: given, else the checkpoint's, loaded at the first image
+        image_token_id = getattr(self.engine.runner.compiled.module.config, "image_token_id", None) \
+            if self.engine.runner.multimodal is not None else None
+        self.processor = Processor(processor, model, self.tokenizer, image_token_id)
         self.block_manager, self.compiled = self.engine.block_manager, self.engine.runner.compiled
         self._loop = EngineLoop(self.engine)
         self._shut_down = False
 
     # -- generation --------------------------------------------------------------------
-    def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    def generate(self, prompts=None, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True, streaming: bool = False,
-                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None):
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None, inputs=None):
         """RequestOutputs for a prompt or a list; with streaming=True (one prompt), an
         iterator of growing RequestOutputs (closing it, or dropping it, aborts the request).
-        lora_request: one adapter for every prompt, or a list of one per prompt (None: the base)."""
+        lora_request: one adapter for every prompt, or a list of one per prompt (None: the base).
+        A prompt with images (a multimodal model): `{"prompt": text, "multi_modal_data": {"image":
+        [images]}}` or `{"text": text, "image": image}` (runtime/multimodal_inputs.py); `inputs=`
+        is TensorRT-LLM's name for `prompts`."""
         self._check_running()
+        if inputs is not None:
+            if prompts is not None:
+                raise ValueError("give prompts or inputs (the same thing), not both")
+            prompts = inputs
         if getattr(prompts, "ndim", None) == 2:  # a 2-D array or tensor of token ids: one prompt a row
             prompts = list(prompts)
         if streaming:
@@ -144,22 +168,30 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True):
         """`generate` on chat messages (`[{"role": "user", "content": "Hi"}]`, or a list of such
-        conversations), rendered with the checkpoint's own chat template."""
+        conversations), rendered with the checkpoint's own chat template. A multimodal model's
+        content may be a list of parts, `{"type": "image", "image": img}` among the text ones:
+        each becomes the model's placeholder where it stands."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (and its chat template); this LLM was built without one")
         batch = bool(messages) and isinstance(messages[0], (list, tuple))
-        prompts = [apply_chat_template(self.tokenizer, conversation, add_generation_prompt)
-                   for conversation in (messages if batch else [messages])]
+        prompts = []
+        for conversation in (messages if batch else [messages]):
+            token = self.processor.image_token if self.processor.takes_images else None
+            conversation, images = split_chat_images(conversation, token)
+            text = apply_chat_template(self.tokenizer, conversation, add_generation_prompt)
+            prompts.append({"prompt": text, "multi_modal_data": {"image": images}} if images else text)
         outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
         return outputs if batch else outputs[0]
 
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
                        streaming: bool = False, request_id: str | None = None,
-                       lora_request: LoRARequest | None = None) -> RequestStream:
-        """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`."""
+                       lora_request: LoRARequest | None = None, multimodal=None) -> RequestStream:
+        """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`.
+        multimodal: the images of a prompt already processed (token ids with the placeholders
+        expanded; `processor.process` gives both), as the server sends them."""
         self._check_running()
-        return self._submit(prompt, sampling_params, loop=asyncio.get_running_loop(), request_id=request_id,
-                            streaming=streaming, lora_request=lora_request)
+        return self._loop.submit(self._prepare(request_id or new_request_id(), prompt, sampling_params, streaming,
+                                               lora_request, multimodal), asyncio.get_running_loop())
 
     def abort(self, request_id: str) -> None:
         self._loop.abort(request_id)
@@ -170,15 +202,23 @@ class LLM:
                                                lora_request), loop)
 
     def _prepare(self, request_id: str, prompt, params: SamplingParams | None, streaming: bool = False,
-                 lora_request: LoRARequest | None = None) -> AddRequest:
+                 lora_request: LoRARequest | None = None, multimodal=None) -> AddRequest:
         """One request, tokenized; TypeError/ValueError if bad."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        text, ids = tokenize_prompt(self.tokenizer, prompt)
+        if multimodal is not None:  # processed already (the server)
+            text, ids = tokenize_prompt(self.tokenizer, prompt)
+        elif is_multimodal_prompt(prompt):
+            text, ids, multimodal = self.processor.process(prompt)
+        else:
+            text, ids = tokenize_prompt(self.tokenizer, prompt)
         self.engine.validate(ids, params)
+        multimodal = multimodal if multimodal is not None and multimodal.images else None
+        if multimodal is not None:  # before the adapter's own checks: images with any adapter are refused
+            check_multimodal_request(self.engine.runner.multimodal, multimodal, ids, params, lora_request)
         self.engine.check_lora(lora_request)
-        return AddRequest(request_id, ids, params, text, streaming, lora_request)
+        return AddRequest(request_id, ids, params, text, streaming, lora_request, multimodal)
 
     def _check_running(self) -> None:
         if self._shut_down:

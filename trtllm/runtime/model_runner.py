@@ -17,6 +17,10 @@ writing) and every sequence of the step verifies exactly k drafts.
 With LoRA (`adapters`, runtime/adapters.py), each step also writes each token's adapter slot
 (-1: none) into the fixed-address `LoraSlots.slot_ids` the graphs read (trtllm/lora_slots.py),
 padding tokens -1, by one more copy out of the same pinned staging.
+With images (`multimodal`, runtime/multimodal_stager.py), each step first stages the image
+features its chunks reach (encoded once per image) into the fixed-address buffers the graphs'
+`trtllm.splice_embeddings` reads (trtllm/multimodal_context.py); a step without image tokens
+leaves them as they are, every row -1.
 
 On a GPU, pure-decode steps replay CUDA graphs captured for batch sizes 1, 2, 4, 8,
 16, ... up to max_num_seqs (a step pads to the next captured size: padded tokens
@@ -46,7 +50,9 @@ import torch
 
 from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
 from trtllm.compile import CompiledModel
+from trtllm.multimodal_context import multimodal_context
 from trtllm.runtime.kv_cache_quant import KvCacheQuant
+from trtllm.runtime.multimodal_stager import MultimodalStager
 from trtllm.runtime.prompt_logprobs import PromptSpan, chunk_span
 from trtllm.runtime.sampler import greedy_picks
 from trtllm.runtime.sequence import Sequence
@@ -87,7 +93,8 @@ class LaunchedStep:
 class ModelRunner:
     def __init__(self, compiled: CompiledModel, *, num_blocks: int, block_size: int,
                  max_num_tokens: int, max_num_seqs: int, max_model_len: int,
-                 enable_cuda_graph: bool = True, kv_quant: KvCacheQuant | None = None, adapters=None):
+                 enable_cuda_graph: bool = True, kv_quant: KvCacheQuant | None = None, adapters=None,
+                 multimodal: MultimodalStager | None = None):
         spec = compiled.attention
         self.compiled, self.device = compiled, compiled.device
         self.block_size, self.max_model_len = block_size, max_model_len
@@ -100,6 +107,7 @@ class ModelRunner:
         # token ids, positions and logits rows: one device buffer, filled from one pinned
         # host buffer by one copy per step; row 3: LoRA slots per token (copied to slot_ids)
         self.adapters = adapters
+        self.multimodal = multimodal  # image features staged per step (runtime/multimodal_stager.py), None: text only
         self._inputs = torch.zeros((3, max_num_tokens), dtype=torch.long, device=self.device)
         self._staging = torch.zeros((4 if adapters is not None else 3, max_num_tokens), dtype=torch.long,
                                     pin_memory=self.device.type == "cuda")
@@ -125,6 +133,10 @@ class ModelRunner:
         if enable_cuda_graph and self.device.type == "cuda":
             self.capture_cuda_graphs(cuda_graph_batch_sizes(max_num_seqs))
 
+    def _multimodal_context(self):
+        """The step's staged image features, where the graph's splice op reads them."""
+        return multimodal_context(self.multimodal.embeddings if self.multimodal is not None else None)
+
     def _flat_batch(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, positions) [1, num_tokens] of the step, contiguous views of the input
         buffer. Sliced then unsqueezed: `buffer[None, :n]` would have stride max_num_tokens, and
@@ -136,6 +148,8 @@ class ModelRunner:
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> LaunchedStep:
         """Launch one step: the sequences to sample and (once done) their logits [N, V]."""
         self._wait_inputs_copied()
+        if self.multimodal is not None:  # before the graph replays or the model runs: it reads them
+            self.multimodal.stage(scheduled)
         ids, positions, query_lens, seq_lens, tables, sample_rows, to_sample = [], [], [], [], [], [], []
         prompt_rows, spans, num_rows = [], [], []
         for seq, n in scheduled:
@@ -184,7 +198,7 @@ class ModelRunner:
                 return self._replay_verify(size, ids, positions, scheduled, to_sample, verify)
         self._copy_inputs(ids, positions, sample_rows + prompt_rows)
         rows = self.logits_indices[: num_sampled + len(prompt_rows)]
-        with attention_context(self.cache, self.meta):
+        with attention_context(self.cache, self.meta), self._multimodal_context():
             logits = self.compiled(*self._flat_batch(num_tokens), rows)
         if not spans:
             return LaunchedStep(scheduled, to_sample, logits, None, None, self._step_launched(), num_rows=verify)
@@ -204,6 +218,8 @@ class ModelRunner:
         if size is None:
             return None
         self._wait_inputs_copied()
+        if self.multimodal is not None:  # decode tokens: no image rows
+            self.multimodal.reset()
         positions = [seq.num_tokens for seq in seqs]
         if self.adapters is not None:
             self._stage_lora_slots([(seq, 1) for seq in seqs], size)
@@ -391,7 +407,7 @@ class ModelRunner:
         self.meta.slot_mapping.fill_(-1)
         self.meta.max_seq_len = self.max_model_len
         ids, pos = self._flat_batch(b * tokens_each)
-        with attention_context(self.cache, self.meta), self.compiled.decode_graphs():
+        with attention_context(self.cache, self.meta), self._multimodal_context(), self.compiled.decode_graphs():
             for _ in range(2):  # compile for this shape and warm up outside the graph
                 self.compiled(ids, pos)
             torch.cuda.synchronize()

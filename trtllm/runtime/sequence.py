@@ -49,6 +49,8 @@ class Sequence:
     num_accepted_draft_tokens: int = 0   # ... and accepted
     num_verify_steps: int = 0            # steps that verified drafts
     lora_request: LoRARequest | None = None          # its LoRA adapter (runtime/adapters.py), None: the base
+    # its images (runtime/multimodal_inputs.MultimodalData: spans, hashes, pixels), None: text only
+    multimodal: Any = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -35,6 +35,7 @@ class AddRequest:
     prompt: str | None = None
     streaming: bool = False  # an output every step (every stream_interval tokens), not only the last
     lora_request: LoRARequest | None = None  # its LoRA adapter (runtime/adapters.py), None: the base model
+    multimodal: object | None = None  # its images (runtime/multimodal_inputs.MultimodalData), None: text only
 
 
 @dataclass(slots=True)
@@ -54,6 +55,7 @@ class Ready:
     vocab_size: int
     has_tokenizer: bool
     stats: EngineStats
+    image_token_id: int | None = None  # a multimodal model's image placeholder token, None: text only
 
 
 @dataclass(slots=True)

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from trtllm.runtime.client_protocol import EngineClient
 from trtllm.serve.gate import GENERATION_PATHS, Gate
 from trtllm.serve.handler import Handler
+from trtllm.serve.media import MediaPolicy
 from trtllm.serve.metrics import ServerMetrics
 from trtllm.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestError
 
@@ -50,11 +51,11 @@ def server_version() -> str:
 def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = None,
               max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, tool_parser: str = "hermes",
-              lora_modules: dict | None = None) -> FastAPI:
+              lora_modules: dict | None = None, media: MediaPolicy | None = None) -> FastAPI:
     """lora_modules: LoRA adapter name -> its LoRARequest (trtllm-serve --lora_modules): listed in
     /v1/models, and a request whose `model` is an adapter's name runs through it."""
     metrics = ServerMetrics(llm)
-    handler = Handler(llm, served_model_name, metrics, tool_parser, lora_modules)
+    handler = Handler(llm, served_model_name, metrics, tool_parser, lora_modules, media)
     created = int(time.time())
 
     @asynccontextmanager

@@ -27,6 +27,7 @@ from trtllm.runtime.outputs import RequestOutput
 from trtllm.runtime.request_stream import RequestStream
 from trtllm.runtime.tokenizer import apply_chat_template
 from trtllm.sampling_params import SamplingParams
+from trtllm.serve.media import MediaPolicy, load_images
 from trtllm.serve.metrics import ServerMetrics
 from trtllm.serve.protocol import DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, RequestError
 from trtllm.serve.render import ChoiceProgress, Job, Renderer, dumps, event, usage
@@ -38,8 +39,11 @@ _BIG_TEXT = 16384  # characters: longer prompts are tokenized on a worker thread
 
 class Handler:
     def __init__(self, llm: EngineClient, served_model_name: str, metrics: ServerMetrics, tool_parser: str = "hermes",
-                 lora_modules: dict[str, LoRARequest] | None = None):
+                 lora_modules: dict[str, LoRARequest] | None = None, media: MediaPolicy | None = None):
         self.llm, self.name, self.metrics = llm, served_model_name, metrics
+        # images in chat requests (serve/media.py): the operator's policy, the engine's processor
+        self.media = media if media is not None else MediaPolicy()
+        self.processor = getattr(llm, "processor", None)  # None: an engine client without images
         self.lora_modules = dict(lora_modules or {})  # adapter name -> its request (trtllm-serve --lora_modules)
         self.tokenizer = llm.tokenizer
         self.active: dict[str, RequestStream] = {}
@@ -74,7 +78,14 @@ class Handler:
         body.refuse_invalid_text()
         lora_request = self.check_model(body.model)
         body.refuse_unsupported()
-        messages = body.checked_messages()
+        takes_images = self.processor is not None and self.processor.takes_images
+        urls = body.image_urls()
+        if urls and lora_request is not None:
+            raise RequestError(400, "a LoRA adapter with images is not supported yet", param="model")
+        if urls and not takes_images:
+            raise RequestError(400, "messages: an image_url content part, but this model takes no images (a "
+                                    "text-only model)", param="messages")
+        messages = body.checked_messages(self.processor.image_token if urls else None)
         if self.tokenizer is None:
             raise RequestError(400, "this model has no tokenizer, so no chat template; use /v1/completions "
                                     "with token ids", param="messages")
@@ -99,7 +110,16 @@ class Handler:
             raise RequestError(400, str(e), param="messages") from None
         except Exception as e:  # the template's own checks (e.g. roles must alternate)
             raise RequestError(400, f"messages: the chat template refused them: {e}", param="messages") from None
-        _, ids = await self._tokenize(text, add_special_tokens=False)
+        multimodal = None
+        if urls:  # decoded (under the policy's caps) and processed off the event loop
+            images = await asyncio.to_thread(load_images, urls, self.media)
+            try:
+                text, ids, multimodal = await asyncio.to_thread(
+                    self.processor.process, {"prompt": text, "multi_modal_data": {"image": images}})
+            except ValueError as e:
+                raise RequestError(400, f"messages: {e}", param="messages") from None
+        else:
+            _, ids = await self._tokenize(text, add_special_tokens=False)
         max_tokens = body.requested_max_tokens
         if max_tokens is None:  # OpenAI's default: up to the end of the context
             max_tokens = max(1, self.llm.limits.max_seq_len - len(ids))
@@ -107,7 +127,8 @@ class Handler:
         self._validate(ids, params, "messages", guide_param)
         return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", [(text, ids)], [params], body.num_logprobs,
                    body.stream, bool(body.stream_options and body.stream_options.include_usage),
-                   tools=plan if plan is not None and plan.mode != "none" else None, lora_request=lora_request)
+                   tools=plan if plan is not None and plan.mode != "none" else None, lora_request=lora_request,
+                   multimodal=multimodal)
 
     async def _tokenize(self, prompt, add_special_tokens: bool) -> tuple[str | None, list[int]]:
         if not isinstance(prompt, str):
@@ -133,7 +154,10 @@ class Handler:
         if reason is not None:  # the engine process died: say so at once, as /health does
             raise RequestError(503, f"the engine is not running ({reason}); the server must be restarted",
                                code="engine_unavailable")
-        if job.lora_request is not None:
+        if job.multimodal is not None:  # a chat's one prompt, with its images
+            streams = [self.llm.generate_async(job.prompts[0][1], job.params[0], streaming=job.stream,
+                                               multimodal=job.multimodal)]
+        elif job.lora_request is not None:
             self.metrics.lora_requests.labels(job.lora_request.lora_name).inc()
             streams = [self.llm.generate_async(ids, params, streaming=job.stream, lora_request=job.lora_request)
                        for (_, ids), params in zip(job.prompts, job.params)]

@@ -250,9 +250,15 @@ class CompletionRequest(_Request):
 
 
 class TextPart(BaseModel):
+    """A content part: {"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}}."""
     model_config = ConfigDict(extra="ignore")
     type: str
     text: str | None = None
+    image_url: dict | str | None = None
+
+    @property
+    def url(self):
+        return self.image_url.get("url") if isinstance(self.image_url, dict) else self.image_url
 
 
 class ChatMessage(BaseModel):
@@ -263,12 +269,24 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict] | None = None   # an assistant's earlier calls, rendered by the chat template
     tool_call_id: str | None = None        # a tool message: the call it answers
 
-    def as_template_input(self) -> dict:
+    def as_template_input(self, image_token: str | None = None) -> dict:
+        """The message for the chat template; an image part becomes `image_token` (the model's
+        placeholder, which its processor expands), in the part's place."""
         content = self.content
         if isinstance(content, list):
-            if any(part.type != "text" or part.text is None for part in content):
-                raise RequestError(400, "messages: only text content parts are supported", param="messages")
-            content = "".join(part.text for part in content)
+            pieces = []
+            for part in content:
+                if part.type == "text" and part.text is not None:
+                    pieces.append(part.text)
+                elif part.type == "image_url":
+                    if image_token is None:
+                        raise RequestError(400, "messages: an image_url content part, but this model takes no "
+                                                "images (a text-only model)", param="messages")
+                    pieces.append(image_token)
+                else:
+                    raise RequestError(400, "messages: only text and image_url content parts are supported",
+                                       param="messages")
+            content = "".join(pieces)
         role = "system" if self.role == "developer" else self.role
         message = {"role": role, "content": content or ""}
         if self.tool_calls:
@@ -305,7 +323,12 @@ class ChatCompletionRequest(_Request):
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
 
-    def checked_messages(self) -> list[dict]:
+    def image_urls(self) -> list:
+        """The image_url parts' URLs, in message and part order."""
+        return [part.url for m in self.messages if isinstance(m.content, list)
+                for part in m.content if part.type == "image_url"]
+
+    def checked_messages(self, image_token: str | None = None) -> list[dict]:
         if not self.messages:
             raise RequestError(400, "messages is empty", param="messages")
         if self.top_logprobs is not None and not self.logprobs:
@@ -313,7 +336,7 @@ class ChatCompletionRequest(_Request):
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise RequestError(400, "max_tokens and max_completion_tokens disagree", param="max_tokens")
-        return [m.as_template_input() for m in self.messages]
+        return [m.as_template_input(image_token) for m in self.messages]
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -1,0 +1,219 @@
+"""Multimodal requests (LLaVA-1.5, LLaVA-NeXT) through `LLM`: greedy output equals HF `generate`
+token for token (fp32), the encoder cache, the prefix cache's image keys, chunked prefill through
+an image, and bad input refused by name with the engine unaffected."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.models.multimodal_checkpoints import hf_llava, random_images, write_llava
+from tests.runtime.tokenizers import make_tokenizer
+from trtllm import LLM, BuildConfig, SamplingParams
+
+pytest.importorskip("PIL")
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next"])
+def llava(request, tmp_path_factory):
+    return write_llava(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="module")
+def llm(llava):
+    with LLM(model=str(llava), dtype="float32") as llm:
+        yield llm
+
+
+def hf_greedy(directory, text: str, images: list, n: int) -> list[int]:
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(directory)
+    inputs = processor(text=text, images=images or None, return_tensors="pt")
+    with torch.no_grad():
+        out = hf_llava(directory).generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("num_images", [1, 2])
+def test_greedy_equals_hf(llava, llm, num_images):
+    images = random_images(num_images, seed=num_images)
+    text = "USER: " + " and ".join(["<image>"] * num_images) + "\nWhat is this? ASSISTANT:"
+    expected = hf_greedy(llava, text, images, 8)
+    out = llm.generate({"prompt": text, "multi_modal_data": {"image": images}}, SamplingParams(max_tokens=8, **GREEDY))
+    assert out.outputs[0].token_ids == expected
+    # TensorRT-LLM's other spelling, images as a tensor [C, H, W] and as a PIL image
+    from PIL import Image
+    as_tensor = torch.from_numpy(images[0]).permute(2, 0, 1)
+    for image in (as_tensor, Image.fromarray(images[0])):
+        if num_images == 1:
+            out = llm.generate(inputs={"text": text, "image": image}, sampling_params=SamplingParams(max_tokens=8,
+                                                                                                      **GREEDY))
+            assert out.outputs[0].token_ids == expected
+
+
+def test_chat_with_image_parts_and_n2(llava, llm):
+    """llm.chat's {"type": "image"} parts: the placeholder where the part stands; n=2 greedy
+    completions of one image prompt are both HF's."""
+    image = random_images(1, seed=4)[0]
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi?"}]}]
+    out = llm.chat(messages, SamplingParams(max_tokens=5, **GREEDY))
+    text = "USER: <image>Hi?\nASSISTANT:"
+    expected = hf_greedy(llava, text, [image], 5)
+    assert out.outputs[0].token_ids == expected
+    two = llm.generate({"prompt": text, "multi_modal_data": {"image": [image]}},
+                       SamplingParams(max_tokens=5, n=2, **GREEDY))
+    assert [c.token_ids for c in two.outputs] == [expected, expected]
+
+
+def test_text_only_prompt_on_llava_equals_hf(llava, llm):
+    text = "USER: Hello there. ASSISTANT:"
+    assert llm.generate(text, SamplingParams(max_tokens=6, **GREEDY)).outputs[0].token_ids == \
+        hf_greedy(llava, text, [], 6)
+
+
+def test_chunked_prefill_through_an_image(llava):
+    """max_num_tokens 16: every prompt is prefilled in chunks of 16, which cut the images' 16+
+    tokens (and the text) anywhere; output still equals HF's."""
+    images = random_images(2, seed=7)
+    text = "USER: <image> and <image>\nDescribe. ASSISTANT:"
+    with LLM(model=str(llava), dtype="float32", build_config=BuildConfig(max_num_tokens=16, max_batch_size=4)) as llm:
+        out = llm.generate({"prompt": text, "multi_modal_data": {"image": images}},
+                           SamplingParams(max_tokens=6, **GREEDY))
+    assert out.outputs[0].token_ids == hf_greedy(llava, text, images, 6)
+
+
+def test_same_image_encoded_once_and_reuses_blocks(llm):
+    cache = llm.engine.runner.multimodal.cache
+    image = random_images(1, seed=11)[0]
+    before = cache.num_encoded
+    prompt = {"prompt": "USER: <image>\nWhat is it? ASSISTANT:", "multi_modal_data": {"image": [image]}}
+    first = llm.generate(prompt, SamplingParams(max_tokens=4, **GREEDY))
+    second = llm.generate(dict(prompt, multi_modal_data={"image": [image.copy()]}),
+                          SamplingParams(max_tokens=4, **GREEDY))
+    assert cache.num_encoded == before + 1  # the second request's copy hit the cache
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    assert second.num_cached_tokens > 0  # its blocks holding the image were reused
+    # several images in one batch, one of them twice: each distinct one encoded once
+    a, b = random_images(2, seed=12)
+    llm.generate([{"prompt": "<image> <image>", "multi_modal_data": {"image": [a, b]}},
+                  {"prompt": "x <image>", "multi_modal_data": {"image": [a]}}], SamplingParams(max_tokens=2, **GREEDY))
+    assert cache.num_encoded == before + 3
+
+
+def test_different_images_same_text_share_no_blocks(llm):
+    text = "<image>\nWhat is in the picture, in a few words? ASSISTANT:"
+    a, b = random_images(2, seed=21)
+    outs = [llm.generate({"prompt": text, "multi_modal_data": {"image": [im]}}, SamplingParams(max_tokens=6, **GREEDY))
+            for im in (a, b)]
+    assert outs[1].num_cached_tokens == 0  # the image starts the prompt: no block of it is shared
+    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
+
+
+def test_text_before_the_image_is_shared_the_image_blocks_are_not(llm):
+    """The image's hash keys the blocks holding its tokens (and, by the chain, every block after):
+    the full blocks of a shared text prefix before it are reused, none from its first block on."""
+    prefix = "A long shared introduction of text that fills two blocks or more. " * 2
+    a, b = random_images(2, seed=31)
+    params = SamplingParams(max_tokens=2, **GREEDY)
+    first = llm.generate({"prompt": prefix + "<image> tail", "multi_modal_data": {"image": [a]}}, params)
+    second = llm.generate({"prompt": prefix + "<image> tail", "multi_modal_data": {"image": [b]}}, params)
+    start = first.prompt_token_ids.index(llm.processor.image_token_id)
+    block = llm.block_manager.block_size
+    assert start >= 2 * block
+    assert second.num_cached_tokens == start // block * block
+
+
+def test_checkpoint_layouts_load_alike(llava, tmp_path):
+    """The hub's layout (vision_tower.vision_model.*) and the other (model.language_model.*,
+    model.vision_tower.*, ...) load into the same module."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from trtllm.models.loader import load_model
+    tensors = load_file(str(llava / "model.safetensors"))
+    reference = load_model(llava, dtype=torch.float32, device="cpu").state_dict()
+    layouts = {
+        "hub": lambda n: n.replace("vision_tower.", "vision_tower.vision_model.", 1),
+        "model.": lambda n: ("model." + n.replace("language_model.model.", "language_model.", 1)
+                             if not n.startswith("language_model.lm_head") else n.replace("language_model.", "", 1)),
+    }
+    for name, rename in layouts.items():
+        d = tmp_path / name
+        shutil.copytree(llava, d)
+        save_file({rename(k): v for k, v in tensors.items()}, str(d / "model.safetensors"))
+        loaded = load_model(d, dtype=torch.float32, device="cpu").state_dict()
+        assert loaded.keys() == reference.keys()
+        assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
+def test_bad_input_refused_by_name_engine_unaffected(llm):
+    image = random_images(1)[0]
+    params = SamplingParams(max_tokens=3, **GREEDY)
+    with pytest.raises(ValueError, match="1 image placeholder.*but 2 image"):
+        llm.generate({"prompt": "<image> two?", "multi_modal_data": {"image": [image, image]}}, params)
+    with pytest.raises(ValueError, match="2 image placeholder.*but 1 image"):
+        llm.generate({"prompt": "<image> <image>", "multi_modal_data": {"image": [image]}}, params)
+    with pytest.raises(ValueError, match="not an image"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [np.zeros((5, 7, 9, 2))]}}, params)
+    with pytest.raises(ValueError, match="finite"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [np.full((8, 8, 3), np.nan)]}}, params)
+    with pytest.raises(ValueError, match="a PIL image, numpy array or torch tensor"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [b"\x89PNG garbage"]}}, params)
+    with pytest.raises(ValueError, match="more than the .* allowed"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [np.zeros((4097, 4097), np.uint8)]}}, params)
+    with pytest.raises(ValueError, match="video and audio are not supported"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"video": [image]}}, params)
+    from trtllm import LoRARequest
+    with pytest.raises(ValueError, match="a LoRA adapter with images is not supported yet"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [image]}}, params,
+                     lora_request=LoRARequest("any", 1, "/no/such/adapter"))
+    ok = llm.generate({"prompt": "<image> still fine", "multi_modal_data": {"image": [image]}}, params)
+    assert len(ok.outputs[0].token_ids) == 3
+
+
+def test_image_for_a_text_only_model_refused(checkpoint):
+    make_tokenizer(checkpoint)
+    with LLM(model=str(checkpoint), dtype="float32") as llm:
+        with pytest.raises(ValueError, match="takes no images"):
+            llm.generate({"prompt": "hi <image>", "multi_modal_data": {"image": random_images(1)}})
+        with pytest.raises(ValueError, match="takes no images"):
+            llm.engine.add_request("x", [1, 2, 3], SamplingParams(max_tokens=2),
+                                   multimodal=_fake_multimodal())
+
+
+def _fake_multimodal():
+    from trtllm.runtime.multimodal_inputs import ImageSpan, MultimodalData
+    return MultimodalData([ImageSpan(b"0" * 16, 0, 2, torch.zeros(3, 28, 28))])
+
+
+def test_beam_search_with_images_refused(llava):
+    image = random_images(1)[0]
+    with LLM(model=str(llava), dtype="float32", build_config=BuildConfig(max_beam_width=2)) as llm:
+        with pytest.raises(ValueError, match="beam search with images is not supported"):
+            llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [image]}},
+                         SamplingParams(max_tokens=3, use_beam_search=True, n=2, best_of=2))
+        beams = llm.generate("text only", SamplingParams(max_tokens=3, use_beam_search=True, n=2, best_of=2))
+        assert len(beams.outputs) == 2
+
+
+def test_speculative_decoding_with_llava_refused(llava):
+    from trtllm import NGramDecodingConfig
+    with pytest.raises(ValueError, match="multimodal model.*speculative decoding is not supported"):
+        LLM(model=str(llava), dtype="float32", speculative_config=NGramDecodingConfig(max_draft_len=2))
+
+
+def test_qwen_vl_refused_by_name(tmp_path):
+    import json
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2_5_VLForConditionalGeneration"]}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="Qwen2.5-VL checkpoints .* not supported yet"):
+        LLM(model=str(tmp_path))
+
+
+def test_multimodal_encoder_spelling(llava):
+    from trtllm import MultimodalEncoder
+    with pytest.raises(ValueError, match="a separate vision encoder is not supported"):
+        LLM(model=str(llava), multimodal_encoder=MultimodalEncoder(vision_encoder_path="/elsewhere"))

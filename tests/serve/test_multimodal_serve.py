@@ -1,0 +1,130 @@
+"""trtllm-serve on a tiny LLaVA checkpoint, through the official `openai` client: chat content
+parts with base64 images give the offline LLM's greedy output; remote URLs, local files outside
+--allowed_local_media_path, too many images, oversize (decompression-bomb) and corrupt images are
+refused with 400/403/413, the server unaffected; a text-only model refuses image parts."""
+import base64
+import io
+import re
+import struct
+import zlib
+
+import numpy as np
+import openai
+import pytest
+
+from tests.models.multimodal_checkpoints import random_images, write_llava
+from tests.serve.server import Server
+from trtllm.runtime.llm import LLM
+from trtllm.sampling_params import SamplingParams
+
+PIL = pytest.importorskip("PIL.Image")
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    PIL.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height pixels (a few hundred bytes of zeros' deflate)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    rows = zlib.compress(b"\0" * (width + 1) * 64)  # some rows: the header is what is read first
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return write_llava(tmp_path_factory.mktemp("serve_llava"), "llava")
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    (root / "a.png").write_bytes(png_bytes(random_images(1, seed=5)[0]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def llava_server(llava_dir, media_dir, tmp_path_factory):
+    with Server(llava_dir, "--allowed_local_media_path", str(media_dir), "--max_images_per_request", "2",
+                "--max_image_pixels", "10000", "--max_seq_len", "256", "--max_num_tokens", "128", log_path=tmp_path_factory.mktemp("llava_log") / "server.log") as s:
+        yield s
+    assert s.proc.returncode == 0, s.log()
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def image_message(*urls: str, text: str = "What is this?") -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def test_base64_images_equal_offline_llm(llava_server, llava_dir, media_dir):
+    images = random_images(2, seed=3)
+    c = client(llava_server)
+    got = c.chat.completions.create(model="tiny", messages=image_message(*(data_url(png_bytes(a)) for a in images)),
+                                    max_tokens=6, temperature=0.0)
+    one = c.chat.completions.create(model="tiny", messages=image_message(data_url(png_bytes(images[0]))),
+                                    max_tokens=6, temperature=0.0)
+    local = c.chat.completions.create(model="tiny", messages=image_message(f"file://{media_dir / 'a.png'}"),
+                                      max_tokens=6, temperature=0.0)
+    with LLM(model=str(llava_dir), dtype="float32") as llm:
+        processor = llm.processor.get()
+        def offline(arrays):
+            text = processor.apply_chat_template(
+                [{"role": "user", "content": [*({"type": "image"} for _ in arrays),
+                                              {"type": "text", "text": "What is this?"}]}],
+                add_generation_prompt=True)
+            text = text.replace("<image>\n", "<image>")  # the server puts the placeholder where the part is
+            return llm.generate({"prompt": text, "multi_modal_data": {"image": arrays}},
+                                SamplingParams(max_tokens=6, temperature=0.0)).outputs[0].text
+        assert got.choices[0].message.content == offline(images)
+        assert one.choices[0].message.content == offline(images[:1])
+        assert local.choices[0].message.content == offline([np.asarray(PIL.open(media_dir / "a.png"))])
+    assert got.usage.prompt_tokens > 2 * 16  # each image expanded to its 16 tokens
+
+
+@pytest.mark.parametrize("url,status,message", [
+    ("https://example.com/cat.png", 400, "remote image URLs are not fetched"),
+    ("http://127.0.0.1:1/x.png", 400, "remote image URLs are not fetched"),
+    ("file:///etc/passwd", 403, "outside --allowed_local_media_path"),
+    ("ftp://host/x.png", 400, "scheme 'ftp' is not supported"),
+    ("data:image/png;base64,!!!notbase64", 400, "base64 is not valid"),
+    (data_url(b"\x89PNG\r\n\x1a\n garbage"), 400, "not a readable image"),
+    (data_url(bomb_png(100_000, 100_000)), 413, "more than the 10000"),  # PIL's DecompressionBombError
+    (data_url(bomb_png(20_000, 1_000)), 413, "20000x1000 pixels, more than the 10000"),  # ours, from the header
+    (data_url(png_bytes(np.zeros((101, 100, 3), np.uint8))), 413, "100x101 pixels, more than the 10000"),
+], ids=["https", "http", "file-outside", "ftp", "bad-base64", "corrupt-png", "bomb-png", "header-png",
+        "oversize-png"])
+def test_bad_images_refused(llava_server, url, status, message):
+    with pytest.raises(openai.APIStatusError) as e:
+        client(llava_server).chat.completions.create(model="tiny", messages=image_message(url), max_tokens=2)
+    assert e.value.status_code == status
+    assert re.search(message, e.value.message), e.value.message
+
+
+def test_too_many_images_and_placeholder_counts(llava_server):
+    url = data_url(png_bytes(random_images(1)[0]))
+    c = client(llava_server)
+    with pytest.raises(openai.BadRequestError, match="3 images in one request; this server takes at most 2"):
+        c.chat.completions.create(model="tiny", messages=image_message(url, url, url), max_tokens=2)
+    # a placeholder typed in the text besides the part: one more placeholder than images
+    with pytest.raises(openai.BadRequestError, match="2 image placeholder"):
+        c.chat.completions.create(model="tiny", messages=image_message(url, text="and <image>"), max_tokens=2)
+    ok = c.chat.completions.create(model="tiny", messages=image_message(url), max_tokens=2)
+    assert ok.choices[0].finish_reason == "length"
+
+
+def test_text_only_model_refuses_image_parts(server):
+    url = data_url(png_bytes(random_images(1)[0]))
+    with pytest.raises(openai.BadRequestError, match="this model takes no images"):
+        client(server).chat.completions.create(model="tiny", messages=image_message(url), max_tokens=2)
