@@ -57,6 +57,7 @@ def test_two_expert_parallel_ranks_give_one_ranks_tokens_each_loading_half_the_e
         assert llm.compiled.tensor_parallel.workers.loaded_bytes() == [replicated + (whole - replicated) // 2] * 2
 
 
+@pytest.mark.slow
 def test_tp_inside_experts_gives_one_ranks_tokens(tmp_path):
     # tensor_parallel_size=2 alone: TensorRT-LLM's default moe_tensor_parallel_size=2, every rank
     # holds every expert, half its intermediate width
