@@ -20,7 +20,6 @@ from safetensors import safe_open
 from trtllm.models.loader import read_json
 from trtllm.passes.shard_tensor_parallel import COLUMN_PARALLEL, ROW_PARALLEL
 
-
 # split by vocabulary rows (passes/shard_vocab_parallel.py)
 VOCAB_PARALLEL = ("embed_tokens", "lm_head")
 

@@ -15,9 +15,9 @@ import torch.nn as nn
 
 from trtllm.compile import CompiledModel, compile as trtllm_compile
 from trtllm.models.loader import load_model, read_json
+from trtllm.parallel.checkpoint_slices import CheckpointSlices, is_split
 from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, load_moe_rank
 from trtllm.parallel.expert_parallel import ExpertParallel
-from trtllm.parallel.checkpoint_slices import CheckpointSlices, is_split
 from trtllm.parallel.process_group import COLLECTIVE_TIMEOUT_S
 from trtllm.parallel.tensor_parallel import TensorParallel, is_unloaded
 

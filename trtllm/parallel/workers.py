@@ -27,9 +27,9 @@ from trtllm.compile import CompiledModel
 from trtllm.models import gemma, llama
 from trtllm.models.loader import ARCHITECTURES, read_json
 from trtllm.parallel import process_group
-from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
 from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, check_moe_config
 from trtllm.parallel.expert_parallel import ExpertParallel, check_vocab
+from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
 from trtllm.parallel.tensor_parallel import check_sizes
 from trtllm.parallel.worker import REPORT, Step, worker_main
 

@@ -75,6 +75,6 @@ def shard_experts(graph: fx.Graph, ctx: PassContext) -> int:
         for n in (reduced, done):
             n.meta.update(node.meta)
             n.meta["example_value"] = out
-        node.replace_all_uses_with(done, delete_user_cb=lambda user: user is not reduced)
+        node.replace_all_uses_with(done, delete_user_cb=lambda user, reduced=reduced: user is not reduced)
         matches += 1
     return matches
