@@ -118,3 +118,15 @@ def test_features_that_cannot_run_with_expert_parallelism_are_refused_by_name(tm
     with pytest.raises(ValueError, match=why):
         LLM(str(path), dtype="float32", device="cpu", kv_cache_config=KvCacheConfig(max_tokens=1024),
             tensor_parallel_size=2, moe_expert_parallel_size=2, **kwargs)
+
+
+def test_serve_ep_size_is_moe_expert_parallel_size_and_a_bad_one_fails_the_start_naming_the_numbers(tmp_path):
+    from trtllm.cli.serve import engine_options, parse_args
+    from trtllm.runtime.build_engine import build_engine
+
+    path = checkpoint("qwen3_moe", tmp_path)
+    assert engine_options(parse_args([str(path), "--tp_size", "2", "--ep_size", "2"]))["moe_expert_parallel_size"] == 2
+    assert engine_options(parse_args([str(path)]))["moe_expert_parallel_size"] is None
+    options = engine_options(parse_args([str(path), "--ep_size", "2", "--dtype", "float32"]))
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=1 must equal .* got 0 \* 2"):
+        build_engine(str(path), **options)
