@@ -10,9 +10,13 @@ import torch
 import trtllm
 from tests.models.checkpoints import random_batch, write_checkpoint
 from tests.parallel.ranks import run_ranks
+from trtllm.contract import CompileError
 from trtllm.models.loader import load_model
 from trtllm.parallel.expert_parallel import ExpertParallel, resolve_moe_sizes
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes
+from trtllm.parallel.tensor_parallel import TensorParallel
+from trtllm.passes import PASSES
+from trtllm.passes.shard_vocab_parallel import shard_vocab_parallel
 
 IDS, POSITIONS = random_batch(batch=2, seq_len=7), torch.arange(7).expand(2, 7)
 
@@ -25,6 +29,12 @@ def _reference_ops(monkeypatch):
 def _logits(rank: int, world: int, group_name: str, runs: list[tuple[str, int]]):
     results = []
     for path, moe_ep in runs:
+        if path.endswith(" in memory"):  # the whole model loaded, each rank narrowing its slices
+            model = load_model(path.removesuffix(" in memory"), dtype=torch.float32, device="cpu")
+            tp = TensorParallel(rank, world, group_name, moe=ExpertParallel(moe_ep, world // moe_ep))
+            compiled = trtllm.compile(model, tensor_parallel=tp)
+            results.append((compiled(IDS, POSITIONS), dict(compiled.matches), 0))
+            continue
         spec = RankSpec(path, torch.float32, world, "cpu", 16, {}, 60.0, moe_ep)
         model, slices = load_rank(spec, torch.device("cpu"))
         compiled = compile_rank(model, slices, spec, rank, group_name)
@@ -34,7 +44,9 @@ def _logits(rank: int, world: int, group_name: str, runs: list[tuple[str, int]])
 
 def _check(tmp_path, world: int, runs: dict[str, tuple[str, int]], moe_blocks: dict[str, int]):
     paths = {family: write_checkpoint(family, tmp_path / family) for family, _ in runs.values()}
-    ranks = run_ranks(_logits, world, [(str(paths[family]), ep) for family, ep in runs.values()])  # one spawn
+    in_memory = [label.endswith(" in memory") for label in runs]
+    ranks = run_ranks(_logits, world, [(str(paths[family]) + (" in memory" if memory else ""), ep)
+                                       for (family, ep), memory in zip(runs.values(), in_memory)])  # one spawn
     for i, (label, (family, _)) in enumerate(runs.items()):
         model = load_model(paths[family], dtype=torch.float32, device="cpu")
         whole = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -43,7 +55,7 @@ def _check(tmp_path, world: int, runs: dict[str, tuple[str, int]], moe_blocks: d
             torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5, msg=label)
             assert matches["shard_experts"] == moe_blocks[family], label
             assert matches["shard_vocab_parallel"] == 2, label  # the embedding, the head
-            assert nbytes < whole / world * 1.3, label  # all but norms and routers split
+            assert in_memory[i] or nbytes < whole / world * 1.3, label  # all but norms and routers split
 
 
 def test_two_ranks_of_experts_or_of_their_width_give_the_logits_of_one(tmp_path):
@@ -59,8 +71,23 @@ def test_two_ranks_give_the_logits_of_one_on_mixtral(tmp_path):
 
 @pytest.mark.slow
 def test_four_ranks_give_the_logits_of_one(tmp_path):
-    # EP=4: one expert a rank, top-2 (k above the rank's experts); EP=2 x MTP=2
-    _check(tmp_path, 4, {"ep4": ("qwen3_moe", 4), "ep2 x mtp2": ("qwen3_moe", 2)}, {"qwen3_moe": 1})
+    # EP=4: one expert a rank, top-2 (k above the rank's experts); EP=2 x MTP=2, from the
+    # checkpoint and from a model in memory (each rank narrowing the whole weights)
+    _check(tmp_path, 4, {"ep4": ("qwen3_moe", 4), "ep2 x mtp2": ("qwen3_moe", 2),
+                         "ep2 x mtp2 in memory": ("qwen3_moe", 2)}, {"qwen3_moe": 1})
+
+
+def test_a_pass_list_that_leaves_a_stand_in_read_whole_is_refused(tmp_path):
+    # without shard_vocab_parallel the rank's embedding (not loaded: it reads its rows only) would
+    # be read as the stand-in's zeros
+    path = write_checkpoint("qwen3_moe", tmp_path / "qwen3_moe")
+    spec = RankSpec(str(path), torch.float32, 2, "cpu", 16, {}, 60.0, 2)
+    model, slices = load_rank(spec, torch.device("cpu"))
+    tp = TensorParallel(0, 2, "never used", read_slice=slices, moe=ExpertParallel(2, 1),
+                        read_experts=slices.read_experts)
+    compiled = trtllm.compile(model, tensor_parallel=tp, passes=[p for p in PASSES if p is not shard_vocab_parallel])
+    with pytest.raises(CompileError, match="this rank loaded only the slices .* reads .*embed_tokens.* whole"):
+        compiled(IDS, POSITIONS)
 
 
 def test_rank_layout_is_tensorrt_llms():

@@ -36,9 +36,10 @@ def _logits(rank: int, world: int, group_name: str, runs: list[tuple[str, bool]]
 
 
 def test_two_ranks_hold_half_the_vocabulary_each_and_give_the_logits_of_one(tmp_path):
-    # llama2: embedding and head apart; qwen2: tied (one slice serves both); llama2 again with the
-    # head left in the graph (no split_lm_head): rewritten there, the all-gather inside the graph
-    runs = {"llama2": ("llama2", True), "qwen2 tied": ("qwen2", True), "llama2 head in graph": ("llama2", False)}
+    # qwen2: tied (one slice serves both); llama2 with the head left in the graph (no
+    # split_lm_head): rewritten there, the all-gather inside the graph. (A head split out of an
+    # untied model: tests/parallel/test_llm_tensor_parallel.py.)
+    runs = {"qwen2 tied": ("qwen2", True), "llama2 head in graph": ("llama2", False)}
     paths = {family: write_checkpoint(family, tmp_path / family) for family, _ in runs.values()}
     ranks = run_ranks(_logits, 2, [(str(paths[family]), split) for family, split in runs.values()])
     for i, (label, (family, split_head)) in enumerate(runs.items()):

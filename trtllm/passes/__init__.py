@@ -38,8 +38,7 @@ PASSES = [
     fuse_rotary,
     fuse_silu_mul,
     split_lm_head,                      # the runtime applies the head on chosen rows
-    shard_vocab_parallel,               # last: splits the head split_lm_head took out; checks no rank
-                                        # reads a weight it did not load
+    shard_vocab_parallel,               # last: splits the head split_lm_head took out
 ]
 
 DECODE_GRAPH_PASSES = [

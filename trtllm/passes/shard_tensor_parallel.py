@@ -87,8 +87,8 @@ def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
             _propagate(node, split, shapes)
     for linears in columns.values():  # one buffer per input: fuse_parallel_linears' fused W is a view
         _add_adjacent_weights(linears, ctx)
-    # that nothing reads a weight this rank did not load is checked after every sharding pass
-    # (shard_vocab_parallel: fuse_moe still reads the unloaded experts after this pass)
+    # that nothing reads a weight this rank did not load is checked once every pass has run
+    # (compile.py: fuse_moe and shard_experts, split_lm_head and shard_vocab_parallel come later)
     return matches
 
 

@@ -1,8 +1,7 @@
 """Vocabulary-parallel embedding and LM head: rank r of P keeps rows [r*V/P, (r+1)*V/P) of each
 (its slice of the vocabulary). Runs only when compiled with `tensor_parallel=TensorParallel(...)`
-of more than one rank; else no match. Last of the sharding passes: it runs after split_lm_head
-(which takes the head out of the graph) and then refuses any read of a weight this rank did not
-load whole (`refuse_reads_of_unloaded`).
+of more than one rank; else no match. It runs after split_lm_head, which takes the head out of
+the graph.
 
 Before:                                   After, on rank r (Vl = V/P, first = r*Vl):
 
@@ -29,7 +28,6 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from trtllm.contract import CompileError
-from trtllm.parallel.tensor_parallel import is_unloaded
 from trtllm.passes.context import PassContext
 from trtllm.passes.match import arg, describe, kind, module_path, value
 
@@ -60,7 +58,6 @@ def shard_vocab_parallel(graph: fx.Graph, ctx: PassContext) -> int:
         bias = None if head.bias is None else _vocab_slice(f"{head.name}.bias", head.bias, tp, head.name)
         ctx.lm_head = dataclasses.replace(head, weight=local, bias=bias, gather=_Gather(tp.size, tp.group_name))
         matches += 1
-    refuse_reads_of_unloaded(graph, ctx)
     return matches
 
 
@@ -146,14 +143,3 @@ def _shard_head_in_graph(graph: fx.Graph, node: fx.Node, tp, ctx: PassContext) -
     node.replace_all_uses_with(gathered)
     graph.erase_node(node)
 
-
-def refuse_reads_of_unloaded(graph: fx.Graph, ctx: PassContext) -> None:
-    """A rank that loaded only its slices: nothing may read a whole weight it did not load (a
-    stand-in of zeros). Checked once every sharding pass has run."""
-    for node in graph.nodes:
-        t = ctx.inputs.tensor(node)
-        if node.op == "placeholder" and node.users and t is not None and is_unloaded(t):
-            raise CompileError(f"{node.name}: this rank loaded only the slices tensor parallelism splits, but the "
-                               f"graph reads this weight whole (in {', '.join(map(describe, node.users))})")
-    if ctx.lm_head is not None and is_unloaded(ctx.lm_head.weight):
-        raise CompileError("the LM head: this rank did not load its weight, and it was not split by vocabulary")
