@@ -90,6 +90,8 @@ def test_four_ranks_two_expert_parallel_by_two_inside_experts(tmp_path):
      "the experts' intermediate_size=30 does not divide among moe_tensor_parallel_size=4"),
     ("qwen3_moe", dict(vocab_size=511), dict(tensor_parallel_size=2),
      "vocab_size=511 does not divide among tensor_parallel_size=2"),
+    ("qwen2_moe", dict(shared_expert_intermediate_size=50), dict(tensor_parallel_size=4),
+     "shared_expert_intermediate_size=50 does not divide among tensor_parallel_size=4"),
     ("llama31", dict(vocab_size=511), dict(tensor_parallel_size=2),
      "vocab_size=511 does not divide among tensor_parallel_size=2"),
     ("llama31", {}, dict(tensor_parallel_size=2, moe_expert_parallel_size=2),

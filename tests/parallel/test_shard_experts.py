@@ -65,8 +65,10 @@ def test_two_ranks_of_experts_or_of_their_width_give_the_logits_of_one(tmp_path)
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_logits_of_one_on_mixtral(tmp_path):
-    _check(tmp_path, 2, {"mixtral ep2": ("mixtral", 2), "mixtral mtp2": ("mixtral", 1)}, {"mixtral": 2})
+def test_two_ranks_give_the_logits_of_one_on_mixtral_and_qwen2_moe(tmp_path):
+    # Qwen2-MoE: a shared expert (split as a dense MLP) with its sigmoid gate beside the experts
+    _check(tmp_path, 2, {"mixtral ep2": ("mixtral", 2), "mixtral mtp2": ("mixtral", 1),
+                         "qwen2_moe ep2": ("qwen2_moe", 2)}, {"mixtral": 2, "qwen2_moe": 2})
 
 
 @pytest.mark.slow

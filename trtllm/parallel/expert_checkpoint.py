@@ -40,10 +40,12 @@ class ExpertNames:
         return name.replace(*self.renamed) if self.renamed is not None else name
 
 
-# Architectures whose experts split across ranks (tested on 2 and 4 ranks: tests/parallel).
+# Architectures whose experts split across ranks (tests/parallel: Qwen3-MoE and Mixtral on 2 and 4
+# ranks, Qwen2-MoE with its shared expert, split as a dense MLP, on 2).
 EXPERT_NAMES: dict[str, ExpertNames] = {
     "MixtralForCausalLM": ExpertNames("w1", "w3", "w2", renamed=(".mlp.", ".block_sparse_moe.")),
     "Qwen3MoeForCausalLM": ExpertNames("gate_proj", "up_proj", "down_proj"),
+    "Qwen2MoeForCausalLM": ExpertNames("gate_proj", "up_proj", "down_proj"),
 }
 _FUSED_EXPERTS = {"gate_up_proj": "w13", "down_proj": "w2"}
 
@@ -166,4 +168,7 @@ def check_moe_config(config: dict, moe) -> None:
                 num_key_value_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
                 intermediate_size=dense)
     check_moe_sizes(moe, num_experts=num_experts, moe_intermediate_size=expert_width)
+    shared = config.get("shared_expert_intermediate_size")  # Qwen2-MoE's shared expert: a dense MLP
+    if shared is not None and shared % world:
+        raise ValueError(f"shared_expert_intermediate_size={shared} does not divide among tensor_parallel_size={world}")
     check_vocab(config["vocab_size"], world)
