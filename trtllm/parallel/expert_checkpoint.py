@@ -24,7 +24,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from trtllm.parallel.checkpoint_slices import CheckpointSlices
-from trtllm.parallel.tensor_parallel import unloaded
+from trtllm.parallel.tensor_parallel import unloaded, unloaded_experts
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ def load_moe_rank(path: str | os.PathLike, dtype: torch.dtype | None, device: to
     whole: dict[str, list[tuple[str, str]]] = defaultdict(list)  # file -> (parameter, checkpoint name)
     for name, param in list(model.named_parameters()):
         if is_fused_experts(name) or leave_unloaded(name):
-            _assign(model, name, unloaded(param.shape, dtype, device))
+            stand_in = unloaded_experts if is_fused_experts(name) else unloaded
+            _assign(model, name, stand_in(param.shape, dtype, device))
             if is_fused_experts(name):
                 module, _, leaf = name.rpartition(".")
                 experts[id(model.get_parameter(name))] = (names.checkpoint_name(module), _FUSED_EXPERTS[leaf])
@@ -94,9 +95,6 @@ def load_moe_rank(path: str | os.PathLike, dtype: torch.dtype | None, device: to
                     raise ValueError(f"{source}: the checkpoint holds shape {list(t.shape)}, {arch} expects {list(want)}")
                 _assign(model, name, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
     _rebuild_buffers(model, device)
-    # HF's default grouped_mm experts refuse the stand-ins' zero strides in the eager probe;
-    # batched_mm indexes them (passes/fuse_moe.py replaces either the same way)
-    model.set_experts_implementation("batched_mm")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.eval().requires_grad_(False)

@@ -129,7 +129,33 @@ def unloaded(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return _UNLOADED[key].expand(tuple(shape))
 
 
+# shared zero slabs of stand-ins for fused expert weights, per (dtype, device); a larger one
+# is added when an expert needs more (the older ones stay: stand-ins made of them hold them)
+_EXPERT_SLABS: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+
+
+def unloaded_experts(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A stand-in of a fused expert weight [E, A, B] this rank did not load: one expert's [A, B]
+    of zeros (a slab shared by every such stand-in) repeated E times with stride 0. Unlike
+    `unloaded`'s all-zero strides, each expert is an ordinary row-major matrix, as HF's default
+    grouped_mm experts require in the eager probe (passes/shard_experts.py reads the rank's own
+    experts later)."""
+    device = torch.device(device)
+    slabs = _EXPERT_SLABS.setdefault((dtype, device), [])
+    need = 1
+    for s in shape[1:]:
+        need *= s
+    if not slabs or slabs[-1].numel() < need:
+        slabs.append(torch.zeros(need, dtype=dtype, device=device))
+    return slabs[-1][:need].view(tuple(shape[1:])).expand(tuple(shape))
+
+
 def is_unloaded(t: torch.Tensor) -> bool:
+    if t.dim() == 0:
+        return False
+    ptr = t.untyped_storage().data_ptr()
     zero = _UNLOADED.get((t.dtype, t.device))
-    return (zero is not None and t.dim() > 0 and all(s == 0 for s in t.stride())
-            and t.untyped_storage().data_ptr() == zero.untyped_storage().data_ptr())
+    if zero is not None and all(s == 0 for s in t.stride()) and ptr == zero.untyped_storage().data_ptr():
+        return True
+    return t.stride(0) == 0 and any(ptr == slab.untyped_storage().data_ptr()
+                                    for slab in _EXPERT_SLABS.get((t.dtype, t.device), ()))
