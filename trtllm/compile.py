@@ -224,7 +224,8 @@ class CompiledModel:
         heads = [v for v in self.variants if v.lm_head is not None]
         if heads:
             named = [f"{v.lm_head.op_name} in {v.name}" for v in heads if v.lm_head.op_name != "F.linear"]
-            lines.append(f"lm head (outside the graph, on the chosen rows): {', '.join(named) or 'F.linear'}")
+            split = " on this rank's vocabulary rows, all-gathered" if any(v.lm_head.gather for v in heads) else ""
+            lines.append(f"lm head (outside the graph, on the chosen rows): {', '.join(named) or 'F.linear'}{split}")
         return "\n".join(lines)
 
 

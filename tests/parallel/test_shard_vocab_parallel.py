@@ -31,7 +31,9 @@ def _logits(rank: int, world: int, group_name: str, runs: list[tuple[str, bool]]
         compiled = compile_rank(model, slices, spec, rank, group_name)
         logits = compiled(IDS, POSITIONS)
         vocab = [tuple(t.shape) for key, t in compiled.tensor_parallel._made.items() if key[0] == "vocab"]
-        results.append((logits, vocab, compiled.matches["shard_vocab_parallel"], compiled.variants[-1].lm_head is not None))
+        results.append((logits, vocab, compiled.matches["shard_vocab_parallel"],
+                        compiled.variants[-1].lm_head is not None
+                        and "on this rank's vocabulary rows, all-gathered" in compiled.summary()))
     return results
 
 
