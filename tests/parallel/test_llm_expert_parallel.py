@@ -132,3 +132,23 @@ def test_serve_ep_size_is_moe_expert_parallel_size_and_a_bad_one_fails_the_start
     options = engine_options(parse_args([str(path), "--ep_size", "2", "--dtype", "float32"]))
     with pytest.raises(ValueError, match=r"tensor_parallel_size=1 must equal .* got 0 \* 2"):
         build_engine(str(path), **options)
+
+
+@pytest.mark.slow
+def test_serve_tp_2_ep_2_serves_one_ranks_text(tmp_path):
+    from tests.serve.server import BUILD, KV_MAX_TOKENS, Server
+    from trtllm import LLM, SamplingParams
+    from trtllm.config import KvCacheConfig
+
+    path = checkpoint("qwen3_moe", tmp_path)
+    prompts = ["Hello there", "The quick brown fox jumps"]
+    with Server(path, "--tp_size", "2", "--ep_size", "2", "--max_beam_width", "1",
+                log_path=tmp_path / "server.log") as server:
+        served = [server.post("/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 8,
+                                                       "temperature": 0, "ignore_eos": True}).json()
+                  for p in prompts]
+        assert server.stop() == 0, server.log()
+    with LLM(str(path), dtype="float32", build_config=BuildConfig(**BUILD),
+             kv_cache_config=KvCacheConfig(max_tokens=KV_MAX_TOKENS)) as llm:
+        offline = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert [r["choices"][0]["text"] for r in served] == [o.outputs[0].text for o in offline]
