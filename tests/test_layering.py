@@ -3,7 +3,8 @@
 Layers, lowest first; a module imports trtllm modules of its own layer or lower ones only:
 
     config, sampling_params        user-facing values (TensorRT-LLM's names); a rank's place in a
-                                   tensor-parallel group (parallel.tensor_parallel)
+                                   tensor-parallel group (parallel.tensor_parallel) and how its
+                                   MoE layers split (parallel.expert_parallel)
     kernels                        ops: reference, Triton kernel, launcher, registration
     attention_context              how the cache and metadata reach the graph's attention op;
       mla_attention                the graph op of multi-head latent attention over the latent cache;
@@ -36,7 +37,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "trtllm"
 
 LAYERS = [
-    ["trtllm.config", "trtllm.sampling_params", "trtllm.lora_request", "trtllm.parallel.tensor_parallel"],
+    ["trtllm.config", "trtllm.sampling_params", "trtllm.lora_request", "trtllm.parallel.tensor_parallel",
+     "trtllm.parallel.expert_parallel"],
     ["trtllm.kernels"],
     ["trtllm.attention_context", "trtllm.mla_attention", "trtllm.lora_slots", "trtllm.multimodal_context"],
     ["trtllm.quantization"],

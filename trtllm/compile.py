@@ -28,7 +28,7 @@ from trtllm.attention_context import in_attention_context, whole_sequences_conte
 from trtllm.contract import AttentionSpec, CompileError, contract_module, model_path, probe_attention
 from trtllm.inductor_fallbacks import declare_inductor_fallbacks
 from trtllm.lora_slots import LoraSlots
-from trtllm.parallel.tensor_parallel import TensorParallel, local_kv_heads
+from trtllm.parallel.tensor_parallel import TensorParallel, is_unloaded, local_kv_heads
 from trtllm.passes import DECODE_GRAPH_MAX_TOKENS, DECODE_GRAPH_PASSES, PASSES
 from trtllm.passes.context import AttentionLayers, GraphInputs, LMHead, PassContext
 from trtllm.quantization.fp8_linears import Fp8Linears, fp8_linears_of
@@ -133,6 +133,8 @@ class CompiledModel:
                 raise CompileError(f"{variant.name}: the model is FP8-quantized but its graph still reads the "
                                    f"placeholder weights {left[:3]}{' ...' if len(left) > 3 else ''} after the "
                                    "passes: the pass list needs quantize_linears (trtllm.passes.PASSES has it)")
+        if self.tensor_parallel is not None:  # a rank that loaded only its slices: nothing reads a stand-in whole
+            refuse_reads_of_unloaded(gm.graph, inputs, ctx.lm_head, variant.name)
         gm.graph.lint()
         gm.recompile()
         if variant.num_graphs and (ctx.lm_head is None) != (variant.lm_head is None):
@@ -225,8 +227,24 @@ class CompiledModel:
         heads = [v for v in self.variants if v.lm_head is not None]
         if heads:
             named = [f"{v.lm_head.op_name} in {v.name}" for v in heads if v.lm_head.op_name != "F.linear"]
-            lines.append(f"lm head (outside the graph, on the chosen rows): {', '.join(named) or 'F.linear'}")
+            split = " on this rank's vocabulary rows, all-gathered" if any(v.lm_head.gather for v in heads) else ""
+            lines.append(f"lm head (outside the graph, on the chosen rows): {', '.join(named) or 'F.linear'}{split}")
         return "\n".join(lines)
+
+
+def refuse_reads_of_unloaded(graph: fx.Graph, inputs: GraphInputs, lm_head: LMHead | None, where: str) -> None:
+    """A tensor-parallel rank loads only the slices the sharding passes read (the rest are
+    stand-ins of zeros, parallel/tensor_parallel.py `unloaded`): after the passes, no graph
+    input and no LM head may still be one (a pass list without a sharding pass, a layer no pass
+    recognised)."""
+    read = [n for n in graph.nodes if n.op == "placeholder" and n.users and inputs.tensor(n) is not None
+            and is_unloaded(inputs.tensor(n))]
+    if read:
+        users = ", ".join(u.name for u in read[0].users)
+        raise CompileError(f"{where}: this rank loaded only the slices tensor parallelism splits, but the graph "
+                           f"reads {read[0].name} whole (in {users}){f' and {len(read) - 1} more' if len(read) > 1 else ''}")
+    if lm_head is not None and is_unloaded(lm_head.weight):
+        raise CompileError(f"{where}: this rank did not load the LM head's weight, and no pass split it by vocabulary")
 
 
 def mark_token_dim_dynamic(input_ids: torch.Tensor, positions: torch.Tensor) -> None:

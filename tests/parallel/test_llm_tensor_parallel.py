@@ -57,9 +57,11 @@ def test_two_ranks_give_one_ranks_tokens_each_loading_its_slices_and_a_killed_ra
         assert greedy(llm) == expected
         assert llm.engine_stats().num_preemptions > 0
         loaded = llm.compiled.tensor_parallel.workers.loaded_bytes()
-        # the split weights (every linear of the layers) are half; embedding, head and norms whole
+        # the split weights (every linear of the layers; embedding and head by vocabulary) are half,
+        # the norms whole
         layer_linears = 2 * 4 * (64 * 64 + 64 * 32 * 2 + 64 * 64 + 3 * 64 * 128)
-        assert loaded == [whole - layer_linears // 2] * 2
+        vocab = 2 * 4 * 512 * 64
+        assert loaded == [whole - (layer_linears + vocab) // 2] * 2
         (worker,) = llm.compiled.tensor_parallel.workers.processes.values()
         os.kill(worker.pid, signal.SIGKILL)
         with pytest.raises(RequestError, match="tensor-parallel rank 1 died"):

@@ -14,7 +14,8 @@ def test_tp_size_2_serves_one_ranks_text_and_stops_cleanly(tmp_path, monkeypatch
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model_dir = write_model(tmp_path / "model")
     prompts = ["Hello there", "The quick brown fox jumps"]
-    with Server(model_dir, "--tp_size", "2", log_path=tmp_path / "server.log") as server:
+    # beam search is refused with TP (build_engine): the servers' default --max_beam_width 4 overridden
+    with Server(model_dir, "--tp_size", "2", "--max_beam_width", "1", log_path=tmp_path / "server.log") as server:
         served = [server.post("/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 8,
                                                        "temperature": 0, "ignore_eos": True}).json()
                   for p in prompts]

@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     ap.add_argument("--tp_size", "--tp-size", type=int, default=1,
                     help="tensor-parallel ranks on this node (one process, and GPU, each; default 1)")
+    ap.add_argument("--ep_size", "--ep-size", type=int, default=None,
+                    help="MoE models: the experts split over this many of the --tp_size ranks (each expert's "
+                         "width over tp_size / ep_size); default 1, TensorRT-LLM's moe_expert_parallel_size")
     ap.add_argument("--api-key", "--api_key", default=None,
                     help=f"require 'Authorization: Bearer KEY' on every route but /health "
                          f"(or set ${API_KEY_ENV})")
@@ -126,6 +129,7 @@ def engine_options(args: argparse.Namespace) -> dict:
     options = dict(dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv),
                    stream_interval=args.stream_interval, disable_overlap_scheduler=args.disable_overlap_scheduler,
                    tensor_parallel_size=args.tp_size,
+                   moe_expert_parallel_size=args.ep_size,
                    speculative_config=speculative_config_from_options(args.speculative, args.max_draft_len,
                                                                       args.max_matching_ngram_size,
                                                                       args.speculative_model_dir))

@@ -8,7 +8,9 @@ Mixtral's w1/w3 stacked so) and w2[e] = W2[e] (HF's `down_proj`).
 Shapes: x [T, H] (last dim contiguous); w13 [E, 2I, H], w2 [E, H, I] (last dims contiguous);
 topk_weights [T, k] (any float dtype, used in fp32) and topk_ids [T, k] int32 as
 `moe_routing` gives them. x, w13, w2 share one dtype (fp32/fp16/bf16). Output [T, H] in
-x.dtype, contiguous. An id outside [0, E) contributes nothing (moe_align drops its slot).
+x.dtype, contiguous. An id outside [0, E) contributes nothing (moe_align drops its slot): with
+expert parallelism (passes/shard_experts.py) w13, w2 hold this rank's E experts, the ids are
+shifted to them, and k may exceed E.
 
 How: `moe_align` sorts the T*k slots (s = t*k + j) by expert, padded per expert to BLOCK_M,
 so each BLOCK_M-row tile belongs to one expert. Then two grouped GEMMs over those tiles:
@@ -74,8 +76,6 @@ def _check_args(x, w13, w2, topk_weights, topk_ids) -> None:
         raise ValueError(f"w2 must be [E={num_experts}, H={x.shape[1]}, I={inter}], got shape {tuple(w2.shape)}")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_ids.dtype != torch.int32:
         raise ValueError(f"topk_ids must be [T={x.shape[0]}, k] int32, got {tuple(topk_ids.shape)} {topk_ids.dtype}")
-    if topk_ids.shape[1] > num_experts:
-        raise ValueError(f"topk_ids: k={topk_ids.shape[1]} > E={num_experts} experts")
     if topk_weights.shape != topk_ids.shape or topk_weights.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"topk_weights must be float [T, k]={tuple(topk_ids.shape)}, "
                          f"got {tuple(topk_weights.shape)} {topk_weights.dtype}")

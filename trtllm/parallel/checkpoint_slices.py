@@ -20,14 +20,19 @@ from safetensors import safe_open
 from trtllm.models.loader import read_json
 from trtllm.passes.shard_tensor_parallel import COLUMN_PARALLEL, ROW_PARALLEL
 
+# split by vocabulary rows (passes/shard_vocab_parallel.py)
+VOCAB_PARALLEL = ("embed_tokens", "lm_head")
+
 
 def is_split(name: str) -> bool:
-    """Whether the pass splits the tensor `name`: column-parallel weights and biases, and
-    row-parallel weights (their bias is added whole, after the all-reduce)."""
+    """Whether the passes split the tensor `name`: column-parallel weights and biases,
+    row-parallel weights (their bias is added whole, after the all-reduce), and the embedding
+    and LM head (by vocabulary)."""
     module, _, leaf = name.rpartition(".")
     projection = module.rpartition(".")[2]
     return (projection in COLUMN_PARALLEL and leaf in ("weight", "bias")) or \
-        (projection in ROW_PARALLEL and leaf == "weight")
+        (projection in ROW_PARALLEL and leaf == "weight") or \
+        (projection in VOCAB_PARALLEL and leaf in ("weight", "bias"))
 
 
 class CheckpointSlices:
@@ -41,8 +46,11 @@ class CheckpointSlices:
             with safe_open(str(single), framework="pt", device="cpu") as f:
                 self.files = {name: single for name in f.keys()}
         self.bytes_read = 0
+        self.read_experts = None  # an HF MoE rank's expert reader (parallel/expert_checkpoint.py), if any
 
     def __call__(self, name: str, stand_in: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+        if name not in self.files and name.startswith("model.") and name[len("model."):] in self.files:
+            name = name[len("model."):]  # an HF module runs inside models/hf.py's HFCausalLM, as its `model`
         if name not in self.files:
             raise KeyError(f"{name} is not in the checkpoint {self.path}")
         with safe_open(str(self.files[name]), framework="pt", device="cpu") as f:

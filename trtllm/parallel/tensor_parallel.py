@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from trtllm.parallel.expert_parallel import ExpertParallel
+
 # (parameter name, full tensor or placeholder, dim, start, length) -> the slice, materialized
 SliceReader = Callable[[str, torch.Tensor, int, int, int], torch.Tensor]
 
@@ -33,6 +35,12 @@ class TensorParallel:
     # rank 0 of a group the library started: its `Workers` (parallel/workers.py), which
     # CompiledModel hands every call to (`send_step`) and asks to explain a failed one (`failure`)
     workers: Any = None
+    # how the MoE layers split (parallel/expert_parallel.py); None: TP inside every expert (moe_tp = size)
+    moe: ExpertParallel | None = None
+    # (the fused expert weight, "w13" | "w2", first expert, count, first intermediate feature, count)
+    # -> this rank's experts, read from the checkpoint (parallel/expert_checkpoint.py); None: narrowed
+    # from the whole weight in memory
+    read_experts: Callable[..., torch.Tensor] | None = None
     # what the pass made, by key: a recompiled graph (new shapes) reuses the slices, not a new copy
     _made: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -49,6 +57,20 @@ class TensorParallel:
         if self.read_slice is not None:
             return self.read_slice(name, full, dim, start, length)
         return full.detach().narrow(dim, start, length).contiguous().clone()
+
+    def experts(self, full: torch.Tensor, which: str, first: int, count: int, start: int, length: int) -> torch.Tensor:
+        """This rank's experts [count, 2*length, H] (which="w13": gate rows then up rows, each
+        [start, start+length) of I) or [count, H, length] (which="w2") of a fused expert weight
+        [E, 2I, H] / [E, H, I], made once."""
+        def read():
+            if self.read_experts is not None:
+                return self.read_experts(full, which, first, count, start, length)
+            w = full.detach()[first:first + count]
+            if which == "w13":
+                inter = w.shape[1] // 2
+                return torch.cat([w[:, start:start + length], w[:, inter + start:inter + start + length]], 1).clone()
+            return w[:, :, start:start + length].contiguous().clone()
+        return self.made(("experts", id(full), which, first, count, start, length), read)
 
     def made(self, key, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """`make()` the first time `key` is asked for, the same tensor after."""
@@ -107,7 +129,33 @@ def unloaded(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return _UNLOADED[key].expand(tuple(shape))
 
 
+# shared zero slabs of stand-ins for fused expert weights, per (dtype, device); a larger one
+# is added when an expert needs more (the older ones stay: stand-ins made of them hold them)
+_EXPERT_SLABS: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+
+
+def unloaded_experts(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A stand-in of a fused expert weight [E, A, B] this rank did not load: one expert's [A, B]
+    of zeros (a slab shared by every such stand-in) repeated E times with stride 0. Unlike
+    `unloaded`'s all-zero strides, each expert is an ordinary row-major matrix, as HF's default
+    grouped_mm experts require in the eager probe (passes/shard_experts.py reads the rank's own
+    experts later)."""
+    device = torch.device(device)
+    slabs = _EXPERT_SLABS.setdefault((dtype, device), [])
+    need = 1
+    for s in shape[1:]:
+        need *= s
+    if not slabs or slabs[-1].numel() < need:
+        slabs.append(torch.zeros(need, dtype=dtype, device=device))
+    return slabs[-1][:need].view(tuple(shape[1:])).expand(tuple(shape))
+
+
 def is_unloaded(t: torch.Tensor) -> bool:
+    if t.dim() == 0:
+        return False
+    ptr = t.untyped_storage().data_ptr()
     zero = _UNLOADED.get((t.dtype, t.device))
-    return (zero is not None and t.dim() > 0 and all(s == 0 for s in t.stride())
-            and t.untyped_storage().data_ptr() == zero.untyped_storage().data_ptr())
+    if zero is not None and all(s == 0 for s in t.stride()) and ptr == zero.untyped_storage().data_ptr():
+        return True
+    return t.stride(0) == 0 and any(ptr == slab.untyped_storage().data_ptr()
+                                    for slab in _EXPERT_SLABS.get((t.dtype, t.device), ()))

@@ -27,6 +27,8 @@ from trtllm.compile import CompiledModel
 from trtllm.models import gemma, llama
 from trtllm.models.loader import ARCHITECTURES, read_json
 from trtllm.parallel import process_group
+from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, check_moe_config
+from trtllm.parallel.expert_parallel import ExpertParallel, check_vocab
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
 from trtllm.parallel.tensor_parallel import check_sizes
 from trtllm.parallel.worker import REPORT, Step, worker_main
@@ -44,26 +46,35 @@ class RankFailed(RuntimeError):
     """A tensor-parallel rank died, failed, or did not answer."""
 
 
-def check_tensor_parallel(path: str | os.PathLike, world: int, device_type: str) -> None:
+def check_tensor_parallel(path: str | os.PathLike, world: int, device_type: str,
+                          moe_expert_parallel_size: int = 1) -> None:
     """Refuse, naming the numbers, what cannot run on `world` ranks; before any process starts."""
     config = read_json(Path(path) / "config.json")
     arch = (config.get("architectures") or ["?"])[0]
-    if arch not in TENSOR_PARALLEL_ARCHITECTURES:
+    moe = ExpertParallel(moe_expert_parallel_size, world // moe_expert_parallel_size)
+    if moe.moe_ep > 1 and arch not in EXPERT_NAMES:
+        raise ValueError(f"moe_expert_parallel_size={moe.moe_ep}: {arch} is not a mixture-of-experts model "
+                         f"supported under expert parallelism (supported: {', '.join(EXPERT_NAMES)})")
+    if arch not in TENSOR_PARALLEL_ARCHITECTURES and arch not in EXPERT_NAMES:
         raise ValueError(f"tensor_parallel_size={world}: {arch} is not supported under tensor parallelism yet "
-                         f"(supported: {', '.join(TENSOR_PARALLEL_ARCHITECTURES)})")
+                         f"(supported: {', '.join(TENSOR_PARALLEL_ARCHITECTURES + tuple(EXPERT_NAMES))})")
     if config.get("quantization_config") or (Path(path) / "hf_quant_config.json").exists():
         raise ValueError(f"tensor_parallel_size={world}: pre-quantized checkpoints are not supported under tensor "
                          "parallelism yet")
-    model_cls = ARCHITECTURES[arch]
-    c = model_cls.config_class.from_hf(config)
-    check_sizes(world, num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-                intermediate_size=c.intermediate_size)
+    if arch in EXPERT_NAMES:  # an HF module (models/hf.py): its config.json read as it is
+        check_moe_config(config, moe)
+    else:
+        model_cls = ARCHITECTURES[arch]
+        c = model_cls.config_class.from_hf(config)
+        check_sizes(world, num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                    intermediate_size=c.intermediate_size)
+        check_vocab(c.vocab_size, world)
     if device_type == "cuda" and world > torch.cuda.device_count():
         raise ValueError(f"tensor_parallel_size={world} needs {world} GPUs; {torch.cuda.device_count()} visible")
 
 
 def start_tensor_parallel(spec: RankSpec) -> tuple[CompiledModel, Workers]:
-    check_tensor_parallel(spec.path, spec.world, spec.device_type)
+    check_tensor_parallel(spec.path, spec.world, spec.device_type, spec.moe_expert_parallel_size)
     workers = Workers(spec)
     try:
         device = rank_device(spec, 0)

@@ -20,7 +20,9 @@ from trtllm.passes.place_mla_attention import place_mla_attention
 from trtllm.passes.quantize_linears import quantize_linears
 from trtllm.passes.replace_sdpa_with_bidirectional_attention import replace_sdpa_with_bidirectional_attention
 from trtllm.passes.replace_sdpa_with_paged_attention import replace_sdpa_with_paged_attention
+from trtllm.passes.shard_experts import shard_experts
 from trtllm.passes.shard_tensor_parallel import shard_tensor_parallel
+from trtllm.passes.shard_vocab_parallel import shard_vocab_parallel
 from trtllm.passes.split_lm_head import split_lm_head
 from trtllm.passes.use_gemv_linear import use_gemv_linear
 
@@ -30,6 +32,7 @@ PASSES = [
     shard_tensor_parallel,              # before fuse_parallel_linears, which fuses each rank's slices
     quantize_linears,                   # before fuse_parallel_linears: FP8 weights stack as FP8
     fuse_moe,                           # before the linear, silu-mul passes rewrite the experts' ops
+    shard_experts,                      # after fuse_moe: each rank's fused_moe runs its experts
     fuse_parallel_linears,
     apply_lora,                         # after fuse_parallel_linears: one shrink for fused q/k/v, gate/up
     fuse_rms_norm,
@@ -37,7 +40,8 @@ PASSES = [
     fuse_rms_norm_quant_fp8,            # needs both norms' ops and quantize_linears' quantizations
     fuse_rotary,
     fuse_silu_mul,
-    split_lm_head,                      # last: the runtime applies the head on chosen rows
+    split_lm_head,                      # the runtime applies the head on chosen rows
+    shard_vocab_parallel,               # last: splits the head split_lm_head took out
 ]
 
 DECODE_GRAPH_PASSES = [

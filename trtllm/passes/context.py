@@ -79,6 +79,10 @@ class LMHead:
     bias: torch.Tensor | None
     linear: Callable = F.linear
     softcap: float = 0.0  # final logit soft-capping (Gemma-2/3): logits = cap * tanh(logits / cap); 0 = none
+    name: str = ""  # the head's module path (its weights' checkpoint names: `{name}.weight`)
+    # after the linear: vocabulary-parallel ranks' all-gather of their logit slices
+    # (passes/shard_vocab_parallel.py); None: the weight is the whole vocabulary
+    gather: Callable | None = None
 
     @property
     def op_name(self) -> str:
@@ -90,6 +94,8 @@ class LMHead:
         """hidden [..., H] -> logits [..., V]; `linear` for hidden of the weight's dtype."""
         op = self.linear if hidden.dtype == self.weight.dtype else F.linear
         logits = op(hidden, self.weight, self.bias)
+        if self.gather is not None:
+            logits = self.gather(logits)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

@@ -69,6 +69,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 import trtllm.kernels.fused_moe  # noqa: F401  (registers torch.ops.trtllm.fused_moe, moe_routing)
 import trtllm.kernels.moe_routing  # noqa: F401
 from trtllm.kernels.fused_moe import fused_moe_ref
+from trtllm.parallel.tensor_parallel import is_unloaded
 from trtllm.passes.context import PassContext
 from trtllm.passes.match import arg, describe, kind, module_path, mutates, value
 from trtllm.passes.moe_match import (
@@ -261,7 +262,7 @@ def _expert_weights(graph, ctx, region, params, xv, num_experts) -> Experts:
             a, b = tensors[w13], tensors[w2]
             if (a.shape[0] == b.shape[0] == num_experts and a.shape[2] == hidden and b.shape[1] == hidden
                     and a.shape[1] == 2 * b.shape[2] and a.dtype == b.dtype == xv.dtype
-                    and a.stride(-1) == 1 and b.stride(-1) == 1):
+                    and all(t.stride(-1) == 1 or is_unloaded(t) for t in (a, b))):
                 return Experts(w13, w2, None)
         raise NotMatched(f"3-D expert weights of shapes {[tuple(t.shape) for t in tensors.values()]} are not "
                          f"[E={num_experts}, 2I, H={hidden}] and [E, H, I] of the model's dtype")
@@ -313,13 +314,23 @@ def _check_numerics(region, out, x, routing, params, sizes, experts, ctx, where)
     xv, idv, wv = value(x), value(routing.ids), value(routing.weights)
     w13, w2 = ctx.inputs.tensor(experts.w13), ctx.inputs.tensor(experts.w2)
     dev, num_experts = w13.device, w13.shape[0]
+    real = {p: ctx.inputs.tensor(p) for p in params}
+    if any(is_unloaded(t) for t in real.values()):
+        # a tensor-parallel rank did not load the experts (passes/shard_experts.py reads its own
+        # later): the region is checked on random weights of their shapes instead, never on zeros
+        if experts.per_expert is not None:
+            raise NotMatched("per-expert weights this rank did not load (only HF's 3-D expert weights are split "
+                             "by expert parallelism)")
+        gw = torch.Generator(device=dev).manual_seed(1)
+        real = {p: torch.randn(t.shape, generator=gw, device=dev).to(t.dtype) * 0.1 for p, t in real.items()}
+        w13, w2 = real[experts.w13], real[experts.w2]
     shape = tuple(size_hint(d) for d in xv.shape)
     tokens, top_k = shape[:-1], idv.shape[-1]
     g = torch.Generator(device=dev).manual_seed(0)
     x_real = torch.randn(shape, generator=g, device=dev).to(xv.dtype)
     ids = torch.rand((*tokens, num_experts), generator=g, device=dev).argsort(dim=-1)[..., :top_k]
     weights = torch.rand((*tokens, top_k), generator=g, device=dev)
-    args = [x_real, ids.to(idv.dtype), weights.to(wv.dtype), *(ctx.inputs.tensor(p) for p in params),
+    args = [x_real, ids.to(idv.dtype), weights.to(wv.dtype), *(real[p] for p in params),
             *(size_hint(value(s)) for s in sizes)]
     try:
         with torch.no_grad():

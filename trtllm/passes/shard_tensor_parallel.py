@@ -21,8 +21,9 @@ activation. The split is followed from each column linear through the ops betwee
 the row linear: views/reshapes get their head count (or width) divided, transposes, rope,
 QK-norm (a reduction over head_dim, not the split dim), SiLU and the attention op keep it;
 an op that would mix the split dim (a reduction over it, a slice of it, the graph output)
-is a CompileError naming the node. The embedding, norms and LM head stay whole on every
-rank (replicated). The pass runs before fuse_parallel_linears, which then fuses each
+is a CompileError naming the node. The norms stay whole on every rank (replicated); the
+embedding and LM head are split by vocabulary (passes/shard_vocab_parallel.py), the MoE experts
+by passes/shard_experts.py. The pass runs before fuse_parallel_linears, which then fuses each
 rank's slices: a layer's q/k/v (and gate/up) slices are made adjacent in one buffer, so the
 fused weight is a view of them, not a second copy. Model-native fused projections (Phi-3's
 qkv_proj / gate_up_proj) are not recognised: they are refused by name.
@@ -41,7 +42,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from trtllm.contract import CompileError
-from trtllm.parallel.tensor_parallel import head_range, is_unloaded
+from trtllm.parallel.tensor_parallel import head_range
 from trtllm.passes.context import PassContext
 from trtllm.passes.match import arg, describe, kind, module_path, value
 
@@ -86,11 +87,8 @@ def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
             _propagate(node, split, shapes)
     for linears in columns.values():  # one buffer per input: fuse_parallel_linears' fused W is a view
         _add_adjacent_weights(linears, ctx)
-    for node in graph.nodes:  # a rank that loaded only its slices: nothing may read a whole weight
-        t = ctx.inputs.tensor(node)
-        if node.op == "placeholder" and node.users and t is not None and is_unloaded(t):
-            raise CompileError(f"{node.name}: this rank loaded only the slices tensor parallelism splits, but the "
-                               f"graph reads this weight whole (in {', '.join(map(describe, node.users))})")
+    # that nothing reads a weight this rank did not load is checked once every pass has run
+    # (compile.py: fuse_moe and shard_experts, split_lm_head and shard_vocab_parallel come later)
     return matches
 
 

@@ -24,7 +24,7 @@ import operator
 import torch.fx as fx
 
 from trtllm.passes.context import LMHead, PassContext
-from trtllm.passes.match import arg, eliminate_dead_code, kind, value
+from trtllm.passes.match import arg, eliminate_dead_code, kind, module_path, value
 
 
 def _keeps_every_row(index) -> bool:
@@ -74,5 +74,5 @@ def split_lm_head(graph: fx.Graph, ctx: PassContext) -> int:
         return 0
     output.args = ((hidden,),)
     eliminate_dead_code(graph)
-    ctx.lm_head = LMHead(weight, bias, softcap=softcap)
+    ctx.lm_head = LMHead(weight, bias, softcap=softcap, name=module_path(head))
     return 1

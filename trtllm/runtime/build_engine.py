@@ -20,6 +20,7 @@ from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
 from trtllm.models.loader import load_model
 from trtllm.parallel import process_group
+from trtllm.parallel.expert_parallel import resolve_moe_sizes
 from trtllm.parallel.rank_model import RankSpec
 from trtllm.parallel.workers import start_tensor_parallel
 from trtllm.quantization.checkpoint import kv_cache_scales_by_layer
@@ -47,7 +48,8 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                  device: str | torch.device | None = None, compile_options: dict | None = None,
                  stream_interval: int = 1, disable_overlap_scheduler: bool = False,
                  kv_cache_scales=None, tensor_parallel_size: int = 1, speculative_config=None,
-                 lora_config: LoraConfig | None = None) -> Engine:
+                 lora_config: LoraConfig | None = None, moe_expert_parallel_size: int | None = None,
+                 moe_tensor_parallel_size: int | None = None) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
     in a process of its own. Arguments as `LLM`'s. `engine.startup` says where the time went.
@@ -56,8 +58,11 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     kv_cache_scales: a quantized KV cache's (k_scale, v_scale) per layer (runtime/kv_cache_quant.py).
     With tensor_parallel_size > 1 the workers run until `shutdown_workers(engine)`.
     speculative_config: NGramDecodingConfig, DraftTargetDecodingConfig or SpeculativeDecodingConfig
-    (runtime/speculative; the draft model is built before the target's KV pool is sized)."""
+    (runtime/speculative; the draft model is built before the target's KV pool is sized).
+    moe_expert_parallel_size / moe_tensor_parallel_size: how the MoE layers split the
+    tensor_parallel_size ranks, as TensorRT-LLM's (parallel/expert_parallel.py)."""
     started = time.perf_counter()
+    moe = resolve_moe_sizes(tensor_parallel_size, moe_expert_parallel_size, moe_tensor_parallel_size)
     check_stream_interval(stream_interval)  # before minutes of loading and compiling
     check_speculative_config(speculative_config)
     if dtype not in _DTYPES:
@@ -96,7 +101,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with quantized weights or KV cache is "
                              "not supported yet")
         compiled = _start_tensor_parallel(model, dtype, device, compile_options, kv_cache_config,
-                                          tensor_parallel_size)
+                                          tensor_parallel_size, moe.moe_ep)
         try:
             enable_cuda_graph = False  # a decode graph would replay on rank 0 alone (issue 22: left)
             return _build_engine(compiled.module, compiled, started, model if tokenizer is None else tokenizer,
@@ -138,7 +143,7 @@ def _lora_slots(config: LoraConfig, module: nn.Module, build_config: BuildConfig
 
 
 def _start_tensor_parallel(model, dtype: str, device, compile_options: dict | None,
-                           kv_cache_config: KvCacheConfig, size: int):
+                           kv_cache_config: KvCacheConfig, size: int, moe_expert_parallel_size: int = 1):
     """Rank 0's compiled model, its workers started (each loads its own slices)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
@@ -147,7 +152,7 @@ def _start_tensor_parallel(model, dtype: str, device, compile_options: dict | No
                          "slices of it), not a module in memory")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = RankSpec(str(model), _DTYPES[dtype], size, device.type, kv_cache_config.tokens_per_block,
-                    dict(compile_options or {}), process_group.COLLECTIVE_TIMEOUT_S)
+                    dict(compile_options or {}), process_group.COLLECTIVE_TIMEOUT_S, moe_expert_parallel_size)
     compiled, _ = start_tensor_parallel(spec)
     return compiled
 

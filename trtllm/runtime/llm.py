@@ -10,6 +10,9 @@
 worker processes, trtllm/parallel): each loads only its slices of the checkpoint, rank 0
 schedules and samples; `shutdown()` ends the workers. A rank that dies fails the requests in
 flight with an error naming it.
+`moe_expert_parallel_size=E` / `moe_tensor_parallel_size=M` (TensorRT-LLM's names; E * M must
+equal tensor_parallel_size): the MoE layers' experts split E ways and each expert's width M ways
+(trtllm/parallel/expert_parallel.py).
 
 A quantized KV cache (FP8 or INT8: half the bytes a token, twice the tokens in the same
 memory): `KvCacheConfig(dtype="fp8")` or `QuantConfig(kv_cache_quant_algo=QuantAlgo.INT8)`;
@@ -87,7 +90,8 @@ class LLM:
                  stream_interval: int = 1, disable_overlap_scheduler: bool = False, kv_cache_scales=None,
                  tensor_parallel_size: int = 1, batched_logits_processor=None, speculative_config=None,
                  speculative_decoding_config=None, lora_config: LoraConfig | None = None, processor=None,
-                 multimodal_encoder=None):
+                 multimodal_encoder=None,
+                 moe_expert_parallel_size: int | None = None, moe_tensor_parallel_size: int | None = None):
         if batched_logits_processor is not None and not callable(batched_logits_processor):
             raise TypeError("batched_logits_processor must be callable (a BatchedLogitsProcessor)")
         check_multimodal_encoder(multimodal_encoder, model)
@@ -96,7 +100,8 @@ class LLM:
         self.engine = build_engine(model, tokenizer, dtype, kv_cache_config, build_config, quant_config,
                                    enable_cuda_graph, device, compile_options, stream_interval,
                                    disable_overlap_scheduler, kv_cache_scales, tensor_parallel_size,
-                                   speculative_config or speculative_decoding_config, lora_config)
+                                   speculative_config or speculative_decoding_config, lora_config,
+                                   moe_expert_parallel_size, moe_tensor_parallel_size)
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
         # a multimodal model's image processor: given, else the checkpoint's, loaded at the first image
