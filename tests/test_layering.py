@@ -7,6 +7,7 @@ Layers, lowest first; a module imports trtllm modules of its own layer or lower 
     kernels                        ops: reference, Triton kernel, launcher, registration
     attention_context              how the cache and metadata reach the graph's attention op;
       lora_slots                   how LoRA adapters' weights and per-token slots reach the graph
+      parallel.pipeline_parallel   how a pipeline stage's input reaches the graph; the layer partition
     quantization                   the FP8 description of a model, online quantization, checkpoint layouts
     models, demo                   model files and loading; the built-in demo model
     contract                       what a compilable model is: the probe, its spec, the refusals
@@ -36,7 +37,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "trtllm"
 LAYERS = [
     ["trtllm.config", "trtllm.sampling_params", "trtllm.lora_request", "trtllm.parallel.tensor_parallel"],
     ["trtllm.kernels"],
-    ["trtllm.attention_context", "trtllm.lora_slots"],
+    ["trtllm.attention_context", "trtllm.lora_slots", "trtllm.parallel.pipeline_parallel"],
     ["trtllm.quantization"],
     ["trtllm.models", "trtllm.demo"],
     ["trtllm.contract"],

@@ -20,10 +20,12 @@ from trtllm.passes.quantize_linears import quantize_linears
 from trtllm.passes.replace_sdpa_with_paged_attention import replace_sdpa_with_paged_attention
 from trtllm.passes.shard_tensor_parallel import shard_tensor_parallel
 from trtllm.passes.split_lm_head import split_lm_head
+from trtllm.passes.split_pipeline_stage import split_pipeline_stage
 from trtllm.passes.use_gemv_linear import use_gemv_linear
 
 PASSES = [
     replace_sdpa_with_paged_attention,  # first: refuse unsupported attention before any work
+    split_pipeline_stage,               # before shard_tensor_parallel: it splits only this stage's layers
     shard_tensor_parallel,              # before fuse_parallel_linears, which fuses each rank's slices
     quantize_linears,                   # before fuse_parallel_linears: FP8 weights stack as FP8
     fuse_moe,                           # before the linear, silu-mul passes rewrite the experts' ops

@@ -9,7 +9,10 @@
 `tensor_parallel_size=N` (TensorRT-LLM's name) runs the model on N ranks of this node (N-1
 worker processes, trtllm/parallel): each loads only its slices of the checkpoint, rank 0
 schedules and samples; `shutdown()` ends the workers. A rank that dies fails the requests in
-flight with an error naming it.
+flight with an error naming it. `pipeline_parallel_size=P` splits the layers into P stages (one
+rank each, or tensor_parallel_size each), balanced by parameter count or as `pp_partition`
+(layers per stage) says; under torchrun, `LLM(...)` on a rank other than 0 serves rank 0 and
+exits (docs/parallel.md).
 
 A quantized KV cache (FP8 or INT8: half the bytes a token, twice the tokens in the same
 memory): `KvCacheConfig(dtype="fp8")` or `QuantConfig(kv_cache_quant_algo=QuantAlgo.INT8)`;
@@ -75,7 +78,8 @@ class LLM:
                  device: str | torch.device | None = None, compile_options: dict | None = None,
                  stream_interval: int = 1, disable_overlap_scheduler: bool = False, kv_cache_scales=None,
                  tensor_parallel_size: int = 1, batched_logits_processor=None, speculative_config=None,
-                 speculative_decoding_config=None, lora_config: LoraConfig | None = None):
+                 speculative_decoding_config=None, lora_config: LoraConfig | None = None,
+                 pipeline_parallel_size: int = 1, pp_partition: list[int] | None = None):
         if batched_logits_processor is not None and not callable(batched_logits_processor):
             raise TypeError("batched_logits_processor must be callable (a BatchedLogitsProcessor)")
         if speculative_config is not None and speculative_decoding_config is not None:
@@ -83,7 +87,8 @@ class LLM:
         self.engine = build_engine(model, tokenizer, dtype, kv_cache_config, build_config, quant_config,
                                    enable_cuda_graph, device, compile_options, stream_interval,
                                    disable_overlap_scheduler, kv_cache_scales, tensor_parallel_size,
-                                   speculative_config or speculative_decoding_config, lora_config)
+                                   speculative_config or speculative_decoding_config, lora_config,
+                                   pipeline_parallel_size, pp_partition)
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
         self.block_manager, self.compiled = self.engine.block_manager, self.engine.runner.compiled
