@@ -120,3 +120,20 @@ def test_features_a_pipeline_cannot_run_are_refused_by_name(tmp_path, kwargs, wh
         kwargs["speculative_config"] = NGramDecodingConfig(max_draft_len=2)
     with pytest.raises(ValueError, match=why):
         LLM(str(path), dtype="float32", device="cpu", pipeline_parallel_size=2, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_hung_stage_fails_the_step_after_the_collective_timeout_naming_it(tmp_path, monkeypatch):
+    from trtllm.parallel import process_group
+    monkeypatch.setattr(process_group, "COLLECTIVE_TIMEOUT_S", 20.0)  # above a first-call compilation here
+    llm = small_llm(checkpoint("llama31", tmp_path), pipeline_parallel_size=2)
+    try:
+        greedy(llm)  # every rank has compiled
+        (worker,) = llm.compiled.tensor_parallel.workers.processes.values()
+        os.kill(worker.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(RequestError, match="parallel rank 1 did not join a collective within 20 s"):
+            greedy(llm)
+        assert time.monotonic() - started < 60
+    finally:
+        llm.shutdown()

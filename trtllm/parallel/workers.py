@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -121,8 +122,8 @@ class _PendingLogits:
         if self.work is None:
             return
         work, self.work = self.work, None
-        try:
-            work.wait()
+        try:  # a hung later stage: this recv times out as a collective does
+            work.wait(timedelta(seconds=self.workers.spec.timeout_s))
         except Exception as e:  # noqa: BLE001 - named, then raised
             raise self.workers.failure(e) from e
 
