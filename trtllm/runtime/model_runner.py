@@ -188,7 +188,8 @@ class ModelRunner:
             logits = self.compiled(*self._flat_batch(num_tokens), rows)
         done = self._step_launched()
         # a pipeline's first stage: the logits arrive from the last stage later (trtllm/parallel)
-        done = self.compiled.take_pending() or done
+        pending = self.compiled.take_pending() if isinstance(self.compiled, CompiledModel) else None
+        done = pending or done
         if not spans:
             return LaunchedStep(scheduled, to_sample, logits, None, None, done, num_rows=verify)
         return LaunchedStep(scheduled, to_sample, logits[:num_sampled], None, None, done,
