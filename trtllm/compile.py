@@ -183,7 +183,11 @@ class CompiledModel:
                 return out
             # the first of several stages: `out` goes on to the next; the logits come back from
             # the last, later (`pending`: what the runner waits for before it samples)
+            if self.pending is not None:  # a call whose logits nobody took (the KV profiling call)
+                self.pending.synchronize()
             out, self.pending = workers.pass_on(out, input_ids, logits_indices)
+            if not in_attention_context() and self.pending is not None:  # not the runtime's: wait now
+                self.take_pending().synchronize()
             return out
         except Exception as e:  # a collective failed: name the rank that failed it
             raise workers.failure(e) from e

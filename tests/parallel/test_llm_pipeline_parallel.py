@@ -11,6 +11,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from tests.models.checkpoints import write_checkpoint
 from tests.runtime.tokenizers import make_tokenizer
@@ -51,11 +52,15 @@ def test_two_stages_give_one_ranks_tokens_each_loading_its_layers_and_a_killed_r
     with small_llm(path) as llm:
         expected = greedy(llm)
         params = {n: p.numel() * p.element_size() for n, p in llm.compiled.module.named_parameters()}
+        ids, positions = torch.tensor([PROMPTS[0][:5], PROMPTS[2][:5]]), torch.arange(5).expand(2, 5)
+        whole = llm.compiled(ids, positions)  # whole sequences, outside the runtime
     llm = small_llm(path, pipeline_parallel_size=2)
     try:
         assert llm.compiled.pipeline.first_layer == 0 and llm.compiled.pipeline.end_layer == 2
         assert llm.engine.pipeline_depth == 2
         assert greedy(llm) == expected
+        # a call outside the runtime waits for the last stage's logits itself
+        torch.testing.assert_close(llm.compiled(ids, positions), whole, rtol=1e-5, atol=1e-5)
         assert llm.engine_stats().num_preemptions > 0
         loaded = llm.compiled.tensor_parallel.workers.loaded_bytes()
         layers = [sum(b for n, b in params.items() if f"layers.{i}." in n) for i in range(4)]

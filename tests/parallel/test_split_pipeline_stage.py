@@ -36,8 +36,8 @@ def _run(stages, ids, positions):
 
 @pytest.mark.parametrize("family,bounds", [
     ("llama31", [(0, 1), (1, 3), (3, 4)]),   # three stages
-    ("qwen2", [(0, 3), (3, 4)]),             # tied embeddings: the last stage's head is the embedding
-    ("gemma2", [(0, 1), (1, 4)]),            # sliding windows alternate: each stage's own, renumbered
+    pytest.param("qwen2", [(0, 3), (3, 4)], marks=pytest.mark.slow),   # tied: the last stage's head is the embedding
+    pytest.param("gemma2", [(0, 1), (1, 4)], marks=pytest.mark.slow),  # alternating windows: each stage's own
 ])
 def test_stages_in_turn_give_the_whole_models_logits(tmp_path, family, bounds):
     path = write_checkpoint(family, tmp_path / family, num_hidden_layers=4)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.parallel.test_llm_pipeline_parallel import checkpoint
 from trtllm import LLM, SamplingParams
 from trtllm.config import BuildConfig, KvCacheConfig
@@ -24,6 +26,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two torchrun agents, two ranks compiling, and one rank for the reference: ~80 s here
 def test_two_torchrun_nodes_give_one_ranks_tokens(tmp_path):
     from tests.parallel.torchrun_llm import PROMPTS
     path = checkpoint("llama31", tmp_path)
