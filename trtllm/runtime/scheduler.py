@@ -30,6 +30,10 @@ GPU slot or one can be freed for it (it waits otherwise); admission pins the slo
 or preemption unpins it. An adapter whose files cannot be read at admission fails its
 sequence alone ("error", from pop_finished).
 
+Pipeline parallelism (trtllm/parallel, the engine's micro-batches): `in_flight` holds the
+sequences of micro-batches launched and not yet `update`d; `schedule` neither schedules them
+again nor preempts them, and `schedule(max_seqs=k)` puts at most k sequences in a step.
+
 A sequence's uncomputed tokens are `token_ids[num_computed_tokens:]`; a step computes
 the next n of them, at positions num_computed_tokens .. num_computed_tokens + n - 1, and
 its context is num_computed_tokens + n tokens in `block_table`. A step samples for a
