@@ -89,6 +89,19 @@ def test_two_by_two_ranks_give_one_ranks_tokens(tmp_path):
         assert len(loaded) == 4 and loaded[0] == loaded[1] and loaded[2] == loaded[3]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma2", "qwen2"])  # LM heads tied to the embedding (Gemma's by default)
+def test_two_stages_give_one_ranks_tokens_on_tied_families(tmp_path, family):
+    path = checkpoint(family, tmp_path)
+    with small_llm(path) as llm:
+        expected = greedy(llm)
+    with small_llm(path, pipeline_parallel_size=2) as llm:
+        assert greedy(llm) == expected
+        embed = llm.compiled.module.model.embed_tokens.weight
+        loaded = llm.compiled.tensor_parallel.workers.loaded_bytes()
+        assert min(loaded) > embed.numel() * embed.element_size()  # both stages hold the embedding
+
+
 def test_layers_are_balanced_by_parameter_count():
     assert partition_layers([10] * 4, 2) == [(0, 2), (2, 4)]
     assert partition_layers([10] * 4, 2, first_extra=20) == [(0, 1), (1, 4)]

@@ -53,9 +53,10 @@ class RankFailed(RuntimeError):
 
 
 def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int = 1,
-                   pp_partition=None) -> tuple[tuple[int, int], ...]:
+                   pp_partition=None) -> tuple[tuple[tuple[int, int], ...], bool]:
     """Refuse, naming the numbers, what cannot run on tp x pp ranks, before any process starts;
-    return the pipeline's stages (first layer, end layer), () for one stage."""
+    return the pipeline's stages (first layer, end layer), () for one stage, and whether the LM
+    head is tied to the embedding (as the model file reads the config: Gemma's default is tied)."""
     config = read_json(Path(path) / "config.json")
     arch = (config.get("architectures") or ["?"])[0]
     what = f"tensor_parallel_size={tp}" if pp == 1 else f"tensor_parallel_size={tp} x pipeline_parallel_size={pp}"
@@ -72,8 +73,9 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
     check_pipeline_sizes(pp, c.num_hidden_layers, pp_partition)
     if device_type == "cuda" and tp * pp > torch.cuda.device_count() and "RANK" not in os.environ:
         raise ValueError(f"{what} needs {tp * pp} GPUs; {torch.cuda.device_count()} visible")
+    tied = bool(getattr(c, "tie_word_embeddings", False))
     if pp == 1:
-        return ()
+        return (), tied
     with torch.device("meta"):  # parameter counts without memory
         model = model_cls(c)
     costs, first, last = [0] * c.num_hidden_layers, 0, 0
@@ -85,7 +87,7 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
             first += p.numel()
         else:  # final norm, LM head (a tied head: the embedding again, held by the last stage too)
             last += p.numel()
-    return tuple(partition_layers(costs, pp, first, last, pp_partition))
+    return tuple(partition_layers(costs, pp, first, last, pp_partition)), tied
 
 
 def start_parallel(spec: RankSpec) -> tuple[CompiledModel, Workers]:

@@ -20,7 +20,7 @@ from trtllm.compile import compile as trtllm_compile
 from trtllm.config import BuildConfig, KvCacheConfig, LoraConfig, QuantConfig, kv_cache_dtype
 from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
-from trtllm.models.loader import load_model, read_json
+from trtllm.models.loader import load_model
 from trtllm.parallel import process_group
 from trtllm.parallel.rank_model import RankSpec
 from trtllm.parallel.worker import run_torchrun_worker
@@ -159,8 +159,7 @@ def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_
         raise ValueError(f"{what} takes a checkpoint directory (each rank loads its own "
                          "slices of it), not a module in memory")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    stages = check_parallel(model, size, device.type, pp, pp_partition)
-    tied = bool(read_json(Path(model) / "config.json").get("tie_word_embeddings", False))
+    stages, tied = check_parallel(model, size, device.type, pp, pp_partition)
     spec = RankSpec(str(model), _DTYPES[dtype], size * pp, device.type, kv_cache_config.tokens_per_block,
                     dict(compile_options or {}), process_group.COLLECTIVE_TIMEOUT_S, size, stages, tied)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["RANK"]) != 0:
