@@ -94,7 +94,7 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
     dtype = compiled.pipeline.dtype if compiled.pipeline is not None else None
     sends: deque = deque()  # (work, tensor): the tensor lives until the send is done
     cache_key, cache, metadata = None, None, None
-    while (msg := channel.recv()) is not None:
+    while (msg := _next_step(channel, rank)) is not None:
         if msg == REPORT:
             channel.gather(report())
             continue
@@ -133,6 +133,16 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             sends.append((dist.isend(out, 0), out))
         while sends and (len(sends) > 8 or sends[0][0].is_completed()):
             sends.popleft()[0].wait()
+
+
+def _next_step(channel: StepChannel, rank: int):
+    """rank 0's next step. Rank 0 gone without a word (it died, or torchrun passed it a SIGTERM)
+    closes its connections: a RuntimeError saying so, and a non-zero exit (under torchrun a clean
+    one would leave this node's agent waiting at its exit barrier for the agent that is gone)."""
+    try:
+        return channel.recv()
+    except RuntimeError as e:
+        raise RuntimeError(f"trtllm rank {rank}: rank 0 is gone ({str(e).splitlines()[0][:200]})") from None
 
 
 def _kv_blocks(compiled, msg: KvBlocks, device: torch.device) -> int | None:
