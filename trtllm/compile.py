@@ -28,6 +28,7 @@ from trtllm.attention_context import in_attention_context, whole_sequences_conte
 from trtllm.contract import AttentionSpec, CompileError, contract_module, model_path, probe_attention
 from trtllm.inductor_fallbacks import declare_inductor_fallbacks
 from trtllm.lora_slots import LoraSlots
+from trtllm.parallel.pipeline_parallel import PipelineStage
 from trtllm.parallel.tensor_parallel import TensorParallel, is_unloaded, local_kv_heads
 from trtllm.passes import DECODE_GRAPH_MAX_TOKENS, DECODE_GRAPH_PASSES, PASSES
 from trtllm.passes.context import AttentionLayers, GraphInputs, LMHead, PassContext
@@ -66,7 +67,8 @@ class CompiledModel:
 
     def __init__(self, model: nn.Module, *, inductor: bool | None = None, passes=None,
                  decode_graph_passes=None, block_size: int = 16, quantization: Fp8Linears | None = None,
-                 tensor_parallel: TensorParallel | None = None, lora: LoraSlots | None = None):
+                 tensor_parallel: TensorParallel | None = None, lora: LoraSlots | None = None,
+                 pipeline: PipelineStage | None = None):
         # what the passes quantize (quantize_linears): given, or what loading put on the model
         self.quantization = quantization if quantization is not None else fp8_linears_of(model)
         self.module = contract_module(model)
@@ -77,15 +79,26 @@ class CompiledModel:
         self.block_size = block_size
         self.tensor_parallel = tensor_parallel
         self.lora = lora  # LoRA adapters' slots (passes/apply_lora.py), None without
-        self.attention = probe_attention(self.module, self.device)
+        self.attention = probed = probe_attention(self.module, self.device)
         if tensor_parallel is not None:  # this rank's KV cache holds its own KV heads only
             try:
                 heads = local_kv_heads(self.attention.num_kv_heads, tensor_parallel.size)
             except ValueError as e:
                 raise CompileError(str(e)) from None
             self.attention = dataclasses.replace(self.attention, num_kv_heads=heads)
-        self._layers = AttentionLayers(windows=list(self.attention.windows), softcaps=list(self.attention.softcaps),
-                                       latent=self.attention.latent)
+        self.pipeline = pipeline
+        self.pending = None  # see take_pending
+        if pipeline is not None:  # this rank's KV cache holds its stage's layers only
+            a, b = pipeline.first_layer, pipeline.end_layer
+            if b > self.attention.num_layers:
+                raise CompileError(f"pipeline stage {pipeline.stage} holds layers {a}..{b - 1}; the model has "
+                                   f"{self.attention.num_layers} attention layers")
+            self.attention = dataclasses.replace(self.attention, num_layers=b - a, windows=self.attention.windows[a:b],
+                                                 softcaps=self.attention.softcaps[a:b])
+        # the whole model's layers, as replace_sdpa_with_paged_attention numbers them (a pipeline
+        # stage's are renumbered after: passes/split_pipeline_stage.py)
+        self._layers = AttentionLayers(windows=list(probed.windows), softcaps=list(probed.softcaps),
+                                       latent=probed.latent)
         self.matches: collections.Counter[str] = collections.Counter()
         self.graphs: list[fx.GraphModule] = []
         self._after_first_call: list[Callable[[], None]] = []
@@ -122,7 +135,7 @@ class CompiledModel:
         gm = fx.GraphModule(dynamo_gm, copy.deepcopy(dynamo_gm.graph))
         inputs = GraphInputs(gm.graph, example_inputs)
         ctx = PassContext(inputs=inputs, attention=self._layers, quantization=self.quantization,
-                          tensor_parallel=self.tensor_parallel, lora=self.lora)
+                          tensor_parallel=self.tensor_parallel, lora=self.lora, pipeline=self.pipeline)
         for p in variant.passes:
             self.matches[p.__name__] += p(gm.graph, ctx)
         if self.quantization is not None:  # a placeholder left in use computes with NaN
@@ -165,12 +178,28 @@ class CompiledModel:
         workers = self.tensor_parallel.workers if self.tensor_parallel is not None else None
         if workers is None:
             return self._call(input_ids, positions, logits_indices)
-        # rank 0 of a tensor-parallel group: every rank runs this call, on its own slices
+        # rank 0 of a parallel group: every rank runs this call, on its own slices or stage
         workers.send_step(input_ids, positions, logits_indices, self._in_decode_graphs)
         try:
-            return self._call(input_ids, positions, logits_indices)
+            out = self._call(input_ids, positions, logits_indices)
+            if self.pipeline is None or self.pipeline.is_last:
+                return out
+            # the first of several stages: `out` goes on to the next; the logits come back from
+            # the last, later (`pending`: what the runner waits for before it samples)
+            if self.pending is not None:  # a call whose logits nobody took (the KV profiling call)
+                self.pending.synchronize()
+            out, self.pending = workers.pass_on(out, input_ids, logits_indices)
+            if not in_attention_context() and self.pending is not None:  # not the runtime's: wait now
+                self.take_pending().synchronize()
+            return out
         except Exception as e:  # a collective failed: name the rank that failed it
             raise workers.failure(e) from e
+
+    def take_pending(self):
+        """What the last call's logits still wait for (a pipeline's first stage: the last stage's
+        send; its `synchronize()` waits), or None when they are computed already."""
+        pending, self.pending = self.pending, None
+        return pending
 
     def _call(self, input_ids: torch.Tensor, positions: torch.Tensor,
               logits_indices: torch.Tensor | None) -> torch.Tensor:
@@ -192,7 +221,7 @@ class CompiledModel:
                     if isinstance(e.inner_exception, CompileError):
                         raise e.inner_exception from None  # the pass's own message, not dynamo's
                     raise
-            if logits_indices is not None:
+            if logits_indices is not None and (self.pipeline is None or self.pipeline.is_last):
                 out = out.flatten(0, 1).index_select(0, logits_indices)  # [N, H or V]
             if variant.lm_head is not None:
                 out = variant.lm_head(out)
@@ -279,6 +308,9 @@ def compile(model: nn.Module, **options) -> CompiledModel:
     """Compile a causal LM (see module docstring). Options: inductor, passes,
     decode_graph_passes, block_size, quantization (an Fp8Linears; by default the one loading
     or quantize_model put on the model, trtllm/quantization), tensor_parallel (this rank's
-    `TensorParallel`: passes/shard_tensor_parallel.py keeps its slice of each layer), lora (a
+    `TensorParallel`: passes/shard_tensor_parallel.py keeps its slice of each layer), pipeline
+    (this rank's `PipelineStage`: passes/split_pipeline_stage.py keeps its stage's layers; a stage
+    after the first reads its input inside `pipeline_parallel.stage_input(hidden)`, one before the
+    last returns hidden states [B, S, H], not logits), lora (a
     `LoraSlots`: passes/apply_lora.py adds each token's adapter to the targeted linears)."""
     return CompiledModel(model, **options)

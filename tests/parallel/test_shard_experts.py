@@ -13,6 +13,7 @@ from tests.parallel.ranks import run_ranks
 from trtllm.contract import CompileError
 from trtllm.models.loader import load_model
 from trtllm.parallel.expert_parallel import ExpertParallel, resolve_moe_sizes
+from trtllm.parallel.process_group import Groups
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes
 from trtllm.parallel.tensor_parallel import TensorParallel
 from trtllm.passes import PASSES
@@ -35,9 +36,9 @@ def _logits(rank: int, world: int, group_name: str, runs: list[tuple[str, int]])
             compiled = trtllm.compile(model, tensor_parallel=tp)
             results.append((compiled(IDS, POSITIONS), dict(compiled.matches), 0))
             continue
-        spec = RankSpec(path, torch.float32, world, "cpu", 16, {}, 60.0, moe_ep)
-        model, slices = load_rank(spec, torch.device("cpu"))
-        compiled = compile_rank(model, slices, spec, rank, group_name)
+        spec = RankSpec(path, torch.float32, world, "cpu", 16, {}, 60.0, moe_expert_parallel_size=moe_ep)
+        model, slices = load_rank(spec, rank, torch.device("cpu"))
+        compiled = compile_rank(model, slices, spec, rank, Groups(group_name, None))
         results.append((compiled(IDS, POSITIONS), dict(compiled.matches), loaded_bytes(model, slices)))
     return results
 
@@ -83,8 +84,8 @@ def test_a_pass_list_that_leaves_a_stand_in_read_whole_is_refused(tmp_path):
     # without shard_vocab_parallel the rank's embedding (not loaded: it reads its rows only) would
     # be read as the stand-in's zeros
     path = write_checkpoint("qwen3_moe", tmp_path / "qwen3_moe")
-    spec = RankSpec(str(path), torch.float32, 2, "cpu", 16, {}, 60.0, 2)
-    model, slices = load_rank(spec, torch.device("cpu"))
+    spec = RankSpec(str(path), torch.float32, 2, "cpu", 16, {}, 60.0, moe_expert_parallel_size=2)
+    model, slices = load_rank(spec, 0, torch.device("cpu"))
     tp = TensorParallel(0, 2, "never used", read_slice=slices, moe=ExpertParallel(2, 1),
                         read_experts=slices.read_experts)
     compiled = trtllm.compile(model, tensor_parallel=tp, passes=[p for p in PASSES if p is not shard_vocab_parallel])

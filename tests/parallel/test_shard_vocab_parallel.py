@@ -10,6 +10,7 @@ import trtllm
 from tests.models.checkpoints import random_batch, write_checkpoint
 from tests.parallel.ranks import run_ranks
 from trtllm.models.loader import load_model
+from trtllm.parallel.process_group import Groups
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank
 from trtllm.passes import PASSES
 from trtllm.passes.split_lm_head import split_lm_head
@@ -27,8 +28,8 @@ def _logits(rank: int, world: int, group_name: str, runs: list[tuple[str, bool]]
     results = []
     for path, split_head in runs:
         spec = RankSpec(path, torch.float32, world, "cpu", 16, {} if split_head else {"passes": WITHOUT_SPLIT_HEAD})
-        model, slices = load_rank(spec, torch.device("cpu"))
-        compiled = compile_rank(model, slices, spec, rank, group_name)
+        model, slices = load_rank(spec, rank, torch.device("cpu"))
+        compiled = compile_rank(model, slices, spec, rank, Groups(group_name, None))
         logits = compiled(IDS, POSITIONS)
         vocab = [tuple(t.shape) for key, t in compiled.tensor_parallel._made.items() if key[0] == "vocab"]
         results.append((logits, vocab, compiled.matches["shard_vocab_parallel"],

@@ -63,10 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="KV-cache element: auto (the model's dtype, default), fp8 (e4m3) or int8")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     ap.add_argument("--tp_size", "--tp-size", type=int, default=1,
-                    help="tensor-parallel ranks on this node (one process, and GPU, each; default 1)")
+                    help="tensor-parallel ranks (one process, and GPU, each; default 1)")
     ap.add_argument("--ep_size", "--ep-size", type=int, default=None,
                     help="MoE models: the experts split over this many of the --tp_size ranks (each expert's "
                          "width over tp_size / ep_size); default 1, TensorRT-LLM's moe_expert_parallel_size")
+    ap.add_argument("--pp_size", "--pp-size", type=int, default=1,
+                    help="pipeline stages (tp_size ranks each; default 1); across nodes, start every rank "
+                         "with torchrun (docs/parallel.md)")
+    ap.add_argument("--pp_partition", "--pp-partition", type=int, nargs="+", default=None,
+                    help="decoder layers per pipeline stage (default: balanced by parameter count)")
     ap.add_argument("--api-key", "--api_key", default=None,
                     help=f"require 'Authorization: Bearer KEY' on every route but /health "
                          f"(or set ${API_KEY_ENV})")
@@ -128,8 +133,8 @@ def engine_options(args: argparse.Namespace) -> dict:
                             ("max_tokens", args.kv_cache_max_tokens), ("dtype", args.kv_cache_dtype)) if v is not None}
     options = dict(dtype=args.dtype, build_config=BuildConfig(**build), kv_cache_config=KvCacheConfig(**kv),
                    stream_interval=args.stream_interval, disable_overlap_scheduler=args.disable_overlap_scheduler,
-                   tensor_parallel_size=args.tp_size,
-                   moe_expert_parallel_size=args.ep_size,
+                   tensor_parallel_size=args.tp_size, pipeline_parallel_size=args.pp_size,
+                   pp_partition=args.pp_partition, moe_expert_parallel_size=args.ep_size,
                    speculative_config=speculative_config_from_options(args.speculative, args.max_draft_len,
                                                                       args.max_matching_ngram_size,
                                                                       args.speculative_model_dir))
@@ -206,6 +211,18 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _serve_torchrun_rank(args: argparse.Namespace) -> int:
+    """Under torchrun, a rank other than 0 serves no HTTP: it runs rank 0's steps on its stage
+    and slices until rank 0 stops (build_engine does, then exits)."""
+    from trtllm.runtime.build_engine import build_engine
+
+    try:
+        build_engine(args.model, **engine_options(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
 def _exit_quietly(signum, frame):
     raise SystemExit(0)
 
@@ -218,6 +235,8 @@ def main(argv=None) -> int:
     # a signal while the model loads: leave at once, cleanly
     signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGINT, _exit_quietly)
+    if int(os.environ.get("RANK", "0")) != 0 and "WORLD_SIZE" in os.environ:
+        return _serve_torchrun_rank(args)
 
     try:  # before any import of the engine, and the model load (minutes, for a big one)
         sock = bind_socket(args.host, args.port)

@@ -1,9 +1,11 @@
-"""What every rank of a tensor-parallel LLM does alike, rank 0 and the workers: load its
-slices of the checkpoint and compile the model with its place in the group.
+"""What every rank of a parallel LLM does alike, rank 0 and the workers: load its stage's
+weights (its tensor-parallel slices of them) and compile the model with its place in the groups.
 
-    model, slices = load_rank(spec, device)
-    compiled = compile_rank(model, slices, spec, rank, group_name, workers=None)
-    loaded_bytes(model, slices)   # the weights this rank holds: about 1/TP of the split ones
+    model, slices = load_rank(spec, rank, device)
+    compiled = compile_rank(model, slices, spec, rank, groups, workers=None)
+    loaded_bytes(model, slices)   # the weights this rank holds: about 1/(TP x PP) of the layers
+
+Ranks are numbered as TensorRT-LLM's Mapping numbers them: rank = stage * tp_size + tp_rank.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from trtllm.models.loader import load_model, read_json
 from trtllm.parallel.checkpoint_slices import CheckpointSlices, is_split
 from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, load_moe_rank
 from trtllm.parallel.expert_parallel import ExpertParallel
-from trtllm.parallel.process_group import COLLECTIVE_TIMEOUT_S
+from trtllm.parallel.pipeline_parallel import PipelineStage, layer_of
+from trtllm.parallel.process_group import COLLECTIVE_TIMEOUT_S, Groups
 from trtllm.parallel.tensor_parallel import TensorParallel, is_unloaded
 
 
@@ -27,35 +30,81 @@ class RankSpec:
     """How every rank builds its model (picklable: it goes to the worker processes)."""
     path: str
     dtype: torch.dtype | None  # None: the checkpoint's
-    world: int
-    device_type: str  # "cpu" or "cuda" (rank r on cuda:r)
+    world: int  # tp_size * pp_size
+    device_type: str  # "cpu" or "cuda" (rank r on cuda:local_rank)
     block_size: int
     compile_options: dict = field(default_factory=dict)
     timeout_s: float = COLLECTIVE_TIMEOUT_S
+    tp_size: int = 0  # 0: world (tensor parallelism alone)
+    stages: tuple[tuple[int, int], ...] = ()  # (first layer, end layer) per pipeline stage; () = one stage
+    tie_word_embeddings: bool = False  # the last stage then holds the embedding too (its LM head)
     moe_expert_parallel_size: int = 1  # the MoE layers: experts over this many ranks, TP inside them over
-    # world // it (parallel/expert_parallel.py; resolved from the user's sizes before any process starts)
+    # tp // it (parallel/expert_parallel.py; resolved from the user's sizes before any process starts)
+
+    @property
+    def tp(self) -> int:
+        return self.tp_size or self.world
+
+    @property
+    def pp(self) -> int:
+        return max(len(self.stages), 1)
+
+    def place(self, rank: int) -> tuple[int, int]:
+        """(pipeline stage, tensor-parallel rank) of `rank`."""
+        return divmod(rank, self.tp)
 
 
-def rank_device(spec: RankSpec, rank: int) -> torch.device:
-    return torch.device("cuda", rank) if spec.device_type == "cuda" else torch.device("cpu")
+def rank_device(spec: RankSpec, rank: int, local_rank: int | None = None) -> torch.device:
+    if spec.device_type != "cuda":
+        return torch.device("cpu")
+    return torch.device("cuda", rank if local_rank is None else local_rank)
 
 
-def load_rank(spec: RankSpec, device: torch.device) -> tuple[nn.Module, CheckpointSlices]:
-    """The model with its split weights left unloaded, and the reader of this rank's slices
-    (for an HF MoE family, also of its experts: `slices.read_experts`)."""
-    slices = CheckpointSlices(spec.path)
+def holds(spec: RankSpec, stage: int, name: str) -> bool:
+    """Whether a rank of `stage` needs the checkpoint tensor `name`: its layers; the embedding on
+    the first stage (and the last, when the LM head is tied to it); the rest (final norm, LM
+    head) on the last."""
+    if spec.pp == 1:
+        return True
+    layer = layer_of(name)
+    if layer is not None:
+        first, end = spec.stages[stage]
+        return first <= layer < end
+    if "embed" in name:
+        return stage == 0 or (spec.tie_word_embeddings and stage == spec.pp - 1)
+    return stage == spec.pp - 1
+
+
+def load_rank(spec: RankSpec, rank: int, device: torch.device) -> tuple[nn.Module, CheckpointSlices]:
+    """The model with what this rank does not read whole left unloaded (other stages' weights;
+    its tensor-parallel split weights, whose slices the pass reads), and the reader of its slices."""
+    stage, _ = spec.place(rank)
     if read_json(Path(spec.path) / "config.json").get("architectures", ["?"])[0] in EXPERT_NAMES:
+        # an HF MoE family (one stage: workers.check_parallel refuses pipelines of these)
+        slices = CheckpointSlices(spec.path)
         model, slices.read_experts = load_moe_rank(spec.path, spec.dtype, device, is_split, slices)
         return model, slices
-    return load_model(spec.path, dtype=spec.dtype, device=device, leave_unloaded=is_split), slices
+
+    def unloaded(name: str) -> bool:
+        return not holds(spec, stage, name) or (spec.tp > 1 and is_split(name))
+
+    return load_model(spec.path, dtype=spec.dtype, device=device, leave_unloaded=unloaded), \
+        CheckpointSlices(spec.path)
 
 
-def compile_rank(model: nn.Module, slices: CheckpointSlices, spec: RankSpec, rank: int, group_name: str,
+def compile_rank(model: nn.Module, slices: CheckpointSlices, spec: RankSpec, rank: int, groups: Groups,
                  workers=None) -> CompiledModel:
-    moe = ExpertParallel(spec.moe_expert_parallel_size, spec.world // spec.moe_expert_parallel_size)
-    tp = TensorParallel(rank, spec.world, group_name, read_slice=slices, workers=workers, moe=moe,
+    stage, tp_rank = spec.place(rank)
+    moe = ExpertParallel(spec.moe_expert_parallel_size, spec.tp // spec.moe_expert_parallel_size)
+    tp = TensorParallel(tp_rank, spec.tp, groups.tp_group_name, read_slice=slices, workers=workers, moe=moe,
                         read_experts=slices.read_experts)
-    return trtllm_compile(model, **spec.compile_options, block_size=spec.block_size, tensor_parallel=tp)
+    pipeline = None
+    if spec.pp > 1:
+        first, end = spec.stages[stage]
+        pipeline = PipelineStage(stage, spec.pp, first, end, model.config.hidden_size,
+                                 next(p.dtype for p in model.parameters() if p.is_floating_point()))
+    return trtllm_compile(model, **spec.compile_options, block_size=spec.block_size, tensor_parallel=tp,
+                          pipeline=pipeline)
 
 
 def loaded_bytes(model: nn.Module, slices: CheckpointSlices) -> int:

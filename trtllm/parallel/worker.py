@@ -1,29 +1,40 @@
-"""A tensor-parallel worker: the process of rank r > 0 (started by parallel/workers.py, spawn).
+"""A parallel worker: the process of rank r > 0, started by parallel/workers.py (spawn) or by
+torchrun (`run_torchrun_worker`).
 
-It loads its slices, joins the process group, compiles, then runs every call rank 0's
-CompiledModel makes, on its own KV cache of the same blocks, until told to stop or its pipe
-closes (rank 0 is gone). Its outputs are dropped: rank 0 samples.
+It loads its stage's weights (its slices of them), joins the process groups, compiles, then
+runs every call rank 0's CompiledModel makes, on its own KV cache of the same blocks, until
+told to stop or rank 0 is gone. A stage after the first receives its input (the hidden states)
+from the same tensor-parallel rank of the stage before; a stage before the last sends its output
+to the next; the last stage's first tensor-parallel rank sends the logits to rank 0, which
+samples. Other outputs are dropped.
 
-The pipe, rank 0 -> worker: `Step` (one model call), `REPORT` (answer ("bytes", n)), None
-(stop). Worker -> rank 0: ("loaded", None) once its weights are in, ("error", message) if
-anything raises (then it exits), ("bytes", n).
+Steps come over the control group (step_channel.py): `Step` (one model call), `REPORT` (every
+rank gathers its loaded bytes to rank 0), `KV_BLOCKS` (every rank gathers how many KV blocks
+fit its free memory), None (stop). A spawned worker also has a pipe to rank 0 for
+("loaded", None) once its weights are in and ("error", message) if anything raises (then it exits).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import traceback
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
 from trtllm.parallel import process_group
+from trtllm.parallel.pipeline_parallel import stage_input
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
+from trtllm.parallel.step_channel import StepChannel
 
 REPORT = "report"
+KV_BLOCKS = "kv_blocks"
 
 
 @dataclass
@@ -39,47 +50,107 @@ class Step:
     decode_graphs: bool
 
 
-def worker_main(rank: int, spec: RankSpec, init_method: str, conn) -> None:
+@dataclass
+class KvBlocks:
+    """Ask every rank how many KV blocks of its layers fit `fraction` of its free GPU memory."""
+    fraction: float
+    block_size: int
+
+
+def worker_main(rank: int, spec: RankSpec, init_method: str, conn, local_rank: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when workers stop
     try:
-        device = rank_device(spec, rank)
+        device = rank_device(spec, rank, local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        model, slices = load_rank(spec, device)
-        conn.send(("loaded", None))
-        group_name = process_group.join(rank, spec.world, init_method, device, spec.timeout_s)
-        compiled = compile_rank(model, slices, spec, rank, group_name)
-        _serve(compiled, conn, device, lambda: loaded_bytes(model, slices))
+        model, slices = load_rank(spec, rank, device)
+        if conn is not None:
+            conn.send(("loaded", None))
+        groups = process_group.join(rank, spec.world, init_method, device, spec.timeout_s, spec.tp)
+        compiled = compile_rank(model, slices, spec, rank, groups)
+        _serve(compiled, StepChannel(groups.control, rank), spec, rank, device, lambda: loaded_bytes(model, slices))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # rank 0 is gone: nothing to report to
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which names this rank
         traceback.print_exc(file=sys.stderr)
-        with contextlib.suppress(OSError):
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.send(("error", f"{type(e).__name__}: {e}"))
+        if conn is None:  # under torchrun: the exit code tells the launcher
+            raise
     finally:
         process_group.leave()
 
 
-def _serve(compiled, conn, device: torch.device, report) -> None:
+def run_torchrun_worker(spec: RankSpec) -> None:
+    """Rank RANK > 0 of a torchrun launch: serve rank 0's steps until it stops (docs/parallel.md)."""
+    worker_main(int(os.environ["RANK"]), spec, "env://", None, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: torch.device, report) -> None:
+    stage, tp_rank = spec.place(rank)
+    last = stage == spec.pp - 1
+    hidden_size = compiled.pipeline.hidden_size if compiled.pipeline is not None else 0
+    dtype = compiled.pipeline.dtype if compiled.pipeline is not None else None
+    sends: deque = deque()  # (work, tensor): the tensor lives until the send is done
     cache_key, cache, metadata = None, None, None
-    while (msg := conn.recv()) is not None:
+    while (msg := _next_step(channel, rank)) is not None:
         if msg == REPORT:
-            conn.send(("bytes", report()))
+            channel.gather(report())
+            continue
+        if isinstance(msg, KvBlocks):
+            channel.gather(_kv_blocks(compiled, msg, device))
             continue
         ids = torch.from_numpy(msg.input_ids).to(device)
         positions = torch.from_numpy(msg.positions).to(device)
         rows = None if msg.logits_indices is None else torch.from_numpy(msg.logits_indices).to(device)
+        received = contextlib.nullcontext()
+        if stage > 0:  # the previous stage's hidden states
+            hidden = torch.empty((*ids.shape, hidden_size), dtype=dtype, device=device)
+            dist.recv(hidden, rank - spec.tp)
+            received = stage_input(hidden)
         if msg.metadata is None:  # whole sequences: CompiledModel makes a scratch cache
-            compiled(ids, positions, rows)
-            continue
-        if msg.cache != cache_key:  # rank 0 runs on another cache now: the same one here
-            spec = compiled.attention
-            cache = metadata = None
-            cache = PagedKVCache.allocate(spec.num_layers, msg.cache[1], msg.cache[2], spec.num_kv_heads,
-                                          spec.head_dim, spec.dtype, device)
-            metadata = AttentionMetadata(*msg.metadata[0], device)
-            cache_key = msg.cache
-        metadata.load_state(msg.metadata)
+            scope = contextlib.nullcontext()
+        else:
+            if msg.cache != cache_key:  # rank 0 runs on another cache now: the same one here
+                attn = compiled.attention
+                cache = metadata = None
+                cache = PagedKVCache.allocate(attn.num_layers, msg.cache[1], msg.cache[2], attn.num_kv_heads,
+                                              attn.head_dim, attn.dtype, device)
+                metadata = AttentionMetadata(*msg.metadata[0], device)
+                cache_key = msg.cache
+            metadata.load_state(msg.metadata)
+            scope = attention_context(cache, metadata)
         graphs = compiled.decode_graphs() if msg.decode_graphs else contextlib.nullcontext()
-        with attention_context(cache, metadata), graphs:
-            compiled(ids, positions, rows)
+        with scope, graphs, received:
+            out = compiled(ids, positions, rows)
+        if spec.pp == 1:
+            continue
+        if not last:
+            sends.append((dist.isend(out.contiguous(), rank + spec.tp), out))
+        elif tp_rank == 0 and out.numel():  # the logits, to rank 0 (which samples)
+            out = out.float().contiguous()
+            sends.append((dist.isend(out, 0), out))
+        while sends and (len(sends) > 8 or sends[0][0].is_completed()):
+            sends.popleft()[0].wait()
+
+
+def _next_step(channel: StepChannel, rank: int):
+    """rank 0's next step. Rank 0 gone without a word (it died, or torchrun passed it a SIGTERM)
+    closes its connections: a RuntimeError saying so, and a non-zero exit (under torchrun a clean
+    one would leave this node's agent waiting at its exit barrier for the agent that is gone)."""
+    try:
+        return channel.recv()
+    except RuntimeError as e:
+        raise RuntimeError(f"trtllm rank {rank}: rank 0 is gone ({str(e).splitlines()[0][:200]})") from None
+
+
+def _kv_blocks(compiled, msg: KvBlocks, device: torch.device) -> int | None:
+    """KV blocks of this rank's layers and heads that fit msg.fraction of its free memory (what
+    the profiling step left cached counts as used: its activations), None off a GPU."""
+    if device.type != "cuda":
+        return None
+    from trtllm.runtime.kv_budget import blocks_in
+    torch.cuda.synchronize(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return blocks_in(free * msg.fraction, compiled, msg.block_size)

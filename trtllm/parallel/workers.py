@@ -1,15 +1,17 @@
-"""Rank 0's side of a tensor-parallel LLM on one node: start the workers (ranks 1..N-1, spawn),
-send them every model call, name the rank that failed a step, end them all.
+"""Rank 0's side of a parallel LLM (tensor and pipeline parallel): start the workers (ranks
+1..N-1 on this node, spawn; or join those torchrun started), hand them every model call, pass a
+first stage's output on and take the logits back from the last, name the rank that failed a
+step, end them all.
 
-    compiled, workers = start_tensor_parallel(spec)   # loads and compiles rank 0 too
-    ... compiled(...)                                 # every rank runs the call (send_step)
+    compiled, workers = start_parallel(spec)   # loads and compiles rank 0 too
+    ... compiled(...)                          # every rank runs the call (send_step)
     workers.shutdown()
 
-Sizes that do not divide (heads, KV heads, MLP width), more ranks than GPUs, and architectures
-outside TENSOR_PARALLEL_ARCHITECTURES are refused before any process starts. A worker that dies
-while loading fails the start, naming its rank; one that dies later fails the step that
-needed it (its all-reduce errors or times out) with an error naming the rank, and every
-later step at once.
+Sizes that do not divide (heads, KV heads, MLP width), pipelines that do not split the layers,
+more ranks than GPUs, and architectures outside PARALLEL_ARCHITECTURES are refused before any
+process starts (`check_parallel`). A worker that dies while loading fails the start, naming its
+rank; one that dies later fails the step that needed it (its collective errors or times out)
+with an error naming the rank, and every later step at once.
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from trtllm.attention_context import active_context, in_attention_context
 from trtllm.compile import CompiledModel
@@ -29,87 +33,150 @@ from trtllm.models.loader import ARCHITECTURES, read_json
 from trtllm.parallel import process_group
 from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, check_moe_config
 from trtllm.parallel.expert_parallel import ExpertParallel, check_vocab
+from trtllm.parallel.pipeline_parallel import check_pipeline_sizes, layer_of, partition_layers
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
+from trtllm.parallel.step_channel import StepChannel
 from trtllm.parallel.tensor_parallel import check_sizes
-from trtllm.parallel.worker import REPORT, Step, worker_main
+from trtllm.parallel.worker import REPORT, KvBlocks, Step, worker_main
 
-# Model files whose projections the pass splits (tested on 2 and 4 ranks: tests/parallel). Phi-3's
-# fused qkv_proj / gate_up_proj are not split yet; HF-module families load whole (models/hf.py).
-TENSOR_PARALLEL_ARCHITECTURES = llama.HF_ARCHITECTURES + gemma.HF_ARCHITECTURES
+# Model files whose projections the pass splits and whose layers the pipeline cuts (tested on
+# 2 and 4 ranks: tests/parallel). Phi-3's fused qkv_proj / gate_up_proj are not split yet;
+# HF-module families load whole (models/hf.py).
+PARALLEL_ARCHITECTURES = llama.HF_ARCHITECTURES + gemma.HF_ARCHITECTURES
+TENSOR_PARALLEL_ARCHITECTURES = PARALLEL_ARCHITECTURES  # the name it had before pipelines
 
-# How long a worker may take to load its slices (rank 0 meanwhile loads its own).
+# How long a worker may take to load its weights (rank 0 meanwhile loads its own).
 LOAD_TIMEOUT_S = 600.0
 SHUTDOWN_TIMEOUT_S = 10.0
 
 
 class RankFailed(RuntimeError):
-    """A tensor-parallel rank died, failed, or did not answer."""
+    """A parallel rank died, failed, or did not answer."""
 
 
-def check_tensor_parallel(path: str | os.PathLike, world: int, device_type: str,
-                          moe_expert_parallel_size: int = 1) -> None:
-    """Refuse, naming the numbers, what cannot run on `world` ranks; before any process starts."""
+def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int = 1,
+                   pp_partition=None, moe_expert_parallel_size: int = 1) -> tuple[tuple[tuple[int, int], ...], bool]:
+    """Refuse, naming the numbers, what cannot run on tp x pp ranks, before any process starts;
+    return the pipeline's stages (first layer, end layer), () for one stage, and whether the LM
+    head is tied to the embedding (as the model file reads the config: Gemma's default is tied)."""
     config = read_json(Path(path) / "config.json")
     arch = (config.get("architectures") or ["?"])[0]
-    moe = ExpertParallel(moe_expert_parallel_size, world // moe_expert_parallel_size)
+    what = f"tensor_parallel_size={tp}" if pp == 1 else f"tensor_parallel_size={tp} x pipeline_parallel_size={pp}"
+    moe = ExpertParallel(moe_expert_parallel_size, tp // moe_expert_parallel_size)
     if moe.moe_ep > 1 and arch not in EXPERT_NAMES:
         raise ValueError(f"moe_expert_parallel_size={moe.moe_ep}: {arch} is not a mixture-of-experts model "
                          f"supported under expert parallelism (supported: {', '.join(EXPERT_NAMES)})")
-    if arch not in TENSOR_PARALLEL_ARCHITECTURES and arch not in EXPERT_NAMES:
-        raise ValueError(f"tensor_parallel_size={world}: {arch} is not supported under tensor parallelism yet "
-                         f"(supported: {', '.join(TENSOR_PARALLEL_ARCHITECTURES + tuple(EXPERT_NAMES))})")
+    if arch in EXPERT_NAMES and pp > 1:
+        raise ValueError(f"pipeline_parallel_size={pp}: {arch} (an HF mixture-of-experts module) is not supported "
+                         f"under pipeline parallelism yet (supported: {', '.join(PARALLEL_ARCHITECTURES)})")
+    if arch not in PARALLEL_ARCHITECTURES and arch not in EXPERT_NAMES:
+        kind = "tensor parallelism" if pp == 1 else "tensor / pipeline parallelism"
+        raise ValueError(f"{what}: {arch} is not supported under {kind} yet "
+                         f"(supported: {', '.join(PARALLEL_ARCHITECTURES + tuple(EXPERT_NAMES))})")
     if config.get("quantization_config") or (Path(path) / "hf_quant_config.json").exists():
-        raise ValueError(f"tensor_parallel_size={world}: pre-quantized checkpoints are not supported under tensor "
-                         "parallelism yet")
+        raise ValueError(f"{what}: pre-quantized checkpoints are not supported under parallelism yet")
+    if device_type == "cuda" and tp * pp > torch.cuda.device_count() and "RANK" not in os.environ:
+        raise ValueError(f"{what} needs {tp * pp} GPUs; {torch.cuda.device_count()} visible")
     if arch in EXPERT_NAMES:  # an HF module (models/hf.py): its config.json read as it is
         check_moe_config(config, moe)
-    else:
-        model_cls = ARCHITECTURES[arch]
-        c = model_cls.config_class.from_hf(config)
-        check_sizes(world, num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-                    intermediate_size=c.intermediate_size)
-        check_vocab(c.vocab_size, world)
-    if device_type == "cuda" and world > torch.cuda.device_count():
-        raise ValueError(f"tensor_parallel_size={world} needs {world} GPUs; {torch.cuda.device_count()} visible")
+        return (), bool(config.get("tie_word_embeddings", False))
+    model_cls = ARCHITECTURES[arch]
+    c = model_cls.config_class.from_hf(config)
+    check_sizes(tp, num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                intermediate_size=c.intermediate_size)
+    check_vocab(c.vocab_size, tp)
+    check_pipeline_sizes(pp, c.num_hidden_layers, pp_partition)
+    tied = bool(getattr(c, "tie_word_embeddings", False))
+    if pp == 1:
+        return (), tied
+    with torch.device("meta"):  # parameter counts without memory
+        model = model_cls(c)
+    costs, first, last = [0] * c.num_hidden_layers, 0, 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        layer = layer_of(name)
+        if layer is not None:
+            costs[layer] += p.numel()
+        elif "embed" in name:
+            first += p.numel()
+        else:  # final norm, LM head (a tied head: the embedding again, held by the last stage too)
+            last += p.numel()
+    return tuple(partition_layers(costs, pp, first, last, pp_partition)), tied
 
 
-def start_tensor_parallel(spec: RankSpec) -> tuple[CompiledModel, Workers]:
-    check_tensor_parallel(spec.path, spec.world, spec.device_type, spec.moe_expert_parallel_size)
+def start_parallel(spec: RankSpec) -> tuple[CompiledModel, Workers]:
+    """Rank 0's compiled model, its workers started (spawn) or joined (under torchrun)."""
     workers = Workers(spec)
     try:
-        device = rank_device(spec, 0)
-        model, slices = load_rank(spec, device)
+        device = rank_device(spec, 0, 0 if workers.torchrun else None)
+        model, slices = load_rank(spec, 0, device)
         workers.wait_loaded()
-        group_name = process_group.join(0, spec.world, workers.init_method, device, spec.timeout_s)
-        compiled = compile_rank(model, slices, spec, 0, group_name, workers=workers)
+        groups = process_group.join(0, spec.world, workers.init_method, device, spec.timeout_s, spec.tp)
+        workers.channel = StepChannel(groups.control, 0)
+        compiled = compile_rank(model, slices, spec, 0, groups, workers=workers)
         workers.rank0_bytes = lambda: loaded_bytes(model, slices)
+        workers.logits_width = _logits_width(model)
         return compiled, workers
     except BaseException:
         workers.shutdown()
         raise
 
 
+def _logits_width(model) -> int:
+    head = getattr(model, "lm_head", None)
+    return head.out_features if head is not None else model.config.vocab_size
+
+
+class _PendingLogits:
+    """The logits of a step whose later stages still run: `synchronize()` waits for the last
+    stage's send (what LaunchedStep.wait calls), naming the rank that failed it."""
+
+    def __init__(self, work, workers: Workers):
+        self.work, self.workers = work, workers
+
+    def synchronize(self) -> None:
+        if self.work is None:
+            return
+        work, self.work = self.work, None
+        try:  # a hung later stage: this recv times out as a collective does
+            work.wait(timedelta(seconds=self.workers.spec.timeout_s))
+        except Exception as e:  # noqa: BLE001 - named, then raised
+            raise self.workers.failure(e) from e
+
+
 class Workers:
     def __init__(self, spec: RankSpec):
         self.spec = spec
-        self._dir = tempfile.TemporaryDirectory(prefix="trtllm-tp-")
-        self.init_method = f"file://{self._dir.name}/rendezvous"
+        self.torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # the ranks torchrun started
+        self._dir = None
         self.rank0_bytes = None
-        ctx = mp.get_context("spawn")
-        os.environ.update(process_group.NO_MULTICAST_ENV)  # the workers inherit it
+        self.channel: StepChannel | None = None
+        self.logits_width = 0
         self.processes, self.conns = {}, {}
-        for rank in range(1, spec.world):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(rank, spec, self.init_method, child),
-                               name=f"trtllm-tp-rank{rank}", daemon=True)
-            proc.start()
-            child.close()
-            self.processes[rank], self.conns[rank] = proc, parent
+        self._sends: list = []  # (work, tensor) of hidden states sent to stage 1, until done
         self._errors: dict[int, str] = {}
         self._down = False
         # set by the first failed call: the ranks may be at different collectives now, so
         # pairing later calls' collectives could sum the wrong tensors; every later call fails
         self.broken: RankFailed | None = None
+        self.what = "tensor-parallel" if spec.pp == 1 else "parallel"
+        if self.torchrun:
+            if int(os.environ["RANK"]) != 0 or int(os.environ["WORLD_SIZE"]) != spec.world:
+                raise ValueError(f"under torchrun the LLM runs on rank 0 of WORLD_SIZE={spec.world} "
+                                 f"(tensor_parallel_size x pipeline_parallel_size); this is RANK="
+                                 f"{os.environ['RANK']} of WORLD_SIZE={os.environ['WORLD_SIZE']}")
+            self.init_method = "env://"
+            return
+        self._dir = tempfile.TemporaryDirectory(prefix="trtllm-parallel-")
+        self.init_method = f"file://{self._dir.name}/rendezvous"
+        ctx = mp.get_context("spawn")
+        os.environ.update(process_group.NO_MULTICAST_ENV)  # the workers inherit it
+        for rank in range(1, spec.world):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(rank, spec, self.init_method, child),
+                               name=f"trtllm-rank{rank}", daemon=True)
+            proc.start()
+            child.close()
+            self.processes[rank], self.conns[rank] = proc, parent
 
     # -- start -------------------------------------------------------------------------
     def wait_loaded(self, timeout_s: float = LOAD_TIMEOUT_S) -> None:
@@ -123,16 +190,16 @@ class Workers:
             if not proc.is_alive() and not conn.poll(0):
                 raise RankFailed(self._dead(rank))
             if time.monotonic() > deadline:
-                raise RankFailed(f"tensor-parallel rank {rank} did not answer within {timeout_s:.0f} s")
+                raise RankFailed(f"{self.what} rank {rank} did not answer within {timeout_s:.0f} s")
         try:
             got, payload = conn.recv()
         except (EOFError, OSError):
             raise RankFailed(self._dead(rank)) from None
         if got == "error":
             self._errors[rank] = payload
-            raise RankFailed(f"tensor-parallel rank {rank} failed: {payload}")
+            raise RankFailed(f"{self.what} rank {rank} failed: {payload}")
         if got != kind:
-            raise RankFailed(f"tensor-parallel rank {rank} answered {got!r}, expected {kind!r}")
+            raise RankFailed(f"{self.what} rank {rank} answered {got!r}, expected {kind!r}")
         return payload
 
     def _dead(self, rank: int) -> str:
@@ -145,8 +212,8 @@ class Workers:
                 why = payload if got == "error" else None
         if why is not None:
             self._errors[rank] = why
-            return f"tensor-parallel rank {rank} failed: {why}"
-        return f"tensor-parallel rank {rank} died (exit code {proc.exitcode})"
+            return f"{self.what} rank {rank} failed: {why}"
+        return f"{self.what} rank {rank} died (exit code {proc.exitcode})"
 
     # -- steps -------------------------------------------------------------------------
     def send_step(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor | None,
@@ -160,17 +227,31 @@ class Workers:
             cache = (id(ctx.cache), ctx.cache.num_blocks, ctx.cache.block_size)
         step = Step(input_ids.cpu().numpy(), positions.cpu().numpy(),
                     None if logits_indices is None else logits_indices.cpu().numpy(), metadata, cache, decode_graphs)
-        for rank, conn in self.conns.items():
-            try:
-                conn.send(step)
-            except OSError:
-                raise RankFailed(self._dead(rank)) from None
+        self._send(step)
+
+    def _send(self, msg) -> None:
+        try:
+            self.channel.send(msg)
+        except RuntimeError as e:
+            raise self.failure(e) from e
+
+    def pass_on(self, hidden: torch.Tensor, input_ids: torch.Tensor, logits_indices: torch.Tensor | None):
+        """A first stage's output to the next stage (same tensor-parallel rank), and the buffer the
+        last stage's logits will arrive in with what to wait for: ([N or B, S, V] fp32, pending)."""
+        hidden = hidden.contiguous()
+        self._sends.append((dist.isend(hidden, self.spec.tp), hidden))
+        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+        rows = (*input_ids.shape,) if logits_indices is None else (logits_indices.numel(),)
+        logits = torch.empty((*rows, self.logits_width), dtype=torch.float32, device=hidden.device)
+        if logits.numel() == 0:
+            return logits, None
+        return logits, _PendingLogits(dist.irecv(logits, (self.spec.pp - 1) * self.spec.tp), self)
 
     def check_alive(self) -> None:
         if self._down:
-            raise RankFailed("the tensor-parallel workers were shut down")
+            raise RankFailed(f"the {self.what} workers were shut down")
         if self.broken is not None:
-            raise RankFailed(f"a tensor-parallel call failed earlier ({self.broken}); build a new LLM")
+            raise RankFailed(f"a {self.what} call failed earlier ({self.broken}); build a new LLM")
         dead = [rank for rank, proc in self.processes.items() if not proc.is_alive()]
         if dead:
             raise RankFailed("; ".join(self._dead(rank) for rank in dead))
@@ -185,7 +266,7 @@ class Workers:
         return found
 
     def _failure(self, error: Exception, wait_s: float) -> Exception:
-        deadline = time.monotonic() + wait_s
+        deadline = time.monotonic() + (wait_s if self.processes else 0)
         while time.monotonic() < deadline:
             dead = [rank for rank, proc in self.processes.items() if not proc.is_alive()]
             if dead:
@@ -194,28 +275,38 @@ class Workers:
         if "timed out" in str(error).lower() or "timeout" in str(error).lower():
             # every rank alive: a rank that reported no error of its own is the one that hangs
             silent = [rank for rank, conn in self.conns.items() if not conn.poll(0)]
-            return RankFailed(f"tensor-parallel rank {', '.join(map(str, silent)) or '?'} did not join a collective "
+            return RankFailed(f"{self.what} rank {', '.join(map(str, silent)) or '?'} did not join a collective "
                               f"within {self.spec.timeout_s:.0f} s (hung; rank 0: {error})")
+        if self.torchrun:
+            return RankFailed(f"a {self.what} rank of the torchrun group failed (rank 0: {error})")
         return error
 
-    def loaded_bytes(self, timeout_s: float = 60.0) -> list[int]:
+    def loaded_bytes(self) -> list[int]:
         """Bytes of weights each rank read, rank 0 first (after the first call: slices are
         read when the pass runs)."""
-        result = [self.rank0_bytes()]
-        for rank, conn in self.conns.items():
-            conn.send(REPORT)
-            result.append(self._expect(rank, "bytes", timeout_s))
-        return result
+        self.check_alive()
+        self._send(REPORT)
+        got = self.channel.gather(self.rank0_bytes())
+        return list(got)
+
+    def min_kv_blocks(self, fraction: float, block_size: int) -> int | None:
+        """The fewest KV blocks any worker's free GPU memory holds (None off a GPU)."""
+        self.check_alive()
+        self._send(KvBlocks(fraction, block_size))
+        got = [n for n in self.channel.gather(None)[1:] if n is not None]
+        return min(got) if got else None
 
     # -- end ---------------------------------------------------------------------------
     def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
-        """End every worker (asked, then terminated, then killed) and leave the group."""
+        """End every worker (asked, then terminated, then killed) and leave the groups."""
         if self._down:
             return
         self._down = True
-        for conn in self.conns.values():
-            with contextlib.suppress(OSError):
-                conn.send(None)
+        if self.channel is not None and self.broken is None and \
+                all(proc.is_alive() for proc in self.processes.values()):
+            with contextlib.suppress(Exception):
+                self.channel.send(None)
+                self.channel.flush()
         deadline = time.monotonic() + timeout_s
         for proc in self.processes.values():
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -229,4 +320,5 @@ class Workers:
         for conn in self.conns.values():
             conn.close()
         process_group.leave()
-        self._dir.cleanup()
+        if self._dir is not None:
+            self._dir.cleanup()

@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from trtllm.lora_slots import LoraSlots
+from trtllm.parallel.pipeline_parallel import PipelineStage
 from trtllm.parallel.tensor_parallel import TensorParallel
 from trtllm.passes.match import module_path
 from trtllm.quantization.fp8_linears import Fp8Linears
@@ -107,6 +108,7 @@ class PassContext:
     attention: AttentionLayers
     lm_head: LMHead | None = None
     tensor_parallel: TensorParallel | None = None  # this rank, when compiled tensor-parallel
+    pipeline: PipelineStage | None = None  # this rank's stage, when compiled pipeline-parallel
     # the model's FP8 linears (quantize_linears places them), None for an unquantized model
     quantization: Fp8Linears | None = None
     # the LoRA adapters' slots (apply_lora wraps the targeted linears), None without LoRA

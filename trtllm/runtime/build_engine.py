@@ -2,12 +2,14 @@
 it, quantize, compile, size the KV pool, capture the CUDA graphs. `LLM` (runtime/llm.py) drives
 the engine on a thread, `EngineCoreClient` (runtime/engine_client.py) in a process of its own.
 
-With `tensor_parallel_size > 1` rank 0's engine is built here and the workers (trtllm/parallel)
-run until `shutdown_workers(engine)`. With a `LoraConfig`, the compiled model gets LoRA slots
+With `tensor_parallel_size > 1` or `pipeline_parallel_size > 1` rank 0's engine is built here and
+the workers (trtllm/parallel) run until `shutdown_workers(engine)`; under torchrun, a rank other
+than 0 serves rank 0's steps here instead and then exits (docs/parallel.md). With a `LoraConfig`, the compiled model gets LoRA slots
 (trtllm/lora_slots.py, passes/apply_lora.py) and the engine an adapter cache (runtime/adapters.py).
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -22,7 +24,8 @@ from trtllm.models.loader import load_model
 from trtllm.parallel import process_group
 from trtllm.parallel.expert_parallel import resolve_moe_sizes
 from trtllm.parallel.rank_model import RankSpec
-from trtllm.parallel.workers import start_tensor_parallel
+from trtllm.parallel.worker import run_torchrun_worker
+from trtllm.parallel.workers import check_parallel, start_parallel
 from trtllm.quantization.checkpoint import kv_cache_scales_by_layer
 from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
 from trtllm.runtime.adapters import Adapters, read_peft_adapter, read_target_modules
@@ -49,14 +52,17 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                  stream_interval: int = 1, disable_overlap_scheduler: bool = False,
                  kv_cache_scales=None, tensor_parallel_size: int = 1, speculative_config=None,
                  lora_config: LoraConfig | None = None, moe_expert_parallel_size: int | None = None,
-                 moe_tensor_parallel_size: int | None = None) -> Engine:
+                 moe_tensor_parallel_size: int | None = None, pipeline_parallel_size: int = 1,
+                 pp_partition: list[int] | None = None) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
     in a process of its own. Arguments as `LLM`'s. `engine.startup` says where the time went.
     A checkpoint written by trtllm-build brings its defaults (runtime/build_defaults.py): its
     BuildConfig when none is given, its KV cache format when none is named.
     kv_cache_scales: a quantized KV cache's (k_scale, v_scale) per layer (runtime/kv_cache_quant.py).
-    With tensor_parallel_size > 1 the workers run until `shutdown_workers(engine)`.
+    With tensor_parallel_size or pipeline_parallel_size > 1 the workers run until
+    `shutdown_workers(engine)`; pp_partition: layers per pipeline stage (default: balanced by
+    parameter count, trtllm/parallel/pipeline_parallel.py).
     speculative_config: NGramDecodingConfig, DraftTargetDecodingConfig or SpeculativeDecodingConfig
     (runtime/speculative; the draft model is built before the target's KV pool is sized).
     moe_expert_parallel_size / moe_tensor_parallel_size: how the MoE layers split the
@@ -85,25 +91,30 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
             raise TypeError(f"lora_config must be a LoraConfig, got {type(lora_config).__name__}")
         if tensor_parallel_size != 1:
             raise ValueError(f"LoRA with tensor_parallel_size={tensor_parallel_size} is not supported yet")
+        if pipeline_parallel_size != 1:
+            raise ValueError(f"LoRA with pipeline_parallel_size={pipeline_parallel_size} is not supported yet")
         for directory in lora_config.lora_dir:  # a missing one named before minutes of loading
             read_target_modules(directory)
         if quant_config.weight_algo is not None:
             raise ValueError(f"LoRA over quantized linears (quant_algo={quant_config.weight_algo.value}) is not "
                              "supported yet")
-    if tensor_parallel_size != 1:
+    if pp_partition is not None and pipeline_parallel_size == 1:
+        raise ValueError(f"pp_partition={pp_partition} given without pipeline_parallel_size > 1")
+    if tensor_parallel_size != 1 or pipeline_parallel_size != 1:
+        what = (f"tensor_parallel_size={tensor_parallel_size}" if pipeline_parallel_size == 1
+                else f"pipeline_parallel_size={pipeline_parallel_size}")
         if speculative_config is not None:
-            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with speculative decoding is not "
-                             "supported yet")
+            raise ValueError(f"{what} with speculative decoding is not supported yet")
         if build_config is not None and build_config.max_beam_width > 1:  # beams' block copies: rank 0's cache only
-            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with beam search (max_beam_width="
-                             f"{build_config.max_beam_width}) is not supported yet")
+            raise ValueError(f"{what} with beam search (max_beam_width={build_config.max_beam_width}) is not "
+                             "supported yet")
         if quant_config.weight_algo is not None or kv_format != "auto" or kv_cache_scales is not None:
-            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} with quantized weights or KV cache is "
-                             "not supported yet")
-        compiled = _start_tensor_parallel(model, dtype, device, compile_options, kv_cache_config,
-                                          tensor_parallel_size, moe.moe_ep)
+            raise ValueError(f"{what} with quantized weights or KV cache is not supported yet")
+        compiled = _start_parallel(model, dtype, device, compile_options, kv_cache_config,
+                                   tensor_parallel_size, pipeline_parallel_size, pp_partition, moe.moe_ep)
         try:
-            enable_cuda_graph = False  # a decode graph would replay on rank 0 alone (issue 22: left)
+            # a decode graph would replay on rank 0 alone (issue 22: left), under either parallelism
+            enable_cuda_graph = False
             return _build_engine(compiled.module, compiled, started, model if tokenizer is None else tokenizer,
                                  kv_cache_config, build_config, enable_cuda_graph, stream_interval,
                                  disable_overlap_scheduler, kv_format, kv_cache_scales)
@@ -142,18 +153,26 @@ def _lora_slots(config: LoraConfig, module: nn.Module, build_config: BuildConfig
                      device)
 
 
-def _start_tensor_parallel(model, dtype: str, device, compile_options: dict | None,
-                           kv_cache_config: KvCacheConfig, size: int, moe_expert_parallel_size: int = 1):
-    """Rank 0's compiled model, its workers started (each loads its own slices)."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
+def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_cache_config: KvCacheConfig,
+                    size: int, pp: int, pp_partition, moe_expert_parallel_size: int = 1):
+    """Rank 0's compiled model, its workers started (each loads its own stage and slices). Under
+    torchrun, a rank other than 0 serves rank 0's steps here and exits when rank 0 stops."""
+    for name, n in (("tensor_parallel_size", size), ("pipeline_parallel_size", pp)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive integer, got {n!r}")
     if model is None or isinstance(model, nn.Module):
-        raise ValueError(f"tensor_parallel_size={size} takes a checkpoint directory (each rank loads its own "
+        what = f"tensor_parallel_size={size}" if pp == 1 else f"pipeline_parallel_size={pp}"
+        raise ValueError(f"{what} takes a checkpoint directory (each rank loads its own "
                          "slices of it), not a module in memory")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    spec = RankSpec(str(model), _DTYPES[dtype], size, device.type, kv_cache_config.tokens_per_block,
-                    dict(compile_options or {}), process_group.COLLECTIVE_TIMEOUT_S, moe_expert_parallel_size)
-    compiled, _ = start_tensor_parallel(spec)
+    stages, tied = check_parallel(model, size, device.type, pp, pp_partition, moe_expert_parallel_size)
+    spec = RankSpec(str(model), _DTYPES[dtype], size * pp, device.type, kv_cache_config.tokens_per_block,
+                    dict(compile_options or {}), process_group.COLLECTIVE_TIMEOUT_S, size, stages, tied,
+                    moe_expert_parallel_size)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["RANK"]) != 0:
+        run_torchrun_worker(spec)  # until rank 0 shuts down; the caller's code after LLM(...) is rank 0's
+        raise SystemExit(0)
+    compiled, _ = start_parallel(spec)
     return compiled
 
 
@@ -205,6 +224,8 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
                     EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len,
                                  build_config.max_beam_width),
                     vocab_size, eos_token_ids, stream_interval, disable_overlap_scheduler, adapters)
+    if compiled.pipeline is not None:  # one micro-batch a stage in flight (docs/parallel.md says why)
+        engine.set_pipeline_depth(compiled.pipeline.num_stages)
     if speculative is not None:
         engine.set_speculative(speculative)
         if speculative.verify_cuda_graphs and enable_cuda_graph and runner.device.type == "cuda":

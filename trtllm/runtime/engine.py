@@ -43,7 +43,9 @@ it changes nothing. `engine.startup` (set by build_engine) says where building t
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Callable
 
 from trtllm.runtime.beams import BeamGroup, step_groups, take_beam_rows
@@ -92,12 +94,22 @@ class Engine:
         self.beam_groups: dict[str, BeamGroup] = {}  # beam search requests in flight (runtime/beams.py)
         self.speculative: SpeculativeDecoder | None = None  # set by build_engine: see set_speculative
         self.adapters = adapters  # runtime/adapters.Adapters with LoRA (the scheduler's too), else None
+        # pipeline parallelism: micro-batches kept in flight (set_pipeline_depth); 1 without
+        self.pipeline_depth = 1
+        self._in_flight: deque[LaunchedStep] = deque()
 
     def set_speculative(self, decoder: SpeculativeDecoder) -> None:
         """Speculative decoding (runtime/speculative): each step proposes draft tokens and
         verifies them. It turns the overlap scheduler off (the next step's drafts depend on
         this step's accepted tokens, which an ahead-launched step cannot wait for)."""
         self.speculative, self.overlap = decoder, False
+
+    def set_pipeline_depth(self, depth: int) -> None:
+        """Pipeline parallelism (trtllm/parallel): keep `depth` micro-batches in flight, each of
+        sequences the others do not hold, so that every stage has one to run; `step()` then
+        launches micro-batches until `depth` are in flight and finishes the oldest. It turns
+        the overlap scheduler off (a micro-batch's sequences wait for its logits anyway)."""
+        self.pipeline_depth, self.overlap = depth, False
 
     # -- requests ----------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -162,11 +174,23 @@ class Engine:
 
     # -- a step: schedule -> run -> sample -> postprocess ---------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.pipeline_depth == 1:
+            return self._step()
+        try:
+            return self._step()
+        except BaseException:  # the parallel group is broken (parallel/workers.py): nothing in flight is read
+            self._in_flight.clear()
+            self.scheduler.in_flight.clear()
+            raise
+
+    def _step(self) -> list[RequestOutput]:
         started = time.perf_counter() if self.on_step is not None else 0.0
         changed: dict[str, OutputBuilder] = {}
         launched, self._ahead = self._ahead, None
         launched_ahead = launched is not None
-        if launched is None:
+        if self.pipeline_depth > 1:
+            launched = self._next_micro_batch(changed)
+        elif launched is None:
             if self.speculative is not None:
                 self.speculative.propose(self.scheduler.running)
             scheduled = self.scheduler.schedule()
@@ -197,6 +221,27 @@ class Engine:
             self.on_step(StepRecord(started, time.perf_counter() - started, len(scheduled),
                                     sum(n for _, n in scheduled), launched_ahead, EngineStats.of(self)))
         return outputs
+
+    def _next_micro_batch(self, changed) -> LaunchedStep | None:
+        """Launch micro-batches until pipeline_depth are in flight (or none is left to schedule),
+        then the oldest, to finish. The sequences not in flight (and those waiting) are shared out
+        evenly among the free places, so the micro-batches are alike in size."""
+        scheduler = self.scheduler
+        while len(self._in_flight) < self.pipeline_depth:
+            free = self.pipeline_depth - len(self._in_flight)
+            ready = len(scheduler.waiting) + sum(1 for s in scheduler.running if s not in scheduler.in_flight)
+            scheduled = scheduler.schedule(max_seqs=max(1, math.ceil(ready / free)))
+            for seq in scheduler.pop_finished():  # "length": the pool cannot hold it
+                self._finish(seq, seq.finish_reason or "length", changed)
+            if not scheduled:
+                break
+            self._in_flight.append(self.runner.execute(scheduled))
+            scheduler.in_flight.update(seq for seq, _ in scheduled)
+        if not self._in_flight:
+            return None
+        launched = self._in_flight.popleft()
+        scheduler.in_flight.difference_update(seq for seq, _ in launched.scheduled)
+        return launched
 
     def _launch_ahead(self, launched: LaunchedStep) -> LaunchedStep | None:
         """The next decode step, launched before `launched`'s tokens reach the host (whose

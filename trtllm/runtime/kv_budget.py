@@ -42,6 +42,10 @@ def num_kv_blocks(compiled: CompiledModel, config: KvCacheConfig, max_num_tokens
         free, _ = torch.cuda.mem_get_info(compiled.device)
         budget = (free - activations) * config.free_gpu_memory_fraction
         blocks = blocks_in(budget, compiled, block, cache_dtype)
+        tp = compiled.tensor_parallel
+        if tp is not None and tp.workers is not None:  # every rank's pool has these blocks: the fewest
+            others = tp.workers.min_kv_blocks(config.free_gpu_memory_fraction, block)
+            blocks = blocks if others is None else min(blocks, others)
     needed = math.ceil(max_seq_len / block)
     if blocks < needed:
         raise ValueError(f"the KV cache holds {blocks} blocks of {block} tokens, fewer than one "

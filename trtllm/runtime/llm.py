@@ -9,7 +9,10 @@
 `tensor_parallel_size=N` (TensorRT-LLM's name) runs the model on N ranks of this node (N-1
 worker processes, trtllm/parallel): each loads only its slices of the checkpoint, rank 0
 schedules and samples; `shutdown()` ends the workers. A rank that dies fails the requests in
-flight with an error naming it.
+flight with an error naming it. `pipeline_parallel_size=P` splits the layers into P stages (one
+rank each, or tensor_parallel_size each), balanced by parameter count or as `pp_partition`
+(layers per stage) says; under torchrun, `LLM(...)` on a rank other than 0 serves rank 0 and
+exits (docs/parallel.md).
 `moe_expert_parallel_size=E` / `moe_tensor_parallel_size=M` (TensorRT-LLM's names; E * M must
 equal tensor_parallel_size): the MoE layers' experts split E ways and each expert's width M ways
 (trtllm/parallel/expert_parallel.py).
@@ -91,7 +94,8 @@ class LLM:
                  tensor_parallel_size: int = 1, batched_logits_processor=None, speculative_config=None,
                  speculative_decoding_config=None, lora_config: LoraConfig | None = None, processor=None,
                  multimodal_encoder=None,
-                 moe_expert_parallel_size: int | None = None, moe_tensor_parallel_size: int | None = None):
+                 moe_expert_parallel_size: int | None = None, moe_tensor_parallel_size: int | None = None,
+                 pipeline_parallel_size: int = 1, pp_partition: list[int] | None = None):
         if batched_logits_processor is not None and not callable(batched_logits_processor):
             raise TypeError("batched_logits_processor must be callable (a BatchedLogitsProcessor)")
         check_multimodal_encoder(multimodal_encoder, model)
@@ -101,7 +105,8 @@ class LLM:
                                    enable_cuda_graph, device, compile_options, stream_interval,
                                    disable_overlap_scheduler, kv_cache_scales, tensor_parallel_size,
                                    speculative_config or speculative_decoding_config, lora_config,
-                                   moe_expert_parallel_size, moe_tensor_parallel_size)
+                                   moe_expert_parallel_size, moe_tensor_parallel_size,
+                                   pipeline_parallel_size, pp_partition)
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
         # a multimodal model's image processor: given, else the checkpoint's, loaded at the first image

@@ -200,9 +200,13 @@ class ModelRunner:
         rows = self.logits_indices[: num_sampled + len(prompt_rows)]
         with attention_context(self.cache, self.meta), self._multimodal_context():
             logits = self.compiled(*self._flat_batch(num_tokens), rows)
+        done = self._step_launched()
+        # a pipeline's first stage: the logits arrive from the last stage later (trtllm/parallel)
+        pending = self.compiled.take_pending() if isinstance(self.compiled, CompiledModel) else None
+        done = pending or done
         if not spans:
-            return LaunchedStep(scheduled, to_sample, logits, None, None, self._step_launched(), num_rows=verify)
-        return LaunchedStep(scheduled, to_sample, logits[:num_sampled], None, None, self._step_launched(),
+            return LaunchedStep(scheduled, to_sample, logits, None, None, done, num_rows=verify)
+        return LaunchedStep(scheduled, to_sample, logits[:num_sampled], None, None, done,
                             spans, logits[num_sampled:], num_rows=verify)
 
     def execute_ahead(self, previous: LaunchedStep, seqs: list[Sequence], rows: list[int]) -> LaunchedStep | None:

@@ -30,6 +30,10 @@ GPU slot or one can be freed for it (it waits otherwise); admission pins the slo
 or preemption unpins it. An adapter whose files cannot be read at admission fails its
 sequence alone ("error", from pop_finished).
 
+Pipeline parallelism (trtllm/parallel, the engine's micro-batches): `in_flight` holds the
+sequences of micro-batches launched and not yet `update`d; `schedule` neither schedules them
+again nor preempts them, and `schedule(max_seqs=k)` puts at most k sequences in a step.
+
 A sequence's uncomputed tokens are `token_ids[num_computed_tokens:]`; a step computes
 the next n of them, at positions num_computed_tokens .. num_computed_tokens + n - 1, and
 its context is num_computed_tokens + n tokens in `block_table`. A step samples for a
@@ -82,6 +86,9 @@ class Scheduler:
         self._finished: list[Sequence] = []  # finished by the scheduler, for pop_finished
         self.num_preemptions = 0
         self.adapters = adapters  # runtime/adapters.Adapters with LoRA, else None
+        # pipeline parallelism: sequences of micro-batches launched and not yet `update`d, which
+        # `schedule` leaves alone (neither scheduled again nor preempted); the engine keeps it
+        self.in_flight: set[Sequence] = set()
 
     @property
     def num_waiting(self) -> int:
@@ -140,15 +147,18 @@ class Scheduler:
         finished, self._finished = self._finished, []
         return finished
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
+    def schedule(self, max_seqs: int | None = None) -> list[tuple[Sequence, int]]:
+        """One step; `max_seqs`: at most this many sequences in it (a pipeline's micro-batch)."""
         scheduled: list[tuple[Sequence, int]] = []
+        limit = max_seqs or self.max_num_seqs
         in_step: set[Sequence] = set()
         budget = self.max_num_tokens
         preempted = False
 
         running = list(self.running)
         for i, seq in enumerate(running):  # 1. decode, oldest first
-            if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
+            if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1 \
+                    or seq in self.in_flight or len(scheduled) >= limit:
                 continue
             n = 1 + len(seq.draft_token_ids)  # speculative decoding: verify k drafts too
             if n > 1 and not self._room_for_drafts(seq, n, budget, len(running) - i - 1):
@@ -156,7 +166,7 @@ class Scheduler:
             while not self.block_manager.try_append(seq, 1):
                 preempted = True
                 victims = [s for s in self.running if s is not seq and s not in in_step
-                           and (s.beam is None or s.beam is not seq.beam)]
+                           and s not in self.in_flight and (s.beam is None or s.beam is not seq.beam)]
                 if victims:
                     self._preempt(victims[-1])
                     continue
@@ -176,7 +186,7 @@ class Scheduler:
 
         # 2. the next chunk of partly prefilled sequences (none when all running decode)
         for seq in self.running if len(in_step) < len(self.running) else ():
-            if seq in in_step or budget == 0:
+            if seq in in_step or budget == 0 or seq in self.in_flight or len(scheduled) >= limit:
                 continue
             remaining = seq.num_tokens - seq.num_computed_tokens
             if remaining == 0:  # a beam waiting for its group's next step (runtime/beams.py)
@@ -188,7 +198,8 @@ class Scheduler:
             in_step.add(seq)
             budget -= chunk
 
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs \
+                and len(scheduled) < limit:
             seq = self.waiting[0]  # 3. admission, FCFS
             if seq.beam is not None and len(self.running) + seq.beam.width > self.max_num_seqs:
                 break  # a beam group's beams are admitted together (runtime/beams.py)

@@ -1,5 +1,6 @@
-"""`trtllm-serve --tp_size 2`: the engine process starts a worker for rank 1; served greedy text is
-one rank's offline text; SIGTERM stops the server, its engine and the worker (exit code 0)."""
+"""`trtllm-serve --tp_size 2` and `--pp_size 2`: the engine process starts a worker for rank 1;
+served greedy text is one rank's offline text; SIGTERM stops the server, its engine and the
+worker (exit code 0)."""
 from __future__ import annotations
 
 import pytest
@@ -10,12 +11,13 @@ from trtllm.config import BuildConfig, KvCacheConfig
 
 
 @pytest.mark.slow
-def test_tp_size_2_serves_one_ranks_text_and_stops_cleanly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("size", [["--tp_size", "2"], ["--pp_size", "2"]])
+def test_two_ranks_serve_one_ranks_text_and_stop_cleanly(tmp_path, monkeypatch, size):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model_dir = write_model(tmp_path / "model")
     prompts = ["Hello there", "The quick brown fox jumps"]
-    # beam search is refused with TP (build_engine): the servers' default --max_beam_width 4 overridden
-    with Server(model_dir, "--tp_size", "2", "--max_beam_width", "1", log_path=tmp_path / "server.log") as server:
+    # beam search is refused under parallelism: the server's default BUILD asks for beams of 4
+    with Server(model_dir, *size, "--max_beam_width", "1", log_path=tmp_path / "server.log") as server:
         served = [server.post("/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 8,
                                                        "temperature": 0, "ignore_eos": True}).json()
                   for p in prompts]
@@ -26,11 +28,16 @@ def test_tp_size_2_serves_one_ranks_text_and_stops_cleanly(tmp_path, monkeypatch
     assert [r["choices"][0]["text"] for r in served] == [o.outputs[0].text for o in offline]
 
 
-def test_tp_size_that_does_not_divide_fails_the_start_naming_the_numbers(tmp_path):
+@pytest.mark.parametrize("size,why", [
+    (["--tp_size", "3"], "num_attention_heads=4 does not divide among tensor_parallel_size=3"),
+    (["--pp_size", "3"], "pipeline_parallel_size=3 is more stages than the model's num_hidden_layers=2"),
+    (["--pp_size", "2", "--pp_partition", "1", "2"], r"pp_partition=\[1, 2\] sums to 3 layers"),
+])
+def test_sizes_that_do_not_divide_fail_the_start_naming_the_numbers(tmp_path, size, why):
     from trtllm.cli.serve import engine_options, parse_args
     from trtllm.runtime.build_engine import build_engine
 
     model_dir = write_model(tmp_path / "model")
-    options = engine_options(parse_args([str(model_dir), "--tp_size", "3", "--dtype", "float32"]))
-    with pytest.raises(ValueError, match="num_attention_heads=4 does not divide among tensor_parallel_size=3"):
+    options = engine_options(parse_args([str(model_dir), *size, "--dtype", "float32"]))
+    with pytest.raises(ValueError, match=why):
         build_engine(str(model_dir), **options)
