@@ -395,3 +395,13 @@ def test_beam_search_with_tensor_parallelism_is_refused_by_name(target):
     from trtllm.runtime.build_engine import build_engine
     with pytest.raises(ValueError, match="tensor_parallel_size=2 with beam search"):
         build_engine(str(target), build_config=BuildConfig(max_beam_width=2), tensor_parallel_size=2)
+
+
+def test_verify_graphs_default_to_wherever_the_engine_can():
+    """None (capture on a GPU, not for MLA), passed through the manual's spelling; True and
+    False stay explicit."""
+    assert NGramDecodingConfig().verify_cuda_graphs is None
+    assert DraftTargetDecodingConfig(speculative_model_dir="d").verify_cuda_graphs is None
+    assert SpeculativeDecodingConfig(draft_model="d").as_draft_target().verify_cuda_graphs is None
+    assert SpeculativeDecodingConfig(draft_model="d", verify_cuda_graphs=False).as_draft_target() \
+        .verify_cuda_graphs is False

@@ -12,8 +12,8 @@ A speculating sequence's chunk is its last known token followed by its draft tok
 (`seq.draft_token_ids`, runtime/speculative): logits come for all k + 1 positions
 (`LaunchedStep.num_rows`). Such verify steps run the compiled model directly, unless
 `capture_verify_graphs(k + 1, sizes)` captured graphs for b sequences of k + 1 tokens each
-(opt-in: the speculative configs' `verify_cuda_graphs`; not yet run on a GPU at the time of
-writing) and every sequence of the step verifies exactly k drafts.
+(the speculative configs' `verify_cuda_graphs`, on by default on a GPU) and every sequence
+of the step verifies exactly k drafts.
 With LoRA (`adapters`, runtime/adapters.py), each step also writes each token's adapter slot
 (-1: none) into the fixed-address `LoraSlots.slot_ids` the graphs read (trtllm/lora_slots.py),
 padding tokens -1, by one more copy out of the same pinned staging.

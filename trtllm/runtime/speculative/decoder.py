@@ -29,13 +29,13 @@ from trtllm.runtime.speculative.verify import greedy_accept, rejection_sample, v
 class SpeculativeDecoder:
     def __init__(self, max_draft_len: int, max_seq_len: int, vocab_size: int, eos_token_ids: list[int], *,
                  max_matching_ngram_size: int | None = None, draft: DraftModelProposer | None = None,
-                 verify_cuda_graphs: bool = False):
+                 verify_cuda_graphs: bool | None = None):
         if (max_matching_ngram_size is None) == (draft is None):
             raise ValueError("a SpeculativeDecoder takes one proposer: an n-gram size or a draft model")
         self.max_draft_len, self.max_seq_len = max_draft_len, max_seq_len
         self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
         self.max_matching_ngram_size, self.draft = max_matching_ngram_size, draft
-        self.verify_cuda_graphs = verify_cuda_graphs  # build_engine captures them when asked (on a GPU)
+        self.verify_cuda_graphs = verify_cuda_graphs  # build_engine captures them unless False (on a GPU)
         self._draft_probs: dict[Sequence, torch.Tensor] = {}
         # totals since start (EngineStats): draft tokens proposed and verified, accepted, verify rows
         self.num_draft_tokens = self.num_accepted_tokens = self.num_verify_steps = 0
