@@ -95,9 +95,10 @@ def test_more_adapters_than_slots_evicts_and_still_matches(base, adapters):
     with lora_llm(base, max_loras=1, max_cpu_loras=2) as tight:
         assert greedy(tight, prompts, requests) == solo
         cache = tight.engine.adapters
-        assert cache.slot_loads > len(adapters)  # evicted and loaded again
+        # each adapter loaded once into the one slot (two evictions): while one waits for the
+        # slot, the requests of the resident adapter pass it (scheduler._next_waiting)
+        assert cache.slot_loads == len(adapters)
         assert len(cache.cached) == 2 and len(cache.resident) == 1
-        assert cache.disk_loads > len(adapters)  # the host cache (2) is smaller than 3 adapters too
         tight.block_manager.check_invariants()
 
 

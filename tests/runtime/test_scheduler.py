@@ -317,3 +317,47 @@ def test_random_workloads(requests, pool_tokens, block_size, max_num_seqs, extra
         assert s.is_finished
         assert s.output_token_ids == reference(s.prompt_token_ids, len(s.output_token_ids))
         assert len(s.output_token_ids) <= s.sampling_params.max_tokens
+
+
+class OneSlotAdapters:
+    """Adapters' admission contract (runtime/adapters.py) with one GPU slot: an adapter
+    holds the slot while a running sequence uses it."""
+
+    def __init__(self):
+        self.pins: dict[str, int] = {}
+
+    def can_admit(self, s):
+        name = s.request_id[0]
+        return name == "x" or not self.pins or name in self.pins
+
+    def acquire(self, s):
+        if s.request_id[0] != "x":
+            assert self.can_admit(s)
+            self.pins[s.request_id[0]] = self.pins.get(s.request_id[0], 0) + 1
+
+    def release(self, s):
+        name = s.request_id[0]
+        if name in self.pins:
+            self.pins[name] -= 1
+            if not self.pins[name]:
+                del self.pins[name]
+
+
+def test_lora_requests_of_a_resident_adapter_pass_one_that_waits_for_a_slot():
+    """The front sequence's adapter has no slot: later ones whose adapter has one (or that
+    have none: "x") are admitted meanwhile; after MAX_FRONT_SKIPS steps no one passes it."""
+    import trtllm.runtime.scheduler as scheduler_module
+
+    bm = BlockManager(64, 4, True)
+    sched = Scheduler(bm, 8, 64, 64, adapters=OneSlotAdapters())
+    a1, b1, a2, x1 = (Sequence(rid, [1, 2, 3], SamplingParams(max_tokens=4)) for rid in ("a1", "b1", "a2", "x1"))
+    for s in (a1, b1, a2, x1):
+        sched.add(s)
+    assert [s for s, _ in sched.schedule()] == [a1, a2, x1]  # b1 waits for the slot a holds
+    assert list(sched.waiting) == [b1]
+    for _ in range(scheduler_module.MAX_FRONT_SKIPS):
+        sched.schedule()  # no token is sampled: a1, a2, x1 stay running, a keeps the slot
+    a3 = Sequence("a3", [4, 5, 6], SamplingParams(max_tokens=4))
+    sched.add(a3)
+    sched.schedule()
+    assert list(sched.waiting) == [b1, a3]  # b1 has waited long enough: FCFS again

@@ -26,8 +26,9 @@ group is preempted whole (its victims never come from its own beams; a group tha
 fills the pool finishes "length"), and starts again from its prompt. `update` gives a beam
 no token: its group's step does, after it.
 With LoRA (`adapters`, runtime/adapters.py), a sequence is admitted only when its adapter has a
-GPU slot or one can be freed for it (it waits otherwise); admission pins the slot, finishing
-or preemption unpins it. An adapter whose files cannot be read at admission fails its
+GPU slot or one can be freed for it; admission pins the slot, finishing or preemption unpins
+it. While the front sequence's adapter cannot have a slot, later sequences whose adapters
+have one are admitted past it, for MAX_FRONT_SKIPS steps at most (`_next_waiting`). An adapter whose files cannot be read at admission fails its
 sequence alone ("error", from pop_finished).
 
 Pipeline parallelism (trtllm/parallel, the engine's micro-batches): `in_flight` holds the
@@ -69,6 +70,10 @@ from collections import deque
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.sequence import Sequence, SequenceStatus
 
+# With LoRA, steps a waiting sequence whose adapter has no GPU slot lets later ones (whose
+# adapters have) pass it, before admission waits for it (_next_waiting).
+MAX_FRONT_SKIPS = 256
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_tokens: int,
@@ -89,6 +94,8 @@ class Scheduler:
         # pipeline parallelism: sequences of micro-batches launched and not yet `update`d, which
         # `schedule` leaves alone (neither scheduled again nor preempted); the engine keeps it
         self.in_flight: set[Sequence] = set()
+        self._num_schedules = 0  # schedule() calls so far
+        self._front_blocked: tuple[Sequence, int] | None = None  # (the front sequence, the call it was first passed over)
 
     @property
     def num_waiting(self) -> int:
@@ -151,6 +158,7 @@ class Scheduler:
         """One step; `max_seqs`: at most this many sequences in it (a pipeline's micro-batch)."""
         scheduled: list[tuple[Sequence, int]] = []
         limit = max_seqs or self.max_num_seqs
+        self._num_schedules += 1
         in_step: set[Sequence] = set()
         budget = self.max_num_tokens
         preempted = False
@@ -200,7 +208,7 @@ class Scheduler:
 
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs \
                 and len(scheduled) < limit:
-            seq = self.waiting[0]  # 3. admission, FCFS
+            seq = self._next_waiting()  # 3. admission, FCFS (with LoRA: see _next_waiting)
             if seq.beam is not None and len(self.running) + seq.beam.width > self.max_num_seqs:
                 break  # a beam group's beams are admitted together (runtime/beams.py)
             if self.block_manager.blocks_needed(seq.num_tokens) > self.block_manager.num_blocks:
@@ -221,7 +229,7 @@ class Scheduler:
                     self.finish(seq, "error", str(e))
                     self._finished.append(seq)
                     continue
-            self.waiting.popleft()
+            self.waiting.popleft() if seq is self.waiting[0] else self.waiting.remove(seq)
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -231,6 +239,29 @@ class Scheduler:
             scheduled.append((seq, chunk))
             budget -= chunk
         return scheduled
+
+    def _next_waiting(self) -> Sequence:
+        """The waiting sequence admission considers next: the front one; with LoRA, when no
+        GPU slot can be had for the front one's adapter, the first of the next max_num_seqs
+        whose adapter has one (or that has none), so that requests of the adapters in slots
+        fill the batch meanwhile (strict FCFS ran 8 sequences at a time for 256 requests
+        over 64 adapters in 8 slots: 0.055x the base model's tok/s on the H200, 2026-12-03).
+        The front one is passed over for MAX_FRONT_SKIPS steps at most; then admission waits
+        for it (the slots' sequences finish, and one frees for it)."""
+        front = self.waiting[0]
+        if self.adapters is None or self.adapters.can_admit(front):
+            self._front_blocked = None
+            return front
+        if self._front_blocked is None or self._front_blocked[0] is not front:
+            self._front_blocked = (front, self._num_schedules)
+        if self._num_schedules - self._front_blocked[1] >= MAX_FRONT_SKIPS:
+            return front
+        for i, seq in enumerate(self.waiting):
+            if i > self.max_num_seqs:
+                break
+            if seq.beam is None and self.adapters.can_admit(seq):
+                return seq
+        return front
 
     def schedule_ahead(self, scheduled: list[tuple[Sequence, int]], ends) -> tuple[list[Sequence], list[int]] | None:
         """The decode step after `scheduled` (single-token decodes of every running
