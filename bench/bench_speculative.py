@@ -17,8 +17,10 @@ graphs on, as users run it) on the same prompts:
 - the overhead at ~0% acceptance: a 2-layer draft of other random weights, batch 1.
 Per row: output tok/s with and without speculation, the speed-up, the draft tokens'
 acceptance rate, the acceptance length (tokens a verify step gains: accepted + 1), and
-the fraction of sequences token-identical to the plain run (greedy: 1.0 up to bf16
-rounding differences between a verify chunk and a decode step at near-ties).
+the fraction of sequences token-identical to the plain run (with random bf16 weights near-ties
+are common: over 128 tokens most sequences meet one), and, where a sequence parts from the
+plain run, how far below the plain target's pick its token lies (the check: at most
+MAX_DIVERGENCE_GAP nats, else exit 1).
 Verify steps run under CUDA graphs (the configs' default on a GPU: graphs for b sequences of
 k + 1 tokens) unless --no-verify-graphs (0.44x vs 1.95x at batch 1 on the H200, 2026-12-03). --only draft|ngram|random runs a subset (one engine build per workload).
 --smoke: tiny fp32 shapes, runs on the CPU. Table last; JSON under $OUT when set.
@@ -33,7 +35,7 @@ from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
 from trtllm.runtime.llm import LLM
 from trtllm.runtime.speculative.config import DraftTargetDecodingConfig, NGramDecodingConfig
-from trtllm.sampling_params import SamplingParams
+from trtllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
@@ -41,6 +43,11 @@ LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, 
 SMOKE = dict(LLAMA31_8B, vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 DRAFT_LAYERS = 2
+# Where a speculative sequence parts from the plain one, its token must be a near-tie of the
+# plain target's pick (bf16 rounding between a verify chunk and a decode step), not a token
+# far below it: random weights' logits are ~N(0, 1) over 128k tokens, so a wrong token lies
+# nats below.
+MAX_DIVERGENCE_GAP = 0.25
 
 
 def random_llama(shape: dict, num_layers: int, seed: int, device, dtype) -> LlamaForCausalLM:
@@ -97,6 +104,25 @@ def run(llm: LLM, batch: list[list[int]], new: int) -> tuple[list[list[int]], fl
     after = llm.get_stats()
     spec = {k: after[k] - before[k] for k in ("spec_draft_tokens", "spec_accepted_tokens", "spec_verify_steps")}
     return [o.outputs[0].token_ids for o in outs], wall, spec
+
+
+def divergence_gaps(plain: LLM, batch: list[list[int]], expected: list[list[int]], got: list[list[int]]
+                    ) -> list[float]:
+    """For each sequence that parts from the plain run: at the first token where it does,
+    how far below the plain target's own pick its token lies, in log-probability (the plain
+    engine, one step from the common prefix). A near-tie flipped by rounding gives ~0; a wrong
+    verify (a token the target did not rank first) gives the gap of a random token, nats."""
+    gaps = []
+    for prompt, want, have in zip(batch, expected, got):
+        d = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), None)
+        if d is None:
+            continue
+        out = plain.generate([prompt + want[:d]], SamplingParams(max_tokens=1, temperature=0.0, logprobs=MAX_LOGPROBS),
+                             use_tqdm=False)[0].outputs[0]
+        top = out.logprobs[0]
+        first = top[out.token_ids[0]]
+        gaps.append(first - top.get(have[d], min(top.values())))  # not in the top 20: at least this far
+    return gaps
 
 
 def make_llm(model, args, device, max_batch: int, **spec) -> LLM:
@@ -156,6 +182,11 @@ def main():
                        "acceptance": f"{accepted / drafts:.1%}" if drafts else "-",
                        "acceptance length": f"{1 + accepted / steps:.2f}" if steps else "-",
                        "identical": f"{sum(a == e for a, e in zip(got, expected)) / len(expected):.2f}"}
+                gaps = divergence_gaps(plain, batch, expected, got)
+                row["max gap at a divergence"] = f"{max(gaps):.3f}" if gaps else "-"
+                if gaps and max(gaps) > MAX_DIVERGENCE_GAP:
+                    raise SystemExit(f"{name}, batch {b}: a speculative sequence took a token {max(gaps):.3f} nats "
+                                     f"below the plain target's pick (> {MAX_DIVERGENCE_GAP}): verification is wrong")
                 rows.append(row)
                 record["rows"].append(dict(row, plain_s=plain_s, spec_s=spec_s, draft_tokens=drafts,
                                            accepted_tokens=accepted, verify_steps=steps))
