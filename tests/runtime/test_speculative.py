@@ -27,9 +27,12 @@ PROMPTS = [[5, 17, 99, 3, 250, 31, 8], [400, 2], list(range(60, 81)), [9], [7, 8
 def test_ngram_proposes_what_followed_the_latest_longest_match():
     assert propose_ngram([1, 2, 3, 9, 1, 2], 3, 2) == [3, 9, 1]
     assert propose_ngram([1, 2, 5, 6, 2], 2, 3) == [5, 6]              # only the 1-gram [2] occurred
-    assert propose_ngram([4, 1, 2, 7, 1, 2, 8, 1, 2], 4, 2) == [8, 1, 2]  # the latest of two matches
+    assert propose_ngram([4, 1, 2, 7, 1, 2, 8, 1, 2], 3, 2) == [8, 1, 2]  # the latest of two matches
     assert propose_ngram([1, 2, 3, 4], 3, 3) == []                      # nothing repeats
-    assert propose_ngram([3, 3], 5, 2) == [3]
+    # past the sequence's end the copy goes on from its own start: the period repeats
+    assert propose_ngram([4, 1, 2, 7, 1, 2, 8, 1, 2], 5, 2) == [8, 1, 2, 8, 1]
+    assert propose_ngram([7, 8, 7, 8, 7], 4, 3) == [8, 7, 8, 7]
+    assert propose_ngram([3, 3], 5, 2) == [3, 3, 3, 3, 3]
     assert propose_ngram([5], 3, 2) == []
 
 
