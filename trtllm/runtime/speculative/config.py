@@ -11,7 +11,7 @@ as types so that code written for TensorRT-LLM reads, but building an engine wit
 raises "not supported yet" (runtime/speculative/build.py).
 
 `verify_cuda_graphs=True` (ours, not TensorRT-LLM's) captures CUDA graphs for verify steps
-in which every sequence verifies max_draft_len drafts (ModelRunner.capture_verify_graphs);
+in which every sequence verifies max_draft_len drafts (CudaGraphs.capture_verify, runtime/cuda_graphs.py);
 off by default until it has run on a GPU: verify steps then run eagerly.
 """
 from __future__ import annotations
