@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from triton.runtime.jit import MockTensor  # noqa: E402
 
-from tools.dump_sass import compile_sm90  # noqa: E402
+from tools.sm90_build import compile_or_report  # noqa: E402
 from trtllm.kernels.bidirectional_attention import _bidirectional_attention_kernel  # noqa: E402
 
 
@@ -40,12 +40,11 @@ def main() -> int:
               ("bf16 head dim 128", torch.bfloat16, 577, 8, 128, 128, True),
               ("fp32 head dim 64 (IEEE)", torch.float32, 577, 16, 64, 64, False)]
     for name, dtype, seq, heads, dim, block_d, mma in builds:
-        try:
-            ptx = compile_sm90(_bidirectional_attention_kernel, args(dtype, seq, heads, dim, block_d), 4, 2).asm["ptx"]
-        except Exception as e:  # noqa: BLE001  (any build error is the finding)
-            print(f"FAIL {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        compiled = compile_or_report(name, _bidirectional_attention_kernel, args(dtype, seq, heads, dim, block_d), 4, 2)
+        if compiled is None:
             failed += 1
             continue
+        ptx = compiled.asm["ptx"]
         found = "wgmma" if "wgmma." in ptx else "mma" if "mma.sync" in ptx else None
         if mma and found is None:
             print(f"FAIL {name}: no tensor-core MMA in the PTX")

@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from triton.runtime.jit import MockTensor  # noqa: E402
 
-from tools.dump_sass import compile_sm90, instructions  # noqa: E402
+from tools.dump_sass import instructions  # noqa: E402
+from tools.sm90_build import compile_or_report  # noqa: E402
 from trtllm.kernels.mla_decode import (  # noqa: E402
     BLOCK_H,
     _merge_splits_kernel,
@@ -53,10 +54,8 @@ def builds():
 def main() -> int:
     failed = 0
     for name, kernel, args, warps, dots in builds():
-        try:
-            compiled = compile_sm90(kernel, args, warps, 3)
-        except Exception as e:  # noqa: BLE001  (any build error is the finding)
-            print(f"FAIL {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        compiled = compile_or_report(name, kernel, args, warps, 3)
+        if compiled is None:
             failed += 1
             continue
         spills = sum(1 for _, ins in instructions(compiled.asm["cubin"]) if ins.split()[0] in ("LDL", "STL")

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from triton.runtime.jit import MockTensor  # noqa: E402
 
-from tools.dump_sass import compile_sm90  # noqa: E402
+from tools.sm90_build import compile_or_report  # noqa: E402
 from trtllm.kernels.fused_moe import _down_kernel, _gate_up_kernel, moe_config  # noqa: E402
 from trtllm.kernels.moe_align import _count_kernel, _scatter_kernel  # noqa: E402
 from trtllm.kernels.moe_routing import _moe_routing_kernel  # noqa: E402
@@ -60,12 +60,11 @@ def main() -> int:
     failed = 0
     for name, kernel, args, warps, gemm in builds():
         stages, mma = gemm if gemm else (1, None)
-        try:
-            ptx = compile_sm90(kernel, args, warps, stages).asm["ptx"]
-        except Exception as e:  # noqa: BLE001  (any build error is the finding)
-            print(f"FAIL {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        compiled = compile_or_report(name, kernel, args, warps, stages)
+        if compiled is None:
             failed += 1
             continue
+        ptx = compiled.asm["ptx"]
         if mma is not None and f"{mma}." not in ptx:
             print(f"FAIL {name}: no {mma} in the PTX (tl.dot did not become a tensor-core MMA)")
             failed += 1

@@ -101,7 +101,7 @@ def main():
     per_step_off = engine_runs[False][0] / engine_runs[False][2]
     engine.step = step
 
-    graph, _, greedy = engine.runner.graphs[1]
+    graph, _, greedy = engine.runner.cuda_graphs.decode[1]
     back_to_back = replay_seconds(graph, args.new)
     t = time.perf_counter()
     for _ in range(args.new):

@@ -52,7 +52,7 @@ def main():
                        for m in model.modules() if isinstance(m, torch.nn.Linear))
     llm = LLM(model, build_config=BuildConfig(max_batch_size=1, max_num_tokens=2048, max_seq_len=2048),
               kv_cache_config=KvCacheConfig(max_tokens=8192))
-    graph = llm.engine.runner.graphs[1][0]
+    graph = llm.engine.runner.cuda_graphs.decode[1][0]
     wall_us = replay_seconds(graph, args.replays) * 1e6
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.replays):

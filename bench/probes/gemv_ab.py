@@ -59,7 +59,7 @@ def measure(model, vocab: int, gemv: bool) -> dict:
     got = dict(gemv=gemv, offline_tok_s=512 * NEW / wall, wall_s=wall,
                steps={k: dict(n=len(v), total_s=sum(v), mean_ms=sum(v) / len(v) * 1e3) for k, v in times.items()})
     for b in (1, 16, 64, 256):
-        got[f"graph_b{b}_ms"] = replay_seconds(llm.engine.runner.graphs[b][0], 20, warmup=3) * 1e3
+        got[f"graph_b{b}_ms"] = replay_seconds(llm.engine.runner.cuda_graphs.decode[b][0], 20, warmup=3) * 1e3
     ids = torch.randint(0, vocab, (1, 8192), device="cuda")
     pos = torch.arange(8192, device="cuda")[None]
     with torch.no_grad():

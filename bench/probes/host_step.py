@@ -25,8 +25,8 @@ import torch
 
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
+from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
 from trtllm.runtime.llm import LLM
-from trtllm.runtime.model_runner import cuda_graph_batch_sizes
 from trtllm.sampling_params import SamplingParams
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -62,9 +62,9 @@ def build_llm(max_batch: int) -> LLM:
               kv_cache_config=KvCacheConfig(tokens_per_block=32, max_tokens=max_batch * 512))
     runner, vocab = llm.engine.runner, TINY["vocab_size"]
     runner.compiled = _ZeroLogits(vocab)
-    for b in cuda_graph_batch_sizes(max_batch):  # what capture_cuda_graphs leaves, minus CUDA
+    for b in cuda_graph_batch_sizes(max_batch):  # what CudaGraphs.capture_decode leaves, minus CUDA
         greedy = torch.stack([torch.arange(b) % vocab + 1, torch.ones(b, dtype=torch.long)])
-        runner.graphs[b] = (_NoGraph(), torch.zeros(b, vocab), greedy)
+        runner.cuda_graphs.decode[b] = (_NoGraph(), torch.zeros(b, vocab), greedy)
     return llm
 
 

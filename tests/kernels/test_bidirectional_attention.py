@@ -67,12 +67,6 @@ def test_sm90_build():
     """The kernel as the H100/H200 gets it, compiled here for sm_90 without a GPU
     (tools/check_bidirectional_attention_build.py, in its own process: the suite's kernels are
     interpreted ones): every build compiles and the 16-bit dots are tensor-core MMAs."""
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root)
-    run = subprocess.run([sys.executable, os.path.join(root, "tools", "check_bidirectional_attention_build.py")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok   ") == 4 and run.stdout.count(": wgmma") == 2, run.stdout
+    from tools.sm90_build import run_build_check
+    out = run_build_check("check_bidirectional_attention_build.py", timeout=300)
+    assert out.count("ok   ") == 4 and out.count(": wgmma") == 2, out

@@ -1,16 +1,9 @@
 """The MLA decode kernels as the H100/H200 gets them, compiled here for sm_90 without a GPU
 (tools/check_mla_build.py, in its own process: the suite's kernels are interpreted ones):
 they build at DeepSeek's latent geometry with tensor-core dots and no register spills."""
-import os
-import subprocess
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.sm90_build import run_build_check
 
 
 def test_sm90_build():
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT)
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "check_mla_build.py")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok   ") == 6 and run.stdout.count(", mma") == 1, run.stdout
+    out = run_build_check("check_mla_build.py", timeout=300)
+    assert out.count("ok   ") == 6 and out.count(", mma") == 1, out

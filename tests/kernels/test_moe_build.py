@@ -2,16 +2,9 @@
 (tools/check_moe_build.py, in its own process: the suite's kernels are interpreted ones):
 every kernel builds as its launcher calls it, and the grouped GEMMs' tl.dot is a
 tensor-core MMA (wgmma for the 64-row tile)."""
-import os
-import subprocess
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.sm90_build import run_build_check
 
 
 def test_sm90_build():
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT)
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "check_moe_build.py")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok   ") == 10 and run.stdout.count(": wgmma") == 2, run.stdout
+    out = run_build_check("check_moe_build.py", timeout=300)
+    assert out.count("ok   ") == 10 and out.count(": wgmma") == 2, out

@@ -29,9 +29,9 @@ def test_micro_batches_in_flight_give_the_tokens_of_one_step_at_a_time(tmp_path)
     def recorded(scheduled):
         step = execute(scheduled)
         mine = {seq for seq, _ in scheduled}
-        assert all(not (mine & {seq for seq, _ in s.scheduled}) for s in engine._in_flight), \
+        assert all(not (mine & {seq for seq, _ in s.scheduled}) for s in engine.micro_batches.in_flight), \
             "a sequence in two micro-batches at once"
-        seen.append((len(engine._in_flight) + 1, len(scheduled)))
+        seen.append((len(engine.micro_batches.in_flight) + 1, len(scheduled)))
         return step
 
     engine.runner.execute = recorded
@@ -45,4 +45,4 @@ def test_micro_batches_in_flight_give_the_tokens_of_one_step_at_a_time(tmp_path)
         assert engine.scheduler.num_preemptions > preemptions
         assert max(n for n, _ in seen) == depth  # as many micro-batches in flight as asked
         assert max(size for _, size in seen) < len(PROMPTS)  # the four sequences shared out
-        assert not engine._in_flight and not engine.scheduler.in_flight
+        assert not engine.micro_batches.in_flight and not engine.scheduler.in_flight

@@ -308,7 +308,7 @@ def test_apply_token_bitmask_matches_a_boolean_mask():
 def graph_llm(path, overlap: bool) -> LLM:
     from tests.runtime.test_model_runner import EagerGraph
     from trtllm.models.loader import load_model
-    from trtllm.runtime.model_runner import cuda_graph_batch_sizes
+    from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
     from trtllm.runtime.tokenizer import load_tokenizer
     llm = LLM(load_model(path, dtype=torch.float32, device="cpu"), tokenizer=load_tokenizer(path),
               kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=2048),
@@ -317,7 +317,7 @@ def graph_llm(path, overlap: bool) -> LLM:
     runner = llm.engine.runner
     for b in cuda_graph_batch_sizes(runner.meta.max_num_seqs):
         g = EagerGraph(runner, b, 512)
-        runner.graphs[b] = (g, g.logits, g.greedy)
+        runner.cuda_graphs.decode[b] = (g, g.logits, g.greedy)
     return llm
 
 

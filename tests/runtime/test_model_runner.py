@@ -8,8 +8,8 @@ import torch
 from trtllm.attention_context import attention_context
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.models.loader import load_model
+from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
 from trtllm.runtime.llm import LLM
-from trtllm.runtime.model_runner import cuda_graph_batch_sizes
 from trtllm.runtime.sampler import greedy_picks
 from trtllm.sampling_params import SamplingParams
 
@@ -45,7 +45,7 @@ def make_llm(path, graphs: bool, kv_tokens: int = 1024, overlap: bool = True, **
         runner = llm.engine.runner
         for b in cuda_graph_batch_sizes(runner.meta.max_num_seqs):
             g = EagerGraph(runner, b, 512)
-            runner.graphs[b] = (g, g.logits, g.greedy)
+            runner.cuda_graphs.decode[b] = (g, g.logits, g.greedy)
     return llm
 
 
@@ -65,7 +65,7 @@ def test_decode_graphs_give_the_tokens_eager_steps_give(checkpoint, build):
                 outs.setdefault(graphs, []).append([o.outputs[0].token_ids for o in got])
                 outs[graphs].append([o.outputs[0].logprobs for o in got])
             if graphs:
-                assert sum(g.replays for g, _, _ in llm.engine.runner.graphs.values()) > 0
+                assert sum(g.replays for g, _, _ in llm.engine.runner.cuda_graphs.decode.values()) > 0
             llm.block_manager.check_invariants()
     assert outs[True][0] == outs[False][0]  # all greedy: picks read back from the graph
     assert outs[True][2] == outs[False][2]  # mixed: graph logits through the sampler

@@ -303,10 +303,10 @@ def test_verify_graph_replay_path_keeps_output_identical(target):
     cfg = DraftTargetDecodingConfig(max_draft_len=k, speculative_model_dir=str(target), verify_cuda_graphs=True)
     with small_llm(target, speculative_config=cfg) as llm:
         runner = llm.engine.runner
-        assert not runner.verify_graphs  # CPU: nothing captured
+        assert not runner.cuda_graphs.verify  # CPU: nothing captured
         graphs = {b: _EagerGraph(runner, b * (k + 1), torch.zeros(b * (k + 1), 512)) for b in (1, 2, 4)}
-        runner.verify_graphs = {b: (g, g.logits) for b, g in graphs.items()}
-        runner.verify_len = k + 1
+        runner.cuda_graphs.verify = {b: (g, g.logits) for b, g in graphs.items()}
+        runner.cuda_graphs.verify_len = k + 1
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.block_manager.check_invariants()
     assert got == expected

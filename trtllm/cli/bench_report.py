@@ -79,7 +79,7 @@ def run_config(llm, args, model: dict, requests, mode: dict, build) -> dict:
                                 "max_tokens": args.kv_cache_max_tokens, "tokens_per_block": bm.block_size,
                                 "enable_block_reuse": bm.enable_block_reuse},
                    "overlap_scheduler": llm.engine.overlap,
-                   "cuda_graph_batch_sizes": sorted(llm.engine.runner.graphs)},
+                   "cuda_graph_batch_sizes": sorted(llm.engine.runner.cuda_graphs.decode)},
         "dataset": {"path": getattr(args, "dataset", None), "num_requests": len(requests),
                     "input_len": _spread([r.input_len for r in requests]),
                     "output_len": _spread([r.output_tokens for r in requests])},

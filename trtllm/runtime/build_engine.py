@@ -31,12 +31,13 @@ from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
 from trtllm.runtime.adapters import Adapters, read_peft_adapter, read_target_modules
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.build_defaults import read_build_defaults
+from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
 from trtllm.runtime.engine import Engine
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
 from trtllm.runtime.engine_stats import StartupTimes
 from trtllm.runtime.kv_budget import num_kv_blocks
 from trtllm.runtime.kv_cache_quant import kv_cache_quant
-from trtllm.runtime.model_runner import ModelRunner, cuda_graph_batch_sizes
+from trtllm.runtime.model_runner import ModelRunner
 from trtllm.runtime.multimodal_stager import multimodal_stager
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.speculative.build import build_speculative, check_speculative_config
@@ -231,8 +232,8 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
         # None ("wherever the engine can"): on a GPU with CUDA graphs, not for latent attention (refused above if asked)
         if speculative.verify_cuda_graphs is not False and enable_cuda_graph and runner.device.type == "cuda" \
                 and not compiled.attention.latent:
-            runner.capture_verify_graphs(speculative.max_draft_len + 1, cuda_graph_batch_sizes(max_num_seqs))
-    capture_s = runner.capture_s - (compiled.compile_s - compile_before_capture)
+            runner.cuda_graphs.capture_verify(speculative.max_draft_len + 1, cuda_graph_batch_sizes(max_num_seqs))
+    capture_s = runner.cuda_graphs.capture_s - (compiled.compile_s - compile_before_capture)
     engine.startup = StartupTimes(load_s, compiled.compile_s, capture_s, time.perf_counter() - started)
     return engine
 

@@ -36,16 +36,18 @@ the decoder proposes draft tokens for the decoding sequences; the step verifies 
 the target and a sequence may gain several tokens (each through the stop checks, a stop
 inside the run cutting it there). It turns the overlap scheduler off.
 
+Pipeline parallelism (`set_pipeline_depth`, runtime/micro_batches.py): a step launches
+micro-batches until one a stage is in flight and finishes the oldest.
+
 `engine.on_step`, when set (trtllm-bench's --iteration_log and --profile set it), is
 called on the engine's thread at the end of every step with a `StepRecord`; it observes,
 it changes nothing. `engine.startup` (set by build_engine) says where building took time.
 """
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import time
-from collections import deque
 from collections.abc import Callable
 
 from trtllm.runtime.beams import BeamGroup, step_groups, take_beam_rows
@@ -53,11 +55,12 @@ from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval, validate_request
 from trtllm.runtime.engine_stats import EngineStats, StartupTimes, StepRecord
 from trtllm.runtime.grammar import LogitsHooks
+from trtllm.runtime.micro_batches import MicroBatches
 from trtllm.runtime.model_runner import LaunchedStep, ModelRunner
 from trtllm.runtime.multimodal_stager import check_multimodal_request
 from trtllm.runtime.output_builder import OutputBuilder
 from trtllm.runtime.outputs import RequestOutput
-from trtllm.runtime.prompt_logprobs import prompt_logprobs
+from trtllm.runtime.prompt_logprobs import deliver_prompt_logprobs
 from trtllm.runtime.sampler import Sampler, SamplingBatch, argmax_serves, draw_seed
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.sequence import Sequence
@@ -94,9 +97,8 @@ class Engine:
         self.beam_groups: dict[str, BeamGroup] = {}  # beam search requests in flight (runtime/beams.py)
         self.speculative: SpeculativeDecoder | None = None  # set by build_engine: see set_speculative
         self.adapters = adapters  # runtime/adapters.Adapters with LoRA (the scheduler's too), else None
-        # pipeline parallelism: micro-batches kept in flight (set_pipeline_depth); 1 without
-        self.pipeline_depth = 1
-        self._in_flight: deque[LaunchedStep] = deque()
+        # pipeline parallelism: micro-batches kept in flight (set_pipeline_depth); depth 1 without
+        self.micro_batches = MicroBatches()
 
     def set_speculative(self, decoder: SpeculativeDecoder) -> None:
         """Speculative decoding (runtime/speculative): each step proposes draft tokens and
@@ -109,7 +111,11 @@ class Engine:
         sequences the others do not hold, so that every stage has one to run; `step()` then
         launches micro-batches until `depth` are in flight and finishes the oldest. It turns
         the overlap scheduler off (a micro-batch's sequences wait for its logits anyway)."""
-        self.pipeline_depth, self.overlap = depth, False
+        self.micro_batches.depth, self.overlap = depth, False
+
+    @property
+    def pipeline_depth(self) -> int:
+        return self.micro_batches.depth
 
     # -- requests ----------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -179,8 +185,7 @@ class Engine:
         try:
             return self._step()
         except BaseException:  # the parallel group is broken (parallel/workers.py): nothing in flight is read
-            self._in_flight.clear()
-            self.scheduler.in_flight.clear()
+            self.micro_batches.forget(self.scheduler)
             raise
 
     def _step(self) -> list[RequestOutput]:
@@ -189,13 +194,12 @@ class Engine:
         launched, self._ahead = self._ahead, None
         launched_ahead = launched is not None
         if self.pipeline_depth > 1:
-            launched = self._next_micro_batch(changed)
+            launched = self.micro_batches.next(self.scheduler, functools.partial(self._schedule, changed),
+                                               self.runner.execute)
         elif launched is None:
             if self.speculative is not None:
                 self.speculative.propose(self.scheduler.running)
-            scheduled = self.scheduler.schedule()
-            for seq in self.scheduler.pop_finished():  # "length": the pool cannot hold it
-                self._finish(seq, seq.finish_reason or "length", changed)
+            scheduled = self._schedule(changed)
             if self.block_manager.pending_copies:  # beams' copy-on-write blocks, before the step writes
                 self.runner.copy_blocks(self.block_manager.pending_copies)
                 self.block_manager.pending_copies = []
@@ -210,7 +214,7 @@ class Engine:
             sampled, logprobs = self._sample(launched, picks_serve, changed)
             beams = take_beam_rows(launched.to_sample, launched.logits, sampled) if self.beam_groups else ()
             if launched.prompt_spans:
-                self._deliver_prompt_logprobs(launched)
+                deliver_prompt_logprobs(launched, self.requests)
             self._postprocess(launched, sampled, logprobs, changed)
             for group in step_groups(beams, self.block_manager) if beams else ():  # after update:
                 self._end_beam_search(group, changed)                         # a fork needs it
@@ -222,26 +226,12 @@ class Engine:
                                     sum(n for _, n in scheduled), launched_ahead, EngineStats.of(self)))
         return outputs
 
-    def _next_micro_batch(self, changed) -> LaunchedStep | None:
-        """Launch micro-batches until pipeline_depth are in flight (or none is left to schedule),
-        then the oldest, to finish. The sequences not in flight (and those waiting) are shared out
-        evenly among the free places, so the micro-batches are alike in size."""
-        scheduler = self.scheduler
-        while len(self._in_flight) < self.pipeline_depth:
-            free = self.pipeline_depth - len(self._in_flight)
-            ready = len(scheduler.waiting) + sum(1 for s in scheduler.running if s not in scheduler.in_flight)
-            scheduled = scheduler.schedule(max_seqs=max(1, math.ceil(ready / free)))
-            for seq in scheduler.pop_finished():  # "length": the pool cannot hold it
-                self._finish(seq, seq.finish_reason or "length", changed)
-            if not scheduled:
-                break
-            self._in_flight.append(self.runner.execute(scheduled))
-            scheduler.in_flight.update(seq for seq, _ in scheduled)
-        if not self._in_flight:
-            return None
-        launched = self._in_flight.popleft()
-        scheduler.in_flight.difference_update(seq for seq, _ in launched.scheduled)
-        return launched
+    def _schedule(self, changed, max_seqs: int | None = None) -> list[tuple[Sequence, int]]:
+        """The scheduler's next step; the sequences it finds the pool cannot hold finish."""
+        scheduled = self.scheduler.schedule(max_seqs=max_seqs)
+        for seq in self.scheduler.pop_finished():  # "length": the pool cannot hold it
+            self._finish(seq, seq.finish_reason or "length", changed)
+        return scheduled
 
     def _launch_ahead(self, launched: LaunchedStep) -> LaunchedStep | None:
         """The next decode step, launched before `launched`'s tokens reach the host (whose
@@ -310,28 +300,6 @@ class Engine:
                 if req is not None:
                     req.add_logits_row(seq, launched.logits[i])
         return sampled, logprobs
-
-    def _deliver_prompt_logprobs(self, launched: LaunchedStep) -> None:
-        """The step's prompt-logit rows, as logprobs, into their requests' outputs (before
-        any output of this step is emitted: a prompt's last chunk samples its first token)."""
-        launched.wait()
-        spans, rows, start = [], [], 0
-        for span in launched.prompt_spans:
-            end = start + span.end - span.start
-            req = self.requests.get(span.seq.request_id)
-            if req is not None and not span.seq.is_finished:
-                if span.seq.sampling_params.return_context_logits:
-                    req.set_context_logits(span.start, launched.prompt_logits[start:end])
-                if span.seq.sampling_params.prompt_logprobs is not None:
-                    spans.append(span)
-                    rows += range(start, end)
-                span.seq.num_prompt_logprobs = span.end
-            start = end
-        if not spans:
-            return
-        logits = launched.prompt_logits if len(rows) == start else launched.prompt_logits[rows]
-        for span, entries in zip(spans, prompt_logprobs(logits, spans)):
-            self.requests[span.seq.request_id].set_prompt_logprobs(span.start, entries)
 
     def _postprocess(self, launched: LaunchedStep, sampled: dict, logprobs: dict, changed) -> None:
         """Each new token into its request's output; a stop condition finishes its sequence."""

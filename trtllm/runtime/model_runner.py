@@ -11,9 +11,9 @@ after those, for the prompt positions of sequences that ask for prompt logprobs
 A speculating sequence's chunk is its last known token followed by its draft tokens
 (`seq.draft_token_ids`, runtime/speculative): logits come for all k + 1 positions
 (`LaunchedStep.num_rows`). Such verify steps run the compiled model directly, unless
-`capture_verify_graphs(k + 1, sizes)` captured graphs for b sequences of k + 1 tokens each
-(the speculative configs' `verify_cuda_graphs`, on by default on a GPU) and every sequence
-of the step verifies exactly k drafts.
+`cuda_graphs.capture_verify(k + 1, sizes)` captured graphs for b sequences of k + 1 tokens each
+(runtime/cuda_graphs.py; the speculative configs' `verify_cuda_graphs`, on by default on a GPU)
+and every sequence of the step verifies exactly k drafts.
 With LoRA (`adapters`, runtime/adapters.py), each step also writes each token's adapter slot
 (-1: none) into the fixed-address `LoraSlots.slot_ids` the graphs read (trtllm/lora_slots.py),
 padding tokens -1, by one more copy out of the same pinned staging.
@@ -24,8 +24,8 @@ leaves them as they are, every row -1.
 
 On a GPU, pure-decode steps replay CUDA graphs captured for batch sizes 1, 2, 4, 8,
 16, ... up to max_num_seqs (a step pads to the next captured size: padded tokens
-write no cache slot and belong to no sequence). Other steps run the compiled model
-directly.
+write no cache slot and belong to no sequence; their capture and replay are
+runtime/cuda_graphs.py). Other steps run the compiled model directly.
 
 A step is launched, not waited for: `execute` queues its GPU work and returns a
 `LaunchedStep`; its results are read after `LaunchedStep.wait()`. `execute_ahead`
@@ -39,55 +39,19 @@ turns, so step n+1's copy never overwrites step n's before the host reads it.
 """
 from __future__ import annotations
 
-import bisect
-import contextlib
-import gc
 import math
-import time
-from dataclasses import dataclass
 
 import torch
 
 from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
 from trtllm.compile import CompiledModel
 from trtllm.multimodal_context import multimodal_context
+from trtllm.runtime.cuda_graphs import CudaGraphs, cuda_graph_batch_sizes
 from trtllm.runtime.kv_cache_quant import KvCacheQuant
+from trtllm.runtime.launched_step import LaunchedStep
 from trtllm.runtime.multimodal_stager import MultimodalStager
-from trtllm.runtime.prompt_logprobs import PromptSpan, chunk_span
-from trtllm.runtime.sampler import greedy_picks
+from trtllm.runtime.prompt_logprobs import chunk_span
 from trtllm.runtime.sequence import Sequence
-
-
-def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    sizes, b = [], 1
-    while b < max_num_seqs:
-        sizes.append(b)
-        b *= 2
-    return sizes + [max_num_seqs]
-
-
-@dataclass
-class LaunchedStep:
-    """One step's work, queued on the GPU. `logits` and `picks` hold its results once
-    `wait()` returns."""
-    scheduled: list[tuple[Sequence, int]]
-    to_sample: list[Sequence]         # the sequences whose next token this step computes
-    logits: torch.Tensor              # [len(to_sample), V]
-    picks: torch.Tensor | None        # decode graphs: [2, len(to_sample)] argmax ids, 1/0 finite; host
-    device_picks: torch.Tensor | None  # decode graphs: [2, graph size], on the device (feeds execute_ahead)
-    done: torch.cuda.Event | None
-    prompt_spans: list[PromptSpan] = ()     # prompt-logprob rows, one span a sequence
-    prompt_logits: torch.Tensor | None = None  # [sum of span lengths, V], after the sampled rows
-    # speculative decoding: logits rows per to_sample sequence (k + 1 for one verifying k
-    # draft tokens), `logits` then [sum(num_rows), V]; None: one row each
-    num_rows: list[int] | None = None
-
-    def wait(self) -> None:
-        """Block until the step's GPU work is done, *without* the GIL (an event wait
-        releases it; `.tolist()` on a device tensor would hold it for the whole step),
-        so other Python threads (the HTTP server) run while the GPU works."""
-        if self.done is not None:
-            self.done.synchronize()
 
 
 class ModelRunner:
@@ -113,25 +77,13 @@ class ModelRunner:
                                     pin_memory=self.device.type == "cuda")
         self._staging_np = self._staging.numpy()
         self.input_ids, self.positions, self.logits_indices = self._inputs
-        # batch size -> (graph, logits [b, V], greedy [2, b]: argmax ids and 1/0 for finite rows)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self._graph_sizes: list[int] = []  # sorted(self.graphs), not re-sorted every step
-        # verify steps (runtime/speculative): batch size -> (graph, logits [b * L, V]), L tokens a sequence
-        self.verify_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.verify_len = 0
-        self._replay_views: dict[tuple[int, int, int], tuple] = {}  # (size, rows, turn): see _replay
-        # a decode graph's greedy picks, [2, b], go to pinned host memory right after the
-        # replay, while the GPU runs, so reading them after `wait` is no synchronous
-        # device-to-host copy (`.tolist()` of the device tensor: ~20 us under cProfile on
-        # the H100). Two buffers per size, used by turns (`_turn`): see the docstring.
-        self._greedy_host: dict[tuple[int, int], torch.Tensor] = {}  # (batch size, turn) -> [2, b]
         cuda = self.device.type == "cuda"
         self._done_events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else [None, None]
         self._inputs_copied = torch.cuda.Event() if cuda else None
-        self._turn = 0
-        self.capture_s = 0.0  # seconds in capture_cuda_graphs (their warm-up calls' compilation too)
+        self._turn = 0  # which of two host buffers / done events this step uses (see the docstring)
+        self.cuda_graphs = CudaGraphs(self)  # decode and verify graphs: runtime/cuda_graphs.py
         if enable_cuda_graph and self.device.type == "cuda":
-            self.capture_cuda_graphs(cuda_graph_batch_sizes(max_num_seqs))
+            self.cuda_graphs.capture_decode(cuda_graph_batch_sizes(max_num_seqs))
 
     def _multimodal_context(self):
         """The step's staged image features, where the graph's splice op reads them."""
@@ -185,17 +137,18 @@ class ModelRunner:
                     spans.append(span)
         num_tokens = len(ids)
         self.meta.fill(query_lens, seq_lens, tables, self.block_size)
-        graph_size = None if spans else self._graph_size(num_tokens, len(scheduled), sample_rows)
+        graphs = self.cuda_graphs
+        graph_size = None if spans else graphs.decode_size(num_tokens, len(scheduled), sample_rows)
         if self.adapters is not None:
             self._stage_lora_slots(scheduled, graph_size or num_tokens)
         if graph_size is not None:
-            return self._replay(graph_size, ids, positions, range(len(sample_rows)), scheduled, to_sample)
+            return graphs.replay(graph_size, ids, positions, range(len(sample_rows)), scheduled, to_sample)
         num_sampled = len(sample_rows)
         verify = num_rows if num_sampled != len(to_sample) else None
-        if verify is not None and self.verify_graphs and not spans:
-            size = self._verify_graph_size(query_lens, verify)
+        if verify is not None and graphs.verify and not spans:
+            size = graphs.verify_size(query_lens, verify)
             if size is not None:
-                return self._replay_verify(size, ids, positions, scheduled, to_sample, verify)
+                return graphs.replay_verify(size, ids, positions, scheduled, to_sample, verify)
         self._copy_inputs(ids, positions, sample_rows + prompt_rows)
         rows = self.logits_indices[: num_sampled + len(prompt_rows)]
         with attention_context(self.cache, self.meta), self._multimodal_context():
@@ -218,7 +171,7 @@ class ModelRunner:
         if previous.device_picks is None:
             raise ValueError("execute_ahead follows a decode-graph step (its picks are on the device)")
         m = len(seqs)
-        size = self._graph_size(m, m, [])
+        size = self.cuda_graphs.decode_size(m, m, [])
         if size is None:
             return None
         self._wait_inputs_copied()
@@ -229,7 +182,7 @@ class ModelRunner:
             self._stage_lora_slots([(seq, 1) for seq in seqs], size)
         self.meta.fill([1] * m, [p + 1 for p in positions], [seq.block_table for seq in seqs], self.block_size)
         scheduled = [(seq, 1) for seq in seqs]
-        return self._replay(size, [], positions, rows, scheduled, seqs, previous.device_picks[0])
+        return self.cuda_graphs.replay(size, [], positions, rows, scheduled, seqs, previous.device_picks[0])
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write (block_manager.py): each (source, copy) block's K/V, every layer,
@@ -240,77 +193,6 @@ class ModelRunner:
         for pool in (self.cache.k, self.cache.v):
             raw = pool.view(torch.uint8)
             raw.index_copy_(1, dst, raw.index_select(1, src))
-
-    def _graph_size(self, num_tokens: int, num_seqs: int, sample_rows: list[int]) -> int | None:
-        """The captured batch size that runs this step, if one can: every sequence has one
-        new token (n >= 1 each, so tokens == sequences says it), and the rows to sample are
-        the first ones (a graph's logits and greedy picks are read as their leading rows;
-        the scheduler puts decodes first, so only a 1-token prefill chunk, last, is not)."""
-        if num_tokens != num_seqs or (sample_rows and sample_rows[-1] != len(sample_rows) - 1):
-            return None
-        if len(self._graph_sizes) != len(self.graphs):  # graphs added since: sort once more
-            self._graph_sizes = sorted(self.graphs)
-        i = bisect.bisect_left(self._graph_sizes, num_tokens)
-        return self._graph_sizes[i] if i < len(self._graph_sizes) else None
-
-    def _verify_graph_size(self, query_lens: list[int], num_rows: list[int]) -> int | None:
-        """The captured verify batch size that runs this step: every sequence verifies
-        verify_len - 1 drafts (so each of its tokens is a logits row, in order)."""
-        L = self.verify_len
-        if len(num_rows) != len(query_lens) or any(n != L for n in query_lens) or any(r != L for r in num_rows):
-            return None
-        sizes = sorted(self.verify_graphs)
-        i = bisect.bisect_left(sizes, len(query_lens))
-        return sizes[i] if i < len(sizes) else None
-
-    def _replay_verify(self, size: int, ids: list[int], positions: list[int], scheduled, to_sample,
-                       num_rows: list[int]) -> LaunchedStep:
-        """A verify step by the graph captured for `size` sequences: its first len(ids)
-        logits rows are the step's (padding tokens write no slot and belong to no sequence)."""
-        graph, logits = self.verify_graphs[size]
-        total = size * self.verify_len
-        self._stage(ids, positions, [], total)
-        self._inputs[:, :total].copy_(self._staging[:, :total], non_blocking=True)
-        if self._inputs_copied is not None:
-            self._inputs_copied.record()
-        graph.replay()
-        return LaunchedStep(scheduled, to_sample, logits[:len(ids)], None, None, self._step_launched(),
-                            num_rows=num_rows)
-
-    def _replay(self, size: int, ids: list[int], positions: list[int], rows, scheduled, to_sample,
-                gather_ids: torch.Tensor | None = None) -> LaunchedStep:
-        """A decode step by the graph captured for `size`; its first len(to_sample) rows
-        are the ones to sample. With `gather_ids`, the input ids are gather_ids[rows]
-        (on the device); else `ids`. The tensor views it needs are made once per (size,
-        rows, turn), not every step: a slice costs ~4 us of host time, and a step would take
-        four (bench/probes/host_step.py --profile)."""
-        num_rows, turn = len(to_sample), self._turn
-        views = self._replay_views.get((size, num_rows, turn))
-        if views is None:
-            graph, logits, greedy = self.graphs[size]
-            # whole [2, size] tensors on both sides: contiguous, so the copy is one async
-            # memcpy (a strided one would go through an unpinned buffer, synchronously)
-            host = self._greedy_host.get((size, turn))
-            if host is None:
-                host = self._greedy_host[size, turn] = torch.empty(greedy.shape, dtype=greedy.dtype,
-                                                                   pin_memory=self.device.type == "cuda")
-            lora = None if self.adapters is None else (self.adapters.slots.slot_ids[:size], self._staging[3, :size])
-            views = (graph, self._inputs[:, :size], self._staging[:3, :size], greedy, host,
-                     host[:, :num_rows], logits[:num_rows], lora)
-            self._replay_views[(size, num_rows, turn)] = views
-        graph, inputs, staging, greedy, greedy_host, picks, logits, lora = views
-        self._stage(ids, positions, rows, size)
-        inputs.copy_(staging, non_blocking=True)
-        if lora is not None:  # each token's adapter slot
-            lora[0].copy_(lora[1], non_blocking=True)
-        if gather_ids is not None:  # the row of the previous step each sequence's token is at
-            n = len(rows)
-            torch.index_select(gather_ids, 0, self.logits_indices[:n], out=self.input_ids[:n])
-        if self._inputs_copied is not None:
-            self._inputs_copied.record()
-        graph.replay()
-        greedy_host.copy_(greedy, non_blocking=True)  # in greedy_host once the step is done
-        return LaunchedStep(scheduled, to_sample, logits, picks, greedy, self._step_launched())
 
     def _step_launched(self) -> torch.cuda.Event | None:
         """The event that marks this step done; the next step uses the other buffers."""
@@ -354,71 +236,3 @@ class ModelRunner:
         host[0, : len(ids)] = ids
         host[1, : len(positions)] = positions
         host[2, : len(rows)] = rows
-
-    # -- CUDA graphs -------------------------------------------------------------------
-    @torch.no_grad()
-    def capture_cuda_graphs(self, batch_sizes: list[int]) -> None:
-        """Capture decode steps of each batch size, largest first (they share one pool)."""
-        self._replay_views.clear()
-        self._greedy_host.clear()
-        with self._frozen_heap():
-            pool = None
-            for b in sorted(batch_sizes, reverse=True):
-                graph, logits, greedy = self._capture_one(b, 1, pool, greedy=True)  # logits [b, V]
-                pool = graph.pool()
-                self.graphs[b] = (graph, logits, greedy)
-            torch.cuda.synchronize()
-
-    @torch.no_grad()
-    def capture_verify_graphs(self, tokens_per_seq: int, batch_sizes: list[int]) -> None:
-        """Capture verify steps (runtime/speculative) of b sequences with tokens_per_seq
-        tokens each (the last known token and its drafts), every token a logits row, on the
-        prefill attention path (whose host-side bounds num_seqs / max_query_len /
-        max_seq_len the capture fixes), largest first, one pool."""
-        with self._frozen_heap():
-            pool = None
-            for b in sorted(batch_sizes, reverse=True):
-                if b * tokens_per_seq > self.meta.max_num_tokens or b > self.meta.max_num_seqs:
-                    continue
-                graph, logits, _ = self._capture_one(b, tokens_per_seq, pool)  # logits [b * L, V]
-                pool = graph.pool()
-                self.verify_graphs[b] = (graph, logits)
-            self.verify_len = tokens_per_seq
-            torch.cuda.synchronize()
-
-    @contextlib.contextmanager
-    def _frozen_heap(self):
-        """The Python heap frozen while capturing: torch.cuda.graph runs gc.collect() at every
-        capture, which otherwise walks every object the load and the compilations left (vLLM's
-        measure: capture from 35 s to 2 s). The time goes to capture_s."""
-        started = time.perf_counter()
-        gc.collect()
-        gc.freeze()
-        try:
-            yield
-        finally:
-            gc.unfreeze()
-            self.capture_s += time.perf_counter() - started
-
-    def _capture_one(self, b: int, tokens_each: int, pool, greedy: bool = False):
-        """(graph, logits, greedy picks or None) of one step of b sequences of `tokens_each`
-        tokens with no slot to write: capture-time values only; every replay refills the same
-        buffers. max_seq_len = the model's length, so the captured kernels' split choice covers
-        any later context. The decode-graph variant: its GEMV linears serve any call of few
-        tokens (attention takes its prefill path from max_query_len > 1 itself)."""
-        blocks = [0] * math.ceil(tokens_each / self.block_size)
-        self.meta.fill([tokens_each] * b, [tokens_each] * b, [blocks] * b, self.block_size)
-        self.meta.slot_mapping.fill_(-1)
-        self.meta.max_seq_len = self.max_model_len
-        ids, pos = self._flat_batch(b * tokens_each)
-        with attention_context(self.cache, self.meta), self._multimodal_context(), self.compiled.decode_graphs():
-            for _ in range(2):  # compile for this shape and warm up outside the graph
-                self.compiled(ids, pos)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.compiled(ids, pos)[0]
-                # greedy decoding needs no sampler launches: argmax and the NaN/Inf
-                # check ride in the graph, and one read brings both back
-                picks = greedy_picks(logits) if greedy else None
-        return graph, logits, picks

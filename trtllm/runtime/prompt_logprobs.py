@@ -80,3 +80,28 @@ def prompt_logprobs(logits: torch.Tensor, spans: list[PromptSpan]) -> list[list[
             i += 1
         out.append(entries)
     return out
+
+
+def deliver_prompt_logprobs(launched, requests: dict) -> None:
+    """The step's prompt-logit rows, as logprobs, into their requests' outputs (before
+    any output of this step is emitted: a prompt's last chunk samples its first token).
+    `launched` is the step's runtime/launched_step.LaunchedStep; `requests` the engine's
+    OutputBuilders by request id."""
+    launched.wait()
+    spans, rows, start = [], [], 0
+    for span in launched.prompt_spans:
+        end = start + span.end - span.start
+        req = requests.get(span.seq.request_id)
+        if req is not None and not span.seq.is_finished:
+            if span.seq.sampling_params.return_context_logits:
+                req.set_context_logits(span.start, launched.prompt_logits[start:end])
+            if span.seq.sampling_params.prompt_logprobs is not None:
+                spans.append(span)
+                rows += range(start, end)
+            span.seq.num_prompt_logprobs = span.end
+        start = end
+    if not spans:
+        return
+    logits = launched.prompt_logits if len(rows) == start else launched.prompt_logits[rows]
+    for span, entries in zip(spans, prompt_logprobs(logits, spans)):
+        requests[span.seq.request_id].set_prompt_logprobs(span.start, entries)

@@ -28,11 +28,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trtllm.runtime.client_protocol import EngineClient
+from trtllm.serve.errors import RequestError
 from trtllm.serve.gate import GENERATION_PATHS, Gate
 from trtllm.serve.handler import Handler
 from trtllm.serve.media import MediaPolicy
 from trtllm.serve.metrics import ServerMetrics
-from trtllm.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestError
+from trtllm.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("trtllm.serve")
 

@@ -13,8 +13,8 @@ import asyncio
 import hmac
 import logging
 
+from trtllm.serve.errors import RequestError
 from trtllm.serve.metrics import ServerMetrics
-from trtllm.serve.protocol import RequestError
 
 log = logging.getLogger("trtllm.serve")
 

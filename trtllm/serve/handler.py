@@ -27,9 +27,10 @@ from trtllm.runtime.outputs import RequestOutput
 from trtllm.runtime.request_stream import RequestStream
 from trtllm.runtime.tokenizer import apply_chat_template
 from trtllm.sampling_params import SamplingParams
-from trtllm.serve.media import MediaPolicy, load_images
+from trtllm.serve.errors import RequestError
+from trtllm.serve.media import MediaPolicy, process_images
 from trtllm.serve.metrics import ServerMetrics
-from trtllm.serve.protocol import DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, RequestError
+from trtllm.serve.protocol import DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
 from trtllm.serve.render import ChoiceProgress, Job, Renderer, dumps, event, usage
 from trtllm.serve.tools import ToolError, ToolPlan
 
@@ -112,12 +113,7 @@ class Handler:
             raise RequestError(400, f"messages: the chat template refused them: {e}", param="messages") from None
         multimodal = None
         if urls:  # decoded (under the policy's caps) and processed off the event loop
-            images = await asyncio.to_thread(load_images, urls, self.media)
-            try:
-                text, ids, multimodal = await asyncio.to_thread(
-                    self.processor.process, {"prompt": text, "multi_modal_data": {"image": images}})
-            except ValueError as e:
-                raise RequestError(400, f"messages: {e}", param="messages") from None
+            text, ids, multimodal = await process_images(self.processor, text, urls, self.media)
         else:
             _, ids = await self._tokenize(text, add_special_tokens=False)
         max_tokens = body.requested_max_tokens

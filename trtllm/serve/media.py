@@ -14,6 +14,7 @@ cannot decode is refused (400) naming its part.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
 from trtllm.runtime.multimodal_inputs import MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
-from trtllm.serve.protocol import RequestError
+from trtllm.serve.errors import RequestError
 
 _DATA_URL = re.compile(r"^data:(image/[A-Za-z0-9.+-]+)?(;[^,;]*)*;base64,", re.IGNORECASE)
 
@@ -39,6 +40,17 @@ class MediaPolicy:
             raise ValueError(f"max_images {self.max_images} / max_pixels {self.max_pixels}: must be >= 0 / >= 1")
         if self.allowed_local_media_path is not None and not os.path.isdir(self.allowed_local_media_path):
             raise ValueError(f"--allowed_local_media_path {self.allowed_local_media_path!r} is not a directory")
+
+
+async def process_images(processor, text: str, urls: list[str], policy: MediaPolicy):
+    """A chat prompt's images decoded (under the policy's caps) and, with its text, through the
+    model's processor, both off the event loop: (text with the image placeholders expanded,
+    token ids, the engine's multimodal input; runtime/multimodal_inputs.py)."""
+    images = await asyncio.to_thread(load_images, urls, policy)
+    try:
+        return await asyncio.to_thread(processor.process, {"prompt": text, "multi_modal_data": {"image": images}})
+    except ValueError as e:
+        raise RequestError(400, f"messages: {e}", param="messages") from None
 
 
 def load_images(urls: list[str], policy: MediaPolicy) -> list:

@@ -12,7 +12,8 @@ code: never over HTTP) and a request-supplied chat template: those are refused b
 client never gets an answer that silently ignored what it asked for.
 
 Every check here runs before any work reaches the engine; a failure is a `RequestError`
-that the app turns into OpenAI's error JSON (`{"error": {message, type, param, code}}`).
+(serve/errors.py) that the app turns into OpenAI's error JSON (`{"error": {message, type, param, code}}`).
+Chat content parts (text, image_url) are serve/content_parts.py's.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from trtllm.config import ConfigError
 from trtllm.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, GuidedDecodingParams, SamplingParams
+from trtllm.serve.content_parts import TextPart, image_urls, template_content
+from trtllm.serve.errors import RequestError
 
 MAX_PROMPTS = 32              # prompts in one /v1/completions request (a list of prompts)
 MAX_SEQUENCES = 64            # prompts x n in one request
@@ -46,25 +49,6 @@ _REFUSED = {
     "suffix": "suffix (insertion) is not supported",
     "prompt_logprobs": "prompt_logprobs is not supported",
 }
-
-
-class RequestError(Exception):
-    """A request the server refuses: HTTP status + OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                             413: "invalid_request_error", 415: "invalid_request_error",
-                             429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def encode(self) -> bytes:
-        """The body as JSON bytes; ASCII, so no string in a message can fail to encode."""
-        return json.dumps(self.body()).encode()
 
 
 def lone_surrogate(text: str) -> int | None:
@@ -249,18 +233,6 @@ class CompletionRequest(_Request):
         return prompts
 
 
-class TextPart(BaseModel):
-    """A content part: {"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}}."""
-    model_config = ConfigDict(extra="ignore")
-    type: str
-    text: str | None = None
-    image_url: dict | str | None = None
-
-    @property
-    def url(self):
-        return self.image_url.get("url") if isinstance(self.image_url, dict) else self.image_url
-
-
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -272,21 +244,7 @@ class ChatMessage(BaseModel):
     def as_template_input(self, image_token: str | None = None) -> dict:
         """The message for the chat template; an image part becomes `image_token` (the model's
         placeholder, which its processor expands), in the part's place."""
-        content = self.content
-        if isinstance(content, list):
-            pieces = []
-            for part in content:
-                if part.type == "text" and part.text is not None:
-                    pieces.append(part.text)
-                elif part.type == "image_url":
-                    if image_token is None:
-                        raise RequestError(400, "messages: an image_url content part, but this model takes no "
-                                                "images (a text-only model)", param="messages")
-                    pieces.append(image_token)
-                else:
-                    raise RequestError(400, "messages: only text and image_url content parts are supported",
-                                       param="messages")
-            content = "".join(pieces)
+        content = template_content(self.content, image_token)
         role = "system" if self.role == "developer" else self.role
         message = {"role": role, "content": content or ""}
         if self.tool_calls:
@@ -325,8 +283,7 @@ class ChatCompletionRequest(_Request):
 
     def image_urls(self) -> list:
         """The image_url parts' URLs, in message and part order."""
-        return [part.url for m in self.messages if isinstance(m.content, list)
-                for part in m.content if part.type == "image_url"]
+        return image_urls(m.content for m in self.messages)
 
     def checked_messages(self, image_token: str | None = None) -> list[dict]:
         if not self.messages:

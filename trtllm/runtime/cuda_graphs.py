@@ -1,0 +1,206 @@
+"""`CudaGraphs`: the step CUDA graphs a `ModelRunner` captured, their capture and replay.
+
+Pure-decode steps replay graphs captured for batch sizes 1, 2, 4, 8, 16, ... up to
+max_num_seqs (`cuda_graph_batch_sizes`; a step pads to the next captured size: padded
+tokens write no cache slot and belong to no sequence). A decode graph also computes its
+rows' greedy picks (argmax and a finite check, `greedy_picks`), which come back to one of
+two pinned host buffers by turns (the runner's `_turn`), so step n+1's copy never
+overwrites step n's before the host reads it.
+
+Verify steps of speculative decoding (runtime/speculative) replay graphs of b sequences of
+`verify_len` tokens each, every token a logits row, when `capture_verify` captured them
+(opt-in: the speculative configs' `verify_cuda_graphs`; not yet run on a GPU at the time of
+writing) and every sequence of the step verifies exactly verify_len - 1 drafts.
+
+A graph reads the runner's fixed-address buffers (token ids, positions, logits rows, the
+attention metadata, LoRA slots, staged image features) and writes fixed output buffers:
+replaying one is refilling those inputs in place, then `graph.replay()`. The runner's
+input staging (`_stage`, `_staging`, `_inputs`, `_inputs_copied`) and step events
+(`_step_launched`) are the runner's; this file uses them, it does not own them.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import gc
+import math
+import time
+
+import torch
+
+from trtllm.attention_context import attention_context
+from trtllm.runtime.launched_step import LaunchedStep
+from trtllm.runtime.sampler import greedy_picks
+
+
+def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes, b = [], 1
+    while b < max_num_seqs:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_num_seqs]
+
+
+class CudaGraphs:
+    def __init__(self, runner):
+        self.runner = runner  # the ModelRunner whose buffers the graphs read and write
+        # batch size -> (graph, logits [b, V], greedy [2, b]: argmax ids and 1/0 for finite rows)
+        self.decode: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._decode_sizes: list[int] = []  # sorted(self.decode), not re-sorted every step
+        # verify steps (runtime/speculative): batch size -> (graph, logits [b * L, V]), L tokens a sequence
+        self.verify: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.verify_len = 0
+        self._replay_views: dict[tuple[int, int, int], tuple] = {}  # (size, rows, turn): see replay
+        # a decode graph's greedy picks, [2, b], go to pinned host memory right after the
+        # replay, while the GPU runs, so reading them after `wait` is no synchronous
+        # device-to-host copy (`.tolist()` of the device tensor: ~20 us under cProfile on
+        # the H100). Two buffers per size, used by turns (the runner's `_turn`).
+        self._greedy_host: dict[tuple[int, int], torch.Tensor] = {}  # (batch size, turn) -> [2, b]
+        self.capture_s = 0.0  # seconds in capture_decode / capture_verify (their warm-up calls' compilation too)
+
+    # -- which graph runs a step -----------------------------------------------------------
+    def decode_size(self, num_tokens: int, num_seqs: int, sample_rows: list[int]) -> int | None:
+        """The captured batch size that runs this step, if one can: every sequence has one
+        new token (n >= 1 each, so tokens == sequences says it), and the rows to sample are
+        the first ones (a graph's logits and greedy picks are read as their leading rows;
+        the scheduler puts decodes first, so only a 1-token prefill chunk, last, is not)."""
+        if num_tokens != num_seqs or (sample_rows and sample_rows[-1] != len(sample_rows) - 1):
+            return None
+        if len(self._decode_sizes) != len(self.decode):  # graphs added since: sort once more
+            self._decode_sizes = sorted(self.decode)
+        i = bisect.bisect_left(self._decode_sizes, num_tokens)
+        return self._decode_sizes[i] if i < len(self._decode_sizes) else None
+
+    def verify_size(self, query_lens: list[int], num_rows: list[int]) -> int | None:
+        """The captured verify batch size that runs this step: every sequence verifies
+        verify_len - 1 drafts (so each of its tokens is a logits row, in order)."""
+        L = self.verify_len
+        if len(num_rows) != len(query_lens) or any(n != L for n in query_lens) or any(r != L for r in num_rows):
+            return None
+        sizes = sorted(self.verify)
+        i = bisect.bisect_left(sizes, len(query_lens))
+        return sizes[i] if i < len(sizes) else None
+
+    # -- replay ----------------------------------------------------------------------------
+    def replay_verify(self, size: int, ids: list[int], positions: list[int], scheduled, to_sample,
+                      num_rows: list[int]) -> LaunchedStep:
+        """A verify step by the graph captured for `size` sequences: its first len(ids)
+        logits rows are the step's (padding tokens write no slot and belong to no sequence)."""
+        runner = self.runner
+        graph, logits = self.verify[size]
+        total = size * self.verify_len
+        runner._stage(ids, positions, [], total)
+        runner._inputs[:, :total].copy_(runner._staging[:, :total], non_blocking=True)
+        if runner._inputs_copied is not None:
+            runner._inputs_copied.record()
+        graph.replay()
+        return LaunchedStep(scheduled, to_sample, logits[:len(ids)], None, None, runner._step_launched(),
+                            num_rows=num_rows)
+
+    def replay(self, size: int, ids: list[int], positions: list[int], rows, scheduled, to_sample,
+               gather_ids: torch.Tensor | None = None) -> LaunchedStep:
+        """A decode step by the graph captured for `size`; its first len(to_sample) rows
+        are the ones to sample. With `gather_ids`, the input ids are gather_ids[rows]
+        (on the device); else `ids`. The tensor views it needs are made once per (size,
+        rows, turn), not every step: a slice costs ~4 us of host time, and a step would take
+        four (bench/probes/host_step.py --profile)."""
+        runner = self.runner
+        num_rows, turn = len(to_sample), runner._turn
+        views = self._replay_views.get((size, num_rows, turn))
+        if views is None:
+            graph, logits, greedy = self.decode[size]
+            # whole [2, size] tensors on both sides: contiguous, so the copy is one async
+            # memcpy (a strided one would go through an unpinned buffer, synchronously)
+            host = self._greedy_host.get((size, turn))
+            if host is None:
+                host = self._greedy_host[size, turn] = torch.empty(greedy.shape, dtype=greedy.dtype,
+                                                                   pin_memory=runner.device.type == "cuda")
+            lora = None if runner.adapters is None else (runner.adapters.slots.slot_ids[:size],
+                                                         runner._staging[3, :size])
+            views = (graph, runner._inputs[:, :size], runner._staging[:3, :size], greedy, host,
+                     host[:, :num_rows], logits[:num_rows], lora)
+            self._replay_views[(size, num_rows, turn)] = views
+        graph, inputs, staging, greedy, greedy_host, picks, logits, lora = views
+        runner._stage(ids, positions, rows, size)
+        inputs.copy_(staging, non_blocking=True)
+        if lora is not None:  # each token's adapter slot
+            lora[0].copy_(lora[1], non_blocking=True)
+        if gather_ids is not None:  # the row of the previous step each sequence's token is at
+            n = len(rows)
+            torch.index_select(gather_ids, 0, runner.logits_indices[:n], out=runner.input_ids[:n])
+        if runner._inputs_copied is not None:
+            runner._inputs_copied.record()
+        graph.replay()
+        greedy_host.copy_(greedy, non_blocking=True)  # in greedy_host once the step is done
+        return LaunchedStep(scheduled, to_sample, logits, picks, greedy, runner._step_launched())
+
+    # -- capture ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def capture_decode(self, batch_sizes: list[int]) -> None:
+        """Capture decode steps of each batch size, largest first (they share one pool)."""
+        self._replay_views.clear()
+        self._greedy_host.clear()
+        with self._frozen_heap():
+            pool = None
+            for b in sorted(batch_sizes, reverse=True):
+                graph, logits, greedy = self._capture_one(b, 1, pool, greedy=True)  # logits [b, V]
+                pool = graph.pool()
+                self.decode[b] = (graph, logits, greedy)
+            torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def capture_verify(self, tokens_per_seq: int, batch_sizes: list[int]) -> None:
+        """Capture verify steps (runtime/speculative) of b sequences with tokens_per_seq
+        tokens each (the last known token and its drafts), every token a logits row, on the
+        prefill attention path (whose host-side bounds num_seqs / max_query_len /
+        max_seq_len the capture fixes), largest first, one pool."""
+        meta = self.runner.meta
+        with self._frozen_heap():
+            pool = None
+            for b in sorted(batch_sizes, reverse=True):
+                if b * tokens_per_seq > meta.max_num_tokens or b > meta.max_num_seqs:
+                    continue
+                graph, logits, _ = self._capture_one(b, tokens_per_seq, pool)  # logits [b * L, V]
+                pool = graph.pool()
+                self.verify[b] = (graph, logits)
+            self.verify_len = tokens_per_seq
+            torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def _frozen_heap(self):
+        """The Python heap frozen while capturing: torch.cuda.graph runs gc.collect() at every
+        capture, which otherwise walks every object the load and the compilations left (vLLM's
+        measure: capture from 35 s to 2 s). The time goes to capture_s."""
+        started = time.perf_counter()
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            gc.unfreeze()
+            self.capture_s += time.perf_counter() - started
+
+    def _capture_one(self, b: int, tokens_each: int, pool, greedy: bool = False):
+        """(graph, logits, greedy picks or None) of one step of b sequences of `tokens_each`
+        tokens with no slot to write: capture-time values only; every replay refills the same
+        buffers. max_seq_len = the model's length, so the captured kernels' split choice covers
+        any later context. The decode-graph variant: its GEMV linears serve any call of few
+        tokens (attention takes its prefill path from max_query_len > 1 itself)."""
+        runner = self.runner
+        blocks = [0] * math.ceil(tokens_each / runner.block_size)
+        runner.meta.fill([tokens_each] * b, [tokens_each] * b, [blocks] * b, runner.block_size)
+        runner.meta.slot_mapping.fill_(-1)
+        runner.meta.max_seq_len = runner.max_model_len
+        ids, pos = runner._flat_batch(b * tokens_each)
+        with attention_context(runner.cache, runner.meta), runner._multimodal_context(), \
+                runner.compiled.decode_graphs():
+            for _ in range(2):  # compile for this shape and warm up outside the graph
+                runner.compiled(ids, pos)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = runner.compiled(ids, pos)[0]
+                # greedy decoding needs no sampler launches: argmax and the NaN/Inf
+                # check ride in the graph, and one read brings both back
+                picks = greedy_picks(logits) if greedy else None
+        return graph, logits, picks
