@@ -4,7 +4,8 @@
     hf_model(directory) -> the HF *ForCausalLM, fp32, eager attention, eval
 
 FAMILIES lists the families models/llama.py runs, GEMMA_FAMILIES and PHI3_FAMILIES those of
-models/gemma.py and models/phi3.py, HF_MODULE_FAMILIES the others (no model file of ours);
+models/gemma.py and models/phi3.py, ALIBI_FAMILIES those of models/bloom.py and models/mpt.py,
+HF_MODULE_FAMILIES the others (no model file of ours);
 each is hidden 64, 2 layers, 4 heads, vocab 128. Every
 parameter is random (norm weights around 1, biases nonzero) so a misplaced tensor shows.
 Other test files reuse these: `from tests.models.checkpoints import write_checkpoint`.
@@ -78,6 +79,23 @@ PHI3_FAMILIES: dict[str, tuple[type, type, dict]] = {
     "phi3_partial": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
                      dict(num_key_value_heads=2, partial_rotary_factor=0.75, tie_word_embeddings=True)),
 }
+# ALiBi: head counts not a power of 2, so the slopes' second series (BLOOM) and interleaving
+# (MPT) are used; head_dim 16. BLOOM's head untied: tied, these random weights make it repeat
+# the last token whatever attention does (zeroing the slopes then changes no greedy token);
+# eos 127, which the greedy runs do not meet (HF's min_new_tokens would mask it: id 2 is met).
+ALIBI_FAMILIES: dict[str, tuple[type, type, dict]] = {
+    "bloom": (transformers.BloomConfig, transformers.BloomForCausalLM,
+              dict(hidden_size=80, num_attention_heads=5, tie_word_embeddings=False, eos_token_id=127)),
+    # the residual taken after the LayerNorms (BLOOM-176B's config has it off; the variant exists)
+    "bloom_post_ln": (transformers.BloomConfig, transformers.BloomForCausalLM,
+                      dict(hidden_size=80, num_attention_heads=5, apply_residual_connection_post_layernorm=True,
+                           tie_word_embeddings=False, eos_token_id=127)),
+    "mpt": (transformers.MptConfig, transformers.MptForCausalLM,
+            dict(hidden_size=96, num_attention_heads=6, max_seq_len=128)),
+    "mpt_clip": (transformers.MptConfig, transformers.MptForCausalLM,
+                 dict(hidden_size=96, num_attention_heads=6, max_seq_len=128,
+                      attn_config={"clip_qkv": 0.3, "softmax_scale": 0.2})),
+}
 # Families with no model file of ours: LLM(model=path) runs HF's module under our attention
 # interface (models/hf.py), or refuses them by name.
 HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
@@ -124,13 +142,13 @@ HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
                          num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
                          qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)),
 }
-GEMMA_FAMILIES, PHI3_FAMILIES, HF_MODULE_FAMILIES = (
+GEMMA_FAMILIES, PHI3_FAMILIES, ALIBI_FAMILIES, HF_MODULE_FAMILIES = (
     {name: (config, model, {**_IDS, **kwargs}) for name, (config, model, kwargs) in families.items()}
-    for families in (GEMMA_FAMILIES, PHI3_FAMILIES, HF_MODULE_FAMILIES))
+    for families in (GEMMA_FAMILIES, PHI3_FAMILIES, ALIBI_FAMILIES, HF_MODULE_FAMILIES))
 
 
 def _family(family: str) -> tuple[type, type, dict]:
-    for families in (FAMILIES, GEMMA_FAMILIES, PHI3_FAMILIES, HF_MODULE_FAMILIES):
+    for families in (FAMILIES, GEMMA_FAMILIES, PHI3_FAMILIES, ALIBI_FAMILIES, HF_MODULE_FAMILIES):
         if family in families:
             return families[family]
     raise KeyError(f"no test family {family!r}")

@@ -19,7 +19,9 @@ NEW = 8
 RUN = ["phi", "gpt2", "gpt_neox", "stablelm", "starcoder2", "olmo2", "granite", "cohere"]
 MOE = {"mixtral": 2, "qwen2_moe": 2, "qwen3_moe": 1, "olmoe": 2}  # family -> MoE layers (of 2)
 OWN_FILE = {"gemma": "gemma.GemmaForCausalLM", "gemma2": "gemma.GemmaForCausalLM", "gemma3": "gemma.GemmaForCausalLM",
-            "gemma2_softcap": "gemma.GemmaForCausalLM", "phi3": "phi3.Phi3ForCausalLM", "phi3_partial": "phi3.Phi3ForCausalLM"}
+            "gemma2_softcap": "gemma.GemmaForCausalLM", "phi3": "phi3.Phi3ForCausalLM", "phi3_partial": "phi3.Phi3ForCausalLM",
+            "bloom": "bloom.BloomForCausalLM", "bloom_post_ln": "bloom.BloomForCausalLM",
+            "mpt": "mpt.MptForCausalLM", "mpt_clip": "mpt.MptForCausalLM"}
 
 
 def checkpoint(family, tmp_path_factory):
@@ -162,3 +164,27 @@ def test_our_model_file_is_taken_where_there_is_one(tmp_path_factory):
         summary = engine.compiled.summary()
     assert "model file of ours: trtllm.models.llama.LlamaForCausalLM" in summary
     assert "sliding windows per layer [0, 4]" in summary
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_alibi_is_applied_by_the_paged_kernels_and_bites(family, tmp_path_factory):
+    """The summary names the slopes the paged kernels add, and without them (our eager model,
+    slopes zeroed) the greedy tokens are not HF's: the ALiBi greedy tests above can fail."""
+    from trtllm.models.loader import load_model
+    path = checkpoint(family, tmp_path_factory)
+    expected, _ = hf_greedy(path)
+    with llm(path) as engine:
+        summary = engine.compiled.summary()
+    assert "ALiBi slopes per head [" in summary, summary
+    model = load_model(path, dtype=torch.float32, device="cpu")
+    model.transformer.alibi_slopes.zero_()
+
+    def greedy(prompt):
+        ids = list(prompt)
+        for _ in range(NEW):
+            with torch.no_grad():
+                logits = model(torch.tensor([ids]), torch.arange(len(ids))[None])
+            ids.append(int(logits[0, -1].argmax()))
+        return ids[len(prompt):]
+
+    assert [greedy(p) for p in PROMPTS] != expected
