@@ -128,6 +128,8 @@ def probe_attention(model: nn.Module, device: torch.device) -> AttentionSpec:
             raise CompileError(f"{type(model.model).__name__} is refused: its attention{alibi} does not go through "
                                "HF's AttentionInterface, so trtllm cannot page it (and has no model file of its own "
                                "for this family)")
+    if calls:
+        refuse_hf_masks(model.config, calls)
     for i, call in enumerate(calls):
         if call.unhonoured:
             raise CompileError(f"attention layer {call.layer if call.layer is not None else i} ({call.module}): "
@@ -159,6 +161,21 @@ def probe_attention(model: nn.Module, device: torch.device) -> AttentionSpec:
         raise CompileError("ALiBi with logit soft-capping: the paged attention kernels take one or the other")
     return AttentionSpec(n, heads, dim, dtype, tuple(windows), tuple(float(c) for c in softcaps),
                          alibi_slopes=slopes)
+
+
+def refuse_hf_masks(config, calls: list) -> None:
+    """Attention an HF module asks for through the mask it builds, which trtllm's interface
+    never receives (it registers no mask function): chunked attention (Llama-4's
+    `attention_chunk_size` on its `chunked_attention` layers) is refused naming the layers,
+    rather than run as full causal attention."""
+    types = list(getattr(config, "layer_types", None) or ())
+    chunk = getattr(config, "attention_chunk_size", None)
+    chunked = [c.layer if c.layer is not None else i for i, c in enumerate(calls)
+               if c.layer is not None and c.layer < len(types) and types[c.layer] == "chunked_attention"]
+    if chunked and chunk:
+        raise CompileError(f"attention layers {chunked} ({calls[0].module}): chunked attention "
+                           f"(attention_chunk_size={chunk}, HF's mask keeps each query to its own chunk of keys): "
+                           "the paged attention kernels do not honour it, and dropping it would give wrong output")
 
 
 def hf_alibi(config) -> bool:

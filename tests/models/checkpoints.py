@@ -109,6 +109,9 @@ HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
     "gptj": (transformers.GPTJConfig, transformers.GPTJForCausalLM, dict(rotary_dim=8)),
     "falcon": (transformers.FalconConfig, transformers.FalconForCausalLM,
                dict(num_kv_heads=2, new_decoder_architecture=True)),
+    # Falcon-RW's layout: ALiBi, no rotary; refused by name (no Falcon model file of ours)
+    "falcon_alibi": (transformers.FalconConfig, transformers.FalconForCausalLM,
+                     dict(alibi=True, multi_query=False, parallel_attn=False, bias=True)),
     "stablelm": (transformers.StableLmConfig, transformers.StableLmForCausalLM, dict(num_key_value_heads=2)),
     "starcoder2": (transformers.Starcoder2Config, transformers.Starcoder2ForCausalLM,
                    dict(num_key_value_heads=2, sliding_window=5)),
@@ -117,6 +120,23 @@ HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
                 dict(num_key_value_heads=2, attention_multiplier=0.3, residual_multiplier=0.5,
                      embedding_multiplier=2.0, logits_scaling=4.0)),
     "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM, dict(num_key_value_heads=2)),
+    # no-rope layers: SmolLM3's `no_rope_layers` (layer 1 skips rotary), Cohere2's global layers
+    # (layer 1: full attention, no rotary; layer 0 sliding, window 4, rotary)
+    "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM,
+                dict(num_key_value_heads=2, no_rope_layers=[1, 0])),
+    "cohere2": (transformers.Cohere2Config, transformers.Cohere2ForCausalLM,
+                dict(num_key_value_heads=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    # Llama-4 text: a chunked-attention rotary layer (chunk 8) then a global no-rope layer with
+    # attention temperature tuning; MoE (4 experts, top-1) on every layer
+    "llama4": (transformers.Llama4TextConfig, transformers.Llama4ForCausalLM,
+               dict(num_key_value_heads=2, head_dim=16, intermediate_size=64, intermediate_size_mlp=128,
+                    num_local_experts=4, num_experts_per_tok=1, attention_chunk_size=8, no_rope_layers=[1, 0],
+                    layer_types=["chunked_attention", "full_attention"], floor_scale=4)),
+    # as "llama4" with both layers full attention: no-rope and temperature tuning alone
+    "llama4_full": (transformers.Llama4TextConfig, transformers.Llama4ForCausalLM,
+                    dict(num_key_value_heads=2, head_dim=16, intermediate_size=64, intermediate_size_mlp=128,
+                         num_local_experts=4, num_experts_per_tok=1, attention_chunk_size=8, no_rope_layers=[1, 0],
+                         layer_types=["full_attention", "full_attention"], floor_scale=4)),
     # MoE: 4 experts, top-2; passes/fuse_moe.py replaces each block by moe_routing + fused_moe
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
                 dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,

@@ -1,8 +1,9 @@
 """LLM(model=path) for HF decoder families beyond Llama: our model file where there is one
 (Gemma, Gemma-2, Gemma-3 text, Phi-3), else transformers' module under trtllm's attention
 interface (models/hf.py), compiled by the same passes. Greedy output equals HF generate
-token for token (fp32, chunked prefill and prefix reuse on, windows that bite); a family the
-kernels or the contract cannot run is refused by name."""
+token for token (fp32, chunked prefill and prefix reuse on, windows that bite; ALiBi through our
+BLOOM and MPT files; no-rope layers of SmolLM3, Cohere2 and Llama-4 through HF's modules); a
+family the kernels or the contract cannot run is refused by name."""
 import pytest
 import torch
 
@@ -16,7 +17,8 @@ from trtllm.sampling_params import SamplingParams
 
 PROMPTS = [[5, 17, 99, 3, 250, 31, 8], [400, 3], list(range(60, 81)), [9]]
 NEW = 8
-RUN = ["phi", "gpt2", "gpt_neox", "stablelm", "starcoder2", "olmo2", "granite", "cohere"]
+RUN = ["phi", "gpt2", "gpt_neox", "stablelm", "starcoder2", "olmo2", "granite", "cohere",
+       "smollm3", "cohere2", "llama4_full"]  # the last three with no-rope layers
 MOE = {"mixtral": 2, "qwen2_moe": 2, "qwen3_moe": 1, "olmoe": 2}  # family -> MoE layers (of 2)
 OWN_FILE = {"gemma": "gemma.GemmaForCausalLM", "gemma2": "gemma.GemmaForCausalLM", "gemma3": "gemma.GemmaForCausalLM",
             "gemma2_softcap": "gemma.GemmaForCausalLM", "phi3": "phi3.Phi3ForCausalLM", "phi3_partial": "phi3.Phi3ForCausalLM",
@@ -134,7 +136,11 @@ def test_the_hf_module_path_still_runs_a_family_we_have_a_file_for(family, hf_cl
 @pytest.mark.parametrize("family, error, why", [
     ("gptj", CompileError, "GPTJForCausalLM is refused: its attention does not go through HF's AttentionInterface"),
     ("falcon", CompileError, "FalconForCausalLM is refused: its attention does not go through"),
+    ("falcon_alibi", CompileError, "FalconForCausalLM is refused: its attention \\(and ALiBi, which only our BLOOM "
+                                   "and MPT model files give the kernels\\) does not go through"),
     ("gpt_oss", CompileError, r"attention layer 0 \(GptOssAttention\): the attention argument 's_aux'"),
+    ("llama4", CompileError, r"attention layers \[0\] \(Llama4TextAttention\): chunked attention "
+                             r"\(attention_chunk_size=8"),
 ])
 def test_a_family_that_cannot_run_is_refused_by_name(family, error, why, tmp_path_factory):
     path = checkpoint(family, tmp_path_factory)
