@@ -123,7 +123,7 @@ def probe_attention(model: nn.Module, device: torch.device) -> AttentionSpec:
             if record is None or calls:
                 raise
         if record is not None and not calls:  # e.g. GPT-J, Falcon: their own attention code
-            alibi = " (and ALiBi, which only our BLOOM and MPT model files give the kernels)" \
+            alibi = " (and ALiBi, which only our BLOOM, MPT and Falcon model files give the kernels)" \
                 if hf_alibi(model.config) else ""
             raise CompileError(f"{type(model.model).__name__} is refused: its attention{alibi} does not go through "
                                "HF's AttentionInterface, so trtllm cannot page it (and has no model file of its own "
@@ -194,7 +194,7 @@ def alibi_slopes(model: nn.Module, query_heads: set[int], calls: list) -> tuple[
     if calls:
         if hf_alibi(config):
             raise CompileError(f"{type(model.model).__name__}: ALiBi, added by the HF module's own attention code, "
-                               "would be dropped by paged attention (only our BLOOM and MPT model files give "
+                               "would be dropped by paged attention (only our BLOOM, MPT and Falcon model files give "
                                "the kernels ALiBi slopes)")
         return ()
     slopes = tuple(float(s) for s in (getattr(config, "alibi_slopes", None) or ()))

@@ -96,6 +96,17 @@ ALIBI_FAMILIES: dict[str, tuple[type, type, dict]] = {
                  dict(hidden_size=96, num_attention_heads=6, max_seq_len=128,
                       attn_config={"clip_qkv": 0.3, "softmax_scale": 0.2})),
 }
+# models/falcon.py: Falcon-40B's layout (grouped kv heads, ln_attn / ln_mlp), Falcon-7B's
+# (multi-query, parallel attention + MLP, one LayerNorm), Falcon-RW's (ALiBi, sequential, biases);
+# eos 127 where id 2 is a greedy token (HF's min_new_tokens would mask it)
+FALCON_FAMILIES: dict[str, tuple[type, type, dict]] = {
+    "falcon": (transformers.FalconConfig, transformers.FalconForCausalLM,
+               dict(num_kv_heads=2, new_decoder_architecture=True)),
+    "falcon_7b": (transformers.FalconConfig, transformers.FalconForCausalLM,
+                  dict(multi_query=True, parallel_attn=True, tie_word_embeddings=False, eos_token_id=127)),
+    "falcon_alibi": (transformers.FalconConfig, transformers.FalconForCausalLM,
+                     dict(alibi=True, multi_query=False, parallel_attn=False, bias=True, tie_word_embeddings=False)),
+}
 # Families with no model file of ours: LLM(model=path) runs HF's module under our attention
 # interface (models/hf.py), or refuses them by name.
 HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
@@ -107,11 +118,6 @@ HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
                 dict(num_key_value_heads=2, head_dim=16, intermediate_size=64, num_local_experts=4,
                      num_experts_per_tok=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "gptj": (transformers.GPTJConfig, transformers.GPTJForCausalLM, dict(rotary_dim=8)),
-    "falcon": (transformers.FalconConfig, transformers.FalconForCausalLM,
-               dict(num_kv_heads=2, new_decoder_architecture=True)),
-    # Falcon-RW's layout: ALiBi, no rotary; refused by name (no Falcon model file of ours)
-    "falcon_alibi": (transformers.FalconConfig, transformers.FalconForCausalLM,
-                     dict(alibi=True, multi_query=False, parallel_attn=False, bias=True)),
     "stablelm": (transformers.StableLmConfig, transformers.StableLmForCausalLM, dict(num_key_value_heads=2)),
     "starcoder2": (transformers.Starcoder2Config, transformers.Starcoder2ForCausalLM,
                    dict(num_key_value_heads=2, sliding_window=5)),
@@ -162,13 +168,13 @@ HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
                          num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
                          qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)),
 }
-GEMMA_FAMILIES, PHI3_FAMILIES, ALIBI_FAMILIES, HF_MODULE_FAMILIES = (
+GEMMA_FAMILIES, PHI3_FAMILIES, ALIBI_FAMILIES, FALCON_FAMILIES, HF_MODULE_FAMILIES = (
     {name: (config, model, {**_IDS, **kwargs}) for name, (config, model, kwargs) in families.items()}
-    for families in (GEMMA_FAMILIES, PHI3_FAMILIES, ALIBI_FAMILIES, HF_MODULE_FAMILIES))
+    for families in (GEMMA_FAMILIES, PHI3_FAMILIES, ALIBI_FAMILIES, FALCON_FAMILIES, HF_MODULE_FAMILIES))
 
 
 def _family(family: str) -> tuple[type, type, dict]:
-    for families in (FAMILIES, GEMMA_FAMILIES, PHI3_FAMILIES, ALIBI_FAMILIES, HF_MODULE_FAMILIES):
+    for families in (FAMILIES, GEMMA_FAMILIES, PHI3_FAMILIES, ALIBI_FAMILIES, FALCON_FAMILIES, HF_MODULE_FAMILIES):
         if family in families:
             return families[family]
     raise KeyError(f"no test family {family!r}")

@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from trtllm.models.bloom import BloomForCausalLM
+from trtllm.models.falcon import FalconForCausalLM
 from trtllm.models.gemma import GemmaForCausalLM
 from trtllm.models.llama import LlamaForCausalLM
 from trtllm.models.llava import LlavaForConditionalGeneration
@@ -60,6 +61,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "BloomForCausalLM": BloomForCausalLM,
     "MptForCausalLM": MptForCausalLM,
+    "FalconForCausalLM": FalconForCausalLM,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     "LlavaNextForConditionalGeneration": LlavaForConditionalGeneration,
 }
