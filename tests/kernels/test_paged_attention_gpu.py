@@ -10,7 +10,15 @@ import os
 import pytest
 import torch
 
-from tests.kernels.test_paged_attention import TOL, bloom_slopes, check, clone_caches, make_batch, with_alibi, with_softcap
+from tests.kernels.test_paged_attention import (
+    TOL,
+    bloom_slopes,
+    check,
+    clone_caches,
+    make_batch,
+    with_alibi,
+    with_softcap,
+)
 from trtllm.kernels.paged_attention import PrefillLaunch, choose_launch, decode_launch, launch_paged_attention
 
 pytestmark = pytest.mark.skipif(
