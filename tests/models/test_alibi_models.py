@@ -86,3 +86,11 @@ def test_slopes_of_the_wrong_length_are_refused(pair):
     finally:
         ours.config.alibi_slopes = (bloom_alibi_slopes if isinstance(ours, BloomForCausalLM)
                                     else mpt_alibi_slopes)(ours.config.num_attention_heads)
+
+
+def test_alibi_under_tensor_parallelism_is_refused(pair):
+    """Each rank would need its own heads' slopes: refused at compile(), naming ALiBi."""
+    from trtllm.parallel.tensor_parallel import TensorParallel
+    ours, _ = pair
+    with pytest.raises(CompileError, match="ALiBi under tensor parallelism"):
+        trtllm.compile(ours, tensor_parallel=TensorParallel(0, 2, "never used"))
