@@ -44,10 +44,11 @@ CACHE = {"": BF16, "fp8": MockTensor(torch.float8_e4m3fn), "int8": MockTensor(to
 CACHE_STRIDES = (PAGE * HKV * D, HKV * D, D)  # one layer's [NB, PAGE, Hkv, D]
 
 
-def decode_args(batch, ctx, splits, cluster, trace=False, softcap=0.0, kv_quant=""):
+def decode_args(batch, ctx, splits, cluster, trace=False, softcap=0.0, kv_quant="", alibi=False):
     """_decode_kernel's arguments as launch_decode passes them for batch x ctx (contiguous
     q/k/v/out rows as the bench makes them; num_tokens and window are not specialized;
-    softcap is a constexpr, 0.0 = none; kv_quant "fp8" / "int8": a quantized cache)."""
+    softcap is a constexpr, 0.0 = none; kv_quant "fp8" / "int8": a quantized cache; alibi:
+    ALiBi slopes [Hq] fp32, else the output stands in for them, as the launcher passes)."""
     return dict(
         q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, kc_ptr=CACHE[kv_quant], vc_ptr=CACHE[kv_quant],
         ks_ptr=F32 if kv_quant else BF16, vs_ptr=F32 if kv_quant else BF16, o_ptr=BF16, slot_ptr=I32,
@@ -56,27 +57,30 @@ def decode_args(batch, ctx, splits, cluster, trace=False, softcap=0.0, kv_quant=
         pl_ptr=F32 if splits > 1 and not cluster else BF16,
         pacc_ptr=F32 if splits > 1 and not cluster else BF16,
         count_ptr=I32 if splits > 1 and not cluster else BF16,
-        trace_ptr=I64 if trace else BF16, qk_scale=D ** -0.5 * LOG2E, window=0, num_tokens=batch,
+        trace_ptr=I64 if trace else BF16, alibi_ptr=F32 if alibi else BF16,
+        qk_scale=D ** -0.5 * LOG2E, window=0, num_tokens=batch,
         stride_qt=HQ * D, stride_qh=D, stride_kt=HKV * D, stride_kh=D, stride_vt=HKV * D, stride_vh=D,
         stride_ot=HQ * D, stride_oh=D, stride_bt=triton.cdiv(ctx, PAGE),
         STRIDE_CB=CACHE_STRIDES[0], STRIDE_CS=CACHE_STRIDES[1], STRIDE_CH=CACHE_STRIDES[2],
         G=G, HEAD_D=D, BLOCK_D=D, PAGE=PAGE, BLOCK_G=16, BLOCK_N=64, NUM_SPLITS=splits,
         BLOCK_S=triton.next_power_of_2(splits), HKV=HKV, BLOCK_HKV=HKV, BLOCK_HQ=HQ,
         DOT_PREC="tf32", TRACE=trace, CLUSTER=cluster, OFF64=False, SOFTCAP=softcap, KV_QUANT=kv_quant,
+        ALIBI=alibi,
     )
 
 
-def prefill_args(tokens, block_m, softcap=0.0, kv_quant=""):
+def prefill_args(tokens, block_m, softcap=0.0, kv_quant="", alibi=False):
     return dict(
         q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, kc_ptr=CACHE[kv_quant], vc_ptr=CACHE[kv_quant],
         ks_ptr=F32 if kv_quant else BF16, vs_ptr=F32 if kv_quant else BF16, o_ptr=BF16, bt_ptr=I32,
-        seq_lens_ptr=I32, qsl_ptr=I32, qk_scale=D ** -0.5 * LOG2E, window=0, num_seqs=1,
+        seq_lens_ptr=I32, qsl_ptr=I32, alibi_ptr=F32 if alibi else BF16, qk_scale=D ** -0.5 * LOG2E, window=0,
+        num_seqs=1,
         num_q_blocks=tokens // (block_m // G) + 1,
         stride_qt=HQ * D, stride_qh=D, stride_kt=HKV * D, stride_kh=D, stride_vt=HKV * D, stride_vh=D,
         stride_cb=CACHE_STRIDES[0], stride_cs=CACHE_STRIDES[1], stride_ch=CACHE_STRIDES[2],
         stride_ot=HQ * D, stride_oh=D, stride_bt=triton.cdiv(tokens, PAGE),
         G=G, HEAD_D=D, BLOCK_D=D, PAGE=PAGE, BLOCK_Q=block_m // G, BLOCK_M=block_m, SOFTCAP=softcap,
-        KV_QUANT=kv_quant,
+        KV_QUANT=kv_quant, ALIBI=alibi,
     )
 
 
@@ -104,6 +108,11 @@ CONFIGS = {
     "decode_1split_b64x2048_softcap": (_decode_kernel, decode_args(64, 2048, 1, False, softcap=50.0), (4, 3)),
     "prefill_4096_softcap": (_prefill_kernel, dict(prefill_args(4096, 128, softcap=50.0), BLOCK_N=64,
                                                    DOT_PREC="tf32"), (8, 3)),
+    # ALiBi (BLOOM, MPT): the same shapes, what the bias costs per tile
+    "decode_cluster_b8x2048_alibi": (_decode_kernel, decode_args(8, 2048, 2, True, alibi=True), (2, 5)),
+    "decode_1split_b64x2048_alibi": (_decode_kernel, decode_args(64, 2048, 1, False, alibi=True), (4, 3)),
+    "prefill_4096_alibi": (_prefill_kernel, dict(prefill_args(4096, 128, alibi=True), BLOCK_N=64,
+                                                 DOT_PREC="tf32"), (8, 3)),
     "cache_write": (_cache_write_kernel, cache_write_args(), (4, 3)),
 }
 

@@ -1,7 +1,7 @@
 """How the paged KV cache and attention metadata reach a compiled graph.
 
 `trtllm.compile` replaces every SDPA call in a model with `torch.ops.trtllm.attention
-(q, k, v, layer, scale, window, softcap)`. That graph op takes no cache and no metadata: it reads
+(q, k, v, layer, scale, window, softcap, alibi_slopes)`. That graph op takes no cache and no metadata: it reads
 them from the *active attention context*, which the runtime sets around each forward:
 
     cache = PagedKVCache.allocate(num_layers, num_blocks, block_size, num_kv_heads, head_dim, ...)
@@ -248,13 +248,14 @@ def active_context() -> AttentionContext:
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float,
-               window: int, softcap: float) -> torch.Tensor:
+               window: int, softcap: float, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of SDPA's shapes on the active paged cache.
 
     q [B, Hq, S, D], k/v [B, Hkv, S, D] (the new tokens; B sequences of S tokens, or the
     runtime's flat batch with B = 1) -> [B, Hq, S, D]. Writes k/v into layer `layer` of the
     cache, then each token attends to its sequence's cached context up to itself (the last
-    `window` positions if window > 0; logits soft-capped if softcap > 0: kernels/paged_attention).
+    `window` positions if window > 0; logits soft-capped if softcap > 0; ALiBi's bias with
+    alibi_slopes [Hq] fp32, a constant input of the graph: kernels/paged_attention).
     """
     ctx = active_context()
     meta = ctx.metadata
@@ -266,13 +267,14 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, sc
     out = paged_attention(
         flat(q), flat(k), flat(v), ctx.cache.k, ctx.cache.v, layer,
         meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        scale, window, softcap, meta.num_seqs, meta.max_query_len, meta.max_seq_len, ctx.cache.scales)
+        scale, window, softcap, meta.num_seqs, meta.max_query_len, meta.max_seq_len, ctx.cache.scales,
+        alibi_slopes)
     # paged_attention returns a contiguous [T, Hq, D]; .contiguous() is a no-op that pins
     # the strides _attention_fake promises even if that ever changes
     return out.contiguous().view(b, s, hq, v.shape[-1]).transpose(1, 2)
 
 
-def _attention_fake(q, k, v, layer, scale, window, softcap):
+def _attention_fake(q, k, v, layer, scale, window, softcap, alibi_slopes=None):
     b, hq, s, _ = q.shape
     return q.new_empty((b, s, hq, v.shape[-1])).transpose(1, 2)  # the strides _attention returns
 

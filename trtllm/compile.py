@@ -80,6 +80,8 @@ class CompiledModel:
         self.tensor_parallel = tensor_parallel
         self.lora = lora  # LoRA adapters' slots (passes/apply_lora.py), None without
         self.attention = probed = probe_attention(self.module, self.device)
+        if tensor_parallel is not None and probed.alibi_slopes:
+            raise CompileError("ALiBi under tensor parallelism: each rank would need its heads' slopes (not built)")
         if tensor_parallel is not None:  # this rank's KV cache holds its own KV heads only
             try:
                 heads = local_kv_heads(self.attention.num_kv_heads, tensor_parallel.size)
@@ -98,7 +100,7 @@ class CompiledModel:
         # the whole model's layers, as replace_sdpa_with_paged_attention numbers them (a pipeline
         # stage's are renumbered after: passes/split_pipeline_stage.py)
         self._layers = AttentionLayers(windows=list(probed.windows), softcaps=list(probed.softcaps),
-                                       latent=probed.latent)
+                                       latent=probed.latent, alibi_slopes=probed.alibi_slopes)
         self.matches: collections.Counter[str] = collections.Counter()
         self.graphs: list[fx.GraphModule] = []
         self._after_first_call: list[Callable[[], None]] = []
@@ -240,6 +242,8 @@ class CompiledModel:
             layers += f", sliding windows per layer {list(spec.windows)}"
         if any(spec.softcaps):
             layers += f", logit soft-capping per layer {list(spec.softcaps)}"
+        if spec.alibi_slopes:
+            layers += f", ALiBi slopes per head {[round(s, 6) for s in spec.alibi_slopes]}"
         path = f"model: {model_path(self.module)}\n"
         if self.quantization is not None:
             path += f"quantization: {self.quantization.summary()}\n"

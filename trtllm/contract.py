@@ -9,14 +9,16 @@ HF `*ForCausalLM` models are put under the contract by models/hf.py (`contract_m
 `probe_attention` runs the model once, eagerly, on two tokens: it refuses attention it
 cannot page (`unpageable`, the same rule replace_sdpa_with_paged_attention applies to the
 traced graph) before any tracing, and returns the `AttentionSpec` the KV cache is sized by,
-with each layer's options the paged kernels apply: sliding window and logit soft-capping.
+with each layer's options the paged kernels apply: sliding window and logit soft-capping,
+and the model's ALiBi slopes.
 It runs the model inside `probing_attention()` (models/attention.py), so a layer that
 calls `causal_attention` calls plain causal SDPA, as it will in the traced graph.
 An HF model also reports what each layer asked of the attention interface
 (models/hf.py): its window and softcap are taken from there (what HF itself applies), and
 a feature the paged kernels do not honour (sinks, a mask) is a CompileError naming the
 layer and the feature. Other models give them in their config: `layer_windows`,
-`layer_softcaps` (one entry per attention layer).
+`layer_softcaps` (one entry per attention layer), `alibi_slopes` (one per query head; our
+BLOOM and MPT files). An HF config that asks for ALiBi without them is refused by name.
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ class AttentionSpec:
     # multi-head latent attention (DeepSeek-V2/V3, trtllm/mla_attention.py): the cache holds one
     # latent row per token (num_kv_heads 1, head_dim kv_lora_rank + qk_rope_head_dim) and no V
     latent: bool = False
+    # ALiBi (BLOOM, MPT): the slope of each query head, the same on every layer; () = none
+    alibi_slopes: tuple[float, ...] = ()
 
 
 def unpageable(has_mask: bool, dropout_p, is_causal: bool, q_len) -> str | None:
@@ -89,11 +93,13 @@ class _RecordSDPA(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.keys: list[torch.Tensor] = []
+        self.query_heads: list[int] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             self.keys.append(args[1] if len(args) > 1 else kwargs["key"])
+            self.query_heads.append((args[0] if args else kwargs["query"]).shape[1])
             self._check(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -117,9 +123,13 @@ def probe_attention(model: nn.Module, device: torch.device) -> AttentionSpec:
             if record is None or calls:
                 raise
         if record is not None and not calls:  # e.g. GPT-J, Falcon: their own attention code
-            raise CompileError(f"{type(model.model).__name__} is refused: its attention does not go through HF's "
-                               "AttentionInterface, so trtllm cannot page it (and has no model file of its own "
+            alibi = " (and ALiBi, which only our BLOOM, MPT and Falcon model files give the kernels)" \
+                if hf_alibi(model.config) else ""
+            raise CompileError(f"{type(model.model).__name__} is refused: its attention{alibi} does not go through "
+                               "HF's AttentionInterface, so trtllm cannot page it (and has no model file of its own "
                                "for this family)")
+    if calls:
+        refuse_hf_masks(model.config, calls)
     for i, call in enumerate(calls):
         if call.unhonoured:
             raise CompileError(f"attention layer {call.layer if call.layer is not None else i} ({call.module}): "
@@ -146,7 +156,57 @@ def probe_attention(model: nn.Module, device: torch.device) -> AttentionSpec:
     bad = [(i, c) for i, c in enumerate(softcaps) if not (isinstance(c, (int, float)) and 0 <= c < float("inf"))]
     if bad:
         raise CompileError(f"attention layer {bad[0][0]}: softcap {bad[0][1]!r} (0 = none, else a finite cap > 0)")
-    return AttentionSpec(n, heads, dim, dtype, tuple(windows), tuple(float(c) for c in softcaps))
+    slopes = alibi_slopes(model, set(rec.query_heads), calls)
+    if slopes and any(softcaps):
+        raise CompileError("ALiBi with logit soft-capping: the paged attention kernels take one or the other")
+    return AttentionSpec(n, heads, dim, dtype, tuple(windows), tuple(float(c) for c in softcaps),
+                         alibi_slopes=slopes)
+
+
+def refuse_hf_masks(config, calls: list) -> None:
+    """Attention an HF module asks for through the mask it builds, which trtllm's interface
+    never receives (it registers no mask function): chunked attention (Llama-4's
+    `attention_chunk_size` on its `chunked_attention` layers) is refused naming the layers,
+    rather than run as full causal attention."""
+    types = list(getattr(config, "layer_types", None) or ())
+    chunk = getattr(config, "attention_chunk_size", None)
+    chunked = [c.layer if c.layer is not None else i for i, c in enumerate(calls)
+               if c.layer is not None and c.layer < len(types) and types[c.layer] == "chunked_attention"]
+    if chunked and chunk:
+        raise CompileError(f"attention layers {chunked} ({calls[0].module}): chunked attention "
+                           f"(attention_chunk_size={chunk}, HF's mask keeps each query to its own chunk of keys): "
+                           "the paged attention kernels do not honour it, and dropping it would give wrong output")
+
+
+def hf_alibi(config) -> bool:
+    """Whether an HF config asks for ALiBi: BLOOM and MPT always, Falcon with `alibi`, MPT's
+    `attn_config.alibi`."""
+    attn = getattr(config, "attn_config", None)
+    return (getattr(config, "model_type", None) in ("bloom", "mpt") or bool(getattr(config, "alibi", False))
+            or bool(getattr(attn, "alibi", False)))
+
+
+def alibi_slopes(model: nn.Module, query_heads: set[int], calls: list) -> tuple[float, ...]:
+    """ALiBi's slope per query head (() = none): the config's `alibi_slopes` (a model file of
+    ours). An HF module whose config asks for ALiBi is refused by name: its layers add the
+    bias themselves, which paged attention would drop."""
+    config = getattr(model, "config", None)
+    if calls:
+        if hf_alibi(config):
+            raise CompileError(f"{type(model.model).__name__}: ALiBi, added by the HF module's own attention code, "
+                               "would be dropped by paged attention (only our BLOOM, MPT and Falcon model files give "
+                               "the kernels ALiBi slopes)")
+        return ()
+    slopes = tuple(float(s) for s in (getattr(config, "alibi_slopes", None) or ()))
+    if not slopes:
+        if hf_alibi(config) and not hasattr(config, "alibi_slopes"):
+            raise CompileError(f"config asks for ALiBi ({getattr(config, 'model_type', '?')}) but names no "
+                               "config.alibi_slopes (one per query head) for the paged attention kernels")
+        return ()
+    if query_heads != {len(slopes)}:
+        raise CompileError(f"config.alibi_slopes has {len(slopes)} entries, the attention layers "
+                           f"{sorted(query_heads)} query heads: ALiBi needs one slope per query head")
+    return slopes
 
 
 def latent_dim(model: nn.Module, calls: list) -> int:

@@ -399,3 +399,71 @@ def test_bad_softcap_is_refused(softcap):
     args, _ = make_batch([(20, 1)], 4, 2, 16, 16, torch.float32)
     with pytest.raises(AssertionError, match="softcap must be finite and >= 0"):
         launch_paged_attention(*with_softcap(args, softcap))
+
+
+def bloom_slopes(heads: int) -> torch.Tensor:
+    """ALiBi slopes as BLOOM's build_alibi_tensor makes them (heads not a power of 2 included)."""
+    p2 = 2 ** math.floor(math.log2(heads))
+    slopes = [2 ** (-8 * (i + 1) / p2) for i in range(p2)]
+    slopes += [2 ** (-4 * (2 * i + 1) / p2) for i in range(min(p2, heads - p2))]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def with_alibi(args, slopes):
+    return (*args, None, slopes)  # kv_scales None, then the slopes
+
+
+def dense_alibi(dense, hq, scale, window, slopes):
+    """Per sequence, dense attention with ALiBi as HF's BLOOM adds it: slope_h * key position
+    (absolute, not relative: the same under each row's softmax), then the causal mask."""
+    outs = []
+    for q, k, v in dense:
+        n, L = q.shape[0], k.shape[0]
+        g = hq // k.shape[1]
+        i = torch.arange(n)[:, None] + (L - n)
+        j = torch.arange(L)[None, :]
+        mask = (j <= i) & ((window <= 0) | (j > i - window))
+        qh, kh = q.float().transpose(0, 1), k.float().repeat_interleave(g, 1).transpose(0, 1)
+        vh = v.float().repeat_interleave(g, 1).transpose(0, 1)
+        scores = qh @ kh.transpose(1, 2) * scale + slopes[:, None, None] * j.float()
+        o = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ vh
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs)
+
+
+# ALiBi (BLOOM, MPT, Falcon-RW): odd shapes (G = 3 and 5 heads of MHA, head dim 24), slopes
+# of heads not a power of 2, prompts long enough for the bias to dominate the far keys.
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (5, 5)])
+def test_alibi_prefill(window, dtype, hq, hkv):
+    specs = [(0, 19), (23, 6), (40, 1)]  # prompt, chunk after cached context, a decode
+    args, dense = make_batch(specs, hq, hkv, 24, 16, dtype, window=window)
+    args = with_alibi(args, bloom_slopes(hq))
+    out, _ = check(args, PrefillLaunch(16, 16, 4, 1))  # several q blocks, diagonal + context tiles
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, dense_alibi(dense, hq, args[10], window, bloom_slopes(hq)),
+                                   atol=1e-4, rtol=1e-4)
+    plain, _ = check(args[:16], PrefillLaunch(16, 16, 4, 1))
+    assert (out.float() - plain.float()).abs().max() > 0.1  # the bias bites: this test can fail
+
+
+@pytest.mark.parametrize("window", [0, 40])
+@pytest.mark.parametrize("launch", [None, DecodeLaunch(3, False, 16, 4, 1)])  # 2 splits by ticket, 3 forced
+def test_alibi_decode(window, launch):
+    args, dense = make_batch([(150, 1), (6, 1), (0, 1), (64, 1)], 6, 2, 24, 16, torch.float32, window=window)
+    slopes = bloom_slopes(6)
+    out, _ = check(with_alibi(args, slopes), launch)
+    torch.testing.assert_close(out, dense_alibi(dense, 6, args[10], window, slopes), atol=1e-4, rtol=1e-4)
+    plain, _ = check(args, launch)
+    assert (out - plain).abs().max() > 0.1
+
+
+def test_alibi_registered_op_and_refusals():
+    args, _ = make_batch([(5, 3), (9, 1)], 4, 2, 16, 16, torch.float32)
+    a = with_alibi(args, bloom_slopes(4))
+    torch.library.opcheck(torch.ops.trtllm.paged_attention.default, tuple(clone_caches(a)))
+    with pytest.raises(AssertionError, match=r"alibi_slopes must be \[4\] fp32"):
+        launch_paged_attention(*clone_caches(with_alibi(args, bloom_slopes(2))))
+    with pytest.raises(AssertionError, match="ALiBi with logit soft-capping"):
+        launch_paged_attention(*clone_caches(with_alibi(with_softcap(args, 2.0), bloom_slopes(4))))

@@ -1,7 +1,7 @@
 """GPU-only paths of paged attention: the decode merge inside a thread-block cluster
 (kernels/paged_attention/decode_merge.py, 2 splits on sm_90+), against paged_attention_ref
-and the global-ticket merge; soft-capping compiled for the GPU (prefill, decode by cluster
-and by ticket) at real head shapes. Skipped in CI (CPU, interpreter); run on a Hopper GPU with
+and the global-ticket merge; soft-capping and ALiBi compiled for the GPU (prefill, decode by
+cluster and by ticket) at real head shapes. Skipped in CI (CPU, interpreter); run on a Hopper GPU with
 
     TRITON_INTERPRET=0 python -m pytest -q tests/kernels/test_paged_attention_gpu.py
 """
@@ -10,7 +10,15 @@ import os
 import pytest
 import torch
 
-from tests.kernels.test_paged_attention import TOL, check, clone_caches, make_batch, with_softcap
+from tests.kernels.test_paged_attention import (
+    TOL,
+    bloom_slopes,
+    check,
+    clone_caches,
+    make_batch,
+    with_alibi,
+    with_softcap,
+)
 from trtllm.kernels.paged_attention import PrefillLaunch, choose_launch, decode_launch, launch_paged_attention
 
 pytestmark = pytest.mark.skipif(
@@ -113,3 +121,37 @@ def test_softcap_prefill(dtype, window):
     torch.testing.assert_close(small, out, atol=atol, rtol=rtol)
     uncapped, _ = check(with_softcap(args, 0.0))
     assert (out.float() - uncapped.float()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [0, 40])
+def test_alibi_decode_cluster_and_ticket(dtype, window):
+    """BLOOM's slopes for 16 heads through the cluster merge, the ticket merge and one split,
+    against the reference; the bias bites over these contexts (up to 2047 keys)."""
+    args, _ = make_batch(SPECS, 16, 8, 128, 16, dtype, window=window)
+    plain = on_gpu(args)
+    args = on_gpu(with_alibi(args, bloom_slopes(16)))
+    es = args[0].element_size()
+    outs = [check(args, launch)[0] for launch in (decode_launch(2, True, 128, es), decode_launch(2, False, 128, es),
+                                                  decode_launch(1, False, 128, es))]
+    atol, rtol = TOL[dtype]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=atol, rtol=rtol)
+    unbiased, _ = check(plain, decode_launch(2, True, 128, es))
+    assert (outs[0].float() - unbiased.float()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [0, 100])
+def test_alibi_prefill(dtype, window):
+    """The default prefill tiles and a small one with ALiBi (32 heads: BLOOM's slopes), on a
+    prompt and a chunk after cached context."""
+    args, _ = make_batch([(0, 300), (500, 77), (37, 1)], 32, 8, 128, 16, dtype, window=window)
+    plain = on_gpu(args)
+    args = on_gpu(with_alibi(args, bloom_slopes(32)))
+    out, _ = check(args)
+    small, _ = check(args, PrefillLaunch(16, 16, 4, 1))
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(small, out, atol=atol, rtol=rtol)
+    unbiased, _ = check(plain)
+    assert (out.float() - unbiased.float()).abs().max() > 0.1

@@ -313,3 +313,16 @@ def test_kv_scales_tensor():
         kv_scales_tensor([(0.0, 1.0), (1.0, 1.0)], 2, 3)
     with pytest.raises(ValueError, match="must be finite"):
         kv_scales_tensor([(1.0, float("nan")), (1.0, 1.0)], 2, 3)
+
+
+@pytest.mark.parametrize("specs, launch", [(MIXED, PrefillLaunch(16, 16, 4, 1)), (DECODES, DecodeLaunch(3, False, 16, 4, 1))])
+def test_int8_cache_with_alibi(specs, launch):
+    """ALiBi on a quantized cache (K's scale folded into the softmax scale, then the bias):
+    both kernels against the reference and against dense ALiBi attention over the stored cache.
+    int8: fp8 caches need an sm_89+ GPU."""
+    from tests.kernels.test_paged_attention import bloom_slopes, dense_alibi
+    args, dense = make_batch(specs, 6, 2, 24, 16, torch.float32)
+    args = (*quantized(args, "int8"), bloom_slopes(6))
+    out, _, _ = check(args, launch)
+    torch.testing.assert_close(out, dense_alibi(dense_of(args, dense), 6, args[10], 0, bloom_slopes(6)),
+                               atol=1e-4, rtol=1e-4)

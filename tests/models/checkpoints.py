@@ -4,7 +4,8 @@
     hf_model(directory) -> the HF *ForCausalLM, fp32, eager attention, eval
 
 FAMILIES lists the families models/llama.py runs, GEMMA_FAMILIES and PHI3_FAMILIES those of
-models/gemma.py and models/phi3.py, HF_MODULE_FAMILIES the others (no model file of ours);
+models/gemma.py and models/phi3.py, ALIBI_FAMILIES those of models/bloom.py and models/mpt.py,
+HF_MODULE_FAMILIES the others (no model file of ours);
 each is hidden 64, 2 layers, 4 heads, vocab 128. Every
 parameter is random (norm weights around 1, biases nonzero) so a misplaced tensor shows.
 Other test files reuse these: `from tests.models.checkpoints import write_checkpoint`.
@@ -78,6 +79,34 @@ PHI3_FAMILIES: dict[str, tuple[type, type, dict]] = {
     "phi3_partial": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
                      dict(num_key_value_heads=2, partial_rotary_factor=0.75, tie_word_embeddings=True)),
 }
+# ALiBi: head counts not a power of 2, so the slopes' second series (BLOOM) and interleaving
+# (MPT) are used; head_dim 16. BLOOM's head untied: tied, these random weights make it repeat
+# the last token whatever attention does (zeroing the slopes then changes no greedy token);
+# eos 127, which the greedy runs do not meet (HF's min_new_tokens would mask it: id 2 is met).
+ALIBI_FAMILIES: dict[str, tuple[type, type, dict]] = {
+    "bloom": (transformers.BloomConfig, transformers.BloomForCausalLM,
+              dict(hidden_size=80, num_attention_heads=5, tie_word_embeddings=False, eos_token_id=127)),
+    # the residual taken after the LayerNorms (BLOOM-176B's config has it off; the variant exists)
+    "bloom_post_ln": (transformers.BloomConfig, transformers.BloomForCausalLM,
+                      dict(hidden_size=80, num_attention_heads=5, apply_residual_connection_post_layernorm=True,
+                           tie_word_embeddings=False, eos_token_id=127)),
+    "mpt": (transformers.MptConfig, transformers.MptForCausalLM,
+            dict(hidden_size=96, num_attention_heads=6, max_seq_len=128)),
+    "mpt_clip": (transformers.MptConfig, transformers.MptForCausalLM,
+                 dict(hidden_size=96, num_attention_heads=6, max_seq_len=128,
+                      attn_config={"clip_qkv": 0.3, "softmax_scale": 0.2})),
+}
+# models/falcon.py: Falcon-40B's layout (grouped kv heads, ln_attn / ln_mlp), Falcon-7B's
+# (multi-query, parallel attention + MLP, one LayerNorm), Falcon-RW's (ALiBi, sequential, biases);
+# eos 127 where id 2 is a greedy token (HF's min_new_tokens would mask it)
+FALCON_FAMILIES: dict[str, tuple[type, type, dict]] = {
+    "falcon": (transformers.FalconConfig, transformers.FalconForCausalLM,
+               dict(num_kv_heads=2, new_decoder_architecture=True)),
+    "falcon_7b": (transformers.FalconConfig, transformers.FalconForCausalLM,
+                  dict(multi_query=True, parallel_attn=True, tie_word_embeddings=False, eos_token_id=127)),
+    "falcon_alibi": (transformers.FalconConfig, transformers.FalconForCausalLM,
+                     dict(alibi=True, multi_query=False, parallel_attn=False, bias=True, tie_word_embeddings=False)),
+}
 # Families with no model file of ours: LLM(model=path) runs HF's module under our attention
 # interface (models/hf.py), or refuses them by name.
 HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
@@ -89,8 +118,6 @@ HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
                 dict(num_key_value_heads=2, head_dim=16, intermediate_size=64, num_local_experts=4,
                      num_experts_per_tok=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "gptj": (transformers.GPTJConfig, transformers.GPTJForCausalLM, dict(rotary_dim=8)),
-    "falcon": (transformers.FalconConfig, transformers.FalconForCausalLM,
-               dict(num_kv_heads=2, new_decoder_architecture=True)),
     "stablelm": (transformers.StableLmConfig, transformers.StableLmForCausalLM, dict(num_key_value_heads=2)),
     "starcoder2": (transformers.Starcoder2Config, transformers.Starcoder2ForCausalLM,
                    dict(num_key_value_heads=2, sliding_window=5)),
@@ -99,6 +126,23 @@ HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
                 dict(num_key_value_heads=2, attention_multiplier=0.3, residual_multiplier=0.5,
                      embedding_multiplier=2.0, logits_scaling=4.0)),
     "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM, dict(num_key_value_heads=2)),
+    # no-rope layers: SmolLM3's `no_rope_layers` (layer 1 skips rotary), Cohere2's global layers
+    # (layer 1: full attention, no rotary; layer 0 sliding, window 4, rotary)
+    "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM,
+                dict(num_key_value_heads=2, no_rope_layers=[1, 0])),
+    "cohere2": (transformers.Cohere2Config, transformers.Cohere2ForCausalLM,
+                dict(num_key_value_heads=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    # Llama-4 text: a chunked-attention rotary layer (chunk 8) then a global no-rope layer with
+    # attention temperature tuning; MoE (4 experts, top-1) on every layer
+    "llama4": (transformers.Llama4TextConfig, transformers.Llama4ForCausalLM,
+               dict(num_key_value_heads=2, head_dim=16, intermediate_size=64, intermediate_size_mlp=128,
+                    num_local_experts=4, num_experts_per_tok=1, attention_chunk_size=8, no_rope_layers=[1, 0],
+                    layer_types=["chunked_attention", "full_attention"], floor_scale=4)),
+    # as "llama4" with both layers full attention: no-rope and temperature tuning alone
+    "llama4_full": (transformers.Llama4TextConfig, transformers.Llama4ForCausalLM,
+                    dict(num_key_value_heads=2, head_dim=16, intermediate_size=64, intermediate_size_mlp=128,
+                         num_local_experts=4, num_experts_per_tok=1, attention_chunk_size=8, no_rope_layers=[1, 0],
+                         layer_types=["full_attention", "full_attention"], floor_scale=4)),
     # MoE: 4 experts, top-2; passes/fuse_moe.py replaces each block by moe_routing + fused_moe
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
                 dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
@@ -124,13 +168,13 @@ HF_MODULE_FAMILIES: dict[str, tuple[type, type, dict]] = {
                          num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
                          qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)),
 }
-GEMMA_FAMILIES, PHI3_FAMILIES, HF_MODULE_FAMILIES = (
+GEMMA_FAMILIES, PHI3_FAMILIES, ALIBI_FAMILIES, FALCON_FAMILIES, HF_MODULE_FAMILIES = (
     {name: (config, model, {**_IDS, **kwargs}) for name, (config, model, kwargs) in families.items()}
-    for families in (GEMMA_FAMILIES, PHI3_FAMILIES, HF_MODULE_FAMILIES))
+    for families in (GEMMA_FAMILIES, PHI3_FAMILIES, ALIBI_FAMILIES, FALCON_FAMILIES, HF_MODULE_FAMILIES))
 
 
 def _family(family: str) -> tuple[type, type, dict]:
-    for families in (FAMILIES, GEMMA_FAMILIES, PHI3_FAMILIES, HF_MODULE_FAMILIES):
+    for families in (FAMILIES, GEMMA_FAMILIES, PHI3_FAMILIES, ALIBI_FAMILIES, FALCON_FAMILIES, HF_MODULE_FAMILIES):
         if family in families:
             return families[family]
     raise KeyError(f"no test family {family!r}")

@@ -1,10 +1,12 @@
 """LLM(model=path) for HF decoder families beyond Llama: our model file where there is one
 (Gemma, Gemma-2, Gemma-3 text, Phi-3), else transformers' module under trtllm's attention
 interface (models/hf.py), compiled by the same passes. Greedy output equals HF generate
-token for token (fp32, chunked prefill and prefix reuse on, windows that bite); a family the
-kernels or the contract cannot run is refused by name."""
+token for token (fp32, chunked prefill and prefix reuse on, windows that bite; ALiBi through our
+BLOOM and MPT files; no-rope layers of SmolLM3, Cohere2 and Llama-4 through HF's modules); a
+family the kernels or the contract cannot run is refused by name."""
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from tests.models.checkpoints import hf_model, write_checkpoint
 from tests.runtime.tokenizers import make_tokenizer
@@ -16,10 +18,14 @@ from trtllm.sampling_params import SamplingParams
 
 PROMPTS = [[5, 17, 99, 3, 250, 31, 8], [400, 3], list(range(60, 81)), [9]]
 NEW = 8
-RUN = ["phi", "gpt2", "gpt_neox", "stablelm", "starcoder2", "olmo2", "granite", "cohere"]
+RUN = ["phi", "gpt2", "gpt_neox", "stablelm", "starcoder2", "olmo2", "granite", "cohere",
+       "smollm3", "cohere2", "llama4_full"]  # the last three with no-rope layers
 MOE = {"mixtral": 2, "qwen2_moe": 2, "qwen3_moe": 1, "olmoe": 2}  # family -> MoE layers (of 2)
 OWN_FILE = {"gemma": "gemma.GemmaForCausalLM", "gemma2": "gemma.GemmaForCausalLM", "gemma3": "gemma.GemmaForCausalLM",
-            "gemma2_softcap": "gemma.GemmaForCausalLM", "phi3": "phi3.Phi3ForCausalLM", "phi3_partial": "phi3.Phi3ForCausalLM"}
+            "gemma2_softcap": "gemma.GemmaForCausalLM", "phi3": "phi3.Phi3ForCausalLM", "phi3_partial": "phi3.Phi3ForCausalLM",
+            "bloom": "bloom.BloomForCausalLM", "bloom_post_ln": "bloom.BloomForCausalLM",
+            "mpt": "mpt.MptForCausalLM", "mpt_clip": "mpt.MptForCausalLM",
+            "falcon": "falcon.FalconForCausalLM", "falcon_7b": "falcon.FalconForCausalLM"}
 
 
 def checkpoint(family, tmp_path_factory):
@@ -36,9 +42,10 @@ def llm(model, tokenizer=None, **build):
                build_config=BuildConfig(**{"max_batch_size": 4, "max_num_tokens": 8, "max_seq_len": 64, **build}))
 
 
-def hf_greedy(path) -> tuple[list[list[int]], str]:
+def hf_greedy(path, attn_implementation="eager") -> tuple[list[list[int]], str]:
     """HF generate's greedy tokens for PROMPTS, and the HF model's class name."""
-    model = hf_model(path)
+    model = hf_model(path) if attn_implementation == "eager" else AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=attn_implementation).eval()
     return [model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
             [0, len(p):].tolist() for p in PROMPTS], type(model).__name__
 
@@ -131,8 +138,9 @@ def test_the_hf_module_path_still_runs_a_family_we_have_a_file_for(family, hf_cl
 
 @pytest.mark.parametrize("family, error, why", [
     ("gptj", CompileError, "GPTJForCausalLM is refused: its attention does not go through HF's AttentionInterface"),
-    ("falcon", CompileError, "FalconForCausalLM is refused: its attention does not go through"),
     ("gpt_oss", CompileError, r"attention layer 0 \(GptOssAttention\): the attention argument 's_aux'"),
+    ("llama4", CompileError, r"attention layers \[0\] \(Llama4TextAttention\): chunked attention "
+                             r"\(attention_chunk_size=8"),
 ])
 def test_a_family_that_cannot_run_is_refused_by_name(family, error, why, tmp_path_factory):
     path = checkpoint(family, tmp_path_factory)
@@ -162,3 +170,54 @@ def test_our_model_file_is_taken_where_there_is_one(tmp_path_factory):
         summary = engine.compiled.summary()
     assert "model file of ours: trtllm.models.llama.LlamaForCausalLM" in summary
     assert "sliding windows per layer [0, 4]" in summary
+
+
+@pytest.mark.parametrize("family, attn", [("bloom", "eager"), ("mpt", "eager"), ("falcon_alibi", "sdpa")])
+def test_alibi_is_applied_by_the_paged_kernels_and_bites(family, attn, tmp_path_factory):
+    """The summary names the slopes the paged kernels add, and without them (our eager model,
+    slopes zeroed) the greedy tokens are not HF's: the ALiBi greedy tests above can fail."""
+    from trtllm.models.loader import load_model
+    path = checkpoint(family, tmp_path_factory)
+    expected, _ = hf_greedy(path, attn)
+    with llm(path) as engine:
+        summary = engine.compiled.summary()
+    assert "ALiBi slopes per head [" in summary, summary
+    model = load_model(path, dtype=torch.float32, device="cpu")
+    model.transformer.alibi_slopes.zero_()
+
+    def greedy(prompt):
+        ids = list(prompt)
+        for _ in range(NEW):
+            with torch.no_grad():
+                logits = model(torch.tensor([ids]), torch.arange(len(ids))[None])
+            ids.append(int(logits[0, -1].argmax()))
+        return ids[len(prompt):]
+
+    assert [greedy(p) for p in PROMPTS] != expected
+
+
+def test_falcon_alibi_greedy_matches_hf_generate_with_sdpa(tmp_path_factory):
+    """Falcon-RW's layout (ALiBi) through models/falcon.py equals HF generate with HF's default
+    attention (sdpa), which adds the bias once, as Falcon's own code does. HF's eager Falcon adds
+    it twice (in the mask it builds and again in the attention): not the reference."""
+    path = checkpoint("falcon_alibi", tmp_path_factory)
+    expected, _ = hf_greedy(path, "sdpa")
+    with llm(path) as engine:
+        summary = engine.compiled.summary()
+        assert "model file of ours: trtllm.models.falcon.FalconForCausalLM" in summary, summary
+        check_greedy(engine, expected)
+        summary = engine.compiled.summary()
+    assert "ALiBi slopes per head [" in summary and "trtllm.rotary" not in summary, summary
+
+
+@pytest.mark.parametrize("family, why", [
+    ("falcon_alibi", r"FalconForCausalLM is refused: its attention \(and ALiBi, which only our BLOOM, MPT and "
+                     r"Falcon model files give the kernels\) does not go through"),
+    ("falcon", "FalconForCausalLM is refused: its attention does not go through"),
+])
+def test_hf_falcon_modules_are_refused_by_name(family, why, tmp_path_factory):
+    """HF's own Falcon module (passed as a module; by path our file runs) pages nothing: its
+    attention does not go through the interface, and its ALiBi is named."""
+    path = checkpoint(family, tmp_path_factory)
+    with pytest.raises(CompileError, match=why):
+        llm(load_hf_module(path, torch.float32, torch.device("cpu")), tokenizer=str(path))

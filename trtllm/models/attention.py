@@ -1,8 +1,8 @@
-"""A layer's causal attention with its options (sliding window, logit soft-capping), as a
-model under the contract calls it: the eager reference, or plain causal SDPA where
+"""A layer's causal attention with its options (sliding window, logit soft-capping, ALiBi),
+as a model under the contract calls it: the eager reference, or plain causal SDPA where
 trtllm pages it.
 
-    y = causal_attention(q, k, v, scale=s, window=w, softcap=c)
+    y = causal_attention(q, k, v, scale=s, window=w, softcap=c, alibi_slopes=a)
         # q [B, Hq, S, D], k/v [B, Hkv, S, D] (GQA when Hq > Hkv) -> [B, Hq, S, D]
 
 Under `trtllm.compile` (`attention_is_paged()`: dynamo traces the model, or the contract's
@@ -12,7 +12,9 @@ softcap from what the probe learnt (an own model's `config.layer_windows` /
 `config.layer_softcaps`, or what an HF layer asked of the attention interface). Eagerly
 it is the reference: a window that bites is a banded mask; soft-capping is applied to the
 scaled logits before the mask, softmax in fp32, as HF's eager_attention_forward does
-(softcap * tanh(scores / softcap)). A model file whose layers have windows or caps calls
+(softcap * tanh(scores / softcap)); ALiBi adds slope_h * (key - query position) to the
+scaled scores (a_h = alibi_slopes [Hq] fp32; the probe reads them from
+`config.alibi_slopes`). A model file whose layers have windows, caps or ALiBi calls
 this instead of SDPA, so the probe sees the plain SDPA the compiled graph will hold.
 models/hf.py's attention interface calls it too.
 """
@@ -53,14 +55,23 @@ def causal_mask(seq_len: int, window: int, device) -> torch.Tensor:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                     window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                     window: int = 0, softcap: float = 0.0,
+                     alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, S, D], k/v [B, Hkv, S, D] -> [B, Hq, S, D]; scale None = D ** -0.5;
-    window 0 = full causal attention; softcap 0.0 = no soft-capping."""
+    window 0 = full causal attention; softcap 0.0 = no soft-capping; alibi_slopes None =
+    no ALiBi, else [Hq] fp32."""
     gqa = q.shape[1] != k.shape[1]
     S = q.shape[2]
-    if attention_is_paged() or (not softcap and not (window and S > window)):
+    if attention_is_paged() or (not softcap and alibi_slopes is None and not (window and S > window)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     allowed = causal_mask(S, window, q.device)  # [S, S]
+    if alibi_slopes is not None:
+        if softcap:
+            raise ValueError("ALiBi with logit soft-capping is not supported (the paged kernels take one or the other)")
+        i = torch.arange(S, device=q.device)
+        bias = alibi_slopes.float()[:, None, None] * (i[None, :] - i[:, None]).float()  # [Hq, S, S]: key - query
+        mask = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     if not softcap:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
     g = q.shape[1] // k.shape[1]

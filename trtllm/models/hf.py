@@ -14,7 +14,8 @@ attn_logit_softcapping): the paged kernels apply both; eagerly models/attention.
 (`unhonoured`: a mask, dropout, attention sinks `s_aux`, any other extra argument) makes
 an eager call raise `UnsupportedAttention`, and `trtllm.compile`'s probe a CompileError
 naming the layer and the feature. Models whose attention does not go through the
-interface at all (GPT-J, Falcon in transformers 5) are refused by name by the probe.
+interface at all (GPT-J, Falcon in transformers 5: by path our models/falcon.py runs it) are
+refused by name by the probe.
 """
 from __future__ import annotations
 

@@ -31,9 +31,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from trtllm.models.bloom import BloomForCausalLM
+from trtllm.models.falcon import FalconForCausalLM
 from trtllm.models.gemma import GemmaForCausalLM
 from trtllm.models.llama import LlamaForCausalLM
 from trtllm.models.llava import LlavaForConditionalGeneration
+from trtllm.models.mpt import MptForCausalLM
 from trtllm.models.phi3 import Phi3ForCausalLM
 from trtllm.parallel.tensor_parallel import unloaded
 from trtllm.quantization.checkpoint import Fp8CheckpointTensors, checkpoint_layout, is_quantization_tensor
@@ -56,6 +59,9 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Gemma2ForCausalLM": GemmaForCausalLM,
     "Gemma3ForCausalLM": GemmaForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "BloomForCausalLM": BloomForCausalLM,
+    "MptForCausalLM": MptForCausalLM,
+    "FalconForCausalLM": FalconForCausalLM,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     "LlavaNextForConditionalGeneration": LlavaForConditionalGeneration,
 }

@@ -55,6 +55,7 @@ class AttentionLayers:
     windows: list[int] = field(default_factory=list)  # sliding window per layer, 0 = none
     softcaps: list[float] = field(default_factory=list)  # logit soft-capping per layer, 0.0 = none
     latent: bool = False  # multi-head latent attention (AttentionSpec.latent): place_mla_attention pages it
+    alibi_slopes: tuple[float, ...] = ()  # ALiBi's slope per query head (AttentionSpec.alibi_slopes), () = none
     _index: dict[str, int] = field(default_factory=dict)
 
     def index(self, node: fx.Node, position_in_graph: int) -> int:

@@ -6,11 +6,14 @@ Before (any model written to the contract, or HF's attention through our interfa
         # q [B, Hq, S, D], k/v [B, Hkv, S, D]
 After:
 
-    attn = torch.ops.trtllm.attention(q, k, v, layer=i, scale=s, window=w, softcap=c)
+    attn = torch.ops.trtllm.attention(q, k, v, layer=i, scale=s, window=w, softcap=c,
+                                      alibi_slopes=slopes)   # slopes: a constant input, or None
 
 The new op writes k/v into layer i of the paged cache and attends over each
 sequence's cached context (trtllm/attention_context.py). The layer's sliding window w and
-logit soft-capping c (0 = none) are what compile()'s probe learnt (contract.AttentionSpec):
+logit soft-capping c (0 = none) are what compile()'s probe learnt (contract.AttentionSpec),
+and so are ALiBi's slopes (one per query head, the same on every layer: one [Hq] fp32
+constant input of the graph, made once a graph; None without ALiBi):
 the model's eager path applies them itself, the traced graph holds plain causal SDPA. Attention it cannot express
 (an explicit mask, dropout, non-causal attention over several queries: contract.py's
 `unpageable`, which compile()'s eager probe applies too) is refused: left as SDPA it
@@ -31,6 +34,7 @@ from trtllm.passes.match import arg, describe, kind, value
 
 def replace_sdpa_with_paged_attention(graph: fx.Graph, ctx: PassContext) -> int:
     matches = 0
+    slopes = None  # the ALiBi slopes' constant input, made at the first match
     for position, node in enumerate([n for n in graph.nodes if kind(n) == "sdpa"]):
         q, k, v = node.args[:3]
         mask = arg(node, 3, "attn_mask")
@@ -45,10 +49,13 @@ def replace_sdpa_with_paged_attention(graph: fx.Graph, ctx: PassContext) -> int:
         if scale is None:
             scale = 1.0 / math.sqrt(value(q).shape[-1])
         layer = ctx.attention.index(node, position)
+        if ctx.attention.alibi_slopes and slopes is None:
+            slopes = ctx.inputs.add_constant("alibi_slopes", torch.tensor(
+                ctx.attention.alibi_slopes, dtype=torch.float32, device=value(q).device))
         with graph.inserting_before(node):
             new = graph.call_function(
                 torch.ops.trtllm.attention.default,
-                (q, k, v, layer, float(scale), ctx.attention.window(layer), ctx.attention.softcap(layer)))
+                (q, k, v, layer, float(scale), ctx.attention.window(layer), ctx.attention.softcap(layer), slopes))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)

@@ -26,6 +26,8 @@ from trtllm.kernels.paged_attention.decode_merge import cluster_merge, store_out
 from trtllm.kernels.paged_attention.kv_quant import quant_dot_type, quantize_kv
 from trtllm.kernels.paged_attention.launch_shape import DecodeLaunch
 from trtllm.kernels.paged_attention.tiles import (
+    _LOG2E,
+    alibi_log2 as _alibi_log2,
     attend as _attend,
     load_tile as _load_tile,
     softcap_log2 as _softcap_log2,
@@ -98,7 +100,7 @@ def _attend_new_key(m_i, l_i, acc, q, k_new, v_new, slot, L, kvh, kc_ptr, vc_ptr
 @triton.jit(do_not_specialize=["window", "num_tokens"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, slot_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
-    pm_ptr, pl_ptr, pacc_ptr, count_ptr, trace_ptr,
+    pm_ptr, pl_ptr, pacc_ptr, count_ptr, trace_ptr, alibi_ptr,
     qk_scale, window, num_tokens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_bt,
@@ -107,7 +109,7 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
     DOT_PREC: tl.constexpr, TRACE: tl.constexpr, CLUSTER: tl.constexpr, OFF64: tl.constexpr,
-    SOFTCAP: tl.constexpr, KV_QUANT: tl.constexpr,
+    SOFTCAP: tl.constexpr, KV_QUANT: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """One launch for the whole decode step (launches are a large share of a 20-30 us
     step), in parts: the tokens no sequence covers (`_write_uncovered_tokens`), the K/V
@@ -115,7 +117,10 @@ def _decode_kernel(
     the split merge (decode_merge.py). TRACE (GPU only, bench/probes/decode_timeline.py) stamps
     each program's phases into trace_ptr. SOFTCAP (0.0 = none, which compiles to the plain
     kernel): the scores soft-capped (tiles.softcap_log2). KV_QUANT ("" = none, "fp8",
-    "int8"): the caches hold quantized values, scales per kv head at ks_ptr / vs_ptr."""
+    "int8"): the caches hold quantized values, scales per kv head at ks_ptr / vs_ptr.
+    ALIBI (False compiles to the plain kernel): ALiBi's slope per query head at alibi_ptr
+    (tiles.alibi_log2), against the query's position L - 1; the new key's bias is 0, so
+    `_attend_new_key` and the split merges are unchanged."""
     if CLUSTER:  # grid (splits, Hkv, seqs): a cluster is the splits of one (seq, kv head)
         rank = tl.program_id(0)
         split = NUM_SPLITS - 1 - rank
@@ -186,6 +191,9 @@ def _decode_kernel(
         k_scale = tl.load(ks_ptr + kvh)
         v_scale = tl.load(vs_ptr + kvh)
         qk_scale = qk_scale * k_scale
+    if ALIBI:  # each row's head slope, in log2 units; padding rows (>= G) read head G - 1's
+        slope = tl.load(alibi_ptr + kvh * G + tl.minimum(offs_g, G - 1)) * _LOG2E
+        query_pos = tl.zeros([BLOCK_G], dtype=tl.int32) + (L - 1)
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     kv_hi = tl.minimum(j_end, L - 1)  # this split's cached keys: [j_start, kv_hi)
     for j0 in range(j_start, kv_hi, BLOCK_N):
@@ -204,8 +212,12 @@ def _decode_kernel(
             + kvh * STRIDE_CH + offs_d[None, :]
         k = _load_tile(kc_ptr + off, j_ok, d_ok, False, EVEN_D)
         v = _load_tile(vc_ptr + off, j_ok, d_ok, False, EVEN_D)
+        if ALIBI:
+            bias = _alibi_log2(slope, j, query_pos)
+        else:
+            bias = 0.0
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, j_ok[None, :], True, DOT_PREC,
-                                SUM_LATE, SOFTCAP)
+                                SUM_LATE, SOFTCAP, bias, ALIBI)
     if SUM_LATE:
         l_i = tl.sum(l_i, 1)
     if TRACE:
@@ -249,12 +261,13 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
                   qk_scale, window, softcap, num_seqs, dot_prec, launch: DecodeLaunch, *, trace=None,
-                  kv_quant="", ks=None, vs=None):
+                  kv_quant="", ks=None, vs=None, alibi_slopes=None):
     """One decode step of one layer (one new token per sequence) into `out`; kc/vc are one
     layer's caches [NB, BS, Hkv, D]. softcap (0.0 = none) is a constexpr: one compiled
     kernel per value (one per model in practice). trace: an int64 CUDA tensor of programs x TRACE_SLOTS
     to stamp (bench/probes/decode_timeline.py). kv_quant "fp8" / "int8": the caches are
-    quantized with the layer's scales ks / vs [Hkv] fp32 (kv_quant.py)."""
+    quantized with the layer's scales ks / vs [Hkv] fp32 (kv_quant.py). alibi_slopes: [Hq]
+    fp32, ALiBi's slope per query head (None = none, the ALIBI constexpr off)."""
     T, Hq, D = q.shape
     Hkv, BS = kc.shape[2], kc.shape[1]
     G = Hq // Hkv
@@ -275,7 +288,9 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         ks_ptr=out if ks is None else ks, vs_ptr=out if vs is None else vs,  # read only with kv_quant
         bt_ptr=block_tables, seq_lens_ptr=seq_lens, qsl_ptr=query_start_loc,
         pm_ptr=out, pl_ptr=out, pacc_ptr=out, count_ptr=out,  # the ticket merge's, set below
-        trace_ptr=out if trace is None else trace, qk_scale=qk_scale, window=window, num_tokens=T,
+        trace_ptr=out if trace is None else trace,
+        alibi_ptr=out if alibi_slopes is None else alibi_slopes,  # read only with ALIBI
+        qk_scale=qk_scale, window=window, num_tokens=T,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0),
         stride_oh=out.stride(1), stride_bt=block_tables.stride(0),
@@ -285,7 +300,7 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         HKV=Hkv, BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_HQ=triton.next_power_of_2(Hq),
         DOT_PREC=dot_prec, TRACE=trace is not None,
         OFF64=kc.numel() > _MAX_INT32_OFFSET,  # v_cache has k_cache's shape
-        SOFTCAP=softcap, KV_QUANT=kv_quant,
+        SOFTCAP=softcap, KV_QUANT=kv_quant, ALIBI=alibi_slopes is not None,
     )
     if cluster:
         launch_cluster(_decode_kernel, (splits, Hkv, num_seqs), splits,

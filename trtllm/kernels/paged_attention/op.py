@@ -4,10 +4,13 @@ For each sequence s < num_seqs with new tokens q[a:b] (a, b = query_start_loc[s]
 n = b - a) and context length L = seq_lens[s] (including the new tokens), new token i has
 position p = L - n + i and
 
-    out[a + i, h] = sum_j softmax_j(c(scale * q[a+i, h] . K_s[j, h // G])) V_s[j, h // G]
+    out[a + i, h] = sum_j softmax_j(c(scale * q[a+i, h] . K_s[j, h // G]) + b_h(j - p)) V_s[j, h // G]
     over j in [0, p], or [p - window + 1, p] when window > 0 (sliding window),
     c(x) = softcap * tanh(x / softcap) when softcap > 0 (logit soft-capping, Gemma-2's
     attn_logit_softcapping: on the scaled logits, before the mask), else c(x) = x,
+    b_h(d) = alibi_slopes[h] * d with ALiBi (alibi_slopes [Hq] fp32, BLOOM / MPT / Falcon's
+    per-head linear bias: HF adds slope * j or slope * (j - last key), the same under each
+    row's softmax), else 0; ALiBi together with soft-capping is refused (no family has both),
 
 where G = Hq // Hkv (GQA/MQA) and K_s[j] = k_cache[layer, block_tables[s, j // BS], j % BS]
 (same for V). Before attending, the new k/v rows are written into the cache:
@@ -28,7 +31,8 @@ path, grid and splits (CUDA-graph capture fixes them); true lengths come from th
 
 Kernels (all accumulate in fp32, softmax in base 2 with scale * log2(e) folded in; with
 soft-capping the scale goes inside the tanh and the capped logits are taken to base 2,
-tiles.softcap_log2; softcap is a constexpr, 0.0 compiling to the kernels without it), chosen
+tiles.softcap_log2; softcap is a constexpr, 0.0 compiling to the kernels without it; so is
+ALiBi, the bias added in log2 units after the scale, tiles.alibi_log2), chosen
 per call by a launch value (launch_shape.py: `choose_launch` by default):
 - prefill.py (`PrefillLaunch`; any batch, the only path for max_query_len > 1): a cache
   write kernel, then `_prefill_kernel` over tiles of BLOCK_Q tokens x the G query heads
@@ -69,6 +73,7 @@ def paged_attention_ref(
     slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor, scale: float, window: int, softcap: float,
     num_seqs: int, max_query_len: int, max_seq_len: int, kv_scales: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The semantics of record: plain torch, fp32 inside, one sequence at a time."""
     T, Hq, _ = q.shape
@@ -105,6 +110,8 @@ def paged_attention_ref(
             scores = torch.einsum("nhd,lhd->hnl", q[c:e].float(), keys) * scale
             if softcap > 0:
                 scores = softcap * torch.tanh(scores / softcap)
+            if alibi_slopes is not None:  # [Hq, 1, 1] * (key - query position) [rows, L]
+                scores = scores + alibi_slopes.float()[:, None, None] * (j[None, :] - p).float()
             probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
             out[c:e] = torch.einsum("hnl,lhd->nhd", probs.nan_to_num(0.0), vals)
     return out.to(q.dtype)
@@ -116,10 +123,11 @@ def paged_attention_ref(
 def launch_paged_attention(
     q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc,
     scale, window, softcap, num_seqs, max_query_len, max_seq_len, kv_scales: torch.Tensor | None = None,
-    *, launch: PrefillLaunch | DecodeLaunch | None = None, trace: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None, *, launch: PrefillLaunch | DecodeLaunch | None = None, trace: torch.Tensor | None = None,
 ):
     """The launcher: the op's arguments checked, then the kernels of `launch` (default:
     `choose_launch` for these shapes). kv_scales: a quantized cache's scales (see above).
+    alibi_slopes: ALiBi's slope per query head, [Hq] fp32 (see above).
     trace: an int64 CUDA tensor of programs x
     TRACE_SLOTS the decode kernel stamps its phases into (bench/probes/decode_timeline.py)."""
     T, Hq, D = q.shape
@@ -139,6 +147,11 @@ def launch_paged_attention(
     assert scale > 0, f"softmax scale must be > 0 (the kernels take row maxima before scaling), got {scale}"
     assert softcap >= 0 and math.isfinite(softcap), f"softcap must be finite and >= 0 (0 = none), got {softcap}"
     assert 0 <= layer < k_cache.shape[0], f"layer {layer} out of range"
+    if alibi_slopes is not None:
+        assert alibi_slopes.shape == (Hq,) and alibi_slopes.dtype == torch.float32 \
+            and alibi_slopes.device == q.device and alibi_slopes.stride(0) == 1, \
+            f"alibi_slopes must be [{Hq}] fp32 on q's device, got {tuple(alibi_slopes.shape)} {alibi_slopes.dtype}"
+        assert softcap == 0, "ALiBi with logit soft-capping is not supported (no family has both)"
     for name, t in (("slot_mapping", slot_mapping), ("block_tables", block_tables),
                     ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
         assert t.dtype == torch.int32 and t.device == q.device, f"{name}: int32 on q's device"
@@ -171,17 +184,17 @@ def launch_paged_attention(
         if decode:
             launch_decode(q, k, v, kc, vc, o, slot_mapping, block_tables, seq_lens, query_start_loc,
                           qk_scale, window, float(softcap), num_seqs, dot_prec, launch, trace=trace,
-                          kv_quant=fmt, ks=ks, vs=vs)
+                          kv_quant=fmt, ks=ks, vs=vs, alibi_slopes=alibi_slopes)
         else:
             launch_prefill(q, k, v, kc, vc, o, slot_mapping, block_tables, seq_lens, query_start_loc,
                            qk_scale, window, float(softcap), num_seqs, max_query_len, dot_prec, launch,
-                           kv_quant=fmt, ks=ks, vs=vs)
+                           kv_quant=fmt, ks=ks, vs=vs, alibi_slopes=alibi_slopes)
     return out
 
 
 def _paged_attention_fake(q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables,
                           seq_lens, query_start_loc, scale, window, softcap, num_seqs, max_query_len,
-                          max_seq_len, kv_scales=None):
+                          max_seq_len, kv_scales=None, alibi_slopes=None):
     return q.new_empty(q.shape[:2] + (v.shape[-1],))
 
 

@@ -20,7 +20,13 @@ import triton.language as tl
 
 from trtllm.kernels.paged_attention.kv_quant import quant_dot_type, quantize_kv
 from trtllm.kernels.paged_attention.launch_shape import PrefillLaunch
-from trtllm.kernels.paged_attention.tiles import attend as _attend, load_tile as _load_tile, write_token as _write_token
+from trtllm.kernels.paged_attention.tiles import (
+    _LOG2E,
+    alibi_log2 as _alibi_log2,
+    attend as _attend,
+    load_tile as _load_tile,
+    write_token as _write_token,
+)
 
 
 @triton.jit(do_not_specialize=["num_seqs"])  # ints == 1 would become constexprs
@@ -56,13 +62,13 @@ def _find_seq(qsl_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit(do_not_specialize=["window", "num_seqs", "num_q_blocks"])
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, alibi_ptr,
     qk_scale, window, num_seqs, num_q_blocks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    SOFTCAP: tl.constexpr, KV_QUANT: tl.constexpr,
+    SOFTCAP: tl.constexpr, KV_QUANT: tl.constexpr, ALIBI: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     # Highest q blocks (longest causal rows) first: better tail balance on the last wave.
@@ -97,6 +103,8 @@ def _prefill_kernel(
         k_scale = tl.load(ks_ptr + kvh)
         v_scale = tl.load(vs_ptr + kvh)
         qk_scale = qk_scale * k_scale
+    if ALIBI:  # each row's head slope, in log2 units (tiles.alibi_log2)
+        slope = tl.load(alibi_ptr + head) * _LOG2E
 
     # 1) cached context [c_lo, ctx) through the block table: every row sees all of it
     # (ctx <= p), so only the bounds and the window mask apply.
@@ -112,7 +120,11 @@ def _prefill_kernel(
         k = _load_tile(kc_ptr + off, j_ok, d_ok, True, EVEN_D)
         v = _load_tile(vc_ptr + off, j_ok, d_ok, True, EVEN_D)
         mask = j_ok[None, :] & ((window <= 0) | (j[None, :] > pos[:, None] - window))
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, mask, True, DOT_PREC, False, SOFTCAP)
+        if ALIBI:
+            bias = _alibi_log2(slope, j, pos)
+        else:
+            bias = 0.0
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, mask, True, DOT_PREC, False, SOFTCAP, bias, ALIBI)
 
     # 2) the new tokens' own keys, from the k/v tensors (same values just written to the
     # cache, contiguous rows, no indirection). Key index kk < n is position ctx + kk.
@@ -129,7 +141,11 @@ def _prefill_kernel(
         if KV_QUANT != "":  # the values the cache write stored
             k = quantize_kv(k, k_scale, KV_QUANT, kc_ptr.dtype.element_ty)
             v = quantize_kv(v, v_scale, KV_QUANT, vc_ptr.dtype.element_ty)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, kk, False, DOT_PREC, False, SOFTCAP)
+        if ALIBI:  # key kk is at position ctx + kk, row i at ctx + i
+            bias = _alibi_log2(slope, kk, i)
+        else:
+            bias = 0.0
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, kk, False, DOT_PREC, False, SOFTCAP, bias, ALIBI)
     for k0 in range(tl.maximum(full_end, (kk_lo // BLOCK_N) * BLOCK_N), i_hi + 1, BLOCK_N):
         kk = k0 + offs_n
         kk_ok = (kk >= kk_lo) & (kk <= i_hi)
@@ -140,7 +156,11 @@ def _prefill_kernel(
             v = quantize_kv(v, v_scale, KV_QUANT, vc_ptr.dtype.element_ty)
         mask = kk_ok[None, :] & (kk[None, :] <= i[:, None]) \
             & ((window <= 0) | (kk[None, :] > i[:, None] - window))
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, mask, True, DOT_PREC, False, SOFTCAP)
+        if ALIBI:
+            bias = _alibi_log2(slope, kk, i)
+        else:
+            bias = 0.0
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, qk_scale, mask, True, DOT_PREC, False, SOFTCAP, bias, ALIBI)
 
     if KV_QUANT != "":
         acc = acc * v_scale
@@ -152,11 +172,13 @@ def _prefill_kernel(
 
 def launch_prefill(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
                    qk_scale, window, softcap, num_seqs, max_query_len, dot_prec, launch: PrefillLaunch,
-                   kv_quant="", ks=None, vs=None):
+                   kv_quant="", ks=None, vs=None, alibi_slopes=None):
     """The cache write, then (if any sequence has new tokens) attention, into `out`; kc/vc
     are one layer's caches [NB, BS, Hkv, D]. softcap (0.0 = none) is a constexpr: one
     compiled kernel per value (one per model in practice). kv_quant "fp8" / "int8": the
-    caches are quantized with the layer's scales ks / vs [Hkv] fp32 (kv_quant.py)."""
+    caches are quantized with the layer's scales ks / vs [Hkv] fp32 (kv_quant.py).
+    alibi_slopes: [Hq] fp32, ALiBi's slope per query head (None = none: the ALIBI constexpr
+    off compiles to the kernel without it)."""
     T, Hq, D = q.shape
     Hkv, BS = kc.shape[2], kc.shape[1]
     BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -176,12 +198,14 @@ def launch_prefill(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, q
     num_q_blocks = T // block_q + num_seqs  # >= sum over s of ceil(n_s / BLOCK_Q)
     _prefill_kernel[(Hkv, num_q_blocks)](
         q, k, v, kc, vc, ks, vs, out, block_tables, seq_lens, query_start_loc,
+        out if alibi_slopes is None else alibi_slopes,  # read only with ALIBI
         qk_scale, window, num_seqs, num_q_blocks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0),
         G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_Q=block_q, BLOCK_M=launch.block_m,
         BLOCK_N=launch.block_n, DOT_PREC=dot_prec, SOFTCAP=softcap, KV_QUANT=kv_quant,
+        ALIBI=alibi_slopes is not None,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )

@@ -78,20 +78,35 @@ def softcap_log2(qk, qk_scale, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def alibi_log2(slope_log2, key_pos, query_pos):
+    """ALiBi's bias in the kernels' base-2 units, [M, N]: slope_h * (key - query position)
+    * log2(e), from slope_log2 [M] (each row's head slope times log2(e)), key_pos [N] and
+    query_pos [M]. <= 0 on every causal key and 0 on the query's own: the relative form keeps
+    scores near their unbiased size (HF's BLOOM adds slope * key position, MPT slope *
+    (key - last key); under a row's softmax all three are the same)."""
+    return slope_log2[:, None] * (key_pos[None, :] - query_pos[:, None]).to(tl.float32)
+
+
+@triton.jit
 def attend(acc, m_i, l_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
-           SUM_LATE: tl.constexpr, SOFTCAP: tl.constexpr):
+           SUM_LATE: tl.constexpr, SOFTCAP: tl.constexpr, bias, ALIBI: tl.constexpr):
     """One online-softmax step over a [BLOCK_N, D] K/V tile (m_i in log2 units; qk_scale > 0
     with log2(e) folded in). K/V tiles of a quantized cache (e4m3 or int8 values) are cast
     to q's dtype for the dots, exactly (their scales are the callers': K's folded into
     qk_scale, V's applied to the output); of q's own dtype the casts are no-ops. SUM_LATE:
     l_i is [M, BLOCK_N], column-wise sums the caller reduces once after its loop (a row
     sum across warps per tile less). SOFTCAP > 0 (a constexpr; 0.0 compiles to the plain
-    step): scores soft-capped (`softcap_log2`) before the mask."""
+    step): scores soft-capped (`softcap_log2`) before the mask. ALIBI (a constexpr; False
+    compiles to the plain step): `bias` ([M, BLOCK_N] fp32, log2 units: `alibi_log2`) added
+    to the scaled scores (the launcher refuses it together with SOFTCAP)."""
     # The scale (> 0) goes into the exp2's argument as one FMA, not a multiply per score
     # first: the row max of unscaled scores, scaled, is the max of the scaled ones.
     qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
     if SOFTCAP > 0:  # the scale goes inside the tanh: qk is scaled (log2 units) from here
         qk = softcap_log2(qk, qk_scale, SOFTCAP)
+        qk_scale = 1.0
+    if ALIBI:  # the scale applied first, then the bias: qk is in log2 units from here
+        qk = qk * qk_scale + bias
         qk_scale = 1.0
     if MASKED:
         qk = tl.where(mask, qk, float("-inf"))
