@@ -156,12 +156,3 @@ def test_a_hung_stage_fails_the_step_after_the_collective_timeout_naming_it(tmp_
     finally:
         llm.shutdown()
 
-
-def test_a_mixture_of_experts_model_under_a_pipeline_is_refused_by_name(tmp_path):
-    # the HF MoE loader (parallel/expert_checkpoint.py) and the stage loader are not combined yet
-    from trtllm.parallel.workers import check_parallel
-
-    path = write_checkpoint("qwen3_moe", tmp_path / "qwen3_moe")
-    with pytest.raises(ValueError, match="pipeline_parallel_size=2: Qwen3MoeForCausalLM .*not supported under "
-                                         "pipeline parallelism"):
-        check_parallel(path, 1, "cpu", pp=2)

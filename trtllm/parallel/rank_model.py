@@ -79,17 +79,18 @@ def load_rank(spec: RankSpec, rank: int, device: torch.device) -> tuple[nn.Modul
     """The model with what this rank does not read whole left unloaded (other stages' weights;
     its tensor-parallel split weights, whose slices the pass reads), and the reader of its slices."""
     stage, _ = spec.place(rank)
-    if read_json(Path(spec.path) / "config.json").get("architectures", ["?"])[0] in EXPERT_NAMES:
-        # an HF MoE family (one stage: workers.check_parallel refuses pipelines of these)
-        slices = CheckpointSlices(spec.path)
-        model, slices.read_experts = load_moe_rank(spec.path, spec.dtype, device, is_split, slices)
-        return model, slices
 
     def unloaded(name: str) -> bool:
         return not holds(spec, stage, name) or (spec.tp > 1 and is_split(name))
 
-    return load_model(spec.path, dtype=spec.dtype, device=device, leave_unloaded=unloaded), \
-        CheckpointSlices(spec.path)
+    slices = CheckpointSlices(spec.path)
+    if read_json(Path(spec.path) / "config.json").get("architectures", ["?"])[0] in EXPERT_NAMES:
+        # an HF MoE family: this stage's experts read whole (one tensor-parallel rank) or left to the
+        # pass, which reads this rank's share through `read_experts`
+        model, slices.read_experts = load_moe_rank(spec.path, spec.dtype, device, unloaded, slices,
+                                                   split_experts=spec.tp > 1)
+        return model, slices
+    return load_model(spec.path, dtype=spec.dtype, device=device, leave_unloaded=unloaded), slices
 
 
 def compile_rank(model: nn.Module, slices: CheckpointSlices, spec: RankSpec, rank: int, groups: Groups,

@@ -31,7 +31,7 @@ from trtllm.compile import CompiledModel
 from trtllm.models import gemma, llama
 from trtllm.models.loader import ARCHITECTURES, read_json
 from trtllm.parallel import process_group
-from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, check_moe_config
+from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, check_moe_config, meta_moe_model
 from trtllm.parallel.expert_parallel import ExpertParallel, check_vocab
 from trtllm.parallel.pipeline_parallel import check_pipeline_sizes, layer_of, partition_layers
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
@@ -66,9 +66,6 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
     if moe.moe_ep > 1 and arch not in EXPERT_NAMES:
         raise ValueError(f"moe_expert_parallel_size={moe.moe_ep}: {arch} is not a mixture-of-experts model "
                          f"supported under expert parallelism (supported: {', '.join(EXPERT_NAMES)})")
-    if arch in EXPERT_NAMES and pp > 1:
-        raise ValueError(f"pipeline_parallel_size={pp}: {arch} (an HF mixture-of-experts module) is not supported "
-                         f"under pipeline parallelism yet (supported: {', '.join(PARALLEL_ARCHITECTURES)})")
     if arch not in PARALLEL_ARCHITECTURES and arch not in EXPERT_NAMES:
         kind = "tensor parallelism" if pp == 1 else "tensor / pipeline parallelism"
         raise ValueError(f"{what}: {arch} is not supported under {kind} yet "
@@ -79,7 +76,11 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
         raise ValueError(f"{what} needs {tp * pp} GPUs; {torch.cuda.device_count()} visible")
     if arch in EXPERT_NAMES:  # an HF module (models/hf.py): its config.json read as it is
         check_moe_config(config, moe)
-        return (), bool(config.get("tie_word_embeddings", False))
+        check_pipeline_sizes(pp, config["num_hidden_layers"], pp_partition)
+        tied = bool(config.get("tie_word_embeddings", False))
+        if pp == 1:
+            return (), tied
+        return _stages(meta_moe_model(path), config["num_hidden_layers"], pp, pp_partition), tied
     model_cls = ARCHITECTURES[arch]
     c = model_cls.config_class.from_hf(config)
     check_sizes(tp, num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
@@ -91,7 +92,13 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
         return (), tied
     with torch.device("meta"):  # parameter counts without memory
         model = model_cls(c)
-    costs, first, last = [0] * c.num_hidden_layers, 0, 0
+    return _stages(model, c.num_hidden_layers, pp, pp_partition), tied
+
+
+def _stages(model, num_layers: int, pp: int, pp_partition) -> tuple[tuple[int, int], ...]:
+    """The pipeline's (first layer, end layer) per stage, balanced by the parameter counts of a
+    model built on the meta device (or `pp_partition`)."""
+    costs, first, last = [0] * num_layers, 0, 0
     for name, p in model.named_parameters(remove_duplicate=False):
         layer = layer_of(name)
         if layer is not None:
@@ -100,7 +107,7 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
             first += p.numel()
         else:  # final norm, LM head (a tied head: the embedding again, held by the last stage too)
             last += p.numel()
-    return tuple(partition_layers(costs, pp, first, last, pp_partition)), tied
+    return tuple(partition_layers(costs, pp, first, last, pp_partition))
 
 
 def start_parallel(spec: RankSpec) -> tuple[CompiledModel, Workers]:
