@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
+from trtllm.kernels.paged_attention.kv_quant import KV_CACHE_DTYPES
 from trtllm.parallel import process_group
 from trtllm.parallel.pipeline_parallel import stage_input
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
@@ -99,7 +100,7 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             channel.gather(report())
             continue
         if isinstance(msg, KvBlocks):
-            channel.gather(_kv_blocks(compiled, msg, device))
+            channel.gather(_kv_blocks(compiled, msg, device, _cache_format(spec, compiled.attention)[0]))
             continue
         ids = torch.from_numpy(msg.input_ids).to(device)
         positions = torch.from_numpy(msg.positions).to(device)
@@ -115,8 +116,9 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             if msg.cache != cache_key:  # rank 0 runs on another cache now: the same one here
                 attn = compiled.attention
                 cache = metadata = None
+                cache_dtype, scales = _cache_format(spec, attn)
                 cache = PagedKVCache.allocate(attn.num_layers, msg.cache[1], msg.cache[2], attn.num_kv_heads,
-                                              attn.head_dim, attn.dtype, device)
+                                              attn.head_dim, cache_dtype, device, scales)
                 metadata = AttentionMetadata(*msg.metadata[0], device)
                 cache_key = msg.cache
             metadata.load_state(msg.metadata)
@@ -145,7 +147,15 @@ def _next_step(channel: StepChannel, rank: int):
         raise RuntimeError(f"trtllm rank {rank}: rank 0 is gone ({str(e).splitlines()[0][:200]})") from None
 
 
-def _kv_blocks(compiled, msg: KvBlocks, device: torch.device) -> int | None:
+def _cache_format(spec: RankSpec, attn) -> tuple[torch.dtype, torch.Tensor | None]:
+    """(dtype, scales) of this rank's KV pool: the model's, or an FP8 pool with every scale 1.0
+    (rank 0's, runtime/kv_cache_quant.py, for its own layers and heads)."""
+    if spec.kv_cache_dtype == "auto":
+        return attn.dtype, None
+    return KV_CACHE_DTYPES[spec.kv_cache_dtype], torch.ones((attn.num_layers, 2, attn.num_kv_heads))
+
+
+def _kv_blocks(compiled, msg: KvBlocks, device: torch.device, cache_dtype: torch.dtype) -> int | None:
     """KV blocks of this rank's layers and heads that fit msg.fraction of its free memory (what
     the profiling step left cached counts as used: its activations), None off a GPU."""
     if device.type != "cuda":
@@ -153,4 +163,4 @@ def _kv_blocks(compiled, msg: KvBlocks, device: torch.device) -> int | None:
     from trtllm.runtime.kv_budget import blocks_in
     torch.cuda.synchronize(device)
     free, _ = torch.cuda.mem_get_info(device)
-    return blocks_in(free * msg.fraction, compiled, msg.block_size)
+    return blocks_in(free * msg.fraction, compiled, msg.block_size, cache_dtype)

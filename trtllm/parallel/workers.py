@@ -54,8 +54,8 @@ class RankFailed(RuntimeError):
     """A parallel rank died, failed, or did not answer."""
 
 
-def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int = 1,
-                   pp_partition=None, moe_expert_parallel_size: int = 1) -> tuple[tuple[tuple[int, int], ...], bool]:
+def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int = 1, pp_partition=None,
+                   moe_expert_parallel_size: int = 1, quant_algo=None) -> tuple[tuple[tuple[int, int], ...], bool]:
     """Refuse, naming the numbers, what cannot run on tp x pp ranks, before any process starts;
     return the pipeline's stages (first layer, end layer), () for one stage, and whether the LM
     head is tied to the embedding (as the model file reads the config: Gemma's default is tied)."""
@@ -70,6 +70,9 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
         kind = "tensor parallelism" if pp == 1 else "tensor / pipeline parallelism"
         raise ValueError(f"{what}: {arch} is not supported under {kind} yet "
                          f"(supported: {', '.join(PARALLEL_ARCHITECTURES + tuple(EXPERT_NAMES))})")
+    if arch in EXPERT_NAMES and quant_algo is not None:
+        raise ValueError(f"{what}: FP8 weights (quant_algo={quant_algo.value}) of a mixture-of-experts model "
+                         f"({arch}) are not supported under parallelism yet")
     if config.get("quantization_config") or (Path(path) / "hf_quant_config.json").exists():
         raise ValueError(f"{what}: pre-quantized checkpoints are not supported under parallelism yet")
     if device_type == "cuda" and tp * pp > torch.cuda.device_count() and "RANK" not in os.environ:
