@@ -30,6 +30,11 @@ qkv_proj / gate_up_proj) are not recognised: they are refused by name.
 
 The all-reduce is torch.distributed's functional collective (torch.ops._c10d_functional),
 which Inductor compiles; the bias of a row-parallel linear is added once, after it.
+
+With `TensorParallel(quant_algo=...)` (QuantConfig's online FP8) each slice is quantized instead:
+one rank's FP8 quantization of the whole weight, sliced (quantization/fp8_slices.py), entered
+in the model's Fp8Linears with a placeholder of its local shape, which quantize_linears (next)
+turns into an FP8 GEMM.
 """
 from __future__ import annotations
 
