@@ -136,8 +136,6 @@ def test_bad_sizes_are_refused_before_any_process_starts(tmp_path, family, overr
 
 
 @pytest.mark.parametrize("kwargs,why", [
-    (dict(build_config=BuildConfig(max_batch_size=4, max_num_tokens=64, max_seq_len=32, max_beam_width=2)),
-     "tensor_parallel_size=2 with beam search"),
     (dict(lora_config=LoraConfig(max_lora_rank=8)), "LoRA with tensor_parallel_size=2"),
     (dict(speculative_config=NGramDecodingConfig(max_draft_len=2)), "with speculative decoding"),
 ])

@@ -8,7 +8,8 @@ from the same tensor-parallel rank of the stage before; a stage before the last 
 to the next; the last stage's first tensor-parallel rank sends the logits to rank 0, which
 samples. Other outputs are dropped.
 
-Steps come over the control group (step_channel.py): `Step` (one model call), `REPORT` (every
+Steps come over the control group (step_channel.py): `Step` (one model call), `CopyBlocks`
+(beam search's copy-on-write blocks, into this rank's cache), `REPORT` (every
 rank gathers its loaded bytes to rank 0), `KV_BLOCKS` (every rank gathers how many KV blocks
 fit its free memory), None (stop). A spawned worker also has a pipe to rank 0 for
 ("loaded", None) once its weights are in and ("error", message) if anything raises (then it exits).
@@ -49,6 +50,13 @@ class Step:
     metadata: tuple | None  # AttentionMetadata.state()
     cache: tuple[int, int, int] | None
     decode_graphs: bool
+
+
+@dataclass
+class CopyBlocks:
+    """Beam search's copy-on-write blocks (runtime/block_manager.py): each (source, copy) block's
+    K/V, every layer, into the copy, before the next step writes it (rank 0's runner copies its own)."""
+    pairs: list[tuple[int, int]]
 
 
 @dataclass
@@ -102,6 +110,9 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
         if isinstance(msg, KvBlocks):
             channel.gather(_kv_blocks(compiled, msg, device, _cache_format(spec, compiled.attention)[0]))
             continue
+        if isinstance(msg, CopyBlocks):
+            copy_blocks(cache, msg.pairs)
+            continue
         ids = torch.from_numpy(msg.input_ids).to(device)
         positions = torch.from_numpy(msg.positions).to(device)
         rows = None if msg.logits_indices is None else torch.from_numpy(msg.logits_indices).to(device)
@@ -135,6 +146,15 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             sends.append((dist.isend(out, 0), out))
         while sends and (len(sends) > 8 or sends[0][0].is_completed()):
             sends.popleft()[0].wait()
+
+
+def copy_blocks(cache: PagedKVCache, pairs: list[tuple[int, int]]) -> None:
+    """Each (source, copy) block's K/V into the copy, every layer, as bytes (runtime/model_runner.py's)."""
+    src = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=cache.k.device)
+    dst = torch.tensor([b for _, b in pairs], dtype=torch.long, device=cache.k.device)
+    for pool in (cache.k, cache.v):
+        raw = pool.view(torch.uint8)
+        raw.index_copy_(1, dst, raw.index_select(1, src))
 
 
 def _next_step(channel: StepChannel, rank: int):

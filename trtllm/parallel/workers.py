@@ -37,7 +37,7 @@ from trtllm.parallel.pipeline_parallel import check_pipeline_sizes, layer_of, pa
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
 from trtllm.parallel.step_channel import StepChannel
 from trtllm.parallel.tensor_parallel import check_sizes
-from trtllm.parallel.worker import REPORT, KvBlocks, Step, worker_main
+from trtllm.parallel.worker import REPORT, CopyBlocks, KvBlocks, Step, worker_main
 
 # Model files whose projections the pass splits and whose layers the pipeline cuts (tested on
 # 2 and 4 ranks: tests/parallel). Phi-3's fused qkv_proj / gate_up_proj are not split yet;
@@ -244,6 +244,11 @@ class Workers:
             self.channel.send(msg)
         except RuntimeError as e:
             raise self.failure(e) from e
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Beam search's copy-on-write blocks, into every worker's cache (before the next step)."""
+        self.check_alive()
+        self._send(CopyBlocks(list(pairs)))
 
     def pass_on(self, hidden: torch.Tensor, input_ids: torch.Tensor, logits_indices: torch.Tensor | None):
         """A first stage's output to the next stage (same tensor-parallel rank), and the buffer the

@@ -105,9 +105,9 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                 else f"pipeline_parallel_size={pipeline_parallel_size}")
         if speculative_config is not None:
             raise ValueError(f"{what} with speculative decoding is not supported yet")
-        if build_config is not None and build_config.max_beam_width > 1:  # beams' block copies: rank 0's cache only
+        if build_config is not None and build_config.max_beam_width > 1 and pipeline_parallel_size > 1:
             raise ValueError(f"{what} with beam search (max_beam_width={build_config.max_beam_width}) is not "
-                             "supported yet")
+                             "supported yet (under tensor parallelism alone it is)")
         if kv_format == "int8" or kv_cache_scales is not None:  # every rank's pool: FP8 with scales 1.0
             raise ValueError(f"{what} with " + ("an INT8 KV cache" if kv_format == "int8" else "kv_cache_scales") +
                              " is not supported yet (an FP8 KV cache, scales 1.0, is)")

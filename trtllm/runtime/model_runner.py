@@ -240,6 +240,9 @@ class ModelRunner:
         for pool in (self.cache.k, self.cache.v):
             raw = pool.view(torch.uint8)
             raw.index_copy_(1, dst, raw.index_select(1, src))
+        tp = getattr(self.compiled, "tensor_parallel", None)
+        if tp is not None and tp.workers is not None:  # every rank's cache holds its heads of these blocks
+            tp.workers.copy_blocks(pairs)
 
     def _graph_size(self, num_tokens: int, num_seqs: int, sample_rows: list[int]) -> int | None:
         """The captured batch size that runs this step, if one can: every sequence has one
