@@ -79,6 +79,35 @@ def test_four_ranks_two_expert_parallel_by_two_inside_experts(tmp_path):
         assert llm.compiled.tensor_parallel.moe.moe_tp == 2
 
 
+def test_two_pipeline_stages_of_a_mixture_of_experts_model_give_one_ranks_tokens_each_loading_its_layers(tmp_path):
+    # one loader for both: the stage filter leaves the other stage's tensors unloaded, this stage's
+    # experts are read whole (one tensor-parallel rank: nothing splits them)
+    path = checkpoint("qwen3_moe", tmp_path)  # layer 0 dense, layer 1 MoE
+    with small_llm(path, max_num_tokens=8, max_tokens=64) as llm:
+        expected = greedy(llm)
+        params = {n: p.numel() * p.element_size() for n, p in llm.compiled.module.named_parameters()}
+    with small_llm(path, max_num_tokens=8, max_tokens=64, pipeline_parallel_size=2) as llm:
+        assert (llm.compiled.pipeline.first_layer, llm.compiled.pipeline.end_layer) == (0, 1)
+        assert greedy(llm) == expected
+        assert llm.engine_stats().num_preemptions > 0
+        stage0 = sum(b for n, b in params.items() if "layers.0." in n or "embed_tokens" in n)
+        assert llm.compiled.tensor_parallel.workers.loaded_bytes() == [stage0, sum(params.values()) - stage0]
+
+
+@pytest.mark.slow
+def test_two_stages_by_two_expert_parallel_ranks_give_one_ranks_tokens(tmp_path):
+    path = checkpoint("mixtral", tmp_path, num_hidden_layers=4)
+    with small_llm(path, max_num_tokens=8, max_tokens=64) as llm:
+        expected = greedy(llm)
+    with small_llm(path, max_num_tokens=8, max_tokens=64, tensor_parallel_size=2, moe_expert_parallel_size=2,
+                   pipeline_parallel_size=2) as llm:
+        assert (llm.compiled.pipeline.first_layer, llm.compiled.pipeline.end_layer) == (0, 2)
+        assert greedy(llm) == expected
+        assert llm.compiled.matches["shard_experts"] >= 1 and llm.compiled.tensor_parallel.moe.moe_ep == 2
+        loaded = llm.compiled.tensor_parallel.workers.loaded_bytes()
+        assert len(loaded) == 4 and loaded[0] == loaded[1] and loaded[2] == loaded[3]
+
+
 @pytest.mark.parametrize("family,overrides,kwargs,why", [
     ("qwen3_moe", {}, dict(moe_expert_parallel_size=2),
      r"tensor_parallel_size=1 must equal moe_tensor_parallel_size \* moe_expert_parallel_size, got 0 \* 2"),
@@ -107,8 +136,6 @@ def test_bad_sizes_are_refused_before_any_process_starts(tmp_path, family, overr
 
 
 @pytest.mark.parametrize("kwargs,why", [
-    (dict(build_config=BuildConfig(max_batch_size=4, max_num_tokens=64, max_seq_len=32, max_beam_width=2)),
-     "tensor_parallel_size=2 with beam search"),
     (dict(lora_config=LoraConfig(max_lora_rank=8)), "LoRA with tensor_parallel_size=2"),
     (dict(speculative_config=NGramDecodingConfig(max_draft_len=2)), "with speculative decoding"),
 ])

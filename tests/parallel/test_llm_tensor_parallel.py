@@ -81,6 +81,28 @@ def test_two_ranks_give_one_ranks_tokens_on_qwen3(tmp_path):
         assert greedy(llm) == expected
 
 
+def test_beam_search_on_two_ranks_gives_one_ranks_beams(tmp_path):
+    # beams fork sequences: their copy-on-write blocks are copied in every rank's cache
+    path = checkpoint("llama31", tmp_path)
+    params = SamplingParams(beam_width=2, n=2, max_tokens=6, ignore_eos=True)
+    beams = dict(build_config=BuildConfig(max_batch_size=4, max_num_tokens=64, max_seq_len=32, max_beam_width=2))
+
+    def run(llm):
+        return [[(b.token_ids, round(b.cumulative_logprob, 4)) for b in o.outputs]
+                for o in llm.generate(PROMPTS[:2], params, use_tqdm=False)]
+    with LLM(str(path), dtype="float32", device="cpu", kv_cache_config=KvCacheConfig(tokens_per_block=16,
+                                                                                       max_tokens=256), **beams) as llm:
+        expected = run(llm)
+    with LLM(str(path), dtype="float32", device="cpu", kv_cache_config=KvCacheConfig(tokens_per_block=16,
+                                                                                       max_tokens=256),
+             tensor_parallel_size=2, **beams) as llm:
+        workers, copied = llm.compiled.tensor_parallel.workers, []
+        send = workers.copy_blocks
+        workers.copy_blocks = lambda pairs: (copied.extend(pairs), send(pairs))  # a spy on this instance
+        assert run(llm) == expected
+        assert copied  # the forks' shared partial blocks were copied on write, rank 1's too
+
+
 @pytest.mark.parametrize("kwargs,why", [
     (dict(tensor_parallel_size=3), "num_attention_heads=4 does not divide among tensor_parallel_size=3"),
     (dict(tensor_parallel_size=8), "num_attention_heads=4 does not divide among tensor_parallel_size=8"),

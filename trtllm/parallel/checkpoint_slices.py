@@ -46,19 +46,37 @@ class CheckpointSlices:
             with safe_open(str(single), framework="pt", device="cpu") as f:
                 self.files = {name: single for name in f.keys()}
         self.bytes_read = 0
+        self.bytes_scanned = 0  # whole tensors read for their FP8 scales and dropped (`whole`)
         self.read_experts = None  # an HF MoE rank's expert reader (parallel/expert_checkpoint.py), if any
 
     def __call__(self, name: str, stand_in: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+        name = self._stored(name)
+        with safe_open(str(self.files[name]), framework="pt", device="cpu") as f:
+            tensor = f.get_slice(name)
+            self._check_shape(name, tensor.get_shape(), stand_in)
+            part = tensor[start:start + length] if dim == 0 else tensor[:, start:start + length]
+        self.bytes_read += part.numel() * part.element_size()
+        return part.to(device=stand_in.device, dtype=stand_in.dtype).contiguous()
+
+    def whole(self, name: str, stand_in: torch.Tensor) -> torch.Tensor:
+        """The whole tensor, for what needs all of it once (an FP8 per-tensor scale: the caller
+        keeps its slice, quantization/fp8_slices.py); counted in `bytes_scanned`, not `bytes_read`."""
+        name = self._stored(name)
+        with safe_open(str(self.files[name]), framework="pt", device="cpu") as f:
+            tensor = f.get_tensor(name)
+        self._check_shape(name, list(tensor.shape), stand_in)
+        self.bytes_scanned += tensor.numel() * tensor.element_size()
+        return tensor.to(device=stand_in.device, dtype=stand_in.dtype)
+
+    def _stored(self, name: str) -> str:
         if name not in self.files and name.startswith("model.") and name[len("model."):] in self.files:
             name = name[len("model."):]  # an HF module runs inside models/hf.py's HFCausalLM, as its `model`
         if name not in self.files:
             raise KeyError(f"{name} is not in the checkpoint {self.path}")
-        with safe_open(str(self.files[name]), framework="pt", device="cpu") as f:
-            tensor = f.get_slice(name)
-            shape = tensor.get_shape()
-            if list(shape) != list(stand_in.shape):
-                raise ValueError(f"{name}: the checkpoint holds shape {shape}, the model expects "
-                                 f"{list(stand_in.shape)}")
-            part = tensor[start:start + length] if dim == 0 else tensor[:, start:start + length]
-        self.bytes_read += part.numel() * part.element_size()
-        return part.to(device=stand_in.device, dtype=stand_in.dtype).contiguous()
+        return name
+
+    @staticmethod
+    def _check_shape(name: str, shape, stand_in: torch.Tensor) -> None:
+        if list(shape) != list(stand_in.shape):
+            raise ValueError(f"{name}: the checkpoint holds shape {list(shape)}, the model expects "
+                             f"{list(stand_in.shape)}")

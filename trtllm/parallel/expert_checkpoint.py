@@ -1,9 +1,12 @@
 """An HF mixture-of-experts model (no model file of ours: transformers' module, models/hf.py) for
-one rank of a tensor-parallel group: built on the meta device, its whole tensors streamed in from
-the safetensors files, the split ones (attention and dense-MLP projections, vocabulary, experts)
-left as stand-ins that hold no memory; the passes read this rank's slices later.
+one rank of a tensor- and/or pipeline-parallel group: built on the meta device, its whole tensors
+streamed in from the safetensors files, the others left as stand-ins that hold no memory: those
+`leave_unloaded` names (other pipeline stages' tensors; the split ones: attention and dense-MLP
+projections, vocabulary) and, when `split_experts`, this stage's experts; the passes read this
+rank's slices later. Without `split_experts` (one tensor-parallel rank: a pipeline alone) this
+stage's experts are read whole.
 
-    model, read_experts = load_moe_rank(path, dtype, device, leave_unloaded, slices)
+    model, read_experts = load_moe_rank(path, dtype, device, leave_unloaded, slices, split_experts)
     read_experts(w13, "w13", first, count, start, length)   # [count, 2*length, H] from the files
 
 Transformers 5 holds a layer's experts fused (`experts.gate_up_proj` [E, 2I, H], gate rows then up
@@ -55,32 +58,48 @@ def is_fused_experts(name: str) -> bool:
     return module.rpartition(".")[2] == "experts" and leaf in _FUSED_EXPERTS
 
 
-def load_moe_rank(path: str | os.PathLike, dtype: torch.dtype | None, device: torch.device,
-                  leave_unloaded: Callable[[str], bool], slices: CheckpointSlices):
-    """(the HF model, its expert reader) for a rank; every tensor but the split ones read whole."""
+def meta_moe_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """The HF MoE model of checkpoint `path`, built on the meta device (no memory, no weights), in
+    `dtype` (None: the config's, else fp32)."""
     from transformers import AutoConfig, AutoModelForCausalLM  # slow to import: only when used
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     arch = (config.architectures or ["?"])[0]
     if arch not in EXPERT_NAMES:
-        raise ValueError(f"{arch} is not supported under tensor or expert parallelism yet "
+        raise ValueError(f"{arch} is not supported under tensor, pipeline or expert parallelism yet "
                          f"(MoE families: {', '.join(EXPERT_NAMES)})")
-    names = EXPERT_NAMES[arch]
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     model_cls = AutoModelForCausalLM._model_mapping[type(config)]
     with torch.device("meta"):
-        model = model_cls._from_config(config, dtype=dtype, attn_implementation="eager")
+        return model_cls._from_config(config, dtype=dtype, attn_implementation="eager")
+
+
+def load_moe_rank(path: str | os.PathLike, dtype: torch.dtype | None, device: torch.device,
+                  leave_unloaded: Callable[[str], bool], slices: CheckpointSlices, split_experts: bool = True):
+    """(the HF model, its expert reader) for a rank; every tensor `leave_unloaded` does not name read
+    whole, this stage's fused experts too unless `split_experts` (passes/shard_experts.py reads them)."""
+    model = meta_moe_model(path, dtype)
+    config = model.config
+    arch = config.architectures[0]
+    names = EXPERT_NAMES[arch]
+    dtype = next(model.parameters()).dtype
     experts: dict[int, tuple[str, str]] = {}  # id(fused expert Parameter) -> (its checkpoint prefix, w13 | w2)
     whole: dict[str, list[tuple[str, str]]] = defaultdict(list)  # file -> (parameter, checkpoint name)
+    whole_experts: list[tuple[str, str, str]] = []  # (parameter, checkpoint prefix, w13 | w2) read whole
     for name, param in list(model.named_parameters()):
-        if is_fused_experts(name) or leave_unloaded(name):
-            stand_in = unloaded_experts if is_fused_experts(name) else unloaded
-            _assign(model, name, stand_in(param.shape, dtype, device))
-            if is_fused_experts(name):
-                module, _, leaf = name.rpartition(".")
+        if is_fused_experts(name):
+            module, _, leaf = name.rpartition(".")
+            if not leave_unloaded(name) and not split_experts:
+                whole_experts.append((name, names.checkpoint_name(module), _FUSED_EXPERTS[leaf]))
+                continue
+            _assign(model, name, unloaded_experts(param.shape, dtype, device))
+            if not leave_unloaded(name):  # this stage's: the pass reads this rank's share
                 experts[id(model.get_parameter(name))] = (names.checkpoint_name(module), _FUSED_EXPERTS[leaf])
+            continue
+        if leave_unloaded(name):
+            _assign(model, name, unloaded(param.shape, dtype, device))
             continue
         source = names.checkpoint_name(name)
         if source not in slices.files:
@@ -94,6 +113,9 @@ def load_moe_rank(path: str | os.PathLike, dtype: torch.dtype | None, device: to
                 if t.shape != want:
                     raise ValueError(f"{source}: the checkpoint holds shape {list(t.shape)}, {arch} expects {list(want)}")
                 _assign(model, name, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+    for name, prefix, which in whole_experts:
+        _assign(model, name, _read_whole_experts(slices, names, prefix, which, model.get_parameter(name).shape,
+                                                 dtype, device))
     _rebuild_buffers(model, device)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -124,6 +146,29 @@ class ExpertReader:
                 columns = unloaded((hidden, inter), full.dtype, full.device)
                 per_expert.append(self.slices(f"{prefix}.{e}.{self.names.down}.weight", columns, 1, start, length))
         return torch.stack(per_expert)
+
+
+def _read_whole_experts(slices: CheckpointSlices, names: ExpertNames, prefix: str, which: str, shape,
+                        dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A fused expert weight [E, 2I, H] (w13: gate rows then up rows) or [E, H, I] (w2), whole,
+    from the per-expert checkpoint tensors (what transformers' loader does; not counted in
+    `slices.bytes_read`: the parameter itself is)."""
+    parts = (names.gate, names.up) if which == "w13" else (names.down,)
+    per_expert = []
+    for e in range(shape[0]):
+        tensors = []
+        for p in parts:
+            source = f"{prefix}.{e}.{p}.weight"
+            if source not in slices.files:
+                raise ValueError(f"{slices.path}: the checkpoint has no tensor {source!r}")
+            with safe_open(str(slices.files[source]), framework="pt", device="cpu") as f:
+                tensors.append(f.get_tensor(source))
+        per_expert.append(torch.cat(tensors))
+    fused = torch.stack(per_expert)
+    if fused.shape != shape:
+        raise ValueError(f"{prefix}: its experts' checkpoint tensors make shape {list(fused.shape)}, the model "
+                         f"expects {list(shape)}")
+    return fused.to(device=device, dtype=dtype)
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:

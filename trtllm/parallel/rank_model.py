@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from trtllm.compile import CompiledModel, compile as trtllm_compile
+from trtllm.config import QuantAlgo
 from trtllm.models.loader import load_model, read_json
 from trtllm.parallel.checkpoint_slices import CheckpointSlices, is_split
 from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, load_moe_rank
@@ -40,6 +41,9 @@ class RankSpec:
     tie_word_embeddings: bool = False  # the last stage then holds the embedding too (its LM head)
     moe_expert_parallel_size: int = 1  # the MoE layers: experts over this many ranks, TP inside them over
     # tp // it (parallel/expert_parallel.py; resolved from the user's sizes before any process starts)
+    quant_algo: QuantAlgo | None = None  # QuantConfig's online FP8: a stage's whole weights quantized as
+    # they load, the split ones' slices by the pass (quantization/fp8_slices.py)
+    kv_cache_dtype: str = "auto"  # "fp8": every rank's KV pool in e4m3, scales 1.0 (as rank 0's)
 
     @property
     def tp(self) -> int:
@@ -79,17 +83,19 @@ def load_rank(spec: RankSpec, rank: int, device: torch.device) -> tuple[nn.Modul
     """The model with what this rank does not read whole left unloaded (other stages' weights;
     its tensor-parallel split weights, whose slices the pass reads), and the reader of its slices."""
     stage, _ = spec.place(rank)
-    if read_json(Path(spec.path) / "config.json").get("architectures", ["?"])[0] in EXPERT_NAMES:
-        # an HF MoE family (one stage: workers.check_parallel refuses pipelines of these)
-        slices = CheckpointSlices(spec.path)
-        model, slices.read_experts = load_moe_rank(spec.path, spec.dtype, device, is_split, slices)
-        return model, slices
 
     def unloaded(name: str) -> bool:
         return not holds(spec, stage, name) or (spec.tp > 1 and is_split(name))
 
-    return load_model(spec.path, dtype=spec.dtype, device=device, leave_unloaded=unloaded), \
-        CheckpointSlices(spec.path)
+    slices = CheckpointSlices(spec.path)
+    if read_json(Path(spec.path) / "config.json").get("architectures", ["?"])[0] in EXPERT_NAMES:
+        # an HF MoE family: this stage's experts read whole (one tensor-parallel rank) or left to the
+        # pass, which reads this rank's share through `read_experts`
+        model, slices.read_experts = load_moe_rank(spec.path, spec.dtype, device, unloaded, slices,
+                                                   split_experts=spec.tp > 1)
+        return model, slices
+    return load_model(spec.path, dtype=spec.dtype, device=device, leave_unloaded=unloaded,
+                      quant_algo=spec.quant_algo), slices
 
 
 def compile_rank(model: nn.Module, slices: CheckpointSlices, spec: RankSpec, rank: int, groups: Groups,
@@ -97,7 +103,7 @@ def compile_rank(model: nn.Module, slices: CheckpointSlices, spec: RankSpec, ran
     stage, tp_rank = spec.place(rank)
     moe = ExpertParallel(spec.moe_expert_parallel_size, spec.tp // spec.moe_expert_parallel_size)
     tp = TensorParallel(tp_rank, spec.tp, groups.tp_group_name, read_slice=slices, workers=workers, moe=moe,
-                        read_experts=slices.read_experts)
+                        read_experts=slices.read_experts, quant_algo=spec.quant_algo, read_whole=slices.whole)
     pipeline = None
     if spec.pp > 1:
         first, end = spec.stages[stage]

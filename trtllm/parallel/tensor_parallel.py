@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from trtllm.config import QuantAlgo
 from trtllm.parallel.expert_parallel import ExpertParallel
 
 # (parameter name, full tensor or placeholder, dim, start, length) -> the slice, materialized
@@ -41,6 +42,12 @@ class TensorParallel:
     # -> this rank's experts, read from the checkpoint (parallel/expert_checkpoint.py); None: narrowed
     # from the whole weight in memory
     read_experts: Callable[..., torch.Tensor] | None = None
+    # QuantConfig's online FP8 algorithm (a QuantAlgo): the split linears' slices are quantized as
+    # one rank quantizes the whole weight (quantization/fp8_slices.py); None: the model's dtype
+    quant_algo: QuantAlgo | None = None
+    # (parameter name, full tensor or placeholder) -> the whole weight, for scales that cover
+    # other ranks' elements; None: the module's own full weight (a model already in memory)
+    read_whole: Callable[[str, torch.Tensor], torch.Tensor] | None = None
     # what the pass made, by key: a recompiled graph (new shapes) reuses the slices, not a new copy
     _made: dict = field(default_factory=dict, compare=False, repr=False)
 

@@ -8,7 +8,8 @@ from the same tensor-parallel rank of the stage before; a stage before the last 
 to the next; the last stage's first tensor-parallel rank sends the logits to rank 0, which
 samples. Other outputs are dropped.
 
-Steps come over the control group (step_channel.py): `Step` (one model call), `REPORT` (every
+Steps come over the control group (step_channel.py): `Step` (one model call), `CopyBlocks`
+(beam search's copy-on-write blocks, into this rank's cache), `REPORT` (every
 rank gathers its loaded bytes to rank 0), `KV_BLOCKS` (every rank gathers how many KV blocks
 fit its free memory), None (stop). A spawned worker also has a pipe to rank 0 for
 ("loaded", None) once its weights are in and ("error", message) if anything raises (then it exits).
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
+from trtllm.kernels.paged_attention.kv_quant import KV_CACHE_DTYPES
 from trtllm.parallel import process_group
 from trtllm.parallel.pipeline_parallel import stage_input
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
@@ -48,6 +50,13 @@ class Step:
     metadata: tuple | None  # AttentionMetadata.state()
     cache: tuple[int, int, int] | None
     decode_graphs: bool
+
+
+@dataclass
+class CopyBlocks:
+    """Beam search's copy-on-write blocks (runtime/block_manager.py): each (source, copy) block's
+    K/V, every layer, into the copy, before the next step writes it (rank 0's runner copies its own)."""
+    pairs: list[tuple[int, int]]
 
 
 @dataclass
@@ -99,7 +108,10 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             channel.gather(report())
             continue
         if isinstance(msg, KvBlocks):
-            channel.gather(_kv_blocks(compiled, msg, device))
+            channel.gather(_kv_blocks(compiled, msg, device, _cache_format(spec, compiled.attention)[0]))
+            continue
+        if isinstance(msg, CopyBlocks):
+            copy_blocks(cache, msg.pairs)
             continue
         ids = torch.from_numpy(msg.input_ids).to(device)
         positions = torch.from_numpy(msg.positions).to(device)
@@ -115,8 +127,9 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             if msg.cache != cache_key:  # rank 0 runs on another cache now: the same one here
                 attn = compiled.attention
                 cache = metadata = None
+                cache_dtype, scales = _cache_format(spec, attn)
                 cache = PagedKVCache.allocate(attn.num_layers, msg.cache[1], msg.cache[2], attn.num_kv_heads,
-                                              attn.head_dim, attn.dtype, device)
+                                              attn.head_dim, cache_dtype, device, scales)
                 metadata = AttentionMetadata(*msg.metadata[0], device)
                 cache_key = msg.cache
             metadata.load_state(msg.metadata)
@@ -135,6 +148,15 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             sends.popleft()[0].wait()
 
 
+def copy_blocks(cache: PagedKVCache, pairs: list[tuple[int, int]]) -> None:
+    """Each (source, copy) block's K/V into the copy, every layer, as bytes (runtime/model_runner.py's)."""
+    src = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=cache.k.device)
+    dst = torch.tensor([b for _, b in pairs], dtype=torch.long, device=cache.k.device)
+    for pool in (cache.k, cache.v):
+        raw = pool.view(torch.uint8)
+        raw.index_copy_(1, dst, raw.index_select(1, src))
+
+
 def _next_step(channel: StepChannel, rank: int):
     """rank 0's next step. Rank 0 gone without a word (it died, or torchrun passed it a SIGTERM)
     closes its connections: a RuntimeError saying so, and a non-zero exit (under torchrun a clean
@@ -145,7 +167,15 @@ def _next_step(channel: StepChannel, rank: int):
         raise RuntimeError(f"trtllm rank {rank}: rank 0 is gone ({str(e).splitlines()[0][:200]})") from None
 
 
-def _kv_blocks(compiled, msg: KvBlocks, device: torch.device) -> int | None:
+def _cache_format(spec: RankSpec, attn) -> tuple[torch.dtype, torch.Tensor | None]:
+    """(dtype, scales) of this rank's KV pool: the model's, or an FP8 pool with every scale 1.0
+    (rank 0's, runtime/kv_cache_quant.py, for its own layers and heads)."""
+    if spec.kv_cache_dtype == "auto":
+        return attn.dtype, None
+    return KV_CACHE_DTYPES[spec.kv_cache_dtype], torch.ones((attn.num_layers, 2, attn.num_kv_heads))
+
+
+def _kv_blocks(compiled, msg: KvBlocks, device: torch.device, cache_dtype: torch.dtype) -> int | None:
     """KV blocks of this rank's layers and heads that fit msg.fraction of its free memory (what
     the profiling step left cached counts as used: its activations), None off a GPU."""
     if device.type != "cuda":
@@ -153,4 +183,4 @@ def _kv_blocks(compiled, msg: KvBlocks, device: torch.device) -> int | None:
     from trtllm.runtime.kv_budget import blocks_in
     torch.cuda.synchronize(device)
     free, _ = torch.cuda.mem_get_info(device)
-    return blocks_in(free * msg.fraction, compiled, msg.block_size)
+    return blocks_in(free * msg.fraction, compiled, msg.block_size, cache_dtype)

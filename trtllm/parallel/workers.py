@@ -31,13 +31,13 @@ from trtllm.compile import CompiledModel
 from trtllm.models import gemma, llama
 from trtllm.models.loader import ARCHITECTURES, read_json
 from trtllm.parallel import process_group
-from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, check_moe_config
+from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, check_moe_config, meta_moe_model
 from trtllm.parallel.expert_parallel import ExpertParallel, check_vocab
 from trtllm.parallel.pipeline_parallel import check_pipeline_sizes, layer_of, partition_layers
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
 from trtllm.parallel.step_channel import StepChannel
 from trtllm.parallel.tensor_parallel import check_sizes
-from trtllm.parallel.worker import REPORT, KvBlocks, Step, worker_main
+from trtllm.parallel.worker import REPORT, CopyBlocks, KvBlocks, Step, worker_main
 
 # Model files whose projections the pass splits and whose layers the pipeline cuts (tested on
 # 2 and 4 ranks: tests/parallel). Phi-3's fused qkv_proj / gate_up_proj are not split yet;
@@ -54,8 +54,8 @@ class RankFailed(RuntimeError):
     """A parallel rank died, failed, or did not answer."""
 
 
-def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int = 1,
-                   pp_partition=None, moe_expert_parallel_size: int = 1) -> tuple[tuple[tuple[int, int], ...], bool]:
+def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int = 1, pp_partition=None,
+                   moe_expert_parallel_size: int = 1, quant_algo=None) -> tuple[tuple[tuple[int, int], ...], bool]:
     """Refuse, naming the numbers, what cannot run on tp x pp ranks, before any process starts;
     return the pipeline's stages (first layer, end layer), () for one stage, and whether the LM
     head is tied to the embedding (as the model file reads the config: Gemma's default is tied)."""
@@ -66,20 +66,24 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
     if moe.moe_ep > 1 and arch not in EXPERT_NAMES:
         raise ValueError(f"moe_expert_parallel_size={moe.moe_ep}: {arch} is not a mixture-of-experts model "
                          f"supported under expert parallelism (supported: {', '.join(EXPERT_NAMES)})")
-    if arch in EXPERT_NAMES and pp > 1:
-        raise ValueError(f"pipeline_parallel_size={pp}: {arch} (an HF mixture-of-experts module) is not supported "
-                         f"under pipeline parallelism yet (supported: {', '.join(PARALLEL_ARCHITECTURES)})")
     if arch not in PARALLEL_ARCHITECTURES and arch not in EXPERT_NAMES:
         kind = "tensor parallelism" if pp == 1 else "tensor / pipeline parallelism"
         raise ValueError(f"{what}: {arch} is not supported under {kind} yet "
                          f"(supported: {', '.join(PARALLEL_ARCHITECTURES + tuple(EXPERT_NAMES))})")
+    if arch in EXPERT_NAMES and quant_algo is not None:
+        raise ValueError(f"{what}: FP8 weights (quant_algo={quant_algo.value}) of a mixture-of-experts model "
+                         f"({arch}) are not supported under parallelism yet")
     if config.get("quantization_config") or (Path(path) / "hf_quant_config.json").exists():
         raise ValueError(f"{what}: pre-quantized checkpoints are not supported under parallelism yet")
     if device_type == "cuda" and tp * pp > torch.cuda.device_count() and "RANK" not in os.environ:
         raise ValueError(f"{what} needs {tp * pp} GPUs; {torch.cuda.device_count()} visible")
     if arch in EXPERT_NAMES:  # an HF module (models/hf.py): its config.json read as it is
         check_moe_config(config, moe)
-        return (), bool(config.get("tie_word_embeddings", False))
+        check_pipeline_sizes(pp, config["num_hidden_layers"], pp_partition)
+        tied = bool(config.get("tie_word_embeddings", False))
+        if pp == 1:
+            return (), tied
+        return _stages(meta_moe_model(path), config["num_hidden_layers"], pp, pp_partition), tied
     model_cls = ARCHITECTURES[arch]
     c = model_cls.config_class.from_hf(config)
     check_sizes(tp, num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
@@ -91,7 +95,13 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
         return (), tied
     with torch.device("meta"):  # parameter counts without memory
         model = model_cls(c)
-    costs, first, last = [0] * c.num_hidden_layers, 0, 0
+    return _stages(model, c.num_hidden_layers, pp, pp_partition), tied
+
+
+def _stages(model, num_layers: int, pp: int, pp_partition) -> tuple[tuple[int, int], ...]:
+    """The pipeline's (first layer, end layer) per stage, balanced by the parameter counts of a
+    model built on the meta device (or `pp_partition`)."""
+    costs, first, last = [0] * num_layers, 0, 0
     for name, p in model.named_parameters(remove_duplicate=False):
         layer = layer_of(name)
         if layer is not None:
@@ -100,7 +110,7 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
             first += p.numel()
         else:  # final norm, LM head (a tied head: the embedding again, held by the last stage too)
             last += p.numel()
-    return tuple(partition_layers(costs, pp, first, last, pp_partition)), tied
+    return tuple(partition_layers(costs, pp, first, last, pp_partition))
 
 
 def start_parallel(spec: RankSpec) -> tuple[CompiledModel, Workers]:
@@ -234,6 +244,11 @@ class Workers:
             self.channel.send(msg)
         except RuntimeError as e:
             raise self.failure(e) from e
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Beam search's copy-on-write blocks, into every worker's cache (before the next step)."""
+        self.check_alive()
+        self._send(CopyBlocks(list(pairs)))
 
     def pass_on(self, hidden: torch.Tensor, input_ids: torch.Tensor, logits_indices: torch.Tensor | None):
         """A first stage's output to the next stage (same tensor-parallel rank), and the buffer the

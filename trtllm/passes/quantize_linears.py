@@ -14,6 +14,8 @@ and one GEMM over their weights side by side, as fuse_parallel_linears does for 
     xq, xs = torch.ops.trtllm.quantize_fp8(x2, group)      # dynamic: per token (group None), or
                                                           # 1x128 groups for 128x128 block weights
     #   static input scale s (a checkpoint's input_scale):  xq = (x2 / s).clamp(-448, 448).to(fp8); xs = s
+    #   a tensor-parallel row slice (Fp8Linear.activation_group): the row's amax all-reduced (max)
+    #   over the group, then as the reference quantizes (quantization/fp8_slices.py says why)
     y2 = torch.ops.trtllm.fp8_gemm(xq, W8_qkv, xs, sw_qkv, b_qkv, x.dtype)   # constants: fp8 weight, fp32 scale
     qkv = y2.reshape(*x.shape[:-1], Nq + Nk + Nv)
     q = narrow(qkv, -1, 0, Nq); k = narrow(qkv, -1, Nq, Nk); v = narrow(qkv, -1, Nq + Nk, Nv)
@@ -43,6 +45,7 @@ import trtllm.kernels.fp8_gemm  # noqa: F401  (registers torch.ops.trtllm.fp8_ge
 import trtllm.kernels.quantize_fp8  # noqa: F401  (registers torch.ops.trtllm.quantize_fp8)
 from trtllm.contract import CompileError
 from trtllm.kernels.fp8_gemm import FP8_DTYPE, FP8_MAX, SCALE_BLOCK
+from trtllm.kernels.quantize_fp8 import MIN_AMAX
 from trtllm.passes.context import PassContext
 from trtllm.passes.fuse_parallel_linears import _adjacent_view
 from trtllm.passes.match import arg, describe, kind, value
@@ -72,7 +75,7 @@ def _groups(linears: list[tuple[fx.Node, Fp8Linear]]) -> list[list[tuple[fx.Node
     for node, q in linears:
         static = None if q.input_scale is None else float(q.input_scale.reshape(()))
         key = (node.args[0], q.block, static, arg(node, 2, "bias") is not None, q.weight.shape[1],
-               q.weight.dtype, q.weight.device)
+               q.weight.dtype, q.weight.device, q.activation_group)
         by_key[key].append((node, q))
     groups = []
     for (_, block, *_), members in by_key.items():
@@ -118,6 +121,8 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members: list[tuple[fx.Node, Fp8
             clamped = graph.call_method("clamp", (scaled, -FP8_MAX, FP8_MAX))
             xq = graph.call_method("to", (clamped, FP8_DTYPE))
             scaled.meta["example_value"] = clamped.meta["example_value"] = _fake(xv, (m, k), torch.float32)
+        elif qs[0].activation_group is not None:  # a row-parallel slice: the whole row's amax
+            xq, xs = _quantize_over_group(graph, x2, xv, m, k, qs[0].activation_group)
         else:
             group = SCALE_BLOCK if qs[0].block else None
             quantized = graph.call_function(torch.ops.trtllm.quantize_fp8.default, (x2, group))
@@ -146,6 +151,27 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members: list[tuple[fx.Node, Fp8
             start += n
     for node in nodes:
         graph.erase_node(node)
+
+
+def _quantize_over_group(graph: fx.Graph, x2: fx.Node, xv, m: int, k: int, group_name: str):
+    """quantize_fp8_ref's per-row quantization of a tensor-parallel rank's features x2 [M, k], its
+    amax all-reduced (max) over `group_name`: the scales one rank computes over the whole row
+    (one group a row: per token, or 1x128 blocks of a row of <= 128 features)."""
+    def node(op, target, args, shape, dtype=torch.float32):
+        n = graph.create_node(op, target, args)
+        n.meta["example_value"] = _fake(xv, shape, dtype)
+        return n
+    xf = node("call_method", "float", (x2,), (m, k))
+    magnitude = node("call_method", "abs", (xf,), (m, k))
+    amax = node("call_method", "amax", (magnitude, -1, True), (m, 1))
+    reduced = node("call_function", torch.ops._c10d_functional.all_reduce.default, (amax, "max", group_name), (m, 1))
+    whole = node("call_function", torch.ops._c10d_functional.wait_tensor.default, (reduced,), (m, 1))
+    floor = node("call_method", "clamp", (whole,), (m, 1))
+    floor.kwargs = {"min": MIN_AMAX}
+    scale = node("call_function", operator.truediv, (floor, FP8_MAX), (m, 1))
+    divided = node("call_function", torch.div, (xf, scale), (m, k))
+    clamped = node("call_method", "clamp", (divided, -FP8_MAX, FP8_MAX), (m, k))
+    return node("call_method", "to", (clamped, FP8_DTYPE), (m, k), FP8_DTYPE), scale
 
 
 def quantize_linears(graph: fx.Graph, ctx: PassContext) -> int:

@@ -30,12 +30,16 @@ qkv_proj / gate_up_proj) are not recognised: they are refused by name.
 
 The all-reduce is torch.distributed's functional collective (torch.ops._c10d_functional),
 which Inductor compiles; the bias of a row-parallel linear is added once, after it.
+
+With `TensorParallel(quant_algo=...)` (QuantConfig's online FP8) each slice is quantized instead:
+one rank's FP8 quantization of the whole weight, sliced (quantization/fp8_slices.py), entered
+in the model's Fp8Linears with a placeholder of its local shape, which quantize_linears (next)
+turns into an FP8 GEMM.
 """
 from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from collections.abc import Callable
 
 import torch
 import torch.fx as fx
@@ -45,6 +49,7 @@ from trtllm.contract import CompileError
 from trtllm.parallel.tensor_parallel import head_range
 from trtllm.passes.context import PassContext
 from trtllm.passes.match import arg, describe, kind, module_path, value
+from trtllm.quantization.fp8_slices import rank_fp8_slice
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
@@ -65,7 +70,7 @@ def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
         return 0
     shapes = {n: tuple(value(n).shape) for n in graph.nodes if isinstance(value(n), torch.Tensor)}  # global
     split: dict[fx.Node, tuple[int, int]] = {}  # node -> (split dim counted from the end, local size)
-    columns: dict[fx.Node, list[tuple[fx.Node, Callable]]] = defaultdict(list)  # input -> (linear, its W's reader)
+    columns: dict[fx.Node, list[tuple[fx.Node, tuple]]] = defaultdict(list)  # input -> (linear, its W's slice)
     matches = 0
     for node in list(graph.nodes):
         if kind(node) == "linear":
@@ -86,7 +91,11 @@ def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
         if any(a in split for a in node.all_input_nodes):
             _propagate(node, split, shapes)
     for linears in columns.values():  # one buffer per input: fuse_parallel_linears' fused W is a view
-        _add_adjacent_weights(linears, ctx)
+        if tp.quant_algo is not None:  # FP8 slices: quantize_linears stacks them
+            for linear, (name, weight, start, length) in linears:
+                _set_weight(linear, _fp8_weight(linear, name, weight, 0, start, length, ctx))
+        else:
+            _add_adjacent_weights(linears, ctx)
     # that nothing reads a weight this rank did not load is checked once every pass has run
     # (compile.py: fuse_moe and shard_experts, split_lm_head and shard_vocab_parallel come later)
     return matches
@@ -96,12 +105,10 @@ def _weight_name(linear: fx.Node, what: str) -> str:
     return f"{module_path(linear)}.{what}"
 
 
-def _shard_column(node: fx.Node, leaf: str, tp, ctx: PassContext, shapes, split) -> Callable[[], torch.Tensor]:
-    """Slice the rows of a column-parallel linear; return what reads its local weight (the
-    weights of one input are read into one buffer, later)."""
-    weight = ctx.inputs.tensor(arg(node, 1, "weight"))
-    if weight is None or weight.dim() != 2:
-        raise CompileError(f"{describe(node)}: its weight is not a 2-D graph input; cannot split it")
+def _shard_column(node: fx.Node, leaf: str, tp, ctx: PassContext, shapes, split) -> tuple:
+    """Slice the rows of a column-parallel linear; return its local weight's (name, full weight,
+    first row, rows) (the weights of one input are read into one buffer, later)."""
+    weight = _weight(node, ctx)
     rows = weight.shape[0]
     heads, head_dim = _heads(node, rows, shapes)
     try:
@@ -126,7 +133,41 @@ def _shard_column(node: fx.Node, leaf: str, tp, ctx: PassContext, shapes, split)
     if length != rows:  # else a replicated (single) KV head: the output is whole
         split[node] = (-1, length)
         _set_local_value(node, shapes[node], -1, length)
-    return lambda: tp.read(_weight_name(node, "weight"), weight, 0, start, length)
+    return _weight_name(node, "weight"), weight, start, length
+
+
+def _weight(linear: fx.Node, ctx: PassContext) -> torch.Tensor:
+    """The linear's whole weight (or this rank's stand-in of it), a 2-D graph input."""
+    weight = ctx.inputs.tensor(arg(linear, 1, "weight"))
+    if weight is None or weight.dim() != 2:
+        raise CompileError(f"{describe(linear)}: its weight is not a 2-D graph input; cannot split it")
+    if ctx.quantization is not None and id(weight) in ctx.quantization.by_placeholder():
+        raise CompileError(f"{describe(linear)}: its weight is already FP8-quantized whole; under tensor parallelism "
+                           "each rank quantizes its slice (TensorParallel(quant_algo=...), as LLM(..., quant_config=...) "
+                           "does)")
+    return weight
+
+
+def _fp8_weight(linear: fx.Node, name: str, weight: torch.Tensor, dim: int, start: int, length: int,
+                ctx: PassContext) -> fx.Node:
+    """This rank's FP8 slice of the linear's weight, entered in the model's quantization description
+    (quantize_linears turns the linear over its placeholder into an FP8 GEMM): the placeholder's node."""
+    if ctx.quantization is None:
+        raise CompileError(f"{describe(linear)}: TensorParallel(quant_algo=...) but the model has no FP8 "
+                           "description (Fp8Linears) to enter its slices in")
+    try:
+        q = rank_fp8_slice(ctx.tensor_parallel, name, weight, dim, start, length)
+    except ValueError as e:
+        raise CompileError(f"{describe(linear)}: {e}") from None
+    ctx.quantization.linears[module_path(linear)] = q
+    return ctx.inputs.add_constant(f"{linear.name}_tp_fp8_weight", q.placeholder)
+
+
+def _set_weight(linear: fx.Node, weight: fx.Node) -> None:
+    if len(linear.args) > 1:
+        linear.args = (linear.args[0], weight, *linear.args[2:])
+    else:
+        linear.kwargs = {**linear.kwargs, "weight": weight}
 
 
 def _heads(linear: fx.Node, rows: int, shapes) -> tuple[int, int]:
@@ -141,32 +182,31 @@ def _heads(linear: fx.Node, rows: int, shapes) -> tuple[int, int]:
     return rows, 1
 
 
-def _add_adjacent_weights(linears: list[tuple[fx.Node, Callable]], ctx: PassContext) -> None:
+def _add_adjacent_weights(linears: list[tuple[fx.Node, tuple]], ctx: PassContext) -> None:
+    tp = ctx.tensor_parallel
     key = ("adjacent", *(_weight_name(node, "weight") for node, _ in linears))
-    buffer = ctx.tensor_parallel.made(key, lambda: torch.cat([read() for _, read in linears]))
+    buffer = tp.made(key, lambda: torch.cat([tp.read(name, w, 0, start, length)
+                                             for _, (name, w, start, length) in linears]))
     start = 0
     for node, _ in linears:
         rows = value(node).shape[-1]  # the local output features
         view = buffer[start: start + rows]
         start += rows
-        placeholder = ctx.inputs.add_constant(f"{node.name}_tp_weight", view)
-        if len(node.args) > 1:
-            node.args = (node.args[0], placeholder, *node.args[2:])
-        else:
-            node.kwargs = {**node.kwargs, "weight": placeholder}
+        _set_weight(node, ctx.inputs.add_constant(f"{node.name}_tp_weight", view))
 
 
 def _shard_row(graph: fx.Graph, node: fx.Node, split_in: tuple[int, int], tp, ctx: PassContext) -> None:
     """Slice the columns of a row-parallel linear, all-reduce its output, then add its bias."""
     dim, local = split_in
-    weight = ctx.inputs.tensor(arg(node, 1, "weight"))
-    if weight is None or weight.dim() != 2:
-        raise CompileError(f"{describe(node)}: its weight is not a 2-D graph input; cannot split it")
+    weight = _weight(node, ctx)
     if dim != -1 or local * tp.size != weight.shape[1]:
         raise CompileError(f"{describe(node)}: its input is split {local} of {weight.shape[1]} features on dim "
                            f"{dim}; a row-parallel linear needs an even split of its last dim")
-    w = ctx.inputs.add_constant(f"{node.name}_tp_weight", tp.weight_slice(
-        _weight_name(node, "weight"), weight, 1, tp.rank * local, local))
+    name = _weight_name(node, "weight")
+    if tp.quant_algo is not None:  # an FP8 slice: quantize_linears makes the partial an FP8 GEMM
+        w = _fp8_weight(node, name, weight, 1, tp.rank * local, local, ctx)
+    else:
+        w = ctx.inputs.add_constant(f"{node.name}_tp_weight", tp.weight_slice(name, weight, 1, tp.rank * local, local))
     bias = arg(node, 2, "bias")
     out = value(node)
     with graph.inserting_before(node):

@@ -38,7 +38,8 @@ def split_pipeline_stage(graph: fx.Graph, ctx: PassContext) -> int:
     stage = ctx.pipeline
     if stage is None or stage.num_stages == 1:
         return 0
-    layers = {n: layer_of(module_path(n)) for n in graph.nodes if n.op == "call_function" or n.op == "call_method"}
+    # the weights too (placeholders): a layer's own 3-D weight (fused experts [E, 2I, H]) is not its input
+    layers = {n: layer_of(module_path(n)) for n in graph.nodes if n.op in ("call_function", "call_method", "placeholder")}
     output = next(n for n in graph.nodes if n.op == "output")
     if not stage.is_last:
         output.args = ((_entering(graph, layers, stage.end_layer, stage.hidden_size),),)
@@ -55,6 +56,8 @@ def split_pipeline_stage(graph: fx.Graph, ctx: PassContext) -> int:
         received.meta["example_value"] = value(entering)
         entering.replace_all_uses_with(received)
     eliminate_dead_code(graph)
+    while _drop_other_layers(graph, layers, stage):
+        eliminate_dead_code(graph)
     _renumber_attention(graph, stage)
     tp = ctx.tensor_parallel
     if tp is None or tp.size == 1:  # else shard_tensor_parallel reads the split weights' slices, and checks
@@ -64,6 +67,20 @@ def split_pipeline_stage(graph: fx.Graph, ctx: PassContext) -> int:
                 raise CompileError(f"{node.name}: this rank loaded only pipeline stage {stage.stage}'s weights, but "
                                    f"its graph reads this one (in {', '.join(map(describe, node.users))})")
     return 1
+
+
+def _drop_other_layers(graph: fx.Graph, layers: dict, stage) -> int:
+    """Erase the unused nodes of other stages' layers, last first, in-place ones too (which
+    eliminate_dead_code keeps: an HF MoE layer's in-place routing ops would keep its layer alive);
+    how many."""
+    dropped = 0
+    for node in reversed(list(graph.nodes)):
+        layer = layers.get(node)
+        if node.op != "placeholder" and layer is not None and not stage.first_layer <= layer < stage.end_layer \
+                and not node.users:
+            graph.erase_node(node)
+            dropped += 1
+    return dropped
 
 
 def _is_token_grid(node: fx.Node, hidden: fx.Node) -> bool:

@@ -40,6 +40,10 @@ class Fp8Linear:
     weight_scale: torch.Tensor               # fp32 [1], [N, 1] or [ceil(N/128), ceil(K/128)]
     input_scale: torch.Tensor | None = None  # fp32 [1]: static activation scale; None: dynamic
     placeholder: torch.Tensor | None = None  # the module's weight in the model (no memory)
+    # a row-parallel slice's tensor-parallel group: its dynamic activation amax (per token, or per
+    # 1x128 group) is all-reduced (max) over it, so the activations quantize as one rank's whole row
+    # (quantization/fp8_slices.py); None: this linear's own input alone
+    activation_group: str | None = None
 
     @property
     def block(self) -> bool:

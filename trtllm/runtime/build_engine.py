@@ -106,13 +106,15 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                 else f"pipeline_parallel_size={pipeline_parallel_size}")
         if speculative_config is not None:
             raise ValueError(f"{what} with speculative decoding is not supported yet")
-        if build_config is not None and build_config.max_beam_width > 1:  # beams' block copies: rank 0's cache only
+        if build_config is not None and build_config.max_beam_width > 1 and pipeline_parallel_size > 1:
             raise ValueError(f"{what} with beam search (max_beam_width={build_config.max_beam_width}) is not "
-                             "supported yet")
-        if quant_config.weight_algo is not None or kv_format != "auto" or kv_cache_scales is not None:
-            raise ValueError(f"{what} with quantized weights or KV cache is not supported yet")
+                             "supported yet (under tensor parallelism alone it is)")
+        if kv_format == "int8" or kv_cache_scales is not None:  # every rank's pool: FP8 with scales 1.0
+            raise ValueError(f"{what} with " + ("an INT8 KV cache" if kv_format == "int8" else "kv_cache_scales") +
+                             " is not supported yet (an FP8 KV cache, scales 1.0, is)")
         compiled = _start_parallel(model, dtype, device, compile_options, kv_cache_config,
-                                   tensor_parallel_size, pipeline_parallel_size, pp_partition, moe.moe_ep)
+                                   tensor_parallel_size, pipeline_parallel_size, pp_partition, moe.moe_ep,
+                                   quant_config.weight_algo, kv_format)
         try:
             # a decode graph would replay on rank 0 alone (issue 22: left), under either parallelism
             enable_cuda_graph = False
@@ -155,7 +157,8 @@ def _lora_slots(config: LoraConfig, module: nn.Module, build_config: BuildConfig
 
 
 def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_cache_config: KvCacheConfig,
-                    size: int, pp: int, pp_partition, moe_expert_parallel_size: int = 1):
+                    size: int, pp: int, pp_partition, moe_expert_parallel_size: int = 1, quant_algo=None,
+                    kv_format: str = "auto"):
     """Rank 0's compiled model, its workers started (each loads its own stage and slices). Under
     torchrun, a rank other than 0 serves rank 0's steps here and exits when rank 0 stops."""
     for name, n in (("tensor_parallel_size", size), ("pipeline_parallel_size", pp)):
@@ -166,10 +169,10 @@ def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_
         raise ValueError(f"{what} takes a checkpoint directory (each rank loads its own "
                          "slices of it), not a module in memory")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    stages, tied = check_parallel(model, size, device.type, pp, pp_partition, moe_expert_parallel_size)
+    stages, tied = check_parallel(model, size, device.type, pp, pp_partition, moe_expert_parallel_size, quant_algo)
     spec = RankSpec(str(model), _DTYPES[dtype], size * pp, device.type, kv_cache_config.tokens_per_block,
                     dict(compile_options or {}), process_group.COLLECTIVE_TIMEOUT_S, size, stages, tied,
-                    moe_expert_parallel_size)
+                    moe_expert_parallel_size, quant_algo, kv_format)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["RANK"]) != 0:
         run_torchrun_worker(spec)  # until rank 0 shuts down; the caller's code after LLM(...) is rank 0's
         raise SystemExit(0)

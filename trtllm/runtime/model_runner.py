@@ -193,6 +193,9 @@ class ModelRunner:
         for pool in (self.cache.k, self.cache.v):
             raw = pool.view(torch.uint8)
             raw.index_copy_(1, dst, raw.index_select(1, src))
+        tp = getattr(self.compiled, "tensor_parallel", None)
+        if tp is not None and tp.workers is not None:  # every rank's cache holds its heads of these blocks
+            tp.workers.copy_blocks(pairs)
 
     def _step_launched(self) -> torch.cuda.Event | None:
         """The event that marks this step done; the next step uses the other buffers."""

@@ -1,0 +1,112 @@
+"""A tensor-parallel rank's FP8 slice of a linear weight: exactly one rank's quantization of the
+whole weight (QuantConfig's online FP8, quantization/fp8_linears.py `quantize_weight`), sliced
+with the rows of a column-parallel linear or the columns of a row-parallel one.
+
+    q = fp8_slice(algo, shape, dim, start, length, read_part, read_whole)   # an Fp8Linear
+    q = rank_fp8_slice(tp, name, stand_in, dim, start, length)               # the same, through a
+    # TensorParallel (its reader of slices and of whole weights), made once, with its placeholder
+    # and, for a row-parallel slice, the group its activations' amax is all-reduced over
+
+    Wq, s = quantize_weight(W [N, K], algo)          # what one rank holds
+    rows (dim 0) [a, a+n):    Wq[a:a+n],    s per tensor: s;  per channel: s[a:a+n];  blocks: s[a/128 .. ]
+    columns (dim 1) [a, a+n): Wq[:, a:a+n], s per tensor: s;  per channel: s;         blocks: s[:, a/128 .. ]
+
+Scales that cover only the rank's slice are computed from the slice alone (`read_part`: what
+the rank loads anyway): per-channel scales of a column-parallel slice (its own rows), 128x128
+block scales of a slice that starts on a block (and ends on one, or at the weight's end). The
+others cover elements of other ranks too — a per-tensor scale, a row-parallel slice's
+per-channel scales (a row's amax over every column), blocks that straddle the slice's edge —
+so the rank reads the whole weight once (`read_whole`), quantizes it as one rank does, keeps
+its slice and frees the rest: a transient of one weight, never the model. A slice that starts
+inside a 128x128 block and crosses into the next has no block scales of its own that equal one
+rank's (its local blocks would each straddle two): refused, naming the numbers.
+
+The activations of a row-parallel linear (its input split by features) are quantized as one
+rank quantizes the whole row too (`activation_group`): per token, the amax of the rank's
+features is all-reduced (max) over the tensor-parallel group before the division
+(passes/quantize_linears.py) — one all-reduce of M floats more per row-parallel linear, which
+vLLM and TensorRT-LLM do not pay (their rows quantize per rank: other numbers than one rank's).
+With 128x128 blocks, 1x128 activation groups of a slice that starts on a group are one rank's
+groups already (no all-reduce); a row of at most 128 features is one group (all-reduced); any
+other split of the groups is refused, naming the numbers.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from trtllm.config import QuantAlgo
+from trtllm.kernels.fp8_gemm import SCALE_BLOCK
+from trtllm.parallel.tensor_parallel import TensorParallel
+from trtllm.quantization.fp8_linears import Fp8Linear, placeholder_weight, quantize_weight
+
+
+def slice_is_exact(algo: QuantAlgo, shape, dim: int, start: int, length: int) -> bool:
+    """Whether quantizing the slice alone gives one rank's scales for it."""
+    if algo == QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN:
+        return dim == 0
+    if algo == QuantAlgo.FP8_BLOCK_SCALES:
+        return start % SCALE_BLOCK == 0 and (length % SCALE_BLOCK == 0 or start + length == shape[dim])
+    return False  # per tensor: the whole weight's amax
+
+
+def fp8_slice(algo: QuantAlgo, shape, dim: int, start: int, length: int, read_part: Callable[[], torch.Tensor],
+              read_whole: Callable[[], torch.Tensor], name: str = "the weight") -> Fp8Linear:
+    """This rank's rows (dim 0) or columns (dim 1) [start, start + length) of `shape`'s weight,
+    quantized as one rank quantizes the whole (module docstring)."""
+    if dim not in (0, 1):
+        raise ValueError(f"{name}: an FP8 linear weight is sliced by rows (0) or columns (1), not dim {dim}")
+    if algo == QuantAlgo.FP8_BLOCK_SCALES and start % SCALE_BLOCK and \
+            start // SCALE_BLOCK != (start + length - 1) // SCALE_BLOCK:
+        what = "rows" if dim == 0 else "columns"
+        raise ValueError(f"{name}: this rank's {what} [{start}, {start + length}) of {shape[dim]} start inside a "
+                         f"{SCALE_BLOCK}x{SCALE_BLOCK} scale block and cross into the next: FP8_BLOCK_SCALES under "
+                         "tensor parallelism needs each rank's slice to start on a block (or lie within one)")
+    if slice_is_exact(algo, shape, dim, start, length):
+        return quantize_weight(read_part(), algo)
+    return narrow_fp8(quantize_weight(read_whole(), algo), dim, start, length)
+
+
+def narrow_fp8(q: Fp8Linear, dim: int, start: int, length: int) -> Fp8Linear:
+    """Rows or columns [start, start + length) of a quantized weight, with the scales covering them."""
+    weight = q.weight.narrow(dim, start, length).contiguous()
+    scale = q.weight_scale
+    if q.block:
+        first = start // SCALE_BLOCK
+        count = -(-length // SCALE_BLOCK) if start % SCALE_BLOCK == 0 else 1  # else: within one block
+        scale = scale.narrow(dim, first, count)
+    elif scale.numel() > 1 and dim == 0:  # per output channel: the slice's rows
+        scale = scale.narrow(0, start, length)
+    return Fp8Linear(weight, scale.contiguous().clone())
+
+
+def activation_group(algo: QuantAlgo, features: int, start: int, length: int, group_name: str,
+                     name: str = "the linear") -> str | None:
+    """The group over which a row-parallel slice [start, start + length) of `features` input
+    features all-reduces its activations' amax (module docstring); None: none needed."""
+    if algo != QuantAlgo.FP8_BLOCK_SCALES:
+        return group_name  # per token: every feature of the row
+    if start % SCALE_BLOCK == 0 and (length % SCALE_BLOCK == 0 or start + length == features):
+        return None  # the rank's 1x128 groups are one rank's
+    if features <= SCALE_BLOCK:
+        return group_name  # one group a row
+    raise ValueError(f"{name}: this rank's input features [{start}, {start + length}) of {features} split the "
+                     f"1x{SCALE_BLOCK} activation groups of FP8_BLOCK_SCALES; under tensor parallelism each rank's "
+                     f"features must start on a group (or the row be one group)")
+
+
+def rank_fp8_slice(tp: TensorParallel, name: str, full: torch.Tensor, dim: int, start: int, length: int) -> Fp8Linear:
+    """`fp8_slice` of `tp.quant_algo` for the weight `name` (its full tensor or stand-in `full`),
+    read through `tp` and made once; its placeholder (what the graph's linear reads, passes/
+    quantize_linears.py finds the FP8 GEMM by it) in `full`'s dtype."""
+    def make() -> Fp8Linear:
+        def whole() -> torch.Tensor:
+            return tp.read_whole(name, full) if tp.read_whole is not None else full.detach()
+        q = fp8_slice(tp.quant_algo, tuple(full.shape), dim, start, length,
+                      lambda: tp.read(name, full, dim, start, length), whole, name)
+        q.placeholder = placeholder_weight(q.weight.shape, full.dtype, full.device)
+        if dim == 1:  # a row-parallel slice: its activations are split too
+            q.activation_group = activation_group(tp.quant_algo, full.shape[1], start, length, tp.group_name, name)
+        return q
+    return tp.made(("fp8", name, dim, start, length), make)
