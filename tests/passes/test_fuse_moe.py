@@ -290,3 +290,36 @@ def test_in_place_ops_survive_the_other_passes_dead_code_elimination():
     assert sum(n.target == "index_add_" for n in cap.gm.graph.nodes) == E
     with torch.no_grad():
         torch.testing.assert_close(cap.run(), moe(x))
+
+
+def test_expert_load_counts_each_blocks_routed_tokens_when_asked():
+    """With ctx.expert_load, each fused block also counts its tokens per expert into a fixed
+    counter (trtllm/expert_load.py), the same one on a second compilation; without, no count op."""
+    from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
+    from trtllm.expert_load import ExpertLoad
+
+    torch.manual_seed(0)
+    moe, x = PlainMoE(k=2), torch.randn(1, 5, H)
+    cap = capture(moe, x)
+    load = cap.ctx.expert_load = ExpertLoad()
+    assert cap.apply(fuse_moe) == 1 and cap.count(torch.ops.trtllm.count_expert_load.default) == 1
+    (block, counts), = load.counters.items()
+    assert counts.tolist() == [0] * E  # keyed by the module path (here the top module: the node name)
+    ids = torch.topk(F.softmax(moe.router(x[0]), dim=-1), 2, dim=-1)[1]
+    cap.run()  # outside the runtime: every token counts
+    assert load.snapshot()[block] == torch.bincount(ids.flatten(), minlength=E).tolist()
+    meta = AttentionMetadata(8, 1, 1, "cpu")  # the runtime's: a slot of -1 marks a padding token
+    meta.slot_mapping[:5] = torch.tensor([0, -1, 2, 3, -1], dtype=torch.int32)
+    with attention_context(PagedKVCache.allocate(1, 1, 16, 1, 4, torch.float32, "cpu"), meta):
+        cap.run()
+    real = ids[[0, 2, 3]]
+    assert load.snapshot()[block] == (torch.bincount(ids.flatten(), minlength=E)
+                                      + torch.bincount(real.flatten(), minlength=E)).tolist()
+
+    again = capture(moe, x)
+    again.ctx.expert_load = load
+    again.apply(fuse_moe)
+    assert list(load.counters) == [block] and again.inputs.constants[-1] is counts
+    plain = capture(moe, x)
+    plain.apply(fuse_moe)
+    assert plain.count(torch.ops.trtllm.count_expert_load.default) == 0

@@ -66,6 +66,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
+import trtllm.expert_load  # noqa: F401  (registers torch.ops.trtllm.count_expert_load)
 import trtllm.kernels.fused_moe  # noqa: F401  (registers torch.ops.trtllm.fused_moe, moe_routing)
 import trtllm.kernels.moe_routing  # noqa: F401
 from trtllm.kernels.fused_moe import fused_moe_ref
@@ -149,6 +150,10 @@ def _fuse(graph: fx.Graph, ctx: PassContext, routing: Routing) -> set[fx.Node]:
     where = module_path(out) or out.name
     _check_numerics(region, out, x, routing, params, sizes, experts, ctx, where)
 
+    counts = None
+    if ctx.expert_load is not None:  # trtllm/expert_load.py: this block's tokens per expert (made outside fake mode)
+        counter = ctx.expert_load.counter(where, value(routing.logits).shape[-1], ctx.inputs.tensor(experts.w13).device)
+        counts = ctx.inputs.add_constant(f"{out.name}_expert_load", counter)
     fake_mode = xv.fake_mode
     with graph.inserting_before(out), fake_mode:
         logits = routing.logits
@@ -157,6 +162,8 @@ def _fuse(graph: fx.Graph, ctx: PassContext, routing: Routing) -> set[fx.Node]:
         routed = _node(graph, "call_function", torch.ops.trtllm.moe_routing.default, routing.op_args(logits), out)
         topk_weights = _node(graph, "call_function", operator.getitem, (routed, 0), out)
         topk_ids = _node(graph, "call_function", operator.getitem, (routed, 1), out)
+        if counts is not None:
+            _node(graph, "call_function", torch.ops.trtllm.count_expert_load.default, (topk_ids, counts), out)
         x2d = x if xv.dim() == 2 else _node(graph, "call_method", "reshape", (x, -1, xv.shape[-1]), out)
         fused = _node(graph, "call_function", torch.ops.trtllm.fused_moe.default,
                       (x2d, experts.w13, experts.w2, topk_weights, topk_ids), out)
