@@ -142,7 +142,7 @@ class CompiledModel:
         for p in variant.passes:
             self.matches[p.__name__] += p(gm.graph, ctx)
         if self.quantization is not None:  # a placeholder left in use computes with NaN
-            by_placeholder = self.quantization.by_placeholder()
+            by_placeholder = {**self.quantization.by_placeholder(), **self.quantization.experts_by_placeholder()}
             left = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.users
                     and id(inputs.tensor(n)) in by_placeholder]
             if left:

@@ -323,3 +323,45 @@ def test_expert_load_counts_each_blocks_routed_tokens_when_asked():
     plain = capture(moe, x)
     plain.apply(fuse_moe)
     assert plain.count(torch.ops.trtllm.count_expert_load.default) == 0
+
+
+@pytest.mark.parametrize("algo", ["FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES"])
+@pytest.mark.parametrize("family,experts_implementation", [("qwen3_moe", "grouped_mm"), ("mixtral", "batched_mm")])
+def test_fp8_quantized_experts_become_fused_moe_fp8(family, experts_implementation, algo):
+    """QuantConfig's FP8 algorithms quantize HF's 3-D experts (quantize_model); fuse_moe then
+    places fused_moe_fp8 over the FP8 weights and scales, the bf16 placeholders left unread."""
+    from trtllm.config import QuantAlgo
+    from trtllm.quantization.fp8_linears import quantize_model
+
+    block = hf_block(family, experts_implementation)
+    x = torch.randn(2, 5, H)
+    with torch.no_grad():
+        want = block(x)
+    fp8 = quantize_model(block, QuantAlgo(algo))
+    (path, experts), = fp8.experts.items()
+    assert path == "experts" and experts.w13.dtype == torch.float8_e4m3fn and "FP8 experts of 1 MoE blocks" in fp8.summary()
+    assert block.experts.gate_up_proj is experts.placeholders[0]
+    cap = capture(block, x)
+    cap.ctx.quantization = fp8
+    assert cap.apply(fuse_moe) == 1
+    assert cap.count(torch.ops.trtllm.fused_moe_fp8.default) == 1 and ops(cap) == {"routing": 1, "fused": 0}
+    placeholders = [n for n in cap.gm.graph.nodes if n.op == "placeholder"
+                    and cap.inputs.tensor(n) is not None and id(cap.inputs.tensor(n)) in fp8.experts_by_placeholder()]
+    assert placeholders and not any(n.users for n in placeholders)
+    got = cap.run()
+    assert ((got - want).norm() / want.norm()).item() < 0.08  # e4m3 weights and activations (kernel tests' table)
+
+
+def test_per_expert_fp8_linears_are_left_as_captured_with_a_note():
+    """A plain MoE's per-expert nn.Linears quantized as FP8 linears: not fused (fused FP8 experts
+    take HF's 3-D tensors), said in a note; quantize_linears runs them as FP8 linears."""
+    from trtllm.config import QuantAlgo
+    from trtllm.quantization.fp8_linears import quantize_model
+
+    moe = PlainMoE(k=2)
+    fp8 = quantize_model(moe, QuantAlgo.FP8)
+    cap = capture(moe, torch.randn(1, 5, H))
+    cap.ctx.quantization = fp8
+    with pytest.warns(UserWarning, match="per-expert FP8 linears"):
+        assert cap.apply(fuse_moe) == 0
+    assert any("per-expert FP8 linears" in note for note in cap.ctx.notes)

@@ -68,6 +68,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 import trtllm.expert_load  # noqa: F401  (registers torch.ops.trtllm.count_expert_load)
 import trtllm.kernels.fused_moe  # noqa: F401  (registers torch.ops.trtllm.fused_moe, moe_routing)
+import trtllm.kernels.fused_moe_fp8  # noqa: F401  (registers torch.ops.trtllm.fused_moe_fp8)
 import trtllm.kernels.moe_routing  # noqa: F401
 from trtllm.kernels.fused_moe import fused_moe_ref
 from trtllm.parallel.tensor_parallel import is_unloaded
@@ -85,6 +86,7 @@ from trtllm.passes.moe_match import (
     softmax_routing,
     subgraph,
 )
+from trtllm.quantization.fp8_linears import Fp8Experts
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Experts:
     w13: fx.Node           # [E, 2I, H] graph input
     w2: fx.Node            # [E, H, I] graph input
     per_expert: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None  # (gate, up, down) if stacked
+    fp8: Fp8Experts | None = None  # w13, w2 are the placeholders of these FP8 experts (QuantConfig FP8)
 
 
 def fuse_moe(graph: fx.Graph, ctx: PassContext) -> int:
@@ -150,6 +153,10 @@ def _fuse(graph: fx.Graph, ctx: PassContext, routing: Routing) -> set[fx.Node]:
     where = module_path(out) or out.name
     _check_numerics(region, out, x, routing, params, sizes, experts, ctx, where)
 
+    if experts.fp8 is not None:
+        q = experts.fp8
+        fp8_weights = [ctx.inputs.add_constant(f"{out.name}_moe_{name}", t) for name, t in
+                       (("w13_fp8", q.w13), ("w2_fp8", q.w2), ("w13_scale", q.w13_scale), ("w2_scale", q.w2_scale))]
     counts = None
     if ctx.expert_load is not None:  # trtllm/expert_load.py: this block's tokens per expert (made outside fake mode)
         counter = ctx.expert_load.counter(where, value(routing.logits).shape[-1], ctx.inputs.tensor(experts.w13).device)
@@ -165,8 +172,12 @@ def _fuse(graph: fx.Graph, ctx: PassContext, routing: Routing) -> set[fx.Node]:
         if counts is not None:
             _node(graph, "call_function", torch.ops.trtllm.count_expert_load.default, (topk_ids, counts), out)
         x2d = x if xv.dim() == 2 else _node(graph, "call_method", "reshape", (x, -1, xv.shape[-1]), out)
-        fused = _node(graph, "call_function", torch.ops.trtllm.fused_moe.default,
-                      (x2d, experts.w13, experts.w2, topk_weights, topk_ids), out)
+        if experts.fp8 is None:
+            fused = _node(graph, "call_function", torch.ops.trtllm.fused_moe.default,
+                          (x2d, experts.w13, experts.w2, topk_weights, topk_ids), out)
+        else:  # kernels/fused_moe_fp8.py over the FP8 weights and scales (constants; the placeholders go unread)
+            fused = _node(graph, "call_function", torch.ops.trtllm.fused_moe_fp8.default,
+                          (x2d, *fp8_weights, topk_weights, topk_ids), out)
         if xv.dim() != 2:
             fused = _node(graph, "call_method", "view_as", (fused, x), out)
         if outv.dtype != xv.dtype:  # e.g. Mixtral sums its fp32-weighted experts in fp32
@@ -264,12 +275,18 @@ def _expert_weights(graph, ctx, region, params, xv, num_experts) -> Experts:
     """W13 [E, 2I, H] and W2 [E, H, I] from the region's parameters."""
     tensors = {p: ctx.inputs.tensor(p) for p in params}
     hidden = xv.shape[-1]
+    fp8 = ctx.quantization.experts_by_placeholder() if ctx.quantization is not None else {}
     if len(params) == 2 and all(t.dim() == 3 for t in tensors.values()):  # HF's gate_up_proj, down_proj
         for w13, w2 in (params, params[::-1]):
             a, b = tensors[w13], tensors[w2]
             if (a.shape[0] == b.shape[0] == num_experts and a.shape[2] == hidden and b.shape[1] == hidden
                     and a.shape[1] == 2 * b.shape[2] and a.dtype == b.dtype == xv.dtype
-                    and all(t.stride(-1) == 1 or is_unloaded(t) for t in (a, b))):
+                    and all(t.stride(-1) == 1 or is_unloaded(t) or id(t) in fp8 for t in (a, b))):
+                if id(a) in fp8 or id(b) in fp8:
+                    q = fp8.get(id(a))
+                    if q is None or q.placeholders != (a, b):
+                        raise NotMatched("FP8 expert weights that are not one block's gate_up_proj and down_proj")
+                    return Experts(w13, w2, None, q)
                 return Experts(w13, w2, None)
         raise NotMatched(f"3-D expert weights of shapes {[tuple(t.shape) for t in tensors.values()]} are not "
                          f"[E={num_experts}, 2I, H={hidden}] and [E, H, I] of the model's dtype")
@@ -291,9 +308,13 @@ def _expert_weights(graph, ctx, region, params, xv, num_experts) -> Experts:
         raise NotMatched(f"expert weights of no recognised layout: {len(params)} parameters "
                          f"{sorted({tuple(t.shape) for t in tensors.values()})}, {len(triples)} of {num_experts} "
                          "experts found as down(silu(gate(a)) * up(a)) without biases")
+    fp8_linears = ctx.quantization.by_placeholder() if ctx.quantization is not None else {}
     per_expert = []
     for lins in triples:
         ws = [ctx.inputs.tensor(arg(lin, 1, "weight")) for lin in lins]
+        if any(id(w) in fp8_linears for w in ws):
+            raise NotMatched("per-expert FP8 linears: the fused FP8 experts take transformers' 3-D expert weights "
+                             "only; these experts run as FP8 linears, one per expert")
         if any(w is None or w.dtype != xv.dtype for w in ws) or any(arg(lin, 2, "bias") is not None for lin in lins):
             raise NotMatched("an expert linear has a bias or a weight computed in the graph")
         per_expert.append(tuple(ws))
@@ -322,9 +343,10 @@ def _check_numerics(region, out, x, routing, params, sizes, experts, ctx, where)
     w13, w2 = ctx.inputs.tensor(experts.w13), ctx.inputs.tensor(experts.w2)
     dev, num_experts = w13.device, w13.shape[0]
     real = {p: ctx.inputs.tensor(p) for p in params}
-    if any(is_unloaded(t) for t in real.values()):
+    if experts.fp8 is not None or any(is_unloaded(t) for t in real.values()):
         # a tensor-parallel rank did not load the experts (passes/shard_experts.py reads its own
-        # later): the region is checked on random weights of their shapes instead, never on zeros
+        # later), or they are FP8 placeholders (what the region computes on them is NaN): the
+        # region's layout is checked on random weights of their shapes instead, never on zeros
         if experts.per_expert is not None:
             raise NotMatched("per-expert weights this rank did not load (only HF's 3-D expert weights are split "
                              "by expert parallelism)")
