@@ -81,6 +81,8 @@ class CompiledModel:
         self.tensor_parallel = tensor_parallel
         self.lora = lora  # LoRA adapters' slots (passes/apply_lora.py), None without
         self.expert_load = expert_load  # MoE blocks' tokens per expert (trtllm/expert_load.py), None: not counted
+        if expert_load is not None:
+            expert_load.bind(model)
         self.attention = probed = probe_attention(self.module, self.device)
         if tensor_parallel is not None:  # this rank's KV cache holds its own KV heads only
             try:

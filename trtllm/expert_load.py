@@ -10,8 +10,10 @@ Without an ExpertLoad nothing is inserted and a step costs nothing more.
 
 Counted: every (token, choice) slot of the tokens the step computed, prompt chunks and decoded
 tokens alike, the padding tokens of a CUDA graph's batch left out (their cache slot is -1 in
-the active attention context's metadata). Not counted: an expert id outside this rank's
-experts (expert parallelism: each rank counts its own experts; LLM reads rank 0's).
+the active attention context's metadata). With expert parallelism every rank computes the
+whole routing (passes/shard_experts.py shifts only fused_moe's ids), so each rank counts every
+expert; an LLM reads rank 0's counters. One ExpertLoad counts one model: a second model compiled
+with it (a speculative draft model given the same compile options) is refused.
 
 A block is keyed by its module path (or its top-k node's name), so the graphs compiled for one
 model (ordinary calls, decode graphs, a recompile) add into one counter per block.
@@ -28,6 +30,15 @@ from trtllm.kernels.registry import register_op
 class ExpertLoad:
     def __init__(self):
         self.counters: dict[str, torch.Tensor] = {}  # block -> tokens per expert [E] int64, on the device
+        self._model: int | None = None  # id() of the model it counts
+
+    def bind(self, model) -> None:
+        """Count `model`'s blocks (trtllm.compile calls this); a second model is refused."""
+        if self._model is not None and self._model != id(model):
+            raise ValueError("this ExpertLoad already counts another model's MoE blocks; give each model its own "
+                             "(a speculative draft model shares the target's compile options: turn expert load "
+                             "statistics off with a draft model)")
+        self._model = id(model)
 
     def counter(self, block: str, num_experts: int, device: torch.device | str) -> torch.Tensor:
         """The block's counter (made at its first graph, the same tensor for every later one)."""
@@ -44,7 +55,7 @@ class ExpertLoad:
         return {block: counts.tolist() for block, counts in self.counters.items()}
 
     def __getstate__(self):  # sent to parallel ranks before compilation: each counts its own
-        return {"counters": {}}
+        return {"counters": {}, "_model": None}
 
 
 def _count_expert_load(topk_ids: torch.Tensor, counts: torch.Tensor) -> None:

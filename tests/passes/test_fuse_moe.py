@@ -365,3 +365,14 @@ def test_per_expert_fp8_linears_are_left_as_captured_with_a_note():
     with pytest.warns(UserWarning, match="per-expert FP8 linears"):
         assert cap.apply(fuse_moe) == 0
     assert any("per-expert FP8 linears" in note for note in cap.ctx.notes)
+
+
+def test_one_expert_load_counts_one_model():
+    from trtllm.expert_load import ExpertLoad
+
+    load = ExpertLoad()
+    first, second = PlainMoE(), PlainMoE()
+    load.bind(first)
+    load.bind(first)  # a recompile of the same model
+    with pytest.raises(ValueError, match="already counts another model"):
+        load.bind(second)
