@@ -27,6 +27,9 @@ Peers, in the same run:
    expert read once); `tiles` the grouped GEMM over moe_align's tiles the op took before, on
    the same layers. Rows for bf16 experts and for FP8 experts (kernels/fused_moe_fp8.py) with
    per-channel and 128x128 block scales (the weights quantized here, per expert).
+   Then the decode path's tile candidates (DECODE_CANDIDATES: BLOCK_N x BLOCK_K x stages) on the
+   first shape, bf16 and FP8 block experts, T = 1 and 16: the rows that choose `decode_config`'s
+   table (kernels/fused_moe_decode.py; --smoke checks each candidate computes what the default does).
 3. Large T (PREFILL_TS): TFLOP/s = 2 T k 3 H I / time, ours, the peers and the dense pair; and
    ours over FP8 experts (block scales) in the same row.
 Table last, also written to $OUT/bench_fused_moe.{md,json} (bench/report.py).
@@ -46,6 +49,7 @@ import triton  # noqa: E402
 from bench.report import copy_ceiling_tbs, markdown, report  # noqa: E402
 from trtllm.config import QuantAlgo  # noqa: E402
 from trtllm.kernels.fused_moe import fused_moe_ref, fused_moe_triton  # noqa: E402
+from trtllm.kernels.fused_moe_decode import DecodeConfig  # noqa: E402
 from trtllm.kernels.fused_moe_fp8 import fused_moe_fp8_ref, fused_moe_fp8_triton  # noqa: E402
 from trtllm.kernels.moe_routing import moe_routing  # noqa: E402
 from trtllm.quantization.fp8_linears import quantize_expert_weights  # noqa: E402
@@ -54,6 +58,7 @@ from trtllm.quantization.fp8_linears import quantize_expert_weights  # noqa: E40
 SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, True), "mixtral-8x7b": (4096, 14336, 8, 2, True),
           "deepseek-v2-lite": (2048, 1408, 64, 6, False)}
 DECODE_TS = (1, 4, 16)
+DECODE_CANDIDATES = [DecodeConfig(n, k, 4, stages) for n in (16, 32, 64) for k in (64, 128, 256) for stages in (3, 5)]
 # expert weights: bf16, or FP8 at QuantConfig's granularity (kernels/fused_moe_fp8.py)
 EXPERTS = {"bf16": None, "fp8 channel": QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, "fp8 block": QuantAlgo.FP8_BLOCK_SCALES}
 PREFILL_TS = (8192,)
@@ -77,13 +82,14 @@ class Layer:
         if fp8 is not None:  # (w13, w2, their scales); the bf16 copies are kept for the HF peer
             self.fp8 = (*quantize_expert_weights(self.w13, fp8), *quantize_expert_weights(self.w2, fp8))
 
-    def ours(self, x, decode=None):
-        """decode None: the op's own choice (the decode path for T <= 16); True / False: that path."""
+    def ours(self, x, decode=None, decode_cfg=None):
+        """decode None: the op's own choice (the decode path for T <= 16); True / False: that path;
+        decode_cfg: the decode path's tiles (None: decode_config's)."""
         w, ids = moe_routing(x @ self.router.T, self.top_k, "softmax", self.renormalize)
         if self.fp8 is not None:
             w13, s13, w2, s2 = self.fp8
-            return fused_moe_fp8_triton(x, w13, w2, s13, s2, w, ids, decode=decode)
-        return fused_moe_triton(x, self.w13, self.w2, w, ids, decode=decode)
+            return fused_moe_fp8_triton(x, w13, w2, s13, s2, w, ids, decode=decode, decode_cfg=decode_cfg)
+        return fused_moe_triton(x, self.w13, self.w2, w, ids, decode=decode, decode_cfg=decode_cfg)
 
     def reference(self, x):
         w, ids = moe_routing(x @ self.router.T, self.top_k, "softmax", self.renormalize)
@@ -156,9 +162,48 @@ def seconds(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=200) * 1e-3
 
 
-def run_layers(layers: list[Layer], x: torch.Tensor, decode=None) -> None:
+def run_layers(layers: list[Layer], x: torch.Tensor, decode=None, decode_cfg=None) -> None:
     for layer in layers:
-        layer.ours(x, decode=decode)
+        layer.ours(x, decode=decode, decode_cfg=decode_cfg)
+
+
+def candidates(kind: str) -> list[DecodeConfig]:
+    """DECODE_CANDIDATES the kind takes (block scales: BLOCK_K divides 128)."""
+    return [c for c in DECODE_CANDIDATES if EXPERTS[kind] != QuantAlgo.FP8_BLOCK_SCALES or 128 % c.block_k == 0]
+
+
+def check_candidates() -> None:
+    """Each decode tile candidate computes what the default does (CPU interpreter, tiny shapes)."""
+    shape = next(iter(SHAPES.values()))
+    for kind in ("bf16", "fp8 block"):
+        layer = Layer(*shape, fp8=EXPERTS[kind])
+        x = torch.randn(max(DECODE_TS), shape[0], device=DEVICE, dtype=DTYPE)
+        want = layer.ours(x, decode=True)
+        for cfg in candidates(kind)[:: 1 if DEVICE == "cuda" else 4]:  # interpreted: every 4th
+            err = rel_err(layer.ours(x, decode=True, decode_cfg=cfg), want)
+            if err > MAX_REL_ERR:
+                print(f"FAILED decode candidate {cfg} ({kind}): rel. err {err:.1e}")
+                sys.exit(1)
+    print("decode candidates agree with decode_config's", flush=True)
+
+
+def decode_sweep(rows: list[dict]) -> None:
+    copy_gbs = copy_ceiling_tbs() * 1e3
+    name, shape = next(iter(SHAPES.items()))
+    hidden, inter, experts = shape[:3]
+    for kind in ("bf16", "fp8 block"):
+        layer_bytes = 3 * experts * hidden * inter * (2 if EXPERTS[kind] is None else 3)
+        layers = [Layer(*shape, fp8=EXPERTS[kind]) for _ in range(max(2, min(32, int(WEIGHT_BUDGET // layer_bytes))))]
+        for t in (1, max(DECODE_TS)):
+            x = torch.randn(t, hidden, device=DEVICE, dtype=DTYPE)
+            chosen = sum(layer.chosen_bytes(x) for layer in layers)
+            for cfg in candidates(kind):
+                sec = seconds(functools.partial(run_layers, layers, x, True, cfg))
+                rows.append(dict(regime="decode config", shape=name, experts=kind, tokens=t, block_n=cfg.block_n,
+                                 block_k=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                 gbs=f"{chosen / sec / 1e9:.0f}", of_copy=f"{chosen / sec / 1e9 / copy_gbs:.0%}"))
+                print(rows[-1], flush=True)
+        del layers
 
 
 def dense_pair(xk: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -222,17 +267,21 @@ def main() -> None:
     if DEVICE == "cuda":
         print(torch.cuda.get_device_name(), f"torch {torch.__version__}, triton {triton.__version__}")
     rows = check()
+    check_candidates()
     if SMOKE:
         report("bench_fused_moe", "MoE layer correctness (--smoke, CPU interpreter)\n" + markdown(rows),
                dict(correctness=rows))
         return
     timed: list[dict] = []
     decode(timed)
+    sweep: list[dict] = []
+    decode_sweep(sweep)
     prefill(timed)
     report("bench_fused_moe", "MoE layer: moe_routing + fused_moe (bf16 and FP8 experts) vs HF's block and the "
            "dense GEMM\n"
-           + markdown(timed), dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                   triton=triton.__version__, correctness=rows, timing=timed))
+           + markdown(timed) + "\n\nThe decode path's tile candidates\n" + markdown(sweep),
+           dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                correctness=rows, timing=timed, decode_configs=sweep))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ import triton.language as tl
 
 from trtllm.kernels.fused_moe_decode import (
     DECODE_MAX_TOKENS,
+    DecodeConfig,
     decode_config,
     launch_decode_down,
     launch_decode_gate_up,
@@ -185,9 +186,10 @@ def _down_kernel(
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                     *, config: MoeConfig | None = None, decode: bool | None = None) -> torch.Tensor:
+                     *, config: MoeConfig | None = None, decode: bool | None = None,
+                     decode_cfg: DecodeConfig | None = None) -> torch.Tensor:
     """decode: the few-token path (kernels/fused_moe_decode.py); None: for T <= DECODE_MAX_TOKENS
-    unless a tile `config` is given."""
+    unless a tile `config` is given. decode_cfg: the decode path's tiles (default `decode_config`)."""
     _check_args(x, w13, w2, topk_weights, topk_ids)
     for t, name in ((x, "x"), (w13, "w13"), (w2, "w2")):
         assert t.stride(-1) == 1, f"{name}: last dim must be contiguous"
@@ -204,7 +206,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         decode = num_tokens <= DECODE_MAX_TOKENS and config is None
     if decode:  # kernels/fused_moe_decode.py: no alignment, each chosen expert read once
         ids = topk_ids.contiguous()
-        dcfg = decode_config(hidden, inter, block_scales=False)
+        dcfg = decode_cfg or decode_config(hidden, inter, block_scales=False)
         with interpreter_upcast((x, w13, w2)) as ((x_, w13_, w2_), _):
             h = torch.empty(num_slots, inter, dtype=x_.dtype, device=x.device)
             o = torch.zeros(num_slots, hidden, dtype=x_.dtype, device=x.device)  # ids outside [0, E): zeros

@@ -56,7 +56,7 @@ class DecodeConfig(NamedTuple):
 def decode_config(hidden: int, inter: int, block_scales: bool) -> DecodeConfig:
     """Untuned default (see the module docstring)."""
     if triton_interpreter_on():  # tiny test shapes; tl.dot needs every dim >= 16
-        return DecodeConfig(block_n=32, block_k=32 if not block_scales else 32, num_warps=4, num_stages=1)
+        return DecodeConfig(block_n=32, block_k=32, num_warps=4, num_stages=1)
     return DecodeConfig(block_n=32, block_k=128, num_warps=4, num_stages=4)
 
 

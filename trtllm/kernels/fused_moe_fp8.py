@@ -47,6 +47,7 @@ from trtllm.kernels.fp8_gemm import FP8_DTYPE, FP8_PROMOTE_K, SCALE_BLOCK, dequa
 from trtllm.kernels.fused_moe import _FLOAT_DTYPES, MoeConfig, moe_config
 from trtllm.kernels.fused_moe_decode import (
     DECODE_MAX_TOKENS,
+    DecodeConfig,
     decode_config,
     launch_decode_down,
     launch_decode_gate_up,
@@ -220,9 +221,10 @@ def _tile_config(num_slots: int, num_experts: int, hidden: int, inter: int, bloc
 
 def fused_moe_fp8_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor,
                          w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                         *, config: MoeConfig | None = None, decode: bool | None = None) -> torch.Tensor:
+                         *, config: MoeConfig | None = None, decode: bool | None = None,
+                         decode_cfg: DecodeConfig | None = None) -> torch.Tensor:
     """decode: the few-token path (kernels/fused_moe_decode.py); None: for T <= DECODE_MAX_TOKENS
-    unless a tile `config` is given."""
+    unless a tile `config` is given. decode_cfg: the decode path's tiles (default `decode_config`)."""
     block = _check_args(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids)
     for t, name in ((x, "x"), (w13, "w13"), (w2, "w2")):
         assert t.stride(-1) == 1, f"{name}: last dim must be contiguous"
@@ -244,7 +246,7 @@ def fused_moe_fp8_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w
     if decode is None:
         decode = num_tokens <= DECODE_MAX_TOKENS and config is None
     if decode:
-        dcfg = decode_config(hidden, inter, block_scales=block)
+        dcfg = decode_cfg or decode_config(hidden, inter, block_scales=block)
         with interpreter_upcast((xq, w13), (h,)) as ((xq_, w13_), (h_,)):
             launch_decode_gate_up(xq_, xs, w13_, w13_scale, h_, ids, scales, dcfg, dot_precision)
         hq, hs = quantize_fp8(h, group)
