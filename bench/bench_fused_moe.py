@@ -20,10 +20,18 @@ Peers, in the same run:
 1. Correctness first: ours against fused_moe_ref (fp32) of the same routing, and against the
    HF block; exit 1 if a relative error is above MAX_REL_ERR, before anything is timed.
 2. Decode (T in DECODE_TS): GB/s of the chosen experts' weights (the distinct experts the
-   routing picked, 3 H I bf16 each) per second, over LAYERS copies of the layer's weights in
-   one CUDA graph (more than the L2), beside the 1 GiB copy's GB/s (bench/report.py);
-   of_copy = ours / copy.
-3. Large T (PREFILL_TS): TFLOP/s = 2 T k 3 H I / time, ours, the peers and the dense pair.
+   routing picked, 3 H I elements each: 2 bytes bf16, 1 byte FP8) per second, over LAYERS
+   copies of the layer's weights in one CUDA graph (more than the L2), beside the 1 GiB copy's
+   GB/s (bench/report.py); of_copy = ours / copy (issue 21's floor: 75%, goal 88%). `trtllm` is
+   the default path at these sizes (kernels/fused_moe_decode.py: no moe_align, each chosen
+   expert read once); `tiles` the grouped GEMM over moe_align's tiles the op took before, on
+   the same layers. Rows for bf16 experts and for FP8 experts (kernels/fused_moe_fp8.py) with
+   per-channel and 128x128 block scales (the weights quantized here, per expert).
+   Then the decode path's tile candidates (DECODE_CANDIDATES: BLOCK_N x BLOCK_K x stages) on the
+   first shape, bf16 and FP8 block experts, T = 1 and 16: the rows that choose `decode_config`'s
+   table (kernels/fused_moe_decode.py; --smoke checks each candidate computes what the default does).
+3. Large T (PREFILL_TS): TFLOP/s = 2 T k 3 H I / time, ours, the peers and the dense pair; and
+   ours over FP8 experts (block scales) in the same row.
 Table last, also written to $OUT/bench_fused_moe.{md,json} (bench/report.py).
 --smoke runs step 1 on CPU under TRITON_INTERPRET=1 (fp32, tiny shapes) and skips the timing.
 """
@@ -39,13 +47,20 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from bench.report import copy_ceiling_tbs, markdown, report  # noqa: E402
-from trtllm.kernels.fused_moe import fused_moe, fused_moe_ref  # noqa: E402
+from trtllm.config import QuantAlgo  # noqa: E402
+from trtllm.kernels.fused_moe import fused_moe_ref, fused_moe_triton  # noqa: E402
+from trtllm.kernels.fused_moe_decode import DecodeConfig  # noqa: E402
+from trtllm.kernels.fused_moe_fp8 import fused_moe_fp8_ref, fused_moe_fp8_triton  # noqa: E402
 from trtllm.kernels.moe_routing import moe_routing  # noqa: E402
+from trtllm.quantization.fp8_linears import quantize_expert_weights  # noqa: E402
 
 # name -> (H, I, E, top_k, renormalize)
 SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, True), "mixtral-8x7b": (4096, 14336, 8, 2, True),
           "deepseek-v2-lite": (2048, 1408, 64, 6, False)}
 DECODE_TS = (1, 4, 16)
+DECODE_CANDIDATES = [DecodeConfig(n, k, 4, stages) for n in (16, 32, 64) for k in (64, 128, 256) for stages in (3, 5)]
+# expert weights: bf16, or FP8 at QuantConfig's granularity (kernels/fused_moe_fp8.py)
+EXPERTS = {"bf16": None, "fp8 channel": QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, "fp8 block": QuantAlgo.FP8_BLOCK_SCALES}
 PREFILL_TS = (8192,)
 MAX_REL_ERR = 2e-2       # bf16 layer (HF rounds h and each expert's output in bf16; ours h and o)
 WEIGHT_BUDGET = 4e9      # bytes of layer copies for the decode timing (L2: 50-60 MB)
@@ -58,19 +73,34 @@ if SMOKE:
 class Layer:
     """One MoE layer's weights, and the HF block holding the same tensors."""
 
-    def __init__(self, hidden, inter, experts, top_k, renormalize):
+    def __init__(self, hidden, inter, experts, top_k, renormalize, fp8: QuantAlgo | None = None):
         self.top_k, self.renormalize = top_k, renormalize
         self.router = torch.randn(experts, hidden, device=DEVICE, dtype=DTYPE) * hidden ** -0.5
         self.w13 = torch.randn(experts, 2 * inter, hidden, device=DEVICE, dtype=DTYPE) * hidden ** -0.5
         self.w2 = torch.randn(experts, hidden, inter, device=DEVICE, dtype=DTYPE) * inter ** -0.5
+        self.fp8 = None
+        if fp8 is not None:  # (w13, w2, their scales); the bf16 copies are kept for the HF peer
+            self.fp8 = (*quantize_expert_weights(self.w13, fp8), *quantize_expert_weights(self.w2, fp8))
 
-    def ours(self, x):
+    def ours(self, x, decode=None, decode_cfg=None):
+        """decode None: the op's own choice (the decode path for T <= 16); True / False: that path;
+        decode_cfg: the decode path's tiles (None: decode_config's)."""
         w, ids = moe_routing(x @ self.router.T, self.top_k, "softmax", self.renormalize)
-        return fused_moe(x, self.w13, self.w2, w, ids)
+        if self.fp8 is not None:
+            w13, s13, w2, s2 = self.fp8
+            return fused_moe_fp8_triton(x, w13, w2, s13, s2, w, ids, decode=decode, decode_cfg=decode_cfg)
+        return fused_moe_triton(x, self.w13, self.w2, w, ids, decode=decode, decode_cfg=decode_cfg)
 
     def reference(self, x):
         w, ids = moe_routing(x @ self.router.T, self.top_k, "softmax", self.renormalize)
+        if self.fp8 is not None:
+            w13, s13, w2, s2 = self.fp8
+            return fused_moe_fp8_ref(x, w13, w2, s13, s2, w, ids)
         return fused_moe_ref(x.float(), self.w13.float(), self.w2.float(), w, ids)
+
+    @property
+    def weight_element_bytes(self) -> int:
+        return 1 if self.fp8 is not None else self.w2.element_size()
 
     def hf_block(self, experts_implementation):
         import transformers
@@ -90,7 +120,7 @@ class Layer:
 
     def chosen_bytes(self, x) -> int:
         _, ids = moe_routing(x @ self.router.T, self.top_k, "softmax", self.renormalize)
-        return ids.unique().numel() * 3 * self.w2.shape[1] * self.w2.shape[2] * self.w2.element_size()
+        return ids.unique().numel() * 3 * self.w2.shape[1] * self.w2.shape[2] * self.weight_element_bytes
 
 
 def rel_err(y, ref):
@@ -98,20 +128,29 @@ def rel_err(y, ref):
 
 
 def check() -> list[dict]:
+    """Ours vs the reference of its weights (bf16: fused_moe_ref; FP8: fused_moe_fp8_ref, the same
+    activation quantizations) and, for bf16, vs HF's block; at decode sizes the tile path too."""
     rows, bad = [], []
     for name, shape in SHAPES.items():
-        layer = Layer(*shape)
-        hf = layer.hf_block("grouped_mm" if DEVICE == "cuda" else "batched_mm")
-        for t in (*DECODE_TS, *PREFILL_TS):
-            x = torch.randn(t, shape[0], device=DEVICE, dtype=DTYPE)
-            with torch.no_grad():
-                y, hf_y = layer.ours(x), hf(x[None])[0]
-            row = dict(shape=name, tokens=t, rel_err_ref=f"{rel_err(y, layer.reference(x)):.1e}",
-                       rel_err_hf=f"{rel_err(y, hf_y):.1e}")
-            rows.append(row)
-            if max(float(row["rel_err_ref"]), float(row["rel_err_hf"])) > MAX_REL_ERR:
-                bad.append(row)
-            print(row, flush=True)
+        for experts, algo in EXPERTS.items():
+            layer = Layer(*shape, fp8=algo)
+            hf = layer.hf_block("grouped_mm" if DEVICE == "cuda" else "batched_mm") if algo is None else None
+            for t in (*DECODE_TS, *PREFILL_TS):
+                x = torch.randn(t, shape[0], device=DEVICE, dtype=DTYPE)
+                with torch.no_grad():
+                    y = layer.ours(x)
+                    errs = dict(rel_err_ref=rel_err(y, layer.reference(x)))
+                    if hf is not None:
+                        errs["rel_err_hf"] = rel_err(y, hf(x[None])[0])
+                    if t <= max(DECODE_TS):
+                        errs["rel_err_tiles"] = rel_err(y, layer.ours(x, decode=False))
+                row = dict(shape=name, experts=experts, tokens=t,
+                           **{k: f"{errs[k]:.1e}" if k in errs else "-"
+                              for k in ("rel_err_ref", "rel_err_hf", "rel_err_tiles")})
+                rows.append(row)
+                if max(errs.values()) > MAX_REL_ERR:
+                    bad.append(row)
+                print(row, flush=True)
     if bad:
         print(f"FAILED correctness (max rel. err {MAX_REL_ERR}):", *bad, sep="\n")
         sys.exit(1)
@@ -123,9 +162,48 @@ def seconds(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=200) * 1e-3
 
 
-def run_layers(layers: list[Layer], x: torch.Tensor) -> None:
+def run_layers(layers: list[Layer], x: torch.Tensor, decode=None, decode_cfg=None) -> None:
     for layer in layers:
-        layer.ours(x)
+        layer.ours(x, decode=decode, decode_cfg=decode_cfg)
+
+
+def candidates(kind: str) -> list[DecodeConfig]:
+    """DECODE_CANDIDATES the kind takes (block scales: BLOCK_K divides 128)."""
+    return [c for c in DECODE_CANDIDATES if EXPERTS[kind] != QuantAlgo.FP8_BLOCK_SCALES or 128 % c.block_k == 0]
+
+
+def check_candidates() -> None:
+    """Each decode tile candidate computes what the default does (CPU interpreter, tiny shapes)."""
+    shape = next(iter(SHAPES.values()))
+    for kind in ("bf16", "fp8 block"):
+        layer = Layer(*shape, fp8=EXPERTS[kind])
+        x = torch.randn(max(DECODE_TS), shape[0], device=DEVICE, dtype=DTYPE)
+        want = layer.ours(x, decode=True)
+        for cfg in candidates(kind)[:: 1 if DEVICE == "cuda" else 4]:  # interpreted: every 4th
+            err = rel_err(layer.ours(x, decode=True, decode_cfg=cfg), want)
+            if err > MAX_REL_ERR:
+                print(f"FAILED decode candidate {cfg} ({kind}): rel. err {err:.1e}")
+                sys.exit(1)
+    print("decode candidates agree with decode_config's", flush=True)
+
+
+def decode_sweep(rows: list[dict]) -> None:
+    copy_gbs = copy_ceiling_tbs() * 1e3
+    name, shape = next(iter(SHAPES.items()))
+    hidden, inter, experts = shape[:3]
+    for kind in ("bf16", "fp8 block"):
+        layer_bytes = 3 * experts * hidden * inter * (2 if EXPERTS[kind] is None else 3)
+        layers = [Layer(*shape, fp8=EXPERTS[kind]) for _ in range(max(2, min(32, int(WEIGHT_BUDGET // layer_bytes))))]
+        for t in (1, max(DECODE_TS)):
+            x = torch.randn(t, hidden, device=DEVICE, dtype=DTYPE)
+            chosen = sum(layer.chosen_bytes(x) for layer in layers)
+            for cfg in candidates(kind):
+                sec = seconds(functools.partial(run_layers, layers, x, True, cfg))
+                rows.append(dict(regime="decode config", shape=name, experts=kind, tokens=t, block_n=cfg.block_n,
+                                 block_k=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                 gbs=f"{chosen / sec / 1e9:.0f}", of_copy=f"{chosen / sec / 1e9 / copy_gbs:.0%}"))
+                print(rows[-1], flush=True)
+        del layers
 
 
 def dense_pair(xk: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -138,17 +216,23 @@ def decode(rows: list[dict]) -> None:
     print(f"device copy (bench/report.py): {copy_gbs:.0f} GB/s (read + write)")
     for name, shape in SHAPES.items():
         hidden, inter, experts = shape[:3]
-        layer_bytes = 3 * experts * hidden * inter * 2
-        layers = [Layer(*shape) for _ in range(max(2, min(32, int(WEIGHT_BUDGET // layer_bytes))))]
-        for t in DECODE_TS:
-            x = torch.randn(t, hidden, device=DEVICE, dtype=DTYPE)
-            chosen = sum(layer.chosen_bytes(x) for layer in layers)
-            ours = seconds(functools.partial(run_layers, layers, x))
-            rows.append(dict(regime="decode", shape=name, tokens=t, layers=len(layers),
-                             chosen_mb_per_layer=f"{chosen / len(layers) / 1e6:.0f}",
-                             trtllm_gbs=f"{chosen / ours / 1e9:.0f}", of_copy=f"{chosen / ours / 1e9 / copy_gbs:.0%}",
-                             trtllm_us_per_layer=f"{ours / len(layers) * 1e6:.1f}"))
-            print(rows[-1], flush=True)
+        for kind, algo in EXPERTS.items():
+            layer_bytes = 3 * experts * hidden * inter * (2 if algo is None else 3)  # FP8: bf16 kept + fp8
+            layers = [Layer(*shape, fp8=algo) for _ in range(max(2, min(32, int(WEIGHT_BUDGET // layer_bytes))))]
+            for t in DECODE_TS:
+                x = torch.randn(t, hidden, device=DEVICE, dtype=DTYPE)
+                chosen = sum(layer.chosen_bytes(x) for layer in layers)
+                ours = seconds(functools.partial(run_layers, layers, x))
+                tiles = seconds(functools.partial(run_layers, layers, x, decode=False))
+                rows.append(dict(regime="decode", shape=name, experts=kind, tokens=t, layers=len(layers),
+                                 chosen_mb_per_layer=f"{chosen / len(layers) / 1e6:.0f}",
+                                 trtllm_gbs=f"{chosen / ours / 1e9:.0f}",
+                                 of_copy=f"{chosen / ours / 1e9 / copy_gbs:.0%}",
+                                 trtllm_us_per_layer=f"{ours / len(layers) * 1e6:.1f}",
+                                 tiles_gbs=f"{chosen / tiles / 1e9:.0f}",
+                                 tiles_of_copy=f"{chosen / tiles / 1e9 / copy_gbs:.0%}"))
+                print(rows[-1], flush=True)
+            del layers
 
 
 def prefill(rows: list[dict]) -> None:
@@ -161,6 +245,9 @@ def prefill(rows: list[dict]) -> None:
             xk = torch.randn(t * top_k, hidden, device=DEVICE, dtype=DTYPE)
             dense = seconds(functools.partial(dense_pair, xk, layer.w13[0], layer.w2[0]))
             ours = seconds(functools.partial(layer.ours, x))
+            fp8_layer = Layer(*shape, fp8=QuantAlgo.FP8_BLOCK_SCALES)
+            ours_fp8 = seconds(functools.partial(fp8_layer.ours, x))
+            del fp8_layer
             peers = {}
             for impl in ("grouped_mm", "eager"):
                 block = torch.compile(layer.hf_block(impl), fullgraph=impl != "eager")
@@ -170,7 +257,8 @@ def prefill(rows: list[dict]) -> None:
             rows.append(dict(regime="large T", shape=name, tokens=t, trtllm_tflops=f"{flop / ours / 1e12:.0f}",
                              hf_grouped_mm_tflops=f"{flop / peers['grouped_mm'] / 1e12:.0f}",
                              hf_loop_tflops=f"{flop / peers['eager'] / 1e12:.0f}",
-                             dense_tflops=f"{flop / dense / 1e12:.0f}", vs_dense=f"{dense / ours:.2f}"))
+                             dense_tflops=f"{flop / dense / 1e12:.0f}", vs_dense=f"{dense / ours:.2f}",
+                             trtllm_fp8_block_tflops=f"{flop / ours_fp8 / 1e12:.0f}"))
             print(rows[-1], flush=True)
 
 
@@ -179,16 +267,21 @@ def main() -> None:
     if DEVICE == "cuda":
         print(torch.cuda.get_device_name(), f"torch {torch.__version__}, triton {triton.__version__}")
     rows = check()
+    check_candidates()
     if SMOKE:
         report("bench_fused_moe", "MoE layer correctness (--smoke, CPU interpreter)\n" + markdown(rows),
                dict(correctness=rows))
         return
     timed: list[dict] = []
     decode(timed)
+    sweep: list[dict] = []
+    decode_sweep(sweep)
     prefill(timed)
-    report("bench_fused_moe", "MoE layer: moe_routing + fused_moe vs HF's block and the dense GEMM\n"
-           + markdown(timed), dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                   triton=triton.__version__, correctness=rows, timing=timed))
+    report("bench_fused_moe", "MoE layer: moe_routing + fused_moe (bf16 and FP8 experts) vs HF's block and the "
+           "dense GEMM\n"
+           + markdown(timed) + "\n\nThe decode path's tile candidates\n" + markdown(sweep),
+           dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                correctness=rows, timing=timed, decode_configs=sweep))
 
 
 if __name__ == "__main__":

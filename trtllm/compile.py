@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from trtllm.attention_context import in_attention_context, whole_sequences_context
 from trtllm.contract import AttentionSpec, CompileError, contract_module, model_path, probe_attention
+from trtllm.expert_load import ExpertLoad
 from trtllm.inductor_fallbacks import declare_inductor_fallbacks
 from trtllm.lora_slots import LoraSlots
 from trtllm.parallel.pipeline_parallel import PipelineStage
@@ -68,7 +69,7 @@ class CompiledModel:
     def __init__(self, model: nn.Module, *, inductor: bool | None = None, passes=None,
                  decode_graph_passes=None, block_size: int = 16, quantization: Fp8Linears | None = None,
                  tensor_parallel: TensorParallel | None = None, lora: LoraSlots | None = None,
-                 pipeline: PipelineStage | None = None):
+                 pipeline: PipelineStage | None = None, expert_load: ExpertLoad | None = None):
         # what the passes quantize (quantize_linears): given, or what loading put on the model
         self.quantization = quantization if quantization is not None else fp8_linears_of(model)
         self.module = contract_module(model)
@@ -79,6 +80,9 @@ class CompiledModel:
         self.block_size = block_size
         self.tensor_parallel = tensor_parallel
         self.lora = lora  # LoRA adapters' slots (passes/apply_lora.py), None without
+        self.expert_load = expert_load  # MoE blocks' tokens per expert (trtllm/expert_load.py), None: not counted
+        if expert_load is not None:
+            expert_load.bind(model)
         self.attention = probed = probe_attention(self.module, self.device)
         if tensor_parallel is not None and probed.alibi_slopes:
             raise CompileError("ALiBi under tensor parallelism: each rank would need its heads' slopes (not built)")
@@ -137,11 +141,12 @@ class CompiledModel:
         gm = fx.GraphModule(dynamo_gm, copy.deepcopy(dynamo_gm.graph))
         inputs = GraphInputs(gm.graph, example_inputs)
         ctx = PassContext(inputs=inputs, attention=self._layers, quantization=self.quantization,
-                          tensor_parallel=self.tensor_parallel, lora=self.lora, pipeline=self.pipeline)
+                          tensor_parallel=self.tensor_parallel, lora=self.lora, pipeline=self.pipeline,
+                          expert_load=self.expert_load)
         for p in variant.passes:
             self.matches[p.__name__] += p(gm.graph, ctx)
         if self.quantization is not None:  # a placeholder left in use computes with NaN
-            by_placeholder = self.quantization.by_placeholder()
+            by_placeholder = {**self.quantization.by_placeholder(), **self.quantization.experts_by_placeholder()}
             left = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.users
                     and id(inputs.tensor(n)) in by_placeholder]
             if left:
@@ -316,5 +321,6 @@ def compile(model: nn.Module, **options) -> CompiledModel:
     (this rank's `PipelineStage`: passes/split_pipeline_stage.py keeps its stage's layers; a stage
     after the first reads its input inside `pipeline_parallel.stage_input(hidden)`, one before the
     last returns hidden states [B, S, H], not logits), lora (a
-    `LoraSlots`: passes/apply_lora.py adds each token's adapter to the targeted linears)."""
+    `LoraSlots`: passes/apply_lora.py adds each token's adapter to the targeted linears), expert_load
+    (an `ExpertLoad`: fuse_moe counts each MoE block's tokens per expert, trtllm/expert_load.py)."""
     return CompiledModel(model, **options)

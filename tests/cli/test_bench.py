@@ -207,3 +207,26 @@ def test_throughput_on_the_tiny_deepseek_preset_pages_the_latent(tmp_path):
                  "--report_json", str(report_file)]) == 0
     pool = _report(report_file)["results"]["kv_pool"]
     assert pool["bytes"] == pool["blocks"] * pool["tokens_per_block"] * 2 * (32 + 8) * 4, pool
+
+
+def test_expert_load_on_the_tiny_mixtral_preset(tmp_path, capsys):
+    """--expert_load: per MoE block, the timed run's tokens per expert, which add up to top-k
+    slots for every token computed (prompts and decoded tokens; warm-up left out)."""
+    report_file = tmp_path / "report.json"
+    assert main(["--model", "tiny-mixtral", "--batch_size", "3", "--input_len", "6", "--output_len", "4",
+                 "--warmup", "1", "--expert_load", "--report_json", str(report_file)]) == 0
+    res = _report(report_file)["results"]
+    load = res["expert_load"]
+    assert res["prefix_hit_rate"] == 0.0
+    computed = res["total_input_tokens"] + res["total_output_tokens"] - res["num_requests"]
+    assert len(load["blocks"]) == 2, load  # two MoE layers
+    for block in load["blocks"].values():
+        assert block["tokens"] == 2 * computed and sum(block["tokens_per_expert"]) == block["tokens"], block
+        assert block["max"] == max(block["tokens_per_expert"]) and block["imbalance"] >= 1.0
+    assert "expert load           2 MoE blocks" in capsys.readouterr().out
+
+
+def test_expert_load_is_off_by_default(tmp_path):
+    report_file = tmp_path / "report.json"
+    assert main(["--model", "tiny-mixtral", "--batch_size", "1", "--input_len", "4", "--output_len", "2", "--warmup", "0", "--report_json", str(report_file)]) == 0
+    assert _report(report_file)["results"]["expert_load"] is None

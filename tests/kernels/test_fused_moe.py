@@ -107,3 +107,29 @@ def test_bad_input_names_the_argument(fn):
 
 def test_opcheck():
     torch.library.opcheck(torch.ops.trtllm.fused_moe.default, make_moe(7, 4, 2, torch.bfloat16))
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(1, 4, 1), (1, 64, 8), (16, 4, 2), (16, 8, 1), (5, 8, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_path_matches_the_tiles_and_the_reference(tokens, experts, top_k, dtype):
+    """T <= 16: kernels/fused_moe_decode.py (the default there) against the grouped GEMM over
+    moe_align's tiles and the reference; experts chosen by several tokens, by none, and ids of
+    another rank (-1, E) that add nothing."""
+    from trtllm.kernels.fused_moe import fused_moe_triton
+
+    x, w13, w2, weights, ids = make_moe(tokens, experts, top_k, dtype)
+    decoded = fused_moe_triton(x, w13, w2, weights, ids, decode=True)
+    torch.testing.assert_close(decoded, fused_moe_triton(x, w13, w2, weights, ids, decode=False),
+                               **TOLERANCES[dtype])
+    torch.testing.assert_close(decoded, fused_moe_ref(x, w13, w2, weights, ids), **TOLERANCES[dtype])
+    foreign = ids.clone()
+    foreign[0, 0], foreign[-1, -1] = -1, experts
+    torch.testing.assert_close(fused_moe_triton(x, w13, w2, weights, foreign, decode=True),
+                               fused_moe_ref(x, w13, w2, weights, foreign), **TOLERANCES[dtype])
+
+
+def test_decode_path_takes_at_most_16_tokens():
+    from trtllm.kernels.fused_moe import fused_moe_triton
+
+    with pytest.raises(AssertionError, match="at most 16"):
+        fused_moe_triton(*make_moe(17, 4, 2, torch.float32), decode=True)

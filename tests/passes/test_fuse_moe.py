@@ -290,3 +290,89 @@ def test_in_place_ops_survive_the_other_passes_dead_code_elimination():
     assert sum(n.target == "index_add_" for n in cap.gm.graph.nodes) == E
     with torch.no_grad():
         torch.testing.assert_close(cap.run(), moe(x))
+
+
+def test_expert_load_counts_each_blocks_routed_tokens_when_asked():
+    """With ctx.expert_load, each fused block also counts its tokens per expert into a fixed
+    counter (trtllm/expert_load.py), the same one on a second compilation; without, no count op."""
+    from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
+    from trtllm.expert_load import ExpertLoad
+
+    torch.manual_seed(0)
+    moe, x = PlainMoE(k=2), torch.randn(1, 5, H)
+    cap = capture(moe, x)
+    load = cap.ctx.expert_load = ExpertLoad()
+    assert cap.apply(fuse_moe) == 1 and cap.count(torch.ops.trtllm.count_expert_load.default) == 1
+    (block, counts), = load.counters.items()
+    assert counts.tolist() == [0] * E  # keyed by the module path (here the top module: the node name)
+    ids = torch.topk(F.softmax(moe.router(x[0]), dim=-1), 2, dim=-1)[1]
+    cap.run()  # outside the runtime: every token counts
+    assert load.snapshot()[block] == torch.bincount(ids.flatten(), minlength=E).tolist()
+    meta = AttentionMetadata(8, 1, 1, "cpu")  # the runtime's: a slot of -1 marks a padding token
+    meta.slot_mapping[:5] = torch.tensor([0, -1, 2, 3, -1], dtype=torch.int32)
+    with attention_context(PagedKVCache.allocate(1, 1, 16, 1, 4, torch.float32, "cpu"), meta):
+        cap.run()
+    real = ids[[0, 2, 3]]
+    assert load.snapshot()[block] == (torch.bincount(ids.flatten(), minlength=E)
+                                      + torch.bincount(real.flatten(), minlength=E)).tolist()
+
+    again = capture(moe, x)
+    again.ctx.expert_load = load
+    again.apply(fuse_moe)
+    assert list(load.counters) == [block] and again.inputs.constants[-1] is counts
+    plain = capture(moe, x)
+    plain.apply(fuse_moe)
+    assert plain.count(torch.ops.trtllm.count_expert_load.default) == 0
+
+
+@pytest.mark.parametrize("algo", ["FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES"])
+@pytest.mark.parametrize("family,experts_implementation", [("qwen3_moe", "grouped_mm"), ("mixtral", "batched_mm")])
+def test_fp8_quantized_experts_become_fused_moe_fp8(family, experts_implementation, algo):
+    """QuantConfig's FP8 algorithms quantize HF's 3-D experts (quantize_model); fuse_moe then
+    places fused_moe_fp8 over the FP8 weights and scales, the bf16 placeholders left unread."""
+    from trtllm.config import QuantAlgo
+    from trtllm.quantization.fp8_linears import quantize_model
+
+    block = hf_block(family, experts_implementation)
+    x = torch.randn(2, 5, H)
+    with torch.no_grad():
+        want = block(x)
+    fp8 = quantize_model(block, QuantAlgo(algo))
+    (path, experts), = fp8.experts.items()
+    assert path == "experts" and experts.w13.dtype == torch.float8_e4m3fn and "FP8 experts of 1 MoE blocks" in fp8.summary()
+    assert block.experts.gate_up_proj is experts.placeholders[0]
+    cap = capture(block, x)
+    cap.ctx.quantization = fp8
+    assert cap.apply(fuse_moe) == 1
+    assert cap.count(torch.ops.trtllm.fused_moe_fp8.default) == 1 and ops(cap) == {"routing": 1, "fused": 0}
+    placeholders = [n for n in cap.gm.graph.nodes if n.op == "placeholder"
+                    and cap.inputs.tensor(n) is not None and id(cap.inputs.tensor(n)) in fp8.experts_by_placeholder()]
+    assert placeholders and not any(n.users for n in placeholders)
+    got = cap.run()
+    assert ((got - want).norm() / want.norm()).item() < 0.08  # e4m3 weights and activations (kernel tests' table)
+
+
+def test_per_expert_fp8_linears_are_left_as_captured_with_a_note():
+    """A plain MoE's per-expert nn.Linears quantized as FP8 linears: not fused (fused FP8 experts
+    take HF's 3-D tensors), said in a note; quantize_linears runs them as FP8 linears."""
+    from trtllm.config import QuantAlgo
+    from trtllm.quantization.fp8_linears import quantize_model
+
+    moe = PlainMoE(k=2)
+    fp8 = quantize_model(moe, QuantAlgo.FP8)
+    cap = capture(moe, torch.randn(1, 5, H))
+    cap.ctx.quantization = fp8
+    with pytest.warns(UserWarning, match="per-expert FP8 linears"):
+        assert cap.apply(fuse_moe) == 0
+    assert any("per-expert FP8 linears" in note for note in cap.ctx.notes)
+
+
+def test_one_expert_load_counts_one_model():
+    from trtllm.expert_load import ExpertLoad
+
+    load = ExpertLoad()
+    first, second = PlainMoE(), PlainMoE()
+    load.bind(first)
+    load.bind(first)  # a recompile of the same model
+    with pytest.raises(ValueError, match="already counts another model"):
+        load.bind(second)

@@ -39,3 +39,14 @@ def test_a_model_without_fp8_linears_is_refused(tmp_path):
     with pytest.raises(ValueError, match="carries no FP8 linears"):
         export_fp8_checkpoint(model, src, tmp_path / "out", QuantAlgo.FP8)
     assert not (tmp_path / "out").exists()
+
+
+def test_fp8_moe_experts_are_refused_by_name(tmp_path):
+    """QuantConfig FP8 quantizes an MoE model's experts too; writing those is not built: refused,
+    never a checkpoint of NaN (placeholder) or bf16 experts called FP8."""
+    src = write_checkpoint("qwen3_moe", tmp_path / "src")
+    model = trtllm.load_model(src, dtype=torch.float32, device="cpu", quant_algo=QuantAlgo.FP8)
+    assert fp8_linears_of(model).experts
+    with pytest.raises(ValueError, match="FP8 MoE experts"):
+        export_fp8_checkpoint(model, src, tmp_path / "out", QuantAlgo.FP8)
+    assert not (tmp_path / "out").exists()

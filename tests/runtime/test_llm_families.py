@@ -84,19 +84,20 @@ def test_moe_greedy_matches_hf_generate_with_the_blocks_fused(family, tmp_path_f
     assert "left as captured" not in summary, summary
 
 
-def test_an_fp8_moe_checkpoint_has_fp8_linears_and_its_blocks_fused(tmp_path_factory):
+@pytest.mark.parametrize("algo", ["FP8", "FP8_BLOCK_SCALES"])
+def test_an_fp8_moe_checkpoint_has_fp8_linears_and_fp8_experts(algo, tmp_path_factory):
     """QuantConfig FP8 with an MoE family: the attention and dense-MLP linears become FP8 GEMMs,
-    each MoE block still becomes moe_routing + fused_moe (experts in the model dtype: FP8
-    experts are not built yet)."""
+    the experts FP8 too: each MoE block becomes moe_routing + fused_moe_fp8 (no bf16 fused_moe)."""
     from trtllm.config import QuantConfig
     path = checkpoint("qwen3_moe", tmp_path_factory)
-    with LLM(str(path), dtype="bfloat16", quant_config=QuantConfig(quant_algo="FP8"),
-             build_config=BuildConfig(max_batch_size=2, max_num_tokens=16, max_seq_len=64)) as engine:
-        out = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
-                              use_tqdm=False)
+    build = BuildConfig(max_batch_size=2, max_num_tokens=16, max_seq_len=64)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    with LLM(str(path), dtype="bfloat16", quant_config=QuantConfig(quant_algo=algo), build_config=build) as engine:
+        out = engine.generate([[5, 6, 7, 8]], params, use_tqdm=False)
         summary, graphs = engine.compiled.summary(), len(engine.compiled.graphs)
     assert out[0].outputs[0].finish_reason == "length"
-    assert f"trtllm.fused_moe: {MOE['qwen3_moe'] * graphs}" in summary and "trtllm.fp8_gemm" in summary, summary
+    assert f"trtllm.fused_moe_fp8: {MOE['qwen3_moe'] * graphs}" in summary and "trtllm.fp8_gemm" in summary, summary
+    assert "trtllm.fused_moe:" not in summary and "FP8 experts of 1 MoE blocks" in summary, summary
     assert "left as captured" not in summary, summary
 
 

@@ -59,6 +59,9 @@ def _run_options(parser, suppress: bool) -> None:
               "FP8_BLOCK_SCALES; TensorRT-LLM's QuantAlgo names); an FP8 checkpoint needs none")
     _add(parser, "--disable_overlap_scheduler", action="store_true", default=d(False),
          help="wait for each decode step before launching the next")
+    _add(parser, "--expert_load", action="store_true", default=d(False),
+         help="MoE models: count the tokens routed to each expert of each MoE block (one small kernel a block a "
+              "step, trtllm/expert_load.py) and report max / mean per expert and their ratio")
     _add(parser, "--speculative", choices=["ngram", "draft_target"], default=d(None),
          help="speculative decoding: n-gram lookup (NGramDecodingConfig) or a draft model "
               "(DraftTargetDecodingConfig, --speculative_model_dir); docs/speculative_decoding.md")
@@ -246,6 +249,9 @@ def _build_llm(args, spec, build, kv):
         kwargs = spec.llm_kwargs(args.dtype, seed=args.seed)
         load_s = time.perf_counter() - started  # a preset's weights, a module loaded here (else: in LLM)
         quant = QuantConfig(quant_algo=args.quantization) if args.quantization else None
+        if args.expert_load:
+            from trtllm.expert_load import ExpertLoad
+            kwargs["compile_options"] = {**kwargs.get("compile_options", {}), "expert_load": ExpertLoad()}
         return LLM(**kwargs, build_config=build, kv_cache_config=kv, quant_config=quant,
                    disable_overlap_scheduler=args.disable_overlap_scheduler,
                    speculative_config=_speculative_config(args)), load_s

@@ -4,7 +4,8 @@ at the end, the --iteration_log lines and the --profile summary.
     environment() -> dict               GPU, versions, git commit: what makes two reports comparable
     run_config(llm, args, model, requests, mode, build) -> dict   the configuration, in full
     startup_figures(startup, load_s) -> dict       LLM(...) split: load / compile / capture / other
-    engine_figures(llm, records, before) -> dict   KV pool, concurrency, prefix hits, preemptions, memory
+    engine_figures(llm, records, before) -> dict   KV pool, concurrency, prefix hits, preemptions, memory,
+                                        tokens per expert (--expert_load)
     iteration_lines(records, t0) -> list[dict]     one per engine step (--iteration_log)
     top_ops(profiler, n) -> list[dict]  the profiled kernels (CPU: ops) by their own time
     format_table(report) -> str
@@ -130,6 +131,7 @@ def engine_figures(llm, records: list[StepRecord], before: dict) -> dict:
         "num_preemptions": now["num_preemptions"] - before["num_preemptions"],
         "speculative": _speculative_figures(now, before),
         "engine_steps": len(records),
+        "expert_load": expert_load_figures(now["expert_load"], before["expert_load"], len(records)),
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
         "peak_gpu_memory_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
     }
@@ -141,7 +143,26 @@ def counters(llm) -> dict:
             "num_preemptions": scheduler.num_preemptions,
             "spec_draft_tokens": spec.num_draft_tokens if spec else 0,
             "spec_accepted_tokens": spec.num_accepted_tokens if spec else 0,
-            "spec_verify_steps": spec.num_verify_steps if spec else 0}
+            "spec_verify_steps": spec.num_verify_steps if spec else 0,
+            "expert_load": load.snapshot() if (load := llm.compiled.expert_load) is not None else None}
+
+
+def expert_load_figures(now: dict | None, before: dict | None, steps: int) -> dict | None:
+    """Per MoE block, the run's tokens routed to each expert (ExpertLoad counters, after minus
+    before): their max and mean over the experts, imbalance = max / mean (1.0: even; what EP
+    would make one rank wait for), and per engine step. None without --expert_load or MoE blocks."""
+    if not now:
+        return None
+    blocks = {}
+    for block, counts in now.items():
+        got = [a - b for a, b in zip(counts, (before or {}).get(block, [0] * len(counts)))]
+        mean = sum(got) / len(got)
+        blocks[block] = {"experts": len(got), "tokens": sum(got), "max": max(got), "mean": mean, "min": min(got),
+                         "imbalance": max(got) / mean if mean else None,
+                         "max_per_step": max(got) / steps if steps else None, "tokens_per_expert": got}
+    ratios = [b["imbalance"] for b in blocks.values() if b["imbalance"] is not None]
+    return {"blocks": blocks, "worst_imbalance": max(ratios, default=None),
+            "mean_imbalance": sum(ratios) / len(ratios) if ratios else None}
 
 
 def _speculative_figures(now: dict, before: dict) -> dict | None:
@@ -196,6 +217,21 @@ def _speculative_lines(spec: dict | None) -> list[str]:
             f"({spec['acceptance_rate']:.1%}), acceptance length {spec['acceptance_length']:.2f}"]
 
 
+def _expert_load_lines(load: dict | None) -> list[str]:
+    if load is None:
+        return []
+    lines = [f"  expert load           {len(load['blocks'])} MoE blocks, tokens per expert max / mean (imbalance): "
+             f"worst {_ratio(load['worst_imbalance'])}, mean {_ratio(load['mean_imbalance'])}"]
+    for block, b in load["blocks"].items():
+        lines.append(f"    {block:<40} {b['max']:>10,} / {b['mean']:>12,.1f} ({_ratio(b['imbalance'])}) "
+                     f"over {b['experts']} experts, min {b['min']:,}")
+    return lines
+
+
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def format_table(report: dict) -> str:
     cfg, res = report["config"], report["results"]
     env, engine, start = cfg["environment"], cfg["engine"], res["startup_s"]
@@ -236,5 +272,6 @@ def format_table(report: dict) -> str:
               f"  preemptions           {res['num_preemptions']}",
               f"  engine steps          {res['engine_steps']}",
               *_speculative_lines(res.get("speculative")),
+              *_expert_load_lines(res.get("expert_load")),
               f"  peak GPU memory       {memory}"]
     return "\n".join(lines)

@@ -29,9 +29,12 @@ Reference: the per-expert loop of HF's `DeepseekV3Experts` / `Qwen3MoeExperts`, 
 rounded once at the end (HF rounds h, the down projection and each index_add_ in the model
 dtype: the kernel rounds h and o, the reference nothing until the end).
 
-Not yet: a decode path for few tokens that reads each chosen expert's weights once per step
-(today a tile of BLOCK_M=16 rows per chosen expert), FP8 experts, and configs from measured
-shape buckets: `moe_config` is an untuned default, nothing here was timed on a GPU.
+Few tokens (T <= DECODE_MAX_TOKENS = 16, decode): kernels/fused_moe_decode.py instead, the
+same two GEMMs with the sort done inside them (no moe_align launches), each chosen expert's
+weights read once. FP8 experts: kernels/fused_moe_fp8.py.
+
+Not yet: configs from measured shape buckets: `moe_config` and `decode_config` are untuned
+defaults (bench/bench_fused_moe.py times them on the GPU).
 """
 from __future__ import annotations
 
@@ -42,6 +45,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from trtllm.kernels.fused_moe_decode import (
+    DECODE_MAX_TOKENS,
+    DecodeConfig,
+    decode_config,
+    launch_decode_down,
+    launch_decode_gate_up,
+)
 from trtllm.kernels.moe_align import moe_align
 from trtllm.kernels.registry import interpreter_upcast, register_op, triton_interpreter_on
 
@@ -176,7 +186,10 @@ def _down_kernel(
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                     *, config: MoeConfig | None = None) -> torch.Tensor:
+                     *, config: MoeConfig | None = None, decode: bool | None = None,
+                     decode_cfg: DecodeConfig | None = None) -> torch.Tensor:
+    """decode: the few-token path (kernels/fused_moe_decode.py); None: for T <= DECODE_MAX_TOKENS
+    unless a tile `config` is given. decode_cfg: the decode path's tiles (default `decode_config`)."""
     _check_args(x, w13, w2, topk_weights, topk_ids)
     for t, name in ((x, "x"), (w13, "w13"), (w2, "w2")):
         assert t.stride(-1) == 1, f"{name}: last dim must be contiguous"
@@ -187,10 +200,21 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     num_slots = num_tokens * top_k
     if num_slots == 0:
         return torch.zeros_like(x)
-    cfg = config or moe_config(num_slots, num_experts, hidden, inter)
-    sorted_ids, expert_ids, total = moe_align(topk_ids.contiguous(), num_experts, cfg.block_m)
     weights = topk_weights.contiguous()
     dot_precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    if decode is None:
+        decode = num_tokens <= DECODE_MAX_TOKENS and config is None
+    if decode:  # kernels/fused_moe_decode.py: no alignment, each chosen expert read once
+        ids = topk_ids.contiguous()
+        dcfg = decode_cfg or decode_config(hidden, inter, block_scales=False)
+        with interpreter_upcast((x, w13, w2)) as ((x_, w13_, w2_), _):
+            h = torch.empty(num_slots, inter, dtype=x_.dtype, device=x.device)
+            o = torch.zeros(num_slots, hidden, dtype=x_.dtype, device=x.device)  # ids outside [0, E): zeros
+            launch_decode_gate_up(x_, None, w13_, None, h, ids, 0, dcfg, dot_precision)
+            launch_decode_down(h, None, w2_, None, o, weights, ids, 0, dcfg, dot_precision)
+            return o.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    cfg = config or moe_config(num_slots, num_experts, hidden, inter)
+    sorted_ids, expert_ids, total = moe_align(topk_ids.contiguous(), num_experts, cfg.block_m)
     n_tiles = expert_ids.numel()
     with interpreter_upcast((x, w13, w2)) as ((x_, w13_, w2_), _):
         h = torch.empty(num_slots, inter, dtype=x_.dtype, device=x.device)

@@ -27,6 +27,7 @@ import torch.nn as nn
 from transformers import AttentionInterface, PreTrainedModel
 
 from trtllm.models.attention import causal_attention
+from trtllm.quantization.fp8_linears import fp8_linears_of
 
 # Arguments HF passes through to every attention function that do not change the
 # attention itself (they serve HF's own kv cache and flash-attention varlen paths).
@@ -114,10 +115,15 @@ class HFCausalLM(nn.Module):
     def __init__(self, model: PreTrainedModel):
         super().__init__()
         model.set_attn_implementation("trtllm")
-        if getattr(model.config, "_experts_implementation", None) == "eager" and model._can_set_experts_implementation():
+        experts = getattr(model.config, "_experts_implementation", None)
+        fp8 = fp8_linears_of(model)
+        if ((experts == "eager" or (experts == "grouped_mm" and fp8 is not None and fp8.experts))
+                and model._can_set_experts_implementation()):
             # HF's eager experts loop over `nonzero(...)` hits: dynamo cannot capture that in one
             # graph (fullgraph). batched_mm computes the same experts in one graph, which
-            # passes/fuse_moe.py then replaces (HF's default, grouped_mm, is captured as it is).
+            # passes/fuse_moe.py then replaces (HF's default, grouped_mm, is captured as it is,
+            # except over FP8 experts: torch's grouped_mm refuses their placeholder weights,
+            # stride 0, in the contract's eager probe run).
             model.set_experts_implementation("batched_mm")
         self.model = model
         self.config = model.config

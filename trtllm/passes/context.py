@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from trtllm.expert_load import ExpertLoad
 from trtllm.lora_slots import LoraSlots
 from trtllm.parallel.pipeline_parallel import PipelineStage
 from trtllm.parallel.tensor_parallel import TensorParallel
@@ -114,6 +115,8 @@ class PassContext:
     quantization: Fp8Linears | None = None
     # the LoRA adapters' slots (apply_lora wraps the targeted linears), None without LoRA
     lora: LoraSlots | None = None
+    # the MoE blocks' expert counters (fuse_moe counts each block's routed tokens), None: not counted
+    expert_load: ExpertLoad | None = None
     # run once the call that compiled the graph has returned (e.g. fuse_parallel_linears
     # makes the model's weights views of the fused copy, so it holds one copy, not two)
     after_first_call: list[Callable[[], None]] = field(default_factory=list)

@@ -40,12 +40,15 @@ routing's ids and weights and ends in one tensor `out` of x's shape through whic
 use passes (in-place ops such as `index_add_` are followed as new versions of their tensor).
 The region may read only x, the routing's ids and weights, parameters and sizes. Its expert
 weights are taken as HF's two 3-D tensors, or as per-expert `down(silu(gate(a)) * up(a))`
-linears in graph order. Then, since a graph region cannot be proven equal to the op by its
-shape alone (a gate/up interleaving, a transposed layout, another activation look alike), the
-region is run once here, on random tokens with random distinct expert ids and the real weights,
-beside `fused_moe_ref`: only a region that agrees (relative error 1e-3 in fp32, 3e-2 in
-bf16/fp16) is replaced. A block that fails any step is left as captured, with a warning and a
-note in `summary()` naming it and why: never replaced on a guess.
+linears in graph order; then the region is run once on random tokens beside `fused_moe_ref`,
+and only a region that agrees is replaced (both in passes/moe_check.py). A block that fails
+any step is left as captured, with a warning and a note in `summary()` naming it and why:
+never replaced on a guess.
+
+FP8 experts (QuantConfig FP8 algos: `ctx.quantization.experts`, trtllm/quantization/fp8_linears.py):
+HF's 3-D weights are then placeholders, and the block becomes `trtllm.fused_moe_fp8` over the
+FP8 weights and scales (constant inputs). With `ctx.expert_load` (trtllm/expert_load.py) each
+block also gets `trtllm.count_expert_load(topk_ids, counts)` after its routing.
 
 Differences within rounding: the op's routing weights stay fp32 (HF Qwen/OLMoE cast them to
 the model dtype), and the kernel rounds the expert activations once (see kernels/fused_moe.py).
@@ -60,18 +63,18 @@ from __future__ import annotations
 import functools
 import operator
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
+import trtllm.expert_load  # noqa: F401  (registers torch.ops.trtllm.count_expert_load)
 import trtllm.kernels.fused_moe  # noqa: F401  (registers torch.ops.trtllm.fused_moe, moe_routing)
+import trtllm.kernels.fused_moe_fp8  # noqa: F401  (registers torch.ops.trtllm.fused_moe_fp8)
 import trtllm.kernels.moe_routing  # noqa: F401
-from trtllm.kernels.fused_moe import fused_moe_ref
-from trtllm.parallel.tensor_parallel import is_unloaded
 from trtllm.passes.context import PassContext
-from trtllm.passes.match import arg, describe, kind, module_path, mutates, value
+from trtllm.passes.match import describe, kind, module_path, mutates, value
+from trtllm.passes.moe_check import check_numerics, expert_weights
 from trtllm.passes.moe_match import (
     TOLERANCE,
     NotMatched,
@@ -80,17 +83,8 @@ from trtllm.passes.moe_match import (
     read_versions,
     routing_scores,
     sigmoid_routing,
-    size_hint,
     softmax_routing,
-    subgraph,
 )
-
-
-@dataclass
-class Experts:
-    w13: fx.Node           # [E, 2I, H] graph input
-    w2: fx.Node            # [E, H, I] graph input
-    per_expert: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None  # (gate, up, down) if stacked
 
 
 def fuse_moe(graph: fx.Graph, ctx: PassContext) -> int:
@@ -145,10 +139,18 @@ def _fuse(graph: fx.Graph, ctx: PassContext, routing: Routing) -> set[fx.Node]:
     for n in region:
         if mutates(n) and n.args[0] not in region:
             raise NotMatched(f"{describe(n)} writes into a tensor made outside the expert computation")
-    experts = _expert_weights(graph, ctx, region, params, xv, value(routing.logits).shape[-1])
+    experts = expert_weights(graph, ctx, region, params, xv, value(routing.logits).shape[-1])
     where = module_path(out) or out.name
-    _check_numerics(region, out, x, routing, params, sizes, experts, ctx, where)
+    check_numerics(region, out, x, routing, params, sizes, experts, ctx, where)
 
+    if experts.fp8 is not None:
+        q = experts.fp8
+        fp8_weights = [ctx.inputs.add_constant(f"{out.name}_moe_{name}", t) for name, t in
+                       (("w13_fp8", q.w13), ("w2_fp8", q.w2), ("w13_scale", q.w13_scale), ("w2_scale", q.w2_scale))]
+    counts = None
+    if ctx.expert_load is not None:  # trtllm/expert_load.py: this block's tokens per expert (made outside fake mode)
+        counter = ctx.expert_load.counter(where, value(routing.logits).shape[-1], ctx.inputs.tensor(experts.w13).device)
+        counts = ctx.inputs.add_constant(f"{out.name}_expert_load", counter)
     fake_mode = xv.fake_mode
     with graph.inserting_before(out), fake_mode:
         logits = routing.logits
@@ -157,9 +159,15 @@ def _fuse(graph: fx.Graph, ctx: PassContext, routing: Routing) -> set[fx.Node]:
         routed = _node(graph, "call_function", torch.ops.trtllm.moe_routing.default, routing.op_args(logits), out)
         topk_weights = _node(graph, "call_function", operator.getitem, (routed, 0), out)
         topk_ids = _node(graph, "call_function", operator.getitem, (routed, 1), out)
+        if counts is not None:
+            _node(graph, "call_function", torch.ops.trtllm.count_expert_load.default, (topk_ids, counts), out)
         x2d = x if xv.dim() == 2 else _node(graph, "call_method", "reshape", (x, -1, xv.shape[-1]), out)
-        fused = _node(graph, "call_function", torch.ops.trtllm.fused_moe.default,
-                      (x2d, experts.w13, experts.w2, topk_weights, topk_ids), out)
+        if experts.fp8 is None:
+            fused = _node(graph, "call_function", torch.ops.trtllm.fused_moe.default,
+                          (x2d, experts.w13, experts.w2, topk_weights, topk_ids), out)
+        else:  # kernels/fused_moe_fp8.py over the FP8 weights and scales (constants; the placeholders go unread)
+            fused = _node(graph, "call_function", torch.ops.trtllm.fused_moe_fp8.default,
+                          (x2d, *fp8_weights, topk_weights, topk_ids), out)
         if xv.dim() != 2:
             fused = _node(graph, "call_method", "view_as", (fused, x), out)
         if outv.dtype != xv.dtype:  # e.g. Mixtral sums its fp32-weighted experts in fp32
@@ -251,99 +259,6 @@ def _region_inputs(region, seeds, tokens: tuple[str, ...], ctx) -> tuple[fx.Node
         raise NotMatched(f"the expert computation reads {[n.name for n in hidden + others]} besides the routing "
                          "and parameters (one hidden-states tensor expected)")
     return hidden[0], params, sizes
-
-
-def _expert_weights(graph, ctx, region, params, xv, num_experts) -> Experts:
-    """W13 [E, 2I, H] and W2 [E, H, I] from the region's parameters."""
-    tensors = {p: ctx.inputs.tensor(p) for p in params}
-    hidden = xv.shape[-1]
-    if len(params) == 2 and all(t.dim() == 3 for t in tensors.values()):  # HF's gate_up_proj, down_proj
-        for w13, w2 in (params, params[::-1]):
-            a, b = tensors[w13], tensors[w2]
-            if (a.shape[0] == b.shape[0] == num_experts and a.shape[2] == hidden and b.shape[1] == hidden
-                    and a.shape[1] == 2 * b.shape[2] and a.dtype == b.dtype == xv.dtype
-                    and all(t.stride(-1) == 1 or is_unloaded(t) for t in (a, b))):
-                return Experts(w13, w2, None)
-        raise NotMatched(f"3-D expert weights of shapes {[tuple(t.shape) for t in tensors.values()]} are not "
-                         f"[E={num_experts}, 2I, H={hidden}] and [E, H, I] of the model's dtype")
-    triples = []  # per expert: down(silu(gate(a)) * up(a)), in graph order
-    linears = [n for n in graph.nodes if n in region and kind(n) == "linear"]
-    for down in linears:
-        h = down.args[0]
-        if kind(h) != "mul" or len(h.args) != 2:
-            continue
-        act = next((a for a in h.args if kind(a) == "silu"), None)
-        up = h.args[1] if h.args[0] is act else h.args[0]
-        gate = act.args[0] if act is not None else None
-        if kind(gate) != "linear" or kind(up) != "linear" or not _same_value(gate.args[0], up.args[0]):
-            continue
-        triples.append((gate, up, down))
-    used = [lin for t in triples for lin in t]
-    if (not triples or len(triples) != num_experts or sorted(used, key=id) != sorted(linears, key=id)
-            or len(params) != 3 * num_experts):
-        raise NotMatched(f"expert weights of no recognised layout: {len(params)} parameters "
-                         f"{sorted({tuple(t.shape) for t in tensors.values()})}, {len(triples)} of {num_experts} "
-                         "experts found as down(silu(gate(a)) * up(a)) without biases")
-    per_expert = []
-    for lins in triples:
-        ws = [ctx.inputs.tensor(arg(lin, 1, "weight")) for lin in lins]
-        if any(w is None or w.dtype != xv.dtype for w in ws) or any(arg(lin, 2, "bias") is not None for lin in lins):
-            raise NotMatched("an expert linear has a bias or a weight computed in the graph")
-        per_expert.append(tuple(ws))
-    gates, ups, downs = zip(*per_expert)
-    if len({w.shape for w in gates + ups}) != 1 or len({w.shape for w in downs}) != 1:
-        raise NotMatched("the experts' linears differ in shape")
-    name = triples[0][2].name
-    w13 = torch.stack([torch.cat([g.detach(), u.detach()]) for g, u in zip(gates, ups)])  # [E, 2I, H]
-    w2 = torch.stack([d.detach() for d in downs])  # [E, H, I]
-    return Experts(ctx.inputs.add_constant(f"{name}_moe_w13", w13), ctx.inputs.add_constant(f"{name}_moe_w2", w2),
-                   per_expert)
-
-
-def _same_value(a: fx.Node, b: fx.Node) -> bool:
-    """One node, or two nodes computing the same thing from the same inputs (`x[tok]` twice)."""
-    return a is b or (a.op == b.op == "call_function" and a.target == b.target and a.args == b.args
-                      and a.kwargs == b.kwargs)
-
-
-def _check_numerics(region, out, x, routing, params, sizes, experts, ctx, where) -> None:
-    """Run the region on random tokens and ids with the real weights beside fused_moe_ref."""
-    inputs = [x, routing.ids, routing.weights, *params, *sizes]
-    module = subgraph([n for n in out.graph.nodes if n in region], inputs, out)
-
-    xv, idv, wv = value(x), value(routing.ids), value(routing.weights)
-    w13, w2 = ctx.inputs.tensor(experts.w13), ctx.inputs.tensor(experts.w2)
-    dev, num_experts = w13.device, w13.shape[0]
-    real = {p: ctx.inputs.tensor(p) for p in params}
-    if any(is_unloaded(t) for t in real.values()):
-        # a tensor-parallel rank did not load the experts (passes/shard_experts.py reads its own
-        # later): the region is checked on random weights of their shapes instead, never on zeros
-        if experts.per_expert is not None:
-            raise NotMatched("per-expert weights this rank did not load (only HF's 3-D expert weights are split "
-                             "by expert parallelism)")
-        gw = torch.Generator(device=dev).manual_seed(1)
-        real = {p: torch.randn(t.shape, generator=gw, device=dev).to(t.dtype) * 0.1 for p, t in real.items()}
-        w13, w2 = real[experts.w13], real[experts.w2]
-    shape = tuple(size_hint(d) for d in xv.shape)
-    tokens, top_k = shape[:-1], idv.shape[-1]
-    g = torch.Generator(device=dev).manual_seed(0)
-    x_real = torch.randn(shape, generator=g, device=dev).to(xv.dtype)
-    ids = torch.rand((*tokens, num_experts), generator=g, device=dev).argsort(dim=-1)[..., :top_k]
-    weights = torch.rand((*tokens, top_k), generator=g, device=dev)
-    args = [x_real, ids.to(idv.dtype), weights.to(wv.dtype), *(real[p] for p in params),
-            *(size_hint(value(s)) for s in sizes)]
-    try:
-        with torch.no_grad():
-            got = module(*args).float().reshape(-1, shape[-1])
-    except Exception as e:  # the region needs what random ids cannot give it: not provable here
-        raise NotMatched(f"the expert computation at {where} could not be run on random ids "
-                         f"({type(e).__name__}: {e})") from None
-    want = fused_moe_ref(x_real.reshape(-1, shape[-1]), w13, w2, weights.reshape(-1, top_k).to(wv.dtype),
-                         ids.reshape(-1, top_k).to(torch.int32)).float()
-    err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-    if not err <= TOLERANCE[xv.dtype]:
-        raise NotMatched(f"the expert computation at {where} differs from fused_moe's (relative error {err:.3g} on "
-                         "random tokens: another activation, weight layout or combine)")
 
 
 def share_stacked_storage(per_expert, w13: torch.Tensor, w2: torch.Tensor) -> None:

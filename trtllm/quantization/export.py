@@ -83,6 +83,10 @@ def checkpoint_tensors(model: nn.Module, algo: QuantAlgo, kv: torch.Tensor | Non
     if fp8 is None or not fp8.linears:
         raise ValueError("the model carries no FP8 linears (quantize it first: load_model(..., quant_algo=...))")
     scale_name = "weight_scale_inv" if export_layout(algo) == "HF fp8" else "weight_scale"
+    if fp8.experts:  # their placeholders would be written as NaN weights
+        raise ValueError(f"FP8 MoE experts ({len(fp8.experts)} blocks, e.g. {next(iter(fp8.experts))}): writing them "
+                         "as a checkpoint is not supported yet; quantize the MoE model at load time instead "
+                         "(LLM(..., quant_config=QuantConfig(quant_algo=...)))")
     placeholders = {id(q.placeholder): path for path, q in fp8.linears.items()}
     out, seen = {}, set()
     for name, t in model.state_dict(keep_vars=True).items():

@@ -3,7 +3,8 @@
     Fp8Linear(weight [N, K] float8_e4m3fn, weight_scale fp32, input_scale fp32 [1] or None)
     Fp8Linears(linears: {module path: Fp8Linear}, kv_scales: {name: tensor}, source: str)
     quantize_weight(w [N, K], algo) -> Fp8Linear          # online quantization of one weight
-    quantize_model(model, algo) -> Fp8Linears             # every linear but the LM head, in place
+    quantize_model(model, algo) -> Fp8Linears             # every linear but the LM head, in place,
+                                                          # and transformers' 3-D MoE experts (Fp8Experts)
 
 Scales are multipliers (real ~ fp8 * scale), in kernels/fp8_gemm.py's shapes: weight_scale
 [1] per tensor, [N, 1] per output channel, [ceil(N/128), ceil(K/128)] per 128x128 block.
@@ -65,6 +66,26 @@ class Fp8Linear:
 
 
 @dataclass
+class Fp8Experts:
+    """One MoE block's experts in FP8, as kernels/fused_moe_fp8.py takes them: transformers'
+    3-D `gate_up_proj` [E, 2I, H] (gate rows, then up rows) and `down_proj` [E, H, I] quantized
+    expert by expert. Scales [E, N, 1] per output channel (a per-tensor expert scale repeated
+    over its rows: the same products) or [E, ceil(N/128), ceil(K/128)] per 128x128 block."""
+    w13: torch.Tensor               # [E, 2I, H] float8_e4m3fn
+    w13_scale: torch.Tensor         # fp32
+    w2: torch.Tensor                # [E, H, I] float8_e4m3fn
+    w2_scale: torch.Tensor          # fp32
+    granularity: str                # "per-tensor", "per-channel" or "128x128 blocks", as quantized
+    placeholders: tuple[torch.Tensor, torch.Tensor] | None = None  # the module's two weights (no memory)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W13, W2) the FP8 ones stand for, in `dtype` (references and tests)."""
+        block = (SCALE_BLOCK, SCALE_BLOCK) if self.granularity == "128x128 blocks" else None
+        return tuple(torch.stack([dequantize_fp8(w[e], s[e], block) for e in range(w.shape[0])]).to(dtype)
+                     for w, s in ((self.w13, self.w13_scale), (self.w2, self.w2_scale)))
+
+
+@dataclass
 class Fp8Linears:
     """A model's quantization description: its FP8 linears by module path, and the KV-cache
     scales a checkpoint carries (handed on by name to the KV cache's quantization, not
@@ -73,10 +94,16 @@ class Fp8Linears:
     kv_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. "model.layers.0.self_attn.k_scale"
     kv_cache_format: str | None = None  # "fp8" / "int8": the cache kv_scales calibrate (the checkpoint says)
     source: str = ""  # what made it: "QuantConfig(quant_algo=FP8)", "HF fp8 checkpoint", ...
+    # MoE blocks' experts by the experts module's path (passes/fuse_moe.py places fused_moe_fp8)
+    experts: dict[str, Fp8Experts] = field(default_factory=dict)
 
     def by_placeholder(self) -> dict[int, Fp8Linear]:
         """id(placeholder weight) -> its FP8 linear: how the pass knows a graph input."""
         return {id(q.placeholder): q for q in self.linears.values() if q.placeholder is not None}
+
+    def experts_by_placeholder(self) -> dict[int, Fp8Experts]:
+        """id(placeholder of gate_up_proj or down_proj) -> its block's FP8 experts."""
+        return {id(p): q for q in self.experts.values() for p in (q.placeholders or ())}
 
     def attach(self, model: nn.Module) -> None:
         """Put each layer's placeholder in place of its weight, and the description on the model."""
@@ -90,7 +117,9 @@ class Fp8Linears:
     def summary(self) -> str:
         kinds = sorted({q.granularity + (", static input scale" if q.input_scale is not None else "")
                         for q in self.linears.values()})
-        return f"{len(self.linears)} FP8 linears ({'; '.join(kinds)}) from {self.source}"
+        experts = sorted({q.granularity for q in self.experts.values()})
+        blocks = f", FP8 experts of {len(self.experts)} MoE blocks ({'; '.join(experts)})" if self.experts else ""
+        return f"{len(self.linears)} FP8 linears ({'; '.join(kinds)}){blocks} from {self.source}"
 
 
 def fp8_linears_of(model: nn.Module) -> Fp8Linears | None:
@@ -133,6 +162,57 @@ def quantize_weight(weight: torch.Tensor, algo: QuantAlgo) -> Fp8Linear:
                      f"quantization supports {', '.join(a.value for a in ONLINE_ALGOS)}")
 
 
+def quantize_expert_weights(weight: torch.Tensor, algo: QuantAlgo) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] -> (fp8 [E, N, K], scale): each expert as `quantize_weight` quantizes a linear;
+    a per-tensor scale repeated over the expert's N rows ([E, N, 1], what fused_moe_fp8 takes)."""
+    qs = [quantize_weight(weight[e], algo) for e in range(weight.shape[0])]
+    scales = [q.weight_scale.reshape(1, 1).expand(weight.shape[1], 1) if q.weight_scale.numel() == 1
+              and not q.block else q.weight_scale for q in qs]
+    return torch.stack([q.weight for q in qs]), torch.stack(scales).contiguous()
+
+
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # transformers' 3-D expert tensors ([E, 2I, H], [E, H, I])
+
+
+def quantizable_experts(model: nn.Module) -> list[str]:
+    """Module paths of transformers' MoE experts modules (Mixtral, Qwen2/3-MoE, OLMoE,
+    DeepSeek-V2/V3 in transformers 5: 3-D `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]).
+    Experts with biases or other 3-D layouts are refused by name: never left unquantized
+    while the model is called FP8."""
+    paths = []
+    for path, m in model.named_modules():
+        params = dict(m.named_parameters(recurse=False))
+        if not any(name in params and params[name].dim() == 3 for name in EXPERT_WEIGHTS):
+            continue
+        w13, w2 = params.get("gate_up_proj"), params.get("down_proj")
+        other = [n for n in params if n not in EXPERT_WEIGHTS]
+        if (w13 is None or w2 is None or w13.dim() != 3 or w2.dim() != 3 or other
+                or w13.shape[0] != w2.shape[0] or w13.shape[2] != w2.shape[1] or w13.shape[1] != 2 * w2.shape[2]):
+            raise ValueError(f"{path or type(m).__name__}: MoE experts of another layout (parameters "
+                             f"{ {n: tuple(p.shape) for n, p in params.items()} }): FP8 quantization takes 3-D "
+                             "gate_up_proj [E, 2I, H] and down_proj [E, H, I] without biases; refused rather than "
+                             "leaving the experts unquantized")
+        paths.append(path)
+    return paths
+
+
+def quantize_experts(module: nn.Module, algo: QuantAlgo) -> Fp8Experts:
+    """Quantize one experts module's gate_up_proj and down_proj in place (each replaced by its
+    placeholder at once)."""
+    quantized = []
+    for name in EXPERT_WEIGHTS:
+        w = module._parameters[name]
+        with torch.no_grad():
+            q, scale = quantize_expert_weights(w, algo)
+        placeholder = placeholder_weight(w.shape, w.dtype, w.device)
+        module._parameters[name] = placeholder  # the bf16 weight is freed here
+        quantized.append((q, scale, placeholder))
+    (w13, s13, p13), (w2, s2, p2) = quantized
+    granularity = {QuantAlgo.FP8: "per-tensor", QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: "per-channel",
+                   QuantAlgo.FP8_BLOCK_SCALES: "128x128 blocks"}[algo]
+    return Fp8Experts(w13, s13, w2, s2, granularity, (p13, p2))
+
+
 def quantizable_linears(model: nn.Module) -> list[str]:
     """Module paths of the nn.Linear layers online quantization takes: all but the LM head
     (kept in the model's dtype, as TensorRT-LLM keeps it), any linear whose weight is
@@ -163,8 +243,8 @@ def quantize_model(model: nn.Module, algo: QuantAlgo) -> Fp8Linears:
     if fp8_linears_of(model) is not None:
         raise ValueError("the model is already FP8-quantized (a pre-quantized checkpoint, or quantized once "
                          "already): quantizing it again is refused")
-    paths = quantizable_linears(model)
-    if not paths:
+    paths, expert_paths = quantizable_linears(model), quantizable_experts(model)
+    if not paths and not expert_paths:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize besides its LM head (e.g. "
                          "GPT-2's Conv1D layers are not nn.Linear): FP8 quantization is refused rather than "
                          "leaving the model unquantized")
@@ -176,5 +256,7 @@ def quantize_model(model: nn.Module, algo: QuantAlgo) -> Fp8Linears:
         q.placeholder = placeholder_weight(module.weight.shape, module.weight.dtype, module.weight.device)
         module._parameters["weight"] = q.placeholder  # the bf16 weight is freed here
         linears.linears[path] = q
+    for path in expert_paths:  # MoE experts: kernels/fused_moe_fp8.py, placed by passes/fuse_moe.py
+        linears.experts[path] = quantize_experts(model.get_submodule(path), algo)
     linears.attach(model)
     return linears
