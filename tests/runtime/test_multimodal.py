@@ -207,9 +207,9 @@ def test_speculative_decoding_with_llava_refused(llava):
 
 def test_qwen_vl_refused_by_name(tmp_path):
     import json
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2_5_VLForConditionalGeneration"]}))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2VLForConditionalGeneration"]}))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="Qwen2.5-VL checkpoints .* not supported yet"):
+    with pytest.raises(ValueError, match="Qwen2-VL .* checkpoints .* not supported yet"):
         LLM(model=str(tmp_path))
 
 

@@ -201,8 +201,10 @@ class Processor:
 
     @property
     def image_token(self) -> str:
-        """The placeholder text of one image (the processor's)."""
-        return getattr(self.get(), "image_token", "<image>")
+        """The placeholder text of one image (the processor's); for Qwen2.5-VL's `<|image_pad|>` the
+        whole vision span its chat template writes for an image part."""
+        token = getattr(self.get(), "image_token", "<image>")
+        return "<|vision_start|><|image_pad|><|vision_end|>" if token == "<|image_pad|>" else token
 
     def process(self, prompt: dict) -> tuple[str, list[int], MultimodalData]:
         """(text, token ids, images) of a multimodal prompt; ValueError naming what is wrong."""
