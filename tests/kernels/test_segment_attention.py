@@ -1,5 +1,7 @@
 """trtllm.segment_attention: bidirectional attention within segments of a packed sequence
 (Qwen2.5-VL's vision blocks) equals SDPA run on each segment alone."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,11 +17,13 @@ def per_segment_sdpa(q, k, v, cu, scale):
 
 @pytest.mark.parametrize("lengths,dim", [([5, 70, 1, 64, 3], 16), ([130], 32), ([4, 4, 9, 2, 66, 1], 80)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_segment_attention_equals_sdpa_per_segment(lengths, dim, dtype):
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available()
+                                             and os.environ.get("TRITON_INTERPRET") != "1" else []))
+def test_segment_attention_equals_sdpa_per_segment(lengths, dim, dtype, device):
     torch.manual_seed(0)
     T, H = sum(lengths), 2
-    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    qkv = torch.randn(T, 3, H, dim, dtype=dtype)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(device)
+    qkv = torch.randn(T, 3, H, dim, dtype=dtype, device=device)
     q, k, v = (t.transpose(0, 1) for t in qkv.unbind(1))  # [H, T, D], strided as a ViT makes them
     start, end = segment_bounds(cu)
     out = segment_attention(q, k, v, start, end, dim ** -0.5)

@@ -165,11 +165,9 @@ class Qwen25VLForConditionalGeneration(nn.Module):
         tower = self.compiled_tower or self.visual
         return tower(pixels, *layout.tensors(pixels.device))
 
-    def compile_vision(self) -> None:
-        """The tower compiled by trtllm.compile_encoder, and run now on two image sizes (so the
-        patch count is dynamic) rather than in the first request's TTFT."""
-        from trtllm.compile_encoder import compile_encoder
-        self.compiled_tower = compile_encoder(self.visual)
+    def warm_up_vision(self) -> None:
+        """Run the tower (compiled: `compiled_tower`, set by runtime/multimodal_stager.py) on two
+        image sizes, so the patch count is dynamic before the first request, not in its TTFT."""
         v, m = self.config.vision, self.config.vision.spatial_merge_size
         weight = self.visual.patch_embed.proj.weight
         for grid in ((1, 2 * m, 2 * m), (1, m, 3 * m)):

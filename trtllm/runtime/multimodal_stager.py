@@ -118,10 +118,11 @@ def multimodal_stager(module, compiled, max_num_tokens: int, speculative: bool) 
     if speculative:
         raise ValueError(f"{name} (a multimodal model) with speculative decoding is not supported yet")
     embed = module.language_model.model.embed_tokens.weight
-    if hasattr(module, "compile_vision"):  # the model compiles and warms its own tower (Qwen2.5-VL)
-        module.compile_vision()
-        return MultimodalStager(module.encode_images, max_num_tokens, embed.shape[1], embed.dtype, embed.device)
     from trtllm.compile_encoder import compile_encoder
+    if hasattr(module, "warm_up_vision"):  # Qwen2.5-VL: its tower takes patches and grids
+        module.compiled_tower = compile_encoder(module.visual)
+        module.warm_up_vision()
+        return MultimodalStager(module.encode_images, max_num_tokens, embed.shape[1], embed.dtype, embed.device)
     module.compiled_tower = compile_encoder(module.vision_tower)
     v = module.config.vision
     for n in (2, 1):  # compiled now, not in the first request's TTFT: any batch of >= 2 images, and 1
