@@ -1,7 +1,7 @@
-"""A tiny random Qwen2.5-VL checkpoint with its processor, written offline.
+"""Tiny random Qwen2.5-VL / Qwen2-VL checkpoints with their processors, written offline.
 
-    write_qwen2_5_vl(directory) -> Path
-    hf_qwen2_5_vl(directory) -> HF Qwen2_5_VLForConditionalGeneration, fp32, eval
+    write_qwen2_5_vl(directory, family="qwen2_5_vl" | "qwen2_vl") -> Path
+    hf_qwen2_5_vl(directory) -> HF Qwen2_5_VLForConditionalGeneration (or Qwen2VL...), fp32, eval
 
 The vision tower: patches of 7x7 pixels over 2 frames, hidden 32, 2 heads, 3 blocks (block 1
 full attention, blocks 0 and 2 windowed, windows of 28 pixels = 2x2 merged tokens), merge 2x2
@@ -9,7 +9,8 @@ full attention, blocks 0 and 2 windowed, windows of 28 pixels = 2x2 merged token
 56x56, so images of different shapes get grids of different sizes and ragged windows. The
 language model: Qwen2 of hidden 64, 2 layers, 4 heads (2 kv), head dim 16, M-RoPE sections
 [2, 3, 3]. The tokenizer is tests/runtime/tokenizers.py's byte-level BPE with Qwen's vision
-tokens added; a ChatML template with image parts. Every parameter is random.
+tokens added; a ChatML template with image parts. Every parameter is random. Qwen2-VL: the
+same, its tower 2 LayerNorm blocks of width 32 with a quick-GELU MLP, no windows.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_qwen2_5_vl(directory: str | Path, seed: int = 0) -> Path:
+def write_qwen2_5_vl(directory: str | Path, seed: int = 0, family: str = "qwen2_5_vl") -> Path:
     directory = Path(directory)
     make_tokenizer(directory)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
@@ -45,16 +46,23 @@ def write_qwen2_5_vl(directory: str | Path, seed: int = 0) -> Path:
                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-5,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
                 eos_token_id=0, bos_token_id=1)
-    config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text,
+    config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, in_channels=3, patch_size=7,
+                      spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu")
+        config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    elif family != "qwen2_5_vl":
+        raise ValueError(f"unknown family {family!r}")
+    config = config_cls(vision_config=vision, text_config=text,
                                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                                            vision_start_token_id=ids["<|vision_start|>"],
                                            vision_end_token_id=ids["<|vision_end|>"], eos_token_id=0)
     torch.manual_seed(seed)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    model = model_cls(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight") \
-                    or name.endswith("ln_q.weight") or name.endswith("layernorm.weight"):
+                    or name.endswith("ln_q.weight") or name.endswith("layernorm.weight"):  # LayerNorm biases below
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.05 * torch.randn_like(p))
@@ -90,4 +98,7 @@ def hf_inputs(directory: Path, text: str, images: list) -> dict:
 
 
 def hf_qwen2_5_vl(directory: Path):
-    return transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
+    config = transformers.AutoConfig.from_pretrained(directory)
+    cls = {"qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+           "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}[config.model_type]
+    return cls.from_pretrained(directory, dtype=torch.float32).eval()

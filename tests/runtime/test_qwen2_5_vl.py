@@ -1,4 +1,4 @@
-"""Qwen2.5-VL through `LLM`: the windowed vision encoder (eager and compiled) equals HF's, the
+"""Qwen2.5-VL (and Qwen2-VL) through `LLM`: the windowed vision encoder (eager and compiled) equals HF's, the
 M-RoPE positions equal HF's get_rope_index, greedy output with one and two images (and text
 only) equals HF `generate` token for token in fp32 with chunked prefill cutting the images,
 and bad input is refused by name."""
@@ -27,9 +27,9 @@ def images(n: int, seed: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, (*shapes[(seed + i) % len(shapes)], 3), dtype=np.uint8) for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def checkpoint(request, tmp_path_factory):
+    return write_qwen2_5_vl(tmp_path_factory.mktemp(request.param), family=request.param)
 
 
 @pytest.fixture(scope="module")

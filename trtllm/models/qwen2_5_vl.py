@@ -1,5 +1,6 @@
 """Qwen2.5-VL: a windowed ViT (models/qwen2_5_vl_vision.py) and a Qwen2 language model with
-M-RoPE (models/llama.py with `mrope_section`).
+M-RoPE (models/llama.py with `mrope_section`). Qwen2-VL is the same model with its own vision
+blocks (LayerNorm, fc1-act-fc2 MLP, no windows: `Qwen25VisionConfig.from_hf(..., qwen2_vl=True)`).
 
 Two entry points, as plain modules (as models/llava.py):
 
@@ -37,7 +38,7 @@ from trtllm.models.qwen2_5_vl_vision import (
 )
 from trtllm.multimodal_context import splice_embeddings
 
-HF_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
+HF_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
 # the text config's own keys that are not Llama-family ones (ignored: they concern HF's cache or init)
 _TEXT_KEYS_DROPPED = ("rope_parameters", "rope_scaling", "model_type")
 
@@ -53,8 +54,8 @@ class Qwen25VLConfig:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> Qwen25VLConfig:
-        if d.get("model_type") != "qwen2_5_vl":
-            raise ValueError(f"model_type={d.get('model_type')!r} is not Qwen2.5-VL")
+        if d.get("model_type") not in ("qwen2_5_vl", "qwen2_vl"):
+            raise ValueError(f"model_type={d.get('model_type')!r} is not Qwen2.5-VL or Qwen2-VL")
         # transformers 5 writes a text_config; the hub's checkpoints keep the text keys at the top
         text = dict(d["text_config"]) if d.get("text_config") else {
             k: v for k, v in d.items() if k not in ("vision_config", "architectures")}
@@ -75,7 +76,7 @@ class Qwen25VLConfig:
         llama.tie_word_embeddings = bool(d.get("tie_word_embeddings", text["tie_word_embeddings"]))
         if llama.head_dim // 2 != sum(section):
             raise ValueError(f"mrope_section {section} sums to {sum(section)}, not head_dim / 2 = {llama.head_dim // 2}")
-        vision = Qwen25VisionConfig.from_hf(d["vision_config"])
+        vision = Qwen25VisionConfig.from_hf(d["vision_config"], qwen2_vl=d["model_type"] == "qwen2_vl")
         if vision.out_hidden_size != llama.hidden_size:
             raise ValueError(f"vision out_hidden_size {vision.out_hidden_size} != the language model's hidden size "
                              f"{llama.hidden_size}")
@@ -84,7 +85,7 @@ class Qwen25VLConfig:
             raise ValueError("config.json names no image_token_id")
         return cls(text=llama, vision=vision, image_token_id=int(image_token),
                    vision_start_token_id=d.get("vision_start_token_id"),
-                   eos_token_id=d.get("eos_token_id", text.get("eos_token_id")))
+                   model_type=d["model_type"], eos_token_id=d.get("eos_token_id", text.get("eos_token_id")))
 
     # what the rest of the runtime reads off a model's config
     @property

@@ -1,5 +1,6 @@
 """Qwen2.5-VL's vision encoder (ViT with windowed attention, 2-D rotary and a patch merger) as a
-plain module.
+plain module; Qwen2-VL's too (`Qwen25VisionConfig.from_hf` of a `qwen2_vl` config: LayerNorm for
+RMSNorm, an fc1-act-fc2 MLP for SwiGLU, every block full attention, no windows).
 
     layout = vision_layout(config, grids)         # host: index tensors from the images' grids
     features = tower(pixels, *layout.tensors())   # [sum N_i, C*T*P*P] -> [sum N_i / m^2, out_hidden]
@@ -59,15 +60,25 @@ class Qwen25VisionConfig:
     fullatt_block_indexes: list[int] = field(default_factory=list)
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
+    qwen2_vl: bool = False  # Qwen2-VL's blocks: LayerNorm, fc1-act-fc2 MLP, no windows (window_size 0)
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> Qwen25VisionConfig:
-        act = d.get("hidden_act", "silu")
+    def from_hf(cls, d: dict[str, Any], qwen2_vl: bool = False) -> Qwen25VisionConfig:
+        act = d.get("hidden_act", "quick_gelu" if qwen2_vl else "silu")
         if act not in _ACTS:
             raise ValueError(f"vision_config.hidden_act={act!r} is not supported ({sorted(_ACTS)})")
         rope = d.get("rope_parameters") or {}
         if rope.get("rope_type", "axial") not in ("axial", "default"):
             raise ValueError(f"vision_config rope_type={rope.get('rope_type')!r}: Qwen2.5-VL's vision rope is axial")
+        if qwen2_vl:  # embed_dim is the tower's width, hidden_size the language model's
+            width, depth = d.get("embed_dim", 1280), d.get("depth", 32)
+            return cls(depth=depth, hidden_size=width, intermediate_size=int(width * d.get("mlp_ratio", 4)),
+                       num_heads=d.get("num_heads", 16), out_hidden_size=d["hidden_size"],
+                       in_channels=d.get("in_channels", d.get("in_chans", 3)), patch_size=d.get("patch_size", 14),
+                       spatial_merge_size=d.get("spatial_merge_size", 2),
+                       temporal_patch_size=d.get("temporal_patch_size", 2), window_size=0,
+                       fullatt_block_indexes=list(range(depth)), hidden_act=act,
+                       rope_theta=float(rope.get("rope_theta", 10000.0)), qwen2_vl=True)
         config = cls(depth=d["depth"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
                      num_heads=d["num_heads"], out_hidden_size=d["out_hidden_size"],
                      in_channels=d.get("in_channels", d.get("in_chans", 3)), patch_size=d.get("patch_size", 14),
@@ -111,7 +122,7 @@ def vision_layout(config: Qwen25VisionConfig, grids: list[tuple[int, int, int]])
     (in patches), as HF's get_vision_position_ids / get_vision_window_index /
     get_vision_cu_seqlens compute them."""
     m = config.spatial_merge_size
-    ws = config.window_size // m // config.patch_size  # window side in merge blocks
+    ws = config.window_size // m // config.patch_size  # window side in merge blocks; 0: no windows
     positions, window_index, window_lengths, frame_lengths = [], [], [], []
     base = 0
     for t, h, w in grids:
@@ -124,11 +135,12 @@ def vision_layout(config: Qwen25VisionConfig, grids: list[tuple[int, int, int]])
         positions.append(hw.repeat(t, 1))
         frame_lengths += [h * w] * t
         gh, gw = h // m, w // m
+        side = ws or max(gh, gw)  # no windows: one window a frame, the processor's order kept
         blocks = torch.arange(t * gh * gw).reshape(t, gh, gw) + base
         for f in range(t):
-            for y in range(0, gh, ws):
-                for x in range(0, gw, ws):
-                    window = blocks[f, y:y + ws, x:x + ws].flatten()
+            for y in range(0, gh, side):
+                for x in range(0, gw, side):
+                    window = blocks[f, y:y + side, x:x + side].flatten()
                     window_index.append(window)
                     window_lengths.append(window.numel() * m * m)
         base += t * gh * gw
@@ -206,12 +218,27 @@ class VisionMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+class PlainMLP(nn.Module):  # Qwen2-VL
+    def __init__(self, config: Qwen25VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = _ACTS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _norm(config: Qwen25VisionConfig) -> nn.Module:
+    return nn.LayerNorm(config.hidden_size, eps=1e-6) if config.qwen2_vl else RMSNorm(config.hidden_size, 1e-6)
+
+
 class VisionBlock(nn.Module):
     def __init__(self, config: Qwen25VisionConfig):
         super().__init__()
-        self.norm1, self.norm2 = RMSNorm(config.hidden_size, 1e-6), RMSNorm(config.hidden_size, 1e-6)
+        self.norm1, self.norm2 = _norm(config), _norm(config)
         self.attn = VisionAttention(config)
-        self.mlp = VisionMLP(config)
+        self.mlp = PlainMLP(config) if config.qwen2_vl else VisionMLP(config)
 
     def forward(self, x, cos, sin, seg_start, seg_end):
         x = x + self.attn(self.norm1(x), cos, sin, seg_start, seg_end)
@@ -222,7 +249,7 @@ class PatchMerger(nn.Module):
     def __init__(self, config: Qwen25VisionConfig):
         super().__init__()
         self.width = config.hidden_size * config.spatial_merge_size ** 2
-        self.ln_q = RMSNorm(config.hidden_size, 1e-6)
+        self.ln_q = _norm(config)
         self.mlp = nn.Sequential(nn.Linear(self.width, self.width), nn.GELU(),
                                  nn.Linear(self.width, config.out_hidden_size))
 

@@ -43,7 +43,7 @@ def qwen_vl_processor(path, error: Exception) -> QwenVLImageProcessor | None:
     config = Path(path) / "config.json"
     if "torchvision" not in str(error).lower() or not config.is_file():
         return None
-    if json.loads(config.read_text()).get("model_type") != "qwen2_5_vl":
+    if json.loads(config.read_text()).get("model_type") not in ("qwen2_5_vl", "qwen2_vl"):
         return None
     from transformers import AutoTokenizer, Qwen2VLImageProcessor
     return QwenVLImageProcessor(Qwen2VLImageProcessor.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path)))
