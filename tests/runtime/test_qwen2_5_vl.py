@@ -188,3 +188,48 @@ def test_prompt_logits_equal_hf_and_need_mrope(checkpoint, hf, llm):
             flat = model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert (flat - want).abs().max() > 1e-2
+
+
+def test_transformers5_layout_loads_alike(checkpoint, tmp_path):
+    """The hub's layout (model.*, visual.*) and transformers 5's (model.language_model.*,
+    model.visual.*) load into the same module."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from trtllm.models.loader import load_model
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    assert any(k.startswith("visual.") for k in tensors) and any(k.startswith("model.layers.") for k in tensors)
+    reference = load_model(checkpoint, dtype=torch.float32, device="cpu").state_dict()
+    d = tmp_path / "t5"
+    shutil.copytree(checkpoint, d)
+    save_file({("model." + k if k.startswith("visual.") else k.replace("model.", "model.language_model.", 1)): v
+               for k, v in tensors.items()}, str(d / "model.safetensors"))
+    loaded = load_model(d, dtype=torch.float32, device="cpu").state_dict()
+    assert loaded.keys() == reference.keys()
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
+def test_hub_config_layout():
+    """Qwen2.5-VL-7B-Instruct's config.json as on the hub (transformers 4: text keys at the top,
+    rope_scaling {"type": "mrope"}): read as the model's shapes."""
+    from trtllm.models.qwen2_5_vl import Qwen25VLConfig
+    hub = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+           "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_hidden_layers": 28,
+           "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "vocab_size": 152064,
+           "max_position_embeddings": 128000, "sliding_window": 32768, "use_sliding_window": False,
+           "max_window_layers": 28, "tie_word_embeddings": False, "hidden_act": "silu",
+           "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+           "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+           "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                             "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                             "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                             "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2}}
+    config = Qwen25VLConfig.from_hf(hub)
+    assert config.text.mrope_section == [16, 24, 24] and config.text.rope_theta == 1e6
+    assert config.text.head_dim == 128 and config.text.qkv_bias and not config.text.o_bias
+    assert config.text.layer_windows == [0] * 28 and config.position_axes == 3
+    assert config.vision.fullatt_block_indexes == [7, 15, 23, 31] and config.vision.head_dim == 80
+    assert config.vision.patch_dim == 3 * 2 * 14 * 14 and config.image_token_id == 151655
+    with pytest.raises(ValueError, match="needs rope mrope_section"):
+        Qwen25VLConfig.from_hf(dict(hub, rope_scaling={"type": "mrope"}))
