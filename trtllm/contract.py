@@ -1,7 +1,9 @@
 """What `trtllm.compile` accepts, and what it learns from a model before tracing it.
 
-A compilable model is `forward(input_ids [B, S], positions [B, S]) -> logits [B, S, V]`,
-written as for B whole sequences, with attention as causal
+A compilable model is `forward(input_ids [B, S], positions [B, S]) -> logits [B, S, V]`
+(positions [3, B, S] for a model whose `config.position_axes` is 3: Qwen2.5-VL's M-RoPE,
+temporal/height/width; the runtime then stages them, runtime/mrope_positions.py; every other
+model keeps [B, S]), written as for B whole sequences, with attention as causal
 `F.scaled_dot_product_attention(q, k, v, is_causal=True)` (GQA through `enable_gqa=True`
 or `repeat_interleave`): no mask, no dropout, no cache. Run eagerly it is the reference.
 HF `*ForCausalLM` models are put under the contract by models/hf.py (`contract_module`).

@@ -205,11 +205,11 @@ def test_speculative_decoding_with_llava_refused(llava):
         LLM(model=str(llava), dtype="float32", speculative_config=NGramDecodingConfig(max_draft_len=2))
 
 
-def test_qwen_vl_refused_by_name(tmp_path):
+def test_gemma3_multimodal_refused_by_name(tmp_path):
     import json
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2_5_VLForConditionalGeneration"]}))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"]}))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="Qwen2.5-VL checkpoints .* not supported yet"):
+    with pytest.raises(ValueError, match=r"Gemma-3 \(multimodal\) checkpoints .* not supported yet"):
         LLM(model=str(tmp_path))
 
 

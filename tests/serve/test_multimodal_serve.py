@@ -128,3 +128,22 @@ def test_text_only_model_refuses_image_parts(server):
     url = data_url(png_bytes(random_images(1)[0]))
     with pytest.raises(openai.BadRequestError, match="this model takes no images"):
         client(server).chat.completions.create(model="tiny", messages=image_message(url), max_tokens=2)
+
+
+@pytest.mark.slow  # ~65 s on the CI CPU: a second server process (the LLaVA server covers the serving path)
+def test_qwen2_5_vl_base64_image_equals_offline_llm(tmp_path_factory):
+    """Qwen2.5-VL behind the server: an image_url part becomes its vision span where the part
+    stands; the answer equals the offline LLM on the same rendered prompt."""
+    from tests.models.qwen_vl_checkpoints import IMAGE, write_qwen2_5_vl
+    path = write_qwen2_5_vl(tmp_path_factory.mktemp("serve_qwen_vl"))
+    image = random_images(1, seed=8)[0]
+    with Server(path, "--max_seq_len", "256", "--max_num_tokens", "128",
+                log_path=tmp_path_factory.mktemp("qwen_vl_log") / "server.log") as s:
+        got = client(s).chat.completions.create(model="tiny", messages=image_message(data_url(png_bytes(image))),
+                                                max_tokens=6, temperature=0.0)
+    text = "<|im_start|>user\n" + IMAGE + "What is this?<|im_end|>\n<|im_start|>assistant\n"
+    with LLM(model=str(path), dtype="float32") as llm:
+        want = llm.generate({"prompt": text, "multi_modal_data": {"image": [image]}},
+                            SamplingParams(max_tokens=6, temperature=0.0))
+    assert got.choices[0].message.content == want.outputs[0].text
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids)

@@ -57,6 +57,14 @@ class LlamaConfig:
     qk_norm: bool = False  # Qwen3
     layer_windows: list[int] = field(default_factory=list)  # per layer; 0 = full attention
     model_type: str = "llama"
+    # M-RoPE (Qwen2-VL / Qwen2.5-VL): the rotary frequencies split in sections rotated by the
+    # temporal, height and width positions; None: ordinary 1-D rope
+    mrope_section: list[int] | None = None
+
+    @property
+    def position_axes(self) -> int:
+        """Rows of `positions` the model takes: 3 under M-RoPE ([3, B, S]), else 1 ([B, S])."""
+        return 3 if self.mrope_section else 1
 
     def __post_init__(self):
         if not self.layer_windows:
@@ -189,18 +197,33 @@ class RMSNorm(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """cos/sin [B, S, D] from positions [B, S]; `inv_freq` is a non-persistent fp32 buffer.
-    D is the rotated part of a head: head_dim, or less under partial rotary (Phi-3)."""
+    D is the rotated part of a head: head_dim, or less under partial rotary (Phi-3).
 
-    def __init__(self, dim: int, theta: float, rope_scaling: dict | None):
+    M-RoPE (`mrope_section`, Qwen2-VL / Qwen2.5-VL): positions [3, B, S] (temporal, height,
+    width; [B, S] means the same position on all three), and frequency i of section j is
+    turned by axis j % 3's position, as HF's `recomposition_frequencies`. The result is the
+    same [B, S, D] cos/sin, so the rotary fusion and the attention kernels are untouched."""
+
+    def __init__(self, dim: int, theta: float, rope_scaling: dict | None, mrope_section: list[int] | None = None):
         super().__init__()
         self.head_dim, self.theta, self.rope_scaling = dim, theta, rope_scaling
+        self.mrope_section = list(mrope_section) if mrope_section else None
+        if self.mrope_section is not None and sum(self.mrope_section) != dim // 2:
+            raise ValueError(f"mrope_section {self.mrope_section} sums to {sum(self.mrope_section)}, not "
+                             f"head_dim / 2 = {dim // 2}")
         self.register_buffer("inv_freq", rope_inv_freq_hf(dim, theta, rope_scaling), persistent=False)
 
     def init_buffers(self, device: torch.device | str) -> None:
         self.inv_freq = rope_inv_freq_hf(self.head_dim, self.theta, self.rope_scaling).to(device)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, S, D/2]
+        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, S, D/2] ([3, B, S, D/2] M-RoPE)
+        if self.mrope_section is not None:
+            if positions.dim() == 3:  # each section from its axis' positions
+                sections = freqs.split(self.mrope_section, dim=-1)
+                freqs = torch.cat([sec[i % 3] for i, sec in enumerate(sections)], dim=-1)  # [B, S, D/2]
+            elif positions.dim() != 2:
+                raise ValueError(f"M-RoPE positions are [3, B, S] (or [B, S]), got {tuple(positions.shape)}")
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -292,11 +315,12 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
+                                          config.mrope_section)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # [B, S] -> [B, S, hidden]
         x = self.embed_tokens(input_ids)  # [B, S, hidden]
-        cos, sin = self.rotary_emb(positions, x.dtype)  # [B, S, D]
+        cos, sin = self.rotary_emb(positions, x.dtype)  # [B, S, D] (positions [3, B, S] under M-RoPE)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)

@@ -45,10 +45,12 @@ _PROJECTOR_ACTS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, appr
 @dataclass
 class ImageInput:
     """One image as the model takes it: the processor's pixel values ([C, H, W] for LLaVA-1.5,
-    [num_crops, C, H, W] for NeXT, the crops past this image's count dropped) and, for NeXT,
-    its original (height, width)."""
+    [num_crops, C, H, W] for NeXT, the crops past this image's count dropped; Qwen2.5-VL
+    [patches, C*T*P*P]) and, for NeXT, its original (height, width); for Qwen2.5-VL its grid of
+    patches (t, h, w)."""
     pixel_values: torch.Tensor
     image_size: tuple[int, int] | None = None
+    grid_thw: tuple[int, int, int] | None = None
 
 
 @dataclass

@@ -38,6 +38,7 @@ from trtllm.models.llama import LlamaForCausalLM
 from trtllm.models.llava import LlavaForConditionalGeneration
 from trtllm.models.mpt import MptForCausalLM
 from trtllm.models.phi3 import Phi3ForCausalLM
+from trtllm.models.qwen2_5_vl import Qwen25VLForConditionalGeneration
 from trtllm.parallel.tensor_parallel import unloaded
 from trtllm.quantization.checkpoint import Fp8CheckpointTensors, checkpoint_layout, is_quantization_tensor
 from trtllm.quantization.fp8_linears import (
@@ -64,11 +65,12 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "FalconForCausalLM": FalconForCausalLM,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     "LlavaNextForConditionalGeneration": LlavaForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen25VLForConditionalGeneration,
+    "Qwen2VLForConditionalGeneration": Qwen25VLForConditionalGeneration,
 }
 # multimodal families not supported yet, refused by name (transformers would build them, but
 # not as a causal LM under our contract)
 REFUSED_ARCHITECTURES = {
-    "Qwen2VLForConditionalGeneration": "Qwen2-VL", "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL",
     "Gemma3ForConditionalGeneration": "Gemma-3 (multimodal)",
 }
 
@@ -114,7 +116,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     architecture = (hf_config.get("architectures") or [None])[0]
     if architecture in REFUSED_ARCHITECTURES:
         raise ValueError(f"{path}: {REFUSED_ARCHITECTURES[architecture]} checkpoints ({architecture}) are not "
-                         "supported yet; multimodal models supported: LLaVA-1.5, LLaVA-NeXT (docs/multimodal.md)")
+                         "supported yet; multimodal models supported: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL (docs/multimodal.md)")
     model_cls = ARCHITECTURES.get(architecture)
     if model_cls is None:  # no model file of ours: the HF module (imported here: transformers is slow to load)
         if layout is not None:

@@ -38,6 +38,7 @@ from trtllm.runtime.engine_stats import StartupTimes
 from trtllm.runtime.kv_budget import num_kv_blocks
 from trtllm.runtime.kv_cache_quant import kv_cache_quant
 from trtllm.runtime.model_runner import ModelRunner
+from trtllm.runtime.mrope_positions import mrope_stager
 from trtllm.runtime.multimodal_stager import multimodal_stager
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.speculative.build import build_speculative, check_speculative_config
@@ -222,7 +223,8 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
     runner = ModelRunner(compiled, num_blocks=blocks, block_size=kv_cache_config.tokens_per_block,
                          max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs,
                          max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph, kv_quant=kv_quant,
-                         adapters=adapters, multimodal=multimodal)
+                         adapters=adapters, multimodal=multimodal,
+                         mrope=mrope_stager(module, max_num_tokens, compiled.device))
     scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len, adapters=adapters)
     engine = Engine(runner, block_manager, scheduler, tokenizer,
                     EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len,

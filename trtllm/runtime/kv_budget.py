@@ -11,6 +11,7 @@ import torch
 from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
 from trtllm.compile import CompiledModel
 from trtllm.config import KvCacheConfig
+from trtllm.runtime.mrope_positions import widen_positions
 
 # Without a GPU to measure, a pool of this many tokens (CPU runs are tests and demos).
 CPU_DEFAULT_TOKENS = 65536
@@ -69,6 +70,8 @@ def _profile_peak(compiled: CompiledModel, max_num_tokens: int, max_num_seqs: in
     meta.fill(lens, lens, [list(range(i * blocks_each, (i + 1) * blocks_each)) for i in range(seqs)], block)
     ids = torch.zeros((1, max_num_tokens), dtype=torch.long, device=device)
     pos = torch.cat([torch.arange(n, device=device) for n in lens])[None]
+    if getattr(getattr(compiled.module, "config", None), "position_axes", 1) == 3:  # M-RoPE: as the runtime's
+        pos = widen_positions(pos)
     rows = torch.cumsum(torch.tensor(lens, device=device), 0) - 1
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()

@@ -58,7 +58,7 @@ class ModelRunner:
     def __init__(self, compiled: CompiledModel, *, num_blocks: int, block_size: int,
                  max_num_tokens: int, max_num_seqs: int, max_model_len: int,
                  enable_cuda_graph: bool = True, kv_quant: KvCacheQuant | None = None, adapters=None,
-                 multimodal: MultimodalStager | None = None):
+                 multimodal: MultimodalStager | None = None, mrope=None):
         spec = compiled.attention
         self.compiled, self.device = compiled, compiled.device
         self.block_size, self.max_model_len = block_size, max_model_len
@@ -72,6 +72,7 @@ class ModelRunner:
         # host buffer by one copy per step; row 3: LoRA slots per token (copied to slot_ids)
         self.adapters = adapters
         self.multimodal = multimodal  # image features staged per step (runtime/multimodal_stager.py), None: text only
+        self.mrope = mrope  # 3-axis positions staged per step (runtime/mrope_positions.py), None: 1-D positions
         self._inputs = torch.zeros((3, max_num_tokens), dtype=torch.long, device=self.device)
         self._staging = torch.zeros((4 if adapters is not None else 3, max_num_tokens), dtype=torch.long,
                                     pin_memory=self.device.type == "cuda")
@@ -94,6 +95,8 @@ class ModelRunner:
         buffer. Sliced then unsqueezed: `buffer[None, :n]` would have stride max_num_tokens, and
         dynamo guards the first graph's (the KV profiling call's, contiguous) stride against its
         size: the first prefill then compiled again (H200, Llama-3.1-8B: 28.9 s after startup)."""
+        if self.mrope is not None:  # M-RoPE: positions [3, 1, num_tokens]
+            return self.input_ids[:num_tokens][None], self.mrope.positions(num_tokens)
         return self.input_ids[:num_tokens][None], self.positions[:num_tokens][None]
 
     # -- a step ------------------------------------------------------------------------
@@ -139,6 +142,8 @@ class ModelRunner:
         self.meta.fill(query_lens, seq_lens, tables, self.block_size)
         graphs = self.cuda_graphs
         graph_size = None if spans else graphs.decode_size(num_tokens, len(scheduled), sample_rows)
+        if self.mrope is not None:
+            self.mrope.stage([(seq, seq.num_computed_tokens, n) for seq, n in scheduled], graph_size or num_tokens)
         if self.adapters is not None:
             self._stage_lora_slots(scheduled, graph_size or num_tokens)
         if graph_size is not None:
@@ -178,6 +183,8 @@ class ModelRunner:
         if self.multimodal is not None:  # decode tokens: no image rows
             self.multimodal.reset()
         positions = [seq.num_tokens for seq in seqs]
+        if self.mrope is not None:
+            self.mrope.stage([(seq, p, 1) for seq, p in zip(seqs, positions)], size)
         if self.adapters is not None:
             self._stage_lora_slots([(seq, 1) for seq in seqs], size)
         self.meta.fill([1] * m, [p + 1 for p in positions], [seq.block_table for seq in seqs], self.block_size)

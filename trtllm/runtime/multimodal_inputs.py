@@ -35,11 +35,13 @@ class ImageSpan:
     length: int
     pixel_values: torch.Tensor                 # the processor's, CPU ([C, H, W]; NeXT [crops, C, H, W])
     image_size: tuple[int, int] | None = None  # NeXT: the original (height, width)
+    grid_thw: tuple[int, int, int] | None = None  # Qwen2.5-VL: its grid of patches (pixel_values [t*h*w, ...])
 
 
 @dataclass
 class MultimodalData:
     images: list[ImageSpan] = field(default_factory=list)
+    mrope: object | None = None  # M-RoPE models: the prompt's positions (runtime/mrope_positions.py), made once
 
     def block_key(self, start: int, end: int) -> bytes:
         """The hashes of the images with tokens in prompt positions [start, end): what a KV
@@ -136,7 +138,14 @@ def process_prompt(processor, text: str, images: list, image_token_id: int) -> t
     ids = out["input_ids"][0].tolist()
     pixel_values = out["pixel_values"]
     sizes = [tuple(int(v) for v in s) for s in out["image_sizes"].tolist()] if "image_sizes" in out else None
-    counts = _tokens_per_image(processor, images, sizes)
+    grids = None
+    if "image_grid_thw" in out:  # Qwen2.5-VL: every image's patches in one tensor, each image a grid of them
+        grids = [tuple(int(v) for v in g) for g in out["image_grid_thw"].tolist()]
+        pixel_values = pixel_values.split([t * h * w for t, h, w in grids])
+        merge = processor.image_processor.merge_size
+        counts = [t * h * w // merge ** 2 for t, h, w in grids]
+    else:
+        counts = _tokens_per_image(processor, images, sizes)
     positions = [i for i, t in enumerate(ids) if t == image_token_id]
     if sum(counts) != len(positions):
         raise ValueError(f"the processor wrote {len(positions)} image tokens for images of {counts} tokens")
@@ -147,7 +156,8 @@ def process_prompt(processor, text: str, images: list, image_token_id: int) -> t
             raise ValueError(f"image {i}'s {n} tokens are not consecutive in the prompt")
         pv = pixel_values[i]
         size = sizes[i] if sizes is not None else None
-        spans.append(ImageSpan(image_hash(pv, size), offset, n, pv, size))
+        grid = grids[i] if grids is not None else None
+        spans.append(ImageSpan(image_hash(pv, size if grid is None else grid), offset, n, pv, size, grid))
         k += n
     return ids, MultimodalData(spans)
 
@@ -166,6 +176,10 @@ def load_processor(path):
     try:
         processor = AutoProcessor.from_pretrained(str(path))
     except Exception as e:
+        from trtllm.runtime.qwen_vl_processor import qwen_vl_processor
+        fallback = qwen_vl_processor(path, e)  # a Qwen2.5-VL checkpoint on a machine without torchvision
+        if fallback is not None:
+            return fallback
         raise ValueError(f"{path}: no image processor could be loaded ({type(e).__name__}: {e}); a multimodal "
                          "checkpoint needs its preprocessor_config.json / processor_config.json") from None
     if not hasattr(processor, "image_processor"):
@@ -187,8 +201,10 @@ class Processor:
 
     @property
     def image_token(self) -> str:
-        """The placeholder text of one image (the processor's)."""
-        return getattr(self.get(), "image_token", "<image>")
+        """The placeholder text of one image (the processor's); for Qwen2.5-VL's `<|image_pad|>` the
+        whole vision span its chat template writes for an image part."""
+        token = getattr(self.get(), "image_token", "<image>")
+        return "<|vision_start|><|image_pad|><|vision_end|>" if token == "<|image_pad|>" else token
 
     def process(self, prompt: dict) -> tuple[str, list[int], MultimodalData]:
         """(text, token ids, images) of a multimodal prompt; ValueError naming what is wrong."""

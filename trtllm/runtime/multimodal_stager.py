@@ -44,7 +44,7 @@ class EncoderCache:
             from trtllm.models.llava import ImageInput
             todo = list(missing.values())
             with torch.no_grad():
-                features = self.encode([ImageInput(im.pixel_values, im.image_size) for im in todo])
+                features = self.encode([ImageInput(im.pixel_values, im.image_size, im.grid_thw) for im in todo])
             for im, f in zip(todo, features):
                 if f.shape[0] != im.length:
                     raise ValueError(f"an image encoded to {f.shape[0]} features but its prompt holds {im.length} "
@@ -119,6 +119,10 @@ def multimodal_stager(module, compiled, max_num_tokens: int, speculative: bool) 
         raise ValueError(f"{name} (a multimodal model) with speculative decoding is not supported yet")
     embed = module.language_model.model.embed_tokens.weight
     from trtllm.compile_encoder import compile_encoder
+    if hasattr(module, "warm_up_vision"):  # Qwen2.5-VL: its tower takes patches and grids
+        module.compiled_tower = compile_encoder(module.visual)
+        module.warm_up_vision()
+        return MultimodalStager(module.encode_images, max_num_tokens, embed.shape[1], embed.dtype, embed.device)
     module.compiled_tower = compile_encoder(module.vision_tower)
     v = module.config.vision
     for n in (2, 1):  # compiled now, not in the first request's TTFT: any batch of >= 2 images, and 1
