@@ -18,7 +18,7 @@ After, on rank r of P:
 Column-parallel linears are the ones HF names q_proj, k_proj, v_proj, gate_proj, up_proj
 (COLUMN_PARALLEL); row-parallel, o_proj and down_proj (ROW_PARALLEL), when they read a split
 activation. The split is followed from each column linear through the ops between it and
-the row linear: views/reshapes get their head count (or width) divided, transposes, rope,
+the row linear (passes/tp_split.py): views/reshapes get their head count (or width) divided, transposes, rope,
 QK-norm (a reduction over head_dim, not the split dim), SiLU and the attention op keep it;
 an op that would mix the split dim (a reduction over it, a slice of it, the graph output)
 is a CompileError naming the node. The norms stay whole on every rank (replicated); the
@@ -43,25 +43,18 @@ from collections import defaultdict
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from trtllm.contract import CompileError
 from trtllm.parallel.tensor_parallel import head_range
 from trtllm.passes.context import PassContext
 from trtllm.passes.match import arg, describe, kind, module_path, value
+from trtllm.passes.tp_split import RESHAPES, propagate, set_local_value
 from trtllm.quantization.fp8_slices import rank_fp8_slice
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
 KV_PROJECTIONS = ("k_proj", "v_proj")
 FUSED_PROJECTIONS = ("qkv_proj", "gate_up_proj", "query_key_value", "W_pack", "c_attn")
-
-# ops that keep a split on any dim, each operand broadcast against the others
-_ELEMENTWISE_KINDS = {"add", "mul", "div", "neg", "tanh", "pow", "rsqrt", "silu", "float", "to", "type_as",
-                      "contiguous"}
-_ELEMENTWISE_FUNCTIONS = {operator.sub, torch.sub, F.gelu, torch.sigmoid, F.relu, torch.exp}
-_RESHAPES = {"view", "reshape"}
-_ATTENTION_TARGETS = ("trtllm.attention", "scaled_dot_product_attention")
 
 
 def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
@@ -89,7 +82,7 @@ def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
                 matches += 1
             continue
         if any(a in split for a in node.all_input_nodes):
-            _propagate(node, split, shapes)
+            propagate(node, split, shapes)
     for linears in columns.values():  # one buffer per input: fuse_parallel_linears' fused W is a view
         if tp.quant_algo is not None:  # FP8 slices: quantize_linears stacks them
             for linear, (name, weight, start, length) in linears:
@@ -132,7 +125,7 @@ def _shard_column(node: fx.Node, leaf: str, tp, ctx: PassContext, shapes, split)
             node.kwargs = {**node.kwargs, "bias": b}
     if length != rows:  # else a replicated (single) KV head: the output is whole
         split[node] = (-1, length)
-        _set_local_value(node, shapes[node], -1, length)
+        set_local_value(node, shapes[node], -1, length)
     return _weight_name(node, "weight"), weight, start, length
 
 
@@ -174,7 +167,7 @@ def _heads(linear: fx.Node, rows: int, shapes) -> tuple[int, int]:
     """(heads, head_dim) from the view that splits this linear's output into heads; for a
     linear whose output is not viewed as heads (gate/up), (rows, 1)."""
     for user in linear.users:
-        if kind(user) in _RESHAPES and user in shapes:
+        if kind(user) in RESHAPES and user in shapes:
             shape = shapes[user]
             if len(shape) == len(shapes[linear]) + 1 and all(isinstance(s, int) for s in shape[-2:]) \
                     and shape[-2] * shape[-1] == rows:
@@ -219,165 +212,3 @@ def _shard_row(graph: fx.Graph, node: fx.Node, split_in: tuple[int, int], tp, ct
         n.meta["example_value"] = out
     node.replace_all_uses_with(result)
     graph.erase_node(node)
-
-
-def _set_local_value(node: fx.Node, shape: tuple, dim: int, local: int) -> None:
-    """The node's recorded example value, at its local size (later passes read shapes)."""
-    v = value(node)
-    local_shape = list(shape)
-    local_shape[dim] = local
-    with v.fake_mode:
-        node.meta["example_value"] = v.new_empty(tuple(local_shape))
-
-
-def _refuse(node: fx.Node, why: str):
-    raise CompileError(f"{describe(node)}: {why} under tensor parallelism (the split activation comes from a "
-                       "column-parallel linear)")
-
-
-def _propagate(node: fx.Node, split: dict, shapes: dict) -> None:
-    """Record how `node`'s output is split, given its inputs' splits; rewrite its shape args."""
-    if node.op == "output":
-        _refuse(node, "a split activation reaches the graph output")
-    k = kind(node)
-    target = str(node.target)
-    if node.op == "call_function" and any(t in target for t in _ATTENTION_TARGETS):
-        _attention(node, split)
-    elif k in _ELEMENTWISE_KINDS or (node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS):
-        _elementwise(node, split, shapes)
-    elif k in _RESHAPES or (node.op == "call_function" and node.target is torch.reshape):
-        _reshape(node, split, shapes)
-    elif k == "transpose" or (node.op == "call_function" and node.target is torch.transpose):
-        _transpose(node, split, shapes)
-    elif k == "unsqueeze":
-        _unsqueeze(node, split, shapes)
-    elif k == "mean" or (node.op == "call_method" and node.target == "sum") or node.target is torch.sum:
-        _reduction(node, split, shapes)
-    elif k == "getitem":
-        _getitem(node, split, shapes)
-    elif k == "cat":
-        _cat(node, split, shapes)
-    else:
-        _refuse(node, "an op not known to keep a split activation split")
-    if node in split:
-        _set_local_value(node, shapes[node], *split[node])
-
-
-def _ndim(node, shapes) -> int:
-    return len(shapes[node])
-
-
-def _elementwise(node: fx.Node, split: dict, shapes: dict) -> None:
-    splits = {split[a] for a in node.all_input_nodes if a in split}
-    if len(splits) != 1:
-        _refuse(node, f"operands split differently ({sorted(splits)})")
-    (dim, local), = splits
-    for a in node.all_input_nodes:
-        if a not in split and a in shapes:
-            shape = shapes[a]
-            if len(shape) >= -dim and shape[dim] != 1:
-                _refuse(node, f"a whole operand {a.name} of shape {list(shape)} meets a split one")
-    split[node] = (dim, local)
-
-
-def _reshape(node: fx.Node, split: dict, shapes: dict) -> None:
-    x = node.args[0]
-    dim, local = split[x]
-    in_shape, out_shape = shapes[x], shapes[node]
-    whole = in_shape[dim]
-    trailing = 1
-    for s in in_shape[len(in_shape) + dim:]:
-        if not isinstance(s, int):
-            _refuse(node, f"a reshape of the split dim with symbolic sizes {list(in_shape)}")
-        trailing *= s
-    product, out_dim = 1, None
-    for j in range(-1, -len(out_shape) - 1, -1):
-        if not isinstance(out_shape[j], int):
-            break
-        product *= out_shape[j]
-        if product == trailing:
-            out_dim = j
-            break
-    if out_dim is None or (out_shape[out_dim] * local) % whole:
-        _refuse(node, f"a reshape {list(in_shape)} -> {list(out_shape)} that does not keep dim {dim}'s split")
-    out_local = out_shape[out_dim] * local // whole
-    sizes_in_tuple = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
-    sizes = list(node.args[1] if sizes_in_tuple else node.args[1:])
-    if not sizes and "shape" in node.kwargs:
-        _refuse(node, "a reshape with its shape as a keyword")
-    i = len(sizes) + out_dim
-    if sizes[i] != -1:
-        if not isinstance(sizes[i], int):
-            _refuse(node, f"a reshape whose split size is computed ({sizes[i]})")
-        sizes[i] = out_local
-    node.args = (x, tuple(sizes)) if sizes_in_tuple else (x, *sizes)
-    split[node] = (out_dim, out_local)
-
-
-def _transpose(node: fx.Node, split: dict, shapes: dict) -> None:
-    x, a, b = node.args[0], arg(node, 1, "dim0"), arg(node, 2, "dim1")
-    n = _ndim(x, shapes)
-    dim, local = split[x]
-    a, b = a % n - n, b % n - n
-    split[node] = (b if dim == a else a if dim == b else dim, local)
-
-
-def _unsqueeze(node: fx.Node, split: dict, shapes: dict) -> None:
-    x = node.args[0]
-    n = _ndim(x, shapes)
-    dim, local = split[x]
-    d = arg(node, 1, "dim") % (n + 1)
-    position = n + dim  # from the start, in the input
-    split[node] = (position + (d <= position) - (n + 1), local)
-
-
-def _reduction(node: fx.Node, split: dict, shapes: dict) -> None:
-    x = node.args[0]
-    n = _ndim(x, shapes)
-    dim, local = split[x]
-    dims = arg(node, 1, "dim")
-    if dims is None:
-        _refuse(node, "a reduction over every dim, the split one too")
-    dims = [d % n - n for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
-    if dim in dims:
-        _refuse(node, f"a reduction over the split dim {dim}")
-    keepdim = arg(node, 2, "keepdim", False)
-    split[node] = (dim if keepdim else dim + sum(d > dim for d in dims), local)
-
-
-def _getitem(node: fx.Node, split: dict, shapes: dict) -> None:
-    x, index = node.args
-    n = _ndim(x, shapes)
-    dim, local = split[x]
-    index = index if isinstance(index, tuple) else (index,)
-    if not all(i is Ellipsis or isinstance(i, slice) for i in index) or sum(i is Ellipsis for i in index) > 1:
-        _refuse(node, f"an index {index} other than slices")
-    if Ellipsis in index:
-        e = index.index(Ellipsis)
-        index = index[:e] + (slice(None),) * (n - len(index) + 1) + index[e + 1:]
-    index = index + (slice(None),) * (n - len(index))
-    if index[n + dim] != slice(None):
-        _refuse(node, f"a slice {index[n + dim]} of the split dim")
-    split[node] = (dim, local)
-
-
-def _cat(node: fx.Node, split: dict, shapes: dict) -> None:
-    tensors = arg(node, 0, "tensors")
-    splits = {split.get(t) for t in tensors}
-    if len(splits) != 1 or None in splits:
-        _refuse(node, "a concatenation of split and whole tensors")
-    (dim, local), = splits
-    n = _ndim(tensors[0], shapes)
-    if arg(node, 1, "dim", 0) % n - n == dim:
-        _refuse(node, "a concatenation along the split dim")
-    split[node] = (dim, local)
-
-
-def _attention(node: fx.Node, split: dict) -> None:
-    q, k, v = node.args[:3]
-    if q not in split or split[q][0] != -3:
-        _refuse(node, "attention whose queries are not split by heads")
-    for t in (k, v):
-        if t in split and split[t][0] != -3:
-            _refuse(node, f"attention whose {t.name} is split on dim {split[t][0]}, not its heads")
-    split[node] = split[q]
