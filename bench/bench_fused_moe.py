@@ -63,6 +63,12 @@ DECODE_CANDIDATES = [DecodeConfig(n, k, 4, stages) for n in (16, 32, 64) for k i
 EXPERTS = {"bf16": None, "fp8 channel": QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, "fp8 block": QuantAlgo.FP8_BLOCK_SCALES}
 PREFILL_TS = (8192,)
 MAX_REL_ERR = 2e-2       # bf16 layer (HF rounds h and each expert's output in bf16; ours h and o)
+# FP8 experts vs fused_moe_fp8_ref: both round h (SiLU(gate) * up) to bf16 and quantize it to e4m3, but
+# their fp32 GEMM sums differ in order, so an h element can round one bf16 step apart; where that
+# element is its 1x128 group's amax (block scales), the group's scale moves and all 128 elements
+# re-round to e4m3 (3 mantissa bits): a few % on that group. The H200 measured 1.1-2.5e-2 with block
+# scales at 1-16 tokens (2026-12-03), 0.3-0.6e-2 per channel (one scale a row: rarely moved).
+MAX_REL_ERR_FP8 = 4e-2
 WEIGHT_BUDGET = 4e9      # bytes of layer copies for the decode timing (L2: 50-60 MB)
 DEVICE, DTYPE = ("cpu", torch.float32) if SMOKE else ("cuda", torch.bfloat16)
 if SMOKE:
@@ -148,11 +154,11 @@ def check() -> list[dict]:
                            **{k: f"{errs[k]:.1e}" if k in errs else "-"
                               for k in ("rel_err_ref", "rel_err_hf", "rel_err_tiles")})
                 rows.append(row)
-                if max(errs.values()) > MAX_REL_ERR:
+                if max(errs.values()) > (MAX_REL_ERR if algo is None else MAX_REL_ERR_FP8):
                     bad.append(row)
                 print(row, flush=True)
     if bad:
-        print(f"FAILED correctness (max rel. err {MAX_REL_ERR}):", *bad, sep="\n")
+        print(f"FAILED correctness (max rel. err {MAX_REL_ERR}, FP8 experts {MAX_REL_ERR_FP8}):", *bad, sep="\n")
         sys.exit(1)
     return rows
 

@@ -34,7 +34,7 @@ def test_qwen2_5_vl_under_cuda_graphs_equals_hf_and_eager(tmp_path):
     for graphs in (True, False):
         with LLM(model=str(path), dtype="float32", enable_cuda_graph=graphs,
                  build_config=BuildConfig(max_num_tokens=32)) as llm:
-            assert bool(llm.engine.runner.graphs) == graphs
+            assert bool(llm.engine.runner.cuda_graphs.decode) == graphs
             results[graphs] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
             # one at a time too: decode batches of one sequence
             results[graphs, "alone"] = [llm.generate(p, params).outputs[0].token_ids for p in prompts]
