@@ -10,6 +10,9 @@
   n linears share one GEMM after fuse_parallel_linears, as q/k/v and gate/up do: their
   A's stacked, their B's block-diagonal, zero off the blocks).
 
+A step (or a CUDA graph being captured) in which no token has an adapter runs inside
+kernels/linear_lora.py's `no_adapters()`: the fused LoRA linears launch the base linear alone.
+
 The pass makes a group when it first meets the linears (`group`), a later compilation of
 the same model gets the same tensors back; the adapter cache (runtime/adapters.py) writes an
 adapter's weights into a slot (`load`), zero past its rank and for the modules it leaves
@@ -99,3 +102,4 @@ class LoraSlots:
 
     def nbytes(self) -> int:
         return sum(g.lora_a.nbytes + g.lora_b.nbytes for g in self.groups.values()) + self.slot_ids.nbytes
+

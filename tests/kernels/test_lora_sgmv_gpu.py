@@ -50,3 +50,37 @@ def test_a_cuda_graph_replays_with_the_slots_refilled():
         graph.replay()
         want = lora_expand_ref(base, lora_shrink_ref(x, a, slots), b, slots)
         torch.testing.assert_close(out, want, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t", [1, 3, 16])
+@pytest.mark.parametrize("k,n,rank", [(4096, 6144, 48), (14336, 4096, 16), (4096, 28672, 32)])
+def test_linear_lora_gemv_in_a_cuda_graph(t, k, n, rank, dtype):
+    """trtllm.linear_lora's fused path (kernels/linear_lora.py: the GEMV with its LoRA epilogue,
+    which runs in CUDA-graph capture) against its reference, slots refilled between replays;
+    inside no_adapters() the graph computes the base linear."""
+    from trtllm.kernels.linear import linear_ref
+    from trtllm.kernels.linear_lora import linear_lora, linear_lora_ref, no_adapters
+    x = torch.randn(t, k, dtype=dtype, device="cuda")
+    w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    a = (torch.randn(8, rank, k, device="cuda") / k**0.5).to(dtype)
+    b = (torch.randn(8, n, rank, device="cuda") / rank**0.5).to(dtype)
+    slots = torch.full((t + 4,), -1, device="cuda")
+    graphs = {}
+    for base_only in (False, True):
+        with no_adapters(base_only):
+            linear_lora(x, w, bias, a, b, slots)  # compile outside the graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = linear_lora(x, w, bias, a, b, slots)
+        graphs[base_only] = (graph, out)
+    for fill in ([-1] * t, [i % 8 for i in range(t)], [i % 9 - 1 for i in range(t)]):
+        slots[:t].copy_(torch.tensor(fill, device="cuda"))
+        graphs[False][0].replay()
+        want = linear_lora_ref(x, w, bias, a, b, slots)
+        torch.testing.assert_close(graphs[False][1], want, atol=3e-2, rtol=2e-2)
+        assert fill == [-1] * t or (want - linear_ref(x, w, bias)).abs().max() > 0.1  # the adapter term counts
+    slots[:t] = -1
+    graphs[True][0].replay()
+    torch.testing.assert_close(graphs[True][1], linear_ref(x, w, bias), atol=3e-2, rtol=2e-2)

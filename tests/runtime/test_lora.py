@@ -66,13 +66,31 @@ def test_greedy_with_an_adapter_equals_peft(llm, base, adapters):
         want = [peft_greedy(peft_model, p, NEW) for p in PROMPTS]
         assert want != base_tokens, f"{name} changes nothing: the test could not fail"
         assert greedy(llm, PROMPTS, request) == want, name
-    assert lora_ops(llm) == (8, 8)  # 4 GEMMs (fused qkv, o, fused gate-up, down) x 2 layers
+    assert lora_ops(llm) == (8, 0)  # 4 GEMMs (fused qkv, o, fused gate-up, down) x 2 layers, fused
+
+
+def test_steps_without_adapters_launch_no_adapter_kernels(llm, adapters, monkeypatch):
+    """A step in which no token has an adapter runs inside no_adapters() (kernels/linear_lora.py): the fused
+    LoRA linears launch the base linear alone (on a GPU, the decode graphs captured that way)."""
+    import trtllm.kernels.linear_lora as linear_lora
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the launchers, not the references (tests/runtime/conftest.py)
+    calls = []
+    for name in ("lora_shrink_partials", "lora_shrink_triton"):
+        real = getattr(linear_lora, name)
+        monkeypatch.setattr(linear_lora, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    base_tokens = greedy(llm, PROMPTS)
+    assert not calls
+    request, _ = adapters["all8"]
+    assert greedy(llm, PROMPTS[:1], request) != base_tokens[:1] and calls
 
 
 def lora_ops(llm) -> tuple[int, int]:
-    """(shrinks, expands) in the first compiled graph."""
+    """(LoRA linears fused into trtllm.linear_lora, unfused shrink + expand pairs) in the first
+    compiled graph."""
     targets = [n.target for n in llm.compiled.graphs[0].graph.nodes if n.op == "call_function"]
-    return targets.count(torch.ops.trtllm.lora_shrink.default), targets.count(torch.ops.trtllm.lora_expand.default)
+    unfused = targets.count(torch.ops.trtllm.lora_shrink.default)
+    assert unfused == targets.count(torch.ops.trtllm.lora_expand.default)
+    return targets.count(torch.ops.trtllm.linear_lora.default), unfused
 
 
 def _mixed(adapters):
@@ -175,7 +193,7 @@ def test_bad_adapters_are_refused_at_submission_by_name(llm, base, adapters, tmp
 
 def test_target_modules_the_engine_does_not_wrap_are_refused(base, adapters, tmp_path):
     with lora_llm(base, lora_target_modules=["attn_q", "attn_k"]) as llm:  # TensorRT-LLM's names
-        assert lora_ops(llm) == (2, 2)  # the q/k part of each fused QKV
+        assert lora_ops(llm) == (2, 0)  # the q/k part of each fused QKV
         request = adapters["attn4"][0]  # q and v
         with pytest.raises(ValueError, match=r"targets model.layers.0.self_attn.v_proj: this engine wraps no"):
             llm.generate([1, 2], SamplingParams(max_tokens=2), lora_request=request)

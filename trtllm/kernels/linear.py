@@ -118,7 +118,11 @@ def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     M, N, K,
     x_row_stride, w_row_stride, y_row_stride,
+    # LoRA (kernels/linear_lora.py): h's fp32 partial sums [SPLITS, M, R], B [S, N, R], slots [>= M]
+    h_ptr, lb_ptr, slot_ptr, R, SPLITS, h_split_stride, h_row_stride, lb_slot_stride, lb_row_stride,
     HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (no tf32), else the default
     BLOCK_M: tl.constexpr,        # rows, padded to a power of 2 (>= 16 with USE_DOT)
@@ -185,6 +189,22 @@ def _gemv_kernel(
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows).to(tl.float32)[:, None]
+    if HAS_LORA:
+        # acc[:, m] += B[slot[m]][rows, :] @ h[m] with h[m] = the sum of its splits, rounded to
+        # y's dtype as lora_shrink stores it; no adapter (slot -1): nothing added
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        for m in tl.static_range(BLOCK_M):
+            m_ok = m < M
+            slot = tl.load(slot_ptr + m, mask=m_ok, other=-1).to(tl.int32)
+            h = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for s in range(0, SPLITS):
+                h += tl.load(h_ptr + s * h_split_stride + m * h_row_stride + offs_r, mask=r_mask & m_ok, other=0.0)
+            h = h.to(y_ptr.dtype.element_ty).to(tl.float32)
+            lb = tl.load(lb_ptr + tl.maximum(slot, 0).to(tl.int64) * lb_slot_stride + rows[:, None] * lb_row_stride
+                         + offs_r[None, :], mask=r_mask[None, :] & (slot >= 0), other=0.0)
+            delta = tl.sum(lb.to(tl.float32) * h[None, :], axis=1)  # [BLOCK_N]
+            acc += tl.where(offs_m[None, :] == m, delta[:, None], 0.0)
     # y[m, n] = acc[n, m]
     y_ptrs = y_ptr + offs_m[None, :] * y_row_stride + offs_n[:, None]
     y_mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
@@ -196,20 +216,29 @@ def _block_m(m: int, dot: bool) -> int:
 
 
 def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-         out: torch.Tensor, config: GemvConfig) -> torch.Tensor:
-    """Launch the GEMV on rows x2 [M, K] (last dim contiguous) into out [M, N] (contiguous)."""
+         out: torch.Tensor, config: GemvConfig, lora: tuple | None = None) -> torch.Tensor:
+    """Launch the GEMV on rows x2 [M, K] (last dim contiguous) into out [M, N] (contiguous).
+    lora: (h_parts [splits, M, R] fp32, lora_b [S, N, R], slot_ids [>= M]) adds each row's
+    adapter term (kernels/linear_lora.py checks them)."""
     m, k = x2.shape
     n = weight.shape[0]
     block_m = _block_m(m, config.dot)
     assert block_m <= _MAX_BLOCK_M, f"{m} rows: too many for the GEMV"
     assert x2.stride(1) == 1 and out.is_contiguous() and out.shape == (m, n)
     dot_precision = "ieee" if x2.dtype == torch.float32 else "tf32"
-    with interpreter_upcast((x2, weight, bias), (out,)) as ((x2, weight, bias), (y,)):
+    h_parts, lora_b, slot_ids = lora if lora is not None else (out, out, out)  # unused stand-ins without
+    r = lora_b.shape[2] if lora is not None else 0
+    with interpreter_upcast((x2, weight, bias, lora_b), (out,)) as ((x2, weight, bias, lb), (y,)):
         _gemv_kernel[(triton.cdiv(n, config.block_n),)](
             x2, weight, bias if bias is not None else weight, y,
             m, n, k,
             x2.stride(0), weight.stride(0), y.stride(0),
+            h_parts, lb, slot_ids, r, h_parts.shape[0] if lora is not None else 0,
+            h_parts.stride(0), h_parts.stride(1) if lora is not None else 0,
+            lb.stride(0), lb.stride(1) if lora is not None else 0,
             HAS_BIAS=bias is not None,
+            HAS_LORA=lora is not None,
+            BLOCK_R=max(16, triton.next_power_of_2(r)),
             USE_DOT=config.dot,
             DOT_PRECISION=dot_precision,
             BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -232,7 +261,7 @@ def unsupported(x_dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor |
     return None
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     assert x.dtype in _FLOAT_DTYPES, f"x: unsupported dtype {x.dtype}"
     assert weight.dim() == 2 and weight.shape[1] == x.shape[-1], \
         f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}"
@@ -241,23 +270,32 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     assert reason is None, reason
 
 
-def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    _check(x, weight, bias)
+def gemv_choice(x: torch.Tensor, weight: torch.Tensor) -> GemvConfig | None:
+    """The GEMV config `linear` launches for x [..., K] @ weight [N, K]^T, or None for F.linear.
+    On CUDA the GEMV runs only inside CUDA-graph capture (the decode graphs): its launch
+    costs ~120 us of host time per call against cuBLAS's ~22 us (bench_linear.py, H100
+    host), and an eager step with few rows is host-bound, 4 GEMMs x 32 layers of it.
+    In a graph the launch is paid once, at capture."""
     n, k = weight.shape
     m = x.numel() // k if k else 0
-    # On CUDA the GEMV runs only inside CUDA-graph capture (the decode graphs): its launch
-    # costs ~120 us of host time per call against cuBLAS's ~22 us (bench_linear.py, H100
-    # host), and an eager step with few rows is host-bound, 4 GEMMs x 32 layers of it.
-    # In a graph the launch is paid once, at capture.
     on_gpu_eager = x.is_cuda and not torch.cuda.is_current_stream_capturing()
-    config = gemv_config(m, n, k) if 0 < m <= GEMV_MAX_M and k > 0 and not on_gpu_eager else None
+    return gemv_config(m, n, k) if 0 < m <= GEMV_MAX_M and k > 0 and not on_gpu_eager else None
+
+
+def gemv_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as the GEMV's rows [M, K] with a contiguous last dim."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
+
+
+def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    check_linear(x, weight, bias)
+    config = gemv_choice(x, weight)
     if config is None:
         return F.linear(x, weight, bias)
-    x2 = x.reshape(m, k)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    gemv(x2, weight, bias, out.view(m, n), config)
+    x2 = gemv_rows(x)
+    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+    gemv(x2, weight, bias, out.view(x2.shape[0], weight.shape[0]), config)
     return out
 
 

@@ -172,34 +172,64 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
-    assert x.dtype in _FLOAT_DTYPES and lora_a.dtype == x.dtype, f"x {x.dtype}, lora_a {lora_a.dtype}"
-    assert lora_a.dim() == 3 and lora_a.shape[2] == x.shape[-1] and lora_a.stride(2) == 1, \
-        f"lora_a {tuple(lora_a.shape)} must be [slots, rank, K={x.shape[-1]}] with a contiguous last dim"
-    assert lora_a.device == x.device, f"lora_a on {lora_a.device}, x on {x.device}"
-    k, r = x.shape[-1], lora_a.shape[1]
+    r = lora_a.shape[1]
     x2 = _rows(x, "x")
     t = x2.shape[0]
-    _check_slots(slot_ids, t, x.device)
     h = torch.empty((t, r), dtype=x.dtype, device=x.device)
     if t and r:
-        block_r = max(16, min(64, triton.next_power_of_2(r)))
-        block_k = max(16, min(128, triton.next_power_of_2(k)))
-        splits, k_per_split = shrink_splits(t, k, block_k)
-        # several splits: fp32 partial sums [splits, T, R], summed in order by a second kernel
-        part = torch.empty((splits, t, r), dtype=torch.float32, device=x.device) if splits > 1 else None
-        with interpreter_upcast((x2, lora_a), (h,)) as ((x2_, a_), (h_,)):
-            out = part if part is not None else h_[None]
-            _lora_shrink_kernel[(triton.cdiv(t, 16), triton.cdiv(r, block_r), splits)](
-                x2_, a_, slot_ids, out,
-                t, k, r, k_per_split,
-                x2_.stride(0), a_.stride(0), a_.stride(1), out.stride(0), out.stride(1),
-                DOT_PRECISION=_dot_precision(x.dtype),
-                BLOCK_T=16, BLOCK_R=block_r, BLOCK_K=block_k,
-                num_warps=4,
-            )
-            if part is not None:
+        splits, k_per_split = _check_shrink(x2, lora_a, slot_ids)
+        with interpreter_upcast((), (h,)) as (_, (h_,)):
+            if splits == 1:  # the kernel stores h itself
+                _launch_shrink(x2, lora_a, slot_ids, h_[None], k_per_split)
+            else:  # fp32 partial sums [splits, T, R], summed in order by a second kernel
+                part = torch.empty((splits, t, r), dtype=torch.float32, device=x.device)
+                _launch_shrink(x2, lora_a, slot_ids, part, k_per_split)
                 _sum_splits_kernel[(triton.cdiv(t * r, 1024),)](part, h_, splits, t * r, BLOCK=1024, num_warps=4)
     return h.reshape(*x.shape[:-1], r)
+
+
+def lora_shrink_partials(x2: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+    """The shrink's fp32 sums over K splits, [splits, T, R] for x2 [T, K] (one split past
+    SPLIT_K_MAX_TOKENS tokens): h = their sum in split order, rounded to x's dtype.
+    lora_shrink sums them with a second kernel; kernels/linear_lora.py inside its GEMV."""
+    (t, _), r = x2.shape, lora_a.shape[1]
+    splits, k_per_split = _check_shrink(x2, lora_a, slot_ids)
+    part = torch.empty((splits, t, r), dtype=torch.float32, device=x2.device)
+    if t and r:
+        _launch_shrink(x2, lora_a, slot_ids, part, k_per_split)
+    return part
+
+
+def _check_shrink(x2: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tensor) -> tuple[int, int]:
+    """Asserts the shrink's operands; returns (splits of K, K elements a split)."""
+    assert x2.dtype in _FLOAT_DTYPES and lora_a.dtype == x2.dtype, f"x {x2.dtype}, lora_a {lora_a.dtype}"
+    assert x2.dim() == 2 and (x2.stride(1) == 1 or x2.shape[1] <= 1), \
+        f"x2 {tuple(x2.shape)}: rows with a contiguous last dim"
+    assert lora_a.dim() == 3 and lora_a.shape[2] == x2.shape[1] and lora_a.stride(2) == 1, \
+        f"lora_a {tuple(lora_a.shape)} must be [slots, rank, K={x2.shape[1]}] with a contiguous last dim"
+    assert lora_a.device == x2.device, f"lora_a on {lora_a.device}, x on {x2.device}"
+    _check_slots(slot_ids, x2.shape[0], x2.device)
+    return shrink_splits(x2.shape[0], x2.shape[1], _shrink_block_k(x2.shape[1]))
+
+
+def _shrink_block_k(k: int) -> int:
+    return max(16, min(128, triton.next_power_of_2(k)))
+
+
+def _launch_shrink(x2: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tensor, out: torch.Tensor,
+                   k_per_split: int) -> None:
+    """The shrink kernel into out [splits, T, R] (split s: K range [s, s + 1) * k_per_split)."""
+    (t, k), r = x2.shape, lora_a.shape[1]
+    block_r = max(16, min(64, triton.next_power_of_2(r)))
+    with interpreter_upcast((x2, lora_a)) as ((x2_, a_), _):
+        _lora_shrink_kernel[(triton.cdiv(t, 16), triton.cdiv(r, block_r), out.shape[0])](
+            x2_, a_, slot_ids, out,
+            t, k, r, k_per_split,
+            x2_.stride(0), a_.stride(0), a_.stride(1), out.stride(0), out.stride(1),
+            DOT_PRECISION=_dot_precision(x2.dtype),
+            BLOCK_T=16, BLOCK_R=block_r, BLOCK_K=_shrink_block_k(k),
+            num_warps=4,
+        )
 
 
 # Tokens up to which shrink splits K over programs: at decode one block of 16 tokens would

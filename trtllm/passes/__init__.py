@@ -10,6 +10,7 @@ batch-64 decode graph took 7.12 ms against 6.65 without the pass on the H100
 from trtllm.kernels.linear import GEMV_MAX_M
 from trtllm.passes.apply_lora import apply_lora
 from trtllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
+from trtllm.passes.fuse_lora_linear import fuse_lora_linear
 from trtllm.passes.fuse_moe import fuse_moe
 from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears
 from trtllm.passes.fuse_rms_norm import fuse_rms_norm
@@ -37,6 +38,7 @@ PASSES = [
     shard_experts,                      # after fuse_moe: each rank's fused_moe runs its experts
     fuse_parallel_linears,
     apply_lora,                         # after fuse_parallel_linears: one shrink for fused q/k/v, gate/up
+    fuse_lora_linear,                   # apply_lora's plain linears: one op (two launches at decode)
     fuse_rms_norm,
     fuse_add_rms_norm,                  # needs fuse_rms_norm's output
     fuse_rms_norm_quant_fp8,            # needs both norms' ops and quantize_linears' quantizations

@@ -12,6 +12,10 @@ Verify steps of speculative decoding (runtime/speculative) replay graphs of b se
 (opt-in: the speculative configs' `verify_cuda_graphs`; not yet run on a GPU at the time of
 writing) and every sequence of the step verifies exactly verify_len - 1 drafts.
 
+With LoRA adapters, each decode size is captured twice: with the adapters' kernels, and
+inside `no_adapters()` (kernels/linear_lora.py) without them (the fused LoRA linears launch the base GEMV
+alone), for steps in which no token has an adapter (`replay(..., adapters=False)`).
+
 A graph reads the runner's fixed-address buffers (token ids, positions, logits rows, the
 attention metadata, LoRA slots, staged image features) and writes fixed output buffers:
 replaying one is refilling those inputs in place, then `graph.replay()`. The runner's
@@ -29,6 +33,7 @@ import time
 import torch
 
 from trtllm.attention_context import attention_context
+from trtllm.kernels.linear_lora import no_adapters
 from trtllm.runtime.launched_step import LaunchedStep
 from trtllm.runtime.sampler import greedy_picks
 
@@ -47,10 +52,12 @@ class CudaGraphs:
         # batch size -> (graph, logits [b, V], greedy [2, b]: argmax ids and 1/0 for finite rows)
         self.decode: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._decode_sizes: list[int] = []  # sorted(self.decode), not re-sorted every step
+        # with LoRA: the same sizes captured inside no_adapters() (kernels/linear_lora.py), for steps without adapters
+        self.decode_base: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         # verify steps (runtime/speculative): batch size -> (graph, logits [b * L, V]), L tokens a sequence
         self.verify: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.verify_len = 0
-        self._replay_views: dict[tuple[int, int, int], tuple] = {}  # (size, rows, turn): see replay
+        self._replay_views: dict[tuple[int, int, int, bool], tuple] = {}  # (size, rows, turn, adapters): see replay
         # a decode graph's greedy picks, [2, b], go to pinned host memory right after the
         # replay, while the GPU runs, so reading them after `wait` is no synchronous
         # device-to-host copy (`.tolist()` of the device tensor: ~20 us under cProfile on
@@ -98,17 +105,19 @@ class CudaGraphs:
                             num_rows=num_rows)
 
     def replay(self, size: int, ids: list[int], positions: list[int], rows, scheduled, to_sample,
-               gather_ids: torch.Tensor | None = None) -> LaunchedStep:
+               gather_ids: torch.Tensor | None = None, adapters: bool = True) -> LaunchedStep:
         """A decode step by the graph captured for `size`; its first len(to_sample) rows
         are the ones to sample. With `gather_ids`, the input ids are gather_ids[rows]
-        (on the device); else `ids`. The tensor views it needs are made once per (size,
-        rows, turn), not every step: a slice costs ~4 us of host time, and a step would take
-        four (bench/probes/host_step.py --profile)."""
+        (on the device); else `ids`. adapters=False: no token has a LoRA adapter, the graph
+        captured without their kernels runs (if there is one). The tensor views it needs are
+        made once per (size, rows, turn, adapters), not every step: a slice costs ~4 us of
+        host time, and a step would take four (bench/probes/host_step.py --profile)."""
         runner = self.runner
         num_rows, turn = len(to_sample), runner._turn
-        views = self._replay_views.get((size, num_rows, turn))
+        adapters = adapters or size not in self.decode_base
+        views = self._replay_views.get((size, num_rows, turn, adapters))
         if views is None:
-            graph, logits, greedy = self.decode[size]
+            graph, logits, greedy = (self.decode if adapters else self.decode_base)[size]
             # whole [2, size] tensors on both sides: contiguous, so the copy is one async
             # memcpy (a strided one would go through an unpinned buffer, synchronously)
             host = self._greedy_host.get((size, turn))
@@ -119,7 +128,7 @@ class CudaGraphs:
                                                          runner._staging[3, :size])
             views = (graph, runner._inputs[:, :size], runner._staging[:3, :size], greedy, host,
                      host[:, :num_rows], logits[:num_rows], lora)
-            self._replay_views[(size, num_rows, turn)] = views
+            self._replay_views[(size, num_rows, turn, adapters)] = views
         graph, inputs, staging, greedy, greedy_host, picks, logits, lora = views
         runner._stage(ids, positions, rows, size)
         inputs.copy_(staging, non_blocking=True)
@@ -137,15 +146,19 @@ class CudaGraphs:
     # -- capture ---------------------------------------------------------------------------
     @torch.no_grad()
     def capture_decode(self, batch_sizes: list[int]) -> None:
-        """Capture decode steps of each batch size, largest first (they share one pool)."""
+        """Capture decode steps of each batch size, largest first (they share one pool); with
+        LoRA adapters, each size once more without their kernels (`decode_base`)."""
         self._replay_views.clear()
         self._greedy_host.clear()
+        variants = [(self.decode, False)] + ([(self.decode_base, True)] if self.runner.adapters is not None else [])
         with self._frozen_heap():
             pool = None
-            for b in sorted(batch_sizes, reverse=True):
-                graph, logits, greedy = self._capture_one(b, 1, pool, greedy=True)  # logits [b, V]
-                pool = graph.pool()
-                self.decode[b] = (graph, logits, greedy)
+            for graphs, base in variants:
+                for b in sorted(batch_sizes, reverse=True):
+                    with no_adapters(base):
+                        graph, logits, greedy = self._capture_one(b, 1, pool, greedy=True)  # logits [b, V]
+                    pool = graph.pool()
+                    graphs[b] = (graph, logits, greedy)
             torch.cuda.synchronize()
 
     @torch.no_grad()

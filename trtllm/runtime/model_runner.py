@@ -16,7 +16,9 @@ A speculating sequence's chunk is its last known token followed by its draft tok
 and every sequence of the step verifies exactly k drafts.
 With LoRA (`adapters`, runtime/adapters.py), each step also writes each token's adapter slot
 (-1: none) into the fixed-address `LoraSlots.slot_ids` the graphs read (trtllm/lora_slots.py),
-padding tokens -1, by one more copy out of the same pinned staging.
+padding tokens -1, by one more copy out of the same pinned staging. A step in which no token
+has an adapter runs inside `no_adapters()` (kernels/linear_lora.py) (the fused LoRA linears launch the base
+linear alone), by the decode graphs captured that way where one fits.
 With images (`multimodal`, runtime/multimodal_stager.py), each step first stages the image
 features its chunks reach (encoded once per image) into the fixed-address buffers the graphs'
 `trtllm.splice_embeddings` reads (trtllm/multimodal_context.py); a step without image tokens
@@ -45,6 +47,7 @@ import torch
 
 from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
 from trtllm.compile import CompiledModel
+from trtllm.kernels.linear_lora import no_adapters
 from trtllm.multimodal_context import multimodal_context
 from trtllm.runtime.cuda_graphs import CudaGraphs, cuda_graph_batch_sizes
 from trtllm.runtime.kv_cache_quant import KvCacheQuant
@@ -144,10 +147,10 @@ class ModelRunner:
         graph_size = None if spans else graphs.decode_size(num_tokens, len(scheduled), sample_rows)
         if self.mrope is not None:
             self.mrope.stage([(seq, seq.num_computed_tokens, n) for seq, n in scheduled], graph_size or num_tokens)
-        if self.adapters is not None:
-            self._stage_lora_slots(scheduled, graph_size or num_tokens)
+        adapters = self.adapters is not None and self._stage_lora_slots(scheduled, graph_size or num_tokens)
         if graph_size is not None:
-            return graphs.replay(graph_size, ids, positions, range(len(sample_rows)), scheduled, to_sample)
+            return graphs.replay(graph_size, ids, positions, range(len(sample_rows)), scheduled, to_sample,
+                                 adapters=adapters)
         num_sampled = len(sample_rows)
         verify = num_rows if num_sampled != len(to_sample) else None
         if verify is not None and graphs.verify and not spans:
@@ -156,7 +159,8 @@ class ModelRunner:
                 return graphs.replay_verify(size, ids, positions, scheduled, to_sample, verify)
         self._copy_inputs(ids, positions, sample_rows + prompt_rows)
         rows = self.logits_indices[: num_sampled + len(prompt_rows)]
-        with attention_context(self.cache, self.meta), self._multimodal_context():
+        with attention_context(self.cache, self.meta), self._multimodal_context(), \
+                no_adapters(self.adapters is not None and not adapters):
             logits = self.compiled(*self._flat_batch(num_tokens), rows)
         done = self._step_launched()
         # a pipeline's first stage: the logits arrive from the last stage later (trtllm/parallel)
@@ -185,11 +189,11 @@ class ModelRunner:
         positions = [seq.num_tokens for seq in seqs]
         if self.mrope is not None:
             self.mrope.stage([(seq, p, 1) for seq, p in zip(seqs, positions)], size)
-        if self.adapters is not None:
-            self._stage_lora_slots([(seq, 1) for seq in seqs], size)
-        self.meta.fill([1] * m, [p + 1 for p in positions], [seq.block_table for seq in seqs], self.block_size)
         scheduled = [(seq, 1) for seq in seqs]
-        return self.cuda_graphs.replay(size, [], positions, rows, scheduled, seqs, previous.device_picks[0])
+        adapters = self.adapters is not None and self._stage_lora_slots(scheduled, size)
+        self.meta.fill([1] * m, [p + 1 for p in positions], [seq.block_table for seq in seqs], self.block_size)
+        return self.cuda_graphs.replay(size, [], positions, rows, scheduled, seqs, previous.device_picks[0],
+                                       adapters=adapters)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write (block_manager.py): each (source, copy) block's K/V, every layer,
@@ -228,15 +232,19 @@ class ModelRunner:
         if self._inputs_copied is not None:
             self._inputs_copied.record()
 
-    def _stage_lora_slots(self, scheduled: list[tuple[Sequence, int]], n: int) -> None:
+    def _stage_lora_slots(self, scheduled: list[tuple[Sequence, int]], n: int) -> bool:
         """Each token's LoRA slot into staging row 3 (-1 up to `n`: padding, the base); the
         copy to the device goes with the step's other inputs. Staged before `_stage`, which
-        leaves row 3 alone."""
-        host, t = self._staging_np[3], 0
+        leaves row 3 alone. Whether any token has an adapter (else the step runs without
+        the adapters' kernels: no_adapters, kernels/linear_lora.py)."""
+        host, t, any_adapter = self._staging_np[3], 0, False
         host[:n] = -1
         for seq, count in scheduled:
-            host[t: t + count] = self.adapters.slot(seq)
+            slot = self.adapters.slot(seq)
+            host[t: t + count] = slot
+            any_adapter |= slot >= 0
             t += count
+        return any_adapter
 
     def _stage(self, ids: list[int], positions: list[int], rows, n: int) -> None:
         """Token ids, positions and logits rows into the pinned staging buffer, zeros up
