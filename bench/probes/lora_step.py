@@ -1,0 +1,76 @@
+"""Where does a LoRA engine's decode time go? bench_lora's engine (Llama-3.1-8B shapes, rank-16
+adapters on every linear, 8 GPU slots), kernels of whole `generate` calls under torch.profiler:
+batch 1 with one adapter, 64 requests over 8 adapters, and 64 base requests in the same engine;
+per case the wall time, GPU busy time and the top kernels (name, total ms, launches).
+
+    PYTHONPATH=$PWD python bench/probes/lora_step.py [--new 32]
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.bench_e2e import LLAMA3_8B, PROMPT, build_models, prompts  # noqa: E402
+from bench.bench_lora import RANK, write_adapter  # noqa: E402
+from trtllm.config import BuildConfig, KvCacheConfig, LoraConfig  # noqa: E402
+from trtllm.lora_request import LoRARequest  # noqa: E402
+from trtllm.runtime.llm import LLM  # noqa: E402
+from trtllm.sampling_params import SamplingParams  # noqa: E402
+
+
+def kernel_table(prof, top: int) -> tuple[float, list[dict]]:
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    us = lambda e: getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+    events.sort(key=lambda e: -us(e))
+    return sum(us(e) for e in events) / 1e3, [dict(kernel=e.key[:90], ms=round(us(e) / 1e3, 3), launches=e.count)
+                                              for e in events[:top]]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new", type=int, default=32, help="new tokens a request (decode steps profiled)")
+    ap.add_argument("--top", type=int, default=14)
+    args = ap.parse_args()
+    _, model = build_models(LLAMA3_8B, device="cuda")
+    vocab = LLAMA3_8B["vocab_size"]
+    tmp = Path(tempfile.mkdtemp(prefix="lora_step_"))
+    requests = []
+    for i in range(8):
+        write_adapter(model, tmp / f"adapter{i}", seed=i)
+        requests.append(LoRARequest(f"adapter{i}", i + 1, str(tmp / f"adapter{i}")))
+    llm = LLM(model, build_config=BuildConfig(max_batch_size=256, max_num_tokens=8192, max_seq_len=PROMPT + 128),
+              kv_cache_config=KvCacheConfig(max_tokens=256 * (PROMPT + 128) + 4096),
+              lora_config=LoraConfig(max_lora_rank=RANK, max_loras=8, max_cpu_loras=8))
+    greedy = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
+    out = {}
+    for name, b, loras in (("b1, one adapter", 1, [requests[0]]), ("b64 over 8 adapters", 64, requests),
+                           ("b64 base requests", 64, None)):
+        batch = prompts(b, vocab, seed=b + 100).tolist()
+        per = [loras[i % len(loras)] for i in range(b)] if loras else None
+        llm.generate(batch, greedy, use_tqdm=False, lora_request=per)  # warm (and the adapters into slots)
+        batch = prompts(b, vocab, seed=b + 200).tolist()  # fresh prompts: no prefix-cache hits
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            llm.generate(batch, greedy, use_tqdm=False, lora_request=per)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) * 1e3
+        busy, table = kernel_table(prof, args.top)
+        out[name] = dict(wall_ms=round(wall, 2), gpu_ms=round(busy, 2), kernels=table)
+        print(f"--- {name}: {args.new} new tokens, wall {wall:.1f} ms, GPU kernels {busy:.1f} ms", flush=True)
+        for row in table:
+            print(f"   {row['ms']:9.3f} ms x{row['launches']:6d}  {row['kernel']}")
+    llm.shutdown()
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "lora_step.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
