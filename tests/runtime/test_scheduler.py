@@ -335,6 +335,9 @@ class OneSlotAdapters:
             assert self.can_admit(s)
             self.pins[s.request_id[0]] = self.pins.get(s.request_id[0], 0) + 1
 
+    def slot(self, s):
+        return {"x": -1, "a": 0, "b": 1}.get(s.request_id[0], 2)
+
     def release(self, s):
         name = s.request_id[0]
         if name in self.pins:
@@ -361,3 +364,20 @@ def test_lora_requests_of_a_resident_adapter_pass_one_that_waits_for_a_slot():
     sched.add(a3)
     sched.schedule()
     assert list(sched.waiting) == [b1, a3]  # b1 has waited long enough: FCFS again
+
+
+def test_lora_decodes_are_grouped_by_adapter_slot():
+    """A step's decodes come grouped by adapter slot, in arrival order within a slot (the LoRA
+    kernels' token blocks then meet few adapters), prefill chunks after them."""
+    bm = BlockManager(64, 4, True)
+    adapters = OneSlotAdapters()
+    adapters.can_admit = lambda s: True  # every adapter has a slot here
+    sched = Scheduler(bm, 8, 64, 64, adapters=adapters)
+    seqs = [Sequence(rid, [1, 2, 3], SamplingParams(max_tokens=4)) for rid in ("a1", "x1", "b1", "a2", "x2", "b2")]
+    for s in seqs:
+        sched.add(s)
+    first = sched.schedule()
+    assert [n for _, n in first] == [3] * 6  # prefills, in arrival order
+    sched.update(first, {s: 7 for s, _ in first})
+    order = [s.request_id for s, _ in sched.schedule()]
+    assert order == ["x1", "x2", "a1", "a2", "b1", "b2"]

@@ -192,6 +192,12 @@ class Scheduler:
                 in_step.add(seq)
                 budget -= n
 
+        if self.adapters is not None and len(scheduled) > 1:
+            # decodes grouped by adapter slot (stable: a beam group stays together): a LoRA
+            # kernel's 16-token block then meets one or two adapters, where in arrival order
+            # it met up to 16 and looped over each (kernels/lora_sgmv.py)
+            scheduled.sort(key=lambda item: self.adapters.slot(item[0]))
+
         # 2. the next chunk of partly prefilled sequences (none when all running decode)
         for seq in self.running if len(in_step) < len(self.running) else ():
             if seq in in_step or budget == 0 or seq in self.in_flight or len(scheduled) >= limit:
