@@ -18,7 +18,8 @@ kernels/linear.py): two launches. The shrink writes its fp32 partial sums over K
 (lora_shrink_partials), and the GEMV's LoRA epilogue sums each row's splits in order, rounds h
 to x's dtype as lora_shrink stores it, and adds h @ B[s]^T to the fp32 accumulator before
 its one rounding (the unfused path rounds the base output first: an ulp apart at most).
-More rows: F.linear, then lora_shrink and lora_expand, as unfused.
+More rows: F.linear (cuBLAS), then the shrink's partial sums and the expand, which sums them
+(three launches, not four).
 
 Inside `no_adapters()` (the runtime's steps in which no token has an adapter, and the decode
 graphs captured for them): the base linear alone, `linear`'s own choice of GEMV or F.linear.
@@ -32,13 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from trtllm.kernels.linear import check_linear, gemv, gemv_choice, gemv_rows, linear_ref, linear_triton
-from trtllm.kernels.lora_sgmv import (
-    lora_expand_ref,
-    lora_expand_triton,
-    lora_shrink_partials,
-    lora_shrink_ref,
-    lora_shrink_triton,
-)
+from trtllm.kernels.lora_sgmv import lora_expand_partials, lora_expand_ref, lora_shrink_partials, lora_shrink_ref
 from trtllm.kernels.registry import register_op
 
 # Set by the runtime (runtime/model_runner.py, cuda_graphs.py) around steps and graph captures
@@ -76,12 +71,11 @@ def linear_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if adapters_off():
         return linear_triton(x, weight, bias)
     config = gemv_choice(x, weight)
-    if config is None:
-        return lora_expand_triton(F.linear(x, weight, bias), lora_shrink_triton(x, lora_a, slot_ids), lora_b,
-                                  slot_ids)
     x2 = gemv_rows(x)
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     parts = lora_shrink_partials(x2, lora_a, slot_ids)  # [splits, T, R] fp32
+    if config is None:  # cuBLAS, then the expand sums the splits
+        return lora_expand_partials(F.linear(x2, weight, bias), parts, lora_b, slot_ids).reshape(*x.shape[:-1], n)
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     gemv(x2, weight, bias, out.view(x2.shape[0], n), config, lora=(parts, lora_b, slot_ids))
     return out
 

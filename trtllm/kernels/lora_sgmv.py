@@ -120,12 +120,13 @@ def _sum_splits_kernel(part_ptr, out_ptr, SPLITS, NUMEL, BLOCK: tl.constexpr):
 @triton.jit
 def _lora_expand_kernel(
     base_ptr, h_ptr, b_ptr, slot_ptr, out_ptr,
-    T, N, R,
-    base_row_stride, h_row_stride, b_slot_stride, b_row_stride, out_row_stride,
+    T, N, R, SPLITS,
+    base_row_stride, h_split_stride, h_row_stride, b_slot_stride, b_row_stride, out_row_stride,
     DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
+    # Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)). h: [SPLITS, T, R], summed over the splits
+    # and rounded to B's dtype (one split in B's dtype: lora_expand's h as it is).
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -144,6 +145,9 @@ def _lora_expand_kernel(
         for r0 in range(0, R, BLOCK_R):
             r_mask = (r0 + offs_r) < R
             h = tl.load(h_ptrs, mask=rows[:, None] & r_mask[None, :], other=0.0)
+            for s in range(1, SPLITS):
+                h += tl.load(h_ptrs + s * h_split_stride, mask=rows[:, None] & r_mask[None, :], other=0.0)
+            h = h.to(b_ptr.dtype.element_ty)
             b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
             acc = tl.dot(h, tl.trans(b), acc, input_precision=DOT_PRECISION)
             h_ptrs += BLOCK_R
@@ -249,30 +253,40 @@ def shrink_splits(t: int, k: int, block_k: int) -> tuple[int, int]:
 
 def lora_expand_triton(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor
                        ) -> torch.Tensor:
-    assert base.dtype in _FLOAT_DTYPES and h.dtype == base.dtype and lora_b.dtype == base.dtype, \
-        f"base {base.dtype}, h {h.dtype}, lora_b {lora_b.dtype}"
-    n, r = base.shape[-1], h.shape[-1]
+    assert base.dtype in _FLOAT_DTYPES and h.dtype == base.dtype, f"base {base.dtype}, h {h.dtype}"
+    assert h.shape[:-1] == base.shape[:-1], f"h {tuple(h.shape)} and base {tuple(base.shape)}: tokens differ"
+    base2, h2 = _rows(base, "base"), _rows(h, "h")
+    return lora_expand_partials(base2, h2[None], lora_b, slot_ids).reshape(base.shape)
+
+
+def lora_expand_partials(base2: torch.Tensor, h_parts: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor
+                         ) -> torch.Tensor:
+    """The expand for base2 [T, N] (last dim contiguous) with h given as [splits, T, R]: fp32
+    partial sums (lora_shrink_partials), added in split order and rounded to B's dtype in
+    the kernel, or one split in base's dtype. Returns [T, N] contiguous."""
+    (t, n), r = base2.shape, h_parts.shape[-1]
+    assert lora_b.dtype == base2.dtype, f"base {base2.dtype}, lora_b {lora_b.dtype}"
+    assert h_parts.dim() == 3 and h_parts.shape[1] == t and h_parts.stride(2) == 1, \
+        f"h {tuple(h_parts.shape)}: [splits, T={t}, R] with a contiguous last dim"
+    assert h_parts.dtype == base2.dtype or h_parts.dtype == torch.float32, f"h {h_parts.dtype}"
     assert lora_b.dim() == 3 and lora_b.shape[1:] == (n, r) and lora_b.stride(2) == 1, \
         f"lora_b {tuple(lora_b.shape)} must be [slots, N={n}, rank={r}] with a contiguous last dim"
-    assert h.shape[:-1] == base.shape[:-1], f"h {tuple(h.shape)} and base {tuple(base.shape)}: tokens differ"
-    assert lora_b.device == base.device and h.device == base.device, "base, h, lora_b on different devices"
-    base2, h2 = _rows(base, "base"), _rows(h, "h")
-    t = base2.shape[0]
-    _check_slots(slot_ids, t, base.device)
-    out = torch.empty((t, n), dtype=base.dtype, device=base.device)
+    assert lora_b.device == base2.device and h_parts.device == base2.device, "base, h, lora_b on different devices"
+    _check_slots(slot_ids, t, base2.device)
+    out = torch.empty((t, n), dtype=base2.dtype, device=base2.device)
     if t and n:
         block_n = max(16, min(64, triton.next_power_of_2(n)))
         block_r = max(16, min(64, triton.next_power_of_2(r)))
-        with interpreter_upcast((base2, h2, lora_b), (out,)) as ((base_, h_, b_), (out_,)):
+        with interpreter_upcast((base2, h_parts, lora_b), (out,)) as ((base_, h_, b_), (out_,)):
             _lora_expand_kernel[(triton.cdiv(t, 16), triton.cdiv(n, block_n))](
                 base_, h_, b_, slot_ids, out_,
-                t, n, r,
-                base_.stride(0), h_.stride(0), b_.stride(0), b_.stride(1), out_.stride(0),
-                DOT_PRECISION=_dot_precision(base.dtype),
+                t, n, r, h_.shape[0],
+                base_.stride(0), h_.stride(0), h_.stride(1), b_.stride(0), b_.stride(1), out_.stride(0),
+                DOT_PRECISION=_dot_precision(base2.dtype),
                 BLOCK_T=16, BLOCK_N=block_n, BLOCK_R=block_r,
                 num_warps=4,
             )
-    return out.reshape(base.shape)
+    return out
 
 
 def _lora_shrink_fake(x: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
