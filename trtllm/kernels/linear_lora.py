@@ -73,6 +73,13 @@ def linear_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     config = gemv_choice(x, weight)
     x2 = gemv_rows(x)
     parts = lora_shrink_partials(x2, lora_a, slot_ids)  # [splits, T, R] fp32
+    if config is not None and config.dot and x.dtype == torch.float16 and x.is_cuda:
+        # Triton 3.6 failed to compile the epilogue in the tl.dot GEMV for fp16 at 16 rows and
+        # BLOCK_N 16 (TritonGPURemoveLayoutConversions, H200, 2026-12-03; bf16 compiled and
+        # matched): fp16 takes the base GEMV, then the expand
+        base = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+        gemv(x2, weight, bias, base, config)
+        return lora_expand_partials(base, parts, lora_b, slot_ids).reshape(*x.shape[:-1], n)
     if config is None:  # cuBLAS, then the expand sums the splits
         return lora_expand_partials(F.linear(x2, weight, bias), parts, lora_b, slot_ids).reshape(*x.shape[:-1], n)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
