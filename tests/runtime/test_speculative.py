@@ -314,6 +314,65 @@ def test_verify_graph_replay_path_keeps_output_identical(target):
     assert graphs[1].replays > 0  # the long request alone
 
 
+class _EagerDecodeGraph:
+    """Stands in for a captured decode CUDA graph on the CPU: replay() runs the compiled
+    model on the runner's b padded input tokens and fills the graph's logits and greedy
+    picks, as the graph would; its picks feed the next step of a chained draft proposal
+    (execute_ahead's gather). The capture itself needs a GPU."""
+
+    def __init__(self, runner, b: int, vocab: int):
+        self.runner, self.b, self.replays = runner, b, 0
+        self.logits, self.greedy = torch.zeros(b, vocab), torch.zeros(2, b, dtype=torch.long)
+
+    def replay(self):
+        from trtllm.attention_context import attention_context
+        from trtllm.runtime.sampler import greedy_picks
+        r = self.runner
+        with attention_context(r.cache, r.meta):
+            self.logits.copy_(r.compiled(*r._flat_batch(self.b))[0])
+        self.greedy.copy_(greedy_picks(self.logits))
+        self.replays += 1
+
+
+@pytest.mark.parametrize("kind", ["draft_self", "draft_noisy", "draft_random"])
+def test_chained_draft_steps_keep_output_identical(target, plain, kind):
+    """Greedy drafts on decode graphs: the k draft steps are queued back to back, each fed
+    the step before's picks on the device, one read at the end (draft_model._propose_chained).
+    Greedy output stays the plain target's; a batch with a sampled request goes step by step."""
+    prompts, params, expected = plain
+    with small_llm(target, speculative_config=_configs(target)[kind]) as llm:
+        proposer = llm.engine.speculative.draft
+        runner = proposer.runner
+        graphs = {b: _EagerDecodeGraph(runner, b, 512) for b in (1, 2, 4, 8)}
+        runner.cuda_graphs.decode = {b: (g, g.logits, g.greedy) for b, g in graphs.items()}
+        chained, stepwise = [], []
+        proposer._propose_chained = _counted(proposer._propose_chained, chained)
+        proposer._propose_stepwise = _counted(proposer._propose_stepwise, stepwise)
+        greedy = [i for i, p in enumerate(params) if p.temperature == 0.0 and not p.penalised]
+        got, _ = run(llm, [prompts[i] for i in greedy], [params[i] for i in greedy])
+        assert chained and not stepwise and sum(g.replays for g in graphs.values()) > 0
+        mixed, _ = run(llm, prompts, params)  # penalised and sampled requests: step by step
+        assert stepwise
+        stats = llm.get_stats()
+        llm.block_manager.check_invariants()
+        assert llm.block_manager.num_used_blocks == 0
+        proposer.block_manager.check_invariants()
+        assert proposer.block_manager.num_used_blocks == 0 and not proposer.mirrors
+    assert got == [expected[i] for i in greedy]
+    assert mixed[:-1] == expected[:-1]
+    if kind == "draft_self":
+        assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+    if kind == "draft_noisy":
+        assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+
+
+def _counted(fn, calls: list):
+    def counted(*a, **kw):
+        calls.append(1)
+        return fn(*a, **kw)
+    return counted
+
+
 @pytest.mark.slow  # ~30 s: spawns an engine process (the wire's counts are unit-tested in test_wire.py)
 def test_an_engine_process_speculates_and_reports_its_counts(target):
     """trtllm-serve's path: the engine in its own process, the config pickled to it; the
