@@ -36,6 +36,27 @@ def test_ngram_proposes_what_followed_the_latest_longest_match():
     assert propose_ngram([5], 3, 2) == []
 
 
+def _propose_ngram_by_windows(tokens, max_draft_len, max_ngram):
+    """The lookup as first written: every window of n tokens compared, n from the largest."""
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        hits = [s for s in range(len(tokens) - n) if tokens[s:s + n] == tokens[len(tokens) - n:]]
+        if hits and max_draft_len > 0:
+            extended = list(tokens)
+            for i in range(max_draft_len):
+                extended.append(extended[hits[-1] + n + i])
+            return extended[len(tokens):]
+    return []
+
+
+def test_ngram_lookup_matches_the_window_by_window_definition():
+    import random
+    r = random.Random(0)
+    for _ in range(3000):
+        tokens = [r.randrange(r.randint(1, 4)) for _ in range(r.randint(0, 24))]
+        k, n = r.randint(0, 6), r.randint(1, 5)
+        assert propose_ngram(tokens, k, n) == _propose_ngram_by_windows(tokens, k, n), (tokens, k, n)
+
+
 def test_greedy_accept_takes_the_matching_prefix_then_the_target_token():
     assert greedy_accept([1, 2, 3], [1, 2, 3, 4]) == [1, 2, 3, 4]  # all accepted + the bonus
     assert greedy_accept([1, 2, 3], [1, 5, 3, 4]) == [1, 5]        # rejected at 1: the target's token

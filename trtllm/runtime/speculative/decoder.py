@@ -19,7 +19,15 @@ from __future__ import annotations
 import torch
 
 from trtllm.runtime.model_runner import LaunchedStep
-from trtllm.runtime.sampler import Sampler, SamplingBatch, _finite_rows, argmax_serves, gumbel_noise, process_logits
+from trtllm.runtime.sampler import (
+    Sampler,
+    SamplingBatch,
+    _finite_rows,
+    argmax_serves,
+    greedy_picks,
+    gumbel_noise,
+    process_logits,
+)
 from trtllm.runtime.sequence import Sequence, SequenceStatus
 from trtllm.runtime.speculative.draft_model import DraftModelProposer
 from trtllm.runtime.speculative.ngram import propose_ngram
@@ -121,20 +129,24 @@ class SpeculativeDecoder:
     def _verify(self, seqs: list[Sequence], logits: torch.Tensor, spans: list[tuple[int, int]],
                 sampled: dict, failed: dict) -> None:
         """Accepted drafts + one token per speculating sequence (verify.py)."""
-        index = torch.tensor([r for start, n in spans for r in range(start, start + n)], device=logits.device)
-        x = logits[index]  # [sum(k_i + 1), V]
-        finite = _finite_rows(x)
-        x = torch.where(finite[:, None], x.float(), 0.0)
+        if sum(n for _, n in spans) == logits.shape[0]:  # every row verifies (no plain row between)
+            x = logits  # [sum(k_i + 1), V]
+        else:
+            index = torch.tensor([r for start, n in spans for r in range(start, start + n)], device=logits.device)
+            x = logits[index]
         if argmax_serves(seqs):  # greedy, no penalty: the raw argmax is the sampler's pick
-            picks = x.argmax(-1)
+            # greedy_picks: the decode graphs' argmax and finite check, in few launches, one read
+            picks, finite = greedy_picks(x).tolist()
         else:  # each row as the sampler sees it: outputs so far plus the drafts before it
+            finite = _finite_rows(x)
+            x = torch.where(finite[:, None], x.float(), 0.0)
             rows = [_after_drafts(seq, j) for seq, (_, n) in zip(seqs, spans) for j in range(n)]
             batch = SamplingBatch.build(rows, self.vocab_size, x.device, self.eos_token_ids)
             x = process_logits(x, batch)
             picks = x.argmax(-1)
             if not batch.all_greedy:
                 picks = torch.where(batch.greedy, picks, (x + gumbel_noise(batch)).argmax(-1))
-        picks, finite = picks.tolist(), finite.tolist()
+            picks, finite = picks.tolist(), finite.tolist()
         row = 0
         for seq, (_, n) in zip(seqs, spans):
             draft = seq.draft_token_ids[:n - 1]
