@@ -387,6 +387,55 @@ def test_chained_draft_steps_keep_output_identical(target, plain, kind):
         assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
 
 
+def test_rejected_drafts_back_off_and_the_overlap_scheduler_runs_meanwhile(target, plain):
+    """A draft that is never right (another random model): after two verify steps with no
+    draft accepted a sequence decodes plainly for 4 tokens, then 8, ... (decoder.py's
+    back-off), and those plain steps are launched ahead (decode graphs: eager stand-ins).
+    Greedy output stays the plain target's."""
+    prompts, params, expected = plain
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0.0 and not p.penalised]
+    with small_llm(target, speculative_config=_configs(target)["draft_random"]) as llm:
+        for runner in (llm.engine.runner, llm.engine.speculative.draft.runner):
+            graphs = {b: _EagerDecodeGraph(runner, b, 512) for b in (1, 2, 4, 8)}
+            runner.cuda_graphs.decode = {b: (g, g.logits, g.greedy) for b, g in graphs.items()}
+        ahead = []
+        llm.engine.on_step = lambda record: ahead.append(record.launched_ahead)
+        got, outs = run(llm, [prompts[i] for i in greedy], [params[i] for i in greedy])
+        stats = llm.get_stats()
+        llm.block_manager.check_invariants()
+        assert llm.block_manager.num_used_blocks == 0
+        assert not llm.engine.speculative._back_off  # forgotten once the sequences left
+    assert got == [expected[i] for i in greedy]
+    first = outs[0].outputs[0]  # 40 tokens: verify steps at tokens 1, 2, 7, 8, 17, 18, 35, 36 at most
+    assert 2 <= first.num_verify_steps <= 8 and stats["spec_accepted_tokens"] <= 1
+    assert any(ahead)
+
+
+def test_back_off_books():
+    from trtllm.runtime.sequence import Sequence, SequenceStatus
+    from trtllm.runtime.speculative.decoder import FIRST_BACK_OFF, SpeculativeDecoder
+    dec = SpeculativeDecoder(3, 1000, 512, [], max_matching_ngram_size=2)
+    seq = Sequence("r", [1, 2, 3], SamplingParams(max_tokens=500), output_token_ids=[4],
+                   status=SequenceStatus.RUNNING)
+    seq.num_computed_tokens = seq.num_tokens - 1
+    assert dec.draft_len(seq) == 3
+    dec._count_misses(seq, 0)
+    assert dec.draft_len(seq) == 3 and dec.speculates_next([seq])  # one miss: still speculating
+    dec._count_misses(seq, 0)  # two in a row: backed off for FIRST_BACK_OFF tokens after the next
+    seq.output_token_ids.append(5)
+    seq.num_computed_tokens += 1
+    for _ in range(FIRST_BACK_OFF):
+        assert dec.draft_len(seq) == 0
+        seq.output_token_ids.append(6)
+        seq.num_computed_tokens += 1
+    assert dec.draft_len(seq) == 3
+    dec._count_misses(seq, 0)
+    dec._count_misses(seq, 0)  # the next back-off is twice as long
+    assert not dec.speculates_next([seq]) and dec._back_off[seq][2] == seq.num_tokens + 1 + 2 * FIRST_BACK_OFF
+    dec._count_misses(seq, 1)  # an accepted draft: speculating at once, the back-off reset
+    assert dec.draft_len(seq) == 3 and seq not in dec._back_off
+
+
 def _counted(fn, calls: list):
     def counted(*a, **kw):
         calls.append(1)
