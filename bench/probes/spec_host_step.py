@@ -22,7 +22,9 @@ steps excluded), tokens a step gains per sequence, and the ms per step of each p
 propose (all of the draft's work; n-gram lookup), and inside it the draft runner's
 launches and host reads; schedule; execute (the target's launch); sample (its wait, verify,
 accept); postprocess (the scheduler's books, stop checks); outputs. Phases nest where
-named so; the rest of a step is the remainder. --profile: cProfile of one draft run.
+named so; the rest of a step is the remainder. "draft reads/step": how many times a step
+the host waited for the draft's tokens (on a GPU each is a wait for the device). --profile:
+cProfile of one draft run.
 """
 import argparse
 import cProfile
@@ -198,7 +200,9 @@ def measure(llm: LLM, timers: PhaseTimers, batch: int, new: int, profile: bool =
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     timers.enabled = False
     tokens = (new - 1) / steps
-    return wall / steps * 1e3, tokens, {p: timers.seconds[p] / steps * 1e3 for p in PHASES}
+    phases = {p: timers.seconds[p] / steps * 1e3 for p in PHASES}
+    phases["draft reads"] = timers.calls["  draft waits+reads"] / steps  # a count: host reads a step
+    return wall / steps * 1e3, tokens, phases
 
 
 def main():
@@ -229,11 +233,12 @@ def main():
         llm.shutdown()
     print(f"\ndevice {args.device}, shape {args.shape if args.device == 'cuda' else 'tiny (stand-in graphs)'}, "
           f"draft len {args.draft_len}, {args.new} new tokens\n")
-    print("| workload | batch | ms/step | tokens/step | " + " | ".join(p.strip() for p in PHASES) + " |")
-    print("|---" * (4 + len(PHASES)) + "|")
+    print("| workload | batch | ms/step | tokens/step | " + " | ".join(p.strip() for p in PHASES)
+          + " | draft reads/step |")
+    print("|---" * (5 + len(PHASES)) + "|")
     for workload, batch, ms, tokens, phases in rows:
         print(f"| {workload} | {batch} | {ms:.3f} | {tokens:.2f} | " + " | ".join(f"{phases[p]:.3f}" for p in PHASES)
-              + " |")
+              + f" | {phases['draft reads']:.2f} |")
 
 
 if __name__ == "__main__":
