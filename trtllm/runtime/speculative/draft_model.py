@@ -44,6 +44,7 @@ class DraftModelProposer:
         self.runner, self.block_manager = runner, block_manager
         self.max_num_tokens, self.vocab_size, self.eos_token_ids = max_num_tokens, vocab_size, eos_token_ids
         self.mirrors: dict[int, Sequence] = {}  # target seq_id -> mirror
+        self._synced: dict[int, int] = {}  # target seq_id -> its output length at the last sync
 
     def propose(self, seqs: list[Sequence], ks: list[int], live: set[int]
                 ) -> list[tuple[list[int], torch.Tensor | None]]:
@@ -51,6 +52,7 @@ class DraftModelProposer:
         seq_ids of every running target sequence (the others' mirrors are freed)."""
         for sid in [s for s in self.mirrors if s not in live]:
             self.block_manager.free(self.mirrors.pop(sid), publish=False)
+            self._synced.pop(sid, None)
         mirrors, kept = [], []
         for seq, k in zip(seqs, ks):
             m = self._sync(seq, k)
@@ -146,11 +148,16 @@ class DraftModelProposer:
             self.block_manager.allocate(m)
             self.mirrors[seq.seq_id] = m
         old, new = m.output_token_ids, seq.output_token_ids
-        common = 0
-        for a, b in zip(old, new):
+        # the common prefix: at least the outputs of the last sync (a sequence's outputs only
+        # grow), checked at C speed; then token by token over the drafts after them
+        common = min(self._synced.get(seq.seq_id, 0), len(old), len(new))
+        if old[:common] != new[:common]:
+            common = 0
+        for a, b in zip(old[common:], new[common:]):
             if a != b:
                 break
             common += 1
+        self._synced[seq.seq_id] = len(new)
         m.output_token_ids = list(new)
         # the last token is always computed again: its logits give the first draft token
         m.num_computed_tokens = min(m.num_computed_tokens, len(m.prompt_token_ids) + common, m.num_tokens - 1)
