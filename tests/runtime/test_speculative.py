@@ -36,6 +36,27 @@ def test_ngram_proposes_what_followed_the_latest_longest_match():
     assert propose_ngram([5], 3, 2) == []
 
 
+def _propose_ngram_by_windows(tokens, max_draft_len, max_ngram):
+    """The lookup as first written: every window of n tokens compared, n from the largest."""
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        hits = [s for s in range(len(tokens) - n) if tokens[s:s + n] == tokens[len(tokens) - n:]]
+        if hits and max_draft_len > 0:
+            extended = list(tokens)
+            for i in range(max_draft_len):
+                extended.append(extended[hits[-1] + n + i])
+            return extended[len(tokens):]
+    return []
+
+
+def test_ngram_lookup_matches_the_window_by_window_definition():
+    import random
+    r = random.Random(0)
+    for _ in range(3000):
+        tokens = [r.randrange(r.randint(1, 4)) for _ in range(r.randint(0, 24))]
+        k, n = r.randint(0, 6), r.randint(1, 5)
+        assert propose_ngram(tokens, k, n) == _propose_ngram_by_windows(tokens, k, n), (tokens, k, n)
+
+
 def test_greedy_accept_takes_the_matching_prefix_then_the_target_token():
     assert greedy_accept([1, 2, 3], [1, 2, 3, 4]) == [1, 2, 3, 4]  # all accepted + the bonus
     assert greedy_accept([1, 2, 3], [1, 5, 3, 4]) == [1, 5]        # rejected at 1: the target's token
@@ -312,6 +333,114 @@ def test_verify_graph_replay_path_keeps_output_identical(target):
     assert got == expected
     assert graphs[4].replays > 0  # 3 sequences padded to the graph of 4
     assert graphs[1].replays > 0  # the long request alone
+
+
+class _EagerDecodeGraph:
+    """Stands in for a captured decode CUDA graph on the CPU: replay() runs the compiled
+    model on the runner's b padded input tokens and fills the graph's logits and greedy
+    picks, as the graph would; its picks feed the next step of a chained draft proposal
+    (execute_ahead's gather). The capture itself needs a GPU."""
+
+    def __init__(self, runner, b: int, vocab: int):
+        self.runner, self.b, self.replays = runner, b, 0
+        self.logits, self.greedy = torch.zeros(b, vocab), torch.zeros(2, b, dtype=torch.long)
+
+    def replay(self):
+        from trtllm.attention_context import attention_context
+        from trtllm.runtime.sampler import greedy_picks
+        r = self.runner
+        with attention_context(r.cache, r.meta):
+            self.logits.copy_(r.compiled(*r._flat_batch(self.b))[0])
+        self.greedy.copy_(greedy_picks(self.logits))
+        self.replays += 1
+
+
+@pytest.mark.parametrize("kind", ["draft_self", "draft_noisy", "draft_random"])
+def test_chained_draft_steps_keep_output_identical(target, plain, kind):
+    """Greedy drafts on decode graphs: the k draft steps are queued back to back, each fed
+    the step before's picks on the device, one read at the end (draft_model._propose_chained).
+    Greedy output stays the plain target's; a batch with a sampled request goes step by step."""
+    prompts, params, expected = plain
+    with small_llm(target, speculative_config=_configs(target)[kind]) as llm:
+        proposer = llm.engine.speculative.draft
+        runner = proposer.runner
+        graphs = {b: _EagerDecodeGraph(runner, b, 512) for b in (1, 2, 4, 8)}
+        runner.cuda_graphs.decode = {b: (g, g.logits, g.greedy) for b, g in graphs.items()}
+        chained, stepwise = [], []
+        proposer._propose_chained = _counted(proposer._propose_chained, chained)
+        proposer._propose_stepwise = _counted(proposer._propose_stepwise, stepwise)
+        greedy = [i for i, p in enumerate(params) if p.temperature == 0.0 and not p.penalised]
+        got, _ = run(llm, [prompts[i] for i in greedy], [params[i] for i in greedy])
+        assert chained and not stepwise and sum(g.replays for g in graphs.values()) > 0
+        mixed, _ = run(llm, prompts, params)  # penalised and sampled requests: step by step
+        assert stepwise
+        stats = llm.get_stats()
+        llm.block_manager.check_invariants()
+        assert llm.block_manager.num_used_blocks == 0
+        proposer.block_manager.check_invariants()
+        assert proposer.block_manager.num_used_blocks == 0 and not proposer.mirrors
+    assert got == [expected[i] for i in greedy]
+    assert mixed[:-1] == expected[:-1]
+    if kind == "draft_self":
+        assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+    if kind == "draft_noisy":
+        assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+
+
+def test_rejected_drafts_back_off_and_the_overlap_scheduler_runs_meanwhile(target, plain):
+    """A draft that is never right (another random model): after two verify steps with no
+    draft accepted a sequence decodes plainly for 4 tokens, then 8, ... (decoder.py's
+    back-off), and those plain steps are launched ahead (decode graphs: eager stand-ins).
+    Greedy output stays the plain target's."""
+    prompts, params, expected = plain
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0.0 and not p.penalised]
+    with small_llm(target, speculative_config=_configs(target)["draft_random"]) as llm:
+        for runner in (llm.engine.runner, llm.engine.speculative.draft.runner):
+            graphs = {b: _EagerDecodeGraph(runner, b, 512) for b in (1, 2, 4, 8)}
+            runner.cuda_graphs.decode = {b: (g, g.logits, g.greedy) for b, g in graphs.items()}
+        ahead = []
+        llm.engine.on_step = lambda record: ahead.append(record.launched_ahead)
+        got, outs = run(llm, [prompts[i] for i in greedy], [params[i] for i in greedy])
+        stats = llm.get_stats()
+        llm.block_manager.check_invariants()
+        assert llm.block_manager.num_used_blocks == 0
+        assert not llm.engine.speculative._back_off  # forgotten once the sequences left
+    assert got == [expected[i] for i in greedy]
+    first = outs[0].outputs[0]  # 40 tokens: verify steps at tokens 1, 2, 7, 8, 17, 18, 35, 36 at most
+    assert 2 <= first.num_verify_steps <= 8 and stats["spec_accepted_tokens"] <= 1
+    assert any(ahead)
+
+
+def test_back_off_books():
+    from trtllm.runtime.sequence import Sequence, SequenceStatus
+    from trtllm.runtime.speculative.decoder import FIRST_BACK_OFF, SpeculativeDecoder
+    dec = SpeculativeDecoder(3, 1000, 512, [], max_matching_ngram_size=2)
+    seq = Sequence("r", [1, 2, 3], SamplingParams(max_tokens=500), output_token_ids=[4],
+                   status=SequenceStatus.RUNNING)
+    seq.num_computed_tokens = seq.num_tokens - 1
+    assert dec.draft_len(seq) == 3
+    dec._count_misses(seq, 0)
+    assert dec.draft_len(seq) == 3 and dec.speculates_next([seq])  # one miss: still speculating
+    dec._count_misses(seq, 0)  # two in a row: backed off for FIRST_BACK_OFF tokens after the next
+    seq.output_token_ids.append(5)
+    seq.num_computed_tokens += 1
+    for _ in range(FIRST_BACK_OFF):
+        assert dec.draft_len(seq) == 0
+        seq.output_token_ids.append(6)
+        seq.num_computed_tokens += 1
+    assert dec.draft_len(seq) == 3
+    dec._count_misses(seq, 0)
+    dec._count_misses(seq, 0)  # the next back-off is twice as long
+    assert not dec.speculates_next([seq]) and dec._back_off[seq][2] == seq.num_tokens + 1 + 2 * FIRST_BACK_OFF
+    dec._count_misses(seq, 1)  # an accepted draft: speculating at once, the back-off reset
+    assert dec.draft_len(seq) == 3 and seq not in dec._back_off
+
+
+def _counted(fn, calls: list):
+    def counted(*a, **kw):
+        calls.append(1)
+        return fn(*a, **kw)
+    return counted
 
 
 @pytest.mark.slow  # ~30 s: spawns an engine process (the wire's counts are unit-tested in test_wire.py)

@@ -34,7 +34,8 @@ rows, through the prompt-logprobs path) to the request's output on the host.
 Speculative decoding (`engine.speculative`, runtime/speculative): before each schedule
 the decoder proposes draft tokens for the decoding sequences; the step verifies them in
 the target and a sequence may gain several tokens (each through the stop checks, a stop
-inside the run cutting it there). It turns the overlap scheduler off.
+inside the run cutting it there). The overlap scheduler runs only while no sequence
+may get drafts at the next step (every one backed off after its drafts were rejected).
 
 Pipeline parallelism (`set_pipeline_depth`, runtime/micro_batches.py): a step launches
 micro-batches until one a stage is in flight and finishes the oldest.
@@ -102,9 +103,11 @@ class Engine:
 
     def set_speculative(self, decoder: SpeculativeDecoder) -> None:
         """Speculative decoding (runtime/speculative): each step proposes draft tokens and
-        verifies them. It turns the overlap scheduler off (the next step's drafts depend on
-        this step's accepted tokens, which an ahead-launched step cannot wait for)."""
-        self.speculative, self.overlap = decoder, False
+        verifies them. The overlap scheduler runs only after a decode step none of whose
+        sequences may get drafts at the next (all backed off: `decoder.speculates_next`):
+        the next step's drafts depend on this step's tokens, which an ahead-launched step
+        cannot wait for."""
+        self.speculative = decoder
 
     def set_pipeline_depth(self, depth: int) -> None:
         """Pipeline parallelism (trtllm/parallel): keep `depth` micro-batches in flight, each of
@@ -209,7 +212,9 @@ class Engine:
             picks_serve = launched.picks is not None and argmax_serves(launched.to_sample)
             if picks_serve:  # guided rows: their picks re-made under their grammar, on the device
                 self.logits_hooks.mask_picks(launched)
-            if self.overlap and picks_serve:
+            # speculative decoding: only when no sequence may get drafts at the next step
+            if self.overlap and picks_serve and (self.speculative is None
+                                                 or not self.speculative.speculates_next(launched.to_sample)):
                 self._ahead = self._launch_ahead(launched)
             sampled, logprobs = self._sample(launched, picks_serve, changed)
             beams = take_beam_rows(launched.to_sample, launched.logits, sampled) if self.beam_groups else ()

@@ -27,7 +27,7 @@ calibrated on built-in text when the engine is built).
 Speculative decoding: `speculative_config=NGramDecodingConfig(...)` or
 `DraftTargetDecodingConfig(...)` (TensorRT-LLM's names), or the manual's
 `speculative_decoding_config=SpeculativeDecodingConfig(draft_model=..., draft_tokens=4)`
-(runtime/speculative; it turns the overlap scheduler off).
+(runtime/speculative; the overlap scheduler then runs only while no sequence speculates).
 Images (LLaVA-1.5 / LLaVA-NeXT checkpoints; docs/multimodal.md):
 `generate({"prompt": "USER: <image>\\nWhat is this? ASSISTANT:", "multi_modal_data": {"image": [img]}})`
 or `generate(inputs={"text": ..., "image": img})`, images as PIL images, numpy arrays or tensors;

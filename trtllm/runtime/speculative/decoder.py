@@ -13,17 +13,37 @@ decodes one token a step), and room left: k = min(max_draft_len, max_tokens - ou
 max_seq_len - tokens - 1), so the step's 1..k+1 new tokens never pass max_tokens or
 max_seq_len. Other sequences in the same step decode or prefill as always; their rows
 are sampled by the ordinary sampler.
+
+Back-off: a sequence whose drafts were all rejected MISSES_TO_BACK_OFF verify steps in a
+row decodes without drafts for its next FIRST_BACK_OFF tokens, then tries again; each
+back-off doubles, up to MAX_BACK_OFF tokens; an accepted draft resets it. A verify step
+that gains one token costs the draft's k steps and a k + 1-token target pass (H200, an 8B
+target at batch 1, 0% acceptance: 0.47x the plain target); backed off, the sequence costs
+a plain decode step. Only which steps speculate changes: the output stays the target's.
+The engine launches the next step ahead (the overlap scheduler) after a decode step
+none of whose sequences speculates at the next (`speculates_next`).
 """
 from __future__ import annotations
 
 import torch
 
 from trtllm.runtime.model_runner import LaunchedStep
-from trtllm.runtime.sampler import Sampler, SamplingBatch, _finite_rows, argmax_serves, gumbel_noise, process_logits
+from trtllm.runtime.sampler import (
+    Sampler,
+    SamplingBatch,
+    _finite_rows,
+    argmax_serves,
+    greedy_picks,
+    gumbel_noise,
+    process_logits,
+)
 from trtllm.runtime.sequence import Sequence, SequenceStatus
 from trtllm.runtime.speculative.draft_model import DraftModelProposer
 from trtllm.runtime.speculative.ngram import propose_ngram
 from trtllm.runtime.speculative.verify import greedy_accept, rejection_sample, verify_generator
+
+MISSES_TO_BACK_OFF = 2  # verify steps in a row with no draft accepted
+FIRST_BACK_OFF, MAX_BACK_OFF = 4, 64  # tokens decoded without drafts, doubling after each
 
 
 class SpeculativeDecoder:
@@ -37,6 +57,9 @@ class SpeculativeDecoder:
         self.max_matching_ngram_size, self.draft = max_matching_ngram_size, draft
         self.verify_cuda_graphs = verify_cuda_graphs  # build_engine captures them unless False (on a GPU)
         self._draft_probs: dict[Sequence, torch.Tensor] = {}
+        # back-off (module docstring): seq -> [verify steps in a row with none accepted, the
+        # next back-off in tokens, num_tokens from which it speculates again]
+        self._back_off: dict[Sequence, list[int]] = {}
         # totals since start (EngineStats): draft tokens proposed and verified, accepted, verify rows
         self.num_draft_tokens = self.num_accepted_tokens = self.num_verify_steps = 0
 
@@ -47,12 +70,19 @@ class SpeculativeDecoder:
         p = seq.sampling_params
         if p.logprobs is not None:
             return 0
+        back_off = self._back_off.get(seq)
+        if back_off is not None and seq.num_tokens < back_off[2]:
+            return 0
         return max(0, min(self.max_draft_len, p.max_tokens - len(seq.output_token_ids) - 1,
                           self.max_seq_len - seq.num_tokens - 1))
 
     def propose(self, running: list[Sequence]) -> None:
         """Set each running sequence's draft_token_ids ([] where it does not speculate)."""
         self._draft_probs.clear()
+        if self._back_off:  # forget the sequences that left
+            live = set(running)
+            for seq in [s for s in self._back_off if s not in live]:
+                del self._back_off[seq]
         seqs, ks = [], []
         # a verify step samples its plain rows itself, without the engine's grammar bitmasks,
         # logits processors or beam search: while such a sequence runs, no step speculates
@@ -77,8 +107,18 @@ class SpeculativeDecoder:
             for seq, k in zip(seqs, ks):
                 seq.draft_token_ids = propose_ngram(seq.token_ids, k, self.max_matching_ngram_size)
 
+    def speculates_next(self, seqs: list[Sequence]) -> bool:
+        """Whether any of `seqs` may get drafts at the step after the one that gives it its
+        next token: False only when each is backed off past that token."""
+        for seq in seqs:
+            back_off = self._back_off.get(seq)
+            if back_off is None or seq.num_tokens + 1 >= back_off[2]:
+                return True
+        return False
+
     def release(self) -> None:
         """No sequence runs any more (the engine is idle): free all a draft model holds."""
+        self._back_off.clear()
         if self.draft is not None:
             self.draft.propose([], [], set())
 
@@ -121,20 +161,24 @@ class SpeculativeDecoder:
     def _verify(self, seqs: list[Sequence], logits: torch.Tensor, spans: list[tuple[int, int]],
                 sampled: dict, failed: dict) -> None:
         """Accepted drafts + one token per speculating sequence (verify.py)."""
-        index = torch.tensor([r for start, n in spans for r in range(start, start + n)], device=logits.device)
-        x = logits[index]  # [sum(k_i + 1), V]
-        finite = _finite_rows(x)
-        x = torch.where(finite[:, None], x.float(), 0.0)
+        if sum(n for _, n in spans) == logits.shape[0]:  # every row verifies (no plain row between)
+            x = logits  # [sum(k_i + 1), V]
+        else:
+            index = torch.tensor([r for start, n in spans for r in range(start, start + n)], device=logits.device)
+            x = logits[index]
         if argmax_serves(seqs):  # greedy, no penalty: the raw argmax is the sampler's pick
-            picks = x.argmax(-1)
+            # greedy_picks: the decode graphs' argmax and finite check, in few launches, one read
+            picks, finite = greedy_picks(x).tolist()
         else:  # each row as the sampler sees it: outputs so far plus the drafts before it
+            finite = _finite_rows(x)
+            x = torch.where(finite[:, None], x.float(), 0.0)
             rows = [_after_drafts(seq, j) for seq, (_, n) in zip(seqs, spans) for j in range(n)]
             batch = SamplingBatch.build(rows, self.vocab_size, x.device, self.eos_token_ids)
             x = process_logits(x, batch)
             picks = x.argmax(-1)
             if not batch.all_greedy:
                 picks = torch.where(batch.greedy, picks, (x + gumbel_noise(batch)).argmax(-1))
-        picks, finite = picks.tolist(), finite.tolist()
+            picks, finite = picks.tolist(), finite.tolist()
         row = 0
         for seq, (_, n) in zip(seqs, spans):
             draft = seq.draft_token_ids[:n - 1]
@@ -157,6 +201,18 @@ class SpeculativeDecoder:
                 self.num_draft_tokens += len(draft)
                 self.num_accepted_tokens += accepted
                 self.num_verify_steps += 1
+                self._count_misses(seq, accepted)
+
+    def _count_misses(self, seq: Sequence, accepted: int) -> None:
+        """The back-off's books after a verify step of `seq` (module docstring)."""
+        if accepted:
+            self._back_off.pop(seq, None)
+            return
+        back_off = self._back_off.setdefault(seq, [0, FIRST_BACK_OFF, 0])
+        back_off[0] += 1
+        if back_off[0] >= MISSES_TO_BACK_OFF:  # from the token after this step's, for back_off[1] tokens
+            back_off[0], back_off[2] = 0, seq.num_tokens + 1 + back_off[1]
+            back_off[1] = min(2 * back_off[1], MAX_BACK_OFF)
 
 
 def _after_drafts(seq: Sequence, j: int) -> Sequence:

@@ -16,23 +16,32 @@ costs nothing there: the graph computes max_draft_len + 1 rows either way.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 
 def propose_ngram(tokens: list[int], max_draft_len: int, max_ngram: int) -> list[int]:
-    """max_draft_len tokens; [] when no suffix of 1..max_ngram tokens occurred before."""
+    """max_draft_len tokens; [] when no suffix of 1..max_ngram tokens occurred before.
+
+    One comparison over the sequence finds where its last token occurred before (the ends
+    of the 1-gram matches); an n-gram match is an (n-1)-gram match whose window extends one
+    token further back, so each longer n only filters the few ends left (not a window
+    view of the whole sequence per n: on the dev CPU, 192 tokens, n <= 3, 18 -> 10 us a
+    call when the text repeats, 40 -> 4 us when nothing matches)."""
     L = len(tokens)
     if L < 2 or max_draft_len <= 0:
         return []
     arr = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(max_ngram, L - 1), 0, -1):
-        # windows starting at 0 .. L-n-1: every earlier occurrence (the suffix itself excluded)
-        windows = sliding_window_view(arr[:L - 1], n)
-        hits = np.flatnonzero((windows == arr[L - n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n  # the latest occurrence: the freshest continuation
-            extended = list(tokens)
-            for i in range(max_draft_len):  # start + i < len(extended): a copy that may overlap its output
-                extended.append(extended[start + i])
-            return extended[L:]
-    return []
+    ends = np.flatnonzero(arr[:L - 1] == arr[L - 1])  # windows end at or before L - 2: the suffix excluded
+    if not ends.size:
+        return []
+    for n in range(2, min(max_ngram, L - 1) + 1):
+        longer = ends[ends >= n - 1]
+        longer = longer[arr[longer - (n - 1)] == arr[L - n]]
+        if not longer.size:
+            break
+        ends = longer
+    start = int(ends[-1]) + 1  # the latest occurrence of the longest match: the freshest continuation
+    out: list[int] = []
+    for i in range(max_draft_len):  # past the end: a copy of its own output (overlapping)
+        j = start + i
+        out.append(tokens[j] if j < L else out[j - L])
+    return out
