@@ -1,7 +1,7 @@
 """What does a beam-search decode step cost beyond a greedy one, host and device?
 
     PYTHONPATH=$PWD python bench/probes/beam_step.py [--profile] [--new 64] [--vocab 512]
-        [--device-vocab 128256] [--repeats 3]
+        [--device-vocab 128256] [--repeats 3] [--device-part-on-cpu]
 
 Two parts (bench_beam.py's batch: 16 requests x beam width 4 against 64 greedy requests):
 
@@ -28,6 +28,7 @@ import functools
 import pstats
 import time
 from collections import defaultdict
+from types import SimpleNamespace
 
 import torch
 
@@ -193,8 +194,15 @@ def host_part(vocab: int, new: int, repeats: int, profile: bool) -> tuple[str, d
     return "\n".join(lines), {k: dict(total_ms=v[0], phases_ms=v[1], steps=v[2]) for k, v in results.items()}
 
 
-def cuda_ms(fn, reps: int = 20) -> float:
+def device_ms(fn, device: torch.device, reps: int = 20) -> float:
+    """ms per call of `fn` over `reps` back-to-back calls: CUDA events on a GPU, wall time
+    on the CPU (there the ops' own work, not a GPU's)."""
     fn()
+    if device.type != "cuda":
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps * 1e3
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -205,20 +213,22 @@ def cuda_ms(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
-def device_part(vocab: int) -> tuple[str, dict]:
-    """CUDA-event ms of the device work of one step's sampling, 64 rows of bf16 logits."""
+def device_part(vocab: int, device: torch.device) -> tuple[str, dict]:
+    """ms of the device work of one step's sampling, 64 rows of bf16 logits (CUDA events)."""
+    from trtllm.attention_context import PagedKVCache
+    from trtllm.runtime.model_runner import ModelRunner
     from trtllm.runtime.sampler import Sampler, SamplingBatch
     from trtllm.runtime.sequence import Sequence
     rows, k = BEAM_BATCH * WIDTH, WIDTH
-    logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16) * 3
+    logits = torch.randn(rows, vocab, device=device, dtype=torch.bfloat16) * 3
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, beam_width=WIDTH)
     seqs = [Sequence(str(i // k), [1, 2], params, index=i % k) for i in range(rows)]
     for s in seqs:
         s.output_token_ids = [3]
     batch = SamplingBatch.build(seqs, vocab, logits.device, [2])
     sampler = Sampler()
-    scores = torch.zeros(BEAM_BATCH, k, device="cuda")
-    index = torch.arange(rows, device="cuda")
+    scores = torch.zeros(BEAM_BATCH, k, device=device)
+    index = torch.arange(rows, device=device)
     keep = 2 * k
 
     def beam_select():  # the search's device work as beams.py runs it
@@ -232,12 +242,23 @@ def device_part(vocab: int) -> tuple[str, dict]:
     if hasattr(beams_module, "select_beams"):
         timed.append(("select_beams (one batched call)",
                       lambda: beams_module.select_beams(logits, index, scores, keep, None), None))
-    lines = [f"device ms of a step's sampling work ({torch.cuda.get_device_name()}, {rows} rows x vocab {vocab}, "
-             "bf16 logits; CUDA events, 20 launches):", "", "| work | ms |", "|---|---|"]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU wall time, not a GPU's"
+    # copy-on-write: 3 of each group's 4 beams copy their partial block (every beam a child of
+    # one parent, the most a step can copy), Llama-3.1-8B's cache (32 layers, 8 KV heads x 128,
+    # 32-token blocks; on the CPU 2 layers)
+    layers = 32 if device.type == "cuda" else 2
+    cache = PagedKVCache.allocate(layers, 2 * rows, 32, 8, 128, torch.bfloat16, device)
+    holder = SimpleNamespace(cache=cache, device=device, compiled=None)
+    pairs = [(i, rows + i) for i in range(BEAM_BATCH * (WIDTH - 1))]
+    block_bytes = 2 * cache.k[:, 0].nbytes
+    timed.append((f"copy_blocks, {len(pairs)} blocks of {block_bytes / 1e6:.1f} MB (K+V)",
+                  lambda: ModelRunner.copy_blocks(holder, pairs), None))
+    lines = [f"device ms of a step's sampling work ({name}, {rows} rows x vocab {vocab}, "
+             "bf16 logits; 20 launches):", "", "| work | ms |", "|---|---|"]
     out = {}
     for name, fn, _ in timed:
         with torch.no_grad():
-            ms = cuda_ms(fn)
+            ms = device_ms(fn, device)
         out[name] = ms
         lines.append(f"| {name} | {ms:.4f} |")
     lines.append(f"\n(bf16 logits [{rows}, {vocab}]: {rows * vocab * 2 / 1e6:.1f} MB; fp32 copy "
@@ -253,12 +274,14 @@ def main():
     ap.add_argument("--device-vocab", type=int, default=128256, help="vocabulary of the device part (CUDA only)")
     ap.add_argument("--repeats", type=int, default=3, help="best of this many runs")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--device-part-on-cpu", action="store_true", help="part 2 without a GPU (checks the script)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     text, results = host_part(args.vocab, args.new, args.repeats, args.profile)
-    if torch.cuda.is_available():
-        dev_text, results["device_ms"] = device_part(args.device_vocab)
+    if torch.cuda.is_available() or args.device_part_on_cpu:
+        dev_text, results["device_ms"] = device_part(args.device_vocab, torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu"))
         text += "\n\n" + dev_text
     report("beam_step", text, results)
 
