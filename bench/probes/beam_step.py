@@ -35,8 +35,7 @@ import torch
 from bench.report import report
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
-from trtllm.runtime import beams as beams_module
-from trtllm.runtime import engine as engine_module
+from trtllm.runtime import beams as beams_module, engine as engine_module
 from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
 from trtllm.runtime.llm import LLM
 from trtllm.runtime.sampler import greedy_picks
@@ -187,7 +186,7 @@ def host_part(vocab: int, new: int, repeats: int, profile: bool) -> tuple[str, d
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (stand-in graphs)"
     lines = [f"host ms per decode step ({device}, vocab {vocab}, {new} new tokens, best of {repeats}):", "",
              "| step | total | " + " | ".join(PHASES) + " |", "|---" * (len(PHASES) + 2) + "|"]
-    for name, (total, phases, steps) in results.items():
+    for name, (total, phases, _) in results.items():
         lines.append(f"| {name} | {total:.3f} | " + " | ".join(f"{phases.get(p, 0.0):.3f}" for p in PHASES) + " |")
     (g_total, _, _), (b_total, _, _) = results.values()
     lines.append(f"\nbeam step - greedy step = {b_total - g_total:.3f} ms of host time (x{b_total / g_total:.2f})")
