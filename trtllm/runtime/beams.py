@@ -332,22 +332,20 @@ def _advance(gs: list[BeamGroup], values: np.ndarray, flat: np.ndarray, vocab: i
     done = ~improvable | (real.all(1) & early) | hit.all(1)
 
     ended = []
-    for i, g in enumerate(gs):
+    rows = zip(gs, parents.tolist(), tokens.tolist(), top.tolist(), nxt.tolist(), improvable.tolist(), done.tolist())
+    for i, (g, par, tok, top_i, nxt_i, improvable_i, done_i) in enumerate(rows):
         g.rows.clear()
-        par, tok = parents[i].tolist(), tokens[i].tolist()
         history = g._histories(par) if g.params.return_generation_logits else None
-        top_i = top[i].tolist()
         if any(j >= k for j in top_i):  # a new finished hypothesis
             g.finished = [g.finished[j] if j < k else g._hypothesis(par[j - k], tok[j - k], float(values[i, j - k]),
                                                                      cur[i], None if history is None else history[j - k])
                           for j in top_i]
         g.finished_real, g.finished_scores = real[i], finished_scores[i]
-        g.scores, g.improvable, g.started = scores[i], bool(improvable[i]), True
-        if done[i]:
+        g.scores, g.improvable, g.started = scores[i], improvable_i, True
+        if done_i:
             g.done = True
             ended.append(g)
             continue
-        nxt_i = nxt[i].tolist()
         g._fork(block_manager, [g.beams[par[j]] for j in nxt_i], [tok[j] for j in nxt_i])
         if history is not None:
             g.logit_rows = [history[j] for j in nxt_i]
