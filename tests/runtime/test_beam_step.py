@@ -1,13 +1,15 @@
 """The beam step's batched pieces (issue 23): `select_beams` equals the per-group search
-arithmetic it replaced; a decode-graph step of beams alone runs no sampler and the search still
-equals HF's; a copy-on-write block of a beam that keeps its table reaches the attention metadata."""
+arithmetic it replaced; a decode-graph step of beams (and greedy rows) runs no sampler, and the
+search still equals HF's and the greedy tokens a run alone's (decode graphs stood in for on the
+CPU by the model run eagerly); a copy-on-write block of a beam that keeps its table reaches the
+attention metadata."""
 import numpy as np
 import pytest
 import torch
 
 from tests.runtime.test_beams import CASES, PROMPTS, beam_params, check_against_hf, checkpoint, engine_of, hf, run  # noqa: F401
 from trtllm.attention_context import AttentionMetadata, attention_context
-from trtllm.runtime.beams import beam_rows_only, select_beams
+from trtllm.runtime.beams import graph_picks_serve, select_beams
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.sampler import greedy_picks
 from trtllm.runtime.sequence import Sequence
@@ -56,19 +58,23 @@ def test_select_beams_refuses_an_index_that_does_not_match_the_scores():
         select_beams(torch.zeros(8, 16), torch.arange(6), torch.zeros(2, 4), 8)
 
 
-def test_beam_rows_only_is_beams_whose_logits_go_nowhere_else():
+def test_graph_picks_serve_beams_and_greedy_rows_only():
     group = object()
-    beam = SamplingParams(beam_width=2)
+    beam, greedy = SamplingParams(beam_width=2), SamplingParams(temperature=0.0)
 
-    def seq(params, in_group=True):
+    def seq(params, in_group=True, guide=None):
         s = Sequence("r", [1, 2], params)
-        s.beam = group if in_group else None
+        s.beam, s.guide = group if in_group else None, guide
         return s
 
-    assert beam_rows_only([seq(beam), seq(beam)])
-    assert not beam_rows_only([])
-    assert not beam_rows_only([seq(beam), seq(SamplingParams(), in_group=False)])
-    assert not beam_rows_only([seq(SamplingParams(beam_width=2, return_generation_logits=True))])
+    assert graph_picks_serve([seq(beam), seq(beam)])
+    assert graph_picks_serve([seq(beam), seq(greedy, in_group=False)])
+    assert not graph_picks_serve([])
+    assert not graph_picks_serve([seq(greedy, in_group=False)]), "no beams: the engine's own rule decides"
+    assert not graph_picks_serve([seq(beam), seq(SamplingParams(temperature=0.8), in_group=False)])
+    assert not graph_picks_serve([seq(beam), seq(SamplingParams(temperature=0.0, logprobs=2), in_group=False)])
+    assert not graph_picks_serve([seq(beam), seq(greedy, in_group=False, guide=object())])
+    assert not graph_picks_serve([seq(SamplingParams(beam_width=2, return_generation_logits=True))])
 
 
 class _EagerDecodeGraph:
@@ -95,13 +101,18 @@ class _CountingSampler:
         return self.sampler(logits, batch)
 
 
-def test_a_graph_step_of_beams_alone_runs_no_sampler_and_equals_hf(checkpoint, hf):  # noqa: F811
-    engine = engine_of(checkpoint)
+def eager_graphs(engine):
     runner, vocab = engine.runner, engine.vocab_size
     for b in range(1, 17):  # every size: a step's batch is never padded (the stand-in has no padding rows)
         logits, picks = torch.zeros(b, vocab), torch.zeros(2, b, dtype=torch.long)
         runner.cuda_graphs.decode[b] = (_EagerDecodeGraph(runner, b, logits, picks), logits, picks)
     engine.sampler = counting = _CountingSampler(engine.sampler)
+    return counting
+
+
+def test_a_graph_step_of_beams_alone_runs_no_sampler_and_equals_hf(checkpoint, hf):  # noqa: F811
+    engine = engine_of(checkpoint)
+    counting = eager_graphs(engine)
     for case in CASES:  # one case at a time: its groups fit the batch and prefill in one step
         requests = {str(j): (p, beam_params(case)) for j, p in enumerate(PROMPTS)}
         done = run(engine, requests)
@@ -111,6 +122,17 @@ def test_a_graph_step_of_beams_alone_runs_no_sampler_and_equals_hf(checkpoint, h
     assert counting.calls == [3] * len(CASES), f"the sampler ran on decode steps: {counting.calls}"
     engine.block_manager.check_invariants()
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_greedy_rows_beside_beams_take_the_graph_picks_and_equal_a_run_alone(checkpoint, hf):  # noqa: F811
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    alone = run(engine_of(checkpoint), {"g": (PROMPTS[0], greedy)})
+    engine = engine_of(checkpoint)
+    counting = eager_graphs(engine)
+    mixed = run(engine, {"b": (PROMPTS[2], beam_params(CASES[0])), "g": (PROMPTS[0], greedy)})
+    assert mixed["g"].outputs[0].token_ids == alone["g"].outputs[0].token_ids
+    check_against_hf(hf, mixed["b"], PROMPTS[2], CASES[0])
+    assert counting.calls == [2], f"the sampler ran on decode steps: {counting.calls}"
 
 
 def test_a_copy_on_write_of_a_beam_that_keeps_its_table_reaches_the_metadata():

@@ -22,8 +22,8 @@ How it runs in the engine (kept out of the scheduler and sampler but for a few l
   (num_computed_tokens == num_tokens, which the scheduler skips).
 - A step computes logits for every running beam like any decode (in the same batch, in the
   decode CUDA graphs: the graph sees k more sequences). The engine takes the beams' rows
-  out of the sampler's hands (`take_beam_rows`; a decode-graph step of beams alone runs no
-  sampler: the graph's NaN/Inf flags serve, `beam_rows_only`), the scheduler's `update`
+  out of the sampler's hands (`take_beam_rows`; a decode-graph step of beams and greedy rows runs no
+  sampler: the graph's NaN/Inf flags and picks serve, `graph_picks_serve`), the scheduler's `update`
   advances them without a token, and `step_groups` picks the continuations of all groups of
   one width at once (`select_beams`: one log-softmax + top-k over [groups, k * V] on the
   device, one copy back; `_advance`: the bookkeeping as numpy over the groups), then
@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from trtllm.runtime.outputs import CompletionOutput
+from trtllm.runtime.sampler import argmax_serves
 from trtllm.runtime.sequence import Sequence, SequenceStatus
 from trtllm.runtime.tokenizer import IncrementalDetokenizer, find_stop_span
 from trtllm.sampling_params import SamplingParams
@@ -365,12 +366,19 @@ def take_beam_rows(to_sample: list[Sequence], logits: Tensor, sampled: dict) -> 
     return list(groups.values())
 
 
-def beam_rows_only(seqs: list[Sequence]) -> bool:
-    """Every row is a beam whose logits go nowhere but the search (no generation or context
-    logits returned): the sampler's tokens would all be dropped, so a decode graph's own
-    NaN/Inf flags (its greedy picks) are all the engine needs of the step's sampling."""
+def graph_picks_serve(seqs: list[Sequence]) -> bool:
+    """A decode-graph step with beams needs no sampler: every row is a beam whose logits go
+    nowhere but the search (no generation or context logits returned; the sampler's token
+    would be dropped), or a row whose token is the graph's own argmax pick
+    (sampler.argmax_serves, and no grammar: its picks would need re-making). The graph's
+    NaN/Inf flags then serve every row. False for a step without beams (the engine's own rule)."""
+    others, beams = [], False
     for seq in seqs:
         p = seq.sampling_params
-        if seq.beam is None or p.return_generation_logits or p.return_context_logits:
+        if seq.beam is None:
+            others.append(seq)
+        elif p.return_generation_logits or p.return_context_logits:
             return False
-    return bool(seqs)
+        else:
+            beams = True
+    return beams and all(s.guide is None for s in others) and argmax_serves(others)
