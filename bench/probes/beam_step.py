@@ -79,9 +79,13 @@ def build_llm(vocab: int, new: int) -> LLM:
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    model = LlamaForCausalLM(LlamaConfig.from_hf(__import__("transformers").LlamaConfig(**tiny(vocab))))
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig.from_hf(__import__("transformers").LlamaConfig(**tiny(vocab))))
+    for p in model.parameters():  # bench_e2e's random weights: norms around 1, matrices ~ N(0, 1/fan_in)
+        with torch.no_grad():
+            p.normal_(1.0, 0.05) if p.dim() == 1 else p.normal_(0.0, p.shape[-1] ** -0.5)
     model.init_buffers(device)
-    model.to(device).eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
     llm = LLM(model, enable_cuda_graph=cuda, device=str(device), dtype="float32",
               build_config=BuildConfig(max_batch_size=GREEDY_BATCH, max_num_tokens=GREEDY_BATCH * PROMPT_LEN,
                                        max_seq_len=PROMPT_LEN + new + 8, max_beam_width=WIDTH),
