@@ -26,9 +26,10 @@ sampler (logprobs, penalties, temperature) makes the next step an ordinary one.
 Beam search (runtime/beams.py): a beam's logits row goes to its group, not the sampler
 (`take_beam_rows`); once the scheduler has updated the step, `step_groups` searches and forks
 the beams; a search that ends frees its beams and its best hypotheses become the outputs.
-A decode-graph step of beams and greedy rows runs no sampler (the graph's picks and NaN/Inf flags serve).
 Copy-on-write block copies the scheduler queued are run before the step. Greedy and sampled
-requests in the same batch are untouched, though a batch with beams runs the sampler.
+requests in the same batch are untouched. A decode-graph step of beams and greedy rows runs
+no sampler (the graph's picks and NaN/Inf flags serve: `graph_picks_serve`); one with a row
+the picks do not serve (sampled, logprobs, a grammar) runs it over every row.
 `return_generation_logits` / `return_context_logits` copy each sampled row (and the prompt
 rows, through the prompt-logprobs path) to the request's output on the host.
 
