@@ -22,10 +22,14 @@ How it runs in the engine (kept out of the scheduler and sampler but for a few l
   (num_computed_tokens == num_tokens, which the scheduler skips).
 - A step computes logits for every running beam like any decode (in the same batch, in the
   decode CUDA graphs: the graph sees k more sequences). The engine takes the beams' rows
-  out of the sampler's hands (`take_beam_rows`), the scheduler's `update` advances them
-  without a token, and `BeamGroup.step` picks the continuations, then `fork`s: each new beam
-  takes its parent's tokens and a reference to each of its parent's blocks
-  (block_manager.fork), plus its new token. When a beam next writes into a block another
+  out of the sampler's hands (`take_beam_rows`; a decode-graph step of beams and greedy rows runs no
+  sampler: the graph's NaN/Inf flags and picks serve, `graph_picks_serve`), the scheduler's `update`
+  advances them without a token, and `step_groups` picks the continuations of all groups of
+  one width at once (`select_beams`: one log-softmax + top-k over [groups, k * V] on the
+  device, one copy back; `_advance`: the bookkeeping as numpy over the groups), then
+  `fork`s: each new beam takes its parent's tokens and a reference to each of its parent's
+  blocks (block_manager.fork), plus its new token (a beam that continues itself keeps its
+  own). When a beam next writes into a block another
   beam holds (the partial last one), the block manager gives it a copy first
   (copy-on-write); full blocks stay shared for the rest of the search.
 - Preemption takes a group whole: its blocks are freed and it starts again from its prompt
@@ -41,6 +45,7 @@ import torch
 from torch import Tensor
 
 from trtllm.runtime.outputs import CompletionOutput
+from trtllm.runtime.sampler import argmax_serves
 from trtllm.runtime.sequence import Sequence, SequenceStatus
 from trtllm.runtime.tokenizer import IncrementalDetokenizer, find_stop_span
 from trtllm.sampling_params import SamplingParams
@@ -73,7 +78,7 @@ class BeamGroup:
         self.beams = [Sequence(request_id, list(prompt_token_ids), params, index=i) for i in range(self.width)]
         for b in self.beams:
             b.beam = self
-        self.rows: dict[Sequence, tuple[Tensor, int]] = {}  # beam -> (a step's log-softmax rows, its row)
+        self.rows: dict[Sequence, tuple[Tensor, int]] = {}  # beam -> (a step's logits, its row)
         # return_generation_logits: each running beam's rows so far, and this step's raw row (CPU)
         self.logit_rows: list[list[Tensor]] = [[] for _ in self.beams]
         self.step_logits: dict[Sequence, Tensor] = {}
@@ -118,61 +123,17 @@ class BeamGroup:
         return not self.done and all(b in self.rows for b in need)
 
     def candidates(self) -> list[tuple[Tensor, int]]:
-        """This step's k log-probability rows, as (rows, index) (the leader's k times at the
-        first step: HF's k copies of the prompt); `step_groups` applies `min_tokens`."""
+        """This step's k logits rows, as (logits, index) (the leader's k times at the first
+        step: HF's k copies of the prompt); `step_groups` applies `min_tokens`."""
         return [self.rows[b] for b in self.beams] if self.started else [self.rows[self.beams[0]]] * self.width
 
-    def advance(self, values: np.ndarray, index: np.ndarray, vocab: int, block_manager) -> bool:
-        """One step of the search from the top `keep` of scores + log-probabilities over all
-        k * V continuations (values, flat indices; best first). True when the search is over."""
-        k, params = self.width, self.params
-        self.rows.clear()
-        cur = len(self.beams[0].output_token_ids)  # tokens every running beam has
-        parents, tokens = (index // vocab).tolist(), (index % vocab).tolist()
-        ends = [self._ends(self.beams[p].output_token_ids, t, cur) for p, t in zip(parents, tokens)]
-        hit = np.array([e is not None for e in ends])
-        history = self._histories(parents) if self.params.return_generation_logits else [None] * len(parents)
-
-        # the best k continuations that do not end run on
-        running = values + hit.astype(np.float32) * _NEG32
-        nxt = _top(running, k)
-
-        # those ending among the first k join the finished ones if they rank among the best k
-        # (float32 throughout, as HF computes it: the same scores, the same order)
-        just = hit & (np.arange(len(ends)) < k)
-        cand = values / np.float32((cur + 1) ** params.length_penalty)
-        cand = cand + np.float32(bool(self.finished_real.all()) and params.early_stopping is True) * _NEG32
-        cand = cand + np.float32(not self.improvable) * _NEG32
-        cand = cand + (~just).astype(np.float32) * _NEG32
-        merged = np.concatenate((self.finished_scores, cand))
-        top = _top(merged, k)
-        finished = []
-        for i in top:
-            if i < k:
-                finished.append(self.finished[i])
-            else:
-                j = i - k
-                p, (reason, stopped) = self.beams[parents[j]], ends[j] or (None, False)
-                finished.append(Hypothesis(p.output_token_ids + [tokens[j]], float(values[j]), reason, stopped,
-                                           history[j]))
-        self.finished_real = np.concatenate((self.finished_real, just))[top]
-        self.finished, self.finished_scores = finished, merged[top]
-
-        self.scores = running[nxt]
-        self.started = True
-        # HF's stopping rule, at the new length cur + 1
-        never = params.early_stopping == "never" and params.length_penalty > 0.0
-        best = self.scores[0] / np.float32((self.max_new if never else cur + 1) ** params.length_penalty)
-        worst = np.where(self.finished_real, self.finished_scores.min(), _NEG32)
-        self.improvable = self.improvable and bool((best > worst).any())
-        all_done = bool(self.finished_real.all()) and params.early_stopping is True
-        if not self.improvable or all_done or bool(hit.all()):
-            self.done = True
-            return True
-        self._fork(block_manager, [self.beams[parents[j]] for j in nxt], [tokens[j] for j in nxt])
-        if self.params.return_generation_logits:
-            self.logit_rows = [history[j] for j in nxt]
-        return False
+    def _hypothesis(self, parent: int, token: int, cumulative_logprob: float, cur: int,
+                    logits: list[Tensor] | None) -> Hypothesis:
+        """Beam `parent`'s tokens + `token` as a finished hypothesis (it ends: a stop id or
+        string, or the length limit)."""
+        outputs = self.beams[parent].output_token_ids
+        reason, stopped = self._ends(outputs, token, cur) or (None, False)
+        return Hypothesis(outputs + [token], cumulative_logprob, reason, stopped, logits)
 
     def _histories(self, parents: list[int]) -> list[list[Tensor]]:
         """Each candidate's generation logits: its parent's, then the row its token came from
@@ -196,13 +157,20 @@ class BeamGroup:
         return (None, False) if cur + 1 >= self.max_new else None
 
     def _fork(self, block_manager, parents: list[Sequence], tokens: list[int]) -> None:
-        """The next running beams: beam j becomes parents[j] + tokens[j], sharing its blocks."""
-        outputs = [list(p.output_token_ids) for p in parents]
-        computed = [p.num_computed_tokens for p in parents]
-        block_manager.fork(self.beams, parents)
-        for b, out, t, c in zip(self.beams, outputs, tokens, computed):
-            b.output_token_ids = out + [t]
-            b.num_computed_tokens = c
+        """The next running beams: beam j becomes parents[j] + tokens[j], sharing its blocks.
+        A beam that continues itself keeps its blocks and its token list (appended to in
+        place); only the others are re-pointed (block_manager.fork), after their parents'
+        tokens are copied."""
+        moved = [(b, p) for b, p in zip(self.beams, parents) if p is not b]
+        state = {b: (list(p.output_token_ids), p.num_computed_tokens) for b, p in moved}
+        if moved:
+            block_manager.fork([b for b, _ in moved], [p for _, p in moved])
+        for b, t in zip(self.beams, tokens):
+            if b in state:
+                out, b.num_computed_tokens = state[b]
+                b.output_token_ids = out + [t]
+            else:
+                b.output_token_ids.append(t)
 
     def end_early(self) -> None:
         """The group can go no further (its beams alone fill the KV pool): the running beams
@@ -255,8 +223,10 @@ def _top(x: np.ndarray, k: int) -> list[int]:
 
 def step_groups(groups: list[BeamGroup], block_manager) -> list[BeamGroup]:
     """One search step of each group whose rows have all come: the device work batched
-    (one top-k for all groups of one width: [G, k * V] -> [G, keep], one copy to the host),
-    the bookkeeping per group on the host. The groups whose search ended."""
+    (`select_beams`: one gather, log-softmax and top-k for all groups of one width,
+    [G * k, V] -> [G, keep], one copy to the host), the bookkeeping too (`_advance`: numpy
+    over [G, keep], Python only for hypotheses that finish and for the forks). The groups
+    whose search ended."""
     shapes = defaultdict(list)
     for g in groups:
         if g.ready:
@@ -266,38 +236,149 @@ def step_groups(groups: list[BeamGroup], block_manager) -> list[BeamGroup]:
         rows = [row for g in gs for row in g.candidates()]
         source = rows[0][0]
         if all(t is source for t, _ in rows):  # one step's rows (always, beams run in lockstep): one gather
-            index = torch.tensor([i for _, i in rows], device=source.device)
-            logp = source.index_select(0, index).view(len(gs), k, -1)
+            logits, index = source, [i for _, i in rows]
         else:
-            logp = torch.stack([t[i] for t, i in rows]).view(len(gs), k, -1)
-        vocab = logp.shape[-1]
-        masked = [i for i, g in enumerate(gs) if len(g.beams[0].output_token_ids) < g.params.min_tokens]
-        if masked:
-            logp = logp.clone()
-            for i in masked:  # HF's min_new_tokens: the stop ids cannot end a beam yet
-                logp[i, :, gs[i].stop_ids] = float("-inf")
-        scores = torch.from_numpy(np.stack([g.scores for g in gs])).to(logp.device)
-        acc = (logp + scores[:, :, None]).view(len(gs), k * vocab)
-        values, index = torch.topk(acc, min(keep, k * vocab))
-        values, index = values.cpu().numpy(), index.cpu().numpy()
-        for i, g in enumerate(gs):
-            if g.advance(values[i], index[i], vocab, block_manager):
-                ended.append(g)
+            logits, index = torch.stack([t[i] for t, i in rows]), list(range(len(rows)))
+        vocab = logits.shape[-1]
+        # HF's min_new_tokens: the stop ids cannot end a beam yet
+        masked = [(i, t) for i, g in enumerate(gs) if len(g.beams[0].output_token_ids) < g.params.min_tokens
+                  for t in g.stop_ids]
+        values, flat = select_beams(logits, torch.tensor(index, device=logits.device),
+                                    torch.from_numpy(np.stack([g.scores for g in gs])).to(logits.device),
+                                    min(keep, k * vocab), masked or None)
+        ended += _advance(gs, values, flat, vocab, block_manager)
+    return ended
+
+
+def select_beams(logits: Tensor, index: Tensor, scores: Tensor, keep: int,
+                 masked: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The search's device work for G groups of width k, in one batched pass, no loop over groups:
+
+        logp[g, j]   = log_softmax(float(logits[index[g * k + j]]))     [G, k, V]
+        logp[g, :, t] = -inf  for each (g, t) in `masked`               (min_tokens: stop ids)
+        acc[g]        = (logp[g] + scores[g, :, None]).flatten()        [G, k * V]
+        values, flat  = topk(acc, keep)                                 [G, keep] each
+
+    logits [N, V] (any float dtype: the step's rows), index [G * k] int64 (a beam's row;
+    the leader's k times at a group's first step), scores [G, k] fp32 (the running beams'
+    summed log-probabilities). HF's `_beam_search` arithmetic, op for op (log_softmax in
+    fp32, then the add), so the same scores and the same order. Returns numpy arrays on the
+    host (values fp32, flat indices int64: parent = flat // V, token = flat % V): the
+    step's one device-to-host copy (two tensors, one wait)."""
+    G, k = scores.shape
+    if index.shape != (G * k,):
+        raise ValueError(f"index {tuple(index.shape)} does not match scores {tuple(scores.shape)}: one row per beam")
+    vocab = logits.shape[-1]
+    logp = logits.index_select(0, index).float().log_softmax(-1).view(G, k, vocab)
+    if masked:
+        g, t = zip(*masked)
+        logp[torch.tensor(g, device=logp.device), :, torch.tensor(t, device=logp.device)] = float("-inf")
+    acc = (logp + scores[:, :, None]).view(G, k * vocab)
+    values, flat = torch.topk(acc, keep)
+    return values.cpu().numpy(), flat.cpu().numpy()
+
+
+def _advance(gs: list[BeamGroup], values: np.ndarray, flat: np.ndarray, vocab: int, block_manager) -> list[BeamGroup]:
+    """One step of the search of G groups of one width k, from the top `keep` of scores +
+    log-probabilities over each group's k * V continuations (values [G, keep] fp32, flat
+    indices [G, keep]; best first, `select_beams`). The groups whose search is over.
+
+    As numpy over all G groups at once, float32 throughout as HF computes it (the same
+    scores, the same order): the best k continuations that do not end run on; those that end
+    (a stop id, a stop string, the length limit) and rank among the first k join the
+    finished ones if they rank among the best k of them; then HF's stopping rule. Python
+    runs per group only to make finished hypotheses and fork the beams."""
+    G, keep = values.shape
+    k = gs[0].width
+    parents, tokens = flat // vocab, flat % vocab
+    cur = [len(g.beams[0].output_token_ids) for g in gs]  # tokens every running beam of a group has
+    stops = np.full((G, max(1, max(len(g.stop_ids) for g in gs))), -1, dtype=np.int64)
+    for i, g in enumerate(gs):
+        stops[i, :len(g.stop_ids)] = g.stop_ids
+    at_limit = np.array([c + 1 >= g.max_new for c, g in zip(cur, gs)])
+    hit = (tokens[:, :, None] == stops[:, None, :]).any(-1) | at_limit[:, None]
+    for i, g in enumerate(gs):
+        if g.params.stop and g.tokenizer is not None:  # stop strings: the text of each candidate
+            hit[i] = [g._ends(g.beams[p].output_token_ids, t, cur[i]) is not None
+                      for p, t in zip(parents[i].tolist(), tokens[i].tolist())]
+
+    # the best k continuations that do not end run on
+    running = values + hit.astype(np.float32) * _NEG32
+    nxt = np.argsort(-running, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(running, nxt, 1)
+
+    # those ending among the first k join the finished ones if they rank among the best k
+    just = hit & (np.arange(keep) < k)
+    early = np.array([g.params.early_stopping is True for g in gs])
+    improvable = np.array([g.improvable for g in gs])
+    real = np.stack([g.finished_real for g in gs])
+    length = np.array([np.float32((c + 1) ** g.params.length_penalty) for c, g in zip(cur, gs)], dtype=np.float32)
+    cand = values / length[:, None]
+    cand = cand + (real.all(1) & early).astype(np.float32)[:, None] * _NEG32
+    cand = cand + (~improvable).astype(np.float32)[:, None] * _NEG32
+    cand = cand + (~just).astype(np.float32) * _NEG32
+    merged = np.concatenate((np.stack([g.finished_scores for g in gs]), cand), axis=1)
+    top = np.argsort(-merged, axis=1, kind="stable")[:, :k]
+    real = np.take_along_axis(np.concatenate((real, just), axis=1), top, 1)
+    finished_scores = np.take_along_axis(merged, top, 1)
+
+    # HF's stopping rule, at the new length cur + 1 (early_stopping="never": at the longest
+    # possible one when length_penalty > 0)
+    best_length = np.array([np.float32((g.max_new if g.params.early_stopping == "never" and g.params.length_penalty > 0.0
+                                        else c + 1) ** g.params.length_penalty) for c, g in zip(cur, gs)],
+                           dtype=np.float32)
+    best = scores[:, 0] / best_length
+    worst = np.where(real, finished_scores.min(1, keepdims=True), _NEG32)
+    improvable &= (best[:, None] > worst).any(1)
+    done = ~improvable | (real.all(1) & early) | hit.all(1)
+
+    ended = []
+    rows = zip(gs, parents.tolist(), tokens.tolist(), top.tolist(), nxt.tolist(), improvable.tolist(), done.tolist())
+    for i, (g, par, tok, top_i, nxt_i, improvable_i, done_i) in enumerate(rows):
+        g.rows.clear()
+        history = g._histories(par) if g.params.return_generation_logits else None
+        if any(j >= k for j in top_i):  # a new finished hypothesis
+            g.finished = [g.finished[j] if j < k else g._hypothesis(par[j - k], tok[j - k], float(values[i, j - k]),
+                                                                     cur[i], None if history is None else history[j - k])
+                          for j in top_i]
+        g.finished_real, g.finished_scores = real[i], finished_scores[i]
+        g.scores, g.improvable, g.started = scores[i], improvable_i, True
+        if done_i:
+            g.done = True
+            ended.append(g)
+            continue
+        g._fork(block_manager, [g.beams[par[j]] for j in nxt_i], [tok[j] for j in nxt_i])
+        if history is not None:
+            g.logit_rows = [history[j] for j in nxt_i]
     return ended
 
 
 def take_beam_rows(to_sample: list[Sequence], logits: Tensor, sampled: dict) -> list[BeamGroup]:
-    """Move the beams' rows of a step's logits [len(to_sample), V] into their groups, as
-    fp32 log-softmax (one batched op), and out of `sampled` (the sampler's token for a beam
-    means nothing). The groups that got rows."""
-    rows = [i for i, s in enumerate(to_sample) if s.beam is not None and s in sampled]
-    if not rows:
-        return []
-    logp = logits[torch.tensor(rows, device=logits.device)].float().log_softmax(-1)
+    """Hand the beams' rows of a step's logits [len(to_sample), V] to their groups (as
+    (logits, row): no device work here; `select_beams` reads them), and take them out of
+    `sampled` (the sampler's token for a beam means nothing). The groups that got rows."""
     groups = {}
-    for i, r in enumerate(rows):
-        seq = to_sample[r]
-        seq.beam.rows[seq] = (logp, i)
-        del sampled[seq]
-        groups[id(seq.beam)] = seq.beam
+    for i, seq in enumerate(to_sample):
+        if seq.beam is not None and seq in sampled:
+            seq.beam.rows[seq] = (logits, i)
+            del sampled[seq]
+            groups[id(seq.beam)] = seq.beam
     return list(groups.values())
+
+
+def graph_picks_serve(seqs: list[Sequence]) -> bool:
+    """A decode-graph step with beams needs no sampler: every row is a beam whose logits go
+    nowhere but the search (no generation or context logits returned; the sampler's token
+    would be dropped), or a row whose token is the graph's own argmax pick
+    (sampler.argmax_serves, and no grammar: its picks would need re-making). The graph's
+    NaN/Inf flags then serve every row. False for a step without beams (the engine's own rule)."""
+    others, beams = [], False
+    for seq in seqs:
+        p = seq.sampling_params
+        if seq.beam is None:
+            others.append(seq)
+        elif p.return_generation_logits or p.return_context_logits:
+            return False
+        else:
+            beams = True
+    return beams and all(s.guide is None for s in others) and argmax_serves(others)

@@ -144,7 +144,9 @@ class BlockManager:
             copy = self._take()
             self.pending_copies.append((table[first], copy))
             self._ref[table[first]] -= 1  # still held by another: stays used
-            table[first] = copy
+            # an entry changes: a new list, which AttentionMetadata rewrites whole (it rewrites
+            # only the new tail of the list it wrote last)
+            seq.block_table = table = table[:first] + [copy] + table[first + 1:]
         table += [self._take() for _ in range(short)]  # in place: see AttentionMetadata
         return True
 

@@ -27,7 +27,9 @@ Beam search (runtime/beams.py): a beam's logits row goes to its group, not the s
 (`take_beam_rows`); once the scheduler has updated the step, `step_groups` searches and forks
 the beams; a search that ends frees its beams and its best hypotheses become the outputs.
 Copy-on-write block copies the scheduler queued are run before the step. Greedy and sampled
-requests in the same batch are untouched, though a batch with beams runs the sampler.
+requests in the same batch are untouched. A decode-graph step of beams and greedy rows runs
+no sampler (the graph's picks and NaN/Inf flags serve: `graph_picks_serve`); one with a row
+the picks do not serve (sampled, logprobs, a grammar) runs it over every row.
 `return_generation_logits` / `return_context_logits` copy each sampled row (and the prompt
 rows, through the prompt-logprobs path) to the request's output on the host.
 
@@ -51,7 +53,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from trtllm.runtime.beams import BeamGroup, step_groups, take_beam_rows
+from trtllm.runtime.beams import BeamGroup, graph_picks_serve, step_groups, take_beam_rows
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval, validate_request
 from trtllm.runtime.engine_stats import EngineStats, StartupTimes, StepRecord
@@ -263,6 +265,9 @@ class Engine:
         seqs = launched.to_sample
         if not seqs:
             return {}, {}
+        # a decode-graph step of beams (and greedy rows): the beams' rows go to the search
+        # (take_beam_rows); the graph's picks and NaN/Inf flags serve (runtime/beams.py)
+        picks_serve = picks_serve or launched.picks is not None and graph_picks_serve(seqs)
         # the grammar bitmasks are filled on the host while the GPU computes the logits
         hooks = None if picks_serve else self.logits_hooks.prepare(seqs)
         launched.wait()

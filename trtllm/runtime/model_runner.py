@@ -199,8 +199,7 @@ class ModelRunner:
         """Copy-on-write (block_manager.py): each (source, copy) block's K/V, every layer,
         into the copy, queued before the step that writes it. Bytes, whatever the cache's
         dtype (FP8 has no index kernels; the per-layer scales are not per block)."""
-        src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.device)
-        dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
+        src, dst = torch.tensor(pairs, dtype=torch.long).T.contiguous().to(self.device)  # one copy to the device
         for pool in (self.cache.k, self.cache.v):
             raw = pool.view(torch.uint8)
             raw.index_copy_(1, dst, raw.index_select(1, src))
