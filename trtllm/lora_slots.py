@@ -87,18 +87,38 @@ class LoraSlots:
         group, i = self.modules[path]
         return group.parts[i].size
 
-    def load(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Write an adapter into `slot`: weights[path] = (A [r, K], B [N, r] with the
-        scaling folded in), r <= max_lora_rank; modules it does not name get zeros."""
+    def image(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], pin: bool = False
+              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """An adapter laid out as one slot holds it, on the host: per group (in `groups`
+        order) its (lora_a [n R, K], lora_b [N, n R]), zero past each module's rank and for
+        the modules the adapter leaves alone. weights[path] = (A [r, K], B [N, r] with the
+        scaling folded in), r <= max_lora_rank. `pin`: in pinned memory (a GPU's copies)."""
         rank = self.max_lora_rank
-        for group in self.groups.values():
-            group.lora_a[slot].zero_()
-            group.lora_b[slot].zero_()
+        image = [(torch.zeros(g.lora_a.shape[1:], dtype=g.lora_a.dtype), torch.zeros(g.lora_b.shape[1:],
+                                                                                   dtype=g.lora_b.dtype))
+                 for g in self.groups.values()]
+        index = {id(g): i for i, g in enumerate(self.groups.values())}
         for path, (a, b) in weights.items():
             group, i = self.modules[path]
             part, r = group.parts[i], a.shape[0]
-            group.lora_a[slot, i * rank: i * rank + r].copy_(a, non_blocking=True)
-            group.lora_b[slot, part.start: part.start + part.size, i * rank: i * rank + r].copy_(b, non_blocking=True)
+            a_img, b_img = image[index[id(group)]]
+            a_img[i * rank: i * rank + r].copy_(a)
+            b_img[part.start: part.start + part.size, i * rank: i * rank + r].copy_(b)
+        return [(a.pin_memory(), b.pin_memory()) for a, b in image] if pin else image
+
+    def load_image(self, slot: int, image: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write an adapter's `image` into `slot`: two copies a group (from pinned memory:
+        asynchronous, queued on the current stream). 7 linears x 32 layers written piece by
+        piece, with each group zeroed first, were ~900 launches: 5.7-11.9 ms a load on the H200."""
+        assert len(image) == len(self.groups), f"an image of {len(image)} groups for {len(self.groups)} slots' groups"
+        for group, (a, b) in zip(self.groups.values(), image):
+            group.lora_a[slot].copy_(a, non_blocking=True)
+            group.lora_b[slot].copy_(b, non_blocking=True)
+
+    def load(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write an adapter into `slot`: weights[path] = (A [r, K], B [N, r] with the
+        scaling folded in), r <= max_lora_rank; modules it does not name get zeros."""
+        self.load_image(slot, self.image(weights))
 
     def nbytes(self) -> int:
         return sum(g.lora_a.nbytes + g.lora_b.nbytes for g in self.groups.values()) + self.slot_ids.nbytes

@@ -12,7 +12,8 @@ s is folded into B when it is read.
   engine wraps (trtllm/lora_slots.py, passes/apply_lora.py), shapes those of the model's
   linears. Refused by name: bias, DoRA, embedding / LM-head adapters, modules_to_save, rank or
   alpha patterns, other PEFT types. A bad adapter raises ValueError and nothing else changes.
-- a host cache of `max_cpu_loras` adapters' weights (pinned on a GPU machine), LRU, read from
+- a host cache of `max_cpu_loras` adapters, each laid out as a slot holds it (`LoraSlots.image`:
+  two copies a group into a slot; pinned on a GPU machine), LRU, read from
   disk on first use;
 - `max_loras` GPU slots, LRU: `acquire(seq)` when the scheduler admits a sequence puts its
   adapter in a slot (copied from the host cache) and pins it; `release(seq)` when it finishes or
@@ -165,7 +166,7 @@ class Adapters:
         self.config, self.slots, self.dtype = config, slots, dtype
         self._lock = threading.Lock()  # check() runs on the callers' threads, the rest on the engine's
         self._checked: dict[int, PeftAdapter] = {}  # by lora_int_id: one id, one adapter
-        self._host: OrderedDict[int, dict] = OrderedDict()  # LRU first
+        self._host: OrderedDict[int, list] = OrderedDict()  # adapter id -> its slot image (LoraSlots.image), LRU first
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # adapter id -> GPU slot, LRU first
         self._free_slots = list(range(slots.max_loras))
         self._pins: Counter[int] = Counter()  # adapter id -> sequences admitted with it
@@ -208,11 +209,11 @@ class Adapters:
         if adapter_id in self._slot_of:
             self._slot_of.move_to_end(adapter_id)
         else:
-            weights = self._host_weights(seq.lora_request)
+            image = self.host_image(seq.lora_request)
             slot = self._take_slot()
             # queued on the step stream, after any step still reading the slot's old adapter
             # (whose sequences have all finished: it was unpinned); not waited for
-            self.slots.load(slot, weights)
+            self.slots.load_image(slot, image)
             self.slot_loads += 1
             self._slot_of[adapter_id] = slot
         self._pins[adapter_id] += 1
@@ -237,25 +238,28 @@ class Adapters:
             raise RuntimeError("every LoRA slot is pinned by a running sequence (the scheduler asks can_admit)")
         return self._slot_of.pop(victim)
 
-    def _host_weights(self, request: LoRARequest) -> dict:
+    def host_image(self, request: LoRARequest) -> list:
+        """The adapter laid out as a slot holds it (LoraSlots.image), from the host cache or
+        read into it."""
         adapter_id = request.lora_int_id
         with self._lock:
-            weights = self._host.get(adapter_id)
-            if weights is not None:
+            image = self._host.get(adapter_id)
+            if image is not None:
                 self._host.move_to_end(adapter_id)
-                return weights
+                return image
         adapter = self.check(request)  # re-read on a miss: the files may have changed since
         try:
-            weights = read_peft_weights(adapter, self.dtype, pin=self.slots.device.type == "cuda")
+            image = self.slots.image(read_peft_weights(adapter, self.dtype, pin=False),
+                                     pin=self.slots.device.type == "cuda")
         except Exception as e:  # the files changed or went away since check()
             raise ValueError(f"LoRA adapter {request.lora_name!r} ({request.lora_path}) could not be read: "
                              f"{type(e).__name__}: {e}") from None
         with self._lock:
             self.disk_loads += 1
-            self._host[adapter_id] = weights
+            self._host[adapter_id] = image
             while len(self._host) > self.config.max_cpu_loras:
                 self._host.popitem(last=False)
-        return weights
+        return image
 
     @property
     def resident(self) -> list[int]:
