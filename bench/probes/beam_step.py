@@ -32,6 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
+from bench.probes.host_step import ZeroLogits
 from bench.report import report
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
@@ -64,17 +65,6 @@ class _LogitsGraph:
         self.picks.copy_(greedy_picks(table))
 
 
-class _ZeroLogits:
-    """The compiled model's call signature (prefill on the CPU): zero logits for the rows asked for."""
-
-    def __init__(self, vocab: int):
-        self.vocab = vocab
-
-    def __call__(self, input_ids, positions, rows=None):
-        n = input_ids.shape[1] if rows is None else rows.shape[0]
-        return torch.zeros(n, self.vocab)
-
-
 def build_llm(vocab: int, new: int) -> LLM:
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
@@ -92,7 +82,7 @@ def build_llm(vocab: int, new: int) -> LLM:
               kv_cache_config=KvCacheConfig(tokens_per_block=32, max_tokens=GREEDY_BATCH * (PROMPT_LEN + new + 64)))
     if not cuda:
         runner = llm.engine.runner
-        runner.compiled = _ZeroLogits(vocab)
+        runner.compiled = ZeroLogits(vocab)
         g = torch.Generator().manual_seed(1)
         for b in cuda_graph_batch_sizes(GREEDY_BATCH):  # what CudaGraphs.capture_decode leaves, minus CUDA
             logits, picks = torch.zeros(b, vocab), torch.zeros(2, b, dtype=torch.long)

@@ -40,8 +40,8 @@ class _NoGraph:
         pass
 
 
-class _ZeroLogits:
-    """The compiled model's call signature; logits of zeros for the rows asked for."""
+class ZeroLogits:
+    """The compiled model's call signature; logits of zeros for the rows asked for (beam_step.py uses it too)."""
 
     def __init__(self, vocab: int):
         self.vocab = vocab
@@ -61,7 +61,7 @@ def build_llm(max_batch: int) -> LLM:
                                        max_seq_len=1024),
               kv_cache_config=KvCacheConfig(tokens_per_block=32, max_tokens=max_batch * 512))
     runner, vocab = llm.engine.runner, TINY["vocab_size"]
-    runner.compiled = _ZeroLogits(vocab)
+    runner.compiled = ZeroLogits(vocab)
     for b in cuda_graph_batch_sizes(max_batch):  # what CudaGraphs.capture_decode leaves, minus CUDA
         greedy = torch.stack([torch.arange(b) % vocab + 1, torch.ones(b, dtype=torch.long)])
         runner.cuda_graphs.decode[b] = (_NoGraph(), torch.zeros(b, vocab), greedy)
