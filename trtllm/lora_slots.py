@@ -109,7 +109,8 @@ class LoraSlots:
     def load_image(self, slot: int, image: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write an adapter's `image` into `slot`: two copies a group (from pinned memory:
         asynchronous, queued on the current stream). 7 linears x 32 layers written piece by
-        piece, with each group zeroed first, were ~900 launches: 5.7-11.9 ms a load on the H200."""
+        piece after each group was zeroed were 704 launches for Llama-8B (448 copies + 256 zero fills),
+        and a load took 5.7-11.9 ms on the H200; now 256 copies (not re-measured)."""
         assert len(image) == len(self.groups), f"an image of {len(image)} groups for {len(self.groups)} slots' groups"
         for group, (a, b) in zip(self.groups.values(), image):
             group.lora_a[slot].copy_(a, non_blocking=True)
