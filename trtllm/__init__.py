@@ -20,7 +20,7 @@ _EXPORTS = {
     "compile": "trtllm.compile", "CompiledModel": "trtllm.compile", "CompileError": "trtllm.contract",
     "compile_encoder": "trtllm.compile_encoder", "CompiledEncoder": "trtllm.compile_encoder",
     "BuildConfig": "trtllm.config", "KvCacheConfig": "trtllm.config", "QuantAlgo": "trtllm.config",
-    "QuantConfig": "trtllm.config", "ConfigError": "trtllm.config",
+    "QuantConfig": "trtllm.config", "ConfigError": "trtllm.config", "CudaGraphConfig": "trtllm.config",
     "load_model": "trtllm.models.loader", "LLM": "trtllm.runtime.llm",
     "RequestOutput": "trtllm.runtime.outputs", "CompletionOutput": "trtllm.runtime.outputs",
     "RequestError": "trtllm.runtime.outputs",

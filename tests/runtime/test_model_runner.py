@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from trtllm.attention_context import attention_context
-from trtllm.config import BuildConfig, KvCacheConfig
+from trtllm.config import BuildConfig, ConfigError, CudaGraphConfig, KvCacheConfig
 from trtllm.models.loader import load_model
-from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
+from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes, decode_batch_sizes, prefill_token_sizes
 from trtllm.runtime.llm import LLM
 from trtllm.runtime.sampler import greedy_picks
 from trtllm.sampling_params import SamplingParams
@@ -98,3 +98,91 @@ def test_step_inputs_are_contiguous_so_the_profiling_graph_serves_later_prefills
         llm.shutdown()
     assert seen and all(ids and pos for ids, pos, _ in seen), seen
     assert {shape[1] for *_, shape in seen} >= {8, 2}  # a prefill of both prompts, then decodes of two
+
+
+class EagerPrefillGraph:
+    """A prefill graph's semantics on CPU: capture-time bounds (num_seqs min(max_num_seqs, T),
+    max_query_len T, max_seq_len the model's), T padded input tokens, min(T, max_num_seqs)
+    logits rows of the staged flat indices, written into a fixed buffer."""
+
+    def __init__(self, runner, tokens: int, vocab: int):
+        self.runner, self.tokens, self.replays = runner, tokens, 0
+        self.logits = torch.zeros(min(tokens, runner.meta.max_num_seqs), vocab)
+
+    def replay(self) -> None:
+        r, t = self.runner, self.tokens
+        meta = r.meta
+        host_ints = meta.num_seqs, meta.max_query_len, meta.max_seq_len
+        meta.num_seqs, meta.max_query_len, meta.max_seq_len = min(meta.max_num_seqs, t), t, r.max_model_len
+        try:
+            with attention_context(r.cache, meta):
+                logits = r.compiled(*r._flat_batch(t), r.logits_indices[:self.logits.shape[0]])
+        finally:
+            meta.num_seqs, meta.max_query_len, meta.max_seq_len = host_ints
+        self.logits.copy_(logits)
+        self.replays += 1
+
+
+def add_prefill_graphs(llm: LLM, most: int) -> dict[int, EagerPrefillGraph]:
+    runner = llm.engine.runner
+    graphs = {t: EagerPrefillGraph(runner, t, 512) for t in prefill_token_sizes(most)}
+    runner.cuda_graphs.prefill.update({t: (g, g.logits) for t, g in graphs.items()})
+    return graphs
+
+
+@pytest.mark.parametrize("interpret", [False, True], ids=["reference", "triton-interpreter"])
+@pytest.mark.parametrize("build", [{}, {"max_num_tokens": 8}], ids=["whole", "chunked"])
+def test_prefill_graphs_give_the_tokens_eager_steps_give(checkpoint, build, interpret, monkeypatch):
+    """Prefill, chunked-prefill and decode + prefill steps through token-bucket graphs (padding
+    tokens and padding sequences inside the captured bounds) give eager's tokens and logprobs;
+    a step whose rows outnumber a graph's, or that asks for prompt logprobs, runs eagerly."""
+    if interpret:  # the Triton kernels under the bounds of a graph, not only the references
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    sampled = SamplingParams(max_tokens=5, temperature=0.8, top_k=20, seed=3, logprobs=2, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    params = [greedy, sampled, greedy, sampled, greedy]
+    outs = {}
+    for graphs in (False, True):
+        with make_llm(checkpoint, graphs, **build) as llm:
+            prefill = add_prefill_graphs(llm, llm.engine.runner.meta.max_num_tokens) if graphs else {}
+            got = llm.generate(PROMPTS, params, use_tqdm=False)
+            logprobs = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=1, ignore_eos=True)
+            with_prompt = llm.generate(PROMPTS[:2], logprobs, use_tqdm=False)
+            outs[graphs] = ([o.outputs[0].token_ids for o in got], [o.outputs[0].logprobs for o in got],
+                            [o.prompt_logprobs for o in with_prompt])
+            if graphs:
+                assert sum(g.replays for g in prefill.values()) > 0
+            llm.block_manager.check_invariants()
+    assert outs[True][0] == outs[False][0]
+    for a, b in zip(outs[True][1], outs[False][1]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert [list(d) for d in a] == [list(d) for d in b]
+            assert all(d1[t] == pytest.approx(d2[t], abs=1e-4) for d1, d2 in zip(a, b) for t in d1)
+    for a, b in zip(outs[True][2], outs[False][2]):
+        assert [list(d or {}) for d in a] == [list(d or {}) for d in b]
+
+
+def test_prefill_graph_sizes_and_config():
+    assert prefill_token_sizes(0) == []
+    assert prefill_token_sizes(8) == [8]
+    assert prefill_token_sizes(2048) == [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048]
+    assert prefill_token_sizes(600) == [16, 32, 64, 128, 256, 512, 600]
+    assert decode_batch_sizes(CudaGraphConfig(), 12) == [1, 2, 4, 8, 12]
+    assert decode_batch_sizes(CudaGraphConfig(max_batch_size=4), 12) == [1, 2, 4]
+    assert decode_batch_sizes(CudaGraphConfig(batch_sizes=[8, 3, 3]), 12) == [3, 8]
+    with pytest.raises(ValueError, match=r"batch_sizes \[16\] exceed max_batch_size=12"):
+        decode_batch_sizes(CudaGraphConfig(batch_sizes=[16, 4]), 12)
+    for bad in ({"batch_sizes": []}, {"batch_sizes": [0]}, {"max_prefill_tokens": -1}, {"max_batch_size": -2},
+                {"padding": True}):
+        with pytest.raises(ConfigError):
+            CudaGraphConfig(**bad)
+
+
+def test_decode_graphs_without_padding_serve_only_their_sizes(checkpoint):
+    with make_llm(checkpoint, graphs=True) as llm:
+        graphs = llm.engine.runner.cuda_graphs
+        assert graphs.decode_size(3, 3, []) == 4
+        graphs.padding = False
+        assert graphs.decode_size(3, 3, []) is None
+        assert graphs.decode_size(4, 4, []) == 4

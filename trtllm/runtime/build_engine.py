@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from trtllm.compile import compile as trtllm_compile
-from trtllm.config import BuildConfig, KvCacheConfig, LoraConfig, QuantConfig, kv_cache_dtype
+from trtllm.config import BuildConfig, CudaGraphConfig, KvCacheConfig, LoraConfig, QuantConfig, kv_cache_dtype
 from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
 from trtllm.models.loader import load_model
@@ -31,7 +31,6 @@ from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
 from trtllm.runtime.adapters import Adapters, read_peft_adapter, read_target_modules
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.build_defaults import read_build_defaults
-from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
 from trtllm.runtime.engine import Engine
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
 from trtllm.runtime.engine_stats import StartupTimes
@@ -55,7 +54,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                  kv_cache_scales=None, tensor_parallel_size: int = 1, speculative_config=None,
                  lora_config: LoraConfig | None = None, moe_expert_parallel_size: int | None = None,
                  moe_tensor_parallel_size: int | None = None, pipeline_parallel_size: int = 1,
-                 pp_partition: list[int] | None = None) -> Engine:
+                 pp_partition: list[int] | None = None, cuda_graph_config: CudaGraphConfig | None = None) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
     in a process of its own. Arguments as `LLM`'s. `engine.startup` says where the time went.
@@ -68,8 +67,12 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     speculative_config: NGramDecodingConfig, DraftTargetDecodingConfig or SpeculativeDecodingConfig
     (runtime/speculative; the draft model is built before the target's KV pool is sized).
     moe_expert_parallel_size / moe_tensor_parallel_size: how the MoE layers split the
-    tensor_parallel_size ranks, as TensorRT-LLM's (parallel/expert_parallel.py)."""
+    tensor_parallel_size ranks, as TensorRT-LLM's (parallel/expert_parallel.py).
+    cuda_graph_config: which steps replay CUDA graphs (None: CudaGraphConfig's defaults;
+    enable_cuda_graph=False: none)."""
     started = time.perf_counter()
+    if cuda_graph_config is not None and not isinstance(cuda_graph_config, CudaGraphConfig):
+        raise TypeError(f"cuda_graph_config must be a CudaGraphConfig, got {type(cuda_graph_config).__name__}")
     moe = resolve_moe_sizes(tensor_parallel_size, moe_expert_parallel_size, moe_tensor_parallel_size)
     check_stream_interval(stream_interval)  # before minutes of loading and compiling
     check_speculative_config(speculative_config)
@@ -139,7 +142,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
         config=speculative_config, dtype=_DTYPES[dtype], compile_options=compile_options)
     return _build_engine(module, compiled, started, tokenizer, kv_cache_config, build_config, enable_cuda_graph,
                          stream_interval, disable_overlap_scheduler, kv_format, kv_cache_scales, speculative,
-                         lora_config)
+                         lora_config, cuda_graph_config)
 
 
 def _lora_slots(config: LoraConfig, module: nn.Module, build_config: BuildConfig) -> LoraSlots:
@@ -191,7 +194,8 @@ def shutdown_workers(engine: Engine) -> None:
 def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cache_config: KvCacheConfig,
                   build_config: BuildConfig, enable_cuda_graph: bool, stream_interval: int,
                   disable_overlap_scheduler: bool, kv_format: str, kv_cache_scales,
-                  speculative: dict | None = None, lora_config: LoraConfig | None = None) -> Engine:
+                  speculative: dict | None = None, lora_config: LoraConfig | None = None,
+                  cuda_graph_config: CudaGraphConfig | None = None) -> Engine:
     load_s = time.perf_counter() - started  # the load (compilation itself is lazy: compiled.compile_s)
     tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     config = getattr(module, "config", None)
@@ -224,7 +228,7 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
                          max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs,
                          max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph, kv_quant=kv_quant,
                          adapters=adapters, multimodal=multimodal,
-                         mrope=mrope_stager(module, max_num_tokens, compiled.device))
+                         mrope=mrope_stager(module, max_num_tokens, compiled.device), cuda_graph_config=cuda_graph_config)
     scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len, adapters=adapters)
     engine = Engine(runner, block_manager, scheduler, tokenizer,
                     EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len,
@@ -237,7 +241,7 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
         # None ("wherever the engine can"): on a GPU with CUDA graphs, not for latent attention (refused above if asked)
         if speculative.verify_cuda_graphs is not False and enable_cuda_graph and runner.device.type == "cuda" \
                 and not compiled.attention.latent:
-            runner.cuda_graphs.capture_verify(speculative.max_draft_len + 1, cuda_graph_batch_sizes(max_num_seqs))
+            runner.cuda_graphs.capture_verify(speculative.max_draft_len + 1, sorted(runner.cuda_graphs.decode))
     capture_s = runner.cuda_graphs.capture_s - (compiled.compile_s - compile_before_capture)
     engine.startup = StartupTimes(load_s, compiled.compile_s, capture_s, time.perf_counter() - started)
     return engine

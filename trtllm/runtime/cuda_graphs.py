@@ -12,6 +12,17 @@ Verify steps of speculative decoding (runtime/speculative) replay graphs of b se
 (opt-in: the speculative configs' `verify_cuda_graphs`; not yet run on a GPU at the time of
 writing) and every sequence of the step verifies exactly verify_len - 1 drafts.
 
+Steps of several tokens a sequence (prefill, chunked prefill, decode + prefill chunks, verify
+steps no verify graph fits) of at most `CudaGraphConfig.max_prefill_tokens` tokens replay
+prefill graphs, captured for token buckets (`prefill_token_sizes`: 16, 32, ... 512, then
+every 256) on the prefill attention path with capture-time bounds that cover any such step:
+num_seqs min(max_num_seqs, T), max_query_len T, max_seq_len the model's length; their logits
+rows are the first min(T, max_num_seqs) flat indices the runner stages (the rows to sample
+first, the rest padding). What they save is host time: an eager 128-token prefill of
+Llama-3.1-8B launched for ~24 ms against ~5.5 ms of kernels (H200, bench/RESULTS.md). Not
+captured for LoRA adapters, images, M-RoPE or latent attention (their steps stage per-token
+state these graphs do not refill, or expand per sequence on the host).
+
 With LoRA adapters, each decode size is captured twice: with the adapters' kernels, and
 inside `no_adapters()` (kernels/linear_lora.py) without them (the fused LoRA linears launch the base GEMV
 alone), for steps in which no token has an adapter (`replay(..., adapters=False)`).
@@ -33,6 +44,7 @@ import time
 import torch
 
 from trtllm.attention_context import attention_context
+from trtllm.config import CudaGraphConfig
 from trtllm.kernels.linear_lora import no_adapters
 from trtllm.runtime.launched_step import LaunchedStep
 from trtllm.runtime.sampler import greedy_picks
@@ -46,6 +58,27 @@ def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
+def decode_batch_sizes(config: CudaGraphConfig, max_num_seqs: int) -> list[int]:
+    """The decode (and verify) batch sizes `config` asks for, within the engine's max_num_seqs."""
+    if config.batch_sizes is not None:
+        over = sorted(b for b in config.batch_sizes if b > max_num_seqs)
+        if over:
+            raise ValueError(f"CudaGraphConfig.batch_sizes {over} exceed max_batch_size={max_num_seqs}")
+        return sorted(set(config.batch_sizes))
+    return cuda_graph_batch_sizes(min(config.max_batch_size or max_num_seqs, max_num_seqs))
+
+
+def prefill_token_sizes(max_tokens: int) -> list[int]:
+    """Token buckets of the prefill graphs: 16, 32, ..., 512, then every 256 (a step pads to
+    the next: at most 255 padding tokens once the kernels, not the host, take the time), and
+    max_tokens itself."""
+    sizes, t = [], 16
+    while t < max_tokens:
+        sizes.append(t)
+        t = t * 2 if t < 512 else t + 256
+    return sizes + [max_tokens] if max_tokens > 0 else []
+
+
 class CudaGraphs:
     def __init__(self, runner):
         self.runner = runner  # the ModelRunner whose buffers the graphs read and write
@@ -57,6 +90,11 @@ class CudaGraphs:
         # verify steps (runtime/speculative): batch size -> (graph, logits [b * L, V]), L tokens a sequence
         self.verify: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.verify_len = 0
+        # prefill steps (several tokens a sequence): token bucket -> (graph, logits [R, V]), R rows
+        self.prefill: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._prefill_sizes: list[int] = []
+        self.padding = True  # CudaGraphConfig.enable_padding: decode steps pad to the next captured size
+        self._pool = None  # the memory pool every graph shares (captured largest first, replayed one at a time)
         self._replay_views: dict[tuple[int, int, int, bool], tuple] = {}  # (size, rows, turn, adapters): see replay
         # a decode graph's greedy picks, [2, b], go to pinned host memory right after the
         # replay, while the GPU runs, so reading them after `wait` is no synchronous
@@ -76,7 +114,20 @@ class CudaGraphs:
         if len(self._decode_sizes) != len(self.decode):  # graphs added since: sort once more
             self._decode_sizes = sorted(self.decode)
         i = bisect.bisect_left(self._decode_sizes, num_tokens)
-        return self._decode_sizes[i] if i < len(self._decode_sizes) else None
+        if i == len(self._decode_sizes) or not self.padding and self._decode_sizes[i] != num_tokens:
+            return None
+        return self._decode_sizes[i]
+
+    def prefill_size(self, num_tokens: int, num_sampled: int) -> int | None:
+        """The captured token bucket that runs a step of num_tokens tokens with num_sampled
+        logits rows, if one can (its graph computes min(bucket, max_num_seqs) rows)."""
+        if len(self._prefill_sizes) != len(self.prefill):
+            self._prefill_sizes = sorted(self.prefill)
+        i = bisect.bisect_left(self._prefill_sizes, num_tokens)
+        if i == len(self._prefill_sizes):
+            return None
+        size = self._prefill_sizes[i]
+        return size if num_sampled <= self.prefill[size][1].shape[0] else None
 
     def verify_size(self, query_lens: list[int], num_rows: list[int]) -> int | None:
         """The captured verify batch size that runs this step: every sequence verifies
@@ -102,6 +153,21 @@ class CudaGraphs:
             runner._inputs_copied.record()
         graph.replay()
         return LaunchedStep(scheduled, to_sample, logits[:len(ids)], None, None, runner._step_launched(),
+                            num_rows=num_rows)
+
+    def replay_prefill(self, size: int, ids: list[int], positions: list[int], rows: list[int], scheduled,
+                       to_sample, num_rows: list[int] | None) -> LaunchedStep:
+        """A step of several tokens a sequence by the graph captured for `size` tokens: the
+        step's tokens first, padding after (no slot written, no sequence's); logits rows
+        `rows` first among the graph's rows."""
+        runner = self.runner
+        graph, logits = self.prefill[size]
+        runner._stage(ids, positions, rows, size)
+        runner._inputs[:, :size].copy_(runner._staging[:3, :size], non_blocking=True)
+        if runner._inputs_copied is not None:
+            runner._inputs_copied.record()
+        graph.replay()
+        return LaunchedStep(scheduled, to_sample, logits[:len(rows)], None, None, runner._step_launched(),
                             num_rows=num_rows)
 
     def replay(self, size: int, ids: list[int], positions: list[int], rows, scheduled, to_sample,
@@ -152,12 +218,11 @@ class CudaGraphs:
         self._greedy_host.clear()
         variants = [(self.decode, False)] + ([(self.decode_base, True)] if self.runner.adapters is not None else [])
         with self._frozen_heap():
-            pool = None
             for graphs, base in variants:
                 for b in sorted(batch_sizes, reverse=True):
                     with no_adapters(base):
-                        graph, logits, greedy = self._capture_one(b, 1, pool, greedy=True)  # logits [b, V]
-                    pool = graph.pool()
+                        graph, logits, greedy = self._capture_one(b, 1, self._pool, greedy=True)  # logits [b, V]
+                    self._pool = graph.pool()
                     graphs[b] = (graph, logits, greedy)
             torch.cuda.synchronize()
 
@@ -169,14 +234,41 @@ class CudaGraphs:
         max_seq_len the capture fixes), largest first, one pool."""
         meta = self.runner.meta
         with self._frozen_heap():
-            pool = None
             for b in sorted(batch_sizes, reverse=True):
                 if b * tokens_per_seq > meta.max_num_tokens or b > meta.max_num_seqs:
                     continue
-                graph, logits, _ = self._capture_one(b, tokens_per_seq, pool)  # logits [b * L, V]
-                pool = graph.pool()
+                graph, logits, _ = self._capture_one(b, tokens_per_seq, self._pool)  # logits [b * L, V]
+                self._pool = graph.pool()
                 self.verify[b] = (graph, logits)
             self.verify_len = tokens_per_seq
+            torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def capture_prefill(self, token_sizes: list[int]) -> None:
+        """Capture steps of T tokens for each T (largest first, the shared pool): T tokens over
+        min(max_num_seqs, T) sequences at capture, launched with the bounds of any step of at
+        most T tokens (see the module docstring); min(T, max_num_seqs) logits rows."""
+        runner, meta = self.runner, self.runner.meta
+        with self._frozen_heap():
+            for t in sorted(token_sizes, reverse=True):
+                seqs = min(meta.max_num_seqs, t)
+                lens = [t // seqs] * seqs
+                lens[0] += t - sum(lens)
+                tables = [[0] * math.ceil(n / runner.block_size) for n in lens]
+                meta.fill(lens, lens, tables, runner.block_size)
+                meta.slot_mapping.fill_(-1)
+                meta.max_query_len, meta.max_seq_len = t, runner.max_model_len  # bounds of every replay
+                ids, pos = runner._flat_batch(t)
+                rows = runner.logits_indices[:seqs]
+                with attention_context(runner.cache, meta), runner._multimodal_context():
+                    for _ in range(2):  # compile for this shape and warm up outside the graph
+                        runner.compiled(ids, pos, rows)
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._pool):
+                        logits = runner.compiled(ids, pos, rows)  # [seqs, V]
+                self._pool = graph.pool()
+                self.prefill[t] = (graph, logits)
             torch.cuda.synchronize()
 
     @contextlib.contextmanager

@@ -37,6 +37,10 @@ LoRA adapters (PEFT checkpoints, many in one batch; runtime/adapters.py):
 `generate(prompts, params, lora_request=LoRARequest("math", 1, "path/to/adapter"))` (one for
 all prompts, or a list with one per prompt, None for the base model); `generate_async` too.
 
+CUDA graphs (on a GPU): `cuda_graph_config=CudaGraphConfig(batch_sizes=..., max_batch_size=...,
+enable_padding=..., max_prefill_tokens=2048)` (TensorRT-LLM's, plus ours: prefill steps of up to
+that many tokens replay graphs too; runtime/cuda_graphs.py); `enable_cuda_graph=False`: none.
+
 `stream_interval=N` (TensorRT-LLM's name): a streaming request gets an output every N
 new tokens (its first at once, its last when it ends) instead of every token: fewer,
 larger outputs when many streams run at once.
@@ -61,7 +65,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from trtllm.config import BuildConfig, KvCacheConfig, LoraConfig, QuantConfig
+from trtllm.config import BuildConfig, CudaGraphConfig, KvCacheConfig, LoraConfig, QuantConfig
 from trtllm.lora_request import LoRARequest
 from trtllm.runtime.build_engine import build_engine, shutdown_workers
 from trtllm.runtime.engine_loop import EngineLoop
@@ -95,7 +99,8 @@ class LLM:
                  speculative_decoding_config=None, lora_config: LoraConfig | None = None, processor=None,
                  multimodal_encoder=None,
                  moe_expert_parallel_size: int | None = None, moe_tensor_parallel_size: int | None = None,
-                 pipeline_parallel_size: int = 1, pp_partition: list[int] | None = None):
+                 pipeline_parallel_size: int = 1, pp_partition: list[int] | None = None,
+                 cuda_graph_config: CudaGraphConfig | None = None):
         if batched_logits_processor is not None and not callable(batched_logits_processor):
             raise TypeError("batched_logits_processor must be callable (a BatchedLogitsProcessor)")
         check_multimodal_encoder(multimodal_encoder, model)
@@ -106,7 +111,7 @@ class LLM:
                                    disable_overlap_scheduler, kv_cache_scales, tensor_parallel_size,
                                    speculative_config or speculative_decoding_config, lora_config,
                                    moe_expert_parallel_size, moe_tensor_parallel_size,
-                                   pipeline_parallel_size, pp_partition)
+                                   pipeline_parallel_size, pp_partition, cuda_graph_config)
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
         self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
         # a multimodal model's image processor: given, else the checkpoint's, loaded at the first image

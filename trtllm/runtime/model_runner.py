@@ -26,8 +26,11 @@ leaves them as they are, every row -1.
 
 On a GPU, pure-decode steps replay CUDA graphs captured for batch sizes 1, 2, 4, 8,
 16, ... up to max_num_seqs (a step pads to the next captured size: padded tokens
-write no cache slot and belong to no sequence; their capture and replay are
-runtime/cuda_graphs.py). Other steps run the compiled model directly.
+write no cache slot and belong to no sequence), and steps of several tokens a sequence
+of at most CudaGraphConfig.max_prefill_tokens tokens replay graphs captured for token
+buckets (their capture and replay are runtime/cuda_graphs.py). Other steps (longer ones,
+prompt logprobs, and any step of a model with LoRA, images, M-RoPE or latent attention
+but pure decodes) run the compiled model directly.
 
 A step is launched, not waited for: `execute` queues its GPU work and returns a
 `LaunchedStep`; its results are read after `LaunchedStep.wait()`. `execute_ahead`
@@ -47,9 +50,10 @@ import torch
 
 from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
 from trtllm.compile import CompiledModel
+from trtllm.config import CudaGraphConfig
 from trtllm.kernels.linear_lora import no_adapters
 from trtllm.multimodal_context import multimodal_context
-from trtllm.runtime.cuda_graphs import CudaGraphs, cuda_graph_batch_sizes
+from trtllm.runtime.cuda_graphs import CudaGraphs, decode_batch_sizes, prefill_token_sizes
 from trtllm.runtime.kv_cache_quant import KvCacheQuant
 from trtllm.runtime.launched_step import LaunchedStep
 from trtllm.runtime.multimodal_stager import MultimodalStager
@@ -61,7 +65,8 @@ class ModelRunner:
     def __init__(self, compiled: CompiledModel, *, num_blocks: int, block_size: int,
                  max_num_tokens: int, max_num_seqs: int, max_model_len: int,
                  enable_cuda_graph: bool = True, kv_quant: KvCacheQuant | None = None, adapters=None,
-                 multimodal: MultimodalStager | None = None, mrope=None):
+                 multimodal: MultimodalStager | None = None, mrope=None,
+                 cuda_graph_config: CudaGraphConfig | None = None):
         spec = compiled.attention
         self.compiled, self.device = compiled, compiled.device
         self.block_size, self.max_model_len = block_size, max_model_len
@@ -87,7 +92,21 @@ class ModelRunner:
         self._turn = 0  # which of two host buffers / done events this step uses (see the docstring)
         self.cuda_graphs = CudaGraphs(self)  # decode and verify graphs: runtime/cuda_graphs.py
         if enable_cuda_graph and self.device.type == "cuda":
-            self.cuda_graphs.capture_decode(cuda_graph_batch_sizes(max_num_seqs))
+            config = cuda_graph_config or CudaGraphConfig()
+            self.cuda_graphs.padding = config.enable_padding
+            self.cuda_graphs.capture_decode(decode_batch_sizes(config, max_num_seqs))
+            if self.prefill_graphs_serve():
+                # a step of T tokens has sequences of at most max_model_len tokens
+                most = min(config.max_prefill_tokens, max_num_tokens, max_num_seqs * max_model_len)
+                self.cuda_graphs.capture_prefill(prefill_token_sizes(most))
+
+    def prefill_graphs_serve(self) -> bool:
+        """Whether prefill graphs can run this model's steps: not with per-token state they
+        would not refill (LoRA slots, image rows, M-RoPE positions) nor latent attention's
+        per-sequence expansion (trtllm/mla_attention.py); not under parallelism (no graphs)."""
+        compiled = self.compiled
+        return self.adapters is None and self.multimodal is None and self.mrope is None \
+            and not compiled.attention.latent and getattr(compiled, "tensor_parallel", None) is None
 
     def _multimodal_context(self):
         """The step's staged image features, where the graph's splice op reads them."""
@@ -157,6 +176,10 @@ class ModelRunner:
             size = graphs.verify_size(query_lens, verify)
             if size is not None:
                 return graphs.replay_verify(size, ids, positions, scheduled, to_sample, verify)
+        if graphs.prefill and not spans:
+            size = graphs.prefill_size(num_tokens, num_sampled)
+            if size is not None:
+                return graphs.replay_prefill(size, ids, positions, sample_rows, scheduled, to_sample, verify)
         self._copy_inputs(ids, positions, sample_rows + prompt_rows)
         rows = self.logits_indices[: num_sampled + len(prompt_rows)]
         with attention_context(self.cache, self.meta), self._multimodal_context(), \
