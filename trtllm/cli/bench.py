@@ -59,6 +59,9 @@ def _run_options(parser, suppress: bool) -> None:
               "FP8_BLOCK_SCALES; TensorRT-LLM's QuantAlgo names); an FP8 checkpoint needs none")
     _add(parser, "--disable_overlap_scheduler", action="store_true", default=d(False),
          help="wait for each decode step before launching the next")
+    _add(parser, "--cuda_graph_max_prefill_tokens", type=int, default=d(None),
+         help="prefill steps of at most N tokens replay CUDA graphs (CudaGraphConfig.max_prefill_tokens, default "
+              "2048; 0: none)")
     _add(parser, "--expert_load", action="store_true", default=d(False),
          help="MoE models: count the tokens routed to each expert of each MoE block (one small kernel a block a "
               "step, trtllm/expert_load.py) and report max / mean per expert and their ratio")
@@ -252,6 +255,9 @@ def _build_llm(args, spec, build, kv):
         if args.expert_load:
             from trtllm.expert_load import ExpertLoad
             kwargs["compile_options"] = {**kwargs.get("compile_options", {}), "expert_load": ExpertLoad()}
+        if args.cuda_graph_max_prefill_tokens is not None:
+            from trtllm.config import CudaGraphConfig
+            kwargs["cuda_graph_config"] = CudaGraphConfig(max_prefill_tokens=args.cuda_graph_max_prefill_tokens)
         return LLM(**kwargs, build_config=build, kv_cache_config=kv, quant_config=quant,
                    disable_overlap_scheduler=args.disable_overlap_scheduler,
                    speculative_config=_speculative_config(args)), load_s
