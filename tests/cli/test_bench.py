@@ -124,8 +124,10 @@ def test_latency_on_a_tiny_preset_streams_one_at_a_time(tmp_path):
     assert main(["--model", "tiny-qwen3", "prepare-dataset", "--num_requests", "3", "--input_mean", "10",
                  "--output_mean", "6", "--output", str(dataset)]) == 0
     assert main(["latency", "--model", "tiny-qwen3", "--dataset", str(dataset), "--warmup", "1",  # either place
-                 "--report_json", str(report_file)]) == 0
+                 "--report_json", str(report_file), "--cuda_graph_max_prefill_tokens", "0"]) == 0
     report = _report(report_file)
+    assert report["config"]["options"]["cuda_graph_max_prefill_tokens"] == 0
+    assert report["config"]["engine"]["cuda_graph_prefill_tokens"] == []  # none asked (and none on a CPU)
     res = report["results"]
     assert res["max_concurrent_requests"] == 1 and report["config"]["concurrency"] == 1
     assert res["tpot_ms"]["p50"] > 0 and res["itl_ms"]["p99"] >= res["itl_ms"]["p50"]
@@ -195,6 +197,8 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path, capsys):
                       str(tmp_path / "no" / "r.json")], "its directory does not exist")
     _refused(capsys, ["--batch_size", "1", "--input_len", "4", "--output_len", "4", "--max_num_tokens", "0"],
              "max_num_tokens=0")
+    _refused(capsys, ["--model", "tiny-llama", "--batch_size", "1", "--input_len", "4", "--output_len", "4",
+                      "--cuda_graph_max_prefill_tokens", "-1"], "max_prefill_tokens")
 
 
 def test_throughput_on_the_tiny_deepseek_preset_pages_the_latent(tmp_path):
