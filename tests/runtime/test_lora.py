@@ -67,6 +67,7 @@ def test_greedy_with_an_adapter_equals_peft(llm, base, adapters):
         assert want != base_tokens, f"{name} changes nothing: the test could not fail"
         assert greedy(llm, PROMPTS, request) == want, name
     assert lora_ops(llm) == (8, 0)  # 4 GEMMs (fused qkv, o, fused gate-up, down) x 2 layers, fused
+    assert not llm.engine.runner.prefill_graphs_serve()  # they would not refill each token's adapter slot
 
 
 def test_steps_without_adapters_launch_no_adapter_kernels(llm, adapters, monkeypatch):

@@ -181,6 +181,7 @@ def test_prefill_graph_sizes_and_config():
 
 def test_decode_graphs_without_padding_serve_only_their_sizes(checkpoint):
     with make_llm(checkpoint, graphs=True) as llm:
+        assert llm.engine.runner.prefill_graphs_serve()  # (a CPU captures none)
         graphs = llm.engine.runner.cuda_graphs
         assert graphs.decode_size(3, 3, []) == 4
         graphs.padding = False
