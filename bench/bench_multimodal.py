@@ -7,7 +7,8 @@ The model: LLaVA-1.5-7B shapes (CLIP ViT-L/14-336, 24 layers of which LLaVA runs
 2-layer GELU projector + Llama-2-7B), random bf16 weights, built in memory (no processor: the
 requests carry processed pixels and token ids with the 576 image placeholders, as the server
 sends them, each image distinct so the encoder cache never hits). Rows:
-- correctness: the compiled vision encoder against the eager one (max abs error over a batch),
+- correctness: the compiled vision encoder against the eager one (max abs error over a batch; in
+  bf16 each against an fp32 copy of the tower, the compiled one no further from it than eager),
   and the engine's first greedy token of an image request against the eager model's argmax
   (the whole prompt in one eager forward with the same features);
 - TTFT: one 336x336 image + 32 text tokens, max_tokens 1 (encode + prefill + first token;
@@ -21,6 +22,7 @@ under $OUT when set.
 """
 import argparse
 import asyncio
+import copy
 import statistics
 import time
 
@@ -148,8 +150,19 @@ def main():
     got = compiled_tower(pixels, (layers,))[0]
     enc_err = (got.float() - eager.float()).abs().max().item()
     enc_scale = eager.float().abs().max().item()
-    assert enc_err <= (2e-2 if dtype == torch.bfloat16 else 1e-4) * max(1.0, enc_scale), \
-        f"compiled encoder differs from eager: max abs error {enc_err} (scale {enc_scale})"
+    if dtype == torch.float32:
+        assert enc_err <= 1e-4 * max(1.0, enc_scale), \
+            f"compiled encoder differs from eager: max abs error {enc_err} (scale {enc_scale})"
+    else:  # two bf16 computations of 24 layers part by their roundings (2.5 at scale 86.5 on the
+        # H200, 2026-12-03): each against an fp32 copy of the tower, ours no further than eager's
+        with torch.no_grad():
+            exact = copy.deepcopy(eager_tower).float()(pixels.float(), (layers,))[0]
+        err_ours, err_eager = (((t.float() - exact).norm() / exact.norm()).item() for t in (got, eager))
+        record.update(encoder_vs_fp32_rel_err={"compiled": err_ours, "eager_bf16": err_eager})
+        print(f"encoder vs fp32: compiled {err_ours:.2e}, eager bf16 {err_eager:.2e} (rel); compiled vs eager "
+              f"max abs {enc_err:.2e} at scale {enc_scale:.1f}", flush=True)
+        assert err_ours <= 1.5 * err_eager + 1e-3, \
+            f"compiled encoder further from fp32 than eager bf16: rel err {err_ours:.2e} vs {err_eager:.2e}"
 
     seq_len = 1 + v.num_patches + TEXT_TOKENS
     max_batch = max(n_req, 8)
