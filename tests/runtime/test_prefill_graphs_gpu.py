@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.models.checkpoints import write_checkpoint
+from tests.runtime.tokenizers import make_tokenizer
 from trtllm.config import BuildConfig, CudaGraphConfig, KvCacheConfig
 from trtllm.runtime.llm import LLM
 from trtllm.sampling_params import SamplingParams
@@ -38,6 +39,7 @@ def run(path, max_num_tokens: int, **llm_kwargs):
 @pytest.mark.parametrize("max_num_tokens", [256, 16], ids=["whole", "chunked"])
 def test_prefill_graphs_give_the_tokens_of_eager_steps(tmp_path, max_num_tokens):
     path = write_checkpoint("llama31", tmp_path, vocab_size=512)
+    make_tokenizer(path)
     tokens, replays, compiled, sizes = run(path, max_num_tokens)
     assert sizes == ([16, 32, 64, 128, 256] if max_num_tokens == 256 else [16])
     assert replays and compiled == 0, (replays, compiled)
