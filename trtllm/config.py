@@ -177,6 +177,14 @@ class CudaGraphConfig(ValidatedConfig):
             raise ValueError("must be a non-empty list of positive batch sizes")
         return v
 
+    @model_validator(mode="after")
+    def _consistent(self):
+        # TensorRT-LLM's rule: with batch_sizes, max_batch_size is their maximum (or left 0)
+        if self.batch_sizes is not None and self.max_batch_size not in (0, max(self.batch_sizes)):
+            raise ValueError(f"max_batch_size={self.max_batch_size} contradicts batch_sizes={self.batch_sizes} "
+                             f"(their largest is {max(self.batch_sizes)})")
+        return self
+
 
 class QuantAlgo(str, Enum):
     """TensorRT-LLM's quantization algorithm names (values are the names)."""

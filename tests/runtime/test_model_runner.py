@@ -9,7 +9,7 @@ from trtllm.attention_context import attention_context
 from trtllm.config import BuildConfig, ConfigError, CudaGraphConfig, KvCacheConfig
 from trtllm.models.loader import load_model
 from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes, decode_batch_sizes, prefill_token_sizes
-from trtllm.runtime.llm import LLM
+from trtllm.runtime.llm import DEFAULT_CUDA_GRAPHS, LLM, cuda_graph_options
 from trtllm.runtime.sampler import greedy_picks
 from trtllm.sampling_params import SamplingParams
 
@@ -174,9 +174,22 @@ def test_prefill_graph_sizes_and_config():
     with pytest.raises(ValueError, match=r"batch_sizes \[16\] exceed max_batch_size=12"):
         decode_batch_sizes(CudaGraphConfig(batch_sizes=[16, 4]), 12)
     for bad in ({"batch_sizes": []}, {"batch_sizes": [0]}, {"max_prefill_tokens": -1}, {"max_batch_size": -2},
-                {"padding": True}):
+                {"padding": True}, {"batch_sizes": [1, 2], "max_batch_size": 4}):
         with pytest.raises(ConfigError):
             CudaGraphConfig(**bad)
+    assert CudaGraphConfig(batch_sizes=[1, 2], max_batch_size=2).max_batch_size == 2
+
+
+def test_llm_takes_both_spellings_of_no_cuda_graphs():
+    config = CudaGraphConfig(max_prefill_tokens=0)
+    assert cuda_graph_options(True, DEFAULT_CUDA_GRAPHS) == (True, None)  # not given: the defaults
+    assert cuda_graph_options(False, DEFAULT_CUDA_GRAPHS) == (False, None)
+    assert cuda_graph_options(True, None) == (False, None)  # TensorRT-LLM's cuda_graph_config=None
+    assert cuda_graph_options(True, config) == (True, config)
+    with pytest.raises(ValueError, match="give one or the other"):
+        cuda_graph_options(False, config)
+    with pytest.raises(TypeError, match="CudaGraphConfig or None"):
+        cuda_graph_options(True, {"batch_sizes": [1]})
 
 
 def test_decode_graphs_without_padding_serve_only_their_sizes(checkpoint):

@@ -39,7 +39,8 @@ all prompts, or a list with one per prompt, None for the base model); `generate_
 
 CUDA graphs (on a GPU): `cuda_graph_config=CudaGraphConfig(batch_sizes=..., max_batch_size=...,
 enable_padding=..., max_prefill_tokens=2048)` (TensorRT-LLM's, plus ours: prefill steps of up to
-that many tokens replay graphs too; runtime/cuda_graphs.py); `enable_cuda_graph=False`: none.
+that many tokens replay graphs too; runtime/cuda_graphs.py); none: `cuda_graph_config=None`
+(TensorRT-LLM's spelling) or `enable_cuda_graph=False`.
 
 `stream_interval=N` (TensorRT-LLM's name): a streaming request gets an output every N
 new tokens (its first at once, its last when it ends) instead of every token: fewer,
@@ -85,6 +86,22 @@ from trtllm.sampling_params import SamplingParams
 
 __all__ = ["LLM", "StreamingOutputs"]
 
+DEFAULT_CUDA_GRAPHS = object()  # LLM(cuda_graph_config=) not given: CudaGraphConfig's defaults
+
+
+def cuda_graph_options(enable_cuda_graph: bool, cuda_graph_config) -> tuple[bool, CudaGraphConfig | None]:
+    """(enable_cuda_graph, config) from LLM's two spellings: TensorRT-LLM turns graphs off with
+    cuda_graph_config=None, ours with enable_cuda_graph=False; not given: the defaults (None)."""
+    if cuda_graph_config is DEFAULT_CUDA_GRAPHS:
+        return enable_cuda_graph, None
+    if cuda_graph_config is None:
+        return False, None
+    if not isinstance(cuda_graph_config, CudaGraphConfig):
+        raise TypeError(f"cuda_graph_config must be a CudaGraphConfig or None, got {type(cuda_graph_config).__name__}")
+    if not enable_cuda_graph:
+        raise ValueError("enable_cuda_graph=False with a cuda_graph_config: give one or the other")
+    return True, cuda_graph_config
+
 
 class LLM:
     """The engine on a thread of this process (`EngineLoop`); answers `EngineClient`, as the
@@ -100,12 +117,13 @@ class LLM:
                  multimodal_encoder=None,
                  moe_expert_parallel_size: int | None = None, moe_tensor_parallel_size: int | None = None,
                  pipeline_parallel_size: int = 1, pp_partition: list[int] | None = None,
-                 cuda_graph_config: CudaGraphConfig | None = None):
+                 cuda_graph_config: CudaGraphConfig | None | object = DEFAULT_CUDA_GRAPHS):
         if batched_logits_processor is not None and not callable(batched_logits_processor):
             raise TypeError("batched_logits_processor must be callable (a BatchedLogitsProcessor)")
         check_multimodal_encoder(multimodal_encoder, model)
         if speculative_config is not None and speculative_decoding_config is not None:
             raise ValueError("give speculative_config or speculative_decoding_config (the same thing), not both")
+        enable_cuda_graph, cuda_graph_config = cuda_graph_options(enable_cuda_graph, cuda_graph_config)
         self.engine = build_engine(model, tokenizer, dtype, kv_cache_config, build_config, quant_config,
                                    enable_cuda_graph, device, compile_options, stream_interval,
                                    disable_overlap_scheduler, kv_cache_scales, tensor_parallel_size,
