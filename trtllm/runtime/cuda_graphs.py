@@ -221,9 +221,7 @@ class CudaGraphs:
             for graphs, base in variants:
                 for b in sorted(batch_sizes, reverse=True):
                     with no_adapters(base):
-                        graph, logits, greedy = self._capture_one(b, 1, self._pool, greedy=True)  # logits [b, V]
-                    self._pool = graph.pool()
-                    graphs[b] = (graph, logits, greedy)
+                        graphs[b] = self._capture_one([1] * b, greedy=True)  # logits [b, V]
             torch.cuda.synchronize()
 
     @torch.no_grad()
@@ -237,8 +235,7 @@ class CudaGraphs:
             for b in sorted(batch_sizes, reverse=True):
                 if b * tokens_per_seq > meta.max_num_tokens or b > meta.max_num_seqs:
                     continue
-                graph, logits, _ = self._capture_one(b, tokens_per_seq, self._pool)  # logits [b * L, V]
-                self._pool = graph.pool()
+                graph, logits, _ = self._capture_one([tokens_per_seq] * b)  # logits [b * L, V]
                 self.verify[b] = (graph, logits)
             self.verify_len = tokens_per_seq
             torch.cuda.synchronize()
@@ -248,26 +245,13 @@ class CudaGraphs:
         """Capture steps of T tokens for each T (largest first, the shared pool): T tokens over
         min(max_num_seqs, T) sequences at capture, launched with the bounds of any step of at
         most T tokens (see the module docstring); min(T, max_num_seqs) logits rows."""
-        runner, meta = self.runner, self.runner.meta
+        max_num_seqs = self.runner.meta.max_num_seqs
         with self._frozen_heap():
             for t in sorted(token_sizes, reverse=True):
-                seqs = min(meta.max_num_seqs, t)
+                seqs = min(max_num_seqs, t)
                 lens = [t // seqs] * seqs
                 lens[0] += t - sum(lens)
-                tables = [[0] * math.ceil(n / runner.block_size) for n in lens]
-                meta.fill(lens, lens, tables, runner.block_size)
-                meta.slot_mapping.fill_(-1)
-                meta.max_query_len, meta.max_seq_len = t, runner.max_model_len  # bounds of every replay
-                ids, pos = runner._flat_batch(t)
-                rows = runner.logits_indices[:seqs]
-                with attention_context(runner.cache, meta), runner._multimodal_context():
-                    for _ in range(2):  # compile for this shape and warm up outside the graph
-                        runner.compiled(ids, pos, rows)
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self._pool):
-                        logits = runner.compiled(ids, pos, rows)  # [seqs, V]
-                self._pool = graph.pool()
+                graph, logits, _ = self._capture_one(lens, rows=seqs)  # logits [seqs, V]
                 self.prefill[t] = (graph, logits)
             torch.cuda.synchronize()
 
@@ -285,27 +269,35 @@ class CudaGraphs:
             gc.unfreeze()
             self.capture_s += time.perf_counter() - started
 
-    def _capture_one(self, b: int, tokens_each: int, pool, greedy: bool = False):
-        """(graph, logits, greedy picks or None) of one step of b sequences of `tokens_each`
-        tokens with no slot to write: capture-time values only; every replay refills the same
-        buffers. max_seq_len = the model's length, so the captured kernels' split choice covers
-        any later context. The decode-graph variant: its GEMV linears serve any call of few
-        tokens (attention takes its prefill path from max_query_len > 1 itself)."""
-        runner = self.runner
-        blocks = [0] * math.ceil(tokens_each / runner.block_size)
-        runner.meta.fill([tokens_each] * b, [tokens_each] * b, [blocks] * b, runner.block_size)
-        runner.meta.slot_mapping.fill_(-1)
-        runner.meta.max_seq_len = runner.max_model_len
-        ids, pos = runner._flat_batch(b * tokens_each)
-        with attention_context(runner.cache, runner.meta), runner._multimodal_context(), \
-                runner.compiled.decode_graphs():
+    def _capture_one(self, lens: list[int], greedy: bool = False, rows: int | None = None):
+        """(graph, logits, greedy picks or None) of one step of sequences of `lens` new tokens
+        each, with no slot to write, in the shared pool: capture-time values only; every replay
+        refills the same buffers. max_seq_len = the model's length, so the captured kernels'
+        split choice covers any later context. rows None: a decode or verify step, every token
+        a logits row, on the decode-graph compilation (its GEMV linears serve any call of few
+        tokens; attention takes its prefill path from max_query_len > 1 itself). rows R: a
+        prefill step on the ordinary compilation, launched with max_query_len = all its tokens
+        (a bound for any step of as many), logits for the first R flat indices staged."""
+        runner, meta = self.runner, self.runner.meta
+        total = sum(lens)
+        meta.fill(lens, lens, [[0] * math.ceil(n / runner.block_size) for n in lens], runner.block_size)
+        meta.slot_mapping.fill_(-1)
+        meta.max_seq_len = runner.max_model_len
+        if rows is not None:
+            meta.max_query_len = total
+        ids, pos = runner._flat_batch(total)
+        args = (ids, pos) if rows is None else (ids, pos, runner.logits_indices[:rows])
+        variant = runner.compiled.decode_graphs() if rows is None else contextlib.nullcontext()
+        with attention_context(runner.cache, meta), runner._multimodal_context(), variant:
             for _ in range(2):  # compile for this shape and warm up outside the graph
-                runner.compiled(ids, pos)
+                runner.compiled(*args)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = runner.compiled(ids, pos)[0]
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = runner.compiled(*args)
+                logits = logits[0] if rows is None else logits  # [total or rows, V]
                 # greedy decoding needs no sampler launches: argmax and the NaN/Inf
                 # check ride in the graph, and one read brings both back
                 picks = greedy_picks(logits) if greedy else None
+        self._pool = graph.pool()
         return graph, logits, picks
