@@ -79,7 +79,7 @@ def eager_with_adapter(model, weights: dict, ids, pos):
 def check_correctness(llm, model, request: LoRARequest, vocab: int, device, results: dict) -> None:
     adapters = llm.engine.adapters
     slots = adapters.slots
-    weights = read_peft_weights(adapters.check(request), adapters.dtype, pin=False)
+    weights = read_peft_weights(adapters.check(request), adapters.dtype)
     ids = prompts(2, vocab, seed=7).to(device)
     pos = torch.arange(PROMPT, device=device)[None].expand(2, PROMPT)
     slots.load(0, weights)  # slot 0, before any request: the adapter cache loads its own there later
@@ -183,8 +183,8 @@ def main():
         load_ms.append((time.perf_counter() - started) * 1e3)
     results["slot_load_ms_runs"] = load_ms
     results["slot_load_ms"] = statistics.median(load_ms)
-    mib = sum(a.nbytes + b.nbytes for a, b in read_peft_weights(adapters.check(requests[1]), adapters.dtype,
-                                                                 pin=False).values()) / 2**20
+    weights = read_peft_weights(adapters.check(requests[1]), adapters.dtype)
+    mib = sum(a.nbytes + b.nbytes for a, b in weights.values()) / 2**20
     rows.append(dict(workload=f"rank-{RANK} adapter ({mib:.0f} MiB) host cache -> GPU slot", base="",
                      lora=f"{results['slot_load_ms']:.2f} ms (median of 10)", ratio="", lora_engine_base="",
                      lora_engine_base_ratio=""))

@@ -225,7 +225,7 @@ def test_kernels_are_the_peft_formula_on_the_compiled_model(llm, adapters):
     ids = torch.tensor([PROMPTS[2][:10], PROMPTS[2][5:15]])
     assert not engine.has_unfinished()
     from trtllm.runtime.adapters import read_peft_weights
-    weights = read_peft_weights(engine.adapters.check(request), torch.float32, pin=False)
+    weights = read_peft_weights(engine.adapters.check(request), torch.float32)
     spare = slots.max_loras - 1
     saved = [(g.lora_a[spare].clone(), g.lora_b[spare].clone()) for g in slots.groups.values()]
     try:
@@ -284,4 +284,4 @@ def test_pinned_slots_are_never_evicted_and_lru_goes_first(llm, adapters):
 
 def read_weights(cache, request):
     from trtllm.runtime.adapters import read_peft_weights
-    return read_peft_weights(cache.check(request), torch.float32, pin=False)
+    return read_peft_weights(cache.check(request), torch.float32)

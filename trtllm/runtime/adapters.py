@@ -148,16 +148,15 @@ def read_target_modules(directory: str | Path) -> list[str]:
     return list(DEFAULT_TARGET_MODULES)
 
 
-def read_peft_weights(adapter: PeftAdapter, dtype: torch.dtype, pin: bool) -> dict[str, tuple[torch.Tensor,
-                                                                                                 torch.Tensor]]:
-    """The adapter's (A [r, K], s * B [N, r]) per module path, in `dtype` (pinned host memory
-    for a GPU's copies with `pin`)."""
+def read_peft_weights(adapter: PeftAdapter, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The adapter's (A [r, K], s * B [N, r]) per module path, in `dtype`, on the host
+    (LoraSlots.image lays them out and pins them for a GPU's copies)."""
     weights = {}
     with safe_open(str(adapter.directory / WEIGHTS_FILE), framework="pt") as f:
         for path, (a_key, b_key) in adapter.keys.items():
             a = f.get_tensor(a_key).to(dtype)
             b = (f.get_tensor(b_key).double() * adapter.scaling).to(dtype)
-            weights[path] = (a.pin_memory(), b.pin_memory()) if pin else (a, b)
+            weights[path] = (a, b)
     return weights
 
 
@@ -249,7 +248,7 @@ class Adapters:
                 return image
         adapter = self.check(request)  # re-read on a miss: the files may have changed since
         try:
-            image = self.slots.image(read_peft_weights(adapter, self.dtype, pin=False),
+            image = self.slots.image(read_peft_weights(adapter, self.dtype),
                                      pin=self.slots.device.type == "cuda")
         except Exception as e:  # the files changed or went away since check()
             raise ValueError(f"LoRA adapter {request.lora_name!r} ({request.lora_path}) could not be read: "
