@@ -23,16 +23,14 @@ Two parts (bench_beam.py's batch: 16 requests x beam width 4 against 64 greedy r
 Prints tables; with $OUT set, writes $OUT/beam_step.{md,json}.
 """
 import argparse
-import cProfile
 import functools
-import pstats
 import time
 from collections import defaultdict
 from types import SimpleNamespace
 
 import torch
 
-from bench.probes.host_step import ZeroLogits
+from bench.probes.host_step import ZeroLogits, steps_to_end
 from bench.report import report
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
@@ -142,19 +140,8 @@ def run_steps(llm: LLM, prompts, params, profile: bool = False) -> tuple[float, 
         engine.add_request(f"r{i}", list(p), params)
     while not any(s.output_token_ids for s in engine.scheduler.running):  # prefill, and the first pick
         engine.step()
-    timer, prof = PhaseTimer(engine), cProfile.Profile() if profile else None
-    steps, t = 0, time.perf_counter()
-    if prof:
-        prof.enable()
-    while engine.has_unfinished():
-        engine.step()
-        steps += 1
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t
-    if prof:
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    timer = PhaseTimer(engine)
+    steps, wall = steps_to_end(engine, profile, top=25)
     timer.remove()
     return wall / steps * 1e3, {k: v / steps for k, v in timer.ms.items()}, steps
 

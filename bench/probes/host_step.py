@@ -77,6 +77,13 @@ def direct_steps(llm: LLM, batch: int, new: int, profile: bool, stream: bool = F
         engine.add_request(f"b{batch}-{i}", list(PROMPT), params, stream=stream)
     engine.step()  # prefill of all of them (one step: max_num_tokens covers it)
     assert all(s.output_token_ids for s in engine.scheduler.running)
+    steps, seconds = steps_to_end(engine, profile)
+    return seconds / steps * 1e6
+
+
+def steps_to_end(engine, profile: bool, top: int = 22) -> tuple[int, float]:
+    """`Engine.step` until no request is left: (steps, seconds, the device synchronized at the
+    end); with `profile`, cProfile's `top` functions by own time, printed after the timing."""
     prof = cProfile.Profile() if profile else None
     steps, t = 0, time.perf_counter()
     if prof:
@@ -84,10 +91,13 @@ def direct_steps(llm: LLM, batch: int, new: int, profile: bool, stream: bool = F
     while engine.has_unfinished():
         engine.step()
         steps += 1
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
     if prof:
         prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(22)
-    return (time.perf_counter() - t) / steps * 1e6
+        pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    return steps, seconds
 
 
 def loop_steps(llm: LLM, batch: int, new: int) -> float:
