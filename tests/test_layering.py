@@ -11,6 +11,7 @@ Layers, lowest first; a module imports trtllm modules of its own layer or lower 
       lora_slots                   how LoRA adapters' weights and per-token slots reach the graph
       expert_load                  the MoE blocks' device counters of tokens per expert
       multimodal_context           how image features reach the graph's splice op
+      hidden_states                hidden states kept per KV slot for EAGLE-3 drafts
       parallel.pipeline_parallel   how a pipeline stage's input reaches the graph; the layer partition
     quantization                   the FP8 description of a model, online quantization, checkpoint layouts
     models, demo                   model files and loading; the built-in demo model
@@ -42,7 +43,7 @@ LAYERS = [
     ["trtllm.config", "trtllm.sampling_params", "trtllm.lora_request", "trtllm.parallel.tensor_parallel",
      "trtllm.parallel.expert_parallel"],
     ["trtllm.kernels"],
-    ["trtllm.attention_context", "trtllm.expert_load", "trtllm.mla_attention", "trtllm.lora_slots", "trtllm.multimodal_context", "trtllm.parallel.pipeline_parallel"],
+    ["trtllm.attention_context", "trtllm.expert_load", "trtllm.mla_attention", "trtllm.lora_slots", "trtllm.multimodal_context", "trtllm.hidden_states", "trtllm.parallel.pipeline_parallel"],
     ["trtllm.quantization"],
     ["trtllm.models", "trtllm.demo"],
     ["trtllm.contract"],

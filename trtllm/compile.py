@@ -27,6 +27,7 @@ import torch.nn as nn
 from trtllm.attention_context import in_attention_context, whole_sequences_context
 from trtllm.contract import AttentionSpec, CompileError, contract_module, model_path, probe_attention
 from trtllm.expert_load import ExpertLoad
+from trtllm.hidden_states import HiddenStash
 from trtllm.inductor_fallbacks import declare_inductor_fallbacks
 from trtllm.lora_slots import LoraSlots
 from trtllm.parallel.pipeline_parallel import PipelineStage
@@ -69,7 +70,8 @@ class CompiledModel:
     def __init__(self, model: nn.Module, *, inductor: bool | None = None, passes=None,
                  decode_graph_passes=None, block_size: int = 16, quantization: Fp8Linears | None = None,
                  tensor_parallel: TensorParallel | None = None, lora: LoraSlots | None = None,
-                 pipeline: PipelineStage | None = None, expert_load: ExpertLoad | None = None):
+                 pipeline: PipelineStage | None = None, expert_load: ExpertLoad | None = None,
+                 hidden_stash: HiddenStash | None = None):
         # what the passes quantize (quantize_linears): given, or what loading put on the model
         self.quantization = quantization if quantization is not None else fp8_linears_of(model)
         self.module = contract_module(model)
@@ -81,6 +83,7 @@ class CompiledModel:
         self.tensor_parallel = tensor_parallel
         self.lora = lora  # LoRA adapters' slots (passes/apply_lora.py), None without
         self.expert_load = expert_load  # MoE blocks' tokens per expert (trtllm/expert_load.py), None: not counted
+        self.hidden_stash = hidden_stash  # states kept a row per KV slot (trtllm/hidden_states.py), None: none
         if expert_load is not None:
             expert_load.bind(model)
         self.attention = probed = probe_attention(self.module, self.device)
@@ -126,6 +129,13 @@ class CompiledModel:
             v.compiled = torch.compile(self.module, backend=functools.partial(self._backend, variant=v),
                                        dynamic=None, fullgraph=True)
 
+    def set_hidden_stash(self, stash: HiddenStash) -> None:
+        """Stash hidden states from the first call on (compile's `hidden_stash`); the graphs
+        compiled so far would not, so this must come before any."""
+        if self.graphs:
+            raise RuntimeError("set_hidden_stash after the model compiled graphs: they would not stash")
+        self.hidden_stash = stash
+
     @contextlib.contextmanager
     def decode_graphs(self):
         """Calls inside are the runner's decode CUDA graphs (warm-up and capture)."""
@@ -142,7 +152,7 @@ class CompiledModel:
         inputs = GraphInputs(gm.graph, example_inputs)
         ctx = PassContext(inputs=inputs, attention=self._layers, quantization=self.quantization,
                           tensor_parallel=self.tensor_parallel, lora=self.lora, pipeline=self.pipeline,
-                          expert_load=self.expert_load)
+                          expert_load=self.expert_load, hidden_stash=self.hidden_stash)
         for p in variant.passes:
             self.matches[p.__name__] += p(gm.graph, ctx)
         if self.quantization is not None:  # a placeholder left in use computes with NaN
@@ -322,5 +332,7 @@ def compile(model: nn.Module, **options) -> CompiledModel:
     after the first reads its input inside `pipeline_parallel.stage_input(hidden)`, one before the
     last returns hidden states [B, S, H], not logits), lora (a
     `LoraSlots`: passes/apply_lora.py adds each token's adapter to the targeted linears), expert_load
-    (an `ExpertLoad`: fuse_moe counts each MoE block's tokens per expert, trtllm/expert_load.py)."""
+    (an `ExpertLoad`: fuse_moe counts each MoE block's tokens per expert, trtllm/expert_load.py),
+    hidden_stash (a `HiddenStash`: passes/stash_hidden_states.py keeps the states leaving the named
+    decoder layers a row per KV slot, for an EAGLE-3 draft; `set_hidden_stash` before the first call)."""
     return CompiledModel(model, **options)

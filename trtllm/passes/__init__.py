@@ -26,12 +26,14 @@ from trtllm.passes.shard_tensor_parallel import shard_tensor_parallel
 from trtllm.passes.shard_vocab_parallel import shard_vocab_parallel
 from trtllm.passes.split_lm_head import split_lm_head
 from trtllm.passes.split_pipeline_stage import split_pipeline_stage
+from trtllm.passes.stash_hidden_states import stash_hidden_states
 from trtllm.passes.use_gemv_linear import use_gemv_linear
 
 PASSES = [
     place_mla_attention,                # first: DeepSeek's latent attention, before its SDPA is paged as K/V
     replace_sdpa_with_paged_attention,  # refuse unsupported attention before any work
     split_pipeline_stage,               # before shard_tensor_parallel: it splits only this stage's layers
+    stash_hidden_states,                # while every node has its module path (EAGLE-3's states)
     shard_tensor_parallel,              # before fuse_parallel_linears, which fuses each rank's slices
     quantize_linears,                   # before fuse_parallel_linears: FP8 weights stack as FP8
     fuse_moe,                           # before the linear, silu-mul passes rewrite the experts' ops

@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from trtllm.expert_load import ExpertLoad
+from trtllm.hidden_states import HiddenStash
 from trtllm.lora_slots import LoraSlots
 from trtllm.parallel.pipeline_parallel import PipelineStage
 from trtllm.parallel.tensor_parallel import TensorParallel
@@ -117,6 +118,8 @@ class PassContext:
     lora: LoraSlots | None = None
     # the MoE blocks' expert counters (fuse_moe counts each block's routed tokens), None: not counted
     expert_load: ExpertLoad | None = None
+    # the hidden states to keep a row per KV slot (EAGLE-3's target and draft), None: none
+    hidden_stash: HiddenStash | None = None
     # run once the call that compiled the graph has returned (e.g. fuse_parallel_linears
     # makes the model's weights views of the fused copy, so it holds one copy, not two)
     after_first_call: list[Callable[[], None]] = field(default_factory=list)

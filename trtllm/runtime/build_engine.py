@@ -218,9 +218,11 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
             speculative["config"], vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_num_seqs=max_num_seqs,
             max_num_tokens=max_num_tokens, max_seq_len=max_seq_len, block_size=kv_cache_config.tokens_per_block,
             kv_max_tokens=kv_cache_config.max_tokens, device=compiled.device, dtype=speculative["dtype"],
-            enable_cuda_graph=enable_cuda_graph, compile_options=speculative["compile_options"])
+            enable_cuda_graph=enable_cuda_graph, compile_options=speculative["compile_options"], target=compiled)
     blocks = num_kv_blocks(compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len,
                            kv_quant.dtype if kv_quant else None)
+    # an EAGLE-3 head's stores and its own runner, now that the target's pool is sized
+    hidden_states = speculative.attach_target(blocks * kv_cache_config.tokens_per_block) if speculative is not None else None
     block_manager = BlockManager(blocks, kv_cache_config.tokens_per_block, kv_cache_config.enable_block_reuse)
     adapters = _adapters(lora_config, compiled, module) if lora_config is not None else None
     compile_before_capture = compiled.compile_s
@@ -228,7 +230,8 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
                          max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs,
                          max_model_len=max_seq_len, enable_cuda_graph=enable_cuda_graph, kv_quant=kv_quant,
                          adapters=adapters, multimodal=multimodal,
-                         mrope=mrope_stager(module, max_num_tokens, compiled.device), cuda_graph_config=cuda_graph_config)
+                         mrope=mrope_stager(module, max_num_tokens, compiled.device), cuda_graph_config=cuda_graph_config,
+                         hidden_states=hidden_states)
     scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len, adapters=adapters)
     engine = Engine(runner, block_manager, scheduler, tokenizer,
                     EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len,

@@ -288,7 +288,7 @@ class CudaGraphs:
         ids, pos = runner._flat_batch(total)
         args = (ids, pos) if rows is None else (ids, pos, runner.logits_indices[:rows])
         variant = runner.compiled.decode_graphs() if rows is None else contextlib.nullcontext()
-        with attention_context(runner.cache, meta), runner._multimodal_context(), variant:
+        with attention_context(runner.cache, meta), runner.graph_inputs(), variant:
             for _ in range(2):  # compile for this shape and warm up outside the graph
                 runner.compiled(*args)
             torch.cuda.synchronize()
@@ -299,5 +299,7 @@ class CudaGraphs:
                 # greedy decoding needs no sampler launches: argmax and the NaN/Inf
                 # check ride in the graph, and one read brings both back
                 picks = greedy_picks(logits) if greedy else None
+                if picks is not None and runner.pick_map is not None:  # an EAGLE-3 head's draft vocabulary
+                    picks = torch.stack([runner.pick_map[picks[0]], picks[1]])
         self._pool = graph.pool()
         return graph, logits, picks

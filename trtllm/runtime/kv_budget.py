@@ -18,11 +18,14 @@ CPU_DEFAULT_TOKENS = 65536
 
 
 def bytes_per_block(compiled: CompiledModel, block_size: int, cache_dtype: torch.dtype | None = None) -> int:
-    """K and V (an MLA cache: the latent rows) of one block in every layer; cache_dtype None: the model's (spec.dtype)."""
+    """K and V (an MLA cache: the latent rows) of one block in every layer; cache_dtype None: the
+    model's (spec.dtype). Plus the hidden states kept beside them for an EAGLE-3 head (trtllm/hidden_states.py)."""
     spec = compiled.attention
     element = torch.empty((), dtype=cache_dtype or spec.dtype).element_size()
     pools = 1 if spec.latent else 2  # MLA: one latent row per token, no V (AttentionSpec.latent)
-    return pools * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * element
+    stash = getattr(compiled, "hidden_stash", None)
+    hidden = block_size * stash.width * spec.dtype.itemsize if stash is not None else 0
+    return pools * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * element + hidden
 
 
 def blocks_in(budget_bytes: float, compiled: CompiledModel, block_size: int,

@@ -44,6 +44,7 @@ turns, so step n+1's copy never overwrites step n's before the host reads it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -51,6 +52,7 @@ import torch
 from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
 from trtllm.compile import CompiledModel
 from trtllm.config import CudaGraphConfig
+from trtllm.hidden_states import HiddenStatesContext, hidden_states_context
 from trtllm.kernels.linear_lora import no_adapters
 from trtllm.multimodal_context import multimodal_context
 from trtllm.runtime.cuda_graphs import CudaGraphs, decode_batch_sizes, prefill_token_sizes
@@ -66,7 +68,8 @@ class ModelRunner:
                  max_num_tokens: int, max_num_seqs: int, max_model_len: int,
                  enable_cuda_graph: bool = True, kv_quant: KvCacheQuant | None = None, adapters=None,
                  multimodal: MultimodalStager | None = None, mrope=None,
-                 cuda_graph_config: CudaGraphConfig | None = None):
+                 cuda_graph_config: CudaGraphConfig | None = None,
+                 hidden_states: HiddenStatesContext | None = None, pick_map: torch.Tensor | None = None):
         spec = compiled.attention
         self.compiled, self.device = compiled, compiled.device
         self.block_size, self.max_model_len = block_size, max_model_len
@@ -81,6 +84,11 @@ class ModelRunner:
         self.adapters = adapters
         self.multimodal = multimodal  # image features staged per step (runtime/multimodal_stager.py), None: text only
         self.mrope = mrope  # 3-axis positions staged per step (runtime/mrope_positions.py), None: 1-D positions
+        # EAGLE-3: the stores the graphs' stash and draft-input ops use (trtllm/hidden_states.py), None: none
+        self.hidden_states = hidden_states
+        # decode graphs' greedy picks mapped through it ([V'] -> token id: an EAGLE-3 head's draft
+        # vocabulary), None: the argmax is the token id
+        self.pick_map = pick_map
         self._inputs = torch.zeros((3, max_num_tokens), dtype=torch.long, device=self.device)
         self._staging = torch.zeros((4 if adapters is not None else 3, max_num_tokens), dtype=torch.long,
                                     pin_memory=self.device.type == "cuda")
@@ -108,9 +116,13 @@ class ModelRunner:
         return self.adapters is None and self.multimodal is None and self.mrope is None \
             and not compiled.attention.latent and getattr(compiled, "tensor_parallel", None) is None
 
-    def _multimodal_context(self):
-        """The step's staged image features, where the graph's splice op reads them."""
-        return multimodal_context(self.multimodal.embeddings if self.multimodal is not None else None)
+    @contextlib.contextmanager
+    def graph_inputs(self):
+        """What the graph's ops read besides the KV cache: the step's staged image features
+        (the splice op's) and the hidden-state stores (EAGLE-3's stash and draft-input ops)."""
+        with multimodal_context(self.multimodal.embeddings if self.multimodal is not None else None), \
+                hidden_states_context(self.hidden_states):
+            yield
 
     def _flat_batch(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, positions) [1, num_tokens] of the step, contiguous views of the input
@@ -182,7 +194,7 @@ class ModelRunner:
                 return graphs.replay_prefill(size, ids, positions, sample_rows, scheduled, to_sample, verify)
         self._copy_inputs(ids, positions, sample_rows + prompt_rows)
         rows = self.logits_indices[: num_sampled + len(prompt_rows)]
-        with attention_context(self.cache, self.meta), self._multimodal_context(), \
+        with attention_context(self.cache, self.meta), self.graph_inputs(), \
                 no_adapters(self.adapters is not None and not adapters):
             logits = self.compiled(*self._flat_batch(num_tokens), rows)
         done = self._step_launched()

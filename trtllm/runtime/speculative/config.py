@@ -6,9 +6,13 @@
 
 `SpeculativeDecodingConfig` is the same thing as `DraftTargetDecodingConfig`
 (`as_draft_target()`); `speculative_model_dir` / `draft_model` may also be an `nn.Module`
-the engine can run. `EagleDecodingConfig` (EAGLE-3) and `MTPDecodingConfig` are accepted
-as types so that code written for TensorRT-LLM reads, but building an engine with them
-raises "not supported yet" (runtime/speculative/build.py).
+the engine can run.
+
+    LLM(model, speculative_config=EagleDecodingConfig(max_draft_len=4, speculative_model_dir="eagle3/"))
+
+takes an EAGLE-3 head in the published layout (models/eagle3.py). `MTPDecodingConfig` is
+accepted as a type so that code written for TensorRT-LLM reads, but building an engine with
+it raises "not supported yet" (runtime/speculative/build.py).
 
 `verify_cuda_graphs` (ours, not TensorRT-LLM's): CUDA graphs for verify steps in which every
 sequence verifies max_draft_len drafts (CudaGraphs.capture_verify, runtime/cuda_graphs.py).
@@ -19,7 +23,6 @@ draft-model batch-1 step from 24.7 ms to 10.8 ms: 0.44x -> 1.95x the plain targe
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pydantic import ConfigDict, Field
@@ -63,10 +66,17 @@ class SpeculativeDecodingConfig(ValidatedConfig):
 
 
 class EagleDecodingConfig(ValidatedConfig):
-    """EAGLE-3 heads: accepted as a type, refused at build (not supported yet)."""
-    max_draft_len: int = Field(4, ge=1)
-    speculative_model_dir: str | Path | None = None
-    eagle3_one_model: bool = True
+    """An EAGLE-3 head (models/eagle3.py) proposes max_draft_len tokens a step from the
+    target's own hidden states (runtime/speculative/eagle3.py); the target verifies them."""
+    model_config = _ARBITRARY
+    max_draft_len: int = Field(4, ge=1, le=32, description="draft tokens proposed per step at most")
+    speculative_model_dir: Any = Field(None, description="the EAGLE-3 head: a checkpoint directory or an "
+                                                         "Eagle3Draft module")
+    eagle3_one_model: bool = Field(True, description="the head runs in the target's engine (False is refused)")
+    eagle3_layers_to_capture: set[int] | None = Field(
+        None, description="the target layers whose output the head reads (default: the head's config, else "
+                          "1, L/2 - 1, L - 4)")
+    verify_cuda_graphs: bool | None = Field(None, description=_VERIFY_GRAPHS)
 
 
 class MTPDecodingConfig(ValidatedConfig):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from trtllm.hidden_states import HiddenStatesContext
 from trtllm.runtime.model_runner import LaunchedStep
 from trtllm.runtime.sampler import (
     Sampler,
@@ -49,19 +50,25 @@ FIRST_BACK_OFF, MAX_BACK_OFF = 4, 64  # tokens decoded without drafts, doubling 
 class SpeculativeDecoder:
     def __init__(self, max_draft_len: int, max_seq_len: int, vocab_size: int, eos_token_ids: list[int], *,
                  max_matching_ngram_size: int | None = None, draft: DraftModelProposer | None = None,
-                 verify_cuda_graphs: bool | None = None):
+                 verify_cuda_graphs: bool | None = None, attach_target=None):
         if (max_matching_ngram_size is None) == (draft is None):
             raise ValueError("a SpeculativeDecoder takes one proposer: an n-gram size or a draft model")
         self.max_draft_len, self.max_seq_len = max_draft_len, max_seq_len
         self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
         self.max_matching_ngram_size, self.draft = max_matching_ngram_size, draft
         self.verify_cuda_graphs = verify_cuda_graphs  # build_engine captures them unless False (on a GPU)
+        self._attach_target = attach_target  # an EAGLE-3 head's: see attach_target
         self._draft_probs: dict[Sequence, torch.Tensor] = {}
         # back-off (module docstring): seq -> [verify steps in a row with none accepted, the
         # next back-off in tokens, num_tokens from which it speculates again]
         self._back_off: dict[Sequence, list[int]] = {}
         # totals since start (EngineStats): draft tokens proposed and verified, accepted, verify rows
         self.num_draft_tokens = self.num_accepted_tokens = self.num_verify_steps = 0
+
+    def attach_target(self, num_slots: int) -> HiddenStatesContext | None:
+        """Once the target's pool of num_slots KV slots is sized: the hidden-state store its
+        runner writes for an EAGLE-3 head (which gets its own runner and pool now), else None."""
+        return self._attach_target(num_slots) if self._attach_target is not None else None
 
     # -- before the step ------------------------------------------------------------
     def draft_len(self, seq: Sequence) -> int:

@@ -18,6 +18,10 @@ requests the draft's processed distribution q [k, V] goes to rejection sampling
 (verify.py). Mirrors of sequences no longer running (finished, preempted) are freed; a
 sequence the draft pool has no room for is simply not speculated this step.
 
+An EAGLE-3 head (`eagle`, eagle3.py) is such a draft model whose mirrors hold the target's
+tokens from the second on, whose launches read hidden states staged before each, and whose
+K/V is kept only where it came from the target's states.
+
 Greedy drafts on decode graphs are chained on the device (`_propose_chained`): step i+1's
 input ids are step i's greedy picks, gathered on the GPU (`ModelRunner.execute_ahead`, the
 overlap scheduler's path), so the k steps are queued back to back and the host reads all
@@ -34,14 +38,17 @@ from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.model_runner import ModelRunner
 from trtllm.runtime.sampler import SamplingBatch, argmax_serves, gumbel_noise, process_logits
 from trtllm.runtime.sequence import Sequence, SequenceStatus
+from trtllm.runtime.speculative.eagle3 import Eagle3Inputs
 
 _DRAFT_SEED_SALT = 0x5DEC0DE  # the draft's noise differs from the target's
 
 
 class DraftModelProposer:
-    def __init__(self, runner: ModelRunner, block_manager: BlockManager, max_num_tokens: int, vocab_size: int,
-                 eos_token_ids: list[int]):
+    def __init__(self, runner: ModelRunner | None, block_manager: BlockManager | None, max_num_tokens: int,
+                 vocab_size: int, eos_token_ids: list[int], eagle: Eagle3Inputs | None = None):
+        # None until attach_target for an EAGLE-3 head (its stores need the target's pool size)
         self.runner, self.block_manager = runner, block_manager
+        self.eagle = eagle  # an EAGLE-3 head's inputs (eagle3.py), None: an ordinary draft model
         self.max_num_tokens, self.vocab_size, self.eos_token_ids = max_num_tokens, vocab_size, eos_token_ids
         self.mirrors: dict[int, Sequence] = {}  # target seq_id -> mirror
         self._synced: dict[int, int] = {}  # target seq_id -> its output length at the last sync
@@ -51,8 +58,11 @@ class DraftModelProposer:
         """(draft tokens, q [k, V] or None for argmax drafts) per sequence; `live`: the
         seq_ids of every running target sequence (the others' mirrors are freed)."""
         for sid in [s for s in self.mirrors if s not in live]:
-            self.block_manager.free(self.mirrors.pop(sid), publish=False)
+            m = self.mirrors.pop(sid)
+            self.block_manager.free(m, publish=False)
             self._synced.pop(sid, None)
+            if self.eagle is not None:
+                self.eagle.forget(m)
         mirrors, kept = [], []
         for seq, k in zip(seqs, ks):
             m = self._sync(seq, k)
@@ -84,7 +94,7 @@ class DraftModelProposer:
             active = [m for m, k in zip(mirrors, kept) if k > step]
             if not active:
                 return
-            launched = self.runner.execute([(m, 1) for m in active])
+            launched = self._launch([(m, 1) for m in active])
             launched.wait()
             self._sample(launched.to_sample, launched.logits, drafts, launched.picks)
             for m in active:
@@ -102,8 +112,10 @@ class DraftModelProposer:
         for step in range(steps):
             active = [m for m, k in zip(mirrors, kept) if k > step]
             if launched is None:  # the first step: the mirrors' last tokens, known on the host
-                launched = runner.execute([(m, 1) for m in active])
+                launched = self._launch([(m, 1) for m in active])
             else:  # each mirror's input: its pick of the step before, gathered on the device
+                if self.eagle is not None:
+                    self.eagle.stage([(m, 1) for m in active])
                 launched = runner.execute_ahead(launched, active, [rows_of[m] for m in active])
             if launched is None or launched.device_picks is None:  # decode_size said a graph fits
                 raise RuntimeError(f"a chained draft step of {len(active)} sequences found no decode graph")
@@ -141,7 +153,8 @@ class DraftModelProposer:
         if the pool cannot hold them now."""
         m = self.mirrors.get(seq.seq_id)
         if m is None:
-            m = Sequence(seq.request_id, seq.prompt_token_ids, seq.sampling_params, index=seq.index,
+            prompt = seq.prompt_token_ids if self.eagle is None else self.eagle.mirror_prompt(seq)
+            m = Sequence(seq.request_id, prompt, seq.sampling_params, index=seq.index,
                          seed=seq.seed ^ _DRAFT_SEED_SALT, status=SequenceStatus.RUNNING)
             if not self.block_manager.can_allocate(m):
                 return None
@@ -161,8 +174,12 @@ class DraftModelProposer:
         m.output_token_ids = list(new)
         # the last token is always computed again: its logits give the first draft token
         m.num_computed_tokens = min(m.num_computed_tokens, len(m.prompt_token_ids) + common, m.num_tokens - 1)
+        if self.eagle is not None:  # its K/V computed from the target's states only (eagle3.py)
+            self.eagle.begin(m, seq)
         # the catch-up, the last token and k - 1 draft tokens: positions up to num_tokens + k - 2
         if not self.block_manager.try_append(m, m.num_tokens - m.num_computed_tokens + k - 1):
+            if self.eagle is not None:  # nothing computed this time: recompute from the start next time
+                self.eagle.forget(m)
             return None
         return m
 
@@ -180,10 +197,16 @@ class DraftModelProposer:
                     break
                 batch.append((m, n))
                 budget -= n
-            self.runner.execute(batch)
+            self._launch(batch)
             for m, n in batch:
                 m.num_computed_tokens += n
             pending = [m for m in pending if m.num_tokens - m.num_computed_tokens > 1]
+
+    def _launch(self, batch: list[tuple[Sequence, int]]):
+        """runner.execute, an EAGLE-3 head's hidden-input rows staged first."""
+        if self.eagle is not None:
+            self.eagle.stage(batch)
+        return self.runner.execute(batch)
 
     @torch.no_grad()
     def _sample(self, mirrors: list[Sequence], logits: torch.Tensor, drafts: dict,
@@ -197,6 +220,8 @@ class DraftModelProposer:
                 qs.append(None)
                 m.output_token_ids.append(t)
             return
+        if self.eagle is not None:  # the head's vocabulary into the target's
+            logits = self.eagle.expand(logits)
         batch = SamplingBatch.build(mirrors, self.vocab_size, logits.device, self.eos_token_ids)
         x = process_logits(logits.float(), batch)
         tokens = x.argmax(-1)
