@@ -14,6 +14,9 @@ graphs on, as users run it) on the same prompts:
 - n-gram lookup (`NGramDecodingConfig`, max_matching_ngram_size 3) at batch 1, on prompts
   that repeat a 16-token phrase (the target's greedy text then tends to repeat too;
   acceptance is what it measures);
+- an EAGLE-3 head (`EagleDecodingConfig`) of the published 8B heads' shapes, random weights:
+  what its machinery costs at ~0% acceptance (the target stashing its states, the head's
+  steps), batch 1 and batch 32 (real acceptance: bench/bench_eagle3_demo.py);
 - the overhead at ~0% acceptance: a 2-layer draft of other random weights, batch 1.
 Per row: output tok/s with and without speculation, the speed-up, the draft tokens'
 acceptance rate, the acceptance length (tokens a verify step gains: accepted + 1), and
@@ -22,7 +25,7 @@ are common: over 128 tokens most sequences meet one), and, where a sequence part
 plain run, how far below the plain target's pick its token lies (the check: at most
 MAX_DIVERGENCE_GAP nats, else exit 1).
 Verify steps run under CUDA graphs (the configs' default on a GPU: graphs for b sequences of
-k + 1 tokens) unless --no-verify-graphs (0.44x vs 1.95x at batch 1 on the H200, 2026-12-03). --only draft|ngram|random runs a subset (one engine build per workload).
+k + 1 tokens) unless --no-verify-graphs (0.44x vs 1.95x at batch 1 on the H200, 2026-12-03). --only draft|ngram|eagle|random runs a subset (one engine build per workload).
 --smoke: tiny fp32 shapes, runs on the CPU. Table last; JSON under $OUT when set.
 """
 import argparse
@@ -32,9 +35,10 @@ import torch
 
 from bench.report import markdown, report
 from trtllm.config import BuildConfig, KvCacheConfig
+from trtllm.models.eagle3 import Eagle3Config, Eagle3Draft
 from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
 from trtllm.runtime.llm import LLM
-from trtllm.runtime.speculative.config import DraftTargetDecodingConfig, NGramDecodingConfig
+from trtllm.runtime.speculative.config import DraftTargetDecodingConfig, EagleDecodingConfig, NGramDecodingConfig
 from trtllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -82,6 +86,33 @@ def zeroed_target_and_draft(shape: dict, device, dtype, seed: int = 0):
     draft.model.layers = torch.nn.ModuleList(target.model.layers[:DRAFT_LAYERS])
     draft.init_buffers(torch.device(device))
     return target, draft.eval()
+
+
+def random_eagle3(shape: dict, device, dtype, seed: int = 2) -> Eagle3Draft:
+    """An EAGLE-3 head of the published Llama-3.1-8B heads' shapes (32,000-token draft
+    vocabulary), random weights: ~0% acceptance, the machinery's cost."""
+    vd = min(32000, shape["vocab_size"] // 2)
+    config = Eagle3Config(hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
+                          num_attention_heads=shape["num_attention_heads"],
+                          num_key_value_heads=shape["num_key_value_heads"], head_dim=shape["head_dim"],
+                          vocab_size=shape["vocab_size"], draft_vocab_size=vd, target_hidden_size=shape["hidden_size"],
+                          rms_norm_eps=shape["rms_norm_eps"], rope_theta=shape["rope_theta"],
+                          max_position_embeddings=shape["max_position_embeddings"],
+                          aux_layers=None if shape["num_hidden_layers"] >= 8 else (0, 1, 2))  # smoke: 4 layers
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            head = Eagle3Draft(config)
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(1.0, 0.05) if p.dim() == 1 else p.normal_(0.0, p.shape[-1] ** -0.5)
+    head.rotary_emb.init_buffers(torch.device(device))
+    head.draft_to_target = torch.randperm(shape["vocab_size"])[:vd].sort().values.to(device)
+    return head.eval().requires_grad_(False)
 
 
 def prompts(n: int, length: int, vocab: int, seed: int, periodic: bool = False) -> list[list[int]]:
@@ -141,7 +172,7 @@ def main():
     ap.add_argument("--large-batch", type=int, default=None, help="the draft-model batch row (32; smoke 4)")
     ap.add_argument("--no-verify-graphs", action="store_true",
                     help="verify steps without CUDA graphs (the configs' verify_cuda_graphs=False)")
-    ap.add_argument("--only", choices=["draft", "ngram", "random"], action="append",
+    ap.add_argument("--only", choices=["draft", "ngram", "eagle", "random"], action="append",
                     help="run these workloads only (repeatable; default all)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
@@ -162,6 +193,10 @@ def main():
         ("ngram", "n-gram, repeated-phrase prompt",
          NGramDecodingConfig(max_draft_len=k, max_matching_ngram_size=3, verify_cuda_graphs=graphs),
          [(1, prompts(1, args.prompt, vocab, 2, periodic=True))]),
+        ("eagle", "EAGLE-3 head, random weights (~0% acceptance)",
+         EagleDecodingConfig(max_draft_len=k, speculative_model_dir=random_eagle3(shape, device, dtype),
+                             verify_cuda_graphs=graphs),
+         [(1, prompts(1, args.prompt, vocab, 4)), (large, prompts(large, args.prompt, vocab, 5))]),
         ("random", "random draft, ~0% acceptance",
          DraftTargetDecodingConfig(max_draft_len=k, speculative_model_dir=random_draft, verify_cuda_graphs=graphs),
          [(1, prompts(1, args.prompt, vocab, 3))]),
