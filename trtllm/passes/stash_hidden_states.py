@@ -46,25 +46,23 @@ def stash_hidden_states(graph: fx.Graph, ctx: PassContext) -> int:
     done = ctx.inputs.add_constant("hidden_stash_done", torch.zeros(1, device=device))
     order = {n: i for i, n in enumerate(graph.nodes)}
     x = max(leaving, key=order.__getitem__)  # the new nodes go after the last of them
-    fake_mode = value(x).fake_mode
-    with fake_mode:
-        if len(leaving) > 1:
-            x = _node(graph, x, torch.cat, (leaving, -1))
-        if weight is not None:
-            x = _node(graph, x, F.linear, (x, weight), fake_mode.from_tensor(stash.combine))
+    if len(leaving) > 1:
+        x = _node(graph, x, torch.cat, (leaving, -1), stash.hidden_size * len(leaving))
+    if weight is not None:
+        x = _node(graph, x, F.linear, (x, weight), stash.width)
     with graph.inserting_after(x):
         node = graph.call_function(torch.ops.trtllm.stash_hidden.default, (x, done))
     node.meta["example_value"] = None
     return 1
 
 
-def _node(graph: fx.Graph, after: fx.Node, target, args, *fakes) -> fx.Node:
-    """target(*args) as a node right after `after`, with its example value (`fakes`: those of
-    the last args, constant inputs whose recorded value is real)."""
+def _node(graph: fx.Graph, after: fx.Node, target, args, width: int) -> fx.Node:
+    """target(*args) right after `after`; its example value [B, S, width] like `after`'s (made
+    by new_empty: computed on fake tensors, a constant's dims would turn symbolic)."""
     with graph.inserting_after(after):
         node = graph.call_function(target, args)
-    values = [[value(a) for a in x] if isinstance(x, list) else value(x) for x in args]
-    node.meta["example_value"] = target(*values[:len(values) - len(fakes)], *fakes)
+    v = value(after)
+    node.meta["example_value"] = v.new_empty((*v.shape[:-1], width))
     return node
 
 
