@@ -264,3 +264,24 @@ def test_config_reads_the_published_fields():
                                 "num_hidden_layers": 1})
     assert (cfg.head_dim, cfg.draft_vocab_size, cfg.target_hidden_size) == (128, 32000, 4096)
     assert cfg.target_layers(32) == (1, 15, 28)  # TensorRT-LLM's default: (1, L/2 - 1, L - 4)
+
+
+def test_the_demo_models_trained_head_is_accepted_often_and_changes_nothing():
+    """The head shipped beside the demo model (tools/train_eagle3_head.py): on held-out
+    entries its drafts are accepted for ~2.5-2.9 tokens a verify step (bench/bench_eagle3_demo.py);
+    a broken stash, shift or vocabulary map would make that ~1."""
+    from trtllm.demo import HELDOUT_SAMPLE, demo_model_path, read_entries
+    from trtllm.runtime.tokenizer import load_tokenizer
+    model = demo_model_path()
+    entries = read_entries(model / HELDOUT_SAMPLE)[:6]
+    prompts = [ids[:16] for ids in load_tokenizer(str(model))(entries)["input_ids"]]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    build = BuildConfig(max_batch_size=8, max_num_tokens=256, max_seq_len=128)
+    with LLM(str(model), dtype="float32", build_config=build) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    cfg = EagleDecodingConfig(max_draft_len=4, speculative_model_dir=str(model / "eagle3"))
+    with LLM(str(model), dtype="float32", build_config=build, speculative_config=cfg) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        stats = llm.get_stats()
+    assert got == expected
+    assert 1 + stats["spec_accepted_tokens"] / stats["spec_verify_steps"] > 2.0
