@@ -520,8 +520,8 @@ def validate(head: Eagle3Head, val: list[dict], t2d_index: torch.Tensor, eos: in
     losses, accs, n = [0.0] * args.ttt_steps, [0.0] * args.ttt_steps, 0
     for i in range(0, len(val), args.batch_size):
         chunk = val[i: i + args.batch_size]
-        _, l, a = ttt_loss(head, collate(chunk, t2d_index, eos), args)
-        losses = [x + y * len(chunk) for x, y in zip(losses, l)]
+        _, chunk_losses, a = ttt_loss(head, collate(chunk, t2d_index, eos), args)
+        losses = [x + y * len(chunk) for x, y in zip(losses, chunk_losses)]
         accs = [x + y * len(chunk) for x, y in zip(accs, a)]
         n += len(chunk)
     return {"val_loss": [round(x / n, 4) for x in losses], "val_top1": [round(x / n, 4) for x in accs]}
@@ -535,7 +535,7 @@ def train(head: Eagle3Head, train_data: list[dict], val: list[dict], eos: int, a
     rng = random.Random(args.seed + 1)
     lengths = [d["tokens"].numel() for d in train_data]
     order: list[list[int]] = []
-    history, t0, t_log, eval_s, step, last = [], time.time(), time.time(), 0.0, 0, False
+    history, t0, eval_s, step, last = [], time.time(), 0.0, 0, False
     head.train()
     while not last:
         lr = lr_at(step, args, progress_at(step, time.time() - t0 - eval_s, args))

@@ -107,6 +107,8 @@ def _recording(proposer, calls: list):
     return recorded
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="exact against HF on the CPU; on a GPU, test_eagle3_gpu.py "
+                                                    "compares graph and eager engines on one device")
 def test_the_engine_proposes_what_the_plain_recomputation_does(target, head):
     params = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
     prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3]]
@@ -195,6 +197,8 @@ class _EagerDecodeGraph:
         self.replays += 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU stand-ins of decode graphs (a GPU captures real ones: "
+                                                    "test_eagle3_gpu.py)")
 def test_chained_draft_steps_on_decode_graphs_keep_output_identical(target, head):
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     with small_llm(target) as llm:
@@ -285,3 +289,12 @@ def test_the_demo_models_trained_head_is_accepted_often_and_changes_nothing():
         stats = llm.get_stats()
     assert got == expected
     assert 1 + stats["spec_accepted_tokens"] / stats["spec_verify_steps"] > 2.0
+
+
+def test_the_commands_spell_it_eagle3():
+    from trtllm.config import ConfigError
+    from trtllm.runtime.speculative.config import speculative_config_from_options
+    cfg = speculative_config_from_options("eagle3", 3, 2, "head/")
+    assert isinstance(cfg, EagleDecodingConfig) and cfg.max_draft_len == 3 and cfg.speculative_model_dir == "head/"
+    with pytest.raises(ConfigError, match="eagle3 needs --speculative_model_dir"):
+        speculative_config_from_options("eagle3", 3, 2, None)

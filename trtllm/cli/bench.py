@@ -65,13 +65,14 @@ def _run_options(parser, suppress: bool) -> None:
     _add(parser, "--expert_load", action="store_true", default=d(False),
          help="MoE models: count the tokens routed to each expert of each MoE block (one small kernel a block a "
               "step, trtllm/expert_load.py) and report max / mean per expert and their ratio")
-    _add(parser, "--speculative", choices=["ngram", "draft_target"], default=d(None),
-         help="speculative decoding: n-gram lookup (NGramDecodingConfig) or a draft model "
-              "(DraftTargetDecodingConfig, --speculative_model_dir); docs/speculative_decoding.md")
+    _add(parser, "--speculative", choices=["ngram", "draft_target", "eagle3"], default=d(None),
+         help="speculative decoding: n-gram lookup (NGramDecodingConfig), a draft model "
+              "(DraftTargetDecodingConfig) or an EAGLE-3 head (EagleDecodingConfig), both from "
+              "--speculative_model_dir; docs/speculative_decoding.md")
     _add(parser, "--max_draft_len", type=int, default=d(4), help="draft tokens a step at most (default 4)")
     _add(parser, "--max_matching_ngram_size", type=int, default=d(3),
          help="n-gram: the longest suffix looked up (default 3)")
-    _add(parser, "--speculative_model_dir", default=d(None), help="draft_target: the draft model's checkpoint")
+    _add(parser, "--speculative_model_dir", default=d(None), help="draft_target: the draft model's checkpoint; eagle3: the EAGLE-3 head's")
     _add(parser, "--temperature", type=float, default=d(0.0), help="0 = greedy (default)")
     _add(parser, "--warmup", type=int, default=d(2), help="requests run before timing, untimed (default 2)")
     _add(parser, "--report_json", default=d(None), help="write every figure and the configuration to FILE")

@@ -93,14 +93,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tool_parser", "--tool-parser", choices=["hermes", "llama3"], default="hermes",
                     help="how a chat reply's tool calls are written (tools with tool_choice auto): hermes "
                          "(Hermes / Qwen: <tool_call>{json}</tool_call>) or llama3 (Llama-3.x JSON); default hermes")
-    ap.add_argument("--speculative", choices=["ngram", "draft_target"], default=None,
-                    help="speculative decoding: n-gram lookup or a draft model (--speculative_model_dir); "
+    ap.add_argument("--speculative", choices=["ngram", "draft_target", "eagle3"], default=None,
+                    help="speculative decoding: n-gram lookup, a draft model or an EAGLE-3 head (--speculative_model_dir); "
                          "docs/speculative_decoding.md (the overlap scheduler is then off)")
     ap.add_argument("--max_draft_len", "--max-draft-len", type=int, default=4, help="draft tokens a step at most")
     ap.add_argument("--max_matching_ngram_size", "--max-matching-ngram-size", type=int, default=3,
                     help="n-gram: the longest suffix looked up")
     ap.add_argument("--speculative_model_dir", "--speculative-model-dir", default=None,
-                    help="draft_target: the draft model's checkpoint")
+                    help="draft_target: the draft model's checkpoint; eagle3: the EAGLE-3 head's")
     ap.add_argument("--lora_modules", "--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                     help="LoRA adapters (PEFT directories) served by name: a request's `model` picks one")
     ap.add_argument("--max_lora_rank", "--max-lora-rank", type=int, default=None,

@@ -90,14 +90,16 @@ SPECULATIVE_CONFIGS = (NGramDecodingConfig, DraftTargetDecodingConfig, Speculati
 
 def speculative_config_from_options(kind: str | None, max_draft_len: int, max_matching_ngram_size: int,
                                     speculative_model_dir: str | None):
-    """The commands' --speculative ngram|draft_target and its options as a config (None: off)."""
+    """The commands' --speculative ngram|draft_target|eagle3 and its options as a config (None: off)."""
     if kind is None:
         return None
     if kind == "ngram":
         return NGramDecodingConfig(max_draft_len=max_draft_len, max_matching_ngram_size=max_matching_ngram_size)
-    if kind != "draft_target":
-        raise ConfigError("--speculative", [(None, None, f"must be ngram or draft_target, got {kind!r}")])
+    if kind not in ("draft_target", "eagle3"):
+        raise ConfigError("--speculative", [(None, None, f"must be ngram, draft_target or eagle3, got {kind!r}")])
     if speculative_model_dir is None:
-        raise ConfigError("--speculative", [(None, None, "draft_target needs --speculative_model_dir (the draft's "
-                                                         "checkpoint)")])
+        what = "the draft's checkpoint" if kind == "draft_target" else "the EAGLE-3 head's directory"
+        raise ConfigError("--speculative", [(None, None, f"{kind} needs --speculative_model_dir ({what})")])
+    if kind == "eagle3":
+        return EagleDecodingConfig(max_draft_len=max_draft_len, speculative_model_dir=speculative_model_dir)
     return DraftTargetDecodingConfig(max_draft_len=max_draft_len, speculative_model_dir=speculative_model_dir)
