@@ -12,36 +12,21 @@ host-bound, so the speed-up here says little about a large target; the acceptanc
 the head's. Runs on the CPU or a GPU. Table last; JSON under $OUT when set.
 """
 import argparse
-import time
 
 import torch
 
+from bench.bench_speculative import run
 from bench.report import markdown, report
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.demo import HELDOUT_SAMPLE, demo_model_path, read_entries
 from trtllm.runtime.llm import LLM
 from trtllm.runtime.speculative.config import EagleDecodingConfig
 from trtllm.runtime.tokenizer import load_tokenizer
-from trtllm.sampling_params import SamplingParams
 
 
 def make_llm(path, batch: int, **spec) -> LLM:
     return LLM(str(path), kv_cache_config=KvCacheConfig(max_tokens=batch * 256 + 512),
                build_config=BuildConfig(max_batch_size=batch, max_num_tokens=1024, max_seq_len=256), **spec)
-
-
-def run(llm: LLM, prompts: list[list[int]], new: int) -> tuple[list[list[int]], float, dict]:
-    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
-    before = llm.get_stats()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - t
-    after = llm.get_stats()
-    spec = {k: after[k] - before[k] for k in ("spec_draft_tokens", "spec_accepted_tokens", "spec_verify_steps")}
-    return [o.outputs[0].token_ids for o in outs], wall, spec
 
 
 def main():
