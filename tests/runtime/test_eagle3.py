@@ -120,6 +120,12 @@ def test_the_engine_proposes_what_the_plain_recomputation_does(target, head):
         proposer = llm.engine.speculative.draft
         proposer.propose = _recording(proposer, calls)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        first, hits = len(calls), llm.engine.block_manager.prefix_hit_tokens
+        # again: the prompts' full blocks now come from the prefix cache, their states from the
+        # rows the first run stashed beside their K/V
+        again = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert llm.engine.block_manager.prefix_hit_tokens > hits
+        assert again == got and len(calls) > first
         assert "stash_hidden_states: 1" in llm.engine.runner.compiled.summary()
         assert "stash_hidden_states: 1" in proposer.runner.compiled.summary()
     assert got == expected
