@@ -97,6 +97,17 @@ def test_speculative_ngram_reports_its_acceptance(tmp_path, capsys):
     assert report["config"]["options"]["speculative"] == "ngram"
 
 
+def test_speculative_eagle3_with_the_demo_models_head(tmp_path, capsys):
+    from trtllm.demo import demo_model_path
+    report_file = tmp_path / "report.json"
+    assert main(["--batch_size", "2", "--input_len", "8", "--output_len", "16", "--warmup", "0",
+                 "--speculative", "eagle3", "--speculative_model_dir", str(demo_model_path() / "eagle3"),
+                 "--report_json", str(report_file)]) == 0
+    report = _report(report_file)
+    assert report["results"]["speculative"]["verify_steps"] > 0
+    assert report["config"]["options"]["speculative"] == "eagle3"
+
+
 def test_prepare_dataset_then_throughput_on_a_tiny_checkpoint(tmp_path, capsys):
     checkpoint = write_checkpoint("llama31", tmp_path / "ckpt", vocab_size=512)
     dataset, log, report_file = tmp_path / "data.jsonl", tmp_path / "steps.jsonl", tmp_path / "report.json"
