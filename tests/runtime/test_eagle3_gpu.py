@@ -43,3 +43,10 @@ def test_graphs_propose_what_eager_steps_propose(target, head):  # noqa: F811
     eager = {tuple(c): d for c, d in eager_calls}
     same = [eager.get(tuple(c)) == d for c, d in graph_calls]
     assert all(same), f"{same.count(False)} of {len(same)} proposals differ"
+
+
+def test_the_demo_head_is_accepted_as_often_as_on_the_cpu():
+    """The trained head under Inductor and CUDA graphs: acceptance length > 2, as on the CPU
+    (test_eagle3.py); a stash Inductor dropped, or states read from the wrong rows, give ~1."""
+    from tests.runtime.test_eagle3 import test_the_demo_models_trained_head_is_accepted_often_and_changes_nothing as on
+    on()
