@@ -203,26 +203,75 @@ class _EagerDecodeGraph:
         self.replays += 1
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU stand-ins of decode graphs (a GPU captures real ones: "
+class _EagerStepGraph:
+    """A prefill (rows = min(T, max_num_seqs) logits of the staged indices, capture-time bounds)
+    or verify (rows None: every token's logits) graph's stand-in, the stores in its context."""
+
+    def __init__(self, runner, tokens: int, vocab: int, rows: int | None):
+        self.runner, self.tokens, self.rows, self.replays = runner, tokens, rows, 0
+        self.logits = torch.zeros(rows or tokens, vocab)
+
+    def replay(self):
+        from trtllm.attention_context import attention_context
+        r, t = self.runner, self.tokens
+        meta = r.meta
+        host_ints = meta.num_seqs, meta.max_query_len, meta.max_seq_len
+        if self.rows is not None:
+            meta.num_seqs, meta.max_query_len, meta.max_seq_len = min(meta.max_num_seqs, t), t, r.max_model_len
+        try:
+            with attention_context(r.cache, meta), r.graph_inputs():
+                if self.rows is None:
+                    self.logits.copy_(r.compiled(*r._flat_batch(t))[0])
+                else:
+                    self.logits.copy_(r.compiled(*r._flat_batch(t), r.logits_indices[:self.rows]))
+        finally:
+            meta.num_seqs, meta.max_query_len, meta.max_seq_len = host_ints
+        self.replays += 1
+
+
+def _stand_in_graphs(runner, vocab: int, k: int | None = None) -> list:
+    """Decode and prefill graphs (and verify graphs of k drafts) on `runner`, as a GPU captures them."""
+    decode = {b: _EagerDecodeGraph(runner, b, vocab) for b in (1, 2, 4, 8)}
+    runner.cuda_graphs.decode = {b: (g, g.logits, g.greedy) for b, g in decode.items()}
+    prefill = {t: _EagerStepGraph(runner, t, vocab, min(t, runner.meta.max_num_seqs)) for t in (16, 32, 64)}
+    runner.cuda_graphs.prefill = {t: (g, g.logits) for t, g in prefill.items()}
+    graphs = [*decode.values(), *prefill.values()]
+    if k is not None:
+        verify = {b: _EagerStepGraph(runner, b * (k + 1), vocab, None) for b in (1, 2, 4, 8)}
+        runner.cuda_graphs.verify = {b: (g, g.logits) for b, g in verify.items()}
+        runner.cuda_graphs.verify_len = k + 1
+        graphs += verify.values()
+    return graphs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU stand-ins of CUDA graphs (a GPU captures real ones: "
                                                     "test_eagle3_gpu.py)")
-def test_chained_draft_steps_on_decode_graphs_keep_output_identical(target, head):
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+def test_graph_steps_keep_drafts_and_output(target, head):
+    """Both runners on (stand-in) CUDA graphs, as on a GPU: the head's chained decode steps and
+    prefill catch-ups, the target's decode (so the overlap scheduler launches steps ahead while
+    a sequence is backed off), prefill and verify graphs. Drafts still the plain recomputation's."""
+    k = 3
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     with small_llm(target) as llm:
         expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-    cfg = EagleDecodingConfig(max_draft_len=3, speculative_model_dir=str(head))
+    cfg = EagleDecodingConfig(max_draft_len=k, speculative_model_dir=str(head))
     with small_llm(target, speculative_config=cfg) as llm:
         proposer = llm.engine.speculative.draft
-        runner = proposer.runner
-        graphs = {b: _EagerDecodeGraph(runner, b, VD) for b in (1, 2, 4, 8)}
-        runner.cuda_graphs.decode = {b: (g, g.logits, g.greedy) for b, g in graphs.items()}
-        calls = []
+        graphs = _stand_in_graphs(proposer.runner, VD) + _stand_in_graphs(llm.engine.runner, V, k)
+        calls, ahead = [], []
         proposer.propose = _recording(proposer, calls)
+        launch_ahead = llm.engine._launch_ahead
+        llm.engine._launch_ahead = lambda launched: ahead.append(launch_ahead(launched)) or ahead[-1]
         got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-        assert sum(g.replays for g in graphs.values()) > 0
+        _books_balance(llm)
     assert got == expected
+    assert any(g.replays for g in graphs if g.runner is proposer.runner and isinstance(g, _EagerDecodeGraph))
+    assert any(g.replays for g in graphs if isinstance(g, _EagerStepGraph) and g.rows is None)  # verify
+    assert any(g.replays for g in graphs if isinstance(g, _EagerStepGraph) and g.rows is not None)  # prefill
+    assert any(a is not None for a in ahead)  # backed off (a random head): steps launched ahead
     target_hf = hf_model(target)
     ref_head = load_eagle3(head, target_hf, torch.float32, "cpu")
-    for context, drafts in calls[:12]:
+    for context, drafts in calls:
         assert drafts == reference_drafts(target_hf, ref_head, context, len(drafts)), context
 
 
