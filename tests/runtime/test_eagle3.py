@@ -307,6 +307,11 @@ def test_bad_configs_are_refused_by_name(target, head, tmp_path):
     with pytest.raises(ValueError, match=r"three distinct target layers of 4; got \[0, 1, 7\]"):
         small_llm(target, speculative_config=EagleDecodingConfig(speculative_model_dir=str(head),
                                                                  eagle3_layers_to_capture={0, 1, 7}))
+    module = load_eagle3(head, hf_model(target), torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"got \[0, 1, 7\]"):
+        small_llm(target, speculative_config=EagleDecodingConfig(speculative_model_dir=module,
+                                                                 eagle3_layers_to_capture={0, 1, 7}))
+    assert module.config.aux_layers == tuple(AUX)  # the module's own config untouched
     defaults = write_head(tmp_path / "d", aux=None)  # (1, L/2 - 1, L - 4) = (1, 1, 0) for 4 layers
     with pytest.raises(ValueError, match="by default: set eagle_aux_hidden_state_layer_ids"):
         small_llm(target, speculative_config=EagleDecodingConfig(speculative_model_dir=str(defaults)))

@@ -13,6 +13,7 @@ target's pool: `SpeculativeDecoder.attach_target(slots)` makes them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -130,8 +131,8 @@ def _build_eagle3(config: EagleDecodingConfig, target: CompiledModel | None, *, 
     dtype = dtype or target.attention.dtype
     head = source if isinstance(source, Eagle3Draft) else load_eagle3(source, target.module, dtype, target.device)
     hc = head.config
-    if config.eagle3_layers_to_capture is not None:
-        hc.aux_layers = tuple(sorted(config.eagle3_layers_to_capture))
+    if config.eagle3_layers_to_capture is not None:  # a copy: a head given as a module keeps its own
+        hc = dataclasses.replace(hc, aux_layers=tuple(sorted(config.eagle3_layers_to_capture)))
     if hc.vocab_size != vocab_size:
         raise ValueError(f"the EAGLE-3 head's vocabulary ({hc.vocab_size} tokens) differs from the target's "
                          f"({vocab_size})")
