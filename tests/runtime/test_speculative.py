@@ -249,9 +249,9 @@ def test_manual_spelling_with_a_module_draft(target):
     assert out.token_ids == expected and out.num_accepted_draft_tokens == out.num_draft_tokens > 0
 
 
-def test_mtp_is_refused_by_name(target):
-    """(EAGLE-3 heads: tests/runtime/test_eagle3.py.)"""
-    with pytest.raises(ValueError, match="MTP speculative decoding .* is not supported yet"):
+def test_mtp_on_a_target_without_mtp_layers_is_refused_by_name(target):
+    """(EAGLE-3 heads: tests/runtime/test_eagle3.py; DeepSeek-V3's MTP: tests/runtime/test_mtp.py.)"""
+    with pytest.raises(ValueError, match="MTP speculative decoding needs a DeepSeek-V3 checkpoint"):
         small_llm(target, speculative_config=MTPDecodingConfig(num_nextn_predict_layers=1))
 
 

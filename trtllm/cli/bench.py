@@ -25,6 +25,7 @@ import time
 
 from trtllm.cli.bench_dataset import DatasetError
 from trtllm.cli.model_arg import UnknownModel
+from trtllm.runtime.speculative.config import SPECULATIVE_KINDS
 
 COMMANDS = ("throughput", "latency", "prepare-dataset")
 DEFAULT_TRACE = "trtllm-bench-trace.json"
@@ -65,10 +66,10 @@ def _run_options(parser, suppress: bool) -> None:
     _add(parser, "--expert_load", action="store_true", default=d(False),
          help="MoE models: count the tokens routed to each expert of each MoE block (one small kernel a block a "
               "step, trtllm/expert_load.py) and report max / mean per expert and their ratio")
-    _add(parser, "--speculative", choices=["ngram", "draft_target", "eagle3"], default=d(None),
-         help="speculative decoding: n-gram lookup (NGramDecodingConfig), a draft model "
-              "(DraftTargetDecodingConfig) or an EAGLE-3 head (EagleDecodingConfig), both from "
-              "--speculative_model_dir; docs/speculative_decoding.md")
+    _add(parser, "--speculative", choices=SPECULATIVE_KINDS, default=d(None),
+         help="speculative decoding: n-gram lookup (NGramDecodingConfig), a draft model (DraftTargetDecodingConfig) or "
+              "an EAGLE-3 head (EagleDecodingConfig), both from --speculative_model_dir, or DeepSeek-V3's MTP layer "
+              "(MTPDecodingConfig); docs/speculative_decoding.md")
     _add(parser, "--max_draft_len", type=int, default=d(4), help="draft tokens a step at most (default 4)")
     _add(parser, "--max_matching_ngram_size", type=int, default=d(3),
          help="n-gram: the longest suffix looked up (default 3)")

@@ -34,6 +34,8 @@ import socket
 import sys
 from pathlib import Path
 
+from trtllm.runtime.speculative.config import SPECULATIVE_KINDS
+
 API_KEY_ENV = "TRTLLM_API_KEY"
 # the API's caps (trtllm/runtime/multimodal_inputs.py), repeated: --help must not import torch
 MAX_IMAGES_PER_REQUEST = 16
@@ -93,8 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tool_parser", "--tool-parser", choices=["hermes", "llama3"], default="hermes",
                     help="how a chat reply's tool calls are written (tools with tool_choice auto): hermes "
                          "(Hermes / Qwen: <tool_call>{json}</tool_call>) or llama3 (Llama-3.x JSON); default hermes")
-    ap.add_argument("--speculative", choices=["ngram", "draft_target", "eagle3"], default=None,
-                    help="speculative decoding: n-gram lookup, a draft model or an EAGLE-3 head (--speculative_model_dir); "
+    ap.add_argument("--speculative", choices=SPECULATIVE_KINDS, default=None,
+                    help="speculative decoding: n-gram lookup, a draft model or an EAGLE-3 head (--speculative_model_dir), "
+                         "DeepSeek-V3's MTP layer; "
                          "docs/speculative_decoding.md (the overlap scheduler is then off)")
     ap.add_argument("--max_draft_len", "--max-draft-len", type=int, default=4, help="draft tokens a step at most")
     ap.add_argument("--max_matching_ngram_size", "--max-matching-ngram-size", type=int, default=3,

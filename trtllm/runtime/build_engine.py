@@ -64,8 +64,9 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     With tensor_parallel_size or pipeline_parallel_size > 1 the workers run until
     `shutdown_workers(engine)`; pp_partition: layers per pipeline stage (default: balanced by
     parameter count, trtllm/parallel/pipeline_parallel.py).
-    speculative_config: NGramDecodingConfig, DraftTargetDecodingConfig or SpeculativeDecodingConfig
-    (runtime/speculative; the draft model is built before the target's KV pool is sized).
+    speculative_config: NGramDecodingConfig, DraftTargetDecodingConfig, SpeculativeDecodingConfig,
+    EagleDecodingConfig or MTPDecodingConfig (runtime/speculative; the draft model is built before
+    the target's KV pool is sized; MTP reads its layer from `model`'s directory).
     moe_expert_parallel_size / moe_tensor_parallel_size: how the MoE layers split the
     tensor_parallel_size ranks, as TensorRT-LLM's (parallel/expert_parallel.py).
     cuda_graph_config: which steps replay CUDA graphs (None: CudaGraphConfig's defaults;
@@ -139,7 +140,8 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     compiled = trtllm_compile(module, **(compile_options or {}), block_size=kv_cache_config.tokens_per_block,
                               **({"lora": lora} if lora is not None else {}))
     speculative = None if speculative_config is None else dict(
-        config=speculative_config, dtype=_DTYPES[dtype], compile_options=compile_options)
+        config=speculative_config, dtype=_DTYPES[dtype], compile_options=compile_options,
+        target_dir=model if isinstance(model, (str, Path)) else None)
     return _build_engine(module, compiled, started, tokenizer, kv_cache_config, build_config, enable_cuda_graph,
                          stream_interval, disable_overlap_scheduler, kv_format, kv_cache_scales, speculative,
                          lora_config, cuda_graph_config)
@@ -218,7 +220,8 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
             speculative["config"], vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_num_seqs=max_num_seqs,
             max_num_tokens=max_num_tokens, max_seq_len=max_seq_len, block_size=kv_cache_config.tokens_per_block,
             kv_max_tokens=kv_cache_config.max_tokens, device=compiled.device, dtype=speculative["dtype"],
-            enable_cuda_graph=enable_cuda_graph, compile_options=speculative["compile_options"], target=compiled)
+            enable_cuda_graph=enable_cuda_graph, compile_options=speculative["compile_options"], target=compiled,
+            target_dir=speculative["target_dir"])
     blocks = num_kv_blocks(compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len,
                            kv_quant.dtype if kv_quant else None)
     # an EAGLE-3 head's stores and its own runner, now that the target's pool is sized

@@ -7,9 +7,10 @@ more), else every sequence at max_seq_len, capped on a GPU at a tenth of the fre
 plus k + one block of slack a sequence. Its blocks are never shared (no prefix reuse). A
 sequence the draft pool cannot hold is not speculated.
 
-An EAGLE-3 head (EagleDecodingConfig, runtime/speculative/eagle3.py) is such a draft model
-whose pool (and the stores of hidden states beside it and the target's) waits for the
-target's pool: `SpeculativeDecoder.attach_target(slots)` makes them.
+An EAGLE-3 head (EagleDecodingConfig, runtime/speculative/eagle3.py) or DeepSeek-V3's MTP
+layer (MTPDecodingConfig, models/deepseek_mtp.py) is such a draft model whose pool (and the
+stores of hidden states beside it and the target's) waits for the target's pool:
+`SpeculativeDecoder.attach_target(slots)` makes them.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn as nn
 
 from trtllm.compile import CompiledModel, compile as trtllm_compile
 from trtllm.hidden_states import HiddenStash, HiddenStatesContext
+from trtllm.models.deepseek_mtp import MTPDraft, load_mtp
 from trtllm.models.eagle3 import Eagle3Draft, input_embedding, load_eagle3
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.kv_budget import blocks_in
@@ -44,8 +46,16 @@ def check_speculative_config(config) -> None:
     if config is None:
         return
     if isinstance(config, MTPDecodingConfig):
-        raise ValueError("MTP speculative decoding (MTPDecodingConfig) is not supported yet; use "
-                         "EagleDecodingConfig, DraftTargetDecodingConfig (a draft model) or NGramDecodingConfig")
+        if config.use_mtp_vanilla:
+            raise ValueError("MTPDecodingConfig(use_mtp_vanilla=True) (a different MTP layer each draft step) is not "
+                             "supported: the default MTP Eagle runs the checkpoint's first MTP layer for every draft")
+        if not config.mtp_eagle_one_model:
+            raise ValueError("MTPDecodingConfig(mtp_eagle_one_model=False) (the MTP layer as a separate engine) is not "
+                             "supported: the layer runs beside the target in one engine")
+        if config.use_relaxed_acceptance_for_thinking:
+            raise ValueError("MTPDecodingConfig(use_relaxed_acceptance_for_thinking=True) is not supported: relaxed "
+                             "acceptance keeps drafts the target would not have chosen (output not the target's)")
+        return
     if isinstance(config, EagleDecodingConfig):
         if config.speculative_model_dir is None:
             raise ValueError("EagleDecodingConfig needs speculative_model_dir: the EAGLE-3 head's directory")
@@ -55,21 +65,26 @@ def check_speculative_config(config) -> None:
         return
     if not isinstance(config, (NGramDecodingConfig, DraftTargetDecodingConfig, SpeculativeDecodingConfig)):
         raise TypeError("speculative_config must be NGramDecodingConfig, DraftTargetDecodingConfig, "
-                        f"SpeculativeDecodingConfig or EagleDecodingConfig, got {type(config).__name__}")
+                        "SpeculativeDecodingConfig, EagleDecodingConfig or MTPDecodingConfig, got "
+                        f"{type(config).__name__}")
 
 
 def build_speculative(config, *, vocab_size: int, eos_token_ids: list[int], max_num_seqs: int,
                       max_num_tokens: int, max_seq_len: int, block_size: int, kv_max_tokens: int | None,
                       device: torch.device, dtype: torch.dtype | None, enable_cuda_graph: bool,
-                      compile_options: dict | None, target: CompiledModel | None = None) -> SpeculativeDecoder:
-    """The decoder; `target`: the target's compiled model, not yet called (an EAGLE-3 head
-    makes it stash hidden states)."""
+                      compile_options: dict | None, target: CompiledModel | None = None,
+                      target_dir=None) -> SpeculativeDecoder:
+    """The decoder; `target`: the target's compiled model, not yet called (an EAGLE-3 head or
+    an MTP layer makes it stash hidden states); `target_dir`: its checkpoint (MTP's layer is there)."""
     check_speculative_config(config)
-    if isinstance(config, EagleDecodingConfig):
-        return _build_eagle3(config, target, vocab_size=vocab_size, eos_token_ids=eos_token_ids,
-                             max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
-                             block_size=block_size, kv_max_tokens=kv_max_tokens, dtype=dtype,
-                             enable_cuda_graph=enable_cuda_graph, compile_options=compile_options)
+    if isinstance(config, (EagleDecodingConfig, MTPDecodingConfig)):
+        sizes = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_num_seqs=max_num_seqs,
+                     max_num_tokens=max_num_tokens, max_seq_len=max_seq_len, block_size=block_size,
+                     kv_max_tokens=kv_max_tokens, dtype=dtype, enable_cuda_graph=enable_cuda_graph,
+                     compile_options=compile_options)
+        if isinstance(config, MTPDecodingConfig):
+            return _build_mtp(config, target, target_dir, **sizes)
+        return _build_eagle3(config, target, **sizes)
     if isinstance(config, NGramDecodingConfig):
         return SpeculativeDecoder(config.max_draft_len, max_seq_len, vocab_size, eos_token_ids,
                                   max_matching_ngram_size=config.max_matching_ngram_size,
@@ -117,16 +132,14 @@ def _draft_runner(compiled: CompiledModel, blocks: int, max_num_seqs: int, max_n
 
 
 def _build_eagle3(config: EagleDecodingConfig, target: CompiledModel | None, *, vocab_size: int,
-                  eos_token_ids: list[int], max_num_seqs: int, max_num_tokens: int, max_seq_len: int,
-                  block_size: int, kv_max_tokens: int | None, dtype: torch.dtype | None, enable_cuda_graph: bool,
-                  compile_options: dict | None) -> SpeculativeDecoder:
-    """An EAGLE-3 head's decoder: the head loaded and compiled, the target made to stash the
-    states the head reads (fc in its graph); its runner and stores wait for `attach_target`,
-    once the target's pool is sized (SpeculativeDecoder.attach_target)."""
+                  dtype: torch.dtype | None, **sizes) -> SpeculativeDecoder:
+    """An EAGLE-3 head's decoder: the head loaded, the target made to stash the states the
+    head reads (fc in its graph)."""
     if target is None:
         raise ValueError("EAGLE-3 needs the target's compiled model")
     if target.attention.latent:
-        raise ValueError("EAGLE-3 over multi-head latent attention (DeepSeek-V2/V3) is not supported")
+        raise ValueError("EAGLE-3 over multi-head latent attention (DeepSeek-V2/V3) is not supported; a DeepSeek-V3 "
+                         "checkpoint drafts with its own MTP layer (MTPDecodingConfig)")
     source = config.speculative_model_dir
     dtype = dtype or target.attention.dtype
     head = source if isinstance(source, Eagle3Draft) else load_eagle3(source, target.module, dtype, target.device)
@@ -140,12 +153,46 @@ def _build_eagle3(config: EagleDecodingConfig, target: CompiledModel | None, *, 
     if hc.target_hidden_size != hidden:
         raise ValueError(f"the EAGLE-3 head reads target states of {hc.target_hidden_size}, the target's are {hidden}")
     layers = hc.target_layers(target.attention.num_layers)
-    target.set_hidden_stash(HiddenStash(layers, hidden, combine=head.fc.weight.detach().to(target.attention.dtype)))
-    compiled = trtllm_compile(head, **(compile_options or {}), block_size=block_size,
-                              hidden_stash=HiddenStash((0,), hc.hidden_size))
-    k = config.max_draft_len
-    eagle = Eagle3Inputs(hc.hidden_size, compiled.attention.dtype, compiled.device, block_size, max_num_tokens,
-                         head.draft_to_target, vocab_size)
+    stash = HiddenStash(layers, hidden, combine=head.fc.weight.detach().to(target.attention.dtype))
+    return _hidden_state_draft(head, hc.hidden_size, stash, target, config, vocab_size=vocab_size, **sizes)
+
+
+def _build_mtp(config: MTPDecodingConfig, target: CompiledModel | None, target_dir, *, vocab_size: int,
+               dtype: torch.dtype | None, **sizes) -> SpeculativeDecoder:
+    """DeepSeek-V3's MTP layer as the draft: the target stashes the state leaving its last
+    decoder layer, which the layer reads (models/deepseek_mtp.py)."""
+    if target is None:
+        raise ValueError("MTP needs the target's compiled model")
+    source = config.speculative_model_dir if config.speculative_model_dir is not None else target_dir
+    if source is None:
+        raise ValueError("MTP reads its layer from the target's checkpoint directory: give LLM(model=path), or "
+                         "MTPDecodingConfig(speculative_model_dir=path) for a target given as a module")
+    dtype = dtype or target.attention.dtype
+    draft = source if isinstance(source, MTPDraft) else load_mtp(source, target.module, dtype, target.device)
+    hidden = input_embedding(target.module).embedding_dim
+    if draft.config.vocab_size != vocab_size or draft.config.hidden_size != hidden:
+        raise ValueError(f"the MTP layer ({draft.config.vocab_size} tokens, hidden {draft.config.hidden_size}) does "
+                         f"not fit the target ({vocab_size} tokens, hidden {hidden})")
+    last = draft.config.num_hidden_layers - 1
+    if last != target.attention.num_layers - 1:
+        raise ValueError(f"the MTP layer follows decoder layer {last}, the target has {target.attention.num_layers}")
+    return _hidden_state_draft(draft, hidden, HiddenStash((last,), hidden), target, config, vocab_size=vocab_size,
+                               **sizes)
+
+
+def _hidden_state_draft(module: nn.Module, width: int, stash: HiddenStash, target: CompiledModel, config, *,
+                        vocab_size: int, eos_token_ids: list[int], max_num_seqs: int, max_num_tokens: int,
+                        max_seq_len: int, block_size: int, kv_max_tokens: int | None, enable_cuda_graph: bool,
+                        compile_options: dict | None) -> SpeculativeDecoder:
+    """A draft that reads the target's hidden states (an EAGLE-3 head, an MTP layer): the
+    target stashes `stash`, the draft its own output (`width` wide); the draft's runner and
+    the stores wait for `attach_target`, once the target's pool is sized."""
+    target.set_hidden_stash(stash)
+    compiled = trtllm_compile(module, **(compile_options or {}), block_size=block_size,
+                              hidden_stash=HiddenStash((0,), width))
+    k = config.draft_len if isinstance(config, MTPDecodingConfig) else config.max_draft_len
+    eagle = Eagle3Inputs(width, compiled.attention.dtype, compiled.device, block_size, max_num_tokens,
+                         module.draft_to_target, vocab_size)
     proposer = DraftModelProposer(None, None, max_num_tokens, vocab_size, eos_token_ids, eagle=eagle)
 
     def attach(target_slots: int) -> HiddenStatesContext:

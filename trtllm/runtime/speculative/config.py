@@ -10,9 +10,14 @@ the engine can run.
 
     LLM(model, speculative_config=EagleDecodingConfig(max_draft_len=4, speculative_model_dir="eagle3/"))
 
-takes an EAGLE-3 head in the published layout (models/eagle3.py). `MTPDecodingConfig` is
-accepted as a type so that code written for TensorRT-LLM reads, but building an engine with
-it raises "not supported yet" (runtime/speculative/build.py).
+takes an EAGLE-3 head in the published layout (models/eagle3.py).
+
+    LLM("DeepSeek-V3/", speculative_config=MTPDecodingConfig(num_nextn_predict_layers=3))
+
+drafts with the checkpoint's own multi-token-prediction layer (models/deepseek_mtp.py),
+reused for each draft token as TensorRT-LLM's default "MTP Eagle" does: there
+num_nextn_predict_layers is the draft length (TensorRT-LLM 1.x); `max_draft_len` (its later
+spelling) says the same and wins when both are given.
 
 `verify_cuda_graphs` (ours, not TensorRT-LLM's): CUDA graphs for verify steps in which every
 sequence verifies max_draft_len drafts (CudaGraphs.capture_verify, runtime/cuda_graphs.py).
@@ -80,23 +85,48 @@ class EagleDecodingConfig(ValidatedConfig):
 
 
 class MTPDecodingConfig(ValidatedConfig):
-    """DeepSeek-V3 multi-token prediction layers: accepted as a type, refused at build."""
-    num_nextn_predict_layers: int = Field(1, ge=1)
+    """DeepSeek-V3's multi-token-prediction layer proposes the draft tokens from the target's
+    last hidden state (models/deepseek_mtp.py, runtime/speculative/eagle3.py)."""
+    model_config = _ARBITRARY
+    num_nextn_predict_layers: int = Field(1, ge=1, le=32, description="draft tokens a step (TensorRT-LLM 1.x: MTP "
+                                                                      "Eagle runs the one MTP layer this many times)")
+    max_draft_len: int | None = Field(None, ge=1, le=32, description="draft tokens a step (the later spelling; "
+                                                                     "wins over num_nextn_predict_layers)")
+    use_mtp_vanilla: bool = Field(False, description="a different MTP layer each draft step (True is refused)")
+    mtp_eagle_one_model: bool = Field(True, description="the MTP layer runs in the target's engine (False is refused)")
+    use_relaxed_acceptance_for_thinking: bool = Field(False, description="accept drafts among the target's top "
+                                                                         "candidates (True is refused: not exact)")
+    relaxed_topk: int = Field(1, ge=1)
+    relaxed_delta: float = Field(0.0, ge=0.0)
+    speculative_model_dir: Any = Field(None, description="where the MTP layer's tensors are (default: the target's "
+                                                         "checkpoint directory) or an MTPDraft module")
+    verify_cuda_graphs: bool | None = Field(None, description=_VERIFY_GRAPHS)
+
+    @property
+    def draft_len(self) -> int:
+        return self.max_draft_len if self.max_draft_len is not None else self.num_nextn_predict_layers
 
 
 SPECULATIVE_CONFIGS = (NGramDecodingConfig, DraftTargetDecodingConfig, SpeculativeDecodingConfig,
                        EagleDecodingConfig, MTPDecodingConfig)
 
 
+SPECULATIVE_KINDS = ("ngram", "draft_target", "eagle3", "mtp")  # the commands' --speculative choices
+
+
 def speculative_config_from_options(kind: str | None, max_draft_len: int, max_matching_ngram_size: int,
                                     speculative_model_dir: str | None):
-    """The commands' --speculative ngram|draft_target|eagle3 and its options as a config (None: off)."""
+    """The commands' --speculative (SPECULATIVE_KINDS) and its options as a config (None: off);
+    mtp reads its layer from the model's checkpoint (or --speculative_model_dir)."""
     if kind is None:
         return None
     if kind == "ngram":
         return NGramDecodingConfig(max_draft_len=max_draft_len, max_matching_ngram_size=max_matching_ngram_size)
-    if kind not in ("draft_target", "eagle3"):
-        raise ConfigError("--speculative", [(None, None, f"must be ngram, draft_target or eagle3, got {kind!r}")])
+    if kind == "mtp":
+        return MTPDecodingConfig(max_draft_len=max_draft_len, speculative_model_dir=speculative_model_dir)
+    if kind not in SPECULATIVE_KINDS:
+        raise ConfigError("--speculative", [(None, None, f"must be one of {', '.join(SPECULATIVE_KINDS)}, "
+                                                         f"got {kind!r}")])
     if speculative_model_dir is None:
         what = "the draft's checkpoint" if kind == "draft_target" else "the EAGLE-3 head's directory"
         raise ConfigError("--speculative", [(None, None, f"{kind} needs --speculative_model_dir ({what})")])
