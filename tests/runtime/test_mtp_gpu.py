@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from tests.runtime.test_eagle3 import _recording
-from tests.runtime.test_mtp import PROMPTS, small_llm
-from tests.runtime.test_mtp import target as target  # noqa: F401  (fixture)
+from tests.runtime.test_mtp import (
+    PROMPTS,
+    small_llm,
+    target as target,  # noqa: F401  (fixture)
+)
 from trtllm import MTPDecodingConfig
 from trtllm.sampling_params import SamplingParams
 
