@@ -1,7 +1,9 @@
 """trtllm/mla_attention.py: the graph op over the latent cache, step by step as the runtime
 calls it (ragged prefill, a mixed step with a prefill chunk over cached context, decode steps
-through the Triton kernel with a padding token), against DeepSeek's expanded attention over
-each whole sequence."""
+through the Triton kernel, padding tokens), against DeepSeek's expanded attention over each
+whole sequence; steps of several tokens a sequence both ways: absorbed, each token a decode
+query (up to ABSORBED_MAX_QUERY_LEN tokens a sequence: verify steps), and expanded."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +21,9 @@ def expanded(q_nope, q_rope, latent, k_rope, w, scale):
     return F.scaled_dot_product_attention(q, k, kv[..., DN:], is_causal=True, scale=scale).transpose(0, 1)
 
 
-def test_prefill_chunks_and_decode_steps_equal_the_expanded_attention():
+@pytest.mark.parametrize("absorbed_max_query_len", [1, 33])  # 1: every multi-token step expanded
+def test_prefill_chunks_and_decode_steps_equal_the_expanded_attention(absorbed_max_query_len, monkeypatch):
+    monkeypatch.setattr(trtllm.mla_attention, "ABSORBED_MAX_QUERY_LEN", absorbed_max_query_len)
     g = torch.Generator().manual_seed(0)
     lens = [11, 8]
     seqs = [dict(q_nope=torch.randn(n, H, DN, generator=g), q_rope=torch.randn(n, H, DR, generator=g),
@@ -36,7 +40,7 @@ def test_prefill_chunks_and_decode_steps_equal_the_expanded_attention():
     for step, spans in enumerate(steps):
         meta.fill([b - a for a, b in spans], [b for _, b in spans], tables, BS)
         parts = {k: torch.cat([s[k][a:b] for s, (a, b) in zip(seqs, spans)]) for k in seqs[0]}
-        pad = step == 3  # a decode graph's padding token: slot -1, no sequence
+        pad = step in (1, 3)  # a verify or decode graph's padding token: slot -1, no sequence
         if pad:
             parts = {k: torch.cat([v, torch.full_like(v[:1], 7.0)]) for k, v in parts.items()}
         with attention_context(cache, meta):

@@ -16,9 +16,13 @@ its slot, then:
 - a decode step (max_query_len == 1: the runner's decode graphs) takes the absorbed form:
   q_latent = W_UK^T q_nope per head, kernels/mla_decode.py attends over the latent rows,
   the output goes through W_UV: the cache is read once for all heads, nothing is expanded;
-- any other step (prefill, chunked prefill, a mixed or verify step) expands each
-  sequence's cached latent with kv_b_proj and runs causal SDPA per sequence (plain torch,
-  not captured in a CUDA graph): DeepSeek's own prefill, FLOPs of dn + dr per score.
+- a step of at most ABSORBED_MAX_QUERY_LEN tokens a sequence (speculative decoding's verify
+  steps: the last token and its drafts) the same, each token a decode query of its own
+  (`_per_token`: its sequence's block table, its position + 1 rows), built on the device:
+  no host sync, so verify steps run in CUDA graphs;
+- any other step (prefill, chunked prefill) expands each sequence's cached latent with
+  kv_b_proj and runs causal SDPA per sequence (plain torch, on the host's lengths: not
+  captured in a CUDA graph): DeepSeek's own prefill, FLOPs of dn + dr per score.
 """
 from __future__ import annotations
 
@@ -28,6 +32,13 @@ import torch.nn.functional as F
 from trtllm.attention_context import active_context
 from trtllm.kernels.mla_decode import mla_decode
 from trtllm.kernels.registry import register_op
+
+
+# Steps of up to 33 tokens a sequence (verify steps of up to 32 drafts, short prompts) take the
+# absorbed per-token path; longer chunks are prompts, expanded. The expanded path reads the host's
+# lengths in every layer, so verify steps ran outside CUDA graphs: bench/bench_mtp.py on the
+# H200 (2026-12-03, before this path) 0.21x the plain target at ~100% MTP acceptance, batch 1.
+ABSORBED_MAX_QUERY_LEN = 33
 
 
 def _flat_heads(t: torch.Tensor) -> torch.Tensor:  # [B, H, S, d] -> [B * S, H, d]
@@ -47,15 +58,33 @@ def _mla_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Ten
     w = kv_b_weight.view(h, dn + dv, R)
     qn, qr = _flat_heads(q_nope), _flat_heads(q_rope)  # [T, H, dn], [T, H, dr]
     rows = torch.cat([latent.reshape(-1, R), k_rope.reshape(-1, dr)], dim=-1).to(cache.dtype)  # [T, R + dr]
-    if meta.max_query_len == 1:
+    if meta.max_query_len <= ABSORBED_MAX_QUERY_LEN:
+        if meta.max_query_len == 1:  # a decode step: token t is sequence t's
+            tables, lens, rows_bound = meta.block_tables, meta.seq_lens, meta.num_seqs
+        else:
+            tables, lens = _per_token(meta, qn.shape[0])
+            rows_bound = qn.shape[0]
         # batched over heads, W_UK / W_UV as strided views of kv_b_proj's weight (no copy)
         q_latent = torch.bmm(qn.transpose(0, 1), w[:, :dn]).transpose(0, 1)  # [T, H, R], strided
         out_latent = mla_decode(q_latent, qr.contiguous(), rows, cache, layer, meta.slot_mapping,
-                                meta.block_tables, meta.seq_lens, scale, meta.num_seqs, meta.max_seq_len)
+                                tables, lens, scale, rows_bound, meta.max_seq_len)
         out = torch.bmm(out_latent.transpose(0, 1), w[:, dn:].transpose(1, 2)).transpose(0, 1)  # [T, H, dv]
     else:
         out = _expanded_prefill(qn, qr, rows, cache, layer, w, dn, scale)
     return out.contiguous().view(b, s, h, dv).transpose(1, 2)  # the strides _mla_attention_fake promises
+
+
+def _per_token(meta, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step of several tokens a sequence as T decode queries: token t's block table (its
+    sequence's) and length (its position + 1: causal within the chunk, whose rows the kernel
+    writes before any is read), [T, MB] and [T]; 0 for padding tokens. On the device only."""
+    n = meta.num_seqs
+    starts = meta.query_start_loc[: n + 1]
+    t = torch.arange(T, dtype=starts.dtype, device=starts.device)
+    seq = torch.searchsorted(starts[1:], t, right=True).clamp(max=n - 1)  # [T]
+    ends = starts[seq + 1]
+    lens = torch.where(t < ends, meta.seq_lens[seq] - (ends - t) + 1, 0).clamp(min=0)
+    return meta.block_tables[seq], lens.to(torch.int32)
 
 
 def _expanded_prefill(qn, qr, rows, cache, layer, w, dn, scale) -> torch.Tensor:

@@ -209,10 +209,6 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
     if kv_cache_scales is None and fp8 is not None:  # an FP8 checkpoint's k_scale / v_scale, if it has them
         kv_cache_scales = kv_cache_scales_by_layer(fp8, kv_format)
     kv_quant = kv_cache_quant(kv_format, compiled, kv_cache_scales, tokenizer)
-    if speculative is not None and compiled.attention.latent and speculative["config"].verify_cuda_graphs is True:
-        raise ValueError("verify_cuda_graphs with multi-head latent attention (DeepSeek-V2/V3) is not supported: "
-                         "its steps of several tokens a sequence expand the latent per sequence, on the host's "
-                         "lengths, which a CUDA graph cannot replay; leave verify_cuda_graphs off")
     multimodal = multimodal_stager(module, compiled, max_num_tokens, speculative is not None)  # None: text only
     vocab_size, eos_token_ids = _vocab_size(module, compiled), _eos_ids(module, tokenizer)
     if speculative is not None:  # the draft's weights and pool first: the target's pool takes what is left
@@ -244,9 +240,8 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
         engine.set_pipeline_depth(compiled.pipeline.num_stages)
     if speculative is not None:
         engine.set_speculative(speculative)
-        # None ("wherever the engine can"): on a GPU with CUDA graphs, not for latent attention (refused above if asked)
-        if speculative.verify_cuda_graphs is not False and enable_cuda_graph and runner.device.type == "cuda" \
-                and not compiled.attention.latent:
+        # None ("wherever the engine can"): on a GPU with CUDA graphs
+        if speculative.verify_cuda_graphs is not False and enable_cuda_graph and runner.device.type == "cuda":
             runner.cuda_graphs.capture_verify(speculative.max_draft_len + 1, sorted(runner.cuda_graphs.decode))
     capture_s = runner.cuda_graphs.capture_s - (compiled.compile_s - compile_before_capture)
     engine.startup = StartupTimes(load_s, compiled.compile_s, capture_s, time.perf_counter() - started)

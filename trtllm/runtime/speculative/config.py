@@ -21,8 +21,8 @@ spelling) says the same and wins when both are given.
 
 `verify_cuda_graphs` (ours, not TensorRT-LLM's): CUDA graphs for verify steps in which every
 sequence verifies max_draft_len drafts (CudaGraphs.capture_verify, runtime/cuda_graphs.py).
-None, the default, captures them wherever the engine can (a GPU with CUDA graphs on, not
-multi-head latent attention); True asks for them (refused by name where they cannot be made);
+None, the default, captures them wherever the engine can (a GPU with CUDA graphs on); True
+asks for them (refused by name where they cannot be made);
 False runs verify steps eagerly. On the H200 (2026-12-03, bench/RESULTS.md) they took an 8B
 draft-model batch-1 step from 24.7 ms to 10.8 ms: 0.44x -> 1.95x the plain target.
 """
