@@ -33,7 +33,6 @@ from trtllm.attention_context import active_context
 from trtllm.kernels.mla_decode import mla_decode
 from trtllm.kernels.registry import register_op
 
-
 # Steps of up to 33 tokens a sequence (verify steps of up to 32 drafts, short prompts) take the
 # absorbed per-token path; longer chunks are prompts, expanded. The expanded path reads the host's
 # lengths in every layer, so verify steps ran outside CUDA graphs: bench/bench_mtp.py on the

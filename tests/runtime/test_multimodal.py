@@ -217,3 +217,24 @@ def test_multimodal_encoder_spelling(llava):
     from trtllm import MultimodalEncoder
     with pytest.raises(ValueError, match="a separate vision encoder is not supported"):
         LLM(model=str(llava), multimodal_encoder=MultimodalEncoder(vision_encoder_path="/elsewhere"))
+
+
+@pytest.mark.parametrize("max_num_tokens", [16, 256], ids=["chunked", "whole"])
+def test_prefill_graphs_splice_the_images(llava, max_num_tokens):
+    """Prefill steps replayed from (stand-in) prefill graphs, which read the image rows staged
+    before each replay (padded past the step's tokens with -1): HF's tokens, whole prompts and
+    chunks that cut an image."""
+    from tests.runtime.test_eagle3 import _EagerStepGraph
+    images = random_images(2, seed=9)
+    text = "USER: <image> and <image>\nDescribe. ASSISTANT:"
+    with LLM(model=str(llava), dtype="float32",
+             build_config=BuildConfig(max_num_tokens=max_num_tokens, max_batch_size=4)) as llm:
+        runner = llm.engine.runner
+        assert runner.prefill_graphs_serve()
+        graphs = {t: _EagerStepGraph(runner, t, llm.engine.vocab_size, min(t, runner.meta.max_num_seqs))
+                  for t in (16, 32, 64, 128, 256) if t <= max_num_tokens}
+        runner.cuda_graphs.prefill = {t: (g, g.logits) for t, g in graphs.items()}
+        out = llm.generate({"prompt": text, "multi_modal_data": {"image": images}},
+                           SamplingParams(max_tokens=6, **GREEDY))
+    assert sum(g.replays for g in graphs.values()) > 0
+    assert out.outputs[0].token_ids == hf_greedy(llava, text, images, 6)

@@ -110,10 +110,12 @@ class ModelRunner:
 
     def prefill_graphs_serve(self) -> bool:
         """Whether prefill graphs can run this model's steps: not with per-token state they
-        would not refill (LoRA slots, image rows, M-RoPE positions) nor latent attention's
-        per-sequence expansion (trtllm/mla_attention.py); not under parallelism (no graphs)."""
+        would not refill (LoRA slots, M-RoPE positions) nor latent attention's per-sequence
+        expansion (trtllm/mla_attention.py); not under parallelism (no graphs). Image rows
+        they read: `execute` stages them into fixed buffers before any replay, and the rows
+        past the step's tokens hold -1 (trtllm/multimodal_context.py)."""
         compiled = self.compiled
-        return self.adapters is None and self.multimodal is None and self.mrope is None \
+        return self.adapters is None and self.mrope is None \
             and not compiled.attention.latent and getattr(compiled, "tensor_parallel", None) is None
 
     @contextlib.contextmanager
