@@ -108,6 +108,17 @@ def test_speculative_eagle3_with_the_demo_models_head(tmp_path, capsys):
     assert report["config"]["options"]["speculative"] == "eagle3"
 
 
+def test_speculative_mtp_with_the_checkpoints_own_layer(tmp_path):
+    from tests.runtime.test_mtp import write_target
+    target, report_file = write_target(tmp_path / "v3"), tmp_path / "report.json"
+    assert main(["--model", str(target), "--batch_size", "2", "--input_len", "8", "--output_len", "12",
+                 "--warmup", "0", "--speculative", "mtp", "--max_draft_len", "2", "--report_json",
+                 str(report_file)]) == 0
+    report = _report(report_file)
+    assert report["results"]["speculative"]["verify_steps"] > 0
+    assert report["config"]["options"]["speculative"] == "mtp"
+
+
 def test_prepare_dataset_then_throughput_on_a_tiny_checkpoint(tmp_path, capsys):
     checkpoint = write_checkpoint("llama31", tmp_path / "ckpt", vocab_size=512)
     dataset, log, report_file = tmp_path / "data.jsonl", tmp_path / "steps.jsonl", tmp_path / "report.json"
