@@ -156,6 +156,30 @@ def divergence_gaps(plain: LLM, batch: list[list[int]], expected: list[list[int]
     return gaps
 
 
+def measured_row(plain: LLM, llm: LLM, name: str, batch: list[list[int]], new: int, k: int, label: str,
+                 extra: dict | None = None) -> tuple[dict, dict]:
+    """One workload at one batch: the plain and the speculative engine on the same prompts;
+    (the table's row, the row with raw figures for the JSON). Exit 1 where a sequence parts
+    from the plain run on a token far below the plain target's pick (module docstring)."""
+    b = len(batch)
+    expected, plain_s, _ = run(plain, batch, new)
+    got, spec_s, st = run(llm, batch, new)
+    drafts, accepted, steps = st["spec_draft_tokens"], st["spec_accepted_tokens"], st["spec_verify_steps"]
+    row = {"workload": name, "batch": b, "draft len": k, **(extra or {}),
+           "plain tok/s": f"{b * new / plain_s:,.1f}", label: f"{b * new / spec_s:,.1f}",
+           "speed-up": f"{plain_s / spec_s:.2f}x", "acceptance": f"{accepted / drafts:.1%}" if drafts else "-",
+           "acceptance length": f"{1 + accepted / steps:.2f}" if steps else "-",
+           "identical": f"{sum(a == e for a, e in zip(got, expected)) / len(expected):.2f}"}
+    gaps = divergence_gaps(plain, batch, expected, got)
+    row["max gap at a divergence"] = f"{max(gaps):.3f}" if gaps else "-"
+    if gaps and max(gaps) > MAX_DIVERGENCE_GAP:
+        raise SystemExit(f"{name}, batch {b}: a speculative sequence took a token {max(gaps):.3f} nats "
+                         f"below the plain target's pick (> {MAX_DIVERGENCE_GAP}): verification is wrong")
+    print(row, flush=True)
+    return row, dict(row, plain_s=plain_s, spec_s=spec_s, draft_tokens=drafts, accepted_tokens=accepted,
+                     verify_steps=steps)
+
+
 def make_llm(model, args, device, max_batch: int, **spec) -> LLM:
     tokens = max_batch * (args.prompt + args.new + 2 * args.draft_len + 64)
     return LLM(model, tokenizer=None, device=device, kv_cache_config=KvCacheConfig(max_tokens=tokens),
@@ -207,25 +231,11 @@ def main():
     plain = make_llm(target, args, device, large)
     for name, config, batches in workloads:
         with make_llm(target, args, device, large, speculative_config=config) as llm:
-            for b, batch in batches:
-                expected, plain_s, _ = run(plain, batch, args.new)
-                got, spec_s, st = run(llm, batch, args.new)
-                drafts, accepted, steps = st["spec_draft_tokens"], st["spec_accepted_tokens"], st["spec_verify_steps"]
-                row = {"workload": name, "batch": b, "draft len": k, "verify graphs": "no" if graphs is False else "default",
-                       "plain tok/s": f"{b * args.new / plain_s:,.1f}", "spec tok/s": f"{b * args.new / spec_s:,.1f}",
-                       "speed-up": f"{plain_s / spec_s:.2f}x",
-                       "acceptance": f"{accepted / drafts:.1%}" if drafts else "-",
-                       "acceptance length": f"{1 + accepted / steps:.2f}" if steps else "-",
-                       "identical": f"{sum(a == e for a, e in zip(got, expected)) / len(expected):.2f}"}
-                gaps = divergence_gaps(plain, batch, expected, got)
-                row["max gap at a divergence"] = f"{max(gaps):.3f}" if gaps else "-"
-                if gaps and max(gaps) > MAX_DIVERGENCE_GAP:
-                    raise SystemExit(f"{name}, batch {b}: a speculative sequence took a token {max(gaps):.3f} nats "
-                                     f"below the plain target's pick (> {MAX_DIVERGENCE_GAP}): verification is wrong")
+            for _, batch in batches:
+                row, full = measured_row(plain, llm, name, batch, args.new, k, "spec tok/s",
+                                         {"verify graphs": "no" if graphs is False else "default"})
                 rows.append(row)
-                record["rows"].append(dict(row, plain_s=plain_s, spec_s=spec_s, draft_tokens=drafts,
-                                           accepted_tokens=accepted, verify_steps=steps))
-                print(row, flush=True)
+                record["rows"].append(full)
     plain.shutdown()
     report("bench_speculative", markdown(rows), record)
 

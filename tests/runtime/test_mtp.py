@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.models.checkpoints import hf_model, write_checkpoint
-from tests.runtime.test_eagle3 import _EagerDecodeGraph, _recording
+from tests.runtime.test_eagle3 import _books_balance, _EagerDecodeGraph, _recording
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm import MTPDecodingConfig
 from trtllm.config import BuildConfig, KvCacheConfig
@@ -93,14 +93,6 @@ def _check_drafts(target, calls):
     draft = load_mtp(target, target_hf, torch.float32, "cpu")
     for context, drafts in calls:
         assert drafts == reference_drafts(target_hf, draft, context, len(drafts)), context
-
-
-def _books_balance(llm):
-    llm.block_manager.check_invariants()
-    assert llm.block_manager.num_used_blocks == 0
-    draft = llm.engine.speculative.draft
-    draft.block_manager.check_invariants()
-    assert draft.block_manager.num_used_blocks == 0 and not draft.mirrors and not draft.eagle.exact
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="exact against HF on the CPU")
