@@ -285,6 +285,8 @@ def test_the_layout_loads_either_prefix_and_shares_the_target_embedding(target, 
     assert a.embed_tokens.weight is target_hf.get_input_embeddings().weight
     assert a.config.aux_layers == tuple(AUX) and a.lm_head.out_features == VD
     assert set(a.draft_to_target.tolist()) <= set(range(V)) and len(set(a.draft_to_target.tolist())) == VD
+    half = load_eagle3(write_head(tmp_path / "c"), hf_model(target, torch.bfloat16), torch.bfloat16, "cpu")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}  # not copied into fp32 tensors
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -190,6 +190,11 @@ def test_the_layer_loads_with_its_experts_stacked_and_fp8_dequantized(target, tm
     assert torch.equal(draft.eh_proj.weight, tensors[p + "eh_proj.weight"])
     assert torch.equal(draft.lm_head.weight, tensors[p + "shared_head.head.weight"])
     assert draft.embed_tokens.weight is target_hf.get_input_embeddings().weight
+    # in bf16 the layer is bf16 (not copied into fp32 tensors), the router's correction bias fp32 as in transformers
+    half = load_mtp(target, hf_model(target, torch.bfloat16), torch.bfloat16, "cpu")
+    dtypes = {n: t.dtype for n, t in [*half.named_parameters(), *half.named_buffers()] if t.is_floating_point()}
+    assert dtypes.pop("layers.0.mlp.gate.e_score_correction_bias") == torch.float32
+    assert {n: d for n, d in dtypes.items() if d != torch.bfloat16 and "rotary" not in n} == {}
     # block FP8, as the published checkpoint stores its linears: weight [N, K] e4m3 and a scale per 128 x 128
     w = tensors[p + "eh_proj.weight"]
     scale = w.abs().amax().reshape(1, 1) / 448

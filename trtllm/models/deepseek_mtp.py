@@ -109,21 +109,27 @@ def load_mtp(path: str | Path, target: nn.Module, dtype: torch.dtype | None = No
             raise ValueError(f"MTP layer {path}: unexpected tensor model.layers.{layer}.{_checkpoint_name(key)} (not "
                              "in DeepSeek-V3's MTP layout)")
     state.pop("embed_tokens.weight", None)  # the target's, shared (module docstring)
-    if "lm_head.weight" not in state:
-        state["lm_head.weight"] = _output_embedding(target).weight
+    shared_head = "lm_head.weight" not in state  # no shared_head.head: the target's lm_head
     for key, shape in expected.items():
-        if key == "embed_tokens.weight":
+        if key == "embed_tokens.weight" or (key == "lm_head.weight" and shared_head):
             continue
         if key not in state:
             raise ValueError(f"MTP layer {path}: tensor model.layers.{layer}.{_checkpoint_name(key)} is missing")
         if tuple(state[key].shape) != tuple(shape):
             raise ValueError(f"MTP layer {path}: model.layers.{layer}.{_checkpoint_name(key)} is "
                              f"{tuple(state[key].shape)}, the config says {tuple(shape)}")
-    draft.to_empty(device=device)
-    draft.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
+    # assigned, not copied into the meta module's fp32 tensors: the module takes `dtype`; the router's
+    # score-correction bias stays fp32, as transformers keeps it (_keep_in_fp32_modules_strict)
+    draft.load_state_dict({k: v.to(device, dtype if v.is_floating_point() and not k.endswith("e_score_correction_bias")
+                                   else v.dtype) for k, v in state.items()}, strict=False, assign=True)
     draft.embed_tokens.weight = embedding.weight  # shared, not copied
+    if shared_head:
+        draft.lm_head.weight = _output_embedding(target).weight
     draft.rotary_emb = type(draft.rotary_emb)(draft.config).to(device)  # its buffers were on meta
     draft.draft_to_target = torch.arange(config.vocab_size, device=device)
+    left = [n for n, t in [*draft.named_parameters(), *draft.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"MTP layer {path}: nothing loaded for {left}")
     return draft.requires_grad_(False).eval()
 
 

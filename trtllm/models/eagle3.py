@@ -176,12 +176,12 @@ def load_eagle3(path: str | Path, target: nn.Module, dtype: torch.dtype | None =
     for name, t in weights.items():
         if name in expected and t.shape != expected[name]:
             raise ValueError(f"EAGLE-3 head {path}: {name} is {tuple(t.shape)}, the config says {tuple(expected[name])}")
-    draft.to_empty(device=device)
-    state = {k: v.to(dtype) for k, v in weights.items() if k in expected}
+    # assigned, not copied into the meta module's fp32 tensors: the head takes `dtype`
+    state = {k: v.to(device, dtype) for k, v in weights.items() if k in expected}
     if "embed_tokens.weight" not in state:
         draft.embed_tokens.weight = target_embedding.weight  # shared, not copied
         expected.pop("embed_tokens.weight")
-    draft.load_state_dict(state, strict=False)
+    draft.load_state_dict(state, strict=False, assign=True)
     draft.rotary_emb.init_buffers(device)
     draft.draft_to_target = _draft_to_target(weights.get("d2t"), config, path).to(device)
     return draft.requires_grad_(False).eval()
