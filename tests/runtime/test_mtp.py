@@ -190,6 +190,9 @@ def test_the_layer_loads_with_its_experts_stacked_and_fp8_dequantized(target, tm
     assert torch.equal(draft.eh_proj.weight, tensors[p + "eh_proj.weight"])
     assert torch.equal(draft.lm_head.weight, tensors[p + "shared_head.head.weight"])
     assert draft.embed_tokens.weight is target_hf.get_input_embeddings().weight
+    no_head = write_target(tmp_path / "no_head", **{"shared_head.head.weight": None})  # the target's lm_head, shared
+    no_head_hf = hf_model(no_head)
+    assert load_mtp(no_head, no_head_hf, torch.float32, "cpu").lm_head.weight is no_head_hf.lm_head.weight
     # in bf16 the layer is bf16 (not copied into fp32 tensors), the router's correction bias fp32 as in transformers
     half = load_mtp(target, hf_model(target, torch.bfloat16), torch.bfloat16, "cpu")
     dtypes = {n: t.dtype for n, t in [*half.named_parameters(), *half.named_buffers()] if t.is_floating_point()}

@@ -95,7 +95,7 @@ def load_mtp(path: str | Path, target: nn.Module, dtype: torch.dtype | None = No
     embedding = input_embedding(target)
     device = torch.device(device) if device is not None else embedding.weight.device
     dtype = dtype or embedding.weight.dtype
-    weights = _read_layer(path, layer, _block_size(config))
+    weights = _read_layer(path, layer, _block_size(config), dtype)
     with torch.device("meta"):
         draft = MTPDraft(config)
     expected = {name: p.shape for name, p in draft.named_parameters()}
@@ -118,10 +118,9 @@ def load_mtp(path: str | Path, target: nn.Module, dtype: torch.dtype | None = No
         if tuple(state[key].shape) != tuple(shape):
             raise ValueError(f"MTP layer {path}: model.layers.{layer}.{_checkpoint_name(key)} is "
                              f"{tuple(state[key].shape)}, the config says {tuple(shape)}")
-    # assigned, not copied into the meta module's fp32 tensors: the module takes `dtype`; the router's
-    # score-correction bias stays fp32, as transformers keeps it (_keep_in_fp32_modules_strict)
-    draft.load_state_dict({k: v.to(device, dtype if v.is_floating_point() and not k.endswith("e_score_correction_bias")
-                                   else v.dtype) for k, v in state.items()}, strict=False, assign=True)
+    # assigned, not copied into the meta module's fp32 tensors: the module takes the tensors' dtype
+    # (`dtype`; the router's score-correction bias fp32, as transformers keeps it: _keep_in_fp32_modules_strict)
+    draft.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False, assign=True)
     draft.embed_tokens.weight = embedding.weight  # shared, not copied
     if shared_head:
         draft.lm_head.weight = _output_embedding(target).weight
@@ -139,8 +138,13 @@ def _checkpoint_name(key: str) -> str:
 
 
 def _output_embedding(target: nn.Module) -> nn.Linear:
-    model = getattr(target, "model", target)  # models/hf.py's wrapper or the HF module
-    return model.get_output_embeddings()
+    """The target's lm_head: the HF module's, itself or inside models/hf.py's wrapper."""
+    for module in (target, getattr(target, "model", None)):
+        get = getattr(module, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        if isinstance(head, nn.Linear):
+            return head
+    raise ValueError("MTP: the checkpoint has no shared_head.head and the target's lm_head cannot be found")
 
 
 def _block_size(config) -> tuple[int, int] | None:
@@ -150,9 +154,10 @@ def _block_size(config) -> tuple[int, int] | None:
     return tuple(size) if size else None
 
 
-def _read_layer(path: Path, layer: int, block: tuple[int, int] | None) -> dict[str, torch.Tensor]:
-    """The tensors `model.layers.{layer}.*` of the checkpoint, prefix removed, FP8 ones
-    dequantized (weight * weight_scale_inv, a scale per block of `block`)."""
+def _read_layer(path: Path, layer: int, block: tuple[int, int] | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors `model.layers.{layer}.*` of the checkpoint, prefix removed, in `dtype` one
+    by one as read (FP8 ones dequantized: weight * weight_scale_inv, a scale per block of
+    `block`); the router's correction bias in fp32."""
     prefix = f"model.layers.{layer}."
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -181,7 +186,8 @@ def _read_layer(path: Path, layer: int, block: tuple[int, int] | None) -> dict[s
                 raise ValueError(f"MTP layer {path}: {name} has a weight_scale_inv but config.json's "
                                  "quantization_config names no weight_block_size")
             t = dequantize_blocks(t, scale, block)
-        out[name] = t
+        keep = not t.is_floating_point() or name.endswith("e_score_correction_bias")
+        out[name] = t if keep else t.to(dtype)
     return out
 
 
