@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.models.checkpoints import hf_model, write_checkpoint
-from tests.runtime.test_eagle3 import _books_balance, _EagerDecodeGraph, _recording
+from tests.runtime.test_eagle3 import _books_balance, _EagerDecodeGraph, _EagerStepGraph, _recording
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm import MTPDecodingConfig
 from trtllm.config import BuildConfig, KvCacheConfig
@@ -153,28 +153,46 @@ def test_preemption_keeps_output_identical(target):
     assert got == expected
 
 
+def _stand_in_graphs(runner, k: int | None = None) -> list:
+    """Decode graphs, prefill graphs of the buckets latent attention captures (16, 32: at most
+    ABSORBED_MAX_QUERY_LEN tokens) and, with k, verify graphs of k drafts, as a GPU captures them."""
+    decode = {b: _EagerDecodeGraph(runner, b, V) for b in (1, 2, 4, 8)}
+    runner.cuda_graphs.decode = {b: (g, g.logits, g.greedy) for b, g in decode.items()}
+    prefill = {t: _EagerStepGraph(runner, t, V, min(t, runner.meta.max_num_seqs)) for t in (16, 32)}
+    runner.cuda_graphs.prefill = {t: (g, g.logits) for t, g in prefill.items()}
+    graphs = [*decode.values(), *prefill.values()]
+    if k is not None:
+        verify = {b: _EagerStepGraph(runner, b * (k + 1), V, None) for b in (1, 2, 4, 8)}
+        runner.cuda_graphs.verify = {b: (g, g.logits) for b, g in verify.items()}
+        runner.cuda_graphs.verify_len = k + 1
+        graphs += verify.values()
+    return graphs
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU stand-ins of CUDA graphs")
-def test_decode_graph_steps_keep_drafts_and_output(target):
-    """Both runners on (stand-in) decode graphs, as on a GPU (latent attention captures no
-    prefill or verify graphs): the layer's chained steps; the target's decode, so the
-    overlap scheduler launches steps ahead while a sequence is backed off."""
+def test_graph_steps_keep_drafts_and_output(target):
+    """Both runners on (stand-in) CUDA graphs, as on a GPU: the layer's chained decode steps
+    and its catch-ups in prefill graphs; the target's decode graphs (the overlap scheduler
+    launching steps ahead while a sequence is backed off), short prefill chunks and verify
+    steps, all over the latent cache with the capture-time bounds. Drafts still the plain
+    recomputation's."""
+    k = 3
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     with small_llm(target) as llm:
         expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-    with small_llm(target, speculative_config=MTPDecodingConfig(max_draft_len=3)) as llm:
+    with small_llm(target, speculative_config=MTPDecodingConfig(max_draft_len=k)) as llm:
         proposer = llm.engine.speculative.draft
-        graphs = []
-        for runner in (proposer.runner, llm.engine.runner):
-            decode = {b: _EagerDecodeGraph(runner, b, V) for b in (1, 2, 4, 8)}
-            runner.cuda_graphs.decode = {b: (g, g.logits, g.greedy) for b, g in decode.items()}
-            graphs += decode.values()
+        assert proposer.runner.prefill_graphs_serve() and llm.engine.runner.prefill_graphs_serve()
+        graphs = _stand_in_graphs(proposer.runner) + _stand_in_graphs(llm.engine.runner, k)
         calls = []
         proposer.propose = _recording(proposer, calls)
         got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
         _books_balance(llm)
     assert got == expected
-    assert any(g.replays for g in graphs if g.runner is proposer.runner)
-    assert any(g.replays for g in graphs if g.runner is not proposer.runner)
+    for runner in (proposer.runner, llm.engine.runner):
+        for kind in (_EagerDecodeGraph, _EagerStepGraph):
+            assert any(g.replays for g in graphs if g.runner is runner and isinstance(g, kind)), (runner, kind)
+    assert any(g.replays for g in graphs if isinstance(g, _EagerStepGraph) and g.rows is None)  # verify
     _check_drafts(target, calls)
 
 

@@ -20,9 +20,10 @@ num_seqs min(max_num_seqs, T), max_query_len T, max_seq_len the model's length; 
 rows are the first min(T, max_num_seqs) flat indices the runner stages (the rows to sample
 first, the rest padding). What they save is host time: an eager 128-token prefill of
 Llama-3.1-8B launched for ~24 ms against ~5.5 ms of kernels (H200, bench/RESULTS.md). Not
-captured for LoRA adapters, M-RoPE or latent attention (their steps stage per-token state
-these graphs do not refill, or expand per sequence on the host); image rows are staged into
-fixed buffers before every replay (runtime/model_runner.py `prefill_graphs_serve`).
+captured for LoRA adapters or M-RoPE (their steps stage per-token state these graphs do not
+refill), nor past 33 tokens for latent attention (longer steps expand per sequence on the
+host); image rows are staged into fixed buffers before every replay
+(runtime/model_runner.py `prefill_graphs_serve`).
 
 With LoRA adapters, each decode size is captured twice: with the adapters' kernels, and
 inside `no_adapters()` (kernels/linear_lora.py) without them (the fused LoRA linears launch the base GEMV

@@ -28,9 +28,10 @@ On a GPU, pure-decode steps replay CUDA graphs captured for batch sizes 1, 2, 4,
 16, ... up to max_num_seqs (a step pads to the next captured size: padded tokens
 write no cache slot and belong to no sequence), and steps of several tokens a sequence
 of at most CudaGraphConfig.max_prefill_tokens tokens replay graphs captured for token
-buckets (their capture and replay are runtime/cuda_graphs.py). Other steps (longer ones,
-prompt logprobs, and any step of a model with LoRA, images, M-RoPE or latent attention
-but pure decodes) run the compiled model directly.
+buckets (their capture and replay are runtime/cuda_graphs.py; with latent attention only
+buckets of at most ABSORBED_MAX_QUERY_LEN tokens). Other steps (longer ones, prompt
+logprobs, and any step of a model with LoRA or M-RoPE but pure decodes) run the compiled
+model directly.
 
 A step is launched, not waited for: `execute` queues its GPU work and returns a
 `LaunchedStep`; its results are read after `LaunchedStep.wait()`. `execute_ahead`
@@ -54,6 +55,7 @@ from trtllm.compile import CompiledModel
 from trtllm.config import CudaGraphConfig
 from trtllm.hidden_states import HiddenStatesContext, hidden_states_context
 from trtllm.kernels.linear_lora import no_adapters
+from trtllm.mla_attention import ABSORBED_MAX_QUERY_LEN
 from trtllm.multimodal_context import multimodal_context
 from trtllm.runtime.cuda_graphs import CudaGraphs, decode_batch_sizes, prefill_token_sizes
 from trtllm.runtime.kv_cache_quant import KvCacheQuant
@@ -106,17 +108,20 @@ class ModelRunner:
             if self.prefill_graphs_serve():
                 # a step of T tokens has sequences of at most max_model_len tokens
                 most = min(config.max_prefill_tokens, max_num_tokens, max_num_seqs * max_model_len)
+                if self.compiled.attention.latent:  # only steps the MLA op attends on the device
+                    most = min(most, ABSORBED_MAX_QUERY_LEN)
                 self.cuda_graphs.capture_prefill(prefill_token_sizes(most))
 
     def prefill_graphs_serve(self) -> bool:
         """Whether prefill graphs can run this model's steps: not with per-token state they
-        would not refill (LoRA slots, M-RoPE positions) nor latent attention's per-sequence
-        expansion (trtllm/mla_attention.py); not under parallelism (no graphs). Image rows
-        they read: `execute` stages them into fixed buffers before any replay, and the rows
-        past the step's tokens hold -1 (trtllm/multimodal_context.py)."""
+        would not refill (LoRA slots, M-RoPE positions); not under parallelism (no graphs).
+        Image rows they read: `execute` stages them into fixed buffers before any replay, and
+        the rows past the step's tokens hold -1 (trtllm/multimodal_context.py). Latent
+        attention: graphs of at most ABSORBED_MAX_QUERY_LEN tokens, the steps the MLA op
+        attends on the device (verify steps, an MTP layer's catch-ups); longer ones expand
+        per sequence on the host's lengths (trtllm/mla_attention.py)."""
         compiled = self.compiled
-        return self.adapters is None and self.mrope is None \
-            and not compiled.attention.latent and getattr(compiled, "tensor_parallel", None) is None
+        return self.adapters is None and self.mrope is None and getattr(compiled, "tensor_parallel", None) is None
 
     @contextlib.contextmanager
     def graph_inputs(self):
