@@ -12,6 +12,7 @@ from trtllm.runtime.sampler import (
     apply_top_k_top_p,
     draw_seed,
     gumbel_noise,
+    open_unit,
     process_logits,
 )
 from trtllm.runtime.sequence import Sequence
@@ -147,6 +148,17 @@ def test_noise_is_uniform_gumbel():
     hist = torch.histc(u, bins=20, min=0.0, max=1.0)
     assert (hist / u.numel() - 0.05).abs().max() < 0.003
     assert abs(g.mean().item() - 0.5772) < 0.01  # Euler-Mascheroni
+
+
+def test_noise_is_finite_at_the_hashes_extremes():
+    """The largest hash once made u = 1.0 and +inf noise, which beat any -inf mask (a grammar's
+    refused token sampled: test_grammar's batch-mates test failed one run in ~200 under load)."""
+    u = open_unit(torch.tensor([0, 1, 2**31, 2**32 - 2, 2**32 - 1]))
+    assert ((u > 0) & (u < 1)).all()
+    g = -torch.log(-torch.log(u))
+    assert g.isfinite().all()
+    masked = torch.tensor([float("-inf"), 0.0]) + g[-2:]  # a masked token against an allowed one
+    assert masked.argmax() == 1
 
 
 def test_frequencies_match_softmax():

@@ -258,8 +258,16 @@ def gumbel_noise(batch: SamplingBatch) -> Tensor:
     tok = torch.arange(batch.vocab_size, device=k.device)
     # two keyed rounds, so one step's noise is no simple permutation of another's
     x = _combine(_combine(k1[:, None], tok[None, :]), k2[:, None])
-    u = ((x >> 8).to(torch.float32) + 0.5) * 2.0 ** -24    # 24 bits: exactly in (0, 1)
-    return -torch.log(-torch.log(u))
+    return -torch.log(-torch.log(open_unit(x)))
+
+
+def open_unit(x: Tensor) -> Tensor:
+    """32-bit hashes (int64) -> fp32 uniforms strictly inside (0, 1), from their top 23 bits:
+    m + 0.5 is exact in fp32 below 2**23. (With 24 bits, m = 2**24 - 1 rounded to u = 1.0,
+    Gumbel noise +inf: that token won whatever its logit and beat a grammar's or top-k's
+    -inf mask (-inf + inf = NaN, which argmax takes) — one draw in 2**24, a row of 128k
+    tokens every ~128 sampled steps.)"""
+    return ((x >> 9).to(torch.float32) + 0.5) * 2.0 ** -23
 
 
 def argmax_serves(seqs: list[Sequence]) -> bool:
