@@ -144,14 +144,18 @@ def _books_balance(llm):
     assert draft.block_manager.num_used_blocks == 0 and not draft.mirrors and not draft.eagle.exact
 
 
+# greedy, penalties, logprobs (not speculated), sampled: a mixed batch for a hidden-state draft (also test_mtp.py)
+MIXED_PARAMS = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+                SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.2, min_tokens=4),
+                SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True, logprobs=2),
+                SamplingParams(max_tokens=15, temperature=0.0, ignore_eos=True),
+                SamplingParams(max_tokens=13, temperature=0.9, top_k=20, seed=7, ignore_eos=True)]
+
+
 def test_mixed_batch_is_token_identical_and_books_balance(target, head):
     """Greedy, penalties, logprobs (not speculated), sampled (rejection sampling against the
     head's distribution over its vocabulary)."""
-    params = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
-              SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.2, min_tokens=4),
-              SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True, logprobs=2),
-              SamplingParams(max_tokens=15, temperature=0.0, ignore_eos=True),
-              SamplingParams(max_tokens=13, temperature=0.9, top_k=20, seed=7, ignore_eos=True)]
+    params = MIXED_PARAMS
     prompts = [PROMPTS[2], PROMPTS[0], PROMPTS[1], PROMPTS[3], PROMPTS[4]]
     with small_llm(target) as llm:
         expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -229,11 +233,11 @@ class _EagerStepGraph:
         self.replays += 1
 
 
-def _stand_in_graphs(runner, vocab: int, k: int | None = None) -> list:
+def _stand_in_graphs(runner, vocab: int, k: int | None = None, prefill_sizes=(16, 32, 64)) -> list:
     """Decode and prefill graphs (and verify graphs of k drafts) on `runner`, as a GPU captures them."""
     decode = {b: _EagerDecodeGraph(runner, b, vocab) for b in (1, 2, 4, 8)}
     runner.cuda_graphs.decode = {b: (g, g.logits, g.greedy) for b, g in decode.items()}
-    prefill = {t: _EagerStepGraph(runner, t, vocab, min(t, runner.meta.max_num_seqs)) for t in (16, 32, 64)}
+    prefill = {t: _EagerStepGraph(runner, t, vocab, min(t, runner.meta.max_num_seqs)) for t in prefill_sizes}
     runner.cuda_graphs.prefill = {t: (g, g.logits) for t, g in prefill.items()}
     graphs = [*decode.values(), *prefill.values()]
     if k is not None:

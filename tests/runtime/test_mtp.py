@@ -11,7 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.models.checkpoints import hf_model, write_checkpoint
-from tests.runtime.test_eagle3 import _books_balance, _EagerDecodeGraph, _EagerStepGraph, _recording
+from tests.runtime.test_eagle3 import (
+    MIXED_PARAMS,
+    _books_balance,
+    _EagerDecodeGraph,
+    _EagerStepGraph,
+    _recording,
+    _stand_in_graphs,
+)
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm import MTPDecodingConfig
 from trtllm.config import BuildConfig, KvCacheConfig
@@ -121,11 +128,7 @@ def test_the_engine_proposes_what_the_plain_recomputation_does(target):
 
 
 def test_mixed_batch_is_token_identical_and_books_balance(target):
-    params = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
-              SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.2, min_tokens=4),
-              SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True, logprobs=2),
-              SamplingParams(max_tokens=15, temperature=0.0, ignore_eos=True),
-              SamplingParams(max_tokens=13, temperature=0.9, top_k=20, seed=7, ignore_eos=True)]
+    params = MIXED_PARAMS
     prompts = [PROMPTS[2], PROMPTS[0], PROMPTS[1], PROMPTS[3], PROMPTS[4]]
     with small_llm(target) as llm:
         expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -153,22 +156,6 @@ def test_preemption_keeps_output_identical(target):
     assert got == expected
 
 
-def _stand_in_graphs(runner, k: int | None = None) -> list:
-    """Decode graphs, prefill graphs of the buckets latent attention captures (16, 32: at most
-    ABSORBED_MAX_QUERY_LEN tokens) and, with k, verify graphs of k drafts, as a GPU captures them."""
-    decode = {b: _EagerDecodeGraph(runner, b, V) for b in (1, 2, 4, 8)}
-    runner.cuda_graphs.decode = {b: (g, g.logits, g.greedy) for b, g in decode.items()}
-    prefill = {t: _EagerStepGraph(runner, t, V, min(t, runner.meta.max_num_seqs)) for t in (16, 32)}
-    runner.cuda_graphs.prefill = {t: (g, g.logits) for t, g in prefill.items()}
-    graphs = [*decode.values(), *prefill.values()]
-    if k is not None:
-        verify = {b: _EagerStepGraph(runner, b * (k + 1), V, None) for b in (1, 2, 4, 8)}
-        runner.cuda_graphs.verify = {b: (g, g.logits) for b, g in verify.items()}
-        runner.cuda_graphs.verify_len = k + 1
-        graphs += verify.values()
-    return graphs
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU stand-ins of CUDA graphs")
 def test_graph_steps_keep_drafts_and_output(target):
     """Both runners on (stand-in) CUDA graphs, as on a GPU: the layer's chained decode steps
@@ -183,7 +170,9 @@ def test_graph_steps_keep_drafts_and_output(target):
     with small_llm(target, speculative_config=MTPDecodingConfig(max_draft_len=k)) as llm:
         proposer = llm.engine.speculative.draft
         assert proposer.runner.prefill_graphs_serve() and llm.engine.runner.prefill_graphs_serve()
-        graphs = _stand_in_graphs(proposer.runner) + _stand_in_graphs(llm.engine.runner, k)
+        # latent attention captures prefill graphs of at most ABSORBED_MAX_QUERY_LEN (33) tokens
+        graphs = _stand_in_graphs(proposer.runner, V, prefill_sizes=(16, 32)) + \
+            _stand_in_graphs(llm.engine.runner, V, k, prefill_sizes=(16, 32))
         calls = []
         proposer.propose = _recording(proposer, calls)
         got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
