@@ -2,9 +2,11 @@
 
     PYTHONPATH=$PWD python3 bench/bench_linear.py            # H100, about 2 minutes
     PYTHONPATH=$PWD python3 bench/bench_linear.py --smoke    # CPU: interpreter, tiny shapes
+    PYTHONPATH=$PWD python3 bench/bench_linear.py --model llama-3.2-1b --ms 1,2,4,8,16,32,64
 
 Llama-3-8B decode shapes y[M, N] = x[M, K] @ W[N, K]^T: qkv 6144x4096, o_proj 4096x4096,
-gate_up 28672x4096, down 14336 -> 4096, lm_head 128256x4096; M (tokens) in 1, 2, 4, 8, 16.
+gate_up 28672x4096, down 14336 -> 4096, lm_head 128256x4096; M (tokens) in 1, 2, 4, 8, 16
+(--model: the same five shapes of Llama-3.2-1B or Gemma-3-1B; --ms: other row counts).
 
 1. Correctness first: every config tried, on fresh random bf16 inputs, against the fp32
    reference (`linear_ref` of the same bf16 inputs): rel. error ||y - ref|| / ||ref||
@@ -46,9 +48,15 @@ import trtllm.kernels.linear as linear_mod  # noqa: E402
 from bench.report import report  # noqa: E402
 from trtllm.kernels.linear import GemvConfig, gemv, linear_ref  # noqa: E402
 
-LAYERS = 32
-SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096),
-          "down": (4096, 14336), "lm_head": (128256, 4096)}  # name: (N, K)
+MODELS = {  # name: (layers, {shape: (N, K)})
+    "llama-3-8b": (32, {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096),
+                        "down": (4096, 14336), "lm_head": (128256, 4096)}),
+    "llama-3.2-1b": (16, {"qkv": (3072, 2048), "o_proj": (2048, 2048), "gate_up": (16384, 2048),
+                          "down": (2048, 8192), "lm_head": (128256, 2048)}),
+    "gemma-3-1b": (26, {"qkv": (1536, 1152), "o_proj": (1152, 1024), "gate_up": (13824, 1152),
+                        "down": (1152, 6912), "lm_head": (262144, 1152)}),
+}
+LAYERS, SHAPES = MODELS["llama-3-8b"]
 PER_LAYER = ("qkv", "o_proj", "gate_up", "down")
 MS = (1, 2, 4, 8, 16)
 MAX_REL_ERR = 1e-2
@@ -65,6 +73,9 @@ CANDIDATES = [
     # tl.dot variant (rows padded to 16): W tiles through shared memory, num_stages deep.
     C(True, 16, 128, 4, 4), C(True, 16, 256, 4, 3), C(True, 16, 256, 4, 4),
     C(True, 16, 512, 4, 3), C(True, 32, 256, 4, 3), C(True, 64, 128, 4, 4),
+    # small weights (1-2 B models): more, smaller programs for 132 SMs
+    C(False, 4, 512, 4, 1), C(False, 2, 1024, 4, 1), C(False, 4, 256, 2, 1), C(False, 8, 256, 4, 1),
+    C(False, 8, 512, 4, 3), C(True, 16, 128, 4, 3), C(True, 32, 128, 4, 4),
 ]
 
 if SMOKE:
@@ -78,7 +89,7 @@ if SMOKE:
 
 
 def fits(config: GemvConfig, m: int) -> bool:
-    return config.dot or m <= 8
+    return (config.dot or m <= 8) and max(16, m) <= 64
 
 
 def cfg_str(c) -> str:
@@ -264,7 +275,14 @@ def suggestion(rows, totals):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny fp16 shapes")
-    ap.parse_args()
+    ap.add_argument("--model", default="llama-3-8b", choices=sorted(MODELS))
+    ap.add_argument("--ms", default=None, help="row counts, comma-separated (default 1,2,4,8,16)")
+    args = ap.parse_args()
+    global LAYERS, SHAPES, MS
+    if not SMOKE:
+        LAYERS, SHAPES = MODELS[args.model]
+    if args.ms:
+        MS = tuple(int(m) for m in args.ms.split(","))
     if SMOKE:
         device, dtype = torch.device("cpu"), torch.float16  # the interpreter's bf16 tl.dot is wrong
     else:
@@ -289,7 +307,7 @@ def main():
 
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter, smoke)"
     table = [
-        f"{dev_name}, {dtype}; torch {torch.__version__}, triton {triton.__version__}; "
+        f"{args.model if not SMOKE else 'smoke'} shapes; {dev_name}, {dtype}; torch {torch.__version__}, triton {triton.__version__}; "
         f"device-to-device copy {ceiling:.2f} TB/s; {elapsed:.0f} s",
         "",
         "Per call, each call streaming a different weight inside a CUDA graph. TB/s = weight bytes / time.",
@@ -326,7 +344,7 @@ def main():
         r["best_config"] = r["best_config"]._asdict() if r["best_config"] else None
         return r
 
-    report("bench_linear", "\n".join(table), dict(
+    report(f"bench_linear_{args.model}", "\n".join(table), dict(
         device=dev_name, torch=torch.__version__, triton=triton.__version__, dtype=str(dtype),
         copy_tbs=ceiling, rows=[plain(r) for r in rows], totals=totals, host_us=host,
         suggested_max_m=max_m, suggested=paste, failures=failures, seconds=elapsed))

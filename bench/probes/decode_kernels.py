@@ -1,9 +1,11 @@
-"""Where the GPU time of a batch-1 decode step goes, kernel by kernel.
+"""Where the GPU time of a decode step goes, kernel by kernel.
 
-    PYTHONPATH=$PWD python bench/probes/decode_kernels.py [--layers 32] [--replays 20]
+    PYTHONPATH=$PWD python bench/probes/decode_kernels.py [--model llama-3-8b|llama-3.2-1b|gemma-3-1b]
+        [--batch 1] [--layers 32] [--replays 20]
 
-Llama-3-8B shapes, random bf16 weights (bench_e2e.build_models), one LLM with only the
-batch-1 decode CUDA graph. The graph is replayed under torch.profiler; per replay:
+Random bf16 weights: Llama-3-8B shapes (bench_e2e.build_models; --layers), the
+llama-3.2-1b preset, or Gemma-3-1B shapes through models/gemma.py (family_speed.py's).
+One LLM with only the decode CUDA graph of --batch sequences. The graph is replayed under torch.profiler; per replay:
 - time per kernel family (matmul, attention, norms, rotary, silu_mul, the LM head's
   argmax, copies) and launches per family;
 - the sum of kernel times against the replay's wall time: the difference is the GPU
@@ -42,17 +44,23 @@ def family(name: str) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3-8b", choices=("llama-3-8b", "llama-3.2-1b", "gemma-3-1b"))
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--replays", type=int, default=20)
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
-    _, model = build_models(dict(LLAMA3_8B, num_hidden_layers=args.layers))
+    if args.model == "llama-3-8b":
+        _, model = build_models(dict(LLAMA3_8B, num_hidden_layers=args.layers))
+    else:
+        from bench.probes import family_speed
+        model = family_speed.BUILDERS["llama" if args.model == "llama-3.2-1b" else "own"]()
     linear_bytes = sum(m.weight.numel() * m.weight.element_size()
                        for m in model.modules() if isinstance(m, torch.nn.Linear))
-    llm = LLM(model, build_config=BuildConfig(max_batch_size=1, max_num_tokens=2048, max_seq_len=2048),
+    llm = LLM(model, build_config=BuildConfig(max_batch_size=args.batch, max_num_tokens=2048, max_seq_len=2048),
               kv_cache_config=KvCacheConfig(max_tokens=8192))
-    graph = llm.engine.runner.cuda_graphs.decode[1][0]
+    graph = llm.engine.runner.cuda_graphs.decode[args.batch][0]
     wall_us = replay_seconds(graph, args.replays) * 1e6
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.replays):
@@ -60,26 +68,30 @@ def main():
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     per_family_us, per_family_n, per_name_us = defaultdict(float), defaultdict(int), defaultdict(float)
+    per_name_n = defaultdict(int)
     for e in kernels:
         us = e.time_range.elapsed_us()
         f = family(e.name)
         per_family_us[f] += us / args.replays
         per_family_n[f] += 1
         per_name_us[e.name] += us / args.replays
+        per_name_n[e.name] += 1
     busy_us = sum(per_family_us.values())
     ceiling = copy_tbs()
     llm.shutdown()
     matmul_tbs = linear_bytes / (per_family_us["matmul"] * 1e-6) / 1e12 if per_family_us["matmul"] else 0.0
-    rows = dict(layers=args.layers, wall_us_per_replay=wall_us, kernel_busy_us=busy_us,
+    rows = dict(model=args.model, batch=args.batch, layers=args.layers, wall_us_per_replay=wall_us, kernel_busy_us=busy_us,
                 idle_us=wall_us - busy_us, linear_weight_gb=linear_bytes / 1e9, matmul_tbs=matmul_tbs,
                 copy_tbs=ceiling, launches_per_replay=len(kernels) / args.replays,
                 families={f: dict(us=per_family_us[f], launches=per_family_n[f] / args.replays)
                           for f in per_family_us},
-                top_kernels=sorted(((n, u) for n, u in per_name_us.items()), key=lambda x: -x[1])[:15])
-    print("top kernels (us per replay):")
-    for name, us in rows["top_kernels"]:
-        print(f"  {us:9.1f}  {name[:140]}")
-    table = ["| part of one batch-1 decode step | µs | launches | share |", "|---|---:|---:|---:|"]
+                top_kernels=sorted(((n, u, per_name_n[n] / args.replays) for n, u in per_name_us.items()),
+                                   key=lambda x: -x[1])[:40])
+    print("top kernels (us per replay, launches per replay):")
+    for name, us, n in rows["top_kernels"]:
+        print(f"  {us:9.1f} {n:5.0f}  {name[:140]}")
+    table = [f"| part of one {args.model} batch-{args.batch} decode step | µs | launches | share |",
+             "|---|---:|---:|---:|"]
     for f, us in sorted(per_family_us.items(), key=lambda x: -x[1]):
         table.append(f"| {f} | {us:,.1f} | {per_family_n[f] / args.replays:.0f} | {us / wall_us:.1%} |")
     table += [f"| GPU idle between kernels | {wall_us - busy_us:,.1f} | - | {(wall_us - busy_us) / wall_us:.1%} |",
@@ -87,7 +99,7 @@ def main():
               "",
               f"matmuls read {linear_bytes / 1e9:.2f} GB of weights at {matmul_tbs:.2f} TB/s "
               f"(device copy {ceiling:.2f} TB/s); the whole step at {linear_bytes / wall_us / 1e6:.2f} TB/s"]
-    report("decode_kernels", "\n".join(table), rows)
+    report(f"decode_kernels_{args.model}_b{args.batch}", "\n".join(table), rows)
 
 
 if __name__ == "__main__":

@@ -61,37 +61,46 @@ def nbytes(m):
             n += p.numel() * p.element_size()
     return n
 
-rows = []
-which = sys.argv[1:] or ["own", "hf", "llama"]
-for name in which:
-    t0 = time.perf_counter()
-    module = {"own": own_module, "hf": hf_module, "llama": lambda: build_preset(dict(PRESETS["tiny-llama" if SMALL else "llama-3.2-1b"]), "bfloat16", DEV)}[name]()
-    weights = nbytes(module)
-    llm = LLM(module, build_config=BuildConfig(max_batch_size=64, max_num_tokens=8192, max_seq_len=512),
-              kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.5))
-    startup = time.perf_counter() - t0
-    with llm:
-        vocab = 200
-        params = SamplingParams(max_tokens=4 if SMALL else 128, temperature=0.0, ignore_eos=True)
-        res = {"path": name, "summary_model": llm.compiled.summary().splitlines()[0], "weights_GB": weights / 1e9,
-               "startup_s": startup}
-        for b in ((1, 2) if SMALL else (1, 64)):
-            prompts = [[(7 * i + j) % vocab + 3 for j in range(8 if SMALL else 128)] for i in range(b)]
-            llm.generate(prompts, params, use_tqdm=False)  # warm
-            sync()
-            t = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            sync()
-            dt = time.perf_counter() - t
-            n = sum(len(o.outputs[0].token_ids) for o in outs)
-            res[f"b{64 if b > 1 else 1}_tok_s"] = n / dt
-        res["b1_ceiling_tok_s"] = 4.3e12 / weights
-        res["b1_frac_of_ceiling"] = res["b1_tok_s"] / res["b1_ceiling_tok_s"]
-    rows.append(res)
-    print(json.dumps(res), flush=True)
-    del llm, module
-    torch.cuda.empty_cache()
-json.dump(rows, open(f"{OUT}/gemma_perf.json", "w"), indent=1)
-print(f"{'path':8} {'weights GB':>10} {'startup s':>9} {'b1 tok/s':>9} {'ceiling':>8} {'frac':>5} {'b64 tok/s':>9}")
-for r in rows:
-    print(f"{r['path']:8} {r['weights_GB']:10.2f} {r['startup_s']:9.1f} {r['b1_tok_s']:9.0f} {r['b1_ceiling_tok_s']:8.0f} {r['b1_frac_of_ceiling']:5.2f} {r['b64_tok_s']:9.0f}")
+BUILDERS = {"own": lambda: own_module(), "hf": lambda: hf_module(),
+            "llama": lambda: build_preset(dict(PRESETS["tiny-llama" if SMALL else "llama-3.2-1b"]), "bfloat16", DEV)}
+
+
+def main():
+    rows = []
+    which = sys.argv[1:] or ["own", "hf", "llama"]
+    for name in which:
+        t0 = time.perf_counter()
+        module = BUILDERS[name]()
+        weights = nbytes(module)
+        llm = LLM(module, build_config=BuildConfig(max_batch_size=64, max_num_tokens=8192, max_seq_len=512),
+                  kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.5))
+        startup = time.perf_counter() - t0
+        with llm:
+            vocab = 200
+            params = SamplingParams(max_tokens=4 if SMALL else 128, temperature=0.0, ignore_eos=True)
+            res = {"path": name, "summary_model": llm.compiled.summary().splitlines()[0], "weights_GB": weights / 1e9,
+                   "startup_s": startup}
+            for b in ((1, 2) if SMALL else (1, 64)):
+                prompts = [[(7 * i + j) % vocab + 3 for j in range(8 if SMALL else 128)] for i in range(b)]
+                llm.generate(prompts, params, use_tqdm=False)  # warm
+                sync()
+                t = time.perf_counter()
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                sync()
+                dt = time.perf_counter() - t
+                n = sum(len(o.outputs[0].token_ids) for o in outs)
+                res[f"b{64 if b > 1 else 1}_tok_s"] = n / dt
+            res["b1_ceiling_tok_s"] = 4.3e12 / weights
+            res["b1_frac_of_ceiling"] = res["b1_tok_s"] / res["b1_ceiling_tok_s"]
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+        del llm, module
+        torch.cuda.empty_cache()
+    json.dump(rows, open(f"{OUT}/gemma_perf.json", "w"), indent=1)
+    print(f"{'path':8} {'weights GB':>10} {'startup s':>9} {'b1 tok/s':>9} {'ceiling':>8} {'frac':>5} {'b64 tok/s':>9}")
+    for r in rows:
+        print(f"{r['path']:8} {r['weights_GB']:10.2f} {r['startup_s']:9.1f} {r['b1_tok_s']:9.0f} {r['b1_ceiling_tok_s']:8.0f} {r['b1_frac_of_ceiling']:5.2f} {r['b64_tok_s']:9.0f}")
+
+
+if __name__ == "__main__":
+    main()
