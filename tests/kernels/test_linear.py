@@ -71,6 +71,15 @@ def test_dispatch_by_rows(monkeypatch):
     assert calls == [1, 4]
 
 
+def test_config_of_untimed_rows_is_next_tuned_count_up(monkeypatch):
+    a, b = GemvConfig(False, 4, 1024, 4, 1), GemvConfig(True, 64, 128, 4, 4)
+    monkeypatch.setattr(linear_mod, "_TUNED", {(83, 64, 1): a, (83, 64, 16): b, (83, 64, 32): None})
+    assert linear_mod.gemv_config(1, 83, 64) == a
+    assert [linear_mod.gemv_config(m, 83, 64) for m in (2, 3, 8, 16)] == [b] * 4
+    assert linear_mod.gemv_config(17, 83, 64) is None
+    assert linear_mod.gemv_config(2, 84, 64) == linear_mod._default_config(2, 84, 64)  # shape not tuned
+
+
 def test_leading_dims_and_strides():
     n, k = 83, 769
     weight, bias = (torch.randn(n, k) / k ** 0.5), torch.randn(n)
