@@ -51,7 +51,7 @@ def run_case(batch, ctx, configs, splits_list, tables=("random",)):
                 launch = pa.DecodeLaunch(splits, launch_shape.merges_in_cluster(splits, args[0].device), *cfg)
                 try:
                     e = rel_error(args, launch)
-                    t = ms(graphed(functools.partial(pa.launch_paged_attention, *args, launch)))
+                    t = ms(graphed(functools.partial(pa.launch_paged_attention, *args, launch=launch)))
                 except Exception as ex:  # noqa: BLE001 - e.g. out of shared memory
                     print(f"  b{batch} ctx{ctx} {cfg} x{splits}: {type(ex).__name__}: {str(ex)[:80]}",
                           file=sys.stderr)

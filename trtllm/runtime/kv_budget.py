@@ -15,6 +15,12 @@ from trtllm.runtime.mrope_positions import widen_positions
 
 # Without a GPU to measure, a pool of this many tokens (CPU runs are tests and demos).
 CPU_DEFAULT_TOKENS = 65536
+# The most blocks a pool sized from free GPU memory gets: a tiny model on an H200 would get
+# ~20 M blocks (a 2-layer MLA test checkpoint: 6 KB a block), whose books live in Python lists
+# and are checked over each time the engine goes idle (1.9 ms per 11,810 blocks on the dev
+# CPU: seconds at 20 M; the GPU test of such a model ran past 200 s). 2**20 blocks of 32
+# tokens is 33.5 M tokens; an 8B model gets 26,472 on the H200. max_tokens is not capped.
+MAX_MEASURED_BLOCKS = 1 << 20
 
 
 def bytes_per_block(compiled: CompiledModel, block_size: int, cache_dtype: torch.dtype | None = None) -> int:
@@ -45,7 +51,7 @@ def num_kv_blocks(compiled: CompiledModel, config: KvCacheConfig, max_num_tokens
         activations = _profile_peak(compiled, max_num_tokens, max_num_seqs, block)
         free, _ = torch.cuda.mem_get_info(compiled.device)
         budget = (free - activations) * config.free_gpu_memory_fraction
-        blocks = blocks_in(budget, compiled, block, cache_dtype)
+        blocks = min(blocks_in(budget, compiled, block, cache_dtype), MAX_MEASURED_BLOCKS)
         tp = compiled.tensor_parallel
         if tp is not None and tp.workers is not None:  # every rank's pool has these blocks: the fewest
             others = tp.workers.min_kv_blocks(config.free_gpu_memory_fraction, block)
