@@ -5,6 +5,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from trtllm.kernels.rms_norm import (
     fused_add_rms_norm,
     fused_add_rms_norm_ref,
+    norm_add_rms_norm,
+    norm_add_rms_norm_ref,
     rms_norm,
     rms_norm_ref,
 )
@@ -137,3 +139,28 @@ def test_opcheck_unit_offset():
     residual = torch.randn(7, 83, dtype=torch.bfloat16)
     torch.library.opcheck(torch.ops.trtllm.rms_norm.default, (x, weight, EPS, True))
     torch.library.opcheck(torch.ops.trtllm.fused_add_rms_norm.default, (x, residual, weight, EPS, True))
+
+
+@pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(1, 16), (7, 83), (83, 64), (7, 769), (1, 5125)])
+def test_norm_add_rms_norm_matches_reference(rows, n, dtype, unit_offset):
+    x, weight = _inputs(rows, n, dtype)
+    pre_weight = (0.1 * torch.randn(n)).to(dtype) if unit_offset else _inputs(1, n, dtype)[1]
+    residual = torch.randn(rows, n, dtype=dtype)
+    out, summed = norm_add_rms_norm(x, pre_weight, residual, weight, EPS, unit_offset)
+    out_ref, summed_ref = norm_add_rms_norm_ref(x, pre_weight, residual, weight, EPS, unit_offset)
+    assert summed.is_contiguous() and out.is_contiguous()
+    torch.testing.assert_close(summed, summed_ref, **TOLERANCES[dtype])
+    torch.testing.assert_close(out, out_ref, **TOLERANCES[dtype])
+    # the first norm is applied: its weight changes the sum
+    other, _ = norm_add_rms_norm(x, pre_weight * 2 + 1, residual, weight, EPS, unit_offset)
+    assert not torch.allclose(other, out)
+
+
+def test_opcheck_norm_add_rms_norm():
+    x, weight = _inputs(7, 83, torch.float32)
+    residual = torch.randn(7, 83)
+    for unit_offset in (False, True):
+        torch.library.opcheck(torch.ops.trtllm.norm_add_rms_norm.default,
+                              (x, 0.1 * torch.randn(83), residual, weight, EPS, unit_offset))

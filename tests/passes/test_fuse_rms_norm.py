@@ -4,6 +4,7 @@ import torch.nn as nn
 
 from tests.passes.graph_capture import Captured
 from trtllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
+from trtllm.passes.fuse_norm_add_rms_norm import fuse_norm_add_rms_norm
 from trtllm.passes.fuse_rms_norm import fuse_rms_norm
 
 
@@ -116,3 +117,45 @@ def test_gemma_unit_offset_norm_and_residual_add_fuse(dtype):
         torch.testing.assert_close(cap.run(), expected, rtol=1e-5, atol=1e-5)
     else:  # the interpreter's bf16 (registry.interpreter_upcast) skips the sum's rounding: an ulp or two
         torch.testing.assert_close(cap.run(), expected, rtol=2e-2, atol=3e-2)
+
+
+class GemmaSandwich(nn.Module):
+    """Gemma-2/3's decoder-layer chain: the block output's norm, the residual add, the next input norm."""
+    def __init__(self, n, eps=1e-6):
+        super().__init__()
+        self.post_norm, self.pre_norm = GemmaRMSNorm(n, eps), GemmaRMSNorm(n, eps)
+
+    def forward(self, attn_out, residual):
+        h = residual + self.post_norm(attn_out)
+        return self.pre_norm(h) * 3, h
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_sandwich_norms_fuse(dtype):
+    block = GemmaSandwich(83).to(dtype)
+    x, r = torch.randn(3, 5, 83, dtype=dtype), torch.randn(3, 5, 83, dtype=dtype)
+    with torch.no_grad():
+        expected = block(x, r)
+    cap = Captured(block, x, r)
+    assert cap.apply(fuse_rms_norm) == 2
+    assert cap.apply(fuse_add_rms_norm) == 1
+    assert cap.apply(fuse_norm_add_rms_norm) == 1
+    targets = [n.target for n in cap.gm.graph.nodes]
+    assert torch.ops.trtllm.norm_add_rms_norm.default in targets
+    assert torch.ops.trtllm.rms_norm.default not in targets and torch.ops.trtllm.fused_add_rms_norm.default not in targets
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    for got, want in zip(cap.run(), expected):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_a_norm_with_another_user_is_not_fused_into_the_add():
+    class TwoUses(GemmaSandwich):
+        def forward(self, attn_out, residual):
+            n = self.post_norm(attn_out)
+            h = residual + n
+            return self.pre_norm(h) + n
+
+    cap = Captured(TwoUses(83), torch.randn(5, 83), torch.randn(5, 83))
+    cap.apply(fuse_rms_norm)
+    assert cap.apply(fuse_add_rms_norm) == 1
+    assert cap.apply(fuse_norm_add_rms_norm) == 0

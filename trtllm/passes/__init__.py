@@ -12,6 +12,7 @@ from trtllm.passes.apply_lora import apply_lora
 from trtllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from trtllm.passes.fuse_lora_linear import fuse_lora_linear
 from trtllm.passes.fuse_moe import fuse_moe
+from trtllm.passes.fuse_norm_add_rms_norm import fuse_norm_add_rms_norm
 from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears
 from trtllm.passes.fuse_rms_norm import fuse_rms_norm
 from trtllm.passes.fuse_rms_norm_quant_fp8 import fuse_rms_norm_quant_fp8
@@ -44,6 +45,7 @@ PASSES = [
     fuse_rms_norm,
     fuse_add_rms_norm,                  # needs fuse_rms_norm's output
     fuse_rms_norm_quant_fp8,            # needs both norms' ops and quantize_linears' quantizations
+    fuse_norm_add_rms_norm,             # after it (an FP8 model's norm + quantize wins the add); Gemma-2/3's sandwich norms
     fuse_rotary,
     fuse_silu_mul,
     split_lm_head,                      # the runtime applies the head on chosen rows
