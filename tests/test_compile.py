@@ -43,10 +43,12 @@ def test_hf_model_compiles_to_same_logits(family):
     summary = compiled.summary()
     assert "trtllm.attention: 2" in summary
     assert "replace_sdpa_with_paged_attention: 2" in summary
-    assert "trtllm.silu_mul: 2" in summary and "trtllm.rotary: 4" in summary
-    assert "trtllm.fused_add_rms_norm" in summary
-    if family == "qwen3":  # q/k norms over the head dim
-        assert "trtllm.rms_norm: 5" in summary
+    assert "trtllm.silu_mul: 2" in summary and "trtllm.fused_add_rms_norm" in summary
+    if family == "qwen3":  # q/k norms over the head dim, each joined with its rope
+        assert "trtllm.rms_norm_rotary: 4" in summary and "trtllm.rms_norm: 1" in summary
+        assert "trtllm.rotary:" not in summary
+    else:
+        assert "trtllm.rotary: 4" in summary
 
 
 def test_inductor_path_matches_eager():

@@ -99,11 +99,11 @@ def test_config_rejects_unsupported(family, bad, word):
 @pytest.mark.parametrize("family, fused", [
     # per layer: q/k/v + gate/up GEMMs; 4 norms (+ q/k norms in Gemma-3) and the final one;
     # each residual add into a norm (Gemma-3: with the norm of the block output before it);
-    # rope on q and k; the head (Gemma-3: with its final soft-capping)
+    # rope on q and k (Gemma-3: joined with their norms); the head (Gemma-3: with its final soft-capping)
     ("gemma", dict(fuse_parallel_linears=4, fuse_rms_norm=5, fuse_add_rms_norm=4, fuse_norm_add_rms_norm=0,
-                   fuse_rotary=4, split_lm_head=1)),
+                   fuse_rotary=4, fuse_rms_norm_rotary=0, split_lm_head=1)),
     ("gemma3", dict(fuse_parallel_linears=4, fuse_rms_norm=13, fuse_add_rms_norm=4, fuse_norm_add_rms_norm=4,
-                    fuse_rotary=4, split_lm_head=1)),
+                    fuse_rotary=4, fuse_rms_norm_rotary=4, split_lm_head=1)),
 ])
 def test_compiled_matches_eager_and_summary_names_our_file(family, fused, tmp_path):
     model = load_model(write_checkpoint(family, tmp_path), dtype=torch.float32, device="cpu")

@@ -24,6 +24,8 @@ def test_per_layer_windows_and_scale_match_hf_eager_past_the_window(family, wind
     assert compiled.attention.windows == windows
     got = compiled(ids, torch.arange(12)[None].expand(2, -1))
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
+    if family == "gemma3":  # HF's QK-norm (after its transpose) joins the rope
+        assert "trtllm.rms_norm_rotary: 4" in compiled.summary()
 
 
 @pytest.mark.parametrize("softcap", [5.0, 50.0])  # 50: HF's default

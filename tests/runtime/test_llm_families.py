@@ -122,6 +122,10 @@ def test_greedy_of_our_model_file_matches_hf_generate(family, tmp_path_factory):
         summary = engine.compiled.summary()
         assert f"model file of ours: trtllm.models.{OWN_FILE[family]}" in summary, summary
         check_greedy(engine, expected)
+        if family == "gemma3":  # QK-norm: q's and k's norm joined with their rope, in every graph
+            summary = engine.compiled.summary()
+            assert f"trtllm.rms_norm_rotary: {4 * len(engine.compiled.graphs)}" in summary, summary
+            assert "trtllm.rotary:" not in summary, summary
 
 
 @pytest.mark.parametrize("family, hf_class", [("gemma", "GemmaForCausalLM"),

@@ -11,6 +11,15 @@ Shapes: x [B, H, S, D] (any strides, last dim contiguous, D even), cos/sin [B, S
 [1, S, D] (same rules), broadcast over heads (and over the batch if 1). Output [B, H, S, D], contiguous, x.dtype. Computed in fp32
 and rounded once (HF rounds after each multiply and the add in the model dtype).
 
+QK-norm fused in front (Gemma-3, Qwen3: a per-head RMS norm of q and k right before rope):
+
+    rms_norm_rotary(x, w, eps, unit_offset, cos, sin, interleaved)
+        = rotary(rms_norm(x, w, eps, unit_offset), cos, sin, interleaved)
+
+with the norm over D (w [D]) and rms_norm's roundings (kernels/rms_norm.py): the normed value
+is rounded to x.dtype, where the unfused graph stores it, before the rotation. One launch
+instead of two.
+
 Tables: `rope_inv_freq` is HF's default and Llama-3 ("llama3") inverse frequencies;
 `rope_cos_sin` turns positions into the [..., D] cos/sin tables the op reads.
 """
@@ -21,6 +30,7 @@ import triton
 import triton.language as tl
 
 from trtllm.kernels.registry import interpreter_upcast, register_op
+from trtllm.kernels.rms_norm import rms_norm_ref
 
 
 def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None) -> torch.Tensor:
@@ -79,15 +89,25 @@ def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return (xf * cos + rotated * sin).to(x.dtype).contiguous()
 
 
+def rms_norm_rotary_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool,
+    cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+) -> torch.Tensor:
+    return rotary_ref(rms_norm_ref(x, weight, eps, unit_offset), cos, sin, interleaved)
+
+
 @triton.jit
 def _rotary_kernel(
-    x_ptr, cos_ptr, sin_ptr, out_ptr,
+    x_ptr, cos_ptr, sin_ptr, out_ptr, weight_ptr,
     n_heads, seq_len,
     x_stride_b, x_stride_h, x_stride_s,
     cos_stride_b, cos_stride_s, sin_stride_b, sin_stride_s,
     out_stride_b, out_stride_h, out_stride_s,
+    eps,
     HEAD_DIM: tl.constexpr,
     INTERLEAVED: tl.constexpr,
+    HAS_NORM: tl.constexpr,  # an RMS norm over each head first (weight_ptr [HEAD_DIM], eps)
+    UNIT_OFFSET: tl.constexpr,  # the norm's Gemma weight: 1 + w, the product rounded once
     BLOCK_H: tl.constexpr,  # heads per program: they share one cos/sin row
     BLOCK_HALF: tl.constexpr,  # next power of 2 >= HEAD_DIM // 2
 ):
@@ -115,6 +135,18 @@ def _rotary_kernel(
     x_rows = x_ptr + b * x_stride_b + s * x_stride_s + heads[:, None].to(tl.int64) * x_stride_h
     x1 = tl.load(x_rows + first[None, :], mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_rows + second[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:  # kernels/rms_norm.py's roundings, each row's two halves being the whole head
+        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)[:, None]
+        w1 = tl.load(weight_ptr + first, mask=pair_mask, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(weight_ptr + second, mask=pair_mask, other=0.0).to(tl.float32)[None, :]
+        if UNIT_OFFSET:  # HF Gemma: fp32 throughout
+            x1, x2 = x1 * rstd * (1.0 + w1), x2 * rstd * (1.0 + w2)
+        else:  # HF Llama rounds the normalized value to x.dtype before the weight multiply.
+            x1 = (x1 * rstd).to(x_ptr.dtype.element_ty).to(tl.float32) * w1
+            x2 = (x2 * rstd).to(x_ptr.dtype.element_ty).to(tl.float32) * w2
+        # the norm's output, an x.dtype tensor in the unfused graph
+        x1 = x1.to(x_ptr.dtype.element_ty).to(tl.float32)
+        x2 = x2.to(x_ptr.dtype.element_ty).to(tl.float32)
 
     out1 = x1 * cos1 - x2 * sin1
     out2 = x2 * cos2 + x1 * sin2
@@ -123,7 +155,8 @@ def _rotary_kernel(
     tl.store(out_rows + second[None, :], out2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+def _launch(x, norm, cos, sin, interleaved):
+    """norm: (weight, eps, unit_offset) of an RMS norm before the rotation, or None."""
     assert x.dim() == 4, f"x must be [B, H, S, D], got {tuple(x.shape)}"
     B, H, S, D = x.shape
     assert D % 2 == 0, f"head_dim {D} must be even"
@@ -134,27 +167,56 @@ def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interle
         assert t.stride(-1) == 1, f"{name}: last dim must be contiguous"
     assert x.stride(-1) == 1, "x: last dim must be contiguous"
     assert x.dtype in (torch.float32, torch.float16, torch.bfloat16), x.dtype
+    weight, eps, unit_offset = norm if norm is not None else (x, 0.0, False)  # x: an unread stand-in
+    if norm is not None:
+        assert weight.shape == (D,) and weight.is_contiguous() and weight.device == x.device, \
+            f"weight {tuple(weight.shape)} is not a contiguous ({D},)"
     cos, sin = cos.expand(B, S, D), sin.expand(B, S, D)  # a batch of 1 gets batch stride 0
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     BLOCK_HALF = triton.next_power_of_2(D // 2)
     BLOCK_H = min(triton.next_power_of_2(H), max(1, 1024 // BLOCK_HALF))
-    with interpreter_upcast((x, cos, sin), (out,)) as ((x, cos, sin), (y,)):
+    # Interpreted in bf16, the kernel runs in fp32 and skips the norm's roundings to x.dtype
+    # (registry.interpreter_upcast): an ulp off the GPU's there.
+    with interpreter_upcast((x, cos, sin, weight), (out,)) as ((x, cos, sin, weight), (y,)):
         _rotary_kernel[(B * S, triton.cdiv(H, BLOCK_H))](
-            x, cos, sin, y,
+            x, cos, sin, y, weight,
             H, S,
             x.stride(0), x.stride(1), x.stride(2),
             cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
             y.stride(0), y.stride(1), y.stride(2),
-            HEAD_DIM=D, INTERLEAVED=interleaved, BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF,
+            eps,
+            HEAD_DIM=D, INTERLEAVED=interleaved, HAS_NORM=norm is not None, UNIT_OFFSET=unit_offset,
+            BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF,
             num_warps=4,
         )
     return out
+
+
+def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    return _launch(x, None, cos, sin, interleaved)
+
+
+def rms_norm_rotary_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool,
+    cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+) -> torch.Tensor:
+    return _launch(x, (weight, eps, unit_offset), cos, sin, interleaved)
 
 
 def _rotary_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
+def _rms_norm_rotary_fake(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool,
+    cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
 rotary = register_op("rotary", launcher=rotary_triton, reference=rotary_ref, fake=_rotary_fake)
+rms_norm_rotary = register_op(
+    "rms_norm_rotary", launcher=rms_norm_rotary_triton, reference=rms_norm_rotary_ref, fake=_rms_norm_rotary_fake
+)

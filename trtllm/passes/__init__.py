@@ -16,6 +16,7 @@ from trtllm.passes.fuse_norm_add_rms_norm import fuse_norm_add_rms_norm
 from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears
 from trtllm.passes.fuse_rms_norm import fuse_rms_norm
 from trtllm.passes.fuse_rms_norm_quant_fp8 import fuse_rms_norm_quant_fp8
+from trtllm.passes.fuse_rms_norm_rotary import fuse_rms_norm_rotary
 from trtllm.passes.fuse_rotary import fuse_rotary
 from trtllm.passes.fuse_silu_mul import fuse_silu_mul
 from trtllm.passes.place_mla_attention import place_mla_attention
@@ -47,6 +48,7 @@ PASSES = [
     fuse_rms_norm_quant_fp8,            # needs both norms' ops and quantize_linears' quantizations
     fuse_norm_add_rms_norm,             # after it (an FP8 model's norm + quantize wins the add); Gemma-2/3's sandwich norms
     fuse_rotary,
+    fuse_rms_norm_rotary,               # needs fuse_rotary's and fuse_rms_norm's ops: QK-norm into rope
     fuse_silu_mul,
     split_lm_head,                      # the runtime applies the head on chosen rows
     shard_vocab_parallel,               # last: splits the head split_lm_head took out
