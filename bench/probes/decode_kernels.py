@@ -5,7 +5,11 @@
 
 Random bf16 weights: Llama-3-8B shapes (bench_e2e.build_models; --layers), the
 llama-3.2-1b preset, or Gemma-3-1B shapes through models/gemma.py (family_speed.py's).
-One LLM with only the decode CUDA graph of --batch sequences. The graph is replayed under torch.profiler; per replay:
+One LLM with only the decode CUDA graph of --batch sequences. `--ab fuse_x,fuse_y`: a
+second LLM of the same model compiled without those passes, the two graphs' replays timed
+by turns (7 rounds, medians) on the same GPU: what the passes save on the wall clock, which
+kernel sums under the profiler do not tell where a graph runs independent kernels (q's and
+k's) side by side. The graph is replayed under torch.profiler; per replay:
 - time per kernel family (matmul, attention, norms, rotary, silu_mul, the LM head's
   argmax, copies) and launches per family;
 - the sum of kernel times against the replay's wall time: the difference is the GPU
@@ -16,6 +20,8 @@ One LLM with only the decode CUDA graph of --batch sequences. The graph is repla
 Table last; $OUT/decode_kernels.{md,json}.
 """
 import argparse
+import statistics
+import sys
 from collections import defaultdict
 
 import torch
@@ -24,6 +30,7 @@ from bench.bench_e2e import LLAMA3_8B, build_models
 from bench.probes.decode_breakdown import copy_tbs, replay_seconds
 from bench.report import report
 from trtllm.config import BuildConfig, KvCacheConfig
+from trtllm.passes import PASSES
 from trtllm.runtime.llm import LLM
 
 FAMILIES = [  # (family, substrings of the kernel name), first match wins
@@ -48,7 +55,12 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--ab", default="", help="comma-separated PASSES to leave out of a second, timed-by-turns LLM")
     args = ap.parse_args()
+    without = {name for name in args.ab.split(",") if name}
+    unknown = without - {p.__name__ for p in PASSES}
+    if unknown:
+        sys.exit(f"--ab: no such pass {sorted(unknown)} (trtllm.passes.PASSES)")
     from torch.profiler import ProfilerActivity, profile
 
     if args.model == "llama-3-8b":
@@ -58,8 +70,12 @@ def main():
         model = family_speed.BUILDERS["llama" if args.model == "llama-3.2-1b" else "own"]()
     linear_bytes = sum(m.weight.numel() * m.weight.element_size()
                        for m in model.modules() if isinstance(m, torch.nn.Linear))
-    llm = LLM(model, build_config=BuildConfig(max_batch_size=args.batch, max_num_tokens=2048, max_seq_len=2048),
-              kv_cache_config=KvCacheConfig(max_tokens=8192))
+    def build(passes=None):
+        return LLM(model, build_config=BuildConfig(max_batch_size=args.batch, max_num_tokens=2048, max_seq_len=2048),
+                   kv_cache_config=KvCacheConfig(max_tokens=8192),
+                   compile_options=None if passes is None else dict(passes=passes))
+
+    llm = build()
     graph = llm.engine.runner.cuda_graphs.decode[args.batch][0]
     wall_us = replay_seconds(graph, args.replays) * 1e6
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -78,9 +94,20 @@ def main():
         per_name_n[e.name] += 1
     busy_us = sum(per_family_us.values())
     ceiling = copy_tbs()
+    ab = None
+    if without:
+        llm_b = build([p for p in PASSES if p.__name__ not in without])
+        graph_b = llm_b.engine.runner.cuda_graphs.decode[args.batch][0]
+        with_us, without_us = [], []
+        for _ in range(7):
+            with_us.append(replay_seconds(graph, args.replays) * 1e6)
+            without_us.append(replay_seconds(graph_b, args.replays) * 1e6)
+        ab = dict(without=sorted(without), with_us=statistics.median(with_us),
+                  without_us=statistics.median(without_us), rounds_with=with_us, rounds_without=without_us)
+        llm_b.shutdown()
     llm.shutdown()
     matmul_tbs = linear_bytes / (per_family_us["matmul"] * 1e-6) / 1e12 if per_family_us["matmul"] else 0.0
-    rows = dict(model=args.model, batch=args.batch, layers=args.layers, wall_us_per_replay=wall_us, kernel_busy_us=busy_us,
+    rows = dict(ab=ab, model=args.model, batch=args.batch, layers=args.layers, wall_us_per_replay=wall_us, kernel_busy_us=busy_us,
                 idle_us=wall_us - busy_us, linear_weight_gb=linear_bytes / 1e9, matmul_tbs=matmul_tbs,
                 copy_tbs=ceiling, launches_per_replay=len(kernels) / args.replays,
                 families={f: dict(us=per_family_us[f], launches=per_family_n[f] / args.replays)
@@ -99,6 +126,9 @@ def main():
               "",
               f"matmuls read {linear_bytes / 1e9:.2f} GB of weights at {matmul_tbs:.2f} TB/s "
               f"(device copy {ceiling:.2f} TB/s); the whole step at {linear_bytes / wall_us / 1e6:.2f} TB/s"]
+    if ab:
+        table += ["", f"A/B by turns, same GPU: all passes {ab['with_us']:,.1f} µs a replay, without "
+                      f"{', '.join(ab['without'])} {ab['without_us']:,.1f} µs (medians of 7 rounds)"]
     report(f"decode_kernels_{args.model}_b{args.batch}", "\n".join(table), rows)
 
 
