@@ -90,7 +90,7 @@ def test_empty_and_reference_without_interpreter(monkeypatch):
     assert rms_norm(x, weight, EPS).shape == (0, 64)
     # With the interpreter off, a CPU tensor takes the reference path.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x, weight = _inputs(3, 64, torch.float32)
+    x, weight = (t.cpu() for t in _inputs(3, 64, torch.float32))  # CPU also where the default device is CUDA
     assert torch.equal(rms_norm(x, weight, EPS), rms_norm_ref(x, weight, EPS))
 
 
