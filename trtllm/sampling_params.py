@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from trtllm.config import ConfigError, ValidatedConfig
 
@@ -136,6 +136,10 @@ class SamplingParams(ValidatedConfig):
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     stop_token_ids: list[int] = Field(default_factory=list)
     include_stop_str_in_output: bool = False
+    # banned output (TensorRT-LLM's fields): token ids never generated, and words, each tokenized without
+    # special tokens, whose last token is masked wherever the tokens so far end with the rest of it
+    bad: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    bad_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     detokenize: bool = True
     skip_special_tokens: bool = True
@@ -147,17 +151,48 @@ class SamplingParams(ValidatedConfig):
     apply_batched_logits_processor: bool = Field(
         False, description="run the LLM's batched_logits_processor on this request's logits")
 
-    @field_validator("stop", mode="before")
+    # the engine's tokenization of `bad` (with_bad_words); None until then
+    _bad_word_ids: tuple[tuple[int, ...], ...] | None = PrivateAttr(default=None)
+
+    @field_validator("stop", "bad", mode="before")
     @classmethod
     def _stop_as_list(cls, v):
         return [v] if isinstance(v, str) else ([] if v is None else v)
 
-    @field_validator("stop")
+    @field_validator("stop", "bad")
     @classmethod
     def _stop_strings(cls, v):
         if any(not s or len(s) > MAX_STOP_STRING_LEN for s in v):
-            raise ValueError(f"stop strings must be 1..{MAX_STOP_STRING_LEN} characters")
+            raise ValueError(f"strings must be 1..{MAX_STOP_STRING_LEN} characters")
         return v
+
+    @field_validator("bad_token_ids")
+    @classmethod
+    def _token_ids(cls, v):
+        if any(t < 0 for t in v):
+            raise ValueError("token ids are >= 0")
+        return v
+
+    def with_bad_words(self, encode) -> SamplingParams:
+        """A copy with `bad` tokenized by encode(word) -> ids (without special tokens); the
+        engine makes it when it admits the request. ValueError naming a word with no tokens."""
+        words = []
+        for word in self.bad:
+            ids = tuple(encode(word))
+            if not ids:
+                raise ValueError(f"SamplingParams.bad: {word!r} encodes to no tokens")
+            words.append(ids)
+        copy = self.model_copy()
+        copy._bad_word_ids = tuple(words)
+        return copy
+
+    @property
+    def bans(self) -> tuple[tuple[int, ...], ...]:
+        """Banned token sequences: each bad token id alone, then each bad word's tokens. A
+        sequence's last token is masked where the tokens so far end with the rest of it."""
+        if self.bad and self._bad_word_ids is None:
+            raise ValueError("SamplingParams.bad was not tokenized (with_bad_words): the engine does it")
+        return tuple((t,) for t in self.bad_token_ids) + (self._bad_word_ids or ())
 
     @field_validator("prompt_logprobs", mode="before")
     @classmethod
@@ -221,6 +256,7 @@ class SamplingParams(ValidatedConfig):
                                          # structured output's fields (issue 23a, merged from another
                                          # branch): beams would need a grammar state per beam
                                          ("guided_decoding", self.guided_decoding is not None),
+                                         ("bad", bool(self.bad)), ("bad_token_ids", bool(self.bad_token_ids)),
                                          ("logits_processor", self.logits_processor is not None))
                    if on]
         if refused:

@@ -148,6 +148,8 @@ class Engine:
         self.check_lora(lora_request)
         if lora_request is not None and params.is_beam_search:
             raise ValueError("beam search with a LoRA adapter is not supported yet")
+        if params.bad:  # banned words as token sequences, on a copy: the caller's params stay as given
+            params = params.with_bad_words(lambda word: self.tokenizer.encode(word, add_special_tokens=False))
         group = BeamGroup(request_id, prompt_token_ids, params, self.eos_token_ids, self.limits.max_seq_len,
                           self.tokenizer) if params.is_beam_search else None
         seqs = group.beams if group is not None else \
@@ -291,6 +293,9 @@ class Engine:
                 errors = hooks.apply(logits, batch)  # logits processors in place; the bitmask into batch
             out = self.sampler(logits, batch)
             tokens, finite = out.token_ids.tolist(), out.finite.tolist()
+            if out.all_masked is not None:
+                errors.update((seq, "no token is left to sample: SamplingParams.bad / bad_token_ids (with the grammar "
+                               "or min_tokens, if any) mask every one") for seq, m in zip(seqs, out.all_masked.tolist()) if m)
             chosen = out.logprobs.tolist()
             top = [list(zip(*pair)) for pair in zip(out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())] \
                 if out.top_logprobs is not None else None

@@ -37,6 +37,12 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: E
         raise ValueError(f"beam width {params.num_beams} exceeds max_batch_size={lim.max_num_seqs}")
     if params.detokenize and not has_tokenizer and params.stop:
         raise ValueError("stop strings need a tokenizer; this LLM was built without one")
+    if params.bad and not has_tokenizer:
+        raise ValueError("SamplingParams.bad (banned words) needs a tokenizer; this LLM was built without one: "
+                         "ban token ids with bad_token_ids")
+    bad = next((t for t in params.bad_token_ids if t >= vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"SamplingParams.bad_token_ids: {bad} is outside the vocabulary [0, {vocab_size})")
     validate_guided(params, has_tokenizer)
 
 

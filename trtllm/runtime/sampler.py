@@ -12,7 +12,10 @@ Order of operations (each a module function, so tests can check it alone):
      else *p), then presence and frequency (OpenAI, over output tokens only:
      logit -= presence * (count > 0) + frequency * count).
   2. `apply_min_tokens`: EOS ids and the row's stop_token_ids → -inf while
-     len(output) < min_tokens.
+     len(output) < min_tokens; and the row's banned tokens (SamplingParams.bans: bad_token_ids,
+     and a bad word's last token where prompt + output end with the rest of it) → -inf.
+     A row left with no finite logit by these masks fails (finite=False) rather than
+     take a banned token.
   3. `apply_temperature` (greedy rows divide by 1).
   4. `apply_top_k_top_p`: top-k (exactly k survive), then top-p on the renormalised
      top-k distribution (the smallest set with cumulative prob ≥ top_p, never empty).
@@ -57,6 +60,7 @@ class SamplerOutput:
     logprobs: Tensor                             # [N] fp32, of the chosen token
     top_logprobs: tuple[Tensor, Tensor] | None   # ids [N, K] int64, values [N, K] fp32
     finite: Tensor                               # [N] bool; False: the row failed
+    all_masked: Tensor | None = None             # [N] bool: failed because its bans left no token
 
 
 @dataclass
@@ -79,7 +83,7 @@ class SamplingBatch:
     step: Tensor                 # int64, len(output_token_ids)
     prompt_index: Tensor | None  # flat row * V + id of prompt tokens (repetition rows)
     output_index: Tensor | None  # flat row * V + id of output tokens (penalty rows)
-    min_tokens_index: Tensor | None  # flat row * V + id to mask (EOS/stop, min_tokens)
+    min_tokens_index: Tensor | None  # flat row * V + id to mask (EOS/stop, min_tokens; banned tokens)
     all_greedy: bool
     do_temperature: bool
     do_top_k_p: bool
@@ -105,8 +109,8 @@ class SamplingBatch:
                                       for s, r in zip(seqs, rows)], V, device),
             output_index=_flat_index([s.output_token_ids if r.penalised else ()
                                       for s, r in zip(seqs, rows)], V, device),
-            min_tokens_index=_flat_index([r.stop if st < r.min_tokens else ()
-                                          for r, st in zip(rows, steps)], V, device),
+            min_tokens_index=_flat_index([(r.stop if st < r.min_tokens else ()) + (_banned(s, r.bans) if r.bans else ())
+                                          for s, r, st in zip(seqs, rows, steps)], V, device),
             all_greedy=all(r.greedy for r in rows),
             do_temperature=any(r.floats[0] != 1.0 for r in rows),
             do_top_k_p=any(r.top_k < V or r.floats[1] < 1.0 for r in rows),
@@ -127,6 +131,7 @@ class _Row(NamedTuple):
     stop: tuple                # ids masked while len(output) < min_tokens
     min_tokens: int
     logprobs: int | None
+    bans: tuple                # token sequences (SamplingParams.bans) inside the vocabulary
 
 
 _rows: weakref.WeakKeyDictionary[Sequence, _Row] = weakref.WeakKeyDictionary()
@@ -145,9 +150,25 @@ def _row(seq: Sequence, key: tuple) -> _Row:
                      sp.frequency_penalty),
                V if g or sp.top_k == 0 else min(sp.top_k, V), g, sp.repetition_penalty != 1.0, sp.penalised,
                tuple(sorted({t for t in (*eos, *sp.stop_token_ids) if 0 <= t < V})),
-               sp.min_tokens, sp.logprobs)
+               sp.min_tokens, sp.logprobs, tuple(b for b in sp.bans if all(0 <= t < V for t in b)))
     _rows[seq] = row
     return row
+
+
+def _banned(seq: Sequence, bans: tuple) -> tuple:
+    """The ids `seq` may not take next: each ban's last token where prompt + output end with
+    the rest of it (a one-token ban always)."""
+    out, prompt = seq.output_token_ids, seq.prompt_token_ids
+    ids = []
+    for ban in bans:
+        k = len(ban) - 1
+        if k == 0:
+            ids.append(ban[0])
+            continue
+        tail = out[-k:] if len(out) >= k else prompt[len(prompt) - (k - len(out)):] + out
+        if len(tail) == k and tuple(tail) == ban[:-1]:
+            ids.append(ban[-1])
+    return tuple(ids)
 
 
 def _flat_index(id_lists: list, V: int, device) -> Tensor | None:
@@ -272,7 +293,7 @@ def open_unit(x: Tensor) -> Tensor:
 
 def argmax_serves(seqs: list[Sequence]) -> bool:
     """Whether the argmax of the raw logits is every sequence's next token (greedy, no
-    penalty, no logprobs wanted, no logits processor, past min_tokens): then a decode graph's
+    penalty, no logprobs wanted, no logits processor, no banned tokens, past min_tokens): then a decode graph's
     own picks (`greedy_picks`) serve and no sampler runs (a guided row's are re-picked under
     its grammar's mask on the device: grammar.LogitsHooks.mask_picks). A run of sequences sharing one
     SamplingParams (an `LLM.generate` batch: all of them) has its params looked at once:
@@ -282,7 +303,7 @@ def argmax_serves(seqs: list[Sequence]) -> bool:
         p = seq.sampling_params
         if p is not last:
             if not p.greedy or p.penalised or p.logprobs is not None or p.reads_logits \
-                    or p.logits_processor is not None or p.apply_batched_logits_processor:
+                    or p.logits_processor is not None or p.apply_batched_logits_processor or p.bans:
                 return False
             last = p
         if len(seq.output_token_ids) < p.min_tokens:
@@ -326,6 +347,10 @@ class Sampler:
                              f"({batch.greedy.shape[0]} rows, vocab {batch.vocab_size})")
         finite = _finite_rows(logits)
         x = process_logits(torch.where(finite[:, None], logits.float(), 0.0), batch)
+        all_masked = None
+        if batch.min_tokens_index is not None:  # the masks may leave a row nothing (a ban against a grammar)
+            all_masked = finite & ~torch.isfinite(x).any(-1)
+            finite = finite & ~all_masked
         token_ids = x.argmax(-1)  # first maximum on ties: deterministic
         if not batch.all_greedy:
             token_ids = torch.where(batch.greedy, token_ids,
@@ -334,6 +359,6 @@ class Sampler:
             logp = x.log_softmax(-1)
             chosen = logp.gather(-1, token_ids[:, None])[:, 0]
             values, ids = logp.topk(min(batch.max_logprobs, batch.vocab_size), dim=-1)
-            return SamplerOutput(token_ids, chosen, (ids, values), finite)
+            return SamplerOutput(token_ids, chosen, (ids, values), finite, all_masked)
         chosen = x.gather(-1, token_ids[:, None])[:, 0] - x.logsumexp(-1)
-        return SamplerOutput(token_ids, chosen, None, finite)
+        return SamplerOutput(token_ids, chosen, None, finite, all_masked)
