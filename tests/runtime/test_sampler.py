@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from trtllm.runtime.gumbel import gumbel_noise, open_unit
 from trtllm.runtime.sampler import (
     Sampler,
     SamplingBatch,
@@ -11,8 +12,6 @@ from trtllm.runtime.sampler import (
     apply_penalties,
     apply_top_k_top_p,
     draw_seed,
-    gumbel_noise,
-    open_unit,
     process_logits,
 )
 from trtllm.runtime.sequence import Sequence

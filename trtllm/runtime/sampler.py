@@ -23,7 +23,7 @@ Order of operations (each a module function, so tests can check it alone):
   6. choose: greedy rows (`SamplingParams.greedy`; their top-k/p/min-p are off) take
      the argmax; the others take argmax(logits + Gumbel noise), an exact sample of
      softmax(logits), with noise from a counter-based hash of (seed, completion index,
-     step = len(output), token id). So a request's tokens depend on its seed and its own
+     step = len(output), token id) (runtime/gumbel.py). So a request's tokens depend on its seed and its own
      logits only: not on the batch it shares, its position in it, or preemption.
 
 Logprobs are those of the processed distribution actually sampled from (vLLM's
@@ -41,11 +41,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from trtllm.runtime.gumbel import gumbel_noise
 from trtllm.runtime.sequence import Sequence
 from trtllm.sampling_params import SamplingParams
 
-_M32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9
 _NEG_INF = float("-inf")
 
 
@@ -255,40 +254,6 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
                  apply_min_p):
         logits = step(logits, batch)
     return logits
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """lowbias32 (C. Wellons) on int64 tensors holding 32-bit values. Both multipliers
-    are < 2**31, so products stay < 2**63: no overflow, no uint64 needed."""
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & _M32
-    return x ^ (x >> 15)
-
-
-def _combine(h: Tensor, v) -> Tensor:
-    return _mix32(((h ^ v) + _GOLDEN) & _M32)
-
-
-def gumbel_noise(batch: SamplingBatch) -> Tensor:
-    """[N, V] Gumbel(0, 1) noise, a pure function of (seed, index, step, token id)."""
-    k = _combine(batch.seed & _M32, batch.seed >> 32)      # seed < 2**63: shift is exact
-    k1 = _combine(_combine(k, batch.index & _M32), batch.step & _M32)
-    k2 = _combine(k1, 0x2545F491)
-    tok = torch.arange(batch.vocab_size, device=k.device)
-    # two keyed rounds, so one step's noise is no simple permutation of another's
-    x = _combine(_combine(k1[:, None], tok[None, :]), k2[:, None])
-    return -torch.log(-torch.log(open_unit(x)))
-
-
-def open_unit(x: Tensor) -> Tensor:
-    """32-bit hashes (int64) -> fp32 uniforms strictly inside (0, 1), from their top 23 bits:
-    m + 0.5 is exact in fp32 below 2**23. (With 24 bits, m = 2**24 - 1 rounded to u = 1.0,
-    Gumbel noise +inf: that token won whatever its logit and beat a grammar's or top-k's
-    -inf mask (-inf + inf = NaN, which argmax takes) — one draw in 2**24, a row of 128k
-    tokens every ~128 sampled steps.)"""
-    return ((x >> 9).to(torch.float32) + 0.5) * 2.0 ** -23
 
 
 def argmax_serves(seqs: list[Sequence]) -> bool:

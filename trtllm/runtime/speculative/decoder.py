@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from trtllm.hidden_states import HiddenStatesContext
+from trtllm.runtime.gumbel import gumbel_noise
 from trtllm.runtime.model_runner import LaunchedStep
 from trtllm.runtime.sampler import (
     Sampler,
@@ -35,7 +36,6 @@ from trtllm.runtime.sampler import (
     _finite_rows,
     argmax_serves,
     greedy_picks,
-    gumbel_noise,
     process_logits,
 )
 from trtllm.runtime.sequence import Sequence, SequenceStatus
