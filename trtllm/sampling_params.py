@@ -140,6 +140,12 @@ class SamplingParams(ValidatedConfig):
     # special tokens, whose last token is masked wherever the tokens so far end with the rest of it
     bad: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     bad_token_ids: list[int] = Field(default_factory=list)
+    no_repeat_ngram_size: int | None = Field(
+        None, ge=1, description="an n-gram of this size occurs at most once in prompt + output (HF's rule: a "
+        "token that would repeat one is masked)")
+    # the prompt (TensorRT-LLM's fields): a text prompt's special tokens (BOS), and left truncation
+    add_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = Field(None, ge=1, description="keep only the prompt's last k tokens")
     ignore_eos: bool = False
     detokenize: bool = True
     skip_special_tokens: bool = True
@@ -257,6 +263,7 @@ class SamplingParams(ValidatedConfig):
                                          # branch): beams would need a grammar state per beam
                                          ("guided_decoding", self.guided_decoding is not None),
                                          ("bad", bool(self.bad)), ("bad_token_ids", bool(self.bad_token_ids)),
+                                         ("no_repeat_ngram_size", self.no_repeat_ngram_size is not None),
                                          ("logits_processor", self.logits_processor is not None))
                    if on]
         if refused:

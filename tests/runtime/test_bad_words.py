@@ -1,6 +1,8 @@
 """SamplingParams.bad / bad_token_ids (TensorRT-LLM's banned words and tokens): a banned token
 is never generated, a banned word's tokens never appear in a row, greedy or sampled, alone or
-beside requests without bans; what cannot be honoured is refused by name."""
+beside requests without bans; what cannot be honoured is refused by name. Also the other
+TensorRT-LLM fields that mask or shape tokens: no_repeat_ngram_size (equal to HF generate's),
+truncate_prompt_tokens and add_special_tokens."""
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -123,3 +125,41 @@ def test_bans_hold_under_speculative_decoding(checkpoint, llm):
     for row in got:
         assert not set(row) & set(banned), (row, banned)
     assert got == ids(llm, repetitive, temperature=0.0, bad_token_ids=banned)  # and with them
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_size_matches_hf_generate(llm, checkpoint, n):
+    from tests.models.checkpoints import hf_model
+    model = hf_model(checkpoint)
+    prompts = [[7, 8, 9, 7, 8, 10], [5, 17, 99, 3, 250, 31, 8]]
+    got = ids(llm, prompts, temperature=0.0, no_repeat_ngram_size=n)
+    for prompt, row in zip(prompts, got):
+        with torch.no_grad():
+            want = model.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, no_repeat_ngram_size=n,
+                                  min_new_tokens=NEW, pad_token_id=0)[0, len(prompt):].tolist()
+        assert row == want, (n, prompt)
+        full = prompt + row
+        for end in range(len(prompt), len(full)):  # no generated token completes an n-gram seen before
+            gram = tuple(full[end - n + 1:end + 1])
+            assert gram not in {tuple(full[i:i + n]) for i in range(end - n + 1)}, (n, end)
+    if n == 1:
+        assert ids(llm, prompts, temperature=0.0) != got  # the rule changed something here
+
+
+def test_prompt_truncation_and_special_tokens(llm):
+    from trtllm.runtime.tokenizer import tokenize_prompt
+    prompt = list(range(60, 90))
+    out = llm.generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0, truncate_prompt_tokens=5),
+                       use_tqdm=False)[0]
+    assert out.prompt_token_ids == prompt[-5:]
+    assert out.outputs[0].token_ids == ids(llm, [prompt[-5:]], temperature=0.0)[0][:6]
+
+    class Recording:
+        def encode(self, text, add_special_tokens=True):
+            return [1, 2, 3] if add_special_tokens else [2, 3]
+
+    assert tokenize_prompt(Recording(), "hi", SamplingParams(add_special_tokens=False)) == ("hi", [2, 3])
+    assert tokenize_prompt(Recording(), "hi", SamplingParams(truncate_prompt_tokens=2)) == ("hi", [2, 3])
+    assert tokenize_prompt(Recording(), "hi") == ("hi", [1, 2, 3])
+    with pytest.raises(ConfigError, match="truncate_prompt_tokens"):
+        SamplingParams(truncate_prompt_tokens=0)

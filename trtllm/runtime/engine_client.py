@@ -27,7 +27,7 @@ from trtllm.runtime.engine_stats import EngineStats
 from trtllm.runtime.multimodal_inputs import Processor
 from trtllm.runtime.outputs import new_output
 from trtllm.runtime.request_stream import MirrorStream, OpenStreams, RequestStream, new_request_id
-from trtllm.runtime.tokenizer import load_tokenizer, tokenize_prompt
+from trtllm.runtime.tokenizer import check_image_prompt_options, load_tokenizer, tokenize_prompt
 from trtllm.runtime.wire import AbortRequest, AddRequest, BuildFailed, Ready, StepDeltas, Stop
 from trtllm.sampling_params import SamplingParams
 
@@ -114,7 +114,9 @@ class EngineCoreClient:
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        text, ids = tokenize_prompt(self.tokenizer, prompt)
+        if multimodal is not None:
+            check_image_prompt_options(params)
+        text, ids = tokenize_prompt(self.tokenizer, prompt, None if multimodal is not None else params)
         request_id = request_id or new_request_id()
         self._loop = asyncio.get_running_loop()  # outputs are dispatched on it (one server, one loop)
         stream = MirrorStream(request_id, self._loop, new_output(request_id, text, ids, params))

@@ -80,7 +80,7 @@ from trtllm.runtime.multimodal_inputs import (
 from trtllm.runtime.multimodal_stager import check_multimodal_request
 from trtllm.runtime.outputs import RequestError
 from trtllm.runtime.request_stream import RequestStream, new_request_id
-from trtllm.runtime.tokenizer import apply_chat_template, tokenize_prompt
+from trtllm.runtime.tokenizer import apply_chat_template, check_image_prompt_options, tokenize_prompt
 from trtllm.runtime.wire import AddRequest
 from trtllm.sampling_params import SamplingParams
 
@@ -241,11 +241,13 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         if multimodal is not None:  # processed already (the server)
+            check_image_prompt_options(params)
             text, ids = tokenize_prompt(self.tokenizer, prompt)
         elif is_multimodal_prompt(prompt):
+            check_image_prompt_options(params)
             text, ids, multimodal = self.processor.process(prompt)
         else:
-            text, ids = tokenize_prompt(self.tokenizer, prompt)
+            text, ids = tokenize_prompt(self.tokenizer, prompt, params)
         self.engine.validate(ids, params)
         multimodal = multimodal if multimodal is not None and multimodal.images else None
         if multimodal is not None:  # before the adapter's own checks: images with any adapter are refused

@@ -109,6 +109,7 @@ class SamplingBatch:
             output_index=_flat_index([s.output_token_ids if r.penalised else ()
                                       for s, r in zip(seqs, rows)], V, device),
             min_tokens_index=_flat_index([(r.stop if st < r.min_tokens else ()) + (_banned(s, r.bans) if r.bans else ())
+                                          + (_repeats(s, r.no_repeat) if r.no_repeat else ())
                                           for s, r, st in zip(seqs, rows, steps)], V, device),
             all_greedy=all(r.greedy for r in rows),
             do_temperature=any(r.floats[0] != 1.0 for r in rows),
@@ -131,6 +132,7 @@ class _Row(NamedTuple):
     min_tokens: int
     logprobs: int | None
     bans: tuple                # token sequences (SamplingParams.bans) inside the vocabulary
+    no_repeat: int | None      # SamplingParams.no_repeat_ngram_size
 
 
 _rows: weakref.WeakKeyDictionary[Sequence, _Row] = weakref.WeakKeyDictionary()
@@ -149,7 +151,8 @@ def _row(seq: Sequence, key: tuple) -> _Row:
                      sp.frequency_penalty),
                V if g or sp.top_k == 0 else min(sp.top_k, V), g, sp.repetition_penalty != 1.0, sp.penalised,
                tuple(sorted({t for t in (*eos, *sp.stop_token_ids) if 0 <= t < V})),
-               sp.min_tokens, sp.logprobs, tuple(b for b in sp.bans if all(0 <= t < V for t in b)))
+               sp.min_tokens, sp.logprobs, tuple(b for b in sp.bans if all(0 <= t < V for t in b)),
+               sp.no_repeat_ngram_size)
     _rows[seq] = row
     return row
 
@@ -168,6 +171,18 @@ def _banned(seq: Sequence, bans: tuple) -> tuple:
         if len(tail) == k and tuple(tail) == ban[:-1]:
             ids.append(ban[-1])
     return tuple(ids)
+
+
+def _repeats(seq: Sequence, n: int) -> tuple:
+    """HF's no_repeat_ngram_size: the tokens that would make an n-gram of prompt + output occur
+    twice (each token after an earlier occurrence of the last n - 1)."""
+    tokens = seq.prompt_token_ids + seq.output_token_ids
+    if len(tokens) < n:
+        return ()
+    if n == 1:
+        return tuple(set(tokens))
+    last = tokens[len(tokens) - n + 1:]
+    return tuple({tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i:i + n - 1] == last})
 
 
 def _flat_index(id_lists: list, V: int, device) -> Tensor | None:
@@ -268,7 +283,8 @@ def argmax_serves(seqs: list[Sequence]) -> bool:
         p = seq.sampling_params
         if p is not last:
             if not p.greedy or p.penalised or p.logprobs is not None or p.reads_logits \
-                    or p.logits_processor is not None or p.apply_batched_logits_processor or p.bans:
+                    or p.logits_processor is not None or p.apply_batched_logits_processor or p.bans \
+                    or p.no_repeat_ngram_size is not None:
                 return False
             last = p
         if len(seq.output_token_ids) < p.min_tokens:

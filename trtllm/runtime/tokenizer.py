@@ -58,18 +58,29 @@ def load_tokenizer(path_or_tokenizer):
         raise ValueError(f"could not load the tokenizer in {str(path)!r}: {e}") from e
 
 
-def tokenize_prompt(tokenizer, prompt) -> tuple[str | None, list[int]]:
+def tokenize_prompt(tokenizer, prompt, params=None) -> tuple[str | None, list[int]]:
     """(text or None, token ids) of a prompt given as a string, or as token ids: a list or
-    tuple of ints, or a 1-D integer numpy array or torch tensor."""
+    tuple of ints, or a 1-D integer numpy array or torch tensor. With SamplingParams: a text
+    prompt tokenized with or without special tokens (`add_special_tokens`), then only its last
+    `truncate_prompt_tokens` ids kept."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; pass token ids or LLM(tokenizer=...)")
         check_encodable(prompt, "the prompt")
-        return prompt, tokenizer.encode(prompt)
-    ids = token_ids(prompt)
-    if ids is not None:
-        return None, ids
-    raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        text, ids = prompt, tokenizer.encode(prompt, add_special_tokens=params is None or params.add_special_tokens)
+    else:
+        text, ids = None, token_ids(prompt)
+        if ids is None:
+            raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+    keep = params.truncate_prompt_tokens if params is not None else None
+    return text, ids[-keep:] if keep is not None else ids
+
+
+def check_image_prompt_options(params) -> None:
+    """A prompt with images is the processor's to tokenize: refuse what would change its ids."""
+    if params.truncate_prompt_tokens is not None or not params.add_special_tokens:
+        raise ValueError("truncate_prompt_tokens / add_special_tokens=False with images are not supported: "
+                         "the processor places the image tokens")
 
 
 def token_ids(prompt) -> list[int] | None:
