@@ -143,6 +143,10 @@ class SamplingParams(ValidatedConfig):
     no_repeat_ngram_size: int | None = Field(
         None, ge=1, description="an n-gram of this size occurs at most once in prompt + output (HF's rule: a "
         "token that would repeat one is masked)")
+    end_id: int | None = Field(None, ge=0, description="this request's end-of-sequence token, in place of the "
+                               "model's (TensorRT-LLM's field)")
+    pad_id: int | None = Field(None, ge=0, description="accepted for TensorRT-LLM's API: outputs are lists of "
+                               "their own lengths, nothing is padded")
     # the prompt (TensorRT-LLM's fields): a text prompt's special tokens (BOS), and left truncation
     add_special_tokens: bool = True
     truncate_prompt_tokens: int | None = Field(None, ge=1, description="keep only the prompt's last k tokens")
@@ -192,6 +196,10 @@ class SamplingParams(ValidatedConfig):
         copy._bad_word_ids = tuple(words)
         return copy
 
+    def eos_ids(self, model_eos) -> list[int]:
+        """The tokens that end this request: end_id when given, else the model's EOS ids."""
+        return [self.end_id] if self.end_id is not None else list(model_eos)
+
     @property
     def bans(self) -> tuple[tuple[int, ...], ...]:
         """Banned token sequences: each bad token id alone, then each bad word's tokens. A
@@ -231,6 +239,8 @@ class SamplingParams(ValidatedConfig):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.guided_decoding is not None and self.end_id is not None:
+            raise ValueError("end_id with guided_decoding is not supported: the grammar ends on the model's EOS")
         if self.guided_decoding is not None and self.min_tokens > 0:
             raise ValueError("min_tokens with guided_decoding is not supported: the grammar decides where the "
                              "output may end")

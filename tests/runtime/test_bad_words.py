@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llm(checkpoint):
     with LLM(str(checkpoint), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=2048),
-             build_config=BuildConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=64)) as engine:
+             build_config=BuildConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=64, max_beam_width=2)) as engine:
         yield engine
 
 
@@ -163,3 +163,21 @@ def test_prompt_truncation_and_special_tokens(llm):
     assert tokenize_prompt(Recording(), "hi") == ("hi", [1, 2, 3])
     with pytest.raises(ConfigError, match="truncate_prompt_tokens"):
         SamplingParams(truncate_prompt_tokens=0)
+
+
+def test_end_id_ends_a_request_in_place_of_the_models_eos(llm):
+    base = ids(llm, PROMPTS[:1], temperature=0.0)[0]
+    end = base[3]
+    outs = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=NEW, temperature=0.0, end_id=end, pad_id=0),
+                        use_tqdm=False)[0].outputs[0]
+    assert outs.finish_reason == "stop" and outs.stop_reason == end
+    assert outs.token_ids == base[:base.index(end) + 1]
+    # min_tokens masks the request's end token, not only the model's EOS
+    held = ids(llm, PROMPTS[:1], temperature=0.0, end_id=end, min_tokens=NEW)[0]
+    assert end not in held[:NEW - 1] and held != base
+    # beam search stops its beams on it too
+    beams = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=NEW, beam_width=2, end_id=end), use_tqdm=False)[0]
+    assert all(c.token_ids.count(end) <= 1 and (end not in c.token_ids or c.token_ids[-1] == end)
+               for c in beams.outputs)
+    with pytest.raises(ValueError, match="end_id"):
+        llm.generate([[5, 6]], SamplingParams(end_id=10**6), use_tqdm=False)

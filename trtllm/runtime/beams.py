@@ -72,7 +72,7 @@ class BeamGroup:
         self.params, self.width = params, params.num_beams
         self.prompt_len = len(prompt_token_ids)
         self.max_new = min(params.max_tokens, max_seq_len - self.prompt_len)  # the length limit
-        self.stop_ids = sorted({*([] if params.ignore_eos else eos_token_ids), *params.stop_token_ids})
+        self.stop_ids = sorted({*([] if params.ignore_eos else params.eos_ids(eos_token_ids)), *params.stop_token_ids})
         self.keep = max(2, 1 + len(self.stop_ids)) * self.width  # HF's beams_to_keep
         self.tokenizer = tokenizer if params.detokenize else None
         self.beams = [Sequence(request_id, list(prompt_token_ids), params, index=i) for i in range(self.width)]

@@ -40,6 +40,8 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: E
     if params.bad and not has_tokenizer:
         raise ValueError("SamplingParams.bad (banned words) needs a tokenizer; this LLM was built without one: "
                          "ban token ids with bad_token_ids")
+    if params.end_id is not None and params.end_id >= vocab_size:
+        raise ValueError(f"SamplingParams.end_id {params.end_id} is outside the vocabulary [0, {vocab_size})")
     bad = next((t for t in params.bad_token_ids if t >= vocab_size), None)
     if bad is not None:
         raise ValueError(f"SamplingParams.bad_token_ids: {bad} is outside the vocabulary [0, {vocab_size})")

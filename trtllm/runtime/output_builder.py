@@ -36,7 +36,7 @@ class OutputBuilder:
             for c in self.output.outputs:
                 c.cumulative_logprob = 0.0
         self.generation_rows: list[list[torch.Tensor]] = [[] for _ in self.output.outputs]
-        self.eos_token_ids, self.max_seq_len = eos_token_ids, max_seq_len
+        self.eos_token_ids, self.max_seq_len = params.eos_ids(eos_token_ids), max_seq_len
         self.stream = stream  # emit every step's progress, not only the final output
         detok = tokenizer is not None and params.detokenize
         self.detokenizers = [IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)

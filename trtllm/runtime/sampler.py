@@ -150,7 +150,7 @@ def _row(seq: Sequence, key: tuple) -> _Row:
                      0.0 if g else sp.min_p, sp.repetition_penalty, sp.presence_penalty,
                      sp.frequency_penalty),
                V if g or sp.top_k == 0 else min(sp.top_k, V), g, sp.repetition_penalty != 1.0, sp.penalised,
-               tuple(sorted({t for t in (*eos, *sp.stop_token_ids) if 0 <= t < V})),
+               tuple(sorted({t for t in (*sp.eos_ids(eos), *sp.stop_token_ids) if 0 <= t < V})),
                sp.min_tokens, sp.logprobs, tuple(b for b in sp.bans if all(0 <= t < V for t in b)),
                sp.no_repeat_ngram_size)
     _rows[seq] = row
