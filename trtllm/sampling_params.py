@@ -143,6 +143,10 @@ class SamplingParams(ValidatedConfig):
     no_repeat_ngram_size: int | None = Field(
         None, ge=1, description="an n-gram of this size occurs at most once in prompt + output (HF's rule: a "
         "token that would repeat one is masked)")
+    embedding_bias: Any = Field(None, description="a [vocab_size] float tensor added to every step's logits "
+                                "before the rest of the sampling (TensorRT-LLM's field)")
+    exclude_input_from_output: bool = Field(True, description="TensorRT-LLM's field; outputs never include the "
+                                            "prompt (RequestOutput.prompt_token_ids has it)")
     end_id: int | None = Field(None, ge=0, description="this request's end-of-sequence token, in place of the "
                                "model's (TensorRT-LLM's field)")
     pad_id: int | None = Field(None, ge=0, description="accepted for TensorRT-LLM's API: outputs are lists of "
@@ -217,6 +221,26 @@ class SamplingParams(ValidatedConfig):
                              f"not {v}")
         return v
 
+    @field_validator("embedding_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is None:
+            return v
+        import torch
+        if not isinstance(v, torch.Tensor) or v.dim() != 1 or not v.is_floating_point():
+            raise ValueError("must be a 1-D float tensor of the vocabulary's size")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("must be finite (mask tokens with bad_token_ids)")
+        return v
+
+    @field_validator("exclude_input_from_output")
+    @classmethod
+    def _outputs_exclude_the_prompt(cls, v):
+        if not v:
+            raise ValueError("False is not supported: outputs hold the new tokens only; the prompt's are "
+                             "RequestOutput.prompt_token_ids")
+        return v
+
     @field_validator("logits_processor")
     @classmethod
     def _callables(cls, v):
@@ -274,6 +298,7 @@ class SamplingParams(ValidatedConfig):
                                          ("guided_decoding", self.guided_decoding is not None),
                                          ("bad", bool(self.bad)), ("bad_token_ids", bool(self.bad_token_ids)),
                                          ("no_repeat_ngram_size", self.no_repeat_ngram_size is not None),
+                                         ("embedding_bias", self.embedding_bias is not None),
                                          ("logits_processor", self.logits_processor is not None))
                    if on]
         if refused:

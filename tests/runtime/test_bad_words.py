@@ -181,3 +181,24 @@ def test_end_id_ends_a_request_in_place_of_the_models_eos(llm):
                for c in beams.outputs)
     with pytest.raises(ValueError, match="end_id"):
         llm.generate([[5, 6]], SamplingParams(end_id=10**6), use_tqdm=False)
+
+
+def test_embedding_bias_is_added_to_the_logits(llm):
+    base = ids(llm, PROMPTS, temperature=0.0)
+    bias = torch.zeros(512)
+    bias[77] = 1e4  # wins every step
+    got = llm.generate(PROMPTS, [SamplingParams(max_tokens=NEW, ignore_eos=True, temperature=0.0, embedding_bias=bias),
+                                 SamplingParams(max_tokens=NEW, ignore_eos=True, temperature=0.0)], use_tqdm=False)
+    assert got[0].outputs[0].token_ids == [77] * NEW
+    assert got[1].outputs[0].token_ids == base[1]  # its batch mate without a bias is untouched
+    small = ids(llm, PROMPTS[:1], temperature=0.0, embedding_bias=torch.full((512,), 3.0))[0]
+    assert small == base[0]  # a constant shift changes no argmax
+    with pytest.raises(ValueError, match="embedding_bias has shape"):
+        llm.generate([[5, 6]], SamplingParams(embedding_bias=torch.zeros(7)), use_tqdm=False)
+    for bad in (torch.tensor([float("nan")] * 512), [0.0] * 512, torch.zeros(2, 512)):
+        with pytest.raises(ConfigError, match="embedding_bias"):
+            SamplingParams(embedding_bias=bad)
+    with pytest.raises(ConfigError, match="embedding_bias with beam search"):
+        SamplingParams(beam_width=2, embedding_bias=torch.zeros(512))
+    with pytest.raises(ConfigError, match="exclude_input_from_output"):
+        SamplingParams(exclude_input_from_output=False)

@@ -40,6 +40,9 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: E
     if params.bad and not has_tokenizer:
         raise ValueError("SamplingParams.bad (banned words) needs a tokenizer; this LLM was built without one: "
                          "ban token ids with bad_token_ids")
+    if params.embedding_bias is not None and params.embedding_bias.shape != (vocab_size,):
+        raise ValueError(f"SamplingParams.embedding_bias has shape {tuple(params.embedding_bias.shape)}, not the "
+                         f"vocabulary's ({vocab_size},)")
     if params.end_id is not None and params.end_id >= vocab_size:
         raise ValueError(f"SamplingParams.end_id {params.end_id} is outside the vocabulary [0, {vocab_size})")
     bad = next((t for t in params.bad_token_ids if t >= vocab_size), None)

@@ -6,6 +6,7 @@ Order of operations (each a module function, so tests can check it alone):
   0. fp32. A row with a NaN, a +inf, or no finite logit at all is flagged
      `finite=False` and zeroed so it disturbs nothing; its token is meaningless and the
      engine finishes it with "error". (-inf alone is fine: models mask tokens with it.)
+  0b. `apply_embedding_bias`: a row's SamplingParams.embedding_bias [V] added.
   1. `apply_token_bitmask`: a guided row's tokens its grammar does not allow → -inf
      (runtime/grammar.py fills the bitmask; one masked fill over all rows).
   1b. `apply_penalties`: repetition (HF/CTRL, over prompt+output tokens: logit > 0 → /p,
@@ -89,6 +90,7 @@ class SamplingBatch:
     do_min_p: bool
     max_logprobs: int | None     # K for top_logprobs; None when no row asked
     token_bitmask: Tensor | None = None  # [N, ceil(V / 32)] int32, bit t of row r: token t allowed (grammar.py)
+    bias: Tensor | None = None   # [N, V] fp32, SamplingParams.embedding_bias (0 for rows without), when any row has one
 
     @staticmethod
     def build(seqs: list[Sequence], vocab_size: int, device, eos_token_ids: list[int]
@@ -116,7 +118,8 @@ class SamplingBatch:
             do_top_k_p=any(r.top_k < V or r.floats[1] < 1.0 for r in rows),
             do_min_p=any(r.floats[2] > 0.0 for r in rows),
             max_logprobs=max((r.logprobs for r in rows if r.logprobs is not None),
-                             default=None))
+                             default=None),
+            bias=_bias_rows(seqs, V, device))
 
 
 class _Row(NamedTuple):
@@ -155,6 +158,15 @@ def _row(seq: Sequence, key: tuple) -> _Row:
                sp.no_repeat_ngram_size)
     _rows[seq] = row
     return row
+
+
+def _bias_rows(seqs: list[Sequence], V: int, device) -> Tensor | None:
+    """[N, V] of the rows' embedding biases (copied to the device each step: a rare option), or None."""
+    biases = [s.sampling_params.embedding_bias for s in seqs]
+    if all(b is None for b in biases):
+        return None
+    zero = torch.zeros(V, dtype=torch.float32)
+    return torch.stack([zero if b is None else b.detach().float().cpu() for b in biases]).to(device)
 
 
 def _banned(seq: Sequence, bans: tuple) -> tuple:
@@ -203,6 +215,10 @@ def token_bitmask_allows(bitmask: Tensor, vocab_size: int) -> Tensor:
     is set (xgrammar's layout; an arithmetic shift of a negative word still reads its bits)."""
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     return ((bitmask[:, :, None] >> shifts) & 1).view(bitmask.shape[0], -1)[:, :vocab_size] != 0
+
+
+def apply_embedding_bias(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    return logits + batch.bias if batch.bias is not None else logits
 
 
 def apply_token_bitmask(logits: Tensor, batch: SamplingBatch) -> Tensor:
@@ -265,7 +281,7 @@ def apply_min_p(logits: Tensor, batch: SamplingBatch) -> Tensor:
 
 def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     """Steps 1-5 on fp32 logits; returns a new tensor (the input is left alone)."""
-    for step in (apply_token_bitmask, apply_penalties, apply_min_tokens, apply_temperature, apply_top_k_top_p,
+    for step in (apply_embedding_bias, apply_token_bitmask, apply_penalties, apply_min_tokens, apply_temperature, apply_top_k_top_p,
                  apply_min_p):
         logits = step(logits, batch)
     return logits
@@ -284,7 +300,7 @@ def argmax_serves(seqs: list[Sequence]) -> bool:
         if p is not last:
             if not p.greedy or p.penalised or p.logprobs is not None or p.reads_logits \
                     or p.logits_processor is not None or p.apply_batched_logits_processor or p.bans \
-                    or p.no_repeat_ngram_size is not None:
+                    or p.no_repeat_ngram_size is not None or p.embedding_bias is not None:
                 return False
             last = p
         if len(seq.output_token_ids) < p.min_tokens:
