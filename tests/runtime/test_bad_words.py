@@ -12,7 +12,7 @@ from tests.runtime.tokenizers import make_tokenizer
 from trtllm.config import BuildConfig, ConfigError, KvCacheConfig
 from trtllm.models.loader import load_model
 from trtllm.runtime.llm import LLM
-from trtllm.runtime.sampler import _banned
+from trtllm.runtime.sampling_masks import banned
 from trtllm.runtime.sequence import Sequence
 from trtllm.sampling_params import SamplingParams
 
@@ -75,8 +75,8 @@ def test_a_banned_word_never_appears_and_the_callers_params_stay_as_given(llm, c
 
 def test_banned_tails_match_across_the_prompt():
     seq = Sequence("r", [1, 2, 3], SamplingParams(), output_token_ids=[4])
-    assert _banned(seq, ((9,), (4, 7), (3, 4, 8), (2, 4, 6), (1, 2, 3, 4, 5), (0, 1, 2, 3, 4, 6))) == (9, 7, 8, 5)
-    assert _banned(Sequence("r", [1], SamplingParams()), ((1, 5), (0, 1, 5))) == (5,)
+    assert banned(seq, ((9,), (4, 7), (3, 4, 8), (2, 4, 6), (1, 2, 3, 4, 5), (0, 1, 2, 3, 4, 6))) == (9, 7, 8, 5)
+    assert banned(Sequence("r", [1], SamplingParams()), ((1, 5), (0, 1, 5))) == (5,)
 
 
 def test_what_cannot_be_honoured_is_refused(llm):

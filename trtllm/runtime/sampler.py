@@ -36,13 +36,13 @@ from __future__ import annotations
 import random
 import weakref
 from dataclasses import dataclass
-from itertools import chain
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from trtllm.runtime.gumbel import gumbel_noise
+from trtllm.runtime.sampling_masks import banned, bias_rows, flat_index, repeats
 from trtllm.runtime.sequence import Sequence
 from trtllm.sampling_params import SamplingParams
 
@@ -106,12 +106,12 @@ class SamplingBatch:
             V, temperature=f[:, 0], top_k=i[:, 0], top_p=f[:, 1], min_p=f[:, 2],
             repetition_penalty=f[:, 3], presence_penalty=f[:, 4], frequency_penalty=f[:, 5],
             greedy=i[:, 4].bool(), seed=i[:, 1], index=i[:, 2], step=i[:, 3],
-            prompt_index=_flat_index([s.prompt_token_ids if r.rep else ()
+            prompt_index=flat_index([s.prompt_token_ids if r.rep else ()
                                       for s, r in zip(seqs, rows)], V, device),
-            output_index=_flat_index([s.output_token_ids if r.penalised else ()
+            output_index=flat_index([s.output_token_ids if r.penalised else ()
                                       for s, r in zip(seqs, rows)], V, device),
-            min_tokens_index=_flat_index([(r.stop if st < r.min_tokens else ()) + (_banned(s, r.bans) if r.bans else ())
-                                          + (_repeats(s, r.no_repeat) if r.no_repeat else ())
+            min_tokens_index=flat_index([(r.stop if st < r.min_tokens else ()) + (banned(s, r.bans) if r.bans else ())
+                                          + (repeats(s, r.no_repeat) if r.no_repeat else ())
                                           for s, r, st in zip(seqs, rows, steps)], V, device),
             all_greedy=all(r.greedy for r in rows),
             do_temperature=any(r.floats[0] != 1.0 for r in rows),
@@ -119,7 +119,7 @@ class SamplingBatch:
             do_min_p=any(r.floats[2] > 0.0 for r in rows),
             max_logprobs=max((r.logprobs for r in rows if r.logprobs is not None),
                              default=None),
-            bias=_bias_rows(seqs, V, device))
+            bias=bias_rows(seqs, V, device))
 
 
 class _Row(NamedTuple):
@@ -158,56 +158,6 @@ def _row(seq: Sequence, key: tuple) -> _Row:
                sp.no_repeat_ngram_size)
     _rows[seq] = row
     return row
-
-
-def _bias_rows(seqs: list[Sequence], V: int, device) -> Tensor | None:
-    """[N, V] of the rows' embedding biases (copied to the device each step: a rare option), or None."""
-    biases = [s.sampling_params.embedding_bias for s in seqs]
-    if all(b is None for b in biases):
-        return None
-    zero = torch.zeros(V, dtype=torch.float32)
-    return torch.stack([zero if b is None else b.detach().float().cpu() for b in biases]).to(device)
-
-
-def _banned(seq: Sequence, bans: tuple) -> tuple:
-    """The ids `seq` may not take next: each ban's last token where prompt + output end with
-    the rest of it (a one-token ban always)."""
-    out, prompt = seq.output_token_ids, seq.prompt_token_ids
-    ids = []
-    for ban in bans:
-        k = len(ban) - 1
-        if k == 0:
-            ids.append(ban[0])
-            continue
-        tail = out[-k:] if len(out) >= k else prompt[len(prompt) - (k - len(out)):] + out
-        if len(tail) == k and tuple(tail) == ban[:-1]:
-            ids.append(ban[-1])
-    return tuple(ids)
-
-
-def _repeats(seq: Sequence, n: int) -> tuple:
-    """HF's no_repeat_ngram_size: the tokens that would make an n-gram of prompt + output occur
-    twice (each token after an earlier occurrence of the last n - 1)."""
-    tokens = seq.prompt_token_ids + seq.output_token_ids
-    if len(tokens) < n:
-        return ()
-    if n == 1:
-        return tuple(set(tokens))
-    last = tokens[len(tokens) - n + 1:]
-    return tuple({tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i:i + n - 1] == last})
-
-
-def _flat_index(id_lists: list, V: int, device) -> Tensor | None:
-    """Row r's ids as flat indices r * V + id into an [N, V] tensor, built without a
-    Python loop over tokens (chain and repeat_interleave do the work)."""
-    lengths = [len(ids) for ids in id_lists]
-    total = sum(lengths)
-    if total == 0:
-        return None
-    ids = torch.tensor(list(chain.from_iterable(id_lists)), dtype=torch.int64, device=device)
-    rows = torch.repeat_interleave(torch.arange(len(id_lists), device=device),
-                                   torch.tensor(lengths, device=device), output_size=total)
-    return rows * V + ids
 
 
 def token_bitmask_allows(bitmask: Tensor, vocab_size: int) -> Tensor:
