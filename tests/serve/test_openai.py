@@ -53,6 +53,18 @@ def test_completion_and_chat(client):
     assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 6
 
 
+def test_logit_bias_moves_the_greedy_pick(client):
+    plain = client.completions.create(model="tiny", prompt=[5, 17, 99, 3], max_tokens=4, **GREEDY)
+    forced = client.completions.create(model="tiny", prompt=[5, 17, 99, 3], max_tokens=4, logit_bias={"77": 100},
+                                       **GREEDY)
+    assert forced.usage.completion_tokens == 4 and forced.choices[0].text != plain.choices[0].text
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          logit_bias={"77": 100}, **GREEDY)
+    assert chat.usage.completion_tokens == 3
+    again = client.completions.create(model="tiny", prompt=[5, 17, 99, 3], max_tokens=4, **GREEDY)
+    assert again.choices[0].text == plain.choices[0].text  # nothing of the biased requests stays behind
+
+
 def test_streaming_with_usage(client):
     whole = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=12, **GREEDY)
     chunks = list(client.completions.create(model="tiny", prompt="The quick brown", max_tokens=12, stream=True,

@@ -131,7 +131,7 @@ class LLM:
                                    moe_expert_parallel_size, moe_tensor_parallel_size,
                                    pipeline_parallel_size, pp_partition, cuda_graph_config)
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
-        self.tokenizer, self.limits = self.engine.tokenizer, self.engine.limits
+        self.tokenizer, self.limits, self.vocab_size = self.engine.tokenizer, self.engine.limits, self.engine.vocab_size
         # a multimodal model's image processor: given, else the checkpoint's, loaded at the first image
         image_token_id = getattr(self.engine.runner.compiled.module.config, "image_token_id", None) \
             if self.engine.runner.multimodal is not None else None

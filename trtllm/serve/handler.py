@@ -67,7 +67,8 @@ class Handler:
         body.refuse_unsupported()
         prompts = body.prompts()
         guide, guide_param = body.guide()
-        params = body.sampling_params(body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, body.logprobs, guide)
+        params = body.sampling_params(body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, body.logprobs, guide,
+                                      self.llm.vocab_size)
         tokenized = [await self._tokenize(p, add_special_tokens=True) for p in prompts]
         for _text, ids in tokenized:
             self._validate(ids, params, "prompt", guide_param)
@@ -119,7 +120,7 @@ class Handler:
         max_tokens = body.requested_max_tokens
         if max_tokens is None:  # OpenAI's default: up to the end of the context
             max_tokens = max(1, self.llm.limits.max_seq_len - len(ids))
-        params = body.sampling_params(max_tokens, body.num_logprobs, guide)
+        params = body.sampling_params(max_tokens, body.num_logprobs, guide, self.llm.vocab_size)
         self._validate(ids, params, "messages", guide_param)
         return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", [(text, ids)], [params], body.num_logprobs,
                    body.stream, bool(body.stream_options and body.stream_options.include_usage),

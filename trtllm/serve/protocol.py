@@ -7,7 +7,7 @@ Structured output: OpenAI's `response_format` (`text`, `json_object`, `json_sche
 `guided_json / guided_regex / guided_choice / guided_grammar`, at most one of them, become
 `SamplingParams.guided_decoding`; chat's `tools` / `tool_choice` are serve/tools.py's.
 Unknown fields are ignored, as OpenAI-compatible servers do, except those whose meaning
-the engine does not implement (logit_bias, functions, suffix, ...), logits processors (user
+the engine does not implement (functions, suffix, ...), logits processors (user
 code: never over HTTP) and a request-supplied chat template: those are refused by name, so a
 client never gets an answer that silently ignored what it asked for.
 
@@ -34,12 +34,14 @@ MAX_MESSAGES = 1024           # chat messages in one request
 MAX_STOP_TOKEN_IDS = 64
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
+# OpenAI's logit_bias entries a request may carry
+MAX_LOGIT_BIAS = 1024
+
 # A request may carry these, but only with a value that asks for nothing unimplemented.
 _REFUSED = {
     "chat_template": "a request-supplied chat template is refused: the server uses the checkpoint's own",
     "chat_template_kwargs": "chat_template_kwargs are refused: the server renders the checkpoint's "
                             "chat template as it is",
-    "logit_bias": "logit_bias is not supported",
     "functions": "functions (the legacy function calling) are not supported; use tools",
     "function_call": "function_call (the legacy function calling) is not supported; use tool_choice",
     "logits_processor": "logits processors are user code, which the server never runs: use the LLM API's "
@@ -108,6 +110,8 @@ class _Request(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
+    # OpenAI's: token id (a string) -> a bias in [-100, 100] added to its logit (SamplingParams.embedding_bias)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     user: str | None = None
     # engine extensions (vLLM's names)
     top_k: int | None = Field(None, ge=-1)
@@ -180,9 +184,29 @@ class _Request(BaseModel):
         except ConfigError as e:
             raise RequestError(400, f"{param}: {e.problems[0][2]}", param=param) from None
 
+    def embedding_bias(self, vocab_size: int):
+        """logit_bias as a [vocab_size] fp32 tensor, or None; RequestError naming a bad entry."""
+        if not self.logit_bias:
+            return None
+        import torch
+        bias = torch.zeros(vocab_size, dtype=torch.float32)
+        for key, value in self.logit_bias.items():
+            if not key.isdigit() or int(key) >= vocab_size:
+                raise RequestError(400, f"logit_bias: {key!r} is not a token id in [0, {vocab_size})",
+                                   param="logit_bias")
+            if not -100.0 <= value <= 100.0:
+                raise RequestError(400, f"logit_bias: the bias of token {key} ({value}) is outside [-100, 100]",
+                                   param="logit_bias")
+            bias[int(key)] = value
+        return bias
+
     def sampling_params(self, max_tokens: int, logprobs: int | None,
-                        guide: GuidedDecodingParams | None = None) -> SamplingParams:
+                        guide: GuidedDecodingParams | None = None, vocab_size: int | None = None) -> SamplingParams:
         fields: dict[str, Any] = dict(max_tokens=max_tokens, n=self.n, logprobs=logprobs, guided_decoding=guide)
+        if self.logit_bias and vocab_size is not None:
+            fields["embedding_bias"] = self.embedding_bias(vocab_size)
+        elif self.logit_bias:
+            raise RequestError(400, "logit_bias: this server cannot tell the vocabulary size", param="logit_bias")
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "min_p",
                      "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
                      "skip_special_tokens", "include_stop_str_in_output", "best_of", "use_beam_search",
@@ -200,6 +224,8 @@ class _Request(BaseModel):
             field, _, rule = e.problems[0]
             param = field or next((f for f in rule.replace("(", " ").split() if f in SamplingParams.model_fields),
                                   None)
+            if "embedding_bias" in (param, field) or "embedding_bias" in rule:  # the request said logit_bias
+                field, rule, param = field and "logit_bias", rule.replace("embedding_bias", "logit_bias"), "logit_bias"
             raise RequestError(400, f"{field}: {rule}" if field else rule, param=param) from None
 
 
