@@ -36,12 +36,12 @@ def fuse_norm_add_rms_norm(graph: fx.Graph, ctx: PassContext) -> int:
     for fused in [n for n in graph.nodes if n.target is torch.ops.trtllm.fused_add_rms_norm.default]:
         a, b, weight, eps, *offset = fused.args
         unit_offset = bool(offset and offset[0])
-        # the normed operand (its inputs come before it, so before `fused`) and the residual
-        pairs = [(norm, residual) for norm, residual in ((b, a), (a, b)) if _norm_args(norm, eps, unit_offset)]
-        if not pairs:
+        # the normed operand (its inputs come before it, so before `fused`), its input and weight, the residual
+        found = next(((norm, *xv, residual) for norm, residual in ((b, a), (a, b))
+                      if (xv := _norm_args(norm, eps, unit_offset)) is not None), None)
+        if found is None:
             continue
-        norm, residual = pairs[0]
-        x, pre_weight = _norm_args(norm, eps, unit_offset)
+        norm, x, pre_weight, residual = found
         with graph.inserting_before(fused):
             new = graph.call_function(torch.ops.trtllm.norm_add_rms_norm.default,
                                       (x, pre_weight, residual, weight, eps, unit_offset))
