@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tests.models.checkpoints import write_checkpoint
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm.config import BuildConfig, ConfigError, KvCacheConfig
 from trtllm.models.loader import load_model
@@ -21,10 +20,9 @@ NEW = 12
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = write_checkpoint("llama31", tmp_path_factory.mktemp("llama"), vocab_size=512)
-    make_tokenizer(path)
-    return path
+def checkpoint(checkpoint):  # conftest's tiny Llama, with a tokenizer
+    make_tokenizer(checkpoint)
+    return checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from tests.models.checkpoints import hf_model, write_checkpoint
+from tests.models.checkpoints import hf_model
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm.config import BuildConfig, ConfigError, KvCacheConfig
 from trtllm.runtime.llm import LLM
@@ -21,10 +21,9 @@ TOL = 2e-4
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = write_checkpoint("llama31", tmp_path_factory.mktemp("llama"), vocab_size=512)
-    make_tokenizer(path)
-    return path
+def checkpoint(checkpoint):  # conftest's tiny Llama, with a tokenizer
+    make_tokenizer(checkpoint)
+    return checkpoint
 
 
 @pytest.fixture(scope="module")
