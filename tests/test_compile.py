@@ -1,5 +1,6 @@
 """trtllm.compile on HF models and plain modules: same logits as eager, the expected
 rewrites, and clear refusals."""
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -256,9 +257,11 @@ def test_a_new_kind_of_pass_plugs_in_through_the_passes_option():
     got = compiled(ids, positions, logits_indices=rows)
     assert rel_err(got, expected[rows]) < 2e-2  # int8 weights: ~0.5% per linear
     assert head_rows == [2]  # the head through the pass's op, on the two rows asked for
-    assert after == [1]  # once, after the call that compiled the graph (and applied the head)
+    # once per graph the capture compiled (the ordinary calls' and the decode graphs'), after
+    # the call that compiled them (and applied the head)
+    assert after == [1, 1]
     compiled(ids, positions, logits_indices=rows)
-    assert after == [1] and head_rows == [2, 2]
+    assert after == [1, 1] and head_rows == [2, 2]
     summary = compiled.summary()
     # linears left after fuse_parallel_linears: 2 layers x (qkv, o, gate_up, down)
     assert "quantize_linears: 8" in summary
@@ -274,18 +277,24 @@ def test_summary_before_the_first_call_says_compilation_is_lazy():
     assert "nothing compiled yet" in text and "lazy" in text and "2 attention layers" in text
 
 
-def test_the_token_dim_is_dynamic_from_the_first_call():
-    """One graph serves every token count from 2 up (issue 19: a graph compiled for the KV
-    profiling call's exact length was used once, and the next length compiled again)."""
+def test_one_capture_serves_every_token_count_and_every_variant():
+    """One dynamo capture serves every token count, 1 included, and both graph variants
+    (issue 19, startup: a torch.compile per variant traced the model once each, and dynamo
+    specialized the batch-1 decode graph: three captures of the model at every start).
+    The token dim is dynamic from the first call: a graph compiled for the KV profiling
+    call's exact length was used once, and the next length compiled again."""
     model = hf_model("llama")
     compiled = trtllm.compile(model)
-    for length in (9, 4, 13):
+    calls = [(9, False), (4, False), (13, False), (1, False), (1, True), (3, True), (16, True), (5, False)]
+    for length, decode in calls:
         ids = torch.randint(0, 96, (1, length))
         positions = torch.arange(length)[None]
         with torch.no_grad():
             expected = model(input_ids=ids, use_cache=False).logits
-        assert rel_err(compiled(ids, positions), expected) < 1e-4
-    assert [v.num_graphs for v in compiled.variants] == [0, 1]
+        with compiled.decode_graphs() if decode else contextlib.nullcontext():
+            assert rel_err(compiled(ids, positions), expected) < 1e-4, (length, decode)
+    assert compiled.captures == 1 and [v.num_graphs for v in compiled.variants] == [1, 1]
+    assert "1 capture(s) of the model, 2 graph(s)" in compiled.summary()
 
 
 def test_our_ops_get_their_inductor_fallbacks_declared_before_lowering():

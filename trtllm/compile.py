@@ -15,13 +15,13 @@ import collections
 import contextlib
 import copy
 import dataclasses
-import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.fx.experimental._config as fx_config
 import torch.nn as nn
 
 from trtllm.attention_context import in_attention_context, whole_sequences_context
@@ -51,6 +51,12 @@ _DYNAMO_CONFIG = dict(
     capture_dynamic_output_shape_ops=True,
 )
 
+_SHAPE_CONFIG = dict(
+    # a dynamic token dim also serves a call of 1 token (a batch-1 decode graph): dynamo would
+    # otherwise specialize 1 and capture and compile the model once more for it
+    backed_size_oblivious=True,
+)
+
 
 @dataclass
 class Variant:
@@ -59,9 +65,13 @@ class Variant:
     passes: list
     decode_graphs_only: bool = False   # serves only calls inside decode_graphs()
     max_tokens: int | None = None      # serves only calls of at most this many tokens
-    compiled: Callable | None = None
     lm_head: LMHead | None = None      # applied after the graph, on the rows asked for
-    num_graphs: int = 0
+    graphs: list[fx.GraphModule] = field(default_factory=list)  # one per dynamo capture
+    matches: collections.Counter[str] = field(default_factory=collections.Counter)  # rewrites per pass
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.graphs)
 
 
 class CompiledModel:
@@ -108,9 +118,9 @@ class CompiledModel:
         # stage's are renumbered after: passes/split_pipeline_stage.py)
         self._layers = AttentionLayers(windows=list(probed.windows), softcaps=list(probed.softcaps),
                                        latent=probed.latent, alibi_slopes=probed.alibi_slopes)
-        self.matches: collections.Counter[str] = collections.Counter()
-        self.graphs: list[fx.GraphModule] = []
+        self.graphs: list[fx.GraphModule] = []  # every variant's, as compiled (the ordinary calls' first)
         self._after_first_call: list[Callable[[], None]] = []
+        self._made_constants: dict = {}  # tensors passes made from the weights, shared by the variants' graphs
         self.notes: dict[str, None] = {}  # passes' notes on what they left as captured (ordered set)
         self._in_decode_graphs = False
         self.compile_s = 0.0  # seconds in calls that compiled a graph (capture, passes, Inductor)
@@ -123,11 +133,15 @@ class CompiledModel:
         ]
         if not self.decode_graph_passes:  # it would be the ordinary compilation again
             del self.variants[0]
-        for v in self.variants:  # one torch.compile each: dynamo keeps one cache per backend
-            # fullgraph: an SDPA left outside our graphs would run eagerly across the
-            # sequences of a flat batch, silently wrong; a graph break must be an error.
-            v.compiled = torch.compile(self.module, backend=functools.partial(self._backend, variant=v),
-                                       dynamic=None, fullgraph=True)
+        # One dynamo capture serves every variant: the backend compiles each variant's graph
+        # from it, and a call runs the one `_serving` names. Dynamo's bytecode tracing is most of
+        # a warm start (a 32-layer model: 11.7 of 17.3 s on the dev CPU, scratch profile), and a
+        # torch.compile per variant traced the model once per variant.
+        # fullgraph: an SDPA left outside our graphs would run eagerly across the
+        # sequences of a flat batch, silently wrong; a graph break must be an error.
+        self.captures = 0
+        self._serving = self.variants[-1]
+        self._compiled = torch.compile(self.module, backend=self._backend, dynamic=None, fullgraph=True)
 
     def set_hidden_stash(self, stash: HiddenStash) -> None:
         """Stash hidden states from the first call on (compile's `hidden_stash`); the graphs
@@ -145,16 +159,26 @@ class CompiledModel:
         finally:
             self._in_decode_graphs = False
 
-    def _backend(self, dynamo_gm: fx.GraphModule, example_inputs: list, variant: Variant):
+    def _backend(self, dynamo_gm: fx.GraphModule, example_inputs: list):
+        self.captures += 1
+        # the ordinary calls' graph first: each capture's graphs[k] is it
+        runs = {id(v): self._compile_variant(dynamo_gm, example_inputs, v) for v in reversed(self.variants)}
+
+        def forward(*args):
+            return runs[id(self._serving)](*args)
+
+        return forward
+
+    def _compile_variant(self, dynamo_gm: fx.GraphModule, example_inputs: list, variant: Variant):
         # A fresh GraphModule: dynamo inspects its own graph after we return, and a
         # graph without dynamo's metadata lets our added constant inputs through aot.
         gm = fx.GraphModule(dynamo_gm, copy.deepcopy(dynamo_gm.graph))
-        inputs = GraphInputs(gm.graph, example_inputs)
+        inputs = GraphInputs(gm.graph, example_inputs, made=self._made_constants)
         ctx = PassContext(inputs=inputs, attention=self._layers, quantization=self.quantization,
                           tensor_parallel=self.tensor_parallel, lora=self.lora, pipeline=self.pipeline,
                           expert_load=self.expert_load, hidden_stash=self.hidden_stash)
         for p in variant.passes:
-            self.matches[p.__name__] += p(gm.graph, ctx)
+            variant.matches[p.__name__] += p(gm.graph, ctx)
         if self.quantization is not None:  # a placeholder left in use computes with NaN
             by_placeholder = {**self.quantization.by_placeholder(), **self.quantization.experts_by_placeholder()}
             left = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.users
@@ -170,7 +194,7 @@ class CompiledModel:
         if variant.num_graphs and (ctx.lm_head is None) != (variant.lm_head is None):
             raise CompileError(f"{variant.name}: a recompiled graph differs in whether its LM head was split")
         self.graphs.append(gm)
-        variant.num_graphs += 1
+        variant.graphs.append(gm)
         variant.lm_head = ctx.lm_head
         self._after_first_call += ctx.after_first_call
         self.notes.update(dict.fromkeys(ctx.notes))
@@ -227,12 +251,13 @@ class CompiledModel:
             *input_ids.shape, self.block_size, spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype,
             self.device, values=not spec.latent)  # B whole sequences of S tokens, on a scratch cache
         with scope, torch.no_grad():
-            with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
+            with torch._dynamo.config.patch(**_DYNAMO_CONFIG), fx_config.patch(**_SHAPE_CONFIG):
                 mark_token_dim_dynamic(input_ids, positions)
+                self._serving = variant
                 try:
-                    graphs, started = variant.num_graphs, time.perf_counter()
-                    out = variant.compiled(input_ids, positions)
-                    if variant.num_graphs != graphs:  # this call compiled one
+                    captures, started = self.captures, time.perf_counter()
+                    out = self._compiled(input_ids, positions)
+                    if self.captures != captures:  # this call compiled
                         self.compile_s += time.perf_counter() - started
                 except torch._dynamo.exc.BackendCompilerFailed as e:
                     if isinstance(e.inner_exception, CompileError):
@@ -246,10 +271,20 @@ class CompiledModel:
             self._after_first_call.pop()()
         return out
 
+    @property
+    def matches(self) -> collections.Counter[str]:
+        """Rewrites per pass: a pass every call runs counted in the ordinary calls' graphs,
+        a decode-graph pass in the decode graphs'."""
+        out: collections.Counter[str] = collections.Counter()
+        for v in reversed(self.variants):
+            for name, count in v.matches.items():
+                out.setdefault(name, count)
+        return out
+
     def summary(self) -> str:
         spec = self.attention
-        ops = collections.Counter(str(n.target).removesuffix(".default") for gm in self.graphs for n in gm.graph.nodes
-                                  if n.op == "call_function" and str(n.target).startswith("trtllm."))
+        ordinary, *others = reversed(self.variants)
+        ops, *other_ops = [_trtllm_ops(v.graphs) for v in (ordinary, *others)]
         layers = f"{spec.num_layers} attention layers ({spec.num_kv_heads} kv heads x {spec.head_dim})"
         if spec.latent:
             layers = f"{spec.num_layers} multi-head latent attention layers (a latent cache row of {spec.head_dim})"
@@ -265,10 +300,15 @@ class CompiledModel:
         if not self.graphs:
             return (f"{path}trtllm.compile: {layers}; nothing compiled yet: compilation is lazy, the first call "
                     "(or building an LLM on it) captures and rewrites the graphs")
-        lines = [path.rstrip(), f"trtllm.compile: {len(self.graphs)} graph(s), {layers}", "rewrites:"]
-        lines += [f"  {p.__name__}: {self.matches[p.__name__]}" for p in self.passes + self.decode_graph_passes]
-        lines.append("trtllm ops in the final graph(s):")
+        lines = [path.rstrip(), f"trtllm.compile: {self.captures} capture(s) of the model, {len(self.graphs)} "
+                 f"graph(s), {layers}", "rewrites:"]
+        matches = self.matches
+        lines += [f"  {p.__name__}: {matches[p.__name__]}" for p in self.passes + self.decode_graph_passes]
+        lines.append(f"trtllm ops in the final graph(s) of {ordinary.name}:")
         lines += [f"  {name}: {count}" for name, count in sorted(ops.items())] or ["  (none)"]
+        for v, counted in zip(others, other_ops):
+            differ = sorted((name, count) for name, count in counted.items() if ops.get(name) != count)
+            lines.append(f"  in {v.name} instead: " + (", ".join(f"{n}: {c}" for n, c in differ) or "the same"))
         if self.notes:
             lines.append("left as captured:")
             lines += [f"  {note}" for note in self.notes]
@@ -278,6 +318,11 @@ class CompiledModel:
             split = " on this rank's vocabulary rows, all-gathered" if any(v.lm_head.gather for v in heads) else ""
             lines.append(f"lm head (outside the graph, on the chosen rows): {', '.join(named) or 'F.linear'}{split}")
         return "\n".join(lines)
+
+
+def _trtllm_ops(graphs: list[fx.GraphModule]) -> collections.Counter[str]:
+    return collections.Counter(str(n.target).removesuffix(".default") for gm in graphs for n in gm.graph.nodes
+                               if n.op == "call_function" and str(n.target).startswith("trtllm."))
 
 
 def refuse_reads_of_unloaded(graph: fx.Graph, inputs: GraphInputs, lm_head: LMHead | None, where: str) -> None:
@@ -296,14 +341,15 @@ def refuse_reads_of_unloaded(graph: fx.Graph, inputs: GraphInputs, lm_head: LMHe
 
 
 def mark_token_dim_dynamic(input_ids: torch.Tensor, positions: torch.Tensor) -> None:
-    """Compile the token dim dynamic from a variant's first call, not on its second.
+    """Compile the token dim dynamic from the first call, not on the second.
 
-    Left to dynamo, a variant's first call compiles for its exact token count and the
-    second, of another count, compiles again with the dim dynamic: the runtime's KV
-    profiling call (max_num_tokens) and first CUDA-graph capture each paid for a graph
-    used once, and the user's first prefill paid the recompile (issue 19: startup, and the
-    first run slower than the second). maybe_: a dim of 1 (a batch-1 decode graph) stays
-    specialized, as dynamo specializes 0 and 1 anyway."""
+    Left to dynamo, the first call compiles for its exact token count and the second, of
+    another count, compiles again with the dim dynamic: the runtime's KV profiling call
+    (max_num_tokens) and first CUDA-graph capture each paid for a graph used once, and the
+    user's first prefill paid the recompile (issue 19: startup, and the first run slower
+    than the second). A first call of 1 token is left static (its graph's size hints would
+    be 1); under _SHAPE_CONFIG a dynamic dim serves 1 too, so the batch-1 decode graph
+    needs no capture of its own."""
     if input_ids.shape[-1] >= 2:
         torch._dynamo.maybe_mark_dynamic(input_ids, input_ids.dim() - 1)
         torch._dynamo.maybe_mark_dynamic(positions, positions.dim() - 1)

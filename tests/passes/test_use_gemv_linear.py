@@ -82,25 +82,31 @@ def test_the_pass_serves_only_small_decode_graphs():
         expected = model(input_ids=ids, use_cache=False).logits[0, [4]]
     rows = torch.tensor([4])
     compiled = trtllm.compile(model)
+    decode, ordinary = compiled.variants
     # an ordinary call (prefill, mixed steps, large decode graphs): the passes without it
     torch.testing.assert_close(compiled(ids, positions, logits_indices=rows), expected, rtol=1e-4, atol=1e-5)
+    assert compiled._serving is ordinary
+    # the capture compiled both variants: the decode graphs' with it
+    assert not _linears(ordinary.graphs) and _linears(decode.graphs) == 8  # 4 per layer
     summary = compiled.summary()
-    assert "use_gemv_linear: 0" in summary and "trtllm.linear" not in summary
-    assert "lm head (outside the graph, on the chosen rows): F.linear" in summary
+    assert "use_gemv_linear: 8" in summary and "in decode graphs instead: trtllm.linear: 8" in summary
+    assert "lm head (outside the graph, on the chosen rows): trtllm.linear in decode graphs" in summary
     # the runner's decode-graph capture of <= GEMV_MAX_M tokens: the compilation with it
     with compiled.decode_graphs():
         got = compiled(ids, positions, logits_indices=rows)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    summary = compiled.summary()
-    assert "use_gemv_linear: 8" in summary and "trtllm.linear: 8" in summary  # 4 per layer
-    assert "lm head (outside the graph, on the chosen rows): trtllm.linear in decode graphs" in summary
+    assert compiled._serving is decode
     # more tokens than the GEMV takes: the general compilation, even in decode graphs
     long_ids, long_pos = torch.randint(0, 96, (1, 20)), torch.arange(20)[None]
     with compiled.decode_graphs():
         compiled(long_ids, long_pos, logits_indices=torch.tensor([19]))
-    assert "use_gemv_linear: 8" in compiled.summary()
+    assert compiled._serving is ordinary and compiled.captures == 1
 
     without = trtllm.compile(model, decode_graph_passes=[])
     with without.decode_graphs():
         torch.testing.assert_close(without(ids, positions, logits_indices=rows), expected, rtol=1e-4, atol=1e-5)
     assert "trtllm.linear" not in without.summary()
+
+
+def _linears(graphs) -> int:
+    return sum(n.target is OP for gm in graphs for n in gm.graph.nodes)

@@ -77,7 +77,7 @@ def test_moe_greedy_matches_hf_generate_with_the_blocks_fused(family, tmp_path_f
     with llm(path) as engine:
         check_greedy(engine, expected)
         summary = engine.compiled.summary()
-        graphs = len(engine.compiled.graphs)
+        graphs = engine.compiled.captures
     assert f"HF module {hf_class}" in summary, summary
     assert f"trtllm.fused_moe: {MOE[family] * graphs}" in summary, summary
     assert f"trtllm.moe_routing: {MOE[family] * graphs}" in summary, summary
@@ -94,7 +94,7 @@ def test_an_fp8_moe_checkpoint_has_fp8_linears_and_fp8_experts(algo, tmp_path_fa
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     with LLM(str(path), dtype="bfloat16", quant_config=QuantConfig(quant_algo=algo), build_config=build) as engine:
         out = engine.generate([[5, 6, 7, 8]], params, use_tqdm=False)
-        summary, graphs = engine.compiled.summary(), len(engine.compiled.graphs)
+        summary, graphs = engine.compiled.summary(), engine.compiled.captures
     assert out[0].outputs[0].finish_reason == "length"
     assert f"trtllm.fused_moe_fp8: {MOE['qwen3_moe'] * graphs}" in summary and "trtllm.fp8_gemm" in summary, summary
     assert "trtllm.fused_moe:" not in summary and "FP8 experts of 1 MoE blocks" in summary, summary
@@ -124,7 +124,7 @@ def test_greedy_of_our_model_file_matches_hf_generate(family, tmp_path_factory):
         check_greedy(engine, expected)
         if family == "gemma3":  # QK-norm: q's and k's norm joined with their rope, in every graph
             summary = engine.compiled.summary()
-            assert f"trtllm.rms_norm_rotary: {4 * len(engine.compiled.graphs)}" in summary, summary
+            assert f"trtllm.rms_norm_rotary: {4 * engine.compiled.captures}" in summary, summary
             assert "trtllm.rotary:" not in summary, summary
 
 

@@ -19,7 +19,7 @@ def test_greedy_matches_hf_generate_with_the_latent_paged(family, tmp_path_facto
     expected, hf_class = hf_greedy(path)
     with llm(path) as engine:
         check_greedy(engine, expected)
-        summary, graphs = engine.compiled.summary(), len(engine.compiled.graphs)
+        summary, graphs = engine.compiled.summary(), engine.compiled.captures
         cache = engine.engine.runner.cache
     row, moe = MLA[family]
     assert f"HF module {hf_class}" in summary, summary

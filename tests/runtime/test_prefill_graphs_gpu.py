@@ -29,10 +29,10 @@ def run(path, max_num_tokens: int, **llm_kwargs):
         graphs, replays = llm.engine.runner.cuda_graphs, []
         real = graphs.replay_prefill
         graphs.replay_prefill = lambda size, *a: (replays.append(size), real(size, *a))[1]
-        compiled_before = len(llm.compiled.graphs)
+        compiled_before = llm.compiled.captures
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
         assert all(o.outputs[0].finish_reason == "length" for o in outs), [o.outputs[0].error for o in outs]
-        return ([o.outputs[0].token_ids for o in outs], replays, len(llm.compiled.graphs) - compiled_before,
+        return ([o.outputs[0].token_ids for o in outs], replays, llm.compiled.captures - compiled_before,
                 sorted(graphs.prefill))
 
 

@@ -26,11 +26,12 @@ class GraphInputs:
     """The graph's placeholders with the values dynamo traced them with, plus the
     constant inputs passes add (e.g. a fused weight made once at compile time)."""
 
-    def __init__(self, graph: fx.Graph, example_inputs: list):
+    def __init__(self, graph: fx.Graph, example_inputs: list, made: dict | None = None):
         self.graph = graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         self._values = dict(zip(placeholders, example_inputs))
         self.constants: list[torch.Tensor] = []
+        self._made = {} if made is None else made  # made_constant's tensors, kept by the caller across graphs
 
     def tensor(self, node) -> torch.Tensor | None:
         """The real tensor a placeholder was traced with (None for other nodes)."""
@@ -47,6 +48,16 @@ class GraphInputs:
         self._values[node] = tensor
         self.constants.append(tensor)
         return node
+
+    def made_constant(self, name: str, sources: list[torch.Tensor], make: Callable[[], torch.Tensor],
+                      tag: str = "") -> fx.Node:
+        """add_constant of `make()`, a tensor made from `sources` (e.g. a fused copy of
+        weights), made once: every graph compiled for one model (CompiledModel's variants,
+        captured once) gets the same tensor, so the model holds one copy, not one per graph."""
+        key = (tag, *map(id, sources))
+        if key not in self._made:  # the sources are kept too: their ids stay theirs
+            self._made[key] = (list(sources), make())
+        return self.add_constant(name, self._made[key][1])
 
 
 @dataclass

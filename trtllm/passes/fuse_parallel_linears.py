@@ -46,10 +46,11 @@ def _fused(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _constant_input(ctx: PassContext, name: str, parts: list[torch.Tensor]) -> fx.Node:
-    fused = _fused(parts)
+    node = ctx.inputs.made_constant(name, parts, lambda: _fused(parts), tag="fused")
+    fused = ctx.inputs.tensor(node)
     if fused.data_ptr() != parts[0].data_ptr() and all(isinstance(p, torch.nn.Parameter) for p in parts):
         ctx.after_first_call.append(functools.partial(share_fused_storage, parts, fused))
-    return ctx.inputs.add_constant(name, fused)
+    return node
 
 
 def fuse_parallel_linears(graph: fx.Graph, ctx: PassContext) -> int:

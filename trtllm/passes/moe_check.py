@@ -85,10 +85,11 @@ def expert_weights(graph, ctx, region, params, xv, num_experts) -> Experts:
     if len({w.shape for w in gates + ups}) != 1 or len({w.shape for w in downs}) != 1:
         raise NotMatched("the experts' linears differ in shape")
     name = triples[0][2].name
-    w13 = torch.stack([torch.cat([g.detach(), u.detach()]) for g, u in zip(gates, ups)])  # [E, 2I, H]
-    w2 = torch.stack([d.detach() for d in downs])  # [E, H, I]
-    return Experts(ctx.inputs.add_constant(f"{name}_moe_w13", w13), ctx.inputs.add_constant(f"{name}_moe_w2", w2),
-                   per_expert)
+    w13 = ctx.inputs.made_constant(f"{name}_moe_w13", gates + ups, tag="moe_w13", make=lambda: torch.stack(
+        [torch.cat([g.detach(), u.detach()]) for g, u in zip(gates, ups)]))  # [E, 2I, H]
+    w2 = ctx.inputs.made_constant(f"{name}_moe_w2", downs, tag="moe_w2",
+                                  make=lambda: torch.stack([d.detach() for d in downs]))  # [E, H, I]
+    return Experts(w13, w2, per_expert)
 
 
 def _same_value(a: fx.Node, b: fx.Node) -> bool:
