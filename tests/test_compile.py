@@ -282,19 +282,43 @@ def test_one_capture_serves_every_token_count_and_every_variant():
     (issue 19, startup: a torch.compile per variant traced the model once each, and dynamo
     specialized the batch-1 decode graph: three captures of the model at every start).
     The token dim is dynamic from the first call: a graph compiled for the KV profiling
-    call's exact length was used once, and the next length compiled again."""
-    model = hf_model("llama")
-    compiled = trtllm.compile(model)
+    call's exact length was used once, and the next length compiled again. Inductor's shape
+    code is what once guarded 1 away (a view of a narrowed q: fuse_parallel_linears)."""
+    from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    compiled = trtllm.compile(model, inductor=True)
     calls = [(9, False), (4, False), (13, False), (1, False), (1, True), (3, True), (16, True), (5, False)]
     for length, decode in calls:
         ids = torch.randint(0, 96, (1, length))
         positions = torch.arange(length)[None]
         with torch.no_grad():
-            expected = model(input_ids=ids, use_cache=False).logits
+            expected = model(ids, positions)
         with compiled.decode_graphs() if decode else contextlib.nullcontext():
             assert rel_err(compiled(ids, positions), expected) < 1e-4, (length, decode)
     assert compiled.captures == 1 and [v.num_graphs for v in compiled.variants] == [1, 1]
     assert "1 capture(s) of the model, 2 graph(s)" in compiled.summary()
+
+
+def test_a_static_capture_compiles_a_variant_at_its_first_call():
+    """A capture of static shapes (here a first call of one token) compiles only the variant
+    it serves; the decode graphs' compiles at its first call (no symbol for Inductor to guard)."""
+    from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    torch._dynamo.reset()  # else dynamo remembers the token counts other tests' calls of this forward saw
+    compiled = trtllm.compile(model, inductor=True)
+    ids, positions = torch.tensor([[7]]), torch.tensor([[3]])
+    with torch.no_grad():
+        expected = model(ids, positions)
+    assert rel_err(compiled(ids, positions), expected) < 1e-4
+    assert compiled.captures == 1 and [v.num_graphs for v in compiled.variants] == [0, 1]
+    with compiled.decode_graphs():
+        assert rel_err(compiled(ids, positions), expected) < 1e-4
+    assert compiled.captures == 1 and [v.num_graphs for v in compiled.variants] == [1, 1]
+    assert compiled.compile_s > 0
 
 
 def test_our_ops_get_their_inductor_fallbacks_declared_before_lowering():

@@ -53,7 +53,10 @@ _DYNAMO_CONFIG = dict(
 
 _SHAPE_CONFIG = dict(
     # a dynamic token dim also serves a call of 1 token (a batch-1 decode graph): dynamo would
-    # otherwise specialize 1 and capture and compile the model once more for it
+    # otherwise specialize 1 and capture and compile the model once more for it. Shape code
+    # that asks whether the dim is 1 still adds that guard: a view of a non-contiguous slice
+    # (split_heads_from_fused takes heads from the whole for it) or transformers' rope, whose
+    # cat of transposed frequencies does under Inductor: an HF module captures twice.
     backed_size_oblivious=True,
 )
 
@@ -118,7 +121,7 @@ class CompiledModel:
         # stage's are renumbered after: passes/split_pipeline_stage.py)
         self._layers = AttentionLayers(windows=list(probed.windows), softcaps=list(probed.softcaps),
                                        latent=probed.latent, alibi_slopes=probed.alibi_slopes)
-        self.graphs: list[fx.GraphModule] = []  # every variant's, as compiled (the ordinary calls' first)
+        self.graphs: list[fx.GraphModule] = []  # every variant's, as compiled
         self._after_first_call: list[Callable[[], None]] = []
         self._made_constants: dict = {}  # tensors passes made from the weights, shared by the variants' graphs
         self.notes: dict[str, None] = {}  # passes' notes on what they left as captured (ordered set)
@@ -161,11 +164,19 @@ class CompiledModel:
 
     def _backend(self, dynamo_gm: fx.GraphModule, example_inputs: list):
         self.captures += 1
-        # the ordinary calls' graph first: each capture's graphs[k] is it
-        runs = {id(v): self._compile_variant(dynamo_gm, example_inputs, v) for v in reversed(self.variants)}
+        # A capture with a dynamic dim compiles every variant here, inside dynamo's compilation,
+        # which keeps the guards Inductor adds on the symbols. One of static shapes (a token
+        # count of 1 the dynamic capture could not serve: _SHAPE_CONFIG) has no symbol to guard:
+        # it compiles the variant it serves, and another at that one's first call.
+        dynamic = any(isinstance(e, torch.SymInt) for e in example_inputs)
+        runs = {id(v): self._compile_variant(dynamo_gm, example_inputs, v)  # the ordinary calls' first
+                for v in reversed(self.variants) if dynamic or v is self._serving}
 
         def forward(*args):
-            return runs[id(self._serving)](*args)
+            run = runs.get(id(self._serving))
+            if run is None:
+                run = runs[id(self._serving)] = self._compile_variant(dynamo_gm, example_inputs, self._serving)
+            return run(*args)
 
         return forward
 
@@ -255,9 +266,9 @@ class CompiledModel:
                 mark_token_dim_dynamic(input_ids, positions)
                 self._serving = variant
                 try:
-                    captures, started = self.captures, time.perf_counter()
+                    graphs, started = len(self.graphs), time.perf_counter()
                     out = self._compiled(input_ids, positions)
-                    if self.captures != captures:  # this call compiled
+                    if len(self.graphs) != graphs:  # this call compiled
                         self.compile_s += time.perf_counter() - started
                 except torch._dynamo.exc.BackendCompilerFailed as e:
                     if isinstance(e.inner_exception, CompileError):

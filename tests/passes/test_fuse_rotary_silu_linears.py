@@ -7,6 +7,7 @@ from tests.passes.graph_capture import Captured
 from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears
 from trtllm.passes.fuse_rotary import fuse_rotary
 from trtllm.passes.fuse_silu_mul import fuse_silu_mul
+from trtllm.passes.split_heads_from_fused import split_heads_from_fused
 
 
 def rotate_half(x):  # transformers' form
@@ -85,3 +86,36 @@ def test_linears_with_mixed_bias_are_not_fused():
     x = torch.randn(2, 8)
     cap = Captured(lambda x: a(x) + b(x), x)
     assert cap.apply(fuse_parallel_linears) == 0
+
+
+class Heads(nn.Module):
+    """q viewed as heads twice (-1 and explicit), k as heads and as a whole, v as a whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(32, n) for n in (64, 16, 16))
+
+    def forward(self, x):  # x [B, S, 32]
+        b, s, _ = x.shape
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        q4, q4b, k4 = q.view(b, s, -1, 8), q.reshape(b, s, 8, 8), k.view(b, s, 2, 8)
+        return (q4 * q4b).sum((-1, -2)) + k4.transpose(1, 2).sum((1, -1)) + k.sum(-1) * v.sum(-1)
+
+
+def test_parts_viewed_as_heads_are_narrowed_from_the_heads_of_the_whole():
+    """A view of a narrowed part asks whether the token count is 1 (its strides depend on it),
+    so a dynamic token dim would not serve one token: views split into heads read a narrow of
+    the fused output unflattened into heads; other uses keep the plain narrow."""
+    model = Heads().eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expected = model(x)
+    cap = Captured(model, x)
+    assert cap.apply(fuse_parallel_linears) == 1
+    assert cap.apply(split_heads_from_fused) == 2  # q (viewed twice), k
+    assert cap.count(torch.unflatten) == 1
+    narrows = [n for n in cap.gm.graph.nodes if n.target is torch.narrow]
+    assert sorted(n.args[1] for n in narrows) == [-2, -2, -1, -1]  # q and k as heads; k and v whole
+    assert not [n for n in cap.gm.graph.nodes if n.op == "call_method" and n.target in ("view", "reshape")
+                and n.args[0].target is torch.narrow]
+    torch.testing.assert_close(cap.run(), expected, rtol=1e-5, atol=1e-5)

@@ -26,6 +26,7 @@ from trtllm.passes.replace_sdpa_with_paged_attention import replace_sdpa_with_pa
 from trtllm.passes.shard_experts import shard_experts
 from trtllm.passes.shard_tensor_parallel import shard_tensor_parallel
 from trtllm.passes.shard_vocab_parallel import shard_vocab_parallel
+from trtllm.passes.split_heads_from_fused import split_heads_from_fused
 from trtllm.passes.split_lm_head import split_lm_head
 from trtllm.passes.split_pipeline_stage import split_pipeline_stage
 from trtllm.passes.stash_hidden_states import stash_hidden_states
@@ -50,6 +51,7 @@ PASSES = [
     fuse_rotary,
     fuse_rms_norm_rotary,               # needs fuse_rotary's and fuse_rms_norm's ops: QK-norm into rope
     fuse_silu_mul,
+    split_heads_from_fused,             # after the passes that read fused linears' plain parts (apply_lora)
     split_lm_head,                      # the runtime applies the head on chosen rows
     shard_vocab_parallel,               # last: splits the head split_lm_head took out
 ]
