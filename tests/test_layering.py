@@ -48,7 +48,7 @@ LAYERS = [
     ["trtllm.models", "trtllm.demo"],
     ["trtllm.contract"],
     ["trtllm.passes"],
-    ["trtllm.compile", "trtllm.compile_encoder", "trtllm.inductor_fallbacks"],
+    ["trtllm.compile", "trtllm.compile_encoder", "trtllm.compile_summary", "trtllm.inductor_fallbacks"],
     ["trtllm.runtime", "trtllm.parallel"],
     ["trtllm.serve", "trtllm.eval"],
     ["trtllm.cli"],

@@ -25,7 +25,8 @@ import torch.fx.experimental._config as fx_config
 import torch.nn as nn
 
 from trtllm.attention_context import in_attention_context, whole_sequences_context
-from trtllm.contract import AttentionSpec, CompileError, contract_module, model_path, probe_attention
+from trtllm.compile_summary import summarize
+from trtllm.contract import AttentionSpec, CompileError, contract_module, probe_attention
 from trtllm.expert_load import ExpertLoad
 from trtllm.hidden_states import HiddenStash
 from trtllm.inductor_fallbacks import declare_inductor_fallbacks
@@ -293,47 +294,8 @@ class CompiledModel:
         return out
 
     def summary(self) -> str:
-        spec = self.attention
-        ordinary, *others = reversed(self.variants)
-        ops, *other_ops = [_trtllm_ops(v.graphs) for v in (ordinary, *others)]
-        layers = f"{spec.num_layers} attention layers ({spec.num_kv_heads} kv heads x {spec.head_dim})"
-        if spec.latent:
-            layers = f"{spec.num_layers} multi-head latent attention layers (a latent cache row of {spec.head_dim})"
-        if any(spec.windows):
-            layers += f", sliding windows per layer {list(spec.windows)}"
-        if any(spec.softcaps):
-            layers += f", logit soft-capping per layer {list(spec.softcaps)}"
-        if spec.alibi_slopes:
-            layers += f", ALiBi slopes per head {[round(s, 6) for s in spec.alibi_slopes]}"
-        path = f"model: {model_path(self.module)}\n"
-        if self.quantization is not None:
-            path += f"quantization: {self.quantization.summary()}\n"
-        if not self.graphs:
-            return (f"{path}trtllm.compile: {layers}; nothing compiled yet: compilation is lazy, the first call "
-                    "(or building an LLM on it) captures and rewrites the graphs")
-        lines = [path.rstrip(), f"trtllm.compile: {self.captures} capture(s) of the model, {len(self.graphs)} "
-                 f"graph(s), {layers}", "rewrites:"]
-        matches = self.matches
-        lines += [f"  {p.__name__}: {matches[p.__name__]}" for p in self.passes + self.decode_graph_passes]
-        lines.append(f"trtllm ops in the final graph(s) of {ordinary.name}:")
-        lines += [f"  {name}: {count}" for name, count in sorted(ops.items())] or ["  (none)"]
-        for v, counted in zip(others, other_ops):
-            differ = sorted((name, count) for name, count in counted.items() if ops.get(name) != count)
-            lines.append(f"  in {v.name} instead: " + (", ".join(f"{n}: {c}" for n, c in differ) or "the same"))
-        if self.notes:
-            lines.append("left as captured:")
-            lines += [f"  {note}" for note in self.notes]
-        heads = [v for v in self.variants if v.lm_head is not None]
-        if heads:
-            named = [f"{v.lm_head.op_name} in {v.name}" for v in heads if v.lm_head.op_name != "F.linear"]
-            split = " on this rank's vocabulary rows, all-gathered" if any(v.lm_head.gather for v in heads) else ""
-            lines.append(f"lm head (outside the graph, on the chosen rows): {', '.join(named) or 'F.linear'}{split}")
-        return "\n".join(lines)
-
-
-def _trtllm_ops(graphs: list[fx.GraphModule]) -> collections.Counter[str]:
-    return collections.Counter(str(n.target).removesuffix(".default") for gm in graphs for n in gm.graph.nodes
-                               if n.op == "call_function" and str(n.target).startswith("trtllm."))
+        """What compiling did, for people and tests (trtllm/compile_summary.py)."""
+        return summarize(self)
 
 
 def refuse_reads_of_unloaded(graph: fx.Graph, inputs: GraphInputs, lm_head: LMHead | None, where: str) -> None:
