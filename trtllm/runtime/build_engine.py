@@ -9,6 +9,7 @@ than 0 serves rank 0's steps here instead and then exits (docs/parallel.md). Wit
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -42,6 +43,8 @@ from trtllm.runtime.multimodal_stager import multimodal_stager
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.speculative.build import build_speculative, check_speculative_config
 from trtllm.runtime.tokenizer import load_tokenizer
+
+log = logging.getLogger("trtllm")
 
 _DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -244,7 +247,9 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
         if speculative.verify_cuda_graphs is not False and enable_cuda_graph and runner.device.type == "cuda":
             runner.cuda_graphs.capture_verify(speculative.max_draft_len + 1, sorted(runner.cuda_graphs.decode))
     capture_s = runner.cuda_graphs.capture_s - (compiled.compile_s - compile_before_capture)
-    engine.startup = StartupTimes(load_s, compiled.compile_s, capture_s, time.perf_counter() - started)
+    engine.startup = StartupTimes(load_s, compiled.compile_s, capture_s, time.perf_counter() - started,
+                                  compiled.captures, len(compiled.graphs))
+    log.info(engine.startup.line())
     return engine
 
 

@@ -53,3 +53,12 @@ class StartupTimes:
     compile_s: float             # calls that compiled a graph: dynamo capture, passes, Inductor
     cuda_graph_capture_s: float  # capturing the decode CUDA graphs, their compilation left out
     total_s: float               # the whole build, tokenizer and KV sizing included
+    captures: int = 0            # dynamo captures of the model while building
+    graphs: int = 0              # graphs compiled from them (one per variant a capture serves)
+
+    def line(self) -> str:
+        """The one-line breakdown `LLM(...)` logs at INFO."""
+        other = self.total_s - self.load_s - self.compile_s - self.cuda_graph_capture_s
+        return (f"engine ready in {self.total_s:.1f} s: load {self.load_s:.1f} s, compile {self.compile_s:.1f} s "
+                f"({self.captures} capture(s) of the model, {self.graphs} graph(s)), CUDA-graph capture "
+                f"{self.cuda_graph_capture_s:.1f} s, other {other:.1f} s")
