@@ -299,6 +299,12 @@ def test_one_capture_serves_every_token_count_and_every_variant():
             assert rel_err(compiled(ids, positions), expected) < 1e-4, (length, decode)
     assert compiled.captures == 1 and [v.num_graphs for v in compiled.variants] == [1, 1]
     assert "1 capture(s) of the model, 2 graph(s)" in compiled.summary()
+    # both graphs read one fused copy of each layer's q/k/v and gate/up weights, which the
+    # model's own weights are views of (GraphInputs.made_constant)
+    made = [t for _, t in compiled._made_constants.values()]
+    assert len(made) == 2 * 2
+    attn = model.model.layers[0].self_attn
+    assert any(attn.q_proj.weight.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in made)
 
 
 def test_a_static_capture_compiles_a_variant_at_its_first_call():
