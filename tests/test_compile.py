@@ -277,6 +277,14 @@ def test_summary_before_the_first_call_says_compilation_is_lazy():
     assert "nothing compiled yet" in text and "lazy" in text and "2 attention layers" in text
 
 
+def tiny_llama():
+    """Our model file, 2 layers: the capture tests' model (an HF module's rope guards 1 away)."""
+    from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+
+
 def test_one_capture_serves_every_token_count_and_every_variant():
     """One dynamo capture serves every token count, 1 included, and both graph variants
     (issue 19, startup: a torch.compile per variant traced the model once each, and dynamo
@@ -284,10 +292,7 @@ def test_one_capture_serves_every_token_count_and_every_variant():
     The token dim is dynamic from the first call: a graph compiled for the KV profiling
     call's exact length was used once, and the next length compiled again. Inductor's shape
     code is what once guarded 1 away (a view of a narrowed q: fuse_parallel_linears)."""
-    from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    model = tiny_llama()
     compiled = trtllm.compile(model, inductor=True)
     calls = [(9, False), (4, False), (13, False), (1, False), (1, True), (3, True), (16, True), (5, False)]
     for length, decode in calls:
@@ -310,10 +315,7 @@ def test_one_capture_serves_every_token_count_and_every_variant():
 def test_a_static_capture_compiles_a_variant_at_its_first_call():
     """A capture of static shapes (here a first call of one token) compiles only the variant
     it serves; the decode graphs' compiles at its first call (no symbol for Inductor to guard)."""
-    from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    model = tiny_llama()
     torch._dynamo.reset()  # else dynamo remembers the token counts other tests' calls of this forward saw
     compiled = trtllm.compile(model, inductor=True)
     ids, positions = torch.tensor([[7]]), torch.tensor([[3]])
