@@ -29,6 +29,7 @@ from trtllm.compile_summary import summarize
 from trtllm.contract import AttentionSpec, CompileError, contract_module, probe_attention
 from trtllm.expert_load import ExpertLoad
 from trtllm.hidden_states import HiddenStash
+from trtllm.inductor_choice import inductor_work, worth_inductor
 from trtllm.inductor_fallbacks import declare_inductor_fallbacks
 from trtllm.lora_slots import LoraSlots
 from trtllm.parallel.pipeline_parallel import PipelineStage
@@ -70,6 +71,7 @@ class Variant:
     decode_graphs_only: bool = False   # serves only calls inside decode_graphs()
     max_tokens: int | None = None      # serves only calls of at most this many tokens
     lm_head: LMHead | None = None      # applied after the graph, on the rows asked for
+    inductor_work: list[str] | None = None  # compute ops the passes left, when Inductor compiled its last graph
     graphs: list[fx.GraphModule] = field(default_factory=list)  # one per dynamo capture
     matches: collections.Counter[str] = field(default_factory=collections.Counter)  # rewrites per pass
 
@@ -90,7 +92,7 @@ class CompiledModel:
         self.quantization = quantization if quantization is not None else fp8_linears_of(model)
         self.module = contract_module(model)
         self.device = next(self.module.parameters()).device
-        self.inductor = self.device.type == "cuda" if inductor is None else inductor
+        self.inductor = inductor  # None: where the passes left work for it, on CUDA (inductor_choice.py)
         self.passes = list(PASSES if passes is None else passes)
         self.decode_graph_passes = list(DECODE_GRAPH_PASSES if decode_graph_passes is None else decode_graph_passes)
         self.block_size = block_size
@@ -211,7 +213,11 @@ class CompiledModel:
         self._after_first_call += ctx.after_first_call
         self.notes.update(dict.fromkeys(ctx.notes))
         constants = list(inputs.constants)
-        if self.inductor:
+        work = inductor_work(gm.graph)
+        inductor = self.inductor if self.inductor is not None else (
+            self.device.type == "cuda" and worth_inductor(work, self.attention.num_layers))
+        variant.inductor_work = work if inductor else None
+        if inductor:
             from torch._inductor.compile_fx import compile_fx
             declare_inductor_fallbacks(gm.graph)
             run = compile_fx(gm, list(example_inputs) + static_fakes(constants, example_inputs))
@@ -343,7 +349,8 @@ def static_fakes(constants: list[torch.Tensor], example_inputs: list) -> list[to
 
 
 def compile(model: nn.Module, **options) -> CompiledModel:
-    """Compile a causal LM (see module docstring). Options: inductor, passes,
+    """Compile a causal LM (see module docstring). Options: inductor (True, False, or None: where
+    the passes left work for it, on CUDA; trtllm/inductor_choice.py), passes,
     decode_graph_passes, block_size, quantization (an Fp8Linears; by default the one loading
     or quantize_model put on the model, trtllm/quantization), tensor_parallel (this rank's
     `TensorParallel`: passes/shard_tensor_parallel.py keeps its slice of each layer), pipeline

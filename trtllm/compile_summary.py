@@ -40,6 +40,7 @@ def summarize(compiled) -> str:
     for v, counted in zip(others, other_ops):
         differ = sorted((name, count) for name, count in counted.items() if ops.get(name) != count)
         lines.append(f"  in {v.name} instead: " + (", ".join(f"{n}: {c}" for n, c in differ) or "the same"))
+    lines.append(_inductor_line(compiled))
     if compiled.notes:
         lines.append("left as captured:")
         lines += [f"  {note}" for note in compiled.notes]
@@ -49,6 +50,18 @@ def summarize(compiled) -> str:
         split = " on this rank's vocabulary rows, all-gathered" if any(v.lm_head.gather for v in heads) else ""
         lines.append(f"lm head (outside the graph, on the chosen rows): {', '.join(named) or 'F.linear'}{split}")
     return "\n".join(lines)
+
+
+def _inductor_line(compiled) -> str:
+    """Which variants Inductor compiled, and the work the passes left it (inductor_choice.py)."""
+    by = [v for v in reversed(compiled.variants) if v.inductor_work is not None]
+    if not by:
+        why = "inductor=False" if compiled.inductor is False else (
+            "the passes left no work in the layers to fuse" if compiled.device.type == "cuda" else "CPU")
+        return f"Inductor: none; the graphs run as the passes left them ({why})"
+    work = collections.Counter(by[0].inductor_work)
+    left = ", ".join(f"{op}: {n}" for op, n in work.most_common(6)) + (" ..." if len(work) > 6 else "")
+    return f"Inductor: compiled {', '.join(v.name for v in by)}; work the passes left: {left or '(none)'}"
 
 
 def _trtllm_ops(graphs: list[fx.GraphModule]) -> collections.Counter[str]:
