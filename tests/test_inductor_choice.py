@@ -56,7 +56,7 @@ def test_layers_with_elementwise_work_left_get_inductor(name):
         assert worth_inductor(work, compiled.attention.num_layers)
 
 
-def test_shape_arithmetic_and_views_are_not_work():
+def test_views_gemms_and_the_rope_table_are_not_work():
     """Views and GEMMs are not work; a pointwise op on what an embedding gave is, and what only
     the positions feed is not. (A dynamic capture's SymInt arithmetic: the Llama tests.)"""
     weight = torch.randn(16, 8)

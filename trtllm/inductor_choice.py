@@ -4,15 +4,15 @@ Inductor earns its compile time by fusing the elementwise and reduction work bet
 After our passes a Llama graph has none left in its layers: attention, the norms, rotary and
 SiLU·mul are our kernels, the projections are cuBLAS GEMMs, and what remains is views and the
 rope table of the positions. There, on the H200 (Llama-3.1-8B preset, bf16, 2026-12-04,
-bench/probes/startup.py), Inductor cost 111 s of a cold start (`LLM(...)` 157.5 s against 41.3)
-and 6 s warm, for the same speed: batch 1 230.9 against 230.4 tok/s, batch 64 10,838 against
-10,857, the same greedy tokens; the runtime's CUDA graphs remove the launch gaps Inductor's
-wrapper would otherwise save.
+bench/probes/startup.py, one machine), Inductor cost 61 s of a cold start (`LLM(...)` 92.7 s
+against 31.8) for the same speed: batch 1 234.5 tok/s both, batch 64 11,161 with Inductor
+and 11,103 without, the same greedy tokens; the runtime's CUDA graphs remove the launch gaps
+Inductor's wrapper would otherwise save.
 
-A graph that still has work in its layers (LayerNorm and GELU left to Inductor in Falcon and
-GPT-2, a softmax router) is compiled. The line: at least one compute op on hidden states per
-attention layer (`inductor_work`). Not measured end to end on such a model against the graph
-as is; Inductor stays where it was.
+A graph that still has work in its layers (LayerNorm and GELU in Falcon and GPT-2, Gemma's
+GELU·up) is compiled, and so is one that calls another library's op. The line: at least one
+compute op on hidden states per attention layer (`inductor_work`, `worth_inductor`). Not
+measured end to end on such a model against the graph as is; Inductor stays where it was.
 """
 from __future__ import annotations
 
@@ -49,11 +49,12 @@ def inductor_work(graph: fx.Graph) -> list[str]:
     for node in graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
-        if not any(a in hidden for a in node.all_input_nodes) and not _makes_hidden(node):
+        source = _makes_hidden(node)
+        if not source and not any(a in hidden for a in node.all_input_nodes):
             continue
         hidden.add(node)
         value = node.meta.get("example_value", node.meta.get("val"))
-        if _makes_hidden(node) or (value is not None and not isinstance(value, torch.Tensor)):
+        if source or (value is not None and not isinstance(value, torch.Tensor)):
             continue
         if node.op == "call_function" and node.target not in _NO_WORK_FUNCTIONS:
             is_op = isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
