@@ -11,9 +11,11 @@ gate_up 28672x4096, down 4096x14336; scales per-tensor, per-token x per-channel,
    fp8_gemm_ref (fp32) of the same fp8 inputs and scales, and against torch._scaled_mm
    where it takes those scales (per-tensor; per-token x per-channel as "rowwise");
    exit 1 if any is above MAX_REL_ERR, before anything is timed.
-2. Large M (prefill, M in LARGE_MS): TFLOP/s = 2 M N K / time, CUDA-graph replays
-   (triton.testing.do_bench_cudagraph), for the op, _scaled_mm with the same scales, and
-   the bf16 torch.matmul of the same shape.
+2. Large M (a batch-256 decode step and prefill, M in LARGE_MS): TFLOP/s = 2 M N K / time,
+   CUDA-graph replays (triton.testing.do_bench_cudagraph), for the op (which hands these rows
+   to _scaled_mm on sm_90 where it takes the scales), the tiled Triton kernel alone
+   (fp8_gemm_tiles, the op's default config), _scaled_mm with the same scales, and the bf16
+   torch.matmul of the same shape.
 3. Small M (decode, M <= 16, the weight-streaming kernel): weight GB/s = weight bytes /
    time, each call on a different copy of the weight (COPIES of them, more than the L2)
    inside one CUDA graph; the same for _scaled_mm and bf16 (which reads twice the bytes:
@@ -35,10 +37,17 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from bench.report import copy_ceiling_tbs, markdown, report  # noqa: E402
-from trtllm.kernels.fp8_gemm import FP8_DTYPE, FP8_MAX, fp8_gemm, fp8_gemm_ref  # noqa: E402
+from trtllm.kernels.fp8_gemm import (  # noqa: E402
+    FP8_DTYPE,
+    FP8_MAX,
+    _default_gemm_config,
+    fp8_gemm,
+    fp8_gemm_ref,
+    fp8_gemm_tiles,
+)
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-LARGE_MS = (2048, 8192)
+LARGE_MS = (256, 2048, 8192)
 SMALL_MS = (1, 4, 16)
 GRANULARITIES = ("tensor", "token_channel", "block")
 MAX_REL_ERR = 5e-3   # bf16 output of an fp32-accumulated GEMM
@@ -122,12 +131,17 @@ def large(rows: list[dict]) -> None:
             for g in GRANULARITIES:
                 x, w, xs, ws = make(m, n, k, g)
                 ours = flop / time_calls(fp8_gemm, [(x, w, xs, ws)]) / 1e12
+                out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+                config = _default_gemm_config(m, n, k, g == "block")
+                tiles = flop / time_calls(fp8_gemm_tiles, [(x, w, xs, ws, None, out, config)]) / 1e12
                 peer = scaled_mm(x, w, xs, ws, g)
                 theirs = flop / time_graph(peer) / 1e12 if peer else None
                 rows.append(dict(regime="large M", shape=name, m=m, scales=g, trtllm_tflops=f"{ours:.0f}",
+                                 triton_tiles_tflops=f"{tiles:.0f}",
                                  scaled_mm_tflops=f"{theirs:.0f}" if theirs else "n/a",
                                  bf16_matmul_tflops=f"{bf16:.0f}",
-                                 vs_scaled_mm=f"{ours / theirs:.2f}" if theirs else "n/a"))
+                                 vs_scaled_mm=f"{ours / theirs:.2f}" if theirs else "n/a",
+                                 tiles_vs_scaled_mm=f"{tiles / theirs:.2f}" if theirs else "n/a"))
                 print(rows[-1], flush=True)
 
 

@@ -1,11 +1,12 @@
 """Where the GPU time of a decode step goes, kernel by kernel.
 
     PYTHONPATH=$PWD python bench/probes/decode_kernels.py [--model llama-3-8b|llama-3.2-1b|gemma-3-1b]
-        [--batch 1] [--layers 32] [--replays 20]
+        [--batch 1] [--layers 32] [--replays 20] [--quantization FP8_PER_CHANNEL_PER_TOKEN]
 
 Random bf16 weights: Llama-3-8B shapes (bench_e2e.build_models; --layers), the
 llama-3.2-1b preset, or Gemma-3-1B shapes through models/gemma.py (family_speed.py's).
-One LLM with only the decode CUDA graph of --batch sequences. `--ab fuse_x,fuse_y`: a
+One LLM with only the decode CUDA graph of --batch sequences; with --quantization, QuantConfig's
+FP8 weights (all linears but the LM head) and an fp8 KV cache. `--ab fuse_x,fuse_y`: a
 second LLM of the same model compiled without those passes, the two graphs' replays timed
 by turns (7 rounds, medians) on the same GPU: what the passes save on the wall clock, which
 kernel sums under the profiler do not tell where a graph runs independent kernels (q's and
@@ -29,12 +30,14 @@ import torch
 from bench.bench_e2e import LLAMA3_8B, build_models
 from bench.probes.decode_breakdown import copy_tbs, replay_seconds
 from bench.report import report
-from trtllm.config import BuildConfig, KvCacheConfig
+from trtllm.config import BuildConfig, KvCacheConfig, QuantConfig
 from trtllm.passes import PASSES
+from trtllm.quantization.fp8_linears import quantizable_linears
 from trtllm.runtime.llm import LLM
 
 FAMILIES = [  # (family, substrings of the kernel name), first match wins
     ("attention", ("_decode_kernel", "attention")),
+    ("quantize_fp8 (activations)", ("_quantize_fp8",)),
     ("rms_norm", ("rms_norm",)),
     ("rotary", ("rotary",)),
     ("silu_mul", ("silu_mul",)),
@@ -55,6 +58,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--quantization", default=None, help="QuantConfig.quant_algo (FP8 weights, fp8 KV cache)")
     ap.add_argument("--ab", default="", help="comma-separated PASSES to leave out of a second, timed-by-turns LLM")
     args = ap.parse_args()
     without = {name for name in args.ab.split(",") if name}
@@ -68,11 +72,14 @@ def main():
     else:
         from bench.probes import family_speed
         model = family_speed.BUILDERS["llama" if args.model == "llama-3.2-1b" else "own"]()
-    linear_bytes = sum(m.weight.numel() * m.weight.element_size()
-                       for m in model.modules() if isinstance(m, torch.nn.Linear))
+    quantized = set(quantizable_linears(model)) if args.quantization else set()
+    linear_bytes = sum(m.weight.numel() * (1 if path in quantized else m.weight.element_size())
+                       for path, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+
     def build(passes=None):
         return LLM(model, build_config=BuildConfig(max_batch_size=args.batch, max_num_tokens=2048, max_seq_len=2048),
-                   kv_cache_config=KvCacheConfig(max_tokens=8192),
+                   kv_cache_config=KvCacheConfig(max_tokens=max(8192, 64 * args.batch), dtype="fp8" if args.quantization else "auto"),
+                   quant_config=QuantConfig(quant_algo=args.quantization) if args.quantization else None,
                    compile_options=None if passes is None else dict(passes=passes))
 
     llm = build()
@@ -107,7 +114,7 @@ def main():
         llm_b.shutdown()
     llm.shutdown()
     matmul_tbs = linear_bytes / (per_family_us["matmul"] * 1e-6) / 1e12 if per_family_us["matmul"] else 0.0
-    rows = dict(ab=ab, model=args.model, batch=args.batch, layers=args.layers, wall_us_per_replay=wall_us, kernel_busy_us=busy_us,
+    rows = dict(ab=ab, model=args.model, quantization=args.quantization, batch=args.batch, layers=args.layers, wall_us_per_replay=wall_us, kernel_busy_us=busy_us,
                 idle_us=wall_us - busy_us, linear_weight_gb=linear_bytes / 1e9, matmul_tbs=matmul_tbs,
                 copy_tbs=ceiling, launches_per_replay=len(kernels) / args.replays,
                 families={f: dict(us=per_family_us[f], launches=per_family_n[f] / args.replays)
@@ -117,7 +124,8 @@ def main():
     print("top kernels (us per replay, launches per replay):")
     for name, us, n in rows["top_kernels"]:
         print(f"  {us:9.1f} {n:5.0f}  {name[:140]}")
-    table = [f"| part of one {args.model} batch-{args.batch} decode step | µs | launches | share |",
+    what = f"{args.model} {args.quantization or 'bf16'}"
+    table = [f"| part of one {what} batch-{args.batch} decode step | µs | launches | share |",
              "|---|---:|---:|---:|"]
     for f, us in sorted(per_family_us.items(), key=lambda x: -x[1]):
         table.append(f"| {f} | {us:,.1f} | {per_family_n[f] / args.replays:.0f} | {us / wall_us:.1%} |")
@@ -129,7 +137,7 @@ def main():
     if ab:
         table += ["", f"A/B by turns, same GPU: all passes {ab['with_us']:,.1f} µs a replay, without "
                       f"{', '.join(ab['without'])} {ab['without_us']:,.1f} µs (medians of 7 rounds)"]
-    report(f"decode_kernels_{args.model}_b{args.batch}", "\n".join(table), rows)
+    report(f"decode_kernels_{args.model}_{args.quantization or 'bf16'}_b{args.batch}", "\n".join(table), rows)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ from trtllm.kernels.fp8_gemm import (
     FP8_MAX,
     Fp8GemmConfig,
     Fp8GemvConfig,
+    _scaled_mm_serves,
     fp8_gemm,
     fp8_gemm_ref,
+    fp8_gemm_scaled_mm,
     fp8_gemm_tiles,
     fp8_gemv,
 )
@@ -86,6 +88,22 @@ def test_op_default_configs(m):
         out = fp8_gemm(x, weight, xs, ws, bias)
         assert out.dtype == torch.bfloat16 and out.shape == (m, 83) and out.is_contiguous()
         torch.testing.assert_close(out, fp8_gemm_ref(x, weight, xs, ws, bias), **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "token_channel", "tensor_channel", "token_tensor"])
+@pytest.mark.parametrize("m,n,k", [(17, 48, 64), (83, 96, 272)])
+def test_scaled_mm_path_takes_every_scale_mix(m, n, k, granularity):
+    # The sm_90 path above the GEMV's rows: torch._scaled_mm (its CPU build here) with a
+    # per-tensor side broadcast to rows; a bias in the output dtype rides in its epilogue.
+    x, weight, xs, ws, bias = make_inputs(m, n, k, granularity, bias=m % 2 == 1)
+    bias = None if bias is None else bias.bfloat16()
+    out = fp8_gemm_scaled_mm(x, weight, xs, ws, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    torch.testing.assert_close(out, fp8_gemm_ref(x, weight, xs, ws, bias), **TOLERANCES[torch.bfloat16])
+    # served only on a CUDA sm_90 device (not here), never for block scales or fp32 outputs
+    assert not _scaled_mm_serves(x, weight, bias, torch.bfloat16, block=False)
+    with pytest.raises(AssertionError, match="no block scales"):
+        fp8_gemm_scaled_mm(*make_inputs(m, n, k, "block", bias=False)[:4])
 
 
 def test_row_stride_and_empty():

@@ -12,7 +12,14 @@ import os
 import pytest
 import torch
 
-from trtllm.kernels.fp8_gemm import FP8_DTYPE, FP8_MAX, fp8_gemm, fp8_gemm_ref
+from trtllm.kernels.fp8_gemm import (
+    FP8_DTYPE,
+    FP8_MAX,
+    _default_gemm_config,
+    fp8_gemm,
+    fp8_gemm_ref,
+    fp8_gemm_tiles,
+)
 from trtllm.kernels.quantize_fp8 import quantize_fp8, quantize_fp8_ref
 from trtllm.kernels.rms_norm_quant_fp8 import fused_add_rms_norm_quant_fp8, fused_add_rms_norm_quant_fp8_ref
 
@@ -57,6 +64,18 @@ def test_matches_reference(m, n, k, granularity, out_dtype):
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if m % 2 else None
     y = fp8_gemm(x, w, xs, ws, bias, out_dtype)
     assert rel_err(y, fp8_gemm_ref(x, w, xs, ws, bias, out_dtype)) < MAX_REL_ERR[out_dtype]
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "token_channel", "block"])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [17, 300, 2048])
+def test_tiled_kernel_matches_reference(m, n, k, granularity):
+    # On sm_90 the op hands these rows to torch._scaled_mm (but block scales): the tiled
+    # kernel, which other GPUs and block scales run, checked by itself.
+    x, w, xs, ws = inputs(m, n, k, granularity)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    y = fp8_gemm_tiles(x, w, xs, ws, None, out, _default_gemm_config(m, n, k, granularity == "block"))
+    assert rel_err(y, fp8_gemm_ref(x, w, xs, ws)) < MAX_REL_ERR[torch.bfloat16]
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "token_channel"])

@@ -31,6 +31,13 @@ add. Two kernels:
   features streams W[rows, :] once for all M rows, acc[BLOCK_N, 16] += W_tile @ x_tile^T
   (rows padded to 16 with masked zero loads), as kernels/linear.py's "dot" GEMV does.
 
+Above FP8_GEMV_MAX_M rows on sm_90, per-tensor and per-row scales go to torch._scaled_mm
+(cuBLAS; CUTLASS for row scales) instead of the tiled kernel, as kernels/linear.py hands
+bf16 rows above its GEMV to cuBLAS: the tiled kernel reaches 0.77-0.80x of it at M = 4096
+(bench/probes/fp8_gemm_tune.py, H200, 2026-12-02). `_scaled_mm` accumulates as the kernels
+do (no fast accumulation: partial sums promoted into fp32). Block scales, fp16/fp32
+outputs, a bias in another dtype than the output, and other GPUs keep the tiled kernel.
+
 Configs come from `_default_gemm_config` / `_default_gemv_config`, chosen by
 bench/probes/fp8_gemm_tune.py on the H200; bench/bench_fp8_gemm.py measures them against
 torch._scaled_mm. Under TRITON_INTERPRET=1
@@ -40,6 +47,7 @@ interpreted run computes what the GPU's fp8 tl.dot computes up to the order of t
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -58,6 +66,9 @@ FP8_GEMV_MAX_M = 16      # rows up to which the weight-streaming decode kernel r
 # DeepSeek-V3's report measured); the kernels promote into the fp32 accumulator every
 # FP8_PROMOTE_K of K, DeepSeek's interval and torch._scaled_mm's default (no fast accum).
 FP8_PROMOTE_K = 128
+# Rows from which torch._scaled_mm serves what it can (see the docstring); the A/B in
+# bench/bench_fp8_gemm.py and the end-to-end one in bench/probes/fp8_step.py set it.
+SCALED_MM_MIN_M = FP8_GEMV_MAX_M + 1
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -350,6 +361,33 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weigh
                    bias, out, block, meta)
 
 
+@functools.cache
+def _is_sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def _scaled_mm_serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      out_dtype: torch.dtype, block: bool) -> bool:
+    return (not block and x.shape[0] >= SCALED_MM_MIN_M and x.is_cuda and not triton_interpreter_on()
+            and _is_sm90(x.device) and out_dtype == torch.bfloat16
+            and (bias is None or bias.dtype == out_dtype)
+            and x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0)  # cuBLAS fp8 alignment
+
+
+def fp8_gemm_scaled_mm(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The op through torch._scaled_mm: per-tensor scales as scalars, else both sides per
+    row (a per-tensor side broadcast: [M, 1] and [1, N], what its row-wise mode takes)."""
+    assert not _check(x, weight, x_scale, weight_scale, bias, out_dtype), "_scaled_mm takes no block scales"
+    m, n = x.shape[0], weight.shape[0]
+    if x_scale.numel() == 1 and weight_scale.numel() == 1:
+        xs, ws = x_scale.reshape(()), weight_scale.reshape(())
+    else:
+        xs = x_scale.reshape(-1, 1).expand(m, 1).contiguous()
+        ws = weight_scale.reshape(1, -1).expand(1, n).contiguous()
+    return torch._scaled_mm(x.contiguous(), weight.t(), xs, ws, bias=bias, out_dtype=out_dtype)
+
+
 def fp8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
                     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     block = _check(x, weight, x_scale, weight_scale, bias, out_dtype)
@@ -358,6 +396,8 @@ def fp8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor
         x = x.contiguous()
     m, k = x.shape
     n = weight.shape[0]
+    if n > 0 and _scaled_mm_serves(x, weight, bias, out_dtype, block):
+        return fp8_gemm_scaled_mm(x, weight, x_scale, weight_scale, bias, out_dtype)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return out
