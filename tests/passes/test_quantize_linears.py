@@ -1,4 +1,4 @@
-"""passes/quantize_linears.py and passes/fuse_rms_norm_quant_fp8.py: op counts before and
+"""passes/quantize_linears.py, fuse_rms_norm_quant_fp8.py and fuse_silu_mul_quant_fp8.py: op counts before and
 after, and numerics (kernels in the Triton interpreter) against the FP8 semantics in fp32
 (tests/quantization/fp8_checkpoints.py's fake-quantized inputs, dequantized weights) and,
 looser, against the dequantized weights alone."""
@@ -18,6 +18,8 @@ from trtllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears
 from trtllm.passes.fuse_rms_norm import fuse_rms_norm
 from trtllm.passes.fuse_rms_norm_quant_fp8 import fuse_rms_norm_quant_fp8
+from trtllm.passes.fuse_silu_mul import fuse_silu_mul
+from trtllm.passes.fuse_silu_mul_quant_fp8 import fuse_silu_mul_quant_fp8
 from trtllm.passes.quantize_linears import quantize_linears
 from trtllm.quantization import quantize_model
 
@@ -135,6 +137,46 @@ def test_norms_feeding_fp8_linears_quantize_their_output(algo):
         # the fused kernel quantizes the norm's fp32 output in the interpreter (it skips the
         # rounding to x.dtype, here fp32 anyway): the same values up to a rare fp8 tie
         assert _rel(cap.run(), emulated(x)) < 1e-3
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_the_gated_product_feeding_the_fp8_down_projection_leaves_as_fp8(algo):
+    block = Block().eval()
+    fp8 = quantize_model(block, algo)
+    emulated, _ = _emulated(block, fp8)
+    x = torch.randn(1, 6, 128)
+    cap = Captured(block, x)
+    cap.ctx.quantization = fp8
+    cap.apply(quantize_linears)
+    assert cap.apply(fuse_silu_mul_quant_fp8) == 0  # nothing to match before fuse_silu_mul
+    assert cap.apply(fuse_silu_mul) == 1
+    assert cap.count(QUANT) == 4
+    assert cap.apply(fuse_silu_mul_quant_fp8) == 1
+    assert cap.count(torch.ops.trtllm.silu_mul_quant_fp8.default) == 1
+    assert cap.count(torch.ops.trtllm.silu_mul.default) == 0
+    assert cap.count(QUANT) == 3  # q/k/v's, o's and gate/up's inputs
+    with torch.no_grad():  # fp32: the product's rounding is to fp32 both ways
+        assert _rel(cap.run(), emulated(x)) < 1e-3
+
+
+def test_a_gated_product_that_also_feeds_a_bf16_op_is_left_alone():
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down = nn.Linear(64, 128), nn.Linear(64, 128), nn.Linear(128, 64)
+
+        def forward(self, x):
+            h = F.silu(self.gate(x)) * self.up(x)
+            return self.down(h) + h[..., :64]
+
+    m = Both().eval()
+    fp8 = quantize_model(m, QuantAlgo.FP8)
+    cap = Captured(m, torch.randn(1, 4, 64))
+    cap.ctx.quantization = fp8
+    cap.apply(quantize_linears)
+    assert cap.apply(fuse_silu_mul) == 1
+    assert cap.apply(fuse_silu_mul_quant_fp8) == 0
+    assert torch.isfinite(cap.run()).all()
 
 
 def test_a_norm_that_also_feeds_a_bf16_op_is_left_alone():

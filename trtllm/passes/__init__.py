@@ -19,6 +19,7 @@ from trtllm.passes.fuse_rms_norm_quant_fp8 import fuse_rms_norm_quant_fp8
 from trtllm.passes.fuse_rms_norm_rotary import fuse_rms_norm_rotary
 from trtllm.passes.fuse_rotary import fuse_rotary
 from trtllm.passes.fuse_silu_mul import fuse_silu_mul
+from trtllm.passes.fuse_silu_mul_quant_fp8 import fuse_silu_mul_quant_fp8
 from trtllm.passes.place_mla_attention import place_mla_attention
 from trtllm.passes.quantize_linears import quantize_linears
 from trtllm.passes.replace_sdpa_with_bidirectional_attention import replace_sdpa_with_bidirectional_attention
@@ -51,6 +52,7 @@ PASSES = [
     fuse_rotary,
     fuse_rms_norm_rotary,               # needs fuse_rotary's and fuse_rms_norm's ops: QK-norm into rope
     fuse_silu_mul,
+    fuse_silu_mul_quant_fp8,            # needs fuse_silu_mul's op and quantize_linears' quantizations
     split_heads_from_fused,             # after the passes that read fused linears' plain parts (apply_lora)
     split_lm_head,                      # the runtime applies the head on chosen rows
     shard_vocab_parallel,               # last: splits the head split_lm_head took out

@@ -36,7 +36,7 @@ from trtllm.passes.context import PassContext
 from trtllm.passes.match import value
 
 
-def _quantizations(normed: fx.Node, hidden: int) -> tuple[list[fx.Node], list[fx.Node], object] | None:
+def quantizations_of(normed: fx.Node, hidden: int) -> tuple[list[fx.Node], list[fx.Node], object] | None:
     """(the reshapes, the quantize_fp8 nodes, their group size) if `normed` feeds only
     `quantize_fp8(normed.reshape(-1, hidden), group)` with one group size (and `normed.size(d)`,
     which quantize_linears reads to shape its output); else None."""
@@ -55,7 +55,7 @@ def _quantizations(normed: fx.Node, hidden: int) -> tuple[list[fx.Node], list[fx
     return reshapes, quantizes, groups.pop()
 
 
-def _reshaped(graph: fx.Graph, x: fx.Node, hidden: int) -> fx.Node:
+def reshaped_rows(graph: fx.Graph, x: fx.Node, hidden: int) -> fx.Node:
     node = graph.call_method("reshape", (x, -1, hidden))
     xv = value(x)
     with xv.fake_mode:
@@ -73,13 +73,13 @@ def fuse_rms_norm_quant_fp8(graph: fx.Graph, ctx: PassContext) -> int:
         hidden = xv.shape[-1]
         if norm.target is plain:
             x, weight, eps, *unit_offset = norm.args
-            found = _quantizations(norm, hidden)
+            found = quantizations_of(norm, hidden)
             if found is None:
                 continue
             reshapes, quantizes, group = found
             with graph.inserting_before(norm):
                 new = graph.call_function(torch.ops.trtllm.rms_norm_quant_fp8.default,
-                                          (_reshaped(graph, x, hidden), weight, eps, group, *unit_offset))
+                                          (reshaped_rows(graph, x, hidden), weight, eps, group, *unit_offset))
             new.meta["example_value"] = quantizes[0].meta.get("example_value")
             dead = [*quantizes, *reshapes, norm]
         else:
@@ -87,14 +87,14 @@ def fuse_rms_norm_quant_fp8(graph: fx.Graph, ctx: PassContext) -> int:
             getitems = {u.args[1]: u for u in norm.users if u.target is operator.getitem}
             if len(getitems) != len(norm.users) or 0 not in getitems:
                 continue
-            found = _quantizations(getitems[0], hidden)
+            found = quantizations_of(getitems[0], hidden)
             if found is None:
                 continue
             reshapes, quantizes, group = found
             with graph.inserting_before(norm):
                 new = graph.call_function(
                     torch.ops.trtllm.fused_add_rms_norm_quant_fp8.default,
-                    (_reshaped(graph, x, hidden), _reshaped(graph, residual, hidden), weight, eps, group,
+                    (reshaped_rows(graph, x, hidden), reshaped_rows(graph, residual, hidden), weight, eps, group,
                      *unit_offset))
             q_fake, s_fake = quantizes[0].meta.get("example_value") or (None, None)
             with xv.fake_mode:
