@@ -1,5 +1,5 @@
 """GPU-only checks of the FP8 GEMM (kernels/fp8_gemm.py) and quantization
-(kernels/quantize_fp8.py, kernels/rms_norm_quant_fp8.py): compiled for sm_89+, at Llama-3.1-8B shapes, against
+(kernels/quantize_fp8.py, kernels/rms_norm_quant_fp8.py, kernels/silu_mul_quant_fp8.py): compiled for sm_89+, at Llama-3.1-8B shapes, against
 fp8_gemm_ref and against torch._scaled_mm where it takes the same scales (per-tensor;
 per-token x per-channel, which it calls rowwise and runs with a bf16 output only). That
 the compiled tl.dot takes e4m3 operands is checked without a GPU (tests/kernels/test_fp8_build.py).
@@ -22,6 +22,7 @@ from trtllm.kernels.fp8_gemm import (
 )
 from trtllm.kernels.quantize_fp8 import quantize_fp8, quantize_fp8_ref
 from trtllm.kernels.rms_norm_quant_fp8 import fused_add_rms_norm_quant_fp8, fused_add_rms_norm_quant_fp8_ref
+from trtllm.kernels.silu_mul_quant_fp8 import silu_mul_quant_fp8, silu_mul_quant_fp8_ref
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
@@ -114,3 +115,17 @@ def test_rms_norm_quant_matches_reference(group_size):
     torch.testing.assert_close(summed, summed_ref, atol=0, rtol=0)
     torch.testing.assert_close(s, s_ref, atol=0, rtol=2.0 ** -7)
     torch.testing.assert_close(q.float(), q_ref.float(), atol=0, rtol=2.0 ** -3)
+
+
+@pytest.mark.parametrize("group_size", [None, 128])
+@pytest.mark.parametrize("m,n", [(1, 14336), (300, 14336), (7, 5125)])
+def test_silu_mul_quant_matches_reference(m, n, group_size):
+    # the gated product of Llama-3.1-8B's MLP width, as the halves of one gate_up output;
+    # tl.sigmoid's last fp32 bit may flip the bf16 product, so the amax by a bf16 ulp
+    gate_up = torch.randn(m, 2 * n, device="cuda", dtype=torch.bfloat16) * 3
+    gate, up = gate_up[:, :n], gate_up[:, n:]
+    q, s = silu_mul_quant_fp8(gate, up, group_size)
+    q_ref, s_ref = silu_mul_quant_fp8_ref(gate, up, group_size)
+    torch.testing.assert_close(s, s_ref, atol=0, rtol=2.0 ** -7)
+    torch.testing.assert_close(q.float(), q_ref.float(), atol=2.0 ** -9, rtol=2.0 ** -3)
+    assert (q.float() != q_ref.float()).float().mean() < 1e-2
