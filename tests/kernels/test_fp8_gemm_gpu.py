@@ -97,7 +97,11 @@ def test_matches_scaled_mm(m, n, k, granularity):
 def test_quantize_matches_reference(group_size):
     x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16) * 3
     q, s = quantize_fp8(x, group_size)
-    q_ref, s_ref = quantize_fp8_ref(x, group_size)
+    # the reference on the CPU: on CUDA, torch divides by a Python scalar (FP8_MAX) as a
+    # multiply by its reciprocal, a last-bit difference in 175 of 300 scales on the H200
+    # (2026-12-04); the kernel divides as the IEEE quotient (div_rn), as the CPU does
+    q_ref, s_ref = quantize_fp8_ref(x.cpu(), group_size)
+    q, s = q.cpu(), s.cpu()
     torch.testing.assert_close(s, s_ref, atol=0, rtol=0)
     torch.testing.assert_close(q.float(), q_ref.float(), atol=0, rtol=2.0 ** -3)
     assert (q.float() != q_ref.float()).float().mean() < 1e-3  # flips at ties only
