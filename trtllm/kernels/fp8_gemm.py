@@ -33,8 +33,10 @@ add. Two kernels:
 
 Above FP8_GEMV_MAX_M rows on sm_90, per-tensor and per-row scales go to torch._scaled_mm
 (cuBLAS; CUTLASS for row scales) instead of the tiled kernel, as kernels/linear.py hands
-bf16 rows above its GEMV to cuBLAS: the tiled kernel reaches 0.77-0.80x of it at M = 4096
-(bench/probes/fp8_gemm_tune.py, H200, 2026-12-02). `_scaled_mm` accumulates as the kernels
+bf16 rows above its GEMV to cuBLAS: the tiled kernel reached 0.50-0.77x of it at M = 256
+(a batch-256 decode step) and 0.77-0.85x at M = 2048-8192 on the Llama-3.1-8B shapes, and
+trtllm-bench's FP8 1,024 x 128/128 went from 15,885 to 20,697 output tok/s with it (H200,
+bench_fp8_gemm.py and bench/RESULTS.md, 2026-12-04). `_scaled_mm` accumulates as the kernels
 do (no fast accumulation: partial sums promoted into fp32). Block scales, fp16/fp32
 outputs, a bias in another dtype than the output, and other GPUs keep the tiled kernel.
 
