@@ -7,7 +7,7 @@ For kernels/fp8_gemm.py's two kernels (tiles and GEMV; row and block scales; the
 configs): every tl.dot of the tiled kernel became an sm_90 wgmma on e4m3 operands (no
 upcast in the kernel) whose partial sums are promoted to fp32 every FP8_PROMOTE_K; the
 GEMV's, at 32 features a program (below a wgmma's 64 rows), an mma.sync on fp16 operands
-converted exactly from e4m3, with fp32 accumulators (check_gemv_mma); for kernels/quantize_fp8.py and kernels/rms_norm_quant_fp8.py:
+converted exactly from e4m3, with fp32 accumulators (check_gemv_mma); for kernels/quantize_fp8.py, kernels/rms_norm_quant_fp8.py and kernels/silu_mul_quant_fp8.py:
 the scale and quotient are IEEE divisions (div.rn.f32; the norm's mean of squares
 divides as kernels/rms_norm.py does) and the cast to e4m3 rounds to
 nearest with saturation (cvt.rn.satfinite). Prints one line a kernel; exit status 1 if a
@@ -34,6 +34,7 @@ from trtllm.kernels.fp8_gemm import (  # noqa: E402
 )
 from trtllm.kernels.quantize_fp8 import FP8_MAX, MIN_AMAX, _quantize_fp8_kernel  # noqa: E402
 from trtllm.kernels.rms_norm_quant_fp8 import _rms_norm_quant_fp8_kernel  # noqa: E402
+from trtllm.kernels.silu_mul_quant_fp8 import _silu_mul_quant_fp8_kernel  # noqa: E402
 
 F8, F32, BF16 = MockTensor(torch.float8_e4m3fn), MockTensor(torch.float32), MockTensor(torch.bfloat16)
 M, N, K = 300, 4096, 4096  # Llama-3.1-8B's o_proj
@@ -93,6 +94,10 @@ def check_gemv_mma(name, compiled, dots, ptx) -> list[str]:
     return problems
 
 
+# tl.sigmoid's 1 / (1 + exp(-x)) divides as kernels/silu_mul.py's does (a plain `/`: div.full.f32)
+SILU_DIVS = {"div.rn.f32", "div.full.f32"}
+
+
 def quantize_builds():
     kg = -(-K // 128)
     common = dict(MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX, GROUP=128, BLOCK_G=kg)
@@ -104,6 +109,9 @@ def quantize_builds():
         x_ptr=BF16, residual_ptr=BF16, weight_ptr=BF16, q_ptr=F8, s_ptr=F32, sum_ptr=BF16, N=K, N_GROUPS=kg,
         x_row_stride=K, residual_row_stride=K, q_row_stride=K, s_row_stride=kg, sum_row_stride=K, eps=1e-5,
         HAS_RESIDUAL=True, UNIT_OFFSET=False, **common)
+    yield "_silu_mul_quant_fp8_kernel", _silu_mul_quant_fp8_kernel, SILU_DIVS, dict(
+        gate_ptr=BF16, up_ptr=BF16, q_ptr=F8, s_ptr=F32, N=K, N_GROUPS=kg, gate_row_stride=2 * K,
+        up_row_stride=2 * K, q_row_stride=K, s_row_stride=kg, **common)
 
 
 def check_quantize(name, kernel, expected_divs, args) -> list[str]:

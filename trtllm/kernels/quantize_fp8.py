@@ -66,6 +66,24 @@ def quantize_fp8_ref(x: torch.Tensor, group_size: int | None = None) -> tuple[to
 
 
 @triton.jit
+def store_fp8_groups(y, q_row_ptr, s_row_ptr, cols, mask, N_GROUPS,
+                     MIN_AMAX: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Quantize one row held as an fp32 [BLOCK_G, GROUP] tile y (group g's elements in row g
+    of the tile, `cols` their columns, `mask` the real ones: masked elements must be 0) and
+    store it: e4m3 values at q_row_ptr + cols, the BLOCK_G group scales at s_row_ptr. The
+    formula of the module docstring; kernels that fuse a producer with the quantization
+    (rms_norm_quant_fp8, silu_mul_quant_fp8) call it on their output tile."""
+    groups = tl.arange(0, BLOCK_G)
+    amax = tl.max(tl.abs(y), axis=1)                                  # [BLOCK_G]
+    # div_rn: the IEEE quotient torch computes (a plain `/` compiles to div.full.f32, ~2 ulp)
+    scale = tl.math.div_rn(tl.maximum(amax, MIN_AMAX), tl.full([BLOCK_G], FP8_MAX, tl.float32))
+    q = tl.math.div_rn(y, scale[:, None])
+    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+    tl.store(q_row_ptr + cols, q.to(q_row_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_row_ptr + groups, scale, mask=groups < N_GROUPS)
+
+
+@triton.jit
 def _quantize_fp8_kernel(
     x_ptr, q_ptr, s_ptr,
     K, N_GROUPS,
@@ -80,13 +98,8 @@ def _quantize_fp8_kernel(
     cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]   # [BLOCK_G, GROUP]
     mask = cols < K
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)                                  # [BLOCK_G]
-    # div_rn: the IEEE quotient torch computes (a plain `/` compiles to div.full.f32, ~2 ulp)
-    scale = tl.math.div_rn(tl.maximum(amax, MIN_AMAX), tl.full([BLOCK_G], FP8_MAX, tl.float32))
-    q = tl.math.div_rn(x, scale[:, None])
-    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-    tl.store(q_ptr + row * q_row_stride + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row * s_row_stride + groups, scale, mask=groups < N_GROUPS)
+    store_fp8_groups(x, q_ptr + row * q_row_stride, s_ptr + row * s_row_stride, cols, mask, N_GROUPS,
+                     MIN_AMAX, FP8_MAX, BLOCK_G)
 
 
 def quantize_fp8_triton(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

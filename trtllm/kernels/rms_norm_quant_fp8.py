@@ -26,7 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from trtllm.kernels.quantize_fp8 import FP8_DTYPE, FP8_MAX, MIN_AMAX, quantize_fp8_ref, require_fp8_gpu
+from trtllm.kernels.quantize_fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    MIN_AMAX,
+    quantize_fp8_ref,
+    require_fp8_gpu,
+    store_fp8_groups,
+)
 from trtllm.kernels.registry import interpreter_upcast, register_op, row_num_warps
 from trtllm.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 
@@ -78,12 +85,8 @@ def _rms_norm_quant_fp8_kernel(
     else:            # Llama: the normalized value rounded to x.dtype before the weight multiply
         y = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32) * w
     y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # the norm's output, as the unfused pair has it
-    amax = tl.max(tl.abs(y), axis=1)
-    scale = tl.math.div_rn(tl.maximum(amax, MIN_AMAX), tl.full([BLOCK_G], FP8_MAX, tl.float32))
-    q = tl.math.div_rn(y, scale[:, None])
-    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-    tl.store(q_ptr + row * q_row_stride + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row * s_row_stride + groups, scale, mask=groups < N_GROUPS)
+    store_fp8_groups(y, q_ptr + row * q_row_stride, s_ptr + row * s_row_stride, cols, mask, N_GROUPS,
+                     MIN_AMAX, FP8_MAX, BLOCK_G)
 
 
 def _check(x, residual, weight, group_size) -> None:

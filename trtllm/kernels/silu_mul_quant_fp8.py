@@ -26,7 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from trtllm.kernels.quantize_fp8 import FP8_DTYPE, FP8_MAX, MIN_AMAX, quantize_fp8_ref, require_fp8_gpu
+from trtllm.kernels.quantize_fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    MIN_AMAX,
+    quantize_fp8_ref,
+    require_fp8_gpu,
+    store_fp8_groups,
+)
 from trtllm.kernels.registry import interpreter_upcast, register_op, row_num_warps
 from trtllm.kernels.silu_mul import silu_mul_ref
 
@@ -68,12 +75,8 @@ def _silu_mul_quant_fp8_kernel(
     up = tl.load(up_ptr + row * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     # silu_mul's value rounded to the input dtype: what the unfused quantization reads
     y = (gate * tl.sigmoid(gate) * up).to(gate_ptr.dtype.element_ty).to(tl.float32)
-    amax = tl.max(tl.abs(y), axis=1)                                  # [BLOCK_G]
-    scale = tl.math.div_rn(tl.maximum(amax, MIN_AMAX), tl.full([BLOCK_G], FP8_MAX, tl.float32))
-    q = tl.math.div_rn(y, scale[:, None])
-    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-    tl.store(q_ptr + row * q_row_stride + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row * s_row_stride + groups, scale, mask=groups < N_GROUPS)
+    store_fp8_groups(y, q_ptr + row * q_row_stride, s_ptr + row * s_row_stride, cols, mask, N_GROUPS,
+                     MIN_AMAX, FP8_MAX, BLOCK_G)
 
 
 def silu_mul_quant_fp8_triton(gate: torch.Tensor, up: torch.Tensor,
