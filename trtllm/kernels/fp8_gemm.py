@@ -381,6 +381,10 @@ def fp8_gemm_scaled_mm(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Ten
     """The op through torch._scaled_mm: per-tensor scales as scalars, else both sides per
     row (a per-tensor side broadcast: [M, 1] and [1, N], what its row-wise mode takes)."""
     assert not _check(x, weight, x_scale, weight_scale, bias, out_dtype), "_scaled_mm takes no block scales"
+    return _scaled_mm_checked(x, weight, x_scale, weight_scale, bias, out_dtype)
+
+
+def _scaled_mm_checked(x, weight, x_scale, weight_scale, bias, out_dtype) -> torch.Tensor:
     m, n = x.shape[0], weight.shape[0]
     if x_scale.numel() == 1 and weight_scale.numel() == 1:
         xs, ws = x_scale.reshape(()), weight_scale.reshape(())
@@ -399,7 +403,7 @@ def fp8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor
     m, k = x.shape
     n = weight.shape[0]
     if n > 0 and _scaled_mm_serves(x, weight, bias, out_dtype, block):
-        return fp8_gemm_scaled_mm(x, weight, x_scale, weight_scale, bias, out_dtype)
+        return _scaled_mm_checked(x, weight, x_scale, weight_scale, bias, out_dtype)  # checked above
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return out
