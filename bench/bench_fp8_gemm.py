@@ -40,11 +40,11 @@ from bench.report import copy_ceiling_tbs, markdown, report  # noqa: E402
 from trtllm.kernels.fp8_gemm import (  # noqa: E402
     FP8_DTYPE,
     FP8_MAX,
-    _default_gemm_config,
     fp8_gemm,
     fp8_gemm_ref,
     fp8_gemm_tiles,
 )
+from trtllm.kernels.fp8_gemm_configs import default_gemm_config  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LARGE_MS = (256, 2048, 8192)
@@ -132,7 +132,7 @@ def large(rows: list[dict]) -> None:
                 x, w, xs, ws = make(m, n, k, g)
                 ours = flop / time_calls(fp8_gemm, [(x, w, xs, ws)]) / 1e12
                 out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-                config = _default_gemm_config(m, n, k, g == "block")
+                config = default_gemm_config(m, n, k, g == "block")
                 tiles = flop / time_calls(fp8_gemm_tiles, [(x, w, xs, ws, None, out, config)]) / 1e12
                 peer = scaled_mm(x, w, xs, ws, g)
                 theirs = flop / time_graph(peer) / 1e12 if peer else None

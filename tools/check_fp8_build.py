@@ -27,11 +27,10 @@ from tools.dump_sass import compile_sm90  # noqa: E402
 from trtllm.kernels.fp8_gemm import (  # noqa: E402
     FP8_PROMOTE_K,
     SCALE_BLOCK,
-    _default_gemm_config,
-    _default_gemv_config,
     _fp8_gemm_kernel,
     _fp8_gemv_kernel,
 )
+from trtllm.kernels.fp8_gemm_configs import default_gemm_config, default_gemv_config  # noqa: E402
 from trtllm.kernels.quantize_fp8 import FP8_MAX, MIN_AMAX, _quantize_fp8_kernel  # noqa: E402
 from trtllm.kernels.rms_norm_quant_fp8 import _rms_norm_quant_fp8_kernel  # noqa: E402
 from trtllm.kernels.silu_mul_quant_fp8 import _silu_mul_quant_fp8_kernel  # noqa: E402
@@ -51,11 +50,11 @@ def gemm_args(block: bool, m: int, block_k: int, **meta) -> dict:
 
 def builds():
     for block in (False, True):
-        c = _default_gemm_config(M, N, K, block)
+        c = default_gemm_config(M, N, K, block)
         yield (f"_fp8_gemm_kernel block_scales={block}", _fp8_gemm_kernel,
                gemm_args(block, M, c.block_k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m),
                c.num_warps, c.num_stages)
-        g = _default_gemv_config(3, N, K, block)
+        g = default_gemv_config(3, N, K, block)
         yield (f"_fp8_gemv_kernel block_scales={block}", _fp8_gemv_kernel,
                gemm_args(block, 3, g.block_k, BLOCK_M=16, BLOCK_N=g.block_n), g.num_warps, g.num_stages)
 

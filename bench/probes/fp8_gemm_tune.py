@@ -29,14 +29,11 @@ from bench.report import copy_ceiling_tbs, markdown, report
 from trtllm.kernels.fp8_gemm import (
     FP8_DTYPE,
     FP8_MAX,
-    Fp8GemmConfig,
-    Fp8GemvConfig,
-    _default_gemm_config,
-    _default_gemv_config,
     fp8_gemm_ref,
     fp8_gemm_tiles,
     fp8_gemv,
 )
+from trtllm.kernels.fp8_gemm_configs import Fp8GemmConfig, Fp8GemvConfig, default_gemm_config, default_gemv_config
 
 # the shapes the defaults served worst first: a spent budget cuts the last ones
 SHAPES = {"o_proj": (4096, 4096), "qkv": (6144, 4096), "down": (4096, 14336), "gate_up": (28672, 4096)}
@@ -91,7 +88,7 @@ def tune_decode(rows, deadline, copy_gbs):
             x, w, xs, ws = make(m, n, k, block)
             weights = [w] + [torch.empty_like(w).copy_(w) for _ in range(copies - 1)]
             out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-            default = _default_gemv_config(m, n, k, block)
+            default = default_gemv_config(m, n, k, block)
             results = []
             for cfg in [default, *GEMV_CONFIGS]:
                 if time.time() > deadline:
@@ -125,7 +122,7 @@ def tune_prefill(rows, deadline):
         out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         flop = 2 * m * n * k
         peer = None if block else flop / time_scaled_mm(x, w, xs, ws) / 1e12
-        default = _default_gemm_config(m, n, k, block)
+        default = default_gemm_config(m, n, k, block)
         results = []
         for cfg in [default, *(c for c in GEMM_CONFIGS if c != default)]:
             if time.time() > deadline:

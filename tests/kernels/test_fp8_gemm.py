@@ -4,8 +4,6 @@ import torch
 from trtllm.kernels.fp8_gemm import (
     FP8_DTYPE,
     FP8_MAX,
-    Fp8GemmConfig,
-    Fp8GemvConfig,
     _scaled_mm_serves,
     fp8_gemm,
     fp8_gemm_ref,
@@ -13,6 +11,7 @@ from trtllm.kernels.fp8_gemm import (
     fp8_gemm_tiles,
     fp8_gemv,
 )
+from trtllm.kernels.fp8_gemm_configs import Fp8GemmConfig, Fp8GemvConfig
 from trtllm.kernels.quantize_fp8 import require_fp8_gpu
 
 # Kernel vs reference on the same fp8 inputs: the fp8 x fp8 products are exact in fp32, so

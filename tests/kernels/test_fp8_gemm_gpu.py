@@ -15,11 +15,11 @@ import torch
 from trtllm.kernels.fp8_gemm import (
     FP8_DTYPE,
     FP8_MAX,
-    _default_gemm_config,
     fp8_gemm,
     fp8_gemm_ref,
     fp8_gemm_tiles,
 )
+from trtllm.kernels.fp8_gemm_configs import default_gemm_config
 from trtllm.kernels.quantize_fp8 import quantize_fp8, quantize_fp8_ref
 from trtllm.kernels.rms_norm_quant_fp8 import fused_add_rms_norm_quant_fp8, fused_add_rms_norm_quant_fp8_ref
 from trtllm.kernels.silu_mul_quant_fp8 import silu_mul_quant_fp8, silu_mul_quant_fp8_ref
@@ -75,7 +75,7 @@ def test_tiled_kernel_matches_reference(m, n, k, granularity):
     # kernel, which other GPUs and block scales run, checked by itself.
     x, w, xs, ws = inputs(m, n, k, granularity)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    y = fp8_gemm_tiles(x, w, xs, ws, None, out, _default_gemm_config(m, n, k, granularity == "block"))
+    y = fp8_gemm_tiles(x, w, xs, ws, None, out, default_gemm_config(m, n, k, granularity == "block"))
     assert rel_err(y, fp8_gemm_ref(x, w, xs, ws)) < MAX_REL_ERR[torch.bfloat16]
 
 

@@ -40,7 +40,7 @@ bench_fp8_gemm.py and bench/RESULTS.md, 2026-12-04). `_scaled_mm` accumulates as
 do (no fast accumulation: partial sums promoted into fp32). Block scales, fp16/fp32
 outputs, a bias in another dtype than the output, and other GPUs keep the tiled kernel.
 
-Configs come from `_default_gemm_config` / `_default_gemv_config`, chosen by
+Configs come from `default_gemm_config` / `default_gemv_config` (kernels/fp8_gemm_configs.py), chosen by
 bench/probes/fp8_gemm_tune.py on the H200; bench/bench_fp8_gemm.py measures them against
 torch._scaled_mm. Under TRITON_INTERPRET=1
 the launcher hands the kernel fp32 copies of the fp8 (and bf16) tensors
@@ -50,12 +50,12 @@ interpreted run computes what the GPU's fp8 tl.dot computes up to the order of t
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from trtllm.kernels.fp8_gemm_configs import Fp8GemmConfig, Fp8GemvConfig, default_gemm_config, default_gemv_config
 from trtllm.kernels.quantize_fp8 import require_fp8_gpu
 from trtllm.kernels.registry import interpreter_upcast, register_op, triton_interpreter_on
 
@@ -68,52 +68,12 @@ FP8_GEMV_MAX_M = 16      # rows up to which the weight-streaming decode kernel r
 # DeepSeek-V3's report measured); the kernels promote into the fp32 accumulator every
 # FP8_PROMOTE_K of K, DeepSeek's interval and torch._scaled_mm's default (no fast accum).
 FP8_PROMOTE_K = 128
-# Rows from which torch._scaled_mm serves what it can (see the docstring); the A/B in
-# bench/bench_fp8_gemm.py and the end-to-end one in bench/probes/fp8_step.py set it.
+# Rows from which torch._scaled_mm serves what it can (see the docstring); the end-to-end
+# A/B of 2026-12-04 set it to 1 << 30 before trtllm-bench's main() (bench/RESULTS.md, "FP8
+# end to end"); bench_fp8_gemm.py times the tiled kernel through fp8_gemm_tiles.
 SCALED_MM_MIN_M = FP8_GEMV_MAX_M + 1
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-class Fp8GemmConfig(NamedTuple):
-    block_m: int
-    block_n: int
-    block_k: int       # with block scales it must divide SCALE_BLOCK
-    group_m: int       # output-tile rows walked together (L2 reuse of weight tiles)
-    num_warps: int
-    num_stages: int
-
-
-class Fp8GemvConfig(NamedTuple):
-    block_n: int       # output features per program
-    block_k: int       # with block scales it must divide SCALE_BLOCK
-    num_warps: int
-    num_stages: int
-
-
-def _default_gemm_config(m: int, n: int, k: int, block_scales: bool) -> Fp8GemmConfig:
-    """128-wide fp8 tiles (16 KB per operand and stage); for M >= 1024 with per-tensor or
-    per-row scales, 256x128 tiles: 928-983 TFLOP/s against 800-853 for 128x128 on the
-    Llama-3.1-8B shapes at M = 4096 (H200, bench/probes/fp8_gemm_tune.py, 2026-12-02;
-    torch._scaled_mm 1,169-1,225). Block scales keep 128x128 (best of the candidates there)."""
-    if m <= 64:
-        return Fp8GemmConfig(64, 128, 128, 8, 4, 4)
-    if m >= 1024 and not block_scales:
-        return Fp8GemmConfig(256, 128, 128, 8, 8, 3)
-    return Fp8GemmConfig(128, 128, 128, 8, 8, 4)
-
-
-def _default_gemv_config(m: int, n: int, k: int, block_scales: bool) -> Fp8GemvConfig:
-    """32 output features a program for N <= 4096 (128 programs, not 64, for 132 SMs), 64
-    above; 256-wide K steps (128 with block scales, which a step must not straddle).
-    Measured on the H200 (bench/probes/fp8_gemm_tune.py, 2026-12-02, weight GB/s at M = 1,
-    per-tensor / block scales, copy 4,253): o_proj 4096x4096 1,931 / 1,547 (64 a program:
-    1,736 / 1,359), down 4096x14336 2,690 / 1,791 (2,252 / 1,515), qkv 6144x4096 2,506 /
-    2,102, gate_up 28672x4096 3,925 / 3,852. A 16-32 MB fp8 weight is read in 4-8 us, so
-    a launch's fixed cost keeps the small shapes well below the copy figure."""
-    block_n = 32 if n <= 4096 else 64
-    block_k = 128 if block_scales else 256
-    return Fp8GemvConfig(block_n, block_k, 4, 5 if (block_scales or n <= 4096) else 4)
 
 
 def _scale_kind(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor,
@@ -410,8 +370,8 @@ def fp8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor
     if k == 0:
         return out.copy_(bias.to(out_dtype).expand(m, n)) if bias is not None else out.zero_()
     if m <= FP8_GEMV_MAX_M:
-        return fp8_gemv(x, weight, x_scale, weight_scale, bias, out, _default_gemv_config(m, n, k, block))
-    return fp8_gemm_tiles(x, weight, x_scale, weight_scale, bias, out, _default_gemm_config(m, n, k, block))
+        return fp8_gemv(x, weight, x_scale, weight_scale, bias, out, default_gemv_config(m, n, k, block))
+    return fp8_gemm_tiles(x, weight, x_scale, weight_scale, bias, out, default_gemm_config(m, n, k, block))
 
 
 def _fp8_gemm_fake(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
