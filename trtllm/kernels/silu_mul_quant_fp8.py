@@ -11,9 +11,12 @@ Outputs contiguous: x_fp8 [M, N] float8_e4m3fn; scale fp32 [M, 1] (group_size No
 token) or [M, ceil(N/group_size)].
 
 Why: the unfused pair writes the [M, N] product in bf16, reads it back and launches a
-second kernel; at Llama-3.1-8B's N = 14,336 the quantization alone took 444 µs of a
-5,514 µs batch-256 FP8 decode step and 223 of 3,457 at batch 1, half of it this one
-(bench/probes/decode_kernels.py --quantization, H200, 2026-12-04).
+second kernel. Measured in Llama-3.1-8B's FP8 decode graph (bench/probes/decode_kernels.py
+--quantization, H200, 2026-12-04): at batch 256 this kernel takes 364 µs a step against the
+pair's 417 (silu_mul 183 + its quantization 234; the step 5,514 -> 5,451 µs); at batch 1
+it takes 6.5 µs a layer against the pair's 6.0 (silu_mul spread over 7 programs, then one
+program quantizing): one row is one program here, as in quantize_fp8, since a per-token
+amax needs the whole row.
 
 One program per row: the row as a [BLOCK_G, GROUP] tile (quantize_fp8's layout), the amax
 per group. Rows up to 65536 elements. Interpreted, bf16 runs in fp32
