@@ -102,6 +102,8 @@ def test_token_ids_as_numpy_arrays_and_tensors(llama_llm):
     assert one.outputs[0].token_ids == want[0].outputs[0].token_ids
     with pytest.raises(TypeError, match="a prompt is a string or a list of token ids"):
         llama_llm.generate(np.array([1.0, 2.0]), params, use_tqdm=False)
+    with pytest.raises(TypeError, match="prompt 1: .* got a list holding float 2.5"):
+        llama_llm.generate([[1, 2], [1, 2.5]], params, use_tqdm=False)  # the element named, none runs
 
 
 def test_abandoned_stream_is_aborted_and_frees_its_blocks(llama_llm):

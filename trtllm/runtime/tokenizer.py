@@ -71,7 +71,7 @@ def tokenize_prompt(tokenizer, prompt, params=None) -> tuple[str | None, list[in
     else:
         text, ids = None, token_ids(prompt)
         if ids is None:
-            raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+            raise TypeError(f"a prompt is a string or a list of token ids, got {_describe(prompt)}")
     keep = params.truncate_prompt_tokens if params is not None else None
     return text, ids[-keep:] if keep is not None else ids
 
@@ -81,6 +81,15 @@ def check_image_prompt_options(params) -> None:
     if params.truncate_prompt_tokens is not None or not params.add_special_tokens:
         raise ValueError("truncate_prompt_tokens / add_special_tokens=False with images are not supported: "
                          "the processor places the image tokens")
+
+
+def _describe(prompt) -> str:
+    """The type of a rejected prompt, and of its first non-int element if it is a list or tuple."""
+    if isinstance(prompt, (list, tuple)):
+        bad = next((t for t in prompt if not isinstance(t, int) or isinstance(t, bool)), None)
+        if bad is not None:
+            return f"a {type(prompt).__name__} holding {type(bad).__name__} {bad!r:.40}"
+    return type(prompt).__name__
 
 
 def token_ids(prompt) -> list[int] | None:
