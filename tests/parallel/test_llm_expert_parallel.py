@@ -12,6 +12,7 @@ from safetensors import safe_open
 from tests.models.checkpoints import write_checkpoint
 from tests.parallel.test_llm_tensor_parallel import greedy, small_llm
 from tests.runtime.tokenizers import make_tokenizer
+from trtllm import SamplingParams
 from trtllm.config import BuildConfig, LoraConfig
 from trtllm.runtime.speculative.config import NGramDecodingConfig
 
@@ -135,9 +136,21 @@ def test_bad_sizes_are_refused_before_any_process_starts(tmp_path, family, overr
         small_llm(path, **kwargs)
 
 
+def test_ngram_speculation_with_expert_parallelism_gives_one_ranks_tokens(tmp_path):
+    # proposed on rank 0, verified by every rank: TP2 x EP2 runs the verify steps' MoE layers split
+    path = checkpoint("qwen3_moe", tmp_path)
+    prompts = [[5, 6, 7, 8] * 3 + [5, 6], [3, 4, 5] * 3, list(range(200, 214))]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    with small_llm(path, max_num_tokens=8) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    with small_llm(path, max_num_tokens=8, tensor_parallel_size=2, moe_expert_parallel_size=2,
+                   speculative_config=NGramDecodingConfig(max_draft_len=4)) as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+        assert llm.get_stats()["spec_accepted_tokens"] > 0
+
+
 @pytest.mark.parametrize("kwargs,why", [
     (dict(lora_config=LoraConfig(max_lora_rank=8)), "LoRA with tensor_parallel_size=2"),
-    (dict(speculative_config=NGramDecodingConfig(max_draft_len=2)), "with speculative decoding"),
 ])
 def test_features_that_cannot_run_with_expert_parallelism_are_refused_by_name(tmp_path, kwargs, why):
     from trtllm import LLM

@@ -127,7 +127,7 @@ def test_bad_sizes_are_refused_before_any_process_starts(tmp_path, kwargs, why):
 
 @pytest.mark.parametrize("kwargs,why", [
     (dict(build_config=BuildConfig(max_beam_width=2)), "pipeline_parallel_size=2 with beam search"),
-    (dict(speculative_config="ngram"), "pipeline_parallel_size=2 with speculative decoding"),
+    (dict(speculative_config="ngram"), "pipeline_parallel_size=2 with NGramDecodingConfig is not supported"),
     (dict(lora_config=LoraConfig(max_lora_rank=8)), "LoRA with pipeline_parallel_size=2"),
     (dict(kv_cache_config=KvCacheConfig(dtype="int8")), "pipeline_parallel_size=2 with an INT8 KV cache"),
 ])

@@ -17,6 +17,7 @@ from tests.runtime.tokenizers import make_tokenizer
 from trtllm import LLM, SamplingParams
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.runtime.outputs import RequestError
+from trtllm.runtime.speculative.config import DraftTargetDecodingConfig, EagleDecodingConfig, NGramDecodingConfig
 
 PROMPTS = [[5, 17, 33, 9, 100, 42, 7, 8, 9, 10, 11, 12, 13, 14], [3, 4, 5], list(range(200, 214))]
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -101,6 +102,37 @@ def test_beam_search_on_two_ranks_gives_one_ranks_beams(tmp_path):
         workers.copy_blocks = lambda pairs: (copied.extend(pairs), send(pairs))  # a spy on this instance
         assert run(llm) == expected
         assert copied  # the forks' shared partial blocks were copied on write, rank 1's too
+
+
+def test_speculative_decoding_on_two_ranks_gives_one_ranks_tokens(tmp_path):
+    # n-gram lookup and a draft model (the target itself, whole on rank 0: every draft accepted)
+    # propose on rank 0; both ranks verify. Repetitive prompts, so the lookup finds drafts; a
+    # small pool, so a sequence is preempted mid-speculation; 8-token steps chunk the prefills.
+    path = checkpoint("llama31", tmp_path)
+    prompts = [[5, 6, 7, 8] * 3 + [5, 6], [3, 4, 5] * 3, list(range(200, 214))]
+
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+    def run(llm):
+        out = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        return out, llm.get_stats()
+    with small_llm(path, max_num_tokens=8, max_tokens=64) as llm:
+        expected, _ = run(llm)
+    for proposer in (NGramDecodingConfig(max_draft_len=4),
+                     DraftTargetDecodingConfig(max_draft_len=3, speculative_model_dir=str(path))):
+        with small_llm(path, max_num_tokens=8, max_tokens=64, tensor_parallel_size=2,
+                       speculative_config=proposer) as llm:
+            got, stats = run(llm)
+            assert got == expected, type(proposer).__name__
+            assert stats["spec_accepted_tokens"] > 0 and stats["num_preemptions"] > 0, stats
+
+
+def test_speculation_tensor_parallelism_cannot_run_is_refused_before_any_process_starts(tmp_path):
+    path = checkpoint("llama31", tmp_path)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 with EagleDecodingConfig is not supported yet"):
+        small_llm(path, tensor_parallel_size=2, speculative_config=EagleDecodingConfig(max_draft_len=2, speculative_model_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 with NGramDecodingConfig is not supported yet"):
+        small_llm(path, pipeline_parallel_size=2, speculative_config=NGramDecodingConfig(max_draft_len=2))
 
 
 @pytest.mark.parametrize("kwargs,why", [

@@ -42,6 +42,7 @@ from trtllm.runtime.mrope_positions import mrope_stager
 from trtllm.runtime.multimodal_stager import multimodal_stager
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.speculative.build import build_speculative, check_speculative_config
+from trtllm.runtime.speculative.config import EagleDecodingConfig, MTPDecodingConfig
 from trtllm.runtime.tokenizer import load_tokenizer
 
 log = logging.getLogger("trtllm")
@@ -112,8 +113,10 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     if tensor_parallel_size != 1 or pipeline_parallel_size != 1:
         what = (f"tensor_parallel_size={tensor_parallel_size}" if pipeline_parallel_size == 1
                 else f"pipeline_parallel_size={pipeline_parallel_size}")
-        if speculative_config is not None:
-            raise ValueError(f"{what} with speculative decoding is not supported yet")
+        if speculative_config is not None and (pipeline_parallel_size != 1 or isinstance(
+                speculative_config, (EagleDecodingConfig, MTPDecodingConfig))):
+            raise ValueError(f"{what} with {type(speculative_config).__name__} is not supported yet (under "
+                             "tensor parallelism alone, n-gram and draft-model speculation are)")
         if build_config is not None and build_config.max_beam_width > 1 and pipeline_parallel_size > 1:
             raise ValueError(f"{what} with beam search (max_beam_width={build_config.max_beam_width}) is not "
                              "supported yet (under tensor parallelism alone it is)")
@@ -126,9 +129,12 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
         try:
             # a decode graph would replay on rank 0 alone (issue 22: left), under either parallelism
             enable_cuda_graph = False
+            # n-gram or a draft model: the draft runs on rank 0 alone, whole; the ranks verify
+            speculative = None if speculative_config is None else dict(
+                config=speculative_config, dtype=_DTYPES[dtype], compile_options=compile_options, target_dir=model)
             return _build_engine(compiled.module, compiled, started, model if tokenizer is None else tokenizer,
                                  kv_cache_config, build_config, enable_cuda_graph, stream_interval,
-                                 disable_overlap_scheduler, kv_format, kv_cache_scales)
+                                 disable_overlap_scheduler, kv_format, kv_cache_scales, speculative)
         except BaseException:
             compiled.tensor_parallel.workers.shutdown()
             raise
