@@ -118,8 +118,8 @@ def test_static_input_scales_quantize_in_the_graph():
         assert _rel(cap.run(), emulated(x)) < 1e-5
 
 
-@pytest.mark.parametrize("algo", ALGOS)
-def test_norms_feeding_fp8_linears_quantize_their_output(algo):
+def _quantized_block(algo):
+    """(a Block's capture after quantize_linears, the block emulating FP8 in fp32, its input)."""
     block = Block().eval()
     fp8 = quantize_model(block, algo)
     emulated, _ = _emulated(block, fp8)
@@ -127,6 +127,12 @@ def test_norms_feeding_fp8_linears_quantize_their_output(algo):
     cap = Captured(block, x)
     cap.ctx.quantization = fp8
     cap.apply(quantize_linears)
+    return cap, emulated, x
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_norms_feeding_fp8_linears_quantize_their_output(algo):
+    cap, emulated, x = _quantized_block(algo)
     assert cap.apply(fuse_rms_norm) == 2 and cap.apply(fuse_add_rms_norm) == 1
     assert cap.apply(fuse_rms_norm_quant_fp8) == 2
     assert cap.count(torch.ops.trtllm.rms_norm_quant_fp8.default) == 1
@@ -141,13 +147,7 @@ def test_norms_feeding_fp8_linears_quantize_their_output(algo):
 
 @pytest.mark.parametrize("algo", ALGOS)
 def test_the_gated_product_feeding_the_fp8_down_projection_leaves_as_fp8(algo):
-    block = Block().eval()
-    fp8 = quantize_model(block, algo)
-    emulated, _ = _emulated(block, fp8)
-    x = torch.randn(1, 6, 128)
-    cap = Captured(block, x)
-    cap.ctx.quantization = fp8
-    cap.apply(quantize_linears)
+    cap, emulated, x = _quantized_block(algo)
     assert cap.apply(fuse_silu_mul_quant_fp8) == 0  # nothing to match before fuse_silu_mul
     assert cap.apply(fuse_silu_mul) == 1
     assert cap.count(QUANT) == 4

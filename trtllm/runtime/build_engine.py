@@ -130,11 +130,10 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
             # a decode graph would replay on rank 0 alone (issue 22: left), under either parallelism
             enable_cuda_graph = False
             # n-gram or a draft model: the draft runs on rank 0 alone, whole; the ranks verify
-            speculative = None if speculative_config is None else dict(
-                config=speculative_config, dtype=_DTYPES[dtype], compile_options=compile_options, target_dir=model)
             return _build_engine(compiled.module, compiled, started, model if tokenizer is None else tokenizer,
                                  kv_cache_config, build_config, enable_cuda_graph, stream_interval,
-                                 disable_overlap_scheduler, kv_format, kv_cache_scales, speculative)
+                                 disable_overlap_scheduler, kv_format, kv_cache_scales,
+                                 _speculative(speculative_config, dtype, compile_options, model))
         except BaseException:
             compiled.tensor_parallel.workers.shutdown()
             raise
@@ -148,12 +147,15 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     lora = _lora_slots(lora_config, module, build_config) if lora_config is not None else None
     compiled = trtllm_compile(module, **(compile_options or {}), block_size=kv_cache_config.tokens_per_block,
                               **({"lora": lora} if lora is not None else {}))
-    speculative = None if speculative_config is None else dict(
-        config=speculative_config, dtype=_DTYPES[dtype], compile_options=compile_options,
-        target_dir=model if isinstance(model, (str, Path)) else None)
     return _build_engine(module, compiled, started, tokenizer, kv_cache_config, build_config, enable_cuda_graph,
-                         stream_interval, disable_overlap_scheduler, kv_format, kv_cache_scales, speculative,
-                         lora_config, cuda_graph_config)
+                         stream_interval, disable_overlap_scheduler, kv_format, kv_cache_scales,
+                         _speculative(speculative_config, dtype, compile_options, model), lora_config, cuda_graph_config)
+
+
+def _speculative(config, dtype: str, compile_options: dict | None, model) -> dict | None:
+    """What _build_engine needs to build the speculative decoder (None: no speculation)."""
+    return None if config is None else dict(config=config, dtype=_DTYPES[dtype], compile_options=compile_options,
+                                            target_dir=model if isinstance(model, (str, Path)) else None)
 
 
 def _lora_slots(config: LoraConfig, module: nn.Module, build_config: BuildConfig) -> LoraSlots:
