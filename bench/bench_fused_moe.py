@@ -30,9 +30,14 @@ Peers, in the same run:
    Then the decode path's tile candidates (DECODE_CANDIDATES: BLOCK_N x BLOCK_K x stages) on the
    first shape, bf16 and FP8 block experts, T = 1 and 16: the rows that choose `decode_config`'s
    table (kernels/fused_moe_decode.py; --smoke checks each candidate computes what the default does).
-3. Large T (PREFILL_TS): TFLOP/s = 2 T k 3 H I / time, ours, the peers and the dense pair; and
+3. The grouped GEMM's tile candidates (TILE_CANDIDATES: BLOCK_M x BLOCK_N x BLOCK_K x warps x
+   stages x GROUP_M, bf16 experts) at each shape's TILE_TS: a decode batch of 256 (every expert
+   chosen: GB/s of the weights) and 8,192 tokens (TFLOP/s): the rows that choose `moe_config`'s
+   table (kernels/fused_moe.py).
+4. Large T (PREFILL_TS): TFLOP/s = 2 T k 3 H I / time, ours, the peers and the dense pair; and
    ours over FP8 experts (block scales) in the same row.
 Table last, also written to $OUT/bench_fused_moe.{md,json} (bench/report.py).
+`--parts decode,configs,tiles,large` (default all of them) runs only the named steps after step 1.
 --smoke runs step 1 on CPU under TRITON_INTERPRET=1 (fp32, tiny shapes) and skips the timing.
 """
 import functools
@@ -48,7 +53,7 @@ import triton  # noqa: E402
 
 from bench.report import copy_ceiling_tbs, markdown, report  # noqa: E402
 from trtllm.config import QuantAlgo  # noqa: E402
-from trtllm.kernels.fused_moe import fused_moe_ref, fused_moe_triton  # noqa: E402
+from trtllm.kernels.fused_moe import MoeConfig, fused_moe_ref, fused_moe_triton  # noqa: E402
 from trtllm.kernels.fused_moe_decode import DecodeConfig  # noqa: E402
 from trtllm.kernels.fused_moe_fp8 import fused_moe_fp8_ref, fused_moe_fp8_triton  # noqa: E402
 from trtllm.kernels.moe_routing import moe_routing  # noqa: E402
@@ -59,6 +64,12 @@ SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, True), "mixtral-8x7b": (4096, 143
           "deepseek-v2-lite": (2048, 1408, 64, 6, False)}
 DECODE_TS = (1, 4, 16)
 DECODE_CANDIDATES = [DecodeConfig(n, k, 4, stages) for n in (16, 32, 64) for k in (64, 128, 256) for stages in (3, 5)]
+TILE_TS = (256, 8192)
+_GROUPED = 1 << 30  # MoeConfig.group_m: row tiles fastest (no grouping)
+TILE_CANDIDATES = [MoeConfig(*tile, group_m=g) for g in (_GROUPED, 8) for tile in (
+    (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3),
+    (128, 64, 64, 4, 4), (128, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3))]
 # expert weights: bf16, or FP8 at QuantConfig's granularity (kernels/fused_moe_fp8.py)
 EXPERTS = {"bf16": None, "fp8 channel": QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, "fp8 block": QuantAlgo.FP8_BLOCK_SCALES}
 PREFILL_TS = (8192,)
@@ -73,7 +84,11 @@ WEIGHT_BUDGET = 4e9      # bytes of layer copies for the decode timing (L2: 50-6
 DEVICE, DTYPE = ("cpu", torch.float32) if SMOKE else ("cuda", torch.bfloat16)
 if SMOKE:
     SHAPES = {"tiny": (64, 32, 8, 2, True), "tiny-no-renorm": (64, 48, 4, 3, False)}
-    DECODE_TS, PREFILL_TS = (1, 7), (33,)
+    DECODE_TS, PREFILL_TS, TILE_TS = (1, 7), (33,), (33,)
+    TILE_CANDIDATES = [MoeConfig(16, 32, 32, 4, 1, g) for g in (_GROUPED, 2)]
+PARTS = ("decode", "configs", "tiles", "large")
+if "--parts" in sys.argv:
+    PARTS = tuple(sys.argv[sys.argv.index("--parts") + 1].split(","))
 
 
 class Layer:
@@ -88,14 +103,16 @@ class Layer:
         if fp8 is not None:  # (w13, w2, their scales); the bf16 copies are kept for the HF peer
             self.fp8 = (*quantize_expert_weights(self.w13, fp8), *quantize_expert_weights(self.w2, fp8))
 
-    def ours(self, x, decode=None, decode_cfg=None):
+    def ours(self, x, decode=None, decode_cfg=None, config=None):
         """decode None: the op's own choice (the decode path for T <= 16); True / False: that path;
-        decode_cfg: the decode path's tiles (None: decode_config's)."""
+        decode_cfg: the decode path's tiles (None: decode_config's); config: the grouped GEMM's
+        tiles (None: moe_config's)."""
         w, ids = moe_routing(x @ self.router.T, self.top_k, "softmax", self.renormalize)
         if self.fp8 is not None:
             w13, s13, w2, s2 = self.fp8
-            return fused_moe_fp8_triton(x, w13, w2, s13, s2, w, ids, decode=decode, decode_cfg=decode_cfg)
-        return fused_moe_triton(x, self.w13, self.w2, w, ids, decode=decode, decode_cfg=decode_cfg)
+            return fused_moe_fp8_triton(x, w13, w2, s13, s2, w, ids, decode=decode, decode_cfg=decode_cfg,
+                                        config=config)
+        return fused_moe_triton(x, self.w13, self.w2, w, ids, decode=decode, decode_cfg=decode_cfg, config=config)
 
     def reference(self, x):
         w, ids = moe_routing(x @ self.router.T, self.top_k, "softmax", self.renormalize)
@@ -212,6 +229,40 @@ def decode_sweep(rows: list[dict]) -> None:
         del layers
 
 
+def check_tile_candidates() -> None:
+    """Each grouped-GEMM tile candidate computes what the default does."""
+    for shape in SHAPES.values():
+        layer = Layer(*shape)
+        x = torch.randn(max(TILE_TS), shape[0], device=DEVICE, dtype=DTYPE)
+        want = layer.ours(x, decode=False)
+        for cfg in TILE_CANDIDATES:
+            err = rel_err(layer.ours(x, config=cfg), want)
+            if err > MAX_REL_ERR:
+                print(f"FAILED tile candidate {cfg}: rel. err {err:.1e}")
+                sys.exit(1)
+        if DEVICE == "cpu":
+            break
+    print("tile candidates agree with moe_config's", flush=True)
+
+
+def tile_sweep(rows: list[dict]) -> None:
+    copy_gbs = copy_ceiling_tbs() * 1e3
+    for name, shape in SHAPES.items():
+        hidden, inter, experts, top_k, _ = shape
+        layer = Layer(*shape)
+        for t in TILE_TS:
+            x = torch.randn(t, hidden, device=DEVICE, dtype=DTYPE)
+            chosen = layer.chosen_bytes(x)
+            flop = 2 * t * top_k * 3 * hidden * inter
+            for cfg in TILE_CANDIDATES:
+                sec = seconds(functools.partial(layer.ours, x, False, None, cfg))
+                rows.append(dict(regime="tile config", shape=name, tokens=t, **cfg._asdict(),
+                                 us=f"{sec * 1e6:.0f}", tflops=f"{flop / sec / 1e12:.0f}",
+                                 gbs=f"{chosen / sec / 1e9:.0f}", of_copy=f"{chosen / sec / 1e9 / copy_gbs:.0%}"))
+                print(rows[-1], flush=True)
+        del layer
+
+
 def dense_pair(xk: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """x[T*k, H] @ W13^T [H, 2I], its first I columns @ W2^T [I, H]: one expert for every row."""
     return (xk @ w13.T)[:, : w2.shape[1]] @ w2.T
@@ -274,20 +325,28 @@ def main() -> None:
         print(torch.cuda.get_device_name(), f"torch {torch.__version__}, triton {triton.__version__}")
     rows = check()
     check_candidates()
+    check_tile_candidates()
     if SMOKE:
         report("bench_fused_moe", "MoE layer correctness (--smoke, CPU interpreter)\n" + markdown(rows),
                dict(correctness=rows))
         return
     timed: list[dict] = []
-    decode(timed)
     sweep: list[dict] = []
-    decode_sweep(sweep)
-    prefill(timed)
+    tiles: list[dict] = []
+    if "decode" in PARTS:
+        decode(timed)
+    if "configs" in PARTS:
+        decode_sweep(sweep)
+    if "tiles" in PARTS:
+        tile_sweep(tiles)
+    if "large" in PARTS:
+        prefill(timed)
     report("bench_fused_moe", "MoE layer: moe_routing + fused_moe (bf16 and FP8 experts) vs HF's block and the "
            "dense GEMM\n"
-           + markdown(timed) + "\n\nThe decode path's tile candidates\n" + markdown(sweep),
+           + markdown(timed) + "\n\nThe decode path's tile candidates\n" + markdown(sweep)
+           + "\n\nThe grouped GEMM's tile candidates\n" + markdown(tiles),
            dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                correctness=rows, timing=timed, decode_configs=sweep))
+                correctness=rows, timing=timed, decode_configs=sweep, tile_configs=tiles))
 
 
 if __name__ == "__main__":

@@ -49,8 +49,10 @@ def builds():
     for tokens in (1, 64, 4096):
         cfg = moe_config(tokens * K, E, H, INTER)
         mma = "wgmma" if cfg.block_m >= 64 else "mma"
-        tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION="tf32")
-        common = dict(sorted_ids_ptr=I32, expert_ids_ptr=I32, total_ptr=I32, num_slots=tokens * K, hidden=H, inter=INTER)
+        tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                     DOT_PRECISION="tf32")
+        common = dict(sorted_ids_ptr=I32, expert_ids_ptr=I32, total_ptr=I32, num_slots=tokens * K, hidden=H, inter=INTER,
+                      num_tiles=tokens * K // cfg.block_m + E)
         yield (f"fused_moe gate/up, {tokens} tokens", _gate_up_kernel,
                dict(x_ptr=BF16, w13_ptr=BF16, h_ptr=BF16, x_row_stride=H, w13_expert_stride=2 * INTER * H,
                     w13_row_stride=H, h_row_stride=INTER, TOP_K=K, **common, **tiles), cfg.num_warps, (cfg.num_stages, mma))
@@ -91,9 +93,9 @@ def fp8_and_decode_builds():
             mma = "wgmma" if cfg.block_m >= 64 else "mma"
             tiles = dict(BLOCK_SCALES=block, SCALE_BLOCK=128, DOT_PRECISION="tf32",
                          MAX_IMPRECISE_ACC=min(cfg.block_k, 128), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                         BLOCK_K=cfg.block_k)
+                         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
             common = dict(sorted_ids_ptr=I32, expert_ids_ptr=I32, total_ptr=I32, num_slots=tokens * K, hidden=H,
-                          inter=INTER)
+                          inter=INTER, num_tiles=tokens * K // cfg.block_m + E)
             ws13 = (i2b * kb, kb) if block else (2 * INTER, 1)
             ws2 = (kb * ib, ib) if block else (H, 1)
             name = f"fused_moe_fp8 {'blocks' if block else 'per-channel'}, {tokens} tokens"

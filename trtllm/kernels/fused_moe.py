@@ -64,6 +64,7 @@ class MoeConfig(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    group_m: int = 1 << 30  # row tiles a program group walks before the next BLOCK_N columns (`tile_of`)
 
 
 def moe_config(num_slots: int, num_experts: int, hidden: int, intermediate: int) -> MoeConfig:
@@ -108,24 +109,38 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
 
 @triton.jit
+def tile_of(num_tiles, num_cols, GROUP_M: tl.constexpr):
+    """(row tile, column block) of this program in a 1-D grid of num_tiles x num_cols: GROUP_M row
+    tiles (of one expert, mostly: they are sorted by expert) go through every column block before
+    the next GROUP_M start, so their rows stay in L2 while the expert's weight columns stream by
+    (the matmul tutorial's grouped order). GROUP_M >= num_tiles: row tiles fastest, the order of
+    a (tiles, columns) grid."""
+    pid = tl.program_id(0)
+    in_group = GROUP_M * num_cols
+    first = (pid // in_group) * GROUP_M
+    size = tl.minimum(num_tiles - first, GROUP_M)
+    return first + (pid % in_group) % size, (pid % in_group) // size
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w13_ptr, h_ptr,
     sorted_ids_ptr, expert_ids_ptr, total_ptr,
-    num_slots, hidden, inter,
+    num_slots, hidden, inter, num_tiles,
     x_row_stride, w13_expert_stride, w13_row_stride, h_row_stride,
     TOP_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grid: (row tiles, cdiv(I, BLOCK_N)). Tile m holds slots of expert expert_ids[m].
-    pid_m = tl.program_id(0)
+    # Grid: (row tiles x cdiv(I, BLOCK_N),) in tile_of's order. Tile m holds slots of expert expert_ids[m].
+    pid_m, pid_n = tile_of(num_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
         return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     slots = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = slots < num_slots  # padding slots (== num_slots) load zeros, store nothing
-    tokens = (slots // TOP_K).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = slots < num_slots
+    tokens = tl.minimum(slots // TOP_K, num_slots // TOP_K - 1).to(tl.int64)  # padding rows read token T-1, store nothing
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.minimum(offs_n, inter - 1).to(tl.int64)  # in bounds; columns past I not stored
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * x_row_stride + offs_k[None, :]
@@ -136,7 +151,7 @@ def _gate_up_kernel(
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         k_ok = (k0 + offs_k) < hidden
-        xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         wg = tl.load(wg_ptrs, mask=k_ok[:, None], other=0.0)
         wu = tl.load(wu_ptrs, mask=k_ok[:, None], other=0.0)
         acc_gate = tl.dot(xt, wg, acc_gate, input_precision=DOT_PRECISION)
@@ -153,33 +168,34 @@ def _gate_up_kernel(
 def _down_kernel(
     h_ptr, w2_ptr, o_ptr, weights_ptr,
     sorted_ids_ptr, expert_ids_ptr, total_ptr,
-    num_slots, hidden, inter,
+    num_slots, hidden, inter, num_tiles,
     h_row_stride, w2_expert_stride, w2_row_stride, o_row_stride,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grid: (row tiles, cdiv(H, BLOCK_N)). o[s] = w[s] * h[s] @ W2[e]^T.
-    pid_m = tl.program_id(0)
+    # Grid: (row tiles x cdiv(H, BLOCK_N),) in tile_of's order. o[s] = w[s] * h[s] @ W2[e]^T.
+    pid_m, pid_n = tile_of(num_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
         return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     slots = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = slots < num_slots
     slots64 = slots.to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(slots, num_slots - 1).to(tl.int64)  # padding rows read the last slot, store nothing
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.minimum(offs_n, hidden - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    h_ptrs = h_ptr + slots64[:, None] * h_row_stride + offs_k[None, :]
+    h_ptrs = h_ptr + rows[:, None] * h_row_stride + offs_k[None, :]
     w_ptrs = w2_ptr + e * w2_expert_stride + cols[None, :] * w2_row_stride + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
         k_ok = (k0 + offs_k) < inter
-        ht = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        ht = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(ht, w, acc, input_precision=DOT_PRECISION)
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    acc *= tl.load(weights_ptr + slots64, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    acc *= tl.load(weights_ptr + rows).to(tl.float32)[:, None]
     o_ptrs = o_ptr + slots64[:, None] * o_row_stride + offs_n[None, :]
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < hidden))
 
@@ -220,21 +236,19 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         h = torch.empty(num_slots, inter, dtype=x_.dtype, device=x.device)
         # Zeros: a slot of an id outside [0, E) is in no tile and must add nothing.
         o = torch.zeros(num_slots, hidden, dtype=x_.dtype, device=x.device)
-        _gate_up_kernel[(n_tiles, triton.cdiv(inter, cfg.block_n))](
+        tiles = dict(DOT_PRECISION=dot_precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                     GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _gate_up_kernel[(n_tiles * triton.cdiv(inter, cfg.block_n),)](
             x_, w13_, h, sorted_ids, expert_ids, total,
-            num_slots, hidden, inter,
+            num_slots, hidden, inter, n_tiles,
             x_.stride(0), w13_.stride(0), w13_.stride(1), h.stride(0),
-            TOP_K=top_k, DOT_PRECISION=dot_precision,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            TOP_K=top_k, **tiles,
         )
-        _down_kernel[(n_tiles, triton.cdiv(hidden, cfg.block_n))](
+        _down_kernel[(n_tiles * triton.cdiv(hidden, cfg.block_n),)](
             h, w2_, o, weights, sorted_ids, expert_ids, total,
-            num_slots, hidden, inter,
+            num_slots, hidden, inter, n_tiles,
             h.stride(0), w2_.stride(0), w2_.stride(1), o.stride(0),
-            DOT_PRECISION=dot_precision,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **tiles,
         )
         return o.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from trtllm.kernels.fp8_gemm import FP8_DTYPE, FP8_PROMOTE_K, SCALE_BLOCK, dequantize_fp8
-from trtllm.kernels.fused_moe import _FLOAT_DTYPES, MoeConfig, moe_config
+from trtllm.kernels.fused_moe import _FLOAT_DTYPES, MoeConfig, moe_config, tile_of
 from trtllm.kernels.fused_moe_decode import (
     DECODE_MAX_TOKENS,
     DecodeConfig,
@@ -109,22 +109,22 @@ def fused_moe_fp8_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_
 def _fp8_gate_up_kernel(
     x_ptr, xs_ptr, w13_ptr, ws_ptr, h_ptr,
     sorted_ids_ptr, expert_ids_ptr, total_ptr,
-    num_slots, hidden, inter,
+    num_slots, hidden, inter, num_tiles,
     x_row_stride, xs_row_stride, w13_expert_stride, w13_row_stride, ws_expert_stride, ws_row_stride,
     h_row_stride,
     TOP_K: tl.constexpr, BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grid: (row tiles, cdiv(I, BLOCK_N)), as fused_moe's _gate_up_kernel, over fp8 x and W13.
-    pid_m = tl.program_id(0)
+    # Grid: (row tiles x cdiv(I, BLOCK_N),), as fused_moe's _gate_up_kernel, over fp8 x and W13.
+    pid_m, pid_n = tile_of(num_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
         return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     slots = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = slots < num_slots
     tokens = tl.minimum(slots // TOP_K, num_slots // TOP_K - 1).to(tl.int64)  # padding rows read token T-1
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.minimum(offs_n, inter - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * x_row_stride + offs_k[None, :]
@@ -168,22 +168,22 @@ def _fp8_gate_up_kernel(
 def _fp8_down_kernel(
     h_ptr, hs_ptr, w2_ptr, ws_ptr, o_ptr, weights_ptr,
     sorted_ids_ptr, expert_ids_ptr, total_ptr,
-    num_slots, hidden, inter,
+    num_slots, hidden, inter, num_tiles,
     h_row_stride, hs_row_stride, w2_expert_stride, w2_row_stride, ws_expert_stride, ws_row_stride,
     o_row_stride,
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grid: (row tiles, cdiv(H, BLOCK_N)). o[s] = w[s] * (hq[s] hs[s]) @ (W2q[e] s2)^T.
-    pid_m = tl.program_id(0)
+    # Grid: (row tiles x cdiv(H, BLOCK_N),). o[s] = w[s] * (hq[s] hs[s]) @ (W2q[e] s2)^T.
+    pid_m, pid_n = tile_of(num_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
         return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     slots = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = slots < num_slots
     rows = tl.minimum(slots, num_slots - 1).to(tl.int64)  # padding rows read the last slot, store nothing
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.minimum(offs_n, hidden - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     h_ptrs = h_ptr + rows[:, None] * h_row_stride + offs_k[None, :]
@@ -258,20 +258,20 @@ def fused_moe_fp8_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w
     sorted_ids, expert_ids, total = moe_align(ids, num_experts, cfg.block_m)
     tiles = dict(BLOCK_SCALES=block, SCALE_BLOCK=SCALE_BLOCK, DOT_PRECISION=dot_precision,
                  MAX_IMPRECISE_ACC=min(cfg.block_k, FP8_PROMOTE_K), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                 BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                 BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     n_tiles = expert_ids.numel()
     with interpreter_upcast((xq, w13), (h,)) as ((xq_, w13_), (h_,)):
-        _fp8_gate_up_kernel[(n_tiles, triton.cdiv(inter, cfg.block_n))](
+        _fp8_gate_up_kernel[(n_tiles * triton.cdiv(inter, cfg.block_n),)](
             xq_, xs, w13_, w13_scale, h_, sorted_ids, expert_ids, total,
-            num_slots, hidden, inter,
+            num_slots, hidden, inter, n_tiles,
             xq_.stride(0), xs.stride(0), w13_.stride(0), w13_.stride(1), w13_scale.stride(0), w13_scale.stride(1),
             h_.stride(0), TOP_K=top_k, **tiles,
         )
     hq, hs = quantize_fp8(h, group)
     with interpreter_upcast((hq, w2), (o,)) as ((hq_, w2_), (o_,)):
-        _fp8_down_kernel[(n_tiles, triton.cdiv(hidden, cfg.block_n))](
+        _fp8_down_kernel[(n_tiles * triton.cdiv(hidden, cfg.block_n),)](
             hq_, hs, w2_, w2_scale, o_, weights, sorted_ids, expert_ids, total,
-            num_slots, hidden, inter,
+            num_slots, hidden, inter, n_tiles,
             hq_.stride(0), hs.stride(0), w2_.stride(0), w2_.stride(1), w2_scale.stride(0), w2_scale.stride(1),
             o_.stride(0), **tiles,
         )
