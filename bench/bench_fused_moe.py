@@ -50,6 +50,7 @@ if SMOKE:  # before triton is imported: @triton.jit reads it when a kernel is de
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from bench.report import copy_ceiling_tbs, markdown, report  # noqa: E402
 from trtllm.config import QuantAlgo  # noqa: E402
@@ -65,7 +66,7 @@ SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, True), "mixtral-8x7b": (4096, 143
 DECODE_TS = (1, 4, 16)
 DECODE_CANDIDATES = [DecodeConfig(n, k, 4, stages) for n in (16, 32, 64) for k in (64, 128, 256) for stages in (3, 5)]
 TILE_TS = (256, 8192)
-_GROUPED = 1 << 30  # MoeConfig.group_m: row tiles fastest (no grouping)
+_GROUPED = 0  # MoeConfig.group_m: row tiles fastest (no grouping)
 TILE_CANDIDATES = [MoeConfig(*tile, group_m=g) for g in (_GROUPED, 8) for tile in (
     (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4),
     (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3),
@@ -195,14 +196,28 @@ def candidates(kind: str) -> list[DecodeConfig]:
     return [c for c in DECODE_CANDIDATES if EXPERTS[kind] != QuantAlgo.FP8_BLOCK_SCALES or 128 % c.block_k == 0]
 
 
+def too_big(fn, cfg) -> bool:
+    """Whether fn() fails for lack of shared memory (a candidate's tiles x stages); it is then dropped."""
+    try:
+        fn()
+    except OutOfResources as e:
+        print(f"dropped {cfg}: {e}", flush=True)
+        return True
+    return False
+
+
 def check_candidates() -> None:
-    """Each decode tile candidate computes what the default does (CPU interpreter, tiny shapes)."""
+    """Each decode tile candidate computes what the default does (CPU interpreter, tiny shapes);
+    those whose tiles do not fit the GPU's shared memory are dropped from DECODE_CANDIDATES."""
     shape = next(iter(SHAPES.values()))
     for kind in ("bf16", "fp8 block"):
         layer = Layer(*shape, fp8=EXPERTS[kind])
         x = torch.randn(max(DECODE_TS), shape[0], device=DEVICE, dtype=DTYPE)
         want = layer.ours(x, decode=True)
         for cfg in candidates(kind)[:: 1 if DEVICE == "cuda" else 4]:  # interpreted: every 4th
+            if too_big(functools.partial(layer.ours, x, True, cfg), cfg):
+                DECODE_CANDIDATES.remove(cfg)
+                continue
             err = rel_err(layer.ours(x, decode=True, decode_cfg=cfg), want)
             if err > MAX_REL_ERR:
                 print(f"FAILED decode candidate {cfg} ({kind}): rel. err {err:.1e}")
@@ -235,7 +250,10 @@ def check_tile_candidates() -> None:
         layer = Layer(*shape)
         x = torch.randn(max(TILE_TS), shape[0], device=DEVICE, dtype=DTYPE)
         want = layer.ours(x, decode=False)
-        for cfg in TILE_CANDIDATES:
+        for cfg in list(TILE_CANDIDATES):
+            if too_big(functools.partial(layer.ours, x, False, None, cfg), cfg):
+                TILE_CANDIDATES.remove(cfg)
+                continue
             err = rel_err(layer.ours(x, config=cfg), want)
             if err > MAX_REL_ERR:
                 print(f"FAILED tile candidate {cfg}: rel. err {err:.1e}")

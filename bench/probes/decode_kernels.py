@@ -1,11 +1,14 @@
 """Where the GPU time of a decode step goes, kernel by kernel.
 
-    PYTHONPATH=$PWD python bench/probes/decode_kernels.py [--model llama-3-8b|llama-3.2-1b|gemma-3-1b]
+    PYTHONPATH=$PWD python bench/probes/decode_kernels.py [--model llama-3-8b|llama-3.2-1b|gemma-3-1b|MOE_PRESET]
         [--batch 1] [--layers 32] [--replays 20] [--quantization FP8_PER_CHANNEL_PER_TOKEN]
         [--prefill TOKENS]
 
 Random bf16 weights: Llama-3-8B shapes (bench_e2e.build_models; --layers), the
-llama-3.2-1b preset, or Gemma-3-1B shapes through models/gemma.py (family_speed.py's).
+llama-3.2-1b preset, Gemma-3-1B shapes through models/gemma.py (family_speed.py's), or a MoE
+preset of trtllm-bench (qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite: transformers' module,
+its MoE blocks fused by passes/fuse_moe.py; the experts' 3-D weights count as read in full
+only at batches that choose every expert, so the matmul line covers the linears alone).
 One LLM with only the decode CUDA graph of --batch sequences; with --quantization, QuantConfig's
 FP8 weights (all linears but the LM head) and an fp8 KV cache. With --prefill T, the engine's
 prefill graph of the T-token bucket (one sequence of T tokens, as captured; T one of
@@ -39,7 +42,10 @@ from trtllm.passes import PASSES
 from trtllm.quantization.fp8_linears import quantizable_linears
 from trtllm.runtime.llm import LLM
 
+MOE_PRESETS = ("qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v2-lite")
 FAMILIES = [  # (family, substrings of the kernel name), first match wins
+    ("moe experts", ("gate_up_kernel", "down_kernel")),
+    ("moe routing / align", ("moe_routing", "_count_kernel", "_scatter_kernel")),
     ("attention", ("_decode_kernel", "attention")),
     ("quantize_fp8 (activations)", ("_quantize_fp8",)),
     ("rms_norm", ("rms_norm",)),
@@ -58,7 +64,7 @@ def family(name: str) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="llama-3-8b", choices=("llama-3-8b", "llama-3.2-1b", "gemma-3-1b"))
+    ap.add_argument("--model", default="llama-3-8b", choices=("llama-3-8b", "llama-3.2-1b", "gemma-3-1b", *MOE_PRESETS))
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--replays", type=int, default=20)
@@ -74,6 +80,9 @@ def main():
 
     if args.model == "llama-3-8b":
         _, model = build_models(dict(LLAMA3_8B, num_hidden_layers=args.layers))
+    elif args.model in MOE_PRESETS:
+        from trtllm.cli.model_arg import resolve_model
+        model = resolve_model(args.model).llm_kwargs(dtype="bfloat16")["model"]
     else:
         from bench.probes import family_speed
         model = family_speed.BUILDERS["llama" if args.model == "llama-3.2-1b" else "own"]()

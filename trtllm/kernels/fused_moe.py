@@ -21,8 +21,8 @@ so each BLOCK_M-row tile belongs to one expert. Then two grouped GEMMs over thos
 2. down: o[s, :] = w[s] * (h[s] @ W2[e]^T), the routing weight applied in the epilogue;
    o [T*k, H] in x.dtype.
 
-and the combine y[t] = sum_j o[t*k + j] is a torch sum over k in fp32 (deterministic: no
-atomics), rounded once to x.dtype. Tiles past the padded count exit at once; an expert with no
+and the combine y[t] = sum_j o[t*k + j] is one torch sum over k (deterministic: no atomics),
+which accumulates bf16/fp16 in fp32 and rounds once to x.dtype. Tiles past the padded count exit at once; an expert with no
 slot has no tile. Products accumulate in fp32 (fp32 inputs: IEEE dot, no tf32).
 
 Reference: the per-expert loop of HF's `DeepseekV3Experts` / `Qwen3MoeExperts`, in fp32,
@@ -33,8 +33,8 @@ Few tokens (T <= DECODE_MAX_TOKENS = 16, decode): kernels/fused_moe_decode.py in
 same two GEMMs with the sort done inside them (no moe_align launches), each chosen expert's
 weights read once. FP8 experts: kernels/fused_moe_fp8.py.
 
-Not yet: configs from measured shape buckets: `moe_config` and `decode_config` are untuned
-defaults (bench/bench_fused_moe.py times them on the GPU).
+Configs: `moe_config`'s tiles by slots per expert, measured (bench/bench_fused_moe.py's tile
+sweep); `decode_config` (kernels/fused_moe_decode.py) likewise.
 """
 from __future__ import annotations
 
@@ -64,17 +64,28 @@ class MoeConfig(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
-    group_m: int = 1 << 30  # row tiles a program group walks before the next BLOCK_N columns (`tile_of`)
+    group_m: int = 0  # row tiles a program group walks before the next BLOCK_N columns (`tile_of`; 0: all)
 
 
-def moe_config(num_slots: int, num_experts: int, hidden: int, intermediate: int) -> MoeConfig:
-    """Untuned default (no GPU measurement yet): small row tiles when the slots per expert
-    are few (decode), 64-row tiles otherwise."""
+def moe_config(num_slots: int, num_experts: int, hidden: int, inter: int) -> MoeConfig:
+    """Tiles by slots per expert, from bench/bench_fused_moe.py's sweep on the H200
+    (2026-12-04, bf16; docs/decisions/moe_tiles.md):
+    - <= 32 a expert (Qwen3-30B-A3B / DeepSeek-V2-Lite experts at a decode batch of 256): 32-row
+      tiles, 82% of copy on the weights, against 79% / 71% for 16 / 64 rows;
+    - <= 128 (Mixtral-8x7B at 256): 64 x 128 x 64, 4 stages, 80%;
+    - more (prefill, 8,192 tokens): 8 warps, GROUP_M 8 (tile_of): 128 x 128 tiles for wide experts
+      (Mixtral: 496 TFLOP/s against 392 before), 64 x 256 for narrow ones (Qwen3-30B-A3B: 333
+      against 286)."""
     if triton_interpreter_on():  # tiny test shapes; tl.dot needs every dim >= 16
         return MoeConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
-    if num_slots <= 4 * num_experts:
-        return MoeConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
-    return MoeConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
+    per_expert = num_slots / num_experts
+    if per_expert <= 32:
+        return MoeConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=4)
+    if per_expert <= 128:
+        return MoeConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
+    if inter >= 4096:
+        return MoeConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, group_m=8)
+    return MoeConfig(block_m=64, block_n=256, block_k=64, num_warps=8, num_stages=3, group_m=8)
 
 
 def _check_args(x, w13, w2, topk_weights, topk_ids) -> None:
@@ -113,9 +124,11 @@ def tile_of(num_tiles, num_cols, GROUP_M: tl.constexpr):
     """(row tile, column block) of this program in a 1-D grid of num_tiles x num_cols: GROUP_M row
     tiles (of one expert, mostly: they are sorted by expert) go through every column block before
     the next GROUP_M start, so their rows stay in L2 while the expert's weight columns stream by
-    (the matmul tutorial's grouped order). GROUP_M >= num_tiles: row tiles fastest, the order of
-    a (tiles, columns) grid."""
+    (the matmul tutorial's grouped order). GROUP_M 0: row tiles fastest, the order of a
+    (tiles, columns) grid."""
     pid = tl.program_id(0)
+    if GROUP_M == 0:
+        return pid % num_tiles, pid // num_tiles
     in_group = GROUP_M * num_cols
     first = (pid // in_group) * GROUP_M
     size = tl.minimum(num_tiles - first, GROUP_M)
@@ -225,10 +238,10 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         dcfg = decode_cfg or decode_config(hidden, inter, block_scales=False)
         with interpreter_upcast((x, w13, w2)) as ((x_, w13_, w2_), _):
             h = torch.empty(num_slots, inter, dtype=x_.dtype, device=x.device)
-            o = torch.zeros(num_slots, hidden, dtype=x_.dtype, device=x.device)  # ids outside [0, E): zeros
+            o = torch.empty(num_slots, hidden, dtype=x_.dtype, device=x.device)  # ids outside [0, E): zeros, by the kernel
             launch_decode_gate_up(x_, None, w13_, None, h, ids, 0, dcfg, dot_precision)
             launch_decode_down(h, None, w2_, None, o, weights, ids, 0, dcfg, dot_precision)
-            return o.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+            return o.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
     cfg = config or moe_config(num_slots, num_experts, hidden, inter)
     sorted_ids, expert_ids, total = moe_align(topk_ids.contiguous(), num_experts, cfg.block_m)
     n_tiles = expert_ids.numel()
@@ -250,7 +263,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             h.stride(0), w2_.stride(0), w2_.stride(1), o.stride(0),
             **tiles,
         )
-        return o.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+        return o.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
 
 
 def _fused_moe_fake(x, w13, w2, topk_weights, topk_ids):
