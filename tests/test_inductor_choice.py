@@ -98,3 +98,32 @@ def test_ops_of_other_namespaces_as_packets_are_classified():
     assert inductor_work(graph) == ["aten.mul"]
     assert not worth_inductor(["aten.mul"], num_layers=2)
     assert worth_inductor(["transformers.grouped_mm_fallback"], num_layers=2)  # another library's op
+
+
+def test_an_hf_moe_block_fused_leaves_no_work():
+    """transformers' Qwen3-MoE block ends with `.to(hidden_states.dtype)` on fused_moe's output,
+    a cast to the dtype it has (no kernel): not work. Counted, the 48 of Qwen3-30B-A3B sent it to
+    Inductor (minutes of compile on the H200, 2026-12-04). A cast that changes the dtype is work."""
+    config = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    compiled, graphs = compiled_graphs(transformers.Qwen3MoeForCausalLM(config).eval())
+    assert all("trtllm.fused_moe.default" in str(g) for g in graphs)
+    for graph in graphs:
+        assert inductor_work(graph) == [], inductor_work(graph)
+
+    weight = torch.randn(16, 8)
+
+    def f(ids):
+        h = torch.nn.functional.embedding(ids, weight)
+        return h.to(torch.float32) + h.to(torch.float64).sum()
+
+    gm = torch.fx.symbolic_trace(f)
+    from torch.fx.passes.shape_prop import ShapeProp
+    ShapeProp(gm).propagate(torch.tensor([1, 2]))
+    for node in gm.graph.nodes:  # dynamo's captures carry example_value; ShapeProp writes `tensor_meta`
+        tm = node.meta.get("tensor_meta")
+        if tm is not None:
+            node.meta["val"] = torch.empty(tm.shape, dtype=tm.dtype)
+    assert inductor_work(gm.graph) == ["to", "sum", "add"]

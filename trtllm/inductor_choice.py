@@ -56,12 +56,26 @@ def inductor_work(graph: fx.Graph) -> list[str]:
         value = node.meta.get("example_value", node.meta.get("val"))
         if source or (value is not None and not isinstance(value, torch.Tensor)):
             continue
+        if _same_dtype_cast(node, value):  # HF's `.to(hidden_states.dtype)` after its MoE block: no kernel
+            continue
         if node.op == "call_function" and node.target not in _NO_WORK_FUNCTIONS:
             is_op = isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
             work.append(str(node.target).removesuffix(".default") if is_op else node.target.__name__)
         elif node.op == "call_method" and node.target not in _NO_WORK_METHODS:
             work.append(node.target)
     return work
+
+
+def _same_dtype_cast(node: fx.Node, value) -> bool:
+    """`x.to(dtype)` / `x.type(dtype)` / `torch.Tensor.to(x, ...)` whose result has x's dtype,
+    device and shape: torch returns x itself, no kernel runs."""
+    is_cast = (node.op == "call_method" and node.target in ("to", "type")) or (
+        node.op == "call_function" and node.target is torch.Tensor.to)
+    if not is_cast or not isinstance(value, torch.Tensor) or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    source = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
+    return (isinstance(source, torch.Tensor) and source.dtype == value.dtype and source.device == value.device
+            and source.shape == value.shape)
 
 
 def _makes_hidden(node: fx.Node) -> bool:

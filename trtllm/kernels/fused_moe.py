@@ -67,7 +67,22 @@ class MoeConfig(NamedTuple):
     group_m: int = 0  # row tiles a program group walks before the next BLOCK_N columns (`tile_of`; 0: all)
 
 
-def moe_config(num_slots: int, num_experts: int, hidden: int, inter: int) -> MoeConfig:
+SMEM_BUDGET = 224 * 1024  # bytes of pipelined tiles a program may hold (sm_90: 227 KB a block, some for the epilogue)
+
+
+def fit_shared_memory(cfg: MoeConfig, element_size: int) -> MoeConfig:
+    """cfg with fewer stages (not below 2), then a narrower BLOCK_K, until the gate/up kernel's
+    pipelined tiles (x [BLOCK_M, BLOCK_K] and two weight tiles [BLOCK_K, BLOCK_N] a stage) fit
+    SMEM_BUDGET: the bf16 tables at fp32 (the GPU tests) would ask for 245-295 KB."""
+    while cfg.num_stages * (cfg.block_m + 2 * cfg.block_n) * cfg.block_k * element_size > SMEM_BUDGET:
+        if cfg.num_stages > 2:
+            cfg = cfg._replace(num_stages=cfg.num_stages - 1)
+        else:
+            cfg = cfg._replace(block_k=cfg.block_k // 2)
+    return cfg
+
+
+def moe_config(num_slots: int, num_experts: int, hidden: int, inter: int, element_size: int = 2) -> MoeConfig:
     """Tiles by slots per expert, from bench/bench_fused_moe.py's sweep on the H200
     (2026-12-04, bf16; docs/decisions/moe_tiles.md):
     - <= 32 a expert (Qwen3-30B-A3B / DeepSeek-V2-Lite experts at a decode batch of 256): 32-row
@@ -80,12 +95,14 @@ def moe_config(num_slots: int, num_experts: int, hidden: int, inter: int) -> Moe
         return MoeConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
     per_expert = num_slots / num_experts
     if per_expert <= 32:
-        return MoeConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=4)
-    if per_expert <= 128:
-        return MoeConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
-    if inter >= 4096:
-        return MoeConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, group_m=8)
-    return MoeConfig(block_m=64, block_n=256, block_k=64, num_warps=8, num_stages=3, group_m=8)
+        cfg = MoeConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=4)
+    elif per_expert <= 128:
+        cfg = MoeConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
+    elif inter >= 4096:
+        cfg = MoeConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, group_m=8)
+    else:
+        cfg = MoeConfig(block_m=64, block_n=256, block_k=64, num_warps=8, num_stages=3, group_m=8)
+    return fit_shared_memory(cfg, element_size)
 
 
 def _check_args(x, w13, w2, topk_weights, topk_ids) -> None:
@@ -242,7 +259,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             launch_decode_gate_up(x_, None, w13_, None, h, ids, 0, dcfg, dot_precision)
             launch_decode_down(h, None, w2_, None, o, weights, ids, 0, dcfg, dot_precision)
             return o.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
-    cfg = config or moe_config(num_slots, num_experts, hidden, inter)
+    cfg = config or moe_config(num_slots, num_experts, hidden, inter, x.element_size())
     sorted_ids, expert_ids, total = moe_align(topk_ids.contiguous(), num_experts, cfg.block_m)
     n_tiles = expert_ids.numel()
     with interpreter_upcast((x, w13, w2)) as ((x_, w13_, w2_), _):

@@ -213,7 +213,7 @@ def _fp8_down_kernel(
 
 
 def _tile_config(num_slots: int, num_experts: int, hidden: int, inter: int, block: bool) -> MoeConfig:
-    cfg = moe_config(num_slots, num_experts, hidden, inter)
+    cfg = moe_config(num_slots, num_experts, hidden, inter, element_size=1)
     if block and SCALE_BLOCK % cfg.block_k:
         cfg = cfg._replace(block_k=SCALE_BLOCK)
     return cfg
