@@ -86,7 +86,8 @@ def moe_config(num_slots: int, num_experts: int, hidden: int, inter: int, elemen
     """Tiles by slots per expert, from bench/bench_fused_moe.py's sweep on the H200
     (2026-12-04, bf16; docs/decisions/moe_tiles.md):
     - <= 32 a expert (Qwen3-30B-A3B / DeepSeek-V2-Lite experts at a decode batch of 256): 32-row
-      tiles, 82% of copy on the weights, against 79% / 71% for 16 / 64 rows;
+      tiles, 82% of copy on the weights, against 79% / 71% for 16 / 64 rows (the 64 x 128 x 64
+      tile with 3 stages chosen before: 60%);
     - <= 128 (Mixtral-8x7B at 256): 64 x 128 x 64, 4 stages, 80%;
     - more (prefill, 8,192 tokens): 8 warps, GROUP_M 8 (tile_of): 128 x 128 tiles for wide experts
       (Mixtral: 496 TFLOP/s against 392 before), 64 x 256 for narrow ones (Qwen3-30B-A3B: 333
