@@ -37,7 +37,9 @@ Peers, in the same run:
 4. Large T (PREFILL_TS): TFLOP/s = 2 T k 3 H I / time, ours, the peers and the dense pair; and
    ours over FP8 experts (block scales) in the same row.
 Table last, also written to $OUT/bench_fused_moe.{md,json} (bench/report.py).
-`--parts decode,configs,tiles,large` (default all of them) runs only the named steps after step 1.
+`--parts decode,configs,tiles,large` (default all of them) runs only the named steps after step 1;
+`--shapes qwen3-30b-a3b,...` only those shapes (all steps, the check too). The whole bench takes more
+than 10 minutes on an H200 (the tile sweep ~5): split it over calls with these.
 --smoke runs step 1 on CPU under TRITON_INTERPRET=1 (fp32, tiny shapes) and skips the timing.
 """
 import functools
@@ -90,6 +92,11 @@ if SMOKE:
 PARTS = ("decode", "configs", "tiles", "large")
 if "--parts" in sys.argv:
     PARTS = tuple(sys.argv[sys.argv.index("--parts") + 1].split(","))
+if "--shapes" in sys.argv:
+    _wanted = sys.argv[sys.argv.index("--shapes") + 1].split(",")
+    if set(_wanted) - set(SHAPES):
+        sys.exit(f"--shapes: no such shape {sorted(set(_wanted) - set(SHAPES))} (shapes: {', '.join(SHAPES)})")
+    SHAPES = {name: SHAPES[name] for name in _wanted}
 
 
 class Layer:
