@@ -30,9 +30,9 @@ K step's partial product (BLOCK_K divides 128), as kernels/fp8_gemm.py does.
 
 Configs: `decode_config`: BLOCK_N 32 x BLOCK_K 128, 4 stages, so that a batch-1 step of
 Qwen3-30B-A3B (8 experts, I 768) has 8 x 24 gate/up programs for the H200's 132 SMs. Measured
-against 17 other tiles (bench/bench_fused_moe.py, H200, 2026-12-04): within 1% of the best at
-1 token (44% of copy: the layer's ~40 us are mostly its launches, FP8 experts take as long)
-and at 16 (93%).
+against 17 other tiles (bench/bench_fused_moe.py, H200, 2026-12-04): within 1.5% of the best
+at 1 token (44% of copy: the layer's ~40 us are mostly its launches, FP8 experts take as long)
+and 0.2% at 16 (93%).
 """
 from __future__ import annotations
 
