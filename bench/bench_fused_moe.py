@@ -66,7 +66,8 @@ from trtllm.quantization.fp8_linears import quantize_expert_weights  # noqa: E40
 SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, True), "mixtral-8x7b": (4096, 14336, 8, 2, True),
           "deepseek-v2-lite": (2048, 1408, 64, 6, False)}
 DECODE_TS = (1, 4, 16)
-DECODE_CANDIDATES = [DecodeConfig(n, k, 4, stages) for n in (16, 32, 64) for k in (64, 128, 256) for stages in (3, 5)]
+DECODE_CANDIDATES = [DecodeConfig(n, k, 4, stages) for n in (16, 32, 64) for k in (64, 128, 256)
+                     for stages in (3, 4, 5)]  # 4: decode_config's
 TILE_TS = (256, 8192)
 _GROUPED = 0  # MoeConfig.group_m: row tiles fastest (no grouping)
 TILE_CANDIDATES = [MoeConfig(*tile, group_m=g) for g in (_GROUPED, 8) for tile in (
