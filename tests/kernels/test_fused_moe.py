@@ -133,3 +133,21 @@ def test_decode_path_takes_at_most_16_tokens():
 
     with pytest.raises(AssertionError, match="at most 16"):
         fused_moe_triton(*make_moe(17, 4, 2, torch.float32), decode=True)
+
+
+def test_decode_down_writes_zeros_for_other_ranks_slots():
+    """The decode path's output buffer is not zeroed beforehand (one launch fewer a layer): the
+    down kernel writes the zeros of slots whose expert another rank holds (ids -1 and E), and
+    leaves the real slots' products. A buffer of NaNs shows any row it missed."""
+    from trtllm.kernels.fused_moe_decode import decode_config, launch_decode_down
+
+    x, w13, w2, weights, ids = make_moe(3, 4, 2, torch.float32)
+    ids[0, 1], ids[2, 0] = -1, 4
+    h = torch.randn(ids.numel(), w2.shape[2])
+    o = torch.full((ids.numel(), w2.shape[1]), float("nan"))
+    launch_decode_down(h, None, w2, None, o, weights.contiguous(), ids.contiguous(), 0,
+                       decode_config(w2.shape[1], w2.shape[2], block_scales=False), "ieee")
+    assert not o.isnan().any()
+    for slot, e in enumerate(ids.flatten().tolist()):
+        want = torch.zeros(w2.shape[1]) if not 0 <= e < 4 else weights.flatten()[slot] * (w2[e] @ h[slot])
+        torch.testing.assert_close(o[slot], want, rtol=1e-5, atol=1e-5)
