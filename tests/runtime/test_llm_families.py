@@ -25,7 +25,8 @@ OWN_FILE = {"gemma": "gemma.GemmaForCausalLM", "gemma2": "gemma.GemmaForCausalLM
             "gemma2_softcap": "gemma.GemmaForCausalLM", "phi3": "phi3.Phi3ForCausalLM", "phi3_partial": "phi3.Phi3ForCausalLM",
             "bloom": "bloom.BloomForCausalLM", "bloom_post_ln": "bloom.BloomForCausalLM",
             "mpt": "mpt.MptForCausalLM", "mpt_clip": "mpt.MptForCausalLM",
-            "falcon": "falcon.FalconForCausalLM", "falcon_7b": "falcon.FalconForCausalLM"}
+            "falcon": "falcon.FalconForCausalLM", "falcon_7b": "falcon.FalconForCausalLM",
+            "qwen3_moe": "qwen3_moe.Qwen3MoeForCausalLM"}
 
 
 def checkpoint(family, tmp_path_factory):
@@ -70,15 +71,16 @@ def test_greedy_matches_hf_generate(family, tmp_path_factory):
 
 @pytest.mark.parametrize("family", sorted(MOE))
 def test_moe_greedy_matches_hf_generate_with_the_blocks_fused(family, tmp_path_factory):
-    """HF's MoE modules under fuse_moe: every block (in every compiled graph) becomes
-    moe_routing + fused_moe, and the tokens are HF's."""
+    """MoE families under fuse_moe (HF's modules; Qwen3-MoE our file, models/qwen3_moe.py): every
+    block (in every compiled graph) becomes moe_routing + fused_moe, and the tokens are HF's."""
     path = checkpoint(family, tmp_path_factory)
     expected, hf_class = hf_greedy(path)
     with llm(path) as engine:
         check_greedy(engine, expected)
         summary = engine.compiled.summary()
         graphs = engine.compiled.captures
-    assert f"HF module {hf_class}" in summary, summary
+    assert (f"model file of ours: trtllm.models.{OWN_FILE[family]}" if family in OWN_FILE
+            else f"HF module {hf_class}") in summary, summary
     assert f"trtllm.fused_moe: {MOE[family] * graphs}" in summary, summary
     assert f"trtllm.moe_routing: {MOE[family] * graphs}" in summary, summary
     assert "left as captured" not in summary, summary

@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from trtllm.models.bloom import BloomForCausalLM
+from trtllm.models.expert_tensors import ExpertSlots
 from trtllm.models.falcon import FalconForCausalLM
 from trtllm.models.gemma import GemmaForCausalLM
 from trtllm.models.llama import LlamaForCausalLM
@@ -39,13 +40,16 @@ from trtllm.models.llava import LlavaForConditionalGeneration
 from trtllm.models.mpt import MptForCausalLM
 from trtllm.models.phi3 import Phi3ForCausalLM
 from trtllm.models.qwen2_5_vl import Qwen25VLForConditionalGeneration
+from trtllm.models.qwen3_moe import Qwen3MoeForCausalLM
 from trtllm.parallel.tensor_parallel import unloaded
 from trtllm.quantization.checkpoint import Fp8CheckpointTensors, checkpoint_layout, is_quantization_tensor
 from trtllm.quantization.fp8_linears import (
     ONLINE_ALGOS,
     Fp8Linears,
     placeholder_weight,
+    quantizable_experts,
     quantizable_linears,
+    quantize_experts,
     quantize_model,
     quantize_weight,
 )
@@ -56,6 +60,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,  # on one GPU; parallel ranks load transformers' (parallel/)
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": GemmaForCausalLM,
     "Gemma3ForCausalLM": GemmaForCausalLM,
@@ -132,10 +137,16 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     with torch.device("meta"):  # the model file builds unquantized layers; the layout is read here
         model = model_cls(model_cls.config_class.from_hf(
             {k: v for k, v in hf_config.items() if k != "quantization_config"}))
+    expert_slot = ExpertSlots(getattr(model_cls, "expert_tensors", None))
+    if layout is not None and expert_slot.tensors:
+        raise ValueError(f"{path}: a pre-quantized {architecture} checkpoint: reading its FP8 experts into "
+                         f"{model_cls.__module__} is not built (QuantConfig FP8 quantizes the bf16 checkpoint's)")
     expected, aliases = _expected_tensors(model)
     rename = getattr(model_cls, "checkpoint_name", None) or (lambda name: name)  # checkpoint -> module names
     tensor_file = _check_checkpoint(files, expected, aliases,
-                                    (lambda name: is_quantization_tensor(layout, name)) if layout else None, rename)
+                                    (lambda name: is_quantization_tensor(layout, name)) if layout else None, rename,
+                                    expert_slot)
+    stacks: dict[str, torch.Tensor] = {}  # 3-D expert parameters, filled expert by expert
     fp8 = Fp8CheckpointTensors(layout, str(path)) if layout is not None else None
     online = Fp8Linears(source=f"QuantConfig(quant_algo={quant_algo.value})") if quant_algo is not None else None
     online_weights = {f"{p}.weight": p for p in quantizable_linears(model)} if online is not None else {}
@@ -146,6 +157,16 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
         with _open_safetensors(file) as f:
             for stored in f.keys():
                 name = rename(stored)
+                slot = expert_slot(name)
+                if slot is not None:  # one expert's projection: its rows of a 3-D parameter
+                    param, e, rows = slot
+                    if param not in stacks:
+                        stacks[param] = torch.empty(expected[param], dtype=dtype, device=device)
+                    t = f.get_tensor(stored)
+                    stacks[param][e, rows * t.shape[0]:(rows + 1) * t.shape[0]].copy_(t)
+                    if bar is not None:
+                        bar.update(t.numel() * t.element_size())
+                    continue
                 if tensor_file.get(name) != file:
                     continue  # an alias (tied lm_head) or a harmless extra
                 if leave_unloaded is not None and leave_unloaded(name):
@@ -172,9 +193,13 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     if bar is not None:
         bar.close()
 
+    for param, stack in stacks.items():
+        _assign(model, param, stack)
     if fp8 is not None:
         fp8.finish(model, dtype)
     if online is not None:
+        for expert_path in quantizable_experts(model):  # whole 3-D experts now: quantized as transformers' are
+            online.experts[expert_path] = quantize_experts(model.get_submodule(expert_path), quant_algo)
         online.attach(model)
     for alias, target in aliases.items():  # re-tie: point aliases at the loaded Parameter
         _assign(model, alias, model.get_parameter(target))
@@ -269,16 +294,28 @@ def _expected_tensors(model: nn.Module) -> tuple[dict[str, torch.Size], dict[str
 
 
 def _check_checkpoint(files: list[Path], expected: dict, aliases: dict, is_scale=None,
-                      rename=lambda name: name) -> dict[str, Path]:
+                      rename=lambda name: name, expert_slot: ExpertSlots | None = None) -> dict[str, Path]:
     """Match checkpoint tensors (names and shapes, read from headers only) to the model's;
     `is_scale(name)` names the quantized layout's extra tensors (checked when read);
-    `rename`: a checkpoint name -> the model's (a model file's `checkpoint_name`)."""
+    `rename`: a checkpoint name -> the model's (a model file's `checkpoint_name`);
+    `expert_slot`: per-expert tensors that make 3-D parameters (each expert's every row block
+    must be there)."""
     tensor_file, unexpected = {}, []
+    filled: dict[str, set[tuple[int, int]]] = {}
     for file in files:
         with _open_safetensors(file) as f:
             for stored in f.keys():
                 name = rename(stored)
                 shape = torch.Size(f.get_slice(stored).get_shape())
+                slot = expert_slot(name) if expert_slot is not None else None
+                if slot is not None and slot[0] in expected:
+                    param, e, rows = slot
+                    want = expert_slot.shape(expected[param], param)
+                    if shape != want or not 0 <= e < expected[param][0]:
+                        raise ValueError(f"{file.name}: tensor {name!r} has shape {tuple(shape)}, the model expects "
+                                         f"{tuple(want)} for experts 0..{expected[param][0] - 1}")
+                    filled.setdefault(param, set()).add((e, rows))
+                    continue
                 if name in expected:
                     if shape != expected[name]:
                         raise ValueError(f"{file.name}: tensor {name!r} has shape {tuple(shape)}, "
@@ -290,6 +327,8 @@ def _check_checkpoint(files: list[Path], expected: dict, aliases: dict, is_scale
                     tensor_file[name] = file
                 else:
                     unexpected.append(f"{name} (in {file.name})")
+    for param in expert_slot.complete(filled, expected) if expert_slot is not None else []:
+        tensor_file[param] = files[0]  # stacked from the per-expert tensors
     missing = [n for n in expected if n not in tensor_file]
     if missing:
         raise ValueError(f"tensors expected by the model are absent from the checkpoint "

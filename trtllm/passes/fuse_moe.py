@@ -1,7 +1,8 @@
 """Mixture-of-experts blocks become `trtllm.moe_routing` + `trtllm.fused_moe`.
 
 Before (transformers 5.17's Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE as dynamo captures them,
-with HF's default `grouped_mm` experts; or a plain-PyTorch MoE with a loop over experts):
+with HF's default `grouped_mm` experts; models/qwen3_moe.py's gathered einsums over its 3-D
+experts; or a plain-PyTorch MoE with a loop over experts):
 
     logits = linear(x, W_router)                 # [T, E]   (kept: any router computing logits)
     probs = softmax(logits.float(), dim=-1)      # fp32 softmax

@@ -1,0 +1,86 @@
+"""models/qwen3_moe.py: transformers' Qwen3-MoE in our file. The checkpoint's per-expert tensors
+stacked into the 3-D experts by the loader; eager logits equal HF's in both forms of the experts'
+forward; the router kept out of FP8 quantization while the experts become FP8 experts; a
+checkpoint missing an expert, or of another expert width, refused naming the tensors.
+(Greedy against HF generate through LLM: tests/runtime/test_llm_families.py.)"""
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.models.checkpoints import hf_model, random_batch, write_checkpoint
+from trtllm.config import QuantAlgo
+from trtllm.models import qwen3_moe
+from trtllm.models.loader import load_model
+from trtllm.quantization.fp8_linears import fp8_linears_of
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return write_checkpoint("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe"), vocab_size=512)
+
+
+def test_loads_the_per_expert_tensors_stacked(path):
+    model = load_model(path, dtype=torch.float32, device="cpu")
+    assert isinstance(model, qwen3_moe.Qwen3MoeForCausalLM)
+    assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["MLP", "SparseMoeBlock"]  # mlp_only_layers
+    stored = load_file(path / "model.safetensors")
+    experts = model.model.layers[1].mlp.experts
+    inter = experts.down_proj.shape[2]
+    for e in range(experts.gate_up_proj.shape[0]):
+        prefix = f"model.layers.1.mlp.experts.{e}"
+        assert torch.equal(experts.gate_up_proj[e, :inter], stored[f"{prefix}.gate_proj.weight"])
+        assert torch.equal(experts.gate_up_proj[e, inter:], stored[f"{prefix}.up_proj.weight"])
+        assert torch.equal(experts.down_proj[e], stored[f"{prefix}.down_proj.weight"])
+
+
+@pytest.mark.parametrize("seq_len", [5, 40], ids=["gathered", "looped"])  # 2 x 5 x 2 slots <= 64 < 1 x 40 x 2
+def test_eager_logits_equal_hf(path, seq_len):
+    model = load_model(path, dtype=torch.float32, device="cpu")
+    ids = random_batch(512, batch=2 if seq_len == 5 else 1, seq_len=seq_len)
+    positions = torch.arange(seq_len).expand(ids.shape[0], seq_len)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, positions), hf_model(path)(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_quantizes_the_experts_and_not_the_router(path):
+    model = load_model(path, dtype=torch.float32, device="cpu", quant_algo=QuantAlgo.FP8)
+    linears = fp8_linears_of(model)
+    assert list(linears.experts) == ["model.layers.1.mlp.experts"]
+    assert "model.layers.1.self_attn.q_proj" in linears.linears and "model.layers.0.mlp.gate_proj" in linears.linears
+    assert not any("mlp.gate" == p.rpartition(".")[0][-8:] for p in linears.linears)  # the router: not an nn.Linear
+    assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
+
+
+def test_a_missing_expert_or_another_width_is_refused_by_name(path, tmp_path):
+    def rewrite(edit):
+        copy = shutil.copytree(path, tmp_path / f"ckpt{len(list(tmp_path.iterdir()))}")
+        tensors = load_file(copy / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+        return copy
+
+    missing = rewrite(lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"holds 7 of the 8 per-expert tensors that make "
+                                         r"'model.layers.1.mlp.experts.gate_up_proj': absent "
+                                         r"\['model.layers.1.mlp.experts.3.up_proj.weight'\]"):
+        load_model(missing, dtype=torch.float32, device="cpu")
+    wide = rewrite(lambda t: t.update({"model.layers.1.mlp.experts.2.down_proj.weight": torch.zeros(64, 48)}))
+    with pytest.raises(ValueError, match=r"experts.2.down_proj.weight' has shape \(64, 48\), the model expects "
+                                         r"\(64, 32\)"):
+        load_model(wide, dtype=torch.float32, device="cpu")
+
+
+def test_a_pre_quantized_checkpoint_is_refused_by_name(path, tmp_path):
+    """Qwen3-30B-A3B-FP8's layout (128 x 128 block scales): its FP8 experts are not read into the
+    3-D parameters yet; refused before any tensor is read, never loaded as bf16 under an FP8 name."""
+    import json
+
+    copy = shutil.copytree(path, tmp_path / "fp8")
+    config = json.loads((copy / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="pre-quantized Qwen3MoeForCausalLM checkpoint: reading its FP8 experts"):
+        load_model(copy, dtype=torch.bfloat16, device="cpu")
