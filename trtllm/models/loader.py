@@ -37,6 +37,7 @@ from trtllm.models.falcon import FalconForCausalLM
 from trtllm.models.gemma import GemmaForCausalLM
 from trtllm.models.llama import LlamaForCausalLM
 from trtllm.models.llava import LlavaForConditionalGeneration
+from trtllm.models.mixtral import MixtralForCausalLM
 from trtllm.models.mpt import MptForCausalLM
 from trtllm.models.phi3 import Phi3ForCausalLM
 from trtllm.models.qwen2_5_vl import Qwen25VLForConditionalGeneration
@@ -58,6 +59,7 @@ from trtllm.quantization.fp8_linears import (
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,  # on one GPU; parallel ranks load transformers' (parallel/)
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,  # on one GPU; parallel ranks load transformers' (parallel/)

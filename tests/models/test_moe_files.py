@@ -1,4 +1,4 @@
-"""models/qwen3_moe.py: transformers' Qwen3-MoE in our file. The checkpoint's per-expert tensors
+"""models/qwen3_moe.py and models/mixtral.py: transformers' Qwen3-MoE and Mixtral in our files. The checkpoint's per-expert tensors
 stacked into the 3-D experts by the loader; eager logits equal HF's in both forms of the experts'
 forward; the router kept out of FP8 quantization while the experts become FP8 experts; a
 checkpoint missing an expert, or of another expert width, refused naming the tensors.
@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.models.checkpoints import hf_model, random_batch, write_checkpoint
 from trtllm.config import QuantAlgo
-from trtllm.models import qwen3_moe
+from trtllm.models import mixtral, qwen3_moe
 from trtllm.models.loader import load_model
 from trtllm.quantization.fp8_linears import fp8_linears_of
 
@@ -84,3 +84,21 @@ def test_a_pre_quantized_checkpoint_is_refused_by_name(path, tmp_path):
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="pre-quantized Qwen3MoeForCausalLM checkpoint: reading its FP8 experts"):
         load_model(copy, dtype=torch.bfloat16, device="cpu")
+
+
+def test_mixtral_stacks_w1_w3_w2_and_gives_hf_logits(tmp_path):
+    path = write_checkpoint("mixtral", tmp_path / "mixtral", vocab_size=512)
+    model = load_model(path, dtype=torch.float32, device="cpu")
+    assert isinstance(model, mixtral.MixtralForCausalLM)
+    stored = load_file(path / "model.safetensors")
+    experts = model.model.layers[0].block_sparse_moe.experts
+    inter = experts.down_proj.shape[2]
+    prefix = "model.layers.0.block_sparse_moe.experts.3"
+    assert torch.equal(experts.gate_up_proj[3, :inter], stored[f"{prefix}.w1.weight"])
+    assert torch.equal(experts.gate_up_proj[3, inter:], stored[f"{prefix}.w3.weight"])
+    assert torch.equal(experts.down_proj[3], stored[f"{prefix}.w2.weight"])
+    for seq_len in (5, 40):  # gathered, looped
+        ids = random_batch(512, batch=1, seq_len=seq_len)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids, torch.arange(seq_len)[None]), hf_model(path)(ids).logits,
+                                       rtol=1e-5, atol=1e-5)
