@@ -26,7 +26,8 @@ OWN_FILE = {"gemma": "gemma.GemmaForCausalLM", "gemma2": "gemma.GemmaForCausalLM
             "bloom": "bloom.BloomForCausalLM", "bloom_post_ln": "bloom.BloomForCausalLM",
             "mpt": "mpt.MptForCausalLM", "mpt_clip": "mpt.MptForCausalLM",
             "falcon": "falcon.FalconForCausalLM", "falcon_7b": "falcon.FalconForCausalLM",
-            "qwen3_moe": "qwen3_moe.Qwen3MoeForCausalLM", "mixtral": "mixtral.MixtralForCausalLM"}
+            "qwen3_moe": "qwen3_moe.Qwen3MoeForCausalLM", "mixtral": "mixtral.MixtralForCausalLM",
+            "qwen2_moe": "qwen2_moe.Qwen2MoeForCausalLM"}
 
 
 def checkpoint(family, tmp_path_factory):

@@ -41,6 +41,7 @@ from trtllm.models.mixtral import MixtralForCausalLM
 from trtllm.models.mpt import MptForCausalLM
 from trtllm.models.phi3 import Phi3ForCausalLM
 from trtllm.models.qwen2_5_vl import Qwen25VLForConditionalGeneration
+from trtllm.models.qwen2_moe import Qwen2MoeForCausalLM
 from trtllm.models.qwen3_moe import Qwen3MoeForCausalLM
 from trtllm.parallel.tensor_parallel import unloaded
 from trtllm.quantization.checkpoint import Fp8CheckpointTensors, checkpoint_layout, is_quantization_tensor
@@ -62,7 +63,8 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,  # on one GPU; parallel ranks load transformers' (parallel/)
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
-    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,  # on one GPU; parallel ranks load transformers' (parallel/)
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,  # on one GPU; parallel ranks load transformers' (parallel/)
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,  # likewise
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": GemmaForCausalLM,
     "Gemma3ForCausalLM": GemmaForCausalLM,
