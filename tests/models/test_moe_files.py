@@ -1,4 +1,4 @@
-"""models/qwen3_moe.py, mixtral.py, qwen2_moe.py: transformers' Qwen3-MoE, Mixtral and Qwen2-MoE in our files. The checkpoint's per-expert tensors
+"""models/qwen3_moe.py, mixtral.py, qwen2_moe.py, olmoe.py: transformers' MoE families in our files. The checkpoint's per-expert tensors
 stacked into the 3-D experts by the loader; eager logits equal HF's in both forms of the experts'
 forward; the router kept out of FP8 quantization while the experts become FP8 experts; a
 checkpoint missing an expert, or of another expert width, refused naming the tensors.
@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.models.checkpoints import hf_model, random_batch, write_checkpoint
 from trtllm.config import QuantAlgo
-from trtllm.models import mixtral, qwen2_moe, qwen3_moe
+from trtllm.models import mixtral, olmoe, qwen2_moe, qwen3_moe
 from trtllm.models.loader import load_model
 from trtllm.quantization.fp8_linears import fp8_linears_of
 
@@ -109,6 +109,25 @@ def test_qwen2_moe_with_its_shared_expert_gives_hf_logits(tmp_path):
     model = load_model(path, dtype=torch.float32, device="cpu")
     assert isinstance(model, qwen2_moe.Qwen2MoeForCausalLM)
     assert model.model.layers[0].mlp.shared_expert.up_proj.weight.shape[0] == 48  # shared_expert_intermediate_size
+    for seq_len in (5, 40):  # gathered, looped
+        ids = random_batch(512, batch=1, seq_len=seq_len)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids, torch.arange(seq_len)[None]), hf_model(path)(ids).logits,
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("clip_qkv", [None, 0.05])
+def test_olmoe_with_its_projection_qk_norm_gives_hf_logits(tmp_path, clip_qkv):
+    """OLMoE's q_norm / k_norm span the whole projection; clip_qkv (when set) clamps q, k, v after them."""
+    import json
+
+    path = write_checkpoint("olmoe", tmp_path / "olmoe", vocab_size=512)
+    if clip_qkv is not None:
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "clip_qkv": clip_qkv}))
+    model = load_model(path, dtype=torch.float32, device="cpu")
+    assert isinstance(model, olmoe.OlmoeForCausalLM)
+    assert model.model.layers[0].self_attn.q_norm.weight.shape[0] == model.config.hidden_size
     for seq_len in (5, 40):  # gathered, looped
         ids = random_batch(512, batch=1, seq_len=seq_len)
         with torch.no_grad():

@@ -27,7 +27,7 @@ OWN_FILE = {"gemma": "gemma.GemmaForCausalLM", "gemma2": "gemma.GemmaForCausalLM
             "mpt": "mpt.MptForCausalLM", "mpt_clip": "mpt.MptForCausalLM",
             "falcon": "falcon.FalconForCausalLM", "falcon_7b": "falcon.FalconForCausalLM",
             "qwen3_moe": "qwen3_moe.Qwen3MoeForCausalLM", "mixtral": "mixtral.MixtralForCausalLM",
-            "qwen2_moe": "qwen2_moe.Qwen2MoeForCausalLM"}
+            "qwen2_moe": "qwen2_moe.Qwen2MoeForCausalLM", "olmoe": "olmoe.OlmoeForCausalLM"}
 
 
 def checkpoint(family, tmp_path_factory):

@@ -39,6 +39,7 @@ from trtllm.models.llama import LlamaForCausalLM
 from trtllm.models.llava import LlavaForConditionalGeneration
 from trtllm.models.mixtral import MixtralForCausalLM
 from trtllm.models.mpt import MptForCausalLM
+from trtllm.models.olmoe import OlmoeForCausalLM
 from trtllm.models.phi3 import Phi3ForCausalLM
 from trtllm.models.qwen2_5_vl import Qwen25VLForConditionalGeneration
 from trtllm.models.qwen2_moe import Qwen2MoeForCausalLM
@@ -65,6 +66,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,  # on one GPU; parallel ranks load transformers' (parallel/)
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,  # likewise
+    "OlmoeForCausalLM": OlmoeForCausalLM,  # likewise
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": GemmaForCausalLM,
     "Gemma3ForCausalLM": GemmaForCausalLM,
