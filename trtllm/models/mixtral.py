@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trtllm.models.llama import Attention, LlamaConfig, RMSNorm, RotaryEmbedding
-from trtllm.models.qwen3_moe import SparseMoeBlock
+from trtllm.models.llama import Attention, LlamaConfig, RMSNorm
+from trtllm.models.qwen3_moe import Qwen3MoeForCausalLM, SparseMoeBlock
 
 HF_ARCHITECTURES = ("MixtralForCausalLM",)
 EXPERT_TENSORS = {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", 0)}
@@ -58,44 +58,10 @@ class DecoderLayer(nn.Module):
         return h + self.block_sparse_moe(self.post_attention_layernorm(h))
 
 
-class MixtralModel(nn.Module):
-    def __init__(self, config: MixtralConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # [B, S] -> [B, S, hidden]
-        x = self.embed_tokens(input_ids)  # [B, S, hidden]
-        cos, sin = self.rotary_emb(positions, x.dtype)  # [B, S, D]
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
-
-
-class MixtralForCausalLM(nn.Module):
+class MixtralForCausalLM(Qwen3MoeForCausalLM):
     """Module and parameter names mirror the checkpoints' (model.layers.{i}.block_sparse_moe.gate,
     the rest as models/llama.py); the per-expert tensors are stacked by the loader."""
 
     config_class = MixtralConfig
     expert_tensors = EXPERT_TENSORS
-
-    def __init__(self, config: MixtralConfig):
-        super().__init__()
-        self.config = config
-        self.model = MixtralModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.tie_weights()
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def init_buffers(self, device: torch.device | str | None = None) -> None:
-        device = device if device is not None else self.model.embed_tokens.weight.device
-        self.model.rotary_emb.init_buffers(device)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: LongTensor [B, S] -> logits [B, S, V]."""
-        return self.lm_head(self.model(input_ids, positions))
+    decoder_layer = DecoderLayer

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trtllm.models.llama import Attention, LlamaConfig, RMSNorm, RotaryEmbedding, apply_rotary_pos_emb
-from trtllm.models.qwen3_moe import EXPERT_TENSORS, SparseMoeBlock
+from trtllm.models.llama import Attention, LlamaConfig, RMSNorm, apply_rotary_pos_emb
+from trtllm.models.qwen3_moe import EXPERT_TENSORS, Qwen3MoeForCausalLM, SparseMoeBlock
 
 HF_ARCHITECTURES = ("OlmoeForCausalLM",)
 
@@ -79,44 +79,10 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class OlmoeModel(nn.Module):
-    def __init__(self, config: OlmoeConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # [B, S] -> [B, S, hidden]
-        x = self.embed_tokens(input_ids)  # [B, S, hidden]
-        cos, sin = self.rotary_emb(positions, x.dtype)  # [B, S, D]
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
-
-
-class OlmoeForCausalLM(nn.Module):
+class OlmoeForCausalLM(Qwen3MoeForCausalLM):
     """Module and parameter names mirror the checkpoints' (q_norm / k_norm over the projections,
     model.layers.{i}.mlp.gate, the rest as models/llama.py); per-expert tensors stacked by the loader."""
 
     config_class = OlmoeConfig
     expert_tensors = EXPERT_TENSORS
-
-    def __init__(self, config: OlmoeConfig):
-        super().__init__()
-        self.config = config
-        self.model = OlmoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.tie_weights()
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def init_buffers(self, device: torch.device | str | None = None) -> None:
-        device = device if device is not None else self.model.embed_tokens.weight.device
-        self.model.rotary_emb.init_buffers(device)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: LongTensor [B, S] -> logits [B, S, V]."""
-        return self.lm_head(self.model(input_ids, positions))
+    decoder_layer = DecoderLayer

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trtllm.models.llama import MLP, Attention, LlamaConfig, RMSNorm, RotaryEmbedding
-from trtllm.models.qwen3_moe import EXPERT_TENSORS, SparseMoeBlock
+from trtllm.models import qwen3_moe
+from trtllm.models.llama import MLP, LlamaConfig
+from trtllm.models.qwen3_moe import EXPERT_TENSORS, Qwen3MoeForCausalLM, SparseMoeBlock
 
 HF_ARCHITECTURES = ("Qwen2MoeForCausalLM",)
 
@@ -69,57 +70,14 @@ class SharedExpertMoeBlock(SparseMoeBlock):
         return super().forward(x) + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen2MoeConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = Attention(config, layer_idx)
-        self.mlp = SharedExpertMoeBlock(config) if config.is_moe_layer(layer_idx) else MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # [B, S, hidden]
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return h + self.mlp(self.post_attention_layernorm(h))
+class DecoderLayer(qwen3_moe.DecoderLayer):
+    moe_block = SharedExpertMoeBlock
 
 
-class Qwen2MoeModel(nn.Module):
-    def __init__(self, config: Qwen2MoeConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # [B, S] -> [B, S, hidden]
-        x = self.embed_tokens(input_ids)  # [B, S, hidden]
-        cos, sin = self.rotary_emb(positions, x.dtype)  # [B, S, D]
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
-
-
-class Qwen2MoeForCausalLM(nn.Module):
+class Qwen2MoeForCausalLM(Qwen3MoeForCausalLM):
     """Module and parameter names mirror the checkpoints' (model.layers.{i}.mlp.gate, .mlp.shared_expert.*,
     .mlp.shared_expert_gate, the rest as models/llama.py); the per-expert tensors are stacked by the loader."""
 
     config_class = Qwen2MoeConfig
     expert_tensors = EXPERT_TENSORS
-
-    def __init__(self, config: Qwen2MoeConfig):
-        super().__init__()
-        self.config = config
-        self.model = Qwen2MoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.tie_weights()
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def init_buffers(self, device: torch.device | str | None = None) -> None:
-        device = device if device is not None else self.model.embed_tokens.weight.device
-        self.model.rotary_emb.init_buffers(device)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: LongTensor [B, S] -> logits [B, S, V]."""
-        return self.lm_head(self.model(input_ids, positions))
+    decoder_layer = DecoderLayer

@@ -119,10 +119,12 @@ class SparseMoeBlock(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    moe_block = SparseMoeBlock  # Qwen2-MoE's adds its shared expert (models/qwen2_moe.py)
+
     def __init__(self, config: Qwen3MoeConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
-        self.mlp = SparseMoeBlock(config) if config.is_moe_layer(layer_idx) else MLP(config)
+        self.mlp = self.moe_block(config) if config.is_moe_layer(layer_idx) else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -131,11 +133,14 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Qwen3MoeModel(nn.Module):
-    def __init__(self, config: Qwen3MoeConfig):
+class MoeModel(nn.Module):
+    """Embedding, `layer(config, i)` for every layer, final norm; rope shared by the layers. The MoE
+    files (this one, mixtral.py, qwen2_moe.py, olmoe.py) differ only in their decoder layer."""
+
+    def __init__(self, config: LlamaConfig, layer: type[nn.Module]):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
@@ -150,15 +155,17 @@ class Qwen3MoeModel(nn.Module):
 class Qwen3MoeForCausalLM(nn.Module):
     """Module and parameter names mirror transformers 5's (model.layers.{i}.mlp.gate,
     .mlp.experts.gate_up_proj / down_proj, the rest as models/llama.py); a checkpoint's
-    per-expert tensors are stacked into the experts' parameters by the loader."""
+    per-expert tensors are stacked into the experts' parameters by the loader. The other MoE
+    files subclass it with their config, checkpoint names and decoder layer."""
 
     config_class = Qwen3MoeConfig
     expert_tensors = EXPERT_TENSORS
+    decoder_layer = DecoderLayer
 
-    def __init__(self, config: Qwen3MoeConfig):
+    def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        self.model = Qwen3MoeModel(config)
+        self.model = MoeModel(config, self.decoder_layer)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
