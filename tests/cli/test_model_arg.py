@@ -5,6 +5,7 @@ import torch
 from tests.models.checkpoints import write_checkpoint
 from trtllm.cli.model_arg import PRESETS, UnknownModel, build_preset, resolve_model
 from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
+from trtllm.models.loader import ARCHITECTURES
 
 
 def test_demo_directory_and_preset_resolve(tmp_path):
@@ -50,18 +51,24 @@ def test_moe_presets_have_the_published_models_shapes(name, parameters):
         model = transformers.AutoModelForCausalLM.from_config(
             transformers.AutoConfig.for_model(PRESETS[name]["model_type"], **config))
     assert sum(p.numel() for p in model.parameters()) == parameters
+    ours = ARCHITECTURES.get(PRESETS[name]["architectures"][0])
+    if ours is not None:  # the preset builds our file: the same parameter count
+        with torch.device("meta"):
+            model = ours(ours.config_class.from_hf(PRESETS[name]))
+        assert sum(p.numel() for p in model.parameters()) == parameters
 
 
-@pytest.mark.parametrize("name, hf_class", [("tiny-qwen3-moe", "Qwen3MoeForCausalLM"),
-                                            ("tiny-mixtral", "MixtralForCausalLM"),
-                                            ("tiny-deepseek-v2", "DeepseekV2ForCausalLM")])
-def test_an_moe_preset_is_transformers_module_seeded_and_fused_by_llm(name, hf_class):
+@pytest.mark.parametrize("name, module", [("tiny-qwen3-moe", "trtllm.models.qwen3_moe.Qwen3MoeForCausalLM"),
+                                          ("tiny-mixtral", "trtllm.models.mixtral.MixtralForCausalLM"),
+                                          ("tiny-deepseek-v2", "transformers.models.deepseek_v2.modeling_deepseek_v2."
+                                                               "DeepseekV2ForCausalLM")])
+def test_an_moe_preset_is_our_file_or_transformers_module_seeded_and_fused_by_llm(name, module):
     from trtllm.config import BuildConfig
     from trtllm.runtime.llm import LLM
     from trtllm.sampling_params import SamplingParams
 
     a = build_preset(PRESETS[name], dtype="bfloat16", device="cpu", seed=1)
-    assert type(a).__name__ == hf_class and {p.dtype for p in a.parameters()} == {torch.bfloat16}
+    assert f"{type(a).__module__}.{type(a).__name__}" == module and {p.dtype for p in a.parameters()} == {torch.bfloat16}
     b = build_preset(PRESETS[name], dtype="bfloat16", device="cpu", seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     experts = next(m for m in a.modules() if hasattr(m, "gate_up_proj")).gate_up_proj  # DeepSeek: layer 0 dense

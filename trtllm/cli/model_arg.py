@@ -8,9 +8,9 @@
 
 NAME_OR_DIR is, in this order: "demo" (the built-in demo model, trtllm/demo.py); an
 existing directory (an HF checkpoint, loaded as `LLM(model=dir)` loads it); or a preset
-of PRESETS: a real model's config.json values, built by our own model file
-(trtllm/models/llama.py), or for a family we have no file for (the MoE presets: Qwen3-MoE,
-Mixtral, DeepSeek-V2-Lite) by transformers' module as `LLM(model=dir)` would load it, with random weights in
+of PRESETS: a real model's config.json values, built by our own model file where
+models/loader.ARCHITECTURES names one (llama.py, qwen3_moe.py, mixtral.py), else (DeepSeek-V2-Lite)
+by transformers' module as `LLM(model=dir)` would load it, with random weights in
 the requested dtype on the device, so it runs at real shapes with nothing downloaded (its
 tokens are noise; there is no tokenizer).
 Anything else is an `UnknownModel` error: one that looks like a path says the directory
@@ -51,7 +51,7 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
         use_sliding_window=False, sliding_window=None, bos_token_id=151643, eos_token_id=151645,
         torch_dtype="bfloat16"),
-    # MoE (transformers' modules; passes/fuse_moe.py fuses their blocks). 30.5B / 46.7B parameters.
+    # MoE (models/qwen3_moe.py, mixtral.py; passes/fuse_moe.py fuses their blocks). 30.5B / 46.7B parameters.
     "qwen3-30b-a3b": dict(
         architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
         intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
@@ -174,10 +174,9 @@ def build_preset(config: dict, dtype: str = "auto", device=None, seed: int = 0):
     """The model for `config` with random weights (norm weights ~1, matrices ~N(0, 1/fan_in),
     as bench/bench_e2e.py; fan_in = the last dim, also for 3-D expert weights), made directly
     in `dtype` on `device` (cuda if there is one): no fp32 copy, no host round trip. Our
-    Llama-family module where loader.ARCHITECTURES names our file, else transformers' module."""
+    module where loader.ARCHITECTURES names our file, else transformers' module."""
     import torch
 
-    from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
     from trtllm.models.loader import ARCHITECTURES
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -185,10 +184,10 @@ def build_preset(config: dict, dtype: str = "auto", device=None, seed: int = 0):
     if key not in dtypes:
         raise ValueError(f"dtype must be one of auto, {', '.join(dtypes)}; got {dtype!r}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    ours = ARCHITECTURES.get((config.get("architectures") or [None])[0]) is LlamaForCausalLM
-    if ours:
+    ours = ARCHITECTURES.get((config.get("architectures") or [None])[0])
+    if ours is not None:
         with torch.device("meta"):
-            model = LlamaForCausalLM(LlamaConfig.from_hf(config)).to(dtypes[key])
+            model = ours(ours.config_class.from_hf(config)).to(dtypes[key])
         model.to_empty(device=device)
         model.tie_weights()
     else:
@@ -200,7 +199,7 @@ def build_preset(config: dict, dtype: str = "auto", device=None, seed: int = 0):
                 p.normal_(1.0, 0.05, generator=generator)
             else:
                 p.normal_(0.0, p.shape[-1] ** -0.5, generator=generator)
-    if ours:
+    if ours is not None:
         model.init_buffers(device)
     return model.eval().requires_grad_(False)
 
