@@ -376,3 +376,28 @@ def test_one_expert_load_counts_one_model():
     load.bind(first)  # a recompile of the same model
     with pytest.raises(ValueError, match="already counts another model"):
         load.bind(second)
+
+
+def test_the_check_runs_a_few_tokens_whatever_the_example_inputs_hold(monkeypatch):
+    """The gathered form (models/qwen3_moe.py traced) holds T * k expert copies: the check runs
+    CHECK_TOKENS of a dynamic token count, not the example's (8,192 on the H200 bench: 384 GiB)."""
+    from trtllm.models.qwen3_moe import Qwen3MoeConfig, SparseMoeBlock
+    from trtllm.passes import moe_check
+
+    config = Qwen3MoeConfig(vocab_size=8, hidden_size=H, intermediate_size=INTER, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=16, moe_intermediate_size=INTER,
+                            num_experts=E, num_experts_per_tok=2, norm_topk_prob=True)
+    torch.manual_seed(0)
+    block = SparseMoeBlock(config).eval()
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.2)
+    x = torch.randn(1, 100, H)
+    torch._dynamo.mark_dynamic(x, 1)
+    cap = capture(block, x)
+    checked = []
+    ref = moe_check.fused_moe_ref
+    monkeypatch.setattr(moe_check, "fused_moe_ref", lambda x, *a: checked.append(x.shape[0]) or ref(x, *a))
+    assert cap.apply(fuse_moe) == 1 and ops(cap) == {"routing": 1, "fused": 1}
+    assert checked == [moe_check.CHECK_TOKENS]
+    with torch.no_grad():
+        torch.testing.assert_close(cap.run(), block(x), rtol=1e-5, atol=1e-5)

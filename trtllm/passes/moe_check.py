@@ -4,7 +4,7 @@
 3-D tensors as they are (or the FP8 experts whose placeholders they are), or per-expert
 `down(silu(gate(a)) * up(a))` linears in graph order, stacked once as constant inputs.
 
-`check_numerics` then runs the region once, on random tokens with random distinct expert ids
+`check_numerics` then runs the region once, on a few random tokens (CHECK_TOKENS) with random distinct expert ids
 and the real weights (random ones of their shapes where the real ones cannot be read: a
 tensor-parallel rank's unloaded stand-ins, FP8 placeholders), beside `fused_moe_ref`: only a
 region that agrees (moe_match.TOLERANCE: relative error 1e-3 in fp32, 3e-2 in bf16/fp16) is
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -24,6 +25,12 @@ from trtllm.parallel.tensor_parallel import is_unloaded
 from trtllm.passes.match import arg, kind, value
 from trtllm.passes.moe_match import TOLERANCE, NotMatched, size_hint, subgraph
 from trtllm.quantization.fp8_linears import Fp8Experts
+
+# tokens the check runs (per symbolic token size): enough for random ids to reach many experts.
+# Not the example inputs' count: a region that gathers each slot's expert weights (the traced
+# form of models/qwen3_moe.py) would hold T * k expert copies, 384 GiB for Qwen3-30B-A3B at
+# the H200 bench's 8,192 tokens.
+CHECK_TOKENS = 16
 
 
 @dataclass
@@ -117,14 +124,15 @@ def check_numerics(region, out, x, routing, params, sizes, experts, ctx, where) 
         gw = torch.Generator(device=dev).manual_seed(1)
         real = {p: torch.randn(t.shape, generator=gw, device=dev).to(t.dtype) * 0.1 for p, t in real.items()}
         w13, w2 = real[experts.w13], real[experts.w2]
-    shape = tuple(size_hint(d) for d in xv.shape)
+    fewer = _fewer_tokens(xv.shape[:-1])
+    shape = tuple(_size(d, fewer) for d in xv.shape)
     tokens, top_k = shape[:-1], idv.shape[-1]
     g = torch.Generator(device=dev).manual_seed(0)
     x_real = torch.randn(shape, generator=g, device=dev).to(xv.dtype)
     ids = torch.rand((*tokens, num_experts), generator=g, device=dev).argsort(dim=-1)[..., :top_k]
     weights = torch.rand((*tokens, top_k), generator=g, device=dev)
     args = [x_real, ids.to(idv.dtype), weights.to(wv.dtype), *(real[p] for p in params),
-            *(size_hint(value(s)) for s in sizes)]
+            *(_size(value(s), fewer) for s in sizes)]
     try:
         with torch.no_grad():
             got = module(*args).float().reshape(-1, shape[-1])
@@ -137,3 +145,20 @@ def check_numerics(region, out, x, routing, params, sizes, experts, ctx, where) 
     if not err <= TOLERANCE[xv.dtype]:
         raise NotMatched(f"the expert computation at {where} differs from fused_moe's (relative error {err:.3g} on "
                          "random tokens: another activation, weight layout or combine)")
+
+
+def _fewer_tokens(token_sizes) -> dict:
+    """symbol -> CHECK_TOKENS (or its hint if smaller) for each symbol in the token sizes."""
+    return {sym: sympy.Integer(min(size_hint(d), CHECK_TOKENS)) for d in token_sizes if isinstance(d, torch.SymInt)
+            for sym in d.node.expr.free_symbols}
+
+
+def _size(d, fewer: dict) -> int:
+    """A size with the token symbols set to `fewer`, the others to their hints."""
+    if isinstance(d, int) or not fewer:
+        return size_hint(d)
+    expr = sympy.sympify(d.node.expr).xreplace(fewer)
+    if expr.free_symbols:
+        size_hint(d)  # a data-dependent size: refused there
+        expr = expr.xreplace(d.node.shape_env.var_to_val)
+    return int(expr)
