@@ -52,6 +52,7 @@ FAMILIES = [  # (family, substrings of the kernel name), first match wins
     ("rotary", ("rotary",)),
     ("silu_mul", ("silu_mul",)),
     ("matmul", ("gemm", "gemv", "nvjet", "cutlass", "sm90", "xmma", "splitk", "matmul")),
+    ("sum (the MoE combine)", ("sum_functor",)),
     ("argmax / isfinite", ("argmax", "reduce", "isfinite", "arg_")),
     ("copy / fill", ("copy", "fill", "memcpy", "memset", "cat", "stack")),
 ]
