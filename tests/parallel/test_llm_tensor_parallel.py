@@ -17,7 +17,12 @@ from tests.runtime.tokenizers import make_tokenizer
 from trtllm import LLM, SamplingParams
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.runtime.outputs import RequestError
-from trtllm.runtime.speculative.config import DraftTargetDecodingConfig, EagleDecodingConfig, NGramDecodingConfig
+from trtllm.runtime.speculative.config import (
+    DraftTargetDecodingConfig,
+    EagleDecodingConfig,
+    MTPDecodingConfig,
+    NGramDecodingConfig,
+)
 
 PROMPTS = [[5, 17, 33, 9, 100, 42, 7, 8, 9, 10, 11, 12, 13, 14], [3, 4, 5], list(range(200, 214))]
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -127,10 +132,31 @@ def test_speculative_decoding_on_two_ranks_gives_one_ranks_tokens(tmp_path):
             assert stats["spec_accepted_tokens"] > 0 and stats["num_preemptions"] > 0, stats
 
 
+def test_eagle3_on_two_ranks_proposes_as_one_rank(tmp_path):
+    """The demo model's trained head (tools/train_eagle3_head.py) on rank 0 reads the target's
+    states and its whole embedding (rank 0 holds half the vocabulary's rows): the tokens and the
+    accepted drafts are one rank's; a broken stash or embedding would accept ~none."""
+    from trtllm.demo import HELDOUT_SAMPLE, demo_model_path, read_entries
+    from trtllm.runtime.tokenizer import load_tokenizer
+    model = demo_model_path()
+    prompts = [ids[:16] for ids in load_tokenizer(str(model))(read_entries(model / HELDOUT_SAMPLE)[:3])["input_ids"]]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    config = EagleDecodingConfig(max_draft_len=3, speculative_model_dir=str(model / "eagle3"))
+    runs = {}
+    for tp in (1, 2):
+        with LLM(str(model), dtype="float32", device="cpu", tensor_parallel_size=tp, speculative_config=config,
+                 kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=512),
+                 build_config=BuildConfig(max_batch_size=4, max_num_tokens=16, max_seq_len=64)) as llm:
+            runs[tp] = ([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)],
+                        llm.get_stats()["spec_accepted_tokens"])
+    assert runs[2] == runs[1]
+    assert runs[2][1] > len(prompts) * 10  # ~1.5-2 drafts accepted a step of a trained head
+
+
 def test_speculation_tensor_parallelism_cannot_run_is_refused_before_any_process_starts(tmp_path):
     path = checkpoint("llama31", tmp_path)
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 with EagleDecodingConfig is not supported yet"):
-        small_llm(path, tensor_parallel_size=2, speculative_config=EagleDecodingConfig(max_draft_len=2, speculative_model_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 with MTPDecodingConfig is not supported yet"):
+        small_llm(path, tensor_parallel_size=2, speculative_config=MTPDecodingConfig(max_draft_len=2))
     with pytest.raises(ValueError, match="pipeline_parallel_size=2 with NGramDecodingConfig is not supported yet"):
         small_llm(path, pipeline_parallel_size=2, speculative_config=NGramDecodingConfig(max_draft_len=2))
 

@@ -152,21 +152,24 @@ class Eagle3Draft(nn.Module):
 
 
 def load_eagle3(path: str | Path, target: nn.Module, dtype: torch.dtype | None = None,
-                device: torch.device | str | None = None) -> Eagle3Draft:
+                device: torch.device | str | None = None, target_embedding: torch.Tensor | None = None) -> Eagle3Draft:
     """The head in `path` (config.json + *.safetensors or pytorch_model.bin), its embedding the
-    target's unless it has its own; every tensor's name and shape checked."""
+    target's unless it has its own; every tensor's name and shape checked. `target_embedding`:
+    the target's whole embedding weight where `target` holds a stand-in (a tensor-parallel rank,
+    which reads only its vocabulary rows)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"EAGLE-3 head: no config.json in {path}")
     config = Eagle3Config.from_hf(json.loads(config_file.read_text()))
     weights = _read_weights(path)
-    target_embedding = input_embedding(target)
-    device = torch.device(device) if device is not None else target_embedding.weight.device
-    dtype = dtype or target_embedding.weight.dtype
-    if target_embedding.weight.shape != (config.vocab_size, config.hidden_size) and "embed_tokens.weight" not in weights:
+    if target_embedding is None:
+        target_embedding = input_embedding(target).weight
+    device = torch.device(device) if device is not None else target_embedding.device
+    dtype = dtype or target_embedding.dtype
+    if target_embedding.shape != (config.vocab_size, config.hidden_size) and "embed_tokens.weight" not in weights:
         raise ValueError(f"EAGLE-3 head {path}: no embed_tokens of its own and the target's embedding is "
-                         f"{tuple(target_embedding.weight.shape)}, not ({config.vocab_size}, {config.hidden_size})")
+                         f"{tuple(target_embedding.shape)}, not ({config.vocab_size}, {config.hidden_size})")
     with torch.device("meta"):
         draft = Eagle3Draft(config)
     expected = {name: p.shape for name, p in draft.named_parameters()}
@@ -179,7 +182,8 @@ def load_eagle3(path: str | Path, target: nn.Module, dtype: torch.dtype | None =
     # assigned, not copied into the meta module's fp32 tensors: the head takes `dtype`
     state = {k: v.to(device, dtype) for k, v in weights.items() if k in expected}
     if "embed_tokens.weight" not in state:
-        draft.embed_tokens.weight = target_embedding.weight  # shared, not copied
+        draft.embed_tokens.weight = target_embedding if isinstance(target_embedding, nn.Parameter) else \
+            nn.Parameter(target_embedding, requires_grad=False)  # shared, not copied
         expected.pop("embed_tokens.weight")
     draft.load_state_dict(state, strict=False, assign=True)
     draft.rotary_emb.init_buffers(device)

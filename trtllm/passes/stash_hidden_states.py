@@ -18,7 +18,10 @@ state before the final norm) `trtllm.stash_hidden(x1, done)`.
 The states leaving layer i are the one [B, S, H] tensor that nodes of layer i (module paths
 `...layers.<i>...`) make and nodes outside it read; anything else is a CompileError naming
 the candidates. Runs right after attention is paged, while every node still has its module
-path; refused under tensor and pipeline parallelism (no rank holds the whole states).
+path. Under tensor parallelism it runs before shard_tensor_parallel, on the whole graph: the
+states leaving a layer are the residual stream, whole on every rank after the row-parallel
+all-reduce, so rank 0 (whose engine runs the head) stashes them as one rank does. Refused under
+pipeline parallelism (no stage holds every layer's states).
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ def stash_hidden_states(graph: fx.Graph, ctx: PassContext) -> int:
     stash = ctx.hidden_stash
     if stash is None:
         return 0
-    if ctx.tensor_parallel is not None or ctx.pipeline is not None:
-        raise CompileError("stashing hidden states (EAGLE-3) under tensor or pipeline parallelism is not supported")
+    if ctx.pipeline is not None:
+        raise CompileError("stashing hidden states (EAGLE-3) under pipeline parallelism is not supported")
     layers = {n: layer_of(module_path(n)) for n in graph.nodes if n.op in ("call_function", "call_method")}
     leaving = [_leaving(layers, i, stash.hidden_size) for i in stash.layers]
     device = value(leaving[0]).device

@@ -42,7 +42,7 @@ from trtllm.runtime.mrope_positions import mrope_stager
 from trtllm.runtime.multimodal_stager import multimodal_stager
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.speculative.build import build_speculative, check_speculative_config
-from trtllm.runtime.speculative.config import EagleDecodingConfig, MTPDecodingConfig
+from trtllm.runtime.speculative.config import MTPDecodingConfig
 from trtllm.runtime.tokenizer import load_tokenizer
 
 log = logging.getLogger("trtllm")
@@ -114,9 +114,9 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
         what = (f"tensor_parallel_size={tensor_parallel_size}" if pipeline_parallel_size == 1
                 else f"pipeline_parallel_size={pipeline_parallel_size}")
         if speculative_config is not None and (pipeline_parallel_size != 1 or isinstance(
-                speculative_config, (EagleDecodingConfig, MTPDecodingConfig))):
+                speculative_config, MTPDecodingConfig)):
             raise ValueError(f"{what} with {type(speculative_config).__name__} is not supported yet (under "
-                             "tensor parallelism alone, n-gram and draft-model speculation are)")
+                             "tensor parallelism alone, n-gram, draft-model and EAGLE-3 speculation are)")
         if build_config is not None and build_config.max_beam_width > 1 and pipeline_parallel_size > 1:
             raise ValueError(f"{what} with beam search (max_beam_width={build_config.max_beam_width}) is not "
                              "supported yet (under tensor parallelism alone it is)")
@@ -129,7 +129,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
         try:
             # a decode graph would replay on rank 0 alone (issue 22: left), under either parallelism
             enable_cuda_graph = False
-            # n-gram or a draft model: the draft runs on rank 0 alone, whole; the ranks verify
+            # n-gram, a draft model or an EAGLE-3 head: the draft runs on rank 0 alone, whole; the ranks verify
             return _build_engine(compiled.module, compiled, started, model if tokenizer is None else tokenizer,
                                  kv_cache_config, build_config, enable_cuda_graph, stream_interval,
                                  disable_overlap_scheduler, kv_format, kv_cache_scales,

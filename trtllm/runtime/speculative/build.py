@@ -24,6 +24,7 @@ from trtllm.compile import CompiledModel, compile as trtllm_compile
 from trtllm.hidden_states import HiddenStash, HiddenStatesContext
 from trtllm.models.deepseek_mtp import MTPDraft, load_mtp
 from trtllm.models.eagle3 import Eagle3Draft, input_embedding, load_eagle3
+from trtllm.parallel.tensor_parallel import is_unloaded
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.kv_budget import blocks_in
 from trtllm.runtime.model_runner import ModelRunner
@@ -142,7 +143,8 @@ def _build_eagle3(config: EagleDecodingConfig, target: CompiledModel | None, *, 
                          "checkpoint drafts with its own MTP layer (MTPDecodingConfig)")
     source = config.speculative_model_dir
     dtype = dtype or target.attention.dtype
-    head = source if isinstance(source, Eagle3Draft) else load_eagle3(source, target.module, dtype, target.device)
+    head = source if isinstance(source, Eagle3Draft) else load_eagle3(source, target.module, dtype, target.device,
+                                                                       _whole_embedding(target))
     hc = head.config
     if config.eagle3_layers_to_capture is not None:  # a copy: a head given as a module keeps its own
         hc = dataclasses.replace(hc, aux_layers=tuple(sorted(config.eagle3_layers_to_capture)))
@@ -155,6 +157,17 @@ def _build_eagle3(config: EagleDecodingConfig, target: CompiledModel | None, *, 
     layers = hc.target_layers(target.attention.num_layers)
     stash = HiddenStash(layers, hidden, combine=head.fc.weight.detach().to(target.attention.dtype))
     return _hidden_state_draft(head, hc.hidden_size, stash, target, config, vocab_size=vocab_size, **sizes)
+
+
+def _whole_embedding(target: CompiledModel) -> torch.Tensor | None:
+    """The target's embedding weight read whole from its checkpoint where its module holds a
+    stand-in (a tensor-parallel rank 0, which keeps its vocabulary rows only: the head on rank 0
+    embeds every token id); None where the module holds it."""
+    weight = input_embedding(target.module).weight
+    if not is_unloaded(weight):
+        return None
+    name = next(n for n, p in target.module.named_parameters(remove_duplicate=False) if p is weight)
+    return target.tensor_parallel.read_whole(name, weight)
 
 
 def _build_mtp(config: MTPDecodingConfig, target: CompiledModel | None, target_dir, *, vocab_size: int,
