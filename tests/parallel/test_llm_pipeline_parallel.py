@@ -89,6 +89,27 @@ def test_two_by_two_ranks_give_one_ranks_tokens(tmp_path):
         assert len(loaded) == 4 and loaded[0] == loaded[1] and loaded[2] == loaded[3]
 
 
+def test_speculative_decoding_on_two_stages_gives_one_ranks_tokens(tmp_path):
+    # n-gram lookup and a draft model (the target itself, whole on rank 0: every draft accepted)
+    # propose on rank 0 for the sequences no micro-batch holds; the stages verify. Repetitive
+    # prompts, so the lookup finds drafts; a small pool, so a sequence is preempted mid-speculation.
+    from trtllm.runtime.speculative.config import DraftTargetDecodingConfig, NGramDecodingConfig
+    path = checkpoint("llama31", tmp_path)
+    prompts = [[5, 6, 7, 8] * 3 + [5, 6], [3, 4, 5] * 3, list(range(200, 214)), [9, 10] * 4]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+    def run(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)], llm.get_stats()
+    with small_llm(path, max_tokens=64) as llm:
+        expected, _ = run(llm)
+    for proposer in (NGramDecodingConfig(max_draft_len=4),
+                     DraftTargetDecodingConfig(max_draft_len=3, speculative_model_dir=str(path))):
+        with small_llm(path, max_tokens=64, pipeline_parallel_size=2, speculative_config=proposer) as llm:
+            got, stats = run(llm)
+            assert got == expected, type(proposer).__name__
+            assert stats["spec_accepted_tokens"] > 0 and stats["num_preemptions"] > 0, stats
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["gemma2", "qwen2"])  # LM heads tied to the embedding (Gemma's by default)
 def test_two_stages_give_one_ranks_tokens_on_tied_families(tmp_path, family):
@@ -127,15 +148,15 @@ def test_bad_sizes_are_refused_before_any_process_starts(tmp_path, kwargs, why):
 
 @pytest.mark.parametrize("kwargs,why", [
     (dict(build_config=BuildConfig(max_beam_width=2)), "pipeline_parallel_size=2 with beam search"),
-    (dict(speculative_config="ngram"), "pipeline_parallel_size=2 with NGramDecodingConfig is not supported"),
+    (dict(speculative_config="eagle3"), "pipeline_parallel_size=2 with EagleDecodingConfig is not supported"),
     (dict(lora_config=LoraConfig(max_lora_rank=8)), "LoRA with pipeline_parallel_size=2"),
     (dict(kv_cache_config=KvCacheConfig(dtype="int8")), "pipeline_parallel_size=2 with an INT8 KV cache"),
 ])
 def test_features_a_pipeline_cannot_run_are_refused_by_name(tmp_path, kwargs, why):
     path = checkpoint("llama31", tmp_path)
-    if kwargs.get("speculative_config") == "ngram":
-        from trtllm.runtime.speculative.config import NGramDecodingConfig
-        kwargs["speculative_config"] = NGramDecodingConfig(max_draft_len=2)
+    if kwargs.get("speculative_config") == "eagle3":
+        from trtllm.runtime.speculative.config import EagleDecodingConfig
+        kwargs["speculative_config"] = EagleDecodingConfig(max_draft_len=2, speculative_model_dir=str(tmp_path))
     with pytest.raises(ValueError, match=why):
         LLM(str(path), dtype="float32", device="cpu", pipeline_parallel_size=2, **kwargs)
 

@@ -157,8 +157,9 @@ def test_speculation_tensor_parallelism_cannot_run_is_refused_before_any_process
     path = checkpoint("llama31", tmp_path)
     with pytest.raises(ValueError, match="tensor_parallel_size=2 with MTPDecodingConfig is not supported yet"):
         small_llm(path, tensor_parallel_size=2, speculative_config=MTPDecodingConfig(max_draft_len=2))
-    with pytest.raises(ValueError, match="pipeline_parallel_size=2 with NGramDecodingConfig is not supported yet"):
-        small_llm(path, pipeline_parallel_size=2, speculative_config=NGramDecodingConfig(max_draft_len=2))
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 with EagleDecodingConfig is not supported yet"):
+        small_llm(path, tensor_parallel_size=2, pipeline_parallel_size=2,
+                  speculative_config=EagleDecodingConfig(max_draft_len=2, speculative_model_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize("kwargs,why", [

@@ -42,7 +42,7 @@ from trtllm.runtime.mrope_positions import mrope_stager
 from trtllm.runtime.multimodal_stager import multimodal_stager
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.speculative.build import build_speculative, check_speculative_config
-from trtllm.runtime.speculative.config import MTPDecodingConfig
+from trtllm.runtime.speculative.config import EagleDecodingConfig, MTPDecodingConfig
 from trtllm.runtime.tokenizer import load_tokenizer
 
 log = logging.getLogger("trtllm")
@@ -113,10 +113,10 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     if tensor_parallel_size != 1 or pipeline_parallel_size != 1:
         what = (f"tensor_parallel_size={tensor_parallel_size}" if pipeline_parallel_size == 1
                 else f"pipeline_parallel_size={pipeline_parallel_size}")
-        if speculative_config is not None and (pipeline_parallel_size != 1 or isinstance(
-                speculative_config, MTPDecodingConfig)):
-            raise ValueError(f"{what} with {type(speculative_config).__name__} is not supported yet (under "
-                             "tensor parallelism alone, n-gram, draft-model and EAGLE-3 speculation are)")
+        if isinstance(speculative_config, MTPDecodingConfig) or (
+                pipeline_parallel_size != 1 and isinstance(speculative_config, EagleDecodingConfig)):
+            raise ValueError(f"{what} with {type(speculative_config).__name__} is not supported yet (n-gram and "
+                             "draft-model speculation are, and EAGLE-3 under tensor parallelism alone)")
         if build_config is not None and build_config.max_beam_width > 1 and pipeline_parallel_size > 1:
             raise ValueError(f"{what} with beam search (max_beam_width={build_config.max_beam_width}) is not "
                              "supported yet (under tensor parallelism alone it is)")

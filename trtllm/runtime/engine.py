@@ -40,7 +40,8 @@ inside the run cutting it there). The overlap scheduler runs only while no seque
 may get drafts at the next step (every one backed off after its drafts were rejected).
 
 Pipeline parallelism (`set_pipeline_depth`, runtime/micro_batches.py): a step launches
-micro-batches until one a stage is in flight and finishes the oldest.
+micro-batches until one a stage is in flight and finishes the oldest; drafts are proposed
+for the sequences no micro-batch holds.
 
 `engine.on_step`, when set (trtllm-bench's --iteration_log and --profile set it), is
 called on the engine's thread at the end of every step with a `StepRecord`; it observes,
@@ -201,6 +202,8 @@ class Engine:
         launched, self._ahead = self._ahead, None
         launched_ahead = launched is not None
         if self.pipeline_depth > 1:
+            if self.speculative is not None:  # drafts for the sequences no micro-batch holds
+                self.speculative.propose(self.scheduler.running, self.scheduler.in_flight)
             launched = self.micro_batches.next(self.scheduler, functools.partial(self._schedule, changed),
                                                self.runner.execute)
         elif launched is None:

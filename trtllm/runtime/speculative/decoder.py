@@ -1,6 +1,7 @@
 """`SpeculativeDecoder`: what the engine asks of speculative decoding, each step.
 
     decoder.propose(scheduler.running)         # before schedule: seq.draft_token_ids set
+                                               # (under a pipeline: those no micro-batch holds)
     scheduled = scheduler.schedule()           # a decode with drafts computes 1 + k tokens
     launched = runner.execute(scheduled)       # its k + 1 logits rows (launched.num_rows)
     sampled, logprobs, failed = decoder.sample(launched, sampler)   # seq -> [tokens]
@@ -83,9 +84,11 @@ class SpeculativeDecoder:
         return max(0, min(self.max_draft_len, p.max_tokens - len(seq.output_token_ids) - 1,
                           self.max_seq_len - seq.num_tokens - 1))
 
-    def propose(self, running: list[Sequence]) -> None:
-        """Set each running sequence's draft_token_ids ([] where it does not speculate)."""
-        self._draft_probs.clear()
+    def propose(self, running: list[Sequence], in_flight: set[Sequence] | frozenset = frozenset()) -> None:
+        """Set each running sequence's draft_token_ids ([] where it does not speculate), but
+        those `in_flight` (pipeline parallelism: a micro-batch holds them, with their drafts,
+        until its logits come back; runtime/micro_batches.py)."""
+        self._draft_probs = {seq: q for seq, q in self._draft_probs.items() if seq in in_flight}
         if self._back_off:  # forget the sequences that left
             live = set(running)
             for seq in [s for s in self._back_off if s not in live]:
@@ -96,6 +99,8 @@ class SpeculativeDecoder:
         # (left: those paths inside verify steps)
         engine_sampled = any(_needs_engine_sampling(s) for s in running)
         for seq in running:
+            if seq in in_flight:
+                continue
             seq.draft_token_ids = []
             k = 0 if engine_sampled else self.draft_len(seq)
             if k > 0:
@@ -160,9 +165,9 @@ class SpeculativeDecoder:
         spec = [i for i, c in enumerate(counts) if c > 1]
         if spec:
             self._verify([seqs[i] for i in spec], logits, [(starts[i], counts[i]) for i in spec], sampled, failed)
-        for seq in seqs:
+        for seq in seqs:  # another micro-batch's keep theirs
             seq.draft_token_ids = []
-        self._draft_probs.clear()
+            self._draft_probs.pop(seq, None)
         return sampled, logprobs, failed
 
     def _verify(self, seqs: list[Sequence], logits: torch.Tensor, spans: list[tuple[int, int]],
