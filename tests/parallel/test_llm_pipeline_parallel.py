@@ -89,6 +89,29 @@ def test_two_by_two_ranks_give_one_ranks_tokens(tmp_path):
         assert len(loaded) == 4 and loaded[0] == loaded[1] and loaded[2] == loaded[3]
 
 
+def test_beam_search_on_two_stages_gives_one_ranks_beams(tmp_path):
+    # three groups of two beams over two micro-batches; the forks' copy-on-write blocks are
+    # copied in every stage's cache
+    path = checkpoint("llama31", tmp_path)
+    params = SamplingParams(beam_width=2, n=2, max_tokens=6, ignore_eos=True)
+    kwargs = dict(kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=256),
+                  build_config=BuildConfig(max_batch_size=6, max_num_tokens=64, max_seq_len=32, max_beam_width=2))
+
+    def run(llm):
+        return [[(b.token_ids, round(b.cumulative_logprob, 4)) for b in o.outputs]
+                for o in llm.generate(PROMPTS[:3], params, use_tqdm=False)]
+    with LLM(str(path), dtype="float32", device="cpu", **kwargs) as llm:
+        expected = run(llm)
+    with LLM(str(path), dtype="float32", device="cpu", pipeline_parallel_size=2, **kwargs) as llm:
+        workers, copied = llm.compiled.tensor_parallel.workers, []
+        send = workers.copy_blocks
+        workers.copy_blocks = lambda pairs: (copied.extend(pairs), send(pairs))  # a spy on this instance
+        assert run(llm) == expected
+        assert copied
+        llm.block_manager.check_invariants()
+        assert llm.block_manager.num_used_blocks == 0
+
+
 def test_speculative_decoding_on_two_stages_gives_one_ranks_tokens(tmp_path):
     # n-gram lookup and a draft model (the target itself, whole on rank 0: every draft accepted)
     # propose on rank 0 for the sequences no micro-batch holds; the stages verify. Repetitive
@@ -147,7 +170,6 @@ def test_bad_sizes_are_refused_before_any_process_starts(tmp_path, kwargs, why):
 
 
 @pytest.mark.parametrize("kwargs,why", [
-    (dict(build_config=BuildConfig(max_beam_width=2)), "pipeline_parallel_size=2 with beam search"),
     (dict(speculative_config="eagle3"), "pipeline_parallel_size=2 with EagleDecodingConfig is not supported"),
     (dict(lora_config=LoraConfig(max_lora_rank=8)), "LoRA with pipeline_parallel_size=2"),
     (dict(kv_cache_config=KvCacheConfig(dtype="int8")), "pipeline_parallel_size=2 with an INT8 KV cache"),

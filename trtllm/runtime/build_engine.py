@@ -117,9 +117,6 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                 pipeline_parallel_size != 1 and isinstance(speculative_config, EagleDecodingConfig)):
             raise ValueError(f"{what} with {type(speculative_config).__name__} is not supported yet (n-gram and "
                              "draft-model speculation are, and EAGLE-3 under tensor parallelism alone)")
-        if build_config is not None and build_config.max_beam_width > 1 and pipeline_parallel_size > 1:
-            raise ValueError(f"{what} with beam search (max_beam_width={build_config.max_beam_width}) is not "
-                             "supported yet (under tensor parallelism alone it is)")
         if kv_format == "int8" or kv_cache_scales is not None:  # every rank's pool: FP8 with scales 1.0
             raise ValueError(f"{what} with " + ("an INT8 KV cache" if kv_format == "int8" else "kv_cache_scales") +
                              " is not supported yet (an FP8 KV cache, scales 1.0, is)")

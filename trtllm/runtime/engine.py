@@ -205,15 +205,12 @@ class Engine:
             if self.speculative is not None:  # drafts for the sequences no micro-batch holds
                 self.speculative.propose(self.scheduler.running, self.scheduler.in_flight)
             launched = self.micro_batches.next(self.scheduler, functools.partial(self._schedule, changed),
-                                               self.runner.execute)
+                                               self._execute)
         elif launched is None:
             if self.speculative is not None:
                 self.speculative.propose(self.scheduler.running)
             scheduled = self._schedule(changed)
-            if self.block_manager.pending_copies:  # beams' copy-on-write blocks, before the step writes
-                self.runner.copy_blocks(self.block_manager.pending_copies)
-                self.block_manager.pending_copies = []
-            launched = self.runner.execute(scheduled) if scheduled else None
+            launched = self._execute(scheduled) if scheduled else None
         if launched is not None:
             # argmax is every row's token: the graph's picks serve, and can feed a step ahead
             picks_serve = launched.picks is not None and argmax_serves(launched.to_sample)
@@ -244,6 +241,12 @@ class Engine:
         for seq in self.scheduler.pop_finished():  # "length": the pool cannot hold it
             self._finish(seq, seq.finish_reason or "length", changed)
         return scheduled
+
+    def _execute(self, scheduled: list[tuple[Sequence, int]]) -> LaunchedStep:
+        if self.block_manager.pending_copies:  # beams' copy-on-write blocks, before the step writes
+            self.runner.copy_blocks(self.block_manager.pending_copies)
+            self.block_manager.pending_copies = []
+        return self.runner.execute(scheduled)
 
     def _launch_ahead(self, launched: LaunchedStep) -> LaunchedStep | None:
         """The next decode step, launched before `launched`'s tokens reach the host (whose
