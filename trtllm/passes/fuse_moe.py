@@ -89,15 +89,30 @@ from trtllm.passes.moe_match import (
 
 
 def fuse_moe(graph: fx.Graph, ctx: PassContext) -> int:
+    """Each block is looked for in its window of the graph: from the end of the block before
+    (or the graph's start) to the next routing's top-k, which reads this block's output.
+    What nodes read is computed once for the whole graph (a node's reads outside the fused
+    blocks do not change when one is replaced): per block over the whole graph, the 48
+    blocks of a Qwen3-30B-A3B-deep model took 5.6 s of the passes' 8.4 s (cProfile, CPU)."""
     matches = 0
     erased: set[fx.Node] = set()
-    for topk in [n for n in graph.nodes if kind(n) == "topk"]:
-        scores = routing_scores(topk)
-        if topk in erased or scores is None:  # not a routing's top-k (e.g. DeepSeek's top-2 per group)
+    nodes = list(graph.nodes)
+    reads = read_versions(nodes)
+    readers: dict[fx.Node, set[fx.Node]] = {n: set() for n in nodes}  # version -> nodes reading it
+    for n, versions in reads.items():
+        for v in versions.values():
+            readers[v].add(n)
+    topks = [n for n in nodes if kind(n) == "topk" and routing_scores(n) is not None]  # not DeepSeek's per group
+    start = None  # the window's first node is the one after it (None: the graph's first)
+    for i, topk in enumerate(topks):
+        if topk in erased:
             continue
+        scores = routing_scores(topk)
+        end = next((t for t in topks[i + 1:] if t not in erased), None)
         try:
             routing = softmax_routing(topk) if kind(scores) == "softmax" else sigmoid_routing(topk, scores, ctx)
-            erased |= _fuse(graph, ctx, routing)
+            done, start = _fuse(graph, ctx, routing, _window(graph, start, end), reads, readers)
+            erased |= done
             matches += 1
         except NotMatched as e:
             note = f"fuse_moe: the MoE routing {describe(topk)}: {e}"
@@ -106,15 +121,20 @@ def fuse_moe(graph: fx.Graph, ctx: PassContext) -> int:
     return matches
 
 
-def _fuse(graph: fx.Graph, ctx: PassContext, routing: Routing) -> set[fx.Node]:
-    """Replace the block `routing` starts; returns the nodes erased."""
-    nodes = list(graph.nodes)
+def _window(graph: fx.Graph, start: fx.Node | None, end: fx.Node | None) -> list[fx.Node]:
+    """The nodes after `start` (from the first if None) up to `end` (excluded; None: the last)."""
+    n, window = (start.next if start is not None else next(iter(graph.nodes))), []
+    while n is not end and n.op != "root":
+        window.append(n)
+        n = n.next
+    return window
+
+
+def _fuse(graph: fx.Graph, ctx: PassContext, routing: Routing, nodes: list[fx.Node], reads, readers
+          ) -> tuple[set[fx.Node], fx.Node]:
+    """Replace the block `routing` starts, looked for among `nodes` (its window, fuse_moe);
+    returns the nodes erased and the last node added."""
     order = {n: i for i, n in enumerate(nodes)}
-    reads = read_versions(nodes)
-    readers: dict[fx.Node, set[fx.Node]] = {n: set() for n in nodes}  # version -> nodes reading it
-    for n, versions in reads.items():
-        for v in versions.values():
-            readers[v].add(n)
     seeds = {routing.ids, routing.weights}
     after_routing = descendants(nodes, reads, seeds) - set(routing.chain)  # DeepSeek gathers at the ids
     ids_v = value(routing.ids)
@@ -135,7 +155,7 @@ def _fuse(graph: fx.Graph, ctx: PassContext, routing: Routing) -> set[fx.Node]:
     xv, outv = value(x), value(out)
     if _dims(outv) != _dims(xv) or xv.dtype not in TOLERANCE:
         raise NotMatched(f"the expert computation's output {out.name} is not of its input {x.name}'s shape")
-    if max(order[x], order[routing.logits]) > order[out]:
+    if max(order.get(x, -1), order.get(routing.logits, -1)) > order[out]:  # -1: before the window
         raise NotMatched("the hidden states or the router logits come after the expert computation")
     for n in region:
         if mutates(n) and n.args[0] not in region:
@@ -185,7 +205,7 @@ def _fuse(graph: fx.Graph, ctx: PassContext, routing: Routing) -> set[fx.Node]:
     if experts.per_expert is not None:
         ctx.after_first_call.append(functools.partial(
             share_stacked_storage, experts.per_expert, ctx.inputs.tensor(experts.w13), ctx.inputs.tensor(experts.w2)))
-    return region | set(routing.chain)
+    return region | set(routing.chain), fused
 
 
 def _node(graph: fx.Graph, op: str, target, args: tuple, like: fx.Node) -> fx.Node:
@@ -219,7 +239,7 @@ def _region(nodes, reads, readers, after_routing, seeds, out) -> set[fx.Node] | 
                 and readers[n] <= region and (_is_factory(n) or not _of_tokens(n, tokens))):
             region.add(n)
     for n in region:  # closed: what is read outside is `out` (its last version), nothing else
-        if any(user not in region and reads[user][n] is not out for user in n.users):
+        if any(user not in region and reads.get(user, {}).get(n, n) is not out for user in n.users):
             return None
     return region
 
