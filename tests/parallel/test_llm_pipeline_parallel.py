@@ -89,6 +89,15 @@ def test_two_by_two_ranks_give_one_ranks_tokens(tmp_path):
         assert len(loaded) == 4 and loaded[0] == loaded[1] and loaded[2] == loaded[3]
 
 
+def test_phi3_on_two_by_two_ranks_gives_one_ranks_tokens(tmp_path):
+    # its fused qkv_proj / gate_up_proj split into their parts (passes/shard_tensor_parallel.py)
+    path = checkpoint("phi3", tmp_path)
+    with small_llm(path) as llm:
+        expected = greedy(llm)
+    with small_llm(path, tensor_parallel_size=2, pipeline_parallel_size=2) as llm:
+        assert greedy(llm) == expected
+
+
 def test_beam_search_on_two_stages_gives_one_ranks_beams(tmp_path):
     # three groups of two beams over two micro-batches; the forks' copy-on-write blocks are
     # copied in every stage's cache

@@ -173,9 +173,19 @@ def test_sizes_that_do_not_divide_are_refused_before_any_process_starts(tmp_path
         small_llm(path, **kwargs)
 
 
-def test_phi3_fused_projections_are_refused_before_any_process_starts(tmp_path):
-    with pytest.raises(ValueError, match="Phi3ForCausalLM is not supported under tensor parallelism yet"):
-        small_llm(checkpoint("phi3", tmp_path), tensor_parallel_size=2)
+@pytest.mark.parametrize("family", ["phi3", "phi3_partial"])  # a sliding window; partial rotary with a tied head
+def test_phi3_fused_projections_split_into_their_parts_on_two_ranks(tmp_path, family):
+    # qkv_proj [Wq; Wk; Wv] and gate_up_proj [W_gate; W_up]: each rank reads its rows of every part
+    path = checkpoint(family, tmp_path)
+    with small_llm(path, max_num_tokens=8, max_tokens=64) as llm:
+        expected = greedy(llm)
+        params = dict(llm.compiled.module.named_parameters())
+    with small_llm(path, max_num_tokens=8, max_tokens=64, tensor_parallel_size=2) as llm:
+        assert greedy(llm) == expected
+        loaded = llm.compiled.tensor_parallel.workers.loaded_bytes()
+    whole = sum(p.numel() * p.element_size() for p in params.values())
+    norms = sum(p.numel() * p.element_size() for n, p in params.items() if "norm" in n)
+    assert loaded == [(whole - norms) // 2 + norms] * 2  # every linear split, the fused ones too; norms whole
 
 
 def test_a_module_in_memory_is_refused(tmp_path):

@@ -63,3 +63,42 @@ def test_sizes_that_do_not_divide_are_refused(tmp_path, family, size, numbers):
     with pytest.raises(CompileError, match=f"{numbers}.* tensor_parallel_size={size}"):
         compiled = trtllm.compile(model, tensor_parallel=TensorParallel(0, size, "never used"))
         compiled(random_batch(batch=1, seq_len=3), torch.arange(3)[None])
+
+
+class _FusedQkv(torch.nn.Module):
+    """A model-native fused qkv_proj, sliced into its parts in order (`interleaved=False`, as
+    Phi-3) or viewed per head with q, k, v interleaved (as BLOOM's query_key_value)."""
+
+    def __init__(self, interleaved: bool):
+        super().__init__()
+        self.interleaved = interleaved
+        self.qkv_proj = torch.nn.Linear(16, 48, bias=False)
+        self.o_proj = torch.nn.Linear(16, 16, bias=False)
+
+    def forward(self, x):  # [B, S, 16]
+        B, S, _ = x.shape
+        qkv = self.qkv_proj(x)  # [B, S, 48]
+        if self.interleaved:
+            q, k, v = qkv.view(B, S, 2, 3, 8).unbind(3)  # [B, S, 2, 8] each
+        else:
+            q, k, v = (qkv[..., i * 16:(i + 1) * 16].view(B, S, 2, 8) for i in range(3))
+        return self.o_proj((q * k * v).reshape(B, S, 16))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_a_fused_projection_splits_into_its_parts_or_is_refused_by_name(interleaved):
+    from tests.passes.graph_capture import Captured
+    from trtllm.passes.shard_tensor_parallel import shard_tensor_parallel
+
+    cap = Captured(_FusedQkv(interleaved), torch.randn(1, 3, 16))
+    cap.ctx.tensor_parallel = TensorParallel(0, 2, "unused")  # the pass only; nothing runs
+    if interleaved:
+        with pytest.raises(CompileError, match=r"model-native fused projection \(qkv_proj\) is split .* only as"):
+            cap.apply(shard_tensor_parallel)
+        return
+    assert cap.apply(shard_tensor_parallel) == 4  # q, k, v parts (column), o_proj (row)
+    linears = [n for n in cap.gm.graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear]
+    weights = [cap.inputs.tensor(n.args[1]) for n in linears[:3]]
+    qkv = next(t for t in cap.example_inputs if t.shape == (48, 16))
+    for i, part in enumerate(weights):  # rank 0 of 2: the first head (8 rows) of each 16-row part
+        torch.testing.assert_close(part, qkv[i * 16:i * 16 + 8])

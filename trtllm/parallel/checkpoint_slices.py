@@ -18,19 +18,20 @@ import torch
 from safetensors import safe_open
 
 from trtllm.models.loader import read_json
-from trtllm.passes.shard_tensor_parallel import COLUMN_PARALLEL, ROW_PARALLEL
+from trtllm.passes.shard_tensor_parallel import COLUMN_PARALLEL, FUSED_COLUMN_PARALLEL, ROW_PARALLEL
 
 # split by vocabulary rows (passes/shard_vocab_parallel.py)
 VOCAB_PARALLEL = ("embed_tokens", "lm_head")
 
 
 def is_split(name: str) -> bool:
-    """Whether the passes split the tensor `name`: column-parallel weights and biases,
+    """Whether the passes split the tensor `name`: column-parallel weights and biases (also of
+    the fused projections the pass splits into parts),
     row-parallel weights (their bias is added whole, after the all-reduce), and the embedding
     and LM head (by vocabulary)."""
     module, _, leaf = name.rpartition(".")
     projection = module.rpartition(".")[2]
-    return (projection in COLUMN_PARALLEL and leaf in ("weight", "bias")) or \
+    return ((projection in COLUMN_PARALLEL or projection in FUSED_COLUMN_PARALLEL) and leaf in ("weight", "bias")) or \
         (projection in ROW_PARALLEL and leaf == "weight") or \
         (projection in VOCAB_PARALLEL and leaf in ("weight", "bias"))
 

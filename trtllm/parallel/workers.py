@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from trtllm.attention_context import active_context, in_attention_context
 from trtllm.compile import CompiledModel
-from trtllm.models import gemma, llama
+from trtllm.models import gemma, llama, phi3
 from trtllm.models.loader import ARCHITECTURES, read_json
 from trtllm.parallel import process_group
 from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, check_moe_config, meta_moe_model
@@ -40,9 +40,9 @@ from trtllm.parallel.tensor_parallel import check_sizes
 from trtllm.parallel.worker import REPORT, CopyBlocks, KvBlocks, Step, worker_main
 
 # Model files whose projections the pass splits and whose layers the pipeline cuts (tested on
-# 2 and 4 ranks: tests/parallel). Phi-3's fused qkv_proj / gate_up_proj are not split yet;
+# 2 and 4 ranks: tests/parallel; Phi-3's fused qkv_proj / gate_up_proj split into their parts);
 # HF-module families load whole (models/hf.py).
-PARALLEL_ARCHITECTURES = llama.HF_ARCHITECTURES + gemma.HF_ARCHITECTURES
+PARALLEL_ARCHITECTURES = llama.HF_ARCHITECTURES + gemma.HF_ARCHITECTURES + phi3.HF_ARCHITECTURES
 TENSOR_PARALLEL_ARCHITECTURES = PARALLEL_ARCHITECTURES  # the name it had before pipelines
 
 # How long a worker may take to load its weights (rank 0 meanwhile loads its own).

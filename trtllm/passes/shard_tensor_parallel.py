@@ -25,8 +25,18 @@ is a CompileError naming the node. The norms stay whole on every rank (replicate
 embedding and LM head are split by vocabulary (passes/shard_vocab_parallel.py), the MoE experts
 by passes/shard_experts.py. The pass runs before fuse_parallel_linears, which then fuses each
 rank's slices: a layer's q/k/v (and gate/up) slices are made adjacent in one buffer, so the
-fused weight is a view of them, not a second copy. Model-native fused projections (Phi-3's
-qkv_proj / gate_up_proj) are not recognised: they are refused by name.
+fused weight is a view of them, not a second copy.
+
+Model-native fused projections (FUSED_COLUMN_PARALLEL: Phi-3's qkv_proj [Wq; Wk; Wv] and
+gate_up_proj [W_gate; W_up]) are split into their parts first, when the model slices the
+output along its last dim into exactly those parts, in order (`qkv[..., :nq]`, `.chunk(2, -1)`):
+
+    qkv = linear(x, Wqkv); q = qkv[..., :nq]; k = qkv[..., nq:nq + nkv]; v = qkv[..., nq + nkv:]
+becomes (then split as q_proj / k_proj / v_proj, each part's rows read from Wqkv at its offset)
+
+    q = linear(x, Wqkv[q rows]); k = linear(x, Wqkv[k rows]); v = linear(x, Wqkv[v rows])
+Any other fused layout (BLOOM's and Falcon's interleaved query_key_value, W_pack, c_attn) is
+refused by name.
 
 The all-reduce is torch.distributed's functional collective (torch.ops._c10d_functional),
 which Inductor compiles; the bias of a row-parallel linear is added once, after it.
@@ -55,6 +65,8 @@ COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
 KV_PROJECTIONS = ("k_proj", "v_proj")
 FUSED_PROJECTIONS = ("qkv_proj", "gate_up_proj", "query_key_value", "W_pack", "c_attn")
+# fused projection -> its parts, in row order (the parts of qkv_proj: H, KVH and KVH heads)
+FUSED_COLUMN_PARALLEL = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
@@ -65,12 +77,22 @@ def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
     split: dict[fx.Node, tuple[int, int]] = {}  # node -> (split dim counted from the end, local size)
     columns: dict[fx.Node, list[tuple[fx.Node, tuple]]] = defaultdict(list)  # input -> (linear, its W's slice)
     matches = 0
+    erased: set[fx.Node] = set()  # the fused projections' slices, replaced by their parts' linears
     for node in list(graph.nodes):
+        if node in erased:
+            continue
         if kind(node) == "linear":
             leaf = module_path(node).rpartition(".")[2]
             if leaf in FUSED_PROJECTIONS:
-                raise CompileError(f"{describe(node)}: a model-native fused projection ({leaf}) is not split by "
-                                   "tensor parallelism yet (separate q/k/v and gate/up projections are)")
+                if tp.quant_algo is not None:
+                    raise CompileError(f"{describe(node)}: FP8 slices of a model-native fused projection ({leaf}) "
+                                       "are not made under tensor parallelism yet")
+                for part, part_leaf, offset in _split_fused(graph, node, leaf, erased):
+                    shapes[part] = tuple(value(part).shape)
+                    columns[part.args[0]].append(
+                        (part, _shard_column(part, part_leaf, tp, ctx, shapes, split, _weight_name(node, ""), offset)))
+                    matches += 1
+                continue
             if node.args[0] in split:
                 if leaf not in ROW_PARALLEL:
                     raise CompileError(f"{describe(node)}: reads a tensor-parallel split activation but is not a "
@@ -95,14 +117,68 @@ def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
 
 
 def _weight_name(linear: fx.Node, what: str) -> str:
-    return f"{module_path(linear)}.{what}"
+    return f"{module_path(linear)}.{what}"  # what = "": the prefix of its tensors' names
 
 
-def _shard_column(node: fx.Node, leaf: str, tp, ctx: PassContext, shapes, split) -> tuple:
+def _split_fused(graph: fx.Graph, node: fx.Node, leaf: str, erased: set) -> list[tuple[fx.Node, str, int]]:
+    """A fused projection as one linear a part (module docstring): [(the part's linear, the
+    part's name in FUSED_COLUMN_PARALLEL, its first row in the fused weight)]."""
+    names = FUSED_COLUMN_PARALLEL.get(leaf)
+    slices = _last_dim_slices(node) if names is not None else None
+    if slices is None or len(slices) != len(names) or [a for _, a, _ in slices] != \
+            [0, *(a + n for _, a, n in slices[:-1])] or sum(n for _, _, n in slices) != value(node).shape[-1]:
+        raise CompileError(f"{describe(node)}: a model-native fused projection ({leaf}) is split by tensor parallelism "
+                           f"only as {' | '.join(FUSED_COLUMN_PARALLEL)} sliced along its last dim into "
+                           "its parts, in order (separate q/k/v and gate/up projections are split too)")
+    parts = []
+    for (piece, offset, _), name in zip(slices, names):
+        with graph.inserting_before(piece):
+            linear = graph.call_function(node.target, node.args, dict(node.kwargs))
+        linear.meta.update(node.meta)
+        v = value(piece)
+        with v.fake_mode:
+            linear.meta["example_value"] = v.new_empty(v.shape)  # contiguous: its own GEMM's output
+        piece.replace_all_uses_with(linear)
+        parts.append((linear, name, offset))
+    for piece, _, _ in slices:
+        for dead in (piece, *[a for a in piece.all_input_nodes if a is not node]):  # a chunk's getitem, then it
+            if not dead.users and dead not in erased:
+                graph.erase_node(dead)
+                erased.add(dead)
+    graph.erase_node(node)
+    erased.add(node)
+    return parts
+
+
+def _last_dim_slices(node: fx.Node) -> list[tuple[fx.Node, int, int]] | None:
+    """[(the node that is the part, its first feature, its features)] in order, if every use of
+    `node` is a slice of its last dim (`x[..., a:b]`) or a `chunk(n, -1)`'s piece; else None."""
+    width, found = value(node).shape[-1], []
+    for user in node.users:
+        if kind(user) == "getitem" and isinstance(user.args[1], tuple) and len(user.args[1]) == 2 \
+                and user.args[1][0] is Ellipsis and isinstance(user.args[1][1], slice) and user.args[1][1].step is None:
+            start, stop, _ = user.args[1][1].indices(width)
+            found.append((user, start, stop - start))
+        elif user.op == "call_method" and user.target == "chunk" and len(user.args) == 2 \
+                and arg(user, 2, "dim", 0) in (-1, value(node).dim() - 1) and width % user.args[1] == 0:
+            size = width // user.args[1]
+            for piece in user.users:
+                if kind(piece) != "getitem" or not isinstance(piece.args[1], int):
+                    return None
+                found.append((piece, piece.args[1] * size, size))
+        else:
+            return None
+    return sorted(found, key=lambda f: f[1])
+
+
+def _shard_column(node: fx.Node, leaf: str, tp, ctx: PassContext, shapes, split, fused_name: str | None = None,
+                  offset: int = 0) -> tuple:
     """Slice the rows of a column-parallel linear; return its local weight's (name, full weight,
-    first row, rows) (the weights of one input are read into one buffer, later)."""
+    first row, rows) (the weights of one input are read into one buffer, later). A fused
+    projection's part (`fused_name` "<module path>.", its first row `offset`) reads its rows
+    of the fused weight."""
     weight = _weight(node, ctx)
-    rows = weight.shape[0]
+    rows = value(node).shape[-1] if fused_name is not None else weight.shape[0]
     heads, head_dim = _heads(node, rows, shapes)
     try:
         first, count = head_range(heads, tp.size, tp.rank, kv=leaf in KV_PROJECTIONS)
@@ -111,14 +187,14 @@ def _shard_column(node: fx.Node, leaf: str, tp, ctx: PassContext, shapes, split)
         raise CompileError(f"{describe(node)}: {what} do not divide among tensor_parallel_size={tp.size}"
                            + (" (nor divide it, as replicated KV heads must)" if leaf in KV_PROJECTIONS else "")
                            ) from None
-    start, length = first * head_dim, count * head_dim
+    start, length = offset + first * head_dim, count * head_dim
+    prefix = fused_name or _weight_name(node, "")
     bias_node = arg(node, 2, "bias")
     if bias_node is not None:
         bias = ctx.inputs.tensor(bias_node)
         if bias is None:
             raise CompileError(f"{describe(node)}: its bias is not a graph input; cannot split it")
-        b = ctx.inputs.add_constant(f"{node.name}_tp_bias",
-                                    tp.weight_slice(_weight_name(node, "bias"), bias, 0, start, length))
+        b = ctx.inputs.add_constant(f"{node.name}_tp_bias", tp.weight_slice(f"{prefix}bias", bias, 0, start, length))
         if len(node.args) > 2:
             node.args = (*node.args[:2], b, *node.args[3:])
         else:
@@ -126,7 +202,7 @@ def _shard_column(node: fx.Node, leaf: str, tp, ctx: PassContext, shapes, split)
     if length != rows:  # else a replicated (single) KV head: the output is whole
         split[node] = (-1, length)
         set_local_value(node, shapes[node], -1, length)
-    return _weight_name(node, "weight"), weight, start, length
+    return f"{prefix}weight", weight, start, length
 
 
 def _weight(linear: fx.Node, ctx: PassContext) -> torch.Tensor:
@@ -177,7 +253,7 @@ def _heads(linear: fx.Node, rows: int, shapes) -> tuple[int, int]:
 
 def _add_adjacent_weights(linears: list[tuple[fx.Node, tuple]], ctx: PassContext) -> None:
     tp = ctx.tensor_parallel
-    key = ("adjacent", *(_weight_name(node, "weight") for node, _ in linears))
+    key = ("adjacent", *((name, start, length) for _, (name, _, start, length) in linears))
     buffer = tp.made(key, lambda: torch.cat([tp.read(name, w, 0, start, length)
                                              for _, (name, w, start, length) in linears]))
     start = 0
