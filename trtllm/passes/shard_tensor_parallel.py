@@ -159,7 +159,7 @@ def _last_dim_slices(node: fx.Node) -> list[tuple[fx.Node, int, int]] | None:
                 and user.args[1][0] is Ellipsis and isinstance(user.args[1][1], slice) and user.args[1][1].step is None:
             start, stop, _ = user.args[1][1].indices(width)
             found.append((user, start, stop - start))
-        elif user.op == "call_method" and user.target == "chunk" and len(user.args) == 2 \
+        elif user.op == "call_method" and user.target == "chunk" and len(user.args) in (2, 3) \
                 and arg(user, 2, "dim", 0) in (-1, value(node).dim() - 1) and width % user.args[1] == 0:
             size = width // user.args[1]
             for piece in user.users:
