@@ -521,13 +521,6 @@ def test_guided_and_beam_requests_are_not_speculated_and_keep_their_output(targe
     assert outs[2].outputs[0].num_verify_steps > 0
 
 
-def test_beam_search_with_pipeline_parallelism_is_refused_by_name(target):
-    # under tensor parallelism beams run (tests/parallel/test_llm_tensor_parallel.py)
-    from trtllm.runtime.build_engine import build_engine
-    with pytest.raises(ValueError, match="pipeline_parallel_size=2 with beam search"):
-        build_engine(str(target), build_config=BuildConfig(max_beam_width=2), pipeline_parallel_size=2)
-
-
 def test_verify_graphs_default_to_wherever_the_engine_can():
     """None (capture on a GPU, not for MLA), passed through the manual's spelling; True and
     False stay explicit."""
