@@ -133,11 +133,29 @@ def test_two_by_two_ranks_give_one_ranks_fp8_tokens_with_an_fp8_kv_cache(tmp_pat
         assert greedy(llm) == expected
 
 
+def test_kv_cache_scales_per_kv_head_split_with_the_ranks(tmp_path):
+    # an INT8 KV cache with per-KV-head scales (calibrated on one rank): at TP=2 each rank takes its
+    # KV head's, at PP=2 each stage its layers'; both give one rank's tokens with those scales
+    from trtllm.runtime.kv_cache_quant import calibrate_kv_scales
+    path = checkpoint("llama31", tmp_path)
+    with small_llm(path) as llm:
+        t = calibrate_kv_scales(llm.compiled, [list(range(5, 40)), [7, 8, 9] * 6], "int8", per_head=True)
+    assert t.shape[2] == 2 and not torch.equal(t[:, :, 0], t[:, :, 1])  # two KV heads, scales of their own
+    scales = [(layer[0], layer[1]) for layer in t]
+    with small_llm(path, kv_dtype="int8", kv_cache_scales=scales) as llm:
+        expected = greedy(llm)
+    for sizes in (dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)):
+        with small_llm(path, kv_dtype="int8", kv_cache_scales=scales, **sizes) as llm:
+            assert greedy(llm) == expected, sizes
+
+
 @pytest.mark.parametrize("family,kwargs,why", [
     ("llama31", dict(tensor_parallel_size=2, kv_dtype="int8"),
-     "tensor_parallel_size=2 with an INT8 KV cache is not supported yet"),
-    ("llama31", dict(pipeline_parallel_size=2, kv_dtype="fp8", kv_cache_scales=[(1.0, 1.0)] * 2),
-     "pipeline_parallel_size=2 with kv_cache_scales is not supported yet"),
+     "tensor_parallel_size=2 with an INT8 KV cache calibrated at start-up is not supported yet"),
+    ("llama31", dict(pipeline_parallel_size=2, kv_cache_scales=[(1.0, 1.0)] * 2),
+     "kv_cache_scales given for an unquantized KV cache"),
+    ("llama31", dict(tensor_parallel_size=2, kv_dtype="int8", kv_cache_scales=[(1.0, 1.0)] * 3),
+     r"3 \(k_scale, v_scale\) pairs for 2 layers"),
     ("qwen3_moe", dict(tensor_parallel_size=2, algo=QuantAlgo.FP8),
      r"FP8 weights \(quant_algo=FP8\) of a mixture-of-experts model \(Qwen3MoeForCausalLM\) are not supported "
      "under parallelism yet"),

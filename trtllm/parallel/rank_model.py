@@ -23,7 +23,7 @@ from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, load_moe_rank
 from trtllm.parallel.expert_parallel import ExpertParallel
 from trtllm.parallel.pipeline_parallel import PipelineStage, layer_of
 from trtllm.parallel.process_group import COLLECTIVE_TIMEOUT_S, Groups
-from trtllm.parallel.tensor_parallel import TensorParallel, is_unloaded
+from trtllm.parallel.tensor_parallel import TensorParallel, head_range, is_unloaded
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class RankSpec:
     # tp // it (parallel/expert_parallel.py; resolved from the user's sizes before any process starts)
     quant_algo: QuantAlgo | None = None  # QuantConfig's online FP8: a stage's whole weights quantized as
     # they load, the split ones' slices by the pass (quantization/fp8_slices.py)
-    kv_cache_dtype: str = "auto"  # "fp8": every rank's KV pool in e4m3, scales 1.0 (as rank 0's)
+    kv_cache_dtype: str = "auto"  # "fp8" / "int8": every rank's KV pool quantized, with kv_cache_scales
+    kv_cache_scales: torch.Tensor | None = None  # [L, 2, Hkv] of the whole model (None: FP8's 1.0)
 
     @property
     def tp(self) -> int:
@@ -77,6 +78,17 @@ def holds(spec: RankSpec, stage: int, name: str) -> bool:
     if "embed" in name:
         return stage == 0 or (spec.tie_word_embeddings and stage == spec.pp - 1)
     return stage == spec.pp - 1
+
+
+def rank_kv_scales(scales: torch.Tensor | None, spec: RankSpec, rank: int) -> torch.Tensor | None:
+    """The whole model's KV cache scales [L, 2, Hkv] -> this rank's: its stage's layers, its
+    tensor-parallel KV heads (the one it replicates, when there are fewer than ranks)."""
+    if scales is None:
+        return None
+    stage, tp_rank = spec.place(rank)
+    first, end = spec.stages[stage] if spec.pp > 1 else (0, scales.shape[0])
+    head, count = head_range(scales.shape[2], spec.tp, tp_rank, kv=True)
+    return scales[first:end, :, head:head + count].clone()
 
 
 def load_rank(spec: RankSpec, rank: int, device: torch.device) -> tuple[nn.Module, CheckpointSlices]:

@@ -32,7 +32,7 @@ from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_
 from trtllm.kernels.paged_attention.kv_quant import KV_CACHE_DTYPES
 from trtllm.parallel import process_group
 from trtllm.parallel.pipeline_parallel import stage_input
-from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
+from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device, rank_kv_scales
 from trtllm.parallel.step_channel import StepChannel
 
 REPORT = "report"
@@ -108,7 +108,7 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             channel.gather(report())
             continue
         if isinstance(msg, KvBlocks):
-            channel.gather(_kv_blocks(compiled, msg, device, _cache_format(spec, compiled.attention)[0]))
+            channel.gather(_kv_blocks(compiled, msg, device, _cache_format(spec, compiled.attention, rank)[0]))
             continue
         if isinstance(msg, CopyBlocks):
             copy_blocks(cache, msg.pairs)
@@ -127,7 +127,7 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             if msg.cache != cache_key:  # rank 0 runs on another cache now: the same one here
                 attn = compiled.attention
                 cache = metadata = None
-                cache_dtype, scales = _cache_format(spec, attn)
+                cache_dtype, scales = _cache_format(spec, attn, rank)
                 cache = PagedKVCache.allocate(attn.num_layers, msg.cache[1], msg.cache[2], attn.num_kv_heads,
                                               attn.head_dim, cache_dtype, device, scales)
                 metadata = AttentionMetadata(*msg.metadata[0], device)
@@ -167,12 +167,15 @@ def _next_step(channel: StepChannel, rank: int):
         raise RuntimeError(f"trtllm rank {rank}: rank 0 is gone ({str(e).splitlines()[0][:200]})") from None
 
 
-def _cache_format(spec: RankSpec, attn) -> tuple[torch.dtype, torch.Tensor | None]:
-    """(dtype, scales) of this rank's KV pool: the model's, or an FP8 pool with every scale 1.0
-    (rank 0's, runtime/kv_cache_quant.py, for its own layers and heads)."""
+def _cache_format(spec: RankSpec, attn, rank: int) -> tuple[torch.dtype, torch.Tensor | None]:
+    """(dtype, scales) of this rank's KV pool: the model's, or a quantized pool with the given
+    scales of its layers and KV heads (`rank_kv_scales`), else (FP8) every scale 1.0 (rank 0's,
+    runtime/kv_cache_quant.py, for its own layers and heads)."""
     if spec.kv_cache_dtype == "auto":
         return attn.dtype, None
-    return KV_CACHE_DTYPES[spec.kv_cache_dtype], torch.ones((attn.num_layers, 2, attn.num_kv_heads))
+    scales = rank_kv_scales(spec.kv_cache_scales, spec, rank)
+    return KV_CACHE_DTYPES[spec.kv_cache_dtype], \
+        scales if scales is not None else torch.ones((attn.num_layers, 2, attn.num_kv_heads))
 
 
 def _kv_blocks(compiled, msg: KvBlocks, device: torch.device, cache_dtype: torch.dtype) -> int | None:

@@ -19,12 +19,13 @@ import torch.nn as nn
 
 from trtllm.compile import compile as trtllm_compile
 from trtllm.config import BuildConfig, CudaGraphConfig, KvCacheConfig, LoraConfig, QuantConfig, kv_cache_dtype
+from trtllm.kernels.paged_attention.kv_quant import kv_scales_tensor
 from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
-from trtllm.models.loader import load_model
+from trtllm.models.loader import load_model, read_json
 from trtllm.parallel import process_group
 from trtllm.parallel.expert_parallel import resolve_moe_sizes
-from trtllm.parallel.rank_model import RankSpec
+from trtllm.parallel.rank_model import RankSpec, rank_kv_scales
 from trtllm.parallel.worker import run_torchrun_worker
 from trtllm.parallel.workers import check_parallel, start_parallel
 from trtllm.quantization.checkpoint import kv_cache_scales_by_layer
@@ -117,12 +118,14 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                 pipeline_parallel_size != 1 and isinstance(speculative_config, EagleDecodingConfig)):
             raise ValueError(f"{what} with {type(speculative_config).__name__} is not supported yet (n-gram and "
                              "draft-model speculation are, and EAGLE-3 under tensor parallelism alone)")
-        if kv_format == "int8" or kv_cache_scales is not None:  # every rank's pool: FP8 with scales 1.0
-            raise ValueError(f"{what} with " + ("an INT8 KV cache" if kv_format == "int8" else "kv_cache_scales") +
-                             " is not supported yet (an FP8 KV cache, scales 1.0, is)")
-        compiled = _start_parallel(model, dtype, device, compile_options, kv_cache_config,
-                                   tensor_parallel_size, pipeline_parallel_size, pp_partition, moe.moe_ep,
-                                   quant_config.weight_algo, kv_format)
+        if kv_format == "int8" and kv_cache_scales is None:  # calibration would see rank 0's layers and heads
+            raise ValueError(f"{what} with an INT8 KV cache calibrated at start-up is not supported yet: pass "
+                             "kv_cache_scales (each rank takes its layers' and KV heads'), or use an FP8 KV cache")
+        if kv_format == "auto" and kv_cache_scales is not None:
+            kv_cache_quant("auto", None, kv_cache_scales)  # refused naming the missing cache format
+        compiled, kv_cache_scales = _start_parallel(model, dtype, device, compile_options, kv_cache_config,
+                                                    tensor_parallel_size, pipeline_parallel_size, pp_partition,
+                                                    moe.moe_ep, quant_config.weight_algo, kv_format, kv_cache_scales)
         try:
             # a decode graph would replay on rank 0 alone (issue 22: left), under either parallelism
             enable_cuda_graph = False
@@ -172,8 +175,9 @@ def _lora_slots(config: LoraConfig, module: nn.Module, build_config: BuildConfig
 
 def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_cache_config: KvCacheConfig,
                     size: int, pp: int, pp_partition, moe_expert_parallel_size: int = 1, quant_algo=None,
-                    kv_format: str = "auto"):
-    """Rank 0's compiled model, its workers started (each loads its own stage and slices). Under
+                    kv_format: str = "auto", kv_cache_scales=None):
+    """Rank 0's compiled model, its workers started (each loads its own stage and slices), and
+    rank 0's share of kv_cache_scales (its layers' and KV heads'; None if none were given). Under
     torchrun, a rank other than 0 serves rank 0's steps here and exits when rank 0 stops."""
     for name, n in (("tensor_parallel_size", size), ("pipeline_parallel_size", pp)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -184,14 +188,20 @@ def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_
                          "slices of it), not a module in memory")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     stages, tied = check_parallel(model, size, device.type, pp, pp_partition, moe_expert_parallel_size, quant_algo)
+    scales = None
+    if kv_cache_scales is not None:  # the whole model's, checked before any process starts
+        config = read_json(Path(model) / "config.json")
+        scales = kv_scales_tensor(kv_cache_scales, config["num_hidden_layers"],
+                                  config.get("num_key_value_heads") or config["num_attention_heads"])
     spec = RankSpec(str(model), _DTYPES[dtype], size * pp, device.type, kv_cache_config.tokens_per_block,
                     dict(compile_options or {}), process_group.COLLECTIVE_TIMEOUT_S, size, stages, tied,
-                    moe_expert_parallel_size, quant_algo, kv_format)
+                    moe_expert_parallel_size, quant_algo, kv_format, scales)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["RANK"]) != 0:
         run_torchrun_worker(spec)  # until rank 0 shuts down; the caller's code after LLM(...) is rank 0's
         raise SystemExit(0)
     compiled, _ = start_parallel(spec)
-    return compiled
+    own = rank_kv_scales(scales, spec, 0)
+    return compiled, None if own is None else [(layer[0], layer[1]) for layer in own]
 
 
 def shutdown_workers(engine: Engine) -> None:
