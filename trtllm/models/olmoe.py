@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from trtllm.models import qwen3_moe
 from trtllm.models.llama import Attention, LlamaConfig, RMSNorm, apply_rotary_pos_emb
-from trtllm.models.qwen3_moe import EXPERT_TENSORS, Qwen3MoeForCausalLM, SparseMoeBlock
+from trtllm.models.qwen3_moe import EXPERT_TENSORS, Qwen3MoeForCausalLM
 
 HF_ARCHITECTURES = ("OlmoeForCausalLM",)
 
@@ -34,6 +34,9 @@ class OlmoeConfig(LlamaConfig):
     moe_intermediate_size: int = 0   # = intermediate_size: every layer's MLP is the experts
     norm_topk_prob: bool = False
     clip_qkv: float | None = None
+
+    def is_moe_layer(self, i: int) -> bool:
+        return True
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> OlmoeConfig:
@@ -66,17 +69,8 @@ class OlmoeAttention(Attention):
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, config: OlmoeConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = OlmoeAttention(config, layer_idx)
-        self.mlp = SparseMoeBlock(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # [B, S, hidden]
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return h + self.mlp(self.post_attention_layernorm(h))
+class DecoderLayer(qwen3_moe.DecoderLayer):  # every layer's MLP is the experts
+    attention = OlmoeAttention
 
 
 class OlmoeForCausalLM(Qwen3MoeForCausalLM):

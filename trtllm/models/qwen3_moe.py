@@ -119,11 +119,12 @@ class SparseMoeBlock(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    attention = Attention  # OLMoE's norms its whole q / k projections (models/olmoe.py)
     moe_block = SparseMoeBlock  # Qwen2-MoE's adds its shared expert (models/qwen2_moe.py)
 
     def __init__(self, config: Qwen3MoeConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = self.attention(config, layer_idx)
         self.mlp = self.moe_block(config) if config.is_moe_layer(layer_idx) else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

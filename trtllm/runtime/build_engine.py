@@ -200,8 +200,7 @@ def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_
         run_torchrun_worker(spec)  # until rank 0 shuts down; the caller's code after LLM(...) is rank 0's
         raise SystemExit(0)
     compiled, _ = start_parallel(spec)
-    own = rank_kv_scales(scales, spec, 0)
-    return compiled, None if own is None else [(layer[0], layer[1]) for layer in own]
+    return compiled, rank_kv_scales(scales, spec, 0)  # [L0, 2, Hkv0]: a (k, v) pair a layer, as given
 
 
 def shutdown_workers(engine: Engine) -> None:
