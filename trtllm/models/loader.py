@@ -176,7 +176,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                 if tensor_file.get(name) != file:
                     continue  # an alias (tied lm_head) or a harmless extra
                 if leave_unloaded is not None and leave_unloaded(name):
-                    _assign(model, name, unloaded(expected[name], dtype, device))
+                    if fp8 is None or fp8.leave(name, f.get_slice(stored), leave_unloaded, device):
+                        _assign(model, name, unloaded(expected[name], dtype, device))
                     continue
                 t = f.get_tensor(stored)
                 nbytes = t.numel() * t.element_size()

@@ -38,6 +38,7 @@ from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded
 from trtllm.parallel.step_channel import StepChannel
 from trtllm.parallel.tensor_parallel import check_sizes
 from trtllm.parallel.worker import REPORT, CopyBlocks, KvBlocks, Step, worker_main
+from trtllm.quantization.checkpoint import checkpoint_layout
 
 # Model files whose projections the pass splits and whose layers the pipeline cuts (tested on
 # 2 and 4 ranks: tests/parallel; Phi-3's fused qkv_proj / gate_up_proj split into their parts);
@@ -73,8 +74,13 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
     if arch in EXPERT_NAMES and quant_algo is not None:
         raise ValueError(f"{what}: FP8 weights (quant_algo={quant_algo.value}) of a mixture-of-experts model "
                          f"({arch}) are not supported under parallelism yet")
-    if config.get("quantization_config") or (Path(path) / "hf_quant_config.json").exists():
-        raise ValueError(f"{what}: pre-quantized checkpoints are not supported under parallelism yet")
+    layout = checkpoint_layout(Path(path), config)  # None: not quantized; an unsupported one raises
+    if layout is not None and arch in EXPERT_NAMES:
+        raise ValueError(f"{what}: a pre-quantized {arch} checkpoint: FP8 experts are not read under "
+                         "parallelism (nor on one rank) yet")
+    if layout is not None and quant_algo is not None:
+        raise ValueError(f"{path} is a pre-quantized {layout.describe()}; QuantConfig(quant_algo="
+                         f"{quant_algo.value}) would quantize it again: leave quant_algo unset to load it as it is")
     if device_type == "cuda" and tp * pp > torch.cuda.device_count() and "RANK" not in os.environ:
         raise ValueError(f"{what} needs {tp * pp} GPUs; {torch.cuda.device_count()} visible")
     if arch in EXPERT_NAMES:  # an HF module (models/hf.py): its config.json read as it is
@@ -85,7 +91,7 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
             return (), tied
         return _stages(meta_moe_model(path), config["num_hidden_layers"], pp, pp_partition), tied
     model_cls = ARCHITECTURES[arch]
-    c = model_cls.config_class.from_hf(config)
+    c = model_cls.config_class.from_hf({k: v for k, v in config.items() if k != "quantization_config"})
     check_sizes(tp, num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
                 intermediate_size=c.intermediate_size)
     check_vocab(c.vocab_size, tp)

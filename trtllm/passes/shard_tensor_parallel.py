@@ -44,7 +44,8 @@ which Inductor compiles; the bias of a row-parallel linear is added once, after 
 With `TensorParallel(quant_algo=...)` (QuantConfig's online FP8) each slice is quantized instead:
 one rank's FP8 quantization of the whole weight, sliced (quantization/fp8_slices.py), entered
 in the model's Fp8Linears with a placeholder of its local shape, which quantize_linears (next)
-turns into an FP8 GEMM.
+turns into an FP8 GEMM. A pre-quantized checkpoint's FP8 linears (Fp8Linears.unloaded: the rank
+left them unloaded) are sliced as stored, their scales with them, and entered the same way.
 """
 from __future__ import annotations
 
@@ -106,11 +107,12 @@ def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
         if any(a in split for a in node.all_input_nodes):
             propagate(node, split, shapes)
     for linears in columns.values():  # one buffer per input: fuse_parallel_linears' fused W is a view
-        if tp.quant_algo is not None:  # FP8 slices: quantize_linears stacks them
-            for linear, (name, weight, start, length) in linears:
+        for linear, (name, weight, start, length) in linears:  # FP8 slices: quantize_linears stacks them
+            if _is_fp8(name, ctx):
                 _set_weight(linear, _fp8_weight(linear, name, weight, 0, start, length, ctx))
-        else:
-            _add_adjacent_weights(linears, ctx)
+        rest = [(linear, part) for linear, part in linears if not _is_fp8(part[0], ctx)]
+        if rest:
+            _add_adjacent_weights(rest, ctx)
     # that nothing reads a weight this rank did not load is checked once every pass has run
     # (compile.py: fuse_moe and shard_experts, split_lm_head and shard_vocab_parallel come later)
     return matches
@@ -217,6 +219,13 @@ def _weight(linear: fx.Node, ctx: PassContext) -> torch.Tensor:
     return weight
 
 
+def _is_fp8(name: str, ctx: PassContext) -> bool:
+    """Whether the weight `name` is sliced as FP8: QuantConfig's online FP8 quantizes every split
+    linear; a pre-quantized checkpoint's FP8 linears are those the rank left unloaded."""
+    return ctx.tensor_parallel.quant_algo is not None or (
+        ctx.quantization is not None and name.removesuffix(".weight") in ctx.quantization.unloaded)
+
+
 def _fp8_weight(linear: fx.Node, name: str, weight: torch.Tensor, dim: int, start: int, length: int,
                 ctx: PassContext) -> fx.Node:
     """This rank's FP8 slice of the linear's weight, entered in the model's quantization description
@@ -225,10 +234,13 @@ def _fp8_weight(linear: fx.Node, name: str, weight: torch.Tensor, dim: int, star
         raise CompileError(f"{describe(linear)}: TensorParallel(quant_algo=...) but the model has no FP8 "
                            "description (Fp8Linears) to enter its slices in")
     try:
-        q = rank_fp8_slice(ctx.tensor_parallel, name, weight, dim, start, length)
+        q = rank_fp8_slice(ctx.tensor_parallel, name, weight, dim, start, length,
+                           ctx.quantization.unloaded.get(name.removesuffix(".weight")))
     except ValueError as e:
         raise CompileError(f"{describe(linear)}: {e}") from None
-    ctx.quantization.linears[module_path(linear)] = q
+    path = module_path(linear)  # a fused projection's parts: one entry a part, by its rows
+    key = f"{path}[{start}:{start + length}]" if path.rpartition(".")[2] in FUSED_PROJECTIONS else path
+    ctx.quantization.linears[key] = q
     return ctx.inputs.add_constant(f"{linear.name}_tp_fp8_weight", q.placeholder)
 
 
@@ -272,7 +284,7 @@ def _shard_row(graph: fx.Graph, node: fx.Node, split_in: tuple[int, int], tp, ct
         raise CompileError(f"{describe(node)}: its input is split {local} of {weight.shape[1]} features on dim "
                            f"{dim}; a row-parallel linear needs an even split of its last dim")
     name = _weight_name(node, "weight")
-    if tp.quant_algo is not None:  # an FP8 slice: quantize_linears makes the partial an FP8 GEMM
+    if _is_fp8(name, ctx):  # an FP8 slice: quantize_linears makes the partial an FP8 GEMM
         w = _fp8_weight(node, name, weight, 1, tp.rank * local, local, ctx)
     else:
         w = ctx.inputs.add_constant(f"{node.name}_tp_weight", tp.weight_slice(name, weight, 1, tp.rank * local, local))

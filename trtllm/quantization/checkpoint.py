@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 
 from trtllm.kernels.fp8_gemm import FP8_DTYPE, SCALE_BLOCK
+from trtllm.parallel.tensor_parallel import unloaded
 from trtllm.quantization.fp8_linears import Fp8Linear, Fp8Linears
 
 SUPPORTED = ("fp8 (HF transformers' FP8: quant_method \"fp8\")",
@@ -194,6 +196,21 @@ class Fp8CheckpointTensors:
         self.weights: dict[str, torch.Tensor] = {}   # module path -> fp8 weight
         self.scales: dict[str, torch.Tensor] = {}    # tensor name -> scale
         self.kv_scales: dict[str, torch.Tensor] = {}
+        self.left: dict[str, torch.Tensor] = {}      # module path -> stand-in of an FP8 weight not loaded
+
+    def leave(self, name: str, stored, leave_unloaded, device) -> bool:
+        """A tensor the loader does not read (`leave_unloaded(name)`; `stored`: its safetensors
+        slice, which holds no data yet): False for a scale (nothing of the model's to stand in
+        for: another pipeline stage's), True for the model's tensors. An FP8 weight whose scales
+        this rank reads is a tensor-parallel split one: kept as a stand-in, its rank's slice is
+        read by the pass (Fp8Linears.unloaded)."""
+        if is_quantization_tensor(self.layout, name):
+            return False
+        path = name.removesuffix(".weight")
+        if name.endswith(".weight") and stored.get_dtype() == "F8_E4M3" and \
+                not leave_unloaded(f"{path}.{self.layout.weight_scale}"):
+            self.left[path] = unloaded(stored.get_shape(), FP8_DTYPE, device)
+        return True
 
     def take(self, name: str, tensor: torch.Tensor, device) -> bool:
         """Keep `tensor` if it is an FP8 weight or a scale (True); else the loader loads it."""
@@ -234,26 +251,54 @@ class Fp8CheckpointTensors:
         into the model instead. Raises naming any scale that is missing, mis-shaped or unused."""
         out = Fp8Linears(kv_scales=self.kv_scales, kv_cache_format=self.layout.kv_cache_format,
                          source=self.layout.describe())
-        for path, w in self.weights.items():
-            n, k = w.shape
-            nb, kb = -(-n // SCALE_BLOCK), -(-k // SCALE_BLOCK)
-            allowed = [(nb, kb)] if self.layout.block else [(1,), (n, 1)]
-            weight_scale = self._scale(path, self.layout.weight_scale, allowed, "weight scale")
-            input_scale = self._scale(path, "input_scale", [(1,)], "static input scale") \
-                if self.layout.static_inputs else None
-            q = Fp8Linear(w, weight_scale, input_scale)
+        for path, w in [*self.weights.items(), *self.left.items()]:
+            q = self._linear(path, w)
             module = model.get_submodule(path)
             if not isinstance(module, nn.Linear):
                 raise CheckpointError(f"{self.where}: {path}.weight is FP8 but {path} is a "
                                       f"{type(module).__name__}, not a linear layer")
-            if path.split(".")[-1] == "lm_head" or module is _output_embeddings(model):
+            head = path.split(".")[-1] == "lm_head" or module is _output_embeddings(model)
+            if path in self.left:
+                if head:
+                    raise CheckpointError(f"{self.where}: {path}.weight is FP8: an FP8 LM head split by "
+                                          "vocabulary under tensor parallelism is not supported")
+                out.unloaded[path] = q
+            elif head:
                 module._parameters["weight"] = nn.Parameter(q.dequantized(dtype), requires_grad=False)
-                continue
-            out.linears[path] = q
+            else:
+                out.linears[path] = q
         if self.scales:
             raise CheckpointError(f"{self.where}: scales with no FP8 weight beside them: {sorted(self.scales)}")
         out.attach(model)
         return out
+
+    def _linear(self, path: str, w: torch.Tensor) -> Fp8Linear:
+        """The FP8 weight `w` ([N, K]; a stand-in for one not loaded) with its scales, checked."""
+        n, k = w.shape
+        nb, kb = -(-n // SCALE_BLOCK), -(-k // SCALE_BLOCK)
+        allowed = [(nb, kb)] if self.layout.block else [(1,), (n, 1)]
+        weight_scale = self._scale(path, self.layout.weight_scale, allowed, "weight scale")
+        input_scale = self._scale(path, "input_scale", [(1,)], "static input scale") \
+            if self.layout.static_inputs else None
+        return Fp8Linear(w, weight_scale, input_scale)
+
+
+def checkpoint_kv_cache_scales(path: str | Path, fmt: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The KV-cache scales (k_scale, v_scale) per layer that the FP8 checkpoint at `path` carries
+    for a cache of format `fmt`, read alone (as `kv_cache_scales_by_layer` takes them from a loaded
+    model): what every rank of a parallel engine needs before any of them loads. None where the
+    checkpoint is not quantized or has none for `fmt`."""
+    path = Path(path)
+    layout = checkpoint_layout(path, json.loads((path / "config.json").read_text()))
+    if layout is None or fmt == "auto":
+        return None
+    scales = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.endswith(_KV_SCALE_SUFFIXES):
+                    scales[name] = f.get_tensor(name).float()
+    return kv_cache_scales_by_layer(Fp8Linears(kv_scales=scales, kv_cache_format=layout.kv_cache_format), fmt)
 
 
 def _output_embeddings(model: nn.Module):

@@ -96,6 +96,10 @@ class Fp8Linears:
     source: str = ""  # what made it: "QuantConfig(quant_algo=FP8)", "HF fp8 checkpoint", ...
     # MoE blocks' experts by the experts module's path (passes/fuse_moe.py places fused_moe_fp8)
     experts: dict[str, Fp8Experts] = field(default_factory=dict)
+    # a checkpoint's FP8 linears this rank did not load (tensor parallelism: it reads its slice as
+    # stored, quantization/fp8_slices.py), by module path: the weight a stand-in of the whole
+    # shape that holds no memory, the scales whole
+    unloaded: dict[str, Fp8Linear] = field(default_factory=dict)
 
     def by_placeholder(self) -> dict[int, Fp8Linear]:
         """id(placeholder weight) -> its FP8 linear: how the pass knows a graph input."""

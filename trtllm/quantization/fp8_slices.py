@@ -55,22 +55,42 @@ def fp8_slice(algo: QuantAlgo, shape, dim: int, start: int, length: int, read_pa
               read_whole: Callable[[], torch.Tensor], name: str = "the weight") -> Fp8Linear:
     """This rank's rows (dim 0) or columns (dim 1) [start, start + length) of `shape`'s weight,
     quantized as one rank quantizes the whole (module docstring)."""
-    if dim not in (0, 1):
-        raise ValueError(f"{name}: an FP8 linear weight is sliced by rows (0) or columns (1), not dim {dim}")
-    if algo == QuantAlgo.FP8_BLOCK_SCALES and start % SCALE_BLOCK and \
-            start // SCALE_BLOCK != (start + length - 1) // SCALE_BLOCK:
-        what = "rows" if dim == 0 else "columns"
-        raise ValueError(f"{name}: this rank's {what} [{start}, {start + length}) of {shape[dim]} start inside a "
-                         f"{SCALE_BLOCK}x{SCALE_BLOCK} scale block and cross into the next: FP8_BLOCK_SCALES under "
-                         "tensor parallelism needs each rank's slice to start on a block (or lie within one)")
+    _check_slice(algo == QuantAlgo.FP8_BLOCK_SCALES, shape, dim, start, length, name)
     if slice_is_exact(algo, shape, dim, start, length):
         return quantize_weight(read_part(), algo)
     return narrow_fp8(quantize_weight(read_whole(), algo), dim, start, length)
 
 
+def checkpoint_fp8_slice(stored: Fp8Linear, dim: int, start: int, length: int,
+                         read_part: Callable[[], torch.Tensor], name: str = "the weight") -> Fp8Linear:
+    """This rank's rows (dim 0) or columns (dim 1) [start, start + length) of a pre-quantized
+    checkpoint's FP8 linear (`stored`: its scales, its weight a stand-in of the whole shape):
+    the FP8 values as stored (`read_part`) with the scales covering them, the static input
+    scale whole. Exactly one rank's numbers: nothing is quantized anew."""
+    _check_slice(stored.block, tuple(stored.weight.shape), dim, start, length, name)
+    part = read_part()
+    if part.dtype != stored.weight.dtype or tuple(part.shape) != tuple(stored.weight.narrow(dim, start, length).shape):
+        raise ValueError(f"{name}: the slice read is {part.dtype} {tuple(part.shape)}, not the checkpoint's FP8 slice")
+    return Fp8Linear(part, narrow_scale(stored, dim, start, length), stored.input_scale)
+
+
+def _check_slice(block: bool, shape, dim: int, start: int, length: int, name: str) -> None:
+    if dim not in (0, 1):
+        raise ValueError(f"{name}: an FP8 linear weight is sliced by rows (0) or columns (1), not dim {dim}")
+    if block and start % SCALE_BLOCK and start // SCALE_BLOCK != (start + length - 1) // SCALE_BLOCK:
+        what = "rows" if dim == 0 else "columns"
+        raise ValueError(f"{name}: this rank's {what} [{start}, {start + length}) of {shape[dim]} start inside a "
+                         f"{SCALE_BLOCK}x{SCALE_BLOCK} scale block and cross into the next: 128x128 block scales "
+                         "under tensor parallelism need each rank's slice to start on a block (or lie within one)")
+
+
 def narrow_fp8(q: Fp8Linear, dim: int, start: int, length: int) -> Fp8Linear:
     """Rows or columns [start, start + length) of a quantized weight, with the scales covering them."""
-    weight = q.weight.narrow(dim, start, length).contiguous()
+    return Fp8Linear(q.weight.narrow(dim, start, length).contiguous(), narrow_scale(q, dim, start, length))
+
+
+def narrow_scale(q: Fp8Linear, dim: int, start: int, length: int) -> torch.Tensor:
+    """The weight scales covering rows or columns [start, start + length) of `q`'s weight."""
     scale = q.weight_scale
     if q.block:
         first = start // SCALE_BLOCK
@@ -78,7 +98,7 @@ def narrow_fp8(q: Fp8Linear, dim: int, start: int, length: int) -> Fp8Linear:
         scale = scale.narrow(dim, first, count)
     elif scale.numel() > 1 and dim == 0:  # per output channel: the slice's rows
         scale = scale.narrow(0, start, length)
-    return Fp8Linear(weight, scale.contiguous().clone())
+    return scale.contiguous().clone()
 
 
 def activation_group(algo: QuantAlgo, features: int, start: int, length: int, group_name: str,
@@ -96,17 +116,31 @@ def activation_group(algo: QuantAlgo, features: int, start: int, length: int, gr
                      f"features must start on a group (or the row be one group)")
 
 
-def rank_fp8_slice(tp: TensorParallel, name: str, full: torch.Tensor, dim: int, start: int, length: int) -> Fp8Linear:
+def rank_fp8_slice(tp: TensorParallel, name: str, full: torch.Tensor, dim: int, start: int, length: int,
+                   stored: Fp8Linear | None = None) -> Fp8Linear:
     """`fp8_slice` of `tp.quant_algo` for the weight `name` (its full tensor or stand-in `full`),
-    read through `tp` and made once; its placeholder (what the graph's linear reads, passes/
-    quantize_linears.py finds the FP8 GEMM by it) in `full`'s dtype."""
+    or `checkpoint_fp8_slice` of a pre-quantized checkpoint's linear (`stored`, as
+    Fp8Linears.unloaded holds it), read through `tp` and made once; its placeholder (what the
+    graph's linear reads, passes/quantize_linears.py finds the FP8 GEMM by it) in `full`'s dtype."""
     def make() -> Fp8Linear:
         def whole() -> torch.Tensor:
             return tp.read_whole(name, full) if tp.read_whole is not None else full.detach()
-        q = fp8_slice(tp.quant_algo, tuple(full.shape), dim, start, length,
-                      lambda: tp.read(name, full, dim, start, length), whole, name)
+        if stored is not None:
+            if tp.read_slice is None:  # the stand-in's zeros are no weight
+                raise ValueError(f"{name}: a pre-quantized weight this rank did not load needs the checkpoint "
+                                 "reader (TensorParallel(read_slice=...)) to read its slice")
+            q = checkpoint_fp8_slice(stored, dim, start, length,
+                                     lambda: tp.read(name, stored.weight, dim, start, length), name)
+            # a static input scale quantizes every rank's features alike; dynamic ones as the checkpoint's
+            # granularity quantizes them
+            algo = None if stored.input_scale is not None else \
+                QuantAlgo.FP8_BLOCK_SCALES if stored.block else QuantAlgo.FP8
+        else:
+            algo = tp.quant_algo
+            q = fp8_slice(algo, tuple(full.shape), dim, start, length,
+                          lambda: tp.read(name, full, dim, start, length), whole, name)
         q.placeholder = placeholder_weight(q.weight.shape, full.dtype, full.device)
-        if dim == 1:  # a row-parallel slice: its activations are split too
-            q.activation_group = activation_group(tp.quant_algo, full.shape[1], start, length, tp.group_name, name)
+        if dim == 1 and algo is not None:  # a row-parallel slice: its activations are split too
+            q.activation_group = activation_group(algo, full.shape[1], start, length, tp.group_name, name)
         return q
     return tp.made(("fp8", name, dim, start, length), make)

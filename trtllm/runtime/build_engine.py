@@ -28,7 +28,7 @@ from trtllm.parallel.expert_parallel import resolve_moe_sizes
 from trtllm.parallel.rank_model import RankSpec, rank_kv_scales
 from trtllm.parallel.worker import run_torchrun_worker
 from trtllm.parallel.workers import check_parallel, start_parallel
-from trtllm.quantization.checkpoint import kv_cache_scales_by_layer
+from trtllm.quantization.checkpoint import checkpoint_kv_cache_scales, kv_cache_scales_by_layer
 from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
 from trtllm.runtime.adapters import Adapters, read_peft_adapter, read_target_modules
 from trtllm.runtime.block_manager import BlockManager
@@ -118,9 +118,13 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                 pipeline_parallel_size != 1 and isinstance(speculative_config, EagleDecodingConfig)):
             raise ValueError(f"{what} with {type(speculative_config).__name__} is not supported yet (n-gram and "
                              "draft-model speculation are, and EAGLE-3 under tensor parallelism alone)")
+        if kv_cache_scales is None and isinstance(model, (str, Path)) and (Path(model) / "config.json").is_file():
+            # an FP8 checkpoint's k_scale / v_scale (if it has them), read here for every rank
+            kv_cache_scales = checkpoint_kv_cache_scales(model, kv_format)
         if kv_format == "int8" and kv_cache_scales is None:  # calibration would see rank 0's layers and heads
             raise ValueError(f"{what} with an INT8 KV cache calibrated at start-up is not supported yet: pass "
-                             "kv_cache_scales (each rank takes its layers' and KV heads'), or use an FP8 KV cache")
+                             "kv_cache_scales (each rank takes its layers' and KV heads'; a checkpoint's own are "
+                             "read), or use an FP8 KV cache")
         if kv_format == "auto" and kv_cache_scales is not None:
             kv_cache_quant("auto", None, kv_cache_scales)  # refused naming the missing cache format
         compiled, kv_cache_scales = _start_parallel(model, dtype, device, compile_options, kv_cache_config,
