@@ -238,7 +238,7 @@ class CompiledModel:
         if workers is None:
             return self._call(input_ids, positions, logits_indices)
         # rank 0 of a parallel group: every rank runs this call, on its own slices or stage
-        workers.send_step(input_ids, positions, logits_indices, self._in_decode_graphs)
+        workers.send_step(input_ids, positions, logits_indices, self._in_decode_graphs, self.lora)
         try:
             out = self._call(input_ids, positions, logits_indices)
             if self.pipeline is None or self.pipeline.is_last:

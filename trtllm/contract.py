@@ -80,6 +80,13 @@ def contract_module(model: nn.Module) -> nn.Module:
     return model
 
 
+def adapter_root(model: nn.Module) -> str:
+    """Where, in `model` under the contract, the model a LoRA adapter names its linears in is:
+    "model." inside the HF module's wrapper (its paths are the PreTrainedModel's), else ""."""
+    from transformers import PreTrainedModel
+    return "model." if isinstance(model, PreTrainedModel) else ""
+
+
 def model_path(module: nn.Module) -> str:
     """Which path a model (under the contract) takes, as summary() names it."""
     inner = getattr(module, "model", None)

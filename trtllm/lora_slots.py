@@ -17,6 +17,13 @@ The pass makes a group when it first meets the linears (`group`), a later compil
 the same model gets the same tensors back; the adapter cache (runtime/adapters.py) writes an
 adapter's weights into a slot (`load`), zero past its rank and for the modules it leaves
 alone. The tensors never move: graphs hold their addresses.
+
+Under tensor parallelism a rank's slots hold its part of each adapter (`shards`, recorded by
+passes/shard_tensor_parallel.py): the rows of B of a column-parallel linear (its output
+features), the columns of A of a row-parallel one (its input features; the partial shrink,
+expanded by the whole B, is summed by the linear's own all-reduce: B is linear). Under pipeline
+parallelism a rank wraps its stage's linears only; `elsewhere` lists the other ranks' (whole
+features), so an adapter is checked against the whole model and each rank writes its own.
 """
 from __future__ import annotations
 
@@ -50,13 +57,20 @@ class LoraGroup:
 
 class LoraSlots:
     def __init__(self, max_loras: int, max_lora_rank: int, target_modules, max_num_tokens: int,
-                 device: torch.device | str):
+                 device: torch.device | str, root: str = ""):
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        # the compiled module's path to the model adapters name their linears in ("model." for an
+        # HF module, which compiles inside models/hf.py's HFCausalLM: contract.adapter_root)
+        self.root = root
         self.target_modules = frozenset(TRTLLM_MODULE_NAMES.get(m, m) for m in target_modules)
         self.device = torch.device(device)
         self.slot_ids = torch.full((max_num_tokens,), -1, dtype=torch.long, device=self.device)
         self.groups: dict[tuple[LoraPart, ...], LoraGroup] = {}
         self.modules: dict[str, tuple[LoraGroup, int]] = {}  # path -> its group and index in it
+        # path -> (dim, start, length, whole): dim 0: B's rows [start, start + length) of `whole`
+        # output features; dim 1: A's columns of `whole` input features (a tensor-parallel rank)
+        self.shards: dict[str, tuple[int, int, int, int]] = {}
+        self.elsewhere: dict[str, tuple[int, int]] = {}  # other ranks' wrapped linears: path -> (K, N)
 
     def targets(self, path: str) -> bool:
         """Whether the linear at module path `path` is one LoRA wraps."""
@@ -80,25 +94,47 @@ class LoraSlots:
             self.modules[p.path] = (group, i)
         return group
 
-    def in_features(self, path: str) -> int:
-        return self.modules[path][0].in_features
+    def shard(self, path: str, dim: int, start: int, length: int, whole: int) -> None:
+        """This rank holds features [start, start + length) of `whole` of the linear at `path`:
+        its outputs (dim 0, column-parallel) or its inputs (dim 1, row-parallel)."""
+        self.shards[path] = (dim, start, length, whole)
 
-    def out_features(self, path: str) -> int:
+    def features(self, path: str) -> tuple[int, int] | None:
+        """(in, out) features of the whole linear an adapter names `path` as its A [r, in] and
+        B [out, r] must be shaped, if this engine wraps it on any rank; else None."""
+        path = self.root + path
+        if path not in self.modules:
+            return self.elsewhere.get(path)
         group, i = self.modules[path]
-        return group.parts[i].size
+        k, n = group.in_features, group.parts[i].size
+        dim, _, _, whole = self.shards.get(path, (None, 0, 0, 0))
+        return (whole, n) if dim == 1 else (k, whole) if dim == 0 else (k, n)
+
+    def wrapped(self) -> dict[str, tuple[int, int]]:
+        """This rank's wrapped linears: path -> whole (in, out) features."""
+        return {path: self.features(path.removeprefix(self.root)) for path in self.modules}
 
     def image(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], pin: bool = False
               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """An adapter laid out as one slot holds it, on the host: per group (in `groups`
         order) its (lora_a [n R, K], lora_b [N, n R]), zero past each module's rank and for
         the modules the adapter leaves alone. weights[path] = (A [r, K], B [N, r] with the
-        scaling folded in), r <= max_lora_rank. `pin`: in pinned memory (a GPU's copies)."""
+        scaling folded in, the whole linear's: a tensor-parallel rank takes its `shards`),
+        r <= max_lora_rank. `pin`: in pinned memory (a GPU's copies)."""
         rank = self.max_lora_rank
         image = [(torch.zeros(g.lora_a.shape[1:], dtype=g.lora_a.dtype), torch.zeros(g.lora_b.shape[1:],
                                                                                    dtype=g.lora_b.dtype))
                  for g in self.groups.values()]
         index = {id(g): i for i, g in enumerate(self.groups.values())}
         for path, (a, b) in weights.items():
+            path = self.root + path
+            if path not in self.modules:  # another pipeline stage's linear (checked: `elsewhere`)
+                continue
+            dim, start, length, _ = self.shards.get(path, (None, 0, 0, 0))
+            if dim == 0:
+                b = b[start:start + length]
+            elif dim == 1:
+                a = a[:, start:start + length]
             group, i = self.modules[path]
             part, r = group.parts[i], a.shape[0]
             a_img, b_img = image[index[id(group)]]

@@ -149,17 +149,27 @@ def test_ngram_speculation_with_expert_parallelism_gives_one_ranks_tokens(tmp_pa
         assert llm.get_stats()["spec_accepted_tokens"] > 0
 
 
-@pytest.mark.parametrize("kwargs,why", [
-    (dict(lora_config=LoraConfig(max_lora_rank=8)), "LoRA with tensor_parallel_size=2"),
-])
-def test_features_that_cannot_run_with_expert_parallelism_are_refused_by_name(tmp_path, kwargs, why):
-    from trtllm import LLM
-    from trtllm.config import KvCacheConfig
+def test_lora_on_attention_runs_under_expert_parallelism(tmp_path):
+    # an attention adapter on Qwen3-MoE (transformers' module: its paths under HFCausalLM's `model.`) at
+    # TP2 x EP2: every rank writes its part of it; the base and the adapter give one rank's tokens
+    from tests.lora_adapters import write_adapter
+    from trtllm import LoRARequest
     path = checkpoint("qwen3_moe", tmp_path)
-    kwargs = {"build_config": BuildConfig(max_batch_size=4, max_num_tokens=64, max_seq_len=32), **kwargs}
-    with pytest.raises(ValueError, match=why):
-        LLM(str(path), dtype="float32", device="cpu", kv_cache_config=KvCacheConfig(max_tokens=1024),
-            tensor_parallel_size=2, moe_expert_parallel_size=2, **kwargs)
+    write_adapter(path, tmp_path / "adapter", r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    request = LoRARequest("attention", 1, str(tmp_path / "adapter"))
+    prompts = [[5, 17, 99, 3, 250, 31, 8], [400, 2]] * 2
+    requests = [request, request, None, None]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    def tokens(llm):
+        outs = llm.generate(prompts, params, use_tqdm=False, lora_request=requests)
+        return [o.outputs[0].token_ids for o in outs]
+    with small_llm(path, lora_config=LoraConfig(max_lora_rank=8)) as llm:
+        expected = tokens(llm)
+    assert expected[:2] != expected[2:], "the adapter changes nothing: the test could not fail"
+    with small_llm(path, lora_config=LoraConfig(max_lora_rank=8), tensor_parallel_size=2,
+                   moe_expert_parallel_size=2) as llm:
+        assert tokens(llm) == expected
 
 
 def test_serve_ep_size_is_moe_expert_parallel_size_and_a_bad_one_fails_the_start_naming_the_numbers(tmp_path):

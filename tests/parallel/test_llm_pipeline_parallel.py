@@ -16,7 +16,7 @@ import torch
 from tests.models.checkpoints import write_checkpoint
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm import LLM, SamplingParams
-from trtllm.config import BuildConfig, KvCacheConfig, LoraConfig
+from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.parallel.pipeline_parallel import partition_layers
 from trtllm.runtime.outputs import RequestError
 
@@ -180,7 +180,6 @@ def test_bad_sizes_are_refused_before_any_process_starts(tmp_path, kwargs, why):
 
 @pytest.mark.parametrize("kwargs,why", [
     (dict(speculative_config="eagle3"), "pipeline_parallel_size=2 with EagleDecodingConfig is not supported"),
-    (dict(lora_config=LoraConfig(max_lora_rank=8)), "LoRA with pipeline_parallel_size=2"),
     (dict(kv_cache_config=KvCacheConfig(dtype="int8")), "pipeline_parallel_size=2 with an INT8 KV cache"),
 ])
 def test_features_a_pipeline_cannot_run_are_refused_by_name(tmp_path, kwargs, why):

@@ -57,7 +57,7 @@ def test_targeted_linears_get_their_adapter_per_token():
     assert group.lora_a.shape == (3, 2 * RANK, K) and group.lora_b.shape == (3, NQ + 2 * NKV, 2 * RANK)
     adapters = []
     for s, rank in enumerate((4, 2, 3)):  # ranks up to the slots' rank
-        weights = {n: (torch.randn(rank, slots.in_features(n)), torch.randn(slots.out_features(n), rank))
+        weights = {n: (torch.randn(rank, slots.features(n)[0]), torch.randn(slots.features(n)[1], rank))
                    for n in ("q_proj", "v_proj", "o_proj")[: 3 - s]}  # slot 2 leaves v and o alone
         slots.load(s, weights)
         adapters.append(weights)

@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 
 from trtllm.compile import CompiledModel, compile as trtllm_compile
-from trtllm.config import QuantAlgo
+from trtllm.config import LoraConfig, QuantAlgo
+from trtllm.contract import adapter_root
+from trtllm.lora_slots import LoraSlots
 from trtllm.models.loader import load_model, read_json
 from trtllm.parallel.checkpoint_slices import CheckpointSlices, is_split
 from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, load_moe_rank
@@ -24,6 +26,18 @@ from trtllm.parallel.expert_parallel import ExpertParallel
 from trtllm.parallel.pipeline_parallel import PipelineStage, layer_of
 from trtllm.parallel.process_group import COLLECTIVE_TIMEOUT_S, Groups
 from trtllm.parallel.tensor_parallel import TensorParallel, head_range, is_unloaded
+
+
+@dataclass(frozen=True)
+class RankLora:
+    """Every rank's LoRA slots, as rank 0's (runtime/build_engine.py makes them from its LoraConfig)."""
+    config: LoraConfig  # max_loras, max_lora_rank, max_cpu_loras (a worker's host cache of slot images)
+    target_modules: tuple[str, ...]
+    max_num_tokens: int
+
+    def slots(self, model: nn.Module) -> LoraSlots:
+        return LoraSlots(self.config.max_loras, self.config.max_lora_rank, self.target_modules,
+                         self.max_num_tokens, next(model.parameters()).device, adapter_root(model))
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,7 @@ class RankSpec:
     # they load, the split ones' slices by the pass (quantization/fp8_slices.py)
     kv_cache_dtype: str = "auto"  # "fp8" / "int8": every rank's KV pool quantized, with kv_cache_scales
     kv_cache_scales: torch.Tensor | None = None  # [L, 2, Hkv] of the whole model (None: FP8's 1.0)
+    lora: RankLora | None = None  # LoRA slots on every rank, alike (each holds its part of an adapter)
 
     @property
     def tp(self) -> int:
@@ -121,8 +136,9 @@ def compile_rank(model: nn.Module, slices: CheckpointSlices, spec: RankSpec, ran
         first, end = spec.stages[stage]
         pipeline = PipelineStage(stage, spec.pp, first, end, model.config.hidden_size,
                                  next(p.dtype for p in model.parameters() if p.is_floating_point()))
+    lora = {"lora": spec.lora.slots(model)} if spec.lora is not None else {}
     return trtllm_compile(model, **spec.compile_options, block_size=spec.block_size, tensor_parallel=tp,
-                          pipeline=pipeline)
+                          pipeline=pipeline, **lora)
 
 
 def loaded_bytes(model: nn.Module, slices: CheckpointSlices) -> int:

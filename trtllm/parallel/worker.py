@@ -8,8 +8,10 @@ from the same tensor-parallel rank of the stage before; a stage before the last 
 to the next; the last stage's first tensor-parallel rank sends the logits to rank 0, which
 samples. Other outputs are dropped.
 
-Steps come over the control group (step_channel.py): `Step` (one model call), `CopyBlocks`
-(beam search's copy-on-write blocks, into this rank's cache), `REPORT` (every
+Steps come over the control group (step_channel.py): `Step` (one model call, with each token's
+LoRA slot), `CopyBlocks` (beam search's copy-on-write blocks, into this rank's cache),
+`LoadAdapter` (rank 0 put a LoRA adapter in a slot: this rank writes its part), `LORA_MODULES`
+then `LoraModules` (every rank's wrapped linears, gathered then shared), `REPORT` (every
 rank gathers its loaded bytes to rank 0), `KV_BLOCKS` (every rank gathers how many KV blocks
 fit its free memory), None (stop). A spawned worker also has a pipe to rank 0 for
 ("loaded", None) once its weights are in and ("error", message) if anything raises (then it exits).
@@ -29,14 +31,18 @@ import torch
 import torch.distributed as dist
 
 from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_context
+from trtllm.kernels.linear_lora import no_adapters
 from trtllm.kernels.paged_attention.kv_quant import KV_CACHE_DTYPES
+from trtllm.lora_request import LoRARequest
 from trtllm.parallel import process_group
 from trtllm.parallel.pipeline_parallel import stage_input
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device, rank_kv_scales
 from trtllm.parallel.step_channel import StepChannel
+from trtllm.runtime.adapters import Adapters
 
 REPORT = "report"
 KV_BLOCKS = "kv_blocks"
+LORA_MODULES = "lora_modules"
 
 
 @dataclass
@@ -50,6 +56,8 @@ class Step:
     metadata: tuple | None  # AttentionMetadata.state()
     cache: tuple[int, int, int] | None
     decode_graphs: bool
+    lora_slot_ids: np.ndarray | None = None  # each token's LoRA slot (-1: none), with LoRA slots
+    no_adapters: bool = False  # no token has an adapter (kernels/linear_lora.py's no_adapters)
 
 
 @dataclass
@@ -57,6 +65,21 @@ class CopyBlocks:
     """Beam search's copy-on-write blocks (runtime/block_manager.py): each (source, copy) block's
     K/V, every layer, into the copy, before the next step writes it (rank 0's runner copies its own)."""
     pairs: list[tuple[int, int]]
+
+
+@dataclass
+class LoadAdapter:
+    """Rank 0 put the adapter `request` names into LoRA slot `slot`: this rank writes its part of it
+    there (LoraSlots.image: its shards, its stage's linears), read from the same directory."""
+    slot: int
+    request: LoRARequest
+
+
+@dataclass
+class LoraModules:
+    """Every rank's wrapped linears (path -> whole (in, out) features): what an adapter is checked
+    against, the others' kept as LoraSlots.elsewhere."""
+    modules: dict
 
 
 @dataclass
@@ -103,9 +126,20 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
     dtype = compiled.pipeline.dtype if compiled.pipeline is not None else None
     sends: deque = deque()  # (work, tensor): the tensor lives until the send is done
     cache_key, cache, metadata = None, None, None
+    adapters = None if compiled.lora is None else \
+        Adapters(spec.lora.config, compiled.lora, next(compiled.module.parameters()).dtype)
     while (msg := _next_step(channel, rank)) is not None:
         if msg == REPORT:
             channel.gather(report())
+            continue
+        if msg == LORA_MODULES:
+            channel.gather(compiled.lora.wrapped())
+            continue
+        if isinstance(msg, LoraModules):
+            compiled.lora.elsewhere = {p: f for p, f in msg.modules.items() if p not in compiled.lora.modules}
+            continue
+        if isinstance(msg, LoadAdapter):  # its host cache as rank 0's (max_cpu_loras images, LRU)
+            compiled.lora.load_image(msg.slot, adapters.host_image(msg.request))
             continue
         if isinstance(msg, KvBlocks):
             channel.gather(_kv_blocks(compiled, msg, device, _cache_format(spec, compiled.attention, rank)[0]))
@@ -135,7 +169,9 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             metadata.load_state(msg.metadata)
             scope = attention_context(cache, metadata)
         graphs = compiled.decode_graphs() if msg.decode_graphs else contextlib.nullcontext()
-        with scope, graphs, received:
+        if msg.lora_slot_ids is not None:
+            compiled.lora.slot_ids[: len(msg.lora_slot_ids)].copy_(torch.from_numpy(msg.lora_slot_ids))
+        with scope, graphs, received, no_adapters(msg.no_adapters):
             out = compiled(ids, positions, rows)
         if spec.pp == 1:
             continue

@@ -28,6 +28,9 @@ import torch.distributed as dist
 
 from trtllm.attention_context import active_context, in_attention_context
 from trtllm.compile import CompiledModel
+from trtllm.kernels.linear_lora import adapters_off
+from trtllm.lora_request import LoRARequest
+from trtllm.lora_slots import LoraSlots
 from trtllm.models import gemma, llama, phi3
 from trtllm.models.loader import ARCHITECTURES, read_json
 from trtllm.parallel import process_group
@@ -37,7 +40,16 @@ from trtllm.parallel.pipeline_parallel import check_pipeline_sizes, layer_of, pa
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
 from trtllm.parallel.step_channel import StepChannel
 from trtllm.parallel.tensor_parallel import check_sizes
-from trtllm.parallel.worker import REPORT, CopyBlocks, KvBlocks, Step, worker_main
+from trtllm.parallel.worker import (
+    LORA_MODULES,
+    REPORT,
+    CopyBlocks,
+    KvBlocks,
+    LoadAdapter,
+    LoraModules,
+    Step,
+    worker_main,
+)
 from trtllm.quantization.checkpoint import checkpoint_layout
 
 # Model files whose projections the pass splits and whose layers the pipeline cuts (tested on
@@ -233,17 +245,38 @@ class Workers:
 
     # -- steps -------------------------------------------------------------------------
     def send_step(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor | None,
-                  decode_graphs: bool) -> None:
-        """Hand one call of rank 0's CompiledModel to every worker (before rank 0 runs it)."""
+                  decode_graphs: bool, lora: LoraSlots | None = None) -> None:
+        """Hand one call of rank 0's CompiledModel to every worker (before rank 0 runs it), with
+        each token's LoRA slot (`lora`: rank 0's slots, filled by the runner)."""
         self.check_alive()
         metadata = cache = None
         if in_attention_context():
             ctx = active_context()
             metadata = ctx.metadata.state()
             cache = (id(ctx.cache), ctx.cache.num_blocks, ctx.cache.block_size)
+        slot_ids = None if lora is None else lora.slot_ids[: input_ids.numel()].cpu().numpy()
         step = Step(input_ids.cpu().numpy(), positions.cpu().numpy(),
-                    None if logits_indices is None else logits_indices.cpu().numpy(), metadata, cache, decode_graphs)
+                    None if logits_indices is None else logits_indices.cpu().numpy(), metadata, cache, decode_graphs,
+                    slot_ids, adapters_off())
         self._send(step)
+
+    def load_adapter(self, slot: int, request: LoRARequest) -> None:
+        """Rank 0 put `request`'s adapter into LoRA slot `slot`: every worker writes its part there
+        (before the step that reads it)."""
+        self.check_alive()
+        self._send(LoadAdapter(slot, request))
+
+    def share_lora_modules(self, lora: LoraSlots) -> None:
+        """Every rank's wrapped linears, gathered and shared (after the first compilation): each
+        rank's `LoraSlots.elsewhere` lists the others', so an adapter is checked against the
+        whole model (a pipeline stage wraps its own layers only)."""
+        self.check_alive()
+        self._send(LORA_MODULES)
+        modules = {}
+        for wrapped in self.channel.gather(lora.wrapped()):
+            modules.update(wrapped)
+        lora.elsewhere = {p: f for p, f in modules.items() if p not in lora.modules}
+        self._send(LoraModules(modules))
 
     def _send(self, msg) -> None:
         try:

@@ -44,7 +44,9 @@ which Inductor compiles; the bias of a row-parallel linear is added once, after 
 With `TensorParallel(quant_algo=...)` (QuantConfig's online FP8) each slice is quantized instead:
 one rank's FP8 quantization of the whole weight, sliced (quantization/fp8_slices.py), entered
 in the model's Fp8Linears with a placeholder of its local shape, which quantize_linears (next)
-turns into an FP8 GEMM. A pre-quantized checkpoint's FP8 linears (Fp8Linears.unloaded: the rank
+turns into an FP8 GEMM. With LoRA slots (`ctx.lora`) each split linear LoRA targets records the
+rank's part of its adapters (LoraSlots.shard: B's rows of a column-parallel linear, A's
+columns of a row-parallel one; apply_lora, later, wraps the local linears). A pre-quantized checkpoint's FP8 linears (Fp8Linears.unloaded: the rank
 left them unloaded) are sliced as stored, their scales with them, and entered the same way.
 """
 from __future__ import annotations
@@ -85,6 +87,9 @@ def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
         if kind(node) == "linear":
             leaf = module_path(node).rpartition(".")[2]
             if leaf in FUSED_PROJECTIONS:
+                if ctx.lora is not None and ctx.lora.targets(module_path(node)):
+                    raise CompileError(f"{describe(node)}: LoRA on a model-native fused projection ({leaf}) is not "
+                                       "supported under tensor parallelism yet")
                 if tp.quant_algo is not None:
                     raise CompileError(f"{describe(node)}: FP8 slices of a model-native fused projection ({leaf}) "
                                        "are not made under tensor parallelism yet")
@@ -191,6 +196,8 @@ def _shard_column(node: fx.Node, leaf: str, tp, ctx: PassContext, shapes, split,
                            ) from None
     start, length = offset + first * head_dim, count * head_dim
     prefix = fused_name or _weight_name(node, "")
+    if ctx.lora is not None and ctx.lora.targets(module_path(node)):  # its adapters' B rows: these outputs
+        ctx.lora.shard(module_path(node), 0, first * head_dim, length, rows)
     bias_node = arg(node, 2, "bias")
     if bias_node is not None:
         bias = ctx.inputs.tensor(bias_node)
@@ -284,6 +291,8 @@ def _shard_row(graph: fx.Graph, node: fx.Node, split_in: tuple[int, int], tp, ct
         raise CompileError(f"{describe(node)}: its input is split {local} of {weight.shape[1]} features on dim "
                            f"{dim}; a row-parallel linear needs an even split of its last dim")
     name = _weight_name(node, "weight")
+    if ctx.lora is not None and ctx.lora.targets(module_path(node)):  # its adapters' A columns: these inputs
+        ctx.lora.shard(module_path(node), 1, tp.rank * local, local, weight.shape[1])
     if _is_fp8(name, ctx):  # an FP8 slice: quantize_linears makes the partial an FP8 GEMM
         w = _fp8_weight(node, name, weight, 1, tp.rank * local, local, ctx)
     else:

@@ -120,11 +120,12 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
     for path, ab in sorted(keys.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{name}: {path} has lora_{'A' if 'A' in ab else 'B'} but not the other")
-        if path not in slots.modules:
+        features = slots.features(path)
+        if features is None:
             raise ValueError(f"{name}: targets {path}: this engine wraps no such linear (the model lacks it, or "
                              f"lora_target_modules {sorted(slots.target_modules)} leaves it out)")
         a_shape, b_shape = shapes[ab["A"]], shapes[ab["B"]]
-        k, n = slots.in_features(path), slots.out_features(path)
+        k, n = features
         if a_shape != (rank, k) or b_shape != (n, rank):
             raise ValueError(f"{name}: {path} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, but the "
                              f"base model's linear there is {k} -> {n} at rank {rank}: lora_A must be [{rank}, {k}], "
@@ -161,8 +162,11 @@ def read_peft_weights(adapter: PeftAdapter, dtype: torch.dtype) -> dict[str, tup
 
 
 class Adapters:
-    def __init__(self, config: LoraConfig, slots: LoraSlots, dtype: torch.dtype):
+    def __init__(self, config: LoraConfig, slots: LoraSlots, dtype: torch.dtype, replicas=None):
         self.config, self.slots, self.dtype = config, slots, dtype
+        # (slot, request) -> None: the other ranks of a parallel engine write their parts of an
+        # adapter rank 0 put in a slot (parallel/workers.py `load_adapter`); None: one rank
+        self.replicas = replicas
         self._lock = threading.Lock()  # check() runs on the callers' threads, the rest on the engine's
         self._checked: dict[int, PeftAdapter] = {}  # by lora_int_id: one id, one adapter
         self._host: OrderedDict[int, list] = OrderedDict()  # adapter id -> its slot image (LoraSlots.image), LRU first
@@ -213,6 +217,8 @@ class Adapters:
             # queued on the step stream, after any step still reading the slot's old adapter
             # (whose sequences have all finished: it was unpinned); not waited for
             self.slots.load_image(slot, image)
+            if self.replicas is not None:
+                self.replicas(slot, seq.lora_request)
             self.slot_loads += 1
             self._slot_of[adapter_id] = slot
         self._pins[adapter_id] += 1

@@ -19,16 +19,17 @@ import torch.nn as nn
 
 from trtllm.compile import compile as trtllm_compile
 from trtllm.config import BuildConfig, CudaGraphConfig, KvCacheConfig, LoraConfig, QuantConfig, kv_cache_dtype
+from trtllm.contract import adapter_root
 from trtllm.kernels.paged_attention.kv_quant import kv_scales_tensor
 from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
 from trtllm.models.loader import load_model, read_json
 from trtllm.parallel import process_group
 from trtllm.parallel.expert_parallel import resolve_moe_sizes
-from trtllm.parallel.rank_model import RankSpec, rank_kv_scales
+from trtllm.parallel.rank_model import RankLora, RankSpec, rank_kv_scales
 from trtllm.parallel.worker import run_torchrun_worker
 from trtllm.parallel.workers import check_parallel, start_parallel
-from trtllm.quantization.checkpoint import checkpoint_kv_cache_scales, kv_cache_scales_by_layer
+from trtllm.quantization.checkpoint import checkpoint_kv_cache_scales, checkpoint_layout, kv_cache_scales_by_layer
 from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
 from trtllm.runtime.adapters import Adapters, read_peft_adapter, read_target_modules
 from trtllm.runtime.block_manager import BlockManager
@@ -100,10 +101,6 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     if lora_config is not None:
         if not isinstance(lora_config, LoraConfig):
             raise TypeError(f"lora_config must be a LoraConfig, got {type(lora_config).__name__}")
-        if tensor_parallel_size != 1:
-            raise ValueError(f"LoRA with tensor_parallel_size={tensor_parallel_size} is not supported yet")
-        if pipeline_parallel_size != 1:
-            raise ValueError(f"LoRA with pipeline_parallel_size={pipeline_parallel_size} is not supported yet")
         for directory in lora_config.lora_dir:  # a missing one named before minutes of loading
             read_target_modules(directory)
         if quant_config.weight_algo is not None:
@@ -127,9 +124,12 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                              "read), or use an FP8 KV cache")
         if kv_format == "auto" and kv_cache_scales is not None:
             kv_cache_quant("auto", None, kv_cache_scales)  # refused naming the missing cache format
+        lora = None if lora_config is None else RankLora(lora_config, _lora_targets(lora_config),
+                                                         max(build_config.max_num_tokens, build_config.max_batch_size))
         compiled, kv_cache_scales = _start_parallel(model, dtype, device, compile_options, kv_cache_config,
                                                     tensor_parallel_size, pipeline_parallel_size, pp_partition,
-                                                    moe.moe_ep, quant_config.weight_algo, kv_format, kv_cache_scales)
+                                                    moe.moe_ep, quant_config.weight_algo, kv_format, kv_cache_scales,
+                                                    lora)
         try:
             # a decode graph would replay on rank 0 alone (issue 22: left), under either parallelism
             enable_cuda_graph = False
@@ -137,7 +137,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
             return _build_engine(compiled.module, compiled, started, model if tokenizer is None else tokenizer,
                                  kv_cache_config, build_config, enable_cuda_graph, stream_interval,
                                  disable_overlap_scheduler, kv_format, kv_cache_scales,
-                                 _speculative(speculative_config, dtype, compile_options, model))
+                                 _speculative(speculative_config, dtype, compile_options, model), lora_config)
         except BaseException:
             compiled.tensor_parallel.workers.shutdown()
             raise
@@ -167,19 +167,23 @@ def _lora_slots(config: LoraConfig, module: nn.Module, build_config: BuildConfig
     adapters in lora_dir, else every attention and MLP linear."""
     if fp8_linears_of(module) is not None:
         raise ValueError("LoRA over an FP8 checkpoint's linears is not supported yet")
+    device = next(module.parameters()).device
+    max_num_tokens = max(build_config.max_num_tokens, build_config.max_batch_size)
+    return LoraSlots(config.max_loras, config.max_lora_rank, _lora_targets(config), max_num_tokens, device,
+                     adapter_root(module))
+
+
+def _lora_targets(config: LoraConfig) -> tuple[str, ...]:
     targets = list(config.lora_target_modules)
     if not targets:
         for directory in config.lora_dir:
             targets += read_target_modules(directory)
-    device = next(module.parameters()).device
-    max_num_tokens = max(build_config.max_num_tokens, build_config.max_batch_size)
-    return LoraSlots(config.max_loras, config.max_lora_rank, targets or DEFAULT_TARGET_MODULES, max_num_tokens,
-                     device)
+    return tuple(targets or DEFAULT_TARGET_MODULES)
 
 
 def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_cache_config: KvCacheConfig,
                     size: int, pp: int, pp_partition, moe_expert_parallel_size: int = 1, quant_algo=None,
-                    kv_format: str = "auto", kv_cache_scales=None):
+                    kv_format: str = "auto", kv_cache_scales=None, lora: RankLora | None = None):
     """Rank 0's compiled model, its workers started (each loads its own stage and slices), and
     rank 0's share of kv_cache_scales (its layers' and KV heads'; None if none were given). Under
     torchrun, a rank other than 0 serves rank 0's steps here and exits when rank 0 stops."""
@@ -192,6 +196,8 @@ def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_
                          "slices of it), not a module in memory")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     stages, tied = check_parallel(model, size, device.type, pp, pp_partition, moe_expert_parallel_size, quant_algo)
+    if lora is not None and checkpoint_layout(Path(model), read_json(Path(model) / "config.json")) is not None:
+        raise ValueError("LoRA over an FP8 checkpoint's linears is not supported yet")
     scales = None
     if kv_cache_scales is not None:  # the whole model's, checked before any process starts
         config = read_json(Path(model) / "config.json")
@@ -199,7 +205,7 @@ def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_
                                   config.get("num_key_value_heads") or config["num_attention_heads"])
     spec = RankSpec(str(model), _DTYPES[dtype], size * pp, device.type, kv_cache_config.tokens_per_block,
                     dict(compile_options or {}), process_group.COLLECTIVE_TIMEOUT_S, size, stages, tied,
-                    moe_expert_parallel_size, quant_algo, kv_format, scales)
+                    moe_expert_parallel_size, quant_algo, kv_format, scales, lora)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["RANK"]) != 0:
         run_torchrun_worker(spec)  # until rank 0 shuts down; the caller's code after LLM(...) is rank 0's
         raise SystemExit(0)
@@ -279,11 +285,15 @@ def _adapters(config: LoraConfig, compiled, module: nn.Module) -> Adapters:
     if not slots.groups:
         zeros = torch.zeros((1, 2), dtype=torch.long, device=compiled.device)
         compiled(zeros, torch.arange(2, device=compiled.device)[None])
-    if not slots.groups:
+    workers = compiled.tensor_parallel.workers if compiled.tensor_parallel is not None else None
+    if workers is not None:  # every rank's linears: an adapter is checked against the whole model
+        workers.share_lora_modules(slots)
+    if not slots.groups and not slots.elsewhere:
         raise ValueError(f"LoRA: the model has no linear named in target modules {sorted(slots.target_modules)}")
     for directory in config.lora_dir:
         read_peft_adapter(LoRARequest(Path(directory).name or str(directory), 1, str(directory)), slots)
-    return Adapters(config, slots, next(module.parameters()).dtype)
+    return Adapters(config, slots, next(module.parameters()).dtype,
+                    workers.load_adapter if workers is not None else None)
 
 
 def _vocab_size(module: nn.Module, compiled) -> int:
