@@ -21,7 +21,9 @@ A_*, B_* and slot_ids are constant inputs: fixed-address tensors the runtime wri
 adapters and each step's per-token slots into (so CUDA graphs hold). A token with slot -1
 gets the linear's own output (expand copies it through). The linear itself is left as it
 is, so later passes (use_gemv_linear, split_lm_head) still see it; the LM head and the
-embedding are never targeted. Runs after quantize_linears and fuse_parallel_linears.
+embedding are never targeted. Runs after quantize_linears and fuse_parallel_linears. An FP8
+linear (quantize_linears' GEMM, its output's meta naming its input x) is wrapped alike: the
+shrink reads x in the model's dtype, the expand adds to the FP8 GEMM's output.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from trtllm.contract import CompileError
 from trtllm.lora_slots import LoraPart
 from trtllm.passes.context import PassContext
 from trtllm.passes.match import describe, kind, module_path, value
+from trtllm.passes.quantize_linears import LINEAR_INPUT
 
 
 def _narrow_part(node: fx.Node, fused: fx.Node) -> LoraPart | None:
@@ -61,9 +64,12 @@ def apply_lora(graph: fx.Graph, ctx: PassContext) -> int:
     slot_ids = None
     matches = 0
     for node in list(graph.nodes):
-        if kind(node) != "linear":
+        # a linear, or an FP8 GEMM's output (quantize_linears: the adapter's shrink reads the input
+        # before its quantization, in the model's dtype, as peft's LoRA over a quantized layer does)
+        x = node.args[0] if kind(node) == "linear" else node.meta.get(LINEAR_INPUT)
+        if x is None:
             continue
-        x, out = node.args[0], value(node)
+        out = value(node)
         if out is None or value(x) is None:
             raise CompileError(f"{describe(node)}: a linear with no example value (LoRA needs its shape)")
         parts = [p for p in _parts(node, out.shape[-1]) if lora.targets(p.path)]

@@ -30,7 +30,8 @@ fuse_parallel_linears (which would otherwise concatenate the placeholders into a
 weight) and use_gemv_linear never sees these linears, so a decode graph keeps them FP8
 (fp8_gemm picks its weight-streaming path for M <= 16 itself). A placeholder used any other
 way than as a linear's weight is refused with a CompileError naming the node: computed with,
-it would give NaN.
+it would give NaN. The output `y` keeps x in its meta (LINEAR_INPUT): apply_lora wraps it
+as it wraps a linear.
 """
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ from trtllm.passes.context import PassContext
 from trtllm.passes.fuse_parallel_linears import _adjacent_view
 from trtllm.passes.match import arg, describe, kind, value
 from trtllm.quantization.fp8_linears import Fp8Linear
+
+# the meta key of an FP8 GEMM's output (reshaped as the linears' was) that names the linears' input x
+LINEAR_INPUT = "trtllm_fp8_linear_input"
 
 
 def _side_by_side(qs: list[Fp8Linear]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +143,7 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members: list[tuple[fx.Node, Fp8
             node.meta["example_value"] = xv.shape[d]
         y = graph.call_method("reshape", (y2, *dims, sum(sizes)))
         y.meta.update(first.meta)
+        y.meta[LINEAR_INPUT] = x  # apply_lora adds an adapter's shrink of x here
         y.meta["example_value"] = _fake(xv, (*xv.shape[:-1], sum(sizes)))
         start = 0
         for node, n in zip(nodes, sizes):

@@ -29,7 +29,7 @@ from trtllm.parallel.expert_parallel import resolve_moe_sizes
 from trtllm.parallel.rank_model import RankLora, RankSpec, rank_kv_scales
 from trtllm.parallel.worker import run_torchrun_worker
 from trtllm.parallel.workers import check_parallel, start_parallel
-from trtllm.quantization.checkpoint import checkpoint_kv_cache_scales, checkpoint_layout, kv_cache_scales_by_layer
+from trtllm.quantization.checkpoint import checkpoint_kv_cache_scales, kv_cache_scales_by_layer
 from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
 from trtllm.runtime.adapters import Adapters, read_peft_adapter, read_target_modules
 from trtllm.runtime.block_manager import BlockManager
@@ -103,9 +103,6 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
             raise TypeError(f"lora_config must be a LoraConfig, got {type(lora_config).__name__}")
         for directory in lora_config.lora_dir:  # a missing one named before minutes of loading
             read_target_modules(directory)
-        if quant_config.weight_algo is not None:
-            raise ValueError(f"LoRA over quantized linears (quant_algo={quant_config.weight_algo.value}) is not "
-                             "supported yet")
     if pp_partition is not None and pipeline_parallel_size == 1:
         raise ValueError(f"pp_partition={pp_partition} given without pipeline_parallel_size > 1")
     if tensor_parallel_size != 1 or pipeline_parallel_size != 1:
@@ -165,8 +162,6 @@ def _speculative(config, dtype: str, compile_options: dict | None, model) -> dic
 def _lora_slots(config: LoraConfig, module: nn.Module, build_config: BuildConfig) -> LoraSlots:
     """The LoRA slots the compiled model reads: the target modules named, else those of the
     adapters in lora_dir, else every attention and MLP linear."""
-    if fp8_linears_of(module) is not None:
-        raise ValueError("LoRA over an FP8 checkpoint's linears is not supported yet")
     device = next(module.parameters()).device
     max_num_tokens = max(build_config.max_num_tokens, build_config.max_batch_size)
     return LoraSlots(config.max_loras, config.max_lora_rank, _lora_targets(config), max_num_tokens, device,
@@ -196,8 +191,6 @@ def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_
                          "slices of it), not a module in memory")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     stages, tied = check_parallel(model, size, device.type, pp, pp_partition, moe_expert_parallel_size, quant_algo)
-    if lora is not None and checkpoint_layout(Path(model), read_json(Path(model) / "config.json")) is not None:
-        raise ValueError("LoRA over an FP8 checkpoint's linears is not supported yet")
     scales = None
     if kv_cache_scales is not None:  # the whole model's, checked before any process starts
         config = read_json(Path(model) / "config.json")
