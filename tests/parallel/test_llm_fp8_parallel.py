@@ -149,6 +149,33 @@ def test_kv_cache_scales_per_kv_head_split_with_the_ranks(tmp_path):
             assert greedy(llm) == expected, sizes
 
 
+@pytest.mark.parametrize("sizes", [dict(tensor_parallel_size=2, moe_expert_parallel_size=2),
+                                   pytest.param(dict(pipeline_parallel_size=2), marks=pytest.mark.slow)])
+def test_fp8_experts_under_expert_and_pipeline_parallelism_give_one_ranks_tokens(tmp_path, sizes):
+    # a rank's experts quantized as one rank quantizes each whole expert (rank_fp8_experts); a stage's
+    # as it loads them; attention slices as for a dense model
+    path = checkpoint("qwen3_moe", tmp_path)
+    with small_llm(path, algo=QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN) as llm:
+        expected = greedy(llm)
+    with small_llm(path, algo=QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, **sizes) as llm:
+        assert greedy(llm) == expected
+        targets = {n.target for g in llm.compiled.graphs for n in g.graph.nodes}
+        assert torch.ops.trtllm.fused_moe.default not in targets
+        if "pipeline_parallel_size" not in sizes:  # (stage 0 holds layer 0, a dense one)
+            assert torch.ops.trtllm.fused_moe_fp8.default in targets
+
+
+@pytest.mark.slow
+def test_fp8_block_experts_split_by_features_on_block_boundaries(tmp_path):
+    # TP inside the experts (moe_tp = 2) with 128x128 blocks: 256 intermediate features, 128 a rank
+    path = write_checkpoint("qwen3_moe", tmp_path / "wide", vocab_size=512, moe_intermediate_size=256)
+    make_tokenizer(path)
+    with small_llm(path, algo=QuantAlgo.FP8_BLOCK_SCALES) as llm:
+        expected = greedy(llm)
+    with small_llm(path, algo=QuantAlgo.FP8_BLOCK_SCALES, tensor_parallel_size=2) as llm:
+        assert greedy(llm) == expected
+
+
 @pytest.mark.parametrize("family,kwargs,why", [
     ("llama31", dict(tensor_parallel_size=2, kv_dtype="int8"),
      "tensor_parallel_size=2 with an INT8 KV cache calibrated at start-up is not supported yet"),
@@ -157,8 +184,8 @@ def test_kv_cache_scales_per_kv_head_split_with_the_ranks(tmp_path):
     ("llama31", dict(tensor_parallel_size=2, kv_dtype="int8", kv_cache_scales=[(1.0, 1.0)] * 3),
      r"3 \(k_scale, v_scale\) pairs for 2 layers"),
     ("qwen3_moe", dict(tensor_parallel_size=2, algo=QuantAlgo.FP8),
-     r"FP8 weights \(quant_algo=FP8\) of a mixture-of-experts model \(Qwen3MoeForCausalLM\) are not supported "
-     "under parallelism yet"),
+     r"FP8 experts \(FP8\) split by their intermediate features \(moe_tensor_parallel_size=2\) would quantize the "
+     "intermediate activations per rank: use moe_expert_parallel_size=2"),
 ])
 def test_what_stays_unsupported_is_refused_by_name_before_any_process_starts(tmp_path, family, kwargs, why):
     with pytest.raises(ValueError, match=why):

@@ -26,6 +26,7 @@ from trtllm.parallel.expert_parallel import ExpertParallel
 from trtllm.parallel.pipeline_parallel import PipelineStage, layer_of
 from trtllm.parallel.process_group import COLLECTIVE_TIMEOUT_S, Groups
 from trtllm.parallel.tensor_parallel import TensorParallel, head_range, is_unloaded
+from trtllm.quantization.fp8_linears import quantize_model
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,8 @@ def load_rank(spec: RankSpec, rank: int, device: torch.device) -> tuple[nn.Modul
         # pass, which reads this rank's share through `read_experts`
         model, slices.read_experts = load_moe_rank(spec.path, spec.dtype, device, unloaded, slices,
                                                    split_experts=spec.tp > 1)
+        if spec.quant_algo is not None:  # what it loaded whole; the passes quantize its slices and experts
+            quantize_model(model, spec.quant_algo, leave=is_unloaded)
         return model, slices
     return load_model(spec.path, dtype=spec.dtype, device=device, leave_unloaded=unloaded,
                       quant_algo=spec.quant_algo), slices

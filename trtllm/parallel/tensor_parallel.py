@@ -69,15 +69,19 @@ class TensorParallel:
         """This rank's experts [count, 2*length, H] (which="w13": gate rows then up rows, each
         [start, start+length) of I) or [count, H, length] (which="w2") of a fused expert weight
         [E, 2I, H] / [E, H, I], made once."""
-        def read():
-            if self.read_experts is not None:
-                return self.read_experts(full, which, first, count, start, length)
-            w = full.detach()[first:first + count]
-            if which == "w13":
-                inter = w.shape[1] // 2
-                return torch.cat([w[:, start:start + length], w[:, inter + start:inter + start + length]], 1).clone()
-            return w[:, :, start:start + length].contiguous().clone()
-        return self.made(("experts", id(full), which, first, count, start, length), read)
+        return self.made(("experts", id(full), which, first, count, start, length),
+                         lambda: self.read_expert_slice(full, which, first, count, start, length))
+
+    def read_expert_slice(self, full: torch.Tensor, which: str, first: int, count: int, start: int,
+                          length: int) -> torch.Tensor:
+        """`experts`, read anew (for a caller that keeps what it makes of it: `made`)."""
+        if self.read_experts is not None:
+            return self.read_experts(full, which, first, count, start, length)
+        w = full.detach()[first:first + count]
+        if which == "w13":
+            inter = w.shape[1] // 2
+            return torch.cat([w[:, start:start + length], w[:, inter + start:inter + start + length]], 1).clone()
+        return w[:, :, start:start + length].contiguous().clone()
 
     def made(self, key, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """`make()` the first time `key` is asked for, the same tensor after."""

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from trtllm.attention_context import active_context, in_attention_context
 from trtllm.compile import CompiledModel
+from trtllm.config import QuantAlgo
 from trtllm.kernels.linear_lora import adapters_off
 from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import LoraSlots
@@ -83,9 +84,10 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
         kind = "tensor parallelism" if pp == 1 else "tensor / pipeline parallelism"
         raise ValueError(f"{what}: {arch} is not supported under {kind} yet "
                          f"(supported: {', '.join(PARALLEL_ARCHITECTURES + tuple(EXPERT_NAMES))})")
-    if arch in EXPERT_NAMES and quant_algo is not None:
-        raise ValueError(f"{what}: FP8 weights (quant_algo={quant_algo.value}) of a mixture-of-experts model "
-                         f"({arch}) are not supported under parallelism yet")
+    if arch in EXPERT_NAMES and quant_algo is not None and moe.moe_tp > 1 and quant_algo != QuantAlgo.FP8_BLOCK_SCALES:
+        raise ValueError(f"{what}: FP8 experts ({quant_algo.value}) split by their intermediate features "
+                         f"(moe_tensor_parallel_size={moe.moe_tp}) would quantize the intermediate activations per "
+                         f"rank: use moe_expert_parallel_size={tp} (whole experts a rank) or FP8_BLOCK_SCALES")
     layout = checkpoint_layout(Path(path), config)  # None: not quantized; an unsupported one raises
     if layout is not None and arch in EXPERT_NAMES:
         raise ValueError(f"{what}: a pre-quantized {arch} checkpoint: FP8 experts are not read under "

@@ -14,6 +14,10 @@ After, on the rank of expert-parallel rank p of EP and TP-in-experts rank q of M
     W2_r = W2[first:first+El, :, q*Il:(q+1)*Il]            # [El, H, Il]
     out = wait_tensor(all_reduce(fused_moe(x, W13_r, W2_r, w, ids - first), "sum"))
 
+With `TensorParallel(quant_algo=...)` (QuantConfig's FP8) the block becomes `fused_moe_fp8` over this
+rank's experts quantized as one rank quantizes each whole expert, then sliced
+(quantization/fp8_slices.py `rank_fp8_experts`; features split only with 128x128 blocks).
+
 An id outside [0, El) after the shift (another rank's expert) contributes nothing: moe_align
 puts it in no expert's run. SiLU(gate) * up is elementwise over the intermediate features and
 the down projection sums over them, so the slices of I add up as the experts do: one all-reduce
@@ -33,10 +37,12 @@ import torch
 import torch.fx as fx
 
 import trtllm.kernels.fused_moe  # noqa: F401  (registers torch.ops.trtllm.fused_moe)
+import trtllm.kernels.fused_moe_fp8  # noqa: F401  (registers torch.ops.trtllm.fused_moe_fp8)
 from trtllm.contract import CompileError
 from trtllm.parallel.expert_parallel import ExpertParallel
 from trtllm.passes.context import PassContext
 from trtllm.passes.match import describe, value
+from trtllm.quantization.fp8_slices import rank_fp8_experts
 
 
 def shard_experts(graph: fx.Graph, ctx: PassContext) -> int:
@@ -59,15 +65,26 @@ def shard_experts(graph: fx.Graph, ctx: PassContext) -> int:
                                f"moe_tensor_parallel_size={moe.moe_tp}")
         first, count = moe.experts(tp.rank, num_experts)
         start, length = moe.intermediate(tp.rank, inter)
-        local13 = ctx.inputs.add_constant(f"{node.name}_ep_w13", tp.experts(w13, "w13", first, count, start, length))
-        local2 = ctx.inputs.add_constant(f"{node.name}_ep_w2", tp.experts(w2, "w2", first, count, start, length))
         out = value(node)
         with graph.inserting_before(node):
             if first:
                 shifted = graph.call_function(operator.sub, (ids, first))
                 shifted.meta.update(ids.meta)  # int32 [T, k] as the ids
                 ids = shifted
-        node.args = (x, local13, local2, weights, ids)
+        if tp.quant_algo is not None:  # QuantConfig's FP8: this rank's experts, quantized as one rank's
+            try:
+                fp8 = rank_fp8_experts(tp, w13, w2, first, count, start, length, describe(node))
+            except ValueError as e:
+                raise CompileError(str(e)) from None
+            names = ("w13_fp8", "w2_fp8", "w13_scale", "w2_scale")
+            local = [ctx.inputs.add_constant(f"{node.name}_ep_{n}", t) for n, t in zip(names, (fp8[0], fp8[2], fp8[1],
+                                                                                            fp8[3]))]
+            node.target = torch.ops.trtllm.fused_moe_fp8.default
+            node.args = (x, *local, weights, ids)
+        else:
+            local13 = ctx.inputs.add_constant(f"{node.name}_ep_w13", tp.experts(w13, "w13", first, count, start, length))
+            local2 = ctx.inputs.add_constant(f"{node.name}_ep_w2", tp.experts(w2, "w2", first, count, start, length))
+            node.args = (x, local13, local2, weights, ids)
         with graph.inserting_after(node):
             reduced = graph.call_function(torch.ops._c10d_functional.all_reduce.default, (node, "sum", tp.group_name))
         with graph.inserting_after(reduced):

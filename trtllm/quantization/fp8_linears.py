@@ -238,17 +238,22 @@ def quantizable_linears(model: nn.Module) -> list[str]:
     return paths
 
 
-def quantize_model(model: nn.Module, algo: QuantAlgo) -> Fp8Linears:
+def quantize_model(model: nn.Module, algo: QuantAlgo, leave=None) -> Fp8Linears:
     """Quantize `model`'s linears (quantizable_linears) in place, one layer at a time: each
     bf16 weight is replaced by its placeholder as soon as its FP8 copy exists, so at most
-    one layer's weight is held twice. Returns the description, also attached to the model."""
+    one layer's weight is held twice. Returns the description, also attached to the model.
+    leave(weight) -> True: a weight left as it is (a parallel rank's stand-ins: the passes
+    quantize its split ones as they slice them; other pipeline stages' are never run)."""
     if algo not in ONLINE_ALGOS:
         quantize_weight(torch.zeros(1, 1), algo)  # raises, naming what is supported
     if fp8_linears_of(model) is not None:
         raise ValueError("the model is already FP8-quantized (a pre-quantized checkpoint, or quantized once "
                          "already): quantizing it again is refused")
     paths, expert_paths = quantizable_linears(model), quantizable_experts(model)
-    if not paths and not expert_paths:
+    if leave is not None:
+        paths = [p for p in paths if not leave(model.get_submodule(p).weight)]
+        expert_paths = [p for p in expert_paths if not leave(model.get_submodule(p).gate_up_proj)]
+    elif not paths and not expert_paths:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize besides its LM head (e.g. "
                          "GPT-2's Conv1D layers are not nn.Linear): FP8 quantization is refused rather than "
                          "leaving the model unquantized")

@@ -39,7 +39,7 @@ import torch
 from trtllm.config import QuantAlgo
 from trtllm.kernels.fp8_gemm import SCALE_BLOCK
 from trtllm.parallel.tensor_parallel import TensorParallel
-from trtllm.quantization.fp8_linears import Fp8Linear, placeholder_weight, quantize_weight
+from trtllm.quantization.fp8_linears import Fp8Linear, placeholder_weight, quantize_expert_weights, quantize_weight
 
 
 def slice_is_exact(algo: QuantAlgo, shape, dim: int, start: int, length: int) -> bool:
@@ -144,3 +144,36 @@ def rank_fp8_slice(tp: TensorParallel, name: str, full: torch.Tensor, dim: int, 
             q.activation_group = activation_group(algo, full.shape[1], start, length, tp.group_name, name)
         return q
     return tp.made(("fp8", name, dim, start, length), make)
+
+
+def rank_fp8_experts(tp: TensorParallel, full13: torch.Tensor, full2: torch.Tensor, first: int, count: int,
+                     start: int, length: int, name: str = "the experts"
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W13, its scales, W2, its scales) of this rank's experts [first, first + count) and their
+    intermediate features [start, start + length) in FP8 (`tp.quant_algo`), as kernels/
+    fused_moe_fp8.py takes them: each expert quantized as one rank quantizes it whole
+    (quantize_expert_weights), then its features kept with the scales covering them; made once.
+    Features split (TP inside the experts) only with 128x128 blocks on 128-feature boundaries: the
+    intermediate activations are quantized per token (or per 1x128 group) inside the fused MoE, and
+    a rank's share of a token's features has another amax than the whole row (refused, naming the
+    numbers)."""
+    algo, inter = tp.quant_algo, full13.shape[1] // 2
+    if length != inter and (algo != QuantAlgo.FP8_BLOCK_SCALES or inter % SCALE_BLOCK or start % SCALE_BLOCK
+                            or length % SCALE_BLOCK):
+        raise ValueError(f"{name}: FP8 experts ({algo.value}) split by intermediate features ([{start}, "
+                         f"{start + length}) of {inter} on this rank, moe_tensor_parallel_size > 1) would quantize "
+                         f"the intermediate activations per rank: use moe_expert_parallel_size = "
+                         f"tensor_parallel_size (whole experts), or FP8_BLOCK_SCALES with each rank's features on "
+                         f"{SCALE_BLOCK}-feature boundaries")
+
+    def make():
+        q13, s13 = quantize_expert_weights(tp.read_expert_slice(full13, "w13", first, count, 0, inter), algo)
+        q2, s2 = quantize_expert_weights(tp.read_expert_slice(full2, "w2", first, count, 0, inter), algo)
+        if length == inter:
+            return q13, s13, q2, s2
+        b0, bn, bi = start // SCALE_BLOCK, length // SCALE_BLOCK, inter // SCALE_BLOCK
+        rows = torch.cat([q13[:, start:start + length], q13[:, inter + start:inter + start + length]], 1)
+        row_scales = torch.cat([s13[:, b0:b0 + bn], s13[:, bi + b0:bi + b0 + bn]], 1)
+        return (rows.contiguous(), row_scales.contiguous(), q2[:, :, start:start + length].contiguous(),
+                s2[:, :, b0:b0 + bn].contiguous())
+    return tp.made(("fp8 experts", id(full13), id(full2), first, count, start, length), make)
