@@ -25,10 +25,11 @@ from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
 from trtllm.models.loader import load_model, read_json
 from trtllm.parallel import process_group
+from trtllm.parallel.checks import check_parallel
 from trtllm.parallel.expert_parallel import resolve_moe_sizes
 from trtllm.parallel.rank_model import RankLora, RankSpec, rank_kv_scales
 from trtllm.parallel.worker import run_torchrun_worker
-from trtllm.parallel.workers import check_parallel, start_parallel
+from trtllm.parallel.workers import start_parallel
 from trtllm.quantization.checkpoint import checkpoint_kv_cache_scales, kv_cache_scales_by_layer
 from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
 from trtllm.runtime.adapters import Adapters, read_peft_adapter, read_target_modules
