@@ -16,8 +16,7 @@ def test_two_ranks_serve_one_ranks_text_and_stop_cleanly(tmp_path, monkeypatch, 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model_dir = write_model(tmp_path / "model")
     prompts = ["Hello there", "The quick brown fox jumps"]
-    # beam search is refused under parallelism: the server's default BUILD asks for beams of 4
-    with Server(model_dir, *size, "--max_beam_width", "1", log_path=tmp_path / "server.log") as server:
+    with Server(model_dir, *size, log_path=tmp_path / "server.log") as server:
         served = [server.post("/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 8,
                                                        "temperature": 0, "ignore_eos": True}).json()
                   for p in prompts]
@@ -26,6 +25,28 @@ def test_two_ranks_serve_one_ranks_text_and_stop_cleanly(tmp_path, monkeypatch, 
              kv_cache_config=KvCacheConfig(max_tokens=KV_MAX_TOKENS)) as llm:
         offline = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
     assert [r["choices"][0]["text"] for r in served] == [o.outputs[0].text for o in offline]
+
+
+@pytest.mark.slow
+def test_two_tensor_parallel_ranks_serve_an_adapter_by_its_name(tmp_path, monkeypatch):
+    # --lora_modules under --tp_size 2: every rank writes its part of the adapter (docs/lora.md)
+    from tests.lora_adapters import write_adapter
+    from trtllm import LoraConfig, LoRARequest
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model_dir = write_model(tmp_path / "model")
+    write_adapter(model_dir, tmp_path / "adapter", r=8, seed=4)
+    body = {"model": "style", "prompt": "The quick brown fox jumps", "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}
+    with Server(model_dir, "--tp_size", "2", "--lora_modules", f"style={tmp_path / 'adapter'}",
+                log_path=tmp_path / "server.log") as server:
+        served = server.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        base = server.post("/v1/completions", json={**body, "model": "tiny"}).json()["choices"][0]["text"]
+        assert server.stop() == 0, server.log()
+    with LLM(str(model_dir), dtype="float32", build_config=BuildConfig(**BUILD),
+             kv_cache_config=KvCacheConfig(max_tokens=KV_MAX_TOKENS), lora_config=LoraConfig(max_lora_rank=8)) as llm:
+        offline = llm.generate(body["prompt"], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                               lora_request=LoRARequest("style", 1, str(tmp_path / "adapter")))
+    assert served == offline.outputs[0].text and served != base
 
 
 @pytest.mark.parametrize("size,why", [
