@@ -72,17 +72,24 @@ def test_a_missing_expert_or_another_width_is_refused_by_name(path, tmp_path):
         load_model(wide, dtype=torch.float32, device="cpu")
 
 
-def test_a_pre_quantized_checkpoint_is_refused_by_name(path, tmp_path):
-    """Qwen3-30B-A3B-FP8's layout (128 x 128 block scales): its FP8 experts are not read into the
-    3-D parameters yet; refused before any tensor is read, never loaded as bf16 under an FP8 name."""
+def test_experts_mixing_float8_and_bf16_tensors_are_refused_by_name(path, tmp_path):
+    """A pre-quantized checkpoint's experts load as stored (tests/quantization/test_fp8_moe_checkpoints.py);
+    one 3-D parameter made of float8 and bf16 experts is refused, never loaded as either."""
     import json
 
+    from safetensors.torch import load_file, save_file
+
+    from trtllm.quantization import quantize_weight
     copy = shutil.copytree(path, tmp_path / "fp8")
     config = json.loads((copy / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                     "weight_block_size": [128, 128]}
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
     (copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="pre-quantized Qwen3MoeForCausalLM checkpoint: reading its FP8 experts"):
+    tensors = load_file(str(copy / "model.safetensors"))
+    name = "model.layers.1.mlp.experts.2.up_proj.weight"
+    q = quantize_weight(tensors[name].float(), QuantAlgo.FP8)
+    tensors[name], tensors[name.replace(".weight", ".weight_scale_inv")] = q.weight, q.weight_scale
+    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="experts.gate_up_proj: the checkpoint's per-expert tensors mix float8"):
         load_model(copy, dtype=torch.bfloat16, device="cpu")
 
 

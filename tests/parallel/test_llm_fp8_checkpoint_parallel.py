@@ -152,5 +152,5 @@ def test_what_stays_unsupported_is_refused_by_name(tmp_path):
     config = json.loads((moe / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
     (moe / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="a pre-quantized Qwen3MoeForCausalLM checkpoint: FP8 experts are not read"):
+    with pytest.raises(ValueError, match="a pre-quantized Qwen3MoeForCausalLM checkpoint: its FP8 experts load into our model file on one rank"):
         small_llm(moe, tensor_parallel_size=2)

@@ -80,7 +80,8 @@ def write_fp8_checkpoint(src: Path, dst: Path, layout: str, granularity: str, st
         path = name.removesuffix(".weight")
         q = quantize_weight(t, _ALGO[granularity])
         if static:
-            q.input_scale = torch.tensor([max(amax[path], 1e-6) / FP8_MAX])
+            # (transformers' 3-D experts are no modules the calibration hooks see: 1.0 as their amax)
+            q.input_scale = torch.tensor([max(amax.get(path, 1.0), 1e-6) / FP8_MAX])
             out[f"{path}.input_scale"] = q.input_scale.reshape(()) if layout == "modelopt" else q.input_scale
         out[name] = q.weight
         per_tensor_scalar = layout == "modelopt" and granularity == "tensor"

@@ -23,6 +23,27 @@ class ExpertSlots:
         self.tensors = tensors or {}
         self.parts = {param: 1 + max(r for p, r in self.tensors.values() if p == param)
                       for param, _ in self.tensors.values()}
+        # the 3-D parameters being filled, expert by expert (`put`): in the model's dtype, or FP8 as
+        # stored (a pre-quantized checkpoint's experts: their scales are the loader's FP8 reader's)
+        self.stacks: dict[str, torch.Tensor] = {}
+        self.fp8_stacks: dict[str, torch.Tensor] = {}
+
+    def put(self, slot: tuple[str, int, int], t: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
+            device) -> None:
+        """One expert's projection `t` into its rows of the parameter `slot` names ([E, R, C] `shape`)."""
+        param, e, rows = slot
+        fp8 = t.dtype == torch.float8_e4m3fn
+        stacks, other = (self.fp8_stacks, self.stacks) if fp8 else (self.stacks, self.fp8_stacks)
+        if param in other:
+            raise ValueError(f"{param}: the checkpoint's per-expert tensors mix float8 and {dtype} (expert {e})")
+        if param not in stacks:
+            stacks[param] = torch.empty(shape, dtype=t.dtype if fp8 else dtype, device=device)
+        stacks[param][e, rows * t.shape[0]:(rows + 1) * t.shape[0]].copy_(t)
+
+    def projections(self, param: str) -> list[str]:
+        """The checkpoint projections that make `param` (a path ending in a 3-D parameter's name), in row order."""
+        leaf = param.rpartition(".")[2]
+        return [proj for proj, (p, _) in sorted(self.tensors.items(), key=lambda kv: kv[1][1]) if p == leaf]
 
     def __call__(self, name: str) -> tuple[str, int, int] | None:
         if not self.tensors:

@@ -144,15 +144,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
         model = model_cls(model_cls.config_class.from_hf(
             {k: v for k, v in hf_config.items() if k != "quantization_config"}))
     expert_slot = ExpertSlots(getattr(model_cls, "expert_tensors", None))
-    if layout is not None and expert_slot.tensors:
-        raise ValueError(f"{path}: a pre-quantized {architecture} checkpoint: reading its FP8 experts into "
-                         f"{model_cls.__module__} is not built (QuantConfig FP8 quantizes the bf16 checkpoint's)")
     expected, aliases = _expected_tensors(model)
     rename = getattr(model_cls, "checkpoint_name", None) or (lambda name: name)  # checkpoint -> module names
     tensor_file = _check_checkpoint(files, expected, aliases,
                                     (lambda name: is_quantization_tensor(layout, name)) if layout else None, rename,
                                     expert_slot)
-    stacks: dict[str, torch.Tensor] = {}  # 3-D expert parameters, filled expert by expert
     fp8 = Fp8CheckpointTensors(layout, str(path)) if layout is not None else None
     online = Fp8Linears(source=f"QuantConfig(quant_algo={quant_algo.value})") if quant_algo is not None else None
     online_weights = {f"{p}.weight": p for p in quantizable_linears(model)} if online is not None else {}
@@ -165,11 +161,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                 name = rename(stored)
                 slot = expert_slot(name)
                 if slot is not None:  # one expert's projection: its rows of a 3-D parameter
-                    param, e, rows = slot
-                    if param not in stacks:
-                        stacks[param] = torch.empty(expected[param], dtype=dtype, device=device)
                     t = f.get_tensor(stored)
-                    stacks[param][e, rows * t.shape[0]:(rows + 1) * t.shape[0]].copy_(t)
+                    if fp8 is None and t.dtype == torch.float8_e4m3fn:
+                        raise ValueError(f"{file.name}: tensor {name!r} is float8 but the checkpoint names no "
+                                         "quantization: without its scales it cannot be read")
+                    expert_slot.put(slot, t, expected[slot[0]], dtype, device)
                     if bar is not None:
                         bar.update(t.numel() * t.element_size())
                     continue
@@ -200,8 +196,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     if bar is not None:
         bar.close()
 
-    for param, stack in stacks.items():
+    for param, stack in expert_slot.stacks.items():
         _assign(model, param, stack)
+    if expert_slot.fp8_stacks:  # a pre-quantized checkpoint's FP8 experts, their scales stacked alike
+        fp8.experts(model, expert_slot, dtype)
     if fp8 is not None:
         fp8.finish(model, dtype)
     if online is not None:

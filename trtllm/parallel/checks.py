@@ -49,8 +49,8 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
                          f"rank: use moe_expert_parallel_size={tp} (whole experts a rank) or FP8_BLOCK_SCALES")
     layout = checkpoint_layout(Path(path), config)  # None: not quantized; an unsupported one raises
     if layout is not None and arch in EXPERT_NAMES:
-        raise ValueError(f"{what}: a pre-quantized {arch} checkpoint: FP8 experts are not read under "
-                         "parallelism (nor on one rank) yet")
+        raise ValueError(f"{what}: a pre-quantized {arch} checkpoint: its FP8 experts load into our model file "
+                         "on one rank; under parallelism (transformers' module) they are not read yet")
     if layout is not None and quant_algo is not None:
         raise ValueError(f"{path} is a pre-quantized {layout.describe()}; QuantConfig(quant_algo="
                          f"{quant_algo.value}) would quantize it again: leave quant_algo unset to load it as it is")

@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from trtllm.kernels.fp8_gemm import FP8_DTYPE, SCALE_BLOCK
 from trtllm.parallel.tensor_parallel import unloaded
-from trtllm.quantization.fp8_linears import Fp8Linear, Fp8Linears
+from trtllm.quantization.fp8_linears import EXPERT_WEIGHTS, Fp8Experts, Fp8Linear, Fp8Linears, placeholder_weight
 
 SUPPORTED = ("fp8 (HF transformers' FP8: quant_method \"fp8\")",
              "compressed-tensors (FP8 weights and activations)",
@@ -197,6 +197,7 @@ class Fp8CheckpointTensors:
         self.scales: dict[str, torch.Tensor] = {}    # tensor name -> scale
         self.kv_scales: dict[str, torch.Tensor] = {}
         self.left: dict[str, torch.Tensor] = {}      # module path -> stand-in of an FP8 weight not loaded
+        self.fp8_experts: dict[str, Fp8Experts] = {}  # experts module path -> its FP8 experts (`experts`)
 
     def leave(self, name: str, stored, leave_unloaded, device) -> bool:
         """A tensor the loader does not read (`leave_unloaded(name)`; `stored`: its safetensors
@@ -246,11 +247,53 @@ class Fp8CheckpointTensors:
             raise CheckpointError(f"{self.where}: {name!r} must hold finite positive scales")
         return s.float().contiguous()
 
+    def experts(self, model: nn.Module, slots, dtype: torch.dtype) -> None:
+        """The FP8 experts of a model file's MoE blocks: `slots.fp8_stacks` (models/expert_tensors.py:
+        the per-expert FP8 tensors stacked into [E, 2I, H] gate_up_proj and [E, H, I] down_proj as
+        stored) with each expert's scales stacked alike, as kernels/fused_moe_fp8.py takes them
+        (a per-tensor scale repeated over its rows; 128x128 blocks of gate and up side by side, so
+        I must be a multiple of 128). The model's 3-D parameters become placeholders (no memory);
+        finish() hands the experts on in Fp8Linears.experts."""
+        if self.layout.static_inputs:
+            raise CheckpointError(f"{self.where}: FP8 experts with static input scales ({self.layout.describe()}) "
+                                  "are not supported: the fused MoE quantizes its activations per token")
+        modules = sorted({param.rpartition(".")[0] for param in slots.fp8_stacks})
+        for module in modules:
+            stacked = []
+            for leaf in EXPERT_WEIGHTS:  # gate_up_proj, down_proj
+                param = f"{module}.{leaf}"
+                if param not in slots.fp8_stacks:
+                    raise CheckpointError(f"{self.where}: {module}'s experts are float8 in one projection and not "
+                                          f"in {leaf}")
+                w = slots.fp8_stacks.pop(param)
+                projections = slots.projections(param)
+                scales = [torch.stack([self._expert_scale(f"{module}.{e}.{proj}", w.shape[1] // len(projections),
+                                                          w.shape[2], len(projections) > 1)
+                                       for e in range(w.shape[0])]) for proj in projections]
+                stacked.append((w, torch.cat(scales, dim=1).contiguous()))
+                placeholder = placeholder_weight(w.shape, dtype, w.device)
+                model.get_submodule(module)._parameters[leaf] = placeholder
+                stacked[-1] += (placeholder,)
+            (w13, s13, p13), (w2, s2, p2) = stacked
+            self.fp8_experts[module] = Fp8Experts(w13, s13, w2, s2, "128x128 blocks" if self.layout.block
+                                                  else "per-channel", (p13, p2))
+
+    def _expert_scale(self, path: str, n: int, k: int, side_by_side: bool) -> torch.Tensor:
+        """One expert projection's weight scale ([n, k] weight) as fused_moe_fp8 stacks it: blocks as
+        they are, a per-tensor scale repeated over the n rows, per-channel [n, 1]."""
+        nb, kb = -(-n // SCALE_BLOCK), -(-k // SCALE_BLOCK)
+        if self.layout.block and side_by_side and n % SCALE_BLOCK:
+            raise CheckpointError(f"{self.where}: {path}: 128x128 block scales of an expert projection of {n} rows "
+                                  "(not a multiple of 128) cannot stack with gate and up side by side")
+        s = self._scale(path, self.layout.weight_scale, [(nb, kb)] if self.layout.block else [(1,), (n, 1)],
+                        "weight scale")
+        return s if self.layout.block or s.numel() > 1 else s.reshape(1, 1).expand(n, 1)
+
     def finish(self, model: nn.Module, dtype: torch.dtype) -> Fp8Linears:
         """The Fp8Linears of what was taken, attached to `model`; an FP8 LM head is dequantized
         into the model instead. Raises naming any scale that is missing, mis-shaped or unused."""
         out = Fp8Linears(kv_scales=self.kv_scales, kv_cache_format=self.layout.kv_cache_format,
-                         source=self.layout.describe())
+                         source=self.layout.describe(), experts=self.fp8_experts)
         for path, w in [*self.weights.items(), *self.left.items()]:
             q = self._linear(path, w)
             module = model.get_submodule(path)
