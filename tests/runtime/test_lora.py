@@ -218,6 +218,27 @@ def test_an_hf_module_family_takes_adapters_by_their_own_paths(tmp_path, monkeyp
     assert got == want
 
 
+def test_beam_search_with_an_adapter_equals_peft_generate(base, adapters):
+    # every beam of a group runs under the request's adapter (the scheduler pins it once a beam)
+    request, peft_model = adapters["all8"]
+    params = SamplingParams(beam_width=3, n=2, max_tokens=NEW, ignore_eos=True)
+    with LLM(str(base), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=4096),
+             build_config=BuildConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=64, max_beam_width=3),
+             lora_config=LoraConfig(max_lora_rank=16, max_loras=1)) as llm:
+        outs = llm.generate(PROMPTS[:2] + PROMPTS[:1], params, use_tqdm=False, lora_request=[request, request, None])
+        assert llm.engine.adapters._pins[request.lora_int_id] == 0  # every beam's pin released
+        llm.block_manager.check_invariants()
+
+    def beams(model, prompt):
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=NEW, min_new_tokens=NEW,
+                                 num_beams=3, num_return_sequences=2, do_sample=False, early_stopping=False)
+        return out[:, len(prompt):].tolist()
+    want = [beams(peft_model, PROMPTS[0]), beams(peft_model, PROMPTS[1]), beams(hf_model(base), PROMPTS[0])]
+    assert want[0] != want[2], "the adapter changes no beam: the test could not fail"
+    assert [[c.token_ids for c in out.outputs] for out in outs] == want
+
+
 def test_lora_requests_need_a_lora_config(base):
     with LLM(str(base), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=1024),
              build_config=BuildConfig(max_batch_size=2, max_num_tokens=32, max_seq_len=64)) as llm:

@@ -240,7 +240,10 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             if seq.beam is not None:  # its other beams wait, holding slots, for its first token
-                self.running += seq.beam.park_followers()
+                followers = seq.beam.park_followers()
+                for follower in followers if self.adapters is not None else ():
+                    self.adapters.acquire(follower)  # the leader's adapter, in its slot now: a pin each
+                self.running += followers
             chunk = min(remaining, budget)
             scheduled.append((seq, chunk))
             budget -= chunk
