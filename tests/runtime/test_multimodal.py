@@ -189,14 +189,26 @@ def _fake_multimodal():
     return MultimodalData([ImageSpan(b"0" * 16, 0, 2, torch.zeros(3, 28, 28))])
 
 
-def test_beam_search_with_images_refused(llava):
-    image = random_images(1)[0]
-    with LLM(model=str(llava), dtype="float32", build_config=BuildConfig(max_beam_width=2)) as llm:
-        with pytest.raises(ValueError, match="beam search with images is not supported"):
-            llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [image]}},
-                         SamplingParams(max_tokens=3, use_beam_search=True, n=2, best_of=2))
+def test_beam_search_with_images_equals_hf(llava):
+    # every beam carries the request's images: the leader's prefill splices them, the followers fork its
+    # blocks, and a beam's later blocks hash from the images as the leader's do
+    from transformers import AutoProcessor
+    image, text = random_images(1)[0], "USER: <image> describe ASSISTANT:"
+    with LLM(model=str(llava), dtype="float32", build_config=BuildConfig(max_beam_width=3)) as llm:
+        out = llm.generate({"prompt": text, "multi_modal_data": {"image": [image]}},
+                           SamplingParams(max_tokens=6, beam_width=3, n=2, ignore_eos=True))
+        llm.block_manager.check_invariants()
         beams = llm.generate("text only", SamplingParams(max_tokens=3, use_beam_search=True, n=2, best_of=2))
         assert len(beams.outputs) == 2
+    inputs = AutoProcessor.from_pretrained(llava)(text=text, images=[image], return_tensors="pt")
+    with torch.no_grad():
+        want = hf_llava(llava).generate(**inputs, max_new_tokens=6, min_new_tokens=6, num_beams=3,
+                                        num_return_sequences=2, do_sample=False, early_stopping=False)
+    assert [c.token_ids for c in out.outputs] == want[:, inputs["input_ids"].shape[1]:].tolist()
+    from trtllm.runtime.beams import BeamGroup
+    images = _fake_multimodal()  # a follower's blocks must hash from the images too (never shared with text)
+    group = BeamGroup("r", [1, 2, 3], SamplingParams(max_tokens=2, beam_width=3), [2], 32, multimodal=images)
+    assert all(b.multimodal is images for b in group.beams)
 
 
 def test_speculative_decoding_with_llava_refused(llava):

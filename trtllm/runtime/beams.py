@@ -68,15 +68,17 @@ class Hypothesis:
 
 class BeamGroup:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: list[int], max_seq_len: int, tokenizer=None, lora_request=None):
+                 eos_token_ids: list[int], max_seq_len: int, tokenizer=None, lora_request=None, multimodal=None):
         self.params, self.width = params, params.num_beams
         self.prompt_len = len(prompt_token_ids)
         self.max_new = min(params.max_tokens, max_seq_len - self.prompt_len)  # the length limit
         self.stop_ids = sorted({*([] if params.ignore_eos else params.eos_ids(eos_token_ids)), *params.stop_token_ids})
         self.keep = max(2, 1 + len(self.stop_ids)) * self.width  # HF's beams_to_keep
         self.tokenizer = tokenizer if params.detokenize else None
-        self.beams = [Sequence(request_id, list(prompt_token_ids), params, index=i, lora_request=lora_request)
-                      for i in range(self.width)]  # one adapter: the scheduler pins it for every beam
+        # every beam carries the request's adapter (the scheduler pins it for each) and its images (the
+        # leader's prefill splices them; a beam's block hashes start from them, as the leader's do)
+        self.beams = [Sequence(request_id, list(prompt_token_ids), params, index=i, lora_request=lora_request,
+                               multimodal=multimodal) for i in range(self.width)]
         for b in self.beams:
             b.beam = self
         self.rows: dict[Sequence, tuple[Tensor, int]] = {}  # beam -> (a step's logits, its row)

@@ -150,7 +150,7 @@ class Engine:
         if params.bad:  # banned words as token sequences, on a copy: the caller's params stay as given
             params = params.with_bad_words(lambda word: self.tokenizer.encode(word, add_special_tokens=False))
         group = BeamGroup(request_id, prompt_token_ids, params, self.eos_token_ids, self.limits.max_seq_len,
-                          self.tokenizer, lora_request) if params.is_beam_search else None
+                          self.tokenizer, lora_request, multimodal) if params.is_beam_search else None
         seqs = group.beams if group is not None else \
             [Sequence(request_id, list(prompt_token_ids), params, index=i, lora_request=lora_request,
                       multimodal=multimodal) for i in range(params.num_sequences)]

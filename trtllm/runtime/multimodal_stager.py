@@ -98,8 +98,6 @@ def check_multimodal_request(stager: MultimodalStager | None, multimodal, prompt
     """ValueError naming why a request with images cannot run on this engine (before any work)."""
     if stager is None:
         raise ValueError("this model takes no images (a text-only model); send text only")
-    if params.is_beam_search:
-        raise ValueError("beam search with images is not supported yet")
     if lora_request is not None:
         raise ValueError("a LoRA adapter with images is not supported yet")
     for i, im in enumerate(multimodal.images):
