@@ -80,11 +80,18 @@ def contract_module(model: nn.Module) -> nn.Module:
     return model
 
 
-def adapter_root(model: nn.Module) -> str:
-    """Where, in `model` under the contract, the model a LoRA adapter names its linears in is:
-    "model." inside the HF module's wrapper (its paths are the PreTrainedModel's), else ""."""
+def adapter_module_path(model: nn.Module):
+    """A LoRA adapter's module path (peft's, of the HF model it was trained on) -> the path of that
+    linear in `model` under the contract: "model." + it inside the HF module's wrapper; a model
+    file's `checkpoint_name` where its checkpoints name tensors otherwise (LLaVA's layouts); else
+    the same path."""
     from transformers import PreTrainedModel
-    return "model." if isinstance(model, PreTrainedModel) else ""
+    if isinstance(model, PreTrainedModel):
+        return lambda path: "model." + path
+    rename = getattr(model, "checkpoint_name", None)
+    if rename is not None:
+        return lambda path: rename(path + ".weight").removesuffix(".weight")
+    return None
 
 
 def model_path(module: nn.Module) -> str:

@@ -57,11 +57,12 @@ class LoraGroup:
 
 class LoraSlots:
     def __init__(self, max_loras: int, max_lora_rank: int, target_modules, max_num_tokens: int,
-                 device: torch.device | str, root: str = ""):
+                 device: torch.device | str, module_path=None):
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
-        # the compiled module's path to the model adapters name their linears in ("model." for an
-        # HF module, which compiles inside models/hf.py's HFCausalLM: contract.adapter_root)
-        self.root = root
+        # an adapter's module path -> the compiled module's ("model." + it for an HF module, which
+        # compiles inside models/hf.py's HFCausalLM; a model file's checkpoint_name for its other
+        # layouts: contract.adapter_module_path); None: the same
+        self.module_path = module_path or (lambda path: path)
         self.target_modules = frozenset(TRTLLM_MODULE_NAMES.get(m, m) for m in target_modules)
         self.device = torch.device(device)
         self.slot_ids = torch.full((max_num_tokens,), -1, dtype=torch.long, device=self.device)
@@ -102,7 +103,9 @@ class LoraSlots:
     def features(self, path: str) -> tuple[int, int] | None:
         """(in, out) features of the whole linear an adapter names `path` as its A [r, in] and
         B [out, r] must be shaped, if this engine wraps it on any rank; else None."""
-        path = self.root + path
+        return self._features(self.module_path(path))
+
+    def _features(self, path: str) -> tuple[int, int] | None:
         if path not in self.modules:
             return self.elsewhere.get(path)
         group, i = self.modules[path]
@@ -112,7 +115,7 @@ class LoraSlots:
 
     def wrapped(self) -> dict[str, tuple[int, int]]:
         """This rank's wrapped linears: path -> whole (in, out) features."""
-        return {path: self.features(path.removeprefix(self.root)) for path in self.modules}
+        return {path: self._features(path) for path in self.modules}
 
     def image(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], pin: bool = False
               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -127,7 +130,7 @@ class LoraSlots:
                  for g in self.groups.values()]
         index = {id(g): i for i, g in enumerate(self.groups.values())}
         for path, (a, b) in weights.items():
-            path = self.root + path
+            path = self.module_path(path)
             if path not in self.modules:  # another pipeline stage's linear (checked: `elsewhere`)
                 continue
             dim, start, length, _ = self.shards.get(path, (None, 0, 0, 0))

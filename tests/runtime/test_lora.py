@@ -205,13 +205,13 @@ def test_target_modules_the_engine_does_not_wrap_are_refused(base, adapters, tmp
 
 def test_an_hf_module_family_takes_adapters_by_their_own_paths(tmp_path, monkeypatch):
     # OLMo-2 has no model file of ours: transformers' module compiles inside models/hf.py's HFCausalLM,
-    # its linears at `model.` + the paths peft names (LoraSlots.root); refused as "no such linear" before
+    # its linears at `model.` + the paths peft names (LoraSlots.module_path); refused as "no such linear" before
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ops' references: an engine of another family
     path = write_checkpoint("olmo2", tmp_path / "olmo2", vocab_size=512)
     make_tokenizer(path)
     peft_model = write_adapter(path, tmp_path / "adapter", r=8, targets=("q_proj", "v_proj", "down_proj"), seed=3)
     with lora_llm(path) as llm:
-        assert llm.compiled.lora.root == "model."
+        assert llm.compiled.lora.module_path("model.layers.0.mlp.down_proj") == "model.model.layers.0.mlp.down_proj"
         got = greedy(llm, PROMPTS[:2], LoRARequest("olmo", 1, str(tmp_path / "adapter")))
     want = [peft_greedy(peft_model, p, NEW) for p in PROMPTS[:2]]
     assert want != [peft_greedy(hf_model(path), p, NEW) for p in PROMPTS[:2]]

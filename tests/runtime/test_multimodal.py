@@ -166,10 +166,6 @@ def test_bad_input_refused_by_name_engine_unaffected(llm):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [np.zeros((4097, 4097), np.uint8)]}}, params)
     with pytest.raises(ValueError, match="video and audio are not supported"):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"video": [image]}}, params)
-    from trtllm import LoRARequest
-    with pytest.raises(ValueError, match="a LoRA adapter with images is not supported yet"):
-        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [image]}}, params,
-                     lora_request=LoRARequest("any", 1, "/no/such/adapter"))
     ok = llm.generate({"prompt": "<image> still fine", "multi_modal_data": {"image": [image]}}, params)
     assert len(ok.outputs[0].token_ids) == 3
 
@@ -209,6 +205,39 @@ def test_beam_search_with_images_equals_hf(llava):
     images = _fake_multimodal()  # a follower's blocks must hash from the images too (never shared with text)
     group = BeamGroup("r", [1, 2, 3], SamplingParams(max_tokens=2, beam_width=3), [2], 32, multimodal=images)
     assert all(b.multimodal is images for b in group.beams)
+
+
+def test_an_adapter_on_the_language_model_with_an_image_equals_peft(llava, tmp_path):
+    # peft names the HF model's paths (model.language_model.*): LLaVA's checkpoint_name maps them to
+    # ours (LoraSlots.module_path); an adapter on the vision tower is refused by name
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from transformers import AutoProcessor
+
+    from trtllm import LoraConfig, LoRARequest
+    peft_model = get_peft_model(hf_llava(llava), PeftLoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)"))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    vision = get_peft_model(hf_llava(llava), PeftLoraConfig(r=4, target_modules=r".*vision_tower.*\.q_proj"))
+    vision.save_pretrained(str(tmp_path / "vision"))
+    image, text = random_images(1)[0], "USER: <image> describe ASSISTANT:"
+    prompt = {"prompt": text, "multi_modal_data": {"image": [image]}}
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    with LLM(model=str(llava), dtype="float32", lora_config=LoraConfig(max_lora_rank=8)) as llm:
+        got = llm.generate(prompt, params, lora_request=LoRARequest("lm", 1, str(tmp_path / "adapter")))
+        base = llm.generate(prompt, params)
+        with pytest.raises(ValueError, match="vision_tower.* this engine wraps no such linear"):
+            llm.generate(prompt, params, lora_request=LoRARequest("vision", 2, str(tmp_path / "vision")))
+    inputs = AutoProcessor.from_pretrained(llava)(text=text, images=[image], return_tensors="pt")
+    with torch.no_grad():
+        want = peft_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    want = want[0, inputs["input_ids"].shape[1]:].tolist()
+    assert want != base.outputs[0].token_ids, "the adapter changes nothing: the test could not fail"
+    assert got.outputs[0].token_ids == want
 
 
 def test_speculative_decoding_with_llava_refused(llava):

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from trtllm.compile import CompiledModel, compile as trtllm_compile
 from trtllm.config import LoraConfig, QuantAlgo
-from trtllm.contract import adapter_root
+from trtllm.contract import adapter_module_path
 from trtllm.lora_slots import LoraSlots
 from trtllm.models.loader import load_model, read_json
 from trtllm.parallel.checkpoint_slices import CheckpointSlices, is_split
@@ -38,7 +38,7 @@ class RankLora:
 
     def slots(self, model: nn.Module) -> LoraSlots:
         return LoraSlots(self.config.max_loras, self.config.max_lora_rank, self.target_modules,
-                         self.max_num_tokens, next(model.parameters()).device, adapter_root(model))
+                         self.max_num_tokens, next(model.parameters()).device, adapter_module_path(model))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from trtllm.compile import compile as trtllm_compile
 from trtllm.config import BuildConfig, CudaGraphConfig, KvCacheConfig, LoraConfig, QuantConfig, kv_cache_dtype
-from trtllm.contract import adapter_root
+from trtllm.contract import adapter_module_path
 from trtllm.kernels.paged_attention.kv_quant import kv_scales_tensor
 from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
@@ -166,7 +166,7 @@ def _lora_slots(config: LoraConfig, module: nn.Module, build_config: BuildConfig
     device = next(module.parameters()).device
     max_num_tokens = max(build_config.max_num_tokens, build_config.max_batch_size)
     return LoraSlots(config.max_loras, config.max_lora_rank, _lora_targets(config), max_num_tokens, device,
-                     adapter_root(module))
+                     adapter_module_path(module))
 
 
 def _lora_targets(config: LoraConfig) -> tuple[str, ...]:

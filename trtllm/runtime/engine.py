@@ -143,7 +143,7 @@ class Engine:
         assert request_id not in self.requests, f"request id {request_id!r} is already in flight"
         self.validate(prompt_token_ids, params)
         if multimodal is not None and multimodal.images:
-            check_multimodal_request(self.runner.multimodal, multimodal, prompt_token_ids, params, lora_request)
+            check_multimodal_request(self.runner.multimodal, multimodal, prompt_token_ids)
         else:
             multimodal = None
         self.check_lora(lora_request)

@@ -250,8 +250,8 @@ class LLM:
             text, ids = tokenize_prompt(self.tokenizer, prompt, params)
         self.engine.validate(ids, params)
         multimodal = multimodal if multimodal is not None and multimodal.images else None
-        if multimodal is not None:  # before the adapter's own checks: images with any adapter are refused
-            check_multimodal_request(self.engine.runner.multimodal, multimodal, ids, params, lora_request)
+        if multimodal is not None:
+            check_multimodal_request(self.engine.runner.multimodal, multimodal, ids)
         self.engine.check_lora(lora_request)
         return AddRequest(request_id, ids, params, text, streaming, lora_request, multimodal)
 

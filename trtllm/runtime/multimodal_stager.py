@@ -93,13 +93,10 @@ class MultimodalStager:
         self.embeddings.fill(None, None)
 
 
-def check_multimodal_request(stager: MultimodalStager | None, multimodal, prompt_token_ids: list[int], params,
-                             lora_request) -> None:
+def check_multimodal_request(stager: MultimodalStager | None, multimodal, prompt_token_ids: list[int]) -> None:
     """ValueError naming why a request with images cannot run on this engine (before any work)."""
     if stager is None:
         raise ValueError("this model takes no images (a text-only model); send text only")
-    if lora_request is not None:
-        raise ValueError("a LoRA adapter with images is not supported yet")
     for i, im in enumerate(multimodal.images):
         if not 0 <= im.offset <= im.offset + im.length <= len(prompt_token_ids):
             raise ValueError(f"image {i}'s tokens {im.offset}..{im.offset + im.length} lie outside the prompt")

@@ -82,8 +82,6 @@ class Handler:
         body.refuse_unsupported()
         takes_images = self.processor is not None and self.processor.takes_images
         urls = body.image_urls()
-        if urls and lora_request is not None:
-            raise RequestError(400, "a LoRA adapter with images is not supported yet", param="model")
         if urls and not takes_images:
             raise RequestError(400, "messages: an image_url content part, but this model takes no images (a "
                                     "text-only model)", param="messages")
