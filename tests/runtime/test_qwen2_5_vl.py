@@ -256,3 +256,14 @@ def test_an_adapter_on_the_language_model_with_an_image_equals_peft(checkpoint, 
     want = hf_greedy(peft_model, checkpoint, text, imgs, 6)
     assert want != hf_greedy(hf_qwen2_5_vl(checkpoint), checkpoint, text, imgs, 6)
     assert got.outputs[0].token_ids == want
+
+
+def test_ngram_speculation_with_an_image_gives_hf_tokens(checkpoint, hf):
+    # the verify steps' draft tokens take M-RoPE text positions after the image (mrope_positions.py)
+    from trtllm import NGramDecodingConfig
+    text, imgs = prompt(1, "one two three one two three one two"), images(1, 5)
+    with LLM(model=str(checkpoint), dtype="float32", speculative_config=NGramDecodingConfig(max_draft_len=3)) as llm:
+        out = llm.generate({"prompt": text, "multi_modal_data": {"image": imgs}}, SamplingParams(max_tokens=12, **GREEDY))
+        accepted = llm.get_stats()["spec_accepted_tokens"]
+    assert out.outputs[0].token_ids == hf_greedy(hf, checkpoint, text, imgs, 12)
+    assert accepted > 0, "no draft accepted: the verify steps' positions went untested"

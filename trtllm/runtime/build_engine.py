@@ -230,7 +230,8 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
     if kv_cache_scales is None and fp8 is not None:  # an FP8 checkpoint's k_scale / v_scale, if it has them
         kv_cache_scales = kv_cache_scales_by_layer(fp8, kv_format)
     kv_quant = kv_cache_quant(kv_format, compiled, kv_cache_scales, tokenizer)
-    multimodal = multimodal_stager(module, compiled, max_num_tokens, speculative is not None)  # None: text only
+    multimodal = multimodal_stager(module, compiled, max_num_tokens,  # None: text only
+                                   speculative["config"] if speculative is not None else None)
     vocab_size, eos_token_ids = _vocab_size(module, compiled), _eos_ids(module, tokenizer)
     if speculative is not None:  # the draft's weights and pool first: the target's pool takes what is left
         speculative = build_speculative(

@@ -20,6 +20,7 @@ from collections import OrderedDict
 import torch
 
 from trtllm.multimodal_context import MultimodalEmbeddings
+from trtllm.runtime.speculative.config import EagleDecodingConfig, MTPDecodingConfig
 
 
 class EncoderCache:
@@ -102,7 +103,7 @@ def check_multimodal_request(stager: MultimodalStager | None, multimodal, prompt
             raise ValueError(f"image {i}'s tokens {im.offset}..{im.offset + im.length} lie outside the prompt")
 
 
-def multimodal_stager(module, compiled, max_num_tokens: int, speculative: bool) -> MultimodalStager | None:
+def multimodal_stager(module, compiled, max_num_tokens: int, speculative=None) -> MultimodalStager | None:
     """The stager of a model with a vision side (`encode_images`), else None; what multimodal
     cannot run with yet is refused by name."""
     if not hasattr(module, "encode_images"):
@@ -110,8 +111,12 @@ def multimodal_stager(module, compiled, max_num_tokens: int, speculative: bool) 
     name = type(module).__name__
     if compiled.tensor_parallel is not None:
         raise ValueError(f"{name} with tensor parallelism is not supported yet")
-    if speculative:
-        raise ValueError(f"{name} (a multimodal model) with speculative decoding is not supported yet")
+    # n-gram and draft-model drafts are proposals the target verifies (a draft model reads the image
+    # placeholders as text: fewer accepted, never other tokens); EAGLE-3's head and MTP layers read the
+    # target's hidden states, image rows too, which they were not built for
+    if isinstance(speculative, (EagleDecodingConfig, MTPDecodingConfig)):
+        raise ValueError(f"{name} (a multimodal model) with {type(speculative).__name__} is not supported yet "
+                         "(n-gram and draft-model speculation are)")
     embed = module.language_model.model.embed_tokens.weight
     from trtllm.compile_encoder import compile_encoder
     if hasattr(module, "warm_up_vision"):  # Qwen2.5-VL: its tower takes patches and grids
