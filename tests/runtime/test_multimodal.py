@@ -243,13 +243,21 @@ def test_an_adapter_on_the_language_model_with_an_image_equals_peft(llava, tmp_p
 def test_speculation_with_images_gives_the_target_tokens(llava):
     # n-gram drafts from the request's own tokens (image placeholders included), verified by the target
     # with the images spliced at prefill: HF's greedy tokens, drafts accepted on the repeating text
-    from trtllm import EagleDecodingConfig, NGramDecodingConfig
+    from trtllm import DraftTargetDecodingConfig, EagleDecodingConfig, NGramDecodingConfig
     image, text = random_images(1)[0], "USER: <image> one two three one two three one two ASSISTANT:"
     with LLM(model=str(llava), dtype="float32", speculative_config=NGramDecodingConfig(max_draft_len=3)) as llm:
         out = llm.generate({"prompt": text, "multi_modal_data": {"image": [image]}},
                            SamplingParams(max_tokens=12, **GREEDY))
         assert llm.get_stats()["spec_accepted_tokens"] > 0
     assert out.outputs[0].token_ids == hf_greedy(llava, text, [image], 12)
+    # a draft model reads the placeholders as text (here the checkpoint itself, with no images): its
+    # drafts are rejected where they differ, the tokens are the target's
+    draft = DraftTargetDecodingConfig(max_draft_len=3, speculative_model_dir=str(llava))
+    with LLM(model=str(llava), dtype="float32", speculative_config=draft) as llm:
+        again = llm.generate({"prompt": text, "multi_modal_data": {"image": [image]}},
+                             SamplingParams(max_tokens=12, **GREEDY))
+        assert llm.get_stats()["spec_draft_tokens"] > 0
+    assert again.outputs[0].token_ids == out.outputs[0].token_ids
     with pytest.raises(ValueError, match="multimodal model.* with EagleDecodingConfig is not supported yet"):
         LLM(model=str(llava), dtype="float32",
             speculative_config=EagleDecodingConfig(max_draft_len=2, speculative_model_dir=str(llava)))
