@@ -1,7 +1,7 @@
 """Test helper: PEFT LoRA adapters for the tiny test checkpoints, written by the `peft` package
 itself, with random non-zero A and B (peft initialises B to zero: the adapter would be a no-op).
 
-    write_adapter(base_dir, out_dir, r=8, targets=[...], seed=0, **peft_options) -> the peft model
+    write_adapter(base_dir, out_dir, r=8, targets=[...], seed=0, model=None, **peft_options) -> the peft model
 """
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ from tests.models.checkpoints import hf_model
 
 def write_adapter(base_dir: Path, out_dir: Path, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj",
                   "gate_proj", "up_proj", "down_proj"), seed: int = 0, lora_alpha: int | None = None,
-                  scale: float = 0.15, **options):
+                  scale: float = 0.15, model=None, **options):
+    """`targets`: module names, or one regular expression (peft's) over module paths; `model`: the
+    HF model to adapt (default: the causal LM of `base_dir`, e.g. a vision-language model's own)."""
     from peft import LoraConfig, get_peft_model
-    model = hf_model(base_dir)
+    model = model if model is not None else hf_model(base_dir)
     config = LoraConfig(r=r, lora_alpha=lora_alpha if lora_alpha is not None else 2 * r,
-                        target_modules=list(targets), lora_dropout=0.0, **options)
+                        target_modules=targets if isinstance(targets, str) else list(targets), lora_dropout=0.0,
+                        **options)
     peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -210,20 +210,13 @@ def test_beam_search_with_images_equals_hf(llava):
 def test_an_adapter_on_the_language_model_with_an_image_equals_peft(llava, tmp_path):
     # peft names the HF model's paths (model.language_model.*): LLaVA's checkpoint_name maps them to
     # ours (LoraSlots.module_path); an adapter on the vision tower is refused by name
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
     from transformers import AutoProcessor
 
+    from tests.lora_adapters import write_adapter
     from trtllm import LoraConfig, LoRARequest
-    peft_model = get_peft_model(hf_llava(llava), PeftLoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)"))
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
-    peft_model.save_pretrained(str(tmp_path / "adapter"))
-    vision = get_peft_model(hf_llava(llava), PeftLoraConfig(r=4, target_modules=r".*vision_tower.*\.q_proj"))
-    vision.save_pretrained(str(tmp_path / "vision"))
+    peft_model = write_adapter(llava, tmp_path / "adapter", targets=r".*language_model.*\.(q_proj|v_proj|down_proj)",
+                               seed=7, model=hf_llava(llava))
+    write_adapter(llava, tmp_path / "vision", r=4, targets=r".*vision_tower.*\.q_proj", model=hf_llava(llava))
     image, text = random_images(1)[0], "USER: <image> describe ASSISTANT:"
     prompt = {"prompt": text, "multi_modal_data": {"image": [image]}}
     params = SamplingParams(max_tokens=6, **GREEDY)

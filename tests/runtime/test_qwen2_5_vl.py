@@ -237,17 +237,10 @@ def test_hub_config_layout():
 
 def test_an_adapter_on_the_language_model_with_an_image_equals_peft(checkpoint, tmp_path):
     # peft names transformers 5's paths (model.language_model.*): checkpoint_name maps them (docs/lora.md)
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
+    from tests.lora_adapters import write_adapter
     from trtllm import LoraConfig, LoRARequest
-    peft_model = get_peft_model(hf_qwen2_5_vl(checkpoint), PeftLoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=r".*language_model.*\.(q_proj|o_proj|up_proj)"))
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
-    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    peft_model = write_adapter(checkpoint, tmp_path / "adapter", targets=r".*language_model.*\.(q_proj|o_proj|up_proj)",
+                               seed=7, model=hf_qwen2_5_vl(checkpoint))
     text, imgs = prompt(1), images(1, 3)
     params = SamplingParams(max_tokens=6, **GREEDY)
     with LLM(model=str(checkpoint), dtype="float32", lora_config=LoraConfig(max_lora_rank=8)) as llm:
