@@ -33,9 +33,11 @@ import torch
 
 # The linears LoRA targets by default: the attention projections and the MLP's, as HF
 # names them (peft's target_modules). TensorRT-LLM's names map onto them.
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-TRTLLM_MODULE_NAMES = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_dense": "o_proj",
-                       "mlp_gate": "gate_proj", "mlp_h_to_4h": "up_proj", "mlp_4h_to_h": "down_proj"}
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                          "qkv_proj", "gate_up_proj")  # (Phi-3's fused projections)
+TRTLLM_MODULE_NAMES = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_qkv": "qkv_proj",
+                       "attn_dense": "o_proj", "mlp_gate": "gate_proj", "mlp_h_to_4h": "up_proj",
+                       "mlp_4h_to_h": "down_proj"}
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,10 @@ class LoraSlots:
         self.slot_ids = torch.full((max_num_tokens,), -1, dtype=torch.long, device=self.device)
         self.groups: dict[tuple[LoraPart, ...], LoraGroup] = {}
         self.modules: dict[str, tuple[LoraGroup, int]] = {}  # path -> its group and index in it
-        # path -> (dim, start, length, whole): dim 0: B's rows [start, start + length) of `whole`
-        # output features; dim 1: A's columns of `whole` input features (a tensor-parallel rank)
-        self.shards: dict[str, tuple[int, int, int, int]] = {}
+        # path -> (dim, ((start, length), ...), whole): dim 0: B's rows [start, start + length) of
+        # `whole` output features (several ranges for a fused projection's parts, in row order);
+        # dim 1: A's columns of `whole` input features (a tensor-parallel rank)
+        self.shards: dict[str, tuple[int, tuple[tuple[int, int], ...], int]] = {}
         self.elsewhere: dict[str, tuple[int, int]] = {}  # other ranks' wrapped linears: path -> (K, N)
 
     def targets(self, path: str) -> bool:
@@ -97,8 +100,10 @@ class LoraSlots:
 
     def shard(self, path: str, dim: int, start: int, length: int, whole: int) -> None:
         """This rank holds features [start, start + length) of `whole` of the linear at `path`:
-        its outputs (dim 0, column-parallel) or its inputs (dim 1, row-parallel)."""
-        self.shards[path] = (dim, start, length, whole)
+        its outputs (dim 0, column-parallel; a fused projection's parts add a range each) or its
+        inputs (dim 1, row-parallel)."""
+        ranges = self.shards[path][1] if dim == 0 and path in self.shards else ()
+        self.shards[path] = (dim, tuple(sorted({*ranges, (start, length)})), whole)
 
     def features(self, path: str) -> tuple[int, int] | None:
         """(in, out) features of the whole linear an adapter names `path` as its A [r, in] and
@@ -110,7 +115,7 @@ class LoraSlots:
             return self.elsewhere.get(path)
         group, i = self.modules[path]
         k, n = group.in_features, group.parts[i].size
-        dim, _, _, whole = self.shards.get(path, (None, 0, 0, 0))
+        dim, _, whole = self.shards.get(path, (None, (), 0))
         return (whole, n) if dim == 1 else (k, whole) if dim == 0 else (k, n)
 
     def wrapped(self) -> dict[str, tuple[int, int]]:
@@ -133,10 +138,11 @@ class LoraSlots:
             path = self.module_path(path)
             if path not in self.modules:  # another pipeline stage's linear (checked: `elsewhere`)
                 continue
-            dim, start, length, _ = self.shards.get(path, (None, 0, 0, 0))
+            dim, ranges, _ = self.shards.get(path, (None, (), 0))
             if dim == 0:
-                b = b[start:start + length]
+                b = torch.cat([b[start:start + length] for start, length in ranges])
             elif dim == 1:
+                (start, length), = ranges
                 a = a[:, start:start + length]
             group, i = self.modules[path]
             part, r = group.parts[i], a.shape[0]

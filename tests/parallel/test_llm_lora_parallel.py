@@ -80,8 +80,8 @@ def test_a_mixed_batch_of_adapters_gives_one_ranks_tokens(base_and_adapters, exp
         assert tokens(llm, prompts, requests) == expected
         slots = llm.compiled.lora  # rank 0's
         if "tensor_parallel_size" in sizes:  # its parts: B's rows of q_proj (2 of 4 heads), A's columns of down_proj
-            assert slots.shards["model.layers.0.self_attn.q_proj"] == (0, 0, 32, 64)
-            assert slots.shards["model.layers.1.mlp.down_proj"] == (1, 0, 64, 128)
+            assert slots.shards["model.layers.0.self_attn.q_proj"] == (0, ((0, 32),), 64)
+            assert slots.shards["model.layers.1.mlp.down_proj"] == (1, ((0, 64),), 128)
         else:  # stage 0 wraps layer 0's linears; layer 1's are the other stage's
             assert {p.split(".")[2] for p in slots.modules} == {"0"}
             assert {p.split(".")[2] for p in slots.elsewhere} == {"1"}
@@ -106,3 +106,18 @@ def test_a_bad_adapter_is_refused_at_submission_and_the_engine_goes_on(base_and_
             tokens(llm, PROMPTS[:1], LoRARequest("gone", 10, str(tmp_path / "gone")))
         prompts, requests = mixed(adapters)
         assert tokens(llm, prompts, requests) == expected
+
+
+def test_phi3_fused_projections_take_their_adapters_on_two_ranks(tmp_path):
+    # an adapter on qkv_proj / gate_up_proj (B [q + k + v rows, r]): the projection splits into its parts,
+    # each rank's B rows are its rows of each part, and the parts fused again make one adapter's linear
+    from tests.lora_adapters import peft_greedy
+    path = checkpoint("phi3", tmp_path)
+    peft_model = write_adapter(path, tmp_path / "adapter", r=8, targets=("qkv_proj", "o_proj", "gate_up_proj",
+                                                                         "down_proj"), seed=3)
+    request = LoRARequest("fused", 1, str(tmp_path / "adapter"))
+    want = [peft_greedy(peft_model, p, PARAMS.max_tokens) for p in PROMPTS]
+    with lora_llm(path, tensor_parallel_size=2) as llm:
+        assert tokens(llm, PROMPTS, request) == want
+        # rank 0's rows of q (4 heads of 16), k and v (2 KV heads of 16) in the fused [128, 64] weight
+        assert llm.compiled.lora.shards["model.layers.0.self_attn.qkv_proj"] == (0, ((0, 32), (64, 16), (96, 16)), 128)

@@ -239,6 +239,19 @@ def test_beam_search_with_an_adapter_equals_peft_generate(base, adapters):
     assert [[c.token_ids for c in out.outputs] for out in outs] == want
 
 
+def test_phi3_fused_projections_take_adapters_by_default(tmp_path, monkeypatch):
+    # qkv_proj and gate_up_proj are among the default targets (TensorRT-LLM's attn_qkv names the first)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    path = write_checkpoint("phi3", tmp_path / "phi3", vocab_size=512)
+    make_tokenizer(path)
+    peft_model = write_adapter(path, tmp_path / "adapter", r=8, targets=("qkv_proj", "gate_up_proj"), seed=2)
+    with lora_llm(path) as llm:
+        got = greedy(llm, PROMPTS[:2], LoRARequest("phi", 1, str(tmp_path / "adapter")))
+    want = [peft_greedy(peft_model, p, NEW) for p in PROMPTS[:2]]
+    assert want != [peft_greedy(hf_model(path), p, NEW) for p in PROMPTS[:2]]
+    assert got == want
+
+
 def test_lora_requests_need_a_lora_config(base):
     with LLM(str(base), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=1024),
              build_config=BuildConfig(max_batch_size=2, max_num_tokens=32, max_seq_len=64)) as llm:

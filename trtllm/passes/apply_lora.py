@@ -53,7 +53,15 @@ def _parts(node: fx.Node, out_features: int) -> list[LoraPart]:
     users = list(node.users)
     narrows = [_narrow_part(u, node) for u in users]
     if len(users) > 1 and all(narrows):
-        return sorted(set(narrows), key=lambda p: p.start)
+        parts = []
+        for p in sorted(set(narrows), key=lambda p: p.start):
+            if parts and parts[-1].path == p.path and parts[-1].start + parts[-1].size == p.start:
+                # the parts of one fused projection (q/k/v of Phi-3's qkv_proj, split by tensor
+                # parallelism, then fused again): one adapter's linear
+                parts[-1] = LoraPart(p.path, parts[-1].start, parts[-1].size + p.size)
+            else:
+                parts.append(p)
+        return parts
     return [LoraPart(module_path(node), 0, out_features)]
 
 

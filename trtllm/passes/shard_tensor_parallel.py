@@ -87,9 +87,6 @@ def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
         if kind(node) == "linear":
             leaf = module_path(node).rpartition(".")[2]
             if leaf in FUSED_PROJECTIONS:
-                if ctx.lora is not None and ctx.lora.targets(module_path(node)):
-                    raise CompileError(f"{describe(node)}: LoRA on a model-native fused projection ({leaf}) is not "
-                                       "supported under tensor parallelism yet")
                 if tp.quant_algo is not None:
                     raise CompileError(f"{describe(node)}: FP8 slices of a model-native fused projection ({leaf}) "
                                        "are not made under tensor parallelism yet")
@@ -197,7 +194,7 @@ def _shard_column(node: fx.Node, leaf: str, tp, ctx: PassContext, shapes, split,
     start, length = offset + first * head_dim, count * head_dim
     prefix = fused_name or _weight_name(node, "")
     if ctx.lora is not None and ctx.lora.targets(module_path(node)):  # its adapters' B rows: these outputs
-        ctx.lora.shard(module_path(node), 0, first * head_dim, length, rows)
+        ctx.lora.shard(module_path(node), 0, start, length, weight.shape[0])  # (a fused one's: each part's)
     bias_node = arg(node, 2, "bias")
     if bias_node is not None:
         bias = ctx.inputs.tensor(bias_node)
