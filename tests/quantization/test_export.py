@@ -41,12 +41,25 @@ def test_a_model_without_fp8_linears_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_fp8_moe_experts_are_refused_by_name(tmp_path):
-    """QuantConfig FP8 quantizes an MoE model's experts too; writing those is not built: refused,
-    never a checkpoint of NaN (placeholder) or bf16 experts called FP8."""
-    src = write_checkpoint("qwen3_moe", tmp_path / "src")
-    model = trtllm.load_model(src, dtype=torch.float32, device="cpu", quant_algo=QuantAlgo.FP8)
-    assert fp8_linears_of(model).experts
-    with pytest.raises(ValueError, match="FP8 MoE experts"):
-        export_fp8_checkpoint(model, src, tmp_path / "out", QuantAlgo.FP8)
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("algo,width", [(QuantAlgo.FP8, 32), (QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, 32),
+                                        (QuantAlgo.FP8_BLOCK_SCALES, 128)])
+def test_fp8_moe_experts_are_written_per_expert_and_read_back(tmp_path, algo, width):
+    """QuantConfig FP8 quantizes an MoE model's experts too; they are written as the checkpoint's
+    per-expert tensors with their scales and stack back into the same FP8 experts."""
+    src = write_checkpoint("qwen3_moe", tmp_path / "src", moe_intermediate_size=width)
+    model = trtllm.load_model(src, dtype=torch.float32, device="cpu", quant_algo=algo)
+    export_fp8_checkpoint(model, src, tmp_path / "out", algo)
+    back = trtllm.load_model(tmp_path / "out", dtype=torch.float32, device="cpu")
+    a, b = fp8_linears_of(model).experts, fp8_linears_of(back).experts
+    assert sorted(a) == sorted(b) == ["model.layers.1.mlp.experts"]
+    for path, q in a.items():
+        for mine, theirs in ((q.w13, b[path].w13), (q.w2, b[path].w2)):
+            assert torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8)), path
+        for mine, theirs in zip(q.dequantized(), b[path].dequantized()):
+            assert torch.equal(mine, theirs), path
+    if algo == QuantAlgo.FP8_BLOCK_SCALES:  # experts too narrow to write their gate and up blocks apart
+        narrow = write_checkpoint("qwen3_moe", tmp_path / "narrow")
+        model = trtllm.load_model(narrow, dtype=torch.float32, device="cpu", quant_algo=algo)
+        with pytest.raises(ValueError, match="block scales of expert projections of 32 rows"):
+            export_fp8_checkpoint(model, narrow, tmp_path / "narrow_out", algo)
+        assert not (tmp_path / "narrow_out").exists()

@@ -24,6 +24,10 @@ and DeepSeek-V3 ship them. KV scales (`kv`: [L, 2, Hkv] from calibrate_kv_scales
 `model.layers.{i}.self_attn.k_scale` / `v_scale`, one number a layer ([1]), in both layouts
 (HF's fp8 layout has no field for them: trtllm reads them, transformers ignores them).
 
+A MoE model file's FP8 experts (Fp8Experts: 3-D stacks) are written as checkpoints hold them, one
+tensor per expert and projection with its scale, named by the model file's `expert_tensors`
+(`_expert_tensors`); the loader stacks them back.
+
 Only tensors the model holds are written, once each (a tied head is not written twice), in
 safetensors shards of at most `max_shard_bytes` with an index when there are several. The
 source's config.json is copied with `quantization_config` added, and its tokenizer and
@@ -83,15 +87,12 @@ def checkpoint_tensors(model: nn.Module, algo: QuantAlgo, kv: torch.Tensor | Non
     if fp8 is None or not fp8.linears:
         raise ValueError("the model carries no FP8 linears (quantize it first: load_model(..., quant_algo=...))")
     scale_name = "weight_scale_inv" if export_layout(algo) == "HF fp8" else "weight_scale"
-    if fp8.experts:  # their placeholders would be written as NaN weights
-        raise ValueError(f"FP8 MoE experts ({len(fp8.experts)} blocks, e.g. {next(iter(fp8.experts))}): writing them "
-                         "as a checkpoint is not supported yet; quantize the MoE model at load time instead "
-                         "(LLM(..., quant_config=QuantConfig(quant_algo=...)))")
     placeholders = {id(q.placeholder): path for path, q in fp8.linears.items()}
+    expert_placeholders = {id(p) for q in fp8.experts.values() for p in q.placeholders or ()}
     out, seen = {}, set()
     for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:
-            continue  # tied: written once, under its first name (the loader re-ties it)
+        if id(t) in seen or id(t) in expert_placeholders:
+            continue  # tied: written once, under its first name (the loader re-ties it); experts: below
         seen.add(id(t))
         path = placeholders.get(id(t))
         if path is None:
@@ -102,7 +103,12 @@ def checkpoint_tensors(model: nn.Module, algo: QuantAlgo, kv: torch.Tensor | Non
         out[f"{path}.{scale_name}"] = q.weight_scale
         if q.input_scale is not None:
             out[f"{path}.input_scale"] = q.input_scale
+    for path, q in fp8.experts.items():
+        out.update(_expert_tensors(model, path, q, scale_name))
     static = {q.input_scale is not None for q in fp8.linears.values()}
+    if static == {True} and fp8.experts:
+        raise ValueError("static input scales with FP8 experts: the fused MoE quantizes its activations per token, "
+                         "and a checkpoint saying static scales for every linear would leave the experts without")
     if len(static) != 1:
         raise ValueError("some FP8 linears have static input scales and some not: one scheme for all is written")
     if static == {True} and export_layout(algo) == "HF fp8":
@@ -116,6 +122,38 @@ def checkpoint_tensors(model: nn.Module, algo: QuantAlgo, kv: torch.Tensor | Non
             k_max, v_max = kv[i, 0].amax(), kv[i, 1].amax()  # one scale a layer: per-tensor, as the schemes say
             out[f"model.layers.{i}.self_attn.k_scale"] = k_max.reshape(1).float()
             out[f"model.layers.{i}.self_attn.v_scale"] = v_max.reshape(1).float()
+    return out
+
+
+def _expert_tensors(model: nn.Module, path: str, q, scale_name: str) -> dict[str, torch.Tensor]:
+    """One MoE block's FP8 experts (`q`: Fp8Experts of the experts module at `path`) as the
+    per-expert tensors checkpoints hold (`{path}.{e}.{projection}.weight` and its scale), named as
+    the model file's `expert_tensors` says (models/loader.py stacks them back): a per-tensor scale as
+    [1], per-channel rows as [n, 1], 128x128 blocks of a projection of n rows (n a multiple of 128)."""
+    layout = getattr(type(model), "expert_tensors", None)
+    if layout is None:
+        raise ValueError(f"{path}: FP8 experts of {type(model).__name__}, which has no per-expert checkpoint layout "
+                         "(a model file's expert_tensors): writing them is not supported; quantize the MoE model "
+                         "at load time instead (LLM(..., quant_config=QuantConfig(quant_algo=...)))")
+    stacked = {"gate_up_proj": (q.w13, q.w13_scale), "down_proj": (q.w2, q.w2_scale)}
+    parts = {param: 1 + max(r for p, r in layout.values() if p == param) for param, _ in layout.values()}
+    out = {}
+    for projection, (param, row_block) in layout.items():
+        w, scale = stacked[param]
+        n = w.shape[1] // parts[param]
+        rows = slice(row_block * n, (row_block + 1) * n)
+        if q.granularity == "128x128 blocks":
+            if n % SCALE_BLOCK and parts[param] > 1:
+                raise ValueError(f"{path}: 128x128 block scales of expert projections of {n} rows (not a multiple "
+                                 f"of {SCALE_BLOCK}) cannot be written apart")
+            s = scale[:, row_block * n // SCALE_BLOCK:-(-(row_block + 1) * n // SCALE_BLOCK)]
+        elif q.granularity == "per-tensor":
+            s = scale[:, row_block * n].reshape(-1, 1)  # [E, 1]: the expert's one scale
+        else:
+            s = scale[:, rows]
+        for e in range(w.shape[0]):
+            out[f"{path}.{e}.{projection}.weight"] = w[e, rows]
+            out[f"{path}.{e}.{projection}.{scale_name}"] = s[e]
     return out
 
 
