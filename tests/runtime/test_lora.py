@@ -252,6 +252,21 @@ def test_phi3_fused_projections_take_adapters_by_default(tmp_path, monkeypatch):
     assert got == want
 
 
+def test_speculation_with_adapters_gives_peft_tokens(base, adapters, monkeypatch):
+    # n-gram drafts verified by the target under each token's adapter (and the base for others)
+    from trtllm import NGramDecodingConfig
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    request, peft_model = adapters["all8"]
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7], [400, 2, 400, 2, 400, 2]]
+    with LLM(str(base), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=1024),
+             build_config=BuildConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=64),
+             lora_config=LoraConfig(max_lora_rank=16), speculative_config=NGramDecodingConfig(max_draft_len=3)) as llm:
+        got = greedy(llm, prompts * 2, [request] * 2 + [None] * 2)
+        assert llm.get_stats()["spec_accepted_tokens"] > 0
+    assert got == [peft_greedy(peft_model, p, NEW) for p in prompts] + [peft_greedy(hf_model(base), p, NEW)
+                                                                        for p in prompts]
+
+
 def test_lora_requests_need_a_lora_config(base):
     with LLM(str(base), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=1024),
              build_config=BuildConfig(max_batch_size=2, max_num_tokens=32, max_seq_len=64)) as llm:

@@ -150,7 +150,10 @@ class CudaGraphs:
         graph, logits = self.verify[size]
         total = size * self.verify_len
         runner._stage(ids, positions, [], total)
-        runner._inputs[:, :total].copy_(runner._staging[:, :total], non_blocking=True)
+        runner._inputs[:, :total].copy_(runner._staging[:3, :total], non_blocking=True)
+        if runner.adapters is not None:  # each token's LoRA slot (staged by the runner), padding none
+            runner._staging_np[3, len(ids):total] = -1
+            runner.adapters.slots.slot_ids[:total].copy_(runner._staging[3, :total], non_blocking=True)
         if runner._inputs_copied is not None:
             runner._inputs_copied.record()
         graph.replay()
