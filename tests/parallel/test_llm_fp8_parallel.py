@@ -176,9 +176,23 @@ def test_fp8_block_experts_split_by_features_on_block_boundaries(tmp_path):
         assert greedy(llm) == expected
 
 
+@pytest.mark.parametrize("sizes", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
+def test_an_int8_kv_cache_calibrated_across_the_ranks_gives_one_ranks_tokens(tmp_path, sizes):
+    # no scales given: each rank's caches report their layers' and heads' amax over the built-in text,
+    # rank 0 makes the whole model's per-tensor scales and hands them back (parallel/kv_calibration.py)
+    path = checkpoint("llama31", tmp_path)
+    with small_llm(path, kv_dtype="int8") as llm:
+        expected, one = greedy(llm), llm.engine.runner.cache.scales.clone()
+    with small_llm(path, kv_dtype="int8", **sizes) as llm:
+        assert greedy(llm) == expected
+        mine = llm.engine.runner.cache.scales  # rank 0's: its layers' and KV heads'
+        if "pipeline_parallel_size" in sizes:
+            torch.testing.assert_close(mine, one[:1])
+        else:
+            torch.testing.assert_close(mine, one[:, :, :1])
+
+
 @pytest.mark.parametrize("family,kwargs,why", [
-    ("llama31", dict(tensor_parallel_size=2, kv_dtype="int8"),
-     "tensor_parallel_size=2 with an INT8 KV cache calibrated at start-up is not supported yet"),
     ("llama31", dict(pipeline_parallel_size=2, kv_cache_scales=[(1.0, 1.0)] * 2),
      "kv_cache_scales given for an unquantized KV cache"),
     ("llama31", dict(tensor_parallel_size=2, kv_dtype="int8", kv_cache_scales=[(1.0, 1.0)] * 3),

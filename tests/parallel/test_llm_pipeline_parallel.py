@@ -180,7 +180,6 @@ def test_bad_sizes_are_refused_before_any_process_starts(tmp_path, kwargs, why):
 
 @pytest.mark.parametrize("kwargs,why", [
     (dict(speculative_config="eagle3"), "pipeline_parallel_size=2 with EagleDecodingConfig is not supported"),
-    (dict(kv_cache_config=KvCacheConfig(dtype="int8")), "pipeline_parallel_size=2 with an INT8 KV cache"),
 ])
 def test_features_a_pipeline_cannot_run_are_refused_by_name(tmp_path, kwargs, why):
     path = checkpoint("llama31", tmp_path)

@@ -42,7 +42,9 @@ from trtllm.runtime.adapters import Adapters
 
 REPORT = "report"
 KV_BLOCKS = "kv_blocks"
+KV_AMAX = "kv_amax"  # every rank gathers the largest |K| and |V| its last step's cache holds, per layer and head
 LORA_MODULES = "lora_modules"
+QUANTIZED = tuple(str(d) for d in KV_CACHE_DTYPES.values())  # a quantized cache's dtype, as Step.cache says it
 
 
 @dataclass
@@ -54,7 +56,7 @@ class Step:
     positions: np.ndarray
     logits_indices: np.ndarray | None
     metadata: tuple | None  # AttentionMetadata.state()
-    cache: tuple[int, int, int] | None
+    cache: tuple[int, int, int, str] | None  # rank 0's cache: identity, blocks, block size, dtype
     decode_graphs: bool
     lora_slot_ids: np.ndarray | None = None  # each token's LoRA slot (-1: none), with LoRA slots
     no_adapters: bool = False  # no token has an adapter (kernels/linear_lora.py's no_adapters)
@@ -80,6 +82,13 @@ class LoraModules:
     """Every rank's wrapped linears (path -> whole (in, out) features): what an adapter is checked
     against, the others' kept as LoraSlots.elsewhere."""
     modules: dict
+
+
+@dataclass
+class KvScales:
+    """The whole model's KV cache scales [L, 2, Hkv], calibrated across the ranks at start-up
+    (parallel/kv_calibration.py): this rank's quantized caches take its layers' and heads'."""
+    scales: torch.Tensor
 
 
 @dataclass
@@ -126,6 +135,7 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
     dtype = compiled.pipeline.dtype if compiled.pipeline is not None else None
     sends: deque = deque()  # (work, tensor): the tensor lives until the send is done
     cache_key, cache, metadata = None, None, None
+    kv_scales = spec.kv_cache_scales  # the whole model's; KvScales replaces them (calibrated at start-up)
     adapters = None if compiled.lora is None else \
         Adapters(spec.lora.config, compiled.lora, next(compiled.module.parameters()).dtype)
     while (msg := _next_step(channel, rank)) is not None:
@@ -142,7 +152,14 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             compiled.lora.load_image(msg.slot, adapters.host_image(msg.request))
             continue
         if isinstance(msg, KvBlocks):
-            channel.gather(_kv_blocks(compiled, msg, device, _cache_format(spec, compiled.attention, rank)[0]))
+            channel.gather(_kv_blocks(compiled, msg, device,
+                                      _cache_format(spec, compiled.attention, rank, kv_scales)[0]))
+            continue
+        if msg == KV_AMAX:
+            channel.gather(cache_amax(cache))
+            continue
+        if isinstance(msg, KvScales):
+            kv_scales = msg.scales
             continue
         if isinstance(msg, CopyBlocks):
             copy_blocks(cache, msg.pairs)
@@ -161,7 +178,8 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             if msg.cache != cache_key:  # rank 0 runs on another cache now: the same one here
                 attn = compiled.attention
                 cache = metadata = None
-                cache_dtype, scales = _cache_format(spec, attn, rank)
+                cache_dtype, scales = _cache_format(spec, attn, rank, kv_scales) if msg.cache[3] in QUANTIZED \
+                    else (attn.dtype, None)  # an unquantized scratch cache (calibration, whole sequences)
                 cache = PagedKVCache.allocate(attn.num_layers, msg.cache[1], msg.cache[2], attn.num_kv_heads,
                                               attn.head_dim, cache_dtype, device, scales)
                 metadata = AttentionMetadata(*msg.metadata[0], device)
@@ -203,13 +221,19 @@ def _next_step(channel: StepChannel, rank: int):
         raise RuntimeError(f"trtllm rank {rank}: rank 0 is gone ({str(e).splitlines()[0][:200]})") from None
 
 
-def _cache_format(spec: RankSpec, attn, rank: int) -> tuple[torch.dtype, torch.Tensor | None]:
+def cache_amax(cache: PagedKVCache) -> torch.Tensor:
+    """[L, 2, Hkv] fp32 on the CPU: the largest |K| and |V| in `cache`, per layer and KV head
+    (runtime/kv_cache_quant.py's calibration reads its own cache the same way)."""
+    return torch.stack([pool.abs().amax(dim=(1, 2, 4)).float().cpu() for pool in (cache.k, cache.v)], dim=1)
+
+
+def _cache_format(spec: RankSpec, attn, rank: int, kv_scales=None) -> tuple[torch.dtype, torch.Tensor | None]:
     """(dtype, scales) of this rank's KV pool: the model's, or a quantized pool with the given
     scales of its layers and KV heads (`rank_kv_scales`), else (FP8) every scale 1.0 (rank 0's,
     runtime/kv_cache_quant.py, for its own layers and heads)."""
     if spec.kv_cache_dtype == "auto":
         return attn.dtype, None
-    scales = rank_kv_scales(spec.kv_cache_scales, spec, rank)
+    scales = rank_kv_scales(kv_scales, spec, rank)
     return KV_CACHE_DTYPES[spec.kv_cache_dtype], \
         scales if scales is not None else torch.ones((attn.num_layers, 2, attn.num_kv_heads))
 

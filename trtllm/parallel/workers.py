@@ -32,10 +32,12 @@ from trtllm.parallel import process_group
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
 from trtllm.parallel.step_channel import StepChannel
 from trtllm.parallel.worker import (
+    KV_AMAX,
     LORA_MODULES,
     REPORT,
     CopyBlocks,
     KvBlocks,
+    KvScales,
     LoadAdapter,
     LoraModules,
     Step,
@@ -173,7 +175,7 @@ class Workers:
         if in_attention_context():
             ctx = active_context()
             metadata = ctx.metadata.state()
-            cache = (id(ctx.cache), ctx.cache.num_blocks, ctx.cache.block_size)
+            cache = (id(ctx.cache), ctx.cache.num_blocks, ctx.cache.block_size, str(ctx.cache.k.dtype))
         slot_ids = None if lora is None else lora.slot_ids[: input_ids.numel()].cpu().numpy()
         step = Step(input_ids.cpu().numpy(), positions.cpu().numpy(),
                     None if logits_indices is None else logits_indices.cpu().numpy(), metadata, cache, decode_graphs,
@@ -262,6 +264,18 @@ class Workers:
         self._send(REPORT)
         got = self.channel.gather(self.rank0_bytes())
         return list(got)
+
+    def kv_amax(self, rank0: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's [L, 2, Hkv] largest |K| and |V| in the cache of its last step, rank 0's
+        (`rank0`) first (parallel/kv_calibration.py)."""
+        self.check_alive()
+        self._send(KV_AMAX)
+        return list(self.channel.gather(rank0))
+
+    def set_kv_scales(self, scales: torch.Tensor) -> None:
+        """The whole model's calibrated KV scales [L, 2, Hkv], for every worker's quantized caches."""
+        self.check_alive()
+        self._send(KvScales(scales))
 
     def min_kv_blocks(self, fraction: float, block_size: int) -> int | None:
         """The fewest KV blocks any worker's free GPU memory holds (None off a GPU)."""

@@ -27,6 +27,7 @@ from trtllm.models.loader import load_model, read_json
 from trtllm.parallel import process_group
 from trtllm.parallel.checks import check_parallel
 from trtllm.parallel.expert_parallel import resolve_moe_sizes
+from trtllm.parallel.kv_calibration import calibrate_across_ranks
 from trtllm.parallel.rank_model import RankLora, RankSpec, rank_kv_scales
 from trtllm.parallel.worker import run_torchrun_worker
 from trtllm.parallel.workers import start_parallel
@@ -39,7 +40,7 @@ from trtllm.runtime.engine import Engine
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
 from trtllm.runtime.engine_stats import StartupTimes
 from trtllm.runtime.kv_budget import num_kv_blocks
-from trtllm.runtime.kv_cache_quant import kv_cache_quant
+from trtllm.runtime.kv_cache_quant import CALIBRATION_TEXTS, kv_cache_quant
 from trtllm.runtime.model_runner import ModelRunner
 from trtllm.runtime.mrope_positions import mrope_stager
 from trtllm.runtime.multimodal_stager import multimodal_stager
@@ -116,10 +117,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
         if kv_cache_scales is None and isinstance(model, (str, Path)) and (Path(model) / "config.json").is_file():
             # an FP8 checkpoint's k_scale / v_scale (if it has them), read here for every rank
             kv_cache_scales = checkpoint_kv_cache_scales(model, kv_format)
-        if kv_format == "int8" and kv_cache_scales is None:  # calibration would see rank 0's layers and heads
-            raise ValueError(f"{what} with an INT8 KV cache calibrated at start-up is not supported yet: pass "
-                             "kv_cache_scales (each rank takes its layers' and KV heads'; a checkpoint's own are "
-                             "read), or use an FP8 KV cache")
+        calibrate = kv_format == "int8" and kv_cache_scales is None  # across the ranks, once they run
         if kv_format == "auto" and kv_cache_scales is not None:
             kv_cache_quant("auto", None, kv_cache_scales)  # refused naming the missing cache format
         lora = None if lora_config is None else RankLora(lora_config, _lora_targets(lora_config),
@@ -129,6 +127,8 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                                                     moe.moe_ep, quant_config.weight_algo, kv_format, kv_cache_scales,
                                                     lora)
         try:
+            if calibrate:
+                kv_cache_scales = _calibrate_parallel(compiled, model if tokenizer is None else tokenizer, kv_format)
             # a decode graph would replay on rank 0 alone (issue 22: left), under either parallelism
             enable_cuda_graph = False
             # n-gram, a draft model or an EAGLE-3 head: the draft runs on rank 0 alone, whole; the ranks verify
@@ -205,6 +205,23 @@ def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_
         raise SystemExit(0)
     compiled, _ = start_parallel(spec)
     return compiled, rank_kv_scales(scales, spec, 0)  # [L0, 2, Hkv0]: a (k, v) pair a layer, as given
+
+
+def _calibrate_parallel(compiled, tokenizer, fmt: str) -> torch.Tensor:
+    """An INT8 KV cache's scales with none given: calibrated across the ranks on the built-in text
+    (parallel/kv_calibration.py), handed to every worker; rank 0's share returned."""
+    workers = compiled.tensor_parallel.workers
+    try:
+        tokenizer = load_tokenizer(tokenizer)
+    except Exception as e:  # noqa: BLE001 - named below
+        raise ValueError(f"INT8 KV cache needs k/v scales: none were given (kv_cache_scales, a checkpoint's k_scale "
+                         f"/ v_scale) and the tokenizer to calibrate them with did not load ({e})") from None
+    config = read_json(Path(workers.spec.path) / "config.json")
+    whole = calibrate_across_ranks(compiled, workers, workers.spec, [tokenizer.encode(t) for t in CALIBRATION_TEXTS],
+                                   fmt, config["num_hidden_layers"],
+                                   config.get("num_key_value_heads") or config["num_attention_heads"])
+    workers.set_kv_scales(whole)
+    return rank_kv_scales(whole, workers.spec, 0)
 
 
 def shutdown_workers(engine: Engine) -> None:
