@@ -109,10 +109,11 @@ def shard_tensor_parallel(graph: fx.Graph, ctx: PassContext) -> int:
         if any(a in split for a in node.all_input_nodes):
             propagate(node, split, shapes)
     for linears in columns.values():  # one buffer per input: fuse_parallel_linears' fused W is a view
-        for linear, (name, weight, start, length) in linears:  # FP8 slices: quantize_linears stacks them
-            if _is_fp8(name, ctx):
-                _set_weight(linear, _fp8_weight(linear, name, weight, 0, start, length, ctx))
-        rest = [(linear, part) for linear, part in linears if not _is_fp8(part[0], ctx)]
+        fp8 = [(linear, part) for linear, part in linears if _is_fp8(part[0], ctx)]
+        for linear, (name, weight, start, length) in fp8:  # FP8 slices: quantize_linears stacks them
+            _set_weight(linear, _fp8_weight(linear, name, weight, 0, start, length, ctx))
+        done = {linear for linear, _ in fp8}
+        rest = [(linear, part) for linear, part in linears if linear not in done]
         if rest:
             _add_adjacent_weights(rest, ctx)
     # that nothing reads a weight this rank did not load is checked once every pass has run

@@ -270,10 +270,9 @@ class Fp8CheckpointTensors:
                 scales = [torch.stack([self._expert_scale(f"{module}.{e}.{proj}", w.shape[1] // len(projections),
                                                           w.shape[2], len(projections) > 1)
                                        for e in range(w.shape[0])]) for proj in projections]
-                stacked.append((w, torch.cat(scales, dim=1).contiguous()))
                 placeholder = placeholder_weight(w.shape, dtype, w.device)
                 model.get_submodule(module)._parameters[leaf] = placeholder
-                stacked[-1] += (placeholder,)
+                stacked.append((w, torch.cat(scales, dim=1).contiguous(), placeholder))
             (w13, s13, p13), (w2, s2, p2) = stacked
             self.fp8_experts[module] = Fp8Experts(w13, s13, w2, s2, "128x128 blocks" if self.layout.block
                                                   else "per-channel", (p13, p2))
