@@ -29,6 +29,16 @@ import torch
 
 from trtllm.kernels.registry import register_op
 
+# A multimodal model's language model is its `language_model`; the rest (vision tower, projector)
+# is its vision side, run before the step in the model's dtype: never quantized, held by rank 0
+# alone under parallelism
+LANGUAGE_MODEL = "language_model."
+
+
+def is_vision_side(model, path: str) -> bool:
+    """Whether the module path or tensor name `path` of `model` is on a multimodal model's vision side."""
+    return hasattr(model, "encode_images") and not path.startswith(LANGUAGE_MODEL)
+
 
 class MultimodalEmbeddings:
     def __init__(self, max_num_tokens: int, hidden_size: int, dtype: torch.dtype, device):
@@ -40,12 +50,16 @@ class MultimodalEmbeddings:
         self._host_rows = torch.empty((max_num_tokens,), dtype=torch.long, pin_memory=device.type == "cuda")
         self.max_num_tokens = max_num_tokens
         self._num_rows = 0  # rows the last fill set (the rest hold -1)
+        # the last fill's (token_rows [T] host, features [K, hidden]), None after an image-free step:
+        # what rank 0 hands the other ranks of a parallel model with the step (parallel/workers.py)
+        self.staged: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def fill(self, token_rows: torch.Tensor | None, features: torch.Tensor | None) -> None:
         """token_rows [T] int64 (host): embeds row per token, -1 for text; features [K, hidden]:
         the rows. None, None: a step without image tokens (a no-op when the last was one too).
         The caller must not fill again before the GPU has run the copies of the last fill (the
         model runner's fills follow its wait for the previous step's input copies)."""
+        self.staged = None
         if token_rows is None:
             if self._num_rows:
                 self.rows[:self._num_rows].fill_(-1)
@@ -61,6 +75,7 @@ class MultimodalEmbeddings:
         self.rows[:t].copy_(self._host_rows[:t], non_blocking=True)
         self.embeds[:k].copy_(features, non_blocking=True)
         self._num_rows = t
+        self.staged = (token_rows, features)
 
 
 _active: MultimodalEmbeddings | None = None
@@ -75,6 +90,11 @@ def multimodal_context(embeddings: MultimodalEmbeddings | None):
         yield embeddings
     finally:
         _active = previous
+
+
+def active_embeddings() -> MultimodalEmbeddings | None:
+    """The buffers the running step's splice reads (None outside any context)."""
+    return _active
 
 
 def _splice_embeddings(x: torch.Tensor) -> torch.Tensor:

@@ -289,3 +289,20 @@ def test_prefill_graphs_splice_the_images(llava, max_num_tokens):
                            SamplingParams(max_tokens=6, **GREEDY))
     assert sum(g.replays for g in graphs.values()) > 0
     assert out.outputs[0].token_ids == hf_greedy(llava, text, images, 6)
+
+
+def test_online_fp8_quantizes_the_language_model_only(llava, llm):
+    # the vision tower and projector run before the step, outside the compiled graph whose passes place
+    # the FP8 GEMMs: they stay in the model's dtype (quantized, they ran on placeholder weights: NaN)
+    from trtllm import QuantAlgo, QuantConfig
+    from trtllm.quantization.fp8_linears import fp8_linears_of
+    prompt = {"prompt": "USER: <image> describe ASSISTANT:", "multi_modal_data": {"image": random_images(1, seed=21)}}
+    with LLM(model=str(llava), dtype="float32", quant_config=QuantConfig(quant_algo=QuantAlgo.FP8)) as fp8:
+        out = fp8.generate(prompt, SamplingParams(max_tokens=6, **GREEDY))
+        quantized = list(fp8_linears_of(fp8.compiled.module).linears)
+        features = dict(fp8.engine.runner.multimodal.cache._features)
+    assert quantized and all(p.startswith("language_model.") for p in quantized)
+    assert len(out.outputs[0].token_ids) == 6
+    llm.generate(prompt, SamplingParams(max_tokens=1, **GREEDY))
+    for image_hash, f in features.items():
+        torch.testing.assert_close(f, llm.engine.runner.multimodal.cache._features[image_hash])
