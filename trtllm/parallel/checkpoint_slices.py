@@ -12,6 +12,7 @@ the stand-in's dtype and device. `bytes_read` counts what was read.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,7 +38,9 @@ def is_split(name: str) -> bool:
 
 
 class CheckpointSlices:
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, rename: Callable[[str], str] | None = None):
+        """`rename`: a checkpoint name -> the model's (a model file's `checkpoint_name`), so a
+        slice is asked for by the module's name whatever the checkpoint's layout."""
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
@@ -46,6 +49,7 @@ class CheckpointSlices:
             single = self.path / "model.safetensors"
             with safe_open(str(single), framework="pt", device="cpu") as f:
                 self.files = {name: single for name in f.keys()}
+        self._stored_names = {rename(n): n for n in self.files} if rename is not None else {}
         self.bytes_read = 0
         self.bytes_scanned = 0  # whole tensors read for their FP8 scales and dropped (`whole`)
         self.read_experts = None  # an HF MoE rank's expert reader (parallel/expert_checkpoint.py), if any
@@ -70,6 +74,7 @@ class CheckpointSlices:
         return tensor.to(device=stand_in.device, dtype=stand_in.dtype)
 
     def _stored(self, name: str) -> str:
+        name = self._stored_names.get(name, name)
         if name not in self.files and name.startswith("model.") and name[len("model."):] in self.files:
             name = name[len("model."):]  # an HF module runs inside models/hf.py's HFCausalLM, as its `model`
         if name not in self.files:

@@ -19,8 +19,10 @@ from trtllm.compile import CompiledModel, compile as trtllm_compile
 from trtllm.config import LoraConfig, QuantAlgo
 from trtllm.contract import adapter_module_path
 from trtllm.lora_slots import LoraSlots
-from trtllm.models.loader import load_model, read_json
+from trtllm.models.loader import ARCHITECTURES, load_model, read_json
+from trtllm.multimodal_context import LANGUAGE_MODEL
 from trtllm.parallel.checkpoint_slices import CheckpointSlices, is_split
+from trtllm.parallel.checks import MULTIMODAL_ARCHITECTURES
 from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, load_moe_rank
 from trtllm.parallel.expert_parallel import ExpertParallel
 from trtllm.parallel.pipeline_parallel import PipelineStage, layer_of
@@ -61,6 +63,7 @@ class RankSpec:
     kv_cache_dtype: str = "auto"  # "fp8" / "int8": every rank's KV pool quantized, with kv_cache_scales
     kv_cache_scales: torch.Tensor | None = None  # [L, 2, Hkv] of the whole model (None: FP8's 1.0)
     lora: RankLora | None = None  # LoRA slots on every rank, alike (each holds its part of an adapter)
+    max_num_tokens: int = 0  # rank 0's: a multimodal model's image-feature buffers on every first-stage rank
 
     @property
     def tp(self) -> int:
@@ -109,14 +112,19 @@ def rank_kv_scales(scales: torch.Tensor | None, spec: RankSpec, rank: int) -> to
 
 def load_rank(spec: RankSpec, rank: int, device: torch.device) -> tuple[nn.Module, CheckpointSlices]:
     """The model with what this rank does not read whole left unloaded (other stages' weights;
-    its tensor-parallel split weights, whose slices the pass reads), and the reader of its slices."""
+    its tensor-parallel split weights, whose slices the pass reads; a multimodal model's vision
+    side on every rank but 0), and the reader of its slices."""
     stage, _ = spec.place(rank)
+    arch = read_json(Path(spec.path) / "config.json").get("architectures", ["?"])[0]
+    multimodal = arch in MULTIMODAL_ARCHITECTURES
 
     def unloaded(name: str) -> bool:
+        if multimodal and not name.startswith(LANGUAGE_MODEL):  # the vision side: rank 0 encodes the images
+            return rank != 0
         return not holds(spec, stage, name) or (spec.tp > 1 and is_split(name))
 
-    slices = CheckpointSlices(spec.path)
-    if read_json(Path(spec.path) / "config.json").get("architectures", ["?"])[0] in EXPERT_NAMES:
+    slices = CheckpointSlices(spec.path, getattr(ARCHITECTURES.get(arch), "checkpoint_name", None))
+    if arch in EXPERT_NAMES:
         # an HF MoE family: this stage's experts read whole (one tensor-parallel rank) or left to the
         # pass, which reads this rank's share through `read_experts`
         model, slices.read_experts = load_moe_rank(spec.path, spec.dtype, device, unloaded, slices,
@@ -137,7 +145,8 @@ def compile_rank(model: nn.Module, slices: CheckpointSlices, spec: RankSpec, ran
     pipeline = None
     if spec.pp > 1:
         first, end = spec.stages[stage]
-        pipeline = PipelineStage(stage, spec.pp, first, end, model.config.hidden_size,
+        text = getattr(model.config, "text", model.config)  # a multimodal model's language model
+        pipeline = PipelineStage(stage, spec.pp, first, end, text.hidden_size,
                                  next(p.dtype for p in model.parameters() if p.is_floating_point()))
     lora = {"lora": spec.lora.slots(model)} if spec.lora is not None else {}
     return trtllm_compile(model, **spec.compile_options, block_size=spec.block_size, tensor_parallel=tp,

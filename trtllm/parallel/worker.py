@@ -34,6 +34,7 @@ from trtllm.attention_context import AttentionMetadata, PagedKVCache, attention_
 from trtllm.kernels.linear_lora import no_adapters
 from trtllm.kernels.paged_attention.kv_quant import KV_CACHE_DTYPES
 from trtllm.lora_request import LoRARequest
+from trtllm.multimodal_context import MultimodalEmbeddings, multimodal_context
 from trtllm.parallel import process_group
 from trtllm.parallel.pipeline_parallel import stage_input
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device, rank_kv_scales
@@ -60,6 +61,9 @@ class Step:
     decode_graphs: bool
     lora_slot_ids: np.ndarray | None = None  # each token's LoRA slot (-1: none), with LoRA slots
     no_adapters: bool = False  # no token has an adapter (kernels/linear_lora.py's no_adapters)
+    # a multimodal model's image rows: (each token's feature row, -1 for text [T] int64; features
+    # [K, hidden] on the host), as rank 0 staged them (trtllm/multimodal_context.py); None: no image token
+    images: tuple[np.ndarray, torch.Tensor] | None = None
 
 
 @dataclass
@@ -138,6 +142,7 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
     kv_scales = spec.kv_cache_scales  # the whole model's; KvScales replaces them (calibrated at start-up)
     adapters = None if compiled.lora is None else \
         Adapters(spec.lora.config, compiled.lora, next(compiled.module.parameters()).dtype)
+    images = _image_buffers(compiled, spec, stage, device)  # a first stage's, of a multimodal model
     while (msg := _next_step(channel, rank)) is not None:
         if msg == REPORT:
             channel.gather(report())
@@ -189,7 +194,10 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
         graphs = compiled.decode_graphs() if msg.decode_graphs else contextlib.nullcontext()
         if msg.lora_slot_ids is not None:
             compiled.lora.slot_ids[: len(msg.lora_slot_ids)].copy_(torch.from_numpy(msg.lora_slot_ids))
-        with scope, graphs, received, no_adapters(msg.no_adapters):
+        if images is not None:  # before the graph replays or the model runs: the splice reads them
+            images.fill(*((torch.from_numpy(msg.images[0]), msg.images[1].to(device)) if msg.images is not None
+                          else (None, None)))
+        with scope, graphs, received, no_adapters(msg.no_adapters), multimodal_context(images):
             out = compiled(ids, positions, rows)
         if spec.pp == 1:
             continue
@@ -200,6 +208,16 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             sends.append((dist.isend(out, 0), out))
         while sends and (len(sends) > 8 or sends[0][0].is_completed()):
             sends.popleft()[0].wait()
+
+
+def _image_buffers(compiled, spec: RankSpec, stage: int, device: torch.device) -> MultimodalEmbeddings | None:
+    """The buffers a first-stage rank of a multimodal model splices image features from (filled
+    from each step's `images`), as large as rank 0's; None for a text model or a later stage."""
+    module = compiled.module
+    if stage > 0 or not hasattr(module, "encode_images"):
+        return None
+    embed = module.language_model.model.embed_tokens.weight  # this rank's vocabulary rows: hidden, dtype
+    return MultimodalEmbeddings(spec.max_num_tokens, embed.shape[1], embed.dtype, device)
 
 
 def copy_blocks(cache: PagedKVCache, pairs: list[tuple[int, int]]) -> None:

@@ -28,6 +28,7 @@ from trtllm.compile import CompiledModel
 from trtllm.kernels.linear_lora import adapters_off
 from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import LoraSlots
+from trtllm.multimodal_context import active_embeddings
 from trtllm.parallel import process_group
 from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank, loaded_bytes, rank_device
 from trtllm.parallel.step_channel import StepChannel
@@ -169,7 +170,8 @@ class Workers:
     def send_step(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor | None,
                   decode_graphs: bool, lora: LoraSlots | None = None) -> None:
         """Hand one call of rank 0's CompiledModel to every worker (before rank 0 runs it), with
-        each token's LoRA slot (`lora`: rank 0's slots, filled by the runner)."""
+        each token's LoRA slot (`lora`: rank 0's slots, filled by the runner) and the image features
+        staged for its image tokens (rank 0 alone encodes images: the features go by value)."""
         self.check_alive()
         metadata = cache = None
         if in_attention_context():
@@ -177,9 +179,11 @@ class Workers:
             metadata = ctx.metadata.state()
             cache = (id(ctx.cache), ctx.cache.num_blocks, ctx.cache.block_size, str(ctx.cache.k.dtype))
         slot_ids = None if lora is None else lora.slot_ids[: input_ids.numel()].cpu().numpy()
+        mm = active_embeddings()  # a multimodal model's step: the image features rank 0 staged
+        images = None if mm is None or mm.staged is None else (mm.staged[0].numpy(), mm.staged[1].cpu())
         step = Step(input_ids.cpu().numpy(), positions.cpu().numpy(),
                     None if logits_indices is None else logits_indices.cpu().numpy(), metadata, cache, decode_graphs,
-                    slot_ids, adapters_off())
+                    slot_ids, adapters_off(), images)
         self._send(step)
 
     def load_adapter(self, slot: int, request: LoRARequest) -> None:

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from trtllm.config import FP8_WEIGHT_ALGOS, QuantAlgo
 from trtllm.kernels.fp8_gemm import FP8_DTYPE, FP8_MAX, SCALE_BLOCK, dequantize_fp8
+from trtllm.multimodal_context import is_vision_side
 
 # the weight algorithms QuantConfig(quant_algo=...) quantizes at load time
 ONLINE_ALGOS = FP8_WEIGHT_ALGOS
@@ -219,7 +220,8 @@ def quantize_experts(module: nn.Module, algo: QuantAlgo) -> Fp8Experts:
 
 def quantizable_linears(model: nn.Module) -> list[str]:
     """Module paths of the nn.Linear layers online quantization takes: all but the LM head
-    (kept in the model's dtype, as TensorRT-LLM keeps it), any linear whose weight is
+    (kept in the model's dtype, as TensorRT-LLM keeps it), a multimodal model's vision side (its
+    tower and projector run eagerly before the step), any linear whose weight is
     shared with an embedding (tied), and multi-head latent attention's kv_b_proj (DeepSeek-V2/V3:
     trtllm.mla_attention reads it in the model dtype to expand and absorb the latent)."""
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -227,7 +229,8 @@ def quantizable_linears(model: nn.Module) -> list[str]:
     modules = dict(model.named_modules())
     paths = []
     for path, m in model.named_modules():
-        if not isinstance(m, nn.Linear) or m is head or path.split(".")[-1] == "lm_head":
+        if not isinstance(m, nn.Linear) or m is head or path.split(".")[-1] == "lm_head" \
+                or is_vision_side(model, path):
             continue
         if id(m.weight) in embedding_weights:
             continue

@@ -125,7 +125,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
         compiled, kv_cache_scales = _start_parallel(model, dtype, device, compile_options, kv_cache_config,
                                                     tensor_parallel_size, pipeline_parallel_size, pp_partition,
                                                     moe.moe_ep, quant_config.weight_algo, kv_format, kv_cache_scales,
-                                                    lora)
+                                                    lora, max(build_config.max_num_tokens, build_config.max_batch_size))
         try:
             if calibrate:
                 kv_cache_scales = _calibrate_parallel(compiled, model if tokenizer is None else tokenizer, kv_format)
@@ -179,7 +179,8 @@ def _lora_targets(config: LoraConfig) -> tuple[str, ...]:
 
 def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_cache_config: KvCacheConfig,
                     size: int, pp: int, pp_partition, moe_expert_parallel_size: int = 1, quant_algo=None,
-                    kv_format: str = "auto", kv_cache_scales=None, lora: RankLora | None = None):
+                    kv_format: str = "auto", kv_cache_scales=None, lora: RankLora | None = None,
+                    max_num_tokens: int = 0):
     """Rank 0's compiled model, its workers started (each loads its own stage and slices), and
     rank 0's share of kv_cache_scales (its layers' and KV heads'; None if none were given). Under
     torchrun, a rank other than 0 serves rank 0's steps here and exits when rank 0 stops."""
@@ -194,12 +195,10 @@ def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_
     stages, tied = check_parallel(model, size, device.type, pp, pp_partition, moe_expert_parallel_size, quant_algo)
     scales = None
     if kv_cache_scales is not None:  # the whole model's, checked before any process starts
-        config = read_json(Path(model) / "config.json")
-        scales = kv_scales_tensor(kv_cache_scales, config["num_hidden_layers"],
-                                  config.get("num_key_value_heads") or config["num_attention_heads"])
+        scales = kv_scales_tensor(kv_cache_scales, *_layers_and_kv_heads(model))
     spec = RankSpec(str(model), _DTYPES[dtype], size * pp, device.type, kv_cache_config.tokens_per_block,
                     dict(compile_options or {}), process_group.COLLECTIVE_TIMEOUT_S, size, stages, tied,
-                    moe_expert_parallel_size, quant_algo, kv_format, scales, lora)
+                    moe_expert_parallel_size, quant_algo, kv_format, scales, lora, max_num_tokens)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["RANK"]) != 0:
         run_torchrun_worker(spec)  # until rank 0 shuts down; the caller's code after LLM(...) is rank 0's
         raise SystemExit(0)
@@ -216,12 +215,17 @@ def _calibrate_parallel(compiled, tokenizer, fmt: str) -> torch.Tensor:
     except Exception as e:  # noqa: BLE001 - named below
         raise ValueError(f"INT8 KV cache needs k/v scales: none were given (kv_cache_scales, a checkpoint's k_scale "
                          f"/ v_scale) and the tokenizer to calibrate them with did not load ({e})") from None
-    config = read_json(Path(workers.spec.path) / "config.json")
     whole = calibrate_across_ranks(compiled, workers, workers.spec, [tokenizer.encode(t) for t in CALIBRATION_TEXTS],
-                                   fmt, config["num_hidden_layers"],
-                                   config.get("num_key_value_heads") or config["num_attention_heads"])
+                                   fmt, *_layers_and_kv_heads(workers.spec.path))
     workers.set_kv_scales(whole)
     return rank_kv_scales(whole, workers.spec, 0)
+
+
+def _layers_and_kv_heads(path) -> tuple[int, int]:
+    """(decoder layers, KV heads) of a checkpoint's (language) model, from its config.json."""
+    config = read_json(Path(path) / "config.json")
+    text = config.get("text_config") or config  # a multimodal model's language model
+    return text["num_hidden_layers"], text.get("num_key_value_heads") or text["num_attention_heads"]
 
 
 def shutdown_workers(engine: Engine) -> None:

@@ -109,8 +109,6 @@ def multimodal_stager(module, compiled, max_num_tokens: int, speculative=None) -
     if not hasattr(module, "encode_images"):
         return None
     name = type(module).__name__
-    if compiled.tensor_parallel is not None:
-        raise ValueError(f"{name} with tensor parallelism is not supported yet")
     # n-gram and draft-model drafts are proposals the target verifies (a draft model reads the image
     # placeholders as text: fewer accepted, never other tokens); EAGLE-3's head and MTP layers read the
     # target's hidden states, image rows too, which they were not built for

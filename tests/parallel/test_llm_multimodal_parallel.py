@@ -1,0 +1,108 @@
+"""Multimodal models (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL) under tensor and pipeline parallelism on
+CPU (gloo): rank 0 alone holds and runs the vision side and hands each step's image features to
+the other ranks with the step; the language model splits and cuts as a text model's. Greedy
+tokens of a batch mixing images and text, with prefill chunks that cut the images, are one
+rank's; the other ranks read none of the vision weights."""
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+
+from tests.models.multimodal_checkpoints import random_images, write_llava
+from tests.models.qwen_vl_checkpoints import IMAGE, write_qwen2_5_vl
+from trtllm import LLM, BuildConfig, KvCacheConfig, SamplingParams
+
+pytest.importorskip("PIL")
+
+PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reference_ops():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")  # whole engines on the ops' references, every rank
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+    yield
+    assert multiprocessing.active_children() == []
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_5_vl"])
+def family(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    if request.param == "qwen2_5_vl":
+        return write_qwen2_5_vl(directory), IMAGE
+    return write_llava(directory, request.param), "<image>"
+
+
+def prompts(placeholder: str) -> list:
+    a, b = random_images(2, seed=3)
+    return [{"prompt": f"USER: {placeholder} What is this? ASSISTANT:", "multi_modal_data": {"image": [a]}},
+            "USER: and now text only ASSISTANT:",
+            {"prompt": f"USER: {placeholder} and {placeholder}\nCompare. ASSISTANT:",
+             "multi_modal_data": {"image": [b, a]}},
+            {"prompt": f"USER: {placeholder} What is this? ASSISTANT:", "multi_modal_data": {"image": [b]}}]
+
+
+def small_llm(path, **sizes) -> LLM:
+    # 16 tokens a step: the prompts' prefills come in chunks that cut the images
+    return LLM(str(path), dtype="float32", device="cpu", kv_cache_config=KvCacheConfig(tokens_per_block=16,
+                                                                                         max_tokens=1024),
+               build_config=BuildConfig(max_batch_size=4, max_num_tokens=16, max_seq_len=256), **sizes)
+
+
+def tokens(llm, placeholder):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts(placeholder), PARAMS, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def expected(family):
+    path, placeholder = family
+    with small_llm(path) as llm:
+        want = tokens(llm, placeholder)
+        encoded = llm.engine.runner.multimodal.cache.num_encoded
+        vision = sum(p.numel() * p.element_size() for n, p in llm.compiled.module.named_parameters()
+                     if not n.startswith("language_model."))
+    assert want[0] != want[3], "two images give the same tokens: the test could not fail"
+    return want, encoded, vision
+
+
+@pytest.mark.parametrize("sizes", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
+def test_images_on_two_ranks_give_one_ranks_tokens(family, expected, sizes):
+    path, placeholder = family
+    want, encoded, vision = expected
+    with small_llm(path, **sizes) as llm:
+        assert tokens(llm, placeholder) == want
+        assert llm.engine.runner.multimodal.cache.num_encoded == encoded  # on rank 0, as on one rank
+        loaded = llm.compiled.tensor_parallel.workers.loaded_bytes()
+    assert loaded[0] > vision  # rank 0: the vision side whole, and its share of the language model
+    assert loaded[1] < loaded[0] - vision / 2  # rank 1: none of it
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return write_llava(tmp_path_factory.mktemp("llava_combos"), "llava")
+
+
+def test_online_fp8_and_adapters_with_images_on_two_ranks_give_one_ranks_tokens(llava, tmp_path):
+    # FP8 quantizes the language model's linears only (the vision side stays in the model's dtype, on
+    # rank 0); an adapter on the language model splits as on a text model
+    from tests.lora_adapters import write_adapter
+    from tests.models.multimodal_checkpoints import hf_llava
+    from trtllm import LoraConfig, LoRARequest, QuantAlgo, QuantConfig
+    write_adapter(llava, tmp_path / "adapter", targets=r".*language_model.*\.(q_proj|v_proj|down_proj)", seed=7,
+                  model=hf_llava(llava))
+    adapter = LoRARequest("lm", 1, str(tmp_path / "adapter"))
+    batch = prompts("<image>")[:2]
+    for options, requests in [(dict(quant_config=QuantConfig(quant_algo=QuantAlgo.FP8)), None),
+                              (dict(lora_config=LoraConfig(max_lora_rank=8)), [adapter, adapter])]:
+        got = []
+        for sizes in ({}, dict(tensor_parallel_size=2)):
+            with small_llm(llava, **options, **sizes) as llm:
+                got.append([o.outputs[0].token_ids for o in llm.generate(batch, PARAMS, use_tqdm=False,
+                                                                          lora_request=requests)])
+        assert got[1] == got[0], options
