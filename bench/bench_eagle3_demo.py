@@ -5,9 +5,11 @@ entries as prompts (text the head never saw), against the same model without spe
     PYTHONPATH=$PWD python bench/bench_eagle3_demo.py [--head DIR] [--draft-len 4] [--new 64]
 
 Per batch size: output tok/s with and without the head, the speed-up, the draft tokens'
-acceptance rate and the acceptance length (tokens a verify step gains: accepted + 1), and
-whether every sequence is token-identical to the plain run (the check: greedy output must
-be the target's, else exit 1). The demo model is tiny (6 layers, hidden 256): its steps are
+acceptance rate and the acceptance length (tokens a verify step gains: accepted + 1), the
+fraction of sequences token-identical to the plain run, and where one parts from it, how far
+below the plain target's pick its token lies (the check, as bench/bench_speculative.py's: at
+most MAX_DIVERGENCE_GAP nats, else exit 1; on a GPU in bf16, verify steps of k + 1 tokens round
+differently from one-token decode steps, so near-ties flip: 2026-12-05 H200, the first run). The demo model is tiny (6 layers, hidden 256): its steps are
 host-bound, so the speed-up here says little about a large target; the acceptance length is
 the head's. Runs on the CPU or a GPU. Table last; JSON under $OUT when set.
 """
@@ -15,7 +17,7 @@ import argparse
 
 import torch
 
-from bench.bench_speculative import run
+from bench.bench_speculative import MAX_DIVERGENCE_GAP, divergence_gaps, run
 from bench.report import markdown, report
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.demo import HELDOUT_SAMPLE, demo_model_path, read_entries
@@ -58,14 +60,18 @@ def main():
                 plain_s += s
                 spec_s += t
                 st = {k: st[k] + spec[k] for k in st}
-            if got != expected:
-                raise SystemExit(f"batch {b}: greedy output with the EAGLE-3 head differs from the plain run")
+            gaps = divergence_gaps(plain, batch, expected, got)
+            if gaps and max(gaps) > MAX_DIVERGENCE_GAP:
+                raise SystemExit(f"batch {b}: a sequence with the EAGLE-3 head took a token {max(gaps):.3f} nats "
+                                 f"below the plain target's pick (> {MAX_DIVERGENCE_GAP}): verification is wrong")
             drafts, accepted, steps = st["spec_draft_tokens"], st["spec_accepted_tokens"], st["spec_verify_steps"]
             n = len(batch) * args.new
             row = {"batch": b, "requests": len(batch), "draft len": args.draft_len,
                    "plain tok/s": f"{n / plain_s:,.1f}", "EAGLE-3 tok/s": f"{n / spec_s:,.1f}",
                    "speed-up": f"{plain_s / spec_s:.2f}x", "acceptance": f"{accepted / drafts:.1%}" if drafts else "-",
-                   "acceptance length": f"{1 + accepted / steps:.2f}" if steps else "-", "identical": "yes"}
+                   "acceptance length": f"{1 + accepted / steps:.2f}" if steps else "-",
+                   "identical": f"{sum(a == e for a, e in zip(got, expected)) / len(expected):.2f}",
+                   "max gap at a divergence": f"{max(gaps):.3f}" if gaps else "-"}
             rows.append(row)
             record["rows"].append(dict(row, plain_s=plain_s, spec_s=spec_s, draft_tokens=drafts,
                                        accepted_tokens=accepted, verify_steps=steps))
