@@ -1,6 +1,6 @@
 """Tiny random LLaVA-1.5 / LLaVA-NeXT checkpoints with their processors, written offline.
 
-    write_llava(directory, family="llava" | "llava_next") -> Path
+    write_llava(directory, family="llava" | "llava_next", num_text_layers=2) -> Path
     hf_llava(directory) -> the HF LlavaForConditionalGeneration / LlavaNextForConditionalGeneration, fp32, eval
     random_images(n, seed) -> n small uint8 RGB arrays of different sizes
 
@@ -33,7 +33,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_llava(directory: str | Path, family: str = "llava", seed: int = 0) -> Path:
+def write_llava(directory: str | Path, family: str = "llava", seed: int = 0, num_text_layers: int = 2) -> Path:
     directory = Path(directory)
     make_tokenizer(directory)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
@@ -41,7 +41,8 @@ def write_llava(directory: str | Path, family: str = "llava", seed: int = 0) -> 
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                            num_attention_heads=4, image_size=28, patch_size=7, projection_dim=16)
-    text = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    text = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_text_layers,
+                                    num_attention_heads=4,
                                     num_key_value_heads=2, vocab_size=512, max_position_embeddings=512,
                                     rms_norm_eps=1e-5, eos_token_id=0, bos_token_id=1)
     common = dict(vision_config=vision, text_config=text, image_token_id=image_token_id, vision_feature_layer=-2,

@@ -33,7 +33,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_qwen2_5_vl(directory: str | Path, seed: int = 0, family: str = "qwen2_5_vl") -> Path:
+def write_qwen2_5_vl(directory: str | Path, seed: int = 0, family: str = "qwen2_5_vl", num_text_layers: int = 2) -> Path:
     directory = Path(directory)
     make_tokenizer(directory)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
@@ -42,7 +42,7 @@ def write_qwen2_5_vl(directory: str | Path, seed: int = 0, family: str = "qwen2_
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, in_chans=3, out_hidden_size=64,
                   patch_size=7, spatial_merge_size=2, temporal_patch_size=2, window_size=28,
                   fullatt_block_indexes=[1], hidden_act="silu")
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_text_layers, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-5,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
                 eos_token_id=0, bos_token_id=1)

@@ -161,6 +161,10 @@ class LlavaForConditionalGeneration(nn.Module):
             return "language_model." + name
         return name.replace("vision_tower.vision_model.", "vision_tower.", 1)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The language model's token embedding (the vision tower holds embeddings of its own)."""
+        return self.language_model.model.embed_tokens
+
     def init_buffers(self, device=None) -> None:
         self.language_model.init_buffers(device)
 

@@ -128,6 +128,10 @@ class Qwen25VLForConditionalGeneration(nn.Module):
             return "language_model." + name
         return name
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The language model's token embedding (the vision tower holds embeddings of its own)."""
+        return self.language_model.model.embed_tokens
+
     def init_buffers(self, device=None) -> None:
         self.language_model.init_buffers(device)
         self.visual.init_buffers(device if device is not None else self.language_model.model.embed_tokens.weight.device)

@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 
 from trtllm.multimodal_context import MultimodalEmbeddings
-from trtllm.runtime.speculative.config import EagleDecodingConfig, MTPDecodingConfig
+from trtllm.runtime.speculative.config import MTPDecodingConfig
 
 
 class EncoderCache:
@@ -109,12 +109,12 @@ def multimodal_stager(module, compiled, max_num_tokens: int, speculative=None) -
     if not hasattr(module, "encode_images"):
         return None
     name = type(module).__name__
-    # n-gram and draft-model drafts are proposals the target verifies (a draft model reads the image
-    # placeholders as text: fewer accepted, never other tokens); EAGLE-3's head and MTP layers read the
-    # target's hidden states, image rows too, which they were not built for
-    if isinstance(speculative, (EagleDecodingConfig, MTPDecodingConfig)):
-        raise ValueError(f"{name} (a multimodal model) with {type(speculative).__name__} is not supported yet "
-                         "(n-gram and draft-model speculation are)")
+    # drafts are proposals the target verifies: a draft model reads the image placeholders as text, an
+    # EAGLE-3 head the target's states at the image rows (fewer accepted, never other tokens); MTP layers
+    # are DeepSeek-V3's, which no multimodal family has
+    if isinstance(speculative, MTPDecodingConfig):
+        raise ValueError(f"{name} (a multimodal model) with {type(speculative).__name__} is not supported "
+                         "(it has no MTP layers; n-gram, draft-model and EAGLE-3 speculation are)")
     embed = module.language_model.model.embed_tokens.weight
     from trtllm.compile_encoder import compile_encoder
     if hasattr(module, "warm_up_vision"):  # Qwen2.5-VL: its tower takes patches and grids
