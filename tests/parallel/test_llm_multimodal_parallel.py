@@ -106,3 +106,18 @@ def test_online_fp8_and_adapters_with_images_on_two_ranks_give_one_ranks_tokens(
                 got.append([o.outputs[0].token_ids for o in llm.generate(batch, PARAMS, use_tqdm=False,
                                                                           lora_request=requests)])
         assert got[1] == got[0], options
+
+
+def test_an_eagle3_head_with_images_on_two_ranks_gives_one_ranks_tokens(tmp_path):
+    # rank 0 runs the head on the target's stashed states (image rows included), every rank the verify steps
+    from tests.runtime.test_eagle3 import write_head
+    from trtllm import EagleDecodingConfig
+    llava = write_llava(tmp_path / "llava4", num_text_layers=4)
+    spec = EagleDecodingConfig(max_draft_len=3, speculative_model_dir=str(write_head(tmp_path / "head", aux=[0, 1, 2])))
+    batch = prompts("<image>")[:2]
+    got = []
+    for sizes in ({}, dict(tensor_parallel_size=2)):
+        with small_llm(llava, speculative_config=spec, **sizes) as llm:
+            got.append([o.outputs[0].token_ids for o in llm.generate(batch, PARAMS, use_tqdm=False)])
+            assert llm.get_stats()["spec_draft_tokens"] > 0
+    assert got[1] == got[0]
