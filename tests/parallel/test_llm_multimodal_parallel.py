@@ -48,11 +48,11 @@ def prompts(placeholder: str) -> list:
             {"prompt": f"USER: {placeholder} What is this? ASSISTANT:", "multi_modal_data": {"image": [b]}}]
 
 
-def small_llm(path, **sizes) -> LLM:
+def small_llm(path, **options) -> LLM:
     # 16 tokens a step: the prompts' prefills come in chunks that cut the images
+    options.setdefault("build_config", BuildConfig(max_batch_size=4, max_num_tokens=16, max_seq_len=256))
     return LLM(str(path), dtype="float32", device="cpu", kv_cache_config=KvCacheConfig(tokens_per_block=16,
-                                                                                         max_tokens=1024),
-               build_config=BuildConfig(max_batch_size=4, max_num_tokens=16, max_seq_len=256), **sizes)
+                                                                                         max_tokens=1024), **options)
 
 
 def tokens(llm, placeholder):
@@ -88,9 +88,10 @@ def llava(tmp_path_factory):
     return write_llava(tmp_path_factory.mktemp("llava_combos"), "llava")
 
 
-def test_online_fp8_and_adapters_with_images_on_two_ranks_give_one_ranks_tokens(llava, tmp_path):
+def test_fp8_adapters_and_beams_with_images_on_two_ranks_give_one_ranks_tokens(llava, tmp_path):
     # FP8 quantizes the language model's linears only (the vision side stays in the model's dtype, on
-    # rank 0); an adapter on the language model splits as on a text model
+    # rank 0); an adapter on the language model splits as on a text model; beams fork image blocks
+    # in every stage's cache
     from tests.lora_adapters import write_adapter
     from tests.models.multimodal_checkpoints import hf_llava
     from trtllm import LoraConfig, LoRARequest, QuantAlgo, QuantConfig
@@ -98,13 +99,17 @@ def test_online_fp8_and_adapters_with_images_on_two_ranks_give_one_ranks_tokens(
                   model=hf_llava(llava))
     adapter = LoRARequest("lm", 1, str(tmp_path / "adapter"))
     batch = prompts("<image>")[:2]
-    for options, requests in [(dict(quant_config=QuantConfig(quant_algo=QuantAlgo.FP8)), None),
-                              (dict(lora_config=LoraConfig(max_lora_rank=8)), [adapter, adapter])]:
+    beams = SamplingParams(max_tokens=5, beam_width=2, n=2, ignore_eos=True)
+    for options, requests, params, sizes in [
+            (dict(quant_config=QuantConfig(quant_algo=QuantAlgo.FP8)), None, PARAMS, dict(tensor_parallel_size=2)),
+            (dict(lora_config=LoraConfig(max_lora_rank=8)), [adapter, adapter], PARAMS, dict(tensor_parallel_size=2)),
+            (dict(build_config=BuildConfig(max_batch_size=4, max_num_tokens=16, max_seq_len=256, max_beam_width=2)),
+             None, beams, dict(pipeline_parallel_size=2))]:
         got = []
-        for sizes in ({}, dict(tensor_parallel_size=2)):
-            with small_llm(llava, **options, **sizes) as llm:
-                got.append([o.outputs[0].token_ids for o in llm.generate(batch, PARAMS, use_tqdm=False,
-                                                                          lora_request=requests)])
+        for ranks in ({}, sizes):
+            with small_llm(llava, **{**options, **ranks}) as llm:
+                got.append([[c.token_ids for c in o.outputs] for o in llm.generate(batch, params, use_tqdm=False,
+                                                                                    lora_request=requests)])
         assert got[1] == got[0], options
 
 
