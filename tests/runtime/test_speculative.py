@@ -409,6 +409,30 @@ def test_rejected_drafts_back_off_and_the_overlap_scheduler_runs_meanwhile(targe
     assert any(ahead)
 
 
+def test_backed_off_sequences_drafting_beside_others_keep_the_targets_tokens(target):
+    # uniform_verify (set where verify graphs are captured): a noisy draft backs some sequences off while
+    # others speculate; they draft on, and greedy output stays the plain target's, books balanced
+    prompts = [[5, 17, 99, 3], [400, 2, 9], list(range(60, 70)), [7, 8, 9, 7], [31, 41, 59, 26, 53]]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    with small_llm(target) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    with small_llm(target, speculative_config=_configs(target)["draft_noisy"]) as llm:
+        dec = llm.engine.speculative
+        dec.uniform_verify = True
+        beside = []  # per step: backed-off sequences that drafted
+        propose = dec.propose
+
+        def recorded(running, in_flight=frozenset()):
+            propose(running, in_flight)
+            beside.append(sum(1 for s in running if dec._backed_off(s) and s.draft_token_ids))
+        dec.propose = recorded
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.block_manager.check_invariants()
+        assert llm.block_manager.num_used_blocks == 0
+    assert sum(beside) > 0, "no backed-off sequence drafted beside another: the test could not fail"
+    assert got == expected
+
+
 def test_back_off_books():
     from trtllm.runtime.sequence import Sequence, SequenceStatus
     from trtllm.runtime.speculative.decoder import FIRST_BACK_OFF, SpeculativeDecoder
@@ -432,6 +456,36 @@ def test_back_off_books():
     assert not dec.speculates_next([seq]) and dec._back_off[seq][2] == seq.num_tokens + 1 + 2 * FIRST_BACK_OFF
     dec._count_misses(seq, 1)  # an accepted draft: speculating at once, the back-off reset
     assert dec.draft_len(seq) == 3 and seq not in dec._back_off
+
+
+def test_under_verify_graphs_a_backed_off_sequence_drafts_while_another_does():
+    # a step of ragged draft lengths runs outside the verify graphs: under them, back-off holds only
+    # while every speculating sequence is backed off
+    from trtllm.runtime.sequence import Sequence, SequenceStatus
+    from trtllm.runtime.speculative.decoder import SpeculativeDecoder
+
+    class Drafts:  # a draft model's proposer that records who drafts
+        asked: list = []
+
+        def propose(self, seqs, ks, live):
+            self.asked = [s.request_id for s in seqs]
+            return [([7] * k, None) for k in ks]
+    dec = SpeculativeDecoder(3, 1000, 512, [], draft=Drafts())
+    a, b = (Sequence(r, [1, 2, 3], SamplingParams(max_tokens=500), output_token_ids=[4],
+                     status=SequenceStatus.RUNNING) for r in "ab")
+    for seq in (a, b):
+        seq.num_computed_tokens = seq.num_tokens - 1
+    dec._count_misses(b, 0)
+    dec._count_misses(b, 0)  # b backed off
+    dec.propose([a, b])
+    assert dec.draft.asked == ["a"] and b.draft_token_ids == []  # no verify graphs: back-off holds
+    dec.uniform_verify = True
+    dec.propose([a, b])
+    assert dec.draft.asked == ["a", "b"] and b.draft_token_ids == [7, 7, 7]
+    dec._count_misses(a, 0)
+    dec._count_misses(a, 0)  # both backed off: neither drafts
+    dec.propose([a, b])
+    assert dec.draft.asked == [] and a.draft_token_ids == b.draft_token_ids == []
 
 
 def _counted(fn, calls: list):

@@ -17,7 +17,9 @@ are sampled by the ordinary sampler.
 
 Back-off: a sequence whose drafts were all rejected MISSES_TO_BACK_OFF verify steps in a
 row decodes without drafts for its next FIRST_BACK_OFF tokens, then tries again; each
-back-off doubles, up to MAX_BACK_OFF tokens; an accepted draft resets it. A verify step
+back-off doubles, up to MAX_BACK_OFF tokens; an accepted draft resets it. Under verify CUDA
+graphs (`uniform_verify`) a backed-off sequence drafts anyway while another sequence of the
+step does, so the step keeps one draft length and its graph. A verify step
 that gains one token costs the draft's k steps and a k + 1-token target pass (H200, an 8B
 target at batch 1, 0% acceptance: 0.47x the plain target); backed off, the sequence costs
 a plain decode step. Only which steps speculate changes: the output stays the target's.
@@ -58,6 +60,9 @@ class SpeculativeDecoder:
         self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
         self.max_matching_ngram_size, self.draft = max_matching_ngram_size, draft
         self.verify_cuda_graphs = verify_cuda_graphs  # build_engine captures them unless False (on a GPU)
+        # verify steps replay graphs of every sequence verifying max_draft_len drafts (set by build_engine
+        # once captured, draft models only: n-gram drafts are as long as the match): see propose
+        self.uniform_verify = False
         self._attach_target = attach_target  # an EAGLE-3 head's: see attach_target
         self._draft_probs: dict[Sequence, torch.Tensor] = {}
         # back-off (module docstring): seq -> [verify steps in a row with none accepted, the
@@ -72,17 +77,22 @@ class SpeculativeDecoder:
         return self._attach_target(num_slots) if self._attach_target is not None else None
 
     # -- before the step ------------------------------------------------------------
-    def draft_len(self, seq: Sequence) -> int:
+    def draft_len(self, seq: Sequence, back_off: bool = True) -> int:
+        """Drafts `seq` may verify at its next step (0: it decodes plainly); `back_off`: 0 while
+        it is backed off."""
         if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
             return 0
         p = seq.sampling_params
         if p.logprobs is not None:
             return 0
-        back_off = self._back_off.get(seq)
-        if back_off is not None and seq.num_tokens < back_off[2]:
+        if back_off and self._backed_off(seq):
             return 0
         return max(0, min(self.max_draft_len, p.max_tokens - len(seq.output_token_ids) - 1,
                           self.max_seq_len - seq.num_tokens - 1))
+
+    def _backed_off(self, seq: Sequence) -> bool:
+        back_off = self._back_off.get(seq)
+        return back_off is not None and seq.num_tokens < back_off[2]
 
     def propose(self, running: list[Sequence], in_flight: set[Sequence] | frozenset = frozenset()) -> None:
         """Set each running sequence's draft_token_ids ([] where it does not speculate), but
@@ -98,12 +108,21 @@ class SpeculativeDecoder:
         # logits processors or beam search: while such a sequence runs, no step speculates
         # (left: those paths inside verify steps)
         engine_sampled = any(_needs_engine_sampling(s) for s in running)
+        candidates = []  # (sequence, k, backed off)
         for seq in running:
             if seq in in_flight:
                 continue
             seq.draft_token_ids = []
-            k = 0 if engine_sampled else self.draft_len(seq)
+            k = 0 if engine_sampled else self.draft_len(seq, back_off=False)
             if k > 0:
+                candidates.append((seq, k, self._backed_off(seq)))
+        # A step whose sequences verify different numbers of tokens runs outside the verify graphs
+        # (cuda_graphs.verify_size): under them, a backed-off sequence drafts too while another one
+        # does (a row more in the batched draft steps, k tokens more in a verify step that has them).
+        # H200, the demo model's EAGLE-3 head at batch 16: a round took ~17 ms against ~1.5 ms at batch 1
+        everyone = self.uniform_verify and any(not backed for _, _, backed in candidates)
+        for seq, k, backed in candidates:
+            if everyone or not backed:
                 seqs.append(seq)
                 ks.append(k)
         if self.draft is not None:
