@@ -71,8 +71,7 @@ def expected(family):
     return want, encoded, vision
 
 
-@pytest.mark.parametrize("sizes", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
-def test_images_on_two_ranks_give_one_ranks_tokens(family, expected, sizes):
+def _one_ranks_tokens(family, expected, **sizes) -> list[int]:
     path, placeholder = family
     want, encoded, vision = expected
     with small_llm(path, **sizes) as llm:
@@ -80,7 +79,17 @@ def test_images_on_two_ranks_give_one_ranks_tokens(family, expected, sizes):
         assert llm.engine.runner.multimodal.cache.num_encoded == encoded  # on rank 0, as on one rank
         loaded = llm.compiled.tensor_parallel.workers.loaded_bytes()
     assert loaded[0] > vision  # rank 0: the vision side whole, and its share of the language model
-    assert loaded[1] < loaded[0] - vision / 2  # rank 1: none of it
+    return loaded
+
+
+def test_images_on_two_ranks_give_one_ranks_tokens(family, expected):
+    loaded = _one_ranks_tokens(family, expected, tensor_parallel_size=2)
+    assert loaded[1] < loaded[0] - expected[2] / 2  # rank 1: none of the vision side
+
+
+@pytest.mark.slow  # the suite's time: a pipeline with images runs in every run with beams (below)
+def test_images_on_a_pipeline_give_one_ranks_tokens(family, expected):
+    _one_ranks_tokens(family, expected, pipeline_parallel_size=2)
 
 
 @pytest.fixture(scope="module")
