@@ -253,6 +253,12 @@ def test_speculation_with_images_gives_the_target_tokens(llava):
     assert again.outputs[0].token_ids == out.outputs[0].token_ids
 
 
+def test_mtp_on_a_multimodal_model_refused_by_name(llava):
+    from trtllm import MTPDecodingConfig
+    with pytest.raises(ValueError, match="a multimodal model.* with MTPDecodingConfig is not supported .it has no MTP"):
+        LLM(model=str(llava), dtype="float32", speculative_config=MTPDecodingConfig(num_nextn_predict_layers=1))
+
+
 def test_an_eagle3_head_with_images_gives_the_target_tokens(tmp_path):
     # the head reads the target's states at the image rows as at any other (a head trained on text
     # proposes worse there: fewer accepted, never other tokens); its embedding is the language model's
