@@ -54,6 +54,13 @@ class MultimodalEmbeddings:
         # what rank 0 hands the other ranks of a parallel model with the step (parallel/workers.py)
         self.staged: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @classmethod
+    def for_model(cls, module, max_num_tokens: int, device=None) -> MultimodalEmbeddings:
+        """Buffers of a multimodal model's hidden size and dtype (its language model's embedding),
+        on `device` (None: the embedding's; a parallel rank's embedding may be a stand-in)."""
+        embed = module.get_input_embeddings().weight
+        return cls(max_num_tokens, embed.shape[1], embed.dtype, embed.device if device is None else device)
+
     def fill(self, token_rows: torch.Tensor | None, features: torch.Tensor | None) -> None:
         """token_rows [T] int64 (host): embeds row per token, -1 for text; features [K, hidden]:
         the rows. None, None: a step without image tokens (a no-op when the last was one too).

@@ -15,7 +15,7 @@ import torch
 from trtllm.config import QuantAlgo
 from trtllm.models import gemma, llama, llava, phi3, qwen2_5_vl
 from trtllm.models.loader import ARCHITECTURES, read_json
-from trtllm.multimodal_context import LANGUAGE_MODEL
+from trtllm.multimodal_context import is_vision_side
 from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, check_moe_config, meta_moe_model
 from trtllm.parallel.expert_parallel import ExpertParallel, check_vocab
 from trtllm.parallel.pipeline_parallel import check_pipeline_sizes, layer_of, partition_layers
@@ -80,16 +80,16 @@ def check_parallel(path: str | os.PathLike, tp: int, device_type: str, pp: int =
         return (), tied
     with torch.device("meta"):  # parameter counts without memory
         model = model_cls(model_config)
-    return _stages(model, c.num_hidden_layers, pp, pp_partition, arch in MULTIMODAL_ARCHITECTURES), tied
+    return _stages(model, c.num_hidden_layers, pp, pp_partition), tied
 
 
-def _stages(model, num_layers: int, pp: int, pp_partition, multimodal: bool = False) -> tuple[tuple[int, int], ...]:
+def _stages(model, num_layers: int, pp: int, pp_partition) -> tuple[tuple[int, int], ...]:
     """The pipeline's (first layer, end layer) per stage, balanced by the parameter counts of a
     model built on the meta device (or `pp_partition`); a multimodal model's vision side counts
     to the first stage (rank 0 holds it)."""
     costs, first, last = [0] * num_layers, 0, 0
     for name, p in model.named_parameters(remove_duplicate=False):
-        if multimodal and not name.startswith(LANGUAGE_MODEL):
+        if is_vision_side(model, name):
             first += p.numel()
             continue
         layer = layer_of(name)

@@ -213,11 +213,9 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
 def _image_buffers(compiled, spec: RankSpec, stage: int, device: torch.device) -> MultimodalEmbeddings | None:
     """The buffers a first-stage rank of a multimodal model splices image features from (filled
     from each step's `images`), as large as rank 0's; None for a text model or a later stage."""
-    module = compiled.module
-    if stage > 0 or not hasattr(module, "encode_images"):
+    if stage > 0 or not hasattr(compiled.module, "encode_images"):
         return None
-    embed = module.language_model.model.embed_tokens.weight  # this rank's vocabulary rows: hidden, dtype
-    return MultimodalEmbeddings(spec.max_num_tokens, embed.shape[1], embed.dtype, device)
+    return MultimodalEmbeddings.for_model(compiled.module, spec.max_num_tokens, device)
 
 
 def copy_blocks(cache: PagedKVCache, pairs: list[tuple[int, int]]) -> None:

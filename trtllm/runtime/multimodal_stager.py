@@ -59,10 +59,9 @@ class EncoderCache:
 
 
 class MultimodalStager:
-    def __init__(self, encode, max_num_tokens: int, hidden_size: int, dtype: torch.dtype, device,
-                 cache_capacity: int = 256):
+    def __init__(self, encode, embeddings: MultimodalEmbeddings, cache_capacity: int = 256):
         self.cache = EncoderCache(encode, cache_capacity)
-        self.embeddings = MultimodalEmbeddings(max_num_tokens, hidden_size, dtype, device)
+        self.embeddings = embeddings
 
     def stage(self, scheduled) -> None:
         """Fill the buffers for a step of (sequence, new tokens) chunks, in flat-batch order."""
@@ -115,14 +114,15 @@ def multimodal_stager(module, compiled, max_num_tokens: int, speculative=None) -
     if isinstance(speculative, MTPDecodingConfig):
         raise ValueError(f"{name} (a multimodal model) with {type(speculative).__name__} is not supported "
                          "(it has no MTP layers; n-gram, draft-model and EAGLE-3 speculation are)")
-    embed = module.language_model.model.embed_tokens.weight
+    embeddings = MultimodalEmbeddings.for_model(module, max_num_tokens)
     from trtllm.compile_encoder import compile_encoder
     if hasattr(module, "warm_up_vision"):  # Qwen2.5-VL: its tower takes patches and grids
         module.compiled_tower = compile_encoder(module.visual)
         module.warm_up_vision()
-        return MultimodalStager(module.encode_images, max_num_tokens, embed.shape[1], embed.dtype, embed.device)
+        return MultimodalStager(module.encode_images, embeddings)
     module.compiled_tower = compile_encoder(module.vision_tower)
     v = module.config.vision
     for n in (2, 1):  # compiled now, not in the first request's TTFT: any batch of >= 2 images, and 1
-        module.tower_features(torch.zeros((n, v.num_channels, v.image_size, v.image_size), device=embed.device))
-    return MultimodalStager(module.encode_images, max_num_tokens, embed.shape[1], embed.dtype, embed.device)
+        module.tower_features(torch.zeros((n, v.num_channels, v.image_size, v.image_size),
+                                          device=embeddings.embeds.device))
+    return MultimodalStager(module.encode_images, embeddings)
