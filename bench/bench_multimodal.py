@@ -35,6 +35,7 @@ from trtllm.models.clip_vision import CLIPVisionConfig
 from trtllm.models.llama import LlamaConfig
 from trtllm.models.llava import ImageInput, LlavaConfig, LlavaForConditionalGeneration
 from trtllm.multimodal_context import MultimodalEmbeddings, multimodal_context
+from trtllm.runtime.encoder_graphs import EncoderGraphs
 from trtllm.runtime.llm import LLM
 from trtllm.runtime.multimodal_inputs import ImageSpan, MultimodalData, image_hash
 from trtllm.sampling_params import SamplingParams
@@ -199,9 +200,29 @@ def main():
     ttft_text = [timed(llm, [(text_request(seq_len, text["vocab_size"], 30_000 + r), None)], greedy)[1]
                  for r in range(reps + 1)]
     ttft_ms, text_ms = statistics.median(ttft[1:]) * 1e3, statistics.median(ttft_text[1:]) * 1e3
+    tower = model.compiled_tower  # on a GPU: the CUDA graphs of runtime/encoder_graphs.py
+    if isinstance(tower, EncoderGraphs):  # the peer: the same engine with the compiled tower launched eagerly
+        model.compiled_tower = tower.tower
+        ttft_plain = [timed(llm, [image_request(model, seed=25_000 + r)], greedy)[1] for r in range(reps + 1)]
+        model.compiled_tower = tower
+        plain_ms = statistics.median(ttft_plain[1:]) * 1e3
+        record.update(ttft_tower_without_graphs_ms=plain_ms)
+        plain = f"; tower without CUDA graphs: {plain_ms:.1f} ms"
+    else:
+        plain = ""
     rows.append({"workload": f"TTFT, one {v.image_size}x{v.image_size} image + {TEXT_TOKENS} text tokens",
-                 "result": f"{ttft_ms:.1f} ms (text-only {seq_len} tokens: {text_ms:.1f} ms)"})
+                 "result": f"{ttft_ms:.1f} ms (text-only {seq_len} tokens: {text_ms:.1f} ms{plain})"})
     record.update(ttft_ms=ttft_ms, ttft_text_only_ms=text_ms)
+    one = pixels[:1]  # the image's share of the TTFT: tower + projector at batch 1, each way
+    encode_ms = {}
+    with torch.no_grad():
+        for name, run in (("eager", None), ("compiled", getattr(tower, "tower", tower)), ("graphed", tower)):
+            model.compiled_tower = run
+            encode_ms[name] = bench_time(lambda: model.tower_features(one), reps) * 1e3
+        model.compiled_tower = tower
+    rows.append({"workload": "one image's features (tower + projector, batch 1)",
+                 "result": ", ".join(f"{k} {t:.2f} ms" for k, t in encode_ms.items())})
+    record.update(encode_batch1_ms=encode_ms)
 
     # -- throughput: n_req image requests against text-only ones of the same token count -------
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)

@@ -252,7 +252,7 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
         kv_cache_scales = kv_cache_scales_by_layer(fp8, kv_format)
     kv_quant = kv_cache_quant(kv_format, compiled, kv_cache_scales, tokenizer)
     multimodal = multimodal_stager(module, compiled, max_num_tokens,  # None: text only
-                                   speculative["config"] if speculative is not None else None)
+                                   speculative["config"] if speculative is not None else None, enable_cuda_graph)
     vocab_size, eos_token_ids = _vocab_size(module, compiled), _eos_ids(module, tokenizer)
     if speculative is not None:  # the draft's weights and pool first: the target's pool takes what is left
         speculative = build_speculative(

@@ -102,9 +102,11 @@ def check_multimodal_request(stager: MultimodalStager | None, multimodal, prompt
             raise ValueError(f"image {i}'s tokens {im.offset}..{im.offset + im.length} lie outside the prompt")
 
 
-def multimodal_stager(module, compiled, max_num_tokens: int, speculative=None) -> MultimodalStager | None:
+def multimodal_stager(module, compiled, max_num_tokens: int, speculative=None,
+                      cuda_graphs: bool = True) -> MultimodalStager | None:
     """The stager of a model with a vision side (`encode_images`), else None; what multimodal
-    cannot run with yet is refused by name."""
+    cannot run with yet is refused by name. cuda_graphs (on a GPU): a LLaVA tower replays CUDA
+    graphs at small batches of crops (runtime/encoder_graphs.py)."""
     if not hasattr(module, "encode_images"):
         return None
     name = type(module).__name__
@@ -122,7 +124,12 @@ def multimodal_stager(module, compiled, max_num_tokens: int, speculative=None) -
         return MultimodalStager(module.encode_images, embeddings)
     module.compiled_tower = compile_encoder(module.vision_tower)
     v = module.config.vision
+    device = embeddings.embeds.device
     for n in (2, 1):  # compiled now, not in the first request's TTFT: any batch of >= 2 images, and 1
-        module.tower_features(torch.zeros((n, v.num_channels, v.image_size, v.image_size),
-                                          device=embeddings.embeds.device))
+        module.tower_features(torch.zeros((n, v.num_channels, v.image_size, v.image_size), device=device))
+    if cuda_graphs and device.type == "cuda":
+        from trtllm.runtime.encoder_graphs import EncoderGraphs
+        module.compiled_tower = EncoderGraphs(module.compiled_tower, (v.num_channels, v.image_size, v.image_size),
+                                              args=(module.config.feature_layers,), device=device,
+                                              dtype=module.multi_modal_projector.linear_1.weight.dtype)
     return MultimodalStager(module.encode_images, embeddings)
