@@ -4,8 +4,6 @@ checkpoint; greedy tokens are one rank's (fp32) with chunked prefill and preempt
 features that cannot run with it are refused before any process starts, naming the numbers."""
 from __future__ import annotations
 
-import multiprocessing
-
 import pytest
 from safetensors import safe_open
 
@@ -16,12 +14,7 @@ from trtllm import SamplingParams
 from trtllm.config import BuildConfig, LoraConfig
 from trtllm.runtime.speculative.config import NGramDecodingConfig
 
-
-@pytest.fixture(autouse=True)
-def _no_process_left(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ops' torch references, in every rank: as tests/runtime
-    yield
-    assert multiprocessing.active_children() == []
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 def checkpoint(family: str, tmp_path, **overrides):

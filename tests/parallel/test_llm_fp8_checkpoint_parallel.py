@@ -6,7 +6,6 @@ references). What stays unsupported is refused by name."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 
 import pytest
 import torch
@@ -21,15 +20,10 @@ from trtllm.parallel.tensor_parallel import unloaded
 from trtllm.quantization import Fp8Linear, quantize_weight
 from trtllm.quantization.fp8_slices import checkpoint_fp8_slice, narrow_fp8
 
+pytestmark = pytest.mark.usefixtures("reference_ops")
+
 LAYER_LINEAR_ELEMENTS = 2 * (64 * 64 + 64 * 32 * 2 + 64 * 64 + 3 * 64 * 128)  # llama31's 2 layers, FP8: a byte each
 VOCAB_BYTES = 2 * 4 * 512 * 64  # embedding and head, fp32
-
-
-@pytest.fixture(autouse=True)
-def _reference_ops_and_no_process_left(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # whole engines on the ops' references, every rank
-    yield
-    assert multiprocessing.active_children() == []
 
 
 def fp8_checkpoint(tmp_path, layout: str, granularity: str, static: bool, family: str = "llama31"):

@@ -5,8 +5,6 @@ the whole weight, sliced (quantization/fp8_slices.py); a row-parallel linear's a
 quantize with the whole row's amax (all-reduced). What stays unsupported is refused by name."""
 from __future__ import annotations
 
-import multiprocessing
-
 import pytest
 import torch
 
@@ -19,14 +17,9 @@ from trtllm.kernels.fp8_gemm import SCALE_BLOCK
 from trtllm.quantization import quantize_weight
 from trtllm.quantization.fp8_slices import activation_group, fp8_slice, narrow_fp8
 
+pytestmark = pytest.mark.usefixtures("reference_ops")
+
 ALGOS = [QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, QuantAlgo.FP8_BLOCK_SCALES]
-
-
-@pytest.fixture(autouse=True)
-def _reference_ops_and_no_process_left(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # whole engines on the ops' references, every rank
-    yield
-    assert multiprocessing.active_children() == []
 
 
 def small_llm(path, *, algo: QuantAlgo | None = None, kv_dtype: str = "auto", **kwargs) -> LLM:

@@ -6,29 +6,16 @@ fewer slots than adapters; an adapter is checked against the whole model at subm
 bad one is refused by name while the engine goes on."""
 from __future__ import annotations
 
-import multiprocessing
-
 import pytest
 
 from tests.lora_adapters import write_adapter
 from tests.parallel.test_llm_tensor_parallel import checkpoint
 from trtllm import LLM, BuildConfig, KvCacheConfig, LoraConfig, LoRARequest, SamplingParams
 
+pytestmark = pytest.mark.usefixtures("reference_ops")
+
 PROMPTS = [[5, 17, 99, 3, 250, 31, 8, 60, 61, 62, 63, 64, 65, 66], [400, 2], list(range(60, 74))]
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _reference_ops():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")  # whole engines on the ops' references, every rank
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _no_process_left():
-    yield
-    assert multiprocessing.active_children() == []
 
 
 @pytest.fixture(scope="module")

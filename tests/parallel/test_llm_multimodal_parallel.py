@@ -5,30 +5,17 @@ tokens of a batch mixing images and text, with prefill chunks that cut the image
 rank's; the other ranks read none of the vision weights."""
 from __future__ import annotations
 
-import multiprocessing
-
 import pytest
 
 from tests.models.multimodal_checkpoints import random_images, write_llava
 from tests.models.qwen_vl_checkpoints import IMAGE, write_qwen2_5_vl
 from trtllm import LLM, BuildConfig, KvCacheConfig, SamplingParams
 
+pytestmark = pytest.mark.usefixtures("reference_ops")
+
 pytest.importorskip("PIL")
 
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _reference_ops():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")  # whole engines on the ops' references, every rank
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _no_process_left():
-    yield
-    assert multiprocessing.active_children() == []
 
 
 @pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_5_vl"])

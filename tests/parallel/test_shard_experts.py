@@ -19,12 +19,9 @@ from trtllm.parallel.tensor_parallel import TensorParallel
 from trtllm.passes import PASSES
 from trtllm.passes.shard_vocab_parallel import shard_vocab_parallel
 
+pytestmark = pytest.mark.usefixtures("reference_ops")
+
 IDS, POSITIONS = random_batch(batch=2, seq_len=7), torch.arange(7).expand(2, 7)
-
-
-@pytest.fixture(autouse=True)
-def _reference_ops(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the single-rank reference on the ops' torch references, as the ranks
 
 
 def _logits(rank: int, world: int, group_name: str, runs: list[tuple[str, int]]):

@@ -15,12 +15,11 @@ from trtllm.parallel.rank_model import RankSpec, compile_rank, load_rank
 from trtllm.passes import PASSES
 from trtllm.passes.split_lm_head import split_lm_head
 
+pytestmark = pytest.mark.usefixtures("reference_ops")
+
 IDS, POSITIONS = random_batch(batch=2, seq_len=7), torch.arange(7).expand(2, 7)
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the single-rank reference on the ops' torch references, as the ranks
 WITHOUT_SPLIT_HEAD = [p for p in PASSES if p is not split_lm_head]
 
 
