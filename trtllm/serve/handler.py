@@ -67,14 +67,16 @@ class Handler:
         body.refuse_unsupported()
         prompts = body.prompts()
         guide, guide_param = body.guide()
-        params = body.sampling_params(body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, body.logprobs, guide,
-                                      self.llm.vocab_size)
+        # max_tokens=0 (echo): the engine runs one step for the prompt's logprobs; its token is dropped
+        max_tokens = 1 if body.prompt_only else body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+        params = body.sampling_params(max_tokens, body.logprobs, guide, self.llm.vocab_size,
+                                      prompt_logprobs=body.logprobs if body.echo else None)
         tokenized = [await self._tokenize(p, add_special_tokens=True) for p in prompts]
         for _text, ids in tokenized:
             self._validate(ids, params, "prompt", guide_param)
         return Job("completions", f"cmpl-{uuid.uuid4().hex}", tokenized, [params] * len(tokenized),
                    body.logprobs, body.stream, bool(body.stream_options and body.stream_options.include_usage),
-                   echo=body.echo, lora_request=lora_request)
+                   echo=body.echo, prompt_only=body.prompt_only, lora_request=lora_request)
 
     async def chat_job(self, body: ChatCompletionRequest) -> Job:
         body.refuse_invalid_text()
@@ -216,24 +218,30 @@ class Handler:
         watcher = asyncio.ensure_future(self._watch(request, streams, gone))
         n = job.params[0].n
         choices = [ChoiceProgress() for _ in range(len(streams) * n)]
+        # echo with logprobs: a prompt's echo chunk waits for its first output, which brings the prompt's logprobs
+        echo_later = job.echo and job.logprobs is not None
         try:
             for idx in range(len(choices)):  # the first chunk of each choice
-                prompt_text = job.prompts[idx // n][0]
                 if job.endpoint == "chat":
                     yield event(self.render.chunk(job, {"index": idx, "delta": {"role": "assistant", "content": ""},
                                                    "logprobs": None, "finish_reason": None}))
-                elif job.echo:
-                    text = prompt_text if prompt_text is not None else self.render.decode(job.prompts[idx // n][1])
+                elif job.echo and not echo_later:
+                    text, _ = self.render.echoed(job, idx // n, None)
                     yield event(self.render.chunk(job, {"index": idx, "text": text, "logprobs": None,
                                                    "finish_reason": None}))
             failed = None
             encode = self.render.encoder(job)
             async for i, out in _merged(streams):
+                first = i not in last
                 last[i] = out
                 stats.update(i, out)
                 if out.error:
                     failed = out
                     break
+                if echo_later and first:
+                    text, lp = self.render.echoed(job, i, out)
+                    yield b"".join(event(self.render.chunk(job, {"index": i * n + k, "text": text, "logprobs": lp,
+                                                                 "finish_reason": None})) for k in range(n))
                 events = [encode(piece) for c in out.outputs
                           if (piece := self.render.piece(job, choices[i * n + c.index], c, i * n + c.index)) is not None]
                 if events:  # one write for all of this output's choices

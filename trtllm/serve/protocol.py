@@ -200,9 +200,12 @@ class _Request(BaseModel):
             bias[int(key)] = value
         return bias
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None,
-                        guide: GuidedDecodingParams | None = None, vocab_size: int | None = None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, guide: GuidedDecodingParams | None = None,
+                        vocab_size: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+        """prompt_logprobs: /v1/completions' echo with logprobs (the echoed prompt's tokens scored)."""
         fields: dict[str, Any] = dict(max_tokens=max_tokens, n=self.n, logprobs=logprobs, guided_decoding=guide)
+        if prompt_logprobs is not None:
+            fields["prompt_logprobs"] = prompt_logprobs
         if self.logit_bias and vocab_size is not None:
             fields["embedding_bias"] = self.embedding_bias(vocab_size)
         elif self.logit_bias:
@@ -234,6 +237,8 @@ class CompletionRequest(_Request):
         ..., description=f"a string, a list of token ids, or a list of up to {MAX_PROMPTS} of either")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # 0 with echo: the prompt alone, scored (logprobs) as the legacy API allowed
+    max_tokens: int | None = Field(None, ge=0)
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -253,10 +258,15 @@ class CompletionRequest(_Request):
                                f"{MAX_SEQUENCES} completions in one request", param="n")
         if any(len(q) == 0 for q in prompts):
             raise RequestError(400, "prompt is empty", param="prompt")
-        if self.echo and self.logprobs is not None:
-            raise RequestError(400, "echo together with logprobs (prompt logprobs) is not supported",
-                               param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError(400, "max_tokens=0 asks for no new tokens: it needs echo=true (the prompt back, "
+                               "scored with logprobs)", param="max_tokens")
         return prompts
+
+    @property
+    def prompt_only(self) -> bool:
+        """max_tokens=0 with echo: the prompt (and its logprobs) without new tokens."""
+        return self.max_tokens == 0
 
 
 class ChatMessage(BaseModel):

@@ -26,6 +26,7 @@ class Job:
     stream: bool
     include_usage: bool
     echo: bool = False
+    prompt_only: bool = False           # max_tokens=0 with echo: the prompt, no new token (one is run and dropped)
     tools: ToolPlan | None = None      # chat with tools (tool_choice other than "none")
     lora_request: LoRARequest | None = None  # the adapter the request's `model` named, None: the base model
     multimodal: object | None = None  # a chat's images (runtime/multimodal_inputs.MultimodalData), None: none
@@ -71,6 +72,9 @@ class Renderer:
         done = c.finish_reason is not None and not state.finished
         if not new_text and not new_ids and not done:  # a token whose text is held back still shows progress
             return None
+        if job.prompt_only:  # the echo chunk was the whole text; the one token run for it is not shown
+            state.finished = state.finished or done
+            return {"index": idx, "text": "", "logprobs": None, "finish_reason": "length"} if done else None
         logprobs = None
         if job.logprobs is not None and new_ids:
             entries = (c.logprobs or [])[state.tokens_sent:state.tokens_sent + len(new_ids)]
@@ -140,15 +144,34 @@ class Renderer:
                     choices.append({"index": i * n + c.index, "message": {"role": "assistant", "content": c.text},
                                     "logprobs": lp, "finish_reason": c.finish_reason})
                 else:
-                    prefix = ""
+                    prefix, text, reason = "", c.text, c.finish_reason
+                    if job.prompt_only:
+                        text, reason, lp = "", "length", None
                     if job.echo:
-                        prefix = out.prompt if out.prompt is not None else (
-                            job.prompts[i][0] if job.prompts[i][0] is not None else self.decode(job.prompts[i][1]))
-                    choices.append({"index": i * n + c.index, "text": prefix + c.text, "logprobs": lp,
-                                    "finish_reason": c.finish_reason})
+                        prefix, prompt_lp = self.echoed(job, i, out)
+                        if prompt_lp is not None:
+                            lp = joined(prompt_lp, self.logprobs(job, c.token_ids, c.logprobs or [], len(prefix))
+                                        if lp is not None else None)
+                    choices.append({"index": i * n + c.index, "text": prefix + text, "logprobs": lp,
+                                    "finish_reason": reason})
         return {"id": job.id, "object": "chat.completion" if job.endpoint == "chat" else "text_completion",
                 "created": job.created, "model": self._model(job), "system_fingerprint": None, "choices": choices,
                 "usage": usage(job, dict(enumerate(outs)))}
+
+    def echoed(self, job: Job, i: int, out: RequestOutput | None) -> tuple[str, dict | None]:
+        """Prompt i as /v1/completions echoes it: its text, and with logprobs asked its tokens'
+        logprobs in OpenAI's layout (the first token's None), from `out.prompt_logprobs`."""
+        text, ids = job.prompts[i]
+        if out is not None and out.prompt is not None:
+            text = out.prompt
+        elif text is None:
+            text = self.decode(ids)
+        if job.logprobs is None or out is None or out.prompt_logprobs is None:
+            return text, None
+        first = self.text_of(ids[0])
+        rest = self.logprobs(job, ids[1:], out.prompt_logprobs[1:], len(first))
+        return text, {"tokens": [first] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
+                      "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
 
     def logprobs(self, job: Job, ids: list[int], entries: list[dict], offset: int) -> dict:
         k = job.logprobs or 0
@@ -166,7 +189,10 @@ class Renderer:
             text = self.text_of(tid)
             tokens.append(text)
             token_logprobs.append(entry.get(tid, 0.0))
-            top_logprobs.append({self.text_of(t): v for t, v in sorted(entry.items(), key=lambda kv: -kv[1])[:k]})
+            top: dict[str, float] = {}
+            for t, v in sorted(entry.items(), key=lambda kv: -kv[1])[:k]:
+                top.setdefault(self.text_of(t), v)  # keyed by text (OpenAI's layout): two ids of one text keep the likelier
+            top_logprobs.append(top)
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
@@ -185,9 +211,16 @@ class Renderer:
 
 
 
+def joined(prompt: dict, completion: dict | None) -> dict:
+    """An echoed prompt's logprobs followed by its completion's (None: a prompt-only choice)."""
+    if completion is None:
+        return prompt
+    return {key: prompt[key] + completion[key] for key in prompt}
+
+
 def usage(job: Job, last: dict[int, RequestOutput]) -> dict:
     prompt = sum(len(ids) for _, ids in job.prompts)
-    completion = sum(len(c.token_ids) for out in last.values() for c in out.outputs)
+    completion = 0 if job.prompt_only else sum(len(c.token_ids) for out in last.values() for c in out.outputs)
     cached = sum(out.num_cached_tokens for out in last.values())
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
