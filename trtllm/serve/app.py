@@ -31,6 +31,7 @@ from trtllm.runtime.client_protocol import EngineClient
 from trtllm.serve.errors import RequestError
 from trtllm.serve.gate import GENERATION_PATHS, Gate
 from trtllm.serve.handler import Handler
+from trtllm.serve.jobs import JobBuilder
 from trtllm.serve.media import MediaPolicy
 from trtllm.serve.metrics import ServerMetrics
 from trtllm.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -56,7 +57,8 @@ def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = N
     """lora_modules: LoRA adapter name -> its LoRARequest (trtllm-serve --lora_modules): listed in
     /v1/models, and a request whose `model` is an adapter's name runs through it."""
     metrics = ServerMetrics(llm)
-    handler = Handler(llm, served_model_name, metrics, tool_parser, lora_modules, media)
+    jobs = JobBuilder(llm, served_model_name, lora_modules, media)
+    handler = Handler(llm, served_model_name, metrics, tool_parser)
     created = int(time.time())
 
     @asynccontextmanager
@@ -104,11 +106,11 @@ def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = N
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await handler.run(await handler.completion_job(body), request)
+        return await handler.run(await jobs.completion_job(body), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await handler.run(await handler.chat_job(body), request)
+        return await handler.run(await jobs.chat_job(body), request)
 
     def model_card(lora=None) -> dict:
         card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "trtllm",
@@ -119,11 +121,11 @@ def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = N
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()] + [model_card(lora) for lora in handler.lora_modules.values()]}
+        return {"object": "list", "data": [model_card()] + [model_card(lora) for lora in jobs.lora_modules.values()]}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
-        return model_card(handler.check_model(model))
+        return model_card(jobs.check_model(model))
 
     @app.get("/health")
     async def health():

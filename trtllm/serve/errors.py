@@ -1,6 +1,6 @@
 """`RequestError`: a request the server refuses, as an HTTP status and OpenAI's error fields.
 
-Raised by every check of serve/ (protocol.py, content_parts.py, media.py, gate.py, handler.py)
+Raised by every check of serve/ (protocol.py, content_parts.py, media.py, gate.py, jobs.py, handler.py)
 before any work reaches the engine; the app turns it into OpenAI's error JSON
 (`{"error": {message, type, param, code}}`).
 """

@@ -1,149 +1,35 @@
-"""From a validated OpenAI request to engine requests, and their outputs back to the
+"""A checked `Job` (serve/jobs.py) run: its engine requests submitted, their outputs back to the
 client as whole JSON or server-sent events (the bodies themselves: serve/render.py).
 
-    job = handler.completion_job(body)   # or chat_job: every check; RequestError if bad
     response = await handler.run(job, request)
 
-A job is fully checked (model, sampling values, every prompt tokenized and passed
-through `EngineClient.validate`) before its first request is submitted. Outputs are read from
-each request's `RequestStream`; when a client reads slower than tokens come, queued
-outputs are merged (each carries the whole text so far), so the event loop does not fall
-behind and the engine thread never waits on a socket. A client that goes away (a
-disconnect seen on the ASGI channel, or the response task cancelled) aborts its
-requests, which frees their KV blocks.
+Outputs are read from each request's `RequestStream`; when a client reads slower than tokens
+come, queued outputs are merged (each carries the whole text so far), so the event loop does
+not fall behind and the engine thread never waits on a socket. A client that goes away (a
+disconnect seen on the ASGI channel, or the response task cancelled) aborts its requests,
+which frees their KV blocks.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from trtllm.lora_request import LoRARequest
 from trtllm.runtime.client_protocol import EngineClient
 from trtllm.runtime.outputs import RequestOutput
 from trtllm.runtime.request_stream import RequestStream
-from trtllm.runtime.tokenizer import apply_chat_template
-from trtllm.sampling_params import SamplingParams
 from trtllm.serve.errors import RequestError
-from trtllm.serve.media import MediaPolicy, process_images
 from trtllm.serve.metrics import ServerMetrics
-from trtllm.serve.protocol import DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
 from trtllm.serve.render import ChoiceProgress, Job, Renderer, dumps, event, usage
-from trtllm.serve.tools import ToolError, ToolPlan
-
-_BIG_TEXT = 16384  # characters: longer prompts are tokenized on a worker thread, off the event loop
-
 
 
 class Handler:
-    def __init__(self, llm: EngineClient, served_model_name: str, metrics: ServerMetrics, tool_parser: str = "hermes",
-                 lora_modules: dict[str, LoRARequest] | None = None, media: MediaPolicy | None = None):
-        self.llm, self.name, self.metrics = llm, served_model_name, metrics
-        # images in chat requests (serve/media.py): the operator's policy, the engine's processor
-        self.media = media if media is not None else MediaPolicy()
-        self.processor = getattr(llm, "processor", None)  # None: an engine client without images
-        self.lora_modules = dict(lora_modules or {})  # adapter name -> its request (trtllm-serve --lora_modules)
-        self.tokenizer = llm.tokenizer
+    def __init__(self, llm: EngineClient, served_model_name: str, metrics: ServerMetrics, tool_parser: str = "hermes"):
+        self.llm, self.metrics = llm, metrics
         self.active: dict[str, RequestStream] = {}
-        self.render = Renderer(self.tokenizer, served_model_name, tool_parser)
-
-    # -- checks (nothing is submitted until all pass) ------------------------------------
-    def check_model(self, model: str | None) -> LoRARequest | None:
-        """The LoRA adapter `model` names (vLLM's convention), None for the base model; 404 if neither."""
-        if model is None or model == self.name:
-            return None
-        if model in self.lora_modules:
-            return self.lora_modules[model]
-        served = ", ".join(map(repr, [self.name, *self.lora_modules]))
-        raise RequestError(404, f"the model {model!r} does not exist; this server serves {served}",
-                           param="model", code="model_not_found")
-
-    async def completion_job(self, body: CompletionRequest) -> Job:
-        body.refuse_invalid_text()
-        lora_request = self.check_model(body.model)
-        body.refuse_unsupported()
-        prompts = body.prompts()
-        guide, guide_param = body.guide()
-        # max_tokens=0 (echo): the engine runs one step for the prompt's logprobs; its token is dropped
-        max_tokens = 1 if body.prompt_only else body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
-        params = body.sampling_params(max_tokens, body.logprobs, guide, self.llm.vocab_size,
-                                      prompt_logprobs=body.logprobs if body.echo else None)
-        tokenized = [await self._tokenize(p, add_special_tokens=True) for p in prompts]
-        for _text, ids in tokenized:
-            self._validate(ids, params, "prompt", guide_param)
-        return Job("completions", f"cmpl-{uuid.uuid4().hex}", tokenized, [params] * len(tokenized),
-                   body.logprobs, body.stream, bool(body.stream_options and body.stream_options.include_usage),
-                   echo=body.echo, prompt_only=body.prompt_only, lora_request=lora_request)
-
-    async def chat_job(self, body: ChatCompletionRequest) -> Job:
-        body.refuse_invalid_text()
-        lora_request = self.check_model(body.model)
-        body.refuse_unsupported()
-        takes_images = self.processor is not None and self.processor.takes_images
-        urls = body.image_urls()
-        if urls and not takes_images:
-            raise RequestError(400, "messages: an image_url content part, but this model takes no images (a "
-                                    "text-only model)", param="messages")
-        messages = body.checked_messages(self.processor.image_token if urls else None)
-        if self.tokenizer is None:
-            raise RequestError(400, "this model has no tokenizer, so no chat template; use /v1/completions "
-                                    "with token ids", param="messages")
-        guide, guide_param = body.guide()
-        try:
-            plan = ToolPlan.of(body.tools, body.tool_choice, body.parallel_tool_calls)
-        except ToolError as e:
-            raise RequestError(400, str(e), param=e.param) from None
-        if plan is not None and plan.template_tools is not None:
-            if "tools" not in str(getattr(self.tokenizer, "chat_template", "") or ""):
-                raise RequestError(400, "tools: the checkpoint's chat template does not render tools, so the model "
-                                        "would never see them", param="tools")
-            if plan.guide is not None:
-                if guide is not None:
-                    raise RequestError(400, f"tool_choice {plan.mode!r} constrains the output itself: it cannot be "
-                                            f"combined with {guide_param}", param=guide_param)
-                guide, guide_param = plan.guide, "tools"
-        try:
-            text = apply_chat_template(self.tokenizer, messages, body.add_generation_prompt,
-                                       tools=plan.template_tools if plan is not None else None)
-        except ValueError as e:
-            raise RequestError(400, str(e), param="messages") from None
-        except Exception as e:  # the template's own checks (e.g. roles must alternate)
-            raise RequestError(400, f"messages: the chat template refused them: {e}", param="messages") from None
-        multimodal = None
-        if urls:  # decoded (under the policy's caps) and processed off the event loop
-            text, ids, multimodal = await process_images(self.processor, text, urls, self.media)
-        else:
-            _, ids = await self._tokenize(text, add_special_tokens=False)
-        max_tokens = body.requested_max_tokens
-        if max_tokens is None:  # OpenAI's default: up to the end of the context
-            max_tokens = max(1, self.llm.limits.max_seq_len - len(ids))
-        params = body.sampling_params(max_tokens, body.num_logprobs, guide, self.llm.vocab_size)
-        self._validate(ids, params, "messages", guide_param)
-        return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", [(text, ids)], [params], body.num_logprobs,
-                   body.stream, bool(body.stream_options and body.stream_options.include_usage),
-                   tools=plan if plan is not None and plan.mode != "none" else None, lora_request=lora_request,
-                   multimodal=multimodal)
-
-    async def _tokenize(self, prompt, add_special_tokens: bool) -> tuple[str | None, list[int]]:
-        if not isinstance(prompt, str):
-            return None, list(prompt)
-        if self.tokenizer is None:
-            raise RequestError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
-        encode = lambda: self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)  # noqa: E731
-        ids = await asyncio.to_thread(encode) if len(prompt) > _BIG_TEXT else encode()
-        return prompt, ids
-
-    def _validate(self, ids: list[int], params: SamplingParams, what: str, guide_param: str | None = None) -> None:
-        try:
-            self.llm.validate(ids, params)
-        except ValueError as e:
-            msg = str(e)
-            if guide_param is not None and msg.startswith("guided_decoding"):  # named as the request named it
-                raise RequestError(400, guide_param + msg[msg.find(":"):], param=guide_param) from None
-            raise RequestError(400, msg, param="max_tokens" if "max_tokens" in msg else what) from None
+        self.render = Renderer(llm.tokenizer, served_model_name, tool_parser)
 
     # -- running -------------------------------------------------------------------------
     async def run(self, job: Job, request: Request) -> Response:
