@@ -35,6 +35,7 @@ from trtllm.serve.jobs import JobBuilder
 from trtllm.serve.media import MediaPolicy
 from trtllm.serve.metrics import ServerMetrics
 from trtllm.serve.protocol import ChatCompletionRequest, CompletionRequest
+from trtllm.serve.responses import ResponsesRequest
 
 log = logging.getLogger("trtllm.serve")
 
@@ -111,6 +112,10 @@ def build_app(llm: EngineClient, served_model_name: str, api_key: str | None = N
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await handler.run(await jobs.chat_job(body), request)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        return await handler.run(await jobs.responses_job(body), request)
 
     def model_card(lora=None) -> dict:
         card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "trtllm",

@@ -18,7 +18,7 @@ from trtllm.serve.metrics import ServerMetrics
 
 log = logging.getLogger("trtllm.serve")
 
-GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 OPEN_PATHS = {"/health"}
 
 

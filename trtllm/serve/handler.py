@@ -22,7 +22,8 @@ from trtllm.runtime.outputs import RequestOutput
 from trtllm.runtime.request_stream import RequestStream
 from trtllm.serve.errors import RequestError
 from trtllm.serve.metrics import ServerMetrics
-from trtllm.serve.render import ChoiceProgress, Job, Renderer, dumps, event, usage
+from trtllm.serve.render import ChunkEvents, Job, Renderer, dumps
+from trtllm.serve.responses import ResponseEvents, response_object
 
 
 class Handler:
@@ -92,7 +93,10 @@ class Handler:
                 err = RequestError(500 if _internal(error) else 400, error.error)
                 return Response(err.encode(), status_code=err.status, media_type="application/json")
             run.outcome = "aborted" if _any_aborted(last.values()) else "success"
-            body = self.render.whole_body(job, [last[i] for i in range(len(run.streams))])
+            if job.endpoint == "responses":
+                body = response_object(job, self.render.model(job), last[0].outputs[0].text, last[0], "completed")
+            else:
+                body = self.render.whole_body(job, [last[i] for i in range(len(run.streams))])
             return Response(dumps(body), media_type="application/json", headers=headers)
         finally:
             watcher.cancel()
@@ -102,44 +106,26 @@ class Handler:
         streams, last, stats = run.streams, run.last, run.stats
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(self._watch(request, streams, gone))
-        n = job.params[0].n
-        choices = [ChoiceProgress() for _ in range(len(streams) * n)]
-        # echo with logprobs: a prompt's echo chunk waits for its first output, which brings the prompt's logprobs
-        echo_later = job.echo and job.logprobs is not None
+        writer = ResponseEvents(job, self.render.model(job)) if job.endpoint == "responses" else \
+            ChunkEvents(self.render, job, len(streams))
         try:
-            for idx in range(len(choices)):  # the first chunk of each choice
-                if job.endpoint == "chat":
-                    yield event(self.render.chunk(job, {"index": idx, "delta": {"role": "assistant", "content": ""},
-                                                   "logprobs": None, "finish_reason": None}))
-                elif job.echo and not echo_later:
-                    text, _ = self.render.echoed(job, idx // n, None)
-                    yield event(self.render.chunk(job, {"index": idx, "text": text, "logprobs": None,
-                                                   "finish_reason": None}))
+            yield writer.opening()
             failed = None
-            encode = self.render.encoder(job)
             async for i, out in _merged(streams):
-                first = i not in last
                 last[i] = out
                 stats.update(i, out)
                 if out.error:
                     failed = out
                     break
-                if echo_later and first:
-                    text, lp = self.render.echoed(job, i, out)
-                    yield b"".join(event(self.render.chunk(job, {"index": i * n + k, "text": text, "logprobs": lp,
-                                                                 "finish_reason": None})) for k in range(n))
-                events = [encode(piece) for c in out.outputs
-                          if (piece := self.render.piece(job, choices[i * n + c.index], c, i * n + c.index)) is not None]
-                if events:  # one write for all of this output's choices
-                    yield b"".join(events)
+                events = writer.output(i, out)
+                if events:
+                    yield events
             if failed is not None:
                 run.outcome = "failed" if _internal(failed) else "invalid"
-                yield b"data: " + RequestError(500 if _internal(failed) else 400, failed.error).encode() + b"\n\n"
+                yield writer.failed(500 if _internal(failed) else 400, failed.error)
             else:
                 run.outcome = "aborted" if gone.is_set() or _any_aborted(last.values()) else "success"
-                if job.include_usage:
-                    yield event(self.render.chunk(job, None, usage=usage(job, last)))
-            yield b"data: [DONE]\n\n"
+                yield writer.closing(last)
         finally:
             watcher.cancel()
             run.finish()

@@ -11,6 +11,7 @@ constraint, tools and images are checked, and every prompt tokenized and passed 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 
 from trtllm.lora_request import LoRARequest
@@ -21,6 +22,7 @@ from trtllm.serve.errors import RequestError
 from trtllm.serve.media import MediaPolicy, process_images
 from trtllm.serve.protocol import DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
 from trtllm.serve.render import Job
+from trtllm.serve.responses import ResponsesRequest
 from trtllm.serve.tools import ToolError, ToolPlan
 
 _BIG_TEXT = 16384  # characters: longer prompts are tokenized on a worker thread, off the event loop
@@ -111,6 +113,11 @@ class JobBuilder:
                    body.stream, bool(body.stream_options and body.stream_options.include_usage),
                    tools=plan if plan is not None and plan.mode != "none" else None, lora_request=lora_request,
                    multimodal=multimodal)
+
+    async def responses_job(self, body: ResponsesRequest) -> Job:
+        """/v1/responses: the chat it means (serve/responses.py), checked as a chat."""
+        job = await self.chat_job(body.chat_request())
+        return dataclasses.replace(job, endpoint="responses", id=f"resp_{uuid.uuid4().hex}")
 
     async def _tokenize(self, prompt, add_special_tokens: bool) -> tuple[str | None, list[int]]:
         if not isinstance(prompt, str):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from trtllm.lora_request import LoRARequest
 from trtllm.runtime.outputs import RequestOutput
 from trtllm.sampling_params import SamplingParams
+from trtllm.serve.errors import RequestError
 from trtllm.serve.tools import ToolCallStream, ToolPlan
 
 
@@ -61,7 +62,7 @@ class Renderer:
         self.tokenizer, self.name, self.tool_parser = tokenizer, served_model_name, tool_parser
         self._token_text: dict[int, str] = {}
 
-    def _model(self, job: Job) -> str:
+    def model(self, job: Job) -> str:
         """The `model` a response names: the adapter's name for a request routed through one."""
         return job.lora_request.lora_name if job.lora_request is not None else self.name
 
@@ -121,7 +122,7 @@ class Renderer:
 
     def chunk(self, job: Job, choice: dict | None, usage: dict | None = None) -> dict:
         chunk = {"id": job.id, "object": "chat.completion.chunk" if job.endpoint == "chat" else "text_completion",
-                 "created": job.created, "model": self._model(job), "choices": [choice] if choice is not None else []}
+                 "created": job.created, "model": self.model(job), "choices": [choice] if choice is not None else []}
         if job.include_usage:
             chunk["usage"] = usage
         return chunk
@@ -155,7 +156,7 @@ class Renderer:
                     choices.append({"index": i * n + c.index, "text": prefix + text, "logprobs": lp,
                                     "finish_reason": reason})
         return {"id": job.id, "object": "chat.completion" if job.endpoint == "chat" else "text_completion",
-                "created": job.created, "model": self._model(job), "system_fingerprint": None, "choices": choices,
+                "created": job.created, "model": self.model(job), "system_fingerprint": None, "choices": choices,
                 "usage": usage(job, dict(enumerate(outs)))}
 
     def echoed(self, job: Job, i: int, out: RequestOutput | None) -> tuple[str, dict | None]:
@@ -209,6 +210,51 @@ class Renderer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else ""
 
+
+
+class ChunkEvents:
+    """The server-sent events of a streamed completions or chat job (serve/handler.py writes them):
+    each choice's first chunk (chat: the role; echo: the prompt), the chunks of what each output
+    added, then the usage chunk if asked and [DONE]. Echo with logprobs: a prompt's echo chunk
+    waits for its first output, which brings the prompt's logprobs."""
+
+    def __init__(self, render: Renderer, job: Job, num_streams: int):
+        self.render, self.job, self.n = render, job, job.params[0].n
+        self.choices = [ChoiceProgress() for _ in range(num_streams * self.n)]
+        self.echo_later = job.echo and job.logprobs is not None
+        self.encode = render.encoder(job)
+        self.started: set[int] = set()
+
+    def opening(self) -> bytes:
+        render, job, events = self.render, self.job, []
+        for idx in range(len(self.choices)):
+            if job.endpoint == "chat":
+                events.append(event(render.chunk(job, {"index": idx, "delta": {"role": "assistant", "content": ""},
+                                                       "logprobs": None, "finish_reason": None})))
+            elif job.echo and not self.echo_later:
+                text, _ = render.echoed(job, idx // self.n, None)
+                events.append(event(render.chunk(job, {"index": idx, "text": text, "logprobs": None,
+                                                       "finish_reason": None})))
+        return b"".join(events)
+
+    def output(self, i: int, out: RequestOutput) -> bytes:
+        """The chunks of what stream i's latest output added (one write for all its choices)."""
+        render, job, n, events = self.render, self.job, self.n, []
+        if self.echo_later and i not in self.started:
+            text, lp = render.echoed(job, i, out)
+            events += [event(render.chunk(job, {"index": i * n + k, "text": text, "logprobs": lp,
+                                                "finish_reason": None})) for k in range(n)]
+        self.started.add(i)
+        events += [self.encode(piece) for c in out.outputs
+                   if (piece := render.piece(job, self.choices[i * n + c.index], c, i * n + c.index)) is not None]
+        return b"".join(events)
+
+    def closing(self, last: dict[int, RequestOutput]) -> bytes:
+        head = event(self.render.chunk(self.job, None, usage=usage(self.job, last))) if self.job.include_usage else b""
+        return head + b"data: [DONE]\n\n"
+
+    def failed(self, status: int, message: str) -> bytes:
+        return b"data: " + RequestError(status, message).encode() + b"\n\ndata: [DONE]\n\n"
 
 
 def joined(prompt: dict, completion: dict | None) -> dict:

@@ -1,0 +1,85 @@
+"""/v1/responses through the official `openai` client: the Response object and its stream events
+carry the text the same chat gives on /v1/chat/completions (instructions as the system message,
+message items with input_text / output_text parts), the length limit reads as "incomplete", and
+what a stateless server cannot do is refused by name."""
+import json
+
+import httpx
+import openai
+import pytest
+
+GREEDY = dict(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60, max_retries=0) as c:
+        yield c
+
+
+def chat_text(client, messages, n):
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=n, **GREEDY)
+    return out.choices[0].message.content, out.choices[0].finish_reason, out.usage
+
+
+def test_response_equals_the_chat_it_means(client):
+    r = client.responses.create(model="tiny", input="Hi there", instructions="Be brief.", max_output_tokens=6,
+                                **GREEDY)
+    text, reason, usage = chat_text(client, [{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "Hi there"}], 6)
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == "tiny"
+    assert r.output_text == text and r.output[0].role == "assistant" and r.output[0].id.startswith("msg_")
+    assert r.status == ("incomplete" if reason == "length" else "completed")
+    if reason == "length":
+        assert r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.input_tokens == usage.prompt_tokens and r.usage.output_tokens == usage.completion_tokens
+    assert r.usage.total_tokens == usage.total_tokens
+
+
+def test_message_items_with_parts(client):
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "Hello"}]},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi."}]},
+             {"role": "user", "content": "And again?"}]
+    r = client.responses.create(model="tiny", input=items, max_output_tokens=5, **GREEDY)
+    text, _, _ = chat_text(client, [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."},
+                                    {"role": "user", "content": "And again?"}], 5)
+    assert r.output_text == text
+
+
+def test_streamed_events(client):
+    whole = client.responses.create(model="tiny", input="Tell me a story", max_output_tokens=8, **GREEDY)
+    events = list(client.responses.create(model="tiny", input="Tell me a story", max_output_tokens=8, stream=True,
+                                          **GREEDY))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert kinds[-1] == f"response.{whole.status}"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == whole.output_text == events[-1].response.output_text
+    assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"previous_response_id": "resp_1"}, ["previous_response_id", "stateless"]),
+    ({"conversation": "conv_1"}, ["conversation"]),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, ["tools", "/v1/chat/completions"]),
+    ({"background": True}, ["background"]),
+    ({"reasoning": {"effort": "low"}}, ["reasoning"]),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, ["function_call_output"]),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, ["input_file"]),
+    ({"max_output_tokens": 0}, ["max_output_tokens"]),
+    ({"text": {"format": {"type": "yaml"}}}, ["response_format"]),
+    ({"temperature": -1}, ["temperature"]),
+])
+def test_refused_by_name(server, body, words):
+    r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "Hi", **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert all(w in message for w in words), message
+
+
+def test_the_server_still_serves_after_refusals(client):
+    r = client.responses.create(model="tiny", input="Hi", max_output_tokens=2, **GREEDY)
+    assert r.usage.output_tokens >= 1 and json.loads(r.model_dump_json())["status"] in ("completed", "incomplete")
