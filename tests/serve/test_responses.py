@@ -34,6 +34,9 @@ def test_response_equals_the_chat_it_means(client):
         assert r.incomplete_details.reason == "max_output_tokens"
     assert r.usage.input_tokens == usage.prompt_tokens and r.usage.output_tokens == usage.completion_tokens
     assert r.usage.total_tokens == usage.total_tokens
+    assert r.instructions == "Be brief." and r.store is False and r.max_output_tokens == 6
+    tagged = client.responses.create(model="tiny", input="Hi", max_output_tokens=2, metadata={"run": "7"}, **GREEDY)
+    assert tagged.metadata == {"run": "7"}
 
 
 def test_message_items_with_parts(client):
@@ -72,6 +75,7 @@ def test_streamed_events(client):
     ({"max_output_tokens": 0}, ["max_output_tokens"]),
     ({"text": {"format": {"type": "yaml"}}}, ["response_format"]),
     ({"temperature": -1}, ["temperature"]),
+    ({"text": {"format": "json"}}, ["text.format"]),
 ])
 def test_refused_by_name(server, body, words):
     r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "Hi", **body}, timeout=30)

@@ -117,7 +117,10 @@ class JobBuilder:
     async def responses_job(self, body: ResponsesRequest) -> Job:
         """/v1/responses: the chat it means (serve/responses.py), checked as a chat."""
         job = await self.chat_job(body.chat_request())
-        return dataclasses.replace(job, endpoint="responses", id=f"resp_{uuid.uuid4().hex}")
+        return dataclasses.replace(job, endpoint="responses", id=f"resp_{uuid.uuid4().hex}",
+                                   request_fields={"instructions": body.instructions, "metadata": body.metadata or {},
+                                                   "max_output_tokens": body.max_output_tokens,
+                                                   "text": body.text or {"format": {"type": "text"}}})
 
     async def _tokenize(self, prompt, add_special_tokens: bool) -> tuple[str | None, list[int]]:
         if not isinstance(prompt, str):

@@ -64,8 +64,12 @@ class ResponsesRequest(BaseModel):
             messages += [_message(item, i) for i, item in enumerate(self.input)]
         fields = dict(model=self.model, messages=messages, max_tokens=self.max_output_tokens, stream=self.stream,
                       temperature=self.temperature, top_p=self.top_p, user=self.user)
-        if self.text is not None and self.text.get("format") is not None:
-            fields["response_format"] = _response_format(self.text["format"])
+        fmt = (self.text or {}).get("format")
+        if fmt is not None:
+            if not isinstance(fmt, dict):
+                raise RequestError(400, "text.format must be an object ({\"type\": \"text\" | \"json_object\" | "
+                                   "\"json_schema\", ...})", param="text")
+            fields["response_format"] = _response_format(fmt)
         try:
             return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
         except ValidationError as e:
@@ -116,12 +120,15 @@ def response_object(job, model: str, text: str, out, status: str) -> dict:
                  "total_tokens": prompt + len(c.token_ids)}
         if c.finish_reason == "length":
             status, details = "incomplete", {"reason": "max_output_tokens"}
-    output = [] if status == "in_progress" else [_message_item(job, text, "completed")]
+    output = [] if out is None else [_message_item(job, text, "completed")]
+    fields = job.request_fields
     return {"id": job.id, "object": "response", "created_at": job.created, "status": status, "error": None,
-            "incomplete_details": details, "instructions": None, "max_output_tokens": params.max_tokens,
-            "model": model, "output": output, "parallel_tool_calls": False, "temperature": params.temperature,
-            "tool_choice": "none", "tools": [], "top_p": params.top_p, "store": False, "metadata": {},
-            "text": {"format": {"type": "text"}}, "truncation": "disabled", "usage": usage}
+            "incomplete_details": details, "instructions": fields.get("instructions"),
+            "max_output_tokens": fields.get("max_output_tokens"), "model": model, "output": output, "parallel_tool_calls": False,
+            "temperature": params.temperature, "tool_choice": "none", "tools": [], "top_p": params.top_p,
+            "store": False, "metadata": fields.get("metadata", {}),
+            "text": fields.get("text", {"format": {"type": "text"}}),
+            "truncation": "disabled", "usage": usage}
 
 
 def _message_item(job, text: str, status: str) -> dict:
