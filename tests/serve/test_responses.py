@@ -1,12 +1,16 @@
 """/v1/responses through the official `openai` client: the Response object and its stream events
 carry the text the same chat gives on /v1/chat/completions (instructions as the system message,
-message items with input_text / output_text parts), the length limit reads as "incomplete", and
-what a stateless server cannot do is refused by name."""
+message items with input_text / output_text parts), the length limit reads as "incomplete";
+function tools give the chat's calls as function_call items (whole and streamed) and a tool
+conversation continues as the chat's does; what a stateless server cannot do is refused by name."""
 import json
 
 import httpx
+import jsonschema
 import openai
 import pytest
+
+from tests.serve.test_structured import TIME, WEATHER, tools_server  # noqa: F401  (a template that renders tools)
 
 GREEDY = dict(temperature=0.0)
 
@@ -67,10 +71,11 @@ def test_streamed_events(client):
 @pytest.mark.parametrize("body, words", [
     ({"previous_response_id": "resp_1"}, ["previous_response_id", "stateless"]),
     ({"conversation": "conv_1"}, ["conversation"]),
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, ["tools", "/v1/chat/completions"]),
+    ({"tools": [{"type": "web_search"}]}, ["tools[0]", "web_search"]),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, ["chat template does not render tools"]),
     ({"background": True}, ["background"]),
     ({"reasoning": {"effort": "low"}}, ["reasoning"]),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, ["function_call_output"]),
+    ({"input": [{"type": "reasoning", "summary": []}]}, ["reasoning"]),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, ["input_file"]),
     ({"max_output_tokens": 0}, ["max_output_tokens"]),
     ({"text": {"format": {"type": "yaml"}}}, ["response_format"]),
@@ -87,3 +92,50 @@ def test_refused_by_name(server, body, words):
 def test_the_server_still_serves_after_refusals(client):
     r = client.responses.create(model="tiny", input="Hi", max_output_tokens=2, **GREEDY)
     assert r.usage.output_tokens >= 1 and json.loads(r.model_dump_json())["status"] in ("completed", "incomplete")
+
+
+def _function(tool: dict) -> dict:
+    """The chat's tool object as a Responses function tool."""
+    return {"type": "function", **tool["function"]}
+
+
+@pytest.fixture(scope="module")
+def tools_client(tools_server):  # noqa: F811
+    with openai.OpenAI(base_url=tools_server.url + "/v1", api_key="unused", timeout=120, max_retries=0) as c:
+        yield c
+
+
+def test_function_tools_calls_and_a_tool_conversation(tools_client):
+    tools, named = [_function(WEATHER), _function(TIME)], {"type": "function", "name": "get_weather"}
+    r = tools_client.responses.create(model="tiny", input="Hi", tools=tools, tool_choice=named,
+                                      max_output_tokens=200, **GREEDY)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert [c.name for c in calls] == ["get_weather"] and r.status == "completed"
+    assert calls[0].call_id.startswith("call_") and calls[0].id.startswith("fc_")
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER["function"]["parameters"])
+    chat = tools_client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                tools=[WEATHER, TIME], max_tokens=200, **GREEDY,
+                                                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert json.loads(calls[0].arguments) == json.loads(chat.choices[0].message.tool_calls[0].function.arguments)
+
+    events = list(tools_client.responses.create(model="tiny", input="Hi", tools=tools, tool_choice=named,
+                                                max_output_tokens=200, stream=True, **GREEDY))
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert [json.loads(e.arguments) for e in done] == [json.loads(calls[0].arguments)]
+    assert not any(e.type == "response.output_text.delta" for e in events)  # only a call: no message item
+    assert [o.type for o in events[-1].response.output] == ["function_call"]
+
+    history = [{"role": "user", "content": "Hi"},
+               {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather",
+                "arguments": calls[0].arguments},
+               {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"}]
+    follow = tools_client.responses.create(model="tiny", input=history, tools=tools, tool_choice="none",
+                                           max_output_tokens=6, **GREEDY)
+    messages = [{"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": calls[0].call_id, "type": "function",
+                     "function": {"name": "get_weather", "arguments": calls[0].arguments}}]},
+                {"role": "tool", "tool_call_id": calls[0].call_id, "content": "sunny"}]
+    same = tools_client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, TIME],
+                                                tool_choice="none", max_tokens=6, **GREEDY)
+    assert follow.output_text == same.choices[0].message.content

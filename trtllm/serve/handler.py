@@ -94,7 +94,8 @@ class Handler:
                 return Response(err.encode(), status_code=err.status, media_type="application/json")
             run.outcome = "aborted" if _any_aborted(last.values()) else "success"
             if job.endpoint == "responses":
-                body = response_object(job, self.render.model(job), last[0].outputs[0].text, last[0], "completed")
+                body = response_object(job, self.render.model(job), last[0].outputs[0].text, last[0], "completed",
+                                       self.render.tool_parser)
             else:
                 body = self.render.whole_body(job, [last[i] for i in range(len(run.streams))])
             return Response(dumps(body), media_type="application/json", headers=headers)
@@ -106,7 +107,7 @@ class Handler:
         streams, last, stats = run.streams, run.last, run.stats
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(self._watch(request, streams, gone))
-        writer = ResponseEvents(job, self.render.model(job)) if job.endpoint == "responses" else \
+        writer = ResponseEvents(job, self.render.model(job), self.render.tool_parser) if job.endpoint == "responses" else \
             ChunkEvents(self.render, job, len(streams))
         try:
             yield writer.opening()

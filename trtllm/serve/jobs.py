@@ -120,7 +120,9 @@ class JobBuilder:
         return dataclasses.replace(job, endpoint="responses", id=f"resp_{uuid.uuid4().hex}",
                                    request_fields={"instructions": body.instructions, "metadata": body.metadata or {},
                                                    "max_output_tokens": body.max_output_tokens,
-                                                   "text": body.text or {"format": {"type": "text"}}})
+                                                   "text": body.text or {"format": {"type": "text"}},
+                                                   "tools": body.tools or [], "tool_choice": body.tool_choice or
+                                                   ("auto" if body.tools else "none")})
 
     async def _tokenize(self, prompt, add_special_tokens: bool) -> tuple[str | None, list[int]]:
         if not isinstance(prompt, str):

@@ -7,11 +7,14 @@ outputs come back as a Response object or the Responses stream events.
 
 What maps: `input` (a string, or message items whose content is a string or `input_text` /
 `output_text` / `input_image` parts), `instructions`, `max_output_tokens`, `temperature`, `top_p`,
-`text.format` (text, json_object, json_schema: structured output), `stream`, `user`. What a
-stateless server cannot do is refused by name: `previous_response_id` and `conversation` (no
-response is kept: send the whole conversation as `input`), `background`, `tools` (use
-/v1/chat/completions), `include`, `prompt` (stored prompt templates), `reasoning`. `store` is
-accepted and answered with `"store": false`.
+`text.format` (text, json_object, json_schema: structured output), `stream`, `user`; function
+`tools`, `tool_choice` and `parallel_tool_calls` as the chat's (serve/tools.py), with
+`function_call` / `function_call_output` input items as the assistant's calls and the tool
+messages, and the calls the model makes as `function_call` output items. What a stateless server
+cannot do is refused by name: `previous_response_id` and `conversation` (no response is kept:
+send the whole conversation as `input`), `background`, built-in tools (web search, files, ...),
+`include`, `prompt` (stored prompt templates), `reasoning`. `store` is accepted and answered with
+`"store": false`.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from trtllm.serve.errors import RequestError
 from trtllm.serve.protocol import ChatCompletionRequest
 from trtllm.serve.render import dumps
+from trtllm.serve.tools import ToolCallStream
 
 _REFUSED = {
     "previous_response_id": "previous_response_id: this server keeps no responses (stateless); send the whole "
@@ -27,7 +31,6 @@ _REFUSED = {
     "conversation": "conversation: this server keeps no conversations (stateless); send the whole conversation as "
                     "input",
     "background": "background responses are not supported",
-    "tools": "tools are not supported on /v1/responses; use /v1/chat/completions",
     "include": "include is not supported (no extra output items)",
     "prompt": "prompt (a stored prompt template) is not supported; send instructions and input",
     "reasoning": "reasoning options are not supported",
@@ -49,6 +52,9 @@ class ResponsesRequest(BaseModel):
     metadata: dict | None = None
     text: dict | None = None
     user: str | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
     def chat_request(self) -> ChatCompletionRequest:
         """The chat this request means; RequestError naming what cannot map."""
@@ -61,9 +67,17 @@ class ResponsesRequest(BaseModel):
         if isinstance(self.input, str):
             messages.append({"role": "user", "content": self.input})
         else:
-            messages += [_message(item, i) for i, item in enumerate(self.input)]
+            for i, item in enumerate(self.input):
+                _add_item(messages, item, i)
         fields = dict(model=self.model, messages=messages, max_tokens=self.max_output_tokens, stream=self.stream,
-                      temperature=self.temperature, top_p=self.top_p, user=self.user)
+                      temperature=self.temperature, top_p=self.top_p, user=self.user,
+                      parallel_tool_calls=self.parallel_tool_calls)
+        if self.tools:
+            fields["tools"] = [_chat_tool(t, i) for i, t in enumerate(self.tools)]
+        if self.tool_choice is not None:
+            choice = self.tool_choice
+            named = isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice
+            fields["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}} if named else choice
         fmt = (self.text or {}).get("format")
         if fmt is not None:
             if not isinstance(fmt, dict):
@@ -78,12 +92,39 @@ class ResponsesRequest(BaseModel):
             raise RequestError(400, f"{where}: {err['msg']}", param=str(err["loc"][0])) from None
 
 
-def _message(item: dict, i: int) -> dict:
-    """An input item -> a chat message (text and image_url parts)."""
+def _chat_tool(tool: dict, i: int) -> dict:
+    """A Responses function tool ({"type": "function", "name", "parameters", ...}) -> the chat's."""
+    if not isinstance(tool, dict) or tool.get("type") != "function":
+        kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
+        raise RequestError(400, f"tools[{i}]: tools of type {kind!r} are not supported (function tools only)",
+                           param="tools")
+    return {"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters", "strict")
+                                             if k in tool}}
+
+
+def _add_item(messages: list[dict], item: dict, i: int) -> None:
+    """An input item onto the chat's messages: a message; a function_call (consecutive ones: one
+    assistant message's tool_calls); a function_call_output (a tool message)."""
     kind = item.get("type", "message")
+    if kind == "function_call":
+        call = {"id": item.get("call_id"), "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+        last = messages[-1] if messages else None
+        if last is not None and last["role"] == "assistant" and last.get("tool_calls") and not last.get("content"):
+            last["tool_calls"].append(call)
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    elif kind == "function_call_output":
+        messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output")})
+    else:
+        messages.append(_message(item, i, kind))
+
+
+def _message(item: dict, i: int, kind: str) -> dict:
+    """A message input item -> a chat message (text and image_url parts)."""
     if kind != "message" or "role" not in item:
-        raise RequestError(400, f"input[{i}]: items of type {kind!r} are not supported (message items only)",
-                           param="input")
+        raise RequestError(400, f"input[{i}]: items of type {kind!r} are not supported (message, function_call, "
+                           "function_call_output)", param="input")
     content = item.get("content")
     if isinstance(content, list):
         parts = []
@@ -108,8 +149,9 @@ def _response_format(fmt: dict) -> dict:
     return {"type": fmt.get("type")}
 
 
-def response_object(job, model: str, text: str, out, status: str) -> dict:
-    """The Response object; `out` None (no output yet) or the request's last output."""
+def response_object(job, model: str, text: str, out, status: str, parser: str = "hermes") -> dict:
+    """The Response object; `out` None (no output yet) or the request's last output (its text
+    parsed for tool calls by `parser` when the job has tools)."""
     params = job.params[0]
     usage, details = None, None
     if out is not None:
@@ -120,15 +162,33 @@ def response_object(job, model: str, text: str, out, status: str) -> dict:
                  "total_tokens": prompt + len(c.token_ids)}
         if c.finish_reason == "length":
             status, details = "incomplete", {"reason": "max_output_tokens"}
-    output = [] if out is None else [_message_item(job, text, "completed")]
+    output = [] if out is None else output_items(job, text, parser)
     fields = job.request_fields
     return {"id": job.id, "object": "response", "created_at": job.created, "status": status, "error": None,
             "incomplete_details": details, "instructions": fields.get("instructions"),
-            "max_output_tokens": fields.get("max_output_tokens"), "model": model, "output": output, "parallel_tool_calls": False,
-            "temperature": params.temperature, "tool_choice": "none", "tools": [], "top_p": params.top_p,
+            "max_output_tokens": fields.get("max_output_tokens"), "model": model, "output": output,
+            "parallel_tool_calls": job.tools.parallel if job.tools else False, "temperature": params.temperature,
+            "tool_choice": fields.get("tool_choice", "none"), "tools": fields.get("tools", []), "top_p": params.top_p,
             "store": False, "metadata": fields.get("metadata", {}),
             "text": fields.get("text", {"format": {"type": "text"}}),
             "truncation": "disabled", "usage": usage}
+
+
+def output_items(job, text: str, parser: str) -> list[dict]:
+    """The output items of a finished reply: its text as a message item (none when a tool call is
+    all it wrote), then a function_call item per call."""
+    if job.tools is None:
+        return [_message_item(job, text, "completed")]
+    content, calls = job.tools.parse(text, parser)
+    items = [_message_item(job, content, "completed")] if content else []
+    return items + [function_call_item(call, "completed") for call in calls]
+
+
+def function_call_item(call: dict, status: str, arguments: str | None = None) -> dict:
+    """A chat tool call ({"id", "function": {"name", "arguments"}}) as a function_call item."""
+    fn = call["function"]
+    return {"type": "function_call", "id": "fc_" + call["id"].removeprefix("call_"), "call_id": call["id"],
+            "name": fn["name"], "arguments": fn["arguments"] if arguments is None else arguments, "status": status}
 
 
 def _message_item(job, text: str, status: str) -> dict:
@@ -142,12 +202,16 @@ def item_id(job) -> str:
 
 
 class ResponseEvents:
-    """The Responses stream of one job: created, the message item and its text part opened, a
-    delta per new text, then each closed and `response.completed` (or `.incomplete`)."""
+    """The Responses stream of one job: created and in_progress; the message item opened at its
+    first text (a reply that is only tool calls has none), a delta per new text, closed at the
+    end; then each tool call as a function_call item (added, its arguments, done); then
+    `response.completed` (or `.incomplete`). With tools, text that may start a call is held back
+    (serve/tools.py's ToolCallStream)."""
 
-    def __init__(self, job, model: str):
-        self.job, self.model = job, model
-        self.seq, self.text_sent = 0, 0
+    def __init__(self, job, model: str, parser: str = "hermes"):
+        self.job, self.model, self.parser = job, model, parser
+        self.seq, self.text, self.opened = 0, "", False
+        self.calls = ToolCallStream(job.tools, parser) if job.tools is not None else None
 
     def _event(self, kind: str, **fields) -> bytes:
         self.seq += 1
@@ -155,34 +219,59 @@ class ResponseEvents:
                                                                     **fields}) + b"\n\n"
 
     def opening(self) -> bytes:
-        job, at = self.job, dict(output_index=0)
-        return b"".join([
-            self._event("response.created", response=response_object(job, self.model, "", None, "in_progress")),
-            self._event("response.in_progress", response=response_object(job, self.model, "", None, "in_progress")),
-            self._event("response.output_item.added", item=_message_item(job, "", "in_progress"), **at),
-            self._event("response.content_part.added", item_id=item_id(job), content_index=0,
-                        part={"type": "output_text", "text": "", "annotations": []}, **at)])
+        job = self.job
+        return b"".join(self._event(kind, response=response_object(job, self.model, "", None, "in_progress"))
+                        for kind in ("response.created", "response.in_progress"))
 
     def output(self, i: int, out) -> bytes:
-        """The text delta of the one stream's latest output."""
-        text = out.outputs[0].text
-        new, self.text_sent = text[self.text_sent:], len(text)
+        """The text delta of the one stream's latest output (the message item opened first)."""
+        c, job = out.outputs[0], self.job
+        if self.calls is None:
+            new = c.text[len(self.text):]
+        else:
+            new, _ = self.calls.feed(c.text, c.finish_reason is not None)
         if not new:
             return b""
-        return self._event("response.output_text.delta", item_id=item_id(self.job), output_index=0, content_index=0,
-                           delta=new, logprobs=[])
+        head = b""
+        if not self.opened:
+            self.opened = True
+            head = self._event("response.output_item.added", output_index=0,
+                               item=_message_item(job, "", "in_progress")) + \
+                self._event("response.content_part.added", item_id=item_id(job), output_index=0, content_index=0,
+                            part={"type": "output_text", "text": "", "annotations": []})
+        self.text += new
+        return head + self._event("response.output_text.delta", item_id=item_id(job), output_index=0,
+                                  content_index=0, delta=new, logprobs=[])
 
     def closing(self, last: dict) -> bytes:
         job, out = self.job, last[0]
-        text = out.outputs[0].text
-        response = response_object(job, self.model, text, out, "completed")
-        return b"".join([
-            self._event("response.output_text.done", item_id=item_id(job), output_index=0, content_index=0,
-                        text=text, logprobs=[]),
-            self._event("response.content_part.done", item_id=item_id(job), output_index=0, content_index=0,
-                        part={"type": "output_text", "text": text, "annotations": []}),
-            self._event("response.output_item.done", output_index=0, item=_message_item(job, text, "completed")),
-            self._event(f"response.{response['status']}", response=response)])
+        response = response_object(job, self.model, out.outputs[0].text, out, "completed", self.parser)
+        events = []
+        if self.opened:
+            text = self.text
+            events += [self._event("response.output_text.done", item_id=item_id(job), output_index=0,
+                                   content_index=0, text=text, logprobs=[]),
+                       self._event("response.content_part.done", item_id=item_id(job), output_index=0,
+                                   content_index=0, part={"type": "output_text", "text": text, "annotations": []}),
+                       self._event("response.output_item.done", output_index=0,
+                                   item=_message_item(job, text, "completed"))]
+        index = int(self.opened)
+        for item in response["output"]:
+            if item["type"] != "function_call":
+                continue
+            events += [self._event("response.output_item.added", output_index=index,
+                                   item={**item, "arguments": "", "status": "in_progress"}),
+                       self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                                   delta=item["arguments"]),
+                       self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                   arguments=item["arguments"]),
+                       self._event("response.output_item.done", output_index=index, item=item)]
+            index += 1
+        if self.opened:  # the streamed text as the message's (a parse strips what the deltas sent)
+            for item in response["output"]:
+                if item["type"] == "message":
+                    item["content"][0]["text"] = self.text
+        return b"".join(events + [self._event(f"response.{response['status']}", response=response)])
 
     def failed(self, status: int, message: str) -> bytes:
         response = response_object(self.job, self.model, "", None, "failed")
