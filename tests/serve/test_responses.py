@@ -43,6 +43,17 @@ def test_response_equals_the_chat_it_means(client):
     assert tagged.metadata == {"run": "7"}
 
 
+def test_sampling_extensions_pass_through(client):
+    """seed (and the chat's other extensions) reach the sampler: two seeded sampled responses agree."""
+    kw = dict(model="tiny", input="Tell me", max_output_tokens=8, temperature=1.0,
+              extra_body={"seed": 11, "ignore_eos": True})
+    a, b = client.responses.create(**kw), client.responses.create(**kw)
+    assert a.output_text == b.output_text and a.usage.output_tokens == 8
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Tell me"}], max_tokens=8,
+                                          temperature=1.0, seed=11, extra_body={"ignore_eos": True})
+    assert a.output_text == chat.choices[0].message.content
+
+
 def test_message_items_with_parts(client):
     items = [{"role": "user", "content": [{"type": "input_text", "text": "Hello"}]},
              {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi."}]},

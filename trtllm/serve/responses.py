@@ -7,7 +7,8 @@ outputs come back as a Response object or the Responses stream events.
 
 What maps: `input` (a string, or message items whose content is a string or `input_text` /
 `output_text` / `input_image` parts), `instructions`, `max_output_tokens`, `temperature`, `top_p`,
-`text.format` (text, json_object, json_schema: structured output), `stream`, `user`; function
+`text.format` (text, json_object, json_schema: structured output), `stream`, `user` (and the
+chat's sampling extensions: `seed`, `top_k`, `stop`, `ignore_eos`, ...); function
 `tools`, `tool_choice` and `parallel_tool_calls` as the chat's (serve/tools.py), with
 `function_call` / `function_call_output` input items as the assistant's calls and the tool
 messages, and the calls the model makes as `function_call` output items. What a stateless server
@@ -36,6 +37,9 @@ _REFUSED = {
     "reasoning": "reasoning options are not supported",
 }
 _PARTS = {"input_text": "text", "output_text": "text", "input_image": "image_url"}
+# sampling fields outside OpenAI's Responses API that the chat takes (vLLM's names), passed through
+_SAMPLING_EXTRAS = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
+                    "stop_token_ids", "ignore_eos", "min_tokens", "logit_bias", "skip_special_tokens")
 
 
 class ResponsesRequest(BaseModel):
@@ -72,6 +76,7 @@ class ResponsesRequest(BaseModel):
         fields = dict(model=self.model, messages=messages, max_tokens=self.max_output_tokens, stream=self.stream,
                       temperature=self.temperature, top_p=self.top_p, user=self.user,
                       parallel_tool_calls=self.parallel_tool_calls)
+        fields.update({name: extra[name] for name in _SAMPLING_EXTRAS if name in extra})
         if self.tools:
             fields["tools"] = [_chat_tool(t, i) for i, t in enumerate(self.tools)]
         if self.tool_choice is not None:
