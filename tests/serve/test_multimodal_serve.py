@@ -93,6 +93,18 @@ def test_base64_images_equal_offline_llm(llava_server, llava_dir, media_dir):
     assert got.usage.prompt_tokens > 2 * 16  # each image expanded to its 16 tokens
 
 
+def test_responses_input_image_equals_the_chat(llava_server):
+    """/v1/responses' input_image part (its image_url a string) is the chat's image_url part."""
+    url = data_url(png_bytes(random_images(1, seed=9)[0]))
+    c = client(llava_server)
+    r = c.responses.create(model="tiny", max_output_tokens=6, temperature=0.0, input=[
+        {"role": "user", "content": [{"type": "input_image", "image_url": url},
+                                     {"type": "input_text", "text": "What is this?"}]}])
+    chat = c.chat.completions.create(model="tiny", messages=image_message(url), max_tokens=6, temperature=0.0)
+    assert r.output_text == chat.choices[0].message.content
+    assert r.usage.input_tokens == chat.usage.prompt_tokens > 16
+
+
 @pytest.mark.parametrize("url,status,message", [
     ("https://example.com/cat.png", 400, "remote image URLs are not fetched"),
     ("http://127.0.0.1:1/x.png", 400, "remote image URLs are not fetched"),
