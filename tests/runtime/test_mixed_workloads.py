@@ -1,0 +1,106 @@
+"""Random mixes of what requests may ask, in one engine with a small KV pool (preemption), chunked
+prefill and the prefix cache: every request's output equals the same request run alone (greedy,
+seeded sampling, n > 1, best_of, beams, logprobs, prompt logprobs, stop tokens; requests aborted
+mid-run end as "abort"), and afterwards no sequence is left and every KV block is free or cached."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from trtllm import LLM, BuildConfig, KvCacheConfig, SamplingParams
+from trtllm.models.loader import load_model
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    # 6 blocks of 16 tokens: two or three requests of ~20-40 tokens each (beams, n = 2: two
+    # sequences) overflow it (preemption); 16 tokens a step: prompts prefill in chunks
+    model = load_model(checkpoint, dtype=torch.float32, device="cpu")
+    with LLM(model, kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=96),
+             build_config=BuildConfig(max_batch_size=6, max_num_tokens=16, max_seq_len=48, max_beam_width=2)) as llm:
+        yield llm
+
+
+PROMPTS = [[5, 17, 99, 3, 250, 31, 8, 60, 61, 62, 63, 64], [5, 17, 99, 3, 250, 31, 8, 60, 61, 62, 7],  # a shared prefix
+           [400, 2], list(range(100, 121)), [9], [7, 7, 7, 7, 7, 7, 7, 7, 7]]
+
+
+@st.composite
+def request(draw):
+    prompt = draw(st.sampled_from(PROMPTS))
+    kind = draw(st.sampled_from(["greedy", "sampled", "n2", "best_of", "beam", "logprobs", "prompt_logprobs",
+                                 "stop"]))
+    fields = dict(max_tokens=draw(st.integers(1, 20)), ignore_eos=True)
+    if kind == "greedy":
+        fields.update(temperature=0.0)
+    elif kind == "sampled":
+        fields.update(temperature=0.9, top_k=draw(st.sampled_from([0, 20])), seed=draw(st.integers(0, 99)))
+    elif kind == "n2":
+        fields.update(temperature=0.8, seed=draw(st.integers(0, 99)), n=2)
+    elif kind == "best_of":
+        fields.update(temperature=0.8, seed=draw(st.integers(0, 99)), n=1, best_of=2)
+    elif kind == "beam":
+        fields.update(temperature=0.0, beam_width=2, n=draw(st.sampled_from([1, 2])))
+    elif kind == "logprobs":
+        fields.update(temperature=0.0, logprobs=2)
+    elif kind == "prompt_logprobs":
+        fields.update(temperature=0.0, prompt_logprobs=1)
+    else:
+        fields.update(temperature=0.0, stop_token_ids=[draw(st.integers(0, VOCAB - 1))])
+    return prompt, SamplingParams(**fields), draw(st.booleans()) and draw(st.booleans())  # ~1 in 4 aborted
+
+
+def _result(out) -> tuple:
+    completions = tuple((tuple(c.token_ids), c.finish_reason, tuple(tuple(sorted(d.items())) for d in c.logprobs or ()))
+                        for c in out.outputs)
+    prompt = tuple(tuple(sorted(d.items())) if d else None for d in out.prompt_logprobs or ())
+    return completions, prompt
+
+
+def _close(a: tuple, b: tuple) -> bool:
+    """Equal tokens and reasons; logprob values within 1e-4 (another batch sums in another order)."""
+    (ca, pa), (cb, pb) = a, b
+    if [(t, r) for t, r, _ in ca] != [(t, r) for t, r, _ in cb] or len(pa) != len(pb):
+        return False
+    pairs = [(x, y) for (_, _, la), (_, _, lb) in zip(ca, cb) for x, y in zip(la, lb)] + list(zip(pa, pb))
+    for x, y in pairs:
+        if (x is None) != (y is None):
+            return False
+        if x is not None and ([t for t, _ in x] != [t for t, _ in y]
+                              or any(abs(u - v) > 1e-4 for (_, u), (_, v) in zip(x, y))):
+            return False
+    return True
+
+
+async def _run_mix(llm, requests):
+    streams = [llm.generate_async(prompt, params, streaming=True) for prompt, params, _ in requests]
+    outs = []
+    for stream, (_, _, abort) in zip(streams, requests):
+        last = None
+        async for out in stream:
+            last = out
+            if abort and not out.finished:
+                llm.abort(stream.request_id)
+        outs.append(last)
+    return outs
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(request(), min_size=2, max_size=6))
+def test_a_mix_gives_each_request_its_own_output(llm, requests):
+    outs = asyncio.run(_run_mix(llm, requests))
+    for (prompt, params, abort), out in zip(requests, outs):
+        assert out is not None and out.finished
+        if abort and any(c.finish_reason == "abort" for c in out.outputs):
+            continue  # cut short where the abort landed
+        alone = llm.generate([prompt], params, use_tqdm=False)[0]
+        assert _close(_result(out), _result(alone)), (params, _result(out), _result(alone))
+    bm = llm.block_manager
+    bm.check_invariants()
+    assert bm.num_free_blocks + bm.num_cached_blocks == bm.num_blocks
+    assert not llm.has_unfinished()
