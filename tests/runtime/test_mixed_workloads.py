@@ -1,7 +1,8 @@
 """Random mixes of what requests may ask, in one engine with a small KV pool (preemption), chunked
 prefill and the prefix cache: every request's output equals the same request run alone (greedy,
 seeded sampling, n > 1, best_of, beams, logprobs, prompt logprobs, stop tokens; requests aborted
-mid-run end as "abort"), and afterwards no sequence is left and every KV block is free or cached."""
+mid-run end as "abort"), and afterwards no sequence is left and every KV block is free or cached;
+the same with n-gram speculation on."""
 from __future__ import annotations
 
 import asyncio
@@ -12,16 +13,20 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from trtllm import LLM, BuildConfig, KvCacheConfig, SamplingParams
 from trtllm.models.loader import load_model
+from trtllm.runtime.speculative.config import NGramDecodingConfig
 
 VOCAB = 512
 
 
-@pytest.fixture(scope="module")
-def llm(checkpoint):
+@pytest.fixture(scope="module", params=["plain", "ngram"])
+def llm(checkpoint, request):
+    """The engine; "ngram": with n-gram speculation too (drafts verified beside plain rows, none
+    while a beam search runs; the prompts repeat tokens, so lookups find drafts)."""
     # 6 blocks of 16 tokens: two or three requests of ~20-40 tokens each (beams, n = 2: two
     # sequences) overflow it (preemption); 16 tokens a step: prompts prefill in chunks
     model = load_model(checkpoint, dtype=torch.float32, device="cpu")
-    with LLM(model, kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=96),
+    speculative = NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2) if request.param == "ngram" else None
+    with LLM(model, speculative_config=speculative, kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=96),
              build_config=BuildConfig(max_batch_size=6, max_num_tokens=16, max_seq_len=48, max_beam_width=2)) as llm:
         yield llm
 
@@ -104,3 +109,9 @@ def test_a_mix_gives_each_request_its_own_output(llm, requests):
     bm.check_invariants()
     assert bm.num_free_blocks + bm.num_cached_blocks == bm.num_blocks
     assert not llm.has_unfinished()
+
+
+def test_the_mixes_speculated(llm):
+    """(after the mixes, on the same engine) the n-gram engine verified drafts in them."""
+    stats = llm.engine_stats()
+    assert (stats.spec_verify_steps > 0) == (llm.engine.speculative is not None), stats
