@@ -2,7 +2,7 @@
 prefill and the prefix cache: every request's output equals the same request run alone (greedy,
 seeded sampling, n > 1, best_of, beams, logprobs, prompt logprobs, stop tokens; requests aborted
 mid-run end as "abort"), and afterwards no sequence is left and every KV block is free or cached;
-the same with n-gram speculation on."""
+the same with the overlap scheduler launching decode steps ahead, and with n-gram speculation."""
 from __future__ import annotations
 
 import asyncio
@@ -11,23 +11,34 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from tests.runtime.test_model_runner import EagerGraph
+from tests.runtime.test_overlap_scheduler import count_ahead
 from trtllm import LLM, BuildConfig, KvCacheConfig, SamplingParams
 from trtllm.models.loader import load_model
+from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
 from trtllm.runtime.speculative.config import NGramDecodingConfig
 
 VOCAB = 512
 
 
-@pytest.fixture(scope="module", params=["plain", "ngram"])
+@pytest.fixture(scope="module", params=["plain", "overlap", "ngram"])
 def llm(checkpoint, request):
-    """The engine; "ngram": with n-gram speculation too (drafts verified beside plain rows, none
-    while a beam search runs; the prompts repeat tokens, so lookups find drafts)."""
+    """The engine; "overlap": decode steps through test_model_runner's CUDA-graph stand-ins, so the
+    overlap scheduler launches the next greedy decode step ahead (as on a GPU); "ngram": with
+    n-gram speculation (drafts verified beside plain rows, none while a beam search runs; the
+    prompts repeat tokens, so lookups find drafts)."""
     # 6 blocks of 16 tokens: two or three requests of ~20-40 tokens each (beams, n = 2: two
     # sequences) overflow it (preemption); 16 tokens a step: prompts prefill in chunks
     model = load_model(checkpoint, dtype=torch.float32, device="cpu")
     speculative = NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2) if request.param == "ngram" else None
     with LLM(model, speculative_config=speculative, kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=96),
              build_config=BuildConfig(max_batch_size=6, max_num_tokens=16, max_seq_len=48, max_beam_width=2)) as llm:
+        if request.param == "overlap":
+            runner = llm.engine.runner
+            for b in cuda_graph_batch_sizes(runner.meta.max_num_seqs):
+                g = EagerGraph(runner, b, VOCAB)
+                runner.cuda_graphs.decode[b] = (g, g.logits, g.greedy)
+        llm.launched_ahead = count_ahead(llm)  # one entry per step the overlap scheduler tried to launch ahead
         yield llm
 
 
@@ -112,6 +123,9 @@ def test_a_mix_gives_each_request_its_own_output(llm, requests):
 
 
 def test_the_mixes_speculated(llm):
-    """(after the mixes, on the same engine) the n-gram engine verified drafts in them."""
+    """(after the mixes, on the same engine) the n-gram engine verified drafts in them, and the
+    overlap engine launched decode steps ahead."""
     stats = llm.engine_stats()
     assert (stats.spec_verify_steps > 0) == (llm.engine.speculative is not None), stats
+    overlapped = sum(llm.launched_ahead)
+    assert (overlapped > 0) == bool(llm.engine.runner.cuda_graphs.decode), overlapped
