@@ -1,7 +1,7 @@
 """Random mixes of what requests may ask, in one engine with a small KV pool (preemption), chunked
 prefill and the prefix cache: every request's output equals the same request run alone (greedy,
 seeded sampling, n > 1, best_of, beams, logprobs, prompt logprobs, stop tokens; requests aborted
-mid-run end as "abort"), and afterwards no sequence is left and every KV block is free or cached;
+mid-run end as "abort"; with LoRA engines, adapters too), and afterwards no sequence is left and every KV block is free or cached;
 the same with the overlap scheduler launching decode steps ahead, and with n-gram speculation."""
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from tests.lora_adapters import write_adapter
 from tests.runtime.test_model_runner import EagerGraph
 from tests.runtime.test_overlap_scheduler import count_ahead
-from trtllm import LLM, BuildConfig, KvCacheConfig, SamplingParams
+from trtllm import LLM, BuildConfig, KvCacheConfig, LoraConfig, LoRARequest, SamplingParams
 from trtllm.models.loader import load_model
 from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
 from trtllm.runtime.speculative.config import NGramDecodingConfig
@@ -21,23 +22,33 @@ from trtllm.runtime.speculative.config import NGramDecodingConfig
 VOCAB = 512
 
 
-@pytest.fixture(scope="module", params=["plain", "overlap", "ngram"])
-def llm(checkpoint, request):
+@pytest.fixture(scope="module", params=["plain", "overlap", "ngram", "lora"])
+def llm(checkpoint, request, tmp_path_factory):
     """The engine; "overlap": decode steps through test_model_runner's CUDA-graph stand-ins, so the
     overlap scheduler launches the next greedy decode step ahead (as on a GPU); "ngram": with
     n-gram speculation (drafts verified beside plain rows, none while a beam search runs; the
-    prompts repeat tokens, so lookups find drafts)."""
+    prompts repeat tokens, so lookups find drafts); "lora": two adapters and one GPU slot, so
+    requests of different adapters (and none) wait for the slot and run beside base rows."""
     # 6 blocks of 16 tokens: two or three requests of ~20-40 tokens each (beams, n = 2: two
     # sequences) overflow it (preemption); 16 tokens a step: prompts prefill in chunks
     model = load_model(checkpoint, dtype=torch.float32, device="cpu")
     speculative = NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2) if request.param == "ngram" else None
-    with LLM(model, speculative_config=speculative, kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=96),
+    lora = {}
+    if request.param == "lora":
+        lora["lora_config"] = LoraConfig(max_lora_rank=8, max_loras=1, max_cpu_loras=2)
+        adapters = []
+        for i in (1, 2):
+            path = tmp_path_factory.mktemp(f"adapter{i}")
+            write_adapter(checkpoint, path, r=8, seed=i)
+            adapters.append(LoRARequest(f"adapter{i}", i, str(path)))
+    with LLM(model, speculative_config=speculative, **lora, kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=96),
              build_config=BuildConfig(max_batch_size=6, max_num_tokens=16, max_seq_len=48, max_beam_width=2)) as llm:
         if request.param == "overlap":
             runner = llm.engine.runner
             for b in cuda_graph_batch_sizes(runner.meta.max_num_seqs):
                 g = EagerGraph(runner, b, VOCAB)
                 runner.cuda_graphs.decode[b] = (g, g.logits, g.greedy)
+        llm.adapters = [None] + adapters if lora else [None]  # what a request's adapter index picks from
         llm.launched_ahead = count_ahead(llm)  # one entry per step the overlap scheduler tried to launch ahead
         yield llm
 
@@ -68,7 +79,8 @@ def request(draw):
         fields.update(temperature=0.0, prompt_logprobs=1)
     else:
         fields.update(temperature=0.0, stop_token_ids=[draw(st.integers(0, VOCAB - 1))])
-    return prompt, SamplingParams(**fields), draw(st.booleans()) and draw(st.booleans())  # ~1 in 4 aborted
+    abort = draw(st.booleans()) and draw(st.booleans())  # ~1 in 4 aborted
+    return prompt, SamplingParams(**fields), abort, draw(st.integers(0, 2))  # an adapter index (the lora engine)
 
 
 def _result(out) -> tuple:
@@ -93,10 +105,15 @@ def _close(a: tuple, b: tuple) -> bool:
     return True
 
 
+def _adapter(llm, index: int):
+    return llm.adapters[index % len(llm.adapters)]
+
+
 async def _run_mix(llm, requests):
-    streams = [llm.generate_async(prompt, params, streaming=True) for prompt, params, _ in requests]
+    streams = [llm.generate_async(prompt, params, streaming=True, lora_request=_adapter(llm, a))
+               for prompt, params, _, a in requests]
     outs = []
-    for stream, (_, _, abort) in zip(streams, requests):
+    for stream, (_, _, abort, _) in zip(streams, requests):
         last = None
         async for out in stream:
             last = out
@@ -110,11 +127,11 @@ async def _run_mix(llm, requests):
 @given(requests=st.lists(request(), min_size=2, max_size=6))
 def test_a_mix_gives_each_request_its_own_output(llm, requests):
     outs = asyncio.run(_run_mix(llm, requests))
-    for (prompt, params, abort), out in zip(requests, outs):
+    for (prompt, params, abort, a), out in zip(requests, outs):
         assert out is not None and out.finished
         if abort and any(c.finish_reason == "abort" for c in out.outputs):
             continue  # cut short where the abort landed
-        alone = llm.generate([prompt], params, use_tqdm=False)[0]
+        alone = llm.generate([prompt], params, use_tqdm=False, lora_request=_adapter(llm, a))[0]
         assert _close(_result(out), _result(alone)), (params, _result(out), _result(alone))
     bm = llm.block_manager
     bm.check_invariants()
