@@ -1,11 +1,12 @@
 """Random mixes of what requests may ask, in one engine with a small KV pool (preemption), chunked
 prefill and the prefix cache: every request's output equals the same request run alone (greedy,
-seeded sampling, n > 1, best_of, beams, logprobs, prompt logprobs, stop tokens; requests aborted
+seeded sampling, n > 1, best_of, beams, logprobs, prompt logprobs, stop tokens, regex-guided; requests aborted
 mid-run end as "abort"; with LoRA engines, adapters too), and afterwards no sequence is left and every KV block is free or cached;
 the same with the overlap scheduler launching decode steps ahead, and with n-gram speculation."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tests.lora_adapters import write_adapter
 from tests.runtime.test_model_runner import EagerGraph
 from tests.runtime.test_overlap_scheduler import count_ahead
-from trtllm import LLM, BuildConfig, KvCacheConfig, LoraConfig, LoRARequest, SamplingParams
+from tests.runtime.tokenizers import make_tokenizer
+from trtllm import LLM, BuildConfig, GuidedDecodingParams, KvCacheConfig, LoraConfig, LoRARequest, SamplingParams
 from trtllm.models.loader import load_model
 from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
 from trtllm.runtime.speculative.config import NGramDecodingConfig
@@ -31,6 +33,7 @@ def llm(checkpoint, request, tmp_path_factory):
     requests of different adapters (and none) wait for the slot and run beside base rows."""
     # 6 blocks of 16 tokens: two or three requests of ~20-40 tokens each (beams, n = 2: two
     # sequences) overflow it (preemption); 16 tokens a step: prompts prefill in chunks
+    make_tokenizer(checkpoint)  # guided requests need the vocabulary's strings
     model = load_model(checkpoint, dtype=torch.float32, device="cpu")
     speculative = NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2) if request.param == "ngram" else None
     lora = {}
@@ -41,7 +44,7 @@ def llm(checkpoint, request, tmp_path_factory):
             path = tmp_path_factory.mktemp(f"adapter{i}")
             write_adapter(checkpoint, path, r=8, seed=i)
             adapters.append(LoRARequest(f"adapter{i}", i, str(path)))
-    with LLM(model, speculative_config=speculative, **lora, kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=96),
+    with LLM(model, tokenizer=str(checkpoint), speculative_config=speculative, **lora, kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=96),
              build_config=BuildConfig(max_batch_size=6, max_num_tokens=16, max_seq_len=48, max_beam_width=2)) as llm:
         if request.param == "overlap":
             runner = llm.engine.runner
@@ -61,7 +64,7 @@ PROMPTS = [[5, 17, 99, 3, 250, 31, 8, 60, 61, 62, 63, 64], [5, 17, 99, 3, 250, 3
 def request(draw):
     prompt = draw(st.sampled_from(PROMPTS))
     kind = draw(st.sampled_from(["greedy", "sampled", "n2", "best_of", "beam", "logprobs", "prompt_logprobs",
-                                 "stop"]))
+                                 "stop", "guided"]))
     fields = dict(max_tokens=draw(st.integers(1, 20)), ignore_eos=True)
     if kind == "greedy":
         fields.update(temperature=0.0)
@@ -77,6 +80,9 @@ def request(draw):
         fields.update(temperature=0.0, logprobs=2)
     elif kind == "prompt_logprobs":
         fields.update(temperature=0.0, prompt_logprobs=1)
+    elif kind == "guided":  # a grammar's bitmask each step (no speculation while it runs)
+        fields.update(temperature=draw(st.sampled_from([0.0, 0.9])), seed=draw(st.integers(0, 99)), ignore_eos=False,
+                      guided_decoding=GuidedDecodingParams(regex=draw(st.sampled_from(["[ab]{2,9}", "(yes|no)!"]))))
     else:
         fields.update(temperature=0.0, stop_token_ids=[draw(st.integers(0, VOCAB - 1))])
     abort = draw(st.booleans()) and draw(st.booleans())  # ~1 in 4 aborted
@@ -131,6 +137,9 @@ def test_a_mix_gives_each_request_its_own_output(llm, requests):
         assert out is not None and out.finished
         if abort and any(c.finish_reason == "abort" for c in out.outputs):
             continue  # cut short where the abort landed
+        guide = params.guided_decoding
+        for c in out.outputs if guide is not None else ():
+            assert c.finish_reason == "length" or re.fullmatch(guide.regex, c.text), (guide.regex, c.text)
         alone = llm.generate([prompt], params, use_tqdm=False, lora_request=_adapter(llm, a))[0]
         assert _close(_result(out), _result(alone)), (params, _result(out), _result(alone))
     bm = llm.block_manager
