@@ -157,3 +157,18 @@ def test_kv_cache_quant_algo_other_than_fp8_int8_is_refused(algo):
         c.check_supported()
     with pytest.raises(ValueError, match=f"kv_cache_quant_algo={algo.value}: a KV cache is quantized to FP8 or INT8"):
         kv_cache_dtype(KvCacheConfig(), c)
+
+
+def test_scheduler_config_policies():
+    from trtllm import CapacitySchedulerPolicy, ContextChunkingPolicy, SchedulerConfig
+    assert not SchedulerConfig().no_evict  # MAX_UTILIZATION, as vLLM's (TensorRT-LLM defaults to no-evict)
+    assert SchedulerConfig(capacity_scheduler_policy=CapacitySchedulerPolicy.GUARANTEED_NO_EVICT).no_evict
+    assert SchedulerConfig(capacity_scheduler_policy="GUARANTEED_NO_EVICT",
+                           context_chunking_policy=ContextChunkingPolicy.FIRST_COME_FIRST_SERVED).no_evict
+    for fields, words in [(dict(capacity_scheduler_policy="STATIC_BATCH"), "STATIC_BATCH"),
+                          (dict(context_chunking_policy="EQUAL_PROGRESS"), "EQUAL_PROGRESS"),
+                          (dict(dynamic_batch_config={"enable_batch_size_tuning": True}), "dynamic_batch_config"),
+                          (dict(capacity_scheduler_policy="FASTEST"), "capacity_scheduler_policy"),
+                          (dict(max_utilization=True), "max_utilization")]:
+        with pytest.raises(ConfigError, match=words):
+            SchedulerConfig(**fields)

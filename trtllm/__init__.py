@@ -21,6 +21,8 @@ _EXPORTS = {
     "compile_encoder": "trtllm.compile_encoder", "CompiledEncoder": "trtllm.compile_encoder",
     "BuildConfig": "trtllm.config", "KvCacheConfig": "trtllm.config", "QuantAlgo": "trtllm.config",
     "QuantConfig": "trtllm.config", "ConfigError": "trtllm.config", "CudaGraphConfig": "trtllm.config",
+    "SchedulerConfig": "trtllm.config", "CapacitySchedulerPolicy": "trtllm.config",
+    "ContextChunkingPolicy": "trtllm.config",
     "load_model": "trtllm.models.loader", "LLM": "trtllm.runtime.llm",
     "RequestOutput": "trtllm.runtime.outputs", "CompletionOutput": "trtllm.runtime.outputs",
     "RequestError": "trtllm.runtime.outputs",

@@ -13,6 +13,7 @@ silently means "default". NaN and infinities are refused as not finite.
     QuantConfig(quant_algo=None, kv_cache_quant_algo=None).check_supported()
     QuantAlgo: TensorRT-LLM's algorithm names (FP8, W4A16_AWQ, NVFP4, ...)
     CudaGraphConfig(batch_sizes=None, max_batch_size=0, enable_padding=True, max_prefill_tokens=2048)
+    SchedulerConfig(capacity_scheduler_policy=MAX_UTILIZATION | GUARANTEED_NO_EVICT)
     kv_cache_dtype(kv_cache_config, quant_config) -> "auto" | "fp8" | "int8"
 """
 
@@ -184,6 +185,50 @@ class CudaGraphConfig(ValidatedConfig):
             raise ValueError(f"max_batch_size={self.max_batch_size} contradicts batch_sizes={self.batch_sizes} "
                              f"(their largest is {max(self.batch_sizes)})")
         return self
+
+
+class CapacitySchedulerPolicy(str, Enum):
+    """How admission weighs the KV pool (TensorRT-LLM's names; values are the names)."""
+
+    MAX_UTILIZATION = "MAX_UTILIZATION"  # admit what fits now; preempt (recompute) when the pool runs out
+    GUARANTEED_NO_EVICT = "GUARANTEED_NO_EVICT"  # admit only what can run to its max_tokens: never preempt
+    STATIC_BATCH = "STATIC_BATCH"  # refused: in-flight batching only
+
+
+class ContextChunkingPolicy(str, Enum):
+    FIRST_COME_FIRST_SERVED = "FIRST_COME_FIRST_SERVED"
+    EQUAL_PROGRESS = "EQUAL_PROGRESS"  # refused: chunks go to the oldest prompt first
+
+
+class SchedulerConfig(ValidatedConfig):
+    """TensorRT-LLM's `scheduler_config` (runtime/scheduler.py). trtllm's default policy is
+    MAX_UTILIZATION, as vLLM's scheduler: a request is admitted when its prompt fits, and when
+    decoding runs out of blocks the newest request is preempted and later recomputed.
+    GUARANTEED_NO_EVICT (TensorRT-LLM's default) admits a request only when the pool can hold it
+    and every running request through their max_tokens: no preemption, fewer requests at once."""
+
+    capacity_scheduler_policy: CapacitySchedulerPolicy = Field(
+        CapacitySchedulerPolicy.MAX_UTILIZATION, description="MAX_UTILIZATION or GUARANTEED_NO_EVICT")
+    context_chunking_policy: ContextChunkingPolicy | None = Field(
+        None, description="FIRST_COME_FIRST_SERVED (None: the same)")
+    dynamic_batch_config: dict | None = Field(None, description="refused (batch sizes are not tuned at runtime)")
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.capacity_scheduler_policy is CapacitySchedulerPolicy.STATIC_BATCH:
+            raise ValueError("capacity_scheduler_policy STATIC_BATCH is not supported: requests join and leave the "
+                             "batch every step (in-flight batching); use MAX_UTILIZATION or GUARANTEED_NO_EVICT")
+        if self.context_chunking_policy is ContextChunkingPolicy.EQUAL_PROGRESS:
+            raise ValueError("context_chunking_policy EQUAL_PROGRESS is not supported: prompt chunks go to the "
+                             "oldest prompt first (FIRST_COME_FIRST_SERVED)")
+        if self.dynamic_batch_config is not None:
+            raise ValueError("dynamic_batch_config is not supported: BuildConfig's max_batch_size and "
+                             "max_num_tokens bound every step")
+        return self
+
+    @property
+    def no_evict(self) -> bool:
+        return self.capacity_scheduler_policy is CapacitySchedulerPolicy.GUARANTEED_NO_EVICT
 
 
 class QuantAlgo(str, Enum):

@@ -16,7 +16,16 @@ from tests.lora_adapters import write_adapter
 from tests.runtime.test_model_runner import EagerGraph
 from tests.runtime.test_overlap_scheduler import count_ahead
 from tests.runtime.tokenizers import make_tokenizer
-from trtllm import LLM, BuildConfig, GuidedDecodingParams, KvCacheConfig, LoraConfig, LoRARequest, SamplingParams
+from trtllm import (
+    LLM,
+    BuildConfig,
+    GuidedDecodingParams,
+    KvCacheConfig,
+    LoraConfig,
+    LoRARequest,
+    SamplingParams,
+    SchedulerConfig,
+)
 from trtllm.models.loader import load_model
 from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
 from trtllm.runtime.speculative.config import NGramDecodingConfig
@@ -24,34 +33,38 @@ from trtllm.runtime.speculative.config import NGramDecodingConfig
 VOCAB = 512
 
 
-@pytest.fixture(scope="module", params=["plain", "overlap", "ngram", "lora"])
+@pytest.fixture(scope="module", params=["plain", "overlap", "ngram", "lora", "no_evict"])
 def llm(checkpoint, request, tmp_path_factory):
     """The engine; "overlap": decode steps through test_model_runner's CUDA-graph stand-ins, so the
     overlap scheduler launches the next greedy decode step ahead (as on a GPU); "ngram": with
     n-gram speculation (drafts verified beside plain rows, none while a beam search runs; the
     prompts repeat tokens, so lookups find drafts); "lora": two adapters and one GPU slot, so
-    requests of different adapters (and none) wait for the slot and run beside base rows."""
+    requests of different adapters (and none) wait for the slot and run beside base rows;
+    "no_evict": SchedulerConfig(GUARANTEED_NO_EVICT), which admits fewer at once and never preempts."""
     # 6 blocks of 16 tokens: two or three requests of ~20-40 tokens each (beams, n = 2: two
     # sequences) overflow it (preemption); 16 tokens a step: prompts prefill in chunks
     make_tokenizer(checkpoint)  # guided requests need the vocabulary's strings
     model = load_model(checkpoint, dtype=torch.float32, device="cpu")
     speculative = NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2) if request.param == "ngram" else None
-    lora = {}
+    options = {}
     if request.param == "lora":
-        lora["lora_config"] = LoraConfig(max_lora_rank=8, max_loras=1, max_cpu_loras=2)
+        options["lora_config"] = LoraConfig(max_lora_rank=8, max_loras=1, max_cpu_loras=2)
         adapters = []
         for i in (1, 2):
             path = tmp_path_factory.mktemp(f"adapter{i}")
             write_adapter(checkpoint, path, r=8, seed=i)
             adapters.append(LoRARequest(f"adapter{i}", i, str(path)))
-    with LLM(model, tokenizer=str(checkpoint), speculative_config=speculative, **lora, kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=96),
+    if request.param == "no_evict":
+        options["scheduler_config"] = SchedulerConfig(capacity_scheduler_policy="GUARANTEED_NO_EVICT")
+    with LLM(model, tokenizer=str(checkpoint), speculative_config=speculative, **options,
+             kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=96),
              build_config=BuildConfig(max_batch_size=6, max_num_tokens=16, max_seq_len=48, max_beam_width=2)) as llm:
         if request.param == "overlap":
             runner = llm.engine.runner
             for b in cuda_graph_batch_sizes(runner.meta.max_num_seqs):
                 g = EagerGraph(runner, b, VOCAB)
                 runner.cuda_graphs.decode[b] = (g, g.logits, g.greedy)
-        llm.adapters = [None] + adapters if lora else [None]  # what a request's adapter index picks from
+        llm.adapters = [None] + adapters if "lora_config" in options else [None]  # what a request's adapter index picks from
         llm.launched_ahead = count_ahead(llm)  # one entry per step the overlap scheduler tried to launch ahead
         yield llm
 
@@ -148,10 +161,19 @@ def test_a_mix_gives_each_request_its_own_output(llm, requests):
     assert not llm.has_unfinished()
 
 
-def test_the_mixes_speculated(llm):
-    """(after the mixes, on the same engine) the n-gram engine verified drafts in them, and the
-    overlap engine launched decode steps ahead."""
+def test_each_engine_did_what_it_is_for(llm):
+    """A fixed mix (four long greedy requests on repeating prompts, more than the pool holds at
+    once): the n-gram engine verifies drafts, the overlap engine launches decode steps ahead, the
+    no-evict engine preempts nothing where the others do, and the outputs are the plain ones."""
+    before, ahead = llm.engine_stats(), len(llm.launched_ahead)
+    prompts = [PROMPTS[3], PROMPTS[5], PROMPTS[3][::-1], PROMPTS[5][1:]]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    alone = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in alone]
     stats = llm.engine_stats()
-    assert (stats.spec_verify_steps > 0) == (llm.engine.speculative is not None), stats
-    overlapped = sum(llm.launched_ahead)
+    assert (stats.spec_verify_steps > before.spec_verify_steps) == (llm.engine.speculative is not None), stats
+    preempted = stats.num_preemptions - before.num_preemptions
+    assert preempted == 0 if llm.engine.scheduler.no_evict else preempted > 0, stats
+    overlapped = sum(llm.launched_ahead[ahead:])
     assert (overlapped > 0) == bool(llm.engine.runner.cuda_graphs.decode), overlapped

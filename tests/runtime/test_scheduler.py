@@ -36,9 +36,9 @@ class FakeEngine:
     its block table (so a wrong table or a poisoned prefix hit shows), and samples."""
 
     def __init__(self, num_blocks=16, block_size=4, max_num_seqs=4, max_num_tokens=16,
-                 max_model_len=64, chunked=True, reuse=True):
+                 max_model_len=64, chunked=True, reuse=True, no_evict=False):
         self.bm = BlockManager(num_blocks, block_size, reuse)
-        self.sched = Scheduler(self.bm, max_num_seqs, max_num_tokens, max_model_len, chunked)
+        self.sched = Scheduler(self.bm, max_num_seqs, max_num_tokens, max_model_len, chunked, no_evict=no_evict)
         self.kv = {}
         self.written = {}  # sequence -> the cache slots its chunk wrote this step
         self.admissions = []  # sequences in the order of their first admission
@@ -270,11 +270,11 @@ request = st.tuples(st.integers(0, 8), st.integers(0, 2), st.integers(1, 9), st.
 @given(requests=st.lists(request, min_size=1, max_size=10), pool_tokens=st.integers(6, 24),
        block_size=st.sampled_from([1, 2, 4]), max_num_seqs=st.integers(1, 5),
        extra_tokens=st.integers(0, 10), chunked=st.booleans(),
-       reuse=st.sampled_from([True, True, False]))
-def test_random_workloads(requests, pool_tokens, block_size, max_num_seqs, extra_tokens, chunked, reuse):
+       reuse=st.sampled_from([True, True, False]), no_evict=st.booleans())
+def test_random_workloads(requests, pool_tokens, block_size, max_num_seqs, extra_tokens, chunked, reuse, no_evict):
     num_blocks = -(-pool_tokens // block_size)
     e = FakeEngine(num_blocks, block_size, max_num_seqs, max_num_seqs + extra_tokens,
-                   max_model_len=24, chunked=chunked, reuse=reuse)
+                   max_model_len=24, chunked=chunked, reuse=reuse, no_evict=no_evict)
     sched, fates = e.sched, {}
 
     def fire(t, mid_step):
@@ -297,7 +297,8 @@ def test_random_workloads(requests, pool_tokens, block_size, max_num_seqs, extra
                     sched.add(s)
                     fates[s] = (fate, t + after)
                 except ValueError:
-                    assert n + max_tokens > 24 or -(-n // block_size) > num_blocks or not chunked
+                    assert n + max_tokens > 24 or -(-n // block_size) > num_blocks or not chunked \
+                        or (no_evict and -(-(n + max_tokens) // block_size) > num_blocks)
         if t > 8 and not sched.has_unfinished():
             break
         fire(t, mid_step=False)
@@ -311,6 +312,7 @@ def test_random_workloads(requests, pool_tokens, block_size, max_num_seqs, extra
     arrival = list(fates)
     assert e.admissions == sorted(e.admissions, key=arrival.index)
     assert not sched.has_unfinished(), "no progress"
+    assert not no_evict or sched.num_preemptions == 0  # GUARANTEED_NO_EVICT: admission left room for all
     assert e.bm.num_used_blocks == 0 and e.bm.num_free_blocks + e.bm.num_cached_blocks == num_blocks
     assert not e.bm._chain and not e.bm._num_published  # no per-sequence state left behind
     for s in fates:
@@ -381,3 +383,24 @@ def test_lora_decodes_are_grouped_by_adapter_slot():
     sched.update(first, {s: 7 for s, _ in first})
     order = [s.request_id for s, _ in sched.schedule()]
     assert order == ["x1", "x2", "a1", "a2", "b1", "b2"]
+
+
+def test_guaranteed_no_evict_admits_what_can_finish_and_never_preempts():
+    """Two prompts of 4 tokens, 12 new tokens each, a pool of 6 blocks of 4: MAX_UTILIZATION
+    admits both and preempts one when the pool runs out; GUARANTEED_NO_EVICT admits the second
+    only once the first finished (each needs 4 blocks through its max_tokens); same tokens."""
+    outs = {}
+    for no_evict in (False, True):
+        e = FakeEngine(num_blocks=6, block_size=4, max_num_seqs=4, no_evict=no_evict)
+        a, b = seq([1, 2, 3, 4], 12, rid="a"), seq([5, 6, 0, 1], 12, rid="b")
+        e.sched.add(a)
+        e.sched.add(b)
+        e.step()
+        assert [s.request_id for s in e.admissions] == (["a"] if no_evict else ["a", "b"])
+        while e.sched.has_unfinished():
+            e.step()
+        outs[no_evict] = (a.output_token_ids, b.output_token_ids, e.sched.num_preemptions)
+    assert outs[True][:2] == outs[False][:2] == (reference([1, 2, 3, 4], 12), reference([5, 6, 0, 1], 12))
+    assert outs[False][2] > 0 and outs[True][2] == 0
+    with pytest.raises(ValueError, match="GUARANTEED_NO_EVICT"):  # 4 + 30 tokens: 9 blocks through max_tokens
+        FakeEngine(num_blocks=6, block_size=4, no_evict=True).sched.add(seq([1, 2, 3, 4], 30))

@@ -583,3 +583,57 @@ def test_verify_graphs_default_to_wherever_the_engine_can():
     assert SpeculativeDecodingConfig(draft_model="d").as_draft_target().verify_cuda_graphs is None
     assert SpeculativeDecodingConfig(draft_model="d", verify_cuda_graphs=False).as_draft_target() \
         .verify_cuda_graphs is False
+
+
+@pytest.mark.parametrize("kind", ["guided", "logits_processor", "beam"])
+def test_a_request_admitted_while_others_verify_drafts_is_sampled_by_the_engine(target, kind, monkeypatch):
+    """A grammar, logits processor or beam search request that arrives while another sequence
+    speculates: the step that admits it must not be a verify step, whose plain rows the
+    speculative sampler takes without bitmasks, processors or the beam search (found by
+    tests/runtime/test_mixed_workloads.py: its first token was sampled unconstrained, and the
+    grammar's matcher failed the request, "the grammar refused token ..."). The n-gram proposer
+    here drafts at every step (the last token again), so the admitting step would verify."""
+    import asyncio
+    import re
+
+    import trtllm.runtime.speculative.decoder as decoder
+    from trtllm import GuidedDecodingParams
+
+    monkeypatch.setattr(decoder, "propose_ngram", lambda tokens, k, n: [tokens[-1]] * k)
+
+    class OnlyToken7:
+        def __call__(self, req_id, logits, ids, stream_ptr, client_id):
+            mask = torch.full_like(logits, float("-inf"))
+            mask[..., 7] = 0
+            logits.add_(mask)
+
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    late = {"guided": SamplingParams(max_tokens=8, temperature=0.9, seed=1,
+                                     guided_decoding=GuidedDecodingParams(regex="[ab]{2,6}")),
+            "logits_processor": SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                                               logits_processor=OnlyToken7()),
+            "beam": SamplingParams(max_tokens=6, beam_width=2, temperature=0.0, ignore_eos=True)}[kind]
+    with LLM(str(target), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=4096),
+             build_config=BuildConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=64, max_beam_width=2),
+             speculative_config=NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2)) as llm:
+        alone = llm.generate(PROMPTS[0], late)
+
+        async def both():
+            first = llm.generate_async(PROMPTS[2], greedy, streaming=True)
+            outs = []
+            async for out in first:  # a few tokens in (drafts verified at every step), then the other
+                if len(out.outputs[0].token_ids) >= 4:
+                    break
+            second = llm.generate_async(PROMPTS[0], late)
+            outs.append(await second.aresult())
+            outs.append(await first.aresult())
+            return outs
+
+        out, first = asyncio.run(both())
+        assert first.outputs[0].num_verify_steps > 0
+        assert [(c.token_ids, c.finish_reason) for c in out.outputs] == \
+            [(c.token_ids, c.finish_reason) for c in alone.outputs]
+        if kind == "guided":
+            assert re.fullmatch("[ab]{2,6}", out.outputs[0].text), out.outputs[0].text
+        if kind == "logits_processor":
+            assert out.outputs[0].token_ids == [7] * 4

@@ -106,11 +106,12 @@ class BlockManager:
         """Tokens of `seq` that `allocate` would find in the prefix cache right now."""
         return len(self._lookup(seq)) * self.block_size
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        """Whether `allocate(seq)` can take its blocks and still leave `reserve` blocks."""
         hits = self._lookup(seq)
         new = self.blocks_needed(seq.num_tokens) - len(hits)
         hits_now_cached = sum(1 for b in hits if self._ref[b] == 0)  # taking them shrinks the pool
-        return new <= len(self._free) + len(self._cached) - hits_now_cached
+        return new + reserve <= len(self._free) + len(self._cached) - hits_now_cached
 
     def allocate(self, seq: Sequence) -> None:
         """Give a waiting `seq` blocks for all its tokens (prompt, plus outputs when it

@@ -18,7 +18,15 @@ import torch
 import torch.nn as nn
 
 from trtllm.compile import compile as trtllm_compile
-from trtllm.config import BuildConfig, CudaGraphConfig, KvCacheConfig, LoraConfig, QuantConfig, kv_cache_dtype
+from trtllm.config import (
+    BuildConfig,
+    CudaGraphConfig,
+    KvCacheConfig,
+    LoraConfig,
+    QuantConfig,
+    SchedulerConfig,
+    kv_cache_dtype,
+)
 from trtllm.contract import adapter_module_path
 from trtllm.kernels.paged_attention.kv_quant import kv_scales_tensor
 from trtllm.lora_request import LoRARequest
@@ -62,7 +70,8 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                  kv_cache_scales=None, tensor_parallel_size: int = 1, speculative_config=None,
                  lora_config: LoraConfig | None = None, moe_expert_parallel_size: int | None = None,
                  moe_tensor_parallel_size: int | None = None, pipeline_parallel_size: int = 1,
-                 pp_partition: list[int] | None = None, cuda_graph_config: CudaGraphConfig | None = None) -> Engine:
+                 pp_partition: list[int] | None = None, cuda_graph_config: CudaGraphConfig | None = None,
+                 scheduler_config: SchedulerConfig | None = None) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
     in a process of its own. Arguments as `LLM`'s. `engine.startup` says where the time went.
@@ -78,10 +87,14 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     moe_expert_parallel_size / moe_tensor_parallel_size: how the MoE layers split the
     tensor_parallel_size ranks, as TensorRT-LLM's (parallel/expert_parallel.py).
     cuda_graph_config: which steps replay CUDA graphs (None: CudaGraphConfig's defaults;
-    enable_cuda_graph=False: none)."""
+    enable_cuda_graph=False: none). scheduler_config: the admission policy (SchedulerConfig;
+    None: MAX_UTILIZATION)."""
     started = time.perf_counter()
     if cuda_graph_config is not None and not isinstance(cuda_graph_config, CudaGraphConfig):
         raise TypeError(f"cuda_graph_config must be a CudaGraphConfig, got {type(cuda_graph_config).__name__}")
+    if scheduler_config is not None and not isinstance(scheduler_config, SchedulerConfig):
+        raise TypeError(f"scheduler_config must be a SchedulerConfig, got {type(scheduler_config).__name__}")
+    no_evict = scheduler_config is not None and scheduler_config.no_evict
     moe = resolve_moe_sizes(tensor_parallel_size, moe_expert_parallel_size, moe_tensor_parallel_size)
     check_stream_interval(stream_interval)  # before minutes of loading and compiling
     check_speculative_config(speculative_config)
@@ -135,7 +148,8 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
             return _build_engine(compiled.module, compiled, started, model if tokenizer is None else tokenizer,
                                  kv_cache_config, build_config, enable_cuda_graph, stream_interval,
                                  disable_overlap_scheduler, kv_format, kv_cache_scales,
-                                 _speculative(speculative_config, dtype, compile_options, model), lora_config)
+                                 _speculative(speculative_config, dtype, compile_options, model), lora_config,
+                                 no_evict=no_evict)
         except BaseException:
             compiled.tensor_parallel.workers.shutdown()
             raise
@@ -151,7 +165,8 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                               **({"lora": lora} if lora is not None else {}))
     return _build_engine(module, compiled, started, tokenizer, kv_cache_config, build_config, enable_cuda_graph,
                          stream_interval, disable_overlap_scheduler, kv_format, kv_cache_scales,
-                         _speculative(speculative_config, dtype, compile_options, model), lora_config, cuda_graph_config)
+                         _speculative(speculative_config, dtype, compile_options, model), lora_config, cuda_graph_config,
+                         no_evict)
 
 
 def _speculative(config, dtype: str, compile_options: dict | None, model) -> dict | None:
@@ -239,7 +254,7 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
                   build_config: BuildConfig, enable_cuda_graph: bool, stream_interval: int,
                   disable_overlap_scheduler: bool, kv_format: str, kv_cache_scales,
                   speculative: dict | None = None, lora_config: LoraConfig | None = None,
-                  cuda_graph_config: CudaGraphConfig | None = None) -> Engine:
+                  cuda_graph_config: CudaGraphConfig | None = None, no_evict: bool = False) -> Engine:
     load_s = time.perf_counter() - started  # the load (compilation itself is lazy: compiled.compile_s)
     tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     config = getattr(module, "config", None)
@@ -274,7 +289,8 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
                          adapters=adapters, multimodal=multimodal,
                          mrope=mrope_stager(module, max_num_tokens, compiled.device), cuda_graph_config=cuda_graph_config,
                          hidden_states=hidden_states)
-    scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len, adapters=adapters)
+    scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len, adapters=adapters,
+                          no_evict=no_evict)
     engine = Engine(runner, block_manager, scheduler, tokenizer,
                     EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len,
                                  build_config.max_beam_width),

@@ -201,12 +201,12 @@ class Engine:
         launched_ahead = launched is not None
         if self.pipeline_depth > 1:
             if self.speculative is not None:  # drafts for the sequences no micro-batch holds
-                self.speculative.propose(self.scheduler.running, self.scheduler.in_flight)
+                self.speculative.propose(self.scheduler.running, self.scheduler.in_flight, self.scheduler.waiting)
             launched = self.micro_batches.next(self.scheduler, functools.partial(self._schedule, changed),
                                                self._execute)
         elif launched is None:
             if self.speculative is not None:
-                self.speculative.propose(self.scheduler.running)
+                self.speculative.propose(self.scheduler.running, waiting=self.scheduler.waiting)
             scheduled = self._schedule(changed)
             launched = self._execute(scheduled) if scheduled else None
         if launched is not None:

@@ -66,7 +66,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from trtllm.config import BuildConfig, CudaGraphConfig, KvCacheConfig, LoraConfig, QuantConfig
+from trtllm.config import BuildConfig, CudaGraphConfig, KvCacheConfig, LoraConfig, QuantConfig, SchedulerConfig
 from trtllm.lora_request import LoRARequest
 from trtllm.runtime.build_engine import build_engine, shutdown_workers
 from trtllm.runtime.engine_loop import EngineLoop
@@ -117,7 +117,8 @@ class LLM:
                  multimodal_encoder=None,
                  moe_expert_parallel_size: int | None = None, moe_tensor_parallel_size: int | None = None,
                  pipeline_parallel_size: int = 1, pp_partition: list[int] | None = None,
-                 cuda_graph_config: CudaGraphConfig | None | object = DEFAULT_CUDA_GRAPHS):
+                 cuda_graph_config: CudaGraphConfig | None | object = DEFAULT_CUDA_GRAPHS,
+                 scheduler_config: SchedulerConfig | None = None):
         if batched_logits_processor is not None and not callable(batched_logits_processor):
             raise TypeError("batched_logits_processor must be callable (a BatchedLogitsProcessor)")
         check_multimodal_encoder(multimodal_encoder, model)
@@ -129,7 +130,8 @@ class LLM:
                                    disable_overlap_scheduler, kv_cache_scales, tensor_parallel_size,
                                    speculative_config or speculative_decoding_config, lora_config,
                                    moe_expert_parallel_size, moe_tensor_parallel_size,
-                                   pipeline_parallel_size, pp_partition, cuda_graph_config)
+                                   pipeline_parallel_size, pp_partition, cuda_graph_config,
+                                   scheduler_config=scheduler_config)
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
         self.tokenizer, self.limits, self.vocab_size = self.engine.tokenizer, self.engine.limits, self.engine.vocab_size
         # a multimodal model's image processor: given, else the checkpoint's, loaded at the first image

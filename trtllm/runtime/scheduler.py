@@ -11,7 +11,10 @@ Sequences wait in a FCFS queue, then run. Each `schedule()` builds one step: a l
 2. prefill: running sequences partway through their prompt get their next chunk;
 3. admission: waiting sequences, front first, get blocks for all their tokens (less
    any prefix-cache hit) and a first chunk. A waiting sequence is admitted only if all
-   ahead of it were; none is admitted in a step that preempted.
+   ahead of it were; none is admitted in a step that preempted. Under `no_evict`
+   (SchedulerConfig's GUARANTEED_NO_EVICT) a sequence is admitted only while the pool also
+   keeps the blocks every running sequence, and it, may still take until max_tokens
+   (`_reserve`): decoding then never runs out of blocks, and nothing is preempted.
 With chunked prefill off, a sequence's tokens are computed in one step or not at all.
 Speculative decoding (runtime/speculative): a decoding sequence with k draft tokens
 (`seq.draft_token_ids`) gets 1 + k tokens when the token budget and the pool still leave a
@@ -77,7 +80,7 @@ MAX_FRONT_SKIPS = 256
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_tokens: int,
-                 max_model_len: int, enable_chunked_prefill: bool = True, adapters=None):
+                 max_model_len: int, enable_chunked_prefill: bool = True, adapters=None, no_evict: bool = False):
         if min(max_num_seqs, max_num_tokens, max_model_len) <= 0:
             raise ValueError("max_num_seqs, max_num_tokens and max_model_len must be > 0")
         if max_num_tokens < max_num_seqs:  # else some decodes could be left out of a step
@@ -91,6 +94,7 @@ class Scheduler:
         self._finished: list[Sequence] = []  # finished by the scheduler, for pop_finished
         self.num_preemptions = 0
         self.adapters = adapters  # runtime/adapters.Adapters with LoRA, else None
+        self.no_evict = no_evict  # GUARANTEED_NO_EVICT: admission keeps every running sequence's growth free
         # pipeline parallelism: sequences of micro-batches launched and not yet `update`d, which
         # `schedule` leaves alone (neither scheduled again nor preempted); the engine keeps it
         self.in_flight: set[Sequence] = set()
@@ -121,6 +125,10 @@ class Scheduler:
         need, pool = self.block_manager.blocks_needed(seq.num_tokens), self.block_manager.num_blocks
         if need > pool:
             raise ValueError(f"the prompt needs {need} KV blocks but the pool has only {pool}")
+        if self.no_evict and (whole := self._reserve(seq, running=False) + need) > pool:
+            beams = f" x {seq.beam.width} beams" if seq.beam is not None else ""
+            raise ValueError(f"prompt ({seq.num_tokens} tokens) + max_tokens ({max_tokens}){beams} needs {whole} KV "
+                             f"blocks but the pool has only {pool} (GUARANTEED_NO_EVICT keeps them all for it)")
         # without chunking, a preempted sequence recomputes prompt and outputs in one step
         if not self.enable_chunked_prefill and seq.num_tokens + max_tokens - 1 > self.max_num_tokens:
             raise ValueError(f"prompt ({seq.num_tokens} tokens) + max_tokens ({max_tokens}) - 1 "
@@ -221,7 +229,7 @@ class Scheduler:
                 self.finish(seq, "length")  # re-admitting its outputs would overflow the pool
                 self._finished.append(seq)
                 continue
-            if not self.block_manager.can_allocate(seq):
+            if not self.block_manager.can_allocate(seq, self._reserve(seq) if self.no_evict else 0):
                 break
             remaining = seq.num_tokens - self.block_manager.num_prefix_hit_tokens(seq)
             if not self.enable_chunked_prefill and remaining > budget:
@@ -248,6 +256,18 @@ class Scheduler:
             scheduled.append((seq, chunk))
             budget -= chunk
         return scheduled
+
+    def _reserve(self, seq: Sequence, running: bool = True) -> int:
+        """GUARANTEED_NO_EVICT: the blocks to keep free beside `seq`'s own now, for the running
+        sequences (`running`) and `seq` to grow to max_tokens (a beam group's other beams: a
+        whole table each, their shared prompt blocks counted again: an upper bound)."""
+        bm = self.block_manager
+
+        def final(s: Sequence) -> int:
+            return bm.blocks_needed(min(len(s.prompt_token_ids) + s.sampling_params.max_tokens, self.max_model_len))
+        growth = sum(max(0, final(s) - len(s.block_table)) for s in self.running) if running else 0
+        width = seq.beam.width if seq.beam is not None else 1
+        return growth + final(seq) - bm.blocks_needed(seq.num_tokens) + (width - 1) * final(seq)
 
     def _next_waiting(self) -> Sequence:
         """The waiting sequence admission considers next: the front one; with LoRA, when no

@@ -1,6 +1,6 @@
 """`SpeculativeDecoder`: what the engine asks of speculative decoding, each step.
 
-    decoder.propose(scheduler.running)         # before schedule: seq.draft_token_ids set
+    decoder.propose(scheduler.running, waiting=scheduler.waiting)   # before schedule: drafts set
                                                # (under a pipeline: those no micro-batch holds)
     scheduled = scheduler.schedule()           # a decode with drafts computes 1 + k tokens
     launched = runner.execute(scheduled)       # its k + 1 logits rows (launched.num_rows)
@@ -94,10 +94,12 @@ class SpeculativeDecoder:
         back_off = self._back_off.get(seq)
         return back_off is not None and seq.num_tokens < back_off[2]
 
-    def propose(self, running: list[Sequence], in_flight: set[Sequence] | frozenset = frozenset()) -> None:
+    def propose(self, running: list[Sequence], in_flight: set[Sequence] | frozenset = frozenset(),
+                waiting=()) -> None:
         """Set each running sequence's draft_token_ids ([] where it does not speculate), but
         those `in_flight` (pipeline parallelism: a micro-batch holds them, with their drafts,
-        until its logits come back; runtime/micro_batches.py)."""
+        until its logits come back; runtime/micro_batches.py). `waiting`: the sequences the
+        step's schedule may admit."""
         self._draft_probs = {seq: q for seq, q in self._draft_probs.items() if seq in in_flight}
         if self._back_off:  # forget the sequences that left
             live = set(running)
@@ -105,9 +107,11 @@ class SpeculativeDecoder:
                 del self._back_off[seq]
         seqs, ks = [], []
         # a verify step samples its plain rows itself, without the engine's grammar bitmasks,
-        # logits processors or beam search: while such a sequence runs, no step speculates
-        # (left: those paths inside verify steps)
-        engine_sampled = any(_needs_engine_sampling(s) for s in running)
+        # logits processors or beam search: while such a sequence runs, or waits (the schedule
+        # after this may admit it and sample its first token), no step speculates (left: those
+        # paths inside verify steps)
+        engine_sampled = any(_needs_engine_sampling(s) for s in running) or \
+            any(_needs_engine_sampling(s) for s in waiting)
         candidates = []  # (sequence, k, backed off)
         for seq in running:
             if seq in in_flight:
