@@ -422,8 +422,8 @@ def test_backed_off_sequences_drafting_beside_others_keep_the_targets_tokens(tar
         beside = []  # per step: backed-off sequences that drafted
         propose = dec.propose
 
-        def recorded(running, in_flight=frozenset()):
-            propose(running, in_flight)
+        def recorded(running, in_flight=frozenset(), waiting=()):
+            propose(running, in_flight, waiting)
             beside.append(sum(1 for s in running if dec._backed_off(s) and s.draft_token_ids))
         dec.propose = recorded
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
