@@ -40,7 +40,8 @@ def llm(checkpoint, request, tmp_path_factory):
     n-gram speculation (drafts verified beside plain rows, none while a beam search runs; the
     prompts repeat tokens, so lookups find drafts); "lora": two adapters and one GPU slot, so
     requests of different adapters (and none) wait for the slot and run beside base rows;
-    "no_evict": SchedulerConfig(GUARANTEED_NO_EVICT), which admits fewer at once and never preempts."""
+    "no_evict": SchedulerConfig(GUARANTEED_NO_EVICT), which admits fewer at once and never preempts
+    (with the overlap scheduler too, which plans ahead while the front request waits for room)."""
     # 6 blocks of 16 tokens: two or three requests of ~20-40 tokens each (beams, n = 2: two
     # sequences) overflow it (preemption); 16 tokens a step: prompts prefill in chunks
     make_tokenizer(checkpoint)  # guided requests need the vocabulary's strings
@@ -59,7 +60,7 @@ def llm(checkpoint, request, tmp_path_factory):
     with LLM(model, tokenizer=str(checkpoint), speculative_config=speculative, **options,
              kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=96),
              build_config=BuildConfig(max_batch_size=6, max_num_tokens=16, max_seq_len=48, max_beam_width=2)) as llm:
-        if request.param == "overlap":
+        if request.param in ("overlap", "no_evict"):
             runner = llm.engine.runner
             for b in cuda_graph_batch_sizes(runner.meta.max_num_seqs):
                 g = EagerGraph(runner, b, VOCAB)

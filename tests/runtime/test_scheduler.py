@@ -404,3 +404,20 @@ def test_guaranteed_no_evict_admits_what_can_finish_and_never_preempts():
     assert outs[False][2] > 0 and outs[True][2] == 0
     with pytest.raises(ValueError, match="GUARANTEED_NO_EVICT"):  # 4 + 30 tokens: 9 blocks through max_tokens
         FakeEngine(num_blocks=6, block_size=4, no_evict=True).sched.add(seq([1, 2, 3, 4], 30))
+
+
+def test_no_evict_lets_the_overlap_scheduler_plan_ahead_while_the_front_one_cannot_be_admitted():
+    """A waits on the pool (GUARANTEED_NO_EVICT: b's reserve does not fit beside a's) with a slot
+    free: the decode step after a's may be planned ahead, as schedule would admit no one; under
+    MAX_UTILIZATION (b admitted at once) and when a ends at the step, schedule plans it."""
+    e = FakeEngine(num_blocks=6, block_size=4, max_num_seqs=4, no_evict=True)
+    a, b = seq([1, 2, 3, 4], 12, rid="a"), seq([5, 6, 0, 1], 12, rid="b")
+    e.sched.add(a)
+    e.sched.add(b)
+    for _ in range(3):
+        e.step()
+    assert a.status is SequenceStatus.RUNNING and list(e.sched.waiting) == [b]
+    scheduled = e.sched.schedule()
+    assert scheduled == [(a, 1)]
+    assert e.sched.schedule_ahead(scheduled, ends=lambda s: True) is None  # a ends: b may be admitted next
+    assert e.sched.schedule_ahead(scheduled, ends=lambda s: False) == ([a], [0])

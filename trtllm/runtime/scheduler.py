@@ -62,8 +62,8 @@ Stop conditions (EOS, stop strings, max_tokens) are the engine's.
 (the engine's overlap scheduler launches it while the GPU still runs the first): the
 same sequences, one token each at the position their pending token will take. It only
 plans what `schedule` would plan itself: none while someone waiting could be admitted
-(a free slot under max_num_seqs) or a block is short (admission and preemption stay
-`schedule`'s). A sequence that stops at that step by EOS or a stop string frees its slot
+(a free slot under max_num_seqs; under GUARANTEED_NO_EVICT, also the room its reserve needs)
+or a block is short (admission and preemption stay `schedule`'s). A sequence that stops at that step by EOS or a stop string frees its slot
 one step late.
 """
 from __future__ import annotations
@@ -257,6 +257,15 @@ class Scheduler:
             budget -= chunk
         return scheduled
 
+    def _front_waits_for_blocks(self) -> bool:
+        """GUARANTEED_NO_EVICT: the front waiting sequence cannot be admitted before a running one
+        finishes (its blocks and everyone's reserve do not fit), so the overlap scheduler may plan
+        the next decode step ahead meanwhile."""
+        if not self.no_evict or self.adapters is not None:  # with LoRA admission may pass the front one
+            return False
+        front = self.waiting[0]
+        return not self.block_manager.can_allocate(front, self._reserve(front))
+
     def _reserve(self, seq: Sequence, running: bool = True) -> int:
         """GUARANTEED_NO_EVICT: the blocks to keep free beside `seq`'s own now, for the running
         sequences (`running`) and `seq` to grow to max_tokens (a beam group's other beams: a
@@ -297,7 +306,7 @@ class Scheduler:
         sequence, not yet `update`d): its sequences and their rows in `scheduled`, less
         those `ends(seq)` says finish at `scheduled`. Their blocks then cover the position
         after the pending token. None when the next step is `schedule`'s to plan."""
-        if self.waiting and len(self.running) < self.max_num_seqs:
+        if self.waiting and len(self.running) < self.max_num_seqs and not self._front_waits_for_blocks():
             return None  # a slot is free for the next in line: see below
         seqs, rows, running = [], [], 0
         for row, (seq, n) in enumerate(scheduled):
@@ -316,8 +325,10 @@ class Scheduler:
         if running != len(self.running):  # someone running is not in the step
             return None
         # Someone waits and may be admitted next step (a slot is free, or one frees by
-        # length now): `schedule` plans it. A batch that stays full admits no one anyway.
-        if self.waiting and len(seqs) < self.max_num_seqs:
+        # length now): `schedule` plans it. A batch that stays full admits no one anyway, nor
+        # does GUARANTEED_NO_EVICT while the front one's reserve does not fit and no one ends.
+        ended = running > len(seqs)
+        if self.waiting and len(seqs) < self.max_num_seqs and (ended or not self._front_waits_for_blocks()):
             return None
         return (seqs, rows) if seqs else None
 
