@@ -28,17 +28,18 @@ from trtllm import (
 )
 from trtllm.models.loader import load_model
 from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
-from trtllm.runtime.speculative.config import NGramDecodingConfig
+from trtllm.runtime.speculative.config import DraftTargetDecodingConfig, NGramDecodingConfig
 
 VOCAB = 512
 
 
-@pytest.fixture(scope="module", params=["plain", "overlap", "ngram", "lora", "no_evict"])
+@pytest.fixture(scope="module", params=["plain", "overlap", "ngram", "draft", "lora", "no_evict"])
 def llm(checkpoint, request, tmp_path_factory):
     """The engine; "overlap": decode steps through test_model_runner's CUDA-graph stand-ins, so the
     overlap scheduler launches the next greedy decode step ahead (as on a GPU); "ngram": with
     n-gram speculation (drafts verified beside plain rows, none while a beam search runs; the
-    prompts repeat tokens, so lookups find drafts); "lora": two adapters and one GPU slot, so
+    prompts repeat tokens, so lookups find drafts); "draft": a draft model (the target itself, its
+    own KV pool and mirrors of the target's sequences); "lora": two adapters and one GPU slot, so
     requests of different adapters (and none) wait for the slot and run beside base rows;
     "no_evict": SchedulerConfig(GUARANTEED_NO_EVICT), which admits fewer at once and never preempts
     (with the overlap scheduler too, which plans ahead while the front request waits for room)."""
@@ -46,7 +47,9 @@ def llm(checkpoint, request, tmp_path_factory):
     # sequences) overflow it (preemption); 16 tokens a step: prompts prefill in chunks
     make_tokenizer(checkpoint)  # guided requests need the vocabulary's strings
     model = load_model(checkpoint, dtype=torch.float32, device="cpu")
-    speculative = NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2) if request.param == "ngram" else None
+    speculative = {"ngram": NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2),
+                   "draft": DraftTargetDecodingConfig(max_draft_len=3, speculative_model_dir=str(checkpoint))
+                   }.get(request.param)
     options = {}
     if request.param == "lora":
         options["lora_config"] = LoraConfig(max_lora_rank=8, max_loras=1, max_cpu_loras=2)
@@ -125,6 +128,14 @@ def _close(a: tuple, b: tuple) -> bool:
     return True
 
 
+def _rejection_sampled(llm, params: SamplingParams) -> bool:
+    """A sampled request on a draft-model engine: its tokens come from rejection sampling of the
+    draft's proposals, which depend on whether a step speculated (its batch mates decide: a guided
+    one stops speculation), so the same seed alone may give other tokens (tests/runtime/test_speculative.py)."""
+    spec = llm.engine.speculative
+    return spec is not None and spec.draft is not None and not params.greedy and params.beam_width == 1
+
+
 def _adapter(llm, index: int):
     return llm.adapters[index % len(llm.adapters)]
 
@@ -155,11 +166,19 @@ def test_a_mix_gives_each_request_its_own_output(llm, requests):
         for c in out.outputs if guide is not None else ():
             assert c.finish_reason == "length" or re.fullmatch(guide.regex, c.text), (guide.regex, c.text)
         alone = llm.generate([prompt], params, use_tqdm=False, lora_request=_adapter(llm, a))[0]
+        if _rejection_sampled(llm, params):  # the target's distribution, not its seeded tokens
+            assert [(len(c.token_ids), c.finish_reason) for c in out.outputs] == \
+                [(len(c.token_ids), c.finish_reason) for c in alone.outputs]
+            continue
         assert _close(_result(out), _result(alone)), (params, _result(out), _result(alone))
     bm = llm.block_manager
     bm.check_invariants()
     assert bm.num_free_blocks + bm.num_cached_blocks == bm.num_blocks
     assert not llm.has_unfinished()
+    draft = llm.engine.speculative.draft if llm.engine.speculative is not None else None
+    if draft is not None:  # the draft model's pool: every mirror of a finished sequence freed
+        draft.block_manager.check_invariants()
+        assert draft.block_manager.num_used_blocks == 0 and not draft.mirrors
 
 
 def test_each_engine_did_what_it_is_for(llm):
