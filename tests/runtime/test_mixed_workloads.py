@@ -13,6 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.lora_adapters import write_adapter
+from tests.models.checkpoints import write_checkpoint
+from tests.runtime.test_eagle3 import write_head
 from tests.runtime.test_model_runner import EagerGraph
 from tests.runtime.test_overlap_scheduler import count_ahead
 from tests.runtime.tokenizers import make_tokenizer
@@ -28,28 +30,37 @@ from trtllm import (
 )
 from trtllm.models.loader import load_model
 from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
-from trtllm.runtime.speculative.config import DraftTargetDecodingConfig, NGramDecodingConfig
+from trtllm.runtime.speculative.config import DraftTargetDecodingConfig, EagleDecodingConfig, NGramDecodingConfig
 
 VOCAB = 512
 
 
-@pytest.fixture(scope="module", params=["plain", "overlap", "ngram", "draft", "lora", "no_evict"])
+@pytest.fixture(scope="module", params=["plain", "overlap", "ngram", "draft", "eagle3", "lora", "no_evict"])
 def llm(checkpoint, request, tmp_path_factory):
     """The engine; "overlap": decode steps through test_model_runner's CUDA-graph stand-ins, so the
     overlap scheduler launches the next greedy decode step ahead (as on a GPU); "ngram": with
     n-gram speculation (drafts verified beside plain rows, none while a beam search runs; the
     prompts repeat tokens, so lookups find drafts); "draft": a draft model (the target itself, its
-    own KV pool and mirrors of the target's sequences); "lora": two adapters and one GPU slot, so
+    own KV pool and mirrors of the target's sequences); "eagle3": an EAGLE-3 head (random, on a
+    4-layer target: the target's hidden states stashed a row per KV slot, the head's own pool); "lora": two adapters and one GPU slot, so
     requests of different adapters (and none) wait for the slot and run beside base rows;
     "no_evict": SchedulerConfig(GUARANTEED_NO_EVICT), which admits fewer at once and never preempts
     (with the overlap scheduler too, which plans ahead while the front request waits for room)."""
     # 6 blocks of 16 tokens: two or three requests of ~20-40 tokens each (beams, n = 2: two
     # sequences) overflow it (preemption); 16 tokens a step: prompts prefill in chunks
+    if request.param == "eagle3":  # the head reads states leaving layers 0, 1, 2 of a 4-layer target
+        checkpoint = write_checkpoint("llama31", tmp_path_factory.mktemp("eagle_target"), vocab_size=VOCAB,
+                                      num_hidden_layers=4)
+        head = write_head(tmp_path_factory.mktemp("eagle_head"))
     make_tokenizer(checkpoint)  # guided requests need the vocabulary's strings
     model = load_model(checkpoint, dtype=torch.float32, device="cpu")
-    speculative = {"ngram": NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2),
-                   "draft": DraftTargetDecodingConfig(max_draft_len=3, speculative_model_dir=str(checkpoint))
-                   }.get(request.param)
+    speculative = None
+    if request.param == "ngram":
+        speculative = NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2)
+    elif request.param == "draft":
+        speculative = DraftTargetDecodingConfig(max_draft_len=3, speculative_model_dir=str(checkpoint))
+    elif request.param == "eagle3":
+        speculative = EagleDecodingConfig(max_draft_len=3, speculative_model_dir=str(head))
     options = {}
     if request.param == "lora":
         options["lora_config"] = LoraConfig(max_lora_rank=8, max_loras=1, max_cpu_loras=2)
@@ -179,6 +190,7 @@ def test_a_mix_gives_each_request_its_own_output(llm, requests):
     if draft is not None:  # the draft model's pool: every mirror of a finished sequence freed
         draft.block_manager.check_invariants()
         assert draft.block_manager.num_used_blocks == 0 and not draft.mirrors
+        assert getattr(draft, "eagle", None) is None or not draft.eagle.exact
 
 
 def test_each_engine_did_what_it_is_for(llm):
