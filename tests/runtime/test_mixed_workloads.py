@@ -168,6 +168,12 @@ async def _run_mix(llm, requests):
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(requests=st.lists(request(), min_size=2, max_size=6))
 def test_a_mix_gives_each_request_its_own_output(llm, requests):
+    check_mix(llm, requests)
+
+
+def check_mix(llm, requests) -> None:
+    """Run `requests` (from `request()`) at once on `llm`, then each alone: the same outputs, and
+    nothing left in the engine (tests/parallel/test_llm_mixed_parallel.py runs it on ranks)."""
     outs = asyncio.run(_run_mix(llm, requests))
     for (prompt, params, abort, a), out in zip(requests, outs):
         assert out is not None and out.finished
