@@ -4,16 +4,20 @@ draft/target pairs we cannot download).
 
     PYTHONPATH=$PWD python bench/bench_speculative.py [--smoke] [--new 128] [--draft-len 4]
 
-The target: Llama-3.1-8B shapes, random bf16 weights, whose layers after the second have
-their output projections (o_proj, down_proj) zeroed: they add nothing to the residual, so
-the target predicts exactly what its first two layers predict while it costs a full 8B
-forward pass. Workloads, each against the plain target (overlap scheduler and decode CUDA
+The target: Llama-3.1-8B shapes, random bf16 weights, every layer's output projections
+(o_proj, down_proj) zeroed: the layers add nothing to the residual, so the target is a bigram
+model (its next token a function of its last) while it costs a full 8B forward pass, as
+bench_mtp's. (Until 2026-12-05 the first two layers stayed live; zeroing them too keeps the
+draft's ~100% acceptance and its cost, and lets the n-gram row's periodic text be built
+exactly.) Workloads, each against the plain target (overlap scheduler and decode CUDA
 graphs on, as users run it) on the same prompts:
 - draft model at ~100% acceptance: a 2-layer draft sharing the target's embedding, first
   two layers, norm and head (`DraftTargetDecodingConfig`), batch 1 and batch 32;
-- n-gram lookup (`NGramDecodingConfig`, max_matching_ngram_size 3) at batch 1, on prompts
-  that repeat a 16-token phrase (the target's greedy text then tends to repeat too;
-  acceptance is what it measures);
+- n-gram lookup (`NGramDecodingConfig`, max_matching_ngram_size 3) at batch 1 on periodic
+  text, issue 24's floor: the head also maps each token of a 16-token phrase to the next
+  (`periodic_phrase`), so the target's greedy text after the repeated phrase repeats it,
+  ~100% acceptance (the machinery's speed); then on a repeated random phrase, which the
+  bigram target does not follow: what lookup costs when it finds nothing to propose;
 - an EAGLE-3 head (`EagleDecodingConfig`) of the published 8B heads' shapes, random weights:
   what its machinery costs at ~0% acceptance (the target stashing its states, the head's
   steps), batch 1 and batch 32 (real acceptance: bench/bench_eagle3_demo.py);
@@ -47,6 +51,7 @@ LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, 
 SMOKE = dict(LLAMA31_8B, vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 DRAFT_LAYERS = 2
+PHRASE = 16  # the n-gram rows' repeated phrase, tokens
 # Where a speculative sequence parts from the plain one, its token must be a near-tie of the
 # plain target's pick (bf16 rounding between a verify chunk and a decode step), not a token
 # far below it: random weights' logits are ~N(0, 1) over 128k tokens, so a wrong token lies
@@ -71,12 +76,12 @@ def random_llama(shape: dict, num_layers: int, seed: int, device, dtype) -> Llam
 
 
 def zeroed_target_and_draft(shape: dict, device, dtype, seed: int = 0):
-    """(target, draft): the target's layers from DRAFT_LAYERS on add nothing (o_proj and
-    down_proj zeroed); the draft is its first DRAFT_LAYERS layers, embedding, norm and head
-    (the same Parameters, no copy)."""
+    """(target, draft): the target's layers add nothing (o_proj and down_proj zeroed); the
+    draft is its first DRAFT_LAYERS layers, embedding, norm and head (the same Parameters,
+    no copy), so it predicts what the target does."""
     target = random_llama(shape, shape["num_hidden_layers"], seed, device, dtype)
     with torch.no_grad():
-        for layer in target.model.layers[DRAFT_LAYERS:]:
+        for layer in target.model.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
     with torch.device("meta"):
@@ -86,6 +91,25 @@ def zeroed_target_and_draft(shape: dict, device, dtype, seed: int = 0):
     draft.model.layers = torch.nn.ModuleList(target.model.layers[:DRAFT_LAYERS])
     draft.init_buffers(torch.device(device))
     return target, draft.eval()
+
+
+def periodic_phrase(target: LlamaForCausalLM, length: int, seed: int, gain: float = 30.0) -> list[int]:
+    """A phrase of `length` distinct tokens that the bigram `target`'s greedy text cycles
+    through: after token x its final state is norm(embedding(x)) =: n_x, and the head's row
+    of x's successor in the phrase gains gain * n_x / |n_x|^2, so that successor's logit
+    rises by `gain` against logits ~N(0, 1); the phrase's last token leads to its first.
+    Issue 24's periodic text, with a known ~100% acceptance. Other tokens' logits move by
+    ~gain / sqrt(hidden) (0.5 at 8B shapes); the draft shares the head and keeps its
+    acceptance."""
+    g = torch.Generator().manual_seed(seed)
+    phrase = torch.randperm(target.config.vocab_size, generator=g)[:length].tolist()
+    norm = target.model.norm
+    with torch.no_grad():
+        emb = target.model.embed_tokens.weight[phrase].float()                      # [L, D]
+        normed = emb * torch.rsqrt(emb.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.float()
+        rows = gain * normed / normed.pow(2).sum(-1, keepdim=True)                  # rows . normed = gain
+        target.lm_head.weight[phrase[1:] + phrase[:1]] += rows.to(target.lm_head.weight.dtype)
+    return phrase
 
 
 def random_eagle3(shape: dict, device, dtype, seed: int = 2) -> Eagle3Draft:
@@ -119,8 +143,14 @@ def prompts(n: int, length: int, vocab: int, seed: int, periodic: bool = False) 
     g = torch.Generator().manual_seed(seed)
     if not periodic:
         return torch.randint(0, vocab, (n, length), generator=g).tolist()
-    phrase = torch.randint(0, vocab, (n, 16), generator=g)
-    return phrase.repeat(1, -(-length // 16))[:, :length].tolist()
+    phrase = torch.randint(0, vocab, (n, PHRASE), generator=g)
+    return phrase.repeat(1, -(-length // PHRASE))[:, :length].tolist()
+
+
+def repeated(phrase: list[int], length: int) -> list[int]:
+    """`phrase` repeated to `length` tokens, cut to end on its last token (its continuation
+    starts the phrase again)."""
+    return phrase * max(1, length // len(phrase))
 
 
 def run(llm: LLM, batch: list[list[int]], new: int) -> tuple[list[list[int]], float, dict]:
@@ -169,6 +199,8 @@ def measured_row(plain: LLM, llm: LLM, name: str, batch: list[list[int]], new: i
            "plain tok/s": f"{b * new / plain_s:,.1f}", label: f"{b * new / spec_s:,.1f}",
            "speed-up": f"{plain_s / spec_s:.2f}x", "acceptance": f"{accepted / drafts:.1%}" if drafts else "-",
            "acceptance length": f"{1 + accepted / steps:.2f}" if steps else "-",
+           # a sequence's steps: one a token, less one for each accepted draft token
+           "tokens/step": f"{b * new / (b * new - accepted):.2f}",
            "identical": f"{sum(a == e for a, e in zip(got, expected)) / len(expected):.2f}"}
     gaps = divergence_gaps(plain, batch, expected, got)
     row["max gap at a divergence"] = f"{max(gaps):.3f}" if gaps else "-"
@@ -207,6 +239,7 @@ def main():
     k = args.draft_len
 
     target, draft = zeroed_target_and_draft(shape, device, dtype)
+    cycle = periodic_phrase(target, PHRASE, seed=6)  # before any engine reads the head
     random_draft = random_llama(shape, DRAFT_LAYERS, seed=1, device=device, dtype=dtype)
     vocab = shape["vocab_size"]
     graphs = None if not args.no_verify_graphs else False  # None: the engine's default (graphs on a GPU)
@@ -214,9 +247,9 @@ def main():
         ("draft", "draft model, ~100% acceptance",
          DraftTargetDecodingConfig(max_draft_len=k, speculative_model_dir=draft, verify_cuda_graphs=graphs),
          [(1, prompts(1, args.prompt, vocab, 0)), (large, prompts(large, args.prompt, vocab, 1))]),
-        ("ngram", "n-gram, repeated-phrase prompt",
+        ("ngram", "n-gram: periodic text (~100% acceptance), then a repeated random phrase (~0%)",
          NGramDecodingConfig(max_draft_len=k, max_matching_ngram_size=3, verify_cuda_graphs=graphs),
-         [(1, prompts(1, args.prompt, vocab, 2, periodic=True))]),
+         [(1, [repeated(cycle, args.prompt)]), (1, prompts(1, args.prompt, vocab, 2, periodic=True))]),
         ("eagle", "EAGLE-3 head, random weights (~0% acceptance)",
          EagleDecodingConfig(max_draft_len=k, speculative_model_dir=random_eagle3(shape, device, dtype),
                              verify_cuda_graphs=graphs),
