@@ -67,7 +67,7 @@ def test_greedy_with_an_adapter_equals_peft(llm, base, adapters):
         assert want != base_tokens, f"{name} changes nothing: the test could not fail"
         assert greedy(llm, PROMPTS, request) == want, name
     assert lora_ops(llm) == (8, 0)  # 4 GEMMs (fused qkv, o, fused gate-up, down) x 2 layers, fused
-    assert not llm.engine.runner.prefill_graphs_serve()  # they would not refill each token's adapter slot
+    assert llm.engine.runner.prefill_graphs_serve()  # (a CPU captures none: test_prefill_graphs_...)
 
 
 def test_steps_without_adapters_launch_no_adapter_kernels(llm, adapters, monkeypatch):
@@ -104,6 +104,35 @@ def test_a_mixed_batch_gives_each_request_its_solo_tokens(llm, adapters):
     prompts, requests = _mixed(adapters)
     solo = [greedy(llm, [p], r)[0] for p, r in zip(prompts, requests)]
     assert greedy(llm, prompts, requests) == solo
+
+
+@pytest.mark.parametrize("interpret", [False, True], ids=["reference", "triton-interpreter"])
+def test_prefill_graphs_refill_each_tokens_adapter_slot(base, adapters, interpret, monkeypatch):
+    """Steps of several tokens a sequence replayed from prefill graphs (the CPU stand-ins of
+    tests/runtime/test_model_runner.py) with adapters and the base in one step, whole and
+    chunked: each request gets peft's tokens; the graphs' padding tokens have no slot."""
+    from tests.runtime.test_model_runner import add_prefill_graphs
+    if interpret:  # the LoRA kernels, not the references, under a graph's padded bounds
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    prompts, requests = _mixed(adapters)
+    want = [peft_greedy(hf_model(base) if r is None else adapters[r.lora_name][1], p, NEW)
+            for p, r in zip(prompts, requests)]
+    seen = []  # (graph tokens, its slots) at each replay: past the step's tokens, padding, -1
+    for max_num_tokens in (64, 16):
+        with LLM(str(base), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=4096),
+                 build_config=BuildConfig(max_batch_size=8, max_num_tokens=max_num_tokens, max_seq_len=64),
+                 lora_config=LoraConfig(max_lora_rank=16, max_loras=4)) as llm:
+            graphs = add_prefill_graphs(llm, max_num_tokens)
+            slots = llm.engine.adapters.slots.slot_ids
+            for g in graphs.values():
+                real = g.replay
+                g.replay = lambda g=g, real=real, slots=slots: (seen.append((g.tokens, slots[:g.tokens].tolist())),
+                                                                 real())[1]
+            assert greedy(llm, prompts, requests) == want
+            assert any(g.replays for g in graphs.values())
+            assert any(s >= 0 for _, row in seen for s in row), "no replay had an adapter: the test could not fail"
+            llm.block_manager.check_invariants()
+    assert any(row[-1] == -1 for _, row in seen)
 
 
 def test_more_adapters_than_slots_evicts_and_still_matches(base, adapters):

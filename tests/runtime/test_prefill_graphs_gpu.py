@@ -1,7 +1,7 @@
 """Prefill CUDA graphs on a GPU (skipped without CUDA or with the Triton interpreter): steps of
 several tokens a sequence (whole prompts, chunks, decode + prefill) replayed from token-bucket
 graphs give the greedy tokens of the same engine without them and of one without any graph
-(fp32), compile nothing after startup, and are refused for LoRA (not captured)."""
+(fp32) and compile nothing after startup (with LoRA: tests/runtime/test_lora_gpu.py)."""
 import os
 
 import pytest

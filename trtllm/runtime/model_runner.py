@@ -18,7 +18,9 @@ With LoRA (`adapters`, runtime/adapters.py), each step also writes each token's 
 (-1: none) into the fixed-address `LoraSlots.slot_ids` the graphs read (trtllm/lora_slots.py),
 padding tokens -1, by one more copy out of the same pinned staging. A step in which no token
 has an adapter runs inside `no_adapters()` (kernels/linear_lora.py) (the fused LoRA linears launch the base
-linear alone), by the decode graphs captured that way where one fits.
+linear alone), by the decode graphs captured that way where one fits. Prefill graphs are
+captured once, with the adapters' kernels: they serve steps with and without adapters (a
+token of slot -1 costs the kernels a slot read and, in the expand, a copy of its row).
 With images (`multimodal`, runtime/multimodal_stager.py), each step first stages the image
 features its chunks reach (encoded once per image) into the fixed-address buffers the graphs'
 `trtllm.splice_embeddings` reads (trtllm/multimodal_context.py); a step without image tokens
@@ -30,8 +32,8 @@ write no cache slot and belong to no sequence), and steps of several tokens a se
 of at most CudaGraphConfig.max_prefill_tokens tokens replay graphs captured for token
 buckets (their capture and replay are runtime/cuda_graphs.py; with latent attention only
 buckets of at most ABSORBED_MAX_QUERY_LEN tokens). Other steps (longer ones, prompt
-logprobs, and any step of a model with LoRA or M-RoPE but pure decodes) run the compiled
-model directly.
+logprobs, and any step of a model with M-RoPE but pure decodes) run the compiled model
+directly.
 
 A step is launched, not waited for: `execute` queues its GPU work and returns a
 `LaunchedStep`; its results are read after `LaunchedStep.wait()`. `execute_ahead`
@@ -114,14 +116,15 @@ class ModelRunner:
 
     def prefill_graphs_serve(self) -> bool:
         """Whether prefill graphs can run this model's steps: not with per-token state they
-        would not refill (LoRA slots, M-RoPE positions); not under parallelism (no graphs).
+        would not refill (M-RoPE positions; LoRA slots they do refill, as decode graphs do:
+        `replay_prefill`); not under parallelism (no graphs).
         Image rows they read: `execute` stages them into fixed buffers before any replay, and
         the rows past the step's tokens hold -1 (trtllm/multimodal_context.py). Latent
         attention: graphs of at most ABSORBED_MAX_QUERY_LEN tokens, the steps the MLA op
         attends on the device (verify steps, an MTP layer's catch-ups); longer ones expand
         per sequence on the host's lengths (trtllm/mla_attention.py)."""
         compiled = self.compiled
-        return self.adapters is None and self.mrope is None and getattr(compiled, "tensor_parallel", None) is None
+        return self.mrope is None and getattr(compiled, "tensor_parallel", None) is None
 
     @contextlib.contextmanager
     def graph_inputs(self):
