@@ -98,6 +98,33 @@ def test_greedy_equals_hf(checkpoint, hf, llm, num_images):
     assert out.outputs[0].token_ids == expected
 
 
+@pytest.mark.parametrize("max_num_tokens", [16, 256], ids=["chunked", "whole"])
+def test_prefill_graphs_stage_the_mrope_positions(checkpoint, hf, max_num_tokens):
+    """Prefill steps replayed from (stand-in) prefill graphs, which read the three position
+    rows staged before each replay (zeros past the step's tokens): HF's tokens for an image
+    prompt beside a text-only one, whole prompts and chunks that cut the image."""
+    from tests.runtime.test_eagle3 import _EagerStepGraph
+    imgs = images(1, seed=8)
+    text = "<|im_start|>user\nHello there.<|im_end|>\n<|im_start|>assistant\n"
+    with LLM(model=str(checkpoint), dtype="float32",
+             build_config=BuildConfig(max_num_tokens=max_num_tokens, max_batch_size=4)) as llm:
+        runner = llm.engine.runner
+        assert runner.prefill_graphs_serve()
+        graphs = {t: _EagerStepGraph(runner, t, llm.engine.vocab_size, min(t, runner.meta.max_num_seqs))
+                  for t in (16, 32, 64, 128, 256) if t <= max_num_tokens}
+        runner.cuda_graphs.prefill = {t: (g, g.logits) for t, g in graphs.items()}
+        padding = []  # each replay's position rows past the step's tokens
+        for g in graphs.values():
+            real = g.replay
+            g.replay = lambda g=g, real=real: (padding.append(runner.mrope.buffer[:g.tokens].clone()), real())[1]
+        outs = llm.generate([{"prompt": prompt(1), "multi_modal_data": {"image": imgs}}, text],
+                            SamplingParams(max_tokens=6, **GREEDY))
+    assert sum(g.replays for g in graphs.values()) > 0
+    assert outs[0].outputs[0].token_ids == hf_greedy(hf, checkpoint, prompt(1), imgs, 6)
+    assert outs[1].outputs[0].token_ids == hf_greedy(hf, checkpoint, text, [], 6)
+    assert any(rows[-1].tolist() == [0, 0, 0] for rows in padding)
+
+
 def test_batch_of_image_and_text_prompts_equals_hf(checkpoint, hf, llm):
     """Three requests in one batch (their positions tables side by side in one step): an image
     prompt, another image's, and text only; each equals HF's alone."""

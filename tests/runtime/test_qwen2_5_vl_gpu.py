@@ -1,7 +1,7 @@
 """Qwen2.5-VL on a GPU (skipped without CUDA or with the Triton interpreter): the tiny random
 checkpoint in fp32, its vision tower compiled by Inductor with the segment attention kernel, the
-language model's decode steps replayed from CUDA graphs that read the M-RoPE position buffer
-(and the overlap scheduler's launch-ahead steps): greedy output with one and two images equals
+language model's decode and prefill steps replayed from CUDA graphs that read the M-RoPE
+position buffer (and the overlap scheduler's launch-ahead steps): greedy output with one and two images equals
 HF generate on the GPU, and the same engine without CUDA graphs."""
 import os
 
@@ -34,7 +34,7 @@ def test_qwen2_5_vl_under_cuda_graphs_equals_hf_and_eager(tmp_path):
     for graphs in (True, False):
         with LLM(model=str(path), dtype="float32", enable_cuda_graph=graphs,
                  build_config=BuildConfig(max_num_tokens=32)) as llm:
-            assert bool(llm.engine.runner.cuda_graphs.decode) == graphs
+            assert bool(llm.engine.runner.cuda_graphs.decode) == bool(llm.engine.runner.cuda_graphs.prefill) == graphs
             results[graphs] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
             # one at a time too: decode batches of one sequence
             results[graphs, "alone"] = [llm.generate(p, params).outputs[0].token_ids for p in prompts]

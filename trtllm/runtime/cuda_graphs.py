@@ -20,9 +20,9 @@ num_seqs min(max_num_seqs, T), max_query_len T, max_seq_len the model's length; 
 rows are the first min(T, max_num_seqs) flat indices the runner stages (the rows to sample
 first, the rest padding). What they save is host time: an eager 128-token prefill of
 Llama-3.1-8B launched for ~24 ms against ~5.5 ms of kernels (H200, bench/RESULTS.md). Not
-captured for M-RoPE (its steps stage per-token positions these graphs do not refill), nor
-past 33 tokens for latent attention (longer steps expand per sequence on the host); image
-rows are staged into fixed buffers before every replay (runtime/model_runner.py
+captured past 33 tokens for latent attention (longer steps expand per sequence on the
+host); image rows and M-RoPE's three position rows are staged into fixed buffers before
+every replay, padding past the step's tokens -1 / zeros (runtime/model_runner.py
 `prefill_graphs_serve`). With LoRA adapters they are captured with the adapters' kernels,
 once: a replay refills each token's slot (-1 for padding and the base), so one graph serves
 steps with adapters and without.
@@ -174,6 +174,8 @@ class CudaGraphs:
         if runner.adapters is not None:  # each token's LoRA slot (staged by the runner), padding none
             runner._staging_np[3, len(ids):size] = -1
             runner.adapters.slots.slot_ids[:size].copy_(runner._staging[3, :size], non_blocking=True)
+        if runner.mrope is not None:  # M-RoPE positions: the runner staged the step's tokens', padding zeros
+            runner.mrope.pad(len(ids), size)
         if runner._inputs_copied is not None:
             runner._inputs_copied.record()
         graph.replay()

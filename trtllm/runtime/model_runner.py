@@ -32,8 +32,7 @@ write no cache slot and belong to no sequence), and steps of several tokens a se
 of at most CudaGraphConfig.max_prefill_tokens tokens replay graphs captured for token
 buckets (their capture and replay are runtime/cuda_graphs.py; with latent attention only
 buckets of at most ABSORBED_MAX_QUERY_LEN tokens). Other steps (longer ones, prompt
-logprobs, and any step of a model with M-RoPE but pure decodes) run the compiled model
-directly.
+logprobs) run the compiled model directly.
 
 A step is launched, not waited for: `execute` queues its GPU work and returns a
 `LaunchedStep`; its results are read after `LaunchedStep.wait()`. `execute_ahead`
@@ -115,16 +114,16 @@ class ModelRunner:
                 self.cuda_graphs.capture_prefill(prefill_token_sizes(most))
 
     def prefill_graphs_serve(self) -> bool:
-        """Whether prefill graphs can run this model's steps: not with per-token state they
-        would not refill (M-RoPE positions; LoRA slots they do refill, as decode graphs do:
-        `replay_prefill`); not under parallelism (no graphs).
+        """Whether prefill graphs can run this model's steps: not under parallelism (no
+        graphs). Per-token state is refilled before each replay, as for decode graphs (LoRA
+        slots, M-RoPE positions: `replay_prefill`).
         Image rows they read: `execute` stages them into fixed buffers before any replay, and
         the rows past the step's tokens hold -1 (trtllm/multimodal_context.py). Latent
         attention: graphs of at most ABSORBED_MAX_QUERY_LEN tokens, the steps the MLA op
         attends on the device (verify steps, an MTP layer's catch-ups); longer ones expand
         per sequence on the host's lengths (trtllm/mla_attention.py)."""
         compiled = self.compiled
-        return self.mrope is None and getattr(compiled, "tensor_parallel", None) is None
+        return getattr(compiled, "tensor_parallel", None) is None
 
     @contextlib.contextmanager
     def graph_inputs(self):
