@@ -11,6 +11,8 @@ checkpoints. Greedy, ignore_eos, token-id prompts of 128 tokens, 128 new tokens:
   rest wait for a slot) vs 256 base requests. The slots bound this row: at most `slots`
   adapters' requests run at once, 4 each here, so 8 slots ran 32 sequences at a time against
   the base's 256 (0.187x on the H200, 2026-12-03: about what batch 32 decodes against 256);
+- the time to the first token of a 128-token prompt with an adapter (the ratio column: base
+  TTFT / LoRA TTFT, so higher is better as in the other rows);
 - loading a rank-16 adapter from the host cache into a GPU slot (median of 10).
 "base" is an LLM without lora_config on the same weights; the LoRA engine's base requests are
 reported too (the cost of the LoRA ops when no token has an adapter). Correctness first: the
@@ -114,6 +116,18 @@ def tok_s(llm, batch, loras, runs: int) -> tuple[float, list]:
     return len(batch) * NEW / statistics.median(times), [len(batch) * NEW / t for t in times]
 
 
+def ttft_ms(llm, vocab: int, lora, runs: int = 5) -> float:
+    """Median ms of a 128-token prompt's first token (max_tokens=1), a fresh prompt each run
+    (the prefix cache would skip the prefill)."""
+    first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    times = []
+    for i in range(runs + 1):  # the first: warm-up
+        prompt = prompts(1, vocab, seed=1000 + i + (0 if lora is None else 100)).tolist()
+        _, dt = timed(functools.partial(llm.generate, prompt, first, use_tqdm=False, lora_request=lora))
+        times.append(dt * 1e3)
+    return statistics.median(times[1:])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU is fine): checks the pipeline")
@@ -142,6 +156,7 @@ def main():
         batch = prompts(b, vocab, seed=b).tolist()
         tok_s(base_llm, batch[:1], None, 1)  # warm-up
         base[b], results[f"base_b{b}_runs"] = tok_s(base_llm, batch, None, 3 if b == 1 else 1)
+    base_ttft = ttft_ms(base_llm, vocab, None)
     base_llm.shutdown()
     del base_llm
     if device == "cuda":
@@ -170,6 +185,15 @@ def main():
                          ratio=f"{lora_tok_s / base[b]:.3f}", lora_engine_base=f"{base_in_lora:,.0f}",
                          lora_engine_base_ratio=f"{base_in_lora / base[b]:.3f}"))
         print(rows[-1], flush=True)
+
+    # time to the first token of a 128-token prompt (LoRA prefill steps replay prefill graphs since 2026-12-05)
+    lora_ttft, lora_engine_base_ttft = ttft_ms(llm, vocab, requests[0]), ttft_ms(llm, vocab, None)
+    results.update(ttft_ms_base=base_ttft, ttft_ms_lora=lora_ttft, ttft_ms_lora_engine_base=lora_engine_base_ttft)
+    rows.append(dict(workload=f"TTFT, {PROMPT}-token prompt, one adapter (ms, median of 5)", base=f"{base_ttft:.2f}",
+                     lora=f"{lora_ttft:.2f}", ratio=f"{base_ttft / lora_ttft:.3f}",
+                     lora_engine_base=f"{lora_engine_base_ttft:.2f}",
+                     lora_engine_base_ratio=f"{base_ttft / lora_engine_base_ttft:.3f}"))
+    print(rows[-1], flush=True)
 
     # slot load time from the host cache (every adapter above is there)
     adapters = llm.engine.adapters
