@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tests.lora_adapters import write_adapter
 from tests.models.checkpoints import write_checkpoint
 from tests.runtime.test_eagle3 import write_head
-from tests.runtime.test_model_runner import EagerGraph
+from tests.runtime.test_model_runner import EagerGraph, add_prefill_graphs
 from tests.runtime.test_overlap_scheduler import count_ahead
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm import (
@@ -37,13 +37,15 @@ VOCAB = 512
 
 @pytest.fixture(scope="module", params=["plain", "overlap", "ngram", "draft", "eagle3", "lora", "no_evict"])
 def llm(checkpoint, request, tmp_path_factory):
-    """The engine; "overlap": decode steps through test_model_runner's CUDA-graph stand-ins, so the
-    overlap scheduler launches the next greedy decode step ahead (as on a GPU); "ngram": with
+    """The engine; "overlap": decode and prefill steps through test_model_runner's CUDA-graph
+    stand-ins, so the overlap scheduler launches the next greedy decode step ahead (as on a GPU); "ngram": with
     n-gram speculation (drafts verified beside plain rows, none while a beam search runs; the
     prompts repeat tokens, so lookups find drafts); "draft": a draft model (the target itself, its
     own KV pool and mirrors of the target's sequences); "eagle3": an EAGLE-3 head (random, on a
     4-layer target: the target's hidden states stashed a row per KV slot, the head's own pool); "lora": two adapters and one GPU slot, so
-    requests of different adapters (and none) wait for the slot and run beside base rows;
+    requests of different adapters (and none) wait for the slot and run beside base rows, every
+    step through decode and prefill graph stand-ins as on a GPU (each token's slot refilled at
+    replay; decode steps launched ahead);
     "no_evict": SchedulerConfig(GUARANTEED_NO_EVICT), which admits fewer at once and never preempts
     (with the overlap scheduler too, which plans ahead while the front request waits for room)."""
     # 6 blocks of 16 tokens: two or three requests of ~20-40 tokens each (beams, n = 2: two
@@ -74,11 +76,13 @@ def llm(checkpoint, request, tmp_path_factory):
     with LLM(model, tokenizer=str(checkpoint), speculative_config=speculative, **options,
              kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=96),
              build_config=BuildConfig(max_batch_size=6, max_num_tokens=16, max_seq_len=48, max_beam_width=2)) as llm:
-        if request.param in ("overlap", "no_evict"):
+        if request.param in ("overlap", "no_evict", "lora"):
             runner = llm.engine.runner
             for b in cuda_graph_batch_sizes(runner.meta.max_num_seqs):
                 g = EagerGraph(runner, b, VOCAB)
                 runner.cuda_graphs.decode[b] = (g, g.logits, g.greedy)
+            if request.param in ("overlap", "lora"):
+                add_prefill_graphs(llm, 16)
         llm.adapters = [None] + adapters if "lora_config" in options else [None]  # what a request's adapter index picks from
         llm.launched_ahead = count_ahead(llm)  # one entry per step the overlap scheduler tried to launch ahead
         yield llm
@@ -215,3 +219,5 @@ def test_each_engine_did_what_it_is_for(llm):
     assert preempted == 0 if llm.engine.scheduler.no_evict else preempted > 0, stats
     overlapped = sum(llm.launched_ahead[ahead:])
     assert (overlapped > 0) == bool(llm.engine.runner.cuda_graphs.decode), overlapped
+    prefill = llm.engine.runner.cuda_graphs.prefill
+    assert bool(prefill) == any(g.replays for g, _ in prefill.values())
