@@ -102,6 +102,23 @@ def test_same_image_encoded_once_and_reuses_blocks(llm):
     assert cache.num_encoded == before + 3
 
 
+def test_an_images_hash_does_not_depend_on_its_prompt_mates(llava):
+    """LLaVA-NeXT's processor pads every image of a prompt to the most crops any has; the
+    padding is not the image's: the same image beside a larger one hashes as it does alone
+    (before, it hashed anew there, was encoded again and missed its cached blocks)."""
+    from transformers import AutoProcessor
+
+    from trtllm.runtime.multimodal_inputs import process_prompt
+    processor = AutoProcessor.from_pretrained(llava)
+    small, large = random_images(3, seed=13)[2], random_images(1, seed=13)[0]  # 28x28 and 40x30
+    token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    _, alone = process_prompt(processor, "<image>", [small], token)
+    _, beside = process_prompt(processor, "<image> <image>", [small, large], token)
+    assert alone.images[0].hash == beside.images[0].hash
+    assert alone.images[0].pixel_values.shape == beside.images[0].pixel_values.shape
+    assert beside.images[0].hash != beside.images[1].hash
+
+
 def test_different_images_same_text_share_no_blocks(llm):
     text = "<image>\nWhat is in the picture, in a few words? ASSISTANT:"
     a, b = random_images(2, seed=21)

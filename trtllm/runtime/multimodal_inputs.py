@@ -156,10 +156,21 @@ def process_prompt(processor, text: str, images: list, image_token_id: int) -> t
             raise ValueError(f"image {i}'s {n} tokens are not consecutive in the prompt")
         pv = pixel_values[i]
         size = sizes[i] if sizes is not None else None
+        if pv.dim() == 4 and size is not None:  # LLaVA-NeXT: its own crops, not the batch's padding
+            pv = pv[:_num_crops(processor, size)]
         grid = grids[i] if grids is not None else None
         spans.append(ImageSpan(image_hash(pv, size if grid is None else grid), offset, n, pv, size, grid))
         k += n
     return ids, MultimodalData(spans)
+
+
+def _num_crops(processor, size: tuple[int, int]) -> int:
+    """LLaVA-NeXT: the crops of an image of `size` (its grid's, plus the base image). The
+    processor pads every image of a prompt to the most any has: an image's hash then hung on
+    its batch mates (the same image hashed anew, encoded again, its cached blocks missed)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    ip = processor.image_processor
+    return image_size_to_num_patches(list(size), ip.image_grid_pinpoints, ip.crop_size["height"])
 
 
 def _tokens_per_image(processor, images: list, sizes) -> list[int]:
