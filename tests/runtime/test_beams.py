@@ -233,6 +233,27 @@ def test_best_of_keeps_the_n_highest_cumulative_logprobs(checkpoint):
         SamplingParams(n=2, best_of=1)
 
 
+def test_best_of_aborted_before_ranking_says_abort_on_every_completion():
+    """Aborted while one candidate had finished and another had not: the first n candidates come
+    back unranked, each "abort" (a finished one is not the request's answer: the other may have
+    been likelier). Before, such an output said "length" for whichever candidate came first."""
+    from trtllm.runtime.output_builder import OutputBuilder
+    params = SamplingParams(n=1, best_of=2, max_tokens=4, temperature=1.0, seed=1)
+    seqs = [Sequence("r", [1, 2], params, index=i) for i in range(2)]
+    builder = OutputBuilder("r", None, [1, 2], params, seqs, None, [], 64, stream=True)
+    for seq in seqs:
+        builder.append(seq, 5, None)
+    builder.finish(seqs[0], "length")
+    builder.abort()
+    assert [c.finish_reason for c in builder.output.outputs] == ["abort"] and builder.output.finished
+    plain = SamplingParams(n=2, max_tokens=4, temperature=1.0, seed=1)  # n = 2: each completion its own answer
+    seqs = [Sequence("q", [1, 2], plain, index=i) for i in range(2)]
+    builder = OutputBuilder("q", None, [1, 2], plain, seqs, None, [], 64, stream=True)
+    builder.finish(seqs[0], "length")
+    builder.abort()
+    assert [c.finish_reason for c in builder.output.outputs] == ["length", "abort"]
+
+
 def test_context_and_generation_logits_equal_hf(checkpoint, hf):
     engine = engine_of(checkpoint, max_num_tokens=16)  # the prompt's logits come in two chunks
     prompt = list(range(30, 51))

@@ -142,10 +142,13 @@ class OutputBuilder:
             self.output.outputs = best
 
     def abort(self) -> None:
+        unranked = len(self.output.outputs) > self.params.n  # best_of > n, aborted before all were done
         for c in self.output.outputs:
-            c.finish_reason = c.finish_reason or "abort"
+            # an unranked candidate is not the request's answer even where it had finished (it may
+            # be the worse one): "abort" on each, never a "length" or "stop" that reads as chosen
+            c.finish_reason = "abort" if unranked else c.finish_reason or "abort"
         self.output.finished = True
-        if len(self.output.outputs) > self.params.n:  # best_of > n: the first n, unranked
+        if unranked:  # the first n candidates
             self.output.outputs = self.output.outputs[:self.params.n]
 
     def due(self, stream_interval: int) -> bool:
