@@ -27,7 +27,7 @@ class EagerGraph:
         host_ints = meta.num_seqs, meta.max_query_len, meta.max_seq_len
         meta.num_seqs, meta.max_query_len, meta.max_seq_len = b, 1, r.max_model_len  # as captured
         try:
-            with attention_context(r.cache, meta):
+            with attention_context(r.cache, meta), r.graph_inputs():
                 logits = r.compiled(*r._flat_batch(b))[0]
         finally:
             meta.num_seqs, meta.max_query_len, meta.max_seq_len = host_ints
@@ -114,8 +114,8 @@ class EagerPrefillGraph:
         meta = r.meta
         host_ints = meta.num_seqs, meta.max_query_len, meta.max_seq_len
         meta.num_seqs, meta.max_query_len, meta.max_seq_len = min(meta.max_num_seqs, t), t, r.max_model_len
-        try:
-            with attention_context(r.cache, meta):
+        try:  # what a captured graph reads besides the cache: staged image rows, hidden-state stores
+            with attention_context(r.cache, meta), r.graph_inputs():
                 logits = r.compiled(*r._flat_batch(t), r.logits_indices[:self.logits.shape[0]])
         finally:
             meta.num_seqs, meta.max_query_len, meta.max_seq_len = host_ints
