@@ -11,12 +11,13 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.models.multimodal_checkpoints import random_images, write_llava
+from tests.lora_adapters import write_adapter
+from tests.models.multimodal_checkpoints import hf_llava, random_images, write_llava
 from tests.models.qwen_vl_checkpoints import IMAGE as QWEN_IMAGE, write_qwen2_5_vl
 from tests.runtime.test_mixed_workloads import check_mix, request
 from tests.runtime.test_model_runner import EagerGraph, add_prefill_graphs
 from tests.runtime.test_overlap_scheduler import count_ahead
-from trtllm import LLM, BuildConfig, KvCacheConfig
+from trtllm import LLM, BuildConfig, KvCacheConfig, LoraConfig, LoRARequest, NGramDecodingConfig
 from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
 
 pytest.importorskip("PIL")
@@ -25,22 +26,33 @@ IMAGES = random_images(3, seed=11)  # three shapes: LLaVA-NeXT gives them differ
 TEXTS = ["USER: {}\nWhat is this? ASSISTANT:", "USER: Look: {} ok ASSISTANT:", "{}"]
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_5_vl", "llava_next+ngram", "llava_next+lora"])
 def llm(request, tmp_path_factory):
-    family = request.param
+    """The engine; "+ngram": with n-gram speculation (drafts verified beside image prefills); "+lora":
+    two adapters on the language model and one GPU slot (requests of the other adapter wait)."""
+    family, _, extra = request.param.partition("+")
     directory = tmp_path_factory.mktemp(family)
     path = write_qwen2_5_vl(directory) if family == "qwen2_5_vl" else write_llava(directory, family)
+    options, adapters = {}, []
+    if extra == "ngram":
+        options["speculative_config"] = NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2)
+    elif extra == "lora":
+        options["lora_config"] = LoraConfig(max_lora_rank=8, max_loras=1, max_cpu_loras=2)
+        for i in (1, 2):
+            out = tmp_path_factory.mktemp(f"adapter{i}")
+            write_adapter(path, out, seed=i, model=hf_llava(path), targets=r".*language_model.*\.(q_proj|v_proj|down_proj)")
+            adapters.append(LoRARequest(f"adapter{i}", i, str(out)))
     # a pool of ~two long requests (LLaVA-NeXT's crops: up to ~180 tokens for two images): more preempt
     seq_len, pool = (112, 224) if family == "llava" else (256, 448)
     with LLM(model=str(path), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=pool),
              build_config=BuildConfig(max_batch_size=6, max_num_tokens=16, max_seq_len=seq_len,
-                                      max_beam_width=2)) as llm:
+                                      max_beam_width=2), **options) as llm:
         runner = llm.engine.runner
         for b in cuda_graph_batch_sizes(runner.meta.max_num_seqs):
             g = EagerGraph(runner, b, 512)
             runner.cuda_graphs.decode[b] = (g, g.logits, g.greedy)
         add_prefill_graphs(llm, 16)
-        llm.adapters = [None]  # check_mix's adapter index picks from these
+        llm.adapters = [None] + adapters  # check_mix's adapter index picks from these
         llm.image_token = QWEN_IMAGE if family == "qwen2_5_vl" else "<image>"
         llm.launched_ahead = count_ahead(llm)
         yield llm
