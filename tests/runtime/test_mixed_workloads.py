@@ -28,6 +28,7 @@ from trtllm import (
     SamplingParams,
     SchedulerConfig,
 )
+from trtllm.config import QuantAlgo, QuantConfig
 from trtllm.models.loader import load_model
 from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
 from trtllm.runtime.speculative.config import DraftTargetDecodingConfig, EagleDecodingConfig, NGramDecodingConfig
@@ -35,7 +36,7 @@ from trtllm.runtime.speculative.config import DraftTargetDecodingConfig, EagleDe
 VOCAB = 512
 
 
-@pytest.fixture(scope="module", params=["plain", "overlap", "ngram", "draft", "eagle3", "lora", "no_evict"])
+@pytest.fixture(scope="module", params=["plain", "overlap", "ngram", "draft", "eagle3", "lora", "no_evict", "fp8"])
 def llm(checkpoint, request, tmp_path_factory):
     """The engine; "overlap": decode and prefill steps through test_model_runner's CUDA-graph
     stand-ins, so the overlap scheduler launches the next greedy decode step ahead (as on a GPU); "ngram": with
@@ -47,7 +48,10 @@ def llm(checkpoint, request, tmp_path_factory):
     step through decode and prefill graph stand-ins as on a GPU (each token's slot refilled at
     replay; decode steps launched ahead);
     "no_evict": SchedulerConfig(GUARANTEED_NO_EVICT), which admits fewer at once and never preempts
-    (with the overlap scheduler too, which plans ahead while the front request waits for room)."""
+    (with the overlap scheduler too, which plans ahead while the front request waits for room);
+    "fp8": QuantConfig FP8 (weights per tensor, activations per token; an FP8 KV cache is left out:
+    a prompt prefilled in other chunks reads other KV rows back quantized, so its logprobs move
+    by ~0.04 nats with its batch mates, by design)."""
     # 6 blocks of 16 tokens: two or three requests of ~20-40 tokens each (beams, n = 2: two
     # sequences) overflow it (preemption); 16 tokens a step: prompts prefill in chunks
     if request.param == "eagle3":  # the head reads states leaving layers 0, 1, 2 of a 4-layer target
@@ -71,6 +75,8 @@ def llm(checkpoint, request, tmp_path_factory):
             path = tmp_path_factory.mktemp(f"adapter{i}")
             write_adapter(checkpoint, path, r=8, seed=i)
             adapters.append(LoRARequest(f"adapter{i}", i, str(path)))
+    if request.param == "fp8":  # FP8 linears, activations quantized per token: batch-invariant as the rest
+        options["quant_config"] = QuantConfig(quant_algo=QuantAlgo.FP8)
     if request.param == "no_evict":
         options["scheduler_config"] = SchedulerConfig(capacity_scheduler_policy="GUARANTEED_NO_EVICT")
     with LLM(model, tokenizer=str(checkpoint), speculative_config=speculative, **options,
