@@ -1,7 +1,8 @@
 """trtllm-serve on a tiny LLaVA checkpoint, through the official `openai` client: chat content
 parts with base64 images give the offline LLM's greedy output; remote URLs, local files outside
 --allowed_local_media_path, too many images, oversize (decompression-bomb) and corrupt images are
-refused with 400/403/413, the server unaffected; a text-only model refuses image parts."""
+refused with 400/403/413, the server unaffected; a crowd of image requests at once (drops, bad images) gives
+each what it gives alone and leaves no block held; a text-only model refuses image parts."""
 import base64
 import io
 import re
@@ -159,3 +160,54 @@ def test_qwen2_5_vl_base64_image_equals_offline_llm(tmp_path_factory):
                             SamplingParams(max_tokens=6, temperature=0.0))
     assert got.choices[0].message.content == want.outputs[0].text
     assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+
+
+def test_a_crowd_of_image_requests(llava_server):
+    """20 chat requests at once, 0-2 of three base64 images each (the same image in several: encoded
+    once, its blocks shared), whole and streamed, some clients dropping mid-stream, some with a
+    corrupt image: each answered one gives its text alone, the bad get 400, and the server ends
+    holding no request and no KV block."""
+    import asyncio
+    import random
+
+    import httpx
+
+    from tests.serve.server import wait_until
+    from tests.serve.test_concurrent_mix import send, texts
+    from tests.serve.test_openai import _settled
+    rng = random.Random(3)
+    urls = [data_url(png_bytes(a)) for a in random_images(3, seed=17)]
+    corrupt = data_url(b"\x89PNG\r\n\x1a\n garbage")
+    reqs = []
+    for _ in range(20):
+        picks = [rng.choice(urls) for _ in range(rng.randint(0, 2))]
+        kind = "bad" if rng.random() < 0.1 else "ok"
+        if kind == "bad":
+            picks = picks[:1] + [corrupt]
+        sampling = {"temperature": 0.0} if rng.random() < 0.5 else {"temperature": 0.9, "seed": rng.randint(0, 99)}
+        body = {"model": "tiny", "messages": image_message(*picks, text=rng.choice(["What is this?", "Hi"])),
+                "max_tokens": rng.randint(1, 10), "ignore_eos": True, "stream": rng.random() < 0.5, **sampling}
+        if kind == "ok" and body["stream"] and rng.random() < 0.25:
+            kind = "drop"
+        reqs.append({"route": "/v1/chat/completions", "body": body, "kind": kind})
+    assert {r["kind"] for r in reqs} == {"ok", "bad", "drop"}
+    wait_until(lambda: _settled(llava_server), 60, what="an idle server")
+
+    async def crowd():
+        async with httpx.AsyncClient(base_url=llava_server.url, timeout=120) as http:
+            return await asyncio.gather(*(send(http, r) for r in reqs))
+
+    results = asyncio.run(crowd())
+    after = wait_until(lambda: _settled(llava_server), 60, what="every request and block back")
+    assert after["trtllm_kv_cache_blocks_free"] + after["trtllm_kv_cache_blocks_cached"] \
+        == after["trtllm_kv_cache_blocks_total"]
+    with httpx.Client(base_url=llava_server.url, timeout=60) as http:
+        for req, (status, payload) in zip(reqs, results):
+            if req["kind"] == "bad":
+                assert status == 400 and "not a readable image" in payload["error"]["message"], payload
+                continue
+            assert status == 200, payload
+            if req["kind"] == "drop":
+                continue
+            alone = http.post(req["route"], json={**req["body"], "stream": False}).json()
+            assert texts(req["route"], req["body"], payload) == texts(req["route"], {"stream": False}, alone), req
