@@ -50,9 +50,11 @@ def texts(route: str, body: dict, payload) -> list[str]:
         return [c["message"]["content"] if route == "/v1/chat/completions" else c["text"] for c in choices]
     out: dict[int, str] = {}
     for event in payload:
-        if route == "/v1/responses":
-            if event.get("type") == "response.output_text.delta":
-                out[0] = out.get(0, "") + event["delta"]
+        if route == "/v1/responses":  # the message item's text: "" from its opening, then the deltas
+            if event.get("type") == "response.content_part.added":
+                out[0] = ""
+            elif event.get("type") == "response.output_text.delta":
+                out[0] += event["delta"]
             continue
         for c in event.get("choices", []):
             piece = (c.get("delta") or {}).get("content") if route == "/v1/chat/completions" else c.get("text")

@@ -237,21 +237,28 @@ class ResponseEvents:
             new, _ = self.calls.feed(c.text, c.finish_reason is not None)
         if not new:
             return b""
-        head = b""
-        if not self.opened:
-            self.opened = True
-            head = self._event("response.output_item.added", output_index=0,
-                               item=_message_item(job, "", "in_progress")) + \
-                self._event("response.content_part.added", item_id=item_id(job), output_index=0, content_index=0,
-                            part={"type": "output_text", "text": "", "annotations": []})
+        head = self._open_message()
         self.text += new
         return head + self._event("response.output_text.delta", item_id=item_id(job), output_index=0,
                                   content_index=0, delta=new, logprobs=[])
+
+    def _open_message(self) -> bytes:
+        """The message item's added events, once."""
+        if self.opened:
+            return b""
+        self.opened, job = True, self.job
+        return self._event("response.output_item.added", output_index=0, item=_message_item(job, "", "in_progress")) \
+            + self._event("response.content_part.added", item_id=item_id(job), output_index=0, content_index=0,
+                          part={"type": "output_text", "text": "", "annotations": []})
 
     def closing(self, last: dict) -> bytes:
         job, out = self.job, last[0]
         response = response_object(job, self.model, out.outputs[0].text, out, "completed", self.parser)
         events = []
+        if any(item["type"] == "message" for item in response["output"]):
+            # a reply whose text stayed empty (a token that decodes to nothing) still has its message
+            # item, as the whole response does: opened and closed with ""
+            events.append(self._open_message())
         if self.opened:
             text = self.text
             events += [self._event("response.output_text.done", item_id=item_id(job), output_index=0,
