@@ -1,6 +1,7 @@
 """Many clients at once on the three generation routes (completions, chat, responses), whole and
 streamed, with n > 1, echo + logprobs, seeded sampling, clients that drop mid-stream and bad
-requests among them: every answered request gives what it gives alone, the bad ones get their 400,
+requests among them (also on a server with n-gram speculation): every answered request gives what it gives
+alone, the bad ones get their 400,
 and afterwards the server holds no request and no KV block and answers at once."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import random
 import httpx
 import pytest
 
-from tests.serve.server import wait_until
+from tests.serve.server import Server, wait_until
 from tests.serve.test_openai import _settled
 
 PROMPTS = ["Once upon a time", "The quick brown fox", "Hello there", "In the beginning", "A B C D E F"]
@@ -82,10 +83,9 @@ async def send(client: httpx.AsyncClient, req: dict):
         return 200, events
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_a_crowd_of_mixed_requests(server, seed):
-    rng = random.Random(seed)
-    reqs = [make_request(rng) for _ in range(24)]
+def check_crowd(server, reqs: list[dict], bad_words: str) -> None:
+    """Send `reqs` (make_request's form) at once; then: every request and KV block back, the bad
+    ones a 400 naming `bad_words`, each answered one the same as itself sent alone (whole)."""
     wait_until(lambda: _settled(server), 60, what="an idle server")
 
     async def crowd():
@@ -99,10 +99,31 @@ def test_a_crowd_of_mixed_requests(server, seed):
     with httpx.Client(base_url=server.url, timeout=60) as client:
         for req, (status, payload) in zip(reqs, results):
             if req["kind"] == "bad":
-                assert status == 400 and "temperature" in payload["error"]["message"], payload
+                assert status == 400 and bad_words in payload["error"]["message"], payload
                 continue
             assert status == 200, payload
             if req["kind"] == "drop":
                 continue
             alone = client.post(req["route"], json={**req["body"], "stream": False}).json()
             assert texts(req["route"], req["body"], payload) == texts(req["route"], {"stream": False}, alone), req
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_crowd_of_mixed_requests(server, seed):
+    rng = random.Random(seed)
+    check_crowd(server, [make_request(rng) for _ in range(24)], "temperature")
+
+
+@pytest.fixture(scope="module")
+def ngram_server(model_dir, tmp_path_factory):
+    with Server(model_dir, "--speculative", "ngram", "--max_draft_len", "3", "--max_matching_ngram_size", "2",
+                log_path=tmp_path_factory.mktemp("ngram_log") / "server.log") as s:
+        yield s
+    assert s.proc.returncode == 0, s.log()
+
+
+def test_a_crowd_on_a_speculating_server(ngram_server):
+    """The same crowd with n-gram speculation: drafts verified beside prefills and sampled rows,
+    requests ending inside an accepted run, clients dropping while their drafts are in flight."""
+    rng = random.Random(2)
+    check_crowd(ngram_server, [make_request(rng) for _ in range(24)], "temperature")

@@ -78,36 +78,12 @@ def test_a_crowd_over_adapters_in_one_slot(lora_server):
     """24 requests at once over the base and both adapters (one GPU slot: requests wait for it while the
     others run), on completions, chat and responses, whole and streamed, clients dropping, bad ones:
     each answered one equals itself sent alone, and the server ends holding no request and no block."""
-    import asyncio
     import random
 
-    import httpx
-
-    from tests.serve.server import wait_until
-    from tests.serve.test_concurrent_mix import make_request, send, texts
-    from tests.serve.test_openai import _settled
+    from tests.serve.test_concurrent_mix import check_crowd, make_request
     rng = random.Random(6)  # among them a streamed response of one token that decodes to "": its message
     reqs = [make_request(rng) for _ in range(24)]  # item must open and close with "" as the whole one has it
     for r in reqs:
         r["body"]["model"] = rng.choice(["tiny", "math", "code"])
     assert {r["body"]["model"] for r in reqs if r["kind"] == "ok"} == {"tiny", "math", "code"}
-    wait_until(lambda: _settled(lora_server), 60, what="an idle server")
-
-    async def crowd():
-        async with httpx.AsyncClient(base_url=lora_server.url, timeout=120) as http:
-            return await asyncio.gather(*(send(http, r) for r in reqs))
-
-    results = asyncio.run(crowd())
-    after = wait_until(lambda: _settled(lora_server), 60, what="every request and block back")
-    assert after["trtllm_kv_cache_blocks_free"] + after["trtllm_kv_cache_blocks_cached"] \
-        == after["trtllm_kv_cache_blocks_total"]
-    with httpx.Client(base_url=lora_server.url, timeout=60) as http:
-        for req, (status, payload) in zip(reqs, results):
-            if req["kind"] == "bad":
-                assert status == 400, payload
-                continue
-            assert status == 200, payload
-            if req["kind"] == "drop":
-                continue
-            alone = http.post(req["route"], json={**req["body"], "stream": False}).json()
-            assert texts(req["route"], req["body"], payload) == texts(req["route"], {"stream": False}, alone), req
+    check_crowd(lora_server, reqs, "temperature")

@@ -167,14 +167,9 @@ def test_a_crowd_of_image_requests(llava_server):
     once, its blocks shared), whole and streamed, some clients dropping mid-stream, some with a
     corrupt image: each answered one gives its text alone, the bad get 400, and the server ends
     holding no request and no KV block."""
-    import asyncio
     import random
 
-    import httpx
-
-    from tests.serve.server import wait_until
-    from tests.serve.test_concurrent_mix import send, texts
-    from tests.serve.test_openai import _settled
+    from tests.serve.test_concurrent_mix import check_crowd
     rng = random.Random(3)
     urls = [data_url(png_bytes(a)) for a in random_images(3, seed=17)]
     corrupt = data_url(b"\x89PNG\r\n\x1a\n garbage")
@@ -191,23 +186,4 @@ def test_a_crowd_of_image_requests(llava_server):
             kind = "drop"
         reqs.append({"route": "/v1/chat/completions", "body": body, "kind": kind})
     assert {r["kind"] for r in reqs} == {"ok", "bad", "drop"}
-    wait_until(lambda: _settled(llava_server), 60, what="an idle server")
-
-    async def crowd():
-        async with httpx.AsyncClient(base_url=llava_server.url, timeout=120) as http:
-            return await asyncio.gather(*(send(http, r) for r in reqs))
-
-    results = asyncio.run(crowd())
-    after = wait_until(lambda: _settled(llava_server), 60, what="every request and block back")
-    assert after["trtllm_kv_cache_blocks_free"] + after["trtllm_kv_cache_blocks_cached"] \
-        == after["trtllm_kv_cache_blocks_total"]
-    with httpx.Client(base_url=llava_server.url, timeout=60) as http:
-        for req, (status, payload) in zip(reqs, results):
-            if req["kind"] == "bad":
-                assert status == 400 and "not a readable image" in payload["error"]["message"], payload
-                continue
-            assert status == 200, payload
-            if req["kind"] == "drop":
-                continue
-            alone = http.post(req["route"], json={**req["body"], "stream": False}).json()
-            assert texts(req["route"], req["body"], payload) == texts(req["route"], {"stream": False}, alone), req
+    check_crowd(llava_server, reqs, "not a readable image")
