@@ -1,8 +1,8 @@
 """Many clients at once on the three generation routes (completions, chat, responses), whole and
 streamed, with n > 1, echo + logprobs, seeded sampling, clients that drop mid-stream and bad
-requests among them (also on a server with n-gram speculation): every answered request gives what it gives
-alone, the bad ones get their 400,
-and afterwards the server holds no request and no KV block and answers at once."""
+requests among them, on the plain server and on one with n-gram speculation: every answered
+request gives what it gives alone, the bad ones get their 400, and afterwards the server holds
+no request and no KV block and answers at once."""
 from __future__ import annotations
 
 import asyncio
