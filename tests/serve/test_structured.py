@@ -242,3 +242,39 @@ def test_a_named_call_streams_its_arguments_as_written(client):
     jsonschema.validate(json.loads("".join(d.function.arguments or "" for d in deltas)),
                         WEATHER["function"]["parameters"])
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_crowd_of_constrained_requests(tools_server):
+    """20 requests at once on completions and chat, each under a grammar (regex, choice, JSON schema,
+    json_object) or none, greedy or seeded, whole and streamed, clients dropping, bad grammars: each
+    answered one equals itself alone; nothing is left held."""
+    import random
+
+    from tests.serve.test_concurrent_mix import check_crowd
+    rng = random.Random(4)
+    regex, choices = r"[0-9]{3}-[a-z]{2,4}", ["red", "green", "blue"]
+    reqs = []
+    for _ in range(20):
+        sampling = {"temperature": 0.0} if rng.random() < 0.5 else {"temperature": 1.0, "seed": rng.randint(0, 99)}
+        route = rng.choice(["/v1/completions", "/v1/chat/completions"])
+        body = {"prompt": "Code:"} if route == "/v1/completions" else {"messages": USER}
+        grammar = rng.choice(["regex", "choice", "schema", "json_object", "none"])
+        if grammar == "regex":
+            body["guided_regex"] = regex
+        elif grammar == "choice":
+            body["guided_choice"] = choices
+        elif grammar == "schema":
+            body["guided_json"] = SCHEMA
+        elif grammar == "json_object" and route == "/v1/chat/completions":
+            body["response_format"] = {"type": "json_object"}
+        kind = "bad" if rng.random() < 0.1 else "ok"
+        if kind == "bad":  # an unbalanced regex, alone
+            for field in ("guided_json", "guided_choice", "response_format"):
+                body.pop(field, None)
+            body["guided_regex"] = "a(b"
+        body.update(model="tiny", max_tokens=rng.randint(1, 60), stream=rng.random() < 0.5, **sampling)
+        if kind == "ok" and body["stream"] and rng.random() < 0.25:
+            kind = "drop"
+        reqs.append({"route": route, "body": body, "kind": kind})
+    assert {r["kind"] for r in reqs} == {"ok", "bad", "drop"}
+    check_crowd(tools_server, reqs, "guided_regex")
