@@ -17,7 +17,7 @@ from tests.models.qwen_vl_checkpoints import IMAGE as QWEN_IMAGE, write_qwen2_5_
 from tests.runtime.test_mixed_workloads import check_mix, request
 from tests.runtime.test_model_runner import EagerGraph, add_prefill_graphs
 from tests.runtime.test_overlap_scheduler import count_ahead
-from trtllm import LLM, BuildConfig, KvCacheConfig, LoraConfig, LoRARequest, NGramDecodingConfig
+from trtllm import LLM, BuildConfig, KvCacheConfig, LoraConfig, LoRARequest, NGramDecodingConfig, SchedulerConfig
 from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
 
 pytest.importorskip("PIL")
@@ -26,16 +26,20 @@ IMAGES = random_images(3, seed=11)  # three shapes: LLaVA-NeXT gives them differ
 TEXTS = ["USER: {}\nWhat is this? ASSISTANT:", "USER: Look: {} ok ASSISTANT:", "{}"]
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_5_vl", "llava_next+ngram", "llava_next+lora"])
+@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_5_vl", "llava_next+ngram", "llava_next+lora",
+                                        "qwen2_5_vl+no_evict"])
 def llm(request, tmp_path_factory):
     """The engine; "+ngram": with n-gram speculation (drafts verified beside image prefills); "+lora":
-    two adapters on the language model and one GPU slot (requests of the other adapter wait)."""
+    two adapters on the language model and one GPU slot (requests of the other adapter wait);
+    "+no_evict": SchedulerConfig(GUARANTEED_NO_EVICT), admitting only what the pool can finish."""
     family, _, extra = request.param.partition("+")
     directory = tmp_path_factory.mktemp(family)
     path = write_qwen2_5_vl(directory) if family == "qwen2_5_vl" else write_llava(directory, family)
     options, adapters = {}, []
     if extra == "ngram":
         options["speculative_config"] = NGramDecodingConfig(max_draft_len=3, max_matching_ngram_size=2)
+    elif extra == "no_evict":
+        options["scheduler_config"] = SchedulerConfig(capacity_scheduler_policy="GUARANTEED_NO_EVICT")
     elif extra == "lora":
         options["lora_config"] = LoraConfig(max_lora_rank=8, max_loras=1, max_cpu_loras=2)
         for i in (1, 2):
