@@ -124,8 +124,9 @@ class EagerPrefillGraph:
 
 
 def add_prefill_graphs(llm: LLM, most: int) -> dict[int, EagerPrefillGraph]:
+    """Stand-ins of the prefill graphs a GPU captures for steps of at most `most` tokens."""
     runner = llm.engine.runner
-    graphs = {t: EagerPrefillGraph(runner, t, 512) for t in prefill_token_sizes(most)}
+    graphs = {t: EagerPrefillGraph(runner, t, llm.engine.vocab_size) for t in prefill_token_sizes(most)}
     runner.cuda_graphs.prefill.update({t: (g, g.logits) for t, g in graphs.items()})
     return graphs
 

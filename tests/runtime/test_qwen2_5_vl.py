@@ -103,16 +103,14 @@ def test_prefill_graphs_stage_the_mrope_positions(checkpoint, hf, max_num_tokens
     """Prefill steps replayed from (stand-in) prefill graphs, which read the three position
     rows staged before each replay (zeros past the step's tokens): HF's tokens for an image
     prompt beside a text-only one, whole prompts and chunks that cut the image."""
-    from tests.runtime.test_eagle3 import _EagerStepGraph
+    from tests.runtime.test_model_runner import add_prefill_graphs
     imgs = images(1, seed=8)
     text = "<|im_start|>user\nHello there.<|im_end|>\n<|im_start|>assistant\n"
     with LLM(model=str(checkpoint), dtype="float32",
              build_config=BuildConfig(max_num_tokens=max_num_tokens, max_batch_size=4)) as llm:
         runner = llm.engine.runner
         assert runner.prefill_graphs_serve()
-        graphs = {t: _EagerStepGraph(runner, t, llm.engine.vocab_size, min(t, runner.meta.max_num_seqs))
-                  for t in (16, 32, 64, 128, 256) if t <= max_num_tokens}
-        runner.cuda_graphs.prefill = {t: (g, g.logits) for t, g in graphs.items()}
+        graphs = add_prefill_graphs(llm, max_num_tokens)
         padding = []  # each replay's position rows past the step's tokens
         for g in graphs.values():
             real = g.replay
