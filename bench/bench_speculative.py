@@ -243,20 +243,21 @@ def main():
     random_draft = random_llama(shape, DRAFT_LAYERS, seed=1, device=device, dtype=dtype)
     vocab = shape["vocab_size"]
     graphs = None if not args.no_verify_graphs else False  # None: the engine's default (graphs on a GPU)
-    workloads = [  # key, name, speculative config, [(batch size, prompts)]: one engine per config
+    workloads = [  # key, name, speculative config, [(row name's suffix, prompts)]: one engine per config
         ("draft", "draft model, ~100% acceptance",
          DraftTargetDecodingConfig(max_draft_len=k, speculative_model_dir=draft, verify_cuda_graphs=graphs),
-         [(1, prompts(1, args.prompt, vocab, 0)), (large, prompts(large, args.prompt, vocab, 1))]),
-        ("ngram", "n-gram: periodic text (~100% acceptance), then a repeated random phrase (~0%)",
+         [("", prompts(1, args.prompt, vocab, 0)), ("", prompts(large, args.prompt, vocab, 1))]),
+        ("ngram", "n-gram",
          NGramDecodingConfig(max_draft_len=k, max_matching_ngram_size=3, verify_cuda_graphs=graphs),
-         [(1, [repeated(cycle, args.prompt)]), (1, prompts(1, args.prompt, vocab, 2, periodic=True))]),
+         [(", periodic text (~100% acceptance)", [repeated(cycle, args.prompt)]),
+          (", repeated random phrase (~0%)", prompts(1, args.prompt, vocab, 2, periodic=True))]),
         ("eagle", "EAGLE-3 head, random weights (~0% acceptance)",
          EagleDecodingConfig(max_draft_len=k, speculative_model_dir=random_eagle3(shape, device, dtype),
                              verify_cuda_graphs=graphs),
-         [(1, prompts(1, args.prompt, vocab, 4)), (large, prompts(large, args.prompt, vocab, 5))]),
+         [("", prompts(1, args.prompt, vocab, 4)), ("", prompts(large, args.prompt, vocab, 5))]),
         ("random", "random draft, ~0% acceptance",
          DraftTargetDecodingConfig(max_draft_len=k, speculative_model_dir=random_draft, verify_cuda_graphs=graphs),
-         [(1, prompts(1, args.prompt, vocab, 3))]),
+         [("", prompts(1, args.prompt, vocab, 3))]),
     ]
     workloads = [w[1:] for w in workloads if not args.only or w[0] in args.only]
     rows, record = [], {"device": torch.cuda.get_device_name() if cuda else "cpu", "shape": shape,
@@ -264,8 +265,8 @@ def main():
     plain = make_llm(target, args, device, large)
     for name, config, batches in workloads:
         with make_llm(target, args, device, large, speculative_config=config) as llm:
-            for _, batch in batches:
-                row, full = measured_row(plain, llm, name, batch, args.new, k, "spec tok/s",
+            for suffix, batch in batches:
+                row, full = measured_row(plain, llm, name + suffix, batch, args.new, k, "spec tok/s",
                                          {"verify graphs": "no" if graphs is False else "default"})
                 rows.append(row)
                 record["rows"].append(full)
