@@ -153,8 +153,7 @@ class CudaGraphs:
         total = size * self.verify_len
         runner._stage(ids, positions, [], total)
         runner._inputs[:, :total].copy_(runner._staging[:3, :total], non_blocking=True)
-        if runner.adapters is not None:  # each token's LoRA slot (staged by the runner), padding none
-            runner._staging_np[3, len(ids):total] = -1
+        if runner.adapters is not None:  # each token's LoRA slot, padding none (staged by the runner)
             runner.adapters.slots.slot_ids[:total].copy_(runner._staging[3, :total], non_blocking=True)
         if runner._inputs_copied is not None:
             runner._inputs_copied.record()
@@ -171,11 +170,8 @@ class CudaGraphs:
         graph, logits = self.prefill[size]
         runner._stage(ids, positions, rows, size)
         runner._inputs[:, :size].copy_(runner._staging[:3, :size], non_blocking=True)
-        if runner.adapters is not None:  # each token's LoRA slot (staged by the runner), padding none
-            runner._staging_np[3, len(ids):size] = -1
+        if runner.adapters is not None:  # each token's LoRA slot, padding none (staged by the runner)
             runner.adapters.slots.slot_ids[:size].copy_(runner._staging[3, :size], non_blocking=True)
-        if runner.mrope is not None:  # M-RoPE positions: the runner staged the step's tokens', padding zeros
-            runner.mrope.pad(len(ids), size)
         if runner._inputs_copied is not None:
             runner._inputs_copied.record()
         graph.replay()

@@ -115,8 +115,8 @@ class ModelRunner:
 
     def prefill_graphs_serve(self) -> bool:
         """Whether prefill graphs can run this model's steps: not under parallelism (no
-        graphs). Per-token state is refilled before each replay, as for decode graphs (LoRA
-        slots, M-RoPE positions: `replay_prefill`).
+        graphs). Per-token state is refilled before each replay, as for decode graphs: `execute`
+        chooses the graph first and stages LoRA slots and M-RoPE positions up to its size.
         Image rows they read: `execute` stages them into fixed buffers before any replay, and
         the rows past the step's tokens hold -1 (trtllm/multimodal_context.py). Latent
         attention: graphs of at most ABSORBED_MAX_QUERY_LEN tokens, the steps the MLA op
@@ -181,26 +181,30 @@ class ModelRunner:
                     row0 = len(ids) - n - start  # the flat row of position p is row0 + p
                     prompt_rows += range(row0 + span.start, row0 + span.end)
                     spans.append(span)
-        num_tokens = len(ids)
+        num_tokens, num_sampled = len(ids), len(sample_rows)
         self.meta.fill(query_lens, seq_lens, tables, self.block_size)
         graphs = self.cuda_graphs
-        graph_size = None if spans else graphs.decode_size(num_tokens, len(scheduled), sample_rows)
-        if self.mrope is not None:
-            self.mrope.stage([(seq, seq.num_computed_tokens, n) for seq, n in scheduled], graph_size or num_tokens)
-        adapters = self.adapters is not None and self._stage_lora_slots(scheduled, graph_size or num_tokens)
-        if graph_size is not None:
-            return graphs.replay(graph_size, ids, positions, range(len(sample_rows)), scheduled, to_sample,
-                                 adapters=adapters)
-        num_sampled = len(sample_rows)
         verify = num_rows if num_sampled != len(to_sample) else None
-        if verify is not None and graphs.verify and not spans:
-            size = graphs.verify_size(query_lens, verify)
-            if size is not None:
-                return graphs.replay_verify(size, ids, positions, scheduled, to_sample, verify)
-        if graphs.prefill and not spans:
-            size = graphs.prefill_size(num_tokens, num_sampled)
-            if size is not None:
-                return graphs.replay_prefill(size, ids, positions, sample_rows, scheduled, to_sample, verify)
+        # the graph that runs the step, if one does, chosen first: its padded size is what
+        # the per-token side inputs (M-RoPE rows, LoRA slots) are staged up to
+        decode_size = verify_size = prefill_size = None
+        if not spans:
+            decode_size = graphs.decode_size(num_tokens, len(scheduled), sample_rows)
+            if decode_size is None and verify is not None and graphs.verify:
+                verify_size = graphs.verify_size(query_lens, verify)
+            if decode_size is None and verify_size is None and graphs.prefill:
+                prefill_size = graphs.prefill_size(num_tokens, num_sampled)
+        padded = decode_size or (verify_size and verify_size * graphs.verify_len) or prefill_size or num_tokens
+        if self.mrope is not None:
+            self.mrope.stage([(seq, seq.num_computed_tokens, n) for seq, n in scheduled], padded)
+        adapters = self.adapters is not None and self._stage_lora_slots(scheduled, padded)
+        if decode_size is not None:
+            return graphs.replay(decode_size, ids, positions, range(num_sampled), scheduled, to_sample,
+                                 adapters=adapters)
+        if verify_size is not None:
+            return graphs.replay_verify(verify_size, ids, positions, scheduled, to_sample, verify)
+        if prefill_size is not None:
+            return graphs.replay_prefill(prefill_size, ids, positions, sample_rows, scheduled, to_sample, verify)
         self._copy_inputs(ids, positions, sample_rows + prompt_rows)
         rows = self.logits_indices[: num_sampled + len(prompt_rows)]
         with attention_context(self.cache, self.meta), self.graph_inputs(), \

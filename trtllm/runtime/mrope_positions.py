@@ -102,14 +102,6 @@ class MropeStager:
         self.buffer[:size].copy_(self._host[:size], non_blocking=True)
 
 
-    def pad(self, start: int, size: int) -> None:
-        """Rows [start, size) zeros (a prefill graph's padding past the step's `start` staged
-        tokens), queued like `stage`'s copy."""
-        if size > start:
-            self._host_np[start:size] = 0
-            self.buffer[start:size].copy_(self._host[start:size], non_blocking=True)
-
-
 def widen_positions(positions: torch.Tensor) -> torch.Tensor:
     """1-D positions [1, T] -> [3, 1, T] laid out as `MropeStager.positions` (the same strides,
     so a call made with them, e.g. the KV profiling call, compiles the graph the runtime uses)."""
