@@ -18,18 +18,23 @@ from trtllm import LLM, BuildConfig, KvCacheConfig
 pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
-@pytest.fixture(params=["tp2", "pp2"])
-def llm(request, tmp_path_factory):
-    """One engine for all of a test's examples (hypothesis reuses a function's fixtures), gone
-    with its worker by the test's end."""
-    path = write_checkpoint("llama31", tmp_path_factory.mktemp("mixed_parallel"), vocab_size=VOCAB)
-    make_tokenizer(path)
-    sizes = {"tensor_parallel_size": 2} if request.param == "tp2" else {"pipeline_parallel_size": 2}
+def two_rank_llm(path, parallel: str, max_tokens: int, max_seq_len: int):
+    """An engine on two CPU ranks ("tp2" or "pp2") for all of a test's examples (hypothesis reuses
+    a function's fixtures), gone with its worker by the test's end."""
+    sizes = {"tensor_parallel_size": 2} if parallel == "tp2" else {"pipeline_parallel_size": 2}
     with LLM(str(path), dtype="float32", device="cpu", **sizes,
-             kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=96),
-             build_config=BuildConfig(max_batch_size=6, max_num_tokens=16, max_seq_len=48, max_beam_width=2)) as llm:
+             kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=max_tokens),
+             build_config=BuildConfig(max_batch_size=6, max_num_tokens=16, max_seq_len=max_seq_len,
+                                      max_beam_width=2)) as llm:
         llm.adapters = [None]
         yield llm
+
+
+@pytest.fixture(params=["tp2", "pp2"])
+def llm(request, tmp_path_factory):
+    path = write_checkpoint("llama31", tmp_path_factory.mktemp("mixed_parallel"), vocab_size=VOCAB)
+    make_tokenizer(path)
+    yield from two_rank_llm(path, request.param, max_tokens=96, max_seq_len=48)
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -42,12 +47,7 @@ def test_a_mix_on_two_ranks_gives_each_request_its_own_output(llm, requests):
 def llava_llm(request, tmp_path_factory):
     """A LLaVA-NeXT engine on two ranks (the tower on rank 0, its features sent with each step)."""
     path = write_llava(tmp_path_factory.mktemp("mixed_parallel_llava"), "llava_next")
-    sizes = {"tensor_parallel_size": 2} if request.param == "tp2" else {"pipeline_parallel_size": 2}
-    with LLM(str(path), dtype="float32", device="cpu", **sizes,
-             kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=448),
-             build_config=BuildConfig(max_batch_size=6, max_num_tokens=16, max_seq_len=256, max_beam_width=2)) as llm:
-        llm.adapters = [None]
-        yield llm
+    yield from two_rank_llm(path, request.param, max_tokens=448, max_seq_len=256)
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

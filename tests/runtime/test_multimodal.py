@@ -312,16 +312,14 @@ def test_prefill_graphs_splice_the_images(llava, max_num_tokens):
     """Prefill steps replayed from (stand-in) prefill graphs, which read the image rows staged
     before each replay (padded past the step's tokens with -1): HF's tokens, whole prompts and
     chunks that cut an image."""
-    from tests.runtime.test_eagle3 import _EagerStepGraph
+    from tests.runtime.test_model_runner import add_prefill_graphs
     images = random_images(2, seed=9)
     text = "USER: <image> and <image>\nDescribe. ASSISTANT:"
     with LLM(model=str(llava), dtype="float32",
              build_config=BuildConfig(max_num_tokens=max_num_tokens, max_batch_size=4)) as llm:
         runner = llm.engine.runner
         assert runner.prefill_graphs_serve()
-        graphs = {t: _EagerStepGraph(runner, t, llm.engine.vocab_size, min(t, runner.meta.max_num_seqs))
-                  for t in (16, 32, 64, 128, 256) if t <= max_num_tokens}
-        runner.cuda_graphs.prefill = {t: (g, g.logits) for t, g in graphs.items()}
+        graphs = add_prefill_graphs(llm, max_num_tokens)
         out = llm.generate({"prompt": text, "multi_modal_data": {"image": images}},
                            SamplingParams(max_tokens=6, **GREEDY))
     assert sum(g.replays for g in graphs.values()) > 0

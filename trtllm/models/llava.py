@@ -226,7 +226,13 @@ class LlavaForConditionalGeneration(nn.Module):
 
 
 def _num_crops(config: LlavaConfig, image: ImageInput) -> int:
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
     if image.image_size is None:
         raise ValueError("a LLaVA-NeXT image needs its original image_size (height, width)")
-    return image_size_to_num_patches(image.image_size, config.image_grid_pinpoints, config.vision.image_size)
+    return num_crops(image.image_size, config.image_grid_pinpoints, config.vision.image_size)
+
+
+def num_crops(image_size, grid_pinpoints, crop_size: int) -> int:
+    """LLaVA-NeXT: the crops of an image of `image_size` (height, width): its anyres grid's,
+    plus the base image (HF's count, so the processor's pixel values and ours agree)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    return image_size_to_num_patches(list(image_size), grid_pinpoints, crop_size)

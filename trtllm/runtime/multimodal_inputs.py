@@ -168,9 +168,9 @@ def _num_crops(processor, size: tuple[int, int]) -> int:
     """LLaVA-NeXT: the crops of an image of `size` (its grid's, plus the base image). The
     processor pads every image of a prompt to the most any has: an image's hash then hung on
     its batch mates (the same image hashed anew, encoded again, its cached blocks missed)."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    from trtllm.models.llava import num_crops
     ip = processor.image_processor
-    return image_size_to_num_patches(list(size), ip.image_grid_pinpoints, ip.crop_size["height"])
+    return num_crops(size, ip.image_grid_pinpoints, ip.crop_size["height"])
 
 
 def _tokens_per_image(processor, images: list, sizes) -> list[int]:

@@ -28,6 +28,8 @@ none of whose sequences speculates at the next (`speculates_next`).
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from trtllm.hidden_states import HiddenStatesContext
@@ -110,8 +112,7 @@ class SpeculativeDecoder:
         # logits processors or beam search: while such a sequence runs, or waits (the schedule
         # after this may admit it and sample its first token), no step speculates (left: those
         # paths inside verify steps)
-        engine_sampled = any(_needs_engine_sampling(s) for s in running) or \
-            any(_needs_engine_sampling(s) for s in waiting)
+        engine_sampled = any(_needs_engine_sampling(s) for s in itertools.chain(running, waiting))
         candidates = []  # (sequence, k, backed off)
         for seq in running:
             if seq in in_flight:
