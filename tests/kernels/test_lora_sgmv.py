@@ -46,7 +46,24 @@ def test_shrink_and_expand_match_their_references(t, k, n, rank, dtype):
 def test_decode_shapes_split_k():
     assert shrink_splits(5, 769, 128) == (4, 256)  # the last split holds one element
     assert shrink_splits(1, 4096, 128) == (16, 256) and shrink_splits(1, 14336, 128) == (56, 256)
-    assert shrink_splits(65, 4096, 128) == (1, 4096) and shrink_splits(1, 200, 128) == (1, 200)
+    assert shrink_splits(1, 200, 128) == (1, 200)
+
+
+@pytest.mark.parametrize("t", [65, 83, 128, 256, 769, 2048, 5125, 8192])
+@pytest.mark.parametrize("k,r_blocks", [(4096, 1), (14336, 1), (769, 2)])
+def test_more_tokens_split_k_only_as_far_as_the_grid_needs(t, k, r_blocks):
+    """Past SPLIT_K_MAX_TOKENS: splits cover K in whole BLOCK_K steps, and there are about
+    enough of them for SHRINK_PROGRAMS programs (or every SPLIT_K_CHUNK of K is one): at
+    least half as many (the rounding to BLOCK_K), never one more than the grid needs."""
+    from trtllm.kernels.lora_sgmv import SHRINK_BLOCK_T, SHRINK_PROGRAMS, SPLIT_K_CHUNK
+    splits, per_split = shrink_splits(t, k, 128, r_blocks)
+    assert per_split % 128 == 0 or splits == 1
+    assert (splits - 1) * per_split < k <= splits * per_split
+    programs = -(-t // SHRINK_BLOCK_T) * r_blocks
+    assert 2 * programs * splits >= SHRINK_PROGRAMS or splits == -(-k // SPLIT_K_CHUNK) or programs >= SHRINK_PROGRAMS
+    if splits > 1:  # one split fewer would leave the grid short
+        assert programs * (splits - 1) < SHRINK_PROGRAMS
+    assert shrink_splits(128, 4096, 128) == (16, 256)  # bench_lora's 128-token steps: 8 blocks x 16 splits
 
 
 def test_references_are_the_per_adapter_formula_with_mixed_ranks():

@@ -213,41 +213,59 @@ def _check_shrink(x2: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tensor
         f"lora_a {tuple(lora_a.shape)} must be [slots, rank, K={x2.shape[1]}] with a contiguous last dim"
     assert lora_a.device == x2.device, f"lora_a on {lora_a.device}, x on {x2.device}"
     _check_slots(slot_ids, x2.shape[0], x2.device)
-    return shrink_splits(x2.shape[0], x2.shape[1], _shrink_block_k(x2.shape[1]))
+    return shrink_splits(x2.shape[0], x2.shape[1], _shrink_block_k(x2.shape[1]),
+                         triton.cdiv(lora_a.shape[1], _shrink_block_r(lora_a.shape[1])))
 
 
 def _shrink_block_k(k: int) -> int:
     return max(16, min(128, triton.next_power_of_2(k)))
 
 
+def _shrink_block_r(r: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(r)))
+
+
 def _launch_shrink(x2: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tensor, out: torch.Tensor,
                    k_per_split: int) -> None:
     """The shrink kernel into out [splits, T, R] (split s: K range [s, s + 1) * k_per_split)."""
     (t, k), r = x2.shape, lora_a.shape[1]
-    block_r = max(16, min(64, triton.next_power_of_2(r)))
+    block_r = _shrink_block_r(r)
     with interpreter_upcast((x2, lora_a)) as ((x2_, a_), _):
-        _lora_shrink_kernel[(triton.cdiv(t, 16), triton.cdiv(r, block_r), out.shape[0])](
+        _lora_shrink_kernel[(triton.cdiv(t, SHRINK_BLOCK_T), triton.cdiv(r, block_r), out.shape[0])](
             x2_, a_, slot_ids, out,
             t, k, r, k_per_split,
             x2_.stride(0), a_.stride(0), a_.stride(1), out.stride(0), out.stride(1),
             DOT_PRECISION=_dot_precision(x2.dtype),
-            BLOCK_T=16, BLOCK_R=block_r, BLOCK_K=_shrink_block_k(k),
+            BLOCK_T=SHRINK_BLOCK_T, BLOCK_R=block_r, BLOCK_K=_shrink_block_k(k),
             num_warps=4,
         )
 
 
-# Tokens up to which shrink splits K over programs: at decode one block of 16 tokens would
-# otherwise be one program per 16-64 ranks streaming all of A (K x 48 for a fused QKV) alone.
+# Tokens up to which shrink splits K into every SPLIT_K_CHUNK: at decode one block of 16
+# tokens would otherwise be one program per 16-64 ranks streaming all of A (K x 48 for a
+# fused QKV) alone. Past it, K is split only as far as the grid needs to reach
+# SHRINK_PROGRAMS: with one split, 128 tokens over 32 adapters (bench_lora's 256 x 64 row
+# in its 32 slots) were 8 programs, each looping over ~4 adapters' A through all of K
+# while the other SMs idled.
 SPLIT_K_MAX_TOKENS = 64
 SPLIT_K_CHUNK = 256  # K elements a split covers (at least)
+SHRINK_PROGRAMS = 264  # two a streaming multiprocessor of an H100 / H200 (132)
+SHRINK_BLOCK_T = 16
 
 
-def shrink_splits(t: int, k: int, block_k: int) -> tuple[int, int]:
-    """(splits of K, K elements per split) for a shrink over t tokens: one split past
-    SPLIT_K_MAX_TOKENS tokens (enough programs already), else chunks of SPLIT_K_CHUNK."""
-    if t > SPLIT_K_MAX_TOKENS or k <= SPLIT_K_CHUNK:
-        return 1, k
+def shrink_splits(t: int, k: int, block_k: int, r_blocks: int = 1) -> tuple[int, int]:
+    """(splits of K, K elements per split) for a shrink over t tokens whose ranks take
+    r_blocks programs: chunks of SPLIT_K_CHUNK up to SPLIT_K_MAX_TOKENS tokens, past it as
+    many as fill SHRINK_PROGRAMS programs (one once the token blocks alone do)."""
     per_split = triton.cdiv(max(SPLIT_K_CHUNK, block_k), block_k) * block_k
+    most = triton.cdiv(k, per_split)
+    if k <= SPLIT_K_CHUNK:
+        return 1, k
+    if t > SPLIT_K_MAX_TOKENS:
+        most = min(most, triton.cdiv(SHRINK_PROGRAMS, triton.cdiv(t, SHRINK_BLOCK_T) * r_blocks))
+        if most <= 1:
+            return 1, k
+        per_split = triton.cdiv(triton.cdiv(k, most), block_k) * block_k
     return triton.cdiv(k, per_split), per_split
 
 
