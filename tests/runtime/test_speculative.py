@@ -637,3 +637,33 @@ def test_a_request_admitted_while_others_verify_drafts_is_sampled_by_the_engine(
             assert re.fullmatch("[ab]{2,6}", out.outputs[0].text), out.outputs[0].text
         if kind == "logits_processor":
             assert out.outputs[0].token_ids == [7] * 4
+
+
+def test_under_verify_graphs_sequences_near_max_tokens_keep_the_step_uniform(target):
+    # uniform_verify: a sequence whose max_tokens is near verifies max_draft_len drafts like the
+    # others (a ragged step runs outside the verify graphs); the stop checks cut its run at
+    # max_tokens, the drafts past it count nowhere, and greedy output stays the plain target's
+    prompts = [[5, 17, 99, 3], [400, 2, 9], list(range(60, 70)), [7, 8, 9, 7]]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (7, 10, 13, 21)]
+    with small_llm(target) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    with small_llm(target, speculative_config=_configs(target)["draft_self"]) as llm:
+        llm.engine.speculative.uniform_verify = True
+        steps = []  # per step: the query lengths of the sequences that verified drafts
+        execute = llm.engine.runner.execute
+        llm.engine.runner.execute = lambda scheduled: (steps.append({n for _, n in scheduled if n > 1}),
+                                                       execute(scheduled))[1]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.get_stats()
+        llm.block_manager.check_invariants()
+        assert llm.block_manager.num_used_blocks == 0
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    verify = [s for s in steps[1:] if s]  # after the prefill
+    assert verify and all(s == {4} for s in verify), verify  # max_draft_len 3: every verify step 4 tokens
+    # the self-draft's tokens are all accepted: every output token but the prefill's is an accepted
+    # draft, a verify step's own, or a sequence's last (verifying only drafts past max_tokens: none
+    # counted, nor the step); no draft past max_tokens is counted
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs) - len(prompts)
+    accepted, steps = stats["spec_accepted_tokens"], stats["spec_verify_steps"]
+    assert accepted <= stats["spec_draft_tokens"] <= tokens
+    assert accepted + steps <= tokens <= accepted + steps + len(prompts)

@@ -12,8 +12,13 @@ Who speculates: a running sequence with one token left to compute (decoding), no
 logprobs asked (its tokens' logprobs are not computed on the verify path: such a request
 decodes one token a step), and room left: k = min(max_draft_len, max_tokens - outputs - 1,
 max_seq_len - tokens - 1), so the step's 1..k+1 new tokens never pass max_tokens or
-max_seq_len. Other sequences in the same step decode or prefill as always; their rows
-are sampled by the ordinary sampler.
+max_seq_len. Under verify CUDA graphs (`uniform_verify`) max_tokens does not shorten k: a
+sequence near its end verifies max_draft_len drafts like the others, and the stop checks cut
+its run at max_tokens (`append_tokens`); a shorter k would make the step ragged, which no
+verify graph serves (bench_speculative's batch-32 row: a last step of 2 tokens each, 1.24 s
+the first time, against 11.2 ms a graphed one, H200). Drafts past max_tokens count in neither
+the draft nor the accepted totals. Other sequences in the same step decode or prefill as
+always; their rows are sampled by the ordinary sampler.
 
 Back-off: a sequence whose drafts were all rejected MISSES_TO_BACK_OFF verify steps in a
 row decodes without drafts for its next FIRST_BACK_OFF tokens, then tries again; each
@@ -89,8 +94,10 @@ class SpeculativeDecoder:
             return 0
         if back_off and self._backed_off(seq):
             return 0
-        return max(0, min(self.max_draft_len, p.max_tokens - len(seq.output_token_ids) - 1,
-                          self.max_seq_len - seq.num_tokens - 1))
+        room = self.max_seq_len - seq.num_tokens - 1
+        if not self.uniform_verify:  # else drafts past max_tokens keep the step's graph (docstring)
+            room = min(room, _output_room(seq))
+        return max(0, min(self.max_draft_len, room))
 
     def _backed_off(self, seq: Sequence) -> bool:
         back_off = self._back_off.get(seq)
@@ -231,12 +238,14 @@ class SpeculativeDecoder:
             row += n
             if seq in sampled:
                 accepted = len(sampled[seq]) - 1
-                seq.num_draft_tokens += len(draft)
-                seq.num_accepted_draft_tokens += accepted
-                seq.num_verify_steps += 1
-                self.num_draft_tokens += len(draft)
-                self.num_accepted_tokens += accepted
-                self.num_verify_steps += 1
+                room = _output_room(seq)  # the drafts past it only kept the step uniform
+                drafted, kept = min(len(draft), room), min(accepted, room)
+                seq.num_draft_tokens += drafted
+                seq.num_accepted_draft_tokens += kept
+                seq.num_verify_steps += int(drafted > 0)  # its last token alone: a plain decode's
+                self.num_draft_tokens += drafted
+                self.num_accepted_tokens += kept
+                self.num_verify_steps += int(drafted > 0)
                 self._count_misses(seq, accepted)
 
     def _count_misses(self, seq: Sequence, accepted: int) -> None:
@@ -249,6 +258,12 @@ class SpeculativeDecoder:
         if back_off[0] >= MISSES_TO_BACK_OFF:  # from the token after this step's, for back_off[1] tokens
             back_off[0], back_off[2] = 0, seq.num_tokens + 1 + back_off[1]
             back_off[1] = min(2 * back_off[1], MAX_BACK_OFF)
+
+
+def _output_room(seq: Sequence) -> int:
+    """Draft tokens that can become output before max_tokens: the target's own token after
+    them is the last one."""
+    return max(0, seq.sampling_params.max_tokens - len(seq.output_token_ids) - 1)
 
 
 def _after_drafts(seq: Sequence, j: int) -> Sequence:
