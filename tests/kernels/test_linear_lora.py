@@ -34,6 +34,7 @@ def _operands(t, k, n, rank, dtype, bias=True, num_slots=3, seed=0):
     (3, 83, 7, 8, True), (7, 600, 83, 16, False),      # a few rows
     (GEMV_MAX_M, 769, 83, 32, True),                   # the GEMV's last row count
     (GEMV_MAX_M + 1, 83, 769, 16, True), (40, 769, 7, 48, False),  # past it: F.linear, shrink, expand
+    (83, 769, 83, 16, True),                           # past 64 rows: K still split (the grid), summed once
 ])
 def test_linear_lora_matches_its_reference(t, k, n, rank, bias, dtype):
     x, w, b, a, lb, slots = _operands(t, k, n, rank, dtype, bias)

@@ -18,8 +18,10 @@ kernels/linear.py): two launches. The shrink writes its fp32 partial sums over K
 (lora_shrink_partials), and the GEMV's LoRA epilogue sums each row's splits in order, rounds h
 to x's dtype as lora_shrink stores it, and adds h @ B[s]^T to the fp32 accumulator before
 its one rounding (the unfused path rounds the base output first: an ulp apart at most).
-More rows: F.linear (cuBLAS), then the shrink's partial sums and the expand, which sums them
-(three launches, not four).
+More rows: F.linear (cuBLAS), the shrink with its K splits summed once (a small second
+launch), then the expand. Summed in the expand instead, every one of its N / BLOCK_N programs
+of a token block re-read all the splits: at 64 tokens over a gate-up of N = 28,672, 16 splits,
+~57 MB of (mostly L2) reads a linear against ~0.13 MB summed once (an estimate; not yet timed on a GPU).
 
 Inside `no_adapters()` (the runtime's steps in which no token has an adapter, and the decode
 graphs captured for them): the base linear alone, `linear`'s own choice of GEMV or F.linear.
@@ -33,7 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from trtllm.kernels.linear import check_linear, gemv, gemv_choice, gemv_rows, linear_ref, linear_triton
-from trtllm.kernels.lora_sgmv import lora_expand_partials, lora_expand_ref, lora_shrink_partials, lora_shrink_ref
+from trtllm.kernels.lora_sgmv import (
+    lora_expand_partials,
+    lora_expand_ref,
+    lora_shrink_partials,
+    lora_shrink_ref,
+    lora_shrink_triton,
+)
 from trtllm.kernels.registry import register_op
 
 # Set by the runtime (runtime/model_runner.py, cuda_graphs.py) around steps and graph captures
@@ -72,6 +80,9 @@ def linear_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         return linear_triton(x, weight, bias)
     config = gemv_choice(x, weight)
     x2 = gemv_rows(x)
+    if config is None:  # cuBLAS, the shrink (its K splits summed once), then the expand
+        h = lora_shrink_triton(x2, lora_a, slot_ids)
+        return lora_expand_partials(F.linear(x2, weight, bias), h[None], lora_b, slot_ids).reshape(*x.shape[:-1], n)
     parts = lora_shrink_partials(x2, lora_a, slot_ids)  # [splits, T, R] fp32
     if config is not None and config.dot and x.dtype == torch.float16 and x.is_cuda:
         # Triton 3.6 failed to compile the epilogue in the tl.dot GEMV for fp16 at 16 rows and
@@ -80,8 +91,6 @@ def linear_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         base = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
         gemv(x2, weight, bias, base, config)
         return lora_expand_partials(base, parts, lora_b, slot_ids).reshape(*x.shape[:-1], n)
-    if config is None:  # cuBLAS, then the expand sums the splits
-        return lora_expand_partials(F.linear(x2, weight, bias), parts, lora_b, slot_ids).reshape(*x.shape[:-1], n)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     gemv(x2, weight, bias, out.view(x2.shape[0], n), config, lora=(parts, lora_b, slot_ids))
     return out
