@@ -53,12 +53,12 @@ def test_a_cuda_graph_replays_with_the_slots_refilled():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("t", [1, 3, 16, 64])
+@pytest.mark.parametrize("t", [1, 3, 16, 64, 128])
 @pytest.mark.parametrize("k,n,rank", [(4096, 6144, 48), (14336, 4096, 16), (4096, 28672, 32)])
 def test_linear_lora_in_a_cuda_graph(t, k, n, rank, dtype):
     """trtllm.linear_lora in a CUDA graph (kernels/linear_lora.py: up to 16 rows the GEMV with its
-    LoRA epilogue; 64 rows cuBLAS + the shrink's and expand's partials, the path a prefill graph
-    with LoRA slots would capture) against its reference, slots refilled between replays;
+    LoRA epilogue; 64 and 128 rows cuBLAS, the shrink's K splits summed once, the expand: the path
+    a prefill graph with LoRA slots captures) against its reference, slots refilled between replays;
     inside no_adapters() the graph computes the base linear."""
     from trtllm.kernels.linear import linear_ref
     from trtllm.kernels.linear_lora import linear_lora, linear_lora_ref, no_adapters

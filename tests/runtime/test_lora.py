@@ -76,8 +76,9 @@ def test_steps_without_adapters_launch_no_adapter_kernels(llm, adapters, monkeyp
     import trtllm.kernels.linear_lora as linear_lora
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the launchers, not the references (tests/runtime/conftest.py)
     calls = []
-    real = linear_lora.lora_shrink_partials  # every adapter path of the op starts with it
-    monkeypatch.setattr(linear_lora, "lora_shrink_partials", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("lora_shrink_partials", "lora_shrink_triton"):  # every adapter path of the op starts with one
+        real = getattr(linear_lora, name)
+        monkeypatch.setattr(linear_lora, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     base_tokens = greedy(llm, PROMPTS)
     assert not calls
     request, _ = adapters["all8"]
