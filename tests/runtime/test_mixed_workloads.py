@@ -42,7 +42,8 @@ def llm(checkpoint, request, tmp_path_factory):
     """The engine; "overlap": decode and prefill steps through test_model_runner's CUDA-graph
     stand-ins, so the overlap scheduler launches the next greedy decode step ahead (as on a GPU); "ngram": with
     n-gram speculation (drafts verified beside plain rows, none while a beam search runs; the
-    prompts repeat tokens, so lookups find drafts); "draft": a draft model (the target itself, its
+    prompts repeat tokens, so lookups find drafts; uniform_verify as on a GPU: a miss beside a hit
+    drafts its last token repeated); "draft": a draft model (the target itself, its
     own KV pool and mirrors of the target's sequences; uniform_verify as on a GPU: drafts past max_tokens,
     backed-off sequences drafting beside others); "eagle3": an EAGLE-3 head (random, on a
     4-layer target: the target's hidden states stashed a row per KV slot, the head's own pool); "lora": two adapters and one GPU slot, so
@@ -94,8 +95,8 @@ def llm(checkpoint, request, tmp_path_factory):
                 runner.cuda_graphs.decode[b] = (g, g.logits, g.greedy)
             if request.param in ("overlap", "lora"):
                 add_prefill_graphs(llm, 16)
-        if request.param == "draft":  # as on a GPU, where verify graphs are captured: every speculating
-            llm.engine.speculative.uniform_verify = True  # sequence verifies max_draft_len drafts
+        if request.param in ("ngram", "draft"):  # as on a GPU, where verify graphs are captured: every
+            llm.engine.speculative.uniform_verify = True  # speculating sequence verifies max_draft_len drafts
         llm.adapters = [None] + adapters if "lora_config" in options else [None]  # what a request's adapter index picks from
         llm.launched_ahead = count_ahead(llm)  # one entry per step the overlap scheduler tried to launch ahead
         yield llm

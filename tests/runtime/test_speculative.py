@@ -667,3 +667,40 @@ def test_under_verify_graphs_sequences_near_max_tokens_keep_the_step_uniform(tar
     accepted, steps = stats["spec_accepted_tokens"], stats["spec_verify_steps"]
     assert accepted <= stats["spec_draft_tokens"] <= tokens
     assert accepted + steps <= tokens <= accepted + steps + len(prompts)
+
+
+def test_under_verify_graphs_an_ngram_miss_drafts_beside_a_hit():
+    # uniform_verify with n-gram lookup: a sequence whose lookup finds nothing verifies its last token
+    # repeated while another's finds drafts (a ragged step runs outside the verify graphs)
+    from trtllm.runtime.sequence import Sequence, SequenceStatus
+    from trtllm.runtime.speculative.decoder import SpeculativeDecoder
+    dec = SpeculativeDecoder(3, 1000, 512, [], max_matching_ngram_size=2)
+    hit, miss = (Sequence(r, p, SamplingParams(max_tokens=500), output_token_ids=[o], status=SequenceStatus.RUNNING)
+                 for r, p, o in (("hit", [7, 8, 9, 7, 8], 9), ("miss", [1, 2, 3, 4], 5)))
+    for seq in (hit, miss):
+        seq.num_computed_tokens = seq.num_tokens - 1
+    dec.propose([hit, miss])
+    assert hit.draft_token_ids == [7, 8, 9] and miss.draft_token_ids == []  # no verify graphs: it decodes
+    dec.uniform_verify = True
+    dec.propose([hit, miss])
+    assert hit.draft_token_ids == [7, 8, 9] and miss.draft_token_ids == [5, 5, 5]
+    dec.propose([miss])  # no one found drafts: a plain decode step
+    assert miss.draft_token_ids == []
+
+
+def test_under_verify_graphs_ngram_steps_keep_one_shape_and_the_targets_tokens(target):
+    prompts = [[7, 8, 9, 7, 8, 9, 7, 8], list(range(200, 212)), [5, 17, 99, 3]]
+    params = SamplingParams(max_tokens=17, temperature=0.0, ignore_eos=True)
+    with small_llm(target) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    with small_llm(target, speculative_config=_configs(target)["ngram"]) as llm:
+        llm.engine.speculative.uniform_verify = True
+        steps = []
+        execute = llm.engine.runner.execute
+        llm.engine.runner.execute = lambda scheduled: (steps.append({n for _, n in scheduled if n > 1}),
+                                                       execute(scheduled))[1]
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.block_manager.check_invariants()
+        assert llm.block_manager.num_used_blocks == 0
+    assert got == expected
+    assert any(steps[1:]) and all(s == {4} for s in steps[1:] if s), steps  # after the prefill: 4 tokens each

@@ -302,7 +302,7 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
         # None ("wherever the engine can"): on a GPU with CUDA graphs
         if speculative.verify_cuda_graphs is not False and enable_cuda_graph and runner.device.type == "cuda":
             runner.cuda_graphs.capture_verify(speculative.max_draft_len + 1, sorted(runner.cuda_graphs.decode))
-            speculative.uniform_verify = speculative.draft is not None
+            speculative.uniform_verify = True
     capture_s = runner.cuda_graphs.capture_s - (compiled.compile_s - compile_before_capture)
     engine.startup = StartupTimes(load_s, compiled.compile_s, capture_s, time.perf_counter() - started,
                                   compiled.captures, len(compiled.graphs))

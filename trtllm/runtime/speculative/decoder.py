@@ -17,7 +17,9 @@ sequence near its end verifies max_draft_len drafts like the others, and the sto
 its run at max_tokens (`append_tokens`); a shorter k would make the step ragged, which no
 verify graph serves (bench_speculative's batch-32 row: a last step of 2 tokens each, 1.24 s
 the first time, against 11.2 ms a graphed one, H200). Drafts past max_tokens count in neither
-the draft nor the accepted totals. Other sequences in the same step decode or prefill as
+the draft nor the accepted totals. For the same reason, under verify graphs a sequence whose
+n-gram lookup found nothing drafts its last token repeated while another sequence of the step
+has drafts. Other sequences in the same step decode or prefill as
 always; their rows are sampled by the ordinary sampler.
 
 Back-off: a sequence whose drafts were all rejected MISSES_TO_BACK_OFF verify steps in a
@@ -68,7 +70,7 @@ class SpeculativeDecoder:
         self.max_matching_ngram_size, self.draft = max_matching_ngram_size, draft
         self.verify_cuda_graphs = verify_cuda_graphs  # build_engine captures them unless False (on a GPU)
         # verify steps replay graphs of every sequence verifying max_draft_len drafts (set by build_engine
-        # once captured, draft models only: n-gram drafts are as long as the match): see propose
+        # once captured): every speculating sequence of a step then drafts max_draft_len (see propose)
         self.uniform_verify = False
         self._attach_target = attach_target  # an EAGLE-3 head's: see attach_target
         self._draft_probs: dict[Sequence, torch.Tensor] = {}
@@ -149,6 +151,12 @@ class SpeculativeDecoder:
         else:
             for seq, k in zip(seqs, ks):
                 seq.draft_token_ids = propose_ngram(seq.token_ids, k, self.max_matching_ngram_size)
+            if self.uniform_verify and any(seq.draft_token_ids for seq in seqs):
+                # a sequence whose lookup found nothing verifies its last token repeated, so the
+                # step keeps one verify graph's shape (ragged, it ran op by op: docstring)
+                for seq, k in zip(seqs, ks):
+                    if not seq.draft_token_ids:
+                        seq.draft_token_ids = [seq.token_at(seq.num_tokens - 1)] * k
 
     def speculates_next(self, seqs: list[Sequence]) -> bool:
         """Whether any of `seqs` may get drafts at the step after the one that gives it its
