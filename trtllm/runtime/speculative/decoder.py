@@ -19,8 +19,8 @@ verify graph serves (bench_speculative's batch-32 row: a last step of 2 tokens e
 the first time, against 11.2 ms a graphed one, H200). Drafts past max_tokens count in neither
 the draft nor the accepted totals. For the same reason, under verify graphs a sequence whose
 n-gram lookup found nothing drafts its last token repeated while another sequence of the step
-has drafts. Other sequences in the same step decode or prefill as
-always; their rows are sampled by the ordinary sampler.
+has drafts. Other sequences in the same step decode or prefill as always; their rows are
+sampled by the ordinary sampler.
 
 Back-off: a sequence whose drafts were all rejected MISSES_TO_BACK_OFF verify steps in a
 row decodes without drafts for its next FIRST_BACK_OFF tokens, then tries again; each
