@@ -95,7 +95,7 @@ def llm(checkpoint, request, tmp_path_factory):
                 runner.cuda_graphs.decode[b] = (g, g.logits, g.greedy)
             if request.param in ("overlap", "lora"):
                 add_prefill_graphs(llm, 16)
-        if request.param in ("ngram", "draft"):  # as on a GPU, where verify graphs are captured: every
+        if request.param in ("ngram", "draft", "eagle3"):  # as on a GPU, where verify graphs are captured: every
             llm.engine.speculative.uniform_verify = True  # speculating sequence verifies max_draft_len drafts
         llm.adapters = [None] + adapters if "lora_config" in options else [None]  # what a request's adapter index picks from
         llm.launched_ahead = count_ahead(llm)  # one entry per step the overlap scheduler tried to launch ahead
