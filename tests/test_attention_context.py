@@ -1,9 +1,10 @@
 """AttentionMetadata.fill: the buffers describe exactly this step, however the rows'
 block tables came and went (fill rewrites only the rows and entries that changed); the
-active context, and the scratch one for whole sequences."""
+active context, and the scratch one for whole sequences; PagedKVCache.copy_blocks."""
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from trtllm.attention_context import (
@@ -92,3 +93,24 @@ def test_whole_sequences_get_blocks_of_their_own():
         assert ctx.cache.k.shape == (3, 4, BS, 2, 8)  # 2 sequences x 2 blocks of 4
         check(ctx.metadata, [6, 6], [6, 6], [[0, 1], [2, 3]])
     assert not in_attention_context()
+
+
+@pytest.mark.parametrize("dtype, heads, head_dim, values", [
+    (torch.float32, 2, 8, True), (torch.bfloat16, 2, 7, True), (torch.float8_e4m3fn, 2, 3, True),
+    (torch.int8, 1, 5, True), (torch.float8_e4m3fn, 1, 3, True),  # 20 and 12 bytes a row: not int64 words
+    (torch.bfloat16, 1, 12, False),  # a latent cache: V is 0 wide
+])
+def test_copy_blocks_copies_every_layer_of_each_pair_and_nothing_else(dtype, heads, head_dim, values):
+    # a block's row of one layer is BS x heads x head_dim elements: copied as int64 words where they divide
+    cache = PagedKVCache.allocate(3, 9, BS, heads, head_dim, torch.float32, "cpu", values=values)
+    g = torch.Generator().manual_seed(0)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    cache = PagedKVCache(cache.k.to(dtype), cache.v.to(dtype))
+    before_k, before_v = cache.k.clone(), cache.v.clone()
+    src, dst = torch.tensor([1, 4, 1]), torch.tensor([2, 7, 8])
+    cache.copy_blocks(src, dst)
+    expect_k, expect_v = before_k.clone(), before_v.clone()
+    expect_k[:, dst], expect_v[:, dst] = before_k[:, src], before_v[:, src]
+    assert torch.equal(cache.k.view(torch.uint8), expect_k.view(torch.uint8))
+    assert torch.equal(cache.v.view(torch.uint8), expect_v.view(torch.uint8))

@@ -232,15 +232,23 @@ def device_part(vocab: int, device: torch.device) -> tuple[str, dict]:
     pairs = [(i, rows + i) for i in range(BEAM_BATCH * (WIDTH - 1))]
     block_bytes = 2 * cache.k[:, 0].nbytes
     timed.append((f"copy_blocks, {len(pairs)} blocks of {block_bytes / 1e6:.1f} MB (K+V)",
-                  lambda: ModelRunner.copy_blocks(holder, pairs), None))
+                  lambda: ModelRunner.copy_blocks(holder, pairs), 2 * len(pairs) * block_bytes))
+    src, dst = torch.tensor(pairs, dtype=torch.long, device=device).T
+
+    def copy_as_bytes():  # copy_blocks until 2026-12-06: index_select / index_copy_ of a uint8 view
+        for pool in (cache.k, cache.v):
+            raw = pool.view(torch.uint8)
+            raw.index_copy_(1, dst, raw.index_select(1, src))
+    timed.append(("  the same as uint8 (before 2026-12-06)", copy_as_bytes, 2 * len(pairs) * block_bytes))
     lines = [f"device ms of a step's sampling work ({name}, {rows} rows x vocab {vocab}, "
-             "bf16 logits; 20 launches):", "", "| work | ms |", "|---|---|"]
+             "bf16 logits; 20 launches; GB/s: bytes read + written that the work needs):", "",
+             "| work | ms | GB/s |", "|---|---|---|"]
     out = {}
-    for name, fn, _ in timed:
+    for name, fn, nbytes in timed:
         with torch.no_grad():
             ms = device_ms(fn, device)
         out[name] = ms
-        lines.append(f"| {name} | {ms:.4f} |")
+        lines.append(f"| {name} | {ms:.4f} | {f'{nbytes / ms / 1e6:,.0f}' if nbytes else '-'} |")
     lines.append(f"\n(bf16 logits [{rows}, {vocab}]: {rows * vocab * 2 / 1e6:.1f} MB; fp32 copy "
                  f"{rows * vocab * 4 / 1e6:.1f} MB; at 4.3 TB/s a pass over the fp32 copy is "
                  f"{rows * vocab * 4 / 4.3e12 * 1e3:.4f} ms)")

@@ -220,11 +220,8 @@ def _image_buffers(compiled, spec: RankSpec, stage: int, device: torch.device) -
 
 def copy_blocks(cache: PagedKVCache, pairs: list[tuple[int, int]]) -> None:
     """Each (source, copy) block's K/V into the copy, every layer, as bytes (runtime/model_runner.py's)."""
-    src = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=cache.k.device)
-    dst = torch.tensor([b for _, b in pairs], dtype=torch.long, device=cache.k.device)
-    for pool in (cache.k, cache.v):
-        raw = pool.view(torch.uint8)
-        raw.index_copy_(1, dst, raw.index_select(1, src))
+    src, dst = torch.tensor(pairs, dtype=torch.long).T.contiguous().to(cache.k.device)
+    cache.copy_blocks(src, dst)
 
 
 def _next_step(channel: StepChannel, rank: int):

@@ -245,12 +245,9 @@ class ModelRunner:
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write (block_manager.py): each (source, copy) block's K/V, every layer,
-        into the copy, queued before the step that writes it. Bytes, whatever the cache's
-        dtype (FP8 has no index kernels; the per-layer scales are not per block)."""
+        into the copy, queued before the step that writes it (PagedKVCache.copy_blocks)."""
         src, dst = torch.tensor(pairs, dtype=torch.long).T.contiguous().to(self.device)  # one copy to the device
-        for pool in (self.cache.k, self.cache.v):
-            raw = pool.view(torch.uint8)
-            raw.index_copy_(1, dst, raw.index_select(1, src))
+        self.cache.copy_blocks(src, dst)
         tp = getattr(self.compiled, "tensor_parallel", None)
         if tp is not None and tp.workers is not None:  # every rank's cache holds its heads of these blocks
             tp.workers.copy_blocks(pairs)
