@@ -30,8 +30,12 @@ __all__ = ["compile_encoder", "CompiledEncoder"]
 
 
 class CompiledEncoder:
-    def __init__(self, module: nn.Module, *, inductor: bool | None = None, passes=None):
+    def __init__(self, module: nn.Module, *, inductor: bool | None = None, passes=None, max_autotune: bool = False):
         self.module = module
+        # Inductor's max_autotune: its Triton GEMM templates (with the bias, activation and
+        # residual add fused into their epilogues) raced against cuBLAS per shape; minutes of
+        # compilation (bench/probes/encoder_kernels.py measures what it buys)
+        self.config_patches = {"max_autotune": True} if max_autotune else None
         device = next(module.parameters()).device
         self.inductor = device.type == "cuda" if inductor is None else inductor
         self.passes = list(ENCODER_PASSES if passes is None else passes)
@@ -53,8 +57,8 @@ class CompiledEncoder:
             return functools.partial(_call, gm.forward, constants)
         from torch._inductor.compile_fx import compile_fx
         declare_inductor_fallbacks(gm.graph)
-        return functools.partial(_call, compile_fx(gm, list(example_inputs) + static_fakes(constants, example_inputs)),
-                                 constants)
+        return functools.partial(_call, compile_fx(gm, list(example_inputs) + static_fakes(constants, example_inputs),
+                                                   config_patches=self.config_patches), constants)
 
     def __call__(self, *args, **kwargs):
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
@@ -84,5 +88,5 @@ def _call(run, constants, *args):
 
 
 def compile_encoder(module: nn.Module, **options) -> CompiledEncoder:
-    """Compile a vision encoder (see the module docstring). Options: inductor, passes."""
+    """Compile a vision encoder (see the module docstring). Options: inductor, passes, max_autotune."""
     return CompiledEncoder(module, **options)

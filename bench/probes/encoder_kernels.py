@@ -7,7 +7,10 @@ bench_multimodal.py's tower (CLIP ViT-L/14-336 shapes, random bf16 weights, batc
 - eager: the plain module (torch SDPA: FlashAttention), bench_multimodal's peer;
 - torch.compile: the plain module through Inductor (SDPA kept), the stock compiler's answer;
 - trtllm: `compile_encoder` (ENCODER_PASSES: SDPA -> trtllm.bidirectional_attention, then Inductor);
-- trtllm, no passes: `compile_encoder(passes=[])`, our pipeline with SDPA kept.
+- trtllm, no passes: `compile_encoder(passes=[])`, our pipeline with SDPA kept;
+- with --max-autotune: `compile_encoder(max_autotune=True)`, Inductor's GEMM templates with fused
+  epilogues raced against cuBLAS.
+--sweep times bidirectional_attention's launch configs at the tower's shape.
 For each: wall time of one pass (median of --reps), TFLOP/s, and one pass under torch.profiler
 grouped by kernel family (matmul, attention, layer norm, Inductor's fused elementwise, conv,
 copies), with the matmuls' own TFLOP/s. Two ceilings measured in the same run:
@@ -90,6 +93,9 @@ def main():
     ap.add_argument("--batch", type=int, default=None, help="images a pass (64; smoke 2)")
     ap.add_argument("--layers", type=int, default=None, help="encoder layers run (24, LLaVA's -2 feature layer: 23)")
     ap.add_argument("--reps", type=int, default=None, help="timed passes (10; smoke 2)")
+    ap.add_argument("--max-autotune", action="store_true",
+                    help="a fifth way: compile_encoder(max_autotune=True), GEMM epilogues fused (minutes to compile)")
+    ap.add_argument("--sweep", action="store_true", help="time bidirectional_attention's launch configs at the shape")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -116,6 +122,8 @@ def main():
         "trtllm compile_encoder": compile_encoder(tower),
         "trtllm compile_encoder, no passes (SDPA)": compile_encoder(tower, passes=[]),
     }
+    if args.max_autotune:
+        variants["trtllm compile_encoder, max_autotune"] = compile_encoder(tower, max_autotune=cuda)
     rows = []
     eager_s = None
     for name, fn in variants.items():
@@ -151,6 +159,20 @@ def main():
     q, k, vv = (torch.randn(batch, heads, v.num_patches + 1, d // heads, device=device, dtype=dtype) for _ in range(3))
     sdpa_s = seconds(lambda: F.scaled_dot_product_attention(q, k, vv), reps) * layers
     ours_s = seconds(lambda: torch.ops.trtllm.bidirectional_attention(q, k, vv, (d // heads) ** -0.5), reps) * layers
+    if args.sweep and cuda:
+        from trtllm.kernels.bidirectional_attention import bidirectional_attention_triton
+        sweep = {}
+        for launch in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3),
+                       (128, 128, 8, 3), (64, 32, 4, 3), (128, 64, 8, 4)]:
+            try:
+                ms = seconds(lambda launch=launch: bidirectional_attention_triton(q, k, vv, (d // heads) ** -0.5,
+                                                                                   launch=launch), reps) * 1e3
+            except Exception as e:  # out of shared memory / registers: say so, go on
+                print(f"launch {launch}: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            sweep[str(launch)] = ms
+            print(f"bidirectional_attention launch {launch}: {ms * layers:.2f} ms x {layers} layers", flush=True)
+        record["attention_sweep_ms_per_layer"] = sweep
     best = gemm_s + min(sdpa_s, ours_s)
     record.update(gemm_seconds=gemm_s, gemm_tflops=linear_flops(v, layers, batch) / gemm_s / 1e12,
                   sdpa_seconds=sdpa_s, trtllm_attention_seconds=ours_s, ceiling_ratio=eager_s / best)

@@ -31,6 +31,10 @@ With LoRA adapters, each decode size is captured twice: with the adapters' kerne
 inside `no_adapters()` (kernels/linear_lora.py) without them (the fused LoRA linears launch the base GEMV
 alone), for steps in which no token has an adapter (`replay(..., adapters=False)`).
 
+Steps that no graph serves run eagerly; the kernels the shortest of them choose (the prefill
+attention kernel's small tiles) are compiled at startup by running one such step
+(`warm_short_steps`), so a ragged verify step or a chunk's tail does not pay ~0.8 s mid-run.
+
 A graph reads the runner's fixed-address buffers (token ids, positions, logits rows, the
 attention metadata, LoRA slots, staged image features) and writes fixed output buffers:
 replaying one is refilling those inputs in place, then `graph.replay()`. The runner's
@@ -52,6 +56,10 @@ from trtllm.config import CudaGraphConfig
 from trtllm.kernels.linear_lora import no_adapters
 from trtllm.runtime.launched_step import LaunchedStep
 from trtllm.runtime.sampler import greedy_picks
+
+# One sequence of each, run at startup (warm_short_steps): q x G rows within 16, then within 32,
+# for GQA groups G of 1, 2, 4, 8 and 16.
+SHORT_STEP_LENS = (2, 3, 5, 9, 17)
 
 
 def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -263,6 +271,25 @@ class CudaGraphs:
                 self.prefill[t] = (graph, logits)
             torch.cuda.synchronize()
 
+    @torch.no_grad()
+    def warm_short_steps(self) -> None:
+        """Run (not capture) one sequence of each of SHORT_STEP_LENS new tokens on the ordinary
+        compilation, no slot written: what the first eager step of so few tokens a sequence (a
+        ragged verify step no graph fits, a chunk's tail) would otherwise compile mid-run, the
+        prefill attention kernel's small tiles (launch_shape.prefill_config: 16 and 32 rows, any
+        GQA group up to 16). The first such step took 799 ms on the H100, 762 of them that
+        compilation (bench/probes/step_compiles.py --ragged-end, 2026-12-06)."""
+        started = time.perf_counter()
+        runner = self.runner
+        for n in SHORT_STEP_LENS:
+            if n > runner.meta.max_num_tokens:
+                break
+            args = self._dummy_step([n], rows=1)
+            with attention_context(runner.cache, runner.meta), runner.graph_inputs():
+                runner.compiled(*args)
+        torch.cuda.synchronize()
+        self.capture_s += time.perf_counter() - started
+
     @contextlib.contextmanager
     def _frozen_heap(self):
         """The Python heap frozen while capturing: torch.cuda.graph runs gc.collect() at every
@@ -277,6 +304,16 @@ class CudaGraphs:
             gc.unfreeze()
             self.capture_s += time.perf_counter() - started
 
+    def _dummy_step(self, lens: list[int], rows: int | None) -> tuple:
+        """The metadata (refilled) and the model's arguments of a step of sequences of `lens`
+        new tokens each, every one in block 0, no slot to write, max_seq_len the model's length."""
+        runner, meta = self.runner, self.runner.meta
+        meta.fill(lens, lens, [[0] * math.ceil(n / runner.block_size) for n in lens], runner.block_size)
+        meta.slot_mapping.fill_(-1)
+        meta.max_seq_len = runner.max_model_len
+        ids, pos = runner._flat_batch(sum(lens))
+        return (ids, pos) if rows is None else (ids, pos, runner.logits_indices[:rows])
+
     def _capture_one(self, lens: list[int], greedy: bool = False, rows: int | None = None):
         """(graph, logits, greedy picks or None) of one step of sequences of `lens` new tokens
         each, with no slot to write, in the shared pool: capture-time values only; every replay
@@ -286,17 +323,12 @@ class CudaGraphs:
         tokens; attention takes its prefill path from max_query_len > 1 itself). rows R: a
         prefill step on the ordinary compilation, launched with max_query_len = all its tokens
         (a bound for any step of as many), logits for the first R flat indices staged."""
-        runner, meta = self.runner, self.runner.meta
-        total = sum(lens)
-        meta.fill(lens, lens, [[0] * math.ceil(n / runner.block_size) for n in lens], runner.block_size)
-        meta.slot_mapping.fill_(-1)
-        meta.max_seq_len = runner.max_model_len
+        runner = self.runner
+        args = self._dummy_step(lens, rows)
         if rows is not None:
-            meta.max_query_len = total
-        ids, pos = runner._flat_batch(total)
-        args = (ids, pos) if rows is None else (ids, pos, runner.logits_indices[:rows])
+            runner.meta.max_query_len = sum(lens)
         variant = runner.compiled.decode_graphs() if rows is None else contextlib.nullcontext()
-        with attention_context(runner.cache, meta), runner.graph_inputs(), variant:
+        with attention_context(runner.cache, runner.meta), runner.graph_inputs(), variant:
             for _ in range(2):  # compile for this shape and warm up outside the graph
                 runner.compiled(*args)
             torch.cuda.synchronize()

@@ -112,6 +112,7 @@ class ModelRunner:
                 if self.compiled.attention.latent:  # only steps the MLA op attends on the device
                     most = min(most, ABSORBED_MAX_QUERY_LEN)
                 self.cuda_graphs.capture_prefill(prefill_token_sizes(most))
+                self.cuda_graphs.warm_short_steps()
 
     def prefill_graphs_serve(self) -> bool:
         """Whether prefill graphs can run this model's steps: not under parallelism (no
