@@ -1,5 +1,5 @@
 """The beam step's batched pieces (issue 23): `select_beams` equals the per-group search
-arithmetic it replaced; a decode-graph step of beams (and greedy rows) runs no sampler, and the
+arithmetic it replaced (equal candidates in flat-index order); a decode-graph step of beams (and greedy rows) runs no sampler, and the
 search still equals HF's and the greedy tokens a run alone's (decode graphs stood in for on the
 CPU by the model run eagerly); a copy-on-write block of a beam that keeps its table reaches the
 attention metadata."""
@@ -28,8 +28,9 @@ def per_group_reference(logits, index, scores, keep, masked):
             if gi == g:
                 rows[:, t] = float("-inf")
         v, i = torch.topk((rows + scores[g][:, None]).view(-1), keep)
-        values.append(v.numpy())
-        flat.append(i.numpy())
+        order = np.lexsort((i.numpy(), -v.numpy()))  # ties: torch.topk's order is its own; lower index first
+        values.append(v.numpy()[order])
+        flat.append(i.numpy()[order])
     return np.stack(values), np.stack(flat)
 
 
@@ -49,6 +50,8 @@ def test_select_beams_equals_the_per_group_search(dtype):
         assert values.dtype == np.float32 and flat.shape == (G, 2 * k)
         np.testing.assert_array_equal(values, want_v)
         np.testing.assert_array_equal(flat, want_i)
+        if dtype == torch.bfloat16:  # equal candidates come in flat-index order (bf16 logits tie: here they do)
+            assert any(len(set(row)) < len(row) for row in values.tolist())
     assert (flat[0] // V == 0).all(), "at the first step only the leader's continuations count"
     assert not np.isin(flat[1] % V, [5, 50]).any() and not (flat[2] % V == 96).any()
 
