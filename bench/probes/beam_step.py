@@ -34,7 +34,7 @@ from bench.probes.host_step import ZeroLogits, steps_to_end
 from bench.report import report
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
-from trtllm.runtime import beams as beams_module, engine as engine_module
+from trtllm.runtime import beam_search, engine as engine_module
 from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes
 from trtllm.runtime.llm import LLM
 from trtllm.runtime.sampler import greedy_picks
@@ -219,9 +219,9 @@ def device_part(vocab: int, device: torch.device) -> tuple[str, dict]:
     timed = [("greedy picks (in the decode graph)", lambda: greedy_picks(logits), 2 * rows * vocab),
              ("sampler over all rows", lambda: sampler(logits, batch), None),
              ("log_softmax + add + top-k (beams.py)", beam_select, None)]
-    if hasattr(beams_module, "select_beams"):
+    if hasattr(beam_search, "select_beams"):
         timed.append(("select_beams (one batched call)",
-                      lambda: beams_module.select_beams(logits, index, scores, keep, None), None))
+                      lambda: beam_search.select_beams(logits, index, scores, keep, None), None))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU wall time, not a GPU's"
     # copy-on-write: 3 of each group's 4 beams copy their partial block (every beam a child of
     # one parent, the most a step can copy), Llama-3.1-8B's cache (32 layers, 8 KV heads x 128,

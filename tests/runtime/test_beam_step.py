@@ -9,7 +9,8 @@ import torch
 
 from tests.runtime.test_beams import CASES, PROMPTS, beam_params, check_against_hf, checkpoint, engine_of, hf, run  # noqa: F401
 from trtllm.attention_context import AttentionMetadata, attention_context
-from trtllm.runtime.beams import graph_picks_serve, select_beams
+from trtllm.runtime.beam_search import select_beams
+from trtllm.runtime.beams import graph_picks_serve
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.sampler import greedy_picks
 from trtllm.runtime.sequence import Sequence

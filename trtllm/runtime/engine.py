@@ -54,7 +54,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from trtllm.runtime.beams import BeamGroup, graph_picks_serve, step_groups, take_beam_rows
+from trtllm.runtime.beam_search import step_groups
+from trtllm.runtime.beams import BeamGroup, graph_picks_serve, take_beam_rows
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval, validate_request
 from trtllm.runtime.engine_stats import EngineStats, StartupTimes, StepRecord

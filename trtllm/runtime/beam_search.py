@@ -1,0 +1,157 @@
+"""One step of beam search for every group whose rows have come (runtime/beams.py says how beams
+run in the engine): the device work for all groups of one width in one batched call
+(`select_beams`), then the bookkeeping as numpy over the groups (`_advance`), Python only for
+the hypotheses that finish and the forks."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trtllm.runtime.beams import NEG32, BeamGroup
+
+
+def step_groups(groups: list[BeamGroup], block_manager) -> list[BeamGroup]:
+    """One search step of each group whose rows have all come: the device work batched
+    (`select_beams`: one gather, log-softmax and top-k for all groups of one width,
+    [G * k, V] -> [G, keep], one copy to the host), the bookkeeping too (`_advance`: numpy
+    over [G, keep], Python only for hypotheses that finish and for the forks). The groups
+    whose search ended."""
+    shapes = defaultdict(list)
+    for g in groups:
+        if g.ready:
+            shapes[g.width, g.keep].append(g)
+    ended = []
+    for (k, keep), gs in shapes.items():
+        rows = [row for g in gs for row in g.candidates()]
+        source = rows[0][0]
+        if all(t is source for t, _ in rows):  # one step's rows (always, beams run in lockstep): one gather
+            logits, index = source, [i for _, i in rows]
+        else:
+            logits, index = torch.stack([t[i] for t, i in rows]), list(range(len(rows)))
+        vocab = logits.shape[-1]
+        # HF's min_new_tokens: the stop ids cannot end a beam yet
+        masked = [(i, t) for i, g in enumerate(gs) if len(g.beams[0].output_token_ids) < g.params.min_tokens
+                  for t in g.stop_ids]
+        values, flat = select_beams(logits, torch.tensor(index, device=logits.device),
+                                    torch.from_numpy(np.stack([g.scores for g in gs])).to(logits.device),
+                                    min(keep, k * vocab), masked or None)
+        ended += _advance(gs, values, flat, vocab, block_manager)
+    return ended
+
+
+def select_beams(logits: Tensor, index: Tensor, scores: Tensor, keep: int,
+                 masked: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The search's device work for G groups of width k, in one batched pass, no loop over groups:
+
+        logp[g, j]   = log_softmax(float(logits[index[g * k + j]]))     [G, k, V]
+        logp[g, :, t] = -inf  for each (g, t) in `masked`               (min_tokens: stop ids)
+        acc[g]        = (logp[g] + scores[g, :, None]).flatten()        [G, k * V]
+        values, flat  = topk(acc, keep)                                 [G, keep] each
+
+    logits [N, V] (any float dtype: the step's rows), index [G * k] int64 (a beam's row;
+    the leader's k times at a group's first step), scores [G, k] fp32 (the running beams'
+    summed log-probabilities). HF's `_beam_search` arithmetic, op for op (log_softmax in
+    fp32, then the add), so the same scores and the same order (equal ones by flat index:
+    torch.topk leaves ties in an order of its own). Returns numpy arrays on the
+    host (values fp32, flat indices int64: parent = flat // V, token = flat % V): the
+    step's one device-to-host copy (two tensors, one wait)."""
+    G, k = scores.shape
+    if index.shape != (G * k,):
+        raise ValueError(f"index {tuple(index.shape)} does not match scores {tuple(scores.shape)}: one row per beam")
+    vocab = logits.shape[-1]
+    logp = logits.index_select(0, index).float().log_softmax(-1).view(G, k, vocab)
+    if masked:
+        g, t = zip(*masked)
+        logp[torch.tensor(g, device=logp.device), :, torch.tensor(t, device=logp.device)] = float("-inf")
+    # The group's best `keep` of k * V are among its rows' best `keep` each (a row's score is
+    # one constant added to all of it), so the top-k runs per row and then over k * keep
+    # candidates: the same values, added as above (one top-k over [G, k * V] took most of a
+    # 0.34 ms step on the H100 at V = 128,256, bench/probes/beam_step.py).
+    per_row = min(keep, vocab)
+    row_values, row_tokens = torch.topk(logp, per_row)  # [G, k, per_row] each
+    acc = (row_values + scores[:, :, None]).view(G, k * per_row)
+    values, j = torch.topk(acc, keep)  # j = parent * per_row + the rank in its row
+    flat = (j // per_row) * vocab + row_tokens.view(G, k * per_row).gather(1, j)
+    values, flat = values.cpu().numpy(), flat.cpu().numpy()
+    # equal values in the order of their flat index, as one top-k over [G, k * V] gives them
+    # (torch's on the CPU; the two-stage one ranks them by row first): bf16 logits tie often
+    order = np.lexsort((flat, -values), axis=-1)
+    return np.take_along_axis(values, order, -1), np.take_along_axis(flat, order, -1)
+
+
+def _advance(gs: list[BeamGroup], values: np.ndarray, flat: np.ndarray, vocab: int, block_manager) -> list[BeamGroup]:
+    """One step of the search of G groups of one width k, from the top `keep` of scores +
+    log-probabilities over each group's k * V continuations (values [G, keep] fp32, flat
+    indices [G, keep]; best first, `select_beams`). The groups whose search is over.
+
+    As numpy over all G groups at once, float32 throughout as HF computes it (the same
+    scores, the same order): the best k continuations that do not end run on; those that end
+    (a stop id, a stop string, the length limit) and rank among the first k join the
+    finished ones if they rank among the best k of them; then HF's stopping rule. Python
+    runs per group only to make finished hypotheses and fork the beams."""
+    G, keep = values.shape
+    k = gs[0].width
+    parents, tokens = flat // vocab, flat % vocab
+    cur = [len(g.beams[0].output_token_ids) for g in gs]  # tokens every running beam of a group has
+    stops = np.full((G, max(1, max(len(g.stop_ids) for g in gs))), -1, dtype=np.int64)
+    for i, g in enumerate(gs):
+        stops[i, :len(g.stop_ids)] = g.stop_ids
+    at_limit = np.array([c + 1 >= g.max_new for c, g in zip(cur, gs)])
+    hit = (tokens[:, :, None] == stops[:, None, :]).any(-1) | at_limit[:, None]
+    for i, g in enumerate(gs):
+        if g.params.stop and g.tokenizer is not None:  # stop strings: the text of each candidate
+            hit[i] = [g._ends(g.beams[p].output_token_ids, t, cur[i]) is not None
+                      for p, t in zip(parents[i].tolist(), tokens[i].tolist())]
+
+    # the best k continuations that do not end run on
+    running = values + hit.astype(np.float32) * NEG32
+    nxt = np.argsort(-running, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(running, nxt, 1)
+
+    # those ending among the first k join the finished ones if they rank among the best k
+    just = hit & (np.arange(keep) < k)
+    early = np.array([g.params.early_stopping is True for g in gs])
+    improvable = np.array([g.improvable for g in gs])
+    real = np.stack([g.finished_real for g in gs])
+    length = np.array([np.float32((c + 1) ** g.params.length_penalty) for c, g in zip(cur, gs)], dtype=np.float32)
+    cand = values / length[:, None]
+    cand = cand + (real.all(1) & early).astype(np.float32)[:, None] * NEG32
+    cand = cand + (~improvable).astype(np.float32)[:, None] * NEG32
+    cand = cand + (~just).astype(np.float32) * NEG32
+    merged = np.concatenate((np.stack([g.finished_scores for g in gs]), cand), axis=1)
+    top = np.argsort(-merged, axis=1, kind="stable")[:, :k]
+    real = np.take_along_axis(np.concatenate((real, just), axis=1), top, 1)
+    finished_scores = np.take_along_axis(merged, top, 1)
+
+    # HF's stopping rule, at the new length cur + 1 (early_stopping="never": at the longest
+    # possible one when length_penalty > 0)
+    best_length = np.array([np.float32((g.max_new if g.params.early_stopping == "never" and g.params.length_penalty > 0.0
+                                        else c + 1) ** g.params.length_penalty) for c, g in zip(cur, gs)],
+                           dtype=np.float32)
+    best = scores[:, 0] / best_length
+    worst = np.where(real, finished_scores.min(1, keepdims=True), NEG32)
+    improvable &= (best[:, None] > worst).any(1)
+    done = ~improvable | (real.all(1) & early) | hit.all(1)
+
+    ended = []
+    rows = zip(gs, parents.tolist(), tokens.tolist(), top.tolist(), nxt.tolist(), improvable.tolist(), done.tolist())
+    for i, (g, par, tok, top_i, nxt_i, improvable_i, done_i) in enumerate(rows):
+        g.rows.clear()
+        history = g._histories(par) if g.params.return_generation_logits else None
+        if any(j >= k for j in top_i):  # a new finished hypothesis
+            g.finished = [g.finished[j] if j < k else g._hypothesis(par[j - k], tok[j - k], float(values[i, j - k]),
+                                                                     cur[i], None if history is None else history[j - k])
+                          for j in top_i]
+        g.finished_real, g.finished_scores = real[i], finished_scores[i]
+        g.scores, g.improvable, g.started = scores[i], improvable_i, True
+        if done_i:
+            g.done = True
+            ended.append(g)
+            continue
+        g._fork(block_manager, [g.beams[par[j]] for j in nxt_i], [tok[j] for j in nxt_i])
+        if history is not None:
+            g.logit_rows = [history[j] for j in nxt_i]
+    return ended
