@@ -8,7 +8,6 @@ per case the wall time, GPU busy time and the top kernels (name, total ms, launc
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,13 +15,12 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.bench_e2e import LLAMA3_8B, PROMPT, build_models, prompts  # noqa: E402
-from bench.bench_lora import RANK, write_adapter  # noqa: E402
-from trtllm.config import BuildConfig, KvCacheConfig, LoraConfig  # noqa: E402
-from trtllm.lora_request import LoRARequest  # noqa: E402
-from trtllm.runtime.llm import LLM  # noqa: E402
-from trtllm.sampling_params import SamplingParams  # noqa: E402
+from bench.bench_e2e import LLAMA3_8B, PROMPT, build_models, prompts
+from bench.bench_lora import RANK, write_adapter
+from trtllm.config import BuildConfig, KvCacheConfig, LoraConfig
+from trtllm.lora_request import LoRARequest
+from trtllm.runtime.llm import LLM
+from trtllm.sampling_params import SamplingParams
 
 
 def kernel_table(prof, top: int) -> tuple[float, list[dict]]:
