@@ -23,14 +23,12 @@ Table last; $OUT/encoder_kernels.{md,json}.
 """
 import argparse
 import copy
-import statistics
-import time
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 
-from bench.bench_multimodal import CLIP_L_336, SMOKE_VISION, encoder_flops
+from bench.bench_multimodal import CLIP_L_336, SMOKE_VISION, bench_time, encoder_flops, sync
 from bench.report import report
 from trtllm.compile_encoder import compile_encoder
 from trtllm.models.clip_vision import CLIPVisionConfig, CLIPVisionTower
@@ -51,22 +49,10 @@ def family(name: str) -> str:
     return next((f for f, keys in FAMILIES if any(k in low for k in keys)), "other")
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def seconds(fn, reps: int) -> float:
+    """Median seconds of fn over reps calls, after a second warm-up call (bench_time's one)."""
     fn()
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return bench_time(fn, reps)
 
 
 def kernel_families(fn) -> dict[str, float]:
