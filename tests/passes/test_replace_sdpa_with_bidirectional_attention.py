@@ -1,5 +1,5 @@
 """compile_encoder's pass: a ViT's bidirectional SDPA -> trtllm.bidirectional_attention (counts
-before/after, equal numerics); what the kernel cannot express refused; the decoder's compile
+before/after, equal numerics, under Inductor too); what the kernel cannot express refused; the decoder's compile
 keeps refusing non-causal attention."""
 import pytest
 import torch
@@ -40,6 +40,19 @@ def test_vit_attention_replaced_equal_numerics(dtype):
     encoder(torch.randn(5, 3, 28, 28, dtype=dtype), (2, 3))
     assert len(encoder.graphs) == 1
     assert "bidirectional_attention: 3" in encoder.summary()
+
+
+def test_the_tower_under_inductor_equals_eager():
+    """Under Inductor (compile_encoder's pipeline on a GPU) the tower still gives the eager
+    module's output: the op's output, laid out [B, S, H, D], and the reshape after it compile
+    right (that the fake's strides are the kernel's is test_opcheck's to check)."""
+    tower = tiny_tower()
+    encoder = trtllm.compile_encoder(tower, inductor=True)
+    pixels = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        expected = tower(pixels, (3,))[0]
+    torch.testing.assert_close(encoder(pixels, (3,))[0], expected, atol=1e-5, rtol=1e-5)
+    assert encoder.matches["replace_sdpa_with_bidirectional_attention"] == 3
 
 
 class MaskedAttention(nn.Module):
