@@ -282,7 +282,7 @@ class CudaGraphs:
         started = time.perf_counter()
         runner = self.runner
         for n in SHORT_STEP_LENS:
-            if n > runner.meta.max_num_tokens:
+            if n > min(runner.meta.max_num_tokens, runner.max_model_len):
                 break
             args = self._dummy_step([n], rows=1)
             with attention_context(runner.cache, runner.meta), runner.graph_inputs():
