@@ -6,7 +6,8 @@ Shapes: q, k, v [B, H, S, D] of one dtype (fp32 / fp16 / bf16), any strides with
 contiguous (a ViT's `proj(x).view(B, S, H, D).transpose(1, 2)` as it comes); out [B, H, S, D]
 in q's dtype, laid out as [B, S, H, D] (a transposed view, as torch SDPA's flash kernel returns
 it): the ViT's `out.transpose(1, 2).reshape(B, S, H * D)` is then a view, not a copy (one
-[B, S, H * D] round trip a layer: ~1.1 ms of a batch-64 CLIP-L pass on the H100). No mask, no causality, no cache: every token of an image attends to
+[B, S, H * D] round trip a layer saved; estimated ~1.1 ms of a batch-64 CLIP-L pass on the H100,
+not yet timed). No mask, no causality, no cache: every token of an image attends to
 every token of that image, which is what `F.scaled_dot_product_attention(q, k, v)` computes
 for a ViT. Flash-attention's forward: one program per (query tile, batch x head) loops over
 key tiles with an online softmax in fp32; P is cast to v's dtype before P @ V (exact in fp32).

@@ -68,16 +68,16 @@ def select_beams(logits: Tensor, index: Tensor, scores: Tensor, keep: int,
         logp[torch.tensor(g, device=logp.device), :, torch.tensor(t, device=logp.device)] = float("-inf")
     # The group's best `keep` of k * V are among its rows' best `keep` each (a row's score is
     # one constant added to all of it), so the top-k runs per row and then over k * keep
-    # candidates: the same values, added as above (one top-k over [G, k * V] took most of a
-    # 0.34 ms step on the H100 at V = 128,256, bench/probes/beam_step.py).
+    # candidates: the same values, added as above (the one-stage select took 0.34 ms on the H100
+    # at V = 128,256, bench/probes/beam_step.py; the top-k's share of it was not timed apart).
     per_row = min(keep, vocab)
     row_values, row_tokens = torch.topk(logp, per_row)  # [G, k, per_row] each
     acc = (row_values + scores[:, :, None]).view(G, k * per_row)
     values, j = torch.topk(acc, keep)  # j = parent * per_row + the rank in its row
     flat = (j // per_row) * vocab + row_tokens.view(G, k * per_row).gather(1, j)
     values, flat = values.cpu().numpy(), flat.cpu().numpy()
-    # equal values in the order of their flat index, as one top-k over [G, k * V] gives them
-    # (torch's on the CPU; the two-stage one ranks them by row first): bf16 logits tie often
+    # equal values in the order of their flat index (torch.topk's own tie order is unspecified,
+    # and the two-stage one ranks them by row first): bf16 logits tie often
     order = np.lexsort((flat, -values), axis=-1)
     return np.take_along_axis(values, order, -1), np.take_along_axis(flat, order, -1)
 
