@@ -277,11 +277,12 @@ def lora_expand_triton(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor
     return lora_expand_partials(base2, h2[None], lora_b, slot_ids).reshape(base.shape)
 
 
-def lora_expand_partials(base2: torch.Tensor, h_parts: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor
-                         ) -> torch.Tensor:
+def lora_expand_partials(base2: torch.Tensor, h_parts: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor,
+                         blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The expand for base2 [T, N] (last dim contiguous) with h given as [splits, T, R]: fp32
     partial sums (lora_shrink_partials), added in split order and rounded to B's dtype in
-    the kernel, or one split in base's dtype. Returns [T, N] contiguous."""
+    the kernel, or one split in base's dtype. Returns [T, N] contiguous. blocks: (BLOCK_T,
+    BLOCK_N, num_warps) in place of the default (bench/probes/lora_linears.py sweeps them)."""
     (t, n), r = base2.shape, h_parts.shape[-1]
     assert lora_b.dtype == base2.dtype, f"base {base2.dtype}, lora_b {lora_b.dtype}"
     assert h_parts.dim() == 3 and h_parts.shape[1] == t and h_parts.stride(2) == 1, \
@@ -293,16 +294,16 @@ def lora_expand_partials(base2: torch.Tensor, h_parts: torch.Tensor, lora_b: tor
     _check_slots(slot_ids, t, base2.device)
     out = torch.empty((t, n), dtype=base2.dtype, device=base2.device)
     if t and n:
-        block_n = max(16, min(64, triton.next_power_of_2(n)))
+        block_t, block_n, num_warps = blocks or (16, max(16, min(64, triton.next_power_of_2(n))), 4)
         block_r = max(16, min(64, triton.next_power_of_2(r)))
         with interpreter_upcast((base2, h_parts, lora_b), (out,)) as ((base_, h_, b_), (out_,)):
-            _lora_expand_kernel[(triton.cdiv(t, 16), triton.cdiv(n, block_n))](
+            _lora_expand_kernel[(triton.cdiv(t, block_t), triton.cdiv(n, block_n))](
                 base_, h_, b_, slot_ids, out_,
                 t, n, r, h_.shape[0],
                 base_.stride(0), h_.stride(0), h_.stride(1), b_.stride(0), b_.stride(1), out_.stride(0),
                 DOT_PRECISION=_dot_precision(base2.dtype),
-                BLOCK_T=16, BLOCK_N=block_n, BLOCK_R=block_r,
-                num_warps=4,
+                BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r,
+                num_warps=num_warps,
             )
     return out
 
