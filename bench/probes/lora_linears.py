@@ -11,7 +11,9 @@ enough weight copies that no replay finds its weights in L2:
 - gemv[...]: the GEMV with its LoRA epilogue at T rows (linear_lora's path up to 16 rows),
   over the shrink's partial sums (parts) or its summed h (h), per GEMV config;
 - expand[bt,bn,w]: the expand alone per (BLOCK_T, BLOCK_N, num_warps);
-- chunk C: the shrink with SPLIT_K_CHUNK = C.
+- parts->expand[...]: no sum launch: the expand adds the shrink's partial sums itself
+  (each of its programs re-reads its tokens' splits), per expand blocks;
+- chunk C, block_k B: the shrink with SPLIT_K_CHUNK = C (and BLOCK_K = B).
 
 Every variant is first checked against linear_lora_ref on fresh random inputs. Per variant
 the µs a call; last a whole-step estimate (x 32 layers) per T. Table last; $OUT/lora_linears.{md,json}.
@@ -35,7 +37,7 @@ SHAPES = {  # name: (N, K, stacked rank)
 }
 GEMV_CONFIGS = [GemvConfig(True, 64, 128, 4, 4), GemvConfig(True, 32, 128, 4, 4), GemvConfig(True, 128, 64, 8, 3)]
 EXPAND_BLOCKS = [(16, 64, 4), (16, 128, 4), (16, 256, 8), (32, 128, 4), (64, 64, 4), (64, 128, 8)]
-CHUNKS = [512, 1024]
+CHUNKS = [(128, None), (512, None), (1024, None), (256, 256), (512, 256), (512, 64)]  # (SPLIT_K_CHUNK, BLOCK_K)
 
 
 class Operands:
@@ -80,7 +82,7 @@ def graph_us(fn, ops: Operands, calls: int = 3, replays: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * calls * len(ops))
 
 
-def variants(ops: Operands, t: int) -> dict:
+def variants(ops: Operands, t: int, gemv_too: bool) -> dict:
     x = ops.x
 
     def unfused(i, blocks=None):
@@ -95,13 +97,16 @@ def variants(ops: Operands, t: int) -> dict:
             return gemv(x, ops.w[i], None, out, config, lora=(h, ops.b[i], ops.slots))
         return run
 
-    def chunked(chunk):
+    def chunked(chunk, block_k=None):
         def run(i):
-            saved, sgmv.SPLIT_K_CHUNK = sgmv.SPLIT_K_CHUNK, chunk
+            saved = sgmv.SPLIT_K_CHUNK, sgmv._shrink_block_k
+            sgmv.SPLIT_K_CHUNK = chunk
+            if block_k:
+                sgmv._shrink_block_k = lambda k: block_k
             try:
                 return unfused(i)
             finally:
-                sgmv.SPLIT_K_CHUNK = saved
+                sgmv.SPLIT_K_CHUNK, sgmv._shrink_block_k = saved
         return run
 
     base = F.linear(x, ops.w[0])
@@ -113,22 +118,33 @@ def variants(ops: Operands, t: int) -> dict:
         "expand": (lambda i: sgmv.lora_expand_partials(base, h0[None], ops.b[i], ops.slots), False),
         "op": (lambda i: linear_lora_triton(x, ops.w[i], None, ops.a[i], ops.b[i], ops.slots), True),
     }
+    def parts_expand(blocks):
+        def run(i):
+            parts = sgmv.lora_shrink_partials(x, ops.a[i], ops.slots)
+            return sgmv.lora_expand_partials(F.linear(x, ops.w[i]), parts, ops.b[i], ops.slots, blocks)
+        return run
+
+    for blocks in EXPAND_BLOCKS:
+        out[f"parts->expand{list(blocks)}"] = (parts_expand(blocks), True)
     n, k = ops.w[0].shape
     configs = list(dict.fromkeys([c for c in [gemv_config(min(t, 16), n, k)] if c and c.dot] + GEMV_CONFIGS))
+    configs = configs if gemv_too else []
     for c in configs:
         name = f"{c.block_n},{c.block_k},{c.num_warps},{c.num_stages}"
         out[f"gemv[{name}] parts"] = (gemv_lora(c, False), True)
         out[f"gemv[{name}] h"] = (gemv_lora(c, True), True)
     for blocks in EXPAND_BLOCKS:
         out[f"unfused, expand{list(blocks)}"] = (lambda i, b=blocks: unfused(i, b), True)
-    for chunk in CHUNKS:
-        out[f"unfused, chunk {chunk}"] = (chunked(chunk), True)
+    for chunk, block_k in CHUNKS:
+        out[f"unfused, chunk {chunk}, block_k {block_k or 'default'}"] = (chunked(chunk, block_k), True)
     return out
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[64, 32, 16])
+    ap.add_argument("--gemv", action="store_true", help="also the GEMV's LoRA epilogue past 16 rows (H200, "
+                    "2026-12-06: 3-20x slower than the unfused path at 32-64 rows)")
     args = ap.parse_args()
     rows, record = [], {}
     for t in args.tokens:
@@ -136,7 +152,7 @@ def main():
         for name, (n, k, r) in SHAPES.items():
             ops = Operands(n, k, r, t, seed=t * 7 + n)
             ref = linear_lora_ref(ops.x, ops.w[0], None, ops.a[0], ops.b[0], ops.slots).float()
-            for variant, (fn, full) in variants(ops, t).items():
+            for variant, (fn, full) in variants(ops, t, args.gemv).items():
                 err = None
                 if full:
                     try:

@@ -1,9 +1,12 @@
 """Where does a LoRA engine's decode time go? bench_lora's engine (Llama-3.1-8B shapes, rank-16
 adapters on every linear, 8 GPU slots), kernels of whole `generate` calls under torch.profiler:
 batch 1 with one adapter, 64 requests over 8 adapters, and 64 base requests in the same engine;
-per case the wall time, GPU busy time and the top kernels (name, total ms, launches).
+per case the wall time, GPU busy time and the top kernels (name, total ms, launches); then
+the same generate unprofiled, its steps timed by class (gemv_ab.step_classes: a decode graph,
+launched ahead, eager) and, over the steps with adapters, the most adapters any 16-token
+block of a step met (the LoRA kernels loop over them; the scheduler groups decodes by slot).
 
-    PYTHONPATH=$PWD python bench/probes/lora_step.py [--new 32]
+    PYTHONPATH=$PWD python bench/probes/lora_step.py [--new 32] [--slots 8]
 """
 import argparse
 import json
@@ -15,8 +18,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.bench_e2e import LLAMA3_8B, PROMPT, build_models, prompts
+from bench.bench_e2e import LLAMA3_8B, PROMPT, SMOKE, build_models, prompts
 from bench.bench_lora import RANK, write_adapter
+from bench.probes.gemv_ab import step_classes
 from trtllm.config import BuildConfig, KvCacheConfig, LoraConfig
 from trtllm.lora_request import LoRARequest
 from trtllm.runtime.llm import LLM
@@ -31,13 +35,36 @@ def kernel_table(prof, top: int) -> tuple[float, list[dict]]:
                                               for e in events[:top]]
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def watch_block_adapters(runner) -> list:
+    """Wrap the runner's LoRA slot staging: the list gets, per step with adapters, the most
+    distinct adapters among any 16 consecutive tokens (the kernels' token block)."""
+    seen, real = [], runner._stage_lora_slots
+
+    def staged(scheduled, n):
+        any_adapter = real(scheduled, n)
+        if any_adapter:
+            slots = runner._staging_np[3][:n]
+            seen.append(max(len(set(slots[i:i + 16].tolist())) for i in range(0, n, 16)))
+        return any_adapter
+    runner._stage_lora_slots = staged
+    return seen
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=32, help="new tokens a request (decode steps profiled)")
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--slots", type=int, default=8, help="max_loras (bench_lora.py: 32)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the probe runs")
     args = ap.parse_args()
-    _, model = build_models(LLAMA3_8B, device="cuda")
-    vocab = LLAMA3_8B["vocab_size"]
+    shape = SMOKE if args.smoke else LLAMA3_8B
+    _, model = build_models(shape, device="cpu" if args.smoke else "cuda")
+    vocab = shape["vocab_size"]
     tmp = Path(tempfile.mkdtemp(prefix="lora_step_"))
     requests = []
     for i in range(8):
@@ -45,7 +72,8 @@ def main():
         requests.append(LoRARequest(f"adapter{i}", i + 1, str(tmp / f"adapter{i}")))
     llm = LLM(model, build_config=BuildConfig(max_batch_size=256, max_num_tokens=8192, max_seq_len=PROMPT + 128),
               kv_cache_config=KvCacheConfig(max_tokens=256 * (PROMPT + 128) + 4096),
-              lora_config=LoraConfig(max_lora_rank=RANK, max_loras=8, max_cpu_loras=8))
+              lora_config=LoraConfig(max_lora_rank=RANK, max_loras=args.slots, max_cpu_loras=8))
+    block_adapters = watch_block_adapters(llm.engine.runner)
     greedy = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
     out = {}
     for name, b, loras in (("b1, one adapter", 1, [requests[0]]), ("b64 over 8 adapters", 64, requests),
@@ -54,17 +82,31 @@ def main():
         per = [loras[i % len(loras)] for i in range(b)] if loras else None
         llm.generate(batch, greedy, use_tqdm=False, lora_request=per)  # warm (and the adapters into slots)
         batch = prompts(b, vocab, seed=b + 200).tolist()  # fresh prompts: no prefix-cache hits
-        torch.cuda.synchronize()
+        sync()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             llm.generate(batch, greedy, use_tqdm=False, lora_request=per)
-            torch.cuda.synchronize()
+            sync()
             wall = (time.perf_counter() - t0) * 1e3
         busy, table = kernel_table(prof, args.top)
         out[name] = dict(wall_ms=round(wall, 2), gpu_ms=round(busy, 2), kernels=table)
         print(f"--- {name}: {args.new} new tokens, wall {wall:.1f} ms, GPU kernels {busy:.1f} ms", flush=True)
         for row in table:
             print(f"   {row['ms']:9.3f} ms x{row['launches']:6d}  {row['kernel']}")
+        batch = prompts(b, vocab, seed=b + 300).tolist()
+        real_step, real_execute = llm.engine.step, llm.engine.runner.execute
+        times = step_classes(llm.engine)
+        block_adapters.clear()
+        sync()
+        t0 = time.perf_counter()
+        llm.generate(batch, greedy, use_tqdm=False, lora_request=per)
+        sync()
+        wall = (time.perf_counter() - t0) * 1e3
+        llm.engine.step, llm.engine.runner.execute = real_step, real_execute
+        steps = {k: dict(n=len(v), mean_ms=round(sum(v) / len(v) * 1e3, 3)) for k, v in times.items()}
+        most = max(block_adapters, default=0)
+        out[name].update(unprofiled_wall_ms=round(wall, 2), steps=steps, most_adapters_a_block=most)
+        print(f"    unprofiled: wall {wall:.1f} ms, steps {steps}, most adapters a 16-token block {most}", flush=True)
     llm.shutdown()
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "lora_step.json").write_text(json.dumps(out, indent=1))
