@@ -107,13 +107,15 @@ def _lora_shrink_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, SPLITS, NUMEL, BLOCK: tl.constexpr):
-    # Grid: (cdiv(NUMEL, BLOCK),). out = sum over the splits of part [SPLITS, NUMEL] (fp32), in order.
+def _sum_splits_kernel(part_ptr, out_ptr, SPLITS, NUMEL, MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    # Grid: (cdiv(NUMEL, BLOCK),). out = sum over the splits of part [SPLITS, NUMEL] (fp32), in
+    # order. Unrolled to MAX_SPLITS >= SPLITS so that every split's load is in flight at once
+    # (a runtime loop issued them one after another: latency-bound, 16-56 of them a linear).
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NUMEL
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, SPLITS):
-        acc += tl.load(part_ptr + s * NUMEL + offs, mask=mask, other=0.0)
+    for s in tl.static_range(MAX_SPLITS):
+        acc += tl.load(part_ptr + s * NUMEL + offs, mask=mask & (s < SPLITS), other=0.0)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -188,7 +190,8 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Te
             else:  # fp32 partial sums [splits, T, R], summed in order by a second kernel
                 part = torch.empty((splits, t, r), dtype=torch.float32, device=x.device)
                 _launch_shrink(x2, lora_a, slot_ids, part, k_per_split)
-                _sum_splits_kernel[(triton.cdiv(t * r, 1024),)](part, h_, splits, t * r, BLOCK=1024, num_warps=4)
+                _sum_splits_kernel[(triton.cdiv(t * r, SUM_BLOCK),)](
+                    part, h_, splits, t * r, MAX_SPLITS=triton.next_power_of_2(splits), BLOCK=SUM_BLOCK, num_warps=4)
     return h.reshape(*x.shape[:-1], r)
 
 
@@ -251,6 +254,7 @@ SPLIT_K_MAX_TOKENS = 64
 SPLIT_K_CHUNK = 256  # K elements a split covers (at least)
 SHRINK_PROGRAMS = 264  # two a streaming multiprocessor of an H100 / H200 (132)
 SHRINK_BLOCK_T = 16
+SUM_BLOCK = 256  # the split sum's elements a program: 12 programs for 64 tokens x rank 48
 
 
 def shrink_splits(t: int, k: int, block_k: int, r_blocks: int = 1) -> tuple[int, int]:
