@@ -4,7 +4,15 @@ one flat batch, adapters of different ranks padded to the slots' rank."""
 import pytest
 import torch
 
-from trtllm.kernels.lora_sgmv import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref, shrink_splits
+from trtllm.kernels.lora_sgmv import (
+    lora_expand,
+    lora_expand_partials,
+    lora_expand_ref,
+    lora_shrink,
+    lora_shrink_partials,
+    lora_shrink_ref,
+    shrink_splits,
+)
 
 TOLERANCES = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),
@@ -42,6 +50,28 @@ def test_shrink_and_expand_match_their_references(t, k, n, rank, dtype):
     no_adapter = slots[:t] < 0
     assert torch.equal(out[no_adapter], base[no_adapter])  # the base rows pass through untouched
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16: test_lora_sgmv_gpu.py (the
+@pytest.mark.parametrize("t,k", [(5, 769), (64, 4100), (17, 14336)])  # interpreter skips its roundings)
+def test_split_sums_in_order_wherever_they_are_added(t, k, dtype, device="cpu"):
+    """The shrink's partial sums over K splits (4, 17: past a power of 2, 56), added by the sum
+    kernel (lora_shrink) or inside the expand (lora_expand_partials), give the same h bit for
+    bit: each adds the splits in order, in fp32, and rounds once."""
+    torch.manual_seed(0)
+    x = torch.randn(t, k, dtype=dtype, device=device)
+    a = (torch.randn(3, 16, k, device=device) / k**0.5).to(dtype)
+    b = torch.randn(3, 40, 16, dtype=dtype, device=device)
+    base = torch.randn(t, 40, dtype=dtype, device=device)
+    slots = _slots(t, 3).to(device)
+    parts = lora_shrink_partials(x, a, slots)
+    assert parts.shape[0] == shrink_splits(t, k, 128)[0] > 1
+    h = lora_shrink(x, a, slots)
+    in_order = parts[0].clone()
+    for p in parts[1:]:
+        in_order += p
+    assert torch.equal(h, in_order.to(dtype))
+    assert torch.equal(lora_expand_partials(base, parts, b, slots), lora_expand_partials(base, h[None], b, slots))
 
 def test_decode_shapes_split_k():
     assert shrink_splits(5, 769, 128) == (4, 256)  # the last split holds one element

@@ -19,6 +19,13 @@ TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=2e-2
 
 
 @pytest.mark.parametrize("dtype", list(TOL))
+def test_split_sums_in_order_on_the_gpu(dtype):
+    from tests.kernels.test_lora_sgmv import test_split_sums_in_order_wherever_they_are_added as in_order
+    for t, k in [(5, 769), (64, 4100), (17, 14336)]:
+        in_order(t, k, dtype, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("t", [1, 7, 64, 769])
 @pytest.mark.parametrize("k,n,rank", [(4096, 6144, 48), (4096, 4096, 16), (14336, 4096, 16), (4096, 28672, 32)])
 def test_kernels_match_references_on_the_gpu(t, k, n, rank, dtype):

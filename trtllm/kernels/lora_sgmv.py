@@ -124,7 +124,7 @@ def _lora_expand_kernel(
     base_ptr, h_ptr, b_ptr, slot_ptr, out_ptr,
     T, N, R, SPLITS,
     base_row_stride, h_split_stride, h_row_stride, b_slot_stride, b_row_stride, out_row_stride,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, MAX_SPLITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)). h: [SPLITS, T, R], summed over the splits
@@ -147,8 +147,9 @@ def _lora_expand_kernel(
         for r0 in range(0, R, BLOCK_R):
             r_mask = (r0 + offs_r) < R
             h = tl.load(h_ptrs, mask=rows[:, None] & r_mask[None, :], other=0.0)
-            for s in range(1, SPLITS):
-                h += tl.load(h_ptrs + s * h_split_stride, mask=rows[:, None] & r_mask[None, :], other=0.0)
+            for s in tl.static_range(1, MAX_SPLITS):  # unrolled: every split's load in flight at once
+                h += tl.load(h_ptrs + s * h_split_stride, mask=rows[:, None] & r_mask[None, :] & (s < SPLITS),
+                             other=0.0)
             h = h.to(b_ptr.dtype.element_ty)
             b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
             acc = tl.dot(h, tl.trans(b), acc, input_precision=DOT_PRECISION)
@@ -305,7 +306,7 @@ def lora_expand_partials(base2: torch.Tensor, h_parts: torch.Tensor, lora_b: tor
                 base_, h_, b_, slot_ids, out_,
                 t, n, r, h_.shape[0],
                 base_.stride(0), h_.stride(0), h_.stride(1), b_.stride(0), b_.stride(1), out_.stride(0),
-                DOT_PRECISION=_dot_precision(base2.dtype),
+                DOT_PRECISION=_dot_precision(base2.dtype), MAX_SPLITS=triton.next_power_of_2(h_.shape[0]),
                 BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r,
                 num_warps=num_warps,
             )
