@@ -10,9 +10,8 @@ enough weight copies that no replay finds its weights in L2:
 - op: torch.ops.trtllm.linear_lora as the runtime's graphs run it;
 - gemv[...]: the GEMV with its LoRA epilogue at T rows (linear_lora's path up to 16 rows),
   over the shrink's partial sums (parts) or its summed h (h), per GEMV config;
-- expand[bt,bn,w]: the expand alone per (BLOCK_T, BLOCK_N, num_warps);
-- parts->expand[...]: no sum launch: the expand adds the shrink's partial sums itself
-  (each of its programs re-reads its tokens' splits), per expand blocks;
+- parts->expand[bt,bn,w]: no sum launch: the expand adds the shrink's partial sums itself
+  (each of its programs re-reads its tokens' splits), per (BLOCK_T, BLOCK_N, num_warps);
 - chunk C, block_k B: the shrink with SPLIT_K_CHUNK = C (and BLOCK_K = B).
 
 Every variant is first checked against linear_lora_ref on fresh random inputs. Per variant
@@ -36,7 +35,9 @@ SHAPES = {  # name: (N, K, stacked rank)
     "down": (4096, 14336, RANK),
 }
 GEMV_CONFIGS = [GemvConfig(True, 64, 128, 4, 4), GemvConfig(True, 32, 128, 4, 4), GemvConfig(True, 128, 64, 8, 3)]
-EXPAND_BLOCKS = [(16, 64, 4), (16, 128, 4), (16, 256, 8), (32, 128, 4), (64, 64, 4), (64, 128, 8)]
+# (BLOCK_T, BLOCK_N, num_warps) for the expand over partials; alone (H200, 2026-12-06, 64 tokens)
+# (16, 64, 4) was the fastest of these and (32, 128, 4), (64, 64, 4), (64, 128, 8)
+EXPAND_BLOCKS = [(16, 64, 4), (16, 128, 4), (16, 256, 8)]
 CHUNKS = [(128, None), (512, None), (1024, None), (256, 256), (512, 256), (512, 64)]  # (SPLIT_K_CHUNK, BLOCK_K)
 
 
@@ -133,8 +134,6 @@ def variants(ops: Operands, t: int, gemv_too: bool) -> dict:
         name = f"{c.block_n},{c.block_k},{c.num_warps},{c.num_stages}"
         out[f"gemv[{name}] parts"] = (gemv_lora(c, False), True)
         out[f"gemv[{name}] h"] = (gemv_lora(c, True), True)
-    for blocks in EXPAND_BLOCKS:
-        out[f"unfused, expand{list(blocks)}"] = (lambda i, b=blocks: unfused(i, b), True)
     for chunk, block_k in CHUNKS:
         out[f"unfused, chunk {chunk}, block_k {block_k or 'default'}"] = (chunked(chunk, block_k), True)
     return out
