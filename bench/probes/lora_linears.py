@@ -1,6 +1,6 @@
 """A LoRA linear's decode cost, kernel by kernel: Llama-3.1-8B's four linears (fused QKV,
 o, fused gate-up, down) with rank-16 adapters (the fused ones stack 3 or 2 ranks, as
-passes/fuse_parallel_linears.py builds them), T tokens over 8 adapters (sorted by slot, as
+passes/fuse_parallel_linears.py builds them), T tokens over --adapters (8; sorted by slot, as
 the scheduler orders a step), each variant captured in a CUDA graph and replayed over
 enough weight copies that no replay finds its weights in L2:
 
@@ -29,7 +29,7 @@ from bench.report import markdown, report
 from trtllm.kernels.linear import GemvConfig, gemv, gemv_config
 from trtllm.kernels.linear_lora import linear_lora_ref, linear_lora_triton
 
-RANK, ADAPTERS, LAYERS = 16, 8, 32
+RANK, LAYERS = 16, 32
 SHAPES = {  # name: (N, K, stacked rank)
     "qkv": (6144, 4096, 3 * RANK), "o": (4096, 4096, RANK), "gate_up": (28672, 4096, 2 * RANK),
     "down": (4096, 14336, RANK),
@@ -44,16 +44,16 @@ CHUNKS = [(128, None), (512, None), (1024, None), (256, 256), (512, 256), (512, 
 class Operands:
     """Weight copies enough to exceed L2 (each replay reads cold weights), one set of inputs."""
 
-    def __init__(self, n: int, k: int, r: int, t: int, seed: int, device: str = "cuda"):
+    def __init__(self, n: int, k: int, r: int, t: int, seed: int, adapters: int = 8, device: str = "cuda"):
         gen = torch.Generator(device=device).manual_seed(seed)
         copies = max(1, -(-(256 << 20) // (n * k * 2)))
         rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, device=device) * scale).to(torch.bfloat16)  # noqa: E731
         self.w = [rnd(n, k, scale=k ** -0.5) for _ in range(copies)]
-        self.a = [rnd(ADAPTERS, r, k, scale=k ** -0.5) for _ in range(copies)]
-        self.b = [rnd(ADAPTERS, n, r, scale=0.5 / r) for _ in range(copies)]
+        self.a = [rnd(adapters, r, k, scale=k ** -0.5) for _ in range(copies)]
+        self.b = [rnd(adapters, n, r, scale=0.5 / r) for _ in range(copies)]
         self.x = rnd(t, k)
-        per = max(1, t // ADAPTERS)
-        self.slots = (torch.arange(t, device=device) // per).clamp(max=ADAPTERS - 1).to(torch.int32)
+        per = max(1, t // adapters)
+        self.slots = (torch.arange(t, device=device) // per).clamp(max=adapters - 1).to(torch.int32)
 
     def __len__(self):
         return len(self.w)
@@ -142,6 +142,8 @@ def variants(ops: Operands, t: int, gemv_too: bool) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[64, 32, 16])
+    ap.add_argument("--adapters", type=int, default=8, help="distinct adapters over the tokens (bench_lora's "
+                    "256 x 64 row runs 128 sequences over 32 slots: --tokens 128 --adapters 32)")
     ap.add_argument("--gemv", action="store_true", help="also the GEMV's LoRA epilogue past 16 rows (H200, "
                     "2026-12-06: 3-20x slower than the unfused path at 32-64 rows)")
     args = ap.parse_args()
@@ -149,7 +151,7 @@ def main():
     for t in args.tokens:
         step = {}
         for name, (n, k, r) in SHAPES.items():
-            ops = Operands(n, k, r, t, seed=t * 7 + n)
+            ops = Operands(n, k, r, t, seed=t * 7 + n, adapters=args.adapters)
             ref = linear_lora_ref(ops.x, ops.w[0], None, ops.a[0], ops.b[0], ops.slots).float()
             for variant, (fn, full) in variants(ops, t, args.gemv).items():
                 err = None
@@ -172,7 +174,7 @@ def main():
             if len(per) == len(SHAPES):
                 rows.append({"T": t, "variant": variant, **{s: f"{per[s]:.1f}" for s in SHAPES},
                              "step ms (x32)": f"{sum(per.values()) * LAYERS / 1e3:.2f}"})
-        report("lora_linears", "# LoRA linears, µs a call (Llama-3.1-8B shapes, 8 adapters, rank 16)\n"
+        report("lora_linears", f"# LoRA linears, µs a call (Llama-3.1-8B shapes, {args.adapters} adapters, rank 16)\n"
                + markdown(rows), record)  # after each T: a timed-out run keeps what it measured
 
 

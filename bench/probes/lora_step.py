@@ -6,13 +6,14 @@ the same generate unprofiled, its steps timed by class (gemv_ab.step_classes: a 
 launched ahead, eager) and, over the steps with adapters, the most adapters any 16-token
 block of a step met (the LoRA kernels loop over them; the scheduler groups decodes by slot).
 
-    PYTHONPATH=$PWD python bench/probes/lora_step.py [--new 32] [--slots 8]
+    PYTHONPATH=$PWD python bench/probes/lora_step.py [--new 32] [--slots 8] [--many]
 """
 import argparse
 import json
 import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -41,15 +42,16 @@ def sync():
 
 
 def watch_block_adapters(runner) -> list:
-    """Wrap the runner's LoRA slot staging: the list gets, per step with adapters, the most
-    distinct adapters among any 16 consecutive tokens (the kernels' token block)."""
+    """Wrap the runner's LoRA slot staging: the list gets, per step with adapters, (its
+    sequences, the most distinct adapters among any 16 consecutive tokens: the kernels'
+    token block)."""
     seen, real = [], runner._stage_lora_slots
 
     def staged(scheduled, n):
         any_adapter = real(scheduled, n)
         if any_adapter:
             slots = runner._staging_np[3][:n]
-            seen.append(max(len(set(slots[i:i + 16].tolist())) for i in range(0, n, 16)))
+            seen.append((len(scheduled), max(len(set(slots[i:i + 16].tolist())) for i in range(0, n, 16))))
         return any_adapter
     runner._stage_lora_slots = staged
     return seen
@@ -61,23 +63,28 @@ def main():
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--slots", type=int, default=8, help="max_loras (bench_lora.py: 32)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the probe runs")
+    ap.add_argument("--many", action="store_true", help="bench_lora's third row instead: 256 requests over 64 "
+                    "adapters (and 256 base requests); give --slots 32 as it does")
     args = ap.parse_args()
     shape = SMOKE if args.smoke else LLAMA3_8B
     _, model = build_models(shape, device="cpu" if args.smoke else "cuda")
     vocab = shape["vocab_size"]
     tmp = Path(tempfile.mkdtemp(prefix="lora_step_"))
-    requests = []
-    for i in range(8):
+    requests, num_adapters = [], 64 if args.many else 8
+    for i in range(num_adapters):
         write_adapter(model, tmp / f"adapter{i}", seed=i)
         requests.append(LoRARequest(f"adapter{i}", i + 1, str(tmp / f"adapter{i}")))
     llm = LLM(model, build_config=BuildConfig(max_batch_size=256, max_num_tokens=8192, max_seq_len=PROMPT + 128),
               kv_cache_config=KvCacheConfig(max_tokens=256 * (PROMPT + 128) + 4096),
-              lora_config=LoraConfig(max_lora_rank=RANK, max_loras=args.slots, max_cpu_loras=8))
+              lora_config=LoraConfig(max_lora_rank=RANK, max_loras=args.slots, max_cpu_loras=num_adapters))
     block_adapters = watch_block_adapters(llm.engine.runner)
     greedy = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
     out = {}
-    for name, b, loras in (("b1, one adapter", 1, [requests[0]]), ("b64 over 8 adapters", 64, requests),
-                           ("b64 base requests", 64, None)):
+    cases = [("b1, one adapter", 1, [requests[0]]), ("b64 over 8 adapters", 64, requests),
+             ("b64 base requests", 64, None)]
+    if args.many:
+        cases = [("b256 over 64 adapters", 256, requests), ("b256 base requests", 256, None)]
+    for name, b, loras in cases:
         batch = prompts(b, vocab, seed=b + 100).tolist()
         per = [loras[i % len(loras)] for i in range(b)] if loras else None
         llm.generate(batch, greedy, use_tqdm=False, lora_request=per)  # warm (and the adapters into slots)
@@ -104,9 +111,12 @@ def main():
         wall = (time.perf_counter() - t0) * 1e3
         llm.engine.step, llm.engine.runner.execute = real_step, real_execute
         steps = {k: dict(n=len(v), mean_ms=round(sum(v) / len(v) * 1e3, 3)) for k, v in times.items()}
-        most = max(block_adapters, default=0)
-        out[name].update(unprofiled_wall_ms=round(wall, 2), steps=steps, most_adapters_a_block=most)
-        print(f"    unprofiled: wall {wall:.1f} ms, steps {steps}, most adapters a 16-token block {most}", flush=True)
+        most = max((m for _, m in block_adapters), default=0)
+        rows = [r for r, _ in block_adapters]
+        out[name].update(unprofiled_wall_ms=round(wall, 2), steps=steps, most_adapters_a_block=most,
+                         adapter_steps=len(rows), adapter_step_seqs=dict(sorted(Counter(rows).items())))
+        print(f"    unprofiled: wall {wall:.1f} ms, steps {steps}, most adapters a 16-token block {most}; "
+              f"steps with adapters by their sequences {out[name]['adapter_step_seqs']}", flush=True)
     llm.shutdown()
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "lora_step.json").write_text(json.dumps(out, indent=1))
