@@ -8,11 +8,13 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tests.lora_adapters import peft_greedy, write_adapter
 from tests.models.checkpoints import hf_model, write_checkpoint
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm import LLM, BuildConfig, KvCacheConfig, LoraConfig, LoRARequest, SamplingParams
+from trtllm.runtime.outputs import RequestError
 
 PROMPTS = [[5, 17, 99, 3, 250, 31, 8], [400, 2], list(range(60, 81)), [9]]
 NEW = 8
@@ -220,6 +222,36 @@ def test_bad_adapters_are_refused_at_submission_by_name(llm, base, adapters, tmp
     assert greedy(llm, PROMPTS[:1], request) == [peft_greedy(adapters["attn4"][1], PROMPTS[0], NEW)]
     refused(LoRARequest("clash", request.lora_int_id, str(tmp_path / "r32")), "needs an id of its own")
 
+
+def test_corrupt_adapter_files_are_refused_by_name(llm, base, adapters, tmp_path):
+    """A truncated weights file, integer weights or a config that is no JSON object: refused at
+    submission; NaN weights when first read (the request fails naming the tensor). The engine
+    serves on, a good adapter gives its tokens, no block leaks."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    def broken(name, edit):
+        write_adapter(base, tmp_path / name, r=4, targets=("q_proj",), seed=8)
+        edit(tmp_path / name)
+        return LoRARequest(name, 60 + len(list(tmp_path.iterdir())), str(tmp_path / name))
+
+    weights = "adapter_model.safetensors"
+    truncate = lambda d: (d / weights).write_bytes((d / weights).read_bytes()[:100])  # noqa: E731
+    retype = lambda d: save_file({k: (v * 100).to(torch.int32) for k, v in load_file(d / weights).items()},  # noqa: E731
+                                 str(d / weights))
+    poison = lambda d: save_file({k: v.fill_(float("nan")) if "lora_A" in k else v  # noqa: E731
+                                  for k, v in load_file(d / weights).items()}, str(d / weights))
+    for request, why in [(broken("cut", truncate), "'cut' .*is not a readable safetensors file"),
+                         (broken("int", retype), r"'int' .*lora_A\.weight is I32: LoRA weights must be floating point"),
+                         (broken("list", lambda d: (d / "adapter_config.json").write_text("[1, 2]")),
+                          "'list' .*adapter_config.json holds a list, not a JSON object")]:
+        with pytest.raises(ValueError, match=why):
+            llm.generate([[1, 2, 3]], params, lora_request=request, use_tqdm=False)
+    with pytest.raises(RequestError, match=r"'nan' .*could not be read: .*lora_A\.weight holds NaN or Inf"):
+        llm.generate([[1, 2, 3]], params, lora_request=broken("nan", poison), use_tqdm=False)
+    assert not llm.has_unfinished()
+    request, peft_model = adapters["attn4"]
+    assert greedy(llm, PROMPTS[:1], request) == [peft_greedy(peft_model, PROMPTS[0], NEW)]
+    llm.block_manager.check_invariants()
 
 def test_target_modules_the_engine_does_not_wrap_are_refused(base, adapters, tmp_path):
     with lora_llm(base, lora_target_modules=["attn_q", "attn_k"]) as llm:  # TensorRT-LLM's names

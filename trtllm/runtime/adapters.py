@@ -40,6 +40,7 @@ from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
 from trtllm.runtime.sequence import Sequence
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
 _KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 # config entries that change what a LoRA computes, refused unless at their no-op value
 _REFUSED_OPTIONS = {
@@ -78,6 +79,8 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{name}: {CONFIG_FILE} is not readable JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{name}: {CONFIG_FILE} holds a {type(config).__name__}, not a JSON object")
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise ValueError(f"{name}: peft_type {peft_type!r} is not supported (LoRA only)")
@@ -102,9 +105,16 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
         raise ValueError(f"{name}: rank r={rank} exceeds max_lora_rank={slots.max_lora_rank}")
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     keys: dict[str, dict[str, str]] = {}
-    with safe_open(str(weights_path), framework="pt") as f:
-        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    except Exception as e:  # safetensors' own error type: a truncated or corrupt file
+        raise ValueError(f"{name}: {WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
     for key in shapes:
+        if dtypes[key] not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}: tensor {key} is {dtypes[key]}: LoRA weights must be floating point "
+                             f"({', '.join(_FLOAT_DTYPES)})")
         match = _KEY.match(key)
         if "lora_embedding" in key or any(f".{m}." in key for m in ("lm_head", "embed_tokens")):
             raise ValueError(f"{name}: LM-head and embedding adapters are not supported ({key})")
@@ -141,9 +151,12 @@ def read_target_modules(directory: str | Path) -> list[str]:
     if not Path(directory).is_dir():
         raise ValueError(f"LoRA adapter {directory}: no such directory")
     try:
-        targets = json.loads(config_path.read_text()).get("target_modules")
+        config = json.loads(config_path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"LoRA adapter {directory}: {CONFIG_FILE} is not readable: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"LoRA adapter {directory}: {CONFIG_FILE} holds a {type(config).__name__}, not a JSON object")
+    targets = config.get("target_modules")
     if isinstance(targets, list) and targets:
         return [t.rsplit(".", 1)[-1] for t in targets]
     return list(DEFAULT_TARGET_MODULES)
@@ -157,6 +170,9 @@ def read_peft_weights(adapter: PeftAdapter, dtype: torch.dtype) -> dict[str, tup
         for path, (a_key, b_key) in adapter.keys.items():
             a = f.get_tensor(a_key).to(dtype)
             b = (f.get_tensor(b_key).double() * adapter.scaling).to(dtype)
+            for key, w in ((a_key, a), (b_key, b)):
+                if not torch.isfinite(w).all():  # else every token under the adapter: NaN logits
+                    raise ValueError(f"tensor {key} holds NaN or Inf (or overflows {dtype} once scaled)")
             weights[path] = (a, b)
     return weights
 
