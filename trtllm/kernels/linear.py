@@ -241,10 +241,8 @@ def _gemv_kernel(
             m_ok = m < M
             slot = tl.load(slot_ptr + m, mask=m_ok, other=-1).to(tl.int32)
             h = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for s0 in range(0, SPLITS, 4):  # in order, four loads in flight at a time (not one)
-                for i in tl.static_range(4):
-                    h += tl.load(h_ptr + (s0 + i) * h_split_stride + m * h_row_stride + offs_r,
-                                 mask=r_mask & m_ok & (s0 + i < SPLITS), other=0.0)
+            for s in range(0, SPLITS):
+                h += tl.load(h_ptr + s * h_split_stride + m * h_row_stride + offs_r, mask=r_mask & m_ok, other=0.0)
             h = h.to(y_ptr.dtype.element_ty).to(tl.float32)
             lb = tl.load(lb_ptr + tl.maximum(slot, 0).to(tl.int64) * lb_slot_stride + rows[:, None] * lb_row_stride
                          + offs_r[None, :], mask=r_mask[None, :] & (slot >= 0), other=0.0)
