@@ -86,9 +86,9 @@ def graph_us(fn, ops: Operands, calls: int = 3, replays: int = 20) -> float:
 def variants(ops: Operands, t: int, gemv_too: bool) -> dict:
     x = ops.x
 
-    def unfused(i, blocks=None):
+    def unfused(i):
         h = sgmv.lora_shrink_triton(x, ops.a[i], ops.slots)
-        return sgmv.lora_expand_partials(F.linear(x, ops.w[i]), h[None], ops.b[i], ops.slots, blocks)
+        return sgmv.lora_expand_partials(F.linear(x, ops.w[i]), h[None], ops.b[i], ops.slots)
 
     def gemv_lora(config, summed):
         def run(i):
@@ -119,6 +119,7 @@ def variants(ops: Operands, t: int, gemv_too: bool) -> dict:
         "expand": (lambda i: sgmv.lora_expand_partials(base, h0[None], ops.b[i], ops.slots), False),
         "op": (lambda i: linear_lora_triton(x, ops.w[i], None, ops.a[i], ops.b[i], ops.slots), True),
     }
+
     def parts_expand(blocks):
         def run(i):
             parts = sgmv.lora_shrink_partials(x, ops.a[i], ops.slots)

@@ -31,7 +31,7 @@ def _operands(t, k, n, rank, dtype, bias=True, num_slots=3, seed=0):
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
 @pytest.mark.parametrize("t,k,n,rank,bias", [
     (1, 83, 769, 16, True), (1, 769, 83, 48, False),   # one row: the GEMV's fma variant, K split at 769
-    (4, 1100, 40, 16, True),                           # 5 splits: the epilogue's 4-at-a-time loads, one past
+    (4, 1100, 40, 16, True),                           # 5 splits over rows with adapters (none dropped)
     (3, 83, 7, 8, True), (7, 600, 83, 16, False),      # a few rows
     (GEMV_MAX_M, 769, 83, 32, True),                   # the GEMV's last row count
     (GEMV_MAX_M + 1, 83, 769, 16, True), (40, 769, 7, 48, False),  # past it: F.linear, shrink, expand

@@ -51,7 +51,6 @@ def test_shrink_and_expand_match_their_references(t, k, n, rank, dtype):
     assert torch.equal(out[no_adapter], base[no_adapter])  # the base rows pass through untouched
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16: test_lora_sgmv_gpu.py (the
 @pytest.mark.parametrize("t,k", [(5, 769), (64, 4100), (17, 14336)])  # interpreter skips its roundings)
 def test_split_sums_in_order_wherever_they_are_added(t, k, dtype, device="cpu"):
@@ -72,6 +71,7 @@ def test_split_sums_in_order_wherever_they_are_added(t, k, dtype, device="cpu"):
         in_order += p
     assert torch.equal(h, in_order.to(dtype))
     assert torch.equal(lora_expand_partials(base, parts, b, slots), lora_expand_partials(base, h[None], b, slots))
+
 
 def test_decode_shapes_split_k():
     assert shrink_splits(5, 769, 128) == (4, 256)  # the last split holds one element

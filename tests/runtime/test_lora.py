@@ -253,6 +253,7 @@ def test_corrupt_adapter_files_are_refused_by_name(llm, base, adapters, tmp_path
     assert greedy(llm, PROMPTS[:1], request) == [peft_greedy(peft_model, PROMPTS[0], NEW)]
     llm.block_manager.check_invariants()
 
+
 def test_target_modules_the_engine_does_not_wrap_are_refused(base, adapters, tmp_path):
     with lora_llm(base, lora_target_modules=["attn_q", "attn_k"]) as llm:  # TensorRT-LLM's names
         assert lora_ops(llm) == (2, 0)  # the q/k part of each fused QKV
