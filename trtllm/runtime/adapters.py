@@ -107,8 +107,9 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
     keys: dict[str, dict[str, str]] = {}
     try:
         with safe_open(str(weights_path), framework="pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-            dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+            slices = {key: f.get_slice(key) for key in f.keys()}
+            shapes = {key: tuple(t.get_shape()) for key, t in slices.items()}
+            dtypes = {key: t.get_dtype() for key, t in slices.items()}
     except Exception as e:  # safetensors' own error type: a truncated or corrupt file
         raise ValueError(f"{name}: {WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
     for key in shapes:
