@@ -285,23 +285,30 @@ def tiny_llama():
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
 
 
-def test_one_capture_serves_every_token_count_and_every_variant():
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_one_capture_serves_every_token_count_and_every_variant(device):
     """One dynamo capture serves every token count, 1 included, and both graph variants
     (issue 19, startup: a torch.compile per variant traced the model once each, and dynamo
     specialized the batch-1 decode graph: three captures of the model at every start).
     The token dim is dynamic from the first call: a graph compiled for the KV profiling
     call's exact length was used once, and the next length compiled again. Inductor's shape
-    code is what once guarded 1 away (a view of a narrowed q: fuse_parallel_linears)."""
-    model = tiny_llama()
+    code is what once guarded 1 away (a view of a narrowed q: fuse_parallel_linears); on CUDA,
+    aten SDPA's backend choice (models/attention.py traces trtllm's op instead)."""
+    dtype, tolerance = (torch.float32, 1e-4) if device == "cpu" else (torch.bfloat16, 3e-2)
+    model = tiny_llama().to(device, dtype)
+    torch._dynamo.reset()  # a capture of another device's model would serve neither
     compiled = trtllm.compile(model, inductor=True)
     calls = [(9, False), (4, False), (13, False), (1, False), (1, True), (3, True), (16, True), (5, False)]
     for length, decode in calls:
-        ids = torch.randint(0, 96, (1, length))
-        positions = torch.arange(length)[None]
+        ids = torch.randint(0, 96, (1, length), device=device)
+        positions = torch.arange(length, device=device)[None]
         with torch.no_grad():
             expected = model(ids, positions)
         with compiled.decode_graphs() if decode else contextlib.nullcontext():
-            assert rel_err(compiled(ids, positions), expected) < 1e-4, (length, decode)
+            assert rel_err(compiled(ids, positions), expected) < tolerance, (length, decode)
     assert compiled.captures == 1 and [v.num_graphs for v in compiled.variants] == [1, 1]
     assert "1 capture(s) of the model, 2 graph(s)" in compiled.summary()
     # both graphs read one fused copy of each layer's q/k/v and gate/up weights, which the
@@ -310,6 +317,29 @@ def test_one_capture_serves_every_token_count_and_every_variant():
     assert len(made) == 2 * 2
     attn = model.model.layers[0].self_attn
     assert any(attn.q_proj.weight.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in made)
+
+
+def test_a_model_files_attention_is_traced_as_trtllms_sdpa_op():
+    """What dynamo hands the passes holds trtllm's SDPA op, not aten's (models/attention.py:
+    on CUDA aten's backend choice guards the token count against 1 during the capture), for a
+    model file of ours and an HF module alike; the op computes SDPA in its fake's layout."""
+    from trtllm.passes import PASSES
+    for model in (tiny_llama(), hf_model("llama")):
+        traced = []
+
+        def record(graph, ctx):
+            traced.extend(n.target for n in graph.nodes if n.op == "call_function")
+            return 0
+
+        compiled = trtllm.compile(model, passes=[record, *PASSES], decode_graph_passes=[])
+        compiled(torch.randint(0, 96, (1, 5)), torch.arange(5)[None])
+        sdpa = [t for t in traced if "scaled_dot_product_attention" in str(t)]
+        assert sdpa == [torch.ops.trtllm.scaled_dot_product_attention.default] * 2, sdpa
+    q, k, v = torch.randn(2, 4, 7, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    out = torch.ops.trtllm.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    torch.library.opcheck(torch.ops.trtllm.scaled_dot_product_attention.default, (q, k, v),
+                          {"is_causal": True, "scale": 0.3, "enable_gqa": True})
 
 
 def test_a_static_capture_compiles_a_variant_at_its_first_call():

@@ -11,7 +11,8 @@ from tests.models.checkpoints import (
     random_batch,
     rel_err,
 )
-from trtllm.models.llama import HF_ARCHITECTURES, LlamaConfig, LlamaForCausalLM, sliding_window_mask
+from trtllm.models.attention import causal_mask
+from trtllm.models.llama import HF_ARCHITECTURES, LlamaConfig, LlamaForCausalLM
 
 B, S = 2, 12
 
@@ -84,7 +85,7 @@ def test_llama3_inv_freq_is_hf_and_scaled():
 
 
 def test_sliding_window_mask_is_banded_causal():
-    m = sliding_window_mask(6, 3, "cpu")
+    m = causal_mask(6, 3, "cpu")
     i, j = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
     assert torch.equal(m, (j <= i) & (j > i - 3))
 

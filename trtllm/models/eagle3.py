@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trtllm.hidden_states import draft_hidden_input  # noqa: F401  registers torch.ops.trtllm.draft_hidden_input
+from trtllm.models.attention import causal_attention
 from trtllm.models.llama import MLP, RMSNorm, RotaryEmbedding, apply_rotary_pos_emb, rope_from_hf
 
 _REQUIRED = ("fc.weight", "norm.weight", "lm_head.weight") + tuple(
@@ -108,7 +108,7 @@ class Eagle3Attention(nn.Module):
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, S, D]
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5, enable_gqa=True)
+        y = causal_attention(q, k, v, scale=self.head_dim**-0.5)  # [B, H, S, D]
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))  # [B, S, H]
 
 

@@ -4,8 +4,9 @@ One plain PyTorch module following the compilable-model contract (docs: DESIGN.m
 
     forward(input_ids [B, S], positions [B, S]) -> logits [B, S, V]
 
-written as for a batch of whole sequences, attention through ordinary
-``F.scaled_dot_product_attention(..., is_causal=True)``. The model knows nothing of
+written as for a batch of whole sequences, attention through models/attention.py's
+``causal_attention`` (ordinary ``F.scaled_dot_product_attention(..., is_causal=True)``, a banded
+mask eagerly where a sliding window bites). The model knows nothing of
 caches; ``trtllm.compile`` turns it into a paged, batched one. The shapes below are
 the ones the compiler's passes pattern-match, so keep their form:
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trtllm.kernels.rotary import rope_inv_freq
+from trtllm.models.attention import causal_attention
 
 # HF architecture names this file implements (config.json "architectures"[0]).
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -242,13 +244,6 @@ def apply_rotary_pos_emb(q, k, cos, sin):  # q [B, H, S, D], k [B, KVH, S, D], c
     return q_embed, k_embed
 
 
-def sliding_window_mask(seq_len: int, window: int, device) -> torch.Tensor:
-    """[S, S] bool, True = attend: key j is visible to query i iff i - window < j <= i (as HF)."""
-    i = torch.arange(seq_len, device=device)
-    dist = i[:, None] - i[None, :]  # [S, S] query - key
-    return (dist >= 0) & (dist < window)
-
-
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -272,14 +267,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|KVH, S, D]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        # A sliding window that bites: explicit banded causal mask in eager. Under
-        # trtllm.compile the paged attention op applies the window itself (the pass reads
-        # config.layer_windows), so the traced graph keeps plain causal SDPA.
-        if self.window and S > self.window and not torch.compiler.is_compiling():
-            mask = sliding_window_mask(S, self.window, x.device)  # [S, S]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+        # A sliding window that bites: a banded causal mask eagerly. Under trtllm.compile the
+        # paged attention op applies the window itself (the pass reads config.layer_windows).
+        y = causal_attention(q, k, v, scale=self.scale, window=self.window)  # [B, H, S, D]
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, H*D]
         return self.o_proj(y)
 

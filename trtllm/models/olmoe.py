@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from trtllm.models import qwen3_moe
+from trtllm.models.attention import causal_attention
 from trtllm.models.llama import Attention, LlamaConfig, RMSNorm, apply_rotary_pos_emb
 from trtllm.models.qwen3_moe import EXPERT_TENSORS, Qwen3MoeForCausalLM
 
@@ -65,7 +65,7 @@ class OlmoeAttention(Attention):
         k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, S, D]
         v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+        y = causal_attention(q, k, v, scale=self.scale)  # [B, H, S, D]
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 

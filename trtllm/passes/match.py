@@ -13,11 +13,16 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+import trtllm.models.attention  # noqa: F401  (registers torch.ops.trtllm.scaled_dot_product_attention)
+
 _FUNCTION_KINDS: dict[Any, str] = {
     torch._C._nn.linear: "linear",
     F.linear: "linear",
     torch._C._nn.scaled_dot_product_attention: "sdpa",
     F.scaled_dot_product_attention: "sdpa",
+    # as models/attention.py's causal_attention is traced (dynamo may record the packet)
+    torch.ops.trtllm.scaled_dot_product_attention.default: "sdpa",
+    torch.ops.trtllm.scaled_dot_product_attention: "sdpa",
     operator.add: "add", torch.add: "add",
     operator.mul: "mul", torch.mul: "mul",
     operator.truediv: "div", torch.div: "div",
