@@ -327,7 +327,7 @@ def test_a_model_files_attention_is_traced_as_trtllms_sdpa_op():
     for model in (tiny_llama(), hf_model("llama")):
         traced = []
 
-        def record(graph, ctx):
+        def record(graph, ctx, traced=traced):
             traced.extend(n.target for n in graph.nodes if n.op == "call_function")
             return 0
 

@@ -46,7 +46,8 @@ def _run_options(parser, suppress: bool) -> None:
     `suppress`: a command's copy leaves what the top level parsed alone when not given."""
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     _add(parser, "--max_batch_size", type=int, default=d(None),
-         help="sequences in one engine step at most (default: 256; latency 1; flat form --batch_size)")
+         help="sequences in one engine step at most (default: throughput, as many as the KV pool holds for the "
+              "dataset's lengths, 256 to 1024; latency 1; flat form --batch_size)")
     _add(parser, "--max_num_tokens", type=int, default=d(None), help="tokens in one engine step at most (default 8192)")
     _add(parser, "--max_seq_len", type=int, default=d(None),
          help="prompt + output tokens at most (default: the workload's longest request)")
@@ -186,11 +187,13 @@ def _workload(args, spec) -> tuple[str, list, dict]:
         return command, requests, dict(concurrency=1, streaming=True, max_batch_size=1)
     if args.concurrency is not None and args.concurrency < 1:
         raise BenchError(f"--concurrency must be >= 1, got {args.concurrency}")
-    return command, requests, dict(concurrency=args.concurrency, streaming=args.streaming, max_batch_size=256)
+    # max_batch_size None: as many as the KV pool holds for these lengths (cli/bench_tuning.py)
+    return command, requests, dict(concurrency=args.concurrency, streaming=args.streaming, max_batch_size=None)
 
 
-def _engine_configs(args, requests, spec, default_batch: int):
-    """BuildConfig and KvCacheConfig for the workload; BenchError if a request cannot fit."""
+def _engine_configs(args, requests, spec, default_batch: int | None):
+    """BuildConfig and KvCacheConfig for the workload; BenchError if a request cannot fit.
+    default_batch None: the KV pool's fill (cli/bench_tuning.py)."""
     from trtllm.cli.bench_dataset import check_requests
     from trtllm.config import BuildConfig, ConfigError, KvCacheConfig
 
@@ -203,6 +206,8 @@ def _engine_configs(args, requests, spec, default_batch: int):
     else:
         check_requests(requests, spec.vocab_size, context, "the model's context (max_position_embeddings)")
     max_seq_len = args.max_seq_len or max(r.input_len + r.output_tokens for r in requests)
+    if args.max_batch_size is None and default_batch is None:
+        default_batch = _tuned_batch(args, requests, spec)
     build = dict(max_batch_size=args.max_batch_size or default_batch, max_seq_len=max_seq_len,
                  max_input_len=max(r.input_len for r in requests))
     if args.max_num_tokens is not None:
@@ -213,6 +218,21 @@ def _engine_configs(args, requests, spec, default_batch: int):
         return BuildConfig(**build), KvCacheConfig(**kv)
     except ConfigError as e:
         raise BenchError(f"bad option: {'; '.join(str(e).splitlines())}") from None
+
+
+def _tuned_batch(args, requests, spec) -> int:
+    """trtllm-bench throughput's max_batch_size where the user gave none (cli/bench_tuning.py)."""
+    import torch
+
+    from trtllm.cli.bench_tuning import kv_tokens, throughput_batch
+    if not torch.cuda.is_available():
+        return throughput_batch(requests, None)
+    dtype = args.dtype if args.dtype != "auto" else spec.config.get("torch_dtype", "bfloat16")
+    width = 4.0 if dtype == "float32" else 2.0
+    pool = args.kv_cache_max_tokens or kv_tokens(
+        spec.config, torch.cuda.get_device_properties(0).total_memory, args.kv_cache_free_gpu_memory_fraction or 0.9,
+        1.0 if args.quantization else width, 1.0 if args.kv_cache_dtype in ("fp8", "int8") else width)
+    return throughput_batch(requests, pool)
 
 
 def _bench(args) -> int:
