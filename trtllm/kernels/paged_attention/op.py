@@ -45,8 +45,9 @@ per call by a launch value (launch_shape.py: `choose_launch` by default):
   split to take an atomic ticket).
 
 Both attention kernels take the new tokens' own keys/values from k/v rather than from the
-cache they were just written to: identical values as long as slot_mapping agrees with
-block_tables (the runtime's invariant; the reference reads the cache). Page size: any
+cache they were just written to (but for the prefill kernel over a quantized cache, which
+reads them as stored: prefill.py says why): identical values as long as slot_mapping agrees
+with block_tables (the runtime's invariant; the reference reads the cache). Page size: any
 16..128 works; 16 (vLLM's default) is what the bench and the H100 defaults assume.
 """
 import math
