@@ -207,7 +207,8 @@ def _engine_configs(args, requests, spec, default_batch: int | None):
         check_requests(requests, spec.vocab_size, context, "the model's context (max_position_embeddings)")
     max_seq_len = args.max_seq_len or max(r.input_len + r.output_tokens for r in requests)
     if args.max_batch_size is None and default_batch is None:
-        default_batch = _tuned_batch(args, requests, spec)
+        from trtllm.cli.bench_tuning import batch_for_run
+        default_batch = batch_for_run(args, requests, spec.config)
     build = dict(max_batch_size=args.max_batch_size or default_batch, max_seq_len=max_seq_len,
                  max_input_len=max(r.input_len for r in requests))
     if args.max_num_tokens is not None:
@@ -218,21 +219,6 @@ def _engine_configs(args, requests, spec, default_batch: int | None):
         return BuildConfig(**build), KvCacheConfig(**kv)
     except ConfigError as e:
         raise BenchError(f"bad option: {'; '.join(str(e).splitlines())}") from None
-
-
-def _tuned_batch(args, requests, spec) -> int:
-    """trtllm-bench throughput's max_batch_size where the user gave none (cli/bench_tuning.py)."""
-    import torch
-
-    from trtllm.cli.bench_tuning import kv_tokens, throughput_batch
-    if not torch.cuda.is_available():
-        return throughput_batch(requests, None)
-    dtype = args.dtype if args.dtype != "auto" else spec.config.get("torch_dtype", "bfloat16")
-    width = 4.0 if dtype == "float32" else 2.0
-    pool = args.kv_cache_max_tokens or kv_tokens(
-        spec.config, torch.cuda.get_device_properties(0).total_memory, args.kv_cache_free_gpu_memory_fraction or 0.9,
-        1.0 if args.quantization else width, 1.0 if args.kv_cache_dtype in ("fp8", "int8") else width)
-    return throughput_batch(requests, pool)
 
 
 def _bench(args) -> int:

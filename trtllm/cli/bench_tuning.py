@@ -81,3 +81,19 @@ def throughput_batch(requests: list, pool_tokens: float | None) -> int:
     batch = _STEP * math.floor(0.9 * pool_tokens / mean_len / _STEP)
     most = _STEP * math.ceil(len(requests) / _STEP)
     return max(DEFAULT_BATCH, min(batch, MAX_BATCH, most))
+
+
+def batch_for_run(args, requests: list, config: dict) -> int:
+    """throughput_batch for trtllm-bench's parsed options: the GPU's memory, the weights' and the KV
+    cache's bytes a value (--dtype, --quantization, --kv_cache_dtype), --kv_cache_free_gpu_memory_fraction;
+    --kv_cache_max_tokens, when given, is the pool."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return throughput_batch(requests, None)
+    dtype = args.dtype if args.dtype != "auto" else config.get("torch_dtype", "bfloat16")
+    width = 4.0 if dtype == "float32" else 2.0
+    pool = args.kv_cache_max_tokens or kv_tokens(
+        config, torch.cuda.get_device_properties(0).total_memory, args.kv_cache_free_gpu_memory_fraction or 0.9,
+        1.0 if args.quantization else width, 1.0 if args.kv_cache_dtype in ("fp8", "int8") else width)
+    return throughput_batch(requests, pool)
