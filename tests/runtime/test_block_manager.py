@@ -204,6 +204,29 @@ def test_check_invariants_names_each_broken_book(corrupt, message):
         bm.check_invariants()
 
 
+def test_idle_check_is_full_on_a_small_pool_and_a_count_within_a_second_on_a_large_one():
+    """check_when_idle (the engine's, each time it goes idle): a pool of <= FULL_IDLE_CHECK_BLOCKS
+    gets the full check every time; a larger one the full check at most once a second and the
+    O(1) count between, which still names a lost block."""
+    from trtllm.runtime.block_manager import FULL_IDLE_CHECK_BLOCKS
+    for num_blocks, full_each_time in ((FULL_IDLE_CHECK_BLOCKS, True), (FULL_IDLE_CHECK_BLOCKS + 1, False)):
+        bm = BlockManager(num_blocks, 2)
+        bm.check_when_idle()  # the first is always in full
+        bm._hash[bm._free[0]] = b"x"  # a book only the full check reads
+        if full_each_time:
+            with pytest.raises(AssertionError, match="published hash"):
+                bm.check_when_idle()
+            continue
+        bm.check_when_idle()  # within the second: the count, which balances
+        lost = bm._free.pop()
+        with pytest.raises(AssertionError, match="leaked"):
+            bm.check_when_idle()
+        bm._free.append(lost)
+        bm._checked_at -= 1.0  # a second later: in full
+        with pytest.raises(AssertionError, match="published hash"):
+            bm.check_when_idle()
+
+
 # --- property test: random allocate / compute / append / free -------------------------
 
 kinds = ["alloc"] * 3 + ["compute"] * 3 + ["decode", "decode", "free", "fail"]

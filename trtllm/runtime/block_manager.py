@@ -36,6 +36,7 @@ A block holding image placeholder tokens hashes the images' content hashes with 
 from __future__ import annotations
 
 import hashlib
+import time
 from array import array
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
@@ -55,6 +56,11 @@ def chain_root(seq: Sequence) -> bytes | None:
     sequence with a LoRA adapter (its K/V differ from the base's for the same tokens)."""
     lora = seq.lora_request
     return None if lora is None else b"lora" + lora.lora_int_id.to_bytes(8, "little")
+
+
+# A pool up to this size gets the full check every time the engine goes idle (~0.3 ms on the
+# dev CPU: every test's pool); a larger one at most once a second (check_when_idle).
+FULL_IDLE_CHECK_BLOCKS = 4096
 
 
 class BlockManager:
@@ -78,6 +84,7 @@ class BlockManager:
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
         self.pending_copies: list[tuple[int, int]] = []  # (shared block, its private copy): see above
+        self._checked_at = float("-inf")  # time.monotonic() of the last full check_when_idle
 
     # --- books ----------------------------------------------------------------------
 
@@ -276,6 +283,21 @@ class BlockManager:
         if self._hash[b] is not None:
             del self._block_of_hash[self._hash[b]]
             self._hash[b] = None
+
+    def check_when_idle(self) -> None:
+        """The books, as the engine checks them each time it goes idle (AssertionError unless they
+        balance): in full (`check_invariants`) where the pool is small or a second has passed
+        since the last full check, else the O(1) count (free + cached + used = all). The full
+        check is on the path of the finishing request's output: 1.8 ms at the 8B's 26,475 blocks
+        on the H200 (bf16), 3.9 ms at 59,135 (FP8 KV), dev CPU; a 2,048-token TTFT is ~50 ms."""
+        now = time.monotonic()
+        if self.num_blocks <= FULL_IDLE_CHECK_BLOCKS or now - self._checked_at >= 1.0:
+            self.check_invariants()
+            self._checked_at = now
+            return
+        assert len(self._free) + len(self._cached) + self._num_used == self.num_blocks, (
+            f"free {len(self._free)} + cached {len(self._cached)} + used {self._num_used} != total "
+            f"{self.num_blocks}: a block leaked")
 
     def check_invariants(self, seqs: Iterable[Sequence] | None = None) -> None:
         """Raise AssertionError unless the books balance. Given every sequence that holds
