@@ -268,3 +268,38 @@ def test_greedy_picks_are_argmax_and_the_samplers_finite_rule(vocab):
     assert picks[1].tolist() == sound.long().tolist() == [1, 1, 0, 0, 0, 1, 1, 1]
     assert picks[0, 1].item() == vocab // 3
     assert picks[0][sound].tolist() == logits.argmax(-1)[sound].tolist()
+
+
+def test_the_engine_queues_the_sampler_before_it_waits_for_the_step(monkeypatch):
+    """A step without logits hooks gets its sampler launched before the engine waits for the
+    step's kernels (on a GPU they queue behind them, no idle launch gap after the step); one with
+    a logits processor (which may read the logits on the host) waits first. Tokens unchanged."""
+    import transformers
+
+    from trtllm.config import KvCacheConfig
+    from trtllm.models.llama import LlamaConfig, LlamaForCausalLM
+    from trtllm.runtime.launched_step import LaunchedStep
+    from trtllm.runtime.llm import LLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig.from_hf(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256))).eval()
+    order = []
+    wait = LaunchedStep.wait
+    monkeypatch.setattr(LaunchedStep, "wait", lambda self: (order.append("wait"), wait(self))[1])
+    with LLM(model, kv_cache_config=KvCacheConfig(max_tokens=1024)) as llm:
+        sample = llm.engine.sampler
+        llm.engine.sampler = lambda logits, batch: (order.append("sample"), sample(logits, batch))[1]
+        params = SamplingParams(max_tokens=3, temperature=0.8, seed=7, ignore_eos=True)
+        first = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert order == ["sample", "wait"] * 3, order
+        order.clear()
+
+        def keep(req_id, logits, token_ids, stream_ptr, client_id):  # edits nothing
+            pass
+
+        hooked = SamplingParams(max_tokens=3, temperature=0.8, seed=7, ignore_eos=True, logits_processor=keep)
+        again = llm.generate([[5, 6, 7]], hooked, use_tqdm=False)[0].outputs[0].token_ids
+        assert order == ["wait", "sample"] * 3, order
+        assert again == first
