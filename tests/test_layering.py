@@ -7,6 +7,7 @@ Layers, lowest first; a module imports trtllm modules of its own layer or lower 
                                    MoE layers split (parallel.expert_parallel)
     kernels                        ops: reference, Triton kernel, launcher, registration
     attention_context              how the cache and metadata reach the graph's attention op;
+      traced_sdpa                  SDPA as the op dynamo records for models/attention.py;
       mla_attention                the graph op of multi-head latent attention over the latent cache;
       lora_slots                   how LoRA adapters' weights and per-token slots reach the graph
       expert_load                  the MoE blocks' device counters of tokens per expert
@@ -43,7 +44,7 @@ LAYERS = [
     ["trtllm.config", "trtllm.sampling_params", "trtllm.lora_request", "trtllm.parallel.tensor_parallel",
      "trtllm.parallel.expert_parallel"],
     ["trtllm.kernels"],
-    ["trtllm.attention_context", "trtllm.expert_load", "trtllm.mla_attention", "trtllm.lora_slots", "trtllm.multimodal_context", "trtllm.hidden_states", "trtllm.parallel.pipeline_parallel"],
+    ["trtllm.attention_context", "trtllm.traced_sdpa", "trtllm.expert_load", "trtllm.mla_attention", "trtllm.lora_slots", "trtllm.multimodal_context", "trtllm.hidden_states", "trtllm.parallel.pipeline_parallel"],
     ["trtllm.quantization"],
     ["trtllm.models", "trtllm.demo"],
     ["trtllm.contract"],

@@ -19,15 +19,8 @@ this instead of SDPA, so the probe sees the plain SDPA the compiled graph will h
 models/hf.py's attention interface calls it too.
 
 While dynamo traces (`torch.compiler.is_compiling()`), that SDPA is trtllm's op of the same
-arguments, `torch.ops.trtllm.scaled_dot_product_attention`, which the passes read as SDPA
-(passes/match.py). Dynamo runs every call of a capture on fake tensors, and aten's SDPA on
-CUDA then picks its backend as it does when run (`_fused_sdp_choice_cuda`): cuDNN's
-`check_cudnn_tensor_shapes` compares the token count with 1, a guard the dynamic capture does
-not hold for one token, so the batch-1 decode graph's first call traced the whole model again
-(issue 19: a second dynamo trace of the 8B preset in a 16.7 s warm start on the H200,
-docs/decisions/startup.md). The op's fake result is an empty tensor of the output's shape and
-layout: no question about the dims. (A TorchFunctionMode mapping every model's SDPA to it made
-dynamo trace the mode's hook on every op: a 32-layer capture 9.96 s against 5.72 on the dev CPU.)
+arguments, `torch.ops.trtllm.scaled_dot_product_attention` (trtllm/traced_sdpa.py says why),
+which the passes read as SDPA (passes/match.py).
 """
 from __future__ import annotations
 
@@ -36,26 +29,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+import trtllm.traced_sdpa  # noqa: F401  (registers torch.ops.trtllm.scaled_dot_product_attention)
+
 _probing = False
-
-
-@torch.library.custom_op("trtllm::scaled_dot_product_attention", mutates_args=())
-def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                                 is_causal: bool = False, scale: float | None = None,
-                                 enable_gqa: bool = False) -> torch.Tensor:
-    """F.scaled_dot_product_attention, in the layout of the fake below."""
-    y = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                       is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    return y.transpose(1, 2).contiguous().transpose(1, 2)  # a no-op where SDPA gave that layout
-
-
-@scaled_dot_product_attention.register_fake
-def _(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    # [B, Hq, S, Dv] laid out as [B, S, Hq, Dv], as aten's fused kernels give it: a model's
-    # `y.transpose(1, 2).reshape(B, S, H * D)` is then a view, which asks nothing of S
-    B, H, S, _ = query.shape
-    return query.new_empty((B, S, H, value.shape[-1])).transpose(1, 2)
 
 
 def attention_is_paged() -> bool:

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-import trtllm.models.attention  # noqa: F401  (registers torch.ops.trtllm.scaled_dot_product_attention)
+import trtllm.traced_sdpa  # noqa: F401  (registers torch.ops.trtllm.scaled_dot_product_attention)
 
 _FUNCTION_KINDS: dict[Any, str] = {
     torch._C._nn.linear: "linear",

@@ -281,7 +281,7 @@ class Engine:
         # queued now, behind the step's: launched after the wait, each left the GPU idle for its
         # launch (~0.9 ms after a 2,048-token prefill graph on the H100, 2026-12-06 profile).
         early = None if picks_serve or hooks is not None or launched.num_rows is not None \
-            else self._run_sampler(launched)
+            or not launched.logits_in_stream_order else self._run_sampler(launched)
         launched.wait()
         if launched.num_rows is not None:  # a verify step: runtime/speculative
             sampled, logprobs, failed = self.speculative.sample(launched, self.sampler)

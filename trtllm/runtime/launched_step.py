@@ -29,6 +29,13 @@ class LaunchedStep:
     # draft tokens), `logits` then [sum(num_rows), V]; None: one row each
     num_rows: list[int] | None = None
 
+    @property
+    def logits_in_stream_order(self) -> bool:
+        """Whether work queued now on the current stream sees this step's logits: its own
+        kernels make them. Not so on a pipeline's first stage, whose logits a receive from the
+        last stage fills, complete only at `wait()` (`done` is then that receive)."""
+        return self.done is None or isinstance(self.done, torch.cuda.Event)
+
     def wait(self) -> None:
         """Block until the step's GPU work is done, *without* the GIL (an event wait
         releases it; `.tolist()` on a device tensor would hold it for the whole step),
