@@ -23,31 +23,31 @@ MAX_BATCH = 1024
 _STEP = 64
 
 
+def _heads(config: dict) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of a config."""
+    heads = config["num_attention_heads"]
+    return heads, config.get("num_key_value_heads") or heads, config.get("head_dim") or config["hidden_size"] // heads
+
+
 def weight_bytes(config: dict, bytes_per_weight: float) -> float:
     """The weights of a decoder config, estimated: embeddings and LM head, attention, MLP or experts."""
     h, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or h // heads
+    heads, kv_heads, head_dim = _heads(config)
     if config.get("kv_lora_rank"):  # latent attention (DeepSeek-V2/V3): q, the latent down / up, o
-        qk = config.get("qk_nope_head_dim", 128) + config.get("qk_rope_head_dim", 64)
-        v = config.get("v_head_dim", 128)
-        rank = config["kv_lora_rank"]
-        q_rank = config.get("q_lora_rank")
-        q = h * q_rank + q_rank * heads * qk if q_rank else h * heads * qk
-        attention = q + h * (rank + config.get("qk_rope_head_dim", 64)) \
-            + rank * heads * (qk - config.get("qk_rope_head_dim", 64) + v) + heads * v * h
+        nope, rope = config.get("qk_nope_head_dim", 128), config.get("qk_rope_head_dim", 64)
+        v, rank, q_rank = config.get("v_head_dim", 128), config["kv_lora_rank"], config.get("q_lora_rank")
+        q = h * q_rank + q_rank * heads * (nope + rope) if q_rank else h * heads * (nope + rope)
+        attention = q + h * (rank + rope) + rank * heads * (nope + v) + heads * v * h
     else:
         attention = h * head_dim * (heads + 2 * kv_heads) + heads * head_dim * h
     dense = 3 * h * config["intermediate_size"]
     experts = config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 0
     dense_layers = min(layers, config.get("first_k_dense_replace") or 0) if experts else layers  # DeepSeek's first k
-    if experts:
-        inter = config.get("moe_intermediate_size") or config["intermediate_size"]
-        shared = config.get("n_shared_experts") or 0
-        moe = 3 * h * inter * (experts + shared) + h * experts  # experts, shared ones, the router
+    inter = config.get("moe_intermediate_size") or config["intermediate_size"]
+    shared = config.get("n_shared_experts") or 0
+    moe = 3 * h * inter * (experts + shared) + h * experts  # experts, shared ones, the router
     embeddings = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
-    mlps = dense_layers * dense + (layers - dense_layers) * (moe if experts else 0)
+    mlps = dense_layers * dense + (layers - dense_layers) * moe
     return (embeddings + layers * attention + mlps) * bytes_per_weight
 
 
@@ -56,9 +56,7 @@ def kv_bytes_per_token(config: dict, bytes_per_element: float) -> float:
     if config.get("kv_lora_rank"):
         return config["num_hidden_layers"] * (config["kv_lora_rank"] + config.get("qk_rope_head_dim", 64)) \
             * bytes_per_element
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    _, kv_heads, head_dim = _heads(config)
     return 2 * config["num_hidden_layers"] * kv_heads * head_dim * bytes_per_element
 
 
