@@ -110,7 +110,7 @@ def eager_graphs(engine):
     for b in range(1, 17):  # every size: a step's batch is never padded (the stand-in has no padding rows)
         logits, picks = torch.zeros(b, vocab), torch.zeros(2, b, dtype=torch.long)
         runner.cuda_graphs.decode[b] = (_EagerDecodeGraph(runner, b, logits, picks), logits, picks)
-    engine.sampler = counting = _CountingSampler(engine.sampler)
+    engine.step_sampler.sampler = counting = _CountingSampler(engine.step_sampler.sampler)
     return counting
 
 

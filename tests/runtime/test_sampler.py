@@ -289,8 +289,8 @@ def test_the_engine_queues_the_sampler_before_it_waits_for_the_step(monkeypatch)
     wait = LaunchedStep.wait
     monkeypatch.setattr(LaunchedStep, "wait", lambda self: (order.append("wait"), wait(self))[1])
     with LLM(model, kv_cache_config=KvCacheConfig(max_tokens=1024)) as llm:
-        sample = llm.engine.sampler
-        llm.engine.sampler = lambda logits, batch: (order.append("sample"), sample(logits, batch))[1]
+        sample = llm.engine.step_sampler.sampler
+        llm.engine.step_sampler.sampler = lambda logits, batch: (order.append("sample"), sample(logits, batch))[1]
         params = SamplingParams(max_tokens=3, temperature=0.8, seed=7, ignore_eos=True)
         first = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids
         assert order == ["sample", "wait"] * 3, order

@@ -6,7 +6,7 @@
     engine.abort(request_id)
 
 A step: the scheduler picks tokens, the model runner computes the logits to sample, the
-sampler picks tokens, and each request's output grows by its new tokens and is checked
+step sampler (step_sampler.py) picks tokens, and each request's output grows by its new tokens and is checked
 for its stop conditions (output_builder.py). Guided requests' grammars and logits
 processors act on the logits in between (runtime/grammar.py). One request's failure (bad input at
 admission, NaN logits) never touches another's. Request ids must be unique among those
@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable
 
 from trtllm.runtime.beam_search import step_groups
-from trtllm.runtime.beams import BeamGroup, graph_picks_serve, take_beam_rows
+from trtllm.runtime.beams import BeamGroup, take_beam_rows
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval, validate_request
 from trtllm.runtime.engine_stats import EngineStats, StartupTimes, StepRecord
@@ -66,10 +66,11 @@ from trtllm.runtime.multimodal_stager import check_multimodal_request
 from trtllm.runtime.output_builder import OutputBuilder
 from trtllm.runtime.outputs import RequestOutput
 from trtllm.runtime.prompt_logprobs import deliver_prompt_logprobs
-from trtllm.runtime.sampler import Sampler, SamplingBatch, argmax_serves, draw_seed
+from trtllm.runtime.sampler import argmax_serves, draw_seed
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.sequence import Sequence
 from trtllm.runtime.speculative.decoder import SpeculativeDecoder, append_tokens
+from trtllm.runtime.step_sampler import SampledStep, StepSampler
 from trtllm.sampling_params import SamplingParams
 
 log = logging.getLogger("trtllm")
@@ -86,10 +87,10 @@ class Engine:
         self.stream_interval = stream_interval
         self.tokenizer, self.limits = tokenizer, limits
         self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
-        self.sampler = Sampler()
         # guided decoding and logits processors (runtime/grammar.py); `logits_hooks.batched_logits_processor`
         # is LLM(batched_logits_processor=...)
         self.logits_hooks = LogitsHooks(tokenizer, vocab_size, eos_token_ids)
+        self.step_sampler = StepSampler(self.logits_hooks, eos_token_ids)  # runtime/step_sampler.py
         self.requests: dict[str, OutputBuilder] = {}
         # outputs as snapshots; off, the engine's own growing outputs, valid until the next
         # call: what the engine process turns into StepDeltas at once (no per-step copy of
@@ -219,7 +220,9 @@ class Engine:
             if self.overlap and picks_serve and (self.speculative is None
                                                  or not self.speculative.speculates_next(launched.to_sample)):
                 self._ahead = self._launch_ahead(launched)
-            sampled, logprobs = self._sample(launched, picks_serve, changed)
+            step = self.step_sampler.sample(launched, picks_serve, self.speculative)
+            self._take_sampled(step, changed)
+            sampled, logprobs = step.tokens, step.logprobs
             beams = take_beam_rows(launched.to_sample, launched.logits, sampled) if self.beam_groups else ()
             if launched.prompt_spans:
                 deliver_prompt_logprobs(launched, self.requests)
@@ -266,70 +269,15 @@ class Engine:
         if self._ahead is not None and all(s.is_finished for s in self._ahead.to_sample):
             self._ahead = None
 
-    def _sample(self, launched: LaunchedStep, picks_serve: bool, changed) -> tuple[dict, dict]:
-        """Each sequence's token, and (chosen, top) logprobs for those that want them; a row
-        with NaN or Inf logits finishes its sequence with "error"."""
-        seqs = launched.to_sample
-        if not seqs:
-            return {}, {}
-        # a decode-graph step of beams (and greedy rows): the beams' rows go to the search
-        # (take_beam_rows); the graph's picks and NaN/Inf flags serve (runtime/beams.py)
-        picks_serve = picks_serve or launched.picks is not None and graph_picks_serve(seqs)
-        # the grammar bitmasks are filled on the host while the GPU computes the logits
-        hooks = None if picks_serve else self.logits_hooks.prepare(seqs)
-        # Without hooks (which may read logits on the host) the sampler's ~20 small kernels are
-        # queued now, behind the step's: launched after the wait, each left the GPU idle for its
-        # launch (~0.9 ms after a 2,048-token prefill graph on the H100, 2026-12-06 profile).
-        early = None if picks_serve or hooks is not None or launched.num_rows is not None \
-            or not launched.logits_in_stream_order else self._run_sampler(launched)
-        launched.wait()
-        if launched.num_rows is not None:  # a verify step: runtime/speculative
-            sampled, logprobs, failed = self.speculative.sample(launched, self.sampler)
-            for seq, why in failed.items():
-                self.scheduler.finish(seq, "error", why)
-                self._finish(seq, "error", changed)
-            return sampled, logprobs
-        errors = {}
-        if picks_serve:
-            tokens, finite = launched.picks.tolist()  # picked inside the decode graph
-            if all(finite):  # the usual step: no row failed, none wants logprobs
-                return dict(zip(seqs, tokens)), {}
-            chosen, top = None, None
-        else:
-            out = early if early is not None else self._run_sampler(launched, hooks, errors)
-            tokens, finite = out.token_ids.tolist(), out.finite.tolist()
-            if out.all_masked is not None:
-                errors.update((seq, "no token is left to sample: SamplingParams.bad / bad_token_ids (with the grammar "
-                               "or min_tokens, if any) mask every one") for seq, m in zip(seqs, out.all_masked.tolist()) if m)
-            chosen = out.logprobs.tolist()
-            top = [list(zip(*pair)) for pair in zip(out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())] \
-                if out.top_logprobs is not None else None
-        sampled, logprobs = {}, {}
-        for i, seq in enumerate(seqs):
-            if not finite[i] or seq in errors:  # fails alone; finished before update: its blocks stay unpublished
-                self.scheduler.finish(seq, "error", errors.get(seq, "the model produced NaN or Inf logits"))
-                self._finish(seq, "error", changed)
-                continue
-            sampled[seq] = tokens[i]
-            p = seq.sampling_params
-            k = p.logprobs
-            if k is not None or p.num_sequences > p.n and not p.is_beam_search:  # best_of ranks by them
-                logprobs[seq] = (chosen[i], top[i][:k] if top is not None and k else [])
-            if p.return_generation_logits or p.return_context_logits and not seq.output_token_ids:
-                req = self.requests.get(seq.request_id)
-                if req is not None:
-                    req.add_logits_row(seq, launched.logits[i])
-        return sampled, logprobs
-
-    def _run_sampler(self, launched: LaunchedStep, hooks=None, errors: dict | None = None):
-        """The sampler over the step's logits, queued on the device (a SamplerOutput); the hooks'
-        per-sequence failures into `errors`. (Never a step with one launched after it: that
-        replay may reuse these logits.)"""
-        logits = launched.logits
-        batch = SamplingBatch.build(launched.to_sample, logits.shape[-1], logits.device, self.eos_token_ids)
-        if hooks is not None:
-            errors.update(hooks.apply(logits, batch))  # logits processors in place; the bitmask into batch
-        return self.sampler(logits, batch)
+    def _take_sampled(self, step: SampledStep, changed) -> None:
+        """A step's failed rows finish with "error"; rows whose logits were asked for are copied."""
+        for seq, why in step.failed.items():
+            self.scheduler.finish(seq, "error", why)
+            self._finish(seq, "error", changed)
+        for seq, row in step.logits_rows:
+            req = self.requests.get(seq.request_id)
+            if req is not None:
+                req.add_logits_row(seq, row)
 
     def _postprocess(self, launched: LaunchedStep, sampled: dict, logprobs: dict, changed) -> None:
         """Each new token into its request's output; a stop condition finishes its sequence."""

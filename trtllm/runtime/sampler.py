@@ -62,6 +62,12 @@ class SamplerOutput:
     finite: Tensor                               # [N] bool; False: the row failed
     all_masked: Tensor | None = None             # [N] bool: failed because its bans left no token
 
+    def host_logprobs(self) -> tuple[list[float], list[list[tuple[int, float]]] | None]:
+        """The chosen tokens' logprobs and each row's top (token, logprob) pairs, on the host."""
+        top = None if self.top_logprobs is None else \
+            [list(zip(*pair)) for pair in zip(self.top_logprobs[0].tolist(), self.top_logprobs[1].tolist())]
+        return self.logprobs.tolist(), top
+
 
 @dataclass
 class SamplingBatch:

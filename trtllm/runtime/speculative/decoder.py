@@ -190,9 +190,8 @@ class SpeculativeDecoder:
             rows = logits[torch.tensor([starts[i] for i in plain], device=logits.device)]
             pseqs = [seqs[i] for i in plain]
             out = sampler(rows, SamplingBatch.build(pseqs, rows.shape[-1], rows.device, self.eos_token_ids))
-            tokens, finite, chosen = out.token_ids.tolist(), out.finite.tolist(), out.logprobs.tolist()
-            top = [list(zip(*pair)) for pair in zip(out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())] \
-                if out.top_logprobs is not None else None
+            tokens, finite = out.token_ids.tolist(), out.finite.tolist()
+            chosen, top = out.host_logprobs()
             for j, seq in enumerate(pseqs):
                 if not finite[j]:
                     failed[seq] = "the model produced NaN or Inf logits"
