@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from trtllm.runtime.gumbel import gumbel_noise, open_unit
+from trtllm.kernels.sample_rows import open_unit
 from trtllm.runtime.sampler import (
     Sampler,
     SamplingBatch,
@@ -12,6 +12,7 @@ from trtllm.runtime.sampler import (
     apply_penalties,
     apply_top_k_top_p,
     draw_seed,
+    gumbel_noise,
     process_logits,
 )
 from trtllm.runtime.sequence import Sequence

@@ -24,7 +24,7 @@ Order of operations (each a module function, so tests can check it alone):
   6. choose: greedy rows (`SamplingParams.greedy`; their top-k/p/min-p are off) take
      the argmax; the others take argmax(logits + Gumbel noise), an exact sample of
      softmax(logits), with noise from a counter-based hash of (seed, completion index,
-     step = len(output), token id) (runtime/gumbel.py). So a request's tokens depend on its seed and its own
+     step = len(output), token id) (kernels/sample_rows.py). So a request's tokens depend on its seed and its own
      logits only: not on the batch it shares, its position in it, or preemption.
 
 Logprobs are those of the processed distribution actually sampled from (vLLM's
@@ -41,8 +41,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from trtllm.runtime.gumbel import gumbel_noise
-from trtllm.runtime.sampling_masks import banned, bias_rows, flat_index, repeats
+from trtllm.kernels.sample_rows import (
+    finite_rows_ref as _finite_rows,
+    gumbel_noise_ref,
+    sample_rows_ref,
+    sample_rows_triton,
+)
+from trtllm.runtime.sampling_masks import banned, bias_rows, flat_index, repeats, to_device
 from trtllm.runtime.sequence import Sequence
 from trtllm.sampling_params import SamplingParams
 
@@ -98,6 +103,14 @@ class SamplingBatch:
     token_bitmask: Tensor | None = None  # [N, ceil(V / 32)] int32, bit t of row r: token t allowed (grammar.py)
     bias: Tensor | None = None   # [N, V] fp32, SamplingParams.embedding_bias (0 for rows without), when any row has one
 
+    @property
+    def plain(self) -> bool:
+        """Whether temperature is all that acts on the logits: no mask, bias, penalty, filter
+        or logprobs wanted."""
+        return self.bias is None and self.token_bitmask is None and self.prompt_index is None \
+            and self.output_index is None and self.min_tokens_index is None and not self.do_top_k_p \
+            and not self.do_min_p and not self.max_logprobs
+
     @staticmethod
     def build(seqs: list[Sequence], vocab_size: int, device, eos_token_ids: list[int]
               ) -> SamplingBatch:
@@ -107,7 +120,7 @@ class SamplingBatch:
         f = torch.tensor([r.floats for r in rows], dtype=torch.float32).reshape(n, 6)
         i = torch.tensor([(r.top_k, s.seed, s.index, st, r.greedy)
                           for s, r, st in zip(seqs, rows, steps)], dtype=torch.int64).reshape(n, 5)
-        f, i = f.to(device), i.to(device)
+        f, i = to_device(f, device), to_device(i, device)
         return SamplingBatch(
             V, temperature=f[:, 0], top_k=i[:, 0], top_p=f[:, 1], min_p=f[:, 2],
             repetition_penalty=f[:, 3], presence_penalty=f[:, 4], frequency_penalty=f[:, 5],
@@ -264,6 +277,11 @@ def argmax_serves(seqs: list[Sequence]) -> bool:
     return True
 
 
+def gumbel_noise(batch: SamplingBatch) -> Tensor:
+    """[N, V] Gumbel(0, 1) noise of the batch's rows (kernels/sample_rows.gumbel_noise_ref)."""
+    return gumbel_noise_ref(batch.seed, batch.index, batch.step, batch.vocab_size)
+
+
 def greedy_picks(logits: Tensor) -> Tensor:
     """[2, B] int64 from logits [B, V]: each row's argmax (the first maximum on ties) and
     1/0 for whether the row is sound by `_finite_rows`' rule (no NaN, no +inf, a finite
@@ -287,31 +305,33 @@ def _chunk_len(v: int) -> int:
     return next((n for n in range(256, v // 8 + 1) if v % n == 0), v)
 
 
-def _finite_rows(logits: Tensor) -> Tensor:
-    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)
-    return ~bad & torch.isfinite(logits).any(-1)
-
-
 class Sampler:
     @torch.no_grad()
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.shape != (batch.greedy.shape[0], batch.vocab_size):
             raise ValueError(f"logits {tuple(logits.shape)} do not match the batch "
                              f"({batch.greedy.shape[0]} rows, vocab {batch.vocab_size})")
+        if batch.plain:  # temperature alone: one pass over the raw logits (kernels/sample_rows.py)
+            token_ids, chosen, finite = _sample_rows(logits, batch.temperature, batch)
+            return SamplerOutput(token_ids, chosen, None, finite)
         finite = _finite_rows(logits)
-        x = process_logits(torch.where(finite[:, None], logits.float(), 0.0), batch)
+        x = process_logits(torch.where(finite[:, None], logits.float(), 0.0), batch)  # temperature applied
+        token_ids, chosen, _ = _sample_rows(x, torch.ones_like(batch.temperature), batch)
         all_masked = None
         if batch.min_tokens_index is not None:  # the masks may leave a row nothing (a ban against a grammar)
             all_masked = finite & ~torch.isfinite(x).any(-1)
             finite = finite & ~all_masked
-        token_ids = x.argmax(-1)  # first maximum on ties: deterministic
-        if not batch.all_greedy:
-            token_ids = torch.where(batch.greedy, token_ids,
-                                    (x + gumbel_noise(batch)).argmax(-1))
+        top = None
         if batch.max_logprobs:
-            logp = x.log_softmax(-1)
-            chosen = logp.gather(-1, token_ids[:, None])[:, 0]
-            values, ids = logp.topk(min(batch.max_logprobs, batch.vocab_size), dim=-1)
-            return SamplerOutput(token_ids, chosen, (ids, values), finite, all_masked)
-        chosen = x.gather(-1, token_ids[:, None])[:, 0] - x.logsumexp(-1)
-        return SamplerOutput(token_ids, chosen, None, finite, all_masked)
+            values, ids = x.log_softmax(-1).topk(min(batch.max_logprobs, batch.vocab_size), dim=-1)
+            top = (ids, values)
+        return SamplerOutput(token_ids, chosen, top, finite, all_masked)
+
+
+def _sample_rows(x: Tensor, temperature: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """kernels/sample_rows' launcher on the GPU (not the registered op: its dispatch cost
+    ~100 us of host time a call, bench/bench_sampler.py); on the CPU its reference (the
+    interpreted kernel would cost every CPU engine step tens of ms; tests/kernels/test_sample_rows.py
+    runs it)."""
+    op = sample_rows_triton if x.is_cuda else sample_rows_ref
+    return op(x, temperature, batch.greedy, batch.seed, batch.index, batch.step)

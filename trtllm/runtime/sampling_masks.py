@@ -11,13 +11,22 @@ from torch import Tensor
 from trtllm.runtime.sequence import Sequence
 
 
+def to_device(t: Tensor, device) -> Tensor:
+    """A host tensor built this step, on `device` without blocking the host: a pageable copy
+    waits for the stream to drain (the step's model graph, so the sampler could not be queued
+    behind it, ~0.3 ms a step lost at batch 1 on the H100); a pinned one does not."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def bias_rows(seqs: list[Sequence], V: int, device) -> Tensor | None:
     """[N, V] of the rows' embedding biases (copied to the device each step: a rare option), or None."""
     biases = [s.sampling_params.embedding_bias for s in seqs]
     if all(b is None for b in biases):
         return None
     zero = torch.zeros(V, dtype=torch.float32)
-    return torch.stack([zero if b is None else b.detach().float().cpu() for b in biases]).to(device)
+    return to_device(torch.stack([zero if b is None else b.detach().float().cpu() for b in biases]), device)
 
 
 def banned(seq: Sequence, bans: tuple) -> tuple:
@@ -55,7 +64,7 @@ def flat_index(id_lists: list, V: int, device) -> Tensor | None:
     total = sum(lengths)
     if total == 0:
         return None
-    ids = torch.tensor(list(chain.from_iterable(id_lists)), dtype=torch.int64, device=device)
+    ids = to_device(torch.tensor(list(chain.from_iterable(id_lists)), dtype=torch.int64), device)
     rows = torch.repeat_interleave(torch.arange(len(id_lists), device=device),
-                                   torch.tensor(lengths, device=device), output_size=total)
+                                   to_device(torch.tensor(lengths), device), output_size=total)
     return rows * V + ids

@@ -40,7 +40,6 @@ import itertools
 import torch
 
 from trtllm.hidden_states import HiddenStatesContext
-from trtllm.runtime.gumbel import gumbel_noise
 from trtllm.runtime.model_runner import LaunchedStep
 from trtllm.runtime.sampler import (
     Sampler,
@@ -48,6 +47,7 @@ from trtllm.runtime.sampler import (
     _finite_rows,
     argmax_serves,
     greedy_picks,
+    gumbel_noise,
     process_logits,
 )
 from trtllm.runtime.sequence import Sequence, SequenceStatus

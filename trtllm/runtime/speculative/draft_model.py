@@ -35,9 +35,8 @@ from __future__ import annotations
 import torch
 
 from trtllm.runtime.block_manager import BlockManager
-from trtllm.runtime.gumbel import gumbel_noise
 from trtllm.runtime.model_runner import ModelRunner
-from trtllm.runtime.sampler import SamplingBatch, argmax_serves, process_logits
+from trtllm.runtime.sampler import SamplingBatch, argmax_serves, gumbel_noise, process_logits
 from trtllm.runtime.sequence import Sequence, SequenceStatus
 from trtllm.runtime.speculative.eagle3 import Eagle3Inputs
 
