@@ -12,9 +12,10 @@ from trtllm.runtime.sequence import Sequence
 
 
 def to_device(t: Tensor, device) -> Tensor:
-    """A host tensor built this step, on `device` without blocking the host: a pageable copy
-    waits for the stream to drain (the step's model graph, so the sampler could not be queued
-    behind it, ~0.3 ms a step lost at batch 1 on the H100); a pinned one does not."""
+    """A host tensor built this step, on `device` without blocking the host: `.to(device)`
+    synchronizes the stream (so it waited for the step's model graph, and the sampler could not
+    be queued behind it: gaps of 0.17-0.26 ms after a prefill graph, H100 profile 2026-12-06);
+    a non-blocking copy needs pinned memory to stay asynchronous."""
     if torch.device(device).type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
