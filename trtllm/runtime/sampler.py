@@ -43,7 +43,6 @@ from torch import Tensor
 
 from trtllm.kernels.sample_rows import (
     finite_rows_ref as _finite_rows,
-    gumbel_noise_ref,
     sample_rows_ref,
     sample_rows_triton,
 )
@@ -277,9 +276,11 @@ def argmax_serves(seqs: list[Sequence]) -> bool:
     return True
 
 
-def gumbel_noise(batch: SamplingBatch) -> Tensor:
-    """[N, V] Gumbel(0, 1) noise of the batch's rows (kernels/sample_rows.gumbel_noise_ref)."""
-    return gumbel_noise_ref(batch.seed, batch.index, batch.step, batch.vocab_size)
+def draw_tokens(x: Tensor, batch: SamplingBatch) -> Tensor:
+    """[N] tokens from processed logits x [N, V] (temperature already applied): argmax(x) for
+    greedy rows, argmax(x + Gumbel noise of (seed, index, step, token)) for the others
+    (kernels/sample_rows.py); one kernel on the GPU."""
+    return _sample_rows(x, torch.ones_like(batch.temperature), batch)[0]
 
 
 def greedy_picks(logits: Tensor) -> Tensor:

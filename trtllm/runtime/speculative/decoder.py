@@ -46,8 +46,8 @@ from trtllm.runtime.sampler import (
     SamplingBatch,
     _finite_rows,
     argmax_serves,
+    draw_tokens,
     greedy_picks,
-    gumbel_noise,
     process_logits,
 )
 from trtllm.runtime.sequence import Sequence, SequenceStatus
@@ -225,10 +225,7 @@ class SpeculativeDecoder:
             rows = [_after_drafts(seq, j) for seq, (_, n) in zip(seqs, spans) for j in range(n)]
             batch = SamplingBatch.build(rows, self.vocab_size, x.device, self.eos_token_ids)
             x = process_logits(x, batch)
-            picks = x.argmax(-1)
-            if not batch.all_greedy:
-                picks = torch.where(batch.greedy, picks, (x + gumbel_noise(batch)).argmax(-1))
-            picks, finite = picks.tolist(), finite.tolist()
+            picks, finite = draw_tokens(x, batch).tolist(), finite.tolist()
         row = 0
         for seq, (_, n) in zip(seqs, spans):
             draft = seq.draft_token_ids[:n - 1]

@@ -36,7 +36,7 @@ import torch
 
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.model_runner import ModelRunner
-from trtllm.runtime.sampler import SamplingBatch, argmax_serves, gumbel_noise, process_logits
+from trtllm.runtime.sampler import SamplingBatch, argmax_serves, draw_tokens, process_logits
 from trtllm.runtime.sequence import Sequence, SequenceStatus
 from trtllm.runtime.speculative.eagle3 import Eagle3Inputs
 
@@ -224,9 +224,8 @@ class DraftModelProposer:
             logits = self.eagle.expand(logits)
         batch = SamplingBatch.build(mirrors, self.vocab_size, logits.device, self.eos_token_ids)
         x = process_logits(logits.float(), batch)
-        tokens = x.argmax(-1)
+        tokens = draw_tokens(x, batch)
         if not batch.all_greedy:
-            tokens = torch.where(batch.greedy, tokens, (x + gumbel_noise(batch)).argmax(-1))
             probs = x.softmax(-1)
         for i, (m, t) in enumerate(zip(mirrors, tokens.tolist())):
             toks, qs = drafts[m.seq_id]
