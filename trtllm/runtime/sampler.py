@@ -330,8 +330,8 @@ class Sampler:
 
 
 def _sample_rows(x: Tensor, temperature: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, Tensor]:
-    """kernels/sample_rows' launcher on the GPU (not the registered op: its dispatch cost
-    ~100 us of host time a call, bench/bench_sampler.py); on the CPU its reference (the
+    """kernels/sample_rows' launcher on the GPU (not the registered op: its dispatch costs
+    12-33 us more of host time a call, bench/bench_sampler.py); on the CPU its reference (the
     interpreted kernel would cost every CPU engine step tens of ms; tests/kernels/test_sample_rows.py
     runs it)."""
     op = sample_rows_triton if x.is_cuda else sample_rows_ref
