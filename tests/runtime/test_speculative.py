@@ -704,3 +704,20 @@ def test_under_verify_graphs_ngram_steps_keep_one_shape_and_the_targets_tokens(t
         assert llm.block_manager.num_used_blocks == 0
     assert got == expected
     assert any(steps[1:]) and all(s == {4} for s in steps[1:] if s), steps  # after the prefill: 4 tokens each
+
+
+def test_aborting_the_last_request_frees_the_draft_models_blocks(target):
+    """An abort that empties the engine while a draft model mirrors the sequence: no step runs
+    after it, so the abort itself releases the draft's pool (a mix test found 1 block held)."""
+    config = DraftTargetDecodingConfig(max_draft_len=3, speculative_model_dir=str(target))
+    with small_llm(target, speculative_config=config) as llm:
+        draft = llm.engine.speculative.draft
+        params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+        stream = llm._submit(PROMPTS[2], params, streaming=True)
+        for i, partial in enumerate(stream):  # noqa: B007 (the last one is checked below)
+            if i == 1:
+                llm.abort(stream.request_id)
+        assert partial.outputs[0].finish_reason == "abort"
+        assert not llm.has_unfinished()
+        assert draft.block_manager.num_used_blocks == 0 and not draft.mirrors
+        draft.block_manager.check_invariants()

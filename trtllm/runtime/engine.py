@@ -181,6 +181,8 @@ class Engine:
             return None
         self._drop_dead_ahead()
         req.abort()
+        if not self.requests:  # no step may run after this one
+            self._went_idle()
         return req.emit(self.copy_outputs)
 
     def has_unfinished(self) -> bool:
@@ -332,10 +334,15 @@ class Engine:
             elif req.stream and req.due(self.stream_interval):
                 outputs.append(req.emit(self.copy_outputs))
         if not self.requests:
-            if self.speculative is not None:
-                self.speculative.release()  # a draft model's KV of the sequences that left
-            try:
-                self.block_manager.check_when_idle()
-            except AssertionError as e:  # says so loudly, but keeps serving
-                log.error("KV block pool books do not add up with no request in flight: %s", e)
+            self._went_idle()
         return outputs
+
+    def _went_idle(self) -> None:
+        """No request is left (the last finished, or was aborted): a draft model's mirrors
+        freed, the KV books checked."""
+        if self.speculative is not None:
+            self.speculative.release()  # a draft model's KV of the sequences that left
+        try:
+            self.block_manager.check_when_idle()
+        except AssertionError as e:  # says so loudly, but keeps serving
+            log.error("KV block pool books do not add up with no request in flight: %s", e)
