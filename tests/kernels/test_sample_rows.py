@@ -50,9 +50,9 @@ def test_sample_rows_matches_reference(n, v, dtype):
 
 
 def test_ties_take_the_first_maximum():
-    v = 9000  # three chunks; equal maxima in the first and the last
+    v = 9000  # three chunks of two tiles; equal maxima in both tiles of the first chunk and in the others
     logits = torch.full((2, v), -5.0)
-    logits[:, [17, 4500, 8999]] = 3.0
+    logits[:, [17, 2065, 4500, 8999]] = 3.0
     ones = torch.ones(2)
     tok, _, _ = sample_rows(logits, ones, torch.tensor([True, True]), torch.zeros(2, dtype=torch.int64),
                             torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
