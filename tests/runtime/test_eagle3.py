@@ -265,7 +265,7 @@ def test_graph_steps_keep_drafts_and_output(target, head):
         calls, ahead = [], []
         proposer.propose = _recording(proposer, calls)
         launch_ahead = llm.engine._launch_ahead
-        llm.engine._launch_ahead = lambda launched: ahead.append(launch_ahead(launched)) or ahead[-1]
+        llm.engine._launch_ahead = lambda *args: ahead.append(launch_ahead(*args)) or ahead[-1]
         got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
         _books_balance(llm)
     assert got == expected

@@ -1,6 +1,6 @@
 """The overlap scheduler on CPU, through the CUDA-graph stand-ins of test_model_runner:
-the next greedy decode step is launched (its input ids gathered from the previous
-step's picks) before the previous step's bookkeeping. Outputs must equal those of the
+the next decode step is launched (its input ids gathered from the previous step's picks,
+or from its sampler's output) before the previous step's bookkeeping. Outputs must equal those of the
 plain engine whatever ends a sequence (max_tokens, a stop token mid-run, max_seq_len,
 abort, preemption), and no block may leak."""
 import pytest
@@ -86,10 +86,39 @@ def test_abort_with_a_step_in_flight_frees_everything(checkpoint):
 
 
 @pytest.mark.parametrize("params", [
-    SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1),
-    SamplingParams(max_tokens=6, temperature=0.7, seed=1, ignore_eos=True),
-], ids=["logprobs", "sampled"])
-def test_rows_that_need_the_sampler_are_never_launched_ahead(checkpoint, params):
+    SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1),
+    SamplingParams(max_tokens=8, temperature=0.7, seed=1, ignore_eos=True),
+    SamplingParams(max_tokens=8, temperature=0.9, top_p=0.8, seed=2, ignore_eos=True, logprobs=2),
+    # each sees the tokens of the step before the one launched ahead: output counts, the last token
+    SamplingParams(max_tokens=8, temperature=0.8, seed=3, ignore_eos=True, repetition_penalty=1.5,
+                   frequency_penalty=0.7, presence_penalty=0.4),
+    SamplingParams(max_tokens=8, temperature=0.8, seed=4, min_tokens=5, no_repeat_ngram_size=2),
+], ids=["logprobs", "sampled", "top_p", "penalties", "min_tokens"])
+def test_rows_that_need_the_sampler_are_launched_ahead_from_its_tokens(checkpoint, params):
+    """The sampler is queued behind the step and the next step gathers its input ids from the
+    sampler's output on the device; tokens, logprobs and finish reasons are the plain engine's."""
+    def logprobs_of(checkpoint, overlap):
+        with make_llm(checkpoint, graphs=True, overlap=overlap) as llm:
+            launched = count_ahead(llm)
+            outs = llm.generate(PROMPTS, params, use_tqdm=False)
+            llm.block_manager.check_invariants()
+            assert llm.engine._ahead is None
+            return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].logprobs) for o in outs], \
+                sum(launched)
+
+    plain, none_ahead = logprobs_of(checkpoint, overlap=False)
+    over, ahead = logprobs_of(checkpoint, overlap=True)
+    assert none_ahead == 0 and ahead >= 4
+    assert over == plain
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=6, temperature=0.7, seed=1, ignore_eos=True, return_generation_logits=True),
+    SamplingParams(max_tokens=6, temperature=0.7, seed=1, ignore_eos=True, n=1, best_of=2),
+], ids=["generation_logits", "best_of"])
+def test_rows_whose_logits_the_host_reads_are_never_launched_ahead(checkpoint, params):
+    """The next replay of the decode graph overwrites its logits: a row the host reads them for
+    keeps the step an ordinary one."""
     plain, _ = run(checkpoint, params, overlap=False)
     over, ahead = run(checkpoint, params, overlap=True)
     assert ahead == 0 and over == plain

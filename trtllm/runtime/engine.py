@@ -13,15 +13,18 @@ admission, NaN logits) never touches another's. Request ids must be unique among
 in flight: the front ends refuse a duplicate (request_stream.OpenStreams).
 
 The overlap scheduler (TensorRT-LLM's; on unless `disable_overlap_scheduler`): when a
-step is a greedy decode-graph step, the engine launches the next decode step right
-after it, fed by its picks on the GPU, and only then waits for it and does its
+step is a decode-graph step whose tokens are on the GPU before the host reads them
+(greedy: the graph's picks; sampled: the sampler queued behind the step, no row's logits
+read on the host), the engine launches the next decode step right after it, fed by those
+tokens on the GPU, and only then waits for it and does its
 bookkeeping (stop checks, detokenizing, outputs), so the host's share of a step runs
 while the GPU computes the next. `step()` then returns the first step's outputs and
 leaves the second in flight (`_ahead`); a sequence that stopped at the first has its
 row of the second dropped (its blocks are freed: nothing it wrote there is ever read).
 Sequences that end by length at the first are left out of the second; a request
-waiting for admission with a slot free for it, a short block, or a row that needs the
-sampler (logprobs, penalties, temperature) makes the next step an ordinary one.
+waiting for admission with a slot free for it, a short block, a grammar or logits processor,
+or a row whose logits the host reads (beams, returned logits, best_of) makes the next step an
+ordinary one (runtime/step_sampler.py, `next_step_tokens`).
 
 Beam search (runtime/beams.py): a beam's logits row goes to its group, not the sampler
 (`take_beam_rows`); once the scheduler has updated the step, `step_groups` searches and forks
@@ -218,11 +221,13 @@ class Engine:
             picks_serve = launched.picks is not None and argmax_serves(launched.to_sample)
             if picks_serve:  # guided rows: their picks re-made under their grammar, on the device
                 self.logits_hooks.mask_picks(launched)
+            pending = self.step_sampler.launch(launched, picks_serve)  # the sampler queued, if it can be
             # speculative decoding: only when no sequence may get drafts at the next step
-            if self.overlap and picks_serve and (self.speculative is None
-                                                 or not self.speculative.speculates_next(launched.to_sample)):
-                self._ahead = self._launch_ahead(launched)
-            step = self.step_sampler.sample(launched, picks_serve, self.speculative)
+            if self.overlap and (self.speculative is None or not self.speculative.speculates_next(launched.to_sample)):
+                tokens = launched.device_picks[0] if picks_serve else self.step_sampler.next_step_tokens(launched, pending)
+                if tokens is not None:
+                    self._ahead = self._launch_ahead(launched, tokens)
+            step = self.step_sampler.finish(launched, pending, self.speculative)
             self._take_sampled(step, changed)
             sampled, logprobs = step.tokens, step.logprobs
             beams = take_beam_rows(launched.to_sample, launched.logits, sampled) if self.beam_groups else ()
@@ -252,13 +257,14 @@ class Engine:
             self.block_manager.pending_copies = []
         return self.runner.execute(scheduled)
 
-    def _launch_ahead(self, launched: LaunchedStep) -> LaunchedStep | None:
-        """The next decode step, launched before `launched`'s tokens reach the host (whose
-        graph picks are every row's token; see the module docstring)."""
+    def _launch_ahead(self, launched: LaunchedStep, tokens) -> LaunchedStep | None:
+        """The next decode step, launched before `launched`'s tokens reach the host; `tokens`
+        holds them on the device, by row (the graph's picks, or the sampler's output queued
+        before; see the module docstring)."""
         if len(launched.to_sample) != len(launched.scheduled):  # a prefill chunk rides along
             return None
         plan = self.scheduler.schedule_ahead(launched.scheduled, self._ends_by_length)
-        return self.runner.execute_ahead(launched, *plan) if plan is not None else None
+        return self.runner.execute_ahead(launched, *plan, tokens) if plan is not None else None
 
     def _ends_by_length(self, seq: Sequence) -> bool:
         """Whether the token `seq` is about to get is its last by max_tokens or max_seq_len."""

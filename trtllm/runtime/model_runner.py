@@ -220,12 +220,15 @@ class ModelRunner:
         return LaunchedStep(scheduled, to_sample, logits[:num_sampled], None, None, done,
                             spans, logits[num_sampled:], num_rows=verify)
 
-    def execute_ahead(self, previous: LaunchedStep, seqs: list[Sequence], rows: list[int]) -> LaunchedStep | None:
+    def execute_ahead(self, previous: LaunchedStep, seqs: list[Sequence], rows: list[int],
+                      tokens: torch.Tensor | None = None) -> LaunchedStep | None:
         """Launch the decode step after `previous` (a decode-graph step, still running or
         queued) before its tokens reach the host: `seqs[i]` computes the token `previous`
         picks at row `rows[i]`, at position `seq.num_tokens` (where that token will go),
         its context one longer. Each sequence's blocks must already cover that position.
-        None if no captured graph fits."""
+        `tokens`: the device tensor `previous`'s tokens are in, by row (its sampler's output,
+        queued on the stream before this); default the graph's own greedy picks. None if no
+        captured graph fits."""
         if previous.device_picks is None:
             raise ValueError("execute_ahead follows a decode-graph step (its picks are on the device)")
         m = len(seqs)
@@ -241,8 +244,8 @@ class ModelRunner:
         scheduled = [(seq, 1) for seq in seqs]
         adapters = self.adapters is not None and self._stage_lora_slots(scheduled, size)
         self.meta.fill([1] * m, [p + 1 for p in positions], [seq.block_table for seq in seqs], self.block_size)
-        return self.cuda_graphs.replay(size, [], positions, rows, scheduled, seqs, previous.device_picks[0],
-                                       adapters=adapters)
+        gather = previous.device_picks[0] if tokens is None else tokens
+        return self.cuda_graphs.replay(size, [], positions, rows, scheduled, seqs, gather, adapters=adapters)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write (block_manager.py): each (source, copy) block's K/V, every layer,

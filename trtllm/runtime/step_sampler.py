@@ -40,6 +40,16 @@ class SampledStep:
     logits_rows: list[tuple[Sequence, torch.Tensor]] = field(default_factory=list)
 
 
+@dataclass
+class PendingSample:
+    """What `StepSampler.launch` did before the step's wait."""
+    picks_serve: bool
+    hooks: object | None             # grammar.StepHooks, when a row has a grammar or a processor
+    early: SamplerOutput | None      # the sampler, queued behind the step's kernels
+    early_host: SamplerOutput | None = None  # its outputs copied to pinned host memory (CUDA) ...
+    copied: torch.cuda.Event | None = None   # ... once this event has passed
+
+
 class StepSampler:
     def __init__(self, logits_hooks: LogitsHooks, eos_token_ids: list[int]):
         self.sampler = Sampler()
@@ -48,19 +58,50 @@ class StepSampler:
     def sample(self, launched: LaunchedStep, picks_serve: bool, speculative=None) -> SampledStep:
         """Waits for the step; each sequence's token (see the module docstring). A row with
         NaN or Inf logits, or one whose every token is masked, fails alone."""
+        return self.finish(launched, self.launch(launched, picks_serve), speculative)
+
+    def launch(self, launched: LaunchedStep, picks_serve: bool) -> PendingSample:
+        """The part before the wait: the grammar's bitmasks filled on the host, and the
+        sampler queued behind the step's kernels where nothing on the host reads the logits
+        first."""
         seqs = launched.to_sample
         if not seqs:
-            return SampledStep()
+            return PendingSample(picks_serve, None, None)
         # a decode-graph step of beams (and greedy rows): the beams' rows go to the search
         # (take_beam_rows); the graph's picks and NaN/Inf flags serve (runtime/beams.py)
         picks_serve = picks_serve or launched.picks is not None and graph_picks_serve(seqs)
         # the grammar bitmasks are filled on the host while the GPU computes the logits
         hooks = None if picks_serve else self.logits_hooks.prepare(seqs)
-        # Without hooks (which may read logits on the host) the sampler's ~20 small kernels are
-        # queued now, behind the step's: launched after the wait, each left the GPU idle for its
+        # Without hooks (which may read logits on the host) the sampler's kernels are queued
+        # now, behind the step's: launched after the wait, each left the GPU idle for its
         # launch (~0.9 ms after a 2,048-token prefill graph on the H100, 2026-12-06 profile).
         early = None if picks_serve or hooks is not None or launched.num_rows is not None \
             or not launched.logits_in_stream_order else self._run(launched)
+        if early is not None and early.token_ids.is_cuda:  # read from the host once copied
+            return PendingSample(picks_serve, hooks, early, *early.copy_to_host())
+        return PendingSample(picks_serve, hooks, early)
+
+    def next_step_tokens(self, launched: LaunchedStep, pending: PendingSample) -> torch.Tensor | None:
+        """The device tensor the next decode step can gather its input ids from, by row, before
+        this step's tokens reach the host (the overlap scheduler), or None. A sampled decode-graph
+        step qualifies when its sampler is queued and no row's logits are read on the host (beams,
+        returned logits, best_of): the next replay of the graph overwrites them."""
+        if pending.early is None or launched.device_picks is None:
+            return None
+        last = None
+        for seq in launched.to_sample:
+            p = seq.sampling_params
+            if p is not last:
+                if p.reads_logits:
+                    return None
+                last = p
+        return pending.early.token_ids
+
+    def finish(self, launched: LaunchedStep, pending: PendingSample, speculative=None) -> SampledStep:
+        """Waits for the step; the tokens `launch` began."""
+        seqs, picks_serve, hooks, early = launched.to_sample, pending.picks_serve, pending.hooks, pending.early
+        if not seqs:
+            return SampledStep()
         launched.wait()
         if launched.num_rows is not None:  # a verify step: runtime/speculative
             tokens, logprobs, failed = speculative.sample(launched, self.sampler)
@@ -73,7 +114,11 @@ class StepSampler:
                 return step
             chosen, top = None, None
         else:
-            out = early if early is not None else self._run(launched, hooks, step.failed)
+            if pending.copied is not None:
+                pending.copied.synchronize()  # not the stream: a step launched ahead may be behind it
+                out = pending.early_host
+            else:
+                out = early if early is not None else self._run(launched, hooks, step.failed)
             tokens, finite = out.token_ids.tolist(), out.finite.tolist()
             if out.all_masked is not None:
                 step.failed.update((seq, ALL_MASKED) for seq, m in zip(seqs, out.all_masked.tolist()) if m)
@@ -94,8 +139,8 @@ class StepSampler:
 
     def _run(self, launched: LaunchedStep, hooks=None, failed: dict | None = None) -> SamplerOutput:
         """The sampler over the step's logits, queued on the device; the hooks' per-sequence
-        failures into `failed`. (Never a step with one launched after it: that replay may
-        reuse these logits.)"""
+        failures into `failed`. (Queued before any step launched after this one: that replay
+        may reuse these logits.)"""
         logits = launched.logits
         batch = SamplingBatch.build(launched.to_sample, logits.shape[-1], logits.device, self.eos_token_ids)
         if hooks is not None:
