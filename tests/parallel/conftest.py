@@ -18,3 +18,10 @@ def reference_ops():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "0")
         yield
+
+
+@pytest.fixture
+def reference_ops_in_this_test(monkeypatch):
+    """One test's ranks on the ops' torch references: a speculating engine on two ranks with
+    the interpreted kernels took 70-120 s (the other tests of its module keep the kernels)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -82,6 +82,7 @@ def test_two_by_two_ranks_give_one_ranks_tokens(tmp_path):
         assert len(loaded) == 4 and loaded[0] == loaded[1] and loaded[2] == loaded[3]
 
 
+@pytest.mark.usefixtures("reference_ops_in_this_test")
 def test_phi3_on_two_by_two_ranks_gives_one_ranks_tokens(tmp_path):
     # its fused qkv_proj / gate_up_proj split into their parts (passes/shard_tensor_parallel.py)
     path = checkpoint("phi3", tmp_path)
@@ -114,6 +115,7 @@ def test_beam_search_on_two_stages_gives_one_ranks_beams(tmp_path):
         assert llm.block_manager.num_used_blocks == 0
 
 
+@pytest.mark.usefixtures("reference_ops_in_this_test")
 def test_speculative_decoding_on_two_stages_gives_one_ranks_tokens(tmp_path):
     # n-gram lookup and a draft model (the target itself, whole on rank 0: every draft accepted)
     # propose on rank 0 for the sequences no micro-batch holds; the stages verify. Repetitive

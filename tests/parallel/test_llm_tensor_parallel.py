@@ -102,6 +102,7 @@ def test_beam_search_on_two_ranks_gives_one_ranks_beams(tmp_path):
         assert copied  # the forks' shared partial blocks were copied on write, rank 1's too
 
 
+@pytest.mark.usefixtures("reference_ops_in_this_test")
 def test_speculative_decoding_on_two_ranks_gives_one_ranks_tokens(tmp_path):
     # n-gram lookup and a draft model (the target itself, whole on rank 0: every draft accepted)
     # propose on rank 0; both ranks verify. Repetitive prompts, so the lookup finds drafts; a
@@ -125,6 +126,7 @@ def test_speculative_decoding_on_two_ranks_gives_one_ranks_tokens(tmp_path):
             assert stats["spec_accepted_tokens"] > 0 and stats["num_preemptions"] > 0, stats
 
 
+@pytest.mark.usefixtures("reference_ops_in_this_test")
 def test_eagle3_on_two_ranks_proposes_as_one_rank(tmp_path):
     """The demo model's trained head (tools/train_eagle3_head.py) on rank 0 reads the target's
     states and its whole embedding (rank 0 holds half the vocabulary's rows): the tokens and the

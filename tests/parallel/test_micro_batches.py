@@ -3,6 +3,8 @@ or three in flight, no sequence is in two at once, the sequences are shared out 
 and the greedy tokens are those of one step at a time, with chunked prefill and preemption on."""
 from __future__ import annotations
 
+import pytest
+
 from tests.parallel.test_llm_pipeline_parallel import PARAMS, PROMPTS, checkpoint
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.runtime.build_engine import build_engine
@@ -19,6 +21,7 @@ def _generate(engine, seen: list) -> dict:
     return tokens
 
 
+@pytest.mark.usefixtures("reference_ops_in_this_test")
 def test_micro_batches_in_flight_give_the_tokens_of_one_step_at_a_time(tmp_path):
     # one engine (one compilation) for every depth; no prefix reuse, so each run schedules alike
     engine = build_engine(str(checkpoint("llama31", tmp_path)), dtype="float32", device="cpu",
