@@ -18,8 +18,9 @@ Order of operations (each a module function, so tests can check it alone):
      A row left with no finite logit by these masks fails (finite=False) rather than
      take a banned token.
   3. `apply_temperature` (greedy rows divide by 1).
-  4. `apply_top_k_top_p`: top-k (exactly k survive), then top-p on the renormalised
-     top-k distribution (the smallest set with cumulative prob ≥ top_p, never empty).
+  4. `apply_top_k_top_p`: top-k (the k largest), then top-p on the renormalised
+     top-k distribution (the smallest set with cumulative prob ≥ top_p, never empty);
+     a run of equal logits at either threshold is kept whole.
   5. `apply_min_p`: drop p < min_p * p_max.
   6. choose: greedy rows (`SamplingParams.greedy`; their top-k/p/min-p are off) take
      the argmax; the others take argmax(logits + Gumbel noise), an exact sample of
@@ -46,6 +47,7 @@ from trtllm.kernels.sample_rows import (
     sample_rows_ref,
     sample_rows_triton,
 )
+from trtllm.kernels.top_k_top_p import top_k_top_p_ref, top_k_top_p_triton
 from trtllm.runtime.sampling_masks import banned, bias_rows, flat_index, repeats, to_device
 from trtllm.runtime.sequence import Sequence
 from trtllm.sampling_params import SamplingParams
@@ -242,18 +244,14 @@ def apply_temperature(logits: Tensor, batch: SamplingBatch) -> Tensor:
 
 
 def apply_top_k_top_p(logits: Tensor, batch: SamplingBatch) -> Tensor:
-    """Both in sorted order (one sort): top-k keeps exactly k; top-p keeps a token when
-    the mass of the tokens ranked above it is still < top_p, so the first always stays."""
+    """top-k keeps x >= the k-th largest, then top-p keeps a token when the mass of the tokens
+    above it (renormalised over top-k's) is still < top_p, so the first always stays; ties at
+    either threshold all stay (kernels/top_k_top_p.py: thresholds by radix select on the GPU,
+    no sort; on the CPU its sort-based reference)."""
     if not batch.do_top_k_p:
         return logits
-    srt, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(logits.shape[-1], device=logits.device)
-    srt = srt.masked_fill(rank >= batch.top_k[:, None], _NEG_INF)
-    probs = srt.softmax(-1)
-    before = probs.cumsum(-1) - probs
-    top_p = batch.top_p[:, None]
-    srt = srt.masked_fill((before >= top_p) & (top_p < 1.0), _NEG_INF)
-    return torch.empty_like(logits).scatter_(-1, order, srt)
+    op = top_k_top_p_triton if logits.is_cuda else top_k_top_p_ref
+    return op(logits.contiguous(), batch.top_k, batch.top_p)
 
 
 def apply_min_p(logits: Tensor, batch: SamplingBatch) -> Tensor:
