@@ -115,7 +115,8 @@ class SamplingBatch:
     min_tokens_index: Tensor | None  # flat row * V + id to mask (EOS/stop, min_tokens; banned tokens)
     all_greedy: bool
     do_temperature: bool
-    do_top_k_p: bool
+    do_top_k: bool               # a row with top_k < V
+    do_top_p: bool               # a row with top_p < 1
     do_min_p: bool
     max_logprobs: int | None     # K for top_logprobs; None when no row asked
     token_bitmask: Tensor | None = None  # [N, ceil(V / 32)] int32, bit t of row r: token t allowed (grammar.py)
@@ -126,8 +127,8 @@ class SamplingBatch:
         """Whether temperature is all that acts on the logits: no mask, bias, penalty, filter
         or logprobs wanted."""
         return self.bias is None and self.token_bitmask is None and self.prompt_index is None \
-            and self.output_index is None and self.min_tokens_index is None and not self.do_top_k_p \
-            and not self.do_min_p and not self.max_logprobs
+            and self.output_index is None and self.min_tokens_index is None and not self.do_top_k \
+            and not self.do_top_p and not self.do_min_p and not self.max_logprobs
 
     @staticmethod
     def build(seqs: list[Sequence], vocab_size: int, device, eos_token_ids: list[int]
@@ -152,7 +153,8 @@ class SamplingBatch:
                                           for s, r, st in zip(seqs, rows, steps)], V, device),
             all_greedy=all(r.greedy for r in rows),
             do_temperature=any(r.floats[0] != 1.0 for r in rows),
-            do_top_k_p=any(r.top_k < V or r.floats[1] < 1.0 for r in rows),
+            do_top_k=any(r.top_k < V for r in rows),
+            do_top_p=any(r.floats[1] < 1.0 for r in rows),
             do_min_p=any(r.floats[2] > 0.0 for r in rows),
             max_logprobs=max((r.logprobs for r in rows if r.logprobs is not None),
                              default=None),
@@ -248,10 +250,12 @@ def apply_top_k_top_p(logits: Tensor, batch: SamplingBatch) -> Tensor:
     above it (renormalised over top-k's) is still < top_p, so the first always stays; ties at
     either threshold all stay (kernels/top_k_top_p.py: thresholds by radix select on the GPU,
     no sort; on the CPU its sort-based reference)."""
-    if not batch.do_top_k_p:
+    if not (batch.do_top_k or batch.do_top_p):
         return logits
-    op = top_k_top_p_triton if logits.is_cuda else top_k_top_p_ref
-    return op(logits.contiguous(), batch.top_k, batch.top_p)
+    if logits.is_cuda:  # the batch's flags, not the tensors', say which searches run: no device sync
+        return top_k_top_p_triton(logits.contiguous(), batch.top_k, batch.top_p, has_top_k=batch.do_top_k,
+                                  has_top_p=batch.do_top_p)
+    return top_k_top_p_ref(logits, batch.top_k, batch.top_p)
 
 
 def apply_min_p(logits: Tensor, batch: SamplingBatch) -> Tensor:
