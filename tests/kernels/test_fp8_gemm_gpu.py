@@ -1,5 +1,6 @@
 """GPU-only checks of the FP8 GEMM (kernels/fp8_gemm.py) and quantization
-(kernels/quantize_fp8.py, kernels/rms_norm_quant_fp8.py, kernels/silu_mul_quant_fp8.py): compiled for sm_89+, at Llama-3.1-8B shapes, against
+(kernels/quantize_fp8.py, kernels/rms_norm_quant_fp8.py, kernels/silu_mul_quant_fp8.py,
+kernels/quantize_fp8_gemm.py): compiled for sm_89+, at Llama-3.1-8B shapes, against
 fp8_gemm_ref and against torch._scaled_mm where it takes the same scales (per-tensor;
 per-token x per-channel, which it calls rowwise and runs with a bf16 output only). That
 the compiled tl.dot takes e4m3 operands is checked without a GPU (tests/kernels/test_fp8_build.py).
@@ -21,6 +22,7 @@ from trtllm.kernels.fp8_gemm import (
 )
 from trtllm.kernels.fp8_gemm_configs import default_gemm_config
 from trtllm.kernels.quantize_fp8 import quantize_fp8, quantize_fp8_ref
+from trtllm.kernels.quantize_fp8_gemm import quantize_fp8_gemm, quantize_fp8_gemm_ref
 from trtllm.kernels.rms_norm_quant_fp8 import fused_add_rms_norm_quant_fp8, fused_add_rms_norm_quant_fp8_ref
 from trtllm.kernels.silu_mul_quant_fp8 import silu_mul_quant_fp8, silu_mul_quant_fp8_ref
 
@@ -133,3 +135,18 @@ def test_silu_mul_quant_matches_reference(m, n, group_size):
     torch.testing.assert_close(s, s_ref, atol=0, rtol=2.0 ** -7)
     torch.testing.assert_close(q.float(), q_ref.float(), atol=2.0 ** -9, rtol=2.0 ** -3)
     assert (q.float() != q_ref.float()).float().mean() < 1e-2
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 16, 17])
+def test_quantize_fp8_gemm_is_quantize_then_gemm(m, n, k):
+    # kernels/quantize_fp8_gemm.py: up to 16 rows the GEMV quantizes x itself, to the e4m3
+    # values quantize_fp8 writes, and sums as fp8_gemm's GEMV (same config) does: the same bits
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * torch.rand(m, 1, device="cuda") * 4
+    _, w, _, ws = inputs(m, n, k, "token_channel")
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if m % 2 else None
+    fused = quantize_fp8_gemm(x, w, ws, bias, torch.float32)
+    xq, xs = quantize_fp8(x, None)
+    torch.testing.assert_close(fused, fp8_gemm(xq, w, xs, ws, bias, torch.float32), atol=0, rtol=0)
+    assert rel_err(fused, quantize_fp8_gemm_ref(x.cpu(), w.cpu(), ws.cpu(), None if bias is None else bias.cpu(), torch.float32)) \
+        < MAX_REL_ERR[torch.float32]

@@ -1,8 +1,9 @@
-"""passes/quantize_linears.py, fuse_rms_norm_quant_fp8.py and fuse_silu_mul_quant_fp8.py: op counts before and
+"""passes/quantize_linears.py, fuse_rms_norm_quant_fp8.py, fuse_silu_mul_quant_fp8.py and fuse_quantize_fp8_gemm.py: op counts before and
 after, and numerics (kernels in the Triton interpreter) against the FP8 semantics in fp32
 (tests/quantization/fp8_checkpoints.py's fake-quantized inputs, dequantized weights) and,
 looser, against the dequantized weights alone."""
 import copy
+import operator
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from trtllm.compile import CompileError
 from trtllm.config import QuantAlgo
 from trtllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears
+from trtllm.passes.fuse_quantize_fp8_gemm import fuse_quantize_fp8_gemm
 from trtllm.passes.fuse_rms_norm import fuse_rms_norm
 from trtllm.passes.fuse_rms_norm_quant_fp8 import fuse_rms_norm_quant_fp8
 from trtllm.passes.fuse_silu_mul import fuse_silu_mul
@@ -256,3 +258,45 @@ def test_a_pass_list_without_quantize_linears_is_refused_not_nan(tmp_path):
     compiled = trtllm.compile(model, passes=[p for p in PASSES if p is not quantize_linears])
     with pytest.raises(CompileError, match="still reads the placeholder weights.*needs quantize_linears"):
         compiled(torch.tensor([[5, 17, 99]]), torch.arange(3)[None])
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_decode_graphs_quantize_in_the_gemv(algo):
+    """fuse_quantize_fp8_gemm after the norm and SiLU·mul fusions: what still quantizes alone
+    (o's input) goes into its GEMM; block weights' 1x128 groups stay as they are."""
+    cap, emulated, x = _quantized_block(algo)
+    for fuse in (fuse_rms_norm, fuse_add_rms_norm, fuse_rms_norm_quant_fp8, fuse_silu_mul, fuse_silu_mul_quant_fp8):
+        cap.apply(fuse)
+    assert cap.count(QUANT) == 1 and cap.count(GEMM) == 4
+    fused = torch.ops.trtllm.quantize_fp8_gemm.default
+    if algo == QuantAlgo.FP8_BLOCK_SCALES:
+        assert cap.apply(fuse_quantize_fp8_gemm) == 0
+        assert cap.count(QUANT) == 1 and cap.count(fused) == 0
+    else:
+        assert cap.apply(fuse_quantize_fp8_gemm) == 1
+        assert cap.count(QUANT) == 0 and cap.count(GEMM) == 3 and cap.count(fused) == 1
+    with torch.no_grad():
+        assert _rel(cap.run(), emulated(x)) < 1e-3
+
+
+def test_a_quantization_that_also_feeds_another_op_is_left_alone():
+    class Reused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(128, 64)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    m = Reused().eval()
+    fp8 = quantize_model(m, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
+    cap = Captured(m, torch.randn(1, 4, 128))
+    cap.ctx.quantization = fp8
+    cap.apply(quantize_linears)
+    scale = next(n for n in cap.gm.graph.nodes if n.target is operator.getitem and n.args[1] == 1)
+    out = next(n for n in cap.gm.graph.nodes if n.op == "output")
+    with cap.gm.graph.inserting_before(out):  # the scale also leaves the graph: not only the GEMM's
+        extra = cap.gm.graph.call_function(torch.sum, (scale,))
+    out.args = ((out.args[0][0], extra),) if isinstance(out.args[0], tuple) else ((out.args[0], extra),)
+    assert cap.apply(fuse_quantize_fp8_gemm) == 0
+    assert cap.count(QUANT) == 1

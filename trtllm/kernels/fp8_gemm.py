@@ -100,7 +100,7 @@ def _scale_kind(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor,
     return True
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
+def fp8_gemm_check(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
            bias: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
     assert x.dtype == FP8_DTYPE, f"x: dtype {x.dtype}, expected {FP8_DTYPE}"
     assert weight.dtype == FP8_DTYPE, f"weight: dtype {weight.dtype}, expected {FP8_DTYPE}"
@@ -127,7 +127,7 @@ def dequantize_fp8(t: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] 
 
 def fp8_gemm_ref(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
                  bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    block = _check(x, weight, x_scale, weight_scale, bias, out_dtype)
+    block = fp8_gemm_check(x, weight, x_scale, weight_scale, bias, out_dtype)
     xf = dequantize_fp8(x, x_scale, (1, SCALE_BLOCK) if block else None)
     wf = dequantize_fp8(weight, weight_scale, (SCALE_BLOCK, SCALE_BLOCK) if block else None)
     y = xf @ wf.t()
@@ -295,7 +295,7 @@ def _launch(kernel, grid, x, weight, x_scale, weight_scale, bias, out, block, me
 def fp8_gemm_tiles(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
                    bias: torch.Tensor | None, out: torch.Tensor, config: Fp8GemmConfig) -> torch.Tensor:
     """Launch the tiled GEMM (any M) into out [M, N] (contiguous)."""
-    block = _check(x, weight, x_scale, weight_scale, bias, out.dtype)
+    block = fp8_gemm_check(x, weight, x_scale, weight_scale, bias, out.dtype)
     m, k = x.shape
     n = weight.shape[0]
     assert x.stride(1) == 1 and out.is_contiguous() and out.shape == (m, n)
@@ -310,7 +310,7 @@ def fp8_gemm_tiles(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor,
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
              bias: torch.Tensor | None, out: torch.Tensor, config: Fp8GemvConfig) -> torch.Tensor:
     """Launch the weight-streaming kernel (M <= 16 rows) into out [M, N] (contiguous)."""
-    block = _check(x, weight, x_scale, weight_scale, bias, out.dtype)
+    block = fp8_gemm_check(x, weight, x_scale, weight_scale, bias, out.dtype)
     m, k = x.shape
     n = weight.shape[0]
     assert m <= FP8_GEMV_MAX_M, f"{m} rows: the fp8 GEMV takes at most {FP8_GEMV_MAX_M}"
@@ -340,7 +340,7 @@ def fp8_gemm_scaled_mm(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Ten
                        bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The op through torch._scaled_mm: per-tensor scales as scalars, else both sides per
     row (a per-tensor side broadcast: [M, 1] and [1, N], what its row-wise mode takes)."""
-    assert not _check(x, weight, x_scale, weight_scale, bias, out_dtype), "_scaled_mm takes no block scales"
+    assert not fp8_gemm_check(x, weight, x_scale, weight_scale, bias, out_dtype), "_scaled_mm takes no block scales"
     return _scaled_mm_checked(x, weight, x_scale, weight_scale, bias, out_dtype)
 
 
@@ -356,7 +356,7 @@ def _scaled_mm_checked(x, weight, x_scale, weight_scale, bias, out_dtype) -> tor
 
 def fp8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
                     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    block = _check(x, weight, x_scale, weight_scale, bias, out_dtype)
+    block = fp8_gemm_check(x, weight, x_scale, weight_scale, bias, out_dtype)
     require_fp8_gpu(x.device, "fp8_gemm")
     if x.stride(1) != 1:
         x = x.contiguous()

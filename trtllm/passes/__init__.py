@@ -14,6 +14,7 @@ from trtllm.passes.fuse_lora_linear import fuse_lora_linear
 from trtllm.passes.fuse_moe import fuse_moe
 from trtllm.passes.fuse_norm_add_rms_norm import fuse_norm_add_rms_norm
 from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears
+from trtllm.passes.fuse_quantize_fp8_gemm import fuse_quantize_fp8_gemm
 from trtllm.passes.fuse_rms_norm import fuse_rms_norm
 from trtllm.passes.fuse_rms_norm_quant_fp8 import fuse_rms_norm_quant_fp8
 from trtllm.passes.fuse_rms_norm_rotary import fuse_rms_norm_rotary
@@ -60,6 +61,7 @@ PASSES = [
 
 DECODE_GRAPH_PASSES = [
     use_gemv_linear,                    # after split_lm_head has found the head as a linear
+    fuse_quantize_fp8_gemm,             # an FP8 GEMV quantizes its own input: one launch fewer a linear
 ]
 
 # the decode graphs DECODE_GRAPH_PASSES serve: those whose linears a GEMV computes
