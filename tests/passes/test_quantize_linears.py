@@ -245,6 +245,8 @@ def test_decode_graphs_keep_fp8_and_the_head_stays_bf16(tmp_path, monkeypatch):
     assert [v.matches["quantize_linears"] for v in compiled.variants] == [2 * 4] * 2  # 2 layers x (qkv, o, gate/up, down)
     assert compiled.matches["quantize_linears"] == 2 * 4  # summary() counts the ordinary calls' graphs
     assert compiled.matches["use_gemv_linear"] == 0
+    # the decode graphs' o_proj quantizes x in its GEMV (the reference on the CPU: the same semantics)
+    assert [v.matches.get("fuse_quantize_fp8_gemm", 0) for v in compiled.variants] == [2, 0]
     assert [v.lm_head.op_name for v in compiled.variants] == ["trtllm.linear", "F.linear"]
     assert not torch.isfinite(model(ids, positions)).any()  # eager, the placeholders say NaN
 
