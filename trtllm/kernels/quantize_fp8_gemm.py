@@ -10,13 +10,23 @@ contiguous; sw per-tensor [1] or per-channel [N, 1] fp32 (no block scales: those
 in 1x128 groups, which this op does not do); bias [N] or None. Output [M, N] in out_dtype,
 contiguous. The formulas are kernels/quantize_fp8.py's and kernels/fp8_gemm.py's.
 
-Why: at decode every FP8 linear whose input no fused producer quantizes (Llama's o_proj, whose
-input is attention's output) ran a one-program quantize kernel (a launch of ~2.4 us on the
-H200 for a row of 4,096) before the weight-streaming GEMV. Here, for M <= FP8_GEMV_MAX_M,
-each GEMV program first walks x once for the rows' amax (8 KB of bf16 a row for K = 4,096,
-read from L2 by each of the ~128 programs), then streams its weight rows, quantizing each x
-tile as kernels/quantize_fp8.py's kernel does (div_rn, clamp, round-to-nearest-even cast),
-so the fp8 x it multiplies is the unfused path's, bit for bit. More rows run the two ops.
+Why: at batch-1 decode every FP8 linear whose input no fused producer quantizes (Llama's
+o_proj, whose input is attention's output) ran a one-program quantize kernel before the
+weight-streaming GEMV. Here one row (M = 1) is one kernel: each program walks x once for its
+amax (8 KB of bf16 for K = 4,096, from L2), then streams its 8 weight rows in 1,024-wide steps
+on the CUDA cores, quantizing each x step as kernels/quantize_fp8.py's kernel does (div_rn,
+clamp, round-to-nearest-even cast: the same e4m3 values) and adding the exact fp8 x e4m3
+products in fp32. Other row counts run the two ops: with the rows padded to 16 for tl.dot,
+every program quantizing all of them cost more than the quantize kernel saved.
+
+Measured on the H100 (32 calls in a CUDA graph, 2026-12-06; a sweep of tiles and variants,
+then bench/probes/quantize_in_gemv.py for this kernel): o_proj 4096 x 4096 at M = 1, 10.0 us a
+call against 12.1 for quantize_fp8 + fp8_gemm; 8 x 1,024 was the fastest of six tiles (4-32
+rows, 256-2,048 wide). A tl.dot variant for M <= 16 (rows padded to 16, each program
+quantizing all 16) took 17-19 us at M = 4 and 16 with a reciprocal and one fma correction,
+35-91 us with div_rn (a slow path for the padded zeros), against 12.0. The sums differ from fp8_gemm's
+tl.dot GEMV in order only (rel 2e-7 at N = 4,096; 1.3e-4 where that GEMV's 64-row tiles take
+Hopper's fp8 MMA, whose accumulator keeps fewer bits between promotions).
 
 Interpreted (TRITON_INTERPRET=1), the fp8 tensors are fp32 copies (registry.interpreter_upcast)
 and the cast to e4m3 is `round_to_e4m3` in fp32 bit arithmetic: the interpreter's own fp32 ->
@@ -30,18 +40,19 @@ import triton.language as tl
 
 from trtllm.kernels.fp8_gemm import (
     FP8_DTYPE,
-    FP8_GEMV_MAX_M,
     FP8_MAX,
-    FP8_PROMOTE_K,
     fp8_gemm_check,
     fp8_gemm_ref,
     fp8_gemm_triton,
 )
-from trtllm.kernels.fp8_gemm_configs import Fp8GemvConfig, default_gemv_config
+from trtllm.kernels.fp8_gemm_configs import Fp8GemvConfig
 from trtllm.kernels.quantize_fp8 import MIN_AMAX, quantize_fp8_ref, quantize_fp8_triton, require_fp8_gpu
 from trtllm.kernels.registry import interpreter_upcast, register_op, triton_interpreter_on
 
 _IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# 8 weight rows a program, 1,024-wide K steps (the docstring's measurement); num_stages 1: the
+# loads feed no tl.dot, so Triton would not pipeline them
+ONE_ROW = Fp8GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=1)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -78,100 +89,59 @@ def round_to_e4m3(v):
 
 
 @triton.jit
-def quantize_to_e4m3(x, scale, rscale, FP8_MAX: tl.constexpr, DIVIDE: tl.constexpr, EMULATE_E4M3: tl.constexpr):
-    """fp32 x / scale (rscale = 1 / scale, rounded), clamped to +-448 and rounded to e4m3, as fp32.
-
-    DIVIDE: the IEEE quotient by div_rn (quantize_fp8's); else the same quotient from the
-    reciprocal and one exact correction (Markstein: q = x * rscale, e = x - q * scale exact by
-    fma, q + e * rscale rounded), 3 instructions where div_rn is ~10 and a slow path for zeros.
-    x * rscale alone is 1 ulp off at times, and bf16 x often lands an e4m3 tie: 8 of 769
-    elements of a row flipped on the CPU."""
-    if DIVIDE or EMULATE_E4M3:  # the interpreter's fma is not fused: divide there
-        q = tl.math.div_rn(x, scale)
-    else:
-        q = x * rscale
-        q = tl.fma(tl.fma(-q, scale, x), rscale, q)
-    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-    if EMULATE_E4M3:
-        return round_to_e4m3(q)
-    return q.to(tl.float8e4nv).to(tl.float32)
-
-
-@triton.jit
 def _quantize_fp8_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr,
-    M, N, K,
-    x_row_stride, w_row_stride, y_row_stride, ws_row_stride,
+    N, K,
+    w_row_stride, ws_row_stride,
     HAS_BIAS: tl.constexpr,
     EMULATE_E4M3: tl.constexpr,    # interpreted: round x to e4m3 in fp32 (see the docstring)
-    DIVIDE: tl.constexpr,
-    USE_DOT: tl.constexpr,
     MIN_AMAX: tl.constexpr, FP8_MAX: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    MAX_IMPRECISE_ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr,         # rows padded to 16 (the smallest tl.dot side)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    # Grid: (cdiv(N, BLOCK_N),). Each program finds every row's scale, then streams W[rows, :]
-    # once for all M rows, as fp8_gemm's _fp8_gemv_kernel does.
+    # Grid: (cdiv(N, BLOCK_N),). One row x [K]: each program finds its scale, then streams W[rows, :] once.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m[:, None] < M
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + offs_m[:, None] * x_row_stride + offs_k[None, :]
 
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    amax = 0.0
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs + k0, mask=m_mask & ((k0 + offs_k) < K)[None, :], other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        x = tl.load(x_ptr + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
     # div_rn: the IEEE quotient quantize_fp8 computes
-    scale = tl.math.div_rn(tl.maximum(amax, MIN_AMAX), tl.full([BLOCK_M], FP8_MAX, tl.float32))  # [BLOCK_M]
-    rscale = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), scale)
+    scale = tl.math.div_rn(tl.maximum(amax, MIN_AMAX), FP8_MAX)
 
     w_ptrs = w_ptr + rows_n[:, None] * w_row_stride + offs_k[None, :]
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, eviction_policy="evict_first")
-            x = tl.load(x_ptrs, mask=m_mask, other=0.0)
+            x = tl.load(x_ptr + k0 + offs_k)
         else:
             k_mask = (k0 + offs_k) < K
             w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptrs, mask=m_mask & k_mask[None, :], other=0.0)
-        xq = quantize_to_e4m3(x.to(tl.float32), scale[:, None], rscale[:, None], FP8_MAX, DIVIDE,
-                              EMULATE_E4M3)  # [BLOCK_M, BLOCK_K]
-        if USE_DOT:
-            acc = tl.dot(w, tl.trans(xq.to(w.dtype)), acc, input_precision=DOT_PRECISION,
-                         max_num_imprecise_acc=MAX_IMPRECISE_ACC)
-        else:  # one row (BLOCK_M 1): products on the CUDA cores, reduced once at the end
-            acc2 += w.to(tl.float32) * xq
+            x = tl.load(x_ptr + k0 + offs_k, mask=k_mask, other=0.0)
+        q = tl.math.div_rn(x.to(tl.float32), scale)
+        q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+        if EMULATE_E4M3:
+            q = round_to_e4m3(q)
+        else:
+            q = q.to(tl.float8e4nv).to(tl.float32)
+        acc += w.to(tl.float32) * q[None, :]  # fp8 x e4m3 products: exact in fp32
         w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    if not USE_DOT:
-        acc = tl.sum(acc2, axis=1)[:, None]  # [BLOCK_N, 1]
 
-    ws = tl.load(ws_ptr + rows_n * ws_row_stride)
-    acc = acc * ws[:, None] * scale[None, :]
+    y = tl.sum(acc, axis=1) * tl.load(ws_ptr + rows_n * ws_row_stride) * scale  # [BLOCK_N]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rows_n).to(tl.float32)[:, None]
-    # y[m, n] = acc[n, m]
-    y_ptrs = y_ptr + offs_m[None, :] * y_row_stride + offs_n[:, None]
-    y_mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        y += tl.load(b_ptr + rows_n).to(tl.float32)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 def quantize_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                      bias: torch.Tensor | None, out: torch.Tensor, config: Fp8GemvConfig,
-                      use_dot: bool = True, divide: bool = False) -> torch.Tensor:
-    """Launch the fused kernel (M <= FP8_GEMV_MAX_M rows) into out [M, N] (contiguous)."""
+                      bias: torch.Tensor | None, out: torch.Tensor, config: Fp8GemvConfig = ONE_ROW) -> torch.Tensor:
+    """Launch the fused kernel for one row x [1, K] into out [1, N] (contiguous)."""
     m, k = x.shape
     n = weight.shape[0]
-    assert m <= FP8_GEMV_MAX_M, f"{m} rows: the fused GEMV takes at most {FP8_GEMV_MAX_M}"
+    assert m == 1, f"{m} rows: the fused GEMV takes one"
     assert x.stride(1) == 1 and weight.is_contiguous() and weight_scale.is_contiguous()
     assert out.is_contiguous() and out.shape == (m, n)
     if bias is not None:
@@ -179,14 +149,11 @@ def quantize_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     with interpreter_upcast((x, weight, bias), (out,)) as ((x, weight, bias), (y,)):
         _quantize_fp8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
             x, weight, weight_scale, bias if bias is not None else weight_scale, y,
-            m, n, k,
-            x.stride(0), weight.stride(0), y.stride(0), 0 if weight_scale.numel() == 1 else 1,
+            n, k,
+            weight.stride(0), 0 if weight_scale.numel() == 1 else 1,
             HAS_BIAS=bias is not None, EMULATE_E4M3=triton_interpreter_on(),
-            USE_DOT=use_dot or m > 1, DIVIDE=divide,
             MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX,
-            DOT_PRECISION="ieee" if triton_interpreter_on() else "tf32",
-            MAX_IMPRECISE_ACC=min(config.block_k, FP8_PROMOTE_K),
-            BLOCK_M=16 if (use_dot or m > 1) else 1, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+            BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return out
@@ -197,14 +164,13 @@ def quantize_fp8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale
     _check(x, weight, weight_scale, bias, out_dtype)
     m, k = x.shape
     n = weight.shape[0]
-    if not (1 <= m <= FP8_GEMV_MAX_M and n > 0 and k > 0):
+    if not (m == 1 and n > 0 and k > 0):
         xq, xs = quantize_fp8_triton(x, None)
         return fp8_gemm_triton(xq, weight, xs, weight_scale, bias, out_dtype)
     require_fp8_gpu(x.device, "quantize_fp8_gemm")
     if x.stride(1) != 1:
         x = x.contiguous()
-    return quantize_fp8_gemv(x, weight, weight_scale, bias, torch.empty((m, n), dtype=out_dtype, device=x.device),
-                             default_gemv_config(m, n, k, False))
+    return quantize_fp8_gemv(x, weight, weight_scale, bias, torch.empty((m, n), dtype=out_dtype, device=x.device))
 
 
 def _quantize_fp8_gemm_fake(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
