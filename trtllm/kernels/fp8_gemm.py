@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from trtllm.kernels.fp8_gemm_configs import Fp8GemmConfig, Fp8GemvConfig, default_gemm_config, default_gemv_config
+from trtllm.kernels.pdl import pdl_options, wait_for_previous
 from trtllm.kernels.quantize_fp8 import require_fp8_gpu
 from trtllm.kernels.registry import interpreter_upcast, register_op, triton_interpreter_on
 
@@ -220,7 +221,9 @@ def _fp8_gemv_kernel(
     BLOCK_M: tl.constexpr,         # rows padded to 16 (the smallest tl.dot side)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
+    PDL: tl.constexpr = False,     # kernels/pdl.py
 ):
+    wait_for_previous(PDL)
     # Grid: (cdiv(N, BLOCK_N),). Each program streams W[rows, :] once, for all M rows.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
@@ -318,7 +321,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weigh
     assert not block or SCALE_BLOCK % config.block_k == 0, \
         f"block_k {config.block_k} must divide the scale block {SCALE_BLOCK}"
     meta = dict(BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                num_warps=config.num_warps, num_stages=config.num_stages)
+                num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x))
     return _launch(_fp8_gemv_kernel, (triton.cdiv(n, config.block_n),), x, weight, x_scale, weight_scale,
                    bias, out, block, meta)
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from trtllm.kernels.pdl import pdl_options, wait_for_previous
 from trtllm.kernels.registry import interpreter_upcast, register_op
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -172,7 +173,9 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,         # K % BLOCK_K == 0: no K mask
+    PDL: tl.constexpr = False,     # kernels/pdl.py
 ):
+    wait_for_previous(PDL)
     # Grid: (cdiv(N, BLOCK_N),). Each program streams W[rows, :] once, for all M rows.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     # Rows past N re-read row N-1 (in bounds, so W loads need no row mask); not stored.
@@ -286,7 +289,7 @@ def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             DOT_PRECISION=dot_precision,
             BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             EVEN_K=k % config.block_k == 0,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x2),
         )
     return out
 

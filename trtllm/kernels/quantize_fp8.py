@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trtllm.kernels.pdl import pdl_options, wait_for_previous
 from trtllm.kernels.registry import interpreter_upcast, register_op, row_num_warps
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -92,7 +93,9 @@ def _quantize_fp8_kernel(
     FP8_MAX: tl.constexpr,
     GROUP: tl.constexpr,     # elements per group (per-token: K padded to a power of 2)
     BLOCK_G: tl.constexpr,   # groups per row, padded to a power of 2
+    PDL: tl.constexpr = False,     # kernels/pdl.py
 ):
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     groups = tl.arange(0, BLOCK_G)
     cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]   # [BLOCK_G, GROUP]
@@ -125,7 +128,7 @@ def quantize_fp8_triton(x: torch.Tensor, group_size: int | None = None) -> tuple
             x.stride(0), q_k.stride(0), scale.stride(0),
             MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX,
             GROUP=group, BLOCK_G=triton.next_power_of_2(n_groups),
-            num_warps=num_warps,
+            num_warps=num_warps, **pdl_options(x),
         )
     return q, scale
 

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trtllm.kernels.pdl import pdl_options, wait_for_previous
 from trtllm.kernels.registry import interpreter_upcast, register_op
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -76,7 +77,9 @@ def _rms_norm_kernel(
     UNIT_OFFSET: tl.constexpr,  # Gemma: weight = 1 + w, the product rounded once
     BLOCK_M: tl.constexpr,  # rows per program (> 1 only for small N)
     BLOCK_N: tl.constexpr,  # next power of 2 >= n_cols: a whole row in one block
+    PDL: tl.constexpr = False,     # kernels/pdl.py
 ):
+    wait_for_previous(PDL)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -140,7 +143,7 @@ def _launch(x, residual, weight, eps, unit_offset, pre_weight=None):
             x_rows.stride(0), r_rows.stride(0), out_rows.stride(0), sum_rows.stride(0),
             eps,
             HAS_RESIDUAL=residual is not None, HAS_PRE_NORM=pre_weight is not None, UNIT_OFFSET=unit_offset, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            num_warps=num_warps,
+            num_warps=num_warps, **pdl_options(x_rows),
         )
     return out, summed
 

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trtllm.kernels.pdl import pdl_options, wait_for_previous
 from trtllm.kernels.quantize_fp8 import (
     FP8_DTYPE,
     FP8_MAX,
@@ -67,7 +68,9 @@ def _rms_norm_quant_fp8_kernel(
     FP8_MAX: tl.constexpr,
     GROUP: tl.constexpr,     # elements per group (per-token: N padded to a power of 2)
     BLOCK_G: tl.constexpr,   # groups per row, padded to a power of 2
+    PDL: tl.constexpr = False,     # kernels/pdl.py
 ):
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     groups = tl.arange(0, BLOCK_G)
     cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]   # [BLOCK_G, GROUP]
@@ -130,7 +133,7 @@ def _launch(x, residual, weight, eps, group_size, unit_offset):
             eps,
             HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset,
             MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX, GROUP=group, BLOCK_G=triton.next_power_of_2(n_groups),
-            num_warps=row_num_warps(n, 512, lo=4),
+            num_warps=row_num_warps(n, 512, lo=4), **pdl_options(x),
         )
     return q, scale, summed
 

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trtllm.kernels.pdl import pdl_options, wait_for_previous
 from trtllm.kernels.registry import interpreter_upcast, register_op
 from trtllm.kernels.rms_norm import rms_norm_ref
 
@@ -110,7 +111,9 @@ def _rotary_kernel(
     UNIT_OFFSET: tl.constexpr,  # the norm's Gemma weight: 1 + w, the product rounded once
     BLOCK_H: tl.constexpr,  # heads per program: they share one cos/sin row
     BLOCK_HALF: tl.constexpr,  # next power of 2 >= HEAD_DIM // 2
+    PDL: tl.constexpr = False,     # kernels/pdl.py
 ):
+    wait_for_previous(PDL)
     # One program per (batch, position) and block of heads.
     pid_bs = tl.program_id(0)
     b = (pid_bs // seq_len).to(tl.int64)
@@ -189,7 +192,7 @@ def _launch(x, norm, cos, sin, interleaved):
             eps,
             HEAD_DIM=D, INTERLEAVED=interleaved, HAS_NORM=norm is not None, UNIT_OFFSET=unit_offset,
             BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF,
-            num_warps=4,
+            num_warps=4, **pdl_options(x),
         )
     return out
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from trtllm.kernels.pdl import pdl_options, wait_for_previous
 from trtllm.kernels.registry import interpreter_upcast, register_op
 
 
@@ -25,7 +26,9 @@ def _silu_mul_kernel(
     n_cols,
     gate_row_stride, up_row_stride, out_row_stride,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,     # kernels/pdl.py
 ):
+    wait_for_previous(PDL)
     # Grid: (rows, column blocks). No reduction, so a row need not fit one block.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -58,7 +61,7 @@ def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
             n_cols,
             gate_rows.stride(0), up_rows.stride(0), out_rows.stride(0),
             BLOCK_N=BLOCK_N,
-            num_warps=4 if BLOCK_N <= 1024 else 8,
+            num_warps=4 if BLOCK_N <= 1024 else 8, **pdl_options(gate_rows),
         )
     return out
 

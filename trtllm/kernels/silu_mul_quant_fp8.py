@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trtllm.kernels.pdl import pdl_options, wait_for_previous
 from trtllm.kernels.quantize_fp8 import (
     FP8_DTYPE,
     FP8_MAX,
@@ -69,7 +70,9 @@ def _silu_mul_quant_fp8_kernel(
     FP8_MAX: tl.constexpr,
     GROUP: tl.constexpr,     # elements per group (per-token: N padded to a power of 2)
     BLOCK_G: tl.constexpr,   # groups per row, padded to a power of 2
+    PDL: tl.constexpr = False,     # kernels/pdl.py
 ):
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     groups = tl.arange(0, BLOCK_G)
     cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]   # [BLOCK_G, GROUP]
@@ -104,7 +107,7 @@ def silu_mul_quant_fp8_triton(gate: torch.Tensor, up: torch.Tensor,
             n, n_groups,
             gate.stride(0), up.stride(0), q_k.stride(0), scale.stride(0),
             MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX, GROUP=group, BLOCK_G=triton.next_power_of_2(n_groups),
-            num_warps=row_num_warps(n, 1024, lo=1),
+            num_warps=row_num_warps(n, 1024, lo=1), **pdl_options(gate),
         )
     return q, scale
 
