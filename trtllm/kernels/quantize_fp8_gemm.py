@@ -46,6 +46,7 @@ from trtllm.kernels.fp8_gemm import (
     fp8_gemm_triton,
 )
 from trtllm.kernels.fp8_gemm_configs import Fp8GemvConfig
+from trtllm.kernels.pdl import pdl_options, wait_for_previous
 from trtllm.kernels.quantize_fp8 import MIN_AMAX, quantize_fp8_ref, quantize_fp8_triton, require_fp8_gpu
 from trtllm.kernels.registry import interpreter_upcast, register_op, triton_interpreter_on
 
@@ -98,7 +99,9 @@ def _quantize_fp8_gemv_kernel(
     MIN_AMAX: tl.constexpr, FP8_MAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
+    PDL: tl.constexpr = False,     # kernels/pdl.py
 ):
+    wait_for_previous(PDL)
     # Grid: (cdiv(N, BLOCK_N),). One row x [K]: each program finds its scale, then streams W[rows, :] once.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
@@ -154,7 +157,7 @@ def quantize_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
             HAS_BIAS=bias is not None, EMULATE_E4M3=triton_interpreter_on(),
             MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x),
         )
     return out
 
