@@ -149,4 +149,6 @@ def test_quantize_fp8_gemm_is_quantize_then_gemm(m, n, k):
     fused = quantize_fp8_gemm(x, w, ws, bias, torch.float32)
     xq, xs = quantize_fp8(x, None)
     assert rel_err(fused, fp8_gemm(xq, w, xs, ws, bias, torch.float32)) < MAX_REL_ERR[torch.float32]
-    assert rel_err(fused, quantize_fp8_gemm_ref(x.cpu(), w.cpu(), ws.cpu(), bias.cpu(), torch.float32)) < 1e-5
+    # one row: exact products in fp32, so close to the CPU reference; more rows: the MMA's
+    want = quantize_fp8_gemm_ref(x.cpu(), w.cpu(), ws.cpu(), bias.cpu(), torch.float32)
+    assert rel_err(fused.cpu(), want) < (1e-5 if m == 1 else MAX_REL_ERR[torch.float32])
