@@ -7,7 +7,8 @@ For kernels/fp8_gemm.py's two kernels (tiles and GEMV; row and block scales; the
 configs): every tl.dot of the tiled kernel became an sm_90 wgmma on e4m3 operands (no
 upcast in the kernel) whose partial sums are promoted to fp32 every FP8_PROMOTE_K; the
 GEMV's, at 32 features a program (below a wgmma's 64 rows), an mma.sync on fp16 operands
-converted exactly from e4m3, with fp32 accumulators (check_gemv_mma); for kernels/quantize_fp8.py, kernels/rms_norm_quant_fp8.py and kernels/silu_mul_quant_fp8.py:
+converted exactly from e4m3, with fp32 accumulators (check_gemv_mma); for kernels/quantize_fp8.py, kernels/rms_norm_quant_fp8.py, kernels/silu_mul_quant_fp8.py and
+kernels/quantize_fp8_gemm.py:
 the scale and quotient are IEEE divisions (div.rn.f32; the norm's mean of squares
 divides as kernels/rms_norm.py does) and the cast to e4m3 rounds to
 nearest with saturation (cvt.rn.satfinite). Prints one line a kernel; exit status 1 if a
@@ -32,6 +33,7 @@ from trtllm.kernels.fp8_gemm import (  # noqa: E402
 )
 from trtllm.kernels.fp8_gemm_configs import default_gemm_config, default_gemv_config  # noqa: E402
 from trtllm.kernels.quantize_fp8 import FP8_MAX, MIN_AMAX, _quantize_fp8_kernel  # noqa: E402
+from trtllm.kernels.quantize_fp8_gemm import _quantize_fp8_gemv_kernel  # noqa: E402
 from trtllm.kernels.rms_norm_quant_fp8 import _rms_norm_quant_fp8_kernel  # noqa: E402
 from trtllm.kernels.silu_mul_quant_fp8 import _silu_mul_quant_fp8_kernel  # noqa: E402
 
@@ -111,12 +113,18 @@ def quantize_builds():
     yield "_silu_mul_quant_fp8_kernel", _silu_mul_quant_fp8_kernel, SILU_DIVS, dict(
         gate_ptr=BF16, up_ptr=BF16, q_ptr=F8, s_ptr=F32, N=K, N_GROUPS=kg, gate_row_stride=2 * K,
         up_row_stride=2 * K, q_row_stride=K, s_row_stride=kg, **common)
+    # the one-row GEMV quantizing x in its K loop (kernels/quantize_fp8_gemm.py), as quantize_fp8 does
+    yield "_quantize_fp8_gemv_kernel", _quantize_fp8_gemv_kernel, {"div.rn.f32"}, dict(
+        x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, N=N, K=K, w_row_stride=K, ws_row_stride=1,
+        HAS_BIAS=False, EMULATE_E4M3=False, MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX, BLOCK_N=8, BLOCK_K=1024,
+        EVEN_K=True)
 
 
 def check_quantize(name, kernel, expected_divs, args) -> list[str]:
     ptx = compile_sm90(kernel, args, 8, 1).asm["ptx"]
     divs = set(re.findall(r"\bdiv\.[a-z0-9.]+", ptx))
-    cvts = set(re.findall(r"\bcvt\.[a-z0-9.]*e4m3[a-z0-9.]*", ptx))
+    # to e4m3 (the e4m3 -> f16 upcasts of a GEMV's operands are exact and not checked)
+    cvts = {c for c in re.findall(r"\bcvt\.[a-z0-9.]*e4m3[a-z0-9.]*", ptx) if re.search(r"\.e4m3x2\.f(16|32)", c)}
     print(f"{name}: {sorted(divs)} {sorted(cvts)}")
     problems = []
     if divs != expected_divs:

@@ -1,0 +1,20 @@
+"""kernels/pdl.py: the decode step's PDL kernels as the H100/H200 gets them, compiled here for
+sm_90 without a GPU (tools/check_pdl_build.py, in its own process): each waits for the kernel
+before ahead of its first global load and lets the next launch; without the flag, neither.
+The launch options are nothing off the GPU."""
+import torch
+
+from tools.sm90_build import run_build_check
+from trtllm.kernels.pdl import pdl_options
+
+KERNELS = 9  # the bf16 and FP8 GEMVs, the quantizing GEMV, quantize, the two norms, rotary, the two SiLU·muls
+
+
+def test_sm90_build():
+    out = run_build_check("check_pdl_build.py", timeout=300)
+    assert out.count("launch_dependents True") == KERNELS, out
+    assert "FAIL" not in out, out
+
+
+def test_no_pdl_off_the_gpu():
+    assert pdl_options(torch.empty(1)) == {"PDL": False}

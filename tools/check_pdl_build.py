@@ -1,0 +1,111 @@
+"""The decode step's PDL kernels (kernels/pdl.py) compiled for sm_90 here, without a GPU, and
+checked for what the CPU interpreter cannot show: each waits for the kernel before
+(`griddepcontrol.wait`) before its first global load, and lets the next one launch
+(`griddepcontrol.launch_dependents`). A load ahead of the wait would read what the kernel
+before has not finished writing: a race no interpreted test can see.
+
+    TRITON_INTERPRET=0 PYTHONPATH=$PWD python tools/check_pdl_build.py
+
+Each kernel at a Llama-3.1-8B decode shape with PDL=True (and once without, to show the
+instructions come from the flag). Prints one line a kernel; exit status 1 if a check fails.
+tests/kernels/test_pdl_build.py runs it.
+"""
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"  # @triton.jit must build JITFunctions, not interpreted ones
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from triton.runtime.jit import MockTensor  # noqa: E402
+
+from tools.sm90_build import compile_or_report  # noqa: E402
+from trtllm.kernels import (  # noqa: E402
+    fp8_gemm,
+    linear,
+    quantize_fp8,
+    quantize_fp8_gemm,
+    rms_norm,
+    rms_norm_quant_fp8,
+    rotary,
+    silu_mul,
+    silu_mul_quant_fp8,
+)
+
+F8, F32, BF16, I32 = (MockTensor(t) for t in (torch.float8_e4m3fn, torch.float32, torch.bfloat16, torch.int32))
+H, FFN = 4096, 14336
+FP8 = dict(MIN_AMAX=1e-12, FP8_MAX=448.0)
+
+
+def builds():
+    """(name, kernel, args, num_warps, num_stages) of each PDL kernel, PDL left to the caller."""
+    yield "linear._gemv_kernel", linear._gemv_kernel, dict(
+        x_ptr=BF16, w_ptr=BF16, b_ptr=BF16, y_ptr=BF16, M=1, N=H, K=H, x_row_stride=H, w_row_stride=H,
+        y_row_stride=H, h_ptr=F32, lb_ptr=BF16, slot_ptr=I32, R=16, SPLITS=1, h_split_stride=16,
+        h_row_stride=16, lb_slot_stride=16, lb_row_stride=16, HAS_BIAS=False, HAS_LORA=False, BLOCK_R=16,
+        USE_DOT=False, DOT_PRECISION="tf32", BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, EVEN_K=True), 4, 1
+    yield "fp8_gemm._fp8_gemv_kernel", fp8_gemm._fp8_gemv_kernel, dict(
+        x_ptr=F8, w_ptr=F8, xs_ptr=F32, ws_ptr=F32, b_ptr=BF16, y_ptr=BF16, M=1, N=H, K=H, x_row_stride=H,
+        w_row_stride=H, y_row_stride=H, xs_row_stride=1, ws_row_stride=1, HAS_BIAS=False, BLOCK_SCALES=False,
+        SCALE_BLOCK=128, DOT_PRECISION="tf32", MAX_IMPRECISE_ACC=128, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256,
+        EVEN_K=True), 4, 5
+    yield "quantize_fp8_gemm._quantize_fp8_gemv_kernel", quantize_fp8_gemm._quantize_fp8_gemv_kernel, dict(
+        x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, N=H, K=H, w_row_stride=H, ws_row_stride=1,
+        HAS_BIAS=False, EMULATE_E4M3=False, BLOCK_N=8, BLOCK_K=1024, EVEN_K=True, **FP8), 4, 1
+    yield "quantize_fp8._quantize_fp8_kernel", quantize_fp8._quantize_fp8_kernel, dict(
+        x_ptr=BF16, q_ptr=F8, s_ptr=F32, K=H, N_GROUPS=1, x_row_stride=H, q_row_stride=H, s_row_stride=1,
+        GROUP=H, BLOCK_G=1, **FP8), 4, 3
+    yield "rms_norm._rms_norm_kernel", rms_norm._rms_norm_kernel, dict(
+        x_ptr=BF16, residual_ptr=BF16, weight_ptr=BF16, out_ptr=BF16, sum_ptr=BF16, pre_weight_ptr=BF16,
+        n_rows=1, n_cols=H, x_row_stride=H, residual_row_stride=H, out_row_stride=H, sum_row_stride=H,
+        eps=1e-5, HAS_RESIDUAL=True, HAS_PRE_NORM=False, UNIT_OFFSET=False, BLOCK_M=1, BLOCK_N=H), 8, 3
+    yield "rms_norm_quant_fp8._rms_norm_quant_fp8_kernel", rms_norm_quant_fp8._rms_norm_quant_fp8_kernel, dict(
+        x_ptr=BF16, residual_ptr=BF16, weight_ptr=BF16, q_ptr=F8, s_ptr=F32, sum_ptr=BF16, N=H, N_GROUPS=1,
+        x_row_stride=H, residual_row_stride=H, q_row_stride=H, s_row_stride=1, sum_row_stride=H, eps=1e-5,
+        HAS_RESIDUAL=True, UNIT_OFFSET=False, GROUP=H, BLOCK_G=1, **FP8), 8, 3
+    yield "rotary._rotary_kernel", rotary._rotary_kernel, dict(
+        x_ptr=BF16, cos_ptr=BF16, sin_ptr=BF16, out_ptr=BF16, weight_ptr=BF16, n_heads=32, seq_len=1,
+        x_stride_b=H, x_stride_h=128, x_stride_s=H, cos_stride_b=128, cos_stride_s=128, sin_stride_b=128,
+        sin_stride_s=128, out_stride_b=H, out_stride_h=128, out_stride_s=H, eps=1e-5, HEAD_DIM=128,
+        INTERLEAVED=False, HAS_NORM=False, UNIT_OFFSET=False, BLOCK_H=8, BLOCK_HALF=64), 4, 3
+    yield "silu_mul._silu_mul_kernel", silu_mul._silu_mul_kernel, dict(
+        gate_ptr=BF16, up_ptr=BF16, out_ptr=BF16, n_cols=FFN, gate_row_stride=2 * FFN, up_row_stride=2 * FFN,
+        out_row_stride=FFN, BLOCK_N=2048), 8, 3
+    yield "silu_mul_quant_fp8._silu_mul_quant_fp8_kernel", silu_mul_quant_fp8._silu_mul_quant_fp8_kernel, dict(
+        gate_ptr=BF16, up_ptr=BF16, q_ptr=F8, s_ptr=F32, N=FFN, N_GROUPS=1, gate_row_stride=2 * FFN,
+        up_row_stride=2 * FFN, q_row_stride=FFN, s_row_stride=1, GROUP=16384, BLOCK_G=1, **FP8), 16, 3
+
+
+def check(name: str, ptx: str, pdl: bool) -> list[str]:
+    lines = [line.strip() for line in ptx.splitlines()]
+    wait = next((i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait")), None)
+    launch = any(line.startswith("griddepcontrol.launch_dependents") for line in lines)
+    load = next((i for i, line in enumerate(lines) if line.startswith(("ld.global", "cp.async"))
+                 or "ld.global" in line.split(";")[0] and line.startswith("@")), None)
+    if not pdl:
+        return [f"{name}: griddepcontrol without PDL"] if wait is not None or launch else []
+    problems = []
+    if wait is None or not launch:
+        problems.append(f"{name}: griddepcontrol.wait {wait is not None}, launch_dependents {launch}")
+    elif load is not None and load < wait:
+        problems.append(f"{name}: a global load (line {load}: {lines[load]}) before griddepcontrol.wait (line {wait})")
+    print(f"{name}: griddepcontrol.wait at PTX line {wait}, first global load at {load}, launch_dependents {launch}")
+    return problems
+
+
+def main() -> int:
+    problems = []
+    for name, kernel, args, num_warps, num_stages in builds():
+        for pdl in (True, False):
+            compiled = compile_or_report(name, kernel, dict(args, PDL=pdl), num_warps, num_stages)
+            if compiled is None:
+                problems.append(f"{name}: did not build")
+                break
+            problems += check(name, compiled.asm["ptx"], pdl)
+    for p in problems:
+        print("FAIL", p)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
