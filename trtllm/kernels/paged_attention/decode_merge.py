@@ -82,13 +82,30 @@ def cluster_merge(m_i, l_i, acc, rank, o_ptrs, g_ok, offs_g, offs_d, stamps,
 
 
 @triton.jit
-def _fold_partial(m_i, l_i, acc, pm_ptr, pl_ptr, pacc_ptr, r, r_ok, d_ok, offs_d, HEAD_D: tl.constexpr):
-    """(m_i, l_i, acc) merged with the stored partial at rows r (where r_ok)."""
-    m_sp = tl.load(pm_ptr + r, mask=r_ok, other=float("-inf"), cache_modifier=".cg")
-    l_sp = tl.load(pl_ptr + r, mask=r_ok, other=0.0, cache_modifier=".cg")
-    a_sp = tl.load(pacc_ptr + r.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
-                   mask=r_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-    return merge(m_i, l_i, acc, m_sp, l_sp, a_sp)
+def fold_in_split_order(m_own, l_own, acc_own, split, pm_ptr, pl_ptr, pacc_ptr, base, g_rows, d_ok, offs_d,
+                        HEAD_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                        NUM_SPLITS: tl.constexpr):
+    """Every split's state merged in split order 0, 1, ..., from the empty state: the merging
+    split's own from registers (`split`), the others' stored partials at rows base + sp (where
+    g_rows). Whichever split finished last and merges, the additions come in the same order,
+    so the output is the same bits from run to run (folding the others into the merger's own
+    state first made it depend on which split that was: merge is commutative, not associative).
+    Folding the empty state in first is exact (merge's alpha is 0)."""
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for sp in tl.static_range(NUM_SPLITS):
+        mine = split == sp
+        stored = g_rows & (split != sp)
+        m_sp = tl.load(pm_ptr + base + sp, mask=stored, other=float("-inf"), cache_modifier=".cg")
+        l_sp = tl.load(pl_ptr + base + sp, mask=stored, other=0.0, cache_modifier=".cg")
+        a_sp = tl.load(pacc_ptr + (base + sp).to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
+                       mask=stored[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+        m_sp = tl.where(mine, m_own, m_sp)
+        l_sp = tl.where(mine, l_own, l_sp)
+        a_sp = tl.where(mine, acc_own, a_sp)
+        m_i, l_i, acc = merge(m_i, l_i, acc, m_sp, l_sp, a_sp)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -142,9 +159,8 @@ def ticket_merge(m_i, l_i, acc, s, kvh, split, head, o_ptrs, g_ok, d_ok, offs_g,
         tl.debug_barrier()  # every thread reads the partials after the acquire
         base = (s * G * HKV + head) * NUM_SPLITS
         if NUM_SPLITS <= 8:  # unrolled: every split's loads go out at once
-            for sp in tl.static_range(NUM_SPLITS):
-                m_i, l_i, acc = _fold_partial(m_i, l_i, acc, pm_ptr, pl_ptr, pacc_ptr, base + sp,
-                                              (offs_g < G) & (sp != split), d_ok, offs_d, HEAD_D)
+            m_i, l_i, acc = fold_in_split_order(m_i, l_i, acc, split, pm_ptr, pl_ptr, pacc_ptr, base, offs_g < G,
+                                                d_ok, offs_d, HEAD_D, BLOCK_G, BLOCK_D, NUM_SPLITS)
         else:
             l_i, acc = _sum_all_partials(pm_ptr, pl_ptr, pacc_ptr, base, offs_g, offs_d, g_ok, G, HEAD_D,
                                          BLOCK_G, BLOCK_D, BLOCK_S, NUM_SPLITS)
