@@ -7,7 +7,8 @@ kv head) merge in the same launch, one of two ways:
   cluster; the others write their partials into the merging program's shared memory
   (cluster.py);
 - `ticket_merge` (otherwise): every split writes its partials to global memory and takes
-  an atomic ticket; the last to finish merges.
+  an atomic ticket; the last to finish merges, in split order (`fold_in_split_order`, up to
+  8 splits; `_sum_all_partials` past 8), so the output does not depend on which split that was.
 """
 import triton
 import triton.language as tl
@@ -142,8 +143,8 @@ def ticket_merge(m_i, l_i, acc, s, kvh, split, head, o_ptrs, g_ok, d_ok, offs_g,
                  TRACE: tl.constexpr):
     """Every split stores its partials [S, Hq, NUM_SPLITS] (+ [HEAD_D] for acc;
     unnormalized) and takes a ticket (acq_rel); the last for its (sequence, kv head)
-    merges them: no second launch. Up to 8 splits it folds the others' into its own,
-    still in registers, all loads at once (0.5 us per layer less at b8 x 2048 on the H100).
+    merges them: no second launch. Up to 8 splits it folds them in split order, its own from
+    registers, all loads at once (0.5 us per layer less at b8 x 2048 on the H100 than a loop).
     The release fence stays: without it (a relaxed ticket, the others publishing after it,
     the merger polling a done count) the poll waits out the others' fences, 0.8 us more
     after the loop (bench/probes/decode_timeline.py; docs/decisions/decode_attention.md)."""
