@@ -21,9 +21,9 @@ every program quantizing all of them cost more than the quantize kernel saved.
 
 Measured on the H100 (32 calls in a CUDA graph, 2026-12-06; a sweep of tiles and variants,
 then bench/probes/quantize_in_gemv.py for this kernel): o_proj 4096 x 4096 at M = 1, 10.0 us a
-call against 12.1 for quantize_fp8 + fp8_gemm; 8 x 1,024 was the fastest of six tiles (4-32
-rows, 256-2,048 wide). A tl.dot variant for M <= 16 (rows padded to 16, each program
-quantizing all 16) took 17-19 us at M = 4 and 16 with a reciprocal and one fma correction,
+call against 12.1 for quantize_fp8 + fp8_gemm (the probe, on another H100: 9.61 against 11.08);
+8 x 1,024 was the fastest of six tiles (4-32 rows, 256-2,048 wide). A tl.dot variant for
+M <= 16 (rows padded to 16, each program quantizing all 16) took 17-19 us at M = 4 and 16 with a reciprocal and one fma correction,
 35-91 us with div_rn (a slow path for the padded zeros), against 12.0. The sums differ from fp8_gemm's
 tl.dot GEMV in order only (rel 2e-7 at N = 4,096; 1.3e-4 where that GEMV's 64-row tiles take
 Hopper's fp8 MMA, whose accumulator keeps fewer bits between promotions).
