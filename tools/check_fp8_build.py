@@ -115,9 +115,14 @@ def quantize_builds():
         up_row_stride=2 * K, q_row_stride=K, s_row_stride=kg, **common)
     # the one-row GEMV quantizing x in its K loop (kernels/quantize_fp8_gemm.py), as quantize_fp8 does
     yield "_quantize_fp8_gemv_kernel", _quantize_fp8_gemv_kernel, {"div.rn.f32"}, dict(
-        x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, N=N, K=K, w_row_stride=K, ws_row_stride=1,
-        HAS_BIAS=False, EMULATE_E4M3=False, MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX, BLOCK_N=8, BLOCK_K=1024,
-        EVEN_K=True)
+        x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, amax_ptr=F32, N=N, K=K, N_AMAX=0,
+        w_row_stride=K, ws_row_stride=1, HAS_BIAS=False, AMAX_BLOCK=0, EMULATE_E4M3=False, MIN_AMAX=MIN_AMAX,
+        FP8_MAX=FP8_MAX, BLOCK_N=8, BLOCK_K=1024, EVEN_K=True)
+    # the same taking the row's amax from partial amaxes (kernels/silu_mul_fp8_gemm.py)
+    yield "_quantize_fp8_gemv_kernel (partial amaxes)", _quantize_fp8_gemv_kernel, {"div.rn.f32"}, dict(
+        x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, amax_ptr=F32, N=N, K=K, N_AMAX=4,
+        w_row_stride=K, ws_row_stride=1, HAS_BIAS=False, AMAX_BLOCK=4, EMULATE_E4M3=False, MIN_AMAX=MIN_AMAX,
+        FP8_MAX=FP8_MAX, BLOCK_N=8, BLOCK_K=1024, EVEN_K=True)
 
 
 def check_quantize(name, kernel, expected_divs, args) -> list[str]:

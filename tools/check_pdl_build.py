@@ -29,6 +29,7 @@ from trtllm.kernels import (  # noqa: E402
     rms_norm_quant_fp8,
     rotary,
     silu_mul,
+    silu_mul_fp8_gemm,
     silu_mul_quant_fp8,
 )
 
@@ -50,8 +51,15 @@ def builds():
         SCALE_BLOCK=128, DOT_PRECISION="tf32", MAX_IMPRECISE_ACC=128, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256,
         EVEN_K=True), 4, 5
     yield "quantize_fp8_gemm._quantize_fp8_gemv_kernel", quantize_fp8_gemm._quantize_fp8_gemv_kernel, dict(
-        x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, N=H, K=H, w_row_stride=H, ws_row_stride=1,
-        HAS_BIAS=False, EMULATE_E4M3=False, BLOCK_N=8, BLOCK_K=1024, EVEN_K=True, **FP8), 4, 1
+        x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, amax_ptr=F32, N=H, K=H, N_AMAX=0,
+        w_row_stride=H, ws_row_stride=1, HAS_BIAS=False, AMAX_BLOCK=0, EMULATE_E4M3=False, BLOCK_N=8,
+        BLOCK_K=1024, EVEN_K=True, **FP8), 4, 1
+    yield "quantize_fp8_gemm._quantize_fp8_gemv_kernel (partial amaxes)", quantize_fp8_gemm._quantize_fp8_gemv_kernel, dict(
+        x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, amax_ptr=F32, N=H, K=FFN, N_AMAX=14,
+        w_row_stride=FFN, ws_row_stride=1, HAS_BIAS=False, AMAX_BLOCK=16, EMULATE_E4M3=False, BLOCK_N=8,
+        BLOCK_K=1024, EVEN_K=True, **FP8), 4, 1
+    yield "silu_mul_fp8_gemm._silu_mul_amax_kernel", silu_mul_fp8_gemm._silu_mul_amax_kernel, dict(
+        gate_ptr=BF16, up_ptr=BF16, h_ptr=BF16, amax_ptr=F32, K=FFN, BLOCK=1024, EMULATE_BF16=False), 4, 3
     yield "quantize_fp8._quantize_fp8_kernel", quantize_fp8._quantize_fp8_kernel, dict(
         x_ptr=BF16, q_ptr=F8, s_ptr=F32, K=H, N_GROUPS=1, x_row_stride=H, q_row_stride=H, s_row_stride=1,
         GROUP=H, BLOCK_G=1, **FP8), 4, 3

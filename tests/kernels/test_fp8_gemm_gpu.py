@@ -24,6 +24,7 @@ from trtllm.kernels.fp8_gemm_configs import default_gemm_config
 from trtllm.kernels.quantize_fp8 import quantize_fp8, quantize_fp8_ref
 from trtllm.kernels.quantize_fp8_gemm import quantize_fp8_gemm, quantize_fp8_gemm_ref
 from trtllm.kernels.rms_norm_quant_fp8 import fused_add_rms_norm_quant_fp8, fused_add_rms_norm_quant_fp8_ref
+from trtllm.kernels.silu_mul_fp8_gemm import silu_mul_fp8_gemm, silu_mul_fp8_gemm_ref
 from trtllm.kernels.silu_mul_quant_fp8 import silu_mul_quant_fp8, silu_mul_quant_fp8_ref
 
 pytestmark = pytest.mark.skipif(
@@ -151,4 +152,19 @@ def test_quantize_fp8_gemm_is_quantize_then_gemm(m, n, k):
     assert rel_err(fused, fp8_gemm(xq, w, xs, ws, bias, torch.float32)) < MAX_REL_ERR[torch.float32]
     # one row: exact products in fp32, so close to the CPU reference; more rows: the MMA's
     want = quantize_fp8_gemm_ref(x.cpu(), w.cpu(), ws.cpu(), bias.cpu(), torch.float32)
+    assert rel_err(fused.cpu(), want) < (1e-5 if m == 1 else MAX_REL_ERR[torch.float32])
+
+
+@pytest.mark.parametrize("k", [14336, 769])
+@pytest.mark.parametrize("m", [1, 3])
+def test_silu_mul_fp8_gemm_is_silu_mul_quant_then_gemm(m, k):
+    # kernels/silu_mul_fp8_gemm.py: one row spreads SiLU·mul over programs that store partial
+    # amaxes, then the quantizing GEMV takes their max: the same e4m3 values as silu_mul_quant_fp8
+    n = 4096
+    gate, up = (torch.randn(m, 2 * k, device="cuda") * 3).to(torch.bfloat16).chunk(2, dim=1)
+    _, w, _, ws = inputs(m, n, k, "token_channel")
+    fused = silu_mul_fp8_gemm(gate, up, w, ws, None, torch.float32)
+    hq, hs = silu_mul_quant_fp8(gate, up, None)
+    assert rel_err(fused, fp8_gemm(hq, w, hs, ws, None, torch.float32)) < MAX_REL_ERR[torch.float32]
+    want = silu_mul_fp8_gemm_ref(gate.cpu(), up.cpu(), w.cpu(), ws.cpu(), None, torch.float32)
     assert rel_err(fused.cpu(), want) < (1e-5 if m == 1 else MAX_REL_ERR[torch.float32])

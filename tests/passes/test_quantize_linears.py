@@ -245,8 +245,9 @@ def test_decode_graphs_keep_fp8_and_the_head_stays_bf16(tmp_path, monkeypatch):
     assert [v.matches["quantize_linears"] for v in compiled.variants] == [2 * 4] * 2  # 2 layers x (qkv, o, gate/up, down)
     assert compiled.matches["quantize_linears"] == 2 * 4  # summary() counts the ordinary calls' graphs
     assert compiled.matches["use_gemv_linear"] == 0
-    # the decode graphs' o_proj quantizes x in its GEMV (the reference on the CPU: the same semantics)
-    assert [v.matches.get("fuse_quantize_fp8_gemm", 0) for v in compiled.variants] == [2, 0]
+    # the decode graphs' o_proj and down quantize their inputs in their GEMVs (the reference on
+    # the CPU: the same semantics)
+    assert [v.matches.get("fuse_quantize_fp8_gemm", 0) for v in compiled.variants] == [2 * 2, 0]
     assert [v.lm_head.op_name for v in compiled.variants] == ["trtllm.linear", "F.linear"]
     assert not torch.isfinite(model(ids, positions)).any()  # eager, the placeholders say NaN
 
@@ -265,18 +266,21 @@ def test_a_pass_list_without_quantize_linears_is_refused_not_nan(tmp_path):
 @pytest.mark.parametrize("algo", ALGOS)
 def test_decode_graphs_quantize_in_the_gemv(algo):
     """fuse_quantize_fp8_gemm after the norm and SiLU·mul fusions: what still quantizes alone
-    (o's input) goes into its GEMM; block weights' 1x128 groups stay as they are."""
+    (o's input) and the quantized gated product (down's input) go into their GEMMs; block
+    weights' 1x128 groups stay as they are."""
     cap, emulated, x = _quantized_block(algo)
     for fuse in (fuse_rms_norm, fuse_add_rms_norm, fuse_rms_norm_quant_fp8, fuse_silu_mul, fuse_silu_mul_quant_fp8):
         cap.apply(fuse)
-    assert cap.count(QUANT) == 1 and cap.count(GEMM) == 4
-    fused = torch.ops.trtllm.quantize_fp8_gemm.default
+    silu_quant = torch.ops.trtllm.silu_mul_quant_fp8.default
+    assert cap.count(QUANT) == 1 and cap.count(silu_quant) == 1 and cap.count(GEMM) == 4
+    fused, silu_fused = torch.ops.trtllm.quantize_fp8_gemm.default, torch.ops.trtllm.silu_mul_fp8_gemm.default
     if algo == QuantAlgo.FP8_BLOCK_SCALES:
         assert cap.apply(fuse_quantize_fp8_gemm) == 0
-        assert cap.count(QUANT) == 1 and cap.count(fused) == 0
+        assert cap.count(QUANT) == 1 and cap.count(fused) == 0 and cap.count(silu_fused) == 0
     else:
-        assert cap.apply(fuse_quantize_fp8_gemm) == 1
-        assert cap.count(QUANT) == 0 and cap.count(GEMM) == 3 and cap.count(fused) == 1
+        assert cap.apply(fuse_quantize_fp8_gemm) == 2
+        assert cap.count(QUANT) == 0 and cap.count(silu_quant) == 0 and cap.count(GEMM) == 2
+        assert cap.count(fused) == 1 and cap.count(silu_fused) == 1
     with torch.no_grad():
         assert _rel(cap.run(), emulated(x)) < 1e-3
 

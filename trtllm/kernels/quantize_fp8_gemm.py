@@ -56,7 +56,7 @@ _IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ONE_ROW = Fp8GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=1)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+def quantize_fp8_gemm_check(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
            out_dtype: torch.dtype) -> None:
     assert x.dtype in _IN_DTYPES, f"x: dtype {x.dtype}, expected one of {_IN_DTYPES}"
     assert x.dim() == 2, f"x: {tuple(x.shape)} is not an [M, K] matrix"
@@ -73,7 +73,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bi
 
 def quantize_fp8_gemm_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                           bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    _check(x, weight, weight_scale, bias, out_dtype)
+    quantize_fp8_gemm_check(x, weight, weight_scale, bias, out_dtype)
     xq, xs = quantize_fp8_ref(x, None)
     return fp8_gemm_ref(xq, weight, xs, weight_scale, bias, out_dtype)
 
@@ -91,10 +91,11 @@ def round_to_e4m3(v):
 
 @triton.jit
 def _quantize_fp8_gemv_kernel(
-    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr,
-    N, K,
+    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, amax_ptr,
+    N, K, N_AMAX,
     w_row_stride, ws_row_stride,
     HAS_BIAS: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr,      # > 0: x's amax is the max of N_AMAX partial amaxes its producer stored
     EMULATE_E4M3: tl.constexpr,    # interpreted: round x to e4m3 in fp32 (see the docstring)
     MIN_AMAX: tl.constexpr, FP8_MAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -107,10 +108,14 @@ def _quantize_fp8_gemv_kernel(
     rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
 
-    amax = 0.0
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
+    if AMAX_BLOCK > 0:
+        parts = tl.arange(0, AMAX_BLOCK)
+        amax = tl.max(tl.load(amax_ptr + parts, mask=parts < N_AMAX, other=0.0), axis=0)
+    else:
+        amax = 0.0
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
     # div_rn: the IEEE quotient quantize_fp8 computes
     scale = tl.math.div_rn(tl.maximum(amax, MIN_AMAX), FP8_MAX)
 
@@ -140,11 +145,16 @@ def _quantize_fp8_gemv_kernel(
 
 
 def quantize_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                      bias: torch.Tensor | None, out: torch.Tensor, config: Fp8GemvConfig = ONE_ROW) -> torch.Tensor:
-    """Launch the fused kernel for one row x [1, K] into out [1, N] (contiguous)."""
+                      bias: torch.Tensor | None, out: torch.Tensor, config: Fp8GemvConfig = ONE_ROW,
+                      amax_parts: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the fused kernel for one row x [1, K] into out [1, N] (contiguous). amax_parts
+    (fp32 [P], e.g. from kernels/silu_mul_fp8_gemm.py's producer): the row's amax is their max,
+    not a walk over x in every program."""
     m, k = x.shape
     n = weight.shape[0]
     assert m == 1, f"{m} rows: the fused GEMV takes one"
+    if amax_parts is not None:
+        assert amax_parts.dim() == 1 and amax_parts.dtype == torch.float32 and amax_parts.is_contiguous()
     assert x.stride(1) == 1 and weight.is_contiguous() and weight_scale.is_contiguous()
     assert out.is_contiguous() and out.shape == (m, n)
     if bias is not None:
@@ -152,9 +162,12 @@ def quantize_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     with interpreter_upcast((x, weight, bias), (out,)) as ((x, weight, bias), (y,)):
         _quantize_fp8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
             x, weight, weight_scale, bias if bias is not None else weight_scale, y,
-            n, k,
+            amax_parts if amax_parts is not None else weight_scale,
+            n, k, 0 if amax_parts is None else amax_parts.numel(),
             weight.stride(0), 0 if weight_scale.numel() == 1 else 1,
-            HAS_BIAS=bias is not None, EMULATE_E4M3=triton_interpreter_on(),
+            HAS_BIAS=bias is not None,
+            AMAX_BLOCK=0 if amax_parts is None else triton.next_power_of_2(amax_parts.numel()),
+            EMULATE_E4M3=triton_interpreter_on(),
             MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
             num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x),
@@ -164,7 +177,7 @@ def quantize_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
 
 def quantize_fp8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    _check(x, weight, weight_scale, bias, out_dtype)
+    quantize_fp8_gemm_check(x, weight, weight_scale, bias, out_dtype)
     m, k = x.shape
     n = weight.shape[0]
     if not (m == 1 and n > 0 and k > 0):

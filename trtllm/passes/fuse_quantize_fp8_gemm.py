@@ -1,18 +1,23 @@
-"""In decode graphs, an FP8 linear's own per-token quantization moves into its GEMV: `trtllm.quantize_fp8_gemm`.
+"""In decode graphs, an FP8 linear's own per-token quantization moves into its GEMV.
 
-Before (quantize_linears' output where no norm or SiLU·mul kernel quantizes x for it, e.g. o_proj):
+Before (quantize_linears' and fuse_silu_mul_quant's output where the quantization is per token):
 
-    xq, xs = torch.ops.trtllm.quantize_fp8(x2, None)                 # x2 [M, K], per token
+    xq, xs = torch.ops.trtllm.quantize_fp8(x2, None)                 # x2 [M, K], e.g. o_proj's input
     y2 = torch.ops.trtllm.fp8_gemm(xq, W8, xs, sw, b, dtype)          # sw per tensor or channel
+    hq, hs = torch.ops.trtllm.silu_mul_quant_fp8(gate, up, None)      # gate, up [M, K]: down's input
+    y3 = torch.ops.trtllm.fp8_gemm(hq, W8d, hs, swd, bd, dtype)
 After:
 
     y2 = torch.ops.trtllm.quantize_fp8_gemm(x2, W8, sw, b, dtype)
+    y3 = torch.ops.trtllm.silu_mul_fp8_gemm(gate, up, W8d, swd, bd, dtype)
 
-A decode-graph pass (passes/__init__.py): in the batch-1 graph the op's GEMV quantizes x itself,
-to the same e4m3 values, so the quantize launch goes (one a layer in Llama; 10.0 us a call
-against 12.1 on the H100: kernels/quantize_fp8_gemm.py); the graphs of more rows run the same
-two kernels as before. Matched only where every use of the quantization is such a GEMM; 1x128 groups
-(block weights) are not.
+A decode-graph pass (passes/__init__.py): in the batch-1 graph each op's GEMV quantizes its
+input itself, to the same e4m3 values. o_proj's quantize launch goes (10.0 us a call against
+12.1 on the H100: kernels/quantize_fp8_gemm.py); down's one-program silu_mul_quant_fp8 becomes
+a SiLU·mul spread over programs that also stores partial amaxes
+(kernels/silu_mul_fp8_gemm.py). The graphs of more rows run the same two kernels as before.
+Matched only where every use of the quantization is such a GEMM; 1x128 groups (block
+weights) are not.
 """
 from __future__ import annotations
 
@@ -22,9 +27,15 @@ import torch
 import torch.fx as fx
 
 import trtllm.kernels.quantize_fp8_gemm  # noqa: F401  (registers torch.ops.trtllm.quantize_fp8_gemm)
+import trtllm.kernels.silu_mul_fp8_gemm  # noqa: F401  (registers torch.ops.trtllm.silu_mul_fp8_gemm)
 from trtllm.passes.context import PassContext
 
-_QUANT, _GEMM = torch.ops.trtllm.quantize_fp8.default, torch.ops.trtllm.fp8_gemm.default
+_GEMM = torch.ops.trtllm.fp8_gemm.default
+# producer -> (the fused op, how many of the producer's leading args are its inputs)
+_FUSED = {
+    torch.ops.trtllm.quantize_fp8.default: (torch.ops.trtllm.quantize_fp8_gemm.default, 1),
+    torch.ops.trtllm.silu_mul_quant_fp8.default: (torch.ops.trtllm.silu_mul_fp8_gemm.default, 2),
+}
 
 
 def _gemms_of(quantize: fx.Node) -> list[fx.Node] | None:
@@ -45,15 +56,17 @@ def _gemms_of(quantize: fx.Node) -> list[fx.Node] | None:
 
 def fuse_quantize_fp8_gemm(graph: fx.Graph, ctx: PassContext) -> int:
     matches = 0
-    for quantize in [n for n in graph.nodes if n.target is _QUANT]:
-        x2, group = quantize.args[0], quantize.args[1] if len(quantize.args) > 1 else None
+    for quantize in [n for n in graph.nodes if n.target in _FUSED]:
+        fused, n_inputs = _FUSED[quantize.target]
+        inputs = quantize.args[:n_inputs]
+        group = quantize.args[n_inputs] if len(quantize.args) > n_inputs else quantize.kwargs.get("group_size")
         gemms = _gemms_of(quantize) if group is None else None
         if not gemms:
             continue
         for gemm in gemms:
             _, w, _, sw, *rest = gemm.args
             with graph.inserting_before(gemm):
-                new = graph.call_function(torch.ops.trtllm.quantize_fp8_gemm.default, (x2, w, sw, *rest))
+                new = graph.call_function(fused, (*inputs, w, sw, *rest))
             new.meta.update(gemm.meta)
             gemm.replace_all_uses_with(new)
             graph.erase_node(gemm)
