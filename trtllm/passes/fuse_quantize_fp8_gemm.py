@@ -1,6 +1,6 @@
 """In decode graphs, an FP8 linear's own per-token quantization moves into its GEMV.
 
-Before (quantize_linears' and fuse_silu_mul_quant's output where the quantization is per token):
+Before (quantize_linears' and fuse_silu_mul_quant_fp8's output where the quantization is per token):
 
     xq, xs = torch.ops.trtllm.quantize_fp8(x2, None)                 # x2 [M, K], e.g. o_proj's input
     y2 = torch.ops.trtllm.fp8_gemm(xq, W8, xs, sw, b, dtype)          # sw per tensor or channel
@@ -16,8 +16,9 @@ input itself, to the same e4m3 values. o_proj's quantize launch goes (10.0 us a 
 12.1 on the H100: kernels/quantize_fp8_gemm.py); down's one-program silu_mul_quant_fp8 becomes
 a SiLU·mul spread over programs that also stores partial amaxes
 (kernels/silu_mul_fp8_gemm.py). The graphs of more rows run the same two kernels as before.
-Matched only where every use of the quantization is such a GEMM; 1x128 groups (block
-weights) are not.
+Matched only where every use of the quantization is such a GEMM (several GEMMs of one input
+each get the fused op, and each recomputes the quantization); 1x128 groups (block weights) are
+not.
 """
 from __future__ import annotations
 
