@@ -34,6 +34,7 @@ from trtllm.kernels.fp8_gemm import (  # noqa: E402
 from trtllm.kernels.fp8_gemm_configs import default_gemm_config, default_gemv_config  # noqa: E402
 from trtllm.kernels.quantize_fp8 import FP8_MAX, MIN_AMAX, _quantize_fp8_kernel  # noqa: E402
 from trtllm.kernels.quantize_fp8_gemm import _quantize_fp8_gemv_kernel  # noqa: E402
+from trtllm.kernels.quantize_fp8_static import _quantize_fp8_static_kernel  # noqa: E402
 from trtllm.kernels.rms_norm_quant_fp8 import _rms_norm_quant_fp8_kernel  # noqa: E402
 from trtllm.kernels.silu_mul_quant_fp8 import _silu_mul_quant_fp8_kernel  # noqa: E402
 
@@ -123,6 +124,9 @@ def quantize_builds():
         x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, amax_ptr=F32, N=N, K=K, N_AMAX=4,
         w_row_stride=K, ws_row_stride=1, HAS_BIAS=False, AMAX_BLOCK=4, EMULATE_E4M3=False, MIN_AMAX=MIN_AMAX,
         FP8_MAX=FP8_MAX, BLOCK_N=8, BLOCK_K=1024, EVEN_K=True)
+    # static quantization (kernels/quantize_fp8_static.py): the IEEE quotient, as torch divides
+    yield "_quantize_fp8_static_kernel", _quantize_fp8_static_kernel, {"div.rn.f32"}, dict(
+        x_ptr=BF16, s_ptr=F32, q_ptr=F8, K=K, x_row_stride=K, q_row_stride=K, FP8_MAX=FP8_MAX, BLOCK=1024)
 
 
 def check_quantize(name, kernel, expected_divs, args) -> list[str]:

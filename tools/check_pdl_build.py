@@ -25,6 +25,7 @@ from trtllm.kernels import (  # noqa: E402
     linear,
     quantize_fp8,
     quantize_fp8_gemm,
+    quantize_fp8_static,
     rms_norm,
     rms_norm_quant_fp8,
     rotary,
@@ -63,6 +64,8 @@ def builds():
     yield "quantize_fp8._quantize_fp8_kernel", quantize_fp8._quantize_fp8_kernel, dict(
         x_ptr=BF16, q_ptr=F8, s_ptr=F32, K=H, N_GROUPS=1, x_row_stride=H, q_row_stride=H, s_row_stride=1,
         GROUP=H, BLOCK_G=1, **FP8), 4, 3
+    yield "quantize_fp8_static._quantize_fp8_static_kernel", quantize_fp8_static._quantize_fp8_static_kernel, dict(
+        x_ptr=BF16, s_ptr=F32, q_ptr=F8, K=H, x_row_stride=H, q_row_stride=H, FP8_MAX=448.0, BLOCK=1024), 4, 3
     yield "rms_norm._rms_norm_kernel", rms_norm._rms_norm_kernel, dict(
         x_ptr=BF16, residual_ptr=BF16, weight_ptr=BF16, out_ptr=BF16, sum_ptr=BF16, pre_weight_ptr=BF16,
         n_rows=1, n_cols=H, x_row_stride=H, residual_row_stride=H, out_row_stride=H, sum_row_stride=H,

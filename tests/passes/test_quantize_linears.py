@@ -15,6 +15,7 @@ from tests.passes.graph_capture import Captured
 from tests.quantization.fp8_checkpoints import fake_quantize_input
 from trtllm.compile import CompileError
 from trtllm.config import QuantAlgo
+from trtllm.inductor_choice import inductor_work
 from trtllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from trtllm.passes.fuse_parallel_linears import fuse_parallel_linears
 from trtllm.passes.fuse_quantize_fp8_gemm import fuse_quantize_fp8_gemm
@@ -115,7 +116,11 @@ def test_static_input_scales_quantize_in_the_graph():
     cap = Captured(block, x)
     cap.ctx.quantization = fp8
     assert cap.apply(quantize_linears) == 5
-    assert cap.count(GEMM) == 5 and cap.count(QUANT) == 0
+    static = torch.ops.trtllm.quantize_fp8_static.default
+    assert cap.count(GEMM) == 5 and cap.count(QUANT) == 0 and cap.count(static) == 5  # q/k/v, o, gate, up, down
+    # the quantization is our op, not torch ops: no work left for Inductor in it
+    work = inductor_work(cap.gm.graph)
+    assert not {"div", "clamp", "to"} & set(work), work
     with torch.no_grad():
         assert _rel(cap.run(), emulated(x)) < 1e-5
 

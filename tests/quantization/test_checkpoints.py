@@ -179,3 +179,16 @@ def test_modelopt_kv_scales_feed_an_fp8_kv_cache_and_only_that(sources, tmp_path
             assert llm.engine.runner.kv_quant.source == "calibration"
     with LLM(str(tmp_path), dtype="float32", kv_cache_config=KvCacheConfig(**kv), build_config=build) as llm:
         assert llm.engine.runner.kv_quant is None
+
+
+def test_static_input_scales_leave_no_work_for_inductor(sources, tmp_path):
+    """A ModelOpt FP8 checkpoint (static input scales) compiles to our ops alone: its
+    quantizations are trtllm.quantize_fp8_static, so a CUDA compile does not send the graph to
+    Inductor for them (trtllm/inductor_choice.py: Inductor's cold start)."""
+    from trtllm.inductor_choice import inductor_work, worth_inductor
+
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "modelopt", "tensor", True)
+    compiled = trtllm.compile(trtllm.load_model(tmp_path, dtype=torch.float32, device="cpu"))
+    compiled(torch.tensor([[5, 17, 99]]), torch.arange(3)[None])
+    work = inductor_work(compiled.graphs[0].graph)
+    assert not worth_inductor(work, num_layers=2), work

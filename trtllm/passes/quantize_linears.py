@@ -13,7 +13,8 @@ and one GEMM over their weights side by side, as fuse_parallel_linears does for 
     x2 = x.reshape(-1, K)
     xq, xs = torch.ops.trtllm.quantize_fp8(x2, group)      # dynamic: per token (group None), or
                                                           # 1x128 groups for 128x128 block weights
-    #   static input scale s (a checkpoint's input_scale):  xq = (x2 / s).clamp(-448, 448).to(fp8); xs = s
+    #   static input scale s (a checkpoint's input_scale):  xq = torch.ops.trtllm.quantize_fp8_static(x2, s); xs = s
+    #   (= (x2 / s).clamp(-448, 448).to(fp8): as an op, no work is left in the layers for Inductor)
     #   a tensor-parallel row slice (Fp8Linear.activation_group): the row's amax all-reduced (max)
     #   over the group, then as the reference quantizes (quantization/fp8_slices.py says why)
     y2 = torch.ops.trtllm.fp8_gemm(xq, W8_qkv, xs, sw_qkv, b_qkv, x.dtype)   # constants: fp8 weight, fp32 scale
@@ -44,6 +45,7 @@ import torch.fx as fx
 
 import trtllm.kernels.fp8_gemm  # noqa: F401  (registers torch.ops.trtllm.fp8_gemm)
 import trtllm.kernels.quantize_fp8  # noqa: F401  (registers torch.ops.trtllm.quantize_fp8)
+import trtllm.kernels.quantize_fp8_static  # noqa: F401  (registers torch.ops.trtllm.quantize_fp8_static)
 from trtllm.contract import CompileError
 from trtllm.kernels.fp8_gemm import FP8_DTYPE, FP8_MAX, SCALE_BLOCK
 from trtllm.kernels.quantize_fp8 import MIN_AMAX
@@ -121,10 +123,7 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members: list[tuple[fx.Node, Fp8
         x2.meta["example_value"] = _fake(xv, (m, k))
         if qs[0].input_scale is not None:  # static: the checkpoint's calibrated per-tensor scale
             xs = ctx.inputs.add_constant(f"{stem}_fp8_input_scale", qs[0].input_scale.reshape(1).float())
-            scaled = graph.call_function(torch.div, (x2, xs))
-            clamped = graph.call_method("clamp", (scaled, -FP8_MAX, FP8_MAX))
-            xq = graph.call_method("to", (clamped, FP8_DTYPE))
-            scaled.meta["example_value"] = clamped.meta["example_value"] = _fake(xv, (m, k), torch.float32)
+            xq = graph.call_function(torch.ops.trtllm.quantize_fp8_static.default, (x2, xs))
         elif qs[0].activation_group is not None:  # a row-parallel slice: the whole row's amax
             xq, xs = _quantize_over_group(graph, x2, xv, m, k, qs[0].activation_group)
         else:
