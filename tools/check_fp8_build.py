@@ -108,9 +108,15 @@ def quantize_builds():
         s_row_stride=kg, **common)
     # the mean of squares divides as kernels/rms_norm.py does (a plain `/`: div.full.f32)
     yield "_rms_norm_quant_fp8_kernel", _rms_norm_quant_fp8_kernel, {"div.rn.f32", "div.full.f32"}, dict(
-        x_ptr=BF16, residual_ptr=BF16, weight_ptr=BF16, q_ptr=F8, s_ptr=F32, sum_ptr=BF16, N=K, N_GROUPS=kg,
-        x_row_stride=K, residual_row_stride=K, q_row_stride=K, s_row_stride=kg, sum_row_stride=K, eps=1e-5,
-        HAS_RESIDUAL=True, UNIT_OFFSET=False, **common)
+        x_ptr=BF16, residual_ptr=BF16, weight_ptr=BF16, q_ptr=F8, s_ptr=F32, sum_ptr=BF16, static_scale_ptr=F32,
+        N=K, N_GROUPS=kg, x_row_stride=K, residual_row_stride=K, q_row_stride=K, s_row_stride=kg,
+        sum_row_stride=K, eps=1e-5, HAS_RESIDUAL=True, UNIT_OFFSET=False, STATIC=False, **common)
+    # with a static input scale: only the quotient by it (the rsqrt's division is div.full)
+    yield "_rms_norm_quant_fp8_kernel (static)", _rms_norm_quant_fp8_kernel, {"div.rn.f32", "div.full.f32"}, dict(
+        x_ptr=BF16, residual_ptr=BF16, weight_ptr=BF16, q_ptr=F8, s_ptr=F32, sum_ptr=BF16, static_scale_ptr=F32,
+        N=K, N_GROUPS=1, x_row_stride=K, residual_row_stride=K, q_row_stride=K, s_row_stride=1,
+        sum_row_stride=K, eps=1e-5, HAS_RESIDUAL=True, UNIT_OFFSET=False, STATIC=True,
+        MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX, GROUP=K, BLOCK_G=1)
     yield "_silu_mul_quant_fp8_kernel", _silu_mul_quant_fp8_kernel, SILU_DIVS, dict(
         gate_ptr=BF16, up_ptr=BF16, q_ptr=F8, s_ptr=F32, N=K, N_GROUPS=kg, gate_row_stride=2 * K,
         up_row_stride=2 * K, q_row_stride=K, s_row_stride=kg, **common)

@@ -71,9 +71,9 @@ def builds():
         n_rows=1, n_cols=H, x_row_stride=H, residual_row_stride=H, out_row_stride=H, sum_row_stride=H,
         eps=1e-5, HAS_RESIDUAL=True, HAS_PRE_NORM=False, UNIT_OFFSET=False, BLOCK_M=1, BLOCK_N=H), 8, 3
     yield "rms_norm_quant_fp8._rms_norm_quant_fp8_kernel", rms_norm_quant_fp8._rms_norm_quant_fp8_kernel, dict(
-        x_ptr=BF16, residual_ptr=BF16, weight_ptr=BF16, q_ptr=F8, s_ptr=F32, sum_ptr=BF16, N=H, N_GROUPS=1,
-        x_row_stride=H, residual_row_stride=H, q_row_stride=H, s_row_stride=1, sum_row_stride=H, eps=1e-5,
-        HAS_RESIDUAL=True, UNIT_OFFSET=False, GROUP=H, BLOCK_G=1, **FP8), 8, 3
+        x_ptr=BF16, residual_ptr=BF16, weight_ptr=BF16, q_ptr=F8, s_ptr=F32, sum_ptr=BF16, static_scale_ptr=F32,
+        N=H, N_GROUPS=1, x_row_stride=H, residual_row_stride=H, q_row_stride=H, s_row_stride=1, sum_row_stride=H,
+        eps=1e-5, HAS_RESIDUAL=True, UNIT_OFFSET=False, STATIC=False, GROUP=H, BLOCK_G=1, **FP8), 8, 3
     yield "rotary._rotary_kernel", rotary._rotary_kernel, dict(
         x_ptr=BF16, cos_ptr=BF16, sin_ptr=BF16, out_ptr=BF16, weight_ptr=BF16, n_heads=32, seq_len=1,
         x_stride_b=H, x_stride_h=128, x_stride_s=H, cos_stride_b=128, cos_stride_s=128, sin_stride_b=128,

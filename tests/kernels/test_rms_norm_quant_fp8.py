@@ -91,3 +91,57 @@ def test_opcheck():
                           test_utils=OPCHECK_TESTS)
     torch.library.opcheck(torch.ops.trtllm.fused_add_rms_norm_quant_fp8.default,
                           (x, torch.randn_like(x), weight, 1e-6), test_utils=OPCHECK_TESTS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n", SHAPES)
+def test_static_input_scale_matches_reference(m, n, dtype):
+    # a checkpoint's calibrated per-tensor scale (some values saturate at 448): no amax is taken
+    x, weight = _inputs(m, n, dtype)
+    residual = torch.randn(m, n).to(dtype)
+    input_scale = torch.rand(1) * 0.004 + 0.002
+    q, s = rms_norm_quant_fp8(x, weight, 1e-6, None, False, input_scale)
+    q_ref, s_ref = rms_norm_quant_fp8_ref(x, weight, 1e-6, None, False, input_scale)
+    assert torch.equal(s, input_scale.expand(m, 1)) and torch.equal(s_ref, s)
+    _close(q, s, q_ref, s_ref, dtype)
+    q, s, summed = fused_add_rms_norm_quant_fp8(x, residual, weight, 1e-5, None, True, input_scale)
+    q_ref, s_ref, summed_ref = fused_add_rms_norm_quant_fp8_ref(x, residual, weight, 1e-5, None, True, input_scale)
+    torch.testing.assert_close(summed, summed_ref, atol=0, rtol=0)
+    assert torch.equal(s, s_ref)
+    _close(q, s, q_ref, s_ref, dtype)
+
+
+def test_static_reference_is_the_unfused_pair():
+    from trtllm.kernels.quantize_fp8_static import quantize_fp8_static_ref
+
+    x, weight = _inputs(5, 300, torch.bfloat16)
+    input_scale = torch.tensor([0.003])
+    q, _ = rms_norm_quant_fp8_ref(x, weight, 1e-6, None, False, input_scale)
+    assert torch.equal(q.float(), quantize_fp8_static_ref(rms_norm_ref(x, weight, 1e-6), input_scale).float())
+
+
+def test_static_input_scale_refuses_groups_and_other_scales_by_name():
+    x, weight = _inputs(2, 256, torch.float16)
+    with pytest.raises(AssertionError, match="group_size 128 with a static input_scale"):
+        rms_norm_quant_fp8(x, weight, 1e-6, 128, False, torch.tensor([0.01]))
+    with pytest.raises(AssertionError, match="input_scale: torch.float32 .2,."):
+        rms_norm_quant_fp8(x, weight, 1e-6, None, False, torch.tensor([0.01, 0.02]))
+
+
+def test_static_scale_output_is_a_copy_on_the_reference_path(monkeypatch):
+    # CPU without the interpreter runs the reference: for one row its scale output must not
+    # alias input_scale (torch refuses an op output that aliases an input)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, weight = _inputs(1, 64, torch.float32)
+    scale = torch.tensor([0.01])
+    q, s = rms_norm_quant_fp8(x, weight, 1e-6, None, False, scale)
+    assert s.data_ptr() != scale.data_ptr() and torch.equal(s, scale.reshape(1, 1))
+
+
+def test_opcheck_static():
+    x, weight = _inputs(3, 200, torch.bfloat16)
+    scale = torch.tensor([0.01])
+    torch.library.opcheck(torch.ops.trtllm.rms_norm_quant_fp8.default, (x, weight, 1e-6, None, False, scale),
+                          test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(torch.ops.trtllm.fused_add_rms_norm_quant_fp8.default,
+                          (x, torch.randn_like(x), weight, 1e-6, None, False, scale), test_utils=OPCHECK_TESTS)

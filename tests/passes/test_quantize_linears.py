@@ -123,6 +123,14 @@ def test_static_input_scales_quantize_in_the_graph():
     assert not {"div", "clamp", "to"} & set(work), work
     with torch.no_grad():
         assert _rel(cap.run(), emulated(x)) < 1e-5
+    # the norms quantize with the static scale in their kernels (q/k/v's input; gate and up have
+    # two scales, so their norm stays); the gated product stays unfused
+    for fuse in (fuse_rms_norm, fuse_add_rms_norm, fuse_rms_norm_quant_fp8, fuse_silu_mul, fuse_silu_mul_quant_fp8):
+        cap.apply(fuse)
+    norm_quant = torch.ops.trtllm.rms_norm_quant_fp8.default
+    assert cap.count(norm_quant) == 1 and cap.count(static) == 4
+    with torch.no_grad():
+        assert _rel(cap.run(), emulated(x)) < 1e-5
 
 
 def _quantized_block(algo):
@@ -311,3 +319,23 @@ def test_a_quantization_that_also_feeds_another_op_is_left_alone():
     out.args = ((out.args[0][0], extra),) if isinstance(out.args[0], tuple) else ((out.args[0], extra),)
     assert cap.apply(fuse_quantize_fp8_gemm) == 0
     assert cap.count(QUANT) == 1
+
+
+def test_static_input_scales_fuse_into_both_norms():
+    """One static scale for gate and up: the residual-add norm quantizes in its kernel too."""
+    block = Block().eval()
+    fp8 = quantize_model(block, QuantAlgo.FP8)
+    for name, q in fp8.linears.items():
+        q.input_scale = torch.tensor([0.01 if name in ("q", "k", "v") else 0.02])
+    emulated, _ = _emulated(block, fp8)
+    x = torch.randn(1, 5, 128)
+    cap = Captured(block, x)
+    cap.ctx.quantization = fp8
+    cap.apply(quantize_linears)
+    for fuse in (fuse_rms_norm, fuse_add_rms_norm, fuse_rms_norm_quant_fp8):
+        cap.apply(fuse)
+    assert cap.count(torch.ops.trtllm.rms_norm_quant_fp8.default) == 1
+    assert cap.count(torch.ops.trtllm.fused_add_rms_norm_quant_fp8.default) == 1
+    assert cap.count(torch.ops.trtllm.quantize_fp8_static.default) == 2  # o's input and down's
+    with torch.no_grad():
+        assert _rel(cap.run(), emulated(x)) < 1e-5

@@ -6,6 +6,13 @@ the same kernel, for the FP8 linear that follows it.
     fused_add_rms_norm_quant_fp8(x, r, w, eps, group_size, unit_offset)
         = (*quantize_fp8(rms_norm(s, w, eps, unit_offset), group_size), s)   with s = (x + r).to(x.dtype)
 
+With a static input scale (a checkpoint's calibrated per-tensor `input_scale`, fp32 [1]; no
+group_size) the quantization is kernels/quantize_fp8_static.py's instead, and the scale output
+is that scale for every row:
+
+    rms_norm_quant_fp8(x, w, eps, None, unit_offset, input_scale)
+        = (quantize_fp8_static(rms_norm(x, w, eps, unit_offset), input_scale), input_scale per row)
+
 (kernels/rms_norm.py and kernels/quantize_fp8.py define the two halves, roundings
 included: the norm's output is rounded to x.dtype before its amax is taken, as the unfused
 pair computes.) Shapes: x, r [M, N] of one dtype (fp32/fp16/bf16), last dim contiguous;
@@ -35,35 +42,46 @@ from trtllm.kernels.quantize_fp8 import (
     require_fp8_gpu,
     store_fp8_groups,
 )
+from trtllm.kernels.quantize_fp8_static import quantize_fp8_static_ref
 from trtllm.kernels.registry import interpreter_upcast, register_op, row_num_warps
 from trtllm.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _quantize_ref(normed: torch.Tensor, group_size: int | None,
+                  input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if input_scale is None:
+        return quantize_fp8_ref(normed, group_size)
+    # repeat: a copy even for one row (an op's output may not alias its input)
+    return quantize_fp8_static_ref(normed, input_scale), input_scale.reshape(1, 1).repeat(normed.shape[0], 1)
+
+
 def rms_norm_quant_fp8_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None,
-                           unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(x, None, weight, group_size)
-    return quantize_fp8_ref(rms_norm_ref(x, weight, eps, unit_offset), group_size)
+                           unit_offset: bool = False,
+                           input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x, None, weight, group_size, input_scale)
+    return _quantize_ref(rms_norm_ref(x, weight, eps, unit_offset), group_size, input_scale)
 
 
 def fused_add_rms_norm_quant_fp8_ref(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None,
-    unit_offset: bool = False,
+    unit_offset: bool = False, input_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(x, residual, weight, group_size)
+    _check(x, residual, weight, group_size, input_scale)
     normed, summed = fused_add_rms_norm_ref(x, residual, weight, eps, unit_offset)
-    return (*quantize_fp8_ref(normed, group_size), summed)
+    return (*_quantize_ref(normed, group_size, input_scale), summed)
 
 
 @triton.jit
 def _rms_norm_quant_fp8_kernel(
-    x_ptr, residual_ptr, weight_ptr, q_ptr, s_ptr, sum_ptr,
+    x_ptr, residual_ptr, weight_ptr, q_ptr, s_ptr, sum_ptr, static_scale_ptr,
     N, N_GROUPS,
     x_row_stride, residual_row_stride, q_row_stride, s_row_stride, sum_row_stride,
     eps,
     HAS_RESIDUAL: tl.constexpr,
     UNIT_OFFSET: tl.constexpr,
+    STATIC: tl.constexpr,    # quantize with the scale at static_scale_ptr (no amax)
     MIN_AMAX: tl.constexpr,
     FP8_MAX: tl.constexpr,
     GROUP: tl.constexpr,     # elements per group (per-token: N padded to a power of 2)
@@ -88,11 +106,17 @@ def _rms_norm_quant_fp8_kernel(
     else:            # Llama: the normalized value rounded to x.dtype before the weight multiply
         y = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32) * w
     y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # the norm's output, as the unfused pair has it
-    store_fp8_groups(y, q_ptr + row * q_row_stride, s_ptr + row * s_row_stride, cols, mask, N_GROUPS,
-                     MIN_AMAX, FP8_MAX, BLOCK_G)
+    if STATIC:  # quantize_fp8_static's formula
+        scale = tl.load(static_scale_ptr)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FP8_MAX), FP8_MAX)
+        tl.store(q_ptr + row * q_row_stride + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + row * s_row_stride, scale)
+    else:
+        store_fp8_groups(y, q_ptr + row * q_row_stride, s_ptr + row * s_row_stride, cols, mask, N_GROUPS,
+                         MIN_AMAX, FP8_MAX, BLOCK_G)
 
 
-def _check(x, residual, weight, group_size) -> None:
+def _check(x, residual, weight, group_size, input_scale=None) -> None:
     assert x.dtype in _FLOAT_DTYPES, f"x: dtype {x.dtype}, expected one of {_FLOAT_DTYPES}"
     assert x.dim() == 2, f"x: {tuple(x.shape)} is not an [M, N] matrix"
     n = x.shape[1]
@@ -105,10 +129,15 @@ def _check(x, residual, weight, group_size) -> None:
     if group_size is not None:
         assert group_size >= 16 and group_size & (group_size - 1) == 0, \
             f"group_size {group_size}: expected a power of 2 >= 16 (or None for per-token)"
+    if input_scale is not None:
+        assert group_size is None, f"group_size {group_size} with a static input_scale: a static scale is per tensor"
+        assert input_scale.dtype == torch.float32 and input_scale.shape == (1,) and input_scale.device == x.device, (
+            f"input_scale: {input_scale.dtype} {tuple(input_scale.shape)} on {input_scale.device}, expected one "
+            f"fp32 per-tensor scale of shape (1,) on {x.device}")
 
 
-def _launch(x, residual, weight, eps, group_size, unit_offset):
-    _check(x, residual, weight, group_size)
+def _launch(x, residual, weight, eps, group_size, unit_offset, input_scale):
+    _check(x, residual, weight, group_size, input_scale)
     m, n = x.shape
     assert n <= 65536, f"x: rows of {n} elements; one row must fit one program (65536)"
     for name, t in (("x", x), ("residual", residual)):
@@ -122,16 +151,17 @@ def _launch(x, residual, weight, eps, group_size, unit_offset):
     if m == 0 or n == 0:
         if summed is not None:
             summed.copy_(x + residual)
-        return q, scale.fill_(MIN_AMAX / FP8_MAX), summed
+        return q, (scale.copy_(input_scale.expand(m, 1)) if input_scale is not None
+                   else scale.fill_(MIN_AMAX / FP8_MAX)), summed
     r = residual if residual is not None else x
     s_out = summed if summed is not None else q  # not written without a residual
     with interpreter_upcast((x, r, weight), (q, s_out)) as ((x, r, weight), (q_k, s_k)):
         _rms_norm_quant_fp8_kernel[(m,)](
-            x, r, weight, q_k, scale, s_k,
+            x, r, weight, q_k, scale, s_k, input_scale if input_scale is not None else scale,
             n, n_groups,
             x.stride(0), r.stride(0), q_k.stride(0), scale.stride(0), s_k.stride(0),
             eps,
-            HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset,
+            HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, STATIC=input_scale is not None,
             MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX, GROUP=group, BLOCK_G=triton.next_power_of_2(n_groups),
             num_warps=row_num_warps(n, 512, lo=4), **pdl_options(x),
         )
@@ -139,15 +169,16 @@ def _launch(x, residual, weight, eps, group_size, unit_offset):
 
 
 def rms_norm_quant_fp8_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None,
-                              unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(x, None, weight, eps, group_size, unit_offset)[:2]
+                              unit_offset: bool = False,
+                              input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(x, None, weight, eps, group_size, unit_offset, input_scale)[:2]
 
 
 def fused_add_rms_norm_quant_fp8_triton(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None,
-    unit_offset: bool = False,
+    unit_offset: bool = False, input_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch(x, residual, weight, eps, group_size, unit_offset)
+    return _launch(x, residual, weight, eps, group_size, unit_offset, input_scale)
 
 
 def _quantized_fake(x: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,13 +187,14 @@ def _quantized_fake(x: torch.Tensor, group_size: int | None) -> tuple[torch.Tens
 
 
 def _rms_norm_quant_fp8_fake(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None,
-                             unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                             unit_offset: bool = False,
+                             input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantized_fake(x, group_size)
 
 
 def _fused_add_rms_norm_quant_fp8_fake(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None,
-    unit_offset: bool = False,
+    unit_offset: bool = False, input_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (*_quantized_fake(x, group_size), x.new_empty(x.shape))
 

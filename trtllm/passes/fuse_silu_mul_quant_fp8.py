@@ -11,7 +11,8 @@ After:
 The product is never written in bf16 and no quantize kernel runs between it and the GEMM
 (kernels/silu_mul_quant_fp8.py says what that costs). Matched only where every use of the
 product is such a quantization, all with one group size, as fuse_rms_norm_quant_fp8
-matches norms; a product that also feeds anything else stays as it is.
+matches norms; a product that also feeds anything else stays as it is, and so does one
+quantized with a static input scale (`quantize_fp8_static`).
 """
 from __future__ import annotations
 
@@ -36,7 +37,11 @@ def fuse_silu_mul_quant_fp8(graph: fx.Graph, ctx: PassContext) -> int:
         found = quantizations_of(product, n)
         if found is None:
             continue
-        reshapes, quantizes, group = found
+        reshapes, quantizes, group, static = found
+        if static is not None:
+            # silu_mul_quant_fp8 is one program a row (a per-token amax needs the row); a static
+            # scale would let the product spread over programs: not written yet, left unfused
+            continue
         with graph.inserting_before(product):
             new = graph.call_function(torch.ops.trtllm.silu_mul_quant_fp8.default,
                                       (reshaped_rows(graph, gate, n), reshaped_rows(graph, up, n), group))
