@@ -59,6 +59,8 @@ def fuse_quantize_fp8_gemm(graph: fx.Graph, ctx: PassContext) -> int:
     matches = 0
     for quantize in [n for n in graph.nodes if n.target in _FUSED]:
         fused, n_inputs = _FUSED[quantize.target]
+        if set(quantize.kwargs) - {"group_size"} or len(quantize.args) > n_inputs + 1:
+            continue  # more than inputs and a group size (a static scale, say): not what the fused ops compute
         inputs = quantize.args[:n_inputs]
         group = quantize.args[n_inputs] if len(quantize.args) > n_inputs else quantize.kwargs.get("group_size")
         gemms = _gemms_of(quantize) if group is None else None
