@@ -21,7 +21,7 @@ and a static input scale s (quantize_linears' `quantize_fp8_static`, the GEMM ta
 
     xq = torch.ops.trtllm.quantize_fp8_static(y.reshape(-1, H), s)
 becomes
-    xq = torch.ops.trtllm.rms_norm_quant_fp8(x.reshape(-1, H), w, eps, None, False, s)[0]
+    xq = torch.ops.trtllm.rms_norm_quant_fp8(x.reshape(-1, H), w, eps, None, input_scale=s)[0]
 
 The normalized row is never written in bf16 and no quantize kernel runs between the norm
 and the GEMM. Matched only where every use of the norm's output is such a quantization,
