@@ -36,7 +36,10 @@ from trtllm.kernels.quantize_fp8 import FP8_MAX, MIN_AMAX, _quantize_fp8_kernel 
 from trtllm.kernels.quantize_fp8_gemm import _quantize_fp8_gemv_kernel  # noqa: E402
 from trtllm.kernels.quantize_fp8_static import _quantize_fp8_static_kernel  # noqa: E402
 from trtllm.kernels.rms_norm_quant_fp8 import _rms_norm_quant_fp8_kernel  # noqa: E402
-from trtllm.kernels.silu_mul_quant_fp8 import _silu_mul_quant_fp8_kernel  # noqa: E402
+from trtllm.kernels.silu_mul_quant_fp8 import (  # noqa: E402
+    _silu_mul_quant_fp8_kernel,
+    _silu_mul_quant_fp8_static_kernel,
+)
 
 F8, F32, BF16 = MockTensor(torch.float8_e4m3fn), MockTensor(torch.float32), MockTensor(torch.bfloat16)
 M, N, K = 300, 4096, 4096  # Llama-3.1-8B's o_proj
@@ -130,6 +133,10 @@ def quantize_builds():
         x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, amax_ptr=F32, N=N, K=K, N_AMAX=4,
         w_row_stride=K, ws_row_stride=1, HAS_BIAS=False, AMAX_BLOCK=4, EMULATE_E4M3=False, MIN_AMAX=MIN_AMAX,
         FP8_MAX=FP8_MAX, BLOCK_N=8, BLOCK_K=1024, EVEN_K=True)
+    # SiLU·mul with a static input scale (kernels/silu_mul_quant_fp8.py): spread over programs
+    yield "_silu_mul_quant_fp8_static_kernel", _silu_mul_quant_fp8_static_kernel, SILU_DIVS, dict(
+        gate_ptr=BF16, up_ptr=BF16, q_ptr=F8, s_ptr=F32, static_scale_ptr=F32, N=K, gate_row_stride=2 * K,
+        up_row_stride=2 * K, q_row_stride=K, s_row_stride=1, FP8_MAX=FP8_MAX, BLOCK=1024)
     # static quantization (kernels/quantize_fp8_static.py): the IEEE quotient, as torch divides
     yield "_quantize_fp8_static_kernel", _quantize_fp8_static_kernel, {"div.rn.f32"}, dict(
         x_ptr=BF16, s_ptr=F32, q_ptr=F8, K=K, x_row_stride=K, q_row_stride=K, FP8_MAX=FP8_MAX, BLOCK=1024)

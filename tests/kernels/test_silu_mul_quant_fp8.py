@@ -88,3 +88,33 @@ def test_opcheck(group_size):
     gate, up = _inputs(3, 300, torch.float16)
     torch.library.opcheck(torch.ops.trtllm.silu_mul_quant_fp8.default, (gate, up, group_size),
                           test_utils=OPCHECK_TESTS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n", SHAPES + [(2, 2049)])
+def test_static_input_scale_matches_reference(m, n, dtype):
+    # a checkpoint's calibrated per-tensor scale (some values saturate at 448), no amax taken;
+    # the programs tile the row (2,049: three 1,024-wide column blocks, the last of one)
+    gate, up = _inputs(m, n, dtype)
+    input_scale = torch.rand(1) * 0.01 + 0.004
+    q, s = silu_mul_quant_fp8(gate, up, None, input_scale)
+    q_ref, s_ref = silu_mul_quant_fp8_ref(gate, up, None, input_scale)
+    assert torch.equal(s, input_scale.expand(m, 1)) and torch.equal(s_ref, s)
+    _close(q, s, q_ref, s_ref, dtype)
+
+
+def test_static_reference_is_the_unfused_pair_and_refuses_groups():
+    from trtllm.kernels.quantize_fp8_static import quantize_fp8_static_ref
+
+    gate, up = _inputs(4, 300, torch.bfloat16)
+    scale = torch.tensor([0.01])
+    q, _ = silu_mul_quant_fp8_ref(gate, up, None, scale)
+    assert torch.equal(q.float(), quantize_fp8_static_ref(silu_mul_ref(gate, up), scale).float())
+    with pytest.raises(AssertionError, match="group_size 128 with a static input_scale"):
+        silu_mul_quant_fp8(gate, up, 128, scale)
+
+
+def test_opcheck_static():
+    gate, up = _inputs(3, 300, torch.float16)
+    torch.library.opcheck(torch.ops.trtllm.silu_mul_quant_fp8.default, (gate, up, None, torch.tensor([0.01])),
+                          test_utils=OPCHECK_TESTS)

@@ -124,11 +124,13 @@ def test_static_input_scales_quantize_in_the_graph():
     with torch.no_grad():
         assert _rel(cap.run(), emulated(x)) < 1e-5
     # the norms quantize with the static scale in their kernels (q/k/v's input; gate and up have
-    # two scales, so their norm stays); the gated product stays unfused
+    # two scales, so their norm stays), and so does the gated product (down's input)
     for fuse in (fuse_rms_norm, fuse_add_rms_norm, fuse_rms_norm_quant_fp8, fuse_silu_mul, fuse_silu_mul_quant_fp8):
         cap.apply(fuse)
-    norm_quant = torch.ops.trtllm.rms_norm_quant_fp8.default
-    assert cap.count(norm_quant) == 1 and cap.count(static) == 4
+    norm_quant, silu_quant = torch.ops.trtllm.rms_norm_quant_fp8.default, torch.ops.trtllm.silu_mul_quant_fp8.default
+    assert cap.count(norm_quant) == 1 and cap.count(silu_quant) == 1 and cap.count(static) == 3
+    # and fuse_quantize_fp8_gemm leaves the static ones alone (its fused ops take a per-token scale)
+    assert cap.apply(fuse_quantize_fp8_gemm) == 0
     with torch.no_grad():
         assert _rel(cap.run(), emulated(x)) < 1e-5
 

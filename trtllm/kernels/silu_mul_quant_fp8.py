@@ -18,6 +18,10 @@ it takes 6.5 µs a layer against the pair's 6.0 (silu_mul spread over 7 programs
 program quantizing): one row is one program here, as in quantize_fp8, since a per-token
 amax needs the whole row.
 
+With a static input scale (a checkpoint's calibrated per-tensor `input_scale`, fp32 [1]; no
+group_size) the quantization is kernels/quantize_fp8_static.py's and the scale output is that
+scale for every row; no amax is taken, so the programs tile the row (1,024 wide), as silu_mul's.
+
 One program per row: the row as a [BLOCK_G, GROUP] tile (quantize_fp8's layout), the amax
 per group. Rows up to 65536 elements. Interpreted, bf16 runs in fp32
 (registry.interpreter_upcast) and skips the product's rounding to bf16, as silu_mul does
@@ -38,13 +42,14 @@ from trtllm.kernels.quantize_fp8 import (
     require_fp8_gpu,
     store_fp8_groups,
 )
+from trtllm.kernels.quantize_fp8_static import quantize_fp8_static_ref
 from trtllm.kernels.registry import interpreter_upcast, register_op, row_num_warps
 from trtllm.kernels.silu_mul import silu_mul_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(gate: torch.Tensor, up: torch.Tensor, group_size: int | None) -> None:
+def _check(gate: torch.Tensor, up: torch.Tensor, group_size: int | None, input_scale: torch.Tensor | None = None) -> None:
     assert gate.dtype in _FLOAT_DTYPES, f"gate: dtype {gate.dtype}, expected one of {_FLOAT_DTYPES}"
     assert up.dtype == gate.dtype, f"up: dtype {up.dtype}, gate {gate.dtype}"
     assert gate.dim() == 2 and up.shape == gate.shape, \
@@ -53,12 +58,45 @@ def _check(gate: torch.Tensor, up: torch.Tensor, group_size: int | None) -> None
     if group_size is not None:
         assert group_size >= 16 and group_size & (group_size - 1) == 0, \
             f"group_size {group_size}: expected a power of 2 >= 16 (or None for per-token)"
+    if input_scale is not None:
+        assert group_size is None, f"group_size {group_size} with a static input_scale: a static scale is per tensor"
+        assert input_scale.dtype == torch.float32 and input_scale.shape == (1,) and input_scale.device == gate.device, (
+            f"input_scale: {input_scale.dtype} {tuple(input_scale.shape)} on {input_scale.device}, expected one "
+            f"fp32 per-tensor scale of shape (1,) on {gate.device}")
 
 
-def silu_mul_quant_fp8_ref(gate: torch.Tensor, up: torch.Tensor,
-                           group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(gate, up, group_size)
-    return quantize_fp8_ref(silu_mul_ref(gate, up), group_size)
+def silu_mul_quant_fp8_ref(gate: torch.Tensor, up: torch.Tensor, group_size: int | None = None,
+                           input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(gate, up, group_size, input_scale)
+    if input_scale is None:
+        return quantize_fp8_ref(silu_mul_ref(gate, up), group_size)
+    # repeat: a copy even for one row (an op's output may not alias its input)
+    return (quantize_fp8_static_ref(silu_mul_ref(gate, up), input_scale),
+            input_scale.reshape(1, 1).repeat(gate.shape[0], 1))
+
+
+@triton.jit
+def _silu_mul_quant_fp8_static_kernel(
+    gate_ptr, up_ptr, q_ptr, s_ptr, static_scale_ptr,
+    N,
+    gate_row_stride, up_row_stride, q_row_stride, s_row_stride,
+    FP8_MAX: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,     # kernels/pdl.py
+):
+    wait_for_previous(PDL)
+    # Grid: (M, cdiv(N, BLOCK)): a given scale needs no row-wide amax.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    gate = tl.load(gate_ptr + row * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + row * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (gate * tl.sigmoid(gate) * up).to(gate_ptr.dtype.element_ty).to(tl.float32)  # silu_mul's value
+    scale = tl.load(static_scale_ptr)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FP8_MAX), FP8_MAX)
+    tl.store(q_ptr + row * q_row_stride + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    if tl.program_id(1) == 0:
+        tl.store(s_ptr + row * s_row_stride, scale)
 
 
 @triton.jit
@@ -85,9 +123,11 @@ def _silu_mul_quant_fp8_kernel(
                      MIN_AMAX, FP8_MAX, BLOCK_G)
 
 
-def silu_mul_quant_fp8_triton(gate: torch.Tensor, up: torch.Tensor,
-                              group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(gate, up, group_size)
+def silu_mul_quant_fp8_triton(gate: torch.Tensor, up: torch.Tensor, group_size: int | None = None,
+                              input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(gate, up, group_size, input_scale)
+    if input_scale is not None:
+        return _static(gate, up, input_scale)
     m, n = gate.shape
     assert n <= 65536, f"gate: rows of {n} elements; one row must fit one program (65536)"
     for name, t in (("gate", gate), ("up", up)):
@@ -112,8 +152,25 @@ def silu_mul_quant_fp8_triton(gate: torch.Tensor, up: torch.Tensor,
     return q, scale
 
 
-def _silu_mul_quant_fp8_fake(gate: torch.Tensor, up: torch.Tensor,
-                             group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _static(gate: torch.Tensor, up: torch.Tensor, input_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m, n = gate.shape
+    for name, t in (("gate", gate), ("up", up)):
+        assert t.stride(1) == 1 or n <= 1, f"{name}: last dim must be contiguous"
+    require_fp8_gpu(gate.device, "silu_mul_quant_fp8")
+    q = torch.empty((m, n), dtype=FP8_DTYPE, device=gate.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=gate.device)  # the kernel writes it: no extra launch
+    if m == 0 or n == 0:
+        return q, scale.copy_(input_scale.expand(m, 1))
+    with interpreter_upcast((gate, up), (q,)) as ((gate, up), (q_k,)):
+        _silu_mul_quant_fp8_static_kernel[(m, triton.cdiv(n, 1024))](
+            gate, up, q_k, scale, input_scale, n, gate.stride(0), up.stride(0), q_k.stride(0), scale.stride(0),
+            FP8_MAX=FP8_MAX, BLOCK=1024, num_warps=4, **pdl_options(gate),
+        )
+    return q, scale
+
+
+def _silu_mul_quant_fp8_fake(gate: torch.Tensor, up: torch.Tensor, group_size: int | None = None,
+                             input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     n_groups = 1 if group_size is None else -(-gate.shape[1] // group_size)
     return (gate.new_empty(gate.shape, dtype=FP8_DTYPE),
             gate.new_empty((gate.shape[0], n_groups), dtype=torch.float32))

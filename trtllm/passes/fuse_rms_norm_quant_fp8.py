@@ -78,7 +78,7 @@ def replace_quantizations(graph: fx.Graph, quantizes: list[fx.Node], fused: fx.N
             q.replace_all_uses_with(fused)
 
 
-def _quantized_fake(quantize: fx.Node):
+def quantized_fake(quantize: fx.Node):
     """The fused op's (xq, xs) fakes: a dynamic quantization's own; a static one's xq with an
     [M, 1] scale."""
     fake = quantize.meta.get("example_value")
@@ -114,7 +114,7 @@ def fuse_rms_norm_quant_fp8(graph: fx.Graph, ctx: PassContext) -> int:
                 new = graph.call_function(torch.ops.trtllm.rms_norm_quant_fp8.default,
                                           (reshaped_rows(graph, x, hidden), weight, eps, group, *unit_offset),
                                           {} if static is None else {"input_scale": static})
-            new.meta["example_value"] = _quantized_fake(quantizes[0])
+            new.meta["example_value"] = quantized_fake(quantizes[0])
             dead = [*quantizes, *reshapes, norm]
         else:
             x, residual, weight, eps, *unit_offset = norm.args
@@ -130,7 +130,7 @@ def fuse_rms_norm_quant_fp8(graph: fx.Graph, ctx: PassContext) -> int:
                     torch.ops.trtllm.fused_add_rms_norm_quant_fp8.default,
                     (reshaped_rows(graph, x, hidden), reshaped_rows(graph, residual, hidden), weight, eps, group,
                      *unit_offset), {} if static is None else {"input_scale": static})
-            q_fake, s_fake = _quantized_fake(quantizes[0]) or (None, None)
+            q_fake, s_fake = quantized_fake(quantizes[0]) or (None, None)
             with xv.fake_mode:
                 flat = xv.new_empty((xv.numel() // hidden, hidden))
             new.meta["example_value"] = (q_fake, s_fake, flat)

@@ -11,8 +11,9 @@ After:
 The product is never written in bf16 and no quantize kernel runs between it and the GEMM
 (kernels/silu_mul_quant_fp8.py says what that costs). Matched only where every use of the
 product is such a quantization, all with one group size, as fuse_rms_norm_quant_fp8
-matches norms; a product that also feeds anything else stays as it is, and so does one
-quantized with a static input scale (`quantize_fp8_static`).
+matches norms; a product that also feeds anything else stays as it is. With a static input
+scale s (`hq = quantize_fp8_static(h.reshape(-1, N), s)`) it becomes
+`silu_mul_quant_fp8(gate.reshape(-1, N), up.reshape(-1, N), None, input_scale=s)[0]`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,12 @@ import torch.fx as fx
 import trtllm.kernels.silu_mul  # noqa: F401  (registers the ops)
 import trtllm.kernels.silu_mul_quant_fp8  # noqa: F401
 from trtllm.passes.context import PassContext
-from trtllm.passes.fuse_rms_norm_quant_fp8 import quantizations_of, reshaped_rows
+from trtllm.passes.fuse_rms_norm_quant_fp8 import (
+    quantizations_of,
+    quantized_fake,
+    replace_quantizations,
+    reshaped_rows,
+)
 from trtllm.passes.match import value
 
 
@@ -38,18 +44,14 @@ def fuse_silu_mul_quant_fp8(graph: fx.Graph, ctx: PassContext) -> int:
         if found is None:
             continue
         reshapes, quantizes, group, static = found
-        if static is not None:
-            # silu_mul_quant_fp8 is one program a row (a per-token amax needs the row); a static
-            # scale would let the product spread over programs: not written yet, left unfused
-            continue
         with graph.inserting_before(product):
             new = graph.call_function(torch.ops.trtllm.silu_mul_quant_fp8.default,
-                                      (reshaped_rows(graph, gate, n), reshaped_rows(graph, up, n), group))
-        new.meta["example_value"] = quantizes[0].meta.get("example_value")
+                                      (reshaped_rows(graph, gate, n), reshaped_rows(graph, up, n), group),
+                                      {} if static is None else {"input_scale": static})
+        new.meta["example_value"] = quantized_fake(quantizes[0])
         for size in [u for u in product.users if u.op == "call_method" and u.target == "size"]:
             size.replace_input_with(product, gate)  # gate has the product's shape
-        for q in quantizes:
-            q.replace_all_uses_with(new)  # (hq, hs) at the same tuple indices
+        replace_quantizations(graph, quantizes, new)
         for node in [*quantizes, *reshapes, product]:
             graph.erase_node(node)
         matches += 1
