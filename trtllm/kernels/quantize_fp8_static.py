@@ -43,6 +43,15 @@ def quantize_fp8_static_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 
 
 @triton.jit
+def store_fp8_static(y, q_ptrs, mask, scale, FP8_MAX: tl.constexpr):
+    """Quantize fp32 y by the given scale and store it at q_ptrs: the formula above. Kernels
+    that fuse a producer with a static quantization (rms_norm_quant_fp8, silu_mul_quant_fp8)
+    call it on their output tile."""
+    q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FP8_MAX), FP8_MAX)
+    tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _quantize_fp8_static_kernel(
     x_ptr, s_ptr, q_ptr,
     K,
@@ -57,9 +66,7 @@ def _quantize_fp8_static_kernel(
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < K
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    q = tl.math.div_rn(x, tl.load(s_ptr))
-    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-    tl.store(q_ptr + row * q_row_stride + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    store_fp8_static(x, q_ptr + row * q_row_stride + cols, mask, tl.load(s_ptr), FP8_MAX)
 
 
 def quantize_fp8_static_triton(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ from trtllm.kernels.quantize_fp8 import (
     require_fp8_gpu,
     store_fp8_groups,
 )
-from trtllm.kernels.quantize_fp8_static import quantize_fp8_static_ref
+from trtllm.kernels.quantize_fp8_static import quantize_fp8_static_ref, store_fp8_static
 from trtllm.kernels.registry import interpreter_upcast, register_op, row_num_warps
 from trtllm.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 
@@ -108,8 +108,7 @@ def _rms_norm_quant_fp8_kernel(
     y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # the norm's output, as the unfused pair has it
     if STATIC:  # quantize_fp8_static's formula
         scale = tl.load(static_scale_ptr)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FP8_MAX), FP8_MAX)
-        tl.store(q_ptr + row * q_row_stride + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        store_fp8_static(y, q_ptr + row * q_row_stride + cols, mask, scale, FP8_MAX)
         tl.store(s_ptr + row * s_row_stride, scale)
     else:
         store_fp8_groups(y, q_ptr + row * q_row_stride, s_ptr + row * s_row_stride, cols, mask, N_GROUPS,

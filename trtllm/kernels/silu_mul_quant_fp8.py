@@ -42,7 +42,7 @@ from trtllm.kernels.quantize_fp8 import (
     require_fp8_gpu,
     store_fp8_groups,
 )
-from trtllm.kernels.quantize_fp8_static import quantize_fp8_static_ref
+from trtllm.kernels.quantize_fp8_static import quantize_fp8_static_ref, store_fp8_static
 from trtllm.kernels.registry import interpreter_upcast, register_op, row_num_warps
 from trtllm.kernels.silu_mul import silu_mul_ref
 
@@ -93,8 +93,7 @@ def _silu_mul_quant_fp8_static_kernel(
     up = tl.load(up_ptr + row * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     y = (gate * tl.sigmoid(gate) * up).to(gate_ptr.dtype.element_ty).to(tl.float32)  # silu_mul's value
     scale = tl.load(static_scale_ptr)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FP8_MAX), FP8_MAX)
-    tl.store(q_ptr + row * q_row_stride + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    store_fp8_static(y, q_ptr + row * q_row_stride + cols, mask, scale, FP8_MAX)
     if tl.program_id(1) == 0:
         tl.store(s_ptr + row * s_row_stride, scale)
 
