@@ -192,3 +192,14 @@ def test_static_input_scales_leave_no_work_for_inductor(sources, tmp_path):
     compiled(torch.tensor([[5, 17, 99]]), torch.arange(3)[None])
     work = inductor_work(compiled.graphs[0].graph)
     assert not worth_inductor(work, num_layers=2), work
+
+
+@pytest.mark.parametrize("layout, granularity, static", [("modelopt", "channel", False), ("modelopt", "tensor", True)])
+def test_loads_in_a_dtype_other_than_its_configs(sources, tmp_path, layout, granularity, static):
+    """The checkpoint is fp32 (config.json says so); loaded as bf16, the FP8 layers' placeholders
+    are bf16 too (they were config.json's dtype, and the first linear failed on the dtype)."""
+    write_fp8_checkpoint(sources["llama31"], tmp_path, layout, granularity, static)
+    model = trtllm.load_model(tmp_path, dtype=torch.bfloat16, device="cpu")
+    assert {q.placeholder.dtype for q in fp8_linears_of(model).linears.values()} == {torch.bfloat16}
+    logits = trtllm.compile(model)(torch.tensor([[5, 17, 99]]), torch.arange(3)[None])
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

@@ -307,7 +307,8 @@ class Fp8CheckpointTensors:
                 out.unloaded[path] = q
             elif head:
                 module._parameters["weight"] = nn.Parameter(q.dequantized(dtype), requires_grad=False)
-            else:
+            else:  # the placeholder in the loaded dtype: the model was built in config.json's
+                q.placeholder = placeholder_weight(w.shape, dtype, w.device)
                 out.linears[path] = q
         if self.scales:
             raise CheckpointError(f"{self.where}: scales with no FP8 weight beside them: {sorted(self.scales)}")
