@@ -36,6 +36,30 @@ def test_one_row_matches_reference(n, k, x_dtype, out_dtype):
     torch.testing.assert_close(out, quantize_fp8_gemm_ref(x, weight, ws, bias, out_dtype), **TOLERANCES[out_dtype])
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_one_row_with_a_static_scale_matches_reference(n, k, x_dtype):
+    """input_scale: x quantizes by the checkpoint's scale (quantize_fp8_static's formula); the
+    scale is below the row's amax / 448, so some values saturate at +-448."""
+    x, weight, ws, bias = make_inputs(1, n, k, x_dtype, per_channel=k % 2 == 0, bias=n % 2 == 0)
+    input_scale = (x.float().abs().max() / FP8_MAX * 0.7).reshape(1)
+    config = SMALL if k % 2 else Fp8GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=1)
+    out = quantize_fp8_gemv(x, weight, ws, bias, torch.empty(1, n), config, input_scale=input_scale)
+    want = quantize_fp8_gemm_ref(x, weight, ws, bias, torch.float32, input_scale)
+    torch.testing.assert_close(out, want, **TOLERANCES[torch.float32])
+    per_token = quantize_fp8_gemm_ref(x, weight, ws, bias, torch.float32)
+    assert (want - per_token).abs().max() > 1e-2  # the static scale is not the row's own
+
+
+@pytest.mark.parametrize("m", [0, 1, 2, 17])
+def test_the_op_with_a_static_scale_at_every_row_count(m):
+    x, weight, ws, bias = make_inputs(m, 83, 128, torch.bfloat16, per_channel=True, bias=True)
+    input_scale = torch.tensor([0.011])
+    out = quantize_fp8_gemm(x, weight, ws, bias, torch.float32, input_scale)
+    torch.testing.assert_close(out, quantize_fp8_gemm_ref(x, weight, ws, bias, torch.float32, input_scale),
+                               **TOLERANCES[torch.float32])
+
+
 def test_the_op_takes_a_row_with_a_stride_and_a_row_of_zeros():
     x, weight, ws, _ = make_inputs(1, 83, 300, torch.bfloat16, per_channel=True, bias=False)
     wide = torch.randn(2, 512).to(torch.bfloat16)
@@ -84,6 +108,11 @@ def test_refuses_block_scales_fp8_x_and_other_outputs_by_name():
         quantize_fp8_gemm(xq, weight, ws)
     with pytest.raises(AssertionError, match="out_dtype"):
         quantize_fp8_gemm(x, weight, ws, None, torch.int8)
+    with pytest.raises(AssertionError, match=r"input_scale: torch.float32 \(1, 1\), expected one fp32"):
+        quantize_fp8_gemm(x, weight, ws, None, torch.bfloat16, torch.ones(1, 1))
+    with pytest.raises(AssertionError, match="a static input scale leaves no amax"):
+        quantize_fp8_gemv(x, weight, ws, None, torch.empty(1, 256), amax_parts=torch.ones(2),
+                          input_scale=torch.ones(1))
 
 
 def test_opcheck():
@@ -92,3 +121,5 @@ def test_opcheck():
     tests = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.trtllm.quantize_fp8_gemm.default, (x, weight, ws, bias, torch.float16),
                           test_utils=tests)
+    torch.library.opcheck(torch.ops.trtllm.quantize_fp8_gemm.default,
+                          (x, weight, ws, bias, torch.float16, torch.tensor([0.02])), test_utils=tests)

@@ -51,11 +51,43 @@ def test_fp8_model_on_the_gpu_matches_its_fp32_emulation(tmp_path):
         whole = compiled(ids.cuda(), positions.cuda()).float().cpu()  # 40 rows: _scaled_mm on sm_90
         with compiled.decode_graphs():
             decode = compiled(ids[:, :4].cuda(), positions[:, :4].cuda()).float().cpu()  # the GEMV path
+            one = compiled(ids[:, :1].cuda(), positions[:, :1].cuda()).float().cpu()  # quantizing GEMVs
     summary = compiled.summary()  # compilation is lazy: after the first call
     ops = {name: int(n) for name, n in re.findall(r"(trtllm\.\w+): (\d+)", summary.split("in decode graphs")[0])}
     # a layer: 4 GEMMs, o_proj's input quantized alone, the MLP product quantized in its kernel
     assert ops["trtllm.fp8_gemm"] == 4 * ops["trtllm.quantize_fp8"] == 4 * ops["trtllm.silu_mul_quant_fp8"] > 0
     assert "trtllm.silu_mul" not in ops, summary
-    for got, want in ((whole, expected), (decode, expected[:, :4])):
+    for got, want in ((whole, expected), (decode, expected[:, :4]), (one, expected[:, :1])):
+        assert torch.isfinite(got).all()
+        assert ((got - want).norm() / want.norm()).item() < MAX_REL_ERR
+
+
+@pytest.mark.parametrize("layout, granularity", [("modelopt", "tensor"), ("compressed_tensors", "channel")])
+def test_static_scale_checkpoint_on_the_gpu_matches_its_fp32_emulation(tmp_path, layout, granularity):
+    """A checkpoint with static input scales (ModelOpt FP8; trtllm-build's static per-channel):
+    the norms and SiLU*mul quantize with the checkpoint's scale in their kernels, o_proj's input
+    through trtllm.quantize_fp8_static, or in its GEMV in the decode graphs (one row: the
+    kernel's STATIC mode)."""
+    from tests.quantization.fp8_checkpoints import fp8_reference, write_fp8_checkpoint
+
+    src = write_checkpoint("llama31", tmp_path / "src", vocab_size=512)  # CALIBRATION ids reach 400
+    linears = write_fp8_checkpoint(src, tmp_path / "fp8", layout, granularity, True)
+    reference = fp8_reference(src, linears)
+    compiled = trtllm.compile(trtllm.load_model(tmp_path / "fp8", dtype=torch.bfloat16, device="cuda"))
+    ids = torch.randint(0, 256, (1, 40))
+    positions = torch.arange(40)[None]
+    with torch.no_grad():
+        expected = reference(ids).logits.float()
+        whole = compiled(ids.cuda(), positions.cuda()).float().cpu()
+        with compiled.decode_graphs():
+            decode = compiled(ids[:, :4].cuda(), positions[:, :4].cuda()).float().cpu()
+            one = compiled(ids[:, :1].cuda(), positions[:, :1].cuda()).float().cpu()  # o_proj's GEMV quantizes
+    summary = compiled.summary()
+    ops = {name: int(n) for name, n in re.findall(r"(trtllm\.\w+): (\d+)", summary.split("in decode graphs")[0])}
+    layers = ops["trtllm.fp8_gemm"] // 4  # one per layer and compiled graph
+    assert layers > 0 and ops["trtllm.quantize_fp8_static"] == ops["trtllm.silu_mul_quant_fp8"] == layers, summary
+    assert "trtllm.quantize_fp8" not in ops and "trtllm.silu_mul" not in ops, summary
+    assert f"in decode graphs instead: trtllm.fp8_gemm: {3 * layers}, trtllm.quantize_fp8_gemm: {layers}" in summary
+    for got, want in ((whole, expected), (decode, expected[:, :4]), (one, expected[:, :1])):
         assert torch.isfinite(got).all()
         assert ((got - want).norm() / want.norm()).item() < MAX_REL_ERR

@@ -1,14 +1,17 @@
-"""Per-token FP8 quantization of x and the FP8 GEMM, in one op: the decode GEMV quantizes x itself.
+"""FP8 quantization of x and the FP8 GEMM, in one op: the decode GEMV quantizes x itself.
 
-    quantize_fp8_gemm(x, w, sw, bias, out_dtype)
+    quantize_fp8_gemm(x, w, sw, bias, out_dtype)                  per token
         = fp8_gemm(*quantize_fp8(x, None), w, sw, bias, out_dtype)
     i.e. scale[m] = max(amax(|x[m, :]|), MIN_AMAX) / 448
          y[m, n]  = (sum_k e4m3(x[m, k] / scale[m]) * w[n, k]) * scale[m] * sw[n] (+ bias[n])
+    quantize_fp8_gemm(x, w, sw, bias, out_dtype, input_scale)     static: scale[m] = input_scale
+        = fp8_gemm(quantize_fp8_static(x, input_scale), w, input_scale, sw, bias, out_dtype)
 
 Shapes: x [M, K] (fp32/fp16/bf16, last dim contiguous, any row stride); w [N, K] float8_e4m3fn
 contiguous; sw per-tensor [1] or per-channel [N, 1] fp32 (no block scales: those quantize x
-in 1x128 groups, which this op does not do); bias [N] or None. Output [M, N] in out_dtype,
-contiguous. The formulas are kernels/quantize_fp8.py's and kernels/fp8_gemm.py's.
+in 1x128 groups, which this op does not do); bias [N] or None; input_scale fp32 [1] (a
+checkpoint's calibrated scale) or None. Output [M, N] in out_dtype, contiguous. The formulas
+are kernels/quantize_fp8.py's, quantize_fp8_static.py's and fp8_gemm.py's.
 
 Why: at batch-1 decode every FP8 linear whose input no fused producer quantizes (Llama's
 o_proj, whose input is attention's output) ran a one-program quantize kernel before the
@@ -48,6 +51,7 @@ from trtllm.kernels.fp8_gemm import (
 from trtllm.kernels.fp8_gemm_configs import Fp8GemvConfig
 from trtllm.kernels.pdl import pdl_options, wait_for_previous
 from trtllm.kernels.quantize_fp8 import MIN_AMAX, quantize_fp8_ref, quantize_fp8_triton, require_fp8_gpu
+from trtllm.kernels.quantize_fp8_static import quantize_fp8_static_ref, quantize_fp8_static_triton
 from trtllm.kernels.registry import interpreter_upcast, register_op, triton_interpreter_on
 
 _IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,7 +61,7 @@ ONE_ROW = Fp8GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=1)
 
 
 def quantize_fp8_gemm_check(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-           out_dtype: torch.dtype) -> None:
+                            out_dtype: torch.dtype, input_scale: torch.Tensor | None = None) -> None:
     assert x.dtype in _IN_DTYPES, f"x: dtype {x.dtype}, expected one of {_IN_DTYPES}"
     assert x.dim() == 2, f"x: {tuple(x.shape)} is not an [M, K] matrix"
     assert weight.dim() == 2 and weight.shape[1] == x.shape[1], \
@@ -65,15 +69,24 @@ def quantize_fp8_gemm_check(x: torch.Tensor, weight: torch.Tensor, weight_scale:
     assert tuple(weight_scale.shape) in ((1,), (weight.shape[0], 1)), (
         f"weight_scale {tuple(weight_scale.shape)}: quantize_fp8_gemm takes per-tensor (1,) or "
         f"per-channel ({weight.shape[0]}, 1) weight scales (block weights quantize x in groups)")
-    # the rest of fp8_gemm's checks, on the operands it would see (x quantized per token)
+    if input_scale is not None:
+        assert input_scale.dtype == torch.float32 and input_scale.shape == (1,), (
+            f"input_scale: {input_scale.dtype} {tuple(input_scale.shape)}, expected one fp32 per-tensor "
+            "scale of shape (1,)")
+    # the rest of fp8_gemm's checks, on the operands it would see (x quantized per token or by input_scale)
     m, k = x.shape
-    fp8_gemm_check(torch.empty((), dtype=FP8_DTYPE, device=x.device).expand(m, k), weight,
-                   torch.empty((m, 1), dtype=torch.float32, device=x.device), weight_scale, bias, out_dtype)
+    x_scale = input_scale if input_scale is not None else torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    fp8_gemm_check(torch.empty((), dtype=FP8_DTYPE, device=x.device).expand(m, k), weight, x_scale, weight_scale,
+                   bias, out_dtype)
 
 
 def quantize_fp8_gemm_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                          bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    quantize_fp8_gemm_check(x, weight, weight_scale, bias, out_dtype)
+                          bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                          input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    quantize_fp8_gemm_check(x, weight, weight_scale, bias, out_dtype, input_scale)
+    if input_scale is not None:
+        return fp8_gemm_ref(quantize_fp8_static_ref(x, input_scale), weight, input_scale, weight_scale, bias,
+                            out_dtype)
     xq, xs = quantize_fp8_ref(x, None)
     return fp8_gemm_ref(xq, weight, xs, weight_scale, bias, out_dtype)
 
@@ -96,6 +109,7 @@ def _quantize_fp8_gemv_kernel(
     w_row_stride, ws_row_stride,
     HAS_BIAS: tl.constexpr,
     AMAX_BLOCK: tl.constexpr,      # > 0: x's amax is the max of N_AMAX partial amaxes its producer stored
+    STATIC: tl.constexpr,          # the scale is given: one fp32 at amax_ptr (a checkpoint's input_scale)
     EMULATE_E4M3: tl.constexpr,    # interpreted: round x to e4m3 in fp32 (see the docstring)
     MIN_AMAX: tl.constexpr, FP8_MAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -108,7 +122,9 @@ def _quantize_fp8_gemv_kernel(
     rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
 
-    if AMAX_BLOCK > 0:
+    if STATIC:
+        scale = tl.load(amax_ptr)
+    elif AMAX_BLOCK > 0:
         parts = tl.arange(0, AMAX_BLOCK)
         amax = tl.max(tl.load(amax_ptr + parts, mask=parts < N_AMAX, other=0.0), axis=0)
     else:
@@ -116,8 +132,8 @@ def _quantize_fp8_gemv_kernel(
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_ptr + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
-    # div_rn: the IEEE quotient quantize_fp8 computes
-    scale = tl.math.div_rn(tl.maximum(amax, MIN_AMAX), FP8_MAX)
+    if not STATIC:  # div_rn: the IEEE quotient quantize_fp8 computes
+        scale = tl.math.div_rn(tl.maximum(amax, MIN_AMAX), FP8_MAX)
 
     w_ptrs = w_ptr + rows_n[:, None] * w_row_stride + offs_k[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -146,13 +162,14 @@ def _quantize_fp8_gemv_kernel(
 
 def quantize_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                       bias: torch.Tensor | None, out: torch.Tensor, config: Fp8GemvConfig = ONE_ROW,
-                      amax_parts: torch.Tensor | None = None) -> torch.Tensor:
+                      amax_parts: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the fused kernel for one row x [1, K] into out [1, N] (contiguous). amax_parts
     (fp32 [P], e.g. from kernels/silu_mul_fp8_gemm.py's producer): the row's amax is their max,
-    not a walk over x in every program."""
+    not a walk over x in every program. input_scale (fp32 [1]): x quantizes by it (static)."""
     m, k = x.shape
     n = weight.shape[0]
     assert m == 1, f"{m} rows: the fused GEMV takes one"
+    assert amax_parts is None or input_scale is None, "a static input scale leaves no amax to take"
     if amax_parts is not None:
         assert amax_parts.dim() == 1 and amax_parts.dtype == torch.float32 and amax_parts.is_contiguous()
     assert x.stride(1) == 1 and weight.is_contiguous() and weight_scale.is_contiguous()
@@ -162,11 +179,12 @@ def quantize_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     with interpreter_upcast((x, weight, bias), (out,)) as ((x, weight, bias), (y,)):
         _quantize_fp8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
             x, weight, weight_scale, bias if bias is not None else weight_scale, y,
-            amax_parts if amax_parts is not None else weight_scale,
+            input_scale if input_scale is not None else amax_parts if amax_parts is not None else weight_scale,
             n, k, 0 if amax_parts is None else amax_parts.numel(),
             weight.stride(0), 0 if weight_scale.numel() == 1 else 1,
             HAS_BIAS=bias is not None,
             AMAX_BLOCK=0 if amax_parts is None else triton.next_power_of_2(amax_parts.numel()),
+            STATIC=input_scale is not None,
             EMULATE_E4M3=triton_interpreter_on(),
             MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
@@ -176,21 +194,27 @@ def quantize_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
 
 
 def quantize_fp8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                             bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    quantize_fp8_gemm_check(x, weight, weight_scale, bias, out_dtype)
+                             bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                             input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    quantize_fp8_gemm_check(x, weight, weight_scale, bias, out_dtype, input_scale)
     m, k = x.shape
     n = weight.shape[0]
     if not (m == 1 and n > 0 and k > 0):
+        if input_scale is not None:
+            return fp8_gemm_triton(quantize_fp8_static_triton(x, input_scale), weight, input_scale, weight_scale,
+                                   bias, out_dtype)
         xq, xs = quantize_fp8_triton(x, None)
         return fp8_gemm_triton(xq, weight, xs, weight_scale, bias, out_dtype)
     require_fp8_gpu(x.device, "quantize_fp8_gemm")
     if x.stride(1) != 1:
         x = x.contiguous()
-    return quantize_fp8_gemv(x, weight, weight_scale, bias, torch.empty((m, n), dtype=out_dtype, device=x.device))
+    return quantize_fp8_gemv(x, weight, weight_scale, bias, torch.empty((m, n), dtype=out_dtype, device=x.device),
+                             input_scale=input_scale)
 
 
 def _quantize_fp8_gemm_fake(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                            bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                            input_scale: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
 
 

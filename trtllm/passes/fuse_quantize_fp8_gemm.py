@@ -6,14 +6,18 @@ Before (quantize_linears' and fuse_silu_mul_quant_fp8's output where the quantiz
     y2 = torch.ops.trtllm.fp8_gemm(xq, W8, xs, sw, b, dtype)          # sw per tensor or channel
     hq, hs = torch.ops.trtllm.silu_mul_quant_fp8(gate, up, None)      # gate, up [M, K]: down's input
     y3 = torch.ops.trtllm.fp8_gemm(hq, W8d, hs, swd, bd, dtype)
+    xq4 = torch.ops.trtllm.quantize_fp8_static(x4, s)                 # a checkpoint's static input scale s
+    y4 = torch.ops.trtllm.fp8_gemm(xq4, W8o, s, swo, bo, dtype)
 After:
 
     y2 = torch.ops.trtllm.quantize_fp8_gemm(x2, W8, sw, b, dtype)
     y3 = torch.ops.trtllm.silu_mul_fp8_gemm(gate, up, W8d, swd, bd, dtype)
+    y4 = torch.ops.trtllm.quantize_fp8_gemm(x4, W8o, swo, bo, dtype, input_scale=s)
 
 A decode-graph pass (passes/__init__.py): in the batch-1 graph each op's GEMV quantizes its
 input itself, to the same e4m3 values. o_proj's quantize launch goes (10.0 us a call against
-12.1 on the H100: kernels/quantize_fp8_gemm.py); down's one-program silu_mul_quant_fp8 becomes
+12.1 on the H100: kernels/quantize_fp8_gemm.py; with a static scale, quantize_fp8_static's launch
+goes); down's one-program silu_mul_quant_fp8 becomes
 a SiLU·mul spread over programs that also stores partial amaxes
 (kernels/silu_mul_fp8_gemm.py). The graphs of more rows run the same two kernels as before.
 Matched only where every use of the quantization is such a GEMM (several GEMMs of one input
@@ -28,10 +32,13 @@ import torch
 import torch.fx as fx
 
 import trtllm.kernels.quantize_fp8_gemm  # noqa: F401  (registers torch.ops.trtllm.quantize_fp8_gemm)
+import trtllm.kernels.quantize_fp8_static  # noqa: F401  (registers torch.ops.trtllm.quantize_fp8_static)
 import trtllm.kernels.silu_mul_fp8_gemm  # noqa: F401  (registers torch.ops.trtllm.silu_mul_fp8_gemm)
 from trtllm.passes.context import PassContext
 
 _GEMM = torch.ops.trtllm.fp8_gemm.default
+_STATIC = torch.ops.trtllm.quantize_fp8_static.default
+_QUANTIZE_GEMM = torch.ops.trtllm.quantize_fp8_gemm.default
 # producer -> (the fused op, how many of the producer's leading args are its inputs)
 _FUSED = {
     torch.ops.trtllm.quantize_fp8.default: (torch.ops.trtllm.quantize_fp8_gemm.default, 1),
@@ -55,8 +62,38 @@ def _gemms_of(quantize: fx.Node) -> list[fx.Node] | None:
     return list(gemms)
 
 
-def fuse_quantize_fp8_gemm(graph: fx.Graph, ctx: PassContext) -> int:
+def _static_gemms_of(quantize: fx.Node) -> list[fx.Node] | None:
+    """The fp8_gemm nodes that are the only uses of quantize_fp8_static's xq, each taking the
+    same static scale as its x_scale, or None."""
+    scale = quantize.args[1] if len(quantize.args) > 1 else quantize.kwargs.get("scale")
+    gemms = list(quantize.users)
+    for g in gemms:
+        if g.target is not _GEMM or g.kwargs or g.args[0] is not quantize or g.args[2] is not scale:
+            return None
+    return gemms
+
+
+def _fuse_static(graph: fx.Graph) -> int:
     matches = 0
+    for quantize in [n for n in graph.nodes if n.target is _STATIC]:
+        gemms = _static_gemms_of(quantize)
+        if not gemms:
+            continue
+        x, scale = quantize.args[0], quantize.args[1] if len(quantize.args) > 1 else quantize.kwargs["scale"]
+        for gemm in gemms:
+            _, w, _, sw, *rest = gemm.args
+            with graph.inserting_before(gemm):
+                new = graph.call_function(_QUANTIZE_GEMM, (x, w, sw, *rest), {"input_scale": scale})
+            new.meta.update(gemm.meta)
+            gemm.replace_all_uses_with(new)
+            graph.erase_node(gemm)
+            matches += 1
+        graph.erase_node(quantize)
+    return matches
+
+
+def fuse_quantize_fp8_gemm(graph: fx.Graph, ctx: PassContext) -> int:
+    matches = _fuse_static(graph)
     for quantize in [n for n in graph.nodes if n.target in _FUSED]:
         fused, n_inputs = _FUSED[quantize.target]
         if set(quantize.kwargs) - {"group_size"} or len(quantize.args) > n_inputs + 1:
