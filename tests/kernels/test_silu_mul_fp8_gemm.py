@@ -49,6 +49,31 @@ def test_the_amax_in_any_slice_sets_the_scale(peak_at):
           silu_mul_fp8_gemm_ref(gate, up, weight, ws, None, torch.float32), torch.float32)
 
 
+def static_scale(gate, up, fraction=0.7):
+    """Below the product's amax / 448: some values saturate at +-448."""
+    h = torch.nn.functional.silu(gate.float()) * up.float()
+    return (h.abs().max() / FP8_MAX * fraction).reshape(1).clamp_min(1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_one_row_with_a_static_scale_matches_reference(n, k, dtype):
+    gate, up, weight, ws, bias = make_inputs(1, n, k, dtype, per_channel=k % 2 == 0, bias=n % 2 == 0)
+    s = static_scale(gate, up)
+    want = silu_mul_fp8_gemm_ref(gate, up, weight, ws, bias, torch.float32, s)
+    check(silu_mul_fp8_gemm(gate, up, weight, ws, bias, torch.float32, s), want, torch.float32)
+    per_token = silu_mul_fp8_gemm_ref(gate, up, weight, ws, bias, torch.float32)
+    assert (want - per_token).abs().max() > 1e-3 * want.abs().max()  # the static scale is not the row's own
+
+
+@pytest.mark.parametrize("m", [0, 2, 17])
+def test_other_row_counts_with_a_static_scale(m):
+    gate, up, weight, ws, bias = make_inputs(m, 83, 128, torch.float16, per_channel=True, bias=True)
+    s = torch.tensor([0.013])
+    check(silu_mul_fp8_gemm(gate, up, weight, ws, bias, torch.float32, s),
+          silu_mul_fp8_gemm_ref(gate, up, weight, ws, bias, torch.float32, s), torch.float32)
+
+
 def test_a_row_of_zeros_gives_zeros():
     gate, up, weight, ws, _ = make_inputs(1, 83, 300, torch.bfloat16, per_channel=True, bias=False)
     assert silu_mul_fp8_gemm(torch.zeros_like(gate), up, weight, ws).abs().max() == 0
@@ -69,6 +94,8 @@ def test_refuses_mismatched_halves_and_block_scales_by_name():
         silu_mul_fp8_gemm(gate, up[:, :128], weight, ws)
     with pytest.raises(AssertionError, match="weight_scale .*per-tensor"):
         silu_mul_fp8_gemm(gate, up, weight, torch.rand(2, 2))
+    with pytest.raises(AssertionError, match="input_scale: torch.float16 .*expected one fp32"):
+        silu_mul_fp8_gemm(gate, up, weight, ws, None, torch.bfloat16, torch.ones(1, dtype=torch.float16))
 
 
 def test_opcheck():
@@ -77,3 +104,5 @@ def test_opcheck():
     tests = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.trtllm.silu_mul_fp8_gemm.default, (gate, up, weight, ws, bias, torch.float16),
                           test_utils=tests)
+    torch.library.opcheck(torch.ops.trtllm.silu_mul_fp8_gemm.default,
+                          (gate, up, weight, ws, bias, torch.float16, torch.tensor([0.02])), test_utils=tests)

@@ -131,12 +131,36 @@ def test_static_input_scales_quantize_in_the_graph():
     assert cap.count(norm_quant) == 1 and cap.count(silu_quant) == 1 and cap.count(static) == 3
     with torch.no_grad():
         assert _rel(cap.run(), emulated(x)) < 1e-5
-    # in the decode graphs the GEMVs quantize with the static scale themselves (o, gate, up); the
-    # static gated product stays (silu_mul_fp8_gemm computes a per-token scale)
-    assert cap.apply(fuse_quantize_fp8_gemm) == 3
-    fused = torch.ops.trtllm.quantize_fp8_gemm.default
-    assert cap.count(static) == 0 and cap.count(fused) == 3 and cap.count(silu_quant) == 1
-    assert all(n.kwargs["input_scale"] is not None for n in cap.gm.graph.nodes if n.target is fused)
+    # in the decode graphs the GEMVs quantize with the static scale themselves (o, gate, up), and
+    # down's takes the static SiLU·mul product in bf16
+    assert cap.apply(fuse_quantize_fp8_gemm) == 4
+    fused, silu_fused = torch.ops.trtllm.quantize_fp8_gemm.default, torch.ops.trtllm.silu_mul_fp8_gemm.default
+    assert cap.count(static) == 0 and cap.count(silu_quant) == 0 and cap.count(GEMM) == 1  # q/k/v's
+    assert cap.count(fused) == 3 and cap.count(silu_fused) == 1
+    assert all(n.kwargs["input_scale"] is not None for n in cap.gm.graph.nodes if n.target in (fused, silu_fused))
+    with torch.no_grad():
+        assert _rel(cap.run(), emulated(x)) < 1e-5
+
+
+def test_static_scales_at_one_row_run_the_quantizing_gemvs():
+    """The batch-1 decode graph of a static-scale block: every GEMM but q/k/v's (whose input the
+    norm quantizes) quantizes its input inside the one-row GEMV, and the block still computes
+    the FP8 semantics."""
+    block = Block().eval()
+    fp8 = quantize_model(block, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
+    for name, q in fp8.linears.items():
+        q.input_scale = torch.tensor([0.01 if name in ("q", "k", "v") else 0.02])
+    fp8.linears["down"].input_scale = torch.tensor([0.004])
+    emulated, _ = _emulated(block, fp8)
+    x = torch.randn(1, 1, 128)
+    cap = Captured(block, x)
+    cap.ctx.quantization = fp8
+    cap.apply(quantize_linears)
+    for fuse in (fuse_rms_norm, fuse_add_rms_norm, fuse_rms_norm_quant_fp8, fuse_silu_mul, fuse_silu_mul_quant_fp8,
+                 fuse_quantize_fp8_gemm):
+        cap.apply(fuse)
+    assert cap.count(torch.ops.trtllm.quantize_fp8_gemm.default) == 1  # o (gate and up share a scale: stacked)
+    assert cap.count(torch.ops.trtllm.silu_mul_fp8_gemm.default) == 1 and cap.count(GEMM) == 2
     with torch.no_grad():
         assert _rel(cap.run(), emulated(x)) < 1e-5
 

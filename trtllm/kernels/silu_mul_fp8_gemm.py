@@ -5,11 +5,13 @@
     i.e. h[m, k]   = bf16(silu(gate[m, k]) * up[m, k])             (rounded to gate.dtype)
          scale[m]  = max(amax(|h[m, :]|), MIN_AMAX) / 448
          y[m, n]   = (sum_k e4m3(h[m, k] / scale[m]) * w[n, k]) * scale[m] * sw[n] (+ bias[n])
+    silu_mul_fp8_gemm(gate, up, w, sw, bias, out_dtype, input_scale)    static: scale[m] = input_scale
+        = fp8_gemm(silu_mul_quant_fp8(gate, up, None, input_scale)[0], w, input_scale, sw, bias, out_dtype)
 
 Shapes: gate, up [M, K] of one dtype (fp32/fp16/bf16), last dim contiguous, any row strides
 (the two halves of the gate_up projection's [M, 2K] output); w [N, K] float8_e4m3fn
-contiguous; sw per-tensor [1] or per-channel [N, 1] fp32; bias [N] or None. Output [M, N]
-in out_dtype. The formulas are kernels/silu_mul_quant_fp8.py's and kernels/fp8_gemm.py's.
+contiguous; sw per-tensor [1] or per-channel [N, 1] fp32; bias [N] or None; input_scale fp32
+[1] (a checkpoint's calibrated scale) or None. Output [M, N] in out_dtype. The formulas are kernels/silu_mul_quant_fp8.py's and kernels/fp8_gemm.py's.
 
 Why: at batch-1 decode silu_mul_quant_fp8 is one program walking the whole 14,336-wide row
 (a per-token amax needs all of it): 6.5 us a layer on the H200, where silu_mul spread over
@@ -18,7 +20,10 @@ the product over 1,024-wide programs, each storing its slice of h and the slice'
 the one-row quantizing GEMV (kernels/quantize_fp8_gemm.py) takes the row's amax as the max of
 those partial amaxes, quantizes each h step as it streams its weight rows (div_rn: the same
 e4m3 values as silu_mul_quant_fp8) and adds the exact fp8 x e4m3 products in fp32. Other
-row counts run silu_mul_quant_fp8 and fp8_gemm.
+row counts run silu_mul_quant_fp8 and fp8_gemm. With a static scale the GEMV divides by it
+(the partial amaxes go unread), so a static-scale checkpoint's down projection streams its
+weight on the CUDA cores as the dynamic one's does (down 4096 x 14336 on pre-quantized x, H100:
+22.0 us there against 24.4 for fp8_gemm's tl.dot GEMV; docs/decisions/decode_launches.md).
 
 Measured on the H100 (2026-12-06, bench/probes/quantize_in_gemv.py, 32 calls in a CUDA graph):
 down 4096 x 14336 at M = 1, 23.68 us a call against 29.70 for silu_mul_quant_fp8 + fp8_gemm;
@@ -46,17 +51,18 @@ BLOCK_H = 1024
 
 
 def _check(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-           bias: torch.Tensor | None, out_dtype: torch.dtype) -> None:
+           bias: torch.Tensor | None, out_dtype: torch.dtype, input_scale: torch.Tensor | None) -> None:
     assert gate.dim() == 2 and up.shape == gate.shape and up.dtype == gate.dtype, \
         f"gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype}: expected two [M, K] of one dtype"
-    quantize_fp8_gemm_check(gate, weight, weight_scale, bias, out_dtype)
+    quantize_fp8_gemm_check(gate, weight, weight_scale, bias, out_dtype, input_scale)
 
 
 def silu_mul_fp8_gemm_ref(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                          bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    _check(gate, up, weight, weight_scale, bias, out_dtype)
-    hq, hs = silu_mul_quant_fp8_ref(gate, up, None)
-    return fp8_gemm_ref(hq, weight, hs, weight_scale, bias, out_dtype)
+                          bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                          input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    _check(gate, up, weight, weight_scale, bias, out_dtype, input_scale)
+    hq, hs = silu_mul_quant_fp8_ref(gate, up, None, input_scale)
+    return fp8_gemm_ref(hq, weight, hs if input_scale is None else input_scale, weight_scale, bias, out_dtype)
 
 
 @triton.jit
@@ -91,13 +97,14 @@ def _silu_mul_amax_kernel(
 
 
 def silu_mul_fp8_gemm_triton(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                             bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    _check(gate, up, weight, weight_scale, bias, out_dtype)
+                             bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                             input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    _check(gate, up, weight, weight_scale, bias, out_dtype, input_scale)
     m, k = gate.shape
     n = weight.shape[0]
     if not (m == 1 and n > 0 and k > 0):
-        hq, hs = silu_mul_quant_fp8_triton(gate, up, None)
-        return fp8_gemm_triton(hq, weight, hs, weight_scale, bias, out_dtype)
+        hq, hs = silu_mul_quant_fp8_triton(gate, up, None, input_scale)
+        return fp8_gemm_triton(hq, weight, hs if input_scale is None else input_scale, weight_scale, bias, out_dtype)
     require_fp8_gpu(gate.device, "silu_mul_fp8_gemm")
     assert gate.stride(1) == 1 and up.stride(1) == 1, "gate, up: last dim must be contiguous"
     parts = triton.cdiv(k, BLOCK_H)
@@ -107,12 +114,15 @@ def silu_mul_fp8_gemm_triton(gate: torch.Tensor, up: torch.Tensor, weight: torch
         _silu_mul_amax_kernel[(parts,)](gate_k, up_k, h, amax, k, BLOCK=BLOCK_H,
                                         EMULATE_BF16=gate.dtype == torch.bfloat16 and triton_interpreter_on(),
                                         num_warps=4, **pdl_options(gate))
-        return quantize_fp8_gemv(h, weight, weight_scale, bias, torch.empty((m, n), dtype=out_dtype, device=gate.device),
-                                 amax_parts=amax)
+        out = torch.empty((m, n), dtype=out_dtype, device=gate.device)
+        if input_scale is not None:
+            return quantize_fp8_gemv(h, weight, weight_scale, bias, out, input_scale=input_scale)
+        return quantize_fp8_gemv(h, weight, weight_scale, bias, out, amax_parts=amax)
 
 
 def _silu_mul_fp8_gemm_fake(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                            bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                            input_scale: torch.Tensor | None = None) -> torch.Tensor:
     return gate.new_empty((gate.shape[0], weight.shape[0]), dtype=out_dtype)
 
 

@@ -8,18 +8,21 @@ Before (quantize_linears' and fuse_silu_mul_quant_fp8's output where the quantiz
     y3 = torch.ops.trtllm.fp8_gemm(hq, W8d, hs, swd, bd, dtype)
     xq4 = torch.ops.trtllm.quantize_fp8_static(x4, s)                 # a checkpoint's static input scale s
     y4 = torch.ops.trtllm.fp8_gemm(xq4, W8o, s, swo, bo, dtype)
+    hq5 = torch.ops.trtllm.silu_mul_quant_fp8(gate, up, None, input_scale=s5)[0]
+    y5 = torch.ops.trtllm.fp8_gemm(hq5, W8d, s5, swd, bd, dtype)
 After:
 
     y2 = torch.ops.trtllm.quantize_fp8_gemm(x2, W8, sw, b, dtype)
     y3 = torch.ops.trtllm.silu_mul_fp8_gemm(gate, up, W8d, swd, bd, dtype)
     y4 = torch.ops.trtllm.quantize_fp8_gemm(x4, W8o, swo, bo, dtype, input_scale=s)
+    y5 = torch.ops.trtllm.silu_mul_fp8_gemm(gate, up, W8d, swd, bd, dtype, input_scale=s5)
 
 A decode-graph pass (passes/__init__.py): in the batch-1 graph each op's GEMV quantizes its
 input itself, to the same e4m3 values. o_proj's quantize launch goes (10.0 us a call against
 12.1 on the H100: kernels/quantize_fp8_gemm.py; with a static scale, quantize_fp8_static's launch
-goes); down's one-program silu_mul_quant_fp8 becomes
-a SiLU·mul spread over programs that also stores partial amaxes
-(kernels/silu_mul_fp8_gemm.py). The graphs of more rows run the same two kernels as before.
+goes); down's one-program silu_mul_quant_fp8 becomes a SiLU·mul spread over programs that
+also stores partial amaxes (kernels/silu_mul_fp8_gemm.py; with a static scale the GEMV divides
+by it, and its CUDA-core weight stream replaces fp8_gemm's tl.dot GEMV). The graphs of more rows run the same two kernels as before.
 Matched only where every use of the quantization is such a GEMM (several GEMMs of one input
 each get the fused op, and each recomputes the quantization); 1x128 groups (block weights) are
 not.
@@ -39,6 +42,8 @@ from trtllm.passes.context import PassContext
 _GEMM = torch.ops.trtllm.fp8_gemm.default
 _STATIC = torch.ops.trtllm.quantize_fp8_static.default
 _QUANTIZE_GEMM = torch.ops.trtllm.quantize_fp8_gemm.default
+_SILU = torch.ops.trtllm.silu_mul_quant_fp8.default
+_SILU_GEMM = torch.ops.trtllm.silu_mul_fp8_gemm.default
 # producer -> (the fused op, how many of the producer's leading args are its inputs)
 _FUSED = {
     torch.ops.trtllm.quantize_fp8.default: (torch.ops.trtllm.quantize_fp8_gemm.default, 1),
@@ -62,32 +67,47 @@ def _gemms_of(quantize: fx.Node) -> list[fx.Node] | None:
     return list(gemms)
 
 
-def _static_gemms_of(quantize: fx.Node) -> list[fx.Node] | None:
-    """The fp8_gemm nodes that are the only uses of quantize_fp8_static's xq, each taking the
-    same static scale as its x_scale, or None."""
-    scale = quantize.args[1] if len(quantize.args) > 1 else quantize.kwargs.get("scale")
-    gemms = list(quantize.users)
-    for g in gemms:
-        if g.target is not _GEMM or g.kwargs or g.args[0] is not quantize or g.args[2] is not scale:
-            return None
-    return gemms
+def _static_producer(node: fx.Node) -> tuple[object, tuple, fx.Node, list[fx.Node]] | None:
+    """A static quantization: (the fused op, its inputs, the scale, the nodes that are xq), or
+    None. quantize_fp8_static(x, s) is xq itself; silu_mul_quant_fp8(gate, up, None,
+    input_scale=s) gives xq as its output 0 (the scale output is s repeated per row)."""
+    if node.target is _STATIC:
+        scale = node.args[1] if len(node.args) > 1 else node.kwargs["scale"]
+        return _QUANTIZE_GEMM, (node.args[0],), scale, [node]
+    if node.target is not _SILU:
+        return None
+    scale = node.args[3] if len(node.args) > 3 else node.kwargs.get("input_scale")
+    group = node.args[2] if len(node.args) > 2 else node.kwargs.get("group_size")
+    if scale is None or group is not None:
+        return None
+    xqs = list(node.users)
+    if not all(u.target is operator.getitem and u.args[1] == 0 for u in xqs):
+        return None  # its scale output is used: left as it is
+    return _SILU_GEMM, tuple(node.args[:2]), scale, xqs
 
 
 def _fuse_static(graph: fx.Graph) -> int:
     matches = 0
-    for quantize in [n for n in graph.nodes if n.target is _STATIC]:
-        gemms = _static_gemms_of(quantize)
-        if not gemms:
+    for quantize in [n for n in graph.nodes if n.target in (_STATIC, _SILU)]:
+        found = _static_producer(quantize)
+        if found is None:
             continue
-        x, scale = quantize.args[0], quantize.args[1] if len(quantize.args) > 1 else quantize.kwargs["scale"]
+        fused, inputs, scale, xqs = found
+        gemms = [g for xq in xqs for g in xq.users]
+        if not gemms or any(g.target is not _GEMM or g.kwargs or g.args[0] not in xqs or g.args[2] is not scale
+                            for g in gemms):
+            continue  # each use must be a GEMM taking the static scale as its x scale
         for gemm in gemms:
             _, w, _, sw, *rest = gemm.args
             with graph.inserting_before(gemm):
-                new = graph.call_function(_QUANTIZE_GEMM, (x, w, sw, *rest), {"input_scale": scale})
+                new = graph.call_function(fused, (*inputs, w, sw, *rest), {"input_scale": scale})
             new.meta.update(gemm.meta)
             gemm.replace_all_uses_with(new)
             graph.erase_node(gemm)
             matches += 1
+        for xq in xqs:
+            if xq is not quantize:
+                graph.erase_node(xq)
         graph.erase_node(quantize)
     return matches
 
