@@ -1,6 +1,6 @@
-"""In decode graphs, an FP8 linear's own per-token quantization moves into its GEMV.
+"""In decode graphs, an FP8 linear's own quantization (per token or static) moves into its GEMV.
 
-Before (quantize_linears' and fuse_silu_mul_quant_fp8's output where the quantization is per token):
+Before (quantize_linears' and fuse_silu_mul_quant_fp8's output, the norms' fusions done):
 
     xq, xs = torch.ops.trtllm.quantize_fp8(x2, None)                 # x2 [M, K], e.g. o_proj's input
     y2 = torch.ops.trtllm.fp8_gemm(xq, W8, xs, sw, b, dtype)          # sw per tensor or channel
@@ -46,8 +46,8 @@ _SILU = torch.ops.trtllm.silu_mul_quant_fp8.default
 _SILU_GEMM = torch.ops.trtllm.silu_mul_fp8_gemm.default
 # producer -> (the fused op, how many of the producer's leading args are its inputs)
 _FUSED = {
-    torch.ops.trtllm.quantize_fp8.default: (torch.ops.trtllm.quantize_fp8_gemm.default, 1),
-    torch.ops.trtllm.silu_mul_quant_fp8.default: (torch.ops.trtllm.silu_mul_fp8_gemm.default, 2),
+    torch.ops.trtllm.quantize_fp8.default: (_QUANTIZE_GEMM, 1),
+    _SILU: (_SILU_GEMM, 2),
 }
 
 
