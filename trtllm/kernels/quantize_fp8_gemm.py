@@ -51,7 +51,7 @@ from trtllm.kernels.fp8_gemm import (
 from trtllm.kernels.fp8_gemm_configs import Fp8GemvConfig
 from trtllm.kernels.pdl import pdl_options, wait_for_previous
 from trtllm.kernels.quantize_fp8 import MIN_AMAX, quantize_fp8_ref, quantize_fp8_triton, require_fp8_gpu
-from trtllm.kernels.quantize_fp8_static import quantize_fp8_static_ref, quantize_fp8_static_triton
+from trtllm.kernels.quantize_fp8_static import check_static_scale, quantize_fp8_static_ref, quantize_fp8_static_triton
 from trtllm.kernels.registry import interpreter_upcast, register_op, triton_interpreter_on
 
 _IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,9 +70,7 @@ def quantize_fp8_gemm_check(x: torch.Tensor, weight: torch.Tensor, weight_scale:
         f"weight_scale {tuple(weight_scale.shape)}: quantize_fp8_gemm takes per-tensor (1,) or "
         f"per-channel ({weight.shape[0]}, 1) weight scales (block weights quantize x in groups)")
     if input_scale is not None:
-        assert input_scale.dtype == torch.float32 and input_scale.shape == (1,), (
-            f"input_scale: {input_scale.dtype} {tuple(input_scale.shape)}, expected one fp32 per-tensor "
-            "scale of shape (1,)")
+        check_static_scale(input_scale, x.device)
     # the rest of fp8_gemm's checks, on the operands it would see (x quantized per token or by input_scale)
     m, k = x.shape
     x_scale = input_scale if input_scale is not None else torch.empty((m, 1), dtype=torch.float32, device=x.device)

@@ -29,17 +29,32 @@ _IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_K = 1024
 
 
+def check_static_scale(scale: torch.Tensor, device: torch.device, name: str = "input_scale",
+                       group_size: int | None = None) -> None:
+    """The checks every op taking a static scale makes: one fp32 [1] on the data's device, and
+    no group size beside it (a static scale is per tensor)."""
+    assert group_size is None, f"group_size {group_size} with a static {name}: a static scale is per tensor"
+    assert scale.dtype == torch.float32 and scale.shape == (1,) and scale.device == device, (
+        f"{name}: {scale.dtype} {tuple(scale.shape)}, expected one fp32 per-tensor scale of shape (1,) on "
+        f"{device} (it is on {scale.device})")
+
+
 def _check(x: torch.Tensor, scale: torch.Tensor) -> None:
     assert x.dtype in _IN_DTYPES, f"x: dtype {x.dtype}, expected one of {_IN_DTYPES}"
     assert x.dim() == 2, f"x: {tuple(x.shape)} is not an [M, K] matrix"
-    assert scale.dtype == torch.float32 and scale.shape == (1,), \
-        f"scale: {scale.dtype} {tuple(scale.shape)}, expected one fp32 per-tensor scale of shape (1,)"
-    assert scale.device == x.device, f"scale on {scale.device}, x on {x.device}"
+    check_static_scale(scale, x.device, "scale")
 
 
 def quantize_fp8_static_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     _check(x, scale)
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).contiguous()
+
+
+def quantize_fp8_static_rows_ref(y: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y quantized by `scale`, the scale per row [M, 1]): what a fused producer's static mode
+    returns (rms_norm_quant_fp8, silu_mul_quant_fp8). `repeat` copies even one row: an op's
+    output may not alias its input."""
+    return quantize_fp8_static_ref(y, scale), scale.reshape(1, 1).repeat(y.shape[0], 1)
 
 
 @triton.jit

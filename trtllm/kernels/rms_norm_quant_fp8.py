@@ -42,7 +42,7 @@ from trtllm.kernels.quantize_fp8 import (
     require_fp8_gpu,
     store_fp8_groups,
 )
-from trtllm.kernels.quantize_fp8_static import quantize_fp8_static_ref, store_fp8_static
+from trtllm.kernels.quantize_fp8_static import check_static_scale, quantize_fp8_static_rows_ref, store_fp8_static
 from trtllm.kernels.registry import interpreter_upcast, register_op, row_num_warps
 from trtllm.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 
@@ -53,8 +53,7 @@ def _quantize_ref(normed: torch.Tensor, group_size: int | None,
                   input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if input_scale is None:
         return quantize_fp8_ref(normed, group_size)
-    # repeat: a copy even for one row (an op's output may not alias its input)
-    return quantize_fp8_static_ref(normed, input_scale), input_scale.reshape(1, 1).repeat(normed.shape[0], 1)
+    return quantize_fp8_static_rows_ref(normed, input_scale)
 
 
 def rms_norm_quant_fp8_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None,
@@ -129,10 +128,7 @@ def _check(x, residual, weight, group_size, input_scale=None) -> None:
         assert group_size >= 16 and group_size & (group_size - 1) == 0, \
             f"group_size {group_size}: expected a power of 2 >= 16 (or None for per-token)"
     if input_scale is not None:
-        assert group_size is None, f"group_size {group_size} with a static input_scale: a static scale is per tensor"
-        assert input_scale.dtype == torch.float32 and input_scale.shape == (1,) and input_scale.device == x.device, (
-            f"input_scale: {input_scale.dtype} {tuple(input_scale.shape)} on {input_scale.device}, expected one "
-            f"fp32 per-tensor scale of shape (1,) on {x.device}")
+        check_static_scale(input_scale, x.device, group_size=group_size)
 
 
 def _launch(x, residual, weight, eps, group_size, unit_offset, input_scale):
