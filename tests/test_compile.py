@@ -45,11 +45,12 @@ def test_hf_model_compiles_to_same_logits(family):
     assert "trtllm.attention: 2" in summary
     assert "replace_sdpa_with_paged_attention: 2" in summary
     assert "trtllm.silu_mul: 2" in summary and "trtllm.fused_add_rms_norm" in summary
+    assert "trtllm.rotary:" not in summary
     if family == "qwen3":  # q/k norms over the head dim, each joined with its rope
         assert "trtllm.rms_norm_rotary: 4" in summary and "trtllm.rms_norm: 1" in summary
-        assert "trtllm.rotary:" not in summary
-    else:
-        assert "trtllm.rotary: 4" in summary
+        assert "fuse_rotary_attention: 0" in summary
+    else:  # each layer's q and k ropes inside its attention op
+        assert "fuse_rotary: 4" in summary and "fuse_rotary_attention: 2" in summary
 
 
 def test_inductor_path_matches_eager():

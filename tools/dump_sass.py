@@ -44,11 +44,12 @@ CACHE = {"": BF16, "fp8": MockTensor(torch.float8_e4m3fn), "int8": MockTensor(to
 CACHE_STRIDES = (PAGE * HKV * D, HKV * D, D)  # one layer's [NB, PAGE, Hkv, D]
 
 
-def decode_args(batch, ctx, splits, cluster, trace=False, softcap=0.0, kv_quant="", alibi=False):
+def decode_args(batch, ctx, splits, cluster, trace=False, softcap=0.0, kv_quant="", alibi=False, rope=False):
     """_decode_kernel's arguments as launch_decode passes them for batch x ctx (contiguous
     q/k/v/out rows as the bench makes them; num_tokens and window are not specialized;
     softcap is a constexpr, 0.0 = none; kv_quant "fp8" / "int8": a quantized cache; alibi:
-    ALiBi slopes [Hq] fp32, else the output stands in for them, as the launcher passes)."""
+    ALiBi slopes [Hq] fp32, else the output stands in for them, as the launcher passes; rope:
+    q and the new keys rotated in the kernel, bf16 cos/sin rows of a token)."""
     return dict(
         q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, kc_ptr=CACHE[kv_quant], vc_ptr=CACHE[kv_quant],
         ks_ptr=F32 if kv_quant else BF16, vs_ptr=F32 if kv_quant else BF16, o_ptr=BF16, slot_ptr=I32,
@@ -57,15 +58,15 @@ def decode_args(batch, ctx, splits, cluster, trace=False, softcap=0.0, kv_quant=
         pl_ptr=F32 if splits > 1 and not cluster else BF16,
         pacc_ptr=F32 if splits > 1 and not cluster else BF16,
         count_ptr=I32 if splits > 1 and not cluster else BF16,
-        trace_ptr=I64 if trace else BF16, alibi_ptr=F32 if alibi else BF16,
+        trace_ptr=I64 if trace else BF16, alibi_ptr=F32 if alibi else BF16, cos_ptr=BF16, sin_ptr=BF16,
         qk_scale=D ** -0.5 * LOG2E, window=0, num_tokens=batch,
         stride_qt=HQ * D, stride_qh=D, stride_kt=HKV * D, stride_kh=D, stride_vt=HKV * D, stride_vh=D,
-        stride_ot=HQ * D, stride_oh=D, stride_bt=triton.cdiv(ctx, PAGE),
+        stride_ot=HQ * D, stride_oh=D, stride_bt=triton.cdiv(ctx, PAGE), stride_cos=D, stride_sin=D,
         STRIDE_CB=CACHE_STRIDES[0], STRIDE_CS=CACHE_STRIDES[1], STRIDE_CH=CACHE_STRIDES[2],
         G=G, HEAD_D=D, BLOCK_D=D, PAGE=PAGE, BLOCK_G=16, BLOCK_N=64, NUM_SPLITS=splits,
         BLOCK_S=triton.next_power_of_2(splits), HKV=HKV, BLOCK_HKV=HKV, BLOCK_HQ=HQ,
         DOT_PREC="tf32", TRACE=trace, CLUSTER=cluster, OFF64=False, SOFTCAP=softcap, KV_QUANT=kv_quant,
-        ALIBI=alibi,
+        ALIBI=alibi, ROPE=rope, ROPE_INTERLEAVED=False,
     )
 
 
@@ -113,6 +114,10 @@ CONFIGS = {
     "decode_1split_b64x2048_alibi": (_decode_kernel, decode_args(64, 2048, 1, False, alibi=True), (4, 3)),
     "prefill_4096_alibi": (_prefill_kernel, dict(prefill_args(4096, 128, alibi=True), BLOCK_N=64,
                                                  DOT_PREC="tf32"), (8, 3)),
+    # rope inside the decode kernel (passes/fuse_rotary_attention.py): q and the new key rotated as they load
+    "decode_cluster_b8x2048_rope": (_decode_kernel, decode_args(8, 2048, 2, True, rope=True), (2, 5)),
+    "decode_ticket16_b1x8192_rope": (_decode_kernel, decode_args(1, 8192, 16, False, rope=True), (8, 5)),
+    "decode_1split_b64x2048_rope": (_decode_kernel, decode_args(64, 2048, 1, False, rope=True), (4, 3)),
     "cache_write": (_cache_write_kernel, cache_write_args(), (4, 3)),
 }
 

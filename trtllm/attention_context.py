@@ -263,7 +263,9 @@ def active_context() -> AttentionContext:
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float,
-               window: int, softcap: float, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+               window: int, softcap: float, alibi_slopes: torch.Tensor | None = None,
+               cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+               interleaved: bool = False) -> torch.Tensor:
     """Causal attention of SDPA's shapes on the active paged cache.
 
     q [B, Hq, S, D], k/v [B, Hkv, S, D] (the new tokens; B sequences of S tokens, or the
@@ -271,6 +273,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, sc
     cache, then each token attends to its sequence's cached context up to itself (the last
     `window` positions if window > 0; logits soft-capped if softcap > 0; ALiBi's bias with
     alibi_slopes [Hq] fp32, a constant input of the graph: kernels/paged_attention).
+    cos/sin [B or 1, S, D]: q and k arrive unrotated, and are rotated as `trtllm.rotary(x,
+    cos, sin, interleaved)` would first (passes/fuse_rotary_attention.py puts them here).
     """
     ctx = active_context()
     meta = ctx.metadata
@@ -279,17 +283,20 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, sc
     def flat(t: torch.Tensor) -> torch.Tensor:  # [B, H, S, D] -> [T, H, D]
         return t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[3])
 
+    if cos is not None:  # [B or 1, S, D] -> a row per token, as flat() orders them
+        cos, sin = (t.expand(b, s, t.shape[-1]).reshape(b * s, t.shape[-1]) for t in (cos, sin))
     out = paged_attention(
         flat(q), flat(k), flat(v), ctx.cache.k, ctx.cache.v, layer,
         meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         scale, window, softcap, meta.num_seqs, meta.max_query_len, meta.max_seq_len, ctx.cache.scales,
-        alibi_slopes)
+        alibi_slopes, cos, sin, interleaved)
     # paged_attention returns a contiguous [T, Hq, D]; .contiguous() is a no-op that pins
     # the strides _attention_fake promises even if that ever changes
     return out.contiguous().view(b, s, hq, v.shape[-1]).transpose(1, 2)
 
 
-def _attention_fake(q, k, v, layer, scale, window, softcap, alibi_slopes=None):
+def _attention_fake(q, k, v, layer, scale, window, softcap, alibi_slopes=None, cos=None, sin=None,
+                    interleaved=False):
     b, hq, s, _ = q.shape
     return q.new_empty((b, s, hq, v.shape[-1])).transpose(1, 2)  # the strides _attention returns
 

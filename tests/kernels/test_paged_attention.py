@@ -467,3 +467,72 @@ def test_alibi_registered_op_and_refusals():
         launch_paged_attention(*clone_caches(with_alibi(args, bloom_slopes(2))))
     with pytest.raises(AssertionError, match="ALiBi with logit soft-capping"):
         launch_paged_attention(*clone_caches(with_alibi(with_softcap(args, 2.0), bloom_slopes(4))))
+
+
+# Rope inside the op (passes/fuse_rotary_attention.py): q and k arrive unrotated with each
+# token's cos/sin rows. Odd shapes (G = 3, head dim 24: the partner loads cross a padded
+# BLOCK_D of 32), both layouts, positions that are not the cache positions (any table works).
+def with_rope(args, interleaved, dtype, seed=0):
+    from trtllm.kernels.rotary import rope_cos_sin, rope_inv_freq
+    T, D = args[0].shape[0], args[0].shape[2]
+    positions = torch.randint(0, 4096, (T,), generator=torch.Generator().manual_seed(seed))
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(D, 10000.0), dtype, interleaved)
+    scales_and_slopes = (*args[16:], None, None)[:2]  # kv_scales, alibi_slopes as given, else None
+    return (*args[:16], *scales_and_slopes, cos, sin, interleaved), (cos, sin)
+
+
+def rotated_first(args, cos, sin, interleaved):
+    """The unfused graph: q and k rotated by the rotary kernel, then the op without rope."""
+    from trtllm.kernels.paged_attention.op import rotate_tokens
+    from trtllm.kernels.rotary import rotary_triton
+    q, k = (rotate_tokens(rotary_triton, x, cos, sin, interleaved) for x in args[:2])
+    return (q, k, *args[2:])
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("specs, launch", [
+    ([(150, 1), (6, 1), (0, 1), (64, 1)], None),                     # decode, 2 splits by ticket
+    ([(300, 1), (5, 1), (64, 1)], DecodeLaunch(3, False, 16, 4, 1)),  # decode, 3 splits forced
+    (MIXED, None),                                                   # prefill path: rotated first
+])
+def test_rope(interleaved, dtype, specs, launch):
+    args, _ = make_batch(specs, 6, 2, 24, 16, dtype, pad_tokens=3, strided=True)
+    roped, (cos, sin) = with_rope(args, interleaved, dtype)
+    out, _ = check(roped, launch)  # kernel and reference, caches bit for bit
+    a_first = clone_caches(rotated_first(args, cos, sin, interleaved))
+    a_fused = clone_caches(roped)
+    first = launch_paged_attention(*a_first, launch=launch)
+    fused = launch_paged_attention(*a_fused, launch=launch)
+    torch.testing.assert_close(a_fused[3], a_first[3], atol=0, rtol=0)  # the cache holds rotated keys
+    # fp32: the same bits. bf16: interpreted, the fused q stays fp32 where the GPU rounds it to
+    # bf16 as the rotary kernel's output is (registry.interpreter_upcast)
+    atol, rtol = (0, 0) if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(fused, first, atol=atol, rtol=rtol)
+    plain = launch_paged_attention(*clone_caches(args), launch=launch)
+    assert (out.float() - plain.float()).abs().max() > 0.1  # the rope bites: this test can fail
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_uncovered_token_with_a_slot(interleaved):
+    """A token outside every sequence with a valid slot: the decode kernel's extra cache
+    write rotates its key too."""
+    specs = [(20, 1), (3, 1)]
+    args, _ = make_batch(specs, 4, 2, 16, 16, torch.float32, pad_tokens=3)
+    a = list(args)
+    a[6] = a[6].clone()
+    used = {int(b) for i, (c, n) in enumerate(specs) for b in a[7][i, : math.ceil((c + n) / 16)]}
+    a[6][len(specs) + 1] = next(b for b in range(a[3].shape[1]) if b not in used) * 16 + 5
+    roped, _ = with_rope(tuple(a), interleaved, torch.float32)
+    out, ref = check(roped)
+    assert out[len(specs):].abs().sum() == 0
+
+
+def test_rope_registered_op_and_refusals():
+    args, _ = make_batch([(5, 3), (9, 1)], 4, 2, 16, 16, torch.float32)
+    roped, (cos, sin) = with_rope(args, False, torch.float32)
+    torch.library.opcheck(torch.ops.trtllm.paged_attention.default, tuple(clone_caches(roped)))
+    with pytest.raises(AssertionError, match="rope_cos and rope_sin come together"):
+        launch_paged_attention(*clone_caches(args), None, None, cos, None, False)
+    with pytest.raises(AssertionError, match=r"rope_sin must be \[4, 16\]"):
+        launch_paged_attention(*clone_caches(args), None, None, cos, sin[:3], False)

@@ -16,7 +16,9 @@ from tests.kernels.test_paged_attention import (
     check,
     clone_caches,
     make_batch,
+    rotated_first,
     with_alibi,
+    with_rope,
     with_softcap,
 )
 from trtllm.kernels.paged_attention import PrefillLaunch, choose_launch, decode_launch, launch_paged_attention
@@ -33,6 +35,30 @@ SPECS = [(300, 1), (5, 1), (64, 1), (0, 1), (2047, 1), (63, 1), (1000, 1)]
 
 def on_gpu(args):
     return tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def rope_against_rotated_first(args, interleaved, launches):
+    """Rope inside the op against the unfused chain (the rotary kernel, then the op) for
+    each launch: outputs within TOL; the keys each writes to the cache within an ulp of the
+    chain's (the GPU may contract the rotation's multiply-adds differently in the two kernels)."""
+    dtype = args[0].dtype
+    roped, (cos, sin) = with_rope(args, interleaved, dtype)
+    roped, first = on_gpu(roped), rotated_first(on_gpu(args), cos.cuda(), sin.cuda(), interleaved)
+    atol, rtol = TOL[dtype]
+    outs = []
+    for launch in launches:
+        a_fused, a_first = clone_caches(roped), clone_caches(first)
+        fused = launch_paged_attention(*a_fused, launch=launch)
+        torch.testing.assert_close(fused, launch_paged_attention(*a_first, launch=launch), atol=atol, rtol=rtol)
+        got, want = a_fused[3].float(), a_first[3].float()
+        # an ulp: relative 2^-7 (bf16, and loose for fp32), 2^-3 (e4m3, whose subnormals step by
+        # 2^-9), one step (int8)
+        rel, step = {torch.float8_e4m3fn: (2.0 ** -3, 2.0 ** -9), torch.int8: (0.0, 1.0)}.get(
+            a_fused[3].dtype, (2.0 ** -7, 0.0))
+        assert ((got - want).abs() <= rel * want.abs() + step).all()
+        assert torch.equal(a_fused[4], a_first[4])  # values are not rotated
+        outs.append(fused)
+    return outs
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -155,3 +181,19 @@ def test_alibi_prefill(dtype, window):
     torch.testing.assert_close(small, out, atol=atol, rtol=rtol)
     unbiased, _ = check(plain)
     assert (out.float() - unbiased.float()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_in_every_decode_merge_and_prefill(dtype, interleaved):
+    """Rope inside the op (passes/fuse_rotary_attention.py) at Llama-3-8B heads: the cluster
+    merge, a ticket merge, one split, and the prefill kernels (rotated first by the launcher),
+    with padding tokens, against the unfused chain; all four agree."""
+    args, _ = make_batch(SPECS, 32, 8, 128, 16, dtype, pad_tokens=3, strided=True)
+    es = args[0].element_size()
+    outs = rope_against_rotated_first(args, interleaved, [
+        decode_launch(2, True, 128, es), decode_launch(4, False, 128, es), decode_launch(1, False, 128, es),
+        PrefillLaunch(16, 16, 4, 1)])
+    atol, rtol = TOL[dtype]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=atol, rtol=rtol)

@@ -141,3 +141,14 @@ def test_default_launch_is_unchanged_by_the_cache_format():
     for fmt in FORMATS:
         q = on_gpu(quantized(host, fmt))  # quantized on the host, where its scales are made
         assert choose_launch(q[0], q[3], *q[13:16]) == choose_launch(plain[0], plain[3], *plain[13:16])
+
+
+@sm90
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rope_with_a_quantized_cache(fmt):
+    """Rope inside the op on a quantized cache: the new keys rotated, then quantized (the
+    cluster merge, a ticket merge, the prefill path) against the unfused chain."""
+    from tests.kernels.test_paged_attention_gpu import rope_against_rotated_first
+    args, _ = make_batch(DECODE, 32, 8, 128, 16, torch.bfloat16, pad_tokens=2)
+    rope_against_rotated_first(quantized(args, fmt), False, [
+        decode_launch(2, True, 128, 2), decode_launch(4, False, 128, 2), PrefillLaunch(32, 64, 4, 3)])

@@ -19,6 +19,7 @@ from trtllm.passes.fuse_rms_norm import fuse_rms_norm
 from trtllm.passes.fuse_rms_norm_quant_fp8 import fuse_rms_norm_quant_fp8
 from trtllm.passes.fuse_rms_norm_rotary import fuse_rms_norm_rotary
 from trtllm.passes.fuse_rotary import fuse_rotary
+from trtllm.passes.fuse_rotary_attention import fuse_rotary_attention
 from trtllm.passes.fuse_silu_mul import fuse_silu_mul
 from trtllm.passes.fuse_silu_mul_quant_fp8 import fuse_silu_mul_quant_fp8
 from trtllm.passes.place_mla_attention import place_mla_attention
@@ -52,6 +53,7 @@ PASSES = [
     fuse_norm_add_rms_norm,             # after it (an FP8 model's norm + quantize wins the add); Gemma-2/3's sandwich norms
     fuse_rotary,
     fuse_rms_norm_rotary,               # needs fuse_rotary's and fuse_rms_norm's ops: QK-norm into rope
+    fuse_rotary_attention,              # after it: the plain ropes left go into attention
     fuse_silu_mul,
     fuse_silu_mul_quant_fp8,            # needs fuse_silu_mul's op and quantize_linears' quantizations
     split_heads_from_fused,             # after the passes that read fused linears' plain parts (apply_lora)

@@ -29,6 +29,7 @@ from trtllm.kernels.paged_attention.tiles import (
     _LOG2E,
     alibi_log2 as _alibi_log2,
     attend as _attend,
+    load_rope as _load_rope,
     load_tile as _load_tile,
     softcap_log2 as _softcap_log2,
     write_token as _write_token,
@@ -60,9 +61,11 @@ def _write_uncovered_tokens(s, num_seqs, num_tokens, qsl_ptr, k_ptr, v_ptr, kc_p
                             STRIDE_CS: tl.constexpr, STRIDE_CH: tl.constexpr, stride_ot, stride_oh,
                             G: tl.constexpr, HKV: tl.constexpr, HEAD_D: tl.constexpr, PAGE: tl.constexpr,
                             BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_D: tl.constexpr,
-                            KV_QUANT: tl.constexpr):
+                            KV_QUANT: tl.constexpr, cos_ptr, sin_ptr, stride_cos, stride_sin, ROPE: tl.constexpr,
+                            ROPE_INTERLEAVED: tl.constexpr):
     """Tokens no sequence covers (padding of a captured batch), shared out over the
-    sequences s: their k/v to their slots (if any), their output rows zeroed."""
+    sequences s: their k/v (k rotated with ROPE) to their slots (if any), their output rows
+    zeroed."""
     q_first = tl.load(qsl_ptr)
     total = tl.load(qsl_ptr + num_seqs)
     for u in range(s, q_first + num_tokens - total, num_seqs):
@@ -70,7 +73,8 @@ def _write_uncovered_tokens(s, num_seqs, num_tokens, qsl_ptr, k_ptr, v_ptr, kc_p
         _write_token(tok, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr, o_ptr, True,
                      stride_kt, stride_kh, stride_vt, stride_vh, STRIDE_CB, STRIDE_CS,
                      STRIDE_CH, stride_ot, stride_oh, HKV, G * HKV, HEAD_D, PAGE,
-                     BLOCK_HKV, BLOCK_HQ, BLOCK_D, KV_QUANT)
+                     BLOCK_HKV, BLOCK_HQ, BLOCK_D, KV_QUANT, cos_ptr, sin_ptr, stride_cos, stride_sin, ROPE,
+                     ROPE_INTERLEAVED)
 
 
 @triton.jit
@@ -100,16 +104,17 @@ def _attend_new_key(m_i, l_i, acc, q, k_new, v_new, slot, L, kvh, kc_ptr, vc_ptr
 @triton.jit(do_not_specialize=["window", "num_tokens"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, slot_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
-    pm_ptr, pl_ptr, pacc_ptr, count_ptr, trace_ptr, alibi_ptr,
+    pm_ptr, pl_ptr, pacc_ptr, count_ptr, trace_ptr, alibi_ptr, cos_ptr, sin_ptr,
     qk_scale, window, num_tokens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_bt,
+    stride_ot, stride_oh, stride_bt, stride_cos, stride_sin,
     STRIDE_CB: tl.constexpr, STRIDE_CS: tl.constexpr, STRIDE_CH: tl.constexpr,
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, HKV: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
     DOT_PREC: tl.constexpr, TRACE: tl.constexpr, CLUSTER: tl.constexpr, OFF64: tl.constexpr,
     SOFTCAP: tl.constexpr, KV_QUANT: tl.constexpr, ALIBI: tl.constexpr,
+    ROPE: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr,
 ):
     """One launch for the whole decode step (launches are a large share of a 20-30 us
     step), in parts: the tokens no sequence covers (`_write_uncovered_tokens`), the K/V
@@ -120,7 +125,9 @@ def _decode_kernel(
     "int8"): the caches hold quantized values, scales per kv head at ks_ptr / vs_ptr.
     ALIBI (False compiles to the plain kernel): ALiBi's slope per query head at alibi_ptr
     (tiles.alibi_log2), against the query's position L - 1; the new key's bias is 0, so
-    `_attend_new_key` and the split merges are unchanged."""
+    `_attend_new_key` and the split merges are unchanged. ROPE (False compiles to the plain
+    kernel): q and the new keys arrive unrotated and are rotated as they load (tiles.load_rope,
+    each token's cos/sin rows at cos_ptr / sin_ptr), the launches of the two rotary ops saved."""
     if CLUSTER:  # grid (splits, Hkv, seqs): a cluster is the splits of one (seq, kv head)
         rank = tl.program_id(0)
         split = NUM_SPLITS - 1 - rank
@@ -142,7 +149,7 @@ def _decode_kernel(
         _write_uncovered_tokens(s, num_seqs, num_tokens, qsl_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
                                 slot_ptr, o_ptr, stride_kt, stride_kh, stride_vt, stride_vh, STRIDE_CB, STRIDE_CS,
                                 STRIDE_CH, stride_ot, stride_oh, G, HKV, HEAD_D, PAGE, BLOCK_HKV, BLOCK_HQ, BLOCK_D,
-                                KV_QUANT)
+                                KV_QUANT, cos_ptr, sin_ptr, stride_cos, stride_sin, ROPE, ROPE_INTERLEAVED)
     # The step's metadata (bounds, length, block table) is read by every layer's launch:
     # kept in L2 (evict_last) past the K/V streaming that would evict it between layers:
     # its loads take 0.26 us at b8 x 2048 on the H100 (bench/probes/decode_timeline.py's
@@ -162,8 +169,14 @@ def _decode_kernel(
     d_ok = offs_d < HEAD_D
     head = kvh * G + offs_g
     g_ok = (offs_g < G)[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=g_ok, other=0.0)
+    if ROPE:
+        cos_row = cos_ptr + t.to(tl.int64) * stride_cos
+        sin_row = sin_ptr + t.to(tl.int64) * stride_sin
+        q = _load_rope(q_ptr + t.to(tl.int64) * stride_qt + head[:, None] * stride_qh, offs_d[None, :], g_ok,
+                       cos_row, sin_row, d_ok[None, :], HEAD_D, ROPE_INTERLEAVED).to(q_ptr.dtype.element_ty)
+    else:
+        q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_ok, other=0.0)
     if KV_QUANT != "":
         q = q.to(quant_dot_type(q.dtype))  # the dots' operands: see quant_dot_type
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -184,7 +197,11 @@ def _decode_kernel(
     owns_new = ((j_start < L) & (L <= j_end)) | ((L <= 0) & (split == 0))
     # The new key's loads go out before the loop; they are used after it.
     new_ok = d_ok & owns_new
-    k_new = tl.load(k_ptr + t.to(tl.int64) * stride_kt + kvh * stride_kh + offs_d, mask=new_ok)
+    if ROPE:
+        k_new = _load_rope(k_ptr + t.to(tl.int64) * stride_kt + kvh * stride_kh, offs_d, new_ok, cos_row, sin_row,
+                           d_ok, HEAD_D, ROPE_INTERLEAVED).to(k_ptr.dtype.element_ty)
+    else:
+        k_new = tl.load(k_ptr + t.to(tl.int64) * stride_kt + kvh * stride_kh + offs_d, mask=new_ok)
     v_new = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kvh * stride_vh + offs_d, mask=new_ok)
     slot = tl.load(slot_ptr + t, mask=owns_new, other=-1).to(tl.int64)
     if KV_QUANT != "":  # K's scale folded into the softmax scale; V's applied after the loop
@@ -261,13 +278,14 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, query_start_loc,
                   qk_scale, window, softcap, num_seqs, dot_prec, launch: DecodeLaunch, *, trace=None,
-                  kv_quant="", ks=None, vs=None, alibi_slopes=None):
+                  kv_quant="", ks=None, vs=None, alibi_slopes=None, rope=None):
     """One decode step of one layer (one new token per sequence) into `out`; kc/vc are one
     layer's caches [NB, BS, Hkv, D]. softcap (0.0 = none) is a constexpr: one compiled
     kernel per value (one per model in practice). trace: an int64 CUDA tensor of programs x TRACE_SLOTS
     to stamp (bench/probes/decode_timeline.py). kv_quant "fp8" / "int8": the caches are
     quantized with the layer's scales ks / vs [Hkv] fp32 (kv_quant.py). alibi_slopes: [Hq]
-    fp32, ALiBi's slope per query head (None = none, the ALIBI constexpr off)."""
+    fp32, ALiBi's slope per query head (None = none, the ALIBI constexpr off). rope: (cos, sin,
+    interleaved), the [T, D] rows q and k are rotated with in the kernel (None = none)."""
     T, Hq, D = q.shape
     Hkv, BS = kc.shape[2], kc.shape[1]
     G = Hq // Hkv
@@ -283,6 +301,7 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         assert trace.dtype == torch.int64 and trace.is_cuda
         assert trace.numel() >= Hkv * num_seqs * splits * TRACE_SLOTS
     BLOCK_G = max(16, triton.next_power_of_2(G))
+    cos, sin, interleaved = rope if rope is not None else (out, out, False)  # out: an unread stand-in
     args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, kc_ptr=kc, vc_ptr=vc, o_ptr=out, slot_ptr=slot_mapping,
         ks_ptr=out if ks is None else ks, vs_ptr=out if vs is None else vs,  # read only with kv_quant
@@ -290,10 +309,11 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         pm_ptr=out, pl_ptr=out, pacc_ptr=out, count_ptr=out,  # the ticket merge's, set below
         trace_ptr=out if trace is None else trace,
         alibi_ptr=out if alibi_slopes is None else alibi_slopes,  # read only with ALIBI
+        cos_ptr=cos, sin_ptr=sin,
         qk_scale=qk_scale, window=window, num_tokens=T,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0),
-        stride_oh=out.stride(1), stride_bt=block_tables.stride(0),
+        stride_oh=out.stride(1), stride_bt=block_tables.stride(0), stride_cos=cos.stride(0), stride_sin=sin.stride(0),
         STRIDE_CB=kc.stride(0), STRIDE_CS=kc.stride(1), STRIDE_CH=kc.stride(2),
         G=G, HEAD_D=D, BLOCK_D=BLOCK_D, PAGE=BS, BLOCK_G=BLOCK_G,
         BLOCK_N=block_n, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
@@ -301,6 +321,7 @@ def launch_decode(q, k, v, kc, vc, out, slot_mapping, block_tables, seq_lens, qu
         DOT_PREC=dot_prec, TRACE=trace is not None,
         OFF64=kc.numel() > _MAX_INT32_OFFSET,  # v_cache has k_cache's shape
         SOFTCAP=softcap, KV_QUANT=kv_quant, ALIBI=alibi_slopes is not None,
+        ROPE=rope is not None, ROPE_INTERLEAVED=interleaved,
     )
     if cluster:
         launch_cluster(_decode_kernel, (splits, Hkv, num_seqs), splits,

@@ -15,6 +15,9 @@ position p = L - n + i and
 where G = Hq // Hkv (GQA/MQA) and K_s[j] = k_cache[layer, block_tables[s, j // BS], j % BS]
 (same for V). Before attending, the new k/v rows are written into the cache:
 k_cache[layer, slot // BS, slot % BS] = k[t] for slot = slot_mapping[t] >= 0 (-1: padding).
+With rope_cos / rope_sin ([T, D] each, token t's rows), q and k are first rotated as
+`trtllm.rotary` does (kernels/rotary.py; rope_interleaved its GPT-J layout), and the rotated
+keys are what the cache stores: the op is then rotary(q), rotary(k), attention in one.
 Rows of tokens outside the first num_seqs sequences, and of sequences with L = 0, are 0.
 
 A quantized cache (kv_quant.py): k_cache/v_cache of float8_e4m3fn or int8 with kv_scales
@@ -22,7 +25,8 @@ A quantized cache (kv_quant.py): k_cache/v_cache of float8_e4m3fn or int8 with k
 quantize(k[t] / scale) and are read as K_s[j] = k_cache[...] * scale; the new tokens attend
 to their quantized keys/values too, exactly as stored. An fp8 cache needs an sm_89+ GPU.
 
-Shapes: q [T, Hq, D], k/v [T, Hkv, D] (any strides, last dim contiguous);
+Shapes: q [T, Hq, D], k/v [T, Hkv, D] (any strides, last dim contiguous); rope_cos/rope_sin
+[T, D] (row stride any, last dim contiguous), a floating dtype;
 k_cache/v_cache [L, NB, BS, Hkv, D] (q's dtype, or float8_e4m3fn / int8 with kv_scales);
 slot_mapping [>=T], block_tables [S_max, MB],
 seq_lens [S_max], query_start_loc [S_max + 1], all int32 -> out [T, Hq, D] in q.dtype.
@@ -34,13 +38,13 @@ soft-capping the scale goes inside the tanh and the capped logits are taken to b
 tiles.softcap_log2; softcap is a constexpr, 0.0 compiling to the kernels without it; so is
 ALiBi, the bias added in log2 units after the scale, tiles.alibi_log2), chosen
 per call by a launch value (launch_shape.py: `choose_launch` by default):
-- prefill.py (`PrefillLaunch`; any batch, the only path for max_query_len > 1): a cache
-  write kernel, then `_prefill_kernel` over tiles of BLOCK_Q tokens x the G query heads
+- prefill.py (`PrefillLaunch`; any batch, the only path for max_query_len > 1): with rope,
+  q and k rotated first by the rotary kernel; a cache write kernel, then `_prefill_kernel` over tiles of BLOCK_Q tokens x the G query heads
   of one kv head, found by binary search on query_start_loc.
 - decode.py (`DecodeLaunch`; max_query_len == 1), grid (Hkv, num_seqs, splits), the whole
   step in one launch: the G query heads are the (padded to 16) rows of one tile; K/V
   pages stream through; the new key is taken from k/v (and written to the cache) by the
-  split owning it; with splits > 1 (flash-decoding) the splits' (max, sum, acc) partials
+  split owning it; with rope, q and the new key are rotated as they load; with splits > 1 (flash-decoding) the splits' (max, sum, acc) partials
   merge in the same launch (decode_merge.py: in a thread-block cluster, or by the last
   split to take an atomic ticket).
 
@@ -61,6 +65,7 @@ from trtllm.kernels.paged_attention.prefill import launch_prefill
 from trtllm.kernels.paged_attention.tiles import LOG2E
 from trtllm.kernels.quantize_fp8 import require_fp8_gpu
 from trtllm.kernels.registry import interpreter_upcast, register_op
+from trtllm.kernels.rotary import rotary_ref, rotary_triton
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -74,9 +79,12 @@ def paged_attention_ref(
     slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor, scale: float, window: int, softcap: float,
     num_seqs: int, max_query_len: int, max_seq_len: int, kv_scales: torch.Tensor | None = None,
-    alibi_slopes: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None, rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None, rope_interleaved: bool = False,
 ) -> torch.Tensor:
     """The semantics of record: plain torch, fp32 inside, one sequence at a time."""
+    if rope_cos is not None:
+        q, k = (rotate_tokens(rotary_ref, x, rope_cos, rope_sin, rope_interleaved) for x in (q, k))
     T, Hq, _ = q.shape
     Hkv, BS = k.shape[1], k_cache.shape[2]
     fmt = kv_cache_format(k_cache.dtype, q.dtype)
@@ -118,17 +126,27 @@ def paged_attention_ref(
     return out.to(q.dtype)
 
 
+def rotate_tokens(rotary, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x [T, H, D] rotated by `rotary` (rotary_ref or rotary_triton) with token t's rows cos[t],
+    sin[t]: the op on x viewed as [1, H, T, D]. -> [T, H, D], last dim contiguous."""
+    return rotary(x.transpose(0, 1)[None], cos[None], sin[None], interleaved)[0].transpose(0, 1)
+
+
 # ------------------------------------------------------------------ launcher
 
 
 def launch_paged_attention(
     q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, seq_lens, query_start_loc,
     scale, window, softcap, num_seqs, max_query_len, max_seq_len, kv_scales: torch.Tensor | None = None,
-    alibi_slopes: torch.Tensor | None = None, *, launch: PrefillLaunch | DecodeLaunch | None = None, trace: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None, rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None, rope_interleaved: bool = False, *,
+    launch: PrefillLaunch | DecodeLaunch | None = None, trace: torch.Tensor | None = None,
 ):
     """The launcher: the op's arguments checked, then the kernels of `launch` (default:
     `choose_launch` for these shapes). kv_scales: a quantized cache's scales (see above).
-    alibi_slopes: ALiBi's slope per query head, [Hq] fp32 (see above).
+    alibi_slopes: ALiBi's slope per query head, [Hq] fp32 (see above). rope_cos / rope_sin:
+    the rows q and k are rotated with first (see above): inside the decode kernel, by the
+    rotary kernel before the prefill ones.
     trace: an int64 CUDA tensor of programs x
     TRACE_SLOTS the decode kernel stamps its phases into (bench/probes/decode_timeline.py)."""
     T, Hq, D = q.shape
@@ -153,6 +171,12 @@ def launch_paged_attention(
             and alibi_slopes.device == q.device and alibi_slopes.stride(0) == 1, \
             f"alibi_slopes must be [{Hq}] fp32 on q's device, got {tuple(alibi_slopes.shape)} {alibi_slopes.dtype}"
         assert softcap == 0, "ALiBi with logit soft-capping is not supported (no family has both)"
+    assert (rope_cos is None) == (rope_sin is None), "rope_cos and rope_sin come together"
+    if rope_cos is not None:
+        for name, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+            assert t.shape == (T, D) and t.is_floating_point() and t.device == q.device and t.stride(-1) == 1, \
+                f"{name} must be [{T}, {D}] (a token's row, last dim contiguous) on q's device, got {tuple(t.shape)}"
+        assert D % 2 == 0, f"rope needs an even head_dim, got {D}"
     for name, t in (("slot_mapping", slot_mapping), ("block_tables", block_tables),
                     ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
         assert t.dtype == torch.int32 and t.device == q.device, f"{name}: int32 on q's device"
@@ -180,12 +204,18 @@ def launch_paged_attention(
     ks, vs = (kv_scales[layer, 0], kv_scales[layer, 1]) if fmt else (None, None)  # [Hkv] views
     qk_scale = scale * LOG2E
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32
+    rope = None
+    if rope_cos is not None and decode:
+        rope = (rope_cos, rope_sin, rope_interleaved)
+    elif rope_cos is not None:  # the prefill kernels take rotated q and k
+        q, k = (rotate_tokens(rotary_triton, x, rope_cos, rope_sin, rope_interleaved) for x in (q, k))
     # The kernels write the new k/v rows into the layer's caches: written back too.
-    with interpreter_upcast((q, k, v), (kc, vc, out)) as ((q, k, v), (kc, vc, o)):
+    with interpreter_upcast((q, k, v, rope_cos, rope_sin), (kc, vc, out)) as ((q, k, v, cos, sin), (kc, vc, o)):
         if decode:
             launch_decode(q, k, v, kc, vc, o, slot_mapping, block_tables, seq_lens, query_start_loc,
                           qk_scale, window, float(softcap), num_seqs, dot_prec, launch, trace=trace,
-                          kv_quant=fmt, ks=ks, vs=vs, alibi_slopes=alibi_slopes)
+                          kv_quant=fmt, ks=ks, vs=vs, alibi_slopes=alibi_slopes,
+                          rope=None if rope is None else (cos, sin, rope_interleaved))
         else:
             launch_prefill(q, k, v, kc, vc, o, slot_mapping, block_tables, seq_lens, query_start_loc,
                            qk_scale, window, float(softcap), num_seqs, max_query_len, dot_prec, launch,
@@ -195,7 +225,8 @@ def launch_paged_attention(
 
 def _paged_attention_fake(q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables,
                           seq_lens, query_start_loc, scale, window, softcap, num_seqs, max_query_len,
-                          max_seq_len, kv_scales=None, alibi_slopes=None):
+                          max_seq_len, kv_scales=None, alibi_slopes=None, rope_cos=None, rope_sin=None,
+                          rope_interleaved=False):
     return q.new_empty(q.shape[:2] + (v.shape[-1],))
 
 

@@ -16,11 +16,13 @@ def write_token(
     stride_ot, stride_oh,
     HKV: tl.constexpr, HQ: tl.constexpr, HEAD_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_D: tl.constexpr, KV_QUANT: tl.constexpr,
+    cos_ptr=None, sin_ptr=None, stride_cos=0, stride_sin=0,
+    ROPE: tl.constexpr = False, ROPE_INTERLEAVED: tl.constexpr = False,
 ):
     """Token t: k/v rows of all heads to slot_mapping[t] (if >= 0), quantized with the
     heads' scales ks_ptr / vs_ptr [Hkv] if KV_QUANT ("fp8", "int8"; "" = stored as they
     are, kv_quant.py); output row zeroed if no sequence covers it (the attention programs
-    write the others)."""
+    write the others). ROPE: k rotated first (`load_rope`, token t's cos/sin rows)."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     offs_h = tl.arange(0, BLOCK_HKV)
@@ -29,7 +31,12 @@ def write_token(
     if slot >= 0:
         dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs \
             + offs_h[:, None] * stride_ch + offs_d[None, :]
-        kk = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=kv_ok)
+        if ROPE:
+            kk = load_rope(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh, offs_d[None, :], kv_ok,
+                           cos_ptr + t * stride_cos, sin_ptr + t * stride_sin, d_ok[None, :], HEAD_D,
+                           ROPE_INTERLEAVED).to(k_ptr.dtype.element_ty)
+        else:
+            kk = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=kv_ok)
         vv = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=kv_ok)
         if KV_QUANT != "":
             h_ok = offs_h < HKV
@@ -44,6 +51,29 @@ def write_token(
         zero = tl.zeros([BLOCK_HQ, BLOCK_D], dtype=o_ptr.dtype.element_ty)
         tl.store(o_ptr + t * stride_ot + offs_q[:, None] * stride_oh + offs_d[None, :], zero,
                  mask=(offs_q < HQ)[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def load_rope(rows, offs_d, mask, cos_row, sin_row, d_ok, HEAD_D: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Rows rows + offs_d of q or k, rotated as kernels/rotary.py's op does, in fp32 (the
+    caller rounds to the tensor's dtype, where the unfused graph stored the op's output):
+
+        x[d] * cos[d] + sign(d) * x[partner(d)] * sin[d]
+
+    partner d +- D/2 and sign -1 on the first half (neox / HF layout), or partner d ^ 1 and
+    sign -1 on even d (GPT-J's, INTERLEAVED). cos_row / sin_row: the token's [D] rows. The
+    partner's load hits the lines the row's own load brought in."""
+    if INTERLEAVED:
+        first = (offs_d % 2) == 0
+        partner = offs_d ^ 1
+    else:
+        first = offs_d < HEAD_D // 2
+        partner = tl.where(first, offs_d + HEAD_D // 2, offs_d - HEAD_D // 2)
+    x = tl.load(rows + offs_d, mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(rows + partner, mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_row + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_row + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    return x * cos + tl.where(first, -x_partner, x_partner) * sin
 
 
 @triton.jit
