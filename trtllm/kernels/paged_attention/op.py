@@ -204,18 +204,16 @@ def launch_paged_attention(
     ks, vs = (kv_scales[layer, 0], kv_scales[layer, 1]) if fmt else (None, None)  # [Hkv] views
     qk_scale = scale * LOG2E
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32
-    rope = None
-    if rope_cos is not None and decode:
-        rope = (rope_cos, rope_sin, rope_interleaved)
-    elif rope_cos is not None:  # the prefill kernels take rotated q and k
+    if rope_cos is not None and not decode:  # the prefill kernels take rotated q and k
         q, k = (rotate_tokens(rotary_triton, x, rope_cos, rope_sin, rope_interleaved) for x in (q, k))
+        rope_cos = rope_sin = None
     # The kernels write the new k/v rows into the layer's caches: written back too.
     with interpreter_upcast((q, k, v, rope_cos, rope_sin), (kc, vc, out)) as ((q, k, v, cos, sin), (kc, vc, o)):
         if decode:
             launch_decode(q, k, v, kc, vc, o, slot_mapping, block_tables, seq_lens, query_start_loc,
                           qk_scale, window, float(softcap), num_seqs, dot_prec, launch, trace=trace,
                           kv_quant=fmt, ks=ks, vs=vs, alibi_slopes=alibi_slopes,
-                          rope=None if rope is None else (cos, sin, rope_interleaved))
+                          rope=None if cos is None else (cos, sin, rope_interleaved))
         else:
             launch_prefill(q, k, v, kc, vc, o, slot_mapping, block_tables, seq_lens, query_start_loc,
                            qk_scale, window, float(softcap), num_seqs, max_query_len, dot_prec, launch,
