@@ -27,7 +27,7 @@ from trtllm.kernels.rms_norm_quant_fp8 import fused_add_rms_norm_quant_fp8
 SHAPES = {"qkv": (6144, 4096), "gate_up": (28672, 4096)}
 CALLS = 32
 EPS = 1e-5
-CONFIGS = [NormGemvConfig(b, w, p) for b, w, p in itertools.product((1, 2, 4), (4, 8), (0, 2, 4, 8))]
+CONFIGS = [NormGemvConfig(b, w, p, f) for f, b, w, p in itertools.product((False, True), (1, 2, 4), (4, 8), (0, 4, 8))]
 
 
 def weights_of(n, k, fp8):

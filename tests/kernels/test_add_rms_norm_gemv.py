@@ -26,7 +26,8 @@ TOLERANCES = {
 # (N, K): odd N and K (masked row tails and a last block past N); K up to MAX_K
 SHAPES = [(83, 769), (769, 83), (130, 1024), (7, 5125)]
 CONFIGS = [NormGemvConfig(block_n=2, num_warps=4, programs_per_sm=2),   # 6 programs interpreted: a loop
-           NormGemvConfig(block_n=4, num_warps=4, programs_per_sm=0)]   # one program a block
+           NormGemvConfig(block_n=4, num_warps=4, programs_per_sm=0),   # one program a block
+           NormGemvConfig(block_n=2, num_warps=4, programs_per_sm=1, prefetch=True)]  # a loop, a block ahead
 
 
 def make_inputs(m, n, k, dtype, fp8, bias, unit_offset=False):
@@ -41,7 +42,7 @@ def make_inputs(m, n, k, dtype, fp8, bias, unit_offset=False):
     return x, residual, norm_weight, weight, ws, (torch.randn(n).to(dtype) if bias else None)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["loop", "grid"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["loop", "grid", "prefetch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_one_row_linear_matches_reference(n, k, dtype, config):
@@ -54,7 +55,7 @@ def test_one_row_linear_matches_reference(n, k, dtype, config):
     torch.testing.assert_close(y, want_y, **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["loop", "grid"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["loop", "grid", "prefetch"])
 @pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n,k", SHAPES)

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(
     reason="needs an sm_89+ GPU without the Triton interpreter")
 
 SHAPES = [(6144, 4096), (28672, 4096), (1536, 1152)]  # qkv, gate_up; Gemma-3-1B's qkv (K not a power of 2)
-CONFIGS = [None, NormGemvConfig(1, 4, 0), NormGemvConfig(4, 8, 8)]  # the default; a grid of blocks; a loop
+# the default; a grid of blocks; a loop; a loop a block ahead
+CONFIGS = [None, NormGemvConfig(1, 4, 0), NormGemvConfig(4, 8, 8), NormGemvConfig(2, 8, 4, True)]
 # ||y - two kernels|| / ||two kernels||: the same e4m3 (or bf16) row, fp32 sums in another order
 MAX_REL_ERR = 1e-5
 
@@ -48,7 +49,7 @@ def _fused(x, r, nw, w, ws, config, unit_offset=False, input_scale=None):
                              **kw)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["default", "grid", "loop"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "grid", "loop", "prefetch"])
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_bf16_is_the_two_kernels_output(n, k, config):
     x, r, nw, w, _ = inputs(n, k, fp8=False)
@@ -59,7 +60,7 @@ def test_bf16_is_the_two_kernels_output(n, k, config):
 
 
 @pytest.mark.parametrize("unit_offset", [False, True])
-@pytest.mark.parametrize("config", CONFIGS, ids=["default", "grid", "loop"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "grid", "loop", "prefetch"])
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_fp8_is_the_two_kernels_output(n, k, config, unit_offset):
     x, r, nw, w, ws = inputs(n, k, fp8=True)

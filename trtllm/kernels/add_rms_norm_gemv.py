@@ -54,6 +54,7 @@ class NormGemvConfig(NamedTuple):
     block_n: int           # weight rows a loop step (each the whole K wide)
     num_warps: int
     programs_per_sm: int   # 0: one program per block (no loop)
+    prefetch: bool = False  # load the first block before the PDL wait and the norm, each next one a step ahead
 
 
 # Not yet measured: bench/probes/norm_in_gemv.py sweeps these on the GPU
@@ -134,6 +135,15 @@ def _rounded(v, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _weight_block(w_ptr, block, N, w_row_stride, offs_k, k_mask, BLOCK_N: tl.constexpr, valid=True):
+    """W[block * BLOCK_N + i, :] for i < BLOCK_N, [BLOCK_N, BLOCK_K]; rows past N read row N - 1 again;
+    not `valid`: zeros, nothing read."""
+    rows = tl.minimum(block * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
+    return tl.load(w_ptr + rows[:, None] * w_row_stride + offs_k[None, :], mask=k_mask[None, :] & valid, other=0.0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
 def _add_rms_norm_gemv_kernel(
     x_ptr, r_ptr, nw_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, s_ptr, in_scale_ptr,
     N, K, w_row_stride, ws_row_stride, eps,
@@ -145,12 +155,16 @@ def _add_rms_norm_gemv_kernel(
     MIN_AMAX: tl.constexpr, FP8_MAX: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,         # next power of 2 >= K: the whole row
+    PREFETCH: tl.constexpr,        # NormGemvConfig.prefetch
     PDL: tl.constexpr = False,     # kernels/pdl.py
 ):
     # Grid: (programs,). Each program normalizes the one row, then streams blocks pid, pid + programs, ...
     dtype = s_ptr.dtype.element_ty
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    if PREFETCH:  # the weights are no earlier kernel's output: readable before the wait
+        w_next = _weight_block(w_ptr, tl.program_id(0), N, w_row_stride, offs_k, k_mask, BLOCK_N)
     wait_for_previous(PDL)
     x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
@@ -175,11 +189,15 @@ def _add_rms_norm_gemv_kernel(
         else:
             h = h.to(tl.float8e4nv).to(tl.float32)
 
-    for block in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+    for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+        if PREFETCH:  # this block's rows are in flight; ask for the next one's before using them
+            w = w_next
+            following = block + tl.num_programs(0)
+            w_next = _weight_block(w_ptr, following, N, w_row_stride, offs_k, k_mask, BLOCK_N, following < n_blocks)
+        else:
+            w = _weight_block(w_ptr, block, N, w_row_stride, offs_k, k_mask, BLOCK_N)
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # past N: row N - 1 again, not stored
-        w = tl.load(w_ptr + rows[:, None] * w_row_stride + offs_k[None, :], mask=k_mask[None, :], other=0.0,
-                    eviction_policy="evict_first")
         y = tl.sum(w.to(tl.float32) * h[None, :], axis=1)  # [BLOCK_N]
         if QUANTIZE > 0:
             y = y * tl.load(ws_ptr + rows * ws_row_stride) * scale
@@ -215,7 +233,7 @@ def add_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torc
             EMULATE_BF16=x.dtype == torch.bfloat16 and triton_interpreter_on(),
             EMULATE_E4M3=triton_interpreter_on(),
             MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX,
-            BLOCK_N=config.block_n, BLOCK_K=triton.next_power_of_2(k),
+            BLOCK_N=config.block_n, BLOCK_K=triton.next_power_of_2(k), PREFETCH=config.prefetch,
             num_warps=config.num_warps, **pdl_options(x),
         )
     return out, summed.to(x.dtype)
