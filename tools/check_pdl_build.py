@@ -56,8 +56,8 @@ def builds():
         yield f"add_rms_norm_gemv._add_rms_norm_gemv_kernel (QUANTIZE={quantize})", \
             add_rms_norm_gemv._add_rms_norm_gemv_kernel, dict(
                 x_ptr=BF16, r_ptr=BF16, nw_ptr=BF16, w_ptr=w, ws_ptr=F32, b_ptr=BF16, y_ptr=BF16, s_ptr=BF16,
-                in_scale_ptr=F32, N=6144, K=H, w_row_stride=H, ws_row_stride=1, eps=1e-5, QUANTIZE=quantize,
-                HAS_BIAS=False, UNIT_OFFSET=False, EMULATE_BF16=False, EMULATE_E4M3=False, BLOCK_N=2, BLOCK_K=H,
+                in_scale_ptr=F32, pre_ptr=BF16, N=6144, K=H, w_row_stride=H, ws_row_stride=1, eps=1e-5,
+                QUANTIZE=quantize, HAS_BIAS=False, HAS_PRE_NORM=False, UNIT_OFFSET=False, EMULATE_BF16=False, EMULATE_E4M3=False, BLOCK_N=2, BLOCK_K=H,
                 PREFETCH=False, **FP8), 8, 1
     yield "quantize_fp8_gemm._quantize_fp8_gemv_kernel", quantize_fp8_gemm._quantize_fp8_gemv_kernel, dict(
         x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, amax_ptr=F32, N=H, K=H, N_AMAX=0,

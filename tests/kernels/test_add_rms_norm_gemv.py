@@ -12,7 +12,7 @@ from trtllm.kernels.add_rms_norm_gemv import (
 )
 from trtllm.kernels.fp8_gemm import FP8_DTYPE, FP8_MAX, fp8_gemm_triton
 from trtllm.kernels.linear import linear_triton
-from trtllm.kernels.rms_norm import fused_add_rms_norm_ref, fused_add_rms_norm_triton
+from trtllm.kernels.rms_norm import fused_add_rms_norm_ref, fused_add_rms_norm_triton, norm_add_rms_norm_triton
 from trtllm.kernels.rms_norm_quant_fp8 import fused_add_rms_norm_quant_fp8_triton
 
 # y against the reference: the norm's output (and its e4m3 values) are the reference's, bit for
@@ -144,3 +144,24 @@ def test_leading_dims_are_kept(lead):
         xq, xs, want_s = fused_add_rms_norm_quant_fp8_triton(x.view(-1, 128), r.view(-1, 128), nw, 1e-5)
         torch.testing.assert_close(y.view(-1, 83), fp8_gemm_triton(xq, w8, xs, ws, None, torch.float32), atol=0, rtol=0)
     torch.testing.assert_close(s.view(-1, 128), want_s.view(-1, 128), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("unit_offset", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 3])
+def test_a_norm_before_the_add_is_gemmas_sandwich(m, dtype, unit_offset):
+    """pre_weight: x is first normed (a block's output norm), then added and normed again
+    (norm_add_rms_norm); one row in the kernel, more in the two ops."""
+    x, r, nw, w, _, bias = make_inputs(m, 83, 769, dtype, fp8=False, bias=True, unit_offset=unit_offset)
+    pre = (torch.rand(769) * 0.4 + 0.2).to(dtype)
+    y, s = add_rms_norm_linear(x, r, nw, 1e-6, unit_offset, w, bias, pre)
+    want_y, want_s = add_rms_norm_linear_ref(x, r, nw, 1e-6, unit_offset, w, bias, pre)
+    if m == 1:
+        torch.testing.assert_close(s, want_s, atol=0, rtol=0)
+        torch.testing.assert_close(y, want_y, **TOLERANCES[dtype])
+    else:  # the two (interpreted) kernels
+        normed, summed = norm_add_rms_norm_triton(x, pre, r, nw, 1e-6, unit_offset)
+        torch.testing.assert_close(s, summed, atol=0, rtol=0)
+        torch.testing.assert_close(y, linear_triton(normed, w, bias), atol=0, rtol=0)
+    without, _ = add_rms_norm_linear_ref(x, r, nw, 1e-6, unit_offset, w, bias)
+    assert (without.float() - want_y.float()).abs().max() > 0.1  # the first norm matters

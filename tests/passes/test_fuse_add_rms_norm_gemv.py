@@ -92,17 +92,20 @@ def test_a_norm_that_also_feeds_another_op_is_left_alone():
     assert cap.apply(fuse_add_rms_norm_gemv) == 0
 
 
-def test_the_compiled_models_decode_graphs_fuse_every_residual_norm(tmp_path):
-    """The llama31 checkpoint (2 layers) compiled: its decode-graph variant fuses the three norms
-    that follow a residual add (the first layer's input norm has none), and one token's logits
-    match the whole-sequence call's."""
+@pytest.mark.parametrize("family", ["llama31", "gemma", "gemma3"])
+def test_the_compiled_models_decode_graphs_fuse_every_residual_norm(family, tmp_path):
+    """A 2-layer checkpoint compiled: its decode-graph variant fuses the three norms that follow a
+    residual add (the first layer's input norm has none; Gemma-3's are sandwich norms, Gemma's
+    add 1 to the weight), and one token's logits match the whole-sequence call's."""
     from tests.models.checkpoints import write_checkpoint
 
-    model = trtllm.load_model(write_checkpoint("llama31", tmp_path), dtype=torch.float32, device="cpu")
+    model = trtllm.load_model(write_checkpoint(family, tmp_path), dtype=torch.float32, device="cpu")
     compiled = trtllm.compile(model)
     ids, positions = torch.tensor([[5]]), torch.tensor([[3]])
     whole = compiled(ids, positions)
     with compiled.decode_graphs():
         decode = compiled(ids, positions)
     assert [v.matches.get("fuse_add_rms_norm_gemv", 0) for v in compiled.variants] == [3, 0]
+    fused = [n for gm in compiled.variants[0].graphs for n in gm.graph.nodes if n.target is FUSED]
+    assert [("pre_weight" in n.kwargs, n.args[4]) for n in fused] == [(family == "gemma3", family != "llama31")] * 3
     torch.testing.assert_close(decode, whole, atol=1e-5, rtol=1e-5)

@@ -2,6 +2,8 @@
 
     add_rms_norm_linear(x, r, nw, eps, unit_offset, w, bias)
         = (linear(y, w, bias), s)                                        y, s = fused_add_rms_norm(x, r, nw, eps, unit_offset)
+    add_rms_norm_linear(x, r, nw, eps, unit_offset, w, bias, pre_weight=v)      (Gemma-2/3's sandwich norms)
+        = (linear(y, w, bias), s)                       y, s = norm_add_rms_norm(x, v, r, nw, eps, unit_offset)
     add_rms_norm_fp8_gemm(x, r, nw, eps, unit_offset, w8, sw, bias, out_dtype, input_scale)
         = (fp8_gemm(*quantize_fp8(y, None), w8, sw, bias, out_dtype), s)                  per token
         = (fp8_gemm(quantize_fp8_static(y, input_scale), w8, input_scale, sw, bias, out_dtype), s)  static
@@ -42,7 +44,12 @@ from trtllm.kernels.quantize_fp8 import MIN_AMAX, quantize_fp8_ref, require_fp8_
 from trtllm.kernels.quantize_fp8_gemm import round_to_e4m3
 from trtllm.kernels.quantize_fp8_static import check_static_scale, quantize_fp8_static_ref
 from trtllm.kernels.registry import interpreter_upcast, register_op, triton_interpreter_on
-from trtllm.kernels.rms_norm import fused_add_rms_norm_ref, fused_add_rms_norm_triton
+from trtllm.kernels.rms_norm import (
+    fused_add_rms_norm_ref,
+    fused_add_rms_norm_triton,
+    norm_add_rms_norm_triton,
+    rms_norm_ref,
+)
 from trtllm.kernels.rms_norm_quant_fp8 import fused_add_rms_norm_quant_fp8_triton
 from trtllm.kernels.silu_mul_fp8_gemm import round_to_bf16
 
@@ -73,7 +80,7 @@ def _programs(device: torch.device, blocks: int, config: NormGemvConfig) -> int:
     return max(1, min(blocks, sms * config.programs_per_sm))
 
 
-def _check(x, residual, norm_weight) -> None:
+def _check(x, residual, norm_weight, pre_weight=None) -> None:
     assert x.dtype in _FLOAT_DTYPES, f"x: dtype {x.dtype}, expected one of {_FLOAT_DTYPES}"
     assert x.dim() >= 1, "x: a scalar is not a row"
     assert residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device, \
@@ -81,6 +88,9 @@ def _check(x, residual, norm_weight) -> None:
     k = x.shape[-1]
     assert norm_weight.shape == (k,) and norm_weight.is_contiguous() and norm_weight.device == x.device, \
         f"norm_weight {tuple(norm_weight.shape)}: expected a contiguous ({k},) vector on {x.device}"
+    assert pre_weight is None or (pre_weight.shape == (k,) and pre_weight.is_contiguous()
+                                  and pre_weight.device == x.device), \
+        f"pre_weight {tuple(pre_weight.shape)}: expected a contiguous ({k},) vector on {x.device}"
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -90,10 +100,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def add_rms_norm_linear_ref(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                            unit_offset: bool, weight: torch.Tensor,
-                            bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(x, residual, norm_weight)
+                            unit_offset: bool, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                            pre_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x, residual, norm_weight, pre_weight)
     check_linear(x, weight, bias)
+    if pre_weight is not None:
+        x = rms_norm_ref(x, pre_weight, eps, unit_offset)
     normed, summed = fused_add_rms_norm_ref(x, residual, norm_weight, eps, unit_offset)
     return linear_ref(normed, weight, bias), summed
 
@@ -135,6 +147,15 @@ def _rounded(v, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _normed_row(x, w, K, eps, dtype: tl.constexpr, UNIT_OFFSET: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """kernels/rms_norm.py's rms_norm of one fp32 row (masked elements 0), rounded to dtype, as fp32."""
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
+    if UNIT_OFFSET:  # Gemma: (1 + w), fp32 until one rounding
+        return _rounded((x * rstd) * (1.0 + w), dtype, EMULATE_BF16)
+    return _rounded(_rounded(x * rstd, dtype, EMULATE_BF16) * w, dtype, EMULATE_BF16)
+
+
+@triton.jit
 def _weight_block(w_ptr, block, N, w_row_stride, offs_k, k_mask, BLOCK_N: tl.constexpr, valid=True):
     """W[block * BLOCK_N + i, :] for i < BLOCK_N, [BLOCK_N, BLOCK_K]; rows past N read row N - 1 again;
     not `valid`: zeros, nothing read."""
@@ -145,10 +166,11 @@ def _weight_block(w_ptr, block, N, w_row_stride, offs_k, k_mask, BLOCK_N: tl.con
 
 @triton.jit
 def _add_rms_norm_gemv_kernel(
-    x_ptr, r_ptr, nw_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, s_ptr, in_scale_ptr,
+    x_ptr, r_ptr, nw_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, s_ptr, in_scale_ptr, pre_ptr,
     N, K, w_row_stride, ws_row_stride, eps,
     QUANTIZE: tl.constexpr,        # 0: w in x's dtype; 1: fp8 w, x per token (amax); 2: fp8 w, x by in_scale
     HAS_BIAS: tl.constexpr,
+    HAS_PRE_NORM: tl.constexpr,    # x is first normed with the weight at pre_ptr (norm_add_rms_norm)
     UNIT_OFFSET: tl.constexpr,     # Gemma's (1 + nw), fp32 until one rounding
     EMULATE_BF16: tl.constexpr,    # interpreted bf16: roundings in bit arithmetic
     EMULATE_E4M3: tl.constexpr,    # interpreted: the e4m3 cast in bit arithmetic
@@ -167,17 +189,15 @@ def _add_rms_norm_gemv_kernel(
         w_next = _weight_block(w_ptr, tl.program_id(0), N, w_row_stride, offs_k, k_mask, BLOCK_N)
     wait_for_previous(PDL)
     x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    if HAS_PRE_NORM:
+        x = _normed_row(x, tl.load(pre_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32), K, eps, dtype,
+                        UNIT_OFFSET, EMULATE_BF16)
     r = tl.load(r_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
     s = _rounded(x + r, dtype, EMULATE_BF16)  # the residual stream lives in x's dtype
     if tl.program_id(0) == 0:
         tl.store(s_ptr + offs_k, s.to(dtype), mask=k_mask)
-    rstd = tl.rsqrt(tl.sum(s * s, axis=0) / K + eps)
-    nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-    if UNIT_OFFSET:
-        h = (s * rstd) * (1.0 + nw)
-    else:
-        h = _rounded(s * rstd, dtype, EMULATE_BF16) * nw
-    h = _rounded(h, dtype, EMULATE_BF16)  # the norm's output, as the unfused ops pass it on
+    h = _normed_row(s, tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32), K, eps, dtype, UNIT_OFFSET,
+                    EMULATE_BF16)  # the norm's output, as the unfused ops pass it on
     if QUANTIZE == 1:  # div_rn: quantize_fp8's IEEE quotient
         scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(h), axis=0), MIN_AMAX), FP8_MAX)
     elif QUANTIZE == 2:
@@ -209,9 +229,11 @@ def _add_rms_norm_gemv_kernel(
 def add_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                       unit_offset: bool, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                       weight_scale: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
-                      config: NormGemvConfig = ONE_ROW) -> tuple[torch.Tensor, torch.Tensor]:
+                      config: NormGemvConfig = ONE_ROW,
+                      pre_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel for one row x, residual [1, K] into out [1, N]; returns (out, s).
-    weight_scale given: weight is e4m3 and x quantizes per token, or by input_scale."""
+    weight_scale given: weight is e4m3 and x quantizes per token, or by input_scale; pre_weight
+    given: x is first normed with it."""
     m, k = x.shape
     n = weight.shape[0]
     assert m == 1 and 0 < k <= MAX_K and n > 0, f"x {tuple(x.shape)}, weight {tuple(weight.shape)}: one row of K <= {MAX_K}"
@@ -221,15 +243,15 @@ def add_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torc
         assert bias.shape == (n,) and bias.is_contiguous(), f"bias {tuple(bias.shape)}: expected contiguous [{n}]"
     quantize = 0 if weight_scale is None else 2 if input_scale is not None else 1
     blocks = triton.cdiv(n, config.block_n)
-    with interpreter_upcast((x, residual, norm_weight, weight, bias), (out,)) as \
-            ((x_k, r_k, nw_k, w_k, b_k), (y_k,)):
+    with interpreter_upcast((x, residual, norm_weight, weight, bias, pre_weight), (out,)) as \
+            ((x_k, r_k, nw_k, w_k, b_k, pre_k), (y_k,)):
         summed = torch.empty((m, k), dtype=x_k.dtype, device=x.device)
         _add_rms_norm_gemv_kernel[(_programs(x.device, blocks, config),)](
             x_k, r_k, nw_k, w_k, weight_scale if weight_scale is not None else w_k,
             b_k if bias is not None else w_k, y_k, summed,
-            input_scale if input_scale is not None else w_k,
+            input_scale if input_scale is not None else w_k, pre_k if pre_weight is not None else nw_k,
             n, k, w_k.stride(0), 0 if weight_scale is None or weight_scale.numel() == 1 else 1, eps,
-            QUANTIZE=quantize, HAS_BIAS=bias is not None, UNIT_OFFSET=unit_offset,
+            QUANTIZE=quantize, HAS_BIAS=bias is not None, HAS_PRE_NORM=pre_weight is not None, UNIT_OFFSET=unit_offset,
             EMULATE_BF16=x.dtype == torch.bfloat16 and triton_interpreter_on(),
             EMULATE_E4M3=triton_interpreter_on(),
             MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX,
@@ -244,15 +266,19 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def add_rms_norm_linear_triton(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                               unit_offset: bool, weight: torch.Tensor,
-                               bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(x, residual, norm_weight)
+                               unit_offset: bool, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                               pre_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x, residual, norm_weight, pre_weight)
     check_linear(x, weight, bias)
     if not _one_row(x, weight):
-        normed, summed = fused_add_rms_norm_triton(x, residual, norm_weight, eps, unit_offset)
+        if pre_weight is not None:
+            normed, summed = norm_add_rms_norm_triton(x, pre_weight, residual, norm_weight, eps, unit_offset)
+        else:
+            normed, summed = fused_add_rms_norm_triton(x, residual, norm_weight, eps, unit_offset)
         return linear_triton(normed, weight, bias), summed
     out = torch.empty((1, weight.shape[0]), dtype=x.dtype, device=x.device)
-    y, summed = add_rms_norm_gemv(_rows(x), _rows(residual), norm_weight, eps, unit_offset, weight, bias, out)
+    y, summed = add_rms_norm_gemv(_rows(x), _rows(residual), norm_weight, eps, unit_offset, weight, bias, out,
+                                  pre_weight=pre_weight)
     return y.view(*x.shape[:-1], weight.shape[0]), summed.view(x.shape)
 
 
@@ -274,8 +300,8 @@ def add_rms_norm_fp8_gemm_triton(x: torch.Tensor, residual: torch.Tensor, norm_w
 
 
 def _add_rms_norm_linear_fake(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                              unit_offset: bool, weight: torch.Tensor,
-                              bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              unit_offset: bool, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                              pre_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty(x.shape)
 
 

@@ -4,6 +4,8 @@ Before (use_gemv_linear's linears; fuse_rms_norm_quant_fp8's FP8 norms):
 
     y, s = torch.ops.trtllm.fused_add_rms_norm(x, r, nw, eps)            # x, r [.., K]; s: next residual
     out = torch.ops.trtllm.linear(y, W, b)                               # W [N, K]: q/k/v or gate/up
+    y1, s1 = torch.ops.trtllm.norm_add_rms_norm(x, v, r, nw, eps, True)  # Gemma-2/3's sandwich norms
+    out1 = torch.ops.trtllm.linear(y1, W, b)
     xq, xs, s2 = torch.ops.trtllm.fused_add_rms_norm_quant_fp8(x2, r2, nw, eps, None)   # x2, r2 [M, K]
     out2 = torch.ops.trtllm.fp8_gemm(xq, W8, xs, sw, b, dtype)           # sw per tensor or channel
     xq3, _, s3 = torch.ops.trtllm.fused_add_rms_norm_quant_fp8(x3, r3, nw, eps, None, input_scale=c)
@@ -11,12 +13,14 @@ Before (use_gemv_linear's linears; fuse_rms_norm_quant_fp8's FP8 norms):
 After:
 
     out, s = torch.ops.trtllm.add_rms_norm_linear(x, r, nw, eps, False, W, b)
+    out1, s1 = torch.ops.trtllm.add_rms_norm_linear(x, r, nw, eps, True, W, b, pre_weight=v)
     out2, s2 = torch.ops.trtllm.add_rms_norm_fp8_gemm(x2, r2, nw, eps, False, W8, sw, b, dtype)
     out3, s3 = torch.ops.trtllm.add_rms_norm_fp8_gemm(x3, r3, nw, eps, False, W8, sw, b, dtype, input_scale=c)
 
 A decode-graph pass (passes/__init__.py): in the batch-1 graph a Llama layer's two norms stop
 being launches of their own (kernels/add_rms_norm_gemv.py: each GEMV program normalizes the row
-itself; graphs of more rows run the same two kernels as before). Matched only where the norm's
+itself; graphs of more rows run the same two kernels as before; in Gemma-2/3 both of a layer's
+sandwich norms). Matched only where the norm's
 output feeds one such GEMM and nothing else, and the GEMM's weight is a graph input (the fused op
 is placed where the norm was, before the sum's other users). Gemma's `unit_offset` norms fuse
 too; norms without the residual add (a model's first) and 1x128 groups are left as they are.
@@ -34,6 +38,7 @@ from trtllm.passes.context import PassContext
 from trtllm.passes.match import value
 
 _NORM = torch.ops.trtllm.fused_add_rms_norm.default
+_SANDWICH = torch.ops.trtllm.norm_add_rms_norm.default
 _NORM_FP8 = torch.ops.trtllm.fused_add_rms_norm_quant_fp8.default
 _LINEAR = torch.ops.trtllm.linear.default
 _GEMM = torch.ops.trtllm.fp8_gemm.default
@@ -69,12 +74,18 @@ def _bf16_match(norm: fx.Node):
     linear = _only_user(outs[0], _LINEAR)
     if linear is None or linear.args[0] is not outs[0] or not _graph_inputs(*linear.args[1:]):
         return None
-    unit_offset = _unit_offset(norm, 4)
+    sandwich = norm.target is _SANDWICH
+    unit_offset = _unit_offset(norm, 5 if sandwich else 4)
     if unit_offset is None:
         return None
-    x, r, nw, eps = norm.args[:4]
+    if sandwich:
+        (x, pre_weight, r, nw, eps), kwargs = norm.args[:5], {}
+        kwargs["pre_weight"] = pre_weight
+    else:
+        (x, r, nw, eps), kwargs = norm.args[:4], {}
     weight, bias = linear.args[1], linear.args[2] if len(linear.args) > 2 else None
-    return (x, r, nw, eps, unit_offset, weight, bias), {}, torch.ops.trtllm.add_rms_norm_linear.default, linear, outs
+    return ((x, r, nw, eps, unit_offset, weight, bias), kwargs, torch.ops.trtllm.add_rms_norm_linear.default,
+            linear, outs)
 
 
 def _fp8_match(norm: fx.Node):
@@ -103,12 +114,12 @@ def _fp8_match(norm: fx.Node):
 
 def fuse_add_rms_norm_gemv(graph: fx.Graph, ctx: PassContext) -> int:
     matches = 0
-    for norm in [n for n in graph.nodes if n.target in (_NORM, _NORM_FP8)]:
-        found = (_bf16_match if norm.target is _NORM else _fp8_match)(norm)
+    for norm in [n for n in graph.nodes if n.target in (_NORM, _SANDWICH, _NORM_FP8)]:
+        found = (_fp8_match if norm.target is _NORM_FP8 else _bf16_match)(norm)
         if found is None:
             continue
         args, kwargs, fused, gemm, outs = found
-        summed = outs.get(1 if norm.target is _NORM else 2)
+        summed = outs.get(2 if norm.target is _NORM_FP8 else 1)
         with graph.inserting_before(norm):
             new = graph.call_function(fused, args, kwargs)
             y = graph.call_function(operator.getitem, (new, 0))
