@@ -21,7 +21,6 @@ from triton.runtime.jit import MockTensor  # noqa: E402
 
 from tools.sm90_build import compile_or_report  # noqa: E402
 from trtllm.kernels import (  # noqa: E402
-    add_rms_norm_gemv,
     fp8_gemm,
     linear,
     quantize_fp8,
@@ -52,13 +51,6 @@ def builds():
         w_row_stride=H, y_row_stride=H, xs_row_stride=1, ws_row_stride=1, HAS_BIAS=False, BLOCK_SCALES=False,
         SCALE_BLOCK=128, DOT_PRECISION="tf32", MAX_IMPRECISE_ACC=128, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256,
         EVEN_K=True), 4, 5
-    for quantize, w in ((0, BF16), (1, F8)):
-        yield f"add_rms_norm_gemv._add_rms_norm_gemv_kernel (QUANTIZE={quantize})", \
-            add_rms_norm_gemv._add_rms_norm_gemv_kernel, dict(
-                x_ptr=BF16, r_ptr=BF16, nw_ptr=BF16, w_ptr=w, ws_ptr=F32, b_ptr=BF16, y_ptr=BF16, s_ptr=BF16,
-                in_scale_ptr=F32, pre_ptr=BF16, N=6144, K=H, w_row_stride=H, ws_row_stride=1, eps=1e-5,
-                QUANTIZE=quantize, HAS_BIAS=False, HAS_PRE_NORM=False, UNIT_OFFSET=False, EMULATE_BF16=False, EMULATE_E4M3=False, BLOCK_N=2, BLOCK_K=H,
-                PREFETCH=False, **FP8), 8, 1
     yield "quantize_fp8_gemm._quantize_fp8_gemv_kernel", quantize_fp8_gemm._quantize_fp8_gemv_kernel, dict(
         x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, amax_ptr=F32, N=H, K=H, N_AMAX=0,
         w_row_stride=H, ws_row_stride=1, HAS_BIAS=False, AMAX_BLOCK=0, STATIC=False, EMULATE_E4M3=False, BLOCK_N=8,

@@ -10,7 +10,6 @@ batch-64 decode graph took 7.12 ms against 6.65 without the pass on the H100
 from trtllm.kernels.linear import GEMV_MAX_M
 from trtllm.passes.apply_lora import apply_lora
 from trtllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
-from trtllm.passes.fuse_add_rms_norm_gemv import fuse_add_rms_norm_gemv
 from trtllm.passes.fuse_lora_linear import fuse_lora_linear
 from trtllm.passes.fuse_moe import fuse_moe
 from trtllm.passes.fuse_norm_add_rms_norm import fuse_norm_add_rms_norm
@@ -65,7 +64,6 @@ PASSES = [
 DECODE_GRAPH_PASSES = [
     use_gemv_linear,                    # after split_lm_head has found the head as a linear
     fuse_quantize_fp8_gemm,             # an FP8 GEMV quantizes its own input: one launch fewer a linear
-    fuse_add_rms_norm_gemv,             # after use_gemv_linear: the residual add + norm inside the next GEMV
 ]
 
 # the decode graphs DECODE_GRAPH_PASSES serve: those whose linears a GEMV computes
