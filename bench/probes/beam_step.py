@@ -99,7 +99,7 @@ class PhaseTimer:
         self.wrap(engine.runner, "copy_blocks", "block copies")
         self.wrap(engine.runner, "execute", "execute")
         self.wrap(engine.runner, "execute_ahead", "execute")
-        self.wrap(engine, "_sample", "sample")
+        self.wrap(engine.step_sampler, "finish", "sample")
         self.wrap(engine, "_postprocess", "postprocess")
         self.wrap(engine, "_outputs", "outputs")
         self.wrap(engine_module, "take_beam_rows", "take_beam_rows")

@@ -60,6 +60,23 @@ def test_select_beams_equals_the_per_group_search(dtype):
 def test_select_beams_refuses_an_index_that_does_not_match_the_scores():
     with pytest.raises(ValueError, match="one row per beam"):
         select_beams(torch.zeros(8, 16), torch.arange(6), torch.zeros(2, 4), 8)
+    with pytest.raises(ValueError, match=r"logits \(6, 16\) does not match .* one row per beam"):
+        select_beams(torch.zeros(6, 16), None, torch.zeros(2, 4), 8)
+
+
+def test_select_beams_without_an_index_takes_the_rows_in_order():
+    """index None (every row a beam, in order: step_groups' usual case) skips the gather: the
+    same values and indices as the identity index, values' fp32 bits intact through the one copy."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(8, 97, generator=g) * 4).to(torch.bfloat16)
+    scores = torch.randn(2, 4, generator=g) * 3
+    values, flat = select_beams(logits, None, scores, 8)
+    want_v, want_i = select_beams(logits, torch.arange(8), scores, 8)
+    np.testing.assert_array_equal(values, want_v)
+    np.testing.assert_array_equal(flat, want_i)
+    ref_v, ref_i = per_group_reference(logits, torch.arange(8), scores, 8, None)
+    np.testing.assert_array_equal(values, ref_v)
+    np.testing.assert_array_equal(flat, ref_i)
 
 
 def test_graph_picks_serve_beams_and_greedy_rows_only():

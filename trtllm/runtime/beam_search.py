@@ -35,14 +35,16 @@ def step_groups(groups: list[BeamGroup], block_manager) -> list[BeamGroup]:
         # HF's min_new_tokens: the stop ids cannot end a beam yet
         masked = [(i, t) for i, g in enumerate(gs) if len(g.beams[0].output_token_ids) < g.params.min_tokens
                   for t in g.stop_ids]
-        values, flat = select_beams(logits, torch.tensor(index, device=logits.device),
+        # the step's rows in their own order (beams are most of a beam step's batch): no gather
+        whole = len(index) == logits.shape[0] and index == list(range(len(index)))
+        values, flat = select_beams(logits, None if whole else torch.tensor(index, device=logits.device),
                                     torch.from_numpy(np.stack([g.scores for g in gs])).to(logits.device),
                                     min(keep, k * vocab), masked or None)
         ended += _advance(gs, values, flat, vocab, block_manager)
     return ended
 
 
-def select_beams(logits: Tensor, index: Tensor, scores: Tensor, keep: int,
+def select_beams(logits: Tensor, index: Tensor | None, scores: Tensor, keep: int,
                  masked: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The search's device work for G groups of width k, in one batched pass, no loop over groups:
 
@@ -52,17 +54,19 @@ def select_beams(logits: Tensor, index: Tensor, scores: Tensor, keep: int,
         values, flat  = topk(acc, keep)                                 [G, keep] each
 
     logits [N, V] (any float dtype: the step's rows), index [G * k] int64 (a beam's row;
-    the leader's k times at a group's first step), scores [G, k] fp32 (the running beams'
+    the leader's k times at a group's first step; None: the rows in order, N = G * k), scores [G, k] fp32 (the running beams'
     summed log-probabilities). HF's `_beam_search` arithmetic, op for op (log_softmax in
     fp32, then the add), so the same scores and the same order (equal ones by flat index:
     torch.topk leaves ties in an order of its own). Returns numpy arrays on the
     host (values fp32, flat indices int64: parent = flat // V, token = flat % V): the
     step's one device-to-host copy (two tensors, one wait)."""
     G, k = scores.shape
-    if index.shape != (G * k,):
-        raise ValueError(f"index {tuple(index.shape)} does not match scores {tuple(scores.shape)}: one row per beam")
+    rows = logits if index is None else logits.index_select(0, index)
+    if rows.shape[0] != G * k:
+        what = f"index {tuple(index.shape)}" if index is not None else f"logits {tuple(logits.shape)}"
+        raise ValueError(f"{what} does not match scores {tuple(scores.shape)}: one row per beam")
     vocab = logits.shape[-1]
-    logp = logits.index_select(0, index).float().log_softmax(-1).view(G, k, vocab)
+    logp = rows.float().log_softmax(-1).view(G, k, vocab)
     if masked:
         g, t = zip(*masked)
         logp[torch.tensor(g, device=logp.device), :, torch.tensor(t, device=logp.device)] = float("-inf")
@@ -75,7 +79,9 @@ def select_beams(logits: Tensor, index: Tensor, scores: Tensor, keep: int,
     acc = (row_values + scores[:, :, None]).view(G, k * per_row)
     values, j = torch.topk(acc, keep)  # j = parent * per_row + the rank in its row
     flat = (j // per_row) * vocab + row_tokens.view(G, k * per_row).gather(1, j)
-    values, flat = values.cpu().numpy(), flat.cpu().numpy()
+    # one copy to the host, one wait: the values' fp32 bits ride beside the indices as int64
+    both = torch.cat((values.view(torch.int32).to(torch.int64), flat), 1).cpu().numpy()
+    values, flat = both[:, :keep].astype(np.int32).view(np.float32), both[:, keep:]
     # equal values in the order of their flat index (torch.topk's own tie order is unspecified,
     # and the two-stage one ranks them by row first): bf16 logits tie often
     order = np.lexsort((flat, -values), axis=-1)
