@@ -39,6 +39,7 @@ from itertools import accumulate
 import numpy as np
 import torch
 
+from trtllm.kernels.copy_blocks import copy_blocks
 from trtllm.kernels.paged_attention import paged_attention
 from trtllm.kernels.registry import register_op
 
@@ -68,18 +69,13 @@ class PagedKVCache:
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Block src[i]'s K and V, every layer, into block dst[i] (beams' copy-on-write,
-        runtime/block_manager.py); src, dst int64 on the cache's device. Bytes, whatever the
-        dtype (FP8 has no index kernels; the scales are per layer, not per block), moved as
-        int64 words: a block's row of one layer is block_size x Hkv x D elements, contiguous.
-        (As uint8, 48 blocks of Llama-3.1-8B's cache took 1.23 ms on the H100, ~5x their
-        bytes' time at its bandwidth: bench/probes/beam_step.py.)"""
+        runtime/block_manager.py; each dst a fresh block no pair reads); src, dst int64 on the
+        cache's device. Bytes, whatever the dtype (the scales are per layer, not per block):
+        kernels/copy_blocks.py, one pass a pool."""
         for pool in (self.k, self.v):
             if pool.numel() == 0:  # a latent cache's V
                 continue
-            rows = pool.view(pool.shape[0], pool.shape[1], -1).view(torch.uint8)  # [L, NB, bytes]
-            if rows.shape[-1] % 8 == 0:
-                rows = rows.view(torch.int64)
-            rows.index_copy_(1, dst, rows.index_select(1, src))
+            copy_blocks(pool, src, dst)
 
     @property
     def nbytes(self) -> int:

@@ -196,6 +196,7 @@ def device_ms(fn, device: torch.device, reps: int = 20) -> float:
 def device_part(vocab: int, device: torch.device) -> tuple[str, dict]:
     """ms of the device work of one step's sampling, 64 rows of bf16 logits (CUDA events)."""
     from trtllm.attention_context import PagedKVCache
+    from trtllm.kernels.copy_blocks import copy_blocks_ref
     from trtllm.runtime.model_runner import ModelRunner
     from trtllm.runtime.sampler import Sampler, SamplingBatch
     from trtllm.runtime.sequence import Sequence
@@ -235,10 +236,16 @@ def device_part(vocab: int, device: torch.device) -> tuple[str, dict]:
                   lambda: ModelRunner.copy_blocks(holder, pairs), 2 * len(pairs) * block_bytes))
     src, dst = torch.tensor(pairs, dtype=torch.long, device=device).T
 
+    def copy_two_pass():  # copy_blocks until 2026-12-07: index_select / index_copy_ of int64 words
+        for pool in (cache.k, cache.v):
+            copy_blocks_ref(pool, src, dst)
+
     def copy_as_bytes():  # copy_blocks until 2026-12-06: index_select / index_copy_ of a uint8 view
         for pool in (cache.k, cache.v):
             raw = pool.view(torch.uint8)
             raw.index_copy_(1, dst, raw.index_select(1, src))
+    timed.append(("  the same in two passes of int64 words (before 2026-12-07)", copy_two_pass,
+                  2 * len(pairs) * block_bytes))
     timed.append(("  the same as uint8 (before 2026-12-06)", copy_as_bytes, 2 * len(pairs) * block_bytes))
     lines = [f"device ms of a step's sampling work ({name}, {rows} rows x vocab {vocab}, "
              "bf16 logits; 20 launches; GB/s: bytes read + written that the work needs):", "",

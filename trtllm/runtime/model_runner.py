@@ -250,6 +250,7 @@ class ModelRunner:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write (block_manager.py): each (source, copy) block's K/V, every layer,
         into the copy, queued before the step that writes it (PagedKVCache.copy_blocks)."""
+        assert not {d for _, d in pairs} & {s for s, _ in pairs}, f"a copy's block is another's source: {pairs}"
         src, dst = torch.tensor(pairs, dtype=torch.long).T.contiguous().to(self.device)  # one copy to the device
         self.cache.copy_blocks(src, dst)
         tp = getattr(self.compiled, "tensor_parallel", None)
