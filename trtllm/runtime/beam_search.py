@@ -54,12 +54,12 @@ def select_beams(logits: Tensor, index: Tensor | None, scores: Tensor, keep: int
         values, flat  = topk(acc, keep)                                 [G, keep] each
 
     logits [N, V] (any float dtype: the step's rows), index [G * k] int64 (a beam's row;
-    the leader's k times at a group's first step; None: the rows in order, N = G * k), scores [G, k] fp32 (the running beams'
-    summed log-probabilities). HF's `_beam_search` arithmetic, op for op (log_softmax in
+    the leader's k times at a group's first step; None: the rows in order, N = G * k),
+    scores [G, k] fp32 (the running beams' summed log-probabilities). HF's `_beam_search` arithmetic, op for op (log_softmax in
     fp32, then the add), so the same scores and the same order (equal ones by flat index:
     torch.topk leaves ties in an order of its own). Returns numpy arrays on the
     host (values fp32, flat indices int64: parent = flat // V, token = flat % V): the
-    step's one device-to-host copy (two tensors, one wait)."""
+    step's one device-to-host copy (one tensor, one wait)."""
     G, k = scores.shape
     rows = logits if index is None else logits.index_select(0, index)
     if rows.shape[0] != G * k:
