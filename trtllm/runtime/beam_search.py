@@ -36,8 +36,8 @@ def step_groups(groups: list[BeamGroup], block_manager) -> list[BeamGroup]:
         masked = [(i, t) for i, g in enumerate(gs) if len(g.beams[0].output_token_ids) < g.params.min_tokens
                   for t in g.stop_ids]
         # the step's rows in their own order (beams are most of a beam step's batch): no gather
-        whole = len(index) == logits.shape[0] and index == list(range(len(index)))
-        values, flat = select_beams(logits, None if whole else torch.tensor(index, device=logits.device),
+        in_order = index == list(range(logits.shape[0]))
+        values, flat = select_beams(logits, None if in_order else torch.tensor(index, device=logits.device),
                                     torch.from_numpy(np.stack([g.scores for g in gs])).to(logits.device),
                                     min(keep, k * vocab), masked or None)
         ended += _advance(gs, values, flat, vocab, block_manager)
@@ -55,9 +55,9 @@ def select_beams(logits: Tensor, index: Tensor | None, scores: Tensor, keep: int
 
     logits [N, V] (any float dtype: the step's rows), index [G * k] int64 (a beam's row;
     the leader's k times at a group's first step; None: the rows in order, N = G * k),
-    scores [G, k] fp32 (the running beams' summed log-probabilities). HF's `_beam_search` arithmetic, op for op (log_softmax in
-    fp32, then the add), so the same scores and the same order (equal ones by flat index:
-    torch.topk leaves ties in an order of its own). Returns numpy arrays on the
+    scores [G, k] fp32 (the running beams' summed log-probabilities). HF's `_beam_search`
+    arithmetic, op for op (log_softmax in fp32, then the add), so the same scores and the same
+    order (equal ones by flat index: torch.topk leaves ties in an order of its own). Returns numpy arrays on the
     host (values fp32, flat indices int64: parent = flat // V, token = flat % V): the
     step's one device-to-host copy (one tensor, one wait)."""
     G, k = scores.shape
