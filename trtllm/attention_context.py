@@ -67,15 +67,15 @@ class PagedKVCache:
         return PagedKVCache(torch.zeros(shape, dtype=dtype, device=device),
                             torch.zeros(v_shape, dtype=dtype, device=device), scales)
 
-    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Block src[i]'s K and V, every layer, into block dst[i] (beams' copy-on-write,
-        runtime/block_manager.py; each dst a fresh block no pair reads); src, dst int64 on the
-        cache's device. Bytes, whatever the dtype (the scales are per layer, not per block):
-        kernels/copy_blocks.py, one pass a pool."""
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor, tokens: torch.Tensor) -> None:
+        """The first tokens[i] positions of block src[i]'s K and V, every layer, into block dst[i]
+        (beams' copy-on-write, runtime/block_manager.py; each dst a fresh block no pair reads);
+        src, dst, tokens int64 on the cache's device. Bytes, whatever the dtype (the scales are
+        per layer, not per block): kernels/copy_blocks.py, one pass a pool."""
         for pool in (self.k, self.v):
             if pool.numel() == 0:  # a latent cache's V
                 continue
-            copy_blocks(pool, src, dst)
+            copy_blocks(pool, src, dst, tokens)
 
     @property
     def nbytes(self) -> int:

@@ -196,7 +196,7 @@ def device_ms(fn, device: torch.device, reps: int = 20) -> float:
 def device_part(vocab: int, device: torch.device) -> tuple[str, dict]:
     """ms of the device work of one step's sampling, 64 rows of bf16 logits (CUDA events)."""
     from trtllm.attention_context import PagedKVCache
-    from trtllm.kernels.copy_blocks import copy_blocks_ref
+    from trtllm.kernels.copy_blocks import copy_blocks
     from trtllm.runtime.model_runner import ModelRunner
     from trtllm.runtime.sampler import Sampler, SamplingBatch
     from trtllm.runtime.sequence import Sequence
@@ -226,27 +226,35 @@ def device_part(vocab: int, device: torch.device) -> tuple[str, dict]:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU wall time, not a GPU's"
     # copy-on-write: 3 of each group's 4 beams copy their partial block (every beam a child of
     # one parent, the most a step can copy), Llama-3.1-8B's cache (32 layers, 8 KV heads x 128,
-    # 32-token blocks; on the CPU 2 layers)
-    layers = 32 if device.type == "cuda" else 2
-    cache = PagedKVCache.allocate(layers, 2 * rows, 32, 8, 128, torch.bfloat16, device)
+    # 32-token blocks; on the CPU 2 layers), the blocks holding 1..32 tokens (a fork at any position)
+    layers, block_size = (32 if device.type == "cuda" else 2), 32
+    cache = PagedKVCache.allocate(layers, 2 * rows, block_size, 8, 128, torch.bfloat16, device)
     holder = SimpleNamespace(cache=cache, device=device, compiled=None)
-    pairs = [(i, rows + i) for i in range(BEAM_BATCH * (WIDTH - 1))]
+    copies = [(i, rows + i, i % block_size + 1) for i in range(BEAM_BATCH * (WIDTH - 1))]
     block_bytes = 2 * cache.k[:, 0].nbytes
-    timed.append((f"copy_blocks, {len(pairs)} blocks of {block_bytes / 1e6:.1f} MB (K+V)",
-                  lambda: ModelRunner.copy_blocks(holder, pairs), 2 * len(pairs) * block_bytes))
-    src, dst = torch.tensor(pairs, dtype=torch.long, device=device).T
+    held_bytes = sum(block_bytes * n // block_size for _, _, n in copies)
+    timed.append((f"copy_blocks, {len(copies)} blocks of {block_bytes / 1e6:.1f} MB (K+V), the tokens held",
+                  lambda: ModelRunner.copy_blocks(holder, copies), 2 * held_bytes))
+    src, dst, _ = torch.tensor(copies, dtype=torch.long, device=device).T
+    whole = torch.full_like(src, block_size)
 
-    def copy_two_pass():  # copy_blocks until 2026-12-07: index_select / index_copy_ of int64 words
+    def copy_two_pass():  # copy_blocks until 2026-12-07: index_select / index_copy_ of int64 words, whole blocks
         for pool in (cache.k, cache.v):
-            copy_blocks_ref(pool, src, dst)
+            rows_ = pool.view(*pool.shape[:2], -1).view(torch.int64)
+            rows_.index_copy_(1, dst, rows_.index_select(1, src))
+
+    def copy_whole():  # copy_blocks of 7108390: one pass, whole blocks
+        for pool in (cache.k, cache.v):
+            copy_blocks(pool, src, dst, whole)
 
     def copy_as_bytes():  # copy_blocks until 2026-12-06: index_select / index_copy_ of a uint8 view
         for pool in (cache.k, cache.v):
             raw = pool.view(torch.uint8)
             raw.index_copy_(1, dst, raw.index_select(1, src))
-    timed.append(("  the same in two passes of int64 words (before 2026-12-07)", copy_two_pass,
-                  2 * len(pairs) * block_bytes))
-    timed.append(("  the same as uint8 (before 2026-12-06)", copy_as_bytes, 2 * len(pairs) * block_bytes))
+    timed.append(("  whole blocks in one pass (7108390)", copy_whole, 2 * len(copies) * block_bytes))
+    timed.append(("  whole blocks in two passes of int64 words (before 2026-12-07)", copy_two_pass,
+                  2 * len(copies) * block_bytes))
+    timed.append(("  whole blocks as uint8 (before 2026-12-06)", copy_as_bytes, 2 * len(copies) * block_bytes))
     lines = [f"device ms of a step's sampling work ({name}, {rows} rows x vocab {vocab}, "
              "bf16 logits; 20 launches; GB/s: bytes read + written that the work needs):", "",
              "| work | ms | GB/s |", "|---|---|---|"]

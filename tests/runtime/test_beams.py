@@ -169,7 +169,7 @@ def test_fork_and_copy_on_write_keep_the_books():
     bm.fork([b], [a])
     assert b.block_table == a.block_table and bm.num_used_blocks == 2
     bm.check_invariants([a, b])
-    assert bm.try_append(a, 1) and bm.pending_copies == [(b.block_table[1], a.block_table[1])]
+    assert bm.try_append(a, 1) and bm.pending_copies == [(b.block_table[1], a.block_table[1], 2)]  # 2 held
     assert a.block_table[0] == b.block_table[0] and a.block_table[1] != b.block_table[1]
     b.num_computed_tokens = 6
     assert bm.try_append(b, 1) and len(bm.pending_copies) == 1  # b is the last holder: writes in place
@@ -181,6 +181,17 @@ def test_fork_and_copy_on_write_keep_the_books():
     bm.free(b)
     bm.check_invariants()
     assert bm.num_used_blocks == 0
+
+
+def test_a_shared_block_that_holds_nothing_yet_is_replaced_without_a_copy():
+    bm = BlockManager(8, 4, enable_block_reuse=False)
+    a, b = (Sequence("r", list(range(1, 9)), SamplingParams()) for _ in range(2))
+    bm.allocate(a)
+    a.num_computed_tokens = 8
+    assert bm.try_append(a, 1) and len(a.block_table) == 3  # the third block, empty so far
+    bm.fork([b], [a])
+    assert bm.try_append(a, 1) and a.block_table[2] != b.block_table[2] and bm.pending_copies == []
+    bm.check_invariants([a, b])
 
 
 def test_greedy_and_sampled_requests_are_unaffected_by_beams_in_the_batch(checkpoint):

@@ -68,9 +68,10 @@ class Step:
 
 @dataclass
 class CopyBlocks:
-    """Beam search's copy-on-write blocks (runtime/block_manager.py): each (source, copy) block's
-    K/V, every layer, into the copy, before the next step writes it (rank 0's runner copies its own)."""
-    pairs: list[tuple[int, int]]
+    """Beam search's copy-on-write blocks (runtime/block_manager.py): each (source, copy, tokens)
+    block's K/V of its first `tokens` positions, every layer, into the copy, before the next step
+    writes it (rank 0's runner copies its own)."""
+    copies: list[tuple[int, int, int]]
 
 
 @dataclass
@@ -167,7 +168,7 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             kv_scales = msg.scales
             continue
         if isinstance(msg, CopyBlocks):
-            copy_blocks(cache, msg.pairs)
+            copy_blocks(cache, msg.copies)
             continue
         ids = torch.from_numpy(msg.input_ids).to(device)
         positions = torch.from_numpy(msg.positions).to(device)
@@ -218,10 +219,11 @@ def _image_buffers(compiled, spec: RankSpec, stage: int, device: torch.device) -
     return MultimodalEmbeddings.for_model(compiled.module, spec.max_num_tokens, device)
 
 
-def copy_blocks(cache: PagedKVCache, pairs: list[tuple[int, int]]) -> None:
-    """Each (source, copy) block's K/V into the copy, every layer, as bytes (runtime/model_runner.py's)."""
-    src, dst = torch.tensor(pairs, dtype=torch.long).T.contiguous().to(cache.k.device)
-    cache.copy_blocks(src, dst)
+def copy_blocks(cache: PagedKVCache, copies: list[tuple[int, int, int]]) -> None:
+    """Each (source, copy, tokens) block's first K/V positions into the copy, every layer, as bytes
+    (runtime/model_runner.py's)."""
+    src, dst, tokens = torch.tensor(copies, dtype=torch.long).T.contiguous().to(cache.k.device)
+    cache.copy_blocks(src, dst, tokens)
 
 
 def _next_step(channel: StepChannel, rank: int):

@@ -210,10 +210,10 @@ class Workers:
         except RuntimeError as e:
             raise self.failure(e) from e
 
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+    def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         """Beam search's copy-on-write blocks, into every worker's cache (before the next step)."""
         self.check_alive()
-        self._send(CopyBlocks(list(pairs)))
+        self._send(CopyBlocks(list(copies)))
 
     def pass_on(self, hidden: torch.Tensor, input_ids: torch.Tensor, logits_indices: torch.Tensor | None):
         """A first stage's output to the next stage (same tensor-parallel rank), and the buffer the

@@ -25,8 +25,9 @@ garbage (NaN) K/V never enters the cache.
 Copy-on-write (beam search, runtime/beams.py): `fork` gives sequences their parents' block
 tables, every block shared by reference count. A step writes a sequence's next token into
 its last block; when that block is shared (a partial block several beams hold), `try_append`
-first gives the sequence a copy of its own and queues (source, copy) in `pending_copies`,
-which the engine has the model runner copy before the step runs. Only beams share a block
+first gives the sequence a copy of its own and queues (source, copy, tokens) in
+`pending_copies`, which the engine has the model runner copy before the step runs: only the
+`tokens` positions the block holds so far (on average half a block), none when it holds none. Only beams share a block
 they write into (a prefix-cache hit is always full and never written), so nothing else pays.
 A sequence with a LoRA adapter starts its chain from the adapter's id (`chain_root`), so a
 prefix computed under one adapter is never reused under another, nor under the base model.
@@ -83,7 +84,7 @@ class BlockManager:
         # prefix-cache metrics: tokens looked up at allocation vs tokens found cached
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
-        self.pending_copies: list[tuple[int, int]] = []  # (shared block, its private copy): see above
+        self.pending_copies: list[tuple[int, int, int]] = []  # (shared block, its copy, tokens): see above
         self._checked_at = float("-inf")  # time.monotonic() of the last full check_when_idle
 
     # --- books ----------------------------------------------------------------------
@@ -150,7 +151,9 @@ class BlockManager:
             return False
         if shared:
             copy = self._take()
-            self.pending_copies.append((table[first], copy))
+            held = seq.num_computed_tokens - first * self.block_size  # the block's positions written so far
+            if held:
+                self.pending_copies.append((table[first], copy, held))
             self._ref[table[first]] -= 1  # still held by another: stays used
             # an entry changes: a new list, which AttentionMetadata rewrites whole (it rewrites
             # only the new tail of the list it wrote last)

@@ -247,15 +247,16 @@ class ModelRunner:
         gather = previous.device_picks[0] if tokens is None else tokens
         return self.cuda_graphs.replay(size, [], positions, rows, scheduled, seqs, gather, adapters=adapters)
 
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy-on-write (block_manager.py): each (source, copy) block's K/V, every layer,
-        into the copy, queued before the step that writes it (PagedKVCache.copy_blocks)."""
-        assert not {d for _, d in pairs} & {s for s, _ in pairs}, f"a copy's block is another's source: {pairs}"
-        src, dst = torch.tensor(pairs, dtype=torch.long).T.contiguous().to(self.device)  # one copy to the device
-        self.cache.copy_blocks(src, dst)
+    def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy-on-write (block_manager.py): each (source, copy, tokens) block's K/V of its first
+        `tokens` positions, every layer, into the copy, queued before the step that writes it
+        (PagedKVCache.copy_blocks)."""
+        assert not {c[1] for c in copies} & {c[0] for c in copies}, f"a copy's block is another's source: {copies}"
+        src, dst, tokens = torch.tensor(copies, dtype=torch.long).T.contiguous().to(self.device)  # one copy over
+        self.cache.copy_blocks(src, dst, tokens)
         tp = getattr(self.compiled, "tensor_parallel", None)
         if tp is not None and tp.workers is not None:  # every rank's cache holds its heads of these blocks
-            tp.workers.copy_blocks(pairs)
+            tp.workers.copy_blocks(copies)
 
     def _step_launched(self) -> torch.cuda.Event | None:
         """The event that marks this step done; the next step uses the other buffers."""
