@@ -22,7 +22,9 @@ from triton.runtime.jit import MockTensor  # noqa: E402
 from tools.sm90_build import compile_or_report  # noqa: E402
 from trtllm.kernels import (  # noqa: E402
     fp8_gemm,
+    fused_moe_decode,
     linear,
+    moe_routing,
     quantize_fp8,
     quantize_fp8_gemm,
     quantize_fp8_static,
@@ -36,6 +38,7 @@ from trtllm.kernels import (  # noqa: E402
 
 F8, F32, BF16, I32 = (MockTensor(t) for t in (torch.float8_e4m3fn, torch.float32, torch.bfloat16, torch.int32))
 H, FFN = 4096, 14336
+E, TOP_K, MOE_H, MOE_I = 128, 8, 2048, 768  # Qwen3-30B-A3B's MoE: experts, top-k, hidden, expert intermediate
 FP8 = dict(MIN_AMAX=1e-12, FP8_MAX=448.0)
 
 
@@ -88,6 +91,30 @@ def builds():
     yield "silu_mul_quant_fp8._silu_mul_quant_fp8_kernel", silu_mul_quant_fp8._silu_mul_quant_fp8_kernel, dict(
         gate_ptr=BF16, up_ptr=BF16, q_ptr=F8, s_ptr=F32, N=FFN, N_GROUPS=1, gate_row_stride=2 * FFN,
         up_row_stride=2 * FFN, q_row_stride=FFN, s_row_stride=1, GROUP=16384, BLOCK_G=1, **FP8), 16, 3
+    yield from moe_builds()
+
+
+def moe_builds():
+    """The MoE decode path of one token (Qwen3-30B-A3B, bf16 experts): routing, gate/up, down, combine."""
+    yield "moe_routing._moe_routing_kernel", moe_routing._moe_routing_kernel, dict(
+        logits_ptr=BF16, bias_ptr=F32, weights_ptr=F32, ids_ptr=I32, num_experts=E, logits_row_stride=E,
+        routed_scaling_factor=1.0, EXPERTS_PER_GROUP=E, N_GROUP=1, TOPK_GROUP=1, TOP_K=TOP_K, SOFTMAX=True,
+        HAS_BIAS=False, RENORMALIZE=True, BLOCK_G=1, BLOCK_EG=E, BLOCK_K=TOP_K), 4, 1
+    cfg = fused_moe_decode.decode_config(MOE_H, MOE_I, block_scales=False)
+    common = dict(ids_ptr=I32, num_tokens=1, hidden=MOE_H, inter=MOE_I, num_experts=E, TOP_K=TOP_K, SCALES=0,
+                  SCALE_BLOCK=128, DOT_PRECISION="tf32", MAX_IMPRECISE_ACC=None, BLOCK_T=16, BLOCK_J=TOP_K,
+                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    yield "fused_moe_decode._decode_gate_up_kernel", fused_moe_decode._decode_gate_up_kernel, dict(
+        x_ptr=BF16, xs_ptr=BF16, w13_ptr=BF16, ws_ptr=BF16, h_ptr=BF16, x_row_stride=MOE_H, xs_row_stride=0,
+        w13_expert_stride=2 * MOE_I * MOE_H, w13_row_stride=MOE_H, ws_expert_stride=0, ws_row_stride=0,
+        h_row_stride=MOE_I, **common), cfg.num_warps, cfg.num_stages
+    yield "fused_moe_decode._decode_down_kernel", fused_moe_decode._decode_down_kernel, dict(
+        h_ptr=BF16, hs_ptr=BF16, w2_ptr=BF16, ws_ptr=BF16, o_ptr=BF16, weights_ptr=F32, h_row_stride=MOE_I,
+        hs_row_stride=0, w2_expert_stride=MOE_H * MOE_I, w2_row_stride=MOE_I, ws_expert_stride=0, ws_row_stride=0,
+        o_row_stride=MOE_H, **common), cfg.num_warps, cfg.num_stages
+    yield "fused_moe_decode._decode_combine_kernel", fused_moe_decode._decode_combine_kernel, dict(
+        o_ptr=BF16, y_ptr=BF16, hidden=MOE_H, o_row_stride=MOE_H, y_row_stride=MOE_H, TOP_K=TOP_K, BLOCK_J=TOP_K,
+        BLOCK_N=1024), 4, 1
 
 
 def check(name: str, ptx: str, pdl: bool) -> list[str]:

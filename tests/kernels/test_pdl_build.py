@@ -9,8 +9,9 @@ from trtllm.kernels.pdl import pdl_options
 
 # the bf16 and FP8 GEMVs, the quantizing GEMV (walking x for its amax, and taking partial amaxes),
 # the two quantizations (dynamic, static), the two norms, rotary, the four SiLU·muls (plain,
-# quantizing, quantizing by a static scale, storing partial amaxes)
-KERNELS = 13
+# quantizing, quantizing by a static scale, storing partial amaxes); the MoE decode path's four
+# (routing, gate/up, down, combine)
+KERNELS = 17
 
 
 def test_sm90_build():

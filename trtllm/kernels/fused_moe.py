@@ -49,6 +49,7 @@ from trtllm.kernels.fused_moe_decode import (
     DECODE_MAX_TOKENS,
     DecodeConfig,
     decode_config,
+    launch_decode_combine,
     launch_decode_down,
     launch_decode_gate_up,
 )
@@ -259,7 +260,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             o = torch.empty(num_slots, hidden, dtype=x_.dtype, device=x.device)  # ids outside [0, E): zeros, by the kernel
             launch_decode_gate_up(x_, None, w13_, None, h, ids, 0, dcfg, dot_precision)
             launch_decode_down(h, None, w2_, None, o, weights, ids, 0, dcfg, dot_precision)
-            return o.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+            return launch_decode_combine(o, top_k, x.dtype)
     cfg = config or moe_config(num_slots, num_experts, hidden, inter, x.element_size())
     sorted_ids, expert_ids, total = moe_align(topk_ids.contiguous(), num_experts, cfg.block_m)
     n_tiles = expert_ids.numel()

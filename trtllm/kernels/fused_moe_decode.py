@@ -4,7 +4,8 @@ Computes what kernels/fused_moe.py's docstring says (bf16/fp16/fp32 weights) or
 kernels/fused_moe_fp8.py's (FP8 weights with their scales), for T <= DECODE_MAX_TOKENS tokens:
 
     h[t*k + j] = silu(x[t] @ W1[e]^T) * (x[t] @ W3[e]^T)        e = topk_ids[t, j]
-    o[t*k + j] = w[t, j] * (h[t*k + j] @ W2[e]^T)                 (y = sum over j, by the caller)
+    o[t*k + j] = w[t, j] * (h[t*k + j] @ W2[e]^T)
+    y[t]       = sum over j of o[t*k + j]                         (launch_decode_combine)
     o[t*k + j] = 0 where e is outside [0, E) (another rank's expert): o need not be zeroed
 
 Why a path of its own: the grouped GEMM sorts the T*k slots by expert first (moe_align: two
@@ -33,6 +34,9 @@ Qwen3-30B-A3B (8 experts, I 768) has 8 x 24 gate/up programs for the H200's 132 
 against 17 other tiles (bench/bench_fused_moe.py, H200, 2026-12-04): within 1.5% of the best
 at 1 token (44% of copy: the layer's ~40 us are mostly its launches, FP8 experts take as long)
 and 0.2% at 16 (93%).
+
+All three kernels take programmatic dependent launch (kernels/pdl.py), as moe_routing's does: a
+batch-1 step of Qwen3-30B-A3B is ~600 launches, four of them a layer here.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trtllm.kernels.pdl import pdl_options, wait_for_previous
 from trtllm.kernels.registry import triton_interpreter_on
 
 DECODE_MAX_TOKENS = 16   # tokens up to which fused_moe / fused_moe_fp8 take this path
@@ -91,8 +96,10 @@ def _decode_gate_up_kernel(
     TOP_K: tl.constexpr, SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,     # kernels/pdl.py
 ):
     # Grid: (T * k, cdiv(I, BLOCK_N)).
+    wait_for_previous(PDL)
     run, e, slot, row_ok = _expert_rows(ids_ptr, tl.program_id(0), num_tokens, num_experts, TOP_K, BLOCK_T, BLOCK_J)
     if not run:
         return
@@ -146,9 +153,11 @@ def _decode_down_kernel(
     TOP_K: tl.constexpr, SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,     # kernels/pdl.py
 ):
     # Grid: (T * k, cdiv(H, BLOCK_N)). o[slot] = w[slot] * h[slot] @ W2[e]^T; o[p] = 0 where ids.flat[p]
     # is outside [0, E) (another rank's expert: o is not zeroed beforehand, one launch fewer a layer).
+    wait_for_previous(PDL)
     p = tl.program_id(0)
     run, e, slot, row_ok = _expert_rows(ids_ptr, p, num_tokens, num_experts, TOP_K, BLOCK_T, BLOCK_J)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -186,6 +195,21 @@ def _decode_down_kernel(
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < hidden))
 
 
+@triton.jit
+def _decode_combine_kernel(o_ptr, y_ptr, hidden, o_row_stride, y_row_stride,
+                           TOP_K: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
+                           PDL: tl.constexpr = False):
+    # Grid: (T, cdiv(H, BLOCK_N)). y[t] = sum over j of o[t*k + j], summed in fp32, rounded once.
+    wait_for_previous(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    jj = tl.arange(0, BLOCK_J)
+    mask = (jj[:, None] < TOP_K) & (offs_n[None, :] < hidden)
+    o = tl.load(o_ptr + (t * TOP_K + jj[:, None]) * o_row_stride + offs_n[None, :], mask=mask, other=0.0)
+    y = tl.sum(o.to(tl.float32), axis=0)
+    tl.store(y_ptr + t * y_row_stride + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < hidden)
+
+
 def _strides(scale: torch.Tensor | None, scales: int) -> tuple[int, int]:
     """(expert stride, row stride) of a weight scale: [E, N, 1] per channel, [E, Nb, Kb] blocks."""
     if scale is None:
@@ -211,7 +235,7 @@ def launch_decode_gate_up(x, x_scale, w13, w13_scale, h, topk_ids, scales: int, 
         TOP_K=top_k, SCALES=scales, SCALE_BLOCK=SCALE_BLOCK, DOT_PRECISION=dot_precision,
         MAX_IMPRECISE_ACC=min(cfg.block_k, FP8_PROMOTE_K) if scales else None,
         BLOCK_T=DECODE_MAX_TOKENS, BLOCK_J=triton.next_power_of_2(top_k), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_options(x),
     )
 
 
@@ -230,5 +254,20 @@ def launch_decode_down(h, h_scale, w2, w2_scale, o, topk_weights, topk_ids, scal
         TOP_K=top_k, SCALES=scales, SCALE_BLOCK=SCALE_BLOCK, DOT_PRECISION=dot_precision,
         MAX_IMPRECISE_ACC=min(cfg.block_k, FP8_PROMOTE_K) if scales else None,
         BLOCK_T=DECODE_MAX_TOKENS, BLOCK_J=triton.next_power_of_2(top_k), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_options(h),
     )
+
+
+def launch_decode_combine(o: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """y [T, H] in `dtype`: each token's k weighted expert outputs o [T*k, H] summed (the torch
+    `o.view(T, k, H).sum(1)` as a PDL kernel, so the next layer's norm is not left waiting on a
+    launch: ~4.7 µs a layer for torch's at Qwen3-30B-A3B batch 1, bench/RESULTS.md)."""
+    slots, hidden = o.shape
+    assert o.stride(1) == 1 and slots % top_k == 0, f"o {tuple(o.shape)}: expected contiguous [T*{top_k}, H]"
+    y = torch.empty(slots // top_k, hidden, dtype=dtype, device=o.device)
+    block_n = min(1024, triton.next_power_of_2(hidden))
+    _decode_combine_kernel[(slots // top_k, triton.cdiv(hidden, block_n))](
+        o, y, hidden, o.stride(0), y.stride(0),
+        TOP_K=top_k, BLOCK_J=triton.next_power_of_2(top_k), BLOCK_N=block_n, num_warps=4, **pdl_options(o),
+    )
+    return y

@@ -49,6 +49,7 @@ from trtllm.kernels.fused_moe_decode import (
     DECODE_MAX_TOKENS,
     DecodeConfig,
     decode_config,
+    launch_decode_combine,
     launch_decode_down,
     launch_decode_gate_up,
 )
@@ -253,7 +254,7 @@ def fused_moe_fp8_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w
         hq, hs = quantize_fp8(h, group)
         with interpreter_upcast((hq, w2), (o,)) as ((hq_, w2_), (o_,)):
             launch_decode_down(hq_, hs, w2_, w2_scale, o_, weights, ids, scales, dcfg, dot_precision)
-        return o.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+        return launch_decode_combine(o, top_k, x.dtype)
     cfg = config or _tile_config(num_slots, num_experts, hidden, inter, block)
     assert not block or SCALE_BLOCK % cfg.block_k == 0, f"block_k {cfg.block_k} must divide {SCALE_BLOCK}"
     sorted_ids, expert_ids, total = moe_align(ids, num_experts, cfg.block_m)

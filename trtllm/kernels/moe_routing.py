@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trtllm.kernels.pdl import pdl_options, wait_for_previous
 from trtllm.kernels.registry import interpreter_upcast, register_op
 
 _SCORINGS = ("softmax", "sigmoid")
@@ -128,8 +129,10 @@ def _moe_routing_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_EG: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,     # kernels/pdl.py
 ):
     # Grid: (T,). Expert e = g * EXPERTS_PER_GROUP + j sits at tile[g, j].
+    wait_for_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BLOCK_G)[:, None]
     j = tl.arange(0, BLOCK_EG)[None, :]
@@ -212,7 +215,7 @@ def moe_routing_triton(
             TOP_K=top_k, SOFTMAX=scoring == "softmax", HAS_BIAS=bias is not None, RENORMALIZE=renormalize,
             BLOCK_G=triton.next_power_of_2(n_group), BLOCK_EG=triton.next_power_of_2(per_group),
             BLOCK_K=triton.next_power_of_2(top_k),
-            num_warps=4 if num_experts <= 256 else 8,
+            num_warps=4 if num_experts <= 256 else 8, **pdl_options(logits),
         )
     return weights, ids
 
