@@ -15,14 +15,15 @@ gate_up 28672x4096, down 14336 -> 4096, lm_head 128256x4096; M (tokens) in 1, 2,
 2. Timing: a CUDA graph calls the GEMM on `calls` DIFFERENT weight matrices in turn
    (up to 32, about 8 GB per shape), so every call streams its weight from HBM rather
    than the 50 MB L2; us per call = replay time / calls. cuBLAS (F.linear), the op as
-   configured now (torch.ops.trtllm.linear: `_TUNED`, `_default_config`, `GEMV_MAX_M`),
+   configured now (torch.ops.trtllm.linear: linear_configs' `TUNED` and `default_config`, `GEMV_MAX_M`),
    and each candidate config. TB/s = weight bytes / time; a 1 GiB device-to-device
    copy's TB/s is the ceiling.
 3. A decode step's GEMMs per M: (qkv + o_proj + gate_up + down) x 32 layers + lm_head,
    in ms: cuBLAS, the op as configured, the best config everywhere, and the best of
    the two per shape (what the suggested table does).
-4. The suggestion: `_TUNED` entries (the best config per (N, K, M), or None where cuBLAS
-   is faster) and `GEMV_MAX_M`, printed ready to paste into trtllm/kernels/linear.py.
+4. The suggestion: `TUNED` entries (the best config per (N, K, M), or None where cuBLAS
+   is faster) and `GEMV_MAX_M`, printed ready to paste into trtllm/kernels/linear_configs.py
+   and linear.py.
 5. Host cost per call outside graphs (prefill and mixed steps are not graphed): the op
    vs F.linear on a small GEMM, for the GEMV and the cuBLAS branch.
 Table last; $OUT/bench_linear.{md,json}.
@@ -46,7 +47,8 @@ import triton  # noqa: E402
 
 import trtllm.kernels.linear as linear_mod  # noqa: E402
 from bench.report import report  # noqa: E402
-from trtllm.kernels.linear import GemvConfig, gemv, linear_ref  # noqa: E402
+from trtllm.kernels.linear import gemv, linear_ref  # noqa: E402
+from trtllm.kernels.linear_configs import GemvConfig  # noqa: E402
 
 MODELS = {  # name: (layers, {shape: (N, K)})
     "llama-3-8b": (32, {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096),
@@ -253,7 +255,7 @@ def step_totals(rows):
 
 
 def suggestion(rows, totals):
-    """`_TUNED` entries and `GEMV_MAX_M`: GEMV where a config beats cuBLAS by MIN_WIN."""
+    """`TUNED` entries and `GEMV_MAX_M`: GEMV where a config beats cuBLAS by MIN_WIN."""
     wins = {}
     for r in rows:
         b = r["best"]
@@ -261,7 +263,7 @@ def suggestion(rows, totals):
             r["best_config"] if b and b["us"] * (1 + MIN_WIN) < r["cublas_us"] else None, r)
     better = [t["m"] for t in totals if t["mixed"] * (1 + MIN_WIN / 2) < t["cublas"]]
     max_m = max(better) if better else 0
-    lines = [f"GEMV_MAX_M = {max_m}", "", "_TUNED: dict[tuple[int, int, int], Optional[GemvConfig]] = {"]
+    lines = [f"GEMV_MAX_M = {max_m}", "", "TUNED: dict[tuple[int, int, int], GemvConfig | None] = {"]
     for (n, k, m), (c, r) in wins.items():
         if m > max_m:
             continue

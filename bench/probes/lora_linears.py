@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 import trtllm.kernels.lora_sgmv as sgmv
 from bench.report import markdown, report
-from trtllm.kernels.linear import GemvConfig, gemv, gemv_config
+from trtllm.kernels.linear import gemv
+from trtllm.kernels.linear_configs import GemvConfig, gemv_config
 from trtllm.kernels.linear_lora import linear_lora_ref, linear_lora_triton
 
 RANK, LAYERS = 16, 32

@@ -3,7 +3,9 @@ import torch
 import torch.nn.functional as F
 
 import trtllm.kernels.linear as linear_mod
-from trtllm.kernels.linear import GemvConfig, gemv, linear, linear_ref
+import trtllm.kernels.linear_configs as linear_configs
+from trtllm.kernels.linear import gemv, linear, linear_ref
+from trtllm.kernels.linear_configs import GemvConfig
 
 # Kernel vs reference (fp32 inside, rounded once): they differ only by the order of the
 # fp32 sums, and for 16-bit outputs by a rounding flip of 1 ulp. bf16 runs here in fp32
@@ -66,18 +68,18 @@ def test_dispatch_by_rows(monkeypatch):
         torch.testing.assert_close(linear(x, weight), F.linear(x, weight), **TOLERANCES[torch.float32])
     assert calls == [1, 4]  # 5 and 40 rows went to F.linear
     # A tuned entry of None sends that shape to F.linear too.
-    monkeypatch.setitem(linear_mod._TUNED, (83, 64, 2), None)
+    monkeypatch.setitem(linear_configs.TUNED, (83, 64, 2), None)
     linear(torch.randn(2, 64), weight)
     assert calls == [1, 4]
 
 
 def test_config_of_untimed_rows_is_next_tuned_count_up(monkeypatch):
     a, b = GemvConfig(False, 4, 1024, 4, 1), GemvConfig(True, 64, 128, 4, 4)
-    monkeypatch.setattr(linear_mod, "_TUNED", {(83, 64, 1): a, (83, 64, 16): b, (83, 64, 32): None})
-    assert linear_mod.gemv_config(1, 83, 64) == a
-    assert [linear_mod.gemv_config(m, 83, 64) for m in (2, 3, 8, 16)] == [b] * 4
-    assert linear_mod.gemv_config(17, 83, 64) is None
-    assert linear_mod.gemv_config(2, 84, 64) == linear_mod._default_config(2, 84, 64)  # shape not tuned
+    monkeypatch.setattr(linear_configs, "TUNED", {(83, 64, 1): a, (83, 64, 16): b, (83, 64, 32): None})
+    assert linear_configs.gemv_config(1, 83, 64) == a
+    assert [linear_configs.gemv_config(m, 83, 64) for m in (2, 3, 8, 16)] == [b] * 4
+    assert linear_configs.gemv_config(17, 83, 64) is None
+    assert linear_configs.gemv_config(2, 84, 64) == linear_configs.default_config(2, 84, 64)  # shape not tuned
 
 
 def test_leading_dims_and_strides():
