@@ -6,7 +6,8 @@
 
 Llama-3-8B decode shapes y[M, N] = x[M, K] @ W[N, K]^T: qkv 6144x4096, o_proj 4096x4096,
 gate_up 28672x4096, down 14336 -> 4096, lm_head 128256x4096; M (tokens) in 1, 2, 4, 8, 16
-(--model: the same five shapes of Llama-3.2-1B or Gemma-3-1B; --ms: other row counts).
+(--model: the same five shapes of Llama-3.2-1B or Gemma-3-1B, or Qwen3-30B-A3B's dense linears
+and router; --ms: other row counts).
 
 1. Correctness first: every config tried, on fresh random bf16 inputs, against the fp32
    reference (`linear_ref` of the same bf16 inputs): rel. error ||y - ref|| / ||ref||
@@ -57,9 +58,12 @@ MODELS = {  # name: (layers, {shape: (N, K)})
                           "down": (2048, 8192), "lm_head": (128256, 2048)}),
     "gemma-3-1b": (26, {"qkv": (1536, 1152), "o_proj": (1152, 1024), "gate_up": (13824, 1152),
                         "down": (1152, 6912), "lm_head": (262144, 1152)}),
+    # the dense linears of an MoE model (its experts are kernels/fused_moe_decode.py's)
+    "qwen3-30b-a3b": (48, {"qkv": (5120, 2048), "o_proj": (2048, 4096), "router": (128, 2048),
+                           "lm_head": (151936, 2048)}),
 }
 LAYERS, SHAPES = MODELS["llama-3-8b"]
-PER_LAYER = ("qkv", "o_proj", "gate_up", "down")
+PER_LAYER = ("qkv", "o_proj", "gate_up", "down", "router")
 MS = (1, 2, 4, 8, 16)
 MAX_REL_ERR = 1e-2
 WEIGHT_BUDGET = 8e9  # bytes of weight copies per shape
@@ -238,7 +242,7 @@ def bench_shape(name, n, k, device, dtype, timer, failures):
 
 
 def step_totals(rows):
-    """Per M: ms of a decode step's GEMMs (32 layers x 4 + lm_head) by each choice."""
+    """Per M: ms of a decode step's GEMMs (LAYERS x the per-layer shapes + lm_head) by each choice."""
     by = {(r["shape"], r["m"]): r for r in rows}
     totals = []
     for m in MS:
@@ -326,7 +330,7 @@ def main():
             f"| {cfg_str(r['best_config'])} | {r['op_us']:.1f} | {b['rel_err']:.1e} / {r['cublas_rel_err']:.1e} |")
     table += [
         "",
-        f"A decode step's GEMMs: (qkv + o_proj + gate_up + down) x {LAYERS} layers + lm_head, ms "
+        f"A decode step's GEMMs: ({' + '.join(s for s in SHAPES if s in PER_LAYER)}) x {LAYERS} layers + lm_head, ms "
         "(mixed = per shape the faster of best GEMV and cuBLAS, what the suggested table does):",
         "",
         "| M | cuBLAS ms | op now ms | best GEMV ms | mixed ms | cuBLAS / mixed |",
