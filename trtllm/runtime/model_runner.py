@@ -63,7 +63,6 @@ from trtllm.runtime.kv_cache_quant import KvCacheQuant
 from trtllm.runtime.launched_step import LaunchedStep
 from trtllm.runtime.multimodal_stager import MultimodalStager
 from trtllm.runtime.prompt_logprobs import chunk_span
-from trtllm.runtime.sampling_masks import to_device
 from trtllm.runtime.sequence import Sequence
 
 
@@ -253,9 +252,7 @@ class ModelRunner:
         `tokens` positions, every layer, into the copy, queued before the step that writes it
         (PagedKVCache.copy_blocks)."""
         assert not {c[1] for c in copies} & {c[0] for c in copies}, f"a copy's block is another's source: {copies}"
-        # one copy to the device that does not block the host: `.to` waits for the stream, and the
-        # block copies took 0.31 ms of host time a beam step (H100, bench/probes/beam_step.py)
-        src, dst, tokens = to_device(torch.tensor(copies, dtype=torch.long).T.contiguous(), self.device)
+        src, dst, tokens = torch.tensor(copies, dtype=torch.long).T.contiguous().to(self.device)  # one copy over
         self.cache.copy_blocks(src, dst, tokens)
         tp = getattr(self.compiled, "tensor_parallel", None)
         if tp is not None and tp.workers is not None:  # every rank's cache holds its heads of these blocks
