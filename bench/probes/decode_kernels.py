@@ -25,6 +25,9 @@ k's) side by side. The graph is replayed under torch.profiler; per replay:
 - the matmuls' achieved bandwidth: the weights they read (every linear layer's weight,
   the LM head included; the embedding table is only gathered) over their summed time,
   against a device-to-device copy of 2 GB.
+Under programmatic dependent launch (kernels/pdl.py, sm_90) each kernel starts early and waits
+for the one before, so the profiler counts that wait as its time: run with `TRTLLM_PDL=0` for
+per-kernel times that add up (and the wall time without PDL beside the default run's).
 Table last; $OUT/decode_kernels.{md,json}.
 """
 import argparse

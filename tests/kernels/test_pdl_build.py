@@ -22,3 +22,14 @@ def test_sm90_build():
 
 def test_no_pdl_off_the_gpu():
     assert pdl_options(torch.empty(1)) == {"PDL": False}
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    class Hopper:  # a stand-in for a tensor on an sm_90 GPU: the options on, then off by the switch
+        is_cuda = True
+        device = torch.device("cuda", 0)
+    monkeypatch.setattr("trtllm.kernels.pdl._hopper_or_later", lambda index: True)
+    monkeypatch.setattr("trtllm.kernels.pdl.triton_interpreter_on", lambda: False)
+    assert pdl_options(Hopper()) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setenv("TRTLLM_PDL", "0")
+    assert pdl_options(Hopper()) == {"PDL": False}

@@ -8,10 +8,15 @@ hidden behind the tail of the one before: a batch-1 decode step is ~400 launches
 
 A kernel takes a `PDL: tl.constexpr` and calls `wait_for_previous(PDL)` first; its launcher
 passes `**pdl_options(tensor)`: nothing on the CPU, in the interpreter or before sm_90.
+
+`TRTLLM_PDL=0` in the environment turns it off (read at each launch, so before graphs are
+captured): a profile of a PDL graph counts each kernel's wait behind the kernel before as its
+own time, so per-kernel µs no longer add up to the step (bench/probes/decode_kernels.py).
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -35,6 +40,7 @@ def _hopper_or_later(index: int) -> bool:
 
 def pdl_options(t: torch.Tensor) -> dict:
     """The launch options for a kernel on t's device: PDL where the GPU has it."""
-    if t.is_cuda and not triton_interpreter_on() and _hopper_or_later(t.device.index or 0):
+    if (t.is_cuda and not triton_interpreter_on() and _hopper_or_later(t.device.index or 0)
+            and os.environ.get("TRTLLM_PDL", "1") != "0"):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
