@@ -48,6 +48,9 @@ from trtllm.runtime.llm import LLM
 MOE_PRESETS = ("qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v2-lite")
 FAMILIES = [  # (family, substrings of the kernel name), first match wins
     ("moe experts", ("gate_up_kernel", "down_kernel")),
+    ("sum (the MoE combine)", ("sum_functor", "_decode_combine_kernel")),
+    # the one-row FP8 GEMVs that quantize their own input (o_proj, down): GEMVs, not quantizations
+    ("matmul", ("_quantize_fp8_gemv_kernel",)),
     ("moe routing / align", ("moe_routing", "_count_kernel", "_scatter_kernel")),
     ("attention", ("_decode_kernel", "attention")),
     ("quantize_fp8 (activations)", ("_quantize_fp8",)),
@@ -55,7 +58,6 @@ FAMILIES = [  # (family, substrings of the kernel name), first match wins
     ("rotary", ("rotary",)),
     ("silu_mul", ("silu_mul",)),
     ("matmul", ("gemm", "gemv", "nvjet", "cutlass", "sm90", "xmma", "splitk", "matmul")),
-    ("sum (the MoE combine)", ("sum_functor",)),
     ("argmax / isfinite", ("argmax", "reduce", "isfinite", "arg_")),
     ("copy / fill", ("copy", "fill", "memcpy", "memset", "cat", "stack")),
 ]
