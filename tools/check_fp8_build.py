@@ -127,17 +127,17 @@ def quantize_builds():
     yield "_quantize_fp8_gemv_kernel", _quantize_fp8_gemv_kernel, {"div.rn.f32"}, dict(
         x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, amax_ptr=F32, N=N, K=K, N_AMAX=0,
         w_row_stride=K, ws_row_stride=1, HAS_BIAS=False, AMAX_BLOCK=0, STATIC=False, EMULATE_E4M3=False, MIN_AMAX=MIN_AMAX,
-        FP8_MAX=FP8_MAX, BLOCK_N=8, BLOCK_K=1024, EVEN_K=True)
+        FP8_MAX=FP8_MAX, BLOCK_N=8, BLOCK_K=2048, EVEN_K=True)
     # the same taking the row's amax from partial amaxes (kernels/silu_mul_fp8_gemm.py)
     yield "_quantize_fp8_gemv_kernel (partial amaxes)", _quantize_fp8_gemv_kernel, {"div.rn.f32"}, dict(
         x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, amax_ptr=F32, N=N, K=K, N_AMAX=4,
         w_row_stride=K, ws_row_stride=1, HAS_BIAS=False, AMAX_BLOCK=4, STATIC=False, EMULATE_E4M3=False, MIN_AMAX=MIN_AMAX,
-        FP8_MAX=FP8_MAX, BLOCK_N=8, BLOCK_K=1024, EVEN_K=True)
+        FP8_MAX=FP8_MAX, BLOCK_N=8, BLOCK_K=2048, EVEN_K=True)
     # the same quantizing x by a checkpoint's static scale (o_proj of a ModelOpt checkpoint)
     yield "_quantize_fp8_gemv_kernel (static scale)", _quantize_fp8_gemv_kernel, {"div.rn.f32"}, dict(
         x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, amax_ptr=F32, N=N, K=K, N_AMAX=0,
         w_row_stride=K, ws_row_stride=1, HAS_BIAS=False, AMAX_BLOCK=0, STATIC=True, EMULATE_E4M3=False,
-        MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX, BLOCK_N=8, BLOCK_K=1024, EVEN_K=True)
+        MIN_AMAX=MIN_AMAX, FP8_MAX=FP8_MAX, BLOCK_N=8, BLOCK_K=2048, EVEN_K=True)
     # SiLU·mul with a static input scale (kernels/silu_mul_quant_fp8.py): spread over programs
     yield "_silu_mul_quant_fp8_static_kernel", _silu_mul_quant_fp8_static_kernel, SILU_DIVS, dict(
         gate_ptr=BF16, up_ptr=BF16, q_ptr=F8, s_ptr=F32, static_scale_ptr=F32, N=K, gate_row_stride=2 * K,

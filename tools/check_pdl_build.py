@@ -57,11 +57,11 @@ def builds():
     yield "quantize_fp8_gemm._quantize_fp8_gemv_kernel", quantize_fp8_gemm._quantize_fp8_gemv_kernel, dict(
         x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, amax_ptr=F32, N=H, K=H, N_AMAX=0,
         w_row_stride=H, ws_row_stride=1, HAS_BIAS=False, AMAX_BLOCK=0, STATIC=False, EMULATE_E4M3=False, BLOCK_N=8,
-        BLOCK_K=1024, EVEN_K=True, **FP8), 4, 1
+        BLOCK_K=2048, EVEN_K=True, **FP8), 4, 1
     yield "quantize_fp8_gemm._quantize_fp8_gemv_kernel (partial amaxes)", quantize_fp8_gemm._quantize_fp8_gemv_kernel, dict(
         x_ptr=BF16, w_ptr=F8, ws_ptr=F32, b_ptr=F32, y_ptr=BF16, amax_ptr=F32, N=H, K=FFN, N_AMAX=14,
         w_row_stride=FFN, ws_row_stride=1, HAS_BIAS=False, AMAX_BLOCK=16, STATIC=False, EMULATE_E4M3=False, BLOCK_N=8,
-        BLOCK_K=1024, EVEN_K=True, **FP8), 4, 1
+        BLOCK_K=2048, EVEN_K=True, **FP8), 4, 1
     yield "silu_mul_quant_fp8._silu_mul_quant_fp8_static_kernel", silu_mul_quant_fp8._silu_mul_quant_fp8_static_kernel, dict(
         gate_ptr=BF16, up_ptr=BF16, q_ptr=F8, s_ptr=F32, static_scale_ptr=F32, N=FFN, gate_row_stride=2 * FFN,
         up_row_stride=2 * FFN, q_row_stride=FFN, s_row_stride=1, FP8_MAX=448.0, BLOCK=1024), 4, 3
