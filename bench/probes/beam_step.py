@@ -229,7 +229,7 @@ def device_part(vocab: int, device: torch.device) -> tuple[str, dict]:
     # 32-token blocks; on the CPU 2 layers), the blocks holding 1..32 tokens (a fork at any position)
     layers, block_size = (32 if device.type == "cuda" else 2), 32
     cache = PagedKVCache.allocate(layers, 2 * rows, block_size, 8, 128, torch.bfloat16, device)
-    holder = SimpleNamespace(cache=cache, device=device, compiled=None)
+    holder = SimpleNamespace(cache=cache, device=device, compiled=None, block_size=block_size)
     copies = [(i, rows + i, i % block_size + 1) for i in range(BEAM_BATCH * (WIDTH - 1))]
     block_bytes = 2 * cache.k[:, 0].nbytes
     held_bytes = sum(block_bytes * n // block_size for _, _, n in copies)

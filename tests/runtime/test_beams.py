@@ -3,14 +3,18 @@ transformers' `generate(num_beams=k, ...)` token for token, with and without pre
 blocks are shared copy-on-write and the pool's books balance after beams finish or abort;
 greedy and sampled requests in the same batch are unaffected; best_of keeps the n highest
 cumulative logprobs; context / generation logits equal HF's."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from tests.models.checkpoints import hf_model, write_checkpoint
 from tests.runtime.tokenizers import make_tokenizer
+from trtllm.attention_context import PagedKVCache
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.build_engine import build_engine
+from trtllm.runtime.model_runner import ModelRunner
 from trtllm.runtime.sequence import Sequence
 from trtllm.sampling_params import SamplingParams
 
@@ -181,6 +185,17 @@ def test_fork_and_copy_on_write_keep_the_books():
     bm.free(b)
     bm.check_invariants()
     assert bm.num_used_blocks == 0
+
+
+def test_the_runner_copies_held_tokens_and_refuses_counts_past_a_block():
+    cache = PagedKVCache.allocate(2, 6, 4, 1, 8, torch.float32, "cpu")
+    cache.k.copy_(torch.randn(cache.k.shape))
+    runner = SimpleNamespace(cache=cache, device=torch.device("cpu"), compiled=None, block_size=4)
+    before = cache.k.clone()
+    ModelRunner.copy_blocks(runner, [(1, 3, 2)])
+    assert torch.equal(cache.k[:, 3, :2], before[:, 1, :2]) and torch.equal(cache.k[:, 3, 2:], before[:, 3, 2:])
+    with pytest.raises(AssertionError, match="token count outside 1..4"):
+        ModelRunner.copy_blocks(runner, [(1, 3, 5)])
 
 
 def test_a_shared_block_that_holds_nothing_yet_is_replaced_without_a_copy():

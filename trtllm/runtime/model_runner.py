@@ -252,6 +252,8 @@ class ModelRunner:
         `tokens` positions, every layer, into the copy, queued before the step that writes it
         (PagedKVCache.copy_blocks)."""
         assert not {c[1] for c in copies} & {c[0] for c in copies}, f"a copy's block is another's source: {copies}"
+        # a count past the block would copy into the next block's rows: never asked of the kernel
+        assert all(0 < c[2] <= self.block_size for c in copies), f"a copy's token count outside 1..{self.block_size}: {copies}"
         src, dst, tokens = torch.tensor(copies, dtype=torch.long).T.contiguous().to(self.device)  # one copy over
         self.cache.copy_blocks(src, dst, tokens)
         tp = getattr(self.compiled, "tensor_parallel", None)
