@@ -109,7 +109,7 @@ def test_copy_blocks_copies_every_layer_of_each_pair_and_nothing_else(dtype, hea
     cache = PagedKVCache(cache.k.to(dtype), cache.v.to(dtype))
     before_k, before_v = cache.k.clone(), cache.v.clone()
     src, dst = torch.tensor([1, 4, 1]), torch.tensor([2, 7, 8])
-    cache.copy_blocks(src, dst, torch.full((3,), BS))
+    cache.copy_blocks([(s, d, BS) for s, d in zip(src.tolist(), dst.tolist())])
     expect_k, expect_v = before_k.clone(), before_v.clone()
     expect_k[:, dst], expect_v[:, dst] = before_k[:, src], before_v[:, src]
     assert torch.equal(cache.k.view(torch.uint8), expect_k.view(torch.uint8))

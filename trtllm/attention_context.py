@@ -67,11 +67,12 @@ class PagedKVCache:
         return PagedKVCache(torch.zeros(shape, dtype=dtype, device=device),
                             torch.zeros(v_shape, dtype=dtype, device=device), scales)
 
-    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor, tokens: torch.Tensor) -> None:
-        """The first tokens[i] positions of block src[i]'s K and V, every layer, into block dst[i]
-        (beams' copy-on-write, runtime/block_manager.py; each dst a fresh block no pair reads);
-        src, dst, tokens int64 on the cache's device. Bytes, whatever the dtype (the scales are
-        per layer, not per block): kernels/copy_blocks.py, one pass a pool."""
+    def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
+        """Each (source, copy, tokens): the first `tokens` positions of block source's K and V,
+        every layer, into block copy (beams' copy-on-write, runtime/block_manager.py; each copy
+        a fresh block no pair reads). The list reaches the device in one copy. Bytes, whatever
+        the dtype (the scales are per layer, not per block): kernels/copy_blocks.py, one pass a pool."""
+        src, dst, tokens = torch.tensor(copies, dtype=torch.long).T.contiguous().to(self.k.device)
         for pool in (self.k, self.v):
             if pool.numel() == 0:  # a latent cache's V
                 continue

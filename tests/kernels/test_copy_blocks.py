@@ -63,7 +63,7 @@ def test_no_pairs_and_the_cache_copies_both_pools():
     assert torch.equal(pool, before)
     cache = PagedKVCache(random_pool(2, 6, 4, 2, 16, torch.bfloat16), random_pool(2, 6, 4, 2, 16, torch.bfloat16))
     k, v = cache.k.clone(), cache.v.clone()
-    cache.copy_blocks(torch.tensor([1, 4]), torch.tensor([3, 0]), torch.tensor([4, 4]))
+    cache.copy_blocks([(1, 3, 4), (4, 0, 4)])
     for pool, old in ((cache.k, k), (cache.v, v)):
         assert torch.equal(pool[:, [3, 0]], old[:, [1, 4]]) and torch.equal(pool[:, [1, 2, 4, 5]], old[:, [1, 2, 4, 5]])
 

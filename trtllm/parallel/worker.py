@@ -168,7 +168,7 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             kv_scales = msg.scales
             continue
         if isinstance(msg, CopyBlocks):
-            copy_blocks(cache, msg.copies)
+            cache.copy_blocks(msg.copies)
             continue
         ids = torch.from_numpy(msg.input_ids).to(device)
         positions = torch.from_numpy(msg.positions).to(device)
@@ -217,13 +217,6 @@ def _image_buffers(compiled, spec: RankSpec, stage: int, device: torch.device) -
     if stage > 0 or not hasattr(compiled.module, "encode_images"):
         return None
     return MultimodalEmbeddings.for_model(compiled.module, spec.max_num_tokens, device)
-
-
-def copy_blocks(cache: PagedKVCache, copies: list[tuple[int, int, int]]) -> None:
-    """Each (source, copy, tokens) block's first K/V positions into the copy, every layer, as bytes
-    (runtime/model_runner.py's)."""
-    src, dst, tokens = torch.tensor(copies, dtype=torch.long).T.contiguous().to(cache.k.device)
-    cache.copy_blocks(src, dst, tokens)
 
 
 def _next_step(channel: StepChannel, rank: int):

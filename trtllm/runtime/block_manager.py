@@ -27,8 +27,8 @@ tables, every block shared by reference count. A step writes a sequence's next t
 its last block; when that block is shared (a partial block several beams hold), `try_append`
 first gives the sequence a copy of its own and queues (source, copy, tokens) in
 `pending_copies`, which the engine has the model runner copy before the step runs: only the
-`tokens` positions the block holds so far (on average half a block), none when it holds none. Only beams share a block
-they write into (a prefix-cache hit is always full and never written), so nothing else pays.
+`tokens` positions the block holds so far (on average half a block), none when it holds
+none. Only beams share a block they write into (a prefix-cache hit is always full and never written), so nothing else pays.
 A sequence with a LoRA adapter starts its chain from the adapter's id (`chain_root`), so a
 prefix computed under one adapter is never reused under another, nor under the base model.
 A block holding image placeholder tokens hashes the images' content hashes with its tokens

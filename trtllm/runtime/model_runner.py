@@ -254,8 +254,7 @@ class ModelRunner:
         assert not {c[1] for c in copies} & {c[0] for c in copies}, f"a copy's block is another's source: {copies}"
         # a count past the block would copy into the next block's rows: never asked of the kernel
         assert all(0 < c[2] <= self.block_size for c in copies), f"a copy's token count outside 1..{self.block_size}: {copies}"
-        src, dst, tokens = torch.tensor(copies, dtype=torch.long).T.contiguous().to(self.device)  # one copy over
-        self.cache.copy_blocks(src, dst, tokens)
+        self.cache.copy_blocks(copies)
         tp = getattr(self.compiled, "tensor_parallel", None)
         if tp is not None and tp.workers is not None:  # every rank's cache holds its heads of these blocks
             tp.workers.copy_blocks(copies)
