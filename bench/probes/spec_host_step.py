@@ -159,7 +159,7 @@ def instrument(llm: LLM) -> PhaseTimers:
     engine, timers = llm.engine, PhaseTimers()
     timers.wrap("schedule", engine, "_schedule")
     timers.wrap("execute", engine.runner, "execute")
-    timers.wrap("sample", engine, "_sample")
+    timers.wrap("sample", engine.step_sampler, "finish")
     timers.wrap("postprocess", engine, "_postprocess")
     timers.wrap("outputs", engine, "_outputs")
     spec = engine.speculative
