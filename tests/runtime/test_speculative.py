@@ -385,6 +385,33 @@ def test_chained_draft_steps_keep_output_identical(target, plain, kind):
         assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
 
 
+def test_chained_proposal_takes_the_accepted_last_draft_into_its_first_step(target, plain):
+    """After a verify step that accepted every draft, the draft has not computed the last
+    draft token: it rides in the proposal's first step (two tokens, picked on the device),
+    so a proposal is k draft launches, not a catch-up step more (whose LM head would be read
+    for logits no one uses)."""
+    prompts, params, expected = plain
+    k = 3
+    with small_llm(target, speculative_config=_configs(target)["draft_self"]) as llm:
+        proposer = llm.engine.speculative.draft
+        runner = proposer.runner
+        graphs = {b: _EagerDecodeGraph(runner, b, 512) for b in (1, 2, 4, 8)}
+        runner.cuda_graphs.decode = {b: (g, g.logits, g.greedy) for b, g in graphs.items()}
+        chained, batches, ahead = [], [], []
+        proposer._propose_chained = _counted(proposer._propose_chained, chained)
+        execute, execute_ahead = runner.execute, runner.execute_ahead
+        runner.execute = lambda batch: (batches.append([n for _, n in batch]), execute(batch))[1]
+        runner.execute_ahead = lambda *a: (ahead.append(1), execute_ahead(*a))[1]
+        got, _ = run(llm, [prompts[0]], [params[0]])
+        stats = llm.get_stats()
+    assert got == [expected[0]]
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+    # one prompt catch-up, then each proposal's first step: its two uncomputed tokens (the first
+    # proposal's: the prompt's last and the first output)
+    assert len(batches) == 1 + len(chained) and len(chained) > 1 and all(b == [2] for b in batches[1:])
+    assert len(ahead) <= (k - 1) * len(chained)
+
+
 def test_rejected_drafts_back_off_and_the_overlap_scheduler_runs_meanwhile(target, plain):
     """A draft that is never right (another random model): after two verify steps with no
     draft accepted a sequence decodes plainly for 4 tokens, then 8, ... (decoder.py's

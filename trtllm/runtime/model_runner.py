@@ -229,8 +229,9 @@ class ModelRunner:
         `tokens`: the device tensor `previous`'s tokens are in, by row (its sampler's output,
         queued on the stream before this); default the graph's own greedy picks. None if no
         captured graph fits."""
-        if previous.device_picks is None:
-            raise ValueError("execute_ahead follows a decode-graph step (its picks are on the device)")
+        if tokens is None and previous.device_picks is None:
+            raise ValueError("execute_ahead follows a decode-graph step (its picks are on the device) "
+                             "or takes the previous step's tokens on the device")
         m = len(seqs)
         size = self.cuda_graphs.decode_size(m, m, [])
         if size is None:

@@ -8,10 +8,12 @@ the draft keeps. A proposal:
    prefix it shares with them (the draft tokens the target rejected are forgotten, the
    accepted ones, already computed here, are kept);
 2. catch-up: every token the draft has not computed but the last (a new sequence's
-   prompt, in chunks of at most max_num_tokens; after a step that accepted every draft,
-   the last draft token), launched and not waited for: nothing is sampled there;
-3. k decode steps, each one token a sequence (CUDA graphs on a GPU): the first from the
-   last token (the target's newest), giving draft token 1, each next from the one before.
+   prompt, in chunks of at most max_num_tokens), launched and not waited for: nothing is
+   sampled there. Chained proposals (below) leave the last two: after a step that accepted
+   every draft, the last draft token then rides in the first draft step;
+3. k draft steps: the first from the last token (the target's newest; after all drafts
+   were accepted, the last draft token and it), giving draft token 1, each next one token
+   a sequence (decode CUDA graphs on a GPU) from the one before.
 A draft token is the draft's sample under the request's own sampling parameters (argmax
 for greedy requests; then no distribution is kept), with a seed of its own; for sampled
 requests the draft's processed distribution q [k, V] goes to rejection sampling
@@ -36,7 +38,7 @@ import torch
 
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.model_runner import ModelRunner
-from trtllm.runtime.sampler import SamplingBatch, argmax_serves, draw_tokens, process_logits
+from trtllm.runtime.sampler import SamplingBatch, argmax_serves, draw_tokens, greedy_picks, process_logits
 from trtllm.runtime.sequence import Sequence, SequenceStatus
 from trtllm.runtime.speculative.eagle3 import Eagle3Inputs
 
@@ -71,11 +73,12 @@ class DraftModelProposer:
                 kept.append(k)
         drafts = {m.seq_id: ([], []) for m in mirrors}
         if mirrors:
-            self._catch_up(mirrors)
             n = len(mirrors)
             if argmax_serves(mirrors) and self.runner.cuda_graphs.decode_size(n, n, []) is not None:
+                self._catch_up(mirrors, keep=2)
                 self._propose_chained(mirrors, kept, drafts)
             else:
+                self._catch_up(mirrors, keep=1)
                 self._propose_stepwise(mirrors, kept, drafts)
         out = []
         for seq in seqs:
@@ -111,20 +114,26 @@ class DraftModelProposer:
         launched, rows_of, taken = None, {}, []  # rows_of: mirror -> its row in the step before
         for step in range(steps):
             active = [m for m, k in zip(mirrors, kept) if k > step]
-            if launched is None:  # the first step: the mirrors' last tokens, known on the host
-                launched = self._launch([(m, 1) for m in active])
+            if launched is None:  # the first step: the mirrors' uncomputed tokens, known on the host
+                launched = self._launch([(m, m.num_tokens - m.num_computed_tokens) for m in active])
+                computed = [m.num_tokens - m.num_computed_tokens for m in active]
+                # two tokens (a catch-up's last draft token and the newest) run on a prefill graph or
+                # eagerly: their picks taken on the device from the logits, as a decode graph's are
+                step_picks = launched.device_picks[0] if launched.device_picks is not None \
+                    else self._device_picks(launched.logits)
             else:  # each mirror's input: its pick of the step before, gathered on the device
                 if self.eagle is not None:
                     self.eagle.stage([(m, 1) for m in active])
-                launched = runner.execute_ahead(launched, active, [rows_of[m] for m in active])
-            if launched is None or launched.device_picks is None:  # decode_size said a graph fits
-                raise RuntimeError(f"a chained draft step of {len(active)} sequences found no decode graph")
-            for m in active:
+                launched = runner.execute_ahead(launched, active, [rows_of[m] for m in active], step_picks)
+                if launched is None:  # decode_size said a graph fits
+                    raise RuntimeError(f"a chained draft step of {len(active)} sequences found no decode graph")
+                computed, step_picks = [1] * len(active), launched.device_picks[0]
+            for m, n in zip(active, computed):
                 if step:  # the token this step computed: the pick of the step before, not read yet
                     m.output_token_ids.append(-1)
-                m.num_computed_tokens += 1
+                m.num_computed_tokens += n
             # out of the graph's own buffer, which the next replay of its size overwrites
-            picks[step, :len(active)].copy_(launched.device_picks[0, :len(active)])
+            picks[step, :len(active)].copy_(step_picks[:len(active)])
             rows_of = {m: i for i, m in enumerate(active)}
             taken.append(active)
         tokens = self._read_picks(picks)
@@ -135,6 +144,12 @@ class DraftModelProposer:
                 drafts[m.seq_id][1].append(None)
         for m in mirrors:
             m.output_token_ids[base[m]:] = drafts[m.seq_id][0]
+
+    def _device_picks(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's greedy draft token, on the device (a decode graph's picks, for a step no
+        decode graph ran), in the target's vocabulary."""
+        picks = greedy_picks(logits)[0]
+        return picks if self.runner.pick_map is None else self.runner.pick_map[picks]
 
     def _read_picks(self, picks: torch.Tensor) -> list[list[int]]:
         """The chained steps' draft tokens on the host: the proposal's one wait for the GPU
@@ -183,16 +198,18 @@ class DraftModelProposer:
             return None
         return m
 
-    def _catch_up(self, mirrors: list[Sequence]) -> None:
-        """Compute every mirror's uncomputed tokens but its last (which the first decode
+    def _catch_up(self, mirrors: list[Sequence], keep: int) -> None:
+        """Compute every mirror's uncomputed tokens but its last `keep` (which the first draft
         step computes), in chunks within max_num_tokens; nothing is sampled, so nothing is
-        waited for. A batch of one token each (the last draft token of a step that accepted
-        all) replays a decode graph."""
-        pending = [m for m in mirrors if m.num_tokens - m.num_computed_tokens > 1]
+        waited for. Chained proposals keep 2: after a step that accepted every draft, the last
+        draft token then rides in the first draft step instead of a decode step of its own,
+        whose LM head would be read for logits no one uses (at Llama-3.1-8B shapes 1.05 GB,
+        a fifth of a 2-layer draft's step's bytes)."""
+        pending = [m for m in mirrors if m.num_tokens - m.num_computed_tokens > keep]
         while pending:
             batch, budget = [], self.max_num_tokens
             for m in pending:
-                n = min(m.num_tokens - m.num_computed_tokens - 1, budget)
+                n = min(m.num_tokens - m.num_computed_tokens - keep, budget)
                 if n == 0:
                     break
                 batch.append((m, n))
@@ -200,7 +217,7 @@ class DraftModelProposer:
             self._launch(batch)
             for m, n in batch:
                 m.num_computed_tokens += n
-            pending = [m for m in pending if m.num_tokens - m.num_computed_tokens > 1]
+            pending = [m for m in pending if m.num_tokens - m.num_computed_tokens > keep]
 
     def _launch(self, batch: list[tuple[Sequence, int]]):
         """runner.execute, an EAGLE-3 head's hidden-input rows staged first."""
