@@ -56,3 +56,11 @@ def test_top_k_minus_one_is_no_limit_and_bad_sampling_options_are_one_line(capsy
     assert main(["hi", "--top-p", "nan"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "trtllm-run: bad sampling option: SamplingParams.top_p=nan: must be a finite number"
+
+
+@pytest.mark.parametrize("option, value, field", [("--max-seq-len", "0", "BuildConfig.max_seq_len"),
+                                                  ("--kv-cache-max-tokens", "0", "KvCacheConfig.max_tokens")])
+def test_bad_engine_options_are_one_line(option, value, field, capsys):
+    assert main(["hi", option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"trtllm-run: bad option: {field}=0") and "Traceback" not in err

@@ -58,8 +58,12 @@ def _run(args: argparse.Namespace) -> int:
     if not prompts:
         print("trtllm-run: no prompt given (as arguments or on stdin)", file=sys.stderr)
         return 2
-    build = BuildConfig(max_batch_size=8, max_num_tokens=2048, max_seq_len=args.max_seq_len)
-    kv = KvCacheConfig(max_tokens=args.kv_cache_max_tokens)
+    try:
+        build = BuildConfig(max_batch_size=8, max_num_tokens=2048, max_seq_len=args.max_seq_len)
+        kv = KvCacheConfig(max_tokens=args.kv_cache_max_tokens)
+    except ValueError as e:
+        print(f"trtllm-run: bad option: {e}", file=sys.stderr)
+        return 2
     try:
         llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, build_config=build,
                   kv_cache_config=kv, enable_cuda_graph=not args.no_cuda_graph)
