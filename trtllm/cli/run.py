@@ -73,12 +73,19 @@ def _run(args: argparse.Namespace) -> int:
     status = 0
     with llm:
         for prompt in prompts:
-            text = apply_chat_template(llm.tokenizer, [{"role": "user", "content": prompt}]) if args.chat else prompt
+            try:  # refused when submitted (empty, too long, no chat template): said, and the next ones run
+                text = apply_chat_template(llm.tokenizer, [{"role": "user", "content": prompt}]) if args.chat \
+                    else prompt
+                stream = llm.generate(text, params, streaming=True)
+            except ValueError as e:
+                print(f"trtllm-run: prompt {prompt!r}: {e}", file=sys.stderr)
+                status = 1
+                continue
             print(prompt, end="" if args.chat else "", flush=True)
             if args.chat:
                 print()
             try:
-                for last in llm.generate(text, params, streaming=True):
+                for last in stream:
                     print(last.outputs[0].text_diff, end="", flush=True)
                 print()
             except RequestError as e:  # this prompt failed while it ran; the next ones still run
