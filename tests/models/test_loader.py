@@ -1,6 +1,7 @@
 """trtllm.models.loader.load_model: sharding, dtypes, tying, and every error it names."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -212,6 +213,20 @@ def test_config_that_is_not_an_object(llama_dir, copy_of):
     path = copy_of(llama_dir)
     (path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"config\.json: expected a JSON object, got list"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"num_hidden_layers": "2"}, "num_hidden_layers='2'"),
+    ({"hidden_size": -64}, "hidden_size=-64"),
+    ({"vocab_size": 512.0, "num_attention_heads": 0}, "vocab_size=512.0, num_attention_heads=0"),
+    ({"text_config": {"num_key_value_heads": True}}, "text_config.num_key_value_heads=True"),
+])
+def test_config_sizes_that_are_not_positive_integers_are_named(llama_dir, copy_of, fields, words):
+    path = copy_of(llama_dir)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(ValueError, match=rf"config\.json: {re.escape(words)}: sizes must be positive integers"):
         load_model(path)
 
 

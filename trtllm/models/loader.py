@@ -223,7 +223,29 @@ def _read_config(path: Path) -> dict:
     config = read_json(config_file)
     if not isinstance(config, dict):
         raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    check_config_sizes(config, config_file)
     return config
+
+
+# config.json's sizes, under the names the families we load use (Llama's, BLOOM's / Falcon's, MPT's)
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "n_layer", "n_head", "n_layers",
+               "n_heads", "d_model", "num_kv_heads")
+
+
+def check_config_sizes(config: dict, config_file) -> None:
+    """ValueError naming each size of config.json (and of its text_config) that is not a positive
+    integer: a string or a negative number would otherwise fail deep in model construction."""
+    bad = []
+    for where, section in (("", config), ("text_config.", config.get("text_config"))):
+        if not isinstance(section, dict):
+            continue
+        for key in SIZE_FIELDS:
+            value = section.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                bad.append(f"{where}{key}={value!r}")
+    if bad:
+        raise ValueError(f"{config_file}: {', '.join(bad)}: sizes must be positive integers")
 
 
 def read_json(file: Path):
