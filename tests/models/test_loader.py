@@ -202,6 +202,13 @@ def test_no_weights_at_all(llama_dir, copy_of):
         load_model(path)
 
 
+def test_a_file_given_for_the_directory_is_named_as_such(llama_dir, tmp_path):
+    with pytest.raises(NotADirectoryError, match=r"config\.json' is a file: give the checkpoint's directory"):
+        load_model(llama_dir / "config.json")
+    with pytest.raises(FileNotFoundError, match="nowhere' does not exist"):
+        load_model(tmp_path / "nowhere")
+
+
 def test_corrupt_config_names_the_file_and_place(llama_dir, copy_of):
     path = copy_of(llama_dir)
     (path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],\n  "hidden_size": 64,,}')

@@ -112,6 +112,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     """
     path = Path(path)
     if not path.is_dir():
+        if path.exists():  # e.g. the model.safetensors or config.json itself
+            raise NotADirectoryError(f"checkpoint {str(path)!r} is a file: give the checkpoint's directory")
         raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
     hf_config = _read_config(path)
     layout = checkpoint_layout(path, hf_config)  # None: not quantized; an unsupported one raises
