@@ -103,6 +103,12 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused(llama_llm):
     assert out.error is None
 
 
+@pytest.mark.parametrize("model", [5, {"model": "path"}, b"path"])
+def test_a_model_of_another_type_is_named(model):
+    with pytest.raises(TypeError, match=rf"model must be a checkpoint directory .*, got {type(model).__name__}$"):
+        LLM(model)
+
+
 def test_token_ids_as_numpy_arrays_and_tensors(llama_llm):
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     want = llama_llm.generate([[1, 2, 3], [4, 5, 6]], params, use_tqdm=False)
