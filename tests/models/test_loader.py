@@ -209,6 +209,18 @@ def test_a_file_given_for_the_directory_is_named_as_such(llama_dir, tmp_path):
         load_model(tmp_path / "nowhere")
 
 
+def test_an_integer_weight_is_refused_by_name(llama_dir, copy_of):
+    """An int8 weight without the quantization_config that says how to read it: refused when
+    loaded, not a dtype mismatch inside the first matmul."""
+    path = copy_of(llama_dir)
+    weights = load_file(path / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    weights[name] = weights[name].to(torch.int8)
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor '{name}' is torch\.int8, but it is a weight"):
+        load_model(path)
+
+
 def test_corrupt_config_names_the_file_and_place(llama_dir, copy_of):
     path = copy_of(llama_dir)
     (path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],\n  "hidden_size": 64,,}')

@@ -155,6 +155,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     online = Fp8Linears(source=f"QuantConfig(quant_algo={quant_algo.value})") if quant_algo is not None else None
     online_weights = {f"{p}.weight": p for p in quantizable_linears(model)} if online is not None else {}
 
+    parameters = {name for name, _ in model.named_parameters()}
     total = sum(f.stat().st_size for f in files)
     bar = _progress_bar(total, progress)
     for file in files:
@@ -190,6 +191,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     q.placeholder = placeholder_weight(t.shape, dtype, device)
                     online.linears[online_weights[name]] = q
                 else:
+                    if not t.is_floating_point() and name in parameters:  # a buffer may hold integers
+                        raise ValueError(f"{file.name}: tensor {name!r} is {t.dtype}, but it is a weight: "
+                                         "weights are floating point (an integer-quantized checkpoint whose "
+                                         "config.json names no quantization_config?)")
                     t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
                     _assign(model, name, t)
                 del t
