@@ -56,3 +56,25 @@ def test_top_k_minus_one_is_no_limit_and_bad_sampling_options_are_one_line(capsy
     assert main(["hi", "--top-p", "nan"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "trtllm-run: bad sampling option: SamplingParams.top_p=nan: must be a finite number"
+
+
+@pytest.mark.parametrize("option, value, field", [("--max-seq-len", "0", "BuildConfig.max_seq_len"),
+                                                  ("--kv-cache-max-tokens", "0", "KvCacheConfig.max_tokens")])
+def test_bad_engine_options_are_one_line(option, value, field, capsys):
+    assert main(["hi", option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"trtllm-run: bad option: {field}=0") and "Traceback" not in err
+
+
+def test_a_refused_prompt_is_said_and_the_next_ones_run(tmp_path, capsys):
+    write_checkpoint("llama31", tmp_path, vocab_size=512)
+    make_tokenizer(tmp_path)  # no chat template
+    model = ["--model", str(tmp_path), "--dtype", "float32", "--max-tokens", "3"]
+    assert main([*model, "--max-seq-len", "16", "", "a prompt much longer than sixteen tokens, surely", "hi"]) == 1
+    captured = capsys.readouterr()
+    assert "trtllm-run: prompt '': the prompt is empty" in captured.err
+    assert "more than max_input_len=16" in captured.err and "Traceback" not in captured.err
+    assert captured.out.startswith("hi") and len(captured.out.strip()) > 2
+    assert main([*model, "--chat", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "has no chat template" in err and "Traceback" not in err

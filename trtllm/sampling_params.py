@@ -180,7 +180,7 @@ class SamplingParams(ValidatedConfig):
             raise ValueError(f"strings must be 1..{MAX_STOP_STRING_LEN} characters")
         return v
 
-    @field_validator("bad_token_ids")
+    @field_validator("bad_token_ids", "stop_token_ids")
     @classmethod
     def _token_ids(cls, v):
         if any(t < 0 for t in v):

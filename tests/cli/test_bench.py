@@ -223,6 +223,18 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path, capsys):
                       "--cuda_graph_max_prefill_tokens", "-1"], "max_prefill_tokens")
 
 
+
+@pytest.mark.parametrize("value, words", [("-1", "temperature=-1.0: must be greater than or equal to 0"),
+                                          ("nan", "temperature=nan: must be a finite number")])
+def test_a_bad_temperature_is_refused_before_the_engine_is_built(value, words, capsys, monkeypatch):
+    import trtllm.runtime.llm as llm_module
+
+    def built(*args, **kwargs):
+        raise AssertionError("the engine was built for a --temperature that every request refuses")
+    monkeypatch.setattr(llm_module, "LLM", built)
+    _refused(capsys, ["--temperature", value, "--batch_size", "1", "--input_len", "4", "--output_len", "4"],
+             "bad option", words)
+
 def test_throughput_on_the_tiny_deepseek_preset_pages_the_latent(tmp_path):
     """The MLA preset through trtllm-bench: the report's KV pool is the latent cache, one row of
     kv_lora_rank + qk_rope_head_dim (32 + 8) fp32 values per token and layer (2 layers)."""

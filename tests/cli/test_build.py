@@ -4,6 +4,7 @@ LLM(model=DIR, quant_config=QuantConfig(quant_algo=same)); KV scales are calibra
 and used; the limits given become LLM's defaults; bad input exits 2 naming it."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,6 +186,8 @@ def test_build_limits_become_llm_defaults(sources, tmp_path):
     ("static_block", "--activation_scheme static with FP8_BLOCK_SCALES"),
     ("seq_len", "max_seq_len=1000 exceeds the model's max_position_embeddings=256"),
     ("quantized", "already quantized"),
+    ("out_in_a_file", "--output_dir .*config.json/out: .*config.json is not a directory"),
+    ("out_unwritable", "--output_dir /proc/out: cannot write in /proc"),
 ])
 def test_bad_input_exits_2_naming_it(sources, tmp_path, capsys, case, words):
     src, out, algo = sources["llama31"], tmp_path / "out", "FP8"
@@ -207,6 +210,10 @@ def test_bad_input_exits_2_naming_it(sources, tmp_path, capsys, case, words):
         algo, extra = "FP8_BLOCK_SCALES", ["--activation_scheme", "static"]
     elif case == "seq_len":
         extra = ["--max_seq_len", "1000"]
+    elif case == "out_in_a_file":
+        out = src / "config.json" / "out"
+    elif case == "out_unwritable":
+        out = Path("/proc/out")
     elif case == "quantized":
         assert _build(src, tmp_path / "first", "--quant_algo", "FP8") == 0
         src = tmp_path / "first"

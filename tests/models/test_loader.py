@@ -1,6 +1,7 @@
 """trtllm.models.loader.load_model: sharding, dtypes, tying, and every error it names."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -201,6 +202,25 @@ def test_no_weights_at_all(llama_dir, copy_of):
         load_model(path)
 
 
+def test_a_file_given_for_the_directory_is_named_as_such(llama_dir, tmp_path):
+    with pytest.raises(NotADirectoryError, match=r"config\.json' is a file: give the checkpoint's directory"):
+        load_model(llama_dir / "config.json")
+    with pytest.raises(FileNotFoundError, match="nowhere' does not exist"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_an_integer_weight_is_refused_by_name(llama_dir, copy_of):
+    """An int8 weight without the quantization_config that says how to read it: refused when
+    loaded, not a dtype mismatch inside the first matmul."""
+    path = copy_of(llama_dir)
+    weights = load_file(path / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    weights[name] = weights[name].to(torch.int8)
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor '{name}' is torch\.int8, but it is a weight"):
+        load_model(path)
+
+
 def test_corrupt_config_names_the_file_and_place(llama_dir, copy_of):
     path = copy_of(llama_dir)
     (path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],\n  "hidden_size": 64,,}')
@@ -212,6 +232,20 @@ def test_config_that_is_not_an_object(llama_dir, copy_of):
     path = copy_of(llama_dir)
     (path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"config\.json: expected a JSON object, got list"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"num_hidden_layers": "2"}, "num_hidden_layers='2'"),
+    ({"hidden_size": -64}, "hidden_size=-64"),
+    ({"vocab_size": 512.0, "num_attention_heads": 0}, "vocab_size=512.0, num_attention_heads=0"),
+    ({"text_config": {"num_key_value_heads": True}}, "text_config.num_key_value_heads=True"),
+])
+def test_config_sizes_that_are_not_positive_integers_are_named(llama_dir, copy_of, fields, words):
+    path = copy_of(llama_dir)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(ValueError, match=rf"config\.json: {re.escape(words)}: sizes must be positive integers"):
         load_model(path)
 
 

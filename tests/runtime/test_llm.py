@@ -10,7 +10,7 @@ import torch
 
 from tests.models.checkpoints import hf_model, write_checkpoint
 from tests.runtime.tokenizers import make_tokenizer
-from trtllm.config import BuildConfig, KvCacheConfig
+from trtllm.config import BuildConfig, ConfigError, KvCacheConfig
 from trtllm.runtime.client_protocol import EngineClient
 from trtllm.runtime.llm import LLM
 from trtllm.runtime.outputs import RequestError
@@ -89,6 +89,24 @@ def test_a_bad_prompt_raises_at_submission_naming_its_index_and_none_runs(llama_
 def test_prompt_plus_max_tokens_over_max_seq_len_raises(llama_llm):
     with pytest.raises(ValueError, match=r"prompt \(30 tokens\) \+ max_tokens \(40\) exceeds max_seq_len=64"):
         llama_llm.generate([1] * 30, SamplingParams(max_tokens=40), use_tqdm=False)
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused(llama_llm):
+    """A stop id the model can never sample would never stop anything: refused, not ignored."""
+    with pytest.raises(ConfigError, match=r"stop_token_ids=\[-5\]: .*token ids are >= 0"):
+        SamplingParams(stop_token_ids=[-5])
+    with pytest.raises(ValueError, match=r"prompt 1: SamplingParams.stop_token_ids: 512 is outside the vocabulary "
+                                         r"\[0, 512\)"):
+        llama_llm.generate([[1, 2], [3]], [SamplingParams(), SamplingParams(stop_token_ids=[7, 512])], use_tqdm=False)
+    assert not llama_llm.has_unfinished()
+    out = llama_llm.generate([1, 2], SamplingParams(max_tokens=4, stop_token_ids=[511]), use_tqdm=False)
+    assert out.error is None
+
+
+@pytest.mark.parametrize("model", [5, {"model": "path"}, b"path"])
+def test_a_model_of_another_type_is_named(model):
+    with pytest.raises(TypeError, match=rf"model must be a checkpoint directory .*, got {type(model).__name__}$"):
+        LLM(model)
 
 
 def test_token_ids_as_numpy_arrays_and_tensors(llama_llm):

@@ -224,10 +224,16 @@ def _engine_configs(args, requests, spec, default_batch: int | None):
 def _bench(args) -> int:
     from trtllm.cli.bench_run import StepRecorder
     from trtllm.cli.model_arg import resolve_model
+    from trtllm.config import ConfigError
+    from trtllm.sampling_params import SamplingParams
 
     for name, least in (("warmup", 0), ("profile_steps", 1)):
         if getattr(args, name) < least:
             raise BenchError(f"--{name} must be >= {least}, got {getattr(args, name)}")
+    try:  # --temperature: refused now, not as a traceback once the engine is built
+        SamplingParams(temperature=args.temperature)
+    except ConfigError as e:
+        raise BenchError(f"bad option: {'; '.join(str(e).splitlines())}") from None
     outputs = [args.report_json, args.iteration_log] + ([args.profile_trace] if args.profile else [])
     for path in filter(None, outputs):  # before minutes of loading, compiling and running
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):

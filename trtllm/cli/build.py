@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES")
@@ -117,6 +119,7 @@ def _check_input(args: argparse.Namespace):
                          f"trtllm's own model files only ({', '.join(sorted(ARCHITECTURES))})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BuildError(f"--output_dir {out}: exists and is not an empty directory (refusing to overwrite)")
+    _check_writable(out)
     if args.calib_dataset is not None and not Path(args.calib_dataset).is_file():
         raise BuildError(f"--calib_dataset {args.calib_dataset}: no such file")
     limits = {k: getattr(args, k) for k in _LIMITS if getattr(args, k) is not None}
@@ -200,9 +203,24 @@ def build(args: argparse.Namespace) -> Path:
                 kv = scales if kv is None else torch.maximum(kv, scales)
         if kv is None:
             raise BuildError("KV calibration: every calibration text tokenized to nothing")
-    export_fp8_checkpoint(model, src, out, algo, kv, kv_fmt, progress=progress)
-    write_build_defaults(out, limits, algo_of_kv(kv_fmt))
+    try:
+        export_fp8_checkpoint(model, src, out, algo, kv, kv_fmt, progress=progress)
+        write_build_defaults(out, limits, algo_of_kv(kv_fmt))
+    except OSError as e:  # e.g. the disk filled up
+        raise BuildError(f"--output_dir {out}: writing the checkpoint failed ({e})") from None
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """BuildError unless `out` can be made: now, not after minutes of loading and quantizing
+    (tried in its nearest existing folder, which is left as it was)."""
+    parent = next(p for p in out.absolute().parents if p.exists()) if not out.exists() else out
+    if not parent.is_dir():
+        raise BuildError(f"--output_dir {out}: {parent} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".trtllm-build-"))
+    except OSError as e:
+        raise BuildError(f"--output_dir {out}: cannot write in {parent} ({e.strerror})") from None
 
 
 def algo_of_kv(kv_fmt: str | None):

@@ -214,6 +214,9 @@ def _run(args) -> int:
 
     model_path = _model_path(args.model)
     inputs = _inputs(args)
+    if args.report_json and not Path(args.report_json).absolute().parent.is_dir():  # before the evaluation
+        from trtllm.eval.scorer import EvalInputError
+        raise EvalInputError(f"--report_json {args.report_json}: its directory does not exist")
     build = BuildConfig(max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
                         max_seq_len=args.max_seq_len,
                         **({"max_input_len": args.max_input_len} if args.max_input_len else {}))

@@ -58,8 +58,12 @@ def _run(args: argparse.Namespace) -> int:
     if not prompts:
         print("trtllm-run: no prompt given (as arguments or on stdin)", file=sys.stderr)
         return 2
-    build = BuildConfig(max_batch_size=8, max_num_tokens=2048, max_seq_len=args.max_seq_len)
-    kv = KvCacheConfig(max_tokens=args.kv_cache_max_tokens)
+    try:
+        build = BuildConfig(max_batch_size=8, max_num_tokens=2048, max_seq_len=args.max_seq_len)
+        kv = KvCacheConfig(max_tokens=args.kv_cache_max_tokens)
+    except ValueError as e:
+        print(f"trtllm-run: bad option: {e}", file=sys.stderr)
+        return 2
     try:
         llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, build_config=build,
                   kv_cache_config=kv, enable_cuda_graph=not args.no_cuda_graph)
@@ -69,12 +73,19 @@ def _run(args: argparse.Namespace) -> int:
     status = 0
     with llm:
         for prompt in prompts:
-            text = apply_chat_template(llm.tokenizer, [{"role": "user", "content": prompt}]) if args.chat else prompt
+            try:  # refused when submitted (empty, too long, no chat template): said, and the next ones run
+                text = apply_chat_template(llm.tokenizer, [{"role": "user", "content": prompt}]) if args.chat \
+                    else prompt
+                stream = llm.generate(text, params, streaming=True)
+            except ValueError as e:
+                print(f"trtllm-run: prompt {prompt!r}: {e}", file=sys.stderr)
+                status = 1
+                continue
             print(prompt, end="" if args.chat else "", flush=True)
             if args.chat:
                 print()
             try:
-                for last in llm.generate(text, params, streaming=True):
+                for last in stream:
                     print(last.outputs[0].text_diff, end="", flush=True)
                 print()
             except RequestError as e:  # this prompt failed while it ran; the next ones still run

@@ -112,6 +112,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     """
     path = Path(path)
     if not path.is_dir():
+        if path.exists():  # e.g. the model.safetensors or config.json itself
+            raise NotADirectoryError(f"checkpoint {str(path)!r} is a file: give the checkpoint's directory")
         raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
     hf_config = _read_config(path)
     layout = checkpoint_layout(path, hf_config)  # None: not quantized; an unsupported one raises
@@ -153,6 +155,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     online = Fp8Linears(source=f"QuantConfig(quant_algo={quant_algo.value})") if quant_algo is not None else None
     online_weights = {f"{p}.weight": p for p in quantizable_linears(model)} if online is not None else {}
 
+    parameters = {name for name, _ in model.named_parameters()}
     total = sum(f.stat().st_size for f in files)
     bar = _progress_bar(total, progress)
     for file in files:
@@ -188,6 +191,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     q.placeholder = placeholder_weight(t.shape, dtype, device)
                     online.linears[online_weights[name]] = q
                 else:
+                    if not t.is_floating_point() and name in parameters:  # a buffer may hold integers
+                        raise ValueError(f"{file.name}: tensor {name!r} is {t.dtype}, but it is a weight: "
+                                         "weights are floating point (an integer-quantized checkpoint whose "
+                                         "config.json names no quantization_config?)")
                     t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
                     _assign(model, name, t)
                 del t
@@ -223,7 +230,29 @@ def _read_config(path: Path) -> dict:
     config = read_json(config_file)
     if not isinstance(config, dict):
         raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    check_config_sizes(config, config_file)
     return config
+
+
+# config.json's sizes, under the names the families we load use (Llama's, BLOOM's / Falcon's, MPT's)
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "n_layer", "n_head", "n_layers",
+               "n_heads", "d_model", "num_kv_heads")
+
+
+def check_config_sizes(config: dict, config_file) -> None:
+    """ValueError naming each size of config.json (and of its text_config) that is not a positive
+    integer: a string or a negative number would otherwise fail deep in model construction."""
+    bad = []
+    for where, section in (("", config), ("text_config.", config.get("text_config"))):
+        if not isinstance(section, dict):
+            continue
+        for key in SIZE_FIELDS:
+            value = section.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                bad.append(f"{where}{key}={value!r}")
+    if bad:
+        raise ValueError(f"{config_file}: {', '.join(bad)}: sizes must be positive integers")
 
 
 def read_json(file: Path):

@@ -90,6 +90,9 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     enable_cuda_graph=False: none). scheduler_config: the admission policy (SchedulerConfig;
     None: MAX_UTILIZATION)."""
     started = time.perf_counter()
+    if model is not None and not isinstance(model, (str, os.PathLike, nn.Module)):
+        raise TypeError(f"model must be a checkpoint directory (str or Path), an nn.Module or None (the demo "
+                        f"model), got {type(model).__name__}")
     if cuda_graph_config is not None and not isinstance(cuda_graph_config, CudaGraphConfig):
         raise TypeError(f"cuda_graph_config must be a CudaGraphConfig, got {type(cuda_graph_config).__name__}")
     if scheduler_config is not None and not isinstance(scheduler_config, SchedulerConfig):

@@ -45,9 +45,10 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: E
                          f"vocabulary's ({vocab_size},)")
     if params.end_id is not None and params.end_id >= vocab_size:
         raise ValueError(f"SamplingParams.end_id {params.end_id} is outside the vocabulary [0, {vocab_size})")
-    bad = next((t for t in params.bad_token_ids if t >= vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"SamplingParams.bad_token_ids: {bad} is outside the vocabulary [0, {vocab_size})")
+    for field in ("bad_token_ids", "stop_token_ids"):  # an id the model never samples: never banned, never a stop
+        bad = next((t for t in getattr(params, field) if t >= vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"SamplingParams.{field}: {bad} is outside the vocabulary [0, {vocab_size})")
     validate_guided(params, has_tokenizer)
 
 
