@@ -257,6 +257,39 @@ def test_corrupt_adapter_files_are_refused_by_name(llm, base, adapters, tmp_path
     llm.block_manager.check_invariants()
 
 
+def test_a_config_that_disagrees_with_its_weights_is_refused(llm, base, tmp_path):
+    """Weights for modules the adapter's own config does not target (PEFT would leave them out):
+    refused by name, not applied. Adapters PEFT itself writes with layers_to_transform (and a
+    layers_pattern) or a regular expression pass and give PEFT's tokens."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    def written(name, edit=None, **options):
+        peft_model = write_adapter(base, tmp_path / name, r=4, seed=11, **options)
+        if edit:
+            _edit_config(tmp_path / name, **edit)
+        return LoRARequest(name, 70 + len(list(tmp_path.iterdir())), str(tmp_path / name)), peft_model
+
+    for name, options, edit, why in [
+            ("fewer", dict(targets=("q_proj", "v_proj")), dict(target_modules=["q_proj"]),
+             r"self_attn.v_proj has LoRA weights, but adapter_config.json's target_modules \['q_proj'\] leaves it out"),
+            ("layer0", dict(targets=("q_proj",)), dict(layers_to_transform=[0]),
+             r"layers.1.self_attn.q_proj has LoRA weights, but .*layers_to_transform \[0\] leaves it out"),
+            ("excluded", dict(targets=("q_proj", "v_proj")), dict(exclude_modules=["v_proj"]),
+             r"v_proj has LoRA weights, but .*exclude_modules \['v_proj'\] leaves it out"),
+            ("regex", dict(targets=("q_proj", "v_proj")), dict(target_modules=r".*\.q_proj"),
+             r"v_proj has LoRA weights, but .*target_modules '\.\*\\\\.q_proj' leaves it out")]:
+        request, _ = written(name, edit, **options)
+        with pytest.raises(ValueError, match=why):
+            llm.generate([[1, 2, 3]], params, lora_request=request, use_tqdm=False)
+    for name, options in [("only1", dict(targets=("q_proj", "down_proj"), layers_to_transform=[1])),
+                          ("pattern", dict(targets=("v_proj",), layers_to_transform=1, layers_pattern="layers")),
+                          ("re", dict(targets=r"model\.layers\.0\.self_attn\.(q|k)_proj"))]:
+        request, peft_model = written(name, **options)
+        assert greedy(llm, PROMPTS[:1], request) == [peft_greedy(peft_model, PROMPTS[0], NEW)], name
+    assert not llm.has_unfinished()
+    llm.block_manager.check_invariants()
+
+
 def test_target_modules_the_engine_does_not_wrap_are_refused(base, adapters, tmp_path):
     with lora_llm(base, lora_target_modules=["attn_q", "attn_k"]) as llm:  # TensorRT-LLM's names
         assert lora_ops(llm) == (2, 0)  # the q/k part of each fused QKV

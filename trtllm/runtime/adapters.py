@@ -131,6 +131,10 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
     for path, ab in sorted(keys.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{name}: {path} has lora_{'A' if 'A' in ab else 'B'} but not the other")
+        left_out = _left_out_by_config(config, path)
+        if left_out:  # PEFT would not apply these weights: applying them would be another model
+            raise ValueError(f"{name}: {path} has LoRA weights, but {CONFIG_FILE}'s {left_out} leaves it out "
+                             "(PEFT would not apply them): the config and the weights disagree")
         features = slots.features(path)
         if features is None:
             raise ValueError(f"{name}: targets {path}: this engine wraps no such linear (the model lacks it, or "
@@ -143,6 +147,34 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
                              f"lora_B [{n}, {rank}] (an adapter of another base model?)")
         checked[path] = (ab["A"], ab["B"])
     return PeftAdapter(request, directory, rank, scaling, checked)
+
+
+def _left_out_by_config(config: dict, path: str) -> str | None:
+    """Which of the config's module selectors leaves out the module at `path` (None: PEFT
+    targets it), by PEFT's rule (tuners_utils.check_target_module_exists): target_modules a
+    regular expression matched whole, or names matched whole or as the path's last parts;
+    layers_to_transform the index after `layers_pattern` (else after any part) in the path;
+    exclude_modules the same way as target_modules."""
+    def selects(spec, key: str) -> bool:
+        if isinstance(spec, str):
+            return spec == "all-linear" or re.fullmatch(spec, key) is not None
+        return key in spec or any(key.endswith(f".{t}") for t in spec)
+
+    targets = config.get("target_modules")
+    if targets and not selects(targets, path):
+        return f"target_modules {targets!r}"
+    excluded = config.get("exclude_modules")
+    if excluded and selects(excluded, path):
+        return f"exclude_modules {excluded!r}"
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == [] or isinstance(targets, str):
+        return None
+    patterns = config.get("layers_pattern") or [r"[^.]*"]
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    index = next((m for p in patterns if (m := re.match(rf".*\.{p}\.(\d+)\.", path)) is not None), None)
+    if index is None or int(index.group(1)) not in ([layers] if isinstance(layers, int) else layers):
+        return f"layers_to_transform {layers!r}"
+    return None
 
 
 def read_target_modules(directory: str | Path) -> list[str]:
