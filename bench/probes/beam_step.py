@@ -13,7 +13,8 @@ Two parts (bench_beam.py's batch: 16 requests x beam width 4 against 64 greedy r
    the engine's own calls, timed by wrapping them (perf_counter, this probe only): schedule,
    copy-on-write block copies, execute (inputs + graph replay), sample (the wait, the
    sampler or the graph picks read back), take_beam_rows, postprocess (scheduler.update +
-   stop checks), step_groups (the search: device top-k, host bookkeeping, forks), outputs.
+   stop checks), step_groups (the search: device top-k, host bookkeeping, forks), outputs;
+   queue_search (the search's device work queued behind a decode-graph step, before its wait).
    Greedy steps run with the overlap scheduler as the engine runs them, so its "execute"
    column holds the step launched ahead. `--profile`: cProfile's top functions of the beam steps.
 2. With CUDA, the device time of a beam step's sampling work at `--device-vocab` (Llama-3's
@@ -104,6 +105,7 @@ class PhaseTimer:
         self.wrap(engine, "_outputs", "outputs")
         self.wrap(engine_module, "take_beam_rows", "take_beam_rows")
         self.wrap(engine_module, "step_groups", "step_groups")
+        self.wrap(engine_module, "queue_search", "queue_search")  # launches only: no sync
 
     def wrap(self, owner, name, phase):
         fn = getattr(owner, name)
@@ -130,7 +132,7 @@ class PhaseTimer:
                 delattr(owner, name)
 
 
-PHASES = ["schedule", "block copies", "execute", "sample", "take_beam_rows", "postprocess", "step_groups", "outputs"]
+PHASES = ["schedule", "block copies", "execute", "queue_search", "sample", "take_beam_rows", "postprocess", "step_groups", "outputs"]
 
 
 def run_steps(llm: LLM, prompts, params, profile: bool = False) -> tuple[float, dict, int]:

@@ -145,6 +145,24 @@ def test_a_graph_step_of_beams_alone_runs_no_sampler_and_equals_hf(checkpoint, h
     assert engine.block_manager.num_used_blocks == 0
 
 
+def test_a_graph_step_queues_the_search_before_its_wait(checkpoint, hf, monkeypatch):  # noqa: F811
+    """After a decode-graph step the search's device work is queued before the host waits
+    (beam_search.queue_search) and step_groups reads that result; the prefill step (no graph)
+    searches after it, as before. The output is HF's either way."""
+    from trtllm.runtime import beam_search
+    launches, reads = [], []
+    launch, read = beam_search._launch_select, beam_search.QueuedSearch.read
+    monkeypatch.setattr(beam_search, "_launch_select", lambda *a: (launches.append(1), launch(*a))[1])
+    monkeypatch.setattr(beam_search.QueuedSearch, "read", lambda q: (reads.append(1), read(q))[1])
+    engine = engine_of(checkpoint)
+    eager_graphs(engine)
+    requests = {str(j): (p, beam_params(CASES[0])) for j, p in enumerate(PROMPTS)}
+    done = run(engine, requests)
+    for rid, (prompt, _) in requests.items():
+        check_against_hf(hf, done[rid], prompt, CASES[0])
+    assert reads and len(launches) == len(reads) + 1  # every search but the prefill step's was queued
+
+
 def test_greedy_rows_beside_beams_take_the_graph_picks_and_equal_a_run_alone(checkpoint, hf):  # noqa: F811
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     alone = run(engine_of(checkpoint), {"g": (PROMPTS[0], greedy)})

@@ -5,43 +5,105 @@ the hypotheses that finish and the forks."""
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from trtllm.runtime.beams import NEG32, BeamGroup
+from trtllm.runtime.sequence import Sequence
 
 
-def step_groups(groups: list[BeamGroup], block_manager) -> list[BeamGroup]:
+class QueuedSearch(NamedTuple):
+    """The search's device work of one (width, keep) bucket, queued behind a decode-graph step
+    before the host waits for it (`queue_search`); its result read back once done."""
+    groups: list[BeamGroup]
+    vocab: int
+    keep: int
+    host: Tensor                        # [G, 2 * keep] int64: pinned, filled once `done`
+    done: torch.cuda.Event | None       # None on the CPU: `host` is the result
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.done is not None:
+            self.done.synchronize()
+        return _read_select(self.host.numpy(), self.keep)
+
+
+def queue_search(to_sample: list[Sequence], logits: Tensor) -> dict[tuple[int, int], QueuedSearch]:
+    """`select_beams` of every group whose rows this step holds, queued on the device behind
+    the step's kernels and copied back without waiting, so it runs as the step ends rather than
+    after the host has woken, read the picks and dispatched its ~10 ops. `step_groups` uses a
+    bucket's result when the same groups are ready there (a failed row makes a group not ready:
+    the bucket is then searched again). Call only before anything changes a group's scores or
+    its beams' outputs (it reads both)."""
+    rows_of: dict[BeamGroup, dict[Sequence, int]] = {}
+    for i, seq in enumerate(to_sample):
+        if seq.beam is not None:
+            rows_of.setdefault(seq.beam, {})[seq] = i
+    ready = [g for g, rows in rows_of.items() if not g.done and all(b in rows for b in g.needed())]
+    queued = {}
+    for (k, keep), gs in _by_shape(ready).items():
+        index = [rows_of[g][b] for g in gs for b in g.row_beams()]
+        both = _launch_select(logits, index, gs, keep)
+        done = None
+        if both.is_cuda:
+            host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+            host.copy_(both, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = both
+        queued[k, keep] = QueuedSearch(gs, logits.shape[-1], min(keep, k * logits.shape[-1]), host, done)
+    return queued
+
+
+def step_groups(groups: list[BeamGroup], block_manager,
+                queued: dict[tuple[int, int], QueuedSearch] | None = None) -> list[BeamGroup]:
     """One search step of each group whose rows have all come: the device work batched
     (`select_beams`: one gather, log-softmax and top-k for all groups of one width,
-    [G * k, V] -> [G, keep], one copy to the host), the bookkeeping too (`_advance`: numpy
+    [G * k, V] -> [G, keep], one copy to the host; `queued` holds it already where
+    `queue_search` launched it for the same groups), the bookkeeping too (`_advance`: numpy
     over [G, keep], Python only for hypotheses that finish and for the forks). The groups
     whose search ended."""
-    shapes = defaultdict(list)
-    for g in groups:
-        if g.ready:
-            shapes[g.width, g.keep].append(g)
     ended = []
-    for (k, keep), gs in shapes.items():
-        rows = [row for g in gs for row in g.candidates()]
-        source = rows[0][0]
-        if all(t is source for t, _ in rows):  # one step's rows (always, beams run in lockstep): one gather
-            logits, index = source, [i for _, i in rows]
+    for (k, keep), gs in _by_shape([g for g in groups if g.ready]).items():
+        q = (queued or {}).get((k, keep))
+        if q is not None and q.groups == gs:
+            values, flat = q.read()
+            vocab = q.vocab
         else:
-            logits, index = torch.stack([t[i] for t, i in rows]), list(range(len(rows)))
-        vocab = logits.shape[-1]
-        # HF's min_new_tokens: the stop ids cannot end a beam yet
-        masked = [(i, t) for i, g in enumerate(gs) if len(g.beams[0].output_token_ids) < g.params.min_tokens
-                  for t in g.stop_ids]
-        # the step's rows in their own order (beams are most of a beam step's batch): no gather
-        in_order = index == list(range(logits.shape[0]))
-        values, flat = select_beams(logits, None if in_order else torch.tensor(index, device=logits.device),
-                                    torch.from_numpy(np.stack([g.scores for g in gs])).to(logits.device),
-                                    min(keep, k * vocab), masked or None)
+            rows = [row for g in gs for row in g.candidates()]
+            source = rows[0][0]
+            if all(t is source for t, _ in rows):  # one step's rows (always, beams run in lockstep): one gather
+                logits, index = source, [i for _, i in rows]
+            else:
+                logits, index = torch.stack([t[i] for t, i in rows]), list(range(len(rows)))
+            vocab = logits.shape[-1]
+            values, flat = _read_select(_launch_select(logits, index, gs, keep).cpu().numpy(), min(keep, k * vocab))
         ended += _advance(gs, values, flat, vocab, block_manager)
     return ended
+
+
+def _by_shape(groups: list[BeamGroup]) -> dict[tuple[int, int], list[BeamGroup]]:
+    """Groups by (width, keep), each bucket in the order given."""
+    shapes = defaultdict(list)
+    for g in groups:
+        shapes[g.width, g.keep].append(g)
+    return shapes
+
+
+def _launch_select(logits: Tensor, index: list[int], gs: list[BeamGroup], keep: int) -> Tensor:
+    """`select_beams`'s device part for the groups `gs` (one width) whose rows are logits[index]."""
+    k = gs[0].width
+    # HF's min_new_tokens: the stop ids cannot end a beam yet
+    masked = [(i, t) for i, g in enumerate(gs) if len(g.beams[0].output_token_ids) < g.params.min_tokens
+              for t in g.stop_ids]
+    # the step's rows in their own order (beams are most of a beam step's batch): no gather
+    in_order = index == list(range(logits.shape[0]))
+    return _select_on_device(logits, None if in_order else torch.tensor(index, device=logits.device),
+                             torch.from_numpy(np.stack([g.scores for g in gs])).to(logits.device),
+                             min(keep, k * logits.shape[-1]), masked or None)
 
 
 def select_beams(logits: Tensor, index: Tensor | None, scores: Tensor, keep: int,
@@ -60,6 +122,13 @@ def select_beams(logits: Tensor, index: Tensor | None, scores: Tensor, keep: int
     order (equal ones by flat index: torch.topk leaves ties in an order of its own). Returns numpy arrays on the
     host (values fp32, flat indices int64: parent = flat // V, token = flat % V): the
     step's one device-to-host copy (one tensor, one wait)."""
+    return _read_select(_select_on_device(logits, index, scores, keep, masked).cpu().numpy(), keep)
+
+
+def _select_on_device(logits: Tensor, index: Tensor | None, scores: Tensor, keep: int,
+                      masked: list[tuple[int, int]] | None) -> Tensor:
+    """select_beams up to its copy to the host: [G, 2 * keep] int64, the values' fp32 bits
+    beside the flat indices (one tensor: one copy, one wait)."""
     G, k = scores.shape
     rows = logits if index is None else logits.index_select(0, index)
     if rows.shape[0] != G * k:
@@ -79,11 +148,14 @@ def select_beams(logits: Tensor, index: Tensor | None, scores: Tensor, keep: int
     acc = (row_values + scores[:, :, None]).view(G, k * per_row)
     values, j = torch.topk(acc, keep)  # j = parent * per_row + the rank in its row
     flat = (j // per_row) * vocab + row_tokens.view(G, k * per_row).gather(1, j)
-    # one copy to the host, one wait: the values' fp32 bits ride beside the indices as int64
-    both = torch.cat((values.view(torch.int32).to(torch.int64), flat), 1).cpu().numpy()
+    return torch.cat((values.view(torch.int32).to(torch.int64), flat), 1)
+
+
+def _read_select(both: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values fp32, flat int64) [G, keep] from the copied-back [G, 2 * keep], equal values in
+    the order of their flat index (torch.topk's own tie order is unspecified, and the two-stage
+    one ranks them by row first): bf16 logits tie often."""
     values, flat = both[:, :keep].astype(np.int32).view(np.float32), both[:, keep:]
-    # equal values in the order of their flat index (torch.topk's own tie order is unspecified,
-    # and the two-stage one ranks them by row first): bf16 logits tie often
     order = np.lexsort((flat, -values), axis=-1)
     return np.take_along_axis(values, order, -1), np.take_along_axis(flat, order, -1)
 

@@ -26,7 +26,8 @@ How it runs in the engine (kept out of the scheduler and sampler but for a few l
   sampler: the graph's NaN/Inf flags and picks serve, `graph_picks_serve`), the scheduler's `update`
   advances them without a token, and `step_groups` (runtime/beam_search.py) picks the continuations of all groups of
   one width at once (`select_beams`: one log-softmax + top-k over [groups, k * V] on the
-  device, one copy back; `_advance`: the bookkeeping as numpy over the groups), then
+  device, one copy back, queued behind a decode-graph step before the host waits for it:
+  `queue_search`; `_advance`: the bookkeeping as numpy over the groups), then
   `fork`s: each new beam takes its parent's tokens and a reference to each of its parent's
   blocks (block_manager.fork), plus its new token (a beam that continues itself keeps its
   own). When a beam next writes into a block another
@@ -117,16 +118,24 @@ class BeamGroup:
         return self.beams[0]
 
     # -- the engine's side -------------------------------------------------------------
+    def needed(self) -> list[Sequence]:
+        """The beams whose logits rows a search step needs (the leader alone at the first)."""
+        return self.beams if self.started else self.beams[:1]
+
+    def row_beams(self) -> list[Sequence]:
+        """Whose row each of the step's k candidates rows is (the leader's k times at the
+        first step: HF's k copies of the prompt)."""
+        return self.beams if self.started else [self.beams[0]] * self.width
+
     @property
     def ready(self) -> bool:
         """Every beam the next step needs has its logits row."""
-        need = self.beams if self.started else self.beams[:1]
-        return not self.done and all(b in self.rows for b in need)
+        return not self.done and all(b in self.rows for b in self.needed())
 
     def candidates(self) -> list[tuple[Tensor, int]]:
-        """This step's k logits rows, as (logits, index) (the leader's k times at the first
-        step: HF's k copies of the prompt); `step_groups` applies `min_tokens`."""
-        return [self.rows[b] for b in self.beams] if self.started else [self.rows[self.beams[0]]] * self.width
+        """This step's k logits rows, as (logits, index), in `row_beams` order; `step_groups`
+        applies `min_tokens`."""
+        return [self.rows[b] for b in self.row_beams()]
 
     def _hypothesis(self, parent: int, token: int, cumulative_logprob: float, cur: int,
                     logits: list[Tensor] | None) -> Hypothesis:

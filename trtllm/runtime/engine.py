@@ -57,7 +57,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from trtllm.runtime.beam_search import step_groups
+from trtllm.runtime.beam_search import queue_search, step_groups
 from trtllm.runtime.beams import BeamGroup, take_beam_rows
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval, validate_request
@@ -222,6 +222,9 @@ class Engine:
             if picks_serve:  # guided rows: their picks re-made under their grammar, on the device
                 self.logits_hooks.mask_picks(launched)
             pending = self.step_sampler.launch(launched, picks_serve)  # the sampler queued, if it can be
+            # the beams' search queued behind a decode graph (not under parallelism: its logits come later)
+            search = queue_search(launched.to_sample, launched.logits) \
+                if self.beam_groups and launched.device_picks is not None else None
             # speculative decoding: only when no sequence may get drafts at the next step
             if self.overlap and (self.speculative is None or not self.speculative.speculates_next(launched.to_sample)):
                 tokens = launched.device_picks[0] if picks_serve else self.step_sampler.next_step_tokens(launched, pending)
@@ -234,7 +237,7 @@ class Engine:
             if launched.prompt_spans:
                 deliver_prompt_logprobs(launched, self.requests)
             self._postprocess(launched, sampled, logprobs, changed)
-            for group in step_groups(beams, self.block_manager) if beams else ():  # after update:
+            for group in step_groups(beams, self.block_manager, search) if beams else ():  # after update:
                 self._end_beam_search(group, changed)                         # a fork needs it
             self._drop_dead_ahead()
         outputs = self._outputs(changed)
