@@ -102,6 +102,14 @@ def test_guided_fields_on_completions_and_chat(client):
     assert re.fullmatch(regex, "".join(c.choices[0].text for c in streamed if c.choices))
 
 
+def _nested(key: str, depth: int) -> dict:
+    """A schema `depth` levels deep, each under `key` ("a": an unknown keyword, no subschema)."""
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema} if key == "items" else {key: schema}
+    return schema
+
+
 @pytest.mark.parametrize("body, param, words", [
     (dict(extra_body={"guided_regex": "a(b"}), "guided_regex", ["guided_regex", "parenthesis"]),
     (dict(extra_body={"guided_json": {"type": "object", "properties": 3}}), "guided_json", ["JSON Schema"]),
@@ -117,6 +125,13 @@ def test_guided_fields_on_completions_and_chat(client):
     (dict(tool_choice="required"), "tool_choice", ["needs tools"]),
     (dict(tools=[{"type": "function"}]), "tools", ["tools[0]"]),
     (dict(extra_body={"logits_processors": ["x"]}), "logits_processors", ["user code"]),
+    # nested past Python's stack: the meta-schema check raised RecursionError (a 500), and a schema
+    # it did not descend (unknown keywords) killed the thread that sends requests to the engine
+    (dict(extra_body={"guided_json": _nested("items", 150)}), "guided_json", ["levels deep"]),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": _nested("a", 600)}}),
+     "response_format", ["levels deep"]),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": _nested("a", 70)}}],
+          tool_choice="required"), "tools", ["levels deep"]),
 ])
 def test_bad_structured_requests_are_400_naming_the_field(client, body, param, words):
     with pytest.raises(openai.BadRequestError) as e:

@@ -21,6 +21,10 @@ import torch
 from trtllm.sampling_params import GuidedDecodingParams, SamplingParams
 
 _PARSED_CACHE = 256      # tokenizer-free grammars kept (check_guide), process-wide
+# JSON containers nested in a JSON Schema at most: the meta-schema check and pickling (to the
+# engine process) recurse on each, and ~100 nested subschemas exhaust Python's stack (OpenAI's
+# structured outputs take 10 levels of nesting)
+MAX_SCHEMA_DEPTH = 64
 XGRAMMAR_MISSING = ("guided_decoding needs the xgrammar package, which is not installed "
                      "(pip install 'trtllm[guided]')")
 
@@ -105,9 +109,25 @@ def validate_guided(params: SamplingParams, has_tokenizer: bool) -> None:
     check_guide(params.guided_decoding)
 
 
+def _nesting(value, limit: int) -> int:
+    """How deep JSON containers nest in `value` (a scalar 0, `{}` 1), counted without recursion
+    and only up to `limit` + 1."""
+    depth, level = 0, [value]
+    while depth <= limit:
+        containers = [v for v in level if isinstance(v, (dict, list))]
+        if not containers:
+            break
+        depth += 1
+        level = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
 def _check_json_schema(schema) -> None:
-    """The schema against the JSON Schema meta-schema, when jsonschema is installed (xgrammar
-    checks only what it converts: a misspelt keyword's value would pass it)."""
+    """The schema's nesting, then the schema against the JSON Schema meta-schema, when jsonschema
+    is installed (xgrammar checks only what it converts: a misspelt keyword's value would pass it)."""
+    if _nesting(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"guided_decoding.json: the schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} "
+                         "levels deep")
     try:
         import jsonschema
     except ImportError:
