@@ -87,6 +87,9 @@ CASES = [
      ["temperature"]),
     ("logit_bias token outside the vocabulary", *completion(logit_bias={"100000": 10}), None, 400, ["logit_bias"]),
     ("logit_bias key not a token id", *completion(logit_bias={"abc": 10}), None, 400, ["logit_bias"]),
+    # str.isdigit() holds for these, but int() refuses "²" (a 500) and reads "٣" as token 3
+    ("logit_bias key a superscript digit", *completion(logit_bias={"²": 10}), None, 400, ["logit_bias", "²"]),
+    ("logit_bias key a non-ASCII digit", *completion(logit_bias={"٣": 10}), None, 400, ["logit_bias", "٣"]),
     ("logit_bias over 100", *completion(logit_bias={"5": 101}), None, 400, ["logit_bias", "100"]),
     ("logit_bias with beam search", *completion(logit_bias={"5": 1}, use_beam_search=True, best_of=2,
                                                 temperature=0.0), None, 400, ["logit_bias", "beam"]),

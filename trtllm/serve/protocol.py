@@ -191,7 +191,7 @@ class _Request(BaseModel):
         import torch
         bias = torch.zeros(vocab_size, dtype=torch.float32)
         for key, value in self.logit_bias.items():
-            if not key.isdigit() or int(key) >= vocab_size:
+            if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:  # "²".isdigit(), "٣".isdigit()
                 raise RequestError(400, f"logit_bias: {key!r} is not a token id in [0, {vocab_size})",
                                    param="logit_bias")
             if not -100.0 <= value <= 100.0:
