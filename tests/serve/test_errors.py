@@ -101,6 +101,10 @@ CASES = [
     ("bad sampling value, streaming", *chat(temperature=-1, stream=True), None, 400, ["temperature"]),
     ("no messages", *chat(messages=[]), None, 400, ["messages"]),
     ("messages not a list", *chat(messages="hi"), None, 400, ["messages"]),
+    # a field that must be an object: named (was "the request body must be a JSON object")
+    ("a message that is a string", *chat(messages=["hi"]), None, 400, ["messages.0", "object"]),
+    ("a message that is null", *chat(messages=[None]), None, 400, ["messages.0"]),
+    ("stream_options a string", *completion(stream=True, stream_options="yes"), None, 400, ["stream_options"]),
     ("unknown role", *chat(messages=[{"role": "wizard", "content": "x"}]), None, 400, ["role"]),
     ("image content", *chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
      None, 400, ["text"]),
