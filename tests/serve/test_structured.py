@@ -132,6 +132,11 @@ def _nested(key: str, depth: int) -> dict:
      "response_format", ["levels deep"]),
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": _nested("a", 70)}}],
           tool_choice="required"), "tools", ["levels deep"]),
+    # a reference outside the schema is never fetched: xgrammar let any JSON value stand in for it
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}, "required": ["a"]}}}),
+     "response_format", ["$ref", "https://example.com/a.json"]),
+    (dict(extra_body={"guided_json": {"$ref": "other.json#/x"}}), "guided_json", ["other.json#/x"]),
 ])
 def test_bad_structured_requests_are_400_naming_the_field(client, body, param, words):
     with pytest.raises(openai.BadRequestError) as e:

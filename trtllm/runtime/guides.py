@@ -122,12 +122,36 @@ def _nesting(value, limit: int) -> int:
     return depth
 
 
+_DATA_KEYWORDS = ("enum", "const", "default", "examples")  # values, not subschemas: a "$ref" in them is data
+
+
+def _outside_ref(schema) -> str | None:
+    """The first `$ref` that does not point inside the schema ("#" or "#/..."), or None: xgrammar
+    fetches nothing and, with a warning only, lets any JSON value stand in for it."""
+    todo = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref != "#" and not ref.startswith("#/"):
+                return ref
+            todo.extend(v for k, v in node.items() if k not in _DATA_KEYWORDS)
+        elif isinstance(node, list):
+            todo.extend(node)
+    return None
+
+
 def _check_json_schema(schema) -> None:
-    """The schema's nesting, then the schema against the JSON Schema meta-schema, when jsonschema
-    is installed (xgrammar checks only what it converts: a misspelt keyword's value would pass it)."""
+    """The schema's nesting and references, then the schema against the JSON Schema meta-schema,
+    when jsonschema is installed (xgrammar checks only what it converts: a misspelt keyword's
+    value would pass it)."""
     if _nesting(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
         raise ValueError(f"guided_decoding.json: the schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} "
                          "levels deep")
+    ref = _outside_ref(schema)
+    if ref is not None:
+        raise ValueError(f"guided_decoding.json: $ref {ref[:200]!r} does not point inside the schema; only "
+                         "references of the form '#/...' (e.g. '#/$defs/name') are resolved")
     try:
         import jsonschema
     except ImportError:
