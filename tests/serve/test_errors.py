@@ -78,6 +78,11 @@ CASES = [
     ("empty stop string", *completion(stop=[""]), None, 400, ["stop"]),
     ("stop string too long", *completion(stop=["x" * 300]), None, 400, ["stop"]),
     ("too many stop_token_ids", *completion(stop_token_ids=list(range(100))), None, 400, ["stop_token_ids"]),
+    # with beam search and min_tokens, an id past the vocabulary was an IndexError in the engine step
+    # (a 500) and a negative one masked another token; without them, ids that can never stop anything
+    ("stop_token_ids past the vocabulary", *completion(stop_token_ids=[100000], min_tokens=2, use_beam_search=True,
+                                                       n=2, temperature=0.0), None, 400, ["stop_token_ids", "100000"]),
+    ("stop_token_ids negative", *completion(stop_token_ids=[3, -5]), None, 400, ["stop_token_ids", "-5"]),
     ("max_tokens 0 without echo", *completion(max_tokens=0), None, 400, ["max_tokens", "echo"]),
     ("max_tokens 0 in a chat", *chat(max_tokens=0), None, 400, ["max_tokens"]),
     ("echo with logprobs and beam search", *completion(echo=True, logprobs=1, use_beam_search=True, best_of=2,

@@ -48,6 +48,9 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: E
     bad = next((t for t in params.bad_token_ids if t >= vocab_size), None)
     if bad is not None:
         raise ValueError(f"SamplingParams.bad_token_ids: {bad} is outside the vocabulary [0, {vocab_size})")
+    bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:  # beam search's min_tokens mask indexes the logits with them
+        raise ValueError(f"SamplingParams.stop_token_ids: {bad} is outside the vocabulary [0, {vocab_size})")
     validate_guided(params, has_tokenizer)
 
 

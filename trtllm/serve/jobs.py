@@ -140,4 +140,6 @@ class JobBuilder:
             msg = str(e)
             if guide_param is not None and msg.startswith("guided_decoding"):  # named as the request named it
                 raise RequestError(400, guide_param + msg[msg.find(":"):], param=guide_param) from None
+            if msg.startswith("SamplingParams.stop_token_ids"):  # the request's own field, named as it named it
+                raise RequestError(400, msg.removeprefix("SamplingParams."), param="stop_token_ids") from None
             raise RequestError(400, msg, param="max_tokens" if "max_tokens" in msg else what) from None
