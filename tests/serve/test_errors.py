@@ -163,6 +163,7 @@ def test_every_bad_input_gets_its_4xx(server):
             error = r.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}, error
             assert r.status_code == status, (r.status_code, error)
+            assert error["type"] != "server_error", error  # a 4xx is the client's error (405 said server_error)
             missing = [w for w in words if w.lower() not in error["message"].lower()
                        and w != error.get("param")]
             assert not missing, (missing, error)
