@@ -228,3 +228,11 @@ def test_odd_but_valid_text_comes_back_whole(server):
     events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
     assert r.status_code == 200 and events[-1] == "[DONE]"
     assert json.loads(events[0])["choices"][0]["text"] == text
+
+
+@pytest.mark.parametrize("fields, param", [(dict(n=8), "n"), (dict(best_of=8), "best_of"), (dict(n=2, best_of=6), "best_of")])
+def test_a_beam_search_past_max_beam_width_names_its_field(server, fields, param):
+    """The beam width is best_of (or n): the error names that field (it said param "prompt")."""
+    r = server.post("/v1/completions", json={**OK, "use_beam_search": True, "temperature": 0.0, **fields})
+    error = r.json()["error"]
+    assert r.status_code == 400 and "max_beam_width" in error["message"] and error["param"] == param, error

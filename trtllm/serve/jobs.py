@@ -142,4 +142,6 @@ class JobBuilder:
                 raise RequestError(400, guide_param + msg[msg.find(":"):], param=guide_param) from None
             if msg.startswith("SamplingParams.stop_token_ids"):  # the request's own field, named as it named it
                 raise RequestError(400, msg.removeprefix("SamplingParams."), param="stop_token_ids") from None
+            if msg.startswith("beam width"):  # the width is best_of, or n
+                raise RequestError(400, msg, param="best_of" if params.best_of is not None else "n") from None
             raise RequestError(400, msg, param="max_tokens" if "max_tokens" in msg else what) from None
