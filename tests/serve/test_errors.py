@@ -113,6 +113,11 @@ CASES = [
     ("unknown role", *chat(messages=[{"role": "wizard", "content": "x"}]), None, 400, ["role"]),
     ("image content", *chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
      None, 400, ["text"]),
+    # JSON text nested past Python's stack (the body itself parses: it is one string): was a 500
+    ("tool call arguments nested too deeply", *chat(messages=[
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+            "name": "f", "arguments": '{"a":' * 5000 + "1" + "}" * 5000}}]},
+        {"role": "user", "content": "x"}]), None, 400, ["arguments", "deep"]),
     ("chat template from the request", *chat(chat_template="{{ 'pwned' }}"), None, 400, ["chat template"]),
     ("chat_template_kwargs", *chat(chat_template_kwargs={"x": 1}), None, 400, ["chat_template_kwargs"]),
     ("tools", *chat(tools=[{"type": "function", "function": {"name": "f"}}]), None, 400, ["tools"]),

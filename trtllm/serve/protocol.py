@@ -304,6 +304,8 @@ def _template_call(call: dict) -> dict:
             args = json.loads(args)
         except ValueError:
             raise RequestError(400, "messages: a tool call's arguments must be JSON text", param="messages") from None
+        except RecursionError:
+            raise RequestError(400, "messages: a tool call's arguments nest too deeply", param="messages") from None
     return {**call, "function": {**fn, "arguments": args}}
 
 
