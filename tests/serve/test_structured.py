@@ -226,6 +226,18 @@ def test_hermes_parser():
     assert plan().parse("<tool_call>{not json</tool_call>", "hermes") == ("<tool_call>{not json</tool_call>", [])
 
 
+@pytest.mark.parametrize("parser, choice", [("hermes", "auto"), ("llama3", "auto"), ("hermes", "required")])
+def test_a_reply_nested_past_the_stack_is_content(parser, choice):
+    """A model can write JSON nested ~1000 deep (one token per bracket): that is text, not a call
+    (json.loads raised RecursionError, and the finished request answered 500)."""
+    deep = '{"name": "get_time", "arguments": ' + '{"a": ' * 3000 + "1" + "}" * 3000 + "}"
+    text = {"hermes": f"<tool_call>{deep}</tool_call>", "llama3": deep}[parser] if choice == "auto" else \
+        "[" * 3000 + "]" * 3000
+    assert plan(choice).parse(text, parser) == (text, [])
+    stream = ToolCallStream(plan(choice), parser)
+    assert stream.feed(text, done=True) == (text, []) and not stream.called
+
+
 def test_llama3_parser():
     text = '{"name": "get_weather", "parameters": {"city": "Paris", "days": 1}}; {"name": "get_time", ' \
            '"parameters": {"tz": "UTC"}}'
