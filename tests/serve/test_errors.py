@@ -241,3 +241,16 @@ def test_a_beam_search_past_max_beam_width_names_its_field(server, fields, param
     r = server.post("/v1/completions", json={**OK, "use_beam_search": True, "temperature": 0.0, **fields})
     error = r.json()["error"]
     assert r.status_code == 400 and "max_beam_width" in error["message"] and error["param"] == param, error
+
+
+def test_nesting_the_json_parser_takes_is_served_or_refused(server):
+    """Python's JSON decoder takes a body nested ~960 deep, with little stack left over: the
+    checks that walk the body (lone surrogates) ran out of it, a 500. Every depth is a 200 or
+    a 400 in OpenAI's shape."""
+    for depth in range(900, 1000, 4):
+        for key, value in (("some_unknown_field", b"[" * depth + b"]" * depth),
+                           ("guided_json", b'{"a":' * depth + b"1" + b"}" * depth)):
+            body = b'{"prompt": "x", "max_tokens": 1, "' + key.encode() + b'": ' + value + b"}"
+            r = httpx.post(server.url + "/v1/completions", content=body, headers=JSON, timeout=60)
+            assert r.status_code in (200, 400), (depth, key, r.status_code, r.text[:300])
+            assert r.status_code == 200 or set(r.json()["error"]) == {"message", "type", "param", "code"}

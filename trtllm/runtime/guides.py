@@ -62,6 +62,8 @@ def check_guide(guide: GuidedDecodingParams) -> str:
     back as U+0E9A, and a JSON enum ["éa"] gave "ບ" (a random JSON schema found it). The
     text written here has `\\u00HH` instead, and is compiled as text."""
     xgr = xgrammar_module()
+    if guide.kind == "json":  # before anything walks it recursively (the key's json.dumps)
+        _check_nesting(guide.json)
     key = guide_key(guide)
     ebnf = _parsed.get(key)
     if ebnf is not None:
@@ -141,13 +143,16 @@ def _outside_ref(schema) -> str | None:
     return None
 
 
-def _check_json_schema(schema) -> None:
-    """The schema's nesting and references, then the schema against the JSON Schema meta-schema,
-    when jsonschema is installed (xgrammar checks only what it converts: a misspelt keyword's
-    value would pass it)."""
+def _check_nesting(schema) -> None:
     if _nesting(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
         raise ValueError(f"guided_decoding.json: the schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} "
                          "levels deep")
+
+
+def _check_json_schema(schema) -> None:
+    """The schema's references, then the schema against the JSON Schema meta-schema, when
+    jsonschema is installed (xgrammar checks only what it converts: a misspelt keyword's value
+    would pass it). Its nesting was checked first (`_check_nesting`)."""
     ref = _outside_ref(schema)
     if ref is not None:
         raise ValueError(f"guided_decoding.json: $ref {ref[:200]!r} does not point inside the schema; only "

@@ -136,7 +136,10 @@ class _Request(BaseModel):
     def refuse_invalid_text(self) -> None:
         """Every string the request carries (prompts, messages, stop strings, the model
         name, unknown fields) must be Unicode text: a lone surrogate is refused by name."""
-        found = _invalid_text(self, "")
+        try:
+            found = _invalid_text(self, "")
+        except RecursionError:  # JSON's decoder takes ~960 levels, and leaves too little stack to walk them
+            raise RequestError(400, "the request body nests objects and arrays too deeply") from None
         if found is not None:
             where, at, char = found
             raise RequestError(400, f"{where}: a lone surrogate (U+{ord(char):04X}) at character {at} is not "
