@@ -88,6 +88,8 @@ CASES = [
     ("echo with logprobs and beam search", *completion(echo=True, logprobs=1, use_beam_search=True, best_of=2,
                                                        temperature=0.0), None, 400, ["beam"]),
     ("best_of below n", *completion(best_of=1, n=2), None, 400, ["best_of"]),
+    ("beam search with presence_penalty", *completion(use_beam_search=True, best_of=2, temperature=0.0,
+                                                      presence_penalty=1.0), None, 400, ["presence_penalty"]),
     ("beam search with temperature", *completion(use_beam_search=True, best_of=2, temperature=0.5), None, 400,
      ["temperature"]),
     ("logit_bias token outside the vocabulary", *completion(logit_bias={"100000": 10}), None, 400, ["logit_bias"]),
