@@ -204,8 +204,10 @@ class _Request(BaseModel):
         return bias
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, guide: GuidedDecodingParams | None = None,
-                        vocab_size: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
-        """prompt_logprobs: /v1/completions' echo with logprobs (the echoed prompt's tokens scored)."""
+                        vocab_size: int | None = None, prompt_logprobs: int | None = None,
+                        guide_param: str | None = None) -> SamplingParams:
+        """prompt_logprobs: /v1/completions' echo with logprobs (the echoed prompt's tokens scored);
+        guide_param: the field that asked for `guide` (response_format, guided_json, tools, ...)."""
         fields: dict[str, Any] = dict(max_tokens=max_tokens, n=self.n, logprobs=logprobs, guided_decoding=guide)
         if prompt_logprobs is not None:
             fields["prompt_logprobs"] = prompt_logprobs
@@ -232,6 +234,8 @@ class _Request(BaseModel):
                                   None)
             if "embedding_bias" in (param, field) or "embedding_bias" in rule:  # the request said logit_bias
                 field, rule, param = field and "logit_bias", rule.replace("embedding_bias", "logit_bias"), "logit_bias"
+            if guide_param is not None and "guided_decoding" in (param, field):  # named as the request named it
+                field, rule, param = field and guide_param, rule.replace("guided_decoding", guide_param), guide_param
             raise RequestError(400, f"{field}: {rule}" if field else rule, param=param) from None
 
 
