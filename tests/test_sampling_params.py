@@ -48,6 +48,11 @@ def test_beam_search_and_best_of_spellings():
                      (dict(n=3, best_of=2), r"best_of \(2\) must be >= n \(3\)"),
                      (dict(use_beam_search=True, best_of=2, n=2, repetition_penalty=1.2),
                       "repetition_penalty with beam search is not supported"),
+                     # each penalty by its own name (presence_penalty was refused as repetition_penalty)
+                     (dict(use_beam_search=True, best_of=2, presence_penalty=1.0),
+                      ": presence_penalty with beam search is not supported"),
+                     (dict(use_beam_search=True, best_of=2, frequency_penalty=-1.0),
+                      ": frequency_penalty with beam search is not supported"),
                      (dict(beam_width=2, early_stopping="sometimes"), "early_stopping")]:
         with pytest.raises(ValueError, match=why):
             SamplingParams(**bad)

@@ -290,7 +290,10 @@ class SamplingParams(ValidatedConfig):
             raise ValueError(f"temperature {self.temperature} with beam search is not supported: beam search "
                              "scores the model's own log-probabilities (temperature 1, the default, or 0)")
         refused = [name for name, on in (("top_k", self.top_k not in (0, 1)), ("top_p", self.top_p < 1.0),
-                                         ("min_p", self.min_p > 0.0), ("repetition_penalty", self.penalised),
+                                         ("min_p", self.min_p > 0.0),
+                                         ("repetition_penalty", self.repetition_penalty != 1.0),
+                                         ("presence_penalty", self.presence_penalty != 0.0),
+                                         ("frequency_penalty", self.frequency_penalty != 0.0),
                                          ("logprobs", self.logprobs is not None),
                                          ("prompt_logprobs", self.prompt_logprobs is not None),
                                          # structured output's fields (issue 23a, merged from another

@@ -100,6 +100,35 @@ def test_bad_request_abort_and_duplicate_end_alone(client):
         client.validate([1, 2, 3], SamplingParams(max_tokens=100))
 
 
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "object"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def test_a_request_that_cannot_be_sent_fails_alone(client):
+    """A request pickle cannot write (here a guide nested past the recursion limit) fails by
+    itself; the sender thread lives on, and requests queued with it or after it are served
+    (it died, and every later request waited forever while the process looked alive)."""
+    from trtllm.sampling_params import GuidedDecodingParams
+    unsendable = SamplingParams(max_tokens=4, guided_decoding=GuidedDecodingParams(json=_nested(600)))
+
+    async def go():
+        bad = client.generate_async("hello", unsendable)
+        beside = client.generate_async("hello", SamplingParams(max_tokens=3, ignore_eos=True))
+        bad_out, beside_out = await bad.aresult(), await beside.aresult()
+        later = await client.generate_async("hello", SamplingParams(max_tokens=5, ignore_eos=True)).aresult()
+        return bad_out, beside_out, later
+
+    bad, beside, later = asyncio.run(asyncio.wait_for(go(), 60))
+    assert bad.finished and bad.outputs[0].finish_reason == "error"
+    assert "could not be sent to the engine process" in bad.error
+    assert beside.error is None and len(beside.outputs[0].token_ids) == 3
+    assert later.error is None and len(later.outputs[0].token_ids) == 5
+    assert client.is_alive() and not client.has_unfinished()
+
+
 def _unbuildable():
     raise ValueError("no such architecture: Frobnicator")
 

@@ -21,6 +21,9 @@ def test_text_and_image_parts_become_the_template_text_in_order():
 @pytest.mark.parametrize("part, message", [
     ({"type": "image_url", "image_url": {"url": "data:a"}}, "this model takes no images"),
     ({"type": "input_audio", "input_audio": {}}, "only text and image_url content parts are supported"),
+    # a text part without its text is a text part: said so (it was told only text parts are supported)
+    ({"type": "text"}, "a text content part needs its text"),
+    ({"type": "text", "text": None}, "a text content part needs its text"),
 ])
 def test_a_part_the_model_cannot_take_is_refused_by_name(part, message):
     with pytest.raises(RequestError, match=message) as e:

@@ -78,15 +78,29 @@ CASES = [
     ("empty stop string", *completion(stop=[""]), None, 400, ["stop"]),
     ("stop string too long", *completion(stop=["x" * 300]), None, 400, ["stop"]),
     ("too many stop_token_ids", *completion(stop_token_ids=list(range(100))), None, 400, ["stop_token_ids"]),
+    # with beam search and min_tokens, an id past the vocabulary was an IndexError in the engine step
+    # (a 500) and a negative one masked another token; without them, ids that can never stop anything
+    ("stop_token_ids past the vocabulary", *completion(stop_token_ids=[100000], min_tokens=2, use_beam_search=True,
+                                                       n=2, temperature=0.0), None, 400, ["stop_token_ids", "100000"]),
+    ("stop_token_ids negative", *completion(stop_token_ids=[3, -5]), None, 400, ["stop_token_ids", "-5"]),
     ("max_tokens 0 without echo", *completion(max_tokens=0), None, 400, ["max_tokens", "echo"]),
     ("max_tokens 0 in a chat", *chat(max_tokens=0), None, 400, ["max_tokens"]),
     ("echo with logprobs and beam search", *completion(echo=True, logprobs=1, use_beam_search=True, best_of=2,
                                                        temperature=0.0), None, 400, ["beam"]),
     ("best_of below n", *completion(best_of=1, n=2), None, 400, ["best_of"]),
+    ("beam search with presence_penalty", *completion(use_beam_search=True, best_of=2, temperature=0.0,
+                                                      presence_penalty=1.0), None, 400, ["presence_penalty"]),
+    ("beam search with guided_regex", *completion(use_beam_search=True, best_of=2, temperature=0.0,
+                                                  guided_regex="[a-z]+"), None, 400, ["guided_regex"]),
+    ("beam search with response_format", *chat(use_beam_search=True, n=2, temperature=0.0,
+                                               response_format={"type": "json_object"}), None, 400, ["response_format"]),
     ("beam search with temperature", *completion(use_beam_search=True, best_of=2, temperature=0.5), None, 400,
      ["temperature"]),
     ("logit_bias token outside the vocabulary", *completion(logit_bias={"100000": 10}), None, 400, ["logit_bias"]),
     ("logit_bias key not a token id", *completion(logit_bias={"abc": 10}), None, 400, ["logit_bias"]),
+    # str.isdigit() holds for these, but int() refuses "²" (a 500) and reads "٣" as token 3
+    ("logit_bias key a superscript digit", *completion(logit_bias={"²": 10}), None, 400, ["logit_bias", "²"]),
+    ("logit_bias key a non-ASCII digit", *completion(logit_bias={"٣": 10}), None, 400, ["logit_bias", "٣"]),
     ("logit_bias over 100", *completion(logit_bias={"5": 101}), None, 400, ["logit_bias", "100"]),
     ("logit_bias with beam search", *completion(logit_bias={"5": 1}, use_beam_search=True, best_of=2,
                                                 temperature=0.0), None, 400, ["logit_bias", "beam"]),
@@ -98,9 +112,18 @@ CASES = [
     ("bad sampling value, streaming", *chat(temperature=-1, stream=True), None, 400, ["temperature"]),
     ("no messages", *chat(messages=[]), None, 400, ["messages"]),
     ("messages not a list", *chat(messages="hi"), None, 400, ["messages"]),
+    # a field that must be an object: named (was "the request body must be a JSON object")
+    ("a message that is a string", *chat(messages=["hi"]), None, 400, ["messages.0", "object"]),
+    ("a message that is null", *chat(messages=[None]), None, 400, ["messages.0"]),
+    ("stream_options a string", *completion(stream=True, stream_options="yes"), None, 400, ["stream_options"]),
     ("unknown role", *chat(messages=[{"role": "wizard", "content": "x"}]), None, 400, ["role"]),
     ("image content", *chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
      None, 400, ["text"]),
+    # JSON text nested past Python's stack (the body itself parses: it is one string): was a 500
+    ("tool call arguments nested too deeply", *chat(messages=[
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+            "name": "f", "arguments": '{"a":' * 5000 + "1" + "}" * 5000}}]},
+        {"role": "user", "content": "x"}]), None, 400, ["arguments", "deep"]),
     ("chat template from the request", *chat(chat_template="{{ 'pwned' }}"), None, 400, ["chat template"]),
     ("chat_template_kwargs", *chat(chat_template_kwargs={"x": 1}), None, 400, ["chat_template_kwargs"]),
     ("tools", *chat(tools=[{"type": "function", "function": {"name": "f"}}]), None, 400, ["tools"]),
@@ -151,6 +174,7 @@ def test_every_bad_input_gets_its_4xx(server):
             error = r.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}, error
             assert r.status_code == status, (r.status_code, error)
+            assert error["type"] != "server_error", error  # a 4xx is the client's error (405 said server_error)
             missing = [w for w in words if w.lower() not in error["message"].lower()
                        and w != error.get("param")]
             assert not missing, (missing, error)
@@ -215,3 +239,24 @@ def test_odd_but_valid_text_comes_back_whole(server):
     events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
     assert r.status_code == 200 and events[-1] == "[DONE]"
     assert json.loads(events[0])["choices"][0]["text"] == text
+
+
+@pytest.mark.parametrize("fields, param", [(dict(n=8), "n"), (dict(best_of=8), "best_of"), (dict(n=2, best_of=6), "best_of")])
+def test_a_beam_search_past_max_beam_width_names_its_field(server, fields, param):
+    """The beam width is best_of (or n): the error names that field (it said param "prompt")."""
+    r = server.post("/v1/completions", json={**OK, "use_beam_search": True, "temperature": 0.0, **fields})
+    error = r.json()["error"]
+    assert r.status_code == 400 and "max_beam_width" in error["message"] and error["param"] == param, error
+
+
+def test_nesting_the_json_parser_takes_is_served_or_refused(server):
+    """Python's JSON decoder takes a body nested ~960 deep, with little stack left over: the
+    checks that walk the body (lone surrogates) ran out of it, a 500. Every depth is a 200 or
+    a 400 in OpenAI's shape."""
+    for depth in range(900, 1000, 4):
+        for key, value in (("some_unknown_field", b"[" * depth + b"]" * depth),
+                           ("guided_json", b'{"a":' * depth + b"1" + b"}" * depth)):
+            body = b'{"prompt": "x", "max_tokens": 1, "' + key.encode() + b'": ' + value + b"}"
+            r = httpx.post(server.url + "/v1/completions", content=body, headers=JSON, timeout=60)
+            assert r.status_code in (200, 400), (depth, key, r.status_code, r.text[:300])
+            assert r.status_code == 200 or set(r.json()["error"]) == {"message", "type", "param", "code"}

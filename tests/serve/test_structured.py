@@ -102,6 +102,14 @@ def test_guided_fields_on_completions_and_chat(client):
     assert re.fullmatch(regex, "".join(c.choices[0].text for c in streamed if c.choices))
 
 
+def _nested(key: str, depth: int) -> dict:
+    """A schema `depth` levels deep, each under `key` ("a": an unknown keyword, no subschema)."""
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema} if key == "items" else {key: schema}
+    return schema
+
+
 @pytest.mark.parametrize("body, param, words", [
     (dict(extra_body={"guided_regex": "a(b"}), "guided_regex", ["guided_regex", "parenthesis"]),
     (dict(extra_body={"guided_json": {"type": "object", "properties": 3}}), "guided_json", ["JSON Schema"]),
@@ -117,6 +125,18 @@ def test_guided_fields_on_completions_and_chat(client):
     (dict(tool_choice="required"), "tool_choice", ["needs tools"]),
     (dict(tools=[{"type": "function"}]), "tools", ["tools[0]"]),
     (dict(extra_body={"logits_processors": ["x"]}), "logits_processors", ["user code"]),
+    # nested past Python's stack: the meta-schema check raised RecursionError (a 500), and a schema
+    # it did not descend (unknown keywords) killed the thread that sends requests to the engine
+    (dict(extra_body={"guided_json": _nested("items", 150)}), "guided_json", ["levels deep"]),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": _nested("a", 600)}}),
+     "response_format", ["levels deep"]),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": _nested("a", 70)}}],
+          tool_choice="required"), "tools", ["levels deep"]),
+    # a reference outside the schema is never fetched: xgrammar let any JSON value stand in for it
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}, "required": ["a"]}}}),
+     "response_format", ["$ref", "https://example.com/a.json"]),
+    (dict(extra_body={"guided_json": {"$ref": "other.json#/x"}}), "guided_json", ["other.json#/x"]),
 ])
 def test_bad_structured_requests_are_400_naming_the_field(client, body, param, words):
     with pytest.raises(openai.BadRequestError) as e:
@@ -204,6 +224,18 @@ def test_hermes_parser():
         [("get_weather", {"city": "Rome", "days": 2}), ("get_time", {"tz": "CET"})]
     assert plan().parse("no calls here", "hermes") == ("no calls here", [])
     assert plan().parse("<tool_call>{not json</tool_call>", "hermes") == ("<tool_call>{not json</tool_call>", [])
+
+
+@pytest.mark.parametrize("parser, choice", [("hermes", "auto"), ("llama3", "auto"), ("hermes", "required")])
+def test_a_reply_nested_past_the_stack_is_content(parser, choice):
+    """A model can write JSON nested ~1000 deep (one token per bracket): that is text, not a call
+    (json.loads raised RecursionError, and the finished request answered 500)."""
+    deep = '{"name": "get_time", "arguments": ' + '{"a": ' * 3000 + "1" + "}" * 3000 + "}"
+    text = {"hermes": f"<tool_call>{deep}</tool_call>", "llama3": deep}[parser] if choice == "auto" else \
+        "[" * 3000 + "]" * 3000
+    assert plan(choice).parse(text, parser) == (text, [])
+    stream = ToolCallStream(plan(choice), parser)
+    assert stream.feed(text, done=True) == (text, []) and not stream.called
 
 
 def test_llama3_parser():

@@ -143,6 +143,8 @@ class EngineCoreClient:
             return self._dead_reason
         if not self._proc.is_alive():
             return "the engine shut down" if self._stopping else _exit_reason(self._proc.exitcode)
+        if not self._sender.is_alive():  # requests would queue forever: say so, as /health does
+            return "the engine client's sender thread stopped"
         return None if self._reader.is_alive() else "the engine client's reader thread stopped"
 
     def engine_stats(self) -> EngineStats:
@@ -185,9 +187,31 @@ class EngineCoreClient:
                     self._to_core.send(batch)
             except OSError:  # the core is gone
                 return
+            except Exception:  # a message pickle cannot write (nothing was sent): fail it alone
+                if not self._send_each(batch):
+                    return
             if stop:
                 self._to_core.close()
                 return
+
+    def _send_each(self, batch: list) -> bool:
+        """The batch one message at a time; a request that cannot be pickled (e.g. a guide
+        nested past the recursion limit) ends with an error, the rest go on. False: the core is gone."""
+        for msg in batch:
+            try:
+                self._to_core.send([msg])
+            except OSError:
+                return False
+            except Exception as e:
+                if not isinstance(msg, AddRequest):
+                    raise
+                log.error("request %s could not be sent to the engine process: %s: %s", msg.request_id,
+                          type(e).__name__, e)
+                stream, = self._streams.route([msg.request_id], [True])
+                if stream is not None:
+                    stream.fail(f"internal error: the request could not be sent to the engine process "
+                                f"({type(e).__name__})")
+        return True
 
     def _read_loop(self) -> None:
         """Outputs from the core: this thread only waits for a step's message (no GIL held)

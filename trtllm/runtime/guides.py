@@ -21,6 +21,10 @@ import torch
 from trtllm.sampling_params import GuidedDecodingParams, SamplingParams
 
 _PARSED_CACHE = 256      # tokenizer-free grammars kept (check_guide), process-wide
+# JSON containers nested in a JSON Schema at most: the meta-schema check and pickling (to the
+# engine process) recurse on each, and ~100 nested subschemas exhaust Python's stack (OpenAI's
+# structured outputs take 10 levels of nesting)
+MAX_SCHEMA_DEPTH = 64
 XGRAMMAR_MISSING = ("guided_decoding needs the xgrammar package, which is not installed "
                      "(pip install 'trtllm[guided]')")
 
@@ -58,6 +62,8 @@ def check_guide(guide: GuidedDecodingParams) -> str:
     back as U+0E9A, and a JSON enum ["éa"] gave "ບ" (a random JSON schema found it). The
     text written here has `\\u00HH` instead, and is compiled as text."""
     xgr = xgrammar_module()
+    if guide.kind == "json":  # before anything walks it recursively (the key's json.dumps)
+        _check_nesting(guide.json)
     key = guide_key(guide)
     ebnf = _parsed.get(key)
     if ebnf is not None:
@@ -105,9 +111,52 @@ def validate_guided(params: SamplingParams, has_tokenizer: bool) -> None:
     check_guide(params.guided_decoding)
 
 
+def _nesting(value, limit: int) -> int:
+    """How deep JSON containers nest in `value` (a scalar 0, `{}` 1), counted without recursion
+    and only up to `limit` + 1."""
+    depth, level = 0, [value]
+    while depth <= limit:
+        containers = [v for v in level if isinstance(v, (dict, list))]
+        if not containers:
+            break
+        depth += 1
+        level = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
+_DATA_KEYWORDS = ("enum", "const", "default", "examples")  # values, not subschemas: a "$ref" in them is data
+
+
+def _outside_ref(schema) -> str | None:
+    """The first `$ref` that does not point inside the schema ("#" or "#/..."), or None: xgrammar
+    fetches nothing and, with a warning only, lets any JSON value stand in for it."""
+    todo = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref != "#" and not ref.startswith("#/"):
+                return ref
+            todo.extend(v for k, v in node.items() if k not in _DATA_KEYWORDS)
+        elif isinstance(node, list):
+            todo.extend(node)
+    return None
+
+
+def _check_nesting(schema) -> None:
+    if _nesting(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"guided_decoding.json: the schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} "
+                         "levels deep")
+
+
 def _check_json_schema(schema) -> None:
-    """The schema against the JSON Schema meta-schema, when jsonschema is installed (xgrammar
-    checks only what it converts: a misspelt keyword's value would pass it)."""
+    """The schema's references, then the schema against the JSON Schema meta-schema, when
+    jsonschema is installed (xgrammar checks only what it converts: a misspelt keyword's value
+    would pass it). Its nesting was checked first (`_check_nesting`)."""
+    ref = _outside_ref(schema)
+    if ref is not None:
+        raise ValueError(f"guided_decoding.json: $ref {ref[:200]!r} does not point inside the schema; only "
+                         "references of the form '#/...' (e.g. '#/$defs/name') are resolved")
     try:
         import jsonschema
     except ImportError:

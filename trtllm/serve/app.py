@@ -209,7 +209,7 @@ def _from_validation(exc: RequestValidationError) -> RequestError:
     if e.get("type") == "json_invalid":
         why = (e.get("ctx") or {}).get("error", e.get("msg", ""))
         return RequestError(400, f"the request body is not valid JSON: {why}")
-    if not loc or e.get("type") == "model_attributes_type":
+    if not loc:  # the body itself (a field that must be an object is named below)
         return RequestError(400, "the request body must be a JSON object")
     # a union reports one error per member type; name the field, not the member
     loc = [p for p in loc if p not in _TYPE_TAGS and "[" not in p]

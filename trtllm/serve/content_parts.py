@@ -34,7 +34,10 @@ def template_content(content: str | list[TextPart] | None, image_token: str | No
     if isinstance(content, list):
         pieces = []
         for part in content:
-            if part.type == "text" and part.text is not None:
+            if part.type == "text":
+                if part.text is None:
+                    raise RequestError(400, "messages: a text content part needs its text ({\"type\": \"text\", "
+                                            "\"text\": ...})", param="messages")
                 pieces.append(part.text)
             elif part.type == "image_url":
                 if image_token is None:

@@ -18,7 +18,8 @@ class RequestError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                              413: "invalid_request_error", 415: "invalid_request_error",
-                             429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
+                             429: "rate_limit_error", 503: "service_unavailable"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error")  # 405, 499, ...: the client's
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -57,7 +57,7 @@ class JobBuilder:
         # max_tokens=0 (echo): the engine runs one step for the prompt's logprobs; its token is dropped
         max_tokens = 1 if body.prompt_only else body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
         params = body.sampling_params(max_tokens, body.logprobs, guide, self.llm.vocab_size,
-                                      prompt_logprobs=body.logprobs if body.echo else None)
+                                      prompt_logprobs=body.logprobs if body.echo else None, guide_param=guide_param)
         tokenized = [await self._tokenize(p, add_special_tokens=True) for p in prompts]
         for _text, ids in tokenized:
             self._validate(ids, params, "prompt", guide_param)
@@ -107,7 +107,8 @@ class JobBuilder:
         max_tokens = body.requested_max_tokens
         if max_tokens is None:  # OpenAI's default: up to the end of the context
             max_tokens = max(1, self.llm.limits.max_seq_len - len(ids))
-        params = body.sampling_params(max_tokens, body.num_logprobs, guide, self.llm.vocab_size)
+        params = body.sampling_params(max_tokens, body.num_logprobs, guide, self.llm.vocab_size,
+                                      guide_param=guide_param)
         self._validate(ids, params, "messages", guide_param)
         return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", [(text, ids)], [params], body.num_logprobs,
                    body.stream, bool(body.stream_options and body.stream_options.include_usage),
@@ -140,4 +141,8 @@ class JobBuilder:
             msg = str(e)
             if guide_param is not None and msg.startswith("guided_decoding"):  # named as the request named it
                 raise RequestError(400, guide_param + msg[msg.find(":"):], param=guide_param) from None
+            if msg.startswith("SamplingParams.stop_token_ids"):  # the request's own field, named as it named it
+                raise RequestError(400, msg.removeprefix("SamplingParams."), param="stop_token_ids") from None
+            if msg.startswith("beam width"):  # the width is best_of, or n
+                raise RequestError(400, msg, param="best_of" if params.best_of is not None else "n") from None
             raise RequestError(400, msg, param="max_tokens" if "max_tokens" in msg else what) from None

@@ -136,7 +136,10 @@ class _Request(BaseModel):
     def refuse_invalid_text(self) -> None:
         """Every string the request carries (prompts, messages, stop strings, the model
         name, unknown fields) must be Unicode text: a lone surrogate is refused by name."""
-        found = _invalid_text(self, "")
+        try:
+            found = _invalid_text(self, "")
+        except RecursionError:  # JSON's decoder takes ~960 levels, and leaves too little stack to walk them
+            raise RequestError(400, "the request body nests objects and arrays too deeply") from None
         if found is not None:
             where, at, char = found
             raise RequestError(400, f"{where}: a lone surrogate (U+{ord(char):04X}) at character {at} is not "
@@ -191,7 +194,7 @@ class _Request(BaseModel):
         import torch
         bias = torch.zeros(vocab_size, dtype=torch.float32)
         for key, value in self.logit_bias.items():
-            if not key.isdigit() or int(key) >= vocab_size:
+            if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:  # "²".isdigit(), "٣".isdigit()
                 raise RequestError(400, f"logit_bias: {key!r} is not a token id in [0, {vocab_size})",
                                    param="logit_bias")
             if not -100.0 <= value <= 100.0:
@@ -201,8 +204,10 @@ class _Request(BaseModel):
         return bias
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, guide: GuidedDecodingParams | None = None,
-                        vocab_size: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
-        """prompt_logprobs: /v1/completions' echo with logprobs (the echoed prompt's tokens scored)."""
+                        vocab_size: int | None = None, prompt_logprobs: int | None = None,
+                        guide_param: str | None = None) -> SamplingParams:
+        """prompt_logprobs: /v1/completions' echo with logprobs (the echoed prompt's tokens scored);
+        guide_param: the field that asked for `guide` (response_format, guided_json, tools, ...)."""
         fields: dict[str, Any] = dict(max_tokens=max_tokens, n=self.n, logprobs=logprobs, guided_decoding=guide)
         if prompt_logprobs is not None:
             fields["prompt_logprobs"] = prompt_logprobs
@@ -229,6 +234,8 @@ class _Request(BaseModel):
                                   None)
             if "embedding_bias" in (param, field) or "embedding_bias" in rule:  # the request said logit_bias
                 field, rule, param = field and "logit_bias", rule.replace("embedding_bias", "logit_bias"), "logit_bias"
+            if guide_param is not None and "guided_decoding" in (param, field):  # named as the request named it
+                field, rule, param = field and guide_param, rule.replace("guided_decoding", guide_param), guide_param
             raise RequestError(400, f"{field}: {rule}" if field else rule, param=param) from None
 
 
@@ -304,6 +311,8 @@ def _template_call(call: dict) -> dict:
             args = json.loads(args)
         except ValueError:
             raise RequestError(400, "messages: a tool call's arguments must be JSON text", param="messages") from None
+        except RecursionError:
+            raise RequestError(400, "messages: a tool call's arguments nest too deeply", param="messages") from None
     return {**call, "function": {**fn, "arguments": args}}
 
 

@@ -138,7 +138,7 @@ class ToolPlan:
 def _json_value(text: str):
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # a model can write JSON nested past Python's stack
         return None
 
 
@@ -182,7 +182,7 @@ def _parse_llama3(text: str) -> tuple[str, list[dict]]:
     while at < len(body):
         try:
             obj, end = decoder.raw_decode(body, at)
-        except ValueError:
+        except (ValueError, RecursionError):
             return text, []
         call = _named_call(obj, "parameters")
         if call is None:
