@@ -183,8 +183,9 @@ class SamplingParams(ValidatedConfig):
     @field_validator("bad_token_ids", "stop_token_ids")
     @classmethod
     def _token_ids(cls, v):
-        if any(t < 0 for t in v):
-            raise ValueError("token ids are >= 0")
+        negative = [t for t in v if t < 0]
+        if negative:
+            raise ValueError(f"token ids are >= 0, got {negative}")
         return v
 
     def with_bad_words(self, encode) -> SamplingParams:
