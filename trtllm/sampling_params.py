@@ -107,7 +107,8 @@ class BatchedLogitsProcessor(ABC):
 
 class SamplingParams(ValidatedConfig):
     max_tokens: int = Field(32, gt=0, description="new tokens at most")
-    min_tokens: int = Field(0, ge=0, description="EOS and stop tokens are masked until this many")
+    min_tokens: int = Field(0, ge=0, description="EOS and stop tokens are masked, and stop strings not looked "
+                            "for, until this many")
     temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="0 (or -1, vLLM's and the OpenAI server's spelling) = no limit")
     top_p: float = Field(1.0, gt=0.0, le=1.0)

@@ -168,6 +168,11 @@ def test_streaming_ends_in_the_same_text_and_stop_strings_cut_exactly(llama_llm)
     cut = llama_llm.generate("the quick brown fox", params.model_copy(update={"stop": [stop]}),
                              use_tqdm=False).outputs[0]
     assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop" and cut.stop_reason == stop
+    # min_tokens holds stop strings off as it does EOS and stop ids (vLLM's rule): none is looked
+    # for in the text of the first min_tokens tokens
+    held = llama_llm.generate("the quick brown fox", params.model_copy(update={"stop": [stop], "min_tokens": 12}),
+                              use_tqdm=False).outputs[0]
+    assert held.token_ids == whole.token_ids and held.finish_reason == "length"
 
 
 def test_stream_interval_sends_fewer_larger_outputs(llama_llm, tmp_path):

@@ -65,7 +65,9 @@ class OutputBuilder:
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             completion.stop_reason = token
             return "stop"
-        if params.stop and detok is not None:
+        if params.stop and detok is not None and len(completion.token_ids) < params.min_tokens:
+            self.checked[i] = len(completion.text)  # min_tokens holds stop strings off too (vLLM's rule)
+        elif params.stop and detok is not None:
             span = find_stop_span(completion.text, params.stop, self.checked[i])
             self.checked[i] = len(completion.text)
             if span is not None:
