@@ -115,9 +115,15 @@ class AttentionMetadata:
     def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int, device):
         device = torch.device(device)
         sizes = [max_num_tokens, max_num_seqs * max_blocks_per_seq, max_num_seqs, max_num_seqs + 1]
-        self._device_buffer = torch.zeros(sum(sizes), dtype=torch.int32, device=device)
-        self._host_buffer = torch.zeros(sum(sizes), dtype=torch.int32,
-                                        pin_memory=device.type == "cuda")
+        try:
+            self._device_buffer = torch.zeros(sum(sizes), dtype=torch.int32, device=device)
+            self._host_buffer = torch.zeros(sum(sizes), dtype=torch.int32,
+                                            pin_memory=device.type == "cuda")
+        except RuntimeError as e:  # torch.OutOfMemoryError too: a limit far past what the machine holds
+            raise ValueError(f"the attention metadata of max_batch_size={max_num_seqs} sequences of up to "
+                             f"{max_blocks_per_seq} KV blocks and max_num_tokens={max_num_tokens} "
+                             f"({8 * sum(sizes) / 2**30:.1f} GiB, host and device) cannot be allocated: lower "
+                             f"max_batch_size, max_seq_len or max_num_tokens ({str(e).splitlines()[0]})") from None
         self._host = self._host_buffer.numpy()
         views = torch.split(self._device_buffer, sizes)
         host_views = [self._host[a:a + n] for a, n in zip(np.cumsum([0] + sizes[:-1]), sizes)]

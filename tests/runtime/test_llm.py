@@ -91,6 +91,11 @@ def test_prompt_plus_max_tokens_over_max_seq_len_raises(llama_llm):
         llama_llm.generate([1] * 30, SamplingParams(max_tokens=40), use_tqdm=False)
 
 
+def test_a_batch_size_no_machine_holds_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"max_batch_size=1000000000000 .*cannot be allocated: lower max_batch_size"):
+        LLM(build_config=BuildConfig(max_batch_size=10**12))
+
+
 def test_stop_token_ids_outside_the_vocabulary_are_refused(llama_llm):
     """A stop id the model can never sample would never stop anything: refused, not ignored."""
     with pytest.raises(ConfigError, match=r"stop_token_ids=\[-5\]: .*token ids are >= 0"):
