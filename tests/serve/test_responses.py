@@ -92,12 +92,17 @@ def test_streamed_events(client):
     ({"text": {"format": {"type": "yaml"}}}, ["response_format"]),
     ({"temperature": -1}, ["temperature"]),
     ({"text": {"format": "json"}}, ["text.format"]),
+    ({"input": []}, ["input is empty"]),
+    ({"input": [{"role": "user"}]}, ["input[0]", "needs its content"]),
+    ({"input": [{"role": "user", "content": 5}]}, ["input, as chat messages.0"]),
 ])
 def test_refused_by_name(server, body, words):
     r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "Hi", **body}, timeout=30)
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
     assert all(w in message for w in words), message
+    if "input" in body:
+        assert r.json()["error"]["param"] == "input", r.json()
 
 
 def test_the_server_still_serves_after_refusals(client):

@@ -68,6 +68,8 @@ class ResponsesRequest(BaseModel):
             if value is not None and value is not False and value != [] and value != {}:
                 raise RequestError(400, why, param=name, code="unsupported_parameter")
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        if not isinstance(self.input, str) and not self.input:
+            raise RequestError(400, "input is empty: give a string or at least one input item", param="input")
         if isinstance(self.input, str):
             messages.append({"role": "user", "content": self.input})
         else:
@@ -94,6 +96,8 @@ class ResponsesRequest(BaseModel):
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(str(x) for x in err["loc"])
+            if err["loc"][0] == "messages":  # the chat's messages are this request's instructions + input
+                raise RequestError(400, f"input, as chat {where}: {err['msg']}", param="input") from None
             raise RequestError(400, f"{where}: {err['msg']}", param=str(err["loc"][0])) from None
 
 
@@ -131,6 +135,8 @@ def _message(item: dict, i: int, kind: str) -> dict:
         raise RequestError(400, f"input[{i}]: items of type {kind!r} are not supported (message, function_call, "
                            "function_call_output)", param="input")
     content = item.get("content")
+    if content is None:
+        raise RequestError(400, f"input[{i}]: a message item needs its content", param="input")
     if isinstance(content, list):
         parts = []
         for part in content:
