@@ -119,6 +119,8 @@ def test_lm_eval_task(tiny, tmp_path, capsys):
     (["--quant", "FP9", "perplexity"], "QuantConfig.quant_algo='FP9'"),
     (["demo-mc", "--num_fewshot", "-1"], "--num_fewshot must be >= 0"),
     (["--report_json", "/nope/r.json", "perplexity"], "--report_json /nope/r.json: its directory does not exist"),
+    (["--report_json", "/proc/r.json", "perplexity"], "--report_json /proc/r.json: its directory does not take files"),
+    (["--report_json", "/", "perplexity"], "--report_json /: it is a directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, error, capsys):
     code, out, err = run(argv, capsys)

@@ -217,6 +217,10 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path, capsys):
     _refused(capsys, ["--input_len", "4", "--output_len", "4"], "missing: --batch_size")
     _refused(capsys, ["--batch_size", "1", "--input_len", "4", "--output_len", "4", "--report_json",
                       str(tmp_path / "no" / "r.json")], "its directory does not exist")
+    _refused(capsys, ["--batch_size", "1", "--input_len", "4", "--output_len", "4", "--report_json",
+                      "/proc/r.json"], "its directory does not take files")
+    _refused(capsys, ["--batch_size", "1", "--input_len", "4", "--output_len", "4", "--iteration_log",
+                      str(tmp_path)], "it is a directory")
     _refused(capsys, ["--batch_size", "1", "--input_len", "4", "--output_len", "4", "--max_num_tokens", "0"],
              "max_num_tokens=0")
     _refused(capsys, ["--model", "tiny-llama", "--batch_size", "1", "--input_len", "4", "--output_len", "4",

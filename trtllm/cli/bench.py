@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -224,6 +223,7 @@ def _engine_configs(args, requests, spec, default_batch: int | None):
 def _bench(args) -> int:
     from trtllm.cli.bench_run import StepRecorder
     from trtllm.cli.model_arg import resolve_model
+    from trtllm.cli.output_paths import unwritable_reason
     from trtllm.config import ConfigError
     from trtllm.sampling_params import SamplingParams
 
@@ -236,8 +236,9 @@ def _bench(args) -> int:
         raise BenchError(f"bad option: {'; '.join(str(e).splitlines())}") from None
     outputs = [args.report_json, args.iteration_log] + ([args.profile_trace] if args.profile else [])
     for path in filter(None, outputs):  # before minutes of loading, compiling and running
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise BenchError(f"cannot write {path!r}: its directory does not exist")
+        why = unwritable_reason(path)
+        if why is not None:
+            raise BenchError(f"cannot write {path!r}: {why}")
     spec = resolve_model(args.model)
     command, requests, mode = _workload(args, spec)
     build, kv = _engine_configs(args, requests, spec, mode.pop("max_batch_size"))

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from trtllm.cli.output_paths import unwritable_reason
+
 DATASET_TASKS = ("mmlu", "gsm8k", "hellaswag", "arc")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -214,9 +216,10 @@ def _run(args) -> int:
 
     model_path = _model_path(args.model)
     inputs = _inputs(args)
-    if args.report_json and not Path(args.report_json).absolute().parent.is_dir():  # before the evaluation
+    why = unwritable_reason(args.report_json) if args.report_json else None
+    if why is not None:  # before the evaluation
         from trtllm.eval.scorer import EvalInputError
-        raise EvalInputError(f"--report_json {args.report_json}: its directory does not exist")
+        raise EvalInputError(f"--report_json {args.report_json}: {why}")
     build = BuildConfig(max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
                         max_seq_len=args.max_seq_len,
                         **({"max_input_len": args.max_input_len} if args.max_input_len else {}))
