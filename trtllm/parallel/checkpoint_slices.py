@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from trtllm.models.loader import read_json
+from trtllm.models.checkpoint_config import read_json
 from trtllm.passes.shard_tensor_parallel import COLUMN_PARALLEL, FUSED_COLUMN_PARALLEL, ROW_PARALLEL
 
 # split by vocabulary rows (passes/shard_vocab_parallel.py)

@@ -14,7 +14,8 @@ import torch
 
 from trtllm.config import QuantAlgo
 from trtllm.models import gemma, llama, llava, phi3, qwen2_5_vl
-from trtllm.models.loader import ARCHITECTURES, read_json
+from trtllm.models.checkpoint_config import read_json
+from trtllm.models.loader import ARCHITECTURES
 from trtllm.multimodal_context import is_vision_side
 from trtllm.parallel.expert_checkpoint import EXPERT_NAMES, check_moe_config, meta_moe_model
 from trtllm.parallel.expert_parallel import ExpertParallel, check_vocab

@@ -19,7 +19,8 @@ from trtllm.compile import CompiledModel, compile as trtllm_compile
 from trtllm.config import LoraConfig, QuantAlgo
 from trtllm.contract import adapter_module_path
 from trtllm.lora_slots import LoraSlots
-from trtllm.models.loader import ARCHITECTURES, load_model, read_json
+from trtllm.models.checkpoint_config import read_json
+from trtllm.models.loader import ARCHITECTURES, load_model
 from trtllm.multimodal_context import LANGUAGE_MODEL
 from trtllm.parallel.checkpoint_slices import CheckpointSlices, is_split
 from trtllm.parallel.checks import MULTIMODAL_ARCHITECTURES

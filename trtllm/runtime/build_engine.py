@@ -31,7 +31,8 @@ from trtllm.contract import adapter_module_path
 from trtllm.kernels.paged_attention.kv_quant import kv_scales_tensor
 from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
-from trtllm.models.loader import load_model, read_json
+from trtllm.models.checkpoint_config import read_json
+from trtllm.models.loader import load_model
 from trtllm.parallel import process_group
 from trtllm.parallel.checks import check_parallel
 from trtllm.parallel.expert_parallel import resolve_moe_sizes
