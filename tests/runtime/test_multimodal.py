@@ -177,6 +177,12 @@ def test_bad_input_refused_by_name_engine_unaffected(llm):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [np.zeros((5, 7, 9, 2))]}}, params)
     with pytest.raises(ValueError, match="finite"):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [np.full((8, 8, 3), np.nan)]}}, params)
+    # floats are 0-1: 0-255 values as floats were clipped to a white image, negative ones to black
+    with pytest.raises(ValueError, match=r"float values span \[0, 255\]; floats are 0-1"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [image.astype(np.float32)]}}, params)
+    with pytest.raises(ValueError, match=r"float values span \[-1, 1\]"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [np.linspace(-1, 1, 192).reshape(8, 8, 3)]}},
+                     params)
     with pytest.raises(ValueError, match="a PIL image, numpy array or torch tensor"):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [b"\x89PNG garbage"]}}, params)
     with pytest.raises(ValueError, match="more than the .* allowed"):
