@@ -193,6 +193,36 @@ def test_bad_input_refused_by_name_engine_unaffected(llm):
     assert len(ok.outputs[0].token_ids) == 3
 
 
+def test_a_16_bit_image_is_its_8_bit_image(llm):
+    """A 16-bit grayscale image (PIL mode I;16, a 16-bit PNG; or a uint16 array) is processed as
+    the same image in 8 bits: PIL's convert("RGB") clipped its samples at 255 (a white image,
+    answered silently). The server's decoder keeps the mode for check_image to convert."""
+    import io
+
+    from PIL import Image
+
+    from trtllm.serve.media import MediaPolicy, load_image
+    gray = random_images(1, seed=3)[0][:, :, 0]
+    wide = gray.astype(np.uint16) * 257
+
+    def image_hash(image):
+        return llm.processor.process({"prompt": "<image>", "image": image})[2].images[0].hash
+
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, "PNG")
+    png16 = "data:image/png;base64," + __import__("base64").b64encode(buf.getvalue()).decode()
+    expected = image_hash(Image.fromarray(gray))
+    assert Image.fromarray(wide).mode.startswith("I;16")
+    assert image_hash(Image.fromarray(wide)) == expected
+    assert image_hash(wide) == expected
+    assert image_hash(load_image(png16, 0, MediaPolicy())) == expected
+    # int32 / float PIL images follow the array rules: refused by name, not clipped
+    with pytest.raises(ValueError, match="dtype int32"):
+        image_hash(Image.fromarray(wide.astype(np.int32)))
+    with pytest.raises(ValueError, match=r"float values span \[0, 65535\]"):
+        image_hash(Image.fromarray(wide.astype(np.float32)))
+
+
 def test_image_for_a_text_only_model_refused(checkpoint):
     make_tokenizer(checkpoint)
     with LLM(model=str(checkpoint), dtype="float32") as llm:

@@ -5,7 +5,8 @@ engine takes them (`MultimodalData`): the client's half of multimodal requests.
     llm.generate(inputs={"text": "...<image>...", "image": img})        # TensorRT-LLM's other spelling
 
 An image is a PIL image, a numpy array or a torch tensor ([H, W], [H, W, C] or [C, H, W], C of
-1, 3 or 4; uint8 0-255 or float 0-1). The checkpoint's own processor (transformers'
+1, 3 or 4; uint8 0-255, uint16 0-65535 or float 0-1; a PIL image of 16-bit, int32 or float
+samples as its array). The checkpoint's own processor (transformers'
 AutoProcessor: its image processor and tokenizer) resizes, normalises and expands each
 placeholder into the image's number of tokens; the prompt must hold exactly one placeholder
 per image. Each image's token span is recorded with a 128-bit hash of its processed pixels:
@@ -83,7 +84,11 @@ def check_image(image, index: int = 0):
         w, h = image.size
         if w * h > MAX_IMAGE_PIXELS:
             raise ValueError(f"{what}: {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} allowed")
-        return image.convert("RGB") if image.mode not in ("RGB", "L") else image
+        if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+            return image.convert("RGB") if image.mode not in ("RGB", "L") else image
+        # 16-bit (a 16-bit PNG), 32-bit int or float samples: PIL's convert("RGB") clips them at
+        # 255 (a white image); as an array they follow the array rules below
+        image = np.asarray(image)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         if image.dim() == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
@@ -99,9 +104,11 @@ def check_image(image, index: int = 0):
     if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
         raise ValueError(f"{what}: {image.shape[1]}x{image.shape[0]} pixels, more than the {MAX_IMAGE_PIXELS} "
                          "allowed")
+    if image.dtype == np.uint16:  # 0-65535 (a 16-bit PNG): to 8 bits
+        image = (image / 257.0).round().astype(np.uint8)
     if image.dtype != np.uint8:
         if not np.issubdtype(image.dtype, np.floating) or not np.isfinite(image).all():
-            raise ValueError(f"{what}: dtype {image.dtype}; uint8 (0-255) or finite floats (0-1)")
+            raise ValueError(f"{what}: dtype {image.dtype}; uint8 (0-255), uint16 (0-65535) or finite floats (0-1)")
         lo, hi = float(image.min()), float(image.max())
         if lo < 0.0 or hi > 1.0:  # e.g. 0-255 as floats: clipped, the image would turn white
             raise ValueError(f"{what}: float values span [{lo:g}, {hi:g}]; floats are 0-1 (divide 0-255 values "

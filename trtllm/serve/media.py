@@ -119,4 +119,4 @@ def _decode(source, what: str, policy: MediaPolicy):
         image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise RequestError(400, f"{what}: the image is corrupt ({type(e).__name__}: {e})", param="messages") from None
-    return image.convert("RGB") if image.mode != "RGB" else image
+    return image  # its mode as decoded: check_image converts it (a 16-bit PNG scaled, not clipped at 255)
