@@ -223,6 +223,21 @@ def test_a_16_bit_image_is_its_8_bit_image(llm):
         image_hash(Image.fromarray(wide.astype(np.float32)))
 
 
+@pytest.mark.parametrize("shape", [(3, 40, 3), (4, 40, 3), (1, 40, 3), (1, 1, 3)])
+def test_an_image_of_1_3_or_4_rows_is_read_channels_last(llm, shape):
+    """An [H, W, 3] array whose H is 1, 3 or 4: the processor, given the array, guessed its
+    channel axis first (a (3, 40, 3) image processed as 40x3 pixels of 3 channels, silently;
+    (1, W, 3) refused with 'mean must have 1 elements'). It is the image PIL reads it as."""
+    from PIL import Image
+    array = random_images(1, seed=5)[0][:shape[0], :shape[1]]
+
+    def processed(image):
+        return llm.processor.process({"prompt": "<image>", "image": image})[2].images[0]
+
+    got, expected = processed(array), processed(Image.fromarray(array))
+    assert got.hash == expected.hash and torch.equal(got.pixel_values, expected.pixel_values)
+
+
 def test_image_for_a_text_only_model_refused(checkpoint):
     make_tokenizer(checkpoint)
     with LLM(model=str(checkpoint), dtype="float32") as llm:

@@ -120,7 +120,10 @@ def check_image(image, index: int = 0):
         image = np.repeat(image, 3, axis=2)
     elif image.shape[-1] == 4:
         image = image[:, :, :3]
-    return np.ascontiguousarray(image)
+    # as a PIL image: given an array, the processor guesses its channel axis, and takes an
+    # [H, W, 3] of H 1, 3 or 4 for [C, H, W] (a (3, 20, 3) image read as 20x3, a (1, W, 3) refused)
+    from PIL import Image
+    return Image.fromarray(np.ascontiguousarray(image))
 
 
 def image_hash(pixel_values: torch.Tensor, image_size) -> bytes:
