@@ -183,6 +183,13 @@ def test_bad_input_refused_by_name_engine_unaffected(llm):
     with pytest.raises(ValueError, match=r"float values span \[-1, 1\]"):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [np.linspace(-1, 1, 192).reshape(8, 8, 3)]}},
                      params)
+    # tensors numpy has no dtype for: bfloat16 is taken (as float32), a meta tensor named (were torch's
+    # TypeError 'Got unsupported ScalarType BFloat16' / NotImplementedError)
+    as_bf16 = torch.from_numpy(image).permute(2, 0, 1).to(torch.bfloat16) / 255
+    assert llm.processor.process({"prompt": "<image>", "image": as_bf16})[2].images[0].hash == \
+        llm.processor.process({"prompt": "<image>", "image": as_bf16.float()})[2].images[0].hash
+    with pytest.raises(ValueError, match="meta device holds no pixels"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [torch.empty(3, 8, 8, device="meta")]}}, params)
     with pytest.raises(ValueError, match="a PIL image, numpy array or torch tensor"):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [b"\x89PNG garbage"]}}, params)
     with pytest.raises(ValueError, match="more than the .* allowed"):

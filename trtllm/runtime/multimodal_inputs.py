@@ -78,7 +78,7 @@ def split_prompt(prompt: dict) -> tuple[str, list]:
 
 
 def check_image(image, index: int = 0):
-    """The image as the processor takes it (a PIL image or a numpy array), checked."""
+    """The image as the processor takes it (a PIL image), checked."""
     what = f"image {index}"
     if type(image).__module__.startswith("PIL."):
         w, h = image.size
@@ -90,7 +90,11 @@ def check_image(image, index: int = 0):
         # 255 (a white image); as an array they follow the array rules below
         image = np.asarray(image)
     if isinstance(image, torch.Tensor):
+        if image.is_meta:
+            raise ValueError(f"{what}: a tensor on the meta device holds no pixels")
         image = image.detach().cpu()
+        if image.is_floating_point() and image.dtype not in (torch.float16, torch.float32, torch.float64):
+            image = image.float()  # bfloat16, float8: numpy has no such dtype
         if image.dim() == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
             image = image.permute(1, 2, 0)  # [C, H, W] -> [H, W, C]
         image = image.numpy()
