@@ -190,6 +190,9 @@ def test_bad_input_refused_by_name_engine_unaffected(llm):
         llm.processor.process({"prompt": "<image>", "image": as_bf16.float()})[2].images[0].hash
     with pytest.raises(ValueError, match="meta device holds no pixels"):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [torch.empty(3, 8, 8, device="meta")]}}, params)
+    from PIL import Image
+    with pytest.raises(ValueError, match="0x5 pixels, an empty image"):  # was the processor's ZeroDivisionError
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [Image.new("RGB", (0, 5))]}}, params)
     with pytest.raises(ValueError, match="a PIL image, numpy array or torch tensor"):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [b"\x89PNG garbage"]}}, params)
     with pytest.raises(ValueError, match="more than the .* allowed"):

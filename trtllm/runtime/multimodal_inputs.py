@@ -84,6 +84,8 @@ def check_image(image, index: int = 0):
         w, h = image.size
         if w * h > MAX_IMAGE_PIXELS:
             raise ValueError(f"{what}: {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} allowed")
+        if w * h == 0:
+            raise ValueError(f"{what}: {w}x{h} pixels, an empty image")
         if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
             return image.convert("RGB") if image.mode not in ("RGB", "L") else image
         # 16-bit (a 16-bit PNG), 32-bit int or float samples: PIL's convert("RGB") clips them at
