@@ -193,6 +193,9 @@ def test_bad_input_refused_by_name_engine_unaffected(llm):
     from PIL import Image
     with pytest.raises(ValueError, match="0x5 pixels, an empty image"):  # was the processor's ZeroDivisionError
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [Image.new("RGB", (0, 5))]}}, params)
+    overshoot = image / 255 * 1.08 - 0.04  # a bicubic resize's few percent past 0 and 1: clipped, taken
+    assert llm.processor.process({"prompt": "<image>", "image": overshoot})[2].images[0].hash == \
+        llm.processor.process({"prompt": "<image>", "image": np.clip(overshoot, 0, 1)})[2].images[0].hash
     with pytest.raises(ValueError, match="a PIL image, numpy array or torch tensor"):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [b"\x89PNG garbage"]}}, params)
     with pytest.raises(ValueError, match="more than the .* allowed"):

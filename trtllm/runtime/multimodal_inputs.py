@@ -116,10 +116,11 @@ def check_image(image, index: int = 0):
         if not np.issubdtype(image.dtype, np.floating) or not np.isfinite(image).all():
             raise ValueError(f"{what}: dtype {image.dtype}; uint8 (0-255), uint16 (0-65535) or finite floats (0-1)")
         lo, hi = float(image.min()), float(image.max())
-        if lo < 0.0 or hi > 1.0:  # e.g. 0-255 as floats: clipped, the image would turn white
+        if lo < -0.1 or hi > 1.1:  # e.g. 0-255 as floats: clipped, the image would turn white. A resize's
+            # overshoot (bicubic: a few percent past 0 and 1) is clipped
             raise ValueError(f"{what}: float values span [{lo:g}, {hi:g}]; floats are 0-1 (divide 0-255 values "
                              "by 255, or pass uint8)")
-        image = (image * 255).round().astype(np.uint8)
+        image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     elif image.shape[-1] == 1:
