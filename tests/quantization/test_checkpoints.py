@@ -159,6 +159,17 @@ def test_fp8_tensors_without_a_quantization_config_are_refused(sources, tmp_path
         trtllm.load_model(tmp_path, device="cpu")
 
 
+def test_a_quantization_config_over_unquantized_weights_is_said(sources, tmp_path):
+    # config.json names FP8, every weight is bf16 and no scale is stored: the model is right, but not
+    # what the config says it is, so the load warns
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "block", False)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    _rewrite(tmp_path, drop=[n for n in tensors if n.endswith("_scale_inv")],
+             replace={n: t.to(torch.bfloat16) for n, t in tensors.items() if t.dtype == torch.float8_e4m3fn})
+    with pytest.warns(UserWarning, match="names HF fp8.*but no weight of the checkpoint is FP8: it runs unquantized"):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
 def test_modelopt_kv_scales_feed_an_fp8_kv_cache_and_only_that(sources, tmp_path):
     """ModelOpt's k_scale / v_scale (kv_cache_quant_algo FP8) become the FP8 cache's scales;
     an INT8 cache does not take FP8-calibrated scales (a warning), the bf16 cache none."""

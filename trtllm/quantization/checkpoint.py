@@ -291,6 +291,9 @@ class Fp8CheckpointTensors:
     def finish(self, model: nn.Module, dtype: torch.dtype) -> Fp8Linears:
         """The Fp8Linears of what was taken, attached to `model`; an FP8 LM head is dequantized
         into the model instead. Raises naming any scale that is missing, mis-shaped or unused."""
+        if not (self.weights or self.left or self.fp8_experts):  # correct answers, but not what was asked for
+            warnings.warn(f"{self.where}: config.json names {self.layout.describe()}, but no weight of the "
+                          "checkpoint is FP8: it runs unquantized, in its own dtype", stacklevel=2)
         out = Fp8Linears(kv_scales=self.kv_scales, kv_cache_format=self.layout.kv_cache_format,
                          source=self.layout.describe(), experts=self.fp8_experts)
         for path, w in [*self.weights.items(), *self.left.items()]:
