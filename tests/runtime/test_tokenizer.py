@@ -6,6 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.runtime.tokenizers import CHATML_TEMPLATE, byte_token_ids, make_tokenizer
+from trtllm.runtime.output_builder import OutputBuilder
+from trtllm.runtime.sequence import Sequence
 from trtllm.runtime.tokenizer import (
     IncrementalDetokenizer,
     apply_chat_template,
@@ -13,6 +15,7 @@ from trtllm.runtime.tokenizer import (
     load_tokenizer,
     safe_prefix_len,
 )
+from trtllm.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,23 @@ def test_incomplete_character_at_the_end_is_flushed_as_decode_gives_it(bl):
     deltas, tail, det = stream(bl, [], out)
     assert deltas == ["a", "", ""]
     assert tail == "\ufffd" and det.text == bl.decode(out) == "a\ufffd"
+
+
+def test_an_aborted_request_keeps_the_text_of_its_unfinished_character(bl):
+    """An abort ends a request as a length stop does: its last output's text is its tokens' (the
+    held-back unfinished character flushed), streamed or not; it was dropped (found by the stress
+    test, tests/runtime/test_stress_books.py)."""
+    params = SamplingParams(max_tokens=8)
+    out = bl.encode("a") + byte_token_ids(bl, "🙂")[:2]
+    seq = Sequence("r", [5], params)
+    req = OutputBuilder("r", None, [5], params, [seq], bl, [], 64, stream=True)
+    for t in out:
+        assert req.append(seq, t, None) is None
+    assert req.emit(copy=True).outputs[0].text_diff == "a"
+    req.abort()
+    last = req.emit(copy=True)
+    assert last.finished and last.outputs[0].finish_reason == "abort"
+    assert last.outputs[0].text == bl.decode(out) == "a\ufffd" and last.outputs[0].text_diff == "\ufffd"
 
 
 def test_prompt_ending_inside_a_character(bl):

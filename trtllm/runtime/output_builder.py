@@ -145,6 +145,9 @@ class OutputBuilder:
 
     def abort(self) -> None:
         unranked = len(self.output.outputs) > self.params.n  # best_of > n, aborted before all were done
+        for c, detok in zip(self.output.outputs, self.detokenizers):
+            if c.finish_reason is None and detok is not None:
+                c.text += detok.flush()  # the end, as finish's: a held-back unfinished character
         for c in self.output.outputs:
             # an unranked candidate is not the request's answer even where it had finished (it may
             # be the worse one): "abort" on each, never a "length" or "stop" that reads as chosen
