@@ -101,9 +101,15 @@ def _launch_select(logits: Tensor, index: list[int], gs: list[BeamGroup], keep: 
               for t in g.stop_ids]
     # the step's rows in their own order (beams are most of a beam step's batch): no gather
     in_order = index == list(range(logits.shape[0]))
-    return _select_on_device(logits, None if in_order else torch.tensor(index, device=logits.device),
-                             torch.from_numpy(np.stack([g.scores for g in gs])).to(logits.device),
+    return _select_on_device(logits, None if in_order else _to_device(torch.tensor(index), logits.device),
+                             _to_device(torch.from_numpy(np.stack([g.scores for g in gs])), logits.device),
                              min(keep, k * logits.shape[-1]), masked or None)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without waiting for the stream (a pageable copy to the GPU waits
+    for the work queued before it: queue_search's would wait for the step it follows)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def select_beams(logits: Tensor, index: Tensor | None, scores: Tensor, keep: int,
@@ -138,7 +144,7 @@ def _select_on_device(logits: Tensor, index: Tensor | None, scores: Tensor, keep
     logp = rows.float().log_softmax(-1).view(G, k, vocab)
     if masked:
         g, t = zip(*masked)
-        logp[torch.tensor(g, device=logp.device), :, torch.tensor(t, device=logp.device)] = float("-inf")
+        logp[_to_device(torch.tensor(g), logp.device), :, _to_device(torch.tensor(t), logp.device)] = float("-inf")
     # The group's best `keep` of k * V are among its rows' best `keep` each (a row's score is
     # one constant added to all of it), so the top-k runs per row and then over k * keep
     # candidates: the same values, added as above (the one-stage select took 0.34 ms on the H100
