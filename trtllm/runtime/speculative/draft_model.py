@@ -115,8 +115,8 @@ class DraftModelProposer:
         for step in range(steps):
             active = [m for m, k in zip(mirrors, kept) if k > step]
             if launched is None:  # the first step: the mirrors' uncomputed tokens, known on the host
-                launched = self._launch([(m, m.num_tokens - m.num_computed_tokens) for m in active])
                 computed = [m.num_tokens - m.num_computed_tokens for m in active]
+                launched = self._launch(list(zip(active, computed)))
                 # two tokens (a catch-up's last draft token and the newest) run on a prefill graph or
                 # eagerly: their picks taken on the device from the logits, as a decode graph's are
                 step_picks = launched.device_picks[0] if launched.device_picks is not None \
