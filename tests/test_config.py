@@ -81,6 +81,13 @@ def test_one_line_per_bad_field_without_pydantic_links():
     assert "pydantic" not in str(e.value) and "http" not in str(e.value)
 
 
+def test_a_required_field_left_out_is_named_without_the_other_options():
+    from trtllm.runtime.speculative.config import DraftTargetDecodingConfig
+    with pytest.raises(ConfigError) as e:
+        DraftTargetDecodingConfig(max_draft_len=4)
+    assert str(e.value) == "DraftTargetDecodingConfig.speculative_model_dir: required"  # pydantic's input: every option
+
+
 def test_assignment_is_validated():
     c = KvCacheConfig()
     with pytest.raises(ValueError, match="tokens_per_block"):

@@ -28,9 +28,13 @@ class ConfigError(ValueError):
     """Bad options for a config: `problems` holds (field, value, rule) per bad field,
     field None for a rule across fields; str() is one line per problem."""
 
+    NOT_GIVEN = object()  # a problem's value for a required field left out: no value to show
+
     def __init__(self, config: str, problems: list[tuple[str | None, object, str]]):
         self.config, self.problems = config, problems
-        lines = [f"{config}: {rule}" if field is None else f"{config}.{field}={value!r}: {rule}"
+        lines = [f"{config}: {rule}" if field is None
+                 else f"{config}.{field}: {rule}" if value is self.NOT_GIVEN
+                 else f"{config}.{field}={value!r}: {rule}"
                  for field, value, rule in problems]
         super().__init__("\n".join(lines))
 
@@ -44,6 +48,9 @@ class ConfigError(ValueError):
                 rule = "unknown option"
             elif e["type"] == "finite_number":
                 rule = "must be a finite number"
+            elif e["type"] == "missing":  # its input is the whole config's: not this field's value
+                problems.append((field, cls.NOT_GIVEN, "required"))
+                continue
             problems.append((field, e.get("input") if field else None, rule))
         return cls(config, problems)
 

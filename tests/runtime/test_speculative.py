@@ -266,6 +266,8 @@ def test_bad_speculative_configs_are_refused(target, tmp_path):
     other_vocab = write_checkpoint("llama31", tmp_path / "v", vocab_size=256)
     with pytest.raises(ValueError, match=r"draft model's vocabulary \(256 tokens\) differs from the target's \(512\)"):
         small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(other_vocab)))
+    with pytest.raises(FileNotFoundError, match=r"^the draft model \(speculative_model_dir\): .*'.*nowhere' does not"):
+        small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(tmp_path / "nowhere")))
 
 
 def test_trim_gives_rejected_draft_blocks_back_and_the_metadata_sees_the_new_table():

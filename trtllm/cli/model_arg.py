@@ -18,7 +18,6 @@ does not exist; a name lists the presets. Nothing here imports torch until a mod
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,16 +157,11 @@ def resolve_model(name: str | None) -> ModelSpec:
 
 
 def _read_config(path: Path) -> dict:
-    file = path / "config.json"
-    if not file.is_file():
-        raise UnknownModel(f"{file} not found: {str(path)!r} is not an HF checkpoint directory")
+    from trtllm.models.checkpoint_config import read_config
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UnknownModel(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UnknownModel(f"{file}: expected a JSON object")
-    return config
+        return read_config(path)
+    except (FileNotFoundError, ValueError) as e:  # the commands' one error for a model argument
+        raise UnknownModel(str(e)) from None
 
 
 def build_preset(config: dict, dtype: str = "auto", device=None, seed: int = 0):

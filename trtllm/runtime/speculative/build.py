@@ -97,7 +97,10 @@ def build_speculative(config, *, vocab_size: int, eos_token_ids: list[int], max_
         module = source
     else:
         from trtllm.models.loader import load_model
-        module = load_model(source, dtype=dtype, device=device)
+        try:
+            module = load_model(source, dtype=dtype, device=device)
+        except FileNotFoundError as e:  # the target's path is fine: say which checkpoint
+            raise FileNotFoundError(f"the draft model (speculative_model_dir): {e}") from None
     compiled = trtllm_compile(module, **(compile_options or {}), block_size=block_size)
     draft_vocab = getattr(getattr(module, "config", None), "vocab_size", None)
     if draft_vocab is not None and draft_vocab != vocab_size:
