@@ -427,6 +427,8 @@ def test_pinned_slots_are_never_evicted_and_lru_goes_first(llm, adapters):
     assert cache.slot(seq["a"]) != cache.slot(seq["b"]) and cache.slot(seq["base"]) == -1
     assert not cache.can_admit(seq["c"])  # both slots pinned by running sequences
     assert cache.can_admit(seq["a2"]) and cache.can_admit(seq["base"])  # resident, or no adapter
+    assert cache.none_admissible([seq["c"]])  # the overlap scheduler may plan ahead meanwhile
+    assert not cache.none_admissible([seq["c"], seq["a2"]]) and not cache.none_admissible([seq["base"]])
     with pytest.raises(RuntimeError, match="pinned"):
         cache.acquire(seq["c"])
     cache.acquire(seq["a2"])
@@ -435,7 +437,7 @@ def test_pinned_slots_are_never_evicted_and_lru_goes_first(llm, adapters):
     b_slot = cache.slot(seq["b"])
     cache.release(seq["b"])
     cache.release(seq["b"])  # twice: no effect
-    assert cache.can_admit(seq["c"])
+    assert cache.can_admit(seq["c"]) and not cache.none_admissible([seq["c"]])
     cache.acquire(seq["c"])  # takes b's slot, the only unpinned one
     assert cache.slot(seq["c"]) == b_slot and cache.slot(seq["a2"]) != b_slot
     assert cache.resident == [a.lora_int_id, c.lora_int_id] and cache.cached == [b.lora_int_id, c.lora_int_id]

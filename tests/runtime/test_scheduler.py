@@ -337,6 +337,9 @@ class OneSlotAdapters:
             assert self.can_admit(s)
             self.pins[s.request_id[0]] = self.pins.get(s.request_id[0], 0) + 1
 
+    def none_admissible(self, seqs):
+        return not any(self.can_admit(s) for s in seqs)
+
     def slot(self, s):
         return {"x": -1, "a": 0, "b": 1}.get(s.request_id[0], 2)
 
@@ -366,6 +369,28 @@ def test_lora_requests_of_a_resident_adapter_pass_one_that_waits_for_a_slot():
     sched.add(a3)
     sched.schedule()
     assert list(sched.waiting) == [b1, a3]  # b1 has waited long enough: FCFS again
+
+
+def test_lora_lets_the_overlap_scheduler_plan_ahead_while_every_waiting_adapter_lacks_a_slot():
+    """b1 waits for the slot a1's adapter holds, with room in the batch: schedule would admit
+    no one, so the decode step after a1's may be planned ahead (it was not: half of bench_lora's
+    256 x 64 decode steps lost the overlap). Not when a1 ends at the step (its slot frees), nor
+    while a sequence without an adapter waits (it can be admitted)."""
+    bm = BlockManager(64, 4, True)
+    sched = Scheduler(bm, 8, 64, 64, adapters=OneSlotAdapters())
+    a1, b1 = (Sequence(rid, [1, 2, 3], SamplingParams(max_tokens=8)) for rid in ("a1", "b1"))
+    sched.add(a1)
+    sched.add(b1)
+    first = sched.schedule()
+    assert first == [(a1, 3)] and list(sched.waiting) == [b1]
+    sched.update(first, {a1: 7})
+    scheduled = sched.schedule()
+    assert scheduled == [(a1, 1)]
+    assert sched.schedule_ahead(scheduled, ends=lambda s: False) == ([a1], [0])
+    assert sched.schedule_ahead(scheduled, ends=lambda s: True) is None  # a1 ends: b1 may take the slot
+    x1 = Sequence("x1", [4, 5, 6], SamplingParams(max_tokens=8))
+    sched.add(x1)
+    assert sched.schedule_ahead(scheduled, ends=lambda s: False) is None  # x1 needs no slot: schedule admits it
 
 
 def test_lora_decodes_are_grouped_by_adapter_slot():

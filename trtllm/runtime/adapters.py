@@ -252,6 +252,14 @@ class Adapters:
             return True
         return any(self._pins[i] == 0 for i in self._slot_of)
 
+    def none_admissible(self, seqs) -> bool:
+        """Whether no sequence of `seqs` can be admitted before a running one finishes: every
+        GPU slot pinned by running sequences' adapters (none free), and each of `seqs` has an
+        adapter that is not in one. (can_admit per sequence scans the slots for each.)"""
+        if self._free_slots or any(self._pins[i] == 0 for i in self._slot_of):
+            return False
+        return not any(_adapter_id(s) is None or _adapter_id(s) in self._slot_of for s in seqs)
+
     def acquire(self, seq: Sequence) -> None:
         """Pin `seq`'s adapter in a GPU slot (loading it there if need be). ValueError if its
         files cannot be read any more; RuntimeError if no slot is free (ask can_admit)."""
