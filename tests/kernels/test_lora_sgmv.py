@@ -32,7 +32,8 @@ def _slots(t: int, num_slots: int, extra: int = 3) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
 @pytest.mark.parametrize("t,k,n,rank", [(1, 7, 83, 8), (7, 83, 769, 16), (83, 769, 7, 32), (769, 83, 83, 48),
-                                         (5, 769, 83, 16), (64, 600, 16, 48)])  # the last two split K
+                                         (5, 769, 83, 16), (64, 600, 16, 48),  # these two split K
+                                         (1030, 40, 150, 16)])  # prefill-sized: blocks of 64 tokens
 def test_shrink_and_expand_match_their_references(t, k, n, rank, dtype):
     num_slots = 3
     x = torch.randn(t, k, dtype=dtype)
@@ -85,11 +86,11 @@ def test_more_tokens_split_k_only_as_far_as_the_grid_needs(t, k, r_blocks):
     """Past SPLIT_K_MAX_TOKENS: splits cover K in whole BLOCK_K steps, and there are about
     enough of them for SHRINK_PROGRAMS programs (or every SPLIT_K_CHUNK of K is one): at
     least half as many (the rounding to BLOCK_K), never one more than the grid needs."""
-    from trtllm.kernels.lora_sgmv import SHRINK_BLOCK_T, SHRINK_PROGRAMS, SPLIT_K_CHUNK
+    from trtllm.kernels.lora_sgmv import SHRINK_PROGRAMS, SPLIT_K_CHUNK, token_block
     splits, per_split = shrink_splits(t, k, 128, r_blocks)
     assert per_split % 128 == 0 or splits == 1
     assert (splits - 1) * per_split < k <= splits * per_split
-    programs = -(-t // SHRINK_BLOCK_T) * r_blocks
+    programs = -(-t // token_block(t)) * r_blocks
     assert 2 * programs * splits >= SHRINK_PROGRAMS or splits == -(-k // SPLIT_K_CHUNK) or programs >= SHRINK_PROGRAMS
     if splits > 1:  # one split fewer would leave the grid short
         assert programs * (splits - 1) < SHRINK_PROGRAMS

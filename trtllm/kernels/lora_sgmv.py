@@ -233,14 +233,14 @@ def _launch_shrink(x2: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tenso
                    k_per_split: int) -> None:
     """The shrink kernel into out [splits, T, R] (split s: K range [s, s + 1) * k_per_split)."""
     (t, k), r = x2.shape, lora_a.shape[1]
-    block_r = _shrink_block_r(r)
+    block_r, block_t = _shrink_block_r(r), token_block(t)
     with interpreter_upcast((x2, lora_a)) as ((x2_, a_), _):
-        _lora_shrink_kernel[(triton.cdiv(t, SHRINK_BLOCK_T), triton.cdiv(r, block_r), out.shape[0])](
+        _lora_shrink_kernel[(triton.cdiv(t, block_t), triton.cdiv(r, block_r), out.shape[0])](
             x2_, a_, slot_ids, out,
             t, k, r, k_per_split,
             x2_.stride(0), a_.stride(0), a_.stride(1), out.stride(0), out.stride(1),
             DOT_PRECISION=_dot_precision(x2.dtype),
-            BLOCK_T=SHRINK_BLOCK_T, BLOCK_R=block_r, BLOCK_K=_shrink_block_k(k),
+            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=_shrink_block_k(k),
             num_warps=4,
         )
 
@@ -254,7 +254,19 @@ def _launch_shrink(x2: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tenso
 SPLIT_K_MAX_TOKENS = 64
 SPLIT_K_CHUNK = 256  # K elements a split covers (at least)
 SHRINK_PROGRAMS = 264  # two a streaming multiprocessor of an H100 / H200 (132)
-SHRINK_BLOCK_T = 16
+
+# Tokens a program takes: 16 at decode (a block of decodes meets as many adapters as it has
+# sequences, and a program loops over them one after another), 64 from WIDE_BLOCK_MIN_TOKENS
+# tokens, a prefill-sized step (a prompt's tokens are contiguous: a block mostly meets one
+# adapter). With 16 a prefill step re-read each adapter's A and B once per 16 tokens in
+# programs too small to keep the GPU busy: the LoRA engine's prefill steps took 197.7 ms
+# against the base's 160.6 (bench/probes/lora_step.py --many, H100, 2026-12-07).
+WIDE_BLOCK_MIN_TOKENS = 1024
+
+
+def token_block(t: int) -> int:
+    """BLOCK_T of the shrink and expand over t tokens."""
+    return 64 if t >= WIDE_BLOCK_MIN_TOKENS else 16
 SUM_BLOCK = 256  # the split sum's elements a program: 12 programs for 64 tokens x rank 48
 
 
@@ -267,7 +279,7 @@ def shrink_splits(t: int, k: int, block_k: int, r_blocks: int = 1) -> tuple[int,
     if k <= SPLIT_K_CHUNK:
         return 1, k
     if t > SPLIT_K_MAX_TOKENS:
-        most = min(most, triton.cdiv(SHRINK_PROGRAMS, triton.cdiv(t, SHRINK_BLOCK_T) * r_blocks))
+        most = min(most, triton.cdiv(SHRINK_PROGRAMS, triton.cdiv(t, token_block(t)) * r_blocks))
         if most <= 1:
             return 1, k
         per_split = triton.cdiv(triton.cdiv(k, most), block_k) * block_k
@@ -299,7 +311,9 @@ def lora_expand_partials(base2: torch.Tensor, h_parts: torch.Tensor, lora_b: tor
     _check_slots(slot_ids, t, base2.device)
     out = torch.empty((t, n), dtype=base2.dtype, device=base2.device)
     if t and n:
-        block_t, block_n, num_warps = blocks or (16, max(16, min(64, triton.next_power_of_2(n))), 4)
+        wide = token_block(t) > 16  # a prefill-sized step: blocks of 64 tokens x 128 features
+        block_t, block_n, num_warps = blocks or (token_block(t), max(16, min(128 if wide else 64,
+                                                                             triton.next_power_of_2(n))), 4)
         block_r = max(16, min(64, triton.next_power_of_2(r)))
         with interpreter_upcast((base2, h_parts, lora_b), (out,)) as ((base_, h_, b_), (out_,)):
             _lora_expand_kernel[(triton.cdiv(t, block_t), triton.cdiv(n, block_n))](
