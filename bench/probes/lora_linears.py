@@ -39,6 +39,8 @@ GEMV_CONFIGS = [GemvConfig(True, 64, 128, 4, 4), GemvConfig(True, 32, 128, 4, 4)
 # (BLOCK_T, BLOCK_N, num_warps) for the expand over partials; alone (H200, 2026-12-06, 64 tokens)
 # (16, 64, 4) was the fastest of these and (32, 128, 4), (64, 64, 4), (64, 128, 8)
 EXPAND_BLOCKS = [(16, 64, 4), (16, 128, 4), (16, 256, 8)]
+# (BLOCK_T, BLOCK_N, num_warps) for the expand alone over the summed h (the path past 16 rows)
+PLAIN_EXPAND_BLOCKS = [(16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 128, 4), (64, 128, 4), (64, 256, 8)]
 CHUNKS = [(128, None), (512, None), (1024, None), (256, 256), (512, 256), (512, 64)]  # (SPLIT_K_CHUNK, BLOCK_K)
 
 
@@ -84,7 +86,7 @@ def graph_us(fn, ops: Operands, calls: int = 3, replays: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * calls * len(ops))
 
 
-def variants(ops: Operands, t: int, gemv_too: bool) -> dict:
+def variants(ops: Operands, t: int, gemv_too: bool, args_parts_expand: bool = False) -> dict:
     x = ops.x
 
     def unfused(i):
@@ -127,7 +129,10 @@ def variants(ops: Operands, t: int, gemv_too: bool) -> dict:
             return sgmv.lora_expand_partials(F.linear(x, ops.w[i]), parts, ops.b[i], ops.slots, blocks)
         return run
 
-    for blocks in EXPAND_BLOCKS:
+    for blocks in PLAIN_EXPAND_BLOCKS:
+        out[f"expand{list(blocks)}"] = (lambda i, blocks=blocks: sgmv.lora_expand_partials(
+            base, h0[None], ops.b[i], ops.slots, blocks), False)
+    for blocks in EXPAND_BLOCKS if args_parts_expand else ():
         out[f"parts->expand{list(blocks)}"] = (parts_expand(blocks), True)
     n, k = ops.w[0].shape
     configs = list(dict.fromkeys([c for c in [gemv_config(min(t, 16), n, k)] if c and c.dot] + GEMV_CONFIGS))
@@ -136,7 +141,7 @@ def variants(ops: Operands, t: int, gemv_too: bool) -> dict:
         name = f"{c.block_n},{c.block_k},{c.num_warps},{c.num_stages}"
         out[f"gemv[{name}] parts"] = (gemv_lora(c, False), True)
         out[f"gemv[{name}] h"] = (gemv_lora(c, True), True)
-    for chunk, block_k in CHUNKS:
+    for chunk, block_k in CHUNKS if t <= 1024 else ():  # K chunks matter where K is split (decode)
         out[f"unfused, chunk {chunk}, block_k {block_k or 'default'}"] = (chunked(chunk, block_k), True)
     return out
 
@@ -146,6 +151,8 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[64, 32, 16])
     ap.add_argument("--adapters", type=int, default=8, help="distinct adapters over the tokens (bench_lora's "
                     "256 x 64 row runs 128 sequences over 32 slots: --tokens 128 --adapters 32)")
+    ap.add_argument("--parts-expand", action="store_true", help="also the expand adding the shrink's partial "
+                    "sums itself (H100, 2026-12-07: 1.5-2x the unfused path at 64-128 tokens)")
     ap.add_argument("--gemv", action="store_true", help="also the GEMV's LoRA epilogue past 16 rows (H200, "
                     "2026-12-06: 3-20x slower than the unfused path at 32-64 rows)")
     args = ap.parse_args()
@@ -155,7 +162,7 @@ def main():
         for name, (n, k, r) in SHAPES.items():
             ops = Operands(n, k, r, t, seed=t * 7 + n, adapters=args.adapters)
             ref = linear_lora_ref(ops.x, ops.w[0], None, ops.a[0], ops.b[0], ops.slots).float()
-            for variant, (fn, full) in variants(ops, t, args.gemv).items():
+            for variant, (fn, full) in variants(ops, t, args.gemv, args.parts_expand).items():
                 err = None
                 if full:
                     try:
