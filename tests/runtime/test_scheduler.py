@@ -351,6 +351,23 @@ class OneSlotAdapters:
                 del self.pins[name]
 
 
+def test_a_full_pool_lets_the_overlap_scheduler_plan_ahead_while_the_front_one_waits():
+    """MAX_UTILIZATION, a pool of 3 blocks of 4: a's 8-token prompt takes 2, b's needs 2 more
+    and waits with a seat free. schedule would admit no one, so the decode step after a's may
+    be planned ahead (it was not: every step lost the overlap while the pool was full); when
+    a ends at the step, schedule plans it (b is admitted)."""
+    e = FakeEngine(num_blocks=3, block_size=4, max_num_seqs=4)
+    a, b = seq([1, 2, 3, 4, 5, 6, 0, 1], 4, rid="a"), seq([2, 3, 4, 5, 6, 0, 1, 2], 4, rid="b")
+    e.sched.add(a)
+    e.sched.add(b)
+    e.step()
+    assert a.status is SequenceStatus.RUNNING and list(e.sched.waiting) == [b]
+    scheduled = e.sched.schedule()
+    assert scheduled == [(a, 1)]
+    assert e.sched.schedule_ahead(scheduled, ends=lambda s: True) is None  # a ends: b may be admitted next
+    assert e.sched.schedule_ahead(scheduled, ends=lambda s: False) == ([a], [0])
+
+
 def test_lora_requests_of_a_resident_adapter_pass_one_that_waits_for_a_slot():
     """The front sequence's adapter has no slot: later ones whose adapter has one (or that
     have none: "x") are admitted meanwhile; after MAX_FRONT_SKIPS steps no one passes it."""

@@ -62,8 +62,8 @@ Stop conditions (EOS, stop strings, max_tokens) are the engine's.
 (the engine's overlap scheduler launches it while the GPU still runs the first): the
 same sequences, one token each at the position their pending token will take. It only
 plans what `schedule` would plan itself: none while someone waiting could be admitted
-(a free slot under max_num_seqs; under GUARANTEED_NO_EVICT, also the room its reserve needs;
-with LoRA, also a GPU slot for its adapter) or a block is short (admission and preemption stay `schedule`'s). A sequence that stops at that step by EOS or a stop string frees its slot
+(a free slot under max_num_seqs and room in the pool for its blocks, under
+GUARANTEED_NO_EVICT with its reserve; with LoRA, a GPU slot for its adapter) or a block is short (admission and preemption stay `schedule`'s). A sequence that stops at that step by EOS or a stop string frees its slot
 one step late.
 """
 from __future__ import annotations
@@ -265,14 +265,13 @@ class Scheduler:
         looks at has its adapter in one (or none). 256 requests over 64 adapters in 32 slots
         ran half their decode steps without the overlap while the second half waited
         (bench/probes/lora_step.py --many, H100, 2026-12-07: 63 of 125 steps, 12.6 ms against
-        11.0 launched ahead). Else, GUARANTEED_NO_EVICT: the front one's blocks and everyone's
-        reserve do not fit."""
+        11.0 launched ahead). Else: the pool cannot hold the front one's blocks (under
+        GUARANTEED_NO_EVICT, with everyone's reserve) and, with fewer sequences running than
+        max_num_seqs, a full pool would otherwise cost every step its overlap until one ends."""
         if self.adapters is not None:  # admission may pass the front one (_next_waiting)
             return self.adapters.none_admissible(itertools.islice(self.waiting, self.max_num_seqs + 1))
-        if not self.no_evict:
-            return False
         front = self.waiting[0]
-        return not self.block_manager.can_allocate(front, self._reserve(front))
+        return not self.block_manager.can_allocate(front, self._reserve(front) if self.no_evict else 0)
 
     def _reserve(self, seq: Sequence, running: bool = True) -> int:
         """GUARANTEED_NO_EVICT: the blocks to keep free beside `seq`'s own now, for the running
@@ -334,8 +333,8 @@ class Scheduler:
             return None
         # Someone waits and may be admitted next step (a slot is free, or one frees by
         # length now): `schedule` plans it. A batch that stays full admits no one anyway, nor
-        # does GUARANTEED_NO_EVICT while the front one's reserve does not fit, nor LoRA while
-        # every adapter slot is pinned, and no one ends.
+        # does a pool that cannot hold the front one (with its reserve under GUARANTEED_NO_EVICT),
+        # nor LoRA while every adapter slot is pinned, and no one ends.
         ended = running > len(seqs)
         if self.waiting and len(seqs) < self.max_num_seqs and (ended or not self._admission_waits()):
             return None
