@@ -351,23 +351,6 @@ class OneSlotAdapters:
                 del self.pins[name]
 
 
-def test_a_full_pool_lets_the_overlap_scheduler_plan_ahead_while_the_front_one_waits():
-    """MAX_UTILIZATION, a pool of 3 blocks of 4: a's 8-token prompt takes 2, b's needs 2 more
-    and waits with a seat free. schedule would admit no one, so the decode step after a's may
-    be planned ahead (it was not: every step lost the overlap while the pool was full); when
-    a ends at the step, schedule plans it (b is admitted)."""
-    e = FakeEngine(num_blocks=3, block_size=4, max_num_seqs=4)
-    a, b = seq([1, 2, 3, 4, 5, 6, 0, 1], 4, rid="a"), seq([2, 3, 4, 5, 6, 0, 1, 2], 4, rid="b")
-    e.sched.add(a)
-    e.sched.add(b)
-    e.step()
-    assert a.status is SequenceStatus.RUNNING and list(e.sched.waiting) == [b]
-    scheduled = e.sched.schedule()
-    assert scheduled == [(a, 1)]
-    assert e.sched.schedule_ahead(scheduled, ends=lambda s: True) is None  # a ends: b may be admitted next
-    assert e.sched.schedule_ahead(scheduled, ends=lambda s: False) == ([a], [0])
-
-
 def test_lora_requests_of_a_resident_adapter_pass_one_that_waits_for_a_slot():
     """The front sequence's adapter has no slot: later ones whose adapter has one (or that
     have none: "x") are admitted meanwhile; after MAX_FRONT_SKIPS steps no one passes it."""
@@ -448,15 +431,22 @@ def test_guaranteed_no_evict_admits_what_can_finish_and_never_preempts():
         FakeEngine(num_blocks=6, block_size=4, no_evict=True).sched.add(seq([1, 2, 3, 4], 30))
 
 
-def test_no_evict_lets_the_overlap_scheduler_plan_ahead_while_the_front_one_cannot_be_admitted():
-    """A waits on the pool (GUARANTEED_NO_EVICT: b's reserve does not fit beside a's) with a slot
-    free: the decode step after a's may be planned ahead, as schedule would admit no one; under
-    MAX_UTILIZATION (b admitted at once) and when a ends at the step, schedule plans it."""
-    e = FakeEngine(num_blocks=6, block_size=4, max_num_seqs=4, no_evict=True)
-    a, b = seq([1, 2, 3, 4], 12, rid="a"), seq([5, 6, 0, 1], 12, rid="b")
+@pytest.mark.parametrize("no_evict", [True, False])
+def test_the_overlap_scheduler_plans_ahead_while_the_pool_cannot_hold_the_front_one(no_evict):
+    """b waits on the pool with a seat free: GUARANTEED_NO_EVICT, a pool of 6 blocks of 4 (b's
+    reserve does not fit beside a's); MAX_UTILIZATION, a pool of 3 (a's 8-token prompt takes 2,
+    b's needs 2). schedule would admit no one, so the decode step after a's may be planned
+    ahead (under MAX_UTILIZATION it was not: every step lost its overlap while the pool was
+    full); when a ends at the step, schedule plans it (b may be admitted)."""
+    if no_evict:
+        e = FakeEngine(num_blocks=6, block_size=4, max_num_seqs=4, no_evict=True)
+        a, b = seq([1, 2, 3, 4], 12, rid="a"), seq([5, 6, 0, 1], 12, rid="b")
+    else:
+        e = FakeEngine(num_blocks=3, block_size=4, max_num_seqs=4)
+        a, b = seq([1, 2, 3, 4, 5, 6, 0, 1], 4, rid="a"), seq([2, 3, 4, 5, 6, 0, 1, 2], 4, rid="b")
     e.sched.add(a)
     e.sched.add(b)
-    for _ in range(3):
+    for _ in range(3 if no_evict else 1):
         e.step()
     assert a.status is SequenceStatus.RUNNING and list(e.sched.waiting) == [b]
     scheduled = e.sched.schedule()
