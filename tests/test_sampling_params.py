@@ -56,3 +56,19 @@ def test_beam_search_and_best_of_spellings():
                      (dict(beam_width=2, early_stopping="sometimes"), "early_stopping")]:
         with pytest.raises(ValueError, match=why):
             SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+@pytest.mark.parametrize("value", [True, False])
+def test_logprob_counts_are_numbers_not_bools(field, value):
+    # True passed as 1 top alternative, False as 0 (logprobs on): a count is asked for by number
+    with pytest.raises(ConfigError, match=rf"^SamplingParams.{field}={value}: must be a number of top alternatives"):
+        SamplingParams(**{field: value})
+    assert getattr(SamplingParams(**{field: 0}), field) == 0
+
+
+def test_stop_strings_without_detokenizing_are_refused():
+    # the output text is where stop strings are found: without it they were silently never matched
+    with pytest.raises(ConfigError, match="stop strings with detokenize=False are not supported"):
+        SamplingParams(stop=["\n"], detokenize=False)
+    assert SamplingParams(stop_token_ids=[3], detokenize=False).stop_token_ids == [3]

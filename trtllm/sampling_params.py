@@ -214,13 +214,12 @@ class SamplingParams(ValidatedConfig):
             raise ValueError("SamplingParams.bad was not tokenized (with_bad_words): the engine does it")
         return tuple((t,) for t in self.bad_token_ids) + (self._bad_word_ids or ())
 
-    @field_validator("prompt_logprobs", mode="before")
+    @field_validator("logprobs", "prompt_logprobs", mode="before")
     @classmethod
     def _count_not_bool(cls, v):
-        # True would pass as 1 alternative: say what the number means instead
+        # True would pass as 1 alternative (False as 0: logprobs on): say what the number means instead
         if isinstance(v, bool):
-            raise ValueError(f"must be a number of top alternatives (0: each prompt token's own logprob only), "
-                             f"not {v}")
+            raise ValueError(f"must be a number of top alternatives (0: each token's own logprob only), not {v}")
         return v
 
     @field_validator("embedding_bias")
@@ -278,6 +277,9 @@ class SamplingParams(ValidatedConfig):
             self._check_beam_search()
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
+        if self.stop and not self.detokenize:  # stop strings are looked for in the output text (vLLM's rule)
+            raise ValueError("stop strings with detokenize=False are not supported: they are matched against the "
+                             "output text, which is not made; use stop_token_ids")
         return self
 
     def _check_beam_search(self) -> None:
