@@ -136,7 +136,8 @@ class SamplingParams(ValidatedConfig):
         "this many top alternatives (0: the token's own only); RequestOutput.prompt_logprobs")
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     stop_token_ids: list[int] = Field(default_factory=list)
-    include_stop_str_in_output: bool = False
+    include_stop_str_in_output: bool = Field(False, description="the text keeps the stop string, or the stop "
+                                             "token's (EOS, end_id, stop_token_ids) text, that ended it")
     # banned output (TensorRT-LLM's fields): token ids never generated, and words, each tokenized without
     # special tokens, whose last token is masked wherever the tokens so far end with the rest of it
     bad: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)

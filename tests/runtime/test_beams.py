@@ -315,6 +315,25 @@ def test_stop_strings_end_beams_and_are_cut_from_the_text(checkpoint):
     engine.block_manager.check_invariants()
 
 
+def test_a_beams_stop_token_text_is_left_out_unless_include_stop_str_in_output(checkpoint):
+    """As OutputBuilder's rule for a sampled completion: the text ends before the stop token."""
+    engine = engine_of(checkpoint)
+    params = SamplingParams(beam_width=2, n=2, max_tokens=6, ignore_eos=True)
+    free = run(engine, {"a": (PROMPTS[0], params)})["a"].outputs[0]
+    tok = engine.tokenizer
+    k = next(k for k in range(1, 6) if tok.decode(free.token_ids[k:k + 1]) and free.token_ids.index(free.token_ids[k]) == k)
+    stop = free.token_ids[k]
+    for include in (False, True):
+        out = run(engine, {"b": (PROMPTS[0], params.model_copy(update={"stop_token_ids": [stop],
+                                                                      "include_stop_str_in_output": include}))})["b"]
+        stopped = [c for c in out.outputs if c.stop_reason == stop]
+        assert stopped
+        for c in stopped:
+            ids = c.token_ids if include else c.token_ids[:-1]
+            assert c.text == tok.decode(ids, skip_special_tokens=True), (include, c)
+    engine.block_manager.check_invariants()
+
+
 def test_a_streamed_beam_search_arrives_once_whole(checkpoint):
     from trtllm.runtime.llm import LLM
     params = SamplingParams(beam_width=2, n=2, max_tokens=6, ignore_eos=True)

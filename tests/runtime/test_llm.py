@@ -180,6 +180,26 @@ def test_streaming_ends_in_the_same_text_and_stop_strings_cut_exactly(llama_llm)
     assert held.token_ids == whole.token_ids and held.finish_reason == "length"
 
 
+def test_a_stop_tokens_text_is_left_out_unless_include_stop_str_in_output(llama_llm):
+    """vLLM's rule (TensorRT-LLM drops the token itself): the text ends before the stop token,
+    as it does before a stop string; the token stays in token_ids."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    whole = llama_llm.generate("the quick brown fox", params, use_tqdm=False).outputs[0]
+    texts = [llama_llm.generate("the quick brown fox", params.model_copy(update={"max_tokens": k}),
+                                use_tqdm=False).outputs[0].text for k in range(1, 9)]
+    k = next(k for k in range(1, 8) if texts[k] != texts[k - 1] and whole.token_ids.index(whole.token_ids[k]) == k)
+    stop = whole.token_ids[k]  # first seen at k, and its token adds text
+    for how in ({"stop_token_ids": [stop]}, {"end_id": stop, "ignore_eos": False}):
+        cut = llama_llm.generate("the quick brown fox", params.model_copy(update=how), use_tqdm=False).outputs[0]
+        assert (cut.token_ids, cut.text, cut.finish_reason, cut.stop_reason) == \
+            (whole.token_ids[:k + 1], texts[k - 1], "stop", stop), how
+        parts = list(llama_llm.generate("the quick brown fox", params.model_copy(update=how), streaming=True))
+        assert "".join(p.outputs[0].text_diff for p in parts) == cut.text
+        kept = llama_llm.generate("the quick brown fox", params.model_copy(
+            update={**how, "include_stop_str_in_output": True}), use_tqdm=False).outputs[0]
+        assert kept.text == texts[k] and kept.token_ids == cut.token_ids
+
+
 def test_stream_interval_sends_fewer_larger_outputs(llama_llm, tmp_path):
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, n=2, logprobs=1)
     every = list(llama_llm.generate("the quick brown fox", params, streaming=True))

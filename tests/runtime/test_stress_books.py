@@ -242,9 +242,11 @@ def _close_logprobs(a, b) -> bool:
 
 
 def _check_text(tokenizer, out, p: SamplingParams) -> None:
-    """A completion's text is its tokens' (up to a stop string, cut there)."""
+    """A completion's text is its tokens' (up to a stop string, cut there; a stop token's left out
+    unless include_stop_str_in_output)."""
     for c in out.outputs:
-        whole = tokenizer.decode(list(c.token_ids), skip_special_tokens=True)
+        stop_token = isinstance(c.stop_reason, int) and not p.include_stop_str_in_output
+        whole = tokenizer.decode(list(c.token_ids[:-1] if stop_token else c.token_ids), skip_special_tokens=True)
         if isinstance(c.stop_reason, str):
             assert whole.startswith(c.text) and c.text.endswith(c.stop_reason) == p.include_stop_str_in_output \
                 or c.stop_reason == "", (p, c, whole)

@@ -210,7 +210,9 @@ class BeamGroup:
                 break
             text = ""
             if self.tokenizer is not None:
-                text = _text(self.tokenizer, hyp.tokens, self.params.skip_special_tokens)
+                stop_token = isinstance(hyp.stop_reason, int) and not self.params.include_stop_str_in_output
+                text = _text(self.tokenizer, hyp.tokens[:-1] if stop_token else hyp.tokens,
+                             self.params.skip_special_tokens)  # a stop token's text left out, as OutputBuilder's
                 if isinstance(hyp.stop_reason, str):
                     span = find_stop_span(text, self.params.stop, 0)
                     text = text[:span[1] if self.params.include_stop_str_in_output else span[0]]

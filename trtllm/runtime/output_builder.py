@@ -60,9 +60,12 @@ class OutputBuilder:
                 completion.logprobs.append(entry)
             completion.cumulative_logprob += chosen
         detok = self.detokenizers[i]
-        if detok is not None:
+        stop_token = (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
+        # a stop token's text is left out unless include_stop_str_in_output (vLLM's rule; TensorRT-LLM
+        # drops the token itself): a stop string's is cut the same way below
+        if detok is not None and not (stop_token and not params.include_stop_str_in_output):
             completion.text += detok.append(token)
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        if stop_token:
             completion.stop_reason = token
             return "stop"
         if params.stop and detok is not None and len(completion.token_ids) < params.min_tokens:

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 @dataclass
 class CompletionOutput:
     index: int
-    text: str = ""
+    text: str = ""                            # up to a stop string or stop token, which it holds only
+                                              # with include_stop_str_in_output
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None          # "stop" | "length" | "error" | "abort"
     stop_reason: int | str | None = None      # the stop token id or stop string that ended it
