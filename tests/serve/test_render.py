@@ -27,3 +27,14 @@ def test_fast_chunks_equal_json(endpoint, include_usage):
     done = {"index": 0, "text": "x", "logprobs": None, "finish_reason": "stop"} if endpoint == "completions" \
         else {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
     assert json.loads(encode(done)[6:])["choices"][0] == done
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_a_ruled_out_tokens_logprob_is_written_as_valid_json(endpoint):
+    # top_k=2 with logprobs=3: the third alternative's processed logprob is -inf, which json wrote as
+    # -Infinity (not JSON: JSON.parse and strict clients refuse the body); vLLM's floor, -9999, instead
+    render = Renderer(None, "m")
+    job = Job(endpoint, "id-1", [("p", [1, 2])], [None], 3, False, False)
+    body = dumps(render.logprobs(job, [7], [{7: -0.5, 8: -0.9, 9: float("-inf")}], 0)).decode()
+    json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} in {body}"))
+    assert "-9999.0" in body

@@ -45,6 +45,15 @@ class ChoiceProgress:
     tool_stream: ToolCallStream | None = None  # a chat choice with tools: content held back, calls at the end
 
 
+# the least logprob a response carries (vLLM's floor): a token the sampling's filters ruled out (top_k, top_p,
+# min_p, bans; logprobs are the processed distribution's) has -inf, which JSON cannot write
+MIN_LOGPROB = -9999.0
+
+
+def _logprob(v: float) -> float:
+    return max(v, MIN_LOGPROB)
+
+
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # one, not one per call
 _STRING = json.encoder.encode_basestring  # a str as a JSON string literal (C), non-ASCII kept
 
@@ -182,18 +191,18 @@ class Renderer:
             for tid, entry in zip(ids, entries):
                 top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
                 text = self.text_of(tid)
-                content.append({"token": text, "logprob": entry.get(tid, 0.0), "bytes": list(text.encode()),
-                                "top_logprobs": [{"token": self.text_of(t), "logprob": v,
+                content.append({"token": text, "logprob": _logprob(entry.get(tid, 0.0)), "bytes": list(text.encode()),
+                                "top_logprobs": [{"token": self.text_of(t), "logprob": _logprob(v),
                                                   "bytes": list(self.text_of(t).encode())} for t, v in top]})
             return {"content": content}
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
         for tid, entry in zip(ids, entries):
             text = self.text_of(tid)
             tokens.append(text)
-            token_logprobs.append(entry.get(tid, 0.0))
+            token_logprobs.append(_logprob(entry.get(tid, 0.0)))
             top: dict[str, float] = {}
             for t, v in sorted(entry.items(), key=lambda kv: -kv[1])[:k]:
-                top.setdefault(self.text_of(t), v)  # keyed by text (OpenAI's layout): two ids of one text keep the likelier
+                top.setdefault(self.text_of(t), _logprob(v))  # keyed by text (OpenAI's layout): two ids of one text keep the likelier
             top_logprobs.append(top)
             offsets.append(offset)
             offset += len(text)
