@@ -189,10 +189,10 @@ def test_a_stop_tokens_text_is_left_out_unless_include_stop_str_in_output(llama_
                                 use_tqdm=False).outputs[0].text for k in range(1, 9)]
     k = next(k for k in range(1, 8) if texts[k] != texts[k - 1] and whole.token_ids.index(whole.token_ids[k]) == k)
     stop = whole.token_ids[k]  # first seen at k, and its token adds text
-    for how in ({"stop_token_ids": [stop]}, {"end_id": stop, "ignore_eos": False}):
+    for how, reason in (({"stop_token_ids": [stop]}, stop), ({"end_id": stop, "ignore_eos": False}, None)):
         cut = llama_llm.generate("the quick brown fox", params.model_copy(update=how), use_tqdm=False).outputs[0]
         assert (cut.token_ids, cut.text, cut.finish_reason, cut.stop_reason) == \
-            (whole.token_ids[:k + 1], texts[k - 1], "stop", stop), how
+            (whole.token_ids[:k + 1], texts[k - 1], "stop", reason), how  # an EOS (end_id) is no stop_reason
         parts = list(llama_llm.generate("the quick brown fox", params.model_copy(update=how), streaming=True))
         assert "".join(p.outputs[0].text_diff for p in parts) == cut.text
         kept = llama_llm.generate("the quick brown fox", params.model_copy(

@@ -157,8 +157,8 @@ class BeamGroup:
     def _ends(self, outputs: list[int], token: int, cur: int) -> tuple | None:
         """(stop reason, stopped) if `outputs + [token]` ends: a stop token or string ((reason,
         True)), or the length limit ((None, False)); else None."""
-        if token in self.stop_ids:
-            return token, True
+        if token in self.stop_ids:  # the EOS (the model's or end_id) is no stop_reason, as OutputBuilder's
+            return (token if token in self.params.stop_token_ids else None), True
         if self.params.stop and self.tokenizer is not None:
             text = _text(self.tokenizer, outputs + [token], self.params.skip_special_tokens)
             span = find_stop_span(text, self.params.stop, 0)
@@ -210,7 +210,8 @@ class BeamGroup:
                 break
             text = ""
             if self.tokenizer is not None:
-                stop_token = isinstance(hyp.stop_reason, int) and not self.params.include_stop_str_in_output
+                stop_token = hyp.stopped and not isinstance(hyp.stop_reason, str) \
+                    and not self.params.include_stop_str_in_output
                 text = _text(self.tokenizer, hyp.tokens[:-1] if stop_token else hyp.tokens,
                              self.params.skip_special_tokens)  # a stop token's text left out, as OutputBuilder's
                 if isinstance(hyp.stop_reason, str):

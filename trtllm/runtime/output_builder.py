@@ -65,8 +65,8 @@ class OutputBuilder:
         # drops the token itself): a stop string's is cut the same way below
         if detok is not None and not (stop_token and not params.include_stop_str_in_output):
             completion.text += detok.append(token)
-        if stop_token:
-            completion.stop_reason = token
+        if stop_token:  # the EOS (the model's or end_id) is no stop_reason: TensorRT-LLM's and vLLM's rule
+            completion.stop_reason = token if token in params.stop_token_ids else None
             return "stop"
         if params.stop and detok is not None and len(completion.token_ids) < params.min_tokens:
             self.checked[i] = len(completion.text)  # min_tokens holds stop strings off too (vLLM's rule)
