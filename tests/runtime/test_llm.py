@@ -318,6 +318,27 @@ def test_chat_applies_the_checkpoints_template_and_get_stats(tmp_path):
         assert stats["blocks_total"] == llm.block_manager.num_blocks and stats["num_running"] == 0
 
 
+def test_chat_adds_no_second_bos_to_a_template_that_writes_one(tmp_path):
+    """Llama 3's template writes the BOS, and its tokenizer adds one to text: the chat prompt has
+    it once, as the server's (it had two: the rendered text was tokenized with add_special_tokens)."""
+    from tokenizers import processors
+    write_checkpoint("llama31", tmp_path, vocab_size=512)
+    make_tokenizer(tmp_path, chat_template="<|im_start|>{% for m in messages %}{{ m.content }}{% endfor %}")
+    with small_llm(tmp_path) as llm:
+        tok = llm.tokenizer
+        bos = tok.convert_tokens_to_ids("<|im_start|>")
+        tok._tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                      special_tokens=[("<|im_start|>", bos)])
+        hi = tok.encode("hi", add_special_tokens=False)
+        assert tok.encode("hi") == [bos] + hi  # text gets a BOS
+        messages = [{"role": "user", "content": "hi"}]
+        out = llm.chat(messages, SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)
+        assert out.prompt_token_ids == [bos] + hi
+        assert [o.prompt_token_ids for o in llm.chat([messages, messages], None, use_tqdm=False)] == [[bos] + hi] * 2
+        asked = llm.chat(messages, SamplingParams(max_tokens=2, add_special_tokens=True), use_tqdm=False)
+        assert asked.prompt_token_ids == [bos, bos] + hi  # add_special_tokens given: as asked
+
+
 def test_vocabulary_size_from_one_forward_when_nothing_names_it(tmp_path):
     import types
 
