@@ -41,9 +41,9 @@ def test_beam_search_and_best_of_spellings():
     sampled = SamplingParams(n=2, best_of=5)
     assert (sampled.is_beam_search, sampled.num_sequences, sampled.reads_logits) == (False, 5, True)
     assert not SamplingParams(n=2).reads_logits
-    assert SamplingParams(early_stopping=1).early_stopping is True  # TensorRT-LLM's int spelling
+    assert SamplingParams(beam_width=2, early_stopping=1).early_stopping is True  # TensorRT-LLM's int spelling
     assert SamplingParams(early_stopping=0).early_stopping is False
-    assert SamplingParams(early_stopping="never").early_stopping == "never"
+    assert SamplingParams(beam_width=2, early_stopping="never").early_stopping == "never"
     for bad, why in [(dict(beam_width=2, best_of=3), r"beam_width \(2\) and best_of \(3\) name two beam widths"),
                      (dict(n=3, best_of=2), r"best_of \(2\) must be >= n \(3\)"),
                      (dict(use_beam_search=True, best_of=2, n=2, repetition_penalty=1.2),
@@ -72,3 +72,14 @@ def test_stop_strings_without_detokenizing_are_refused():
     with pytest.raises(ConfigError, match="stop strings with detokenize=False are not supported"):
         SamplingParams(stop=["\n"], detokenize=False)
     assert SamplingParams(stop_token_ids=[3], detokenize=False).stop_token_ids == [3]
+
+
+@pytest.mark.parametrize("fields, named", [(dict(length_penalty=0.5), "length_penalty"),
+                                           (dict(early_stopping=True), "early_stopping"),
+                                           (dict(n=2, best_of=4, early_stopping="never", length_penalty=2.0),
+                                            "length_penalty and early_stopping")])
+def test_beam_scoring_without_beam_search_is_refused(fields, named):
+    # they were accepted and changed nothing: a sampled request (best_of too) ranks by cumulative logprob
+    with pytest.raises(ConfigError, match=rf"^SamplingParams: {named} apply to beam search only"):
+        SamplingParams(**fields)
+    assert SamplingParams(**{"best_of": 4, **fields, "use_beam_search": True}).is_beam_search

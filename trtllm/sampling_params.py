@@ -276,6 +276,12 @@ class SamplingParams(ValidatedConfig):
             raise ValueError(f"beam_width ({self.beam_width}) and best_of ({self.best_of}) name two beam widths")
         if self.is_beam_search:
             self._check_beam_search()
+        else:  # they score finished beams; a sampled request (best_of too) ranks by cumulative logprob (vLLM's rule)
+            unused = [name for name, on in (("length_penalty", self.length_penalty != 1.0),
+                                            ("early_stopping", self.early_stopping is not False)) if on]
+            if unused:
+                raise ValueError(f"{' and '.join(unused)} apply to beam search only (beam_width > 1 or "
+                                 "use_beam_search=True): without it they would change nothing")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
         if self.stop and not self.detokenize:  # stop strings are looked for in the output text (vLLM's rule)
