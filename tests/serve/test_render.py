@@ -38,3 +38,20 @@ def test_a_ruled_out_tokens_logprob_is_written_as_valid_json(endpoint):
     body = dumps(render.logprobs(job, [7], [{7: -0.5, 8: -0.9, 9: float("-inf")}], 0)).decode()
     json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} in {body}"))
     assert "-9999.0" in body
+
+
+def test_chat_logprob_bytes_are_the_tokens_own(tmp_path):
+    # a token holding part of a character decodes to U+FFFD: its bytes were U+FFFD's (EF BF BD), so a
+    # client joining the tokens' bytes (what OpenAI's `bytes` is for) got no character back
+    from transformers import AutoTokenizer
+
+    from tests.runtime.tokenizers import make_tokenizer
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path))  # byte-level BPE, as Llama 3's and Qwen's
+    render = Renderer(tok, "m")
+    job = Job("chat", "id-1", [("p", [1, 2])], [None], 1, False, False)
+    text = "日本🙂 naïve"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([t]) for t in ids)  # a character split across tokens
+    content = render.logprobs(job, ids, [{t: -1.0, 5: -2.0} for t in ids], 0)["content"]
+    assert b"".join(bytes(c["bytes"]) for c in content).decode() == text
+    assert all(c["top_logprobs"][0]["bytes"] == c["bytes"] for c in content)

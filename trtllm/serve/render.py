@@ -54,6 +54,39 @@ def _logprob(v: float) -> float:
     return max(v, MIN_LOGPROB)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's (GPT-2, Llama 3, Qwen) character for each byte, inverted: character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_alphabet()
+_REPLACEMENT = "\ufffd"
+
+
+def raw_token_bytes(piece: str, text: str) -> bytes | None:
+    """A token's own bytes from its vocabulary entry `piece`, where its decoded `text` lost some
+    (part of a character: U+FFFD): a byte-level BPE piece, or SentencePiece's byte fallback <0xNN>.
+    None where the piece is neither, or does not decode to `text`."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            raw = bytes([int(piece[3:5], 16)])
+        except ValueError:
+            return None
+    elif piece and all(c in _BYTE_OF for c in piece):
+        raw = bytes(_BYTE_OF[c] for c in piece)
+    else:
+        return None
+    return raw if raw.decode("utf-8", "replace") == text else None
+
+
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # one, not one per call
 _STRING = json.encoder.encode_basestring  # a str as a JSON string literal (C), non-ASCII kept
 
@@ -191,9 +224,9 @@ class Renderer:
             for tid, entry in zip(ids, entries):
                 top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
                 text = self.text_of(tid)
-                content.append({"token": text, "logprob": _logprob(entry.get(tid, 0.0)), "bytes": list(text.encode()),
+                content.append({"token": text, "logprob": _logprob(entry.get(tid, 0.0)), "bytes": self.bytes_of(tid),
                                 "top_logprobs": [{"token": self.text_of(t), "logprob": _logprob(v),
-                                                  "bytes": list(self.text_of(t).encode())} for t, v in top]})
+                                                  "bytes": self.bytes_of(t)} for t, v in top]})
             return {"content": content}
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
         for tid, entry in zip(ids, entries):
@@ -216,6 +249,17 @@ class Renderer:
             if len(self._token_text) < 1_000_000:
                 self._token_text[token_id] = text
         return text
+
+    def bytes_of(self, token_id: int) -> list[int]:
+        """OpenAI's `bytes` of a token: its UTF-8 bytes, so a client can join the tokens of a
+        character split across them. Its text's, unless that holds U+FFFD for part of a character:
+        then the token's own bytes where its vocabulary entry gives them (was the U+FFFD's EF BF BD)."""
+        text = self.text_of(token_id)
+        if _REPLACEMENT in text and self.tokenizer is not None:
+            raw = raw_token_bytes(self.tokenizer.convert_ids_to_tokens(token_id), text)
+            if raw is not None:
+                return list(raw)
+        return list(text.encode())
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else ""
