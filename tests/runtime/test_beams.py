@@ -337,6 +337,17 @@ def test_a_beams_stop_token_text_is_left_out_unless_include_stop_str_in_output(c
     engine.block_manager.check_invariants()
 
 
+def test_a_stop_string_that_is_a_skipped_special_token_ends_a_beam(checkpoint):
+    """As OutputBuilder's rule: "<|im_end|>", left out of the text by skip_special_tokens, is matched
+    as its token (it never matched in the text)."""
+    from trtllm.runtime.beams import BeamGroup
+    tok = engine_of(checkpoint).tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    group = BeamGroup("r", [1, 2], SamplingParams(beam_width=2, max_tokens=8, stop=["<|im_end|>"]), [0], 64, tok)
+    assert group._ends([5], end, 1) == ("<|im_end|>", True)
+    assert group._ends([5], 6, 1) is None
+
+
 def test_a_streamed_beam_search_arrives_once_whole(checkpoint):
     from trtllm.runtime.llm import LLM
     params = SamplingParams(beam_width=2, n=2, max_tokens=6, ignore_eos=True)

@@ -200,6 +200,27 @@ def test_a_stop_tokens_text_is_left_out_unless_include_stop_str_in_output(llama_
         assert kept.text == texts[k] and kept.token_ids == cut.token_ids
 
 
+def test_a_stop_string_that_is_a_skipped_special_token_stops_at_it(llama_llm):
+    """skip_special_tokens leaves "<|im_end|>" out of the text, so as a stop string it never
+    matched and the request ran on to max_tokens; it is matched as its token."""
+    end = llama_llm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    bias = torch.zeros(512)
+    bias[end] = 100.0  # the model says <|im_end|> at every step
+    params = SamplingParams(max_tokens=4, stop=["x", "<|im_end|>"], embedding_bias=bias)
+    out = llama_llm.generate([1, 2], params, use_tqdm=False).outputs[0]
+    assert (out.token_ids, out.text, out.finish_reason, out.stop_reason) == ([end], "", "stop", "<|im_end|>")
+    parts = list(llama_llm.generate([1, 2], params, streaming=True))
+    assert parts[-1].outputs[0].stop_reason == "<|im_end|>" and parts[-1].outputs[0].token_ids == [end]
+    kept = llama_llm.generate([1, 2], params.model_copy(update={"include_stop_str_in_output": True}),
+                              use_tqdm=False).outputs[0]
+    assert (kept.text, kept.stop_reason) == ("<|im_end|>", "<|im_end|>")
+    held = llama_llm.generate([1, 2], params.model_copy(update={"min_tokens": 2}), use_tqdm=False).outputs[0]
+    assert held.token_ids == [end, end] and held.stop_reason == "<|im_end|>"  # min_tokens holds it off
+    shown = llama_llm.generate([1, 2], params.model_copy(update={"skip_special_tokens": False}),
+                               use_tqdm=False).outputs[0]  # in the text: matched there, as before
+    assert (shown.token_ids, shown.text, shown.stop_reason) == ([end], "", "<|im_end|>")
+
+
 def test_stream_interval_sends_fewer_larger_outputs(llama_llm, tmp_path):
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, n=2, logprobs=1)
     every = list(llama_llm.generate("the quick brown fox", params, streaming=True))
