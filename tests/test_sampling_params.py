@@ -83,3 +83,10 @@ def test_beam_scoring_without_beam_search_is_refused(fields, named):
     with pytest.raises(ConfigError, match=rf"^SamplingParams: {named} apply to beam search only"):
         SamplingParams(**fields)
     assert SamplingParams(**{"best_of": 4, **fields, "use_beam_search": True}).is_beam_search
+
+
+@pytest.mark.parametrize("field", ["stop", "bad", "stop_token_ids", "bad_token_ids"])
+def test_none_lists_are_empty_as_tensorrt_llm_types_them(field):
+    # TensorRT-LLM's SamplingParams types these Optional (None: none); stop_token_ids=None and
+    # bad_token_ids=None were refused as "must be a valid list" while stop=None and bad=None passed
+    assert getattr(SamplingParams(**{field: None}), field) == []

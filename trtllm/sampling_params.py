@@ -182,6 +182,11 @@ class SamplingParams(ValidatedConfig):
             raise ValueError(f"strings must be 1..{MAX_STOP_STRING_LEN} characters")
         return v
 
+    @field_validator("bad_token_ids", "stop_token_ids", mode="before")
+    @classmethod
+    def _no_ids(cls, v):
+        return [] if v is None else v  # TensorRT-LLM types them Optional[List[int]], None for none (as stop's)
+
     @field_validator("bad_token_ids", "stop_token_ids")
     @classmethod
     def _token_ids(cls, v):
