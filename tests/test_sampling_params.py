@@ -80,7 +80,7 @@ def test_stop_strings_without_detokenizing_are_refused():
                                             "length_penalty and early_stopping")])
 def test_beam_scoring_without_beam_search_is_refused(fields, named):
     # they were accepted and changed nothing: a sampled request (best_of too) ranks by cumulative logprob
-    with pytest.raises(ConfigError, match=rf"^SamplingParams: {named} apply to beam search only"):
+    with pytest.raises(ConfigError, match=rf"^SamplingParams: {named} appl(y|ies) to beam search only"):
         SamplingParams(**fields)
     assert SamplingParams(**{"best_of": 4, **fields, "use_beam_search": True}).is_beam_search
 

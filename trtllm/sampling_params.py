@@ -285,8 +285,8 @@ class SamplingParams(ValidatedConfig):
             unused = [name for name, on in (("length_penalty", self.length_penalty != 1.0),
                                             ("early_stopping", self.early_stopping is not False)) if on]
             if unused:
-                raise ValueError(f"{' and '.join(unused)} apply to beam search only (beam_width > 1 or "
-                                 "use_beam_search=True): without it they would change nothing")
+                raise ValueError(f"{' and '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} to beam search "
+                                 "only (beam_width > 1 or use_beam_search=True): without it nothing would change")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
         if self.stop and not self.detokenize:  # stop strings are looked for in the output text (vLLM's rule)
