@@ -216,6 +216,16 @@ def test_a_stop_string_that_is_a_skipped_special_token_stops_at_it(llama_llm):
     assert (kept.text, kept.stop_reason) == ("<|im_end|>", "<|im_end|>")
     held = llama_llm.generate([1, 2], params.model_copy(update={"min_tokens": 2}), use_tqdm=False).outputs[0]
     assert held.token_ids == [end, end] and held.stop_reason == "<|im_end|>"  # min_tokens holds it off
+    # a character's first bytes, then <|im_end|>: they end the text as at an EOS (flushed, not dropped)
+    tok = llama_llm.tokenizer
+    first = next(t for t in range(256, 512) if tok.decode([t]).endswith("\ufffd") and tok.decode([t]) != "\ufffd")
+
+    def first_then_end(req_id, logits, token_ids, stream_ptr, client_id):
+        logits[..., first if len(token_ids[0]) == 2 else end] = 1e4
+
+    part = llama_llm.generate([1, 2], SamplingParams(max_tokens=4, stop=["<|im_end|>"], logits_processor=first_then_end),
+                              use_tqdm=False).outputs[0]
+    assert (part.token_ids, part.text) == ([first, end], tok.decode([first])), part
     shown = llama_llm.generate([1, 2], params.model_copy(update={"skip_special_tokens": False}),
                                use_tqdm=False).outputs[0]  # in the text: matched there, as before
     assert (shown.token_ids, shown.text, shown.stop_reason) == ([end], "", "<|im_end|>")

@@ -72,10 +72,9 @@ class OutputBuilder:
             return "stop"
         if params.stop and detok is not None and len(completion.token_ids) < params.min_tokens:
             self.checked[i] = len(completion.text)  # min_tokens holds stop strings off too (vLLM's rule)
-        elif token in self.special_stops:
+        elif token in self.special_stops:  # the text is not cut: what it holds back ends it, as at an EOS
             completion.stop_reason = self.special_stops[token]
-            if params.include_stop_str_in_output:
-                completion.text += completion.stop_reason
+            completion.text += detok.flush() + (completion.stop_reason if params.include_stop_str_in_output else "")
             return "stop"
         elif params.stop and detok is not None:
             span = find_stop_span(completion.text, params.stop, self.checked[i])
