@@ -90,3 +90,13 @@ def test_none_lists_are_empty_as_tensorrt_llm_types_them(field):
     # TensorRT-LLM's SamplingParams types these Optional (None: none); stop_token_ids=None and
     # bad_token_ids=None were refused as "must be a valid list" while stop=None and bad=None passed
     assert getattr(SamplingParams(**{field: None}), field) == []
+
+
+@pytest.mark.parametrize("field, default", [("temperature", "1.0"), ("top_k", "0"), ("min_tokens", "0"),
+                                            ("early_stopping", "False")])
+def test_tensorrt_llms_unset_none_is_refused_saying_what_the_default_is(field, default):
+    # TensorRT-LLM types these Optional, None for unset (all of temperature/top_k/top_p unset: greedy
+    # there): "must be a valid integer" did not say why, nor that leaving it out samples here
+    with pytest.raises(ConfigError, match=rf"^SamplingParams.{field}=None: None \(TensorRT-LLM's 'unset'\) is not "
+                                          rf"taken: leave {field} out for its default, {default}"):
+        SamplingParams(**{field: None})

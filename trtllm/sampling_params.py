@@ -263,6 +263,20 @@ class SamplingParams(ValidatedConfig):
         # TensorRT-LLM's int spelling: 1 stops at beam-width finished beams, 0 by the heuristic
         return {0: False, 1: True}.get(v, v) if isinstance(v, int) and not isinstance(v, bool) else v
 
+    @field_validator("temperature", "top_k", "top_p", "min_p", "min_tokens", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty", "length_penalty", "early_stopping", mode="before")
+    @classmethod
+    def _not_unset(cls, v, info):
+        # TensorRT-LLM types these Optional, None for "unset" (and all of temperature, top_k and top_p
+        # unset is greedy there): say so, and what leaving the field out gives here
+        if v is None:
+            default = cls.model_fields[info.field_name].default
+            greedy = "; TensorRT-LLM's unset temperature, top_k and top_p mean greedy, here temperature=0 does" \
+                if info.field_name in ("temperature", "top_k", "top_p") else ""
+            raise ValueError(f"None (TensorRT-LLM's 'unset') is not taken: leave {info.field_name} out for its "
+                             f"default, {default!r}{greedy}")
+        return v
+
     @field_validator("top_k", mode="before")
     @classmethod
     def _no_limit(cls, v):
