@@ -55,3 +55,21 @@ def test_chat_logprob_bytes_are_the_tokens_own(tmp_path):
     content = render.logprobs(job, ids, [{t: -1.0, 5: -2.0} for t in ids], 0)["content"]
     assert b"".join(bytes(c["bytes"]) for c in content).decode() == text
     assert all(c["top_logprobs"][0]["bytes"] == c["bytes"] for c in content)
+
+
+def test_logprob_tokens_keep_the_space_a_sentencepiece_word_starts_with(tmp_path):
+    # "▁world" decoded alone is a text's first word, "world": joined, the tokens (chat's content,
+    # completions' tokens) read "helloworld", and text_offset ran one short a word
+    from transformers import AutoTokenizer
+
+    from tests.runtime.tokenizers import make_tokenizer
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path, kind="metaspace"))  # Llama 2's, Mistral's kind
+    render = Renderer(tok, "m")
+    ids = tok.encode("hello world naïve fox", add_special_tokens=False)
+    entries = [{t: -1.0} for t in ids]
+    chat = render.logprobs(Job("chat", "c", [("p", [1])], [None], 0, False, False), ids, entries, 0)["content"]
+    assert "".join(c["token"] for c in chat) == " hello world naïve fox"
+    assert b"".join(bytes(c["bytes"]) for c in chat).decode() == " hello world naïve fox"
+    completion = render.logprobs(Job("completions", "c", [("p", [1])], [None], 0, False, False), ids, entries, 0)
+    assert "".join(completion["tokens"]) == " hello world naïve fox"
+    assert completion["text_offset"] == [0, 6, 10, 11, 12, 18]

@@ -104,6 +104,7 @@ class Renderer:
     def __init__(self, tokenizer, served_model_name: str, tool_parser: str = "hermes"):
         self.tokenizer, self.name, self.tool_parser = tokenizer, served_model_name, tool_parser
         self._token_text: dict[int, str] = {}
+        self._anchor: int | None = None  # the token "a" (_in_text), -1 where the vocabulary has none
 
     def model(self, job: Job) -> str:
         """The `model` a response names: the adapter's name for a request routed through one."""
@@ -212,7 +213,7 @@ class Renderer:
             text = self.decode(ids)
         if job.logprobs is None or out is None or out.prompt_logprobs is None:
             return text, None
-        first = self.text_of(ids[0])
+        first = self.decode(ids[:1])  # the text's start: a SentencePiece "▁word" without its space, as echoed
         rest = self.logprobs(job, ids[1:], out.prompt_logprobs[1:], len(first))
         return text, {"tokens": [first] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
                       "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
@@ -245,10 +246,23 @@ class Renderer:
     def text_of(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
         if text is None:
-            text = self.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+            text = self._in_text(token_id) if self.tokenizer is not None else f"token_id:{token_id}"
             if len(self._token_text) < 1_000_000:
                 self._token_text[token_id] = text
         return text
+
+    def _in_text(self, token_id: int) -> str:
+        """A token's text as it reads inside a text, decoded after an anchor token ("a"): decoded
+        alone, a SentencePiece "▁word" is a text's first word and loses its space (Llama 2's,
+        Mistral's: joined, the logprobs' tokens ran the words together)."""
+        if self._anchor is None:
+            anchor = self.tokenizer.convert_tokens_to_ids("a")
+            self._anchor = anchor if isinstance(anchor, int) and self.tokenizer.convert_ids_to_tokens(anchor) == "a" \
+                else -1
+        if self._anchor < 0:
+            return self.decode([token_id])
+        both = self.decode([self._anchor, token_id])
+        return both[1:] if both.startswith("a") else self.decode([token_id])
 
     def bytes_of(self, token_id: int) -> list[int]:
         """OpenAI's `bytes` of a token: its UTF-8 bytes, so a client can join the tokens of a
