@@ -73,3 +73,19 @@ def test_logprob_tokens_keep_the_space_a_sentencepiece_word_starts_with(tmp_path
     completion = render.logprobs(Job("completions", "c", [("p", [1])], [None], 0, False, False), ids, entries, 0)
     assert "".join(completion["tokens"]) == " hello world naïve fox"
     assert completion["text_offset"] == [0, 6, 10, 11, 12, 18]
+
+
+def test_text_offsets_count_a_split_character_once(tmp_path):
+    # each token's own text was summed: a character split across two tokens counted a U+FFFD in each,
+    # so every offset after it ran past the text
+    from transformers import AutoTokenizer
+
+    from tests.runtime.tokenizers import make_tokenizer
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path))  # byte-level BPE
+    render = Renderer(tok, "m")
+    ids = tok.encode("日本🙂 ok", add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([t]) for t in ids)
+    lp = render.logprobs(Job("completions", "c", [("p", [1])], [None], 0, False, False), ids, [{t: -1.0} for t in ids], 0)
+    text = tok.decode(ids)
+    starts = [text.index("🙂"), text.index(" ok"), text.index("ok"), text.index("k")]
+    assert lp["text_offset"][-4:] == starts

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from trtllm.lora_request import LoRARequest
 from trtllm.runtime.outputs import RequestOutput
+from trtllm.runtime.tokenizer import IncrementalDetokenizer
 from trtllm.sampling_params import SamplingParams
 from trtllm.serve.errors import RequestError
 from trtllm.serve.tools import ToolCallStream, ToolPlan
@@ -214,11 +216,14 @@ class Renderer:
         if job.logprobs is None or out is None or out.prompt_logprobs is None:
             return text, None
         first = self.decode(ids[:1])  # the text's start: a SentencePiece "▁word" without its space, as echoed
-        rest = self.logprobs(job, ids[1:], out.prompt_logprobs[1:], len(first))
+        rest = self.logprobs(job, ids[1:], out.prompt_logprobs[1:], len(first), context=ids[:1])
         return text, {"tokens": [first] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
                       "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
 
-    def logprobs(self, job: Job, ids: list[int], entries: list[dict], offset: int) -> dict:
+    def logprobs(self, job: Job, ids: list[int], entries: list[dict], offset: int,
+                 context: list[int] | None = None) -> dict:
+        """OpenAI's logprobs of tokens `ids` (their entries), their text starting at `offset`
+        (completions' text_offset), after the tokens `context` (default: any word's start)."""
         k = job.logprobs or 0
         if job.endpoint == "chat":
             content = []
@@ -229,7 +234,8 @@ class Renderer:
                                 "top_logprobs": [{"token": self.text_of(t), "logprob": _logprob(v),
                                                   "bytes": self.bytes_of(t)} for t, v in top]})
             return {"content": content}
-        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+        tokens, token_logprobs, top_logprobs = [], [], []
+        offsets = self.text_offsets(job, ids, offset, context)
         for tid, entry in zip(ids, entries):
             text = self.text_of(tid)
             tokens.append(text)
@@ -238,10 +244,24 @@ class Renderer:
             for t, v in sorted(entry.items(), key=lambda kv: -kv[1])[:k]:
                 top.setdefault(self.text_of(t), _logprob(v))  # keyed by text (OpenAI's layout): two ids of one text keep the likelier
             top_logprobs.append(top)
-            offsets.append(offset)
-            offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
                 "text_offset": offsets}
+
+    def text_offsets(self, job: Job, ids: list[int], offset: int, context: list[int] | None) -> list[int]:
+        """Where each token's text starts: `offset` plus the length of the text the tokens before it
+        make, as the engine's detokenizer makes it (a character split across tokens counts where it
+        completes, a skipped special token not at all). Summing each token's own text miscounted
+        both: a split character's U+FFFD per token."""
+        if self.tokenizer is None:  # "token_id:N" texts
+            return list(accumulate((len(self.text_of(t)) for t in ids[:-1]), initial=offset))[:len(ids)]
+        if context is None:
+            context = [self.anchor()] if self.anchor() >= 0 else []
+        skip = job.params[0].skip_special_tokens if job.params and job.params[0] is not None else True
+        det, offsets = IncrementalDetokenizer(self.tokenizer, context, skip), []
+        for tid in ids:
+            offsets.append(offset + len(det.text))
+            det.append(tid)
+        return offsets
 
     def text_of(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -255,14 +275,18 @@ class Renderer:
         """A token's text as it reads inside a text, decoded after an anchor token ("a"): decoded
         alone, a SentencePiece "▁word" is a text's first word and loses its space (Llama 2's,
         Mistral's: joined, the logprobs' tokens ran the words together)."""
+        if self.anchor() < 0:
+            return self.decode([token_id])
+        both = self.decode([self.anchor(), token_id])
+        return both[1:] if both.startswith("a") else self.decode([token_id])
+
+    def anchor(self) -> int:
+        """The token "a", which a token decoded after reads as inside a text; -1 where there is none."""
         if self._anchor is None:
             anchor = self.tokenizer.convert_tokens_to_ids("a")
             self._anchor = anchor if isinstance(anchor, int) and self.tokenizer.convert_ids_to_tokens(anchor) == "a" \
                 else -1
-        if self._anchor < 0:
-            return self.decode([token_id])
-        both = self.decode([self._anchor, token_id])
-        return both[1:] if both.startswith("a") else self.decode([token_id])
+        return self._anchor
 
     def bytes_of(self, token_id: int) -> list[int]:
         """OpenAI's `bytes` of a token: its UTF-8 bytes, so a client can join the tokens of a
