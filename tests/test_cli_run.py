@@ -29,6 +29,25 @@ def test_chat_prompts_from_stdin(tmp_path, monkeypatch, capsys):
     assert "hello there" in out and "the fox" in out
 
 
+def test_a_chat_prompt_gets_the_templates_bos_once(tmp_path, monkeypatch, capsys):
+    # the template writes <|im_start|> first and the tokenizer adds it to text (Llama 3's BOS, so):
+    # the rendered chat was tokenized with add_special_tokens, and had it twice
+    from tokenizers import Tokenizer, processors
+
+    from trtllm.runtime.llm import LLM
+    write_checkpoint("qwen3", tmp_path, vocab_size=512)
+    make_tokenizer(tmp_path, chat_template=CHATML_TEMPLATE)
+    backend = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    bos = backend.token_to_id("<|im_start|>")
+    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    prompts = []
+    prepare = LLM._prepare
+    monkeypatch.setattr(LLM, "_prepare", lambda self, *a, **k: prompts.append(prepare(self, *a, **k)) or prompts[-1])
+    assert main(["--model", str(tmp_path), "--chat", "--max-tokens", "2", "--dtype", "float32", "hi"]) == 0
+    assert prompts[0].prompt_token_ids[0] == bos != prompts[0].prompt_token_ids[1]
+
+
 def test_bad_options_and_missing_model_fail_clearly(tmp_path, capsys):
     assert main(["hi", "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err

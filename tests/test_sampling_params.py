@@ -41,9 +41,9 @@ def test_beam_search_and_best_of_spellings():
     sampled = SamplingParams(n=2, best_of=5)
     assert (sampled.is_beam_search, sampled.num_sequences, sampled.reads_logits) == (False, 5, True)
     assert not SamplingParams(n=2).reads_logits
-    assert SamplingParams(early_stopping=1).early_stopping is True  # TensorRT-LLM's int spelling
+    assert SamplingParams(beam_width=2, early_stopping=1).early_stopping is True  # TensorRT-LLM's int spelling
     assert SamplingParams(early_stopping=0).early_stopping is False
-    assert SamplingParams(early_stopping="never").early_stopping == "never"
+    assert SamplingParams(beam_width=2, early_stopping="never").early_stopping == "never"
     for bad, why in [(dict(beam_width=2, best_of=3), r"beam_width \(2\) and best_of \(3\) name two beam widths"),
                      (dict(n=3, best_of=2), r"best_of \(2\) must be >= n \(3\)"),
                      (dict(use_beam_search=True, best_of=2, n=2, repetition_penalty=1.2),
@@ -56,3 +56,47 @@ def test_beam_search_and_best_of_spellings():
                      (dict(beam_width=2, early_stopping="sometimes"), "early_stopping")]:
         with pytest.raises(ValueError, match=why):
             SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+@pytest.mark.parametrize("value", [True, False])
+def test_logprob_counts_are_numbers_not_bools(field, value):
+    # True passed as 1 top alternative, False as 0 (logprobs on): a count is asked for by number
+    with pytest.raises(ConfigError, match=rf"^SamplingParams.{field}={value}: must be a number of top alternatives"):
+        SamplingParams(**{field: value})
+    assert getattr(SamplingParams(**{field: 0}), field) == 0
+
+
+def test_stop_strings_without_detokenizing_are_refused():
+    # the output text is where stop strings are found: without it they were silently never matched
+    with pytest.raises(ConfigError, match="stop strings with detokenize=False are not supported"):
+        SamplingParams(stop=["\n"], detokenize=False)
+    assert SamplingParams(stop_token_ids=[3], detokenize=False).stop_token_ids == [3]
+
+
+@pytest.mark.parametrize("fields, named", [(dict(length_penalty=0.5), "length_penalty"),
+                                           (dict(early_stopping=True), "early_stopping"),
+                                           (dict(n=2, best_of=4, early_stopping="never", length_penalty=2.0),
+                                            "length_penalty and early_stopping")])
+def test_beam_scoring_without_beam_search_is_refused(fields, named):
+    # they were accepted and changed nothing: a sampled request (best_of too) ranks by cumulative logprob
+    with pytest.raises(ConfigError, match=rf"^SamplingParams: {named} appl(y|ies) to beam search only"):
+        SamplingParams(**fields)
+    assert SamplingParams(**{"best_of": 4, **fields, "use_beam_search": True}).is_beam_search
+
+
+@pytest.mark.parametrize("field", ["stop", "bad", "stop_token_ids", "bad_token_ids"])
+def test_none_lists_are_empty_as_tensorrt_llm_types_them(field):
+    # TensorRT-LLM's SamplingParams types these Optional (None: none); stop_token_ids=None and
+    # bad_token_ids=None were refused as "must be a valid list" while stop=None and bad=None passed
+    assert getattr(SamplingParams(**{field: None}), field) == []
+
+
+@pytest.mark.parametrize("field, default", [("temperature", "1.0"), ("top_k", "0"), ("min_tokens", "0"),
+                                            ("early_stopping", "False")])
+def test_tensorrt_llms_unset_none_is_refused_saying_what_the_default_is(field, default):
+    # TensorRT-LLM types these Optional, None for unset (all of temperature/top_k/top_p unset: greedy
+    # there): "must be a valid integer" did not say why, nor that leaving it out samples here
+    with pytest.raises(ConfigError, match=rf"^SamplingParams.{field}=None: None \(TensorRT-LLM's 'unset'\) is not "
+                                          rf"taken: leave {field} out for its default, {default}"):
+        SamplingParams(**{field: None})

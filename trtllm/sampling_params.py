@@ -136,7 +136,8 @@ class SamplingParams(ValidatedConfig):
         "this many top alternatives (0: the token's own only); RequestOutput.prompt_logprobs")
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     stop_token_ids: list[int] = Field(default_factory=list)
-    include_stop_str_in_output: bool = False
+    include_stop_str_in_output: bool = Field(False, description="the text keeps the stop string, or the stop "
+                                             "token's (EOS, end_id, stop_token_ids) text, that ended it")
     # banned output (TensorRT-LLM's fields): token ids never generated, and words, each tokenized without
     # special tokens, whose last token is masked wherever the tokens so far end with the rest of it
     bad: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
@@ -181,6 +182,11 @@ class SamplingParams(ValidatedConfig):
             raise ValueError(f"strings must be 1..{MAX_STOP_STRING_LEN} characters")
         return v
 
+    @field_validator("bad_token_ids", "stop_token_ids", mode="before")
+    @classmethod
+    def _no_ids(cls, v):
+        return [] if v is None else v  # TensorRT-LLM types them Optional[List[int]], None for none (as stop's)
+
     @field_validator("bad_token_ids", "stop_token_ids")
     @classmethod
     def _token_ids(cls, v):
@@ -214,13 +220,12 @@ class SamplingParams(ValidatedConfig):
             raise ValueError("SamplingParams.bad was not tokenized (with_bad_words): the engine does it")
         return tuple((t,) for t in self.bad_token_ids) + (self._bad_word_ids or ())
 
-    @field_validator("prompt_logprobs", mode="before")
+    @field_validator("logprobs", "prompt_logprobs", mode="before")
     @classmethod
     def _count_not_bool(cls, v):
-        # True would pass as 1 alternative: say what the number means instead
+        # True would pass as 1 alternative (False as 0: logprobs on): say what the number means instead
         if isinstance(v, bool):
-            raise ValueError(f"must be a number of top alternatives (0: each prompt token's own logprob only), "
-                             f"not {v}")
+            raise ValueError(f"must be a number of top alternatives (0: each token's own logprob only), not {v}")
         return v
 
     @field_validator("embedding_bias")
@@ -258,6 +263,20 @@ class SamplingParams(ValidatedConfig):
         # TensorRT-LLM's int spelling: 1 stops at beam-width finished beams, 0 by the heuristic
         return {0: False, 1: True}.get(v, v) if isinstance(v, int) and not isinstance(v, bool) else v
 
+    @field_validator("temperature", "top_k", "top_p", "min_p", "min_tokens", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty", "length_penalty", "early_stopping", mode="before")
+    @classmethod
+    def _not_unset(cls, v, info):
+        # TensorRT-LLM types these Optional, None for "unset" (and all of temperature, top_k and top_p
+        # unset is greedy there): say so, and what leaving the field out gives here
+        if v is None:
+            default = cls.model_fields[info.field_name].default
+            greedy = "; TensorRT-LLM's unset temperature, top_k and top_p mean greedy, here temperature=0 does" \
+                if info.field_name in ("temperature", "top_k", "top_p") else ""
+            raise ValueError(f"None (TensorRT-LLM's 'unset') is not taken: leave {info.field_name} out for its "
+                             f"default, {default!r}{greedy}")
+        return v
+
     @field_validator("top_k", mode="before")
     @classmethod
     def _no_limit(cls, v):
@@ -276,8 +295,17 @@ class SamplingParams(ValidatedConfig):
             raise ValueError(f"beam_width ({self.beam_width}) and best_of ({self.best_of}) name two beam widths")
         if self.is_beam_search:
             self._check_beam_search()
+        else:  # they score finished beams; a sampled request (best_of too) ranks by cumulative logprob (vLLM's rule)
+            unused = [name for name, on in (("length_penalty", self.length_penalty != 1.0),
+                                            ("early_stopping", self.early_stopping is not False)) if on]
+            if unused:
+                raise ValueError(f"{' and '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} to beam search "
+                                 "only (beam_width > 1 or use_beam_search=True): without it nothing would change")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
+        if self.stop and not self.detokenize:  # stop strings are looked for in the output text (vLLM's rule)
+            raise ValueError("stop strings with detokenize=False are not supported: they are matched against the "
+                             "output text, which is not made; use stop_token_ids")
         return self
 
     def _check_beam_search(self) -> None:

@@ -3,6 +3,7 @@ transformers' `generate(num_beams=k, ...)` token for token, with and without pre
 blocks are shared copy-on-write and the pool's books balance after beams finish or abort;
 greedy and sampled requests in the same batch are unaffected; best_of keeps the n highest
 cumulative logprobs; context / generation logits equal HF's."""
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -313,6 +314,38 @@ def test_stop_strings_end_beams_and_are_cut_from_the_text(checkpoint):
         if c.finish_reason == "stop":
             assert c.stop_reason == stop and len(c.token_ids) < 8
     engine.block_manager.check_invariants()
+
+
+def test_a_beams_stop_token_text_is_left_out_unless_include_stop_str_in_output(checkpoint):
+    """As OutputBuilder's rule for a sampled completion: the text ends before the stop token; end_id
+    (the request's EOS) gives no stop_reason (TensorRT-LLM's and vLLM's rule)."""
+    engine = engine_of(checkpoint)
+    params = SamplingParams(beam_width=2, n=2, max_tokens=6, ignore_eos=True)
+    free = run(engine, {"a": (PROMPTS[0], params)})["a"].outputs[0]
+    tok = engine.tokenizer
+    k = next(k for k in range(1, 6) if tok.decode(free.token_ids[k:k + 1]) and free.token_ids.index(free.token_ids[k]) == k)
+    stop = free.token_ids[k]
+    cases = [({"stop_token_ids": [stop]}, stop), ({"end_id": stop, "ignore_eos": False}, None)]
+    for (how, reason), include in itertools.product(cases, (False, True)):
+        update = {**how, "include_stop_str_in_output": include}
+        out = run(engine, {"b": (PROMPTS[0], params.model_copy(update=update))})["b"]
+        stopped = [c for c in out.outputs if c.finish_reason == "stop"]
+        assert stopped and all(c.stop_reason == reason and c.token_ids[-1] == stop for c in stopped), update
+        for c in stopped:
+            ids = c.token_ids if include else c.token_ids[:-1]
+            assert c.text == tok.decode(ids, skip_special_tokens=True), (update, c)
+    engine.block_manager.check_invariants()
+
+
+def test_a_stop_string_that_is_a_skipped_special_token_ends_a_beam(checkpoint):
+    """As OutputBuilder's rule: "<|im_end|>", left out of the text by skip_special_tokens, is matched
+    as its token (it never matched in the text)."""
+    from trtllm.runtime.beams import BeamGroup
+    tok = engine_of(checkpoint).tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    group = BeamGroup("r", [1, 2], SamplingParams(beam_width=2, max_tokens=8, stop=["<|im_end|>"]), [0], 64, tok)
+    assert group._ends([5], end, 1) == ("<|im_end|>", True)
+    assert group._ends([5], 6, 1) is None
 
 
 def test_a_streamed_beam_search_arrives_once_whole(checkpoint):

@@ -180,6 +180,57 @@ def test_streaming_ends_in_the_same_text_and_stop_strings_cut_exactly(llama_llm)
     assert held.token_ids == whole.token_ids and held.finish_reason == "length"
 
 
+def test_a_stop_tokens_text_is_left_out_unless_include_stop_str_in_output(llama_llm):
+    """vLLM's rule (TensorRT-LLM drops the token itself): the text ends before the stop token,
+    as it does before a stop string; the token stays in token_ids."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    whole = llama_llm.generate("the quick brown fox", params, use_tqdm=False).outputs[0]
+    texts = [llama_llm.generate("the quick brown fox", params.model_copy(update={"max_tokens": k}),
+                                use_tqdm=False).outputs[0].text for k in range(1, 9)]
+    k = next(k for k in range(1, 8) if texts[k] != texts[k - 1] and whole.token_ids.index(whole.token_ids[k]) == k)
+    stop = whole.token_ids[k]  # first seen at k, and its token adds text
+    for how, reason in (({"stop_token_ids": [stop]}, stop), ({"end_id": stop, "ignore_eos": False}, None)):
+        cut = llama_llm.generate("the quick brown fox", params.model_copy(update=how), use_tqdm=False).outputs[0]
+        assert (cut.token_ids, cut.text, cut.finish_reason, cut.stop_reason) == \
+            (whole.token_ids[:k + 1], texts[k - 1], "stop", reason), how  # an EOS (end_id) is no stop_reason
+        parts = list(llama_llm.generate("the quick brown fox", params.model_copy(update=how), streaming=True))
+        assert "".join(p.outputs[0].text_diff for p in parts) == cut.text
+        kept = llama_llm.generate("the quick brown fox", params.model_copy(
+            update={**how, "include_stop_str_in_output": True}), use_tqdm=False).outputs[0]
+        assert kept.text == texts[k] and kept.token_ids == cut.token_ids
+
+
+def test_a_stop_string_that_is_a_skipped_special_token_stops_at_it(llama_llm):
+    """skip_special_tokens leaves "<|im_end|>" out of the text, so as a stop string it never
+    matched and the request ran on to max_tokens; it is matched as its token."""
+    end = llama_llm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    bias = torch.zeros(512)
+    bias[end] = 100.0  # the model says <|im_end|> at every step
+    params = SamplingParams(max_tokens=4, stop=["x", "<|im_end|>"], embedding_bias=bias)
+    out = llama_llm.generate([1, 2], params, use_tqdm=False).outputs[0]
+    assert (out.token_ids, out.text, out.finish_reason, out.stop_reason) == ([end], "", "stop", "<|im_end|>")
+    parts = list(llama_llm.generate([1, 2], params, streaming=True))
+    assert parts[-1].outputs[0].stop_reason == "<|im_end|>" and parts[-1].outputs[0].token_ids == [end]
+    kept = llama_llm.generate([1, 2], params.model_copy(update={"include_stop_str_in_output": True}),
+                              use_tqdm=False).outputs[0]
+    assert (kept.text, kept.stop_reason) == ("<|im_end|>", "<|im_end|>")
+    held = llama_llm.generate([1, 2], params.model_copy(update={"min_tokens": 2}), use_tqdm=False).outputs[0]
+    assert held.token_ids == [end, end] and held.stop_reason == "<|im_end|>"  # min_tokens holds it off
+    # a character's first bytes, then <|im_end|>: they end the text as at an EOS (flushed, not dropped)
+    tok = llama_llm.tokenizer
+    first = next(t for t in range(256, 512) if tok.decode([t]).endswith("\ufffd") and tok.decode([t]) != "\ufffd")
+
+    def first_then_end(req_id, logits, token_ids, stream_ptr, client_id):
+        logits[..., first if len(token_ids[0]) == 2 else end] = 1e4
+
+    part = llama_llm.generate([1, 2], SamplingParams(max_tokens=4, stop=["<|im_end|>"], logits_processor=first_then_end),
+                              use_tqdm=False).outputs[0]
+    assert (part.token_ids, part.text) == ([first, end], tok.decode([first])), part
+    shown = llama_llm.generate([1, 2], params.model_copy(update={"skip_special_tokens": False}),
+                               use_tqdm=False).outputs[0]  # in the text: matched there, as before
+    assert (shown.token_ids, shown.text, shown.stop_reason) == ([end], "", "<|im_end|>")
+
+
 def test_stream_interval_sends_fewer_larger_outputs(llama_llm, tmp_path):
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, n=2, logprobs=1)
     every = list(llama_llm.generate("the quick brown fox", params, streaming=True))
@@ -296,6 +347,27 @@ def test_chat_applies_the_checkpoints_template_and_get_stats(tmp_path):
         assert [o.outputs[0].token_ids for o in two] == [want.outputs[0].token_ids] * 2
         stats = llm.get_stats()
         assert stats["blocks_total"] == llm.block_manager.num_blocks and stats["num_running"] == 0
+
+
+def test_chat_adds_no_second_bos_to_a_template_that_writes_one(tmp_path):
+    """Llama 3's template writes the BOS, and its tokenizer adds one to text: the chat prompt has
+    it once, as the server's (it had two: the rendered text was tokenized with add_special_tokens)."""
+    from tokenizers import processors
+    write_checkpoint("llama31", tmp_path, vocab_size=512)
+    make_tokenizer(tmp_path, chat_template="<|im_start|>{% for m in messages %}{{ m.content }}{% endfor %}")
+    with small_llm(tmp_path) as llm:
+        tok = llm.tokenizer
+        bos = tok.convert_tokens_to_ids("<|im_start|>")
+        tok._tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                      special_tokens=[("<|im_start|>", bos)])
+        hi = tok.encode("hi", add_special_tokens=False)
+        assert tok.encode("hi") == [bos] + hi  # text gets a BOS
+        messages = [{"role": "user", "content": "hi"}]
+        out = llm.chat(messages, SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)
+        assert out.prompt_token_ids == [bos] + hi
+        assert [o.prompt_token_ids for o in llm.chat([messages, messages], None, use_tqdm=False)] == [[bos] + hi] * 2
+        asked = llm.chat(messages, SamplingParams(max_tokens=2, add_special_tokens=True), use_tqdm=False)
+        assert asked.prompt_token_ids == [bos, bos] + hi  # add_special_tokens given: as asked
 
 
 def test_vocabulary_size_from_one_forward_when_nothing_names_it(tmp_path):

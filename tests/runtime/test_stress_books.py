@@ -242,9 +242,12 @@ def _close_logprobs(a, b) -> bool:
 
 
 def _check_text(tokenizer, out, p: SamplingParams) -> None:
-    """A completion's text is its tokens' (up to a stop string, cut there)."""
+    """A completion's text is its tokens' (up to a stop string, cut there; a stop token's left out
+    unless include_stop_str_in_output)."""
     for c in out.outputs:
-        whole = tokenizer.decode(list(c.token_ids), skip_special_tokens=True)
+        stop_token = c.finish_reason == "stop" and not isinstance(c.stop_reason, str) \
+            and not p.include_stop_str_in_output
+        whole = tokenizer.decode(list(c.token_ids[:-1] if stop_token else c.token_ids), skip_special_tokens=True)
         if isinstance(c.stop_reason, str):
             assert whole.startswith(c.text) and c.text.endswith(c.stop_reason) == p.include_stop_str_in_output \
                 or c.stop_reason == "", (p, c, whole)
@@ -265,7 +268,9 @@ def _check_finished(rec: Record) -> None:
         if c.finish_reason == "stop" and not p.is_beam_search:
             assert len(c.token_ids) >= min(p.min_tokens, p.max_tokens), (p, c)
             if isinstance(c.stop_reason, int):
-                assert c.token_ids[-1] == c.stop_reason, (p, c)
+                assert c.token_ids[-1] == c.stop_reason in p.stop_token_ids, (p, c)
+            elif c.stop_reason is None:  # the EOS
+                assert not p.ignore_eos and c.token_ids[-1] not in p.stop_token_ids, (p, c)
             else:
                 assert c.stop_reason in p.stop, (p, c)
         if p.logprobs is not None and not p.is_beam_search:

@@ -105,6 +105,12 @@ CASES = [
     ("logit_bias with beam search", *completion(logit_bias={"5": 1}, use_beam_search=True, best_of=2,
                                                 temperature=0.0), None, 400, ["logit_bias", "beam"]),
     ("suffix", *completion(suffix="end"), None, 400, ["suffix"]),
+    # vLLM's extensions that change the output were ignored: the answer was not the one asked for
+    ("vLLM's allowed_token_ids", *completion(allowed_token_ids=[5, 6]), None, 400, ["allowed_token_ids"]),
+    ("vLLM's bad_words", *chat(bad_words=["the"]), None, 400, ["bad_words"]),
+    ("vLLM's truncate_prompt_tokens", *completion(truncate_prompt_tokens=2), None, 400, ["truncate_prompt_tokens"]),
+    ("vLLM's continue_final_message", *chat(continue_final_message=True), None, 400, ["continue_final_message"]),
+    ("echo on chat", *chat(echo=True), None, 400, ["echo"]),
     ("stream_options without stream", *completion(stream_options={"include_usage": True}), None, 400,
      ["stream_options"]),
     ("prompt a number", *completion(prompt=123), None, 400, ["prompt"]),

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trtllm.runtime.llm import LLM
+    from trtllm.runtime.llm import LLM, chat_params
     from trtllm.runtime.outputs import RequestError
     from trtllm.runtime.tokenizer import apply_chat_template
     from trtllm.sampling_params import SamplingParams
@@ -76,7 +76,8 @@ def _run(args: argparse.Namespace) -> int:
             try:  # refused when submitted (empty, too long, no chat template): said, and the next ones run
                 text = apply_chat_template(llm.tokenizer, [{"role": "user", "content": prompt}]) if args.chat \
                     else prompt
-                stream = llm.generate(text, params, streaming=True)
+                # a rendered chat holds the template's own BOS: not added again (LLM.chat's rule)
+                stream = llm.generate(text, chat_params(params) if args.chat else params, streaming=True)
             except ValueError as e:
                 print(f"trtllm-run: prompt {prompt!r}: {e}", file=sys.stderr)
                 status = 1

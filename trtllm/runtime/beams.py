@@ -46,7 +46,7 @@ from torch import Tensor
 from trtllm.runtime.outputs import CompletionOutput
 from trtllm.runtime.sampler import argmax_serves
 from trtllm.runtime.sequence import Sequence, SequenceStatus
-from trtllm.runtime.tokenizer import IncrementalDetokenizer, find_stop_span
+from trtllm.runtime.tokenizer import IncrementalDetokenizer, find_stop_span, special_stop_tokens
 from trtllm.sampling_params import SamplingParams
 
 NEG = -1.0e9  # HF's score of an impossible beam
@@ -74,6 +74,7 @@ class BeamGroup:
         self.stop_ids = sorted({*([] if params.ignore_eos else params.eos_ids(eos_token_ids)), *params.stop_token_ids})
         self.keep = max(2, 1 + len(self.stop_ids)) * self.width  # HF's beams_to_keep
         self.tokenizer = tokenizer if params.detokenize else None
+        self.special_stops = special_stop_tokens(self.tokenizer, params)  # stop strings matched as their token
         # every beam carries the request's adapter (the scheduler pins it for each) and its images (the
         # leader's prefill splices them; a beam's block hashes start from them, as the leader's do)
         self.beams = [Sequence(request_id, list(prompt_token_ids), params, index=i, lora_request=lora_request,
@@ -157,8 +158,10 @@ class BeamGroup:
     def _ends(self, outputs: list[int], token: int, cur: int) -> tuple | None:
         """(stop reason, stopped) if `outputs + [token]` ends: a stop token or string ((reason,
         True)), or the length limit ((None, False)); else None."""
-        if token in self.stop_ids:
-            return token, True
+        if token in self.stop_ids:  # the EOS (the model's or end_id) is no stop_reason, as OutputBuilder's
+            return (token if token in self.params.stop_token_ids else None), True
+        if token in self.special_stops:
+            return self.special_stops[token], True
         if self.params.stop and self.tokenizer is not None:
             text = _text(self.tokenizer, outputs + [token], self.params.skip_special_tokens)
             span = find_stop_span(text, self.params.stop, 0)
@@ -210,10 +213,15 @@ class BeamGroup:
                 break
             text = ""
             if self.tokenizer is not None:
-                text = _text(self.tokenizer, hyp.tokens, self.params.skip_special_tokens)
-                if isinstance(hyp.stop_reason, str):
-                    span = find_stop_span(text, self.params.stop, 0)
+                stop_token = hyp.stopped and not isinstance(hyp.stop_reason, str) \
+                    and not self.params.include_stop_str_in_output
+                text = _text(self.tokenizer, hyp.tokens[:-1] if stop_token else hyp.tokens,
+                             self.params.skip_special_tokens)  # a stop token's text left out, as OutputBuilder's
+                span = find_stop_span(text, self.params.stop, 0) if isinstance(hyp.stop_reason, str) else None
+                if span is not None:
                     text = text[:span[1] if self.params.include_stop_str_in_output else span[0]]
+                elif isinstance(hyp.stop_reason, str) and self.params.include_stop_str_in_output:
+                    text += hyp.stop_reason  # a special token's, left out of the text (special_stop_tokens)
             out.append(CompletionOutput(i, text, list(hyp.tokens), "stop" if hyp.stopped else "length",
                                         hyp.stop_reason, cumulative_logprob=hyp.cumulative_logprob,
                                         generation_logits=torch.stack(hyp.logits) if hyp.logits else None))

@@ -35,7 +35,7 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: E
         raise ValueError(f"beam width {params.num_beams} exceeds max_beam_width={lim.max_beam_width} (BuildConfig)")
     if params.is_beam_search and params.num_beams > lim.max_num_seqs:  # a group's beams run together
         raise ValueError(f"beam width {params.num_beams} exceeds max_batch_size={lim.max_num_seqs}")
-    if params.detokenize and not has_tokenizer and params.stop:
+    if params.stop and not has_tokenizer:  # (SamplingParams refuses stop strings without detokenize)
         raise ValueError("stop strings need a tokenizer; this LLM was built without one")
     if params.bad and not has_tokenizer:
         raise ValueError("SamplingParams.bad (banned words) needs a tokenizer; this LLM was built without one: "

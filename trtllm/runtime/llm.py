@@ -103,6 +103,16 @@ def cuda_graph_options(enable_cuda_graph: bool, cuda_graph_config) -> tuple[bool
     return True, cuda_graph_config
 
 
+def chat_params(params: SamplingParams | None):
+    """A rendered chat's text holds the template's own special tokens (Llama 3's BOS): it is
+    tokenized without adding them again (the server's rule, and vLLM's), unless the params set
+    add_special_tokens themselves."""
+    params = params if params is not None else SamplingParams()
+    if not isinstance(params, SamplingParams) or "add_special_tokens" in params.model_fields_set:
+        return params  # (anything else: _prepare names its type)
+    return params.model_copy(update={"add_special_tokens": False})
+
+
 class LLM:
     """The engine on a thread of this process (`EngineLoop`); answers `EngineClient`, as the
     process client does."""
@@ -209,13 +219,19 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (and its chat template); this LLM was built without one")
         batch = bool(messages) and isinstance(messages[0], (list, tuple))
-        prompts = []
-        for conversation in (messages if batch else [messages]):
+        conversations = messages if batch else [messages]
+        given = list(sampling_params) if isinstance(sampling_params, (list, tuple)) \
+            else [sampling_params] * len(conversations)
+        prompts, params = [], []
+        for conversation, sp in zip(conversations, given, strict=False):
             token = self.processor.image_token if self.processor.takes_images else None
             conversation, images = split_chat_images(conversation, token)
             text = apply_chat_template(self.tokenizer, conversation, add_generation_prompt)
             prompts.append({"prompt": text, "multi_modal_data": {"image": images}} if images else text)
-        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+            params.append(sp if images else chat_params(sp))  # an image prompt is the processor's to tokenize
+        if len(given) != len(conversations):  # generate names the mismatch
+            params = sampling_params
+        outputs = self.generate(prompts, params, use_tqdm=use_tqdm)
         return outputs if batch else outputs[0]
 
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None,

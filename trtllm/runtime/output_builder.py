@@ -18,7 +18,7 @@ import torch
 
 from trtllm.runtime.outputs import CompletionOutput, RequestOutput, new_output
 from trtllm.runtime.sequence import Sequence
-from trtllm.runtime.tokenizer import IncrementalDetokenizer, find_stop_span, safe_prefix_len
+from trtllm.runtime.tokenizer import IncrementalDetokenizer, find_stop_span, safe_prefix_len, special_stop_tokens
 from trtllm.sampling_params import SamplingParams
 
 
@@ -41,6 +41,8 @@ class OutputBuilder:
         detok = tokenizer is not None and params.detokenize
         self.detokenizers = [IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
                              if detok else None for _ in seqs]
+        # stop strings the text never holds (a skipped special token's, "<|im_end|>"): matched as the token
+        self.special_stops = special_stop_tokens(tokenizer, params) if detok else {}
         m = len(self.output.outputs)
         self.checked = [0] * m          # text length already searched for stop strings
         self.streamed = [0] * m         # text length already emitted
@@ -60,13 +62,20 @@ class OutputBuilder:
                 completion.logprobs.append(entry)
             completion.cumulative_logprob += chosen
         detok = self.detokenizers[i]
-        if detok is not None:
+        stop_token = (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
+        # a stop token's text is left out unless include_stop_str_in_output (vLLM's rule; TensorRT-LLM
+        # drops the token itself): a stop string's is cut the same way below
+        if detok is not None and not (stop_token and not params.include_stop_str_in_output):
             completion.text += detok.append(token)
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            completion.stop_reason = token
+        if stop_token:  # the EOS (the model's or end_id) is no stop_reason: TensorRT-LLM's and vLLM's rule
+            completion.stop_reason = token if token in params.stop_token_ids else None
             return "stop"
         if params.stop and detok is not None and len(completion.token_ids) < params.min_tokens:
             self.checked[i] = len(completion.text)  # min_tokens holds stop strings off too (vLLM's rule)
+        elif token in self.special_stops:  # the text is not cut: what it holds back ends it, as at an EOS
+            completion.stop_reason = self.special_stops[token]
+            completion.text += detok.flush() + (completion.stop_reason if params.include_stop_str_in_output else "")
+            return "stop"
         elif params.stop and detok is not None:
             span = find_stop_span(completion.text, params.stop, self.checked[i])
             self.checked[i] = len(completion.text)

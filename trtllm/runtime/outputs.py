@@ -14,10 +14,12 @@ if TYPE_CHECKING:
 @dataclass
 class CompletionOutput:
     index: int
-    text: str = ""
+    text: str = ""                            # up to a stop string or stop token, which it holds only
+                                              # with include_stop_str_in_output
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None          # "stop" | "length" | "error" | "abort"
-    stop_reason: int | str | None = None      # the stop token id or stop string that ended it
+    stop_reason: int | str | None = None      # the stop_token_ids id or stop string that ended it; None
+                                              # for EOS or end_id (TensorRT-LLM's and vLLM's rule) or length
     logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob}, chosen first
     cumulative_logprob: float | None = None
     text_diff: str = ""                       # text added since the previous streamed output

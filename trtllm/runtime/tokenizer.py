@@ -6,6 +6,7 @@
         .flush() -> str             whatever is still held back (call when the sequence ends)
         .text                       all text emitted so far
     find_stop_span(text, stop, start) -> (begin, end) | None   the earliest stop string
+    special_stop_tokens(tokenizer, params) -> {id: stop string}  those matched as a skipped special token
     safe_prefix_len(text, stop) -> int                how much of text may be streamed
     apply_chat_template(tokenizer, messages, add_generation_prompt=True) -> str
 
@@ -204,6 +205,25 @@ def find_stop_span(text: str, stop: list[str], start: int) -> tuple[int, int] | 
         if i >= 0 and (best is None or (i, i + len(s)) < best):
             best = (i, i + len(s))
     return best
+
+
+def special_stop_tokens(tokenizer, params) -> dict[int, str]:
+    """{token id: stop string} for the stop strings that are the text of a special token which
+    skip_special_tokens leaves out of the output text (ChatML's "<|im_end|>"): matched in the
+    text they never would be, so they are matched as that token."""
+    if tokenizer is None or not params.stop or not params.skip_special_tokens or not params.detokenize:
+        return {}
+    found = {}
+    for s in params.stop:
+        token = tokenizer.convert_tokens_to_ids(s)
+        if isinstance(token, int) and tokenizer.convert_ids_to_tokens(token) == s \
+                and _decode_one(tokenizer, token, skip=True) == "" and _decode_one(tokenizer, token, skip=False) == s:
+            found.setdefault(token, s)
+    return found
+
+
+def _decode_one(tokenizer, token: int, skip: bool) -> str:
+    return tokenizer.decode([token], skip_special_tokens=skip, clean_up_tokenization_spaces=False)
 
 
 def safe_prefix_len(text: str, stop: list[str]) -> int:

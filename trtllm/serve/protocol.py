@@ -50,6 +50,17 @@ _REFUSED = {
                          "SamplingParams(logits_processor=...)",
     "suffix": "suffix (insertion) is not supported",
     "prompt_logprobs": "prompt_logprobs is not supported",
+    # vLLM's extensions that would change the output: ignored, the request would get another answer than it asked
+    "allowed_token_ids": "allowed_token_ids is not supported; use logit_bias",
+    "bad_words": "bad_words is not supported; use logit_bias to ban tokens",
+    "truncate_prompt_tokens": "truncate_prompt_tokens is not supported: a prompt over the context is refused, "
+                              "not cut",
+    "continue_final_message": "continue_final_message is not supported: the chat template starts a new "
+                              "assistant turn",
+    "echo": "echo is not supported on /v1/chat/completions (it is on /v1/completions)",
+    "return_tokens_as_token_ids": "return_tokens_as_token_ids is not supported",
+    "guided_whitespace_pattern": "guided_whitespace_pattern is not supported: JSON guides allow the "
+                                 "grammar's own whitespace",
 }
 
 
