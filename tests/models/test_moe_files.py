@@ -3,6 +3,7 @@ stacked into the 3-D experts by the loader; eager logits equal HF's in both form
 forward; the router kept out of FP8 quantization while the experts become FP8 experts; a
 checkpoint missing an expert, or of another expert width, refused naming the tensors.
 (Greedy against HF generate through LLM: tests/runtime/test_llm_families.py.)"""
+import json
 import shutil
 
 import pytest
@@ -140,3 +141,21 @@ def test_olmoe_with_its_projection_qk_norm_gives_hf_logits(tmp_path, clip_qkv):
         with torch.no_grad():
             torch.testing.assert_close(model(ids, torch.arange(seq_len)[None]), hf_model(path)(ids).logits,
                                        rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, fields, words", [
+    ("qwen3_moe", {"num_experts_per_tok": 0}, r"num_experts_per_tok=0: .* from 1 to the 4 experts"),  # ran, MoE-less
+    ("mixtral", {"num_experts_per_tok": 5}, r"num_experts_per_tok=5: .* from 1 to the 4 experts"),  # torch.topk's error
+    ("olmoe", {"num_experts_per_tok": "2"}, r"num_experts_per_tok='2'"),
+    ("mixtral", {"num_local_experts": 4.0}, r"num_local_experts=4\.0: the number of experts must be an integer"),
+    ("deepseek_v3", {"n_group": 3}, r"n_group=3 does not split the 8 experts"),
+    ("deepseek_v3", {"topk_group": 3}, r"topk_group=3: the groups chosen per token must be 1 to n_group=2"),
+    # 1 group of 4 chosen, top-5: HF's module routed to an expert of a group it masked out
+    ("deepseek_v3", {"num_experts_per_tok": 5}, r"num_experts_per_tok=5 is more than the 4 experts of the topk_group=1"),
+])
+def test_routing_the_experts_cannot_do_is_refused_naming_the_field(tmp_path, family, fields, words):
+    path = write_checkpoint(family, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(ValueError, match=rf"config\.json: {words}"):
+        load_model(path, dtype=torch.float32, device="cpu")

@@ -16,6 +16,9 @@ def read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
     check_config_sizes(config, config_file)
+    for section in (config, config.get("text_config")):
+        if isinstance(section, dict):
+            check_expert_counts(section, config_file)
     return config
 
 
@@ -38,6 +41,44 @@ def check_config_sizes(config: dict, config_file) -> None:
                 bad.append(f"{where}{key}={value!r}")
     if bad:
         raise ValueError(f"{config_file}: {', '.join(bad)}: sizes must be positive integers")
+
+
+# the experts' count under the names the MoE families use (Qwen-MoE / OLMoE, Mixtral, DeepSeek)
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def check_expert_counts(config: dict, config_file) -> None:
+    """ValueError naming a MoE config whose routing cannot pick its experts: top-k of
+    `num_experts_per_tok` must be 1..experts (0 would leave the experts out of every layer
+    silently, more fails in torch.topk at the first token), and DeepSeek's groups must split the
+    experts evenly with top-k no more than the chosen groups hold (HF's module would route to
+    experts of groups it masked out)."""
+    field, experts = next(((k, config[k]) for k in EXPERT_COUNT_FIELDS if config.get(k) is not None), (None, None))
+    if experts is None:
+        return
+    if not _is_int(experts):
+        raise ValueError(f"{config_file}: {field}={experts!r}: the number of experts must be an integer")
+    if experts == 0:
+        return  # a dense model (Qwen-MoE's num_experts 0 turns its MoE layers off)
+    top_k = config.get("num_experts_per_tok")
+    if top_k is not None and not (_is_int(top_k) and 1 <= top_k <= experts):
+        raise ValueError(f"{config_file}: num_experts_per_tok={top_k!r}: each token's experts must be an integer "
+                         f"from 1 to the {experts} experts")
+    groups, chosen = config.get("n_group"), config.get("topk_group")
+    if groups is None or chosen is None or config.get("topk_method") == "greedy":
+        return  # no groups (DeepSeek-V2's greedy routing ignores them)
+    if not (_is_int(groups) and groups >= 1 and experts % groups == 0):
+        raise ValueError(f"{config_file}: n_group={groups!r} does not split the {experts} experts into equal groups")
+    if not (_is_int(chosen) and 1 <= chosen <= groups):
+        raise ValueError(f"{config_file}: topk_group={chosen!r}: the groups chosen per token must be 1 to "
+                         f"n_group={groups}")
+    if top_k is not None and top_k > chosen * experts // groups:
+        raise ValueError(f"{config_file}: num_experts_per_tok={top_k} is more than the {chosen * experts // groups} "
+                         f"experts of the topk_group={chosen} groups chosen per token")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_json(file: Path):
