@@ -102,6 +102,17 @@ def test_tied_checkpoint_with_lm_head_anyway(qwen2_dir, copy_of):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_a_stored_head_other_than_the_tied_embedding_is_refused(qwen2_dir, copy_of):
+    """config.json ties the head, but the checkpoint stores another one: the tie dropped it silently
+    (transformers keeps it, untied)."""
+    path = copy_of(qwen2_dir)
+    rewrite_weights(path, lambda t: t.__setitem__("lm_head.weight", torch.randn_like(t["model.embed_tokens.weight"])))
+    with pytest.raises(ValueError, match=r"config\.json ties lm_head\.weight to model\.embed_tokens\.weight "
+                                         r"\(tie_word_embeddings\), but the checkpoint stores lm_head\.weight with "
+                                         r"other values \(model\.safetensors\): set tie_word_embeddings to false"):
+        load_model(path, dtype=torch.float32)
+
+
 def test_harmless_extra_tensors_ignored(llama_dir, copy_of):
     path = copy_of(llama_dir)
     rewrite_weights(path, lambda t: t.update({

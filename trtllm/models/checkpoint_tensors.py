@@ -111,3 +111,26 @@ def check_checkpoint(files: list[Path], expected: dict, aliases: dict, is_scale=
     if unexpected:
         raise ValueError(f"checkpoint has tensors the model does not use: {unexpected}")
     return tensor_file
+
+
+def check_stored_ties(files: list[Path], aliases: dict[str, str], rename=lambda name: name) -> None:
+    """ValueError where the model ties a tensor to another (`aliases`: lm_head.weight ->
+    embed_tokens.weight under config.json's tie_word_embeddings) but the checkpoint stores it with
+    other values: the tie would drop the stored head silently, where transformers keeps it (and
+    unties). A head saved anyway with the embedding's values, as save_pretrained may, is fine."""
+    stored: dict[str, Path] = {}
+    for file in files:
+        with open_safetensors(file) as f:
+            stored.update({rename(name): file for name in f.keys()})
+    for alias, target in aliases.items():
+        if alias not in stored or target not in stored:
+            continue
+        with open_safetensors(stored[alias]) as f:
+            head = f.get_tensor(next(n for n in f.keys() if rename(n) == alias))
+        with open_safetensors(stored[target]) as f:
+            tied = f.get_tensor(next(n for n in f.keys() if rename(n) == target))
+        if head.shape != tied.shape or not torch.equal(head.to(tied.dtype), tied):
+            raise ValueError(f"config.json ties {alias} to {target} (tie_word_embeddings), but the checkpoint "
+                             f"stores {alias} with other values ({stored[alias].name}): set tie_word_embeddings "
+                             f"to false to use the stored {alias} (as transformers does), or leave it out of the "
+                             "checkpoint to tie")

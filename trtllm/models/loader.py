@@ -29,7 +29,13 @@ from torch import nn
 
 from trtllm.models.bloom import BloomForCausalLM
 from trtllm.models.checkpoint_config import read_config
-from trtllm.models.checkpoint_tensors import check_checkpoint, expected_tensors, open_safetensors, weight_files
+from trtllm.models.checkpoint_tensors import (
+    check_checkpoint,
+    check_stored_ties,
+    expected_tensors,
+    open_safetensors,
+    weight_files,
+)
 from trtllm.models.expert_tensors import ExpertSlots
 from trtllm.models.falcon import FalconForCausalLM
 from trtllm.models.gemma import GemmaForCausalLM
@@ -146,6 +152,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     tensor_file = check_checkpoint(files, expected, aliases,
                                     (lambda name: is_quantization_tensor(layout, name)) if layout else None, rename,
                                     expert_slot)
+    check_stored_ties(files, aliases, rename)
     fp8 = Fp8CheckpointTensors(layout, str(path)) if layout is not None else None
     online = Fp8Linears(source=f"QuantConfig(quant_algo={quant_algo.value})") if quant_algo is not None else None
     online_weights = {f"{p}.weight": p for p in quantizable_linears(model)} if online is not None else {}
