@@ -88,3 +88,17 @@ def test_values_narrower_than_keys_are_refused_unless_the_layer_is_mla():
     mla.kv_b_proj, mla.kv_lora_rank, mla.qk_rope_head_dim = torch.nn.Linear(4, 4), 32, 8
     out, _ = trtllm_attention(mla, q, k, v, None)
     assert out.shape == (1, 3, 2, 8)
+
+
+def test_a_weight_of_an_hf_module_that_is_not_finite_is_refused_by_name(tmp_path):
+    """As our model files' loader refuses one (tests/models/test_loader.py): transformers loads it silently."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.models.checkpoints import write_checkpoint
+    path = write_checkpoint("gpt_neox", tmp_path)
+    weights = load_file(path / "model.safetensors")
+    name = next(n for n in weights if n.endswith("attention.dense.weight"))
+    weights[name][0, 0] = float("inf")
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: tensor '{re.escape(name)}' holds 1 NaN or infinite"):
+        trtllm.load_model(path, dtype=torch.float32, device="cpu")

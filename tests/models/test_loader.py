@@ -232,6 +232,23 @@ def test_an_integer_weight_is_refused_by_name(llama_dir, copy_of):
         load_model(path)
 
 
+@pytest.mark.parametrize("value, dtype, words", [
+    (float("nan"), torch.float32, "holds 1 NaN or infinite value"),
+    (float("-inf"), torch.bfloat16, "holds 1 NaN or infinite value"),
+    (1e6, torch.float16, r"holds 1 NaN or infinite value\(s\) once cast from torch.float32 to torch.float16"),
+], ids=["nan", "inf", "past-fp16"])
+def test_a_weight_that_is_not_finite_is_refused_by_name(llama_dir, copy_of, value, dtype, words):
+    """One bad value loaded silently: NaN logits (or every token the same) at the first step."""
+    path = copy_of(llama_dir)
+    rewrite_weights(path, lambda t: t["model.layers.1.mlp.down_proj.weight"].view(-1).__setitem__(7, value))
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor 'model\.layers\.1\.mlp\.down_proj\.weight' "
+                                         rf"{words}"):
+        load_model(path, dtype=dtype)
+    if value == 1e6:  # the online FP8 path reads the same cast
+        with pytest.raises(ValueError, match="once cast from torch.float32 to torch.float16"):
+            load_model(path, dtype=dtype, quant_algo=trtllm.config.QuantAlgo.FP8)
+
+
 def test_corrupt_config_names_the_file_and_place(llama_dir, copy_of):
     path = copy_of(llama_dir)
     (path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],\n  "hidden_size": 64,,}')

@@ -71,6 +71,9 @@ def test_a_missing_expert_or_another_width_is_refused_by_name(path, tmp_path):
     with pytest.raises(ValueError, match=r"experts.2.down_proj.weight' has shape \(64, 48\), the model expects "
                                          r"\(64, 32\)"):
         load_model(wide, dtype=torch.float32, device="cpu")
+    nan = rewrite(lambda t: t["model.layers.1.mlp.experts.1.gate_proj.weight"].view(-1).__setitem__(3, float("nan")))
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.1.mlp.experts.1.gate_proj.weight' holds 1 NaN"):
+        load_model(nan, dtype=torch.float32, device="cpu")  # loaded silently: NaN for the tokens routed there
 
 
 def test_experts_mixing_float8_and_bf16_tensors_are_refused_by_name(path, tmp_path):

@@ -143,6 +143,16 @@ def test_other_low_precision_weights_are_refused_by_name(sources, tmp_path):
         trtllm.load_model(tmp_path, device="cpu")
 
 
+def test_an_fp8_weight_holding_nan_is_refused_by_name(sources, tmp_path):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "compressed_tensors", "channel", False)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    weight = load_file(str(tmp_path / "model.safetensors"))[name]
+    weight.view(torch.uint8).view(-1)[5] = 0xFF  # e4m3fn's NaN (it has no infinity)
+    _rewrite(tmp_path, replace={name: weight})
+    with pytest.raises(ValueError, match=rf"tensor '{name}' holds 1 NaN or infinite value"):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
 def test_quant_config_on_a_prequantized_checkpoint_is_refused(sources, tmp_path):
     write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", False)
     with pytest.raises(ValueError, match="pre-quantized HF fp8 checkpoint.*leave quant_algo unset"):

@@ -134,3 +134,21 @@ def check_stored_ties(files: list[Path], aliases: dict[str, str], rename=lambda 
                              f"stores {alias} with other values ({stored[alias].name}): set tie_word_embeddings "
                              f"to false to use the stored {alias} (as transformers does), or leave it out of the "
                              "checkpoint to tie")
+
+
+def check_finite(t: torch.Tensor, name: str, where: str, stored: torch.dtype | None = None) -> None:
+    """ValueError naming a weight (`where`: its file) that holds NaN or an infinity (as stored, or made by the cast from
+    `stored`, e.g. fp32 values past float16's 65504): a model with one computes NaN logits, or
+    sends every token to one place, silently. Scales are checked alike (quantization/checkpoint.py).
+    An FP8 (e4m3fn) weight is read by its bits: it has NaNs and no infinities."""
+    if t.dtype == torch.float8_e4m3fn:
+        bad = (t.view(torch.uint8) & 0x7F) == 0x7F
+    elif t.is_floating_point():
+        bad = ~torch.isfinite(t)
+    else:
+        return
+    count = int(bad.sum())
+    if count:
+        cast = f" once cast from {stored} to {t.dtype} (past its range)" if stored not in (None, t.dtype) else ""
+        raise ValueError(f"{where}: tensor {name!r} holds {count} NaN or infinite value(s){cast}: the model "
+                         "would compute NaN or infinite logits")

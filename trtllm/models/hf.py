@@ -27,6 +27,7 @@ import torch.nn as nn
 from transformers import AttentionInterface, PreTrainedModel
 
 from trtllm.models.attention import causal_attention
+from trtllm.models.checkpoint_tensors import check_finite
 from trtllm.quantization.fp8_linears import fp8_linears_of
 
 # Arguments HF passes through to every attention function that do not change the
@@ -175,4 +176,6 @@ def load_hf_module(path, dtype: torch.dtype, device: torch.device) -> PreTrained
     wrong = {k: v for k, v in info.items() if v}
     if wrong:
         raise ValueError(f"{path}: the checkpoint does not match {model_cls.__name__}: {wrong}")
+    for name, weight in model.named_parameters():
+        check_finite(weight, name, str(path))
     return model.to(device).eval().requires_grad_(False)

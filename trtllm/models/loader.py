@@ -31,6 +31,7 @@ from trtllm.models.bloom import BloomForCausalLM
 from trtllm.models.checkpoint_config import read_config
 from trtllm.models.checkpoint_tensors import (
     check_checkpoint,
+    check_finite,
     check_stored_ties,
     expected_tensors,
     open_safetensors,
@@ -170,6 +171,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     if fp8 is None and t.dtype == torch.float8_e4m3fn:
                         raise ValueError(f"{file.name}: tensor {name!r} is float8 but the checkpoint names no "
                                          "quantization: without its scales it cannot be read")
+                    check_finite(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float8_e4m3fn else t,
+                                 name, file.name, t.dtype)
                     expert_slot.put(slot, t, expected[slot[0]], dtype, device)
                     if bar is not None:
                         bar.update(t.numel() * t.element_size())
@@ -186,10 +189,15 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     raise ValueError(f"{file.name}: tensor {name!r} is {t.dtype} but the checkpoint names no "
                                      "quantization (config.json quantization_config, hf_quant_config.json): "
                                      "without its scales it cannot be read (docs/quantization.md)")
+                if t.dtype == torch.float8_e4m3fn:  # an FP8 weight: its values as stored (a scale: when placed)
+                    check_finite(t, name, file.name)
                 if fp8 is not None and fp8.take(name, t, device):
                     pass  # an FP8 weight or a scale: fp8.finish places it below
                 elif name in online_weights:  # quantized now; the weight in `dtype` is dropped at once
-                    q = quantize_weight(t.to(device=device, dtype=dtype), quant_algo)
+                    w = t.to(device=device, dtype=dtype)
+                    check_finite(w, name, file.name, t.dtype)
+                    q = quantize_weight(w, quant_algo)
+                    del w
                     q.placeholder = placeholder_weight(t.shape, dtype, device)
                     online.linears[online_weights[name]] = q
                 else:
@@ -197,7 +205,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         raise ValueError(f"{file.name}: tensor {name!r} is {t.dtype}, but it is a weight: "
                                          "weights are floating point (an integer-quantized checkpoint whose "
                                          "config.json names no quantization_config?)")
-                    t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    stored_dtype, t = t.dtype, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    check_finite(t, name, file.name, stored_dtype)
                     _assign(model, name, t)
                 del t
                 if bar is not None:
