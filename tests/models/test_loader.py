@@ -277,6 +277,21 @@ def test_config_sizes_that_are_not_positive_integers_are_named(llama_dir, copy_o
         load_model(path)
 
 
+@pytest.mark.parametrize("fields, words", [
+    ({"rms_norm_eps": -1e-5}, "rms_norm_eps=-1e-05 (a norm epsilon: a number >= 0)"),  # NaN logits, silently
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps='1e-5' (a norm epsilon: a number >= 0)"),  # a TypeError in the norm
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_parameters.rope_theta=0 (a number > 0)"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": -4},
+     "sliding_window=-4 (a number of tokens >= 0, or null)"),  # taken as a window of -4
+])
+def test_config_numbers_that_make_no_model_are_named(llama_dir, copy_of, fields, words):
+    path = copy_of(llama_dir)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(ValueError, match=rf"config\.json: {re.escape(words)}$"):
+        load_model(path, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("keep", [20, 0.5], ids=["header-cut", "data-cut"])
 def test_truncated_safetensors_names_the_file(llama_dir, copy_of, keep):
     path = copy_of(llama_dir)

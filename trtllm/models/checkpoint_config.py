@@ -3,6 +3,7 @@ its sizes checked before any model is built from them."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -19,6 +20,7 @@ def read_config(path: Path) -> dict:
     for section in (config, config.get("text_config")):
         if isinstance(section, dict):
             check_expert_counts(section, config_file)
+            check_config_numbers(section, config_file)
     return config
 
 
@@ -41,6 +43,32 @@ def check_config_sizes(config: dict, config_file) -> None:
                 bad.append(f"{where}{key}={value!r}")
     if bad:
         raise ValueError(f"{config_file}: {', '.join(bad)}: sizes must be positive integers")
+
+
+EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
+
+
+def check_config_numbers(config: dict, config_file) -> None:
+    """ValueError naming a norm epsilon that is not a finite number >= 0 (a negative one made NaN
+    logits silently; a string failed inside the first norm), a rope_theta that is not a finite
+    positive number (NaN or meaningless rotations, silently) or a negative sliding_window (taken
+    as a window by Mistral's rule)."""
+    bad = [f"{key}={config[key]!r} (a norm epsilon: a number >= 0)" for key in EPS_FIELDS
+           if config.get(key) is not None and not _is_number(config[key], 0.0)]
+    rope = [("", config)] + [(f"{key}.", config[key]) for key in ("rope_parameters", "rope_scaling")
+                             if isinstance(config.get(key), dict)]
+    bad += [f"{where}rope_theta={section['rope_theta']!r} (a number > 0)" for where, section in rope
+            if section.get("rope_theta") is not None and not _is_number(section["rope_theta"], 0.0, strict=True)]
+    window = config.get("sliding_window")
+    if window is not None and not isinstance(window, bool) and not (isinstance(window, int) and window >= 0):
+        bad.append(f"sliding_window={window!r} (a number of tokens >= 0, or null)")
+    if bad:
+        raise ValueError(f"{config_file}: {', '.join(bad)}")
+
+
+def _is_number(value, low: float, strict: bool = False) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (value > low if strict else value >= low))
 
 
 # the experts' count under the names the MoE families use (Qwen-MoE / OLMoE, Mixtral, DeepSeek)
