@@ -292,6 +292,17 @@ def test_config_numbers_that_make_no_model_are_named(llama_dir, copy_of, fields,
         load_model(path, dtype=torch.float32)
 
 
+def test_a_required_field_left_out_or_of_another_kind_is_named(llama_dir, copy_of):
+    path = copy_of(llama_dir)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "vocab_size"}))
+    with pytest.raises(ValueError, match=r"config\.json: no 'vocab_size' field, which LlamaForCausalLM needs"):
+        load_model(path)  # was KeyError: 'vocab_size'
+    (path / "config.json").write_text(json.dumps({**config, "rope_parameters": "linear"}))
+    with pytest.raises(ValueError, match=r"rope_parameters / rope_scaling='linear': expected an object"):
+        load_model(path)  # was 'dictionary update sequence element #0 has length 1'
+
+
 @pytest.mark.parametrize("keep", [20, 0.5], ids=["header-cut", "data-cut"])
 def test_truncated_safetensors_names_the_file(llama_dir, copy_of, keep):
     path = copy_of(llama_dir)

@@ -162,3 +162,14 @@ def test_routing_the_experts_cannot_do_is_refused_naming_the_field(tmp_path, fam
     (path / "config.json").write_text(json.dumps({**config, **fields}))
     with pytest.raises(ValueError, match=rf"config\.json: {words}"):
         load_model(path, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe"])
+def test_a_config_without_the_experts_count_is_named(tmp_path, family):
+    """Each file read the count with .get: None, then a TypeError deep in building the experts."""
+    path = write_checkpoint(family, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("num_experts", "num_local_experts")}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: no 'num_(local_)?experts' field, which \w+ForCausalLM needs"):
+        load_model(path, dtype=torch.float32, device="cpu")

@@ -145,8 +145,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
         return model
 
     with torch.device("meta"):  # the model file builds unquantized layers; the layout is read here
-        model = model_cls(model_cls.config_class.from_hf(
-            {k: v for k, v in hf_config.items() if k != "quantization_config"}))
+        model = model_cls(_model_config(model_cls, hf_config, path))
     expert_slot = ExpertSlots(getattr(model_cls, "expert_tensors", None))
     expected, aliases = expected_tensors(model)
     rename = getattr(model_cls, "checkpoint_name", None) or (lambda name: name)  # checkpoint -> module names
@@ -232,6 +231,16 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     if meta:
         raise RuntimeError(f"{path}: tensors left on the meta device after loading: {meta}")
     return model.eval().requires_grad_(False)
+
+
+def _model_config(model_cls: type[nn.Module], hf_config: dict, path: Path):
+    """The model file's config from config.json; a field it needs and config.json lacks is named
+    (from_hf reads them as d[key]: a bare KeyError otherwise)."""
+    try:
+        return model_cls.config_class.from_hf({k: v for k, v in hf_config.items() if k != "quantization_config"})
+    except KeyError as e:
+        raise ValueError(f"{path / 'config.json'}: no {e.args[0]!r} field, which {model_cls.__name__} "
+                         "needs") from None
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, hf_config: dict) -> torch.dtype:
