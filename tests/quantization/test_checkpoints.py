@@ -134,6 +134,27 @@ def test_unsupported_quantization_configs_are_refused_by_name(sources, tmp_path,
         trtllm.load_model(tmp_path, device="cpu")
 
 
+@pytest.mark.parametrize("modelopt, config, words", [
+    ('{"quantization": {"quant_algo": "FP8",}}', None, r"hf_quant_config\.json: not valid JSON \(.* line 1"),
+    ("[1]", None, r"hf_quant_config\.json: expected a JSON object, got list"),
+    ('{"quantization": "FP8"}', None, r"hf_quant_config\.json: quantization is str \('FP8'\), expected an object"),
+    (None, {"quant_method": "compressed-tensors", "config_groups": [1]}, r"config_groups is list \(\[1\]\)"),
+    (None, {"quant_method": "compressed-tensors", "config_groups": {"g": "fp8"}},
+     r"config_groups\.g is str, expected an object"),
+    # a stale hf_quant_config.json beside another layout's quantization_config: it won, silently
+    ('{"quantization": {"quant_algo": "FP8"}}', {"quant_method": "fp8"},
+     r"hf_quant_config\.json \(ModelOpt\) and config\.json's quantization_config \(quant_method='fp8'\) both"),
+])
+def test_quantization_configs_of_the_wrong_shape_are_named(sources, tmp_path, modelopt, config, words):
+    """Each was a raw JSONDecodeError or an AttributeError ('list' object has no attribute 'get')."""
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8" if modelopt is None else "modelopt", "channel", False)
+    _rewrite(tmp_path, config=config)
+    if modelopt is not None:
+        (tmp_path / "hf_quant_config.json").write_text(modelopt)
+    with pytest.raises(ValueError, match=words):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
 def test_other_low_precision_weights_are_refused_by_name(sources, tmp_path):
     write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", False)
     name = "model.layers.0.mlp.gate_proj.weight"

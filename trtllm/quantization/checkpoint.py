@@ -21,7 +21,6 @@ unquantized, as TensorRT-LLM keeps it). Which layout a directory uses: quantizat
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from trtllm.kernels.fp8_gemm import FP8_DTYPE, SCALE_BLOCK
+from trtllm.models.checkpoint_config import read_config
 from trtllm.parallel.tensor_parallel import unloaded
 from trtllm.quantization.fp8_linears import EXPERT_WEIGHTS, Fp8Experts, Fp8Linear, Fp8Linears, placeholder_weight
 from trtllm.quantization.layouts import (  # noqa: F401 (importers take the layouts from here)
@@ -218,7 +218,7 @@ def checkpoint_kv_cache_scales(path: str | Path, fmt: str) -> list[tuple[torch.T
     model): what every rank of a parallel engine needs before any of them loads. None where the
     checkpoint is not quantized or has none for `fmt`."""
     path = Path(path)
-    layout = checkpoint_layout(path, json.loads((path / "config.json").read_text()))
+    layout = checkpoint_layout(path, read_config(path))
     if layout is None or fmt == "auto":
         return None
     scales = {}

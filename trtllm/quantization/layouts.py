@@ -3,11 +3,11 @@ NVIDIA ModelOpt's hf_quant_config.json (the table in quantization/checkpoint.py)
 else quantized is refused naming the field."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from trtllm.kernels.fp8_gemm import SCALE_BLOCK
+from trtllm.models.checkpoint_config import read_json
 
 SUPPORTED = ("fp8 (HF transformers' FP8: quant_method \"fp8\")",
              "compressed-tensors (FP8 weights and activations)",
@@ -44,7 +44,10 @@ def checkpoint_layout(path: Path, hf_config: dict) -> CheckpointLayout | None:
     modelopt_file = Path(path) / "hf_quant_config.json"
     qc = hf_config.get("quantization_config")
     if modelopt_file.is_file():
-        return _modelopt(json.loads(modelopt_file.read_text()).get("quantization") or {}, modelopt_file.name)
+        if isinstance(qc, dict) and qc.get("quant_method") not in (None, "modelopt"):
+            raise CheckpointError(f"{modelopt_file} (ModelOpt) and config.json's quantization_config (quant_method="
+                                  f"{qc.get('quant_method')!r}) both describe the weights: remove the one that does not")
+        return _modelopt(_object(read_json(modelopt_file), "quantization", modelopt_file.name), modelopt_file.name)
     if not qc:
         return None
     if not isinstance(qc, dict):
@@ -74,15 +77,29 @@ def _hf_fp8(qc: dict) -> CheckpointLayout:
 
 
 def _is_fp8(args: dict | None) -> bool:
-    return bool(args) and args.get("num_bits") == 8 and args.get("type") == "float"
+    return isinstance(args, dict) and args.get("num_bits") == 8 and args.get("type") == "float"
+
+
+def _object(section: dict, key: str, where: str) -> dict:
+    """section[key], which must be a JSON object (absent: {}); a list or a string is named, where
+    `.get` on it failed with an AttributeError."""
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(section).__name__}")
+    value = section.get(key) or {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: {key} is {type(value).__name__} ({value!r}), expected an object")
+    return value
 
 
 def _compressed_tensors(qc: dict) -> CheckpointLayout:
-    groups = qc.get("config_groups") or {}
+    groups = _object(qc, "config_groups", "config.json quantization_config")
     if not groups:
         raise CheckpointError("compressed-tensors quantization_config has no config_groups")
     layouts = set()
     for name, group in groups.items():
+        if not isinstance(group, dict):
+            raise CheckpointError(f"quantization_config.config_groups.{name} is {type(group).__name__}, expected an "
+                                  "object (weights, input_activations)")
         w, a = group.get("weights"), group.get("input_activations")
         where = f"quantization_config.config_groups.{name}"
         if not _is_fp8(w):
