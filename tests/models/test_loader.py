@@ -164,6 +164,27 @@ def test_missing_shard(tmp_path):
         load_model(path)
 
 
+def test_a_tensor_stored_in_two_shards_is_refused(tmp_path):
+    """Whichever shard was read last gave its value, silently."""
+    path = write_checkpoint("llama2", tmp_path / "sharded", max_shard_size="40KB")
+    first = sorted(path.glob("model-*.safetensors"))[0]
+    tensors = load_file(first)
+    assert "model.norm.weight" not in tensors
+    save_file({**tensors, "model.norm.weight": torch.full((64,), 7.0)}, first, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor 'model\.norm\.weight' is stored twice, in {first.name} and in "):
+        load_model(path)
+
+
+def test_an_index_whose_shard_name_is_not_a_string_is_named(tmp_path):
+    path = write_checkpoint("llama2", tmp_path / "sharded", max_shard_size="40KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = 3
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"index\.json: weight_map's shard file names must be strings: "
+                                         r"\{'lm_head\.weight': 3\}"):
+        load_model(path)  # was TypeError: unsupported operand type(s) for /: 'PosixPath' and 'int'
+
+
 def test_missing_tensor(llama_dir, copy_of):
     path = copy_of(llama_dir)
     rewrite_weights(path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))

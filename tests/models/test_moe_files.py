@@ -71,6 +71,10 @@ def test_a_missing_expert_or_another_width_is_refused_by_name(path, tmp_path):
     with pytest.raises(ValueError, match=r"experts.2.down_proj.weight' has shape \(64, 48\), the model expects "
                                          r"\(64, 32\)"):
         load_model(wide, dtype=torch.float32, device="cpu")
+    past = rewrite(lambda t: t.update({"model.layers.1.mlp.experts.4.up_proj.weight": torch.zeros(32, 64)}))
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.experts.4.up_proj.weight' is expert 4, but config.json "
+                                         r"gives 4 experts \(0\.\.3\)"):
+        load_model(past, dtype=torch.float32, device="cpu")  # was: 'has shape (32, 64), the model expects (32, 64)'
     nan = rewrite(lambda t: t["model.layers.1.mlp.experts.1.gate_proj.weight"].view(-1).__setitem__(3, float("nan")))
     with pytest.raises(ValueError, match=r"tensor 'model.layers.1.mlp.experts.1.gate_proj.weight' holds 1 NaN"):
         load_model(nan, dtype=torch.float32, device="cpu")  # loaded silently: NaN for the tokens routed there

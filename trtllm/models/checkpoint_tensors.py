@@ -42,6 +42,9 @@ def weight_files(path: Path) -> list[Path]:
         if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
             raise ValueError(f"{index}: no \"weight_map\" object (tensor name -> shard file)")
         weight_map = weight_map["weight_map"]
+        not_names = {k: v for k, v in weight_map.items() if not isinstance(v, str)}
+        if not_names:
+            raise ValueError(f"{index}: weight_map's shard file names must be strings: {str(not_names)[:200]}")
         files = [path / name for name in dict.fromkeys(weight_map.values())]
         for file in files:
             if not file.is_file():
@@ -75,20 +78,27 @@ def check_checkpoint(files: list[Path], expected: dict, aliases: dict, is_scale=
     `rename`: a checkpoint name -> the model's (a model file's `checkpoint_name`);
     `expert_slot`: per-expert tensors that make 3-D parameters (each expert's every row block
     must be there)."""
-    tensor_file, unexpected = {}, []
+    tensor_file, unexpected, seen = {}, [], {}
     filled: dict[str, set[tuple[int, int]]] = {}
     for file in files:
         with open_safetensors(file) as f:
             for stored in f.keys():
                 name = rename(stored)
+                if name in seen:  # the loader would take whichever shard it read last
+                    raise ValueError(f"tensor {name!r} is stored twice, in {seen[name].name} and in {file.name}: "
+                                     "which one is the model's is not said")
+                seen[name] = file
                 shape = torch.Size(f.get_slice(stored).get_shape())
                 slot = expert_slot(name) if expert_slot is not None else None
                 if slot is not None and slot[0] in expected:
                     param, e, rows = slot
                     want = expert_slot.shape(expected[param], param)
-                    if shape != want or not 0 <= e < expected[param][0]:
+                    if not 0 <= e < expected[param][0]:
+                        raise ValueError(f"{file.name}: tensor {name!r} is expert {e}, but config.json gives "
+                                         f"{expected[param][0]} experts (0..{expected[param][0] - 1})")
+                    if shape != want:
                         raise ValueError(f"{file.name}: tensor {name!r} has shape {tuple(shape)}, the model expects "
-                                         f"{tuple(want)} for experts 0..{expected[param][0] - 1}")
+                                         f"{tuple(want)}")
                     filled.setdefault(param, set()).add((e, rows))
                     continue
                 if name in expected:
