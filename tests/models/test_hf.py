@@ -102,3 +102,17 @@ def test_a_weight_of_an_hf_module_that_is_not_finite_is_refused_by_name(tmp_path
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: tensor '{re.escape(name)}' holds 1 NaN or infinite"):
         trtllm.load_model(path, dtype=torch.float32, device="cpu")
+
+
+def test_an_hf_module_tensor_of_another_shape_is_named(tmp_path):
+    """A config.json whose kv_lora_rank is not the checkpoint's: transformers raised 'You set
+    ignore_mismatched_sizes to False ... look at the above report' (a report logged, not raised)."""
+    import json
+
+    from tests.models.checkpoints import write_checkpoint
+    path = write_checkpoint("deepseek_v2", tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "kv_lora_rank": 16}))
+    with pytest.raises(ValueError, match=r"does not match DeepseekV2ForCausalLM: \{'mismatched_keys': .*"
+                                         r"kv_a_layernorm\.weight', torch\.Size\(\[32\]\), torch\.Size\(\[16\]\)"):
+        trtllm.load_model(path, dtype=torch.float32, device="cpu")

@@ -155,6 +155,25 @@ def test_quantization_configs_of_the_wrong_shape_are_named(sources, tmp_path, mo
         trtllm.load_model(tmp_path, device="cpu")
 
 
+def test_static_input_scales_under_a_dynamic_config_are_refused(sources, tmp_path):
+    """The scales were calibrated, the config says dynamic: they would be ignored (the message said
+    'scales with no FP8 weight beside them', next to their FP8 weights)."""
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", True)
+    _rewrite(tmp_path, config={"quant_method": "fp8", "activation_scheme": "dynamic"})
+    with pytest.raises(ValueError, match=r"'model\.layers\.\d\.[\w.]+\.input_scale' is a static input scale, but "
+                                         r"the config names HF fp8 checkpoint .*dynamic activations\): the scale "
+                                         r"would be ignored"):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
+def test_scales_without_a_quantization_config_are_said_to_be_scales(sources, tmp_path):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "modelopt", "channel", False)
+    (tmp_path / "hf_quant_config.json").unlink()
+    with pytest.raises(ValueError, match=r"tensors the model does not use: quantization scales, but config\.json has "
+                                         r"no quantization_config and there is no hf_quant_config\.json"):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
 def test_other_low_precision_weights_are_refused_by_name(sources, tmp_path):
     write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", False)
     name = "model.layers.0.mlp.gate_proj.weight"

@@ -17,6 +17,7 @@ from trtllm.models.expert_tensors import ExpertSlots
 
 # Tensors some checkpoints carry that no model needs (old HF rope caches).
 _HARMLESS = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq|cos_cached|sin_cached)$")
+_SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".input_scale", ".k_scale", ".v_scale")
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
@@ -119,7 +120,10 @@ def check_checkpoint(files: list[Path], expected: dict, aliases: dict, is_scale=
         raise ValueError(f"tensors expected by the model are absent from the checkpoint "
                          f"({', '.join(f.name for f in files)}): {missing}")
     if unexpected:
-        raise ValueError(f"checkpoint has tensors the model does not use: {unexpected}")
+        scales = is_scale is None and any(n.split(" ")[0].endswith(_SCALE_SUFFIXES) for n in unexpected)
+        hint = (": quantization scales, but config.json has no quantization_config and there is no "
+                "hf_quant_config.json (docs/quantization.md)") if scales else ""
+        raise ValueError(f"checkpoint has tensors the model does not use{hint}: {unexpected}")
     return tensor_file
 
 

@@ -101,6 +101,10 @@ class Fp8CheckpointTensors:
         if name.endswith(_KV_SCALE_SUFFIXES):
             self.kv_scales[name] = tensor.float().to(device)
             return True
+        if name.endswith(".input_scale") and not self.layout.static_inputs:
+            raise CheckpointError(f"{self.where}: {name!r} is a static input scale, but the config names "
+                                  f"{self.layout.describe()}: the scale would be ignored (the config or the "
+                                  "tensors are not what the checkpoint was quantized with; docs/quantization.md)")
         if is_quantization_tensor(self.layout, name):
             self.scales[name] = tensor.to(device)
             return True
