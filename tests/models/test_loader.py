@@ -302,6 +302,11 @@ def test_config_sizes_that_are_not_positive_integers_are_named(llama_dir, copy_o
     ({"rms_norm_eps": -1e-5}, "rms_norm_eps=-1e-05 (a norm epsilon: a number >= 0)"),  # NaN logits, silently
     ({"rms_norm_eps": "1e-5"}, "rms_norm_eps='1e-5' (a norm epsilon: a number >= 0)"),  # a TypeError in the norm
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_parameters.rope_theta=0 (a number > 0)"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 0.0}},
+     "rope_parameters.factor=0.0 (a number > 0)"),  # inf frequencies: NaN rotations, and it loaded
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 4.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
+     "rope_parameters.low_freq_factor=4.0 >= high_freq_factor=4.0 (llama3 rope blends between them: low < high)"),
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": -4},
      "sliding_window=-4 (a number of tokens >= 0, or null)"),  # taken as a window of -4
 ])

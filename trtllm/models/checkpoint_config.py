@@ -45,20 +45,27 @@ def check_config_sizes(config: dict, config_file) -> None:
         raise ValueError(f"{config_file}: {', '.join(bad)}: sizes must be positive integers")
 
 
+# rope parameters that divide or scale the frequencies: 0 or a negative one makes inf or NaN rotations
+ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
 
 
 def check_config_numbers(config: dict, config_file) -> None:
     """ValueError naming a norm epsilon that is not a finite number >= 0 (a negative one made NaN
-    logits silently; a string failed inside the first norm), a rope_theta that is not a finite
-    positive number (NaN or meaningless rotations, silently) or a negative sliding_window (taken
-    as a window by Mistral's rule)."""
+    logits silently; a string failed inside the first norm), a rope_theta or rope scaling number
+    that is not a finite positive number, or llama3 rope factors low >= high (inf or NaN rotations,
+    silently), or a negative sliding_window (taken as a window by Mistral's rule)."""
     bad = [f"{key}={config[key]!r} (a norm epsilon: a number >= 0)" for key in EPS_FIELDS
            if config.get(key) is not None and not _is_number(config[key], 0.0)]
     rope = [("", config)] + [(f"{key}.", config[key]) for key in ("rope_parameters", "rope_scaling")
                              if isinstance(config.get(key), dict)]
-    bad += [f"{where}rope_theta={section['rope_theta']!r} (a number > 0)" for where, section in rope
-            if section.get("rope_theta") is not None and not _is_number(section["rope_theta"], 0.0, strict=True)]
+    bad += [f"{where}{key}={section[key]!r} (a number > 0)" for where, section in rope for key in ROPE_NUMBERS
+            if section.get(key) is not None and not _is_number(section[key], 0.0, strict=True)]
+    bad += [f"{where}low_freq_factor={section['low_freq_factor']!r} >= high_freq_factor="
+            f"{section['high_freq_factor']!r} (llama3 rope blends between them: low < high)"
+            for where, section in rope if section.get("rope_type", section.get("type")) == "llama3"
+            and _is_number(section.get("low_freq_factor"), 0.0) and _is_number(section.get("high_freq_factor"), 0.0)
+            and section["low_freq_factor"] >= section["high_freq_factor"]]
     window = config.get("sliding_window")
     if window is not None and not isinstance(window, bool) and not (isinstance(window, int) and window >= 0):
         bad.append(f"sliding_window={window!r} (a number of tokens >= 0, or null)")
