@@ -86,6 +86,11 @@ def test_dtype_defaults_to_config(tmp_path):
     assert next(load_model(path).parameters()).dtype == torch.float16
     with pytest.raises(ValueError, match="int8"):
         load_model(path, dtype="int8")
+    config["torch_dtype"] = "float64"  # said as the caller's dtype, which was not given
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"^config\.json's dtype \(no dtype given\) 'float64' is not supported"):
+        load_model(path)
+    assert next(load_model(path, dtype="bf16").parameters()).dtype == torch.bfloat16
 
 
 def test_tied_weights_share_storage(qwen2_dir):

@@ -244,15 +244,17 @@ def _model_config(model_cls: type[nn.Module], hf_config: dict, path: Path):
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, hf_config: dict) -> torch.dtype:
+    where = "dtype"
     if dtype is None or dtype == "auto":
         dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+        where = "config.json's dtype (no dtype given)"
     if isinstance(dtype, str):
         key = dtype.removeprefix("torch.")
         if key not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported (use one of {sorted(_DTYPES)})")
+            raise ValueError(f"{where} {dtype!r} is not supported (use one of {sorted(_DTYPES)})")
         dtype = _DTYPES[key]
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"dtype {dtype} is not supported (bf16, fp16 or fp32)")
+        raise ValueError(f"{where} {dtype!r} is not supported (bf16, fp16 or fp32)")
     return dtype
 
 
