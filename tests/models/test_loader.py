@@ -312,6 +312,11 @@ def test_config_sizes_that_are_not_positive_integers_are_named(llama_dir, copy_o
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 4.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
      "rope_parameters.low_freq_factor=4.0 >= high_freq_factor=4.0 (llama3 rope blends between them: low < high)"),
+    # the check reads every config alike; these are Gemma-2's (ZeroDivisionError at 0), MPT's (clamped every
+    # value to -0.3) and Phi-3's fields
+    ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar=0 (a number > 0, or null)"),
+    ({"attn_config": {"clip_qkv": -0.3}}, "attn_config.clip_qkv=-0.3 (a number > 0, or null)"),
+    ({"partial_rotary_factor": 1.5}, "partial_rotary_factor=1.5 (the rotated share of a head: above 0, at most 1)"),
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": -4},
      "sliding_window=-4 (a number of tokens >= 0, or null)"),  # taken as a window of -4
 ])

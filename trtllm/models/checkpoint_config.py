@@ -47,6 +47,10 @@ def check_config_sizes(config: dict, config_file) -> None:
 
 # rope parameters that divide or scale the frequencies: 0 or a negative one makes inf or NaN rotations
 ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# numbers whose 0 or negative value makes no model: Gemma's softmax scale (query_pre_attn_scalar ** -0.5:
+# a ZeroDivisionError or a complex scale), MPT's / OLMoE's clamp of q, k, v (a negative one clamped
+# every value to it, silently)
+POSITIVE_FIELDS = ("query_pre_attn_scalar", "clip_qkv")
 EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
 
 
@@ -54,7 +58,8 @@ def check_config_numbers(config: dict, config_file) -> None:
     """ValueError naming a norm epsilon that is not a finite number >= 0 (a negative one made NaN
     logits silently; a string failed inside the first norm), a rope_theta or rope scaling number
     that is not a finite positive number, or llama3 rope factors low >= high (inf or NaN rotations,
-    silently), or a negative sliding_window (taken as a window by Mistral's rule)."""
+    silently), a negative sliding_window (taken as a window by Mistral's rule), POSITIVE_FIELDS not
+    above 0, or a partial_rotary_factor outside (0, 1] (rotating more channels than a head has)."""
     bad = [f"{key}={config[key]!r} (a norm epsilon: a number >= 0)" for key in EPS_FIELDS
            if config.get(key) is not None and not _is_number(config[key], 0.0)]
     rope = [("", config)] + [(f"{key}.", config[key]) for key in ("rope_parameters", "rope_scaling")
@@ -66,6 +71,13 @@ def check_config_numbers(config: dict, config_file) -> None:
             for where, section in rope if section.get("rope_type", section.get("type")) == "llama3"
             and _is_number(section.get("low_freq_factor"), 0.0) and _is_number(section.get("high_freq_factor"), 0.0)
             and section["low_freq_factor"] >= section["high_freq_factor"]]
+    for where, section in (("", config), ("attn_config.", config.get("attn_config"))):  # MPT nests its own
+        bad += [f"{where}{key}={section[key]!r} (a number > 0, or null)" for key in POSITIVE_FIELDS
+                if isinstance(section, dict) and section.get(key) is not None
+                and not _is_number(section[key], 0.0, strict=True)]
+    partial = config.get("partial_rotary_factor")
+    if partial is not None and not (_is_number(partial, 0.0, strict=True) and partial <= 1):
+        bad.append(f"partial_rotary_factor={partial!r} (the rotated share of a head: above 0, at most 1)")
     window = config.get("sliding_window")
     if window is not None and not isinstance(window, bool) and not (isinstance(window, int) and window >= 0):
         bad.append(f"sliding_window={window!r} (a number of tokens >= 0, or null)")
