@@ -109,6 +109,19 @@ def test_a_misshaped_scale_is_named(sources, tmp_path):
         trtllm.load_model(tmp_path, device="cpu")
 
 
+@pytest.mark.parametrize("scale, words", [
+    (torch.tensor([0.0]), r"must hold finite positive scales; it holds \[0\.0\]"),
+    (torch.tensor([float("nan")]), r"must hold finite positive scales; it holds \[nan\]"),
+    (torch.tensor([1], dtype=torch.int32), r"is torch\.int32: scales are floating point"),  # said 'finite positive'
+])
+def test_a_scale_that_is_no_scale_says_what_it_holds(sources, tmp_path, scale, words):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "compressed_tensors", "tensor", False)
+    name = "model.layers.0.self_attn.q_proj.weight_scale"
+    _rewrite(tmp_path, replace={name: scale})
+    with pytest.raises(ValueError, match=rf"'{name}' {words}"):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
 def test_a_missing_static_input_scale_is_named(sources, tmp_path):
     write_fp8_checkpoint(sources["llama31"], tmp_path, "modelopt", "tensor", True)
     name = "model.layers.0.mlp.up_proj.input_scale"

@@ -130,8 +130,12 @@ class Fp8CheckpointTensors:
         if shape not in allowed:
             raise CheckpointError(f"{self.where}: {name!r} has shape {tuple(s.shape)}; for weight "
                                   f"{path}.weight the {self.layout.name} layout allows {allowed}")
-        if not s.is_floating_point() or not torch.isfinite(s.float()).all() or (s.float() <= 0).any():
-            raise CheckpointError(f"{self.where}: {name!r} must hold finite positive scales")
+        if not s.is_floating_point():
+            raise CheckpointError(f"{self.where}: {name!r} is {s.dtype}: scales are floating point")
+        bad = ~torch.isfinite(s.float()) | (s.float() <= 0)
+        if bad.any():
+            raise CheckpointError(f"{self.where}: {name!r} must hold finite positive scales; it holds "
+                                  f"{s.float()[bad].flatten()[:4].tolist()}")
         return s.float().contiguous()
 
     def experts(self, model: nn.Module, slots, dtype: torch.dtype) -> None:
