@@ -314,6 +314,8 @@ def test_config_sizes_that_are_not_positive_integers_are_named(llama_dir, copy_o
      "rope_parameters.low_freq_factor=4.0 >= high_freq_factor=4.0 (llama3 rope blends between them: low < high)"),
     # the check reads every config alike; these are Gemma-2's (ZeroDivisionError at 0), MPT's (clamped every
     # value to -0.3) and Phi-3's fields
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings='false' (true or false)"),  # bool("false"): tied
+    ({"norm_topk_prob": "false"}, "norm_topk_prob='false' (true or false)"),  # Qwen-MoE: renormalised, silently
     ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar=0 (a number > 0, or null)"),
     ({"attn_config": {"clip_qkv": -0.3}}, "attn_config.clip_qkv=-0.3 (a number > 0, or null)"),
     ({"partial_rotary_factor": 1.5}, "partial_rotary_factor=1.5 (the rotated share of a head: above 0, at most 1)"),

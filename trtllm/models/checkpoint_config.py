@@ -51,6 +51,10 @@ ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "
 # a ZeroDivisionError or a complex scale), MPT's / OLMoE's clamp of q, k, v (a negative one clamped
 # every value to it, silently)
 POSITIVE_FIELDS = ("query_pre_attn_scalar", "clip_qkv")
+# switches our model files read with bool(): the string "false" would turn each on, silently
+BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "norm_topk_prob", "use_sliding_window",
+               "bias", "parallel_attn", "new_decoder_architecture", "multi_query", "alibi",
+               "apply_residual_connection_post_layernorm", "multimodal_projector_bias")
 EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
 
 
@@ -58,8 +62,9 @@ def check_config_numbers(config: dict, config_file) -> None:
     """ValueError naming a norm epsilon that is not a finite number >= 0 (a negative one made NaN
     logits silently; a string failed inside the first norm), a rope_theta or rope scaling number
     that is not a finite positive number, or llama3 rope factors low >= high (inf or NaN rotations,
-    silently), a negative sliding_window (taken as a window by Mistral's rule), POSITIVE_FIELDS not
-    above 0, or a partial_rotary_factor outside (0, 1] (rotating more channels than a head has)."""
+    silently), a BOOL_FIELDS switch that is not a boolean, a negative sliding_window (taken as a
+    window by Mistral's rule), POSITIVE_FIELDS not above 0, or a partial_rotary_factor outside
+    (0, 1] (rotating more channels than a head has)."""
     bad = [f"{key}={config[key]!r} (a norm epsilon: a number >= 0)" for key in EPS_FIELDS
            if config.get(key) is not None and not _is_number(config[key], 0.0)]
     rope = [("", config)] + [(f"{key}.", config[key]) for key in ("rope_parameters", "rope_scaling")
@@ -78,6 +83,8 @@ def check_config_numbers(config: dict, config_file) -> None:
     partial = config.get("partial_rotary_factor")
     if partial is not None and not (_is_number(partial, 0.0, strict=True) and partial <= 1):
         bad.append(f"partial_rotary_factor={partial!r} (the rotated share of a head: above 0, at most 1)")
+    bad += [f"{key}={config[key]!r} (true or false)" for key in BOOL_FIELDS
+            if config.get(key) is not None and not (isinstance(config[key], bool) or config[key] in (0, 1))]
     window = config.get("sliding_window")
     if window is not None and not isinstance(window, bool) and not (isinstance(window, int) and window >= 0):
         bad.append(f"sliding_window={window!r} (a number of tokens >= 0, or null)")
