@@ -277,3 +277,16 @@ def test_loads_in_a_dtype_other_than_its_configs(sources, tmp_path, layout, gran
     assert {q.placeholder.dtype for q in fp8_linears_of(model).linears.values()} == {torch.bfloat16}
     logits = trtllm.compile(model)(torch.tensor([[5, 17, 99]]), torch.arange(3)[None])
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_two_kv_scales_for_one_layer_are_refused():
+    """ModelOpt's and compressed-tensors' names for one layer's k_scale, or a vision tower's layers.0:
+    the scale read last was used, silently."""
+    from trtllm.quantization.checkpoint import kv_cache_scales_by_layer
+    from trtllm.quantization.fp8_linears import Fp8Linears
+    scales = {"model.layers.0.self_attn.k_scale": torch.tensor(0.5), "model.layers.0.self_attn.v_scale": torch.tensor(0.5),
+              "model.vision_tower.encoder.layers.0.self_attn.k_scale": torch.tensor(0.1)}
+    with pytest.raises(ValueError, match=r"KV-cache scales 'model\.layers\.0\.self_attn\.k_scale' and "
+                                         r"'model\.vision_tower\.encoder\.layers\.0\.self_attn\.k_scale' both give "
+                                         r"layer 0's k_scale"):
+        kv_cache_scales_by_layer(Fp8Linears(kv_scales=scales, kv_cache_format="fp8"), "fp8")

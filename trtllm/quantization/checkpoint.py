@@ -55,11 +55,16 @@ def kv_cache_scales_by_layer(fp8: Fp8Linears, fmt: str) -> list[tuple[torch.Tens
                       f"the {fmt} cache asked for: they are not used")
         return None
     layers: dict[int, dict[str, torch.Tensor]] = {}
+    named: dict[tuple[int, str], str] = {}  # (layer, kind) -> the tensor that gave it
     for name, t in fp8.kv_scales.items():
         found = re.search(r"layers\.(\d+)\.", name)
         if found is None:
             raise CheckpointError(f"KV-cache scale {name!r}: no layer index (model.layers.<i>.) in its name")
-        layers.setdefault(int(found.group(1)), {})[name.rsplit(".", 1)[1]] = t
+        key = (int(found.group(1)), name.rsplit(".", 1)[1])
+        if key in named:  # the one read last would win (another naming, or another tower's layers)
+            raise CheckpointError(f"KV-cache scales {named[key]!r} and {name!r} both give layer {key[0]}'s {key[1]}")
+        named[key] = name
+        layers.setdefault(key[0], {})[key[1]] = t
     out = []
     for i in range(len(layers)):
         pair = layers.get(i, {})
