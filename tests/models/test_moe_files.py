@@ -54,7 +54,7 @@ def test_fp8_quantizes_the_experts_and_not_the_router(path):
     assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
 
 
-def test_a_missing_expert_or_another_width_is_refused_by_name(path, tmp_path):
+def test_a_missing_expert_another_width_or_bad_values_are_refused_by_name(path, tmp_path):
     def rewrite(edit):
         copy = shutil.copytree(path, tmp_path / f"ckpt{len(list(tmp_path.iterdir()))}")
         tensors = load_file(copy / "model.safetensors")
@@ -75,6 +75,10 @@ def test_a_missing_expert_or_another_width_is_refused_by_name(path, tmp_path):
     with pytest.raises(ValueError, match=r"'model.layers.1.mlp.experts.4.up_proj.weight' is expert 4, but config.json "
                                          r"gives 4 experts \(0\.\.3\)"):
         load_model(past, dtype=torch.float32, device="cpu")  # was: 'has shape (32, 64), the model expects (32, 64)'
+    ints = rewrite(lambda t: t.update({"model.layers.1.mlp.experts.2.up_proj.weight": torch.ones(32, 64, dtype=torch.int8)}))
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.experts.2.up_proj.weight' is torch.int8, but it is an "
+                                         r"expert's weight"):
+        load_model(ints, dtype=torch.float32, device="cpu")  # copied into the stack as 1.0s, silently
     nan = rewrite(lambda t: t["model.layers.1.mlp.experts.1.gate_proj.weight"].view(-1).__setitem__(3, float("nan")))
     with pytest.raises(ValueError, match=r"tensor 'model.layers.1.mlp.experts.1.gate_proj.weight' holds 1 NaN"):
         load_model(nan, dtype=torch.float32, device="cpu")  # loaded silently: NaN for the tokens routed there

@@ -170,6 +170,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     if fp8 is None and t.dtype == torch.float8_e4m3fn:
                         raise ValueError(f"{file.name}: tensor {name!r} is float8 but the checkpoint names no "
                                          "quantization: without its scales it cannot be read")
+                    if not t.is_floating_point():  # copied into the float stack it would pass as weights
+                        raise ValueError(f"{file.name}: tensor {name!r} is {t.dtype}, but it is an expert's weight: "
+                                         "weights are floating point")
                     check_finite(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float8_e4m3fn else t,
                                  name, file.name, t.dtype)
                     expert_slot.put(slot, t, expected[slot[0]], dtype, device)
