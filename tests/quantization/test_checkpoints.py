@@ -139,6 +139,15 @@ def test_a_missing_static_input_scale_is_named(sources, tmp_path):
     ({"quant_method": "compressed-tensors", "config_groups": {"g": {
         "weights": {"num_bits": 4, "type": "int", "strategy": "group"}, "input_activations": None}}},
      "only FP8 weights"),
+    # dynamic per-group activations the GEMMs would run per token (channel weights) or per 1x128 (group 64)
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+        "input_activations": {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "group",
+                              "group_size": 128}}}}, r"dynamic groups of 128 with 'channel' weights"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]},
+        "input_activations": {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "group",
+                              "group_size": 64}}}}, r"dynamic groups of 64 with 'block' weights are not supported"),
 ])
 def test_unsupported_quantization_configs_are_refused_by_name(sources, tmp_path, config, words):
     write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", False)

@@ -121,6 +121,11 @@ def _compressed_tensors(qc: dict) -> CheckpointLayout:
         if not static and a.get("strategy") not in ("token", "group", "tensor", None):
             raise CheckpointError(f"{where}.input_activations.strategy={a.get('strategy')!r} is not supported")
         block = w.get("strategy") == "block"
+        if not static and a.get("strategy") == "group" and not (block and a.get("group_size") in (None, SCALE_BLOCK)):
+            raise CheckpointError(f"{where}.input_activations: dynamic groups of {a.get('group_size')!r} with "
+                                  f"{w.get('strategy')!r} weights are not supported: the FP8 GEMMs quantize "
+                                  f"activations per token, or per 1x{SCALE_BLOCK} group beside block weights (they "
+                                  "would run coarser than the checkpoint says)")
         if block and static:
             raise CheckpointError(f"{where}: block weights with static activation scales are not supported")
         layouts.add(CheckpointLayout("compressed-tensors", "weight_scale", static, block,
