@@ -85,6 +85,10 @@ def check_config_numbers(config: dict, config_file) -> None:
         bad.append(f"partial_rotary_factor={partial!r} (the rotated share of a head: above 0, at most 1)")
     bad += [f"{key}={config[key]!r} (true or false)" for key in BOOL_FIELDS
             if config.get(key) is not None and not (isinstance(config[key], bool) or config[key] in (0, 1))]
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if config.get("head_dim") is None and _is_int(hidden) and _is_int(heads) and heads and hidden % heads:
+        bad.append(f"hidden_size={hidden} is not a multiple of num_attention_heads={heads} and no head_dim is given "
+                   "(a head is hidden_size / heads wide)")
     window = config.get("sliding_window")
     if window is not None and not isinstance(window, bool) and not (isinstance(window, int) and window >= 0):
         bad.append(f"sliding_window={window!r} (a number of tokens >= 0, or null)")
