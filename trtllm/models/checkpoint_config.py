@@ -69,6 +69,8 @@ def check_config_numbers(config: dict, config_file) -> None:
            if config.get(key) is not None and not _is_number(config[key], 0.0)]
     rope = [("", config)] + [(f"{key}.", config[key]) for key in ("rope_parameters", "rope_scaling")
                              if isinstance(config.get(key), dict)]
+    bad += [f"{key}={config[key]!r} (an object of rope parameters: rope_type, factor, ...)"
+            for key in ("rope_parameters", "rope_scaling") if config.get(key) and not isinstance(config[key], dict)]
     bad += [f"{where}{key}={section[key]!r} (a number > 0)" for where, section in rope for key in ROPE_NUMBERS
             if section.get(key) is not None and not _is_number(section[key], 0.0, strict=True)]
     bad += [f"{where}low_freq_factor={section['low_freq_factor']!r} >= high_freq_factor="
