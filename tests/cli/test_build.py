@@ -222,3 +222,15 @@ def test_bad_input_exits_2_naming_it(sources, tmp_path, capsys, case, words):
     assert err.startswith("trtllm-build: ") and re.search(words, err), err
     if case != "not_empty":
         assert not out.exists()  # nothing written
+
+
+def test_block_scales_of_experts_off_128_rows_exit_2_before_loading(tmp_path, capsys, monkeypatch):
+    """Was a ValueError traceback out of main, after loading and quantizing the whole model."""
+    src = write_checkpoint("qwen3_moe", tmp_path / "moe")  # experts 32 rows wide
+    import trtllm.models.loader as loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    assert _build(src, tmp_path / "out", "--quant_algo", "FP8_BLOCK_SCALES") == 2
+    assert re.search(r"FP8_BLOCK_SCALES experts 32 rows wide \(not a multiple of 128\) cannot be written",
+                     capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

@@ -88,3 +88,31 @@ def test_values_narrower_than_keys_are_refused_unless_the_layer_is_mla():
     mla.kv_b_proj, mla.kv_lora_rank, mla.qk_rope_head_dim = torch.nn.Linear(4, 4), 32, 8
     out, _ = trtllm_attention(mla, q, k, v, None)
     assert out.shape == (1, 3, 2, 8)
+
+
+def test_a_weight_of_an_hf_module_that_is_not_finite_is_refused_by_name(tmp_path):
+    """As our model files' loader refuses one (tests/models/test_loader.py): transformers loads it silently."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.models.checkpoints import write_checkpoint
+    path = write_checkpoint("gpt_neox", tmp_path)
+    weights = load_file(path / "model.safetensors")
+    name = next(n for n in weights if n.endswith("attention.dense.weight"))
+    weights[name][0, 0] = float("inf")
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: tensor '{re.escape(name)}' holds 1 NaN or infinite"):
+        trtllm.load_model(path, dtype=torch.float32, device="cpu")
+
+
+def test_an_hf_module_tensor_of_another_shape_is_named(tmp_path):
+    """A config.json whose kv_lora_rank is not the checkpoint's: transformers raised 'You set
+    ignore_mismatched_sizes to False ... look at the above report' (a report logged, not raised)."""
+    import json
+
+    from tests.models.checkpoints import write_checkpoint
+    path = write_checkpoint("deepseek_v2", tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "kv_lora_rank": 16}))
+    with pytest.raises(ValueError, match=r"does not match DeepseekV2ForCausalLM: \{'mismatched_keys': .*"
+                                         r"kv_a_layernorm\.weight', torch\.Size\(\[32\]\), torch\.Size\(\[16\]\)"):
+        trtllm.load_model(path, dtype=torch.float32, device="cpu")

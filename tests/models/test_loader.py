@@ -86,6 +86,11 @@ def test_dtype_defaults_to_config(tmp_path):
     assert next(load_model(path).parameters()).dtype == torch.float16
     with pytest.raises(ValueError, match="int8"):
         load_model(path, dtype="int8")
+    config["torch_dtype"] = "float64"  # said as the caller's dtype, which was not given
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"^config\.json's dtype \(no dtype given\) 'float64' is not supported"):
+        load_model(path)
+    assert next(load_model(path, dtype="bf16").parameters()).dtype == torch.bfloat16
 
 
 def test_tied_weights_share_storage(qwen2_dir):
@@ -100,6 +105,17 @@ def test_tied_checkpoint_with_lm_head_anyway(qwen2_dir, copy_of):
     rewrite_weights(path, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].clone()))
     model = load_model(path, dtype=torch.float32)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_a_stored_head_other_than_the_tied_embedding_is_refused(qwen2_dir, copy_of):
+    """config.json ties the head, but the checkpoint stores another one: the tie dropped it silently
+    (transformers keeps it, untied)."""
+    path = copy_of(qwen2_dir)
+    rewrite_weights(path, lambda t: t.__setitem__("lm_head.weight", torch.randn_like(t["model.embed_tokens.weight"])))
+    with pytest.raises(ValueError, match=r"config\.json ties lm_head\.weight to model\.embed_tokens\.weight "
+                                         r"\(tie_word_embeddings\), but the checkpoint stores lm_head\.weight with "
+                                         r"other values \(model\.safetensors\): set tie_word_embeddings to false"):
+        load_model(path, dtype=torch.float32)
 
 
 def test_harmless_extra_tensors_ignored(llama_dir, copy_of):
@@ -151,6 +167,27 @@ def test_missing_shard(tmp_path):
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=shard.name):
         load_model(path)
+
+
+def test_a_tensor_stored_in_two_shards_is_refused(tmp_path):
+    """Whichever shard was read last gave its value, silently."""
+    path = write_checkpoint("llama2", tmp_path / "sharded", max_shard_size="40KB")
+    first = sorted(path.glob("model-*.safetensors"))[0]
+    tensors = load_file(first)
+    assert "model.norm.weight" not in tensors
+    save_file({**tensors, "model.norm.weight": torch.full((64,), 7.0)}, first, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor 'model\.norm\.weight' is stored twice, in {first.name} and in "):
+        load_model(path)
+
+
+def test_an_index_whose_shard_name_is_not_a_string_is_named(tmp_path):
+    path = write_checkpoint("llama2", tmp_path / "sharded", max_shard_size="40KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = 3
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"index\.json: weight_map's shard file names must be strings: "
+                                         r"\{'lm_head\.weight': 3\}"):
+        load_model(path)  # was TypeError: unsupported operand type(s) for /: 'PosixPath' and 'int'
 
 
 def test_missing_tensor(llama_dir, copy_of):
@@ -221,6 +258,23 @@ def test_an_integer_weight_is_refused_by_name(llama_dir, copy_of):
         load_model(path)
 
 
+@pytest.mark.parametrize("value, dtype, words", [
+    (float("nan"), torch.float32, "holds 1 NaN or infinite value"),
+    (float("-inf"), torch.bfloat16, "holds 1 NaN or infinite value"),
+    (1e6, torch.float16, r"holds 1 NaN or infinite value\(s\) once cast from torch.float32 to torch.float16"),
+], ids=["nan", "inf", "past-fp16"])
+def test_a_weight_that_is_not_finite_is_refused_by_name(llama_dir, copy_of, value, dtype, words):
+    """One bad value loaded silently: NaN logits (or every token the same) at the first step."""
+    path = copy_of(llama_dir)
+    rewrite_weights(path, lambda t: t["model.layers.1.mlp.down_proj.weight"].view(-1).__setitem__(7, value))
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor 'model\.layers\.1\.mlp\.down_proj\.weight' "
+                                         rf"{words}"):
+        load_model(path, dtype=dtype)
+    if value == 1e6:  # the online FP8 path reads the same cast
+        with pytest.raises(ValueError, match="once cast from torch.float32 to torch.float16"):
+            load_model(path, dtype=dtype, quant_algo=trtllm.config.QuantAlgo.FP8)
+
+
 def test_corrupt_config_names_the_file_and_place(llama_dir, copy_of):
     path = copy_of(llama_dir)
     (path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],\n  "hidden_size": 64,,}')
@@ -247,6 +301,46 @@ def test_config_sizes_that_are_not_positive_integers_are_named(llama_dir, copy_o
     (path / "config.json").write_text(json.dumps({**config, **fields}))
     with pytest.raises(ValueError, match=rf"config\.json: {re.escape(words)}: sizes must be positive integers"):
         load_model(path)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"rms_norm_eps": -1e-5}, "rms_norm_eps=-1e-05 (a norm epsilon: a number >= 0)"),  # NaN logits, silently
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps='1e-5' (a norm epsilon: a number >= 0)"),  # a TypeError in the norm
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_parameters.rope_theta=0 (a number > 0)"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 0.0}},
+     "rope_parameters.factor=0.0 (a number > 0)"),  # inf frequencies: NaN rotations, and it loaded
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 4.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
+     "rope_parameters.low_freq_factor=4.0 >= high_freq_factor=4.0 (llama3 rope blends between them: low < high)"),
+    # the check reads every config alike; these are Gemma-2's (ZeroDivisionError at 0), MPT's (clamped every
+    # value to -0.3) and Phi-3's fields
+    ({"num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": None},  # was: k_proj's shape (32, 64) vs (63, 64)
+     "hidden_size=64 is not a multiple of num_attention_heads=3 and no head_dim is given"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings='false' (true or false)"),  # bool("false"): tied
+    ({"norm_topk_prob": "false"}, "norm_topk_prob='false' (true or false)"),  # Qwen-MoE: renormalised, silently
+    ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar=0 (a number > 0, or null)"),
+    ({"attn_config": {"clip_qkv": -0.3}}, "attn_config.clip_qkv=-0.3 (a number > 0, or null)"),
+    ({"partial_rotary_factor": 1.5}, "partial_rotary_factor=1.5 (the rotated share of a head: above 0, at most 1)"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": -4},
+     "sliding_window=-4 (a number of tokens >= 0, or null)"),  # taken as a window of -4
+])
+def test_config_numbers_that_make_no_model_are_named(llama_dir, copy_of, fields, words):
+    path = copy_of(llama_dir)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(ValueError, match=rf"config\.json: {re.escape(words)}"):
+        load_model(path, dtype=torch.float32)
+
+
+def test_a_required_field_left_out_or_of_another_kind_is_named(llama_dir, copy_of):
+    path = copy_of(llama_dir)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "vocab_size"}))
+    with pytest.raises(ValueError, match=r"config\.json: no 'vocab_size' field, which LlamaForCausalLM needs"):
+        load_model(path)  # was KeyError: 'vocab_size'
+    (path / "config.json").write_text(json.dumps({**config, "rope_parameters": "linear"}))
+    with pytest.raises(ValueError, match=r"config\.json: rope_parameters='linear' \(an object of rope parameters"):
+        load_model(path)  # was 'dictionary update sequence element #0 has length 1'
 
 
 @pytest.mark.parametrize("keep", [20, 0.5], ids=["header-cut", "data-cut"])

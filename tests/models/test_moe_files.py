@@ -3,6 +3,7 @@ stacked into the 3-D experts by the loader; eager logits equal HF's in both form
 forward; the router kept out of FP8 quantization while the experts become FP8 experts; a
 checkpoint missing an expert, or of another expert width, refused naming the tensors.
 (Greedy against HF generate through LLM: tests/runtime/test_llm_families.py.)"""
+import json
 import shutil
 
 import pytest
@@ -53,7 +54,7 @@ def test_fp8_quantizes_the_experts_and_not_the_router(path):
     assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
 
 
-def test_a_missing_expert_or_another_width_is_refused_by_name(path, tmp_path):
+def test_a_missing_expert_another_width_or_bad_values_are_refused_by_name(path, tmp_path):
     def rewrite(edit):
         copy = shutil.copytree(path, tmp_path / f"ckpt{len(list(tmp_path.iterdir()))}")
         tensors = load_file(copy / "model.safetensors")
@@ -70,6 +71,17 @@ def test_a_missing_expert_or_another_width_is_refused_by_name(path, tmp_path):
     with pytest.raises(ValueError, match=r"experts.2.down_proj.weight' has shape \(64, 48\), the model expects "
                                          r"\(64, 32\)"):
         load_model(wide, dtype=torch.float32, device="cpu")
+    past = rewrite(lambda t: t.update({"model.layers.1.mlp.experts.4.up_proj.weight": torch.zeros(32, 64)}))
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.experts.4.up_proj.weight' is expert 4, but config.json "
+                                         r"gives 4 experts \(0\.\.3\)"):
+        load_model(past, dtype=torch.float32, device="cpu")  # was: 'has shape (32, 64), the model expects (32, 64)'
+    ints = rewrite(lambda t: t.update({"model.layers.1.mlp.experts.2.up_proj.weight": torch.ones(32, 64, dtype=torch.int8)}))
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.experts.2.up_proj.weight' is torch.int8, but it is an "
+                                         r"expert's weight"):
+        load_model(ints, dtype=torch.float32, device="cpu")  # copied into the stack as 1.0s, silently
+    nan = rewrite(lambda t: t["model.layers.1.mlp.experts.1.gate_proj.weight"].view(-1).__setitem__(3, float("nan")))
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.1.mlp.experts.1.gate_proj.weight' holds 1 NaN"):
+        load_model(nan, dtype=torch.float32, device="cpu")  # loaded silently: NaN for the tokens routed there
 
 
 def test_experts_mixing_float8_and_bf16_tensors_are_refused_by_name(path, tmp_path):
@@ -140,3 +152,32 @@ def test_olmoe_with_its_projection_qk_norm_gives_hf_logits(tmp_path, clip_qkv):
         with torch.no_grad():
             torch.testing.assert_close(model(ids, torch.arange(seq_len)[None]), hf_model(path)(ids).logits,
                                        rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, fields, words", [
+    ("qwen3_moe", {"num_experts_per_tok": 0}, r"num_experts_per_tok=0: .* from 1 to the 4 experts"),  # ran, MoE-less
+    ("mixtral", {"num_experts_per_tok": 5}, r"num_experts_per_tok=5: .* from 1 to the 4 experts"),  # torch.topk's error
+    ("olmoe", {"num_experts_per_tok": "2"}, r"num_experts_per_tok='2'"),
+    ("mixtral", {"num_local_experts": 4.0}, r"num_local_experts=4\.0: the number of experts must be an integer"),
+    ("deepseek_v3", {"n_group": 3}, r"n_group=3 does not split the 8 experts"),
+    ("deepseek_v3", {"topk_group": 3}, r"topk_group=3: the groups chosen per token must be 1 to n_group=2"),
+    # 1 group of 4 chosen, top-5: HF's module routed to an expert of a group it masked out
+    ("deepseek_v3", {"num_experts_per_tok": 5}, r"num_experts_per_tok=5 is more than the 4 experts of the topk_group=1"),
+])
+def test_routing_the_experts_cannot_do_is_refused_naming_the_field(tmp_path, family, fields, words):
+    path = write_checkpoint(family, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(ValueError, match=rf"config\.json: {words}"):
+        load_model(path, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe"])
+def test_a_config_without_the_experts_count_is_named(tmp_path, family):
+    """Each file read the count with .get: None, then a TypeError deep in building the experts."""
+    path = write_checkpoint(family, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("num_experts", "num_local_experts")}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: no 'num_(local_)?experts' field, which \w+ForCausalLM needs"):
+        load_model(path, dtype=torch.float32, device="cpu")

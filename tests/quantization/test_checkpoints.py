@@ -109,6 +109,19 @@ def test_a_misshaped_scale_is_named(sources, tmp_path):
         trtllm.load_model(tmp_path, device="cpu")
 
 
+@pytest.mark.parametrize("scale, words", [
+    (torch.tensor([0.0]), r"must hold finite positive scales; it holds \[0\.0\]"),
+    (torch.tensor([float("nan")]), r"must hold finite positive scales; it holds \[nan\]"),
+    (torch.tensor([1], dtype=torch.int32), r"is torch\.int32: scales are floating point"),  # said 'finite positive'
+])
+def test_a_scale_that_is_no_scale_says_what_it_holds(sources, tmp_path, scale, words):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "compressed_tensors", "tensor", False)
+    name = "model.layers.0.self_attn.q_proj.weight_scale"
+    _rewrite(tmp_path, replace={name: scale})
+    with pytest.raises(ValueError, match=rf"'{name}' {words}"):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
 def test_a_missing_static_input_scale_is_named(sources, tmp_path):
     write_fp8_checkpoint(sources["llama31"], tmp_path, "modelopt", "tensor", True)
     name = "model.layers.0.mlp.up_proj.input_scale"
@@ -126,11 +139,60 @@ def test_a_missing_static_input_scale_is_named(sources, tmp_path):
     ({"quant_method": "compressed-tensors", "config_groups": {"g": {
         "weights": {"num_bits": 4, "type": "int", "strategy": "group"}, "input_activations": None}}},
      "only FP8 weights"),
+    # dynamic per-group activations the GEMMs would run per token (channel weights) or per 1x128 (group 64)
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+        "input_activations": {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "group",
+                              "group_size": 128}}}}, r"dynamic groups of 128 with 'channel' weights"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]},
+        "input_activations": {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "group",
+                              "group_size": 64}}}}, r"dynamic groups of 64 with 'block' weights are not supported"),
 ])
 def test_unsupported_quantization_configs_are_refused_by_name(sources, tmp_path, config, words):
     write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", False)
     _rewrite(tmp_path, config=config)
     with pytest.raises(ValueError, match=words):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("modelopt, config, words", [
+    ('{"quantization": {"quant_algo": "FP8",}}', None, r"hf_quant_config\.json: not valid JSON \(.* line 1"),
+    ("[1]", None, r"hf_quant_config\.json: expected a JSON object, got list"),
+    ('{"quantization": "FP8"}', None, r"hf_quant_config\.json: quantization is str \('FP8'\), expected an object"),
+    (None, {"quant_method": "compressed-tensors", "config_groups": [1]}, r"config_groups is list \(\[1\]\)"),
+    (None, {"quant_method": "compressed-tensors", "config_groups": {"g": "fp8"}},
+     r"config_groups\.g is str, expected an object"),
+    # a stale hf_quant_config.json beside another layout's quantization_config: it won, silently
+    ('{"quantization": {"quant_algo": "FP8"}}', {"quant_method": "fp8"},
+     r"hf_quant_config\.json \(ModelOpt\) and config\.json's quantization_config \(quant_method='fp8'\) both"),
+])
+def test_quantization_configs_of_the_wrong_shape_are_named(sources, tmp_path, modelopt, config, words):
+    """Each was a raw JSONDecodeError or an AttributeError ('list' object has no attribute 'get')."""
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8" if modelopt is None else "modelopt", "channel", False)
+    _rewrite(tmp_path, config=config)
+    if modelopt is not None:
+        (tmp_path / "hf_quant_config.json").write_text(modelopt)
+    with pytest.raises(ValueError, match=words):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
+def test_static_input_scales_under_a_dynamic_config_are_refused(sources, tmp_path):
+    """The scales were calibrated, the config says dynamic: they would be ignored (the message said
+    'scales with no FP8 weight beside them', next to their FP8 weights)."""
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", True)
+    _rewrite(tmp_path, config={"quant_method": "fp8", "activation_scheme": "dynamic"})
+    with pytest.raises(ValueError, match=r"'model\.layers\.\d\.[\w.]+\.input_scale' is a static input scale, but "
+                                         r"the config names HF fp8 checkpoint .*dynamic activations\): the scale "
+                                         r"would be ignored"):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
+def test_scales_without_a_quantization_config_are_said_to_be_scales(sources, tmp_path):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "modelopt", "channel", False)
+    (tmp_path / "hf_quant_config.json").unlink()
+    with pytest.raises(ValueError, match=r"tensors the model does not use: quantization scales, but config\.json has "
+                                         r"no quantization_config and there is no hf_quant_config\.json"):
         trtllm.load_model(tmp_path, device="cpu")
 
 
@@ -140,6 +202,16 @@ def test_other_low_precision_weights_are_refused_by_name(sources, tmp_path):
     tensors = load_file(str(tmp_path / "model.safetensors"))
     _rewrite(tmp_path, replace={name: tensors[name].float().to(torch.float8_e5m2)})
     with pytest.raises(ValueError, match=f"{name}.*float8_e5m2"):
+        trtllm.load_model(tmp_path, device="cpu")
+
+
+def test_an_fp8_weight_holding_nan_is_refused_by_name(sources, tmp_path):
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "compressed_tensors", "channel", False)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    weight = load_file(str(tmp_path / "model.safetensors"))[name]
+    weight.view(torch.uint8).view(-1)[5] = 0xFF  # e4m3fn's NaN (it has no infinity)
+    _rewrite(tmp_path, replace={name: weight})
+    with pytest.raises(ValueError, match=rf"tensor '{name}' holds 1 NaN or infinite value"):
         trtllm.load_model(tmp_path, device="cpu")
 
 
@@ -214,3 +286,16 @@ def test_loads_in_a_dtype_other_than_its_configs(sources, tmp_path, layout, gran
     assert {q.placeholder.dtype for q in fp8_linears_of(model).linears.values()} == {torch.bfloat16}
     logits = trtllm.compile(model)(torch.tensor([[5, 17, 99]]), torch.arange(3)[None])
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_two_kv_scales_for_one_layer_are_refused():
+    """ModelOpt's and compressed-tensors' names for one layer's k_scale, or a vision tower's layers.0:
+    the scale read last was used, silently."""
+    from trtllm.quantization.checkpoint import kv_cache_scales_by_layer
+    from trtllm.quantization.fp8_linears import Fp8Linears
+    scales = {"model.layers.0.self_attn.k_scale": torch.tensor(0.5), "model.layers.0.self_attn.v_scale": torch.tensor(0.5),
+              "model.vision_tower.encoder.layers.0.self_attn.k_scale": torch.tensor(0.1)}
+    with pytest.raises(ValueError, match=r"KV-cache scales 'model\.layers\.0\.self_attn\.k_scale' and "
+                                         r"'model\.vision_tower\.encoder\.layers\.0\.self_attn\.k_scale' both give "
+                                         r"layer 0's k_scale"):
+        kv_cache_scales_by_layer(Fp8Linears(kv_scales=scales, kv_cache_format="fp8"), "fp8")

@@ -211,6 +211,10 @@ def test_the_layer_loads_with_its_experts_stacked_and_fp8_dequantized(target, tm
     fp8 = (w / scale).to(torch.float8_e4m3fn)
     assert torch.allclose(dequantize_blocks(fp8, scale, (128, 128)), w, rtol=0.07, atol=1e-3)
     assert dequantize_blocks(fp8, scale, (128, 128)).shape == w.shape
+    # a grid of 64x64 blocks read as 128x128 ones: the first scales were spread over the weight, silently
+    with pytest.raises(ValueError, match=r"eh: weight_scale_inv has shape \(4, 4\); 128x128 blocks of the 256x256 "
+                                         r"weight need \(2, 2\)"):
+        dequantize_blocks(torch.zeros(256, 256).to(torch.float8_e4m3fn), torch.ones(4, 4), (128, 128), "eh")
 
 
 @pytest.mark.parametrize("edit, match", [

@@ -117,6 +117,7 @@ def _check_input(args: argparse.Namespace):
     if arch not in ARCHITECTURES:
         raise BuildError(f"--model_dir {src}: {arch} has no trtllm model file, and FP8 checkpoints load into "
                          f"trtllm's own model files only ({', '.join(sorted(ARCHITECTURES))})")
+    _check_expert_blocks(args.quant_algo, ARCHITECTURES[arch], hf_config, src)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BuildError(f"--output_dir {out}: exists and is not an empty directory (refusing to overwrite)")
     _check_writable(out)
@@ -129,6 +130,23 @@ def _check_input(args: argparse.Namespace):
         raise BuildError(str(e)) from None
     kv_fmt = args.kv_cache_quant_algo.lower() if args.kv_cache_quant_algo else None
     return QuantAlgo(args.quant_algo), kv_fmt, limits
+
+
+def _check_expert_blocks(algo: str, model_cls, hf_config: dict, src: Path) -> None:
+    """FP8_BLOCK_SCALES experts are written per expert, gate and up apart: each needs a whole number
+    of 128-row blocks (quantization/export.py). Refused before minutes of loading and quantizing."""
+    from trtllm.kernels.fp8_gemm import SCALE_BLOCK
+
+    if algo != "FP8_BLOCK_SCALES" or not getattr(model_cls, "expert_tensors", None):
+        return
+    try:
+        width = model_cls.config_class.from_hf(hf_config).moe_intermediate_size
+    except (KeyError, ValueError) as e:
+        raise BuildError(f"--model_dir {src}: {e}") from None
+    if width % SCALE_BLOCK:
+        raise BuildError(f"--model_dir {src}: FP8_BLOCK_SCALES experts {width} rows wide (not a multiple of "
+                         f"{SCALE_BLOCK}) cannot be written with 128x128 block scales; FP8 or "
+                         "FP8_PER_CHANNEL_PER_TOKEN can")
 
 
 def calibration_texts(file: str | None, size: int) -> list[str]:
@@ -208,6 +226,8 @@ def build(args: argparse.Namespace) -> Path:
         write_build_defaults(out, limits, algo_of_kv(kv_fmt))
     except OSError as e:  # e.g. the disk filled up
         raise BuildError(f"--output_dir {out}: writing the checkpoint failed ({e})") from None
+    except ValueError as e:  # what the layouts cannot hold, found before any file is written
+        raise BuildError(f"--model_dir {src}: {e}") from None
     return out
 
 

@@ -185,16 +185,25 @@ def _read_layer(path: Path, layer: int, block: tuple[int, int] | None, dtype: to
             if block is None:
                 raise ValueError(f"MTP layer {path}: {name} has a weight_scale_inv but config.json's "
                                  "quantization_config names no weight_block_size")
-            t = dequantize_blocks(t, scale, block)
+            t = dequantize_blocks(t, scale, block, f"MTP layer {path}: tensor {prefix}{name}")
         keep = not t.is_floating_point() or name.endswith("e_score_correction_bias")
         out[name] = t if keep else t.to(dtype)
     return out
 
 
-def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """[N, K] FP8 weight times its [ceil(N / bn), ceil(K / bk)] per-block scales, in fp32."""
+def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                      name: str = "weight") -> torch.Tensor:
+    """[N, K] FP8 weight times its [ceil(N / bn), ceil(K / bk)] per-block scales, in fp32. A scale
+    grid of another shape (another block size, transposed) is refused naming `name`: repeated and
+    cut to [N, K] it gave wrong scales silently."""
     n, k = weight.shape
     bn, bk = block
+    want = (-(-n // bn), -(-k // bk))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)}; {bn}x{bk} blocks of the "
+                         f"{n}x{k} weight need {want}")
+    if not (torch.isfinite(scale_inv.float()).all() and (scale_inv.float() > 0).all()):
+        raise ValueError(f"{name}: weight_scale_inv must hold finite positive scales")
     scales = scale_inv.float().repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
     return weight.float() * scales
 

@@ -27,6 +27,7 @@ import torch.nn as nn
 from transformers import AttentionInterface, PreTrainedModel
 
 from trtllm.models.attention import causal_attention
+from trtllm.models.checkpoint_tensors import check_finite
 from trtllm.quantization.fp8_linears import fp8_linears_of
 
 # Arguments HF passes through to every attention function that do not change the
@@ -170,9 +171,12 @@ def load_hf_module(path, dtype: torch.dtype, device: torch.device) -> PreTrained
         raise ValueError(f"{path}/config.json: model_type {config.model_type!r} is not a causal LM "
                          "transformers can build (trtllm runs decoder-only causal LMs)")
     model, info = model_cls.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False,
-                                            attn_implementation="eager", output_loading_info=True)
+                                            attn_implementation="eager", output_loading_info=True,
+                                            ignore_mismatched_sizes=True)  # reported below, naming the tensors
     info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not is_mtp_tensor(config, k)]
     wrong = {k: v for k, v in info.items() if v}
     if wrong:
         raise ValueError(f"{path}: the checkpoint does not match {model_cls.__name__}: {wrong}")
+    for name, weight in model.named_parameters():
+        check_finite(weight, name, str(path))
     return model.to(device).eval().requires_grad_(False)

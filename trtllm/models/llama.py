@@ -134,7 +134,7 @@ def refuse_quantization_config(d: dict, module: str) -> None:
 
 def rope_from_hf(d: dict) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from transformers 5 `rope_parameters` or 4's `rope_theta`/`rope_scaling`."""
-    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})  # an object: checkpoint_config.py
     if params and all(isinstance(v, dict) for v in params.values()):
         raise ValueError(f"per-layer-type rope_parameters {sorted(params)} are not supported")
     theta = float(params.pop("rope_theta", d.get("rope_theta", 10000.0)))

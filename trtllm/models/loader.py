@@ -20,18 +20,23 @@ unpickled: loading one could run arbitrary code.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from trtllm.models.bloom import BloomForCausalLM
-from trtllm.models.checkpoint_config import read_config, read_json
+from trtllm.models.checkpoint_config import read_config
+from trtllm.models.checkpoint_tensors import (
+    check_checkpoint,
+    check_finite,
+    check_stored_ties,
+    expected_tensors,
+    open_safetensors,
+    weight_files,
+)
 from trtllm.models.expert_tensors import ExpertSlots
 from trtllm.models.falcon import FalconForCausalLM
 from trtllm.models.gemma import GemmaForCausalLM
@@ -90,9 +95,6 @@ _DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }
-# Tensors some checkpoints carry that no model needs (old HF rope caches).
-_HARMLESS = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq|cos_cached|sin_cached)$")
-_PICKLE_PATTERNS = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
 _PROGRESS_BYTES = 1 << 30  # show a progress bar above 1 GB of weights
 
 
@@ -125,7 +127,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                          "unset to load it as it is")
     dtype = _resolve_dtype(dtype, hf_config)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    files = _weight_files(path)
+    files = weight_files(path)
     architecture = (hf_config.get("architectures") or [None])[0]
     if architecture in REFUSED_ARCHITECTURES:
         raise ValueError(f"{path}: {REFUSED_ARCHITECTURES[architecture]} checkpoints ({architecture}) are not "
@@ -143,14 +145,14 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
         return model
 
     with torch.device("meta"):  # the model file builds unquantized layers; the layout is read here
-        model = model_cls(model_cls.config_class.from_hf(
-            {k: v for k, v in hf_config.items() if k != "quantization_config"}))
+        model = model_cls(_model_config(model_cls, hf_config, path))
     expert_slot = ExpertSlots(getattr(model_cls, "expert_tensors", None))
-    expected, aliases = _expected_tensors(model)
+    expected, aliases = expected_tensors(model)
     rename = getattr(model_cls, "checkpoint_name", None) or (lambda name: name)  # checkpoint -> module names
-    tensor_file = _check_checkpoint(files, expected, aliases,
+    tensor_file = check_checkpoint(files, expected, aliases,
                                     (lambda name: is_quantization_tensor(layout, name)) if layout else None, rename,
                                     expert_slot)
+    check_stored_ties(files, aliases, rename)
     fp8 = Fp8CheckpointTensors(layout, str(path)) if layout is not None else None
     online = Fp8Linears(source=f"QuantConfig(quant_algo={quant_algo.value})") if quant_algo is not None else None
     online_weights = {f"{p}.weight": p for p in quantizable_linears(model)} if online is not None else {}
@@ -159,7 +161,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     total = sum(f.stat().st_size for f in files)
     bar = _progress_bar(total, progress)
     for file in files:
-        with _open_safetensors(file) as f:
+        with open_safetensors(file) as f:
             for stored in f.keys():
                 name = rename(stored)
                 slot = expert_slot(name)
@@ -168,6 +170,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     if fp8 is None and t.dtype == torch.float8_e4m3fn:
                         raise ValueError(f"{file.name}: tensor {name!r} is float8 but the checkpoint names no "
                                          "quantization: without its scales it cannot be read")
+                    if not t.is_floating_point():  # copied into the float stack it would pass as weights
+                        raise ValueError(f"{file.name}: tensor {name!r} is {t.dtype}, but it is an expert's weight: "
+                                         "weights are floating point")
+                    check_finite(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float8_e4m3fn else t,
+                                 name, file.name, t.dtype)
                     expert_slot.put(slot, t, expected[slot[0]], dtype, device)
                     if bar is not None:
                         bar.update(t.numel() * t.element_size())
@@ -184,10 +191,15 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     raise ValueError(f"{file.name}: tensor {name!r} is {t.dtype} but the checkpoint names no "
                                      "quantization (config.json quantization_config, hf_quant_config.json): "
                                      "without its scales it cannot be read (docs/quantization.md)")
+                if t.dtype == torch.float8_e4m3fn:  # an FP8 weight: its values as stored (a scale: when placed)
+                    check_finite(t, name, file.name)
                 if fp8 is not None and fp8.take(name, t, device):
                     pass  # an FP8 weight or a scale: fp8.finish places it below
                 elif name in online_weights:  # quantized now; the weight in `dtype` is dropped at once
-                    q = quantize_weight(t.to(device=device, dtype=dtype), quant_algo)
+                    w = t.to(device=device, dtype=dtype)
+                    check_finite(w, name, file.name, t.dtype)
+                    q = quantize_weight(w, quant_algo)
+                    del w
                     q.placeholder = placeholder_weight(t.shape, dtype, device)
                     online.linears[online_weights[name]] = q
                 else:
@@ -195,7 +207,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         raise ValueError(f"{file.name}: tensor {name!r} is {t.dtype}, but it is a weight: "
                                          "weights are floating point (an integer-quantized checkpoint whose "
                                          "config.json names no quantization_config?)")
-                    t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    stored_dtype, t = t.dtype, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    check_finite(t, name, file.name, stored_dtype)
                     _assign(model, name, t)
                 del t
                 if bar is not None:
@@ -223,110 +236,29 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     return model.eval().requires_grad_(False)
 
 
-@contextlib.contextmanager
-def _open_safetensors(file: Path):
-    """safe_open, with errors that name the file (a truncated or corrupt shard says only
-    'incomplete metadata' otherwise)."""
+def _model_config(model_cls: type[nn.Module], hf_config: dict, path: Path):
+    """The model file's config from config.json; a field it needs and config.json lacks is named
+    (from_hf reads them as d[key]: a bare KeyError otherwise)."""
     try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            yield f
-    except SafetensorError as e:
-        raise ValueError(f"{file}: not a readable safetensors file ({e}); the file may be "
-                         "truncated or corrupt") from None
+        return model_cls.config_class.from_hf({k: v for k, v in hf_config.items() if k != "quantization_config"})
+    except KeyError as e:
+        raise ValueError(f"{path / 'config.json'}: no {e.args[0]!r} field, which {model_cls.__name__} "
+                         "needs") from None
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, hf_config: dict) -> torch.dtype:
+    where = "dtype"
     if dtype is None or dtype == "auto":
         dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+        where = "config.json's dtype (no dtype given)"
     if isinstance(dtype, str):
         key = dtype.removeprefix("torch.")
         if key not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported (use one of {sorted(_DTYPES)})")
+            raise ValueError(f"{where} {dtype!r} is not supported (use one of {sorted(_DTYPES)})")
         dtype = _DTYPES[key]
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"dtype {dtype} is not supported (bf16, fp16 or fp32)")
+        raise ValueError(f"{where} {dtype!r} is not supported (bf16, fp16 or fp32)")
     return dtype
-
-
-def _weight_files(path: Path) -> list[Path]:
-    """The safetensors files of the checkpoint, in order; errors name what is missing."""
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        weight_map = read_json(index)
-        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
-            raise ValueError(f"{index}: no \"weight_map\" object (tensor name -> shard file)")
-        weight_map = weight_map["weight_map"]
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
-        for file in files:
-            if not file.is_file():
-                raise FileNotFoundError(f"shard {file} is listed in {index.name} but missing on disk")
-        return files
-    pickles = sorted({p.name for pattern in _PICKLE_PATTERNS for p in path.glob(pattern)})
-    if pickles:
-        raise ValueError(
-            f"{path} holds only pickle checkpoint files ({', '.join(pickles)}): pickle checkpoints are "
-            "never unpickled (that can run arbitrary code). Convert to safetensors, e.g. "
-            "`AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, safe_serialization=True)`.")
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-
-
-def _expected_tensors(model: nn.Module) -> tuple[dict[str, torch.Size], dict[str, str]]:
-    """(name -> shape of every tensor the checkpoint must supply, alias name -> tied target name)."""
-    targets = {id(p): n for n, p in model.named_parameters()}  # deduplicated: first name wins
-    expected, aliases = {}, {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in targets and targets[id(t)] != name:
-            aliases[name] = targets[id(t)]
-        else:
-            expected[name] = t.shape
-    return expected, aliases
-
-
-def _check_checkpoint(files: list[Path], expected: dict, aliases: dict, is_scale=None,
-                      rename=lambda name: name, expert_slot: ExpertSlots | None = None) -> dict[str, Path]:
-    """Match checkpoint tensors (names and shapes, read from headers only) to the model's;
-    `is_scale(name)` names the quantized layout's extra tensors (checked when read);
-    `rename`: a checkpoint name -> the model's (a model file's `checkpoint_name`);
-    `expert_slot`: per-expert tensors that make 3-D parameters (each expert's every row block
-    must be there)."""
-    tensor_file, unexpected = {}, []
-    filled: dict[str, set[tuple[int, int]]] = {}
-    for file in files:
-        with _open_safetensors(file) as f:
-            for stored in f.keys():
-                name = rename(stored)
-                shape = torch.Size(f.get_slice(stored).get_shape())
-                slot = expert_slot(name) if expert_slot is not None else None
-                if slot is not None and slot[0] in expected:
-                    param, e, rows = slot
-                    want = expert_slot.shape(expected[param], param)
-                    if shape != want or not 0 <= e < expected[param][0]:
-                        raise ValueError(f"{file.name}: tensor {name!r} has shape {tuple(shape)}, the model expects "
-                                         f"{tuple(want)} for experts 0..{expected[param][0] - 1}")
-                    filled.setdefault(param, set()).add((e, rows))
-                    continue
-                if name in expected:
-                    if shape != expected[name]:
-                        raise ValueError(f"{file.name}: tensor {name!r} has shape {tuple(shape)}, "
-                                         f"the model expects {tuple(expected[name])}")
-                    tensor_file[name] = file
-                elif name in aliases or _HARMLESS.search(name):
-                    continue  # e.g. a tied lm_head.weight saved anyway; the tie wins
-                elif is_scale is not None and is_scale(name):
-                    tensor_file[name] = file
-                else:
-                    unexpected.append(f"{name} (in {file.name})")
-    for param in expert_slot.complete(filled, expected) if expert_slot is not None else []:
-        tensor_file[param] = files[0]  # stacked from the per-expert tensors
-    missing = [n for n in expected if n not in tensor_file]
-    if missing:
-        raise ValueError(f"tensors expected by the model are absent from the checkpoint "
-                         f"({', '.join(f.name for f in files)}): {missing}")
-    if unexpected:
-        raise ValueError(f"checkpoint has tensors the model does not use: {unexpected}")
-    return tensor_file
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -41,7 +41,7 @@ class MixtralConfig(LlamaConfig):
         if d.get("model_type", "mixtral") != "mixtral":
             raise ValueError(f"model_type={d.get('model_type')!r} is not mixtral")
         base = LlamaConfig.from_hf({**d, "model_type": "mistral", "architectures": ["MistralForCausalLM"]})
-        return cls(**asdict(base), num_experts=d.get("num_local_experts", d.get("num_experts")),
+        return cls(**asdict(base), num_experts=d["num_local_experts"] if "num_local_experts" in d else d["num_experts"],
                    num_experts_per_tok=d.get("num_experts_per_tok", 2), moe_intermediate_size=d["intermediate_size"])
 
 

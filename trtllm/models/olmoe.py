@@ -44,7 +44,7 @@ class OlmoeConfig(LlamaConfig):
         if d.get("model_type", "olmoe") != "olmoe":
             raise ValueError(f"model_type={d.get('model_type')!r} is not olmoe")
         base = LlamaConfig.from_hf({**d, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})
-        return cls(**asdict(base), num_experts=d.get("num_experts", d.get("num_local_experts")),
+        return cls(**asdict(base), num_experts=d["num_experts"] if "num_experts" in d else d["num_local_experts"],
                    num_experts_per_tok=d["num_experts_per_tok"], moe_intermediate_size=d["intermediate_size"],
                    norm_topk_prob=bool(d.get("norm_topk_prob", False)), clip_qkv=d.get("clip_qkv"))
 

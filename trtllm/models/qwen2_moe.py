@@ -54,7 +54,7 @@ class Qwen2MoeConfig(LlamaConfig):
         base.qkv_bias = bool(d.get("qkv_bias", True))  # Qwen2 always has them; Qwen2-MoE says so in its config
         return cls(**asdict(base), moe_intermediate_size=d["moe_intermediate_size"],
                    shared_expert_intermediate_size=d["shared_expert_intermediate_size"],
-                   num_experts=d.get("num_experts", d.get("num_local_experts")),
+                   num_experts=d["num_experts"] if "num_experts" in d else d["num_local_experts"],
                    num_experts_per_tok=d["num_experts_per_tok"], norm_topk_prob=bool(d.get("norm_topk_prob", False)),
                    decoder_sparse_step=d.get("decoder_sparse_step", 1) or 1,
                    mlp_only_layers=list(d.get("mlp_only_layers") or []))

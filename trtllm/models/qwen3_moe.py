@@ -60,7 +60,7 @@ class Qwen3MoeConfig(LlamaConfig):
         if d.get("model_type", "qwen3_moe") != "qwen3_moe":
             raise ValueError(f"model_type={d.get('model_type')!r} is not qwen3_moe")
         base = LlamaConfig.from_hf({**d, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]})
-        experts = d.get("num_experts", d.get("num_local_experts"))  # the checkpoints' name; transformers 5's
+        experts = d["num_experts"] if "num_experts" in d else d["num_local_experts"]  # the checkpoints' name; transformers 5's
         return cls(**asdict(base), moe_intermediate_size=d["moe_intermediate_size"], num_experts=experts,
                    num_experts_per_tok=d["num_experts_per_tok"], norm_topk_prob=bool(d.get("norm_topk_prob", False)),
                    decoder_sparse_step=d.get("decoder_sparse_step", 1) or 1,

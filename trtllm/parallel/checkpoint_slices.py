@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from trtllm.models.checkpoint_config import read_json
+from trtllm.models.checkpoint_tensors import check_finite
 from trtllm.passes.shard_tensor_parallel import COLUMN_PARALLEL, FUSED_COLUMN_PARALLEL, ROW_PARALLEL
 
 # split by vocabulary rows (passes/shard_vocab_parallel.py)
@@ -61,7 +62,7 @@ class CheckpointSlices:
             self._check_shape(name, tensor.get_shape(), stand_in)
             part = tensor[start:start + length] if dim == 0 else tensor[:, start:start + length]
         self.bytes_read += part.numel() * part.element_size()
-        return part.to(device=stand_in.device, dtype=stand_in.dtype).contiguous()
+        return self._checked(name, part, stand_in)
 
     def whole(self, name: str, stand_in: torch.Tensor) -> torch.Tensor:
         """The whole tensor, for what needs all of it once (an FP8 per-tensor scale: the caller
@@ -71,7 +72,17 @@ class CheckpointSlices:
             tensor = f.get_tensor(name)
         self._check_shape(name, list(tensor.shape), stand_in)
         self.bytes_scanned += tensor.numel() * tensor.element_size()
-        return tensor.to(device=stand_in.device, dtype=stand_in.dtype)
+        return self._checked(name, tensor, stand_in)
+
+    def _checked(self, name: str, read: torch.Tensor, stand_in: torch.Tensor) -> torch.Tensor:
+        """`read` in the stand-in's dtype and device, checked as the loader checks what it reads whole:
+        an integer tensor for a float weight, NaN or infinities (also made by the cast) are refused."""
+        if stand_in.is_floating_point() and not read.is_floating_point():
+            raise ValueError(f"{self.files[name].name}: tensor {name!r} is {read.dtype}, but it is a weight: "
+                             "weights are floating point")
+        out = read.to(device=stand_in.device, dtype=stand_in.dtype).contiguous()
+        check_finite(out, name, self.files[name].name, read.dtype)
+        return out
 
     def _stored(self, name: str) -> str:
         name = self._stored_names.get(name, name)

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from trtllm.models.checkpoint_tensors import check_finite
 from trtllm.parallel.checkpoint_slices import CheckpointSlices
 from trtllm.parallel.tensor_parallel import unloaded, unloaded_experts
 
@@ -112,7 +113,9 @@ def load_moe_rank(path: str | os.PathLike, dtype: torch.dtype | None, device: to
                 want = model.get_parameter(name).shape
                 if t.shape != want:
                     raise ValueError(f"{source}: the checkpoint holds shape {list(t.shape)}, {arch} expects {list(want)}")
-                _assign(model, name, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+                t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                check_finite(t, source, file.name)
+                _assign(model, name, t)
     for name, prefix, which in whole_experts:
         _assign(model, name, _read_whole_experts(slices, names, prefix, which, model.get_parameter(name).shape,
                                                  dtype, device))
@@ -168,7 +171,9 @@ def _read_whole_experts(slices: CheckpointSlices, names: ExpertNames, prefix: st
     if fused.shape != shape:
         raise ValueError(f"{prefix}: its experts' checkpoint tensors make shape {list(fused.shape)}, the model "
                          f"expects {list(shape)}")
-    return fused.to(device=device, dtype=dtype)
+    fused = fused.to(device=device, dtype=dtype)
+    check_finite(fused, f"{prefix}.*.{'/'.join(parts)}.weight", str(slices.path))
+    return fused
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -17,14 +17,12 @@ A linear is quantized where its checkpoint weight is float8_e4m3fn; its scales m
 there, of a shape the layout allows, or loading fails naming the tensor. KV scales are
 collected into `Fp8Linears.kv_scales` for the KV cache's quantization; this module does not
 apply them. An LM head stored in FP8 is dequantized to the model's dtype (the head stays
-unquantized, as TensorRT-LLM keeps it).
+unquantized, as TensorRT-LLM keeps it). Which layout a directory uses: quantization/layouts.py.
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,127 +30,17 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from trtllm.kernels.fp8_gemm import FP8_DTYPE, SCALE_BLOCK
+from trtllm.models.checkpoint_config import read_config
 from trtllm.parallel.tensor_parallel import unloaded
 from trtllm.quantization.fp8_linears import EXPERT_WEIGHTS, Fp8Experts, Fp8Linear, Fp8Linears, placeholder_weight
-
-SUPPORTED = ("fp8 (HF transformers' FP8: quant_method \"fp8\")",
-             "compressed-tensors (FP8 weights and activations)",
-             "modelopt (NVIDIA ModelOpt FP8, hf_quant_config.json)")
-_KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")
-
-
-@dataclass(frozen=True)
-class CheckpointLayout:
-    name: str                 # as messages say it: "HF fp8", "compressed-tensors", "ModelOpt"
-    weight_scale: str         # the tensor suffix: "weight_scale_inv" or "weight_scale"
-    static_inputs: bool       # input_scale tensors required (static activation scales)
-    block: bool               # 128x128 block weight scales
-    kv_cache_format: str | None = None  # "fp8" / "int8": what the checkpoint's k_scale / v_scale calibrate
-
-    def describe(self) -> str:
-        parts = ["128x128 block" if self.block else "per-tensor/per-channel", "weights",
-                 "static input scales" if self.static_inputs else "dynamic activations"]
-        return f"{self.name} checkpoint ({' '.join(parts[:2])}, {parts[2]})"
-
-
-class CheckpointError(ValueError):
-    """A quantized checkpoint trtllm cannot read; the message names the tensor or field."""
-
-
-def _unsupported(method) -> CheckpointError:
-    return CheckpointError(f"quantization_config.quant_method={method!r} is not supported; trtllm loads "
-                           f"FP8 checkpoints of these layouts: {'; '.join(SUPPORTED)}")
-
-
-def checkpoint_layout(path: Path, hf_config: dict) -> CheckpointLayout | None:
-    """The FP8 layout of checkpoint directory `path` (config.json already read into
-    `hf_config`), None if it is not quantized; anything else quantized is refused by name."""
-    modelopt_file = Path(path) / "hf_quant_config.json"
-    qc = hf_config.get("quantization_config")
-    if modelopt_file.is_file():
-        return _modelopt(json.loads(modelopt_file.read_text()).get("quantization") or {}, modelopt_file.name)
-    if not qc:
-        return None
-    if not isinstance(qc, dict):
-        raise CheckpointError(f"config.json: quantization_config is {type(qc).__name__}, expected an object")
-    method = qc.get("quant_method")
-    if method == "fp8":
-        return _hf_fp8(qc)
-    if method == "compressed-tensors":
-        return _compressed_tensors(qc)
-    if method == "modelopt":
-        return _modelopt(qc, "config.json quantization_config")
-    raise _unsupported(method)
-
-
-def _hf_fp8(qc: dict) -> CheckpointLayout:
-    scheme = qc.get("activation_scheme", "dynamic")
-    if scheme not in ("dynamic", "static"):
-        raise CheckpointError(f"quantization_config.activation_scheme={scheme!r}: expected 'dynamic' or 'static'")
-    block = qc.get("weight_block_size")
-    if block not in (None, [SCALE_BLOCK, SCALE_BLOCK]):
-        raise CheckpointError(f"quantization_config.weight_block_size={block!r}: only "
-                              f"[{SCALE_BLOCK}, {SCALE_BLOCK}] blocks (or none) are supported")
-    if block and scheme == "static":
-        raise CheckpointError("quantization_config: block weight scales with static activation scales are not "
-                              "supported (block weights take per-token-group activations)")
-    return CheckpointLayout("HF fp8", "weight_scale_inv", scheme == "static", block is not None)
-
-
-def _is_fp8(args: dict | None) -> bool:
-    return bool(args) and args.get("num_bits") == 8 and args.get("type") == "float"
-
-
-def _compressed_tensors(qc: dict) -> CheckpointLayout:
-    groups = qc.get("config_groups") or {}
-    if not groups:
-        raise CheckpointError("compressed-tensors quantization_config has no config_groups")
-    layouts = set()
-    for name, group in groups.items():
-        w, a = group.get("weights"), group.get("input_activations")
-        where = f"quantization_config.config_groups.{name}"
-        if not _is_fp8(w):
-            raise CheckpointError(f"{where}.weights={w!r}: only FP8 weights (num_bits 8, type 'float') are "
-                                  f"supported; {'; '.join(SUPPORTED)}")
-        if w.get("strategy") not in ("tensor", "channel", "block"):
-            raise CheckpointError(f"{where}.weights.strategy={w.get('strategy')!r}: expected 'tensor', "
-                                  "'channel' or 'block'")
-        if w.get("strategy") == "block" and w.get("block_structure") != [SCALE_BLOCK, SCALE_BLOCK]:
-            raise CheckpointError(f"{where}.weights.block_structure={w.get('block_structure')!r}: only "
-                                  f"[{SCALE_BLOCK}, {SCALE_BLOCK}] is supported")
-        if not _is_fp8(a):
-            raise CheckpointError(f"{where}.input_activations={a!r}: weight-only FP8 is not supported (the FP8 "
-                                  "GEMM quantizes the activations too: FP8 num_bits 8, type 'float')")
-        static = not a.get("dynamic", False)
-        if static and a.get("strategy") != "tensor":
-            raise CheckpointError(f"{where}.input_activations: static strategy {a.get('strategy')!r}: only "
-                                  "per-tensor static activation scales are supported")
-        if not static and a.get("strategy") not in ("token", "group", "tensor", None):
-            raise CheckpointError(f"{where}.input_activations.strategy={a.get('strategy')!r} is not supported")
-        block = w.get("strategy") == "block"
-        if block and static:
-            raise CheckpointError(f"{where}: block weights with static activation scales are not supported")
-        layouts.add(CheckpointLayout("compressed-tensors", "weight_scale", static, block,
-                                     _ct_kv_format(qc.get("kv_cache_scheme"))))
-    if len(layouts) != 1:
-        raise CheckpointError("compressed-tensors config_groups differ in granularity or activation scheme; "
-                              "one scheme for all linears is supported")
-    return layouts.pop()
-
-
-def _modelopt(q: dict, where: str) -> CheckpointLayout:
-    algo = q.get("quant_algo")
-    if algo not in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN"):
-        raise CheckpointError(f"{where}: ModelOpt quant_algo={algo!r} is not supported; of ModelOpt's "
-                              "algorithms trtllm loads FP8 and FP8_PER_CHANNEL_PER_TOKEN")
-    kv = {"FP8": "fp8", "INT8": "int8"}.get(q.get("kv_cache_quant_algo"))
-    return CheckpointLayout("ModelOpt", "weight_scale", algo == "FP8", False, kv)
-
-
-def _ct_kv_format(scheme: dict | None) -> str | None:
-    if not scheme or scheme.get("num_bits") != 8:
-        return None
-    return {"float": "fp8", "int": "int8"}.get(scheme.get("type"))
+from trtllm.quantization.layouts import (  # noqa: F401 (importers take the layouts from here)
+    _KV_SCALE_SUFFIXES,
+    SUPPORTED,
+    CheckpointError,
+    CheckpointLayout,
+    checkpoint_layout,
+    is_quantization_tensor,
+)
 
 
 def kv_cache_scales_by_layer(fp8: Fp8Linears, fmt: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -167,11 +55,16 @@ def kv_cache_scales_by_layer(fp8: Fp8Linears, fmt: str) -> list[tuple[torch.Tens
                       f"the {fmt} cache asked for: they are not used")
         return None
     layers: dict[int, dict[str, torch.Tensor]] = {}
+    named: dict[tuple[int, str], str] = {}  # (layer, kind) -> the tensor that gave it
     for name, t in fp8.kv_scales.items():
         found = re.search(r"layers\.(\d+)\.", name)
         if found is None:
             raise CheckpointError(f"KV-cache scale {name!r}: no layer index (model.layers.<i>.) in its name")
-        layers.setdefault(int(found.group(1)), {})[name.rsplit(".", 1)[1]] = t
+        key = (int(found.group(1)), name.rsplit(".", 1)[1])
+        if key in named:  # the one read last would win (another naming, or another tower's layers)
+            raise CheckpointError(f"KV-cache scales {named[key]!r} and {name!r} both give layer {key[0]}'s {key[1]}")
+        named[key] = name
+        layers.setdefault(key[0], {})[key[1]] = t
     out = []
     for i in range(len(layers)):
         pair = layers.get(i, {})
@@ -181,11 +74,6 @@ def kv_cache_scales_by_layer(fp8: Fp8Linears, fmt: str) -> list[tuple[torch.Tens
                                       f"layers {sorted(layers)})")
         out.append((pair["k_scale"], pair["v_scale"]))
     return out
-
-
-def is_quantization_tensor(layout: CheckpointLayout, name: str) -> bool:
-    """A tensor the layout adds beside the model's own (scales)."""
-    return name.endswith(("." + layout.weight_scale, ".input_scale", *_KV_SCALE_SUFFIXES))
 
 
 class Fp8CheckpointTensors:
@@ -218,6 +106,10 @@ class Fp8CheckpointTensors:
         if name.endswith(_KV_SCALE_SUFFIXES):
             self.kv_scales[name] = tensor.float().to(device)
             return True
+        if name.endswith(".input_scale") and not self.layout.static_inputs:
+            raise CheckpointError(f"{self.where}: {name!r} is a static input scale, but the config names "
+                                  f"{self.layout.describe()}: the scale would be ignored (the config or the "
+                                  "tensors are not what the checkpoint was quantized with; docs/quantization.md)")
         if is_quantization_tensor(self.layout, name):
             self.scales[name] = tensor.to(device)
             return True
@@ -243,8 +135,12 @@ class Fp8CheckpointTensors:
         if shape not in allowed:
             raise CheckpointError(f"{self.where}: {name!r} has shape {tuple(s.shape)}; for weight "
                                   f"{path}.weight the {self.layout.name} layout allows {allowed}")
-        if not s.is_floating_point() or not torch.isfinite(s.float()).all() or (s.float() <= 0).any():
-            raise CheckpointError(f"{self.where}: {name!r} must hold finite positive scales")
+        if not s.is_floating_point():
+            raise CheckpointError(f"{self.where}: {name!r} is {s.dtype}: scales are floating point")
+        bad = ~torch.isfinite(s.float()) | (s.float() <= 0)
+        if bad.any():
+            raise CheckpointError(f"{self.where}: {name!r} must hold finite positive scales; it holds "
+                                  f"{s.float()[bad].flatten()[:4].tolist()}")
         return s.float().contiguous()
 
     def experts(self, model: nn.Module, slots, dtype: torch.dtype) -> None:
@@ -335,7 +231,7 @@ def checkpoint_kv_cache_scales(path: str | Path, fmt: str) -> list[tuple[torch.T
     model): what every rank of a parallel engine needs before any of them loads. None where the
     checkpoint is not quantized or has none for `fmt`."""
     path = Path(path)
-    layout = checkpoint_layout(path, json.loads((path / "config.json").read_text()))
+    layout = checkpoint_layout(path, read_config(path))
     if layout is None or fmt == "auto":
         return None
     scales = {}
