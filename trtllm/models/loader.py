@@ -173,8 +173,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     if not t.is_floating_point():  # copied into the float stack it would pass as weights
                         raise ValueError(f"{file.name}: tensor {name!r} is {t.dtype}, but it is an expert's weight: "
                                          "weights are floating point")
-                    check_finite(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float8_e4m3fn else t,
-                                 name, file.name, t.dtype)
+                    stored_dtype = t.dtype  # checked on the device: a MoE's experts are most of its bytes
+                    t = t.to(device=device, dtype=dtype if t.dtype != torch.float8_e4m3fn else t.dtype)
+                    check_finite(t, name, file.name, stored_dtype)
                     expert_slot.put(slot, t, expected[slot[0]], dtype, device)
                     if bar is not None:
                         bar.update(t.numel() * t.element_size())
