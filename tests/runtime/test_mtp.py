@@ -223,6 +223,7 @@ def test_the_layer_loads_with_its_experts_stacked_and_fp8_dequantized(target, tm
     ({"mlp.experts.5.up_proj.weight": None}, r"model\.layers\.2\.mlp\.experts\.5\.up_proj\.weight is missing"),
     ({"eh_proj.weight": torch.zeros(H, H)}, r"eh_proj\.weight is \(64, 64\), the config says \(64, 128\)"),
     ({"mystery.weight": torch.zeros(3)}, r"unexpected tensor model\.layers\.2\.mystery\.weight"),
+    ({"hnorm.weight": torch.full((H,), float("nan"))}, r"model\.layers\.2\.hnorm\.weight' holds \d+ NaN"),
 ])
 def test_bad_layers_are_refused_by_name(tmp_path, edit, match):
     path = write_target(tmp_path / "t", **edit)

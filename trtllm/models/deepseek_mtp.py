@@ -30,7 +30,6 @@ or stacked, `input_layernorm`, `post_attention_layernorm`). Block-quantized FP8 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -38,6 +37,8 @@ from safetensors import safe_open
 from torch import nn
 
 from trtllm.hidden_states import draft_hidden_input  # noqa: F401  registers torch.ops.trtllm.draft_hidden_input
+from trtllm.models.checkpoint_config import read_json
+from trtllm.models.checkpoint_tensors import check_finite
 from trtllm.models.eagle3 import input_embedding
 
 MTP_MODEL_TYPES = ("deepseek_v3",)
@@ -161,7 +162,10 @@ def _read_layer(path: Path, layer: int, block: tuple[int, int] | None, dtype: to
     prefix = f"model.layers.{layer}."
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no weight_map object")
         files = sorted({f for name, f in weight_map.items() if name.startswith(prefix)})
     else:
         files = [f.name for f in sorted(path.glob("*.safetensors"))]
@@ -188,6 +192,7 @@ def _read_layer(path: Path, layer: int, block: tuple[int, int] | None, dtype: to
             t = dequantize_blocks(t, scale, block, f"MTP layer {path}: tensor {prefix}{name}")
         keep = not t.is_floating_point() or name.endswith("e_score_correction_bias")
         out[name] = t if keep else t.to(dtype)
+        check_finite(out[name], prefix + name, f"MTP layer {path}", t.dtype)
     return out
 
 
