@@ -257,6 +257,11 @@ def test_seed_reproducible_and_n_completions(llama_llm):
     assert len({tuple(o.token_ids) for o in a.outputs}) > 1
     for o in a.outputs:
         assert len(o.logprobs) == 8 and all(next(iter(d)) == t for d, t in zip(o.logprobs, o.token_ids))
+        for d, t in zip(o.logprobs, o.token_ids):  # TensorRT-LLM's / vLLM's Logprob fields on each float
+            assert all(v.logprob == float(v) for v in d.values())
+            ranked = sorted((v for v in d.values() if v.rank is not None), key=lambda v: v.rank)
+            assert [v.rank for v in ranked] == [1, 2] and ranked[0] >= ranked[1]  # the top 2, in order
+            assert (d[t].rank is None) == (len(d) == 3)  # the sampled token outside them: rank not known
 
 
 def test_nan_logits_fail_that_request_alone(tmp_path):

@@ -53,6 +53,12 @@ def check(outputs, expected, k):
             assert set(top) <= set(ids.tolist()) and len(top) >= k - 1
             for t, v in top.items():
                 assert abs(v - ref[i - 1, t].item()) < TOL
+            # each a Logprob too (TensorRT-LLM's / vLLM's .logprob and .rank): the prompt token's
+            # rank over the whole vocabulary, the others' their place in the top-k
+            assert entry[token].logprob == float(entry[token])
+            assert entry[token].rank == (ref[i - 1] > ref[i - 1, token]).sum().item() + 1
+            assert [v.rank for v in top.values()] == sorted(v.rank for v in top.values())
+            assert all(v.rank == ids.tolist().index(t) + 1 for t, v in top.items())
 
 
 @pytest.mark.parametrize("reuse", [False, True])
@@ -79,6 +85,17 @@ def test_prompt_logprobs_with_chunked_prefill_and_preemption(checkpoint, hf_logp
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
         assert llm.engine.scheduler.num_preemptions > 0
     check(outs, hf_logprobs, 1)
+
+
+def test_a_logprob_is_a_float_with_its_rank_across_the_process_pipe():
+    from trtllm.runtime.outputs import Logprob, logprob_entry
+    entry = logprob_entry(7, -2.5, [(3, -0.5), (7, -2.5)])  # the chosen token second in the top list
+    assert entry == {7: -2.5, 3: -0.5} and list(entry) == [7, 3]
+    assert (entry[7].rank, entry[3].rank) == (2, 1) and entry[3].logprob == -0.5
+    assert logprob_entry(9, -4.0, [(3, -0.5)])[9].rank is None  # outside the top list: not known
+    assert logprob_entry(9, -4.0, [], chosen_rank=5)[9].rank == 5
+    back = pickle.loads(pickle.dumps(entry))
+    assert type(back[7]) is Logprob and back[7].rank == 2 and back[7] + 1 == -1.5
 
 
 def test_prompt_logprobs_cross_the_process_pipe_once():

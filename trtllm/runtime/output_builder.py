@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from trtllm.runtime.outputs import CompletionOutput, RequestOutput, new_output
+from trtllm.runtime.outputs import CompletionOutput, RequestOutput, logprob_entry, new_output
 from trtllm.runtime.sequence import Sequence
 from trtllm.runtime.tokenizer import IncrementalDetokenizer, find_stop_span, safe_prefix_len, special_stop_tokens
 from trtllm.sampling_params import SamplingParams
@@ -57,9 +57,7 @@ class OutputBuilder:
         if logprob is not None:
             chosen, top = logprob
             if completion.logprobs is not None:
-                entry = {token: chosen}
-                entry.update({t: v for t, v in top if t != token})
-                completion.logprobs.append(entry)
+                completion.logprobs.append(logprob_entry(token, chosen, top))
             completion.cumulative_logprob += chosen
         detok = self.detokenizers[i]
         stop_token = (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids

@@ -11,6 +11,37 @@ if TYPE_CHECKING:
     from trtllm.sampling_params import SamplingParams
 
 
+class Logprob(float):
+    """A token's logprob: the float itself, with TensorRT-LLM's and vLLM's fields, so both
+    `lp[t] + 1.0` and `lp[t].logprob` / `lp[t].rank` read it. rank: 1 for the most likely
+    token of its distribution; None where it is not known (a sampled token outside the
+    top-k asked for: the ranks a generation step knows are its top list's)."""
+
+    __slots__ = ("rank",)
+
+    def __new__(cls, logprob: float, rank: int | None = None):
+        self = super().__new__(cls, logprob)
+        self.rank = rank
+        return self
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __reduce__(self):  # pickled across the engine process (runtime/wire.py) with its rank
+        return Logprob, (float(self), self.rank)
+
+
+def logprob_entry(token: int, chosen: float, top, chosen_rank: int | None = None) -> dict[int, Logprob]:
+    """{token: its logprob, then the other top (id, logprob) pairs}, each a Logprob whose rank
+    is its place in `top` (sorted, most likely first); `token`'s own where `top` holds it,
+    else `chosen_rank`."""
+    ranks = {t: i for i, (t, _) in enumerate(top, 1)}
+    entry = {token: Logprob(chosen, ranks.get(token, chosen_rank))}
+    entry.update((t, Logprob(v, ranks[t])) for t, v in top if t != token)
+    return entry
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -20,7 +51,7 @@ class CompletionOutput:
     finish_reason: str | None = None          # "stop" | "length" | "error" | "abort"
     stop_reason: int | str | None = None      # the stop_token_ids id or stop string that ended it; None
                                               # for EOS or end_id (TensorRT-LLM's and vLLM's rule) or length
-    logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob}, chosen first
+    logprobs: list[dict[int, Logprob]] | None = None  # per token: {token id: logprob}, chosen first
     cumulative_logprob: float | None = None
     text_diff: str = ""                       # text added since the previous streamed output
     token_ids_diff: list[int] = field(default_factory=list)

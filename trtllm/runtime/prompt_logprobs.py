@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trtllm.runtime.outputs import Logprob, logprob_entry
 from trtllm.runtime.sequence import Sequence
 
 ROWS_PER_SLICE = 1024  # fp32 log-softmax of at most this many rows at a time: bounds the temporaries
@@ -50,20 +51,23 @@ def chunk_span(seq: Sequence, start: int, end: int) -> PromptSpan | None:
 
 
 @torch.no_grad()
-def prompt_logprobs(logits: torch.Tensor, spans: list[PromptSpan]) -> list[list[dict[int, float]]]:
+def prompt_logprobs(logits: torch.Tensor, spans: list[PromptSpan]) -> list[list[dict[int, Logprob]]]:
     """logits [R, V], the spans' rows one after another (R = total span length) -> per span,
     per position, {prompt token: logprob, then up to k other top tokens: logprob}, k the
-    span's `prompt_logprobs` (the token itself first, as `CompletionOutput.logprobs`)."""
+    span's `prompt_logprobs` (the token itself first, as `CompletionOutput.logprobs`), each
+    a Logprob with its rank (the prompt token's counted over the whole vocabulary)."""
     rows = sum(s.end - s.start for s in spans)
     if logits.shape[0] != rows:
         raise ValueError(f"{logits.shape[0]} prompt-logit rows for spans of {rows} positions")
     targets = torch.tensor([t for s in spans for t in s.seq.prompt_token_ids[s.start + 1:s.end + 1]],
                            dtype=torch.long, device=logits.device)
     k = min(max(s.seq.sampling_params.prompt_logprobs for s in spans), logits.shape[-1])
-    chosen, top_ids, top_values = [], [], []
+    chosen, ranks, top_ids, top_values = [], [], [], []
     for a in range(0, rows, ROWS_PER_SLICE):
         logp = logits[a:a + ROWS_PER_SLICE].float().log_softmax(-1)
-        chosen += logp.gather(-1, targets[a:a + ROWS_PER_SLICE, None])[:, 0].tolist()
+        picked = logp.gather(-1, targets[a:a + ROWS_PER_SLICE, None])
+        chosen += picked[:, 0].tolist()
+        ranks += ((logp > picked).sum(-1) + 1).tolist()  # 1: the most likely token
         if k:
             values, ids = logp.topk(k, dim=-1)
             top_ids += ids.tolist()
@@ -73,10 +77,8 @@ def prompt_logprobs(logits: torch.Tensor, spans: list[PromptSpan]) -> list[list[
     for s in spans:
         want, entries = s.seq.sampling_params.prompt_logprobs, []
         for _ in range(s.end - s.start):
-            entry = {tokens[i]: chosen[i]}
-            if want:
-                entry.update((t, v) for t, v in zip(top_ids[i][:want], top_values[i][:want]) if t != tokens[i])
-            entries.append(entry)
+            top = list(zip(top_ids[i][:want], top_values[i][:want])) if want else []
+            entries.append(logprob_entry(tokens[i], chosen[i], top, ranks[i]))
             i += 1
         out.append(entries)
     return out
