@@ -89,3 +89,26 @@ def test_text_offsets_count_a_split_character_once(tmp_path):
     text = tok.decode(ids)
     starts = [text.index("🙂"), text.index(" ok"), text.index("ok"), text.index("k")]
     assert lp["text_offset"][-4:] == starts
+
+
+def test_a_streams_text_offsets_count_text_held_back_when_its_tokens_went_out(tmp_path):
+    # a chunk's offsets started from the text sent so far: a character (or a possible stop string)
+    # still held back when its tokens went out made every offset of the next chunk run short
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from tests.runtime.tokenizers import make_tokenizer
+    from trtllm.serve.render import ChoiceProgress
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path))  # byte-level BPE
+    render = Renderer(tok, "m")
+    job = Job("completions", "c", [("p", [1])], [None], 0, True, False)
+    ids = tok.encode("日本🙂 ok fox", add_special_tokens=False)
+    cut = next(i for i in range(1, len(ids)) if "\ufffd" in tok.decode(ids[:i]))  # inside a character
+    whole = render.logprobs(job, ids, [{t: -1.0} for t in ids], 0)["text_offset"]
+    state, got = ChoiceProgress(), []
+    for end, text in [(cut, tok.decode(ids[:cut]).rstrip("\ufffd")), (len(ids), tok.decode(ids))]:
+        c = SimpleNamespace(text=text, token_ids=ids[:end], logprobs=[{t: -1.0} for t in ids[:end]],
+                            finish_reason="stop" if end == len(ids) else None)
+        got += render.piece(job, state, c, 0)["logprobs"]["text_offset"]
+    assert got == whole

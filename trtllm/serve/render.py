@@ -45,6 +45,7 @@ class ChoiceProgress:
     tokens_sent: int = 0
     finished: bool = False
     tool_stream: ToolCallStream | None = None  # a chat choice with tools: content held back, calls at the end
+    offsets: object | None = None  # completions' text_offset over every token sent (Renderer.stream_offsets)
 
 
 # the least logprob a response carries (vLLM's floor): a token the sampling's filters ruled out (top_k, top_p,
@@ -125,7 +126,8 @@ class Renderer:
         logprobs = None
         if job.logprobs is not None and new_ids:
             entries = (c.logprobs or [])[state.tokens_sent:state.tokens_sent + len(new_ids)]
-            logprobs = self.logprobs(job, new_ids, entries, state.text_sent)
+            logprobs = self.logprobs(job, new_ids, entries, state.text_sent,
+                                     offsets=self.stream_offsets(job, state, new_ids) if job.endpoint != "chat" else None)
         state.text_sent, state.tokens_sent = len(c.text), len(c.token_ids)
         state.finished = state.finished or done
         reason = c.finish_reason if done else None
@@ -221,9 +223,10 @@ class Renderer:
                       "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
 
     def logprobs(self, job: Job, ids: list[int], entries: list[dict], offset: int,
-                 context: list[int] | None = None) -> dict:
+                 context: list[int] | None = None, offsets: list[int] | None = None) -> dict:
         """OpenAI's logprobs of tokens `ids` (their entries), their text starting at `offset`
-        (completions' text_offset), after the tokens `context` (default: any word's start)."""
+        (completions' text_offset), after the tokens `context` (default: any word's start);
+        `offsets`: completions' text_offset given (a stream's, stream_offsets)."""
         k = job.logprobs or 0
         if job.endpoint == "chat":
             content = []
@@ -235,7 +238,7 @@ class Renderer:
                                                   "bytes": self.bytes_of(t)} for t, v in top]})
             return {"content": content}
         tokens, token_logprobs, top_logprobs = [], [], []
-        offsets = self.text_offsets(job, ids, offset, context)
+        offsets = offsets if offsets is not None else self.text_offsets(job, ids, offset, context)
         for tid, entry in zip(ids, entries):
             text = self.text_of(tid)
             tokens.append(text)
@@ -261,6 +264,23 @@ class Renderer:
         for tid in ids:
             offsets.append(offset + len(det.text))
             det.append(tid)
+        return offsets
+
+    def stream_offsets(self, job: Job, state: ChoiceProgress, ids: list[int]) -> list[int]:
+        """A stream's text_offset of its next tokens `ids`, counted over every token the stream
+        sent (a detokenizer kept in `state`). From the text sent they ran short wherever text was
+        held back when its tokens went out (a possible stop string, an unfinished character)."""
+        if self.tokenizer is None:  # "token_id:N" texts
+            start = state.offsets or 0
+            state.offsets = start + sum(len(self.text_of(t)) for t in ids)
+            return list(accumulate((len(self.text_of(t)) for t in ids[:-1]), initial=start))[:len(ids)]
+        if state.offsets is None:
+            skip = job.params[0].skip_special_tokens if job.params and job.params[0] is not None else True
+            state.offsets = IncrementalDetokenizer(self.tokenizer, [self.anchor()] if self.anchor() >= 0 else [], skip)
+        offsets = []
+        for tid in ids:
+            offsets.append(len(state.offsets.text))
+            state.offsets.append(tid)
         return offsets
 
     def text_of(self, token_id: int) -> str:
