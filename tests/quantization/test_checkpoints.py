@@ -299,3 +299,16 @@ def test_two_kv_scales_for_one_layer_are_refused():
                                          r"'model\.vision_tower\.encoder\.layers\.0\.self_attn\.k_scale' both give "
                                          r"layer 0's k_scale"):
         kv_cache_scales_by_layer(Fp8Linears(kv_scales=scales, kv_cache_format="fp8"), "fp8")
+
+
+def test_kv_scales_read_alone_come_from_the_checkpoints_own_files(sources, tmp_path):
+    """What a parallel engine's ranks read before loading (checkpoint_kv_cache_scales): the
+    scales of the checkpoint's files only; a stray *.safetensors beside them (an old export, a
+    vision tower's file) gave another layer 0 its scales, or a 'both give' refusal."""
+    from safetensors.torch import save_file
+
+    from trtllm.quantization.checkpoint import checkpoint_kv_cache_scales
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "modelopt", "tensor", True)
+    save_file({"model.layers.0.self_attn.k_proj.k_scale": torch.tensor(9.0)}, tmp_path / "stray.safetensors")
+    scales = checkpoint_kv_cache_scales(tmp_path, "fp8")
+    assert [float(k) for k, _ in scales] == [0.5] * len(scales)

@@ -31,6 +31,7 @@ from safetensors import safe_open
 
 from trtllm.kernels.fp8_gemm import FP8_DTYPE, SCALE_BLOCK
 from trtllm.models.checkpoint_config import read_config
+from trtllm.models.checkpoint_tensors import weight_files
 from trtllm.parallel.tensor_parallel import unloaded
 from trtllm.quantization.fp8_linears import EXPERT_WEIGHTS, Fp8Experts, Fp8Linear, Fp8Linears, placeholder_weight
 from trtllm.quantization.layouts import (  # noqa: F401 (importers take the layouts from here)
@@ -235,7 +236,7 @@ def checkpoint_kv_cache_scales(path: str | Path, fmt: str) -> list[tuple[torch.T
     if layout is None or fmt == "auto":
         return None
     scales = {}
-    for file in sorted(path.glob("*.safetensors")):
+    for file in weight_files(path):  # the checkpoint's own files: not any other *.safetensors beside them
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name.endswith(_KV_SCALE_SUFFIXES):
