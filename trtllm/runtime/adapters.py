@@ -24,7 +24,6 @@ The model runner reads `slot(seq)` to fill the per-token slot index each step.
 from __future__ import annotations
 
 import json
-import math
 import re
 import threading
 from collections import Counter, OrderedDict
@@ -37,18 +36,12 @@ from safetensors import safe_open
 from trtllm.config import LoraConfig
 from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
+from trtllm.runtime.peft_config import check_peft_config, left_out_by_config
 from trtllm.runtime.sequence import Sequence
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
 _KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-# config entries that change what a LoRA computes, refused unless at their no-op value
-_REFUSED_OPTIONS = {
-    "use_dora": (False, "DoRA (use_dora)"),
-    "lora_bias": (False, "LoRA bias (lora_bias)"),
-    "fan_in_fan_out": (False, "fan_in_fan_out (Conv1D layers)"),
-    "use_qalora": (False, "QA-LoRA (use_qalora)"),
-}
 
 
 @dataclass(frozen=True)
@@ -81,29 +74,7 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
         raise ValueError(f"{name}: {CONFIG_FILE} is not readable JSON: {e}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{name}: {CONFIG_FILE} holds a {type(config).__name__}, not a JSON object")
-    peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise ValueError(f"{name}: peft_type {peft_type!r} is not supported (LoRA only)")
-    for option, (ok, what) in _REFUSED_OPTIONS.items():
-        if config.get(option, ok) not in (ok, None):
-            raise ValueError(f"{name}: {what} is not supported")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{name}: bias={config['bias']!r} (trained biases) is not supported; only bias='none'")
-    if config.get("modules_to_save"):
-        raise ValueError(f"{name}: modules_to_save {config['modules_to_save']} (fully trained modules) "
-                         "is not supported")
-    for pattern in ("rank_pattern", "alpha_pattern"):
-        if config.get(pattern):
-            raise ValueError(f"{name}: {pattern} (per-module ranks or alphas) is not supported")
-    if config.get("layer_replication"):
-        raise ValueError(f"{name}: layer_replication is not supported")
-    rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
-    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
-        raise ValueError(f"{name}: r={rank!r}, lora_alpha={alpha!r}: r must be a positive integer, "
-                         "lora_alpha a number")
-    if rank > slots.max_lora_rank:
-        raise ValueError(f"{name}: rank r={rank} exceeds max_lora_rank={slots.max_lora_rank}")
-    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    rank, scaling = check_peft_config(config, name, slots.max_lora_rank)
     keys: dict[str, dict[str, str]] = {}
     try:
         with safe_open(str(weights_path), framework="pt") as f:
@@ -131,7 +102,7 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
     for path, ab in sorted(keys.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{name}: {path} has lora_{'A' if 'A' in ab else 'B'} but not the other")
-        left_out = _left_out_by_config(config, path)
+        left_out = left_out_by_config(config, path)
         if left_out:  # PEFT would not apply these weights: applying them would be another model
             raise ValueError(f"{name}: {path} has LoRA weights, but {CONFIG_FILE}'s {left_out} leaves it out "
                              "(PEFT would not apply them): the config and the weights disagree")
@@ -147,34 +118,6 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
                              f"lora_B [{n}, {rank}] (an adapter of another base model?)")
         checked[path] = (ab["A"], ab["B"])
     return PeftAdapter(request, directory, rank, scaling, checked)
-
-
-def _left_out_by_config(config: dict, path: str) -> str | None:
-    """Which of the config's module selectors leaves out the module at `path` (None: PEFT
-    targets it), by PEFT's rule (tuners_utils.check_target_module_exists): target_modules a
-    regular expression matched whole, or names matched whole or as the path's last parts;
-    layers_to_transform the index after `layers_pattern` (else after any part) in the path;
-    exclude_modules the same way as target_modules."""
-    def selects(spec, key: str) -> bool:
-        if isinstance(spec, str):
-            return spec == "all-linear" or re.fullmatch(spec, key) is not None
-        return key in spec or any(key.endswith(f".{t}") for t in spec)
-
-    targets = config.get("target_modules")
-    if targets and not selects(targets, path):
-        return f"target_modules {targets!r}"
-    excluded = config.get("exclude_modules")
-    if excluded and selects(excluded, path):
-        return f"exclude_modules {excluded!r}"
-    layers = config.get("layers_to_transform")
-    if layers is None or layers == [] or isinstance(targets, str):
-        return None
-    patterns = config.get("layers_pattern") or [r"[^.]*"]
-    patterns = [patterns] if isinstance(patterns, str) else patterns
-    index = next((m for p in patterns if (m := re.match(rf".*\.{p}\.(\d+)\.", path)) is not None), None)
-    if index is None or int(index.group(1)) not in ([layers] if isinstance(layers, int) else layers):
-        return f"layers_to_transform {layers!r}"
-    return None
 
 
 def read_target_modules(directory: str | Path) -> list[str]:

@@ -1,0 +1,78 @@
+"""A PEFT LoRA adapter's adapter_config.json, checked: its rank and scaling, by PEFT's rules.
+
+`check_peft_config(config, name, max_lora_rank)` -> (rank, scaling); a ValueError naming the
+adapter and the field for whatever would make the engine compute something other than what
+PEFT's model with the adapter computes (and the engine cannot do). `left_out_by_config(config,
+path)`: which of the config's module selectors leaves a module out.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+# config entries that change what a LoRA computes, refused unless at their no-op value
+_REFUSED_OPTIONS = {
+    "use_dora": (False, "DoRA (use_dora)"),
+    "lora_bias": (False, "LoRA bias (lora_bias)"),
+    "fan_in_fan_out": (False, "fan_in_fan_out (Conv1D layers)"),
+    "use_qalora": (False, "QA-LoRA (use_qalora)"),
+}
+
+def check_peft_config(config: dict, name: str, max_lora_rank: int) -> tuple[int, float]:
+    """(rank, scaling) of the adapter `name` whose adapter_config.json is `config` (ValueError
+    naming what the engine cannot do)."""
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise ValueError(f"{name}: peft_type {peft_type!r} is not supported (LoRA only)")
+    for option, (ok, what) in _REFUSED_OPTIONS.items():
+        if config.get(option, ok) not in (ok, None):
+            raise ValueError(f"{name}: {what} is not supported")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{name}: bias={config['bias']!r} (trained biases) is not supported; only bias='none'")
+    if config.get("modules_to_save"):
+        raise ValueError(f"{name}: modules_to_save {config['modules_to_save']} (fully trained modules) "
+                         "is not supported")
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if config.get(pattern):
+            raise ValueError(f"{name}: {pattern} (per-module ranks or alphas) is not supported")
+    if config.get("layer_replication"):
+        raise ValueError(f"{name}: layer_replication is not supported")
+    return _rank_and_scaling(config, name, max_lora_rank)
+
+
+def _rank_and_scaling(config: dict, name: str, max_lora_rank: int) -> tuple[int, float]:
+    rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{name}: r={rank!r}, lora_alpha={alpha!r}: r must be a positive integer, "
+                         "lora_alpha a number")
+    if rank > max_lora_rank:
+        raise ValueError(f"{name}: rank r={rank} exceeds max_lora_rank={max_lora_rank}")
+    return rank, alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def left_out_by_config(config: dict, path: str) -> str | None:
+    """Which of the config's module selectors leaves out the module at `path` (None: PEFT
+    targets it), by PEFT's rule (tuners_utils.check_target_module_exists): target_modules a
+    regular expression matched whole, or names matched whole or as the path's last parts;
+    layers_to_transform the index after `layers_pattern` (else after any part) in the path;
+    exclude_modules the same way as target_modules."""
+    def selects(spec, key: str) -> bool:
+        if isinstance(spec, str):
+            return spec == "all-linear" or re.fullmatch(spec, key) is not None
+        return key in spec or any(key.endswith(f".{t}") for t in spec)
+
+    targets = config.get("target_modules")
+    if targets and not selects(targets, path):
+        return f"target_modules {targets!r}"
+    excluded = config.get("exclude_modules")
+    if excluded and selects(excluded, path):
+        return f"exclude_modules {excluded!r}"
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == [] or isinstance(targets, str):
+        return None
+    patterns = config.get("layers_pattern") or [r"[^.]*"]
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    index = next((m for p in patterns if (m := re.match(rf".*\.{p}\.(\d+)\.", path)) is not None), None)
+    if index is None or int(index.group(1)) not in ([layers] if isinstance(layers, int) else layers):
+        return f"layers_to_transform {layers!r}"
+    return None
