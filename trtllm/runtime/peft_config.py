@@ -4,12 +4,18 @@
 adapter and the field for whatever would make the engine compute something other than what
 PEFT's model with the adapter computes (and the engine cannot do). `left_out_by_config(config,
 path)`: which of the config's module selectors leaves a module out.
+
+PEFT is the reference: a field PEFT reads with a default (`r`, `lora_alpha`: 8 each, peft's
+LoraConfig) takes PEFT's default when it is missing.
 """
 from __future__ import annotations
 
 import math
 import re
 
+# peft.LoraConfig's defaults: PEFT loads an adapter_config.json without `r` or `lora_alpha` with them
+PEFT_DEFAULT_R = 8
+PEFT_DEFAULT_LORA_ALPHA = 8
 # config entries that change what a LoRA computes, refused unless at their no-op value
 _REFUSED_OPTIONS = {
     "use_dora": (False, "DoRA (use_dora)"),
@@ -41,7 +47,7 @@ def check_peft_config(config: dict, name: str, max_lora_rank: int) -> tuple[int,
 
 
 def _rank_and_scaling(config: dict, name: str, max_lora_rank: int) -> tuple[int, float]:
-    rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    rank, alpha = config.get("r", PEFT_DEFAULT_R), config.get("lora_alpha", PEFT_DEFAULT_LORA_ALPHA)
     if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
         raise ValueError(f"{name}: r={rank!r}, lora_alpha={alpha!r}: r must be a positive integer, "
                          "lora_alpha a number")

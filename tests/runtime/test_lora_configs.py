@@ -1,0 +1,47 @@
+"""adapter_config.json variants against PEFT's own reading of them (PeftModel.from_pretrained over
+the tiny fp32 Llama of test_lora.py): a field PEFT defaults is read with PEFT's default; what the
+engine cannot compute as PEFT does is refused at submission, by name."""
+import json
+
+import pytest
+from peft import PeftModel
+
+from tests.lora_adapters import peft_greedy, write_adapter
+from tests.models.checkpoints import hf_model
+from tests.runtime.test_lora import NEW, PROMPTS, base, greedy, llm  # noqa: F401 (fixtures)
+from trtllm import LoRARequest, SamplingParams
+
+
+def _edit_config(path, drop=(), **changes):
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.update(changes)
+    for key in drop:
+        config.pop(key)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _adapter(base, path, lora_id, drop=(), r=4, **changes):  # noqa: F811
+    write_adapter(base, path, r=r, seed=lora_id)
+    _edit_config(path, drop, **changes)
+    return LoRARequest(path.name, lora_id, str(path))
+
+
+def _peft_tokens(base, path):  # noqa: F811
+    model = PeftModel.from_pretrained(hf_model(base), str(path)).eval()
+    return [peft_greedy(model, p, NEW) for p in PROMPTS[:2]]
+
+
+def test_missing_r_and_lora_alpha_take_peft_defaults(llm, base, tmp_path):  # noqa: F811
+    # peft's LoraConfig defaults r and lora_alpha to 8: a config without lora_alpha at r=4 scales by 2
+    # (it was read as lora_alpha = r, scaling 1: other tokens, silently); one without r is r=8 (was refused)
+    base_tokens = [peft_greedy(hf_model(base), p, NEW) for p in PROMPTS[:2]]
+    for i, (r, drop) in enumerate([(4, ("lora_alpha",)), (8, ("r",)), (4, ("r", "lora_alpha"))]):
+        if drop == ("r", "lora_alpha"):  # r=4 weights under the default r=8: refused by their shapes
+            request = _adapter(base, tmp_path / "neither", 90 + i, drop, r=r)
+            with pytest.raises(ValueError, match=r"'neither' .*lora_A must be \[8, 128\]"):
+                llm.generate([1, 2], SamplingParams(max_tokens=2), lora_request=request)
+            continue
+        request = _adapter(base, tmp_path / f"no_{drop[0]}", 90 + i, drop, r=r)
+        want = _peft_tokens(base, tmp_path / f"no_{drop[0]}")
+        assert want != base_tokens
+        assert greedy(llm, PROMPTS[:2], request) == want, drop
