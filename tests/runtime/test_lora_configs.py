@@ -45,3 +45,21 @@ def test_missing_r_and_lora_alpha_take_peft_defaults(llm, base, tmp_path):  # no
         want = _peft_tokens(base, tmp_path / f"no_{drop[0]}")
         assert want != base_tokens
         assert greedy(llm, PROMPTS[:2], request) == want, drop
+
+
+def test_inits_that_rewrite_the_base_weights_are_refused(llm, base, tmp_path):  # noqa: F811
+    # PEFT loads a PiSSA / OLoRA / CorDA / LoftQ adapter (unconverted) over base weights it rewrites
+    # first: served over the checkpoint's weights it gave other tokens than PEFT's, silently
+    write_adapter(base, tmp_path / "pissa", r=4, seed=5, init_lora_weights="pissa")  # peft's own file
+    want = _peft_tokens(base, tmp_path / "pissa")
+    assert want != [peft_greedy(hf_model(base), p, NEW) for p in PROMPTS[:2]]
+    with pytest.raises(ValueError, match=r"'pissa' .*init_lora_weights='pissa' is not supported: PEFT rewrites"):
+        greedy(llm, PROMPTS[:2], LoRARequest("pissa", 80, str(tmp_path / "pissa")))
+    for i, init in enumerate(["olora", "pissa_niter_4", "corda", "loftq"]):
+        request = _adapter(base, tmp_path / init, 81 + i, init_lora_weights=init)
+        with pytest.raises(ValueError, match=f"init_lora_weights='{init}' is not supported"):
+            llm.generate([1, 2], SamplingParams(max_tokens=2), lora_request=request)
+    # inits of A and B alone change nothing at load: served
+    request = _adapter(base, tmp_path / "gaussian", 85, init_lora_weights="gaussian")
+    assert greedy(llm, PROMPTS[:2], request) == _peft_tokens(base, tmp_path / "gaussian")
+    assert not llm.has_unfinished()

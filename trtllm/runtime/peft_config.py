@@ -23,6 +23,11 @@ _REFUSED_OPTIONS = {
     "fan_in_fan_out": (False, "fan_in_fan_out (Conv1D layers)"),
     "use_qalora": (False, "QA-LoRA (use_qalora)"),
 }
+# init_lora_weights that rewrite the base model's weights when PEFT loads the adapter (the
+# adapter was trained over the rewritten weights: PiSSA / OLoRA / CorDA subtract a part of each
+# weight, LoftQ quantizes it). The engine keeps the base weights as the checkpoint has them.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
 
 def check_peft_config(config: dict, name: str, max_lora_rank: int) -> tuple[int, float]:
     """(rank, scaling) of the adapter `name` whose adapter_config.json is `config` (ValueError
@@ -43,7 +48,16 @@ def check_peft_config(config: dict, name: str, max_lora_rank: int) -> tuple[int,
             raise ValueError(f"{name}: {pattern} (per-module ranks or alphas) is not supported")
     if config.get("layer_replication"):
         raise ValueError(f"{name}: layer_replication is not supported")
+    _check_init(config, name)
     return _rank_and_scaling(config, name, max_lora_rank)
+
+
+def _check_init(config: dict, name: str) -> None:
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise ValueError(f"{name}: init_lora_weights={init!r} is not supported: PEFT rewrites the base model's "
+                         "weights when it loads such an adapter, and the engine keeps the checkpoint's (convert it "
+                         "to a plain LoRA adapter: peft's save_pretrained(path_initial_model_for_weight_conversion=...))")
 
 
 def _rank_and_scaling(config: dict, name: str, max_lora_rank: int) -> tuple[int, float]:
