@@ -63,3 +63,14 @@ def test_inits_that_rewrite_the_base_weights_are_refused(llm, base, tmp_path):  
     request = _adapter(base, tmp_path / "gaussian", 85, init_lora_weights="gaussian")
     assert greedy(llm, PROMPTS[:2], request) == _peft_tokens(base, tmp_path / "gaussian")
     assert not llm.has_unfinished()
+
+
+def test_a_config_without_target_modules_is_refused(llm, base, tmp_path):  # noqa: F811
+    # PEFT then targets its table's modules for the model type (Llama: q_proj, v_proj) and drops the
+    # file's other weights; the engine applied them all: other tokens than PEFT's, silently
+    for i, edit in enumerate([dict(drop=("target_modules",)), dict(target_modules=None)]):
+        request = _adapter(base, tmp_path / f"untargeted{i}", 86 + i, **edit)
+        assert _peft_tokens(base, tmp_path / f"untargeted{i}") != [peft_greedy(hf_model(base), p, NEW)
+                                                                   for p in PROMPTS[:2]]
+        with pytest.raises(ValueError, match=r"'untargeted\d' .*adapter_config.json names no target_modules"):
+            llm.generate([1, 2], SamplingParams(max_tokens=2), lora_request=request)

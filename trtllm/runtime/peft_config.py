@@ -48,6 +48,10 @@ def check_peft_config(config: dict, name: str, max_lora_rank: int) -> tuple[int,
             raise ValueError(f"{name}: {pattern} (per-module ranks or alphas) is not supported")
     if config.get("layer_replication"):
         raise ValueError(f"{name}: layer_replication is not supported")
+    if not config.get("target_modules"):  # PEFT would fill them in from its table of model types
+        raise ValueError(f"{name}: adapter_config.json names no target_modules: PEFT would target its default "
+                         "modules for the model type (Llama's: q_proj, v_proj) and leave the file's other weights "
+                         "out; give the modules the adapter was trained on")
     _check_init(config, name)
     return _rank_and_scaling(config, name, max_lora_rank)
 
