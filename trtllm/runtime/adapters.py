@@ -52,6 +52,16 @@ class PeftAdapter:
     rank: int
     scaling: float
     keys: dict[str, tuple[str, str]]  # module path -> (lora_A key, lora_B key)
+    stamp: tuple | None = None  # its files' sizes and modification times when read (files_stamp)
+
+
+def files_stamp(directory: Path) -> tuple | None:
+    """The adapter files' (size, modification time) pairs: another stamp, other files (None: unreadable)."""
+    try:
+        return tuple((st.st_size, st.st_mtime_ns) for st in ((directory / f).stat() for f in (CONFIG_FILE,
+                                                                                               WEIGHTS_FILE)))
+    except OSError:
+        return None
 
 
 def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
@@ -62,6 +72,7 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
     if not directory.is_dir():
         raise ValueError(f"{name}: no such directory")
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    stamp = files_stamp(directory)
     if not config_path.is_file():
         raise ValueError(f"{name}: no {CONFIG_FILE}")
     if not weights_path.is_file():
@@ -117,7 +128,7 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
                              f"base model's linear there is {k} -> {n} at rank {rank}: lora_A must be [{rank}, {k}], "
                              f"lora_B [{n}, {rank}] (an adapter of another base model?)")
         checked[path] = (ab["A"], ab["B"])
-    return PeftAdapter(request, directory, rank, scaling, checked)
+    return PeftAdapter(request, directory, rank, scaling, checked, stamp)
 
 
 def read_target_modules(directory: str | Path) -> list[str]:
@@ -182,6 +193,10 @@ class Adapters:
                 raise ValueError(f"LoRA adapter id {request.lora_int_id} is {known.request.lora_name!r} "
                                  f"({known.request.lora_path}) in this engine; {request.lora_name!r} "
                                  f"({request.lora_path}) needs an id of its own")
+            if files_stamp(known.directory) != known.stamp:  # its slot, host copy and KV blocks hold the old files'
+                raise ValueError(f"LoRA adapter {request.lora_name!r} ({request.lora_path}): its files changed since "
+                                 f"the engine first read them as id {request.lora_int_id}; give the changed adapter "
+                                 "an id of its own (the id keys its cached copies and prefix-cache blocks)")
             return known
         adapter = read_peft_adapter(request, self.slots)
         with self._lock:
@@ -244,7 +259,7 @@ class Adapters:
             if image is not None:
                 self._host.move_to_end(adapter_id)
                 return image
-        adapter = self.check(request)  # re-read on a miss: the files may have changed since
+        adapter = self.check(request)  # on a miss: files changed since they were first read are refused
         try:
             image = self.slots.image(read_peft_weights(adapter, self.dtype),
                                      pin=self.slots.device.type == "cuda")

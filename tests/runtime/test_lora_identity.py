@@ -1,0 +1,29 @@
+"""A LoRA adapter's identity in the engine: its lora_int_id keys its GPU slot, its host copy and its
+prefix-cache blocks, so an id always means the same files; the fields of TensorRT-LLM's and vLLM's
+LoRARequest."""
+import pytest
+
+from tests.lora_adapters import peft_greedy, write_adapter
+from tests.runtime.test_lora import base, lora_llm  # noqa: F401 (fixtures)
+from trtllm import LoRARequest, SamplingParams
+
+
+def test_an_adapter_whose_files_change_under_its_id_is_refused(base, tmp_path):  # noqa: F811
+    # its prefix blocks (and cached copies) are keyed by the id: re-read after an eviction, new
+    # weights ran over KV computed with the old ones, neither adapter's tokens, silently
+    prompt = list(range(100, 140))  # two full blocks before the last token
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    write_adapter(base, tmp_path / "a", r=4, seed=1)
+    write_adapter(base, tmp_path / "b", r=4, seed=2)
+    a, b = LoRARequest("a", 1, str(tmp_path / "a")), LoRARequest("b", 2, str(tmp_path / "b"))
+    with lora_llm(base, max_loras=1, max_cpu_loras=1) as llm:
+        llm.generate(prompt, params, lora_request=a)
+        llm.generate(prompt, params, lora_request=b)  # a leaves the slot and the host cache
+        new = write_adapter(base, tmp_path / "a", r=4, seed=7)
+        with pytest.raises(ValueError, match=r"LoRA adapter 'a' \(.*\): its files changed since the engine first "
+                                             r"read them as id 1; give the changed adapter an id of its own"):
+            llm.generate(prompt, params, lora_request=a)
+        assert not llm.has_unfinished()
+        out = llm.generate(prompt, params, lora_request=LoRARequest("a", 3, str(tmp_path / "a")))
+        assert out.num_cached_tokens == 0 and out.outputs[0].token_ids == peft_greedy(new, prompt, 4)
+        llm.block_manager.check_invariants()
