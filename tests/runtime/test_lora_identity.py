@@ -27,3 +27,16 @@ def test_an_adapter_whose_files_change_under_its_id_is_refused(base, tmp_path): 
         out = llm.generate(prompt, params, lora_request=LoRARequest("a", 3, str(tmp_path / "a")))
         assert out.num_cached_tokens == 0 and out.outputs[0].token_ids == peft_greedy(new, prompt, 4)
         llm.block_manager.check_invariants()
+
+
+def test_tensorrt_llm_and_vllm_spellings_of_lora_request(tmp_path):
+    # TensorRT-LLM's lora_ckpt_source (its 4th field) and vLLM's lora_local_path, and both's
+    # name / adapter_id / path properties (each was a TypeError or AttributeError)
+    trt = LoRARequest("math", 3, str(tmp_path), "hf")
+    assert (trt.name, trt.adapter_id, trt.path, trt.ckpt_source) == ("math", 3, str(tmp_path), "hf")
+    vllm = LoRARequest(lora_name="math", lora_int_id=3, lora_local_path=str(tmp_path))
+    assert vllm.lora_path == vllm.local_path == str(tmp_path) and vllm == trt
+    with pytest.raises(ValueError, match="'math': lora_ckpt_source 'nemo' .*is not supported; only 'hf'"):
+        LoRARequest("math", 3, str(tmp_path), lora_ckpt_source="nemo")
+    with pytest.raises(ValueError, match="'math': lora_path .* and lora_local_path .* differ"):
+        LoRARequest("math", 3, str(tmp_path), lora_local_path=str(tmp_path / "other"))
