@@ -74,3 +74,21 @@ def test_a_config_without_target_modules_is_refused(llm, base, tmp_path):  # noq
                                                                    for p in PROMPTS[:2]]
         with pytest.raises(ValueError, match=r"'untargeted\d' .*adapter_config.json names no target_modules"):
             llm.generate([1, 2], SamplingParams(max_tokens=2), lora_request=request)
+
+
+def test_tensors_named_without_peft_prefix_are_read(llm, base, tmp_path):  # noqa: F811
+    # `model.layers.0....lora_A.weight` without peft's `base_model.model.` (other tools' files; vLLM
+    # reads both): the same module paths (was refused as "no LoRA A or B weight")
+    from safetensors.torch import load_file, save_file
+    request = _adapter(base, tmp_path / "bare", 88)
+    want = _peft_tokens(base, tmp_path / "bare")
+    weights = tmp_path / "bare" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k.removeprefix("base_model.model."): v for k, v in tensors.items()}, str(weights))
+    assert greedy(llm, PROMPTS[:2], request) == want
+    twice = {**tensors, **{k.removeprefix("base_model.model."): v.clone() for k, v in tensors.items() if "q_proj" in k}}
+    (tmp_path / "twice").mkdir()
+    (tmp_path / "twice" / "adapter_config.json").write_bytes((tmp_path / "bare" / "adapter_config.json").read_bytes())
+    save_file(twice, str(tmp_path / "twice" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"'twice' .*model.layers.0.self_attn.q_proj's lora_A is given twice"):
+        llm.generate([1, 2], SamplingParams(max_tokens=2), lora_request=LoRARequest("twice", 89, str(tmp_path / "twice")))

@@ -41,7 +41,8 @@ from trtllm.runtime.sequence import Sequence
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
-_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# peft's tensor names, `base_model.model.` + the module path; other tools write the path alone (vLLM reads both)
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
 @dataclass(frozen=True)
@@ -99,14 +100,16 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
             raise ValueError(f"{name}: tensor {key} is {dtypes[key]}: LoRA weights must be floating point "
                              f"({', '.join(_FLOAT_DTYPES)})")
         match = _KEY.match(key)
-        if "lora_embedding" in key or any(f".{m}." in key for m in ("lm_head", "embed_tokens")):
+        if "lora_embedding" in key or any(f".{m}." in f".{key}" for m in ("lm_head", "embed_tokens")):
             raise ValueError(f"{name}: LM-head and embedding adapters are not supported ({key})")
         if match is None:
             if "lora_magnitude_vector" in key:
                 raise ValueError(f"{name}: DoRA is not supported ({key})")
             raise ValueError(f"{name}: tensor {key} is no LoRA A or B weight (bias, or a fully trained module: "
                              "not supported)")
-        keys.setdefault(match["path"], {})[match["ab"]] = key
+        twin = keys.setdefault(match["path"], {}).setdefault(match["ab"], key)
+        if twin != key:
+            raise ValueError(f"{name}: {match['path']}'s lora_{match['ab']} is given twice, as {twin} and {key}")
     if not keys:
         raise ValueError(f"{name}: {WEIGHTS_FILE} holds no LoRA weights")
     checked = {}
