@@ -141,13 +141,18 @@ def engine_options(args: argparse.Namespace) -> dict:
                    speculative_config=speculative_config_from_options(args.speculative, args.max_draft_len,
                                                                       args.max_matching_ngram_size,
                                                                       args.speculative_model_dir))
-    lora_modules = parse_lora_modules(args.lora_modules)
+    lora_modules = parse_lora_modules(args.lora_modules, served_model_name(args))
     if lora_modules:
         options["lora_config"] = lora_config(args, lora_modules)
     return options
 
 
-def parse_lora_modules(specs: list[str] | None) -> dict:
+def served_model_name(args: argparse.Namespace) -> str:
+    """The name requests give as `model` for the base model."""
+    return args.served_model_name or (args.model if args.model is not None else "trtllm-demo")
+
+
+def parse_lora_modules(specs: list[str] | None, served_name: str) -> dict:
     """--lora_modules NAME=PATH ... -> {NAME: LoRARequest(NAME, i, PATH)}; ValueError naming a bad one."""
     from trtllm.lora_request import LoRARequest
 
@@ -158,6 +163,9 @@ def parse_lora_modules(specs: list[str] | None) -> dict:
             raise ValueError(f"--lora_modules {spec!r}: expected NAME=PATH")
         if name in modules:
             raise ValueError(f"--lora_modules: {name!r} given twice")
+        if name == served_name:  # a request's `model` names the base model first (serve/jobs.py check_model)
+            raise ValueError(f"--lora_modules {name!r}: the served model's name; requests naming it get the base "
+                             "model, never the adapter (name the adapter otherwise, or the model: --served-model-name)")
         modules[name] = LoRARequest(name, len(modules) + 1, path)
     return modules
 
@@ -167,13 +175,15 @@ def lora_config(args: argparse.Namespace, modules: dict):
     import json
 
     from trtllm.config import LoraConfig
+    from trtllm.runtime.peft_config import PEFT_DEFAULT_R
 
     rank = args.max_lora_rank
     if rank is None:  # the largest adapter's (a missing or bad one is named when the engine checks it)
         ranks = []
         for lora in modules.values():
             try:
-                ranks.append(int(json.loads((Path(lora.lora_path) / "adapter_config.json").read_text())["r"]))
+                config = json.loads((Path(lora.lora_path) / "adapter_config.json").read_text())
+                ranks.append(int(config.get("r", PEFT_DEFAULT_R)))
             except (OSError, ValueError, KeyError, TypeError):
                 pass
         rank = max(ranks, default=64)
@@ -253,7 +263,7 @@ def main(argv=None) -> int:
 
         try:
             options = engine_options(args)
-            lora_modules = parse_lora_modules(args.lora_modules)
+            lora_modules = parse_lora_modules(args.lora_modules, served_model_name(args))
             from trtllm.serve.media import MediaPolicy
             media = MediaPolicy(args.allowed_local_media_path, args.max_images_per_request, args.max_image_pixels)
         except ConfigError as e:
@@ -267,7 +277,7 @@ def main(argv=None) -> int:
         except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
             print(f"trtllm-serve: cannot load the model: {e}", file=sys.stderr)
             return 2
-        name = args.served_model_name or (args.model if args.model is not None else "trtllm-demo")
+        name = served_model_name(args)
         app = build_app(llm, name, api_key=api_key,
                         max_concurrent_requests=args.max_concurrent_requests or DEFAULT_MAX_CONCURRENT_REQUESTS,
                         tool_parser=args.tool_parser, lora_modules=lora_modules, media=media)
