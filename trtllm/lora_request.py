@@ -2,7 +2,7 @@
 
     LoRARequest(lora_name="math", lora_int_id=1, lora_path="path/to/peft_adapter")
 
-`lora_int_id` (>= 1) names the adapter inside the engine: its GPU slot, its host copy and its
+`lora_int_id` (1 to 2**64 - 1) names the adapter inside the engine: its GPU slot, its host copy and its
 prefix-cache blocks are keyed by it, so one id must always mean one adapter (path).
 
 Both projects' spellings are taken: TensorRT-LLM's `lora_ckpt_source` (its 4th field; "hf", a
@@ -25,8 +25,9 @@ class LoRARequest:
     def __post_init__(self):
         if not isinstance(self.lora_name, str) or not self.lora_name:
             raise ValueError(f"LoRARequest.lora_name must be a non-empty string, got {self.lora_name!r}")
-        if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
-            raise ValueError(f"LoRARequest.lora_int_id must be an integer >= 1, got {self.lora_int_id!r}")
+        if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) \
+                or not 1 <= self.lora_int_id < 2**64:  # TensorRT-LLM's uint64 (block_manager hashes 8 bytes)
+            raise ValueError(f"LoRARequest.lora_int_id must be an integer from 1 to 2**64 - 1, got {self.lora_int_id!r}")
         if self.lora_ckpt_source != "hf":  # TensorRT-LLM also reads NeMo's .nemo checkpoints
             raise ValueError(f"LoRARequest {self.lora_name!r}: lora_ckpt_source {self.lora_ckpt_source!r} is not "
                              "supported; only 'hf' (a PEFT adapter directory)")

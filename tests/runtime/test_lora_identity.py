@@ -40,3 +40,11 @@ def test_tensorrt_llm_and_vllm_spellings_of_lora_request(tmp_path):
         LoRARequest("math", 3, str(tmp_path), lora_ckpt_source="nemo")
     with pytest.raises(ValueError, match="'math': lora_path .* and lora_local_path .* differ"):
         LoRARequest("math", 3, str(tmp_path), lora_local_path=str(tmp_path / "other"))
+
+
+def test_lora_int_id_past_64_bits_is_refused_when_made(tmp_path):
+    # TensorRT-LLM's task ids are uint64, and the prefix cache hashes the id in 8 bytes: 2**64 failed
+    # inside the engine step ("internal error in the engine step: OverflowError")
+    assert LoRARequest("big", 2**64 - 1, str(tmp_path)).lora_int_id == 2**64 - 1
+    with pytest.raises(ValueError, match=r"lora_int_id must be an integer from 1 to 2\*\*64 - 1, got 18446744073709551616"):
+        LoRARequest("big", 2**64, str(tmp_path))
