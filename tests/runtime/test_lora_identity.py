@@ -48,3 +48,16 @@ def test_lora_int_id_past_64_bits_is_refused_when_made(tmp_path):
     assert LoRARequest("big", 2**64 - 1, str(tmp_path)).lora_int_id == 2**64 - 1
     with pytest.raises(ValueError, match=r"lora_int_id must be an integer from 1 to 2\*\*64 - 1, got 18446744073709551616"):
         LoRARequest("big", 2**64, str(tmp_path))
+
+
+def test_one_adapter_by_relative_and_absolute_paths_is_one_id(base, tmp_path, monkeypatch):  # noqa: F811
+    # the same directory spelt two ways was refused as "needs an id of its own"
+    peft_model = write_adapter(base, tmp_path / "a", r=4, seed=3)
+    monkeypatch.chdir(tmp_path)
+    want = peft_greedy(peft_model, [5, 6, 7], 4)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    with lora_llm(base) as llm:
+        for path in ("a", str(tmp_path / "a"), "./a/"):
+            assert llm.generate([5, 6, 7], params, lora_request=LoRARequest("a", 1, path)).outputs[0].token_ids == want
+        with pytest.raises(ValueError, match="needs an id of its own"):
+            llm.generate([5, 6, 7], params, lora_request=LoRARequest("a", 1, str(base)))

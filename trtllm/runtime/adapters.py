@@ -192,7 +192,7 @@ class Adapters:
         with self._lock:
             known = self._checked.get(request.lora_int_id)
         if known is not None:
-            if Path(known.request.lora_path) != Path(request.lora_path):
+            if Path(known.request.lora_path).resolve() != Path(request.lora_path).resolve():  # (relative or not)
                 raise ValueError(f"LoRA adapter id {request.lora_int_id} is {known.request.lora_name!r} "
                                  f"({known.request.lora_path}) in this engine; {request.lora_name!r} "
                                  f"({request.lora_path}) needs an id of its own")
