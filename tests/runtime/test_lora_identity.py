@@ -61,3 +61,11 @@ def test_one_adapter_by_relative_and_absolute_paths_is_one_id(base, tmp_path, mo
             assert llm.generate([5, 6, 7], params, lora_request=LoRARequest("a", 1, path)).outputs[0].token_ids == want
         with pytest.raises(ValueError, match="needs an id of its own"):
             llm.generate([5, 6, 7], params, lora_request=LoRARequest("a", 1, str(base)))
+
+
+def test_lora_config_takes_tensorrt_llm_lora_ckpt_source():
+    # TensorRT-LLM's LoraConfig(lora_ckpt_source="hf") was "unknown option"
+    from trtllm import LoraConfig
+    assert LoraConfig(lora_ckpt_source="hf").lora_ckpt_source == "hf"
+    with pytest.raises(ValueError, match=r"LoraConfig.lora_ckpt_source='nemo': only 'hf' \(PEFT adapter directories\)"):
+        LoraConfig(lora_ckpt_source="nemo")
