@@ -38,7 +38,8 @@ def test_missing_r_and_lora_alpha_take_peft_defaults(llm, base, tmp_path):  # no
     for i, (r, drop) in enumerate([(4, ("lora_alpha",)), (8, ("r",)), (4, ("r", "lora_alpha"))]):
         if drop == ("r", "lora_alpha"):  # r=4 weights under the default r=8: refused by their shapes
             request = _adapter(base, tmp_path / "neither", 90 + i, drop, r=r)
-            with pytest.raises(ValueError, match=r"'neither' .*lora_A must be \[8, 128\]"):
+            with pytest.raises(ValueError, match=r"'neither' .*lora_A must be \[8, 128\], lora_B \[64, 8\] \(adapter_config.json's r=8 is not the "
+                                                 r"tensors' rank\)"):
                 llm.generate([1, 2], SamplingParams(max_tokens=2), lora_request=request)
             continue
         request = _adapter(base, tmp_path / f"no_{drop[0]}", 90 + i, drop, r=r)

@@ -127,9 +127,13 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
         a_shape, b_shape = shapes[ab["A"]], shapes[ab["B"]]
         k, n = features
         if a_shape != (rank, k) or b_shape != (n, rank):
+            # the linear's sizes right and the rank not: the config's r, not another base model
+            why = f"adapter_config.json's r={rank} is not the tensors' rank" \
+                if len(a_shape) == 2 and a_shape[1:] == (k,) and b_shape == (n, a_shape[0]) \
+                else "an adapter of another base model?"
             raise ValueError(f"{name}: {path} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, but the "
                              f"base model's linear there is {k} -> {n} at rank {rank}: lora_A must be [{rank}, {k}], "
-                             f"lora_B [{n}, {rank}] (an adapter of another base model?)")
+                             f"lora_B [{n}, {rank}] ({why})")
         checked[path] = (ab["A"], ab["B"])
     return PeftAdapter(request, directory, rank, scaling, checked, stamp)
 
