@@ -3,6 +3,8 @@
 adapter without `r` at PEFT's default."""
 import json
 
+import pytest
+
 import trtllm.cli.serve as cli
 from trtllm.cli.serve import main
 
@@ -23,3 +25,19 @@ def test_the_default_rank_counts_an_adapter_without_r_at_peft_default(tmp_path):
         (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
     args = cli.parse_args(["m", "--lora_modules", f"small={tmp_path / 'small'}", f"plain={tmp_path / 'plain'}"])
     assert cli.engine_options(args)["lora_config"].max_lora_rank == 8
+
+
+def test_lora_modules_take_vllm_json_form(tmp_path):
+    # vLLM's '{"name": ..., "path": ..., "base_model_name": ...}' (was "expected NAME=PATH")
+    spec = json.dumps({"name": "sql", "path": str(tmp_path), "base_model_name": "tiny"})
+    modules = cli.parse_lora_modules([spec, f"math={tmp_path}"], "tiny")
+    assert [(m.lora_name, m.lora_int_id, m.lora_path) for m in modules.values()] == [("sql", 1, str(tmp_path)),
+                                                                                     ("math", 2, str(tmp_path))]
+    for bad, why in [({"name": "sql"}, "'path' must be a non-empty string"),
+                     ({"name": "sql", "path": "p", "base_model_name": "other"}, "base_model_name 'other' is not the "
+                                                                                "served model 'tiny'"),
+                     ({"name": "sql", "path": "p", "rank": 8}, "unknown key 'rank'")]:
+        with pytest.raises(ValueError, match=why):
+            cli.parse_lora_modules([json.dumps(bad)], "tiny")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        cli.parse_lora_modules(['{"name": "sql",'], "tiny")
