@@ -69,3 +69,18 @@ def test_lora_config_takes_tensorrt_llm_lora_ckpt_source():
     assert LoraConfig(lora_ckpt_source="hf").lora_ckpt_source == "hf"
     with pytest.raises(ValueError, match=r"LoraConfig.lora_ckpt_source='nemo': only 'hf' \(PEFT adapter directories\)"):
         LoraConfig(lora_ckpt_source="nemo")
+
+
+def test_checked_adapters_kept_are_bounded(base, tmp_path):  # noqa: F811
+    # every adapter id's checked tensor names were kept for the engine's life (87 KB an id at Llama-8B's
+    # 224 linears); now the last 64 (2 x max_cpu_loras past that), the ids' files for ever
+    peft_model = write_adapter(base, tmp_path / "a", r=4, seed=3)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    with lora_llm(base, max_cpu_loras=2) as llm:
+        for i in range(1, 101):
+            llm.engine.check_lora(LoRARequest(f"a{i}", i, str(tmp_path / "a")))
+        assert len(llm.engine.adapters._checked) == 64
+        with pytest.raises(ValueError, match="id 1 is 'a1' .* needs an id of its own"):  # its files still known
+            llm.engine.check_lora(LoRARequest("other", 1, str(base)))
+        out = llm.generate([5, 6, 7], params, lora_request=LoRARequest("a1", 1, str(tmp_path / "a")))  # re-read
+        assert out.outputs[0].token_ids == peft_greedy(peft_model, [5, 6, 7], 2)
