@@ -93,3 +93,17 @@ def test_tensors_named_without_peft_prefix_are_read(llm, base, tmp_path):  # noq
     save_file(twice, str(tmp_path / "twice" / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=r"'twice' .*model.layers.0.self_attn.q_proj's lora_A is given twice"):
         llm.generate([1, 2], SamplingParams(max_tokens=2), lora_request=LoRARequest("twice", 89, str(tmp_path / "twice")))
+
+
+def test_rank_and_alpha_patterns_are_honoured(llm, base, tmp_path):  # noqa: F811
+    # per-module ranks and alphas by PEFT's rule (get_pattern_key: a pattern matches the module path's
+    # end); they were refused
+    for i, options in enumerate([dict(rank_pattern={"q_proj": 4, r"layers\.1\.mlp\.down_proj": 2},
+                                      alpha_pattern={"v_proj": 3}),
+                                 dict(rank_pattern={"o_proj": 2}, alpha_pattern={"gate_proj": 5}, use_rslora=True)]):
+        peft_model = write_adapter(base, tmp_path / f"pattern{i}", r=8, seed=20 + i, **options)
+        request = LoRARequest(f"pattern{i}", 95 + i, str(tmp_path / f"pattern{i}"))
+        assert greedy(llm, PROMPTS[:2], request) == [peft_greedy(peft_model, p, NEW) for p in PROMPTS[:2]], options
+    write_adapter(base, tmp_path / "big", r=8, seed=22, rank_pattern={"q_proj": 32})
+    with pytest.raises(ValueError, match=r"'big' .*rank_pattern \{'q_proj': 32\}: rank 32 exceeds max_lora_rank=16"):
+        llm.generate([1, 2], SamplingParams(max_tokens=2), lora_request=LoRARequest("big", 97, str(tmp_path / "big")))

@@ -50,8 +50,8 @@ class PeftAdapter:
     """A checked adapter: where it is, its rank and scaling, and its tensors by module path."""
     request: LoRARequest
     directory: Path
-    rank: int
-    scaling: float
+    rank: int  # the largest of its modules'
+    scaling: dict[str, float]  # module path -> lora_alpha / r (/ sqrt(r) with rsLoRA), its rank_pattern's and alpha_pattern's
     keys: dict[str, tuple[str, str]]  # module path -> (lora_A key, lora_B key)
     stamp: tuple | None = None  # its files' sizes and modification times when read (files_stamp)
 
@@ -86,7 +86,7 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
         raise ValueError(f"{name}: {CONFIG_FILE} is not readable JSON: {e}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{name}: {CONFIG_FILE} holds a {type(config).__name__}, not a JSON object")
-    rank, scaling = check_peft_config(config, name, slots.max_lora_rank)
+    ranks = check_peft_config(config, name, slots.max_lora_rank)
     keys: dict[str, dict[str, str]] = {}
     try:
         with safe_open(str(weights_path), framework="pt") as f:
@@ -126,6 +126,7 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
                              f"lora_target_modules {sorted(slots.target_modules)} leaves it out)")
         a_shape, b_shape = shapes[ab["A"]], shapes[ab["B"]]
         k, n = features
+        rank = ranks.rank(path)
         if a_shape != (rank, k) or b_shape != (n, rank):
             # the linear's sizes right and the rank not: the config's r, not another base model
             why = f"adapter_config.json's r={rank} is not the tensors' rank" \
@@ -135,7 +136,8 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
                              f"base model's linear there is {k} -> {n} at rank {rank}: lora_A must be [{rank}, {k}], "
                              f"lora_B [{n}, {rank}] ({why})")
         checked[path] = (ab["A"], ab["B"])
-    return PeftAdapter(request, directory, rank, scaling, checked, stamp)
+    scaling = {path: ranks.scaling(path) for path in checked}
+    return PeftAdapter(request, directory, ranks.max_rank, scaling, checked, stamp)
 
 
 def read_target_modules(directory: str | Path) -> list[str]:
@@ -163,7 +165,7 @@ def read_peft_weights(adapter: PeftAdapter, dtype: torch.dtype) -> dict[str, tup
     with safe_open(str(adapter.directory / WEIGHTS_FILE), framework="pt") as f:
         for path, (a_key, b_key) in adapter.keys.items():
             a = f.get_tensor(a_key).to(dtype)
-            b = (f.get_tensor(b_key).double() * adapter.scaling).to(dtype)
+            b = (f.get_tensor(b_key).double() * adapter.scaling[path]).to(dtype)
             for key, w in ((a_key, a), (b_key, b)):
                 if not torch.isfinite(w).all():  # else every token under the adapter: NaN logits
                     raise ValueError(f"tensor {key} holds NaN or Inf (or overflows {dtype} once scaled)")

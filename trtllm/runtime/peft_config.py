@@ -1,6 +1,7 @@
 """A PEFT LoRA adapter's adapter_config.json, checked: its rank and scaling, by PEFT's rules.
 
-`check_peft_config(config, name, max_lora_rank)` -> (rank, scaling); a ValueError naming the
+`check_peft_config(config, name, max_lora_rank)` -> its ranks and scalings (`PeftRanks`, per module:
+rank_pattern / alpha_pattern honoured); a ValueError naming the
 adapter and the field for whatever would make the engine compute something other than what
 PEFT's model with the adapter computes (and the engine cannot do). `left_out_by_config(config,
 path)`: which of the config's module selectors leaves a module out.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 # peft.LoraConfig's defaults: PEFT loads an adapter_config.json without `r` or `lora_alpha` with them
 PEFT_DEFAULT_R = 8
@@ -29,8 +31,8 @@ _REFUSED_OPTIONS = {
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
-def check_peft_config(config: dict, name: str, max_lora_rank: int) -> tuple[int, float]:
-    """(rank, scaling) of the adapter `name` whose adapter_config.json is `config` (ValueError
+def check_peft_config(config: dict, name: str, max_lora_rank: int) -> PeftRanks:
+    """The ranks and scalings of the adapter `name` whose adapter_config.json is `config` (ValueError
     naming what the engine cannot do)."""
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
@@ -43,9 +45,6 @@ def check_peft_config(config: dict, name: str, max_lora_rank: int) -> tuple[int,
     if config.get("modules_to_save"):
         raise ValueError(f"{name}: modules_to_save {config['modules_to_save']} (fully trained modules) "
                          "is not supported")
-    for pattern in ("rank_pattern", "alpha_pattern"):
-        if config.get(pattern):
-            raise ValueError(f"{name}: {pattern} (per-module ranks or alphas) is not supported")
     if config.get("layer_replication"):
         raise ValueError(f"{name}: layer_replication is not supported")
     if not config.get("target_modules"):  # PEFT would fill them in from its table of model types
@@ -53,7 +52,7 @@ def check_peft_config(config: dict, name: str, max_lora_rank: int) -> tuple[int,
                          "modules for the model type (Llama's: q_proj, v_proj) and leave the file's other weights "
                          "out; give the modules the adapter was trained on")
     _check_init(config, name)
-    return _rank_and_scaling(config, name, max_lora_rank)
+    return _ranks(config, name, max_lora_rank)
 
 
 def _check_init(config: dict, name: str) -> None:
@@ -64,14 +63,54 @@ def _check_init(config: dict, name: str) -> None:
                          "to a plain LoRA adapter: peft's save_pretrained(path_initial_model_for_weight_conversion=...))")
 
 
-def _rank_and_scaling(config: dict, name: str, max_lora_rank: int) -> tuple[int, float]:
+@dataclass(frozen=True)
+class PeftRanks:
+    """An adapter's rank and scaling per module: r and lora_alpha, or rank_pattern's / alpha_pattern's
+    value for a module a pattern names (PEFT's get_pattern_key: the first pattern matching the
+    module path's end)."""
+    r: int
+    alpha: float
+    rslora: bool
+    rank_pattern: dict
+    alpha_pattern: dict
+
+    def rank(self, path: str) -> int:
+        return _by_pattern(self.rank_pattern, path, self.r)
+
+    def scaling(self, path: str) -> float:
+        r, alpha = self.rank(path), _by_pattern(self.alpha_pattern, path, self.alpha)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    @property
+    def max_rank(self) -> int:
+        return max([self.r, *self.rank_pattern.values()])
+
+
+def _by_pattern(pattern: dict, path: str, default):
+    key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", path)), None)
+    return default if key is None else pattern[key]
+
+
+def _ranks(config: dict, name: str, max_lora_rank: int) -> PeftRanks:
     rank, alpha = config.get("r", PEFT_DEFAULT_R), config.get("lora_alpha", PEFT_DEFAULT_LORA_ALPHA)
     if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
         raise ValueError(f"{name}: r={rank!r}, lora_alpha={alpha!r}: r must be a positive integer, "
                          "lora_alpha a number")
     if rank > max_lora_rank:
         raise ValueError(f"{name}: rank r={rank} exceeds max_lora_rank={max_lora_rank}")
-    return rank, alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    patterns = {}
+    for field, ok in (("rank_pattern", lambda v: isinstance(v, int) and 1 <= v), ("alpha_pattern",
+                      lambda v: isinstance(v, (int, float)))):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and ok(v) for k, v in pattern.items()):
+            raise ValueError(f"{name}: {field} {pattern!r} must map module patterns to "
+                             f"{'positive integer ranks' if field == 'rank_pattern' else 'numbers'}")
+        patterns[field] = pattern
+    too_big = max(patterns["rank_pattern"].values(), default=0)
+    if too_big > max_lora_rank:
+        raise ValueError(f"{name}: rank_pattern {patterns['rank_pattern']}: rank {too_big} exceeds "
+                         f"max_lora_rank={max_lora_rank}")
+    return PeftRanks(rank, alpha, bool(config.get("use_rslora")), patterns["rank_pattern"], patterns["alpha_pattern"])
 
 
 def left_out_by_config(config: dict, path: str) -> str | None:
