@@ -10,8 +10,9 @@ s is folded into B when it is read.
 - `check(request)`, at submission: the directory, its config and its tensors' names and shapes
   (the safetensors header only) against the engine: rank <= max_lora_rank, every module one the
   engine wraps (trtllm/lora_slots.py, passes/apply_lora.py), shapes those of the model's
-  linears. Refused by name: bias, DoRA, embedding / LM-head adapters, modules_to_save, rank or
-  alpha patterns, other PEFT types. A bad adapter raises ValueError and nothing else changes.
+  linears (runtime/peft_config.py: rank_pattern / alpha_pattern honoured). Refused by name: bias,
+  DoRA, embedding / LM-head adapters, modules_to_save, base-rewriting inits, other PEFT types. A bad
+  adapter raises ValueError and nothing else changes; one id always means the same files.
 - a host cache of `max_cpu_loras` adapters, each laid out as a slot holds it (`LoraSlots.image`:
   two copies a group into a slot; pinned on a GPU machine), LRU, read from
   disk on first use;
