@@ -84,3 +84,24 @@ def test_checked_adapters_kept_are_bounded(base, tmp_path):  # noqa: F811
             llm.engine.check_lora(LoRARequest("other", 1, str(base)))
         out = llm.generate([5, 6, 7], params, lora_request=LoRARequest("a1", 1, str(tmp_path / "a")))  # re-read
         assert out.outputs[0].token_ids == peft_greedy(peft_model, [5, 6, 7], 2)
+
+
+def test_a_symlinked_adapter_repointed_to_the_same_files_is_the_same_adapter(base, tmp_path):  # noqa: F811
+    # a deployment's `current -> v1` link moved to an identical copy (sizes and times kept): still id 1's
+    # files; resolving the link made it "needs an id of its own"
+    import os
+    import shutil
+    peft_model = write_adapter(base, tmp_path / "v1", r=4, seed=3)
+    shutil.copytree(tmp_path / "v1", tmp_path / "v2")  # copy2: times kept
+    os.symlink(tmp_path / "v1", tmp_path / "current")
+    request = LoRARequest("a", 1, str(tmp_path / "current"))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    with lora_llm(base) as llm:
+        llm.generate([5, 6, 7], params, lora_request=request)
+        os.unlink(tmp_path / "current")
+        os.symlink(tmp_path / "v2", tmp_path / "current")
+        out = llm.generate([5, 6, 7], params, lora_request=request)
+        assert out.outputs[0].token_ids == peft_greedy(peft_model, [5, 6, 7], 4)
+        write_adapter(base, tmp_path / "v2", r=4, seed=4)  # other weights: refused
+        with pytest.raises(ValueError, match="its files changed since the engine first read them as id 1"):
+            llm.generate([5, 6, 7], params, lora_request=request)

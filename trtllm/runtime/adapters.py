@@ -25,6 +25,7 @@ The model runner reads `slot(seq)` to fill the per-token slot index each step.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections import Counter, OrderedDict
@@ -214,7 +215,7 @@ class Adapters:
                 return known
         adapter = read_peft_adapter(request, self.slots)
         with self._lock:
-            seen = self._seen.setdefault(adapter_id, (request, adapter.directory.resolve(), adapter.stamp))
+            seen = self._seen.setdefault(adapter_id, (request, _absolute(adapter.directory), adapter.stamp))
         _check_identity(request, *seen)  # (another thread may have checked the id first)
         with self._lock:
             self._checked[adapter_id] = adapter
@@ -308,13 +309,19 @@ class Adapters:
 
 def _check_identity(request: LoRARequest, first: LoRARequest, directory: Path, stamp: tuple | None) -> None:
     """ValueError unless `request` names the files its id was first checked with, unchanged."""
-    if Path(request.lora_path).resolve() != directory:  # (relative or not)
+    if _absolute(request.lora_path) != directory:
         raise ValueError(f"LoRA adapter id {request.lora_int_id} is {first.lora_name!r} ({first.lora_path}) in this "
                          f"engine; {request.lora_name!r} ({request.lora_path}) needs an id of its own")
     if files_stamp(directory) != stamp:  # its slot, host copy and KV blocks hold the old files'
         raise ValueError(f"LoRA adapter {request.lora_name!r} ({request.lora_path}): its files changed since the "
                          f"engine first read them as id {request.lora_int_id}; give the changed adapter an id of its "
-                         "own (the id keys its cached copies and prefix-cache blocks)")
+                         "own, or restart trtllm-serve (the id keys its cached copies and prefix-cache blocks)")
+
+
+def _absolute(path) -> Path:
+    """`path` made absolute and normalized (./, a trailing /), its links kept: a link moved to other
+    files is the files' stamp's business (files_stamp), not another adapter."""
+    return Path(os.path.abspath(path))
 
 
 def _adapter_id(seq: Sequence) -> int | None:
