@@ -107,3 +107,6 @@ def test_rank_and_alpha_patterns_are_honoured(llm, base, tmp_path):  # noqa: F81
     write_adapter(base, tmp_path / "big", r=8, seed=22, rank_pattern={"q_proj": 32})
     with pytest.raises(ValueError, match=r"'big' .*rank_pattern \{'q_proj': 32\}: rank 32 exceeds max_lora_rank=16"):
         llm.generate([1, 2], SamplingParams(max_tokens=2), lora_request=LoRARequest("big", 97, str(tmp_path / "big")))
+    request = _adapter(base, tmp_path / "bad_re", 98, rank_pattern={"q_proj(": 2})
+    with pytest.raises(ValueError, match=r"'bad_re' .*rank_pattern key 'q_proj\(' is not a regular expression"):
+        llm.generate([1, 2], SamplingParams(max_tokens=2), lora_request=request)

@@ -105,6 +105,11 @@ def _ranks(config: dict, name: str, max_lora_rank: int) -> PeftRanks:
         if not isinstance(pattern, dict) or not all(isinstance(k, str) and ok(v) for k, v in pattern.items()):
             raise ValueError(f"{name}: {field} {pattern!r} must map module patterns to "
                              f"{'positive integer ranks' if field == 'rank_pattern' else 'numbers'}")
+        for key in pattern:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"{name}: {field} key {key!r} is not a regular expression: {e}") from None
         patterns[field] = pattern
     too_big = max(patterns["rank_pattern"].values(), default=0)
     if too_big > max_lora_rank:
