@@ -105,3 +105,19 @@ def test_a_symlinked_adapter_repointed_to_the_same_files_is_the_same_adapter(bas
         write_adapter(base, tmp_path / "v2", r=4, seed=4)  # other weights: refused
         with pytest.raises(ValueError, match="its files changed since the engine first read them as id 1"):
             llm.generate([5, 6, 7], params, lora_request=request)
+
+
+def test_another_projects_lora_request_is_named_by_its_module(base, tmp_path):  # noqa: F811
+    # vLLM's or TensorRT-LLM's own class: "must be a LoRARequest, got LoRARequest" said nothing
+    from dataclasses import dataclass
+
+    @dataclass
+    class LoRARequest:  # noqa: F811 (another project's, same name)
+        lora_name: str
+        lora_int_id: int
+        lora_path: str
+
+    with lora_llm(base) as llm:
+        with pytest.raises(TypeError, match=r"lora_request must be a trtllm.LoRARequest, got tests\.runtime\."
+                                            r"test_lora_identity\..*LoRARequest \(build one"):
+            llm.generate([1, 2], SamplingParams(max_tokens=2), lora_request=LoRARequest("a", 1, str(tmp_path)))

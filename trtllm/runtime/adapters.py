@@ -202,7 +202,9 @@ class Adapters:
     def check(self, request: LoRARequest) -> PeftAdapter:
         """The adapter `request` names, checked (ValueError naming the problem)."""
         if not isinstance(request, LoRARequest):
-            raise TypeError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
+            kind = type(request)  # (vLLM's and TensorRT-LLM's classes have our class's name)
+            raise TypeError(f"lora_request must be a trtllm.LoRARequest, got {kind.__module__}.{kind.__qualname__} "
+                            "(build one: trtllm.LoRARequest(lora_name, lora_int_id, lora_path))")
         adapter_id = request.lora_int_id
         with self._lock:
             seen, known = self._seen.get(adapter_id), self._checked.get(adapter_id)
