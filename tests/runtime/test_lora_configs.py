@@ -110,3 +110,17 @@ def test_rank_and_alpha_patterns_are_honoured(llm, base, tmp_path):  # noqa: F81
     request = _adapter(base, tmp_path / "bad_re", 98, rank_pattern={"q_proj(": 2})
     with pytest.raises(ValueError, match=r"'bad_re' .*rank_pattern key 'q_proj\(' is not a regular expression"):
         llm.generate([1, 2], SamplingParams(max_tokens=2), lora_request=request)
+
+
+def test_logits_overflowing_under_an_adapter_name_it(llm, base, tmp_path):  # noqa: F811
+    # finite weights whose products overflow: the request fails naming its adapter (it said only "the
+    # model produced NaN or Inf logits"); the base request beside it is served
+    from safetensors.torch import load_file, save_file
+
+    from trtllm.runtime.outputs import RequestError
+    request = _adapter(base, tmp_path / "huge", 99)
+    weights = tmp_path / "huge" / "adapter_model.safetensors"
+    save_file({k: v * 1e37 for k, v in load_file(weights).items()}, str(weights))
+    with pytest.raises(RequestError, match=r"prompt 0: .*NaN or Inf logits under LoRA adapter 'huge'") as e:
+        greedy(llm, PROMPTS[:2], [request, None])
+    assert e.value.outputs[1].outputs[0].token_ids == peft_greedy(hf_model(base), PROMPTS[1], NEW)
