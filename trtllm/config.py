@@ -331,6 +331,7 @@ class LoraConfig(ValidatedConfig):
     lora_target_modules: list[str] = Field(
         default_factory=list, description="the linears LoRA may target, by HF or TensorRT-LLM name (empty: those "
                                           "of the adapters in lora_dir, or all attention and MLP linears)")
+    lora_ckpt_source: str = Field("hf", description="TensorRT-LLM's: the adapters' format, 'hf' (PEFT) only")
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -338,4 +339,11 @@ class LoraConfig(ValidatedConfig):
         unknown = [m for m in v if m not in LORA_TARGET_MODULES]
         if unknown:
             raise ValueError(f"unknown target module(s) {unknown}; known: {', '.join(LORA_TARGET_MODULES)}")
+        return v
+
+    @field_validator("lora_ckpt_source")
+    @classmethod
+    def _peft_only(cls, v):
+        if v != "hf":
+            raise ValueError("only 'hf' (PEFT adapter directories) is read, not NeMo's .nemo checkpoints")
         return v

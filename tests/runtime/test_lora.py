@@ -215,7 +215,7 @@ def test_bad_adapters_are_refused_at_submission_by_name(llm, base, adapters, tmp
     refused(LoRARequest("other", 55, str(tmp_path / "other")),
             r"down_proj has lora_A \[4, 64\] and lora_B \[32, 4\], but the base model.s linear there is 128 -> 64")
     request = adapters["attn4"][0]
-    with pytest.raises(ValueError, match="lora_int_id must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"lora_int_id must be an integer from 1 to 2\*\*64 - 1"):
         LoRARequest("zero", 0, str(tmp_path))
     # the engine goes on, and a good adapter in the same batch as a bad one: none of the batch runs
     with pytest.raises(ValueError, match="^prompt 1: .*no such directory"):

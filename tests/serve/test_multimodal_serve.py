@@ -13,7 +13,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.models.multimodal_checkpoints import random_images, write_llava
+from tests.models.multimodal_checkpoints import hf_llava, random_images, write_llava
 from tests.serve.server import Server
 from trtllm.runtime.llm import LLM
 from trtllm.sampling_params import SamplingParams
@@ -187,3 +187,27 @@ def test_a_crowd_of_image_requests(llava_server):
         reqs.append({"route": "/v1/chat/completions", "body": body, "kind": kind})
     assert {r["kind"] for r in reqs} == {"ok", "bad", "drop"}
     check_crowd(llava_server, reqs, "not a readable image")
+
+
+def test_an_image_chat_to_an_adapter_runs_through_it(llava_dir, tmp_path):
+    # the handler sent a chat with images without its lora_request: the base model's text under the
+    # adapter's name, silently (and uncounted in /metrics)
+    from tests.lora_adapters import write_adapter
+    from trtllm import LoraConfig, LoRARequest
+    write_adapter(llava_dir, tmp_path / "lm", targets=r".*language_model.*\.(q_proj|v_proj|down_proj)", seed=7,
+                  model=hf_llava(llava_dir))
+    image = random_images(1, seed=4)[0]
+    messages = image_message(data_url(png_bytes(image)))
+    with Server(llava_dir, "--lora_modules", f"lm={tmp_path / 'lm'}", "--max_seq_len", "256", "--max_num_tokens",
+                "128", log_path=tmp_path / "server.log") as s:
+        served = {m: client(s).chat.completions.create(model=m, messages=messages, max_tokens=6, temperature=0.0)
+                  for m in ("tiny", "lm")}
+        assert s.metrics()['trtllm_lora_requests_total{lora_name="lm"}'] == 1
+    with LLM(model=str(llava_dir), dtype="float32", lora_config=LoraConfig(max_lora_rank=8)) as llm:
+        text = llm.processor.get().apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+            add_generation_prompt=True).replace("<image>\n", "<image>")
+        prompt = {"prompt": text, "multi_modal_data": {"image": [image]}}
+        offline = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0.0),
+                               lora_request=LoRARequest("lm", 1, str(tmp_path / "lm"))).outputs[0].text
+    assert served["lm"].choices[0].message.content == offline != served["tiny"].choices[0].message.content

@@ -14,7 +14,8 @@ server stops accepting connections, lets in-flight requests finish for up to
 engine process had died meanwhile: that is logged at ERROR when it happens, and /health
 answers 503 with the reason).
 
-LoRA (vLLM's convention): each --lora_modules NAME=PATH (a PEFT adapter directory) is listed
+LoRA (vLLM's convention): each --lora_modules NAME=PATH (a PEFT adapter directory; or vLLM's
+'{"name": NAME, "path": PATH, "base_model_name": the served model}') is listed
 in /v1/models, and a request whose `model` is NAME runs through that adapter; the adapters are
 checked against the model when the engine is built. /metrics counts requests per adapter.
 
@@ -105,7 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--speculative_model_dir", "--speculative-model-dir", default=None,
                     help="draft_target: the draft model's checkpoint; eagle3: the EAGLE-3 head's")
     ap.add_argument("--lora_modules", "--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
-                    help="LoRA adapters (PEFT directories) served by name: a request's `model` picks one")
+                    help="LoRA adapters (PEFT directories) served by name: a request's `model` picks one (or "
+                         "vLLM's JSON form, '{\"name\": ..., \"path\": ...}')")
     ap.add_argument("--max_lora_rank", "--max-lora-rank", type=int, default=None,
                     help="the largest adapter rank accepted (default: the largest of --lora_modules)")
     ap.add_argument("--max_loras", "--max-loras", type=int, default=None,
@@ -141,25 +143,56 @@ def engine_options(args: argparse.Namespace) -> dict:
                    speculative_config=speculative_config_from_options(args.speculative, args.max_draft_len,
                                                                       args.max_matching_ngram_size,
                                                                       args.speculative_model_dir))
-    lora_modules = parse_lora_modules(args.lora_modules)
+    lora_modules = parse_lora_modules(args.lora_modules, served_model_name(args))
     if lora_modules:
         options["lora_config"] = lora_config(args, lora_modules)
     return options
 
 
-def parse_lora_modules(specs: list[str] | None) -> dict:
-    """--lora_modules NAME=PATH ... -> {NAME: LoRARequest(NAME, i, PATH)}; ValueError naming a bad one."""
+def served_model_name(args: argparse.Namespace) -> str:
+    """The name requests give as `model` for the base model."""
+    return args.served_model_name or (args.model if args.model is not None else "trtllm-demo")
+
+
+def parse_lora_modules(specs: list[str] | None, served_name: str) -> dict:
+    """--lora_modules NAME=PATH or vLLM's JSON form ... -> {NAME: LoRARequest(NAME, i, PATH)}; ValueError
+    naming a bad one."""
     from trtllm.lora_request import LoRARequest
 
     modules = {}
     for spec in specs or []:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--lora_modules {spec!r}: expected NAME=PATH")
+        name, path = _lora_module(spec, served_name)
         if name in modules:
             raise ValueError(f"--lora_modules: {name!r} given twice")
+        if name == served_name:  # a request's `model` names the base model first (serve/jobs.py check_model)
+            raise ValueError(f"--lora_modules {name!r}: the served model's name; requests naming it get the base "
+                             "model, never the adapter (name the adapter otherwise, or the model: --served-model-name)")
         modules[name] = LoRARequest(name, len(modules) + 1, path)
     return modules
+
+
+def _lora_module(spec: str, served_name: str) -> tuple[str, str]:
+    """(name, path) of NAME=PATH or of vLLM's {"name": ..., "path": ..., "base_model_name": ...}."""
+    if not spec.lstrip().startswith("{"):
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora_modules {spec!r}: expected NAME=PATH or a JSON object")
+        return name, path
+    import json
+    try:
+        entry = json.loads(spec)
+    except ValueError as e:
+        raise ValueError(f"--lora_modules {spec!r}: not a JSON object: {e}") from None
+    unknown = sorted(set(entry) - {"name", "path", "base_model_name"}) if isinstance(entry, dict) else []
+    for key in ("name", "path"):
+        if not isinstance(entry, dict) or not isinstance(entry.get(key), str) or not entry[key] or unknown:
+            why = f"unknown key {unknown[0]!r}" if unknown else f"{key!r} must be a non-empty string"
+            raise ValueError(f"--lora_modules {spec!r}: {why} (vLLM's form: name, path, base_model_name)")
+    base = entry.get("base_model_name")
+    if base is not None and base != served_name:  # (it is the adapter's `parent` in /v1/models)
+        raise ValueError(f"--lora_modules {entry['name']!r}: base_model_name {base!r} is not the served model "
+                         f"{served_name!r}")
+    return entry["name"], entry["path"]
 
 
 def lora_config(args: argparse.Namespace, modules: dict):
@@ -167,13 +200,15 @@ def lora_config(args: argparse.Namespace, modules: dict):
     import json
 
     from trtllm.config import LoraConfig
+    from trtllm.runtime.peft_config import PEFT_DEFAULT_R
 
     rank = args.max_lora_rank
     if rank is None:  # the largest adapter's (a missing or bad one is named when the engine checks it)
         ranks = []
         for lora in modules.values():
             try:
-                ranks.append(int(json.loads((Path(lora.lora_path) / "adapter_config.json").read_text())["r"]))
+                config = json.loads((Path(lora.lora_path) / "adapter_config.json").read_text())
+                ranks.append(int(config.get("r", PEFT_DEFAULT_R)))
             except (OSError, ValueError, KeyError, TypeError):
                 pass
         rank = max(ranks, default=64)
@@ -253,7 +288,7 @@ def main(argv=None) -> int:
 
         try:
             options = engine_options(args)
-            lora_modules = parse_lora_modules(args.lora_modules)
+            lora_modules = parse_lora_modules(args.lora_modules, served_model_name(args))
             from trtllm.serve.media import MediaPolicy
             media = MediaPolicy(args.allowed_local_media_path, args.max_images_per_request, args.max_image_pixels)
         except ConfigError as e:
@@ -267,7 +302,7 @@ def main(argv=None) -> int:
         except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
             print(f"trtllm-serve: cannot load the model: {e}", file=sys.stderr)
             return 2
-        name = args.served_model_name or (args.model if args.model is not None else "trtllm-demo")
+        name = served_model_name(args)
         app = build_app(llm, name, api_key=api_key,
                         max_concurrent_requests=args.max_concurrent_requests or DEFAULT_MAX_CONCURRENT_REQUESTS,
                         tool_parser=args.tool_parser, lora_modules=lora_modules, media=media)

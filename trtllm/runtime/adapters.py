@@ -10,8 +10,9 @@ s is folded into B when it is read.
 - `check(request)`, at submission: the directory, its config and its tensors' names and shapes
   (the safetensors header only) against the engine: rank <= max_lora_rank, every module one the
   engine wraps (trtllm/lora_slots.py, passes/apply_lora.py), shapes those of the model's
-  linears. Refused by name: bias, DoRA, embedding / LM-head adapters, modules_to_save, rank or
-  alpha patterns, other PEFT types. A bad adapter raises ValueError and nothing else changes.
+  linears (runtime/peft_config.py: rank_pattern / alpha_pattern honoured). Refused by name: bias,
+  DoRA, embedding / LM-head adapters, modules_to_save, base-rewriting inits, other PEFT types. A bad
+  adapter raises ValueError and nothing else changes; one id always means the same files.
 - a host cache of `max_cpu_loras` adapters, each laid out as a slot holds it (`LoraSlots.image`:
   two copies a group into a slot; pinned on a GPU machine), LRU, read from
   disk on first use;
@@ -24,7 +25,7 @@ The model runner reads `slot(seq)` to fill the per-token slot index each step.
 from __future__ import annotations
 
 import json
-import math
+import os
 import re
 import threading
 from collections import Counter, OrderedDict
@@ -37,18 +38,13 @@ from safetensors import safe_open
 from trtllm.config import LoraConfig
 from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
+from trtllm.runtime.peft_config import check_peft_config, left_out_by_config
 from trtllm.runtime.sequence import Sequence
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
-_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-# config entries that change what a LoRA computes, refused unless at their no-op value
-_REFUSED_OPTIONS = {
-    "use_dora": (False, "DoRA (use_dora)"),
-    "lora_bias": (False, "LoRA bias (lora_bias)"),
-    "fan_in_fan_out": (False, "fan_in_fan_out (Conv1D layers)"),
-    "use_qalora": (False, "QA-LoRA (use_qalora)"),
-}
+# peft's tensor names, `base_model.model.` + the module path; other tools write the path alone (vLLM reads both)
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
 @dataclass(frozen=True)
@@ -56,9 +52,19 @@ class PeftAdapter:
     """A checked adapter: where it is, its rank and scaling, and its tensors by module path."""
     request: LoRARequest
     directory: Path
-    rank: int
-    scaling: float
+    rank: int  # the largest of its modules'
+    scaling: dict[str, float]  # module path -> lora_alpha / r (/ sqrt(r) with rsLoRA), its rank_pattern's and alpha_pattern's
     keys: dict[str, tuple[str, str]]  # module path -> (lora_A key, lora_B key)
+    stamp: tuple | None = None  # its files' sizes and modification times when read (files_stamp)
+
+
+def files_stamp(directory: Path) -> tuple | None:
+    """The adapter files' (size, modification time) pairs: another stamp, other files (None: unreadable)."""
+    try:
+        return tuple((st.st_size, st.st_mtime_ns) for st in ((directory / f).stat() for f in (CONFIG_FILE,
+                                                                                               WEIGHTS_FILE)))
+    except OSError:
+        return None
 
 
 def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
@@ -69,6 +75,7 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
     if not directory.is_dir():
         raise ValueError(f"{name}: no such directory")
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    stamp = files_stamp(directory)
     if not config_path.is_file():
         raise ValueError(f"{name}: no {CONFIG_FILE}")
     if not weights_path.is_file():
@@ -81,29 +88,7 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
         raise ValueError(f"{name}: {CONFIG_FILE} is not readable JSON: {e}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{name}: {CONFIG_FILE} holds a {type(config).__name__}, not a JSON object")
-    peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise ValueError(f"{name}: peft_type {peft_type!r} is not supported (LoRA only)")
-    for option, (ok, what) in _REFUSED_OPTIONS.items():
-        if config.get(option, ok) not in (ok, None):
-            raise ValueError(f"{name}: {what} is not supported")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{name}: bias={config['bias']!r} (trained biases) is not supported; only bias='none'")
-    if config.get("modules_to_save"):
-        raise ValueError(f"{name}: modules_to_save {config['modules_to_save']} (fully trained modules) "
-                         "is not supported")
-    for pattern in ("rank_pattern", "alpha_pattern"):
-        if config.get(pattern):
-            raise ValueError(f"{name}: {pattern} (per-module ranks or alphas) is not supported")
-    if config.get("layer_replication"):
-        raise ValueError(f"{name}: layer_replication is not supported")
-    rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
-    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
-        raise ValueError(f"{name}: r={rank!r}, lora_alpha={alpha!r}: r must be a positive integer, "
-                         "lora_alpha a number")
-    if rank > slots.max_lora_rank:
-        raise ValueError(f"{name}: rank r={rank} exceeds max_lora_rank={slots.max_lora_rank}")
-    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    ranks = check_peft_config(config, name, slots.max_lora_rank)
     keys: dict[str, dict[str, str]] = {}
     try:
         with safe_open(str(weights_path), framework="pt") as f:
@@ -117,21 +102,23 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
             raise ValueError(f"{name}: tensor {key} is {dtypes[key]}: LoRA weights must be floating point "
                              f"({', '.join(_FLOAT_DTYPES)})")
         match = _KEY.match(key)
-        if "lora_embedding" in key or any(f".{m}." in key for m in ("lm_head", "embed_tokens")):
+        if "lora_embedding" in key or any(f".{m}." in f".{key}" for m in ("lm_head", "embed_tokens")):
             raise ValueError(f"{name}: LM-head and embedding adapters are not supported ({key})")
         if match is None:
             if "lora_magnitude_vector" in key:
                 raise ValueError(f"{name}: DoRA is not supported ({key})")
             raise ValueError(f"{name}: tensor {key} is no LoRA A or B weight (bias, or a fully trained module: "
                              "not supported)")
-        keys.setdefault(match["path"], {})[match["ab"]] = key
+        twin = keys.setdefault(match["path"], {}).setdefault(match["ab"], key)
+        if twin != key:
+            raise ValueError(f"{name}: {match['path']}'s lora_{match['ab']} is given twice, as {twin} and {key}")
     if not keys:
         raise ValueError(f"{name}: {WEIGHTS_FILE} holds no LoRA weights")
     checked = {}
     for path, ab in sorted(keys.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{name}: {path} has lora_{'A' if 'A' in ab else 'B'} but not the other")
-        left_out = _left_out_by_config(config, path)
+        left_out = left_out_by_config(config, path)
         if left_out:  # PEFT would not apply these weights: applying them would be another model
             raise ValueError(f"{name}: {path} has LoRA weights, but {CONFIG_FILE}'s {left_out} leaves it out "
                              "(PEFT would not apply them): the config and the weights disagree")
@@ -141,40 +128,18 @@ def read_peft_adapter(request: LoRARequest, slots: LoraSlots) -> PeftAdapter:
                              f"lora_target_modules {sorted(slots.target_modules)} leaves it out)")
         a_shape, b_shape = shapes[ab["A"]], shapes[ab["B"]]
         k, n = features
+        rank = ranks.rank(path)
         if a_shape != (rank, k) or b_shape != (n, rank):
+            # the linear's sizes right and the rank not: the config's r, not another base model
+            why = f"adapter_config.json's r={rank} is not the tensors' rank" \
+                if len(a_shape) == 2 and a_shape[1:] == (k,) and b_shape == (n, a_shape[0]) \
+                else "an adapter of another base model?"
             raise ValueError(f"{name}: {path} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, but the "
                              f"base model's linear there is {k} -> {n} at rank {rank}: lora_A must be [{rank}, {k}], "
-                             f"lora_B [{n}, {rank}] (an adapter of another base model?)")
+                             f"lora_B [{n}, {rank}] ({why})")
         checked[path] = (ab["A"], ab["B"])
-    return PeftAdapter(request, directory, rank, scaling, checked)
-
-
-def _left_out_by_config(config: dict, path: str) -> str | None:
-    """Which of the config's module selectors leaves out the module at `path` (None: PEFT
-    targets it), by PEFT's rule (tuners_utils.check_target_module_exists): target_modules a
-    regular expression matched whole, or names matched whole or as the path's last parts;
-    layers_to_transform the index after `layers_pattern` (else after any part) in the path;
-    exclude_modules the same way as target_modules."""
-    def selects(spec, key: str) -> bool:
-        if isinstance(spec, str):
-            return spec == "all-linear" or re.fullmatch(spec, key) is not None
-        return key in spec or any(key.endswith(f".{t}") for t in spec)
-
-    targets = config.get("target_modules")
-    if targets and not selects(targets, path):
-        return f"target_modules {targets!r}"
-    excluded = config.get("exclude_modules")
-    if excluded and selects(excluded, path):
-        return f"exclude_modules {excluded!r}"
-    layers = config.get("layers_to_transform")
-    if layers is None or layers == [] or isinstance(targets, str):
-        return None
-    patterns = config.get("layers_pattern") or [r"[^.]*"]
-    patterns = [patterns] if isinstance(patterns, str) else patterns
-    index = next((m for p in patterns if (m := re.match(rf".*\.{p}\.(\d+)\.", path)) is not None), None)
-    if index is None or int(index.group(1)) not in ([layers] if isinstance(layers, int) else layers):
-        return f"layers_to_transform {layers!r}"
-    return None
+    scaling = {path: ranks.scaling(path) for path in checked}
+    return PeftAdapter(request, directory, ranks.max_rank, scaling, checked, stamp)
 
 
 def read_target_modules(directory: str | Path) -> list[str]:
@@ -202,7 +167,7 @@ def read_peft_weights(adapter: PeftAdapter, dtype: torch.dtype) -> dict[str, tup
     with safe_open(str(adapter.directory / WEIGHTS_FILE), framework="pt") as f:
         for path, (a_key, b_key) in adapter.keys.items():
             a = f.get_tensor(a_key).to(dtype)
-            b = (f.get_tensor(b_key).double() * adapter.scaling).to(dtype)
+            b = (f.get_tensor(b_key).double() * adapter.scaling[path]).to(dtype)
             for key, w in ((a_key, a), (b_key, b)):
                 if not torch.isfinite(w).all():  # else every token under the adapter: NaN logits
                     raise ValueError(f"tensor {key} holds NaN or Inf (or overflows {dtype} once scaled)")
@@ -217,7 +182,13 @@ class Adapters:
         # adapter rank 0 put in a slot (parallel/workers.py `load_adapter`); None: one rank
         self.replicas = replicas
         self._lock = threading.Lock()  # check() runs on the callers' threads, the rest on the engine's
-        self._checked: dict[int, PeftAdapter] = {}  # by lora_int_id: one id, one adapter
+        # by lora_int_id, every id ever checked: one id, one adapter's files (the first request, its
+        # directory resolved, files_stamp): a few hundred bytes an id
+        self._seen: dict[int, tuple[LoRARequest, Path, tuple | None]] = {}
+        # the adapters checked last, LRU first, at most _checked_kept (87 KB each for Llama-8B's 224
+        # linears' tensor names: kept for every id they were 870 MB after 10,000 adapters); re-read if need be
+        self._checked: OrderedDict[int, PeftAdapter] = OrderedDict()
+        self._checked_kept = max(64, 2 * config.max_cpu_loras)
         self._host: OrderedDict[int, list] = OrderedDict()  # adapter id -> its slot image (LoraSlots.image), LRU first
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # adapter id -> GPU slot, LRU first
         self._free_slots = list(range(slots.max_loras))
@@ -231,18 +202,29 @@ class Adapters:
     def check(self, request: LoRARequest) -> PeftAdapter:
         """The adapter `request` names, checked (ValueError naming the problem)."""
         if not isinstance(request, LoRARequest):
-            raise TypeError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
+            kind = type(request)  # (vLLM's and TensorRT-LLM's classes have our class's name)
+            raise TypeError(f"lora_request must be a trtllm.LoRARequest, got {kind.__module__}.{kind.__qualname__} "
+                            "(build one: trtllm.LoRARequest(lora_name, lora_int_id, lora_path))")
+        adapter_id = request.lora_int_id
         with self._lock:
-            known = self._checked.get(request.lora_int_id)
-        if known is not None:
-            if Path(known.request.lora_path) != Path(request.lora_path):
-                raise ValueError(f"LoRA adapter id {request.lora_int_id} is {known.request.lora_name!r} "
-                                 f"({known.request.lora_path}) in this engine; {request.lora_name!r} "
-                                 f"({request.lora_path}) needs an id of its own")
-            return known
+            seen, known = self._seen.get(adapter_id), self._checked.get(adapter_id)
+        if seen is not None:
+            _check_identity(request, *seen)
+            if known is not None:
+                with self._lock:
+                    if adapter_id in self._checked:
+                        self._checked.move_to_end(adapter_id)
+                return known
         adapter = read_peft_adapter(request, self.slots)
         with self._lock:
-            return self._checked.setdefault(request.lora_int_id, adapter)
+            seen = self._seen.setdefault(adapter_id, (request, _absolute(adapter.directory), adapter.stamp))
+        _check_identity(request, *seen)  # (another thread may have checked the id first)
+        with self._lock:
+            self._checked[adapter_id] = adapter
+            self._checked.move_to_end(adapter_id)
+            while len(self._checked) > self._checked_kept:
+                self._checked.popitem(last=False)
+        return adapter
 
     # -- the scheduler's side ----------------------------------------------------------------
     def can_admit(self, seq: Sequence) -> bool:
@@ -309,7 +291,7 @@ class Adapters:
             if image is not None:
                 self._host.move_to_end(adapter_id)
                 return image
-        adapter = self.check(request)  # re-read on a miss: the files may have changed since
+        adapter = self.check(request)  # on a miss: files changed since they were first read are refused
         try:
             image = self.slots.image(read_peft_weights(adapter, self.dtype),
                                      pin=self.slots.device.type == "cuda")
@@ -333,6 +315,23 @@ class Adapters:
         """Adapter ids in the host cache, least recently used first."""
         with self._lock:
             return list(self._host)
+
+
+def _check_identity(request: LoRARequest, first: LoRARequest, directory: Path, stamp: tuple | None) -> None:
+    """ValueError unless `request` names the files its id was first checked with, unchanged."""
+    if _absolute(request.lora_path) != directory:
+        raise ValueError(f"LoRA adapter id {request.lora_int_id} is {first.lora_name!r} ({first.lora_path}) in this "
+                         f"engine; {request.lora_name!r} ({request.lora_path}) needs an id of its own")
+    if files_stamp(directory) != stamp:  # its slot, host copy and KV blocks hold the old files'
+        raise ValueError(f"LoRA adapter {request.lora_name!r} ({request.lora_path}): its files changed since the "
+                         f"engine first read them as id {request.lora_int_id}; give the changed adapter an id of its "
+                         "own, or restart trtllm-serve (the id keys its cached copies and prefix-cache blocks)")
+
+
+def _absolute(path) -> Path:
+    """`path` made absolute and normalized (./, a trailing /), its links kept: a link moved to other
+    files is the files' stamp's business (files_stamp), not another adapter."""
+    return Path(os.path.abspath(path))
 
 
 def _adapter_id(seq: Sequence) -> int | None:

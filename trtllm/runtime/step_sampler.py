@@ -28,6 +28,15 @@ from trtllm.runtime.sampler import Sampler, SamplerOutput, SamplingBatch
 from trtllm.runtime.sequence import Sequence
 
 NAN_LOGITS = "the model produced NaN or Inf logits"
+
+
+def nan_logits(seq: Sequence) -> str:
+    """Why `seq` fails with NaN or Inf logits: under an adapter, the adapter's weights most likely."""
+    if seq.lora_request is None:
+        return NAN_LOGITS
+    return f"{NAN_LOGITS} under LoRA adapter {seq.lora_request.lora_name!r} (its weights overflow?)"
+
+
 ALL_MASKED = ("no token is left to sample: SamplingParams.bad / bad_token_ids (with the grammar "
               "or min_tokens, if any) mask every one")
 
@@ -125,7 +134,7 @@ class StepSampler:
             chosen, top = out.host_logprobs()
         for i, seq in enumerate(seqs):
             if not finite[i]:
-                step.failed.setdefault(seq, NAN_LOGITS)
+                step.failed.setdefault(seq, nan_logits(seq))
             if seq in step.failed:  # fails alone; finished before update: its blocks stay unpublished
                 continue
             step.tokens[seq] = tokens[i]

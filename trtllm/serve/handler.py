@@ -38,15 +38,15 @@ class Handler:
         if reason is not None:  # the engine process died: say so at once, as /health does
             raise RequestError(503, f"the engine is not running ({reason}); the server must be restarted",
                                code="engine_unavailable")
-        if job.multimodal is not None:  # a chat's one prompt, with its images
-            streams = [self.llm.generate_async(job.prompts[0][1], job.params[0], streaming=job.stream,
-                                               multimodal=job.multimodal)]
-        elif job.lora_request is not None:
+        lora = {}  # (the engine clients of before LoRA take no lora_request)
+        if job.lora_request is not None:
             self.metrics.lora_requests.labels(job.lora_request.lora_name).inc()
-            streams = [self.llm.generate_async(ids, params, streaming=job.stream, lora_request=job.lora_request)
-                       for (_, ids), params in zip(job.prompts, job.params)]
-        else:  # the engine clients of before LoRA take no lora_request
-            streams = [self.llm.generate_async(ids, params, streaming=job.stream)
+            lora = {"lora_request": job.lora_request}
+        if job.multimodal is not None:  # a chat's one prompt, with its images (and its adapter)
+            streams = [self.llm.generate_async(job.prompts[0][1], job.params[0], streaming=job.stream,
+                                               multimodal=job.multimodal, **lora)]
+        else:
+            streams = [self.llm.generate_async(ids, params, streaming=job.stream, **lora)
                        for (_, ids), params in zip(job.prompts, job.params)]
         for s in streams:
             self.active[s.request_id] = s

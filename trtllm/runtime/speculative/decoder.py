@@ -54,6 +54,7 @@ from trtllm.runtime.sequence import Sequence, SequenceStatus
 from trtllm.runtime.speculative.draft_model import DraftModelProposer
 from trtllm.runtime.speculative.ngram import propose_ngram
 from trtllm.runtime.speculative.verify import greedy_accept, rejection_sample, verify_generator
+from trtllm.runtime.step_sampler import nan_logits
 
 MISSES_TO_BACK_OFF = 2  # verify steps in a row with no draft accepted
 FIRST_BACK_OFF, MAX_BACK_OFF = 4, 64  # tokens decoded without drafts, doubling after each
@@ -194,7 +195,7 @@ class SpeculativeDecoder:
             chosen, top = out.host_logprobs()
             for j, seq in enumerate(pseqs):
                 if not finite[j]:
-                    failed[seq] = "the model produced NaN or Inf logits"
+                    failed[seq] = nan_logits(seq)
                     continue
                 sampled[seq] = tokens[j]
                 k = seq.sampling_params.logprobs
@@ -232,7 +233,7 @@ class SpeculativeDecoder:
             target, ok = picks[row:row + n], all(finite[row:row + n])
             q = self._draft_probs.get(seq)
             if not ok:
-                failed[seq] = "the model produced NaN or Inf logits"
+                failed[seq] = nan_logits(seq)
             elif q is None or seq.sampling_params.greedy:
                 sampled[seq] = greedy_accept(draft, target)
             else:
