@@ -22,7 +22,7 @@ while the GPU computes the next. `step()` then returns the first step's outputs 
 leaves the second in flight (`_ahead`); a sequence that stopped at the first has its
 row of the second dropped (its blocks are freed: nothing it wrote there is ever read).
 Sequences that end by length at the first are left out of the second; a request
-waiting for admission with a slot free for it, a short block, a grammar or logits processor,
+waiting that could be admitted (a seat, room in the pool, an adapter slot), a short block, a grammar or logits processor,
 or a row whose logits the host reads (beams, returned logits, best_of) makes the next step an
 ordinary one (runtime/step_sampler.py, `next_step_tokens`).
 
