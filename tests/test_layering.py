@@ -14,7 +14,10 @@ Layers, lowest first; a module imports trtllm modules of its own layer or lower 
       multimodal_context           how image features reach the graph's splice op
       hidden_states                hidden states kept per KV slot for EAGLE-3 drafts
       parallel.pipeline_parallel   how a pipeline stage's input reaches the graph; the layer partition
-    quantization                   the FP8 description of a model, online quantization, checkpoint layouts
+    quantization                   the FP8 description of a model, online quantization, checkpoint layouts;
+      models.checkpoint_config,    a checkpoint's files as read before any model: config.json and its
+      models.checkpoint_tensors,   checks, the safetensors headers, the per-expert tensors' slots
+      models.expert_tensors
     models, demo                   model files and loading; the built-in demo model
     contract                       what a compilable model is: the probe, its spec, the refusals
     passes                         graph rewrites, each one function
@@ -45,7 +48,8 @@ LAYERS = [
      "trtllm.parallel.expert_parallel"],
     ["trtllm.kernels"],
     ["trtllm.attention_context", "trtllm.traced_sdpa", "trtllm.expert_load", "trtllm.mla_attention", "trtllm.lora_slots", "trtllm.multimodal_context", "trtllm.hidden_states", "trtllm.parallel.pipeline_parallel"],
-    ["trtllm.quantization"],
+    ["trtllm.quantization", "trtllm.models.checkpoint_config", "trtllm.models.checkpoint_tensors",
+     "trtllm.models.expert_tensors"],
     ["trtllm.models", "trtllm.demo"],
     ["trtllm.contract"],
     ["trtllm.passes"],
