@@ -45,7 +45,10 @@ class ChoiceProgress:
     tokens_sent: int = 0
     finished: bool = False
     tool_stream: ToolCallStream | None = None  # a chat choice with tools: content held back, calls at the end
-    offsets: object | None = None  # completions' text_offset over every token sent (Renderer.stream_offsets)
+    # completions' text_offset over every token sent (Renderer.stream_offsets): the text so far, as a
+    # detokenizer, or its length where there is no tokenizer ("token_id:N" texts)
+    offset_text: IncrementalDetokenizer | None = None
+    offset_len: int = 0
 
 
 # the least logprob a response carries (vLLM's floor): a token the sampling's filters ruled out (top_k, top_p,
@@ -271,16 +274,17 @@ class Renderer:
         sent (a detokenizer kept in `state`). From the text sent they ran short wherever text was
         held back when its tokens went out (a possible stop string, an unfinished character)."""
         if self.tokenizer is None:  # "token_id:N" texts
-            start = state.offsets or 0
-            state.offsets = start + sum(len(self.text_of(t)) for t in ids)
+            start = state.offset_len
+            state.offset_len += sum(len(self.text_of(t)) for t in ids)
             return list(accumulate((len(self.text_of(t)) for t in ids[:-1]), initial=start))[:len(ids)]
-        if state.offsets is None:
+        if state.offset_text is None:
             skip = job.params[0].skip_special_tokens if job.params and job.params[0] is not None else True
-            state.offsets = IncrementalDetokenizer(self.tokenizer, [self.anchor()] if self.anchor() >= 0 else [], skip)
+            state.offset_text = IncrementalDetokenizer(self.tokenizer, [self.anchor()] if self.anchor() >= 0 else [],
+                                                       skip)
         offsets = []
         for tid in ids:
-            offsets.append(len(state.offsets.text))
-            state.offsets.append(tid)
+            offsets.append(len(state.offset_text.text))
+            state.offset_text.append(tid)
         return offsets
 
     def text_of(self, token_id: int) -> str:
