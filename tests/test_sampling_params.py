@@ -29,8 +29,8 @@ def test_one_line_per_problem_and_rules_across_fields():
     with pytest.raises(ConfigError, match=r"^SamplingParams: min_tokens \(5\) exceeds max_tokens \(2\)$"):
         SamplingParams(min_tokens=5, max_tokens=2)
     params = SamplingParams()
-    with pytest.raises(ConfigError, match=r"^SamplingParams.top_p=0: must be greater than 0$"):
-        params.top_p = 0
+    with pytest.raises(ConfigError, match=r"^SamplingParams.top_p=1.5: must be less than or equal to 1$"):
+        params.top_p = 1.5
 
 
 def test_beam_search_and_best_of_spellings():
@@ -92,11 +92,37 @@ def test_none_lists_are_empty_as_tensorrt_llm_types_them(field):
     assert getattr(SamplingParams(**{field: None}), field) == []
 
 
-@pytest.mark.parametrize("field, default", [("temperature", "1.0"), ("top_k", "0"), ("min_tokens", "0"),
-                                            ("early_stopping", "False")])
+@pytest.mark.parametrize("field, default", [("min_tokens", "0"), ("min_p", "0.0"), ("early_stopping", "False")])
 def test_tensorrt_llms_unset_none_is_refused_saying_what_the_default_is(field, default):
-    # TensorRT-LLM types these Optional, None for unset (all of temperature/top_k/top_p unset: greedy
-    # there): "must be a valid integer" did not say why, nor that leaving it out samples here
+    # TensorRT-LLM types these Optional, None for unset: "must be a valid integer" did not say why
     with pytest.raises(ConfigError, match=rf"^SamplingParams.{field}=None: None \(TensorRT-LLM's 'unset'\) is not "
                                           rf"taken: leave {field} out for its default, {default}"):
         SamplingParams(**{field: None})
+
+
+@pytest.mark.parametrize("fields", [{}, {"temperature": None}, {"top_k": None, "top_p": None},
+                                    {"temperature": None, "top_k": None, "top_p": None, "seed": 3}])
+def test_temperature_top_k_top_p_all_unset_is_greedy_as_in_tensorrt_llm(fields):
+    # TensorRT-LLM's rule (its SamplingParams.params_imply_greedy_decoding): SamplingParams() sampled at
+    # temperature 1.0 here, vLLM's default, where a TensorRT-LLM user gets the argmax
+    p = SamplingParams(**fields)
+    assert p.greedy and (p.temperature, p.top_k, p.top_p) == (0.0, 0, 1.0)
+
+
+@pytest.mark.parametrize("fields, expected", [({"top_k": 50}, (1.0, 50, 1.0)), ({"top_p": 0.9}, (1.0, 0, 0.9)),
+                                              ({"temperature": 0.7, "top_k": None}, (0.7, 0, 1.0)),
+                                              ({"top_p": 0.5, "temperature": None}, (1.0, 0, 0.5))])
+def test_one_of_them_set_leaves_the_others_neutral(fields, expected):
+    p = SamplingParams(**fields)
+    assert not p.greedy and (p.temperature, p.top_k, p.top_p) == expected
+
+
+def test_min_p_alone_samples():  # newer TensorRT-LLM counts it among the sampling settings too
+    assert not SamplingParams(min_p=0.1).greedy and SamplingParams(min_p=0.1).temperature == 1.0
+
+
+def test_top_p_zero_is_greedy_and_none_assigned_is_neutral():
+    assert SamplingParams(top_p=0.0).greedy  # TensorRT-LLM's; vLLM refuses 0
+    p = SamplingParams(temperature=0.5, top_k=7)
+    p.temperature, p.top_k = None, None
+    assert (p.temperature, p.top_k, p.top_p) == (1.0, 0, 1.0) and not p.greedy

@@ -109,9 +109,11 @@ class SamplingParams(ValidatedConfig):
     max_tokens: int = Field(32, gt=0, description="new tokens at most")
     min_tokens: int = Field(0, ge=0, description="EOS and stop tokens are masked, and stop strings not looked "
                             "for, until this many")
-    temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
-    top_k: int = Field(0, ge=0, description="0 (or -1, vLLM's and the OpenAI server's spelling) = no limit")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # temperature, top_k and top_p all left unset (out, or None): greedy, TensorRT-LLM's rule (vLLM samples
+    # at 1.0 there); one of them set, the others unset are neutral (1.0, no limit, 1.0). See _unset_is_greedy.
+    temperature: float = Field(1.0, ge=0.0, description="0 = greedy; unset with top_k and top_p: greedy")
+    top_k: int = Field(0, ge=0, description="0 (or -1, vLLM's and the OpenAI server's spelling) = no limit; 1 = greedy")
+    top_p: float = Field(1.0, ge=0.0, le=1.0, description="0 = greedy (TensorRT-LLM's rule)")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -263,18 +265,34 @@ class SamplingParams(ValidatedConfig):
         # TensorRT-LLM's int spelling: 1 stops at beam-width finished beams, 0 by the heuristic
         return {0: False, 1: True}.get(v, v) if isinstance(v, int) and not isinstance(v, bool) else v
 
-    @field_validator("temperature", "top_k", "top_p", "min_p", "min_tokens", "repetition_penalty",
-                     "presence_penalty", "frequency_penalty", "length_penalty", "early_stopping", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _unset_is_greedy(cls, data):
+        """TensorRT-LLM's SamplingParams types temperature, top_k and top_p Optional: all three unset
+        is greedy there (min_p, which newer TensorRT-LLM counts too, set: sampled), and any one set
+        leaves the others neutral (_unset_is_neutral). `SamplingParams()` sampled at temperature 1.0
+        here (vLLM's default) where a TensorRT-LLM user expects the argmax. Resolved when made, so
+        every reader sees numbers."""
+        if isinstance(data, dict) and all(data.get(name) is None for name in ("temperature", "top_k", "top_p")) \
+                and not data.get("min_p"):
+            return {**data, "temperature": 0.0, "top_k": 0, "top_p": 1.0}
+        return data
+
+    @field_validator("temperature", "top_k", "top_p", mode="before")
+    @classmethod
+    def _unset_is_neutral(cls, v, info):
+        # beside a set one when made, or assigned later
+        return {"temperature": 1.0, "top_k": 0, "top_p": 1.0}[info.field_name] if v is None else v
+
+    @field_validator("min_p", "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                     "length_penalty", "early_stopping", mode="before")
     @classmethod
     def _not_unset(cls, v, info):
-        # TensorRT-LLM types these Optional, None for "unset" (and all of temperature, top_k and top_p
-        # unset is greedy there): say so, and what leaving the field out gives here
+        # TensorRT-LLM types these Optional, None for "unset": say so, and what leaving the field out gives here
         if v is None:
             default = cls.model_fields[info.field_name].default
-            greedy = "; TensorRT-LLM's unset temperature, top_k and top_p mean greedy, here temperature=0 does" \
-                if info.field_name in ("temperature", "top_k", "top_p") else ""
             raise ValueError(f"None (TensorRT-LLM's 'unset') is not taken: leave {info.field_name} out for its "
-                             f"default, {default!r}{greedy}")
+                             f"default, {default!r}")
         return v
 
     @field_validator("top_k", mode="before")
@@ -310,7 +328,7 @@ class SamplingParams(ValidatedConfig):
 
     def _check_beam_search(self) -> None:
         """What beam search (runtime/beams.py) takes, by name. It scores the model's own
-        log-probabilities: a temperature other than 1 (the default) or 0, top-k/p, min-p and
+        log-probabilities: a temperature other than 1 or 0 (or unset), top-k/p, min-p and
         penalties would change them, and per-token logprobs are not kept along the beams."""
         k = self.num_beams
         if self.n > k:
@@ -318,7 +336,7 @@ class SamplingParams(ValidatedConfig):
                              "beam-width completions")
         if self.temperature not in (0.0, 1.0):
             raise ValueError(f"temperature {self.temperature} with beam search is not supported: beam search "
-                             "scores the model's own log-probabilities (temperature 1, the default, or 0)")
+                             "scores the model's own log-probabilities (temperature 1 or 0, or unset)")
         refused = [name for name, on in (("top_k", self.top_k not in (0, 1)), ("top_p", self.top_p < 1.0),
                                          ("min_p", self.min_p > 0.0),
                                          ("repetition_penalty", self.repetition_penalty != 1.0),
@@ -366,7 +384,7 @@ class SamplingParams(ValidatedConfig):
     def greedy(self) -> bool:
         """The token is the argmax of the (penalised) logits: the one definition the sampler
         and the engine's overlap scheduler read."""
-        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1 or self.top_p == 0.0
 
     @property
     def processes_logits(self) -> bool:

@@ -132,10 +132,10 @@ def test_same_seed_same_tokens_regardless_of_batch():
 def test_different_seeds_steps_and_indices_differ():
     V = 1000
     uniform = torch.zeros(V)
-    assert len(set(sample_many(uniform, 200).token_ids.tolist())) > 150
-    by_step = [make_seq(seed=1, out=[0] * k) for k in range(200)]
+    assert len(set(sample_many(uniform, 200, temperature=1.0).token_ids.tolist())) > 150
+    by_step = [make_seq(seed=1, out=[0] * k, temperature=1.0) for k in range(200)]
     assert len(set(sampler(torch.zeros(200, V), build(by_step, V)).token_ids.tolist())) > 150
-    by_index = [make_seq(seed=1, index=k) for k in range(200)]  # n > 1 with one seed
+    by_index = [make_seq(seed=1, index=k, temperature=1.0) for k in range(200)]  # n > 1 with one seed
     assert len(set(sampler(torch.zeros(200, V), build(by_index, V)).token_ids.tolist())) > 150
     assert draw_seed() != draw_seed() and 0 <= draw_seed() < 2**63
 

@@ -235,6 +235,8 @@ class _Request(BaseModel):
                 fields[name] = value
         if self.top_k is not None:
             fields["top_k"] = self.top_k  # -1 (vLLM's "no limit") = 0 in SamplingParams
+        if self.temperature is None:  # OpenAI's default, 1; SamplingParams' (TensorRT-LLM's) unset is greedy
+            fields["temperature"] = 1.0
         if self.stop is not None:
             fields["stop"] = self.stop
         try:
