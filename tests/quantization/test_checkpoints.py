@@ -130,6 +130,13 @@ def test_a_missing_static_input_scale_is_named(sources, tmp_path):
         trtllm.load_model(tmp_path, device="cpu")
 
 
+# a compressed-tensors FP8 config trtllm loads: per-channel weights, dynamic per-token activations
+CT_FP8 = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {
+    "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
+                                       "dynamic": False},
+    "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}}}}
+
+
 @pytest.mark.parametrize("config, words", [
     ({"quant_method": "awq", "bits": 4}, "quant_method='awq' is not supported.*compressed-tensors.*modelopt"),
     ({"quant_method": "fp8", "weight_block_size": [64, 64]}, r"weight_block_size=\[64, 64\]"),
@@ -148,6 +155,19 @@ def test_a_missing_static_input_scale_is_named(sources, tmp_path):
         "weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]},
         "input_activations": {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "group",
                               "group_size": 64}}}}, r"dynamic groups of 64 with 'block' weights are not supported"),
+    # compressed-tensors fields that were not read: packed or sparse weights, zero points, run-time weights
+    ({**CT_FP8, "format": "pack-quantized"}, r"quantization_config\.format='pack-quantized' is not supported"),
+    ({**CT_FP8, "config_groups": {"g": {**CT_FP8["config_groups"]["g"], "format": "int-quantized"}}},
+     r"config_groups\.g\.format='int-quantized' is not supported"),
+    ({**CT_FP8, "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}},
+     r"sparsity_config\.format='sparse-24-bitmask': sparse \(compressed\) weights are not supported"),
+    ({**CT_FP8, "config_groups": {"g": {**CT_FP8["config_groups"]["g"], "weights": {
+        **CT_FP8["config_groups"]["g"]["weights"], "symmetric": False}}}}, r"weights\.symmetric=false: asymmetric"),
+    ({**CT_FP8, "config_groups": {"g": {**CT_FP8["config_groups"]["g"], "input_activations": {
+        **CT_FP8["config_groups"]["g"]["input_activations"], "symmetric": False}}}},
+     r"input_activations\.symmetric=false: asymmetric"),
+    ({**CT_FP8, "config_groups": {"g": {**CT_FP8["config_groups"]["g"], "weights": {
+        **CT_FP8["config_groups"]["g"]["weights"], "dynamic": True}}}}, r"weights\.dynamic=True: weights quantized at run"),
 ])
 def test_unsupported_quantization_configs_are_refused_by_name(sources, tmp_path, config, words):
     write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", False)
