@@ -4,8 +4,12 @@ checkpoint; greedy tokens are one rank's (fp32) with chunked prefill and preempt
 features that cannot run with it are refused before any process starts, naming the numbers."""
 from __future__ import annotations
 
+import re
+
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from tests.models.checkpoints import write_checkpoint
 from tests.parallel.test_llm_tensor_parallel import greedy, small_llm
@@ -86,6 +90,19 @@ def test_two_pipeline_stages_of_a_mixture_of_experts_model_give_one_ranks_tokens
         assert llm.engine_stats().num_preemptions > 0
         stage0 = sum(b for n, b in params.items() if "layers.0." in n or "embed_tokens" in n)
         assert llm.compiled.tensor_parallel.workers.loaded_bytes() == [stage0, sum(params.values()) - stage0]
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.1.mlp.experts.2.up_proj.weight",
+                                    "model.layers.1.self_attn.q_proj.weight"])
+def test_an_integer_weight_of_a_stage_is_refused_naming_it(tmp_path, tensor):
+    # a stage's experts read whole, and its other tensors, were cast to the model's dtype: integer
+    # weights served as numbers (the single-process loader and CheckpointSlices refuse them)
+    path = checkpoint("qwen3_moe", tmp_path)
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors[tensor] = (tensors[tensor] * 100).to(torch.int32)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(Exception, match=rf"tensor '{re.escape(tensor)}' is torch.int32, but it is a weight"):
+        small_llm(path, max_num_tokens=8, max_tokens=64, pipeline_parallel_size=2)
 
 
 @pytest.mark.slow

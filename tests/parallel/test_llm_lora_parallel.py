@@ -6,11 +6,14 @@ fewer slots than adapters; an adapter is checked against the whole model at subm
 bad one is refused by name while the engine goes on."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests.lora_adapters import write_adapter
 from tests.parallel.test_llm_tensor_parallel import checkpoint
 from trtllm import LLM, BuildConfig, KvCacheConfig, LoraConfig, LoRARequest, SamplingParams
+from trtllm.runtime.outputs import RequestError
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 
@@ -108,3 +111,27 @@ def test_phi3_fused_projections_take_their_adapters_on_two_ranks(tmp_path):
         assert tokens(llm, PROMPTS, request) == want
         # rank 0's rows of q (4 heads of 16), k and v (2 KV heads of 16) in the fused [128, 64] weight
         assert llm.compiled.lora.shards["model.layers.0.self_attn.qkv_proj"] == (0, ((0, 32), (64, 16), (96, 16)), 128)
+
+
+def test_an_adapter_another_rank_cannot_read_fails_its_request_and_every_rank_goes_on(base_and_adapters, expected,
+                                                                                      tmp_path):
+    # rank 0 reads the adapter, then its files go away before rank 1 reads them: rank 1's loop ended
+    # there (an unhandled error) and the engine failed with it; now the request fails naming the rank
+    base, adapters = base_and_adapters
+    path = tmp_path / "fleeting"
+    write_adapter(base, path, r=4, targets=("q_proj",), seed=5)
+    with lora_llm(base, max_loras=1, tensor_parallel_size=2) as llm:
+        read = llm.engine.adapters.host_image
+
+        def read_then_remove(request):
+            image = read(request)
+            if request.lora_name == "fleeting":
+                shutil.rmtree(path, ignore_errors=True)
+            return image
+        llm.engine.adapters.host_image = read_then_remove
+        with pytest.raises(RequestError, match=r"rank 1: LoRA adapter 'fleeting' .*no such directory"):
+            tokens(llm, PROMPTS[:1], LoRARequest("fleeting", 7, str(path)))
+        prompts, requests = mixed(adapters)
+        assert tokens(llm, prompts, requests) == expected
+        assert not llm.has_unfinished()
+        llm.block_manager.check_invariants()

@@ -4,6 +4,7 @@ greedy tokens and logits are those of the HF model computing the FP8 semantics i
 (dequantized weights, quantized-and-dequantized inputs); bad checkpoints are refused naming
 the tensor or the field."""
 import json
+import re
 
 import pytest
 import torch
@@ -130,6 +131,13 @@ def test_a_missing_static_input_scale_is_named(sources, tmp_path):
         trtllm.load_model(tmp_path, device="cpu")
 
 
+# a compressed-tensors FP8 config trtllm loads: per-channel weights, dynamic per-token activations
+CT_FP8 = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {
+    "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
+                                       "dynamic": False},
+    "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}}}}
+
+
 @pytest.mark.parametrize("config, words", [
     ({"quant_method": "awq", "bits": 4}, "quant_method='awq' is not supported.*compressed-tensors.*modelopt"),
     ({"quant_method": "fp8", "weight_block_size": [64, 64]}, r"weight_block_size=\[64, 64\]"),
@@ -148,6 +156,19 @@ def test_a_missing_static_input_scale_is_named(sources, tmp_path):
         "weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]},
         "input_activations": {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "group",
                               "group_size": 64}}}}, r"dynamic groups of 64 with 'block' weights are not supported"),
+    # compressed-tensors fields that were not read: packed or sparse weights, zero points, run-time weights
+    ({**CT_FP8, "format": "pack-quantized"}, r"quantization_config\.format='pack-quantized' is not supported"),
+    ({**CT_FP8, "config_groups": {"g": {**CT_FP8["config_groups"]["g"], "format": "int-quantized"}}},
+     r"config_groups\.g\.format='int-quantized' is not supported"),
+    ({**CT_FP8, "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}},
+     r"sparsity_config\.format='sparse-24-bitmask': sparse \(compressed\) weights are not supported"),
+    ({**CT_FP8, "config_groups": {"g": {**CT_FP8["config_groups"]["g"], "weights": {
+        **CT_FP8["config_groups"]["g"]["weights"], "symmetric": False}}}}, r"weights\.symmetric=false: asymmetric"),
+    ({**CT_FP8, "config_groups": {"g": {**CT_FP8["config_groups"]["g"], "input_activations": {
+        **CT_FP8["config_groups"]["g"]["input_activations"], "symmetric": False}}}},
+     r"input_activations\.symmetric=false: asymmetric"),
+    ({**CT_FP8, "config_groups": {"g": {**CT_FP8["config_groups"]["g"], "weights": {
+        **CT_FP8["config_groups"]["g"]["weights"], "dynamic": True}}}}, r"weights\.dynamic=True: weights quantized at run"),
 ])
 def test_unsupported_quantization_configs_are_refused_by_name(sources, tmp_path, config, words):
     write_fp8_checkpoint(sources["llama31"], tmp_path, "hf_fp8", "tensor", False)
@@ -312,3 +333,31 @@ def test_kv_scales_read_alone_come_from_the_checkpoints_own_files(sources, tmp_p
     save_file({"model.layers.0.self_attn.k_proj.k_scale": torch.tensor(9.0)}, tmp_path / "stray.safetensors")
     scales = checkpoint_kv_cache_scales(tmp_path, "fp8")
     assert [float(k) for k, _ in scales] == [0.5] * len(scales)
+
+
+@pytest.mark.parametrize("drop, words", [
+    ("model.layers.1.self_attn.k_proj.k_scale", r"KV-cache scales: layers 1 have no k_scale \(it has k_scales for "
+                                                r"layers 0 of 2\)"),
+    ("model.layers.0.self_attn.v_proj.v_scale", r"KV-cache scales: layers 0 have no v_scale \(it has v_scales for "
+                                                r"layers 1 of 2\)"),
+])
+def test_kv_scales_missing_for_a_layer_name_the_checkpoint_and_the_layers(sources, tmp_path, drop, words):
+    """The last layer's scale left out was "KV cache scales: 1 (k_scale, v_scale) pairs for 2 layers",
+    naming neither the checkpoint nor the layer."""
+    from trtllm.quantization.checkpoint import checkpoint_kv_cache_scales
+    write_fp8_checkpoint(sources["llama31"], tmp_path, "modelopt", "tensor", True)
+    _rewrite(tmp_path, drop=[drop])
+    with pytest.raises(ValueError, match=rf"^ModelOpt checkpoint \(.*\): {words}"):
+        LLM(str(tmp_path), dtype="float32", kv_cache_config=KvCacheConfig(dtype="fp8", tokens_per_block=16,
+                                                                          max_tokens=512),
+            build_config=BuildConfig(max_batch_size=2, max_num_tokens=16, max_seq_len=64))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))}: {words}"):  # read alone (parallel ranks)
+        checkpoint_kv_cache_scales(tmp_path, "fp8")
+
+
+def test_kv_scales_of_layers_past_the_models_are_refused_naming_them():
+    from trtllm.quantization.checkpoint import kv_cache_scales_by_layer
+    from trtllm.quantization.fp8_linears import Fp8Linears
+    scales = {f"model.layers.{i}.self_attn.{k}": torch.tensor(0.5) for i in range(3) for k in ("k_scale", "v_scale")}
+    with pytest.raises(ValueError, match=r"^ckpt: KV-cache scales for layers 0-2, but the model has 2 layers \(0-1\)"):
+        kv_cache_scales_by_layer(Fp8Linears(kv_scales=scales, kv_cache_format="fp8"), "fp8", 2, "ckpt")

@@ -48,6 +48,15 @@ def test_missing_r_and_lora_alpha_take_peft_defaults(llm, base, tmp_path):  # no
         assert greedy(llm, PROMPTS[:2], request) == want, drop
 
 
+def test_fan_in_fan_out_on_linear_targets_is_ignored_as_peft_ignores_it(llm, base, tmp_path):  # noqa: F811
+    # PEFT warns and sets it False for nn.Linear targets; it was refused here
+    request = _adapter(base, tmp_path / "fan", 95, fan_in_fan_out=True)
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        want = _peft_tokens(base, tmp_path / "fan")
+    with pytest.warns(UserWarning, match=r"'fan' .*fan_in_fan_out=True is ignored: the targeted modules are nn.Linear"):
+        assert greedy(llm, PROMPTS[:2], request) == want
+
+
 def test_inits_that_rewrite_the_base_weights_are_refused(llm, base, tmp_path):  # noqa: F811
     # PEFT loads a PiSSA / OLoRA / CorDA / LoftQ adapter (unconverted) over base weights it rewrites
     # first: served over the checkpoint's weights it gave other tokens than PEFT's, silently

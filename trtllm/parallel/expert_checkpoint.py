@@ -110,9 +110,13 @@ def load_moe_rank(path: str | os.PathLike, dtype: torch.dtype | None, device: to
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name, source in tensors:
                 t = f.get_tensor(source)
-                want = model.get_parameter(name).shape
-                if t.shape != want:
-                    raise ValueError(f"{source}: the checkpoint holds shape {list(t.shape)}, {arch} expects {list(want)}")
+                param = model.get_parameter(name)
+                if t.shape != param.shape:
+                    raise ValueError(f"{source}: the checkpoint holds shape {list(t.shape)}, {arch} expects "
+                                     f"{list(param.shape)}")
+                if param.is_floating_point() and not t.is_floating_point():
+                    raise ValueError(f"{file.name}: tensor {source!r} is {t.dtype}, but it is a weight: weights are "
+                                     "floating point")
                 t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
                 check_finite(t, source, file.name)
                 _assign(model, name, t)
@@ -165,7 +169,11 @@ def _read_whole_experts(slices: CheckpointSlices, names: ExpertNames, prefix: st
             if source not in slices.files:
                 raise ValueError(f"{slices.path}: the checkpoint has no tensor {source!r}")
             with safe_open(str(slices.files[source]), framework="pt", device="cpu") as f:
-                tensors.append(f.get_tensor(source))
+                tensor = f.get_tensor(source)
+            if not tensor.is_floating_point():  # as CheckpointSlices refuses it (cast, it would be served)
+                raise ValueError(f"{slices.files[source].name}: tensor {source!r} is {tensor.dtype}, but it is a "
+                                 "weight: weights are floating point")
+            tensors.append(tensor)
         per_expert.append(torch.cat(tensors))
     fused = torch.stack(per_expert)
     if fused.shape != shape:

@@ -77,7 +77,8 @@ class CopyBlocks:
 @dataclass
 class LoadAdapter:
     """Rank 0 put the adapter `request` names into LoRA slot `slot`: this rank writes its part of it
-    there (LoraSlots.image: its shards, its stage's linears), read from the same directory."""
+    there (LoraSlots.image: its shards, its stage's linears), read from the same directory, and
+    answers None or why it could not (the files changed or went away since rank 0 read them)."""
     slot: int
     request: LoRARequest
 
@@ -155,7 +156,15 @@ def _serve(compiled, channel: StepChannel, spec: RankSpec, rank: int, device: to
             compiled.lora.elsewhere = {p: f for p, f in msg.modules.items() if p not in compiled.lora.modules}
             continue
         if isinstance(msg, LoadAdapter):  # its host cache as rank 0's (max_cpu_loras images, LRU)
-            compiled.lora.load_image(msg.slot, adapters.host_image(msg.request))
+            try:
+                compiled.lora.load_image(msg.slot, adapters.host_image(msg.request))
+                failure = None
+            except ValueError as e:  # its files changed or went away since rank 0 read them (named)
+                failure = str(e)
+            except OSError as e:
+                failure = f"LoRA adapter {msg.request.lora_name!r} ({msg.request.lora_path}) could not be read: " \
+                          f"{type(e).__name__}: {e}"
+            channel.gather(failure)  # rank 0 refuses the request by it; this rank serves on
             continue
         if isinstance(msg, KvBlocks):
             channel.gather(_kv_blocks(compiled, msg, device,

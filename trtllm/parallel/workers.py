@@ -188,9 +188,13 @@ class Workers:
 
     def load_adapter(self, slot: int, request: LoRARequest) -> None:
         """Rank 0 put `request`'s adapter into LoRA slot `slot`: every worker writes its part there
-        (before the step that reads it)."""
+        (before the step that reads it). ValueError naming the rank where one could not read it."""
         self.check_alive()
         self._send(LoadAdapter(slot, request))
+        failures = [(rank, why) for rank, why in enumerate(self.channel.gather(None)) if why is not None]
+        if failures:
+            rank, why = failures[0]
+            raise ValueError(f"rank {rank}: {why}")
 
     def share_lora_modules(self, lora: LoraSlots) -> None:
         """Every rank's wrapped linears, gathered and shared (after the first compilation): each

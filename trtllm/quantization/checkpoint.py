@@ -44,11 +44,13 @@ from trtllm.quantization.layouts import (  # noqa: F401 (importers take the layo
 )
 
 
-def kv_cache_scales_by_layer(fp8: Fp8Linears, fmt: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+def kv_cache_scales_by_layer(fp8: Fp8Linears, fmt: str, num_layers: int | None = None,
+                             where: str = "the checkpoint") -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """The checkpoint's KV-cache scales as runtime/kv_cache_quant.py takes them, one
     (k_scale, v_scale) per layer in layer order, for a cache of format `fmt` ("auto", "fp8",
     "int8"); None where there are none, or where they calibrate another format (with a
-    warning: an FP8 scale is amax / 448, an INT8 one amax / 127)."""
+    warning: an FP8 scale is amax / 448, an INT8 one amax / 127). `num_layers`: the model's
+    attention layers, which the scales must cover (the message names `where` and the layers)."""
     if not fp8.kv_scales or fmt == "auto":
         return None
     if fp8.kv_cache_format != fmt:
@@ -66,15 +68,32 @@ def kv_cache_scales_by_layer(fp8: Fp8Linears, fmt: str) -> list[tuple[torch.Tens
             raise CheckpointError(f"KV-cache scales {named[key]!r} and {name!r} both give layer {key[0]}'s {key[1]}")
         named[key] = name
         layers.setdefault(key[0], {})[key[1]] = t
+    count = num_layers if num_layers is not None else len(layers)
+    if num_layers is not None and max(layers) >= num_layers:
+        raise CheckpointError(f"{where}: KV-cache scales for layers {_spans(layers)}, but the model has "
+                              f"{num_layers} layers (0-{num_layers - 1})")
     out = []
-    for i in range(len(layers)):
+    for i in range(count):
         pair = layers.get(i, {})
         for kind in ("k_scale", "v_scale"):
             if kind not in pair:
-                raise CheckpointError(f"KV-cache scales: layer {i} has no {kind} (the checkpoint has them for "
-                                      f"layers {sorted(layers)})")
+                missing = [j for j in range(count) if kind not in layers.get(j, {})]
+                raise CheckpointError(f"{where}: KV-cache scales: layers {_spans(missing)} have no {kind} (it has "
+                                      f"{kind}s for layers {_spans([j for j in layers if kind in layers[j]])} of "
+                                      f"{count})")
         out.append((pair["k_scale"], pair["v_scale"]))
     return out
+
+
+def _spans(indices) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    spans: list[list[int]] = []
+    for i in sorted(indices):
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans) or "none"
 
 
 class Fp8CheckpointTensors:
@@ -232,7 +251,8 @@ def checkpoint_kv_cache_scales(path: str | Path, fmt: str) -> list[tuple[torch.T
     model): what every rank of a parallel engine needs before any of them loads. None where the
     checkpoint is not quantized or has none for `fmt`."""
     path = Path(path)
-    layout = checkpoint_layout(path, read_config(path))
+    config = read_config(path)
+    layout = checkpoint_layout(path, config)
     if layout is None or fmt == "auto":
         return None
     scales = {}
@@ -241,7 +261,9 @@ def checkpoint_kv_cache_scales(path: str | Path, fmt: str) -> list[tuple[torch.T
             for name in f.keys():
                 if name.endswith(_KV_SCALE_SUFFIXES):
                     scales[name] = f.get_tensor(name).float()
-    return kv_cache_scales_by_layer(Fp8Linears(kv_scales=scales, kv_cache_format=layout.kv_cache_format), fmt)
+    num_layers = config.get("num_hidden_layers") if isinstance(config.get("num_hidden_layers"), int) else None
+    return kv_cache_scales_by_layer(Fp8Linears(kv_scales=scales, kv_cache_format=layout.kv_cache_format), fmt,
+                                    num_layers, str(path))
 
 
 def _output_embeddings(model: nn.Module):

@@ -91,10 +91,19 @@ def _object(section: dict, key: str, where: str) -> dict:
     return value
 
 
+# compressed-tensors' formats whose FP8 tensors are stored as they are (e4m3 weights, fp32 scales)
+_CT_FORMATS = (None, "float-quantized", "naive-quantized")
+
+
 def _compressed_tensors(qc: dict) -> CheckpointLayout:
     groups = _object(qc, "config_groups", "config.json quantization_config")
     if not groups:
         raise CheckpointError("compressed-tensors quantization_config has no config_groups")
+    _ct_format(qc.get("format"), "quantization_config.format")
+    sparsity = qc.get("sparsity_config")
+    if isinstance(sparsity, dict) and sparsity.get("format") not in (None, "dense"):
+        raise CheckpointError(f"quantization_config.sparsity_config.format={sparsity.get('format')!r}: sparse "
+                              "(compressed) weights are not supported; trtllm reads dense FP8 weights")
     layouts = set()
     for name, group in groups.items():
         if not isinstance(group, dict):
@@ -102,6 +111,14 @@ def _compressed_tensors(qc: dict) -> CheckpointLayout:
                                   "object (weights, input_activations)")
         w, a = group.get("weights"), group.get("input_activations")
         where = f"quantization_config.config_groups.{name}"
+        _ct_format(group.get("format"), f"{where}.format")
+        for part, args in (("weights", w), ("input_activations", a)):
+            if isinstance(args, dict) and args.get("symmetric") is False:  # a zero point per scale
+                raise CheckpointError(f"{where}.{part}.symmetric=false: asymmetric quantization (zero points) is "
+                                      "not supported; trtllm's FP8 GEMMs take symmetric scales")
+        if isinstance(w, dict) and w.get("dynamic") not in (None, False):
+            raise CheckpointError(f"{where}.weights.dynamic={w.get('dynamic')!r}: weights quantized at run time are "
+                                  "not supported; trtllm reads weights stored in FP8 with their scales")
         if not _is_fp8(w):
             raise CheckpointError(f"{where}.weights={w!r}: only FP8 weights (num_bits 8, type 'float') are "
                                   f"supported; {'; '.join(SUPPORTED)}")
@@ -134,6 +151,12 @@ def _compressed_tensors(qc: dict) -> CheckpointLayout:
         raise CheckpointError("compressed-tensors config_groups differ in granularity or activation scheme; "
                               "one scheme for all linears is supported")
     return layouts.pop()
+
+
+def _ct_format(fmt, where: str) -> None:
+    if fmt not in _CT_FORMATS:
+        raise CheckpointError(f"{where}={fmt!r} is not supported: trtllm reads FP8 tensors stored as they are "
+                              f"({', '.join(repr(f) for f in _CT_FORMATS[1:])}), not packed or compressed ones")
 
 
 def _modelopt(q: dict, where: str) -> CheckpointLayout:

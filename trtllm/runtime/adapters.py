@@ -257,7 +257,11 @@ class Adapters:
             # (whose sequences have all finished: it was unpinned); not waited for
             self.slots.load_image(slot, image)
             if self.replicas is not None:
-                self.replicas(slot, seq.lora_request)
+                try:
+                    self.replicas(slot, seq.lora_request)
+                except ValueError:  # another rank could not read it: the slot holds no adapter now
+                    self._free_slots.append(slot)
+                    raise
             self.slot_loads += 1
             self._slot_of[adapter_id] = slot
         self._pins[adapter_id] += 1

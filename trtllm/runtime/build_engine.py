@@ -268,7 +268,8 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
     max_num_tokens = max(build_config.max_num_tokens, max_num_seqs)
     fp8 = fp8_linears_of(module)
     if kv_cache_scales is None and fp8 is not None:  # an FP8 checkpoint's k_scale / v_scale, if it has them
-        kv_cache_scales = kv_cache_scales_by_layer(fp8, kv_format)
+        kv_cache_scales = kv_cache_scales_by_layer(fp8, kv_format, compiled.attention.num_layers,
+                                                   fp8.source or "the checkpoint")
     kv_quant = kv_cache_quant(kv_format, compiled, kv_cache_scales, tokenizer)
     multimodal = multimodal_stager(module, compiled, max_num_tokens,  # None: text only
                                    speculative["config"] if speculative is not None else None, enable_cuda_graph)

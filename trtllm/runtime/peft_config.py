@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 # peft.LoraConfig's defaults: PEFT loads an adapter_config.json without `r` or `lora_alpha` with them
@@ -22,7 +23,6 @@ PEFT_DEFAULT_LORA_ALPHA = 8
 _REFUSED_OPTIONS = {
     "use_dora": (False, "DoRA (use_dora)"),
     "lora_bias": (False, "LoRA bias (lora_bias)"),
-    "fan_in_fan_out": (False, "fan_in_fan_out (Conv1D layers)"),
     "use_qalora": (False, "QA-LoRA (use_qalora)"),
 }
 # init_lora_weights that rewrite the base model's weights when PEFT loads the adapter (the
@@ -40,6 +40,9 @@ def check_peft_config(config: dict, name: str, max_lora_rank: int) -> PeftRanks:
     for option, (ok, what) in _REFUSED_OPTIONS.items():
         if config.get(option, ok) not in (ok, None):
             raise ValueError(f"{name}: {what} is not supported")
+    if config.get("fan_in_fan_out"):  # for Conv1D (GPT-2's) weights; every target here is an nn.Linear
+        warnings.warn(f"{name}: fan_in_fan_out=True is ignored: the targeted modules are nn.Linear (PEFT sets it "
+                      "to False for them too)", stacklevel=2)
     if config.get("bias", "none") != "none":
         raise ValueError(f"{name}: bias={config['bias']!r} (trained biases) is not supported; only bias='none'")
     if config.get("modules_to_save"):
