@@ -129,6 +129,26 @@ def test_token_ids_as_numpy_arrays_and_tensors(llama_llm):
         llama_llm.generate([[1, 2], [1, 2.5]], params, use_tqdm=False)  # the element named, none runs
 
 
+def test_tensorrt_llms_text_and_tokens_prompt_dicts(llama_llm):
+    # TextPrompt {"prompt": ...} and TokensPrompt {"prompt_token_ids": ...}: a dict without images was
+    # "a prompt is a string or a list of token ids"
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    want = llama_llm.generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)
+    got = llama_llm.generate([{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4, 5]}], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert llama_llm.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False).outputs[0].token_ids == \
+        want[0].outputs[0].token_ids
+    if llama_llm.tokenizer is not None:
+        text = llama_llm.generate("Hello world", params, use_tqdm=False)
+        assert llama_llm.generate({"prompt": "Hello world"}, params, use_tqdm=False).prompt_token_ids == \
+            text.prompt_token_ids
+    for bad, words in [({"prompt_token_ids": [1, 2.5]}, r"got keys \['prompt_token_ids'\] holding other types"),
+                       ({"prompt": "a", "query": "b"}, r"got keys \['prompt', 'query'\]$")]:
+        with pytest.raises(TypeError, match=r"a dict prompt is \{'prompt': text\}.*" + words):
+            llama_llm.generate(bad, params, use_tqdm=False)
+    assert not llama_llm.has_unfinished()
+
+
 def test_abandoned_stream_is_aborted_and_frees_its_blocks(llama_llm):
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     for close in (lambda it: it.close(), lambda it: None):  # closed, or dropped (garbage)

@@ -67,6 +67,30 @@ def test_chat_with_image_parts_and_n2(llava, llm):
     assert [c.token_ids for c in two.outputs] == [expected, expected]
 
 
+def test_an_image_chat_whose_template_writes_the_bos_gets_it_once(llava, llm):
+    """A chat template that writes the BOS (Llama 3's), rendered and handed to the processor with
+    its images: the processor's tokenizer added a second one (transformers' apply_chat_template
+    leaves it out when the text starts with it)."""
+    from tokenizers import processors
+    tokenizer = llm.processor.get().tokenizer
+    saved = tokenizer._tokenizer.post_processor, tokenizer.bos_token
+    tokenizer.bos_token = "<|im_start|>"  # the test tokenizer has none
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single=f"{tokenizer.bos_token} $A",
+                                                                        special_tokens=[(tokenizer.bos_token, bos)])
+    try:
+        image = random_images(1, seed=5)[0]
+        assert tokenizer("Hi")["input_ids"][0] == bos  # text gets a BOS
+        for text in (f"{tokenizer.bos_token}USER: <image>Hi?\nASSISTANT:", f"{tokenizer.bos_token}USER: Hi?"):
+            _, ids, _ = llm.processor.process({"prompt": text, "multi_modal_data": {"image": [image]}}
+                                              if "<image>" in text else {"prompt": text})
+            assert ids[0] == bos and ids[1] != bos, ids[:3]
+        _, ids, _ = llm.processor.process({"prompt": "USER: <image>Hi?", "multi_modal_data": {"image": [image]}})
+        assert ids[0] == bos and ids[1] != bos  # no BOS written: the tokenizer's one
+    finally:
+        tokenizer._tokenizer.post_processor, tokenizer.bos_token = saved
+
+
 def test_text_only_prompt_on_llava_equals_hf(llava, llm):
     text = "USER: Hello there. ASSISTANT:"
     assert llm.generate(text, SamplingParams(max_tokens=6, **GREEDY)).outputs[0].token_ids == \

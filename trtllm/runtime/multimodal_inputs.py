@@ -70,7 +70,7 @@ def split_prompt(prompt: dict) -> tuple[str, list]:
                              f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
         images = data.get("image", [])
     else:
-        images = prompt["image"]
+        images = prompt.get("image", [])
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     if len(images) > MAX_IMAGES_PER_REQUEST:
         raise ValueError(f"{len(images)} images in one prompt; at most {MAX_IMAGES_PER_REQUEST}")
@@ -150,10 +150,14 @@ def process_prompt(processor, text: str, images: list, image_token_id: int) -> t
     if placeholders != len(images):
         raise ValueError(f"the prompt has {placeholders} image placeholder(s) {token!r} but {len(images)} image(s) "
                          "were given: one placeholder per image")
+    # a text that starts with the BOS (a chat template that writes it: Llama 3's) gets no second one,
+    # transformers' rule in processor.apply_chat_template
+    bos = getattr(processor.tokenizer, "bos_token", None)
+    special = not (isinstance(bos, str) and bos and text.startswith(bos))
     if not images:
-        return processor.tokenizer(text)["input_ids"], MultimodalData()
+        return processor.tokenizer(text, add_special_tokens=special)["input_ids"], MultimodalData()
     try:
-        out = processor(text=text, images=images, return_tensors="pt")
+        out = processor(text=text, images=images, return_tensors="pt", add_special_tokens=special)
     except Exception as e:  # the processor's own complaint, named
         raise ValueError(f"the image processor refused the images: {type(e).__name__}: {e}") from None
     ids = out["input_ids"][0].tolist()

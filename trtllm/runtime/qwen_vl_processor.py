@@ -22,7 +22,8 @@ class QwenVLImageProcessor:
     def __init__(self, image_processor, tokenizer, image_token: str = IMAGE_TOKEN):
         self.image_processor, self.tokenizer, self.image_token = image_processor, tokenizer, image_token
 
-    def __call__(self, text: str, images: list | None = None, return_tensors: str = "pt") -> dict:
+    def __call__(self, text: str, images: list | None = None, return_tensors: str = "pt",
+                 add_special_tokens: bool = True) -> dict:
         out = {}
         if images:
             out = dict(self.image_processor(images=images, return_tensors="pt"))
@@ -33,7 +34,7 @@ class QwenVLImageProcessor:
                 raise ValueError(f"the prompt has {len(pieces) - 1} {self.image_token!r} placeholder(s) for "
                                  f"{len(counts)} image(s)")
             text = pieces[0] + "".join(self.image_token * n + rest for n, rest in zip(counts, pieces[1:]))
-        ids = self.tokenizer(text)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         return dict(out, input_ids=torch.tensor([ids]))
 
 

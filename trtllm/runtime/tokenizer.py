@@ -63,7 +63,10 @@ def tokenize_prompt(tokenizer, prompt, params=None) -> tuple[str | None, list[in
     """(text or None, token ids) of a prompt given as a string, or as token ids: a list or
     tuple of ints, or a 1-D integer numpy array or torch tensor. With SamplingParams: a text
     prompt tokenized with or without special tokens (`add_special_tokens`), then only its last
-    `truncate_prompt_tokens` ids kept."""
+    `truncate_prompt_tokens` ids kept. TensorRT-LLM's (and vLLM's) TextPrompt {"prompt": text} and
+    TokensPrompt {"prompt_token_ids": ids} are the text or the ids they hold."""
+    if isinstance(prompt, dict):
+        prompt = _typed_prompt(prompt)
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; pass token ids or LLM(tokenizer=...)")
@@ -75,6 +78,18 @@ def tokenize_prompt(tokenizer, prompt, params=None) -> tuple[str | None, list[in
             raise TypeError(f"a prompt is a string or a list of token ids, got {_describe(prompt)}")
     keep = params.truncate_prompt_tokens if params is not None else None
     return text, ids[-keep:] if keep is not None else ids
+
+
+def _typed_prompt(prompt: dict):
+    """The text of {"prompt": text} (or {"text": text}), the ids of {"prompt_token_ids": ids}."""
+    keys = set(prompt)
+    if keys in ({"prompt"}, {"text"}) and isinstance(prompt.get("prompt", prompt.get("text")), str):
+        return prompt.get("prompt", prompt.get("text"))
+    if keys == {"prompt_token_ids"} and token_ids(prompt["prompt_token_ids"]) is not None:
+        return prompt["prompt_token_ids"]
+    raise TypeError(f"a dict prompt is {{'prompt': text}}, {{'prompt_token_ids': [ids]}} or, with images, "
+                    f"{{'prompt': text, 'multi_modal_data': {{'image': [...]}}}}; got keys {sorted(keys, key=str)}"
+                    + ("" if keys - {"prompt", "text", "prompt_token_ids"} else " holding other types"))
 
 
 def check_image_prompt_options(params) -> None:
