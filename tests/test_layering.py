@@ -30,8 +30,8 @@ Layers, lowest first; a module imports trtllm modules of its own layer or lower 
 
 Besides: `compile` and `passes` import no model file (the contract is their one door to
 models). No loop: no cycle among trtllm modules through the imports that run when a
-module is imported (module level; an import inside a function runs later, and is held to
-the layers only). Edges are read with `ast` from the source, so this needs no import of
+module is imported (module level; an import inside a function, or under `if TYPE_CHECKING:`,
+runs later or never, and is held to the layers only). Edges are read with `ast` from the source, so this needs no import of
 trtllm. Check it with
 
     python -m pytest -q tests/test_layering.py
@@ -44,7 +44,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "trtllm"
 
 LAYERS = [
-    ["trtllm.config", "trtllm.sampling_params", "trtllm.lora_request", "trtllm.parallel.tensor_parallel",
+    ["trtllm.config", "trtllm.sampling_params", "trtllm.guided_decoding_params", "trtllm.logits_processor",
+     "trtllm.lora_request", "trtllm.parallel.tensor_parallel",
      "trtllm.parallel.expert_parallel"],
     ["trtllm.kernels"],
     ["trtllm.attention_context", "trtllm.traced_sdpa", "trtllm.expert_load", "trtllm.mla_attention", "trtllm.lora_slots", "trtllm.multimodal_context", "trtllm.hidden_states", "trtllm.parallel.pipeline_parallel"],
@@ -117,6 +118,11 @@ def _resolve(importer: str, node: ast.Import | ast.ImportFrom) -> list[str]:
     return found
 
 
+def _type_checking(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` (annotations only): its imports never run."""
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
 def _imports(module: str) -> tuple[set[str], set[str]]:
     """(every trtllm module `module` imports, those imported when it is imported)."""
     tree = ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
@@ -129,7 +135,7 @@ def _imports(module: str) -> tuple[set[str], set[str]]:
                 every.update(names)
                 if runs_at_import:
                     at_import.update(names)
-            deferred = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            deferred = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) or _type_checking(child)
             visit(child, runs_at_import and not deferred)
 
     visit(tree, True)
