@@ -6,103 +6,19 @@ are refused. Unknown fields are refused, so a typo never silently means "default
 """
 from __future__ import annotations
 
-import json as _json
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from trtllm.config import ConfigError, ValidatedConfig
+from trtllm.config import ValidatedConfig
+from trtllm.guided_decoding_params import GuidedDecodingParams
+from trtllm.logits_processor import BatchedLogitsProcessor, LogitsProcessor  # noqa: F401 (their public home was here)
 
 MAX_N = 16            # completions per request
 MAX_LOGPROBS = 20     # top-k logprobs per token
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MIN_TEMPERATURE = 1e-5  # below this, logits / T may overflow fp32: treat as greedy (as vLLM)
-
-
-@dataclass(kw_only=True)
-class GuidedDecodingParams:
-    """The one constraint a request's output must satisfy (TensorRT-LLM's `GuidedDecodingParams`,
-    plus vLLM's `choice`): exactly one of
-
-        json=schema          a JSON Schema (a dict, its JSON text, or a pydantic model class)
-        json_object=True     any JSON object
-        regex="..."          the whole output matches the regular expression
-        grammar="..."        an EBNF grammar (GBNF, as llama.cpp writes it; root rule `root`)
-        choice=["a", "b"]    the output is one of these strings
-        structural_tag="..."  xgrammar's structural tag (JSON text)
-
-    A dataclass, as TensorRT-LLM's is: it is checked here for its shape (one guide; JSON text
-    that parses); whether the schema, regex or grammar compiles is checked when the request is
-    submitted (runtime/grammar.py), a ValueError naming it."""
-    json: Any = None
-    regex: str | None = None
-    grammar: str | None = None
-    json_object: bool = False
-    choice: list[str] | None = None
-    structural_tag: str | None = None
-
-    def __post_init__(self):
-        problems = []
-        if self.json is not None:
-            if isinstance(self.json, type) and hasattr(self.json, "model_json_schema"):  # a pydantic model
-                self.json = self.json.model_json_schema()
-            elif isinstance(self.json, str):
-                try:
-                    self.json = _json.loads(self.json)
-                except ValueError as e:
-                    problems.append(("json", self.json, f"not valid JSON text: {e}"))
-            if not problems and not isinstance(self.json, (dict, bool)):
-                problems.append(("json", self.json, "must be a JSON Schema: a dict, its JSON text, or a pydantic "
-                                 "model class"))
-        for name in ("regex", "grammar", "structural_tag"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                problems.append((name, value, "must be a non-empty string"))
-        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
-                                        or not all(isinstance(c, str) and c for c in self.choice)):
-            problems.append(("choice", self.choice, "must be a non-empty list of non-empty strings"))
-        given = [name for name in ("json", "regex", "grammar", "json_object", "choice", "structural_tag")
-                 if getattr(self, name) not in (None, False)]
-        if not problems and len(given) != 1:
-            problems.append((None, None, f"exactly one guide must be given, got {len(given)}"
-                             + (f" ({', '.join(given)})" if given else "")))
-        if problems:
-            raise ConfigError(type(self).__name__, problems)
-
-    @property
-    def kind(self) -> str:
-        """Which guide: "json", "json_object", "regex", "grammar", "choice" or "structural_tag"."""
-        return next(name for name in ("json", "regex", "grammar", "json_object", "choice", "structural_tag")
-                    if getattr(self, name) not in (None, False))
-
-
-class LogitsProcessor(ABC):
-    """TensorRT-LLM's per-request logits hook: subclass it (or pass any callable of this
-    signature) as `SamplingParams(logits_processor=...)`. Called once per generated token, before
-    the grammar mask and the sampler, with the request's logits row to edit in place.
-
-        req_id     the request's id (a str here; an int in TensorRT-LLM)
-        logits     [1, 1, V] (beam width 1), the model's dtype, on the model's device
-        token_ids  [[prompt + output so far]] (one list per beam)
-        stream_ptr the CUDA stream the logits are on (None on CPU)
-        client_id  None"""
-
-    @abstractmethod
-    def __call__(self, req_id, logits, token_ids: list[list[int]], stream_ptr: int | None,
-                 client_id: int | None) -> None: ...
-
-
-class BatchedLogitsProcessor(ABC):
-    """TensorRT-LLM's batched hook, given to `LLM(batched_logits_processor=...)` and applied to
-    the requests with `SamplingParams(apply_batched_logits_processor=True)`: one call per step with
-    lists (req_ids, logits rows [1, 1, V] each, token_ids [[...]] each, stream_ptr, client_ids)."""
-
-    @abstractmethod
-    def __call__(self, req_ids: list, logits: list, token_ids: list[list[list[int]]], stream_ptr: int | None,
-                 client_ids: list) -> None: ...
 
 
 class SamplingParams(ValidatedConfig):

@@ -54,10 +54,11 @@ from dataclasses import dataclass
 
 import torch
 
+from trtllm.guided_decoding_params import GuidedDecodingParams
 from trtllm.runtime import guides
 from trtllm.runtime.sampler import greedy_picks, token_bitmask_allows
 from trtllm.runtime.sequence import Sequence
-from trtllm.sampling_params import GuidedDecodingParams, SamplingParams
+from trtllm.sampling_params import SamplingParams
 
 _COMPILED_CACHE = 256    # compiled grammars kept per engine
 

@@ -18,7 +18,8 @@ from collections import OrderedDict
 
 import torch
 
-from trtllm.sampling_params import GuidedDecodingParams, SamplingParams
+from trtllm.guided_decoding_params import GuidedDecodingParams
+from trtllm.sampling_params import SamplingParams
 
 _PARSED_CACHE = 256      # tokenizer-free grammars kept (check_guide), process-wide
 # JSON containers nested in a JSON Schema at most: the meta-schema check and pickling (to the

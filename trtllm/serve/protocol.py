@@ -24,7 +24,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from trtllm.config import ConfigError
-from trtllm.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, GuidedDecodingParams, SamplingParams
+from trtllm.guided_decoding_params import GuidedDecodingParams
+from trtllm.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, SamplingParams
 from trtllm.serve.content_parts import TextPart, image_urls, template_content
 from trtllm.serve.errors import RequestError
 

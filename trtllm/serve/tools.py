@@ -34,7 +34,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from trtllm.sampling_params import GuidedDecodingParams
+from trtllm.guided_decoding_params import GuidedDecodingParams
 
 PARSERS = ("hermes", "llama3")
 _HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
