@@ -314,8 +314,10 @@ def kv_cache_dtype(kv_cache_config: KvCacheConfig, quant_config: QuantConfig | N
 # LoRA target modules by name: HF's (peft's target_modules) and TensorRT-LLM's for the same linears
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                        "qkv_proj", "gate_up_proj",  # Phi-3's fused projections
+                       # GPT-NeoX's, Falcon's and Bloom's; Phi-1/2's MLP
+                       "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "fc1", "fc2",
                        "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_dense", "mlp_gate", "mlp_h_to_4h",
-                       "mlp_4h_to_h")
+                       "mlp_4h_to_h", "mlp_gate_up")
 
 
 class LoraConfig(ValidatedConfig):

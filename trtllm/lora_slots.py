@@ -34,10 +34,15 @@ import torch
 # The linears LoRA targets by default: the attention projections and the MLP's, as HF
 # names them (peft's target_modules). TensorRT-LLM's names map onto them.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                          "qkv_proj", "gate_up_proj")  # (Phi-3's fused projections)
-TRTLLM_MODULE_NAMES = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_qkv": "qkv_proj",
-                       "attn_dense": "o_proj", "mlp_gate": "gate_proj", "mlp_h_to_4h": "up_proj",
-                       "mlp_4h_to_h": "down_proj"}
+                          "qkv_proj", "gate_up_proj",  # Phi-3's fused projections
+                          # GPT-NeoX's, Falcon's and Bloom's (fused QKV, attention output, MLP); Phi-1/2's MLP
+                          "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "fc1", "fc2")
+# TensorRT-LLM's names (its get_default_trtllm_modules_to_hf_modules: its GatedMLP's `fc` is HF's
+# gate_proj, its `gate` HF's up_proj), each with the other families' names for the same linear
+TRTLLM_MODULE_NAMES = {"attn_q": ("q_proj",), "attn_k": ("k_proj",), "attn_v": ("v_proj",),
+                       "attn_qkv": ("qkv_proj", "query_key_value"), "attn_dense": ("o_proj", "dense"),
+                       "mlp_h_to_4h": ("gate_proj", "dense_h_to_4h", "fc1"), "mlp_gate": ("up_proj",),
+                       "mlp_4h_to_h": ("down_proj", "dense_4h_to_h", "fc2"), "mlp_gate_up": ("gate_up_proj",)}
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class LoraSlots:
         # compiles inside models/hf.py's HFCausalLM; a model file's checkpoint_name for its other
         # layouts: contract.adapter_module_path); None: the same
         self.module_path = module_path or (lambda path: path)
-        self.target_modules = frozenset(TRTLLM_MODULE_NAMES.get(m, m) for m in target_modules)
+        self.target_modules = frozenset(name for m in target_modules for name in TRTLLM_MODULE_NAMES.get(m, (m,)))
         self.device = torch.device(device)
         self.slot_ids = torch.full((max_num_tokens,), -1, dtype=torch.long, device=self.device)
         self.groups: dict[tuple[LoraPart, ...], LoraGroup] = {}
