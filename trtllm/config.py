@@ -74,6 +74,15 @@ class ValidatedConfig(BaseModel):
             raise ConfigError.from_validation(type(self).__name__, e) from None
 
 
+def as_config(name: str, value, cls):
+    """`value` as a `cls` (a dict of its fields made into one; None stays None); TypeError otherwise."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls(**value)
+    raise TypeError(f"{name} must be a {cls.__name__} (or a dict of its fields), got {type(value).__name__}")
+
+
 # KvCacheConfig.dtype's values, as TensorRT-LLM spells them (kv_cache_dtype: how they meet
 # QuantConfig.kv_cache_quant_algo)
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
@@ -132,6 +141,17 @@ class BuildConfig(ValidatedConfig):
             raise ValueError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len "
                              f"({self.max_seq_len})")
         return self
+
+    def with_limits(self, **limits) -> BuildConfig:
+        """This config with TensorRT-LLM 1.x's top-level `LLM(max_batch_size=..., max_num_tokens=...,
+        max_seq_len=..., max_input_len=..., max_beam_width=...)` (None: not given) set in it;
+        ValueError where one contradicts a value this config sets itself."""
+        given = {k: v for k, v in limits.items() if v is not None}
+        clash = [f"{k}={v} and build_config.{k}={getattr(self, k)}" for k, v in given.items()
+                 if k in self.model_fields_set and getattr(self, k) != v]
+        if clash:
+            raise ValueError(f"two values for one limit: {'; '.join(clash)}; give it once")
+        return self if not given else BuildConfig(**{**self.model_dump(exclude_unset=True), **given})
 
     def input_len_for(self, max_seq_len: int) -> int:
         """max_input_len, lowered to max_seq_len when it was left at its default."""

@@ -417,3 +417,25 @@ def test_vocabulary_size_from_one_forward_when_nothing_names_it(tmp_path):
         assert llm.engine.vocab_size == 512
         with pytest.raises(ValueError, match="prompt token id 600 is outside the vocabulary"):
             llm.generate([1, 600], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_tensorrt_llms_top_level_limits_and_config_dicts(tmp_path):
+    # LLM(max_batch_size=..., max_num_tokens=..., max_seq_len=...) and dict configs, as TensorRT-LLM 1.x's
+    # LlmArgs take them: both were TypeErrors
+    write_checkpoint("llama31", tmp_path, vocab_size=512)
+    make_tokenizer(tmp_path)
+    with LLM(str(tmp_path), dtype="float32", max_batch_size=3, max_num_tokens=16, max_seq_len=48, max_beam_width=2,
+             kv_cache_config={"tokens_per_block": 16, "max_tokens": 256}, backend="pytorch") as llm:
+        assert (llm.engine.scheduler.max_num_seqs, llm.engine.scheduler.max_num_tokens, llm.limits.max_seq_len) == \
+            (3, 16, 48)
+        assert llm.block_manager.num_blocks == 16
+    for kwargs, error, words in [
+        (dict(max_batch_size=4, build_config=BuildConfig(max_batch_size=8)), ValueError,
+         r"two values for one limit: max_batch_size=4 and build_config\.max_batch_size=8"),
+        (dict(build_config=[4]), TypeError, r"build_config must be a BuildConfig \(or a dict of its fields\), got list"),
+        (dict(kv_cache_config={"max_tokenz": 4}), ValueError, r"KvCacheConfig\.max_tokenz=4: unknown option"),
+        (dict(trust_remote_code=True), ValueError, "trust_remote_code=True is not supported"),
+        (dict(backend="tensorrt"), ValueError, "backend='tensorrt': trtllm's one backend is 'pytorch'"),
+    ]:
+        with pytest.raises(error, match=words):
+            LLM(str(tmp_path), dtype="float32", **kwargs)

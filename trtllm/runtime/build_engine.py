@@ -25,6 +25,7 @@ from trtllm.config import (
     LoraConfig,
     QuantConfig,
     SchedulerConfig,
+    as_config,
     kv_cache_dtype,
 )
 from trtllm.contract import adapter_module_path
@@ -72,10 +73,11 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                  lora_config: LoraConfig | None = None, moe_expert_parallel_size: int | None = None,
                  moe_tensor_parallel_size: int | None = None, pipeline_parallel_size: int = 1,
                  pp_partition: list[int] | None = None, cuda_graph_config: CudaGraphConfig | None = None,
-                 scheduler_config: SchedulerConfig | None = None) -> Engine:
+                 scheduler_config: SchedulerConfig | None = None, limits: dict | None = None) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
-    in a process of its own. Arguments as `LLM`'s. `engine.startup` says where the time went.
+    in a process of its own. Arguments as `LLM`'s; `limits`: its top-level max_batch_size ...
+    (TensorRT-LLM 1.x's), set in the build config. `engine.startup` says where the time went.
     A checkpoint written by trtllm-build brings its defaults (runtime/build_defaults.py): its
     BuildConfig when none is given, its KV cache format when none is named.
     kv_cache_scales: a quantized KV cache's (k_scale, v_scale) per layer (runtime/kv_cache_quant.py).
@@ -98,6 +100,10 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
         raise TypeError(f"cuda_graph_config must be a CudaGraphConfig, got {type(cuda_graph_config).__name__}")
     if scheduler_config is not None and not isinstance(scheduler_config, SchedulerConfig):
         raise TypeError(f"scheduler_config must be a SchedulerConfig, got {type(scheduler_config).__name__}")
+    # TensorRT-LLM 1.x's configs are pydantic models that take a dict for each: so do these
+    build_config, kv_cache_config, quant_config = (as_config(name, value, cls) for name, value, cls in (
+        ("build_config", build_config, BuildConfig), ("kv_cache_config", kv_cache_config, KvCacheConfig),
+        ("quant_config", quant_config, QuantConfig)))
     no_evict = scheduler_config is not None and scheduler_config.no_evict
     moe = resolve_moe_sizes(tensor_parallel_size, moe_expert_parallel_size, moe_tensor_parallel_size)
     check_stream_interval(stream_interval)  # before minutes of loading and compiling
@@ -113,7 +119,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
             quant_config = quant_config.model_copy(update={"kv_cache_quant_algo": defaults.kv_cache_quant_algo})
     quant_config.check_supported()
     kv_format = kv_cache_dtype(kv_cache_config, quant_config)  # a conflict refused before loading
-    build_config = build_config or BuildConfig()
+    build_config = (build_config or BuildConfig()).with_limits(**(limits or {}))
     if model is None:
         from trtllm.demo import demo_model_path
         model = demo_model_path()

@@ -128,7 +128,18 @@ class LLM:
                  moe_expert_parallel_size: int | None = None, moe_tensor_parallel_size: int | None = None,
                  pipeline_parallel_size: int = 1, pp_partition: list[int] | None = None,
                  cuda_graph_config: CudaGraphConfig | None | object = DEFAULT_CUDA_GRAPHS,
-                 scheduler_config: SchedulerConfig | None = None):
+                 scheduler_config: SchedulerConfig | None = None, max_batch_size: int | None = None,
+                 max_num_tokens: int | None = None, max_seq_len: int | None = None, max_input_len: int | None = None,
+                 max_beam_width: int | None = None, trust_remote_code: bool = False, backend: str | None = None):
+        # TensorRT-LLM 1.x's top-level limits, as BuildConfig's; its trust_remote_code and backend
+        # as far as they hold here (no checkpoint code is run; the one backend is PyTorch's)
+        if trust_remote_code:
+            raise ValueError("trust_remote_code=True is not supported: trtllm runs no code from a checkpoint "
+                             "(its model files, or the transformers module of the architecture)")
+        if backend not in (None, "pytorch"):
+            raise ValueError(f"backend={backend!r}: trtllm's one backend is 'pytorch' (no TensorRT engines)")
+        limits = dict(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
+                      max_input_len=max_input_len, max_beam_width=max_beam_width)
         if batched_logits_processor is not None and not callable(batched_logits_processor):
             raise TypeError("batched_logits_processor must be callable (a BatchedLogitsProcessor)")
         check_multimodal_encoder(multimodal_encoder, model)
@@ -141,7 +152,7 @@ class LLM:
                                    speculative_config or speculative_decoding_config, lora_config,
                                    moe_expert_parallel_size, moe_tensor_parallel_size,
                                    pipeline_parallel_size, pp_partition, cuda_graph_config,
-                                   scheduler_config=scheduler_config)
+                                   scheduler_config=scheduler_config, limits=limits)
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
         self.tokenizer, self.limits, self.vocab_size = self.engine.tokenizer, self.engine.limits, self.engine.vocab_size
         # a multimodal model's image processor: given, else the checkpoint's, loaded at the first image
