@@ -439,3 +439,19 @@ def test_tensorrt_llms_top_level_limits_and_config_dicts(tmp_path):
     ]:
         with pytest.raises(error, match=words):
             LLM(str(tmp_path), dtype="float32", **kwargs)
+
+
+def test_skip_tokenizer_init_runs_token_ids_without_a_tokenizer(tmp_path):
+    # TensorRT-LLM's skip_tokenizer_init: a checkpoint without tokenizer files was "no tokenizer in ..."
+    write_checkpoint("llama31", tmp_path, vocab_size=512)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    with LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_seq_len=64,
+             kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=128)) as llm:
+        assert llm.tokenizer is None
+        out = llm.generate([5, 17, 99], params, use_tqdm=False)
+        assert len(out.outputs[0].token_ids) == 3
+        with pytest.raises(ValueError, match="a text prompt needs a tokenizer"):
+            llm.generate("hi", params, use_tqdm=False)
+    make_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="skip_tokenizer_init=True with a tokenizer: give one or the other"):
+        LLM(str(tmp_path), skip_tokenizer_init=True, tokenizer=str(tmp_path))

@@ -73,11 +73,13 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                  lora_config: LoraConfig | None = None, moe_expert_parallel_size: int | None = None,
                  moe_tensor_parallel_size: int | None = None, pipeline_parallel_size: int = 1,
                  pp_partition: list[int] | None = None, cuda_graph_config: CudaGraphConfig | None = None,
-                 scheduler_config: SchedulerConfig | None = None, limits: dict | None = None) -> Engine:
+                 scheduler_config: SchedulerConfig | None = None, limits: dict | None = None,
+                 skip_tokenizer_init: bool = False) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
     in a process of its own. Arguments as `LLM`'s; `limits`: its top-level max_batch_size ...
-    (TensorRT-LLM 1.x's), set in the build config. `engine.startup` says where the time went.
+    (TensorRT-LLM 1.x's), set in the build config; skip_tokenizer_init: no tokenizer (token ids
+    only). `engine.startup` says where the time went.
     A checkpoint written by trtllm-build brings its defaults (runtime/build_defaults.py): its
     BuildConfig when none is given, its KV cache format when none is named.
     kv_cache_scales: a quantized KV cache's (k_scale, v_scale) per layer (runtime/kv_cache_quant.py).
@@ -123,6 +125,11 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     if model is None:
         from trtllm.demo import demo_model_path
         model = demo_model_path()
+    if skip_tokenizer_init and tokenizer is not None:
+        raise ValueError("skip_tokenizer_init=True with a tokenizer: give one or the other")
+    # where the tokenizer loads from: the one given, else the checkpoint's (none: token ids in and out)
+    tokenizer = None if skip_tokenizer_init else tokenizer if tokenizer is not None else \
+        model if isinstance(model, (str, os.PathLike)) else None
     if lora_config is not None:
         if not isinstance(lora_config, LoraConfig):
             raise TypeError(f"lora_config must be a LoraConfig, got {type(lora_config).__name__}")
@@ -151,11 +158,11 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                                                     lora, max(build_config.max_num_tokens, build_config.max_batch_size))
         try:
             if calibrate:
-                kv_cache_scales = _calibrate_parallel(compiled, model if tokenizer is None else tokenizer, kv_format)
+                kv_cache_scales = _calibrate_parallel(compiled, tokenizer, kv_format)
             # a decode graph would replay on rank 0 alone (issue 22: left), under either parallelism
             enable_cuda_graph = False
             # n-gram, a draft model or an EAGLE-3 head: the draft runs on rank 0 alone, whole; the ranks verify
-            return _build_engine(compiled.module, compiled, started, model if tokenizer is None else tokenizer,
+            return _build_engine(compiled.module, compiled, started, tokenizer,
                                  kv_cache_config, build_config, enable_cuda_graph, stream_interval,
                                  disable_overlap_scheduler, kv_format, kv_cache_scales,
                                  _speculative(speculative_config, dtype, compile_options, model), lora_config,
@@ -169,7 +176,6 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
             quantize_model(module, quant_config.weight_algo)
     else:  # an FP8 checkpoint's layout is read from the directory; weight_algo quantizes as it loads
         module = load_model(model, dtype=_DTYPES[dtype], device=device, quant_algo=quant_config.weight_algo)
-        tokenizer = tokenizer if tokenizer is not None else model
     lora = _lora_slots(lora_config, module, build_config) if lora_config is not None else None
     compiled = trtllm_compile(module, **(compile_options or {}), block_size=kv_cache_config.tokens_per_block,
                               **({"lora": lora} if lora is not None else {}))

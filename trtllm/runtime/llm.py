@@ -130,9 +130,11 @@ class LLM:
                  cuda_graph_config: CudaGraphConfig | None | object = DEFAULT_CUDA_GRAPHS,
                  scheduler_config: SchedulerConfig | None = None, max_batch_size: int | None = None,
                  max_num_tokens: int | None = None, max_seq_len: int | None = None, max_input_len: int | None = None,
-                 max_beam_width: int | None = None, trust_remote_code: bool = False, backend: str | None = None):
+                 max_beam_width: int | None = None, trust_remote_code: bool = False, backend: str | None = None,
+                 skip_tokenizer_init: bool = False):
         # TensorRT-LLM 1.x's top-level limits, as BuildConfig's; its trust_remote_code and backend
-        # as far as they hold here (no checkpoint code is run; the one backend is PyTorch's)
+        # as far as they hold here (no checkpoint code is run; the one backend is PyTorch's); its
+        # skip_tokenizer_init: no tokenizer loaded, token-id prompts, outputs without text
         if trust_remote_code:
             raise ValueError("trust_remote_code=True is not supported: trtllm runs no code from a checkpoint "
                              "(its model files, or the transformers module of the architecture)")
@@ -152,7 +154,8 @@ class LLM:
                                    speculative_config or speculative_decoding_config, lora_config,
                                    moe_expert_parallel_size, moe_tensor_parallel_size,
                                    pipeline_parallel_size, pp_partition, cuda_graph_config,
-                                   scheduler_config=scheduler_config, limits=limits)
+                                   scheduler_config=scheduler_config, limits=limits,
+                                   skip_tokenizer_init=skip_tokenizer_init)
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
         self.tokenizer, self.limits, self.vocab_size = self.engine.tokenizer, self.engine.limits, self.engine.vocab_size
         # a multimodal model's image processor: given, else the checkpoint's, loaded at the first image
