@@ -228,6 +228,15 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path, capsys):
 
 
 
+def test_prepare_dataset_refuses_what_it_cannot_draw_or_write(tmp_path, capsys):
+    prepare = ["--model", "tiny-llama", "prepare-dataset", "--num_requests", "2", "--output_mean", "4"]
+    _refused(capsys, [*prepare, "--input_mean", "nan"], "input_mean must be a finite number >= 1, got nan")
+    _refused(capsys, [*prepare, "--input_mean", "4", "--input_stdev", "inf"], "input_stdev must be a finite")
+    _refused(capsys, [*prepare, "--input_mean", "4", "--output", str(tmp_path)], "it is a directory")
+    _refused(capsys, [*prepare, "--input_mean", "4", "--output", str(tmp_path / "no" / "d.jsonl")],
+             "cannot write --output", "its directory does not exist")
+
+
 @pytest.mark.parametrize("value, words", [("-1", "temperature=-1.0: must be greater than or equal to 0"),
                                           ("nan", "temperature=nan: must be a finite number")])
 def test_a_bad_temperature_is_refused_before_the_engine_is_built(value, words, capsys, monkeypatch):

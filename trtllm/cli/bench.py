@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "prepare-dataset":
-            return _prepare_dataset(args)
+            from trtllm.cli.bench_dataset import prepare_dataset
+            return prepare_dataset(args)
         return _bench(args)
     except (BenchError, DatasetError, UnknownModel, FileNotFoundError) as e:
         print(f"trtllm-bench: {e}", file=sys.stderr)
@@ -135,27 +136,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-
-
-def _prepare_dataset(args) -> int:
-    from trtllm.cli.bench_dataset import check_requests, synthetic_requests, write_dataset
-    from trtllm.cli.model_arg import resolve_model
-
-    spec = resolve_model(args.model)
-    if spec.vocab_size is None:
-        raise BenchError(f"model {spec.name!r} names no vocab_size in its config.json: no token ids to draw")
-    requests = synthetic_requests(args.num_requests, args.input_mean, args.input_stdev, args.output_mean,
-                                  args.output_stdev, spec.vocab_size, args.seed)
-    check_requests(requests, None, spec.max_position_embeddings, "the model's context (max_position_embeddings)")
-    if args.output is not None and args.stdout:
-        raise BenchError("give --output FILE or --stdout, not both")
-    if args.output is None:
-        write_dataset(requests, sys.stdout)
-    else:
-        with open(args.output, "w", encoding="utf-8") as f:
-            write_dataset(requests, f)
-        print(f"trtllm-bench: wrote {len(requests)} requests to {args.output}", file=sys.stderr)
-    return 0
 
 
 def _workload(args, spec) -> tuple[str, list, dict]:
