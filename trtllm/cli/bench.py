@@ -188,7 +188,9 @@ def _engine_configs(args, requests, spec, default_batch: int | None):
     if args.max_batch_size is None and default_batch is None:
         from trtllm.cli.bench_tuning import batch_for_run
         default_batch = batch_for_run(args, requests, spec.config)
-    build = dict(max_batch_size=args.max_batch_size or default_batch, max_seq_len=max_seq_len,
+    # --max_batch_size 0 is BuildConfig's to refuse, not a silent "default" (as -1 is)
+    build = dict(max_batch_size=default_batch if args.max_batch_size is None else args.max_batch_size,
+                 max_seq_len=max_seq_len,
                  max_input_len=max(r.input_len for r in requests))
     if args.max_num_tokens is not None:
         build["max_num_tokens"] = args.max_num_tokens
