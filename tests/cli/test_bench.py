@@ -237,14 +237,16 @@ def test_prepare_dataset_refuses_what_it_cannot_draw_or_write(tmp_path, capsys):
              "cannot write --output", "its directory does not exist")
 
 
-def test_max_batch_size_0_is_refused_not_the_default(capsys, monkeypatch):
+def test_options_the_engine_would_not_read_are_refused(capsys, monkeypatch):
     import trtllm.runtime.llm as llm_module
 
     def built(*args, **kwargs):
-        raise AssertionError("the engine was built with the default batch for --max_batch_size 0")
+        raise AssertionError("the engine was built without an option given")
     monkeypatch.setattr(llm_module, "LLM", built)
     _refused(capsys, ["--model", "tiny-llama", "--batch_size", "2", "--input_len", "4", "--output_len", "4",
                       "--max_batch_size", "0"], "bad option", "max_batch_size=0: must be greater than 0")
+    _refused(capsys, ["--batch_size", "2", "--input_len", "4", "--output_len", "4", "--speculative_model_dir", "d"],
+             "bad option", "--speculative_model_dir: is for --speculative draft_target, eagle3 or mtp")
 
 
 @pytest.mark.parametrize("value, words", [("-1", "temperature=-1.0: must be greater than or equal to 0"),

@@ -62,6 +62,16 @@ def test_max_cpu_loras_0_is_refused_not_the_default(tmp_path):
         cli.engine_options(args)
 
 
+@pytest.mark.parametrize("argv, why", [([], "; no --speculative given"), (["--speculative", "ngram"], ", not ngram")])
+def test_a_speculative_model_dir_nothing_reads_is_a_bad_option(argv, why, monkeypatch, capsys):
+    def load(*_):
+        raise AssertionError("the model loaded with an option it never reads")
+    monkeypatch.setattr(cli, "build_llm", load)
+    assert main(["--port", "0", *argv, "--speculative_model_dir", "draft"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "trtllm-serve: bad option:", f"--speculative_model_dir: is for --speculative draft_target, eagle3 or mtp{why}"]
+
+
 @pytest.fixture
 def taken_port():
     with socket.socket() as s:
