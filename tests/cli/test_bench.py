@@ -249,6 +249,18 @@ def test_options_the_engine_would_not_read_are_refused(capsys, monkeypatch):
              "bad option", "--speculative_model_dir: is for --speculative draft_target, eagle3 or mtp")
 
 
+@pytest.mark.parametrize("option, words", [(["--quantization", "FP9"], "QuantConfig.quant_algo='FP9'"),
+                                           (["--cuda_graph_max_prefill_tokens", "-1"], "max_prefill_tokens")])
+def test_a_bad_engine_option_is_refused_before_a_presets_weights_are_made(option, words, capsys, monkeypatch):
+    import trtllm.cli.model_arg as model_arg
+
+    def made(*args, **kwargs):
+        raise AssertionError("the preset's weights were made for an option that is refused")
+    monkeypatch.setattr(model_arg, "build_preset", made)
+    _refused(capsys, ["--model", "tiny-llama", "--batch_size", "1", "--input_len", "4", "--output_len", "4", *option],
+             "bad option", words)
+
+
 @pytest.mark.parametrize("value, words", [("-1", "temperature=-1.0: must be greater than or equal to 0"),
                                           ("nan", "temperature=nan: must be a finite number")])
 def test_a_bad_temperature_is_refused_before_the_engine_is_built(value, words, capsys, monkeypatch):

@@ -244,20 +244,21 @@ def _build_llm(args, spec, build, kv):
     from trtllm.config import ConfigError, QuantConfig
     from trtllm.runtime.llm import LLM
 
-    started = time.perf_counter()
-    try:
+    try:  # the options' configs first: a bad one is refused before a preset's weights are made
+        quant = QuantConfig(quant_algo=args.quantization) if args.quantization else None
+        options = dict(build_config=build, kv_cache_config=kv, quant_config=quant,
+                       disable_overlap_scheduler=args.disable_overlap_scheduler,
+                       speculative_config=_speculative_config(args))
+        if args.cuda_graph_max_prefill_tokens is not None:
+            from trtllm.config import CudaGraphConfig
+            options["cuda_graph_config"] = CudaGraphConfig(max_prefill_tokens=args.cuda_graph_max_prefill_tokens)
+        started = time.perf_counter()
         kwargs = spec.llm_kwargs(args.dtype, seed=args.seed)
         load_s = time.perf_counter() - started  # a preset's weights, a module loaded here (else: in LLM)
-        quant = QuantConfig(quant_algo=args.quantization) if args.quantization else None
         if args.expert_load:
             from trtllm.expert_load import ExpertLoad
             kwargs["compile_options"] = {**kwargs.get("compile_options", {}), "expert_load": ExpertLoad()}
-        if args.cuda_graph_max_prefill_tokens is not None:
-            from trtllm.config import CudaGraphConfig
-            kwargs["cuda_graph_config"] = CudaGraphConfig(max_prefill_tokens=args.cuda_graph_max_prefill_tokens)
-        return LLM(**kwargs, build_config=build, kv_cache_config=kv, quant_config=quant,
-                   disable_overlap_scheduler=args.disable_overlap_scheduler,
-                   speculative_config=_speculative_config(args)), load_s
+        return LLM(**kwargs, **options), load_s
     except ConfigError as e:
         raise BenchError(f"bad option: {'; '.join(str(e).splitlines())}") from None
     except (ValueError, OSError) as e:
