@@ -130,6 +130,20 @@ def test_bad_input_is_one_line_and_exit_2(argv, error, capsys):
     assert re.search(error, err), err
 
 
+@pytest.mark.parametrize("argv, error", [
+    (["--max_input_len", "0", "perplexity"], "BuildConfig.max_input_len=0: must be greater than 0"),
+    (["lm-eval", "--tasks", "t", "--only_include_path"], "--only_include_path needs --include_path"),
+])
+def test_bad_options_are_refused_before_the_engine_is_built(argv, error, capsys, monkeypatch):
+    import trtllm.runtime.llm as llm_module
+
+    def built(*args, **kwargs):
+        raise AssertionError("the engine was built for options that are refused")
+    monkeypatch.setattr(llm_module, "LLM", built)
+    code, out, err = run(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and error in err, err
+
+
 def test_malformed_rows_and_long_prompts_exit_2(tiny, tmp_path, capsys):
     data = tmp_path / "arc.jsonl"
     data.write_text(json.dumps(ARC_JSONL[0]) + "\n" + '{"question": {"stem": "q"}, "answerKey": "A"}\n')

@@ -228,6 +228,39 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path, capsys):
 
 
 
+def test_prepare_dataset_refuses_what_it_cannot_draw_or_write(tmp_path, capsys):
+    prepare = ["--model", "tiny-llama", "prepare-dataset", "--num_requests", "2", "--output_mean", "4"]
+    _refused(capsys, [*prepare, "--input_mean", "nan"], "input_mean must be a finite number >= 1, got nan")
+    _refused(capsys, [*prepare, "--input_mean", "4", "--input_stdev", "inf"], "input_stdev must be a finite")
+    _refused(capsys, [*prepare, "--input_mean", "4", "--output", str(tmp_path)], "it is a directory")
+    _refused(capsys, [*prepare, "--input_mean", "4", "--output", str(tmp_path / "no" / "d.jsonl")],
+             "cannot write --output", "its directory does not exist")
+
+
+def test_options_the_engine_would_not_read_are_refused(capsys, monkeypatch):
+    import trtllm.runtime.llm as llm_module
+
+    def built(*args, **kwargs):
+        raise AssertionError("the engine was built without an option given")
+    monkeypatch.setattr(llm_module, "LLM", built)
+    _refused(capsys, ["--model", "tiny-llama", "--batch_size", "2", "--input_len", "4", "--output_len", "4",
+                      "--max_batch_size", "0"], "bad option", "max_batch_size=0: must be greater than 0")
+    _refused(capsys, ["--batch_size", "2", "--input_len", "4", "--output_len", "4", "--speculative_model_dir", "d"],
+             "bad option", "--speculative_model_dir: is for --speculative draft_target, eagle3 or mtp")
+
+
+@pytest.mark.parametrize("option, words", [(["--quantization", "FP9"], "QuantConfig.quant_algo='FP9'"),
+                                           (["--cuda_graph_max_prefill_tokens", "-1"], "max_prefill_tokens")])
+def test_a_bad_engine_option_is_refused_before_a_presets_weights_are_made(option, words, capsys, monkeypatch):
+    import trtllm.cli.model_arg as model_arg
+
+    def made(*args, **kwargs):
+        raise AssertionError("the preset's weights were made for an option that is refused")
+    monkeypatch.setattr(model_arg, "build_preset", made)
+    _refused(capsys, ["--model", "tiny-llama", "--batch_size", "1", "--input_len", "4", "--output_len", "4", *option],
+             "bad option", words)
+
+
 @pytest.mark.parametrize("value, words", [("-1", "temperature=-1.0: must be greater than or equal to 0"),
                                           ("nan", "temperature=nan: must be a finite number")])
 def test_a_bad_temperature_is_refused_before_the_engine_is_built(value, words, capsys, monkeypatch):

@@ -72,8 +72,19 @@ def test_synthetic_requests_are_seeded_normal_lengths_and_round_trip(tmp_path):
     path = tmp_path / "synthetic.jsonl"
     path.write_text(out.getvalue())
     assert [(r.input_ids, r.output_tokens) for r in read_dataset(path)] == [(r.input_ids, r.output_tokens) for r in a]
-    with pytest.raises(DatasetError, match="input_stdev must be >= 0"):
+    with pytest.raises(DatasetError, match="input_stdev must be a finite number >= 0, got -1"):
         synthetic_requests(1, 5, -1, 5, 0, vocab_size=10)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((float("nan"), 0, 5, 0), "input_mean must be a finite number >= 1, got nan"),
+    ((5, 0, float("inf"), 0), "output_mean must be a finite number >= 1, got inf"),
+    ((5, float("nan"), 5, 0), "input_stdev must be a finite number >= 0, got nan"),
+    ((5, 0, 5, float("inf")), "output_stdev must be a finite number >= 0, got inf"),
+])
+def test_non_finite_lengths_are_refused_by_name(args, message):
+    with pytest.raises(DatasetError, match=message):
+        synthetic_requests(2, *args, vocab_size=10)
 
 
 def test_checks_name_the_request_that_cannot_run(tmp_path):

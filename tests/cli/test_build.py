@@ -188,6 +188,9 @@ def test_build_limits_become_llm_defaults(sources, tmp_path):
     ("quantized", "already quantized"),
     ("out_in_a_file", "--output_dir .*config.json/out: .*config.json is not a directory"),
     ("out_unwritable", "--output_dir /proc/out: cannot write in /proc"),
+    ("config_list", "config.json: expected a JSON object, got list"),
+    ("device", "--device 'gpu0': not a torch device"),
+    ("calib_not_utf8", "--calib_dataset .*calib.txt: not UTF-8 text"),
 ])
 def test_bad_input_exits_2_naming_it(sources, tmp_path, capsys, case, words):
     src, out, algo = sources["llama31"], tmp_path / "out", "FP8"
@@ -214,6 +217,15 @@ def test_bad_input_exits_2_naming_it(sources, tmp_path, capsys, case, words):
         out = src / "config.json" / "out"
     elif case == "out_unwritable":
         out = Path("/proc/out")
+    elif case == "config_list":
+        src = tmp_path / "list"
+        src.mkdir()
+        (src / "config.json").write_text("[1, 2]")
+    elif case == "device":
+        extra = ["--device", "gpu0"]
+    elif case == "calib_not_utf8":
+        (tmp_path / "calib.txt").write_bytes(b"some text\nmore \xff\xfe text\n")
+        extra = ["--kv_cache_quant_algo", "FP8", "--calib_dataset", str(tmp_path / "calib.txt")]
     elif case == "quantized":
         assert _build(src, tmp_path / "first", "--quant_algo", "FP8") == 0
         src = tmp_path / "first"

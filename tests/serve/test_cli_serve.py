@@ -38,6 +38,40 @@ def test_a_draft_target_without_its_model_is_a_bad_option(capsys):
         "trtllm-serve: bad option:", "--speculative: draft_target needs --speculative_model_dir (the draft's checkpoint)"]
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--port", "70000"], "--port 70000: must be in [0, 65535]"),
+    (["--port", "-1"], "--port -1: must be in [0, 65535]"),
+    (["--max-concurrent-requests", "0"], "--max-concurrent-requests 0: must be at least 1"),
+    (["--shutdown-timeout", "nan"], "--shutdown-timeout nan: must be a finite number of seconds >= 0"),
+    (["--shutdown-timeout", "-2"], "--shutdown-timeout -2.0: must be a finite"),
+    (["--max_loras", "2", "--max_cpu_loras", "8"], "--max_loras, --max_cpu_loras: LoRA options, and no --lora_modules"),
+])
+def test_server_options_out_of_range_are_refused_before_binding(argv, words, monkeypatch, capsys):
+    def bind(*_):
+        raise AssertionError("the port was bound for options that cannot serve")
+    monkeypatch.setattr(cli, "bind_socket", bind)
+    assert main(["--port", "0", *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"trtllm-serve: bad option: {words}"), err
+
+
+def test_max_cpu_loras_0_is_refused_not_the_default(tmp_path):
+    from trtllm.config import ConfigError
+    args = cli.parse_args(["m", "--lora_modules", f"a={tmp_path}", "--max_cpu_loras", "0"])
+    with pytest.raises(ConfigError, match="max_cpu_loras=0: must be greater than 0"):
+        cli.engine_options(args)
+
+
+@pytest.mark.parametrize("argv, why", [([], "; no --speculative given"), (["--speculative", "ngram"], ", not ngram")])
+def test_a_speculative_model_dir_nothing_reads_is_a_bad_option(argv, why, monkeypatch, capsys):
+    def load(*_):
+        raise AssertionError("the model loaded with an option it never reads")
+    monkeypatch.setattr(cli, "build_llm", load)
+    assert main(["--port", "0", *argv, "--speculative_model_dir", "draft"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "trtllm-serve: bad option:", f"--speculative_model_dir: is for --speculative draft_target, eagle3 or mtp{why}"]
+
+
 @pytest.fixture
 def taken_port():
     with socket.socket() as s:

@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "prepare-dataset":
-            return _prepare_dataset(args)
+            from trtllm.cli.bench_dataset import prepare_dataset
+            return prepare_dataset(args)
         return _bench(args)
     except (BenchError, DatasetError, UnknownModel, FileNotFoundError) as e:
         print(f"trtllm-bench: {e}", file=sys.stderr)
@@ -135,27 +136,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-
-
-def _prepare_dataset(args) -> int:
-    from trtllm.cli.bench_dataset import check_requests, synthetic_requests, write_dataset
-    from trtllm.cli.model_arg import resolve_model
-
-    spec = resolve_model(args.model)
-    if spec.vocab_size is None:
-        raise BenchError(f"model {spec.name!r} names no vocab_size in its config.json: no token ids to draw")
-    requests = synthetic_requests(args.num_requests, args.input_mean, args.input_stdev, args.output_mean,
-                                  args.output_stdev, spec.vocab_size, args.seed)
-    check_requests(requests, None, spec.max_position_embeddings, "the model's context (max_position_embeddings)")
-    if args.output is not None and args.stdout:
-        raise BenchError("give --output FILE or --stdout, not both")
-    if args.output is None:
-        write_dataset(requests, sys.stdout)
-    else:
-        with open(args.output, "w", encoding="utf-8") as f:
-            write_dataset(requests, f)
-        print(f"trtllm-bench: wrote {len(requests)} requests to {args.output}", file=sys.stderr)
-    return 0
 
 
 def _workload(args, spec) -> tuple[str, list, dict]:
@@ -208,7 +188,9 @@ def _engine_configs(args, requests, spec, default_batch: int | None):
     if args.max_batch_size is None and default_batch is None:
         from trtllm.cli.bench_tuning import batch_for_run
         default_batch = batch_for_run(args, requests, spec.config)
-    build = dict(max_batch_size=args.max_batch_size or default_batch, max_seq_len=max_seq_len,
+    # --max_batch_size 0 is BuildConfig's to refuse, not a silent "default" (as -1 is)
+    build = dict(max_batch_size=default_batch if args.max_batch_size is None else args.max_batch_size,
+                 max_seq_len=max_seq_len,
                  max_input_len=max(r.input_len for r in requests))
     if args.max_num_tokens is not None:
         build["max_num_tokens"] = args.max_num_tokens
@@ -262,20 +244,21 @@ def _build_llm(args, spec, build, kv):
     from trtllm.config import ConfigError, QuantConfig
     from trtllm.runtime.llm import LLM
 
-    started = time.perf_counter()
-    try:
+    try:  # the options' configs first: a bad one is refused before a preset's weights are made
+        quant = QuantConfig(quant_algo=args.quantization) if args.quantization else None
+        options = dict(build_config=build, kv_cache_config=kv, quant_config=quant,
+                       disable_overlap_scheduler=args.disable_overlap_scheduler,
+                       speculative_config=_speculative_config(args))
+        if args.cuda_graph_max_prefill_tokens is not None:
+            from trtllm.config import CudaGraphConfig
+            options["cuda_graph_config"] = CudaGraphConfig(max_prefill_tokens=args.cuda_graph_max_prefill_tokens)
+        started = time.perf_counter()
         kwargs = spec.llm_kwargs(args.dtype, seed=args.seed)
         load_s = time.perf_counter() - started  # a preset's weights, a module loaded here (else: in LLM)
-        quant = QuantConfig(quant_algo=args.quantization) if args.quantization else None
         if args.expert_load:
             from trtllm.expert_load import ExpertLoad
             kwargs["compile_options"] = {**kwargs.get("compile_options", {}), "expert_load": ExpertLoad()}
-        if args.cuda_graph_max_prefill_tokens is not None:
-            from trtllm.config import CudaGraphConfig
-            kwargs["cuda_graph_config"] = CudaGraphConfig(max_prefill_tokens=args.cuda_graph_max_prefill_tokens)
-        return LLM(**kwargs, build_config=build, kv_cache_config=kv, quant_config=quant,
-                   disable_overlap_scheduler=args.disable_overlap_scheduler,
-                   speculative_config=_speculative_config(args)), load_s
+        return LLM(**kwargs, **options), load_s
     except ConfigError as e:
         raise BenchError(f"bad option: {'; '.join(str(e).splitlines())}") from None
     except (ValueError, OSError) as e:

@@ -15,12 +15,15 @@ silently means "default".
     write_dataset(requests, file)                       the same layout, token ids
     tokenize_prompts(requests, tokenizer) -> list[BenchRequest]   text prompts to token ids
     check_requests(requests, vocab_size, max_seq_len, limit_name)  DatasetError if one cannot run
+    prepare_dataset(args)                               `trtllm-bench prepare-dataset`
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -102,12 +105,10 @@ def synthetic_requests(num_requests: int, input_mean: float, input_stdev: float,
     in [0, vocab_size); the same seed gives the same requests."""
     if num_requests < 1:
         raise DatasetError(f"num_requests must be >= 1, got {num_requests}")
-    for name, v in (("input_mean", input_mean), ("output_mean", output_mean)):
-        if v < 1:
-            raise DatasetError(f"{name} must be >= 1, got {v}")
-    for name, v in (("input_stdev", input_stdev), ("output_stdev", output_stdev)):
-        if v < 0:
-            raise DatasetError(f"{name} must be >= 0, got {v}")
+    for name, v, least in (("input_mean", input_mean, 1), ("output_mean", output_mean, 1),
+                           ("input_stdev", input_stdev, 0), ("output_stdev", output_stdev, 0)):
+        if not math.isfinite(v) or v < least:  # nan / inf: no length to round (was a traceback)
+            raise DatasetError(f"{name} must be a finite number >= {least}, got {v}")
     rng = random.Random(seed)
     requests = []
     for i in range(num_requests):
@@ -152,3 +153,28 @@ def check_requests(requests: list[BenchRequest], vocab_size: int | None, max_seq
         if max_seq_len is not None and r.input_len + r.output_tokens > max_seq_len:
             raise DatasetError(f"{r.where}: {r.input_len} input + {r.output_tokens} output tokens = "
                                f"{r.input_len + r.output_tokens}, more than {limit_name} = {max_seq_len}")
+
+
+def prepare_dataset(args) -> int:
+    """`trtllm-bench prepare-dataset`: synthetic requests for the model, to --output or stdout."""
+    from trtllm.cli.model_arg import resolve_model
+    from trtllm.cli.output_paths import unwritable_reason
+
+    if args.output is not None and args.stdout:
+        raise DatasetError("give --output FILE or --stdout, not both")
+    why = unwritable_reason(args.output) if args.output is not None else None
+    if why is not None:  # before drawing the requests (a directory was an IsADirectoryError traceback)
+        raise DatasetError(f"cannot write --output {args.output!r}: {why}")
+    spec = resolve_model(args.model)
+    if spec.vocab_size is None:
+        raise DatasetError(f"model {spec.name!r} names no vocab_size in its config.json: no token ids to draw")
+    requests = synthetic_requests(args.num_requests, args.input_mean, args.input_stdev, args.output_mean,
+                                  args.output_stdev, spec.vocab_size, args.seed)
+    check_requests(requests, None, spec.max_position_embeddings, "the model's context (max_position_embeddings)")
+    if args.output is None:
+        write_dataset(requests, sys.stdout)
+    else:
+        with open(args.output, "w", encoding="utf-8") as f:
+            write_dataset(requests, f)
+        print(f"trtllm-bench: wrote {len(requests)} requests to {args.output}", file=sys.stderr)
+    return 0

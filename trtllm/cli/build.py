@@ -79,6 +79,7 @@ def main(argv=None) -> int:
 def _check_input(args: argparse.Namespace):
     """Everything checkable before loading: (QuantAlgo, kv format or None, limits dict)."""
     from trtllm.config import BuildConfig, QuantAlgo
+    from trtllm.models.checkpoint_config import read_config
     from trtllm.models.loader import ARCHITECTURES
     from trtllm.quantization.checkpoint import checkpoint_layout
 
@@ -99,16 +100,17 @@ def _check_input(args: argparse.Namespace):
     for name in ("calib_size", "calib_max_seq_length"):
         if getattr(args, name) < 1:
             raise BuildError(f"--{name} {getattr(args, name)}: must be at least 1")
+    _check_device(args.device)
     src, out = Path(args.model_dir), Path(args.output_dir)
     if not src.is_dir():
         raise BuildError(f"--model_dir {src}: no such directory")
     config_file = src / "config.json"
     if not config_file.is_file():
         raise BuildError(f"--model_dir {src}: no config.json, not a HF checkpoint directory")
-    try:
-        hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    try:  # read_config: a JSON object with sane sizes (a list was an AttributeError traceback)
+        hf_config = read_config(src)
         layout = checkpoint_layout(src, hf_config)
-    except (ValueError, json.JSONDecodeError) as e:
+    except ValueError as e:
         raise BuildError(f"--model_dir {src}: {e}") from None
     if layout is not None:
         raise BuildError(f"--model_dir {src} is already quantized ({layout.describe()}); trtllm-build quantizes "
@@ -130,6 +132,19 @@ def _check_input(args: argparse.Namespace):
         raise BuildError(str(e)) from None
     kv_fmt = args.kv_cache_quant_algo.lower() if args.kv_cache_quant_algo else None
     return QuantAlgo(args.quant_algo), kv_fmt, limits
+
+
+def _check_device(name: str | None) -> None:
+    """--device names a device this machine has (a bad name was torch's RuntimeError traceback)."""
+    if name is None:
+        return
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BuildError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise BuildError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _check_expert_blocks(algo: str, model_cls, hf_config: dict, src: Path) -> None:
@@ -158,7 +173,7 @@ def calibration_texts(file: str | None, size: int) -> list[str]:
         return list(CALIBRATION_TEXTS[:size])
     texts = []
     with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+        for number, line in _lines(f, file):
             if len(texts) == size:
                 break
             if not line.strip():
@@ -177,6 +192,14 @@ def calibration_texts(file: str | None, size: int) -> list[str]:
     if not texts:
         raise BuildError(f"--calib_dataset {file}: no text in it")
     return texts
+
+
+def _lines(f, file: str):
+    """(number, line) of a text file; BuildError if it is not UTF-8 (was a UnicodeDecodeError traceback)."""
+    try:
+        yield from enumerate(f, 1)
+    except UnicodeDecodeError as e:
+        raise BuildError(f"--calib_dataset {file}: not UTF-8 text ({e.reason})") from None
 
 
 def build(args: argparse.Namespace) -> Path:

@@ -157,6 +157,8 @@ def _inputs(args) -> dict:
         names = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if not names:
             raise EvalInputError("--tasks names no task")
+        if args.only_include_path and args.include_path is None:  # before the engine is built, not after
+            raise EvalInputError("--only_include_path needs --include_path")
         return {"tasks": names}
     path = args.dataset_path
     if path is None:  # demo-mc
@@ -185,8 +187,6 @@ def _evaluate(args, inputs: dict, scorer) -> dict:
     if args.task == "lm-eval":
         from trtllm.eval.lm_eval_adapter import run_lm_eval
 
-        if args.only_include_path and args.include_path is None:
-            raise ValueError("--only_include_path needs --include_path")
         return run_lm_eval(scorer, inputs["tasks"], args.include_path, args.num_fewshot, args.limit,
                            args.max_gen_tokens, include_defaults=not args.only_include_path,
                            bootstrap_iters=args.bootstrap_iters)
@@ -222,7 +222,8 @@ def _run(args) -> int:
         raise EvalInputError(f"--report_json {args.report_json}: {why}")
     build = BuildConfig(max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
                         max_seq_len=args.max_seq_len,
-                        **({"max_input_len": args.max_input_len} if args.max_input_len else {}))
+                        # `is not None`: 0 is BuildConfig's to refuse (it silently meant the default)
+                        **({"max_input_len": args.max_input_len} if args.max_input_len is not None else {}))
     kv = KvCacheConfig(free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction, dtype=args.kv_cache_dtype)
     quant = QuantConfig(quant_algo=args.quant) if args.quant else None
     from trtllm.eval.report import environment, table, write_json

@@ -126,6 +126,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def check_server_options(args: argparse.Namespace) -> None:
+    """ValueError naming a server option out of range, or a LoRA option with no --lora_modules
+    (it was silently unused): before the port is bound and the model loads."""
+    import math
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: must be in [0, 65535]")
+    if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
+        raise ValueError(f"--max-concurrent-requests {args.max_concurrent_requests}: must be at least 1")
+    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
+        raise ValueError(f"--shutdown-timeout {args.shutdown_timeout}: must be a finite number of seconds >= 0")
+    unused = [f"--{k}" for k in ("max_lora_rank", "max_loras", "max_cpu_loras") if getattr(args, k) is not None]
+    if unused and not args.lora_modules:
+        raise ValueError(f"{', '.join(unused)}: LoRA options, and no --lora_modules to serve")
+
+
 def engine_options(args: argparse.Namespace) -> dict:
     """The engine's options from the command line; ConfigError naming each bad one."""
     from trtllm.config import BuildConfig, KvCacheConfig
@@ -214,7 +230,7 @@ def lora_config(args: argparse.Namespace, modules: dict):
         rank = max(ranks, default=64)
     return LoraConfig(lora_dir=[lora.lora_path for lora in modules.values()], max_lora_rank=rank,
                       **{k: v for k, v in (("max_loras", args.max_loras),) if v is not None},
-                      max_cpu_loras=args.max_cpu_loras or max(4, len(modules)))
+                      max_cpu_loras=max(4, len(modules)) if args.max_cpu_loras is None else args.max_cpu_loras)
 
 
 def build_llm(args: argparse.Namespace, options: dict):
@@ -276,6 +292,11 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) != 0 and "WORLD_SIZE" in os.environ:
         return _serve_torchrun_rank(args)
 
+    try:
+        check_server_options(args)
+    except ValueError as e:
+        print(f"trtllm-serve: bad option: {e}", file=sys.stderr)
+        return 2
     try:  # before any import of the engine, and the model load (minutes, for a big one)
         sock = bind_socket(args.host, args.port)
     except OSError as e:

@@ -118,6 +118,9 @@ def speculative_config_from_options(kind: str | None, max_draft_len: int, max_ma
                                     speculative_model_dir: str | None):
     """The commands' --speculative (SPECULATIVE_KINDS) and its options as a config (None: off);
     mtp reads its layer from the model's checkpoint (or --speculative_model_dir)."""
+    if speculative_model_dir is not None and kind in (None, "ngram"):  # it was silently unused
+        raise ConfigError("--speculative_model_dir", [(None, None, "is for --speculative draft_target, eagle3 or mtp"
+                                                       + (", not ngram" if kind else "; no --speculative given"))])
     if kind is None:
         return None
     if kind == "ngram":
