@@ -237,6 +237,22 @@ def test_preemption_keeps_output_identical_and_books_balanced(target, kind):
     assert got == expected
 
 
+def test_a_draft_shorter_than_max_seq_len_drafts_up_to_its_own_length(target, plain, tmp_path):
+    """GPT-2's learned position table ends at its max_position_embeddings (24 here, the target's
+    max_seq_len 64): the draft proposes while its positions fit, then the target decodes alone
+    (before: the draft's catch-up indexed past the table, an IndexError failing the request)."""
+    prompts, params, expected = plain
+    short = write_checkpoint("gpt2", tmp_path / "gpt2", vocab_size=512, max_position_embeddings=24)
+    cfg = DraftTargetDecodingConfig(max_draft_len=3, speculative_model_dir=str(short))
+    with small_llm(target, speculative_config=cfg) as llm:
+        out = llm.generate(prompts[0], params[0]).outputs[0]
+        draft = llm.engine.speculative.draft
+        assert draft.max_positions == 24 and not draft.mirrors
+        draft.block_manager.check_invariants()
+    assert len(prompts[0]) == 21 and out.token_ids == expected[0][0][0]
+    assert 0 < out.num_draft_tokens <= 3 + 3 + 2 + 1
+
+
 def test_manual_spelling_with_a_module_draft(target):
     from trtllm.models.loader import load_model
     draft = load_model(str(target), dtype="float32")

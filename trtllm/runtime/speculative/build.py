@@ -108,8 +108,10 @@ def build_speculative(config, *, vocab_size: int, eos_token_ids: list[int], max_
                          f"({vocab_size}): a draft model must share the target's tokenizer")
     blocks = _draft_blocks(compiled, config.max_draft_len, max_num_seqs, max_seq_len, block_size, kv_max_tokens)
     runner = _draft_runner(compiled, blocks, max_num_seqs, max_num_tokens, max_seq_len, block_size, enable_cuda_graph)
+    # a draft shorter than max_seq_len drafts up to its own length (GPT-2's position table ends there)
+    draft_positions = getattr(getattr(module, "config", None), "max_position_embeddings", None)
     draft = DraftModelProposer(runner, BlockManager(blocks, block_size, enable_block_reuse=False),
-                               max_num_tokens, vocab_size, eos_token_ids)
+                               max_num_tokens, vocab_size, eos_token_ids, max_positions=draft_positions)
     return SpeculativeDecoder(config.max_draft_len, max_seq_len, vocab_size, eos_token_ids, draft=draft,
                               verify_cuda_graphs=config.verify_cuda_graphs)
 
