@@ -9,6 +9,7 @@ from tests.models.checkpoints import write_checkpoint
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm import (
     DraftTargetDecodingConfig,
+    EagleDecodingConfig,
     MTPDecodingConfig,
     NGramDecodingConfig,
     SpeculativeDecodingConfig,
@@ -284,6 +285,19 @@ def test_bad_speculative_configs_are_refused(target, tmp_path):
         small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(other_vocab)))
     with pytest.raises(FileNotFoundError, match=r"^the draft model \(speculative_model_dir\): .*'.*nowhere' does not"):
         small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(tmp_path / "nowhere")))
+    # not a path nor a module: named (before, str() of it was looked up, or os.fspath failed unnamed)
+    for cfg in (DraftTargetDecodingConfig(speculative_model_dir=None), SpeculativeDecodingConfig(draft_model=3),
+                EagleDecodingConfig(speculative_model_dir=3.5), MTPDecodingConfig(speculative_model_dir=[1])):
+        field = "draft_model" if isinstance(cfg, SpeculativeDecodingConfig) else "speculative_model_dir"
+        with pytest.raises(TypeError, match=rf"^{type(cfg).__name__}\.{field} must be .* \(a path\) or a \w+, got "):
+            small_llm(target, speculative_config=cfg)
+    # a corrupt draft checkpoint: named as the draft's (the target's path is fine)
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"^the draft model \(speculative_model_dir\): .*config.json: not valid JSON"):
+        small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(tmp_path / "corrupt")))
+    with pytest.raises(NotADirectoryError, match=r"^the draft model \(speculative_model_dir\): .* is a file"):
+        small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(target / "config.json")))
 
 
 def test_trim_gives_rejected_draft_blocks_back_and_the_metadata_sees_the_new_table():
