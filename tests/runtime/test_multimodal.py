@@ -230,6 +230,23 @@ def test_bad_input_refused_by_name_engine_unaffected(llm):
     assert len(ok.outputs[0].token_ids) == 3
 
 
+def test_an_image_placeholder_without_its_image_is_refused(llm):
+    """A text, token-id or chat prompt holding the image token with no image: the model read the
+    placeholder's own embedding and answered about no image, silently. Refused by name at
+    submission; the engine goes on."""
+    params = SamplingParams(max_tokens=2, **GREEDY)
+    token = llm.processor.image_token_id
+    for prompt in ("USER: <image> what is this? ASSISTANT:", [1, token, 5, 6]):
+        with pytest.raises(ValueError, match=rf"the prompt holds 1 image token\(s\) \(id {token}, the image "
+                                             r"placeholder\) but its images fill 0"):
+            llm.generate(prompt, params)
+    with pytest.raises(ValueError, match="holds 1 image token"):
+        llm.chat([{"role": "user", "content": "<image> hi"}], params)
+    assert len(llm.generate("USER: hi ASSISTANT:", params).outputs[0].token_ids) == 2
+    image = random_images(1)[0]
+    assert len(llm.generate({"prompt": "<image> hi", "image": image}, params).outputs[0].token_ids) == 2
+
+
 def test_a_16_bit_image_is_its_8_bit_image(llm):
     """A 16-bit grayscale image (PIL mode I;16, a 16-bit PNG; or a uint16 array) is processed as
     the same image in 8 bits: PIL's convert("RGB") clipped its samples at 255 (a white image,

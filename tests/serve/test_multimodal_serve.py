@@ -133,6 +133,11 @@ def test_too_many_images_and_placeholder_counts(llava_server):
     # a placeholder typed in the text besides the part: one more placeholder than images
     with pytest.raises(openai.BadRequestError, match="2 image placeholder"):
         c.chat.completions.create(model="tiny", messages=image_message(url, text="and <image>"), max_tokens=2)
+    # the placeholder typed in a text-only chat or completion: no image fills it (was answered silently)
+    with pytest.raises(openai.BadRequestError, match=r"messages: the prompt holds 1 image token.* images fill 0"):
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "<image> hi"}], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match=r"prompt: the prompt holds 1 image token"):
+        c.completions.create(model="tiny", prompt="USER: <image> hi", max_tokens=2)
     ok = c.chat.completions.create(model="tiny", messages=image_message(url), max_tokens=2)
     assert ok.choices[0].finish_reason == "length"
 

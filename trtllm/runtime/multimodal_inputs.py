@@ -133,6 +133,20 @@ def check_image(image, index: int = 0):
     return Image.fromarray(np.ascontiguousarray(image))
 
 
+def check_image_tokens(image_token_id: int | None, multimodal: MultimodalData | None, prompt_token_ids) -> None:
+    """ValueError where the prompt's image tokens are not the images' (a text or token-id prompt
+    holding the placeholder: the model read the placeholder's own embedding and answered about
+    no image, silently). image_token_id None: a text-only model, nothing to check."""
+    if image_token_id is None:
+        return
+    found = list(prompt_token_ids).count(image_token_id)
+    filled = sum(im.length for im in multimodal.images) if multimodal is not None else 0
+    if found != filled:
+        raise ValueError(f"the prompt holds {found} image token(s) (id {image_token_id}, the image placeholder) but "
+                         f"its images fill {filled}: send images as {{'prompt': text, 'multi_modal_data': "
+                         "{'image': [...]}} with one placeholder per image, or drop the placeholder")
+
+
 def image_hash(pixel_values: torch.Tensor, image_size) -> bytes:
     """128-bit blake2b of the processed pixels, their shape and the original size: two images
     the model would see the same share it, any other two do not."""
