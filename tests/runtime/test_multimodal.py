@@ -224,6 +224,14 @@ def test_bad_input_refused_by_name_engine_unaffected(llm):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [b"\x89PNG garbage"]}}, params)
     with pytest.raises(ValueError, match="more than the .* allowed"):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [np.zeros((4097, 4097), np.uint8)]}}, params)
+    # within the pixel cap, but the processor scales the short side up to its size first: a 1 x 400,000
+    # sliver took 3.6 GB and 10 s at this checkpoint's 28 pixels (LLaVA's 336: tens of GB)
+    with pytest.raises(ValueError, match=r"400000x1 pixels, an aspect ratio past 200:1"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [np.zeros((1, 400_000, 3), np.uint8)]}},
+                     params)
+    with pytest.raises(ValueError, match=r"1x201 pixels, an aspect ratio past 200:1"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [Image.new("RGB", (1, 201))]}}, params)
+    assert len(llm.processor.process({"prompt": "<image>", "image": Image.new("RGB", (1, 200))})[1]) > 1
     with pytest.raises(ValueError, match="video and audio are not supported"):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"video": [image]}}, params)
     ok = llm.generate({"prompt": "<image> still fine", "multi_modal_data": {"image": [image]}}, params)
