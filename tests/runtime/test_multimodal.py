@@ -224,10 +224,35 @@ def test_bad_input_refused_by_name_engine_unaffected(llm):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [b"\x89PNG garbage"]}}, params)
     with pytest.raises(ValueError, match="more than the .* allowed"):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [np.zeros((4097, 4097), np.uint8)]}}, params)
+    # within the pixel cap, but the processor scales the short side up to its size first: a 1 x 400,000
+    # sliver took 3.6 GB and 10 s at this checkpoint's 28 pixels (LLaVA's 336: tens of GB)
+    with pytest.raises(ValueError, match=r"400000x1 pixels, an aspect ratio past 200:1"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [np.zeros((1, 400_000, 3), np.uint8)]}},
+                     params)
+    with pytest.raises(ValueError, match=r"1x201 pixels, an aspect ratio past 200:1"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": [Image.new("RGB", (1, 201))]}}, params)
+    assert len(llm.processor.process({"prompt": "<image>", "image": Image.new("RGB", (1, 200))})[1]) > 1
     with pytest.raises(ValueError, match="video and audio are not supported"):
         llm.generate({"prompt": "<image>", "multi_modal_data": {"video": [image]}}, params)
     ok = llm.generate({"prompt": "<image> still fine", "multi_modal_data": {"image": [image]}}, params)
     assert len(ok.outputs[0].token_ids) == 3
+
+
+def test_an_image_placeholder_without_its_image_is_refused(llm):
+    """A text, token-id or chat prompt holding the image token with no image: the model read the
+    placeholder's own embedding and answered about no image, silently. Refused by name at
+    submission; the engine goes on."""
+    params = SamplingParams(max_tokens=2, **GREEDY)
+    token = llm.processor.image_token_id
+    for prompt in ("USER: <image> what is this? ASSISTANT:", [1, token, 5, 6]):
+        with pytest.raises(ValueError, match=rf"the prompt holds 1 image token\(s\) \(id {token}, the image "
+                                             r"placeholder\) but its images fill 0"):
+            llm.generate(prompt, params)
+    with pytest.raises(ValueError, match="holds 1 image token"):
+        llm.chat([{"role": "user", "content": "<image> hi"}], params)
+    assert len(llm.generate("USER: hi ASSISTANT:", params).outputs[0].token_ids) == 2
+    image = random_images(1)[0]
+    assert len(llm.generate({"prompt": "<image> hi", "image": image}, params).outputs[0].token_ids) == 2
 
 
 def test_a_16_bit_image_is_its_8_bit_image(llm):

@@ -9,6 +9,7 @@ from tests.models.checkpoints import write_checkpoint
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm import (
     DraftTargetDecodingConfig,
+    EagleDecodingConfig,
     MTPDecodingConfig,
     NGramDecodingConfig,
     SpeculativeDecodingConfig,
@@ -237,6 +238,22 @@ def test_preemption_keeps_output_identical_and_books_balanced(target, kind):
     assert got == expected
 
 
+def test_a_draft_shorter_than_max_seq_len_drafts_up_to_its_own_length(target, plain, tmp_path):
+    """GPT-2's learned position table ends at its max_position_embeddings (24 here, the target's
+    max_seq_len 64): the draft proposes while its positions fit, then the target decodes alone
+    (before: the draft's catch-up indexed past the table, an IndexError failing the request)."""
+    prompts, params, expected = plain
+    short = write_checkpoint("gpt2", tmp_path / "gpt2", vocab_size=512, max_position_embeddings=24)
+    cfg = DraftTargetDecodingConfig(max_draft_len=3, speculative_model_dir=str(short))
+    with small_llm(target, speculative_config=cfg) as llm:
+        out = llm.generate(prompts[0], params[0]).outputs[0]
+        draft = llm.engine.speculative.draft
+        assert draft.max_positions == 24 and not draft.mirrors
+        draft.block_manager.check_invariants()
+    assert len(prompts[0]) == 21 and out.token_ids == expected[0][0][0]
+    assert 0 < out.num_draft_tokens <= 3 + 3 + 2 + 1
+
+
 def test_manual_spelling_with_a_module_draft(target):
     from trtllm.models.loader import load_model
     draft = load_model(str(target), dtype="float32")
@@ -268,6 +285,19 @@ def test_bad_speculative_configs_are_refused(target, tmp_path):
         small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(other_vocab)))
     with pytest.raises(FileNotFoundError, match=r"^the draft model \(speculative_model_dir\): .*'.*nowhere' does not"):
         small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(tmp_path / "nowhere")))
+    # not a path nor a module: named (before, str() of it was looked up, or os.fspath failed unnamed)
+    for cfg in (DraftTargetDecodingConfig(speculative_model_dir=None), SpeculativeDecodingConfig(draft_model=3),
+                EagleDecodingConfig(speculative_model_dir=3.5), MTPDecodingConfig(speculative_model_dir=[1])):
+        field = "draft_model" if isinstance(cfg, SpeculativeDecodingConfig) else "speculative_model_dir"
+        with pytest.raises(TypeError, match=rf"^{type(cfg).__name__}\.{field} must be .* \(a path\) or a \w+, got "):
+            small_llm(target, speculative_config=cfg)
+    # a corrupt draft checkpoint: named as the draft's (the target's path is fine)
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"^the draft model \(speculative_model_dir\): .*config.json: not valid JSON"):
+        small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(tmp_path / "corrupt")))
+    with pytest.raises(NotADirectoryError, match=r"^the draft model \(speculative_model_dir\): .* is a file"):
+        small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(target / "config.json")))
 
 
 def test_trim_gives_rejected_draft_blocks_back_and_the_metadata_sees_the_new_table():

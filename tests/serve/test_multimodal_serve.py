@@ -116,8 +116,10 @@ def test_responses_input_image_equals_the_chat(llava_server):
     (data_url(bomb_png(100_000, 100_000)), 413, "more than the 10000"),  # PIL's DecompressionBombError
     (data_url(bomb_png(20_000, 1_000)), 413, "20000x1000 pixels, more than the 10000"),  # ours, from the header
     (data_url(png_bytes(np.zeros((101, 100, 3), np.uint8))), 413, "100x101 pixels, more than the 10000"),
+    # within the pixel cap, but resized to the processor's short side it was 28 x 201 x 28 pixels and up
+    (data_url(png_bytes(np.zeros((1, 201, 3), np.uint8))), 400, "image 0: 201x1 pixels, an aspect ratio past 200:1"),
 ], ids=["https", "http", "file-outside", "ftp", "bad-base64", "corrupt-png", "bomb-png", "header-png",
-        "oversize-png"])
+        "oversize-png", "sliver-png"])
 def test_bad_images_refused(llava_server, url, status, message):
     with pytest.raises(openai.APIStatusError) as e:
         client(llava_server).chat.completions.create(model="tiny", messages=image_message(url), max_tokens=2)
@@ -133,6 +135,11 @@ def test_too_many_images_and_placeholder_counts(llava_server):
     # a placeholder typed in the text besides the part: one more placeholder than images
     with pytest.raises(openai.BadRequestError, match="2 image placeholder"):
         c.chat.completions.create(model="tiny", messages=image_message(url, text="and <image>"), max_tokens=2)
+    # the placeholder typed in a text-only chat or completion: no image fills it (was answered silently)
+    with pytest.raises(openai.BadRequestError, match=r"messages: the prompt holds 1 image token.* images fill 0"):
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "<image> hi"}], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match=r"prompt: the prompt holds 1 image token"):
+        c.completions.create(model="tiny", prompt="USER: <image> hi", max_tokens=2)
     ok = c.chat.completions.create(model="tiny", messages=image_message(url), max_tokens=2)
     assert ok.choices[0].finish_reason == "length"
 

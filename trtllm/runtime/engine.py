@@ -147,9 +147,8 @@ class Engine:
                     prompt: str | None = None, stream: bool = False, lora_request=None, multimodal=None) -> None:
         assert request_id not in self.requests, f"request id {request_id!r} is already in flight"
         self.validate(prompt_token_ids, params)
-        if multimodal is not None and multimodal.images:
-            check_multimodal_request(self.runner.multimodal, multimodal, prompt_token_ids)
-        else:
+        check_multimodal_request(self.runner.multimodal, multimodal, prompt_token_ids)
+        if multimodal is not None and not multimodal.images:
             multimodal = None
         self.check_lora(lora_request)
         if params.bad:  # banned words as token sequences, on a copy: the caller's params stay as given

@@ -24,7 +24,7 @@ from trtllm.lora_request import LoRARequest
 from trtllm.runtime.engine_core import core_main
 from trtllm.runtime.engine_limits import validate_request
 from trtllm.runtime.engine_stats import EngineStats
-from trtllm.runtime.multimodal_inputs import Processor
+from trtllm.runtime.multimodal_inputs import Processor, check_image_tokens
 from trtllm.runtime.outputs import new_output
 from trtllm.runtime.request_stream import MirrorStream, OpenStreams, RequestStream, new_request_id
 from trtllm.runtime.tokenizer import check_image_prompt_options, load_tokenizer, tokenize_prompt
@@ -117,6 +117,7 @@ class EngineCoreClient:
         if multimodal is not None:
             check_image_prompt_options(params)
         text, ids = tokenize_prompt(self.tokenizer, prompt, None if multimodal is not None else params)
+        check_image_tokens(self.processor.image_token_id, multimodal, ids)
         request_id = request_id or new_request_id()
         self._loop = asyncio.get_running_loop()  # outputs are dispatched on it (one server, one loop)
         stream = MirrorStream(request_id, self._loop, new_output(request_id, text, ids, params))

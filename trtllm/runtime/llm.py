@@ -281,9 +281,8 @@ class LLM:
         else:
             text, ids = tokenize_prompt(self.tokenizer, prompt, params)
         self.engine.validate(ids, params)
+        check_multimodal_request(self.engine.runner.multimodal, multimodal, ids)
         multimodal = multimodal if multimodal is not None and multimodal.images else None
-        if multimodal is not None:
-            check_multimodal_request(self.engine.runner.multimodal, multimodal, ids)
         self.engine.check_lora(lora_request)
         return AddRequest(request_id, ids, params, text, streaming, lora_request, multimodal)
 

@@ -6,7 +6,8 @@ engine takes them (`MultimodalData`): the client's half of multimodal requests.
 
 An image is a PIL image, a numpy array or a torch tensor ([H, W], [H, W, C] or [C, H, W], C of
 1, 3 or 4; uint8 0-255, uint16 0-65535 or float 0-1; a PIL image of 16-bit, int32 or float
-samples as its array). The checkpoint's own processor (transformers'
+samples as its array), of at most MAX_IMAGE_PIXELS pixels and an aspect ratio within
+MAX_IMAGE_ASPECT_RATIO:1. The checkpoint's own processor (transformers'
 AutoProcessor: its image processor and tokenizer) resizes, normalises and expands each
 placeholder into the image's number of tokens; the prompt must hold exactly one placeholder
 per image. Each image's token span is recorded with a 128-bit hash of its processed pixels:
@@ -26,6 +27,10 @@ import torch
 # the API's, so one huge image cannot take the engine's memory
 MAX_IMAGES_PER_REQUEST = 16
 MAX_IMAGE_PIXELS = 4096 * 4096
+# a processor resizes an image's short side up to its size (LLaVA's CLIP: 336), so a 1 x 400,000
+# image (well within MAX_IMAGE_PIXELS) was scaled to 336 x 134,400,000 before its center crop: tens
+# of GB. Qwen2.5-VL's processor refuses past this ratio itself; every model does now
+MAX_IMAGE_ASPECT_RATIO = 200
 
 
 @dataclass
@@ -86,6 +91,7 @@ def check_image(image, index: int = 0):
             raise ValueError(f"{what}: {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} allowed")
         if w * h == 0:
             raise ValueError(f"{what}: {w}x{h} pixels, an empty image")
+        _check_aspect(what, w, h)
         if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
             return image.convert("RGB") if image.mode not in ("RGB", "L") else image
         # 16-bit (a 16-bit PNG), 32-bit int or float samples: PIL's convert("RGB") clips them at
@@ -110,6 +116,7 @@ def check_image(image, index: int = 0):
     if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
         raise ValueError(f"{what}: {image.shape[1]}x{image.shape[0]} pixels, more than the {MAX_IMAGE_PIXELS} "
                          "allowed")
+    _check_aspect(what, image.shape[1], image.shape[0])
     if image.dtype == np.uint16:  # 0-65535 (a 16-bit PNG): to 8 bits
         image = (image / 257.0).round().astype(np.uint8)
     if image.dtype != np.uint8:
@@ -131,6 +138,26 @@ def check_image(image, index: int = 0):
     # [H, W, 3] of H 1, 3 or 4 for [C, H, W] (a (3, 20, 3) image read as 20x3, a (1, W, 3) refused)
     from PIL import Image
     return Image.fromarray(np.ascontiguousarray(image))
+
+
+def _check_aspect(what: str, w: int, h: int) -> None:
+    if max(w, h) > MAX_IMAGE_ASPECT_RATIO * min(w, h):
+        raise ValueError(f"{what}: {w}x{h} pixels, an aspect ratio past {MAX_IMAGE_ASPECT_RATIO}:1 (its resize to "
+                         "the processor's size would take gigabytes)")
+
+
+def check_image_tokens(image_token_id: int | None, multimodal: MultimodalData | None, prompt_token_ids) -> None:
+    """ValueError where the prompt's image tokens are not the images' (a text or token-id prompt
+    holding the placeholder: the model read the placeholder's own embedding and answered about
+    no image, silently). image_token_id None: a text-only model, nothing to check."""
+    if image_token_id is None:
+        return
+    found = list(prompt_token_ids).count(image_token_id)
+    filled = sum(im.length for im in multimodal.images) if multimodal is not None else 0
+    if found != filled:
+        raise ValueError(f"the prompt holds {found} image token(s) (id {image_token_id}, the image placeholder) but "
+                         f"its images fill {filled}: send images as {{'prompt': text, 'multi_modal_data': "
+                         "{'image': [...]}} with one placeholder per image, or drop the placeholder")
 
 
 def image_hash(pixel_values: torch.Tensor, image_size) -> bytes:

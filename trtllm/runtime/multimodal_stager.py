@@ -20,6 +20,7 @@ from collections import OrderedDict
 import torch
 
 from trtllm.multimodal_context import MultimodalEmbeddings
+from trtllm.runtime.multimodal_inputs import check_image_tokens
 from trtllm.runtime.speculative.config import MTPDecodingConfig
 
 
@@ -59,9 +60,11 @@ class EncoderCache:
 
 
 class MultimodalStager:
-    def __init__(self, encode, embeddings: MultimodalEmbeddings, cache_capacity: int = 256):
+    def __init__(self, encode, embeddings: MultimodalEmbeddings, cache_capacity: int = 256,
+                 image_token_id: int | None = None):
         self.cache = EncoderCache(encode, cache_capacity)
         self.embeddings = embeddings
+        self.image_token_id = image_token_id  # the placeholder's id, which only an image's features may fill
 
     def stage(self, scheduled) -> None:
         """Fill the buffers for a step of (sequence, new tokens) chunks, in flat-batch order."""
@@ -94,12 +97,16 @@ class MultimodalStager:
 
 
 def check_multimodal_request(stager: MultimodalStager | None, multimodal, prompt_token_ids: list[int]) -> None:
-    """ValueError naming why a request with images cannot run on this engine (before any work)."""
+    """ValueError naming why a request (with images or not) cannot run on this engine (before any work)."""
+    images = multimodal.images if multimodal is not None else []
     if stager is None:
-        raise ValueError("this model takes no images (a text-only model); send text only")
-    for i, im in enumerate(multimodal.images):
+        if images:
+            raise ValueError("this model takes no images (a text-only model); send text only")
+        return
+    for i, im in enumerate(images):
         if not 0 <= im.offset <= im.offset + im.length <= len(prompt_token_ids):
             raise ValueError(f"image {i}'s tokens {im.offset}..{im.offset + im.length} lie outside the prompt")
+    check_image_tokens(stager.image_token_id, multimodal, prompt_token_ids)
 
 
 def multimodal_stager(module, compiled, max_num_tokens: int, speculative=None,
@@ -121,7 +128,7 @@ def multimodal_stager(module, compiled, max_num_tokens: int, speculative=None,
     if hasattr(module, "warm_up_vision"):  # Qwen2.5-VL: its tower takes patches and grids
         module.compiled_tower = compile_encoder(module.visual)
         module.warm_up_vision()
-        return MultimodalStager(module.encode_images, embeddings)
+        return MultimodalStager(module.encode_images, embeddings, image_token_id=module.config.image_token_id)
     module.compiled_tower = compile_encoder(module.vision_tower)
     v = module.config.vision
     device = embeddings.embeds.device
@@ -132,4 +139,4 @@ def multimodal_stager(module, compiled, max_num_tokens: int, speculative=None,
         module.compiled_tower = EncoderGraphs(module.compiled_tower, (v.num_channels, v.image_size, v.image_size),
                                               args=(module.config.feature_layers,), device=device,
                                               dtype=module.multi_modal_projector.linear_1.weight.dtype)
-    return MultimodalStager(module.encode_images, embeddings)
+    return MultimodalStager(module.encode_images, embeddings, image_token_id=module.config.image_token_id)

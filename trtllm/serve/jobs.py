@@ -16,6 +16,7 @@ import uuid
 
 from trtllm.lora_request import LoRARequest
 from trtllm.runtime.client_protocol import EngineClient
+from trtllm.runtime.multimodal_inputs import check_image_tokens
 from trtllm.runtime.tokenizer import apply_chat_template
 from trtllm.sampling_params import SamplingParams
 from trtllm.serve.errors import RequestError
@@ -61,6 +62,7 @@ class JobBuilder:
         tokenized = [await self._tokenize(p, add_special_tokens=True) for p in prompts]
         for _text, ids in tokenized:
             self._validate(ids, params, "prompt", guide_param)
+            self._check_image_tokens(ids, None, "prompt")
         return Job("completions", f"cmpl-{uuid.uuid4().hex}", tokenized, [params] * len(tokenized),
                    body.logprobs, body.stream, bool(body.stream_options and body.stream_options.include_usage),
                    echo=body.echo, prompt_only=body.prompt_only, lora_request=lora_request)
@@ -110,6 +112,7 @@ class JobBuilder:
         params = body.sampling_params(max_tokens, body.num_logprobs, guide, self.llm.vocab_size,
                                       guide_param=guide_param)
         self._validate(ids, params, "messages", guide_param)
+        self._check_image_tokens(ids, multimodal, "messages")
         return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", [(text, ids)], [params], body.num_logprobs,
                    body.stream, bool(body.stream_options and body.stream_options.include_usage),
                    tools=plan if plan is not None and plan.mode != "none" else None, lora_request=lora_request,
@@ -133,6 +136,13 @@ class JobBuilder:
         encode = lambda: self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)  # noqa: E731
         ids = await asyncio.to_thread(encode) if len(prompt) > _BIG_TEXT else encode()
         return prompt, ids
+
+    def _check_image_tokens(self, ids: list[int], multimodal, what: str) -> None:
+        """A multimodal model's image placeholder in a prompt only where an image fills it (400)."""
+        try:
+            check_image_tokens(self.processor.image_token_id if self.processor is not None else None, multimodal, ids)
+        except ValueError as e:
+            raise RequestError(400, f"{what}: {e}", param=what) from None
 
     def _validate(self, ids: list[int], params: SamplingParams, what: str, guide_param: str | None = None) -> None:
         try:

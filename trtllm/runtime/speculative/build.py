@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -47,6 +48,8 @@ def check_speculative_config(config) -> None:
     if config is None:
         return
     if isinstance(config, MTPDecodingConfig):
+        _check_source(config, "speculative_model_dir", MTPDraft, "the MTP layer's checkpoint directory",
+                      optional=True)
         if config.use_mtp_vanilla:
             raise ValueError("MTPDecodingConfig(use_mtp_vanilla=True) (a different MTP layer each draft step) is not "
                              "supported: the default MTP Eagle runs the checkpoint's first MTP layer for every draft")
@@ -60,6 +63,7 @@ def check_speculative_config(config) -> None:
     if isinstance(config, EagleDecodingConfig):
         if config.speculative_model_dir is None:
             raise ValueError("EagleDecodingConfig needs speculative_model_dir: the EAGLE-3 head's directory")
+        _check_source(config, "speculative_model_dir", Eagle3Draft, "the EAGLE-3 head's directory")
         if not config.eagle3_one_model:
             raise ValueError("EagleDecodingConfig(eagle3_one_model=False) (the head as a separate engine) is not "
                              "supported: the head runs beside the target in one engine")
@@ -68,6 +72,19 @@ def check_speculative_config(config) -> None:
         raise TypeError("speculative_config must be NGramDecodingConfig, DraftTargetDecodingConfig, "
                         "SpeculativeDecodingConfig, EagleDecodingConfig or MTPDecodingConfig, got "
                         f"{type(config).__name__}")
+    if not isinstance(config, NGramDecodingConfig):
+        field = "draft_model" if isinstance(config, SpeculativeDecodingConfig) else "speculative_model_dir"
+        _check_source(config, field, nn.Module, "the draft model's checkpoint directory")
+
+
+def _check_source(config, field: str, module_type: type, what: str, optional: bool = False) -> None:
+    """A draft's source: a directory path or a module of `module_type` (a str() of anything else
+    was read as a path, or failed deep in loading without the field's name)."""
+    value = getattr(config, field)
+    if (value is None and optional) or isinstance(value, (str, os.PathLike, module_type)):
+        return
+    raise TypeError(f"{type(config).__name__}.{field} must be {what} (a path) or a {module_type.__name__}, "
+                    f"got {type(value).__name__}")
 
 
 def build_speculative(config, *, vocab_size: int, eos_token_ids: list[int], max_num_seqs: int,
@@ -99,8 +116,10 @@ def build_speculative(config, *, vocab_size: int, eos_token_ids: list[int], max_
         from trtllm.models.loader import load_model
         try:
             module = load_model(source, dtype=dtype, device=device)
-        except FileNotFoundError as e:  # the target's path is fine: say which checkpoint
-            raise FileNotFoundError(f"the draft model (speculative_model_dir): {e}") from None
+        except (FileNotFoundError, NotADirectoryError) as e:  # the target's path is fine: say which checkpoint
+            raise type(e)(f"the draft model (speculative_model_dir): {e}") from None
+        except ValueError as e:  # a config.json that is not JSON, an architecture not served: whose
+            raise ValueError(f"the draft model (speculative_model_dir): {e}") from None
     compiled = trtllm_compile(module, **(compile_options or {}), block_size=block_size)
     draft_vocab = getattr(getattr(module, "config", None), "vocab_size", None)
     if draft_vocab is not None and draft_vocab != vocab_size:
@@ -108,8 +127,10 @@ def build_speculative(config, *, vocab_size: int, eos_token_ids: list[int], max_
                          f"({vocab_size}): a draft model must share the target's tokenizer")
     blocks = _draft_blocks(compiled, config.max_draft_len, max_num_seqs, max_seq_len, block_size, kv_max_tokens)
     runner = _draft_runner(compiled, blocks, max_num_seqs, max_num_tokens, max_seq_len, block_size, enable_cuda_graph)
+    # a draft shorter than max_seq_len drafts up to its own length (GPT-2's position table ends there)
+    draft_positions = getattr(getattr(module, "config", None), "max_position_embeddings", None)
     draft = DraftModelProposer(runner, BlockManager(blocks, block_size, enable_block_reuse=False),
-                               max_num_tokens, vocab_size, eos_token_ids)
+                               max_num_tokens, vocab_size, eos_token_ids, max_positions=draft_positions)
     return SpeculativeDecoder(config.max_draft_len, max_seq_len, vocab_size, eos_token_ids, draft=draft,
                               verify_cuda_graphs=config.verify_cuda_graphs)
 

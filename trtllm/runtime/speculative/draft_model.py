@@ -18,7 +18,10 @@ A draft token is the draft's sample under the request's own sampling parameters 
 for greedy requests; then no distribution is kept), with a seed of its own; for sampled
 requests the draft's processed distribution q [k, V] goes to rejection sampling
 (verify.py). Mirrors of sequences no longer running (finished, preempted) are freed; a
-sequence the draft pool has no room for is simply not speculated this step.
+sequence the draft pool has no room for is simply not speculated this step, nor are drafts
+past the draft's own `max_positions` (its max_position_embeddings, which may be shorter
+than the target's max_seq_len: a learned position table has no row past it): a sequence
+there drafts fewer tokens, or none (its mirror freed).
 
 An EAGLE-3 head (`eagle`, eagle3.py) is such a draft model whose mirrors hold the target's
 tokens from the second on, whose launches read hidden states staged before each, and whose
@@ -47,9 +50,11 @@ _DRAFT_SEED_SALT = 0x5DEC0DE  # the draft's noise differs from the target's
 
 class DraftModelProposer:
     def __init__(self, runner: ModelRunner | None, block_manager: BlockManager | None, max_num_tokens: int,
-                 vocab_size: int, eos_token_ids: list[int], eagle: Eagle3Inputs | None = None):
+                 vocab_size: int, eos_token_ids: list[int], eagle: Eagle3Inputs | None = None,
+                 max_positions: int | None = None):
         # None until attach_target for an EAGLE-3 head (its stores need the target's pool size)
         self.runner, self.block_manager = runner, block_manager
+        self.max_positions = max_positions  # the draft's max_position_embeddings (None: no limit)
         self.eagle = eagle  # an EAGLE-3 head's inputs (eagle3.py), None: an ordinary draft model
         self.max_num_tokens, self.vocab_size, self.eos_token_ids = max_num_tokens, vocab_size, eos_token_ids
         self.mirrors: dict[int, Sequence] = {}  # target seq_id -> mirror
@@ -60,13 +65,15 @@ class DraftModelProposer:
         """(draft tokens, q [k, V] or None for argmax drafts) per sequence; `live`: the
         seq_ids of every running target sequence (the others' mirrors are freed)."""
         for sid in [s for s in self.mirrors if s not in live]:
-            m = self.mirrors.pop(sid)
-            self.block_manager.free(m, publish=False)
-            self._synced.pop(sid, None)
-            if self.eagle is not None:
-                self.eagle.forget(m)
+            self._free(sid)
         mirrors, kept = [], []
         for seq, k in zip(seqs, ks):
+            if self.max_positions is not None:  # the last draft's position, num_tokens + k - 2, within the draft's
+                k = min(k, self.max_positions - seq.num_tokens + 1)
+                if k <= 0:
+                    if seq.seq_id in self.mirrors:
+                        self._free(seq.seq_id)
+                    continue
             m = self._sync(seq, k)
             if m is not None:
                 mirrors.append(m)
@@ -89,6 +96,13 @@ class DraftModelProposer:
             tokens, qs = drafts[m.seq_id]
             out.append((tokens, torch.stack(qs) if qs and qs[0] is not None else None))
         return out
+
+    def _free(self, sid: int) -> None:
+        m = self.mirrors.pop(sid)
+        self.block_manager.free(m, publish=False)
+        self._synced.pop(sid, None)
+        if self.eagle is not None:
+            self.eagle.forget(m)
 
     def _propose_stepwise(self, mirrors: list[Sequence], kept: list[int], drafts: dict) -> None:
         """The k decode steps, each waited for and sampled on the host."""
