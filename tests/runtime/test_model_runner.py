@@ -9,7 +9,8 @@ from trtllm.attention_context import attention_context
 from trtllm.config import BuildConfig, ConfigError, CudaGraphConfig, KvCacheConfig
 from trtllm.models.loader import load_model
 from trtllm.runtime.cuda_graphs import cuda_graph_batch_sizes, decode_batch_sizes, prefill_token_sizes
-from trtllm.runtime.llm import DEFAULT_CUDA_GRAPHS, LLM, cuda_graph_options
+from trtllm.runtime.llm import LLM
+from trtllm.runtime.llm_args import DEFAULT_CUDA_GRAPHS, cuda_graph_options
 from trtllm.runtime.sampler import greedy_picks
 from trtllm.sampling_params import SamplingParams
 

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trtllm.runtime.llm import LLM, chat_params
+    from trtllm.runtime.llm import LLM
+    from trtllm.runtime.llm_args import chat_params
     from trtllm.runtime.outputs import RequestError
     from trtllm.runtime.tokenizer import apply_chat_template
     from trtllm.sampling_params import SamplingParams

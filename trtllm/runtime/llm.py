@@ -71,6 +71,7 @@ from trtllm.lora_request import LoRARequest
 from trtllm.runtime.build_engine import build_engine, shutdown_workers
 from trtllm.runtime.engine_loop import EngineLoop
 from trtllm.runtime.engine_stats import EngineStats
+from trtllm.runtime.llm_args import DEFAULT_CUDA_GRAPHS, chat_params, check_tensorrt_llm_args, cuda_graph_options
 from trtllm.runtime.multimodal_inputs import (
     Processor,
     check_multimodal_encoder,
@@ -85,32 +86,6 @@ from trtllm.runtime.wire import AddRequest
 from trtllm.sampling_params import SamplingParams
 
 __all__ = ["LLM", "StreamingOutputs"]
-
-DEFAULT_CUDA_GRAPHS = object()  # LLM(cuda_graph_config=) not given: CudaGraphConfig's defaults
-
-
-def cuda_graph_options(enable_cuda_graph: bool, cuda_graph_config) -> tuple[bool, CudaGraphConfig | None]:
-    """(enable_cuda_graph, config) from LLM's two spellings: TensorRT-LLM turns graphs off with
-    cuda_graph_config=None, ours with enable_cuda_graph=False; not given: the defaults (None)."""
-    if cuda_graph_config is DEFAULT_CUDA_GRAPHS:
-        return enable_cuda_graph, None
-    if cuda_graph_config is None:
-        return False, None
-    if not isinstance(cuda_graph_config, CudaGraphConfig):
-        raise TypeError(f"cuda_graph_config must be a CudaGraphConfig or None, got {type(cuda_graph_config).__name__}")
-    if not enable_cuda_graph:
-        raise ValueError("enable_cuda_graph=False with a cuda_graph_config: give one or the other")
-    return True, cuda_graph_config
-
-
-def chat_params(params: SamplingParams | None):
-    """A rendered chat's text holds the template's own special tokens (Llama 3's BOS): it is
-    tokenized without adding them again (the server's rule, and vLLM's), unless the params set
-    add_special_tokens themselves."""
-    params = params if params is not None else SamplingParams()
-    if not isinstance(params, SamplingParams) or "add_special_tokens" in params.model_fields_set:
-        return params  # (anything else: _prepare names its type)
-    return params.model_copy(update={"add_special_tokens": False})
 
 
 class LLM:
@@ -132,14 +107,9 @@ class LLM:
                  max_num_tokens: int | None = None, max_seq_len: int | None = None, max_input_len: int | None = None,
                  max_beam_width: int | None = None, trust_remote_code: bool = False, backend: str | None = None,
                  skip_tokenizer_init: bool = False):
-        # TensorRT-LLM 1.x's top-level limits, as BuildConfig's; its trust_remote_code and backend
-        # as far as they hold here (no checkpoint code is run; the one backend is PyTorch's); its
-        # skip_tokenizer_init: no tokenizer loaded, token-id prompts, outputs without text
-        if trust_remote_code:
-            raise ValueError("trust_remote_code=True is not supported: trtllm runs no code from a checkpoint "
-                             "(its model files, or the transformers module of the architecture)")
-        if backend not in (None, "pytorch"):
-            raise ValueError(f"backend={backend!r}: trtllm's one backend is 'pytorch' (no TensorRT engines)")
+        # TensorRT-LLM 1.x's top-level limits, as BuildConfig's; skip_tokenizer_init: no tokenizer
+        # loaded, token-id prompts, outputs without text
+        check_tensorrt_llm_args(trust_remote_code, backend)
         limits = dict(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                       max_input_len=max_input_len, max_beam_width=max_beam_width)
         if batched_logits_processor is not None and not callable(batched_logits_processor):
