@@ -29,18 +29,11 @@ from trtllm.config import (
     kv_cache_dtype,
 )
 from trtllm.contract import adapter_module_path
-from trtllm.kernels.paged_attention.kv_quant import kv_scales_tensor
 from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
-from trtllm.models.checkpoint_config import read_json
 from trtllm.models.loader import load_model
-from trtllm.parallel import process_group
-from trtllm.parallel.checks import check_parallel
 from trtllm.parallel.expert_parallel import resolve_moe_sizes
-from trtllm.parallel.kv_calibration import calibrate_across_ranks
-from trtllm.parallel.rank_model import RankLora, RankSpec, rank_kv_scales
-from trtllm.parallel.worker import run_torchrun_worker
-from trtllm.parallel.workers import start_parallel
+from trtllm.parallel.rank_model import RankLora
 from trtllm.quantization.checkpoint import checkpoint_kv_cache_scales, kv_cache_scales_by_layer
 from trtllm.quantization.fp8_linears import fp8_linears_of, quantize_model
 from trtllm.runtime.adapters import Adapters, read_peft_adapter, read_target_modules
@@ -50,10 +43,11 @@ from trtllm.runtime.engine import Engine
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
 from trtllm.runtime.engine_stats import StartupTimes
 from trtllm.runtime.kv_budget import num_kv_blocks
-from trtllm.runtime.kv_cache_quant import CALIBRATION_TEXTS, kv_cache_quant
+from trtllm.runtime.kv_cache_quant import kv_cache_quant
 from trtllm.runtime.model_runner import ModelRunner
 from trtllm.runtime.mrope_positions import mrope_stager
 from trtllm.runtime.multimodal_stager import multimodal_stager
+from trtllm.runtime.parallel_start import calibrate_parallel, start_parallel_engine
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.speculative.build import build_speculative, check_speculative_config
 from trtllm.runtime.speculative.config import EagleDecodingConfig, MTPDecodingConfig
@@ -152,13 +146,13 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
             kv_cache_quant("auto", None, kv_cache_scales)  # refused naming the missing cache format
         lora = None if lora_config is None else RankLora(lora_config, _lora_targets(lora_config),
                                                          max(build_config.max_num_tokens, build_config.max_batch_size))
-        compiled, kv_cache_scales = _start_parallel(model, dtype, device, compile_options, kv_cache_config,
+        compiled, kv_cache_scales = start_parallel_engine(model, _DTYPES[dtype], device, compile_options, kv_cache_config,
                                                     tensor_parallel_size, pipeline_parallel_size, pp_partition,
                                                     moe.moe_ep, quant_config.weight_algo, kv_format, kv_cache_scales,
                                                     lora, max(build_config.max_num_tokens, build_config.max_batch_size))
         try:
             if calibrate:
-                kv_cache_scales = _calibrate_parallel(compiled, tokenizer, kv_format)
+                kv_cache_scales = calibrate_parallel(compiled, tokenizer, kv_format)
             # a decode graph would replay on rank 0 alone (issue 22: left), under either parallelism
             enable_cuda_graph = False
             # n-gram, a draft model or an EAGLE-3 head: the draft runs on rank 0 alone, whole; the ranks verify
@@ -206,57 +200,6 @@ def _lora_targets(config: LoraConfig) -> tuple[str, ...]:
         for directory in config.lora_dir:
             targets += read_target_modules(directory)
     return tuple(targets or DEFAULT_TARGET_MODULES)
-
-
-def _start_parallel(model, dtype: str, device, compile_options: dict | None, kv_cache_config: KvCacheConfig,
-                    size: int, pp: int, pp_partition, moe_expert_parallel_size: int = 1, quant_algo=None,
-                    kv_format: str = "auto", kv_cache_scales=None, lora: RankLora | None = None,
-                    max_num_tokens: int = 0):
-    """Rank 0's compiled model, its workers started (each loads its own stage and slices), and
-    rank 0's share of kv_cache_scales (its layers' and KV heads'; None if none were given). Under
-    torchrun, a rank other than 0 serves rank 0's steps here and exits when rank 0 stops."""
-    for name, n in (("tensor_parallel_size", size), ("pipeline_parallel_size", pp)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive integer, got {n!r}")
-    if model is None or isinstance(model, nn.Module):
-        what = f"tensor_parallel_size={size}" if pp == 1 else f"pipeline_parallel_size={pp}"
-        raise ValueError(f"{what} takes a checkpoint directory (each rank loads its own "
-                         "slices of it), not a module in memory")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    stages, tied = check_parallel(model, size, device.type, pp, pp_partition, moe_expert_parallel_size, quant_algo)
-    scales = None
-    if kv_cache_scales is not None:  # the whole model's, checked before any process starts
-        scales = kv_scales_tensor(kv_cache_scales, *_layers_and_kv_heads(model))
-    spec = RankSpec(str(model), _DTYPES[dtype], size * pp, device.type, kv_cache_config.tokens_per_block,
-                    dict(compile_options or {}), process_group.COLLECTIVE_TIMEOUT_S, size, stages, tied,
-                    moe_expert_parallel_size, quant_algo, kv_format, scales, lora, max_num_tokens)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["RANK"]) != 0:
-        run_torchrun_worker(spec)  # until rank 0 shuts down; the caller's code after LLM(...) is rank 0's
-        raise SystemExit(0)
-    compiled, _ = start_parallel(spec)
-    return compiled, rank_kv_scales(scales, spec, 0)  # [L0, 2, Hkv0]: a (k, v) pair a layer, as given
-
-
-def _calibrate_parallel(compiled, tokenizer, fmt: str) -> torch.Tensor:
-    """An INT8 KV cache's scales with none given: calibrated across the ranks on the built-in text
-    (parallel/kv_calibration.py), handed to every worker; rank 0's share returned."""
-    workers = compiled.tensor_parallel.workers
-    try:
-        tokenizer = load_tokenizer(tokenizer)
-    except Exception as e:  # noqa: BLE001 - named below
-        raise ValueError(f"INT8 KV cache needs k/v scales: none were given (kv_cache_scales, a checkpoint's k_scale "
-                         f"/ v_scale) and the tokenizer to calibrate them with did not load ({e})") from None
-    whole = calibrate_across_ranks(compiled, workers, workers.spec, [tokenizer.encode(t) for t in CALIBRATION_TEXTS],
-                                   fmt, *_layers_and_kv_heads(workers.spec.path))
-    workers.set_kv_scales(whole)
-    return rank_kv_scales(whole, workers.spec, 0)
-
-
-def _layers_and_kv_heads(path) -> tuple[int, int]:
-    """(decoder layers, KV heads) of a checkpoint's (language) model, from its config.json."""
-    config = read_json(Path(path) / "config.json")
-    text = config.get("text_config") or config  # a multimodal model's language model
-    return text["num_hidden_layers"], text.get("num_key_value_heads") or text["num_attention_heads"]
 
 
 def shutdown_workers(engine: Engine) -> None:
