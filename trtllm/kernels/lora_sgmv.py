@@ -60,16 +60,16 @@ def lora_expand_ref(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, s
     n = base.shape[-1]
     base2, h2 = base.reshape(-1, n).float(), h.reshape(-1, h.shape[-1]).float()
     slots = slot_ids[: base2.shape[0]].long()
-    b = lora_b.float()[slots.clamp(min=0)] * _blocks(parts, *lora_b.shape[1:])  # [T, N, R]: each token's adapter
+    b = lora_b.float()[slots.clamp(min=0)] * _blocks(parts, *lora_b.shape[1:], lora_b.device)  # [T, N, R]: each token's adapter
     delta = torch.einsum("tr,tnr->tn", h2, b) * (slots >= 0)[:, None]
     return (base2 + delta).to(base.dtype).reshape(base.shape)
 
 
-def _blocks(parts: list[int] | None, n: int, r: int) -> torch.Tensor | float:
+def _blocks(parts: list[int] | None, n: int, r: int, device: torch.device | str = "cpu") -> torch.Tensor | float:
     """1 where B [N, R] is read: each part's rows at its own ranks (all of B without parts)."""
     if parts is None:
         return 1.0
-    mask, per = torch.zeros(n, r), r // (len(parts) // 2)
+    mask, per = torch.zeros(n, r, device=device), r // (len(parts) // 2)
     for i, (start, size) in enumerate(zip(parts[::2], parts[1::2])):
         mask[start:start + size, i * per:(i + 1) * per] = 1.0
     return mask
