@@ -31,9 +31,9 @@ from trtllm.kernels.linear_configs import GemvConfig, gemv_config
 from trtllm.kernels.linear_lora import linear_lora_ref, linear_lora_triton
 
 RANK, LAYERS = 16, 32
-SHAPES = {  # name: (N, K, stacked rank)
-    "qkv": (6144, 4096, 3 * RANK), "o": (4096, 4096, RANK), "gate_up": (28672, 4096, 2 * RANK),
-    "down": (4096, 14336, RANK),
+SHAPES = {  # name: (N, K, stacked rank, the fused GEMM's parts: [start, size] of B's rows a rank block)
+    "qkv": (6144, 4096, 3 * RANK, [0, 4096, 4096, 1024, 5120, 1024]), "o": (4096, 4096, RANK, None),
+    "gate_up": (28672, 4096, 2 * RANK, [0, 14336, 14336, 14336]), "down": (4096, 14336, RANK, None),
 }
 GEMV_CONFIGS = [GemvConfig(True, 64, 128, 4, 4), GemvConfig(True, 32, 128, 4, 4), GemvConfig(True, 128, 64, 8, 3)]
 # (BLOCK_T, BLOCK_N, num_warps) for the expand over partials; alone (H200, 2026-12-06, 64 tokens)
@@ -47,13 +47,17 @@ CHUNKS = [(128, None), (512, None), (1024, None), (256, 256), (512, 256), (512, 
 class Operands:
     """Weight copies enough to exceed L2 (each replay reads cold weights), one set of inputs."""
 
-    def __init__(self, n: int, k: int, r: int, t: int, seed: int, adapters: int = 8, device: str = "cuda"):
+    def __init__(self, n: int, k: int, r: int, t: int, seed: int, adapters: int = 8, device: str = "cuda",
+                 parts: list[int] | None = None):
         gen = torch.Generator(device=device).manual_seed(seed)
         copies = max(1, -(-(256 << 20) // (n * k * 2)))
         rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, device=device) * scale).to(torch.bfloat16)  # noqa: E731
         self.w = [rnd(n, k, scale=k ** -0.5) for _ in range(copies)]
         self.a = [rnd(adapters, r, k, scale=k ** -0.5) for _ in range(copies)]
-        self.b = [rnd(adapters, n, r, scale=0.5 / r) for _ in range(copies)]
+        blocks = sgmv._blocks(parts, n, r)  # a fused GEMM's B: block-diagonal, zero off its parts' blocks
+        self.b = [rnd(adapters, n, r, scale=0.5 / r) * (blocks.to(device, torch.bfloat16) if parts else 1)
+                  for _ in range(copies)]
+        self.parts = parts
         self.x = rnd(t, k)
         per = max(1, t // adapters)
         self.slots = (torch.arange(t, device=device) // per).clamp(max=adapters - 1).to(torch.int32)
@@ -91,7 +95,7 @@ def variants(ops: Operands, t: int, gemv_too: bool, args_parts_expand: bool = Fa
 
     def unfused(i):
         h = sgmv.lora_shrink_triton(x, ops.a[i], ops.slots)
-        return sgmv.lora_expand_partials(F.linear(x, ops.w[i]), h[None], ops.b[i], ops.slots)
+        return sgmv.lora_expand_partials(F.linear(x, ops.w[i]), h[None], ops.b[i], ops.slots, parts=ops.parts)
 
     def gemv_lora(config, summed):
         def run(i):
@@ -119,8 +123,10 @@ def variants(ops: Operands, t: int, gemv_too: bool, args_parts_expand: bool = Fa
         "cublas": (lambda i: F.linear(x, ops.w[i]), False),
         "unfused": (unfused, True),
         "shrink+sum": (lambda i: sgmv.lora_shrink_triton(x, ops.a[i], ops.slots), False),
-        "expand": (lambda i: sgmv.lora_expand_partials(base, h0[None], ops.b[i], ops.slots), False),
-        "op": (lambda i: linear_lora_triton(x, ops.w[i], None, ops.a[i], ops.b[i], ops.slots), True),
+        "expand": (lambda i: sgmv.lora_expand_partials(base, h0[None], ops.b[i], ops.slots, parts=ops.parts), False),
+        "expand, every rank (B's zeros too)": (lambda i: sgmv.lora_expand_partials(base, h0[None], ops.b[i], ops.slots),
+                                               False),
+        "op": (lambda i: linear_lora_triton(x, ops.w[i], None, ops.a[i], ops.b[i], ops.slots, ops.parts), True),
     }
 
     def parts_expand(blocks):
@@ -131,7 +137,7 @@ def variants(ops: Operands, t: int, gemv_too: bool, args_parts_expand: bool = Fa
 
     for blocks in PLAIN_EXPAND_BLOCKS:
         out[f"expand{list(blocks)}"] = (lambda i, blocks=blocks: sgmv.lora_expand_partials(
-            base, h0[None], ops.b[i], ops.slots, blocks), False)
+            base, h0[None], ops.b[i], ops.slots, blocks, ops.parts), False)
     for blocks in EXPAND_BLOCKS if args_parts_expand else ():
         out[f"parts->expand{list(blocks)}"] = (parts_expand(blocks), True)
     n, k = ops.w[0].shape
@@ -159,9 +165,9 @@ def main():
     rows, record = [], {}
     for t in args.tokens:
         step = {}
-        for name, (n, k, r) in SHAPES.items():
-            ops = Operands(n, k, r, t, seed=t * 7 + n, adapters=args.adapters)
-            ref = linear_lora_ref(ops.x, ops.w[0], None, ops.a[0], ops.b[0], ops.slots).float()
+        for name, (n, k, r, parts) in SHAPES.items():
+            ops = Operands(n, k, r, t, seed=t * 7 + n, adapters=args.adapters, parts=parts)
+            ref = linear_lora_ref(ops.x, ops.w[0], None, ops.a[0], ops.b[0], ops.slots, ops.parts).float()
             for variant, (fn, full) in variants(ops, t, args.gemv, args.parts_expand).items():
                 err = None
                 if full:

@@ -97,6 +97,31 @@ def test_more_tokens_split_k_only_as_far_as_the_grid_needs(t, k, r_blocks):
     assert shrink_splits(128, 4096, 128) == (16, 256)  # bench_lora's 128-token steps: 8 blocks x 16 splits
 
 
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("t,sizes", [(7, (83, 7, 7)), (83, (64, 64)), (1030, (40, 23, 20)), (5, (769,))])
+def test_expand_reads_only_each_parts_ranks(t, sizes, dtype):
+    """A fused GEMM's block-diagonal B (q/k/v or gate/up parts, rank 16 each) with its parts
+    given: the expand reads only each part's ranks, so B holding garbage off its blocks gives
+    the output of the zeros there. Part boundaries off BLOCK_N (a tile meeting two parts), a
+    gap of rows no part covers (the second layout leaves 5 of them), one part."""
+    torch.manual_seed(t)
+    rank, n = 16, sum(sizes) + (5 if len(sizes) == 2 else 0)
+    starts = [sum(sizes[:i]) + (5 if i == 1 and len(sizes) == 2 else 0) for i in range(len(sizes))]
+    parts = [v for start, size in zip(starts, sizes) for v in (start, size)]
+    b = torch.randn(3, n, rank * len(sizes), dtype=dtype)
+    on_blocks = torch.zeros_like(b, dtype=torch.bool)
+    for i, (start, size) in enumerate(zip(starts, sizes)):
+        on_blocks[:, start:start + size, i * rank:(i + 1) * rank] = True
+    base, h = torch.randn(t, n, dtype=dtype), torch.randn(t, rank * len(sizes), dtype=dtype)
+    slots = _slots(t, 3)
+    want = lora_expand_ref(base, h, torch.where(on_blocks, b, 0), slots)
+    out = lora_expand(base, h, b, slots, parts)  # off the blocks: garbage the kernel must not read
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
+    torch.testing.assert_close(lora_expand_ref(base, h, b, slots, parts), want, atol=1e-5, rtol=1e-5)
+    if len(sizes) > 1:  # without parts the garbage is read: the test can tell
+        assert not torch.allclose(lora_expand(base, h, b, slots), want, **TOLERANCES[dtype])
+
+
 def test_references_are_the_per_adapter_formula_with_mixed_ranks():
     # three adapters of ranks 4, 8, 16 in slots of rank 16 (zero rows past each rank)
     t, k, n, max_rank = 12, 40, 24, 16
@@ -147,3 +172,5 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.trtllm.lora_shrink.default, (x, a, slots))
     base, h, b = torch.randn(7, 83), torch.randn(7, 16), torch.randn(3, 83, 16)
     torch.library.opcheck(torch.ops.trtllm.lora_expand.default, (base, h, b, slots))
+    torch.library.opcheck(torch.ops.trtllm.lora_expand.default, (base, torch.randn(7, 32), torch.randn(3, 83, 32),
+                                                                 slots, [0, 40, 40, 43]))

@@ -41,6 +41,21 @@ def test_kernels_match_references_on_the_gpu(t, k, n, rank, dtype):
     torch.testing.assert_close(out, lora_expand_ref(base, h, b, slots), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("t", [1, 128, 1030])
+@pytest.mark.parametrize("n,parts", [(6144, [0, 4096, 4096, 1024, 5120, 1024]), (28672, [0, 14336, 14336, 14336])])
+def test_the_expand_over_parts_reads_only_their_blocks_on_the_gpu(t, n, parts, dtype):
+    """The compiled kernel at 8B shapes (fused QKV, gate-up) with garbage off B's blocks: the
+    output of zeros there (test_lora_sgmv.py's test_expand_reads_only_each_parts_ranks)."""
+    from trtllm.kernels.lora_sgmv import _blocks
+    rank = 16 * (len(parts) // 2)
+    b = torch.randn(8, n, rank, dtype=dtype, device="cuda")
+    base, h = torch.randn(t, n, dtype=dtype, device="cuda"), torch.randn(t, rank, dtype=dtype, device="cuda")
+    slots = torch.randint(-1, 8, (t + 4,), device="cuda")
+    want = lora_expand_ref(base, h, b * _blocks(parts, n, rank).to("cuda", dtype), slots)
+    torch.testing.assert_close(lora_expand(base, h, b, slots, parts), want, **TOL[dtype])
+
+
 def test_a_cuda_graph_replays_with_the_slots_refilled():
     t, k, n, rank = 16, 4096, 4096, 16
     x = torch.randn(t, k, dtype=torch.bfloat16, device="cuda")

@@ -64,12 +64,15 @@ def adapters_off() -> bool:
 
 
 def linear_lora_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                    lora_b: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
-    return lora_expand_ref(linear_ref(x, weight, bias), lora_shrink_ref(x, lora_a, slot_ids), lora_b, slot_ids)
+                    lora_b: torch.Tensor, slot_ids: torch.Tensor, parts: list[int] | None = None) -> torch.Tensor:
+    return lora_expand_ref(linear_ref(x, weight, bias), lora_shrink_ref(x, lora_a, slot_ids), lora_b, slot_ids,
+                           parts)
 
 
 def linear_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                       lora_b: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+                       lora_b: torch.Tensor, slot_ids: torch.Tensor, parts: list[int] | None = None) -> torch.Tensor:
+    # parts: where B's rank blocks are (kernels/lora_sgmv.py): the expand reads only them; the
+    # GEMV's epilogue (up to 16 rows) reads every rank, B's zeros too
     check_linear(x, weight, bias)
     n, k = weight.shape
     assert lora_a.dim() == 3 and lora_a.shape[2] == k and lora_b.dim() == 3 and lora_b.shape[:3] == (
@@ -82,22 +85,23 @@ def linear_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     x2 = gemv_rows(x)
     if config is None:  # cuBLAS, the shrink (its K splits summed once), then the expand
         h = lora_shrink_triton(x2, lora_a, slot_ids)
-        return lora_expand_partials(F.linear(x2, weight, bias), h[None], lora_b, slot_ids).reshape(*x.shape[:-1], n)
-    parts = lora_shrink_partials(x2, lora_a, slot_ids)  # [splits, T, R] fp32
+        return lora_expand_partials(F.linear(x2, weight, bias), h[None], lora_b, slot_ids,
+                                    parts=parts).reshape(*x.shape[:-1], n)
+    h_parts = lora_shrink_partials(x2, lora_a, slot_ids)  # [splits, T, R] fp32
     if config is not None and config.dot and x.dtype == torch.float16 and x.is_cuda:
         # Triton 3.6 failed to compile the epilogue in the tl.dot GEMV for fp16 at 16 rows and
         # BLOCK_N 16 (TritonGPURemoveLayoutConversions, H200, 2026-12-03; bf16 compiled and
         # matched): fp16 takes the base GEMV, then the expand
         base = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
         gemv(x2, weight, bias, base, config)
-        return lora_expand_partials(base, parts, lora_b, slot_ids).reshape(*x.shape[:-1], n)
+        return lora_expand_partials(base, h_parts, lora_b, slot_ids, parts=parts).reshape(*x.shape[:-1], n)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    gemv(x2, weight, bias, out.view(x2.shape[0], n), config, lora=(parts, lora_b, slot_ids))
+    gemv(x2, weight, bias, out.view(x2.shape[0], n), config, lora=(h_parts, lora_b, slot_ids))
     return out
 
 
 def _linear_lora_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                      lora_b: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+                      lora_b: torch.Tensor, slot_ids: torch.Tensor, parts: list[int] | None = None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

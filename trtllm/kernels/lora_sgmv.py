@@ -18,7 +18,10 @@ and rounded once. x, A share a dtype; base, h, B share a dtype (fp32/fp16/bf16).
 
 Several linears at once (the fused QKV or gate-up GEMM of passes/fuse_parallel_linears.py):
 A stacks their A's along R ([S, 3R, K] for q, k, v: one shrink reads x once) and B is
-block-diagonal ([S, Nq + Nk + Nv, 3R], zero off the blocks): the same formulas.
+block-diagonal ([S, Nq + Nk + Nv, 3R], zero off the blocks): the same formulas. The expand's
+`parts` ([start, size] of B's rows for each block of R / len(parts) ranks, in rank order) tell
+it where the blocks are: each row of B is read at its own part's ranks only, not the zeros
+(half of a fused gate-up B's bytes, two thirds of a fused QKV's); rows of no part, not at all.
 
 The kernels: one program per BLOCK_T tokens (and BLOCK_R ranks / BLOCK_N features). The
 flat batch keeps each sequence's tokens together, so a block of tokens mostly uses one
@@ -52,14 +55,24 @@ def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tenso
     return h.to(x.dtype).reshape(*x.shape[:-1], lora_a.shape[1])
 
 
-def lora_expand_ref(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor
-                    ) -> torch.Tensor:
+def lora_expand_ref(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor,
+                    parts: list[int] | None = None) -> torch.Tensor:
     n = base.shape[-1]
     base2, h2 = base.reshape(-1, n).float(), h.reshape(-1, h.shape[-1]).float()
     slots = slot_ids[: base2.shape[0]].long()
-    b = lora_b.float()[slots.clamp(min=0)]  # [T, N, R]
+    b = lora_b.float()[slots.clamp(min=0)] * _blocks(parts, *lora_b.shape[1:], lora_b.device)  # [T, N, R]: each token's adapter
     delta = torch.einsum("tr,tnr->tn", h2, b) * (slots >= 0)[:, None]
     return (base2 + delta).to(base.dtype).reshape(base.shape)
+
+
+def _blocks(parts: list[int] | None, n: int, r: int, device: torch.device | str = "cpu") -> torch.Tensor | float:
+    """1 where B [N, R] is read: each part's rows at its own ranks (all of B without parts)."""
+    if parts is None:
+        return 1.0
+    mask, per = torch.zeros(n, r, device=device), r // (len(parts) // 2)
+    for i, (start, size) in enumerate(zip(parts[::2], parts[1::2])):
+        mask[start:start + size, i * per:(i + 1) * per] = 1.0
+    return mask
 
 
 # -- kernels -------------------------------------------------------------------------------
@@ -120,41 +133,62 @@ def _sum_splits_kernel(part_ptr, out_ptr, SPLITS, NUMEL, MAX_SPLITS: tl.constexp
 
 
 @triton.jit
+def _part_ranks(n_lo, n_hi, start, end, j: tl.constexpr, RANKS_PER_PART, r_lo, r_hi):
+    """(r_lo, r_hi) widened by part j's ranks if its rows [start, end) meet [n_lo, n_hi)."""
+    hit = (start < n_hi) & (end > n_lo)
+    return (tl.where(hit, tl.minimum(r_lo, j * RANKS_PER_PART), r_lo),
+            tl.where(hit, tl.maximum(r_hi, (j + 1) * RANKS_PER_PART), r_hi))
+
+
+@triton.jit
 def _lora_expand_kernel(
     base_ptr, h_ptr, b_ptr, slot_ptr, out_ptr,
-    T, N, R, SPLITS,
+    T, N, R, SPLITS, RANKS_PER_PART, P0S, P0E, P1S, P1E, P2S, P2E, P3S, P3E,
     base_row_stride, h_split_stride, h_row_stride, b_slot_stride, b_row_stride, out_row_stride,
     DOT_PRECISION: tl.constexpr, MAX_SPLITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)). h: [SPLITS, T, R], summed over the splits
-    # and rounded to B's dtype (one split in B's dtype: lora_expand's h as it is).
+    # and rounded to B's dtype (one split in B's dtype: lora_expand's h as it is). Parts j < 4:
+    # B's rows [PjS, PjE) use ranks [j, j + 1) * RANKS_PER_PART (an unused part: PjS = PjE);
+    # a program loops over the ranks of the parts its features meet (none when they meet
+    # none), and each row reads its own part's ranks only: B off the blocks is never read.
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_lo = tl.program_id(1) * BLOCK_N
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     t_mask, n_mask = offs_t < T, offs_n < N
     tn_mask = t_mask[:, None] & n_mask[None, :]
     rows64 = offs_t.to(tl.int64)
+    n_hi = tl.minimum(n_lo + BLOCK_N, N)
+    r_lo, r_hi = R + 0 * n_lo, 0 * n_lo
+    r_lo, r_hi = _part_ranks(n_lo, n_hi, P0S, P0E, 0, RANKS_PER_PART, r_lo, r_hi)
+    r_lo, r_hi = _part_ranks(n_lo, n_hi, P1S, P1E, 1, RANKS_PER_PART, r_lo, r_hi)
+    r_lo, r_hi = _part_ranks(n_lo, n_hi, P2S, P2E, 2, RANKS_PER_PART, r_lo, r_hi)
+    r_lo, r_hi = _part_ranks(n_lo, n_hi, P3S, P3E, 3, RANKS_PER_PART, r_lo, r_hi)
+    row_part = tl.where((offs_n >= P0S) & (offs_n < P0E), 0, -1)
+    row_part = tl.where((offs_n >= P1S) & (offs_n < P1E), 1, row_part)
+    row_part = tl.where((offs_n >= P2S) & (offs_n < P2E), 2, row_part)
+    row_part = tl.where((offs_n >= P3S) & (offs_n < P3E), 3, row_part)
     acc = tl.load(base_ptr + rows64[:, None] * base_row_stride + offs_n[None, :], mask=tn_mask,
                   other=0.0).to(tl.float32)
     slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1).to(tl.int32)
     slot = _next_slot(slots, -1)
     while slot < 2147483647:
         rows = t_mask & (slots == slot)
-        h_ptrs = h_ptr + rows64[:, None] * h_row_stride + offs_r[None, :]
-        b_ptrs = (b_ptr + slot.to(tl.int64) * b_slot_stride + offs_n.to(tl.int64)[:, None] * b_row_stride
-                  + offs_r[None, :])
-        for r0 in range(0, R, BLOCK_R):
-            r_mask = (r0 + offs_r) < R
+        b_rows = b_ptr + slot.to(tl.int64) * b_slot_stride + offs_n.to(tl.int64)[:, None] * b_row_stride
+        for r0 in range(r_lo, r_hi, BLOCK_R):
+            ranks = r0 + offs_r
+            r_mask = ranks < r_hi
+            h_ptrs = h_ptr + rows64[:, None] * h_row_stride + ranks[None, :]
             h = tl.load(h_ptrs, mask=rows[:, None] & r_mask[None, :], other=0.0)
             for s in tl.static_range(1, MAX_SPLITS):  # unrolled: every split's load in flight at once
                 h += tl.load(h_ptrs + s * h_split_stride, mask=rows[:, None] & r_mask[None, :] & (s < SPLITS),
                              other=0.0)
             h = h.to(b_ptr.dtype.element_ty)
-            b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            own = row_part[:, None] == (ranks // RANKS_PER_PART)[None, :]  # a row's own part's ranks
+            b = tl.load(b_rows + ranks[None, :], mask=n_mask[:, None] & r_mask[None, :] & own, other=0.0)
             acc = tl.dot(h, tl.trans(b), acc, input_precision=DOT_PRECISION)
-            h_ptrs += BLOCK_R
-            b_ptrs += BLOCK_R
         slot = _next_slot(slots, slot)
     tl.store(out_ptr + rows64[:, None] * out_row_stride + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=tn_mask)
@@ -286,20 +320,38 @@ def shrink_splits(t: int, k: int, block_k: int, r_blocks: int = 1) -> tuple[int,
     return triton.cdiv(k, per_split), per_split
 
 
-def lora_expand_triton(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor
-                       ) -> torch.Tensor:
+def lora_expand_triton(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor,
+                       parts: list[int] | None = None) -> torch.Tensor:
     assert base.dtype in _FLOAT_DTYPES and h.dtype == base.dtype, f"base {base.dtype}, h {h.dtype}"
     assert h.shape[:-1] == base.shape[:-1], f"h {tuple(h.shape)} and base {tuple(base.shape)}: tokens differ"
     base2, h2 = _rows(base, "base"), _rows(h, "h")
-    return lora_expand_partials(base2, h2[None], lora_b, slot_ids).reshape(base.shape)
+    return lora_expand_partials(base2, h2[None], lora_b, slot_ids, parts=parts).reshape(base.shape)
+
+
+MAX_PARTS = 4  # the expand kernel's part arguments; more parts: every rank read (zeros too)
+
+
+def _part_args(parts: list[int] | None, n: int, r: int) -> tuple[int, list[int]]:
+    """(ranks a part, [P0S, P0E, ..., P3S, P3E]) for the kernel: `parts` ([start, size] a
+    part) checked against B [N, R]; none (or more than MAX_PARTS): one part of every row."""
+    if parts is None or not 0 < len(parts) // 2 <= MAX_PARTS:
+        return r, [0, n] + [0, 0] * (MAX_PARTS - 1)
+    count = len(parts) // 2
+    assert len(parts) % 2 == 0 and r % count == 0, f"parts {parts}: [start, size] pairs over R={r} ranks"
+    bounds = []
+    for start, size in zip(parts[::2], parts[1::2]):
+        assert 0 <= start and 0 <= size and start + size <= n, f"parts {parts}: rows outside B's {n}"
+        bounds += [start, start + size]
+    return r // count, bounds + [0, 0] * (MAX_PARTS - count)
 
 
 def lora_expand_partials(base2: torch.Tensor, h_parts: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor,
-                         blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+                         blocks: tuple[int, int, int] | None = None, parts: list[int] | None = None) -> torch.Tensor:
     """The expand for base2 [T, N] (last dim contiguous) with h given as [splits, T, R]: fp32
     partial sums (lora_shrink_partials), added in split order and rounded to B's dtype in
     the kernel, or one split in base's dtype. Returns [T, N] contiguous. blocks: (BLOCK_T,
-    BLOCK_N, num_warps) in place of the default (bench/probes/lora_linears.py sweeps them)."""
+    BLOCK_N, num_warps) in place of the default (bench/probes/lora_linears.py sweeps them);
+    parts: where B's rank blocks are (module docstring)."""
     (t, n), r = base2.shape, h_parts.shape[-1]
     assert lora_b.dtype == base2.dtype, f"base {base2.dtype}, lora_b {lora_b.dtype}"
     assert h_parts.dim() == 3 and h_parts.shape[1] == t and h_parts.stride(2) == 1, \
@@ -314,11 +366,12 @@ def lora_expand_partials(base2: torch.Tensor, h_parts: torch.Tensor, lora_b: tor
         wide = token_block(t) > 16  # a prefill-sized step: blocks of 64 tokens x 128 features
         block_t, block_n, num_warps = blocks or (token_block(t), max(16, min(128 if wide else 64,
                                                                              triton.next_power_of_2(n))), 4)
-        block_r = max(16, min(64, triton.next_power_of_2(r)))
+        ranks_per_part, bounds = _part_args(parts, n, r)
+        block_r = max(16, min(64, triton.next_power_of_2(ranks_per_part)))
         with interpreter_upcast((base2, h_parts, lora_b), (out,)) as ((base_, h_, b_), (out_,)):
             _lora_expand_kernel[(triton.cdiv(t, block_t), triton.cdiv(n, block_n))](
                 base_, h_, b_, slot_ids, out_,
-                t, n, r, h_.shape[0],
+                t, n, r, h_.shape[0], ranks_per_part, *bounds,
                 base_.stride(0), h_.stride(0), h_.stride(1), b_.stride(0), b_.stride(1), out_.stride(0),
                 DOT_PRECISION=_dot_precision(base2.dtype), MAX_SPLITS=triton.next_power_of_2(h_.shape[0]),
                 BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r,
@@ -331,8 +384,8 @@ def _lora_shrink_fake(x: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Ten
     return x.new_empty((*x.shape[:-1], lora_a.shape[1]))
 
 
-def _lora_expand_fake(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor
-                      ) -> torch.Tensor:
+def _lora_expand_fake(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor,
+                      parts: list[int] | None = None) -> torch.Tensor:
     return base.new_empty(base.shape)
 
 

@@ -12,7 +12,8 @@ After:
 
     qkv0 = linear(x, W_qkv, b_qkv)
     h = torch.ops.trtllm.lora_shrink(x, A_qkv, slot_ids)            # [.., 3R]; A_qkv [S, 3R, K]
-    qkv = torch.ops.trtllm.lora_expand(qkv0, h, B_qkv, slot_ids)    # B_qkv [S, Nq+Nk+Nv, 3R], block-diagonal
+    qkv = torch.ops.trtllm.lora_expand(qkv0, h, B_qkv, slot_ids, [0, Nq, Nq, Nk, Nq+Nk, Nv])  # B_qkv [S, Nq+Nk+Nv, 3R],
+                                                                    # block-diagonal: its blocks' rows
     q = narrow(qkv, -1, 0, Nq); ...
     o0 = linear(y, Wo)
     o = torch.ops.trtllm.lora_expand(o0, lora_shrink(y, A_o, slot_ids), B_o, slot_ids)
@@ -98,7 +99,9 @@ def apply_lora(graph: fx.Graph, ctx: PassContext) -> int:
             with xv.fake_mode:  # shape-only (symbolic sizes), as fuse_parallel_linears does
                 h.meta["example_value"] = xv.new_empty((*xv.shape[:-1], group.lora_a.shape[1]))
         with graph.inserting_after(h):
-            added = graph.call_function(torch.ops.trtllm.lora_expand.default, (node, h, b_node, slot_ids))
+            # where B's rank blocks are: the expand reads only them, not the zeros between
+            blocks = [v for p in group.parts for v in (p.start, p.size)] if len(group.parts) > 1 else None
+            added = graph.call_function(torch.ops.trtllm.lora_expand.default, (node, h, b_node, slot_ids, blocks))
             added.meta.update(node.meta)
         node.replace_all_uses_with(added, delete_user_cb=lambda user, added=added: user is not added)
         matches += 1

@@ -30,7 +30,7 @@ def fuse_lora_linear(graph: fx.Graph, ctx: PassContext) -> int:
         return 0
     matches = 0
     for expand in [n for n in graph.nodes if n.target is torch.ops.trtllm.lora_expand.default]:
-        base, h, lora_b, slot_ids = expand.args
+        base, h, lora_b, slot_ids, *parts = expand.args
         if kind(base) != "linear" or len(base.users) != 1 or h.target is not torch.ops.trtllm.lora_shrink.default \
                 or len(h.users) != 1:
             continue
@@ -45,7 +45,7 @@ def fuse_lora_linear(graph: fx.Graph, ctx: PassContext) -> int:
             continue
         with graph.inserting_before(expand):
             new = graph.call_function(torch.ops.trtllm.linear_lora.default,
-                                      (x, w_node, b_node, h.args[1], lora_b, slot_ids))
+                                      (x, w_node, b_node, h.args[1], lora_b, slot_ids, *parts))
         new.meta.update(expand.meta)
         expand.replace_all_uses_with(new)
         matches += 1
