@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from trtllm.config import BuildConfig, ConfigError, KvCacheConfig, QuantAlgo, QuantConfig, kv_cache_dtype
+from trtllm.runtime.speculative.config import NGramDecodingConfig
+from trtllm.sampling_params import SamplingParams
 
 
 def test_kv_cache_defaults():
@@ -179,3 +183,27 @@ def test_scheduler_config_policies():
                           (dict(max_utilization=True), "max_utilization")]:
         with pytest.raises(ConfigError, match=words):
             SchedulerConfig(**fields)
+
+
+@pytest.mark.parametrize("make, rule", [
+    (lambda: KvCacheConfig(free_gpu_memory_fraction=True), "free_gpu_memory_fraction=True: must be a number, not a bool"),
+    (lambda: BuildConfig(max_batch_size=True), "max_batch_size=True: must be a number, not a bool"),
+    (lambda: KvCacheConfig(max_tokens=False), "max_tokens=False: must be a number, not a bool"),
+    (lambda: KvCacheConfig(enable_block_reuse="yes"), "enable_block_reuse='yes': must be True or False"),
+    (lambda: KvCacheConfig(enable_block_reuse=0), "enable_block_reuse=0: must be True or False"),
+    (lambda: NGramDecodingConfig(max_draft_len=True), "max_draft_len=True: must be a number, not a bool"),
+    (lambda: NGramDecodingConfig(verify_cuda_graphs=1), "verify_cuda_graphs=1: must be True or False"),
+    (lambda: SamplingParams(max_tokens=True), "max_tokens=True: must be a number, not a bool"),
+    (lambda: SamplingParams(ignore_eos="false"), "ignore_eos='false': must be True or False"),
+])
+def test_bool_and_number_are_not_coerced_into_each_other(make, rule):
+    # pydantic's lax mode took True as 1 and "false" as False
+    with pytest.raises(ConfigError, match=re.escape(rule)):
+        make()
+
+
+def test_optional_bool_and_bool_or_literal_fields_keep_their_other_values():
+    assert NGramDecodingConfig(verify_cuda_graphs=None).verify_cuda_graphs is None
+    sp = SamplingParams(use_beam_search=True, n=2, best_of=2, early_stopping="never")
+    assert sp.early_stopping == "never"
+    assert KvCacheConfig(free_gpu_memory_fraction=1).free_gpu_memory_fraction == 1.0

@@ -20,6 +20,7 @@ silently means "default". NaN and infinities are refused as not finite.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -72,6 +73,24 @@ class ValidatedConfig(BaseModel):
             super().__setattr__(name, value)
         except ValidationError as e:
             raise ConfigError.from_validation(type(self).__name__, e) from None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_number_coercion(cls, value, info):
+        # pydantic's lax mode reads True as 1 (or 1.0) and 1, "yes" or "on" as True: a flag given
+        # where a number belongs, or the reverse, is a mistake to name, not a value to guess.
+        kinds = _field_types(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
+            raise ValueError("must be a number, not a bool")
+        if kinds == {bool} and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            raise ValueError("must be True or False")
+        return value
+
+
+def _field_types(annotation) -> set:
+    """A field's annotation as the set of its Union members, None left out (`bool | None` -> {bool})."""
+    members = get_args(annotation) if get_origin(annotation) in (Union, type(int | None)) else (annotation,)
+    return set(members) - {type(None)}
 
 
 def as_config(name: str, value, cls):
