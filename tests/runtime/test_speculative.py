@@ -298,6 +298,15 @@ def test_bad_speculative_configs_are_refused(target, tmp_path):
         small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(tmp_path / "corrupt")))
     with pytest.raises(NotADirectoryError, match=r"^the draft model \(speculative_model_dir\): .* is a file"):
         small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(target / "config.json")))
+    # the same vocabulary size, another tokenizer: its drafts would be other tokens (before: only the size was compared)
+    other_tokens = write_checkpoint("llama31", tmp_path / "t", vocab_size=512)
+    make_tokenizer(other_tokens, kind="metaspace")
+    with pytest.raises(ValueError, match=r"^the draft model's tokenizer \(.*\) differs from the target's: '.*' is id "):
+        small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(other_tokens)))
+    # a module that is not a language model: named as the draft's (before: the compile's or forward's error alone)
+    encoder = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"^the draft model \(Linear\) is not a language model the engine can serve: "):
+        small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=encoder))
 
 
 def test_trim_gives_rejected_draft_blocks_back_and_the_metadata_sees_the_new_table():

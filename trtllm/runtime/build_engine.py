@@ -44,6 +44,7 @@ from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
 from trtllm.runtime.engine_stats import StartupTimes
 from trtllm.runtime.kv_budget import num_kv_blocks
 from trtllm.runtime.kv_cache_quant import kv_cache_quant
+from trtllm.runtime.model_probe import eos_token_ids_of, vocab_size_of
 from trtllm.runtime.model_runner import ModelRunner
 from trtllm.runtime.mrope_positions import mrope_stager
 from trtllm.runtime.multimodal_stager import multimodal_stager
@@ -228,14 +229,14 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
     kv_quant = kv_cache_quant(kv_format, compiled, kv_cache_scales, tokenizer)
     multimodal = multimodal_stager(module, compiled, max_num_tokens,  # None: text only
                                    speculative["config"] if speculative is not None else None, enable_cuda_graph)
-    vocab_size, eos_token_ids = _vocab_size(module, compiled), _eos_ids(module, tokenizer)
+    vocab_size, eos_token_ids = vocab_size_of(module, compiled), eos_token_ids_of(module, tokenizer)
     if speculative is not None:  # the draft's weights and pool first: the target's pool takes what is left
         speculative = build_speculative(
             speculative["config"], vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_num_seqs=max_num_seqs,
             max_num_tokens=max_num_tokens, max_seq_len=max_seq_len, block_size=kv_cache_config.tokens_per_block,
             kv_max_tokens=kv_cache_config.max_tokens, device=compiled.device, dtype=speculative["dtype"],
             enable_cuda_graph=enable_cuda_graph, compile_options=speculative["compile_options"], target=compiled,
-            target_dir=speculative["target_dir"])
+            target_dir=speculative["target_dir"], tokenizer=tokenizer)
     blocks = num_kv_blocks(compiled, kv_cache_config, max_num_tokens, max_num_seqs, max_seq_len,
                            kv_quant.dtype if kv_quant else None)
     # an EAGLE-3 head's stores and its own runner, now that the target's pool is sized
@@ -287,23 +288,3 @@ def _adapters(config: LoraConfig, compiled, module: nn.Module) -> Adapters:
         read_peft_adapter(LoRARequest(Path(directory).name or str(directory), 1, str(directory)), slots)
     return Adapters(config, slots, next(module.parameters()).dtype,
                     workers.load_adapter if workers is not None else None)
-
-
-def _vocab_size(module: nn.Module, compiled) -> int:
-    """config.vocab_size, else the head's out_features, else the logits' width of one eager
-    forward of one token (what the model itself says; a tokenizer may count otherwise)."""
-    size = getattr(getattr(module, "config", None), "vocab_size", None)
-    if size is None:
-        size = getattr(getattr(module, "lm_head", None), "out_features", None)
-    if size is None:
-        zeros = torch.zeros((1, 1), dtype=torch.long, device=compiled.device)
-        with torch.no_grad():
-            size = compiled.module(zeros, zeros).shape[-1]
-    return int(size)
-
-
-def _eos_ids(module: nn.Module, tokenizer) -> list[int]:
-    ids = getattr(getattr(module, "config", None), "eos_token_id", None)
-    if ids is None and tokenizer is not None:
-        ids = tokenizer.eos_token_id
-    return [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))

@@ -29,7 +29,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 # Files any one of which makes a directory loadable by AutoTokenizer.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 # Tokens of left context the detokenizer decodes with (vLLM uses the same number):
 # enough for a SentencePiece "▁" to become a space, and for a character whose bytes
@@ -49,9 +49,9 @@ def load_tokenizer(path_or_tokenizer):
     path = Path(path_or_tokenizer)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"no tokenizer in {str(path)!r}: expected one of "
-                                f"{', '.join(_TOKENIZER_FILES)}")
+                                f"{', '.join(TOKENIZER_FILES)}")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True,
                                              trust_remote_code=False)

@@ -21,13 +21,14 @@ import os
 import torch
 import torch.nn as nn
 
-from trtllm.compile import CompiledModel, compile as trtllm_compile
+from trtllm.compile import CompiledModel, CompileError, compile as trtllm_compile
 from trtllm.hidden_states import HiddenStash, HiddenStatesContext
 from trtllm.models.deepseek_mtp import MTPDraft, load_mtp
 from trtllm.models.eagle3 import Eagle3Draft, input_embedding, load_eagle3
 from trtllm.parallel.tensor_parallel import is_unloaded
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.kv_budget import blocks_in
+from trtllm.runtime.model_probe import vocab_size_of
 from trtllm.runtime.model_runner import ModelRunner
 from trtllm.runtime.speculative.config import (
     DraftTargetDecodingConfig,
@@ -39,6 +40,7 @@ from trtllm.runtime.speculative.config import (
 from trtllm.runtime.speculative.decoder import SpeculativeDecoder
 from trtllm.runtime.speculative.draft_model import DraftModelProposer
 from trtllm.runtime.speculative.eagle3 import Eagle3Inputs
+from trtllm.runtime.tokenizer import TOKENIZER_FILES, load_tokenizer
 
 DRAFT_GPU_MEMORY_FRACTION = 0.1  # of the free memory, at most, for the draft's KV pool
 
@@ -91,9 +93,10 @@ def build_speculative(config, *, vocab_size: int, eos_token_ids: list[int], max_
                       max_num_tokens: int, max_seq_len: int, block_size: int, kv_max_tokens: int | None,
                       device: torch.device, dtype: torch.dtype | None, enable_cuda_graph: bool,
                       compile_options: dict | None, target: CompiledModel | None = None,
-                      target_dir=None) -> SpeculativeDecoder:
+                      target_dir=None, tokenizer=None) -> SpeculativeDecoder:
     """The decoder; `target`: the target's compiled model, not yet called (an EAGLE-3 head or
-    an MTP layer makes it stash hidden states); `target_dir`: its checkpoint (MTP's layer is there)."""
+    an MTP layer makes it stash hidden states); `target_dir`: its checkpoint (MTP's layer is there);
+    `tokenizer`: the target's, which a draft checkpoint's own tokenizer must equal."""
     check_speculative_config(config)
     if isinstance(config, (EagleDecodingConfig, MTPDecodingConfig)):
         sizes = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_num_seqs=max_num_seqs,
@@ -120,11 +123,19 @@ def build_speculative(config, *, vocab_size: int, eos_token_ids: list[int], max_
             raise type(e)(f"the draft model (speculative_model_dir): {e}") from None
         except ValueError as e:  # a config.json that is not JSON, an architecture not served: whose
             raise ValueError(f"the draft model (speculative_model_dir): {e}") from None
-    compiled = trtllm_compile(module, **(compile_options or {}), block_size=block_size)
-    draft_vocab = getattr(getattr(module, "config", None), "vocab_size", None)
-    if draft_vocab is not None and draft_vocab != vocab_size:
+    try:  # a module that is not a language model: named as the draft (the target compiled fine)
+        compiled = trtllm_compile(module, **(compile_options or {}), block_size=block_size)
+        draft_vocab = vocab_size_of(module, compiled)
+    except torch.OutOfMemoryError:
+        raise
+    except (CompileError, TypeError, ValueError, RuntimeError) as e:
+        raise (CompileError if isinstance(e, CompileError) else ValueError)(
+            f"the draft model ({type(module).__name__}) is not a language model the engine can serve: {e}") from e
+    if draft_vocab != vocab_size:
         raise ValueError(f"the draft model's vocabulary ({draft_vocab} tokens) differs from the target's "
                          f"({vocab_size}): a draft model must share the target's tokenizer")
+    if not isinstance(source, nn.Module) and tokenizer is not None:
+        check_draft_tokenizer(source, tokenizer)
     blocks = _draft_blocks(compiled, config.max_draft_len, max_num_seqs, max_seq_len, block_size, kv_max_tokens)
     runner = _draft_runner(compiled, blocks, max_num_seqs, max_num_tokens, max_seq_len, block_size, enable_cuda_graph)
     # a draft shorter than max_seq_len drafts up to its own length (GPT-2's position table ends there)
@@ -133,6 +144,21 @@ def build_speculative(config, *, vocab_size: int, eos_token_ids: list[int], max_
                                max_num_tokens, vocab_size, eos_token_ids, max_positions=draft_positions)
     return SpeculativeDecoder(config.max_draft_len, max_seq_len, vocab_size, eos_token_ids, draft=draft,
                               verify_cuda_graphs=config.verify_cuda_graphs)
+
+
+def check_draft_tokenizer(draft_dir, tokenizer) -> None:
+    """A draft checkpoint with a tokenizer of its own must map every token to the target's id:
+    the same vocabulary size with other ids would verify drafts of other tokens (a draft
+    without tokenizer files is taken at its vocabulary size's word)."""
+    if not any(os.path.isfile(os.path.join(draft_dir, name)) for name in TOKENIZER_FILES):
+        return
+    draft_vocab, target_vocab = load_tokenizer(str(draft_dir)).get_vocab(), tokenizer.get_vocab()
+    if draft_vocab == target_vocab:
+        return
+    differs = sorted(set(draft_vocab.items()) ^ set(target_vocab.items()), key=lambda kv: kv[1])[0][0]
+    raise ValueError(f"the draft model's tokenizer ({draft_dir}) differs from the target's: {differs!r} is "
+                     f"id {draft_vocab.get(differs)} there and {target_vocab.get(differs)} in the target's; "
+                     "a draft model must share the target's tokenizer")
 
 
 def _draft_blocks(compiled: CompiledModel, k: int, max_num_seqs: int, max_seq_len: int, block_size: int,
