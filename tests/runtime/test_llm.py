@@ -436,9 +436,38 @@ def test_tensorrt_llms_top_level_limits_and_config_dicts(tmp_path):
         (dict(kv_cache_config={"max_tokenz": 4}), ValueError, r"KvCacheConfig\.max_tokenz=4: unknown option"),
         (dict(trust_remote_code=True), ValueError, "trust_remote_code=True is not supported"),
         (dict(backend="tensorrt"), ValueError, "backend='tensorrt': trtllm's one backend is 'pytorch'"),
+        (dict(guided_decoding_backend="llguidance"), ValueError,
+         "guided_decoding_backend='llguidance': trtllm's structured output is xgrammar's"),
+        (dict(tokenizer_mode="slow"), ValueError, "tokenizer_mode='slow': trtllm loads the checkpoint's fast"),
+        (dict(revision="main"), ValueError, "revision='main': trtllm reads local checkpoint directories only"),
+        (dict(tokenizer_revision="v2"), ValueError, "tokenizer_revision='v2': trtllm reads local checkpoint"),
+        (dict(load_format="dummy"), ValueError, "load_format='dummy': trtllm loads the checkpoint's weights"),
+        (dict(enable_lora=1), TypeError, "enable_lora must be True or False, got 1"),
+        (dict(enable_chunked_prefill="no"), TypeError, "enable_chunked_prefill must be True or False, got 'no'"),
     ]:
         with pytest.raises(error, match=words):
             LLM(str(tmp_path), dtype="float32", **kwargs)
+
+
+def test_tensorrt_llms_chunked_prefill_guided_backend_and_enable_lora(tmp_path):
+    # TensorRT-LLM's enable_chunked_prefill (its default False), guided_decoding_backend="xgrammar" and
+    # enable_lora=True, as its examples write them: TypeErrors before
+    write_checkpoint("llama31", tmp_path, vocab_size=512)
+    make_tokenizer(tmp_path)
+    kw = dict(dtype="float32", max_batch_size=4, max_num_tokens=32, max_seq_len=96,
+              kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=512))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [list(range(3, 43)), [5, 6, 7]]  # the first over max_num_tokens: chunked, or refused unchunked
+    with LLM(str(tmp_path), **kw) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    with LLM(str(tmp_path), enable_chunked_prefill=False, guided_decoding_backend="xgrammar", enable_lora=True,
+             tokenizer_mode="auto", load_format="auto", **kw) as llm:
+        assert not llm.engine.scheduler.enable_chunked_prefill and llm.engine.adapters is not None
+        with pytest.raises(ValueError, match=r"exceeds max_num_tokens \(32\) and chunked prefill is off"):
+            llm.generate(prompts[0], params, use_tqdm=False)
+        assert llm.generate(prompts[1], params, use_tqdm=False).outputs[0].token_ids == expected[1]
+        assert llm.generate(prompts[0][:24], params, use_tqdm=False).outputs[0].token_ids  # fits in one step
+        llm.block_manager.check_invariants()
 
 
 def test_skip_tokenizer_init_runs_token_ids_without_a_tokenizer(tmp_path):

@@ -69,7 +69,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                  moe_tensor_parallel_size: int | None = None, pipeline_parallel_size: int = 1,
                  pp_partition: list[int] | None = None, cuda_graph_config: CudaGraphConfig | None = None,
                  scheduler_config: SchedulerConfig | None = None, limits: dict | None = None,
-                 skip_tokenizer_init: bool = False) -> Engine:
+                 skip_tokenizer_init: bool = False, enable_chunked_prefill: bool = True) -> Engine:
     """Load (a path) or take (a module) the model, compile it, size the KV pool, capture
     the CUDA graphs: the `Engine` that `LLM` drives on a thread and `EngineCoreClient`
     in a process of its own. Arguments as `LLM`'s; `limits`: its top-level max_batch_size ...
@@ -101,7 +101,10 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     build_config, kv_cache_config, quant_config = (as_config(name, value, cls) for name, value, cls in (
         ("build_config", build_config, BuildConfig), ("kv_cache_config", kv_cache_config, KvCacheConfig),
         ("quant_config", quant_config, QuantConfig)))
-    no_evict = scheduler_config is not None and scheduler_config.no_evict
+    if not isinstance(enable_chunked_prefill, bool):
+        raise TypeError(f"enable_chunked_prefill must be True or False, got {enable_chunked_prefill!r}")
+    scheduling = dict(no_evict=scheduler_config is not None and scheduler_config.no_evict,
+                      enable_chunked_prefill=enable_chunked_prefill)
     moe = resolve_moe_sizes(tensor_parallel_size, moe_expert_parallel_size, moe_tensor_parallel_size)
     check_stream_interval(stream_interval)  # before minutes of loading and compiling
     check_speculative_config(speculative_config)
@@ -161,7 +164,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
                                  kv_cache_config, build_config, enable_cuda_graph, stream_interval,
                                  disable_overlap_scheduler, kv_format, kv_cache_scales,
                                  _speculative(speculative_config, dtype, compile_options, model), lora_config,
-                                 no_evict=no_evict)
+                                 scheduling=scheduling)
         except BaseException:
             compiled.tensor_parallel.workers.shutdown()
             raise
@@ -177,7 +180,7 @@ def build_engine(model: str | Path | nn.Module | None = None, tokenizer=None, dt
     return _build_engine(module, compiled, started, tokenizer, kv_cache_config, build_config, enable_cuda_graph,
                          stream_interval, disable_overlap_scheduler, kv_format, kv_cache_scales,
                          _speculative(speculative_config, dtype, compile_options, model), lora_config, cuda_graph_config,
-                         no_evict)
+                         scheduling)
 
 
 def _speculative(config, dtype: str, compile_options: dict | None, model) -> dict | None:
@@ -214,7 +217,7 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
                   build_config: BuildConfig, enable_cuda_graph: bool, stream_interval: int,
                   disable_overlap_scheduler: bool, kv_format: str, kv_cache_scales,
                   speculative: dict | None = None, lora_config: LoraConfig | None = None,
-                  cuda_graph_config: CudaGraphConfig | None = None, no_evict: bool = False) -> Engine:
+                  cuda_graph_config: CudaGraphConfig | None = None, scheduling: dict | None = None) -> Engine:
     load_s = time.perf_counter() - started  # the load (compilation itself is lazy: compiled.compile_s)
     tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     config = getattr(module, "config", None)
@@ -251,10 +254,10 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
                          mrope=mrope_stager(module, max_num_tokens, compiled.device), cuda_graph_config=cuda_graph_config,
                          hidden_states=hidden_states)
     scheduler = Scheduler(block_manager, max_num_seqs, max_num_tokens, max_seq_len, adapters=adapters,
-                          no_evict=no_evict)
+                          **(scheduling or {}))
     engine = Engine(runner, block_manager, scheduler, tokenizer,
                     EngineLimits(max_num_seqs, max_num_tokens, max_input_len, max_seq_len,
-                                 build_config.max_beam_width),
+                                 build_config.max_beam_width, scheduler.enable_chunked_prefill),
                     vocab_size, eos_token_ids, stream_interval, disable_overlap_scheduler, adapters)
     if compiled.pipeline is not None:  # one micro-batch a stage in flight (docs/parallel.md says why)
         engine.set_pipeline_depth(compiled.pipeline.num_stages)

@@ -15,6 +15,7 @@ class EngineLimits:
     max_input_len: int
     max_seq_len: int
     max_beam_width: int = 1
+    chunked_prefill: bool = True  # False: a prompt is computed in one step (LLM(enable_chunked_prefill=False))
 
 
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: EngineLimits, vocab_size: int,
@@ -31,6 +32,10 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: E
     if n + params.max_tokens > lim.max_seq_len:
         raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
                          f"max_seq_len={lim.max_seq_len}")
+    if not lim.chunked_prefill and n + params.max_tokens - 1 > lim.max_num_tokens:
+        # (a preempted sequence recomputes its prompt and outputs in one step: the scheduler's rule)
+        raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) - 1 exceeds max_num_tokens "
+                         f"({lim.max_num_tokens}) and chunked prefill is off")
     if params.is_beam_search and params.num_beams > lim.max_beam_width:
         raise ValueError(f"beam width {params.num_beams} exceeds max_beam_width={lim.max_beam_width} (BuildConfig)")
     if params.is_beam_search and params.num_beams > lim.max_num_seqs:  # a group's beams run together

@@ -71,7 +71,13 @@ from trtllm.lora_request import LoRARequest
 from trtllm.runtime.build_engine import build_engine, shutdown_workers
 from trtllm.runtime.engine_loop import EngineLoop
 from trtllm.runtime.engine_stats import EngineStats
-from trtllm.runtime.llm_args import DEFAULT_CUDA_GRAPHS, chat_params, check_tensorrt_llm_args, cuda_graph_options
+from trtllm.runtime.llm_args import (
+    DEFAULT_CUDA_GRAPHS,
+    chat_params,
+    check_tensorrt_llm_args,
+    cuda_graph_options,
+    lora_config_of,
+)
 from trtllm.runtime.multimodal_inputs import (
     Processor,
     check_multimodal_encoder,
@@ -80,7 +86,7 @@ from trtllm.runtime.multimodal_inputs import (
 )
 from trtllm.runtime.multimodal_stager import check_multimodal_request
 from trtllm.runtime.outputs import RequestError
-from trtllm.runtime.request_stream import RequestStream, new_request_id
+from trtllm.runtime.request_stream import RequestStream, StreamingOutputs, new_request_id
 from trtllm.runtime.tokenizer import apply_chat_template, check_image_prompt_options, tokenize_prompt
 from trtllm.runtime.wire import AddRequest
 from trtllm.sampling_params import SamplingParams
@@ -106,10 +112,15 @@ class LLM:
                  scheduler_config: SchedulerConfig | None = None, max_batch_size: int | None = None,
                  max_num_tokens: int | None = None, max_seq_len: int | None = None, max_input_len: int | None = None,
                  max_beam_width: int | None = None, trust_remote_code: bool = False, backend: str | None = None,
-                 skip_tokenizer_init: bool = False):
+                 skip_tokenizer_init: bool = False, enable_chunked_prefill: bool = True,
+                 guided_decoding_backend: str | None = None, enable_lora: bool = False, tokenizer_mode: str = "auto",
+                 revision: str | None = None, tokenizer_revision: str | None = None, load_format: str = "auto"):
         # TensorRT-LLM 1.x's top-level limits, as BuildConfig's; skip_tokenizer_init: no tokenizer
-        # loaded, token-id prompts, outputs without text
-        check_tensorrt_llm_args(trust_remote_code, backend)
+        # loaded, token-id prompts, outputs without text; enable_chunked_prefill=False: a prompt
+        # is prefilled in one step (prompt + max_tokens - 1 within max_num_tokens), as TensorRT-LLM's default
+        check_tensorrt_llm_args(trust_remote_code, backend, guided_decoding_backend, tokenizer_mode, revision,
+                                tokenizer_revision, load_format)
+        lora_config = lora_config_of(enable_lora, lora_config)
         limits = dict(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                       max_input_len=max_input_len, max_beam_width=max_beam_width)
         if batched_logits_processor is not None and not callable(batched_logits_processor):
@@ -125,7 +136,8 @@ class LLM:
                                    moe_expert_parallel_size, moe_tensor_parallel_size,
                                    pipeline_parallel_size, pp_partition, cuda_graph_config,
                                    scheduler_config=scheduler_config, limits=limits,
-                                   skip_tokenizer_init=skip_tokenizer_init)
+                                   skip_tokenizer_init=skip_tokenizer_init,
+                                   enable_chunked_prefill=enable_chunked_prefill)
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
         self.tokenizer, self.limits, self.vocab_size = self.engine.tokenizer, self.engine.limits, self.engine.vocab_size
         # a multimodal model's image processor: given, else the checkpoint's, loaded at the first image
@@ -297,39 +309,6 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-class StreamingOutputs:
-    """`generate(..., streaming=True)`: iterates one request's growing RequestOutputs. Closing
-    it (`close()`, `with`, leaving a `for` loop over a generator that holds it) or dropping it
-    before the request ends aborts the request, so it stops holding its KV blocks."""
-
-    def __init__(self, stream: RequestStream, loop: EngineLoop):
-        self._stream, self._loop = stream, loop
-        self._outputs = iter(stream)
-
-    def __iter__(self) -> StreamingOutputs:
-        return self
-
-    def __next__(self):
-        out = next(self._outputs)
-        if out.error is not None:  # the request failed while it ran: say why, not "finished"
-            raise RequestError([out], [0], batch=False)
-        return out
-
-    def close(self) -> None:
-        last = self._stream.last
-        if last is None or not last.finished:
-            self._loop.abort(self._stream.request_id)
-
-    def __enter__(self) -> StreamingOutputs:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
 
 def _is_batch(prompts) -> bool:

@@ -1,9 +1,11 @@
 """TensorRT-LLM's spellings of `LLM`'s arguments, as this engine takes them: CUDA graphs turned
-off by `cuda_graph_config=None` or `enable_cuda_graph=False`; `trust_remote_code` and `backend` as
-far as they hold here; a rendered chat's sampling params (no second BOS)."""
+off by `cuda_graph_config=None` or `enable_cuda_graph=False`; `trust_remote_code`, `backend`,
+`guided_decoding_backend`, `enable_lora`, `tokenizer_mode`, `revision`, `tokenizer_revision` and
+`load_format` as far as they hold here (each other value refused by name); a rendered chat's
+sampling params (no second BOS)."""
 from __future__ import annotations
 
-from trtllm.config import CudaGraphConfig
+from trtllm.config import CudaGraphConfig, LoraConfig
 from trtllm.sampling_params import SamplingParams
 
 DEFAULT_CUDA_GRAPHS = object()  # LLM(cuda_graph_config=) not given: CudaGraphConfig's defaults
@@ -33,10 +35,36 @@ def chat_params(params: SamplingParams | None):
     return params.model_copy(update={"add_special_tokens": False})
 
 
-def check_tensorrt_llm_args(trust_remote_code: bool, backend: str | None) -> None:
-    """No checkpoint code is run here, and the one backend is PyTorch's: say so by name."""
+def check_tensorrt_llm_args(trust_remote_code: bool, backend: str | None, guided_decoding_backend: str | None = None,
+                            tokenizer_mode: str = "auto", revision: str | None = None,
+                            tokenizer_revision: str | None = None, load_format: str = "auto") -> None:
+    """No checkpoint code is run here, the one backend is PyTorch's, structured output is always
+    xgrammar's (TensorRT-LLM needs guided_decoding_backend set to take it at all; here it is on),
+    tokenizers are transformers' fast ones, and checkpoints are local directories read whole: say so
+    by name for any other value."""
     if trust_remote_code:
         raise ValueError("trust_remote_code=True is not supported: trtllm runs no code from a checkpoint "
                          "(its model files, or the transformers module of the architecture)")
     if backend not in (None, "pytorch"):
         raise ValueError(f"backend={backend!r}: trtllm's one backend is 'pytorch' (no TensorRT engines)")
+    if guided_decoding_backend not in (None, "xgrammar"):
+        raise ValueError(f"guided_decoding_backend={guided_decoding_backend!r}: trtllm's structured output is "
+                         "xgrammar's (always on: None and 'xgrammar' are the same)")
+    if tokenizer_mode != "auto":
+        raise ValueError(f"tokenizer_mode={tokenizer_mode!r}: trtllm loads the checkpoint's fast tokenizer "
+                         "(tokenizer.json) only; 'auto' is the one mode")
+    for name, value in (("revision", revision), ("tokenizer_revision", tokenizer_revision)):
+        if value is not None:
+            raise ValueError(f"{name}={value!r}: trtllm reads local checkpoint directories only (no hub, "
+                             "so no revisions); check out the revision into a directory and give its path")
+    if load_format not in ("auto", "AUTO"):
+        raise ValueError(f"load_format={load_format!r}: trtllm loads the checkpoint's weights ('auto'); for random "
+                         "weights of a model's shapes, build the module yourself and pass it as model=")
+
+
+def lora_config_of(enable_lora: bool, lora_config: LoraConfig | None) -> LoraConfig | None:
+    """TensorRT-LLM's `enable_lora=True` alone: adapters with LoraConfig's defaults (a lora_config
+    turns LoRA on by itself)."""
+    if not isinstance(enable_lora, bool):
+        raise TypeError(f"enable_lora must be True or False, got {enable_lora!r}")
+    return LoraConfig() if enable_lora and lora_config is None else lora_config

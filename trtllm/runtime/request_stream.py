@@ -7,6 +7,7 @@
 - `OpenStreams`: the streams of the requests in flight, by request id: where a front end
   refuses a duplicate id (the one place that checks) and where each output finds its
   reader.
+- `StreamingOutputs`: `LLM.generate(..., streaming=True)`'s iterator over a `RequestStream`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import queue
 import threading
 import uuid
 
-from trtllm.runtime.outputs import RequestOutput, failed_output
+from trtllm.runtime.outputs import RequestError, RequestOutput, failed_output
 from trtllm.runtime.wire import StepDeltas
 
 _request_numbers = itertools.count()
@@ -183,3 +184,36 @@ class OpenStreams:
 
     def __bool__(self) -> bool:
         return bool(self._streams)
+
+
+class StreamingOutputs:
+    """`generate(..., streaming=True)`: iterates one request's growing RequestOutputs. Closing
+    it (`close()`, `with`, leaving a `for` loop over a generator that holds it) or dropping it
+    before the request ends aborts the request, so it stops holding its KV blocks."""
+
+    def __init__(self, stream: RequestStream, loop):  # loop: the EngineLoop running the request
+        self._stream, self._loop = stream, loop
+        self._outputs = iter(stream)
+
+    def __iter__(self) -> StreamingOutputs:
+        return self
+
+    def __next__(self):
+        out = next(self._outputs)
+        if out.error is not None:  # the request failed while it ran: say why, not "finished"
+            raise RequestError([out], [0], batch=False)
+        return out
+
+    def close(self) -> None:
+        last = self._stream.last
+        if last is None or not last.finished:
+            self._loop.abort(self._stream.request_id)
+
+    def __enter__(self) -> StreamingOutputs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
