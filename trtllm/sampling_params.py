@@ -48,6 +48,8 @@ class SamplingParams(ValidatedConfig):
                            'can beat them, estimated at the current length; "never" at the best possible length')
     return_context_logits: bool = Field(False, description="RequestOutput.context_logits [prompt_len, vocab]")
     return_generation_logits: bool = Field(False, description="CompletionOutput.generation_logits [tokens, vocab]")
+    return_perf_metrics: bool = Field(False, description="CompletionOutput.request_perf_metrics: times, KV blocks "
+                                      "and draft acceptance (runtime/request_perf.py)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     prompt_logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="log-probability of each prompt token given its prefix, plus "

@@ -156,3 +156,16 @@ def test_a_dead_core_fails_its_requests(model_dir):
         assert later.error and not c.is_alive() and c.dead_reason() == last.error
     finally:
         c.shutdown(timeout=5)
+
+
+def test_perf_metrics_cross_the_wire(client):
+    params = SamplingParams(max_tokens=4, temperature=0.0, return_perf_metrics=True)
+
+    async def go():
+        return await client.generate_async(PROMPTS[0], params).aresult()
+
+    out = asyncio.run(go())
+    m = out.outputs[0].request_perf_metrics
+    t = m.timing_metrics  # the engine process's monotonic clock
+    assert t.arrival_time <= t.first_scheduled_time <= t.first_token_time <= t.last_token_time
+    assert m.kv_cache_metrics.num_total_allocated_blocks >= 1 and m.first_iter <= m.last_iter

@@ -76,3 +76,21 @@ def test_speculative_counts_reach_the_client_when_a_completion_finishes():
     assert (first.num_draft_tokens, first.num_accepted_draft_tokens, first.num_verify_steps) == (8, 6, 3)
     assert first.acceptance_length == 3.0
     assert (second.num_verify_steps, second.acceptance_length) == (0, 0.0)
+
+
+def test_perf_metrics_reach_the_client_when_a_completion_finishes():
+    from trtllm.runtime.request_perf import PerfRecorder
+    from trtllm.runtime.sequence import Sequence
+    params = SamplingParams(n=2, return_perf_metrics=True)
+    engine, client = new_output("p", None, [1], params), new_output("p", None, [1], params)
+    grow(engine, 5)
+    seq = Sequence("p", [1], params, block_table=[7])
+    recorder = PerfRecorder(block_size=16)
+    recorder.token(seq, iteration=4)
+    engine.outputs[0].finish_reason, engine.outputs[0].request_perf_metrics = "length", recorder.metrics(seq)
+    sent([engine]).apply(0, client)
+    first, second = client.outputs
+    assert first.request_perf_metrics == engine.outputs[0].request_perf_metrics
+    assert (first.request_perf_metrics.first_iter, first.request_perf_metrics.kv_cache_metrics.num_missed_blocks) \
+        == (4, 1)
+    assert second.request_perf_metrics is None

@@ -69,6 +69,7 @@ from trtllm.runtime.multimodal_stager import check_multimodal_request
 from trtllm.runtime.output_builder import OutputBuilder
 from trtllm.runtime.outputs import RequestOutput
 from trtllm.runtime.prompt_logprobs import deliver_prompt_logprobs
+from trtllm.runtime.request_perf import PerfRecorder, mark_scheduled
 from trtllm.runtime.sampler import argmax_serves, draw_seed
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.sequence import Sequence
@@ -95,6 +96,8 @@ class Engine:
         self.logits_hooks = LogitsHooks(tokenizer, vocab_size, eos_token_ids)
         self.step_sampler = StepSampler(self.logits_hooks, eos_token_ids)  # runtime/step_sampler.py
         self.requests: dict[str, OutputBuilder] = {}
+        self.timed: set[str] = set()  # requests in flight with return_perf_metrics (runtime/request_perf.py)
+        self.iteration = 0  # steps run: RequestPerfMetrics.first_iter / last_iter
         # outputs as snapshots; off, the engine's own growing outputs, valid until the next
         # call: what the engine process turns into StepDeltas at once (no per-step copy of
         # each stream's whole output)
@@ -160,6 +163,7 @@ class Engine:
                       multimodal=multimodal) for i in range(params.num_sequences)]
         for seq in seqs:
             seq.seed = params.seed if params.seed is not None else draw_seed()
+            seq.perf = PerfRecorder(self.block_manager.block_size) if params.return_perf_metrics else None
         self.logits_hooks.attach(seqs, params)  # compiles its guide (cached); ValueError if it cannot
         if params.prompt_logprobs is not None or params.return_context_logits:  # the first sequence scores
             seqs[0].prompt_logprob_end = len(prompt_token_ids) - 1             # the prompt for all n
@@ -169,6 +173,8 @@ class Engine:
         except ValueError:
             self.scheduler.abort(request_id)
             raise
+        if params.return_perf_metrics:
+            self.timed.add(request_id)
         self.requests[request_id] = OutputBuilder(request_id, prompt, prompt_token_ids, params, seqs,
                                                   self.tokenizer, self.eos_token_ids, self.limits.max_seq_len,
                                                   stream)
@@ -177,6 +183,7 @@ class Engine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
+        self.timed.discard(request_id)
         self.scheduler.abort(request_id)
         self.beam_groups.pop(request_id, None)
         if req is None:
@@ -202,6 +209,7 @@ class Engine:
 
     def _step(self) -> list[RequestOutput]:
         started = time.perf_counter() if self.on_step is not None else 0.0
+        self.iteration += 1
         changed: dict[str, OutputBuilder] = {}
         launched, self._ahead = self._ahead, None
         launched_ahead = launched is not None
@@ -249,6 +257,8 @@ class Engine:
     def _schedule(self, changed, max_seqs: int | None = None) -> list[tuple[Sequence, int]]:
         """The scheduler's next step; the sequences it finds the pool cannot hold finish."""
         scheduled = self.scheduler.schedule(max_seqs=max_seqs)
+        if self.timed:  # return_perf_metrics (runtime/request_perf.py)
+            mark_scheduled(scheduled)
         for seq in self.scheduler.pop_finished():  # "length": the pool cannot hold it
             self._finish(seq, seq.finish_reason or "length", changed)
         return scheduled
@@ -297,6 +307,8 @@ class Engine:
                 continue
             changed[seq.request_id] = req
             token = sampled[seq]
+            if seq.perf is not None:
+                seq.perf.token(seq, self.iteration)
             reason = append_tokens(req, seq, token) if isinstance(token, list) \
                 else req.append(seq, token, logprobs.get(seq))
             error = None
@@ -339,6 +351,7 @@ class Engine:
             if req.output.finished:
                 outputs.append(req.emit(self.copy_outputs))
                 self.requests.pop(req.output.request_id, None)
+                self.timed.discard(req.output.request_id)
             elif req.stream and req.due(self.stream_interval):
                 outputs.append(req.emit(self.copy_outputs))
         if not self.requests:

@@ -118,6 +118,9 @@ class OutputBuilder:
         """The request's final completions, chosen among its sequences (beam search)."""
         self.output.outputs = completions
         self.output.finished = True
+        if self.seqs[0].perf is not None:  # the search's leader's, for every beam
+            for c in completions:
+                c.request_perf_metrics = self.seqs[0].perf.metrics(self.seqs[0])
         self.output.num_cached_tokens = max(s.num_cached_tokens for s in self.seqs)
 
     def fail(self, error: str) -> None:
@@ -137,6 +140,8 @@ class OutputBuilder:
             completion.num_draft_tokens = seq.num_draft_tokens
             completion.num_accepted_draft_tokens = seq.num_accepted_draft_tokens
             completion.num_verify_steps = seq.num_verify_steps
+        if seq.perf is not None:
+            completion.request_perf_metrics = seq.perf.metrics(seq)
         if reason == "error" and self.output.error is None:  # the request names why it failed
             self.output.error = seq.error or "the sequence failed while it ran"
         detok = self.detokenizers[seq.index]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from trtllm.runtime.request_perf import RequestPerfMetrics
     from trtllm.sampling_params import SamplingParams
 
 
@@ -63,6 +64,8 @@ class CompletionOutput:
     num_draft_tokens: int = 0
     num_accepted_draft_tokens: int = 0
     num_verify_steps: int = 0
+    # SamplingParams.return_perf_metrics: runtime/request_perf.RequestPerfMetrics, set when it finishes
+    request_perf_metrics: RequestPerfMetrics | None = None
 
     @property
     def acceptance_length(self) -> float:

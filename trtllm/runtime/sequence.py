@@ -51,6 +51,7 @@ class Sequence:
     lora_request: LoRARequest | None = None          # its LoRA adapter (runtime/adapters.py), None: the base
     # its images (runtime/multimodal_inputs.MultimodalData: spans, hashes, pixels), None: text only
     multimodal: Any = None
+    perf: Any = None  # SamplingParams.return_perf_metrics: its runtime/request_perf.PerfRecorder
 
     @property
     def token_ids(self) -> list[int]:

@@ -87,6 +87,8 @@ class StepDeltas:
     # speculative decoding's per-completion counts (draft, accepted, verify steps), set once
     # the completion finished and speculated; else None
     spec_counts: list[tuple[int, int, int] | None] = field(default_factory=list)
+    # SamplingParams.return_perf_metrics: per completion, its RequestPerfMetrics once it finished; else None
+    perf_metrics: list = field(default_factory=list)
 
     @classmethod
     def of(cls, outputs: list[RequestOutput], stats: EngineStats | None = None) -> StepDeltas:
@@ -111,6 +113,7 @@ class StepDeltas:
                 d.stop_reasons.append(c.stop_reason)
                 d.spec_counts.append((c.num_draft_tokens, c.num_accepted_draft_tokens, c.num_verify_steps)
                                      if c.num_verify_steps else None)
+                d.perf_metrics.append(c.request_perf_metrics)
         return d
 
     def apply(self, row: int, out: RequestOutput) -> None:
@@ -133,3 +136,5 @@ class StepDeltas:
                 self.cumulative_logprobs[j], self.finish_reasons[j], self.stop_reasons[j]
             if self.spec_counts[j] is not None:
                 c.num_draft_tokens, c.num_accepted_draft_tokens, c.num_verify_steps = self.spec_counts[j]
+            if self.perf_metrics[j] is not None:
+                c.request_perf_metrics = self.perf_metrics[j]
