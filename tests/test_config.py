@@ -188,7 +188,7 @@ def test_scheduler_config_policies():
 @pytest.mark.parametrize("make, rule", [
     (lambda: KvCacheConfig(free_gpu_memory_fraction=True), "free_gpu_memory_fraction=True: must be a number, not a bool"),
     (lambda: BuildConfig(max_batch_size=True), "max_batch_size=True: must be a number, not a bool"),
-    (lambda: KvCacheConfig(max_tokens=False), "max_tokens=False: must be a number, not a bool"),
+    (lambda: KvCacheConfig(max_tokens=True), "max_tokens=True: must be a number, not a bool"),
     (lambda: KvCacheConfig(enable_block_reuse="yes"), "enable_block_reuse='yes': must be True or False"),
     (lambda: KvCacheConfig(enable_block_reuse=0), "enable_block_reuse=0: must be True or False"),
     (lambda: NGramDecodingConfig(max_draft_len=True), "max_draft_len=True: must be a number, not a bool"),

@@ -19,6 +19,7 @@ silently means "default". NaN and infinities are refused as not finite.
 
 from __future__ import annotations
 
+import functools
 from enum import Enum
 from typing import Union, get_args, get_origin
 
@@ -67,24 +68,35 @@ class ValidatedConfig(BaseModel):
             super().__init__(**data)
         except ValidationError as e:
             raise ConfigError.from_validation(type(self).__name__, e) from None
+        _check_bools_and_numbers(type(self), data)  # (after: a field's own rule speaks first)
 
     def __setattr__(self, name, value):
+        _check_bools_and_numbers(type(self), {name: value})
         try:
             super().__setattr__(name, value)
         except ValidationError as e:
             raise ConfigError.from_validation(type(self).__name__, e) from None
 
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_number_coercion(cls, value, info):
-        # pydantic's lax mode reads True as 1 (or 1.0) and 1, "yes" or "on" as True: a flag given
-        # where a number belongs, or the reverse, is a mistake to name, not a value to guess.
-        kinds = _field_types(cls.model_fields[info.field_name].annotation)
-        if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
-            raise ValueError("must be a number, not a bool")
-        if kinds == {bool} and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            raise ValueError("must be True or False")
-        return value
+
+def _check_bools_and_numbers(cls, data: dict) -> None:
+    """pydantic's lax mode reads True as 1 (or 1.0) and 1, "yes" or "on" as True: a flag given
+    where a number belongs, or the reverse, is a mistake to name, not a value to guess."""
+    numbers, bools = _number_and_bool_fields(cls)
+    problems = [(name, value, "must be a number, not a bool") if name in numbers
+                else (name, value, "must be True or False")
+                for name, value in data.items()
+                if (name in numbers and isinstance(value, bool))
+                or (name in bools and isinstance(value, (int, float, str)) and not isinstance(value, bool))]
+    if problems:
+        raise ConfigError(cls.__name__, problems)
+
+
+@functools.cache
+def _number_and_bool_fields(cls) -> tuple[frozenset[str], frozenset[str]]:
+    """A config's fields that take a number and no bool, and those that take a bool alone (None aside)."""
+    kinds = {name: _field_types(f.annotation) for name, f in cls.model_fields.items()}
+    return (frozenset(n for n, k in kinds.items() if k & {int, float} and bool not in k),
+            frozenset(n for n, k in kinds.items() if k == {bool}))
 
 
 def _field_types(annotation) -> set:
