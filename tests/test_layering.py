@@ -2,7 +2,8 @@
 
 Layers, lowest first; a module imports trtllm modules of its own layer or lower ones only:
 
-    config, sampling_params        user-facing values (TensorRT-LLM's names); a rank's place in a
+    config, sampling_params        user-facing values (TensorRT-LLM's names; what a validated config
+                                   is: validated_config; LoRA's: lora_config); a rank's place in a
                                    tensor-parallel group (parallel.tensor_parallel) and how its
                                    MoE layers split (parallel.expert_parallel)
     kernels                        ops: reference, Triton kernel, launcher, registration
@@ -44,9 +45,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "trtllm"
 
 LAYERS = [
-    ["trtllm.config", "trtllm.sampling_params", "trtllm.guided_decoding_params", "trtllm.logits_processor",
-     "trtllm.lora_request", "trtllm.parallel.tensor_parallel",
-     "trtllm.parallel.expert_parallel"],
+    ["trtllm.config", "trtllm.validated_config", "trtllm.lora_config", "trtllm.sampling_params",
+     "trtllm.guided_decoding_params", "trtllm.logits_processor", "trtllm.lora_request",
+     "trtllm.parallel.tensor_parallel", "trtllm.parallel.expert_parallel"],
     ["trtllm.kernels"],
     ["trtllm.attention_context", "trtllm.traced_sdpa", "trtllm.expert_load", "trtllm.mla_attention", "trtllm.lora_slots", "trtllm.multimodal_context", "trtllm.hidden_states", "trtllm.parallel.pipeline_parallel"],
     ["trtllm.quantization", "trtllm.models.checkpoint_config", "trtllm.models.checkpoint_tensors",

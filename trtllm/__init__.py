@@ -33,7 +33,7 @@ _EXPORTS = {
     "SpeculativeDecodingConfig": "trtllm.runtime.speculative.config",
     "EagleDecodingConfig": "trtllm.runtime.speculative.config",
     "MTPDecodingConfig": "trtllm.runtime.speculative.config",
-    "LoraConfig": "trtllm.config", "LoRARequest": "trtllm.lora_request",
+    "LoraConfig": "trtllm.lora_config", "LoRARequest": "trtllm.lora_request",
     "MultimodalEncoder": "trtllm.runtime.multimodal_inputs",
 }
 __all__ = list(_EXPORTS)

@@ -3,7 +3,8 @@
 Validated when made (and on assignment): a bad value raises `ConfigError` (a
 `ValueError`) with one line per bad field naming the field, the value and the rule;
 unknown fields are refused by name, so a typo or a TensorRT-LLM option we lack never
-silently means "default". NaN and infinities are refused as not finite.
+silently means "default". NaN and infinities are refused as not finite (how: validated_config.py).
+`LoraConfig` lives in lora_config.py and is importable from here too.
 
     KvCacheConfig(free_gpu_memory_fraction=0.9, max_tokens=None, enable_block_reuse=True,
                   tokens_per_block=32, dtype="auto")
@@ -19,100 +20,12 @@ silently means "default". NaN and infinities are refused as not finite.
 
 from __future__ import annotations
 
-import functools
 from enum import Enum
-from typing import Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """Bad options for a config: `problems` holds (field, value, rule) per bad field,
-    field None for a rule across fields; str() is one line per problem."""
-
-    NOT_GIVEN = object()  # a problem's value for a required field left out: no value to show
-
-    def __init__(self, config: str, problems: list[tuple[str | None, object, str]]):
-        self.config, self.problems = config, problems
-        lines = [f"{config}: {rule}" if field is None
-                 else f"{config}.{field}: {rule}" if value is self.NOT_GIVEN
-                 else f"{config}.{field}={value!r}: {rule}"
-                 for field, value, rule in problems]
-        super().__init__("\n".join(lines))
-
-    @classmethod
-    def from_validation(cls, config: str, error: ValidationError) -> ConfigError:
-        problems = []
-        for e in error.errors(include_url=False):
-            field = ".".join(str(p) for p in e.get("loc", ())) or None
-            rule = e["msg"].removeprefix("Value error, ").replace("Input should be", "must be", 1)
-            if e["type"] == "extra_forbidden":
-                rule = "unknown option"
-            elif e["type"] == "finite_number":
-                rule = "must be a finite number"
-            elif e["type"] == "missing":  # its input is the whole config's: not this field's value
-                problems.append((field, cls.NOT_GIVEN, "required"))
-                continue
-            problems.append((field, e.get("input") if field else None, rule))
-        return cls(config, problems)
-
-
-class ValidatedConfig(BaseModel):
-    """A pydantic model whose validation errors (when made or assigned) are ConfigErrors:
-    a user reads one line per bad field, not pydantic's dump with documentation links."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    def __init__(self, **data):
-        try:
-            super().__init__(**data)
-        except ValidationError as e:
-            raise ConfigError.from_validation(type(self).__name__, e) from None
-        _check_bools_and_numbers(type(self), data)  # (after: a field's own rule speaks first)
-
-    def __setattr__(self, name, value):
-        _check_bools_and_numbers(type(self), {name: value})
-        try:
-            super().__setattr__(name, value)
-        except ValidationError as e:
-            raise ConfigError.from_validation(type(self).__name__, e) from None
-
-
-def _check_bools_and_numbers(cls, data: dict) -> None:
-    """pydantic's lax mode reads True as 1 (or 1.0) and 1, "yes" or "on" as True: a flag given
-    where a number belongs, or the reverse, is a mistake to name, not a value to guess."""
-    numbers, bools = _number_and_bool_fields(cls)
-    problems = [(name, value, "must be a number, not a bool") if name in numbers
-                else (name, value, "must be True or False")
-                for name, value in data.items()
-                if (name in numbers and isinstance(value, bool))
-                or (name in bools and isinstance(value, (int, float, str)) and not isinstance(value, bool))]
-    if problems:
-        raise ConfigError(cls.__name__, problems)
-
-
-@functools.cache
-def _number_and_bool_fields(cls) -> tuple[frozenset[str], frozenset[str]]:
-    """A config's fields that take a number and no bool, and those that take a bool alone (None aside)."""
-    kinds = {name: _field_types(f.annotation) for name, f in cls.model_fields.items()}
-    return (frozenset(n for n, k in kinds.items() if k & {int, float} and bool not in k),
-            frozenset(n for n, k in kinds.items() if k == {bool}))
-
-
-def _field_types(annotation) -> set:
-    """A field's annotation as the set of its Union members, None left out (`bool | None` -> {bool})."""
-    members = get_args(annotation) if get_origin(annotation) in (Union, type(int | None)) else (annotation,)
-    return set(members) - {type(None)}
-
-
-def as_config(name: str, value, cls):
-    """`value` as a `cls` (a dict of its fields made into one; None stays None); TypeError otherwise."""
-    if value is None or isinstance(value, cls):
-        return value
-    if isinstance(value, dict):
-        return cls(**value)
-    raise TypeError(f"{name} must be a {cls.__name__} (or a dict of its fields), got {type(value).__name__}")
-
+from trtllm.lora_config import LoraConfig  # noqa: F401 (its public home was here)
+from trtllm.validated_config import ConfigError, ValidatedConfig
 
 # KvCacheConfig.dtype's values, as TensorRT-LLM spells them (kv_cache_dtype: how they meet
 # QuantConfig.kv_cache_quant_algo)
@@ -360,43 +273,3 @@ def kv_cache_dtype(kv_cache_config: KvCacheConfig, quant_config: QuantConfig | N
         raise ConfigError("KvCacheConfig", [("dtype", dtype, f"conflicts with QuantConfig.kv_cache_quant_algo="
                                                              f"{algo.value}; set one, or the same in both")])
     return by_algo
-
-
-# LoRA target modules by name: HF's (peft's target_modules) and TensorRT-LLM's for the same linears
-LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                       "qkv_proj", "gate_up_proj",  # Phi-3's fused projections
-                       # GPT-NeoX's, Falcon's and Bloom's; Phi-1/2's MLP
-                       "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "fc1", "fc2",
-                       "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_dense", "mlp_gate", "mlp_h_to_4h",
-                       "mlp_4h_to_h", "mlp_gate_up")
-
-
-class LoraConfig(ValidatedConfig):
-    """LoRA adapters (PEFT checkpoints) served beside the base model, many in one batch
-    (runtime/adapters.py). An adapter is named per request (`LoRARequest`)."""
-
-    lora_dir: list[str] = Field(
-        default_factory=list, description="adapter directories checked when the engine is built; with "
-                                          "lora_target_modules empty, their target modules are the ones wrapped")
-    max_lora_rank: int = Field(64, gt=0, description="the largest adapter rank accepted (the GPU slots' rank)")
-    max_loras: int = Field(4, gt=0, description="adapters resident on the GPU at once (slots)")
-    max_cpu_loras: int = Field(4, gt=0, description="adapters kept in host memory (loaded from disk on first use)")
-    lora_target_modules: list[str] = Field(
-        default_factory=list, description="the linears LoRA may target, by HF or TensorRT-LLM name (empty: those "
-                                          "of the adapters in lora_dir, or all attention and MLP linears)")
-    lora_ckpt_source: str = Field("hf", description="TensorRT-LLM's: the adapters' format, 'hf' (PEFT) only")
-
-    @field_validator("lora_target_modules")
-    @classmethod
-    def _known_modules(cls, v):
-        unknown = [m for m in v if m not in LORA_TARGET_MODULES]
-        if unknown:
-            raise ValueError(f"unknown target module(s) {unknown}; known: {', '.join(LORA_TARGET_MODULES)}")
-        return v
-
-    @field_validator("lora_ckpt_source")
-    @classmethod
-    def _peft_only(cls, v):
-        if v != "hf":
-            raise ValueError("only 'hf' (PEFT adapter directories) is read, not NeMo's .nemo checkpoints")
-        return v

@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from trtllm.config import ValidatedConfig
 from trtllm.guided_decoding_params import GuidedDecodingParams
 from trtllm.logits_processor import BatchedLogitsProcessor, LogitsProcessor  # noqa: F401 (their public home was here)
+from trtllm.validated_config import ValidatedConfig
 
 MAX_N = 16            # completions per request
 MAX_LOGPROBS = 20     # top-k logprobs per token

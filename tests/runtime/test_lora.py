@@ -149,7 +149,7 @@ def test_more_adapters_than_slots_evicts_and_still_matches(base, adapters):
         assert greedy(tight, prompts, requests) == solo
         cache = tight.engine.adapters
         # each adapter loaded once into the one slot (two evictions): while one waits for the
-        # slot, the requests of the resident adapter pass it (scheduler._next_waiting)
+        # slot, the requests of the resident adapter pass it (runtime/admission.py, Admission.next_waiting)
         assert cache.slot_loads == len(adapters)
         assert len(cache.cached) == 2 and len(cache.resident) == 1
         tight.block_manager.check_invariants()

@@ -215,7 +215,7 @@ def lora_config(args: argparse.Namespace, modules: dict):
     """The engine's LoraConfig for the adapters: checked when it is built (lora_dir)."""
     import json
 
-    from trtllm.config import LoraConfig
+    from trtllm.lora_config import LoraConfig
     from trtllm.runtime.peft_config import PEFT_DEFAULT_R
 
     rank = args.max_lora_rank

@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 
 from trtllm.compile import CompiledModel, compile as trtllm_compile
-from trtllm.config import LoraConfig, QuantAlgo
+from trtllm.config import QuantAlgo
 from trtllm.contract import adapter_module_path
+from trtllm.lora_config import LoraConfig
 from trtllm.lora_slots import LoraSlots
 from trtllm.models.checkpoint_config import read_json
 from trtllm.models.loader import ARCHITECTURES, load_model

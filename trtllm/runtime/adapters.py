@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from trtllm.config import LoraConfig
+from trtllm.lora_config import LoraConfig
 from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
 from trtllm.runtime.peft_config import check_peft_config, left_out_by_config

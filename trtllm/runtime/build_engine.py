@@ -22,13 +22,12 @@ from trtllm.config import (
     BuildConfig,
     CudaGraphConfig,
     KvCacheConfig,
-    LoraConfig,
     QuantConfig,
     SchedulerConfig,
-    as_config,
     kv_cache_dtype,
 )
 from trtllm.contract import adapter_module_path
+from trtllm.lora_config import LoraConfig
 from trtllm.lora_request import LoRARequest
 from trtllm.lora_slots import DEFAULT_TARGET_MODULES, LoraSlots
 from trtllm.models.loader import load_model
@@ -53,6 +52,7 @@ from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.speculative.build import build_speculative, check_speculative_config
 from trtllm.runtime.speculative.config import EagleDecodingConfig, MTPDecodingConfig
 from trtllm.runtime.tokenizer import load_tokenizer
+from trtllm.validated_config import as_config
 
 log = logging.getLogger("trtllm")
 

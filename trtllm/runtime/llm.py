@@ -66,7 +66,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from trtllm.config import BuildConfig, CudaGraphConfig, KvCacheConfig, LoraConfig, QuantConfig, SchedulerConfig
+from trtllm.config import BuildConfig, CudaGraphConfig, KvCacheConfig, QuantConfig, SchedulerConfig
+from trtllm.lora_config import LoraConfig
 from trtllm.lora_request import LoRARequest
 from trtllm.runtime.build_engine import build_engine, shutdown_workers
 from trtllm.runtime.engine_loop import EngineLoop

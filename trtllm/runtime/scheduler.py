@@ -13,8 +13,9 @@ Sequences wait in a FCFS queue, then run. Each `schedule()` builds one step: a l
    any prefix-cache hit) and a first chunk. A waiting sequence is admitted only if all
    ahead of it were; none is admitted in a step that preempted. Under `no_evict`
    (SchedulerConfig's GUARANTEED_NO_EVICT) a sequence is admitted only while the pool also
-   keeps the blocks every running sequence, and it, may still take until max_tokens
-   (`_reserve`): decoding then never runs out of blocks, and nothing is preempted.
+   keeps the blocks every running sequence, and it, may still take until max_tokens:
+   decoding then never runs out of blocks, and nothing is preempted. Which waiting
+   sequence is considered next, and whether it fits: `Admission` (runtime/admission.py).
 With chunked prefill off, a sequence's tokens are computed in one step or not at all.
 Speculative decoding (runtime/speculative): a decoding sequence with k draft tokens
 (`seq.draft_token_ids`) gets 1 + k tokens when the token budget and the pool still leave a
@@ -31,7 +32,7 @@ no token: its group's step does, after it.
 With LoRA (`adapters`, runtime/adapters.py), a sequence is admitted only when its adapter has a
 GPU slot or one can be freed for it; admission pins the slot, finishing or preemption unpins
 it. While the front sequence's adapter cannot have a slot, later sequences whose adapters
-have one are admitted past it, for MAX_FRONT_SKIPS steps at most (`_next_waiting`). An adapter whose files cannot be read at admission fails its
+have one are admitted past it, for MAX_FRONT_SKIPS steps at most (`Admission.next_waiting`). An adapter whose files cannot be read at admission fails its
 sequence alone ("error", from pop_finished).
 
 Pipeline parallelism (trtllm/parallel, the engine's micro-batches): `in_flight` holds the
@@ -68,15 +69,11 @@ one step late.
 """
 from __future__ import annotations
 
-import itertools
 from collections import deque
 
+from trtllm.runtime.admission import MAX_FRONT_SKIPS, Admission  # noqa: F401 (MAX_FRONT_SKIPS: its home was here)
 from trtllm.runtime.block_manager import BlockManager
 from trtllm.runtime.sequence import Sequence, SequenceStatus
-
-# With LoRA, steps a waiting sequence whose adapter has no GPU slot lets later ones (whose
-# adapters have) pass it, before admission waits for it (_next_waiting).
-MAX_FRONT_SKIPS = 256
 
 
 class Scheduler:
@@ -99,8 +96,7 @@ class Scheduler:
         # pipeline parallelism: sequences of micro-batches launched and not yet `update`d, which
         # `schedule` leaves alone (neither scheduled again nor preempted); the engine keeps it
         self.in_flight: set[Sequence] = set()
-        self._num_schedules = 0  # schedule() calls so far
-        self._front_blocked: tuple[Sequence, int] | None = None  # (the front sequence, the call it was first passed over)
+        self.admission = Admission(block_manager, max_num_seqs, max_model_len, adapters, no_evict)
 
     @property
     def num_waiting(self) -> int:
@@ -126,7 +122,7 @@ class Scheduler:
         need, pool = self.block_manager.blocks_needed(seq.num_tokens), self.block_manager.num_blocks
         if need > pool:
             raise ValueError(f"the prompt needs {need} KV blocks but the pool has only {pool}")
-        if self.no_evict and (whole := self._reserve(seq, running=False) + need) > pool:
+        if self.no_evict and (whole := self.admission.reserve(seq, ()) + need) > pool:
             beams = f" x {seq.beam.width} beams" if seq.beam is not None else ""
             raise ValueError(f"prompt ({seq.num_tokens} tokens) + max_tokens ({max_tokens}){beams} needs {whole} KV "
                              f"blocks but the pool has only {pool} (GUARANTEED_NO_EVICT keeps them all for it)")
@@ -167,7 +163,7 @@ class Scheduler:
         """One step; `max_seqs`: at most this many sequences in it (a pipeline's micro-batch)."""
         scheduled: list[tuple[Sequence, int]] = []
         limit = max_seqs or self.max_num_seqs
-        self._num_schedules += 1
+        self.admission.new_step()
         in_step: set[Sequence] = set()
         budget = self.max_num_tokens
         preempted = False
@@ -223,14 +219,14 @@ class Scheduler:
 
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs \
                 and len(scheduled) < limit:
-            seq = self._next_waiting()  # 3. admission, FCFS (with LoRA: see _next_waiting)
+            seq = self.admission.next_waiting(self.waiting)  # 3. admission, FCFS (with LoRA: see next_waiting)
             if seq.beam is not None and len(self.running) + seq.beam.width > self.max_num_seqs:
                 break  # a beam group's beams are admitted together (runtime/beams.py)
             if self.block_manager.blocks_needed(seq.num_tokens) > self.block_manager.num_blocks:
                 self.finish(seq, "length")  # re-admitting its outputs would overflow the pool
                 self._finished.append(seq)
                 continue
-            if not self.block_manager.can_allocate(seq, self._reserve(seq) if self.no_evict else 0):
+            if not self.admission.fits(seq, self.running):
                 break
             remaining = seq.num_tokens - self.block_manager.num_prefix_hit_tokens(seq)
             if not self.enable_chunked_prefill and remaining > budget:
@@ -258,62 +254,13 @@ class Scheduler:
             budget -= chunk
         return scheduled
 
-    def _admission_waits(self) -> bool:
-        """No waiting sequence can be admitted before a running one finishes, so the overlap
-        scheduler may plan the next decode step ahead meanwhile. With LoRA: every GPU slot is
-        pinned by running sequences' adapters, and no waiting sequence that _next_waiting
-        looks at has its adapter in one (or none). 256 requests over 64 adapters in 32 slots
-        ran half their decode steps without the overlap while the second half waited
-        (bench/probes/lora_step.py --many, H100, 2026-12-07: 63 of 125 steps, 12.6 ms against
-        11.0 launched ahead). Else: the pool cannot hold the front one's blocks (under
-        GUARANTEED_NO_EVICT, with everyone's reserve) and, with fewer sequences running than
-        max_num_seqs, a full pool would otherwise cost every step its overlap until one ends."""
-        if self.adapters is not None:  # admission may pass the front one (_next_waiting)
-            return self.adapters.none_admissible(itertools.islice(self.waiting, self.max_num_seqs + 1))
-        front = self.waiting[0]
-        return not self.block_manager.can_allocate(front, self._reserve(front) if self.no_evict else 0)
-
-    def _reserve(self, seq: Sequence, running: bool = True) -> int:
-        """GUARANTEED_NO_EVICT: the blocks to keep free beside `seq`'s own now, for the running
-        sequences (`running`) and `seq` to grow to max_tokens (a beam group's other beams: a
-        whole table each, their shared prompt blocks counted again: an upper bound)."""
-        bm = self.block_manager
-
-        def final(s: Sequence) -> int:
-            return bm.blocks_needed(min(len(s.prompt_token_ids) + s.sampling_params.max_tokens, self.max_model_len))
-        growth = sum(max(0, final(s) - len(s.block_table)) for s in self.running) if running else 0
-        width = seq.beam.width if seq.beam is not None else 1
-        return growth + final(seq) - bm.blocks_needed(seq.num_tokens) + (width - 1) * final(seq)
-
-    def _next_waiting(self) -> Sequence:
-        """The waiting sequence admission considers next: the front one; with LoRA, when no
-        GPU slot can be had for the front one's adapter, the first of the next max_num_seqs
-        whose adapter has one (or that has none), so that requests of the adapters in slots
-        fill the batch meanwhile (strict FCFS ran 8 sequences at a time for 256 requests
-        over 64 adapters in 8 slots: 0.055x the base model's tok/s on the H200, 2026-12-03).
-        The front one is passed over for MAX_FRONT_SKIPS steps at most; then admission waits
-        for it (the slots' sequences finish, and one frees for it)."""
-        front = self.waiting[0]
-        if self.adapters is None or self.adapters.can_admit(front):
-            self._front_blocked = None
-            return front
-        if self._front_blocked is None or self._front_blocked[0] is not front:
-            self._front_blocked = (front, self._num_schedules)
-        if self._num_schedules - self._front_blocked[1] >= MAX_FRONT_SKIPS:
-            return front
-        for i, seq in enumerate(self.waiting):
-            if i > self.max_num_seqs:
-                break
-            if seq.beam is None and self.adapters.can_admit(seq):
-                return seq
-        return front
-
     def schedule_ahead(self, scheduled: list[tuple[Sequence, int]], ends) -> tuple[list[Sequence], list[int]] | None:
         """The decode step after `scheduled` (single-token decodes of every running
         sequence, not yet `update`d): its sequences and their rows in `scheduled`, less
         those `ends(seq)` says finish at `scheduled`. Their blocks then cover the position
         after the pending token. None when the next step is `schedule`'s to plan."""
-        if self.waiting and len(self.running) < self.max_num_seqs and not self._admission_waits():
+        if self.waiting and len(self.running) < self.max_num_seqs \
+                and not self.admission.waits(self.waiting, self.running):
             return None  # a slot is free for the next in line: see below
         seqs, rows, running = [], [], 0
         for row, (seq, n) in enumerate(scheduled):
@@ -336,7 +283,8 @@ class Scheduler:
         # does a pool that cannot hold the front one (with its reserve under GUARANTEED_NO_EVICT),
         # nor LoRA while every adapter slot is pinned, and no one ends.
         ended = running > len(seqs)
-        if self.waiting and len(seqs) < self.max_num_seqs and (ended or not self._admission_waits()):
+        if self.waiting and len(seqs) < self.max_num_seqs \
+                and (ended or not self.admission.waits(self.waiting, self.running)):
             return None
         return (seqs, rows) if seqs else None
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
-from trtllm.config import ConfigError, ValidatedConfig
+from trtllm.validated_config import ConfigError, ValidatedConfig
 
 _VERIFY_GRAPHS = ("CUDA graphs for verify steps of max_draft_len drafts: None (default) wherever the engine can "
                   "capture them, True required, False off")
