@@ -13,7 +13,9 @@ NAME_OR_DIR: a checkpoint directory, "demo" (the default), or a preset with rand
 weights at a real model's shapes (trtllm/cli/model_arg.py: llama-3.1-8b, llama-3.2-1b,
 qwen3-8b, tiny-llama, tiny-qwen3). Bad input (a dataset line that is not JSON or lacks a
 field, an unknown model, a missing file, a request longer than the model's context) is
-refused before anything runs: one line on stderr, exit code 2.
+refused before anything runs: one line on stderr, exit code 2. A request that fails in the
+warm-up or the timed run stops the benchmark: one line (how many failed, the first error), no
+figures and no report files, exit code 1.
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ import time
 from trtllm.cli.bench_args import COMMANDS, BenchError, parser
 from trtllm.cli.bench_dataset import DatasetError
 from trtllm.cli.model_arg import UnknownModel
+
+
+class RequestsFailed(RuntimeError):
+    """A request of the warm-up or the timed run failed: reported as one line, no figures, exit code 1."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +47,9 @@ def main(argv=None) -> int:
     except (BenchError, DatasetError, UnknownModel, FileNotFoundError) as e:
         print(f"trtllm-bench: {e}", file=sys.stderr)
         return 2
+    except RequestsFailed as e:
+        print(f"trtllm-bench: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
@@ -141,11 +150,7 @@ def _bench(args) -> int:
         if args.profile:
             report["results"]["profile"] = _profile(llm, args, requests[: build.max_batch_size], recorder)
     _write_outputs(args, report, records, t0)
-    failed = report["results"]["num_failed"]
-    if failed:
-        print(f"trtllm-bench: {failed} request(s) failed; the first: {report['results']['first_error']}",
-              file=sys.stderr)
-    return 1 if failed else 0
+    return 0
 
 
 def _build_llm(args, spec, build, kv):
@@ -195,19 +200,31 @@ def _measure(llm, args, command, spec, requests, mode, build, load_s, recorder):
     startup, compiled = llm.engine.startup, llm.compiled
     if args.warmup:
         warm = [requests[i % len(requests)] for i in range(args.warmup)]
-        run_requests(llm, warm, temperature=args.temperature, progress="warm-up", **mode)
+        _check_finished("the warm-up", run_requests(llm, warm, temperature=args.temperature, progress="warm-up",
+                                                     **mode))
     before, compile_before = bench_report.counters(llm), compiled.compile_s
     recorder.clear()
     timings = run_requests(llm, requests, temperature=args.temperature, progress=command, **mode)
+    _check_finished("the timed run", timings)
     records = list(recorder.records)
     results = request_figures(timings, mode["streaming"])
-    results["first_error"] = next((t.error for t in timings if t.error is not None), None)
+    results["first_error"] = None  # (a run with a failed request reports no figures: _check_finished)
     results.update(bench_report.engine_figures(llm, records, before))
     results["startup_s"] = bench_report.startup_figures(startup, load_s)
     results["compile_after_startup_s"] = compiled.compile_s - startup.compile_s
     results["compile_during_run_s"] = compiled.compile_s - compile_before
     config = bench_report.run_config(llm, args, spec.describe(), requests, mode, build)
     return {"command": command, "config": config, "results": results}, min(t.submitted_s for t in timings)
+
+
+def _check_finished(what: str, timings) -> None:
+    """RequestsFailed if a request of the run failed: figures over the requests that finished
+    would look like a valid result, and a failed warm-up leaves the timed run cold."""
+    errors = [t.error or "it did not finish" for t in timings if t.error is not None or t.finished_s is None]
+    if errors:
+        first = "; ".join(line.strip() for line in str(errors[0]).splitlines() if line.strip())
+        raise RequestsFailed(f"{what}: {len(errors)} of {len(timings)} request(s) failed; the first: {first} "
+                             "(no figures reported)")
 
 
 def _profile(llm, args, requests, recorder) -> dict:
