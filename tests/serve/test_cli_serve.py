@@ -72,6 +72,20 @@ def test_a_speculative_model_dir_nothing_reads_is_a_bad_option(argv, why, monkey
         "trtllm-serve: bad option:", f"--speculative_model_dir: is for --speculative draft_target, eagle3 or mtp{why}"]
 
 
+@pytest.mark.parametrize("argv, words", [  # defaults of 4 and 3: given alone, they were silently unused
+    (["--max_draft_len", "3"], "--max_draft_len: is for --speculative ngram, draft_target, eagle3 or mtp; "
+                               "no --speculative given"),
+    (["--speculative", "mtp", "--max_matching_ngram_size", "2"], "--max_matching_ngram_size: is for --speculative "
+                                                                 "ngram, not mtp"),
+])
+def test_a_speculative_option_nothing_reads_is_a_bad_option(argv, words, monkeypatch, capsys):
+    def load(*_):
+        raise AssertionError("the model loaded with an option it never reads")
+    monkeypatch.setattr(cli, "build_llm", load)
+    assert main(["--port", "0", *argv]) == 2
+    assert capsys.readouterr().err.splitlines() == ["trtllm-serve: bad option:", words]
+
+
 @pytest.fixture
 def taken_port():
     with socket.socket() as s:

@@ -24,7 +24,7 @@ import json
 import sys
 import time
 
-from trtllm.cli.bench_args import COMMANDS, BenchError, parser
+from trtllm.cli.bench_args import COMMANDS, BenchError, check_prepare_options, check_run_options, parser
 from trtllm.cli.bench_dataset import DatasetError
 from trtllm.cli.model_arg import UnknownModel
 
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     try:
         if args.command == "prepare-dataset":
             from trtllm.cli.bench_dataset import prepare_dataset
+            check_prepare_options(args)
             return prepare_dataset(args)
         return _bench(args)
     except (BenchError, DatasetError, UnknownModel, FileNotFoundError) as e:
@@ -122,23 +123,9 @@ def _engine_configs(args, requests, spec, default_batch: int | None):
 def _bench(args) -> int:
     from trtllm.cli.bench_run import StepRecorder
     from trtllm.cli.model_arg import resolve_model
-    from trtllm.cli.output_paths import unwritable_reason
-    from trtllm.config import ConfigError
-    from trtllm.sampling_params import SamplingParams
 
-    for name, least in (("warmup", 0), ("profile_steps", 1)):
-        if getattr(args, name) < least:
-            raise BenchError(f"--{name} must be >= {least}, got {getattr(args, name)}")
-    try:  # --temperature: refused now, not as a traceback once the engine is built
-        SamplingParams(temperature=args.temperature)
-    except ConfigError as e:
-        raise BenchError(f"bad option: {'; '.join(str(e).splitlines())}") from None
-    outputs = [args.report_json, args.iteration_log] + ([args.profile_trace] if args.profile else [])
-    for path in filter(None, outputs):  # before minutes of loading, compiling and running
-        why = unwritable_reason(path)
-        if why is not None:
-            raise BenchError(f"cannot write {path!r}: {why}")
     spec = resolve_model(args.model)
+    check_run_options(args, spec)
     command, requests, mode = _workload(args, spec)
     build, kv = _engine_configs(args, requests, spec, mode.pop("max_batch_size"))
     llm, load_s = _build_llm(args, spec, build, kv)

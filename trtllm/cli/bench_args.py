@@ -1,7 +1,14 @@
 """`trtllm-bench`'s command line: the options of the flat form, of each run command and of
-prepare-dataset (trtllm/cli/bench.py's docstring is the --help text).
+prepare-dataset (trtllm/cli/bench.py's docstring is the --help text), and their checks.
 
     parser(doc) -> argparse.ArgumentParser
+    check_run_options(args, spec)       a run's options checked, their defaults filled in
+    check_prepare_options(args)         prepare-dataset's: no run option given before it
+
+An option whose default matters only with another one (--profile_steps without --profile,
+--max_draft_len without --speculative) parses to None when not given, so that one given
+alone is refused by name rather than silently unused; its default is filled in afterwards
+(speculative_config_from_options fills the speculative ones).
 """
 from __future__ import annotations
 
@@ -11,6 +18,12 @@ from trtllm.runtime.speculative.config import SPECULATIVE_KINDS
 
 COMMANDS = ("throughput", "latency", "prepare-dataset")
 DEFAULT_TRACE = "trtllm-bench-trace.json"
+
+
+# the defaults of the options that parse to None when not given (the speculative ones: theirs)
+RUN_DEFAULTS = {"dtype": "auto", "seed": 0, "disable_overlap_scheduler": False, "expert_load": False,
+                "temperature": 0.0, "warmup": 2, "profile": False, "profile_trace": DEFAULT_TRACE, "profile_steps": 8}
+_FLAT_OPTIONS = ("batch_size", "input_len", "output_len")
 
 
 class BenchError(ValueError):
@@ -24,9 +37,10 @@ def _add(parser, name: str, **kw) -> None:
 
 
 def _run_options(parser, suppress: bool) -> None:
-    """Engine and report options: on the top level (the flat form) and on each run command.
-    `suppress`: a command's copy leaves what the top level parsed alone when not given."""
-    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    """Engine and report options: on the top level (the flat form) and on each run command,
+    None when not given (RUN_DEFAULTS fills them in). `suppress`: a command's copy leaves what
+    the top level parsed alone when not given."""
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: None)
     _add(parser, "--max_batch_size", type=int, default=d(None),
          help="sequences in one engine step at most (default: throughput, as many as the KV pool holds for the "
               "dataset's lengths, 256 to 1024; latency 1; flat form --batch_size)")
@@ -53,8 +67,8 @@ def _run_options(parser, suppress: bool) -> None:
          help="speculative decoding: n-gram lookup (NGramDecodingConfig), a draft model (DraftTargetDecodingConfig) or "
               "an EAGLE-3 head (EagleDecodingConfig), both from --speculative_model_dir, or DeepSeek-V3's MTP layer "
               "(MTPDecodingConfig); docs/speculative_decoding.md")
-    _add(parser, "--max_draft_len", type=int, default=d(4), help="draft tokens a step at most (default 4)")
-    _add(parser, "--max_matching_ngram_size", type=int, default=d(3),
+    _add(parser, "--max_draft_len", type=int, default=d(None), help="draft tokens a step at most (default 4)")
+    _add(parser, "--max_matching_ngram_size", type=int, default=d(None),
          help="n-gram: the longest suffix looked up (default 3)")
     _add(parser, "--speculative_model_dir", default=d(None), help="draft_target: the draft model's checkpoint; eagle3: the EAGLE-3 head's")
     _add(parser, "--temperature", type=float, default=d(0.0), help="0 = greedy (default)")
@@ -72,8 +86,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trtllm-bench", description=doc.split("\n\n")[0], allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc.split("\n\n", 1)[1])
     _add(ap, "--model", default=None, help="checkpoint directory, 'demo' (default) or a preset")
-    _add(ap, "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    _add(ap, "--seed", type=int, default=0, help="preset weights and flat-form prompts (default 0)")
+    _add(ap, "--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"], help="(default auto)")
+    _add(ap, "--seed", type=int, default=None, help="preset weights and flat-form prompts (default 0)")
     _add(ap, "--batch_size", type=int, default=None, help="flat form: requests, all at once")
     _add(ap, "--input_len", type=int, default=None, help="flat form: prompt tokens of each request")
     _add(ap, "--output_len", type=int, default=None, help="flat form: tokens each request generates")
@@ -104,3 +118,48 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("distribution", nargs="?", choices=["token-norm-dist"], default="token-norm-dist",
                    help="TensorRT-LLM's subcommand name, accepted: the lengths are normal-distributed")
     return ap
+
+
+def check_prepare_options(args: argparse.Namespace) -> None:
+    """prepare-dataset reads --model and --seed only: a run's option given before it is refused
+    by name (it was silently unused)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    _run_options(probe, suppress=False)
+    stray = [f"--{n}" for n in ("dtype", *_FLAT_OPTIONS, *vars(probe.parse_args([]))) if getattr(args, n) is not None]
+    if stray:
+        raise BenchError(f"{', '.join(stray)}: not {'options' if len(stray) > 1 else 'an option'} of prepare-dataset "
+                         "(before its name it reads only --model and --seed)")
+    args.seed = RUN_DEFAULTS["seed"] if args.seed is None else args.seed
+
+
+def check_run_options(args: argparse.Namespace, spec) -> None:
+    """A run's options, before anything loads (BenchError naming one): an option given that the
+    run would not read (--profile_steps / --profile_trace without --profile; --seed where there
+    is neither a preset's weights nor the flat form's prompts to draw), a count out of range,
+    a bad --temperature, an output file that cannot be written. Then RUN_DEFAULTS fills in
+    the options not given."""
+    from trtllm.cli.output_paths import unwritable_reason
+    from trtllm.config import ConfigError
+    from trtllm.sampling_params import SamplingParams
+
+    profile = [f"--{n}" for n in ("profile_trace", "profile_steps") if getattr(args, n) is not None]
+    if profile and not args.profile:
+        raise BenchError(f"{', '.join(profile)} {'need' if len(profile) > 1 else 'needs'} --profile")
+    if args.seed is not None and args.command is not None and spec.kind != "preset":
+        raise BenchError(f"--seed draws a preset's weights and the flat form's prompts: model {spec.name!r} is a "
+                         f"checkpoint and {args.command}'s requests come from --dataset")
+    for name, default in RUN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    for name, least in (("warmup", 0), ("profile_steps", 1)):
+        if getattr(args, name) < least:
+            raise BenchError(f"--{name} must be >= {least}, got {getattr(args, name)}")
+    try:  # --temperature: refused now, not as a traceback once the engine is built
+        SamplingParams(temperature=args.temperature)
+    except ConfigError as e:
+        raise BenchError(f"bad option: {'; '.join(str(e).splitlines())}") from None
+    outputs = [args.report_json, args.iteration_log] + ([args.profile_trace] if args.profile else [])
+    for path in filter(None, outputs):  # before minutes of loading, compiling and running
+        why = unwritable_reason(path)
+        if why is not None:
+            raise BenchError(f"cannot write {path!r}: {why}")

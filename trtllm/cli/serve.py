@@ -100,9 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="speculative decoding: n-gram lookup, a draft model or an EAGLE-3 head (--speculative_model_dir), "
                          "DeepSeek-V3's MTP layer; "
                          "docs/speculative_decoding.md (the overlap scheduler is then off)")
-    ap.add_argument("--max_draft_len", "--max-draft-len", type=int, default=4, help="draft tokens a step at most")
-    ap.add_argument("--max_matching_ngram_size", "--max-matching-ngram-size", type=int, default=3,
-                    help="n-gram: the longest suffix looked up")
+    ap.add_argument("--max_draft_len", "--max-draft-len", type=int, default=None, help="draft tokens a step at most (default 4)")
+    ap.add_argument("--max_matching_ngram_size", "--max-matching-ngram-size", type=int, default=None,
+                    help="n-gram: the longest suffix looked up (default 3)")
     ap.add_argument("--speculative_model_dir", "--speculative-model-dir", default=None,
                     help="draft_target: the draft model's checkpoint; eagle3: the EAGLE-3 head's")
     ap.add_argument("--lora_modules", "--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
