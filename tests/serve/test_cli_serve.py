@@ -86,6 +86,31 @@ def test_a_speculative_option_nothing_reads_is_a_bad_option(argv, words, monkeyp
     assert capsys.readouterr().err.splitlines() == ["trtllm-serve: bad option:", words]
 
 
+@pytest.mark.parametrize("argv, words", [  # the caps' defaults hid them: given for a text model, silently unused
+    (["--max_image_pixels", "100"], "--max_image_pixels: an image option, and the demo model takes no images "
+                                    "(LlamaForCausalLM: a text-only model)"),
+    (["--allowed_local_media_path", "/tmp", "--max_images_per_request", "2"],
+     "--allowed_local_media_path, --max_images_per_request: image options, and the demo model takes no images"),
+])
+def test_image_options_for_a_text_only_model_are_a_bad_option(argv, words, monkeypatch, capsys):
+    def load(*_):
+        raise AssertionError("the model loaded with an option it never reads")
+    monkeypatch.setattr(cli, "build_llm", load)
+    assert main(["--port", "0", *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"trtllm-serve: bad option: {words}"), err
+
+
+def test_image_options_for_a_multimodal_checkpoint_become_its_media_policy(tmp_path):
+    from trtllm.cli.serve_options import media_policy
+    from trtllm.runtime.multimodal_inputs import MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
+    (tmp_path / "config.json").write_text('{"architectures": ["LlavaForConditionalGeneration"]}')
+    policy = media_policy(cli.parse_args([str(tmp_path), "--max_images_per_request", "2"]))
+    assert (policy.allowed_local_media_path, policy.max_images, policy.max_pixels) == (None, 2, MAX_IMAGE_PIXELS)
+    policy = media_policy(cli.parse_args([]))  # none given: the defaults, for the text-only demo model too
+    assert (policy.max_images, policy.max_pixels) == (MAX_IMAGES_PER_REQUEST, MAX_IMAGE_PIXELS)
+
+
 @pytest.fixture
 def taken_port():
     with socket.socket() as s:
