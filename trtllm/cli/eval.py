@@ -96,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"--{name} must be positive, got {value}")
     if getattr(args, "num_fewshot", None) is not None and args.num_fewshot < 0:
         ap.error(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
+    if getattr(args, "fewshot_path", None) is not None and args.num_fewshot == 0:  # 0: the default
+        ap.error("--fewshot_path needs --num_fewshot N > 0 (with no shots it would be unused)")
     return args
 
 
