@@ -133,6 +133,15 @@ def test_bad_input_is_one_line_and_exit_2(argv, error, capsys):
 @pytest.mark.parametrize("argv, error", [
     (["--max_input_len", "0", "perplexity"], "BuildConfig.max_input_len=0: must be greater than 0"),
     (["lm-eval", "--tasks", "t", "--only_include_path"], "--only_include_path needs --include_path"),
+    (["demo-mc", "--fewshot_path", "EVAL_MC"], "--fewshot_path needs --num_fewshot N > 0"),  # was unused
+    # lm-eval's --limit is a float: nan and inf passed "must be positive" (nan <= 0 is False), 1.5 meant 1
+    (["lm-eval", "--tasks", "t", "--limit", "nan"], "--limit must be a fraction of the examples (0 < F < 1) or a "
+                                                     "whole number of them, got nan"),
+    (["lm-eval", "--tasks", "t", "--limit", "inf"], "--limit must be a fraction of the examples"),
+    (["lm-eval", "--tasks", "t", "--limit=-inf"], "--limit must be positive, got -inf"),
+    (["lm-eval", "--tasks", "t", "--limit", "1.5"], "whole number of them, got 1.5"),
+    (["lm-eval", "--tasks", "t", "--limit", "-2"], "--limit must be positive, got -2.0"),
+    (["lm-eval", "--tasks", "t", "--bootstrap_iters", "-5"], "--bootstrap_iters must be >= 0, got -5"),
 ])
 def test_bad_options_are_refused_before_the_engine_is_built(argv, error, capsys, monkeypatch):
     import trtllm.runtime.llm as llm_module
@@ -140,7 +149,8 @@ def test_bad_options_are_refused_before_the_engine_is_built(argv, error, capsys,
     def built(*args, **kwargs):
         raise AssertionError("the engine was built for options that are refused")
     monkeypatch.setattr(llm_module, "LLM", built)
-    code, out, err = run(argv, capsys)
+    from trtllm.demo import DEMO_MODEL_DIR
+    code, out, err = run([str(DEMO_MODEL_DIR / "eval_mc.jsonl") if a == "EVAL_MC" else a for a in argv], capsys)
     assert code == 2 and err.count("\n") == 1 and error in err, err
 
 

@@ -249,6 +249,44 @@ def test_options_the_engine_would_not_read_are_refused(capsys, monkeypatch):
              "bad option", "--speculative_model_dir: is for --speculative draft_target, eagle3 or mtp")
 
 
+FLAT = ["--batch_size", "1", "--input_len", "4", "--output_len", "4"]
+
+
+@pytest.mark.parametrize("argv, words", [  # options with a default, given alone: they were silently unused
+    ([*FLAT, "--max_draft_len", "3"], "bad option: --max_draft_len: is for --speculative ngram, draft_target, "
+                                      "eagle3 or mtp; no --speculative given"),
+    ([*FLAT, "--speculative", "eagle3", "--speculative_model_dir", "d", "--max_matching_ngram_size", "2"],
+     "bad option: --max_matching_ngram_size: is for --speculative ngram, not eagle3"),
+    ([*FLAT, "--profile_steps", "3"], "--profile_steps needs --profile"),
+    ([*FLAT, "--profile_trace", "t.json", "--profile_steps", "3"], "--profile_trace, --profile_steps need --profile"),
+    (["--model", "tiny-llama", "latency", "--dataset", "DATA", "--profile_steps", "3"], "needs --profile"),
+    (["--seed", "3", "throughput", "--dataset", "DATA"], "--seed draws a preset's weights and the flat form's "
+                                                           "prompts: model 'demo' is a checkpoint"),
+    (["--warmup", "3", "--dtype", "float16", "prepare-dataset", "--num_requests", "1", "--input_mean", "4",
+      "--output_mean", "2"], "--dtype, --warmup: not options of prepare-dataset"),
+])
+def test_an_option_given_without_what_reads_it_is_refused(argv, words, tmp_path, capsys, monkeypatch):
+    import trtllm.cli.model_arg as model_arg
+    import trtllm.runtime.llm as llm_module
+
+    def built(*args, **kwargs):
+        raise AssertionError("the engine was built for an option it never reads")
+    monkeypatch.setattr(llm_module, "LLM", built)
+    monkeypatch.setattr(model_arg, "build_preset", built)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"input_ids": [1, 2], "output_tokens": 2}\n')
+    _refused(capsys, [str(data) if a == "DATA" else a for a in argv], words)
+
+
+def test_prepare_dataset_reads_the_seed_given_before_it(capsys):
+    assert main(["--model", "tiny-llama", "--seed", "1", "prepare-dataset", "--num_requests", "1",
+                 "--input_mean", "4", "--output_mean", "2"]) == 0
+    out = capsys.readouterr().out
+    assert main(["--model", "tiny-llama", "--seed", "2", "prepare-dataset", "--num_requests", "1",
+                 "--input_mean", "4", "--output_mean", "2"]) == 0
+    assert out != capsys.readouterr().out  # the seed drew other token ids
+
+
 @pytest.mark.parametrize("option, words", [(["--quantization", "FP9"], "QuantConfig.quant_algo='FP9'"),
                                            (["--cuda_graph_max_prefill_tokens", "-1"], "max_prefill_tokens")])
 def test_a_bad_engine_option_is_refused_before_a_presets_weights_are_made(option, words, capsys, monkeypatch):

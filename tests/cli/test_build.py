@@ -182,7 +182,9 @@ def test_build_limits_become_llm_defaults(sources, tmp_path):
     ("algo", "--quant_algo W4A16_AWQ: not supported; trtllm-build quantizes to FP8, FP8_PER_CHANNEL_PER_TOKEN"),
     ("kv_algo", "--kv_cache_quant_algo NVFP4: not supported"),
     ("not_empty", "--output_dir .*: exists and is not an empty directory"),
-    ("calib_without_kv", "--calib_dataset calibrates KV-cache scales.*or static activation scales.*would be unused"),
+    ("calib_without_kv", "--calib_dataset: calibration option; .*KV-cache scales.*or static activation scales.*"
+                         "it would be unused"),
+    ("calib_size_without_kv", "--calib_size, --calib_max_seq_length: calibration options; .*they would be unused"),
     ("static_block", "--activation_scheme static with FP8_BLOCK_SCALES"),
     ("seq_len", "max_seq_len=1000 exceeds the model's max_position_embeddings=256"),
     ("quantized", "already quantized"),
@@ -209,6 +211,8 @@ def test_bad_input_exits_2_naming_it(sources, tmp_path, capsys, case, words):
         (out / "x").write_text("")
     elif case == "calib_without_kv":
         extra = ["--calib_dataset", str(src / "config.json")]
+    elif case == "calib_size_without_kv":  # non-None defaults: given alone, they were silently unused
+        extra = ["--calib_size", "4", "--calib_max_seq_length", "64"]
     elif case == "static_block":
         algo, extra = "FP8_BLOCK_SCALES", ["--activation_scheme", "static"]
     elif case == "seq_len":

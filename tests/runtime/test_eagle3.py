@@ -360,7 +360,9 @@ def test_the_demo_models_trained_head_is_accepted_often_and_changes_nothing():
 def test_the_commands_spell_it_eagle3():
     from trtllm.config import ConfigError
     from trtllm.runtime.speculative.config import speculative_config_from_options
-    cfg = speculative_config_from_options("eagle3", 3, 2, "head/")
+    cfg = speculative_config_from_options("eagle3", 3, None, "head/")
     assert isinstance(cfg, EagleDecodingConfig) and cfg.max_draft_len == 3 and cfg.speculative_model_dir == "head/"
     with pytest.raises(ConfigError, match="eagle3 needs --speculative_model_dir"):
-        speculative_config_from_options("eagle3", 3, 2, None)
+        speculative_config_from_options("eagle3", 3, None, None)
+    with pytest.raises(ConfigError, match="--max_matching_ngram_size: is for --speculative ngram, not eagle3"):
+        speculative_config_from_options("eagle3", 3, 2, "head/")  # an n-gram size eagle3 would not read

@@ -253,5 +253,6 @@ def test_bad_configs_are_refused_by_name(target, tmp_path):
 
 def test_the_commands_spell_it_mtp():
     from trtllm.runtime.speculative.config import speculative_config_from_options
-    cfg = speculative_config_from_options("mtp", 3, 3, None)
+    cfg = speculative_config_from_options("mtp", 3, None, None)  # None: not given (an n-gram size is refused)
     assert isinstance(cfg, MTPDecodingConfig) and cfg.draft_len == 3
+    assert speculative_config_from_options("mtp", None, None, None).draft_len == 4  # the commands' default

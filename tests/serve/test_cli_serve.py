@@ -64,12 +64,48 @@ def test_max_cpu_loras_0_is_refused_not_the_default(tmp_path):
 
 @pytest.mark.parametrize("argv, why", [([], "; no --speculative given"), (["--speculative", "ngram"], ", not ngram")])
 def test_a_speculative_model_dir_nothing_reads_is_a_bad_option(argv, why, monkeypatch, capsys):
+    assert _refused_before_loading([*argv, "--speculative_model_dir", "draft"], monkeypatch, capsys) == [
+        "trtllm-serve: bad option:", f"--speculative_model_dir: is for --speculative draft_target, eagle3 or mtp{why}"]
+
+
+def _refused_before_loading(argv, monkeypatch, capsys) -> list[str]:
+    """main(argv) exits 2 before the model loads: its stderr lines."""
     def load(*_):
         raise AssertionError("the model loaded with an option it never reads")
     monkeypatch.setattr(cli, "build_llm", load)
-    assert main(["--port", "0", *argv, "--speculative_model_dir", "draft"]) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        "trtllm-serve: bad option:", f"--speculative_model_dir: is for --speculative draft_target, eagle3 or mtp{why}"]
+    assert main(["--port", "0", *argv]) == 2
+    return capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("argv, words", [  # defaults of 4 and 3: given alone, they were silently unused
+    (["--max_draft_len", "3"], "--max_draft_len: is for --speculative ngram, draft_target, eagle3 or mtp; "
+                               "no --speculative given"),
+    (["--speculative", "mtp", "--max_matching_ngram_size", "2"], "--max_matching_ngram_size: is for --speculative "
+                                                                 "ngram, not mtp"),
+])
+def test_a_speculative_option_nothing_reads_is_a_bad_option(argv, words, monkeypatch, capsys):
+    assert _refused_before_loading(argv, monkeypatch, capsys) == ["trtllm-serve: bad option:", words]
+
+
+@pytest.mark.parametrize("argv, words", [  # the caps' defaults hid them: given for a text model, silently unused
+    (["--max_image_pixels", "100"], "--max_image_pixels: an image option, and the demo model takes no images "
+                                    "(LlamaForCausalLM: a text-only model)"),
+    (["--allowed_local_media_path", "/tmp", "--max_images_per_request", "2"],
+     "--allowed_local_media_path, --max_images_per_request: image options, and the demo model takes no images"),
+])
+def test_image_options_for_a_text_only_model_are_a_bad_option(argv, words, monkeypatch, capsys):
+    err = _refused_before_loading(argv, monkeypatch, capsys)
+    assert len(err) == 1 and err[0].startswith(f"trtllm-serve: bad option: {words}"), err
+
+
+def test_image_options_for_a_multimodal_checkpoint_become_its_media_policy(tmp_path):
+    from trtllm.cli.serve_options import media_policy
+    from trtllm.runtime.multimodal_inputs import MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
+    (tmp_path / "config.json").write_text('{"architectures": ["LlavaForConditionalGeneration"]}')
+    policy = media_policy(cli.parse_args([str(tmp_path), "--max_images_per_request", "2"]))
+    assert (policy.allowed_local_media_path, policy.max_images, policy.max_pixels) == (None, 2, MAX_IMAGE_PIXELS)
+    policy = media_policy(cli.parse_args([]))  # none given: the defaults, for the text-only demo model too
+    assert (policy.max_images, policy.max_pixels) == (MAX_IMAGES_PER_REQUEST, MAX_IMAGE_PIXELS)
 
 
 @pytest.fixture

@@ -13,7 +13,9 @@ NAME_OR_DIR: a checkpoint directory, "demo" (the default), or a preset with rand
 weights at a real model's shapes (trtllm/cli/model_arg.py: llama-3.1-8b, llama-3.2-1b,
 qwen3-8b, tiny-llama, tiny-qwen3). Bad input (a dataset line that is not JSON or lacks a
 field, an unknown model, a missing file, a request longer than the model's context) is
-refused before anything runs: one line on stderr, exit code 2.
+refused before anything runs: one line on stderr, exit code 2. A request that fails in the
+warm-up or the timed run stops the benchmark: one line (how many failed, the first error), no
+figures and no report files, exit code 1.
 """
 from __future__ import annotations
 
@@ -22,105 +24,17 @@ import json
 import sys
 import time
 
+from trtllm.cli.bench_args import COMMANDS, BenchError, check_prepare_options, check_run_options, parser
 from trtllm.cli.bench_dataset import DatasetError
 from trtllm.cli.model_arg import UnknownModel
-from trtllm.runtime.speculative.config import SPECULATIVE_KINDS
-
-COMMANDS = ("throughput", "latency", "prepare-dataset")
-DEFAULT_TRACE = "trtllm-bench-trace.json"
 
 
-class BenchError(ValueError):
-    """Input the benchmark refuses: reported as one line, exit code 2."""
-
-
-def _add(parser, name: str, **kw) -> None:
-    """--name_with_underscores, and its dashed spelling."""
-    dashed = name.replace("_", "-")
-    parser.add_argument(*([name] if dashed == name else [name, dashed]), **kw)
-
-
-def _run_options(parser, suppress: bool) -> None:
-    """Engine and report options: on the top level (the flat form) and on each run command.
-    `suppress`: a command's copy leaves what the top level parsed alone when not given."""
-    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
-    _add(parser, "--max_batch_size", type=int, default=d(None),
-         help="sequences in one engine step at most (default: throughput, as many as the KV pool holds for the "
-              "dataset's lengths, 256 to 1024; latency 1; flat form --batch_size)")
-    _add(parser, "--max_num_tokens", type=int, default=d(None), help="tokens in one engine step at most (default 8192)")
-    _add(parser, "--max_seq_len", type=int, default=d(None),
-         help="prompt + output tokens at most (default: the workload's longest request)")
-    _add(parser, "--kv_cache_free_gpu_memory_fraction", type=float, default=d(None),
-         help="fraction of free GPU memory for the KV cache (default 0.9)")
-    _add(parser, "--kv_cache_max_tokens", type=int, default=d(None), help="KV-cache capacity in tokens at most")
-    _add(parser, "--kv_cache_dtype", choices=["auto", "fp8", "int8"], default=d(None),
-         help="KV-cache element: auto (the model's dtype, default), fp8 (e4m3) or int8 (KvCacheConfig.dtype)")
-    _add(parser, "--quantization", default=d(None),
-         help="quantize the weights as they load (QuantConfig.quant_algo: FP8, FP8_PER_CHANNEL_PER_TOKEN, "
-              "FP8_BLOCK_SCALES; TensorRT-LLM's QuantAlgo names); an FP8 checkpoint needs none")
-    _add(parser, "--disable_overlap_scheduler", action="store_true", default=d(False),
-         help="wait for each decode step before launching the next")
-    _add(parser, "--cuda_graph_max_prefill_tokens", type=int, default=d(None),
-         help="prefill steps of at most N tokens replay CUDA graphs (CudaGraphConfig.max_prefill_tokens, default "
-              "2048; 0: none)")
-    _add(parser, "--expert_load", action="store_true", default=d(False),
-         help="MoE models: count the tokens routed to each expert of each MoE block (one small kernel a block a "
-              "step, trtllm/expert_load.py) and report max / mean per expert and their ratio")
-    _add(parser, "--speculative", choices=SPECULATIVE_KINDS, default=d(None),
-         help="speculative decoding: n-gram lookup (NGramDecodingConfig), a draft model (DraftTargetDecodingConfig) or "
-              "an EAGLE-3 head (EagleDecodingConfig), both from --speculative_model_dir, or DeepSeek-V3's MTP layer "
-              "(MTPDecodingConfig); docs/speculative_decoding.md")
-    _add(parser, "--max_draft_len", type=int, default=d(4), help="draft tokens a step at most (default 4)")
-    _add(parser, "--max_matching_ngram_size", type=int, default=d(3),
-         help="n-gram: the longest suffix looked up (default 3)")
-    _add(parser, "--speculative_model_dir", default=d(None), help="draft_target: the draft model's checkpoint; eagle3: the EAGLE-3 head's")
-    _add(parser, "--temperature", type=float, default=d(0.0), help="0 = greedy (default)")
-    _add(parser, "--warmup", type=int, default=d(2), help="requests run before timing, untimed (default 2)")
-    _add(parser, "--report_json", default=d(None), help="write every figure and the configuration to FILE")
-    _add(parser, "--iteration_log", default=d(None), help="write one JSON line per engine step to FILE")
-    _add(parser, "--profile", action="store_true", default=d(False),
-         help="afterwards, profile a few decode steps: a torch profiler trace and the top kernels")
-    _add(parser, "--profile_trace", default=d(DEFAULT_TRACE), help=f"the trace file (default {DEFAULT_TRACE})")
-    _add(parser, "--profile_steps", type=int, default=d(8), help="engine steps to profile (default 8)")
+class RequestsFailed(RuntimeError):
+    """A request of the warm-up or the timed run failed: reported as one line, no figures, exit code 1."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    # no abbreviations: the top level sees the commands' options too (--output is not --output_len)
-    ap = argparse.ArgumentParser(prog="trtllm-bench", description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    _add(ap, "--model", default=None, help="checkpoint directory, 'demo' (default) or a preset")
-    _add(ap, "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    _add(ap, "--seed", type=int, default=0, help="preset weights and flat-form prompts (default 0)")
-    _add(ap, "--batch_size", type=int, default=None, help="flat form: requests, all at once")
-    _add(ap, "--input_len", type=int, default=None, help="flat form: prompt tokens of each request")
-    _add(ap, "--output_len", type=int, default=None, help="flat form: tokens each request generates")
-    _run_options(ap, suppress=False)
-    sub = ap.add_subparsers(dest="command", metavar="{throughput,latency,prepare-dataset}")
-    for name, help_ in (("throughput", "all requests offline, or at most --concurrency in flight"),
-                        ("latency", "one request at a time, streamed: TTFT and per-token latency")):
-        p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
-        _add(p, "--dataset", required=True, help="JSONL requests (TensorRT-LLM's layout; prepare-dataset writes one)")
-        _add(p, "--num_requests", type=int, default=None, help="the first N requests (default: all)")
-        if name == "throughput":
-            _add(p, "--concurrency", type=int, default=None, help="requests in flight at most (default: all)")
-            _add(p, "--streaming", action="store_true", help="stream each request's tokens: TTFT, TPOT and ITL")
-        _add(p, "--model", default=argparse.SUPPRESS, help="as before the command")
-        _add(p, "--dtype", default=argparse.SUPPRESS, choices=["auto", "float32", "float16", "bfloat16"])
-        _run_options(p, suppress=True)
-    p = sub.add_parser("prepare-dataset", help="synthetic token-id prompts of normal-distributed lengths",
-                       allow_abbrev=False)
-    _add(p, "--model", default=argparse.SUPPRESS, help="as before the command: its vocabulary and context")
-    _add(p, "--num_requests", type=int, required=True)
-    _add(p, "--input_mean", type=float, required=True, help="mean prompt tokens")
-    _add(p, "--input_stdev", type=float, default=0.0)
-    _add(p, "--output_mean", type=float, required=True, help="mean output tokens")
-    _add(p, "--output_stdev", type=float, default=0.0)
-    _add(p, "--seed", type=int, default=argparse.SUPPRESS, help="(default 0)")
-    _add(p, "--output", default=None, help="JSONL file (default: stdout)")
-    _add(p, "--stdout", action="store_true", help="write to stdout (the default; TensorRT-LLM's spelling)")
-    p.add_argument("distribution", nargs="?", choices=["token-norm-dist"], default="token-norm-dist",
-                   help="TensorRT-LLM's subcommand name, accepted: the lengths are normal-distributed")
-    return ap.parse_args(argv)
+    return parser(__doc__).parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -128,11 +42,15 @@ def main(argv=None) -> int:
     try:
         if args.command == "prepare-dataset":
             from trtllm.cli.bench_dataset import prepare_dataset
+            check_prepare_options(args)
             return prepare_dataset(args)
         return _bench(args)
     except (BenchError, DatasetError, UnknownModel, FileNotFoundError) as e:
         print(f"trtllm-bench: {e}", file=sys.stderr)
         return 2
+    except RequestsFailed as e:
+        print(f"trtllm-bench: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
@@ -205,23 +123,9 @@ def _engine_configs(args, requests, spec, default_batch: int | None):
 def _bench(args) -> int:
     from trtllm.cli.bench_run import StepRecorder
     from trtllm.cli.model_arg import resolve_model
-    from trtllm.cli.output_paths import unwritable_reason
-    from trtllm.config import ConfigError
-    from trtllm.sampling_params import SamplingParams
 
-    for name, least in (("warmup", 0), ("profile_steps", 1)):
-        if getattr(args, name) < least:
-            raise BenchError(f"--{name} must be >= {least}, got {getattr(args, name)}")
-    try:  # --temperature: refused now, not as a traceback once the engine is built
-        SamplingParams(temperature=args.temperature)
-    except ConfigError as e:
-        raise BenchError(f"bad option: {'; '.join(str(e).splitlines())}") from None
-    outputs = [args.report_json, args.iteration_log] + ([args.profile_trace] if args.profile else [])
-    for path in filter(None, outputs):  # before minutes of loading, compiling and running
-        why = unwritable_reason(path)
-        if why is not None:
-            raise BenchError(f"cannot write {path!r}: {why}")
     spec = resolve_model(args.model)
+    check_run_options(args, spec)
     command, requests, mode = _workload(args, spec)
     build, kv = _engine_configs(args, requests, spec, mode.pop("max_batch_size"))
     llm, load_s = _build_llm(args, spec, build, kv)
@@ -233,11 +137,7 @@ def _bench(args) -> int:
         if args.profile:
             report["results"]["profile"] = _profile(llm, args, requests[: build.max_batch_size], recorder)
     _write_outputs(args, report, records, t0)
-    failed = report["results"]["num_failed"]
-    if failed:
-        print(f"trtllm-bench: {failed} request(s) failed; the first: {report['results']['first_error']}",
-              file=sys.stderr)
-    return 1 if failed else 0
+    return 0
 
 
 def _build_llm(args, spec, build, kv):
@@ -287,19 +187,31 @@ def _measure(llm, args, command, spec, requests, mode, build, load_s, recorder):
     startup, compiled = llm.engine.startup, llm.compiled
     if args.warmup:
         warm = [requests[i % len(requests)] for i in range(args.warmup)]
-        run_requests(llm, warm, temperature=args.temperature, progress="warm-up", **mode)
+        _check_finished("the warm-up", run_requests(llm, warm, temperature=args.temperature, progress="warm-up",
+                                                     **mode))
     before, compile_before = bench_report.counters(llm), compiled.compile_s
     recorder.clear()
     timings = run_requests(llm, requests, temperature=args.temperature, progress=command, **mode)
+    _check_finished("the timed run", timings)
     records = list(recorder.records)
     results = request_figures(timings, mode["streaming"])
-    results["first_error"] = next((t.error for t in timings if t.error is not None), None)
+    results["first_error"] = None  # (a run with a failed request reports no figures: _check_finished)
     results.update(bench_report.engine_figures(llm, records, before))
     results["startup_s"] = bench_report.startup_figures(startup, load_s)
     results["compile_after_startup_s"] = compiled.compile_s - startup.compile_s
     results["compile_during_run_s"] = compiled.compile_s - compile_before
     config = bench_report.run_config(llm, args, spec.describe(), requests, mode, build)
     return {"command": command, "config": config, "results": results}, min(t.submitted_s for t in timings)
+
+
+def _check_finished(what: str, timings) -> None:
+    """RequestsFailed if a request of the run failed: figures over the requests that finished
+    would look like a valid result, and a failed warm-up leaves the timed run cold."""
+    errors = [t.error or "it did not finish" for t in timings if t.error is not None or t.finished_s is None]
+    if errors:
+        first = "; ".join(line.strip() for line in str(errors[0]).splitlines() if line.strip())
+        raise RequestsFailed(f"{what}: {len(errors)} of {len(timings)} request(s) failed; the first: {first} "
+                             "(no figures reported)")
 
 
 def _profile(llm, args, requests, recorder) -> dict:

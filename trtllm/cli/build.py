@@ -19,8 +19,8 @@ Activations are dynamic by default (per token; per 1x128 group with block scales
 --activation_scheme static (FP8 and FP8_PER_CHANNEL_PER_TOKEN) the unquantized model is loaded
 once, run eagerly over the calibration text with a hook on each linear's input, and each
 linear's input_scale = its largest |input| / 448 (quantization/calibrate.py); then it is
-quantized one linear at a time. --calib_dataset with neither static activations nor a KV
-format is refused by name (it would be unused).
+quantized one linear at a time. --calib_dataset, --calib_size or --calib_max_seq_length with
+neither static activations nor a KV format is refused by name (it would be unused).
 Bad input (a missing or non-checkpoint directory, an algorithm not built, a non-empty
 output directory, bad limits) exits 2 with one line naming it; nothing is written then.
 """
@@ -36,6 +36,7 @@ from pathlib import Path
 QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES")
 KV_CACHE_QUANT_ALGOS = ("FP8", "INT8")
 _LIMITS = ("max_batch_size", "max_input_len", "max_seq_len", "max_beam_width")
+CALIB_DEFAULTS = {"calib_size": 512, "calib_max_seq_length": 512}
 
 
 class BuildError(ValueError):
@@ -51,8 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                "(k/v scales calibrated and saved)")
     ap.add_argument("--calib_dataset", default=None, help="calibration text: one a line, or JSONL with 'text' "
                                                           "(default: built-in paragraphs)")
-    ap.add_argument("--calib_size", type=int, default=512, help="calibration samples at most (default 512)")
-    ap.add_argument("--calib_max_seq_length", type=int, default=512, help="tokens a sample at most (default 512)")
+    # None when not given (CALIB_DEFAULTS then): one given without calibration is refused, not unused
+    ap.add_argument("--calib_size", type=int, default=None, help="calibration samples at most (default 512)")
+    ap.add_argument("--calib_max_seq_length", type=int, default=None, help="tokens a sample at most (default 512)")
     ap.add_argument("--activation_scheme", default="dynamic", choices=["dynamic", "static"],
                     help="dynamic: activations quantized per token at run time (default); static: one scale per "
                          "linear calibrated on the calibration text (FP8, FP8_PER_CHANNEL_PER_TOKEN)")
@@ -90,10 +92,15 @@ def _check_input(args: argparse.Namespace):
         raise BuildError(f"--kv_cache_quant_algo {args.kv_cache_quant_algo}: not supported; "
                          f"{', '.join(KV_CACHE_QUANT_ALGOS)}")
     static = args.activation_scheme == "static"
-    if args.calib_dataset is not None and args.kv_cache_quant_algo is None and not static:
-        raise BuildError("--calib_dataset calibrates KV-cache scales (--kv_cache_quant_algo FP8|INT8) or static "
-                         "activation scales (--activation_scheme static); with neither it would be unused (the "
-                         "activations are quantized dynamically, per token)")
+    calib = [f"--{n}" for n in ("calib_dataset", *CALIB_DEFAULTS) if getattr(args, n) is not None]
+    if calib and args.kv_cache_quant_algo is None and not static:
+        raise BuildError(f"{', '.join(calib)}: calibration option{'s' if len(calib) > 1 else ''}; calibration "
+                         "runs for KV-cache scales (--kv_cache_quant_algo FP8|INT8) or static activation scales "
+                         f"(--activation_scheme static), and with neither {'they' if len(calib) > 1 else 'it'} "
+                         "would be unused (the activations are quantized dynamically, per token)")
+    for name, default in CALIB_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if static and args.quant_algo == "FP8_BLOCK_SCALES":
         raise BuildError("--activation_scheme static with FP8_BLOCK_SCALES: block weights take per-token-group "
                          "activations; static scales are supported with FP8 and FP8_PER_CHANNEL_PER_TOKEN")

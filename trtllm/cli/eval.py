@@ -15,6 +15,7 @@ than the engine takes) is one line on stderr and exit status 2, before the evalu
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_fewshot", type=int, default=None, help="default: each task's own")
     p.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
     p.add_argument("--max_gen_tokens", type=int, default=256, help="for tasks that name no max_gen_toks")
-    p.add_argument("--bootstrap_iters", type=int, default=1000, help="resamples for bootstrapped stderrs")
+    p.add_argument("--bootstrap_iters", type=int, default=1000,
+                   help="resamples for bootstrapped stderrs (default 1000; 0: none, those stderrs N/A)")
     for p in tasks.choices.values():  # the engine's options also after the task's name
         _engine_options(p, argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -94,8 +96,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             ap.error(f"--{name} must be positive, got {value}")
-    if getattr(args, "num_fewshot", None) is not None and args.num_fewshot < 0:
-        ap.error(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
+    limit = getattr(args, "limit", None)  # lm-eval's: a float, nan and inf parsed (nan <= 0 is False)
+    if limit is not None and not (0 < limit < 1 or (math.isfinite(limit) and limit == int(limit))):
+        ap.error(f"--limit must be a fraction of the examples (0 < F < 1) or a whole number of them, got {limit}")
+    for name in ("num_fewshot", "bootstrap_iters"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            ap.error(f"--{name} must be >= 0, got {value}")
+    if getattr(args, "fewshot_path", None) is not None and args.num_fewshot == 0:  # 0: the default
+        ap.error("--fewshot_path needs --num_fewshot N > 0 (with no shots it would be unused)")
     return args
 
 

@@ -35,6 +35,7 @@ import socket
 import sys
 from pathlib import Path
 
+from trtllm.cli.serve_options import check_server_options, media_policy
 from trtllm.runtime.speculative.config import SPECULATIVE_KINDS
 
 API_KEY_ENV = "TRTLLM_API_KEY"
@@ -100,9 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="speculative decoding: n-gram lookup, a draft model or an EAGLE-3 head (--speculative_model_dir), "
                          "DeepSeek-V3's MTP layer; "
                          "docs/speculative_decoding.md (the overlap scheduler is then off)")
-    ap.add_argument("--max_draft_len", "--max-draft-len", type=int, default=4, help="draft tokens a step at most")
-    ap.add_argument("--max_matching_ngram_size", "--max-matching-ngram-size", type=int, default=3,
-                    help="n-gram: the longest suffix looked up")
+    ap.add_argument("--max_draft_len", "--max-draft-len", type=int, default=None, help="draft tokens a step at most (default 4)")
+    ap.add_argument("--max_matching_ngram_size", "--max-matching-ngram-size", type=int, default=None,
+                    help="n-gram: the longest suffix looked up (default 3)")
     ap.add_argument("--speculative_model_dir", "--speculative-model-dir", default=None,
                     help="draft_target: the draft model's checkpoint; eagle3: the EAGLE-3 head's")
     ap.add_argument("--lora_modules", "--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
@@ -116,30 +117,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="LoRA adapters kept in host memory (default: max(4, the number of --lora_modules))")
     ap.add_argument("--allowed_local_media_path", "--allowed-local-media-path", default=None, metavar="DIR",
                     help="image_url parts may name local files (file:// or a path) under DIR; default: none")
-    ap.add_argument("--max_images_per_request", "--max-images-per-request", type=int, default=MAX_IMAGES_PER_REQUEST,
+    ap.add_argument("--max_images_per_request", "--max-images-per-request", type=int, default=None,
                     help=f"images in one chat request at most (default {MAX_IMAGES_PER_REQUEST})")
-    ap.add_argument("--max_image_pixels", "--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+    ap.add_argument("--max_image_pixels", "--max-image-pixels", type=int, default=None,
                     help=f"decoded pixels of one image at most (default {MAX_IMAGE_PIXELS}); larger: 413")
     ap.add_argument("--engine-in-thread", action="store_true",
                     help="run the engine on a thread of the server process instead of a process of its own "
                          "(less memory and startup; streaming throughput suffers: both share one GIL)")
     return ap.parse_args(argv)
-
-
-def check_server_options(args: argparse.Namespace) -> None:
-    """ValueError naming a server option out of range, or a LoRA option with no --lora_modules
-    (it was silently unused): before the port is bound and the model loads."""
-    import math
-
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port {args.port}: must be in [0, 65535]")
-    if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
-        raise ValueError(f"--max-concurrent-requests {args.max_concurrent_requests}: must be at least 1")
-    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
-        raise ValueError(f"--shutdown-timeout {args.shutdown_timeout}: must be a finite number of seconds >= 0")
-    unused = [f"--{k}" for k in ("max_lora_rank", "max_loras", "max_cpu_loras") if getattr(args, k) is not None]
-    if unused and not args.lora_modules:
-        raise ValueError(f"{', '.join(unused)}: LoRA options, and no --lora_modules to serve")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -310,8 +295,7 @@ def main(argv=None) -> int:
         try:
             options = engine_options(args)
             lora_modules = parse_lora_modules(args.lora_modules, served_model_name(args))
-            from trtllm.serve.media import MediaPolicy
-            media = MediaPolicy(args.allowed_local_media_path, args.max_images_per_request, args.max_image_pixels)
+            media = media_policy(args)
         except ConfigError as e:
             print(f"trtllm-serve: bad option:\n{e}", file=sys.stderr)
             return 2

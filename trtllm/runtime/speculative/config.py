@@ -112,24 +112,35 @@ SPECULATIVE_CONFIGS = (NGramDecodingConfig, DraftTargetDecodingConfig, Speculati
 
 
 SPECULATIVE_KINDS = ("ngram", "draft_target", "eagle3", "mtp")  # the commands' --speculative choices
+DEFAULT_MAX_DRAFT_LEN, DEFAULT_MAX_MATCHING_NGRAM_SIZE = 4, 3  # theirs, when --max_draft_len / ... is not given
 
 
-def speculative_config_from_options(kind: str | None, max_draft_len: int, max_matching_ngram_size: int,
+def speculative_config_from_options(kind: str | None, max_draft_len: int | None, max_matching_ngram_size: int | None,
                                     speculative_model_dir: str | None):
     """The commands' --speculative (SPECULATIVE_KINDS) and its options as a config (None: off);
-    mtp reads its layer from the model's checkpoint (or --speculative_model_dir)."""
-    if speculative_model_dir is not None and kind in (None, "ngram"):  # it was silently unused
-        raise ConfigError("--speculative_model_dir", [(None, None, "is for --speculative draft_target, eagle3 or mtp"
-                                                       + (", not ngram" if kind else "; no --speculative given"))])
+    mtp reads its layer from the model's checkpoint (or --speculative_model_dir). An option None
+    was not given: its default (4 draft tokens, n-grams of 3); one given that `kind` never reads
+    is refused by name (it was silently unused)."""
+    if kind is not None and kind not in SPECULATIVE_KINDS:
+        raise ConfigError("--speculative", [(None, None, f"must be one of {', '.join(SPECULATIVE_KINDS)}, "
+                                                         f"got {kind!r}")])
+    readers = (("--max_draft_len", max_draft_len, SPECULATIVE_KINDS),
+               ("--max_matching_ngram_size", max_matching_ngram_size, ("ngram",)),
+               ("--speculative_model_dir", speculative_model_dir, ("draft_target", "eagle3", "mtp")))
+    for option, value, kinds in readers:
+        if value is not None and kind not in kinds:
+            kinds_ = ", ".join(kinds[:-1]) + f" or {kinds[-1]}" if len(kinds) > 1 else kinds[0]
+            raise ConfigError(option, [(None, None, f"is for --speculative {kinds_}"
+                                        + (f", not {kind}" if kind else "; no --speculative given"))])
+    max_draft_len = DEFAULT_MAX_DRAFT_LEN if max_draft_len is None else max_draft_len
+    if max_matching_ngram_size is None:
+        max_matching_ngram_size = DEFAULT_MAX_MATCHING_NGRAM_SIZE
     if kind is None:
         return None
     if kind == "ngram":
         return NGramDecodingConfig(max_draft_len=max_draft_len, max_matching_ngram_size=max_matching_ngram_size)
     if kind == "mtp":
         return MTPDecodingConfig(max_draft_len=max_draft_len, speculative_model_dir=speculative_model_dir)
-    if kind not in SPECULATIVE_KINDS:
-        raise ConfigError("--speculative", [(None, None, f"must be one of {', '.join(SPECULATIVE_KINDS)}, "
-                                                         f"got {kind!r}")])
     if speculative_model_dir is None:
         what = "the draft's checkpoint" if kind == "draft_target" else "the EAGLE-3 head's directory"
         raise ConfigError("--speculative", [(None, None, f"{kind} needs --speculative_model_dir ({what})")])
