@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.models.checkpoints import write_checkpoint
 from tests.runtime.tokenizers import make_tokenizer
 from trtllm.config import BuildConfig, KvCacheConfig
 from trtllm.runtime.llm import LLM
@@ -13,11 +12,9 @@ from trtllm.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("perf")
-    write_checkpoint("llama31", path, vocab_size=512)
-    make_tokenizer(path)
-    return path
+def checkpoint(checkpoint):  # conftest's tiny Llama, with a tokenizer
+    make_tokenizer(checkpoint)
+    return checkpoint
 
 
 def small_llm(path, **kw):
