@@ -161,13 +161,13 @@ def run(llm: LLM, batch: list[list[int]], new: int) -> tuple[list[list[int]], fl
     # timed run: 1.24 s of it on the H200, 2026-12-05 (a first launch of that shape)
     for _ in range(2):
         llm.generate(batch, params, use_tqdm=False)
-    before = llm.get_stats()
+    before = vars(llm.engine_stats())
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t = time.perf_counter()
     outs = llm.generate(batch, params, use_tqdm=False)
     wall = time.perf_counter() - t
-    after = llm.get_stats()
+    after = vars(llm.engine_stats())
     spec = {k: after[k] - before[k] for k in ("spec_draft_tokens", "spec_accepted_tokens", "spec_verify_steps")}
     return [o.outputs[0].token_ids for o in outs], wall, spec
 

@@ -48,4 +48,4 @@ def test_lengths_over_the_engines_limit_are_refused_before_anything_runs(scorer)
         scorer.loglikelihoods([([1], [1] * 255), ok])
     with pytest.raises(EvalInputError, match=r"prompt 0 has 230 tokens.*max_seq_len=256 with 32 tokens generated"):
         scorer.generate([[1] * 230], stop=[], max_tokens=32)
-    assert scorer.llm.get_stats()["num_running"] == 0 and scorer.llm.get_stats()["num_waiting"] == 0
+    assert scorer.llm.engine_stats().num_running == 0 and scorer.llm.engine_stats().num_waiting == 0

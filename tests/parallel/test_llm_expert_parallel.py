@@ -156,7 +156,7 @@ def test_ngram_speculation_with_expert_parallelism_gives_one_ranks_tokens(tmp_pa
     with small_llm(path, max_num_tokens=8, tensor_parallel_size=2, moe_expert_parallel_size=2,
                    speculative_config=NGramDecodingConfig(max_draft_len=4)) as llm:
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
-        assert llm.get_stats()["spec_accepted_tokens"] > 0
+        assert vars(llm.engine_stats())["spec_accepted_tokens"] > 0
 
 
 def test_lora_on_attention_runs_under_expert_parallelism(tmp_path):

@@ -126,7 +126,7 @@ def test_speculative_decoding_on_two_stages_gives_one_ranks_tokens(tmp_path):
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
     def run(llm):
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)], llm.get_stats()
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)], vars(llm.engine_stats())
     with small_llm(path, max_tokens=64) as llm:
         expected, _ = run(llm)
     for proposer in (NGramDecodingConfig(max_draft_len=4),

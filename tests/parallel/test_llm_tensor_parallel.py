@@ -114,7 +114,7 @@ def test_speculative_decoding_on_two_ranks_gives_one_ranks_tokens(tmp_path):
 
     def run(llm):
         out = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        return out, llm.get_stats()
+        return out, vars(llm.engine_stats())
     with small_llm(path, max_num_tokens=8, max_tokens=64) as llm:
         expected, _ = run(llm)
     for proposer in (NGramDecodingConfig(max_draft_len=4),
@@ -143,7 +143,7 @@ def test_eagle3_on_two_ranks_proposes_as_one_rank(tmp_path):
                  kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=512),
                  build_config=BuildConfig(max_batch_size=4, max_num_tokens=16, max_seq_len=64)) as llm:
             runs[tp] = ([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)],
-                        llm.get_stats()["spec_accepted_tokens"])
+                        vars(llm.engine_stats())["spec_accepted_tokens"])
     assert runs[2] == runs[1]
     assert runs[2][1] > len(prompts) * 10  # ~1.5-2 drafts accepted a step of a trained head
 

@@ -106,7 +106,7 @@ def test_a_row_with_every_token_banned_fails_by_name_and_others_go_on(llm):
         llm.generate(PROMPTS, [SamplingParams(max_tokens=4, ignore_eos=True, bad_token_ids=everything),
                                SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)], use_tqdm=False)
     assert len(ids(llm, PROMPTS, temperature=0.0)[1]) == NEW
-    assert llm.get_stats()["blocks_used"] == 0
+    assert vars(llm.engine_stats())["blocks_used"] == 0
 
 
 def test_bans_hold_under_speculative_decoding(checkpoint, llm):

@@ -163,7 +163,7 @@ def test_mixed_batch_is_token_identical_and_books_balance(target, head):
     with small_llm(target, speculative_config=cfg) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
         got = [o.outputs[0].token_ids for o in outs]
-        stats = llm.get_stats()
+        stats = vars(llm.engine_stats())
         _books_balance(llm)
     assert got[:-1] == expected[:-1]
     assert len(got[-1]) == params[-1].max_tokens
@@ -182,7 +182,7 @@ def test_preemption_keeps_output_identical(target, head):
     with small_llm(target, kv_tokens=48, max_seq_len=32, speculative_config=cfg) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         assert llm.engine.scheduler.num_preemptions > 0
-        assert llm.get_stats()["spec_verify_steps"] > 0
+        assert vars(llm.engine_stats())["spec_verify_steps"] > 0
         _books_balance(llm)
     assert got == expected
 
@@ -352,7 +352,7 @@ def test_the_demo_models_trained_head_is_accepted_often_and_changes_nothing():
     cfg = EagleDecodingConfig(max_draft_len=4, speculative_model_dir=str(model / "eagle3"))
     with LLM(str(model), dtype="float32", build_config=build, speculative_config=cfg) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        stats = llm.get_stats()
+        stats = vars(llm.engine_stats())
     assert got == expected
     assert 1 + stats["spec_accepted_tokens"] / stats["spec_verify_steps"] > 2.0
 

@@ -146,7 +146,7 @@ def test_pool_holds_twice_the_tokens_in_the_same_memory(checkpoint):
             # quarter of the fp32 model's bytes
             assert quantized.block_manager.num_blocks == plain.block_manager.num_blocks
             assert 4 * quantized.engine.runner.cache.nbytes == plain.engine.runner.cache.nbytes
-            assert quantized.get_stats()["blocks_total"] == plain.get_stats()["blocks_total"]
+            assert quantized.engine_stats().blocks_total == plain.engine_stats().blocks_total
 
 
 def test_fp8_cache_on_a_gpu_without_fp8_is_refused_when_built(monkeypatch):

@@ -161,7 +161,7 @@ def test_abandoned_stream_is_aborted_and_frees_its_blocks(llama_llm):
         while llama_llm.has_unfinished() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not llama_llm.has_unfinished(), "the abandoned stream kept running"
-    stats = llama_llm.get_stats()
+    stats = vars(llama_llm.engine_stats())
     assert stats["num_running"] == 0 and stats["blocks_used"] == 0
     llama_llm.block_manager.check_invariants()
 
@@ -370,8 +370,42 @@ def test_chat_applies_the_checkpoints_template_and_get_stats(tmp_path):
         assert got.prompt == "<user>hi<assistant>" and got.outputs[0].token_ids == want.outputs[0].token_ids
         two = llm.chat([messages, messages], params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in two] == [want.outputs[0].token_ids] * 2
-        stats = llm.get_stats()
+        stats = vars(llm.engine_stats())
         assert stats["blocks_total"] == llm.block_manager.num_blocks and stats["num_running"] == 0
+        with pytest.raises(ValueError, match=r"get_stats\(\) needs LLM\(enable_iter_perf_stats=True\)"):
+            llm.get_stats()
+
+
+def test_tensorrt_llms_iteration_stats(tmp_path):
+    # get_stats() was engine_stats() as a dict: TensorRT-LLM's returns the iterations since the last call
+    write_checkpoint("llama31", tmp_path, vocab_size=512)
+    make_tokenizer(tmp_path)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    with LLM(str(tmp_path), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=512),
+             max_seq_len=64, enable_iter_perf_stats=True, iter_stats_max_iterations=3) as llm:
+        assert llm.get_stats(timeout=2) == []
+        llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=False)
+        stats = llm.get_stats()
+        assert [s["iter"] for s in stats] == [2, 3, 4]  # 4 steps (both prompts, then 3 decodes), the last 3 kept
+        assert all(s["inflightBatchingStats"]["numScheduledRequests"] == 2 for s in stats)
+        assert all(s["iterLatencyMS"] > 0 and s["kvCacheStats"]["maxNumBlocks"] == llm.block_manager.num_blocks
+                   for s in stats)
+        assert stats[-1]["numActiveRequests"] == 0 and stats[-1]["kvCacheStats"]["tokensPerBlock"] == 16
+        assert llm.get_stats() == []  # drained
+
+        async def drain():
+            return [s async for s in llm.get_stats_async()]
+
+        llm.generate([5, 6], params, use_tqdm=False)
+        assert [s["iter"] for s in asyncio.run(drain())] == [6, 7, 8]
+    for kwargs, error, words in [
+        (dict(iter_stats_max_iterations=5), ValueError, "iter_stats_max_iterations needs enable_iter_perf_stats=True"),
+        (dict(enable_iter_perf_stats=True, iter_stats_max_iterations=0), ValueError,
+         "iter_stats_max_iterations must be an integer >= 1, got 0"),
+        (dict(enable_iter_perf_stats="yes"), TypeError, "enable_iter_perf_stats must be True or False"),
+    ]:
+        with pytest.raises(error, match=words):
+            LLM(str(tmp_path), **kwargs)
 
 
 def test_chat_adds_no_second_bos_to_a_template_that_writes_one(tmp_path):

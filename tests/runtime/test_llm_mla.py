@@ -119,7 +119,7 @@ def test_speculative_decoding_verifies_on_the_latent_cache(tmp_path_factory):
     with speculative_llm() as engine:
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
         got = [o.outputs[0].token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
-        stats = engine.get_stats()
+        stats = vars(engine.engine_stats())
     assert got == expected
     assert stats["spec_verify_steps"] > 0 and stats["spec_accepted_tokens"] > 0, stats
 

@@ -361,7 +361,7 @@ def test_speculation_with_adapters_gives_peft_tokens(base, adapters, monkeypatch
              build_config=BuildConfig(max_batch_size=8, max_num_tokens=64, max_seq_len=64),
              lora_config=LoraConfig(max_lora_rank=16), speculative_config=NGramDecodingConfig(max_draft_len=3)) as llm:
         got = greedy(llm, prompts * 2, [request] * 2 + [None] * 2)
-        assert llm.get_stats()["spec_accepted_tokens"] > 0
+        assert vars(llm.engine_stats())["spec_accepted_tokens"] > 0
     assert got == [peft_greedy(peft_model, p, NEW) for p in prompts] + [peft_greedy(hf_model(base), p, NEW)
                                                                         for p in prompts]
 

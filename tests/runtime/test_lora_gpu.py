@@ -30,7 +30,7 @@ def tokens(path, request, graphs: bool, **kwargs):
         outs = llm.generate(PROMPTS * 2, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
                             use_tqdm=False, lora_request=[request] * 3 + [None] * 3)
         assert all(o.outputs[0].finish_reason == "length" for o in outs), [o.outputs[0].error for o in outs]
-        return [o.outputs[0].token_ids for o in outs], dict(llm.get_stats(), prefill_replays=len(replays))
+        return [o.outputs[0].token_ids for o in outs], dict(vars(llm.engine_stats()), prefill_replays=len(replays))
 
 
 @pytest.mark.parametrize("options", [dict(), dict(speculative_config=NGramDecodingConfig(max_draft_len=3)),

@@ -135,7 +135,7 @@ def test_mixed_batch_is_token_identical_and_books_balance(target):
     with small_llm(target, speculative_config=MTPDecodingConfig(max_draft_len=2)) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
         got = [o.outputs[0].token_ids for o in outs]
-        stats = llm.get_stats()
+        stats = vars(llm.engine_stats())
         assert llm.engine.speculative.max_draft_len == 2
         _books_balance(llm)
     assert got[:-1] == expected[:-1]
@@ -151,7 +151,7 @@ def test_preemption_keeps_output_identical(target):
     with small_llm(target, kv_tokens=48, max_seq_len=32, speculative_config=MTPDecodingConfig(max_draft_len=3)) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         assert llm.engine.scheduler.num_preemptions > 0
-        assert llm.get_stats()["spec_verify_steps"] > 0
+        assert vars(llm.engine_stats())["spec_verify_steps"] > 0
         _books_balance(llm)
     assert got == expected
 

@@ -371,7 +371,7 @@ def test_speculation_with_images_gives_the_target_tokens(llava):
     with LLM(model=str(llava), dtype="float32", speculative_config=NGramDecodingConfig(max_draft_len=3)) as llm:
         out = llm.generate({"prompt": text, "multi_modal_data": {"image": [image]}},
                            SamplingParams(max_tokens=12, **GREEDY))
-        assert llm.get_stats()["spec_accepted_tokens"] > 0
+        assert vars(llm.engine_stats())["spec_accepted_tokens"] > 0
     assert out.outputs[0].token_ids == hf_greedy(llava, text, [image], 12)
     # a draft model reads the placeholders as text (here the checkpoint itself, with no images): its
     # drafts are rejected where they differ, the tokens are the target's
@@ -379,7 +379,7 @@ def test_speculation_with_images_gives_the_target_tokens(llava):
     with LLM(model=str(llava), dtype="float32", speculative_config=draft) as llm:
         again = llm.generate({"prompt": text, "multi_modal_data": {"image": [image]}},
                              SamplingParams(max_tokens=12, **GREEDY))
-        assert llm.get_stats()["spec_draft_tokens"] > 0
+        assert vars(llm.engine_stats())["spec_draft_tokens"] > 0
     assert again.outputs[0].token_ids == out.outputs[0].token_ids
 
 
@@ -401,7 +401,7 @@ def test_an_eagle3_head_with_images_gives_the_target_tokens(tmp_path):
              speculative_config=EagleDecodingConfig(max_draft_len=3, speculative_model_dir=str(head))) as llm:
         out = llm.generate({"prompt": text, "multi_modal_data": {"image": [image]}},
                            SamplingParams(max_tokens=12, **GREEDY))
-        assert llm.get_stats()["spec_draft_tokens"] > 0
+        assert vars(llm.engine_stats())["spec_draft_tokens"] > 0
         llm.block_manager.check_invariants()
     assert out.outputs[0].token_ids == hf_greedy(llava, text, [image], 12)
 

@@ -282,7 +282,7 @@ def test_ngram_speculation_with_an_image_gives_hf_tokens(checkpoint, hf):
     text, imgs = prompt(1, "one two three one two three one two"), images(1, 5)
     with LLM(model=str(checkpoint), dtype="float32", speculative_config=NGramDecodingConfig(max_draft_len=3)) as llm:
         out = llm.generate({"prompt": text, "multi_modal_data": {"image": imgs}}, SamplingParams(max_tokens=12, **GREEDY))
-        accepted = llm.get_stats()["spec_accepted_tokens"]
+        accepted = vars(llm.engine_stats())["spec_accepted_tokens"]
     assert out.outputs[0].token_ids == hf_greedy(hf, checkpoint, text, imgs, 12)
     assert accepted > 0, "no draft accepted: the verify steps' positions went untested"
 
@@ -297,5 +297,5 @@ def test_an_eagle3_head_with_an_image_gives_hf_tokens(tmp_path):
     with LLM(model=str(checkpoint), dtype="float32",
              speculative_config=EagleDecodingConfig(max_draft_len=3, speculative_model_dir=str(head))) as llm:
         out = llm.generate({"prompt": text, "multi_modal_data": {"image": imgs}}, SamplingParams(max_tokens=12, **GREEDY))
-        assert llm.get_stats()["spec_draft_tokens"] > 0
+        assert vars(llm.engine_stats())["spec_draft_tokens"] > 0
     assert out.outputs[0].token_ids == hf_greedy(hf_qwen2_5_vl(checkpoint), checkpoint, text, imgs, 12)

@@ -183,7 +183,7 @@ def test_mixed_batch_is_token_identical_with_speculation(target, plain, kind):
     prompts, params, expected = plain
     with small_llm(target, speculative_config=_configs(target)[kind]) as llm:
         got, outs = run(llm, prompts, params)
-        stats = llm.get_stats()
+        stats = vars(llm.engine_stats())
         llm.block_manager.check_invariants()
         assert llm.block_manager.num_used_blocks == 0
         draft = llm.engine.speculative.draft
@@ -232,7 +232,7 @@ def test_preemption_keeps_output_identical_and_books_balanced(target, kind):
     with small_llm(target, kv_tokens=48, max_seq_len=32, speculative_config=_configs(target)[kind]) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         assert llm.engine.scheduler.num_preemptions > 0
-        assert llm.get_stats()["spec_verify_steps"] > 0
+        assert vars(llm.engine_stats())["spec_verify_steps"] > 0
         llm.block_manager.check_invariants()
         assert llm.block_manager.num_used_blocks == 0
     assert got == expected
@@ -413,7 +413,7 @@ def test_chained_draft_steps_keep_output_identical(target, plain, kind):
         assert chained and not stepwise and sum(g.replays for g in graphs.values()) > 0
         mixed, _ = run(llm, prompts, params)  # penalised and sampled requests: step by step
         assert stepwise
-        stats = llm.get_stats()
+        stats = vars(llm.engine_stats())
         llm.block_manager.check_invariants()
         assert llm.block_manager.num_used_blocks == 0
         proposer.block_manager.check_invariants()
@@ -444,7 +444,7 @@ def test_chained_proposal_takes_the_accepted_last_draft_into_its_first_step(targ
         runner.execute = lambda batch: (batches.append([n for _, n in batch]), execute(batch))[1]
         runner.execute_ahead = lambda *a: (ahead.append(1), execute_ahead(*a))[1]
         got, _ = run(llm, [prompts[0]], [params[0]])
-        stats = llm.get_stats()
+        stats = vars(llm.engine_stats())
     assert got == [expected[0]]
     assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
     # one prompt catch-up, then each proposal's first step: its two uncomputed tokens (the first
@@ -467,7 +467,7 @@ def test_rejected_drafts_back_off_and_the_overlap_scheduler_runs_meanwhile(targe
         ahead = []
         llm.engine.on_step = lambda record: ahead.append(record.launched_ahead)
         got, outs = run(llm, [prompts[i] for i in greedy], [params[i] for i in greedy])
-        stats = llm.get_stats()
+        stats = vars(llm.engine_stats())
         llm.block_manager.check_invariants()
         assert llm.block_manager.num_used_blocks == 0
         assert not llm.engine.speculative._back_off  # forgotten once the sequences left
@@ -722,7 +722,7 @@ def test_under_verify_graphs_sequences_near_max_tokens_keep_the_step_uniform(tar
         llm.engine.runner.execute = lambda scheduled: (steps.append({n for _, n in scheduled if n > 1}),
                                                        execute(scheduled))[1]
         outs = llm.generate(prompts, params, use_tqdm=False)
-        stats = llm.get_stats()
+        stats = vars(llm.engine_stats())
         llm.block_manager.check_invariants()
         assert llm.block_manager.num_used_blocks == 0
     assert [o.outputs[0].token_ids for o in outs] == expected

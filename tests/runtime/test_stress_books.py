@@ -287,7 +287,7 @@ def check_books(llm: LLM) -> None:
     _settle(llm)
     bm, engine = llm.block_manager, llm.engine
     bm.check_invariants()
-    stats = llm.get_stats()
+    stats = vars(llm.engine_stats())
     assert stats["blocks_used"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
     assert not engine.requests and not engine.beam_groups and engine._ahead is None
     assert not engine.scheduler.running and not engine.scheduler.waiting and not bm.pending_copies
@@ -344,7 +344,7 @@ def stress_checkpoint(tmp_path_factory):
 def test_a_random_load_keeps_the_books(stress_checkpoint, mode):
     with _engine(stress_checkpoint, mode) as llm, _engine(stress_checkpoint) as ref:
         counts = stress(llm, ref, seed=3, num=50)
-        stats = llm.get_stats()
+        stats = vars(llm.engine_stats())
     # what the mix was for happened (how many requests an abort caught depends on timing: loose bounds)
     assert counts["done"] >= 8 and counts["compared"] >= 8 and counts["aborted"] >= 1, counts
     assert stats["num_preemptions"] > 0 or mode == "no_evict", stats
@@ -368,4 +368,4 @@ if __name__ == "__main__":  # python -m tests.runtime.test_stress_books SEED,SEE
     with _engine(d, mode) as llm, _engine(d) as ref:
         for s in seeds:
             t = time.time()
-            print(s, stress(llm, ref, s, num), f"{time.time() - t:.1f}s", llm.get_stats(), flush=True)
+            print(s, stress(llm, ref, s, num), f"{time.time() - t:.1f}s", vars(llm.engine_stats()), flush=True)

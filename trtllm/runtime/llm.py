@@ -59,7 +59,6 @@ finish_reason "error" (what the server turns into an HTTP error). Calls after
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -72,11 +71,13 @@ from trtllm.lora_request import LoRARequest
 from trtllm.runtime.build_engine import build_engine, shutdown_workers
 from trtllm.runtime.engine_loop import EngineLoop
 from trtllm.runtime.engine_stats import EngineStats
+from trtllm.runtime.iteration_stats import IterationStats
 from trtllm.runtime.llm_args import (
     DEFAULT_CUDA_GRAPHS,
     chat_params,
     check_tensorrt_llm_args,
     cuda_graph_options,
+    iteration_stats_option,
     lora_config_of,
 )
 from trtllm.runtime.multimodal_inputs import (
@@ -115,13 +116,15 @@ class LLM:
                  max_beam_width: int | None = None, trust_remote_code: bool = False, backend: str | None = None,
                  skip_tokenizer_init: bool = False, enable_chunked_prefill: bool = True,
                  guided_decoding_backend: str | None = None, enable_lora: bool = False, tokenizer_mode: str = "auto",
-                 revision: str | None = None, tokenizer_revision: str | None = None, load_format: str = "auto"):
+                 revision: str | None = None, tokenizer_revision: str | None = None, load_format: str = "auto",
+                 enable_iter_perf_stats: bool = False, iter_stats_max_iterations: int | None = None):
         # TensorRT-LLM 1.x's top-level limits, as BuildConfig's; skip_tokenizer_init: no tokenizer
         # loaded, token-id prompts, outputs without text; enable_chunked_prefill=False: a prompt
         # is prefilled in one step (prompt + max_tokens - 1 within max_num_tokens), as TensorRT-LLM's default
         check_tensorrt_llm_args(trust_remote_code, backend, guided_decoding_backend, tokenizer_mode, revision,
                                 tokenizer_revision, load_format)
         lora_config = lora_config_of(enable_lora, lora_config)
+        stats_iterations = iteration_stats_option(enable_iter_perf_stats, iter_stats_max_iterations)
         limits = dict(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                       max_input_len=max_input_len, max_beam_width=max_beam_width)
         if batched_logits_processor is not None and not callable(batched_logits_processor):
@@ -140,6 +143,7 @@ class LLM:
                                    skip_tokenizer_init=skip_tokenizer_init,
                                    enable_chunked_prefill=enable_chunked_prefill)
         self.engine.logits_hooks.batched_logits_processor = batched_logits_processor  # TensorRT-LLM's name
+        self._iteration_stats = IterationStats.observe(self.engine, stats_iterations) if stats_iterations else None
         self.tokenizer, self.limits, self.vocab_size = self.engine.tokenizer, self.engine.limits, self.engine.vocab_size
         # a multimodal model's image processor: given, else the checkpoint's, loaded at the first image
         image_token_id = getattr(self.engine.runner.compiled.module.config, "image_token_id", None) \
@@ -295,9 +299,19 @@ class LLM:
         """Scheduler and KV-pool counters (plain integer reads; the engine is not locked)."""
         return EngineStats.of(self.engine)
 
-    def get_stats(self) -> dict:
-        """TensorRT-LLM's name: `engine_stats()` as a dict."""
-        return dataclasses.asdict(self.engine_stats())
+    def get_stats(self, timeout: float | None = None) -> list[dict]:
+        """TensorRT-LLM's: the per-iteration stats recorded since the last call, oldest first
+        (runtime/iteration_stats.py; `timeout` is accepted for its signature: nothing waits).
+        Needs LLM(enable_iter_perf_stats=True); `engine_stats()` is the counters now."""
+        if self._iteration_stats is None:
+            raise ValueError("get_stats() needs LLM(enable_iter_perf_stats=True) (per-iteration stats are not "
+                             "recorded without it); engine_stats() gives the scheduler's and KV pool's counters now")
+        return self._iteration_stats.drain()
+
+    async def get_stats_async(self, timeout: float | None = None):
+        """TensorRT-LLM's: get_stats()'s dicts as an async iterator."""
+        for stats in self.get_stats(timeout):
+            yield stats
 
     # -- lifetime ----------------------------------------------------------------------
     def shutdown(self) -> None:

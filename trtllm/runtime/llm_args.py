@@ -6,6 +6,7 @@ sampling params (no second BOS)."""
 from __future__ import annotations
 
 from trtllm.config import CudaGraphConfig, LoraConfig
+from trtllm.runtime.iteration_stats import DEFAULT_MAX_ITERATIONS
 from trtllm.sampling_params import SamplingParams
 
 DEFAULT_CUDA_GRAPHS = object()  # LLM(cuda_graph_config=) not given: CudaGraphConfig's defaults
@@ -68,3 +69,16 @@ def lora_config_of(enable_lora: bool, lora_config: LoraConfig | None) -> LoraCon
     if not isinstance(enable_lora, bool):
         raise TypeError(f"enable_lora must be True or False, got {enable_lora!r}")
     return LoraConfig() if enable_lora and lora_config is None else lora_config
+
+
+def iteration_stats_option(enable: bool, max_iterations: int | None) -> int | None:
+    """TensorRT-LLM's enable_iter_perf_stats / iter_stats_max_iterations: how many steps' stats
+    `LLM.get_stats()` keeps (runtime/iteration_stats.py), None: off. Checked before loading."""
+    if not isinstance(enable, bool):
+        raise TypeError(f"enable_iter_perf_stats must be True or False, got {enable!r}")
+    if max_iterations is not None and (isinstance(max_iterations, bool) or not isinstance(max_iterations, int)
+                                       or max_iterations < 1):
+        raise ValueError(f"iter_stats_max_iterations must be an integer >= 1, got {max_iterations!r}")
+    if not enable and max_iterations is not None:
+        raise ValueError("iter_stats_max_iterations needs enable_iter_perf_stats=True")
+    return (max_iterations or DEFAULT_MAX_ITERATIONS) if enable else None
