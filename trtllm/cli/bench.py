@@ -189,10 +189,12 @@ def _measure(llm, args, command, spec, requests, mode, build, load_s, recorder):
         warm = [requests[i % len(requests)] for i in range(args.warmup)]
         _check_finished("the warm-up", run_requests(llm, warm, temperature=args.temperature, progress="warm-up",
                                                      **mode))
+        _check_expert_load(llm)
     before, compile_before = bench_report.counters(llm), compiled.compile_s
     recorder.clear()
     timings = run_requests(llm, requests, temperature=args.temperature, progress=command, **mode)
     _check_finished("the timed run", timings)
+    _check_expert_load(llm)  # (no warm-up: the graphs compiled in the timed run)
     records = list(recorder.records)
     results = request_figures(timings, mode["streaming"])
     results["first_error"] = None  # (a run with a failed request reports no figures: _check_finished)
@@ -212,6 +214,19 @@ def _check_finished(what: str, timings) -> None:
         first = "; ".join(line.strip() for line in str(errors[0]).splitlines() if line.strip())
         raise RequestsFailed(f"{what}: {len(errors)} of {len(timings)} request(s) failed; the first: {first} "
                              "(no figures reported)")
+
+
+def _check_expert_load(llm) -> None:
+    """--expert_load, once the model's graphs have compiled (a MoE block's counter is made then):
+    no block counted is refused, never reported as no figures. check_run_options refused a model
+    whose config names no experts; this is one whose layers are all dense even so (Qwen-MoE's
+    mlp_only_layers), or whose blocks passes/fuse_moe.py left unfused (its note says why)."""
+    load = llm.compiled.expert_load
+    if load is None or load.counters or not llm.compiled.graphs:
+        return
+    unfused = [note for note in llm.compiled.notes if note.startswith("fuse_moe:")]
+    raise BenchError(f"--expert_load: no MoE block to count: {unfused[0]}" if unfused
+                     else "--expert_load: the model has no MoE layers")
 
 
 def _profile(llm, args, requests, recorder) -> dict:
