@@ -14,8 +14,8 @@ weights at a real model's shapes (trtllm/cli/model_arg.py: llama-3.1-8b, llama-3
 qwen3-8b, tiny-llama, tiny-qwen3). Bad input (a dataset line that is not JSON or lacks a
 field, an unknown model, a missing file, a request longer than the model's context) is
 refused before anything runs: one line on stderr, exit code 2. A request that fails in the
-warm-up or the timed run stops the benchmark: one line (how many failed, the first error), no
-figures and no report files, exit code 1.
+warm-up, the timed run or the --profile run stops the benchmark: one line (how many failed, the
+first error), no figures and no report files, exit code 1.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from trtllm.cli.model_arg import UnknownModel
 
 
 class RequestsFailed(RuntimeError):
-    """A request of the warm-up or the timed run failed: reported as one line, no figures, exit code 1."""
+    """A request of the warm-up, the timed run or the profile run failed: reported as one line, no figures, exit code 1."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -239,9 +239,10 @@ def _profile(llm, args, requests, recorder) -> dict:
     window = ProfileWindow(args.profile_steps)
     recorder.profile = window
     try:
-        run_requests(llm, requests, temperature=args.temperature, progress="profile", stop=window.done)
+        timings = run_requests(llm, requests, temperature=args.temperature, progress="profile", stop=window.done)
     finally:
         recorder.profile = None
+    _check_finished("the profile run", timings)  # its own aborts are no failure: they end with no error
     if window.error is not None or window.profiler is None:
         why = window.error or "no decode step ran (requests of one output token?)"
         print(f"trtllm-bench: nothing profiled: {why}", file=sys.stderr)
