@@ -98,6 +98,19 @@ def test_image_options_for_a_text_only_model_are_a_bad_option(argv, words, monke
     assert len(err) == 1 and err[0].startswith(f"trtllm-serve: bad option: {words}"), err
 
 
+@pytest.mark.parametrize("argv, words", [(["--max_images_per_request", "-1"], "--max_images_per_request -1: must "
+                                                                              "be at least 0"),
+                                         (["--max_image_pixels", "0"], "--max_image_pixels 0: must be at least 1")])
+def test_an_image_cap_out_of_range_is_named_by_its_flag(argv, words, tmp_path, monkeypatch, capsys):
+    """Not by MediaPolicy's fields (max_images / max_pixels), and before the port is bound."""
+    def bind(*_):
+        raise AssertionError("the port was bound for an image cap out of range")
+    monkeypatch.setattr(cli, "bind_socket", bind)
+    (tmp_path / "config.json").write_text('{"architectures": ["LlavaForConditionalGeneration"]}')
+    assert main([str(tmp_path), "--port", "0", *argv]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"trtllm-serve: bad option: {words}"]
+
+
 def test_image_options_for_a_multimodal_checkpoint_become_its_media_policy(tmp_path):
     from trtllm.cli.serve_options import media_policy
     from trtllm.runtime.multimodal_inputs import MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
