@@ -45,6 +45,7 @@ def test_a_draft_target_without_its_model_is_a_bad_option(capsys):
     (["--shutdown-timeout", "nan"], "--shutdown-timeout nan: must be a finite number of seconds >= 0"),
     (["--shutdown-timeout", "-2"], "--shutdown-timeout -2.0: must be a finite"),
     (["--max_loras", "2", "--max_cpu_loras", "8"], "--max_loras, --max_cpu_loras: LoRA options, and no --lora_modules"),
+    (["--pp_partition", "2"], "--pp_partition: is for --pp_size > 1 (layers per pipeline stage); --pp_size is 1"),
 ])
 def test_server_options_out_of_range_are_refused_before_binding(argv, words, monkeypatch, capsys):
     def bind(*_):
