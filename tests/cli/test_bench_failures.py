@@ -1,5 +1,5 @@
 """trtllm-bench when requests fail while running, on the demo model (CPU): a failed request
-in the timed run, or in the warm-up, stops the benchmark with one line naming how many failed
+in the timed run, in the warm-up or in the --profile run, stops the benchmark with one line naming how many failed
 and the first error, exit code 1, and no figures: no table, no report files."""
 import pytest
 
@@ -70,3 +70,14 @@ def test_a_failed_warm_up_stops_the_bench_before_the_timed_run(tmp_path, capsys,
     _stopped(capsys, tmp_path, ["--warmup", "2"], "the warm-up: 1 of 2 request(s) failed",
              "non-finite logits (injected)")
     assert len(seen) == 2  # the warm-up's: the timed run never started
+
+
+@pytest.mark.parametrize("at_submission, error", [(False, "non-finite logits (injected)"),
+                                                  (True, "request 1: the engine refused it (injected)")])
+def test_a_request_failed_in_the_profile_run_stops_the_bench(at_submission, error, tmp_path, capsys, monkeypatch):
+    """The --profile run's own aborts are no failure; any other is, as in the timed run."""
+    trace = tmp_path / "trace.json"
+    seen = _fail_calls(monkeypatch, {4}, at_submission=at_submission)  # the timed run's are 0-2
+    _stopped(capsys, tmp_path, ["--warmup", "0", "--profile", "--profile_steps", "2", "--profile_trace", str(trace)],
+             "the profile run: 1 of 3 request(s) failed", f"the first: {error}", "no figures")
+    assert len(seen) == 6 and not trace.exists()

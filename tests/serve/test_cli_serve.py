@@ -45,6 +45,7 @@ def test_a_draft_target_without_its_model_is_a_bad_option(capsys):
     (["--shutdown-timeout", "nan"], "--shutdown-timeout nan: must be a finite number of seconds >= 0"),
     (["--shutdown-timeout", "-2"], "--shutdown-timeout -2.0: must be a finite"),
     (["--max_loras", "2", "--max_cpu_loras", "8"], "--max_loras, --max_cpu_loras: LoRA options, and no --lora_modules"),
+    (["--pp_partition", "2"], "--pp_partition: is for --pp_size > 1 (layers per pipeline stage); --pp_size is 1"),
 ])
 def test_server_options_out_of_range_are_refused_before_binding(argv, words, monkeypatch, capsys):
     def bind(*_):
@@ -96,6 +97,19 @@ def test_a_speculative_option_nothing_reads_is_a_bad_option(argv, words, monkeyp
 def test_image_options_for_a_text_only_model_are_a_bad_option(argv, words, monkeypatch, capsys):
     err = _refused_before_loading(argv, monkeypatch, capsys)
     assert len(err) == 1 and err[0].startswith(f"trtllm-serve: bad option: {words}"), err
+
+
+@pytest.mark.parametrize("argv, words", [(["--max_images_per_request", "-1"], "--max_images_per_request -1: must "
+                                                                              "be at least 0"),
+                                         (["--max_image_pixels", "0"], "--max_image_pixels 0: must be at least 1")])
+def test_an_image_cap_out_of_range_is_named_by_its_flag(argv, words, tmp_path, monkeypatch, capsys):
+    """Not by MediaPolicy's fields (max_images / max_pixels), and before the port is bound."""
+    def bind(*_):
+        raise AssertionError("the port was bound for an image cap out of range")
+    monkeypatch.setattr(cli, "bind_socket", bind)
+    (tmp_path / "config.json").write_text('{"architectures": ["LlavaForConditionalGeneration"]}')
+    assert main([str(tmp_path), "--port", "0", *argv]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"trtllm-serve: bad option: {words}"]
 
 
 def test_image_options_for_a_multimodal_checkpoint_become_its_media_policy(tmp_path):

@@ -14,8 +14,8 @@ weights at a real model's shapes (trtllm/cli/model_arg.py: llama-3.1-8b, llama-3
 qwen3-8b, tiny-llama, tiny-qwen3). Bad input (a dataset line that is not JSON or lacks a
 field, an unknown model, a missing file, a request longer than the model's context) is
 refused before anything runs: one line on stderr, exit code 2. A request that fails in the
-warm-up or the timed run stops the benchmark: one line (how many failed, the first error), no
-figures and no report files, exit code 1.
+warm-up, the timed run or the --profile run stops the benchmark: one line (how many failed, the
+first error), no figures and no report files, exit code 1.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from trtllm.cli.model_arg import UnknownModel
 
 
 class RequestsFailed(RuntimeError):
-    """A request of the warm-up or the timed run failed: reported as one line, no figures, exit code 1."""
+    """A request of the warm-up, the timed run or the profile run failed: reported as one line, no figures, exit code 1."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -189,10 +189,12 @@ def _measure(llm, args, command, spec, requests, mode, build, load_s, recorder):
         warm = [requests[i % len(requests)] for i in range(args.warmup)]
         _check_finished("the warm-up", run_requests(llm, warm, temperature=args.temperature, progress="warm-up",
                                                      **mode))
+        _check_expert_load(llm)
     before, compile_before = bench_report.counters(llm), compiled.compile_s
     recorder.clear()
     timings = run_requests(llm, requests, temperature=args.temperature, progress=command, **mode)
     _check_finished("the timed run", timings)
+    _check_expert_load(llm)  # (no warm-up: the graphs compiled in the timed run)
     records = list(recorder.records)
     results = request_figures(timings, mode["streaming"])
     results["first_error"] = None  # (a run with a failed request reports no figures: _check_finished)
@@ -214,6 +216,19 @@ def _check_finished(what: str, timings) -> None:
                              "(no figures reported)")
 
 
+def _check_expert_load(llm) -> None:
+    """--expert_load, once the model's graphs have compiled (a MoE block's counter is made then):
+    no block counted is refused, never reported as no figures. check_run_options refused a model
+    whose config names no experts; this is one whose layers are all dense even so (Qwen-MoE's
+    mlp_only_layers), or whose blocks passes/fuse_moe.py left unfused (its note says why)."""
+    load = llm.compiled.expert_load
+    if load is None or load.counters or not llm.compiled.graphs:
+        return
+    unfused = [note for note in llm.compiled.notes if note.startswith("fuse_moe:")]
+    raise BenchError(f"--expert_load: no MoE block to count: {unfused[0]}" if unfused
+                     else "--expert_load: the model has no MoE layers")
+
+
 def _profile(llm, args, requests, recorder) -> dict:
     """A torch profiler over `--profile_steps` decode steps of up to max_batch_size of the
     requests, all at once (not timed); the trace written, the top kernels printed."""
@@ -224,9 +239,10 @@ def _profile(llm, args, requests, recorder) -> dict:
     window = ProfileWindow(args.profile_steps)
     recorder.profile = window
     try:
-        run_requests(llm, requests, temperature=args.temperature, progress="profile", stop=window.done)
+        timings = run_requests(llm, requests, temperature=args.temperature, progress="profile", stop=window.done)
     finally:
         recorder.profile = None
+    _check_finished("the profile run", timings)  # its own aborts are no failure: they end with no error
     if window.error is not None or window.profiler is None:
         why = window.error or "no decode step ran (requests of one output token?)"
         print(f"trtllm-bench: nothing profiled: {why}", file=sys.stderr)

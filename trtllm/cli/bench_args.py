@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from trtllm.models.checkpoint_config import EXPERT_COUNT_FIELDS
 from trtllm.runtime.speculative.config import SPECULATIVE_KINDS
 
 COMMANDS = ("throughput", "latency", "prepare-dataset")
@@ -132,10 +133,18 @@ def check_prepare_options(args: argparse.Namespace) -> None:
     args.seed = RUN_DEFAULTS["seed"] if args.seed is None else args.seed
 
 
+def names_experts(config: dict) -> bool:
+    """config.json (or a multimodal model's text_config) counts experts: a MoE model (Qwen-MoE's
+    num_experts 0 turns its MoE layers off)."""
+    return any(isinstance(section, dict) and any(section.get(k) for k in EXPERT_COUNT_FIELDS)
+               for section in (config, config.get("text_config")))
+
+
 def check_run_options(args: argparse.Namespace, spec) -> None:
     """A run's options, before anything loads (BenchError naming one): an option given that the
     run would not read (--profile_steps / --profile_trace without --profile; --seed where there
-    is neither a preset's weights nor the flat form's prompts to draw), a count out of range,
+    is neither a preset's weights nor the flat form's prompts to draw; --expert_load on a model
+    whose config names no experts), a count out of range,
     a bad --temperature, an output file that cannot be written. Then RUN_DEFAULTS fills in
     the options not given."""
     from trtllm.cli.output_paths import unwritable_reason
@@ -148,6 +157,9 @@ def check_run_options(args: argparse.Namespace, spec) -> None:
     if args.seed is not None and args.command is not None and spec.kind != "preset":
         raise BenchError(f"--seed draws a preset's weights and the flat form's prompts: model {spec.name!r} is a "
                          f"checkpoint and {args.command}'s requests come from --dataset")
+    if args.expert_load and not names_experts(spec.config):
+        raise BenchError("--expert_load: the model has no MoE layers (its config names no experts: "
+                         f"{', '.join(EXPERT_COUNT_FIELDS)})")
     for name, default in RUN_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)

@@ -1,6 +1,7 @@
 """`trtllm-serve`'s options checked before the model loads (one ValueError naming the option):
 
-    check_server_options(args)   before the port is bound: ranges, LoRA options with no adapters
+    check_server_options(args)   before the port is bound: ranges (the image caps' too), --pp_partition
+                                 with one stage, LoRA options with no adapters
     media_policy(args)           the image caps (serve/media.py MediaPolicy); refused for a
                                  text-only model, which takes no images to cap
 """
@@ -15,14 +16,22 @@ _MEDIA_OPTIONS = ("allowed_local_media_path", "max_images_per_request", "max_ima
 
 
 def check_server_options(args: argparse.Namespace) -> None:
-    """ValueError naming a server option out of range, or a LoRA option with no --lora_modules
-    (it was silently unused): before the port is bound and the model loads."""
+    """ValueError naming a server option out of range (an image cap too, whatever the model),
+    --pp_partition without --pp_size > 1, or a LoRA option with no --lora_modules (it was silently
+    unused): before the port is bound and the model loads."""
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: must be in [0, 65535]")
     if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
         raise ValueError(f"--max-concurrent-requests {args.max_concurrent_requests}: must be at least 1")
     if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
         raise ValueError(f"--shutdown-timeout {args.shutdown_timeout}: must be a finite number of seconds >= 0")
+    # the image caps here, by their flags (MediaPolicy's own check names its fields, max_images / max_pixels)
+    for option, least in (("max_images_per_request", 0), ("max_image_pixels", 1)):
+        value = getattr(args, option)
+        if value is not None and value < least:
+            raise ValueError(f"--{option} {value}: must be at least {least}")
+    if args.pp_partition is not None and args.pp_size == 1:  # (the engine's own check names pp_partition=)
+        raise ValueError("--pp_partition: is for --pp_size > 1 (layers per pipeline stage); --pp_size is 1")
     unused = [f"--{k}" for k in ("max_lora_rank", "max_loras", "max_cpu_loras") if getattr(args, k) is not None]
     if unused and not args.lora_modules:
         raise ValueError(f"{', '.join(unused)}: LoRA options, and no --lora_modules to serve")
