@@ -46,6 +46,12 @@ def test_a_draft_target_without_its_model_is_a_bad_option(capsys):
     (["--shutdown-timeout", "-2"], "--shutdown-timeout -2.0: must be a finite"),
     (["--max_loras", "2", "--max_cpu_loras", "8"], "--max_loras, --max_cpu_loras: LoRA options, and no --lora_modules"),
     (["--pp_partition", "2"], "--pp_partition: is for --pp_size > 1 (layers per pipeline stage); --pp_size is 1"),
+    # these were the engine's errors under LLM's names, once the port was bound and the engine process started
+    (["--tp_size", "0"], "--tp_size 0: must be at least 1"),
+    (["--ep_size", "2"], "--ep_size 2: must divide --tp_size 1"),
+    (["--pp_size", "2", "--pp_partition", "1", "1", "2"], "--pp_partition 1 1 2: must be 2 layer counts (one a stage "
+                                                           "of --pp_size 2), each at least 1"),
+    (["--pp_size", "2", "--pp_partition", "3", "0"], "--pp_partition 3 0: must be 2 layer counts"),
 ])
 def test_server_options_out_of_range_are_refused_before_binding(argv, words, monkeypatch, capsys):
     def bind(*_):

@@ -30,11 +30,29 @@ def check_server_options(args: argparse.Namespace) -> None:
         value = getattr(args, option)
         if value is not None and value < least:
             raise ValueError(f"--{option} {value}: must be at least {least}")
-    if args.pp_partition is not None and args.pp_size == 1:  # (the engine's own check names pp_partition=)
-        raise ValueError("--pp_partition: is for --pp_size > 1 (layers per pipeline stage); --pp_size is 1")
+    check_parallel_options(args)
     unused = [f"--{k}" for k in ("max_lora_rank", "max_loras", "max_cpu_loras") if getattr(args, k) is not None]
     if unused and not args.lora_modules:
         raise ValueError(f"{', '.join(unused)}: LoRA options, and no --lora_modules to serve")
+
+
+def check_parallel_options(args: argparse.Namespace) -> None:
+    """The parallel flags by their names (the engine's own checks name LLM's arguments, after the
+    port is bound): sizes >= 1, --ep_size dividing --tp_size, --pp_partition one count a stage."""
+    for option in ("tp_size", "pp_size", "ep_size"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f"--{option} {value}: must be at least 1")
+    if args.ep_size is not None and args.tp_size % args.ep_size:
+        raise ValueError(f"--ep_size {args.ep_size}: must divide --tp_size {args.tp_size} (the experts split over "
+                         "the tensor-parallel ranks, each expert's width over tp_size / ep_size)")
+    if args.pp_partition is None:
+        return
+    if args.pp_size == 1:  # (the engine's own check names pp_partition=)
+        raise ValueError("--pp_partition: is for --pp_size > 1 (layers per pipeline stage); --pp_size is 1")
+    if len(args.pp_partition) != args.pp_size or min(args.pp_partition) < 1:
+        raise ValueError(f"--pp_partition {' '.join(map(str, args.pp_partition))}: must be {args.pp_size} layer "
+                         f"counts (one a stage of --pp_size {args.pp_size}), each at least 1")
 
 
 def media_policy(args: argparse.Namespace):
