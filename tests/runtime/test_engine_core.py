@@ -169,3 +169,17 @@ def test_perf_metrics_cross_the_wire(client):
     t = m.timing_metrics  # the engine process's monotonic clock
     assert t.arrival_time <= t.first_scheduled_time <= t.first_token_time <= t.last_token_time
     assert m.kv_cache_metrics.num_total_allocated_blocks >= 1 and m.first_iter <= m.last_iter
+
+
+def test_cache_salt_crosses_the_wire(client):
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    prompt = [200 + i for i in range(40)]
+
+    async def cached(salt):
+        return (await client.generate_async(prompt, params, cache_salt=salt).aresult()).num_cached_tokens
+
+    async def go():
+        return [await cached(s) for s in ("x", "x", "y")]
+
+    first, again, other = asyncio.run(go())
+    assert first == other == 0 and again > 0

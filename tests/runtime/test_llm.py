@@ -376,6 +376,31 @@ def test_chat_applies_the_checkpoints_template_and_get_stats(tmp_path):
             llm.get_stats()
 
 
+def test_cache_salt_keeps_cached_prefixes_apart(tmp_path):
+    # TensorRT-LLM's generate(cache_salt=...): was a TypeError
+    write_checkpoint("llama31", tmp_path, vocab_size=512)
+    make_tokenizer(tmp_path)
+    prompt, params = list(range(3, 43)), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    with small_llm(tmp_path, kv=KvCacheConfig(tokens_per_block=16, max_tokens=1024), max_beam_width=2) as llm:
+        def cached(**kw):
+            return llm.generate(prompt, params, use_tqdm=False, **kw).num_cached_tokens
+
+        assert (cached(cache_salt="a"), cached(cache_salt="a"), cached(cache_salt="b"), cached()) == (0, 32, 0, 0)
+        assert cached() == 32 and cached(cache_salt="b") == 32
+        outs = llm.generate([prompt, prompt], params, use_tqdm=False, cache_salt=["a", "c"])
+        assert [o.num_cached_tokens for o in outs] == [32, 0]
+        beams = SamplingParams(use_beam_search=True, n=2, best_of=2, max_tokens=2)
+        assert llm.generate(prompt, beams, use_tqdm=False, cache_salt="a").num_cached_tokens == 32
+        for kw, error, words in [(dict(cache_salt=3), TypeError, "cache_salt must be a string, got int"),
+                                 (dict(cache_salt=""), ValueError, "cache_salt must be 1..1024 characters, got 0"),
+                                 (dict(cache_salt=["a"] * 3), ValueError, "3 cache_salts for 1 prompts")]:
+            with pytest.raises(error, match=words):
+                llm.generate([prompt], params, use_tqdm=False, **kw)
+        with pytest.raises(ValueError, match="one cache_salt, not a list"):
+            llm.generate(prompt, params, streaming=True, cache_salt=["a"])
+        llm.block_manager.check_invariants()
+
+
 def test_tensorrt_llms_iteration_stats(tmp_path):
     # get_stats() was engine_stats() as a dict: TensorRT-LLM's returns the iterations since the last call
     write_checkpoint("llama31", tmp_path, vocab_size=512)

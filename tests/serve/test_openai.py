@@ -260,3 +260,23 @@ def test_client_that_stops_reading_stalls_no_one(server):
     finally:
         sock.close()
     wait_until(lambda: _settled(server), 60, what="the stalled client's blocks back")
+
+
+def test_cache_salt_keeps_prefixes_apart(client):
+    """vLLM's cache_salt: a prefix cached under one salt serves that salt alone (it was an unknown field,
+    silently ignored: every tenant shared every prefix)."""
+    prompt = [300 + i for i in range(40)]  # one full block of 32, not used by other tests
+
+    def cached(**extra):
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0.0,
+                                        extra_body={"ignore_eos": True, **extra})
+        return out.usage.prompt_tokens_details.cached_tokens
+
+    assert cached(cache_salt="tenant-a") == 0
+    assert cached(cache_salt="tenant-a") == 32
+    assert cached(cache_salt="tenant-b") == 0 and cached() == 0
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "salted chat"}],
+                                          max_tokens=2, extra_body={"cache_salt": "tenant-a"})
+    assert chat.usage.prompt_tokens_details.cached_tokens == 0
+    with pytest.raises(openai.BadRequestError, match="cache_salt"):
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=2, extra_body={"cache_salt": ""})

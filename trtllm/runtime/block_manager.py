@@ -54,9 +54,13 @@ def block_hash(parent: bytes | None, tokens: list[int], extra: bytes = b"") -> b
 
 def chain_root(seq: Sequence) -> bytes | None:
     """What the first block's hash follows: nothing for the base model, the adapter's id for a
-    sequence with a LoRA adapter (its K/V differ from the base's for the same tokens)."""
-    lora = seq.lora_request
-    return None if lora is None else b"lora" + lora.lora_int_id.to_bytes(8, "little")
+    sequence with a LoRA adapter (its K/V differ from the base's for the same tokens), and the
+    request's cache salt (`cache_salt`: only requests of one salt share cached prefixes)."""
+    lora, salt = seq.lora_request, seq.cache_salt
+    if lora is None and salt is None:
+        return None
+    root = b"" if lora is None else b"lora" + lora.lora_int_id.to_bytes(8, "little")
+    return root if salt is None else root + b"salt" + hashlib.blake2b(salt.encode(), digest_size=16).digest()
 
 
 # A pool up to this size gets the full check every time the engine goes idle (~0.3 ms on the

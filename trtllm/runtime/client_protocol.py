@@ -27,11 +27,12 @@ class EngineClient(Protocol):
 
     def generate_async(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                        streaming: bool = False, request_id: str | None = None,
-                       lora_request: LoRARequest | None = None) -> RequestStream:
+                       lora_request: LoRARequest | None = None, cache_salt: str | None = None) -> RequestStream:
         """Submit a request (called on the event loop its stream is read on), with a LoRA
         adapter if `lora_request` names one (the engine checks it: a bad one fails the request). With
         `streaming`, an output per step (per stream_interval tokens), else only the last. A
-        request that fails (bad, a duplicate id, the engine gone) ends with `.error` set."""
+        request that fails (bad, a duplicate id, the engine gone) ends with `.error` set.
+        cache_salt: its cached prefixes are shared only with requests of the same salt."""
 
     def abort(self, request_id: str) -> None:
         """End a request in flight (finish_reason "abort"); nothing if it is not."""

@@ -60,7 +60,7 @@ from collections.abc import Callable
 from trtllm.runtime.beam_search import queue_search, step_groups
 from trtllm.runtime.beams import BeamGroup, take_beam_rows
 from trtllm.runtime.block_manager import BlockManager
-from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval, validate_request
+from trtllm.runtime.engine_limits import EngineLimits, check_cache_salt, check_stream_interval, validate_request
 from trtllm.runtime.engine_stats import EngineStats, StartupTimes, StepRecord
 from trtllm.runtime.grammar import LogitsHooks
 from trtllm.runtime.micro_batches import MicroBatches
@@ -147,7 +147,8 @@ class Engine:
         self.adapters.check(lora_request)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, stream: bool = False, lora_request=None, multimodal=None) -> None:
+                    prompt: str | None = None, stream: bool = False, lora_request=None, multimodal=None,
+                    cache_salt: str | None = None) -> None:
         assert request_id not in self.requests, f"request id {request_id!r} is already in flight"
         self.validate(prompt_token_ids, params)
         check_multimodal_request(self.runner.multimodal, multimodal, prompt_token_ids)
@@ -164,6 +165,7 @@ class Engine:
         for seq in seqs:
             seq.seed = params.seed if params.seed is not None else draw_seed()
             seq.perf = PerfRecorder(self.block_manager.block_size) if params.return_perf_metrics else None
+            seq.cache_salt = check_cache_salt(cache_salt)
         self.logits_hooks.attach(seqs, params)  # compiles its guide (cached); ValueError if it cannot
         if params.prompt_logprobs is not None or params.return_context_logits:  # the first sequence scores
             seqs[0].prompt_logprob_end = len(prompt_token_ids) - 1             # the prompt for all n

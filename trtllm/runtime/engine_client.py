@@ -22,7 +22,7 @@ import threading
 
 from trtllm.lora_request import LoRARequest
 from trtllm.runtime.engine_core import core_main
-from trtllm.runtime.engine_limits import validate_request
+from trtllm.runtime.engine_limits import check_cache_salt, validate_request
 from trtllm.runtime.engine_stats import EngineStats
 from trtllm.runtime.multimodal_inputs import Processor, check_image_tokens
 from trtllm.runtime.outputs import new_output
@@ -107,7 +107,8 @@ class EngineCoreClient:
 
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
                        streaming: bool = False, request_id: str | None = None,
-                       lora_request: LoRARequest | None = None, multimodal=None) -> RequestStream:
+                       lora_request: LoRARequest | None = None, multimodal=None,
+                       cache_salt: str | None = None) -> RequestStream:
         """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`.
         A LoRA adapter is checked by the engine process: a bad one fails the request there.
         multimodal: a processed prompt's images (`processor.process`), checked by the engine process."""
@@ -116,6 +117,7 @@ class EngineCoreClient:
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         if multimodal is not None:
             check_image_prompt_options(params)
+        check_cache_salt(cache_salt)
         text, ids = tokenize_prompt(self.tokenizer, prompt, None if multimodal is not None else params)
         check_image_tokens(self.processor.image_token_id, multimodal, ids)
         request_id = request_id or new_request_id()
@@ -125,7 +127,8 @@ class EngineCoreClient:
         if error is not None:
             stream.fail(error)
         else:
-            self._outgoing.put(AddRequest(request_id, ids, params, text, streaming, lora_request, multimodal))
+            self._outgoing.put(AddRequest(request_id, ids, params, text, streaming, lora_request, multimodal,
+                                          cache_salt))
         return stream
 
     def abort(self, request_id: str) -> None:

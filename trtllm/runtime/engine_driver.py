@@ -63,6 +63,8 @@ class EngineDriver:
                     lora = {} if msg.lora_request is None else {"lora_request": msg.lora_request}  # stand-ins take none
                     if msg.multimodal is not None:
                         lora["multimodal"] = msg.multimodal
+                    if msg.cache_salt is not None:
+                        lora["cache_salt"] = msg.cache_salt
                     self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.prompt,
                                             stream=msg.streaming, **lora)
                 except ValueError as e:  # bad on its own: fails alone

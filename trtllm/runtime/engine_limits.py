@@ -60,3 +60,17 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, lim: E
 def check_stream_interval(stream_interval) -> None:
     if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
         raise ValueError(f"stream_interval must be an integer >= 1, got {stream_interval!r}")
+
+
+MAX_CACHE_SALT_CHARS = 1024  # a tenant's key, not a document: hashed into each prompt's first block
+
+
+def check_cache_salt(salt) -> str | None:
+    """A request's cache salt (TensorRT-LLM's and vLLM's `cache_salt`): a non-empty string, or None."""
+    if salt is None:
+        return None
+    if not isinstance(salt, str):
+        raise TypeError(f"cache_salt must be a string, got {type(salt).__name__}")
+    if not 0 < len(salt) <= MAX_CACHE_SALT_CHARS:
+        raise ValueError(f"cache_salt must be 1..{MAX_CACHE_SALT_CHARS} characters, got {len(salt)}")
+    return salt

@@ -69,6 +69,7 @@ from trtllm.config import BuildConfig, CudaGraphConfig, KvCacheConfig, QuantConf
 from trtllm.lora_config import LoraConfig
 from trtllm.lora_request import LoRARequest
 from trtllm.runtime.build_engine import build_engine, shutdown_workers
+from trtllm.runtime.engine_limits import check_cache_salt
 from trtllm.runtime.engine_loop import EngineLoop
 from trtllm.runtime.engine_stats import EngineStats
 from trtllm.runtime.iteration_stats import IterationStats
@@ -156,13 +157,15 @@ class LLM:
     # -- generation --------------------------------------------------------------------
     def generate(self, prompts=None, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True, streaming: bool = False,
-                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None, inputs=None):
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None, inputs=None,
+                 cache_salt: str | Seq[str | None] | None = None):
         """RequestOutputs for a prompt or a list; with streaming=True (one prompt), an
         iterator of growing RequestOutputs (closing it, or dropping it, aborts the request).
         lora_request: one adapter for every prompt, or a list of one per prompt (None: the base).
         A prompt with images (a multimodal model): `{"prompt": text, "multi_modal_data": {"image":
         [images]}}` or `{"text": text, "image": image}` (runtime/multimodal_inputs.py); `inputs=`
-        is TensorRT-LLM's name for `prompts`."""
+        is TensorRT-LLM's name for `prompts`. cache_salt (TensorRT-LLM's): one string for every prompt or
+        a list of one per prompt; cached prefixes are shared only among requests of one salt (None: no salt)."""
         self._check_running()
         if inputs is not None:
             if prompts is not None:
@@ -173,10 +176,10 @@ class LLM:
         if streaming:
             if _is_batch(prompts):
                 raise ValueError("streaming=True takes one prompt; use generate_async for several")
-            if isinstance(lora_request, (list, tuple)):
-                raise ValueError("streaming=True takes one prompt and one lora_request, not a list")
-            return StreamingOutputs(self._submit(prompts, sampling_params, streaming=True, lora_request=lora_request),
-                                    self._loop)
+            if isinstance(lora_request, (list, tuple)) or isinstance(cache_salt, (list, tuple)):
+                raise ValueError("streaming=True takes one prompt, one lora_request and one cache_salt, not a list")
+            return StreamingOutputs(self._submit(prompts, sampling_params, streaming=True, lora_request=lora_request,
+                                                 cache_salt=cache_salt), self._loop)
         batch = _is_batch(prompts)
         prompts = list(prompts) if batch else [prompts]
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
@@ -185,14 +188,17 @@ class LLM:
         loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
         if len(loras) != len(prompts):
             raise ValueError(f"{len(loras)} lora_requests for {len(prompts)} prompts")
+        salts = list(cache_salt) if isinstance(cache_salt, (list, tuple)) else [cache_salt] * len(prompts)
+        if len(salts) != len(prompts):
+            raise ValueError(f"{len(salts)} cache_salts for {len(prompts)} prompts")
         # every prompt checked and tokenized first, then all handed over in one message:
         # a bad one raises before any runs, and the engine's first step sees the whole
         # batch (one at a time, the engine thread started stepping on the first few while
         # the rest came in: batches formed differently from run to run)
         requests = []
-        for i, (p, sp, lora) in enumerate(zip(prompts, params, loras)):
+        for i, (p, sp, lora, salt) in enumerate(zip(prompts, params, loras, salts)):
             try:
-                requests.append(self._prepare(new_request_id(), p, sp, lora_request=lora))
+                requests.append(self._prepare(new_request_id(), p, sp, lora_request=lora, cache_salt=salt))
             except (ValueError, TypeError) as e:
                 if not batch:
                     raise
@@ -237,24 +243,26 @@ class LLM:
 
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
                        streaming: bool = False, request_id: str | None = None,
-                       lora_request: LoRARequest | None = None, multimodal=None) -> RequestStream:
+                       lora_request: LoRARequest | None = None, multimodal=None,
+                       cache_salt: str | None = None) -> RequestStream:
         """A RequestStream: `async for out in stream` (streaming) or `await stream.aresult()`.
         multimodal: the images of a prompt already processed (token ids with the placeholders
         expanded; `processor.process` gives both), as the server sends them."""
         self._check_running()
         return self._loop.submit(self._prepare(request_id or new_request_id(), prompt, sampling_params, streaming,
-                                               lora_request, multimodal), asyncio.get_running_loop())
+                                               lora_request, multimodal, cache_salt), asyncio.get_running_loop())
 
     def abort(self, request_id: str) -> None:
         self._loop.abort(request_id)
 
     def _submit(self, prompt, params: SamplingParams | None, loop=None, request_id: str | None = None,
-                streaming: bool = False, lora_request: LoRARequest | None = None) -> RequestStream:
+                streaming: bool = False, lora_request: LoRARequest | None = None,
+                cache_salt: str | None = None) -> RequestStream:
         return self._loop.submit(self._prepare(request_id or new_request_id(), prompt, params, streaming,
-                                               lora_request), loop)
+                                               lora_request, cache_salt=cache_salt), loop)
 
     def _prepare(self, request_id: str, prompt, params: SamplingParams | None, streaming: bool = False,
-                 lora_request: LoRARequest | None = None, multimodal=None) -> AddRequest:
+                 lora_request: LoRARequest | None = None, multimodal=None, cache_salt: str | None = None) -> AddRequest:
         """One request, tokenized; TypeError/ValueError if bad."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -271,7 +279,8 @@ class LLM:
         check_multimodal_request(self.engine.runner.multimodal, multimodal, ids)
         multimodal = multimodal if multimodal is not None and multimodal.images else None
         self.engine.check_lora(lora_request)
-        return AddRequest(request_id, ids, params, text, streaming, lora_request, multimodal)
+        return AddRequest(request_id, ids, params, text, streaming, lora_request, multimodal,
+                          check_cache_salt(cache_salt))
 
     def _check_running(self) -> None:
         if self._shut_down:

@@ -52,6 +52,7 @@ class Sequence:
     # its images (runtime/multimodal_inputs.MultimodalData: spans, hashes, pixels), None: text only
     multimodal: Any = None
     perf: Any = None  # SamplingParams.return_perf_metrics: its runtime/request_perf.PerfRecorder
+    cache_salt: str | None = None  # its request's: prefixes are shared only among requests of one salt
 
     @property
     def token_ids(self) -> list[int]:

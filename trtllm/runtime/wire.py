@@ -36,6 +36,7 @@ class AddRequest:
     streaming: bool = False  # an output every step (every stream_interval tokens), not only the last
     lora_request: LoRARequest | None = None  # its LoRA adapter (runtime/adapters.py), None: the base model
     multimodal: object | None = None  # its images (runtime/multimodal_inputs.MultimodalData), None: text only
+    cache_salt: str | None = None  # prefix-cache isolation (runtime/block_manager.chain_root)
 
 
 @dataclass(slots=True)

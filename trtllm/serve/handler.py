@@ -42,6 +42,8 @@ class Handler:
         if job.lora_request is not None:
             self.metrics.lora_requests.labels(job.lora_request.lora_name).inc()
             lora = {"lora_request": job.lora_request}
+        if job.cache_salt is not None:
+            lora["cache_salt"] = job.cache_salt
         if job.multimodal is not None:  # a chat's one prompt, with its images (and its adapter)
             streams = [self.llm.generate_async(job.prompts[0][1], job.params[0], streaming=job.stream,
                                                multimodal=job.multimodal, **lora)]

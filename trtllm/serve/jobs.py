@@ -65,7 +65,8 @@ class JobBuilder:
             self._check_image_tokens(ids, None, "prompt")
         return Job("completions", f"cmpl-{uuid.uuid4().hex}", tokenized, [params] * len(tokenized),
                    body.logprobs, body.stream, bool(body.stream_options and body.stream_options.include_usage),
-                   echo=body.echo, prompt_only=body.prompt_only, lora_request=lora_request)
+                   echo=body.echo, prompt_only=body.prompt_only, lora_request=lora_request,
+                   cache_salt=body.cache_salt)
 
     async def chat_job(self, body: ChatCompletionRequest) -> Job:
         body.refuse_invalid_text()
@@ -116,7 +117,7 @@ class JobBuilder:
         return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", [(text, ids)], [params], body.num_logprobs,
                    body.stream, bool(body.stream_options and body.stream_options.include_usage),
                    tools=plan if plan is not None and plan.mode != "none" else None, lora_request=lora_request,
-                   multimodal=multimodal)
+                   multimodal=multimodal, cache_salt=body.cache_salt)
 
     async def responses_job(self, body: ResponsesRequest) -> Job:
         """/v1/responses: the chat it means (serve/responses.py), checked as a chat."""

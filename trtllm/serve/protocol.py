@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from trtllm.config import ConfigError
 from trtllm.guided_decoding_params import GuidedDecodingParams
+from trtllm.runtime.engine_limits import MAX_CACHE_SALT_CHARS
 from trtllm.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, SamplingParams
 from trtllm.serve.content_parts import TextPart, image_urls, template_content
 from trtllm.serve.errors import RequestError
@@ -125,7 +126,8 @@ class _Request(BaseModel):
     # OpenAI's: token id (a string) -> a bias in [-100, 100] added to its logit (SamplingParams.embedding_bias)
     logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     user: str | None = None
-    # engine extensions (vLLM's names)
+    # engine extensions (vLLM's names); cache_salt: cached prefixes shared only among requests of one salt
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)

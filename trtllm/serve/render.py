@@ -34,6 +34,7 @@ class Job:
     tools: ToolPlan | None = None      # chat with tools (tool_choice other than "none")
     lora_request: LoRARequest | None = None  # the adapter the request's `model` named, None: the base model
     multimodal: object | None = None  # a chat's images (runtime/multimodal_inputs.MultimodalData), None: none
+    cache_salt: str | None = None  # the request's (vLLM's field): prefix-cache isolation
     request_fields: dict = field(default_factory=dict)  # /v1/responses: instructions, metadata as sent (echoed)
     created: int = field(default_factory=lambda: int(time.time()))
     arrival: float = field(default_factory=time.perf_counter)

@@ -39,7 +39,7 @@ _REFUSED = {
 _PARTS = {"input_text": "text", "output_text": "text", "input_image": "image_url"}
 # sampling fields outside OpenAI's Responses API that the chat takes (vLLM's names), passed through
 _SAMPLING_EXTRAS = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
-                    "stop_token_ids", "ignore_eos", "min_tokens", "logit_bias", "skip_special_tokens")
+                    "stop_token_ids", "ignore_eos", "min_tokens", "logit_bias", "skip_special_tokens", "cache_salt")
 
 
 class ResponsesRequest(BaseModel):
