@@ -55,8 +55,10 @@ def test_every_completion_and_beam_gets_its_metrics(checkpoint):
         beams = llm.generate([5, 6, 7], SamplingParams(use_beam_search=True, n=2, best_of=2, max_tokens=4,
                                                         return_perf_metrics=True), use_tqdm=False)
     for c in sampled.outputs + beams.outputs:
-        check_times(c.request_perf_metrics)
-        assert c.request_perf_metrics.kv_cache_metrics.num_total_allocated_blocks >= 1
+        m = c.request_perf_metrics
+        check_times(m)
+        assert m.kv_cache_metrics.num_total_allocated_blocks >= 1
+        assert m.last_iter - m.first_iter == 3 and m.timing_metrics.first_token_time < m.timing_metrics.last_token_time
 
 
 def test_draft_acceptance(checkpoint):

@@ -69,7 +69,7 @@ from trtllm.runtime.multimodal_stager import check_multimodal_request
 from trtllm.runtime.output_builder import OutputBuilder
 from trtllm.runtime.outputs import RequestOutput
 from trtllm.runtime.prompt_logprobs import deliver_prompt_logprobs
-from trtllm.runtime.request_perf import PerfRecorder, mark_scheduled
+from trtllm.runtime.request_perf import PerfRecorder, mark_beam_tokens, mark_scheduled
 from trtllm.runtime.sampler import argmax_serves, draw_seed
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.sequence import Sequence
@@ -243,6 +243,8 @@ class Engine:
             self._take_sampled(step, changed)
             sampled, logprobs = step.tokens, step.logprobs
             beams = take_beam_rows(launched.to_sample, launched.logits, sampled) if self.beam_groups else ()
+            if beams and self.timed:  # a search's token this step is its groups' (runtime/request_perf.py)
+                mark_beam_tokens(beams, self.iteration)
             if launched.prompt_spans:
                 deliver_prompt_logprobs(launched, self.requests)
             self._postprocess(launched, sampled, logprobs, changed)

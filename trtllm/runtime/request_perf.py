@@ -13,7 +13,7 @@ the engine received the request, first scheduled it, and appended its first and 
 Blocks: those the sequence held at most (`num_total_allocated_blocks`), the prompt's full
 blocks found in the prefix cache (`num_reused_blocks`), its other prompt blocks
 (`num_missed_blocks`), and the rest allocated anew. A completion gets its metrics when it
-finishes; with beam search, every beam's are the leader's.
+finishes; with beam search, every beam's are the search's (its leader's recorder, a token a step).
 
 `PerfRecorder` is the engine's side: one per sequence that asks (`Sequence.perf`), fed by
 `Engine._schedule` (`mark_scheduled`) and `Engine._postprocess` (`token`).
@@ -69,6 +69,15 @@ def mark_scheduled(scheduled) -> None:
     for seq, _ in scheduled:
         if seq.perf is not None:
             seq.perf.scheduled(seq, now)
+
+
+def mark_beam_tokens(groups, iteration: int) -> None:
+    """Beam searches that gained a token this step (their beams' tokens never pass `_postprocess`):
+    each leader's recorder, whose metrics every beam's completion gets, notes it."""
+    for group in groups:
+        leader = group.beams[0]
+        if leader.perf is not None:
+            leader.perf.token(leader, iteration)
 
 
 class PerfRecorder:
