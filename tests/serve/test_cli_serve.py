@@ -156,3 +156,44 @@ def test_port_in_use_exits_nonzero_without_loading(taken_port, model_dir):
     assert f"cannot listen on 127.0.0.1:{taken_port}: Address already in use" in done.stderr
     output = done.stdout + done.stderr
     assert "loaded" not in output and "serving" not in output and "Traceback" not in output, output
+
+
+def test_extra_llm_api_options_a_bad_key_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    extra = tmp_path / "extra.yml"
+    extra.write_text("print_iter_log: false\nenable_attention_dp: true\n")
+    assert _refused_before_loading(["--extra_llm_api_options", str(extra)], monkeypatch, capsys) == [
+        f"trtllm-serve: bad option: --extra_llm_api_options {extra}: enable_attention_dp=True: attention data "
+        "parallelism is not implemented (tensor parallelism splits every sequence's attention over the ranks); "
+        "only false is taken"]
+
+
+def test_extra_llm_api_options_reach_the_engine_over_the_flags(tmp_path, monkeypatch, capsys):
+    from trtllm.config import KvCacheConfig
+    from trtllm.runtime.speculative.config import MTPDecodingConfig
+    extra = tmp_path / "extra.yml"
+    extra.write_text("kv_cache_config: {dtype: fp8, free_gpu_memory_fraction: 0.85}\nstream_interval: 4\n"
+                     "cuda_graph_config: null\nmax_batch_size: 16\n"
+                     "speculative_config: {decoding_type: MTP, num_nextn_predict_layers: 3}\n")
+    built = []
+
+    def load(args, options):
+        built.append(options)
+        raise ValueError("not loaded (test)")
+    monkeypatch.setattr(cli, "build_llm", load)
+    assert main(["--port", "0", "--max_batch_size", "8", "--kv_cache_max_tokens", "4096", "--stream_interval", "2",
+                 "--extra-llm-api-options", str(extra)]) == 2
+    assert capsys.readouterr().err.splitlines() == ["trtllm-serve: cannot load the model: not loaded (test)"]
+    (options,) = built  # the file wins; the flags' other fields stay
+    assert options["kv_cache_config"] == KvCacheConfig(max_tokens=4096, dtype="fp8", free_gpu_memory_fraction=0.85)
+    assert (options["build_config"].max_batch_size, options["stream_interval"]) == (16, 4)
+    assert options["enable_cuda_graph"] is False and "cuda_graph_config" not in options
+    assert options["speculative_config"] == MTPDecodingConfig(num_nextn_predict_layers=3)
+
+
+def test_extra_llm_api_options_lora_config_over_the_served_adapters(tmp_path):
+    extra = tmp_path / "extra.yml"
+    extra.write_text("enable_lora: true\nlora_config: {max_loras: 2, max_lora_rank: 32}\n")
+    options = cli.engine_options(cli.parse_args(["m", "--lora_modules", f"a={tmp_path}", "--max_lora_rank", "8",
+                                                 "--extra_llm_api_options", str(extra)]))
+    config = options["lora_config"]
+    assert (config.lora_dir, config.max_loras, config.max_lora_rank) == ([str(tmp_path)], 2, 32)

@@ -6,6 +6,7 @@
                  [--streaming] [--max_batch_size N] [--max_num_tokens N] [--kv_cache_free_gpu_memory_fraction F]
                  [--kv_cache_dtype auto|fp8|int8] [--quantization FP8|FP8_PER_CHANNEL_PER_TOKEN|FP8_BLOCK_SCALES]
                  [--warmup N] [--report_json FILE] [--iteration_log FILE] [--profile]
+                 [--extra_llm_api_options FILE.yml]   # TensorRT-LLM's LLM arguments, over the flags'
     trtllm-bench --model NAME_OR_DIR latency --dataset FILE.jsonl [...]      one request at a time, streamed
     trtllm-bench --model NAME_OR_DIR --batch_size 8 --input_len 128 --output_len 128 [--profile]
 
@@ -128,11 +129,12 @@ def _bench(args) -> int:
     check_run_options(args, spec)
     command, requests, mode = _workload(args, spec)
     build, kv = _engine_configs(args, requests, spec, mode.pop("max_batch_size"))
-    llm, load_s = _build_llm(args, spec, build, kv)
+    llm, load_s, options = _build_llm(args, spec, build, kv)
+    build = options["build_config"]  # (--extra_llm_api_options may set its limits)
     recorder = StepRecorder()
     with llm:
         llm.engine.on_step = recorder
-        report, t0 = _measure(llm, args, command, spec, requests, mode, build, load_s, recorder)
+        report, t0 = _measure(llm, args, command, spec, requests, mode, options, load_s, recorder)
         records = list(recorder.records)
         if args.profile:
             report["results"]["profile"] = _profile(llm, args, requests[: build.max_batch_size], recorder)
@@ -141,24 +143,30 @@ def _bench(args) -> int:
 
 
 def _build_llm(args, spec, build, kv):
+    """(the LLM, seconds spent loading before it, its options: the flags' with the file's over them)."""
+    from trtllm.cli.llm_api_options import LlmApiOptionsError, apply_llm_api_options
     from trtllm.config import ConfigError, QuantConfig
     from trtllm.runtime.llm import LLM
 
     try:  # the options' configs first: a bad one is refused before a preset's weights are made
         quant = QuantConfig(quant_algo=args.quantization) if args.quantization else None
-        options = dict(build_config=build, kv_cache_config=kv, quant_config=quant,
+        options = dict(build_config=build, kv_cache_config=kv, quant_config=quant, dtype=args.dtype,
                        disable_overlap_scheduler=args.disable_overlap_scheduler,
                        speculative_config=_speculative_config(args))
         if args.cuda_graph_max_prefill_tokens is not None:
             from trtllm.config import CudaGraphConfig
             options["cuda_graph_config"] = CudaGraphConfig(max_prefill_tokens=args.cuda_graph_max_prefill_tokens)
+        options = apply_llm_api_options(options, args.extra_llm_api_options, "trtllm-bench")
         started = time.perf_counter()
-        kwargs = spec.llm_kwargs(args.dtype, seed=args.seed)
+        kwargs = spec.llm_kwargs(options["dtype"], seed=args.seed)
         load_s = time.perf_counter() - started  # a preset's weights, a module loaded here (else: in LLM)
         if args.expert_load:
             from trtllm.expert_load import ExpertLoad
             kwargs["compile_options"] = {**kwargs.get("compile_options", {}), "expert_load": ExpertLoad()}
-        return LLM(**kwargs, **options), load_s
+        llm = LLM(**kwargs, **{k: v for k, v in options.items() if k != "dtype"})
+        return llm, load_s, options
+    except LlmApiOptionsError as e:
+        raise BenchError(f"bad option: {e}") from None
     except ConfigError as e:
         raise BenchError(f"bad option: {'; '.join(str(e).splitlines())}") from None
     except (ValueError, OSError) as e:
@@ -172,7 +180,7 @@ def _speculative_config(args):
                                            args.speculative_model_dir)
 
 
-def _measure(llm, args, command, spec, requests, mode, build, load_s, recorder):
+def _measure(llm, args, command, spec, requests, mode, options, load_s, recorder):
     """Warm up, then the timed run: (the report, the time of its first submission)."""
     from trtllm.cli import bench_report
     from trtllm.cli.bench_run import run_requests
@@ -202,7 +210,7 @@ def _measure(llm, args, command, spec, requests, mode, build, load_s, recorder):
     results["startup_s"] = bench_report.startup_figures(startup, load_s)
     results["compile_after_startup_s"] = compiled.compile_s - startup.compile_s
     results["compile_during_run_s"] = compiled.compile_s - compile_before
-    config = bench_report.run_config(llm, args, spec.describe(), requests, mode, build)
+    config = bench_report.run_config(llm, args, spec.describe(), requests, mode, options)
     return {"command": command, "config": config, "results": results}, min(t.submitted_s for t in timings)
 
 

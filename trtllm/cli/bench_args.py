@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from trtllm.cli.llm_api_options import HELP as LLM_API_OPTIONS_HELP
 from trtllm.models.checkpoint_config import EXPERT_COUNT_FIELDS
 from trtllm.runtime.speculative.config import SPECULATIVE_KINDS
 
@@ -61,6 +62,7 @@ def _run_options(parser, suppress: bool) -> None:
     _add(parser, "--cuda_graph_max_prefill_tokens", type=int, default=d(None),
          help="prefill steps of at most N tokens replay CUDA graphs (CudaGraphConfig.max_prefill_tokens, default "
               "2048; 0: none)")
+    _add(parser, "--extra_llm_api_options", default=d(None), metavar="FILE", help=LLM_API_OPTIONS_HELP)
     _add(parser, "--expert_load", action="store_true", default=d(False),
          help="MoE models: count the tokens routed to each expert of each MoE block (one small kernel a block a "
               "step, trtllm/expert_load.py) and report max / mean per expert and their ratio")

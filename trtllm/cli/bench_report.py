@@ -2,7 +2,7 @@
 at the end, the --iteration_log lines and the --profile summary.
 
     environment() -> dict               GPU, versions, git commit: what makes two reports comparable
-    run_config(llm, args, model, requests, mode, build) -> dict   the configuration, in full
+    run_config(llm, args, model, requests, mode, options) -> dict   the configuration, in full
     startup_figures(startup, load_s) -> dict       LLM(...) split: load / compile / capture / other
     engine_figures(llm, records, before) -> dict   KV pool, concurrency, prefix hits, preemptions, memory,
                                         tokens per expert (--expert_load)
@@ -67,17 +67,18 @@ def _git_state() -> tuple[str | None, bool | None]:
     return commit.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
 
 
-def run_config(llm, args, model: dict, requests, mode: dict, build) -> dict:
-    """Every option, the model, the engine as built, the workload and the environment."""
-    bm = llm.block_manager
+def run_config(llm, args, model: dict, requests, mode: dict, options: dict) -> dict:
+    """Every option, the model, the engine as built (`options`: LLM's, the flags' and the file's), the
+    workload and the environment."""
+    bm, build, kv = llm.block_manager, options["build_config"], options["kv_cache_config"]
     return {
         "options": dict(vars(args)), "model": model, "concurrency": mode["concurrency"],
         "streaming": mode["streaming"], "temperature": args.temperature,
         "engine": {**build.model_dump(), **vars(llm.engine.limits),
                    "dtype": str(llm.compiled.attention.dtype).removeprefix("torch."),
                    "quantization": _weights_quantization(llm),
-                   "kv_cache": {"free_gpu_memory_fraction": args.kv_cache_free_gpu_memory_fraction,
-                                "max_tokens": args.kv_cache_max_tokens, "tokens_per_block": bm.block_size,
+                   "kv_cache": {"free_gpu_memory_fraction": kv.free_gpu_memory_fraction,
+                                "max_tokens": kv.max_tokens, "tokens_per_block": bm.block_size,
                                 "enable_block_reuse": bm.enable_block_reuse},
                    "overlap_scheduler": llm.engine.overlap,
                    "cuda_graph_batch_sizes": sorted(llm.engine.runner.cuda_graphs.decode),

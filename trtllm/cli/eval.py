@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from trtllm.cli.llm_api_options import HELP as LLM_API_OPTIONS_HELP
 from trtllm.cli.output_paths import unwritable_reason
 
 DATASET_TASKS = ("mmlu", "gsm8k", "hellaswag", "arc")
@@ -48,6 +49,8 @@ def _engine_options(ap: argparse.ArgumentParser, default=None) -> None:
     ap.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=d(0.9))
     ap.add_argument("--kv_cache_dtype", choices=["auto", "fp8", "int8"], default=d("auto"),
                     help="KV-cache element: auto (the model's dtype), fp8 (e4m3) or int8")
+    ap.add_argument("--extra_llm_api_options", "--extra-llm-api-options", default=d(None), metavar="FILE",
+                    help=LLM_API_OPTIONS_HELP)
     ap.add_argument("--report_json", default=d(None), help="write every figure and the configuration here")
     ap.add_argument("--no_progress", action="store_true", default=d(False), help="no progress bars")
 
@@ -235,13 +238,15 @@ def _run(args) -> int:
                         **({"max_input_len": args.max_input_len} if args.max_input_len is not None else {}))
     kv = KvCacheConfig(free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction, dtype=args.kv_cache_dtype)
     quant = QuantConfig(quant_algo=args.quant) if args.quant else None
+    from trtllm.cli.llm_api_options import apply_llm_api_options  # (the file's LLM arguments win)
+    options = apply_llm_api_options(dict(dtype=args.dtype, build_config=build, kv_cache_config=kv, quant_config=quant),
+                                    args.extra_llm_api_options, "trtllm-eval")
     from trtllm.eval.report import environment, table, write_json
     from trtllm.eval.scorer import Scorer
     from trtllm.runtime.llm import LLM
 
     started = time.perf_counter()
-    llm = LLM(str(model_path), tokenizer=args.tokenizer, dtype=args.dtype, build_config=build,
-              kv_cache_config=kv, quant_config=quant)
+    llm = LLM(str(model_path), tokenizer=args.tokenizer, **options)
     with llm:
         built = time.perf_counter()
         scorer = Scorer(llm, progress=not args.no_progress and sys.stderr.isatty())
@@ -255,7 +260,7 @@ def _run(args) -> int:
                           "max_num_seqs": limits.max_num_seqs, "max_num_tokens": limits.max_num_tokens,
                           "dtype": str(llm.compiled.attention.dtype).removeprefix("torch."),
                           "kv_cache_dtype": str(llm.engine.runner.cache.k.dtype).removeprefix("torch.")})
-    kv_note = "" if args.kv_cache_dtype == "auto" else f", {config['engine']['kv_cache_dtype']} KV cache"
+    kv_note = "" if options["kv_cache_config"].dtype == "auto" else f", {config['engine']['kv_cache_dtype']} KV cache"
     print(f"trtllm-eval {args.task} on {args.model} ({config['engine']['dtype']}{kv_note}): "
           f"{finished - built:.1f} s (engine built in {built - started:.1f} s)")
     print(table(results))

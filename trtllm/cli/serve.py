@@ -4,7 +4,7 @@
                  [--kv_cache_free_gpu_memory_fraction F] [--kv_cache_dtype auto|fp8|int8] [--api-key KEY]
                  [--served-model-name NAME] [--lora_modules NAME=PATH ...] [--max_lora_rank R]
                  [--max_loras N] [--max_cpu_loras N] [--allowed_local_media_path DIR]
-                 [--max_images_per_request N] [--max_image_pixels N]
+                 [--max_images_per_request N] [--max_image_pixels N] [--extra_llm_api_options FILE.yml]
 
 With no MODEL_DIR it serves the built-in demo model. The engine runs in a process of its
 own (trtllm/runtime/engine_core.py), so HTTP and SSE work never delays a GPU step. The
@@ -35,6 +35,7 @@ import socket
 import sys
 from pathlib import Path
 
+from trtllm.cli.llm_api_options import HELP as LLM_API_OPTIONS_HELP, apply_llm_api_options
 from trtllm.cli.serve_options import check_server_options, media_policy
 from trtllm.runtime.speculative.config import SPECULATIVE_KINDS
 
@@ -121,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"images in one chat request at most (default {MAX_IMAGES_PER_REQUEST})")
     ap.add_argument("--max_image_pixels", "--max-image-pixels", type=int, default=None,
                     help=f"decoded pixels of one image at most (default {MAX_IMAGE_PIXELS}); larger: 413")
+    ap.add_argument("--extra_llm_api_options", "--extra-llm-api-options", default=None, metavar="FILE",
+                    help=LLM_API_OPTIONS_HELP)
     ap.add_argument("--engine-in-thread", action="store_true",
                     help="run the engine on a thread of the server process instead of a process of its own "
                          "(less memory and startup; streaming throughput suffers: both share one GIL)")
@@ -128,7 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def engine_options(args: argparse.Namespace) -> dict:
-    """The engine's options from the command line; ConfigError naming each bad one."""
+    """The engine's options from the command line, --extra_llm_api_options's over them; ConfigError
+    naming each bad one (LlmApiOptionsError, a ValueError, the file's)."""
     from trtllm.config import BuildConfig, KvCacheConfig
     from trtllm.runtime.speculative.config import speculative_config_from_options
 
@@ -147,7 +151,7 @@ def engine_options(args: argparse.Namespace) -> dict:
     lora_modules = parse_lora_modules(args.lora_modules, served_model_name(args))
     if lora_modules:
         options["lora_config"] = lora_config(args, lora_modules)
-    return options
+    return apply_llm_api_options(options, args.extra_llm_api_options, "trtllm-serve")
 
 
 def served_model_name(args: argparse.Namespace) -> str:
