@@ -60,7 +60,7 @@ from collections.abc import Callable
 from trtllm.runtime.beam_search import queue_search, step_groups
 from trtllm.runtime.beams import BeamGroup, take_beam_rows
 from trtllm.runtime.block_manager import BlockManager
-from trtllm.runtime.engine_limits import EngineLimits, check_cache_salt, check_stream_interval, validate_request
+from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval, validate_request
 from trtllm.runtime.engine_stats import EngineStats, StartupTimes, StepRecord
 from trtllm.runtime.grammar import LogitsHooks
 from trtllm.runtime.micro_batches import MicroBatches
@@ -69,8 +69,9 @@ from trtllm.runtime.multimodal_stager import check_multimodal_request
 from trtllm.runtime.output_builder import OutputBuilder
 from trtllm.runtime.outputs import RequestOutput
 from trtllm.runtime.prompt_logprobs import deliver_prompt_logprobs
-from trtllm.runtime.request_perf import PerfRecorder, mark_beam_tokens, mark_scheduled
-from trtllm.runtime.sampler import argmax_serves, draw_seed
+from trtllm.runtime.request_perf import mark_beam_tokens, mark_scheduled
+from trtllm.runtime.request_sequences import request_sequences
+from trtllm.runtime.sampler import argmax_serves
 from trtllm.runtime.scheduler import Scheduler
 from trtllm.runtime.sequence import Sequence
 from trtllm.runtime.speculative.decoder import SpeculativeDecoder, append_tokens
@@ -157,18 +158,10 @@ class Engine:
         self.check_lora(lora_request)
         if params.bad:  # banned words as token sequences, on a copy: the caller's params stay as given
             params = params.with_bad_words(lambda word: self.tokenizer.encode(word, add_special_tokens=False))
-        group = BeamGroup(request_id, prompt_token_ids, params, self.eos_token_ids, self.limits.max_seq_len,
-                          self.tokenizer, lora_request, multimodal) if params.is_beam_search else None
-        seqs = group.beams if group is not None else \
-            [Sequence(request_id, list(prompt_token_ids), params, index=i, lora_request=lora_request,
-                      multimodal=multimodal) for i in range(params.num_sequences)]
-        for seq in seqs:
-            seq.seed = params.seed if params.seed is not None else draw_seed()
-            seq.perf = PerfRecorder(self.block_manager.block_size) if params.return_perf_metrics else None
-            seq.cache_salt = check_cache_salt(cache_salt)
+        seqs, group = request_sequences(request_id, prompt_token_ids, params, self.eos_token_ids,
+                                        self.limits.max_seq_len, self.tokenizer, self.block_manager.block_size,
+                                        lora_request, multimodal, cache_salt)
         self.logits_hooks.attach(seqs, params)  # compiles its guide (cached); ValueError if it cannot
-        if params.prompt_logprobs is not None or params.return_context_logits:  # the first sequence scores
-            seqs[0].prompt_logprob_end = len(prompt_token_ids) - 1             # the prompt for all n
         try:
             for seq in seqs[:1] if group is not None else seqs:  # a beam group's leader queues for it
                 self.scheduler.add(seq)  # raises ValueError if it can never fit the pool
