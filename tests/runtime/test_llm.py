@@ -389,6 +389,11 @@ def test_cache_salt_keeps_cached_prefixes_apart(tmp_path):
         assert cached() == 32 and cached(cache_salt="b") == 32
         outs = llm.generate([prompt, prompt], params, use_tqdm=False, cache_salt=["a", "c"])
         assert [o.num_cached_tokens for o in outs] == [32, 0]
+        # vLLM's spelling, the salt in the prompt dict
+        assert llm.generate({"prompt_token_ids": prompt, "cache_salt": "c"}, params, use_tqdm=False).num_cached_tokens \
+            == 32
+        with pytest.raises(ValueError, match="two cache salts"):
+            llm.generate({"prompt_token_ids": prompt, "cache_salt": "c"}, params, use_tqdm=False, cache_salt="d")
         beams = SamplingParams(use_beam_search=True, n=2, best_of=2, max_tokens=2)
         assert llm.generate(prompt, beams, use_tqdm=False, cache_salt="a").num_cached_tokens == 32
         for kw, error, words in [(dict(cache_salt=3), TypeError, "cache_salt must be a string, got int"),
