@@ -7,7 +7,7 @@ silently means "default". NaN and infinities are refused as not finite (how: val
 `LoraConfig` lives in lora_config.py and is importable from here too.
 
     KvCacheConfig(free_gpu_memory_fraction=0.9, max_tokens=None, enable_block_reuse=True,
-                  tokens_per_block=32, dtype="auto")
+                  tokens_per_block=32, dtype="auto", event_buffer_max_size=0)
     BuildConfig(max_batch_size=256, max_input_len=4096, max_seq_len=None,
                 max_num_tokens=8192, max_beam_width=1)
         .max_seq_len_for(max_position_embeddings or None) -> int
@@ -45,6 +45,15 @@ class KvCacheConfig(ValidatedConfig):
     dtype: str = Field("auto", description='"auto": the model\'s activation dtype (or the quantized cache '
                                            'QuantConfig.kv_cache_quant_algo names); "fp8" (e4m3) or "int8": '
                                            'a quantized cache, twice the tokens in the same memory as 16-bit')
+    event_buffer_max_size: int = Field(0, ge=0, description="KV-cache events (blocks stored and removed) kept for "
+                                       "LLM.get_kv_cache_events(); 0: none recorded (runtime/kv_cache_events.py)")
+
+    @model_validator(mode="after")
+    def _events_need_reuse(self):
+        if self.event_buffer_max_size and not self.enable_block_reuse:
+            raise ValueError("event_buffer_max_size > 0 needs enable_block_reuse=True: the events are the "
+                             "prefix cache's (blocks stored for reuse, and removed)")
+        return self
 
     @field_validator("tokens_per_block")
     @classmethod

@@ -90,6 +90,7 @@ class BlockManager:
         self.prefix_hit_tokens = 0
         self.pending_copies: list[tuple[int, int, int]] = []  # (shared block, its copy, tokens): see above
         self._checked_at = float("-inf")  # time.monotonic() of the last full check_when_idle
+        self.events = None  # KvCacheConfig.event_buffer_max_size > 0: runtime/kv_cache_events.KvCacheEvents
 
     # --- books ----------------------------------------------------------------------
 
@@ -210,13 +211,28 @@ class BlockManager:
         if full <= done:
             return
         chain = self._hashes(seq, full)
+        stored = []  # (index, hash) of the blocks published here: KV-cache events
         for i in range(done, full):
             b, h = seq.block_table[i], chain[i]
             # another sequence may have computed the same prefix at the same time and
             # published first; this block then stays private and is freed, not cached
             if h not in self._block_of_hash and self._hash[b] is None:
                 self._hash[b], self._block_of_hash[h] = h, b
+                stored.append(i)
         self._num_published[seq.seq_id] = full
+        if self.events is not None and stored:
+            self._store_events(seq, chain, stored)
+
+    def _store_events(self, seq: Sequence, chain: list[bytes], stored: list[int]) -> None:
+        """One "stored" event per run of consecutive blocks published (runtime/kv_cache_events.py)."""
+        lora = seq.lora_request.lora_int_id if seq.lora_request is not None else None
+        bs, start = self.block_size, 0
+        for k in range(1, len(stored) + 1):
+            if k == len(stored) or stored[k] != stored[k - 1] + 1:
+                run = stored[start:k]
+                self.events.stored(chain[run[0] - 1] if run[0] else None,
+                                   [(chain[i], seq.token_slice(i * bs, (i + 1) * bs)) for i in run], lora)
+                start = k
 
     def free(self, seq: Sequence, publish: bool = True) -> None:
         """Drop `seq`'s references. With `publish` (the default) its computed full blocks
@@ -289,6 +305,8 @@ class BlockManager:
     def _unpublish(self, b: int) -> None:
         if self._hash[b] is not None:
             del self._block_of_hash[self._hash[b]]
+            if self.events is not None:
+                self.events.removed(self._hash[b])
             self._hash[b] = None
 
     def check_when_idle(self) -> None:

@@ -42,6 +42,7 @@ from trtllm.runtime.engine import Engine
 from trtllm.runtime.engine_limits import EngineLimits, check_stream_interval
 from trtllm.runtime.engine_stats import StartupTimes
 from trtllm.runtime.kv_budget import num_kv_blocks
+from trtllm.runtime.kv_cache_events import KvCacheEvents
 from trtllm.runtime.kv_cache_quant import kv_cache_quant
 from trtllm.runtime.model_probe import eos_token_ids_of, vocab_size_of
 from trtllm.runtime.model_runner import ModelRunner
@@ -245,6 +246,8 @@ def _build_engine(module: nn.Module, compiled, started: float, tokenizer, kv_cac
     # an EAGLE-3 head's stores and its own runner, now that the target's pool is sized
     hidden_states = speculative.attach_target(blocks * kv_cache_config.tokens_per_block) if speculative is not None else None
     block_manager = BlockManager(blocks, kv_cache_config.tokens_per_block, kv_cache_config.enable_block_reuse)
+    if kv_cache_config.event_buffer_max_size:  # LLM.get_kv_cache_events()
+        block_manager.events = KvCacheEvents(kv_cache_config.event_buffer_max_size, max_seq_len, blocks)
     adapters = _adapters(lora_config, compiled, module) if lora_config is not None else None
     compile_before_capture = compiled.compile_s
     runner = ModelRunner(compiled, num_blocks=blocks, block_size=kv_cache_config.tokens_per_block,

@@ -80,6 +80,7 @@ from trtllm.runtime.llm_args import (
     cuda_graph_options,
     iteration_stats_option,
     lora_config_of,
+    per_prompt,
 )
 from trtllm.runtime.multimodal_inputs import (
     Processor,
@@ -182,15 +183,8 @@ class LLM:
                                                  cache_salt=cache_salt), self._loop)
         batch = _is_batch(prompts)
         prompts = list(prompts) if batch else [prompts]
-        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
-        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
-        if len(loras) != len(prompts):
-            raise ValueError(f"{len(loras)} lora_requests for {len(prompts)} prompts")
-        salts = list(cache_salt) if isinstance(cache_salt, (list, tuple)) else [cache_salt] * len(prompts)
-        if len(salts) != len(prompts):
-            raise ValueError(f"{len(salts)} cache_salts for {len(prompts)} prompts")
+        params, loras, salts = (per_prompt(value, len(prompts), name) for value, name in (
+            (sampling_params, "sampling_params"), (lora_request, "lora_requests"), (cache_salt, "cache_salts")))
         # every prompt checked and tokenized first, then all handed over in one message:
         # a bad one raises before any runs, and the engine's first step sees the whole
         # batch (one at a time, the engine thread started stepping on the first few while
@@ -325,6 +319,20 @@ class LLM:
         """TensorRT-LLM's: get_stats()'s dicts as an async iterator."""
         for stats in self.get_stats(timeout):
             yield stats
+
+    def get_kv_cache_events(self, timeout: float | None = None) -> list[dict]:
+        """TensorRT-LLM's: the KV-cache events since the last call, oldest first
+        (runtime/kv_cache_events.py). Needs KvCacheConfig(event_buffer_max_size=N)."""
+        events = self.engine.block_manager.events
+        if events is None:
+            raise ValueError("get_kv_cache_events() needs LLM(kv_cache_config=KvCacheConfig(event_buffer_max_size=N)) "
+                             "(events are not recorded without it)")
+        return events.drain()
+
+    async def get_kv_cache_events_async(self, timeout: float | None = None):
+        """TensorRT-LLM's: get_kv_cache_events()'s events as an async iterator."""
+        for event in self.get_kv_cache_events(timeout):
+            yield event
 
     # -- lifetime ----------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -82,3 +82,12 @@ def iteration_stats_option(enable: bool, max_iterations: int | None) -> int | No
     if not enable and max_iterations is not None:
         raise ValueError("iter_stats_max_iterations needs enable_iter_perf_stats=True")
     return (max_iterations or DEFAULT_MAX_ITERATIONS) if enable else None
+
+
+def per_prompt(value, n: int, name: str) -> list:
+    """generate's one-for-all or one-per-prompt argument as a list of `n` (ValueError naming a list
+    of another length)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{len(values)} {name} for {n} prompts")
+    return values
