@@ -197,6 +197,22 @@ def test_a_bad_file_is_named_with_why(text, words, tmp_path):
     assert _refused(tmp_path, text).startswith(words)
 
 
+def _laughs(levels: int = 9) -> str:
+    """Nine anchors, each a list of nine aliases of the one before: 9**9 strings once expanded."""
+    lines = ["  - &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("pp_partition:\n" + _laughs(), "holds more than 10000 values once its aliases are expanded"),
+    ("kv_cache_config:\n  dtype:\n" + _laughs().replace("  - ", "    - "), "holds more than 10000 values"),
+    ("stream_interval: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+], ids=["laughs", "nested-laughs", "deep"])
+def test_a_file_too_big_once_read_is_refused_at_once(text, words, tmp_path):
+    assert words in _refused(tmp_path, text)  # (was a 2 GB message after a minute, or a RecursionError)
+
+
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(LlmApiOptionsError, match=f"^--extra_llm_api_options {tmp_path / 'no.yml'}: no such file$"):
         read_llm_api_options(tmp_path / "no.yml")

@@ -51,6 +51,9 @@ _CONFIGS = ("kv_cache_config", "build_config", "quant_config", "scheduler_config
 KEYS = frozenset((*LIMITS, *_BOOLS, *_SIZES, *_OPTIONAL_SIZES, *_CHECKED, *_NO_OP, *_CONFIGS, "dtype",
                   "pp_partition", "speculative_config", "enable_lora", "skip_tokenizer_init"))
 # TensorRT-LLM's decoding_type -> trtllm's config class (runtime/speculative/config.py)
+# values (scalars, lists, mappings) a file may hold, its aliases expanded: a handful of options, never
+# YAML's "billion laughs" (nine anchors of nine aliases each: 9**9 strings, a 2 GB error message)
+MAX_VALUES = 10_000
 DECODING_TYPES = {"MTP": "MTPDecodingConfig", "Eagle": "EagleDecodingConfig", "Eagle3": "EagleDecodingConfig",
                   "NGram": "NGramDecodingConfig", "DraftTarget": "DraftTargetDecodingConfig"}
 
@@ -87,6 +90,8 @@ def read_llm_api_options(path) -> dict:
         raise LlmApiOptionsError(path, f"cannot read it: {e}") from None
     except Twice as e:
         raise LlmApiOptionsError(path, str(e)) from None
+    except RecursionError:  # (the composer recurses a level at a time)
+        raise LlmApiOptionsError(path, "nested too deeply to read (lists or mappings inside each other)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -94,6 +99,9 @@ def read_llm_api_options(path) -> dict:
         raise LlmApiOptionsError(path, f"not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
+    if _num_values(data, {}, set()) > MAX_VALUES:
+        raise LlmApiOptionsError(path, f"holds more than {MAX_VALUES} values once its aliases are expanded "
+                                       "(anchors of anchors?): LLM's arguments are a handful")
     if not isinstance(data, dict):
         raise LlmApiOptionsError(path, f"must be a mapping of LLM arguments (key: value), got a "
                                        f"{type(data).__name__}")
@@ -101,6 +109,21 @@ def read_llm_api_options(path) -> dict:
     if bad:
         raise LlmApiOptionsError(path, f"key {bad[0]!r}: must be a string (an LLM argument's name)")
     return data
+
+
+def _num_values(value, counted: dict, open_: set) -> int:
+    """The values `value` holds with every alias expanded; each list or mapping counted once (`counted`,
+    by id), one that holds itself (`open_`: still being counted) as one value."""
+    if not isinstance(value, (list, dict)):
+        return 1
+    if id(value) in open_:
+        return 1
+    if id(value) not in counted:
+        open_.add(id(value))
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        counted[id(value)] = 1 + sum(_num_values(v, counted, open_) for v in items)
+        open_.discard(id(value))
+    return counted[id(value)]
 
 
 def apply_llm_api_options(options: dict, path, command: str) -> dict:
