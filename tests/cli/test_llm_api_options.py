@@ -213,6 +213,11 @@ def test_a_file_too_big_once_read_is_refused_at_once(text, words, tmp_path):
     assert words in _refused(tmp_path, text)  # (was a 2 GB message after a minute, or a RecursionError)
 
 
+def test_a_huge_file_is_refused_unread(tmp_path):
+    text = "dtype: " + "x" * 50_000_000 + "\n"  # (PyYAML took minutes over it, then named it in a 50 MB message)
+    assert _refused(tmp_path, text) == "over 1 MiB: not an options file (LLM's arguments are a handful)"
+
+
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(LlmApiOptionsError, match=f"^--extra_llm_api_options {tmp_path / 'no.yml'}: no such file$"):
         read_llm_api_options(tmp_path / "no.yml")

@@ -54,6 +54,7 @@ KEYS = frozenset((*LIMITS, *_BOOLS, *_SIZES, *_OPTIONAL_SIZES, *_CHECKED, *_NO_O
 # values (scalars, lists, mappings) a file may hold, its aliases expanded: a handful of options, never
 # YAML's "billion laughs" (nine anchors of nine aliases each: 9**9 strings, a 2 GB error message)
 MAX_VALUES = 10_000
+MAX_BYTES = 1 << 20  # a file's size: TensorRT-LLM's are a few hundred bytes (PyYAML reads ~0.5 MB a second)
 DECODING_TYPES = {"MTP": "MTPDecodingConfig", "Eagle": "EagleDecodingConfig", "Eagle3": "EagleDecodingConfig",
                   "NGram": "NGramDecodingConfig", "DraftTarget": "DraftTargetDecodingConfig"}
 
@@ -83,7 +84,10 @@ def read_llm_api_options(path) -> dict:
 
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=UniqueKeys)  # noqa: S506 (a SafeLoader)
+            text = f.read(MAX_BYTES + 1)  # (characters: at least as many bytes)
+        if len(text) > MAX_BYTES:
+            raise LlmApiOptionsError(path, "over 1 MiB: not an options file (LLM's arguments are a handful)")
+        data = yaml.load(text, Loader=UniqueKeys)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise LlmApiOptionsError(path, "no such file") from None
     except (OSError, UnicodeDecodeError) as e:
