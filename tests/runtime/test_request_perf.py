@@ -71,3 +71,17 @@ def test_draft_acceptance(checkpoint):
     assert (spec.total_draft_tokens, spec.total_accepted_draft_tokens) == (c.num_draft_tokens,
                                                                            c.num_accepted_draft_tokens)
     assert spec.acceptance_rate == pytest.approx(c.num_accepted_draft_tokens / c.num_draft_tokens) == 1.0
+
+
+def test_a_preempted_request_counts_the_prefix_hits_of_its_first_scheduling(checkpoint):
+    # 4 different prompts of 20 tokens (1 full block), 40 tokens each, in a pool of 6 blocks: preempted ones
+    # come back to find their own blocks cached, which are no prefix hit of their prompt
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, return_perf_metrics=True)
+    with LLM(str(checkpoint), dtype="float32", kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=96),
+             build_config=BuildConfig(max_batch_size=4, max_num_tokens=64, max_seq_len=64)) as llm:
+        outs = llm.generate([[i + 3] * 20 for i in range(4)], params, use_tqdm=False)
+        assert llm.engine_stats().num_preemptions > 0
+    for out in outs:
+        kv = out.outputs[0].request_perf_metrics.kv_cache_metrics
+        assert (kv.num_reused_blocks, kv.num_missed_blocks, kv.kv_cache_hit_rate) == (0, 2, 0.0)
+        assert kv.num_total_allocated_blocks == kv.num_new_allocated_blocks == 4

@@ -11,8 +11,9 @@ Times are `datetime.timedelta`s on the monotonic clock (one clock for every proc
 machine: the engine process's times compare with each other, not with wall time), taken when
 the engine received the request, first scheduled it, and appended its first and last token.
 Blocks: those the sequence held at most (`num_total_allocated_blocks`), the prompt's full
-blocks found in the prefix cache (`num_reused_blocks`), its other prompt blocks
-(`num_missed_blocks`), and the rest allocated anew. A completion gets its metrics when it
+blocks found in the prefix cache when it was first scheduled (`num_reused_blocks`: a preempted
+sequence finding its own blocks again is no hit), its other prompt blocks (`num_missed_blocks`),
+and the rest allocated anew. A completion gets its metrics when it
 finishes; with beam search, every beam's are the search's (its leader's recorder, a token a step).
 
 `PerfRecorder` is the engine's side: one per sequence that asks (`Sequence.perf`), fed by
@@ -84,18 +85,18 @@ class PerfRecorder:
     """One sequence's times, steps and blocks as the engine runs it."""
 
     __slots__ = ("block_size", "arrival", "first_scheduled", "first_token", "last_token", "first_iter",
-                 "last_iter", "max_blocks")
+                 "last_iter", "max_blocks", "cached_tokens")
 
     def __init__(self, block_size: int):
         self.block_size = block_size
         self.arrival = time.monotonic()
         self.first_scheduled = self.first_token = self.last_token = None
         self.first_iter = self.last_iter = -1
-        self.max_blocks = 0
+        self.max_blocks = self.cached_tokens = 0
 
     def scheduled(self, seq, now: float) -> None:
-        if self.first_scheduled is None:
-            self.first_scheduled = now
+        if self.first_scheduled is None:  # (its blocks just allocated: the prefix cache's hits are set)
+            self.first_scheduled, self.cached_tokens = now, seq.num_cached_tokens
         self.max_blocks = max(self.max_blocks, len(seq.block_table))
 
     def token(self, seq, iteration: int) -> None:
@@ -106,7 +107,7 @@ class PerfRecorder:
 
     def metrics(self, seq) -> RequestPerfMetrics:
         prompt_blocks = math.ceil(len(seq.prompt_token_ids) / self.block_size)
-        reused = min(seq.num_cached_tokens // self.block_size, prompt_blocks)
+        reused = min(self.cached_tokens // self.block_size, prompt_blocks)
         total = max(self.max_blocks, reused)
         first_scheduled = self.first_scheduled if self.first_scheduled is not None else self.arrival
         first_token = self.first_token if self.first_token is not None else first_scheduled
