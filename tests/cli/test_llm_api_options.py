@@ -139,6 +139,8 @@ def test_a_meaningless_key_at_the_value_that_changes_nothing_is_taken(text, tmp_
     ("enable_attention_dp: true", "enable_attention_dp=True: attention data parallelism is not implemented"),
     ("print_iter_log: true", "print_iter_log=True: no per-iteration log"),
     ("enable_iter_perf_stats: true", "enable_iter_perf_stats=True: these commands read no LLM.get_stats()"),
+    ("kv_cache_config: {event_buffer_max_size: 64}", "kv_cache_config.event_buffer_max_size=64: these commands "
+                                                     "read no LLM.get_kv_cache_events()"),
     ("backend: tensorrt", "backend='tensorrt': trtllm's one backend is 'pytorch'"),
     ("trust_remote_code: true", "trust_remote_code=True is not supported"),
     ("guided_decoding_backend: llguidance", "guided_decoding_backend='llguidance'"),

@@ -16,8 +16,8 @@ What a key becomes:
     pipeline_parallel_size, pp_partition, moe_expert_parallel_size, moe_tensor_parallel_size:
                                                      as LLM takes them
 TensorRT-LLM's keys that mean nothing here (enable_attention_dp, print_iter_log, backend,
-trust_remote_code, guided_decoding_backend, ...) are taken at the value that changes nothing
-only. Any other value, an unknown key, or a LoRA option with no adapter to serve is refused by
+trust_remote_code, guided_decoding_backend, kv_cache_config.event_buffer_max_size, ...) are taken
+at the value that changes nothing only. Any other value, an unknown key, or a LoRA option with no adapter to serve is refused by
 name (LlmApiOptionsError, a ValueError naming the file), before the model loads. Nothing is
 dropped. Unlike TensorRT-LLM, whose file replaces a nested config whole, a nested mapping here
 changes only the fields it names.
@@ -166,6 +166,10 @@ def _apply(options: dict, given: dict, command: str) -> dict:
     for key in ("kv_cache_config", "quant_config", "scheduler_config"):
         if key in given:
             options[key] = _merged(key, options.get(key), given[key])
+    events = getattr(options.get("kv_cache_config"), "event_buffer_max_size", 0) if "kv_cache_config" in given else 0
+    if events:  # (recorded for nobody, as enable_iter_perf_stats would be)
+        raise ValueError(f"kv_cache_config.event_buffer_max_size={events}: these commands read no "
+                         "LLM.get_kv_cache_events() (nothing serves KV-cache events); only 0 is taken")
     _cuda_graphs(options, given)
     _lora(options, given)
     if "speculative_config" in given:
