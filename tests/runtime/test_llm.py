@@ -398,6 +398,8 @@ def test_cache_salt_keeps_cached_prefixes_apart(tmp_path):
         assert llm.generate(prompt, beams, use_tqdm=False, cache_salt="a").num_cached_tokens == 32
         for kw, error, words in [(dict(cache_salt=3), TypeError, "cache_salt must be a string, got int"),
                                  (dict(cache_salt=""), ValueError, "cache_salt must be 1..1024 characters, got 0"),
+                                 # (a lone surrogate failed the engine step it was hashed in, with its neighbours)
+                                 (dict(cache_salt="a\ud800"), ValueError, "cache_salt must be valid Unicode"),
                                  (dict(cache_salt=["a"] * 3), ValueError, "3 cache_salts for 1 prompts")]:
             with pytest.raises(error, match=words):
                 llm.generate([prompt], params, use_tqdm=False, **kw)

@@ -73,4 +73,8 @@ def check_cache_salt(salt) -> str | None:
         raise TypeError(f"cache_salt must be a string, got {type(salt).__name__}")
     if not 0 < len(salt) <= MAX_CACHE_SALT_CHARS:
         raise ValueError(f"cache_salt must be 1..{MAX_CACHE_SALT_CHARS} characters, got {len(salt)}")
+    try:
+        salt.encode()  # (hashed as UTF-8 in the engine's step: a lone surrogate failed every request of it)
+    except UnicodeEncodeError as e:
+        raise ValueError(f"cache_salt must be valid Unicode text: {e.reason} at character {e.start}") from None
     return salt
