@@ -197,3 +197,20 @@ def test_extra_llm_api_options_lora_config_over_the_served_adapters(tmp_path):
                                                  "--extra_llm_api_options", str(extra)]))
     config = options["lora_config"]
     assert (config.lora_dir, config.max_loras, config.max_lora_rank) == ([str(tmp_path)], 2, 32)
+
+
+def test_a_chats_default_max_tokens_fits_an_engine_without_chunked_prefill(model_dir):
+    # enable_chunked_prefill: false (the options file's): a chat without max_tokens got OpenAI's default, the rest
+    # of max_seq_len, which such an engine refuses (prompt + max_tokens - 1 past max_num_tokens): a 400 for every one
+    import asyncio
+
+    from trtllm.config import KvCacheConfig
+    from trtllm.runtime.llm import LLM
+    from trtllm.serve.jobs import JobBuilder
+    from trtllm.serve.protocol import ChatCompletionRequest
+    body = ChatCompletionRequest(messages=[{"role": "user", "content": "hi there"}])
+    for chunked, room in ((False, lambda n: 64 - n + 1), (True, lambda n: 128 - n)):
+        with LLM(str(model_dir), dtype="float32", enable_chunked_prefill=chunked, max_batch_size=4, max_num_tokens=64,
+                 max_seq_len=128, kv_cache_config=KvCacheConfig(max_tokens=512)) as llm:
+            job = asyncio.run(JobBuilder(llm, "tiny").chat_job(body.model_copy(deep=True)))
+        assert job.params[0].max_tokens == room(len(job.prompts[0][1]))

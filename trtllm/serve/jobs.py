@@ -108,8 +108,10 @@ class JobBuilder:
         else:
             _, ids = await self._tokenize(text, add_special_tokens=False)
         max_tokens = body.requested_max_tokens
-        if max_tokens is None:  # OpenAI's default: up to the end of the context
-            max_tokens = max(1, self.llm.limits.max_seq_len - len(ids))
+        if max_tokens is None:  # OpenAI's default: up to the end of the context (or of one step's tokens,
+            lim = self.llm.limits  # without chunked prefill: the engine's rule, runtime/engine_limits.py)
+            end = lim.max_seq_len if lim.chunked_prefill else min(lim.max_seq_len, lim.max_num_tokens + 1)
+            max_tokens = max(1, end - len(ids))
         params = body.sampling_params(max_tokens, body.num_logprobs, guide, self.llm.vocab_size,
                                       guide_param=guide_param)
         self._validate(ids, params, "messages", guide_param)
