@@ -220,6 +220,14 @@ def test_a_huge_file_is_refused_unread(tmp_path):
     assert _refused(tmp_path, text) == "over 1 MiB: not an options file (LLM's arguments are a handful)"
 
 
+@pytest.mark.timeout(15)  # (26 s on the dev CPU before, 3 s now)
+def test_a_file_of_many_keys_is_read_in_time(tmp_path):
+    # the check for a key given twice compared each with every one before: minutes for 100,000 keys (under 1 MiB)
+    text = "".join(f"k{i}: 1\n" for i in range(30_000))
+    assert _refused(tmp_path, text + "k5: 2\n") == "key 'k5' given twice (line 30001)"
+    assert _refused(tmp_path, text).startswith("holds more than 10000 values")
+
+
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(LlmApiOptionsError, match=f"^--extra_llm_api_options {tmp_path / 'no.yml'}: no such file$"):
         read_llm_api_options(tmp_path / "no.yml")
