@@ -57,10 +57,6 @@ class IterationStats:
         return engine.on_step
 
     def drain(self) -> list[dict]:
-        """The steps recorded since the last drain, oldest first."""
-        out = []
-        while True:
-            try:
-                out.append(self._stats.popleft())
-            except IndexError:
-                return out
+        """The steps recorded since the last drain, oldest first (one popleft each: a step the engine
+        records meanwhile stays for the next)."""
+        return [self._stats.popleft() for _ in range(len(self._stats))]

@@ -53,10 +53,6 @@ class KvCacheEvents:
         self._add({"type": "removed", "block_hashes": [hash_id(block_hash)]})
 
     def drain(self) -> list[dict]:
-        """The events since the last drain, oldest first."""
-        out = []
-        while True:
-            try:
-                out.append(self._events.popleft())
-            except IndexError:
-                return out
+        """The events since the last drain, oldest first (one popleft each: an event the engine
+        records meanwhile stays for the next)."""
+        return [self._events.popleft() for _ in range(len(self._events))]
