@@ -32,11 +32,15 @@ def test_stored_blocks_name_their_tokens_and_chain(checkpoint):
         stored = [e["data"] for e in events if e["data"]["type"] == "stored"]
         blocks = [b for e in stored for b in e["blocks"]]
         assert [[t["token_id"] for t in b["tokens"]] for b in blocks] == [prompt[:16], prompt[16:32]]
-        assert stored[0]["parent_hash"] is None and all(b["lora_id"] is None for b in blocks)
-        if len(stored) == 2:  # one run or two: the second's parent is the first block
-            assert stored[1]["parent_hash"] == blocks[0]["block_hash"]
+        # the prompt is prefilled in one step: its two blocks become reusable together, one run
+        assert len(stored) == 1 and stored[0]["parent_hash"] is None and all(b["lora_id"] is None for b in blocks)
         assert [e["event_id"] for e in events] == list(range(1, len(events) + 1))
         assert llm.get_kv_cache_events() == []  # drained
+        # the first block found cached, the second new: its run's parent is the first block
+        llm.generate(prompt[:16] + list(range(200, 224)), PARAMS, use_tqdm=False)
+        branch = [e["data"] for e in llm.get_kv_cache_events() if e["data"]["type"] == "stored"]
+        assert len(branch) == 1 and branch[0]["parent_hash"] == blocks[0]["block_hash"]
+        assert [t["token_id"] for t in branch[0]["blocks"][0]["tokens"]] == list(range(200, 216))
         llm.generate(prompt, PARAMS, use_tqdm=False)  # a prefix hit stores nothing new
         assert not [e for e in llm.get_kv_cache_events() if e["data"]["type"] == "stored"]
         # the events' hashes are the pool's own keys (their first 8 bytes)
