@@ -394,6 +394,9 @@ def test_cache_salt_keeps_cached_prefixes_apart(tmp_path):
             == 32
         with pytest.raises(ValueError, match="two cache salts"):
             llm.generate({"prompt_token_ids": prompt, "cache_salt": "c"}, params, use_tqdm=False, cache_salt="d")
+        # the dict's None is no salt of its own: generate's applies (was refused as two salts)
+        assert llm.generate({"prompt_token_ids": prompt, "cache_salt": None}, params, use_tqdm=False,
+                            cache_salt="c").num_cached_tokens == 32
         beams = SamplingParams(use_beam_search=True, n=2, best_of=2, max_tokens=2)
         assert llm.generate(prompt, beams, use_tqdm=False, cache_salt="a").num_cached_tokens == 32
         for kw, error, words in [(dict(cache_salt=3), TypeError, "cache_salt must be a string, got int"),

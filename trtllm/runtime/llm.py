@@ -259,9 +259,11 @@ class LLM:
                  lora_request: LoRARequest | None = None, multimodal=None, cache_salt: str | None = None) -> AddRequest:
         """One request, tokenized; TypeError/ValueError if bad."""
         if isinstance(prompt, dict) and "cache_salt" in prompt:  # vLLM's spelling: the salt in the prompt
-            if cache_salt is not None and cache_salt != prompt["cache_salt"]:
+            salt = prompt["cache_salt"]  # None there: no salt of its own (generate's, if any, applies)
+            if salt is not None and cache_salt is not None and cache_salt != salt:
                 raise ValueError("two cache salts: the prompt's 'cache_salt' and generate's cache_salt; give one")
-            prompt, cache_salt = {k: v for k, v in prompt.items() if k != "cache_salt"}, prompt["cache_salt"]
+            prompt, cache_salt = {k: v for k, v in prompt.items() if k != "cache_salt"}, \
+                cache_salt if salt is None else salt
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
