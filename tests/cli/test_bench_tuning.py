@@ -60,3 +60,30 @@ def test_throughput_without_a_gpu_keeps_256(tmp_path):
                  "--report_json", str(report)]) == 0
     import json
     assert json.loads(report.read_text())["config"]["engine"]["max_batch_size"] == DEFAULT_BATCH
+
+
+def test_the_batch_reads_the_options_file(tmp_path, monkeypatch):
+    # the KV pool's dtype and fraction in --extra_llm_api_options size the batch as the flags' do
+    # (it was sized from the flags alone, then the file changed the pool under it)
+    from trtllm.cli.bench_tuning import batch_for_run
+    from trtllm.cli.llm_api_options import apply_llm_api_options
+    from trtllm.config import BuildConfig, KvCacheConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=141e9))
+    config, work = resolve_model("llama-3.1-8b").config, requests(1024, 2048, 128)
+    flags = dict(build_config=BuildConfig(max_seq_len=2176), kv_cache_config=KvCacheConfig(), quant_config=None,
+                 dtype="auto")
+    assert batch_for_run(work, config, flags) == 320  # bf16 KV: as in the test above
+    options = tmp_path / "o.yml"
+    options.write_text("kv_cache_config:\n  dtype: fp8\n")
+    fp8 = apply_llm_api_options(flags, options, "trtllm-bench")
+    assert batch_for_run(work, config, fp8) == 640  # twice the tokens: 0.9 x 782 sequences, down to 64
+    options.write_text("kv_cache_config:\n  free_gpu_memory_fraction: 0.5\n")
+    assert batch_for_run(work, config, apply_llm_api_options(flags, options, "trtllm-bench")) == DEFAULT_BATCH
+    options.write_text("kv_cache_config:\n  max_tokens: 1000000\n")
+    assert batch_for_run(work, config, apply_llm_api_options(flags, options, "trtllm-bench")) == 384
+    # a batch the file gives is the file's: bench leaves it alone
+    assert "max_batch_size" not in fp8["build_config"].model_fields_set
+    options.write_text("max_batch_size: 96\n")
+    assert "max_batch_size" in apply_llm_api_options(flags, options, "trtllm-bench")["build_config"].model_fields_set

@@ -89,9 +89,10 @@ def _workload(args, spec) -> tuple[str, list, dict]:
     return command, requests, dict(concurrency=args.concurrency, streaming=args.streaming, max_batch_size=None)
 
 
-def _engine_configs(args, requests, spec, default_batch: int | None):
-    """BuildConfig and KvCacheConfig for the workload; BenchError if a request cannot fit.
-    default_batch None: the KV pool's fill (cli/bench_tuning.py)."""
+def _engine_configs(args, requests, spec, mode_batch: int | None):
+    """BuildConfig and KvCacheConfig for the workload; BenchError if a request cannot fit. With no
+    --max_batch_size and no mode_batch (the command's own: latency's 1) the build config leaves
+    max_batch_size unset: _build_llm sizes it from the KV pool once the options file is applied."""
     from trtllm.cli.bench_dataset import check_requests
     from trtllm.config import BuildConfig, ConfigError, KvCacheConfig
 
@@ -104,13 +105,10 @@ def _engine_configs(args, requests, spec, default_batch: int | None):
     else:
         check_requests(requests, spec.vocab_size, context, "the model's context (max_position_embeddings)")
     max_seq_len = args.max_seq_len or max(r.input_len + r.output_tokens for r in requests)
-    if args.max_batch_size is None and default_batch is None:
-        from trtllm.cli.bench_tuning import batch_for_run
-        default_batch = batch_for_run(args, requests, spec.config)
-    # --max_batch_size 0 is BuildConfig's to refuse, not a silent "default" (as -1 is)
-    build = dict(max_batch_size=default_batch if args.max_batch_size is None else args.max_batch_size,
-                 max_seq_len=max_seq_len,
-                 max_input_len=max(r.input_len for r in requests))
+    build = dict(max_seq_len=max_seq_len, max_input_len=max(r.input_len for r in requests))
+    batch = mode_batch if args.max_batch_size is None else args.max_batch_size
+    if batch is not None:  # (--max_batch_size 0 is BuildConfig's to refuse, not a silent "default" as -1 is)
+        build["max_batch_size"] = batch
     if args.max_num_tokens is not None:
         build["max_num_tokens"] = args.max_num_tokens
     kv = {k: v for k, v in (("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction),
@@ -129,7 +127,7 @@ def _bench(args) -> int:
     check_run_options(args, spec)
     command, requests, mode = _workload(args, spec)
     build, kv = _engine_configs(args, requests, spec, mode.pop("max_batch_size"))
-    llm, load_s, options = _build_llm(args, spec, build, kv)
+    llm, load_s, options = _build_llm(args, spec, build, kv, requests)
     build = options["build_config"]  # (--extra_llm_api_options may set its limits)
     recorder = StepRecorder()
     with llm:
@@ -142,10 +140,11 @@ def _bench(args) -> int:
     return 0
 
 
-def _build_llm(args, spec, build, kv):
-    """(the LLM, seconds spent loading before it, its options: the flags' with the file's over them)."""
+def _build_llm(args, spec, build, kv, requests):
+    """(the LLM, seconds spent loading before it, its options: the flags' with the file's over them;
+    a max_batch_size neither gave: as many as the KV pool the options make holds, cli/bench_tuning.py)."""
     from trtllm.cli.llm_api_options import LlmApiOptionsError, apply_llm_api_options
-    from trtllm.config import ConfigError, QuantConfig
+    from trtllm.config import BuildConfig, ConfigError, QuantConfig
     from trtllm.runtime.llm import LLM
 
     try:  # the options' configs first: a bad one is refused before a preset's weights are made
@@ -157,6 +156,10 @@ def _build_llm(args, spec, build, kv):
             from trtllm.config import CudaGraphConfig
             options["cuda_graph_config"] = CudaGraphConfig(max_prefill_tokens=args.cuda_graph_max_prefill_tokens)
         options = apply_llm_api_options(options, args.extra_llm_api_options, "trtllm-bench")
+        if "max_batch_size" not in options["build_config"].model_fields_set:
+            from trtllm.cli.bench_tuning import batch_for_run
+            options["build_config"] = BuildConfig(**options["build_config"].model_dump(exclude_unset=True),
+                                                  max_batch_size=batch_for_run(requests, spec.config, options))
         started = time.perf_counter()
         kwargs = spec.llm_kwargs(options["dtype"], seed=args.seed)
         load_s = time.perf_counter() - started  # a preset's weights, a module loaded here (else: in LLM)

@@ -81,17 +81,21 @@ def throughput_batch(requests: list, pool_tokens: float | None) -> int:
     return max(DEFAULT_BATCH, min(batch, MAX_BATCH, most))
 
 
-def batch_for_run(args, requests: list, config: dict) -> int:
-    """throughput_batch for trtllm-bench's parsed options: the GPU's memory, the weights' and the KV
-    cache's bytes a value (--dtype, --quantization, --kv_cache_dtype), --kv_cache_free_gpu_memory_fraction;
-    --kv_cache_max_tokens, when given, is the pool."""
+def batch_for_run(requests: list, config: dict, options: dict) -> int:
+    """throughput_batch for trtllm-bench's engine options (its flags with the options file over them):
+    the GPU's memory, the weights' and the KV cache's bytes a value (dtype, quant_config, the KV cache's
+    dtype), kv_cache_config.free_gpu_memory_fraction; kv_cache_config.max_tokens, when set, is the pool."""
     import torch
 
     if not torch.cuda.is_available():
         return throughput_batch(requests, None)
-    dtype = args.dtype if args.dtype != "auto" else config.get("torch_dtype", "bfloat16")
+    kv, quant = options["kv_cache_config"], options.get("quant_config")
+    dtype = options.get("dtype") or "auto"
+    dtype = dtype if dtype != "auto" else config.get("torch_dtype", "bfloat16")
     width = 4.0 if dtype == "float32" else 2.0
-    pool = args.kv_cache_max_tokens or kv_tokens(
-        config, torch.cuda.get_device_properties(0).total_memory, args.kv_cache_free_gpu_memory_fraction or 0.9,
-        1.0 if args.quantization else width, 1.0 if args.kv_cache_dtype in ("fp8", "int8") else width)
+    quantized = quant is not None and quant.quant_algo is not None
+    kv_one_byte = kv.dtype in ("fp8", "int8") or (quant is not None and quant.kv_cache_quant_algo is not None)
+    pool = kv.max_tokens or kv_tokens(
+        config, torch.cuda.get_device_properties(0).total_memory, kv.free_gpu_memory_fraction,
+        1.0 if quantized else width, 1.0 if kv_one_byte else width)
     return throughput_batch(requests, pool)
