@@ -22,8 +22,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from trtllm.models.checkpoint_config import TOKENIZER_FILES
+
 DEMO = "demo"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 _LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=8192)
@@ -112,7 +113,7 @@ class ModelSpec:
 
     @property
     def has_tokenizer(self) -> bool:
-        return self.path is not None and any((self.path / f).is_file() for f in _TOKENIZER_FILES)
+        return self.path is not None and any((self.path / f).is_file() for f in TOKENIZER_FILES)
 
     def tokenizer(self):
         """The checkpoint's tokenizer (transformers), or None where there is none."""

@@ -6,6 +6,9 @@ import json
 import math
 from pathlib import Path
 
+# Files any one of which makes a directory loadable by AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
 
 def read_config(path: Path) -> dict:
     """config.json of the checkpoint directory `path`, checked: a JSON object whose sizes are

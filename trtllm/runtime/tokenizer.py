@@ -28,8 +28,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-# Files any one of which makes a directory loadable by AutoTokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+from trtllm.models.checkpoint_config import TOKENIZER_FILES
 
 # Tokens of left context the detokenizer decodes with (vLLM uses the same number):
 # enough for a SentencePiece "▁" to become a space, and for a character whose bytes
