@@ -120,7 +120,8 @@ def test_speculative_config_by_decoding_type(text, config, tmp_path):
     ("{decoding_type: Medusa}", "speculative_config.decoding_type='Medusa': not implemented; one of MTP, Eagle"),
     ("{max_draft_len: 3}", "speculative_config={'max_draft_len': 3}: must be a mapping with decoding_type"),
     ("{decoding_type: NGram, is_keep_all: true}", "speculative_config: NGramDecodingConfig.is_keep_all=True: "
-                                                  "unknown option"),
+                                                  "keeping every match of a pattern is not implemented"),
+    ("{decoding_type: NGram, is_pool: false}", "speculative_config: NGramDecodingConfig.is_pool=False: unknown option"),
     ("{decoding_type: DraftTarget}", "speculative_config: DraftTargetDecodingConfig.speculative_model_dir: required"),
 ])
 def test_a_speculative_config_not_built_here_is_refused_by_name(text, words, tmp_path):

@@ -280,6 +280,12 @@ def test_bad_speculative_configs_are_refused(target, tmp_path):
         small_llm(target, speculative_config="ngram")
     with pytest.raises(ValueError, match="max_draft_len"):
         NGramDecodingConfig(max_draft_len=0)
+    # TensorRT-LLM's pool options: False is what the lookup does; True is refused by name (was an unknown option)
+    assert NGramDecodingConfig(is_keep_all=False, is_use_oldest=False, is_public_pool=False) == NGramDecodingConfig()
+    for field, words in (("is_keep_all", "keeping every match of a pattern"), ("is_use_oldest", "the oldest match"),
+                         ("is_public_pool", "a pool shared by requests")):
+        with pytest.raises(ValueError, match=f"NGramDecodingConfig.{field}=True: {words} is not implemented"):
+            NGramDecodingConfig(**{field: True})
     other_vocab = write_checkpoint("llama31", tmp_path / "v", vocab_size=256)
     with pytest.raises(ValueError, match=r"draft model's vocabulary \(256 tokens\) differs from the target's \(512\)"):
         small_llm(target, speculative_config=DraftTargetDecodingConfig(speculative_model_dir=str(other_vocab)))

@@ -30,12 +30,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from trtllm.validated_config import ConfigError, ValidatedConfig
 
 _VERIFY_GRAPHS = ("CUDA graphs for verify steps of max_draft_len drafts: None (default) wherever the engine can "
                   "capture them, True required, False off")
+_NGRAM_POOL_REFUSED = dict(is_keep_all="keeping every match of a pattern is not implemented",
+                           is_use_oldest="the oldest match is not implemented",
+                           is_public_pool="a pool shared by requests is not implemented")
 _ARBITRARY = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
                         arbitrary_types_allowed=True)
 
@@ -47,6 +50,19 @@ class NGramDecodingConfig(ValidatedConfig):
     max_draft_len: int = Field(4, ge=1, le=32, description="draft tokens proposed per step at most")
     max_matching_ngram_size: int = Field(3, ge=1, le=64, description="longest suffix looked up")
     verify_cuda_graphs: bool | None = Field(None, description=_VERIFY_GRAPHS)
+    # TensorRT-LLM's pool options, taken at what this lookup does (its later releases refuse True too)
+    is_keep_all: bool = Field(False, description="False: one match a pattern, the latest (True is not implemented)")
+    is_use_oldest: bool = Field(False, description="False: the newest match (True is not implemented)")
+    is_public_pool: bool = Field(False, description="False: each request looks up its own tokens (a pool shared by "
+                                                    "requests is not implemented)")
+
+    @field_validator("is_keep_all", "is_use_oldest", "is_public_pool")
+    @classmethod
+    def _pool_as_implemented(cls, v, info):
+        if v:
+            raise ValueError(_NGRAM_POOL_REFUSED[info.field_name] + "; the lookup takes the latest match in the "
+                             "request's own tokens (only false is taken)")
+        return v
 
 
 class DraftTargetDecodingConfig(ValidatedConfig):
