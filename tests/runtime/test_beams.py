@@ -348,6 +348,34 @@ def test_a_stop_string_that_is_a_skipped_special_token_ends_a_beam(checkpoint):
     assert group._ends([5], 6, 1) is None
 
 
+def test_min_tokens_holds_a_beams_stop_strings_off(checkpoint):
+    """As OutputBuilder's rule (vLLM's): no stop string (nor a special token's) is looked for in
+    the text of the first min_tokens tokens; beams ended at one there, so min_tokens changed
+    nothing for them."""
+    from trtllm.runtime.beams import BeamGroup
+    engine = engine_of(checkpoint)
+    params = SamplingParams(beam_width=3, n=3, max_tokens=8, ignore_eos=True)
+    free = run(engine, {"a": (PROMPTS[0], params)})["a"]
+    stop = free.outputs[0].text[1:3]  # early in the best beam
+    cut = run(engine, {"b": (PROMPTS[0], params.model_copy(update={"stop": [stop]}))})["b"]
+    assert [c.token_ids for c in cut.outputs] != [c.token_ids for c in free.outputs]  # the stop string acts
+    held = run(engine, {"c": (PROMPTS[0], params.model_copy(update={"stop": [stop], "min_tokens": 8}))})["c"]
+    assert [(c.token_ids, c.text, c.finish_reason) for c in held.outputs] == \
+        [(c.token_ids, c.text, c.finish_reason) for c in free.outputs]
+    engine.block_manager.check_invariants()
+    # a match that ends in the first min_tokens - 1 tokens' text is never one; one ending after it is
+    tok = engine.tokenizer
+    x, y, z = (tok.convert_tokens_to_ids(c) for c in "xyz")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    group = BeamGroup("r", [1, 2], SamplingParams(beam_width=2, max_tokens=8, stop=["xy", "<|im_end|>"],
+                                                  min_tokens=3), [0], 64, tok)
+    assert group._ends([x], y, 1) is None and group._ends([x], end, 1) is None
+    assert group._ends([x, y], z, 2) is None
+    assert group._ends([x, y, z, x], y, 4) == ("xy", True) and group._ends([x, y, z], end, 3) == ("<|im_end|>", True)
+    assert BeamGroup("r", [1, 2], SamplingParams(beam_width=2, max_tokens=8, stop=["xy"], min_tokens=2), [0], 64,
+                     tok)._ends([x], y, 1) == ("xy", True)  # its last token completes it: as OutputBuilder's
+
+
 def test_a_streamed_beam_search_arrives_once_whole(checkpoint):
     from trtllm.runtime.llm import LLM
     params = SamplingParams(beam_width=2, n=2, max_tokens=6, ignore_eos=True)
