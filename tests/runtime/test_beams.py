@@ -348,6 +348,27 @@ def test_a_stop_string_that_is_a_skipped_special_token_ends_a_beam(checkpoint):
     assert group._ends([5], 6, 1) is None
 
 
+def test_a_beams_text_keeps_a_sentencepiece_first_space(tmp_path):
+    """As a sampled completion's (IncrementalDetokenizer, after the prompt's last tokens): a first
+    "▁word" token reads " word", so that prompt + text reads right; decoded without the prompt, a
+    beam's text lost the space (and a stop string could not match it)."""
+    write_checkpoint("llama31", tmp_path, vocab_size=512)
+    make_tokenizer(tmp_path, kind="metaspace")
+    engine = engine_of(tmp_path)
+    tok, prompt = engine.tokenizer, PROMPTS[2]
+    out = run(engine, {"a": (prompt, SamplingParams(beam_width=2, n=2, max_tokens=6, ignore_eos=True))})["a"]
+    assert all(tok.convert_ids_to_tokens(c.token_ids[0]).startswith("▁") for c in out.outputs)  # what it checks
+    for c in out.outputs:
+        assert c.text == tok.decode(prompt + c.token_ids)[len(tok.decode(prompt)):]
+    stop = out.outputs[0].text[:3]  # the space and what follows it
+    cut = run(engine, {"b": (prompt, SamplingParams(beam_width=2, n=2, max_tokens=6, ignore_eos=True, stop=[stop]))})
+    stopped = [c for c in cut["b"].outputs if c.stop_reason == stop]
+    assert stopped
+    for c in stopped:  # cut at the first match in the text as a sampled completion's reads
+        whole = tok.decode(prompt + c.token_ids)[len(tok.decode(prompt)):]
+        assert whole.index(stop) == len(c.text) and whole.startswith(c.text)
+
+
 def test_min_tokens_holds_a_beams_stop_strings_off(checkpoint):
     """As OutputBuilder's rule (vLLM's): no stop string (nor a special token's) is looked for in
     the text of the first min_tokens tokens; beams ended at one there, so min_tokens changed

@@ -165,7 +165,7 @@ class BeamGroup:
             if token in self.special_stops:
                 return self.special_stops[token], True
             if self.params.stop and self.tokenizer is not None:
-                text = _text(self.tokenizer, tokens, self.params.skip_special_tokens)
+                text = self._text(tokens)
                 span = find_stop_span(text, self.params.stop, self._checked_len(tokens))
                 if span is not None:
                     return text[span[0]:span[1]], True
@@ -176,8 +176,15 @@ class BeamGroup:
         ending past the text of its first min_tokens - 1 tokens, which OutputBuilder never
         searches (min_tokens holds stop strings off: vLLM's rule)."""
         held = self.params.min_tokens - 1
-        return len(_text(self.tokenizer, tokens[:held], self.params.skip_special_tokens, flush=False)) \
-            if held > 0 else 0
+        return len(self._text(tokens[:held], flush=False)) if held > 0 else 0
+
+    def _text(self, ids: list[int], flush: bool = True) -> str:
+        """The text of output tokens, as the engine's incremental detokenizer makes it for a sampled
+        completion: decoded after the prompt's last tokens, so that a SentencePiece first "▁word"
+        keeps its space (without the prompt, a beam's text lost it where a sampled completion's of
+        the same tokens kept it); without `flush`, an unfinished last character held back."""
+        detok = IncrementalDetokenizer(self.tokenizer, self.beams[0].prompt_token_ids, self.params.skip_special_tokens)
+        return "".join(detok.append(t) for t in ids) + (detok.flush() if flush else "")
 
     def _fork(self, block_manager, parents: list[Sequence], tokens: list[int]) -> None:
         """The next running beams: beam j becomes parents[j] + tokens[j], sharing its blocks.
@@ -225,8 +232,8 @@ class BeamGroup:
             if self.tokenizer is not None:
                 stop_token = hyp.stopped and not isinstance(hyp.stop_reason, str) \
                     and not self.params.include_stop_str_in_output
-                text = _text(self.tokenizer, hyp.tokens[:-1] if stop_token else hyp.tokens,
-                             self.params.skip_special_tokens)  # a stop token's text left out, as OutputBuilder's
+                # a stop token's text left out, as OutputBuilder's
+                text = self._text(hyp.tokens[:-1] if stop_token else hyp.tokens)
                 span = find_stop_span(text, self.params.stop, self._checked_len(hyp.tokens)) \
                     if isinstance(hyp.stop_reason, str) else None
                 if span is not None:
@@ -237,13 +244,6 @@ class BeamGroup:
                                         hyp.stop_reason, cumulative_logprob=hyp.cumulative_logprob,
                                         generation_logits=torch.stack(hyp.logits) if hyp.logits else None))
         return out
-
-
-def _text(tokenizer, ids: list[int], skip_special_tokens: bool, flush: bool = True) -> str:
-    """The text of output tokens, as the engine's incremental detokenizer makes it (without
-    `flush`: an unfinished last character held back, as while the output grows)."""
-    detok = IncrementalDetokenizer(tokenizer, [], skip_special_tokens)
-    return "".join(detok.append(t) for t in ids) + (detok.flush() if flush else "")
 
 
 def _top(x: np.ndarray, k: int) -> list[int]:
