@@ -239,6 +239,8 @@ def test_beam_width_above_max_beam_width_is_refused_naming_both(checkpoint):
 @pytest.mark.parametrize("bad, why", [(dict(temperature=0.7), "temperature 0.7 with beam search"),
                                       (dict(top_p=0.5), "top_p with beam search"),
                                       (dict(logprobs=2), "logprobs with beam search"),
+                                      (dict(apply_batched_logits_processor=True),
+                                       "apply_batched_logits_processor with beam search"),
                                       (dict(n=5), r"n \(5\) exceeds the beam width \(4\)")])
 def test_beam_search_refuses_what_it_does_not_do_by_name(bad, why):
     with pytest.raises(ValueError, match=why):
