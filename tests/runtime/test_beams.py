@@ -302,6 +302,32 @@ def test_context_and_generation_logits_equal_hf(checkpoint, hf):
     assert plain.context_logits is None and plain.outputs[0].generation_logits is None
 
 
+def test_returned_logits_are_the_models_under_logits_processors(checkpoint, hf):
+    """A logits processor edits its row in place, after the model: the logits returned are still
+    the model's. Its edits came back in generation_logits, and in context_logits' last row alone
+    (the rows before it come from the prompt's pass)."""
+    engine = engine_of(checkpoint)
+    prompt = list(range(30, 51))
+
+    def boost(token):
+        def edit(logits):
+            logits[..., token] += 100.0
+        return edit
+
+    engine.logits_hooks.batched_logits_processor = lambda ids, logits, tokens, stream, clients: \
+        [boost(9)(row) for row in logits]
+    base = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, return_context_logits=True,
+                          return_generation_logits=True)
+    for token, how in ((7, {"logits_processor": lambda r, logits, t, s, c: boost(7)(logits)}),
+                       (9, {"apply_batched_logits_processor": True})):
+        out = run(engine, {"x": (prompt, base.model_copy(update=how))})["x"]
+        assert out.outputs[0].token_ids == [token] * 4  # the processor chose them
+        with torch.no_grad():
+            want = hf(torch.tensor([prompt + [token] * 4])).logits[0]
+        torch.testing.assert_close(out.context_logits, want[:len(prompt)], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.outputs[0].generation_logits, want[len(prompt) - 1:-1], atol=1e-4, rtol=1e-4)
+
+
 def test_stop_strings_end_beams_and_are_cut_from_the_text(checkpoint):
     engine = engine_of(checkpoint)
     free = run(engine, {"a": (PROMPTS[0], SamplingParams(beam_width=3, n=3, max_tokens=8, ignore_eos=True))})["a"]
