@@ -268,7 +268,10 @@ class SamplingParams(ValidatedConfig):
                                          ("bad", bool(self.bad)), ("bad_token_ids", bool(self.bad_token_ids)),
                                          ("no_repeat_ngram_size", self.no_repeat_ngram_size is not None),
                                          ("embedding_bias", self.embedding_bias is not None),
-                                         ("logits_processor", self.logits_processor is not None))
+                                         ("logits_processor", self.logits_processor is not None),
+                                         # (the LLM's batched one ran on a beam's rows in some steps and
+                                         # not in others: a decode graph's step searches the raw logits)
+                                         ("apply_batched_logits_processor", self.apply_batched_logits_processor))
                    if on]
         if refused:
             raise ValueError(f"{', '.join(refused)} with beam search is not supported (beam search is "

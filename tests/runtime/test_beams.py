@@ -239,6 +239,8 @@ def test_beam_width_above_max_beam_width_is_refused_naming_both(checkpoint):
 @pytest.mark.parametrize("bad, why", [(dict(temperature=0.7), "temperature 0.7 with beam search"),
                                       (dict(top_p=0.5), "top_p with beam search"),
                                       (dict(logprobs=2), "logprobs with beam search"),
+                                      (dict(apply_batched_logits_processor=True),
+                                       "apply_batched_logits_processor with beam search"),
                                       (dict(n=5), r"n \(5\) exceeds the beam width \(4\)")])
 def test_beam_search_refuses_what_it_does_not_do_by_name(bad, why):
     with pytest.raises(ValueError, match=why):
@@ -300,6 +302,32 @@ def test_context_and_generation_logits_equal_hf(checkpoint, hf):
     assert plain.context_logits is None and plain.outputs[0].generation_logits is None
 
 
+def test_returned_logits_are_the_models_under_logits_processors(checkpoint, hf):
+    """A logits processor edits its row in place, after the model: the logits returned are still
+    the model's. Its edits came back in generation_logits, and in context_logits' last row alone
+    (the rows before it come from the prompt's pass)."""
+    engine = engine_of(checkpoint)
+    prompt = list(range(30, 51))
+
+    def boost(token):
+        def edit(logits):
+            logits[..., token] += 100.0
+        return edit
+
+    engine.logits_hooks.batched_logits_processor = lambda ids, logits, tokens, stream, clients: \
+        [boost(9)(row) for row in logits]
+    base = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, return_context_logits=True,
+                          return_generation_logits=True)
+    for token, how in ((7, {"logits_processor": lambda r, logits, t, s, c: boost(7)(logits)}),
+                       (9, {"apply_batched_logits_processor": True})):
+        out = run(engine, {"x": (prompt, base.model_copy(update=how))})["x"]
+        assert out.outputs[0].token_ids == [token] * 4  # the processor chose them
+        with torch.no_grad():
+            want = hf(torch.tensor([prompt + [token] * 4])).logits[0]
+        torch.testing.assert_close(out.context_logits, want[:len(prompt)], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.outputs[0].generation_logits, want[len(prompt) - 1:-1], atol=1e-4, rtol=1e-4)
+
+
 def test_stop_strings_end_beams_and_are_cut_from_the_text(checkpoint):
     engine = engine_of(checkpoint)
     free = run(engine, {"a": (PROMPTS[0], SamplingParams(beam_width=3, n=3, max_tokens=8, ignore_eos=True))})["a"]
@@ -346,6 +374,55 @@ def test_a_stop_string_that_is_a_skipped_special_token_ends_a_beam(checkpoint):
     group = BeamGroup("r", [1, 2], SamplingParams(beam_width=2, max_tokens=8, stop=["<|im_end|>"]), [0], 64, tok)
     assert group._ends([5], end, 1) == ("<|im_end|>", True)
     assert group._ends([5], 6, 1) is None
+
+
+def test_a_beams_text_keeps_a_sentencepiece_first_space(tmp_path):
+    """As a sampled completion's (IncrementalDetokenizer, after the prompt's last tokens): a first
+    "▁word" token reads " word", so that prompt + text reads right; decoded without the prompt, a
+    beam's text lost the space (and a stop string could not match it)."""
+    write_checkpoint("llama31", tmp_path, vocab_size=512)
+    make_tokenizer(tmp_path, kind="metaspace")
+    engine = engine_of(tmp_path)
+    tok, prompt = engine.tokenizer, PROMPTS[2]
+    out = run(engine, {"a": (prompt, SamplingParams(beam_width=2, n=2, max_tokens=6, ignore_eos=True))})["a"]
+    assert all(tok.convert_ids_to_tokens(c.token_ids[0]).startswith("▁") for c in out.outputs)  # what it checks
+    for c in out.outputs:
+        assert c.text == tok.decode(prompt + c.token_ids)[len(tok.decode(prompt)):]
+    stop = out.outputs[0].text[:3]  # the space and what follows it
+    cut = run(engine, {"b": (prompt, SamplingParams(beam_width=2, n=2, max_tokens=6, ignore_eos=True, stop=[stop]))})
+    stopped = [c for c in cut["b"].outputs if c.stop_reason == stop]
+    assert stopped
+    for c in stopped:  # cut at the first match in the text as a sampled completion's reads
+        whole = tok.decode(prompt + c.token_ids)[len(tok.decode(prompt)):]
+        assert whole.index(stop) == len(c.text) and whole.startswith(c.text)
+
+
+def test_min_tokens_holds_a_beams_stop_strings_off(checkpoint):
+    """As OutputBuilder's rule (vLLM's): no stop string (nor a special token's) is looked for in
+    the text of the first min_tokens tokens; beams ended at one there, so min_tokens changed
+    nothing for them."""
+    from trtllm.runtime.beams import BeamGroup
+    engine = engine_of(checkpoint)
+    params = SamplingParams(beam_width=3, n=3, max_tokens=8, ignore_eos=True)
+    free = run(engine, {"a": (PROMPTS[0], params)})["a"]
+    stop = free.outputs[0].text[1:3]  # early in the best beam
+    cut = run(engine, {"b": (PROMPTS[0], params.model_copy(update={"stop": [stop]}))})["b"]
+    assert [c.token_ids for c in cut.outputs] != [c.token_ids for c in free.outputs]  # the stop string acts
+    held = run(engine, {"c": (PROMPTS[0], params.model_copy(update={"stop": [stop], "min_tokens": 8}))})["c"]
+    assert [(c.token_ids, c.text, c.finish_reason) for c in held.outputs] == \
+        [(c.token_ids, c.text, c.finish_reason) for c in free.outputs]
+    engine.block_manager.check_invariants()
+    # a match that ends in the first min_tokens - 1 tokens' text is never one; one ending after it is
+    tok = engine.tokenizer
+    x, y, z = (tok.convert_tokens_to_ids(c) for c in "xyz")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    group = BeamGroup("r", [1, 2], SamplingParams(beam_width=2, max_tokens=8, stop=["xy", "<|im_end|>"],
+                                                  min_tokens=3), [0], 64, tok)
+    assert group._ends([x], y, 1) is None and group._ends([x], end, 1) is None
+    assert group._ends([x, y], z, 2) is None
+    assert group._ends([x, y, z, x], y, 4) == ("xy", True) and group._ends([x, y, z], end, 3) == ("<|im_end|>", True)
+    assert BeamGroup("r", [1, 2], SamplingParams(beam_width=2, max_tokens=8, stop=["xy"], min_tokens=2), [0], 64,
+                     tok)._ends([x], y, 1) == ("xy", True)  # its last token completes it: as OutputBuilder's
 
 
 def test_a_streamed_beam_search_arrives_once_whole(checkpoint):

@@ -160,14 +160,31 @@ class BeamGroup:
         True)), or the length limit ((None, False)); else None."""
         if token in self.stop_ids:  # the EOS (the model's or end_id) is no stop_reason, as OutputBuilder's
             return (token if token in self.params.stop_token_ids else None), True
-        if token in self.special_stops:
-            return self.special_stops[token], True
-        if self.params.stop and self.tokenizer is not None:
-            text = _text(self.tokenizer, outputs + [token], self.params.skip_special_tokens)
-            span = find_stop_span(text, self.params.stop, 0)
-            if span is not None:
-                return text[span[0]:span[1]], True
+        tokens = outputs + [token]
+        if len(tokens) >= self.params.min_tokens:  # min_tokens holds stop strings off, as OutputBuilder's
+            if token in self.special_stops:
+                return self.special_stops[token], True
+            if self.params.stop and self.tokenizer is not None:
+                text = self._text(tokens)
+                span = find_stop_span(text, self.params.stop, self._checked_len(tokens))
+                if span is not None:
+                    return text[span[0]:span[1]], True
         return (None, False) if cur + 1 >= self.max_new else None
+
+    def _checked_len(self, tokens: list[int]) -> int:
+        """Where stop strings are looked for in the text of `tokens` (a beam's outputs): matches
+        ending past the text of its first min_tokens - 1 tokens, which OutputBuilder never
+        searches (min_tokens holds stop strings off: vLLM's rule)."""
+        held = self.params.min_tokens - 1
+        return len(self._text(tokens[:held], flush=False)) if held > 0 else 0
+
+    def _text(self, ids: list[int], flush: bool = True) -> str:
+        """The text of output tokens, as the engine's incremental detokenizer makes it for a sampled
+        completion: decoded after the prompt's last tokens, so that a SentencePiece first "▁word"
+        keeps its space (without the prompt, a beam's text lost it where a sampled completion's of
+        the same tokens kept it); without `flush`, an unfinished last character held back."""
+        detok = IncrementalDetokenizer(self.tokenizer, self.beams[0].prompt_token_ids, self.params.skip_special_tokens)
+        return "".join(detok.append(t) for t in ids) + (detok.flush() if flush else "")
 
     def _fork(self, block_manager, parents: list[Sequence], tokens: list[int]) -> None:
         """The next running beams: beam j becomes parents[j] + tokens[j], sharing its blocks.
@@ -215,9 +232,10 @@ class BeamGroup:
             if self.tokenizer is not None:
                 stop_token = hyp.stopped and not isinstance(hyp.stop_reason, str) \
                     and not self.params.include_stop_str_in_output
-                text = _text(self.tokenizer, hyp.tokens[:-1] if stop_token else hyp.tokens,
-                             self.params.skip_special_tokens)  # a stop token's text left out, as OutputBuilder's
-                span = find_stop_span(text, self.params.stop, 0) if isinstance(hyp.stop_reason, str) else None
+                # a stop token's text left out, as OutputBuilder's
+                text = self._text(hyp.tokens[:-1] if stop_token else hyp.tokens)
+                span = find_stop_span(text, self.params.stop, self._checked_len(hyp.tokens)) \
+                    if isinstance(hyp.stop_reason, str) else None
                 if span is not None:
                     text = text[:span[1] if self.params.include_stop_str_in_output else span[0]]
                 elif isinstance(hyp.stop_reason, str) and self.params.include_stop_str_in_output:
@@ -226,12 +244,6 @@ class BeamGroup:
                                         hyp.stop_reason, cumulative_logprob=hyp.cumulative_logprob,
                                         generation_logits=torch.stack(hyp.logits) if hyp.logits else None))
         return out
-
-
-def _text(tokenizer, ids: list[int], skip_special_tokens: bool) -> str:
-    """The text of output tokens, as the engine's incremental detokenizer makes it."""
-    detok = IncrementalDetokenizer(tokenizer, [], skip_special_tokens)
-    return "".join(detok.append(t) for t in ids) + detok.flush()
 
 
 def _top(x: np.ndarray, k: int) -> list[int]:

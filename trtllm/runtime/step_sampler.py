@@ -116,6 +116,7 @@ class StepSampler:
             tokens, logprobs, failed = speculative.sample(launched, self.sampler)
             return SampledStep(tokens, logprobs, failed)
         step = SampledStep()
+        raw = {}  # returned rows a logits processor edits in place, copied before it runs
         if picks_serve:
             tokens, finite = launched.picks.tolist()  # picked inside the decode graph
             if all(finite):  # the usual step: no row failed, none wants logprobs
@@ -127,6 +128,8 @@ class StepSampler:
                 pending.copied.synchronize()  # not the stream: a step launched ahead may be behind it
                 out = pending.early_host
             else:
+                if hooks is not None:
+                    raw = _rows_to_keep(seqs, launched.logits)
                 out = early if early is not None else self._run(launched, hooks, step.failed)
             tokens, finite = out.token_ids.tolist(), out.finite.tolist()
             if out.all_masked is not None:
@@ -142,8 +145,8 @@ class StepSampler:
             k = p.logprobs
             if k is not None or p.num_sequences > p.n and not p.is_beam_search:  # best_of ranks by them
                 step.logprobs[seq] = (chosen[i], top[i][:k] if top is not None and k else [])
-            if p.return_generation_logits or p.return_context_logits and not seq.output_token_ids:
-                step.logits_rows.append((seq, launched.logits[i]))
+            if _returns_row(seq):
+                step.logits_rows.append((seq, raw.get(i, launched.logits[i])))
         return step
 
     def _run(self, launched: LaunchedStep, hooks=None, failed: dict | None = None) -> SamplerOutput:
@@ -155,3 +158,20 @@ class StepSampler:
         if hooks is not None:
             failed.update(hooks.apply(logits, batch))  # logits processors in place; the bitmask into batch
         return self.sampler(logits, batch)
+
+
+def _returns_row(seq: Sequence) -> bool:
+    """Whether `seq`'s logits row this step is returned: a generation_logits row, or the first
+    token's (context_logits' last row)."""
+    p = seq.sampling_params
+    return p.return_generation_logits or p.return_context_logits and not seq.output_token_ids
+
+
+def _rows_to_keep(seqs: list[Sequence], logits: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Copies of the returned rows that a logits processor is about to edit in place, by row: the
+    logits returned are the model's (README). Taken after the edit, a processor's changes came back
+    in generation_logits, and in context_logits' last row alone (the rows before it come from the
+    prompt's pass, which no processor sees)."""
+    return {i: logits[i].clone() for i, s in enumerate(seqs)
+            if _returns_row(s) and (s.sampling_params.logits_processor is not None
+                                    or s.sampling_params.apply_batched_logits_processor)}
