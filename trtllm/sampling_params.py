@@ -23,8 +23,8 @@ MIN_TEMPERATURE = 1e-5  # below this, logits / T may overflow fp32: treat as gre
 
 class SamplingParams(ValidatedConfig):
     max_tokens: int = Field(32, gt=0, description="new tokens at most")
-    min_tokens: int = Field(0, ge=0, description="EOS and stop tokens are masked, and stop strings not looked "
-                            "for, until this many")
+    min_tokens: int = Field(0, ge=0, description="EOS (unless ignore_eos: then it ends nothing) and stop tokens "
+                            "are masked, and stop strings not looked for, until this many")
     # temperature, top_k and top_p all left unset (out, or None): greedy, TensorRT-LLM's rule (vLLM samples
     # at 1.0 there); one of them set, the others unset are neutral (1.0, no limit, 1.0). See _unset_is_greedy.
     temperature: float = Field(1.0, ge=0.0, description="0 = greedy; unset with top_k and top_p: greedy")

@@ -111,6 +111,12 @@ def test_min_tokens_masks_eos_and_stop_ids():
     out = sampler(logits, b)
     assert out.token_ids[0] != EOS and out.token_ids[1] == EOS
     assert out.token_ids[2] not in (EOS, 7)
+    # under ignore_eos the EOS ends nothing, so min_tokens leaves it alone (vLLM's and TensorRT-LLM's rule;
+    # it was masked, changing what a greedy request picked)
+    ignoring = [make_seq(out=[5], min_tokens=3, stop_token_ids=[7], temperature=0.0, ignore_eos=True)]
+    masked = apply_min_tokens(logits[:1].clone(), build(ignoring, V))
+    assert masked[0, EOS] == 10.0 and masked[0, 7] == float("-inf")
+    assert sampler(logits[:1].clone(), build(ignoring, V)).token_ids[0] == EOS
 
 
 def test_same_seed_same_tokens_regardless_of_batch():

@@ -12,7 +12,7 @@ Order of operations (each a module function, so tests can check it alone):
   1b. `apply_penalties`: repetition (HF/CTRL, over prompt+output tokens: logit > 0 → /p,
      else *p), then presence and frequency (OpenAI, over output tokens only:
      logit -= presence * (count > 0) + frequency * count).
-  2. `apply_min_tokens`: EOS ids and the row's stop_token_ids → -inf while
+  2. `apply_min_tokens`: EOS ids (not under ignore_eos) and the row's stop_token_ids → -inf while
      len(output) < min_tokens; and the row's banned tokens (SamplingParams.bans: bad_token_ids,
      and a bad word's last token where prompt + output end with the rest of it) → -inf.
      A row left with no finite logit by these masks fails (finite=False) rather than
@@ -192,7 +192,7 @@ def _row(seq: Sequence, key: tuple) -> _Row:
                      0.0 if g else sp.min_p, sp.repetition_penalty, sp.presence_penalty,
                      sp.frequency_penalty),
                V if g or sp.top_k == 0 else min(sp.top_k, V), g, sp.repetition_penalty != 1.0, sp.penalised,
-               tuple(sorted({t for t in (*sp.eos_ids(eos), *sp.stop_token_ids) if 0 <= t < V})),
+               tuple(sorted({t for t in (*(() if sp.ignore_eos else sp.eos_ids(eos)), *sp.stop_token_ids) if 0 <= t < V})),
                sp.min_tokens, sp.logprobs, tuple(b for b in sp.bans if all(0 <= t < V for t in b)),
                sp.no_repeat_ngram_size)
     _rows[seq] = row
