@@ -111,10 +111,11 @@ class TokenLogprobs:
 
     def stream_offsets(self, job: Job, state: ChoiceProgress, ids: list[int]) -> list[int]:
         """A stream's text_offset of its next tokens `ids`, counted over every token the stream
-        sent (a detokenizer kept in `state`). From the text sent they ran short wherever text was
-        held back when its tokens went out (a possible stop string, an unfinished character)."""
+        sent (a detokenizer kept in `state`), after the echoed prompt (`state.offset_start`). From
+        the text sent they ran short wherever text was held back when its tokens went out (a
+        possible stop string, an unfinished character)."""
         if self.tokenizer is None:  # "token_id:N" texts
-            start = state.offset_len
+            start = state.offset_start + state.offset_len
             state.offset_len += sum(len(self.text_of(t)) for t in ids)
             return list(accumulate((len(self.text_of(t)) for t in ids[:-1]), initial=start))[:len(ids)]
         if state.offset_text is None:
@@ -123,7 +124,7 @@ class TokenLogprobs:
                                                        skip)
         offsets = []
         for tid in ids:
-            offsets.append(len(state.offset_text.text))
+            offsets.append(state.offset_start + len(state.offset_text.text))
             state.offset_text.append(tid)
         return offsets
 

@@ -51,6 +51,7 @@ class ChoiceProgress:
     # detokenizer, or its length where there is no tokenizer ("token_id:N" texts)
     offset_text: IncrementalDetokenizer | None = None
     offset_len: int = 0
+    offset_start: int = 0  # echo: the echoed prompt's length, where the completion's text_offset starts
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # one, not one per call
@@ -214,6 +215,8 @@ class ChunkEvents:
         render, job, n, events = self.render, self.job, self.n, []
         if self.echo_later and i not in self.started:
             text, lp = render.echoed(job, i, out)
+            for k in range(n):  # the completion's text_offset counts on from the echoed prompt, as whole_body's
+                self.choices[i * n + k].offset_start = len(text)
             events += [event(render.chunk(job, {"index": i * n + k, "text": text, "logprobs": lp,
                                                 "finish_reason": None})) for k in range(n)]
         self.started.add(i)
