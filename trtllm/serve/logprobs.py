@@ -93,16 +93,19 @@ class TokenLogprobs:
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
                 "text_offset": offsets}
 
-    def text_offsets(self, job: Job, ids: list[int], offset: int, context: list[int] | None) -> list[int]:
+    def text_offsets(self, job: Job, ids: list[int], offset: int, context: list[int] | None,
+                     skip_special_tokens: bool | None = None) -> list[int]:
         """Where each token's text starts: `offset` plus the length of the text the tokens before it
         make, as the engine's detokenizer makes it (a character split across tokens counts where it
         completes, a skipped special token not at all). Summing each token's own text miscounted
-        both: a split character's U+FFFD per token."""
+        both: a split character's U+FFFD per token. `skip_special_tokens`: None, the request's."""
         if self.tokenizer is None:  # "token_id:N" texts
             return list(accumulate((len(self.text_of(t)) for t in ids[:-1]), initial=offset))[:len(ids)]
         if context is None:
             context = [self.anchor()] if self.anchor() >= 0 else []
-        skip = job.params[0].skip_special_tokens if job.params and job.params[0] is not None else True
+        skip = skip_special_tokens
+        if skip is None:
+            skip = job.params[0].skip_special_tokens if job.params and job.params[0] is not None else True
         det, offsets = IncrementalDetokenizer(self.tokenizer, context, skip), []
         for tid in ids:
             offsets.append(offset + len(det.text))

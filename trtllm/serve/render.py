@@ -181,7 +181,9 @@ class Renderer:
         if job.logprobs is None or out is None or out.prompt_logprobs is None:
             return text, None
         first = self.tokens.decode(ids[:1])  # the text's start: a SentencePiece "▁word" without its space, as echoed
-        rest = self.logprobs(job, ids[1:], out.prompt_logprobs[1:], len(first), context=ids[:1])
+        # the echoed text shows the prompt's special tokens (as sent, or decoded with them): its offsets count them
+        offsets = self.tokens.text_offsets(job, ids[1:], len(first), ids[:1], skip_special_tokens=False)
+        rest = self.logprobs(job, ids[1:], out.prompt_logprobs[1:], len(first), context=ids[:1], offsets=offsets)
         return text, {"tokens": [first] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
                       "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
 
