@@ -52,6 +52,29 @@ def test_prefix_reuse_across_two_requests():
     assert bm.num_used_blocks == 0
 
 
+def test_cached_tokens_are_the_first_admissions_after_a_preemption():
+    # re-admitted after preemption, a sequence finds the blocks it computed itself (its outputs' too):
+    # num_cached_tokens took them, so the server's usage said cached_tokens 8 of a 3-token prompt
+    bm = BlockManager(8, 4)
+    a = seq([1, 2, 3])
+    bm.allocate(a)
+    compute(bm, a)
+    assert bm.try_append(a, 6)
+    a.output_token_ids += [4, 5, 6, 7, 8, 9]
+    compute(bm, a)
+    bm.free(a)  # preempted by recompute: its full blocks published
+    a.num_computed_tokens = 0
+    bm.allocate(a)
+    assert a.num_computed_tokens == 8 and a.num_cached_tokens == 0
+    assert bm.prefix_hit_tokens == 8  # the cache's own books count every hit
+    b = seq([1, 2, 3, 4, 5, 6, 7, 8, 10], rid="b")  # a prefix a client's request shares
+    bm.allocate(b)
+    assert b.num_cached_tokens == 8
+    bm.free(a)
+    bm.free(b)
+    bm.check_invariants([])
+
+
 def test_chain_hash_names_the_whole_prefix():
     bm = BlockManager(8, 2)
     a = seq([1, 2, 3, 4, 5])

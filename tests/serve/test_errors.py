@@ -195,6 +195,28 @@ def test_every_bad_input_gets_its_4xx(server):
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
 
 
+def test_a_chat_whose_prompt_fills_the_context_is_refused_for_its_prompt(server, model_dir):
+    # without max_tokens a chat gets the rest of the context: a prompt that leaves none was refused naming
+    # max_tokens (1), which the client never sent
+    from transformers import AutoTokenizer
+
+    from tests.serve.server import BUILD
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    def prompt_len(k):  # the server renders the template, then tokenizes the text without special tokens added
+        text = tok.apply_chat_template([{"role": "user", "content": "x" * k}], add_generation_prompt=True,
+                                       tokenize=False)
+        return len(tok.encode(text, add_special_tokens=False))
+    k = next(k for k in range(1, BUILD["max_seq_len"]) if prompt_len(k) == BUILD["max_seq_len"])
+    r = server.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * k}]})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "messages", error
+    assert "no room" in error["message"] and "max_seq_len" in error["message"], error
+    r = server.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * k}], "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # one the client sent: named
+    r = server.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * (k - 1)}]})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
+
+
 def test_unknown_fields_are_ignored(server):
     r = server.post("/v1/completions", json={**OK, "metadata": {"a": 1}, "store": False, "some_new_field": 3})
     assert r.status_code == 200

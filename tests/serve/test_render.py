@@ -112,3 +112,27 @@ def test_a_streams_text_offsets_count_text_held_back_when_its_tokens_went_out(tm
                             finish_reason="stop" if end == len(ids) else None)
         got += render.piece(job, state, c, 0)["logprobs"]["text_offset"]
     assert got == whole
+
+
+@pytest.mark.parametrize("as_ids", [False, True])
+def test_an_echoed_prompts_text_offsets_count_its_special_tokens(tmp_path, as_ids):
+    # the echoed text shows a prompt's special tokens (as sent, or decoded with them) and so do its logprob
+    # tokens, but their offsets were counted as the request's skip_special_tokens skips them: after
+    # "<|im_end|>" every offset ran short of its token's place in the text
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from tests.runtime.tokenizers import make_tokenizer
+    from trtllm.sampling_params import SamplingParams
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path))
+    render = Renderer(tok, "m")
+    sent = "<|im_start|>user Hello<|im_end|><|im_start|>ok"
+    ids = tok.encode(sent, add_special_tokens=False)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in ids
+    job = Job("completions", "c", [(None if as_ids else sent, ids)], [SamplingParams(max_tokens=1)], 0, False, False,
+              echo=True)
+    out = SimpleNamespace(prompt=None, prompt_logprobs=[None] + [{t: -1.0} for t in ids[1:]])
+    text, lp = render.echoed(job, 0, out)
+    assert text == sent
+    assert all(text.startswith(token, at) for token, at in zip(lp["tokens"], lp["text_offset"])), lp

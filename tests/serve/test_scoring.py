@@ -74,6 +74,8 @@ def test_streamed_echo_chunk_carries_the_prompt_logprobs(client, offline):
     whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, logprobs=1, echo=True,
                                       temperature=0.0, extra_body={"ignore_eos": True})
     assert "".join(p.text for p in pieces) == whole.choices[0].text
+    # the completion's text_offset counts on from the echoed prompt, as the whole body's (it restarted at 0)
+    assert [o for p in pieces if p.logprobs for o in p.logprobs.text_offset] == whole.choices[0].logprobs.text_offset
     only = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, logprobs=1, echo=True,
                                           stream=True))
     texts = [c.choices[0].text for c in only if c.choices]

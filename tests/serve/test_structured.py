@@ -227,6 +227,15 @@ def test_hermes_parser():
 
 
 @pytest.mark.parametrize("parser, choice", [("hermes", "auto"), ("llama3", "auto"), ("hermes", "required")])
+def test_a_reply_without_calls_is_its_text_streamed_or_not(parser, choice):
+    # the whole response stripped it ("Hi" of "\nHi "), the stream sent it as written
+    text = "\nHi there \n"
+    stream = ToolCallStream(plan(choice), parser)
+    streamed = stream.feed(text[:4], done=False)[0] + stream.feed(text, done=True)[0]
+    assert plan(choice).parse(text, parser) == (streamed, []) and streamed == text
+
+
+@pytest.mark.parametrize("parser, choice", [("hermes", "auto"), ("llama3", "auto"), ("hermes", "required")])
 def test_a_reply_nested_past_the_stack_is_content(parser, choice):
     """A model can write JSON nested ~1000 deep (one token per bracket): that is text, not a call
     (json.loads raised RecursionError, and the finished request answered 500)."""

@@ -128,8 +128,8 @@ class BlockManager:
 
     def allocate(self, seq: Sequence) -> None:
         """Give a waiting `seq` blocks for all its tokens (prompt, plus outputs when it
-        comes back after preemption), reusing cached prefix blocks. Sets
-        `num_cached_tokens` and `num_computed_tokens` to the tokens found cached."""
+        comes back after preemption), reusing cached prefix blocks. Sets `num_computed_tokens`
+        to the tokens found cached, and at its first admission `num_cached_tokens` too."""
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
         if not self.can_allocate(seq):
@@ -139,10 +139,14 @@ class BlockManager:
             self._incref(b)
         new = [self._take() for _ in range(self.blocks_needed(seq.num_tokens) - len(hits))]
         seq.block_table = hits + new
-        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = len(hits) * self.block_size
+        # num_cached_tokens: the hits of its first admission (vLLM's rule). Back after preemption, a sequence
+        # finds blocks it computed itself, its outputs' too (the server's cached_tokens ran past prompt_tokens)
+        if not seq.admitted:
+            seq.num_cached_tokens, seq.admitted = seq.num_computed_tokens, True
         self._num_published[seq.seq_id] = len(hits)
         self.prefix_queried_tokens += seq.num_tokens
-        self.prefix_hit_tokens += seq.num_cached_tokens
+        self.prefix_hit_tokens += seq.num_computed_tokens
 
     def try_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Make room for `num_new_tokens` tokens after the computed ones (a decode token, or

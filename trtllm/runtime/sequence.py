@@ -30,7 +30,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0                     # tokens whose K/V are in the cache
-    num_cached_tokens: int = 0                       # prompt tokens found in the prefix cache
+    num_cached_tokens: int = 0                       # prompt tokens found in the prefix cache, at admission
+    admitted: bool = False                           # blocks allocated once (a preempted sequence comes back)
     finish_reason: str | None = None                 # "stop" | "length" | "error" | "abort"
     error: str | None = None
     seed: int = 0                                    # the sampler's seed (drawn when not given)

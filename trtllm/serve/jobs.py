@@ -114,7 +114,15 @@ class JobBuilder:
             max_tokens = max(1, end - len(ids))
         params = body.sampling_params(max_tokens, body.num_logprobs, guide, self.llm.vocab_size,
                                       guide_param=guide_param)
-        self._validate(ids, params, "messages", guide_param)
+        try:
+            self._validate(ids, params, "messages", guide_param)
+        except RequestError as e:
+            if e.param != "max_tokens" or body.requested_max_tokens is not None:
+                raise
+            # the default's one token does not fit: the prompt fills the context (the message named a max_tokens
+            # the client never sent)
+            raise RequestError(400, f"messages: the prompt ({len(ids)} tokens) leaves no room for a completion of "
+                                    f"even one token: {e.message}", param="messages") from None
         self._check_image_tokens(ids, multimodal, "messages")
         return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", [(text, ids)], [params], body.num_logprobs,
                    body.stream, bool(body.stream_options and body.stream_options.include_usage),

@@ -93,16 +93,19 @@ class TokenLogprobs:
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
                 "text_offset": offsets}
 
-    def text_offsets(self, job: Job, ids: list[int], offset: int, context: list[int] | None) -> list[int]:
+    def text_offsets(self, job: Job, ids: list[int], offset: int, context: list[int] | None,
+                     skip_special_tokens: bool | None = None) -> list[int]:
         """Where each token's text starts: `offset` plus the length of the text the tokens before it
         make, as the engine's detokenizer makes it (a character split across tokens counts where it
         completes, a skipped special token not at all). Summing each token's own text miscounted
-        both: a split character's U+FFFD per token."""
+        both: a split character's U+FFFD per token. `skip_special_tokens`: None, the request's."""
         if self.tokenizer is None:  # "token_id:N" texts
             return list(accumulate((len(self.text_of(t)) for t in ids[:-1]), initial=offset))[:len(ids)]
         if context is None:
             context = [self.anchor()] if self.anchor() >= 0 else []
-        skip = job.params[0].skip_special_tokens if job.params and job.params[0] is not None else True
+        skip = skip_special_tokens
+        if skip is None:
+            skip = job.params[0].skip_special_tokens if job.params and job.params[0] is not None else True
         det, offsets = IncrementalDetokenizer(self.tokenizer, context, skip), []
         for tid in ids:
             offsets.append(offset + len(det.text))
@@ -111,10 +114,11 @@ class TokenLogprobs:
 
     def stream_offsets(self, job: Job, state: ChoiceProgress, ids: list[int]) -> list[int]:
         """A stream's text_offset of its next tokens `ids`, counted over every token the stream
-        sent (a detokenizer kept in `state`). From the text sent they ran short wherever text was
-        held back when its tokens went out (a possible stop string, an unfinished character)."""
+        sent (a detokenizer kept in `state`), after the echoed prompt (`state.offset_start`). From
+        the text sent they ran short wherever text was held back when its tokens went out (a
+        possible stop string, an unfinished character)."""
         if self.tokenizer is None:  # "token_id:N" texts
-            start = state.offset_len
+            start = state.offset_start + state.offset_len
             state.offset_len += sum(len(self.text_of(t)) for t in ids)
             return list(accumulate((len(self.text_of(t)) for t in ids[:-1]), initial=start))[:len(ids)]
         if state.offset_text is None:
@@ -123,7 +127,7 @@ class TokenLogprobs:
                                                        skip)
         offsets = []
         for tid in ids:
-            offsets.append(len(state.offset_text.text))
+            offsets.append(state.offset_start + len(state.offset_text.text))
             state.offset_text.append(tid)
         return offsets
 

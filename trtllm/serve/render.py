@@ -51,6 +51,7 @@ class ChoiceProgress:
     # detokenizer, or its length where there is no tokenizer ("token_id:N" texts)
     offset_text: IncrementalDetokenizer | None = None
     offset_len: int = 0
+    offset_start: int = 0  # echo: the echoed prompt's length, where the completion's text_offset starts
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # one, not one per call
@@ -180,7 +181,9 @@ class Renderer:
         if job.logprobs is None or out is None or out.prompt_logprobs is None:
             return text, None
         first = self.tokens.decode(ids[:1])  # the text's start: a SentencePiece "▁word" without its space, as echoed
-        rest = self.logprobs(job, ids[1:], out.prompt_logprobs[1:], len(first), context=ids[:1])
+        # the echoed text shows the prompt's special tokens (as sent, or decoded with them): its offsets count them
+        offsets = self.tokens.text_offsets(job, ids[1:], len(first), ids[:1], skip_special_tokens=False)
+        rest = self.logprobs(job, ids[1:], out.prompt_logprobs[1:], len(first), context=ids[:1], offsets=offsets)
         return text, {"tokens": [first] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
                       "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
 
@@ -214,6 +217,8 @@ class ChunkEvents:
         render, job, n, events = self.render, self.job, self.n, []
         if self.echo_later and i not in self.started:
             text, lp = render.echoed(job, i, out)
+            for k in range(n):  # the completion's text_offset counts on from the echoed prompt, as whole_body's
+                self.choices[i * n + k].offset_start = len(text)
             events += [event(render.chunk(job, {"index": i * n + k, "text": text, "logprobs": lp,
                                                 "finish_reason": None})) for k in range(n)]
         self.started.add(i)

@@ -116,9 +116,12 @@ class ToolPlan:
         return None
 
     def parse(self, text: str, parser: str) -> tuple[str | None, list[dict]]:
-        """(content, tool calls) of a whole reply; content None when empty."""
+        """(content, tool calls) of a whole reply; content None when empty. The content around
+        calls is stripped; a reply without calls is its text as it is: as its stream sends it, and
+        as a chat without tools returns it."""
         content, calls = self._parse(text, parser)
-        content = content.strip()
+        if calls:
+            content = content.strip()
         return (content or None), calls
 
     def _parse(self, text: str, parser: str) -> tuple[str, list[dict]]:
