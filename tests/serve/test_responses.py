@@ -85,6 +85,11 @@ def test_streamed_events(client):
     ({"tools": [{"type": "web_search"}]}, ["tools[0]", "web_search"]),
     ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, ["chat template does not render tools"]),
     ({"background": True}, ["background"]),
+    # accepted and ignored before: the request got other than it asked, without a word
+    ({"max_tool_calls": 1}, ["max_tool_calls"]),
+    ({"truncation": "auto"}, ["truncation 'auto'", "refused, not cut"]),
+    ({"top_logprobs": 2}, ["top_logprobs", "/v1/chat/completions"]),
+    ({"top_logprobs": False}, ["top_logprobs"]),
     ({"reasoning": {"effort": "low"}}, ["reasoning"]),
     ({"input": [{"type": "reasoning", "summary": []}]}, ["reasoning"]),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, ["input_file"]),
@@ -106,7 +111,8 @@ def test_refused_by_name(server, body, words):
 
 
 def test_the_server_still_serves_after_refusals(client):
-    r = client.responses.create(model="tiny", input="Hi", max_output_tokens=2, **GREEDY)
+    r = client.responses.create(model="tiny", input="Hi", max_output_tokens=2, truncation="disabled", top_logprobs=0,
+                                **GREEDY)
     assert r.usage.output_tokens >= 1 and json.loads(r.model_dump_json())["status"] in ("completed", "incomplete")
 
 

@@ -14,7 +14,8 @@ chat's sampling extensions: `seed`, `top_k`, `stop`, `ignore_eos`, ...); functio
 messages, and the calls the model makes as `function_call` output items. What a stateless server
 cannot do is refused by name: `previous_response_id` and `conversation` (no response is kept:
 send the whole conversation as `input`), `background`, built-in tools (web search, files, ...),
-`include`, `prompt` (stored prompt templates), `reasoning`. `store` is accepted and answered with
+`include`, `prompt` (stored prompt templates), `reasoning`, `max_tool_calls`; `truncation` and
+`top_logprobs` are taken only as "disabled" and 0. `store` is accepted and answered with
 `"store": false`.
 """
 from __future__ import annotations
@@ -35,6 +36,15 @@ _REFUSED = {
     "include": "include is not supported (no extra output items)",
     "prompt": "prompt (a stored prompt template) is not supported; send instructions and input",
     "reasoning": "reasoning options are not supported",
+    "max_tool_calls": "max_tool_calls is not supported (the model's tool calls are not capped)",
+}
+# fields taken at the value that asks for nothing more (accepted and ignored otherwise, they would change
+# what the request gets without a word): name -> (values taken, why another is refused)
+_NEUTRAL = {
+    "truncation": ((None, "disabled"), "truncation 'auto' is not supported: input over the context is refused, "
+                                       "not cut ('disabled' is taken)"),
+    "top_logprobs": ((None, 0), "top_logprobs is not supported on /v1/responses (no logprobs in its output items; "
+                                "/v1/chat/completions returns them)"),
 }
 _PARTS = {"input_text": "text", "output_text": "text", "input_image": "image_url"}
 # sampling fields outside OpenAI's Responses API that the chat takes (vLLM's names), passed through
@@ -66,6 +76,10 @@ class ResponsesRequest(BaseModel):
         for name, why in _REFUSED.items():
             value = extra.get(name)
             if value is not None and value is not False and value != [] and value != {}:
+                raise RequestError(400, why, param=name, code="unsupported_parameter")
+        for name, (taken, why) in _NEUTRAL.items():
+            if name in extra and not any(extra[name] is v or extra[name] == v and type(extra[name]) is type(v)
+                                         for v in taken):
                 raise RequestError(400, why, param=name, code="unsupported_parameter")
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
         if not isinstance(self.input, str) and not self.input:
