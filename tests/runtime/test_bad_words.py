@@ -170,8 +170,10 @@ def test_end_id_ends_a_request_in_place_of_the_models_eos(llm):
                         use_tqdm=False)[0].outputs[0]
     assert outs.finish_reason == "stop" and outs.stop_reason is None  # an EOS, as the model's: no stop_reason
     assert outs.token_ids == base[:base.index(end) + 1]
-    # min_tokens masks the request's end token, not only the model's EOS
-    held = ids(llm, PROMPTS[:1], temperature=0.0, end_id=end, min_tokens=NEW)[0]
+    # min_tokens masks the request's end token, not only the model's EOS (without ignore_eos: under it the
+    # end token ends nothing, and min_tokens leaves it alone)
+    held = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=NEW, temperature=0.0, end_id=end, min_tokens=NEW),
+                        use_tqdm=False)[0].outputs[0].token_ids
     assert end not in held[:NEW - 1] and held != base
     # beam search stops its beams on it too
     beams = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=NEW, beam_width=2, end_id=end), use_tqdm=False)[0]
