@@ -165,26 +165,29 @@ class BeamGroup:
             if token in self.special_stops:
                 return self.special_stops[token], True
             if self.params.stop and self.tokenizer is not None:
-                text = self._text(tokens)
-                span = find_stop_span(text, self.params.stop, self._checked_len(tokens))
+                text, checked = self._text(tokens)
+                span = find_stop_span(text, self.params.stop, checked)
                 if span is not None:
                     return text[span[0]:span[1]], True
         return (None, False) if cur + 1 >= self.max_new else None
 
-    def _checked_len(self, tokens: list[int]) -> int:
-        """Where stop strings are looked for in the text of `tokens` (a beam's outputs): matches
-        ending past the text of its first min_tokens - 1 tokens, which OutputBuilder never
-        searches (min_tokens holds stop strings off: vLLM's rule)."""
-        held = self.params.min_tokens - 1
-        return len(self._text(tokens[:held], flush=False)) if held > 0 else 0
-
-    def _text(self, ids: list[int], flush: bool = True) -> str:
-        """The text of output tokens, as the engine's incremental detokenizer makes it for a sampled
-        completion: decoded after the prompt's last tokens, so that a SentencePiece first "▁word"
-        keeps its space (without the prompt, a beam's text lost it where a sampled completion's of
-        the same tokens kept it); without `flush`, an unfinished last character held back."""
+    def _text(self, ids: list[int]) -> tuple[str, int]:
+        """(the text of output tokens, where stop strings are looked for in it), as the engine's
+        incremental detokenizer and OutputBuilder make them for a sampled completion: decoded after
+        the prompt's last tokens, so that a SentencePiece first "▁word" keeps its space (without the
+        prompt, a beam's text lost it where a sampled completion's of the same tokens kept it); matches
+        ending past the text of the first min_tokens - 1 tokens (min_tokens holds stop strings off:
+        vLLM's rule), that text counted without an unfinished last character. One decoding pass."""
         detok = IncrementalDetokenizer(self.tokenizer, self.beams[0].prompt_token_ids, self.params.skip_special_tokens)
-        return "".join(detok.append(t) for t in ids) + (detok.flush() if flush else "")
+        held, checked = self.params.min_tokens - 1, 0
+        for i, t in enumerate(ids):
+            if i == held:
+                checked = len(detok.text)
+            detok.append(t)
+        if 0 < held >= len(ids):
+            checked = len(detok.text)
+        detok.flush()
+        return detok.text, checked
 
     def _fork(self, block_manager, parents: list[Sequence], tokens: list[int]) -> None:
         """The next running beams: beam j becomes parents[j] + tokens[j], sharing its blocks.
@@ -233,9 +236,8 @@ class BeamGroup:
                 stop_token = hyp.stopped and not isinstance(hyp.stop_reason, str) \
                     and not self.params.include_stop_str_in_output
                 # a stop token's text left out, as OutputBuilder's
-                text = self._text(hyp.tokens[:-1] if stop_token else hyp.tokens)
-                span = find_stop_span(text, self.params.stop, self._checked_len(hyp.tokens)) \
-                    if isinstance(hyp.stop_reason, str) else None
+                text, checked = self._text(hyp.tokens[:-1] if stop_token else hyp.tokens)
+                span = find_stop_span(text, self.params.stop, checked) if isinstance(hyp.stop_reason, str) else None
                 if span is not None:
                     text = text[:span[1] if self.params.include_stop_str_in_output else span[0]]
                 elif isinstance(hyp.stop_reason, str) and self.params.include_stop_str_in_output:
