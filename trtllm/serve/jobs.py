@@ -111,18 +111,15 @@ class JobBuilder:
         if max_tokens is None:  # OpenAI's default: up to the end of the context (or of one step's tokens,
             lim = self.llm.limits  # without chunked prefill: the engine's rule, runtime/engine_limits.py)
             end = lim.max_seq_len if lim.chunked_prefill else min(lim.max_seq_len, lim.max_num_tokens + 1)
-            max_tokens = max(1, end - len(ids))
+            if len(ids) >= end:  # refused for the prompt (the engine's refusal named a max_tokens never sent)
+                limit = f"max_seq_len={lim.max_seq_len}" if end == lim.max_seq_len else \
+                    f"max_num_tokens={lim.max_num_tokens}, chunked prefill off"
+                raise RequestError(400, f"messages: the prompt ({len(ids)} tokens) leaves no room for a completion "
+                                        f"of even one token ({limit})", param="messages")
+            max_tokens = end - len(ids)
         params = body.sampling_params(max_tokens, body.num_logprobs, guide, self.llm.vocab_size,
                                       guide_param=guide_param)
-        try:
-            self._validate(ids, params, "messages", guide_param)
-        except RequestError as e:
-            if e.param != "max_tokens" or body.requested_max_tokens is not None:
-                raise
-            # the default's one token does not fit: the prompt fills the context (the message named a max_tokens
-            # the client never sent)
-            raise RequestError(400, f"messages: the prompt ({len(ids)} tokens) leaves no room for a completion of "
-                                    f"even one token: {e.message}", param="messages") from None
+        self._validate(ids, params, "messages", guide_param)
         self._check_image_tokens(ids, multimodal, "messages")
         return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", [(text, ids)], [params], body.num_logprobs,
                    body.stream, bool(body.stream_options and body.stream_options.include_usage),

@@ -78,8 +78,7 @@ class ResponsesRequest(BaseModel):
             if value is not None and value is not False and value != [] and value != {}:
                 raise RequestError(400, why, param=name, code="unsupported_parameter")
         for name, (taken, why) in _NEUTRAL.items():
-            if name in extra and not any(extra[name] is v or extra[name] == v and type(extra[name]) is type(v)
-                                         for v in taken):
+            if name in extra and not any(type(extra[name]) is type(v) and extra[name] == v for v in taken):
                 raise RequestError(400, why, param=name, code="unsupported_parameter")
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
         if not isinstance(self.input, str) and not self.input:
